@@ -1,0 +1,152 @@
+"""Per-request state: one dataclass that every stage reads and fills in.
+
+A request's whole story lives here, so telemetry, the ledger and the
+response headers are all derived from one place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.policy.model import Model, Policy, Route, Tenant
+
+#: gen_ai.operation.name per endpoint kind
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+
+
+@dataclass
+class Usage:
+    """Token counts of one upstream answer."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False     # counted by the gateway, not reported by the upstream
+
+
+@dataclass
+class Attempt:
+    """One call to one model, successful or not."""
+
+    model: Model
+    started_s: float
+    ended_s: float | None = None
+    status: int | None = None
+    error_type: str | None = None       # short reason when it failed: timeout, http_503, ...
+    usage: Usage | None = None
+    cost_usd: Decimal = Decimal(0)
+    ttft_s: float | None = None
+    response_id: str | None = None
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    span: Any = None                    # the CLIENT span, when telemetry is on
+    traceparent: str | None = None      # what was injected upstream
+
+
+@dataclass
+class Candidate:
+    """One model the router considered, and its verdict."""
+
+    model: Model
+    predicted_latency_ms: float
+    predicted_ttft_ms: float
+    predicted_cost_usd: Decimal
+    kept: bool
+    reasons: tuple[str, ...] = ()       # why dropped, empty when kept
+
+
+@dataclass
+class Decision:
+    """What the router chose, and why: the same object `policy explain` prints."""
+
+    route: Route
+    plan: tuple[Model, ...]             # models to try, in order
+    candidates: tuple[Candidate, ...] = ()
+    sla_met: bool = True
+    explored: bool = False
+    note: str = ""
+
+
+@dataclass
+class RequestContext:
+    """Everything known about one request as it flows through the stages."""
+
+    http: web.Request
+    policy: Policy
+    request_id: str
+    started_s: float = field(default_factory=time.perf_counter)
+    started_unix_s: float = field(default_factory=time.time)
+    # identify
+    tenant: Tenant | None = None
+    # parse
+    endpoint: str = "chat"              # chat | completions | embeddings
+    body: dict[str, Any] = field(default_factory=dict)
+    requested_model: str = ""
+    stream: bool = False
+    include_usage: bool = False         # the client asked for the usage chunk
+    max_tokens: int | None = None
+    task_id: str | None = None
+    workflow: str | None = None
+    # count
+    prompt_tokens: int = 0
+    # admit
+    reserved_tokens: int = 0
+    admitted: bool = False
+    # route
+    decision: Decision | None = None
+    sla_tightened: dict[str, float] = field(default_factory=dict)
+    # cache
+    cache_status: str = "bypass"        # hit | miss | bypass | stored
+    cache_key: str | None = None
+    cache_saved_usd: Decimal = Decimal(0)
+    # call
+    attempts: list[Attempt] = field(default_factory=list)
+    fallback_state: str = "none"        # none | retried | fallback | exhausted
+    fallback_reason: str | None = None
+    response: web.StreamResponse | None = None
+    response_body: dict[str, Any] | None = None     # a non-streamed answer, parsed
+    stream_record: Any = None           # what a finished stream said, for the cache
+    bytes_sent: bool = False
+    status: int = 200
+    error: Exception | None = None
+    # account
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: Decimal = Decimal(0)
+    energy_j: float | None = None
+    ttft_s: float | None = None
+    ended_s: float | None = None
+    # observe
+    span: Any = None                    # the SERVER span, when telemetry is on
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def operation(self) -> str:
+        return OPERATIONS[self.endpoint]
+
+    @property
+    def route_name(self) -> str | None:
+        return self.decision.route.name if self.decision else None
+
+    @property
+    def model_selected(self) -> str | None:
+        """The model that answered, or the first planned when none did."""
+        if self.attempts:
+            return self.attempts[-1].model.name
+        if self.decision and self.decision.plan:
+            return self.decision.plan[0].name
+        return None
+
+    @property
+    def tenant_name(self) -> str:
+        return self.tenant.name if self.tenant else "anonymous"
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended_s or time.perf_counter()) - self.started_s

@@ -1,0 +1,181 @@
+"""One error tree for the whole gateway.
+
+    GatewayError                         (500, api_error)
+    ├── ClientError                      (400, invalid_request_error)
+    │   ├── BodyTooLarge                 (413)
+    │   ├── AuthenticationFailed         (401, authentication_error)
+    │   ├── PermissionDenied             (403, permission_error)
+    │   ├── NotFound                     (404)
+    │   ├── RateLimited                  (429, rate_limit_exceeded)
+    │   └── BudgetExceeded               (429, budget_exceeded)
+    ├── NoModelMeetsSla                  (503, service_unavailable)
+    ├── UpstreamError                    (502, upstream_error)
+    │   ├── UpstreamUnreachable          (502)
+    │   ├── UpstreamTimeout              (504)
+    │   ├── UpstreamStatus               (the upstream's status)
+    │   └── UpstreamProtocolError        (502)
+    └── PolicyError                      (never reaches a client: start-up and reload)
+
+Each error knows its HTTP status and the OpenAI error `type` and `code`, so
+the outermost middleware can answer any of them in OpenAI's error shape.
+Foreign exceptions are translated where they enter, with `raise ... from`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status = 500
+    error_type = "api_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        """The OpenAI error body for this error."""
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "code": self.code, "param": self.param}}
+
+
+class ClientError(GatewayError):
+    """The request itself is wrong."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(ClientError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class RateLimited(ClientError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(RateLimited):
+    code = "budget_exceeded"
+
+
+class NoModelMeetsSla(GatewayError):
+    """No candidate of the route meets its SLA and the route says reject."""
+
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "sla_unmet"
+
+
+class UpstreamError(GatewayError):
+    """The model server failed us; the fallback loop may try another."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+    #: short machine-readable reason, recorded as the fallback reason and error.type
+    reason = "upstream_error"
+    retry_after_s: float | None = None
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+    reason = "connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    reason = "timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_bad_response"
+    reason = "bad_response"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status."""
+
+    def __init__(self, message: str, *, upstream_status: int, body: dict | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.upstream_body = body
+        self.retry_after_s = retry_after_s
+        self.status = upstream_status if 400 <= upstream_status < 600 else 502
+        if upstream_status == 429:
+            self.error_type, self.code, self.reason = "rate_limit_error", "rate_limit_exceeded", "rate_limited"
+        elif upstream_status >= 500:
+            self.reason = f"http_{upstream_status}"
+        elif is_context_length_error(body):
+            self.error_type, self.code, self.reason = "invalid_request_error", "context_length_exceeded", "context_length"
+        else:
+            self.error_type, self.code, self.reason = "invalid_request_error", "upstream_rejected", f"http_{upstream_status}"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another model may succeed where this one failed."""
+        return self.upstream_status == 429 or self.upstream_status >= 500 or self.reason == "context_length"
+
+
+def is_context_length_error(body: dict | None) -> bool:
+    """Whether an upstream error body says the prompt was too long for the model."""
+    if not isinstance(body, dict):
+        return False
+    error = body.get("error")
+    if not isinstance(error, dict):
+        return False
+    text = f"{error.get('code') or ''} {error.get('message') or ''}".lower()
+    return "context_length" in text or "maximum context length" in text
+
+
+@dataclass(frozen=True)
+class PolicyProblem:
+    """One thing wrong in a policy file, located precisely."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path or '<root>'}: {self.message}"
+
+
+class PolicyError(GatewayError):
+    """A policy file could not be loaded; carries every problem found."""
+
+    def __init__(self, problems: list[PolicyProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems) or "invalid policy")

@@ -1,0 +1,1 @@
+"""The routing policy: YAML written by SREs, parsed once into frozen dataclasses."""

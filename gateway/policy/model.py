@@ -1,0 +1,223 @@
+"""The policy as frozen dataclasses: what `gateway.policy.load` produces.
+
+Every key an SRE can write in a policy YAML file has a field here, with its
+unit in the name. Defaults are the documented defaults (README, "Policy
+reference"). Money is `Decimal`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+ENDPOINTS: tuple[str, ...] = ("chat", "completions", "embeddings")
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input_per_mtok: Decimal = Decimal(0)
+    output_per_mtok: Decimal = Decimal(0)
+    #: price of prompt tokens served from the provider's prompt cache; default: input price
+    cached_input_per_mtok: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class LatencyPrior:
+    """What the SRE expects of a model before the gateway has measured it."""
+
+    ttft_ms: float = 500.0
+    tpot_ms: float = 20.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 5.0
+    first_byte_s: float = 60.0
+    total_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class GpuSource:
+    """Where the GPUs serving a model are measured."""
+
+    source: Literal["nvml", "dcgm"]
+    ids: tuple[str, ...] = ()
+    url: str | None = None          # DCGM exporter /metrics URL
+    hostname: str | None = None     # DCGM `Hostname` label to match
+    idle_w: float | None = None     # idle power per GPU; learned when absent
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    endpoint: str
+    upstream_model: str
+    provider: str = "openai"
+    api_key_env: str | None = None
+    size_b: float = 0.0
+    tier: int = 1
+    context_window: int = 8192
+    max_concurrency: int = 64
+    price: Price = field(default_factory=Price)
+    gpu_hour_usd: Decimal | None = None
+    energy_usd_per_kwh: Decimal | None = None
+    latency_prior: LatencyPrior = field(default_factory=LatencyPrior)
+    encoding: str = "o200k_base"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    gpus: GpuSource | None = None
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str                       # lower-case header name
+    value: str                      # exact value, or a regex when `regex` is true
+    regex: bool = False
+
+
+@dataclass(frozen=True)
+class Match:
+    """Which requests a route takes. Empty tuples match anything."""
+
+    models: tuple[str, ...] = ("*",)            # requested model aliases; `*` globs allowed
+    endpoints: tuple[str, ...] = ENDPOINTS
+    tenants: tuple[str, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+    prompt_tokens_min: int | None = None
+    prompt_tokens_max: int | None = None
+
+
+@dataclass(frozen=True)
+class Sla:
+    p95_latency_ms: float | None = None
+    p95_ttft_ms: float | None = None
+    min_tier: int = 0
+    max_cost_usd: Decimal | None = None
+    max_energy_j: float | None = None
+    on_violation: Literal["best_effort", "reject"] = "best_effort"
+
+
+@dataclass(frozen=True)
+class CacheRule:
+    enabled: bool = False
+    ttl_s: int = 3600
+    mode: Literal["exact"] = "exact"
+    nondeterministic: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: Match
+    candidates: tuple[str, ...]
+    sla: Sla = field(default_factory=Sla)
+    fallback: tuple[str, ...] = ()
+    cache: CacheRule = field(default_factory=CacheRule)
+    #: expected output tokens when the request gives no max_tokens
+    default_output_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent: int | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    usd_per_day: Decimal | None = None
+    usd_per_month: Decimal | None = None
+    on_exhausted: Literal["reject", "downgrade"] = "reject"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    keys_sha256: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()                # allow list; empty: every route
+    models: tuple[str, ...] = ()                # allowed aliases; empty: every alias
+    limits: Limits = field(default_factory=Limits)
+    budget: Budget = field(default_factory=Budget)
+    priority: int = 1
+
+
+@dataclass(frozen=True)
+class Server:
+    max_body_bytes: int = 4 * 1024 * 1024
+    grace_period_s: float = 15.0
+    #: admin token: its SHA-256 in the policy, or the name of an environment variable holding it
+    admin_token_sha256: str | None = None
+    admin_token_env: str | None = "GATEWAY_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class Breaker:
+    failure_threshold: int = 5
+    open_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Routing:
+    explore_share: float = 0.0
+    latency_window_s: float = 300.0
+    prior_weight: int = 5           # pseudo-samples the latency prior counts for
+    breaker: Breaker = field(default_factory=Breaker)
+    max_attempts: int = 4
+
+
+@dataclass(frozen=True)
+class Store:
+    redis_url: str | None = None    # GATEWAY_REDIS_URL wins over this
+    on_store_failure: Literal["allow", "deny"] = "allow"
+    timeout_ms: float = 50.0
+    key_prefix: str = "gw"
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    capture_content: bool = False
+    tenant_labels: tuple[str, ...] = ()         # tenants kept as metric labels; others `other`
+    tenant_label_top_n: int = 20
+    prometheus: bool = False
+
+
+@dataclass(frozen=True)
+class Ledger:
+    path: str | None = None
+    max_bytes: int = 64 * 1024 * 1024
+    backups: int = 5
+
+
+@dataclass(frozen=True)
+class Energy:
+    sample_interval_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: int
+    models: dict[str, Model]
+    routes: tuple[Route, ...]
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    server: Server = field(default_factory=Server)
+    routing: Routing = field(default_factory=Routing)
+    store: Store = field(default_factory=Store)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    ledger: Ledger = field(default_factory=Ledger)
+    energy: Energy = field(default_factory=Energy)
+    #: where it came from, and the SHA-256 of the file's bytes
+    source: str = "<memory>"
+    content_sha256: str = ""
+
+    def aliases(self) -> list[str]:
+        """The model names clients may ask for: every literal alias routes match."""
+        seen: dict[str, None] = {}
+        for route in self.routes:
+            for alias in route.match.models:
+                if "*" not in alias and "?" not in alias:
+                    seen.setdefault(alias, None)
+        return list(seen)

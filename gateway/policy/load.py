@@ -1,0 +1,310 @@
+"""Policy YAML -> frozen `Policy`, with every problem located by file, line and key path.
+
+The shape of the file is declared once, below, as one `Section` per dataclass:
+YAML key -> converter (type, bounds, choices, references). The generic walker in
+`gateway.policy.validate` does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.nodes import Node, ScalarNode
+
+from gateway.errors import PolicyError, PolicyProblem
+from gateway.policy.model import (
+    ENDPOINTS, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger, Limits,
+    Match, Model, Policy, Price, Route, Routing, Server, Sla, Store, Telemetry, Tenant, Timeouts,
+)
+from gateway.policy.validate import (
+    INT, INVALID, NULL, STR, Check, Converter, Section, Spec, Walk, definition, did_you_mean, flag, integer,
+    items, join, mapping_entries, money, named, real, reference, scalar, text,
+)
+
+SUPPORTED_VERSION = 1
+ENCODINGS = ("cl100k_base", "o200k_base")
+
+
+def choice(*options: str) -> Converter:
+    """A string out of a fixed set."""
+    return text(one_of(options))
+
+
+def positive(value: Any) -> str | None:
+    """Rejects zero and below."""
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def non_negative(value: Any) -> str | None:
+    """Rejects negatives."""
+    return None if value >= 0 else f"must not be negative, got {value}"
+
+
+def fraction(value: Any) -> str | None:
+    """Rejects values outside [0, 1]."""
+    return None if 0 <= value <= 1 else f"must be between 0 and 1, got {value}"
+
+
+def not_blank(value: str) -> str | None:
+    """Rejects an empty string."""
+    return None if value.strip() else "must not be empty"
+
+
+def sha256_hex(value: str) -> str | None:
+    """Accepts exactly 64 lower-case hex digits."""
+    return None if re.fullmatch(r"[0-9a-f]{64}", value) else "must be a SHA-256 as 64 lower-case hex digits"
+
+
+def one_of(options: tuple[str, ...]) -> Check:
+    """A check that a string is one of `options`."""
+    def check(value: str) -> str | None:
+        if value in options:
+            return None
+        return f"'{value}' is not one of {', '.join(options)}{did_you_mean(value, options, list_all=False)}"
+    return check
+
+
+def url_with(*schemes: str) -> Check:
+    """A check that a string is a URL with one of `schemes` and a host (or a path for unix)."""
+    def check(value: str) -> str | None:
+        parts = urlsplit(value)
+        if parts.scheme in schemes and (parts.netloc or parts.scheme == "unix"):
+            return None
+        return f"must be a URL ({' or '.join(schemes)}) with a host, got '{value}'"
+    return check
+
+
+def supported_version(version: int) -> str | None:
+    """Rejects every version but the one this gateway reads."""
+    if version == SUPPORTED_VERSION:
+        return None
+    return f"unsupported version {version} (this gateway reads version {SUPPORTED_VERSION})"
+
+
+def dcgm_needs_url(values: dict[str, Any]) -> tuple[str, str] | None:
+    """GPUs measured through a DCGM exporter need the exporter's URL."""
+    if values.get("source") == "dcgm" and not values.get("url"):
+        return "url", "required when source is dcgm (the DCGM exporter's /metrics URL)"
+    return None
+
+
+def min_not_above_max(values: dict[str, Any]) -> tuple[str, str] | None:
+    """A prompt-size range must not be empty."""
+    low, high = values.get("prompt_tokens_min"), values.get("prompt_tokens_max")
+    if low is not None and high is not None and low > high:
+        return "max", f"must not be below min ({low}), got {high}"
+    return None
+
+
+def header_matches(walk: Walk, node: Node, path: str) -> Any:
+    """`headers: {name: value}`; a value written `/regex/` is a regex; names lower-cased."""
+    entries = mapping_entries(walk, node, path)
+    if entries is INVALID:
+        return INVALID
+    found = [header_match(walk, name, value_node, join(path, name)) for name, (_, value_node) in entries.items()]
+    return INVALID if any(match is INVALID for match in found) else tuple(found)
+
+
+def header_match(walk: Walk, name: str, node: Node, path: str) -> Any:
+    """One header condition: an exact value or a compiled-to-check regex."""
+    if not isinstance(node, ScalarNode) or node.tag == NULL:
+        return walk.report(node, path, "expected a header value or /regex/")
+    value = node.value
+    if len(value) < 2 or not (value.startswith("/") and value.endswith("/")):
+        return HeaderMatch(name.lower(), value)
+    try:
+        re.compile(value[1:-1])
+    except re.error as exc:
+        return walk.report(node, path, f"invalid regex {value}: {exc}")
+    return HeaderMatch(name.lower(), value[1:-1], regex=True)
+
+
+PRICE = Section(Price, {
+    "input_per_mtok": money(non_negative),
+    "output_per_mtok": money(non_negative),
+    "cached_input_per_mtok": money(non_negative),
+})
+LATENCY_PRIOR = Section(LatencyPrior, {"ttft_ms": real(non_negative), "tpot_ms": real(non_negative)})
+TIMEOUTS = Section(Timeouts, {"connect_s": real(positive), "first_byte_s": real(positive), "total_s": real(positive)})
+GPUS = Section(GpuSource, {
+    "source": Spec(choice("nvml", "dcgm"), required=True),
+    "ids": items(scalar((INT, STR), "a GPU index or UUID", str, not_blank)),
+    "url": text(url_with("http", "https")),
+    "hostname": text(not_blank),
+    "idle_w": real(non_negative),
+}, checks=(dcgm_needs_url,))
+MODEL = Section(Model, {
+    "endpoint": Spec(text(url_with("http", "https")), required=True),
+    "upstream_model": text(not_blank),
+    "provider": text(not_blank),
+    "api_key_env": text(not_blank),
+    "size_b": real(non_negative),
+    "tier": integer(non_negative),
+    "context_window": integer(positive),
+    "max_concurrency": integer(positive),
+    "price": PRICE,
+    "gpu_hour_usd": money(non_negative),
+    "energy_usd_per_kwh": money(non_negative),
+    "latency_prior": LATENCY_PRIOR,
+    "encoding": choice(*ENCODINGS),
+    "timeouts": TIMEOUTS,
+    "gpus": GPUS,
+}, named=("name", "upstream_model"))
+
+PROMPT_TOKENS = Section(dict, {
+    "min": Spec(integer(non_negative), attr="prompt_tokens_min"),
+    "max": Spec(integer(non_negative), attr="prompt_tokens_max"),
+}, checks=(min_not_above_max,))
+MATCH = Section(Match, {
+    "models": items(text(not_blank)),
+    "endpoints": items(choice(*ENDPOINTS)),
+    "tenants": items(reference("tenant")),
+    "headers": header_matches,
+    "prompt_tokens": Spec(PROMPT_TOKENS, spread=True),
+})
+SLA = Section(Sla, {
+    "p95_latency_ms": real(positive),
+    "p95_ttft_ms": real(positive),
+    "min_tier": integer(non_negative),
+    "max_cost_usd": money(non_negative),
+    "max_energy_j": real(positive),
+    "on_violation": choice("best_effort", "reject"),
+})
+CACHE = Section(CacheRule, {
+    "enabled": flag(), "ttl_s": integer(positive), "mode": choice("exact"), "nondeterministic": flag(),
+})
+ROUTE = Section(Route, {
+    "name": Spec(definition("route", not_blank), required=True),
+    "match": Spec(MATCH, missing=Match),
+    "candidates": Spec(items(reference("model"), non_empty=True), required=True),
+    "sla": SLA,
+    "fallback": items(reference("model")),
+    "cache": CACHE,
+    "default_output_tokens": integer(positive),
+})
+
+LIMITS = Section(Limits, {
+    "requests_per_minute": integer(positive), "tokens_per_minute": integer(positive), "concurrent": integer(positive),
+})
+BUDGET = Section(Budget, {
+    "usd_per_day": money(non_negative),
+    "usd_per_month": money(non_negative),
+    "on_exhausted": choice("reject", "downgrade"),
+})
+TENANT = Section(Tenant, {
+    "keys_sha256": items(definition("API key hash", sha256_hex)),
+    "routes": items(reference("route")),
+    "models": items(text(not_blank)),
+    "limits": LIMITS,
+    "budget": BUDGET,
+    "priority": integer(non_negative),
+}, named=("name",))
+
+SERVER = Section(Server, {
+    "max_body_bytes": integer(positive),
+    "grace_period_s": real(non_negative),
+    "admin_token_sha256": text(sha256_hex),
+    "admin_token_env": text(not_blank),
+})
+BREAKER = Section(Breaker, {"failure_threshold": integer(positive), "open_s": real(positive)})
+ROUTING = Section(Routing, {
+    "explore_share": real(fraction),
+    "latency_window_s": real(positive),
+    "prior_weight": integer(non_negative),
+    "breaker": BREAKER,
+    "max_attempts": integer(positive),
+})
+STORE = Section(Store, {
+    "redis_url": text(url_with("redis", "rediss", "unix")),
+    "on_store_failure": choice("allow", "deny"),
+    "timeout_ms": real(positive),
+    "key_prefix": text(),
+})
+TELEMETRY = Section(Telemetry, {
+    "capture_content": flag(),
+    "tenant_labels": items(reference("tenant")),
+    "tenant_label_top_n": integer(non_negative),
+    "prometheus": flag(),
+})
+LEDGER = Section(Ledger, {"path": text(not_blank), "max_bytes": integer(positive), "backups": integer(non_negative)})
+ENERGY = Section(Energy, {"sample_interval_s": real(positive)})
+
+POLICY = Section(Policy, {
+    "version": Spec(integer(supported_version), required=True),
+    "models": Spec(named("model", MODEL, non_empty=True), required=True),
+    "routes": Spec(items(ROUTE, non_empty=True), required=True),
+    "tenants": named("tenant", TENANT),
+    "server": SERVER,
+    "routing": ROUTING,
+    "store": STORE,
+    "telemetry": TELEMETRY,
+    "ledger": LEDGER,
+    "energy": ENERGY,
+})
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; PolicyError lists every problem."""
+    policy, problems = _load(path)
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Validate policy YAML text; PolicyError lists every problem."""
+    policy, problems = _parse(text, source, hashlib.sha256(text.encode("utf-8")).hexdigest())
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def check_policy(path: str | Path) -> list[PolicyProblem]:
+    """Every problem in a policy file, in line order; empty when it is valid."""
+    return _load(path)[1]
+
+
+def _load(path: str | Path) -> tuple[Policy | None, list[PolicyProblem]]:
+    """Read the file's bytes and parse them; unreadable files are one problem."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+        text = data.decode("utf-8")
+    except OSError as exc:
+        return None, [PolicyProblem(source, None, "", f"cannot read the policy file: {exc.strerror or exc}")]
+    except UnicodeDecodeError as exc:
+        return None, [PolicyProblem(source, None, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}")]
+    return _parse(text, source, hashlib.sha256(data).hexdigest())
+
+
+def _parse(text: str, source: str, content_sha256: str) -> tuple[Policy | None, list[PolicyProblem]]:
+    """Compose the YAML, walk it against the sections, resolve references."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        return None, [_syntax_problem(source, exc)]
+    if root is None:
+        return None, [PolicyProblem(source, None, "", "the policy file is empty")]
+    walk = Walk(source)
+    policy = POLICY(walk, root, "")
+    walk.resolve_references()
+    if walk.problems or policy is INVALID:
+        return None, sorted(walk.problems, key=lambda problem: problem.line or 0)
+    return dataclasses.replace(policy, source=source, content_sha256=content_sha256), []
+
+
+def _syntax_problem(source: str, exc: yaml.YAMLError) -> PolicyProblem:
+    """A YAML syntax error as a problem at the line where the parser gave up."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    return PolicyProblem(source, mark.line + 1 if mark is not None else None, "", f"invalid YAML: {problem}")

@@ -1,0 +1,333 @@
+"""Token counting with tiktoken, offline: the encodings ship with the gateway.
+
+Prompt counts follow the OpenAI cookbook "How to count tokens with tiktoken":
+
+- chat: 3 tokens per message, plus the tokens of each string value in it
+  (role, content, name, tool_call_id, ...), plus 1 when `name` is present,
+  plus 3 priming the reply (`<|start|>assistant<|message|>`). Content parts
+  count their text; an image counts IMAGE_TOKENS_LOW (detail "low") or
+  IMAGE_TOKENS_HIGH (any other detail: a 1024x1024 image at detail "high" is
+  85 + 4 tiles x 170 tokens in OpenAI's vision pricing); audio and file parts
+  count 0 (their size cannot be known without decoding them). Assistant
+  `tool_calls` / `function_call` count each function's name and arguments.
+- tools / functions: the cookbook's `num_tokens_for_tools` rule, whose
+  per-function overhead differs between the gpt-4o family (o200k_base) and
+  gpt-4 / gpt-3.5 (cl100k_base). Property keys the cookbook's flat schemas
+  lack (nested `properties`, `items`, ...) add the tokens of their JSON.
+- completions / embeddings: a string, a list of strings, a token array or a
+  list of token arrays (their lengths).
+
+User text is encoded with `encode_ordinary`, so `<|endoftext|>` in a prompt is
+plain text, never an error. Each string is encoded once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import ENDOFPROMPT, ENDOFTEXT, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+from gateway.context import Usage
+from gateway.errors import ClientError
+
+DEFAULT_ENCODING = "o200k_base"
+ENCODINGS_DIR = Path(__file__).parent / "encodings"
+
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+IMAGE_TOKENS_LOW = 85
+IMAGE_TOKENS_HIGH = 765
+
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    """What tiktoken needs besides the ranks file: as in `tiktoken_ext.openai_public`."""
+
+    sha256: str
+    pat_str: str
+    special_tokens: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class ToolOverhead:
+    """The cookbook's fixed token costs of function definitions."""
+
+    func_init: int
+    prop_init: int = 3
+    prop_key: int = 3
+    enum_init: int = -3
+    enum_item: int = 3
+    func_end: int = 12
+
+
+# tiktoken_ext.openai_public builds these patterns inside its loader functions, which
+# download the ranks; they are repeated here verbatim (tests check they still agree).
+_CL100K_PAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PAT = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+
+ENCODING_SPECS = MappingProxyType({
+    "cl100k_base": EncodingSpec(
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        pat_str=_CL100K_PAT,
+        special_tokens=((ENDOFTEXT, 100257), (FIM_PREFIX, 100258), (FIM_MIDDLE, 100259),
+                        (FIM_SUFFIX, 100260), (ENDOFPROMPT, 100276)),
+    ),
+    "o200k_base": EncodingSpec(
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        pat_str=_O200K_PAT,
+        special_tokens=((ENDOFTEXT, 199999), (ENDOFPROMPT, 200018)),
+    ),
+})
+SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(ENCODING_SPECS)
+
+#: gpt-4o / gpt-4o-mini use 7 tokens per function, gpt-4 / gpt-3.5-turbo 10 (cookbook)
+TOOL_OVERHEADS = MappingProxyType({
+    "cl100k_base": ToolOverhead(func_init=10),
+    "o200k_base": ToolOverhead(func_init=7),
+})
+
+
+@functools.cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The named encoding, built from the bundled ranks file (no network), loaded once."""
+    spec = ENCODING_SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown encoding {name!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}")
+    path = ENCODINGS_DIR / f"{name}.tiktoken"
+    try:
+        ranks = load_tiktoken_bpe(str(path), expected_hash=spec.sha256)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"bundled encoding file {path} is unreadable: {exc}") from exc
+    return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
+                             special_tokens=dict(spec.special_tokens))
+
+
+def count_text_tokens(text: str, encoding_name: str) -> int:
+    """Tokens of one text, special-token markers counted as plain text."""
+    return len(get_encoding(encoding_name).encode_ordinary(text))
+
+
+def count_completion_tokens(texts: list[str], encoding_name: str) -> int:
+    """Estimated output tokens of generated texts, for upstreams that report no usage."""
+    enc = get_encoding(encoding_name)
+    return sum(len(enc.encode_ordinary(text)) for text in texts if text)
+
+
+def count_prompt_tokens(endpoint: str, body: dict, encoding_name: str) -> int:
+    """Prompt tokens of an OpenAI request body for the chat, completions or embeddings endpoint."""
+    enc = get_encoding(encoding_name)
+    if endpoint == "chat":
+        return _chat_tokens(enc, body, TOOL_OVERHEADS[encoding_name])
+    if endpoint == "completions":
+        return _inputs_tokens(enc, body.get("prompt"), "prompt")
+    if endpoint == "embeddings":
+        return _inputs_tokens(enc, body.get("input"), "input")
+    raise ValueError(f"unknown endpoint {endpoint!r}; expected chat, completions or embeddings")
+
+
+def _text(enc: tiktoken.Encoding, text: str) -> int:
+    return len(enc.encode_ordinary(text))
+
+
+def _json_text(value: Any) -> str:
+    """A JSON value as the text a model would read; strings stay as they are."""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _is_token_array(value: list) -> bool:
+    return all(type(item) is int for item in value)
+
+
+def _inputs_tokens(enc: tiktoken.Encoding, value: Any, param: str) -> int:
+    """A completions prompt or embeddings input: text, texts, token array(s)."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return _text(enc, value)
+    if not isinstance(value, list):
+        raise ClientError(f"'{param}' must be a string, a list of strings or token arrays", param=param)
+    if _is_token_array(value):
+        return len(value)
+    total = 0
+    for item in value:
+        if isinstance(item, str):
+            total += _text(enc, item)
+        elif isinstance(item, list) and _is_token_array(item):
+            total += len(item)
+        else:
+            raise ClientError(f"'{param}' items must be strings or token arrays", param=param)
+    return total
+
+
+def _chat_tokens(enc: tiktoken.Encoding, body: dict, overhead: ToolOverhead) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ClientError("'messages' must be a list", param="messages")
+    total = REPLY_PRIMING_TOKENS
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ClientError("each message must be an object", param=f"messages[{index}]")
+        total += _message_tokens(enc, message)
+    for param in ("tools", "functions"):
+        total += _tools_tokens(enc, body.get(param), overhead, param)
+    return total
+
+
+def _message_tokens(enc: tiktoken.Encoding, message: dict) -> int:
+    total = TOKENS_PER_MESSAGE
+    for key, value in message.items():
+        total += _field_tokens(enc, key, value)
+        if key == "name":
+            total += TOKENS_PER_NAME
+    return total
+
+
+def _field_tokens(enc: tiktoken.Encoding, key: str, value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return _text(enc, value)
+    if key == "content" and isinstance(value, list):
+        return sum(_part_tokens(enc, part) for part in value)
+    if key == "tool_calls" and isinstance(value, list):
+        return sum(_function_call_tokens(enc, call.get("function")) for call in value
+                   if isinstance(call, dict))
+    if key == "function_call":
+        return _function_call_tokens(enc, value)
+    return _text(enc, _json_text(value))
+
+
+def _part_tokens(enc: tiktoken.Encoding, part: Any) -> int:
+    """One content part: text and refusals by their text, images by a fixed estimate."""
+    if isinstance(part, str):
+        return _text(enc, part)
+    if not isinstance(part, dict):
+        return 0
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        text = part.get(kind)
+        return _text(enc, text) if isinstance(text, str) else 0
+    if kind == "image_url":
+        image = part.get("image_url")
+        detail = image.get("detail") if isinstance(image, dict) else None
+        return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
+    return 0
+
+
+def _function_call_tokens(enc: tiktoken.Encoding, function: Any) -> int:
+    """A call the assistant made: the function's name and its (serialized) arguments."""
+    if not isinstance(function, dict):
+        return 0
+    name = function.get("name")
+    arguments = function.get("arguments")
+    total = _text(enc, name) if isinstance(name, str) else 0
+    return total + (_text(enc, _json_text(arguments)) if arguments is not None else 0)
+
+
+def _tools_tokens(enc: tiktoken.Encoding, tools: Any, overhead: ToolOverhead, param: str) -> int:
+    """Function definitions, by the cookbook's `num_tokens_for_tools` rule."""
+    if not tools:
+        return 0
+    if not isinstance(tools, list):
+        raise ClientError(f"'{param}' must be a list", param=param)
+    total = overhead.func_end
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise ClientError(f"each of '{param}' must be an object", param=param)
+        function = tool.get("function")
+        total += _function_def_tokens(enc, function if isinstance(function, dict) else tool, overhead)
+    return total
+
+
+def _function_def_tokens(enc: tiktoken.Encoding, function: dict, overhead: ToolOverhead) -> int:
+    name = str(function.get("name") or "")
+    description = str(function.get("description") or "").removesuffix(".")
+    total = overhead.func_init + _text(enc, f"{name}:{description}")
+    parameters = function.get("parameters")
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    if isinstance(properties, dict) and properties:
+        total += overhead.prop_init
+        total += sum(_property_tokens(enc, key, prop, overhead) for key, prop in properties.items()
+                     if isinstance(prop, dict))
+    return total
+
+
+def _property_tokens(enc: tiktoken.Encoding, key: str, prop: dict, overhead: ToolOverhead) -> int:
+    total = overhead.prop_key
+    enum = prop.get("enum")
+    if isinstance(enum, list):
+        total += overhead.enum_init
+        total += sum(overhead.enum_item + _text(enc, str(item)) for item in enum)
+    kind = prop.get("type")
+    kind = "|".join(map(str, kind)) if isinstance(kind, list) else str(kind or "")
+    description = str(prop.get("description") or "").removesuffix(".")
+    total += _text(enc, f"{key}:{kind}:{description}")
+    extras = {k: v for k, v in prop.items() if k not in ("type", "description", "enum")}
+    return total + (_text(enc, _json_text(extras)) if extras else 0)
+
+
+def usage_from_response(body: dict) -> Usage | None:
+    """The upstream's reported usage (Chat/Completions or Responses naming), or None."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    try:
+        return _parse_usage(usage)
+    except _MalformedUsage:
+        return None
+
+
+class _MalformedUsage(ValueError):
+    """A usage count that is not a non-negative integer."""
+
+
+def _parse_usage(usage: dict) -> Usage | None:
+    input_tokens = _count(usage, "prompt_tokens", "input_tokens")
+    output_tokens = _count(usage, "completion_tokens", "output_tokens")
+    if input_tokens is None and output_tokens is None:
+        return None
+    input_details = _details(usage, "prompt_tokens_details", "input_tokens_details")
+    output_details = _details(usage, "completion_tokens_details", "output_tokens_details")
+    return Usage(input_tokens=input_tokens or 0, output_tokens=output_tokens or 0,
+                 cached_input_tokens=_count(input_details, "cached_tokens") or 0,
+                 reasoning_tokens=_count(output_details, "reasoning_tokens") or 0)
+
+
+def _count(mapping: dict, *keys: str) -> int | None:
+    """The first count present among keys, None when none is."""
+    for key in keys:
+        value = mapping.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value < 0:
+            raise _MalformedUsage(f"{key}: {value!r}")
+        return value
+    return None
+
+
+def _details(usage: dict, *keys: str) -> dict:
+    """The first details object present among keys, empty when none is."""
+    for key in keys:
+        value = usage.get(key)
+        if isinstance(value, dict):
+            return value
+    return {}

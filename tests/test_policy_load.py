@@ -1,0 +1,338 @@
+"""The policy loader: YAML in, frozen dataclasses out, every problem located by file, line and key path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import PolicyError, PolicyProblem
+from gateway.policy import load, model
+from gateway.policy.load import check_policy, load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "policies"
+HASH_A = "a" * 64
+HASH_B = "b" * 64
+
+#: a valid policy to which tests append one broken section (lines 1-7)
+BASE = """\
+version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:9101/v1"}
+  medium: {endpoint: "http://127.0.0.1:9102/v1"}
+routes:
+  - name: chat
+    candidates: [small, medium]
+"""
+
+
+def problems_of(text: str) -> list[PolicyProblem]:
+    """The problems parse_policy reports for a text (none when it loads)."""
+    try:
+        parse_policy(textwrap.dedent(text), source="p.yaml")
+    except PolicyError as exc:
+        return exc.problems
+    return []
+
+
+def where(problems: list[PolicyProblem]) -> list[tuple[int | None, str]]:
+    """The (line, key path) of each problem, in report order."""
+    return [(problem.line, problem.path) for problem in problems]
+
+
+def only(text: str) -> PolicyProblem:
+    """The single problem a text has; fails when it has none or several."""
+    problems = problems_of(text)
+    assert len(problems) == 1, [str(problem) for problem in problems]
+    return problems[0]
+
+
+def test_demo_policy_loads_with_decimal_prices():
+    """The shipped demo policy loads: three models, three routes, prices as exact Decimals."""
+    policy = load_policy(ROOT / "policies" / "demo.yaml")
+    assert list(policy.models) == ["small", "medium", "large"]
+    assert [route.name for route in policy.routes] == ["chat-default", "chat-smart", "embeddings"]
+    assert policy.models["small"].price.input_per_mtok == Decimal("0.05")
+    assert isinstance(policy.models["large"].price.output_per_mtok, Decimal)
+    assert policy.models["large"].price.cached_input_per_mtok == Decimal("1.25")
+    assert policy.routes[0].candidates == ("small", "medium", "large")
+    assert policy.source == str(ROOT / "policies" / "demo.yaml")
+
+
+def test_content_sha256_is_the_hash_of_the_file_bytes():
+    """content_sha256 equals hashlib's SHA-256 of the file's bytes, so reloads can detect change."""
+    path = FIXTURES / "full.yaml"
+    assert load_policy(path).content_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_full_fixture_fills_every_section():
+    """Every section converts: merge keys, GPU ids as strings, lower-cased headers, regexes, money, nulls."""
+    policy = load_policy(FIXTURES / "full.yaml")
+    small, medium = policy.models["small"], policy.models["medium"]
+    assert (small.name, small.upstream_model, small.gpus.ids) == ("small", "small", ("0", "1"))
+    assert (medium.upstream_model, medium.tier, medium.size_b, medium.gpus.source) == ("llama-8b", 2, 1.0, "dcgm")
+    assert medium.gpu_hour_usd == Decimal("2.49") and medium.timeouts.first_byte_s == 10.5
+    match = policy.routes[0].match
+    assert match.headers == (model.HeaderMatch("x-tier", "gold"), model.HeaderMatch("x-team", "^ml-.*$", regex=True))
+    assert (match.prompt_tokens_min, match.prompt_tokens_max, match.tenants) == (0, 4000, ("acme",))
+    assert policy.routes[0].sla.max_cost_usd == Decimal("0.01")
+    assert policy.routes[1].match == model.Match()
+    assert policy.tenants["acme"].budget.usd_per_day == Decimal("25.5")
+    assert policy.tenants["beta"] == model.Tenant(name="beta")
+    assert policy.server.admin_token_env is None
+    assert (policy.routing.breaker.open_s, policy.store.on_store_failure) == (10.0, "deny")
+
+
+def test_check_policy_is_empty_for_a_valid_file():
+    """check_policy returns no problems for a valid file."""
+    assert check_policy(FIXTURES / "full.yaml") == []
+
+
+def test_all_problems_are_reported_with_file_line_and_path():
+    """A file with six mistakes reports all six, in line order, formatted file:line: path: message."""
+    path = FIXTURES / "many_errors.yaml"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert where(caught.value.problems) == [
+        (5, "models.small.tierr"),
+        (8, "models.medium.context_window"),
+        (9, "models.medium.price.input_per_mtok"),
+        (12, "routes[0].candidates[1]"),
+        (13, "routes[1].name"),
+        (15, "routes[1].sla.on_violation"),
+    ]
+    assert str(caught.value.problems[3]) == (
+        f"{path}:12: routes[0].candidates[1]: unknown model 'mediun' (did you mean 'medium'?)")
+    assert check_policy(path) == caught.value.problems
+
+
+def test_yaml_syntax_error_has_its_line():
+    """A YAML indentation mistake is reported at the line where it is."""
+    problems = check_policy(FIXTURES / "syntax_error.yaml")
+    assert where(problems) == [(5, "")]
+    assert "invalid YAML" in problems[0].message
+
+
+def test_unreadable_file_is_a_problem_not_a_crash():
+    """A missing file raises PolicyError naming the file."""
+    with pytest.raises(PolicyError, match="cannot read the policy file"):
+        load_policy(FIXTURES / "no-such-file.yaml")
+
+
+def test_empty_or_non_mapping_document_is_rejected():
+    """An empty document and a top-level list are each one clear problem."""
+    assert only("").message == "the policy file is empty"
+    assert only("- 1\n").message == "expected a mapping, got a list"
+
+
+def test_unknown_key_suggests_the_close_one():
+    """A typo'd key is reported at its line with the key path and a did-you-mean."""
+    problem = only(BASE + "routing:\n  breaker: {failure_treshold: 3}\n")
+    assert (problem.line, problem.path) == (9, "routing.breaker.failure_treshold")
+    assert "did you mean 'failure_threshold'?" in problem.message
+
+
+def test_unknown_section_lists_the_allowed_ones():
+    """An unknown top-level key with no close match lists the sections that exist."""
+    problem = only(BASE + "cashe_rules: {}\n")
+    assert (problem.line, problem.path) == (8, "cashe_rules")
+    assert "expected one of: version, models, routes" in problem.message
+
+
+def test_duplicate_key_is_reported_at_the_duplicate():
+    """A key written twice in one mapping is an error at the second one's line."""
+    problem = only("""\
+        version: 1
+        models:
+          small:
+            endpoint: http://127.0.0.1:9101/v1
+            tier: 1
+            tier: 2
+        routes: [{name: chat, candidates: [small]}]
+        """)
+    assert (problem.line, problem.path) == (6, "models.small.tier")
+    assert problem.message == "duplicate key 'tier' (first at line 5)"
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("  small: {endpoint: 'http://h/v1', context_window: '8192'}", "expected an integer, got string '8192'"),
+    ("  small: {endpoint: 'http://h/v1', tier: true}", "expected an integer, got boolean 'true'"),
+    ("  small: {endpoint: 'http://h/v1', size_b: yes}", "expected a number, got boolean 'yes'"),
+    ("  small: {endpoint: 'http://h/v1', context_window: 8192.5}", "expected an integer, got number '8192.5'"),
+    ("  small: {endpoint: 'http://h/v1', price: [0.1, 0.2]}", "expected a mapping, got a list"),
+    ("  small: {endpoint: 'http://h/v1', tier: }", "expected an integer, got an empty value"),
+    ("  small: {endpoint: 'http://h/v1', api_key_env: 12}", "expected a string, got integer '12'"),
+    ("  small: {endpoint: 'http://h/v1', price: {input_per_mtok: .inf}}", "must be a finite number, got Infinity"),
+])
+def test_wrong_types_are_rejected(line, expected):
+    """Strings for numbers, booleans for integers, lists for mappings and nulls for required values are errors."""
+    problem = only(f"version: 1\nmodels:\n{line}\nroutes: [{{name: r, candidates: [small]}}]\n")
+    assert problem.line == 3 and problem.message == expected
+
+
+@pytest.mark.parametrize(("text", "line", "path"), [
+    ("models: {a: {endpoint: 'http://h'}}\nroutes: [{name: r, candidates: [a]}]\n", 1, "version"),
+    ("version: 1\nroutes: [{name: r, candidates: [a]}]\n", 1, "models"),
+    ("version: 1\nmodels: {a: {endpoint: 'http://h'}}\n", 1, "routes"),
+    ("version: 1\nmodels:\n  a: {tier: 1}\nroutes: [{name: r, candidates: [a]}]\n", 3, "models.a.endpoint"),
+    ("version: 1\nmodels: {a: {endpoint: 'http://h'}}\nroutes:\n  - candidates: [a]\n", 4, "routes[0].name"),
+    ("version: 1\nmodels: {a: {endpoint: 'http://h'}}\nroutes:\n  - name: r\n", 4, "routes[0].candidates"),
+])
+def test_missing_required_keys(text, line, path):
+    """Each required key, when absent, is reported at its mapping's line with the key's path."""
+    problem = only(text)
+    assert (problem.line, problem.path, problem.message) == (line, path, "missing required key")
+
+
+def test_version_must_be_one():
+    """A policy written for another format version is refused."""
+    problem = only(BASE.replace("version: 1", "version: 2"))
+    assert (problem.line, problem.path) == (1, "version")
+    assert "unsupported version 2" in problem.message
+
+
+def model_with(fields: str) -> str:
+    """A valid one-model policy whose model (on line 3) also has `fields`."""
+    return f"version: 1\nmodels:\n  x: {{endpoint: 'http://h', {fields}}}\nroutes: [{{name: r, candidates: [x]}}]\n"
+
+
+@pytest.mark.parametrize(("text", "line", "path", "message"), [
+    (model_with("price: {output_per_mtok: -0.5}"), 3, "models.x.price.output_per_mtok", "must not be negative, got -0.5"),
+    (model_with("context_window: 0"), 3, "models.x.context_window", "must be greater than 0, got 0"),
+    (model_with("max_concurrency: -4"), 3, "models.x.max_concurrency", "must be greater than 0, got -4"),
+    (model_with("latency_prior: {ttft_ms: -1}"), 3, "models.x.latency_prior.ttft_ms", "must not be negative, got -1.0"),
+    (model_with("timeouts: {total_s: -30}"), 3, "models.x.timeouts.total_s", "must be greater than 0, got -30.0"),
+    (model_with("tier: -1"), 3, "models.x.tier", "must not be negative, got -1"),
+    (BASE + "routing: {explore_share: 1.5}\n", 8, "routing.explore_share", "must be between 0 and 1, got 1.5"),
+    (BASE + "routing: {explore_share: -0.1}\n", 8, "routing.explore_share", "must be between 0 and 1, got -0.1"),
+])
+def test_nonsense_numbers_are_rejected(text, line, path, message):
+    """Negative prices, zero windows or concurrency, negative latencies and timeouts, shares outside [0,1] fail."""
+    problem = only(text)
+    assert (problem.line, problem.path, problem.message) == (line, path, message)
+
+
+def test_unknown_candidate_and_fallback_models_suggest_the_close_one():
+    """Route candidates and fallbacks naming undefined models are errors at their exact item, with did-you-mean."""
+    problems = problems_of(BASE + """\
+  - name: smart
+    candidates: [small, medium, mediun]
+    fallback:
+      - larg
+""")
+    assert where(problems) == [(9, "routes[1].candidates[2]"), (11, "routes[1].fallback[0]")]
+    assert problems[0].message == "unknown model 'mediun' (did you mean 'medium'?)"
+    assert problems[1].message == "unknown model 'larg' (expected one of: small, medium)"
+
+
+def test_duplicate_route_names_are_rejected():
+    """Two routes with one name are an error at the second, pointing back at the first."""
+    problem = only(BASE + "  - name: chat\n    candidates: [small]\n")
+    assert (problem.line, problem.path) == (8, "routes[1].name")
+    assert problem.message == "duplicate route 'chat' (first at line 6, routes[0].name)"
+
+
+def test_tenant_references_and_key_hashes_are_checked():
+    """Tenants must name defined routes, hold 64-hex key hashes, and never share a key hash."""
+    problems = problems_of(BASE + f"""\
+tenants:
+  acme:
+    keys_sha256: [{HASH_A}, {HASH_B.upper()}]
+    routes: [chat, caht]
+  zeta:
+    keys_sha256:
+      - {HASH_A}
+""")
+    assert where(problems) == [(10, "tenants.acme.keys_sha256[1]"), (11, "tenants.acme.routes[1]"),
+                               (14, "tenants.zeta.keys_sha256[0]")]
+    assert "64 lower-case hex digits" in problems[0].message
+    assert problems[1].message == "unknown route 'caht' (did you mean 'chat'?)"
+    assert problems[2].message.startswith("duplicate API key hash") and "tenants.acme.keys_sha256[0]" in problems[2].message
+
+
+@pytest.mark.parametrize(("section", "path", "message"), [
+    ("routes:\n  - {name: r, candidates: [small], match: {endpoints: [chat, embedding]}}",
+     "routes[0].match.endpoints[1]", "'embedding' is not one of chat, completions, embeddings (did you mean 'embeddings'?)"),
+    ("routes:\n  - {name: r, candidates: [small], sla: {on_violation: drop}}",
+     "routes[0].sla.on_violation", "'drop' is not one of best_effort, reject"),
+    ("routes:\n  - {name: r, candidates: [small]}\ntenants: {t: {budget: {on_exhausted: downgrad}}}",
+     "tenants.t.budget.on_exhausted", "'downgrad' is not one of reject, downgrade (did you mean 'downgrade'?)"),
+    ("routes:\n  - {name: r, candidates: [small]}\nstore: {on_store_failure: open}",
+     "store.on_store_failure", "'open' is not one of allow, deny"),
+])
+def test_choices_are_enforced(section, path, message):
+    """Endpoints, on_violation, on_exhausted and on_store_failure accept only their documented values."""
+    text = "version: 1\nmodels:\n  small: {endpoint: 'http://h'}\n" + section + "\n"
+    problem = only(text)
+    assert (problem.line, problem.path, problem.message) == (len(text.splitlines()), path, message)
+
+
+@pytest.mark.parametrize(("fields", "path", "message"), [
+    ("endpoint: 'localhost:8000'", "models.small.endpoint", "must be a URL (http or https) with a host, got 'localhost:8000'"),
+    ("endpoint: 'http://h', encoding: gpt2", "models.small.encoding", "'gpt2' is not one of cl100k_base, o200k_base"),
+    ("endpoint: 'http://h', gpus: {source: rocm}", "models.small.gpus.source", "'rocm' is not one of nvml, dcgm"),
+    ("endpoint: 'http://h', gpus: {source: dcgm}", "models.small.gpus.url",
+     "required when source is dcgm (the DCGM exporter's /metrics URL)"),
+])
+def test_model_endpoint_encoding_and_gpu_source_are_checked(fields, path, message):
+    """Endpoints must be http(s) URLs, encodings known, GPU sources nvml or dcgm, and dcgm needs a URL."""
+    problem = only(f"version: 1\nmodels:\n  small: {{{fields}}}\nroutes: [{{name: r, candidates: [small]}}]\n")
+    assert (problem.line, problem.path, problem.message) == (3, path, message)
+
+
+def test_header_regex_is_compiled_and_bad_regex_is_an_error():
+    """A header value written /regex/ must compile; the error names the header's key path and line."""
+    problem = only(BASE + "    match:\n      headers:\n        X-Team: '/ml-(/'\n")
+    assert (problem.line, problem.path) == (10, "routes[0].match.headers.X-Team")
+    assert problem.message.startswith("invalid regex /ml-(/")
+
+
+def test_prompt_token_range_must_not_be_empty():
+    """prompt_tokens.max below min is reported at max."""
+    problem = only(BASE + "    match: {prompt_tokens: {min: 100, max: 10}}\n")
+    assert (problem.line, problem.path) == (8, "routes[0].match.prompt_tokens.max")
+
+
+def test_defaults_names_and_tuples():
+    """Names come from keys, upstream_model defaults to the key, lists become tuples, defaults stay."""
+    policy = parse_policy(BASE + "  - {name: embed, candidates: [small], fallback: [medium]}\n")
+    small = policy.models["small"]
+    assert (small.name, small.upstream_model, small.tier, small.encoding) == ("small", "small", 1, "o200k_base")
+    assert policy.routes[1].fallback == ("medium",) and isinstance(policy.routes[0].candidates, tuple)
+    assert policy.routes[0].match == model.Match() and policy.tenants == {}
+    assert policy.source == "<string>"
+    assert policy.content_sha256 == hashlib.sha256(
+        (BASE + "  - {name: embed, candidates: [small], fallback: [medium]}\n").encode()).hexdigest()
+
+
+def test_problem_string_names_file_line_and_path():
+    """A problem prints as file:line: key.path: message, ready for an SRE's terminal."""
+    problem = only(BASE.replace("[small, medium]", "[small, mediun]"))
+    assert str(problem) == "p.yaml:7: routes[0].candidates[1]: unknown model 'mediun' (did you mean 'medium'?)"
+
+
+@pytest.mark.parametrize("section", [
+    load.PRICE, load.LATENCY_PRIOR, load.TIMEOUTS, load.GPUS, load.MODEL, load.MATCH, load.SLA, load.CACHE,
+    load.ROUTE, load.LIMITS, load.BUDGET, load.TENANT, load.SERVER, load.BREAKER, load.ROUTING, load.STORE,
+    load.TELEMETRY, load.LEDGER, load.ENERGY, load.POLICY,
+], ids=lambda section: section.cls.__name__)
+def test_every_dataclass_field_has_a_yaml_key(section):
+    """Each section's keys cover exactly its dataclass's fields, so no field is unreachable from YAML."""
+    attrs = {spec.attr or key for key, spec in ((key, section.spec(key)) for key in section.specs) if not spec.spread}
+    if section is load.MATCH:
+        attrs |= {"prompt_tokens_min", "prompt_tokens_max"}
+    if section is load.POLICY:
+        attrs |= {"source", "content_sha256"}
+    assert attrs | set(section.named) == {f.name for f in dataclasses.fields(section.cls)}
+
+
+def test_plain_exponent_numbers_are_numbers():
+    """`1e-7` unquoted is a number, though PyYAML's YAML 1.1 rules would read it as a string."""
+    policy = parse_policy(model_with("price: {input_per_mtok: 1e-7}, size_b: 7e0"))
+    assert policy.models["x"].price.input_per_mtok == Decimal("1e-7") and policy.models["x"].size_b == 7.0
+    assert only(model_with("size_b: '7e0'")).message == "expected a number, got string '7e0'"

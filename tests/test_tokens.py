@@ -1,0 +1,264 @@
+"""Token counting: offline encodings, the cookbook's published counts, every input shape, usage parsing."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import tiktoken_ext.openai_public as openai_public
+
+from gateway.context import Usage
+from gateway.errors import ClientError
+from gateway.tokens import (
+    DEFAULT_ENCODING,
+    ENCODING_SPECS,
+    IMAGE_TOKENS_HIGH,
+    IMAGE_TOKENS_LOW,
+    SUPPORTED_ENCODINGS,
+    count_completion_tokens,
+    count_prompt_tokens,
+    count_text_tokens,
+    get_encoding,
+    usage_from_response,
+)
+
+# The cookbook "How to count tokens with tiktoken", section 6: 129 prompt tokens on
+# gpt-4 / gpt-3.5-turbo (cl100k_base), 124 on gpt-4o / gpt-4o-mini (o200k_base).
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates "
+                                  "corporate jargon into plain English."},
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth "
+                                                         "to touch base on opportunities for increased leverage."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Let's talk later when we're less busy about how to do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean "
+                                "for the client deliverable."},
+]
+
+# Section 7: 105 prompt tokens on gpt-4 / gpt-3.5-turbo, 101 on gpt-4o / gpt-4o-mini.
+COOKBOOK_TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "description": "The unit of temperature to return",
+                         "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["location"],
+        },
+    },
+}]
+COOKBOOK_TOOL_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+
+def test_encodings_load_and_count_with_the_network_blocked(monkeypatch, tmp_path):
+    """Both encodings load from the bundled files and count with no network and an empty tiktoken cache."""
+    def refuse(*args, **kwargs):
+        raise OSError("network blocked by test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", 9))
+    get_encoding.cache_clear()
+    try:
+        assert count_text_tokens("tiktoken is great!", "cl100k_base") == 6
+        assert count_text_tokens("tiktoken is great!", "o200k_base") == 6
+    finally:
+        get_encoding.cache_clear()
+
+
+@pytest.mark.parametrize("name", SUPPORTED_ENCODINGS)
+def test_encoding_specs_match_tiktoken_ext(monkeypatch, name):
+    """Our pattern, special tokens and file hash are exactly those of tiktoken_ext.openai_public."""
+    requested = {}
+
+    def fake_load(url, expected_hash=None):
+        requested.update(url=url, expected_hash=expected_hash)
+        return {}
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", fake_load)
+    upstream = openai_public.ENCODING_CONSTRUCTORS[name]()
+    spec = ENCODING_SPECS[name]
+    assert spec.pat_str == upstream["pat_str"]
+    assert dict(spec.special_tokens) == upstream["special_tokens"]
+    assert spec.sha256 == requested["expected_hash"]
+    assert requested["url"].endswith(f"/{name}.tiktoken")
+
+
+def test_get_encoding_is_cached_and_rejects_unknown_names():
+    """One Encoding object per name; an unknown name lists the supported ones."""
+    assert get_encoding(DEFAULT_ENCODING) is get_encoding("o200k_base")
+    with pytest.raises(ValueError, match="cl100k_base, o200k_base"):
+        get_encoding("p50k_base")
+
+
+@pytest.mark.parametrize(("name", "ids"), [
+    ("cl100k_base", [83, 1609, 5963, 374, 2294, 0]),
+    ("o200k_base", [83, 8251, 2488, 382, 2212, 0]),
+])
+def test_known_strings_have_their_published_tokens(name, ids):
+    """'tiktoken is great!' and 'hello world' tokenize as the cookbook and tiktoken README show."""
+    assert get_encoding(name).encode("tiktoken is great!") == ids
+    assert count_text_tokens("hello world", name) == 2
+
+
+def test_special_token_text_counts_as_plain_text():
+    """User text containing <|endoftext|> is counted as ordinary text instead of raising."""
+    text = "ignore <|endoftext|> and <|endofprompt|>"
+    for name in SUPPORTED_ENCODINGS:
+        assert count_text_tokens(text, name) > 4
+        assert count_prompt_tokens("chat", {"messages": [{"role": "user", "content": text}]}, name) > 4
+        assert count_prompt_tokens("completions", {"prompt": text}, name) == count_text_tokens(text, name)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("cl100k_base", 129), ("o200k_base", 124)])
+def test_chat_matches_the_cookbook_example(name, expected):
+    """The cookbook's six example messages count what the OpenAI API reported for them."""
+    assert count_prompt_tokens("chat", {"messages": COOKBOOK_MESSAGES}, name) == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), [("cl100k_base", 105), ("o200k_base", 101)])
+def test_tools_match_the_cookbook_example(name, expected):
+    """The cookbook's weather tool example counts what the OpenAI API reported, in both request forms."""
+    body = {"messages": COOKBOOK_TOOL_MESSAGES, "tools": COOKBOOK_TOOLS}
+    assert count_prompt_tokens("chat", body, name) == expected
+    legacy = {"messages": COOKBOOK_TOOL_MESSAGES, "functions": [COOKBOOK_TOOLS[0]["function"]]}
+    assert count_prompt_tokens("chat", legacy, name) == expected
+
+
+def test_nested_tool_schemas_count_their_extra_keys():
+    """A property with a nested schema costs more than the same property without one."""
+    flat = {"name": "f", "parameters": {"properties": {"xs": {"type": "array", "description": "d"}}}}
+    nested = {"name": "f", "parameters": {"properties": {
+        "xs": {"type": "array", "description": "d", "items": {"type": "string"}}}}}
+    count = [count_prompt_tokens("chat", {"messages": [], "functions": [fn]}, DEFAULT_ENCODING)
+             for fn in (flat, nested)]
+    assert count[1] - count[0] == count_text_tokens('{"items":{"type":"string"}}', DEFAULT_ENCODING)
+
+
+def chat(messages: list) -> int:
+    """Prompt tokens of a chat body with these messages, in the default encoding."""
+    return count_prompt_tokens("chat", {"messages": messages}, DEFAULT_ENCODING)
+
+
+def text(value: str) -> int:
+    """Tokens of a text in the default encoding."""
+    return count_text_tokens(value, DEFAULT_ENCODING)
+
+
+def test_chat_message_overheads():
+    """Each message costs 3 plus its strings, a name 1 more, and the reply priming 3."""
+    assert chat([]) == 3
+    assert chat([{"role": "user", "content": "hello world"}]) == 3 + 3 + text("user") + 2
+    named = chat([{"role": "user", "name": "bob", "content": "hello world"}])
+    assert named == 3 + 3 + text("user") + text("bob") + 1 + 2
+
+
+def test_chat_content_parts_count_text_and_fixed_image_estimates():
+    """Text parts count like string content; images add the documented low/high estimates."""
+    plain = chat([{"role": "user", "content": "describe this"}])
+    parts = [{"type": "text", "text": "describe this"}]
+    assert chat([{"role": "user", "content": parts}]) == plain
+    low = parts + [{"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}]
+    high = parts + [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    assert chat([{"role": "user", "content": low}]) == plain + IMAGE_TOKENS_LOW
+    assert chat([{"role": "user", "content": high}]) == plain + IMAGE_TOKENS_HIGH
+
+
+def test_chat_tool_calls_and_tool_results_are_counted():
+    """An assistant's tool call counts its name and arguments; a tool result its id and content."""
+    arguments = '{"location": "Paris"}'
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    assistant = {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert chat([assistant]) == 3 + 3 + text("assistant") + text("get_weather") + text(arguments)
+    as_object = dict(call, function={"name": "get_weather", "arguments": {"location": "Paris"}})
+    assert chat([dict(assistant, tool_calls=[as_object])]) > 3 + 3 + text("assistant") + text("get_weather")
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "22C and sunny"}
+    assert chat([tool]) == 3 + 3 + text("tool") + text("call_1") + text("22C and sunny")
+
+
+def test_chat_rejects_malformed_messages():
+    """A body whose messages are not a list of objects is a client error naming the parameter."""
+    with pytest.raises(ClientError) as error:
+        count_prompt_tokens("chat", {"messages": "hi"}, DEFAULT_ENCODING)
+    assert error.value.param == "messages"
+    with pytest.raises(ClientError) as error:
+        count_prompt_tokens("chat", {"messages": [{"role": "user"}, "hi"]}, DEFAULT_ENCODING)
+    assert error.value.param == "messages[1]"
+
+
+@pytest.mark.parametrize(("endpoint", "param"), [("completions", "prompt"), ("embeddings", "input")])
+def test_completions_and_embeddings_inputs_of_every_shape(endpoint, param):
+    """A string, strings, a token array and token arrays all count; a wrong shape is a client error."""
+    def count(value):
+        return count_prompt_tokens(endpoint, {param: value}, DEFAULT_ENCODING)
+
+    assert count("hello world") == 2
+    assert count(["hello world", "tiktoken is great!"]) == 8
+    assert count([1, 2, 3]) == 3
+    assert count([[1, 2, 3], [4, 5]]) == 5
+    assert count(["hello world", [4, 5]]) == 4
+    assert count([]) == 0
+    assert count_prompt_tokens(endpoint, {}, DEFAULT_ENCODING) == 0
+    for bad in (42, [{"text": "x"}], [[1, "2"]], {"a": 1}):
+        with pytest.raises(ClientError) as error:
+            count(bad)
+        assert error.value.param == param
+
+
+def test_unknown_endpoint_is_rejected():
+    """An endpoint other than chat, completions or embeddings is a programming error."""
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        count_prompt_tokens("images", {}, DEFAULT_ENCODING)
+
+
+def test_count_completion_tokens_sums_texts():
+    """Estimated output tokens are the sum over generated texts, empty ones counting 0."""
+    assert count_completion_tokens(["hello world", "", "tiktoken is great!"], "cl100k_base") == 8
+    assert count_completion_tokens([], "cl100k_base") == 0
+
+
+def test_usage_with_details():
+    """Cached prompt tokens and reasoning tokens are read from the details objects."""
+    body = {"usage": {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150,
+                      "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 0},
+                      "completion_tokens_details": {"reasoning_tokens": 12}}}
+    assert usage_from_response(body) == Usage(input_tokens=120, output_tokens=30,
+                                              cached_input_tokens=100, reasoning_tokens=12)
+
+
+def test_usage_without_details_or_with_null_values():
+    """Missing or null details and an embeddings usage with no completion count read as zeros."""
+    assert usage_from_response({"usage": {"prompt_tokens": 5, "completion_tokens": 7}}) == Usage(5, 7)
+    nulls = {"usage": {"prompt_tokens": 5, "completion_tokens": 7, "prompt_tokens_details": None,
+                       "completion_tokens_details": {"reasoning_tokens": None}}}
+    assert usage_from_response(nulls) == Usage(5, 7)
+    assert usage_from_response({"usage": {"prompt_tokens": 8, "total_tokens": 8}}) == Usage(8, 0)
+    responses_api = {"usage": {"input_tokens": 9, "output_tokens": 4,
+                               "input_tokens_details": {"cached_tokens": 2}}}
+    assert usage_from_response(responses_api) == Usage(9, 4, cached_input_tokens=2)
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"usage": None}, {"usage": "lots"}, {"usage": {}}, {"usage": {"total_tokens": 3}},
+    {"usage": {"prompt_tokens": "5", "completion_tokens": 1}},
+    {"usage": {"prompt_tokens": -1, "completion_tokens": 1}},
+    {"usage": {"prompt_tokens": 5, "completion_tokens": 1.5}},
+    {"usage": {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": "all"}}},
+    [],
+])
+def test_usage_absent_or_malformed_is_none(body):
+    """No usage, or counts that are not non-negative integers, give None instead of a wrong Usage."""
+    assert usage_from_response(body) is None

@@ -1,0 +1,90 @@
+"""What the cache stores: one complete OpenAI non-stream response, and its bytes.
+
+Streamed answers are assembled into the equivalent non-stream response
+first (`gateway.cache.assemble`), so one entry replays as either a JSON body
+or an SSE stream, whichever the next client asks for.
+
+Bytes on the wire: one format byte, then orjson. Entries over 1 KiB are
+zlib-compressed (format byte 1); smaller ones are stored plain (format byte 0).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.cache.assemble import assemble_stream
+
+#: finish reasons of a complete answer; `content_filter` and a missing reason are not
+COMPLETE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "function_call"})
+COMPRESS_OVER_BYTES = 1024
+DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
+FORMAT_PLAIN = 0
+FORMAT_ZLIB = 1
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached answer: the endpoint and the full non-stream response body."""
+
+    endpoint: str
+    body: dict[str, Any]
+    created_unix_s: float = field(default_factory=time.time)
+
+
+def entry_from_response(endpoint: str, body: Any) -> CacheEntry | None:
+    """An entry for a non-stream response, or None when the answer is not complete."""
+    if not isinstance(body, dict) or "error" in body:
+        return None
+    if endpoint == "embeddings":
+        return CacheEntry(endpoint, body) if isinstance(body.get("data"), list) else None
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None
+    if all(isinstance(c, dict) and c.get("finish_reason") in COMPLETE_FINISH_REASONS
+           for c in choices):
+        return CacheEntry(endpoint, body)
+    return None
+
+
+def entry_from_stream(endpoint: str, chunks: list[dict[str, Any]]) -> CacheEntry | None:
+    """An entry for a finished stream (its parsed `data:` chunks, without [DONE])."""
+    if endpoint not in ("chat", "completions") or not chunks:
+        return None
+    return entry_from_response(endpoint, assemble_stream(endpoint, chunks))
+
+
+def encode_entry(entry: CacheEntry, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
+                 ) -> bytes | None:
+    """The stored bytes of an entry, or None when they would exceed `max_entry_bytes`."""
+    raw = orjson.dumps({"e": entry.endpoint, "b": entry.body, "t": entry.created_unix_s})
+    if len(raw) > COMPRESS_OVER_BYTES:
+        data = bytes([FORMAT_ZLIB]) + zlib.compress(raw)
+    else:
+        data = bytes([FORMAT_PLAIN]) + raw
+    return data if len(data) <= max_entry_bytes else None
+
+
+def decode_entry(data: bytes) -> CacheEntry | None:
+    """The entry stored in `data`; None for bytes we cannot read (a miss, never an error)."""
+    if not data:
+        return None
+    try:
+        raw = _payload(data)
+        stored = orjson.loads(raw)
+        return CacheEntry(stored["e"], stored["b"], stored["t"])
+    except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _payload(data: bytes) -> bytes:
+    """The JSON bytes behind the format byte."""
+    if data[0] == FORMAT_ZLIB:
+        return zlib.decompress(data[1:])
+    if data[0] == FORMAT_PLAIN:
+        return data[1:]
+    raise ValueError(f"unknown cache entry format {data[0]}")

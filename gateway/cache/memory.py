@@ -1,0 +1,75 @@
+"""An in-process LRU cache bounded by total bytes, each entry with its own TTL.
+
+The embedded default when no Redis is configured: one process, no sharing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class _Slot:
+    value: bytes
+    expires_s: float        # on the cache's monotonic clock
+    size_bytes: int
+
+
+class MemoryCache:
+    """LRU by bytes (key + value), with per-entry expiry."""
+
+    def __init__(self, max_bytes: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.used_bytes = 0
+        self._clock = clock
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when absent or expired; a hit becomes most recently used."""
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        if slot.expires_s <= self._clock():
+            self._remove(key)
+            return None
+        self._slots.move_to_end(key)
+        return slot.value
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        """Store `value`, evicting least recently used entries until it fits."""
+        self._remove(key)
+        size_bytes = len(key.encode()) + len(value)
+        if ttl_s <= 0 or size_bytes > self.max_bytes:
+            return
+        self._evict_until_free(size_bytes)
+        self._slots[key] = _Slot(value, self._clock() + ttl_s, size_bytes)
+        self.used_bytes += size_bytes
+
+    async def delete(self, key: str) -> None:
+        """Forget `key`."""
+        self._remove(key)
+
+    async def close(self) -> None:
+        """Drop everything."""
+        self._slots.clear()
+        self.used_bytes = 0
+
+    def _evict_until_free(self, needed_bytes: int) -> None:
+        """Drop expired entries, then least recently used ones, until `needed_bytes` fit."""
+        if self.used_bytes + needed_bytes > self.max_bytes:
+            now = self._clock()
+            for key in [k for k, slot in self._slots.items() if slot.expires_s <= now]:
+                self._remove(key)
+        while self._slots and self.used_bytes + needed_bytes > self.max_bytes:
+            self._remove(next(iter(self._slots)))
+
+    def _remove(self, key: str) -> None:
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self.used_bytes -= slot.size_bytes

@@ -1,0 +1,127 @@
+"""The shared cache in Redis, which never makes a request fail.
+
+Every Redis call goes through `RedisCache.guarded`: bounded by `timeout_s`,
+and any Redis error or timeout becomes a miss (or a no-op) right here, the
+one boundary where they are caught. The first error of an outage logs one
+warning and starts a back-off: for `backoff_s` Redis is not called at all,
+so a dead Redis adds no latency; then the next call tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: what the boundary turns into a miss: Redis errors, socket errors, our own timeout
+REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+#: delete the lock only if it is still ours
+RELEASE_LOCK_LUA = """
+if redis.call("get", KEYS[1]) == ARGV[1] then
+    return redis.call("del", KEYS[1])
+end
+return 0
+"""
+
+
+class RedisCache:
+    """Bytes by key in Redis, behind a timeout and an outage back-off."""
+
+    def __init__(self, client: aioredis.Redis, timeout_s: float, *, backoff_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.errors = 0
+        self.healthy = True
+        self._clock = clock
+        self._skip_until_s = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float, *, backoff_s: float = 1.0,
+                 max_connections: int | None = None) -> RedisCache:
+        """A cache on a pooled client for `url` (redis:// or rediss://, password in the URL)."""
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1), max_connections=max_connections)
+        return cls(client, timeout_s, backoff_s=backoff_s)
+
+    async def get(self, key: str) -> bytes | None:
+        """The stored bytes; None on a miss or when Redis is unavailable."""
+        return await self.guarded(lambda: self.client.get(key), None)
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        """Store `value` for `ttl_s` seconds; silently skipped when Redis is unavailable."""
+        if ttl_s > 0:
+            await self.guarded(lambda: self.client.set(key, value, ex=ttl_s), None)
+
+    async def delete(self, key: str) -> None:
+        """Forget `key`."""
+        await self.guarded(lambda: self.client.delete(key), None)
+
+    async def close(self) -> None:
+        """Close the client and its connection pool (even during a back-off)."""
+        try:
+            await asyncio.wait_for(self.client.aclose(), self.timeout_s)
+        except REDIS_FAILURES as exc:
+            log.debug("closing the redis cache client failed: %s", exc)
+
+    async def guarded(self, command: Callable[[], Awaitable[T]], default: T) -> T:
+        """Run one Redis command within the timeout; `default` on failure or during back-off."""
+        if self._clock() < self._skip_until_s:
+            return default
+        try:
+            result = await asyncio.wait_for(command(), self.timeout_s)
+        except REDIS_FAILURES as exc:
+            self._record_failure(exc)
+            return default
+        self._record_success()
+        return result
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """Count the error, start the back-off, and warn once per outage."""
+        self.errors += 1
+        self._skip_until_s = self._clock() + self.backoff_s
+        if self.healthy:
+            self.healthy = False
+            log.warning("redis cache unavailable, serving without it: %s: %s",
+                        type(exc).__name__, exc)
+
+    def _record_success(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            log.info("redis cache available again after %d errors", self.errors)
+
+
+class RedisLock:
+    """A short cross-replica lock (`SET NX PX`), released only by its holder.
+
+    When Redis is unavailable `acquire` grants the lock (every replica then
+    leads on its own, as without the lock): the cache never blocks a request.
+    """
+
+    def __init__(self, cache: RedisCache) -> None:
+        self._cache = cache
+        self._release_script = cache.client.register_script(RELEASE_LOCK_LUA)
+
+    async def acquire(self, key: str, ttl_ms: int) -> str | None:
+        """A token when the caller should lead; None when another holder has the lock."""
+        token = secrets.token_hex(16)
+        acquired = await self._cache.guarded(
+            lambda: self._cache.client.set(key, token, nx=True, px=max(ttl_ms, 1)), True)
+        return token if acquired else None
+
+    async def release(self, key: str, token: str) -> None:
+        """Delete the lock if `token` still holds it (it may have expired)."""
+        await self._cache.guarded(lambda: self._release_script(keys=[key], args=[token]), None)

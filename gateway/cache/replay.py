@@ -1,0 +1,99 @@
+"""Answer from a cache entry: as a JSON body, or as a well-formed OpenAI SSE stream."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+
+from gateway.cache.entry import CacheEntry
+
+DONE_EVENT = b"data: [DONE]\n\n"
+#: top-level fields every replayed chunk repeats
+CHUNK_HEADER_FIELDS = ("id", "created", "model", "system_fingerprint")
+
+
+def replay_response(entry: CacheEntry, *, request_id: str) -> dict[str, Any]:
+    """The cached non-stream body, a fresh copy the caller may change.
+
+    The cached `id` is kept on purpose (a repeated id tells the client it got a
+    replay); `request_id` only fills in a chat or completions body that has none.
+    """
+    body = copy.deepcopy(entry.body)
+    if entry.endpoint != "embeddings" and not body.get("id"):
+        body["id"] = request_id
+    return body
+
+
+def replay_sse(entry: CacheEntry, *, include_usage: bool) -> list[bytes]:
+    """The SSE events (`data: ...\\n\\n`) that stream the cached answer, [DONE] last."""
+    if entry.endpoint == "embeddings":
+        raise ValueError("embeddings responses cannot be streamed")
+    chunks = chat_chunks(entry.body) if entry.endpoint == "chat" else text_chunks(entry.body)
+    header = _chunk_header(entry)
+    if include_usage:
+        header["usage"] = None
+    events = [_event({**header, "choices": choices}) for choices in chunks]
+    if include_usage and entry.body.get("usage"):
+        events.append(_event({**header, "choices": [], "usage": entry.body["usage"]}))
+    events.append(DONE_EVENT)
+    return events
+
+
+def chat_chunks(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The `choices` lists of the chat chunks, choice after choice."""
+    chunks = []
+    for choice in body.get("choices") or ():
+        index, message = choice.get("index", 0), choice.get("message") or {}
+        deltas = [{"role": message.get("role") or "assistant", "content": ""}]
+        if message.get("content"):
+            deltas.append({"content": message["content"]})
+        if message.get("refusal"):
+            deltas.append({"refusal": message["refusal"]})
+        deltas.extend({"tool_calls": [_tool_delta(i, call)]}
+                      for i, call in enumerate(message.get("tool_calls") or ()))
+        if message.get("function_call"):
+            deltas.append({"function_call": message["function_call"]})
+        chunks.extend(_chat_choice(index, delta, None) for delta in deltas)
+        chunks[-1][0]["logprobs"] = choice.get("logprobs")
+        chunks.append(_chat_choice(index, {}, choice.get("finish_reason")))
+    return chunks
+
+
+def text_chunks(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The `choices` lists of the completions chunks: the text, then the finish."""
+    chunks = []
+    for choice in body.get("choices") or ():
+        index = choice.get("index", 0)
+        chunks.append([{"index": index, "text": choice.get("text") or "",
+                        "logprobs": choice.get("logprobs"), "finish_reason": None}])
+        chunks.append([{"index": index, "text": "", "logprobs": None,
+                        "finish_reason": choice.get("finish_reason")}])
+    return chunks
+
+
+def _chat_choice(index: int, delta: dict[str, Any], finish_reason: str | None
+                 ) -> list[dict[str, Any]]:
+    """One chunk's `choices`: a single delta."""
+    return [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+
+
+def _tool_delta(position: int, call: dict[str, Any]) -> dict[str, Any]:
+    """A whole tool call as one delta: id, type, name and arguments together."""
+    function = call.get("function") or {}
+    return {"index": position, "id": call.get("id"), "type": call.get("type") or "function",
+            "function": {"name": function.get("name"), "arguments": function.get("arguments", "")}}
+
+
+def _chunk_header(entry: CacheEntry) -> dict[str, Any]:
+    """The fields every chunk repeats."""
+    header: dict[str, Any] = {name: entry.body[name] for name in CHUNK_HEADER_FIELDS
+                              if entry.body.get(name) is not None}
+    header["object"] = "chat.completion.chunk" if entry.endpoint == "chat" else "text_completion"
+    return header
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    """One SSE event."""
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"

@@ -1,0 +1,121 @@
+"""Single-flight: identical concurrent requests make one upstream call.
+
+In one process the first caller for a key leads and the others await its
+future. Across replicas an optional `RedisLock` elects one leader per key;
+a replica that loses the election polls for the leader's cached answer.
+A follower never hangs: on timeout, on leader failure or when the leader
+had nothing to share it gets `FlightAbandoned` and calls upstream itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from gateway.cache.redis_store import RedisLock
+
+T = TypeVar("T")
+
+
+class FlightAbandoned(Exception):
+    """No shared result for this follower: call upstream directly.
+
+    `reason` is `timeout`, `leader_failed` or `no_result` (the leader returned None).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"single-flight abandoned: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Outcome(Generic[T]):
+    """What a leader left for its followers; never an exception, so none goes unretrieved."""
+
+    result: T | None = None
+    failed: bool = False
+
+
+class SingleFlight:
+    """One in-flight leader per key; followers share its result (treat it as read-only)."""
+
+    def __init__(self, *, lock: RedisLock | None = None, poll_interval_s: float = 0.05) -> None:
+        self._lock = lock
+        self._poll_interval_s = poll_interval_s
+        self._flights: dict[str, asyncio.Future[_Outcome[Any]]] = {}
+
+    def __len__(self) -> int:
+        """Keys with a leader in flight right now."""
+        return len(self._flights)
+
+    async def run(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float, *,
+                  poll_fn: Callable[[], Awaitable[T | None]] | None = None) -> tuple[T, bool]:
+        """`(result, was_leader)`: lead and call `leader_fn`, or share the leader's result.
+
+        `poll_fn` (the cache lookup) is used with a lock, when another replica leads.
+        Raises `FlightAbandoned` to a follower that must go direct; a leader's own
+        exception propagates to the leader only.
+        """
+        flight = self._flights.get(key)
+        if flight is not None:
+            return await self._follow(flight, timeout_s), False
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        try:
+            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn)
+        except BaseException:
+            flight.set_result(_Outcome(failed=True))
+            raise
+        finally:
+            del self._flights[key]
+        flight.set_result(_Outcome(result))
+        return result, was_leader
+
+    async def _follow(self, flight: asyncio.Future[_Outcome[T]], timeout_s: float) -> T:
+        """Wait for the leader's outcome (shielded: a follower leaving does not cancel it)."""
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(flight), timeout_s)
+        except TimeoutError as exc:
+            raise FlightAbandoned("timeout") from exc
+        if outcome.failed:
+            raise FlightAbandoned("leader_failed")
+        if outcome.result is None:
+            raise FlightAbandoned("no_result")
+        return outcome.result
+
+    async def _lead(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float,
+                    poll_fn: Callable[[], Awaitable[T | None]] | None) -> tuple[T, bool]:
+        """Call `leader_fn`, unless another replica holds the lock and its answer arrives."""
+        if self._lock is None or poll_fn is None:
+            return await leader_fn(), True
+        lock, lock_key = self._lock, f"{key}:lock"
+        token, polled = await self._elect(lock, lock_key, timeout_s, poll_fn)
+        if polled is not None:
+            return polled, False
+        try:
+            return await leader_fn(), True
+        finally:
+            if token is not None:
+                await lock.release(lock_key, token)
+
+    async def _elect(self, lock: RedisLock, lock_key: str, timeout_s: float,
+                     poll_fn: Callable[[], Awaitable[T | None]]) -> tuple[str | None, T | None]:
+        """Take the lock, or poll until the holder's answer appears or time runs out.
+
+        The answer is checked after every attempt, won or lost, so a leader that
+        finished just before we took the lock is not called twice.
+        """
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while True:
+            token = await lock.acquire(lock_key, ttl_ms=int(timeout_s * 1000))
+            polled = await poll_fn()
+            if polled is not None:
+                if token is not None:
+                    await lock.release(lock_key, token)
+                return None, polled
+            if token is not None or loop.time() >= deadline_s:
+                return token, None
+            await asyncio.sleep(self._poll_interval_s)

@@ -1,0 +1,86 @@
+"""The cache key, the cacheability rules and Cache-Control handling."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict
+
+from gateway.cache.key import cache_control, cache_key, is_cacheable
+from gateway.policy.model import CacheRule
+
+BODY = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+WHERE = {"prefix": "gw", "tenant": "acme", "route": "chat-default", "resolved": "small",
+         "endpoint": "chat"}
+
+
+def key_of(body: dict, **changes: str) -> str:
+    return cache_key(**{**WHERE, **changes}, body=body)
+
+
+def test_key_is_stable_and_prefixed() -> None:
+    """The same request gives the same key, in the documented `{prefix}:c:v1:{sha256}` shape."""
+    key = key_of(BODY)
+    assert key == key_of(dict(reversed(list(BODY.items()))))
+    prefix, kind, version, digest = key.split(":")
+    assert (prefix, kind, version, len(digest)) == ("gw", "c", "v1", 64)
+
+
+def test_delivery_and_bookkeeping_fields_do_not_change_the_key() -> None:
+    """stream, stream_options, user, metadata, store, service_tier and model leave the key alone."""
+    noisy = {**BODY, "stream": True, "stream_options": {"include_usage": True}, "user": "u1",
+             "metadata": {"a": "b"}, "store": True, "service_tier": "auto", "model": "gpt-4o-mini"}
+    assert key_of(noisy) == key_of(BODY)
+
+
+def test_answer_fields_change_the_key() -> None:
+    """Temperature, messages, tools, unknown extra fields, tenant, route and resolved model all do."""
+    base = key_of(BODY)
+    variants = [
+        key_of({**BODY, "temperature": 0.5}),
+        key_of({**BODY, "messages": [{"role": "user", "content": "hello"}]}),
+        key_of({**BODY, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        key_of({**BODY, "some_new_field": 1}),
+        key_of(BODY, tenant="other"),
+        key_of(BODY, route="chat-smart"),
+        key_of(BODY, resolved="large"),
+        key_of(BODY, endpoint="completions"),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_integer_and_float_temperature_share_a_key() -> None:
+    """`temperature: 0` and `temperature: 0.0` are the same request."""
+    assert key_of({**BODY, "temperature": 0.0}) == key_of(BODY)
+
+
+def test_cacheability_rules() -> None:
+    """Only enabled routes with one choice and pinned sampling (or nondeterministic opt-in) cache."""
+    on = CacheRule(enabled=True)
+    assert is_cacheable({"temperature": 0}, on)
+    assert is_cacheable({"temperature": 0.7, "seed": 7}, on)
+    assert not is_cacheable({"temperature": 0.7}, on)
+    assert not is_cacheable({}, on)
+    assert not is_cacheable({"temperature": 0, "n": 2}, on)
+    assert is_cacheable({"temperature": 0, "n": 1}, on)
+    assert not is_cacheable({"temperature": 0}, CacheRule(enabled=False))
+    assert is_cacheable({"temperature": 0.9}, CacheRule(enabled=True, nondeterministic=True))
+
+
+def test_embeddings_are_cacheable_without_temperature() -> None:
+    """Embeddings are deterministic: an enabled route caches them."""
+    body = {"input": "hello"}
+    assert is_cacheable(body, CacheRule(enabled=True), endpoint="embeddings")
+    assert not is_cacheable(body, CacheRule(enabled=False), endpoint="embeddings")
+
+
+def test_cache_control_directives() -> None:
+    """no-cache skips the lookup but stores; no-store looks up but does not store."""
+    assert cache_control({}) == (True, True)
+    assert cache_control({"Cache-Control": "no-cache"}) == (False, True)
+    assert cache_control({"cache-control": "No-Store"}) == (True, False)
+    assert cache_control({"Cache-Control": "max-age=0, no-cache, no-store"}) == (False, False)
+
+
+def test_cache_control_reads_every_header_line() -> None:
+    """A multidict with two Cache-Control lines honours both."""
+    headers = CIMultiDict([("Cache-Control", "no-cache"), ("cache-control", "no-store")])
+    assert cache_control(headers) == (False, False)

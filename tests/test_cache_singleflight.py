@@ -1,0 +1,155 @@
+"""Single-flight: one upstream call for identical concurrent requests, and no follower hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+
+from gateway.cache.redis_store import RedisCache, RedisLock
+from gateway.cache.singleflight import FlightAbandoned, SingleFlight
+
+
+class Upstream:
+    """A stand-in upstream call that counts how often it runs."""
+
+    def __init__(self, delay_s: float = 0.05, fail: bool = False) -> None:
+        self.calls = 0
+        self.delay_s = delay_s
+        self.fail = fail
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("upstream exploded")
+        return "answer"
+
+
+async def run_or_reason(flight: SingleFlight, key: str, upstream: Upstream, timeout_s: float):
+    """The run's outcome, with a follower's give-up turned into its reason."""
+    try:
+        return await flight.run(key, upstream, timeout_s)
+    except FlightAbandoned as exc:
+        return exc.reason
+
+
+async def test_fifty_identical_calls_make_one_upstream_call() -> None:
+    """50 concurrent calls for one key run the leader once and all get its result."""
+    flight, upstream = SingleFlight(), Upstream()
+    results = await asyncio.gather(*(flight.run("k", upstream, 1.0) for _ in range(50)))
+    assert upstream.calls == 1
+    assert [r for r, _ in results] == ["answer"] * 50
+    assert sum(was_leader for _, was_leader in results) == 1
+    assert len(flight) == 0
+
+
+async def test_different_keys_do_not_share() -> None:
+    """Each key has its own leader."""
+    flight, upstream = SingleFlight(), Upstream()
+    await asyncio.gather(flight.run("a", upstream, 1.0), flight.run("b", upstream, 1.0))
+    assert upstream.calls == 2
+
+
+async def test_leader_failure_releases_followers() -> None:
+    """The leader sees its own error; followers are told to go direct at once, not left hanging."""
+    flight, upstream = SingleFlight(), Upstream(fail=True)
+    outcomes = await asyncio.wait_for(asyncio.gather(
+        *(run_or_reason(flight, "k", upstream, 5.0) for _ in range(5)), return_exceptions=True),
+        timeout=1.0)
+    assert isinstance(outcomes[0], RuntimeError)
+    assert outcomes[1:] == ["leader_failed"] * 4
+    assert upstream.calls == 1 and len(flight) == 0
+
+
+async def test_slow_leader_times_followers_out() -> None:
+    """A follower waits at most timeout_s, then goes direct; the leader still finishes."""
+    flight, upstream = SingleFlight(), Upstream(delay_s=0.3)
+    leader = asyncio.create_task(flight.run("k", upstream, 1.0))
+    await asyncio.sleep(0)
+    assert await run_or_reason(flight, "k", upstream, 0.05) == "timeout"
+    assert await leader == ("answer", True)
+
+
+async def test_cancelled_leader_releases_followers() -> None:
+    """A leader whose client went away hands followers `leader_failed`, and leaves no flight behind."""
+    flight, upstream = SingleFlight(), Upstream(delay_s=1.0)
+    leader = asyncio.create_task(flight.run("k", upstream, 5.0))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(run_or_reason(flight, "k", upstream, 5.0))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    assert await asyncio.wait_for(follower, 1.0) == "leader_failed"
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert len(flight) == 0
+
+
+async def test_none_result_is_not_shared() -> None:
+    """When the leader has nothing to share (an uncacheable answer), followers go direct."""
+    flight = SingleFlight()
+
+    async def nothing() -> None:
+        await asyncio.sleep(0.02)
+
+    outcomes = await asyncio.gather(flight.run("k", nothing, 1.0),
+                                    run_or_reason(flight, "k", Upstream(), 1.0))
+    assert outcomes == [(None, True), "no_result"]
+
+
+async def test_no_unretrieved_exceptions_are_left_behind() -> None:
+    """Leader failures, with or without followers, leave nothing for the loop's exception handler."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        flight = SingleFlight()
+        with pytest.raises(RuntimeError):
+            await flight.run("alone", Upstream(fail=True), 1.0)
+        await asyncio.gather(run_or_reason(flight, "k", Upstream(fail=True), 1.0),
+                             run_or_reason(flight, "k", Upstream(), 0.01), return_exceptions=True)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
+
+
+async def test_replicas_share_one_leader_through_redis(redis_server) -> None:
+    """Two replicas (two SingleFlights on one Redis): the loser polls for the winner's answer."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        replicas = [SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01) for _ in range(2)]
+        upstream = Upstream(delay_s=0.1)
+
+        async def lead_and_store() -> bytes:
+            await upstream()
+            await cache.set("gw:c:v1:k", b"answer", ttl_s=60)
+            return b"answer"
+
+        async def poll() -> bytes | None:
+            return await cache.get("gw:c:v1:k")
+
+        first = asyncio.create_task(replicas[0].run("gw:c:v1:k", lead_and_store, 2.0, poll_fn=poll))
+        await asyncio.sleep(0.02)
+        second = await replicas[1].run("gw:c:v1:k", lead_and_store, 2.0, poll_fn=poll)
+        assert await first == (b"answer", True)
+        assert second == (b"answer", False)
+        assert upstream.calls == 1
+        assert await cache.client.exists("gw:c:v1:k:lock") == 0
+    finally:
+        await cache.close()
+
+
+async def test_lock_is_granted_when_redis_is_down(redis_server) -> None:
+    """With Redis gone the lock never blocks: every replica leads on its own."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.2)
+    try:
+        lock = RedisLock(cache)
+        assert await lock.acquire("l", ttl_ms=1000) is not None
+        assert await lock.acquire("l", ttl_ms=1000) is None
+        redis_server.stop()
+        assert await lock.acquire("l", ttl_ms=1000) is not None
+    finally:
+        await cache.close()

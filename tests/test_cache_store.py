@@ -1,0 +1,179 @@
+"""Stored entries as bytes, the in-memory LRU, and the Redis cache against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import pytest
+
+from gateway.cache.entry import (FORMAT_PLAIN, FORMAT_ZLIB, CacheEntry, decode_entry,
+                                 encode_entry, entry_from_response)
+from gateway.cache.memory import MemoryCache
+from gateway.cache.redis_store import RedisCache
+
+
+def chat_body(content: str, finish_reason: str | None = "stop") -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
+            "model": "sim-small-1b",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_only_complete_answers_become_entries() -> None:
+    """stop, length and tool_calls are stored; content_filter, a missing reason or an error are not."""
+    assert entry_from_response("chat", chat_body("hi", "stop")) is not None
+    assert entry_from_response("chat", chat_body("hi", "length")) is not None
+    assert entry_from_response("chat", chat_body("hi", "tool_calls")) is not None
+    assert entry_from_response("chat", chat_body("hi", "content_filter")) is None
+    assert entry_from_response("chat", chat_body("hi", None)) is None
+    assert entry_from_response("chat", {"error": {"message": "x"}}) is None
+    assert entry_from_response("chat", {"choices": []}) is None
+    embeddings = {"object": "list", "data": [{"embedding": [0.1], "index": 0}], "model": "e"}
+    assert entry_from_response("embeddings", embeddings) is not None
+
+
+@pytest.mark.parametrize("content, flag", [("short", FORMAT_PLAIN), ("x" * 5000, FORMAT_ZLIB)])
+def test_encode_decode_round_trip(content: str, flag: int) -> None:
+    """Small entries are stored plain, large ones compressed, and both decode to the same entry."""
+    entry = CacheEntry("chat", chat_body(content), 1700000001.5)
+    data = encode_entry(entry)
+    assert data is not None and data[0] == flag
+    assert decode_entry(data) == entry
+    if flag == FORMAT_ZLIB:
+        assert len(data) < 1000
+
+
+def test_size_cap_skips_storing() -> None:
+    """An entry whose encoded bytes exceed max_entry_bytes is not encoded for storage."""
+    entry = CacheEntry("chat", chat_body("short"))
+    assert encode_entry(entry, max_entry_bytes=50) is None
+    assert encode_entry(entry, max_entry_bytes=10_000) is not None
+
+
+def test_unreadable_bytes_are_a_miss() -> None:
+    """Garbage, an unknown format byte or truncated zlib data decode to None, not an exception."""
+    compressed = encode_entry(CacheEntry("chat", chat_body("y" * 5000)))
+    assert compressed is not None
+    for data in (b"", b"\x07{}", b"\x00not json", b"\x00{}", compressed[:20]):
+        assert decode_entry(data) is None
+
+
+async def test_memory_lru_evicts_by_bytes() -> None:
+    """When the byte budget is full the least recently used entry goes first."""
+    cache = MemoryCache(max_bytes=300)
+    await cache.set("a", b"1" * 99, ttl_s=60)
+    await cache.set("b", b"2" * 99, ttl_s=60)
+    await cache.set("c", b"3" * 99, ttl_s=60)
+    assert cache.used_bytes == 300
+    assert await cache.get("a") == b"1" * 99      # a is now the most recently used
+    await cache.set("d", b"4" * 99, ttl_s=60)
+    assert await cache.get("b") is None
+    assert [await cache.get(k) is not None for k in "acd"] == [True, True, True]
+    assert cache.used_bytes == 300
+
+
+async def test_memory_rejects_oversized_and_replaces_values() -> None:
+    """A value larger than the whole budget is not stored; a second set replaces the first."""
+    cache = MemoryCache(max_bytes=100)
+    await cache.set("big", b"x" * 200, ttl_s=60)
+    assert await cache.get("big") is None
+    await cache.set("k", b"old", ttl_s=60)
+    await cache.set("k", b"newer", ttl_s=60)
+    assert await cache.get("k") == b"newer"
+    assert cache.used_bytes == len("k") + len(b"newer")
+    await cache.delete("k")
+    assert (await cache.get("k"), cache.used_bytes, len(cache)) == (None, 0, 0)
+
+
+async def test_memory_ttl_expiry() -> None:
+    """Each entry expires after its own TTL and frees its bytes."""
+    clock = FakeClock()
+    cache = MemoryCache(max_bytes=1000, clock=clock)
+    await cache.set("short", b"s", ttl_s=5)
+    await cache.set("long", b"l", ttl_s=50)
+    clock.now_s += 10
+    assert await cache.get("short") is None
+    assert await cache.get("long") == b"l"
+    assert cache.used_bytes == len("long") + 1
+
+
+async def test_redis_get_set_and_ttl(redis_server) -> None:
+    """Values round-trip through a real redis-server and expire after their TTL."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        await cache.set("gw:c:v1:a", b"\x00value", ttl_s=1)
+        await cache.set("gw:c:v1:b", b"kept", ttl_s=60)
+        assert await cache.get("gw:c:v1:a") == b"\x00value"
+        assert 0 < await cache.client.pttl("gw:c:v1:a") <= 1000
+        await asyncio.sleep(1.1)
+        assert await cache.get("gw:c:v1:a") is None
+        await cache.delete("gw:c:v1:b")
+        assert await cache.get("gw:c:v1:b") is None
+        assert (cache.errors, cache.healthy) == (0, True)
+    finally:
+        await cache.close()
+
+
+async def test_redis_outage_is_a_fast_miss_then_recovers(redis_server, caplog) -> None:
+    """With Redis killed, reads are fast misses and writes no-ops; after a restart it works again."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.2, backoff_s=0.3)
+    try:
+        await cache.set("k", b"v", ttl_s=60)
+        assert await cache.get("k") == b"v"
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING, logger="gateway.cache.redis_store"):
+            started_s = time.perf_counter()
+            assert await cache.get("k") is None             # the first failure: bounded by the timeout
+            assert time.perf_counter() - started_s < 0.5
+            assert (cache.healthy, cache.errors) == (False, 1)
+            for _ in range(20):                             # during back-off Redis is not touched
+                started_s = time.perf_counter()
+                assert await cache.get("k") is None
+                await cache.set("k", b"v2", ttl_s=60)
+                assert time.perf_counter() - started_s < 0.1
+            await asyncio.sleep(0.35)
+            assert await cache.get("k") is None             # back-off over: still down, one more error
+        assert cache.errors == 2
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+        redis_server.start()
+        await asyncio.sleep(0.35)
+        await cache.set("k", b"back", ttl_s=60)
+        assert await cache.get("k") == b"back"
+        assert cache.healthy
+    finally:
+        await cache.close()
+
+
+async def test_redis_hang_is_bounded_by_the_timeout(redis_server) -> None:
+    """A Redis that stops answering costs one timeout, then answers correctly once it resumes."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.1, backoff_s=0.2)
+    try:
+        await cache.set("a", b"1", ttl_s=60)
+        await cache.set("b", b"2", ttl_s=60)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            started_s = time.perf_counter()
+            assert await cache.get("a") is None
+            assert 0.09 < time.perf_counter() - started_s < 0.4
+            assert not cache.healthy
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.25)
+        assert [await cache.get("b"), await cache.get("a")] == [b"2", b"1"]
+        assert cache.healthy
+    finally:
+        await cache.close()

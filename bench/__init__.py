@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the gateway's hot paths (`python -m bench.<name>`)."""

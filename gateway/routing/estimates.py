@@ -1,0 +1,182 @@
+"""Live latency estimates per model, started from the policy's priors.
+
+Each model keeps time-windowed samples of TTFT and TPOT (seconds per output
+token). The YAML prior counts as `prior_weight` pseudo-samples that never
+expire, so an untried model is predicted at its prior rather than at zero,
+and real samples dominate once there are many. Samples live in a sorted list
+kept up to date on insert and expiry (bisect), so a percentile is one index.
+Percentiles are nearest-rank over prior and samples together.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+
+from gateway.policy.model import Model, Policy
+
+#: samples kept per model and quantity
+MAX_SAMPLES = 1024
+#: output lengths remembered per route
+MAX_OUTPUT_SAMPLES = 256
+
+
+class SampleWindow:
+    """Time-windowed samples of one quantity, plus a prior that never expires."""
+
+    __slots__ = ("_times_s", "_values", "_sorted", "_prior", "_max_samples")
+
+    def __init__(self, prior: float | None, prior_weight: int, max_samples: int) -> None:
+        self._times_s: deque[float] = deque()
+        self._values: deque[float] = deque()
+        self._prior = prior
+        self._sorted: list[float] = [prior] * prior_weight if prior is not None else []
+        self._max_samples = max_samples
+
+    def __len__(self) -> int:
+        """Real samples held (the prior not counted)."""
+        return len(self._values)
+
+    def add(self, now_s: float, value: float) -> None:
+        """Record one sample taken at `now_s`."""
+        if len(self._values) >= self._max_samples:
+            self._drop_oldest()
+        self._times_s.append(now_s)
+        self._values.append(value)
+        bisect.insort(self._sorted, value)
+
+    def expire(self, cutoff_s: float) -> None:
+        """Drop samples taken before `cutoff_s`."""
+        times_s = self._times_s
+        while times_s and times_s[0] < cutoff_s:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Remove the oldest real sample."""
+        self._times_s.popleft()
+        value = self._values.popleft()
+        del self._sorted[bisect.bisect_left(self._sorted, value)]
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest-rank quantile of prior and samples; None when there is neither."""
+        ordered = self._sorted
+        if not ordered:
+            return self._prior
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class _ModelStats:
+    """TTFT and TPOT windows of one model."""
+
+    __slots__ = ("ttft", "tpot", "prior")
+
+    def __init__(self, model: Model, prior_weight: int, max_samples: int) -> None:
+        prior = model.latency_prior
+        self.prior = prior
+        self.ttft = SampleWindow(prior.ttft_ms / 1000.0, prior_weight, max_samples)
+        self.tpot = SampleWindow(prior.tpot_ms / 1000.0, prior_weight, max_samples)
+
+
+class LatencyEstimates:
+    """Per-model TTFT/TPOT percentiles, in-flight counts and per-route output lengths."""
+
+    def __init__(self, models: Iterable[Model] | Mapping[str, Model], window_s: float = 300.0,
+                 prior_weight: int = 5, clock: Callable[[], float] = time.monotonic,
+                 max_samples: int = MAX_SAMPLES) -> None:
+        self.window_s = window_s
+        self.prior_weight = prior_weight
+        self._clock = clock
+        self._max_samples = max_samples
+        self._models: dict[str, _ModelStats] = {}
+        self._in_flight: dict[str, int] = {}
+        self._outputs: dict[str, SampleWindow] = {}
+        self.track(models)
+
+    @classmethod
+    def from_policy(cls, policy: Policy, clock: Callable[[], float] = time.monotonic) -> LatencyEstimates:
+        """Estimates for every model of a policy, with its routing settings."""
+        routing = policy.routing
+        return cls(policy.models, routing.latency_window_s, routing.prior_weight, clock)
+
+    def track(self, models: Iterable[Model] | Mapping[str, Model]) -> None:
+        """Start tracking models not yet known; a changed prior restarts that model."""
+        for model in models.values() if isinstance(models, Mapping) else models:
+            known = self._models.get(model.name)
+            if known is None or known.prior != model.latency_prior:
+                self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
+
+    def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None) -> None:
+        """Record one finished call's TTFT and TPOT; unknown models are ignored."""
+        stats = self._models.get(model_name)
+        if stats is None:
+            return
+        now_s = self._clock()
+        if ttft_s is not None:
+            stats.ttft.add(now_s, ttft_s)
+        if tpot_s is not None:
+            stats.tpot.add(now_s, tpot_s)
+
+    def _fresh(self, model_name: str) -> _ModelStats:
+        """A model's stats with samples older than the window dropped."""
+        stats = self._models[model_name]
+        cutoff_s = self._clock() - self.window_s
+        stats.ttft.expire(cutoff_s)
+        stats.tpot.expire(cutoff_s)
+        return stats
+
+    def latency_p95_s(self, model_name: str) -> tuple[float, float]:
+        """(TTFT p95, TPOT p95) in seconds, with one expiry pass: the planner's call."""
+        stats = self._fresh(model_name)
+        return stats.ttft.quantile(0.95), stats.tpot.quantile(0.95)
+
+    def ttft_p95_s(self, model_name: str) -> float:
+        """95th percentile time to first token, seconds."""
+        return self._fresh(model_name).ttft.quantile(0.95)
+
+    def ttft_p50_s(self, model_name: str) -> float:
+        """Median time to first token, seconds."""
+        return self._fresh(model_name).ttft.quantile(0.5)
+
+    def tpot_p95_s(self, model_name: str) -> float:
+        """95th percentile time per output token, seconds."""
+        return self._fresh(model_name).tpot.quantile(0.95)
+
+    def tpot_p50_s(self, model_name: str) -> float:
+        """Median time per output token, seconds."""
+        return self._fresh(model_name).tpot.quantile(0.5)
+
+    def sample_count(self, model_name: str) -> int:
+        """Real TTFT samples inside the window."""
+        return len(self._fresh(model_name).ttft)
+
+    def started(self, model_name: str) -> None:
+        """A call to the model began."""
+        self._in_flight[model_name] = self._in_flight.get(model_name, 0) + 1
+
+    def finished(self, model_name: str) -> None:
+        """A call to the model ended, however it ended."""
+        count = self._in_flight.get(model_name, 0)
+        self._in_flight[model_name] = count - 1 if count > 0 else 0
+
+    def in_flight(self, model_name: str) -> int:
+        """Calls to the model now in progress."""
+        return self._in_flight.get(model_name, 0)
+
+    def record_output_tokens(self, route_name: str, output_tokens: int) -> None:
+        """Remember how many tokens a route's answer had."""
+        window = self._outputs.get(route_name)
+        if window is None:
+            window = self._outputs[route_name] = SampleWindow(None, 0, MAX_OUTPUT_SAMPLES)
+        window.add(self._clock(), float(output_tokens))
+
+    def expected_output_tokens(self, route_name: str, default: int) -> int:
+        """Median recent output length of a route, or `default` before any."""
+        window = self._outputs.get(route_name)
+        if window is None:
+            return default
+        window.expire(self._clock() - self.window_s)
+        median = window.quantile(0.5)
+        return default if median is None else int(median)

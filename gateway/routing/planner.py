@@ -1,0 +1,154 @@
+"""The SLA planner: the smallest model that meets the route's SLA, then the fallback chain.
+
+`Router.decide` predicts every candidate (see `predict`), keeps those that fit
+the context window, meet the tier, latency, TTFT (streams only) and cost
+limits and whose circuit is not open, and plans: the smallest kept (by
+size_b, then input price), or with probability `explore_share` another kept
+one; then the other kept ones, smallest first; then the route's fallbacks that
+fit the context and whose circuit is not open; at most `max_attempts` models.
+
+When nothing is kept the route's `on_violation` decides: `best_effort` plans
+the candidates that fit context and tier by predicted latency, then the
+fallbacks (when every circuit is open, they are planned anyway so a request
+is attempted); `reject` raises NoModelMeetsSla naming the unmet terms.
+A request that fits no model's context window is a ClientError (400).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from gateway.context import Candidate, Decision
+from gateway.errors import ClientError, NoModelMeetsSla, PolicyError, PolicyProblem
+from gateway.policy.model import Model, Policy, Route
+from gateway.routing.breaker import Breakers
+from gateway.routing.estimates import LatencyEstimates
+from gateway.routing.matcher import RouteIndex
+from gateway.routing.predict import Limits, PricedModel, fits, judge, reason_kind
+from gateway.routing.tighten import Tighten
+
+
+class _RoutePlan:
+    """A route's candidates (smallest first), fallbacks and limits, resolved once."""
+
+    __slots__ = ("candidates", "fallbacks", "limits")
+
+    def __init__(self, candidates: list[PricedModel], fallbacks: list[PricedModel], limits: Limits) -> None:
+        self.candidates = tuple(sorted(candidates, key=lambda p: p.choice_key))
+        self.fallbacks = tuple(fallbacks)
+        self.limits = limits
+
+
+class Router:
+    """Matches requests to routes and decides which models serve them."""
+
+    def __init__(self, policy: Policy, estimates: LatencyEstimates, breakers: Breakers,
+                 rng: random.Random) -> None:
+        self.policy = policy
+        self.estimates = estimates
+        self.breakers = breakers
+        self._rng = rng
+        self._explore_share = policy.routing.explore_share
+        self._max_attempts = max(1, policy.routing.max_attempts)
+        self.index = RouteIndex(policy.routes, policy.source)
+        estimates.track(policy.models)
+        priced = {name: PricedModel(model) for name, model in policy.models.items()}
+        self._plans = {route.name: self._resolve(i, route, priced) for i, route in enumerate(policy.routes)}
+
+    def _resolve(self, order: int, route: Route, priced: dict[str, PricedModel]) -> _RoutePlan:
+        """A route's model names resolved to priced models; unknown names are a PolicyError."""
+        problems = [PolicyProblem(self.policy.source, None, f"routes[{order}].{key}", f"unknown model {name!r}")
+                    for key in ("candidates", "fallback")
+                    for name in getattr(route, key) if name not in priced]
+        if problems:
+            raise PolicyError(problems)
+        return _RoutePlan([priced[n] for n in route.candidates], [priced[n] for n in route.fallback],
+                          Limits.of(route.sla))
+
+    def match(self, endpoint: str, alias: str, tenant: str | None, headers: Mapping[str, str],
+              prompt_tokens: int) -> Route | None:
+        """The first route, in policy order, that takes the request."""
+        return self.index.match(endpoint, alias, tenant, headers, prompt_tokens)
+
+    def decide(self, route: Route, *, prompt_tokens: int, max_tokens: int | None, stream: bool,
+               tighten: Tighten | None = None) -> Decision:
+        """Plan the models for one request; pass max_tokens=0 for embeddings (no output)."""
+        plan = self._plans[route.name]
+        limits = plan.limits if tighten is None or tighten.empty else plan.limits.tightened(tighten)
+        output_tokens = max_tokens if max_tokens is not None else \
+            self.estimates.expected_output_tokens(route.name, route.default_output_tokens)
+        candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream)
+                           for p in plan.candidates)
+        kept = [c for c in candidates if c.kept]
+        if kept:
+            return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens)
+        return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
+
+    def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
+                    kept: list[Candidate], needed_tokens: int) -> Decision:
+        """The plan when some candidate meets the SLA: smallest (or explored) first."""
+        chosen = kept[0]
+        explored = False
+        if self._explore_share > 0 and len(kept) > 1 and self._rng.random() < self._explore_share:
+            chosen = kept[self._rng.randrange(1, len(kept))]
+            explored = True
+        models = [chosen.model]
+        models.extend(c.model for c in kept if c is not chosen)
+        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True)
+        note = f"explored {chosen.model.name} instead of {kept[0].model.name}" if explored else ""
+        return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
+                        sla_met=True, explored=explored, note=note)
+
+    def _decide_unmet(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
+                      limits: Limits, prompt_tokens: int, output_tokens: int) -> Decision:
+        """The plan when no candidate meets the SLA: best effort, or an error."""
+        needed_tokens = prompt_tokens + output_tokens
+        fitting = [c for p, c in zip(plan.candidates, candidates) if fits(p, needed_tokens, limits)]
+        fallback_fits = any(f.context_window >= needed_tokens for f in plan.fallbacks)
+        if route.sla.on_violation == "reject" or not (fitting or fallback_fits):
+            raise _unmet_error(route, plan, candidates, fitting, limits, prompt_tokens, output_tokens)
+        fitting.sort(key=lambda c: c.predicted_latency_ms)
+        models = [c.model for c in fitting if self.breakers.available(c.model.name)]
+        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True)
+        if not models:
+            models = [c.model for c in fitting]
+            self._add_fallbacks(models, plan, needed_tokens, healthy_only=False)
+        note = f"SLA not met ({_unmet_summary(fitting or candidates, limits)}); best effort by predicted latency"
+        return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
+                        sla_met=False, note=note)
+
+    def _add_fallbacks(self, models: list[Model], plan: _RoutePlan, needed_tokens: int,
+                       healthy_only: bool) -> None:
+        """Append the route's fallbacks not yet planned that fit the context (and are healthy)."""
+        planned = {m.name for m in models}
+        for fallback in plan.fallbacks:
+            if fallback.name in planned or fallback.context_window < needed_tokens:
+                continue
+            if healthy_only and not self.breakers.available(fallback.name):
+                continue
+            models.append(fallback.model)
+            planned.add(fallback.name)
+
+
+def _unmet_summary(candidates: list[Candidate] | tuple[Candidate, ...], limits: Limits) -> str:
+    """'p95_latency_ms 200: small: latency 310ms > 200ms; medium: ...'."""
+    if not candidates:
+        return "its SLA: the route has no candidates"
+    kinds = dict.fromkeys(reason_kind(r) for c in candidates for r in c.reasons)
+    terms = " and ".join(limits.label(kind) for kind in kinds)
+    details = "; ".join(f"{c.model.name}: {', '.join(c.reasons)}" for c in candidates)
+    return f"{terms}: {details}"
+
+
+def _unmet_error(route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
+                 fitting: list[Candidate], limits: Limits, prompt_tokens: int,
+                 output_tokens: int) -> ClientError | NoModelMeetsSla:
+    """The error for a request no model of the route may serve."""
+    needed_tokens = prompt_tokens + output_tokens
+    windows = [p.context_window for p in (*plan.candidates, *plan.fallbacks)]
+    if windows and max(windows) < needed_tokens:
+        return ClientError(f"request needs {needed_tokens} tokens ({prompt_tokens} prompt + {output_tokens} "
+                           f"output) but the largest context window of route {route.name!r} is {max(windows)}",
+                           param="messages", code="context_length_exceeded")
+    return NoModelMeetsSla(f"no model of route {route.name!r} meets {_unmet_summary(fitting or candidates, limits)}")

@@ -1,0 +1,87 @@
+"""Per-request SLA tightening from `x-gateway-*` headers: a request may only tighten."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from gateway.errors import ClientError
+
+HEADER_MAX_LATENCY_MS = "x-gateway-max-latency-ms"
+HEADER_MAX_TTFT_MS = "x-gateway-max-ttft-ms"
+HEADER_MIN_TIER = "x-gateway-min-tier"
+HEADER_MAX_COST_USD = "x-gateway-max-cost-usd"
+
+
+@dataclass(frozen=True, slots=True)
+class Tighten:
+    """SLA limits a request asks for; None leaves the route's own limit."""
+
+    max_latency_ms: float | None = None
+    max_ttft_ms: float | None = None
+    min_tier: int | None = None
+    max_cost_usd: Decimal | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether the request asked for nothing."""
+        return (self.max_latency_ms is None and self.max_ttft_ms is None
+                and self.min_tier is None and self.max_cost_usd is None)
+
+    def as_dict(self) -> dict[str, float]:
+        """The limits asked for, by field name (for `RequestContext.sla_tightened`)."""
+        asked = {"max_latency_ms": self.max_latency_ms, "max_ttft_ms": self.max_ttft_ms,
+                 "min_tier": self.min_tier, "max_cost_usd": self.max_cost_usd}
+        return {name: float(value) for name, value in asked.items() if value is not None}
+
+
+NO_TIGHTEN = Tighten()
+
+
+def _positive_ms(value: str) -> float:
+    """A positive, finite number of milliseconds."""
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("expected a positive number of milliseconds")
+    return number
+
+
+def _tier(value: str) -> int:
+    """A non-negative integer tier."""
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected a non-negative integer tier")
+    return number
+
+
+def _usd(value: str) -> Decimal:
+    """A non-negative, finite amount of USD."""
+    amount = Decimal(value)
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("expected a non-negative amount of USD")
+    return amount
+
+
+_PARSERS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
+    (HEADER_MAX_LATENCY_MS, "max_latency_ms", _positive_ms, "a positive number of milliseconds"),
+    (HEADER_MAX_TTFT_MS, "max_ttft_ms", _positive_ms, "a positive number of milliseconds"),
+    (HEADER_MIN_TIER, "min_tier", _tier, "a non-negative integer"),
+    (HEADER_MAX_COST_USD, "max_cost_usd", _usd, "a non-negative amount of USD"),
+)
+
+
+def tighten_from_headers(headers: Mapping[str, str]) -> Tighten:
+    """The tightening a request's headers ask for; ClientError names a bad header."""
+    asked: dict[str, object] = {}
+    for header, field_name, parse, expected in _PARSERS:
+        raw = headers.get(header)
+        if raw is None:
+            continue
+        try:
+            asked[field_name] = parse(raw.strip())
+        except (ValueError, InvalidOperation) as exc:
+            raise ClientError(f"invalid {header} header {raw!r}: expected {expected}",
+                              param=header, code="invalid_header") from exc
+    return Tighten(**asked) if asked else NO_TIGHTEN

@@ -1,0 +1,119 @@
+"""Circuit breaker state machine: closed -> open -> half-open -> closed or open again."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.policy.model import Breaker
+from gateway.routing.breaker import Breakers
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def breakers(clock: FakeClock) -> Breakers:
+    return Breakers(Breaker(failure_threshold=3, open_s=10.0), clock)
+
+
+def test_opens_after_threshold_consecutive_failures(breakers):
+    """Three consecutive failures open the circuit; fewer do not."""
+    for _ in range(2):
+        breakers.record_failure("m")
+    assert breakers.state("m") == "closed"
+    assert breakers.allow("m")
+    breakers.record_failure("m")
+    assert breakers.state("m") == "open"
+    assert not breakers.allow("m")
+    assert not breakers.available("m")
+
+
+def test_success_resets_the_consecutive_count(breakers):
+    """A success between failures restarts the count, so the circuit stays closed."""
+    breakers.record_failure("m")
+    breakers.record_failure("m")
+    breakers.record_success("m")
+    breakers.record_failure("m")
+    breakers.record_failure("m")
+    assert breakers.state("m") == "closed"
+
+
+def test_half_open_admits_one_probe_and_success_closes(breakers, clock):
+    """After open_s one probe is admitted, others wait, and its success closes the circuit."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 10
+    assert breakers.state("m") == "half_open"
+    assert breakers.available("m")
+    assert breakers.allow("m")
+    assert not breakers.allow("m")
+    assert not breakers.available("m")
+    breakers.record_success("m")
+    assert breakers.state("m") == "closed"
+    assert breakers.allow("m")
+
+
+def test_failed_probe_reopens(breakers, clock):
+    """A failure in half-open reopens the circuit for another open_s."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 10
+    assert breakers.allow("m")
+    breakers.record_failure("m")
+    assert breakers.state("m") == "open"
+    clock.now_s += 9.9
+    assert not breakers.allow("m")
+    clock.now_s += 0.1
+    assert breakers.state("m") == "half_open"
+
+
+def test_lost_probe_frees_its_slot_after_open_s(breakers, clock):
+    """A probe that never reports back does not block the model forever."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 10
+    assert breakers.allow("m")
+    clock.now_s += 5
+    assert not breakers.allow("m")
+    clock.now_s += 5
+    assert breakers.allow("m")
+
+
+def test_retry_after_opens_until_then(breakers, clock):
+    """One failure with Retry-After opens the circuit for that long, even below the threshold."""
+    breakers.record_failure("m", retry_after_s=25)
+    assert breakers.state("m") == "open"
+    assert breakers.retry_in_s("m") == pytest.approx(25)
+    clock.now_s += 24
+    assert not breakers.allow("m")
+    clock.now_s += 1
+    assert breakers.state("m") == "half_open"
+
+
+def test_success_while_open_does_not_close(breakers, clock):
+    """A late success from a call started before the circuit opened leaves it open."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    breakers.record_success("m")
+    assert breakers.state("m") == "open"
+
+
+def test_models_are_independent(breakers):
+    """One model's failures do not open another model's circuit."""
+    for _ in range(3):
+        breakers.record_failure("a")
+    assert breakers.state("a") == "open"
+    assert breakers.state("b") == "closed"
+    assert breakers.allow("b")

@@ -1,0 +1,97 @@
+"""Route matching: first match in policy order, globs, endpoints, tenants, headers, prompt size."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.errors import PolicyError
+from gateway.policy.model import HeaderMatch, Match, Route
+from gateway.routing.matcher import RouteIndex
+
+
+def route(name: str, **match: object) -> Route:
+    """A route with the given match and one candidate."""
+    return Route(name=name, match=Match(**match), candidates=("small",))
+
+
+def names(index: RouteIndex, alias: str = "auto", endpoint: str = "chat", tenant: str | None = None,
+          headers: dict[str, str] | None = None, prompt_tokens: int = 100) -> str | None:
+    """The name of the matched route, or None."""
+    found = index.match(endpoint, alias, tenant, headers or {}, prompt_tokens)
+    return found.name if found else None
+
+
+def test_first_route_in_policy_order_wins():
+    """When two routes match, the earlier one in the policy is chosen."""
+    index = RouteIndex((route("a", models=("auto",)), route("b", models=("auto",))))
+    assert names(index) == "a"
+
+
+def test_glob_route_before_exact_route_wins_by_order():
+    """A glob route listed first beats a later exact-alias route: merging keeps policy order."""
+    index = RouteIndex((route("glob", models=("gpt-*",)), route("exact", models=("gpt-4o",))))
+    assert names(index, "gpt-4o") == "glob"
+    index = RouteIndex((route("exact", models=("gpt-4o",)), route("glob", models=("gpt-*",))))
+    assert names(index, "gpt-4o") == "exact"
+    assert names(index, "gpt-3.5") == "glob"
+
+
+def test_unknown_alias_matches_nothing_without_catch_all():
+    """An alias no route names gives None, and a trailing `*` route catches it."""
+    index = RouteIndex((route("a", models=("auto",)),))
+    assert names(index, "other") is None
+    index = RouteIndex((route("a", models=("auto",)), route("any")))
+    assert names(index, "other") == "any"
+
+
+def test_endpoint_kind_must_match():
+    """A chat-only route does not take embeddings requests."""
+    index = RouteIndex((route("chat", endpoints=("chat",)), route("emb", endpoints=("embeddings",))))
+    assert names(index, endpoint="chat") == "chat"
+    assert names(index, endpoint="embeddings") == "emb"
+    assert names(index, endpoint="completions") is None
+
+
+def test_tenant_list_restricts_and_empty_means_any():
+    """A route naming tenants takes only them; an anonymous request skips it."""
+    index = RouteIndex((route("acme", tenants=("acme",)), route("rest")))
+    assert names(index, tenant="acme") == "acme"
+    assert names(index, tenant="globex") == "rest"
+    assert names(index, tenant=None) == "rest"
+
+
+def test_header_exact_and_regex_with_case_insensitive_names():
+    """Header conditions match exactly or by full regex, and a CIMultiDict's names are case-insensitive."""
+    index = RouteIndex((
+        route("exact", headers=(HeaderMatch("X-Team", "search"),)),
+        route("regex", headers=(HeaderMatch("x-priority", r"high|urgent", regex=True),)),
+        route("rest"),
+    ))
+    assert names(index, headers=CIMultiDict({"X-TEAM": "search"})) == "exact"
+    assert names(index, headers={"x-team": "searching"}) == "rest"
+    assert names(index, headers=CIMultiDict({"X-Priority": "urgent"})) == "regex"
+    assert names(index, headers={"x-priority": "urgently"}) == "rest"
+    assert names(index, headers={}) == "rest"
+
+
+def test_prompt_token_range_is_inclusive():
+    """A route for long prompts takes prompts inside its inclusive range only."""
+    index = RouteIndex((route("long", prompt_tokens_min=4000), route("short", prompt_tokens_max=3999)))
+    assert names(index, prompt_tokens=4000) == "long"
+    assert names(index, prompt_tokens=3999) == "short"
+
+
+def test_bad_header_regex_is_a_policy_error():
+    """An invalid header regex is reported as a PolicyError naming the route's key path."""
+    with pytest.raises(PolicyError, match=r"routes\[0\]\.match\.headers\[0\]\.value"):
+        RouteIndex((route("bad", headers=(HeaderMatch("x-a", "(", regex=True),)),))
+
+
+def test_many_routes_pick_the_right_one():
+    """With 1,000 exact-alias routes and a glob catch-all, each alias reaches its own route."""
+    routes = tuple(route(f"r{i}", models=(f"alias-{i}",)) for i in range(1000)) + (route("rest"),)
+    index = RouteIndex(routes)
+    assert names(index, "alias-0") == "r0"
+    assert names(index, "alias-999") == "r999"
+    assert names(index, "alias-1000") == "rest"

@@ -1,0 +1,311 @@
+"""The SLA planner: smallest model that meets the SLA, fallbacks, best effort, reject, explore."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+
+import pytest
+
+from gateway.errors import ClientError, NoModelMeetsSla, PolicyError
+from gateway.policy.model import (Breaker, LatencyPrior, Match, Model, Policy, Price, Route, Routing,
+                                  Sla)
+from gateway.routing import (Breakers, LatencyEstimates, Router, Tighten, format_decision,
+                             tighten_from_headers)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def models() -> dict[str, Model]:
+    """The demo's three models: small (1B), medium (8B), large (70B)."""
+    def model(name: str, size_b: float, tier: int, context: int, concurrency: int, price: tuple[str, str],
+              ttft_ms: float, tpot_ms: float) -> Model:
+        return Model(name=name, endpoint="http://127.0.0.1:1/v1", upstream_model=f"sim-{name}",
+                     size_b=size_b, tier=tier, context_window=context, max_concurrency=concurrency,
+                     price=Price(Decimal(price[0]), Decimal(price[1])),
+                     latency_prior=LatencyPrior(ttft_ms=ttft_ms, tpot_ms=tpot_ms))
+    return {"small": model("small", 1, 1, 8192, 64, ("0.05", "0.10"), 40, 4),
+            "medium": model("medium", 8, 2, 32768, 32, ("0.30", "0.60"), 80, 8),
+            "large": model("large", 70, 3, 131072, 16, ("2.50", "10.00"), 200, 20)}
+
+
+def chat_route(sla: Sla | None = None, candidates: tuple[str, ...] = ("small", "medium", "large"),
+               fallback: tuple[str, ...] = ()) -> Route:
+    """The route under test; by default every candidate meets a loose SLA."""
+    return Route(name="chat", match=Match(models=("auto",)), candidates=candidates,
+                 sla=sla or Sla(p95_latency_ms=6000), fallback=fallback)
+
+
+class Setup:
+    """A router over one route, with its clock, estimates and breakers at hand."""
+
+    def __init__(self, route: Route, *, explore_share: float = 0.0, seed: int = 1, max_attempts: int = 4,
+                 extra_models: dict[str, Model] | None = None) -> None:
+        self.clock = FakeClock()
+        routing = Routing(explore_share=explore_share, latency_window_s=60, prior_weight=5,
+                          breaker=Breaker(failure_threshold=1, open_s=30), max_attempts=max_attempts)
+        self.policy = Policy(version=1, models={**models(), **(extra_models or {})}, routes=(route,),
+                             routing=routing)
+        self.estimates = LatencyEstimates.from_policy(self.policy, clock=self.clock)
+        self.breakers = Breakers(routing.breaker, self.clock)
+        self.router = Router(self.policy, self.estimates, self.breakers, random.Random(seed))
+        self.route = route
+
+    def decide(self, prompt_tokens: int = 100, max_tokens: int | None = None, stream: bool = False,
+               tighten: Tighten | None = None):
+        """One decision for the route."""
+        return self.router.decide(self.route, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                  stream=stream, tighten=tighten)
+
+
+def plan_names(decision) -> list[str]:
+    return [m.name for m in decision.plan]
+
+
+def candidate(decision, name: str):
+    return next(c for c in decision.candidates if c.model.name == name)
+
+
+def test_smallest_model_meeting_the_sla_is_chosen():
+    """All three meet a loose SLA: small goes first, the others follow smallest first."""
+    decision = Setup(chat_route()).decide()
+    assert plan_names(decision) == ["small", "medium", "large"]
+    assert decision.sla_met and not decision.explored
+    small = candidate(decision, "small")
+    assert small.predicted_latency_ms == pytest.approx(40 + 255 * 4)
+    assert small.predicted_ttft_ms == pytest.approx(40)
+    assert small.predicted_cost_usd == Decimal("0.05") * 100 / 10**6 + Decimal("0.10") * 256 / 10**6
+
+
+def test_route_match_goes_through_the_router():
+    """Router.match finds the route by alias and endpoint."""
+    setup = Setup(chat_route())
+    assert setup.router.match("chat", "auto", None, {}, 10) is setup.route
+    assert setup.router.match("chat", "nope", None, {}, 10) is None
+
+
+def test_slow_small_model_gives_way_to_medium():
+    """Real slow samples for small push its p95 over the SLA, so medium is chosen."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=2500)))
+    assert plan_names(setup.decide())[0] == "small"
+    for _ in range(3):
+        setup.estimates.record("small", 3.0, 0.01)
+    decision = setup.decide()
+    assert plan_names(decision)[0] == "medium"
+    assert any(r.startswith("latency ") for r in candidate(decision, "small").reasons)
+
+
+def test_small_recovers_when_slow_samples_expire():
+    """Once the slow samples leave the window, small is chosen again."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=2500)))
+    setup.estimates.record("small", 3.0, 0.01)
+    assert plan_names(setup.decide())[0] == "medium"
+    setup.clock.now_s += 61
+    assert plan_names(setup.decide())[0] == "small"
+
+
+def test_long_prompt_needs_a_larger_context_window():
+    """A prompt beyond small's 8192-token window goes to medium, with the reason recorded."""
+    decision = Setup(chat_route()).decide(prompt_tokens=9000, max_tokens=100)
+    assert plan_names(decision) == ["medium", "large"]
+    assert candidate(decision, "small").reasons == ("context: 9100 > 8192",)
+
+
+def test_min_tier_drops_lower_tiers():
+    """A route with min_tier 2 never plans the tier-1 model."""
+    decision = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2))).decide()
+    assert plan_names(decision) == ["medium", "large"]
+    assert candidate(decision, "small").reasons == ("tier 1 < 2",)
+
+
+def test_cost_ceiling_drops_expensive_models():
+    """A max cost per request keeps only the models predicted under it."""
+    decision = Setup(chat_route(Sla(p95_latency_ms=6000, max_cost_usd=Decimal("0.001")))).decide()
+    assert plan_names(decision) == ["small", "medium"]
+    assert candidate(decision, "large").reasons[0].startswith("cost $0.002810 > $0.001")
+
+
+def test_ttft_limit_applies_to_streams_only():
+    """p95_ttft_ms drops slow-to-start models for streams but not for whole answers."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, p95_ttft_ms=100)))
+    assert plan_names(setup.decide(stream=True)) == ["small", "medium"]
+    assert candidate(setup.decide(stream=True), "large").reasons == ("ttft 200ms > 100ms",)
+    assert plan_names(setup.decide(stream=False)) == ["small", "medium", "large"]
+
+
+def test_tighten_headers_only_tighten():
+    """Header limits stricter than the route's apply; looser ones leave the route's limits."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=2500)))
+    strict = tighten_from_headers({"x-gateway-max-latency-ms": "1500", "x-gateway-min-tier": "1"})
+    assert strict == Tighten(max_latency_ms=1500.0, min_tier=1)
+    assert strict.as_dict() == {"max_latency_ms": 1500.0, "min_tier": 1.0}
+    assert tighten_from_headers({}).empty
+    assert plan_names(setup.decide(tighten=strict)) == ["small"]
+    loose = tighten_from_headers({"x-gateway-max-latency-ms": "60000", "x-gateway-max-cost-usd": "5"})
+    assert plan_names(setup.decide(tighten=loose)) == ["small", "medium"]
+    tier = tighten_from_headers({"x-gateway-min-tier": "3"})
+    assert plan_names(Setup(chat_route()).decide(tighten=tier)) == ["large"]
+
+
+@pytest.mark.parametrize("header, value", [("x-gateway-max-latency-ms", "fast"),
+                                           ("x-gateway-max-ttft-ms", "-5"),
+                                           ("x-gateway-min-tier", "1.5"),
+                                           ("x-gateway-max-cost-usd", "NaN")])
+def test_invalid_tighten_header_names_the_header(header, value):
+    """A malformed tightening header is a 400 that names the header."""
+    with pytest.raises(ClientError, match=header) as caught:
+        tighten_from_headers({header: value})
+    assert caught.value.status == 400
+    assert caught.value.param == header
+
+
+def test_best_effort_plans_fastest_first_and_says_what_failed():
+    """No model meets 100 ms: best effort plans by predicted latency and notes the unmet term."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2, on_violation="best_effort"), fallback=("large",)))
+    decision = setup.decide(tighten=Tighten(max_latency_ms=100))
+    assert not decision.sla_met
+    assert plan_names(decision) == ["medium", "large"]
+    assert "p95_latency_ms 100" in decision.note
+    assert "medium: latency 2120ms > 100ms" in decision.note
+
+
+def test_reject_names_the_constraint_no_model_met():
+    """A reject route raises NoModelMeetsSla naming the limit and each model's prediction."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=200, on_violation="reject")))
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide()
+    message = caught.value.message
+    assert message.startswith("no model of route 'chat' meets p95_latency_ms 200: ")
+    assert "small: latency 1060ms > 200ms" in message and "large: latency 5300ms > 200ms" in message
+    assert caught.value.status == 503
+
+
+def test_prompt_too_long_for_every_model_is_a_client_error():
+    """A request longer than every context window is a 400 context_length_exceeded."""
+    with pytest.raises(ClientError) as caught:
+        Setup(chat_route()).decide(prompt_tokens=200_000, max_tokens=10)
+    assert caught.value.code == "context_length_exceeded"
+    assert "131072" in caught.value.message
+
+
+def test_prompt_beyond_candidates_best_effort_uses_a_fitting_fallback():
+    """When no candidate's window fits but a fallback's does, best effort plans the fallback; reject refuses."""
+    route = chat_route(Sla(p95_latency_ms=6000), candidates=("small",), fallback=("large",))
+    decision = Setup(route).decide(prompt_tokens=20_000, max_tokens=100)
+    assert plan_names(decision) == ["large"] and not decision.sla_met
+    reject = chat_route(Sla(p95_latency_ms=6000, on_violation="reject"), candidates=("small",), fallback=("large",))
+    with pytest.raises(NoModelMeetsSla, match="the context window: small: context: 20100 > 8192"):
+        Setup(reject).decide(prompt_tokens=20_000, max_tokens=100)
+
+
+def test_tier_nobody_has_is_no_model_meets_sla():
+    """A min_tier above every candidate, with no fallback, raises NoModelMeetsSla naming min_tier."""
+    with pytest.raises(NoModelMeetsSla, match="min_tier 4"):
+        Setup(chat_route(Sla(min_tier=4))).decide()
+
+
+def test_plan_ends_with_fallbacks_that_fit_the_context():
+    """Fallbacks follow the kept candidates even when they miss the SLA, but only if the prompt fits."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=1500), candidates=("small", "medium"), fallback=("medium", "large")))
+    decision = setup.decide()
+    assert plan_names(decision) == ["small", "medium", "large"]
+    assert not candidate(decision, "medium").kept
+
+
+def test_fallback_with_open_circuit_is_skipped():
+    """A fallback whose circuit is open is left out of a plan that has a healthy model."""
+    setup = Setup(chat_route(candidates=("small",), fallback=("large",)))
+    setup.breakers.record_failure("large")
+    assert plan_names(setup.decide()) == ["small"]
+
+
+def test_open_circuit_drops_candidate_and_all_open_still_attempts():
+    """An open circuit drops a model; when every circuit is open best effort still plans a request."""
+    setup = Setup(chat_route(fallback=("large",)))
+    setup.breakers.record_failure("small")
+    decision = setup.decide()
+    assert plan_names(decision) == ["medium", "large"]
+    assert candidate(decision, "small").reasons == ("circuit open",)
+    for name in ("medium", "large"):
+        setup.breakers.record_failure(name)
+    decision = setup.decide()
+    assert not decision.sla_met
+    assert plan_names(decision) == ["small", "medium", "large"]
+
+
+def test_load_beyond_concurrency_scales_the_prediction():
+    """At max_concurrency in flight, latency is multiplied by (in_flight + 1) / max_concurrency."""
+    setup = Setup(chat_route())
+    for _ in range(64):
+        setup.estimates.started("small")
+    small = candidate(setup.decide(), "small")
+    assert small.predicted_latency_ms == pytest.approx((40 + 255 * 4) * 65 / 64)
+    assert small.predicted_ttft_ms == pytest.approx(40 * 65 / 64)
+
+
+def test_gpu_hour_priced_model_costs_its_gpu_share():
+    """A self-hosted model without token prices costs latency × GPU-hour price / 3600 / concurrency."""
+    gpu = Model(name="gpu", endpoint="http://127.0.0.1:1/v1", upstream_model="gpu", max_concurrency=4,
+                gpu_hour_usd=Decimal("3.60"), latency_prior=LatencyPrior(ttft_ms=100, tpot_ms=10))
+    setup = Setup(chat_route(candidates=("gpu",)), extra_models={"gpu": gpu})
+    cost = candidate(setup.decide(max_tokens=11), "gpu").predicted_cost_usd
+    assert cost == Decimal("3.60") / 3_600_000 / 4 * 200
+
+
+def test_observed_output_length_replaces_the_default():
+    """Without max_tokens the route's recent median output length drives the prediction."""
+    setup = Setup(chat_route())
+    setup.estimates.record_output_tokens("chat", 11)
+    assert candidate(setup.decide(), "small").predicted_latency_ms == pytest.approx(40 + 10 * 4)
+
+
+def test_explore_share_one_always_explores():
+    """With explore_share 1.0 the chosen model is never the smallest kept one, and it is marked."""
+    setup = Setup(chat_route(), explore_share=1.0)
+    for _ in range(20):
+        decision = setup.decide()
+        assert decision.explored
+        assert plan_names(decision)[0] in ("medium", "large")
+        assert sorted(plan_names(decision)) == ["large", "medium", "small"]
+
+
+def test_same_seed_same_choices():
+    """Two routers with the same rng seed explore identically; different seeds eventually differ."""
+    def choices(seed: int) -> list[str]:
+        setup = Setup(chat_route(), explore_share=0.5, seed=seed)
+        return [plan_names(setup.decide())[0] for _ in range(40)]
+    assert choices(7) == choices(7)
+    assert choices(7) != choices(8)
+    assert set(choices(7)) == {"small", "medium", "large"}
+
+
+def test_plan_is_truncated_to_max_attempts():
+    """The plan never holds more models than routing.max_attempts."""
+    decision = Setup(chat_route(fallback=("large",)), max_attempts=2).decide()
+    assert plan_names(decision) == ["small", "medium"]
+
+
+def test_unknown_model_in_route_is_a_policy_error():
+    """A route naming a model the policy lacks fails at router construction."""
+    with pytest.raises(PolicyError, match="unknown model 'huge'"):
+        Setup(chat_route(candidates=("small", "huge")))
+
+
+def test_format_decision_shows_every_candidate_and_the_plan():
+    """The explain table lists each candidate with its verdict, the plan and the SLA."""
+    decision = Setup(chat_route(Sla(p95_latency_ms=2000), fallback=("large",))).decide()
+    text = format_decision(decision)
+    assert "plan: small -> large" in text
+    assert "p95_latency_ms 2000" in text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert lines["small"].endswith("chosen")
+    assert "dropped: latency 2120ms > 2000ms" in lines["medium"]
+    assert "(in plan)" in lines["large"]

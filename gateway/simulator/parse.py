@@ -1,0 +1,106 @@
+"""Request bodies checked and reduced to what the simulator needs; bad input is a ClientError (400)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import ClientError
+from gateway.simulator.text import count_chat_tokens, count_prompt_tokens
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    """One parsed model request."""
+
+    kind: str                       # chat | completions | embeddings
+    prompt: Any                     # what seeds the answer: the messages, the prompt or the input
+    prompt_tokens: int
+    max_tokens: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    inputs: tuple[Any, ...] = ()    # embeddings: one item per vector
+    dimensions: int | None = None
+    encoding_format: str = "float"
+
+
+def parse_chat(body: dict[str, Any]) -> SimRequest:
+    """A chat completions request."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ClientError("'messages' must be a non-empty array.", param="messages")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise ClientError("Each message must be an object with a 'role'.", param="messages")
+    max_tokens = _max_tokens(body, "max_completion_tokens") or _max_tokens(body, "max_tokens")
+    return SimRequest("chat", messages, count_chat_tokens(messages), max_tokens, *_streaming(body))
+
+
+def parse_completions(body: dict[str, Any]) -> SimRequest:
+    """A text completions request; a list of prompts is answered as one."""
+    prompt = body.get("prompt")
+    if not _is_prompt(prompt):
+        raise ClientError("'prompt' must be a string, an array of strings or token ids.", param="prompt")
+    return SimRequest("completions", prompt, count_prompt_tokens(prompt), _max_tokens(body, "max_tokens"),
+                      *_streaming(body))
+
+
+def parse_embeddings(body: dict[str, Any]) -> SimRequest:
+    """An embeddings request."""
+    given = body.get("input")
+    inputs = _embedding_inputs(given)
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
+        raise ClientError("'dimensions' must be a positive integer.", param="dimensions")
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise ClientError("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    return SimRequest("embeddings", given, count_prompt_tokens(inputs), inputs=inputs,
+                      dimensions=dimensions, encoding_format=encoding_format)
+
+
+def _max_tokens(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ClientError(f"'{key}' must be a positive integer.", param=key)
+    return value
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from the body."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise ClientError("'stream' must be a boolean.", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ClientError("'stream_options' must be an object.", param="stream_options")
+    return stream, stream and options.get("include_usage") is True
+
+
+def _embedding_inputs(given: Any) -> tuple[Any, ...]:
+    """One item per vector asked for."""
+    if isinstance(given, str):
+        return (given,)
+    if isinstance(given, list) and given and all(_is_int(item) for item in given):
+        return (tuple(given),)
+    if isinstance(given, list) and given and all(_is_text_or_ids(item) for item in given):
+        return tuple(item if isinstance(item, str) else tuple(item) for item in given)
+    raise ClientError("'input' must be a string, an array of strings or token ids.", param="input")
+
+
+def _is_prompt(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, list) and bool(prompt) and (
+        all(_is_int(item) for item in prompt) or all(_is_text_or_ids(item) for item in prompt))
+
+
+def _is_text_or_ids(item: Any) -> bool:
+    if isinstance(item, str):
+        return True
+    return isinstance(item, list) and bool(item) and all(_is_int(i) for i in item)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

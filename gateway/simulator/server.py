@@ -1,0 +1,171 @@
+"""The simulator's aiohttp app: OpenAI endpoints for one model, plus `/sim/*` control endpoints."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import ClientError, GatewayError, RateLimited
+from gateway.simulator.answers import completion_body, embeddings_body, make_answer, models_body
+from gateway.simulator.config import SimConfig
+from gateway.simulator.delivery import OUTCOME, hang, json_response, raise_fault, send_body, send_stream
+from gateway.simulator.parse import parse_chat, parse_completions, parse_embeddings
+from gateway.simulator.plan import plan_answer
+from gateway.simulator.state import RECENT_REQUESTS, SimState
+
+STATE = web.AppKey("sim_state", SimState)
+BODY = web.RequestKey("sim_body", object)
+PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completions,
+           "/v1/embeddings": parse_embeddings}
+
+
+def build_sim_app(config: SimConfig) -> web.Application:
+    """One simulated model as an aiohttp app."""
+    app = web.Application(middlewares=[track_requests, openai_errors])
+    app[STATE] = SimState(config)
+    app.router.add_post("/v1/chat/completions", handle_generate)
+    app.router.add_post("/v1/completions", handle_generate)
+    app.router.add_post("/v1/embeddings", handle_embeddings)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/sim/stats", handle_stats)
+    app.router.add_get("/sim/requests", handle_requests)
+    app.router.add_get("/sim/config", handle_get_config)
+    app.router.add_post("/sim/config", handle_set_config)
+    app.router.add_post("/sim/reset", handle_reset)
+    app.on_shutdown.append(_release_hanging)
+    return app
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Record every `/v1/` request when it arrives and count its outcome when it ends."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    state = request.app[STATE]
+    body = _json_or_none(await request.read()) if request.method == "POST" else None
+    request[BODY] = body
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    state.remember(request.method, request.path, headers, body)
+    state.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        state.in_flight -= 1
+        state.count(request.path, request.get(OUTCOME, "cancelled"))
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answer every error, injected or not, in OpenAI's error shape."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        request[OUTCOME] = _outcome_of(exc)
+        return json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        request[OUTCOME] = "bad_request"
+        error = ClientError(f"{request.method} {request.path}: {exc.reason}", code=f"http_{exc.status}")
+        return json_response(error.body(), status=exc.status)
+
+
+async def handle_generate(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/chat/completions` and `POST /v1/completions`."""
+    state = request.app[STATE]
+    config = state.config
+    sim_request = PARSERS[request.path](_request_body(request))
+    plan = plan_answer(config, state.rng, sim_request)
+    raise_fault(plan.fault, config.retry_after_s)
+    if plan.fault == "hang":
+        return await hang(request, state)
+    answer = make_answer(config, sim_request, plan)
+    if sim_request.stream:
+        return await send_stream(request, answer, plan, sim_request.include_usage)
+    return await send_body(request, completion_body(answer), plan)
+
+
+async def handle_embeddings(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/embeddings`: deterministic unit vectors after the TTFT delay."""
+    state = request.app[STATE]
+    config = state.config
+    sim_request = parse_embeddings(_request_body(request))
+    plan = plan_answer(config, state.rng, sim_request)
+    raise_fault(plan.fault, config.retry_after_s)
+    if plan.fault == "hang":
+        return await hang(request, state)
+    return await send_body(request, embeddings_body(config, sim_request), plan)
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """`GET /v1/models`."""
+    request[OUTCOME] = "ok"
+    return json_response(models_body(request.app[STATE].config, int(time.time())))
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    """`GET /sim/stats`: counts by endpoint and outcome, and requests in flight."""
+    return json_response(request.app[STATE].stats())
+
+
+async def handle_requests(request: web.Request) -> web.Response:
+    """`GET /sim/requests?last=N`: the last N received requests (path, headers, body)."""
+    try:
+        count = int(request.query.get("last", RECENT_REQUESTS))
+    except ValueError as exc:
+        raise ClientError("'last' must be an integer.", param="last") from exc
+    return json_response({"requests": request.app[STATE].last_requests(count)})
+
+
+async def handle_get_config(request: web.Request) -> web.Response:
+    """`GET /sim/config`: the config in force."""
+    return json_response(request.app[STATE].config.as_dict())
+
+
+async def handle_set_config(request: web.Request) -> web.Response:
+    """`POST /sim/config`: change any config field at runtime; answers the new config."""
+    changes = _json_or_none(await request.read())
+    if changes is None:
+        raise ClientError("The body must be a JSON object of config fields.")
+    try:
+        config = request.app[STATE].configure(changes)
+    except (TypeError, ValueError) as exc:
+        raise ClientError(f"Invalid config: {exc}") from exc
+    return json_response(config.as_dict())
+
+
+async def handle_reset(request: web.Request) -> web.Response:
+    """`POST /sim/reset`: start-up config, fresh RNG, no counts, no recorded requests."""
+    return json_response(request.app[STATE].reset().as_dict())
+
+
+async def _release_hanging(app: web.Application) -> None:
+    """On shutdown, let hanging requests go so the server can stop promptly."""
+    app[STATE].closing.set()
+
+
+def _request_body(request: web.Request) -> dict[str, Any]:
+    body = request[BODY]
+    if body is None:
+        raise ClientError("The request body must be a valid JSON object.")
+    return body
+
+
+def _json_or_none(raw: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None when it is not one."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _outcome_of(error: GatewayError) -> str:
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if error.code == "context_length_exceeded":
+        return "context_length"
+    return "bad_request" if isinstance(error, ClientError) else "error"

@@ -81,6 +81,7 @@ class RequestContext:
     http: web.Request
     policy: Policy
     request_id: str
+    runtime: Any = None                 # gateway.runtime.Runtime: the policy's indexes
     started_s: float = field(default_factory=time.perf_counter)
     started_unix_s: float = field(default_factory=time.time)
     # identify

@@ -1,0 +1,57 @@
+"""The admin surface: /admin/*, reachable only with the admin token, never a tenant key."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.responses import json_response
+from gateway.services import SERVICES, Services
+
+
+def _authorised(request: web.Request) -> Services:
+    services: Services = request.app[SERVICES]
+    services.holder.current.admin.check(request.headers)
+    return services
+
+
+def policy_status(services: Services) -> dict:
+    """The active policy, its hash, and what the last reload did."""
+    holder = services.holder
+    policy = holder.current.policy
+    status = holder.status
+    return {"source": policy.source, "sha256": policy.content_sha256,
+            "loaded_unix_s": status.loaded_unix_s, "reloads": status.reloads,
+            "failed_reloads": status.failures, "last_error": status.last_error,
+            "models": sorted(policy.models), "routes": [r.name for r in policy.routes],
+            "tenants": sorted(policy.tenants)}
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    """GET /admin/policy: the active policy and its content hash."""
+    return json_response(policy_status(_authorised(request)))
+
+
+async def reload_policy(request: web.Request) -> web.Response:
+    """POST /admin/policy/reload: validate and swap; an invalid file keeps the old policy (422)."""
+    services = _authorised(request)
+    ok = services.holder.reload()
+    return json_response({"reloaded": ok, **policy_status(services)}, status=200 if ok else 422)
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    """GET /admin/stats: cost per successful task, success and escalation rates, by route, tenant, workflow."""
+    services = _authorised(request)
+    return json_response(services.outcomes.stats())
+
+
+async def get_tenants(request: web.Request) -> web.Response:
+    """GET /admin/tenants: each tenant's usage against its limits and budgets."""
+    services = _authorised(request)
+    return json_response({"tenants": await services.tenant_usage()})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/policy", get_policy)
+    app.router.add_post("/admin/policy/reload", reload_policy)
+    app.router.add_get("/admin/stats", get_stats)
+    app.router.add_get("/admin/tenants", get_tenants)

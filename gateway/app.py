@@ -1,0 +1,128 @@
+"""The aiohttp application: routes, the outermost error middleware, shared services."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+
+from gateway import admin
+from gateway.context import RequestContext
+from gateway.errors import ClientError, GatewayError, NotFound, PermissionDenied
+from gateway.responses import error_response, json_response
+from gateway.runtime import PolicyHolder
+from gateway.stages.parse import parse_json_object, read_body
+from gateway.services import SERVICES, Services, services_ctx
+
+log = logging.getLogger("gateway")
+
+HOLDER = web.AppKey("holder", PolicyHolder)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The only place that catches everything: every failure leaves in OpenAI's error shape."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = NotFound(f"no such endpoint: {request.method} {request.path}", code="not_found") \
+            if exc.status == 404 else ClientError(exc.reason, code=f"http_{exc.status}")
+        error.status = exc.status
+        return error_response(error)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(GatewayError("internal error"))
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's `x-request-id` when it is sane, else a fresh one."""
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def openai_handler(endpoint: str):
+    """The handler of one OpenAI endpoint: a context through the pipeline."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        services: Services = request.app[SERVICES]
+        runtime = services.holder.current
+        ctx = RequestContext(http=request, policy=runtime.policy, runtime=runtime,
+                             request_id=request_id(request), endpoint=endpoint)
+        return await services.pipeline.run(ctx)
+    return handle
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the aliases a client may ask for (those its tenant may use)."""
+    runtime = request.app[SERVICES].holder.current
+    tenant = runtime.identity.identify(request.headers)
+    aliases = [a for a in runtime.policy.aliases() if _may_use(runtime, tenant, a)]
+    return json_response({"object": "list", "data": [
+        {"id": alias, "object": "model", "created": 0, "owned_by": "inference-gateway"} for alias in aliases]})
+
+
+def _may_use(runtime, tenant, alias: str) -> bool:
+    try:
+        runtime.identity.check_allowed(tenant, None, alias)
+    except PermissionDenied:
+        return False
+    return True
+
+
+async def report_outcome(request: web.Request) -> web.Response:
+    """POST /v1/outcomes: how a task (or one request) went, for cost per successful task."""
+    services: Services = request.app[SERVICES]
+    runtime = services.holder.current
+    tenant = runtime.identity.identify(request.headers)
+    body = parse_json_object(await read_body(request, runtime.policy.server.max_body_bytes))
+    book = services.outcomes
+    task = book.report(body, tenant=tenant.name if tenant else None)
+    record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
+              "outcome": task.outcome, "route": task.route, "tenant": task.tenant,
+              "workflow": task.workflow, "cost_usd": str(task.cost_usd)}
+    services.extra["recorder"].outcome(record)
+    services.telemetry.record_outcome(task)
+    return json_response({"object": "outcome", **record})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: a policy is loaded and the gateway is not draining."""
+    services: Services = request.app[SERVICES]
+    if services.draining:
+        return json_response({"status": "draining"}, status=503)
+    return json_response({"status": "ready", "policy_sha256": services.holder.current.policy.content_sha256})
+
+
+def build_app(holder: PolicyHolder, *, environ=None) -> web.Application:
+    """The gateway application for one policy holder."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 ** 3)
+    app[HOLDER] = holder
+    app.cleanup_ctx.append(services_ctx(holder, environ))
+    app.on_shutdown.append(_start_draining)
+    router = app.router
+    router.add_post("/v1/chat/completions", openai_handler("chat"))
+    router.add_post("/v1/completions", openai_handler("completions"))
+    router.add_post("/v1/embeddings", openai_handler("embeddings"))
+    router.add_get("/v1/models", list_models)
+    router.add_post("/v1/outcomes", report_outcome)
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+    admin.add_routes(app)
+    return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[SERVICES].draining = True

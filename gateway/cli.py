@@ -1,0 +1,106 @@
+"""The `gateway` command: run, demo, simulate-backend, policy, keys, gpu, replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway import __version__
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
+    return serve(args.policy, host=args.host, port=args.port, workers=args.workers)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return asyncio.run(run_demo(host=args.host, port=args.port, duration_s=args.duration))
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy.load import check_policy
+
+    status = 0
+    for path in args.files:
+        problems = check_policy(path)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            status = 1
+            print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from gateway.explain import explain_main
+
+    return explain_main(args)
+
+
+#: subcommands that parse their own arguments: they live with the feature they run
+DELEGATED = {
+    "simulate-backend": ("gateway.simulator.cli", "serve simulated OpenAI-compatible models"),
+    "keys": ("gateway.tenancy.keys", "make tenant API keys (keys new --tenant NAME)"),
+    "gpu": ("gateway.energy.monitor", "show the GPUs and their power readings"),
+    "replay": ("gateway.replay.cli", "what-if replay of traffic against policies"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenTelemetry-native inference gateway")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the gateway on a policy file")
+    run.add_argument("--policy", required=True, type=Path, help="policy YAML file")
+    run.add_argument("--host", default="0.0.0.0")
+    run.add_argument("--port", type=int, default=8080)
+    run.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    run.set_defaults(func=_run)
+
+    demo = commands.add_parser("demo", help="simulated small/medium/large models and the gateway, no Redis needed")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.set_defaults(func=_demo)
+
+    policy = commands.add_parser("policy", help="check or explain a policy file")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate policy files; exit 1 on any problem")
+    check.add_argument("files", nargs="+", type=Path)
+    check.set_defaults(func=_policy_check)
+    explain = policy_commands.add_parser("explain", help="which model would this request get, and why")
+    explain.add_argument("file", type=Path)
+    explain.add_argument("--request", required=True, type=Path, help="request JSON file ('-' for stdin)")
+    explain.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
+    explain.add_argument("--header", action="append", default=[], metavar="K:V")
+    explain.add_argument("--tenant", default=None, help="tenant name to match routes as")
+    explain.set_defaults(func=_policy_explain)
+
+    for name, (module, text) in DELEGATED.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)

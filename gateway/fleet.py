@@ -1,0 +1,53 @@
+"""The live state of every model: latency estimates, in-flight counts, circuit breakers.
+
+It outlives policy reloads (a model keeps its measurements across a reload)
+and hands each policy its router.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from gateway.errors import UpstreamError
+from gateway.policy.model import Policy
+from gateway.routing.breaker import Breakers
+from gateway.routing.estimates import LatencyEstimates
+from gateway.routing.planner import Router
+
+
+class Fleet:
+    """Measurements and health per model, shared by every request and every policy version."""
+
+    def __init__(self, policy: Policy, *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.estimates = LatencyEstimates.from_policy(policy, clock=clock)
+        self.breakers = Breakers(policy.routing.breaker, clock)
+        self._routers: dict[str, Router] = {}
+        self.router(policy)
+
+    def router(self, policy: Policy) -> Router:
+        """The router for one policy version (built once per version)."""
+        router = self._routers.get(policy.content_sha256)
+        if router is None:
+            router = Router(policy, self.estimates, self.breakers, self.rng)
+            self._routers = {policy.content_sha256: router}     # only the newest is kept
+        return router
+
+    def started(self, model_name: str) -> None:
+        self.estimates.started(model_name)
+
+    def finished(self, model_name: str) -> None:
+        self.estimates.finished(model_name)
+
+    def record_success(self, model_name: str) -> None:
+        self.breakers.record_success(model_name)
+
+    def record_failure(self, model_name: str, exc: UpstreamError) -> None:
+        self.breakers.record_failure(model_name, exc.retry_after_s)
+
+    def record_latency(self, model_name: str, ttft_s: float | None, tpot_s: float | None) -> None:
+        self.estimates.record(model_name, ttft_s, tpot_s)

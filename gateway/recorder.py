@@ -1,0 +1,51 @@
+"""What happens to a finished request: its ledger line, and its cost booked to its task."""
+
+from __future__ import annotations
+
+from gateway.context import RequestContext
+from gateway.ledger import Ledger
+from gateway.outcomes import OutcomeBook
+from gateway.policy.model import Policy
+
+
+def ledger_record(ctx: RequestContext) -> dict:
+    """The request's compact record: what was decided, used, paid and measured; no prompt text."""
+    usage = ctx.usage
+    return {
+        "ts": round(ctx.started_unix_s, 3), "request_id": ctx.request_id, "tenant": ctx.tenant_name,
+        "endpoint": ctx.endpoint, "alias": ctx.requested_model, "route": ctx.route_name,
+        "model": ctx.model_selected, "models_tried": [a.model.name for a in ctx.attempts],
+        "fallback": ctx.fallback_state, "fallback_reason": ctx.fallback_reason,
+        "cache": ctx.cache_status, "stream": ctx.stream, "status": ctx.status,
+        "prompt_tokens": ctx.prompt_tokens, "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens, "tokens_estimated": usage.estimated,
+        "cost_usd": str(ctx.cost_usd), "saved_usd": str(ctx.cache_saved_usd),
+        "latency_s": round(ctx.duration_s, 6),
+        "ttft_s": round(ctx.ttft_s, 6) if ctx.ttft_s is not None else None,
+        "energy_j": ctx.energy_j, "sla_met": ctx.decision.sla_met if ctx.decision else None,
+        "task_id": ctx.task_id, "workflow": ctx.workflow,
+    }
+
+
+class Recorder:
+    """Books each finished request into the outcome book and, when enabled, the ledger."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.outcomes = OutcomeBook()
+        self.ledger = Ledger(policy.ledger) if policy.ledger.path else None
+
+    def record(self, ctx: RequestContext) -> None:
+        if ctx.decision is not None:
+            self.outcomes.track(request_id=ctx.request_id, task_id=ctx.task_id, route=ctx.route_name,
+                                tenant=ctx.tenant_name, workflow=ctx.workflow, cost_usd=ctx.cost_usd)
+        if self.ledger is not None:
+            self.ledger.write(ledger_record(ctx))
+
+    def outcome(self, record: dict) -> None:
+        """An outcome line in the ledger, beside the requests it judges."""
+        if self.ledger is not None:
+            self.ledger.write({"type": "outcome", **record})
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()

@@ -1,0 +1,42 @@
+"""Building responses: JSON through orjson, errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+
+
+def json_response(payload: object, *, status: int = 200,
+                  headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON response serialised once with orjson."""
+    return web.Response(body=orjson.dumps(payload), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: GatewayError, *, request_id: str | None = None) -> web.Response:
+    """An error in OpenAI's shape: {"error": {"message", "type", "code", "param"}}."""
+    headers = dict(error.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return json_response(error.body(), status=error.status, headers=headers)
+
+
+def response_headers(ctx: RequestContext) -> dict[str, str]:
+    """The gateway's own headers on every answer from a model or the cache."""
+    headers = {"x-request-id": ctx.request_id, "x-gateway-fallback": ctx.fallback_state,
+               "x-gateway-cache": ctx.cache_status}
+    if (model := ctx.model_selected) is not None:
+        headers["x-gateway-model"] = model
+    if (route := ctx.route_name) is not None:
+        headers["x-gateway-route"] = route
+    if (admission := ctx.extra.get("admission")) is not None:
+        headers.update(admission.headers())
+    return headers

@@ -1,0 +1,105 @@
+"""Running the gateway: one process or N workers on one port, signals, hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import HOLDER, build_app
+from gateway.errors import PolicyError
+from gateway.runtime import PolicyHolder
+
+log = logging.getLogger("gateway")
+
+
+def install_uvloop() -> None:
+    """Use uvloop when it is installed: the faster event loop for a proxy."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def watch_policy(holder: PolicyHolder, interval_s: float = 1.0) -> None:
+    """Reload when the policy file's content changes (edits, and ConfigMap symlink swaps)."""
+    last = _stat(holder.path)
+    while True:
+        await asyncio.sleep(interval_s)
+        now = _stat(holder.path)
+        if now != last:
+            last = now
+            holder.reload()
+
+
+def _stat(path: Path | None) -> tuple | None:
+    try:
+        info = path.stat() if path else None
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino) if info else None
+
+
+async def run_server(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
+                     ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests within the grace period."""
+    holder: PolicyHolder = app[HOLDER]
+    grace_s = holder.current.policy.server.grace_period_s
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    watcher = asyncio.create_task(watch_policy(holder))
+    log.info("gateway listening on http://%s:%d (policy %s)", host, port, holder.path)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining in-flight requests (up to %.0f s)", grace_s)
+        watcher.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> None:
+    install_uvloop()
+    holder = PolicyHolder.from_file(policy, os.environ)
+    asyncio.run(run_server(build_app(holder), host, port, reuse_port=reuse_port))
+
+
+def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
+    """`gateway run`: validate the policy, then serve with one or more worker processes."""
+    try:
+        PolicyHolder.from_file(policy, os.environ)
+    except PolicyError as exc:
+        log.error("invalid policy, not starting:\n%s", exc)
+        return 1
+    if workers <= 1:
+        _worker(policy, host, port, reuse_port=False)
+        return 0
+    processes = [multiprocessing.Process(target=_worker, args=(policy, host, port, True), daemon=False)
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+    def forward(signum, _frame):
+        for process in processes:
+            if process.pid:
+                os.kill(process.pid, signum)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for process in processes:
+        process.join()
+    return max((p.exitcode or 0) for p in processes)

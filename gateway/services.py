@@ -1,0 +1,105 @@
+"""Shared clients and state, created once in `cleanup_ctx` and reached through a typed app key.
+
+Everything a stage needs beyond its request lives here: the upstream session,
+the fleet's measurements, the cache and limit stores (Redis or in-memory),
+telemetry, the ledger and outcomes, and the background task set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.context import RequestContext
+from gateway.fleet import Fleet
+from gateway.runtime import PolicyHolder
+from gateway.stores import Stores
+from gateway.tasks import BackgroundTasks
+from gateway.telemetry import Telemetry
+from gateway.tokens import SUPPORTED_ENCODINGS, get_encoding
+from gateway.upstream import HttpTransport
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class Services:
+    """Everything shared by all requests of one gateway process."""
+
+    holder: PolicyHolder
+    environ: Mapping[str, str]
+    session: aiohttp.ClientSession
+    transport: Any                      # HttpTransport, or any object with complete() and stream()
+    fleet: Fleet
+    stores: Stores
+    telemetry: Telemetry
+    background: BackgroundTasks = field(default_factory=BackgroundTasks)
+    pipeline: Any = None
+    draining: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record_request(self, ctx: RequestContext) -> None:
+        """Hand a finished request to the ledger and outcomes (off the response path)."""
+        recorder = self.extra.get("recorder")
+        if recorder is not None:
+            recorder.record(ctx)
+
+    @property
+    def outcomes(self):
+        return self.extra["recorder"].outcomes
+
+    async def tenant_usage(self) -> list[dict]:
+        """Each tenant's usage against its limits and budget."""
+        policy = self.holder.current.policy
+        return [{"tenant": name, "limits": _plain(tenant.limits), "budget": _plain(tenant.budget),
+                 "spend": (await self.stores.budgets.usage(tenant)).to_dict()}
+                for name, tenant in sorted(policy.tenants.items())]
+
+
+def _plain(obj) -> dict:
+    return {k: (str(v) if v is not None and not isinstance(v, (int, float, str, bool)) else v)
+            for k, v in vars(obj).items()}
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
+    """The cleanup context that opens the shared clients at start-up and closes them at exit."""
+    environ = os.environ if environ is None else environ
+
+    async def lifecycle(app: web.Application):
+        from gateway.pipeline import STAGES, Pipeline
+        from gateway.recorder import Recorder
+
+        policy = holder.current.policy
+        for name in SUPPORTED_ENCODINGS:
+            get_encoding(name)          # loaded now, not on the first request
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
+                                         enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                        skip_auto_headers=("User-Agent",))
+        services = Services(holder=holder, environ=environ, session=session,
+                            transport=HttpTransport(session), fleet=Fleet(policy),
+                            stores=await Stores.open(policy, environ),
+                            telemetry=Telemetry.from_env(policy.telemetry, environ=environ))
+        services.extra["recorder"] = Recorder(policy)
+        services.pipeline = Pipeline(tuple(stage(services) for stage in STAGES))
+        app[SERVICES] = services
+        if not policy.tenants:
+            log.warning("the policy has no tenants: the gateway runs open, without API keys")
+        yield
+        services.draining = True
+        await services.background.drain(timeout_s=policy.server.grace_period_s)
+        services.extra["recorder"].close()
+        await services.stores.close()
+        await session.close()
+        services.telemetry.shutdown()
+
+    return lifecycle

@@ -1,0 +1,65 @@
+"""account: tokens (upstream usage first, tiktoken when absent), cost, latency samples.
+
+It wraps `call`: its finish runs once the call has ended, streams included.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+from gateway.context import Attempt, RequestContext, Usage
+from gateway.cost import format_usd, request_cost_usd
+
+
+def gpu_seconds(attempt: Attempt) -> float | None:
+    """A self-hosted request's share of GPU time: its duration over the model's concurrency, per GPU."""
+    model = attempt.model
+    if model.gpu_hour_usd is None or attempt.ended_s is None:
+        return None
+    gpus = len(model.gpus.ids) if model.gpus and model.gpus.ids else 1
+    return (attempt.ended_s - attempt.started_s) * gpus / model.max_concurrency
+
+
+class Account:
+    """Settles what the request used and cost, and teaches the router what it measured."""
+
+    def __init__(self, services) -> None:
+        self.services = services
+
+    async def handle(self, ctx: RequestContext) -> None:
+        return None
+
+    async def finish(self, ctx: RequestContext) -> None:
+        ctx.ended_s = time.perf_counter()
+        if not ctx.attempts:
+            return
+        answered = ctx.attempts[-1]
+        total = Decimal(0)
+        for attempt in ctx.attempts:
+            if attempt.usage is not None:
+                attempt.cost_usd = request_cost_usd(attempt.model, attempt.usage,
+                                                    gpu_seconds=gpu_seconds(attempt))
+                total += attempt.cost_usd
+        ctx.cost_usd = total
+        ctx.usage = answered.usage or Usage()
+        ctx.ttft_s = answered.ttft_s
+        self._learn(ctx, answered)
+        if ctx.response is not None and not ctx.response.prepared:
+            ctx.response.headers["x-gateway-cost-usd"] = format_usd(total)
+
+    def _learn(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """Feed the router: TTFT and time per output token of a successful answer."""
+        if attempt.status != 200 or attempt.ended_s is None or ctx.endpoint == "embeddings":
+            return
+        output = ctx.usage.output_tokens
+        elapsed_s = attempt.ended_s - attempt.started_s
+        fleet = self.services.fleet
+        if attempt.ttft_s is not None:
+            ttft_s = attempt.ttft_s
+        else:   # a whole answer at once: the model's usual TTFT, the rest is generation
+            ttft_s = min(elapsed_s, fleet.estimates.ttft_p50_s(attempt.model.name))
+        tpot_s = (elapsed_s - ttft_s) / (output - 1) if output > 1 else None
+        fleet.record_latency(attempt.model.name, ttft_s, tpot_s)
+        if ctx.decision is not None and output:
+            fleet.estimates.record_output_tokens(ctx.decision.route.name, output)

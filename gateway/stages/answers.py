@@ -1,0 +1,31 @@
+"""What an attempt's answer says about itself, and its tokens when the upstream gave none."""
+
+from __future__ import annotations
+
+from gateway.context import Attempt, RequestContext, Usage
+from gateway.tokens import count_completion_tokens, usage_from_response
+
+def read_answer(attempt: Attempt, body: dict) -> None:
+    """What a non-streamed answer says about itself: id, model, finish reasons, usage."""
+    attempt.response_id = body.get("id")
+    attempt.response_model = body.get("model")
+    attempt.finish_reasons = tuple(c.get("finish_reason") for c in body.get("choices") or ()
+                                   if isinstance(c, dict) and c.get("finish_reason"))
+    attempt.usage = usage_from_response(body)
+
+def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
+    """Tokens counted by the gateway when the upstream reported none."""
+    texts = ctx.stream_record.texts if ctx.stream_record is not None else []
+    if ctx.response_body is not None:
+        texts = [c.get("message", {}).get("content") or c.get("text") or ""
+                 for c in ctx.response_body.get("choices") or () if isinstance(c, dict)]
+    output = count_completion_tokens(texts, attempt.model.encoding) if ctx.endpoint != "embeddings" else 0
+    return Usage(input_tokens=ctx.prompt_tokens, output_tokens=output, estimated=True)
+
+def settle_attempt(ctx: RequestContext, attempt: Attempt) -> None:
+    """Fill in an ended attempt: the answer's fields, and estimated usage when it produced output."""
+    if ctx.response_body is not None and attempt is ctx.attempts[-1] and attempt.status == 200:
+        read_answer(attempt, ctx.response_body)
+    produced = attempt.status == 200 or (ctx.bytes_sent and attempt is ctx.attempts[-1])
+    if attempt.usage is None and produced:
+        attempt.usage = estimated_usage(ctx, attempt)

@@ -1,0 +1,146 @@
+"""cache: exact-match answers from the store, tenant-scoped, single-flight, stream replay.
+
+A hit answers here; a miss lets the call go on and its finish stores the
+answer in the background, so a cache write never delays a response.
+Identical requests arriving while the first is in flight wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import orjson
+from aiohttp import web
+
+from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
+from gateway.cache.key import cache_control, cache_key, is_cacheable
+from gateway.cache.replay import replay_sse
+from gateway.cache.singleflight import FlightAbandoned
+from gateway.context import RequestContext
+from gateway.cost import token_cost_usd
+from gateway.responses import response_headers
+from gateway.stages.relay import SSE_HEADERS
+from gateway.tokens import usage_from_response
+
+#: how long identical requests wait for the first one before calling upstream themselves
+SINGLE_FLIGHT_TIMEOUT_S = 30.0
+
+
+class Flight:
+    """This request leads a single flight: followers get what its finish hands over."""
+
+    def __init__(self, task: asyncio.Task, done: asyncio.Future) -> None:
+        self.task, self.done = task, done
+
+
+class Cache:
+    """Answers from the cache when it can; otherwise leads or follows a single flight."""
+
+    def __init__(self, services) -> None:
+        self.services = services
+
+    async def handle(self, ctx: RequestContext) -> web.StreamResponse | None:
+        route = ctx.decision.route
+        lookup, store = cache_control(ctx.http.headers)
+        if not is_cacheable(ctx.body, route.cache, endpoint=ctx.endpoint) or not (lookup or store):
+            return None
+        ctx.cache_key = cache_key(prefix=ctx.policy.store.key_prefix, tenant=ctx.tenant_name,
+                                  route=route.name, resolved=route.name, endpoint=ctx.endpoint, body=ctx.body)
+        ctx.extra["cache_store"] = store
+        ctx.cache_status = "miss"
+        if not lookup:
+            ctx.cache_status = "bypass"
+            return None
+        with self.services.telemetry.cache_span(ctx):
+            entry = await self._lookup(ctx.cache_key)
+            if entry is None:
+                entry = await self._single_flight(ctx)
+            if entry is not None:
+                ctx.cache_status = "hit"
+        return await self._answer(ctx, entry) if entry is not None else None
+
+    async def _lookup(self, key: str) -> CacheEntry | None:
+        raw = await self.services.stores.cache.get(key)
+        return decode_entry(raw) if raw is not None else None
+
+    async def _single_flight(self, ctx: RequestContext) -> CacheEntry | None:
+        """Follow an identical request in flight (its entry), or lead one (None: call upstream)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        leading = asyncio.Event()
+
+        async def lead() -> CacheEntry | None:
+            leading.set()
+            return await done
+
+        singleflight = self.services.stores.singleflight
+        task = asyncio.ensure_future(singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
+                                                      poll_fn=lambda: self._lookup(ctx.cache_key)))
+        leader_started = asyncio.ensure_future(leading.wait())
+        await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
+        if leading.is_set():
+            ctx.extra["flight"] = Flight(task, done)
+            return None
+        leader_started.cancel()
+        try:
+            entry, _ = task.result()
+        except FlightAbandoned:
+            return None
+        return entry
+
+    async def _answer(self, ctx: RequestContext, entry: CacheEntry) -> web.StreamResponse:
+        """Answer from a cached entry: JSON, or a replayed SSE stream. It costs nothing."""
+        if ctx.decision.plan and (usage := usage_from_response(entry.body)) is not None:
+            ctx.cache_saved_usd = token_cost_usd(ctx.decision.plan[0], usage)
+            ctx.usage = usage
+        ctx.cost_usd = Decimal(0)
+        headers = {**response_headers(ctx), "x-gateway-cost-usd": "0"}
+        if not ctx.stream:
+            return web.Response(body=orjson.dumps(entry.body), content_type="application/json",
+                                headers=headers)
+        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        ctx.response = response
+        await response.prepare(ctx.http)
+        ctx.bytes_sent = True
+        for event in replay_sse(entry, include_usage=ctx.include_usage):
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    async def finish(self, ctx: RequestContext) -> None:
+        flight: Flight | None = ctx.extra.pop("flight", None)
+        entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
+        if flight is not None:
+            if not flight.done.done():
+                flight.done.set_result(entry)
+            self.services.background.spawn(_quietly(flight.task), name="single-flight")
+        if entry is None or not ctx.extra.get("cache_store"):
+            return
+        data = encode_entry(entry)
+        if data is None:
+            return
+        ctx.cache_status = "stored"
+        if ctx.response is not None and not ctx.response.prepared:
+            ctx.response.headers["x-gateway-cache"] = "stored"
+        ttl_s = ctx.decision.route.cache.ttl_s
+        self.services.background.spawn(self.services.stores.cache.set(ctx.cache_key, data, ttl_s),
+                                       name="cache-write")
+
+    @staticmethod
+    def _fresh_entry(ctx: RequestContext) -> CacheEntry | None:
+        """The entry a successful answer makes, or None for errors and cut streams."""
+        if ctx.error is not None or ctx.status != 200 or not ctx.attempts or ctx.attempts[-1].status != 200:
+            return None
+        if ctx.response_body is not None:
+            return entry_from_response(ctx.endpoint, ctx.response_body)
+        record = ctx.stream_record
+        return entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
+
+
+async def _quietly(task: asyncio.Task) -> None:
+    """Let a leader's flight end; a follower's fate is its own business."""
+    try:
+        await task
+    except (FlightAbandoned, asyncio.CancelledError):
+        pass

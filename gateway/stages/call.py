@@ -1,0 +1,112 @@
+"""call: the upstream call, with one visible fallback loop that records each attempt."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+
+from gateway.context import Attempt, RequestContext
+from gateway.errors import GatewayError, UpstreamError, UpstreamStatus
+from gateway.policy.model import Model
+from gateway.responses import response_headers
+from gateway.stages.answers import settle_attempt
+from gateway.stages.relay import relay_stream
+from gateway.upstream import UpstreamCall, auth_headers, forwarded_headers
+
+
+def upstream_body(ctx: RequestContext, model: Model) -> bytes:
+    """The request body for one model: its upstream name, and usage asked for on streams."""
+    body = dict(ctx.body)
+    body["model"] = model.upstream_model
+    if ctx.stream:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        body["stream_options"] = options
+    return orjson.dumps(body)
+
+
+def fallback_state(ctx: RequestContext, succeeded: bool) -> str:
+    """none: the first model answered; fallback: a later one did; exhausted: none did."""
+    if not succeeded:
+        return "exhausted"
+    if len(ctx.attempts) == 1:
+        return "none"
+    first = ctx.attempts[0].model.name
+    return "retried" if all(a.model.name == first for a in ctx.attempts) else "fallback"
+
+
+class Call:
+    """Tries each planned model in turn until one answers; streams are relayed chunk by chunk."""
+
+    def __init__(self, services) -> None:
+        self.services = services
+
+    async def handle(self, ctx: RequestContext) -> web.StreamResponse:
+        last_error: UpstreamError | None = None
+        plan = ctx.decision.plan[: ctx.policy.routing.max_attempts]
+        breakers = self.services.fleet.breakers
+        for position, model in enumerate(plan):
+            if not breakers.allow(model.name) and (ctx.attempts or position < len(plan) - 1):
+                continue                    # circuit open: skip, unless it is the last hope
+            attempt = Attempt(model=model, started_s=time.perf_counter())
+            ctx.attempts.append(attempt)
+            self.services.fleet.started(model.name)
+            try:
+                return await self._attempt(ctx, attempt)
+            except UpstreamError as exc:
+                self._failed(ctx, attempt, exc)
+                last_error = exc
+                if ctx.bytes_sent or not _worth_another_model(exc):
+                    break
+            finally:
+                self._ended(ctx, attempt)
+        ctx.fallback_state = fallback_state(ctx, succeeded=False) if len(ctx.attempts) > 1 else "none"
+        if ctx.bytes_sent:
+            ctx.error = last_error
+            return ctx.response
+        raise last_error or GatewayError("no model was tried")
+
+    async def _attempt(self, ctx: RequestContext, attempt: Attempt) -> web.StreamResponse:
+        services = self.services
+        model = attempt.model
+        headers = {"Content-Type": "application/json", "x-request-id": ctx.request_id,
+                   **forwarded_headers(ctx.http.headers), **auth_headers(model, services.environ)}
+        headers.update(services.telemetry.start_attempt(ctx, attempt))
+        call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model), headers)
+        if ctx.stream:
+            return await relay_stream(ctx, attempt, services.transport, call, self._succeeded)
+        answer = await services.transport.complete(call)
+        ctx.response_body = answer.body
+        self._succeeded(ctx, attempt)
+        attempt.status = answer.status
+        return web.Response(body=answer.raw, status=answer.status, content_type="application/json",
+                            headers=response_headers(ctx))
+
+    def _succeeded(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """Called once the attempt has answered (for a stream: at its first event)."""
+        ctx.fallback_state = fallback_state(ctx, succeeded=True)
+        if ctx.fallback_state != "none":
+            ctx.fallback_reason = ctx.attempts[-2].error_type
+        self.services.fleet.record_success(attempt.model.name)
+
+    def _failed(self, ctx: RequestContext, attempt: Attempt, exc: UpstreamError) -> None:
+        attempt.error_type = exc.reason
+        attempt.status = exc.status
+        ctx.fallback_reason = exc.reason
+        self.services.fleet.record_failure(attempt.model.name, exc)
+
+    def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
+        attempt.ended_s = time.perf_counter()
+        settle_attempt(ctx, attempt)
+        self.services.fleet.finished(attempt.model.name)
+        self.services.telemetry.end_attempt(ctx, attempt)
+
+    async def finish(self, ctx: RequestContext) -> None:
+        return None
+
+
+def _worth_another_model(exc: UpstreamError) -> bool:
+    """Connect errors, timeouts, 5xx, 429 and context-length errors move to the next model."""
+    return exc.retryable if isinstance(exc, UpstreamStatus) else True

@@ -1,0 +1,29 @@
+"""count: prompt tokens with tiktoken, offline, before routing needs them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.context import RequestContext
+from gateway.tokens import DEFAULT_ENCODING, count_prompt_tokens
+
+#: bodies larger than this are counted in a thread, off the event loop
+LARGE_BODY_CHARS = 64 * 1024
+
+
+class Count:
+    """Counts the prompt with the default encoding; routing, limits and estimates use it."""
+
+    def __init__(self, services) -> None:
+        self.services = services
+
+    async def handle(self, ctx: RequestContext) -> None:
+        if (ctx.http.content_length or 0) > LARGE_BODY_CHARS:
+            ctx.prompt_tokens = await asyncio.to_thread(
+                count_prompt_tokens, ctx.endpoint, ctx.body, DEFAULT_ENCODING)
+        else:
+            ctx.prompt_tokens = count_prompt_tokens(ctx.endpoint, ctx.body, DEFAULT_ENCODING)
+        return None
+
+    async def finish(self, ctx: RequestContext) -> None:
+        return None

@@ -1,0 +1,72 @@
+"""The shared stores: Redis when configured (many replicas agree), in-memory otherwise.
+
+`GATEWAY_REDIS_URL` wins over the policy's `store.redis_url`, so one policy
+file serves every environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.cache.memory import MemoryCache
+from gateway.cache.redis_store import RedisCache, RedisLock
+from gateway.cache.singleflight import SingleFlight
+from gateway.policy.model import Policy
+from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
+from gateway.tenancy.limits_memory import MemoryLimiter
+from gateway.tenancy.limits_redis import RedisLimiter
+
+log = logging.getLogger("gateway")
+
+#: the in-memory cache's bound when no Redis is configured
+MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+
+
+def redis_url(policy: Policy, environ: Mapping[str, str]) -> str | None:
+    """The Redis to use: the environment's first, then the policy's, else none."""
+    return environ.get("GATEWAY_REDIS_URL") or policy.store.redis_url
+
+
+@dataclass
+class Stores:
+    """Cache, single-flight, limits and budgets, all on one backend."""
+
+    cache: Any
+    singleflight: SingleFlight
+    limiter: Any
+    budgets: Any
+    redis: aioredis.Redis | None = None
+
+    @property
+    def backend(self) -> str:
+        return "redis" if self.redis is not None else "memory"
+
+    @classmethod
+    async def open(cls, policy: Policy, environ: Mapping[str, str]) -> "Stores":
+        """Connect to Redis if one is configured (lazily: a Redis down at start-up is not fatal)."""
+        url = redis_url(policy, environ)
+        store = policy.store
+        timeout_s = store.timeout_ms / 1000
+        if url is None:
+            log.info("no Redis configured: cache, limits and budgets are in memory (this process only)")
+            return cls(cache=MemoryCache(MEMORY_CACHE_BYTES), singleflight=SingleFlight(),
+                       limiter=MemoryLimiter(), budgets=MemoryBudgets())
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                         retry=Retry(NoBackoff(), 1), health_check_interval=30)
+        cache = RedisCache(client, timeout_s)
+        prefix = store.key_prefix
+        return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)),
+                   limiter=RedisLimiter(client, prefix, timeout_s, store.on_store_failure),
+                   budgets=RedisBudgets(client, prefix, timeout_s, store.on_store_failure),
+                   redis=client)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()

@@ -1,0 +1,41 @@
+"""Background work kept referenced and awaited on shutdown, never a stray task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+
+log = logging.getLogger("gateway")
+
+
+class BackgroundTasks:
+    """Runs work off the response path (cache writes, ledger, accounting) and drains it at exit."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine, *, name: str | None = None) -> asyncio.Task:
+        """Start `coro` in the background; its failure is logged, never lost."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s failed: %r", task.get_name(), exc)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for running work up to `timeout_s`, then cancel what is left."""
+        if not self._tasks:
+            return
+        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

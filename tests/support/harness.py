@@ -1,0 +1,174 @@
+"""The real gateway in front of real simulated backends, on 127.0.0.1, in a background thread.
+
+Tests talk to it with the official openai SDK (sync or async) and plain HTTP,
+exactly as applications do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import build_app
+from gateway.runtime import PolicyHolder
+from gateway.services import SERVICES
+from gateway.simulator import SimConfig, start_simulators
+
+#: the models every test policy can use: name -> simulator settings
+DEFAULT_SIMS = {
+    "small": dict(ttft_ms=5, tpot_ms=1),
+    "medium": dict(ttft_ms=10, tpot_ms=2),
+    "large": dict(ttft_ms=20, tpot_ms=3),
+}
+
+DEFAULT_POLICY = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    upstream_model: sim-small
+    size_b: 1
+    tier: 1
+    context_window: 8192
+    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
+    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
+    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+  medium:
+    endpoint: {medium}
+    upstream_model: sim-medium
+    size_b: 8
+    tier: 2
+    context_window: 32768
+    price: {{input_per_mtok: 1.00, output_per_mtok: 2.00}}
+    latency_prior: {{ttft_ms: 10, tpot_ms: 2}}
+    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+  large:
+    endpoint: {large}
+    upstream_model: sim-large
+    size_b: 70
+    tier: 3
+    context_window: 131072
+    price: {{input_per_mtok: 5.00, output_per_mtok: 15.00}}
+    latency_prior: {{ttft_ms: 20, tpot_ms: 3}}
+    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+routes:
+  - name: chat-default
+    match: {{models: ["auto", "gpt-4o-mini"], endpoints: [chat, completions]}}
+    candidates: [small, medium, large]
+    sla: {{p95_latency_ms: 2000, min_tier: 1}}
+    fallback: [large]
+    cache: {{enabled: true, ttl_s: 60}}
+  - name: chat-smart
+    match: {{models: ["smart"], endpoints: [chat]}}
+    candidates: [medium, large]
+    sla: {{min_tier: 2}}
+  - name: embeddings
+    match: {{models: ["text-embedding-3-small"], endpoints: [embeddings]}}
+    candidates: [small]
+"""
+
+
+class Harness:
+    """Simulators and a gateway running on their own event loop thread."""
+
+    def __init__(self, policy_template: str = DEFAULT_POLICY, sims: Mapping[str, dict] | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.policy_template = policy_template
+        self.sim_settings = dict(DEFAULT_SIMS if sims is None else sims)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.workdir = Path(tempfile.mkdtemp(prefix="gateway-test-"))
+        self.policy_path = self.workdir / "policy.yaml"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.sims: dict = {}
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    # lifecycle -------------------------------------------------------------
+    def start(self) -> "Harness":
+        self.thread.start()
+        self.call(self._start())
+        return self
+
+    async def _start(self) -> None:
+        configs = [SimConfig(name=f"sim-{name}", port=0, seed=index, **settings)
+                   for index, (name, settings) in enumerate(self.sim_settings.items())]
+        running = await start_simulators(configs)
+        self.sims = dict(zip(self.sim_settings, running))
+        self.write_policy(self.policy_template)
+        self.holder = PolicyHolder.from_file(self.policy_path, self.environ)
+        self.app = build_app(self.holder, environ=self.environ)
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        for sim in self.sims.values():
+            await sim.stop()
+
+    def call(self, coro, timeout_s: float = 30):
+        """Run a coroutine on the harness loop and wait for its result."""
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout_s)
+
+    # helpers ---------------------------------------------------------------
+    def write_policy(self, template: str) -> None:
+        """Write a policy whose {small}/{medium}/{large} are the simulators' URLs."""
+        urls = {name: sim.url for name, sim in self.sims.items()}
+        self.policy_path.write_text(template.format(**urls))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def services(self):
+        return self.app[SERVICES]
+
+    def sim_config(self, name: str, **changes) -> dict:
+        """Change a simulator's behaviour at run time (POST /sim/config)."""
+        return self.http("POST", f"{self.sims[name].control_url}/config", changes)
+
+    def sim_requests(self, name: str, last: int = 50) -> list[dict]:
+        return self.http("GET", f"{self.sims[name].control_url}/requests?last={last}")["requests"]
+
+    def sim_stats(self, name: str) -> dict:
+        return self.http("GET", f"{self.sims[name].control_url}/stats")
+
+    @staticmethod
+    def http(method: str, url: str, body: object = None, headers: Mapping[str, str] | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def openai(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=kwargs.pop("api_key", "test-key"),
+                      max_retries=0, timeout=kwargs.pop("timeout", 20), **kwargs)
+
+    def async_openai(self, **kwargs):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=kwargs.pop("api_key", "test-key"),
+                           max_retries=0, timeout=kwargs.pop("timeout", 20), **kwargs)

@@ -93,6 +93,16 @@ async def report_outcome(request: web.Request) -> web.Response:
     return json_response({"object": "outcome", **record})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus exposition, when enabled (policy telemetry.prometheus or GATEWAY_PROMETHEUS=1)."""
+    telemetry = request.app[SERVICES].telemetry
+    if not telemetry.prometheus_enabled:
+        raise NotFound("the Prometheus endpoint is off: set telemetry.prometheus or GATEWAY_PROMETHEUS=1",
+                       code="not_found")
+    return web.Response(body=telemetry.prometheus_text(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process serves HTTP."""
     return json_response({"status": "ok"})
@@ -120,6 +130,7 @@ def build_app(holder: PolicyHolder, *, environ=None) -> web.Application:
     router.add_post("/v1/outcomes", report_outcome)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
+    router.add_get("/metrics", metrics)
     admin.add_routes(app)
     return app
 

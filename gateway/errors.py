@@ -9,6 +9,7 @@
     │   ├── RateLimited                  (429, rate_limit_exceeded)
     │   └── BudgetExceeded               (429, budget_exceeded)
     ├── NoModelMeetsSla                  (503, service_unavailable)
+    ├── StoreUnavailable                 (503, store_unavailable)
     ├── UpstreamError                    (502, upstream_error)
     │   ├── UpstreamUnreachable          (502)
     │   ├── UpstreamTimeout              (504)
@@ -94,6 +95,14 @@ class NoModelMeetsSla(GatewayError):
     status = 503
     error_type = "service_unavailable_error"
     code = "sla_unmet"
+
+
+class StoreUnavailable(GatewayError):
+    """The shared store (Redis) is down and the policy says deny."""
+
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "store_unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -15,7 +15,7 @@ from gateway.errors import PolicyError
 from gateway.policy.load import load_policy
 from gateway.policy.model import Policy
 from gateway.routing.matcher import RouteIndex
-from gateway.tenancy.identity import AdminAuth, Identity
+from gateway.tenancy.identity import AdminAuth, Identity, tenant_key_hashes
 
 log = logging.getLogger("gateway")
 
@@ -32,7 +32,8 @@ class Runtime:
     @classmethod
     def build(cls, policy: Policy, environ) -> "Runtime":
         return cls(policy=policy, routes=RouteIndex(policy.routes),
-                   identity=Identity(policy), admin=AdminAuth(policy.server, environ))
+                   identity=Identity(policy),
+                   admin=AdminAuth(policy.server, environ, tenant_key_hashes=tenant_key_hashes(policy)))
 
 
 @dataclass

@@ -7,6 +7,7 @@ telemetry, the ledger and outcomes, and the background task set.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -100,6 +101,6 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         services.extra["recorder"].close()
         await services.stores.close()
         await session.close()
-        services.telemetry.shutdown()
+        await asyncio.to_thread(services.telemetry.shutdown)
 
     return lifecycle

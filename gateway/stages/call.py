@@ -73,7 +73,10 @@ class Call:
         model = attempt.model
         headers = {"Content-Type": "application/json", "x-request-id": ctx.request_id,
                    **forwarded_headers(ctx.http.headers), **auth_headers(model, services.environ)}
-        headers.update(services.telemetry.start_attempt(ctx, attempt))
+        trace_headers = services.telemetry.start_attempt(ctx, attempt)
+        if not trace_headers:               # telemetry off: pass the caller's trace context on as it came
+            trace_headers = {k: v for k in ("traceparent", "tracestate") if (v := ctx.http.headers.get(k))}
+        headers.update(trace_headers)
         call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model), headers)
         if ctx.stream:
             return await relay_stream(ctx, attempt, services.transport, call, self._succeeded)

@@ -1,0 +1,276 @@
+"""The GenAI attribute mapping: RequestContext -> span and metric attributes.
+
+Pure functions with no OpenTelemetry SDK import, following the semantic
+conventions v1.41.0 (GenAI set). Only the constant modules of
+`opentelemetry-semantic-conventions` are used. No value is ever None: OTel
+rejects None attribute values, so a key is left out when its value is unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
+from opentelemetry.semconv.attributes import (
+    error_attributes,
+    http_attributes,
+    server_attributes,
+    url_attributes,
+    user_agent_attributes,
+)
+
+if TYPE_CHECKING:
+    from gateway.context import Attempt, RequestContext
+
+#: the semantic conventions these attributes follow
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.41.0"
+
+# the gateway's own attributes (no semantic convention exists for them)
+TENANT = "gateway.tenant"
+ROUTE = "gateway.route"
+MODEL_SELECTED = "gateway.model.selected"
+FALLBACK_STATE = "gateway.fallback.state"
+FALLBACK_REASON = "gateway.fallback.reason"
+CACHE_STATUS = "gateway.cache.status"
+SLA_MET = "gateway.sla.met"
+COST_USD = "gateway.cost.usd"
+ENERGY_J = "gateway.energy.joules"
+TOKENS_ESTIMATED = "gateway.tokens.estimated"
+REQUEST_ID = "gateway.request.id"
+OUTCOME = "gateway.outcome"
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def server_span_attributes(ctx: RequestContext) -> dict[str, Any]:
+    """HTTP server attributes known when the request arrives (the sampler sees them)."""
+    request = ctx.http
+    attributes: dict[str, Any] = {
+        http_attributes.HTTP_REQUEST_METHOD: request.method,
+        http_attributes.HTTP_ROUTE: http_route(request),
+        url_attributes.URL_PATH: request.path,
+        url_attributes.URL_SCHEME: request.scheme,
+        REQUEST_ID: ctx.request_id,
+    }
+    user_agent = request.headers.get("User-Agent")
+    if user_agent:
+        attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
+    if ctx.tenant is not None:
+        attributes[TENANT] = ctx.tenant.name
+    return attributes
+
+
+def http_route(request: Any) -> str:
+    """The matched route template (low cardinality), else the path."""
+    resource = getattr(getattr(request.match_info, "route", None), "resource", None)
+    canonical = getattr(resource, "canonical", None)
+    return canonical if isinstance(canonical, str) else request.path
+
+
+def attempt_attributes(ctx: RequestContext, attempt: Attempt) -> dict[str, Any]:
+    """GenAI client attributes of one upstream attempt: request side, and response side once known."""
+    model = attempt.model
+    attributes: dict[str, Any] = {
+        gen_ai.GEN_AI_OPERATION_NAME: ctx.operation,
+        gen_ai.GEN_AI_PROVIDER_NAME: model.provider,
+        gen_ai.GEN_AI_REQUEST_MODEL: model.upstream_model,
+        **server_address(model.endpoint),
+        **request_parameters(ctx),
+    }
+    if ctx.stream:
+        attributes[gen_ai.GEN_AI_REQUEST_STREAM] = True
+    attributes.update(_response_attributes(ctx, attempt))
+    if attempt.error_type:
+        attributes[error_attributes.ERROR_TYPE] = attempt.error_type
+    return attributes
+
+
+def span_name(ctx: RequestContext, attempt: Attempt) -> str:
+    """`{gen_ai.operation.name} {gen_ai.request.model}`, the CLIENT span's name."""
+    return f"{ctx.operation} {attempt.model.upstream_model}"
+
+
+def request_parameters(ctx: RequestContext) -> dict[str, Any]:
+    """gen_ai.request.* sampling parameters the client sent, when well typed."""
+    body = ctx.body
+    max_tokens = ctx.max_tokens if ctx.max_tokens is not None else body.get("max_tokens",
+                                                                            body.get("max_completion_tokens"))
+    candidates = ((gen_ai.GEN_AI_REQUEST_MAX_TOKENS, max_tokens, int),
+                  (gen_ai.GEN_AI_REQUEST_TEMPERATURE, body.get("temperature"), float),
+                  (gen_ai.GEN_AI_REQUEST_TOP_P, body.get("top_p"), float),
+                  (gen_ai.GEN_AI_REQUEST_SEED, body.get("seed"), int))
+    return {key: kind(value) for key, value, kind in candidates if _is_number(value, kind)}
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    """Whether a JSON value is a number of the kind (bools are not numbers here)."""
+    if isinstance(value, bool) or value is None:
+        return False
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+
+def _response_attributes(ctx: RequestContext, attempt: Attempt) -> Iterator[tuple[str, Any]]:
+    """Response-side attributes: ids, finish reasons, usage, time to first chunk."""
+    if attempt.response_model:
+        yield gen_ai.GEN_AI_RESPONSE_MODEL, attempt.response_model
+    if attempt.response_id:
+        yield gen_ai.GEN_AI_RESPONSE_ID, attempt.response_id
+    if attempt.finish_reasons:
+        yield gen_ai.GEN_AI_RESPONSE_FINISH_REASONS, list(attempt.finish_reasons)
+    if ctx.stream and attempt.ttft_s is not None:
+        yield gen_ai.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, float(attempt.ttft_s)
+    usage = attempt.usage
+    if usage is None:
+        return
+    yield gen_ai.GEN_AI_USAGE_INPUT_TOKENS, usage.input_tokens
+    if ctx.endpoint != "embeddings":
+        yield gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS, usage.output_tokens
+    if usage.cached_input_tokens:
+        yield gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, usage.cached_input_tokens
+    if usage.reasoning_tokens:
+        yield gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, usage.reasoning_tokens
+
+
+def server_address(endpoint: str) -> dict[str, Any]:
+    """server.address and server.port of a model endpoint URL."""
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return {}
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    address: dict[str, Any] = {server_attributes.SERVER_ADDRESS: parts.hostname}
+    if port:
+        address[server_attributes.SERVER_PORT] = port
+    return address
+
+
+def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:
+    """The gateway's own attributes of a finished request."""
+    attributes: dict[str, Any] = {
+        TENANT: ctx.tenant_name,
+        FALLBACK_STATE: ctx.fallback_state,
+        CACHE_STATUS: ctx.cache_status,
+        COST_USD: float(ctx.cost_usd),
+        TOKENS_ESTIMATED: ctx.usage.estimated,
+        OUTCOME: outcome(ctx),
+    }
+    optional = ((ROUTE, ctx.route_name), (MODEL_SELECTED, ctx.model_selected),
+                (FALLBACK_REASON, ctx.fallback_reason),
+                (ENERGY_J, float(ctx.energy_j) if ctx.energy_j is not None else None))
+    attributes.update((key, value) for key, value in optional if value is not None)
+    if ctx.decision is not None:
+        attributes[SLA_MET] = ctx.decision.sla_met
+    return attributes
+
+
+def http_response_attributes(ctx: RequestContext) -> dict[str, Any]:
+    """http.response.status_code, and error.type for a 5xx answer."""
+    attributes: dict[str, Any] = {http_attributes.HTTP_RESPONSE_STATUS_CODE: ctx.status}
+    if ctx.status >= 500:
+        attributes[error_attributes.ERROR_TYPE] = str(ctx.status)
+    return attributes
+
+
+def outcome(ctx: RequestContext) -> str:
+    """One low-cardinality word for how the request ended."""
+    if ctx.error is None and ctx.status < 400:
+        return "cache_hit" if ctx.cache_status == "hit" else "success"
+    code = getattr(ctx.error, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    if ctx.error is not None:
+        return type(ctx.error).__name__
+    return f"http_{ctx.status}"
+
+
+def metric_labels(ctx: RequestContext, tenant_label: str) -> dict[str, Any]:
+    """Labels of the gateway's per-request metrics: tenant (bounded), route, model, fallback state."""
+    labels: dict[str, Any] = {TENANT: tenant_label, FALLBACK_STATE: ctx.fallback_state}
+    if ctx.route_name:
+        labels[ROUTE] = ctx.route_name
+    if ctx.model_selected:
+        labels[MODEL_SELECTED] = ctx.model_selected
+    return labels
+
+
+def attempt_metric_labels(ctx: RequestContext, attempt: Attempt, tenant_label: str) -> dict[str, Any]:
+    """Labels of the gen_ai.client.* metrics for one attempt, plus tenant, route and model."""
+    model = attempt.model
+    labels: dict[str, Any] = {
+        gen_ai.GEN_AI_OPERATION_NAME: ctx.operation,
+        gen_ai.GEN_AI_PROVIDER_NAME: model.provider,
+        gen_ai.GEN_AI_REQUEST_MODEL: model.upstream_model,
+        **server_address(model.endpoint),
+        TENANT: tenant_label,
+        MODEL_SELECTED: model.name,
+    }
+    if attempt.response_model:
+        labels[gen_ai.GEN_AI_RESPONSE_MODEL] = attempt.response_model
+    if ctx.route_name:
+        labels[ROUTE] = ctx.route_name
+    if attempt.error_type:
+        labels[error_attributes.ERROR_TYPE] = attempt.error_type
+    return labels
+
+
+def input_messages(ctx: RequestContext) -> list[dict[str, Any]]:
+    """The prompt as gen_ai.input.messages (role + parts); empty for embeddings."""
+    if ctx.endpoint == "chat":
+        return [_chat_message(message) for message in ctx.body.get("messages") or ()
+                if isinstance(message, dict)]
+    if ctx.endpoint == "completions":
+        prompt = ctx.body.get("prompt")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        return [{"role": "user", "parts": [_text_part(text)]} for text in prompts if isinstance(text, str)]
+    return []
+
+
+def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAI chat message in the GenAI message shape."""
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = [_text_part(content)]
+    elif isinstance(content, list):
+        parts = [_text_part(part.get("text", "")) if part.get("type") == "text" else {"type": str(part.get("type"))}
+                 for part in content if isinstance(part, dict)]
+    else:
+        parts = []
+    return {"role": str(message.get("role", "user")), "parts": parts}
+
+
+def _text_part(text: str) -> dict[str, str]:
+    return {"type": "text", "content": text}
+
+
+def route_attributes(ctx: RequestContext) -> dict[str, Any]:
+    """What the router considered and chose, for the gateway.route span."""
+    decision = ctx.decision
+    if decision is None:
+        return {TENANT: ctx.tenant_name}
+    attributes: dict[str, Any] = {
+        TENANT: ctx.tenant_name,
+        ROUTE: decision.route.name,
+        SLA_MET: decision.sla_met,
+        "gateway.route.explored": decision.explored,
+        "gateway.route.candidates": [candidate.model.name for candidate in decision.candidates],
+        "gateway.route.candidates.kept": [c.model.name for c in decision.candidates if c.kept],
+        "gateway.route.plan": [model.name for model in decision.plan],
+    }
+    if decision.plan:
+        attributes[MODEL_SELECTED] = decision.plan[0].name
+    return attributes
+
+
+def child_attributes(ctx: RequestContext) -> dict[str, Any]:
+    """The gateway attributes every child span of the request carries: tenant and route."""
+    attributes: dict[str, Any] = {TENANT: ctx.tenant_name}
+    if ctx.route_name:
+        attributes[ROUTE] = ctx.route_name
+    return attributes
+
+
+def error_type(exc: BaseException) -> str:
+    """error.type of an exception: the gateway's short code, else the class name."""
+    code = getattr(exc, "reason", None) or getattr(exc, "code", None)
+    return code if isinstance(code, str) and code else type(exc).__qualname__

@@ -1,0 +1,28 @@
+"""Bounded tenant labels: metric cardinality stays fixed however many tenants call."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+OTHER = "other"
+
+
+class TenantLabels:
+    """Allowlisted tenants, then the first `top_n` distinct tenants seen, keep their name; the rest are `other`."""
+
+    def __init__(self, allowlist: Iterable[str] = (), top_n: int = 20) -> None:
+        self._allowed = frozenset(allowlist)
+        self._top_n = max(0, top_n)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, tenant: str) -> str:
+        """The metric label for a tenant."""
+        if tenant in self._allowed or tenant in self._seen:
+            return tenant
+        with self._lock:
+            if len(self._seen) < self._top_n:
+                self._seen.add(tenant)
+                return tenant
+            return tenant if tenant in self._seen else OTHER

@@ -1,0 +1,138 @@
+"""Metric instruments: the GenAI client metrics (advised buckets) and the gateway's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.metrics import Meter, Observation
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_AI_TOKEN_TYPE
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+from gateway.telemetry import genai
+
+if TYPE_CHECKING:
+    from gateway.context import Attempt, RequestContext, Usage
+
+#: advised ExplicitBucketBoundaries of gen_ai.client.token.usage (semconv v1.41.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+#: advised boundaries of gen_ai.client.operation.duration, time_to_first_chunk, time_per_output_chunk
+DURATION_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+ROUTING_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+ESTIMATE_ERROR_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+CACHE_LOOKUP_STATUSES = frozenset({"hit", "miss", "stored"})
+
+
+class Instruments:
+    """Every instrument the gateway records, created once per meter."""
+
+    def __init__(self, meter: Meter, dropped: Callable[[], Iterable[tuple[dict[str, str], int]]]) -> None:
+        self.token_usage = meter.create_histogram(
+            gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.operation_duration = meter.create_histogram(
+            gen_ai_metrics.GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self.time_to_first_chunk = meter.create_histogram(
+            gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
+            description="Time to receive the first chunk of a streamed response.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self.time_per_output_chunk = meter.create_histogram(
+            gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, unit="s",
+            description="Time between consecutive chunks of a streamed response.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self._gateway_instruments(meter)
+        meter.create_observable_counter(
+            "gateway.telemetry.dropped", unit="{item}", description="Spans and metric points the gateway dropped.",
+            callbacks=[lambda _options: [Observation(count, labels) for labels, count in dropped()]])
+
+    def _gateway_instruments(self, meter: Meter) -> None:
+        self.requests = meter.create_counter("gateway.requests", unit="{request}", description="Requests handled.")
+        self.outcomes = meter.create_counter("gateway.outcomes", unit="{request}", description="Requests by outcome.")
+        self.cost = meter.create_counter("gateway.cost", unit="USD", description="Upstream cost of requests.")
+        self.cache_lookups = meter.create_counter("gateway.cache.lookups", unit="{lookup}",
+                                                  description="Response cache lookups by status.")
+        self.cache_saved = meter.create_counter("gateway.cache.saved", unit="USD",
+                                                description="Cost that cache hits saved.")
+        self.fallbacks = meter.create_counter("gateway.fallbacks", unit="{request}",
+                                              description="Requests that retried or fell back, by state and reason.")
+        self.sla = meter.create_counter("gateway.sla", unit="{request}", description="Routing decisions by SLA met.")
+        self.routing_duration = meter.create_histogram(
+            "gateway.routing.duration", unit="s", description="Time spent choosing a model.",
+            explicit_bucket_boundaries_advisory=ROUTING_BUCKETS_S)
+        self.in_flight = meter.create_up_down_counter("gateway.in_flight", unit="{request}",
+                                                      description="Upstream attempts in flight per model.")
+        self.energy = meter.create_counter("gateway.energy", unit="J", description="GPU energy attributed to requests.")
+        self.task_outcomes = meter.create_counter(
+            "gateway.task.outcomes", unit="{task}", description="Reported task outcomes (POST /v1/outcomes).")
+        self.task_cost = meter.create_counter(
+            "gateway.task.cost", unit="USD",
+            description="Cost of tasks with a reported outcome; by outcome, so cost per successful task = "
+                        "sum over outcomes / successes.")
+        self.estimate_error = meter.create_histogram(
+            "gateway.tokens.estimate_error", unit="{token}",
+            description="|gateway prompt-token estimate - upstream count|, signed by gateway.tokens.error.direction.",
+            explicit_bucket_boundaries_advisory=ESTIMATE_ERROR_BUCKETS)
+
+    def record_attempt(self, ctx: RequestContext, attempt: Attempt, tenant_label: str,
+                       chunk_gaps_s: Sequence[float] = ()) -> None:
+        """Duration, time to first chunk and time per output chunk of one attempt."""
+        labels = genai.attempt_metric_labels(ctx, attempt, tenant_label)
+        if attempt.ended_s is not None:
+            self.operation_duration.record(max(0.0, attempt.ended_s - attempt.started_s), labels)
+        if ctx.stream and attempt.ttft_s is not None:
+            self.time_to_first_chunk.record(attempt.ttft_s, labels)
+        for gap_s in chunk_gaps_s:
+            self.time_per_output_chunk.record(gap_s, labels)
+
+    def record_request(self, ctx: RequestContext, tenant_label: str) -> None:
+        """The per-request gateway metrics, and token usage of the answering attempt."""
+        labels = genai.metric_labels(ctx, tenant_label)
+        self.requests.add(1, labels)
+        self.outcomes.add(1, {**labels, genai.OUTCOME: genai.outcome(ctx)})
+        self.cost.add(float(ctx.cost_usd), labels)
+        if ctx.energy_j is not None:
+            self.energy.add(ctx.energy_j, labels)
+        self._record_cache(ctx, labels)
+        if ctx.fallback_state != "none":
+            self.fallbacks.add(1, {**labels, genai.FALLBACK_REASON: ctx.fallback_reason or "unknown"})
+        if ctx.decision is not None:
+            self.sla.add(1, {**labels, "gateway.sla.status": "met" if ctx.decision.sla_met else "missed"})
+        self._record_tokens(ctx, tenant_label)
+
+    def record_task(self, task, tenant_label: str) -> None:
+        """A reported task outcome and the cost of the task it judges."""
+        labels = {genai.ROUTE: task.route, genai.TENANT: tenant_label, "gateway.workflow": task.workflow,
+                  "gateway.task.outcome": task.outcome}
+        self.task_outcomes.add(1, labels)
+        self.task_cost.add(float(task.cost_usd), labels)
+
+    def _record_cache(self, ctx: RequestContext, labels: dict[str, Any]) -> None:
+        if ctx.cache_status in CACHE_LOOKUP_STATUSES:
+            self.cache_lookups.add(1, {**labels, genai.CACHE_STATUS: ctx.cache_status})
+        if ctx.cache_saved_usd:
+            self.cache_saved.add(float(ctx.cache_saved_usd), labels)
+
+    def _record_tokens(self, ctx: RequestContext, tenant_label: str) -> None:
+        """gen_ai.client.token.usage and the estimate error, for the attempt that answered."""
+        answered = ctx.attempts[-1] if ctx.attempts and not ctx.attempts[-1].error_type else None
+        if answered is None:
+            return
+        usage = answered.usage or ctx.usage
+        if not (usage.input_tokens or usage.output_tokens):
+            return
+        labels = genai.attempt_metric_labels(ctx, answered, tenant_label)
+        self.token_usage.record(usage.input_tokens, {**labels, GEN_AI_TOKEN_TYPE: "input"})
+        if ctx.endpoint != "embeddings":
+            self.token_usage.record(usage.output_tokens, {**labels, GEN_AI_TOKEN_TYPE: "output"})
+        if not usage.estimated and ctx.prompt_tokens:
+            self._record_estimate_error(ctx.prompt_tokens, usage, answered.model.name)
+
+    def _record_estimate_error(self, estimate: int, usage: Usage, model_name: str) -> None:
+        error = estimate - usage.input_tokens
+        direction = "over" if error > 0 else "under" if error < 0 else "exact"
+        self.estimate_error.record(abs(error), {genai.MODEL_SELECTED: model_name,
+                                                "gateway.tokens.error.direction": direction})
+

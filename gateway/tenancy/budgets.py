@@ -1,0 +1,225 @@
+"""Tenant budgets: USD spent per UTC day and month, checked before a request and charged after.
+
+Money is stored as integer nano-dollars (1e-9 USD) and added with INCRBY,
+so thousands of tiny charges never drift the way floats do; a charge is
+rounded half-even to the nano-dollar. The check gates on what is already
+spent: requests in flight when the budget runs out may overshoot it by
+their own cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.errors import BudgetExceeded, GatewayError
+from gateway.policy.model import Budget, Tenant
+from gateway.tenancy.limits import store_unavailable_error
+from gateway.tenancy.store import STORE_DOWN, OnStoreFailure, StoreGuard
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+NANOS_PER_USD = 10**9
+#: how long a finished day's or month's total stays readable after the period ends
+RETENTION_S = 2 * 86400
+
+
+def to_nanos(cost_usd: Decimal) -> int:
+    """USD as whole nano-dollars, rounded half-even."""
+    return int((cost_usd * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def to_usd(nanos: int) -> Decimal:
+    """Nano-dollars as USD."""
+    return Decimal(nanos) / NANOS_PER_USD
+
+
+@dataclass(frozen=True)
+class Periods:
+    """The UTC day and month a moment falls in, and when each ends."""
+
+    day: str                    # 2025-01-31
+    month: str                  # 2025-01
+    day_end_s: float
+    month_end_s: float
+
+    @classmethod
+    def at(cls, now_s: float) -> Periods:
+        """The periods containing `now_s` (unix seconds)."""
+        now = datetime.fromtimestamp(now_s, UTC)
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month_start = day_start.replace(day=1)
+        next_month = (month_start + timedelta(days=32)).replace(day=1)
+        return cls(now.strftime("%Y-%m-%d"), now.strftime("%Y-%m"),
+                   (day_start + timedelta(days=1)).timestamp(), next_month.timestamp())
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A tenant's spend against its budget, as of one moment."""
+
+    tenant: str
+    budget: Budget
+    spent_day_usd: Decimal = Decimal(0)
+    spent_month_usd: Decimal = Decimal(0)
+    exhausted: bool = False
+    reason: str | None = None       # day | month | store_unavailable
+    retry_after_s: float = 0.0      # until the exhausted period ends
+    available: bool = True          # False: the store did not answer; spend unknown
+
+    @property
+    def on_exhausted(self) -> str:
+        """What an exhausted budget does: reject, or downgrade to the cheapest model."""
+        return "reject" if self.reason == "store_unavailable" else self.budget.on_exhausted
+
+    def error(self) -> GatewayError:
+        """The error to refuse a request with when the budget is exhausted."""
+        headers = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        if self.reason == "store_unavailable":
+            return store_unavailable_error(headers)
+        limit = self.budget.usd_per_day if self.reason == "day" else self.budget.usd_per_month
+        return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {limit} per "
+                              f"{self.reason} spent.", headers=headers)
+
+    def to_dict(self) -> dict[str, object]:
+        """The state as JSON-ready data, for GET /admin/tenants."""
+        return {"tenant": self.tenant, "spent_day_usd": str(self.spent_day_usd),
+                "spent_month_usd": str(self.spent_month_usd),
+                "usd_per_day": _str_or_none(self.budget.usd_per_day),
+                "usd_per_month": _str_or_none(self.budget.usd_per_month),
+                "exhausted": self.exhausted, "reason": self.reason,
+                "on_exhausted": self.on_exhausted, "available": self.available}
+
+
+def retention_s(period_end_s: float, now_s: float) -> int:
+    """How long a period's total is kept: until the period ends, then RETENTION_S more."""
+    return max(1, int(period_end_s - now_s + RETENTION_S))
+
+
+def _str_or_none(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float) -> BudgetState:
+    """Compare spend with the tenant's budget; the day limit is checked first."""
+    budget, periods = tenant.budget, Periods.at(now_s)
+    spent_day, spent_month = to_usd(day_nanos), to_usd(month_nanos)
+    reason, retry_s = None, 0.0
+    if budget.usd_per_day is not None and spent_day >= budget.usd_per_day:
+        reason, retry_s = "day", periods.day_end_s - now_s
+    if budget.usd_per_month is not None and spent_month >= budget.usd_per_month:
+        reason, retry_s = "month", periods.month_end_s - now_s
+    return BudgetState(tenant.name, budget, spent_day, spent_month, reason is not None,
+                       reason, retry_s)
+
+
+class Budgets(Protocol):
+    """Per-tenant USD spend per UTC day and month."""
+
+    @property
+    def store_failures(self) -> int:
+        """Store calls that failed or timed out since start."""
+        ...
+
+    async def check(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
+        """The tenant's spend so far and whether its budget is exhausted."""
+        ...
+
+    async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """Add a request's cost to the tenant's day and month totals."""
+        ...
+
+    async def usage(self, tenant: Tenant) -> BudgetState:
+        """The tenant's spend right now, for the admin API."""
+        ...
+
+
+class MemoryBudgets:
+    """Budgets held in this process: lost on restart, for the no-Redis quickstart."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.store_failures = 0
+        self.spent_nanos: dict[str, dict[str, int]] = {}   # tenant -> period -> nano-USD
+
+    async def check(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
+        """The tenant's spend so far and whether its budget is exhausted."""
+        now_s = self.clock() if now_s is None else now_s
+        periods, spent = Periods.at(now_s), self.spent_nanos.get(tenant.name, {})
+        return evaluate(tenant, spent.get(periods.day, 0), spent.get(periods.month, 0), now_s)
+
+    async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """Add a request's cost to the tenant's day and month totals; past periods are dropped."""
+        periods = Periods.at(self.clock() if now_s is None else now_s)
+        spent = self.spent_nanos.get(tenant.name, {})
+        nanos = to_nanos(cost_usd)
+        self.spent_nanos[tenant.name] = {periods.day: spent.get(periods.day, 0) + nanos,
+                                         periods.month: spent.get(periods.month, 0) + nanos}
+
+    async def usage(self, tenant: Tenant) -> BudgetState:
+        """The tenant's spend right now, for the admin API."""
+        return await self.check(tenant)
+
+
+class RedisBudgets:
+    """Budgets in Redis, shared by replicas and kept across restarts until the period ends."""
+
+    def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
+                 on_store_failure: OnStoreFailure = "allow",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.clock = clock
+        self.guard = StoreGuard("budget", timeout_s, on_store_failure)
+
+    @property
+    def store_failures(self) -> int:
+        return self.guard.store_failures
+
+    def keys(self, tenant: str, periods: Periods) -> tuple[str, str]:
+        """The day and month total keys of a tenant, on the tenant's cluster slot."""
+        base = f"{self.prefix}:{{{tenant}}}:budget"
+        return f"{base}:day:{periods.day}", f"{base}:month:{periods.month}"
+
+    async def check(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
+        """The tenant's spend so far; no store call when the tenant has no budget."""
+        if tenant.budget.usd_per_day is None and tenant.budget.usd_per_month is None:
+            return BudgetState(tenant.name, tenant.budget)
+        return await self.read(tenant, now_s)
+
+    async def read(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
+        """The tenant's spend read from the store; when it is down, per `on_store_failure`."""
+        now_s = self.clock() if now_s is None else now_s
+        reply = await self.guard.run(self.client.mget(self.keys(tenant.name, Periods.at(now_s))))
+        if reply is STORE_DOWN:
+            return self._store_down(tenant)
+        day_nanos, month_nanos = (int(v or 0) for v in reply)
+        return evaluate(tenant, day_nanos, month_nanos, now_s)
+
+    def _store_down(self, tenant: Tenant) -> BudgetState:
+        if self.guard.allow_on_failure:
+            return BudgetState(tenant.name, tenant.budget, available=False)
+        return BudgetState(tenant.name, tenant.budget, exhausted=True, reason="store_unavailable",
+                           available=False)
+
+    async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """Add a cost to the day and month totals in one transaction; a store failure is counted."""
+        now_s = self.clock() if now_s is None else now_s
+        periods, nanos = Periods.at(now_s), to_nanos(cost_usd)
+        if nanos == 0:
+            return
+        day_key, month_key = self.keys(tenant.name, periods)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))
+            pipe.incrby(month_key, nanos).expire(month_key, retention_s(periods.month_end_s, now_s))
+            await self.guard.run(pipe.execute())
+
+    async def usage(self, tenant: Tenant) -> BudgetState:
+        """The tenant's spend right now, for the admin API."""
+        return await self.read(tenant)

@@ -1,0 +1,173 @@
+"""Tenant rate limits: the `Limiter` interface and the `Admission` it answers with.
+
+Algorithm (both implementations): a sliding log over the last `window_s`
+(60 s). Every admitted request is logged with its time; its token
+reservation is logged with the same time. A request is admitted at time t
+when the entries in (t - 60 s, t], plus this request, stay within
+`requests_per_minute` and `tokens_per_minute`, and the in-flight count
+stays below `concurrent`. Tolerance: 0 (no 60 s span ever holds more than
+the limit), however many replicas share the store, because the check and
+the write are one atomic step. In-flight entries carry a safety deadline
+(`inflight_ttl_s`) so a replica that dies never leaks a slot for ever.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.errors import GatewayError, RateLimited, StoreUnavailable
+from gateway.policy.model import Limits, Tenant
+
+WINDOW_S = 60.0
+INFLIGHT_TTL_S = 900.0
+#: how long a client refused for concurrency, or for a store outage, is told to wait
+CONCURRENT_RETRY_S = 1.0
+STORE_RETRY_S = 1.0
+REASONS = ("requests", "tokens", "concurrent", "store_unavailable")
+
+
+def new_ticket() -> str:
+    """A random id for one admission: names its log entries so settle and release find them."""
+    return secrets.token_hex(8)
+
+
+def format_reset(seconds: float) -> str:
+    """A duration in OpenAI's x-ratelimit-reset-* format: `12ms`, `1s`, `6m0s`, `1h0m0s`."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest_ms = divmod(ms, 3_600_000)
+    minutes, rest_ms = divmod(rest_ms, 60_000)
+    secs = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer of one admission step, with what the rate-limit headers report."""
+
+    allowed: bool
+    limits: Limits = field(default_factory=Limits)
+    tenant: str = ""
+    reason: str | None = None           # requests | tokens | concurrent | store_unavailable
+    retry_after_s: float = 0.0
+    ticket: str = ""                    # pass to settle() and release()
+    reserved_tokens: int = 0
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests_s: float = 0.0
+    reset_tokens_s: float = 0.0
+    degraded: bool = False              # the store failed and on_store_failure let it through
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the limits this tenant has."""
+        headers: dict[str, str] = {}
+        if self.limits.requests_per_minute is not None and self.remaining_requests is not None:
+            headers["x-ratelimit-limit-requests"] = str(self.limits.requests_per_minute)
+            headers["x-ratelimit-remaining-requests"] = str(self.remaining_requests)
+            headers["x-ratelimit-reset-requests"] = format_reset(self.reset_requests_s)
+        if self.limits.tokens_per_minute is not None and self.remaining_tokens is not None:
+            headers["x-ratelimit-limit-tokens"] = str(self.limits.tokens_per_minute)
+            headers["x-ratelimit-remaining-tokens"] = str(self.remaining_tokens)
+            headers["x-ratelimit-reset-tokens"] = format_reset(self.reset_tokens_s)
+        return headers
+
+    def error(self) -> GatewayError:
+        """The error to answer a refused admission with, Retry-After included."""
+        retry_s = max(1, math.ceil(self.retry_after_s))
+        headers = {**self.headers(), "Retry-After": str(retry_s),
+                   "retry-after-ms": str(max(0, math.ceil(self.retry_after_s * 1000)))}
+        if self.reason == "store_unavailable":
+            return store_unavailable_error(headers)
+        return RateLimited(self._message(retry_s), headers=headers)
+
+    def _message(self, retry_s: int) -> str:
+        limit = {"requests": f"requests per minute (limit {self.limits.requests_per_minute})",
+                 "tokens": f"tokens per minute (limit {self.limits.tokens_per_minute}, "
+                           f"requested {self.reserved_tokens})",
+                 "concurrent": f"concurrent requests (limit {self.limits.concurrent})"}
+        return (f"Rate limit reached for tenant {self.tenant!r} on "
+                f"{limit.get(self.reason or '', self.reason)}. Retry after {retry_s}s.")
+
+
+def store_unavailable_error(headers: dict[str, str]) -> GatewayError:
+    """A 503 for a refusal because the limits store is down and the policy says deny."""
+    return StoreUnavailable("Rate limit store unavailable; retry shortly.", headers=headers)
+
+
+def unlimited(limits: Limits) -> bool:
+    """Whether a tenant has no rate limit at all, so admission needs no store call."""
+    return (limits.requests_per_minute is None and limits.tokens_per_minute is None
+            and limits.concurrent is None)
+
+
+class Limiter(Protocol):
+    """Admits, settles and releases requests against a tenant's limits, atomically.
+
+    `route` is accepted for per-route limits and not used yet. `settle` and
+    `release` take the `ticket` of the admission they finish.
+    """
+
+    @property
+    def store_failures(self) -> int:
+        """Store calls that failed or timed out since start."""
+        ...
+
+    async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
+                    now_s: float | None = None) -> Admission:
+        """Check and consume all limits at once, or consume nothing and refuse."""
+        ...
+
+    async def settle(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
+                     actual_tokens: int, now_s: float | None = None) -> None:
+        """Replace an admission's token reservation with the tokens really used."""
+        ...
+
+    async def release(self, tenant: Tenant, *, ticket: str) -> None:
+        """End an admission's in-flight slot."""
+        ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one atomic admission step decided, in integer milliseconds (as the Lua script returns)."""
+
+    allowed: bool
+    reason_code: int            # 0 admitted, then 1 requests, 2 tokens, 3 concurrent
+    retry_ms: int
+    requests: int               # requests in the window, this one included when admitted
+    tokens: int                 # tokens reserved in the window, likewise
+    reset_requests_ms: int
+    reset_tokens_ms: int
+
+    @classmethod
+    def from_reply(cls, reply: list[int]) -> Verdict:
+        """Read the Lua script's reply array."""
+        allowed, reason, retry, requests, tokens, reset_req, reset_tok = (int(v) for v in reply)
+        return cls(bool(allowed), reason, retry, requests, tokens, reset_req, reset_tok)
+
+    def admission(self, tenant: Tenant, *, tokens: int, ticket: str) -> Admission:
+        """The `Admission` this verdict means for a tenant."""
+        limits = tenant.limits
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        return Admission(
+            allowed=self.allowed, limits=limits, tenant=tenant.name,
+            reason=None if self.allowed else REASONS[self.reason_code - 1],
+            retry_after_s=self.retry_ms / 1000, ticket=ticket if self.allowed else "",
+            reserved_tokens=tokens,
+            remaining_requests=None if rpm is None else max(0, rpm - self.requests),
+            remaining_tokens=None if tpm is None else max(0, tpm - self.tokens),
+            reset_requests_s=self.reset_requests_ms / 1000,
+            reset_tokens_s=self.reset_tokens_ms / 1000)
+
+
+def to_ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, the unit both limiters count in."""
+    return round(seconds * 1000)

@@ -1,0 +1,95 @@
+"""The shared limiter: one Lua script call per admission, so every replica sees the same counts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.policy.model import Limits, Tenant
+from gateway.tenancy import limits_lua
+from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, STORE_RETRY_S, WINDOW_S,
+                                    Admission, Verdict, new_ticket, to_ms, unlimited)
+from gateway.tenancy.store import STORE_DOWN, OnStoreFailure, StoreGuard
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+
+def tenant_keys(prefix: str, tenant: str) -> tuple[str, str, str, str]:
+    """The limiter's keys for one tenant: requests log, token log, token sum, in-flight set."""
+    base = f"{prefix}:{{{tenant}}}:rl"
+    return f"{base}:req", f"{base}:tok", f"{base}:tok_sum", f"{base}:inflight"
+
+
+def limit_arg(value: int | None) -> int:
+    """A limit as the script reads it: -1 for none."""
+    return -1 if value is None else value
+
+
+class RedisLimiter:
+    """Sliding-log limits in Redis; store failures answered per `on_store_failure`, never raised."""
+
+    def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
+                 on_store_failure: OnStoreFailure = "allow", *, window_s: float = WINDOW_S,
+                 inflight_ttl_s: float = INFLIGHT_TTL_S) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.guard = StoreGuard("rate limit", timeout_s, on_store_failure)
+        self.window_ms = to_ms(window_s)
+        self.inflight_ttl_ms = to_ms(inflight_ttl_s)
+        self.admit_script = client.register_script(limits_lua.ADMIT)
+        self.settle_script = client.register_script(limits_lua.SETTLE)
+
+    @property
+    def store_failures(self) -> int:
+        return self.guard.store_failures
+
+    async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
+                    now_s: float | None = None) -> Admission:
+        """Check and consume all limits in one atomic script call, or consume nothing."""
+        ticket = new_ticket()
+        if unlimited(tenant.limits):
+            return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
+                             ticket=ticket, reserved_tokens=tokens)
+        reply = await self.guard.run(self.admit_script(
+            keys=tenant_keys(self.prefix, tenant.name),
+            args=self._admit_args(tenant.limits, tokens, ticket, now_s)))
+        if reply is STORE_DOWN:
+            return self._store_down(tenant, tokens, ticket)
+        return Verdict.from_reply(reply).admission(tenant, tokens=tokens, ticket=ticket)
+
+    def _admit_args(self, limits: Limits, tokens: int, ticket: str,
+                    now_s: float | None) -> list[int | str]:
+        return [self._now_arg(now_s), self.window_ms, limit_arg(limits.requests_per_minute),
+                limit_arg(limits.tokens_per_minute), limit_arg(limits.concurrent), tokens,
+                ticket, self.inflight_ttl_ms, to_ms(CONCURRENT_RETRY_S)]
+
+    def _store_down(self, tenant: Tenant, tokens: int, ticket: str) -> Admission:
+        """Admit degraded, or refuse with `store_unavailable`, as the policy says."""
+        if self.guard.allow_on_failure:
+            return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
+                             ticket=ticket, reserved_tokens=tokens, degraded=True)
+        return Admission(allowed=False, limits=tenant.limits, tenant=tenant.name,
+                         reason="store_unavailable", retry_after_s=STORE_RETRY_S,
+                         reserved_tokens=tokens)
+
+    async def settle(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
+                     actual_tokens: int, now_s: float | None = None) -> None:
+        """Rewrite the reservation to the real count, or charge a late excess at `now`."""
+        if tenant.limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
+            return
+        _, tok_key, sum_key, _ = tenant_keys(self.prefix, tenant.name)
+        await self.guard.run(self.settle_script(
+            keys=[tok_key, sum_key],
+            args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
+
+    async def release(self, tenant: Tenant, *, ticket: str) -> None:
+        """End an admission's in-flight slot; releasing twice is harmless."""
+        if tenant.limits.concurrent is None:
+            return
+        flight_key = tenant_keys(self.prefix, tenant.name)[3]
+        await self.guard.run(self.client.zrem(flight_key, ticket))
+
+    @staticmethod
+    def _now_arg(now_s: float | None) -> int | str:
+        """The time the script uses: the caller's, or "" for the Redis server's clock."""
+        return "" if now_s is None else to_ms(now_s)

@@ -1,0 +1,352 @@
+"""The telemetry layer against a real OTLP receiver, over gRPC and HTTP/protobuf."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from decimal import Decimal
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from gateway.context import Attempt, Candidate, Decision, RequestContext, Usage
+from gateway.policy.model import Match, Model, Policy, Route, Sla, Tenant
+from gateway.policy.model import Telemetry as PolicyTelemetry
+from gateway.telemetry import Telemetry, TenantLabels, genai
+from gateway.telemetry.metrics import DURATION_BUCKETS_S, TOKEN_BUCKETS
+from tests.support.otlp_receiver import OtlpReceiver
+
+CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
+
+SMALL = Model(name="small", endpoint="http://10.0.0.5:9101/v1", upstream_model="sim-small-1b", size_b=1)
+LARGE = Model(name="large", endpoint="https://api.example.com/v1", upstream_model="sim-large-70b",
+              provider="openai", size_b=70, tier=3)
+ROUTE = Route(name="chat-default", match=Match(models=("auto",)), candidates=("small", "large"),
+              sla=Sla(p95_latency_ms=2000), fallback=("large",))
+POLICY = Policy(version=1, models={"small": SMALL, "large": LARGE}, routes=(ROUTE,))
+BODY = {"model": "auto", "messages": [{"role": "user", "content": "tell me a secret"}],
+        "temperature": 0.2, "top_p": 0.9, "seed": 7, "max_tokens": 64, "stream": True}
+
+
+@pytest.fixture
+def receiver():
+    """A real OTLP receiver (gRPC and HTTP) on 127.0.0.1."""
+    server = OtlpReceiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_telemetry():
+    """Builds Telemetry objects from an env dict and shuts them all down afterwards."""
+    made: list[Telemetry] = []
+
+    def make(env: dict[str, str], policy: PolicyTelemetry | None = None) -> Telemetry:
+        telemetry = Telemetry.from_env(policy, environ={"OTEL_METRIC_EXPORT_INTERVAL": "60000", **env})
+        made.append(telemetry)
+        return telemetry
+
+    yield make
+    for telemetry in made:
+        telemetry.shutdown(timeout_s=2)
+
+
+def otlp_env(receiver: OtlpReceiver, protocol: str) -> dict[str, str]:
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": "gw-test", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=ci,team=ml%20ops"}
+
+
+def make_ctx(headers: dict[str, str] | None = None, tenant: str = "acme", body: dict | None = None) -> RequestContext:
+    """A chat request context as the parse and count stages leave it."""
+    request = make_mocked_request("POST", "/v1/chat/completions",
+                                  headers={"User-Agent": "openai-python", **(headers or {})})
+    body = dict(BODY if body is None else body)
+    return RequestContext(http=request, policy=POLICY, request_id="req-42", tenant=Tenant(name=tenant),
+                          endpoint="chat", body=body, requested_model="auto", stream=bool(body.get("stream")),
+                          max_tokens=body.get("max_tokens"), prompt_tokens=12)
+
+
+def decision() -> Decision:
+    candidates = (Candidate(SMALL, 300.0, 40.0, Decimal("0.0001"), kept=True),
+                  Candidate(LARGE, 900.0, 200.0, Decimal("0.002"), kept=False, reasons=("cost",)))
+    return Decision(route=ROUTE, plan=(SMALL, LARGE), candidates=candidates, sla_met=True)
+
+
+def drive_request(telemetry: Telemetry, ctx: RequestContext) -> tuple[dict[str, str], dict[str, str]]:
+    """One request through every hook: routing, cache miss, a timed-out attempt, then a streamed answer."""
+    telemetry.start_request(ctx, ctx.http.headers)
+    with telemetry.route_span(ctx):
+        ctx.decision = decision()
+    with telemetry.cache_span(ctx):
+        ctx.cache_status = "miss"
+    failed = Attempt(model=SMALL, started_s=time.perf_counter())
+    ctx.attempts.append(failed)
+    failed_headers = telemetry.start_attempt(ctx, failed)
+    failed.error_type, failed.status, failed.ended_s = "timeout", 504, time.perf_counter()
+    telemetry.end_attempt(ctx, failed)
+    answered = Attempt(model=LARGE, started_s=time.perf_counter())
+    ctx.attempts.append(answered)
+    answered_headers = telemetry.start_attempt(ctx, answered)
+    answered.ttft_s, answered.status, answered.ended_s = 0.05, 200, answered.started_s + 0.3
+    answered.usage = Usage(input_tokens=10, output_tokens=20, cached_input_tokens=4, reasoning_tokens=3)
+    answered.response_id, answered.response_model = "chatcmpl-1", "sim-large-70b-0613"
+    answered.finish_reasons = ("stop",)
+    telemetry.end_attempt(ctx, answered, chunk_gaps_s=[0.01, 0.02, 0.03])
+    ctx.fallback_state, ctx.fallback_reason = "fallback", "timeout"
+    ctx.cache_status, ctx.cost_usd, ctx.energy_j, ctx.usage = "stored", Decimal("0.00123"), 12.5, answered.usage
+    telemetry.finish_request(ctx)
+    return failed_headers, answered_headers
+
+
+def by_name(spans, name):
+    return next(span for span in spans if span.name == name)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_span_tree_continues_caller_trace(receiver, make_telemetry, protocol):
+    """The SERVER span continues the caller's traceparent and parents routing, cache and two sibling CLIENT spans."""
+    telemetry = make_telemetry(otlp_env(receiver, protocol))
+    ctx = make_ctx({"traceparent": TRACEPARENT, "tracestate": "vendor=abc"})
+    failed_headers, answered_headers = drive_request(telemetry, ctx)
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 5)
+
+    server = by_name(spans, "POST /v1/chat/completions")
+    assert (server.kind, server.trace_id, server.parent_span_id) == ("SERVER", CALLER_TRACE_ID, CALLER_SPAN_ID)
+    assert server.resource["service.name"] == "gw-test"
+    assert server.resource["team"] == "ml ops" and server.resource["deployment.environment"] == "ci"
+    assert server.schema_url == genai.SCHEMA_URL
+    assert {span.trace_id for span in spans} == {CALLER_TRACE_ID}
+    for name in ("gateway.route", "gateway.cache.lookup"):
+        child = by_name(spans, name)
+        assert (child.kind, child.parent_span_id) == ("INTERNAL", server.span_id)
+    failed, answered = by_name(spans, "chat sim-small-1b"), by_name(spans, "chat sim-large-70b")
+    assert failed.kind == answered.kind == "CLIENT"
+    assert failed.parent_span_id == answered.parent_span_id == server.span_id
+    assert (failed.status_code, failed.attributes["error.type"]) == ("ERROR", "timeout")
+    assert answered.status_code == "UNSET" and "error.type" not in answered.attributes
+    assert failed_headers["traceparent"] == f"00-{CALLER_TRACE_ID}-{failed.span_id}-01"
+    assert answered_headers["traceparent"] == f"00-{CALLER_TRACE_ID}-{answered.span_id}-01"
+    assert answered_headers["tracestate"] == "vendor=abc"
+    assert ctx.attempts[1].traceparent == answered_headers["traceparent"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_span_attributes_follow_genai_conventions(receiver, make_telemetry, protocol):
+    """Every GenAI, HTTP and gateway attribute arrives with its documented name, value and type."""
+    telemetry = make_telemetry(otlp_env(receiver, protocol))
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 5)
+
+    client = by_name(spans, "chat sim-large-70b").attributes
+    assert client == {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "sim-large-70b",
+        "gen_ai.response.model": "sim-large-70b-0613", "gen_ai.response.id": "chatcmpl-1",
+        "gen_ai.response.finish_reasons": ["stop"], "gen_ai.usage.input_tokens": 10,
+        "gen_ai.usage.output_tokens": 20, "gen_ai.usage.cache_read.input_tokens": 4,
+        "gen_ai.usage.reasoning.output_tokens": 3, "gen_ai.request.max_tokens": 64,
+        "gen_ai.request.temperature": 0.2, "gen_ai.request.top_p": 0.9, "gen_ai.request.seed": 7,
+        "gen_ai.request.stream": True, "gen_ai.response.time_to_first_chunk": 0.05,
+        "server.address": "api.example.com", "server.port": 443,
+        "gateway.tenant": "acme", "gateway.route": "chat-default", "gateway.model.selected": "large"}
+    assert by_name(spans, "chat sim-small-1b").attributes["server.port"] == 9101
+    server = by_name(spans, "POST /v1/chat/completions").attributes
+    assert server == {
+        "http.request.method": "POST", "http.route": "/v1/chat/completions", "url.path": "/v1/chat/completions",
+        "url.scheme": "http", "user_agent.original": "openai-python", "gateway.request.id": "req-42",
+        "gateway.tenant": "acme", "http.response.status_code": 200, "gateway.route": "chat-default",
+        "gateway.model.selected": "large", "gateway.fallback.state": "fallback",
+        "gateway.fallback.reason": "timeout", "gateway.cache.status": "stored", "gateway.sla.met": True,
+        "gateway.cost.usd": 0.00123, "gateway.energy.joules": 12.5, "gateway.tokens.estimated": False,
+        "gateway.outcome": "success"}
+    route = by_name(spans, "gateway.route").attributes
+    assert route["gateway.route.candidates"] == ["small", "large"]
+    assert route["gateway.route.candidates.kept"] == ["small"]
+    assert (route["gateway.model.selected"], route["gateway.sla.met"]) == ("small", True)
+    assert by_name(spans, "gateway.cache.lookup").attributes["gateway.cache.status"] == "miss"
+
+
+def points_by(metric, **labels):
+    return [p for p in metric.points if all(p.attributes.get(k) == v for k, v in labels.items())]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_metrics_names_units_buckets_and_labels(receiver, make_telemetry, protocol):
+    """GenAI histograms carry the advised buckets and labels; gateway counters carry tenant, route, model and state."""
+    telemetry = make_telemetry(otlp_env(receiver, protocol))
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.requests")
+    metrics = receiver.latest_metrics()
+
+    tokens = metrics["gen_ai.client.token.usage"]
+    assert (tokens.kind, tokens.unit) == ("histogram", "{token}")
+    (inp,) = points_by(tokens, **{"gen_ai.token.type": "input"})
+    (out,) = points_by(tokens, **{"gen_ai.token.type": "output"})
+    assert (inp.sum, out.sum, inp.bounds) == (10, 20, list(map(float, TOKEN_BUCKETS)))
+    assert inp.attributes["gen_ai.request.model"] == "sim-large-70b"
+    assert inp.attributes["gen_ai.provider.name"] == "openai" and inp.attributes["gateway.tenant"] == "acme"
+    duration = metrics["gen_ai.client.operation.duration"]
+    assert duration.unit == "s" and duration.points[0].bounds == list(DURATION_BUCKETS_S)
+    (failed,) = points_by(duration, **{"error.type": "timeout"})
+    assert failed.attributes["gen_ai.request.model"] == "sim-small-1b" and failed.count == 1
+    assert points_by(duration, **{"gen_ai.request.model": "sim-large-70b"})[0].sum == pytest.approx(0.3)
+    ttfc = metrics["gen_ai.client.operation.time_to_first_chunk"]
+    assert (ttfc.unit, ttfc.points[0].sum, ttfc.points[0].bounds) == ("s", 0.05, list(DURATION_BUCKETS_S))
+    tpoc = metrics["gen_ai.client.operation.time_per_output_chunk"]
+    assert (tpoc.points[0].count, tpoc.points[0].bounds) == (3, list(DURATION_BUCKETS_S))
+
+    labels = {"gateway.tenant": "acme", "gateway.route": "chat-default", "gateway.model.selected": "large",
+              "gateway.fallback.state": "fallback"}
+    requests = metrics["gateway.requests"]
+    assert requests.monotonic and requests.points[0].attributes == labels and requests.points[0].value == 1
+    assert metrics["gateway.cost"].unit == "USD" and metrics["gateway.cost"].points[0].value == pytest.approx(0.00123)
+    assert metrics["gateway.energy"].unit == "J" and metrics["gateway.energy"].points[0].value == 12.5
+    assert points_by(metrics["gateway.cache.lookups"], **{"gateway.cache.status": "stored"})[0].value == 1
+    assert points_by(metrics["gateway.fallbacks"], **{"gateway.fallback.reason": "timeout"})[0].value == 1
+    assert points_by(metrics["gateway.sla"], **{"gateway.sla.status": "met"})[0].value == 1
+    assert points_by(metrics["gateway.outcomes"], **{"gateway.outcome": "success"})[0].value == 1
+    assert metrics["gateway.routing.duration"].unit == "s" and metrics["gateway.routing.duration"].points[0].count == 1
+    assert {p.value for p in metrics["gateway.in_flight"].points} == {0}
+    (error,) = metrics["gateway.tokens.estimate_error"].points
+    assert (error.sum, error.attributes["gateway.tokens.error.direction"]) == (2, "over")
+    assert {p.value for p in metrics["gateway.telemetry.dropped"].points} == {0}
+
+
+def test_invalid_traceparent_starts_a_new_trace(receiver, make_telemetry):
+    """A malformed traceparent is ignored: the SERVER span becomes the root of a fresh trace."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx({"traceparent": "00-not-a-trace-01"})
+    telemetry.start_request(ctx, ctx.http.headers)
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    (server,) = receiver.wait_for_spans(lambda got: got)
+    assert server.parent_span_id == "" and len(server.trace_id) == 32 and server.trace_id != "0" * 32
+
+
+def test_sdk_disabled_makes_every_hook_a_noop(receiver, make_telemetry):
+    """OTEL_SDK_DISABLED=true: no providers, no span on the context, no headers, nothing exported."""
+    telemetry = make_telemetry({**otlp_env(receiver, "http/protobuf"), "OTEL_SDK_DISABLED": "true"})
+    ctx = make_ctx({"traceparent": TRACEPARENT})
+    failed_headers, answered_headers = drive_request(telemetry, ctx)
+    assert not telemetry.enabled and telemetry.tracer_provider is None and telemetry.meter_provider is None
+    assert ctx.span is None and failed_headers == answered_headers == {} and ctx.attempts[0].span is None
+    assert telemetry.force_flush() and telemetry.prometheus_text() == b""
+    time.sleep(0.2)
+    assert receiver.spans == [] and receiver.metric_exports == []
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_unreachable_collector_does_not_block_and_counts_failures(make_telemetry, protocol):
+    """With no collector listening, hooks return at once and the lost spans and points are counted."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+           "OTEL_BSP_SCHEDULE_DELAY": "10"}
+    telemetry = make_telemetry(env)
+    started_s = time.perf_counter()
+    drive_request(telemetry, make_ctx())
+    assert time.perf_counter() - started_s < 0.5
+    telemetry.force_flush(timeout_s=2)
+    counts = telemetry.dropped_counter.by_kind()
+    assert counts[("traces", "export_failed")] == 5
+    assert counts[("metrics", "export_failed")] > 0 and telemetry.dropped >= 5
+
+
+def test_full_span_queue_drops_are_counted_and_shutdown_is_bounded(receiver, make_telemetry):
+    """While the collector stalls, spans beyond the bounded queue are counted as dropped; shutdown keeps its timeout."""
+    env = {**otlp_env(receiver, "http/protobuf"), "OTEL_BSP_MAX_QUEUE_SIZE": "4",
+           "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2", "OTEL_METRICS_EXPORTER": "none"}
+    telemetry = make_telemetry(env)
+    receiver.hold()
+    for _ in range(30):
+        ctx = make_ctx()
+        telemetry.start_request(ctx, ctx.http.headers)
+        telemetry.finish_request(ctx)
+    assert telemetry.dropped_counter.by_kind()[("traces", "queue_full")] >= 20
+    started_s = time.perf_counter()
+    assert telemetry.shutdown(timeout_s=0.5) is False
+    assert time.perf_counter() - started_s < 1.5
+    receiver.release()
+
+
+def test_tenant_labels_keep_allowlist_and_first_n():
+    """Allowlisted and the first top_n tenants keep their names; every later tenant becomes `other`."""
+    labels = TenantLabels(allowlist=("vip",), top_n=2)
+    assert [labels.label(t) for t in ("a", "b", "c", "vip", "a", "d")] == ["a", "b", "other", "vip", "a", "other"]
+
+
+def test_tenant_metric_label_is_bounded(receiver, make_telemetry):
+    """With top_n=1, a second and third tenant are counted under `other` in gateway.requests."""
+    policy = PolicyTelemetry(tenant_label_top_n=1)
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"), policy)
+    for tenant in ("first", "second", "third"):
+        ctx = make_ctx(tenant=tenant)
+        telemetry.start_request(ctx, ctx.http.headers)
+        telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    requests = receiver.wait_for_metric("gateway.requests")
+    assert {p.attributes["gateway.tenant"]: p.value for p in requests.points} == {"first": 1, "other": 2}
+
+
+@pytest.mark.parametrize(("env_value", "captured"), [(None, False), ("false", False), ("true", True)])
+def test_message_content_only_with_capture_env(receiver, make_telemetry, env_value, captured):
+    """Prompt text reaches the CLIENT span as gen_ai.input.messages only when the capture variable is true."""
+    env = otlp_env(receiver, "http/protobuf")
+    if env_value is not None:
+        env["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = env_value
+    telemetry = make_telemetry(env)
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 5)
+    assert not any("secret" in json.dumps(span.attributes) for span in spans if span.kind != "CLIENT")
+    client = by_name(spans, "chat sim-large-70b").attributes
+    if captured:
+        assert json.loads(client["gen_ai.input.messages"]) == [
+            {"role": "user", "parts": [{"type": "text", "content": "tell me a secret"}]}]
+    else:
+        assert "gen_ai.input.messages" not in client
+
+
+def test_always_off_sampler_exports_no_spans_but_metrics(receiver, make_telemetry):
+    """OTEL_TRACES_SAMPLER=always_off drops spans at the source while metrics still flow."""
+    telemetry = make_telemetry({**otlp_env(receiver, "http/protobuf"), "OTEL_TRACES_SAMPLER": "always_off"})
+    ctx = make_ctx()
+    drive_request(telemetry, ctx)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.requests")
+    assert receiver.spans == [] and not ctx.span.is_recording()
+
+
+def test_attribute_mapping_drops_unknown_and_mistyped_values():
+    """The pure mapping never emits None, skips mistyped parameters, and names embeddings correctly."""
+    ctx = make_ctx(body={"model": "auto", "input": "hi", "temperature": True, "seed": "7"})
+    ctx.endpoint = "embeddings"
+    attempt = Attempt(model=SMALL, started_s=0.0, usage=Usage(input_tokens=3))
+    attributes = genai.attempt_attributes(ctx, attempt)
+    assert attributes == {"gen_ai.operation.name": "embeddings", "gen_ai.provider.name": "openai",
+                          "gen_ai.request.model": "sim-small-1b", "server.address": "10.0.0.5",
+                          "server.port": 9101, "gen_ai.usage.input_tokens": 3}
+    assert None not in genai.gateway_attributes(ctx).values()
+    assert genai.input_messages(ctx) == []
+
+
+def test_prometheus_text_exposes_metrics(make_telemetry):
+    """With prometheus on, prometheus_text() renders the GenAI histogram and gateway counters."""
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    telemetry = make_telemetry({}, PolicyTelemetry(prometheus=True))
+    drive_request(telemetry, make_ctx())
+    text = telemetry.prometheus_text().decode()
+    assert telemetry.prometheus_enabled
+    assert 'gen_ai_client_token_usage_bucket' in text and 'gateway_requests' in text
+    assert 'gateway_tenant="acme"' in text

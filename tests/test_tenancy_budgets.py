@@ -1,0 +1,145 @@
+"""Budgets: USD per UTC day and month, the same in memory and in Redis, kept across restarts."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.errors import BudgetExceeded
+from gateway.policy.model import Budget, Tenant
+from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
+
+#: 2025-01-30 18:00:00 UTC: six hours before the day ends, two days before the month does
+EVENING_S = datetime(2025, 1, 30, 18, tzinfo=UTC).timestamp()
+DAY_S = 86400
+
+
+def tenant(per_day: str | None = None, per_month: str | None = None,
+           on_exhausted: str = "reject") -> Tenant:
+    """A tenant with the given budget."""
+    return Tenant("acme", budget=Budget(
+        usd_per_day=None if per_day is None else Decimal(per_day),
+        usd_per_month=None if per_month is None else Decimal(per_month),
+        on_exhausted=on_exhausted))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_budgets(request):
+    """A factory of budgets of one kind; Redis ones each get their own client."""
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    clients: list[Redis] = []
+
+    def make(**kwargs):
+        if server is None:
+            return MemoryBudgets(**kwargs)
+        client = Redis.from_url(server.url)
+        clients.append(client)
+        return RedisBudgets(client, "test", 2.0, "allow", **kwargs)
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def test_day_budget_exhausts_until_midnight(make_budgets):
+    """Spend reaching usd_per_day exhausts the budget, with Retry-After until UTC midnight."""
+    budgets, who = make_budgets(), tenant(per_day="1.00")
+    await budgets.charge(who, Decimal("0.40"), EVENING_S)
+    await budgets.charge(who, Decimal("0.40"), EVENING_S)
+    state = await budgets.check(who, EVENING_S)
+    assert (state.spent_day_usd, state.exhausted) == (Decimal("0.8"), False)
+    await budgets.charge(who, Decimal("0.20"), EVENING_S)
+    state = await budgets.check(who, EVENING_S + 60)
+    assert (state.exhausted, state.reason, state.on_exhausted) == (True, "day", "reject")
+    assert state.retry_after_s == 6 * 3600 - 60
+    error = state.error()
+    assert isinstance(error, BudgetExceeded) and error.status == 429
+    assert error.headers == {"Retry-After": str(6 * 3600 - 60)}
+    assert not (await budgets.check(who, EVENING_S + DAY_S)).exhausted
+
+
+async def test_month_budget_spans_days(make_budgets):
+    """The month total adds up across days while each day starts again from zero."""
+    budgets, who = make_budgets(), tenant(per_day="5", per_month="6", on_exhausted="downgrade")
+    await budgets.charge(who, Decimal("4"), EVENING_S)
+    await budgets.charge(who, Decimal("2.5"), EVENING_S + DAY_S)
+    state = await budgets.check(who, EVENING_S + DAY_S)
+    assert (state.spent_day_usd, state.spent_month_usd) == (Decimal("2.5"), Decimal("6.5"))
+    assert (state.exhausted, state.reason, state.on_exhausted) == (True, "month", "downgrade")
+    assert state.retry_after_s == 6 * 3600
+    fresh = await budgets.check(who, EVENING_S + 2 * DAY_S)
+    assert (fresh.spent_month_usd, fresh.exhausted) == (Decimal(0), False)
+
+
+async def test_tiny_charges_add_up_exactly(make_budgets):
+    """Sub-cent charges add up exactly (no float drift), to the nano-dollar."""
+    budgets, who = make_budgets(), tenant(per_day="1")
+    for _ in range(10):
+        await budgets.charge(who, Decimal("0.1"), EVENING_S)
+    await budgets.charge(who, Decimal("0.0000000004"), EVENING_S)      # rounds to 0 nano-USD
+    await budgets.charge(who, Decimal("0.0000000016"), EVENING_S)      # rounds to 2 nano-USD
+    state = await budgets.check(who, EVENING_S)
+    assert state.spent_day_usd == Decimal("1.000000002") and state.exhausted
+
+
+async def test_usage_reports_spend_without_budget(make_budgets):
+    """A tenant without a budget is never exhausted, yet usage() still reports its spend as JSON."""
+    budgets, who = make_budgets(), tenant()
+    await budgets.charge(who, Decimal("0.25"))
+    assert not (await budgets.check(who)).exhausted
+    report = (await budgets.usage(who)).to_dict()
+    assert json.loads(json.dumps(report)) == {
+        "tenant": "acme", "spent_day_usd": "0.25", "spent_month_usd": "0.25",
+        "usd_per_day": None, "usd_per_month": None, "exhausted": False, "reason": None,
+        "on_exhausted": "reject", "available": True}
+
+
+async def test_injected_clock_is_used(make_budgets):
+    """Without an explicit time, budgets read their injected clock to pick the day."""
+    now_s = [EVENING_S]
+    budgets, who = make_budgets(clock=lambda: now_s[0]), tenant(per_day="1")
+    await budgets.charge(who, Decimal("1"))
+    assert (await budgets.check(who)).exhausted
+    now_s[0] += DAY_S
+    assert not (await budgets.check(who)).exhausted
+
+
+async def test_redis_budget_survives_restart(redis_server):
+    """A new RedisBudgets on a new client (a restarted gateway) sees what was spent before."""
+    who = tenant(per_day="1")
+    first_client, second_client = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+    try:
+        await RedisBudgets(first_client, "test").charge(who, Decimal("0.75"))
+        state = await RedisBudgets(second_client, "test").usage(who)
+        assert state.spent_day_usd == Decimal("0.75")
+        ttl_s = await second_client.ttl("test:{acme}:budget:day:"
+                                        + datetime.now(UTC).strftime("%Y-%m-%d"))
+        assert 2 * DAY_S < ttl_s <= 3 * DAY_S
+    finally:
+        await first_client.aclose()
+        await second_client.aclose()
+
+
+@pytest.mark.parametrize("on_store_failure", ["allow", "deny"])
+async def test_store_down_is_answered_not_raised(redis_server, on_store_failure):
+    """With Redis killed, check follows on_store_failure and charge is counted, never raised."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
+    budgets, who = RedisBudgets(client, "test", 0.5, on_store_failure), tenant(per_day="1")
+    try:
+        redis_server.stop()
+        started_s = time.monotonic()
+        state = await budgets.check(who)
+        await budgets.charge(who, Decimal("0.5"))
+        assert time.monotonic() - started_s < 2.0
+        assert budgets.store_failures == 2 and not state.available
+        if on_store_failure == "allow":
+            assert not state.exhausted
+        else:
+            assert (state.exhausted, state.on_exhausted, state.error().status) == (True, "reject", 503)
+    finally:
+        await client.aclose()

@@ -1,0 +1,326 @@
+"""Rate limits: the in-memory and Redis limiters obey the same sliding-log semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import replace
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from gateway.errors import RateLimited
+from gateway.policy.model import Limits, Tenant
+from gateway.tenancy.limits import Admission, format_reset
+from gateway.tenancy.limits_memory import MemoryLimiter
+from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
+
+T0 = 1_700_000_000.0
+
+
+def tenant(rpm=None, tpm=None, concurrent=None, name="acme") -> Tenant:
+    """A tenant with the given limits."""
+    return Tenant(name, limits=Limits(requests_per_minute=rpm, tokens_per_minute=tpm,
+                                      concurrent=concurrent))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_limiter(request):
+    """A factory of limiters of one kind; Redis ones each get their own client, like replicas."""
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    clients: list[Redis] = []
+
+    def make(**kwargs):
+        if server is None:
+            return MemoryLimiter(**kwargs)
+        client = Redis.from_url(server.url)
+        clients.append(client)
+        return RedisLimiter(client, "test", 2.0, "allow", **kwargs)
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def admit(limiter, who: Tenant, at_s: float, tokens: int = 0) -> Admission:
+    """Admit one request at T0 + at_s."""
+    return await limiter.admit(who, route="chat", tokens=tokens, now_s=T0 + at_s)
+
+
+async def test_requests_window_slides_exactly(make_limiter):
+    """A request counts for exactly 60 s after it was admitted, and Retry-After says when it leaves."""
+    limiter, who = make_limiter(), tenant(rpm=2)
+    assert (await admit(limiter, who, 0)).allowed
+    assert (await admit(limiter, who, 30)).allowed
+    refused = await admit(limiter, who, 59.999)
+    assert (refused.allowed, refused.reason, refused.retry_after_s) == (False, "requests", 0.001)
+    assert (await admit(limiter, who, 60)).allowed
+    again = await admit(limiter, who, 60)
+    assert (again.allowed, again.retry_after_s) == (False, 30.0)
+
+
+async def test_headers_follow_openai_format(make_limiter):
+    """The x-ratelimit-* headers carry limit, remaining and reset in OpenAI's duration format."""
+    limiter, who = make_limiter(), tenant(rpm=10, tpm=1000)
+    await admit(limiter, who, 0, tokens=100)
+    admission = await admit(limiter, who, 15, tokens=300)
+    assert admission.headers() == {
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "8",
+        "x-ratelimit-reset-requests": "1m0s", "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "600", "x-ratelimit-reset-tokens": "1m0s"}
+    assert (await admit(limiter, tenant(concurrent=3), 0)).headers() == {}
+
+
+async def test_refusal_error_carries_retry_after(make_limiter):
+    """A refused admission turns into RateLimited with Retry-After rounded up to whole seconds."""
+    limiter, who = make_limiter(), tenant(rpm=1)
+    await admit(limiter, who, 0)
+    error = (await admit(limiter, who, 0.5)).error()
+    assert isinstance(error, RateLimited) and error.status == 429
+    assert error.headers["Retry-After"] == "60"
+    assert error.headers["retry-after-ms"] == "59500"
+    assert error.headers["x-ratelimit-remaining-requests"] == "0"
+    assert error.headers["x-ratelimit-reset-requests"] == "59.5s"
+
+
+async def test_tokens_limit_and_wait(make_limiter):
+    """Token reservations are refused past tokens_per_minute, with the wait until enough leave."""
+    limiter, who = make_limiter(), tenant(tpm=1000)
+    assert (await admit(limiter, who, 0, tokens=400)).allowed
+    assert (await admit(limiter, who, 10, tokens=400)).allowed
+    refused = await admit(limiter, who, 20, tokens=500)
+    assert (refused.reason, refused.retry_after_s, refused.remaining_tokens) == ("tokens", 40.0, 200)
+    too_big = await admit(limiter, who, 20, tokens=1001)
+    assert (too_big.reason, too_big.retry_after_s) == ("tokens", 60.0)
+    assert (await admit(limiter, who, 60, tokens=500)).allowed
+
+
+async def test_all_or_nothing(make_limiter):
+    """When one limit refuses, no request slot, token or concurrency slot is consumed."""
+    limiter, who = make_limiter(), tenant(rpm=2, tpm=100, concurrent=1)
+    first = await admit(limiter, who, 0, tokens=90)
+    refused = await admit(limiter, who, 1, tokens=50)
+    assert refused.reason == "tokens" and refused.ticket == ""
+    await limiter.release(who, ticket=first.ticket)
+    second = await admit(limiter, who, 2, tokens=10)
+    assert second.allowed
+    assert (second.remaining_requests, second.remaining_tokens) == (0, 0)
+
+
+async def test_reason_is_first_refusing_limit_and_wait_the_longest(make_limiter):
+    """With several limits refusing, the reason is the first (requests) and the wait the longest."""
+    limiter, who = make_limiter(), tenant(rpm=2, tpm=10)
+    await admit(limiter, who, 0, tokens=0)
+    await admit(limiter, who, 20, tokens=10)
+    refused = await admit(limiter, who, 30, tokens=5)
+    assert (refused.reason, refused.retry_after_s) == ("requests", 50.0)
+
+
+async def test_concurrency_release(make_limiter):
+    """The in-flight count refuses past `concurrent` and frees a slot on release, once."""
+    limiter, who = make_limiter(), tenant(concurrent=2)
+    first, second = await admit(limiter, who, 0), await admit(limiter, who, 0)
+    refused = await admit(limiter, who, 0)
+    assert (refused.reason, refused.retry_after_s) == ("concurrent", 1.0)
+    await limiter.release(who, ticket=first.ticket)
+    await limiter.release(who, ticket=first.ticket)
+    assert (await admit(limiter, who, 0)).allowed
+    assert not (await admit(limiter, who, 0)).allowed
+    assert second.allowed
+
+
+async def test_inflight_slot_expires_after_safety_ttl(make_limiter):
+    """A slot never released (a replica died) frees itself after inflight_ttl_s."""
+    limiter, who = make_limiter(inflight_ttl_s=5), tenant(concurrent=1)
+    assert (await admit(limiter, who, 0)).allowed
+    assert not (await admit(limiter, who, 4.999)).allowed
+    assert (await admit(limiter, who, 5)).allowed
+
+
+async def test_settle_gives_tokens_back(make_limiter):
+    """Settling below the reservation returns the difference to the window at once."""
+    limiter, who = make_limiter(), tenant(tpm=100)
+    first = await admit(limiter, who, 0, tokens=80)
+    assert not (await admit(limiter, who, 1, tokens=80)).allowed
+    await limiter.settle(who, ticket=first.ticket, reserved_tokens=80, actual_tokens=20, now_s=T0 + 1)
+    second = await admit(limiter, who, 2, tokens=80)
+    assert (second.allowed, second.remaining_tokens) == (True, 0)
+
+
+async def test_settle_charges_more(make_limiter):
+    """Settling above the reservation charges the excess, at the admission's time."""
+    limiter, who = make_limiter(), tenant(tpm=100)
+    first = await admit(limiter, who, 0, tokens=10)
+    await limiter.settle(who, ticket=first.ticket, reserved_tokens=10, actual_tokens=90, now_s=T0 + 5)
+    refused = await admit(limiter, who, 10, tokens=20)
+    assert (refused.reason, refused.retry_after_s) == ("tokens", 50.0)
+
+
+async def test_late_settle_charges_excess_now(make_limiter):
+    """A request that outlived the window is charged its excess at settle time, not given back."""
+    limiter, who = make_limiter(), tenant(tpm=100)
+    first = await admit(limiter, who, 0, tokens=10)
+    await limiter.settle(who, ticket=first.ticket, reserved_tokens=10, actual_tokens=70, now_s=T0 + 90)
+    refused = await admit(limiter, who, 91, tokens=50)
+    assert (refused.remaining_tokens, refused.retry_after_s) == (40, 59.0)
+    second = await admit(limiter, who, 91, tokens=10)
+    await limiter.settle(who, ticket=second.ticket, reserved_tokens=10, actual_tokens=0, now_s=T0 + 200)
+    assert (await admit(limiter, who, 200, tokens=100)).allowed
+
+
+async def test_unlimited_tenant_always_admitted(make_limiter):
+    """A tenant without limits is admitted without touching the store."""
+    limiter = make_limiter()
+    admission = await admit(limiter, tenant(), 0, tokens=10**9)
+    assert admission.allowed and admission.ticket and admission.headers() == {}
+
+
+async def test_token_wait_found_deep_in_a_long_log(make_limiter):
+    """The wait for a large token request is right even when it depends on the 200th entry."""
+    limiter, who = make_limiter(), tenant(tpm=300)
+    for second in range(300):
+        assert (await admit(limiter, who, second * 0.1, tokens=1)).allowed
+    refused = await admit(limiter, who, 30, tokens=200)
+    assert (refused.reason, refused.retry_after_s) == ("tokens", 49.9)
+
+
+async def test_memory_and_redis_agree_on_a_random_workload(redis_server):
+    """A seeded random mix of admits, settles and releases gets identical answers from both."""
+    client = Redis.from_url(redis_server.url)
+    limiters = [MemoryLimiter(inflight_ttl_s=20), RedisLimiter(client, "test", 2.0, inflight_ttl_s=20)]
+    who, rng = tenant(rpm=12, tpm=600, concurrent=4), random.Random(7)
+    tickets: list[list[tuple[str, int]]] = [[], []]
+    now_s, outcomes = T0, set()
+    try:
+        for _ in range(300):
+            now_s += rng.choice([0, 0.25, 1, 3])
+            op, tokens, pick = rng.random(), rng.randint(0, 120), rng.random()
+            answers = []
+            for side, limiter in enumerate(limiters):
+                if op < 0.6:
+                    admission = await limiter.admit(who, route=None, tokens=tokens, now_s=now_s)
+                    tickets[side].append((admission.ticket, tokens))
+                    answers.append(replace(admission, ticket=""))
+                elif tickets[side]:
+                    ticket, reserved = tickets[side][int(pick * len(tickets[side]))]
+                    if op < 0.8:
+                        await limiter.settle(who, ticket=ticket, reserved_tokens=reserved,
+                                             actual_tokens=tokens, now_s=now_s)
+                    else:
+                        await limiter.release(who, ticket=ticket)
+            assert answers[:1] == answers[1:]
+            outcomes.update(answer.reason or "admitted" for answer in answers)
+        assert outcomes == {"admitted", "requests", "tokens", "concurrent"}
+    finally:
+        await client.aclose()
+
+
+async def test_memory_limiter_reads_injected_clock():
+    """Without now_s the memory limiter asks its injected clock for the time."""
+    now_s = [T0]
+    limiter, who = MemoryLimiter(clock=lambda: now_s[0]), tenant(rpm=1)
+    assert (await limiter.admit(who, route=None, tokens=0)).allowed
+    now_s[0] = T0 + 59.5
+    assert (await limiter.admit(who, route=None, tokens=0)).retry_after_s == 0.5
+    now_s[0] = T0 + 60
+    assert (await limiter.admit(who, route=None, tokens=0)).allowed
+
+
+async def test_three_replicas_never_exceed_the_limit(redis_server):
+    """Three limiters on three clients hammering one tenant admit exactly the limit, no more."""
+    clients = [Redis.from_url(redis_server.url) for _ in range(3)]
+    replicas = [RedisLimiter(client, "test", 2.0, "deny") for client in clients]
+    who = tenant(rpm=50, tpm=10_000, concurrent=40)
+    try:
+        admissions = await asyncio.gather(*(
+            replica.admit(who, route="chat", tokens=100) for replica in replicas for _ in range(40)))
+        assert sum(a.allowed for a in admissions) == 40
+        assert {a.reason for a in admissions if not a.allowed} == {"concurrent"}
+        await asyncio.gather(*(replicas[i % 3].release(who, ticket=a.ticket)
+                               for i, a in enumerate(admissions) if a.allowed))
+        more = await asyncio.gather(*(
+            replica.admit(who, route="chat", tokens=100) for replica in replicas for _ in range(10)))
+        assert sum(a.allowed for a in more) == 10
+        assert {a.reason for a in more if not a.allowed} == {"requests"}
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_one_script_call_per_admission_on_one_slot(redis_server):
+    """An admission sends Redis a single EVALSHA, and every key of a tenant maps to one cluster slot."""
+    client, watcher = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+    limiter, who = RedisLimiter(client, "test", 2.0), tenant(rpm=5, tpm=100, concurrent=2)
+    try:
+        await limiter.admit(who, route=None, tokens=1)          # loads the script
+        async with watcher.monitor() as monitor:
+            await limiter.admit(who, route=None, tokens=1)
+            await client.echo("done")
+            sent = []
+            while not sent or sent[-1] != "ECHO done":
+                entry = await monitor.next_command()
+                if entry["client_type"] != "lua":
+                    sent.append(entry["command"])
+        assert len(sent) == 2 and sent[0].startswith("EVALSHA ")
+    finally:
+        await client.aclose()
+        await watcher.aclose()
+    assert len({key_slot(key.encode()) for key in tenant_keys("gw", "acme")}) == 1
+
+
+@pytest.mark.parametrize("on_store_failure", ["allow", "deny"])
+async def test_store_down_is_answered_not_raised(redis_server, on_store_failure, caplog):
+    """With Redis killed, admission follows on_store_failure promptly, warns once, then recovers."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
+    limiter, who = RedisLimiter(client, "test", 0.5, on_store_failure), tenant(rpm=5, tpm=100, concurrent=5)
+    try:
+        assert (await limiter.admit(who, route=None, tokens=1)).allowed
+        redis_server.stop()
+        started_s = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="gateway.tenancy.store"):
+            first = await limiter.admit(who, route=None, tokens=1)
+            second = await limiter.admit(who, route=None, tokens=1)
+            await limiter.settle(who, ticket="x", reserved_tokens=1, actual_tokens=2)
+            await limiter.release(who, ticket="x")
+        assert time.monotonic() - started_s < 2.5
+        assert limiter.store_failures == 4 and len(caplog.records) == 1
+        if on_store_failure == "allow":
+            assert first.allowed and first.degraded and second.allowed
+        else:
+            assert (first.allowed, first.reason, first.error().status) == (False, "store_unavailable", 503)
+        redis_server.start()
+        recovered = [await limiter.admit(who, route=None, tokens=1) for _ in range(3)]
+        assert recovered[-1].allowed and not recovered[-1].degraded
+    finally:
+        await client.aclose()
+
+
+async def test_hung_store_times_out():
+    """A store that accepts connections but never answers costs at most timeout_s per call."""
+    async def silent(reader, writer):
+        await reader.read(-1)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Redis(host="127.0.0.1", port=port)
+    limiter = RedisLimiter(client, "test", 0.2, "deny")
+    try:
+        started_s = time.monotonic()
+        admission = await limiter.admit(tenant(rpm=1), route=None, tokens=0)
+        assert time.monotonic() - started_s < 1.0
+        assert admission.reason == "store_unavailable"
+    finally:
+        await client.aclose()
+        server.close()
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0.012, "12ms"), (1, "1s"), (1.5, "1.5s"), (59.999, "59.999s"), (60, "1m0s"), (360, "6m0s"),
+    (3600, "1h0m0s"), (3723.25, "1h2m3.25s"), (-1, "0ms")])
+def test_format_reset(seconds, text):
+    """Durations print like OpenAI's x-ratelimit-reset-* values."""
+    assert format_reset(seconds) == text

@@ -16,6 +16,8 @@ A request that fits no model's context window is a ClientError (400).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import random
 from collections.abc import Mapping
 
@@ -84,6 +86,19 @@ class Router:
         if kept:
             return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens)
         return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
+
+    def cheapest(self, decision: Decision) -> Decision:
+        """The same decision re-planned cheapest first, keeping only the hard constraints (context, tier).
+
+        Used when a tenant's budget is exhausted and its policy says downgrade.
+        """
+        hard = [c for c in decision.candidates
+                if not any(reason_kind(r) in ("context", "tier") for r in c.reasons)]
+        if not hard:
+            return decision
+        ordered = sorted(hard, key=lambda c: (c.predicted_cost_usd, c.model.size_b))
+        return replace(decision, plan=tuple(c.model for c in ordered),
+                       note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
                     kept: list[Candidate], needed_tokens: int) -> Decision:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from gateway.context import RequestContext
-from gateway.errors import NotFound
-from gateway.routing.tighten import tighten_from_headers
+from gateway.routing.request import decide_request
 
 
 class Route:
@@ -16,23 +13,15 @@ class Route:
         self.services = services
 
     async def handle(self, ctx: RequestContext) -> None:
-        runtime = ctx.runtime
-        headers = ctx.http.headers
-        started_s = time.perf_counter()
+        router = self.services.fleet.router(ctx.policy)
         with self.services.telemetry.route_span(ctx):
-            route = runtime.routes.match(ctx.endpoint, ctx.requested_model, ctx.tenant and ctx.tenant.name,
-                                         headers, ctx.prompt_tokens)
-            if route is None:
-                raise NotFound(f"the model '{ctx.requested_model}' does not exist or no route serves it "
-                               f"on {ctx.endpoint}", param="model")
-            runtime.identity.check_allowed(ctx.tenant, route.name, ctx.requested_model)
-            router = self.services.fleet.router(ctx.policy)
-            tighten = tighten_from_headers(headers)
-            ctx.sla_tightened = tighten.as_dict()
-            max_tokens = 0 if ctx.endpoint == "embeddings" else ctx.max_tokens
-            ctx.decision = router.decide(route, prompt_tokens=ctx.prompt_tokens, max_tokens=max_tokens,
-                                         stream=ctx.stream, tighten=tighten)
-        ctx.extra["routing_s"] = time.perf_counter() - started_s
+            ctx.decision, tighten = decide_request(
+                ctx.runtime, router, endpoint=ctx.endpoint, alias=ctx.requested_model, tenant=ctx.tenant,
+                headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
+                stream=ctx.stream)
+        ctx.sla_tightened = tighten.as_dict()
+        if ctx.extra.get("downgrade"):
+            ctx.decision = router.cheapest(ctx.decision)
         return None
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -1,0 +1,69 @@
+"""`gateway policy explain`: which model would this request get, and why.
+
+It runs the very function that routes live requests (`decide_request`), on
+the policy's latency priors (a fresh gateway has measured nothing yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import orjson
+from multidict import CIMultiDict
+
+from gateway.errors import GatewayError, PolicyError
+from gateway.fleet import Fleet
+from gateway.routing.explain import format_decision
+from gateway.routing.request import decide_request
+from gateway.runtime import Runtime
+from gateway.stages.parse import parse_json_object, validate_body
+from gateway.tokens import DEFAULT_ENCODING, count_prompt_tokens
+from gateway.policy.load import load_policy
+
+
+def parse_headers(pairs: list[str]) -> CIMultiDict:
+    """`K:V` command-line pairs as request headers."""
+    headers: CIMultiDict = CIMultiDict()
+    for pair in pairs:
+        name, sep, value = pair.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--header must look like NAME:VALUE, got {pair!r}")
+        headers.add(name.strip(), value.strip())
+    return headers
+
+
+def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, headers, tenant_name: str | None):
+    """The decision for one request, exactly as the live route stage would make it."""
+    validate_body(endpoint, body)
+    tenant = runtime.policy.tenants.get(tenant_name) if tenant_name else None
+    if tenant_name and tenant is None:
+        raise ValueError(f"no tenant named {tenant_name!r} in the policy")
+    prompt_tokens = count_prompt_tokens(endpoint, body, DEFAULT_ENCODING)
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    stream = bool(body.get("stream")) and endpoint != "embeddings"
+    decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],
+                                 tenant=tenant, headers=headers, prompt_tokens=prompt_tokens,
+                                 max_tokens=max_tokens, stream=stream)
+    return decision, prompt_tokens
+
+
+def explain_main(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+        runtime = Runtime.build(policy, os.environ)
+        raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
+        decision, prompt_tokens = explain(runtime, Fleet(policy), endpoint=args.endpoint,
+                                          body=parse_json_object(raw), headers=parse_headers(args.header),
+                                          tenant_name=args.tenant)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (GatewayError, ValueError, OSError) as exc:
+        print(f"request would be refused: {getattr(exc, 'status', '')} {exc}".replace("  ", " "), file=sys.stderr)
+        return 2
+    print(f"prompt tokens: {prompt_tokens} ({DEFAULT_ENCODING})")
+    print(format_decision(decision))
+    print(f"choice: {decision.plan[0].name if decision.plan else 'none'}")
+    return 0

@@ -1,0 +1,277 @@
+"""Virtual-time replay: a discrete-event simulation driven by the gateway's real router.
+
+Each request arrives at its trace time; the real `RouteIndex` and `Router`
+decide (prompt_tokens = input tokens, max_tokens = output tokens, streamed),
+using `LatencyEstimates` and `Breakers` on a virtual clock. Each planned model
+is a simulated server (see `servers`); the call loop mirrors the call stage: a
+model whose circuit is open is skipped unless it is the last hope, and an
+attempt whose first token would come after the model's `first_byte_s` times out
+and falls back to the next model. Finished calls feed their TTFT (queueing
+included) and TPOT back into the estimates, and in-flight counts are kept, so
+the router reacts to load as it does live. Costs use `gateway.cost`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from operator import attrgetter
+from types import MappingProxyType
+
+from gateway.context import Attempt, Usage
+from gateway.cost import request_cost_usd
+from gateway.errors import ClientError, NoModelMeetsSla
+from gateway.policy.model import Model, Policy, Route
+from gateway.replay.servers import JITTER_SIGMA, Jitter, ModelServer, Service, Ticket, draw_jitter
+from gateway.replay.traffic import ReplayRequest
+from gateway.routing.breaker import Breakers
+from gateway.routing.estimates import LatencyEstimates
+from gateway.routing.planner import Router
+from gateway.stages.account import gpu_seconds
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one replayed request; times are virtual seconds."""
+
+    index: int                          # position in arrival order
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    route: str | None = None
+    status: str = "ok"                  # ok | rejected | failed
+    reason: str | None = None           # no_route | context | sla | timeout | circuit_open
+    model: str | None = None            # the model that answered
+    models_tried: tuple[str, ...] = ()
+    planned_sla_met: bool | None = None  # the router predicted some candidate meets the SLA
+    queue_s: float = 0.0
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    cost_usd: Decimal = Decimal(0)
+    energy_j: float | None = None
+    sla_ok: bool | None = None          # the simulated latency and TTFT met the route's SLA
+
+    @property
+    def label(self) -> str:
+        """The answering model, or `rejected:<reason>` / `failed:<reason>`."""
+        return self.model if self.status == "ok" else f"{self.status}:{self.reason}"
+
+
+@dataclass
+class ReplayResult:
+    """One policy's replay: an outcome per request, in arrival order."""
+
+    policy: Policy
+    seed: int
+    outcomes: list[Outcome]
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One request between arrival and its end: its plan and its current attempt."""
+
+    outcome: Outcome
+    route: Route
+    plan: tuple[Model, ...]
+    jitter: Jitter
+    position: int = 0
+    tried: list[str] = field(default_factory=list)
+    model: Model | None = None
+    service: Service | None = None
+    ticket: Ticket | None = None
+    dispatched_s: float = 0.0
+    started_s: float | None = None
+
+
+class _Clock:
+    """The virtual clock the estimates and breakers read."""
+
+    __slots__ = ("now_s",)
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+Handler = Callable[[_Flight, Ticket, float], None]
+
+
+class Simulation:
+    """One policy, one traffic list, one seed: run() gives the ReplayResult."""
+
+    def __init__(self, policy: Policy, requests: Sequence[ReplayRequest], *, seed: int,
+                 jitter_sigma: float = JITTER_SIGMA, power_w: Mapping[str, float] | None = None) -> None:
+        self.policy = policy
+        self.seed = seed
+        self.requests = sorted(requests, key=attrgetter("arrival_s"))
+        self.jitter = draw_jitter(len(self.requests), seed, jitter_sigma)
+        self.power_w = dict(power_w or {})
+        self.clock = _Clock()
+        self.estimates = LatencyEstimates.from_policy(policy, clock=self.clock)
+        self.breakers = Breakers(policy.routing.breaker, self.clock)
+        self.router = Router(policy, self.estimates, self.breakers, random.Random(f"replay-router:{seed}"))
+        self.servers = {name: ModelServer(model) for name, model in policy.models.items()}
+        self.outcomes: list[Outcome] = []
+        self._events: list[tuple[float, int, Handler, _Flight, Ticket]] = []
+        self._sequence = 0
+
+    def run(self) -> ReplayResult:
+        """Process arrivals and server events in time order until all have ended."""
+        events, requests, clock = self._events, self.requests, self.clock
+        next_arrival = 0
+        while next_arrival < len(requests) or events:
+            if events and (next_arrival == len(requests) or events[0][0] <= requests[next_arrival].arrival_s):
+                time_s, _, handler, flight, ticket = heapq.heappop(events)
+                clock.now_s = time_s
+                handler(flight, ticket, time_s)
+            else:
+                request = requests[next_arrival]
+                clock.now_s = request.arrival_s
+                self._arrive(next_arrival, request)
+                next_arrival += 1
+        return ReplayResult(self.policy, self.seed, self.outcomes)
+
+    def _push(self, time_s: float, handler: Handler, flight: _Flight, ticket: Ticket) -> None:
+        """Schedule an event; ties run in scheduling order."""
+        self._sequence += 1
+        heapq.heappush(self._events, (time_s, self._sequence, handler, flight, ticket))
+
+    def _arrive(self, index: int, request: ReplayRequest) -> None:
+        """Match and plan a new request, then send it to its first model."""
+        outcome = Outcome(index, request.arrival_s, request.input_tokens, request.output_tokens)
+        self.outcomes.append(outcome)
+        route = self.router.match(request.endpoint, request.alias, request.tenant, _NO_HEADERS,
+                                  request.input_tokens)
+        if route is None:
+            _end(outcome, "rejected", "no_route")
+            return
+        outcome.route = route.name
+        embeddings = request.endpoint == "embeddings"
+        try:
+            decision = self.router.decide(route, prompt_tokens=request.input_tokens,
+                                          max_tokens=0 if embeddings else request.output_tokens,
+                                          stream=not embeddings)
+        except NoModelMeetsSla:
+            _end(outcome, "rejected", "sla")
+            return
+        except ClientError:
+            _end(outcome, "rejected", "context")
+            return
+        outcome.planned_sla_met = decision.sla_met
+        self._dispatch(_Flight(outcome, route, decision.plan, self.jitter[index]), request.arrival_s)
+
+    def _dispatch(self, flight: _Flight, now_s: float) -> None:
+        """Send the request to the next model of its plan that may take it, as the call stage does."""
+        plan = flight.plan
+        while flight.position < len(plan):
+            position, model = flight.position, plan[flight.position]
+            flight.position += 1
+            if not self.breakers.allow(model.name) and (flight.tried or position < len(plan) - 1):
+                continue
+            flight.tried.append(model.name)
+            flight.model, flight.dispatched_s, flight.started_s = model, now_s, None
+            flight.service = Service.of(model, flight.outcome.output_tokens, flight.jitter)
+            flight.ticket = ticket = Ticket(flight)
+            self.estimates.started(model.name)
+            if self.servers[model.name].admit(ticket):
+                self._start(flight, now_s)
+            else:
+                self._push(now_s + model.timeouts.first_byte_s, self._on_queue_deadline, flight, ticket)
+            return
+        flight.outcome.models_tried = tuple(flight.tried)
+        _end(flight.outcome, "failed", "timeout" if flight.tried else "circuit_open")
+
+    def _start(self, flight: _Flight, now_s: float) -> None:
+        """The attempt holds a slot: schedule how it ends."""
+        flight.started_s = now_s
+        flight.outcome.queue_s += now_s - flight.dispatched_s
+        service, timeouts = flight.service, flight.model.timeouts
+        waited_s = now_s - flight.dispatched_s
+        if waited_s + service.ttft_s > timeouts.first_byte_s:
+            self._push(flight.dispatched_s + timeouts.first_byte_s, self._on_first_byte_timeout,
+                       flight, flight.ticket)
+        elif waited_s + service.total_s > timeouts.total_s:
+            self._push(flight.dispatched_s + timeouts.total_s, self._on_total_timeout, flight, flight.ticket)
+        else:
+            self._push(now_s + service.total_s, self._on_finish, flight, flight.ticket)
+
+    def _release(self, flight: _Flight, now_s: float) -> None:
+        """The attempt gives its slot to the next waiter."""
+        self.estimates.finished(flight.model.name)
+        waiter = self.servers[flight.model.name].release()
+        if waiter is not None:
+            self._start(waiter.key, now_s)
+
+    def _on_queue_deadline(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
+        """A queued attempt saw no first byte in time: it leaves the queue and falls back."""
+        if flight.ticket is not ticket or flight.started_s is not None:
+            return
+        ticket.cancelled = True
+        self.estimates.finished(flight.model.name)
+        self._failed(flight, now_s)
+
+    def _on_first_byte_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
+        """A running attempt's first token came too late: it is cut and falls back."""
+        self._release(flight, now_s)
+        self._failed(flight, now_s)
+
+    def _on_total_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
+        """A stream ran past total_s after its first byte: it fails, with no fallback."""
+        self._release(flight, now_s)
+        self.breakers.record_failure(flight.model.name)
+        flight.outcome.models_tried = tuple(flight.tried)
+        _end(flight.outcome, "failed", "timeout")
+
+    def _failed(self, flight: _Flight, now_s: float) -> None:
+        """Count the failure against the model's circuit and try the next model."""
+        self.breakers.record_failure(flight.model.name)
+        self._dispatch(flight, now_s)
+
+    def _on_finish(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
+        """The answer is complete: teach the router, then settle cost and SLA."""
+        self._release(flight, now_s)
+        model, service, outcome = flight.model, flight.service, flight.outcome
+        ttft_s = flight.started_s - flight.dispatched_s + service.ttft_s
+        output_tokens = outcome.output_tokens
+        self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
+        if output_tokens:
+            self.estimates.record_output_tokens(flight.route.name, output_tokens)
+        self.breakers.record_success(model.name)
+        self._settle(flight, now_s)
+
+    def _settle(self, flight: _Flight, now_s: float) -> None:
+        """Fill in the answered request's outcome."""
+        model, service, outcome = flight.model, flight.service, flight.outcome
+        outcome.model = model.name
+        outcome.models_tried = tuple(flight.tried)
+        outcome.ttft_s = flight.started_s + service.ttft_s - outcome.arrival_s
+        outcome.latency_s = now_s - outcome.arrival_s
+        power_w = self.power_w.get(model.name)
+        if power_w is not None:
+            outcome.energy_j = service.total_s * power_w / max(1, model.max_concurrency)
+        gpu_s = None
+        if model.gpu_hour_usd is not None:
+            gpu_s = gpu_seconds(Attempt(model=model, started_s=flight.dispatched_s, ended_s=now_s))
+        outcome.cost_usd = request_cost_usd(model, Usage(outcome.input_tokens, outcome.output_tokens),
+                                            gpu_seconds=gpu_s, energy_j=outcome.energy_j)
+        sla = flight.route.sla
+        outcome.sla_ok = ((sla.p95_latency_ms is None or outcome.latency_s * 1000.0 <= sla.p95_latency_ms)
+                          and (sla.p95_ttft_ms is None or outcome.ttft_s * 1000.0 <= sla.p95_ttft_ms))
+
+
+def _end(outcome: Outcome, status: str, reason: str) -> None:
+    """A request that got no answer."""
+    outcome.status, outcome.reason, outcome.sla_ok = status, reason, False
+
+
+def replay(policy: Policy, requests: Sequence[ReplayRequest], *, seed: int = 0,
+           jitter_sigma: float = JITTER_SIGMA, power_w: Mapping[str, float] | None = None) -> ReplayResult:
+    """Replay `requests` against `policy` in virtual time; the same seed gives the same result."""
+    return Simulation(policy, requests, seed=seed, jitter_sigma=jitter_sigma, power_w=power_w).run()

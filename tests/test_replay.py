@@ -1,0 +1,217 @@
+"""`gateway replay`: traffic readers, the virtual-time simulation, the comparison, the report and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from gateway.policy.load import load_policy
+from gateway.policy.model import LatencyPrior, Match, Model, Policy, Price, Route, Sla, Timeouts
+from gateway.replay import (
+    ReplayRequest, TrafficError, compare, read_traffic, render_json, render_markdown, replay, summarize,
+)
+from gateway.replay.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "gateway" / "data" / "demo.yaml"
+TRACES = Path(os.environ.get("GATEWAY_TRACES_DIR", ROOT.parent / "shared" / "traces"))
+CONV = TRACES / "azure-llm-2023-conv.csv"
+
+
+@pytest.fixture(scope="module")
+def conv() -> Path:
+    """The Azure conversational trace; tests that need it are skipped where it is absent."""
+    if not CONV.exists():
+        pytest.skip(f"{CONV} not present")
+    return CONV
+
+
+@pytest.fixture(scope="module")
+def demo() -> Policy:
+    return load_policy(DEMO)
+
+
+def _tier2_variant(policy: Policy) -> Policy:
+    """The demo with chat-default's SLA tightened to min_tier 2: small is dropped."""
+    first = policy.routes[0]
+    tighter = dataclasses.replace(first, sla=dataclasses.replace(first.sla, min_tier=2, p95_latency_ms=1500))
+    return dataclasses.replace(policy, routes=(tighter, *policy.routes[1:]), source="tier2-variant")
+
+
+def _two_models(small_concurrency: int, first_byte_s: float) -> Policy:
+    """A small model (no fallback of its own) and a large fallback, with no latency SLA."""
+    small = Model("small", "http://127.0.0.1:1/v1", "s", size_b=1, max_concurrency=small_concurrency,
+                  price=Price(Decimal("0.05"), Decimal("0.10")), latency_prior=LatencyPrior(40, 4),
+                  timeouts=Timeouts(first_byte_s=first_byte_s))
+    large = Model("large", "http://127.0.0.1:2/v1", "l", size_b=70, context_window=131072,
+                  price=Price(Decimal("2.5"), Decimal("10")), latency_prior=LatencyPrior(200, 20))
+    route = Route("r", Match(models=("auto",)), candidates=("small",), sla=Sla(), fallback=("large",))
+    return Policy(version=1, models={"small": small, "large": large}, routes=(route,))
+
+
+def test_azure_reader_gives_offsets_and_token_counts(tmp_path):
+    """The Azure CSV becomes arrivals relative to the first request, with context and generated tokens."""
+    path = tmp_path / "trace.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+    requests = read_traffic(path)
+    assert [(round(r.arrival_s, 4), r.input_tokens, r.output_tokens) for r in requests] == \
+        [(0.0, 374, 44), (4.3146, 396, 109)]
+    assert {(r.alias, r.endpoint, r.line) for r in requests} == {("auto", "chat", 2), ("auto", "chat", 3)}
+
+
+def test_ledger_reader_skips_outcome_lines_and_sorts_by_ts(tmp_path):
+    """Ledger records keep tenant, alias, endpoint and route; outcome lines are skipped; arrivals sorted."""
+    path = tmp_path / "ledger.jsonl"
+    lines = [{"ts": 100.5, "tenant": "acme", "endpoint": "chat", "alias": "gpt-4o", "route": "chat-smart",
+              "prompt_tokens": 12, "input_tokens": 14, "output_tokens": 30},
+             {"type": "outcome", "ts": 101.0, "task_id": "t1", "success": True},
+             {"ts": 100.0, "tenant": "beta", "endpoint": "embeddings", "alias": "text-embedding-3-small",
+              "route": "embeddings", "prompt_tokens": 8, "input_tokens": 0, "output_tokens": 0}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    requests = read_traffic(path)
+    assert requests == [
+        ReplayRequest(0.0, 8, 0, "text-embedding-3-small", "embeddings", "beta", "embeddings", 3),
+        ReplayRequest(0.5, 14, 30, "gpt-4o", "chat", "acme", "chat-smart", 1)]
+
+
+def test_generic_jsonl_reader_defaults_alias_and_endpoint(tmp_path):
+    """Generic JSONL takes seconds or ISO times; model is the alias, 'auto' and chat by default."""
+    path = tmp_path / "traffic.jsonl"
+    path.write_text('{"timestamp": "2024-01-01T00:00:10Z", "input_tokens": 5, "output_tokens": 6, "model": "smart"}\n'
+                    '\n{"timestamp": "2024-01-01T00:00:00Z", "input_tokens": 1, "output_tokens": 2, "tenant": "t"}\n')
+    requests = read_traffic(path)
+    assert [(r.arrival_s, r.alias, r.endpoint, r.tenant) for r in requests] == \
+        [(0.0, "auto", "chat", "t"), (10.0, "smart", "chat", None)]
+
+
+@pytest.mark.parametrize(("name", "text", "fmt", "needle"), [
+    ("bad.jsonl", '{"timestamp": 1, "input_tokens": 1, "output_tokens": 1}\n\n{oops\n', "jsonl", ":3: not valid JSON"),
+    ("bad.jsonl", '{"timestamp": 1, "input_tokens": -4, "output_tokens": 1}\n', "jsonl", ":1: input_tokens"),
+    ("bad.jsonl", '{"timestamp": 1, "output_tokens": 1}\n', "jsonl", ":1: missing key 'input_tokens'"),
+    ("bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1,2\nyesterday,1,2\n", "azure",
+     ":3: TIMESTAMP"),
+    ("bad.csv", "when,in,out\n", "azure", ":1: expected the header"),
+    ("bad.jsonl", '{"ts": 1, "input_tokens": 1, "output_tokens": 1, "endpoint": "images"}\n', "ledger",
+     ":1: endpoint"),
+])
+def test_bad_line_error_names_file_and_line(tmp_path, name, text, fmt, needle):
+    """A line that cannot be read is a TrafficError naming the file and the line number."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TrafficError) as caught:
+        read_traffic(path, fmt)
+    assert f"{path}{needle}" in str(caught.value)
+
+
+def test_auto_format_detection_and_limit(tmp_path, conv):
+    """auto picks azure for .csv, ledger for JSONL with 'ts', jsonl otherwise; limit keeps the first N."""
+    assert len(read_traffic(conv, limit=25)) == 25
+    ledger = tmp_path / "a.jsonl"
+    ledger.write_text('{"ts": 3, "input_tokens": 1, "output_tokens": 1, "alias": "smart"}\n')
+    generic = tmp_path / "b.jsonl"
+    generic.write_text('{"timestamp": 3, "input_tokens": 1, "output_tokens": 1, "model": "smart"}\n')
+    assert read_traffic(ledger)[0].alias == read_traffic(generic)[0].alias == "smart"
+    with pytest.raises(TrafficError, match="missing key 'timestamp'"):
+        read_traffic(ledger, "jsonl")
+
+
+def test_same_seed_gives_identical_report(conv, demo):
+    """Two replays with one seed render byte-identical reports; another seed draws other latencies."""
+    requests = read_traffic(conv, limit=400)
+    first = render_json(summarize(replay(demo, requests, seed=7)))
+    assert render_json(summarize(replay(demo, requests, seed=7))) == first
+    assert render_json(summarize(replay(demo, requests, seed=8))) != first
+
+
+def test_first_100_requests_cost_checks_by_hand(conv, demo):
+    """On the first 100 conv requests the total cost equals tokens x the chosen models' prices."""
+    requests = read_traffic(conv, limit=100)
+    result = replay(demo, requests, seed=1)
+    summary = summarize(result)
+    by_hand = sum((o.input_tokens * demo.models[o.model].price.input_per_mtok
+                   + o.output_tokens * demo.models[o.model].price.output_per_mtok) / 1_000_000
+                  for o in result.outcomes)
+    assert summary.cost_usd == by_hand
+    assert summary.per_model == dict(Counter(o.model for o in result.outcomes)) == {"small": 100}
+    with CONV.open() as stream:
+        rows = list(csv.DictReader(stream))[:100]
+    context = sum(int(r["ContextTokens"]) for r in rows)
+    generated = sum(int(r["GeneratedTokens"]) for r in rows)
+    assert summary.cost_usd == (context * Decimal("0.05") + generated * Decimal("0.10")) / 1_000_000
+    assert summary.tokens == context + generated
+
+
+def test_tighter_sla_variant_moves_requests_up_and_costs_more(conv, demo):
+    """min_tier 2 drops small: every request changes model, and NEW - BASELINE cost is positive."""
+    requests = read_traffic(conv, limit=200)
+    baseline, new = replay(demo, requests, seed=3), replay(_tier2_variant(demo), requests, seed=3)
+    comparison = compare(new, baseline)
+    assert comparison.changed == 200 == sum(comparison.transitions.values())
+    assert comparison.transitions["small -> medium"] > 0
+    assert comparison.cost_delta_usd > 0
+    assert compare(baseline, new).cost_delta_usd == -comparison.cost_delta_usd
+    assert compare(baseline, baseline).changed == 0
+    markdown = render_markdown(comparison)
+    assert "**200** of 200 requests" in markdown and "| small -> medium |" in markdown
+
+
+def test_queued_attempt_times_out_and_falls_back():
+    """A request stuck behind a one-slot model past first_byte_s falls back to the large model; energy is priced."""
+    policy = _two_models(small_concurrency=1, first_byte_s=0.3)
+    requests = [ReplayRequest(0.0, 10, 100) for _ in range(3)]
+    result = replay(policy, requests, seed=0, jitter_sigma=0.0, power_w={"small": 640.0})
+    first, second, third = result.outcomes
+    assert (first.model, first.models_tried, first.latency_s) == ("small", ("small",), pytest.approx(0.436))
+    assert first.energy_j == pytest.approx(0.436 * 640.0)
+    assert second.models_tried == third.models_tried == ("small", "large")
+    assert second.latency_s == pytest.approx(0.3 + 0.2 + 99 * 0.02)
+    assert second.ttft_s == pytest.approx(0.5)
+    summary = summarize(result)
+    assert (summary.fallbacks, summary.per_model) == (2, {"large": 2, "small": 1})
+    assert summary.energy_j is None     # large has no power assumption, so the total is n/a
+
+
+def test_unroutable_and_oversized_requests_are_rejected(demo):
+    """An alias no route takes and a prompt beyond every context window are counted as rejected."""
+    requests = [ReplayRequest(0.0, 10, 10, alias="nope"), ReplayRequest(1.0, 200_000, 10),
+                ReplayRequest(2.0, 10, 10)]
+    summary = summarize(replay(demo, requests))
+    assert (summary.served, summary.rejected) == (1, {"context": 1, "no_route": 1})
+    assert [r.requests for r in summary.sla if r.route == "chat-default"] == [2]
+
+
+def test_cli_end_to_end_writes_markdown_json_and_svg(tmp_path, conv, capsys):
+    """The CLI replays a 200-request slice against two policies and writes all three reports."""
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(DEMO.read_text().replace("min_tier: 1", "min_tier: 2"))
+    out, out_json, chart = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.svg"
+    status = main(["--policy", str(variant), "--baseline", str(DEMO), "--traffic", str(conv), "--limit", "200",
+                   "--seed", "5", "--out", str(out), "--json", str(out_json), "--chart", str(chart)])
+    assert status == 0, capsys.readouterr().err
+    document = json.loads(out_json.read_text())
+    assert document["policies"]["new"]["requests"] == document["policies"]["baseline"]["requests"] == 200
+    assert document["comparison"]["requests_model_changed"] == 200
+    assert Decimal(document["comparison"]["deltas"]["cost total (USD)"]) > 0
+    markdown = out.read_text()
+    assert "## SLA attainment per route" in markdown and "![cost and p95 latency per minute](r.svg)" in markdown
+    svg = ElementTree.parse(chart).getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) >= 4
+
+
+def test_cli_rejects_speed_and_reports_bad_traffic(tmp_path, capsys):
+    """--speed is refused as not supported yet; a bad traffic line exits 1 naming file and line."""
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"timestamp": 0, "input_tokens": 1, "output_tokens": 1}\n[1]\n')
+    assert main(["--policy", str(DEMO), "--traffic", str(bad), "--speed", "2"]) == 2
+    assert "not supported yet" in capsys.readouterr().err
+    assert main(["--policy", str(DEMO), "--traffic", str(bad)]) == 1
+    assert f"{bad}:2: expected a JSON object" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from aiohttp.test_utils import make_mocked_request
 from gateway.context import Attempt, Candidate, Decision, RequestContext, Usage
 from gateway.policy.model import Match, Model, Policy, Route, Sla, Tenant
 from gateway.policy.model import Telemetry as PolicyTelemetry
-from gateway.telemetry import Telemetry, TenantLabels, genai
+from gateway.telemetry import Telemetry, TenantLabels, content, genai
 from gateway.telemetry.metrics import DURATION_BUCKETS_S, TOKEN_BUCKETS
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -338,7 +338,7 @@ def test_attribute_mapping_drops_unknown_and_mistyped_values():
                           "gen_ai.request.model": "sim-small-1b", "server.address": "10.0.0.5",
                           "server.port": 9101, "gen_ai.usage.input_tokens": 3}
     assert None not in genai.gateway_attributes(ctx).values()
-    assert genai.input_messages(ctx) == []
+    assert content.input_messages(ctx) == []
 
 
 def test_prometheus_text_exposes_metrics(make_telemetry):

@@ -214,35 +214,6 @@ def attempt_metric_labels(ctx: RequestContext, attempt: Attempt, tenant_label: s
     return labels
 
 
-def input_messages(ctx: RequestContext) -> list[dict[str, Any]]:
-    """The prompt as gen_ai.input.messages (role + parts); empty for embeddings."""
-    if ctx.endpoint == "chat":
-        return [_chat_message(message) for message in ctx.body.get("messages") or ()
-                if isinstance(message, dict)]
-    if ctx.endpoint == "completions":
-        prompt = ctx.body.get("prompt")
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        return [{"role": "user", "parts": [_text_part(text)]} for text in prompts if isinstance(text, str)]
-    return []
-
-
-def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
-    """One OpenAI chat message in the GenAI message shape."""
-    content = message.get("content")
-    if isinstance(content, str):
-        parts = [_text_part(content)]
-    elif isinstance(content, list):
-        parts = [_text_part(part.get("text", "")) if part.get("type") == "text" else {"type": str(part.get("type"))}
-                 for part in content if isinstance(part, dict)]
-    else:
-        parts = []
-    return {"role": str(message.get("role", "user")), "parts": parts}
-
-
-def _text_part(text: str) -> dict[str, str]:
-    return {"type": "text", "content": text}
-
-
 def route_attributes(ctx: RequestContext) -> dict[str, Any]:
     """What the router considered and chose, for the gateway.route span."""
     decision = ctx.decision

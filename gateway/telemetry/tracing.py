@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_AI_INPUT_MESSAGES
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_INPUT_MESSAGES,
+    GEN_AI_OUTPUT_MESSAGES,
+)
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.telemetry import genai
+from gateway.telemetry import content, genai
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
@@ -93,7 +96,7 @@ class Hooks:
         attributes = {**genai.child_attributes(ctx), genai.MODEL_SELECTED: attempt.model.name,
                       **genai.attempt_attributes(ctx, attempt)}
         if self._capture_content:
-            messages = genai.input_messages(ctx)
+            messages = content.input_messages(ctx)
             if messages:
                 attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
         span = self._tracer.start_span(genai.span_name(ctx, attempt), context=_parent(ctx),
@@ -111,6 +114,10 @@ class Hooks:
         if span is None:
             return
         span.set_attributes(genai.attempt_attributes(ctx, attempt))
+        if self._capture_content:
+            messages = content.output_messages(ctx, attempt)
+            if messages:
+                span.set_attribute(GEN_AI_OUTPUT_MESSAGES, json.dumps(messages, ensure_ascii=False))
         if attempt.error_type:
             span.set_status(Status(StatusCode.ERROR, attempt.error_type))
         span.end()
@@ -129,7 +136,6 @@ class Hooks:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
         self._instruments.record_request(ctx, self._tenants.label(ctx.tenant_name))
-
 
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""

@@ -203,15 +203,21 @@ class OtlpReceiver:
         self.wait_for(lambda: predicate(self.spans), timeout_s)
         return list(self.spans)
 
-    def latest_metrics(self) -> dict[str, MetricRecord]:
-        """Each metric as in the most recent export that carried it (cumulative values)."""
+    def latest_metrics(self, service: str | None = None) -> dict[str, MetricRecord]:
+        """Each metric as in the most recent export that carried it (cumulative values), of one service if given."""
         with self._changed:
-            return {metric.name: metric for export in self.metric_exports for metric in export}
+            return {metric.name: metric for export in self.metric_exports for metric in export
+                    if service is None or metric.resource.get("service.name") == service}
 
-    def wait_for_metric(self, name: str, timeout_s: float = 5.0) -> MetricRecord:
-        """Wait until a metric of this name has arrived; return its latest record."""
-        self.wait_for(lambda: name in self.latest_metrics(), timeout_s)
-        return self.latest_metrics()[name]
+    def wait_for_metric(self, name: str, timeout_s: float = 5.0, service: str | None = None) -> MetricRecord:
+        """Wait until a metric of this name has arrived (from `service`, if given); return its latest record."""
+        self.wait_for(lambda: name in self.latest_metrics(service), timeout_s)
+        return self.latest_metrics(service)[name]
+
+    def trace(self, trace_id: str) -> list[SpanRecord]:
+        """The spans received so far of one trace."""
+        with self._changed:
+            return [span for span in self.spans if span.trace_id == trace_id]
 
 
 class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):

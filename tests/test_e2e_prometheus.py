@@ -1,0 +1,134 @@
+"""End to end: a real Prometheus scrapes the gateway's /metrics and answers token usage by model and tenant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gateway.tenancy.identity import sha256_hex
+from tests.support.harness import DEFAULT_POLICY, Harness
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(),
+                                reason="the `prometheus` OS package is not installed (no prometheus binary)")
+
+KEYS = {"acme": "key-acme", "globex": "key-globex"}
+POLICY = DEFAULT_POLICY + "tenants:\n" + "".join(
+    f"  {name}: {{{{keys_sha256: [{sha256_hex(key)}]}}}}\n" for name, key in KEYS.items())
+TOKEN_USAGE = "gen_ai_client_token_usage"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Prometheus:
+    """A real Prometheus server scraping one target every second, with its data in a temporary folder."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = free_port()
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: gateway\n    metrics_path: /metrics\n    static_configs: [{{targets: ['{target}']}}]\n")
+        self.log = (workdir / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
+            return response.read()
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"prometheus exited with {self.process.returncode}")
+            try:
+                self.get("/-/ready")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"prometheus not ready within {timeout_s} s")
+
+    def query(self, promql: str) -> dict[tuple, float]:
+        """An instant query through /api/v1/query: {sorted label pairs: value}."""
+        answer = json.loads(self.get("/api/v1/query?" + urllib.parse.urlencode({"query": promql})))
+        assert answer["status"] == "success", answer
+        return {tuple(sorted(item["metric"].items())): float(item["value"][1]) for item in answer["data"]["result"]}
+
+    def wait_for(self, promql: str, expected: dict[tuple, float], timeout_s: float = 10.0) -> dict[tuple, float]:
+        """Poll a query until it returns `expected` (scrapes come every second); return the last result."""
+        deadline = time.monotonic() + timeout_s
+        while (result := self.query(promql)) != expected and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return result
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def gw():
+    """A gateway with the Prometheus endpoint turned on through GATEWAY_PROMETHEUS=1, and no OTLP export."""
+    harness = Harness(POLICY, environ={"GATEWAY_PROMETHEUS": "1", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}).start()
+    yield harness
+    harness.stop()
+
+
+@pytest.fixture
+def prometheus(gw, tmp_path):
+    """Prometheus scraping the gateway's /metrics every second."""
+    server = Prometheus(tmp_path, f"127.0.0.1:{gw.port}")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_prometheus_reports_token_usage_by_model_and_tenant(gw, prometheus):
+    """After SDK requests by two tenants, PromQL token usage by tenant, model and token type matches the usage returned."""
+    expected_sum: dict[tuple, float] = {}
+    for tenant, requests in (("acme", 2), ("globex", 1)):
+        client = gw.openai(api_key=KEYS[tenant])
+        for _ in range(requests):
+            completion = client.chat.completions.create(
+                model="auto", max_tokens=5, messages=[{"role": "user", "content": f"hi {uuid.uuid4().hex}"}])
+            usage = completion.usage
+            for kind, used in (("input", usage.prompt_tokens), ("output", usage.completion_tokens)):
+                key = (("gateway_model_selected", "small"), ("gateway_tenant", tenant), ("gen_ai_token_type", kind))
+                expected_sum[key] = expected_sum.get(key, 0) + used
+    by = "gateway_tenant, gateway_model_selected, gen_ai_token_type"
+
+    sums = prometheus.wait_for(f"sum by ({by}) ({TOKEN_USAGE}_sum)", expected_sum)
+    assert sums == expected_sum
+    counts = prometheus.query(f"sum by ({by}) ({TOKEN_USAGE}_count)")
+    assert counts == {key: (2.0 if ("gateway_tenant", "acme") in key else 1.0) for key in expected_sum}
+    output_buckets = f'{TOKEN_USAGE}_bucket{{le="+Inf", gen_ai_token_type="output"}}'
+    buckets = prometheus.query(f"sum by (gateway_tenant) ({output_buckets})")
+    assert buckets == {(("gateway_tenant", "acme"),): 2.0, (("gateway_tenant", "globex"),): 1.0}
+    requests = prometheus.query("sum by (gateway_tenant, gateway_route, gateway_fallback_state) "
+                                "(gateway_requests_total)")
+    assert requests[(("gateway_fallback_state", "none"), ("gateway_route", "chat-default"),
+                     ("gateway_tenant", "acme"))] == 2.0

@@ -1,0 +1,187 @@
+"""Attribution of measured GPU joules to requests: pure arithmetic, no I/O.
+
+For each model and each sampling interval of `dt_s` seconds:
+
+    measured = energy-counter delta of the model's GPUs (or power x dt when only power is known)
+    idle     = min(measured, idle_w x dt_s x n_gpus)
+    active   = measured - idle
+
+`active` is split among the requests in flight on the model in proportion to
+the tokens each processed during the interval; when none made token progress,
+in proportion to each one's time in flight during the interval. With no
+request in flight, all of `measured` is idle. So attributed + idle == measured.
+
+`idle_w` (per GPU) is configured (`gpus.idle_w`) or learned: the lowest
+sustained power, i.e. the minimum of the 1 s average powers of the last
+`idle_window_s` seconds (10 minutes by default), never above the current
+interval's average. A model saturated for longer than the window learns its
+busy power as idle; configure `idle_w` for such servers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelEnergy:
+    """Running totals for one model."""
+
+    measured_j: float = 0.0
+    attributed_j: float = 0.0
+    idle_j: float = 0.0
+    active_s: float = 0.0       # time with at least one request in flight
+    idle_s: float = 0.0         # time with none
+    idle_w_per_gpu: float | None = None     # the idle power used in the last interval
+
+    @property
+    def idle_to_active_ratio(self) -> float | None:
+        """Seconds idle per second active; None before any active time."""
+        return self.idle_s / self.active_s if self.active_s else None
+
+
+@dataclass(frozen=True)
+class IntervalSplit:
+    """How one interval's energy was booked."""
+
+    measured_j: float
+    idle_j: float
+    shares_j: dict[str, float] = field(default_factory=dict)    # request id -> joules
+
+
+@dataclass
+class _Flight:
+    model: str
+    started_s: float
+    ended_s: float | None = None
+    tokens: int = 0             # cumulative tokens processed, as last reported
+    tokens_booked: int = 0      # `tokens` when the last interval closed
+    energy_j: float = 0.0
+
+
+class IdleLearner:
+    """The lowest sustained power: minimum of 1 s average powers over a sliding window."""
+
+    def __init__(self, bucket_s: float = 1.0, window_s: float = 600.0) -> None:
+        self.bucket_s = bucket_s
+        self._averages_w: deque[float] = deque(maxlen=max(1, int(window_s / bucket_s)))
+        self._bucket_j = 0.0
+        self._bucket_s = 0.0
+
+    def add(self, power_w: float, dt_s: float) -> None:
+        """Count `dt_s` seconds at `power_w`; closes a bucket once it spans `bucket_s`."""
+        self._bucket_j += power_w * dt_s
+        self._bucket_s += dt_s
+        if self._bucket_s >= self.bucket_s:
+            self._averages_w.append(self._bucket_j / self._bucket_s)
+            self._bucket_j = self._bucket_s = 0.0
+
+    def estimate_w(self, current_w: float) -> float:
+        """The idle power: the lowest 1 s average seen, capped by the current power."""
+        return min(min(self._averages_w, default=current_w), current_w)
+
+
+class EnergyLedger:
+    """Per-model energy books: measured, attributed to requests, idle."""
+
+    def __init__(self, idle_w_per_gpu: Mapping[str, float | None] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, idle_window_s: float = 600.0) -> None:
+        self._idle_w = {model: w for model, w in (idle_w_per_gpu or {}).items() if w is not None}
+        self._clock = clock
+        self._idle_window_s = idle_window_s
+        self._learners: dict[str, IdleLearner] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._totals: dict[str, ModelEnergy] = {}
+
+    def request_started(self, request_id: str, model: str) -> None:
+        """A request is now in flight on `model`."""
+        self._flights[request_id] = _Flight(model=model, started_s=self._clock())
+
+    def progress(self, request_id: str, tokens: int) -> None:
+        """The cumulative tokens (prompt once prefilled, plus output so far) the request has processed."""
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            flight.tokens = max(flight.tokens, tokens)
+
+    def mark_ended(self, request_id: str) -> None:
+        """The request stopped using the GPU now; it keeps its share of the interval still open."""
+        flight = self._flights.get(request_id)
+        if flight is not None and flight.ended_s is None:
+            flight.ended_s = self._clock()
+
+    def request_finished(self, request_id: str) -> float:
+        """Forget the request and return the joules attributed to it (0.0 when unknown)."""
+        flight = self._flights.pop(request_id, None)
+        return flight.energy_j if flight is not None else 0.0
+
+    def model_of(self, request_id: str) -> str | None:
+        """The model a request in flight runs on."""
+        flight = self._flights.get(request_id)
+        return flight.model if flight is not None else None
+
+    def totals(self, model: str) -> ModelEnergy:
+        """The running totals for `model` (zeros when nothing was measured)."""
+        return self._totals.setdefault(model, ModelEnergy())
+
+    def on_interval(self, model: str, measured_j: float | None, dt_s: float,
+                    power_w: float | None = None, n_gpus: int = 1) -> IntervalSplit:
+        """Book one interval of `model`'s GPUs; `measured_j` None means power x dt."""
+        if measured_j is None:
+            if power_w is None:
+                raise ValueError("on_interval needs measured_j or power_w")
+            measured_j = power_w * dt_s
+        if dt_s <= 0 or measured_j < 0 or n_gpus < 1:
+            raise ValueError(f"bad interval: {measured_j=} {dt_s=} {n_gpus=}")
+        idle_budget_j = self._idle_w_per_gpu(model, measured_j / dt_s / n_gpus, dt_s) * dt_s * n_gpus
+        flights = [(rid, f) for rid, f in self._flights.items() if f.model == model]
+        shares_j = self._split(flights, measured_j - min(measured_j, idle_budget_j), dt_s)
+        idle_j = measured_j - sum(shares_j.values())
+        self._book(model, measured_j, idle_j, shares_j, dt_s, busy=bool(flights))
+        return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j)
+
+    def _idle_w_per_gpu(self, model: str, power_w_per_gpu: float, dt_s: float) -> float:
+        if model in self._idle_w:
+            idle_w = self._idle_w[model]
+        else:
+            learner = self._learners.get(model)
+            if learner is None:
+                learner = self._learners[model] = IdleLearner(window_s=self._idle_window_s)
+            learner.add(power_w_per_gpu, dt_s)
+            idle_w = learner.estimate_w(power_w_per_gpu)
+        self.totals(model).idle_w_per_gpu = idle_w
+        return idle_w
+
+    def _split(self, flights: list[tuple[str, _Flight]], active_j: float, dt_s: float) -> dict[str, float]:
+        """Active joules per request: by tokens processed in the interval, else by time in flight."""
+        weights = {rid: float(f.tokens - f.tokens_booked) for rid, f in flights}
+        if not any(weights.values()):
+            now_s = self._clock()
+            weights = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
+        total = sum(weights.values())
+        for _, flight in flights:
+            flight.tokens_booked = flight.tokens
+        if total <= 0:
+            return {}
+        return {rid: active_j * weight / total for rid, weight in weights.items() if weight > 0}
+
+    def _book(self, model: str, measured_j: float, idle_j: float, shares_j: dict[str, float],
+              dt_s: float, *, busy: bool) -> None:
+        for rid, joules in shares_j.items():
+            self._flights[rid].energy_j += joules
+        totals = self.totals(model)
+        totals.measured_j += measured_j
+        totals.attributed_j += measured_j - idle_j
+        totals.idle_j += idle_j
+        if busy:
+            totals.active_s += dt_s
+        else:
+            totals.idle_s += dt_s
+
+
+def _overlap_s(flight: _Flight, start_s: float, end_s: float) -> float:
+    """Seconds of [start_s, end_s] during which the request was in flight."""
+    flight_end_s = end_s if flight.ended_s is None else min(end_s, flight.ended_s)
+    return max(0.0, flight_end_s - max(start_s, flight.started_s))

@@ -1,0 +1,92 @@
+"""`gateway gpu [--policy FILE] [--interval S] [--once]`: a live table of the measured GPUs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any, TextIO
+
+from gateway.energy.monitor import EnergyMonitor
+from gateway.errors import PolicyError
+from gateway.energy.readings import GpuReading
+from gateway.policy.model import GpuSource
+
+GIB_BYTES = 1024 ** 3
+_HEADER = ("MODEL", "GPU", "NAME", "POWER_W", "ENERGY_J", "UTIL", "MEM_GiB", "STATUS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gateway gpu` argument parser."""
+    parser = argparse.ArgumentParser(prog="gateway gpu", description="Show the GPUs the gateway measures.")
+    parser.add_argument("--policy", metavar="FILE", help="the GPUs of this policy's models (default: NVML on this host)")
+    parser.add_argument("--interval", type=float, metavar="S", help="seconds between refreshes (default 1)")
+    parser.add_argument("--once", action="store_true", help="print one table and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, nvml_module: Any = None, out: TextIO | None = None) -> int:
+    """Run `gateway gpu`; 1 when no GPU can be measured."""
+    args = build_parser().parse_args(argv)
+    try:
+        monitor = _monitor(args, nvml_module)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_show(monitor, args.once, out or sys.stdout))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _monitor(args: argparse.Namespace, nvml_module: Any) -> EnergyMonitor:
+    if args.policy:
+        from gateway.policy.load import load_policy     # only `--policy` needs the YAML loader
+
+        policy = load_policy(args.policy)
+        sources = {name: model.gpus for name, model in policy.models.items() if model.gpus is not None}
+        interval_s = args.interval or policy.energy.sample_interval_s
+    else:
+        sources, interval_s = {"this-host": GpuSource(source="nvml")}, args.interval or 1.0
+    return EnergyMonitor.for_sources(sources, interval_s, nvml_module=nvml_module)
+
+
+async def _show(monitor: EnergyMonitor, once: bool, out: TextIO) -> int:
+    await monitor.open()
+    try:
+        if not any(monitor.measures(model) for model in monitor.health):
+            reasons = "; ".join(dict.fromkeys(monitor.reasons.values())) or "no model has gpus:"
+            print(f"no GPU / NVML not available: {reasons}", file=out)
+            return 1
+        while True:
+            await monitor.sample_once()
+            out.write(format_table(monitor.snapshot(), monitor.reasons))
+            out.flush()
+            if once:
+                return 0
+            await asyncio.sleep(monitor.interval_s)
+    finally:
+        await monitor.stop()
+
+
+def format_table(readings: list[GpuReading], reasons: dict[str, str]) -> str:
+    """The GPUs as an aligned text table, then one line per model that cannot be measured."""
+    rows = [_HEADER] + [_row(reading) for reading in readings]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    measured = {reading.model for reading in readings if not reading.failed}
+    lines += [f"{model}: {reason}" for model, reason in reasons.items() if model not in measured]
+    return "\n".join(lines) + "\n\n"
+
+
+def _row(reading: GpuReading) -> tuple[str, ...]:
+    memory = "-"
+    if reading.memory_used_bytes is not None and reading.memory_total_bytes:
+        memory = f"{reading.memory_used_bytes / GIB_BYTES:.1f}/{reading.memory_total_bytes / GIB_BYTES:.1f}"
+    return (reading.model or "-", reading.gpu_id, reading.name or "-", _number(reading.power_w, ".1f"),
+            _number(reading.energy_j, ".1f"), _number(reading.utilization, ".0%"), memory,
+            reading.error or "ok")
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -1,0 +1,283 @@
+"""The GPU sampler: reads each model's GPUs every interval and feeds the energy ledger.
+
+One monitor per policy. For every model with `gpus:` it builds an NVML or
+DCGM source; `start()` runs one sampling task. NVML calls block, so they run
+in a single worker thread, never on the event loop. A model whose GPUs cannot
+be measured (no NVML library, no GPU) is `unavailable`, logged once at start;
+one whose GPUs fail while sampling is `failing`, logged on each change of
+health. Requests are served either way: their energy is simply None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from gateway.energy.attribution import EnergyLedger, ModelEnergy
+from gateway.energy.dcgm import DcgmSource
+from gateway.energy.nvml import NvmlSource
+from gateway.energy.readings import EnergyUnavailable, GpuReading
+
+if TYPE_CHECKING:
+    from gateway.policy.model import GpuSource, Policy
+
+logger = logging.getLogger("gateway.energy")
+
+OK, UNAVAILABLE, FAILING = "ok", "unavailable", "failing"
+
+
+@dataclass
+class _Sampled:
+    """One model's GPUs: their source, health and latest readings."""
+
+    model: str
+    config: GpuSource
+    source: NvmlSource | DcgmSource | None = None
+    health: str = UNAVAILABLE
+    reason: str | None = None
+    readings: list[GpuReading] = field(default_factory=list)
+    baseline: dict[str, GpuReading] = field(default_factory=dict)    # per GPU: the last booked reading
+    ticked: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def interval_energy_j(before: GpuReading, after: GpuReading) -> float | None:
+    """Joules one GPU used between two readings: counter delta, else mean power x dt."""
+    dt_s = after.timestamp_s - before.timestamp_s
+    if dt_s <= 0:
+        return None
+    if before.energy_mj is not None and after.energy_mj is not None and after.energy_mj >= before.energy_mj:
+        return (after.energy_mj - before.energy_mj) / 1000.0
+    if after.power_w is None:
+        return None
+    before_w = after.power_w if before.power_w is None else before.power_w
+    return (before_w + after.power_w) / 2 * dt_s
+
+
+def _is_stale(before: GpuReading, after: GpuReading) -> bool:
+    """A counter that has not moved while the GPU draws power was not refreshed (DCGM `-c`)."""
+    return (after.energy_mj is not None and after.energy_mj == before.energy_mj
+            and bool(after.power_w))
+
+
+class EnergyMonitor:
+    """Samples every model's GPUs and attributes their energy to the requests in flight."""
+
+    def __init__(self, policy: Policy, session: aiohttp.ClientSession | None = None,
+                 nvml_module: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        sources = {name: model.gpus for name, model in policy.models.items() if model.gpus is not None}
+        self._setup(sources, policy.energy.sample_interval_s, session, nvml_module, clock)
+
+    @classmethod
+    def for_sources(cls, sources: Mapping[str, GpuSource], interval_s: float,
+                    session: aiohttp.ClientSession | None = None, nvml_module: Any = None,
+                    clock: Callable[[], float] = time.monotonic) -> EnergyMonitor:
+        """A monitor for named GPU sources without a policy (the `gateway gpu` command)."""
+        monitor = cls.__new__(cls)
+        monitor._setup(dict(sources), interval_s, session, nvml_module, clock)
+        return monitor
+
+    def _setup(self, sources: dict[str, GpuSource], interval_s: float, session: aiohttp.ClientSession | None,
+               nvml_module: Any, clock: Callable[[], float]) -> None:
+        self.interval_s = interval_s
+        self.ledger = EnergyLedger({name: gpus.idle_w for name, gpus in sources.items()}, clock=clock)
+        self._sampled = {name: _Sampled(model=name, config=gpus) for name, gpus in sources.items()}
+        self._session = session
+        self._own_session = False
+        self._nvml_module = nvml_module
+        self._clock = clock
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._opened = False
+        self.settle_timeout_s = 2 * interval_s + 2.0
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open every source; log once which models cannot be measured."""
+        if self._opened:
+            return
+        self._opened = True
+        for sampled in self._sampled.values():
+            await self._open_source(sampled)
+        unavailable = [s for s in self._sampled.values() if s.health == UNAVAILABLE]
+        if unavailable:
+            reasons = "; ".join(dict.fromkeys(s.reason or "unknown" for s in unavailable))
+            logger.warning("no GPU: energy not measured for models %s (%s)",
+                           ", ".join(s.model for s in unavailable), reasons)
+
+    async def start(self) -> None:
+        """Open the sources and run the sampling loop every `interval_s`."""
+        await self.open()
+        if self._task is None and any(s.source is not None for s in self._sampled.values()):
+            self._task = asyncio.create_task(self._run(), name="energy-sampler")
+
+    async def stop(self) -> None:
+        """Stop sampling and release NVML and the HTTP session; `start()` may be called again."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        nvml_sources = [s.source for s in self._sampled.values() if isinstance(s.source, NvmlSource)]
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: [source.close() for source in nvml_sources])
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+        for sampled in self._sampled.values():
+            sampled.source, sampled.baseline = None, {}
+        self._opened = False    # a later start() opens the sources afresh
+
+    async def _open_source(self, sampled: _Sampled) -> None:
+        config = sampled.config
+        try:
+            if config.source == "nvml":
+                source = NvmlSource(config.ids, self._nvml_module, clock=self._clock)
+                await asyncio.get_running_loop().run_in_executor(self._nvml_executor(), source.open)
+            else:
+                if not config.url:
+                    raise EnergyUnavailable("no DCGM exporter url (gpus.url)")
+                source = DcgmSource(config.url, config.ids, config.hostname, self._http(), clock=self._clock)
+        except EnergyUnavailable as exc:
+            sampled.health, sampled.reason = UNAVAILABLE, exc.message
+            return
+        sampled.source, sampled.health, sampled.reason = source, OK, None
+
+    def _nvml_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        return self._executor
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session, self._own_session = aiohttp.ClientSession(), True
+        return self._session
+
+    # -- sampling --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            began_s = loop.time()
+            await self.sample_once()
+            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - began_s)))
+
+    async def sample_once(self) -> None:
+        """Read every measurable model's GPUs once and book the energy since the last read."""
+        live = [s for s in self._sampled.values() if s.source is not None]
+        await asyncio.gather(*(self._sample(s) for s in live))
+
+    async def _sample(self, sampled: _Sampled) -> None:
+        try:
+            readings = await self._read(sampled)
+        except Exception as exc:    # boundary: a bug in one source must not stop the sampler
+            logger.exception("energy: sampling model %s failed", sampled.model)
+            readings = [GpuReading(gpu_id="*", timestamp_s=self._clock(), error=repr(exc))]
+        readings = [replace(r, model=sampled.model) for r in readings]
+        self._update_health(sampled, readings)
+        self._book(sampled, readings)
+        sampled.readings = readings
+        sampled.ticked.set()
+        sampled.ticked = asyncio.Event()
+
+    async def _read(self, sampled: _Sampled) -> list[GpuReading]:
+        source = sampled.source
+        if isinstance(source, NvmlSource):
+            return await asyncio.get_running_loop().run_in_executor(self._nvml_executor(), source.read)
+        return await source.read()
+
+    def _update_health(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
+        failed = [r for r in readings if r.failed]
+        health = FAILING if failed else OK
+        reason = "; ".join(f"GPU {r.gpu_id}: {r.error}" for r in failed) or None
+        if health != sampled.health:
+            if failed:
+                logger.warning("energy: model %s GPUs failing: %s", sampled.model, reason)
+            else:
+                logger.info("energy: model %s GPUs measured again", sampled.model)
+        sampled.health, sampled.reason = health, reason
+
+    def _book(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
+        """Sum the energy of every GPU read twice in a row; a failed GPU starts afresh."""
+        measured_j, dt_s, n_gpus = 0.0, 0.0, 0
+        for reading in readings:
+            before = sampled.baseline.get(reading.gpu_id)
+            if reading.failed:
+                sampled.baseline.pop(reading.gpu_id, None)
+                continue
+            if before is not None and _is_stale(before, reading):
+                continue
+            sampled.baseline[reading.gpu_id] = reading
+            joules = None if before is None else interval_energy_j(before, reading)
+            if joules is not None:
+                measured_j += joules
+                dt_s = max(dt_s, reading.timestamp_s - before.timestamp_s)
+                n_gpus += 1
+        if n_gpus:
+            self.ledger.on_interval(sampled.model, measured_j, dt_s, n_gpus=n_gpus)
+
+    # -- what the rest of the gateway reads ------------------------------------------
+
+    @property
+    def health(self) -> dict[str, str]:
+        """Per model with `gpus:`: ok, unavailable or failing."""
+        return {name: s.health for name, s in self._sampled.items()}
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """Why a model's GPUs are unavailable or failing."""
+        return {name: s.reason for name, s in self._sampled.items() if s.reason}
+
+    def measures(self, model: str) -> bool:
+        """Whether `model`'s energy is being measured."""
+        sampled = self._sampled.get(model)
+        return sampled is not None and sampled.source is not None
+
+    def snapshot(self) -> list[GpuReading]:
+        """The latest reading of every GPU, failed ones included, for `gateway gpu` and metrics."""
+        return [reading for s in self._sampled.values() for reading in s.readings]
+
+    def totals(self, model: str) -> ModelEnergy:
+        """Measured, attributed and idle joules of one model so far."""
+        return self.ledger.totals(model)
+
+    def request_started(self, request_id: str, model: str) -> None:
+        """A request began on `model`; ignored when the model's energy is not measured."""
+        if self.measures(model):
+            self.ledger.request_started(request_id, model)
+
+    def progress(self, request_id: str, tokens: int) -> None:
+        """Cumulative tokens processed by the request so far (prompt once prefilled, plus output)."""
+        self.ledger.progress(request_id, tokens)
+
+    async def request_finished(self, request_id: str) -> float | None:
+        """The request's joules, after the sample that closes its last interval; None when not measured."""
+        model = self.ledger.model_of(request_id)
+        if model is None:
+            return None
+        self.ledger.mark_ended(request_id)
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._sampled[model].ticked.wait(), self.settle_timeout_s)
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                self.ledger.request_finished(request_id)
+                raise
+        return self.ledger.request_finished(request_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`gateway gpu [--policy FILE] [--interval S] [--once]`: see gateway.energy.command."""
+    from gateway.energy.command import main as gpu_main   # late: command imports this module
+
+    return gpu_main(argv)

@@ -47,7 +47,13 @@ async def get_stats(request: web.Request) -> web.Response:
 async def get_tenants(request: web.Request) -> web.Response:
     """GET /admin/tenants: each tenant's usage against its limits and budgets."""
     services = _authorised(request)
-    return json_response({"tenants": await services.tenant_usage()})
+    tenants = services.holder.current.policy.tenants
+    report = await services.tenant_usage()
+    for entry in report:
+        tenant = tenants.get(entry["tenant"])
+        if tenant is not None:
+            entry["usage"] = (await services.stores.limiter.usage(tenant)).to_dict()
+    return json_response({"tenants": report})
 
 
 def add_routes(app: web.Application) -> None:

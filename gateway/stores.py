@@ -62,8 +62,9 @@ class Stores:
                                          retry=Retry(NoBackoff(), 1), health_check_interval=30)
         cache = RedisCache(client, timeout_s)
         prefix = store.key_prefix
-        return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)),
-                   limiter=RedisLimiter(client, prefix, timeout_s, store.on_store_failure),
+        limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)
+        await limiter.warm_up()
+        return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)), limiter=limiter,
                    budgets=RedisBudgets(client, prefix, timeout_s, store.on_store_failure),
                    redis=client)
 

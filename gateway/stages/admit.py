@@ -47,12 +47,11 @@ class Admit:
         if ctx.cost_usd and (tenant.budget.usd_per_day is not None or tenant.budget.usd_per_month is not None):
             background.spawn(stores.budgets.charge(tenant, ctx.cost_usd), name="budget-charge")
         admission = ctx.extra.get("admission")
-        if admission is not None:
-            background.spawn(self._give_back(ctx, admission), name="limits-settle")
-
-    async def _give_back(self, ctx: RequestContext, admission) -> None:
-        limiter = self.services.stores.limiter
+        if admission is None:
+            return
+        # the slot is freed before the answer leaves, so a client's next request never meets its last one
+        await stores.limiter.release(tenant, ticket=admission.ticket)
         used = ctx.usage.input_tokens + ctx.usage.output_tokens
-        await limiter.release(ctx.tenant, ticket=admission.ticket)
-        await limiter.settle(ctx.tenant, ticket=admission.ticket, reserved_tokens=ctx.reserved_tokens,
-                             actual_tokens=used)
+        background.spawn(stores.limiter.settle(tenant, ticket=admission.ticket,
+                                               reserved_tokens=ctx.reserved_tokens, actual_tokens=used),
+                         name="limits-settle")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from gateway.tenancy.budgets import Budgets, BudgetState, MemoryBudgets, RedisBudgets
 from gateway.tenancy.identity import AdminAuth, Identity, tenant_key_hashes
-from gateway.tenancy.limits import Admission, Limiter
+from gateway.tenancy.limits import Admission, Limiter, LimitUsage
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from gateway.policy.model import Store
 
-__all__ = ["AdminAuth", "Admission", "BudgetState", "Budgets", "Identity", "Limiter",
+__all__ = ["AdminAuth", "Admission", "BudgetState", "Budgets", "Identity", "LimitUsage", "Limiter",
            "MemoryBudgets", "MemoryLimiter", "RedisBudgets", "RedisLimiter", "budgets_for",
            "limiter_for", "tenant_key_hashes"]
 

@@ -51,6 +51,7 @@ class Identity:
         if problems:
             raise PolicyError(problems)
         self.open = not policy.tenants
+        self.routes = policy.routes
 
     def identify(self, headers: Headers) -> Tenant | None:
         """The calling tenant; None when the gateway runs open. Raises AuthenticationFailed."""
@@ -69,7 +70,11 @@ class Identity:
 
     def check_allowed(self, tenant: Tenant | None, route_name: str | None = None,
                       alias: str | None = None) -> None:
-        """Raise PermissionDenied when the tenant's allow lists exclude the route or model alias."""
+        """Raise PermissionDenied when the tenant's allow lists exclude the route or model alias.
+
+        With an alias and no route (GET /v1/models), the alias must also be served by some
+        route the tenant may use.
+        """
         if tenant is None:
             return
         if route_name is not None and tenant.routes and route_name not in tenant.routes:
@@ -77,6 +82,15 @@ class Identity:
         if alias is not None and tenant.models and not any(
                 fnmatchcase(alias, allowed) for allowed in tenant.models):
             raise PermissionDenied(f"Tenant {tenant.name!r} may not use model {alias!r}.")
+        if route_name is None and alias is not None and not self._routed_for(tenant, alias):
+            raise PermissionDenied(f"Tenant {tenant.name!r} may not use model {alias!r}.")
+
+    def _routed_for(self, tenant: Tenant, alias: str) -> bool:
+        """Whether a route the tenant may use takes this alias."""
+        return any((not tenant.routes or route.name in tenant.routes)
+                   and (not route.match.tenants or tenant.name in route.match.tenants)
+                   and any(fnmatchcase(alias, pattern) for pattern in route.match.models)
+                   for route in self.routes)
 
 
 class AdminAuth:

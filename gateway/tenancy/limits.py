@@ -97,6 +97,20 @@ class Admission:
                 f"{limit.get(self.reason or '', self.reason)}. Retry after {retry_s}s.")
 
 
+@dataclass(frozen=True)
+class LimitUsage:
+    """A tenant's use of its limits right now: what GET /admin/tenants shows."""
+
+    requests: int = 0               # admitted in the last window
+    tokens: int = 0                 # reserved or used in the last window
+    concurrent: int = 0             # in flight
+    available: bool = True          # False: the store did not answer
+
+    def to_dict(self) -> dict[str, object]:
+        return {"requests": self.requests, "tokens": self.tokens, "concurrent": self.concurrent,
+                "available": self.available}
+
+
 def store_unavailable_error(headers: dict[str, str]) -> GatewayError:
     """A 503 for a refusal because the limits store is down and the policy says deny."""
     return StoreUnavailable("Rate limit store unavailable; retry shortly.", headers=headers)
@@ -132,6 +146,10 @@ class Limiter(Protocol):
 
     async def release(self, tenant: Tenant, *, ticket: str) -> None:
         """End an admission's in-flight slot."""
+        ...
+
+    async def usage(self, tenant: Tenant) -> LimitUsage:
+        """The tenant's requests, tokens and in-flight count in the current window."""
         ...
 
 

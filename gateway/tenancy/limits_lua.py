@@ -126,3 +126,22 @@ redis.call('PEXPIRE', tok_key, window_ms + 1000)
 redis.call('PEXPIRE', sum_key, window_ms + 1000)
 return delta
 """
+
+# KEYS: requests log, token log, in-flight set
+# ARGV: now_ms or "", window_ms
+# Reply: requests, tokens, in flight, all within the window (read only)
+USAGE = """
+local req_key, tok_key, flight_key = KEYS[1], KEYS[2], KEYS[3]
+local now_ms = tonumber(ARGV[1])
+if now_ms == nil then
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local cutoff = '(' .. (now_ms - tonumber(ARGV[2]))
+local tokens = 0
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', tok_key, cutoff, '+inf')) do
+  tokens = tokens + tonumber(string.match(member, ':(%d+)$'))
+end
+return {redis.call('ZCOUNT', req_key, cutoff, '+inf'), tokens,
+        redis.call('ZCOUNT', flight_key, '(' .. now_ms, '+inf')}
+"""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gateway.policy.model import Limits, Tenant
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, WINDOW_S, Admission,
-                                    Verdict, new_ticket, to_ms, unlimited)
+                                    LimitUsage, Verdict, new_ticket, to_ms, unlimited)
 
 
 @dataclass
@@ -143,6 +143,14 @@ class MemoryLimiter:
         log = self.logs.get(tenant.name)
         if log is not None:
             log.inflight.pop(ticket, None)
+
+    async def usage(self, tenant: Tenant, now_s: float | None = None) -> LimitUsage:
+        """The tenant's requests, tokens and in-flight count in the current window."""
+        log = self.logs.get(tenant.name)
+        if log is None:
+            return LimitUsage()
+        log.expire(self._now_ms(now_s), self.window_ms)
+        return LimitUsage(len(log.requests), log.tokens_sum, len(log.inflight))
 
     def _now_ms(self, now_s: float | None) -> int:
         return to_ms(self.clock() if now_s is None else now_s)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from gateway.policy.model import Limits, Tenant
 from gateway.tenancy import limits_lua
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, STORE_RETRY_S, WINDOW_S,
-                                    Admission, Verdict, new_ticket, to_ms, unlimited)
-from gateway.tenancy.store import STORE_DOWN, OnStoreFailure, StoreGuard
+                                    Admission, LimitUsage, Verdict, new_ticket, to_ms, unlimited)
+from gateway.tenancy.store import STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+#: how long start-up waits for Redis to take the scripts; a request waits only `timeout_s`
+WARM_UP_TIMEOUT_S = 2.0
 
 
 def tenant_keys(prefix: str, tenant: str) -> tuple[str, str, str, str]:
@@ -38,10 +45,25 @@ class RedisLimiter:
         self.inflight_ttl_ms = to_ms(inflight_ttl_s)
         self.admit_script = client.register_script(limits_lua.ADMIT)
         self.settle_script = client.register_script(limits_lua.SETTLE)
+        self.usage_script = client.register_script(limits_lua.USAGE)
 
     @property
     def store_failures(self) -> int:
         return self.guard.store_failures
+
+    async def warm_up(self, timeout_s: float = WARM_UP_TIMEOUT_S) -> bool:
+        """Connect and load the scripts now, so a cold burst does not spend its time budget on them."""
+        try:
+            await asyncio.wait_for(self._load_scripts(), timeout_s)
+        except STORE_ERRORS as exc:
+            log.warning("Redis not reachable at start-up (%s: %s); limits follow on_store_failure=%s",
+                        type(exc).__name__, str(exc) or "timed out", self.guard.on_store_failure)
+            return False
+        return True
+
+    async def _load_scripts(self) -> None:
+        for script in (self.admit_script, self.settle_script, self.usage_script):
+            await self.client.script_load(script.script)
 
     async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
                     now_s: float | None = None) -> Admission:
@@ -88,6 +110,16 @@ class RedisLimiter:
             return
         flight_key = tenant_keys(self.prefix, tenant.name)[3]
         await self.guard.run(self.client.zrem(flight_key, ticket))
+
+    async def usage(self, tenant: Tenant, now_s: float | None = None) -> LimitUsage:
+        """The tenant's requests, tokens and in-flight count in the current window, read only."""
+        req_key, tok_key, _, flight_key = tenant_keys(self.prefix, tenant.name)
+        reply = await self.guard.run(self.usage_script(
+            keys=[req_key, tok_key, flight_key], args=[self._now_arg(now_s), self.window_ms]))
+        if reply is STORE_DOWN:
+            return LimitUsage(available=False)
+        requests, tokens, concurrent = (int(v) for v in reply)
+        return LimitUsage(requests, tokens, concurrent)
 
     @staticmethod
     def _now_arg(now_s: float | None) -> int | str:

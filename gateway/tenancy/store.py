@@ -49,7 +49,7 @@ class StoreGuard:
         if not self.in_outage:
             self.in_outage = True
             log.warning("%s store unavailable (%s: %s); on_store_failure=%s",
-                        self.name, type(exc).__name__, exc or "timed out", self.on_store_failure)
+                        self.name, type(exc).__name__, str(exc) or "timed out", self.on_store_failure)
 
     def _succeeded(self) -> None:
         if self.in_outage:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -34,6 +35,14 @@ def redis_url(policy: Policy, environ: Mapping[str, str]) -> str | None:
     return environ.get("GATEWAY_REDIS_URL") or policy.store.redis_url
 
 
+def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: bool):
+    """A pooled client for one Redis, or for a Redis Cluster (keys that go together share a hash tag)."""
+    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections)
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), health_check_interval=30, **options)
+
+
 @dataclass
 class Stores:
     """Cache, single-flight, limits and budgets, all on one backend."""
@@ -42,7 +51,7 @@ class Stores:
     singleflight: SingleFlight
     limiter: Any
     budgets: Any
-    redis: aioredis.Redis | None = None
+    redis: aioredis.Redis | RedisCluster | None = None
 
     @property
     def backend(self) -> str:
@@ -58,8 +67,9 @@ class Stores:
             log.info("no Redis configured: cache, limits and budgets are in memory (this process only)")
             return cls(cache=MemoryCache(MEMORY_CACHE_BYTES), singleflight=SingleFlight(),
                        limiter=MemoryLimiter(), budgets=MemoryBudgets())
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                         retry=Retry(NoBackoff(), 1), health_check_interval=30)
+        client = redis_client(url, timeout_s, store.max_connections,
+                              cluster=store.cluster or environ.get("GATEWAY_REDIS_CLUSTER", "").lower()
+                              in ("1", "true", "yes"))
         cache = RedisCache(client, timeout_s)
         prefix = store.key_prefix
         limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)

@@ -140,3 +140,25 @@ async def test_budgets_charge_and_check_on_cluster(client):
         assert state.available and state.spent_day_usd == Decimal("0.04") == state.spent_month_usd
         assert state.exhausted and state.reason == "day"
     assert budgets.store_failures == 0
+
+
+def test_gateway_caches_through_a_redis_cluster(cluster):
+    """The whole gateway runs on a Redis Cluster (GATEWAY_REDIS_CLUSTER=1): a repeated request is a cache hit."""
+    import os
+
+    from tests.support.harness import Harness
+
+    harness = Harness(environ={**os.environ, "GATEWAY_REDIS_URL": cluster.url,
+                               "GATEWAY_REDIS_CLUSTER": "1"}).start()
+    try:
+        assert type(harness.services.stores.redis).__name__ == "RedisCluster"
+        client = harness.openai()
+        statuses = []
+        for _ in range(2):
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", temperature=0, max_tokens=3, messages=[{"role": "user", "content": "cluster?"}])
+            statuses.append(raw.headers["x-gateway-cache"])
+            harness.call(harness.services.background.drain(5))
+        assert statuses == ["stored", "hit"]
+    finally:
+        harness.stop()

@@ -225,6 +225,8 @@ STORE = Section(Store, {
     "on_store_failure": choice("allow", "deny"),
     "timeout_ms": real(positive),
     "key_prefix": text(),
+    "cluster": flag(),
+    "max_connections": integer(positive),
 })
 TELEMETRY = Section(Telemetry, {
     "capture_content": flag(),

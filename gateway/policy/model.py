@@ -173,8 +173,10 @@ class Routing:
 class Store:
     redis_url: str | None = None    # GATEWAY_REDIS_URL wins over this
     on_store_failure: Literal["allow", "deny"] = "allow"
-    timeout_ms: float = 50.0
+    timeout_ms: float = 100.0
     key_prefix: str = "gw"
+    cluster: bool = False           # Redis Cluster (GATEWAY_REDIS_CLUSTER=1 wins)
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)

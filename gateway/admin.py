@@ -34,7 +34,7 @@ async def get_policy(request: web.Request) -> web.Response:
 async def reload_policy(request: web.Request) -> web.Response:
     """POST /admin/policy/reload: validate and swap; an invalid file keeps the old policy (422)."""
     services = _authorised(request)
-    ok = services.holder.reload()
+    ok = await services.holder.reload_async()
     return json_response({"reloaded": ok, **policy_status(services)}, status=200 if ok else 422)
 
 

@@ -30,12 +30,20 @@ class Fleet:
         self.router(policy)
 
     def router(self, policy: Policy) -> Router:
-        """The router for one policy version (built once per version)."""
+        """The router for one policy version (built once per version; the two newest are kept)."""
         router = self._routers.get(policy.content_sha256)
         if router is None:
             router = Router(policy, self.estimates, self.breakers, self.rng)
-            self._routers = {policy.content_sha256: router}     # only the newest is kept
+            previous = list(self._routers.items())[-1:]     # for requests still in flight on it
+            self._routers = {**dict(previous), policy.content_sha256: router}
         return router
+
+    def adopt(self, policy: Policy) -> None:
+        """Follow a reloaded policy: its latency window and breaker settings, and its router built now."""
+        routing = policy.routing
+        self.estimates.window_s = routing.latency_window_s
+        self.breakers.configure(routing.breaker)
+        self.router(policy)
 
     def started(self, model_name: str) -> None:
         self.estimates.started(model_name)

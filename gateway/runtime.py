@@ -6,6 +6,7 @@ the end, so a reload never changes the rules under a request in flight.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,33 +47,96 @@ class ReloadStatus:
     last_error: str | None = None
 
 
-class PolicyHolder:
-    """Holds the current Runtime; `reload()` swaps it atomically or keeps the old one."""
+def file_stat(path: Path | None) -> tuple[int, int, int] | None:
+    """What identifies one version of a file on disk: (mtime_ns, size, inode); None when unreadable."""
+    try:
+        info = path.stat() if path else None
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino) if info else None
 
-    def __init__(self, runtime: Runtime, environ, path: str | Path | None = None) -> None:
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One read of the policy file: what was on disk, and the runtime or why there is none."""
+
+    ticket: int
+    stat: tuple[int, int, int] | None
+    runtime: Runtime | None = None
+    error: PolicyError | None = None
+
+
+class PolicyHolder:
+    """Holds the current Runtime; a reload swaps it atomically or keeps the old one.
+
+    `reload_async` parses the file in a thread (a large policy takes a while
+    to parse, and the event loop keeps serving meanwhile); `reload` does the
+    same inline. Each read takes a ticket first, so a slow read never
+    replaces the result of a read that started after it.
+    """
+
+    def __init__(self, runtime: Runtime, environ, path: str | Path | None = None,
+                 seen_stat: tuple[int, int, int] | None = None) -> None:
         self.current = runtime
         self.environ = environ
         self.path = Path(path) if path else None
+        #: the file version the holder last read (good or bad): the watcher reloads when it changes
+        self.seen_stat = seen_stat
         self.status = ReloadStatus()
         self.listeners: list = []           # callables given each new Runtime
+        self._tickets = 0
+        self._applied_ticket = 0
+        self._lock = asyncio.Lock()
 
     @classmethod
     def from_file(cls, path: str | Path, environ) -> "PolicyHolder":
-        return cls(Runtime.build(load_policy(path), environ), environ, path)
+        stat = file_stat(Path(path))
+        return cls(Runtime.build(load_policy(path), environ), environ, path, seen_stat=stat)
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file is not the version last read (an edit, or a ConfigMap symlink swap)."""
+        return self.path is not None and file_stat(self.path) != self.seen_stat
 
     def reload(self) -> bool:
-        """Load the file again; on any error keep serving the old policy and say why."""
+        """Load the file again now; on any error keep serving the old policy and say why."""
         if self.path is None:
             self.status.last_error = "the policy was not loaded from a file"
             return False
+        return self._apply(self._load(self._next_ticket()))
+
+    async def reload_async(self) -> bool:
+        """Like `reload`, with the file read and validated off the event loop."""
+        if self.path is None:
+            return self.reload()
+        async with self._lock:
+            loaded = await asyncio.to_thread(self._load, self._next_ticket())
+            return self._apply(loaded)
+
+    def _next_ticket(self) -> int:
+        self._tickets += 1
+        return self._tickets
+
+    def _load(self, ticket: int) -> _Loaded:
+        """Read and validate the file (safe in a worker thread: it touches nothing shared)."""
+        stat = file_stat(self.path)
         try:
-            runtime = Runtime.build(load_policy(self.path), self.environ)
+            return _Loaded(ticket, stat, runtime=Runtime.build(load_policy(self.path), self.environ))
         except PolicyError as exc:
+            return _Loaded(ticket, stat, error=exc)
+
+    def _apply(self, loaded: _Loaded) -> bool:
+        """Swap to a freshly read runtime, or record why it failed; stale reads are dropped."""
+        if loaded.ticket < self._applied_ticket:
+            return self.status.last_error is None       # a newer read has already been applied
+        self._applied_ticket = loaded.ticket
+        self.seen_stat = loaded.stat
+        if loaded.runtime is None:
             self.status.failures += 1
-            self.status.last_error = str(exc)
+            self.status.last_error = str(loaded.error)
             log.error("policy reload failed; still serving %s\n%s",
-                      self.current.policy.content_sha256[:12], exc)
+                      self.current.policy.content_sha256[:12], loaded.error)
             return False
+        runtime = loaded.runtime
         if runtime.policy.content_sha256 == self.current.policy.content_sha256:
             self.status.last_error = None
             return True

@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.app import HOLDER, build_app
 from gateway.errors import PolicyError
 from gateway.runtime import PolicyHolder
+from gateway.tasks import BackgroundTasks
 
 log = logging.getLogger("gateway")
 
@@ -28,22 +29,15 @@ def install_uvloop() -> None:
 
 
 async def watch_policy(holder: PolicyHolder, interval_s: float = 1.0) -> None:
-    """Reload when the policy file's content changes (edits, and ConfigMap symlink swaps)."""
-    last = _stat(holder.path)
+    """Reload whenever the file is not the version the holder last read (edits, ConfigMap symlink swaps)."""
     while True:
         await asyncio.sleep(interval_s)
-        now = _stat(holder.path)
-        if now != last:
-            last = now
-            holder.reload()
-
-
-def _stat(path: Path | None) -> tuple | None:
-    try:
-        info = path.stat() if path else None
-    except OSError:
-        return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino) if info else None
+        if not holder.changed_on_disk():
+            continue
+        try:
+            await holder.reload_async()
+        except Exception:               # the watcher outlives any one bad reload
+            log.exception("policy reload from %s failed unexpectedly", holder.path)
 
 
 async def run_server(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
@@ -59,7 +53,8 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    reloads = BackgroundTasks()
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(holder.reload_async(), name="policy-reload"))
     watcher = asyncio.create_task(watch_policy(holder))
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, holder.path)
     if ready is not None:
@@ -71,6 +66,7 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
         watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        await reloads.drain(timeout_s=grace_s)
         await runner.cleanup()
 
 

@@ -92,6 +92,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             telemetry=Telemetry.from_env(policy.telemetry, environ=environ))
         services.extra["recorder"] = Recorder(policy)
         services.pipeline = Pipeline(tuple(stage(services) for stage in STAGES))
+        # the fleet follows reloads: new routing settings, and the new router built before its first request
+        holder.listeners.append(lambda runtime: services.fleet.adopt(runtime.policy))
         app[SERVICES] = services
         if not policy.tenants:
             log.warning("the policy has no tenants: the gateway runs open, without API keys")

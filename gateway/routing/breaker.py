@@ -56,6 +56,11 @@ class Breakers:
         self._clock = clock
         self._circuits: dict[str, _Circuit] = {}
 
+    def configure(self, config: Breaker) -> None:
+        """Apply new settings (a policy reload); circuits keep their state."""
+        self.failure_threshold = max(1, config.failure_threshold)
+        self.open_s = config.open_s
+
     def state(self, model_name: str) -> State:
         """closed, open or half_open."""
         circuit = self._circuits.get(model_name)

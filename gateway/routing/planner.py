@@ -4,8 +4,11 @@
 the context window, meet the tier, latency, TTFT (streams only) and cost
 limits and whose circuit is not open, and plans: the smallest kept (by
 size_b, then input price), or with probability `explore_share` another kept
-one; then the other kept ones, smallest first; then the route's fallbacks that
-fit the context and whose circuit is not open; at most `max_attempts` models.
+one or one dropped only for its predicted latency or TTFT (so a model that
+was slow is tried again and can win its traffic back before its slow samples
+leave the window; such a request is marked as not meeting the SLA); then the
+other kept ones, smallest first; then the route's fallbacks that fit the
+context and whose circuit is not open; at most `max_attempts` models.
 
 When nothing is kept the route's `on_violation` decides: `best_effort` plans
 the candidates that fit context and tier by predicted latency, then the
@@ -104,16 +107,19 @@ class Router:
                     kept: list[Candidate], needed_tokens: int) -> Decision:
         """The plan when some candidate meets the SLA: smallest (or explored) first."""
         chosen = kept[0]
-        explored = False
-        if self._explore_share > 0 and len(kept) > 1 and self._rng.random() < self._explore_share:
-            chosen = kept[self._rng.randrange(1, len(kept))]
-            explored = True
+        if self._explore_share > 0 and self._rng.random() < self._explore_share:
+            pool = [*kept[1:], *(c for c in candidates if _only_slow(c))]
+            chosen = pool[self._rng.randrange(len(pool))] if pool else chosen
+        explored = chosen is not kept[0]
         models = [chosen.model]
         models.extend(c.model for c in kept if c is not chosen)
         self._add_fallbacks(models, plan, needed_tokens, healthy_only=True)
-        note = f"explored {chosen.model.name} instead of {kept[0].model.name}" if explored else ""
+        note = ""
+        if explored:
+            note = f"explored {chosen.model.name} instead of {kept[0].model.name}"
+            note += "" if chosen.kept else f" to refresh its estimate ({', '.join(chosen.reasons)})"
         return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
-                        sla_met=True, explored=explored, note=note)
+                        sla_met=chosen.kept, explored=explored, note=note)
 
     def _decide_unmet(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
                       limits: Limits, prompt_tokens: int, output_tokens: int) -> Decision:
@@ -144,6 +150,11 @@ class Router:
                 continue
             models.append(fallback.model)
             planned.add(fallback.name)
+
+
+def _only_slow(candidate: Candidate) -> bool:
+    """Dropped for predicted latency or TTFT alone: exploring it is how a recovered model is noticed."""
+    return not candidate.kept and all(reason_kind(r) in ("latency", "ttft") for r in candidate.reasons)
 
 
 def _unmet_summary(candidates: list[Candidate] | tuple[Candidate, ...], limits: Limits) -> str:

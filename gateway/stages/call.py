@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import orjson
@@ -37,6 +38,22 @@ def fallback_state(ctx: RequestContext, succeeded: bool) -> str:
     return "retried" if all(a.model.name == first for a in ctx.attempts) else "fallback"
 
 
+def failed_state(ctx: RequestContext, error: GatewayError) -> str:
+    """exhausted: every model tried failed in a way another might not; else the state of the attempts."""
+    if isinstance(error, UpstreamError) and _worth_another_model(error):
+        return "exhausted"
+    return "fallback" if len(ctx.attempts) > 1 else "none"
+
+
+def with_outcome_headers(ctx: RequestContext, error: GatewayError) -> GatewayError:
+    """The error to answer with, carrying the gateway's headers (and the upstream's Retry-After)."""
+    headers = {**error.headers, **response_headers(ctx)}
+    if isinstance(error, UpstreamError) and error.retry_after_s is not None:
+        headers["Retry-After"] = str(math.ceil(error.retry_after_s))
+    error.headers = headers
+    return error
+
+
 class Call:
     """Tries each planned model in turn until one answers; streams are relayed chunk by chunk."""
 
@@ -62,11 +79,12 @@ class Call:
                     break
             finally:
                 self._ended(ctx, attempt)
-        ctx.fallback_state = fallback_state(ctx, succeeded=False) if len(ctx.attempts) > 1 else "none"
-        if ctx.bytes_sent:
+        if ctx.bytes_sent:                  # failed mid-stream: the client saw the state at the first byte
             ctx.error = last_error
             return ctx.response
-        raise last_error or GatewayError("no model was tried")
+        error = last_error or GatewayError("no model was tried")
+        ctx.fallback_state = failed_state(ctx, error)
+        raise with_outcome_headers(ctx, error)
 
     async def _attempt(self, ctx: RequestContext, attempt: Attempt) -> web.StreamResponse:
         services = self.services
@@ -95,10 +113,14 @@ class Call:
         self.services.fleet.record_success(attempt.model.name)
 
     def _failed(self, ctx: RequestContext, attempt: Attempt, exc: UpstreamError) -> None:
+        """Record a failed attempt; only failures of the model's health count against its breaker."""
         attempt.error_type = exc.reason
         attempt.status = exc.status
         ctx.fallback_reason = exc.reason
-        self.services.fleet.record_failure(attempt.model.name, exc)
+        if _model_unhealthy(exc):
+            self.services.fleet.record_failure(attempt.model.name, exc)
+        else:                               # it answered: the request, not the model, was at fault
+            self.services.fleet.record_success(attempt.model.name)
 
     def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
@@ -113,3 +135,10 @@ class Call:
 def _worth_another_model(exc: UpstreamError) -> bool:
     """Connect errors, timeouts, 5xx, 429 and context-length errors move to the next model."""
     return exc.retryable if isinstance(exc, UpstreamStatus) else True
+
+
+def _model_unhealthy(exc: UpstreamError) -> bool:
+    """Connect errors, timeouts, broken answers, 5xx and 429 say the model is unwell; other 4xx do not."""
+    if not isinstance(exc, UpstreamStatus):
+        return True
+    return exc.upstream_status == 429 or exc.upstream_status >= 500

@@ -1,0 +1,378 @@
+"""End to end: hot reload (admin endpoint, holder, file watcher, SIGHUP), a bad edit under load, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.runtime import PolicyHolder
+from gateway.server import watch_policy
+from tests.support.harness import Harness
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "admin-secret-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+MODELS = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    upstream_model: sim-small
+    size_b: 1
+    tier: 1
+    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
+  medium:
+    endpoint: {medium}
+    upstream_model: sim-medium
+    size_b: 8
+    tier: 2
+    latency_prior: {{ttft_ms: 10, tpot_ms: 2}}
+  slow:
+    endpoint: {slow}
+    upstream_model: sim-slow
+    size_b: 1
+    latency_prior: {{ttft_ms: 5, tpot_ms: 50}}
+server: {{grace_period_s: 10}}
+"""
+#: auto -> small
+POLICY_A = MODELS + """
+routes:
+  - name: default
+    match: {{models: [auto]}}
+    candidates: [small, medium]
+  - name: slow
+    match: {{models: [slow]}}
+    candidates: [slow]
+"""
+#: auto -> medium, and no route for `slow`
+POLICY_B = MODELS + """
+routes:
+  - name: default
+    match: {{models: [auto]}}
+    candidates: [medium]
+"""
+#: policy B with a hair-trigger breaker
+POLICY_C = POLICY_B + """
+routing: {{breaker: {{failure_threshold: 1, open_s: 0.3}}}}
+"""
+#: unknown model in a route
+POLICY_BAD = POLICY_A.replace("candidates: [small, medium]", "candidates: [smal, medium]")
+
+SIMS = {"small": dict(ttft_ms=5, tpot_ms=1), "medium": dict(ttft_ms=10, tpot_ms=2),
+        "slow": dict(ttft_ms=5, tpot_ms=50)}
+
+
+@pytest.fixture(scope="module")
+def gw():
+    harness = Harness(POLICY_A, SIMS, environ={**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}).start()
+    yield harness
+    harness.stop()
+
+
+@pytest.fixture
+def policy_a(gw):
+    """Each test starts (and ends) on policy A."""
+    gw.write_policy(POLICY_A)
+    assert gw.call(reload(gw.holder))
+    yield
+    gw.write_policy(POLICY_A)
+    gw.call(reload(gw.holder))
+
+
+async def reload(holder: PolicyHolder) -> bool:
+    """holder.reload() on the gateway's own loop."""
+    return holder.reload()
+
+
+def admin(base_url: str, method: str, path: str) -> tuple[int, dict]:
+    """One admin call with the admin token: (status, JSON body), error statuses included."""
+    request = urllib.request.Request(f"{base_url}{path}", method=method, headers=ADMIN, data=b"" if
+                                     method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.cache
+def client(gw):
+    """One SDK client per harness (creating one costs tens of milliseconds)."""
+    return gw.openai()
+
+
+def served_by(gw, alias: str = "auto") -> str:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model=alias, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    return raw.headers["x-gateway-model"]
+
+
+def test_admin_reload_swaps_the_policy(gw, policy_a):
+    """POST /admin/policy/reload validates the edited file and swaps it; GET /admin/policy shows its hash."""
+    assert served_by(gw) == "small"
+    old_sha = admin(gw.base_url, "GET", "/admin/policy")[1]["sha256"]
+    gw.write_policy(POLICY_B)
+    status, body = admin(gw.base_url, "POST", "/admin/policy/reload")
+    assert (status, body["reloaded"]) == (200, True)
+    assert body["sha256"] == file_sha(gw.policy_path) != old_sha
+    assert admin(gw.base_url, "GET", "/admin/policy")[1]["sha256"] == file_sha(gw.policy_path)
+    assert served_by(gw) == "medium"
+
+
+def test_admin_endpoints_need_the_admin_token(gw):
+    """The reload endpoint refuses a caller without the admin token."""
+    request = urllib.request.Request(f"{gw.base_url}/admin/policy/reload", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 401
+
+
+def test_holder_reload_swaps_the_policy(gw, policy_a):
+    """PolicyHolder.reload() (what SIGHUP and the watcher call) swaps to the edited file."""
+    gw.write_policy(POLICY_B)
+    assert gw.call(reload(gw.holder)) is True
+    assert gw.holder.current.policy.content_sha256 == file_sha(gw.policy_path)
+    assert served_by(gw) == "medium"
+
+
+def test_invalid_edit_keeps_the_old_policy_and_reports(gw, policy_a):
+    """An invalid file answers 422 with file:line errors, keeps serving the old policy, and shows last_error."""
+    good_sha = gw.holder.current.policy.content_sha256
+    gw.write_policy(POLICY_BAD)
+    status, body = admin(gw.base_url, "POST", "/admin/policy/reload")
+    assert (status, body["reloaded"]) == (422, False)
+    assert body["sha256"] == good_sha
+    assert f"{gw.policy_path}:" in body["last_error"] and "unknown model 'smal'" in body["last_error"]
+    shown = admin(gw.base_url, "GET", "/admin/policy")[1]
+    assert shown["last_error"] == body["last_error"] and shown["failed_reloads"] >= 1
+    assert served_by(gw) == "small"
+    gw.write_policy(POLICY_B)
+    status, body = admin(gw.base_url, "POST", "/admin/policy/reload")
+    assert (status, body["last_error"]) == (200, None)
+
+
+def test_reload_applies_new_breaker_settings(gw, policy_a):
+    """After a reload to a policy with failure_threshold 1, a single failure opens the circuit."""
+    breakers = gw.services.fleet.breakers
+    gw.write_policy(POLICY_C)
+    assert gw.call(reload(gw.holder))
+    gw.sim_config("medium", error_rate=1.0)
+    try:
+        with pytest.raises(openai.InternalServerError):
+            served_by(gw)
+        assert breakers.state("medium") == "open"
+    finally:
+        gw.sim_config("medium", error_rate=0.0)
+    assert wait_for(lambda: breakers.state("medium") == "half_open", timeout_s=3)
+    assert served_by(gw) == "medium"
+    assert breakers.state("medium") == "closed"
+
+
+def test_in_flight_stream_finishes_on_its_policy(gw, policy_a):
+    """A stream started before a reload that removes its route finishes whole; new requests see the new policy."""
+    stream = client(gw).chat.completions.create(model="slow", stream=True, max_tokens=12,
+                                                 messages=[{"role": "user", "content": "Go"}])
+    chunks = iter(stream)
+    words = [next(chunks).choices[0].delta.content]
+    gw.write_policy(POLICY_B)
+    assert gw.call(reload(gw.holder))
+    words += [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len([w for w in words if w]) == 12
+    with pytest.raises(openai.NotFoundError):
+        served_by(gw, "slow")
+
+
+async def test_watch_policy_reloads_on_change(tmp_path):
+    """gateway.server.watch_policy reloads an edited file and keeps the old policy on an invalid edit."""
+    urls = {"small": "http://127.0.0.1:9/v1", "medium": "http://127.0.0.1:9/v1", "slow": "http://127.0.0.1:9/v1"}
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_A.format(**urls))
+    holder = PolicyHolder.from_file(path, {})
+    watcher = asyncio.create_task(watch_policy(holder, interval_s=0.02))
+    try:
+        path.write_text(POLICY_B.format(**urls))
+        assert await wait_async(lambda: holder.current.policy.content_sha256 == file_sha(path))
+        good_sha = holder.current.policy.content_sha256
+        path.write_text(POLICY_BAD.format(**urls))
+        assert await wait_async(lambda: holder.status.last_error is not None)
+        assert holder.current.policy.content_sha256 == good_sha
+        os.replace(_written(tmp_path / "next.yaml", POLICY_A.format(**urls)), path)   # a ConfigMap-style swap
+        assert await wait_async(lambda: holder.current.policy.content_sha256 == file_sha(path))
+        assert holder.status.last_error is None
+    finally:
+        watcher.cancel()
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+async def wait_async(predicate, timeout_s: float = 5.0) -> bool:
+    """Poll `predicate` on the event loop until it holds or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while not (ok := predicate()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return ok
+
+
+async def test_bad_policy_edit_during_load_drops_no_request(gw, policy_a):
+    """200 concurrent requests all succeed while the file is swapped good, bad, good, and reloaded each time."""
+    client = gw.async_openai()
+    gate = asyncio.Semaphore(16)
+    finished = threading.Event()
+    outcomes: list[tuple[int, str]] = []
+
+    async def one(i: int) -> str:
+        async with gate:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=5)
+            raw.parse()
+            return raw.headers["x-gateway-model"]
+
+    def swap() -> None:
+        versions = [POLICY_B, POLICY_BAD, POLICY_A, POLICY_BAD]
+        turn = 0
+        while not finished.is_set():
+            gw.write_policy(versions[turn % len(versions)])
+            outcomes.append(admin(gw.base_url, "POST", "/admin/policy/reload")[0])
+            turn += 1
+            time.sleep(0.01)
+
+    swapper = asyncio.create_task(asyncio.to_thread(swap))
+    try:
+        served = await asyncio.gather(*(one(i) for i in range(200)))
+    finally:
+        finished.set()
+        await swapper
+        await client.close()
+    assert len(served) == 200 and set(served) <= {"small", "medium"}
+    assert 200 in outcomes and 422 in outcomes
+    assert gw.holder.current.policy.content_sha256 in {_sha_of(gw, POLICY_A), _sha_of(gw, POLICY_B)}
+
+
+def _sha_of(gw, template: str) -> str:
+    urls = {name: sim.url for name, sim in gw.sims.items()}
+    return hashlib.sha256(template.format(**urls).encode()).hexdigest()
+
+
+# --- the real `gateway run` process -------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GatewayProcess:
+    """`python -m gateway run` in a subprocess, on a free port."""
+
+    def __init__(self, policy: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "OTEL_SDK_DISABLED": "true"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host", "127.0.0.1",
+             "--port", str(self.port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read().decode()
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("the gateway process did not become ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def process_policy(gw, tmp_path) -> Path:
+    urls = {name: sim.url for name, sim in gw.sims.items()}
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_A.format(**urls))
+    return path
+
+
+def test_sighup_reloads_the_policy(process_policy):
+    """SIGHUP makes a running `gateway run` reload its file; GET /admin/policy shows the new hash."""
+    gateway = GatewayProcess(process_policy)
+    try:
+        gateway.wait_ready()
+        before = admin(gateway.base_url, "GET", "/admin/policy")[1]["sha256"]
+        assert before == file_sha(process_policy)
+        # an edit of the same size with the old mtime: the file watcher cannot see it, only SIGHUP can
+        info = process_policy.stat()
+        text = process_policy.read_text()
+        process_policy.write_text(text.replace("grace_period_s: 10", "grace_period_s: 11"))
+        os.utime(process_policy, ns=(info.st_atime_ns, info.st_mtime_ns))
+        time.sleep(1.2)                                 # past one watcher tick
+        assert admin(gateway.base_url, "GET", "/admin/policy")[1]["sha256"] == before
+        gateway.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: admin(gateway.base_url, "GET", "/admin/policy")[1]["sha256"]
+                        == file_sha(process_policy) != before)
+    finally:
+        gateway.stop()
+
+
+def wait_for(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not (ok := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return ok
+
+
+def test_sigterm_drains_in_flight_stream_and_exits_zero(process_policy):
+    """On SIGTERM the in-flight slow stream finishes, new connections are refused, and the exit code is 0."""
+    gateway = GatewayProcess(process_policy)
+    try:
+        gateway.wait_ready()
+        client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="k", max_retries=0, timeout=20)
+        stream = client.chat.completions.create(model="slow", stream=True, max_tokens=30,
+                                                messages=[{"role": "user", "content": "Go"}])
+        chunks = iter(stream)
+        words = [next(chunks).choices[0].delta.content]
+        gateway.process.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: _refused(gateway.port), timeout_s=5)
+        words += [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len([w for w in words if w]) == 30
+        assert gateway.process.wait(15) == 0
+    finally:
+        gateway.stop()
+
+
+def _refused(port: int) -> bool:
+    """Whether a new TCP connection to the port is refused."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False

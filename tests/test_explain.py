@@ -1,0 +1,209 @@
+"""`gateway policy explain` and `gateway policy check` against the live gateway on the same policy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.cli import main as gateway_cli
+from tests.support.harness import Harness
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+POLICY = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    upstream_model: sim-small
+    size_b: 1
+    tier: 1
+    context_window: 8192
+    price: {{input_per_mtok: 0.1, output_per_mtok: 0.2}}
+    latency_prior: {{ttft_ms: 5, tpot_ms: 5}}
+  medium:
+    endpoint: {medium}
+    upstream_model: sim-medium
+    size_b: 8
+    tier: 2
+    context_window: 32768
+    price: {{input_per_mtok: 1, output_per_mtok: 2}}
+    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
+  large:
+    endpoint: {large}
+    upstream_model: sim-large
+    size_b: 70
+    tier: 3
+    context_window: 131072
+    price: {{input_per_mtok: 5, output_per_mtok: 15}}
+    latency_prior: {{ttft_ms: 10, tpot_ms: 1}}
+routes:
+  - name: vip
+    match: {{models: ["*"], tenants: [vip]}}
+    candidates: [large]
+  - name: beta
+    match: {{models: [auto], headers: {{x-route: beta}}}}
+    candidates: [medium, large]
+  - name: default
+    match: {{models: [auto, "gpt-*"], endpoints: [chat, completions]}}
+    candidates: [small, medium, large]
+    sla: {{p95_latency_ms: 2000}}
+    fallback: [large]
+  - name: tight
+    match: {{models: [tight]}}
+    candidates: [small, medium, large]
+    sla: {{p95_latency_ms: 150}}
+  - name: smart
+    match: {{models: [smart]}}
+    candidates: [small, medium, large]
+    sla: {{min_tier: 2}}
+  - name: strict
+    match: {{models: [strict]}}
+    candidates: [small]
+    sla: {{p95_latency_ms: 150, on_violation: reject}}
+  - name: cheap
+    match: {{models: [cheap], prompt_tokens: {{max: 50}}}}
+    candidates: [small]
+tenants:
+  team: {{keys_sha256: [%s]}}
+  vip: {{keys_sha256: [%s]}}
+""" % (_sha("team-key"), _sha("vip-key"))
+
+SIMS = {"small": dict(ttft_ms=5, tpot_ms=5), "medium": dict(ttft_ms=5, tpot_ms=1, context_window=32768),
+        "large": dict(ttft_ms=10, tpot_ms=1, context_window=131072)}
+
+LONG = "word " * 9000
+
+#: (case id, endpoint, body, headers, tenant, expected model or refusal status)
+CASES = [
+    ("smallest-fits", "chat", {"model": "auto", "max_tokens": 10}, {}, "team", "small"),
+    ("glob-alias", "chat", {"model": "gpt-4o-mini", "max_tokens": 10}, {}, "team", "small"),
+    ("context-too-long-for-small", "chat", {"model": "auto", "max_tokens": 10, "content": LONG}, {}, "team",
+     "medium"),
+    ("min-tier-header", "chat", {"model": "auto", "max_tokens": 10}, {"x-gateway-min-tier": "3"}, "team",
+     "large"),
+    ("header-route", "chat", {"model": "auto", "max_tokens": 10}, {"x-route": "beta"}, "team", "medium"),
+    ("latency-sla-drops-small", "chat", {"model": "tight", "max_tokens": 50}, {}, "team", "medium"),
+    ("latency-sla-keeps-small", "chat", {"model": "tight", "max_tokens": 10}, {}, "team", "small"),
+    ("max-latency-header", "chat", {"model": "auto", "max_tokens": 30}, {"x-gateway-max-latency-ms": "100"},
+     "team", "medium"),
+    ("route-min-tier", "chat", {"model": "smart", "max_tokens": 10}, {}, "team", "medium"),
+    ("reject", "chat", {"model": "strict", "max_tokens": 50}, {}, "team", 503),
+    ("prompt-range", "chat", {"model": "cheap", "max_tokens": 5}, {}, "team", "small"),
+    ("prompt-out-of-range", "chat", {"model": "cheap", "max_tokens": 5, "content": "word " * 100}, {}, "team",
+     404),
+    ("tenant-route", "chat", {"model": "auto", "max_tokens": 10}, {}, "vip", "large"),
+    ("completions", "completions", {"model": "auto", "max_tokens": 10}, {}, "team", "small"),
+]
+
+
+@pytest.fixture(scope="module")
+def gw():
+    harness = Harness(POLICY, SIMS).start()
+    yield harness
+    harness.stop()
+
+
+def request_body(endpoint: str, spec: dict) -> dict:
+    """The OpenAI request body of one case."""
+    spec = dict(spec)
+    content = spec.pop("content", "Hello there")
+    if endpoint == "completions":
+        return {**spec, "prompt": content}
+    return {**spec, "messages": [{"role": "user", "content": content}]}
+
+
+def live(gw, endpoint: str, body: dict, headers: dict, tenant: str) -> str | int:
+    """The model the running gateway served the request with, or its error status."""
+    client = gw.openai(api_key=f"{tenant}-key")
+    create = client.completions if endpoint == "completions" else client.chat.completions
+    try:
+        return create.with_raw_response.create(**body, extra_headers=headers).headers["x-gateway-model"]
+    except openai.APIStatusError as exc:
+        return exc.status_code
+
+
+def explained(policy_path: Path, tmp_path: Path, capsys, endpoint: str, body: dict, headers: dict,
+              tenant: str) -> str | int:
+    """What `gateway policy explain` chooses for the request, or the status it says it would refuse with."""
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(body))
+    argv = ["policy", "explain", str(policy_path), "--request", str(request_file), "--endpoint", endpoint,
+            "--tenant", tenant, *(f"--header={k}:{v}" for k, v in headers.items())]
+    code = gateway_cli(argv)
+    out, err = capsys.readouterr()
+    if code == 2:
+        return int(err.split("refused:")[1].split()[0])
+    assert code == 0, err
+    return out.strip().splitlines()[-1].removeprefix("choice: ")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_explain_agrees_with_live_routing(gw, tmp_path, capsys, case):
+    """For each case the CLI's choice is the model the live gateway serves (or the same refusal)."""
+    _, endpoint, spec, headers, tenant, expected = case
+    body = request_body(endpoint, spec)
+    assert explained(gw.policy_path, tmp_path, capsys, endpoint, body, headers, tenant) == expected
+    assert live(gw, endpoint, body, headers, tenant) == expected
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m gateway ARGS` in a real subprocess."""
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+                          cwd=REPO, input=stdin, timeout=60)
+
+
+def test_explain_command_prints_every_candidate(gw):
+    """`python -m gateway policy explain` reads the request from stdin and explains each candidate's verdict."""
+    body = request_body("chat", {"model": "tight", "max_tokens": 50})
+    done = run_cli("policy", "explain", str(gw.policy_path), "--request", "-", "--tenant", "team",
+                   stdin=json.dumps(body))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "route tight: p95_latency_ms 150" in out
+    assert "dropped: latency 250ms > 150ms" in out
+    assert out.strip().endswith("choice: medium")
+
+
+def test_policy_check_accepts_a_good_policy(gw):
+    """`gateway policy check` exits 0 on the policy the gateway is serving."""
+    done = run_cli("policy", "check", str(gw.policy_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{gw.policy_path}: ok"
+
+
+def test_policy_check_reports_file_line_errors(tmp_path):
+    """`gateway policy check` exits 1 and prints every problem as file:line: key path: message."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 1\n"
+        "models:\n"
+        "  small:\n"
+        "    endpoint: http://127.0.0.1:9/v1\n"
+        "    upstream_model: s\n"
+        "    tierr: 1\n"
+        "    price: {input_per_mtok: -1}\n"
+        "routes:\n"
+        "  - name: chat\n"
+        "    candidates: [smal]\n"
+        "  - name: chat\n"
+        "    candidates: [small]\n")
+    done = run_cli("policy", "check", str(bad), str(REPO / "tests/policies/many_errors.yaml"))
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert any(line.startswith(f"{bad}:6: models.small.tierr: ") and "did you mean" in line for line in lines)
+    assert any(line.startswith(f"{bad}:7: models.small.price.input_per_mtok: ") for line in lines)
+    assert any(line.startswith(f"{bad}:10: routes[0].candidates") and "'smal'" in line for line in lines)
+    assert any(line.startswith(f"{bad}:11: routes[1].name") and "duplicate" in line for line in lines)
+    assert any("many_errors.yaml:" in line for line in lines)

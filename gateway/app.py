@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway import admin
 from gateway.context import RequestContext
+from gateway.cost import plain_usd
 from gateway.errors import ClientError, GatewayError, NotFound, PermissionDenied
 from gateway.responses import error_response, json_response
 from gateway.runtime import PolicyHolder
@@ -87,7 +88,7 @@ async def report_outcome(request: web.Request) -> web.Response:
     task = book.report(body, tenant=tenant.name if tenant else None)
     record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
               "outcome": task.outcome, "route": task.route, "tenant": task.tenant,
-              "workflow": task.workflow, "cost_usd": str(task.cost_usd)}
+              "workflow": task.workflow, "cost_usd": plain_usd(task.cost_usd)}
     services.extra["recorder"].outcome(record)
     services.telemetry.record_outcome(task)
     return json_response({"object": "outcome", **record})

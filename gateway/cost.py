@@ -66,6 +66,11 @@ def format_usd(cost_usd: Decimal) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def plain_usd(cost_usd: Decimal) -> str:
+    """An exact cost in plain decimal notation (never `1.5E-7`), for the ledger and stats."""
+    return format(cost_usd.normalize(), "f")
+
+
 def _decimal(value: float, name: str) -> Decimal:
     """A finite non-negative measurement as the Decimal of its shortest repr."""
     if not math.isfinite(value) or value < 0:

@@ -9,12 +9,14 @@ State is bounded: entries older than `ttl_s`, or past `max_entries`, are forgott
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from gateway.cost import plain_usd
 from gateway.errors import ClientError, GatewayError, NotFound
 
 OUTCOMES = ("success", "failure", "escalated")
@@ -57,11 +59,11 @@ class GroupStats:
     def as_dict(self) -> dict:
         per_success = self.cost_usd / self.success if self.success else None
         return {"tasks": self.tasks, "success": self.success, "failure": self.failure,
-                "escalated": self.escalated, "cost_usd": str(self.cost_usd),
-                "cost_per_successful_task_usd": str(per_success) if per_success is not None else None,
+                "escalated": self.escalated, "cost_usd": plain_usd(self.cost_usd),
+                "cost_per_successful_task_usd": plain_usd(per_success) if per_success is not None else None,
                 "success_rate": self.success / self.tasks if self.tasks else None,
                 "escalation_rate": self.escalated / self.tasks if self.tasks else None,
-                "value_usd": str(self.value_usd)}
+                "value_usd": plain_usd(self.value_usd)}
 
 
 @dataclass
@@ -101,8 +103,9 @@ class OutcomeBook:
                            code="unknown_id")
         if task.outcome is not None:
             raise AlreadyReported(f"an outcome was already reported for this task: {task.outcome}")
+        value_usd = _value_usd(payload.get("value_usd"))      # a bad value leaves the task unreported
         task.outcome = outcome
-        task.value_usd = _value_usd(payload.get("value_usd"))
+        task.value_usd = value_usd
         return task
 
     def _key(self, payload: dict) -> str:
@@ -138,7 +141,7 @@ class OutcomeBook:
 def _value_usd(value: object) -> Decimal | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ClientError("'value_usd' must be a non-negative number", param="value_usd")
     return Decimal(repr(value))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from gateway.context import RequestContext
+from gateway.context import Attempt, RequestContext
+from gateway.cost import plain_usd
 from gateway.ledger import Ledger
 from gateway.outcomes import OutcomeBook
 from gateway.policy.model import Policy
+from gateway.stages.account import gpu_seconds
 
 
 def ledger_record(ctx: RequestContext) -> dict:
@@ -19,11 +21,26 @@ def ledger_record(ctx: RequestContext) -> dict:
         "cache": ctx.cache_status, "stream": ctx.stream, "status": ctx.status,
         "prompt_tokens": ctx.prompt_tokens, "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens, "tokens_estimated": usage.estimated,
-        "cost_usd": str(ctx.cost_usd), "saved_usd": str(ctx.cache_saved_usd),
+        "cost_usd": plain_usd(ctx.cost_usd), "saved_usd": plain_usd(ctx.cache_saved_usd),
         "latency_s": round(ctx.duration_s, 6),
         "ttft_s": round(ctx.ttft_s, 6) if ctx.ttft_s is not None else None,
         "energy_j": ctx.energy_j, "sla_met": ctx.decision.sla_met if ctx.decision else None,
         "task_id": ctx.task_id, "workflow": ctx.workflow,
+        "attempts": [attempt_record(a) for a in ctx.attempts],
+    }
+
+
+def attempt_record(attempt: Attempt) -> dict:
+    """One upstream attempt in the ledger: how it ended, what it used and cost."""
+    usage = attempt.usage
+    duration_s = attempt.ended_s - attempt.started_s if attempt.ended_s is not None else None
+    return {
+        "model": attempt.model.name, "status": attempt.status, "error": attempt.error_type,
+        "duration_s": duration_s, "gpu_s": gpu_seconds(attempt),
+        "input_tokens": usage.input_tokens if usage else 0,
+        "output_tokens": usage.output_tokens if usage else 0,
+        "tokens_estimated": usage.estimated if usage else False,
+        "cost_usd": plain_usd(attempt.cost_usd),
     }
 
 

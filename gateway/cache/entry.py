@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -34,6 +35,8 @@ class CacheEntry:
     endpoint: str
     body: dict[str, Any]
     created_unix_s: float = field(default_factory=time.time)
+    #: what producing the answer cost: what each hit on it saves
+    cost_usd: Decimal | None = None
 
 
 def entry_from_response(endpoint: str, body: Any) -> CacheEntry | None:
@@ -61,7 +64,10 @@ def entry_from_stream(endpoint: str, chunks: list[dict[str, Any]]) -> CacheEntry
 def encode_entry(entry: CacheEntry, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
                  ) -> bytes | None:
     """The stored bytes of an entry, or None when they would exceed `max_entry_bytes`."""
-    raw = orjson.dumps({"e": entry.endpoint, "b": entry.body, "t": entry.created_unix_s})
+    stored = {"e": entry.endpoint, "b": entry.body, "t": entry.created_unix_s}
+    if entry.cost_usd is not None:
+        stored["c"] = str(entry.cost_usd)
+    raw = orjson.dumps(stored)
     if len(raw) > COMPRESS_OVER_BYTES:
         data = bytes([FORMAT_ZLIB]) + zlib.compress(raw)
     else:
@@ -76,8 +82,9 @@ def decode_entry(data: bytes) -> CacheEntry | None:
     try:
         raw = _payload(data)
         stored = orjson.loads(raw)
-        return CacheEntry(stored["e"], stored["b"], stored["t"])
-    except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        cost_usd = Decimal(stored["c"]) if "c" in stored else None
+        return CacheEntry(stored["e"], stored["b"], stored["t"], cost_usd)
+    except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError):
         return None
 
 

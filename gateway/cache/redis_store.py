@@ -33,6 +33,13 @@ if redis.call("get", KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+#: push the lock's expiry out only if it is still ours
+EXTEND_LOCK_LUA = """
+if redis.call("get", KEYS[1]) == ARGV[1] then
+    return redis.call("pexpire", KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 
 class RedisCache:
@@ -105,7 +112,7 @@ class RedisCache:
 
 
 class RedisLock:
-    """A short cross-replica lock (`SET NX PX`), released only by its holder.
+    """A short cross-replica lock (`SET NX PX`), extended and released only by its holder.
 
     When Redis is unavailable `acquire` grants the lock (every replica then
     leads on its own, as without the lock): the cache never blocks a request.
@@ -114,6 +121,7 @@ class RedisLock:
     def __init__(self, cache: RedisCache) -> None:
         self._cache = cache
         self._release_script = cache.client.register_script(RELEASE_LOCK_LUA)
+        self._extend_script = cache.client.register_script(EXTEND_LOCK_LUA)
 
     async def acquire(self, key: str, ttl_ms: int) -> str | None:
         """A token when the caller should lead; None when another holder has the lock."""
@@ -121,6 +129,16 @@ class RedisLock:
         acquired = await self._cache.guarded(
             lambda: self._cache.client.set(key, token, nx=True, px=max(ttl_ms, 1)), True)
         return token if acquired else None
+
+    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Keep holding the lock for `ttl_ms` more; False when it is no longer ours.
+
+        When Redis is unavailable the holder keeps leading (True): the lock
+        expires by itself, so at worst another replica calls upstream too.
+        """
+        extended = await self._cache.guarded(
+            lambda: self._extend_script(keys=[key], args=[token, max(ttl_ms, 1)]), 1)
+        return bool(extended)
 
     async def release(self, key: str, token: str) -> None:
         """Delete the lock if `token` still holds it (it may have expired)."""

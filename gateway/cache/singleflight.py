@@ -3,6 +3,9 @@
 In one process the first caller for a key leads and the others await its
 future. Across replicas an optional `RedisLock` elects one leader per key;
 a replica that loses the election polls for the leader's cached answer.
+The lock is short (`lock_ttl_s`) and its leader keeps extending it while it
+works, so a lock whose holder died (or whose acquisition timed out and landed
+late in a slow Redis) blocks other replicas for at most `lock_ttl_s`.
 A follower never hangs: on timeout, on leader failure or when the leader
 had nothing to share it gets `FlightAbandoned` and calls upstream itself.
 """
@@ -41,9 +44,11 @@ class _Outcome(Generic[T]):
 class SingleFlight:
     """One in-flight leader per key; followers share its result (treat it as read-only)."""
 
-    def __init__(self, *, lock: RedisLock | None = None, poll_interval_s: float = 0.05) -> None:
+    def __init__(self, *, lock: RedisLock | None = None, poll_interval_s: float = 0.05,
+                 lock_ttl_s: float = 3.0) -> None:
         self._lock = lock
         self._poll_interval_s = poll_interval_s
+        self._lock_ttl_ms = max(1, int(lock_ttl_s * 1000))
         self._flights: dict[str, asyncio.Future[_Outcome[Any]]] = {}
 
     def __len__(self) -> int:
@@ -94,11 +99,22 @@ class SingleFlight:
         token, polled = await self._elect(lock, lock_key, timeout_s, poll_fn)
         if polled is not None:
             return polled, False
+        keeper = asyncio.ensure_future(self._keep(lock, lock_key, token)) if token is not None else None
         try:
             return await leader_fn(), True
         finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
             if token is not None:
                 await lock.release(lock_key, token)
+
+    async def _keep(self, lock: RedisLock, lock_key: str, token: str) -> None:
+        """Extend the lock every third of its TTL while the leader works; stop once it is lost."""
+        while True:
+            await asyncio.sleep(self._lock_ttl_ms / 3000)
+            if not await lock.extend(lock_key, token, self._lock_ttl_ms):
+                return
 
     async def _elect(self, lock: RedisLock, lock_key: str, timeout_s: float,
                      poll_fn: Callable[[], Awaitable[T | None]]) -> tuple[str | None, T | None]:
@@ -110,7 +126,7 @@ class SingleFlight:
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + timeout_s
         while True:
-            token = await lock.acquire(lock_key, ttl_ms=int(timeout_s * 1000))
+            token = await lock.acquire(lock_key, ttl_ms=self._lock_ttl_ms)
             polled = await poll_fn()
             if polled is not None:
                 if token is not None:

@@ -12,6 +12,17 @@ from typing import Any
 from gateway.simulator.config import SimConfig
 from gateway.simulator.runner import start_simulators
 
+
+def on_off(text: str) -> bool:
+    """`on` / `off` (also true/false, yes/no, 1/0) as a bool, for argparse."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 #: (option, SimConfig field, type, help) for every per-model setting
 SETTINGS = (
     ("--ttft-ms", "ttft_ms", float, "time to first token, ms (default 100)"),
@@ -26,6 +37,7 @@ SETTINGS = (
     ("--context-window", "context_window", int, "prompt + max_tokens above this is a 400 (default 8192)"),
     ("--embedding-dims", "embedding_dims", int, "embedding size when the request sets none (default 1536)"),
     ("--seed", "seed", int, "seed of latency jitter, output lengths and failures (default 0)"),
+    ("--usage", "usage", on_off, "report token usage, on or off (default on; off tests estimated counts)"),
 )
 
 EPILOG = """\

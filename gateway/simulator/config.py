@@ -28,6 +28,7 @@ class SimConfig:
     context_window: int = 8192          # prompt + max_tokens above this gets a 400
     embedding_dims: int = 1536          # when the request sets no `dimensions`
     seed: int = 0
+    usage: bool = True                  # false: never report usage, even when the request asks for it
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -47,7 +48,7 @@ class SimConfig:
 
 
 FIELD_TYPES: dict[str, type] = {
-    f.name: {"str": str, "int": int, "float": float}[str(f.type)] for f in dataclasses.fields(SimConfig)
+    f.name: {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)] for f in dataclasses.fields(SimConfig)
 }
 
 
@@ -56,6 +57,10 @@ def _coerce(key: str, value: Any) -> Any:
     wanted = FIELD_TYPES[key]
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if wanted is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected bool, got {value!r}")
+        return value
     if not isinstance(value, wanted) or isinstance(value, bool):
         raise ValueError(f"{key}: expected {wanted.__name__}, got {value!r}")
     return value

@@ -84,8 +84,8 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         return await hang(request, state)
     answer = make_answer(config, sim_request, plan)
     if sim_request.stream:
-        return await send_stream(request, answer, plan, sim_request.include_usage)
-    return await send_body(request, completion_body(answer), plan)
+        return await send_stream(request, answer, plan, sim_request.include_usage and config.usage)
+    return await send_body(request, without_usage(completion_body(answer), config), plan)
 
 
 async def handle_embeddings(request: web.Request) -> web.StreamResponse:
@@ -97,7 +97,7 @@ async def handle_embeddings(request: web.Request) -> web.StreamResponse:
     raise_fault(plan.fault, config.retry_after_s)
     if plan.fault == "hang":
         return await hang(request, state)
-    return await send_body(request, embeddings_body(config, sim_request), plan)
+    return await send_body(request, without_usage(embeddings_body(config, sim_request), config), plan)
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -145,6 +145,11 @@ async def handle_reset(request: web.Request) -> web.Response:
 async def _release_hanging(app: web.Application) -> None:
     """On shutdown, let hanging requests go so the server can stop promptly."""
     app[STATE].closing.set()
+
+
+def without_usage(body: dict[str, Any], config: SimConfig) -> dict[str, Any]:
+    """The body as it is, or without its `usage` when the model is set to report none."""
+    return body if config.usage else {key: value for key, value in body.items() if key != "usage"}
 
 
 def _request_body(request: web.Request) -> dict[str, Any]:

@@ -1,6 +1,19 @@
 """account: tokens (upstream usage first, tiktoken when absent), cost, latency samples.
 
 It wraps `call`: its finish runs once the call has ended, streams included.
+
+Every attempt is priced, failed fallback attempts included, by what the
+gateway can see it consumed:
+
+- tokens: the upstream's usage; else, for an answer that came (whole, or a
+  stream cut after its first chunk), the prompt and the text received,
+  counted with tiktoken and marked estimated. An attempt that failed before
+  any answer text arrived (connect error, timeout, 429, 5xx, a non-streamed
+  body cut mid-way, which cannot be read) is charged no tokens: providers
+  do not bill refused requests, and the gateway cannot prove what a cut body held.
+- GPU time (self-hosted, `gpu_hour_usd`): every attempt that reached the
+  model server pays the time it held its share of the GPUs, success or not;
+  one whose connection never opened pays nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ from gateway.cost import format_usd, request_cost_usd
 def gpu_seconds(attempt: Attempt) -> float | None:
     """A self-hosted request's share of GPU time: its duration over the model's concurrency, per GPU."""
     model = attempt.model
-    if model.gpu_hour_usd is None or attempt.ended_s is None:
+    if model.gpu_hour_usd is None or attempt.ended_s is None or attempt.error_type == "connect_error":
         return None
     gpus = len(model.gpus.ids) if model.gpus and model.gpus.ids else 1
     return (attempt.ended_s - attempt.started_s) * gpus / model.max_concurrency
@@ -37,10 +50,9 @@ class Account:
         answered = ctx.attempts[-1]
         total = Decimal(0)
         for attempt in ctx.attempts:
-            if attempt.usage is not None:
-                attempt.cost_usd = request_cost_usd(attempt.model, attempt.usage,
-                                                    gpu_seconds=gpu_seconds(attempt))
-                total += attempt.cost_usd
+            attempt.cost_usd = request_cost_usd(attempt.model, attempt.usage or Usage(),
+                                                gpu_seconds=gpu_seconds(attempt))
+            total += attempt.cost_usd
         ctx.cost_usd = total
         ctx.usage = answered.usage or Usage()
         ctx.ttft_s = answered.ttft_s
@@ -57,6 +69,8 @@ class Account:
         fleet = self.services.fleet
         if attempt.ttft_s is not None:
             ttft_s = attempt.ttft_s
+        elif output <= 1:                   # a one-token answer: all of it was the wait for the first token
+            ttft_s = elapsed_s
         else:   # a whole answer at once: the model's usual TTFT, the rest is generation
             ttft_s = min(elapsed_s, fleet.estimates.ttft_p50_s(attempt.model.name))
         tpot_s = (elapsed_s - ttft_s) / (output - 1) if output > 1 else None

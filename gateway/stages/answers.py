@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from gateway.context import Attempt, RequestContext, Usage
-from gateway.tokens import count_completion_tokens, usage_from_response
+from gateway.tokens import DEFAULT_ENCODING, count_completion_tokens, count_prompt_tokens, usage_from_response
+
 
 def read_answer(attempt: Attempt, body: dict) -> None:
     """What a non-streamed answer says about itself: id, model, finish reasons, usage."""
@@ -13,14 +14,24 @@ def read_answer(attempt: Attempt, body: dict) -> None:
                                    if isinstance(c, dict) and c.get("finish_reason"))
     attempt.usage = usage_from_response(body)
 
+
 def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
     """Tokens counted by the gateway when the upstream reported none."""
     texts = ctx.stream_record.texts if ctx.stream_record is not None else []
     if ctx.response_body is not None:
         texts = [c.get("message", {}).get("content") or c.get("text") or ""
                  for c in ctx.response_body.get("choices") or () if isinstance(c, dict)]
-    output = count_completion_tokens(texts, attempt.model.encoding) if ctx.endpoint != "embeddings" else 0
-    return Usage(input_tokens=ctx.prompt_tokens, output_tokens=output, estimated=True)
+    encoding = attempt.model.encoding
+    output = count_completion_tokens(texts, encoding) if ctx.endpoint != "embeddings" else 0
+    return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, estimated=True)
+
+
+def prompt_tokens(ctx: RequestContext, encoding: str) -> int:
+    """The prompt's tokens in the model's encoding (the count stage used the default one)."""
+    if encoding == DEFAULT_ENCODING:
+        return ctx.prompt_tokens
+    return count_prompt_tokens(ctx.endpoint, ctx.body, encoding)
+
 
 def settle_attempt(ctx: RequestContext, attempt: Attempt) -> None:
     """Fill in an ended attempt: the answer's fields, and estimated usage when it produced output."""

@@ -8,6 +8,7 @@ Identical requests arriving while the first is in flight wait for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from decimal import Decimal
 
 import orjson
@@ -78,7 +79,12 @@ class Cache:
         task = asyncio.ensure_future(singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
                                                       poll_fn=lambda: self._lookup(ctx.cache_key)))
         leader_started = asyncio.ensure_future(leading.wait())
-        await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:      # the client left: stop waiting (a leader's followers go direct)
+            leader_started.cancel()
+            task.cancel()
+            raise
         if leading.is_set():
             ctx.extra["flight"] = Flight(task, done)
             return None
@@ -91,9 +97,13 @@ class Cache:
 
     async def _answer(self, ctx: RequestContext, entry: CacheEntry) -> web.StreamResponse:
         """Answer from a cached entry: JSON, or a replayed SSE stream. It costs nothing."""
-        if ctx.decision.plan and (usage := usage_from_response(entry.body)) is not None:
-            ctx.cache_saved_usd = token_cost_usd(ctx.decision.plan[0], usage)
+        usage = usage_from_response(entry.body)
+        if usage is not None:
             ctx.usage = usage
+        if entry.cost_usd is not None:
+            ctx.cache_saved_usd = entry.cost_usd
+        elif ctx.decision.plan and usage is not None:
+            ctx.cache_saved_usd = token_cost_usd(ctx.decision.plan[0], usage)
         ctx.cost_usd = Decimal(0)
         headers = {**response_headers(ctx), "x-gateway-cost-usd": "0"}
         if not ctx.stream:
@@ -133,9 +143,11 @@ class Cache:
         if ctx.error is not None or ctx.status != 200 or not ctx.attempts or ctx.attempts[-1].status != 200:
             return None
         if ctx.response_body is not None:
-            return entry_from_response(ctx.endpoint, ctx.response_body)
-        record = ctx.stream_record
-        return entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
+            entry = entry_from_response(ctx.endpoint, ctx.response_body)
+        else:
+            record = ctx.stream_record
+            entry = entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
+        return dataclasses.replace(entry, cost_usd=ctx.attempts[-1].cost_usd) if entry is not None else None
 
 
 async def _quietly(task: asyncio.Task) -> None:

@@ -126,7 +126,9 @@ class Call:
         attempt.ended_s = time.perf_counter()
         settle_attempt(ctx, attempt)
         self.services.fleet.finished(attempt.model.name)
-        self.services.telemetry.end_attempt(ctx, attempt)
+        record = ctx.stream_record
+        gaps_s = record.chunk_gaps_s if record is not None and attempt is ctx.attempts[-1] else ()
+        self.services.telemetry.end_attempt(ctx, attempt, gaps_s)
 
     async def finish(self, ctx: RequestContext) -> None:
         return None

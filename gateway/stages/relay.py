@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.context import Attempt, RequestContext
 from gateway.errors import UpstreamError, UpstreamProtocolError
-from gateway.sse import DONE, error_event, event_data
+from gateway.sse import DONE, encode_event, error_event, event_data
 from gateway.responses import response_headers
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall
@@ -28,7 +28,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("chunks", "texts", "finish_reasons", "done", "collect")
+    __slots__ = ("chunks", "texts", "finish_reasons", "done", "collect", "chunk_gaps_s", "_last_chunk_s")
 
     def __init__(self, collect: bool) -> None:
         self.chunks: list[dict] = []
@@ -36,9 +36,15 @@ class StreamState:
         self.finish_reasons: list[str] = []
         self.done = False
         self.collect = collect
+        self.chunk_gaps_s: list[float] = []         # between consecutive chunks: time per output chunk
+        self._last_chunk_s: float | None = None
 
     def absorb(self, chunk: dict) -> None:
-        """Keep the text and finish reasons (and the chunk, when the cache wants it)."""
+        """Keep the text, finish reasons and chunk timing (and the chunk, when the cache wants it)."""
+        now_s = time.perf_counter()
+        if self._last_chunk_s is not None:
+            self.chunk_gaps_s.append(now_s - self._last_chunk_s)
+        self._last_chunk_s = now_s
         if self.collect:
             self.chunks.append(chunk)
         for choice in chunk.get("choices") or ():
@@ -89,13 +95,16 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                 usage = usage_from_response(chunk)
                 if response is None:
                     attempt.ttft_s = time.perf_counter() - attempt.started_s
+                    attempt.response_id, attempt.response_model = chunk.get("id"), chunk.get("model")
                     on_first_event(ctx, attempt)
                     response = await _open_client_stream(ctx, response_headers(ctx))
                 state.absorb(chunk)
                 if usage is not None:
                     attempt.usage = usage
-                    if not ctx.include_usage and not chunk.get("choices"):
+                if not ctx.include_usage and "usage" in chunk:
+                    if not chunk.get("choices"):
                         continue            # the client did not ask for the usage chunk
+                    event = encode_event({k: v for k, v in chunk.items() if k != "usage"})
                 await response.write(event)
             if not state.done:
                 raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
@@ -130,7 +139,4 @@ def _recorded(ctx: RequestContext, attempt: Attempt, state: StreamState,
               response: web.StreamResponse | None) -> web.StreamResponse:
     attempt.finish_reasons = tuple(state.finish_reasons)
     ctx.stream_record = state
-    if state.chunks:
-        first = state.chunks[0]
-        attempt.response_id, attempt.response_model = first.get("id"), first.get("model")
     return response

@@ -1,0 +1,438 @@
+"""End to end: the response cache in a real redis-server, through the running gateway and the openai SDK.
+
+Each Redis test gets a fresh redis-server (the `redis_server` fixture) and a
+gateway pointed at it with GATEWAY_REDIS_URL; the embedded in-memory default
+is checked with a gateway that has no Redis at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import redis
+
+from tests.support.harness import Harness
+
+KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-0002"}
+ENTRY_PATTERN = "gw:c:v1:*"
+
+POLICY = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    upstream_model: sim-small
+    tier: 1
+    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
+    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
+    timeouts: {{connect_s: 1, first_byte_s: 5, total_s: 10}}
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+    cache: {{enabled: true, ttl_s: 60}}
+  - name: short
+    match: {{models: ["short"]}}
+    candidates: [small]
+    cache: {{enabled: true, ttl_s: 1}}
+tenants:
+  alpha: {{keys_sha256: ["@ALPHA@"]}}
+  beta: {{keys_sha256: ["@BETA@"]}}
+"""
+SIMS = {"small": dict(ttft_ms=5, tpot_ms=1)}
+
+
+def policy() -> str:
+    digest = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in KEYS.items()}
+    return POLICY.replace("@ALPHA@", digest["alpha"]).replace("@BETA@", digest["beta"])
+
+
+def environ(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
+    return {**base, "OTEL_SDK_DISABLED": "true", **extra}
+
+
+@pytest.fixture
+def gw(redis_server):
+    harness = Harness(policy(), SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start()
+    harness.redis = redis.Redis.from_url(redis_server.url)
+    yield harness
+    harness.redis.close()
+    harness.stop()
+
+
+@pytest.fixture(scope="module")
+def memory_gw():
+    harness = Harness(policy(), SIMS, environ()).start()
+    yield harness
+    harness.stop()
+
+
+# helpers -----------------------------------------------------------------------------------------
+
+def ask(content: str, **changes) -> dict:
+    """A cacheable chat request (temperature 0)."""
+    return {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 5,
+            "temperature": 0, **changes}
+
+
+def chat(gw, tenant: str = "alpha", headers: dict | None = None, **request):
+    """A non-streamed chat through the SDK: (completion, x-gateway-cache)."""
+    raw = gw.openai(api_key=KEYS[tenant]).chat.completions.with_raw_response.create(
+        **request, extra_headers=headers or {})
+    return raw.parse(), raw.headers["x-gateway-cache"]
+
+
+def stream(gw, tenant: str = "alpha", **request):
+    """A streamed chat through the SDK: (chunks, x-gateway-cache)."""
+    raw = gw.openai(api_key=KEYS[tenant]).chat.completions.with_raw_response.create(**request, stream=True)
+    return list(raw.parse()), raw.headers["x-gateway-cache"]
+
+
+def stream_text(chunks) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def upstream_calls(gw) -> int:
+    return gw.sim_stats("small")["total"]
+
+
+def entry_keys(gw) -> list[bytes]:
+    """The cache entries in Redis (single-flight locks, `...:lock`, left out)."""
+    return [key for key in gw.redis.keys(ENTRY_PATTERN) if not key.endswith(b":lock")]
+
+
+def wait_for_entries(gw, count: int, timeout_s: float = 5.0) -> None:
+    """Wait until Redis holds `count` entries: cache writes run in the background, after the answer."""
+    deadline = time.monotonic() + timeout_s
+    while len(entry_keys(gw)) < count:
+        assert time.monotonic() < deadline, f"Redis never held {count} cache entries"
+        time.sleep(0.01)
+
+
+# hit, miss, TTL, Cache-Control ------------------------------------------------------------------
+
+def test_second_identical_request_is_a_hit_from_redis(gw):
+    """The first answer is stored in Redis with its TTL; the identical second one is served from it, not upstream."""
+    first, status_first = chat(gw, **ask("What is a cache?"))
+    wait_for_entries(gw, 1)
+    second, status_second = chat(gw, **ask("What is a cache?"))
+    assert (status_first, status_second) == ("stored", "hit")
+    assert second.id == first.id
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert second.usage == first.usage
+    assert upstream_calls(gw) == 1
+    (key,) = entry_keys(gw)
+    assert 50 < gw.redis.ttl(key) <= 60
+
+
+def test_entry_expires_after_its_ttl(gw):
+    """A route with ttl_s 1 stops answering from the cache once the second has passed."""
+    assert chat(gw, **ask("Short-lived", model="short"))[1] == "stored"
+    wait_for_entries(gw, 1)
+    assert chat(gw, **ask("Short-lived", model="short"))[1] == "hit"
+    time.sleep(1.2)
+    assert chat(gw, **ask("Short-lived", model="short"))[1] == "stored"
+    assert upstream_calls(gw) == 2
+
+
+def test_no_cache_skips_the_lookup_and_refreshes_the_entry(gw):
+    """Cache-Control: no-cache calls upstream even with an entry, and its fresh answer replaces the entry."""
+    first, _ = chat(gw, **ask("Refresh me"))
+    wait_for_entries(gw, 1)
+    fresh, status = chat(gw, headers={"Cache-Control": "no-cache"}, **ask("Refresh me"))
+    assert status == "stored"
+    assert fresh.id != first.id
+    assert upstream_calls(gw) == 2
+    deadline = time.monotonic() + 5
+    while (hit := chat(gw, **ask("Refresh me")))[0].id != fresh.id:
+        assert time.monotonic() < deadline, "the refreshed answer never replaced the entry"
+        time.sleep(0.01)
+    assert hit[1] == "hit"
+    assert upstream_calls(gw) == 2
+
+
+def test_no_store_answers_without_storing(gw):
+    """Cache-Control: no-store leaves nothing in Redis; the next request misses and is stored."""
+    _, status = chat(gw, headers={"Cache-Control": "no-store"}, **ask("Keep no copy"))
+    assert status == "miss"
+    time.sleep(0.1)
+    assert entry_keys(gw) == []
+    assert chat(gw, **ask("Keep no copy"))[1] == "stored"
+    wait_for_entries(gw, 1)
+    assert chat(gw, headers={"Cache-Control": "no-store"}, **ask("Keep no copy"))[1] == "hit"
+    assert chat(gw, headers={"Cache-Control": "no-cache, no-store"}, **ask("Keep no copy"))[1] == "bypass"
+    assert upstream_calls(gw) == 3
+
+
+def test_tenants_never_share_an_entry(gw):
+    """The same request from two tenants makes two entries: the second tenant misses and gets its own answer."""
+    alpha_first, status_alpha = chat(gw, "alpha", **ask("Shared question"))
+    wait_for_entries(gw, 1)
+    beta_first, status_beta = chat(gw, "beta", **ask("Shared question"))
+    assert (status_alpha, status_beta) == ("stored", "stored")
+    wait_for_entries(gw, 2)
+    assert len(entry_keys(gw)) == 2
+    alpha_again, alpha_status = chat(gw, "alpha", **ask("Shared question"))
+    beta_again, beta_status = chat(gw, "beta", **ask("Shared question"))
+    assert (alpha_status, beta_status) == ("hit", "hit")
+    assert (alpha_again.id, beta_again.id) == (alpha_first.id, beta_first.id)
+    assert alpha_first.id != beta_first.id
+    assert upstream_calls(gw) == 2
+
+
+@pytest.mark.parametrize("request_changes", [{"temperature": 1}, {"temperature": None}, {"n": 2}])
+def test_nondeterministic_requests_bypass_the_cache(gw, request_changes):
+    """Sampled requests without a seed (temperature 1, or none: the default 1) and n=2 never touch the cache."""
+    request = {k: v for k, v in {**ask("Sample me"), **request_changes}.items() if v is not None}
+    statuses = [chat(gw, **request)[1] for _ in range(2)]
+    assert statuses == ["bypass", "bypass"]
+    assert upstream_calls(gw) == 2
+    time.sleep(0.05)
+    assert entry_keys(gw) == []
+
+
+def test_a_seed_makes_a_sampled_request_cacheable(gw):
+    """temperature 1 with a seed is deterministic enough to share: stored, then a hit."""
+    request = ask("Seeded sample", temperature=1, seed=42)
+    assert chat(gw, **request)[1] == "stored"
+    wait_for_entries(gw, 1)
+    assert chat(gw, **request)[1] == "hit"
+    assert upstream_calls(gw) == 1
+
+
+# streams ----------------------------------------------------------------------------------------
+
+def test_stream_then_plain_request_share_one_entry(gw):
+    """A finished stream is stored, and the same request without streaming is answered from it."""
+    chunks, status = stream(gw, **ask("Stream first"))
+    assert status == "miss"         # the headers left before the stream was complete, and so stored
+    wait_for_entries(gw, 1)
+    completion, status = chat(gw, **ask("Stream first"))
+    assert status == "hit"
+    assert completion.choices[0].message.content == stream_text(chunks)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.id == chunks[0].id
+    assert completion.usage.completion_tokens == 5
+    assert upstream_calls(gw) == 1
+
+
+def test_plain_then_stream_replay_is_parsed_by_the_sdk(gw):
+    """A stored answer replays as a stream the SDK parses: same content, finish reason, and usage when asked."""
+    original, _ = chat(gw, **ask("Plain first"))
+    wait_for_entries(gw, 1)
+    chunks, status = stream(gw, **ask("Plain first"), stream_options={"include_usage": True})
+    assert status == "hit"
+    assert stream_text(chunks) == original.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == original.usage
+    assert all(c.id == original.id and c.object == "chat.completion.chunk" for c in chunks)
+    bare, status = stream(gw, **ask("Plain first"))
+    assert status == "hit"
+    assert stream_text(bare) == original.choices[0].message.content
+    assert all(c.usage is None for c in bare)
+    assert upstream_calls(gw) == 1
+
+
+# single-flight ----------------------------------------------------------------------------------
+
+async def test_fifty_identical_concurrent_requests_make_one_upstream_call(gw):
+    """50 identical requests in flight together are answered by one upstream call, all with the same answer."""
+    gw.sim_config("small", ttft_ms=800)
+    client = gw.async_openai(api_key=KEYS["alpha"], timeout=30)
+    try:
+        raws = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**ask("Stampede"))
+                                      for _ in range(50)))
+    finally:
+        await client.close()
+        gw.sim_config("small", ttft_ms=5)
+    completions = [raw.parse() for raw in raws]
+    assert upstream_calls(gw) == 1
+    assert len({c.id for c in completions}) == 1
+    assert len({c.choices[0].message.content for c in completions}) == 1
+    statuses = sorted(raw.headers["x-gateway-cache"] for raw in raws)
+    assert statuses == ["hit"] * 49 + ["stored"]
+
+
+async def test_a_follower_leaving_does_not_disturb_the_flight(gw):
+    """A follower whose client gives up leaves the leader and the other followers to one shared upstream call."""
+    gw.sim_config("small", ttft_ms=800)
+    client = gw.async_openai(api_key=KEYS["alpha"], timeout=30)
+    impatient = gw.async_openai(api_key=KEYS["alpha"], timeout=0.3)
+    try:
+        leader = asyncio.ensure_future(client.chat.completions.create(**ask("Patience")))
+        await asyncio.sleep(0.1)
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.chat.completions.create(**ask("Patience"))
+        follower = await client.chat.completions.create(**ask("Patience"))
+        first = await leader
+    finally:
+        await client.close()
+        await impatient.close()
+        gw.sim_config("small", ttft_ms=5)
+    assert follower.id == first.id
+    assert upstream_calls(gw) == 1
+
+
+async def test_a_leader_leaving_releases_its_followers(gw):
+    """When the leader's client gives up, its followers are not stranded: each is answered from upstream."""
+    gw.sim_config("small", ttft_ms=800)
+    client = gw.async_openai(api_key=KEYS["alpha"], timeout=30)
+    impatient = gw.async_openai(api_key=KEYS["alpha"], timeout=0.3)
+    try:
+        leader = asyncio.ensure_future(impatient.chat.completions.create(**ask("Abandoned")))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        followers = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**ask("Abandoned"))
+                                           for _ in range(2)))
+        waited_s = time.perf_counter() - started
+        with pytest.raises(openai.APITimeoutError):
+            await leader
+    finally:
+        await client.close()
+        await impatient.close()
+        gw.sim_config("small", ttft_ms=5)
+    assert all(raw.parse().choices[0].message.content for raw in followers)
+    assert waited_s < 5.0           # not the 30 s single-flight timeout
+    assert upstream_calls(gw) == 3
+
+
+# across replicas ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def replicas(redis_server):
+    """Two gateways (each with its own simulator) sharing one redis-server."""
+    pair = [Harness(policy(), SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start() for _ in range(2)]
+    yield pair
+    for harness in pair:
+        harness.stop()
+
+
+def pause(harness: Harness) -> None:
+    """Stop a replica's event loop where it stands, as if its process were frozen."""
+    harness.loop.call_soon_threadsafe(harness.loop.stop)
+    harness.thread.join(timeout=5)
+
+
+def resume(harness: Harness) -> None:
+    harness.thread = threading.Thread(target=harness.loop.run_forever, daemon=True)
+    harness.thread.start()
+
+
+def test_replicas_share_one_upstream_call_through_the_redis_lock(replicas):
+    """The same request on two replicas at once makes one upstream call: the second waits for the first's entry."""
+    first, second = replicas
+    first.sim_config("small", ttft_ms=600)
+    with ThreadPoolExecutor(1) as pool:
+        leading = pool.submit(chat, first, **ask("Across replicas"))
+        time.sleep(0.2)
+        follower, status = chat(second, **ask("Across replicas"))
+        leader, _ = leading.result(timeout=10)
+    assert status == "hit"
+    assert follower.id == leader.id
+    assert upstream_calls(first) + upstream_calls(second) == 1
+
+
+def test_a_frozen_replica_blocks_the_others_only_briefly(replicas):
+    """A replica frozen mid-call stops renewing its lock, so another replica takes over within seconds, not 30."""
+    first, second = replicas
+    first.sim_config("small", ttft_ms=1500)
+    with ThreadPoolExecutor(1) as pool:
+        leading = pool.submit(chat, first, **ask("Frozen leader"))
+        time.sleep(0.3)
+        pause(first)
+        try:
+            started = time.perf_counter()
+            answer, status = chat(second, **ask("Frozen leader"))
+            waited_s = time.perf_counter() - started
+        finally:
+            resume(first)
+        leader, _ = leading.result(timeout=10)
+    assert answer.choices[0].message.content and status == "stored"
+    assert waited_s < 6.0           # the lock's 3 s TTL, not the 30 s single-flight timeout
+    assert upstream_calls(second) == 1 and leader.choices[0].message.content
+
+
+# Redis failure ----------------------------------------------------------------------------------
+
+async def test_killing_redis_mid_load_fails_no_request_and_caching_resumes(gw, redis_server, caplog):
+    """With redis-server killed under load every request still succeeds quickly, with a warning, and caching resumes."""
+    client = gw.async_openai(api_key=KEYS["alpha"], timeout=10)
+    latencies_s: list[float] = []
+
+    async def worker(worker_id: int, stop: asyncio.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            content = "Repeated under load" if n % 2 else f"Distinct {worker_id}-{n}"
+            started = time.perf_counter()
+            completion = await client.chat.completions.create(**ask(content))
+            latencies_s.append(time.perf_counter() - started)
+            assert completion.choices[0].message.content
+
+    stop = asyncio.Event()
+    workers = [asyncio.ensure_future(worker(i, stop)) for i in range(4)]
+    try:
+        await asyncio.sleep(0.4)
+        before_kill = len(latencies_s)
+        await asyncio.to_thread(redis_server.stop)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)          # any failed request fails the test here
+    finally:
+        stop.set()
+        await client.close()
+    assert before_kill > 0 and len(latencies_s) > before_kill + 8
+    assert max(latencies_s) < 2.0
+    warnings = [r for r in caplog.records if "redis cache unavailable" in r.getMessage()]
+    assert warnings and all(r.levelname == "WARNING" for r in warnings)
+    assert gw.services.stores.cache.errors >= len(warnings)
+    await asyncio.to_thread(redis_server.start)
+    deadline = time.monotonic() + 10
+    while (status := (await asyncio.to_thread(chat, gw, **ask("After the restart")))[1]) != "hit":
+        assert time.monotonic() < deadline, f"caching did not resume after Redis came back (last: {status})"
+        await asyncio.sleep(0.2)
+    assert len(entry_keys(gw)) >= 1
+
+
+# the embedded default -----------------------------------------------------------------------------
+
+def test_in_memory_cache_is_the_default_without_redis(memory_gw):
+    """With no Redis configured the gateway caches in memory: store, hit, and tenant isolation all hold."""
+    assert memory_gw.services.stores.backend == "memory"
+    first, status_first = chat(memory_gw, **ask("Memory please"))
+    second, status_second = chat(memory_gw, **ask("Memory please"))
+    other, status_other = chat(memory_gw, "beta", **ask("Memory please"))
+    assert (status_first, status_second, status_other) == ("stored", "hit", "stored")
+    assert second.id == first.id != other.id
+    assert upstream_calls(memory_gw) == 2
+
+
+def test_a_frozen_redis_costs_each_request_a_bounded_wait(gw, redis_server):
+    """With redis-server frozen (SIGSTOP) requests bypass the cache after a short timeout, and it resumes on SIGCONT."""
+    assert chat(gw, **ask("Before the freeze"))[1] == "stored"
+    wait_for_entries(gw, 1)
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        latencies_s = []
+        for n in range(6):
+            started = time.perf_counter()
+            completion, status = chat(gw, **ask("Before the freeze" if n % 2 else f"Frozen {n}"))
+            latencies_s.append(time.perf_counter() - started)
+            assert completion.choices[0].message.content
+            assert status in ("stored", "miss")         # never a hit: the entry is out of reach
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert max(latencies_s) < 1.0
+    deadline = time.monotonic() + 10
+    while chat(gw, **ask("Before the freeze"))[1] != "hit":
+        assert time.monotonic() < deadline, "caching did not resume after Redis thawed"
+        time.sleep(0.2)

@@ -48,6 +48,8 @@ class Attempt:
     finish_reasons: tuple[str, ...] = ()
     span: Any = None                    # the CLIENT span, when telemetry is on
     traceparent: str | None = None      # what was injected upstream
+    energy_id: str | None = None        # the attempt's id in the energy ledger, when its GPUs are measured
+    energy_j: float | None = None
 
 
 @dataclass

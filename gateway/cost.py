@@ -31,14 +31,21 @@ JOULES_PER_KWH = Decimal(3_600_000)
 USD_QUANTUM = Decimal("1e-10")
 
 
+def energy_cost_usd(model: Model, energy_j: float) -> Decimal:
+    """The USD cost of `energy_j` joules on `model`'s GPUs; 0 when the model has no energy price."""
+    if model.energy_usd_per_kwh is None:
+        return Decimal(0)
+    return _decimal(energy_j, "energy_j") / JOULES_PER_KWH * model.energy_usd_per_kwh
+
+
 def request_cost_usd(model: Model, usage: Usage, *, gpu_seconds: float | None = None,
                      energy_j: float | None = None) -> Decimal:
     """The USD cost of one request to `model`: tokens, plus GPU time and energy when priced."""
     cost_usd = token_cost_usd(model, usage)
     if model.gpu_hour_usd is not None and gpu_seconds is not None:
         cost_usd += _decimal(gpu_seconds, "gpu_seconds") * model.gpu_hour_usd / SECONDS_PER_HOUR
-    if model.energy_usd_per_kwh is not None and energy_j is not None:
-        cost_usd += _decimal(energy_j, "energy_j") / JOULES_PER_KWH * model.energy_usd_per_kwh
+    if energy_j is not None:
+        cost_usd += energy_cost_usd(model, energy_j)
     return cost_usd
 
 

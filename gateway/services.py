@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.context import RequestContext
+from gateway.energy import EnergyMonitor
 from gateway.fleet import Fleet
 from gateway.runtime import PolicyHolder
 from gateway.stores import Stores
@@ -40,6 +41,7 @@ class Services:
     fleet: Fleet
     stores: Stores
     telemetry: Telemetry
+    energy: Any = None                  # EnergyMonitor, when any model declares its GPUs
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     pipeline: Any = None
     draining: bool = False
@@ -91,6 +93,11 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             stores=await Stores.open(policy, environ),
                             telemetry=Telemetry.from_env(policy.telemetry, environ=environ))
         services.extra["recorder"] = Recorder(policy)
+        services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
+        if any(model.gpus is not None for model in policy.models.values()):
+            services.energy = EnergyMonitor(policy, session)
+            await services.energy.start()
+            services.telemetry.observe_gpus(services.energy)
         services.pipeline = Pipeline(tuple(stage(services) for stage in STAGES))
         # the fleet follows reloads: new routing settings, and the new router built before its first request
         holder.listeners.append(lambda runtime: services.fleet.adopt(runtime.policy))
@@ -100,6 +107,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         yield
         services.draining = True
         await services.background.drain(timeout_s=policy.server.grace_period_s)
+        if services.energy is not None:
+            await services.energy.stop()
         services.extra["recorder"].close()
         await services.stores.close()
         await session.close()

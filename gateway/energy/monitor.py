@@ -246,6 +246,10 @@ class EnergyMonitor:
         """The latest reading of every GPU, failed ones included, for `gateway gpu` and metrics."""
         return [reading for s in self._sampled.values() for reading in s.readings]
 
+    def models(self) -> list[str]:
+        """The models whose GPUs this monitor samples."""
+        return list(self._sampled)
+
     def totals(self, model: str) -> ModelEnergy:
         """Measured, attributed and idle joules of one model so far."""
         return self.ledger.totals(model)
@@ -258,6 +262,10 @@ class EnergyMonitor:
     def progress(self, request_id: str, tokens: int) -> None:
         """Cumulative tokens processed by the request so far (prompt once prefilled, plus output)."""
         self.ledger.progress(request_id, tokens)
+
+    def request_ended(self, request_id: str) -> None:
+        """The request stopped using the GPU now; its joules are read later with `request_finished`."""
+        self.ledger.mark_ended(request_id)
 
     async def request_finished(self, request_id: str) -> float | None:
         """The request's joules, after the sample that closes its last interval; None when not measured."""

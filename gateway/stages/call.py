@@ -70,6 +70,10 @@ class Call:
             attempt = Attempt(model=model, started_s=time.perf_counter())
             ctx.attempts.append(attempt)
             self.services.fleet.started(model.name)
+            energy = self.services.energy
+            if energy is not None and energy.measures(model.name):
+                attempt.energy_id = f"{ctx.request_id}:{len(ctx.attempts)}"
+                energy.request_started(attempt.energy_id, model.name)
             try:
                 return await self._attempt(ctx, attempt)
             except UpstreamError as exc:
@@ -97,7 +101,8 @@ class Call:
         headers.update(trace_headers)
         call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model), headers)
         if ctx.stream:
-            return await relay_stream(ctx, attempt, services.transport, call, self._succeeded)
+            return await relay_stream(ctx, attempt, services.transport, call, self._succeeded,
+                                      energy=services.energy)
         answer = await services.transport.complete(call)
         ctx.response_body = answer.body
         self._succeeded(ctx, attempt)
@@ -124,6 +129,8 @@ class Call:
 
     def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
+        if attempt.energy_id is not None:
+            self.services.energy.request_ended(attempt.energy_id)
         settle_attempt(ctx, attempt)
         self.services.fleet.finished(attempt.model.name)
         record = ctx.stream_record

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from gateway.context import RequestContext
+from gateway.cost import energy_cost_usd
 
 
 class Observe:
-    """First in, last out: starts the request's span and, when all else is done, records it."""
+    """First in, last out: starts the request's span and, when all else is done, records it.
+
+    When an attempt ran on measured GPUs, its joules are known only after the
+    sample that closes its last interval: the request is then recorded in the
+    background, once they are in, never holding up the response.
+    """
 
     def __init__(self, services) -> None:
         self.services = services
@@ -16,5 +22,28 @@ class Observe:
         return None
 
     async def finish(self, ctx: RequestContext) -> None:
+        if any(attempt.energy_id is not None for attempt in ctx.attempts):
+            self.services.background.spawn(self._record_with_energy(ctx), name="energy-attribution")
+        else:
+            self._record(ctx)
+
+    def _record(self, ctx: RequestContext) -> None:
         self.services.telemetry.finish_request(ctx)
         self.services.record_request(ctx)
+
+    async def _record_with_energy(self, ctx: RequestContext) -> None:
+        """Wait for each measured attempt's joules, add their cost, then record the request."""
+        energy = self.services.energy
+        total_j = 0.0
+        try:
+            for attempt in ctx.attempts:
+                if attempt.energy_id is None:
+                    continue
+                attempt.energy_j = await energy.request_finished(attempt.energy_id) or 0.0
+                total_j += attempt.energy_j
+                extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
+                attempt.cost_usd += extra_usd
+                ctx.cost_usd += extra_usd
+            ctx.energy_j = total_j
+        finally:
+            self._record(ctx)

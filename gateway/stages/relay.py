@@ -78,7 +78,8 @@ async def _open_client_stream(ctx: RequestContext, headers: dict[str, str]) -> w
 
 
 async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: UpstreamCall,
-                       on_first_event: Callable[[RequestContext, Attempt], None]) -> web.StreamResponse:
+                       on_first_event: Callable[[RequestContext, Attempt], None],
+                       energy=None) -> web.StreamResponse:
     """Relay one upstream stream; returns the client's response once the stream has ended."""
     state = StreamState(collect=ctx.cache_key is not None)
     response: web.StreamResponse | None = None
@@ -99,6 +100,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                     on_first_event(ctx, attempt)
                     response = await _open_client_stream(ctx, response_headers(ctx))
                 state.absorb(chunk)
+                if attempt.energy_id is not None:
+                    energy.progress(attempt.energy_id, ctx.prompt_tokens + len(state.texts))
                 if usage is not None:
                     attempt.usage = usage
                 if not ctx.include_usage and "usage" in chunk:

@@ -40,6 +40,7 @@ from gateway.telemetry.exporters import (
 from gateway.telemetry.genai import SCHEMA_URL
 from gateway.telemetry.labels import TenantLabels
 from gateway.telemetry.metrics import Instruments
+from gateway.telemetry import observed
 from gateway.telemetry.tracing import Hooks, NoopHooks
 
 if TYPE_CHECKING:
@@ -163,6 +164,16 @@ class Telemetry:
     def end_attempt(self, ctx: RequestContext, attempt: Attempt, chunk_gaps_s: Sequence[float] = ()) -> None:
         """End an attempt's CLIENT span and record its metrics (chunk gaps: streams only)."""
         self._hooks.end_attempt(ctx, attempt, chunk_gaps_s)
+
+    def observe_gpus(self, monitor) -> None:
+        """Export the GPU readings (hw.*) and per-model energy totals of an energy monitor."""
+        if self.meter is not None:
+            observed.observe_gpus(self.meter, monitor)
+
+    def observe_cache_errors(self, read_errors) -> None:
+        """Export the cache store's error count (each one served as a bypass)."""
+        if self.meter is not None:
+            observed.observe_cache_errors(self.meter, read_errors)
 
     def record_outcome(self, task) -> None:
         """Count a reported task outcome and its cost (cost per successful task)."""

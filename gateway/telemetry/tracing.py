@@ -134,12 +134,19 @@ class Hooks:
             span.set_attributes({**genai.gateway_attributes(ctx), **genai.http_response_attributes(ctx)})
             if ctx.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
-            span.end()
+            span.end(end_time=_ended_ns(ctx))
         self._instruments.record_request(ctx, self._tenants.label(ctx.tenant_name))
 
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""
         self._instruments.record_task(task, self._tenants.label(task.tenant))
+
+
+def _ended_ns(ctx: RequestContext) -> int | None:
+    """When the request ended, as the span clock reads it (it may be recorded a little later)."""
+    if ctx.ended_s is None:
+        return None
+    return time.time_ns() - max(0, int((time.perf_counter() - ctx.ended_s) * 1e9))
 
 
 class NoopHooks:

@@ -1,0 +1,53 @@
+"""Instruments read at collection time from other layers: GPU readings, energy totals, cache errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.semconv._incubating.metrics import hw_metrics
+
+from gateway.telemetry.genai import MODEL_SELECTED
+
+#: hw.* instrument name -> unit (semantic conventions for hardware)
+HW_UNITS = {hw_metrics.HW_POWER: "W", hw_metrics.HW_ENERGY: "J",
+            hw_metrics.HW_GPU_UTILIZATION: "1", hw_metrics.HW_GPU_MEMORY_UTILIZATION: "1"}
+
+
+def observe_gpus(meter: Meter, monitor) -> None:
+    """hw.power, hw.energy, hw.gpu.utilization, hw.gpu.memory.utilization per GPU; energy split per model."""
+    for name, unit in HW_UNITS.items():
+        create = meter.create_observable_counter if name == hw_metrics.HW_ENERGY else meter.create_observable_gauge
+        create(name, unit=unit, callbacks=[_hw_callback(monitor, name)])
+    meter.create_observable_counter("gateway.energy.measured", unit="J", callbacks=[
+        _per_model(monitor, lambda t: t.measured_j)], description="GPU energy measured per model.")
+    meter.create_observable_counter("gateway.energy.idle", unit="J", callbacks=[
+        _per_model(monitor, lambda t: t.idle_j)], description="GPU energy with no request in flight, per model.")
+    meter.create_observable_gauge("gateway.energy.idle_to_active", unit="1", callbacks=[
+        _per_model(monitor, lambda t: t.idle_to_active_ratio)],
+        description="Seconds a model's GPUs were idle per second they were active.")
+
+
+def _hw_callback(monitor, metric: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        for reading in monitor.snapshot():
+            value = reading.hw_values().get(metric)
+            if value is not None:
+                yield Observation(value, reading.hw_attributes())
+    return observe
+
+
+def _per_model(monitor, value_of) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        for model in monitor.models():
+            value = value_of(monitor.totals(model))
+            if value is not None:
+                yield Observation(value, {MODEL_SELECTED: model})
+    return observe
+
+
+def observe_cache_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
+    """gateway.cache.errors: store failures the cache turned into bypasses."""
+    meter.create_observable_counter("gateway.cache.errors", unit="{error}",
+                                    description="Cache store errors served as bypasses.",
+                                    callbacks=[lambda _options: [Observation(read_errors())]])

@@ -1,0 +1,142 @@
+"""End to end: GPU energy measured from a DCGM exporter, attributed to requests, priced and exported."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import urllib.request
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from gateway.cost import energy_cost_usd, token_cost_usd
+from gateway.context import Usage
+from tests.support.harness import Harness
+from tests.support.redis_server import free_port
+
+FIXTURE = (Path(__file__).parent / "fixtures" / "dcgm_metrics.txt").read_text()
+POWER_W = 400.0
+
+
+class LiveExporter:
+    """A DCGM exporter stand-in whose energy counters grow at POWER_W per GPU, in real time."""
+
+    def __init__(self) -> None:
+        self.started_s = time.monotonic()
+        self.port = free_port()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def text(self) -> str:
+        grown_mj = int(POWER_W * (time.monotonic() - self.started_s) * 1000)
+        def bump(match: re.Match) -> str:
+            return f"{match.group(1)} {int(match.group(2)) + grown_mj}"
+        return re.sub(r"^(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\{.*\}) (\d+)$", bump, FIXTURE, flags=re.M)
+
+    def _serve(self) -> None:
+        import asyncio
+
+        async def metrics(_request):
+            return web.Response(text=self.text())
+
+        async def main():
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+
+    def start(self) -> "LiveExporter":
+        self.thread.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("exporter did not start")
+
+
+POLICY = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    size_b: 1
+    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
+    energy_usd_per_kwh: 0.30
+    latency_prior: {{ttft_ms: 5, tpot_ms: 20}}
+    gpus: {{source: dcgm, url: "http://127.0.0.1:PORT/metrics", hostname: gpu-node-1, ids: ["0", "1"], idle_w: 100}}
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+energy: {{sample_interval_s: 0.05}}
+telemetry: {{prometheus: true}}
+ledger: {{path: "LEDGER"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def energy_gw(tmp_path_factory):
+    exporter = LiveExporter().start()
+    ledger = tmp_path_factory.mktemp("energy") / "ledger.jsonl"
+    harness = Harness(POLICY.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger)),
+                      sims={"small": dict(ttft_ms=5, tpot_ms=20)}, environ=dict(os.environ)).start()
+    harness.ledger_path = ledger
+    yield harness
+    harness.stop()
+
+
+def ledger_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_requests_on_measured_gpus_get_joules_and_pay_for_them(energy_gw):
+    """A streamed request on DCGM-measured GPUs gets attributed joules, and their price joins its cost."""
+    client = energy_gw.openai()
+    stream = client.chat.completions.create(model="auto", stream=True, max_tokens=20,
+                                            messages=[{"role": "user", "content": "power"}])
+    chunks = list(stream)
+    assert chunks
+    energy_gw.call(energy_gw.services.background.drain(10))
+    deadline = time.monotonic() + 5
+    records: list[dict] = []
+    while time.monotonic() < deadline:
+        records = [r for r in ledger_lines(energy_gw.ledger_path) if r.get("type") != "outcome"]
+        if records:
+            break
+        time.sleep(0.05)
+    record = records[-1]
+    assert record["energy_j"] is not None and record["energy_j"] > 0
+    # two GPUs at 400 W with a 100 W idle each: at most 600 W of active power for this one request
+    assert record["energy_j"] < 600 * record["latency_s"] * 3
+    model = energy_gw.holder.current.policy.models["small"]
+    usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
+    expected = token_cost_usd(model, usage) + energy_cost_usd(model, record["energy_j"])
+    assert abs(Decimal(record["cost_usd"]) - expected) < Decimal("1e-12")
+
+
+def test_attributed_plus_idle_equals_measured(energy_gw):
+    """Across all the traffic so far, the monitor's attributed and idle energy add up to what it measured."""
+    totals = energy_gw.services.energy.totals("small")
+    assert totals.measured_j > 0
+    assert totals.attributed_j + totals.idle_j == pytest.approx(totals.measured_j, rel=1e-9)
+    assert totals.idle_j > 0
+
+
+def test_gpu_readings_are_exported_as_hw_metrics(energy_gw):
+    """The Prometheus endpoint carries hw.power, hw.energy and hw.gpu.utilization per GPU, and the idle ratio."""
+    body = urllib.request.urlopen(f"{energy_gw.base_url}/metrics", timeout=5).read().decode()
+    assert re.search(r'^hw_power_watts\{.*hw_id="GPU-5fd4f087', body, re.M)
+    assert re.search(r"^hw_energy_joules_total\{", body, re.M)
+    assert re.search(r'^hw_gpu_utilization(_ratio)?\{.*hw_type="gpu"', body, re.M)
+    assert re.search(r'^gateway_energy_idle_to_active(_ratio)?\{.*gateway_model_selected="small"', body, re.M)

@@ -78,6 +78,26 @@ class SingleFlight:
         flight.set_result(_Outcome(result))
         return result, was_leader
 
+    @property
+    def local_only(self) -> bool:
+        """No cross-replica lock: leading is decided in this process alone, with no waiting."""
+        return self._lock is None
+
+    def try_lead(self, key: str) -> "LocalFlight | None":
+        """Lead `key` at once, in this process; None when another request already leads it."""
+        if key in self._flights:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._flights[key] = future
+        return LocalFlight(self, key, future)
+
+    async def follow(self, key: str, timeout_s: float) -> T:
+        """The result of the leader of `key`; FlightAbandoned when there is none to share."""
+        flight = self._flights.get(key)
+        if flight is None:
+            raise FlightAbandoned("no_result")
+        return await self._follow(flight, timeout_s)
+
     async def _follow(self, flight: asyncio.Future[_Outcome[T]], timeout_s: float) -> T:
         """Wait for the leader's outcome (shielded: a follower leaving does not cancel it)."""
         try:
@@ -135,3 +155,19 @@ class SingleFlight:
             if token is not None or loop.time() >= deadline_s:
                 return token, None
             await asyncio.sleep(self._poll_interval_s)
+
+
+class LocalFlight:
+    """A flight led in this process; `land` hands the result (or None) to the followers, once."""
+
+    __slots__ = ("_owner", "_key", "_future")
+
+    def __init__(self, owner: SingleFlight, key: str, future: asyncio.Future) -> None:
+        self._owner, self._key, self._future = owner, key, future
+
+    def land(self, result: Any) -> None:
+        if self._future.done():
+            return
+        if self._owner._flights.get(self._key) is self._future:
+            del self._owner._flights[self._key]
+        self._future.set_result(_Outcome(result))

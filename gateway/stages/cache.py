@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
 from gateway.cache.key import cache_control, cache_key, is_cacheable
 from gateway.cache.replay import replay_sse
-from gateway.cache.singleflight import FlightAbandoned
+from gateway.cache.singleflight import FlightAbandoned, LocalFlight
 from gateway.context import RequestContext
 from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
@@ -76,6 +76,15 @@ class Cache:
             return await done
 
         singleflight = self.services.stores.singleflight
+        if singleflight.local_only:
+            flight = singleflight.try_lead(ctx.cache_key)
+            if flight is not None:
+                ctx.extra["flight"] = flight
+                return None
+            try:
+                return await singleflight.follow(ctx.cache_key, SINGLE_FLIGHT_TIMEOUT_S)
+            except FlightAbandoned:
+                return None
         task = asyncio.ensure_future(singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
                                                       poll_fn=lambda: self._lookup(ctx.cache_key)))
         leader_started = asyncio.ensure_future(leading.wait())
@@ -121,7 +130,9 @@ class Cache:
     async def finish(self, ctx: RequestContext) -> None:
         flight: Flight | None = ctx.extra.pop("flight", None)
         entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
-        if flight is not None:
+        if isinstance(flight, LocalFlight):
+            flight.land(entry)
+        elif flight is not None:
             if not flight.done.done():
                 flight.done.set_result(entry)
             self.services.background.spawn(_quietly(flight.task), name="single-flight")

@@ -10,6 +10,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_A
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
 from gateway.telemetry import genai
+from gateway.telemetry.sums import Sums
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext, Usage
@@ -49,26 +50,25 @@ class Instruments:
             callbacks=[lambda _options: [Observation(count, labels) for labels, count in dropped()]])
 
     def _gateway_instruments(self, meter: Meter) -> None:
-        self.requests = meter.create_counter("gateway.requests", unit="{request}", description="Requests handled.")
-        self.outcomes = meter.create_counter("gateway.outcomes", unit="{request}", description="Requests by outcome.")
-        self.cost = meter.create_counter("gateway.cost", unit="USD", description="Upstream cost of requests.")
-        self.cache_lookups = meter.create_counter("gateway.cache.lookups", unit="{lookup}",
-                                                  description="Response cache lookups by status.")
-        self.cache_saved = meter.create_counter("gateway.cache.saved", unit="USD",
-                                                description="Cost that cache hits saved.")
-        self.fallbacks = meter.create_counter("gateway.fallbacks", unit="{request}",
-                                              description="Requests that retried or fell back, by state and reason.")
-        self.sla = meter.create_counter("gateway.sla", unit="{request}", description="Routing decisions by SLA met.")
+        self.requests = Sums(meter, "gateway.requests", unit="{request}", description="Requests handled.")
+        self.outcomes = Sums(meter, "gateway.outcomes", unit="{request}", description="Requests by outcome.")
+        self.cost = Sums(meter, "gateway.cost", unit="USD", description="Upstream cost of requests.")
+        self.cache_lookups = Sums(meter, "gateway.cache.lookups", unit="{lookup}",
+                                  description="Response cache lookups by status.")
+        self.cache_saved = Sums(meter, "gateway.cache.saved", unit="USD", description="Cost that cache hits saved.")
+        self.fallbacks = Sums(meter, "gateway.fallbacks", unit="{request}",
+                              description="Requests that retried or fell back, by state and reason.")
+        self.sla = Sums(meter, "gateway.sla", unit="{request}", description="Routing decisions by SLA met.")
         self.routing_duration = meter.create_histogram(
             "gateway.routing.duration", unit="s", description="Time spent choosing a model.",
             explicit_bucket_boundaries_advisory=ROUTING_BUCKETS_S)
-        self.in_flight = meter.create_up_down_counter("gateway.in_flight", unit="{request}",
-                                                      description="Upstream attempts in flight per model.")
-        self.energy = meter.create_counter("gateway.energy", unit="J", description="GPU energy attributed to requests.")
-        self.task_outcomes = meter.create_counter(
-            "gateway.task.outcomes", unit="{task}", description="Reported task outcomes (POST /v1/outcomes).")
-        self.task_cost = meter.create_counter(
-            "gateway.task.cost", unit="USD",
+        self.in_flight = Sums(meter, "gateway.in_flight", unit="{request}", monotonic=False,
+                              description="Upstream attempts in flight per model.")
+        self.energy = Sums(meter, "gateway.energy", unit="J", description="GPU energy attributed to requests.")
+        self.task_outcomes = Sums(meter, "gateway.task.outcomes", unit="{task}",
+                                  description="Reported task outcomes (POST /v1/outcomes).")
+        self.task_cost = Sums(
+            meter, "gateway.task.cost", unit="USD",
             description="Cost of tasks with a reported outcome; by outcome, so cost per successful task = "
                         "sum over outcomes / successes.")
         self.estimate_error = meter.create_histogram(

@@ -61,6 +61,8 @@ class GatewaySpec:
 GATEWAYS = {
     "gateway": GatewaySpec(),
     "gateway-notel": GatewaySpec(env={"OTEL_SDK_DISABLED": "true"}),
+    "gateway-sampled": GatewaySpec(env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                        "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     "gateway-redis": GatewaySpec(redis=True),
     "gateway-w2": GatewaySpec(workers=2, all_cores=True),
     "gateway-profiled": GatewaySpec(profiled=True),

@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -15,6 +16,8 @@ from aiohttp import web
 from gateway.app import HOLDER, build_app
 from gateway.errors import PolicyError
 from gateway.runtime import PolicyHolder
+from gateway.services import policy_encodings
+from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
 log = logging.getLogger("gateway")
@@ -72,6 +75,8 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
 
 def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> None:
     install_uvloop()
+    if interval := os.environ.get("GATEWAY_SWITCH_INTERVAL_S"):
+        sys.setswitchinterval(float(interval))
     holder = PolicyHolder.from_file(policy, os.environ)
     asyncio.run(run_server(build_app(holder), host, port, reuse_port=reuse_port))
 
@@ -79,13 +84,15 @@ def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> None:
 def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     """`gateway run`: validate the policy, then serve with one or more worker processes."""
     try:
-        PolicyHolder.from_file(policy, os.environ)
+        holder = PolicyHolder.from_file(policy, os.environ)
     except PolicyError as exc:
         log.error("invalid policy, not starting:\n%s", exc)
         return 1
     if workers <= 1:
         _worker(policy, host, port, reuse_port=False)
         return 0
+    for name in policy_encodings(holder.current.policy):
+        get_encoding(name)              # loaded once here: forked workers share its memory
     processes = [multiprocessing.Process(target=_worker, args=(policy, host, port, True), daemon=False)
                  for _ in range(workers)]
     for process in processes:

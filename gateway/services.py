@@ -24,7 +24,7 @@ from gateway.runtime import PolicyHolder
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
 from gateway.telemetry import Telemetry
-from gateway.tokens import SUPPORTED_ENCODINGS, get_encoding
+from gateway.tokens import DEFAULT_ENCODING, get_encoding
 from gateway.upstream import HttpTransport
 
 log = logging.getLogger("gateway")
@@ -73,6 +73,11 @@ def _plain(obj) -> dict:
 SERVICES = web.AppKey("services", Services)
 
 
+def policy_encodings(policy) -> set[str]:
+    """The tiktoken encodings a policy uses: the default (prompt counting) and its models' own."""
+    return {DEFAULT_ENCODING, *(model.encoding for model in policy.models.values())}
+
+
 def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
     """The cleanup context that opens the shared clients at start-up and closes them at exit."""
     environ = os.environ if environ is None else environ
@@ -82,7 +87,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         from gateway.recorder import Recorder
 
         policy = holder.current.policy
-        for name in SUPPORTED_ENCODINGS:
+        for name in policy_encodings(policy):
             get_encoding(name)          # loaded now, not on the first request
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
                                          enable_cleanup_closed=True)

@@ -144,8 +144,20 @@ def count_prompt_tokens(endpoint: str, body: dict, encoding_name: str) -> int:
     raise ValueError(f"unknown endpoint {endpoint!r}; expected chat, completions or embeddings")
 
 
+#: strings this short (roles, names, tool names, tiny messages) are counted once and remembered
+SHORT_TEXT_CHARS = 24
+
+
 def _text(enc: tiktoken.Encoding, text: str) -> int:
+    if len(text) <= SHORT_TEXT_CHARS:
+        return _short_text(enc.name, text)
     return len(enc.encode_ordinary(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_text(encoding_name: str, text: str) -> int:
+    """Memoised count of a short string: the encoder releases the GIL per call, which costs more than it saves."""
+    return len(get_encoding(encoding_name).encode_ordinary(text))
 
 
 def _json_text(value: Any) -> str:

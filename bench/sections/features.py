@@ -22,11 +22,12 @@ from bench.stack import Stack
 
 TITLE = "7. Cost of each feature"
 PROFILED = {"on": "gateway-profiled", "off": "gateway-profiled-notel"}
-AB = {"on": "gateway", "off": "gateway-notel"}
+AB = {"on": "gateway", "off": "gateway-notel", "sampled": "gateway-sampled"}
 NEEDS = (*PROFILED.values(), *AB.values())
 KEYS = ("features.loop_cpu_us", *(f"features.stage.{name}" for name in STAGE_MODULES), "features.pipeline_other",
         "features.outside_pipeline", "features.telemetry_hooks", "features.telemetry_cpu_us",
-        "features.telemetry_loop_cpu_us", "features.telemetry_added_p50", "features.telemetry_c32_rps")
+        "features.telemetry_loop_cpu_us", "features.telemetry_added_p50", "features.telemetry_c32_rps",
+        "features.sampled_cpu_us", "features.sampled_c32_rps")
 CONNECTIONS = 32
 
 
@@ -58,6 +59,10 @@ def run(stack: Stack, options: Options) -> SectionResult:
             cpu("on", 2), "µs", reference=cpu("off", 2)),
         Row("features.telemetry_added_p50", "telemetry on − off: latency p50 at c1", added_p50, "ms"),
         Row("features.telemetry_c32_rps", "telemetry on: throughput c32 (ref: off)", rps("on"), "req/s",
+            reference=rps("off")),
+        Row("features.sampled_cpu_us", "traces sampled at 10% (parentbased_traceidratio), metrics in full: "
+            "CPU per request, all threads (ref: off)", cpu("sampled", 1), "µs", reference=cpu("off", 1)),
+        Row("features.sampled_c32_rps", "traces sampled at 10%: throughput c32 (ref: off)", rps("sampled"), "req/s",
             reference=rps("off")),
     ]
     exported = stack.sink_stats()

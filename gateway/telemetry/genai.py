@@ -9,6 +9,7 @@ rejects None attribute values, so a key is left out when its value is unknown.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -87,6 +88,14 @@ def attempt_attributes(ctx: RequestContext, attempt: Attempt) -> dict[str, Any]:
     return attributes
 
 
+def attempt_end_attributes(ctx: RequestContext, attempt: Attempt) -> dict[str, Any]:
+    """What an attempt's end adds to its CLIENT span: the response side, and error.type on failure."""
+    attributes = dict(_response_attributes(ctx, attempt))
+    if attempt.error_type:
+        attributes[error_attributes.ERROR_TYPE] = attempt.error_type
+    return attributes
+
+
 def span_name(ctx: RequestContext, attempt: Attempt) -> str:
     """`{gen_ai.operation.name} {gen_ai.request.model}`, the CLIENT span's name."""
     return f"{ctx.operation} {attempt.model.upstream_model}"
@@ -135,14 +144,20 @@ def _response_attributes(ctx: RequestContext, attempt: Attempt) -> Iterator[tupl
 
 def server_address(endpoint: str) -> dict[str, Any]:
     """server.address and server.port of a model endpoint URL."""
+    return dict(_server_address(endpoint))
+
+
+@lru_cache(maxsize=1024)
+def _server_address(endpoint: str) -> tuple[tuple[str, Any], ...]:
+    """Parsed once per endpoint: a policy names few of them, and every attempt needs them."""
     parts = urlsplit(endpoint)
     if not parts.hostname:
-        return {}
+        return ()
     port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
     address: dict[str, Any] = {server_attributes.SERVER_ADDRESS: parts.hostname}
     if port:
         address[server_attributes.SERVER_PORT] = port
-    return address
+    return tuple(address.items())
 
 
 def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class Hooks:
         span = attempt.span
         if span is None:
             return
-        span.set_attributes(genai.attempt_attributes(ctx, attempt))
+        span.set_attributes(genai.attempt_end_attributes(ctx, attempt))
         if self._capture_content:
             messages = content.output_messages(ctx, attempt)
             if messages:

@@ -8,7 +8,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -75,8 +74,6 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
 
 def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> None:
     install_uvloop()
-    if interval := os.environ.get("GATEWAY_SWITCH_INTERVAL_S"):
-        sys.setswitchinterval(float(interval))
     holder = PolicyHolder.from_file(policy, os.environ)
     asyncio.run(run_server(build_app(holder), host, port, reuse_port=reuse_port))
 

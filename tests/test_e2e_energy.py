@@ -140,3 +140,41 @@ def test_gpu_readings_are_exported_as_hw_metrics(energy_gw):
     assert re.search(r"^hw_energy_joules_total\{", body, re.M)
     assert re.search(r'^hw_gpu_utilization(_ratio)?\{.*hw_type="gpu"', body, re.M)
     assert re.search(r'^gateway_energy_idle_to_active(_ratio)?\{.*gateway_model_selected="small"', body, re.M)
+
+
+def test_no_gpu_on_this_machine_is_said_once_and_the_gateway_serves(caplog):
+    """A policy asking for NVML on a machine with no GPU and no NVML library starts, says so once, and serves."""
+    import logging
+
+    from gateway.energy.nvml import NvmlSource
+
+    from gateway.energy.readings import EnergyUnavailable
+
+    try:
+        NvmlSource(["0"]).open()
+    except EnergyUnavailable:
+        pass
+    else:
+        pytest.skip("this machine has a working NVML")
+    policy = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    gpus: {{source: nvml, ids: [0]}}
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+"""
+    caplog.set_level(logging.INFO)
+    harness = Harness(policy, sims={"small": dict(ttft_ms=1, tpot_ms=1)}, environ=dict(os.environ)).start()
+    try:
+        reply = harness.openai().chat.completions.create(model="auto", max_tokens=3,
+                                                         messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content
+        assert harness.services.energy.health["small"] == "unavailable"
+        said = [r for r in caplog.records if "no GPU" in r.getMessage() or "NVML" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+    finally:
+        harness.stop()

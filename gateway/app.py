@@ -89,7 +89,7 @@ async def report_outcome(request: web.Request) -> web.Response:
     record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
               "outcome": task.outcome, "route": task.route, "tenant": task.tenant,
               "workflow": task.workflow, "cost_usd": plain_usd(task.cost_usd)}
-    services.extra["recorder"].outcome(record)
+    services.recorder.outcome(record)
     services.telemetry.record_outcome(task)
     return json_response({"object": "outcome", **record})
 

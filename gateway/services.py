@@ -20,6 +20,8 @@ from aiohttp import web
 from gateway.context import RequestContext
 from gateway.energy import EnergyMonitor
 from gateway.fleet import Fleet
+from gateway.outcomes import OutcomeBook
+from gateway.recorder import Recorder
 from gateway.runtime import PolicyHolder
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
@@ -41,21 +43,19 @@ class Services:
     fleet: Fleet
     stores: Stores
     telemetry: Telemetry
-    energy: Any = None                  # EnergyMonitor, when any model declares its GPUs
+    recorder: Recorder
+    energy: EnergyMonitor | None = None     # when any model declares its GPUs
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     pipeline: Any = None
     draining: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def record_request(self, ctx: RequestContext) -> None:
-        """Hand a finished request to the ledger and outcomes (off the response path)."""
-        recorder = self.extra.get("recorder")
-        if recorder is not None:
-            recorder.record(ctx)
+        """Hand a finished request to the ledger and the outcome book."""
+        self.recorder.record(ctx)
 
     @property
-    def outcomes(self):
-        return self.extra["recorder"].outcomes
+    def outcomes(self) -> OutcomeBook:
+        return self.recorder.outcomes
 
     async def tenant_usage(self) -> list[dict]:
         """Each tenant's usage against its limits and budget."""
@@ -84,7 +84,6 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
 
     async def lifecycle(app: web.Application):
         from gateway.pipeline import STAGES, Pipeline
-        from gateway.recorder import Recorder
 
         policy = holder.current.policy
         for name in policy_encodings(policy):
@@ -96,8 +95,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         services = Services(holder=holder, environ=environ, session=session,
                             transport=HttpTransport(session), fleet=Fleet(policy),
                             stores=await Stores.open(policy, environ),
-                            telemetry=Telemetry.from_env(policy.telemetry, environ=environ))
-        services.extra["recorder"] = Recorder(policy)
+                            telemetry=Telemetry.from_env(policy.telemetry, environ=environ),
+                            recorder=Recorder(policy))
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         if any(model.gpus is not None for model in policy.models.values()):
             services.energy = EnergyMonitor(policy, session)
@@ -114,7 +113,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         await services.background.drain(timeout_s=policy.server.grace_period_s)
         if services.energy is not None:
             await services.energy.stop()
-        services.extra["recorder"].close()
+        services.recorder.close()
         await services.stores.close()
         await session.close()
         await asyncio.to_thread(services.telemetry.shutdown)

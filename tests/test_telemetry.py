@@ -328,6 +328,25 @@ def test_always_off_sampler_exports_no_spans_but_metrics(receiver, make_telemetr
     assert receiver.spans == [] and not ctx.span.is_recording()
 
 
+def test_unsampled_request_gets_no_child_spans_but_keeps_its_trace_context(make_telemetry):
+    """A request whose trace is sampled out creates no route or cache span, yet still propagates upstream."""
+    from opentelemetry.trace import INVALID_SPAN
+
+    telemetry = make_telemetry({"OTEL_TRACES_SAMPLER": "always_off", "OTEL_METRICS_EXPORTER": "none"})
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    with telemetry.route_span(ctx) as route_span:
+        ctx.decision = decision()
+    with telemetry.cache_span(ctx) as cache_span:
+        ctx.cache_status = "miss"
+    assert route_span is INVALID_SPAN and cache_span is INVALID_SPAN
+    attempt = Attempt(model=SMALL, started_s=time.perf_counter())
+    ctx.attempts.append(attempt)
+    headers = telemetry.start_attempt(ctx, attempt)
+    flags = int(headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert flags & 0x01 == 0                             # propagated, flagged not sampled
+
+
 def test_attribute_mapping_drops_unknown_and_mistyped_values():
     """The pure mapping never emits None, skips mistyped parameters, and names embeddings correctly."""
     ctx = make_ctx(body={"model": "auto", "input": "hi", "temperature": True, "seed": "7"})

@@ -79,7 +79,13 @@ class Hooks:
 
     @contextmanager
     def _child_span(self, ctx: RequestContext, name: str) -> Iterator[Span]:
-        """An INTERNAL child of the SERVER span, ended on exit, marked failed on an exception."""
+        """An INTERNAL child of the SERVER span, ended on exit, marked failed on an exception.
+
+        A request whose trace is not sampled gets no child span at all: it would record nothing.
+        """
+        if ctx.span is None or not ctx.span.is_recording():
+            yield trace.INVALID_SPAN
+            return
         span = self._tracer.start_span(name, context=_parent(ctx), kind=SpanKind.INTERNAL,
                                        attributes=genai.child_attributes(ctx))
         try:

@@ -18,7 +18,7 @@ from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.redis_server import RedisServer
 
-TENANTS = ("full", "narrow", "routed", "rpm", "conc", "tpm", "budget", "thrifty")
+TENANTS = ("full", "narrow", "routed", "rpm", "conc", "tpm", "budget", "thrifty", "capped")
 #: tenant -> (raw key, its sha256 hex), fresh for every run
 KEYS = {name: new_key() for name in TENANTS}
 ADMIN_TOKEN = "admin-" + new_key()[0]
@@ -88,6 +88,10 @@ tenants:
   thrifty:
     keys_sha256: ["@thrifty@"]
     budget: {{usd_per_day: 0.000001, on_exhausted: downgrade}}
+  capped:
+    keys_sha256: ["@capped@"]
+    limits: {{requests_per_minute: 50, tokens_per_minute: 100000, concurrent: 4}}
+    budget: {{usd_per_day: 0.000001}}
 """
 
 
@@ -281,6 +285,34 @@ def test_exhausted_budget_answers_429_budget_exceeded(gw):
     error = wait_until(refused)
     assert error.code == "budget_exceeded"
     assert 1 <= int(error.response.headers["retry-after"]) <= 86400
+
+
+def test_budget_refusals_take_no_rate_limit_capacity(gw):
+    """A tenant with limits and an exhausted budget is refused for the budget, and its refusals hold no slots."""
+    assert chat(gw, "capped").parse().choices       # admitted and charged past its tiny budget
+
+    def refused():
+        try:
+            chat(gw, "capped")
+        except openai.RateLimitError as exc:
+            return exc
+        return None
+
+    assert wait_until(refused).code == "budget_exceeded"
+    tenant = gw.holder.current.policy.tenants["capped"]
+
+    def settled():
+        usage = gw.call(gw.services.stores.limiter.usage(tenant))
+        return usage if usage.concurrent == 0 else None
+
+    before = wait_until(settled)            # a refusal that raced its own admission has given it back
+    for _ in range(5):
+        with pytest.raises(openai.RateLimitError) as caught:
+            chat(gw, "capped")
+        assert caught.value.code == "budget_exceeded"
+    after = wait_until(settled)
+    assert after.requests == before.requests     # refusals for the budget took no request slot
+    assert after.tokens <= before.tokens         # nor any tokens (an earlier settle may still land)
 
 
 def test_exhausted_budget_with_downgrade_goes_to_the_cheapest_model(gw):

@@ -98,6 +98,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             telemetry=Telemetry.from_env(policy.telemetry, environ=environ),
                             recorder=Recorder(policy))
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
+        services.telemetry.observe_policy(lambda: holder.current.policy)
         if any(model.gpus is not None for model in policy.models.values()):
             services.energy = EnergyMonitor(policy, session)
             await services.energy.start()

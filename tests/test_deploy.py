@@ -134,6 +134,8 @@ def exported() -> dict[str, set[str]]:
     telemetry = Telemetry(TelemetryConfig(prometheus=True))
     try:
         assert telemetry.prometheus_enabled, "opentelemetry-exporter-prometheus is not installed"
+        policy = load_policy(Path(__file__).parent / "policies" / "full.yaml")    # models, tenants, budgets
+        telemetry.observe_policy(lambda: policy)
         record_fallback_request(telemetry)
         record_cache_hit(telemetry)
         telemetry.record_outcome(Task(route="chat-default", tenant="acme", workflow="support",

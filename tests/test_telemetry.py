@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import re
 import time
 from decimal import Decimal
 
@@ -369,3 +370,30 @@ def test_prometheus_text_exposes_metrics(make_telemetry):
     assert telemetry.prometheus_enabled
     assert 'gen_ai_client_token_usage_bucket' in text and 'gateway_requests' in text
     assert 'gateway_tenant="acme"' in text
+
+
+def test_policy_gauges_follow_the_current_policy(make_telemetry):
+    """max_concurrency per model and budgets per tenant are exported, read from whatever policy is current."""
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    from gateway.policy.load import parse_policy
+
+    def policy_text(concurrency: int) -> str:
+        return f"""
+version: 1
+models:
+  small: {{endpoint: "http://127.0.0.1:9/v1", max_concurrency: {concurrency}}}
+routes:
+  - {{name: chat, candidates: [small]}}
+tenants:
+  acme: {{keys_sha256: ["{'a' * 64}"], budget: {{usd_per_day: 5, usd_per_month: 90}}}}
+"""
+    current = {"policy": parse_policy(policy_text(8))}
+    telemetry = make_telemetry({}, PolicyTelemetry(prometheus=True))
+    telemetry.observe_policy(lambda: current["policy"])
+    text = telemetry.prometheus_text().decode()
+    assert re.search(r'^gateway_model_max_concurrency\S*\{[^}]*gateway_model_selected="small"[^}]*\} 8\.0$', text, re.M)
+    assert re.search(r'^gateway_budget_limit_USD\{[^}]*gateway_budget_period="day"[^}]*\} 5\.0$', text, re.M)
+    assert re.search(r'^gateway_budget_limit_USD\{[^}]*gateway_budget_period="month"[^}]*\} 90\.0$', text, re.M)
+    current["policy"] = parse_policy(policy_text(32))
+    text = telemetry.prometheus_text().decode()
+    assert re.search(r'^gateway_model_max_concurrency\S*\{[^}]*\} 32\.0$', text, re.M)

@@ -75,7 +75,6 @@ def run_and_render(running: render_stack.Stack, args: argparse.Namespace, overri
     time.sleep(SETTLE_S)
     window = make_window(started_s, time.time())
     print(f"calls {tally.calls}, failed {tally.failed_calls} {dict(tally.errors)}, outcomes {dict(tally.outcomes)}")
-    overrides = {"daily_budget_usd": running.budget_usd, **overrides}
     source = (f"a real gateway (gateway run; 3 tenants with a ${running.budget_usd} daily budget each, 3 routes) "
               f"in front of simulated models (gateway simulate-backend; errors: small 5%, large 2%; medium: 3% 429s, "
               f"0.5% hangs), driven through the openai SDK "

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.semconv._incubating.metrics import hw_metrics
 
-from gateway.telemetry.genai import MODEL_SELECTED
+from gateway.telemetry.genai import MODEL_SELECTED, TENANT
 
 #: hw.* instrument name -> unit (semantic conventions for hardware)
 HW_UNITS = {hw_metrics.HW_POWER: "W", hw_metrics.HW_ENERGY: "J",
@@ -51,3 +51,21 @@ def observe_cache_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
     meter.create_observable_counter("gateway.cache.errors", unit="{error}",
                                     description="Cache store errors served as bypasses.",
                                     callbacks=[lambda _options: [Observation(read_errors())]])
+
+
+def observe_policy(meter: Meter, current_policy: Callable[[], object]) -> None:
+    """What the policy declares, as gauges dashboards divide by: each model's max_concurrency, each budget."""
+    meter.create_observable_gauge("gateway.model.max_concurrency", unit="{request}", callbacks=[
+        lambda _options: [Observation(model.max_concurrency, {MODEL_SELECTED: name})
+                          for name, model in current_policy().models.items()]],
+        description="In-flight requests a model is declared to take (saturation = gateway.in_flight / this).")
+    meter.create_observable_gauge("gateway.budget.limit", unit="USD", callbacks=[
+        lambda _options: list(_budget_limits(current_policy()))],
+        description="Each tenant's budget per period (day, month), from the policy.")
+
+
+def _budget_limits(policy) -> Iterable[Observation]:
+    for name, tenant in policy.tenants.items():
+        for period, limit in (("day", tenant.budget.usd_per_day), ("month", tenant.budget.usd_per_month)):
+            if limit is not None:
+                yield Observation(float(limit), {TENANT: name, "gateway.budget.period": period})

@@ -170,6 +170,11 @@ class Telemetry:
         if self.meter is not None:
             observed.observe_gpus(self.meter, monitor)
 
+    def observe_policy(self, current_policy) -> None:
+        """Export the policy's declared capacities and budgets (read at each collection, so reloads show)."""
+        if self.meter is not None:
+            observed.observe_policy(self.meter, current_policy)
+
     def observe_cache_errors(self, read_errors) -> None:
         """Export the cache store's error count (each one served as a bypass)."""
         if self.meter is not None:

@@ -99,6 +99,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             recorder=Recorder(policy))
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         services.telemetry.observe_policy(lambda: holder.current.policy)
+        services.telemetry.observe_reloads(lambda: holder.status)
         if any(model.gpus is not None for model in policy.models.values()):
             services.energy = EnergyMonitor(policy, session)
             await services.energy.start()

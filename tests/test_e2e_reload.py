@@ -376,3 +376,21 @@ def _refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_reload_results_are_counted_in_metrics():
+    """A failed reload shows in gateway.policy.reloads{result=failed}; a good one in result=ok."""
+    import re
+
+    harness = Harness(environ={**os.environ, "GATEWAY_PROMETHEUS": "1"}).start()
+    try:
+        good = harness.policy_path.read_text()
+        harness.policy_path.write_text(good + "\nnot_a_key: 1\n")
+        assert harness.holder.reload() is False
+        harness.policy_path.write_text(good.replace("ttl_s: 60", "ttl_s: 61"))
+        assert harness.holder.reload() is True
+        text = urllib.request.urlopen(f"{harness.base_url}/metrics", timeout=5).read().decode()
+        assert re.search(r'^gateway_policy_reloads_total\{[^}]*result="failed"[^}]*\} 1\.0$', text, re.M)
+        assert re.search(r'^gateway_policy_reloads_total\{[^}]*result="ok"[^}]*\} 1\.0$', text, re.M)
+    finally:
+        harness.stop()

@@ -69,3 +69,11 @@ def _budget_limits(policy) -> Iterable[Observation]:
         for period, limit in (("day", tenant.budget.usd_per_day), ("month", tenant.budget.usd_per_month)):
             if limit is not None:
                 yield Observation(float(limit), {TENANT: name, "gateway.budget.period": period})
+
+
+def observe_reloads(meter: Meter, status: Callable[[], object]) -> None:
+    """gateway.policy.reloads by result (ok, failed): a failed reload keeps the old policy, and shows here."""
+    meter.create_observable_counter("gateway.policy.reloads", unit="{reload}", callbacks=[
+        lambda _options: [Observation(status().reloads, {"gateway.policy.reload.result": "ok"}),
+                          Observation(status().failures, {"gateway.policy.reload.result": "failed"})]],
+        description="Policy reloads since start, by result.")

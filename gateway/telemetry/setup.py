@@ -175,6 +175,11 @@ class Telemetry:
         if self.meter is not None:
             observed.observe_policy(self.meter, current_policy)
 
+    def observe_reloads(self, status) -> None:
+        """Export how many policy reloads succeeded and failed."""
+        if self.meter is not None:
+            observed.observe_reloads(self.meter, status)
+
     def observe_cache_errors(self, read_errors) -> None:
         """Export the cache store's error count (each one served as a bypass)."""
         if self.meter is not None:

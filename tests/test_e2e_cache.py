@@ -395,6 +395,8 @@ async def test_killing_redis_mid_load_fails_no_request_and_caching_resumes(gw, r
     warnings = [r for r in caplog.records if "redis cache unavailable" in r.getMessage()]
     assert warnings and all(r.levelname == "WARNING" for r in warnings)
     assert gw.services.stores.cache.errors >= len(warnings)
+    # while Redis is down the gateway does not claim to have stored an answer
+    assert (await asyncio.to_thread(chat, gw, **ask("While Redis is down")))[1] == "miss"
     await asyncio.to_thread(redis_server.start)
     deadline = time.monotonic() + 10
     while (status := (await asyncio.to_thread(chat, gw, **ask("After the restart")))[1]) != "hit":

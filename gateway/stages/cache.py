@@ -139,14 +139,14 @@ class Cache:
         if entry is None or not ctx.extra.get("cache_store"):
             return
         data = encode_entry(entry)
-        if data is None:
-            return
+        store = self.services.stores.cache
+        if data is None or not getattr(store, "healthy", True):
+            return                          # too large, or the store is down: nothing will be stored
         ctx.cache_status = "stored"
         if ctx.response is not None and not ctx.response.prepared:
             ctx.response.headers["x-gateway-cache"] = "stored"
         ttl_s = ctx.decision.route.cache.ttl_s
-        self.services.background.spawn(self.services.stores.cache.set(ctx.cache_key, data, ttl_s),
-                                       name="cache-write")
+        self.services.background.spawn(store.set(ctx.cache_key, data, ttl_s), name="cache-write")
 
     @staticmethod
     def _fresh_entry(ctx: RequestContext) -> CacheEntry | None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import aiohttp
+
+from gateway.replay.traffic import read_traffic
 
 from bench.client import auth, chat_body, run_async, session, timed_post
 from bench.measure import check_answers
@@ -50,16 +50,11 @@ class Replayed:
 def read_arrivals(path: Path, window_s: float, speed: float) -> list[Arrival]:
     """The arrivals in the trace's first `window_s × speed` seconds, replayed `speed` times faster."""
     arrivals: list[Arrival] = []
-    start: datetime | None = None
-    with open(path, newline="", encoding="utf-8") as rows:
-        for row in csv.DictReader(rows):
-            stamp = datetime.strptime(row["TIMESTAMP"][:26], "%Y-%m-%d %H:%M:%S.%f")
-            start = start or stamp
-            at_s = (stamp - start).total_seconds() / speed
-            if at_s > window_s:
-                break
-            arrivals.append(Arrival(at_s, min(int(row["ContextTokens"]), MAX_PROMPT_TOKENS),
-                                    max(1, int(row["GeneratedTokens"]))))
+    for request in read_traffic(path, "azure"):
+        at_s = request.arrival_s / speed
+        if at_s > window_s:
+            break
+        arrivals.append(Arrival(at_s, min(request.input_tokens, MAX_PROMPT_TOKENS), max(1, request.output_tokens)))
     return arrivals
 
 

@@ -9,14 +9,14 @@ cache hits), then a `POST /v1/outcomes` saying how the task went.
 from __future__ import annotations
 
 import asyncio
-import csv
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import openai
+
+from gateway.replay.traffic import read_traffic
 
 TRACE = Path("/work/shared/traces/azure-llm-2023-conv.csv")
 MAX_OUTPUT_TOKENS = 64          # keeps the simulated models fast
@@ -88,15 +88,11 @@ class Tally:
 def load_arrivals(path: Path, duration_s: float, speed: float) -> list[Arrival]:
     """The trace's first `duration_s * speed` seconds, replayed `speed` times faster."""
     arrivals: list[Arrival] = []
-    with path.open(newline="") as rows:
-        start = None
-        for row in csv.DictReader(rows):
-            at = datetime.fromisoformat(row["TIMESTAMP"][:26])
-            start = start or at
-            offset_s = (at - start).total_seconds() / speed
-            if offset_s > duration_s:
-                break
-            arrivals.append(Arrival(offset_s, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+    for request in read_traffic(path, "azure"):
+        offset_s = request.arrival_s / speed
+        if offset_s > duration_s:
+            break
+        arrivals.append(Arrival(offset_s, request.input_tokens, request.output_tokens))
     return arrivals
 
 

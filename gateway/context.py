@@ -101,7 +101,8 @@ class RequestContext:
     prompt_tokens: int = 0
     # admit
     reserved_tokens: int = 0
-    admitted: bool = False
+    admission: Any = None               # the limiter's Admission: rate-limit headers, the ticket to give back
+    budget_downgrade: bool = False      # the budget is spent and the tenant's policy says downgrade
     # route
     decision: Decision | None = None
     sla_tightened: dict[str, float] = field(default_factory=dict)

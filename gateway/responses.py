@@ -41,6 +41,6 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
         headers["x-gateway-models-tried"] = ",".join(a.model.name for a in ctx.attempts)
     if ctx.fallback_state != "none" and ctx.fallback_reason:
         headers["x-gateway-fallback-reason"] = ctx.fallback_reason
-    if (admission := ctx.extra.get("admission")) is not None:
+    if (admission := ctx.admission) is not None:
         headers.update(admission.headers())
     return headers

@@ -44,14 +44,13 @@ class Admit:
                     self.services.background.spawn(self._give_back(tenant, admission, tokens),
                                                    name="limits-give-back")
                 raise state.error()
-            ctx.extra["downgrade"] = True
+            ctx.budget_downgrade = True
         if admission is None:
             return None
         if not admission.allowed:
             raise admission.error()
-        ctx.admitted = True
         ctx.reserved_tokens = tokens
-        ctx.extra["admission"] = admission
+        ctx.admission = admission
         return None
 
     def _known_exhausted(self, tenant_name: str) -> bool:
@@ -77,7 +76,7 @@ class Admit:
         stores = self.services.stores
         if ctx.cost_usd and (tenant.budget.usd_per_day is not None or tenant.budget.usd_per_month is not None):
             background.spawn(stores.budgets.charge(tenant, ctx.cost_usd), name="budget-charge")
-        admission = ctx.extra.get("admission")
+        admission = ctx.admission
         if admission is None:
             return
         # the slot is freed before the answer leaves, so a client's next request never meets its last one

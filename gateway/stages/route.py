@@ -20,7 +20,7 @@ class Route:
                 headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
                 stream=ctx.stream)
         ctx.sla_tightened = tighten.as_dict()
-        if ctx.extra.get("downgrade"):
+        if ctx.budget_downgrade:
             ctx.decision = router.cheapest(ctx.decision)
         return None
 

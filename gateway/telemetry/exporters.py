@@ -148,13 +148,13 @@ def _point_count(metrics_data: MetricsData) -> int:
 
 
 def otlp_span_exporter(export: SignalExport) -> SpanExporter:
-    """The SDK's OTLP span exporter for the configured protocol."""
+    """The SDK's OTLP span exporter for the configured protocol, with the gateway's span encoder."""
     if export.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+        from gateway.telemetry.otlp_grpc import GrpcSpanExporter
 
         return GrpcSpanExporter(endpoint=export.endpoint, insecure=export.insecure,
                                 headers=export.headers or None, timeout=export.timeout_s)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+    from gateway.telemetry.otlp_http import HttpSpanExporter
 
     return HttpSpanExporter(endpoint=export.endpoint, headers=export.headers or None, timeout=export.timeout_s)
 

@@ -127,7 +127,7 @@ def _response_attributes(ctx: RequestContext, attempt: Attempt) -> Iterator[tupl
     if attempt.response_id:
         yield gen_ai.GEN_AI_RESPONSE_ID, attempt.response_id
     if attempt.finish_reasons:
-        yield gen_ai.GEN_AI_RESPONSE_FINISH_REASONS, list(attempt.finish_reasons)
+        yield gen_ai.GEN_AI_RESPONSE_FINISH_REASONS, tuple(attempt.finish_reasons)
     if ctx.stream and attempt.ttft_s is not None:
         yield gen_ai.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, float(attempt.ttft_s)
     usage = attempt.usage
@@ -239,9 +239,9 @@ def route_attributes(ctx: RequestContext) -> dict[str, Any]:
         ROUTE: decision.route.name,
         SLA_MET: decision.sla_met,
         "gateway.route.explored": decision.explored,
-        "gateway.route.candidates": [candidate.model.name for candidate in decision.candidates],
-        "gateway.route.candidates.kept": [c.model.name for c in decision.candidates if c.kept],
-        "gateway.route.plan": [model.name for model in decision.plan],
+        "gateway.route.candidates": tuple(candidate.model.name for candidate in decision.candidates),
+        "gateway.route.candidates.kept": tuple(c.model.name for c in decision.candidates if c.kept),
+        "gateway.route.plan": tuple(model.name for model in decision.plan),
     }
     if decision.plan:
         attributes[MODEL_SELECTED] = decision.plan[0].name

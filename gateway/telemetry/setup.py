@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -41,6 +42,7 @@ from gateway.telemetry.genai import SCHEMA_URL
 from gateway.telemetry.labels import TenantLabels
 from gateway.telemetry.metrics import Instruments
 from gateway.telemetry import observed
+from gateway.telemetry.spans import RequestSpans
 from gateway.telemetry.tracing import Hooks, NoopHooks
 
 if TYPE_CHECKING:
@@ -92,19 +94,21 @@ class Telemetry:
     def _start(self) -> None:
         config = self.config
         resource = Resource.create({**config.resource_attributes, SERVICE_NAME: config.service_name})
-        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler(config.sampler, config.sampler_arg),
-                                              shutdown_on_exit=False)
+        self.tracer_provider = provider = TracerProvider(
+            resource=resource, sampler=sampler(config.sampler, config.sampler_arg), shutdown_on_exit=False)
+        processor = None
         if config.traces is not None:
-            exporter = otlp_span_exporter(config.traces)
-            self.tracer_provider.add_span_processor(
-                CountingBatchSpanProcessor(exporter, config.batch, self.dropped_counter))
+            processor = CountingBatchSpanProcessor(otlp_span_exporter(config.traces), config.batch,
+                                                   self.dropped_counter)
+            provider.add_span_processor(processor)     # the provider flushes and shuts it down
+        spans = RequestSpans(sampler=provider.sampler, ids=provider.id_generator, resource=provider.resource,
+                             scope=InstrumentationScope(SCOPE, __version__, SCHEMA_URL), processor=processor)
         self.meter_provider = MeterProvider(resource=resource, metric_readers=self._metric_readers(),
                                             shutdown_on_exit=False)
-        tracer = self.tracer_provider.get_tracer(SCOPE, __version__, schema_url=SCHEMA_URL)
         self.meter = meter = self.meter_provider.get_meter(SCOPE, __version__, schema_url=SCHEMA_URL)
         instruments = Instruments(meter, self.dropped_counter.observations)
         tenants = TenantLabels(config.tenant_allowlist, config.tenant_top_n)
-        self._hooks = Hooks(tracer, instruments, tenants, config.capture_content)
+        self._hooks = Hooks(spans, instruments, tenants, config.capture_content)
 
     def _metric_readers(self) -> list[MetricReader]:
         config = self.config

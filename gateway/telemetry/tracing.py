@@ -14,18 +14,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_INPUT_MESSAGES,
     GEN_AI_OUTPUT_MESSAGES,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import SpanKind
 
 from gateway.telemetry import content, genai
+from gateway.telemetry.spans import RequestSpans, SpanDraft
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
@@ -39,59 +37,58 @@ FINISHED = "telemetry.finished"
 class Hooks:
     """Spans and metrics of requests, recorded from the RequestContext at stage boundaries."""
 
-    def __init__(self, tracer: trace.Tracer, instruments: Instruments, tenant_labels: TenantLabels,
+    def __init__(self, spans: RequestSpans, instruments: Instruments, tenant_labels: TenantLabels,
                  capture_content: bool = False) -> None:
-        self._tracer = tracer
+        self._spans = spans
         self._instruments = instruments
         self._tenants = tenant_labels
         self._capture_content = capture_content
-        self._propagator = TraceContextTextMapPropagator()
 
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
         """Start the SERVER span, as a child of the caller's traceparent when it is valid."""
-        parent = self._propagator.extract(headers, context=Context())
         attributes = genai.server_span_attributes(ctx)
         name = f"{ctx.http.method} {attributes[HTTP_ROUTE]}"
-        ctx.span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        ctx.span = self._spans.server(name, headers, attributes)
 
     @contextmanager
-    def route_span(self, ctx: RequestContext) -> Iterator[Span]:
+    def route_span(self, ctx: RequestContext) -> Iterator[SpanDraft | None]:
         """The gateway.route span around routing; records gateway.routing.duration."""
         started_s = time.perf_counter()
         with self._child_span(ctx, "gateway.route") as span:
             try:
                 yield span
             finally:
-                span.set_attributes(genai.route_attributes(ctx))
+                if span is not None:
+                    span.set_attributes(genai.route_attributes(ctx))
                 labels = {genai.TENANT: self._tenants.label(ctx.tenant_name)}
                 if ctx.route_name:
                     labels[genai.ROUTE] = ctx.route_name
                 self._instruments.routing_duration.record(time.perf_counter() - started_s, labels)
 
     @contextmanager
-    def cache_span(self, ctx: RequestContext) -> Iterator[Span]:
+    def cache_span(self, ctx: RequestContext) -> Iterator[SpanDraft | None]:
         """The gateway.cache.lookup span around a cache lookup, with the resulting status."""
         with self._child_span(ctx, "gateway.cache.lookup") as span:
             try:
                 yield span
             finally:
-                span.set_attribute(genai.CACHE_STATUS, ctx.cache_status)
+                if span is not None:
+                    span.set_attribute(genai.CACHE_STATUS, ctx.cache_status)
 
     @contextmanager
-    def _child_span(self, ctx: RequestContext, name: str) -> Iterator[Span]:
+    def _child_span(self, ctx: RequestContext, name: str) -> Iterator[SpanDraft | None]:
         """An INTERNAL child of the SERVER span, ended on exit, marked failed on an exception.
 
-        A request whose trace is not sampled gets no child span at all: it would record nothing.
+        A request whose trace is not sampled gets no child span at all (None): it would record nothing.
         """
-        if ctx.span is None or not ctx.span.is_recording():
-            yield trace.INVALID_SPAN
+        if ctx.span is None or not ctx.span.recording:
+            yield None
             return
-        span = self._tracer.start_span(name, context=_parent(ctx), kind=SpanKind.INTERNAL,
-                                       attributes=genai.child_attributes(ctx))
+        span = self._spans.child(ctx.span, name, SpanKind.INTERNAL, genai.child_attributes(ctx))
         try:
             yield span
         except BaseException as exc:
-            span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__qualname__))
+            span.fail(str(exc) or type(exc).__qualname__)
             span.set_attribute(ERROR_TYPE, genai.error_type(exc))
             raise
         finally:
@@ -99,25 +96,27 @@ class Hooks:
 
     def start_attempt(self, ctx: RequestContext, attempt: Attempt) -> dict[str, str]:
         """Start the CLIENT span of an upstream attempt; return the headers to send upstream."""
+        self._instruments.in_flight.add(1, {genai.MODEL_SELECTED: attempt.model.name})
+        if ctx.span is None:
+            return {}
         attributes = {**genai.child_attributes(ctx), genai.MODEL_SELECTED: attempt.model.name,
-                      **genai.attempt_attributes(ctx, attempt)}
-        if self._capture_content:
+                      **genai.attempt_attributes(ctx, attempt)} if ctx.span.recording else {}
+        if self._capture_content and ctx.span.recording:
             messages = content.input_messages(ctx)
             if messages:
                 attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
-        span = self._tracer.start_span(genai.span_name(ctx, attempt), context=_parent(ctx),
-                                       kind=SpanKind.CLIENT, attributes=attributes)
+        span = self._spans.child(ctx.span, genai.span_name(ctx, attempt), SpanKind.CLIENT, attributes)
         attempt.span = span
-        headers: dict[str, str] = {}
-        self._propagator.inject(headers, context=trace.set_span_in_context(span))
+        headers = self._spans.trace_headers(span)
         attempt.traceparent = headers.get("traceparent")
-        self._instruments.in_flight.add(1, {genai.MODEL_SELECTED: attempt.model.name})
         return headers
 
     def end_attempt(self, ctx: RequestContext, attempt: Attempt, chunk_gaps_s: Sequence[float] = ()) -> None:
         """End the CLIENT span (status Error + error.type on failure) and record the attempt's metrics."""
+        self._instruments.in_flight.add(-1, {genai.MODEL_SELECTED: attempt.model.name})
+        self._instruments.record_attempt(ctx, attempt, self._tenants.label(ctx.tenant_name), chunk_gaps_s)
         span = attempt.span
-        if span is None:
+        if span is None or not span.recording:
             return
         span.set_attributes(genai.attempt_end_attributes(ctx, attempt))
         if self._capture_content:
@@ -125,10 +124,8 @@ class Hooks:
             if messages:
                 span.set_attribute(GEN_AI_OUTPUT_MESSAGES, json.dumps(messages, ensure_ascii=False))
         if attempt.error_type:
-            span.set_status(Status(StatusCode.ERROR, attempt.error_type))
+            span.fail(attempt.error_type)
         span.end()
-        self._instruments.in_flight.add(-1, {genai.MODEL_SELECTED: attempt.model.name})
-        self._instruments.record_attempt(ctx, attempt, self._tenants.label(ctx.tenant_name), chunk_gaps_s)
 
     def finish_request(self, ctx: RequestContext) -> None:
         """Finish the SERVER span with the gateway attributes and status code; record request metrics."""
@@ -136,11 +133,13 @@ class Hooks:
             return
         ctx.extra[FINISHED] = True
         span = ctx.span
-        if span is not None:
-            span.set_attributes({**genai.gateway_attributes(ctx), **genai.http_response_attributes(ctx)})
+        if span is not None and span.recording:
+            span.set_attributes(genai.gateway_attributes(ctx))
+            span.set_attributes(genai.http_response_attributes(ctx))
             if ctx.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            span.end(end_time=_ended_ns(ctx))
+                span.fail()
+            span.end(end_ns=_ended_ns(ctx))
+            self._spans.export(span)
         self._instruments.record_request(ctx, self._tenants.label(ctx.tenant_name))
 
     def record_task(self, task) -> None:
@@ -178,8 +177,3 @@ class NoopHooks:
 
     def record_task(self, task) -> None:
         return None
-
-
-def _parent(ctx: RequestContext) -> Context:
-    """The context holding the SERVER span; an empty one (a new trace) when there is none."""
-    return trace.set_span_in_context(ctx.span, Context()) if ctx.span is not None else Context()

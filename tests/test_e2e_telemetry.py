@@ -97,7 +97,7 @@ def new_traceparent() -> tuple[str, str]:
 
 def exported_trace(gw: Harness, receiver: OtlpReceiver, trace_id: str, spans: int) -> list[SpanRecord]:
     """Flush the gateway and wait until `spans` spans of the trace, the SERVER span among them, have arrived."""
-    gw.services.telemetry.force_flush()
+    gw.flush_telemetry()
     receiver.wait_for(lambda: len(receiver.trace(trace_id)) >= spans
                       and any(s.kind == "SERVER" for s in receiver.trace(trace_id)))
     return receiver.trace(trace_id)
@@ -264,7 +264,7 @@ def test_metrics_by_token_type_model_tenant_route_and_fallback_state(gw, receive
                                               stream_options={"include_usage": True},
                                               messages=[{"role": "user", "content": "Count"}])
     time.sleep(0.05)                 # a stream's metrics are recorded just after its last byte
-    gw.services.telemetry.force_flush()
+    gw.flush_telemetry()
     receiver.wait_for(lambda: points(receiver.latest_metrics(gw.service).get("gateway.requests", _NONE),
                                      **{"gateway.tenant": "globex"}))
     metrics = receiver.latest_metrics(gw.service)
@@ -302,7 +302,7 @@ def test_fallback_metrics_carry_state_and_reason(gw, receiver):
         chat(gw, tenant="initech")
     finally:
         gw.sim_config("small", error_rate=0.0)
-    gw.services.telemetry.force_flush()
+    gw.flush_telemetry()
     metrics = receiver.latest_metrics(gw.service)
     (fallback,) = points(metrics["gateway.fallbacks"], **{"gateway.tenant": "initech"})
     assert fallback.attributes == {"gateway.tenant": "initech", "gateway.route": "chat-default",
@@ -319,7 +319,7 @@ def test_streams_record_time_per_output_chunk(gw, receiver):
     list(client.chat.completions.create(model="auto", stream=True, max_tokens=6,
                                         messages=[{"role": "user", "content": "Count"}]))
     time.sleep(0.05)
-    gw.services.telemetry.force_flush()
+    gw.flush_telemetry()
     metric = receiver.latest_metrics(gw.service).get("gen_ai.client.operation.time_per_output_chunk", _NONE)
     (gaps,) = points(metric, **{"gateway.tenant": "umbrella"}) or [None]
     assert gaps is not None and gaps.count >= 5 and gaps.bounds == list(DURATION_BUCKETS_S)
@@ -371,7 +371,7 @@ def test_tenant_label_cardinality_is_bounded(receiver):
     try:
         for tenant in ("acme", "globex", "initech"):
             chat(harness, tenant=tenant)
-        harness.services.telemetry.force_flush()
+        harness.flush_telemetry()
         metrics = receiver.latest_metrics("gw-e2e-tenants")
     finally:
         harness.stop()
@@ -414,7 +414,7 @@ def test_sdk_disabled_exports_nothing_and_passes_traceparent_on():
         upstream = harness.sim_requests("small")[-1]["headers"]
         chat(harness)
         bare = harness.sim_requests("small")[-1]["headers"]
-        assert not harness.services.telemetry.enabled and harness.services.telemetry.force_flush()
+        assert not harness.services.telemetry.enabled and harness.flush_telemetry()
         time.sleep(0.2)
         assert quiet.spans == [] and quiet.metric_exports == []
     finally:

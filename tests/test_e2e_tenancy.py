@@ -383,7 +383,7 @@ def test_no_key_or_key_hash_in_logs_or_telemetry(gw, receiver, caplog):
         with pytest.raises(openai.AuthenticationError):
             gw.openai(api_key=bad).chat.completions.create(model="auto", messages=HELLO)
     raw_http("GET", f"{gw.base_url}/admin/tenants", {"Authorization": f"Bearer {KEYS['full'][0]}"})
-    assert gw.services.telemetry.force_flush()
+    assert gw.flush_telemetry()
     spans = receiver.wait_for_spans(lambda spans: {"full", "narrow", "rpm"} <= {
         s.attributes.get("gateway.tenant") for s in spans})
     metrics = [metric for export in receiver.metric_exports for metric in export]

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from gateway.context import RequestContext
 from gateway.cost import energy_cost_usd
+
+log = logging.getLogger(__name__)
 
 
 class Observe:
     """First in, last out: starts the request's span and, when all else is done, records it.
+
+    The recording (span tree, metrics, ledger, outcome book) is scheduled as an
+    event-loop callback, so it runs just after the response has been written
+    and adds nothing to the client's wait; callbacks run before the loop reads
+    the sockets again, so the gateway's next request already sees it.
 
     When an attempt ran on measured GPUs, its joules are known only after the
     sample that closes its last interval: the request is then recorded in the
@@ -25,7 +35,14 @@ class Observe:
         if any(attempt.energy_id is not None for attempt in ctx.attempts):
             self.services.background.spawn(self._record_with_energy(ctx), name="energy-attribution")
         else:
+            asyncio.get_running_loop().call_soon(self._record_now, ctx)
+
+    def _record_now(self, ctx: RequestContext) -> None:
+        """_record as a loop callback: a failure is logged here, as the pipeline would have."""
+        try:
             self._record(ctx)
+        except Exception:
+            log.exception("recording request %s failed", ctx.request_id)
 
     def _record(self, ctx: RequestContext) -> None:
         self.services.telemetry.finish_request(ctx)

@@ -130,6 +130,12 @@ class Harness:
         return future.result(timeout_s)
 
     # helpers ---------------------------------------------------------------
+    def flush_telemetry(self) -> bool:
+        """Export what the gateway recorded: first let its loop run the recordings already scheduled
+        (requests are recorded in a loop callback just after their response), then flush."""
+        self.call(asyncio.sleep(0))
+        return self.services.telemetry.force_flush()
+
     def write_policy(self, template: str) -> None:
         """Write a policy whose {small}/{medium}/{large} are the simulators' URLs."""
         urls = {name: sim.url for name, sim in self.sims.items()}

@@ -7,6 +7,7 @@ response headers are all derived from one place.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ class Attempt:
     traceparent: str | None = None      # what was injected upstream
     energy_id: str | None = None        # the attempt's id in the energy ledger, when its GPUs are measured
     energy_j: float | None = None
+    chunk_gaps_s: Sequence[float] = ()  # a stream's gaps between chunks, for time_per_output_chunk
 
 
 @dataclass
@@ -105,6 +107,7 @@ class RequestContext:
     budget_downgrade: bool = False      # the budget is spent and the tenant's policy says downgrade
     # route
     decision: Decision | None = None
+    routing_s: float | None = None      # time spent choosing the model
     sla_tightened: dict[str, float] = field(default_factory=dict)
     # cache
     cache_status: str = "bypass"        # hit | miss | bypass | stored

@@ -76,6 +76,15 @@ class Instruments:
             description="|gateway prompt-token estimate - upstream count|, signed by gateway.tokens.error.direction.",
             explicit_bucket_boundaries_advisory=ESTIMATE_ERROR_BUCKETS)
 
+    def record_routing(self, ctx: RequestContext, tenant_label: str) -> None:
+        """gateway.routing.duration, when the request was routed."""
+        if ctx.routing_s is None:
+            return
+        labels = {genai.TENANT: tenant_label}
+        if ctx.route_name:
+            labels[genai.ROUTE] = ctx.route_name
+        self.routing_duration.record(ctx.routing_s, labels)
+
     def record_attempt(self, ctx: RequestContext, attempt: Attempt, tenant_label: str,
                        chunk_gaps_s: Sequence[float] = ()) -> None:
         """Duration, time to first chunk and time per output chunk of one attempt."""

@@ -52,7 +52,7 @@ class Hooks:
 
     @contextmanager
     def route_span(self, ctx: RequestContext) -> Iterator[SpanDraft | None]:
-        """The gateway.route span around routing; records gateway.routing.duration."""
+        """The gateway.route span around routing; times it for gateway.routing.duration."""
         started_s = time.perf_counter()
         with self._child_span(ctx, "gateway.route") as span:
             try:
@@ -60,10 +60,7 @@ class Hooks:
             finally:
                 if span is not None:
                     span.set_attributes(genai.route_attributes(ctx))
-                labels = {genai.TENANT: self._tenants.label(ctx.tenant_name)}
-                if ctx.route_name:
-                    labels[genai.ROUTE] = ctx.route_name
-                self._instruments.routing_duration.record(time.perf_counter() - started_s, labels)
+                ctx.routing_s = time.perf_counter() - started_s
 
     @contextmanager
     def cache_span(self, ctx: RequestContext) -> Iterator[SpanDraft | None]:
@@ -112,9 +109,9 @@ class Hooks:
         return headers
 
     def end_attempt(self, ctx: RequestContext, attempt: Attempt, chunk_gaps_s: Sequence[float] = ()) -> None:
-        """End the CLIENT span (status Error + error.type on failure) and record the attempt's metrics."""
+        """End the CLIENT span (status Error + error.type on failure); its metrics are recorded with the request's."""
         self._instruments.in_flight.add(-1, {genai.MODEL_SELECTED: attempt.model.name})
-        self._instruments.record_attempt(ctx, attempt, self._tenants.label(ctx.tenant_name), chunk_gaps_s)
+        attempt.chunk_gaps_s = chunk_gaps_s
         span = attempt.span
         if span is None or not span.recording:
             return
@@ -128,7 +125,8 @@ class Hooks:
         span.end()
 
     def finish_request(self, ctx: RequestContext) -> None:
-        """Finish the SERVER span with the gateway attributes and status code; record request metrics."""
+        """Finish the SERVER span with the gateway attributes and status code; record the request's metrics
+        (routing, each attempt, the request), all off the response path."""
         if ctx.extra.get(FINISHED):
             return
         ctx.extra[FINISHED] = True
@@ -140,7 +138,12 @@ class Hooks:
                 span.fail()
             span.end(end_ns=_ended_ns(ctx))
             self._spans.export(span)
-        self._instruments.record_request(ctx, self._tenants.label(ctx.tenant_name))
+        tenant_label = self._tenants.label(ctx.tenant_name)
+        self._instruments.record_routing(ctx, tenant_label)
+        for attempt in ctx.attempts:
+            if attempt.span is not None:           # its start was observed (telemetry was on)
+                self._instruments.record_attempt(ctx, attempt, tenant_label, attempt.chunk_gaps_s)
+        self._instruments.record_request(ctx, tenant_label)
 
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""

@@ -397,3 +397,16 @@ tenants:
     current["policy"] = parse_policy(policy_text(32))
     text = telemetry.prometheus_text().decode()
     assert re.search(r'^gateway_model_max_concurrency\S*\{[^}]*\} 32\.0$', text, re.M)
+
+
+def test_attribute_value_length_limit_cuts_string_values(receiver, make_telemetry, monkeypatch):
+    """OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT cuts string attribute values on the wire, as the SDK's spans would."""
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx(tenant="acme-corporation")
+    drive_request(telemetry, ctx)
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 5)
+    server = by_name(spans, "POST /v1/chat/completions")
+    assert server.attributes["gateway.tenant"] == "acme"
+    assert server.attributes["http.response.status_code"] == 200

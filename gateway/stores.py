@@ -6,6 +6,7 @@ file serves every environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +24,16 @@ from gateway.policy.model import Policy
 from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
+from gateway.tenancy.store import STORE_ERRORS
 
 log = logging.getLogger("gateway")
 
 #: the in-memory cache's bound when no Redis is configured
 MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+#: connections opened at start-up, so a first burst finds them ready instead of connecting within its time budget
+WARM_CONNECTIONS = 32
+#: how long start-up waits for them
+WARM_UP_TIMEOUT_S = 2.0
 
 
 def redis_url(policy: Policy, environ: Mapping[str, str]) -> str | None:
@@ -41,6 +47,15 @@ def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: b
     if cluster:
         return RedisCluster.from_url(url, **options)
     return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), health_check_interval=30, **options)
+
+
+async def warm_pool(client, connections: int, timeout_s: float = WARM_UP_TIMEOUT_S) -> None:
+    """Open `connections` pooled connections now: concurrent PINGs each take one of their own."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client.ping() for _ in range(connections))), timeout_s)
+    except STORE_ERRORS as exc:
+        log.warning("warming the Redis pool failed (%s: %s); connections open on demand",
+                    type(exc).__name__, str(exc) or "timed out")
 
 
 @dataclass
@@ -73,7 +88,8 @@ class Stores:
         cache = RedisCache(client, timeout_s)
         prefix = store.key_prefix
         limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)
-        await limiter.warm_up()
+        if await limiter.warm_up():
+            await warm_pool(client, min(WARM_CONNECTIONS, store.max_connections))
         return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)), limiter=limiter,
                    budgets=RedisBudgets(client, prefix, timeout_s, store.on_store_failure),
                    redis=client)

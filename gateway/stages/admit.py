@@ -1,12 +1,20 @@
-"""admit: tenant budgets and rate limits (requests, tokens, concurrency), atomic in the store."""
+"""admit: tenant budgets and rate limits (requests, tokens, concurrency), atomic in the store.
+
+What an admission holds is given back after the answer has left, in the
+background: the response never waits for a store round trip to free a slot.
+A refusal for concurrency is retried once this process's releases of the
+tenant still under way have landed, so a client's next request never meets
+its last one's slot.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 from gateway.context import RequestContext
-from gateway.tenancy.limits import unlimited
+from gateway.tenancy.limits import Admission, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
 DEFAULT_OUTPUT_RESERVE = 256
@@ -18,31 +26,28 @@ class Admit:
     def __init__(self, services) -> None:
         self.services = services
         self._exhausted_until_s: dict[str, float] = {}
+        self._releasing: dict[str, set[asyncio.Task]] = {}     # tenant -> its releases under way
 
     async def handle(self, ctx: RequestContext) -> None:
         tenant = ctx.tenant
         if tenant is None:
             return None
-        stores = self.services.stores
+        budgets = self.services.stores.budgets
         budget = tenant.budget
         budgeted = budget.usd_per_day is not None or budget.usd_per_month is not None
         limited = not unlimited(tenant.limits)
         tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE)
         if budgeted and limited and not self._known_exhausted(tenant.name):
-            # both store round trips at once: a tenant with a budget and limits waits for one, not two
-            state, admission = await asyncio.gather(stores.budgets.check(tenant),
-                                                    stores.limiter.admit(tenant, route=None, tokens=tokens))
+            state, admission = await self._check_both(tenant, tokens)
         else:
-            state = await stores.budgets.check(tenant) if budgeted else None
+            state = await budgets.check(tenant) if budgeted else None
             refused = state is not None and state.exhausted and state.on_exhausted != "downgrade"
-            admission = (await stores.limiter.admit(tenant, route=None, tokens=tokens)
-                         if limited and not refused else None)
+            admission = await self._admit(tenant, tokens) if limited and not refused else None
         if state is not None and state.exhausted:
             self._exhausted_until_s[tenant.name] = time.monotonic() + state.retry_after_s
             if state.on_exhausted != "downgrade":
                 if admission is not None and admission.allowed:
-                    self.services.background.spawn(self._give_back(tenant, admission, tokens),
-                                                   name="limits-give-back")
+                    self._give_back(tenant, admission, tokens, actual_tokens=0)
                 raise state.error()
             ctx.budget_downgrade = True
         if admission is None:
@@ -53,6 +58,26 @@ class Admit:
         ctx.admission = admission
         return None
 
+    async def _check_both(self, tenant, tokens: int):
+        """Budget and limits at once: a tenant with both waits for one store round trip, not two."""
+        budget_check = asyncio.ensure_future(self.services.stores.budgets.check(tenant))
+        try:
+            admission = await self._admit(tenant, tokens)
+        except BaseException:
+            budget_check.cancel()
+            raise
+        return await budget_check, admission
+
+    async def _admit(self, tenant, tokens: int) -> Admission:
+        """The limiter's answer; a concurrency refusal is asked again once our releases under way have landed."""
+        limiter = self.services.stores.limiter
+        admission = await limiter.admit(tenant, route=None, tokens=tokens)
+        releasing = self._releasing.get(tenant.name)
+        if admission.allowed or admission.reason != "concurrent" or not releasing:
+            return admission
+        await asyncio.wait(releasing)
+        return await limiter.admit(tenant, route=None, tokens=tokens)
+
     def _known_exhausted(self, tenant_name: str) -> bool:
         """Whether this process saw the tenant's budget exhausted for the current period.
 
@@ -62,26 +87,34 @@ class Admit:
         until_s = self._exhausted_until_s.get(tenant_name)
         return until_s is not None and time.monotonic() < until_s
 
-    async def _give_back(self, tenant, admission, reserved_tokens: int) -> None:
-        """Undo an admission the budget then refused: free its slot and its token reservation."""
+    def _give_back(self, tenant, admission: Admission, reserved_tokens: int, actual_tokens: int) -> None:
+        """End an admission in the background: free its slot, then settle its tokens to what was used."""
+        task = self.services.background.spawn(
+            self._end_admission(tenant, admission.ticket, reserved_tokens, actual_tokens), name="limits-release")
+        if tenant.limits.concurrent is not None:
+            releasing = self._releasing.setdefault(tenant.name, set())
+            releasing.add(task)
+            task.add_done_callback(functools.partial(self._released, tenant.name))
+
+    def _released(self, tenant_name: str, task: asyncio.Task) -> None:
+        releasing = self._releasing.get(tenant_name)
+        if releasing is not None:
+            releasing.discard(task)
+            if not releasing:
+                del self._releasing[tenant_name]
+
+    async def _end_admission(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
         limiter = self.services.stores.limiter
-        await limiter.release(tenant, ticket=admission.ticket)
-        await limiter.settle(tenant, ticket=admission.ticket, reserved_tokens=reserved_tokens, actual_tokens=0)
+        await limiter.release(tenant, ticket=ticket)
+        await limiter.settle(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens)
 
     async def finish(self, ctx: RequestContext) -> None:
         tenant = ctx.tenant
         if tenant is None:
             return
-        background = self.services.background
-        stores = self.services.stores
         if ctx.cost_usd and (tenant.budget.usd_per_day is not None or tenant.budget.usd_per_month is not None):
-            background.spawn(stores.budgets.charge(tenant, ctx.cost_usd), name="budget-charge")
-        admission = ctx.admission
-        if admission is None:
-            return
-        # the slot is freed before the answer leaves, so a client's next request never meets its last one
-        await stores.limiter.release(tenant, ticket=admission.ticket)
-        used = ctx.usage.input_tokens + ctx.usage.output_tokens
-        background.spawn(stores.limiter.settle(tenant, ticket=admission.ticket,
-                                               reserved_tokens=ctx.reserved_tokens, actual_tokens=used),
-                         name="limits-settle")
+            self.services.background.spawn(self.services.stores.budgets.charge(tenant, ctx.cost_usd),
+                                           name="budget-charge")
+        if ctx.admission is not None:
+            used = ctx.usage.input_tokens + ctx.usage.output_tokens
+            self._give_back(tenant, ctx.admission, ctx.reserved_tokens, actual_tokens=used)

@@ -8,7 +8,6 @@ Identical requests arriving while the first is in flight wait for it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from decimal import Decimal
 
 import orjson
@@ -67,14 +66,6 @@ class Cache:
 
     async def _single_flight(self, ctx: RequestContext) -> CacheEntry | None:
         """Follow an identical request in flight (its entry), or lead one (None: call upstream)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        leading = asyncio.Event()
-
-        async def lead() -> CacheEntry | None:
-            leading.set()
-            return await done
-
         singleflight = self.services.stores.singleflight
         if singleflight.local_only:
             flight = singleflight.try_lead(ctx.cache_key)
@@ -85,6 +76,13 @@ class Cache:
                 return await singleflight.follow(ctx.cache_key, SINGLE_FLIGHT_TIMEOUT_S)
             except FlightAbandoned:
                 return None
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        leading = asyncio.Event()
+
+        async def lead() -> CacheEntry | None:
+            leading.set()
+            return await done
+
         task = asyncio.ensure_future(singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
                                                       poll_fn=lambda: self._lookup(ctx.cache_key)))
         leader_started = asyncio.ensure_future(leading.wait())
@@ -158,7 +156,9 @@ class Cache:
         else:
             record = ctx.stream_record
             entry = entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
-        return dataclasses.replace(entry, cost_usd=ctx.attempts[-1].cost_usd) if entry is not None else None
+        if entry is None:
+            return None
+        return CacheEntry(entry.endpoint, entry.body, entry.created_unix_s, cost_usd=ctx.attempts[-1].cost_usd)
 
 
 async def _quietly(task: asyncio.Task) -> None:

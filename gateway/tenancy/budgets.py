@@ -9,6 +9,7 @@ their own cost.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 NANOS_PER_USD = 10**9
+SECONDS_PER_DAY = 86400
 #: how long a finished day's or month's total stays readable after the period ends
 RETENTION_S = 2 * 86400
 
@@ -52,11 +54,17 @@ class Periods:
     @classmethod
     def at(cls, now_s: float) -> Periods:
         """The periods containing `now_s` (unix seconds)."""
-        now = datetime.fromtimestamp(now_s, UTC)
-        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        month_start = day_start.replace(day=1)
-        next_month = (month_start + timedelta(days=32)).replace(day=1)
-        return cls(now.strftime("%Y-%m-%d"), now.strftime("%Y-%m"),
+        return _periods_of_day(int(now_s // SECONDS_PER_DAY))
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_day(day_number: int) -> Periods:
+    """The periods of one UTC day, counted from the epoch: unix days are exactly 86,400 s,
+    so every request of a day shares one answer instead of redoing the date arithmetic."""
+    day_start = datetime.fromtimestamp(day_number * SECONDS_PER_DAY, UTC)
+    month_start = day_start.replace(day=1)
+    next_month = (month_start + timedelta(days=32)).replace(day=1)
+    return Periods(day_start.strftime("%Y-%m-%d"), day_start.strftime("%Y-%m"),
                    (day_start + timedelta(days=1)).timestamp(), next_month.timestamp())
 
 

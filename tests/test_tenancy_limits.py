@@ -324,3 +324,43 @@ async def test_hung_store_times_out():
 def test_format_reset(seconds, text):
     """Durations print like OpenAI's x-ratelimit-reset-* values."""
     assert format_reset(seconds) == text
+
+
+async def test_end_releases_the_slot_and_settles_the_tokens(make_limiter):
+    """end() frees the in-flight slot and rewrites the reservation to the tokens used, as release + settle do."""
+    limiter, who = make_limiter(), tenant(tpm=100, concurrent=1)
+    first = await admit(limiter, who, 0, tokens=80)
+    assert (await admit(limiter, who, 1, tokens=10)).reason == "concurrent"
+    await limiter.end(who, ticket=first.ticket, reserved_tokens=80, actual_tokens=20, now_s=T0 + 1)
+    second = await admit(limiter, who, 2, tokens=80)
+    assert second.allowed and second.remaining_tokens == 0       # 20 used + 80 reserved
+    await limiter.end(who, ticket=second.ticket, reserved_tokens=80, actual_tokens=80, now_s=T0 + 3)
+    assert (await admit(limiter, who, 4)).allowed                # same count: only the slot was freed
+
+
+class CountingRedis(Redis):
+    """A real Redis client that also lists the commands it sends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+
+    async def execute_command(self, *args, **options):
+        self.sent.append(str(args[0]).upper())
+        return await super().execute_command(*args, **options)
+
+
+async def test_redis_end_is_one_round_trip(redis_server):
+    """With both a token and a concurrency limit, ending an admission sends one script call, no separate ZREM."""
+    client = CountingRedis.from_url(redis_server.url)
+    try:
+        limiter, who = RedisLimiter(client, "test-end", 2.0, "allow"), tenant(tpm=100, concurrent=1)
+        assert await limiter.warm_up()                           # scripts loaded, as at start-up
+        admission = await admit(limiter, who, 0, tokens=50)
+        client.sent.clear()
+        await limiter.end(who, ticket=admission.ticket, reserved_tokens=50, actual_tokens=10, now_s=T0 + 1)
+        assert client.sent == ["EVALSHA"]
+        usage = await limiter.usage(who, now_s=T0 + 2)
+        assert (usage.concurrent, usage.tokens) == (0, 10)
+    finally:
+        await client.aclose()

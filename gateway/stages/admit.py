@@ -104,9 +104,8 @@ class Admit:
                 del self._releasing[tenant_name]
 
     async def _end_admission(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
-        limiter = self.services.stores.limiter
-        await limiter.release(tenant, ticket=ticket)
-        await limiter.settle(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens)
+        await self.services.stores.limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens,
+                                               actual_tokens=actual_tokens)
 
     async def finish(self, ctx: RequestContext) -> None:
         tenant = ctx.tenant

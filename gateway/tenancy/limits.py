@@ -151,6 +151,11 @@ class Limiter(Protocol):
         """End an admission's in-flight slot."""
         ...
 
+    async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
+                  now_s: float | None = None) -> None:
+        """release, then settle: everything an answered admission gives back, at once."""
+        ...
+
     async def usage(self, tenant: Tenant) -> LimitUsage:
         """The tenant's requests, tokens and in-flight count in the current window."""
         ...

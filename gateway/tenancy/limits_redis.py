@@ -104,6 +104,18 @@ class RedisLimiter:
             keys=[tok_key, sum_key],
             args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
 
+    async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
+                  now_s: float | None = None) -> None:
+        """Release the slot and settle the tokens in one script call: one round trip, not two."""
+        limits = tenant.limits
+        if limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
+            await self.release(tenant, ticket=ticket)
+            return
+        _, tok_key, sum_key, flight_key = tenant_keys(self.prefix, tenant.name)
+        keys = [tok_key, sum_key, *([flight_key] if limits.concurrent is not None else [])]
+        await self.guard.run(self.settle_script(
+            keys=keys, args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
+
     async def release(self, tenant: Tenant, *, ticket: str) -> None:
         """End an admission's in-flight slot; releasing twice is harmless."""
         if tenant.limits.concurrent is None:

@@ -64,6 +64,7 @@ GATEWAYS = {
     "gateway-sampled": GatewaySpec(env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                                         "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     "gateway-redis": GatewaySpec(redis=True),
+    "gateway-redis-notel": GatewaySpec(env={"OTEL_SDK_DISABLED": "true"}, redis=True),
     "gateway-w2": GatewaySpec(workers=2, all_cores=True),
     "gateway-profiled": GatewaySpec(profiled=True),
     "gateway-profiled-notel": GatewaySpec(env={"OTEL_SDK_DISABLED": "true"}, profiled=True),

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
 from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
+from tests.support.redis_counting import CountingRedis
 
 #: 2025-01-30 18:00:00 UTC: six hours before the day ends, two days before the month does
 EVENING_S = datetime(2025, 1, 30, 18, tzinfo=UTC).timestamp()
@@ -143,3 +144,38 @@ async def test_store_down_is_answered_not_raised(redis_server, on_store_failure)
             assert (state.exhausted, state.on_exhausted, state.error().status) == (True, "reject", 503)
     finally:
         await client.aclose()
+
+
+async def test_a_read_with_room_is_reused_briefly_and_ended_by_a_charge(redis_server):
+    """Checks within READ_REUSE_S reuse one read; this replica's charge, or the window passing, reads again."""
+    from gateway.tenancy.budgets import READ_REUSE_S
+
+    client = CountingRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-reuse", 2.0, "allow"), tenant(per_day="1.00")
+        await budgets.check(who, EVENING_S)
+        await budgets.check(who, EVENING_S + READ_REUSE_S / 2)
+        assert client.sent.count("MGET") == 1
+        await budgets.charge(who, Decimal("1.00"), EVENING_S + READ_REUSE_S / 2)
+        state = await budgets.check(who, EVENING_S + READ_REUSE_S / 2)
+        assert client.sent.count("MGET") == 2 and state.exhausted
+        assert (await budgets.check(who, EVENING_S + READ_REUSE_S / 2)).exhausted
+        assert client.sent.count("MGET") == 3                # an exhausted state is never reused
+    finally:
+        await client.aclose()
+
+
+async def test_another_replicas_charge_shows_once_the_reuse_window_passes(redis_server):
+    """A charge made by another replica is seen by a check at most READ_REUSE_S after this one's last read."""
+    from gateway.tenancy.budgets import READ_REUSE_S
+
+    first, second = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+    try:
+        reader, charger, who = RedisBudgets(first, "test-reuse2"), RedisBudgets(second, "test-reuse2"), \
+            tenant(per_day="1.00")
+        assert not (await reader.check(who, EVENING_S)).exhausted
+        await charger.charge(who, Decimal("1.00"), EVENING_S)
+        assert (await reader.check(who, EVENING_S + READ_REUSE_S)).exhausted
+    finally:
+        await first.aclose()
+        await second.aclose()

@@ -17,6 +17,7 @@ from gateway.policy.model import Limits, Tenant
 from gateway.tenancy.limits import Admission, format_reset
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
+from tests.support.redis_counting import CountingRedis
 
 T0 = 1_700_000_000.0
 
@@ -336,18 +337,6 @@ async def test_end_releases_the_slot_and_settles_the_tokens(make_limiter):
     assert second.allowed and second.remaining_tokens == 0       # 20 used + 80 reserved
     await limiter.end(who, ticket=second.ticket, reserved_tokens=80, actual_tokens=80, now_s=T0 + 3)
     assert (await admit(limiter, who, 4)).allowed                # same count: only the slot was freed
-
-
-class CountingRedis(Redis):
-    """A real Redis client that also lists the commands it sends."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent: list[str] = []
-
-    async def execute_command(self, *args, **options):
-        self.sent.append(str(args[0]).upper())
-        return await super().execute_command(*args, **options)
 
 
 async def test_redis_end_is_one_round_trip(redis_server):

@@ -30,6 +30,9 @@ NANOS_PER_USD = 10**9
 SECONDS_PER_DAY = 86400
 #: how long a finished day's or month's total stays readable after the period ends
 RETENTION_S = 2 * 86400
+#: how long a replica reuses a read of a budget with room left, instead of a store round trip per request;
+#: this replica's own charges end the reuse at once, other replicas' show within this long
+READ_REUSE_S = 0.25
 
 
 def to_nanos(cost_usd: Decimal) -> int:
@@ -185,6 +188,7 @@ class RedisBudgets:
         self.prefix = prefix
         self.clock = clock
         self.guard = StoreGuard("budget", timeout_s, on_store_failure)
+        self._recent: dict[str, tuple[float, BudgetState]] = {}     # tenant -> (read at, a state with room)
 
     @property
     def store_failures(self) -> int:
@@ -199,7 +203,14 @@ class RedisBudgets:
         """The tenant's spend so far; no store call when the tenant has no budget."""
         if tenant.budget.usd_per_day is None and tenant.budget.usd_per_month is None:
             return BudgetState(tenant.name, tenant.budget)
-        return await self.read(tenant, now_s)
+        now_s = self.clock() if now_s is None else now_s
+        recent = self._recent.get(tenant.name)
+        if recent is not None and 0 <= now_s - recent[0] < READ_REUSE_S and recent[1].budget == tenant.budget:
+            return recent[1]
+        state = await self.read(tenant, now_s)
+        if state.available and not state.exhausted:
+            self._recent[tenant.name] = (now_s, state)
+        return state
 
     async def read(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
         """The tenant's spend read from the store; when it is down, per `on_store_failure`."""
@@ -222,6 +233,7 @@ class RedisBudgets:
         periods, nanos = Periods.at(now_s), to_nanos(cost_usd)
         if nanos == 0:
             return
+        self._recent.pop(tenant.name, None)     # the next check reads the new total
         day_key, month_key = self.keys(tenant.name, periods)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))

@@ -66,6 +66,12 @@ class GroupStats:
                 "value_usd": plain_usd(self.value_usd)}
 
 
+#: a request without a task id, until an outcome is reported for it: (route, tenant, workflow, cost_usd,
+#: requests, seen_s). Immutable values only, so the garbage collector stops tracking the tuple: a book
+#: of 100k requests adds nothing to full collections, where 100k Task objects would stall the loop.
+RequestCost = tuple[str, str, str, Decimal, int, float]
+
+
 @dataclass
 class OutcomeBook:
     """Tasks and requests awaiting (or holding) a reported outcome, bounded in memory."""
@@ -73,22 +79,44 @@ class OutcomeBook:
     ttl_s: float = 24 * 3600
     max_entries: int = 100_000
     clock: Callable[[], float] = time.time
-    tasks: OrderedDict[str, Task] = field(default_factory=OrderedDict)
-    request_tasks: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    tasks: OrderedDict[str, Task | RequestCost] = field(default_factory=OrderedDict)
+    request_tasks: OrderedDict[str, str] = field(default_factory=OrderedDict)     # request id -> "t:" key
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
               workflow: str | None, cost_usd: Decimal) -> None:
         """Add one finished request's cost to its task (a request without a task is its own)."""
-        key = f"t:{task_id}" if task_id else f"r:{request_id}"
-        task = self.tasks.get(key)
-        if task is None:
-            task = self.tasks[key] = Task(route=route, tenant=tenant, workflow=workflow or "-")
-        task.cost_usd += cost_usd
-        task.requests += 1
-        task.seen_s = self.clock()
+        now_s = self.clock()
+        if not task_id:
+            key = f"r:{request_id}"
+            seen = self.tasks.get(key)       # a client may reuse its x-request-id
+            if seen is not None:
+                seen = self._task(key)
+                seen.cost_usd += cost_usd
+                seen.requests += 1
+                seen.seen_s = now_s
+            else:
+                self.tasks[key] = (route, tenant, workflow or "-", cost_usd, 1, now_s)
+        else:
+            key = f"t:{task_id}"
+            task = self.tasks.get(key)
+            if task is None:
+                task = self.tasks[key] = Task(route=route, tenant=tenant, workflow=workflow or "-")
+            task.cost_usd += cost_usd
+            task.requests += 1
+            task.seen_s = now_s
+            self.request_tasks[request_id] = key
         self.tasks.move_to_end(key)
-        self.request_tasks[request_id] = key
         self._trim()
+
+    def _task(self, key: str) -> Task:
+        """The entry under `key` as a Task, made one from a request's compact record if need be."""
+        entry = self.tasks[key]
+        if isinstance(entry, Task):
+            return entry
+        route, tenant, workflow, cost_usd, requests, seen_s = entry
+        task = self.tasks[key] = Task(route=route, tenant=tenant, workflow=workflow, cost_usd=cost_usd,
+                                      requests=requests, seen_s=seen_s)
+        return task
 
     def report(self, payload: object, *, tenant: str | None = None) -> Task:
         """Record an outcome from a `POST /v1/outcomes` body (only for the caller's own tasks)."""
@@ -97,7 +125,8 @@ class OutcomeBook:
         outcome = payload.get("outcome")
         if outcome not in OUTCOMES:
             raise ClientError(f"'outcome' must be one of {', '.join(OUTCOMES)}", param="outcome")
-        task = self.tasks.get(self._key(payload))
+        key = self._key(payload)
+        task = self._task(key) if key in self.tasks else None
         if task is None or tenant is not None and task.tenant != tenant:
             raise NotFound("no task or request with that id is known (unknown, or older than the retention)",
                            code="unknown_id")
@@ -120,7 +149,7 @@ class OutcomeBook:
         """Reported tasks grouped by route, tenant and workflow."""
         groups: dict[str, dict[str, GroupStats]] = {"route": {}, "tenant": {}, "workflow": {}}
         for task in self.tasks.values():
-            if task.outcome is None:
+            if not isinstance(task, Task) or task.outcome is None:
                 continue
             for dimension, name in (("route", task.route), ("tenant", task.tenant), ("workflow", task.workflow)):
                 groups[dimension].setdefault(name, GroupStats()).add(task)
@@ -131,7 +160,8 @@ class OutcomeBook:
         cutoff_s = self.clock() - self.ttl_s
         while self.tasks:
             key, task = next(iter(self.tasks.items()))
-            if len(self.tasks) <= self.max_entries and task.seen_s >= cutoff_s:
+            seen_s = task.seen_s if isinstance(task, Task) else task[-1]
+            if len(self.tasks) <= self.max_entries and seen_s >= cutoff_s:
                 break
             del self.tasks[key]
         while len(self.request_tasks) > self.max_entries * 4:

@@ -71,11 +71,12 @@ class Admit:
     async def _admit(self, tenant, tokens: int) -> Admission:
         """The limiter's answer; a concurrency refusal is asked again once our releases under way have landed."""
         limiter = self.services.stores.limiter
-        admission = await limiter.admit(tenant, route=None, tokens=tokens)
         releasing = self._releasing.get(tenant.name)
-        if admission.allowed or admission.reason != "concurrent" or not releasing:
+        under_way = set(releasing) if releasing else None     # as they were when we asked: one may land meanwhile
+        admission = await limiter.admit(tenant, route=None, tokens=tokens)
+        if admission.allowed or admission.reason != "concurrent" or not under_way:
             return admission
-        await asyncio.wait(releasing)
+        await asyncio.wait(under_way)
         return await limiter.admit(tenant, route=None, tokens=tokens)
 
     def _known_exhausted(self, tenant_name: str) -> bool:

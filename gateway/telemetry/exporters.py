@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opentelemetry.sdk.metrics import Counter as CounterInstrument
 from opentelemetry.sdk.metrics import Histogram, ObservableCounter
@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from gateway.telemetry.config import BatchSettings, SignalExport
+from gateway.telemetry.histograms import HistogramExport
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +117,21 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
 
 
 class CountingMetricExporter(MetricExporter):
-    """Delegates to a metric exporter; counts the data points of every failed export."""
+    """Delegates to a metric exporter, adding the gateway's own histograms; counts the points of failed exports."""
 
-    def __init__(self, inner: MetricExporter, dropped: DropCounter) -> None:
+    def __init__(self, inner: MetricExporter, dropped: DropCounter,
+                 histograms: Callable[[bool], HistogramExport] | None = None) -> None:
         # the SDK's periodic reader takes its preferences from these two exporter attributes
         super().__init__(preferred_temporality=inner._preferred_temporality,
                          preferred_aggregation=inner._preferred_aggregation)
         self._inner = inner
         self._dropped = dropped
+        delta = self._preferred_temporality.get(Histogram) is AggregationTemporality.DELTA
+        self._histograms = histograms(delta) if histograms is not None else None
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
+        if self._histograms is not None:
+            metrics_data = self._histograms.add_to(metrics_data)
         try:
             result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception:       # boundary: a third-party exporter; the points are lost either way

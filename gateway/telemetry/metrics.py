@@ -10,6 +10,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_A
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
 from gateway.telemetry import genai
+from gateway.telemetry.histograms import Buckets
 from gateway.telemetry.sums import Sums
 
 if TYPE_CHECKING:
@@ -25,25 +26,39 @@ ESTIMATE_ERROR_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 CACHE_LOOKUP_STATUSES = frozenset({"hit", "miss", "stored"})
 
 
-class Instruments:
-    """Every instrument the gateway records, created once per meter."""
+def histograms() -> dict[str, Buckets]:
+    """The gateway's histograms, made before the meter provider: its readers export them."""
+    made = [
+        Buckets(gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}",
+                description="Number of input and output tokens used.", boundaries=TOKEN_BUCKETS),
+        Buckets(gen_ai_metrics.GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="GenAI operation duration.",
+                boundaries=DURATION_BUCKETS_S),
+        Buckets(gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
+                description="Time to receive the first chunk of a streamed response.", boundaries=DURATION_BUCKETS_S),
+        Buckets(gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, unit="s",
+                description="Time between consecutive chunks of a streamed response.",
+                boundaries=DURATION_BUCKETS_S),
+        Buckets("gateway.routing.duration", unit="s", description="Time spent choosing a model.",
+                boundaries=ROUTING_BUCKETS_S),
+        Buckets("gateway.tokens.estimate_error", unit="{token}",
+                description="|gateway prompt-token estimate - upstream count|, signed by "
+                            "gateway.tokens.error.direction.",
+                boundaries=ESTIMATE_ERROR_BUCKETS),
+    ]
+    return {histogram.name: histogram for histogram in made}
 
-    def __init__(self, meter: Meter, dropped: Callable[[], Iterable[tuple[dict[str, str], int]]]) -> None:
-        self.token_usage = meter.create_histogram(
-            gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
-        self.operation_duration = meter.create_histogram(
-            gen_ai_metrics.GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
-        self.time_to_first_chunk = meter.create_histogram(
-            gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
-            description="Time to receive the first chunk of a streamed response.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
-        self.time_per_output_chunk = meter.create_histogram(
-            gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, unit="s",
-            description="Time between consecutive chunks of a streamed response.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+
+class Instruments:
+    """Every instrument the gateway records: histograms and sums aggregated by the gateway, read by the SDK."""
+
+    def __init__(self, meter: Meter, dropped: Callable[[], Iterable[tuple[dict[str, str], int]]],
+                 buckets: dict[str, Buckets]) -> None:
+        self.token_usage = buckets[gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE]
+        self.operation_duration = buckets[gen_ai_metrics.GEN_AI_CLIENT_OPERATION_DURATION]
+        self.time_to_first_chunk = buckets[gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK]
+        self.time_per_output_chunk = buckets[gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK]
+        self.routing_duration = buckets["gateway.routing.duration"]
+        self.estimate_error = buckets["gateway.tokens.estimate_error"]
         self._gateway_instruments(meter)
         meter.create_observable_counter(
             "gateway.telemetry.dropped", unit="{item}", description="Spans and metric points the gateway dropped.",
@@ -59,9 +74,6 @@ class Instruments:
         self.fallbacks = Sums(meter, "gateway.fallbacks", unit="{request}",
                               description="Requests that retried or fell back, by state and reason.")
         self.sla = Sums(meter, "gateway.sla", unit="{request}", description="Routing decisions by SLA met.")
-        self.routing_duration = meter.create_histogram(
-            "gateway.routing.duration", unit="s", description="Time spent choosing a model.",
-            explicit_bucket_boundaries_advisory=ROUTING_BUCKETS_S)
         self.in_flight = Sums(meter, "gateway.in_flight", unit="{request}", monotonic=False,
                               description="Upstream attempts in flight per model.")
         self.energy = Sums(meter, "gateway.energy", unit="J", description="GPU energy attributed to requests.")
@@ -71,10 +83,6 @@ class Instruments:
             meter, "gateway.task.cost", unit="USD",
             description="Cost of tasks with a reported outcome; by outcome, so cost per successful task = "
                         "sum over outcomes / successes.")
-        self.estimate_error = meter.create_histogram(
-            "gateway.tokens.estimate_error", unit="{token}",
-            description="|gateway prompt-token estimate - upstream count|, signed by gateway.tokens.error.direction.",
-            explicit_bucket_boundaries_advisory=ESTIMATE_ERROR_BUCKETS)
 
     def record_routing(self, ctx: RequestContext, tenant_label: str) -> None:
         """gateway.routing.duration, when the request was routed."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,8 @@ from gateway.telemetry.exporters import (
 )
 from gateway.telemetry.genai import SCHEMA_URL
 from gateway.telemetry.labels import TenantLabels
-from gateway.telemetry.metrics import Instruments
+from gateway.telemetry.histograms import HistogramExport
+from gateway.telemetry.metrics import Instruments, histograms
 from gateway.telemetry import observed
 from gateway.telemetry.spans import RequestSpans
 from gateway.telemetry.tracing import Hooks, NoopHooks
@@ -101,39 +102,46 @@ class Telemetry:
             processor = CountingBatchSpanProcessor(otlp_span_exporter(config.traces), config.batch,
                                                    self.dropped_counter)
             provider.add_span_processor(processor)     # the provider flushes and shuts it down
+        scope = InstrumentationScope(SCOPE, __version__, SCHEMA_URL)
         spans = RequestSpans(sampler=provider.sampler, ids=provider.id_generator, resource=provider.resource,
-                             scope=InstrumentationScope(SCOPE, __version__, SCHEMA_URL), processor=processor)
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=self._metric_readers(),
+                             scope=scope, processor=processor)
+        buckets = histograms()
+
+        def histogram_export(delta: bool) -> HistogramExport:
+            return HistogramExport(buckets.values(), scope, resource, delta=delta)
+
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=self._metric_readers(histogram_export),
                                             shutdown_on_exit=False)
         self.meter = meter = self.meter_provider.get_meter(SCOPE, __version__, schema_url=SCHEMA_URL)
-        instruments = Instruments(meter, self.dropped_counter.observations)
+        instruments = Instruments(meter, self.dropped_counter.observations, buckets)
         tenants = TenantLabels(config.tenant_allowlist, config.tenant_top_n)
         self._hooks = Hooks(spans, instruments, tenants, config.capture_content)
 
-    def _metric_readers(self) -> list[MetricReader]:
+    def _metric_readers(self, histogram_export: Callable[[bool], HistogramExport]) -> list[MetricReader]:
         config = self.config
         readers: list[MetricReader] = []
         if config.metrics is not None:
             exporter = CountingMetricExporter(otlp_metric_exporter(config.metrics, config.temporality),
-                                              self.dropped_counter)
+                                              self.dropped_counter, histogram_export)
             readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=config.metric_interval_ms,
                                                          export_timeout_millis=config.metric_timeout_ms))
         if config.prometheus:
-            reader = self._prometheus_reader()
+            reader = self._prometheus_reader(histogram_export(False))
             if reader is not None:
                 readers.append(reader)
         return readers
 
-    def _prometheus_reader(self) -> MetricReader | None:
+    def _prometheus_reader(self, histograms: HistogramExport) -> MetricReader | None:
         """A Prometheus reader on a private registry, served by the app at /metrics."""
         try:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import CollectorRegistry
+
+            from gateway.telemetry.prometheus import GatewayPrometheusReader
         except ImportError:
             logger.warning("Prometheus /metrics needs the opentelemetry-exporter-prometheus package; disabled")
             return None
         self._registry = CollectorRegistry(auto_describe=False)
-        return PrometheusMetricReader(registry=self._registry)
+        return GatewayPrometheusReader(histograms, registry=self._registry)
 
     @property
     def prometheus_enabled(self) -> bool:

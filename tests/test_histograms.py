@@ -1,0 +1,94 @@
+"""The gateway's histograms aggregate exactly as the SDK's explicit-bucket histograms, cumulative or delta."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from gateway.telemetry.histograms import Buckets, HistogramExport
+from gateway.telemetry.metrics import DURATION_BUCKETS_S
+
+SCOPE = InstrumentationScope("inference-gateway", "1.0", "https://opentelemetry.io/schemas/1.41.0")
+RESOURCE = Resource.create({"service.name": "gw"})
+LABELS = ({"gateway.tenant": "acme", "server.port": 443}, {"gateway.tenant": "other", "server.port": 443})
+
+
+def points_by_tenant(metrics_data: MetricsData, name: str) -> dict[str, object]:
+    metrics = [metric for resource in metrics_data.resource_metrics for scope in resource.scope_metrics
+               for metric in scope.metrics if metric.name == name]
+    assert len(metrics) == 1
+    return {point.attributes["gateway.tenant"]: point for point in metrics[0].data.data_points}
+
+
+def sdk_and_gateway(values: list[tuple[float, dict]]):
+    """The same values recorded into an SDK histogram and into Buckets, both collected once."""
+    reader = InMemoryMetricReader()
+    sdk = MeterProvider(metric_readers=[reader], resource=RESOURCE).get_meter("sdk").create_histogram(
+        "h", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+    ours = Buckets("h", unit="s", description="", boundaries=DURATION_BUCKETS_S)
+    for value, labels in values:
+        sdk.record(value, labels)
+        ours.record(value, labels)
+    return reader.get_metrics_data(), HistogramExport([ours], SCOPE, RESOURCE).add_to(None), ours
+
+
+def test_points_equal_the_sdk_histograms():
+    """Counts per bucket (bounds included as the SDK does), count, sum, min and max match the SDK's."""
+    rng = random.Random(7)
+    values = [(rng.choice([*DURATION_BUCKETS_S, rng.uniform(0, 100)]), rng.choice(LABELS)) for _ in range(2000)]
+    sdk_data, our_data, _ = sdk_and_gateway(values)
+    sdk_points, our_points = points_by_tenant(sdk_data, "h"), points_by_tenant(our_data, "h")
+    assert sdk_points.keys() == our_points.keys() == {"acme", "other"}
+    for tenant, sdk_point in sdk_points.items():
+        ours = our_points[tenant]
+        assert list(ours.bucket_counts) == list(sdk_point.bucket_counts)
+        assert (ours.count, ours.min, ours.max) == (sdk_point.count, sdk_point.min, sdk_point.max)
+        assert math.isclose(ours.sum, sdk_point.sum) and tuple(ours.explicit_bounds) == tuple(sdk_point.explicit_bounds)
+        assert dict(ours.attributes) == dict(sdk_point.attributes)
+
+
+def test_added_to_the_gateway_scope_of_the_collected_batch():
+    """The points join the SDK batch's ScopeMetrics of the gateway's scope, next to its other metrics."""
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader], resource=RESOURCE).get_meter(SCOPE.name, SCOPE.version,
+                                                                                  schema_url=SCOPE.schema_url)
+    meter.create_counter("gateway.requests").add(1)
+    ours = Buckets("h", unit="s", description="d", boundaries=(1.0,))
+    ours.record(0.5, LABELS[0])
+    data = HistogramExport([ours], SCOPE, RESOURCE).add_to(reader.get_metrics_data())
+    (resource,) = data.resource_metrics
+    (scope,) = resource.scope_metrics
+    assert [metric.name for metric in scope.metrics] == ["gateway.requests", "h"]
+    assert scope.metrics[1].data.aggregation_temporality is AggregationTemporality.CUMULATIVE
+
+
+def test_delta_reports_what_changed_with_the_intervals_min_and_max():
+    """A delta reader gets each interval's counts, sum, min and max; an attribute set with nothing new is left out."""
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0, 10.0))
+    delta, cumulative = (HistogramExport([ours], SCOPE, RESOURCE, delta=True),
+                         HistogramExport([ours], SCOPE, RESOURCE))
+    ours.record(0.5, LABELS[0])
+    ours.record(20.0, LABELS[1])
+    first = points_by_tenant(delta.add_to(None), "h")
+    ours.record(5.0, LABELS[0])
+    second = points_by_tenant(delta.add_to(None), "h")
+    assert (first["acme"].count, first["other"].count) == (1, 1)
+    assert set(second) == {"acme"}
+    point = second["acme"]
+    assert (list(point.bucket_counts), point.count, point.sum, point.min, point.max) == ([0, 1, 0], 1, 5.0, 5.0, 5.0)
+    assert point.start_time_unix_nano == first["acme"].time_unix_nano
+    whole = points_by_tenant(cumulative.add_to(None), "h")["acme"]
+    assert (list(whole.bucket_counts), whole.count, whole.min, whole.max) == ([1, 1, 0], 2, 0.5, 5.0)
+
+
+def test_negative_and_non_finite_values_are_dropped():
+    """As the SDK does, a negative, infinite or NaN value records nothing."""
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    for value in (-1.0, math.inf, math.nan):
+        ours.record(value, LABELS[0])
+    assert HistogramExport([ours], SCOPE, RESOURCE).add_to(None) is None

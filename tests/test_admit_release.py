@@ -136,3 +136,32 @@ async def test_budget_and_limits_checked_together_both_answer():
     ctx = request(budgeted)
     await asyncio.wait_for(stage.handle(ctx), 1)
     assert ctx.admission.allowed and not ctx.budget_downgrade
+
+
+class SlowBudgets(MemoryBudgets):
+    """In-memory budgets whose read takes as long as a slow store round trip."""
+
+    async def check(self, tenant, now_s=None):
+        await asyncio.sleep(0.05)
+        return await super().check(tenant, now_s)
+
+
+async def test_a_client_leaving_during_admission_gives_its_slot_back(limiter):
+    """Cancelled after the limiter admitted it but before admission ended (the budget read pending), the
+    request's slot is given back at once, not held until the in-flight safety TTL."""
+    tenant = Tenant("solo", limits=Limits(concurrent=1, tokens_per_minute=100_000),
+                    budget=Budget(usd_per_day=Decimal(1)))
+    stage = admit_stage(limiter)
+    stage.services.stores.budgets = SlowBudgets()
+    ctx = request(tenant)
+    handling = asyncio.create_task(stage.handle(ctx))
+    await asyncio.sleep(0.02)                # admitted; the budget read is still pending
+    handling.cancel()                        # the client disconnects: aiohttp cancels the handler
+    await asyncio.gather(handling, return_exceptions=True)
+    assert ctx.admission is None
+    await stage.services.background.drain(timeout_s=5)
+    usage = await limiter.usage(tenant)
+    assert (usage.concurrent, usage.tokens) == (0, 0)
+    following = request(tenant)
+    await stage.handle(following)
+    assert following.admission.allowed

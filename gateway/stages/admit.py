@@ -14,7 +14,7 @@ import functools
 import time
 
 from gateway.context import RequestContext
-from gateway.tenancy.limits import Admission, unlimited
+from gateway.tenancy.limits import Admission, new_ticket, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
 DEFAULT_OUTPUT_RESERVE = 256
@@ -37,17 +37,25 @@ class Admit:
         budgeted = budget.usd_per_day is not None or budget.usd_per_month is not None
         limited = not unlimited(tenant.limits)
         tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE)
-        if budgeted and limited and not self._known_exhausted(tenant.name):
-            state, admission = await self._check_both(tenant, tokens)
-        else:
-            state = await budgets.check(tenant) if budgeted else None
-            refused = state is not None and state.exhausted and state.on_exhausted != "downgrade"
-            admission = await self._admit(tenant, tokens) if limited and not refused else None
+        ticket = new_ticket()
+        try:
+            if budgeted and limited and not self._known_exhausted(tenant.name):
+                state, admission = await self._check_both(tenant, tokens, ticket)
+            else:
+                state = await budgets.check(tenant) if budgeted else None
+                refused = state is not None and state.exhausted and state.on_exhausted != "downgrade"
+                admission = await self._admit(tenant, tokens, ticket) if limited and not refused else None
+        except BaseException:
+            # cancelled (the client left) or failed while the store may already hold this ticket's slot:
+            # give it back, or it would stay taken until the in-flight safety TTL (harmless when not held)
+            if limited:
+                self._give_back(tenant, ticket, tokens, actual_tokens=0)
+            raise
         if state is not None and state.exhausted:
             self._exhausted_until_s[tenant.name] = time.monotonic() + state.retry_after_s
             if state.on_exhausted != "downgrade":
                 if admission is not None and admission.allowed:
-                    self._give_back(tenant, admission, tokens, actual_tokens=0)
+                    self._give_back(tenant, ticket, tokens, actual_tokens=0)
                 raise state.error()
             ctx.budget_downgrade = True
         if admission is None:
@@ -58,26 +66,29 @@ class Admit:
         ctx.admission = admission
         return None
 
-    async def _check_both(self, tenant, tokens: int):
+    async def _check_both(self, tenant, tokens: int, ticket: str):
         """Budget and limits at once: a tenant with both waits for one store round trip, not two."""
         budget_check = asyncio.ensure_future(self.services.stores.budgets.check(tenant))
         try:
-            admission = await self._admit(tenant, tokens)
+            admission = await self._admit(tenant, tokens, ticket)
         except BaseException:
             budget_check.cancel()
             raise
         return await budget_check, admission
 
-    async def _admit(self, tenant, tokens: int) -> Admission:
-        """The limiter's answer; a concurrency refusal is asked again once our releases under way have landed."""
+    async def _admit(self, tenant, tokens: int, ticket: str) -> Admission:
+        """The limiter's answer; a concurrency refusal is asked again once our releases under way have landed.
+
+        A refusal consumes nothing, so the second ask uses the same ticket.
+        """
         limiter = self.services.stores.limiter
         releasing = self._releasing.get(tenant.name)
         under_way = set(releasing) if releasing else None     # as they were when we asked: one may land meanwhile
-        admission = await limiter.admit(tenant, route=None, tokens=tokens)
+        admission = await limiter.admit(tenant, route=None, tokens=tokens, ticket=ticket)
         if admission.allowed or admission.reason != "concurrent" or not under_way:
             return admission
         await asyncio.wait(under_way)
-        return await limiter.admit(tenant, route=None, tokens=tokens)
+        return await limiter.admit(tenant, route=None, tokens=tokens, ticket=ticket)
 
     def _known_exhausted(self, tenant_name: str) -> bool:
         """Whether this process saw the tenant's budget exhausted for the current period.
@@ -88,10 +99,10 @@ class Admit:
         until_s = self._exhausted_until_s.get(tenant_name)
         return until_s is not None and time.monotonic() < until_s
 
-    def _give_back(self, tenant, admission: Admission, reserved_tokens: int, actual_tokens: int) -> None:
+    def _give_back(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
         """End an admission in the background: free its slot, then settle its tokens to what was used."""
         task = self.services.background.spawn(
-            self._end_admission(tenant, admission.ticket, reserved_tokens, actual_tokens), name="limits-release")
+            self._end_admission(tenant, ticket, reserved_tokens, actual_tokens), name="limits-release")
         if tenant.limits.concurrent is not None:
             releasing = self._releasing.setdefault(tenant.name, set())
             releasing.add(task)
@@ -117,4 +128,4 @@ class Admit:
                                            name="budget-charge")
         if ctx.admission is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
-            self._give_back(tenant, ctx.admission, ctx.reserved_tokens, actual_tokens=used)
+            self._give_back(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)

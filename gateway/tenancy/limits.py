@@ -138,8 +138,12 @@ class Limiter(Protocol):
         ...
 
     async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
-                    now_s: float | None = None) -> Admission:
-        """Check and consume all limits at once, or consume nothing and refuse."""
+                    now_s: float | None = None, ticket: str | None = None) -> Admission:
+        """Check and consume all limits at once, or consume nothing and refuse.
+
+        `ticket` names the admission (a fresh one when None): a caller that may be cancelled
+        mid-call passes its own, so it can give back what the store may already hold.
+        """
         ...
 
     async def settle(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,

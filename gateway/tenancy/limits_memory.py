@@ -77,9 +77,9 @@ class MemoryLimiter:
         self.logs: dict[str, TenantLog] = {}
 
     async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
-                    now_s: float | None = None) -> Admission:
+                    now_s: float | None = None, ticket: str | None = None) -> Admission:
         """Check and consume all limits at once, or consume nothing and refuse."""
-        ticket = new_ticket()
+        ticket = ticket or new_ticket()
         if unlimited(tenant.limits):
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
                              ticket=ticket, reserved_tokens=tokens)

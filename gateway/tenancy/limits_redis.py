@@ -66,9 +66,9 @@ class RedisLimiter:
             await self.client.script_load(script.script)
 
     async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
-                    now_s: float | None = None) -> Admission:
+                    now_s: float | None = None, ticket: str | None = None) -> Admission:
         """Check and consume all limits in one atomic script call, or consume nothing."""
-        ticket = new_ticket()
+        ticket = ticket or new_ticket()
         if unlimited(tenant.limits):
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
                              ticket=ticket, reserved_tokens=tokens)

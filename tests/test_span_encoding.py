@@ -102,3 +102,45 @@ def test_empty_and_sized_batches(size):
     """Empty and larger batches match too (an empty batch is an empty request)."""
     spans = (finished_spans() * 40)[:size]
     assert decoded(SpanEncoder(), spans) == encode_spans(spans)
+
+
+def test_equal_resources_and_scopes_group_as_the_sdk_groups_them():
+    """Spans from two equal but distinct resource objects, interleaved, land in one ResourceSpans, in order."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    first, second = Resource.create({"service.name": "gw"}), Resource.create({"service.name": "gw"})
+    scopes = InstrumentationScope("gw", "1"), InstrumentationScope("gw", "1")
+    spans = [ReadableSpan(f"s{index}", context=REMOTE_PARENT, resource=(first, second)[index % 2],
+                          instrumentation_scope=scopes[index // 2 % 2], attributes={"n": index},
+                          start_time=index, end_time=index + 1) for index in range(6)]
+    message = decoded(SpanEncoder(), spans)
+    assert message == encode_spans(spans)
+    assert len(message.resource_spans) == 1 and len(message.resource_spans[0].scope_spans) == 1
+
+
+def test_pairs_that_python_finds_equal_in_tuples_keep_their_types():
+    """(1, 0), (True, False) and (1.0, 0.0), and 0.0 and -0.0, are different OTLP values; none shares bytes."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("t")
+    for value in ((1, 0), (True, False), (1.0, 0.0), 0.0, -0.0, ("a", 1), ("a", True)):
+        tracer.start_span("s", attributes={"v": value}).end()
+    spans = list(memory.get_finished_spans())
+    encoder = SpanEncoder()
+    for _ in range(2):                       # the second pass is served from the cache
+        assert decoded(encoder, spans) == encode_spans(spans)
+
+
+def test_long_texts_are_never_kept():
+    """Captured messages and other long strings are encoded each time and not held by the cache."""
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    encoder = SpanEncoder()
+    text = "x" * 10_000
+    spans = [ReadableSpan("s", context=REMOTE_PARENT, resource=Resource.create({}),
+                          attributes={"gen_ai.input.messages": f"{index}{text}", "gateway.tenant": "acme"},
+                          start_time=1, end_time=2) for index in range(50)]
+    assert decoded(encoder, spans) == encode_spans(spans)
+    assert encoder.cached_pairs == 1         # only the short, repeated pair

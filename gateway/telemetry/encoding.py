@@ -15,6 +15,7 @@ equals `encode_spans`' (tests/test_span_encoding.py).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,8 +40,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 logger = logging.getLogger(__name__)
 
-#: attribute pairs kept serialised; the cache starts over when full (per-request values churn it)
+#: attribute pairs kept serialised; the cache starts over when full
 CACHE_ENTRIES = 8192
+#: longer strings (captured messages, user agents, ids) are encoded each time, never kept
+CACHED_TEXT_CHARS = 256
 
 
 def _tag(message: Any, field: str) -> bytes:
@@ -73,13 +76,25 @@ class SpanEncoder:
         self._attributes: dict[tuple[str, type, Any], bytes] = {}
         self._cache_entries = cache_entries
 
+    @property
+    def cached_pairs(self) -> int:
+        """Attribute pairs held serialised right now."""
+        return len(self._attributes)
+
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
-        """The serialised ExportTraceServiceRequest of `spans`, grouped by resource, then scope."""
+        """The serialised ExportTraceServiceRequest of `spans`, grouped by equal resource, then equal scope."""
         groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+        resources, scopes_seen = _Canonical(), _Canonical()
+        last: tuple[Any, Any] | None = None
+        encoded: list[bytes] = []
         for span in spans:
-            resource, scope = span.resource, span.instrumentation_scope or None
-            scopes = groups.setdefault(id(resource), (resource, {}))[1]
-            scopes.setdefault(id(scope), (scope, []))[1].append(self._span(span))
+            pair = (span.resource, span.instrumentation_scope or None)
+            if last is None or pair[0] is not last[0] or pair[1] is not last[1]:     # usually one pair a batch
+                resource, scope = resources.of(pair[0]), scopes_seen.of(pair[1])
+                scopes = groups.setdefault(id(resource), (resource, {}))[1]
+                encoded = scopes.setdefault(id(scope), (scope, []))[1]
+                last = pair
+            encoded.append(self._span(span))
         out = []
         for resource, scopes in groups.values():
             body = [ResourceSpans(resource=_encode_resource(resource),
@@ -107,17 +122,24 @@ class SpanEncoder:
 
     def _attribute(self, key: str, value: Any) -> bytes:
         """A Span.attributes field for one pair, from the cache when the pair was seen before."""
-        try:
-            cache_key = (key, value.__class__, value)
-            return self._attributes[cache_key]
-        except KeyError:
+        kind = value.__class__
+        if kind is str:                     # most values: the common case first, inline
+            if len(value) > CACHED_TEXT_CHARS:
+                return self._encode_attribute(key, value)
+            cache_key: tuple | None = (key, value)
+        elif kind is int or kind is bool:
+            cache_key = (key, kind, value)
+        else:
+            cache_key = _cache_key(key, kind, value)
+            if cache_key is None:
+                return self._encode_attribute(key, value)
+        encoded = self._attributes.get(cache_key)
+        if encoded is None:
             encoded = self._encode_attribute(key, value)
             if len(self._attributes) >= self._cache_entries:
                 self._attributes.clear()
             self._attributes[cache_key] = encoded
-            return encoded
-        except TypeError:                    # an unhashable value (a mapping): encoded every time
-            return self._encode_attribute(key, value)
+        return encoded
 
     @staticmethod
     def _encode_attribute(key: str, value: Any) -> bytes:
@@ -130,3 +152,42 @@ class SpanEncoder:
 
 def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
+
+
+#: tuple elements whose pairs are cached (floats in tuples are rare, and their signed zero would need care)
+_TUPLE_ITEMS = (str, bool, int)
+
+
+def _cache_key(key: str, kind: type, value: Any) -> tuple | None:
+    """The cache key of a float, or of a tuple of short strings, bools and ints with every element's type
+    in the key (True, 1 and 1.0 are equal in Python, not in OTLP).
+    Floats carry their sign in the key. None: encode each time (bytes, mappings, long texts)."""
+    if kind is float:                        # 0.0 and -0.0 are equal, yet encode differently
+        return key, kind, value, math.copysign(1.0, value)
+    if kind is tuple and len(value) <= 16:
+        kinds = tuple(item.__class__ for item in value)
+        if all(item in _TUPLE_ITEMS for item in kinds) and \
+                sum(len(item) for item in value if item.__class__ is str) <= CACHED_TEXT_CHARS:
+            return key, kinds, value
+    return None
+
+
+class _Canonical:
+    """The first-seen equal object for each object: spans group by equal resource and scope, as the SDK
+    groups them, while each distinct object is compared only once per batch (Resource hashes slowly)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, Any] = {}
+        self._seen: list[Any] = []
+
+    def of(self, item: Any) -> Any:
+        if item is None:
+            return None
+        found = self._by_id.get(id(item))
+        if found is None:
+            found = next((seen for seen in self._seen if seen == item), None)
+            if found is None:
+                found = item
+                self._seen.append(item)
+            self._by_id[id(item)] = found
+        return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import UTC, datetime
@@ -179,3 +180,27 @@ async def test_another_replicas_charge_shows_once_the_reuse_window_passes(redis_
     finally:
         await first.aclose()
         await second.aclose()
+
+
+class LateReplyRedis(Redis):
+    """A real Redis client whose MGET replies reach the caller 20 ms late, as on a busy network."""
+
+    async def execute_command(self, *args, **options):
+        result = await super().execute_command(*args, **options)
+        if str(args[0]).upper() == "MGET":
+            await asyncio.sleep(0.02)
+        return result
+
+
+async def test_a_read_that_overlaps_this_replicas_charge_is_not_reused(redis_server):
+    """A check whose read was answered before this replica's charge landed, and returned after, is not reused."""
+    client = LateReplyRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-race", 2.0, "allow"), tenant(per_day="1.00")
+        reading = asyncio.create_task(budgets.check(who, EVENING_S))
+        await asyncio.sleep(0.01)                                # answered by Redis, reply still on its way
+        await budgets.charge(who, Decimal("5.00"), EVENING_S)
+        assert not (await reading).exhausted                     # it read the total before the charge
+        assert (await budgets.check(who, EVENING_S + 0.01)).exhausted
+    finally:
+        await client.aclose()

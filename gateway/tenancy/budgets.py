@@ -189,6 +189,7 @@ class RedisBudgets:
         self.clock = clock
         self.guard = StoreGuard("budget", timeout_s, on_store_failure)
         self._recent: dict[str, tuple[float, BudgetState]] = {}     # tenant -> (read at, a state with room)
+        self._charges: dict[str, int] = {}      # tenant -> charges begun or ended here (a read spanning one is stale)
 
     @property
     def store_failures(self) -> int:
@@ -207,8 +208,9 @@ class RedisBudgets:
         recent = self._recent.get(tenant.name)
         if recent is not None and 0 <= now_s - recent[0] < READ_REUSE_S and recent[1].budget == tenant.budget:
             return recent[1]
+        charges = self._charges.get(tenant.name, 0)
         state = await self.read(tenant, now_s)
-        if state.available and not state.exhausted:
+        if state.available and not state.exhausted and self._charges.get(tenant.name, 0) == charges:
             self._recent[tenant.name] = (now_s, state)
         return state
 
@@ -233,12 +235,19 @@ class RedisBudgets:
         periods, nanos = Periods.at(now_s), to_nanos(cost_usd)
         if nanos == 0:
             return
-        self._recent.pop(tenant.name, None)     # the next check reads the new total
+        self._charge_mark(tenant.name)          # the next check reads the new total
         day_key, month_key = self.keys(tenant.name, periods)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))
-            pipe.incrby(month_key, nanos).expire(month_key, retention_s(periods.month_end_s, now_s))
-            await self.guard.run(pipe.execute())
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))
+                pipe.incrby(month_key, nanos).expire(month_key, retention_s(periods.month_end_s, now_s))
+                await self.guard.run(pipe.execute())
+        finally:
+            self._charge_mark(tenant.name)      # a read that began before the charge landed is not reused
+
+    def _charge_mark(self, tenant_name: str) -> None:
+        self._recent.pop(tenant_name, None)
+        self._charges[tenant_name] = self._charges.get(tenant_name, 0) + 1
 
     async def usage(self, tenant: Tenant) -> BudgetState:
         """The tenant's spend right now, for the admin API."""

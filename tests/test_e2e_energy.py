@@ -178,3 +178,53 @@ routes:
         assert len(said) == 1, [r.getMessage() for r in said]
     finally:
         harness.stop()
+
+
+BUDGET_POLICY = """
+version: 1
+models:
+  small:
+    endpoint: {small}
+    size_b: 1
+    energy_usd_per_kwh: 0.30
+    latency_prior: {{ttft_ms: 5, tpot_ms: 20}}
+    gpus: {{source: dcgm, url: "http://127.0.0.1:PORT/metrics", hostname: gpu-node-1, ids: ["0", "1"], idle_w: 100}}
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+tenants:
+  metered: {{keys_sha256: ["KEYHASH"], budget: {{usd_per_day: 100}}}}
+energy: {{sample_interval_s: 0.05}}
+ledger: {{path: "LEDGER"}}
+"""
+
+
+def test_energy_cost_is_charged_to_the_tenants_budget(tmp_path):
+    """A model priced by energy alone: the request's energy cost, known after it ends, is charged to the budget."""
+    from gateway.tenancy.keys import new_key
+
+    exporter = LiveExporter().start()
+    key, key_hash = new_key()
+    ledger = tmp_path / "ledger.jsonl"
+    policy = BUDGET_POLICY.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger))
+    harness = Harness(policy.replace("KEYHASH", key_hash), sims={"small": dict(ttft_ms=5, tpot_ms=20)},
+                      environ=dict(os.environ)).start()
+    try:
+        chunks = list(harness.openai(api_key=key).chat.completions.create(
+            model="auto", stream=True, max_tokens=20, messages=[{"role": "user", "content": "power"}]))
+        assert chunks
+        deadline = time.monotonic() + 5
+        records: list[dict] = []
+        while not records and time.monotonic() < deadline:
+            harness.call(harness.services.background.drain(10))
+            records = [r for r in ledger_lines(ledger) if r.get("type") != "outcome"] if ledger.exists() else []
+            time.sleep(0.05)
+        harness.call(harness.services.background.drain(10))
+        cost_usd = Decimal(records[-1]["cost_usd"])
+        assert cost_usd > 0                                    # all of it energy: the model has no token price
+        tenant = harness.holder.current.policy.tenants["metered"]
+        spent = harness.call(harness.services.stores.budgets.usage(tenant))
+        assert spent.spent_day_usd == cost_usd.quantize(Decimal("1e-9"))
+    finally:
+        harness.stop()

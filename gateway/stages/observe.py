@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from decimal import Decimal
 
 from gateway.context import RequestContext
 from gateway.cost import energy_cost_usd
@@ -51,7 +52,7 @@ class Observe:
     async def _record_with_energy(self, ctx: RequestContext) -> None:
         """Wait for each measured attempt's joules, add their cost, then record the request."""
         energy = self.services.energy
-        total_j = 0.0
+        total_j, energy_usd = 0.0, Decimal(0)
         try:
             for attempt in ctx.attempts:
                 if attempt.energy_id is None:
@@ -60,7 +61,18 @@ class Observe:
                 total_j += attempt.energy_j
                 extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
                 attempt.cost_usd += extra_usd
-                ctx.cost_usd += extra_usd
+                energy_usd += extra_usd
+            ctx.cost_usd += energy_usd
             ctx.energy_j = total_j
         finally:
+            self._charge_budget(ctx, energy_usd)
             self._record(ctx)
+
+    def _charge_budget(self, ctx: RequestContext, energy_usd: Decimal) -> None:
+        """The energy's price joins the tenant's budget too (admit charged the rest when the answer left)."""
+        tenant = ctx.tenant
+        if not energy_usd or tenant is None or (tenant.budget.usd_per_day is None
+                                                and tenant.budget.usd_per_month is None):
+            return
+        self.services.background.spawn(self.services.stores.budgets.charge(tenant, energy_usd),
+                                       name="budget-charge-energy")

@@ -410,3 +410,14 @@ def test_attribute_value_length_limit_cuts_string_values(receiver, make_telemetr
     server = by_name(spans, "POST /v1/chat/completions")
     assert server.attributes["gateway.tenant"] == "acme"
     assert server.attributes["http.response.status_code"] == 200
+
+
+def test_attribute_count_limit_drops_extra_attributes(receiver, make_telemetry, monkeypatch):
+    """OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT bounds every span's attributes, as the SDK's spans would be bounded."""
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "3")
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 5)
+    assert spans and all(len(span.attributes) <= 3 for span in spans)
+    assert len(by_name(spans, "POST /v1/chat/completions").attributes) == 3

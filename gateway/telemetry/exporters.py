@@ -111,9 +111,17 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
                          export_timeout_millis=settings.export_timeout_ms)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if span.context is not None and span.context.trace_flags.sampled and not self._queue_gauge.enqueue():
+        if span.context is not None and span.context.trace_flags.sampled and self._queue_full():
             self._dropped.add("traces", "queue_full", 1)
         super().on_end(span)
+
+    def _queue_full(self) -> bool:
+        """Whether the processor will drop this span: its own queue when it can be seen (the gauge lags
+        while a popped batch waits for export), else the gauge's count."""
+        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        if queue is not None and queue.maxlen is not None:
+            return len(queue) >= queue.maxlen
+        return not self._queue_gauge.enqueue()
 
 
 class CountingMetricExporter(MetricExporter):

@@ -60,6 +60,8 @@ class Instruments:
         self.routing_duration = buckets["gateway.routing.duration"]
         self.estimate_error = buckets["gateway.tokens.estimate_error"]
         self._gateway_instruments(meter)
+        # always reports (every drop kind, zero included): so every collection has SDK data and reaches the
+        # readers' exporters, which add the gateway's histograms to it
         meter.create_observable_counter(
             "gateway.telemetry.dropped", unit="{item}", description="Spans and metric points the gateway dropped.",
             callbacks=[lambda _options: [Observation(count, labels) for labels, count in dropped()]])

@@ -11,8 +11,8 @@ the gateway's instrumentation scope describe them, and the batch processor
 queues, exports and counts them.
 
 Attribute values are the gateway's own (str, bool, int, float, tuples of
-str), built by `genai`; string values are cut to the SDK's
-OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT when one is set.
+str), built by `genai`, so they are not validated again; the SDK's span
+limits (attribute count, value length) are applied when a span exceeds them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
@@ -56,7 +57,7 @@ class SpanDraft:
         self.children: list[SpanDraft] = []     # a SERVER span's route, cache and CLIENT spans
 
     def is_recording(self) -> bool:
-        """Whether this span will be exported (its trace was sampled in)."""
+        """Whether this span records (the sampler said RECORD_ONLY or RECORD_AND_SAMPLE)."""
         return self.recording
 
     def get_span_context(self) -> SpanContext:
@@ -89,7 +90,9 @@ class RequestSpans:
         self._scope = scope
         self._processor = processor
         self._propagator = TraceContextTextMapPropagator()
-        self._max_length = SpanLimits().max_span_attribute_length
+        limits = SpanLimits()                # OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT
+        self._max_attributes = limits.max_span_attributes
+        self._max_length = limits.max_span_attribute_length
 
     def server(self, name: str, headers: Mapping[str, str], attributes: dict[str, Any]) -> SpanDraft:
         """The SERVER span: a child of the caller's valid traceparent, else the root of a new trace."""
@@ -104,7 +107,7 @@ class RequestSpans:
         flags = _SAMPLED if sampled.decision.is_sampled() else _NOT_SAMPLED
         context = SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=flags,
                               trace_state=sampled.trace_state)
-        return SpanDraft(name, SpanKind.SERVER, context, parent, attributes, sampled.decision.is_sampled())
+        return SpanDraft(name, SpanKind.SERVER, context, parent, attributes, sampled.decision.is_recording())
 
     def child(self, server: SpanDraft, name: str, kind: SpanKind, attributes: dict[str, Any]) -> SpanDraft:
         """A child of the SERVER span, in its trace and sampled as it was; exported with it."""
@@ -123,17 +126,20 @@ class RequestSpans:
         return headers
 
     def export(self, server: SpanDraft) -> None:
-        """Hand a sampled request's spans to the processor, children before their parent, as the SDK ends them."""
+        """Hand a recorded request's spans to the processor, children before their parent, as the SDK ends them
+        (the batch processor exports the sampled ones)."""
         if self._processor is None or not server.recording:
             return
         for draft in (*server.children, server):
             self._processor.on_end(self._readable(draft))
 
     def _readable(self, draft: SpanDraft) -> ReadableSpan:
-        attributes = draft.attributes
-        if self._max_length is not None:
-            attributes = {key: value[:self._max_length] if isinstance(value, str) else value
-                          for key, value in attributes.items()}
+        attributes: Mapping[str, Any] = draft.attributes
+        if self._max_length is not None or (self._max_attributes is not None
+                                            and len(attributes) > self._max_attributes):
+            # the SDK's own bounds, as its live spans apply them (values cut, extras dropped and counted)
+            attributes = BoundedAttributes(self._max_attributes, attributes, immutable=True,
+                                           max_value_len=self._max_length)
         end_ns = draft.end_ns if draft.end_ns is not None else time.time_ns()
         return ReadableSpan(name=draft.name, context=draft.context, parent=draft.parent, resource=self._resource,
                             attributes=attributes, kind=draft.kind, status=draft.status,

@@ -146,17 +146,29 @@ def count_prompt_tokens(endpoint: str, body: dict, encoding_name: str) -> int:
 
 #: strings this short (roles, names, tool names, tiny messages) are counted once and remembered
 SHORT_TEXT_CHARS = 24
+#: longer strings up to this size are remembered too, in a smaller cache: an application's system prompt
+#: and tool schemas repeat in every request (2 KB takes about 50 µs to encode, under 1 µs to hash)
+REPEATED_TEXT_CHARS = 16_384
 
 
 def _text(enc: tiktoken.Encoding, text: str) -> int:
-    if len(text) <= SHORT_TEXT_CHARS:
+    size = len(text)
+    if size <= SHORT_TEXT_CHARS:
         return _short_text(enc.name, text)
+    if size <= REPEATED_TEXT_CHARS:
+        return _repeated_text(enc.name, text)
     return len(enc.encode_ordinary(text))
 
 
 @functools.lru_cache(maxsize=4096)
 def _short_text(encoding_name: str, text: str) -> int:
     """Memoised count of a short string: the encoder releases the GIL per call, which costs more than it saves."""
+    return len(get_encoding(encoding_name).encode_ordinary(text))
+
+
+@functools.lru_cache(maxsize=1024)
+def _repeated_text(encoding_name: str, text: str) -> int:
+    """Memoised count of a longer string (at most 1024 × 16 KB held); one seen in every request stays."""
     return len(get_encoding(encoding_name).encode_ordinary(text))
 
 

@@ -262,3 +262,24 @@ def test_usage_without_details_or_with_null_values():
 def test_usage_absent_or_malformed_is_none(body):
     """No usage, or counts that are not non-negative integers, give None instead of a wrong Usage."""
     assert usage_from_response(body) is None
+
+
+def test_repeated_long_texts_are_counted_once_and_exactly():
+    """A system prompt repeated in every request is encoded once; counts of texts of every size stay exact."""
+    from gateway import tokens
+
+    prompt = "You are a careful assistant for the finance team. Follow the policy below exactly. " * 25
+    enc = get_encoding("o200k_base")
+    before = tokens._repeated_text.cache_info()
+    for index in range(5):
+        body = {"messages": [{"role": "system", "content": prompt},
+                             {"role": "user", "content": f"question {index}: what changed in the quarter?"}]}
+        assert count_prompt_tokens("chat", body, "o200k_base") == (
+            3 + 3 + len(enc.encode_ordinary("system")) + len(enc.encode_ordinary(prompt))
+            + 3 + len(enc.encode_ordinary("user")) + len(enc.encode_ordinary(body["messages"][1]["content"])))
+    after = tokens._repeated_text.cache_info()
+    assert after.hits - before.hits >= 4                     # the prompt, from the second request on
+    huge = "word " * 5000                                    # past REPEATED_TEXT_CHARS: encoded, not kept
+    assert count_text_tokens(huge, "o200k_base") == len(enc.encode_ordinary(huge))
+    assert tokens._text(enc, huge) == len(enc.encode_ordinary(huge))
+    assert tokens._repeated_text.cache_info().currsize <= 1024

@@ -51,37 +51,14 @@ class DropCounter:
                 for (signal, reason), count in self.by_kind().items()]
 
 
-class QueueGauge:
-    """Spans handed to the batch processor and not yet given to the exporter."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._queued = 0
-        self._lock = threading.Lock()
-
-    def enqueue(self) -> bool:
-        """Count one span in; False when the queue was already full (the processor drops one)."""
-        with self._lock:
-            if self._queued >= self.capacity:
-                return False
-            self._queued += 1
-            return True
-
-    def dequeue(self, count: int) -> None:
-        with self._lock:
-            self._queued = max(0, self._queued - count)
-
-
 class CountingSpanExporter(SpanExporter):
     """Delegates to an exporter; counts the spans of every failed export."""
 
-    def __init__(self, inner: SpanExporter, dropped: DropCounter, queue: QueueGauge) -> None:
+    def __init__(self, inner: SpanExporter, dropped: DropCounter) -> None:
         self._inner = inner
         self._dropped = dropped
-        self._queue = queue
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._queue.dequeue(len(spans))
         try:
             result = self._inner.export(spans)
         except Exception:       # boundary: a third-party exporter; the batch is lost either way
@@ -102,26 +79,18 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
     """A BatchSpanProcessor that counts the spans it drops when its queue is full."""
 
     def __init__(self, exporter: SpanExporter, settings: BatchSettings, dropped: DropCounter) -> None:
-        self._queue_gauge = QueueGauge(settings.max_queue_size)
         self._dropped = dropped
-        super().__init__(CountingSpanExporter(exporter, dropped, self._queue_gauge),
+        super().__init__(CountingSpanExporter(exporter, dropped),
                          max_queue_size=settings.max_queue_size,
                          schedule_delay_millis=settings.schedule_delay_ms,
                          max_export_batch_size=min(settings.max_export_batch_size, settings.max_queue_size),
                          export_timeout_millis=settings.export_timeout_ms)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if span.context is not None and span.context.trace_flags.sampled and self._queue_full():
+        queue = self._batch_processor._queue      # the SDK's bounded deque: it drops a span when this is full
+        if span.context is not None and span.context.trace_flags.sampled and len(queue) >= queue.maxlen:
             self._dropped.add("traces", "queue_full", 1)
         super().on_end(span)
-
-    def _queue_full(self) -> bool:
-        """Whether the processor will drop this span: its own queue when it can be seen (the gauge lags
-        while a popped batch waits for export), else the gauge's count."""
-        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        if queue is not None and queue.maxlen is not None:
-            return len(queue) >= queue.maxlen
-        return not self._queue_gauge.enqueue()
 
 
 class CountingMetricExporter(MetricExporter):

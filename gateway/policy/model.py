@@ -133,6 +133,11 @@ class Budget:
     usd_per_month: Decimal | None = None
     on_exhausted: Literal["reject", "downgrade"] = "reject"
 
+    @property
+    def limited(self) -> bool:
+        """Whether a day or a month limit is set (spend is then charged and checked)."""
+        return self.usd_per_day is not None or self.usd_per_month is not None
+
 
 @dataclass(frozen=True)
 class Tenant:

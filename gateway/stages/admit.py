@@ -14,6 +14,7 @@ import functools
 import time
 
 from gateway.context import RequestContext
+from gateway.tenancy.budgets import charge_later
 from gateway.tenancy.limits import Admission, new_ticket, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
@@ -33,8 +34,7 @@ class Admit:
         if tenant is None:
             return None
         budgets = self.services.stores.budgets
-        budget = tenant.budget
-        budgeted = budget.usd_per_day is not None or budget.usd_per_month is not None
+        budgeted = tenant.budget.limited
         limited = not unlimited(tenant.limits)
         tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE)
         ticket = new_ticket()
@@ -123,9 +123,7 @@ class Admit:
         tenant = ctx.tenant
         if tenant is None:
             return
-        if ctx.cost_usd and (tenant.budget.usd_per_day is not None or tenant.budget.usd_per_month is not None):
-            self.services.background.spawn(self.services.stores.budgets.charge(tenant, ctx.cost_usd),
-                                           name="budget-charge")
+        charge_later(self.services, tenant, ctx.cost_usd)
         if ctx.admission is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
             self._give_back(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from gateway.context import RequestContext
 from gateway.cost import energy_cost_usd
+from gateway.tenancy.budgets import charge_later
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ class Observe:
             ctx.cost_usd += energy_usd
             ctx.energy_j = total_j
         finally:
-            self._charge_budget(ctx, energy_usd)
+            charge_later(self.services, ctx.tenant, energy_usd)   # admit charged the rest as the answer left
             self._record(ctx)
 
-    def _charge_budget(self, ctx: RequestContext, energy_usd: Decimal) -> None:
-        """The energy's price joins the tenant's budget too (admit charged the rest when the answer left)."""
-        tenant = ctx.tenant
-        if not energy_usd or tenant is None or (tenant.budget.usd_per_day is None
-                                                and tenant.budget.usd_per_month is None):
-            return
-        self.services.background.spawn(self.services.stores.budgets.charge(tenant, energy_usd),
-                                       name="budget-charge-energy")

@@ -151,6 +151,12 @@ class Budgets(Protocol):
         ...
 
 
+def charge_later(services, tenant: Tenant | None, cost_usd: Decimal) -> None:
+    """Charge a cost to the tenant's budget in a background task, when it has one and there is a cost."""
+    if cost_usd and tenant is not None and tenant.budget.limited:
+        services.background.spawn(services.stores.budgets.charge(tenant, cost_usd), name="budget-charge")
+
+
 class MemoryBudgets:
     """Budgets held in this process: lost on restart, for the no-Redis quickstart."""
 
@@ -202,7 +208,7 @@ class RedisBudgets:
 
     async def check(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
         """The tenant's spend so far; no store call when the tenant has no budget."""
-        if tenant.budget.usd_per_day is None and tenant.budget.usd_per_month is None:
+        if not tenant.budget.limited:
             return BudgetState(tenant.name, tenant.budget)
         now_s = self.clock() if now_s is None else now_s
         recent = self._recent.get(tenant.name)

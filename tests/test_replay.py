@@ -215,3 +215,12 @@ def test_cli_rejects_speed_and_reports_bad_traffic(tmp_path, capsys):
     assert "not supported yet" in capsys.readouterr().err
     assert main(["--policy", str(DEMO), "--traffic", str(bad)]) == 1
     assert f"{bad}:2: expected a JSON object" in capsys.readouterr().err
+
+
+def test_sped_up_keeps_the_window_and_divides_arrivals_by_the_speed():
+    """The requests of the first window × speed trace seconds, at arrival ÷ speed; later ones are left out."""
+    from gateway.replay.traffic import sped_up
+
+    requests = [ReplayRequest(at_s, 10, 5) for at_s in (0.0, 4.0, 8.0, 8.5)]
+    assert [(at_s, r.arrival_s) for at_s, r in sped_up(requests, window_s=2.0, speed=4.0)] == [
+        (0.0, 0.0), (1.0, 4.0), (2.0, 8.0)]

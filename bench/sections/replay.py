@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.replay.traffic import read_traffic
+from gateway.replay.traffic import read_traffic, sped_up
 
 from bench.client import auth, chat_body, run_async, session, timed_post
 from bench.measure import check_answers
@@ -49,13 +49,8 @@ class Replayed:
 
 def read_arrivals(path: Path, window_s: float, speed: float) -> list[Arrival]:
     """The arrivals in the trace's first `window_s × speed` seconds, replayed `speed` times faster."""
-    arrivals: list[Arrival] = []
-    for request in read_traffic(path, "azure"):
-        at_s = request.arrival_s / speed
-        if at_s > window_s:
-            break
-        arrivals.append(Arrival(at_s, min(request.input_tokens, MAX_PROMPT_TOKENS), max(1, request.output_tokens)))
-    return arrivals
+    return [Arrival(at_s, min(request.input_tokens, MAX_PROMPT_TOKENS), max(1, request.output_tokens))
+            for at_s, request in sped_up(read_traffic(path, "azure"), window_s, speed)]
 
 
 def run(stack: Stack, options: Options) -> SectionResult:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import openai
 
-from gateway.replay.traffic import read_traffic
+from gateway.replay.traffic import read_traffic, sped_up
 
 TRACE = Path("/work/shared/traces/azure-llm-2023-conv.csv")
 MAX_OUTPUT_TOKENS = 64          # keeps the simulated models fast
@@ -87,13 +87,8 @@ class Tally:
 
 def load_arrivals(path: Path, duration_s: float, speed: float) -> list[Arrival]:
     """The trace's first `duration_s * speed` seconds, replayed `speed` times faster."""
-    arrivals: list[Arrival] = []
-    for request in read_traffic(path, "azure"):
-        offset_s = request.arrival_s / speed
-        if offset_s > duration_s:
-            break
-        arrivals.append(Arrival(offset_s, request.input_tokens, request.output_tokens))
-    return arrivals
+    return [Arrival(offset_s, request.input_tokens, request.output_tokens)
+            for offset_s, request in sped_up(read_traffic(path, "azure"), duration_s, speed)]
 
 
 def plan_task(rng: random.Random, arrival: Arrival) -> TaskPlan:

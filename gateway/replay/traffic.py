@@ -63,6 +63,16 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
     return [ReplayRequest(arrival_s=arrival - start_s, line=line, **fields) for line, arrival, fields in rows]
 
 
+def sped_up(requests: list[ReplayRequest], window_s: float, speed: float) -> Iterator[tuple[float, ReplayRequest]]:
+    """(wall seconds from the start, request) for the requests of the first `window_s × speed` trace
+    seconds, replayed `speed` times faster (requests sorted by arrival, as read_traffic gives them)."""
+    for request in requests:
+        at_s = request.arrival_s / speed
+        if at_s > window_s:
+            return
+        yield at_s, request
+
+
 def detect_format(path: Path) -> str:
     """azure for .csv; for JSON lines, ledger when the first record has `ts`, else jsonl."""
     if path.suffix.lower() == ".csv":

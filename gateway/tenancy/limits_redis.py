@@ -99,22 +99,24 @@ class RedisLimiter:
         """Rewrite the reservation to the real count, or charge a late excess at `now`."""
         if tenant.limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
             return
-        _, tok_key, sum_key, _ = tenant_keys(self.prefix, tenant.name)
-        await self.guard.run(self.settle_script(
-            keys=[tok_key, sum_key],
-            args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
+        await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s, release=False)
 
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
                   now_s: float | None = None) -> None:
         """Release the slot and settle the tokens in one script call: one round trip, not two."""
-        limits = tenant.limits
-        if limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
+        if tenant.limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
             await self.release(tenant, ticket=ticket)
             return
+        await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s,
+                           release=tenant.limits.concurrent is not None)
+
+    async def _settle(self, tenant: Tenant, ticket: str, reserved_tokens: int, actual_tokens: int,
+                      now_s: float | None, *, release: bool) -> None:
+        """One SETTLE script call; with `release` it also frees the ticket's in-flight slot."""
         _, tok_key, sum_key, flight_key = tenant_keys(self.prefix, tenant.name)
-        keys = [tok_key, sum_key, *([flight_key] if limits.concurrent is not None else [])]
         await self.guard.run(self.settle_script(
-            keys=keys, args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
+            keys=[tok_key, sum_key, *([flight_key] if release else [])],
+            args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
 
     async def release(self, tenant: Tenant, *, ticket: str) -> None:
         """End an admission's in-flight slot; releasing twice is harmless."""

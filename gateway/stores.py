@@ -95,5 +95,6 @@ class Stores:
                    redis=client)
 
     async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
+        """Close the stores' client through the cache, which bounds the wait and never raises:
+        a Redis that is down or frozen cannot hold up or fail the shutdown."""
+        await self.cache.close()

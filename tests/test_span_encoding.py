@@ -13,6 +13,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, S
 from opentelemetry.trace import set_span_in_context
 from opentelemetry.trace.span import TraceState
 
+from gateway.telemetry import encoding
 from gateway.telemetry.encoding import SpanEncoder
 
 REMOTE_PARENT = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
@@ -144,3 +145,26 @@ def test_long_texts_are_never_kept():
                           start_time=1, end_time=2) for index in range(50)]
     assert decoded(encoder, spans) == encode_spans(spans)
     assert encoder.cached_pairs == 1         # only the short, repeated pair
+
+
+class SteppingClock:
+    """perf_counter for the encoder: each reading is `step_s` later than the last."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now_s, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        self.now_s += self.step_s
+        return self.now_s
+
+
+@pytest.mark.parametrize(("step_s", "offered"), [(0.0, 0), (0.0006, 50)])
+def test_a_long_batch_offers_the_gil_after_each_turn(monkeypatch, step_s, offered):
+    """Encoding offers the GIL (sleep(0)) once per TURN_S of work (here: every second span), so the event loop
+    never waits for a whole batch; the batch's bytes stay exact."""
+    spans = (finished_spans() * 40)[:100]
+    offers: list[float] = []
+    monkeypatch.setattr(encoding, "perf_counter", SteppingClock(step_s))
+    monkeypatch.setattr(encoding, "sleep", offers.append)
+    assert decoded(SpanEncoder(), spans) == encode_spans(spans)
+    assert offers == [0] * offered

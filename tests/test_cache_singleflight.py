@@ -153,3 +153,20 @@ async def test_lock_is_granted_when_redis_is_down(redis_server) -> None:
         assert await lock.acquire("l", ttl_ms=1000) is not None
     finally:
         await cache.close()
+
+
+async def test_lock_scripts_are_loaded_again_when_the_server_lost_them(redis_server) -> None:
+    """After SCRIPT FLUSH (a restarted or flushed Redis) extending and releasing the lock still work."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        lock = RedisLock(cache)
+        token = await lock.acquire("l", ttl_ms=1000)
+        await cache.client.script_flush()
+        assert await lock.extend("l", token, ttl_ms=60_000) is True
+        assert await cache.client.pttl("l") > 1000
+        await cache.client.script_flush()
+        await lock.release("l", token)
+        assert await cache.client.exists("l") == 0
+        assert cache.healthy
+    finally:
+        await cache.close()

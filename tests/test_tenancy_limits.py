@@ -353,3 +353,22 @@ async def test_redis_end_is_one_round_trip(redis_server):
         assert (usage.concurrent, usage.tokens) == (0, 10)
     finally:
         await client.aclose()
+
+
+async def test_redis_limiter_loads_its_scripts_again_when_the_server_lost_them(redis_server):
+    """After SCRIPT FLUSH (a restarted or flushed Redis) admissions, settles and usage still count, not fail open."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        limiter, who = RedisLimiter(client, "test", 2.0, "deny"), tenant(rpm=2, tpm=100)
+        await client.script_flush()
+        first = await admit(limiter, who, 0, tokens=50)
+        assert first.allowed and not first.degraded
+        await client.script_flush()
+        await limiter.settle(who, ticket=first.ticket, reserved_tokens=50, actual_tokens=20, now_s=T0 + 1)
+        await client.script_flush()
+        assert (await limiter.usage(who, now_s=T0 + 2)).tokens == 20
+        assert (await admit(limiter, who, 3)).allowed
+        assert (await admit(limiter, who, 4)).reason == "requests"
+        assert limiter.store_failures == 0
+    finally:
+        await client.aclose()

@@ -24,7 +24,7 @@ from gateway.policy.model import Policy
 from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
-from gateway.tenancy.store import STORE_ERRORS
+from gateway.store_guard import STORE_ERRORS
 
 log = logging.getLogger("gateway")
 

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
+from gateway.tenancy.budgets import MemoryBudgets, Periods, RedisBudgets
 from tests.support.redis_counting import CountingRedis
 
 #: 2025-01-30 18:00:00 UTC: six hours before the day ends, two days before the month does
@@ -139,10 +139,29 @@ async def test_store_down_is_answered_not_raised(redis_server, on_store_failure)
         await budgets.charge(who, Decimal("0.5"))
         assert time.monotonic() - started_s < 2.0
         assert budgets.store_failures == 2 and not state.available
+        backed_off_s = time.monotonic()
+        assert not (await budgets.check(who)).available             # in the back-off: Redis not called
+        assert time.monotonic() - backed_off_s < 0.05 and budgets.store_failures == 3
         if on_store_failure == "allow":
             assert not state.exhausted
         else:
             assert (state.exhausted, state.on_exhausted, state.error().status) == (True, "reject", 503)
+    finally:
+        await client.aclose()
+
+
+async def test_a_charge_in_the_back_off_is_still_sent(redis_server):
+    """After an outage the checks leave Redis alone for a while, but charges are tried: none is lost once
+    Redis is back."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
+    budgets, who = RedisBudgets(client, "test-backoff", 0.5, "allow"), tenant(per_day="1")
+    try:
+        redis_server.stop()
+        assert not (await budgets.check(who, EVENING_S)).available      # the back-off starts (1 s)
+        redis_server.start()
+        await budgets.charge(who, Decimal("0.25"), EVENING_S)
+        day_key, _ = budgets.keys(who.name, Periods.at(EVENING_S))
+        assert int(await client.get(day_key)) == 250_000_000
     finally:
         await client.aclose()
 

@@ -1,10 +1,10 @@
 """The shared cache in Redis, which never makes a request fail.
 
-Every Redis call goes through `RedisCache.guarded`: bounded by `timeout_s`,
-and any Redis error or timeout becomes a miss (or a no-op) right here, the
-one boundary where they are caught. The first error of an outage logs one
-warning and starts a back-off: for `backoff_s` Redis is not called at all,
-so a dead Redis adds no latency; then the next call tries again.
+Every Redis call goes through the cache's `StoreGuard`: bounded by
+`timeout_s`, and any Redis error or timeout becomes a miss (or a no-op). The
+first error of an outage logs one warning and starts a back-off: for
+`backoff_s` Redis is not called at all, so a dead Redis adds no latency; then
+the next call tries again.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+
+from gateway.store_guard import BACKOFF_S, STORE_ERRORS, StoreGuard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: what the boundary turns into a miss: Redis errors, socket errors, our own timeout
-REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 #: delete the lock only if it is still ours
 RELEASE_LOCK_LUA = """
 if redis.call("get", KEYS[1]) == ARGV[1] then
@@ -45,18 +44,24 @@ return 0
 class RedisCache:
     """Bytes by key in Redis, behind a timeout and an outage back-off."""
 
-    def __init__(self, client: aioredis.Redis, timeout_s: float, *, backoff_s: float = 1.0,
+    def __init__(self, client: aioredis.Redis, timeout_s: float, *, backoff_s: float = BACKOFF_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
-        self.errors = 0
-        self.healthy = True
-        self._clock = clock
-        self._skip_until_s = 0.0
+        self.guard = StoreGuard("redis cache", timeout_s, backoff_s=backoff_s, clock=clock, logger=log,
+                                meanwhile="serving without it")
+
+    @property
+    def errors(self) -> int:
+        """Lookups and writes answered without Redis: failed, timed out, or skipped in a back-off."""
+        return self.guard.failures
+
+    @property
+    def healthy(self) -> bool:
+        return self.guard.healthy
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float, *, backoff_s: float = 1.0,
+    def from_url(cls, url: str, timeout_s: float, *, backoff_s: float = BACKOFF_S,
                  max_connections: int | None = None) -> RedisCache:
         """A cache on a pooled client for `url` (redis:// or rediss://, password in the URL)."""
         client = aioredis.Redis.from_url(
@@ -81,35 +86,12 @@ class RedisCache:
         """Close the client and its connection pool (even during a back-off)."""
         try:
             await asyncio.wait_for(self.client.aclose(), self.timeout_s)
-        except REDIS_FAILURES as exc:
+        except STORE_ERRORS as exc:
             log.debug("closing the redis cache client failed: %s", exc)
 
     async def guarded(self, command: Callable[[], Awaitable[T]], default: T) -> T:
         """Run one Redis command within the timeout; `default` on failure or during back-off."""
-        if self._clock() < self._skip_until_s:
-            return default
-        try:
-            async with asyncio.timeout(self.timeout_s):     # no extra task, unlike wait_for on 3.11
-                result = await command()
-        except REDIS_FAILURES as exc:
-            self._record_failure(exc)
-            return default
-        self._record_success()
-        return result
-
-    def _record_failure(self, exc: BaseException) -> None:
-        """Count the error, start the back-off, and warn once per outage."""
-        self.errors += 1
-        self._skip_until_s = self._clock() + self.backoff_s
-        if self.healthy:
-            self.healthy = False
-            log.warning("redis cache unavailable, serving without it: %s: %s",
-                        type(exc).__name__, exc)
-
-    def _record_success(self) -> None:
-        if not self.healthy:
-            self.healthy = True
-            log.info("redis cache available again after %d errors", self.errors)
+        return await self.guard.run(command, default)
 
 
 class RedisLock:

@@ -10,6 +10,7 @@ their own cost.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway.errors import BudgetExceeded, GatewayError
 from gateway.policy.model import Budget, Tenant
+from gateway.store_guard import STORE_DOWN, OnStoreFailure, StoreGuard
 from gateway.tenancy.limits import store_unavailable_error
-from gateway.tenancy.store import STORE_DOWN, OnStoreFailure, StoreGuard
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
 
 NANOS_PER_USD = 10**9
 SECONDS_PER_DAY = 86400
@@ -193,13 +196,14 @@ class RedisBudgets:
         self.client = client
         self.prefix = prefix
         self.clock = clock
-        self.guard = StoreGuard("budget", timeout_s, on_store_failure)
+        self.on_store_failure = on_store_failure
+        self.guard = StoreGuard("budget store", timeout_s, logger=log, meanwhile=f"on_store_failure={on_store_failure}")
         self._recent: dict[str, tuple[float, BudgetState]] = {}     # tenant -> (read at, a state with room)
         self._charges: dict[str, int] = {}      # tenant -> charges begun or ended here (a read spanning one is stale)
 
     @property
     def store_failures(self) -> int:
-        return self.guard.store_failures
+        return self.guard.failures
 
     def keys(self, tenant: str, periods: Periods) -> tuple[str, str]:
         """The day and month total keys of a tenant, on the tenant's cluster slot."""
@@ -223,14 +227,14 @@ class RedisBudgets:
     async def read(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
         """The tenant's spend read from the store; when it is down, per `on_store_failure`."""
         now_s = self.clock() if now_s is None else now_s
-        reply = await self.guard.run(self.client.mget(self.keys(tenant.name, Periods.at(now_s))))
+        reply = await self.guard.run(lambda: self.client.mget(self.keys(tenant.name, Periods.at(now_s))))
         if reply is STORE_DOWN:
             return self._store_down(tenant)
         day_nanos, month_nanos = (int(v or 0) for v in reply)
         return evaluate(tenant, day_nanos, month_nanos, now_s)
 
     def _store_down(self, tenant: Tenant) -> BudgetState:
-        if self.guard.allow_on_failure:
+        if self.on_store_failure == "allow":
             return BudgetState(tenant.name, tenant.budget, available=False)
         return BudgetState(tenant.name, tenant.budget, exhausted=True, reason="store_unavailable",
                            available=False)
@@ -247,7 +251,7 @@ class RedisBudgets:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))
                 pipe.incrby(month_key, nanos).expire(month_key, retention_s(periods.month_end_s, now_s))
-                await self.guard.run(pipe.execute())
+                await self.guard.run(pipe.execute, after_response=True)
         finally:
             self._charge_mark(tenant.name)      # a read that began before the charge landed is not reused
 

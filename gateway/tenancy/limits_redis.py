@@ -7,10 +7,10 @@ import logging
 from typing import TYPE_CHECKING
 
 from gateway.policy.model import Limits, Tenant
+from gateway.store_guard import BACKOFF_S, STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
 from gateway.tenancy import limits_lua
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, STORE_RETRY_S, WINDOW_S,
                                     Admission, LimitUsage, Verdict, new_ticket, to_ms, unlimited)
-from gateway.tenancy.store import STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -37,10 +37,12 @@ class RedisLimiter:
 
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
                  on_store_failure: OnStoreFailure = "allow", *, window_s: float = WINDOW_S,
-                 inflight_ttl_s: float = INFLIGHT_TTL_S) -> None:
+                 inflight_ttl_s: float = INFLIGHT_TTL_S, backoff_s: float = BACKOFF_S) -> None:
         self.client = client
         self.prefix = prefix
-        self.guard = StoreGuard("rate limit", timeout_s, on_store_failure)
+        self.on_store_failure = on_store_failure
+        self.guard = StoreGuard("rate limit store", timeout_s, backoff_s=backoff_s, logger=log,
+                                meanwhile=f"on_store_failure={on_store_failure}")
         self.window_ms = to_ms(window_s)
         self.inflight_ttl_ms = to_ms(inflight_ttl_s)
         self.admit_script = client.register_script(limits_lua.ADMIT)
@@ -49,7 +51,7 @@ class RedisLimiter:
 
     @property
     def store_failures(self) -> int:
-        return self.guard.store_failures
+        return self.guard.failures
 
     async def warm_up(self, timeout_s: float = WARM_UP_TIMEOUT_S) -> bool:
         """Connect and load the scripts now, so a cold burst does not spend its time budget on them."""
@@ -57,7 +59,7 @@ class RedisLimiter:
             await asyncio.wait_for(self._load_scripts(), timeout_s)
         except STORE_ERRORS as exc:
             log.warning("Redis not reachable at start-up (%s: %s); limits follow on_store_failure=%s",
-                        type(exc).__name__, str(exc) or "timed out", self.guard.on_store_failure)
+                        type(exc).__name__, str(exc) or "timed out", self.on_store_failure)
             return False
         return True
 
@@ -72,9 +74,8 @@ class RedisLimiter:
         if unlimited(tenant.limits):
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
                              ticket=ticket, reserved_tokens=tokens)
-        reply = await self.guard.run(self.admit_script(
-            keys=tenant_keys(self.prefix, tenant.name),
-            args=self._admit_args(tenant.limits, tokens, ticket, now_s)))
+        reply = await self.guard.run(lambda: self.admit_script(
+            keys=tenant_keys(self.prefix, tenant.name), args=self._admit_args(tenant.limits, tokens, ticket, now_s)))
         if reply is STORE_DOWN:
             return self._store_down(tenant, tokens, ticket)
         return Verdict.from_reply(reply).admission(tenant, tokens=tokens, ticket=ticket)
@@ -87,7 +88,7 @@ class RedisLimiter:
 
     def _store_down(self, tenant: Tenant, tokens: int, ticket: str) -> Admission:
         """Admit degraded, or refuse with `store_unavailable`, as the policy says."""
-        if self.guard.allow_on_failure:
+        if self.on_store_failure == "allow":
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
                              ticket=ticket, reserved_tokens=tokens, degraded=True)
         return Admission(allowed=False, limits=tenant.limits, tenant=tenant.name,
@@ -114,21 +115,22 @@ class RedisLimiter:
                       now_s: float | None, *, release: bool) -> None:
         """One SETTLE script call; with `release` it also frees the ticket's in-flight slot."""
         _, tok_key, sum_key, flight_key = tenant_keys(self.prefix, tenant.name)
-        await self.guard.run(self.settle_script(
+        await self.guard.run(lambda: self.settle_script(
             keys=[tok_key, sum_key, *([flight_key] if release else [])],
-            args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]))
+            args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]),
+            after_response=True)
 
     async def release(self, tenant: Tenant, *, ticket: str) -> None:
         """End an admission's in-flight slot; releasing twice is harmless."""
         if tenant.limits.concurrent is None:
             return
         flight_key = tenant_keys(self.prefix, tenant.name)[3]
-        await self.guard.run(self.client.zrem(flight_key, ticket))
+        await self.guard.run(lambda: self.client.zrem(flight_key, ticket), after_response=True)
 
     async def usage(self, tenant: Tenant, now_s: float | None = None) -> LimitUsage:
         """The tenant's requests, tokens and in-flight count in the current window, read only."""
         req_key, tok_key, _, flight_key = tenant_keys(self.prefix, tenant.name)
-        reply = await self.guard.run(self.usage_script(
+        reply = await self.guard.run(lambda: self.usage_script(
             keys=[req_key, tok_key, flight_key], args=[self._now_arg(now_s), self.window_ms]))
         if reply is STORE_DOWN:
             return LimitUsage(available=False)

@@ -20,47 +20,20 @@ from gateway.simulator.text import count_chat_tokens
 from gateway.tokens import count_completion_tokens, count_prompt_tokens
 from tests.support import accounting
 from tests.support.harness import Harness
+from tests.support.policies import latency, model, models, price, short_timeouts, standard_model
 
 #: a prompt the simulator and tiktoken count differently, so we can tell whose count won
 PROMPT = "Summarise: the gateway's tokenizer-agnostic accounting (v2.1) isn't trivial!"
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
-POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    tier: 1
-    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-  large:
-    endpoint: {large}
-    upstream_model: sim-large
-    size_b: 70
-    tier: 3
-    context_window: 131072
-    price: {{input_per_mtok: 5.00, output_per_mtok: 15.00}}
-    latency_prior: {{ttft_ms: 20, tpot_ms: 3}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-  legacy:
-    endpoint: {large}
-    upstream_model: sim-legacy
-    tier: 1
-    encoding: cl100k_base
-    price: {{input_per_mtok: 0.50, output_per_mtok: 1.50}}
-    latency_prior: {{ttft_ms: 20, tpot_ms: 3}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-  gpu:
-    endpoint: {gpu}
-    upstream_model: sim-gpu
-    size_b: 8
-    tier: 1
-    max_concurrency: 4
-    gpu_hour_usd: 3.60
-    latency_prior: {{ttft_ms: 40, tpot_ms: 4}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+POLICY = models(
+    standard_model("small", timeouts=short_timeouts()),
+    standard_model("large", timeouts=short_timeouts()),
+    model("legacy", sim="large", tier=1, encoding="cl100k_base", price=price(0.50, 1.50),
+          latency_prior=latency(20, 3), timeouts=short_timeouts()),
+    model("gpu", size_b=8, tier=1, max_concurrency=4, gpu_hour_usd=3.60, latency_prior=latency(40, 4),
+          timeouts=short_timeouts()),
+) + """
 routes:
   - name: api
     match: {{models: ["api"]}}

@@ -8,7 +8,6 @@ is checked with a gateway that has no Redis at all.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 import threading
@@ -20,20 +19,12 @@ import pytest
 import redis
 
 from tests.support.harness import Harness
+from tests.support.policies import models, short_timeouts, standard_model, tenants
 
 KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-0002"}
 ENTRY_PATTERN = "gw:c:v1:*"
 
-POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    tier: 1
-    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-    timeouts: {{connect_s: 1, first_byte_s: 5, total_s: 10}}
+POLICY = models(standard_model("small", timeouts=short_timeouts(first_byte_s=5))) + """
 routes:
   - name: chat
     match: {{models: ["auto"]}}
@@ -43,16 +34,8 @@ routes:
     match: {{models: ["short"]}}
     candidates: [small]
     cache: {{enabled: true, ttl_s: 1}}
-tenants:
-  alpha: {{keys_sha256: ["@ALPHA@"]}}
-  beta: {{keys_sha256: ["@BETA@"]}}
-"""
+""" + tenants(KEYS)
 SIMS = {"small": dict(ttft_ms=5, tpot_ms=1)}
-
-
-def policy() -> str:
-    digest = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in KEYS.items()}
-    return POLICY.replace("@ALPHA@", digest["alpha"]).replace("@BETA@", digest["beta"])
 
 
 def environ(**extra: str) -> dict[str, str]:
@@ -62,7 +45,7 @@ def environ(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def gw(redis_server):
-    harness = Harness(policy(), SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start()
+    harness = Harness(POLICY, SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start()
     harness.redis = redis.Redis.from_url(redis_server.url)
     yield harness
     harness.redis.close()
@@ -71,7 +54,7 @@ def gw(redis_server):
 
 @pytest.fixture(scope="module")
 def memory_gw():
-    harness = Harness(policy(), SIMS, environ()).start()
+    harness = Harness(POLICY, SIMS, environ()).start()
     yield harness
     harness.stop()
 
@@ -318,7 +301,7 @@ async def test_a_leader_leaving_releases_its_followers(gw):
 @pytest.fixture
 def replicas(redis_server):
     """Two gateways (each with its own simulator) sharing one redis-server."""
-    pair = [Harness(policy(), SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start() for _ in range(2)]
+    pair = [Harness(POLICY, SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start() for _ in range(2)]
     yield pair
     for harness in pair:
         harness.stop()

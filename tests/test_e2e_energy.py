@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway.cost import energy_cost_usd, token_cost_usd
 from gateway.context import Usage
 from tests.support.harness import Harness
+from tests.support.policies import latency, model, models, price
 from tests.support.redis_server import free_port
 
 FIXTURE = (Path(__file__).parent / "fixtures" / "dcgm_metrics.txt").read_text()
@@ -65,16 +66,17 @@ class LiveExporter:
         raise RuntimeError("exporter did not start")
 
 
-POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    size_b: 1
-    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
-    energy_usd_per_kwh: 0.30
-    latency_prior: {{ttft_ms: 5, tpot_ms: 20}}
-    gpus: {{source: dcgm, url: "http://127.0.0.1:PORT/metrics", hostname: gpu-node-1, ids: ["0", "1"], idle_w: 100}}
+#: the exporter's two GPUs, found by the DCGM hostname label, each drawing 100 W when idle
+DCGM_GPUS = '{{source: dcgm, url: "http://127.0.0.1:PORT/metrics", hostname: gpu-node-1, ids: ["0", "1"], idle_w: 100}}'
+
+
+def measured_model(**fields: object) -> str:
+    """The one model, `small`, on the exporter's GPUs, with energy at 0.30 USD per kWh."""
+    return model("small", upstream_model=None, size_b=1, **fields, energy_usd_per_kwh=0.30,
+                 latency_prior=latency(5, 20), gpus=DCGM_GPUS)
+
+
+POLICY = models(measured_model(price=price(0.10, 0.20))) + """
 routes:
   - name: chat
     match: {{models: ["auto"]}}
@@ -156,12 +158,7 @@ def test_no_gpu_on_this_machine_is_said_once_and_the_gateway_serves(caplog):
         pass
     else:
         pytest.skip("this machine has a working NVML")
-    policy = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    gpus: {{source: nvml, ids: [0]}}
+    policy = models(model("small", upstream_model=None, gpus="{{source: nvml, ids: [0]}}")) + """
 routes:
   - name: chat
     match: {{models: ["auto"]}}
@@ -180,15 +177,7 @@ routes:
         harness.stop()
 
 
-BUDGET_POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    size_b: 1
-    energy_usd_per_kwh: 0.30
-    latency_prior: {{ttft_ms: 5, tpot_ms: 20}}
-    gpus: {{source: dcgm, url: "http://127.0.0.1:PORT/metrics", hostname: gpu-node-1, ids: ["0", "1"], idle_w: 100}}
+BUDGET_POLICY = models(measured_model()) + """
 routes:
   - name: chat
     match: {{models: ["auto"]}}

@@ -7,7 +7,6 @@ workflow; every cost is checked against the simulator's usage x the prices.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from decimal import Decimal
@@ -17,28 +16,16 @@ import pytest
 from gateway.cost import format_usd
 from tests.support import accounting
 from tests.support.harness import Harness
+from tests.support.policies import models, short_timeouts, standard_model, tenants
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-0002"}
 MESSAGES = [{"role": "user", "content": "Triage this ticket"}]
 
-POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    tier: 1
-    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-  large:
-    endpoint: {large}
-    upstream_model: sim-large
-    tier: 3
-    price: {{input_per_mtok: 5.00, output_per_mtok: 15.00}}
-    latency_prior: {{ttft_ms: 20, tpot_ms: 3}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+POLICY = models(
+    standard_model("small", timeouts=short_timeouts()),
+    standard_model("large", timeouts=short_timeouts()),
+) + """
 routes:
   - name: support
     match: {{models: ["support"]}}
@@ -46,23 +33,17 @@ routes:
   - name: escalation
     match: {{models: ["escalation"]}}
     candidates: [large]
-tenants:
-  alpha: {{keys_sha256: ["@ALPHA@"]}}
-  beta: {{keys_sha256: ["@BETA@"]}}
 ledger: {{path: "@LEDGER@"}}
-"""
+""" + tenants(KEYS)
 SIMS = {"small": dict(ttft_ms=5, tpot_ms=1), "large": dict(ttft_ms=10, tpot_ms=2)}
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     ledger = tmp_path_factory.mktemp("ledger") / "requests.jsonl"
-    digest = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in KEYS.items()}
-    policy = (POLICY.replace("@ALPHA@", digest["alpha"]).replace("@BETA@", digest["beta"])
-              .replace("@LEDGER@", str(ledger)))
     environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
     environ.update(GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN, OTEL_SDK_DISABLED="true")
-    harness = Harness(policy, SIMS, environ).start()
+    harness = Harness(POLICY.replace("@LEDGER@", str(ledger)), SIMS, environ).start()
     harness.ledger_path = ledger
     yield harness
     harness.stop()

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tenancy.identity import sha256_hex
 from tests.support.harness import DEFAULT_POLICY, Harness
+from tests.support.policies import tenants
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(),
                                 reason="the `prometheus` OS package is not installed (no prometheus binary)")
 
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
-POLICY = DEFAULT_POLICY + "tenants:\n" + "".join(
-    f"  {name}: {{{{keys_sha256: [{sha256_hex(key)}]}}}}\n" for name, key in KEYS.items())
+POLICY = DEFAULT_POLICY + tenants(KEYS)
 TOKEN_USAGE = "gen_ai_client_token_usage"
 
 

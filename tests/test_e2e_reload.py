@@ -23,31 +23,17 @@ import pytest
 from gateway.runtime import PolicyHolder
 from gateway.server import watch_policy
 from tests.support.harness import Harness
+from tests.support.policies import latency, model, models, standard_model
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "admin-secret-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
-MODELS = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    size_b: 1
-    tier: 1
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-  medium:
-    endpoint: {medium}
-    upstream_model: sim-medium
-    size_b: 8
-    tier: 2
-    latency_prior: {{ttft_ms: 10, tpot_ms: 2}}
-  slow:
-    endpoint: {slow}
-    upstream_model: sim-slow
-    size_b: 1
-    latency_prior: {{ttft_ms: 5, tpot_ms: 50}}
+MODELS = models(
+    standard_model("small"),
+    standard_model("medium"),
+    model("slow", size_b=1, latency_prior=latency(5, 50)),
+) + """
 server: {{grace_period_s: 10}}
 """
 #: auto -> small

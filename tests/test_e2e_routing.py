@@ -11,6 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.support import policies
 from tests.support.harness import Harness
 
 #: the route SLA of `auto`, and what the slowed small model takes per answer
@@ -19,23 +20,12 @@ SLOW_TTFT_MS = 700
 WINDOW_S = 1.5
 PRIOR_WEIGHT = 5
 
-MODEL = """
-  {name}:
-    endpoint: {{{sim}}}
-    upstream_model: sim-{name}
-    size_b: {size_b}
-    tier: {tier}
-    context_window: {ctx}
-    price: {{{{input_per_mtok: {price}, output_per_mtok: {price}}}}}
-    latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
-    timeouts: {{{{connect_s: 1, first_byte_s: {first_byte_s}, total_s: 10}}}}"""
-
 
 def model(name: str, sim: str, size_b: float = 1, tier: int = 1, ctx: int = 8192, price: float = 0.1,
           first_byte_s: float = 2) -> str:
-    """One model entry of the policy template (braces doubled for the harness's str.format)."""
-    return MODEL.format(name=name, sim=sim, size_b=size_b, tier=tier, ctx=ctx, price=price,
-                        first_byte_s=first_byte_s)
+    """One model entry of the policy template, with latency prior 5 ms TTFT and 1 ms per token."""
+    return policies.model(name, sim, size_b=size_b, tier=tier, context_window=ctx, price=policies.price(price, price),
+                          latency_prior=policies.latency(5, 1), timeouts=policies.short_timeouts(first_byte_s))
 
 
 def policy_template(dead_url: str, ledger_path: Path) -> str:
@@ -55,7 +45,8 @@ routing:
   explore_share: 0
   breaker: {{{{failure_threshold: 3, open_s: 1}}}}
 ledger: {{{{path: {ledger_path}}}}}
-models:{models}{dead}
+models:
+{models}{dead}
 routes:
   - name: sla
     match: {{{{models: [auto]}}}}
@@ -411,7 +402,8 @@ def test_client_disconnect_cancels_upstream(gw):
 EXPLORING_POLICY = """
 version: 1
 routing: {{latency_window_s: 600, prior_weight: 1, explore_share: 0.5}}
-models:%s
+models:
+%s
 routes:
   - name: sla
     match: {{models: [auto]}}

@@ -13,28 +13,19 @@ import uuid
 
 import pytest
 
-from gateway.tenancy.identity import sha256_hex
 from gateway.telemetry.metrics import DURATION_BUCKETS_S, TOKEN_BUCKETS
 from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.otlp_receiver import OtlpReceiver, SpanRecord
+from tests.support.policies import latency, model, models, price, short_timeouts, tenants
 
 PROTOCOLS = ("grpc", "http/protobuf")
 KEYS = {"acme": "key-acme", "globex": "key-globex", "initech": "key-initech", "umbrella": "key-umbrella"}
 SIMS = {**DEFAULT_SIMS, "slow": dict(ttft_ms=20, tpot_ms=50)}
 
-MODEL = """
-  {name}:
-    endpoint: {{{name}}}
-    upstream_model: sim-{name}
-    size_b: {size_b}
-    tier: {tier}
-    price: {{{{input_per_mtok: 1.00, output_per_mtok: 2.00}}}}
-    latency_prior: {{{{ttft_ms: 10, tpot_ms: 2}}}}
-    timeouts: {{{{connect_s: 1, first_byte_s: 2, total_s: 10}}}}"""
-
-POLICY = "version: 1\nmodels:" + "".join(
-    MODEL.format(name=name, size_b=size_b, tier=tier)
-    for name, size_b, tier in (("small", 1, 1), ("medium", 8, 2), ("large", 70, 3), ("slow", 3, 1))) + """
+POLICY = models(*(
+    model(name, size_b=size_b, tier=tier, price=price(1.00, 2.00), latency_prior=latency(10, 2),
+          timeouts=short_timeouts())
+    for name, size_b, tier in (("small", 1, 1), ("medium", 8, 2), ("large", 70, 3), ("slow", 3, 1)))) + """
 routes:
   - name: chat-default
     match: {{models: ["auto"], endpoints: [chat, completions]}}
@@ -44,8 +35,7 @@ routes:
   - name: chat-slow
     match: {{models: ["slow"], endpoints: [chat]}}
     candidates: [slow]
-tenants:
-""" + "".join(f"  {name}: {{{{keys_sha256: [{sha256_hex(key)}]}}}}\n" for name, key in KEYS.items())
+""" + tenants(KEYS)
 
 CALLER_SPAN_ID = "00f067aa0ba902b7"
 

@@ -16,6 +16,7 @@ import redis
 from gateway.tenancy.keys import new_key
 from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, latency, model, models, price, standard_model
 from tests.support.redis_server import RedisServer
 
 TENANTS = ("full", "narrow", "routed", "rpm", "conc", "tpm", "budget", "thrifty", "capped")
@@ -24,47 +25,17 @@ KEYS = {name: new_key() for name in TENANTS}
 ADMIN_TOKEN = "admin-" + new_key()[0]
 SIMS = {**DEFAULT_SIMS, "slow": dict(ttft_ms=700, tpot_ms=1)}
 
-MODELS = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    size_b: 1
-    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-  medium:
-    endpoint: {medium}
-    upstream_model: sim-medium
-    size_b: 8
-    tier: 2
-    price: {{input_per_mtok: 1.00, output_per_mtok: 2.00}}
-    latency_prior: {{ttft_ms: 10, tpot_ms: 2}}
-  large:
-    endpoint: {large}
-    upstream_model: sim-large
-    size_b: 70
-    tier: 3
-    price: {{input_per_mtok: 5.00, output_per_mtok: 15.00}}
-    latency_prior: {{ttft_ms: 20, tpot_ms: 3}}
-  slow:
-    endpoint: {slow}
-    upstream_model: sim-slow
-    size_b: 0.5
-    tier: 2
-    price: {{input_per_mtok: 0.01, output_per_mtok: 0.01}}
-    latency_prior: {{ttft_ms: 700, tpot_ms: 1}}
+MODELS = models(
+    standard_model("small"),
+    standard_model("medium"),
+    standard_model("large"),
+    model("slow", size_b=0.5, tier=2, price=price(0.01, 0.01), latency_prior=latency(700, 1)),
+) + """
 routes:
   - name: chat-default
     match: {{models: ["auto", "gpt-4o-mini"], endpoints: [chat, completions]}}
     candidates: [small, medium, large]
-  - name: chat-smart
-    match: {{models: ["smart"], endpoints: [chat]}}
-    candidates: [medium, large]
-    sla: {{min_tier: 2}}
-  - name: embeddings
-    match: {{models: ["text-embedding-3-small"], endpoints: [embeddings]}}
-    candidates: [small]
+""" + SMART_AND_EMBEDDINGS_ROUTES + """
   - name: slow
     match: {{models: ["slow"], endpoints: [chat]}}
     candidates: [slow]

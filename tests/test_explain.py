@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -13,41 +12,16 @@ import pytest
 
 from gateway.cli import main as gateway_cli
 from tests.support.harness import Harness
+from tests.support.policies import latency, models, standard_model, tenants
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    size_b: 1
-    tier: 1
-    context_window: 8192
-    price: {{input_per_mtok: 0.1, output_per_mtok: 0.2}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 5}}
-  medium:
-    endpoint: {medium}
-    upstream_model: sim-medium
-    size_b: 8
-    tier: 2
-    context_window: 32768
-    price: {{input_per_mtok: 1, output_per_mtok: 2}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-  large:
-    endpoint: {large}
-    upstream_model: sim-large
-    size_b: 70
-    tier: 3
-    context_window: 131072
-    price: {{input_per_mtok: 5, output_per_mtok: 15}}
-    latency_prior: {{ttft_ms: 10, tpot_ms: 1}}
+#: the standard models with the latency priors the SLA cases below are computed from
+POLICY = models(
+    standard_model("small", latency_prior=latency(5, 5)),
+    standard_model("medium", latency_prior=latency(5, 1)),
+    standard_model("large", latency_prior=latency(10, 1)),
+) + """
 routes:
   - name: vip
     match: {{models: ["*"], tenants: [vip]}}
@@ -75,10 +49,7 @@ routes:
   - name: cheap
     match: {{models: [cheap], prompt_tokens: {{max: 50}}}}
     candidates: [small]
-tenants:
-  team: {{keys_sha256: [%s]}}
-  vip: {{keys_sha256: [%s]}}
-""" % (_sha("team-key"), _sha("vip-key"))
+""" + tenants({"team": "team-key", "vip": "vip-key"})
 
 SIMS = {"small": dict(ttft_ms=5, tpot_ms=5), "medium": dict(ttft_ms=5, tpot_ms=1, context_window=32768),
         "large": dict(ttft_ms=10, tpot_ms=1, context_window=131072)}

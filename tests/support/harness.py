@@ -22,6 +22,7 @@ from gateway.app import build_app
 from gateway.runtime import PolicyHolder
 from gateway.services import SERVICES
 from gateway.simulator import SimConfig, start_simulators
+from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, models, short_timeouts, standard_model
 
 #: the models every test policy can use: name -> simulator settings
 DEFAULT_SIMS = {
@@ -30,36 +31,8 @@ DEFAULT_SIMS = {
     "large": dict(ttft_ms=20, tpot_ms=3),
 }
 
-DEFAULT_POLICY = """
-version: 1
-models:
-  small:
-    endpoint: {small}
-    upstream_model: sim-small
-    size_b: 1
-    tier: 1
-    context_window: 8192
-    price: {{input_per_mtok: 0.10, output_per_mtok: 0.20}}
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-  medium:
-    endpoint: {medium}
-    upstream_model: sim-medium
-    size_b: 8
-    tier: 2
-    context_window: 32768
-    price: {{input_per_mtok: 1.00, output_per_mtok: 2.00}}
-    latency_prior: {{ttft_ms: 10, tpot_ms: 2}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-  large:
-    endpoint: {large}
-    upstream_model: sim-large
-    size_b: 70
-    tier: 3
-    context_window: 131072
-    price: {{input_per_mtok: 5.00, output_per_mtok: 15.00}}
-    latency_prior: {{ttft_ms: 20, tpot_ms: 3}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+#: the standard models, one per default simulator, and the routes most tests ask for
+DEFAULT_POLICY = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS)) + """
 routes:
   - name: chat-default
     match: {{models: ["auto", "gpt-4o-mini"], endpoints: [chat, completions]}}
@@ -67,14 +40,7 @@ routes:
     sla: {{p95_latency_ms: 2000, min_tier: 1}}
     fallback: [large]
     cache: {{enabled: true, ttl_s: 60}}
-  - name: chat-smart
-    match: {{models: ["smart"], endpoints: [chat]}}
-    candidates: [medium, large]
-    sla: {{min_tier: 2}}
-  - name: embeddings
-    match: {{models: ["text-embedding-3-small"], endpoints: [embeddings]}}
-    candidates: [small]
-"""
+""" + SMART_AND_EMBEDDINGS_ROUTES
 
 
 class Harness:

@@ -5,11 +5,16 @@ Every Redis call of the cache, the rate limiter and the budgets goes through
 a `StoreGuard`, the one place where store errors are caught. A call is bounded
 by `timeout_s`; an error or a timeout becomes the caller's default answer (a
 miss, a degraded admission, "budget unknown"). The first failure of an outage
-logs one warning and starts a back-off: for `backoff_s` the calls on the
-response path do not touch the store at all, so a dead or frozen Redis costs
-one request the timeout, not every request; then the next call tries again.
-Writes made after the response (releases, settles, charges) are always tried:
-they cost no request any time, and skipping them would lose what they record.
+logs one warning. When the store could not be reached (refused, reset, timed
+out) a back-off starts: for `backoff_s` the calls on the response path do not
+touch the store at all, so a dead or frozen Redis costs one request per
+back-off the timeout, not every request; then one call probes it while the
+others keep the default, and a success ends the outage with a second warning.
+An error reply (out of memory, read-only replica) is an answer: it is counted
+and answered with the default, but starts no back-off, so the calls Redis
+still serves go on. Writes made after the response (releases, settles,
+charges) are always tried: they hold up no response, and skipping them would
+lose what they record.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,10 +36,16 @@ T = TypeVar("T")
 STORE_DOWN: Any = object()
 
 #: the foreign errors that mean "the store is unavailable"; anything else is a bug
-STORE_ERRORS = (RedisError, OSError, TimeoutError)
+#: (a Redis Cluster with no node reachable raises RedisClusterException, which is not a RedisError)
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+#: those of them that mean the store could not be reached, which start a back-off
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, TimeoutError)
 
-#: after a failure, how long calls on the response path leave the store alone
+#: after Redis could not be reached, how long calls on the response path leave it alone: the cache's
 BACKOFF_S = 1.0
+#: the same for admissions and budget checks, shorter: with on_store_failure=deny every request is refused
+#: meanwhile, with allow none is limited, so Redis is probed again sooner (each probe may wait the timeout)
+ADMISSION_BACKOFF_S = 0.25
 
 OnStoreFailure = Literal["allow", "deny"]
 
@@ -50,15 +63,19 @@ class StoreGuard:
         self.healthy = True
         self._clock = clock
         self._log = logger
-        self._retry_at_s = 0.0
+        self._retry_at_s = 0.0          # while backing off: when the next call may probe the store
+        self._outage_failures = 0
 
     async def run(self, command: Callable[[], Awaitable[T]], default: Any = STORE_DOWN, *,
                   after_response: bool = False) -> T | Any:
         """The command's result, or `default` when the store failed, took longer than `timeout_s`, or is
-        being left alone after a failure (`after_response` calls are tried even then)."""
-        if not self.healthy and not after_response and self._clock() < self._retry_at_s:
-            self.failures += 1
-            return default
+        being left alone after it could not be reached (`after_response` calls are tried even then)."""
+        if self._retry_at_s and not after_response:
+            now_s = self._clock()
+            if now_s < self._retry_at_s:
+                self._count_failure()
+                return default
+            self._retry_at_s = now_s + self.backoff_s       # this call probes; the ones meanwhile keep waiting
         try:
             async with asyncio.timeout(self.timeout_s):     # no extra task, unlike wait_for on 3.11
                 result = await command()
@@ -66,14 +83,24 @@ class StoreGuard:
             self._failed(exc)
             return default
         if not self.healthy:
-            self.healthy = True
-            self._log.warning("%s reachable again after %d calls answered without it", self.name, self.failures)
+            self._recovered()
         return result
 
-    def _failed(self, exc: BaseException) -> None:
+    def _count_failure(self) -> None:
         self.failures += 1
-        self._retry_at_s = self._clock() + self.backoff_s
+        self._outage_failures += 1
+
+    def _failed(self, exc: BaseException) -> None:
+        self._count_failure()
+        # unreachable: back off; an error reply: Redis answered, so calls go on
+        self._retry_at_s = self._clock() + self.backoff_s if isinstance(exc, UNREACHABLE) else 0.0
         if self.healthy:
             self.healthy = False
             self._log.warning("%s unavailable (%s: %s)%s", self.name, type(exc).__name__, str(exc) or "timed out",
                               f"; {self.meanwhile}" if self.meanwhile else "")
+
+    def _recovered(self) -> None:
+        self.healthy = True
+        self._retry_at_s = 0.0
+        self._log.warning("%s reachable again after %d calls answered without it", self.name, self._outage_failures)
+        self._outage_failures = 0

@@ -21,10 +21,10 @@ from gateway.cache.memory import MemoryCache
 from gateway.cache.redis_store import RedisCache, RedisLock
 from gateway.cache.singleflight import SingleFlight
 from gateway.policy.model import Policy
+from gateway.store_guard import STORE_ERRORS
 from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
-from gateway.store_guard import STORE_ERRORS
 
 log = logging.getLogger("gateway")
 

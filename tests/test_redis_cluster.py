@@ -163,3 +163,28 @@ def test_gateway_caches_through_a_redis_cluster(cluster):
         assert statuses == ["stored", "hit"]
     finally:
         harness.stop()
+
+
+async def test_a_cluster_with_no_node_left_is_answered_never_raised():
+    """Every node gone: the cache misses, the limiter and the budgets follow on_store_failure, failures are
+    counted; redis-py's RedisClusterException (not a RedisError) does not escape to the request."""
+    if cluster_binaries() is None:
+        pytest.skip("redis-server and redis-cli are not installed (Debian: apt-get install redis-server)")
+    doomed = RedisCluster.on_free_ports().start()           # its own cluster: this test kills it
+    client = ClusterClient.from_url(doomed.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    who = Tenant("acme", limits=Limits(requests_per_minute=100), budget=Budget(usd_per_day=Decimal("10")))
+    cache, limiter = RedisCache(client, 0.5), RedisLimiter(client, "gw", 0.5, "allow")
+    budgets = RedisBudgets(client, "gw", 0.5, "deny")
+    try:
+        await budgets.charge(who, Decimal("0.5"))
+        assert (await limiter.admit(who, route=None, tokens=1)).allowed and await cache.get("k") is None
+        doomed.stop()
+        assert await cache.get("k") is None
+        admission = await limiter.admit(who, route=None, tokens=1)
+        assert admission.allowed and admission.degraded
+        assert (await budgets.check(who)).reason == "store_unavailable"
+        await budgets.charge(who, Decimal("0.5"))
+        assert (cache.errors, limiter.store_failures, budgets.store_failures) == (1, 1, 2)
+    finally:
+        doomed.stop()
+        await client.aclose()

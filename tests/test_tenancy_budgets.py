@@ -131,7 +131,7 @@ async def test_redis_budget_survives_restart(redis_server):
 async def test_store_down_is_answered_not_raised(redis_server, on_store_failure):
     """With Redis killed, check follows on_store_failure and charge is counted, never raised."""
     client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
-    budgets, who = RedisBudgets(client, "test", 0.5, on_store_failure), tenant(per_day="1")
+    budgets, who = RedisBudgets(client, "test", 0.5, on_store_failure, backoff_s=5.0), tenant(per_day="1")
     try:
         redis_server.stop()
         started_s = time.monotonic()

@@ -47,9 +47,11 @@ def _per_model(monitor, value_of) -> Callable[[CallbackOptions], Iterable[Observ
 
 
 def observe_cache_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
-    """gateway.cache.errors: store failures the cache turned into bypasses."""
+    """gateway.cache.errors: cache lookups and writes answered without Redis (it failed, timed out, or was
+    being left alone after it could not be reached): it grows with traffic during an outage."""
     meter.create_observable_counter("gateway.cache.errors", unit="{error}",
-                                    description="Cache store errors served as bypasses.",
+                                    description="Cache lookups and writes answered without Redis: failed, timed out, "
+                                                "or skipped during a back-off.",
                                     callbacks=[lambda _options: [Observation(read_errors())]])
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway.errors import BudgetExceeded, GatewayError
 from gateway.policy.model import Budget, Tenant
-from gateway.store_guard import STORE_DOWN, OnStoreFailure, StoreGuard
+from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, OnStoreFailure, StoreGuard
 from gateway.tenancy.limits import store_unavailable_error
 
 if TYPE_CHECKING:
@@ -192,12 +192,13 @@ class RedisBudgets:
 
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
                  on_store_failure: OnStoreFailure = "allow",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, backoff_s: float = ADMISSION_BACKOFF_S) -> None:
         self.client = client
         self.prefix = prefix
         self.clock = clock
         self.on_store_failure = on_store_failure
-        self.guard = StoreGuard("budget store", timeout_s, logger=log, meanwhile=f"on_store_failure={on_store_failure}")
+        self.guard = StoreGuard("budget store", timeout_s, backoff_s=backoff_s, logger=log,
+                                meanwhile=f"on_store_failure={on_store_failure}")
         self._recent: dict[str, tuple[float, BudgetState]] = {}     # tenant -> (read at, a state with room)
         self._charges: dict[str, int] = {}      # tenant -> charges begun or ended here (a read spanning one is stale)
 
@@ -247,11 +248,15 @@ class RedisBudgets:
             return
         self._charge_mark(tenant.name)          # the next check reads the new total
         day_key, month_key = self.keys(tenant.name, periods)
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
+
+        async def transaction() -> list:
+            async with self.client.pipeline(transaction=True) as pipe:     # a cluster pipeline connects here
                 pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))
                 pipe.incrby(month_key, nanos).expire(month_key, retention_s(periods.month_end_s, now_s))
-                await self.guard.run(pipe.execute, after_response=True)
+                return await pipe.execute()
+
+        try:
+            await self.guard.run(transaction, after_response=True)
         finally:
             self._charge_mark(tenant.name)      # a read that began before the charge landed is not reused
 

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from gateway.policy.model import Limits, Tenant
-from gateway.store_guard import BACKOFF_S, STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
+from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
 from gateway.tenancy import limits_lua
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, STORE_RETRY_S, WINDOW_S,
                                     Admission, LimitUsage, Verdict, new_ticket, to_ms, unlimited)
@@ -37,7 +37,7 @@ class RedisLimiter:
 
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
                  on_store_failure: OnStoreFailure = "allow", *, window_s: float = WINDOW_S,
-                 inflight_ttl_s: float = INFLIGHT_TTL_S, backoff_s: float = BACKOFF_S) -> None:
+                 inflight_ttl_s: float = INFLIGHT_TTL_S, backoff_s: float = ADMISSION_BACKOFF_S) -> None:
         self.client = client
         self.prefix = prefix
         self.on_store_failure = on_store_failure

@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 import pytest
+from redis.asyncio import Redis
 
 from gateway.cache.redis_store import RedisCache, RedisLock
 from gateway.cache.singleflight import FlightAbandoned, SingleFlight
@@ -169,4 +170,27 @@ async def test_lock_scripts_are_loaded_again_when_the_server_lost_them(redis_ser
         assert await cache.client.exists("l") == 0
         assert cache.healthy
     finally:
+        await cache.close()
+
+
+async def test_a_leader_releases_its_lock_even_in_a_cache_back_off(redis_server) -> None:
+    """Redis stalls while the leader works: its lookups back off, yet its lock is released once it has answered,
+    so other replicas do not wait for the lock to expire."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.1, backoff_s=60.0)
+    pauser = Redis.from_url(redis_server.url)
+    flight = SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01)
+
+    async def lead_through_a_stall() -> bytes:
+        await pauser.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        assert await cache.get("gw:c:v1:other") is None           # times out: the back-off starts
+        assert not cache.healthy
+        await asyncio.sleep(0.4)                                    # Redis answers again
+        return b"answer"
+
+    try:
+        assert await flight.run("gw:c:v1:k", lead_through_a_stall, 2.0, poll_fn=lambda: cache.get("gw:c:v1:k")) \
+            == (b"answer", True)
+        assert await pauser.exists("gw:c:v1:k:lock") == 0
+    finally:
+        await pauser.aclose()
         await cache.close()

@@ -89,9 +89,10 @@ class RedisCache:
         except STORE_ERRORS as exc:
             log.debug("closing the redis cache client failed: %s", exc)
 
-    async def guarded(self, command: Callable[[], Awaitable[T]], default: T) -> T:
-        """Run one Redis command within the timeout; `default` on failure or during back-off."""
-        return await self.guard.run(command, default)
+    async def guarded(self, command: Callable[[], Awaitable[T]], default: T, *, after_response: bool = False) -> T:
+        """Run one Redis command within the timeout; `default` on failure or during back-off (unless it runs
+        `after_response`: then it is tried even in a back-off)."""
+        return await self.guard.run(command, default, after_response=after_response)
 
 
 class RedisLock:
@@ -123,6 +124,9 @@ class RedisLock:
             lambda: self._extend_script(keys=[key], args=[token, max(ttl_ms, 1)]), 1)
         return bool(extended)
 
-    async def release(self, key: str, token: str) -> None:
-        """Delete the lock if `token` still holds it (it may have expired)."""
-        await self._cache.guarded(lambda: self._release_script(keys=[key], args=[token]), None)
+    async def release(self, key: str, token: str, *, after_response: bool = False) -> None:
+        """Delete the lock if `token` still holds it (it may have expired). A leader's release after its
+        answer has left is tried even during a back-off: skipped, the lock would hold the other replicas
+        back until it expires."""
+        await self._cache.guarded(lambda: self._release_script(keys=[key], args=[token]), None,
+                                  after_response=after_response)

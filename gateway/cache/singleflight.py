@@ -68,14 +68,20 @@ class SingleFlight:
             return await self._follow(flight, timeout_s), False
         flight = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
+
+        def land(outcome: _Outcome) -> None:
+            """End the flight: its followers get `outcome`, later requests no longer join it."""
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            if not flight.done():
+                flight.set_result(outcome)
+
         try:
-            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn)
+            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn, land)
         except BaseException:
-            flight.set_result(_Outcome(failed=True))
+            land(_Outcome(failed=True))
             raise
-        finally:
-            del self._flights[key]
-        flight.set_result(_Outcome(result))
+        land(_Outcome(result))
         return result, was_leader
 
     @property
@@ -111,8 +117,13 @@ class SingleFlight:
         return outcome.result
 
     async def _lead(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float,
-                    poll_fn: Callable[[], Awaitable[T | None]] | None) -> tuple[T, bool]:
-        """Call `leader_fn`, unless another replica holds the lock and its answer arrives."""
+                    poll_fn: Callable[[], Awaitable[T | None]] | None,
+                    land: Callable[[_Outcome], None]) -> tuple[T, bool]:
+        """Call `leader_fn`, unless another replica holds the lock and its answer arrives.
+
+        The local flight lands as soon as the answer is in, before the lock is given back: a request
+        arriving after the answer reads the cache; it does not join a flight that is only releasing.
+        """
         if self._lock is None or poll_fn is None:
             return await leader_fn(), True
         lock, lock_key = self._lock, f"{key}:lock"
@@ -121,13 +132,15 @@ class SingleFlight:
             return polled, False
         keeper = asyncio.ensure_future(self._keep(lock, lock_key, token)) if token is not None else None
         try:
-            return await leader_fn(), True
+            result = await leader_fn()
+            land(_Outcome(result))
+            return result, True
         finally:
             if keeper is not None:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
-            if token is not None:
-                await lock.release(lock_key, token)
+            if token is not None:       # the leader has answered: nobody waits for this release
+                await lock.release(lock_key, token, after_response=True)
 
     async def _keep(self, lock: RedisLock, lock_key: str, token: str) -> None:
         """Extend the lock every third of its TTL while the leader works; stop once it is lost."""

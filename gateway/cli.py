@@ -55,6 +55,9 @@ DELEGATED = {
 }
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenTelemetry-native inference gateway")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -95,12 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
+    level, rest = _leading_log_level(argv)
+    if rest and rest[0] in DELEGATED:
         import importlib
 
-        logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        logging.basicConfig(level=(level or os.environ.get("GATEWAY_LOG_LEVEL", "INFO")).upper(), format=LOG_FORMAT)
+        return importlib.import_module(DELEGATED[rest[0]][0]).main(rest[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     return args.func(args)
+
+
+def _leading_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    """A `--log-level LEVEL` given before the command, and the arguments after it: the commands that
+    parse their own arguments take the global flag too."""
+    if argv[:1] == ["--log-level"] and len(argv) > 1:
+        return argv[1], argv[2:]
+    if argv and argv[0].startswith("--log-level="):
+        return argv[0].partition("=")[2], argv[1:]
+    return None, argv

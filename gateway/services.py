@@ -98,6 +98,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             telemetry=Telemetry.from_env(policy.telemetry, environ=environ),
                             recorder=Recorder(policy))
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
+        services.telemetry.observe_store_failures(lambda: {"limits": services.stores.limiter.store_failures,
+                                                           "budgets": services.stores.budgets.store_failures})
         services.telemetry.observe_policy(lambda: holder.current.policy)
         services.telemetry.observe_reloads(lambda: holder.status)
         if any(model.gpus is not None for model in policy.models.values()):

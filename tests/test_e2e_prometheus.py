@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -131,3 +132,25 @@ def test_prometheus_reports_token_usage_by_model_and_tenant(gw, prometheus):
                                 "(gateway_requests_total)")
     assert requests[(("gateway_fallback_state", "none"), ("gateway_route", "chat-default"),
                      ("gateway_tenant", "acme"))] == 2.0
+
+
+def test_store_failures_are_exported_by_part(redis_server):
+    """With Redis gone, admissions answered per on_store_failure show as gateway.store.failures{part=limits}."""
+    policy = (DEFAULT_POLICY + tenants(KEYS)
+              + "  limited: {{keys_sha256: [\"%s\"], limits: {{requests_per_minute: 100}}}}\n"
+              % hashlib.sha256(b"key-limited").hexdigest())
+    harness = Harness(policy, environ={"GATEWAY_PROMETHEUS": "1", "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+                                       "GATEWAY_REDIS_URL": redis_server.url}).start()
+    try:
+        client = harness.openai(api_key="key-limited")
+        client.chat.completions.create(model="auto", max_tokens=3, messages=[{"role": "user", "content": "up"}])
+        redis_server.stop()
+        for _ in range(3):
+            client.chat.completions.create(model="auto", max_tokens=3, messages=[{"role": "user", "content": "down"}])
+        with urllib.request.urlopen(f"{harness.base_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        failures = {line.split("gateway_store_part=\"")[1].split("\"")[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines() if line.startswith("gateway_store_failures_total{")}
+        assert failures["limits"] == 3 and failures["budgets"] == 0
+    finally:
+        harness.stop()

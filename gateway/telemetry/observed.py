@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.semconv._incubating.metrics import hw_metrics
@@ -53,6 +53,16 @@ def observe_cache_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
                                     description="Cache lookups and writes answered without Redis: failed, timed out, "
                                                 "or skipped during a back-off.",
                                     callbacks=[lambda _options: [Observation(read_errors())]])
+
+
+def observe_store_failures(meter: Meter, read_failures: Callable[[], Mapping[str, int]]) -> None:
+    """gateway.store.failures by part (limits, budgets): admissions and budget checks or charges answered
+    without Redis, per `store.on_store_failure` (the cache's own are gateway.cache.errors)."""
+    meter.create_observable_counter(
+        "gateway.store.failures", unit="{call}", callbacks=[
+            lambda _options: [Observation(count, {"gateway.store.part": part}) for part, count in read_failures().items()]],
+        description="Rate-limit and budget store calls answered without Redis: failed, timed out, "
+                    "or skipped during a back-off.")
 
 
 def observe_policy(meter: Meter, current_policy: Callable[[], object]) -> None:

@@ -197,6 +197,11 @@ class Telemetry:
         if self.meter is not None:
             observed.observe_cache_errors(self.meter, read_errors)
 
+    def observe_store_failures(self, read_failures) -> None:
+        """Export the rate limiter's and the budgets' store failures (each answered per on_store_failure)."""
+        if self.meter is not None:
+            observed.observe_store_failures(self.meter, read_failures)
+
     def record_outcome(self, task) -> None:
         """Count a reported task outcome and its cost (cost per successful task)."""
         self._hooks.record_task(task)

@@ -48,8 +48,8 @@ def entry_from_response(endpoint: str, body: Any) -> CacheEntry | None:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
         return None
-    if all(isinstance(c, dict) and c.get("finish_reason") in COMPLETE_FINISH_REASONS
-           for c in choices):
+    if all(isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
+           and c["finish_reason"] in COMPLETE_FINISH_REASONS for c in choices):
         return CacheEntry(endpoint, body)
     return None
 

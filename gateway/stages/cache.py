@@ -8,6 +8,7 @@ Identical requests arriving while the first is in flight wait for it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from decimal import Decimal
 
 import orjson
@@ -23,8 +24,12 @@ from gateway.responses import response_headers
 from gateway.stages.relay import SSE_HEADERS
 from gateway.tokens import usage_from_response
 
+log = logging.getLogger(__name__)
+
 #: how long identical requests wait for the first one before calling upstream themselves
 SINGLE_FLIGHT_TIMEOUT_S = 30.0
+#: the longest a leader keeps its flight (and the cross-replica lock): the longest upstream call allowed
+LEADER_LIMIT_S = 600.0
 
 
 class Flight:
@@ -81,7 +86,8 @@ class Cache:
 
         async def lead() -> CacheEntry | None:
             leading.set()
-            return await done
+            # bounded: a leader whose finish never came must not hold the cross-replica lock for ever
+            return await asyncio.wait_for(done, LEADER_LIMIT_S)
 
         task = asyncio.ensure_future(singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
                                                       poll_fn=lambda: self._lookup(ctx.cache_key)))
@@ -127,13 +133,16 @@ class Cache:
 
     async def finish(self, ctx: RequestContext) -> None:
         flight: Flight | None = ctx.extra.pop("flight", None)
-        entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
-        if isinstance(flight, LocalFlight):
-            flight.land(entry)
-        elif flight is not None:
-            if not flight.done.done():
-                flight.done.set_result(entry)
-            self.services.background.spawn(_quietly(flight.task), name="single-flight")
+        entry = None
+        try:
+            entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
+        finally:                            # whatever happened, the followers are let go
+            if isinstance(flight, LocalFlight):
+                flight.land(entry)
+            elif flight is not None:
+                if not flight.done.done():
+                    flight.done.set_result(entry)
+                self.services.background.spawn(_quietly(flight.task), name="single-flight")
         if entry is None or not ctx.extra.get("cache_store"):
             return
         data = encode_entry(entry)
@@ -151,11 +160,16 @@ class Cache:
         """The entry a successful answer makes, or None for errors and cut streams."""
         if ctx.error is not None or ctx.status != 200 or not ctx.attempts or ctx.attempts[-1].status != 200:
             return None
-        if ctx.response_body is not None:
-            entry = entry_from_response(ctx.endpoint, ctx.response_body)
-        else:
-            record = ctx.stream_record
-            entry = entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
+        try:
+            if ctx.response_body is not None:
+                entry = entry_from_response(ctx.endpoint, ctx.response_body)
+            else:
+                record = ctx.stream_record
+                entry = entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:     # an answer of a shape we cannot keep
+            log.info("request %s: answer not cached, its shape is not one the cache can replay (%s: %s)",
+                     ctx.request_id, type(exc).__name__, exc)
+            return None
         if entry is None:
             return None
         return CacheEntry(entry.endpoint, entry.body, entry.created_unix_s, cost_usd=ctx.attempts[-1].cost_usd)

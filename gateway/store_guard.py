@@ -66,6 +66,11 @@ class StoreGuard:
         self._retry_at_s = 0.0          # while backing off: when the next call may probe the store
         self._outage_failures = 0
 
+    @property
+    def backing_off(self) -> bool:
+        """Whether a call on the response path made now would be answered without the store."""
+        return bool(self._retry_at_s) and self._clock() < self._retry_at_s
+
     async def run(self, command: Callable[[], Awaitable[T]], default: Any = STORE_DOWN, *,
                   after_response: bool = False) -> T | Any:
         """The command's result, or `default` when the store failed, took longer than `timeout_s`, or is

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import logging
 import time
 from decimal import Decimal
@@ -14,7 +16,7 @@ from redis.asyncio import Redis
 from gateway.cache.memory import MemoryCache
 from gateway.cache.singleflight import SingleFlight
 from gateway.context import RequestContext, Usage
-from gateway.errors import RateLimited
+from gateway.errors import GatewayError, RateLimited
 from gateway.policy.model import Budget, Limits, Policy, Store, Tenant
 from gateway.stages.admit import Admit
 from gateway.stores import Stores
@@ -165,3 +167,38 @@ async def test_a_client_leaving_during_admission_gives_its_slot_back(limiter):
     following = request(tenant)
     await stage.handle(following)
     assert following.admission.allowed
+
+
+@pytest.mark.parametrize("on_store_failure", ["deny", "allow"])
+async def test_an_admission_a_stalled_store_runs_late_gives_its_slot_back(redis_server, on_store_failure):
+    """A Redis stall past the timeout: the request is refused (deny, 503) or admitted degraded (allow). The
+    admission script already sent still runs when Redis resumes; its slot is given back once Redis answers
+    again, instead of held for the in-flight TTL (15 minutes)."""
+    client = Redis.from_url(redis_server.url)
+    limiter = RedisLimiter(client, "test", 0.05, on_store_failure, backoff_s=0.2)
+    await limiter.warm_up()
+    stage = admit_stage(limiter)
+    solo = Tenant("solo", limits=Limits(concurrent=1))
+    try:
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            ctx = request(solo)
+            if on_store_failure == "deny":
+                with pytest.raises(GatewayError) as refused:
+                    await stage.handle(ctx)
+                assert refused.value.status == 503
+            else:
+                await stage.handle(ctx)
+                assert ctx.admission.degraded and ctx.admission.unsettled
+                await stage.finish(ctx)
+            await asyncio.sleep(0.1)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await stage.services.background.drain(timeout_s=5)
+        assert await client.zcard(tenant_keys("test", "solo")[3]) == 0
+        await asyncio.sleep(0.3)                                    # past the back-off
+        ctx = request(solo)
+        await stage.handle(ctx)                                     # admitted: the slot is free
+        assert ctx.admission.allowed and not ctx.admission.degraded
+    finally:
+        await client.aclose()

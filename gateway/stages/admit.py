@@ -15,10 +15,12 @@ import time
 
 from gateway.context import RequestContext
 from gateway.tenancy.budgets import charge_later
-from gateway.tenancy.limits import Admission, new_ticket, unlimited
+from gateway.tenancy.limits import STORE_RETRY_S, Admission, new_ticket, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
 DEFAULT_OUTPUT_RESERVE = 256
+#: how long an admission the store did not answer is ended again and again while the store is away
+LATE_END_S = 60.0
 
 
 class Admit:
@@ -61,6 +63,8 @@ class Admit:
         if admission is None:
             return None
         if not admission.allowed:
+            if admission.unsettled:
+                self._end_late(tenant, ticket, tokens, actual_tokens=0)
             raise admission.error()
         ctx.reserved_tokens = tokens
         ctx.admission = admission
@@ -119,6 +123,27 @@ class Admit:
         await self.services.stores.limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens,
                                                actual_tokens=actual_tokens)
 
+    def _end_late(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
+        """End, in the background, an admission the store was asked for and did not answer in time."""
+        self.services.background.spawn(self._end_when_answered(tenant, ticket, reserved_tokens, actual_tokens),
+                                       name="limits-late-end")
+
+    async def _end_when_answered(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
+        """A stalled Redis runs the admission it did not answer once it resumes, taking a concurrency slot for
+        the in-flight TTL (15 minutes). So: end it until Redis answers an end, then once more, which Redis
+        surely runs after the late admission. Given up after LATE_END_S (the TTL frees the slot then)."""
+        limiter = self.services.stores.limiter
+        deadline_s = time.monotonic() + LATE_END_S
+        while not await limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens,
+                                    actual_tokens=actual_tokens):
+            if time.monotonic() > deadline_s:
+                return
+            await asyncio.sleep(STORE_RETRY_S)
+        if actual_tokens <= reserved_tokens:        # settling again is then harmless; an excess is charged once
+            await limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens)
+        else:
+            await limiter.release(tenant, ticket=ticket)
+
     async def finish(self, ctx: RequestContext) -> None:
         tenant = ctx.tenant
         if tenant is None:
@@ -126,4 +151,7 @@ class Admit:
         charge_later(self.services, tenant, ctx.cost_usd)
         if ctx.admission is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
-            self._give_back(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)
+            if ctx.admission.unsettled:         # admitted degraded: the store may apply it late
+                self._end_late(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)
+            else:
+                self._give_back(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)

@@ -68,6 +68,7 @@ class Admission:
     reset_requests_s: float = 0.0
     reset_tokens_s: float = 0.0
     degraded: bool = False              # the store failed and on_store_failure let it through
+    unsettled: bool = False             # the store was asked and did not answer: it may still apply it later
 
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the limits this tenant has."""
@@ -156,8 +157,9 @@ class Limiter(Protocol):
         ...
 
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
-                  now_s: float | None = None) -> None:
-        """release, then settle: everything an answered admission gives back, at once."""
+                  now_s: float | None = None) -> bool:
+        """release, then settle: everything an answered admission gives back, at once; False when the store
+        did not answer."""
         ...
 
     async def usage(self, tenant: Tenant) -> LimitUsage:

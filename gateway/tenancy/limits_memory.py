@@ -139,11 +139,12 @@ class MemoryLimiter:
         log.tokens_sum += delta
 
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
-                  now_s: float | None = None) -> None:
+                  now_s: float | None = None) -> bool:
         """release, then settle."""
         await self.release(tenant, ticket=ticket)
         await self.settle(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens,
                           now_s=now_s)
+        return True
 
     async def release(self, tenant: Tenant, *, ticket: str) -> None:
         """End an admission's in-flight slot; releasing twice is harmless."""

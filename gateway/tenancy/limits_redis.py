@@ -74,10 +74,11 @@ class RedisLimiter:
         if unlimited(tenant.limits):
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
                              ticket=ticket, reserved_tokens=tokens)
+        asked = not self.guard.backing_off          # else the guard answers without sending anything
         reply = await self.guard.run(lambda: self.admit_script(
             keys=tenant_keys(self.prefix, tenant.name), args=self._admit_args(tenant.limits, tokens, ticket, now_s)))
         if reply is STORE_DOWN:
-            return self._store_down(tenant, tokens, ticket)
+            return self._store_down(tenant, tokens, ticket, unsettled=asked)
         return Verdict.from_reply(reply).admission(tenant, tokens=tokens, ticket=ticket)
 
     def _admit_args(self, limits: Limits, tokens: int, ticket: str,
@@ -86,14 +87,15 @@ class RedisLimiter:
                 limit_arg(limits.tokens_per_minute), limit_arg(limits.concurrent), tokens,
                 ticket, self.inflight_ttl_ms, to_ms(CONCURRENT_RETRY_S)]
 
-    def _store_down(self, tenant: Tenant, tokens: int, ticket: str) -> Admission:
-        """Admit degraded, or refuse with `store_unavailable`, as the policy says."""
+    def _store_down(self, tenant: Tenant, tokens: int, ticket: str, *, unsettled: bool) -> Admission:
+        """Admit degraded, or refuse with `store_unavailable`, as the policy says. `unsettled`: the script
+        was sent, and a stalled Redis may still run it when it resumes."""
         if self.on_store_failure == "allow":
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
-                             ticket=ticket, reserved_tokens=tokens, degraded=True)
+                             ticket=ticket, reserved_tokens=tokens, degraded=True, unsettled=unsettled)
         return Admission(allowed=False, limits=tenant.limits, tenant=tenant.name,
-                         reason="store_unavailable", retry_after_s=STORE_RETRY_S,
-                         reserved_tokens=tokens)
+                         reason="store_unavailable", retry_after_s=STORE_RETRY_S, ticket=ticket,
+                         reserved_tokens=tokens, unsettled=unsettled)
 
     async def settle(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
                      actual_tokens: int, now_s: float | None = None) -> None:
@@ -103,29 +105,30 @@ class RedisLimiter:
         await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s, release=False)
 
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
-                  now_s: float | None = None) -> None:
-        """Release the slot and settle the tokens in one script call: one round trip, not two."""
+                  now_s: float | None = None) -> bool:
+        """Release the slot and settle the tokens in one script call: one round trip, not two.
+        False when Redis did not answer."""
         if tenant.limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
-            await self.release(tenant, ticket=ticket)
-            return
-        await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s,
-                           release=tenant.limits.concurrent is not None)
+            return await self.release(tenant, ticket=ticket)
+        return await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s,
+                                  release=tenant.limits.concurrent is not None)
 
     async def _settle(self, tenant: Tenant, ticket: str, reserved_tokens: int, actual_tokens: int,
-                      now_s: float | None, *, release: bool) -> None:
+                      now_s: float | None, *, release: bool) -> bool:
         """One SETTLE script call; with `release` it also frees the ticket's in-flight slot."""
         _, tok_key, sum_key, flight_key = tenant_keys(self.prefix, tenant.name)
-        await self.guard.run(lambda: self.settle_script(
+        return await self.guard.run(lambda: self.settle_script(
             keys=[tok_key, sum_key, *([flight_key] if release else [])],
             args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]),
-            after_response=True)
+            after_response=True) is not STORE_DOWN
 
-    async def release(self, tenant: Tenant, *, ticket: str) -> None:
-        """End an admission's in-flight slot; releasing twice is harmless."""
+    async def release(self, tenant: Tenant, *, ticket: str) -> bool:
+        """End an admission's in-flight slot; releasing twice is harmless. False when Redis did not answer."""
         if tenant.limits.concurrent is None:
-            return
+            return True
         flight_key = tenant_keys(self.prefix, tenant.name)[3]
-        await self.guard.run(lambda: self.client.zrem(flight_key, ticket), after_response=True)
+        return await self.guard.run(lambda: self.client.zrem(flight_key, ticket), after_response=True) \
+            is not STORE_DOWN
 
     async def usage(self, tenant: Tenant, now_s: float | None = None) -> LimitUsage:
         """The tenant's requests, tokens and in-flight count in the current window, read only."""

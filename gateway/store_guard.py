@@ -11,8 +11,8 @@ touch the store at all, so a dead or frozen Redis costs one request per
 back-off the timeout, not every request; then one call probes it while the
 others keep the default, and a success ends the outage with a second warning.
 An error reply (out of memory, read-only replica) is an answer: it is counted
-and answered with the default, but starts no back-off, so the calls Redis
-still serves go on. Writes made after the response (releases, settles,
+and answered with the default, but starts no back-off and is no outage, so
+the calls Redis still serves go on; it is warned of at most once a minute. Writes made after the response (releases, settles,
 charges) are always tried: they hold up no response, and skipping them would
 lose what they record.
 """
@@ -41,6 +41,8 @@ STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 #: those of them that mean the store could not be reached, which start a back-off
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, TimeoutError)
 
+#: error replies (out of memory, read-only) are warned of at most this often
+REFUSED_WARNING_S = 60.0
 #: after Redis could not be reached, how long calls on the response path leave it alone: the cache's
 BACKOFF_S = 1.0
 #: the same for admissions and budget checks, shorter: with on_store_failure=deny every request is refused
@@ -65,6 +67,8 @@ class StoreGuard:
         self._log = logger
         self._retry_at_s = 0.0          # while backing off: when the next call may probe the store
         self._outage_failures = 0
+        self._refused_warning_at_s = 0.0
+        self._refused_since_warning = 0
 
     @property
     def backing_off(self) -> bool:
@@ -96,13 +100,28 @@ class StoreGuard:
         self._outage_failures += 1
 
     def _failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, UNREACHABLE):        # an error reply: Redis answered, so calls go on
+            self._refused(exc)
+            return
         self._count_failure()
-        # unreachable: back off; an error reply: Redis answered, so calls go on
-        self._retry_at_s = self._clock() + self.backoff_s if isinstance(exc, UNREACHABLE) else 0.0
+        self._retry_at_s = self._clock() + self.backoff_s
         if self.healthy:
             self.healthy = False
             self._log.warning("%s unavailable (%s: %s)%s", self.name, type(exc).__name__, str(exc) or "timed out",
                               f"; {self.meanwhile}" if self.meanwhile else "")
+
+    def _refused(self, exc: BaseException) -> None:
+        """Count an error reply; warn at most once per REFUSED_WARNING_S, however many come (a full Redis
+        refuses every write)."""
+        self.failures += 1
+        self._refused_since_warning += 1
+        now_s = self._clock()
+        if now_s >= self._refused_warning_at_s:
+            self._refused_warning_at_s = now_s + REFUSED_WARNING_S
+            self._log.warning("%s refused %d call(s) since the last such warning (%s: %s)%s", self.name,
+                              self._refused_since_warning, type(exc).__name__, exc,
+                              f"; {self.meanwhile}" if self.meanwhile else "")
+            self._refused_since_warning = 0
 
     def _recovered(self) -> None:
         self.healthy = True

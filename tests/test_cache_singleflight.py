@@ -194,3 +194,29 @@ async def test_a_leader_releases_its_lock_even_in_a_cache_back_off(redis_server)
     finally:
         await pauser.aclose()
         await cache.close()
+
+
+async def test_a_request_cancelled_while_holding_the_lock_gives_it_back(redis_server) -> None:
+    """The client leaves after its replica took the cross-replica lock, while it looks the answer up: the lock is
+    released at once, so other replicas do not wait for it to expire."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    flight = SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01)
+    looking_up = asyncio.Event()
+
+    async def slow_lookup() -> None:
+        looking_up.set()
+        await asyncio.sleep(10)
+
+    async def upstream() -> bytes:
+        return b"never"
+
+    try:
+        task = asyncio.create_task(flight.run("gw:c:v1:k", upstream, 2.0, poll_fn=slow_lookup))
+        await looking_up.wait()
+        assert await cache.client.exists("gw:c:v1:k:lock") == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await cache.client.exists("gw:c:v1:k:lock") == 0
+    finally:
+        await cache.close()

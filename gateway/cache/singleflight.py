@@ -160,7 +160,12 @@ class SingleFlight:
         deadline_s = loop.time() + timeout_s
         while True:
             token = await lock.acquire(lock_key, ttl_ms=self._lock_ttl_ms)
-            polled = await poll_fn()
+            try:
+                polled = await poll_fn()
+            except BaseException:           # cancelled (the client left) holding the lock: give it back
+                if token is not None:
+                    await asyncio.shield(lock.release(lock_key, token, after_response=True))
+                raise
             if polled is not None:
                 if token is not None:
                     await lock.release(lock_key, token)

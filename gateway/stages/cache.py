@@ -96,7 +96,8 @@ class Cache:
             await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:      # the client left: stop waiting (a leader's followers go direct)
             leader_started.cancel()
-            task.cancel()
+            task.cancel()                   # its lock is given back as it unwinds, held until then
+            self.services.background.spawn(_quietly(task), name="single-flight")
             raise
         if leading.is_set():
             ctx.extra["flight"] = Flight(task, done)

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class StoreGuard:
         self._outage_failures += 1
 
     def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, UNREACHABLE):        # an error reply: Redis answered, so calls go on
+        if not isinstance(exc, UNREACHABLE) or isinstance(exc, MaxConnectionsError):
+            # an error reply (Redis answered), or this process's pool full: Redis is there, calls go on
             self._refused(exc)
             return
         self._count_failure()

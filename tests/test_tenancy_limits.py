@@ -380,3 +380,19 @@ async def test_redis_limiter_loads_its_scripts_again_when_the_server_lost_them(r
         assert limiter.store_failures == 0
     finally:
         await client.aclose()
+
+
+async def test_a_burst_larger_than_the_pool_waits_for_connections_instead_of_failing(redis_server):
+    """More concurrent admissions than pooled connections on a healthy Redis: they wait their turn (within the
+    store timeout); none is refused or admitted degraded as if Redis were down."""
+    from gateway.stores import redis_client
+
+    client = redis_client(redis_server.url, 2.0, 4, cluster=False)
+    limiter, who = RedisLimiter(client, "test-burst", 2.0, "deny"), tenant(rpm=1000)
+    try:
+        admissions = await asyncio.gather(*(limiter.admit(who, route=None, tokens=1) for _ in range(40)))
+        assert all(a.allowed and not a.degraded for a in admissions)
+        assert limiter.store_failures == 0
+        assert client.connection_pool.max_connections == 4
+    finally:
+        await client.aclose()

@@ -41,6 +41,8 @@ STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 #: those of them that mean the store could not be reached, which start a back-off
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, TimeoutError)
 
+#: how often a call that found every pooled connection busy looks for a free one again
+POOL_WAIT_S = 0.001
 #: error replies (out of memory, read-only) are warned of at most this often
 REFUSED_WARNING_S = 60.0
 #: after Redis could not be reached, how long calls on the response path leave it alone: the cache's
@@ -87,7 +89,12 @@ class StoreGuard:
             self._retry_at_s = now_s + self.backoff_s       # this call probes; the ones meanwhile keep waiting
         try:
             async with asyncio.timeout(self.timeout_s):     # no extra task, unlike wait_for on 3.11
-                result = await command()
+                while True:
+                    try:
+                        result = await command()
+                        break
+                    except MaxConnectionsError:     # every pooled connection busy (a burst): wait for one
+                        await asyncio.sleep(POOL_WAIT_S)
         except STORE_ERRORS as exc:
             self._failed(exc)
             return default
@@ -100,8 +107,7 @@ class StoreGuard:
         self._outage_failures += 1
 
     def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, UNREACHABLE) or isinstance(exc, MaxConnectionsError):
-            # an error reply (Redis answered), or this process's pool full: Redis is there, calls go on
+        if not isinstance(exc, UNREACHABLE):        # an error reply: Redis answered, so calls go on
             self._refused(exc)
             return
         self._count_failure()

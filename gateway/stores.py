@@ -44,15 +44,12 @@ def redis_url(policy: Policy, environ: Mapping[str, str]) -> str | None:
 def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: bool):
     """A pooled client for one Redis, or for a Redis Cluster (keys that go together share a hash tag).
 
-    With one Redis, a call finding every pooled connection busy waits for one (within the store timeout)
-    instead of failing: a burst of requests is not a Redis outage.
+    A call finding every pooled connection busy waits for one (`StoreGuard.run`, within the store timeout).
     """
     options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections)
     if cluster:
         return RedisCluster.from_url(url, **options)
-    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=timeout_s, retry=Retry(NoBackoff(), 1),
-                                                    health_check_interval=30, **options)
-    return aioredis.Redis.from_pool(pool)
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), health_check_interval=30, **options)
 
 
 async def warm_pool(client, connections: int, timeout_s: float = WARM_UP_TIMEOUT_S) -> None:

@@ -393,6 +393,6 @@ async def test_a_burst_larger_than_the_pool_waits_for_connections_instead_of_fai
         admissions = await asyncio.gather(*(limiter.admit(who, route=None, tokens=1) for _ in range(40)))
         assert all(a.allowed and not a.degraded for a in admissions)
         assert limiter.store_failures == 0
-        assert client.connection_pool.max_connections == 4
+        assert client.connection_pool.max_connections == 4     # the pool stayed 4 connections
     finally:
         await client.aclose()

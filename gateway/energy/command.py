@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `gateway gpu` argument parser."""
     parser = argparse.ArgumentParser(prog="gateway gpu", description="Show the GPUs the gateway measures.")
     parser.add_argument("--policy", metavar="FILE", help="the GPUs of this policy's models (default: NVML on this host)")
-    parser.add_argument("--interval", type=float, metavar="S", help="seconds between refreshes (default 1)")
+    parser.add_argument("--interval", type=float, metavar="S", help="seconds between refreshes (default: the policy's energy.sample_interval_s, "
+                             "else 1)")
     parser.add_argument("--once", action="store_true", help="print one table and exit")
     return parser
 

@@ -220,3 +220,36 @@ async def test_a_request_cancelled_while_holding_the_lock_gives_it_back(redis_se
         assert await cache.client.exists("gw:c:v1:k:lock") == 0
     finally:
         await cache.close()
+
+
+async def test_the_lock_is_given_back_only_once_the_answer_is_stored(redis_server) -> None:
+    """A leader holds the cross-replica lock through its answer's cache write (`hold`): a replica arriving
+    meanwhile finds the stored answer instead of taking the lock and calling upstream a second time."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        replicas = [SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01) for _ in range(2)]
+        upstream = Upstream(delay_s=0.0)
+        answered, write_now = asyncio.Event(), asyncio.Event()
+
+        async def lead() -> bytes:
+            await upstream()
+            answered.set()
+            return b"answer"
+
+        async def store_the_answer() -> None:           # a cache write that lands a little later
+            await write_now.wait()
+            await cache.set("gw:c:v1:k", b"answer", ttl_s=60)
+
+        async def poll() -> bytes | None:
+            return await cache.get("gw:c:v1:k")
+
+        first = asyncio.create_task(replicas[0].run("gw:c:v1:k", lead, 2.0, poll_fn=poll, hold=store_the_answer))
+        await answered.wait()
+        second = asyncio.create_task(replicas[1].run("gw:c:v1:k", lead, 2.0, poll_fn=poll))
+        await asyncio.sleep(0.1)                        # the second replica polls while the write is pending
+        write_now.set()
+        assert await first == (b"answer", True)
+        assert await second == (b"answer", False)
+        assert upstream.calls == 1
+    finally:
+        await cache.close()

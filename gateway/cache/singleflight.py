@@ -56,10 +56,13 @@ class SingleFlight:
         return len(self._flights)
 
     async def run(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float, *,
-                  poll_fn: Callable[[], Awaitable[T | None]] | None = None) -> tuple[T, bool]:
+                  poll_fn: Callable[[], Awaitable[T | None]] | None = None,
+                  hold: Callable[[], Awaitable[Any]] | None = None) -> tuple[T, bool]:
         """`(result, was_leader)`: lead and call `leader_fn`, or share the leader's result.
 
-        `poll_fn` (the cache lookup) is used with a lock, when another replica leads.
+        `poll_fn` (the cache lookup) is used with a lock, when another replica leads. A leader awaits
+        `hold` (the answer's cache write) after its followers here have the result and before it gives
+        the lock back, so the replica that takes the lock next finds the answer instead of calling again.
         Raises `FlightAbandoned` to a follower that must go direct; a leader's own
         exception propagates to the leader only.
         """
@@ -77,7 +80,7 @@ class SingleFlight:
                 flight.set_result(outcome)
 
         try:
-            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn, land)
+            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn, land, hold)
         except BaseException:
             land(_Outcome(failed=True))
             raise
@@ -118,7 +121,8 @@ class SingleFlight:
 
     async def _lead(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float,
                     poll_fn: Callable[[], Awaitable[T | None]] | None,
-                    land: Callable[[_Outcome], None]) -> tuple[T, bool]:
+                    land: Callable[[_Outcome], None],
+                    hold: Callable[[], Awaitable[Any]] | None = None) -> tuple[T, bool]:
         """Call `leader_fn`, unless another replica holds the lock and its answer arrives.
 
         The local flight lands as soon as the answer is in, before the lock is given back: a request
@@ -134,6 +138,8 @@ class SingleFlight:
         try:
             result = await leader_fn()
             land(_Outcome(result))
+            if hold is not None:
+                await hold()
             return result, True
         finally:
             if keeper is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from decimal import Decimal
 
 import orjson
@@ -30,13 +31,16 @@ log = logging.getLogger(__name__)
 SINGLE_FLIGHT_TIMEOUT_S = 30.0
 #: the longest a leader keeps its flight (and the cross-replica lock): the longest upstream call allowed
 LEADER_LIMIT_S = 600.0
+#: the longest a leader keeps the cross-replica lock waiting for its answer's cache write
+STORED_WAIT_S = 2.0
 
 
 class Flight:
-    """This request leads a single flight: followers get what its finish hands over."""
+    """This request leads a single flight: followers get what its finish hands over; the cross-replica lock
+    is given back once `stored` says the answer's cache write is over (or there was none)."""
 
-    def __init__(self, task: asyncio.Task, done: asyncio.Future) -> None:
-        self.task, self.done = task, done
+    def __init__(self, task: asyncio.Task, done: asyncio.Future, stored: asyncio.Future) -> None:
+        self.task, self.done, self.stored = task, done, stored
 
 
 class Cache:
@@ -82,6 +86,7 @@ class Cache:
             except FlightAbandoned:
                 return None
         done: asyncio.Future = asyncio.get_running_loop().create_future()
+        stored: asyncio.Future = asyncio.get_running_loop().create_future()
         leading = asyncio.Event()
 
         async def lead() -> CacheEntry | None:
@@ -89,8 +94,9 @@ class Cache:
             # bounded: a leader whose finish never came must not hold the cross-replica lock for ever
             return await asyncio.wait_for(done, LEADER_LIMIT_S)
 
-        task = asyncio.ensure_future(singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
-                                                      poll_fn=lambda: self._lookup(ctx.cache_key)))
+        task = asyncio.ensure_future(singleflight.run(
+            ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S, poll_fn=lambda: self._lookup(ctx.cache_key),
+            hold=lambda: _until_stored(stored)))
         leader_started = asyncio.ensure_future(leading.wait())
         try:
             await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
@@ -100,7 +106,7 @@ class Cache:
             self.services.background.spawn(_quietly(task), name="single-flight")
             raise
         if leading.is_set():
-            ctx.extra["flight"] = Flight(task, done)
+            ctx.extra["flight"] = Flight(task, done, stored)
             return None
         leader_started.cancel()
         try:
@@ -134,27 +140,39 @@ class Cache:
 
     async def finish(self, ctx: RequestContext) -> None:
         flight: Flight | None = ctx.extra.pop("flight", None)
-        entry = None
+        stored = flight.stored if isinstance(flight, Flight) else None
         try:
-            entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
-        finally:                            # whatever happened, the followers are let go
-            if isinstance(flight, LocalFlight):
-                flight.land(entry)
-            elif flight is not None:
-                if not flight.done.done():
-                    flight.done.set_result(entry)
-                self.services.background.spawn(_quietly(flight.task), name="single-flight")
+            entry = None
+            try:
+                entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
+            finally:                        # whatever happened, the followers are let go
+                if isinstance(flight, LocalFlight):
+                    flight.land(entry)
+                elif flight is not None:
+                    if not flight.done.done():
+                        flight.done.set_result(entry)
+                    self.services.background.spawn(_quietly(flight.task), name="single-flight")
+            stored = self._store(ctx, entry, stored)
+        finally:
+            if stored is not None and not stored.done():
+                stored.set_result(None)     # nothing is written: the flight's lock may go now
+
+    def _store(self, ctx: RequestContext, entry: CacheEntry | None,
+               stored: asyncio.Future | None) -> asyncio.Future | None:
+        """Write a fresh answer in the background, `stored` set once it is in; returns `stored` when
+        nothing is written (None when the write took it over)."""
         if entry is None or not ctx.extra.get("cache_store"):
-            return
+            return stored
         data = encode_entry(entry)
         store = self.services.stores.cache
         if data is None or not getattr(store, "healthy", True):
-            return                          # too large, or the store is down: nothing will be stored
+            return stored                   # too large, or the store is down: nothing will be stored
         ctx.cache_status = "stored"
         if ctx.response is not None and not ctx.response.prepared:
             ctx.response.headers["x-gateway-cache"] = "stored"
         ttl_s = ctx.decision.route.cache.ttl_s
-        self.services.background.spawn(store.set(ctx.cache_key, data, ttl_s), name="cache-write")
+        self.services.background.spawn(_written(store.set(ctx.cache_key, data, ttl_s), stored), name="cache-write")
+        return None
 
     @staticmethod
     def _fresh_entry(ctx: RequestContext) -> CacheEntry | None:
@@ -174,6 +192,23 @@ class Cache:
         if entry is None:
             return None
         return CacheEntry(entry.endpoint, entry.body, entry.created_unix_s, cost_usd=ctx.attempts[-1].cost_usd)
+
+
+async def _until_stored(stored: asyncio.Future) -> None:
+    """Wait for the answer's cache write, at most STORED_WAIT_S: then the lock goes anyway."""
+    try:
+        await asyncio.wait_for(stored, STORED_WAIT_S)
+    except TimeoutError:
+        log.debug("a cache write took over %s s; the single-flight lock is given back without it", STORED_WAIT_S)
+
+
+async def _written(write: Awaitable[None], stored: asyncio.Future | None) -> None:
+    """A cache write, then `stored` set: a leader gives its lock back once the answer is in the cache."""
+    try:
+        await write
+    finally:
+        if stored is not None and not stored.done():
+            stored.set_result(None)
 
 
 async def _quietly(task: asyncio.Task) -> None:

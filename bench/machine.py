@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,41 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return platform.processor() or "unknown CPU"
 
 
+#: the lowest port handed out: above the well-known and registered services most hosts run
+PORT_FLOOR = 10_000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, never the same one twice in a process.
+
+    It is picked below the kernel's ephemeral range: a port from that range can be taken by any outgoing
+    connection (a client's local port) between this check and the bind of the process meant to listen
+    on it, which then fails with "address already in use".
+    """
+    ceiling = _ephemeral_floor()
+    for _ in range(200 if ceiling - PORT_FLOOR > 1000 else 0):
+        port = random.randrange(PORT_FLOOR, ceiling)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:                    # no room below the range: let the kernel pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_floor() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ import pytest
 
 from tests.support.harness import DEFAULT_POLICY, Harness
 from tests.support.policies import tenants
+from tests.support.redis_server import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(),
@@ -27,10 +27,6 @@ POLICY = DEFAULT_POLICY + tenants(KEYS)
 TOKEN_USAGE = "gen_ai_client_token_usage"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Prometheus:

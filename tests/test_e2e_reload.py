@@ -24,6 +24,7 @@ from gateway.runtime import PolicyHolder
 from gateway.server import watch_policy
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models, standard_model
+from tests.support.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "admin-secret-token"
@@ -264,10 +265,6 @@ def _sha_of(gw, template: str) -> str:
 
 # --- the real `gateway run` process -------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class GatewayProcess:

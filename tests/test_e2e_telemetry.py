@@ -7,7 +7,6 @@ harness environ; a real OTLP receiver decodes what arrives on the wire.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 
@@ -17,6 +16,7 @@ from gateway.telemetry.metrics import DURATION_BUCKETS_S, TOKEN_BUCKETS
 from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.otlp_receiver import OtlpReceiver, SpanRecord
 from tests.support.policies import latency, model, models, price, short_timeouts, tenants
+from tests.support.redis_server import free_port
 
 PROTOCOLS = ("grpc", "http/protobuf")
 KEYS = {"acme": "key-acme", "globex": "key-globex", "initech": "key-initech", "umbrella": "key-umbrella"}
@@ -40,11 +40,6 @@ routes:
 CALLER_SPAN_ID = "00f067aa0ba902b7"
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def otel_environ(endpoint: str, protocol: str, service: str, **extra: str) -> dict[str, str]:

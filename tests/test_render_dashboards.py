@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.machine import free_port
 from deploy.render.dashboard import builtin_values, interpolate, load_dashboard, variable_values
 from deploy.render.prom import PrometheusApi, Window, evaluate_panel, metric_names_in
-from deploy.render.stack import PROMETHEUS, free_port, prometheus_command, wait_http
+from deploy.render.stack import PROMETHEUS, prometheus_command, wait_http
 from deploy.render.units import format_value
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "compose" / "grafana" / "dashboards"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.machine import free_port
 from gateway.simulator import SimConfig
 from gateway.tenancy.identity import sha256_hex
 
@@ -94,13 +94,6 @@ TENANT = ("  {name}:\n    keys_sha256: [{key_sha256}]\n"
 
 class StackError(RuntimeError):
     """A part of the stack did not start."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def daily_budget_usd(traffic_minutes: float) -> str:

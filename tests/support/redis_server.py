@@ -9,12 +9,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from bench.machine import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["RedisServer", "free_port"]
 
 
 @dataclass

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.machine import free_port
+
 MASTERS = 3
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def cluster_binaries() -> tuple[str, str] | None:
@@ -42,7 +33,7 @@ class RedisCluster:
     @classmethod
     def on_free_ports(cls) -> RedisCluster:
         """A cluster (not started yet) whose client and bus ports are all free and distinct."""
-        ports = free_ports(2 * MASTERS)
+        ports = [free_port() for _ in range(2 * MASTERS)]      # distinct: free_port never repeats
         return cls(ports=ports[:MASTERS], bus_ports=ports[MASTERS:])
 
     @property

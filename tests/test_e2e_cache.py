@@ -429,3 +429,24 @@ def test_a_frozen_redis_costs_each_request_a_bounded_wait(gw, redis_server):
     while chat(gw, **ask("Before the freeze"))[1] != "hit":
         assert time.monotonic() < deadline, "caching did not resume after Redis thawed"
         time.sleep(0.2)
+
+
+def test_a_no_store_request_does_not_hold_other_replicas(redis_server):
+    """Two replicas on one Redis, an identical `Cache-Control: no-store` request on each: nothing will be stored,
+    so the second replica calls upstream at once instead of waiting for the first one's answer to appear."""
+    slow = {"small": dict(ttft_ms=800, tpot_ms=1)}
+    replicas = [Harness(POLICY, slow, environ(GATEWAY_REDIS_URL=redis_server.url)).start() for _ in range(2)]
+    try:
+        async def both() -> list[float]:
+            async def one(gw, delay_s: float) -> float:
+                await asyncio.sleep(delay_s)
+                started = time.perf_counter()
+                await asyncio.to_thread(chat, gw, headers={"Cache-Control": "no-store"}, **ask("Not to keep"))
+                return time.perf_counter() - started
+            return await asyncio.gather(one(replicas[0], 0.0), one(replicas[1], 0.2))
+
+        first_s, second_s = asyncio.run(both())
+        assert second_s < 1.3 * first_s + 0.2           # not the first's wait plus its own call
+    finally:
+        for gw in replicas:
+            gw.stop()

@@ -76,7 +76,8 @@ class Cache:
     async def _single_flight(self, ctx: RequestContext) -> CacheEntry | None:
         """Follow an identical request in flight (its entry), or lead one (None: call upstream)."""
         singleflight = self.services.stores.singleflight
-        if singleflight.local_only:
+        if singleflight.local_only or not ctx.extra.get("cache_store"):
+            # no-store: nothing will be stored for other replicas to find, so they are not made to wait
             flight = singleflight.try_lead(ctx.cache_key)
             if flight is not None:
                 ctx.extra["flight"] = flight

@@ -62,15 +62,19 @@ class StoreGuard:
         self.name = name                # "redis cache", "rate limit store": the warning's subject
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
-        self.meanwhile = meanwhile      # what the component does while the store is down, for the warning
+        self._meanwhile = f"; {meanwhile}" if meanwhile else ""    # what the component does meanwhile
         self.failures = 0               # calls answered without the store: failed, timed out, or backed off
-        self.healthy = True
         self._clock = clock
         self._log = logger
-        self._retry_at_s = 0.0          # while backing off: when the next call may probe the store
+        self._retry_at_s = 0.0          # while Redis is unreachable: when the next call may probe it; else 0
         self._outage_failures = 0
         self._refused_warning_at_s = 0.0
         self._refused_since_warning = 0
+
+    @property
+    def healthy(self) -> bool:
+        """Whether Redis answered the last call that reached it (an error reply is an answer)."""
+        return not self._retry_at_s
 
     @property
     def backing_off(self) -> bool:
@@ -98,7 +102,7 @@ class StoreGuard:
         except STORE_ERRORS as exc:
             self._failed(exc)
             return default
-        if not self.healthy:
+        if self._retry_at_s:
             self._recovered()
         return result
 
@@ -111,11 +115,11 @@ class StoreGuard:
             self._refused(exc)
             return
         self._count_failure()
+        outage_starts = self.healthy
         self._retry_at_s = self._clock() + self.backoff_s
-        if self.healthy:
-            self.healthy = False
+        if outage_starts:
             self._log.warning("%s unavailable (%s: %s)%s", self.name, type(exc).__name__, str(exc) or "timed out",
-                              f"; {self.meanwhile}" if self.meanwhile else "")
+                              self._meanwhile)
 
     def _refused(self, exc: BaseException) -> None:
         """Count an error reply; warn at most once per REFUSED_WARNING_S, however many come (a full Redis
@@ -126,12 +130,10 @@ class StoreGuard:
         if now_s >= self._refused_warning_at_s:
             self._refused_warning_at_s = now_s + REFUSED_WARNING_S
             self._log.warning("%s refused %d call(s) since the last such warning (%s: %s)%s", self.name,
-                              self._refused_since_warning, type(exc).__name__, exc,
-                              f"; {self.meanwhile}" if self.meanwhile else "")
+                              self._refused_since_warning, type(exc).__name__, exc, self._meanwhile)
             self._refused_since_warning = 0
 
     def _recovered(self) -> None:
-        self.healthy = True
         self._retry_at_s = 0.0
         self._log.warning("%s reachable again after %d calls answered without it", self.name, self._outage_failures)
         self._outage_failures = 0

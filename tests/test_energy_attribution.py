@@ -64,6 +64,33 @@ def test_time_in_flight_splits_when_no_token_progress_is_known():
     assert split.shares_j == pytest.approx({"whole": 200.0, "half": 100.0})
 
 
+def test_a_request_without_visible_progress_counts_at_the_rate_of_the_streams_beside_it():
+    """A non-streamed request (no progress until it ends) is not starved by streams beside it: it is counted
+    as progressing at their mean rate per second in flight, for the time it was in flight."""
+    ledger, clock = ledger_with(idle_w=0.0)
+    ledger.request_started("stream", "big")
+    ledger.request_started("whole", "big", tracks_tokens=False)
+    clock.advance(0.5)
+    ledger.request_started("half", "big", tracks_tokens=False)
+    clock.advance(0.5)
+    ledger.progress("stream", 300)
+    split = ledger.on_interval("big", measured_j=500.0, dt_s=1.0)
+    assert split.shares_j == pytest.approx({"stream": 200.0, "whole": 200.0, "half": 100.0})
+
+
+def test_streams_still_split_by_tokens_when_a_request_without_progress_is_beside_them():
+    """The tracked requests keep their token ratio; the untracked one takes the mean tracked rate."""
+    ledger, clock = ledger_with(idle_w=0.0)
+    ledger.request_started("fast", "big")
+    ledger.request_started("slow", "big")
+    ledger.request_started("whole", "big", tracks_tokens=False)
+    clock.advance(1.0)
+    ledger.progress("fast", 300)
+    ledger.progress("slow", 100)
+    split = ledger.on_interval("big", measured_j=600.0, dt_s=1.0)
+    assert split.shares_j == pytest.approx({"fast": 300.0, "slow": 100.0, "whole": 200.0})
+
+
 def test_a_request_that_ended_keeps_only_its_time_in_the_open_interval():
     """A request marked ended mid-interval is weighted by the time it actually ran."""
     ledger, clock = ledger_with(idle_w=0.0)

@@ -7,9 +7,13 @@ For each model and each sampling interval of `dt_s` seconds:
     active   = measured - idle
 
 `active` is split among the requests in flight on the model in proportion to
-the tokens each processed during the interval; when none made token progress,
-in proportion to each one's time in flight during the interval. With no
-request in flight, all of `measured` is idle. So attributed + idle == measured.
+the tokens each processed during the interval. A request whose progress is not
+seen (a non-streamed answer arrives whole) is counted as progressing at the
+rate of the streamed ones in flight beside it, per second in flight: on a
+batching model server every request in the batch makes a token per step.
+When no request made visible progress, the split is in proportion to each
+one's time in flight during the interval. With no request in flight, all of
+`measured` is idle. So attributed + idle == measured.
 
 `idle_w` (per GPU) is configured (`gpus.idle_w`) or learned: the lowest
 sustained power, i.e. the minimum of the 1 s average powers of the last
@@ -57,6 +61,7 @@ class _Flight:
     model: str
     started_s: float
     ended_s: float | None = None
+    tracks_tokens: bool = True  # progress is reported as it happens (a stream); else only time is known
     tokens: int = 0             # cumulative tokens processed, as last reported
     tokens_booked: int = 0      # `tokens` when the last interval closed
     energy_j: float = 0.0
@@ -96,9 +101,9 @@ class EnergyLedger:
         self._flights: dict[str, _Flight] = {}
         self._totals: dict[str, ModelEnergy] = {}
 
-    def request_started(self, request_id: str, model: str) -> None:
-        """A request is now in flight on `model`."""
-        self._flights[request_id] = _Flight(model=model, started_s=self._clock())
+    def request_started(self, request_id: str, model: str, *, tracks_tokens: bool = True) -> None:
+        """A request is now in flight on `model`; `tracks_tokens` False: no `progress` will come for it."""
+        self._flights[request_id] = _Flight(model=model, started_s=self._clock(), tracks_tokens=tracks_tokens)
 
     def progress(self, request_id: str, tokens: int) -> None:
         """The cumulative tokens (prompt once prefilled, plus output so far) the request has processed."""
@@ -156,10 +161,16 @@ class EnergyLedger:
 
     def _split(self, flights: list[tuple[str, _Flight]], active_j: float, dt_s: float) -> dict[str, float]:
         """Active joules per request: by tokens processed in the interval, else by time in flight."""
-        weights = {rid: float(f.tokens - f.tokens_booked) for rid, f in flights}
-        if not any(weights.values()):
-            now_s = self._clock()
-            weights = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
+        now_s = self._clock()
+        in_flight_s = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
+        weights = {rid: float(f.tokens - f.tokens_booked) for rid, f in flights if f.tracks_tokens}
+        seen_tokens = sum(weights.values())
+        if seen_tokens > 0:
+            tracked_s = sum(in_flight_s[rid] for rid in weights)
+            rate = seen_tokens / tracked_s if tracked_s > 0 else 0.0
+            weights.update((rid, rate * in_flight_s[rid]) for rid, f in flights if not f.tracks_tokens)
+        else:
+            weights = in_flight_s
         total = sum(weights.values())
         for _, flight in flights:
             flight.tokens_booked = flight.tokens

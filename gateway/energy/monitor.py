@@ -254,10 +254,11 @@ class EnergyMonitor:
         """Measured, attributed and idle joules of one model so far."""
         return self.ledger.totals(model)
 
-    def request_started(self, request_id: str, model: str) -> None:
-        """A request began on `model`; ignored when the model's energy is not measured."""
+    def request_started(self, request_id: str, model: str, *, tracks_tokens: bool = True) -> None:
+        """A request began on `model` (`tracks_tokens`: its progress will be reported, as a stream's is);
+        ignored when the model's energy is not measured."""
         if self.measures(model):
-            self.ledger.request_started(request_id, model)
+            self.ledger.request_started(request_id, model, tracks_tokens=tracks_tokens)
 
     def progress(self, request_id: str, tokens: int) -> None:
         """Cumulative tokens processed by the request so far (prompt once prefilled, plus output)."""

@@ -73,7 +73,7 @@ class Call:
             energy = self.services.energy
             if energy is not None and energy.measures(model.name):
                 attempt.energy_id = f"{ctx.request_id}:{len(ctx.attempts)}"
-                energy.request_started(attempt.energy_id, model.name)
+                energy.request_started(attempt.energy_id, model.name, tracks_tokens=ctx.stream)
             try:
                 return await self._attempt(ctx, attempt)
             except UpstreamError as exc:

@@ -74,6 +74,7 @@ class FakeNvml:
 
     gpus: list[FakeGpu] = field(default_factory=list)
     init_error: int | None = None   # e.g. NVML_ERROR_LIBRARY_NOT_FOUND: nvmlInit raises it
+    driver_version: str = "580.159.04"
     init_count: int = 0
     calls: list[str] = field(default_factory=list)
     call_threads: set[int] = field(default_factory=set)
@@ -103,6 +104,10 @@ class FakeNvml:
     def nvmlShutdown(self) -> None:
         self._enter("nvmlShutdown")
         self.init_count -= 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._enter("nvmlSystemGetDriverVersion")
+        return self.driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         self._enter("nvmlDeviceGetCount")
@@ -158,3 +163,17 @@ def two_gpus(clock: Callable[[], float], power_w: float = 70.0) -> FakeNvml:
     for gpu in gpus:
         gpu.set_power(power_w)
     return FakeNvml(gpus=gpus)
+
+
+def real_nvml_works() -> bool:
+    """Whether this machine has a working NVML and a GPU (tests of the no-GPU path skip there)."""
+    from gateway.energy.nvml import NvmlSource
+    from gateway.energy.readings import EnergyUnavailable
+
+    source = NvmlSource(["0"])
+    try:
+        source.open()
+    except EnergyUnavailable:
+        return False
+    source.close()
+    return True

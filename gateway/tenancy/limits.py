@@ -152,8 +152,8 @@ class Limiter(Protocol):
         """Replace an admission's token reservation with the tokens really used."""
         ...
 
-    async def release(self, tenant: Tenant, *, ticket: str) -> None:
-        """End an admission's in-flight slot."""
+    async def release(self, tenant: Tenant, *, ticket: str) -> bool:
+        """End an admission's in-flight slot; False when the store did not answer."""
         ...
 
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,

@@ -146,11 +146,12 @@ class MemoryLimiter:
                           now_s=now_s)
         return True
 
-    async def release(self, tenant: Tenant, *, ticket: str) -> None:
-        """End an admission's in-flight slot; releasing twice is harmless."""
+    async def release(self, tenant: Tenant, *, ticket: str) -> bool:
+        """End an admission's in-flight slot; releasing twice is harmless. Always answered: True."""
         log = self.logs.get(tenant.name)
         if log is not None:
             log.inflight.pop(ticket, None)
+        return True
 
     async def usage(self, tenant: Tenant, now_s: float | None = None) -> LimitUsage:
         """The tenant's requests, tokens and in-flight count in the current window."""

@@ -44,7 +44,7 @@ class Services:
     stores: Stores
     telemetry: Telemetry
     recorder: Recorder
-    energy: EnergyMonitor | None = None     # when any model declares its GPUs
+    energy: EnergyMonitor | None = None     # the GPU sampler (with no `gpus:` in the policy it samples nothing)
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     pipeline: Any = None
     draining: bool = False
@@ -102,13 +102,17 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                                                            "budgets": services.stores.budgets.store_failures})
         services.telemetry.observe_policy(lambda: holder.current.policy)
         services.telemetry.observe_reloads(lambda: holder.status)
-        if any(model.gpus is not None for model in policy.models.values()):
-            services.energy = EnergyMonitor(policy, session)
-            await services.energy.start()
-            services.telemetry.observe_gpus(services.energy)
+        # always there, so a reload can add GPUs; with none in the policy it samples nothing
+        services.energy = energy = EnergyMonitor(policy, session)
+        await energy.start()
+        services.telemetry.observe_gpus(energy)
         services.pipeline = Pipeline(tuple(stage(services) for stage in STAGES))
         # the fleet follows reloads: new routing settings, and the new router built before its first request
         holder.listeners.append(lambda runtime: services.fleet.adopt(runtime.policy))
+        # the GPU sampler too, on the event loop (a reload may be applied from another thread: tests, tools)
+        loop = asyncio.get_running_loop()
+        holder.listeners.append(lambda runtime: loop.call_soon_threadsafe(
+            lambda: services.background.spawn(energy.adopt(runtime.policy), name="energy-adopt")))
         app[SERVICES] = services
         if not policy.tenants:
             log.warning("the policy has no tenants: the gateway runs open, without API keys")

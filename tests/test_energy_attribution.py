@@ -107,6 +107,7 @@ def test_measured_below_idle_is_all_idle_even_with_requests_in_flight():
     """When the GPUs drew less than the idle power nothing is active, so requests get no energy."""
     ledger, clock = ledger_with(idle_w=100.0)
     ledger.request_started("a", "big")
+    clock.advance(1.0)
     ledger.progress("a", 10)
     split = ledger.on_interval("big", measured_j=80.0, dt_s=1.0)
     assert (split.idle_j, split.shares_j) == (80.0, {"a": 0.0})
@@ -147,13 +148,29 @@ def test_idle_learner_window_forgets_old_seconds():
 
 def test_idle_to_active_ratio_is_idle_seconds_per_active_second():
     """Three quiet seconds and one busy second give an idle-to-active ratio of 3."""
-    ledger, _ = ledger_with(idle_w=10.0)
+    ledger, clock = ledger_with(idle_w=10.0)
     assert ledger.totals("big").idle_to_active_ratio is None
     for _ in range(3):
+        clock.advance(1.0)
         ledger.on_interval("big", measured_j=10.0, dt_s=1.0)
     ledger.request_started("a", "big")
+    clock.advance(1.0)
     ledger.on_interval("big", measured_j=100.0, dt_s=1.0)
     assert ledger.totals("big").idle_to_active_ratio == 3.0
+
+
+def test_a_request_that_ended_before_the_interval_does_not_make_it_active():
+    """A request waiting only for its books (it ended before the interval began) leaves the interval idle."""
+    ledger, clock = ledger_with(idle_w=10.0)
+    ledger.request_started("a", "big")
+    clock.advance(0.2)
+    ledger.mark_ended("a")
+    clock.advance(0.05)
+    ledger.on_interval("big", measured_j=20.0, dt_s=0.25)
+    clock.advance(0.25)
+    ledger.on_interval("big", measured_j=2.5, dt_s=0.25)
+    totals = ledger.totals("big")
+    assert (totals.active_s, totals.idle_s) == (0.25, 0.25)
 
 
 def test_attributed_plus_idle_equals_measured_across_a_scripted_run():

@@ -111,16 +111,24 @@ class EnergyLedger:
         if flight is not None:
             flight.tokens = max(flight.tokens, tokens)
 
-    def mark_ended(self, request_id: str) -> None:
-        """The request stopped using the GPU now; it keeps its share of the interval still open."""
+    def mark_ended(self, request_id: str) -> float | None:
+        """The request stopped using the GPU now (or earlier, if marked before); it keeps its share of the
+        interval still open. Returns when it ended; None for an unknown request."""
         flight = self._flights.get(request_id)
-        if flight is not None and flight.ended_s is None:
+        if flight is None:
+            return None
+        if flight.ended_s is None:
             flight.ended_s = self._clock()
+        return flight.ended_s
 
     def request_finished(self, request_id: str) -> float:
         """Forget the request and return the joules attributed to it (0.0 when unknown)."""
         flight = self._flights.pop(request_id, None)
         return flight.energy_j if flight is not None else 0.0
+
+    def set_idle_w(self, idle_w_per_gpu: Mapping[str, float | None]) -> None:
+        """Configured idle powers after a policy reload; models without one learn theirs."""
+        self._idle_w = {model: w for model, w in idle_w_per_gpu.items() if w is not None}
 
     def model_of(self, request_id: str) -> str | None:
         """The model a request in flight runs on."""
@@ -141,10 +149,13 @@ class EnergyLedger:
         if dt_s <= 0 or measured_j < 0 or n_gpus < 1:
             raise ValueError(f"bad interval: {measured_j=} {dt_s=} {n_gpus=}")
         idle_budget_j = self._idle_w_per_gpu(model, measured_j / dt_s / n_gpus, dt_s) * dt_s * n_gpus
+        now_s = self._clock()
         flights = [(rid, f) for rid, f in self._flights.items() if f.model == model]
-        shares_j = self._split(flights, measured_j - min(measured_j, idle_budget_j), dt_s)
+        in_flight_s = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
+        shares_j = self._split(flights, in_flight_s, measured_j - min(measured_j, idle_budget_j))
         idle_j = measured_j - sum(shares_j.values())
-        self._book(model, measured_j, idle_j, shares_j, dt_s, busy=bool(flights))
+        # active: some request ran during the interval (one that ended before it began is only awaiting its books)
+        self._book(model, measured_j, idle_j, shares_j, dt_s, busy=any(s > 0 for s in in_flight_s.values()))
         return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j)
 
     def _idle_w_per_gpu(self, model: str, power_w_per_gpu: float, dt_s: float) -> float:
@@ -159,10 +170,10 @@ class EnergyLedger:
         self.totals(model).idle_w_per_gpu = idle_w
         return idle_w
 
-    def _split(self, flights: list[tuple[str, _Flight]], active_j: float, dt_s: float) -> dict[str, float]:
+    @staticmethod
+    def _split(flights: list[tuple[str, _Flight]], in_flight_s: dict[str, float],
+               active_j: float) -> dict[str, float]:
         """Active joules per request: by tokens processed in the interval, else by time in flight."""
-        now_s = self._clock()
-        in_flight_s = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
         weights = {rid: float(f.tokens - f.tokens_booked) for rid, f in flights if f.tracks_tokens}
         seen_tokens = sum(weights.values())
         if seen_tokens > 0:

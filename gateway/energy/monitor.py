@@ -1,16 +1,19 @@
 """The GPU sampler: reads each model's GPUs every interval and feeds the energy ledger.
 
-One monitor per policy. For every model with `gpus:` it builds an NVML or
-DCGM source; `start()` runs one sampling task. NVML calls block, so they run
-in a single worker thread, never on the event loop. A model whose GPUs cannot
-be measured (no NVML library, no GPU) is `unavailable`, logged once at start;
-one whose GPUs fail while sampling is `failing`, logged on each change of
-health. Requests are served either way: their energy is simply None.
+One monitor per gateway process. For every pool of GPUs (the GPUs of one
+model, or of several models that share them: `gateway.energy.pools`) it builds
+an NVML or DCGM source; `start()` runs one sampling task, and `adopt()`
+follows a reloaded policy. NVML calls block, so they run in a single worker
+thread, never on the event loop. A model whose GPUs cannot be measured (no
+NVML library, no GPU) is `unavailable`, logged once when its source opens; one
+whose GPUs fail while sampling is `failing`, logged on each change of health.
+Requests are served either way: their energy is simply None.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +26,7 @@ import aiohttp
 from gateway.energy.attribution import EnergyLedger, ModelEnergy
 from gateway.energy.dcgm import DcgmSource
 from gateway.energy.nvml import NvmlSource
+from gateway.energy.pools import pools
 from gateway.energy.readings import EnergyUnavailable, GpuReading
 
 if TYPE_CHECKING:
@@ -35,15 +39,17 @@ OK, UNAVAILABLE, FAILING = "ok", "unavailable", "failing"
 
 @dataclass
 class _Sampled:
-    """One model's GPUs: their source, health and latest readings."""
+    """One pool of GPUs (one model's, or several models' that share them): source, health, latest readings."""
 
-    model: str
+    name: str                       # the pool's label: its models' names joined by "+"
+    models: tuple[str, ...]
     config: GpuSource
     source: NvmlSource | DcgmSource | None = None
     health: str = UNAVAILABLE
     reason: str | None = None
     readings: list[GpuReading] = field(default_factory=list)
     baseline: dict[str, GpuReading] = field(default_factory=dict)    # per GPU: the last booked reading
+    booked_until_s: float = float("-inf")     # the time of the last reading whose energy was booked
     ticked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -71,8 +77,7 @@ class EnergyMonitor:
 
     def __init__(self, policy: Policy, session: aiohttp.ClientSession | None = None,
                  nvml_module: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
-        sources = {name: model.gpus for name, model in policy.models.items() if model.gpus is not None}
-        self._setup(sources, policy.energy.sample_interval_s, session, nvml_module, clock)
+        self._setup(_gpu_sources(policy), policy.energy.sample_interval_s, session, nvml_module, clock)
 
     @classmethod
     def for_sources(cls, sources: Mapping[str, GpuSource], interval_s: float,
@@ -86,8 +91,10 @@ class EnergyMonitor:
     def _setup(self, sources: dict[str, GpuSource], interval_s: float, session: aiohttp.ClientSession | None,
                nvml_module: Any, clock: Callable[[], float]) -> None:
         self.interval_s = interval_s
-        self.ledger = EnergyLedger({name: gpus.idle_w for name, gpus in sources.items()}, clock=clock)
-        self._sampled = {name: _Sampled(model=name, config=gpus) for name, gpus in sources.items()}
+        self._sampled = {name: _Sampled(name, models, gpus) for name, (models, gpus) in pools(sources).items()}
+        self._pool_of = _pool_index(self._sampled)
+        self.ledger = EnergyLedger({name: s.config.idle_w for name, s in self._sampled.items()}, clock=clock)
+        self._ids = itertools.count(1)
         self._session = session
         self._own_session = False
         self._nvml_module = nvml_module
@@ -95,6 +102,8 @@ class EnergyMonitor:
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._opened = False
+        self._started = False
+        self._adopting = asyncio.Lock()
         self.settle_timeout_s = 2 * interval_s + 2.0
 
     # -- life cycle ------------------------------------------------------------------
@@ -104,38 +113,72 @@ class EnergyMonitor:
         if self._opened:
             return
         self._opened = True
-        for sampled in self._sampled.values():
+        await self._open_sources(list(self._sampled.values()))
+
+    async def _open_sources(self, pending: list[_Sampled]) -> None:
+        for sampled in pending:
             await self._open_source(sampled)
-        unavailable = [s for s in self._sampled.values() if s.health == UNAVAILABLE]
+        unavailable = [s for s in pending if s.health == UNAVAILABLE]
         if unavailable:
             reasons = "; ".join(dict.fromkeys(s.reason or "unknown" for s in unavailable))
             logger.warning("no GPU: energy not measured for models %s (%s)",
-                           ", ".join(s.model for s in unavailable), reasons)
+                           ", ".join(m for s in unavailable for m in s.models), reasons)
 
     async def start(self) -> None:
         """Open the sources and run the sampling loop every `interval_s`."""
+        self._started = True
         await self.open()
         if self._task is None and any(s.source is not None for s in self._sampled.values()):
             self._task = asyncio.create_task(self._run(), name="energy-sampler")
 
+    async def adopt(self, policy: Policy) -> None:
+        """Follow a reloaded policy: pools whose GPUs are unchanged keep sampling (and their books); new
+        ones are opened, gone ones closed. Requests in flight on a gone pool keep what was booked."""
+        async with self._adopting:          # reloads in quick succession are applied in order
+            await self._adopt(policy)
+
+    async def _adopt(self, policy: Policy) -> None:
+        self.interval_s = policy.energy.sample_interval_s
+        old = self._sampled
+        wanted = pools(_gpu_sources(policy))
+        self._sampled = {name: old[name] if name in old and old[name].config == gpus else _Sampled(name, models, gpus)
+                         for name, (models, gpus) in wanted.items()}
+        self._pool_of = _pool_index(self._sampled)
+        self.ledger.set_idle_w({name: s.config.idle_w for name, s in self._sampled.items()})
+        kept = set(map(id, self._sampled.values()))
+        gone = [s for s in old.values() if id(s) not in kept]
+        await self._close_sources(gone)
+        for sampled in gone:
+            sampled.ticked.set()            # nobody waits for a pool that is no longer sampled
+        if self._opened:
+            await self._open_sources([s for s in self._sampled.values() if all(s is not o for o in old.values())])
+        if self._started and self._task is None and any(s.source is not None for s in self._sampled.values()):
+            self._task = asyncio.create_task(self._run(), name="energy-sampler")
+
     async def stop(self) -> None:
         """Stop sampling and release NVML and the HTTP session; `start()` may be called again."""
+        self._started = False
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        nvml_sources = [s.source for s in self._sampled.values() if isinstance(s.source, NvmlSource)]
+        await self._close_sources(list(self._sampled.values()))
         if self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: [source.close() for source in nvml_sources])
             self._executor.shutdown(wait=False)
             self._executor = None
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
-        for sampled in self._sampled.values():
-            sampled.source, sampled.baseline = None, {}
         self._opened = False    # a later start() opens the sources afresh
+
+    async def _close_sources(self, closing: list[_Sampled]) -> None:
+        """Release NVML (in its thread, after any read in flight); DCGM sources hold nothing."""
+        nvml_sources = [s.source for s in closing if isinstance(s.source, NvmlSource)]
+        if nvml_sources and self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: [source.close() for source in nvml_sources])
+        for sampled in closing:
+            sampled.source, sampled.baseline = None, {}
 
     async def _open_source(self, sampled: _Sampled) -> None:
         config = sampled.config
@@ -180,9 +223,11 @@ class EnergyMonitor:
         try:
             readings = await self._read(sampled)
         except Exception as exc:    # boundary: a bug in one source must not stop the sampler
-            logger.exception("energy: sampling model %s failed", sampled.model)
+            logger.exception("energy: sampling models %s failed", sampled.name)
             readings = [GpuReading(gpu_id="*", timestamp_s=self._clock(), error=repr(exc))]
-        readings = [replace(r, model=sampled.model) for r in readings]
+        if sampled.source is None:          # closed while reading (a reload took the pool away)
+            return
+        readings = [replace(r, model=sampled.name) for r in readings]
         self._update_health(sampled, readings)
         self._book(sampled, readings)
         sampled.readings = readings
@@ -201,64 +246,78 @@ class EnergyMonitor:
         reason = "; ".join(f"GPU {r.gpu_id}: {r.error}" for r in failed) or None
         if health != sampled.health:
             if failed:
-                logger.warning("energy: model %s GPUs failing: %s", sampled.model, reason)
+                logger.warning("energy: GPUs of %s failing: %s", sampled.name, reason)
             else:
-                logger.info("energy: model %s GPUs measured again", sampled.model)
+                logger.info("energy: GPUs of %s measured again", sampled.name)
         sampled.health, sampled.reason = health, reason
 
     def _book(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
-        """Sum the energy of every GPU read twice in a row; a failed GPU starts afresh."""
-        measured_j, dt_s, n_gpus = 0.0, 0.0, 0
+        """Sum the energy of every GPU read twice in a row; a failed GPU, or another GPU behind the same id,
+        starts afresh. While any GPU's counter was not refreshed yet, nothing is booked: the pool's GPUs
+        are booked over one common interval, so no time is counted twice."""
         for reading in readings:
-            before = sampled.baseline.get(reading.gpu_id)
-            if reading.failed:
+            if reading.failed or _replaced(sampled.baseline.get(reading.gpu_id), reading):
                 sampled.baseline.pop(reading.gpu_id, None)
-                continue
-            if before is not None and _is_stale(before, reading):
-                continue
+        fresh = [r for r in readings if not r.failed]
+        if any(_is_stale(sampled.baseline[r.gpu_id], r) for r in fresh if r.gpu_id in sampled.baseline):
+            return
+        measured_j, dt_s, n_gpus = 0.0, 0.0, 0
+        for reading in fresh:
+            before = sampled.baseline.get(reading.gpu_id)
             sampled.baseline[reading.gpu_id] = reading
             joules = None if before is None else interval_energy_j(before, reading)
             if joules is not None:
                 measured_j += joules
                 dt_s = max(dt_s, reading.timestamp_s - before.timestamp_s)
                 n_gpus += 1
+                sampled.booked_until_s = max(sampled.booked_until_s, reading.timestamp_s)
         if n_gpus:
-            self.ledger.on_interval(sampled.model, measured_j, dt_s, n_gpus=n_gpus)
+            self.ledger.on_interval(sampled.name, measured_j, dt_s, n_gpus=n_gpus)
 
     # -- what the rest of the gateway reads ------------------------------------------
 
     @property
     def health(self) -> dict[str, str]:
         """Per model with `gpus:`: ok, unavailable or failing."""
-        return {name: s.health for name, s in self._sampled.items()}
+        return {model: s.health for model, s in self._pool_of.items()}
 
     @property
     def reasons(self) -> dict[str, str]:
         """Why a model's GPUs are unavailable or failing."""
-        return {name: s.reason for name, s in self._sampled.items() if s.reason}
+        return {model: s.reason for model, s in self._pool_of.items() if s.reason}
 
     def measures(self, model: str) -> bool:
         """Whether `model`'s energy is being measured."""
-        sampled = self._sampled.get(model)
+        sampled = self._pool_of.get(model)
         return sampled is not None and sampled.source is not None
 
     def snapshot(self) -> list[GpuReading]:
-        """The latest reading of every GPU, failed ones included, for `gateway gpu` and metrics."""
-        return [reading for s in self._sampled.values() for reading in s.readings]
+        """The latest reading of every GPU, failed ones included, for `gateway gpu` and metrics; each GPU once,
+        labelled with its pool (a model's name, or the names of the models sharing it joined by "+")."""
+        readings: dict[str, GpuReading] = {}
+        for sampled in self._sampled.values():
+            for reading in sampled.readings:    # a GPU named twice (by index and by UUID) is shown once
+                readings.setdefault(reading.hw_id, reading)
+        return list(readings.values())
 
     def models(self) -> list[str]:
-        """The models whose GPUs this monitor samples."""
+        """The labels energy totals are kept under: a model's name, or a pool's ("small+small-lora")."""
         return list(self._sampled)
 
     def totals(self, model: str) -> ModelEnergy:
-        """Measured, attributed and idle joules of one model so far."""
-        return self.ledger.totals(model)
+        """Measured, attributed and idle joules so far of a model's GPUs (its pool's, when shared)."""
+        sampled = self._pool_of.get(model)
+        return self.ledger.totals(sampled.name if sampled is not None else model)
 
-    def request_started(self, request_id: str, model: str, *, tracks_tokens: bool = True) -> None:
-        """A request began on `model` (`tracks_tokens`: its progress will be reported, as a stream's is);
-        ignored when the model's energy is not measured."""
-        if self.measures(model):
-            self.ledger.request_started(request_id, model, tracks_tokens=tracks_tokens)
+    def request_started(self, model: str, *, tracks_tokens: bool = True) -> str | None:
+        """A request began on `model` (`tracks_tokens`: its progress will be reported, as a stream's is).
+        Returns its id in the energy books, unique in this process; None when the model is not measured."""
+        sampled = self._pool_of.get(model)
+        if sampled is None or sampled.source is None:
+            return None
+        request_id = str(next(self._ids))
+        self.ledger.request_started(request_id, sampled.name, tracks_tokens=tracks_tokens)
+        return request_id
 
     def progress(self, request_id: str, tokens: int) -> None:
         """Cumulative tokens processed by the request so far (prompt once prefilled, plus output)."""
@@ -269,20 +328,40 @@ class EnergyMonitor:
         self.ledger.mark_ended(request_id)
 
     async def request_finished(self, request_id: str) -> float | None:
-        """The request's joules, after the sample that closes its last interval; None when not measured."""
-        model = self.ledger.model_of(request_id)
-        if model is None:
+        """The request's joules, once the energy up to its end is booked (or after `settle_timeout_s`, or when
+        its GPUs fail); None when not measured."""
+        pool = self.ledger.model_of(request_id)
+        if pool is None:
             return None
-        self.ledger.mark_ended(request_id)
+        ended_s = self.ledger.mark_ended(request_id)
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._sampled[model].ticked.wait(), self.settle_timeout_s)
+                async with asyncio.timeout(self.settle_timeout_s):
+                    while (sampled := self._sampled.get(pool)) is not None and sampled.health == OK \
+                            and sampled.booked_until_s < ended_s:
+                        await sampled.ticked.wait()
             except TimeoutError:
                 pass
             except asyncio.CancelledError:
                 self.ledger.request_finished(request_id)
                 raise
         return self.ledger.request_finished(request_id)
+
+
+def _gpu_sources(policy: Policy) -> dict[str, GpuSource]:
+    return {name: model.gpus for name, model in policy.models.items() if model.gpus is not None}
+
+
+def _pool_index(sampled: Mapping[str, _Sampled]) -> dict[str, _Sampled]:
+    """Model name -> the pool that samples its GPUs."""
+    return {model: pool for pool in sampled.values() for model in pool.models}
+
+
+def _replaced(before: GpuReading | None, after: GpuReading) -> bool:
+    """Another GPU answers behind the same id (renumbered after an exporter restart, or another node behind
+    one URL): its counter is no continuation of the last one."""
+    return (before is not None and before.uuid is not None and after.uuid is not None
+            and before.uuid != after.uuid)
 
 
 def main(argv: list[str] | None = None) -> int:

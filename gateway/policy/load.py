@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.nodes import Node, ScalarNode
 
+from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
 from gateway.policy.model import (
     ENDPOINTS, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger, Limits,
@@ -92,6 +93,13 @@ def dcgm_needs_url(values: dict[str, Any]) -> tuple[str, str] | None:
     if values.get("source") == "dcgm" and not values.get("url"):
         return "url", "required when source is dcgm (the DCGM exporter's /metrics URL)"
     return None
+
+
+def gpus_shared_whole(values: dict[str, Any]) -> tuple[str, str] | None:
+    """Models on shared GPUs name the same ones (gateway.energy.pools): each GPU is measured once."""
+    models = values.get("models") or {}
+    problem = sharing_problem({name: model.gpus for name, model in models.items() if model.gpus is not None})
+    return ("models", problem) if problem else None
 
 
 def min_not_above_max(values: dict[str, Any]) -> tuple[str, str] | None:
@@ -248,7 +256,7 @@ POLICY = Section(Policy, {
     "telemetry": TELEMETRY,
     "ledger": LEDGER,
     "energy": ENERGY,
-})
+}, checks=(gpus_shared_whole,))
 
 
 def load_policy(path: str | Path) -> Policy:

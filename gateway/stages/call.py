@@ -71,9 +71,8 @@ class Call:
             ctx.attempts.append(attempt)
             self.services.fleet.started(model.name)
             energy = self.services.energy
-            if energy is not None and energy.measures(model.name):
-                attempt.energy_id = f"{ctx.request_id}:{len(ctx.attempts)}"
-                energy.request_started(attempt.energy_id, model.name, tracks_tokens=ctx.stream)
+            if energy is not None:
+                attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
             try:
                 return await self._attempt(ctx, attempt)
             except UpstreamError as exc:

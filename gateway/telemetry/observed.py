@@ -20,7 +20,7 @@ def observe_gpus(meter: Meter, monitor) -> None:
         create = meter.create_observable_counter if name == hw_metrics.HW_ENERGY else meter.create_observable_gauge
         create(name, unit=unit, callbacks=[_hw_callback(monitor, name)])
     meter.create_observable_counter("gateway.energy.measured", unit="J", callbacks=[
-        _per_model(monitor, lambda t: t.measured_j)], description="GPU energy measured per model.")
+        _per_model(monitor, lambda t: t.measured_j)], description="GPU energy measured per model (models sharing GPUs: per pool, labelled with their names joined by '+').")
     meter.create_observable_counter("gateway.energy.idle", unit="J", callbacks=[
         _per_model(monitor, lambda t: t.idle_j)], description="GPU energy with no request in flight, per model.")
     meter.create_observable_gauge("gateway.energy.idle_to_active", unit="1", callbacks=[

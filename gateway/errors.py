@@ -146,6 +146,11 @@ class UpstreamStatus(UpstreamError):
             self.error_type, self.code, self.reason = "rate_limit_error", "rate_limit_exceeded", "rate_limited"
         elif upstream_status >= 500:
             self.reason = f"http_{upstream_status}"
+        elif upstream_status in UPSTREAM_AUTH_STATUSES:
+            # the model server refused the gateway's own credential: not the client's fault, maybe not another
+            # model's (each has its own api_key_env)
+            self.status, self.error_type, self.code, self.reason = 502, "upstream_error", "upstream_auth_failed", \
+                "auth_failed"
         elif is_context_length_error(body):
             self.error_type, self.code, self.reason = "invalid_request_error", "context_length_exceeded", "context_length"
         else:
@@ -154,7 +159,12 @@ class UpstreamStatus(UpstreamError):
     @property
     def retryable(self) -> bool:
         """Whether another model may succeed where this one failed."""
-        return self.upstream_status == 429 or self.upstream_status >= 500 or self.reason == "context_length"
+        return self.upstream_status == 429 or self.upstream_status >= 500 or self.reason in ("context_length",
+                                                                                               "auth_failed")
+
+
+#: a model server's answers that mean the gateway's credential for it is wrong
+UPSTREAM_AUTH_STATUSES = frozenset({401, 403, 407})
 
 
 def is_context_length_error(body: dict | None) -> bool:

@@ -20,8 +20,9 @@ def error_event(message: str, *, error_type: str = "upstream_error", code: str |
 
 
 def event_data(event: bytes) -> bytes | None:
-    """The payload of one raw event (its `data:` lines joined), or None for a comment or keep-alive."""
-    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    """The payload of one raw event (its `data:` lines joined, CRLF line ends allowed), or None for a comment
+    or keep-alive."""
+    parts = [line[5:].lstrip(b" ").rstrip(b"\r") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
 
 

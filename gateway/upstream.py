@@ -7,16 +7,20 @@ gateway's error tree here, at the one place it enters.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from functools import cache
 
 import aiohttp
 import orjson
 
-from gateway.errors import UpstreamProtocolError, UpstreamStatus, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import (UPSTREAM_AUTH_STATUSES, UpstreamProtocolError, UpstreamStatus, UpstreamTimeout,
+                            UpstreamUnreachable)
 from gateway.policy.model import Model, Timeouts
 from gateway.sse import iter_events
 
@@ -28,7 +32,11 @@ DROPPED_HEADERS = frozenset({
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-type",
     "authorization", "api-key", "cookie", "accept-encoding", "traceparent", "tracestate",
     "x-request-id", "expect",
+    # the body is re-serialised plain JSON (aiohttp decoded the client's), so its encoding headers do not hold
+    "content-encoding", "content-md5", "digest",
 })
+#: the longest Retry-After believed from a model server: a circuit is never opened for longer
+MAX_RETRY_AFTER_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +81,21 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a `Retry-After` header in its delta-seconds form."""
+    """Seconds from a `Retry-After` header, as delta-seconds or an HTTP date, at most MAX_RETRY_AFTER_S;
+    None when absent or unreadable (`inf`, `nan`, garbage)."""
     value = headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 class HttpTransport:
@@ -104,6 +121,10 @@ class HttpTransport:
                     raise UpstreamProtocolError(f"model '{call.model.name}' sent invalid JSON") from exc
                 if not isinstance(body, dict):
                     raise UpstreamProtocolError(f"model '{call.model.name}' sent a non-object JSON answer")
+                if isinstance(body.get("error"), dict) and "choices" not in body and "data" not in body:
+                    # an error reported with status 200 (some servers do): a failure, as it is in a stream
+                    raise UpstreamProtocolError(f"model '{call.model.name}' answered 200 with an error: "
+                                                f"{body['error'].get('message', '')}")
                 return UpstreamAnswer(resp.status, body, raw)
 
     @asynccontextmanager
@@ -113,12 +134,15 @@ class HttpTransport:
         Leaving the context closes the upstream connection, which is how a
         client disconnect cancels the upstream generation.
         """
-        with UpstreamErrors(call.model):
-            async with self.session.post(self._url(call), data=call.body, headers=call.headers,
-                                         timeout=client_timeout(call.model.timeouts)) as resp:
+        async with AsyncExitStack() as stack:
+            with UpstreamErrors(call.model):
+                resp = await stack.enter_async_context(self.session.post(
+                    self._url(call), data=call.body, headers=call.headers, timeout=client_timeout(call.model.timeouts)))
                 if resp.status >= 400:
                     raise status_error(call.model, resp.status, await resp.read(), resp.headers)
-                yield _translated_events(call.model, iter_events(resp.content))
+            # outside the translation: what the caller's block raises (a write to a client that left, say)
+            # is the caller's own error, not the model's
+            yield _translated_events(call.model, iter_events(resp.content))
 
 
 async def _translated_events(model: Model, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -134,6 +158,9 @@ def status_error(model: Model, status: int, raw: bytes, headers: Mapping[str, st
     except orjson.JSONDecodeError:
         body = None
     detail = ""
+    if status in UPSTREAM_AUTH_STATUSES:     # the gateway's own credential: the client is told no more than this
+        return UpstreamStatus(f"model '{model.name}' refused the gateway's credentials (HTTP {status}); check its "
+                              f"api_key_env", upstream_status=status)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         detail = f": {body['error'].get('message', '')}"
     return UpstreamStatus(f"model '{model.name}' answered {status}{detail}", upstream_status=status,

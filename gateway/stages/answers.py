@@ -19,11 +19,24 @@ def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
     """Tokens counted by the gateway when the upstream reported none."""
     texts = ctx.stream_record.texts if ctx.stream_record is not None else []
     if ctx.response_body is not None:
-        texts = [c.get("message", {}).get("content") or c.get("text") or ""
-                 for c in ctx.response_body.get("choices") or () if isinstance(c, dict)]
+        choices = ctx.response_body.get("choices")
+        texts = [_choice_text(c) for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
     encoding = attempt.model.encoding
     output = count_completion_tokens(texts, encoding) if ctx.endpoint != "embeddings" else 0
     return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, estimated=True)
+
+
+def _choice_text(choice: dict) -> str:
+    """A choice's answer text, whatever shape it came in: `message.content` as a string or a list of parts
+    (`{"type": "text", "text": ...}`), or a completion's `text`; "" for anything else."""
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is None:
+        content = choice.get("text")
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return content if isinstance(content, str) else ""
 
 
 def prompt_tokens(ctx: RequestContext, encoding: str) -> int:

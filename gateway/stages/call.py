@@ -128,10 +128,10 @@ class Call:
 
     def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
+        self.services.fleet.finished(attempt.model.name)     # first: the in-flight count must always balance
         if attempt.energy_id is not None:
             self.services.energy.request_ended(attempt.energy_id)
         settle_attempt(ctx, attempt)
-        self.services.fleet.finished(attempt.model.name)
         record = ctx.stream_record
         gaps_s = record.chunk_gaps_s if record is not None and attempt is ctx.attempts[-1] else ()
         self.services.telemetry.end_attempt(ctx, attempt, gaps_s)
@@ -141,12 +141,14 @@ class Call:
 
 
 def _worth_another_model(exc: UpstreamError) -> bool:
-    """Connect errors, timeouts, 5xx, 429 and context-length errors move to the next model."""
+    """Connect errors, timeouts, 5xx, 429, refused credentials and context-length errors move to the next
+    model."""
     return exc.retryable if isinstance(exc, UpstreamStatus) else True
 
 
 def _model_unhealthy(exc: UpstreamError) -> bool:
-    """Connect errors, timeouts, broken answers, 5xx and 429 say the model is unwell; other 4xx do not."""
+    """Connect errors, timeouts, broken answers, 5xx, 429 and a refused credential (401, 403) say the model
+    is unusable now; other 4xx do not."""
     if not isinstance(exc, UpstreamStatus):
         return True
-    return exc.upstream_status == 429 or exc.upstream_status >= 500
+    return exc.upstream_status == 429 or exc.upstream_status >= 500 or exc.reason == "auth_failed"

@@ -1,0 +1,185 @@
+"""Model servers that answer oddly, and clients that leave: what the client gets, what the breaker records.
+
+The odd model, `raw`, is a RawUpstream writing scripted bytes; `medium` (a
+simulated backend) is its fallback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+from email.utils import formatdate
+
+import pytest
+import requests
+
+from gateway.upstream import retry_after_s
+from tests.support.harness import DEFAULT_SIMS, Harness
+from tests.support.policies import models, short_timeouts, standard_model
+from tests.support.raw_upstream import COMPLETION, SSE_HEAD, RawUpstream, chunk, json_answer, sse
+
+POLICY_TAIL = """  raw:
+    endpoint: RAW_URL
+    upstream_model: fake
+    size_b: 0.5
+    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
+    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
+routes:
+  - name: raw
+    match: {{models: ["raw"]}}
+    candidates: [raw]
+    fallback: [medium]
+  - name: raw-only
+    match: {{models: ["raw-only"]}}
+    candidates: [raw]
+  - name: chat-default
+    match: {{models: ["auto"]}}
+    candidates: [small, medium, large]
+"""
+EVENTS = [chunk("", role=True), chunk("Hello"), chunk(" world"), chunk(None, finish="stop"), b"[DONE]"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    raw = RawUpstream().start()
+    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
+    harness = Harness((head + POLICY_TAIL).replace("RAW_URL", raw.url),
+                      sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}).start()
+    yield harness, raw
+    harness.stop()
+    raw.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh(env):
+    harness, raw = env
+    raw.script = []
+    harness.services.fleet.breakers._circuits.clear()
+    yield
+
+
+def post(harness: Harness, model: str = "raw", stream: bool = False, **extra) -> requests.Response:
+    return requests.post(f"{harness.base_url}/v1/chat/completions", timeout=30, stream=stream,
+                         json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}],
+                               **extra})
+
+
+def breaker_failures(harness: Harness, model: str) -> int:
+    circuit = harness.services.fleet.breakers._circuits.get(model)
+    return circuit.failures if circuit is not None else 0
+
+
+def test_a_client_leaving_mid_stream_is_not_the_models_failure(env):
+    """Six clients that hang up mid-stream ("stop generating") leave small's circuit closed, with no failure."""
+    harness, _ = env
+    body = json.dumps({"model": "auto", "stream": True, "max_tokens": 4000,
+                       "messages": [{"role": "user", "content": "a long story"}]}).encode()
+    for _ in range(6):
+        client = socket.create_connection(("127.0.0.1", harness.port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        received = b""
+        while b"data:" not in received:
+            received += client.recv(4096)
+        client.close()
+        time.sleep(0.2)
+    assert breaker_failures(harness, "small") == 0
+    assert harness.services.fleet.estimates.in_flight("small") == 0
+    reply = harness.openai().chat.completions.with_raw_response.create(
+        model="auto", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert reply.headers["x-gateway-model"] == "small"
+
+
+def test_a_stream_with_crlf_line_ends_is_relayed_whole(env):
+    """SSE allows CRLF: a complete CRLF stream ends in [DONE], not an error, and the SDK reads it."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(*EVENTS, eol=b"\r\n"), 0.0)]
+    assert b'"error"' not in post(harness, stream=True).content
+    text = "".join(c.choices[0].delta.content or "" for c in harness.openai().chat.completions.create(
+        model="raw", stream=True, messages=[{"role": "user", "content": "again"}]) if c.choices)
+    assert text == "Hello world"
+    assert breaker_failures(harness, "raw") == 0
+
+
+@pytest.mark.parametrize("message", [{"role": "assistant", "content": [{"type": "text", "text": "Hello there"}]},
+                                     None], ids=["content-parts", "message-null"])
+def test_an_answer_of_odd_shape_without_usage_is_relayed_and_counted(env, message):
+    """A 200 whose content is a list of parts, or whose message is null, reaches the client as 200 and leaves
+    the model's in-flight count as it was (it used to answer 500 and leak one)."""
+    harness, raw = env
+    body = {key: value for key, value in COMPLETION.items() if key != "usage"}
+    body["choices"] = [{"index": 0, "message": message, "finish_reason": "stop"}]
+    raw.script = json_answer(body)
+    before = harness.services.fleet.estimates.in_flight("raw")
+    reply = post(harness)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"] == message
+    assert harness.services.fleet.estimates.in_flight("raw") == before
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e9"])
+def test_a_wild_retry_after_is_bounded(env, value):
+    """Retry-After inf or nan is ignored, 1e9 is capped at an hour: the client gets the 429, never a 500, and
+    the model's circuit is not opened for ever."""
+    harness, raw = env
+    harness.sim_config("medium", rate_limit_rate=1.0)
+    raw.script = json_answer({"error": {"message": "slow down", "type": "rate_limit_error"}}, status=429,
+                             headers={"Retry-After": value})
+    try:
+        reply = post(harness)
+    finally:
+        harness.sim_config("medium", rate_limit_rate=0.0)
+    assert reply.status_code == 429, reply.text
+    assert harness.services.fleet.breakers.retry_in_s("raw") <= 3600
+
+
+def test_a_200_carrying_an_error_body_falls_back(env):
+    """A non-streamed 200 whose body is an OpenAI error is a failure, as it is in a stream: the next model
+    answers, and no latency sample is learned from it."""
+    harness, raw = env
+    raw.script = json_answer({"error": {"message": "CUDA out of memory", "type": "server_error"}})
+    reply = post(harness)
+    assert reply.status_code == 200 and reply.headers["x-gateway-model"] == "medium"
+    assert reply.headers["x-gateway-fallback-reason"] == "bad_response"
+    assert reply.json()["choices"]
+
+
+def test_a_gzipped_request_is_forwarded_plain_without_its_encoding_header(env):
+    """aiohttp decodes a gzipped request body; the upstream gets plain JSON, so no Content-Encoding."""
+    harness, raw = env
+    raw.script = json_answer(COMPLETION)
+    body = gzip.compress(json.dumps({"model": "raw", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    reply = requests.post(f"{harness.base_url}/v1/chat/completions", data=body, timeout=30,
+                          headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert reply.status_code == 200
+    head, sent = raw.requests[-1]
+    assert b"content-encoding" not in head.lower()
+    assert json.loads(sent)["messages"][0]["content"] == "hi"
+
+
+def test_a_model_refusing_the_gateways_credentials_is_a_502_and_falls_back(env):
+    """An upstream 401 is the gateway's key, not the client's: the next model answers; with none left the
+    client gets 502 upstream_auth_failed, never a 401 that reads as its own key being wrong."""
+    harness, raw = env
+    raw.script = json_answer({"error": {"message": "Incorrect API key provided: sk-abc***", "type": "invalid_request_error",
+                                        "code": "invalid_api_key"}}, status=401)
+    reply = post(harness)
+    assert reply.status_code == 200 and reply.headers["x-gateway-model"] == "medium"
+    assert reply.headers["x-gateway-fallback-reason"] == "auth_failed"
+    assert breaker_failures(harness, "raw") == 1
+    raw.script = json_answer({"error": {"message": "Incorrect API key provided: sk-abc***"}}, status=403)
+    reply = post(harness, model="raw-only")
+    assert reply.status_code == 502
+    error = reply.json()["error"]
+    assert error["code"] == "upstream_auth_failed" and "api_key_env" in error["message"]
+    assert "sk-abc" not in reply.text
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    """Both forms of Retry-After count; garbage is no answer."""
+    assert retry_after_s({"Retry-After": "7"}) == 7.0
+    assert 25 < retry_after_s({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 30
+    assert retry_after_s({"Retry-After": "soon"}) is None
+    assert retry_after_s({}) is None

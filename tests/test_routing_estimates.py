@@ -108,6 +108,17 @@ def test_expected_output_tokens_is_recent_median_or_default(clock):
     assert estimates.expected_output_tokens("chat", 256) == 256
 
 
+def test_one_long_answer_does_not_set_the_expected_output_alone(clock):
+    """Until prior_weight answers are seen, the default fills in for the missing ones: one 25k-token answer
+    leaves the expectation at the default, three of five make it theirs."""
+    estimates = LatencyEstimates([model()], window_s=60, prior_weight=5, clock=clock)
+    estimates.record_output_tokens("chat", 25_000)
+    assert estimates.expected_output_tokens("chat", 256) == 256
+    for _ in range(2):
+        estimates.record_output_tokens("chat", 25_000)
+    assert estimates.expected_output_tokens("chat", 256) == 25_000
+
+
 def test_track_adds_models_and_a_changed_prior_restarts(clock):
     """Tracking a new policy's models adds new ones and re-seeds a model whose prior changed."""
     estimates = LatencyEstimates([model()], clock=clock)

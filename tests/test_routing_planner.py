@@ -261,9 +261,11 @@ def test_gpu_hour_priced_model_costs_its_gpu_share():
 
 
 def test_observed_output_length_replaces_the_default():
-    """Without max_tokens the route's recent median output length drives the prediction."""
+    """Without max_tokens the route's recent median output length drives the prediction (once there are
+    prior_weight answers: before, the default fills in for the missing ones)."""
     setup = Setup(chat_route())
-    setup.estimates.record_output_tokens("chat", 11)
+    for _ in range(setup.estimates.prior_weight):
+        setup.estimates.record_output_tokens("chat", 11)
     assert candidate(setup.decide(), "small").predicted_latency_ms == pytest.approx(40 + 10 * 4)
 
 

@@ -67,6 +67,15 @@ class SampleWindow:
             return self._prior
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
+    def quantile_with(self, q: float, prior: float, weight: int) -> float:
+        """Nearest-rank quantile as if `prior` were `weight` more samples (a prior known only when asked)."""
+        ordered = self._sorted
+        if weight > 0:
+            ordered = ordered.copy()
+            at = bisect.bisect_left(ordered, prior)
+            ordered[at:at] = [prior] * weight
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else prior
+
 
 class _ModelStats:
     """TTFT and TPOT windows of one model."""
@@ -173,10 +182,10 @@ class LatencyEstimates:
         window.add(self._clock(), float(output_tokens))
 
     def expected_output_tokens(self, route_name: str, default: int) -> int:
-        """Median recent output length of a route, or `default` before any."""
+        """Median recent output length of a route; `default` counts as the missing samples until there are
+        `prior_weight` of them, so one long answer does not by itself push small-context models out."""
         window = self._outputs.get(route_name)
         if window is None:
             return default
         window.expire(self._clock() - self.window_s)
-        median = window.quantile(0.5)
-        return default if median is None else int(median)
+        return int(window.quantile_with(0.5, float(default), max(0, self.prior_weight - len(window))))

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
 
+import pynvml
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from gateway.energy import EnergyMonitor
+from gateway.energy.dcgm import parse_exporter_text
+from gateway.energy.monitor import REOPEN_S
 from gateway.energy.pools import pools, sharing_problem
 from gateway.errors import PolicyError
 from gateway.policy.load import parse_policy
@@ -255,3 +259,57 @@ def test_requests_sharing_a_callers_request_id_each_get_their_energy(tmp_path):
         assert len(joules) == 2 and all(j > 0 for j in joules), joules
     finally:
         harness.stop()
+
+
+def test_a_nan_field_from_the_dcgm_exporter_is_read_as_absent():
+    """NaN (a field the GPU cannot read) never reaches the books: the counter is absent, power is kept."""
+    nan_line = next(line for line in FIXTURE.splitlines() if line.startswith("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{"))
+    text = FIXTURE.replace(nan_line, nan_line.rsplit(" ", 1)[0] + " NaN")
+    gpu0 = parse_exporter_text(text, "gpu-node-1")["0"]
+    assert "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION" not in gpu0 and gpu0["DCGM_FI_DEV_POWER_USAGE"] == 412.345
+
+
+async def test_gpus_missing_at_start_are_opened_once_they_appear(caplog):
+    """NVML that failed to start (a driver still loading) is tried again every REOPEN_S, quietly; once it
+    answers, the model is measured and that is logged once."""
+    caplog.set_level(logging.INFO, logger="gateway.energy")
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    nvml.init_error = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=50.0)}), nvml_module=nvml,
+                            clock=clock)
+    await monitor.open()
+    assert monitor.health == {"big": "unavailable"} and monitor.request_started("big") is None
+    clock.advance(REOPEN_S / 2)
+    await monitor.sample_once()
+    assert monitor.health == {"big": "unavailable"}
+    nvml.init_error = None
+    clock.advance(REOPEN_S / 2)
+    await monitor.sample_once()
+    assert monitor.health == {"big": "ok"} and monitor.request_started("big") is not None
+    clock.advance(1.0)
+    await monitor.sample_once()
+    assert monitor.totals("big").measured_j == pytest.approx(200.0)
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if m.startswith("no GPU")]) == 1
+    assert len([m for m in said if "measured now" in m]) == 1
+    await monitor.stop()
+
+
+async def test_nvml_gpus_that_keep_failing_are_opened_afresh():
+    """A lost GPU is read again through fresh NVML handles after REOPEN_S (a reset GPU gets new handles)."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=50.0)}), nvml_module=nvml,
+                            clock=clock)
+    await monitor.open()
+    nvml.gpus[1].lost = True
+    await monitor.sample_once()
+    assert monitor.health == {"big": "failing"}
+    inits = nvml.calls.count("nvmlInit")
+    nvml.gpus[1].lost = False
+    clock.advance(REOPEN_S)
+    await monitor.sample_once()
+    assert nvml.calls.count("nvmlInit") == inits + 1 and nvml.init_count == 1
+    assert monitor.health == {"big": "ok"}
+    await monitor.stop()

@@ -12,6 +12,7 @@ raises out of `read`.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -43,7 +44,8 @@ def parse_exporter_text(text: str, hostname: str | None) -> dict[str, dict[str, 
             if hostname is not None and labels.get("Hostname") != hostname:
                 continue
             gpu = gpus.setdefault(labels["gpu"], {"labels": labels})
-            gpu.setdefault(family.name, sample.value)
+            if math.isfinite(sample.value):     # NaN or Inf (a field the GPU cannot read): as if absent
+                gpu.setdefault(family.name, sample.value)
     return gpus
 
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gateway.energy")
 
 OK, UNAVAILABLE, FAILING = "ok", "unavailable", "failing"
+#: how often GPUs that could not be opened, or NVML GPUs that keep failing, are opened afresh
+REOPEN_S = 30.0
 
 
 @dataclass
@@ -50,6 +52,7 @@ class _Sampled:
     readings: list[GpuReading] = field(default_factory=list)
     baseline: dict[str, GpuReading] = field(default_factory=dict)    # per GPU: the last booked reading
     booked_until_s: float = float("-inf")     # the time of the last reading whose energy was booked
+    opened_at_s: float = float("-inf")        # the last attempt to open the source
     ticked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -128,7 +131,7 @@ class EnergyMonitor:
         """Open the sources and run the sampling loop every `interval_s`."""
         self._started = True
         await self.open()
-        if self._task is None and any(s.source is not None for s in self._sampled.values()):
+        if self._task is None and self._sampled:
             self._task = asyncio.create_task(self._run(), name="energy-sampler")
 
     async def adopt(self, policy: Policy) -> None:
@@ -152,7 +155,7 @@ class EnergyMonitor:
             sampled.ticked.set()            # nobody waits for a pool that is no longer sampled
         if self._opened:
             await self._open_sources([s for s in self._sampled.values() if all(s is not o for o in old.values())])
-        if self._started and self._task is None and any(s.source is not None for s in self._sampled.values()):
+        if self._started and self._task is None and self._sampled:
             self._task = asyncio.create_task(self._run(), name="energy-sampler")
 
     async def stop(self) -> None:
@@ -182,6 +185,7 @@ class EnergyMonitor:
 
     async def _open_source(self, sampled: _Sampled) -> None:
         config = sampled.config
+        sampled.opened_at_s = self._clock()
         try:
             if config.source == "nvml":
                 source = NvmlSource(config.ids, self._nvml_module, clock=self._clock)
@@ -215,9 +219,24 @@ class EnergyMonitor:
             await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - began_s)))
 
     async def sample_once(self) -> None:
-        """Read every measurable model's GPUs once and book the energy since the last read."""
+        """Read every measurable model's GPUs once and book the energy since the last read; every REOPEN_S,
+        open afresh the GPUs that could not be opened (not there at start) or whose NVML handles keep
+        failing (a GPU lost, then back after a reset)."""
+        await self._reopen_due()
         live = [s for s in self._sampled.values() if s.source is not None]
         await asyncio.gather(*(self._sample(s) for s in live))
+
+    async def _reopen_due(self) -> None:
+        now_s = self._clock()
+        for sampled in list(self._sampled.values()):
+            stuck = sampled.source is None or (sampled.health == FAILING and isinstance(sampled.source, NvmlSource))
+            if not stuck or now_s - sampled.opened_at_s < REOPEN_S:
+                continue
+            was = sampled.health
+            await self._close_sources([sampled])
+            await self._open_source(sampled)
+            if sampled.health == OK:
+                logger.info("energy: GPUs of %s measured now (were %s)", sampled.name, was)
 
     async def _sample(self, sampled: _Sampled) -> None:
         try:

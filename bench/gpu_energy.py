@@ -3,8 +3,9 @@
 `python -m bench.gpu_energy [--out DIR]` on a machine with an NVIDIA GPU:
 
 1. starts `bench.gpu_backend` (each output token is a matrix product on GPU 0)
-   and a gateway whose one model has `gpus: {source: nvml, ids: [0]}`, with a
-   ledger and `/metrics`;
+   and a gateway whose two models (a model and an adapter of it, served by the
+   same backend) have `gpus: {source: nvml, ids: [0]}`, with a ledger and
+   `/metrics`;
 2. runs `gateway gpu --once`, then phases, each measured independently through
    NVML's total energy counter: idle; two concurrent streams with a 3:1 ratio
    of output tokens; idle; a mixed load (streamed and not) while
@@ -51,6 +52,8 @@ NVML_TOLERANCE = 0.05
 #: gateway metric families the report quotes (summed over their label sets)
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
+#: a second model served from the same GPU (an adapter of the first): the two form one pool, measured once
+ADAPTER = "gpu-model-lora"
 POLICY = """\
 version: 1
 models:
@@ -60,7 +63,16 @@ models:
     latency_prior: {{ttft_ms: 5, tpot_ms: 3}}
     timeouts: {{connect_s: 5, first_byte_s: 60, total_s: 600}}
     gpus: {{source: nvml, ids: [0]}}
+  {adapter}:
+    endpoint: http://127.0.0.1:{backend_port}/v1
+    energy_usd_per_kwh: 0.12
+    latency_prior: {{ttft_ms: 5, tpot_ms: 3}}
+    timeouts: {{connect_s: 5, first_byte_s: 60, total_s: 600}}
+    gpus: {{source: nvml, ids: [0]}}
 routes:
+  - name: adapter
+    match: {{models: [lora]}}
+    candidates: [{adapter}]
   - name: gpu
     candidates: [{model}]
 telemetry: {{prometheus: true}}
@@ -115,8 +127,9 @@ class Run:
     errors: list[str] = field(default_factory=list)
 
 
-async def _ask(session: aiohttp.ClientSession, url: str, request_id: str, tokens: int, stream: bool) -> None:
-    body = {"model": "auto", "max_tokens": tokens, "stream": stream, "temperature": 0.7,
+async def _ask(session: aiohttp.ClientSession, url: str, request_id: str, tokens: int, stream: bool,
+               alias: str = "auto") -> None:
+    body = {"model": alias, "max_tokens": tokens, "stream": stream, "temperature": 0.7,
             "messages": [{"role": "user", "content": f"energy check {request_id}"}]}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -136,13 +149,14 @@ async def _pair(url: str) -> tuple[str, str]:
 
 
 async def _load(url: str) -> None:
-    plan = [(f"load-{i:02d}", tokens, i % 2 == 0)
+    # streamed and not, on the model and on its adapter (which shares its GPU), in turn
+    plan = [(f"load-{i:02d}", tokens, i % 2 == 0, "lora" if (i // 4) % 2 else "auto")
             for i, tokens in zip(range(LOAD_REQUESTS), itertools.cycle(LOAD_TOKENS))]
     gate = asyncio.Semaphore(LOAD_CONCURRENCY)
 
-    async def one(rid: str, tokens: int, stream: bool) -> None:
+    async def one(rid: str, tokens: int, stream: bool, alias: str) -> None:
         async with gate:
-            await _ask(session, url, rid, tokens, stream)
+            await _ask(session, url, rid, tokens, stream, alias)
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(one(*item) for item in plan))
@@ -185,7 +199,7 @@ def _run(counter: NvmlCounter, size: int, idle_s: float) -> Run:
         backend_port, gateway_port = free_port(), free_port()
         policy = workdir / "policy.yaml"
         ledger = workdir / "ledger.jsonl"
-        policy.write_text(POLICY.format(model=MODEL, backend_port=backend_port, ledger=ledger,
+        policy.write_text(POLICY.format(model=MODEL, adapter=ADAPTER, backend_port=backend_port, ledger=ledger,
                                         interval=SAMPLE_INTERVAL_S))
         procs: list[Proc] = []
         try:
@@ -331,7 +345,14 @@ def _per_request_section(run: Run) -> list[str]:
         figures = (f"{per_token[0]:.3f} | {per_token[len(per_token) // 2]:.3f} | {per_token[-1]:.3f}"
                    if per_token else "- | - | -")
         lines.append(f"| {label} | {len(group)} | {len(per_token)} | {figures} |")
+    for model in (MODEL, ADAPTER):
+        joules = [r["energy_j"] for r in load if r.get("model") == model and r.get("energy_j")]
+        lines.append(f"| on `{model}` | {len([r for r in load if r.get('model') == model])} | {len(joules)} | "
+                     f"{sum(joules):.1f} J in all | | |")
     costs = [float(r["cost_usd"]) for r in load if r.get("cost_usd") is not None]
+    series = len([line for line in run.metric_lines if line.startswith("hw_energy_joules_total{")])
+    lines += ["", f"`{MODEL}` and `{ADAPTER}` share GPU 0: `hw_energy_joules_total` has {series} series for it, "
+                  "and the energy totals are kept once, for the pool."]
     return lines + ["", f"Their cost (energy at 0.12 USD/kWh; the model has no token price) sums to "
                         f"{sum(costs):.8f} USD.", ""]
 

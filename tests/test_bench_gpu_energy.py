@@ -45,7 +45,9 @@ def test_the_check_balances_its_books_against_a_fake_gpu(tmp_path):
     assert streamed and whole, text
     assert int(streamed[1]) == int(whole[1]) == 12, text             # every answer got energy
     assert 0.75 < float(whole[3]) / float(streamed[3]) < 1.33, text  # medians of J per output token
-    assert "gpu-model  0    NVIDIA H100 80GB HBM3" in text          # `gateway gpu` saw the GPU
+    assert "gpu-model+gpu-model-lora  0    NVIDIA H100 80GB HBM3" in text     # `gateway gpu` saw the pool's GPU
+    assert "`hw_energy_joules_total` has 1 series" in text                     # the shared GPU counted once
+    assert re.search(r"^\| on `gpu-model-lora` \| 12 \| 12 \|", text, re.M), text
 
 
 def test_without_a_gpu_the_check_says_so_and_exits_2(tmp_path):

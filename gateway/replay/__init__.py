@@ -2,8 +2,9 @@
 
 from gateway.replay.chart import render_chart
 from gateway.replay.compare import Comparison, ModelChange, compare
+from gateway.replay.outcome import Outcome, ReplayResult
 from gateway.replay.report import render_json, render_markdown
-from gateway.replay.simulate import Outcome, ReplayResult, replay
+from gateway.replay.simulate import replay
 from gateway.replay.summary import Summary, summarize
 from gateway.replay.traffic import ReplayRequest, TrafficError, read_traffic
 

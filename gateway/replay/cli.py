@@ -26,12 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", required=True, type=Path, help="the NEW policy YAML")
     parser.add_argument("--baseline", type=Path, help="the BASELINE policy YAML to compare against")
     parser.add_argument("--traffic", required=True, type=Path,
-                        help="Azure trace CSV, gateway ledger JSONL, or JSONL of {timestamp, input_tokens, ...}")
+                        help="Azure trace CSV, gateway ledger JSONL, or JSONL of {timestamp, input_tokens, ...}; "
+                             "UTF-8, plain or gzipped")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="traffic format (default: auto)")
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--speed", type=float, metavar="X", help="real-time replay at X times speed (not supported yet)")
     pace.add_argument("--virtual-time", action="store_true", help="simulate in virtual time (the default)")
-    parser.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests")
+    parser.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests by arrival")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latency jitter and exploration")
     parser.add_argument("--power-w", action="append", default=[], metavar="MODEL=WATTS", type=_power,
                         help="assumed power of a model's GPUs when serving, for predicted energy: a request is charged "
@@ -68,6 +69,8 @@ def _replay(args: argparse.Namespace, argv: list[str]) -> int:
     new_policy = load_policy(args.policy)
     baseline_policy = load_policy(args.baseline) if args.baseline else None
     requests = read_traffic(args.traffic, args.format, args.limit)
+    if not requests:
+        raise TrafficError(f"{args.traffic}: no requests to replay: the file is empty or has only a header")
     power_w = dict(args.power_w)
     unknown = sorted(set(power_w) - set(new_policy.models) - set(baseline_policy.models if baseline_policy else ()))
     if unknown:

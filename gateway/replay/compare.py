@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
 
-from gateway.replay.simulate import ReplayResult
+from gateway.replay.outcome import ReplayResult
 from gateway.replay.summary import Summary, summarize
 
 #: rows of the sample table of requests whose model changed

@@ -18,6 +18,8 @@ METRICS: tuple[tuple[str, Callable[[Summary], Value], str], ...] = (
     ("answered", lambda s: s.served, "int"),
     ("rejected", lambda s: sum(s.rejected.values()), "int"),
     ("failed", lambda s: sum(s.failed.values()), "int"),
+    ("cache hits in the trace, answered at no cost", lambda s: s.cache_hits, "int"),
+    ("refused before routing in the trace, not replayed", lambda s: s.refused_in_trace, "int"),
     ("fallbacks", lambda s: s.fallbacks, "int"),
     ("best-effort decisions", lambda s: s.best_effort, "int"),
     ("queued for a slot", lambda s: s.queued, "int"),
@@ -39,6 +41,9 @@ NOTE = ("The real router (route matching, SLA planning, latency estimates, circu
         "it; waiting adds to TTFT and latency); answers feed back into the estimates. An attempt whose first "
         "token would come after the model's first_byte_s times out and falls back. A best-effort decision is "
         "one where the router predicted that no candidate meets the route's SLA.")
+#: rows left out of the Markdown table when they are 0 under every policy (most traffic has none)
+SHOWN_IF_ANY = frozenset({"cache hits in the trace, answered at no cost",
+                          "refused before routing in the trace, not replayed"})
 FORMATS = {"int": "{:,}", "usd4": "{:,.4f}", "usd8": "{:.8f}", "usd6": "{:.6f}", "ms": "{:,.1f}", "j": "{:,.1f}"}
 
 
@@ -85,6 +90,8 @@ def _summary_table(summaries: dict[str, Summary]) -> list[str]:
     rows = [_header(["metric", *summaries, *(["new − baseline"] if both else [])])]
     for label, read, kind in METRICS:
         values = [read(s) for s in summaries.values()]
+        if label in SHOWN_IF_ANY and not any(values):
+            continue
         cells = [_format(v, kind) for v in values]
         if both:
             cells.append(_format(_delta(*values), kind, signed=True))

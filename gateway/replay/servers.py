@@ -48,6 +48,14 @@ class Service:
         """TTFT plus the rest of the tokens."""
         return self.ttft_s + max(self.output_tokens - 1, 0) * self.tpot_s
 
+    def tokens_by(self, elapsed_s: float) -> int:
+        """Output tokens sent `elapsed_s` after taking the slot: the first at TTFT, then one per TPOT."""
+        if elapsed_s < self.ttft_s or not self.output_tokens:
+            return 0
+        if self.tpot_s <= 0:
+            return self.output_tokens
+        return min(self.output_tokens, 1 + int((elapsed_s - self.ttft_s) / self.tpot_s))
+
     @classmethod
     def of(cls, model: Model, output_tokens: int, jitter: Jitter) -> Service:
         """The model's priors scaled by the request's jitter."""

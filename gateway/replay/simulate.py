@@ -1,14 +1,19 @@
 """Virtual-time replay: a discrete-event simulation driven by the gateway's real router.
 
-Each request arrives at its trace time; the real `RouteIndex` and `Router`
-decide (prompt_tokens = input tokens, max_tokens = output tokens, streamed),
-using `LatencyEstimates` and `Breakers` on a virtual clock. Each planned model
-is a simulated server (see `servers`); the call loop mirrors the call stage: a
-model whose circuit is open is skipped unless it is the last hope, and an
-attempt whose first token would come after the model's `first_byte_s` times out
-and falls back to the next model. Finished calls feed their TTFT (queueing
-included) and TPOT back into the estimates, and in-flight counts are kept, so
-the router reacts to load as it does live. Costs use `gateway.cost`.
+Each request arrives at its trace time and is identified and routed by the
+live code path (`route.Routing`: tenant allow lists, `decide_request`, the
+real `Router`; prompt_tokens = input tokens, max_tokens = output tokens),
+using `LatencyEstimates` and `Breakers` on a virtual clock. Lines the traffic's
+own gateway refused before routing are not replayed; its cache hits are routed,
+then answered at no cost. Each planned model is a simulated server (see
+`servers`); the call loop mirrors the call stage: a model whose circuit is open
+is skipped unless it is the last hope, and an attempt whose first byte (a
+stream's first token, a whole answer's end) would come after the model's
+`first_byte_s` times out and falls back to the next model. Finished calls,
+embeddings aside, feed their TTFT (queueing included) and TPOT back into the
+estimates, and in-flight counts are kept, so the router reacts to load as it
+does live. Every attempt is priced as the account stage prices it (see
+`_charge`), failed ones included.
 """
 
 from __future__ import annotations
@@ -17,14 +22,13 @@ import heapq
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from operator import attrgetter
-from types import MappingProxyType
 
 from gateway.context import Attempt, Usage
 from gateway.cost import request_cost_usd
-from gateway.errors import ClientError, NoModelMeetsSla
 from gateway.policy.model import Model, Policy, Route
+from gateway.replay.outcome import Outcome, ReplayResult
+from gateway.replay.route import Refusal, Routing
 from gateway.replay.servers import JITTER_SIGMA, Jitter, ModelServer, Service, Ticket, draw_jitter
 from gateway.replay.traffic import ReplayRequest
 from gateway.routing.breaker import Breakers
@@ -32,50 +36,13 @@ from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.planner import Router
 from gateway.stages.account import gpu_seconds
 
-_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened to one replayed request; times are virtual seconds."""
-
-    index: int                          # position in arrival order
-    arrival_s: float
-    input_tokens: int
-    output_tokens: int
-    route: str | None = None
-    status: str = "ok"                  # ok | rejected | failed
-    reason: str | None = None           # no_route | context | sla | timeout | circuit_open
-    model: str | None = None            # the model that answered
-    models_tried: tuple[str, ...] = ()
-    planned_sla_met: bool | None = None  # the router predicted some candidate meets the SLA
-    queue_s: float = 0.0
-    ttft_s: float | None = None
-    latency_s: float | None = None
-    cost_usd: Decimal = Decimal(0)
-    energy_j: float | None = None
-    sla_ok: bool | None = None          # the simulated latency and TTFT met the route's SLA
-
-    @property
-    def label(self) -> str:
-        """The answering model, or `rejected:<reason>` / `failed:<reason>`."""
-        return self.model if self.status == "ok" else f"{self.status}:{self.reason}"
-
-
-@dataclass
-class ReplayResult:
-    """One policy's replay: an outcome per request, in arrival order."""
-
-    policy: Policy
-    seed: int
-    outcomes: list[Outcome]
-
 
 @dataclass(slots=True)
 class _Flight:
     """One request between arrival and its end: its plan and its current attempt."""
 
     outcome: Outcome
+    request: ReplayRequest
     route: Route
     plan: tuple[Model, ...]
     jitter: Jitter
@@ -86,6 +53,7 @@ class _Flight:
     ticket: Ticket | None = None
     dispatched_s: float = 0.0
     started_s: float | None = None
+    energy_j: float | None = 0.0        # the attempts' so far; None once a model tried has no power assumption
 
 
 class _Clock:
@@ -110,13 +78,16 @@ class Simulation:
                  jitter_sigma: float = JITTER_SIGMA, power_w: Mapping[str, float] | None = None) -> None:
         self.policy = policy
         self.seed = seed
-        self.requests = sorted(requests, key=attrgetter("arrival_s"))
+        ordered = sorted(requests, key=attrgetter("arrival_s"))
+        self.requests = [r for r in ordered if r.recorded_answer != "refused"]
+        self.refused_in_trace = len(ordered) - len(self.requests)
         self.jitter = draw_jitter(len(self.requests), seed, jitter_sigma)
         self.power_w = dict(power_w or {})
         self.clock = _Clock()
         self.estimates = LatencyEstimates.from_policy(policy, clock=self.clock)
         self.breakers = Breakers(policy.routing.breaker, self.clock)
         self.router = Router(policy, self.estimates, self.breakers, random.Random(f"replay-router:{seed}"))
+        self.routing = Routing(policy, self.router)
         self.servers = {name: ModelServer(model) for name, model in policy.models.items()}
         self.outcomes: list[Outcome] = []
         self._events: list[tuple[float, int, Handler, _Flight, Ticket]] = []
@@ -136,7 +107,7 @@ class Simulation:
                 clock.now_s = request.arrival_s
                 self._arrive(next_arrival, request)
                 next_arrival += 1
-        return ReplayResult(self.policy, self.seed, self.outcomes)
+        return ReplayResult(self.policy, self.seed, self.outcomes, self.refused_in_trace)
 
     def _push(self, time_s: float, handler: Handler, flight: _Flight, ticket: Ticket) -> None:
         """Schedule an event; ties run in scheduling order."""
@@ -144,28 +115,20 @@ class Simulation:
         heapq.heappush(self._events, (time_s, self._sequence, handler, flight, ticket))
 
     def _arrive(self, index: int, request: ReplayRequest) -> None:
-        """Match and plan a new request, then send it to its first model."""
+        """Identify, match and plan a new request, then answer a recorded cache hit or call its first model."""
         outcome = Outcome(index, request.arrival_s, request.input_tokens, request.output_tokens)
         self.outcomes.append(outcome)
-        route = self.router.match(request.endpoint, request.alias, request.tenant, _NO_HEADERS,
-                                  request.input_tokens)
-        if route is None:
-            _end(outcome, "rejected", "no_route")
+        decision = self.routing.decide(request)
+        if isinstance(decision, Refusal):
+            outcome.route = decision.route
+            _end(outcome, "rejected", decision.reason)
             return
-        outcome.route = route.name
-        embeddings = request.endpoint == "embeddings"
-        try:
-            decision = self.router.decide(route, prompt_tokens=request.input_tokens,
-                                          max_tokens=0 if embeddings else request.output_tokens,
-                                          stream=not embeddings)
-        except NoModelMeetsSla:
-            _end(outcome, "rejected", "sla")
+        outcome.route, outcome.planned_sla_met = decision.route.name, decision.sla_met
+        if request.recorded_answer == "cache_hit":     # answered at once, no model called, no cost
+            outcome.status, outcome.sla_ok = "cache_hit", True
             return
-        except ClientError:
-            _end(outcome, "rejected", "context")
-            return
-        outcome.planned_sla_met = decision.sla_met
-        self._dispatch(_Flight(outcome, route, decision.plan, self.jitter[index]), request.arrival_s)
+        flight = _Flight(outcome, request, decision.route, decision.plan, self.jitter[index])
+        self._dispatch(flight, request.arrival_s)
 
     def _dispatch(self, flight: _Flight, now_s: float) -> None:
         """Send the request to the next model of its plan that may take it, as the call stage does."""
@@ -185,16 +148,16 @@ class Simulation:
             else:
                 self._push(now_s + model.timeouts.first_byte_s, self._on_queue_deadline, flight, ticket)
             return
-        flight.outcome.models_tried = tuple(flight.tried)
-        _end(flight.outcome, "failed", "timeout" if flight.tried else "circuit_open")
+        self._end_failed(flight, "timeout" if flight.tried else "circuit_open")
 
     def _start(self, flight: _Flight, now_s: float) -> None:
         """The attempt holds a slot: schedule how it ends."""
         flight.started_s = now_s
-        flight.outcome.queue_s += now_s - flight.dispatched_s
-        service, timeouts = flight.service, flight.model.timeouts
         waited_s = now_s - flight.dispatched_s
-        if waited_s + service.ttft_s > timeouts.first_byte_s:
+        flight.outcome.queue_s += waited_s
+        service, timeouts = flight.service, flight.model.timeouts
+        first_byte_s = service.ttft_s if flight.request.streamed else service.total_s
+        if waited_s + first_byte_s > timeouts.first_byte_s:
             self._push(flight.dispatched_s + timeouts.first_byte_s, self._on_first_byte_timeout,
                        flight, flight.ticket)
         elif waited_s + service.total_s > timeouts.total_s:
@@ -214,56 +177,81 @@ class Simulation:
         if flight.ticket is not ticket or flight.started_s is not None:
             return
         ticket.cancelled = True
+        flight.outcome.queue_s += now_s - flight.dispatched_s
         self.estimates.finished(flight.model.name)
-        self._failed(flight, now_s)
+        self._charge(flight, now_s, Usage())
+        self._fall_back(flight, now_s)
 
     def _on_first_byte_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """A running attempt's first token came too late: it is cut and falls back."""
+        """A running attempt's first byte came too late: it is cut and falls back."""
         self._release(flight, now_s)
-        self._failed(flight, now_s)
+        self._charge(flight, now_s, Usage())
+        self._fall_back(flight, now_s)
 
     def _on_total_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """A stream ran past total_s after its first byte: it fails, with no fallback."""
+        """An attempt ran past total_s: a stream that sent tokens fails, with no fallback, and pays for them;
+        an answer that sent nothing yet falls back, as after a late first byte."""
         self._release(flight, now_s)
+        sent = flight.service.tokens_by(now_s - flight.started_s) if flight.request.streamed else 0
+        if not sent:
+            self._charge(flight, now_s, Usage())
+            self._fall_back(flight, now_s)
+            return
         self.breakers.record_failure(flight.model.name)
-        flight.outcome.models_tried = tuple(flight.tried)
-        _end(flight.outcome, "failed", "timeout")
+        self._charge(flight, now_s, Usage(flight.outcome.input_tokens, sent))
+        self._end_failed(flight, "timeout")
 
-    def _failed(self, flight: _Flight, now_s: float) -> None:
+    def _fall_back(self, flight: _Flight, now_s: float) -> None:
         """Count the failure against the model's circuit and try the next model."""
         self.breakers.record_failure(flight.model.name)
         self._dispatch(flight, now_s)
 
     def _on_finish(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """The answer is complete: teach the router, then settle cost and SLA."""
+        """The answer is complete: teach the router (not from embeddings, as live), then settle."""
         self._release(flight, now_s)
         model, service, outcome = flight.model, flight.service, flight.outcome
-        ttft_s = flight.started_s - flight.dispatched_s + service.ttft_s
         output_tokens = outcome.output_tokens
-        self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
-        if output_tokens:
-            self.estimates.record_output_tokens(flight.route.name, output_tokens)
+        if flight.request.endpoint != "embeddings":
+            ttft_s = flight.started_s - flight.dispatched_s + service.ttft_s
+            self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
+            if output_tokens:
+                self.estimates.record_output_tokens(flight.route.name, output_tokens)
         self.breakers.record_success(model.name)
+        self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
         self._settle(flight, now_s)
 
+    def _charge(self, flight: _Flight, now_s: float, usage: Usage) -> None:
+        """Price the attempt ending now as the account stage does: the tokens it used, the GPU time from
+        dispatch to end (queueing on the model server included), and its predicted energy."""
+        model = flight.model
+        gpu_s = gpu_seconds(Attempt(model=model, started_s=flight.dispatched_s, ended_s=now_s))
+        power_w = self.power_w.get(model.name)
+        energy_j = None
+        if power_w is not None:
+            held_s = now_s - flight.started_s if flight.started_s is not None else 0.0
+            energy_j = held_s * power_w / max(1, model.max_concurrency)
+        flight.outcome.cost_usd += request_cost_usd(model, usage, gpu_seconds=gpu_s, energy_j=energy_j)
+        flight.energy_j = None if flight.energy_j is None or energy_j is None else flight.energy_j + energy_j
+
+    def _end_failed(self, flight: _Flight, reason: str) -> None:
+        """The request ends unanswered, having paid for its attempts."""
+        outcome = flight.outcome
+        outcome.models_tried = tuple(flight.tried)
+        outcome.energy_j = flight.energy_j if flight.tried else None
+        _end(outcome, "failed", reason)
+
     def _settle(self, flight: _Flight, now_s: float) -> None:
-        """Fill in the answered request's outcome."""
-        model, service, outcome = flight.model, flight.service, flight.outcome
-        outcome.model = model.name
+        """Fill in the answered request's outcome; TTFT limits apply to streams only, as in the planner."""
+        service, outcome = flight.service, flight.outcome
+        outcome.model = flight.model.name
         outcome.models_tried = tuple(flight.tried)
         outcome.ttft_s = flight.started_s + service.ttft_s - outcome.arrival_s
         outcome.latency_s = now_s - outcome.arrival_s
-        power_w = self.power_w.get(model.name)
-        if power_w is not None:
-            outcome.energy_j = service.total_s * power_w / max(1, model.max_concurrency)
-        gpu_s = None
-        if model.gpu_hour_usd is not None:
-            gpu_s = gpu_seconds(Attempt(model=model, started_s=flight.dispatched_s, ended_s=now_s))
-        outcome.cost_usd = request_cost_usd(model, Usage(outcome.input_tokens, outcome.output_tokens),
-                                            gpu_seconds=gpu_s, energy_j=outcome.energy_j)
+        outcome.energy_j = flight.energy_j
         sla = flight.route.sla
         outcome.sla_ok = ((sla.p95_latency_ms is None or outcome.latency_s * 1000.0 <= sla.p95_latency_ms)
-                          and (sla.p95_ttft_ms is None or outcome.ttft_s * 1000.0 <= sla.p95_ttft_ms))
+                          and (sla.p95_ttft_ms is None or not flight.request.streamed
+                               or outcome.ttft_s * 1000.0 <= sla.p95_ttft_ms))
 
 
 def _end(outcome: Outcome, status: str, reason: str) -> None:

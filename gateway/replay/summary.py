@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from gateway.policy.model import Route
-from gateway.replay.simulate import Outcome, ReplayResult
+from gateway.replay.outcome import Outcome, ReplayResult
 
 QUANTILES = (0.50, 0.95, 0.99)
 
@@ -41,7 +41,7 @@ class RouteSla:
 
 @dataclass(frozen=True)
 class Minute:
-    """One minute of arrivals: requests, the cost of those answered, their p95 latency."""
+    """One minute of arrivals: requests, their cost, the p95 latency of those answered."""
 
     minute: int
     requests: int
@@ -54,23 +54,25 @@ class Summary:
     """Everything the report says about one policy's replay."""
 
     policy: str
-    requests: int
-    served: int
+    requests: int                       # replayed: the traffic's refused lines left out
+    served: int                         # answered by a model
     rejected: dict[str, int]            # reason -> requests
     failed: dict[str, int]
+    cache_hits: int                     # recorded cache hits, routed and answered at no cost
+    refused_in_trace: int               # lines the traffic's own gateway refused before routing: not replayed
     fallbacks: int                      # answered by a model after another one failed
     best_effort: int                    # the router predicted no candidate met the SLA
     per_model: dict[str, int]
     tokens: int                         # input + output of answered requests
-    cost_usd: Decimal
+    cost_usd: Decimal                   # every attempt's, those of failed requests included
     cost_per_request_usd: Decimal | None
     cost_per_1k_tokens_usd: Decimal | None
     latency: Percentiles | None
     ttft: Percentiles | None
-    queued: int                         # requests that waited for a slot
+    queued: int                         # requests that waited for a slot, answered or not
     sla: tuple[RouteSla, ...]
-    energy_j: float | None
-    energy_per_request_j: float | None
+    energy_j: float | None              # every attempt's; n/a unless each one's model has a power assumption
+    energy_per_request_j: float | None  # per answered request
     per_minute: tuple[Minute, ...]
 
 
@@ -79,12 +81,14 @@ def summarize(result: ReplayResult) -> Summary:
     outcomes = result.outcomes
     served = [o for o in outcomes if o.status == "ok"]
     tokens = sum(o.input_tokens + o.output_tokens for o in served)
-    cost_usd = sum((o.cost_usd for o in served), Decimal(0))
-    known = served and all(o.energy_j is not None for o in served)
-    energy_j = sum(o.energy_j for o in served) if known else None    # n/a unless every answer has one
+    cost_usd = sum((o.cost_usd for o in outcomes), Decimal(0))
+    called = [o for o in outcomes if o.models_tried]
+    known = bool(called) and all(o.energy_j is not None for o in called)
+    energy_j = sum(o.energy_j for o in called) if known else None    # n/a unless every call has one
     return Summary(
         policy=result.policy.source, requests=len(outcomes), served=len(served),
         rejected=_reasons(outcomes, "rejected"), failed=_reasons(outcomes, "failed"),
+        cache_hits=sum(1 for o in outcomes if o.status == "cache_hit"), refused_in_trace=result.refused_in_trace,
         fallbacks=sum(1 for o in served if len(o.models_tried) > 1),
         best_effort=sum(1 for o in outcomes if o.planned_sla_met is False),
         per_model=dict(sorted(Counter(o.model for o in served).items())),
@@ -92,7 +96,7 @@ def summarize(result: ReplayResult) -> Summary:
         cost_per_request_usd=cost_usd / len(served) if served else None,
         cost_per_1k_tokens_usd=cost_usd * 1000 / tokens if tokens else None,
         latency=percentiles([o.latency_s for o in served]), ttft=percentiles([o.ttft_s for o in served]),
-        queued=sum(1 for o in served if o.queue_s > 0),
+        queued=sum(1 for o in outcomes if o.queue_s > 0),
         sla=tuple(_route_sla(route, outcomes) for route in result.policy.routes),
         energy_j=energy_j, energy_per_request_j=energy_j / len(served) if energy_j is not None and served else None,
         per_minute=per_minute(outcomes))
@@ -112,7 +116,8 @@ def nearest_rank(ordered: Sequence[float], q: float) -> float:
 
 
 def per_minute(outcomes: Sequence[Outcome]) -> tuple[Minute, ...]:
-    """Per arrival minute (0 = the first minute of the traffic), including empty minutes."""
+    """Per arrival minute (0 = the first minute of the traffic), including empty minutes; cost of every
+    request, p95 latency of the answered ones."""
     if not outcomes:
         return ()
     last = int(max(o.arrival_s for o in outcomes) // 60)
@@ -122,8 +127,8 @@ def per_minute(outcomes: Sequence[Outcome]) -> tuple[Minute, ...]:
     for outcome in outcomes:
         minute = int(outcome.arrival_s // 60)
         counts[minute] += 1
+        costs[minute] += outcome.cost_usd
         if outcome.status == "ok":
-            costs[minute] += outcome.cost_usd
             latencies[minute].append(outcome.latency_s)
     return tuple(Minute(m, counts[m], costs[m],
                         nearest_rank(sorted(latencies[m]), 0.95) * 1000.0 if latencies[m] else None)
@@ -136,7 +141,7 @@ def _reasons(outcomes: Sequence[Outcome], status: str) -> dict[str, int]:
 
 
 def _route_sla(route: Route, outcomes: Sequence[Outcome]) -> RouteSla:
-    """A route's SLA attainment: unanswered requests count as missed."""
+    """A route's SLA attainment: unanswered requests count as missed, cache hits as met."""
     mine = [o for o in outcomes if o.route == route.name]
     return RouteSla(route.name, route.sla.p95_latency_ms, route.sla.p95_ttft_ms,
                     len(mine), sum(1 for o in mine if o.sla_ok))

@@ -2,32 +2,32 @@
 
 Every reader yields `ReplayRequest`s with the arrival time as seconds after the
 first request, sorted by arrival (stable, so equal times keep file order). A
-line that cannot be read is a TrafficError naming the file and the line.
+line that cannot be read is a TrafficError naming the file and the line. Files
+are UTF-8 (a leading byte order mark is dropped), plain or gzipped.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import gzip
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from itertools import islice
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from gateway.errors import ClientError
-from gateway.policy.model import ENDPOINTS
+from gateway.replay.fields import (
+    DEFAULT_ALIAS, TrafficError, count, endpoint, epoch_s, flag, json_object, seconds, text,
+)
 
 FORMATS = ("auto", "azure", "ledger", "jsonl")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-DEFAULT_ALIAS = "auto"
+GZIP_MAGIC = b"\x1f\x8b"
+#: the longest trace replayed: beyond it, timestamps are mixed (seconds and milliseconds) or wrong
+MAX_SPAN_S = 31 * 86_400.0
 
-
-class TrafficError(ClientError):
-    """A traffic file that cannot be read: names the file and line."""
-
-    code = "invalid_traffic"
+Row = tuple[int, float, dict[str, Any]]         # (line, arrival epoch seconds, ReplayRequest fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,24 +42,32 @@ class ReplayRequest:
     tenant: str | None = None
     recorded_route: str | None = None   # the route the traffic's own gateway chose, when known
     line: int = 0
+    stream: bool = True
+    recorded_answer: str = "call"       # how the traffic's own gateway answered: call | cache_hit | refused
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the answer comes as a stream: embeddings never do."""
+        return self.stream and self.endpoint != "embeddings"
 
 
 def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) -> list[ReplayRequest]:
-    """The first `limit` requests of a traffic file, sorted by arrival, arrivals relative to the first."""
+    """The first `limit` requests of a traffic file by arrival, arrivals relative to the first."""
     path = Path(path)
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    readers: dict[str, Callable[[Path], Iterator[tuple[int, float, dict[str, Any]]]]] = {
-        "azure": _azure_rows, "ledger": _ledger_rows, "jsonl": _jsonl_rows}
-    if fmt not in readers:
+    if fmt not in FORMATS:
         raise TrafficError(f"unknown traffic format {fmt!r}; expected one of {', '.join(FORMATS)}")
     try:
-        rows = list(islice(readers[fmt](path), limit))
-    except OSError as exc:
-        raise TrafficError(f"{path}: cannot read the traffic file: {exc.strerror or exc}") from exc
+        fmt = detect_format(path) if fmt == "auto" else fmt
+        rows = list(READERS[fmt](path))
+    except (OSError, EOFError, zlib.error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise TrafficError(f"{path}: cannot read the traffic file: {reason}") from exc
+    rows.sort(key=itemgetter(1))
+    rows = rows[:limit]
     if not rows:
         return []
-    start_s = min(arrival for _, arrival, _ in rows)
-    rows.sort(key=lambda row: row[1])
+    _check_span(path, rows)
+    start_s = rows[0][1]
     return [ReplayRequest(arrival_s=arrival - start_s, line=line, **fields) for line, arrival, fields in rows]
 
 
@@ -74,121 +82,120 @@ def sped_up(requests: list[ReplayRequest], window_s: float, speed: float) -> Ite
 
 
 def detect_format(path: Path) -> str:
-    """azure for .csv; for JSON lines, ledger when the first record has `ts`, else jsonl."""
-    if path.suffix.lower() == ".csv":
+    """azure for .csv (or .csv.gz); for JSON lines, ledger when the first request line (outcome lines
+    skipped) has `ts`, else jsonl."""
+    if path.name.lower().removesuffix(".gz").endswith(".csv"):
         return "azure"
-    try:
-        with path.open(encoding="utf-8") as stream:
-            for number, text in enumerate(stream, 1):
-                if text.strip():
-                    return "ledger" if "ts" in _json_object(path, number, text) else "jsonl"
-    except OSError as exc:
-        raise TrafficError(f"{path}: cannot read the traffic file: {exc.strerror or exc}") from exc
-    return "jsonl"
+    saw_outcome = False
+    for number, line in _lines(path):
+        if line.strip():
+            record = json_object(path, number, line)
+            if record.get("type") != "outcome":
+                return "ledger" if "ts" in record else "jsonl"
+            saw_outcome = True
+    return "ledger" if saw_outcome else "jsonl"
 
 
-def _azure_rows(path: Path) -> Iterator[tuple[int, float, dict[str, Any]]]:
+def _check_span(path: Path, rows: list[Row]) -> None:
+    """Refuse arrivals spread over more than MAX_SPAN_S (rows sorted by arrival)."""
+    (first_line, first_s, _), (last_line, last_s, _) = rows[0], rows[-1]
+    if last_s - first_s > MAX_SPAN_S:
+        raise TrafficError(
+            f"{path}: the arrivals span {(last_s - first_s) / 86_400:.3g} days (line {first_line} to line "
+            f"{last_line}), more than the {MAX_SPAN_S / 86_400:g} days a replay takes: are seconds and "
+            f"milliseconds mixed, or is a timestamp wrong?")
+
+
+def _azure_rows(path: Path) -> Iterator[Row]:
     """Rows of the Azure LLM inference trace: TIMESTAMP, ContextTokens, GeneratedTokens."""
-    with path.open(encoding="utf-8", newline="") as stream:
-        reader = csv.reader(stream)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header[:3]) != AZURE_COLUMNS:
-            raise TrafficError(f"{path}:1: expected the header {','.join(AZURE_COLUMNS)}, got {header}")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) < 3:
-                raise TrafficError(f"{path}:{line}: expected 3 columns, got {len(row)}")
-            try:
-                arrival_s = datetime.fromisoformat(row[0].strip()).timestamp()
-            except ValueError as exc:
-                raise TrafficError(f"{path}:{line}: TIMESTAMP: not a date and time: {row[0]!r}") from exc
-            yield line, arrival_s, {"input_tokens": _count(path, line, "ContextTokens", row[1]),
-                                    "output_tokens": _count(path, line, "GeneratedTokens", row[2])}
+    reader = csv.reader(line for _, line in _lines(path))
+    header = next(reader, None)
+    if header is None:
+        raise TrafficError(f"{path}: the file is empty; expected the header {','.join(AZURE_COLUMNS)}")
+    if tuple(h.strip() for h in header[:3]) != AZURE_COLUMNS:
+        raise TrafficError(f"{path}:1: expected the header {','.join(AZURE_COLUMNS)}, got {header}")
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue
+        if len(row) < 3:
+            raise TrafficError(f"{path}:{line}: expected 3 columns, got {len(row)}")
+        try:
+            arrival_s = epoch_s(row[0])
+        except ValueError as exc:
+            raise TrafficError(f"{path}:{line}: TIMESTAMP: not a date and time: {row[0]!r}") from exc
+        yield line, arrival_s, {"input_tokens": count(path, line, "ContextTokens", row[1]),
+                                "output_tokens": count(path, line, "GeneratedTokens", row[2])}
 
 
-def _ledger_rows(path: Path) -> Iterator[tuple[int, float, dict[str, Any]]]:
+def _ledger_rows(path: Path) -> Iterator[Row]:
     """Request records of the gateway's ledger; outcome lines are skipped."""
     for line, record in _json_lines(path):
         if record.get("type") == "outcome":
             continue
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
-        yield line, _seconds(path, line, "ts", record.get("ts")), {
-            "input_tokens": _count(path, line, "input_tokens", prompt if prompt is not None else 0),
-            "output_tokens": _count(path, line, "output_tokens", record.get("output_tokens", 0)),
-            "alias": _text(path, line, "alias", record.get("alias")) or DEFAULT_ALIAS,
-            "endpoint": _endpoint(path, line, record.get("endpoint")),
-            "tenant": _text(path, line, "tenant", record.get("tenant")),
-            "recorded_route": _text(path, line, "route", record.get("route"))}
+        yield line, seconds(path, line, "ts", record.get("ts")), {
+            "input_tokens": count(path, line, "input_tokens", prompt if prompt is not None else 0),
+            "output_tokens": count(path, line, "output_tokens", record.get("output_tokens", 0)),
+            "alias": text(path, line, "alias", record.get("alias")) or DEFAULT_ALIAS,
+            "endpoint": endpoint(path, line, record.get("endpoint")),
+            "tenant": text(path, line, "tenant", record.get("tenant")),
+            "recorded_route": text(path, line, "route", record.get("route")),
+            "stream": flag(path, line, "stream", record.get("stream")),
+            "recorded_answer": _recorded_answer(record)}
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, float, dict[str, Any]]]:
-    """Generic records: {timestamp, input_tokens, output_tokens, tenant?, route?, model?, endpoint?}."""
+def _recorded_answer(record: dict[str, Any]) -> str:
+    """cache_hit: answered from the cache; refused: a 4xx before any model was chosen; else call."""
+    if record.get("cache") == "hit":
+        return "cache_hit"
+    status = record.get("status")
+    if isinstance(status, int) and 400 <= status < 500 and record.get("model") is None:
+        return "refused"
+    return "call"
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    """Generic records: {timestamp, input_tokens, output_tokens, tenant?, route?, model?, endpoint?, stream?}."""
     for line, record in _json_lines(path):
         for key in ("timestamp", "input_tokens", "output_tokens"):
             if key not in record:
                 raise TrafficError(f"{path}:{line}: missing key {key!r}")
-        yield line, _seconds(path, line, "timestamp", record["timestamp"]), {
-            "input_tokens": _count(path, line, "input_tokens", record["input_tokens"]),
-            "output_tokens": _count(path, line, "output_tokens", record["output_tokens"]),
-            "alias": _text(path, line, "model", record.get("model")) or DEFAULT_ALIAS,
-            "endpoint": _endpoint(path, line, record.get("endpoint")),
-            "tenant": _text(path, line, "tenant", record.get("tenant")),
-            "recorded_route": _text(path, line, "route", record.get("route"))}
+        yield line, seconds(path, line, "timestamp", record["timestamp"]), {
+            "input_tokens": count(path, line, "input_tokens", record["input_tokens"]),
+            "output_tokens": count(path, line, "output_tokens", record["output_tokens"]),
+            "alias": text(path, line, "model", record.get("model")) or DEFAULT_ALIAS,
+            "endpoint": endpoint(path, line, record.get("endpoint")),
+            "tenant": text(path, line, "tenant", record.get("tenant")),
+            "recorded_route": text(path, line, "route", record.get("route")),
+            "stream": flag(path, line, "stream", record.get("stream"))}
+
+
+READERS: dict[str, Callable[[Path], Iterator[Row]]] = {"azure": _azure_rows, "ledger": _ledger_rows,
+                                                       "jsonl": _jsonl_rows}
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line."""
-    with path.open(encoding="utf-8") as stream:
-        for number, text in enumerate(stream, 1):
-            if text.strip():
-                yield number, _json_object(path, number, text)
+    for number, line in _lines(path):
+        if line.strip():
+            yield number, json_object(path, number, line)
 
 
-def _json_object(path: Path, line: int, text: str) -> dict[str, Any]:
-    """One line parsed as a JSON object."""
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise TrafficError(f"{path}:{line}: not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise TrafficError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
-    return value
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, gunzipped when gzipped; a leading byte order mark is dropped."""
+    with _open_bytes(path) as stream:
+        for number, raw in enumerate(stream, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TrafficError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line is "
+                                   f"{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8") from exc
+            yield number, line
 
 
-def _count(path: Path, line: int, key: str, value: Any) -> int:
-    """A non-negative whole token count (a digit string is accepted, as CSV gives)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise TrafficError(f"{path}:{line}: {key}: expected a non-negative whole number, got {value!r}")
-
-
-def _seconds(path: Path, line: int, key: str, value: Any) -> float:
-    """A timestamp: seconds (any epoch) as a number, or an ISO 8601 date and time."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
-        except ValueError as exc:
-            raise TrafficError(f"{path}:{line}: {key}: not a number or ISO 8601 time: {value!r}") from exc
-    raise TrafficError(f"{path}:{line}: {key}: expected seconds or an ISO 8601 time, got {value!r}")
-
-
-def _text(path: Path, line: int, key: str, value: Any) -> str | None:
-    """An optional string field."""
-    if value is None or isinstance(value, str):
-        return value
-    raise TrafficError(f"{path}:{line}: {key}: expected a string, got {value!r}")
-
-
-def _endpoint(path: Path, line: int, value: Any) -> str:
-    """chat (the default), completions or embeddings."""
-    if value is None:
-        return "chat"
-    if value in ENDPOINTS:
-        return value
-    raise TrafficError(f"{path}:{line}: endpoint: expected one of {', '.join(ENDPOINTS)}, got {value!r}")
+def _open_bytes(path: Path) -> BinaryIO:
+    """The file as bytes, gunzipped when it starts with the gzip magic number."""
+    with path.open("rb") as stream:
+        gzipped = stream.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    return gzip.open(path, "rb") if gzipped else path.open("rb")

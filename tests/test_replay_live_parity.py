@@ -1,0 +1,160 @@
+"""`gateway replay` routes, refuses and prices as the live gateway would: streams, cache hits, refusals,
+tenants, failed attempts, queueing and what the router learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gateway.policy.load import load_policy
+from gateway.policy.model import LatencyPrior, Match, Model, Policy, Price, Route, Sla, Tenant, Timeouts
+from gateway.replay import ReplayRequest, read_traffic, render_markdown, replay, summarize
+from gateway.replay.simulate import Simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "gateway" / "data" / "demo.yaml"
+FREE = Price(Decimal(0), Decimal(0))
+GPU_DOLLAR_PER_S = Decimal(3600)        # gpu_hour_usd that makes one GPU-second cost 1 USD
+
+
+def _model(name: str, ttft_ms: float, tpot_ms: float, *, concurrency: int = 64, first_byte_s: float = 60.0,
+           price: Price = Price(Decimal("0.05"), Decimal("0.10")), gpu_hour_usd: Decimal | None = None) -> Model:
+    return Model(name, f"http://127.0.0.1:1/{name}", name, size_b=1 if name == "small" else 70,
+                 context_window=131072, max_concurrency=concurrency, price=price, gpu_hour_usd=gpu_hour_usd,
+                 latency_prior=LatencyPrior(ttft_ms, tpot_ms), timeouts=Timeouts(first_byte_s=first_byte_s))
+
+
+def _policy(small: Model, large: Model, sla: Sla = Sla(), **extra) -> Policy:
+    """One route: small first, large as its fallback."""
+    route = Route("r", Match(models=("auto",)), candidates=("small",), sla=sla, fallback=("large",))
+    return Policy(version=1, models={"small": small, "large": large}, routes=(route,), **extra)
+
+
+def _ledger_line(ts: float, **overrides) -> dict:
+    """A request line as gateway/recorder.py writes it."""
+    line = {"ts": ts, "request_id": f"r{ts}", "tenant": None, "endpoint": "chat", "alias": "auto",
+            "route": "chat-default", "model": "small", "models_tried": ["small"], "fallback": "none",
+            "fallback_reason": None, "cache": "miss", "stream": True, "status": 200, "prompt_tokens": 100,
+            "input_tokens": 100, "output_tokens": 50, "tokens_estimated": False, "cost_usd": "0.00001",
+            "saved_usd": "0", "latency_s": 0.3, "ttft_s": 0.04, "energy_j": None, "sla_met": True,
+            "task_id": None, "workflow": None, "attempts": []}
+    return {**line, **overrides}
+
+
+def _write_ledger(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_non_streamed_requests_are_planned_and_judged_without_ttft_limits(tmp_path):
+    """A ledger line with `stream: false` is not refused by a TTFT limit the planner applies to streams only."""
+    path = _write_ledger(tmp_path / "ledger.jsonl", [_ledger_line(100.0, stream=False), _ledger_line(101.0)])
+    requests = read_traffic(path)
+    assert [r.stream for r in requests] == [False, True]
+    policy = _policy(_model("small", 40, 4), _model("large", 200, 20), Sla(p95_ttft_ms=10, on_violation="reject"))
+    whole, stream = replay(policy, requests).outcomes
+    assert (whole.label, whole.sla_ok) == ("small", True)
+    assert stream.label == "rejected:sla"
+
+
+def test_stream_flag_of_generic_jsonl_and_azure_defaults(tmp_path):
+    """Generic JSONL takes an optional `stream` (true by default); Azure CSV rows are streams."""
+    generic = tmp_path / "t.jsonl"
+    generic.write_text('{"timestamp": 0, "input_tokens": 1, "output_tokens": 1, "stream": false}\n'
+                       '{"timestamp": 1, "input_tokens": 1, "output_tokens": 1}\n')
+    azure = tmp_path / "t.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1,2\n")
+    assert [r.stream for r in read_traffic(generic)] == [False, True]
+    assert [r.stream for r in read_traffic(azure)] == [True]
+
+
+def test_a_whole_answer_first_byte_is_its_end():
+    """A whole answer's first byte comes with its end: past first_byte_s it falls back, as live; a stream does not."""
+    policy = _policy(_model("small", 40, 4, first_byte_s=0.5), _model("large", 200, 20))
+    requests = [ReplayRequest(0.0, 10, 200, stream=True), ReplayRequest(0.0, 10, 200, stream=False)]
+    stream, whole = replay(policy, requests, jitter_sigma=0.0).outcomes
+    assert stream.models_tried == ("small",)
+    assert whole.models_tried == ("small", "large")
+
+
+def test_recorded_cache_hits_and_refusals_are_not_paid_calls(tmp_path):
+    """Cache hits in a ledger are answered at no cost and refused lines (4xx, no model) are not replayed."""
+    hit = {"cache": "hit", "models_tried": [], "cost_usd": "0", "saved_usd": "0.00001"}
+    lines = [_ledger_line(100.0), _ledger_line(101.0, **hit), _ledger_line(102.0, **hit),
+             _ledger_line(103.0, status=401, route=None, model=None, models_tried=[], input_tokens=0,
+                          output_tokens=0, cost_usd="0", sla_met=None)]
+    requests = read_traffic(_write_ledger(tmp_path / "ledger.jsonl", lines))
+    assert [r.recorded_answer for r in requests] == ["call", "cache_hit", "cache_hit", "refused"]
+    demo = load_policy(DEMO)
+    result = replay(demo, requests)
+    summary = summarize(result)
+    assert (summary.requests, summary.served, summary.cache_hits, summary.refused_in_trace) == (3, 1, 2, 1)
+    small = demo.models["small"].price
+    assert summary.cost_usd == (100 * small.input_per_mtok + 50 * small.output_per_mtok) / 1_000_000
+    assert [o.label for o in result.outcomes] == ["small", "cache hit", "cache hit"]
+    markdown = render_markdown(summary)
+    assert "| cache hits in the trace, answered at no cost | 2 |" in markdown
+    assert "| refused before routing in the trace, not replayed | 1 |" in markdown
+
+
+def test_tenants_are_identified_and_their_allow_lists_enforced():
+    """With tenants in the policy, unknown or missing tenants are refused (401) and allow lists forbid (403)."""
+    tenants = {"acme": Tenant("acme", routes=("other",)), "beta": Tenant("beta", models=("smart",)),
+               "gamma": Tenant("gamma", routes=("r",), models=("auto",))}
+    policy = _policy(_model("small", 40, 4), _model("large", 200, 20), tenants=tenants)
+    requests = [ReplayRequest(float(i), 10, 10, tenant=name) for i, name in
+                enumerate(("acme", "beta", "gamma", None, "ghost"))]
+    result = replay(policy, requests)
+    assert [o.label for o in result.outcomes] == [
+        "rejected:forbidden", "rejected:forbidden", "small", "rejected:unknown_tenant", "rejected:unknown_tenant"]
+    assert summarize(result).rejected == {"forbidden": 2, "unknown_tenant": 2}
+
+
+def test_an_open_gateway_ignores_the_traffic_tenant():
+    """With no tenants in the policy every live caller is anonymous, so a route limited to a tenant never matches."""
+    base = _policy(_model("small", 40, 4), _model("large", 200, 20))
+    only_acme = Route("only-acme", Match(models=("auto",), tenants=("acme",)), candidates=("large",))
+    policy = dataclasses.replace(base, routes=(only_acme, *base.routes))
+    outcome, = replay(policy, [ReplayRequest(0.0, 10, 10, tenant="acme")]).outcomes
+    assert (outcome.route, outcome.model) == ("r", "small")
+
+
+def test_every_attempt_pays_its_gpu_time_failed_ones_included():
+    """Every attempt that reached a model pays its GPU time, as in the account stage; failed requests count too."""
+    small = _model("small", 40, 4, concurrency=1, first_byte_s=0.1, price=FREE, gpu_hour_usd=GPU_DOLLAR_PER_S)
+    large = _model("large", 50, 20, concurrency=1, first_byte_s=0.1, price=FREE, gpu_hour_usd=GPU_DOLLAR_PER_S)
+    requests = [ReplayRequest(0.0, 10, 250), ReplayRequest(0.0, 10, 5), ReplayRequest(0.0, 10, 5)]
+    result = replay(_policy(small, large), requests, jitter_sigma=0.0)
+    first, fell_back, failed = result.outcomes
+    assert float(first.cost_usd) == pytest.approx(0.04 + 249 * 0.004)          # small, 1.036 s
+    assert fell_back.models_tried == ("small", "large")
+    assert float(fell_back.cost_usd) == pytest.approx(0.1 + 0.05 + 4 * 0.02)    # 0.1 s queued on small, then large
+    assert (failed.label, failed.models_tried) == ("failed:timeout", ("small", "large"))
+    assert float(failed.cost_usd) == pytest.approx(0.1 + 0.1)                   # queued on each until first_byte_s
+    summary = summarize(result)
+    assert summary.cost_usd == first.cost_usd + fell_back.cost_usd + failed.cost_usd
+
+
+def test_waiting_until_the_queue_deadline_counts_as_queued():
+    """A request that waits in a full queue until first_byte_s, then falls back, counts as queued, with its wait."""
+    policy = _policy(_model("small", 40, 4, concurrency=1, first_byte_s=0.1), _model("large", 200, 20))
+    result = replay(policy, [ReplayRequest(0.0, 10, 100) for _ in range(3)], jitter_sigma=0.0)
+    assert [o.queue_s for o in result.outcomes] == [0.0, pytest.approx(0.1), pytest.approx(0.1)]
+    assert [o.models_tried for o in result.outcomes[1:]] == [("small", "large")] * 2
+    assert summarize(result).queued == 2
+
+
+def test_embeddings_do_not_teach_the_router_their_latency():
+    """As the account stage, embedding answers are not recorded in the latency estimates; chat answers are."""
+    requests = [ReplayRequest(float(i), 500, 0, alias="text-embedding-3-small", endpoint="embeddings")
+                for i in range(20)]
+    simulation = Simulation(load_policy(DEMO), requests, seed=0)
+    assert [o.label for o in simulation.run().outcomes] == ["small"] * 20
+    assert simulation.estimates.sample_count("small") == 0
+    chat = Simulation(load_policy(DEMO), [ReplayRequest(0.0, 500, 10)], seed=0)
+    chat.run()
+    assert chat.estimates.sample_count("small") == 1

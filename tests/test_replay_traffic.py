@@ -1,0 +1,123 @@
+"""`gateway replay` traffic files: ledger detection, odd timestamps, encodings, --limit and empty files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.replay import TrafficError, read_traffic
+from gateway.replay.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "gateway" / "data" / "demo.yaml"
+AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n" \
+        "2023-11-16 18:15:50.9951690,396,109\n"
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture
+def new_york_time(monkeypatch):
+    """The process's local time zone set to New York for one test."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_ledger_starting_with_an_outcome_line_is_read_as_a_ledger(tmp_path):
+    """A ledger whose first line is an outcome line (no `ts`, as the gateway writes them) is detected as a ledger."""
+    outcome = {"type": "outcome", "task_id": "t1", "request_id": None, "outcome": "success",
+               "route": "chat-default", "tenant": "acme", "workflow": "-", "cost_usd": "0.0001"}
+    path = _jsonl(tmp_path / "ledger.jsonl", [
+        outcome, {"ts": 100.0, "alias": "auto", "input_tokens": 10, "output_tokens": 5},
+        {"ts": 101.5, "alias": "smart", "input_tokens": 20, "output_tokens": 6}])
+    assert [(r.arrival_s, r.alias, r.line) for r in read_traffic(path)] == [(0.0, "auto", 2), (1.5, "smart", 3)]
+
+
+@pytest.mark.parametrize("timestamp", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400])
+def test_non_finite_timestamp_names_file_and_line(tmp_path, timestamp):
+    """A NaN, infinite or overflowing timestamp is a TrafficError naming the file and line, not a crash later."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 1, "input_tokens": 5, "output_tokens": 5}\n'
+                    f'{{"timestamp": {timestamp}, "input_tokens": 5, "output_tokens": 5}}\n')
+    with pytest.raises(TrafficError, match=f"^{path}:2: timestamp: expected a finite number"):
+        read_traffic(path)
+
+
+@pytest.mark.parametrize("later", ["1704067260000", "1e300"])
+def test_trace_spanning_more_than_31_days_is_refused(tmp_path, capsys, later):
+    """Arrivals spread beyond 31 days (seconds mixed with milliseconds, an absurd time) exit 1 with a hint."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": "2024-01-01T00:00:00Z", "input_tokens": 5, "output_tokens": 5}\n'
+                    f'{{"timestamp": {later}, "input_tokens": 5, "output_tokens": 5}}\n')
+    assert main(["--policy", str(DEMO), "--traffic", str(path), "--out", str(tmp_path / "r.md")]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: the arrivals span" in err and "seconds and milliseconds mixed" in err
+    assert "Traceback" not in err
+
+
+def test_non_utf8_traffic_is_a_traffic_error_with_file_and_line(tmp_path):
+    """A Latin-1 CSV is a TrafficError naming the file and the line of the first bad byte."""
+    path = tmp_path / "latin1.csv"
+    path.write_bytes((AZURE + "2023-11-16 18:15:52.1,3\xe9,4\n").encode("latin-1"))
+    with pytest.raises(TrafficError, match=f"^{path}:4: not UTF-8 text"):
+        read_traffic(path)
+
+
+def test_gzipped_and_bom_csv_are_read(tmp_path):
+    """A gzipped trace (by its content, whatever its name) and a CSV with a UTF-8 byte order mark read as plain."""
+    plain = tmp_path / "trace.csv"
+    plain.write_text(AZURE)
+    zipped = tmp_path / "trace.csv.gz"
+    zipped.write_bytes(gzip.compress(AZURE.encode()))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(AZURE.replace("\n", "\r\n").encode("utf-8-sig"))
+    expected = read_traffic(plain)
+    assert len(expected) == 2
+    assert read_traffic(zipped) == read_traffic(bom) == expected
+
+
+def test_broken_gzip_is_a_traffic_error(tmp_path):
+    """A truncated gzip file is a TrafficError naming the file, not a traceback."""
+    path = tmp_path / "trace.csv.gz"
+    path.write_bytes(gzip.compress((AZURE * 200).encode())[:60])
+    with pytest.raises(TrafficError, match=f"^{path}: cannot read the traffic file"):
+        read_traffic(path)
+
+
+def test_times_without_a_zone_are_utc_whatever_the_host_zone(tmp_path, new_york_time):
+    """An ISO time without a zone is UTC, so it sorts beside `Z` times the same way on every host."""
+    path = _jsonl(tmp_path / "t.jsonl", [
+        {"timestamp": "2024-01-01T00:00:20+00:00", "input_tokens": 3, "output_tokens": 3},
+        {"timestamp": "2024-01-01T00:00:00", "input_tokens": 1, "output_tokens": 1},
+        {"timestamp": "2024-01-01T00:00:10Z", "input_tokens": 2, "output_tokens": 2}])
+    assert [(r.arrival_s, r.input_tokens) for r in read_traffic(path)] == [(0.0, 1), (10.0, 2), (20.0, 3)]
+
+
+def test_limit_takes_the_first_requests_by_arrival(tmp_path):
+    """--limit N keeps the N earliest arrivals of an unsorted file, not its first N lines."""
+    path = _jsonl(tmp_path / "t.jsonl", [{"timestamp": t, "input_tokens": 1, "output_tokens": 1}
+                                         for t in (3600, 0, 1800, 1, 2)])
+    assert [(r.arrival_s, r.line) for r in read_traffic(path, limit=3)] == [(0.0, 2), (1.0, 4), (2.0, 5)]
+
+
+@pytest.mark.parametrize(("name", "text"), [("empty.jsonl", ""), ("blank.jsonl", "\n\n"),
+                                            ("header.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n"),
+                                            ("empty.csv", "")])
+def test_empty_traffic_exits_1_with_a_message(tmp_path, capsys, name, text):
+    """An empty or header-only traffic file exits 1 saying so, instead of writing an empty report."""
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "r.md"
+    assert main(["--policy", str(DEMO), "--traffic", str(path), "--out", str(out)]) == 1
+    assert "the file is empty" in capsys.readouterr().err
+    assert not out.exists()

@@ -29,17 +29,18 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc)
+        return error_response(exc, request_id=request_id(request))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = NotFound(f"no such endpoint: {request.method} {request.path}", code="not_found") \
             if exc.status == 404 else ClientError(exc.reason, code=f"http_{exc.status}")
         error.status = exc.status
-        return error_response(error)
+        return error_response(error, request_id=request_id(request))
     except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(GatewayError("internal error"))
+        rid = request_id(request)
+        log.exception("unhandled error serving %s %s (request %s)", request.method, request.path, rid)
+        return error_response(GatewayError("internal error"), request_id=rid)
 
 
 def request_id(request: web.Request) -> str:

@@ -20,8 +20,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
+    from gateway.server import ListenError
 
-    return asyncio.run(run_demo(host=args.host, port=args.port, duration_s=args.duration))
+    try:
+        return asyncio.run(run_demo(host=args.host, port=args.port, duration_s=args.duration))
+    except ListenError as exc:
+        logging.getLogger("gateway").error("%s", exc)
+        return 1
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -58,22 +63,41 @@ DELEGATED = {
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
+    return port
+
+
+def log_level(text: str) -> str:
+    """A logging level name (DEBUG, INFO, WARNING, ERROR, CRITICAL), any case."""
+    level = text.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenTelemetry-native inference gateway")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=log_level, default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the gateway on a policy file")
     run.add_argument("--policy", required=True, type=Path, help="policy YAML file")
     run.add_argument("--host", default="0.0.0.0")
-    run.add_argument("--port", type=int, default=8080)
+    run.add_argument("--port", type=port_number, default=8080)
     run.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="simulated small/medium/large models and the gateway, no Redis needed")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--port", type=port_number, default=8080)
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
     demo.set_defaults(func=_demo)
@@ -102,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     if rest and rest[0] in DELEGATED:
         import importlib
 
-        logging.basicConfig(level=(level or os.environ.get("GATEWAY_LOG_LEVEL", "INFO")).upper(), format=LOG_FORMAT)
+        try:
+            level = log_level(level or os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+        except argparse.ArgumentTypeError as exc:
+            print(f"gateway: error: --log-level: {exc}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=level, format=LOG_FORMAT)
         return importlib.import_module(DELEGATED[rest[0]][0]).main(rest[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     return args.func(args)
 
 

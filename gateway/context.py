@@ -93,6 +93,7 @@ class RequestContext:
     # parse
     endpoint: str = "chat"              # chat | completions | embeddings
     body: dict[str, Any] = field(default_factory=dict)
+    body_bytes: int = 0                 # the size of the body as read (chunked bodies have no Content-Length)
     requested_model: str = ""
     stream: bool = False
     include_usage: bool = False         # the client asked for the usage chunk

@@ -84,7 +84,7 @@ async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: flo
     try:
         await asyncio.wait({server, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if server.done():
-            await server
+            await server                # raises why it stopped (ListenError: the port is taken)
         base_url = f"http://{host}:{port}"
         await tour(base_url)
         print(snippet(base_url), flush=True)

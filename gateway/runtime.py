@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.errors import PolicyError
+from gateway.errors import PolicyError, PolicyProblem
 from gateway.policy.load import load_policy
 from gateway.policy.model import Policy
 from gateway.routing.matcher import RouteIndex
@@ -123,6 +123,10 @@ class PolicyHolder:
             return _Loaded(ticket, stat, runtime=Runtime.build(load_policy(self.path), self.environ))
         except PolicyError as exc:
             return _Loaded(ticket, stat, error=exc)
+        except Exception as exc:    # boundary: whatever the file does to the loader, the old policy serves on
+            log.exception("policy reload: loading %s failed", self.path)
+            return _Loaded(ticket, stat, error=PolicyError([PolicyProblem(
+                str(self.path), None, "", f"could not load the policy: {type(exc).__name__}: {exc}")]))
 
     def _apply(self, loaded: _Loaded) -> bool:
         """Swap to a freshly read runtime, or record why it failed; stale reads are dropped."""

@@ -23,6 +23,10 @@ from gateway.tasks import BackgroundTasks
 log = logging.getLogger("gateway")
 
 
+class ListenError(RuntimeError):
+    """The gateway could not listen where it was told to (port taken, address not on this host)."""
+
+
 def install_uvloop() -> None:
     """Use uvloop when it is installed: the faster event loop for a proxy."""
     with contextlib.suppress(ImportError):
@@ -64,7 +68,11 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:                  # port taken, address not ours, host unknown (gaierror)
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     if freeze_gc:
         freeze_startup_objects()
     stop = stop or asyncio.Event()
@@ -88,10 +96,20 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
         await runner.cleanup()
 
 
-def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> None:
+def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> int:
+    """Serve in this process; 1, said in one line, when it cannot listen."""
     install_uvloop()
     holder = PolicyHolder.from_file(policy, os.environ)
-    asyncio.run(run_server(build_app(holder), host, port, reuse_port=reuse_port, freeze_gc=True))
+    try:
+        asyncio.run(run_server(build_app(holder), host, port, reuse_port=reuse_port, freeze_gc=True))
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def _worker_process(policy: Path, host: str, port: int, reuse_port: bool) -> None:
+    raise SystemExit(_worker(policy, host, port, reuse_port))
 
 
 def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
@@ -102,11 +120,10 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         log.error("invalid policy, not starting:\n%s", exc)
         return 1
     if workers <= 1:
-        _worker(policy, host, port, reuse_port=False)
-        return 0
+        return _worker(policy, host, port, reuse_port=False)
     for name in policy_encodings(holder.current.policy):
         get_encoding(name)              # loaded once here: forked workers share its memory
-    processes = [multiprocessing.Process(target=_worker, args=(policy, host, port, True), daemon=False)
+    processes = [multiprocessing.Process(target=_worker_process, args=(policy, host, port, True), daemon=False)
                  for _ in range(workers)]
     for process in processes:
         process.start()

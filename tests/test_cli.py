@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from gateway.cli import main
+
+DEMO = "gateway/data/demo.yaml"
 
 
 @pytest.mark.parametrize("flag", [["--log-level", "WARNING"], ["--log-level=WARNING"], []])
@@ -21,3 +26,40 @@ def test_log_level_may_precede_a_command_that_parses_its_own_arguments(flag, mon
 def test_log_level_still_precedes_the_commands_argparse_knows(capsys):
     assert main(["--log-level", "WARNING", "policy", "check", "gateway/data/demo.yaml"]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def gateway(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+                          timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+
+def test_a_port_in_use_is_said_in_one_line():
+    """`gateway run` on a taken port, or on an address that is no host, exits 1 with one line, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = gateway("run", "--policy", DEMO, "--host", "127.0.0.1", "--port", str(busy.getsockname()[1]))
+    assert taken.returncode == 1 and "Traceback" not in taken.stderr
+    assert "cannot listen on 127.0.0.1" in taken.stderr and "address already in use" in taken.stderr
+    no_host = gateway("run", "--policy", DEMO, "--host", "256.1.1.1", "--port", "1")
+    assert no_host.returncode == 1 and "Traceback" not in no_host.stderr and "cannot listen" in no_host.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "--policy", DEMO], ["demo"]])
+def test_a_port_out_of_range_is_refused(command):
+    """--port 99999 is refused (it used to be taken modulo 65536: 34463)."""
+    result = gateway(*command, "--port", "99999")
+    assert result.returncode == 2 and "a port is 0 to 65535" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["flag", "environment"])
+@pytest.mark.parametrize("command", [["policy", "check", DEMO], ["keys", "hash"]])
+def test_an_unknown_log_level_is_refused_in_one_line(where, command, monkeypatch):
+    """A log level that does not exist, given as a flag or in GATEWAY_LOG_LEVEL, is a usage error (exit 2)."""
+    if where == "flag":
+        result = gateway("--log-level", "bogus", *command)
+    else:
+        monkeypatch.setenv("GATEWAY_LOG_LEVEL", "bogus")
+        result = gateway(*command)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown log level 'bogus'" in result.stderr

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ from yaml.nodes import Node, ScalarNode
 
 from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
+from gateway.routing.estimates import MAX_SAMPLES
 from gateway.policy.model import (
     ENDPOINTS, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger, Limits,
     Match, Model, Policy, Price, Route, Routing, Server, Sla, Store, Telemetry, Tenant, Timeouts,
@@ -30,6 +32,9 @@ from gateway.policy.validate import (
 
 SUPPORTED_VERSION = 1
 ENCODINGS = ("cl100k_base", "o200k_base")
+#: the largest amount of money a policy may name (a price, a ceiling, a budget): beyond any real figure,
+#: and within what the gateway's decimal arithmetic carries exactly
+MAX_USD = 1e9
 
 
 def choice(*options: str) -> Converter:
@@ -45,6 +50,13 @@ def positive(value: Any) -> str | None:
 def non_negative(value: Any) -> str | None:
     """Rejects negatives."""
     return None if value >= 0 else f"must not be negative, got {value}"
+
+
+def at_most(limit: float) -> Callable[[Any], str | None]:
+    """Rejects values above `limit`."""
+    def check(value: Any) -> str | None:
+        return None if value <= limit else f"must be at most {limit:g}, got {value}"
+    return check
 
 
 def fraction(value: Any) -> str | None:
@@ -134,9 +146,9 @@ def header_match(walk: Walk, name: str, node: Node, path: str) -> Any:
 
 
 PRICE = Section(Price, {
-    "input_per_mtok": money(non_negative),
-    "output_per_mtok": money(non_negative),
-    "cached_input_per_mtok": money(non_negative),
+    "input_per_mtok": money(non_negative, at_most(MAX_USD)),
+    "output_per_mtok": money(non_negative, at_most(MAX_USD)),
+    "cached_input_per_mtok": money(non_negative, at_most(MAX_USD)),
 })
 LATENCY_PRIOR = Section(LatencyPrior, {"ttft_ms": real(non_negative), "tpot_ms": real(non_negative)})
 TIMEOUTS = Section(Timeouts, {"connect_s": real(positive), "first_byte_s": real(positive), "total_s": real(positive)})
@@ -157,8 +169,8 @@ MODEL = Section(Model, {
     "context_window": integer(positive),
     "max_concurrency": integer(positive),
     "price": PRICE,
-    "gpu_hour_usd": money(non_negative),
-    "energy_usd_per_kwh": money(non_negative),
+    "gpu_hour_usd": money(non_negative, at_most(MAX_USD)),
+    "energy_usd_per_kwh": money(non_negative, at_most(MAX_USD)),
     "latency_prior": LATENCY_PRIOR,
     "encoding": choice(*ENCODINGS),
     "timeouts": TIMEOUTS,
@@ -180,7 +192,7 @@ SLA = Section(Sla, {
     "p95_latency_ms": real(positive),
     "p95_ttft_ms": real(positive),
     "min_tier": integer(non_negative),
-    "max_cost_usd": money(non_negative),
+    "max_cost_usd": money(non_negative, at_most(MAX_USD)),
     "max_energy_j": real(positive),
     "on_violation": choice("best_effort", "reject"),
 })
@@ -201,8 +213,8 @@ LIMITS = Section(Limits, {
     "requests_per_minute": integer(positive), "tokens_per_minute": integer(positive), "concurrent": integer(positive),
 })
 BUDGET = Section(Budget, {
-    "usd_per_day": money(non_negative),
-    "usd_per_month": money(non_negative),
+    "usd_per_day": money(non_negative, at_most(MAX_USD)),
+    "usd_per_month": money(non_negative, at_most(MAX_USD)),
     "on_exhausted": choice("reject", "downgrade"),
 })
 TENANT = Section(Tenant, {
@@ -224,7 +236,7 @@ BREAKER = Section(Breaker, {"failure_threshold": integer(positive), "open_s": re
 ROUTING = Section(Routing, {
     "explore_share": real(fraction),
     "latency_window_s": real(positive),
-    "prior_weight": integer(non_negative),
+    "prior_weight": integer(non_negative, at_most(MAX_SAMPLES)),
     "breaker": BREAKER,
     "max_attempts": integer(positive),
 })
@@ -299,6 +311,8 @@ def _parse(text: str, source: str, content_sha256: str) -> tuple[Policy | None, 
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         return None, [_syntax_problem(source, exc)]
+    except RecursionError:                  # the YAML parser recurses once per level of nesting
+        return None, [PolicyProblem(source, None, "", "invalid YAML: nested too deeply")]
     if root is None:
         return None, [PolicyProblem(source, None, "", "the policy file is empty")]
     walk = Walk(source)

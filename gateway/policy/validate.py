@@ -51,6 +51,8 @@ class Walk:
     defined: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
     references: list[tuple[str, str, Node, str]] = field(default_factory=list)
     constructor: SafeConstructor = field(default_factory=SafeConstructor)
+    #: the entries of each mapping read through a merge key (<<), by node id
+    merged: dict[int, Any] = field(default_factory=dict)
 
     def report(self, node: Node | None, path: str, message: str) -> Any:
         """Record one problem at a node's line; returns INVALID for the caller to return."""
@@ -134,7 +136,9 @@ def mapping_entries(walk: Walk, node: Node, path: str, depth: int = 0) -> Entrie
         else:
             entries[key_node.value] = (key_node, value_node)
     for source in merges:
-        merged = mapping_entries(walk, source, path, depth + 1)
+        merged = walk.merged.get(id(source))
+        if merged is None:      # each merged mapping is read once, however many aliases name it (no bomb)
+            merged = walk.merged[id(source)] = mapping_entries(walk, source, path, depth + 1)
         for key, pair in ({} if merged is INVALID else merged).items():
             entries.setdefault(key, pair)
     return entries

@@ -7,8 +7,8 @@ import asyncio
 from gateway.context import RequestContext
 from gateway.tokens import DEFAULT_ENCODING, count_prompt_tokens
 
-#: bodies larger than this are counted in a thread, off the event loop
-LARGE_BODY_CHARS = 64 * 1024
+#: bodies larger than this (as read, chunked ones too) are counted in a thread, off the event loop
+LARGE_BODY_BYTES = 64 * 1024
 
 
 class Count:
@@ -18,7 +18,7 @@ class Count:
         self.services = services
 
     async def handle(self, ctx: RequestContext) -> None:
-        if (ctx.http.content_length or 0) > LARGE_BODY_CHARS:
+        if ctx.body_bytes > LARGE_BODY_BYTES:
             ctx.prompt_tokens = await asyncio.to_thread(
                 count_prompt_tokens, ctx.endpoint, ctx.body, DEFAULT_ENCODING)
         else:

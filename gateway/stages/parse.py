@@ -6,12 +6,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, ClientError
 
 #: the field that carries each endpoint's input
 INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+#: the deepest JSON the gateway can write again (orjson's limit): a body nested deeper is a 400
+MAX_JSON_DEPTH = 254
 
 
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
@@ -20,11 +23,14 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except RequestPayloadError as exc:      # e.g. Content-Encoding: gzip on a body that is not gzip
+        raise ClientError(f"could not read the request body: {exc}") from exc
     return b"".join(chunks)
 
 
@@ -38,7 +44,23 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise ClientError(f"could not parse the JSON body: {exc}") from exc
     if not isinstance(body, dict):
         raise ClientError(f"the JSON body must be an object, not {type(body).__name__}")
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and not _depth_within(body, MAX_JSON_DEPTH):
+        raise ClientError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     return body
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    """Whether no object or array in `value` lies more than `limit` levels deep (the body itself is 1)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            pending.extend((child, depth + 1) for child in item.values() if isinstance(child, (dict, list)))
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return True
 
 
 def _check_type(body: dict, field: str, types: tuple[type, ...], what: str) -> Any:
@@ -106,6 +128,7 @@ class Parse:
         body = parse_json_object(raw)
         validate_body(ctx.endpoint, body)
         ctx.body = body
+        ctx.body_bytes = len(raw)
         ctx.requested_model = body["model"]
         ctx.stream = bool(body.get("stream")) and ctx.endpoint != "embeddings"
         options = body.get("stream_options") or {}

@@ -21,8 +21,9 @@ Headers = Mapping[str, str]
 
 
 def sha256_hex(secret: str) -> str:
-    """The hex SHA-256 of a key or token, as policies store it."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    """The hex SHA-256 of a key or token, as policies store it (bytes that are not UTF-8, as aiohttp hands
+    them on, hash as they came: such a key matches nothing, a 401)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def presented_key(headers: Headers) -> str | None:

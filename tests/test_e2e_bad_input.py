@@ -1,0 +1,108 @@
+"""Client input that used to reach a 500, or stall the event loop: each is now a clear 4xx, or harmless."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+import requests
+from aiohttp.test_utils import make_mocked_request
+
+from gateway.context import RequestContext
+from gateway.stages.count import LARGE_BODY_BYTES, Count
+from gateway.tenancy.identity import sha256_hex
+from tests.support.harness import DEFAULT_POLICY, Harness
+from tests.support.policies import tenants
+
+POLICY = DEFAULT_POLICY + tenants({"acme": "key-acme"}) + 'server:\n  admin_token_sha256: "%s"\n' % sha256_hex(
+    "admin-token")
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def gw():
+    harness = Harness(POLICY).start()
+    yield harness
+    harness.stop()
+
+
+def raw_request(port: int, head: bytes, body: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    return answer
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + '"x"' + "]" * depth
+
+
+@pytest.mark.parametrize("where", ["in a message", "at the top"])
+def test_json_nested_deeper_than_the_gateway_can_write_is_a_400(gw, where):
+    """300 levels parse (orjson reads 1024) but cannot be sent on (it writes 254): a 400, not a 500."""
+    extra = nested(300)
+    raw = ('{"model":"auto","messages":[{"role":"user","content":"hi","meta":%s}]}' % extra if where == "in a message"
+           else '{"model":"auto","messages":[{"role":"user","content":"hi"}],"meta":%s}' % extra)
+    reply = requests.post(f"{gw.base_url}/v1/chat/completions", data=raw, timeout=20,
+                          headers={"Content-Type": "application/json", "Authorization": "Bearer key-acme"})
+    assert reply.status_code == 400 and "nested more than 254 levels" in reply.json()["error"]["message"]
+    ok = '{"model":"auto","max_tokens":3,"messages":[{"role":"user","content":"hi"}],"meta":%s}' % nested(250)
+    assert requests.post(f"{gw.base_url}/v1/chat/completions", data=ok, timeout=20, headers={
+        "Content-Type": "application/json", "Authorization": "Bearer key-acme"}).status_code == 200
+
+
+@pytest.mark.parametrize("path, method, header", [
+    (b"/v1/chat/completions", b"POST", b"Authorization: Bearer \xff\xfe"),
+    (b"/v1/chat/completions", b"POST", b"api-key: \xff"),
+    (b"/v1/models", b"GET", b"Authorization: Bearer \xff\xfe"),
+    (b"/v1/outcomes", b"POST", b"Authorization: Bearer \xff"),
+    (b"/admin/policy", b"GET", b"x-admin-token: \xff\xfe"),
+])
+def test_a_credential_that_is_not_utf8_is_a_401(gw, path, method, header):
+    """Bytes that are not UTF-8 in a key or token are a key that matches nothing: 401, never 500."""
+    head = method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + header + b"\r\n"
+    answer = raw_request(gw.port, head, json.dumps(CHAT).encode() if method == b"POST" else b"")
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 401 Unauthorized"), answer[:300]
+    assert b"x-request-id" in answer.lower()
+
+
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/v1/outcomes"])
+def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(gw, path):
+    """Content-Encoding: gzip on a body that is not gzip: a 400 saying the body could not be read."""
+    head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer key-acme\r\nContent-Encoding: gzip\r\n")
+    answer = raw_request(gw.port, head, b"this is not gzip")
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:300]
+    assert b"could not read the request body" in answer
+
+
+def test_an_unknown_path_answers_with_a_request_id(gw):
+    """Errors answered by the outermost middleware (404 here) carry x-request-id like every other answer."""
+    reply = requests.get(f"{gw.base_url}/v1/nowhere", timeout=10, headers={"x-request-id": "find-me-1"})
+    assert reply.status_code == 404 and reply.headers["x-request-id"] == "find-me-1"
+
+
+async def test_a_large_body_is_counted_off_the_event_loop_whatever_its_transfer_encoding():
+    """The size read decides, not Content-Length (a chunked body has none): the loop keeps ticking meanwhile."""
+    text = " ".join(f"w{i % 9973}x" for i in range(300_000))
+    ctx = RequestContext(http=make_mocked_request("POST", "/v1/chat/completions"), policy=None, request_id="r")
+    ctx.body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
+    ctx.body_bytes = len(text)
+    assert ctx.http.content_length is None and ctx.body_bytes > LARGE_BODY_BYTES
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    await Count(services=None).handle(ctx)
+    ticker.cancel()
+    assert ctx.prompt_tokens > 300_000 and ticks >= 5

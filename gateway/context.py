@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 
 
+#: the error type of an attempt whose client left mid-stream: its span and duration say it was cut short,
+#: while the tokens it produced still count
+CLIENT_DISCONNECTED = "client_disconnected"
+
+
 @dataclass
 class Usage:
     """Token counts of one upstream answer."""

@@ -8,11 +8,20 @@ from gateway.tokens import DEFAULT_ENCODING, count_completion_tokens, count_prom
 
 def read_answer(attempt: Attempt, body: dict) -> None:
     """What a non-streamed answer says about itself: id, model, finish reasons, usage."""
-    attempt.response_id = body.get("id")
-    attempt.response_model = body.get("model")
-    attempt.finish_reasons = tuple(c.get("finish_reason") for c in body.get("choices") or ()
-                                   if isinstance(c, dict) and c.get("finish_reason"))
+    read_identity(attempt, body)
+    choices = body.get("choices")
+    attempt.finish_reasons = tuple(c["finish_reason"] for c in choices if isinstance(c, dict)
+                                   and isinstance(c.get("finish_reason"), str) and c["finish_reason"]) \
+        if isinstance(choices, list) else ()
     attempt.usage = usage_from_response(body)
+
+
+def read_identity(attempt: Attempt, answer: dict) -> None:
+    """The answer's `id` and `model`, kept only when they are strings: they become span attributes and metric
+    labels, and a list or an object there (a server's bug) must not break the request's recording."""
+    answer_id, model = answer.get("id"), answer.get("model")
+    attempt.response_id = answer_id if isinstance(answer_id, str) else None
+    attempt.response_model = model if isinstance(model, str) else None
 
 
 def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
 import orjson
 from aiohttp import web
 
-from gateway.context import Attempt, RequestContext
+from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatus
 from gateway.policy.model import Model
 from gateway.responses import response_headers
@@ -75,6 +76,9 @@ class Call:
                 attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
             try:
                 return await self._attempt(ctx, attempt)
+            except asyncio.CancelledError:  # the client left while the model worked: the call was cut short
+                attempt.error_type = attempt.error_type or CLIENT_DISCONNECTED
+                raise
             except UpstreamError as exc:
                 self._failed(ctx, attempt, exc)
                 last_error = exc

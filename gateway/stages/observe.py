@@ -47,8 +47,10 @@ class Observe:
             log.exception("recording request %s failed", ctx.request_id)
 
     def _record(self, ctx: RequestContext) -> None:
-        self.services.telemetry.finish_request(ctx)
-        self.services.record_request(ctx)
+        try:
+            self.services.telemetry.finish_request(ctx)
+        finally:                            # the ledger line and the task's cost are kept whatever telemetry does
+            self.services.record_request(ctx)
 
     async def _record_with_energy(self, ctx: RequestContext) -> None:
         """Wait for each measured attempt's joules, add their cost, then record the request."""

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
-from gateway.context import Attempt, RequestContext
+from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import UpstreamError, UpstreamProtocolError
 from gateway.sse import DONE, encode_event, error_event, event_data
+from gateway.stages.answers import read_identity
 from gateway.responses import response_headers
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall
@@ -96,7 +97,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                 usage = usage_from_response(chunk)
                 if response is None:
                     attempt.ttft_s = time.perf_counter() - attempt.started_s
-                    attempt.response_id, attempt.response_model = chunk.get("id"), chunk.get("model")
+                    read_identity(attempt, chunk)
                     on_first_event(ctx, attempt)
                     response = await _open_client_stream(ctx, response_headers(ctx))
                 state.absorb(chunk)
@@ -113,6 +114,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                 raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
     except ConnectionError:
         ctx.status = 499                    # the client went away; leaving `stream` closes upstream
+        attempt.error_type = CLIENT_DISCONNECTED     # a call cut short: not a latency sample like the others
         _recorded(ctx, attempt, state, response)
         return response or web.Response(status=499)
     except UpstreamError as exc:

@@ -33,6 +33,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 
+#: distinct attribute sets an instrument keeps, as the SDK's default cardinality limit; the rest are summed in
+#: one point marked `otel.metric.overflow`, as the SDK does
+CARDINALITY_LIMIT = 2000
+OVERFLOW_ATTRIBUTES: dict[str, Any] = {"otel.metric.overflow": True}
+OVERFLOW_KEY = tuple(OVERFLOW_ATTRIBUTES.items())
+
+
 class _Point:
     """One attribute set's running totals, and the [min, max] of each delta reader's current interval."""
 
@@ -78,7 +85,11 @@ class Buckets:
         with self._lock:
             point = self._points.get(key)
             if point is None:
-                point = self._points[key] = _Point(dict(attributes), len(self.boundaries) + 1, self._windows)
+                if len(self._points) >= CARDINALITY_LIMIT:
+                    key, attributes = OVERFLOW_KEY, OVERFLOW_ATTRIBUTES
+                    point = self._points.get(key)
+                if point is None:
+                    point = self._points[key] = _Point(dict(attributes), len(self.boundaries) + 1, self._windows)
             point.counts[index] += 1
             point.count += 1
             point.sum += amount

@@ -9,6 +9,7 @@ from opentelemetry.metrics import Meter, Observation
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_AI_TOKEN_TYPE
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
+from gateway.context import CLIENT_DISCONNECTED
 from gateway.telemetry import genai
 from gateway.telemetry.histograms import Buckets
 from gateway.telemetry.sums import Sums
@@ -121,9 +122,9 @@ class Instruments:
             self.sla.add(1, {**labels, "gateway.sla.status": "met" if ctx.decision.sla_met else "missed"})
         self._record_tokens(ctx, tenant_label)
 
-    def record_task(self, task, tenant_label: str) -> None:
+    def record_task(self, task, tenant_label: str, workflow_label: str | None) -> None:
         """A reported task outcome and the cost of the task it judges."""
-        labels = {genai.ROUTE: task.route, genai.TENANT: tenant_label, "gateway.workflow": task.workflow,
+        labels = {genai.ROUTE: task.route, genai.TENANT: tenant_label, "gateway.workflow": workflow_label,
                   "gateway.task.outcome": task.outcome}
         self.task_outcomes.add(1, labels)
         self.task_cost.add(float(task.cost_usd), labels)
@@ -136,7 +137,8 @@ class Instruments:
 
     def _record_tokens(self, ctx: RequestContext, tenant_label: str) -> None:
         """gen_ai.client.token.usage and the estimate error, for the attempt that answered."""
-        answered = ctx.attempts[-1] if ctx.attempts and not ctx.attempts[-1].error_type else None
+        last = ctx.attempts[-1] if ctx.attempts else None
+        answered = last if last is not None and last.error_type in (None, CLIENT_DISCONNECTED) else None
         if answered is None:
             return
         usage = answered.usage or ctx.usage

@@ -245,6 +245,10 @@ def sampler(name: str, ratio: float) -> Sampler:
              "parentbased_always_on": DEFAULT_ON, "parentbased_always_off": DEFAULT_OFF}
     if name in fixed:
         return fixed[name]
+    if not 0.0 <= ratio <= 1.0:             # the SDK would refuse to start; take the nearest valid ratio
+        clamped = min(max(ratio, 0.0), 1.0) if ratio == ratio else 1.0
+        logger.warning("OTEL_TRACES_SAMPLER_ARG %r is not a ratio in [0, 1]; using %s", ratio, clamped)
+        ratio = clamped
     if name == "traceidratio":
         return TraceIdRatioBased(ratio)
     if name == "parentbased_traceidratio":

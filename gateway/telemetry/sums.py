@@ -16,6 +16,8 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from gateway.telemetry.histograms import CARDINALITY_LIMIT, OVERFLOW_KEY
+
 
 class Sums:
     """A running sum per attribute set, exported as an observable (up-down) counter."""
@@ -31,6 +33,8 @@ class Sums:
         """Add `amount` to the sum of this attribute set (the same signature as Counter.add)."""
         key = tuple(attributes.items())
         sums = self._sums
+        if key not in sums and len(sums) >= CARDINALITY_LIMIT:
+            key = OVERFLOW_KEY              # as the SDK does past its cardinality limit
         sums[key] = sums.get(key, 0) + amount
 
     def _observe(self, _options: CallbackOptions) -> Iterable[Observation]:

@@ -23,15 +23,19 @@ from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
 from opentelemetry.trace import SpanKind
 
 from gateway.telemetry import content, genai
+from gateway.telemetry.labels import TenantLabels
 from gateway.telemetry.spans import RequestSpans, SpanDraft
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
-    from gateway.telemetry.labels import TenantLabels
     from gateway.telemetry.metrics import Instruments
 
 #: ctx.extra key set once finish_request has run
 FINISHED = "telemetry.finished"
+
+
+#: distinct workflow names kept as metric labels; later ones are "other"
+WORKFLOW_LABEL_TOP_N = 100
 
 
 class Hooks:
@@ -42,6 +46,8 @@ class Hooks:
         self._spans = spans
         self._instruments = instruments
         self._tenants = tenant_labels
+        # workflows are named by a client header: bounded like tenants, the first N keep their name
+        self._workflows = TenantLabels(top_n=WORKFLOW_LABEL_TOP_N)
         self._capture_content = capture_content
 
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
@@ -147,7 +153,8 @@ class Hooks:
 
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""
-        self._instruments.record_task(task, self._tenants.label(task.tenant))
+        workflow = self._workflows.label(task.workflow) if task.workflow is not None else None
+        self._instruments.record_task(task, self._tenants.label(task.tenant), workflow)
 
 
 def _ended_ns(ctx: RequestContext) -> int | None:

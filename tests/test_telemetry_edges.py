@@ -1,0 +1,129 @@
+"""Telemetry under odd input: odd upstream fields, a sampler argument out of range, clients leaving, and
+label sets without end. Found by a review of the telemetry on the wire."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from gateway.outcomes import Task
+from gateway.policy.model import Telemetry as PolicyTelemetry
+from gateway.telemetry import Telemetry
+from gateway.telemetry.histograms import CARDINALITY_LIMIT, Buckets, HistogramExport
+from gateway.telemetry.metrics import DURATION_BUCKETS_S
+from gateway.telemetry.tracing import WORKFLOW_LABEL_TOP_N
+from tests.support.harness import DEFAULT_SIMS, Harness
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.policies import models, short_timeouts, standard_model
+from tests.support.raw_upstream import COMPLETION, RawUpstream, json_answer
+from tests.test_e2e_telemetry import CALLER_SPAN_ID, KEYS, otel_environ, start
+from tests.test_e2e_upstream_edges import POLICY_TAIL
+
+
+@pytest.mark.parametrize("odd", [{"model": ["fake"]}, {"model": {"name": "fake"}}, {"id": 7}],
+                         ids=["model-list", "model-object", "id-int"])
+def test_an_odd_id_or_model_in_an_answer_keeps_the_requests_metrics_and_ledger_line(tmp_path, odd):
+    """A model server's `model` as a list (or `id` as a number) used to make the recording raise: the request
+    lost its metrics and its ledger line. Now such values are left out and the request is recorded."""
+    raw = RawUpstream().start()
+    ledger = tmp_path / "ledger.jsonl"
+    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
+    policy = (head + POLICY_TAIL).replace("RAW_URL", raw.url) + (
+        f"telemetry: {{{{prometheus: true}}}}\nledger: {{{{path: {ledger}}}}}\n")
+    harness = Harness(policy, sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}, environ={}).start()
+    try:
+        raw.script = json_answer({**COMPLETION, **odd})
+        reply = harness.openai().chat.completions.with_raw_response.create(
+            model="raw", messages=[{"role": "user", "content": "hi"}])
+        assert reply.http_response.status_code == 200
+        deadline = time.monotonic() + 5
+        while not (ledger.exists() and ledger.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [line] = ledger.read_text().splitlines()
+        assert json.loads(line)["status"] == 200
+        text = harness.services.telemetry.prometheus_text().decode()
+        assert any(row.startswith("gateway_requests_total{") for row in text.splitlines())
+    finally:
+        harness.stop()
+        raw.stop()
+
+
+@pytest.mark.parametrize("name, arg", [("traceidratio", "1.5"), ("parentbased_traceidratio", "-0.1"),
+                                       ("parentbased_traceidratio", "nan")])
+def test_a_sampler_ratio_out_of_range_is_clamped_not_fatal(name, arg, caplog):
+    """OTEL_TRACES_SAMPLER_ARG outside [0, 1] used to stop the gateway from starting; now the nearest ratio
+    is used and a warning says so."""
+    telemetry = Telemetry.from_env(environ={"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": arg,
+                                            "OTEL_METRICS_EXPORTER": "none"})
+    telemetry.shutdown(timeout_s=1)
+    assert any("not a ratio in [0, 1]" in record.getMessage() for record in caplog.records)
+
+
+def test_workflow_labels_are_bounded_like_tenants():
+    """x-gateway-workflow is named by clients: the first 100 workflows keep their name, the rest are other."""
+    telemetry = Telemetry.from_env(PolicyTelemetry(prometheus=True), environ={})
+    try:
+        for n in range(5 * WORKFLOW_LABEL_TOP_N):
+            telemetry.record_outcome(Task(route="chat-default", tenant="acme", workflow=f"wf-{n}",
+                                          cost_usd=Decimal("0.001"), outcome="success"))
+        text = telemetry.prometheus_text().decode()
+        series = [row for row in text.splitlines() if row.startswith("gateway_task_outcomes_total{")]
+        assert len(series) == WORKFLOW_LABEL_TOP_N + 1
+        assert any('gateway_workflow="other"' in row and row.endswith(f" {4 * WORKFLOW_LABEL_TOP_N}.0")
+                   for row in series)
+    finally:
+        telemetry.shutdown()
+
+
+def test_the_gateways_histograms_fold_attribute_sets_past_the_sdks_limit_into_one_overflow_point():
+    """As the SDK does: 2000 attribute sets kept, the rest counted in one `otel.metric.overflow` point."""
+    reader = InMemoryMetricReader()
+    sdk = MeterProvider(metric_readers=[reader]).get_meter("sdk").create_histogram(
+        "h", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+    ours = Buckets("h", unit="s", description="", boundaries=DURATION_BUCKETS_S)
+    for n in range(CARDINALITY_LIMIT + 500):
+        labels = {"gen_ai.response.model": f"m-{n}"}
+        sdk.record(0.5, labels)
+        ours.record(0.5, labels)
+    sdk_points = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    our_points = HistogramExport([ours], InstrumentationScope("gw"), Resource.create({})).add_to(None) \
+        .resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert len(our_points) == len(sdk_points) == CARDINALITY_LIMIT + 1
+    [overflow] = [p for p in our_points if p.attributes.get("otel.metric.overflow")]
+    assert overflow.count == 500
+
+
+def test_an_attempt_cut_short_by_a_client_leaving_is_exported_as_such():
+    """The client hangs up mid-stream: the CLIENT span is an error with error.type client_disconnected, and
+    its duration sample carries it too, so it is not read as a normal latency."""
+    receiver = OtlpReceiver().start()
+    gateway = start(otel_environ(receiver.http_endpoint, "http/protobuf", "gw-disconnect"))
+    try:
+        trace_id = uuid.uuid4().hex
+        body = json.dumps({"model": "slow", "stream": True, "max_tokens": 40,
+                           "messages": [{"role": "user", "content": "Count"}]}).encode()
+        with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Authorization: Bearer {KEYS['acme']}\r\ntraceparent: 00-{trace_id}-{CALLER_SPAN_ID}"
+                             f"-01\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert b"200" in client.recv(4096).split(b"\r\n")[0]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        gateway.flush_telemetry()
+        spans = receiver.wait_for(lambda: (t := receiver.trace(trace_id)) and any(s.kind == "SERVER" for s in t) and t)
+        attempt = next(span for span in spans if span.kind == "CLIENT")
+        assert attempt.status_code == "ERROR" and attempt.attributes["error.type"] == "client_disconnected"
+        durations = receiver.latest_metrics("gw-disconnect")["gen_ai.client.operation.duration"].points
+        assert any(p.attributes.get("error.type") == "client_disconnected" for p in durations)
+    finally:
+        gateway.stop()
+        receiver.stop()

@@ -33,6 +33,7 @@ The gateway is ready at {base_url}
   curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "auto", "messages": [{{"role": "user", "content": "Hello!"}}], "temperature": 0}}' -i
 
+  pip install openai    # the official SDK, for the streaming example
   python - <<'PY'
   from openai import OpenAI
   client = OpenAI(base_url="{base_url}/v1", api_key="unused-in-demo")

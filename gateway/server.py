@@ -65,7 +65,9 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
     """
     holder: PolicyHolder = app[HOLDER]
     grace_s = holder.current.policy.server.grace_period_s
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s, access_log=None)
+    # aiohttp waits shutdown_timeout for handlers, then cancels their requests and waits as long again
+    # (a stream goes on writing meanwhile): half the grace period each keeps the drain within it
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s / 2, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     try:

@@ -1,0 +1,76 @@
+"""SIGTERM drains within server.grace_period_s, not twice it (aiohttp waits its shutdown timeout twice)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from bench.machine import free_port
+from bench.procs import http_ok
+
+GRACE_S = 3.0
+POLICY = """version: 1
+models:
+  slow: {{endpoint: "http://127.0.0.1:{sim}/v1", upstream_model: sim-slow}}
+routes:
+  - name: all
+    candidates: [slow]
+server: {{grace_period_s: {grace}}}
+"""
+
+
+def wait_for(check, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.05)
+
+
+def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exits(tmp_path):
+    """A 400 ms-per-token stream of 200 tokens is in flight at SIGTERM: the gateway exits about
+    grace_period_s later (it used to take twice that, past Kubernetes' and Docker's kill deadlines)."""
+    sim_port, port = free_port(), free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(sim=sim_port, grace=GRACE_S))
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate-backend", "--port", str(sim_port),
+                            "--model", "sim-slow", "--tpot-ms", "400", "--ttft-ms", "1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host",
+                                "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(http_ok(f"http://127.0.0.1:{port}/healthz"))
+        wait_for(http_ok(f"http://127.0.0.1:{sim_port}/v1/models"))
+        lines: list[bytes] = []
+
+        def stream() -> None:
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            client.request("POST", "/v1/chat/completions", json.dumps({
+                "model": "x", "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}),
+                {"Content-Type": "application/json"})
+            reply = client.getresponse()
+            try:
+                while line := reply.readline():
+                    lines.append(line)
+            except (OSError, http.client.HTTPException):
+                pass
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        wait_for(lambda: any(line.startswith(b"data:") for line in lines))
+        signalled_s = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(30)
+        exited_after_s = time.monotonic() - signalled_s
+        reader.join(10)
+        assert gateway.returncode == 0
+        assert GRACE_S - 0.5 < exited_after_s < GRACE_S + 1.5, exited_after_s
+    finally:
+        for process in (gateway, sim):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -334,7 +334,7 @@ def test_compose_mounts_exist_and_are_read_only(compose):
                 assert mode == ["ro"], f"{name}: {source} should be mounted read-only"
             else:
                 assert source in declared, f"{name}: volume {source} is not declared"
-    assert "./policy.yaml:/etc/gateway/policy.yaml:ro" in compose["services"]["gateway"]["volumes"]
+    assert "./policy:/etc/gateway:ro" in compose["services"]["gateway"]["volumes"]
 
 
 def flag(command: list[str], name: str) -> str:
@@ -343,8 +343,8 @@ def flag(command: list[str], name: str) -> str:
 
 def test_compose_policy_points_at_the_simulator_services(compose):
     """The compose policy is valid and each model's endpoint is a simulator service serving that upstream model."""
-    assert check_policy(COMPOSE_DIR / "policy.yaml") == []
-    policy = load_policy(COMPOSE_DIR / "policy.yaml")
+    assert check_policy(COMPOSE_DIR / "policy" / "policy.yaml") == []
+    policy = load_policy(COMPOSE_DIR / "policy" / "policy.yaml")
     services = compose["services"]
     for model in policy.models.values():
         endpoint = urlsplit(model.endpoint)

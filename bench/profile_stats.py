@@ -18,13 +18,11 @@ STAGE_MODULES = {"observe": "observe", "identify": "identify", "parse": "parse",
 STAGE_METHODS = ("handle", "finish")
 TELEMETRY_HOOKS = ("start_request", "route_span", "cache_span", "start_attempt", "end_attempt", "finish_request")
 #: things counted per request: label -> (file suffix, function names)
-COUNTED = {
-    "metric measurements (Counter.add, Histogram.record, ...)":
-        ("opentelemetry/sdk/metrics/_internal/instrument.py", ("add", "record", "set")),
-    "spans started": ("opentelemetry/sdk/trace/__init__.py", ("start_span",)),
-    "span attribute values validated": ("opentelemetry/attributes/__init__.py", ("_clean_attribute_value",)),
-    "metric attribute sets hashed": ("opentelemetry/sdk/metrics/_internal/_view_instrument_match.py",
-                                     ("_hash_attributes",)),
+COUNTED = {    # the gateway's own telemetry (it drafts spans and sums metrics itself, not through the SDK's calls)
+    "spans drafted (server and children)": ("gateway/telemetry/spans.py", ("server", "child")),
+    "spans handed to the exporter": ("gateway/telemetry/spans.py", ("_readable",)),
+    "counter additions": ("gateway/telemetry/sums.py", ("add",)),
+    "histogram records": ("gateway/telemetry/histograms.py", ("record",)),
 }
 
 Key = tuple[str, int, str]

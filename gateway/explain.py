@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 
 import orjson
@@ -49,12 +50,19 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     return decision, prompt_tokens
 
 
+class _NeverExplore(random.Random):
+    """The router's coin never lands on exploring: explain shows the planned choice, the same every run."""
+
+    def random(self) -> float:
+        return 1.0
+
+
 def explain_main(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.file)
         runtime = Runtime.build(policy, os.environ)
         raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
-        decision, prompt_tokens = explain(runtime, Fleet(policy), endpoint=args.endpoint,
+        decision, prompt_tokens = explain(runtime, Fleet(policy, rng=_NeverExplore()), endpoint=args.endpoint,
                                           body=parse_json_object(raw), headers=parse_headers(args.header),
                                           tenant_name=args.tenant)
     except PolicyError as exc:
@@ -66,4 +74,7 @@ def explain_main(args: argparse.Namespace) -> int:
     print(f"prompt tokens: {prompt_tokens} ({DEFAULT_ENCODING})")
     print(format_decision(decision))
     print(f"choice: {decision.plan[0].name if decision.plan else 'none'}")
+    if (share := policy.routing.explore_share) > 0:
+        print(f"(routing.explore_share {share:g}: live, that share of such requests goes to another eligible "
+              "candidate to keep its estimate fresh)")
     return 0

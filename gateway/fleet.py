@@ -39,9 +39,15 @@ class Fleet:
         return router
 
     def adopt(self, policy: Policy) -> None:
-        """Follow a reloaded policy: its latency window and breaker settings, and its router built now."""
+        """Follow a reloaded policy: its latency window, prior weight (a change restarts every model's
+        estimates), breaker settings and latency priors (also when an earlier version comes back, whose
+        router is still cached), and its router built now."""
         routing = policy.routing
         self.estimates.window_s = routing.latency_window_s
+        if routing.prior_weight != self.estimates.prior_weight:
+            self.estimates.prior_weight = routing.prior_weight
+            self.estimates.restart()
+        self.estimates.track(policy.models)
         self.breakers.configure(routing.breaker)
         self.router(policy)
 

@@ -130,7 +130,7 @@ def test_cost_ceiling_drops_expensive_models():
     """A max cost per request keeps only the models predicted under it."""
     decision = Setup(chat_route(Sla(p95_latency_ms=6000, max_cost_usd=Decimal("0.001")))).decide()
     assert plan_names(decision) == ["small", "medium"]
-    assert candidate(decision, "large").reasons[0].startswith("cost $0.002810 > $0.001")
+    assert candidate(decision, "large").reasons[0].startswith("cost $0.00281 > $0.001")
 
 
 def test_ttft_limit_applies_to_streams_only():

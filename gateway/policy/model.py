@@ -70,6 +70,11 @@ class Model:
     timeouts: Timeouts = field(default_factory=Timeouts)
     gpus: GpuSource | None = None
 
+    @property
+    def gpu_count(self) -> int:
+        """GPUs a request on this model occupies, for its GPU-time price: the ids named, else 1."""
+        return len(self.gpus.ids) if self.gpus is not None and self.gpus.ids else 1
+
 
 @dataclass(frozen=True)
 class HeaderMatch:
@@ -222,9 +227,11 @@ class Policy:
 
     def aliases(self) -> list[str]:
         """The model names clients may ask for: every literal alias routes match."""
+        from gateway.routing.matcher import is_glob       # late: the matcher imports this module
+
         seen: dict[str, None] = {}
         for route in self.routes:
             for alias in route.match.models:
-                if "*" not in alias and "?" not in alias:
+                if not is_glob(alias):
                     seen.setdefault(alias, None)
         return list(seen)

@@ -80,10 +80,11 @@ class SampleWindow:
 class _ModelStats:
     """TTFT and TPOT windows of one model."""
 
-    __slots__ = ("ttft", "tpot", "prior")
+    __slots__ = ("ttft", "tpot", "prior", "model")
 
     def __init__(self, model: Model, prior_weight: int, max_samples: int) -> None:
         prior = model.latency_prior
+        self.model = model
         self.prior = prior
         self.ttft = SampleWindow(prior.ttft_ms / 1000.0, prior_weight, max_samples)
         self.tpot = SampleWindow(prior.tpot_ms / 1000.0, prior_weight, max_samples)
@@ -109,6 +110,11 @@ class LatencyEstimates:
         """Estimates for every model of a policy, with its routing settings."""
         routing = policy.routing
         return cls(policy.models, routing.latency_window_s, routing.prior_weight, clock)
+
+    def restart(self) -> None:
+        """Forget every model's samples; each starts again from its prior (after `prior_weight` changed)."""
+        self._models = {name: _ModelStats(stats.model, self.prior_weight, self._max_samples)
+                        for name, stats in self._models.items()}
 
     def track(self, models: Iterable[Model] | Mapping[str, Model]) -> None:
         """Start tracking models not yet known; a changed prior restarts that model."""

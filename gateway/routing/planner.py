@@ -100,7 +100,8 @@ class Router:
         if not hard:
             return decision
         ordered = sorted(hard, key=lambda c: (c.predicted_cost_usd, c.model.size_b))
-        return replace(decision, plan=tuple(c.model for c in ordered),
+        # the SLA is met only if the cheapest model meets it; nothing was explored
+        return replace(decision, plan=tuple(c.model for c in ordered), sla_met=ordered[0].kept, explored=False,
                        note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
@@ -126,25 +127,26 @@ class Router:
         """The plan when no candidate meets the SLA: best effort, or an error."""
         needed_tokens = prompt_tokens + output_tokens
         fitting = [c for p, c in zip(plan.candidates, candidates) if fits(p, needed_tokens, limits)]
-        fallback_fits = any(f.context_window >= needed_tokens for f in plan.fallbacks)
+        fallback_fits = any(fits(f, needed_tokens, limits) for f in plan.fallbacks)
         if route.sla.on_violation == "reject" or not (fitting or fallback_fits):
             raise _unmet_error(route, plan, candidates, fitting, limits, prompt_tokens, output_tokens)
         fitting.sort(key=lambda c: c.predicted_latency_ms)
         models = [c.model for c in fitting if self.breakers.available(c.model.name)]
-        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True)
+        # best effort keeps the hard terms, context and tier, for the fallbacks too
+        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True, min_tier=limits.min_tier)
         if not models:
             models = [c.model for c in fitting]
-            self._add_fallbacks(models, plan, needed_tokens, healthy_only=False)
+            self._add_fallbacks(models, plan, needed_tokens, healthy_only=False, min_tier=limits.min_tier)
         note = f"SLA not met ({_unmet_summary(fitting or candidates, limits)}); best effort by predicted latency"
         return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
                         sla_met=False, note=note)
 
     def _add_fallbacks(self, models: list[Model], plan: _RoutePlan, needed_tokens: int,
-                       healthy_only: bool) -> None:
-        """Append the route's fallbacks not yet planned that fit the context (and are healthy)."""
+                       healthy_only: bool, min_tier: int = 0) -> None:
+        """Append the route's fallbacks not yet planned that fit the context and `min_tier` (and are healthy)."""
         planned = {m.name for m in models}
         for fallback in plan.fallbacks:
-            if fallback.name in planned or fallback.context_window < needed_tokens:
+            if fallback.name in planned or fallback.context_window < needed_tokens or fallback.tier < min_tier:
                 continue
             if healthy_only and not self.breakers.available(fallback.name):
                 continue

@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import TypeVar
 
 from gateway.context import Candidate
+from gateway.cost import plain_usd
 from gateway.policy.model import Model, Sla
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
@@ -51,7 +52,8 @@ class Limits:
         """The SLA term a reason of `kind` (its first word) broke."""
         labels = {"latency": f"p95_latency_ms {_number(self.latency_ms)}",
                   "ttft": f"p95_ttft_ms {_number(self.ttft_ms)}",
-                  "cost": f"max_cost_usd {self.cost_usd}", "tier": f"min_tier {self.min_tier}",
+                  "cost": f"max_cost_usd {plain_usd(self.cost_usd) if self.cost_usd is not None else None}",
+                  "tier": f"min_tier {self.min_tier}",
                   "context": "the context window", "circuit": "a closed circuit"}
         return labels.get(kind, kind)
 
@@ -84,10 +86,9 @@ class PricedModel:
         price = model.price
         self.input_usd_per_tok = price.input_per_mtok / _PER_MTOK
         self.output_usd_per_tok = price.output_per_mtok / _PER_MTOK
-        token_priced = price.input_per_mtok or price.output_per_mtok
         self.gpu_usd_per_ms: Decimal | None = None
-        if model.gpu_hour_usd is not None and not token_priced:
-            self.gpu_usd_per_ms = model.gpu_hour_usd / _MS_PER_HOUR / self.max_concurrency
+        if model.gpu_hour_usd is not None:      # charged beside any token price, per GPU, as account does
+            self.gpu_usd_per_ms = model.gpu_hour_usd * model.gpu_count / _MS_PER_HOUR / self.max_concurrency
 
     @property
     def choice_key(self) -> tuple[float, Decimal]:
@@ -95,10 +96,11 @@ class PricedModel:
         return self.size_b, self.model.price.input_per_mtok
 
     def cost_usd(self, prompt_tokens: int, output_tokens: int, latency_ms: float) -> Decimal:
-        """Predicted cost of one request."""
+        """Predicted cost of one request: its tokens, and its share of GPU time when the model has a GPU price."""
+        tokens_usd = self.input_usd_per_tok * prompt_tokens + self.output_usd_per_tok * output_tokens
         if self.gpu_usd_per_ms is not None:
-            return self.gpu_usd_per_ms * int(latency_ms)
-        return self.input_usd_per_tok * prompt_tokens + self.output_usd_per_tok * output_tokens
+            return tokens_usd + self.gpu_usd_per_ms * int(latency_ms)
+        return tokens_usd
 
 
 def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, limits: Limits,
@@ -132,7 +134,7 @@ def _reasons(priced: PricedModel, breakers: Breakers, limits: Limits, needed_tok
     if stream and limits.ttft_ms is not None and ttft_ms > limits.ttft_ms:
         reasons.append(f"ttft {ttft_ms:.0f}ms > {limits.ttft_ms:g}ms")
     if limits.cost_usd is not None and cost_usd > limits.cost_usd:
-        reasons.append(f"cost ${cost_usd:.6f} > ${limits.cost_usd}")
+        reasons.append(f"cost ${plain_usd(cost_usd)} > ${plain_usd(limits.cost_usd)}")
     if not breakers.available(priced.name):
         reasons.append(f"circuit {breakers.state(priced.name)}")
     return tuple(reasons)

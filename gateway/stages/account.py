@@ -30,8 +30,7 @@ def gpu_seconds(attempt: Attempt) -> float | None:
     model = attempt.model
     if model.gpu_hour_usd is None or attempt.ended_s is None or attempt.error_type == "connect_error":
         return None
-    gpus = len(model.gpus.ids) if model.gpus and model.gpus.ids else 1
-    return (attempt.ended_s - attempt.started_s) * gpus / model.max_concurrency
+    return (attempt.ended_s - attempt.started_s) * model.gpu_count / model.max_concurrency
 
 
 class Account:

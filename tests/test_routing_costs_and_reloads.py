@@ -1,0 +1,123 @@
+"""Routing defects found by a review: predicted cost against what is charged, reloads of routing settings,
+a budget downgrade's SLA verdict, best effort's tier, alias listing and a deterministic explain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+
+from gateway.context import Attempt, Usage
+from gateway.cost import request_cost_usd
+from gateway.errors import NoModelMeetsSla
+from gateway.fleet import Fleet
+from gateway.policy.load import parse_policy
+from gateway.policy.model import GpuSource, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla
+from gateway.routing import tighten_from_headers
+from gateway.stages.account import gpu_seconds
+from tests.test_routing_planner import Setup, chat_route, models, plan_names
+
+
+def priced(name: str, **fields) -> Model:
+    return Model(name=name, endpoint="http://127.0.0.1:1/v1", upstream_model=name, size_b=1, max_concurrency=1,
+                 latency_prior=LatencyPrior(ttft_ms=100, tpot_ms=10), **fields)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(gpu_hour_usd=Decimal("3.6"), gpus=GpuSource(source="nvml", ids=("0", "1", "2", "3"))),
+    dict(gpu_hour_usd=Decimal("3600"), price=Price(Decimal("1"), Decimal("1"))),
+], ids=["four-gpus", "tokens-and-gpu-time"])
+def test_the_predicted_cost_is_what_the_request_is_charged(fields):
+    """GPU time is predicted per GPU, and beside any token price, as the account stage charges it: a 4-GPU
+    model was predicted at a quarter of its cost, a token-priced one without its GPU time."""
+    model = priced("m", **fields)
+    setup = Setup(Route(name="chat", match=Match(models=("auto",)), candidates=("m",), sla=Sla()),
+                  extra_models={"m": model})
+    predicted = setup.decide(prompt_tokens=10, max_tokens=1).candidates[0].predicted_cost_usd   # 100 ms: TTFT
+    attempt = Attempt(model=model, started_s=0.0, ended_s=0.1, status=200)
+    charged = request_cost_usd(model, Usage(input_tokens=10, output_tokens=1), gpu_seconds=gpu_seconds(attempt))
+    assert predicted == pytest.approx(charged)
+
+
+def policy_version(sha: str, prior_weight: int = 5, ttft_ms: float = 40) -> Policy:
+    fleet_models = models()
+    fleet_models["small"] = replace(fleet_models["small"], latency_prior=LatencyPrior(ttft_ms=ttft_ms, tpot_ms=4))
+    return Policy(version=1, models=fleet_models, routes=(chat_route(),), routing=Routing(prior_weight=prior_weight),
+                  content_sha256=sha)
+
+
+def test_a_reload_applies_a_new_prior_weight():
+    """routing.prior_weight changed by a reload takes effect (it used to wait for a restart)."""
+    fleet = Fleet(policy_version("a", prior_weight=5))
+    fleet.adopt(policy_version("b", prior_weight=100))
+    assert fleet.estimates.prior_weight == 100
+
+
+def test_a_policy_reverted_to_an_earlier_version_gets_its_latency_prior_back():
+    """A -> B -> A: A's router is still cached, and the model's prior must be A's again, not B's."""
+    fleet = Fleet(policy_version("a", ttft_ms=40))
+    fleet.adopt(policy_version("b", ttft_ms=4000))
+    version_a = policy_version("a", ttft_ms=40)
+    fleet.adopt(version_a)
+    decision = fleet.router(version_a).decide(version_a.routes[0], prompt_tokens=10, max_tokens=1, stream=False)
+    small = next(c for c in decision.candidates if c.model.name == "small")
+    assert small.predicted_ttft_ms == pytest.approx(40)
+
+
+def test_a_budget_downgrade_to_a_model_that_misses_the_sla_says_so():
+    """The cheapest model breaks the latency SLA: the downgraded decision is marked as not meeting it."""
+    setup = Setup(chat_route(sla=Sla(p95_latency_ms=150)))
+    for _ in range(50):
+        setup.estimates.record("small", 1.0, 0.01)
+    decision = setup.decide(prompt_tokens=10, max_tokens=1)
+    assert plan_names(decision)[0] == "medium" and decision.sla_met
+    downgraded = setup.router.cheapest(decision)
+    assert plan_names(downgraded)[0] == "small" and downgraded.sla_met is False
+
+
+def test_best_effort_does_not_fall_back_below_the_tier_asked_for():
+    """x-gateway-min-tier 3 with no tier-3 model: a 503 naming the tier, not the tier-1 fallback."""
+    setup = Setup(chat_route(candidates=("small", "medium"), fallback=("small",)))
+    with pytest.raises(NoModelMeetsSla, match="min_tier 3"):
+        setup.decide(tighten=tighten_from_headers({"x-gateway-min-tier": "3"}))
+
+
+def test_a_tiny_cost_ceiling_is_written_out_plainly():
+    """The 503's reason reads $0.0000001, not 1E-7, and never rounds the cost to $0.000000."""
+    setup = Setup(chat_route(sla=Sla(on_violation="reject")))
+    with pytest.raises(NoModelMeetsSla) as refused:
+        setup.decide(prompt_tokens=1, max_tokens=1, tighten=tighten_from_headers({"x-gateway-max-cost-usd": "0.0000001"}))
+    assert "E-" not in str(refused.value) and "$0.000000 >" not in str(refused.value)
+    assert "max_cost_usd 0.0000001" in str(refused.value)
+
+
+BRACKET_POLICY = """version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:1/v1", size_b: 1, latency_prior: {ttft_ms: 5, tpot_ms: 1}}
+  big: {endpoint: "http://127.0.0.1:1/v1", size_b: 70, latency_prior: {ttft_ms: 500, tpot_ms: 50}}
+routing: {explore_share: 0.5}
+routes:
+  - name: r
+    match: {models: ["auto", "gpt-[45]"]}
+    candidates: [small, big]
+"""
+
+
+def test_bracket_globs_are_not_listed_as_model_names():
+    """/v1/models lists literal aliases only: `gpt-[45]` is a pattern, as `*` and `?` ones are."""
+    assert parse_policy(BRACKET_POLICY).aliases() == ["auto"]
+
+
+def test_explain_gives_the_planned_choice_every_time_and_names_exploration(tmp_path):
+    """With explore_share 0.5 `policy explain` used to flip between models; it now shows the plan's choice
+    and says what share live traffic explores."""
+    policy, request = tmp_path / "p.yaml", tmp_path / "r.json"
+    policy.write_text(BRACKET_POLICY)
+    request.write_text('{"model": "auto", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}')
+    outputs = {subprocess.run([sys.executable, "-m", "gateway", "policy", "explain", str(policy), "--request",
+                               str(request)], capture_output=True, text=True, timeout=60).stdout for _ in range(4)}
+    [output] = outputs
+    assert "choice: small" in output and "routing.explore_share 0.5" in output

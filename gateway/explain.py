@@ -46,7 +46,7 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     stream = bool(body.get("stream")) and endpoint != "embeddings"
     decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],
                                  tenant=tenant, headers=headers, prompt_tokens=prompt_tokens,
-                                 max_tokens=max_tokens, stream=stream)
+                                 max_tokens=max_tokens, stream=stream, choices=body.get("n") or 1)
     return decision, prompt_tokens
 
 

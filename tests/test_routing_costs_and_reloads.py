@@ -121,3 +121,34 @@ def test_explain_gives_the_planned_choice_every_time_and_names_exploration(tmp_p
                                str(request)], capture_output=True, text=True, timeout=60).stdout for _ in range(4)}
     [output] = outputs
     assert "choice: small" in output and "routing.explore_share 0.5" in output
+
+
+def test_a_request_for_n_choices_is_predicted_at_n_times_the_output():
+    """n choices are generated together: the latency of one, the output cost of all (n: 5 used to be
+    predicted at one choice's cost, so a cost ceiling let it through)."""
+    setup = Setup(chat_route())
+    one, five = (setup.router.decide(setup.route, prompt_tokens=10, max_tokens=40, stream=False, choices=n)
+                 for n in (1, 5))
+    small_one, small_five = (next(c for c in d.candidates if c.model.name == "small") for d in (one, five))
+    output_usd = small_one.model.price.output_per_mtok * 40 / 1_000_000
+    assert small_five.predicted_cost_usd - small_one.predicted_cost_usd == pytest.approx(4 * output_usd)
+    assert small_five.predicted_latency_ms == small_one.predicted_latency_ms
+
+
+def test_n_choices_reach_the_prediction_from_a_request(tmp_path):
+    """`policy explain` (the live path) passes the request's n: a $0.05 ceiling refuses 5 × 40 tokens at
+    $1,000 per million output tokens."""
+    policy, request = tmp_path / "p.yaml", tmp_path / "r.json"
+    policy.write_text("""version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:1/v1", price: {input_per_mtok: 0, output_per_mtok: 1000},
+          latency_prior: {ttft_ms: 5, tpot_ms: 1}}
+routes:
+  - name: r
+    candidates: [small]
+    sla: {max_cost_usd: 0.05, on_violation: reject}
+""")
+    request.write_text('{"model": "auto", "max_tokens": 40, "n": 5, "messages": [{"role": "user", "content": "hi"}]}')
+    done = subprocess.run([sys.executable, "-m", "gateway", "policy", "explain", str(policy), "--request",
+                           str(request)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "max_cost_usd 0.05" in done.stderr

@@ -77,14 +77,14 @@ class Router:
         return self.index.match(endpoint, alias, tenant, headers, prompt_tokens)
 
     def decide(self, route: Route, *, prompt_tokens: int, max_tokens: int | None, stream: bool,
-               tighten: Tighten | None = None) -> Decision:
-        """Plan the models for one request; pass max_tokens=0 for embeddings (no output)."""
+               tighten: Tighten | None = None, choices: int = 1) -> Decision:
+        """Plan the models for one request; pass max_tokens=0 for embeddings (no output); `choices`: its `n`."""
         plan = self._plans[route.name]
         limits = plan.limits if tighten is None or tighten.empty else plan.limits.tightened(tighten)
         output_tokens = max_tokens if max_tokens is not None else \
             self.estimates.expected_output_tokens(route.name, route.default_output_tokens)
-        candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream)
-                           for p in plan.candidates)
+        candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream,
+                                 choices) for p in plan.candidates)
         kept = [c for c in candidates if c.kept]
         if kept:
             return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens)

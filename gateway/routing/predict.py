@@ -104,8 +104,9 @@ class PricedModel:
 
 
 def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, limits: Limits,
-          prompt_tokens: int, output_tokens: int, stream: bool) -> Candidate:
-    """One candidate's predictions and verdict."""
+          prompt_tokens: int, output_tokens: int, stream: bool, choices: int = 1) -> Candidate:
+    """One candidate's predictions and verdict; `output_tokens` per choice (`n` choices are generated
+    together: the latency of one, the output cost of all)."""
     name = priced.name
     ttft_s, tpot_s = estimates.latency_p95_s(name)
     ttft_ms = ttft_s * 1000.0
@@ -115,7 +116,7 @@ def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, 
         load = (in_flight + 1) / priced.max_concurrency
         ttft_ms *= load
         latency_ms *= load
-    cost_usd = priced.cost_usd(prompt_tokens, output_tokens, latency_ms)
+    cost_usd = priced.cost_usd(prompt_tokens, output_tokens * choices, latency_ms)
     reasons = _reasons(priced, breakers, limits, prompt_tokens + output_tokens, stream,
                        latency_ms, ttft_ms, cost_usd)
     return Candidate(priced.model, latency_ms, ttft_ms, cost_usd, not reasons, reasons)

@@ -13,7 +13,7 @@ from gateway.routing.tighten import Tighten, tighten_from_headers
 
 def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant: Tenant | None,
                    headers: Mapping[str, str], prompt_tokens: int, max_tokens: int | None,
-                   stream: bool) -> tuple[Decision, Tighten]:
+                   stream: bool, choices: int = 1) -> tuple[Decision, Tighten]:
     """Match the route, check the tenant may use it, and plan the models that meet its SLA."""
     route = runtime.routes.match(endpoint, alias, tenant.name if tenant else None, headers, prompt_tokens)
     if route is None:
@@ -22,5 +22,5 @@ def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant
     tighten = tighten_from_headers(headers)
     decision = router.decide(route, prompt_tokens=prompt_tokens,
                              max_tokens=0 if endpoint == "embeddings" else max_tokens,
-                             stream=stream, tighten=tighten)
+                             stream=stream, tighten=tighten, choices=choices)
     return decision, tighten

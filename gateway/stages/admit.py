@@ -38,7 +38,8 @@ class Admit:
         budgets = self.services.stores.budgets
         budgeted = tenant.budget.limited
         limited = not unlimited(tenant.limits)
-        tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE)
+        # the answer's tokens reserved for each of its n choices
+        tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * (ctx.body.get("n") or 1)
         ticket = new_ticket()
         try:
             if budgeted and limited and not self._known_exhausted(tenant.name):

@@ -57,18 +57,13 @@ ADAPTER = "gpu-model-lora"
 POLICY = """\
 version: 1
 models:
-  {model}:
+  {model}: &served                # the adapter is served by the same backend, on the same GPU
     endpoint: http://127.0.0.1:{backend_port}/v1
     energy_usd_per_kwh: 0.12
     latency_prior: {{ttft_ms: 5, tpot_ms: 3}}
     timeouts: {{connect_s: 5, first_byte_s: 60, total_s: 600}}
     gpus: {{source: nvml, ids: [0]}}
-  {adapter}:
-    endpoint: http://127.0.0.1:{backend_port}/v1
-    energy_usd_per_kwh: 0.12
-    latency_prior: {{ttft_ms: 5, tpot_ms: 3}}
-    timeouts: {{connect_s: 5, first_byte_s: 60, total_s: 600}}
-    gpus: {{source: nvml, ids: [0]}}
+  {adapter}: *served
 routes:
   - name: adapter
     match: {{models: [lora]}}

@@ -103,6 +103,7 @@ class RequestContext:
     stream: bool = False
     include_usage: bool = False         # the client asked for the usage chunk
     max_tokens: int | None = None
+    choices: int = 1                    # the request's `n`: answers generated together
     task_id: str | None = None
     workflow: str | None = None
     # count

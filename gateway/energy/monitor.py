@@ -148,13 +148,12 @@ class EnergyMonitor:
                          for name, (models, gpus) in wanted.items()}
         self._pool_of = _pool_index(self._sampled)
         self.ledger.set_idle_w({name: s.config.idle_w for name, s in self._sampled.items()})
-        kept = set(map(id, self._sampled.values()))
-        gone = [s for s in old.values() if id(s) not in kept]
+        gone = [s for name, s in old.items() if self._sampled.get(name) is not s]
         await self._close_sources(gone)
         for sampled in gone:
             sampled.ticked.set()            # nobody waits for a pool that is no longer sampled
         if self._opened:
-            await self._open_sources([s for s in self._sampled.values() if all(s is not o for o in old.values())])
+            await self._open_sources([s for name, s in self._sampled.items() if old.get(name) is not s])
         if self._started and self._task is None and self._sampled:
             self._task = asyncio.create_task(self._run(), name="energy-sampler")
 

@@ -80,12 +80,11 @@ class SampleWindow:
 class _ModelStats:
     """TTFT and TPOT windows of one model."""
 
-    __slots__ = ("ttft", "tpot", "prior", "model")
+    __slots__ = ("ttft", "tpot", "model")
 
     def __init__(self, model: Model, prior_weight: int, max_samples: int) -> None:
         prior = model.latency_prior
         self.model = model
-        self.prior = prior
         self.ttft = SampleWindow(prior.ttft_ms / 1000.0, prior_weight, max_samples)
         self.tpot = SampleWindow(prior.tpot_ms / 1000.0, prior_weight, max_samples)
 
@@ -120,7 +119,7 @@ class LatencyEstimates:
         """Start tracking models not yet known; a changed prior restarts that model."""
         for model in models.values() if isinstance(models, Mapping) else models:
             known = self._models.get(model.name)
-            if known is None or known.prior != model.latency_prior:
+            if known is None or known.model.latency_prior != model.latency_prior:
                 self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
 
     def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None) -> None:

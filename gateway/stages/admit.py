@@ -39,7 +39,7 @@ class Admit:
         budgeted = tenant.budget.limited
         limited = not unlimited(tenant.limits)
         # the answer's tokens reserved for each of its n choices
-        tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * (ctx.body.get("n") or 1)
+        tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
         ticket = new_ticket()
         try:
             if budgeted and limited and not self._known_exhausted(tenant.name):

@@ -134,6 +134,7 @@ class Parse:
         options = body.get("stream_options") or {}
         ctx.include_usage = ctx.stream and bool(options.get("include_usage"))
         ctx.max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        ctx.choices = body.get("n") or 1
         headers = ctx.http.headers
         ctx.task_id = headers.get("x-gateway-task-id")
         ctx.workflow = headers.get("x-gateway-workflow")

@@ -18,7 +18,7 @@ class Route:
             ctx.decision, tighten = decide_request(
                 ctx.runtime, router, endpoint=ctx.endpoint, alias=ctx.requested_model, tenant=ctx.tenant,
                 headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
-                stream=ctx.stream, choices=ctx.body.get("n") or 1)
+                stream=ctx.stream, choices=ctx.choices)
         ctx.sla_tightened = tighten.as_dict()
         if ctx.budget_downgrade:
             ctx.decision = router.cheapest(ctx.decision)

@@ -12,9 +12,10 @@ import pstats
 from dataclasses import dataclass
 from pathlib import Path
 
-#: pipeline stage -> module under gateway/stages/, in pipeline order
+#: pipeline stage -> module under gateway/stages/, in pipeline order (`cache` holds both cache stages, the
+#: lookup before admission and the answer after it)
 STAGE_MODULES = {"observe": "observe", "identify": "identify", "parse": "parse", "count": "count",
-                 "admit": "admit", "route": "route", "cache": "cache", "account": "account", "call": "call"}
+                 "route": "route", "admit": "admit", "cache": "cache", "account": "account", "call": "call"}
 STAGE_METHODS = ("handle", "finish")
 TELEMETRY_HOOKS = ("start_request", "route_span", "cache_span", "start_attempt", "end_attempt", "finish_request")
 #: things counted per request: label -> (file suffix, function names)

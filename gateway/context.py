@@ -119,6 +119,8 @@ class RequestContext:
     # cache
     cache_status: str = "bypass"        # hit | miss | bypass | stored
     cache_key: str | None = None
+    cache_lookup: bool = False          # the request may be answered from the cache (no `no-cache`)
+    cache_read: Any = None              # a remote store's read, started before admission (an asyncio.Task)
     cache_saved_usd: Decimal = Decimal(0)
     # call
     attempts: list[Attempt] = field(default_factory=list)

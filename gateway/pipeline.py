@@ -23,14 +23,16 @@ from gateway.stages import account, admit, cache, call, count, identify, observe
 
 log = logging.getLogger("gateway")
 
-#: observe, identify, parse, count, admit, route, cache, account, call
+#: observe, identify, parse, count, route, lookup, admit, cache, account, call
+#: (the cache read starts before admission and is awaited after it: the two store round trips overlap)
 STAGES = (
     observe.Observe,
     identify.Identify,
     parse.Parse,
     count.Count,
-    admit.Admit,
     route.Route,
+    cache.Lookup,
+    admit.Admit,
     cache.Cache,
     account.Account,
     call.Call,

@@ -450,3 +450,38 @@ def test_a_no_store_request_does_not_hold_other_replicas(redis_server):
     finally:
         for gw in replicas:
             gw.stop()
+
+
+# The cache read overlaps admission ------------------------------------------------------------------
+
+REPLY_DELAY_S = 0.4
+
+
+def test_the_cache_read_is_sent_before_the_admission_reply_is_back(redis_server):
+    """A tenant with limits: the cache GET leaves while the admission script's reply is still on its way, so a hit
+    waits for one store round trip, not two. Redis answers through a proxy that holds every reply 0.4 s: a GET sent
+    after the admission reply could not arrive sooner than 0.4 s after the admission script."""
+    from gateway.tenancy.identity import sha256_hex
+    from tests.support.redis_delay import DelayingRedisProxy
+
+    policy = POLICY.replace("tenants:", "store: {{timeout_ms: 5000}}\ntenants:")
+    policy = policy.split("tenants:")[0] + (
+        "tenants:\n"
+        f'  alpha: {{{{keys_sha256: ["{sha256_hex(KEYS["alpha"])}"], limits: {{{{requests_per_minute: 1000}}}}}}}}\n')
+    proxy = DelayingRedisProxy(redis_server.port, REPLY_DELAY_S).start()
+    gw = Harness(policy, SIMS, environ(GATEWAY_REDIS_URL=proxy.url)).start()
+    try:
+        request = ask("Overlap the round trips")
+        for _ in range(3):          # a miss, then hits: the pool has its connections, the entry is stored
+            status = chat(gw, **request)[1]
+            time.sleep(REPLY_DELAY_S * 2)
+        assert status == "hit"
+        proxy.arrivals.clear()
+        assert chat(gw, **request)[1] == "hit"
+        admit = next(a for a in proxy.arrivals if a.name == "EVALSHA")
+        read = next(a for a in proxy.arrivals if a.name == "GET" and a.first_arg.startswith("gw:c:"))
+        assert read.at_s - admit.at_s < REPLY_DELAY_S, (
+            f"the cache GET left {read.at_s - admit.at_s:.3f} s after the admission script: it waited for its reply")
+    finally:
+        gw.stop()
+        proxy.stop()

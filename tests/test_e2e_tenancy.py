@@ -19,7 +19,7 @@ from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, latency, model, models, price, standard_model
 from tests.support.redis_server import RedisServer
 
-TENANTS = ("full", "narrow", "routed", "rpm", "conc", "tpm", "budget", "thrifty", "capped")
+TENANTS = ("full", "narrow", "routed", "rpm", "conc", "tpm", "budget", "thrifty", "capped", "astray")
 #: tenant -> (raw key, its sha256 hex), fresh for every run
 KEYS = {name: new_key() for name in TENANTS}
 ADMIN_TOKEN = "admin-" + new_key()[0]
@@ -63,6 +63,10 @@ tenants:
     keys_sha256: ["@capped@"]
     limits: {{requests_per_minute: 50, tokens_per_minute: 100000, concurrent: 4}}
     budget: {{usd_per_day: 0.000001}}
+  astray:
+    keys_sha256: ["@astray@"]
+    routes: [chat-default]
+    limits: {{requests_per_minute: 2}}
 """
 
 
@@ -204,6 +208,18 @@ def test_requests_per_minute_limit_answers_429_with_openai_headers(gw):
     assert headers["x-ratelimit-limit-tokens"] == "100000"
     assert 0 < int(headers["x-ratelimit-remaining-tokens"]) < 100000
     assert headers["x-ratelimit-reset-tokens"].endswith("s")
+
+
+def test_requests_no_route_serves_or_the_tenant_may_not_use_take_nothing_from_its_limits(gw):
+    """A 404 (no route serves the model) or a 403 (a route outside the tenant's allow list) is answered before
+    admission: a tenant allowed 2 requests a minute still has both after three of each."""
+    astray = client(gw, "astray")
+    for _ in range(3):
+        with pytest.raises(openai.NotFoundError):
+            astray.chat.completions.create(model="no-such-model", messages=HELLO, max_tokens=2)
+        with pytest.raises(openai.PermissionDeniedError):
+            astray.chat.completions.create(model="smart", messages=HELLO, max_tokens=2)
+    assert [chat(gw, "astray").headers["x-ratelimit-remaining-requests"] for _ in range(2)] == ["1", "0"]
 
 
 async def test_concurrency_limit_refuses_the_excess_and_frees_slots(gw):

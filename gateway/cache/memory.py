@@ -21,6 +21,8 @@ class _Slot:
 class MemoryCache:
     """LRU by bytes (key + value), with per-entry expiry."""
 
+    remote = False
+
     def __init__(self, max_bytes: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
         self.used_bytes = 0

@@ -44,6 +44,8 @@ return 0
 class RedisCache:
     """Bytes by key in Redis, behind a timeout and an outage back-off."""
 
+    remote = True
+
     def __init__(self, client: aioredis.Redis, timeout_s: float, *, backoff_s: float = BACKOFF_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client

@@ -8,6 +8,9 @@ from typing import Protocol
 class CacheStore(Protocol):
     """Bytes by key, with a TTL; a store never raises on get/set/delete."""
 
+    #: a read is a network round trip (worth starting early, beside other waits), not an in-process lookup
+    remote: bool
+
     async def get(self, key: str) -> bytes | None:
         """The stored bytes, or None on a miss (or when the store is unavailable)."""
 

@@ -61,6 +61,7 @@ class Admit:
                     self._give_back(tenant, ticket, tokens, actual_tokens=0)
                 raise state.error()
             ctx.budget_downgrade = True
+            ctx.decision = self.services.fleet.router(ctx.policy).cheapest(ctx.decision)
         if admission is None:
             return None
         if not admission.allowed:

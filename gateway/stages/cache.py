@@ -1,5 +1,10 @@
 """cache: exact-match answers from the store, tenant-scoped, single-flight, stream replay.
 
+Two stages. `Lookup`, before admission, works out the key and starts the
+store read; `Cache`, after admission, awaits it, so the read and the
+admission's round trip overlap and a hit waits for one, not two. A refused
+request is never answered from the cache: only `Cache` answers.
+
 A hit answers here; a miss lets the call go on and its finish stores the
 answer in the background, so a cache write never delays a response.
 Identical requests arriving while the first is in flight wait for it.
@@ -43,13 +48,13 @@ class Flight:
         self.task, self.done, self.stored = task, done, stored
 
 
-class Cache:
-    """Answers from the cache when it can; otherwise leads or follows a single flight."""
+class Lookup:
+    """Works out whether and how the request uses the cache, and starts the store read."""
 
     def __init__(self, services) -> None:
         self.services = services
 
-    async def handle(self, ctx: RequestContext) -> web.StreamResponse | None:
+    async def handle(self, ctx: RequestContext) -> None:
         route = ctx.decision.route
         lookup, store = cache_control(ctx.http.headers)
         if not is_cacheable(ctx.body, route.cache, endpoint=ctx.endpoint) or not (lookup or store):
@@ -57,12 +62,38 @@ class Cache:
         ctx.cache_key = cache_key(prefix=ctx.policy.store.key_prefix, tenant=ctx.tenant_name,
                                   route=route.name, resolved=route.name, endpoint=ctx.endpoint, body=ctx.body)
         ctx.extra["cache_store"] = store
+        ctx.cache_lookup = lookup
+        cache = self.services.stores.cache
+        if lookup and cache.remote:         # an in-process store answers at once: nothing to overlap
+            ctx.cache_read = asyncio.ensure_future(cache.get(ctx.cache_key))
+        return None
+
+    async def finish(self, ctx: RequestContext) -> None:
+        read, ctx.cache_read = ctx.cache_read, None
+        if read is not None:                # refused before `Cache` took it: let it end unheard
+            read.add_done_callback(_unheard)
+
+
+def _unheard(read: asyncio.Future) -> None:
+    """Take a dropped read's outcome, so asyncio does not report it as never retrieved."""
+    if not read.cancelled():
+        read.exception()
+
+
+class Cache:
+    """Answers from the cache when it can; otherwise leads or follows a single flight."""
+
+    def __init__(self, services) -> None:
+        self.services = services
+
+    async def handle(self, ctx: RequestContext) -> web.StreamResponse | None:
+        if ctx.cache_key is None or not ctx.cache_lookup:
+            return None                     # no cache, or no-cache: the fresh answer is stored, nothing is read
+        read, ctx.cache_read = ctx.cache_read, None
         ctx.cache_status = "miss"
-        if not lookup:
-            ctx.cache_status = "bypass"
-            return None
         with self.services.telemetry.cache_span(ctx):
-            entry = await self._lookup(ctx.cache_key)
+            raw = await (read if read is not None else self.services.stores.cache.get(ctx.cache_key))
+            entry = decode_entry(raw) if raw is not None else None
             if entry is None:
                 entry = await self._single_flight(ctx)
             if entry is not None:

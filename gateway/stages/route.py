@@ -1,4 +1,9 @@
-"""route: match the policy route, then plan the models that meet its SLA, smallest first."""
+"""route: match the policy route, then plan the models that meet its SLA, smallest first.
+
+It runs before admission, so a request for a model no route serves (404) or a route its tenant may not
+use (403) takes nothing from the tenant's limits; admission re-plans cheapest first when the budget says
+downgrade.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,6 @@ class Route:
                 headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
                 stream=ctx.stream, choices=ctx.choices)
         ctx.sla_tightened = tighten.as_dict()
-        if ctx.budget_downgrade:
-            ctx.decision = router.cheapest(ctx.decision)
         return None
 
     async def finish(self, ctx: RequestContext) -> None:

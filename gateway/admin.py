@@ -39,9 +39,10 @@ async def reload_policy(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    """GET /admin/stats: cost per successful task, success and escalation rates, by route, tenant, workflow."""
+    """GET /admin/stats: cost per successful task, success and escalation rates, by route, tenant, workflow
+    (with Redis, of every replica's tasks; while Redis is down, 503 store_unavailable)."""
     services = _authorised(request)
-    return json_response(services.outcomes.stats())
+    return json_response(await services.outcomes.stats())
 
 
 async def get_tenants(request: web.Request) -> web.Response:

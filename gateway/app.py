@@ -84,13 +84,14 @@ def _may_use(runtime, tenant, alias: str) -> bool:
 
 
 async def report_outcome(request: web.Request) -> web.Response:
-    """POST /v1/outcomes: how a task (or one request) went, for cost per successful task."""
+    """POST /v1/outcomes: how a task (or one request) went, for cost per successful task.
+
+    With Redis, any replica answers for a task any other booked; while Redis is down, 503 store_unavailable."""
     services: Services = request.app[SERVICES]
     runtime = services.holder.current
     tenant = runtime.identity.identify(request.headers)
     body = parse_json_object(await read_body(request, runtime.policy.server.max_body_bytes))
-    book = services.outcomes
-    task = book.report(body, tenant=tenant.name if tenant else None)
+    task = await services.outcomes.report(body, tenant=tenant.name if tenant else None)
     record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
               "outcome": task.outcome, "route": task.route, "tenant": task.tenant,
               "workflow": task.workflow, "cost_usd": plain_usd(task.cost_usd)}

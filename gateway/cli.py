@@ -74,6 +74,17 @@ def port_number(text: str) -> int:
     return port
 
 
+def worker_count(text: str) -> int:
+    """A number of worker processes, 1 or more."""
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers: {text!r}") from None
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"workers are 1 or more, got {workers}")
+    return workers
+
+
 def log_level(text: str) -> str:
     """A logging level name (DEBUG, INFO, WARNING, ERROR, CRITICAL), any case."""
     level = text.strip().upper()
@@ -92,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", required=True, type=Path, help="policy YAML file")
     run.add_argument("--host", default="0.0.0.0")
     run.add_argument("--port", type=port_number, default=8080)
-    run.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    run.add_argument("--workers", type=worker_count, default=1,
+                     help="worker processes sharing the port (SO_REUSEPORT), restarted when one dies")
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="simulated small/medium/large models and the gateway, no Redis needed")

@@ -122,6 +122,7 @@ class RequestContext:
     cache_lookup: bool = False          # the request may be answered from the cache (no `no-cache`)
     cache_read: Any = None              # a remote store's read, started before admission (an asyncio.Task)
     cache_saved_usd: Decimal = Decimal(0)
+    cache_model: str | None = None      # on a hit: the model whose stored answer it is
     # call
     attempts: list[Attempt] = field(default_factory=list)
     fallback_state: str = "none"        # none | retried | fallback | exhausted
@@ -155,6 +156,8 @@ class RequestContext:
         """The model that answered, or the first planned when none did."""
         if self.attempts:
             return self.attempts[-1].model.name
+        if self.cache_model is not None:
+            return self.cache_model
         if self.decision and self.decision.plan:
             return self.decision.plan[0].name
         return None

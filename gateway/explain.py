@@ -11,7 +11,6 @@ import os
 import random
 import sys
 
-import orjson
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, PolicyError

@@ -4,7 +4,15 @@ Clients group the calls of one piece of work with `x-gateway-task-id` (and a
 `x-gateway-workflow` name), then report how it went on `POST /v1/outcomes`.
 Cost per successful task = the cost of every reported task of a group
 (failures included: they were paid for too) / the number that succeeded.
-State is bounded: entries older than `ttl_s`, or past `max_entries`, are forgotten.
+Task and request ids are the client's own, so each tenant has its ids to
+itself: another tenant using the same id books and reports its own task.
+
+Two books keep them, with one interface (`Book`): `OutcomeBook` here, in this
+process only, when no Redis is configured; `RedisOutcomeBook`
+(gateway/outcomes_redis.py) in Redis, where every replica and worker books and
+reports the same tasks. This module also holds what both share: the report's
+validation, its errors, and the grouping of stats.
+State is bounded: entries older than `ttl_s`, or (in process) past `max_entries`, are forgotten.
 """
 
 from __future__ import annotations
@@ -12,19 +20,73 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
+from typing import Protocol
 
 from gateway.cost import plain_usd
 from gateway.errors import ClientError, GatewayError, NotFound
 
 OUTCOMES = ("success", "failure", "escalated")
+#: the tenant of a caller of an open gateway (no tenants), as `RequestContext.tenant_name` names it
+ANONYMOUS = "anonymous"
+#: how long a task is remembered after its last request, by default
+TTL_S = 24 * 3600
+#: the largest `value_usd` a report may give (the shared book sums values as 64-bit integers)
+MAX_VALUE_USD = Decimal(10) ** 12
+
+#: where a task lives in the book: ("t", tenant, task id), or ("r", tenant, request id) for a request
+#: without a task id; the tenant in the key keeps one tenant's ids apart from another's
+Key = tuple[str, str, str]
 
 
 class AlreadyReported(ClientError):
     status = 409
     code = "outcome_already_reported"
+
+
+def unknown_id() -> NotFound:
+    return NotFound("no task or request with that id is known (unknown, or older than the retention)",
+                    code="unknown_id")
+
+
+def already_reported(outcome: str) -> AlreadyReported:
+    return AlreadyReported(f"an outcome was already reported for this task: {outcome}")
+
+
+@dataclass(frozen=True)
+class Report:
+    """A valid `POST /v1/outcomes` body: the outcome, the task or request it judges, the value it produced."""
+
+    outcome: str
+    task_id: str | None
+    request_id: str | None
+    value_usd: Decimal | None
+
+
+def parse_report(payload: object) -> Report:
+    """The report in a `POST /v1/outcomes` body; a ClientError (400) naming the first thing wrong."""
+    if not isinstance(payload, dict):
+        raise ClientError("the body must be a JSON object")
+    outcome = payload.get("outcome")
+    if outcome not in OUTCOMES:
+        raise ClientError(f"'outcome' must be one of {', '.join(OUTCOMES)}", param="outcome")
+    task_id, request_id = (value if isinstance(value, str) and value else None
+                           for value in (payload.get("task_id"), payload.get("request_id")))
+    if task_id is None and request_id is None:
+        raise ClientError("give 'task_id' or 'request_id' (a non-empty string)", param="task_id")
+    return Report(outcome, task_id, request_id, _value_usd(payload.get("value_usd")))
+
+
+def _value_usd(value: object) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_VALUE_USD:
+        raise ClientError(f"'value_usd' must be a non-negative number, at most {MAX_VALUE_USD:f}",
+                          param="value_usd")
+    return Decimal(repr(value))
 
 
 @dataclass
@@ -50,11 +112,16 @@ class GroupStats:
     cost_usd: Decimal = Decimal(0)
     value_usd: Decimal = Decimal(0)
 
-    def add(self, task: Task) -> None:
-        self.tasks += 1
-        setattr(self, task.outcome, getattr(self, task.outcome) + 1)
-        self.cost_usd += task.cost_usd
-        self.value_usd += task.value_usd or 0
+    @classmethod
+    def of(cls, task: Task) -> GroupStats:
+        """The stats of one reported task."""
+        stats = cls(tasks=1, cost_usd=task.cost_usd, value_usd=task.value_usd or Decimal(0))
+        setattr(stats, task.outcome, 1)
+        return stats
+
+    def add(self, other: GroupStats) -> None:
+        for name in (f.name for f in fields(self)):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict:
         per_success = self.cost_usd / self.success if self.success else None
@@ -66,6 +133,39 @@ class GroupStats:
                 "value_usd": plain_usd(self.value_usd)}
 
 
+#: a group of reported tasks: (route, tenant, workflow)
+Group = tuple[str, str, str]
+
+
+def summary(groups: Iterable[tuple[Group, GroupStats]]) -> dict:
+    """The `/admin/stats` body: stats by route, by tenant and by workflow, from stats by (route, tenant, workflow)."""
+    by: dict[str, dict[str, GroupStats]] = {"route": {}, "tenant": {}, "workflow": {}}
+    for (route, tenant, workflow), stats in groups:
+        for dimension, name in (("route", route), ("tenant", tenant), ("workflow", workflow)):
+            by[dimension].setdefault(name, GroupStats()).add(stats)
+    return {dimension: {name: s.as_dict() for name, s in sorted(named.items())}
+            for dimension, named in by.items()}
+
+
+class Book(Protocol):
+    """What the gateway asks of an outcome book, in process or shared."""
+
+    store_failures: int
+
+    def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
+              workflow: str | None, cost_usd: Decimal) -> None:
+        """Book one finished request's cost to its task; never raises, never waits."""
+
+    async def report(self, payload: object, *, tenant: str | None = None) -> Task:
+        """Set the outcome of one of the caller's tasks, once; the task as reported."""
+
+    async def stats(self) -> dict:
+        """Reported tasks grouped by route, tenant and workflow."""
+
+    async def close(self) -> None:
+        """Finish the bookings under way."""
+
+
 #: a request without a task id, until an outcome is reported for it: (route, tenant, workflow, cost_usd,
 #: requests, seen_s). Immutable values only, so the garbage collector stops tracking the tuple: a book
 #: of 100k requests adds nothing to full collections, where 100k Task objects would stall the loop.
@@ -74,20 +174,21 @@ RequestCost = tuple[str, str, str, Decimal, int, float]
 
 @dataclass
 class OutcomeBook:
-    """Tasks and requests awaiting (or holding) a reported outcome, bounded in memory."""
+    """Tasks and requests awaiting (or holding) a reported outcome, in this process, bounded in memory."""
 
-    ttl_s: float = 24 * 3600
+    ttl_s: float = TTL_S
     max_entries: int = 100_000
     clock: Callable[[], float] = time.time
-    tasks: OrderedDict[str, Task | RequestCost] = field(default_factory=OrderedDict)
-    request_tasks: OrderedDict[str, str] = field(default_factory=OrderedDict)     # request id -> "t:" key
+    tasks: OrderedDict[Key, Task | RequestCost] = field(default_factory=OrderedDict)
+    request_tasks: OrderedDict[tuple[str, str], Key] = field(default_factory=OrderedDict)  # (tenant, request id)
+    store_failures: int = 0             # it has no store to fail
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
               workflow: str | None, cost_usd: Decimal) -> None:
         """Add one finished request's cost to its task (a request without a task is its own)."""
         now_s = self.clock()
         if not task_id:
-            key = f"r:{request_id}"
+            key = ("r", tenant, request_id)
             seen = self.tasks.get(key)       # a client may reuse its x-request-id
             if seen is not None:
                 seen = self._task(key)
@@ -97,18 +198,18 @@ class OutcomeBook:
             else:
                 self.tasks[key] = (route, tenant, workflow or "-", cost_usd, 1, now_s)
         else:
-            key = f"t:{task_id}"
+            key = ("t", tenant, task_id)
             task = self.tasks.get(key)
             if task is None:
                 task = self.tasks[key] = Task(route=route, tenant=tenant, workflow=workflow or "-")
             task.cost_usd += cost_usd
             task.requests += 1
             task.seen_s = now_s
-            self.request_tasks[request_id] = key
+            self.request_tasks[tenant, request_id] = key
         self.tasks.move_to_end(key)
         self._trim()
 
-    def _task(self, key: str) -> Task:
+    def _task(self, key: Key) -> Task:
         """The entry under `key` as a Task, made one from a request's compact record if need be."""
         entry = self.tasks[key]
         if isinstance(entry, Task):
@@ -118,43 +219,34 @@ class OutcomeBook:
                                       requests=requests, seen_s=seen_s)
         return task
 
-    def report(self, payload: object, *, tenant: str | None = None) -> Task:
-        """Record an outcome from a `POST /v1/outcomes` body (only for the caller's own tasks)."""
-        if not isinstance(payload, dict):
-            raise ClientError("the body must be a JSON object")
-        outcome = payload.get("outcome")
-        if outcome not in OUTCOMES:
-            raise ClientError(f"'outcome' must be one of {', '.join(OUTCOMES)}", param="outcome")
-        key = self._key(payload)
-        task = self._task(key) if key in self.tasks else None
-        if task is None or tenant is not None and task.tenant != tenant:
-            raise NotFound("no task or request with that id is known (unknown, or older than the retention)",
-                           code="unknown_id")
+    async def report(self, payload: object, *, tenant: str | None = None) -> Task:
+        """Record an outcome from a `POST /v1/outcomes` body for one of the caller's own tasks.
+
+        `tenant`: the caller, None for an anonymous one; only its own ids are looked up.
+        """
+        report = parse_report(payload)
+        key = self._key(report, tenant or ANONYMOUS)
+        if key not in self.tasks:
+            raise unknown_id()
+        task = self._task(key)
         if task.outcome is not None:
-            raise AlreadyReported(f"an outcome was already reported for this task: {task.outcome}")
-        value_usd = _value_usd(payload.get("value_usd"))      # a bad value leaves the task unreported
-        task.outcome = outcome
-        task.value_usd = value_usd
+            raise already_reported(task.outcome)
+        task.outcome = report.outcome
+        task.value_usd = report.value_usd
         return task
 
-    def _key(self, payload: dict) -> str:
-        task_id, request_id = payload.get("task_id"), payload.get("request_id")
-        if isinstance(task_id, str) and task_id:
-            return f"t:{task_id}"
-        if isinstance(request_id, str) and request_id:
-            return self.request_tasks.get(request_id, f"r:{request_id}")
-        raise ClientError("give 'task_id' or 'request_id' (a non-empty string)", param="task_id")
+    def _key(self, report: Report, tenant: str) -> Key:
+        if report.task_id is not None:
+            return ("t", tenant, report.task_id)
+        return self.request_tasks.get((tenant, report.request_id), ("r", tenant, report.request_id))
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         """Reported tasks grouped by route, tenant and workflow."""
-        groups: dict[str, dict[str, GroupStats]] = {"route": {}, "tenant": {}, "workflow": {}}
-        for task in self.tasks.values():
-            if not isinstance(task, Task) or task.outcome is None:
-                continue
-            for dimension, name in (("route", task.route), ("tenant", task.tenant), ("workflow", task.workflow)):
-                groups[dimension].setdefault(name, GroupStats()).add(task)
-        return {dimension: {name: s.as_dict() for name, s in sorted(by.items())}
-                for dimension, by in groups.items()}
+        return summary(((task.route, task.tenant, task.workflow), GroupStats.of(task))
+                       for task in self.tasks.values() if isinstance(task, Task) and task.outcome is not None)
+
+    async def close(self) -> None:
+        return None
 
     def _trim(self) -> None:
         cutoff_s = self.clock() - self.ttl_s
@@ -168,12 +260,4 @@ class OutcomeBook:
             self.request_tasks.popitem(last=False)
 
 
-def _value_usd(value: object) -> Decimal | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ClientError("'value_usd' must be a non-negative number", param="value_usd")
-    return Decimal(repr(value))
-
-
-__all__ = ["OutcomeBook", "AlreadyReported", "GatewayError"]
+__all__ = ["OutcomeBook", "AlreadyReported", "Book", "GatewayError"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.context import Attempt, RequestContext
 from gateway.cost import plain_usd
 from gateway.ledger import Ledger
-from gateway.outcomes import OutcomeBook
+from gateway.outcomes import Book, OutcomeBook
 from gateway.policy.model import Policy
 from gateway.stages.account import gpu_seconds
 
@@ -48,10 +48,12 @@ class Recorder:
     """Books each finished request into the outcome book and, when enabled, the ledger."""
 
     def __init__(self, policy: Policy) -> None:
-        self.outcomes = OutcomeBook()
+        self.outcomes: Book = OutcomeBook()      # services_ctx gives it the stores' book: Redis when there is one
         self.ledger = Ledger(policy.ledger) if policy.ledger.path else None
 
     def record(self, ctx: RequestContext) -> None:
+        """Book the request's cost to its task (a shared book writes it in the background) and write its
+        ledger line; nothing here waits."""
         if ctx.decision is not None:
             self.outcomes.track(request_id=ctx.request_id, task_id=ctx.task_id, route=ctx.route_name,
                                 tenant=ctx.tenant_name, workflow=ctx.workflow, cost_usd=ctx.cost_usd)

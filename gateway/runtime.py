@@ -7,6 +7,7 @@ the end, so a reload never changes the rules under a request in flight.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,28 @@ class Runtime:
                    admin=AdminAuth(policy.server, environ, tenant_key_hashes=tenant_key_hashes(policy)))
 
 
+#: policy settings read once, at start-up (services.py builds the ledger, telemetry and stores from them, the
+#: server its drain timeout), so a reload that changes one applies the rest and says this one waits for a
+#: restart; keep in step with what start-up builds
+RESTART_ONLY = ("ledger", "telemetry", "store", "server.grace_period_s")
+
+#: where a reload was asked for: the admin API (`POST /admin/policy/reload`, which names none), the file
+#: watcher, SIGHUP
+ADMIN, WATCHER, SIGNAL = "admin", "watcher", "signal"
+
+
+def restart_only_changes(started: Policy, loaded: Policy) -> tuple[str, ...]:
+    """The RESTART_ONLY settings in which `loaded` differs from `started`, the policy the process started with."""
+    def setting(policy: Policy, path: str):
+        return functools.reduce(getattr, path.split("."), policy)
+    return tuple(path for path in RESTART_ONLY if setting(started, path) != setting(loaded, path))
+
+
+def wait_for_restart(settings: tuple[str, ...]) -> str:
+    """`ledger, store take effect on restart`: what a reload that changed them says."""
+    return f"{', '.join(settings)} {'takes' if len(settings) == 1 else 'take'} effect on restart"
+
+
 @dataclass
 class ReloadStatus:
     """What the last reload did: shown by `GET /admin/policy` and counted in metrics."""
@@ -44,7 +67,20 @@ class ReloadStatus:
     loaded_unix_s: float = field(default_factory=time.time)
     reloads: int = 0
     failures: int = 0
-    last_error: str | None = None
+    #: why the last reload failed; None when it succeeded
+    error: str | None = None
+    #: the RESTART_ONLY settings the file changes but this process still runs with their start-up values
+    restart_pending: tuple[str, ...] = ()
+    #: who asked for the last reload (ADMIN, WATCHER, SIGNAL)
+    origin: str = ADMIN
+
+    @property
+    def last_error(self) -> str | None:
+        """What `GET /admin/policy` shows as the last reload's problem: why it failed, else which settings
+        it could not apply (they take effect on restart), else None."""
+        if self.error is not None or not self.restart_pending:
+            return self.error
+        return f"reloaded, but {wait_for_restart(self.restart_pending)} (read once at start-up)"
 
 
 def file_stat(path: Path | None) -> tuple[int, int, int] | None:
@@ -78,6 +114,8 @@ class PolicyHolder:
     def __init__(self, runtime: Runtime, environ, path: str | Path | None = None,
                  seen_stat: tuple[int, int, int] | None = None) -> None:
         self.current = runtime
+        #: the policy the process started with: what RESTART_ONLY settings still run with
+        self.started = runtime.policy
         self.environ = environ
         self.path = Path(path) if path else None
         #: the file version the holder last read (good or bad): the watcher reloads when it changes
@@ -97,20 +135,20 @@ class PolicyHolder:
         """Whether the file is not the version last read (an edit, or a ConfigMap symlink swap)."""
         return self.path is not None and file_stat(self.path) != self.seen_stat
 
-    def reload(self) -> bool:
+    def reload(self, origin: str = ADMIN) -> bool:
         """Load the file again now; on any error keep serving the old policy and say why."""
         if self.path is None:
-            self.status.last_error = "the policy was not loaded from a file"
+            self.status.error = "the policy was not loaded from a file"
             return False
-        return self._apply(self._load(self._next_ticket()))
+        return self._apply(self._load(self._next_ticket()), origin)
 
-    async def reload_async(self) -> bool:
+    async def reload_async(self, origin: str = ADMIN) -> bool:
         """Like `reload`, with the file read and validated off the event loop."""
         if self.path is None:
-            return self.reload()
+            return self.reload(origin)
         async with self._lock:
             loaded = await asyncio.to_thread(self._load, self._next_ticket())
-            return self._apply(loaded)
+            return self._apply(loaded, origin)
 
     def _next_ticket(self) -> int:
         self._tickets += 1
@@ -128,25 +166,31 @@ class PolicyHolder:
             return _Loaded(ticket, stat, error=PolicyError([PolicyProblem(
                 str(self.path), None, "", f"could not load the policy: {type(exc).__name__}: {exc}")]))
 
-    def _apply(self, loaded: _Loaded) -> bool:
+    def _apply(self, loaded: _Loaded, origin: str) -> bool:
         """Swap to a freshly read runtime, or record why it failed; stale reads are dropped."""
         if loaded.ticket < self._applied_ticket:
-            return self.status.last_error is None       # a newer read has already been applied
+            return self.status.error is None            # a newer read has already been applied
         self._applied_ticket = loaded.ticket
         self.seen_stat = loaded.stat
+        self.status.origin = origin
         if loaded.runtime is None:
             self.status.failures += 1
-            self.status.last_error = str(loaded.error)
+            self.status.error = str(loaded.error)
             log.error("policy reload failed; still serving %s\n%s",
                       self.current.policy.content_sha256[:12], loaded.error)
             return False
         runtime = loaded.runtime
         if runtime.policy.content_sha256 == self.current.policy.content_sha256:
-            self.status.last_error = None
+            self.status.error = None
             return True
         self.current = runtime
-        self.status = ReloadStatus(reloads=self.status.reloads + 1, failures=self.status.failures)
+        pending = restart_only_changes(self.started, runtime.policy)
+        self.status = ReloadStatus(reloads=self.status.reloads + 1, failures=self.status.failures,
+                                   restart_pending=pending, origin=origin)
         for listener in self.listeners:
             listener(runtime)
         log.info("policy reloaded from %s (sha256 %s)", self.path, runtime.policy.content_sha256[:12])
+        if pending:
+            log.warning("policy reloaded, but %s: the process runs on with their start-up values",
+                        wait_for_restart(pending))
         return True

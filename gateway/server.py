@@ -8,23 +8,68 @@ import gc
 import logging
 import multiprocessing
 import os
+import re
 import signal
+import socket
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import HOLDER, build_app
 from gateway.errors import PolicyError
-from gateway.runtime import PolicyHolder
+from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
 from gateway.services import policy_encodings
+from gateway.stores import redis_url
+from gateway.supervisor import HANDLED, Supervisor
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
 log = logging.getLogger("gateway")
 
+#: the listen backlog of the gateway's sockets
+BACKLOG = 1024
+#: workers are forked: they share the parent's loaded modules and encodings (and need no pickling)
+FORK = multiprocessing.get_context("fork")
+
+#: what a raw header line quoted by an aiohttp parser error is logged as
+REDACTED = "[header value redacted]"
+#: the repr of a bytes value, as parser errors quote the line they stopped at: b'...' or b"..."
+QUOTED_BYTES = re.compile(r"(?<!\w)(?:b'(?:[^'\\]|\\.)*'" r'|b"(?:[^"\\]|\\.)*")')
+
 
 class ListenError(RuntimeError):
     """The gateway could not listen where it was told to (port taken, address not on this host)."""
+
+
+class RedactParserErrors(logging.Filter):
+    """Keeps raw header values (an API key among them) out of the record aiohttp's server logs at ERROR for a
+    request its parser refused, before any gateway code runs: `Got more than 8190 bytes when reading:
+    b'Bearer sk-...'`. The record stays, message and traceback; only the quoted bytes become REDACTED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            exc_type, exc, traceback = record.exc_info
+            record.exc_info = (exc_type, redacted(exc), traceback)
+            record.exc_text = None          # a handler may have formatted the original already
+        return True
+
+
+def redacted(exc: HttpProcessingError) -> HttpProcessingError:
+    """A copy of a parser error whose message and arguments quote no raw bytes (the original is left as is)."""
+    copy = type(exc).__new__(type(exc))
+    copy.__dict__.update(vars(exc))
+    copy.message = QUOTED_BYTES.sub(REDACTED, exc.message)
+    copy.args = tuple(REDACTED if isinstance(arg, bytes) else QUOTED_BYTES.sub(REDACTED, arg)
+                      if isinstance(arg, str) else arg for arg in exc.args)
+    return copy.with_traceback(exc.__traceback__)
+
+
+def redact_parser_errors(logger: logging.Logger = logging.getLogger("aiohttp.server")) -> None:
+    """Install `RedactParserErrors` on aiohttp's server logger, once."""
+    if not any(isinstance(existing, RedactParserErrors) for existing in logger.filters):
+        logger.addFilter(RedactParserErrors())
 
 
 def install_uvloop() -> None:
@@ -42,7 +87,7 @@ async def watch_policy(holder: PolicyHolder, interval_s: float = 1.0) -> None:
         if not holder.changed_on_disk():
             continue
         try:
-            await holder.reload_async()
+            await holder.reload_async(WATCHER)
         except Exception:               # the watcher outlives any one bad reload
             log.exception("policy reload from %s failed unexpectedly", holder.path)
 
@@ -55,23 +100,27 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def run_server(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
+async def run_server(app: web.Application, host: str, port: int, *, sockets: list[socket.socket] | None = None,
                      ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                      freeze_gc: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests within the grace period.
 
+    `sockets`: serve on these (bound by `listen_sockets`) instead of binding host:port here.
     `freeze_gc`: freeze the start-up objects once serving (`freeze_startup_objects`); for a process that
     runs one gateway, not for tests that start many.
     """
     holder: PolicyHolder = app[HOLDER]
     grace_s = holder.current.policy.server.grace_period_s
+    redact_parser_errors()
     # aiohttp waits shutdown_timeout for handlers, then cancels their requests and waits as long again
     # (a stream goes on writing meanwhile): half the grace period each keeps the drain within it
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s / 2, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    sites = ([web.SockSite(runner, sock, backlog=BACKLOG) for sock in sockets] if sockets is not None
+             else [web.TCPSite(runner, host, port, backlog=BACKLOG)])
     try:
-        await site.start()
+        for site in sites:
+            await site.start()
     except OSError as exc:                  # port taken, address not ours, host unknown (gaierror)
         await runner.cleanup()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -82,7 +131,8 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads = BackgroundTasks()
-    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(holder.reload_async(), name="policy-reload"))
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(holder.reload_async(SIGNAL), name="policy-reload"))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})    # one sent during start-up is handled now
     watcher = asyncio.create_task(watch_policy(holder))
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, holder.path)
     if ready is not None:
@@ -98,43 +148,114 @@ async def run_server(app: web.Application, host: str, port: int, *, reuse_port: 
         await runner.cleanup()
 
 
-def _worker(policy: Path, host: str, port: int, reuse_port: bool) -> int:
-    """Serve in this process; 1, said in one line, when it cannot listen."""
-    install_uvloop()
-    holder = PolicyHolder.from_file(policy, os.environ)
+def listen_sockets(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
+    """Sockets bound to host:port, one per address the host names (as aiohttp's TCPSite binds them; port 0:
+    one free port for all), listening unless `listen` is false; ListenError, in one line, when it cannot."""
+    sockets: list[socket.socket] = []
     try:
-        asyncio.run(run_server(build_app(holder), host, port, reuse_port=reuse_port, freeze_gc=True))
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], sockets[0].getsockname()[1] if len(sockets) > 1 else port, *address[2:]))
+            if listen:
+                sock.listen(BACKLOG)
+    except OSError as exc:                  # port taken, address not ours, host unknown (gaierror)
+        for sock in sockets:
+            sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {(exc.strerror or str(exc)).lower()}") from exc
+    return sockets
+
+
+def claim_port(host: str, port: int) -> int:
+    """The port N workers can share, checked free first: a bind without SO_REUSEPORT fails on a port another
+    process listens on (another gateway's reuse-port workers too), where the workers' binds would share it."""
+    probe = listen_sockets(host, port, listen=False)
+    claimed = probe[0].getsockname()[1]
+    for sock in probe:
+        sock.close()
+    return claimed
+
+
+def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
+    """`gateway run`: validate the policy, then serve in this process or with `workers` worker processes."""
+    if workers < 1:
+        raise ValueError(f"workers is 1 or more, got {workers}")
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})      # until its handler is installed
+    try:
+        holder = PolicyHolder.from_file(policy, os.environ)
+    except PolicyError as exc:
+        log.error("invalid policy, not starting:\n%s", exc)
+        return 1
+    try:
+        if workers == 1:
+            # bound now, listening once serving: until then a connection is refused, not kept waiting
+            return _serve_here(holder, host, listen_sockets(host, port, listen=False))
+        port = claim_port(host, port)
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1
+    for name in policy_encodings(holder.current.policy):
+        get_encoding(name)              # loaded once here: forked workers share its memory
+    if redis_url(holder.current.policy, os.environ) is None:
+        log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
+                    "(POST /v1/outcomes finds only the tasks its worker served); set GATEWAY_REDIS_URL", workers)
+
+    def spawn(slot: int) -> BaseProcess | None:
+        try:        # listening at once, so that another gateway's `claim_port` fails from now on
+            sockets = listen_sockets(host, port, reuse_port=True)
+        except ListenError as exc:
+            log.error("worker %d: %s", slot, exc)
+            return None
+        process = FORK.Process(target=_worker_process, args=(policy, host, sockets),
+                               name=f"gateway-worker-{slot}")
+        process.start()
+        for sock in sockets:
+            sock.close()                # the worker's now: closed there, the port stops taking connections
+        return process
+
+    return Supervisor(spawn, workers).run()
+
+
+def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket]) -> int:
+    """Serve in this process on `sockets`; 1, said in one line, when it cannot listen."""
+    install_uvloop()
+    port = sockets[0].getsockname()[1]
+    try:
+        asyncio.run(run_server(build_app(holder), host, port, sockets=sockets, freeze_gc=True))
     except ListenError as exc:
         log.error("%s", exc)
         return 1
     return 0
 
 
-def _worker_process(policy: Path, host: str, port: int, reuse_port: bool) -> None:
-    raise SystemExit(_worker(policy, host, port, reuse_port))
-
-
-def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
-    """`gateway run`: validate the policy, then serve with one or more worker processes."""
+def _worker_process(policy: Path, host: str, sockets: list[socket.socket]) -> None:
+    """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it."""
+    signal.set_wakeup_fd(-1)            # the supervisor's signal handling, inherited through fork
+    for sig in HANDLED:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})   # SIGHUP waits for run_server
     try:
         holder = PolicyHolder.from_file(policy, os.environ)
     except PolicyError as exc:
-        log.error("invalid policy, not starting:\n%s", exc)
-        return 1
-    if workers <= 1:
-        return _worker(policy, host, port, reuse_port=False)
-    for name in policy_encodings(holder.current.policy):
-        get_encoding(name)              # loaded once here: forked workers share its memory
-    processes = [multiprocessing.Process(target=_worker_process, args=(policy, host, port, True), daemon=False)
-                 for _ in range(workers)]
-    for process in processes:
-        process.start()
-    def forward(signum, _frame):
-        for process in processes:
-            if process.pid:
-                os.kill(process.pid, signum)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    for process in processes:
-        process.join()
-    return max((p.exitcode or 0) for p in processes)
+        log.error("invalid policy, worker not starting:\n%s", exc)
+        raise SystemExit(1) from None
+    announce_admin_reloads(holder, os.getppid())
+    raise SystemExit(_serve_here(holder, host, sockets))
+
+
+def announce_admin_reloads(holder: PolicyHolder, supervisor_pid: int) -> None:
+    """In a worker: an admin API reload that changed the policy SIGHUPs the supervisor, which passes SIGHUP on
+    to every worker, so all of them serve the file (their watchers miss an edit that keeps size and mtime).
+    The reloads SIGHUP makes are not announced again, and the asking worker's own is a no-op."""
+    def announce(_runtime: Runtime) -> None:
+        if holder.status.origin == ADMIN and os.getppid() == supervisor_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor_pid, signal.SIGHUP)
+    holder.listeners.append(announce)
+

@@ -8,9 +8,10 @@ telemetry, the ledger and outcomes, and the background task set.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from aiohttp import web
 from gateway.context import RequestContext
 from gateway.energy import EnergyMonitor
 from gateway.fleet import Fleet
-from gateway.outcomes import OutcomeBook
+from gateway.outcomes import Book
 from gateway.recorder import Recorder
 from gateway.runtime import PolicyHolder
 from gateway.stores import Stores
@@ -54,7 +55,7 @@ class Services:
         self.recorder.record(ctx)
 
     @property
-    def outcomes(self) -> OutcomeBook:
+    def outcomes(self) -> Book:
         return self.recorder.outcomes
 
     async def tenant_usage(self) -> list[dict]:
@@ -88,6 +89,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         policy = holder.current.policy
         for name in policy_encodings(policy):
             get_encoding(name)          # loaded now, not on the first request
+        recorder = open_recorder(policy)
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
                                          enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
@@ -96,10 +98,14 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             transport=HttpTransport(session), fleet=Fleet(policy),
                             stores=await Stores.open(policy, environ),
                             telemetry=Telemetry.from_env(policy.telemetry, environ=environ),
-                            recorder=Recorder(policy))
+                            recorder=recorder)
+        recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         services.telemetry.observe_store_failures(lambda: {"limits": services.stores.limiter.store_failures,
-                                                           "budgets": services.stores.budgets.store_failures})
+                                                           "budgets": services.stores.budgets.store_failures,
+                                                           "outcomes": services.stores.outcomes.store_failures})
+        if recorder.ledger is not None:
+            services.telemetry.observe_ledger_errors(lambda: recorder.ledger.write_errors)
         services.telemetry.observe_policy(lambda: holder.current.policy)
         services.telemetry.observe_reloads(lambda: holder.status)
         # always there, so a reload can add GPUs; with none in the policy it samples nothing
@@ -118,12 +124,33 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
             log.warning("the policy has no tenants: the gateway runs open, without API keys")
         yield
         services.draining = True
-        await services.background.drain(timeout_s=policy.server.grace_period_s)
-        if services.energy is not None:
-            await services.energy.stop()
-        services.recorder.close()
-        await services.stores.close()
-        await session.close()
-        await asyncio.to_thread(services.telemetry.shutdown)
+        await close_each((
+            ("background tasks", lambda: services.background.drain(timeout_s=policy.server.grace_period_s)),
+            ("the GPU sampler", energy.stop),
+            ("the ledger", services.recorder.close),
+            ("the stores", services.stores.close),
+            ("the upstream session", session.close),
+            ("telemetry", lambda: asyncio.to_thread(services.telemetry.shutdown)),
+        ))
 
     return lifecycle
+
+
+def open_recorder(policy) -> Recorder:
+    """The recorder and its ledger; a ledger that cannot be opened stops the start-up, said in one line."""
+    try:
+        return Recorder(policy)
+    except OSError as exc:
+        log.error("cannot open the ledger %s (%s), not starting", policy.ledger.path, exc)
+        raise SystemExit(1) from None
+
+
+async def close_each(steps: tuple[tuple[str, Callable[[], Any]], ...]) -> None:
+    """Run every shutdown step, awaiting those that return an awaitable; one failing skips none of the rest."""
+    for name, step in steps:
+        try:
+            result = step()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:               # a shutdown step's own failure must not leave the later ones undone
+            log.exception("shutdown: closing %s failed", name)

@@ -7,6 +7,13 @@ from collections.abc import AsyncIterator
 import orjson
 
 DONE = b"data: [DONE]\n\n"
+#: the longest event read from a model server (a tool call's whole arguments may come in one); past it the
+#: stream is broken
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
+class EventTooLong(ValueError):
+    """A model server's event ran past MAX_EVENT_BYTES without ending."""
 
 
 def encode_event(payload: dict) -> bytes:
@@ -20,26 +27,57 @@ def error_event(message: str, *, error_type: str = "upstream_error", code: str |
 
 
 def event_data(event: bytes) -> bytes | None:
-    """The payload of one raw event (its `data:` lines joined, CRLF line ends allowed), or None for a comment
-    or keep-alive."""
-    parts = [line[5:].lstrip(b" ").rstrip(b"\r") for line in event.split(b"\n") if line.startswith(b"data:")]
+    """The payload of one event from `iter_events` (its `data:` lines joined), or None for an event without
+    data: a comment or keep-alive."""
+    if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:     # one data line: most events
+        return event[5:-2].lstrip(b" ")
+    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
 
 
-async def iter_events(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Group a byte stream's lines into raw events, each ending with a blank line.
+async def iter_events(pieces: AsyncIterator[bytes], max_event_bytes: int = MAX_EVENT_BYTES
+                      ) -> AsyncIterator[bytes]:
+    """Group a byte stream, read in pieces of any size, into raw events, each ending with a blank line.
 
-    A stream that ends without its final blank line yields what it had, so
-    the caller can tell a complete stream (it saw `[DONE]`) from a cut one.
+    Lines may end with LF, CRLF or a bare CR, as SSE allows; the events come
+    out with LF only. A stream that ends without its final blank line yields
+    what it had, so the caller can tell a complete stream (it saw `[DONE]`)
+    from a cut one. An event still unfinished past `max_event_bytes` raises
+    EventTooLong.
     """
-    pending: list[bytes] = []
-    async for line in lines:
-        if line in (b"\n", b"\r\n"):
-            if pending:
-                pending.append(b"\n")
-                yield b"".join(pending)
-                pending = []
+    pending: list[bytes] = []           # the start of an event not finished yet
+    pending_bytes = 0
+    after_cr = False                    # the last piece ended with CR: a LF opening the next one is its pair
+    async for piece in pieces:
+        if after_cr and piece.startswith(b"\n"):
+            piece = piece[1:]
+        after_cr = piece.endswith(b"\r")
+        if b"\r" in piece:
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not piece:
             continue
-        pending.append(line if line.endswith(b"\n") else line + b"\n")
-    if pending:
-        yield b"".join(pending)
+        if b"\n\n" not in piece and not (piece.startswith(b"\n") and pending and pending[-1].endswith(b"\n")):
+            pending.append(piece)       # no event ends in this piece
+            pending_bytes += len(piece)
+            if pending_bytes > max_event_bytes:
+                raise EventTooLong(f"an event ran past {max_event_bytes} bytes")
+            continue
+        text = b"".join((*pending, piece)) if pending else piece
+        start = 0
+        while True:
+            while text.startswith(b"\n", start):    # blank lines between events
+                start += 1
+            end = text.find(b"\n\n", start)
+            if end == -1:
+                break
+            if end - start > max_event_bytes:
+                raise EventTooLong(f"an event ran past {max_event_bytes} bytes")
+            yield text[start:end + 2]   # the whole piece, not a copy, when it is one event
+            start = end + 2
+        pending = [text[start:]] if start < len(text) else []
+        pending_bytes = len(text) - start
+        if pending_bytes > max_event_bytes:
+            raise EventTooLong(f"an event ran past {max_event_bytes} bytes")
+    tail = b"".join(pending).lstrip(b"\n")
+    if tail:
+        yield tail if tail.endswith(b"\n") else tail + b"\n"

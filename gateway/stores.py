@@ -1,5 +1,7 @@
 """The shared stores: Redis when configured (many replicas agree), in-memory otherwise.
 
+Cache, single-flight, rate limits, budgets and the outcome book all use the one client.
+
 `GATEWAY_REDIS_URL` wins over the policy's `store.redis_url`, so one policy
 file serves every environment.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,6 +22,9 @@ from redis.retry import Retry
 from gateway.cache.memory import MemoryCache
 from gateway.cache.redis_store import RedisCache, RedisLock
 from gateway.cache.singleflight import SingleFlight
+from gateway.outcomes import Book, OutcomeBook
+from gateway.outcomes_redis import RedisOutcomeBook
+from gateway.outcomes_redis import warm_up as warm_up_outcomes
 from gateway.policy.model import Policy
 from gateway.store_guard import STORE_ERRORS
 from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
@@ -63,13 +68,14 @@ async def warm_pool(client, connections: int, timeout_s: float = WARM_UP_TIMEOUT
 
 @dataclass
 class Stores:
-    """Cache, single-flight, limits and budgets, all on one backend."""
+    """Cache, single-flight, limits, budgets and the outcome book, all on one backend."""
 
     cache: Any
     singleflight: SingleFlight
     limiter: Any
     budgets: Any
     redis: aioredis.Redis | RedisCluster | None = None
+    outcomes: Book = field(default_factory=OutcomeBook)
 
     @property
     def backend(self) -> str:
@@ -82,7 +88,8 @@ class Stores:
         store = policy.store
         timeout_s = store.timeout_ms / 1000
         if url is None:
-            log.info("no Redis configured: cache, limits and budgets are in memory (this process only)")
+            log.info("no Redis configured: cache, limits, budgets and outcomes are in memory (this process "
+                     "only: with several workers or replicas, a task is reported to the process that served it)")
             return cls(cache=MemoryCache(MEMORY_CACHE_BYTES), singleflight=SingleFlight(),
                        limiter=MemoryLimiter(), budgets=MemoryBudgets())
         client = redis_client(url, timeout_s, store.max_connections,
@@ -91,13 +98,16 @@ class Stores:
         cache = RedisCache(client, timeout_s)
         prefix = store.key_prefix
         limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)
+        outcomes = RedisOutcomeBook(client, prefix, timeout_s)
         if await limiter.warm_up():
+            await warm_up_outcomes(outcomes, WARM_UP_TIMEOUT_S)
             await warm_pool(client, min(WARM_CONNECTIONS, store.max_connections))
         return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)), limiter=limiter,
                    budgets=RedisBudgets(client, prefix, timeout_s, store.on_store_failure),
-                   redis=client)
+                   redis=client, outcomes=outcomes)
 
     async def close(self) -> None:
-        """Close the stores' client through the cache, which bounds the wait and never raises:
-        a Redis that is down or frozen cannot hold up or fail the shutdown."""
+        """Finish the outcome bookings under way, then close the stores' client through the cache; both bound
+        their wait and never raise: a Redis that is down or frozen cannot hold up or fail the shutdown."""
+        await self.outcomes.close()
         await self.cache.close()

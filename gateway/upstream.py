@@ -18,11 +18,12 @@ from functools import cache
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.errors import (UPSTREAM_AUTH_STATUSES, UpstreamProtocolError, UpstreamStatus, UpstreamTimeout,
                             UpstreamUnreachable)
 from gateway.policy.model import Model, Timeouts
-from gateway.sse import iter_events
+from gateway.sse import EventTooLong, iter_events
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
@@ -75,7 +76,8 @@ def auth_headers(model: Model, environ: Mapping[str, str] = os.environ) -> dict[
 
 @cache
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """aiohttp's timeout for a model: connect, first byte (and between chunks), and total."""
+    """aiohttp's timeout for a model: connect, first byte (any byte: a stream's relay keeps its own deadline
+    for data events), and total."""
     return aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s,
                                  sock_read=timeouts.first_byte_s)
 
@@ -142,7 +144,7 @@ class HttpTransport:
                     raise status_error(call.model, resp.status, await resp.read(), resp.headers)
             # outside the translation: what the caller's block raises (a write to a client that left, say)
             # is the caller's own error, not the model's
-            yield _translated_events(call.model, iter_events(resp.content))
+            yield _translated_events(call.model, iter_events(resp.content.iter_any()))
 
 
 async def _translated_events(model: Model, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -188,6 +190,10 @@ class UpstreamErrors:
         if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                             aiohttp.ClientOSError, aiohttp.ClientResponseError)):
             raise UpstreamProtocolError(f"model '{name}' dropped the connection") from exc
+        if isinstance(exc, EventTooLong):
+            raise UpstreamProtocolError(f"model '{name}' sent a malformed stream: {exc}") from exc
+        if isinstance(exc, HttpProcessingError):    # aiohttp's parser refused what the model sent
+            raise UpstreamProtocolError(f"model '{name}' sent a malformed answer") from exc
         if isinstance(exc, aiohttp.ClientError):
             raise UpstreamUnreachable(f"model '{name}' request failed: {exc}") from exc
         return False

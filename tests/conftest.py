@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.redis_cluster import RedisCluster, cluster_binaries
 from tests.support.redis_server import RedisServer
 
 
@@ -13,3 +14,13 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One real 3-master Redis Cluster for the whole run (tests keep to their own keys, or flush them)."""
+    if cluster_binaries() is None:
+        pytest.skip("redis-server and redis-cli are not installed (Debian: apt-get install redis-server)")
+    running = RedisCluster.on_free_ports().start()
+    yield running
+    running.stop()

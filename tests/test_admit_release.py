@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import logging
+import signal
 import time
 from decimal import Decimal
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ from redis.asyncio import Redis
 from gateway.cache.memory import MemoryCache
 from gateway.cache.singleflight import SingleFlight
 from gateway.context import RequestContext, Usage
-from gateway.errors import GatewayError, RateLimited
+from gateway.errors import BudgetExceeded, GatewayError, RateLimited
 from gateway.policy.model import Budget, Limits, Policy, Store, Tenant
 from gateway.stages.admit import Admit
 from gateway.stores import Stores
@@ -202,3 +201,152 @@ async def test_an_admission_a_stalled_store_runs_late_gives_its_slot_back(redis_
         assert ctx.admission.allowed and not ctx.admission.degraded
     finally:
         await client.aclose()
+
+
+class CuttableRedisProxy:
+    """A TCP proxy in front of redis-server: `cut()` drops its connections and refuses new ones, a network
+    blip that leaves Redis and its data as they were; `restore()` listens again on the same port. While
+    `muted`, commands still reach Redis but its replies are lost."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.port = 0
+        self.muted = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> CuttableRedisProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def cut(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    restore = start
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self._writers.update((client_w, redis_w))
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if not (replies and self.muted):
+                        writer.write(data)
+                        await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        await asyncio.gather(pipe(client_r, redis_w, False), pipe(redis_r, client_w, True))
+
+
+@pytest.fixture
+async def blip(redis_server):
+    """(proxy, stage, direct client): an admit stage whose Redis limiter reaches redis-server through a proxy
+    that a test can cut, and a client that reaches redis-server directly."""
+    proxy = await CuttableRedisProxy(redis_server.port).start()
+    client, direct = Redis.from_url(proxy.url), Redis.from_url(redis_server.url)
+    limiter = RedisLimiter(client, "test", 0.2, "allow", backoff_s=0.05)
+    assert await limiter.warm_up()                              # scripts loaded, as at start-up
+    stage = admit_stage(limiter)
+    yield proxy, stage, direct
+    await stage.services.background.drain(timeout_s=1)
+    await proxy.cut()
+    await client.aclose()
+    await direct.aclose()
+
+
+async def test_a_release_redis_did_not_answer_is_tried_again_until_it_does(blip):
+    """A network blip while a release runs: it is tried again until Redis answers, so the slot is free and the
+    tokens settled once Redis is reachable, instead of the slot held for the in-flight TTL (15 minutes)."""
+    proxy, stage, direct = blip
+    flight_key, sum_key = tenant_keys("test", "solo")[3], tenant_keys("test", "solo")[2]
+    ctx = request(ONE_AT_A_TIME)
+    await stage.handle(ctx)
+    assert ctx.admission.allowed and not ctx.admission.degraded
+    await proxy.cut()
+    ctx.usage = Usage(input_tokens=10, output_tokens=2)
+    await stage.finish(ctx)
+    await asyncio.sleep(0.3)                                    # the first try failed
+    assert await direct.zcard(flight_key) == 1
+    await proxy.restore()
+    await stage.services.background.drain(timeout_s=5)
+    assert await direct.zcard(flight_key) == 0
+    assert int(await direct.get(sum_key)) == 12                 # settled to the tokens used, once
+    following = request(ONE_AT_A_TIME)
+    await stage.handle(following)
+    assert following.admission.allowed and not following.admission.degraded
+
+
+async def test_a_concurrency_refusal_waits_for_a_release_first_try_not_its_retries(blip):
+    """While a release Redis did not answer is tried again, the next request is refused for concurrency at once
+    (Retry-After 1 s), not held for the retries, which last as long as Redis is away."""
+    proxy, stage, _ = blip
+    ctx = request(ONE_AT_A_TIME)
+    await stage.handle(ctx)
+    await proxy.cut()
+    await stage.finish(ctx)
+    await asyncio.sleep(0.1)                                    # the first try failed; past the back-off
+    await proxy.restore()
+    started_s = time.monotonic()
+    with pytest.raises(RateLimited) as refused:
+        await stage.handle(request(ONE_AT_A_TIME))
+    assert time.monotonic() - started_s < 0.5
+    assert refused.value.headers["Retry-After"] == "1"
+    await stage.services.background.drain(timeout_s=5)         # the retry lands
+    following = request(ONE_AT_A_TIME)
+    await stage.handle(following)
+    assert following.admission.allowed
+
+
+async def test_an_excess_is_charged_once_when_a_release_is_tried_again(blip, redis_server):
+    """An end Redis ran but whose reply was lost charged the excess (tokens used beyond the reservation): the
+    retries only release, so the excess is counted once, not twice."""
+    proxy, stage, direct = blip
+    _, _, sum_key, flight_key = tenant_keys("test", "solo")
+    ctx = request(ONE_AT_A_TIME)
+    await stage.handle(ctx)
+    ctx.usage = Usage(input_tokens=ctx.reserved_tokens, output_tokens=100)    # 100 more than reserved
+    proxy.muted = True                                          # commands reach Redis, replies are lost
+    await stage.finish(ctx)
+    await asyncio.sleep(0.3)                                    # the end ran, unanswered
+    proxy.muted = False
+    await stage.services.background.drain(timeout_s=5)
+    assert await direct.zcard(flight_key) == 0
+    assert int(await direct.get(sum_key)) == ctx.reserved_tokens + 100
+
+
+async def test_a_request_refused_for_its_budget_takes_no_request_tokens_or_slot(limiter):
+    """Budget and limits checked at once: the first request refused for an exhausted budget withdraws its
+    admission, so it takes none of the tenant's requests per minute, tokens or concurrency slots."""
+    spent = Tenant("spent", limits=Limits(requests_per_minute=2, tokens_per_minute=100_000, concurrent=1),
+                   budget=Budget(usd_per_day=Decimal("0.01")))
+    stage = admit_stage(limiter)
+    await stage.services.stores.budgets.charge(spent, Decimal(1))      # spent already (another replica, say)
+    with pytest.raises(BudgetExceeded):
+        await stage.handle(request(spent))
+    await stage.services.background.drain(timeout_s=5)
+    usage = await limiter.usage(spent)
+    assert (usage.requests, usage.tokens, usage.concurrent) == (0, 0, 0)
+
+
+async def test_a_request_larger_than_tokens_per_minute_is_refused_as_too_large(limiter):
+    """prompt + max_tokens x n above tokens_per_minute: 429 request_too_large without Retry-After, at once."""
+    narrow = Tenant("narrow", limits=Limits(tokens_per_minute=100))
+    ctx = RequestContext(http=None, policy=None, request_id="r", tenant=narrow, prompt_tokens=10, max_tokens=50,
+                         choices=2)
+    with pytest.raises(RateLimited) as refused:
+        await admit_stage(limiter).handle(ctx)
+    assert refused.value.code == "request_too_large" and "Retry-After" not in refused.value.headers
+    assert "limit 100, requested 110" in refused.value.message

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
+from gateway.cache.assemble import assemble_stream
 from gateway.cache.entry import CacheEntry, entry_from_response, entry_from_stream
 from gateway.cache.replay import replay_response, replay_sse
 
@@ -70,11 +71,17 @@ def parse_sse(events: list[bytes]) -> list[dict]:
 
 @pytest.mark.parametrize("chunks, response", [(TEXT_CHUNKS, TEXT_RESPONSE),
                                               (TOOL_CHUNKS, TOOL_RESPONSE)])
-def test_entry_from_stream_equals_entry_from_response(chunks: list, response: dict) -> None:
-    """A streamed answer assembles into the same body as the non-stream answer."""
-    streamed = entry_from_stream("chat", chunks)
+def test_a_stream_assembles_into_the_non_stream_answer(chunks: list, response: dict) -> None:
+    """A streamed answer, tool calls included, assembles into the same body as the non-stream answer."""
+    assert assemble_stream("chat", chunks) == response
+
+
+def test_a_streamed_text_answer_is_the_entry_of_its_non_stream_twin() -> None:
+    """A finished text stream becomes the same entry as the non-stream answer; a tool-call turn is no entry."""
+    streamed = entry_from_stream("chat", TEXT_CHUNKS)
     assert streamed is not None
-    assert streamed.body == entry_from_response("chat", response).body
+    assert streamed.body == entry_from_response("chat", TEXT_RESPONSE).body
+    assert entry_from_stream("chat", TOOL_CHUNKS) is None
 
 
 def test_completions_stream_assembles() -> None:
@@ -100,7 +107,7 @@ def test_replayed_stream_assembles_back_to_the_entry(endpoint: str, response: di
     """Replaying an entry as SSE and assembling the chunks gives the cached body back."""
     entry = CacheEntry(endpoint, response)
     chunks = parse_sse(replay_sse(entry, include_usage=True))
-    assert entry_from_stream(endpoint, chunks).body == response
+    assert assemble_stream(endpoint, chunks) == response
 
 
 def test_usage_chunk_only_when_asked() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.cache.entry import (FORMAT_PLAIN, FORMAT_ZLIB, CacheEntry, decode_entry,
                                  encode_entry, entry_from_response)
-from gateway.cache.memory import MemoryCache
+from gateway.cache.memory import ENTRY_OVERHEAD_BYTES, MemoryCache
 from gateway.cache.redis_store import RedisCache
 
 
@@ -34,10 +34,11 @@ class FakeClock:
 
 
 def test_only_complete_answers_become_entries() -> None:
-    """stop, length and tool_calls are stored; content_filter, a missing reason or an error are not."""
+    """stop and length are stored; tool calls, content_filter, a missing reason or an error are not."""
     assert entry_from_response("chat", chat_body("hi", "stop")) is not None
     assert entry_from_response("chat", chat_body("hi", "length")) is not None
-    assert entry_from_response("chat", chat_body("hi", "tool_calls")) is not None
+    assert entry_from_response("chat", chat_body("hi", "tool_calls")) is None
+    assert entry_from_response("chat", chat_body("hi", "function_call")) is None
     assert entry_from_response("chat", chat_body("hi", "content_filter")) is None
     assert entry_from_response("chat", chat_body("hi", None)) is None
     assert entry_from_response("chat", {"error": {"message": "x"}}) is None
@@ -74,27 +75,28 @@ def test_unreadable_bytes_are_a_miss() -> None:
 
 async def test_memory_lru_evicts_by_bytes() -> None:
     """When the byte budget is full the least recently used entry goes first."""
-    cache = MemoryCache(max_bytes=300)
+    entry_bytes = 100 + ENTRY_OVERHEAD_BYTES                  # a one-letter key and 99 bytes
+    cache = MemoryCache(max_bytes=3 * entry_bytes)
     await cache.set("a", b"1" * 99, ttl_s=60)
     await cache.set("b", b"2" * 99, ttl_s=60)
     await cache.set("c", b"3" * 99, ttl_s=60)
-    assert cache.used_bytes == 300
+    assert cache.used_bytes == 3 * entry_bytes
     assert await cache.get("a") == b"1" * 99      # a is now the most recently used
     await cache.set("d", b"4" * 99, ttl_s=60)
     assert await cache.get("b") is None
     assert [await cache.get(k) is not None for k in "acd"] == [True, True, True]
-    assert cache.used_bytes == 300
+    assert cache.used_bytes == 3 * entry_bytes
 
 
 async def test_memory_rejects_oversized_and_replaces_values() -> None:
     """A value larger than the whole budget is not stored; a second set replaces the first."""
-    cache = MemoryCache(max_bytes=100)
+    cache = MemoryCache(max_bytes=100 + ENTRY_OVERHEAD_BYTES)
     await cache.set("big", b"x" * 200, ttl_s=60)
     assert await cache.get("big") is None
     await cache.set("k", b"old", ttl_s=60)
     await cache.set("k", b"newer", ttl_s=60)
     assert await cache.get("k") == b"newer"
-    assert cache.used_bytes == len("k") + len(b"newer")
+    assert cache.used_bytes == len("k") + len(b"newer") + ENTRY_OVERHEAD_BYTES
     await cache.delete("k")
     assert (await cache.get("k"), cache.used_bytes, len(cache)) == (None, 0, 0)
 
@@ -102,13 +104,29 @@ async def test_memory_rejects_oversized_and_replaces_values() -> None:
 async def test_memory_ttl_expiry() -> None:
     """Each entry expires after its own TTL and frees its bytes."""
     clock = FakeClock()
-    cache = MemoryCache(max_bytes=1000, clock=clock)
+    cache = MemoryCache(max_bytes=1000 + 2 * ENTRY_OVERHEAD_BYTES, clock=clock)
     await cache.set("short", b"s", ttl_s=5)
     await cache.set("long", b"l", ttl_s=50)
     clock.now_s += 10
     assert await cache.get("short") is None
     assert await cache.get("long") == b"l"
-    assert cache.used_bytes == len("long") + 1
+    assert cache.used_bytes == len("long") + 1 + ENTRY_OVERHEAD_BYTES
+
+
+async def test_memory_a_full_cache_makes_room_from_the_lru_head() -> None:
+    """A write into a full cache drops the least recently used entry, expired or not, and keeps the others."""
+    clock = FakeClock()
+    entry_bytes = 2 + ENTRY_OVERHEAD_BYTES                     # a one-letter key and one byte
+    cache = MemoryCache(max_bytes=3 * entry_bytes, clock=clock)
+    await cache.set("a", b"1", ttl_s=5)
+    await cache.set("b", b"2", ttl_s=50)
+    await cache.set("c", b"3", ttl_s=50)
+    clock.now_s += 10                                           # a has expired, at the LRU head
+    await cache.set("d", b"4", ttl_s=50)
+    assert [await cache.get(k) for k in "abcd"] == [None, b"2", b"3", b"4"]
+    await cache.set("e", b"5", ttl_s=50)                        # then b, the least recently used
+    assert [await cache.get(k) for k in "bcde"] == [None, b"3", b"4", b"5"]
+    assert (len(cache), cache.used_bytes) == (3, 3 * entry_bytes)
 
 
 async def test_redis_get_set_and_ttl(redis_server) -> None:

@@ -52,6 +52,13 @@ def test_a_port_out_of_range_is_refused(command):
     assert result.returncode == 2 and "a port is 0 to 65535" in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_fewer_than_one_worker_is_refused(workers):
+    """`gateway run --workers 0` (or negative) is a usage error, not one worker in disguise."""
+    result = gateway("run", "--policy", "no-such-policy.yaml", "--workers", workers)
+    assert result.returncode == 2 and "workers are 1 or more" in result.stderr
+
+
 @pytest.mark.parametrize("where", ["flag", "environment"])
 @pytest.mark.parametrize("command", [["policy", "check", DEMO], ["keys", "hash"]])
 def test_an_unknown_log_level_is_refused_in_one_line(where, command, monkeypatch):

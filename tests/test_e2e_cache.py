@@ -22,7 +22,7 @@ from tests.support.harness import Harness
 from tests.support.policies import models, short_timeouts, standard_model, tenants
 
 KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-0002"}
-ENTRY_PATTERN = "gw:c:v1:*"
+ENTRY_PATTERN = "gw:c:v2:*"
 
 POLICY = models(standard_model("small", timeouts=short_timeouts(first_byte_s=5))) + """
 routes:
@@ -485,3 +485,75 @@ def test_the_cache_read_is_sent_before_the_admission_reply_is_back(redis_server)
     finally:
         gw.stop()
         proxy.stop()
+
+
+# Whose answer a hit serves --------------------------------------------------------------------------
+
+TIERED = models(standard_model("small", timeouts=short_timeouts()), standard_model("large", timeouts=short_timeouts())) \
+    + """
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small, large]
+    cache: {{enabled: true, ttl_s: 60}}
+""" + tenants(KEYS)
+
+
+def test_a_hit_is_served_only_to_a_request_its_model_may_answer(redis_server):
+    """The small model's stored answer is not served to a request asking for tier 3: it misses, the large model
+    answers, and its answer replaces the entry. A hit names the model whose answer it is in x-gateway-model."""
+    gw = Harness(TIERED, {"small": dict(ttft_ms=5, tpot_ms=1), "large": dict(ttft_ms=5, tpot_ms=1)},
+                 environ(GATEWAY_REDIS_URL=redis_server.url)).start()
+    try:
+        def ask_tier(headers: dict[str, str]):
+            raw = gw.openai(api_key=KEYS["alpha"]).chat.completions.with_raw_response.create(
+                **ask("Which tier?"), extra_headers=headers)
+            return raw.parse().model, raw.headers["x-gateway-cache"], raw.headers["x-gateway-model"]
+
+        assert ask_tier({}) == ("sim-small", "stored", "small")
+        time.sleep(0.3)                                          # the write runs after the answer
+        assert ask_tier({}) == ("sim-small", "hit", "small")
+        assert ask_tier({"x-gateway-min-tier": "3"}) == ("sim-large", "stored", "large")
+        time.sleep(0.3)
+        assert ask_tier({"x-gateway-min-tier": "3"}) == ("sim-large", "hit", "large")
+        assert ask_tier({}) == ("sim-large", "hit", "large")     # a bigger model's answer serves a tier-1 request
+    finally:
+        gw.stop()
+
+
+def test_replicas_waiting_for_an_answer_that_is_not_cached_do_not_queue(redis_server):
+    """Three replicas, one identical request each, and an answer the cache does not keep (content_filter): the two
+    that waited for the first call upstream together when it ends, instead of one after the other."""
+    from tests.support.raw_upstream import RawUpstream, http_head
+    import json
+
+    call_s = 0.8
+    filtered = json.dumps({"id": "chatcmpl-f", "object": "chat.completion", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                                        "finish_reason": "content_filter"}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}}).encode()
+    raw = RawUpstream().start()
+    raw.script = [(b"", call_s), (http_head(200, {"Content-Type": "application/json"}, len(filtered)) + filtered, 0.0)]
+    policy = models(standard_model("small", endpoint=raw.url, timeouts=short_timeouts())) + """
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+    cache: {{enabled: true, ttl_s: 60}}
+""" + tenants(KEYS)
+    replicas = [Harness(policy, {"small": {}}, environ(GATEWAY_REDIS_URL=redis_server.url)).start() for _ in range(3)]
+    try:
+        def timed(gw, delay_s: float) -> float:
+            time.sleep(delay_s)             # the first replica leads; the others find its lock and wait
+            started = time.monotonic()
+            assert chat(gw, **ask("Filtered"))[1] == "miss"
+            return time.monotonic() - started
+
+        with ThreadPoolExecutor(3) as pool:
+            took = list(pool.map(timed, replicas, (0, 0.2, 0.2)))
+        assert len(raw.requests) == 3
+        assert raw.most_at_once == 2, f"the waiting replicas called one after the other: {took}"
+    finally:
+        for gw in replicas:
+            gw.stop()
+        raw.stop()

@@ -3,6 +3,7 @@
 Clients group calls with `x-gateway-task-id` / `x-gateway-workflow`, report
 how a task went, and read cost per successful task by route, tenant and
 workflow; every cost is checked against the simulator's usage x the prices.
+Each test runs against the in-process outcome book and the Redis one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gateway.cost import format_usd
 from tests.support import accounting
 from tests.support.harness import Harness
 from tests.support.policies import models, short_timeouts, standard_model, tenants
+from tests.support.redis_server import RedisServer
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-0002"}
@@ -38,15 +40,21 @@ ledger: {{path: "@LEDGER@"}}
 SIMS = {"small": dict(ttft_ms=5, tpot_ms=1), "large": dict(ttft_ms=10, tpot_ms=2)}
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory):
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def gw(request, tmp_path_factory):
+    """The gateway with the in-process outcome book, then with the shared one on a real redis-server."""
     ledger = tmp_path_factory.mktemp("ledger") / "requests.jsonl"
     environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
     environ.update(GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN, OTEL_SDK_DISABLED="true")
+    redis = RedisServer().start() if request.param == "redis" else None
+    if redis is not None:
+        environ["GATEWAY_REDIS_URL"] = redis.url
     harness = Harness(POLICY.replace("@LEDGER@", str(ledger)), SIMS, environ).start()
     harness.ledger_path = ledger
     yield harness
     harness.stop()
+    if redis is not None:
+        redis.stop()
 
 
 # helpers -----------------------------------------------------------------------------------------
@@ -55,9 +63,10 @@ PRICES = {"support": ("0.10", "0.20"), "escalation": ("5.00", "15.00")}
 
 
 def call(gw, task: str | None, max_tokens: int, *, route: str = "support", workflow: str | None = None,
-         tenant: str = "alpha", stream: bool = False) -> tuple[str, Decimal]:
+         tenant: str = "alpha", stream: bool = False, request_id: str | None = None) -> tuple[str, Decimal]:
     """One chat call in a task: (x-request-id, its cost by hand from the simulator's usage)."""
-    headers = {k: v for k, v in (("x-gateway-task-id", task), ("x-gateway-workflow", workflow)) if v}
+    headers = {k: v for k, v in (("x-gateway-task-id", task), ("x-gateway-workflow", workflow),
+                                 ("x-request-id", request_id)) if v}
     raw = gw.openai(api_key=KEYS[tenant]).chat.completions.with_raw_response.create(
         model=route, messages=MESSAGES, max_tokens=max_tokens, extra_headers=headers, stream=stream,
         **({"stream_options": {"include_usage": True}} if stream else {}))
@@ -168,6 +177,22 @@ def test_a_tenant_reports_only_its_own_tasks(gw):
     assert report(gw, {"task_id": "ticket-private", "outcome": "success"}, tenant="beta")[0] == 404
     assert report(gw, {"task_id": "ticket-private", "outcome": "success"}, tenant=None)[0] == 401
     assert report(gw, {"task_id": "ticket-private", "outcome": "success"}, tenant="alpha")[0] == 200
+
+
+def test_tenants_reusing_a_task_id_or_request_id_keep_their_own_records(gw):
+    """Beta's calls under alpha's task id or x-request-id neither add to alpha's record nor take it: each tenant
+    reports its own cost."""
+    alpha_task = call(gw, "ticket-shared", 1, tenant="alpha")[1]
+    beta_task = sum(call(gw, "ticket-shared", n, tenant="beta")[1] for n in (20, 30))
+    alpha_request = call(gw, None, 1, tenant="alpha", request_id="req-shared")[1]
+    beta_request = call(gw, None, 40, tenant="beta", request_id="req-shared")[1]
+    for tenant, body, cost in (("alpha", {"task_id": "ticket-shared"}, alpha_task),
+                               ("beta", {"task_id": "ticket-shared"}, beta_task),
+                               ("alpha", {"request_id": "req-shared"}, alpha_request),
+                               ("beta", {"request_id": "req-shared"}, beta_request)):
+        status, reported = report(gw, {**body, "outcome": "success"}, tenant=tenant)
+        assert status == 200, reported
+        assert (reported["tenant"], Decimal(reported["cost_usd"])) == (tenant, cost)
 
 
 def test_outcomes_are_written_to_the_ledger_beside_their_requests(gw):

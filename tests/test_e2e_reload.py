@@ -158,6 +158,22 @@ def test_invalid_edit_keeps_the_old_policy_and_reports(gw, policy_a):
     assert (status, body["last_error"]) == (200, None)
 
 
+def test_a_reload_says_which_settings_wait_for_a_restart(gw, policy_a, caplog):
+    """A reload that changes the ledger and the grace period (read once at start-up) applies the rest, and the
+    log and GET /admin/policy name those two as taking effect on restart; reverting them clears it."""
+    ledger = gw.workdir / "ledger.jsonl"
+    gw.write_policy(POLICY_B.replace("grace_period_s: 10", "grace_period_s: 12") + f"ledger: {{{{path: {ledger}}}}}\n")
+    with caplog.at_level("WARNING", "gateway"):
+        status, body = admin(gw.base_url, "POST", "/admin/policy/reload")
+    assert status == 200 and body["reloaded"] and served_by(gw) == "medium"
+    assert "ledger, server.grace_period_s take effect on restart" in body["last_error"]
+    assert admin(gw.base_url, "GET", "/admin/policy")[1]["last_error"] == body["last_error"]
+    assert any(record.levelname == "WARNING" and "ledger, server.grace_period_s take effect on restart"
+               in record.getMessage() for record in caplog.records)
+    gw.write_policy(POLICY_B)
+    assert admin(gw.base_url, "POST", "/admin/policy/reload")[1]["last_error"] is None
+
+
 def test_reload_applies_new_breaker_settings(gw, policy_a):
     """After a reload to a policy with failure_threshold 1, a single failure opens the circuit."""
     breakers = gw.services.fleet.breakers

@@ -257,6 +257,17 @@ def test_token_reservation_is_corrected_with_real_usage(gw):
     assert "tokens per minute" in caught.value.message
 
 
+def test_a_request_larger_than_tokens_per_minute_is_request_too_large(gw):
+    """max_tokens x n above tokens_per_minute can never be admitted: 429 request_too_large naming the limit and
+    the tokens requested, without a Retry-After that would send the client back to be refused again."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(gw, "tpm", max_tokens=1200, n=2)
+    error = caught.value
+    assert (error.status_code, error.code) == (429, "request_too_large")
+    assert "limit 2000" in error.message and "requested 24" in error.message      # 2 x 1200 + the prompt
+    assert "retry-after" not in error.response.headers and "retry-after-ms" not in error.response.headers
+
+
 # budgets ------------------------------------------------------------------------------------------
 def test_exhausted_budget_answers_429_budget_exceeded(gw):
     """Once a tenant's spend reaches usd_per_day, its requests get 429 budget_exceeded with Retry-After."""

@@ -16,48 +16,24 @@ import pytest
 import requests
 
 from gateway.upstream import retry_after_s
-from tests.support.harness import DEFAULT_SIMS, Harness
-from tests.support.policies import models, short_timeouts, standard_model
-from tests.support.raw_upstream import COMPLETION, SSE_HEAD, RawUpstream, chunk, json_answer, sse
+from tests.support.harness import Harness, raw_model_gateway, reset_raw_model
+from tests.support.raw_upstream import COMPLETION, SSE_HEAD, TEXT_EVENTS, json_answer, sse
 
-POLICY_TAIL = """  raw:
-    endpoint: RAW_URL
-    upstream_model: fake
-    size_b: 0.5
-    latency_prior: {{ttft_ms: 5, tpot_ms: 1}}
-    timeouts: {{connect_s: 1, first_byte_s: 2, total_s: 10}}
-routes:
-  - name: raw
-    match: {{models: ["raw"]}}
-    candidates: [raw]
-    fallback: [medium]
-  - name: raw-only
-    match: {{models: ["raw-only"]}}
-    candidates: [raw]
-  - name: chat-default
+TAIL = """  - name: chat-default
     match: {{models: ["auto"]}}
     candidates: [small, medium, large]
 """
-EVENTS = [chunk("", role=True), chunk("Hello"), chunk(" world"), chunk(None, finish="stop"), b"[DONE]"]
 
 
 @pytest.fixture(scope="module")
 def env():
-    raw = RawUpstream().start()
-    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
-    harness = Harness((head + POLICY_TAIL).replace("RAW_URL", raw.url),
-                      sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}).start()
-    yield harness, raw
-    harness.stop()
-    raw.stop()
+    with raw_model_gateway(first_byte_s=2, tail=TAIL) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
 def fresh(env):
-    harness, raw = env
-    raw.script = []
-    harness.services.fleet.breakers._circuits.clear()
-    yield
+    reset_raw_model(*env)
 
 
 def post(harness: Harness, model: str = "raw", stream: bool = False, **extra) -> requests.Response:
@@ -96,7 +72,7 @@ def test_a_client_leaving_mid_stream_is_not_the_models_failure(env):
 def test_a_stream_with_crlf_line_ends_is_relayed_whole(env):
     """SSE allows CRLF: a complete CRLF stream ends in [DONE], not an error, and the SDK reads it."""
     harness, raw = env
-    raw.script = [(SSE_HEAD + sse(*EVENTS, eol=b"\r\n"), 0.0)]
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS, eol=b"\r\n"), 0.0)]
     assert b'"error"' not in post(harness, stream=True).content
     text = "".join(c.choices[0].delta.content or "" for c in harness.openai().chat.completions.create(
         model="raw", stream=True, messages=[{"role": "user", "content": "again"}]) if c.choices)

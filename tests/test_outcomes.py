@@ -1,14 +1,20 @@
-"""The outcome book: requests and tasks tracked compactly, reported, grouped and forgotten on time."""
+"""The outcome book, in process and in Redis: requests and tasks tracked, reported once, grouped and forgotten on
+time; the Redis one shared by every gateway process, exact in money, and never failing a request."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 from decimal import Decimal
 
 import pytest
+from redis.asyncio import Redis
 
-from gateway.errors import NotFound
+from gateway.errors import ClientError, NotFound, StoreUnavailable
 from gateway.outcomes import AlreadyReported, OutcomeBook
+from gateway.outcomes_redis import RedisOutcomeBook, split_usd
+from tests.support.redis_server import RedisServer
 
 
 class Clock:
@@ -19,37 +25,124 @@ class Clock:
         return self.now_s
 
 
-def track(book: OutcomeBook, request_id: str, cost: str, task_id: str | None = None, tenant: str = "acme") -> None:
-    book.track(request_id=request_id, task_id=task_id, route="chat", tenant=tenant, workflow=None,
+def track(book, request_id: str, cost: str, task_id: str | None = None, tenant: str = "acme",
+          route: str = "chat", workflow: str | None = None) -> None:
+    book.track(request_id=request_id, task_id=task_id, route=route, tenant=tenant, workflow=workflow,
                cost_usd=Decimal(cost))
 
 
-def test_a_request_without_a_task_is_reported_by_its_id():
+@pytest.fixture
+async def redis_client(redis_server):
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def redis_book(client: Redis, **options) -> RedisOutcomeBook:
+    """A book on the test's Redis: one per gateway process it stands for."""
+    return RedisOutcomeBook(client, "test", 2.0, recheck_s=0.01, **options)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def book(request):
+    """An outcome book of each kind; the Redis one on a real redis-server."""
+    if request.param == "memory":
+        yield OutcomeBook()
+        return
+    client = Redis.from_url(request.getfixturevalue("redis_server").url)
+    shared = redis_book(client)
+    yield shared
+    await shared.close()
+    await client.aclose()
+
+
+# both books ----------------------------------------------------------------------------------------
+
+async def test_a_request_without_a_task_is_reported_by_its_id(book):
     """A request is its own task: reporting its request id books its cost under the outcome."""
-    book = OutcomeBook()
     track(book, "r1", "0.25")
     track(book, "r2", "0.50")
-    book.report({"request_id": "r1", "outcome": "success"})
-    book.report({"request_id": "r2", "outcome": "failure"})
-    route = book.stats()["route"]["chat"]
+    await book.report({"request_id": "r1", "outcome": "success"}, tenant="acme")
+    await book.report({"request_id": "r2", "outcome": "failure"}, tenant="acme")
+    route = (await book.stats())["route"]["chat"]
     assert (route["tasks"], route["success"], route["cost_usd"]) == (2, 1, "0.75")
     assert route["cost_per_successful_task_usd"] == "0.75"
     with pytest.raises(AlreadyReported):
-        book.report({"request_id": "r1", "outcome": "success"})
+        await book.report({"request_id": "r1", "outcome": "success"}, tenant="acme")
 
 
-def test_a_reused_request_id_adds_up_and_tasks_group_their_requests():
+async def test_a_reused_request_id_adds_up_and_tasks_group_their_requests(book):
     """Two requests under one x-request-id add up; a task id groups requests, found by any of their ids."""
-    book = OutcomeBook()
     track(book, "same", "0.10")
     track(book, "same", "0.20")
     track(book, "a", "1", task_id="job")
     track(book, "b", "2", task_id="job")
-    book.report({"request_id": "same", "outcome": "success"})
-    book.report({"request_id": "b", "outcome": "escalated"})
-    assert book.stats()["tenant"]["acme"]["cost_usd"] == "3.3"
-    assert book.stats()["tenant"]["acme"]["escalated"] == 1
+    await book.report({"request_id": "same", "outcome": "success"}, tenant="acme")
+    task = await book.report({"request_id": "b", "outcome": "escalated"}, tenant="acme")
+    assert (task.requests, task.cost_usd) == (2, Decimal(3))
+    stats = await book.stats()
+    assert stats["tenant"]["acme"]["cost_usd"] == "3.3"
+    assert stats["tenant"]["acme"]["escalated"] == 1
 
+
+async def test_tenants_reusing_one_task_id_or_request_id_keep_separate_records(book):
+    """Ids are the client's own: another tenant's calls under the same task or request id neither add to nor
+    take the first tenant's record, and each reports its own cost."""
+    track(book, "a1", "0.01", task_id="job-1", tenant="alice")
+    track(book, "shared-req", "0.02", tenant="alice")
+    for index in range(3):
+        track(book, f"b{index}", "1", task_id="job-1", tenant="bob")
+    track(book, "shared-req", "5", tenant="bob")
+    assert (await book.report({"task_id": "job-1", "outcome": "success"}, tenant="alice")).cost_usd \
+        == Decimal("0.01")
+    assert (await book.report({"request_id": "shared-req", "outcome": "success"}, tenant="alice")).cost_usd \
+        == Decimal("0.02")
+    assert (await book.report({"request_id": "b1", "outcome": "failure"}, tenant="bob")).cost_usd == Decimal("3")
+    assert (await book.report({"request_id": "shared-req", "outcome": "failure"}, tenant="bob")).cost_usd \
+        == Decimal("5")
+    with pytest.raises(NotFound):
+        await book.report({"request_id": "a1", "outcome": "success"}, tenant="bob")
+
+
+async def test_an_anonymous_caller_reports_only_anonymous_records(book):
+    """Without a tenant (an open gateway) a report looks in the anonymous scope, not in a tenant's."""
+    track(book, "r1", "0.5", tenant="acme")
+    track(book, "r1", "0.25", tenant="anonymous")
+    assert (await book.report({"request_id": "r1", "outcome": "success"})).cost_usd == Decimal("0.25")
+    assert (await book.report({"request_id": "r1", "outcome": "success"}, tenant="acme")).cost_usd \
+        == Decimal("0.5")
+
+
+async def test_stats_group_by_route_tenant_and_workflow_with_values(book):
+    """Stats split one tenant's tasks by route and workflow, and add the values reported with them."""
+    track(book, "r1", "1.5", task_id="t1", route="chat", workflow="triage")
+    track(book, "r2", "0.5", task_id="t2", route="code", workflow="triage")
+    track(book, "r3", "0.25", task_id="t3", route="code", tenant="globex")
+    await book.report({"task_id": "t1", "outcome": "success", "value_usd": 10}, tenant="acme")
+    await book.report({"task_id": "t2", "outcome": "failure"}, tenant="acme")
+    await book.report({"task_id": "t3", "outcome": "success", "value_usd": 0.1}, tenant="globex")
+    stats = await book.stats()
+    assert stats["workflow"]["triage"] | {"success_rate": None} == {
+        "tasks": 2, "success": 1, "failure": 1, "escalated": 0, "cost_usd": "2",
+        "cost_per_successful_task_usd": "2", "success_rate": None, "escalation_rate": 0.0, "value_usd": "10"}
+    assert (stats["route"]["code"]["tasks"], stats["route"]["code"]["cost_usd"]) == (2, "0.75")
+    assert stats["workflow"]["-"]["value_usd"] == "0.1"
+    assert sorted(stats["tenant"]) == ["acme", "globex"]
+
+
+@pytest.mark.parametrize("body", [[1], {"task_id": "t"}, {"outcome": "success"},
+                                  {"task_id": "t", "outcome": "success", "value_usd": 1e13}])
+async def test_malformed_reports_are_refused_and_leave_the_task_reportable(book, body):
+    """A malformed report (not an object, no outcome, no id, a value past 1e12 USD) is a 400 and changes
+    nothing."""
+    track(book, "r", "1", task_id="t")
+    with pytest.raises(ClientError) as caught:
+        await book.report(body, tenant="acme")
+    assert caught.value.status == 400
+    assert (await book.report({"task_id": "t", "outcome": "success"}, tenant="acme")).outcome == "success"
+
+
+# the in-process book ---------------------------------------------------------------------------------
 
 def test_unreported_requests_are_not_followed_by_the_garbage_collector():
     """An unreported request's record holds only immutable values, so full collections skip it."""
@@ -60,18 +153,131 @@ def test_unreported_requests_are_not_followed_by_the_garbage_collector():
     assert not any(gc.is_tracked(entry) for entry in book.tasks.values())
 
 
-def test_entries_are_forgotten_by_age_and_count_and_only_the_tenant_may_report():
+async def test_entries_are_forgotten_by_age_and_count_and_only_the_tenant_may_report():
     """Past ttl_s or max_entries the oldest go; another tenant cannot report a task it does not own."""
     clock = Clock()
     book = OutcomeBook(ttl_s=60, max_entries=3, clock=clock)
     for index in range(5):
         track(book, f"r{index}", "0.01")
-    assert list(book.tasks) == ["r:r2", "r:r3", "r:r4"]
+    assert [request_id for _, _, request_id in book.tasks] == ["r2", "r3", "r4"]
     clock.now_s += 61
     track(book, "late", "0.01", task_id="job")
-    assert list(book.tasks) == ["t:job"]
+    assert [task_id for _, _, task_id in book.tasks] == ["job"]
     with pytest.raises(NotFound):
-        book.report({"request_id": "r4", "outcome": "success"})
+        await book.report({"request_id": "r4", "outcome": "success"}, tenant="acme")
     with pytest.raises(NotFound):
-        book.report({"task_id": "job", "outcome": "success"}, tenant="globex")
-    assert book.report({"task_id": "job", "outcome": "success"}, tenant="acme").outcome == "success"
+        await book.report({"task_id": "job", "outcome": "success"}, tenant="globex")
+    assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).outcome == "success"
+
+
+# the Redis book ----------------------------------------------------------------------------------------
+
+async def test_a_task_booked_by_one_process_is_reported_once_through_another(redis_client):
+    """Two books on one Redis (two gateway processes): the task booked by the first is found, costed and reported
+    by the second; a second report through either is 409, and both show the same stats."""
+    first, second = redis_book(redis_client), redis_book(redis_client)
+    track(first, "r1", "0.1", task_id="job", workflow="triage")
+    track(second, "r2", "0.2", task_id="job", workflow="triage")
+    track(first, "lone", "0.05")
+    await first.close(), await second.close()           # both bookings landed
+    task = await second.report({"request_id": "r1", "outcome": "success", "value_usd": 2.5}, tenant="acme")
+    assert (task.route, task.workflow, task.requests, task.cost_usd) == ("chat", "triage", 2, Decimal("0.3"))
+    assert (await second.report({"request_id": "lone", "outcome": "failure"}, tenant="acme")).cost_usd \
+        == Decimal("0.05")
+    for book in (first, second):
+        with pytest.raises(AlreadyReported):
+            await book.report({"task_id": "job", "outcome": "failure"}, tenant="acme")
+    assert await first.stats() == await second.stats()
+    assert (await first.stats())["tenant"]["acme"]["cost_usd"] == "0.35"
+
+
+async def test_concurrent_reports_of_one_task_from_many_processes_set_it_once(redis_client):
+    """Ten books reporting one task at once: exactly one outcome is set, the others are 409, stats count one."""
+    books = [redis_book(redis_client) for _ in range(10)]
+    track(books[0], "r", "1", task_id="job")
+    await books[0].close()
+    results = await asyncio.gather(*(book.report({"task_id": "job", "outcome": outcome}, tenant="acme")
+                                     for book, outcome in zip(books, ["success", "failure"] * 5)),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert sum(isinstance(r, AlreadyReported) for r in results) == 9
+    assert (await books[1].stats())["tenant"]["acme"]["tasks"] == 1
+
+
+async def test_costs_stay_exact_to_the_pico_dollar(redis_client):
+    """Costs with 12 decimals and carries over whole dollars add up exactly, in the task and in the stats."""
+    book = redis_book(redis_client)
+    costs = [Decimal("0.999999999999"), Decimal("0.000000000001"), Decimal("123.456789012345"),
+             Decimal("0.7"), Decimal("0.6")] + [Decimal("0.000000123456")] * 1000
+    for index, cost in enumerate(costs):
+        track(book, f"r{index}", str(cost), task_id="big")
+    task = await book.report({"task_id": "big", "outcome": "success", "value_usd": 0.1}, tenant="acme")
+    assert task.cost_usd == sum(costs) == Decimal("125.756912468345")
+    stats = (await book.stats())["tenant"]["acme"]
+    assert (Decimal(stats["cost_usd"]), stats["value_usd"]) == (sum(costs), "0.1")
+    assert split_usd(Decimal("1.0000000000005")) == ("1", "0")      # half to even, once, when booked
+
+
+async def test_keys_are_tenant_tagged_and_expire_ttl_s_after_the_last_booking(redis_client):
+    """Each tenant's keys carry its hash tag and the key prefix; entries expire ttl_s after their last
+    booking."""
+    book = redis_book(redis_client, ttl_s=600)
+    track(book, "r1", "0.1", task_id="job")
+    track(book, "lone", "0.1", tenant="globex")
+    await book.close()
+    keys = sorted(key.decode() for key in await redis_client.keys("*"))
+    assert keys == ["test:{acme}:oc:rt:r1", "test:{acme}:oc:t:job", "test:{globex}:oc:r:lone"]
+    for key in keys:
+        assert 590_000 < await redis_client.pttl(key) <= 600_000
+    await redis_client.pexpire("test:{acme}:oc:t:job", 1000)
+    track(book, "r2", "0.1", task_id="job")
+    await book.close()
+    assert await redis_client.pttl("test:{acme}:oc:t:job") > 590_000
+
+
+async def test_a_report_waits_for_the_booking_this_process_has_under_way(redis_client):
+    """A report sent while its request's booking is still on its way counts that request (no 404, full cost)."""
+    book = redis_book(redis_client)
+    track(book, "r1", "0.5", task_id="job")
+    track(book, "r2", "0.25", task_id="job")
+    task = await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")    # no close(): in flight
+    assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
+
+
+async def test_redis_down_loses_bookings_quietly_and_reports_answer_503(caplog):
+    """With Redis gone a booking never raises (warned of once, counted) and a report or stats read is 503
+    store_unavailable; when it is back, reports work again."""
+    caplog.set_level(logging.WARNING)
+    server = RedisServer().start()
+    client = Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    book = RedisOutcomeBook(client, "test", 0.5, recheck_s=0.01)
+    try:
+        server.stop()
+        for index in range(3):
+            track(book, f"r{index}", "0.1", task_id="job")
+        await book.close()
+        assert book.store_failures == 3
+        for call in (book.report({"task_id": "job", "outcome": "success"}, tenant="acme"), book.stats()):
+            with pytest.raises(StoreUnavailable) as caught:
+                await call
+            assert (caught.value.status, caught.value.code) == (503, "store_unavailable")
+        warnings = [r.getMessage() for r in caplog.records if "outcome store unavailable" in r.getMessage()]
+        assert len(warnings) == 1 and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        server.start()
+        await asyncio.sleep(1.0)                # the guard's back-off
+        track(book, "r9", "0.1", task_id="job")
+        assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).cost_usd \
+            == Decimal("0.1")
+    finally:
+        server.stop()
+        await client.aclose()
+
+
+async def test_ids_and_workflows_that_are_not_utf8_are_booked_and_reported(redis_client):
+    """A header byte that is not UTF-8 (kept by aiohttp as a lone surrogate) in a task id or workflow is booked,
+    reported and grouped like any other, not refused by the Redis client's encoding."""
+    book = redis_book(redis_client)
+    track(book, "r\udcff", "0.5", task_id="caf\udce9", workflow="w\udcff")
+    task = await book.report({"request_id": "r\udcff", "outcome": "success"}, tenant="acme")
+    assert (task.workflow, task.cost_usd) == ("w\udcff", Decimal("0.5"))
+    assert (await book.stats())["workflow"]["w\udcff"]["tasks"] == 1

@@ -24,16 +24,6 @@ MAX_CONNECTIONS_PER_NODE = 256
 TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One real 3-master Redis Cluster for the whole module."""
-    if cluster_binaries() is None:
-        pytest.skip("redis-server and redis-cli are not installed (Debian: apt-get install redis-server)")
-    running = RedisCluster.on_free_ports().start()
-    yield running
-    running.stop()
-
-
 @pytest.fixture
 async def client(cluster):
     """A redis.asyncio cluster client bound to this test's event loop; its keys are flushed after."""

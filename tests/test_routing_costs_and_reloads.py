@@ -67,6 +67,20 @@ def test_a_policy_reverted_to_an_earlier_version_gets_its_latency_prior_back():
     assert small.predicted_ttft_ms == pytest.approx(40)
 
 
+def test_a_request_still_on_an_older_policy_does_not_put_its_priors_back():
+    """A -> B -> C: a request that arrived on A reaches routing after both reloads. Building A's router again
+    (only the two newest are kept) must leave the live estimates, measured under B's prior, as they are."""
+    version_a = policy_version("a", ttft_ms=5)
+    fleet = Fleet(version_a)
+    fleet.adopt(policy_version("b", ttft_ms=500))
+    for _ in range(50):
+        fleet.record_latency("small", 0.4, 0.001)
+    fleet.adopt(policy_version("c", ttft_ms=500))
+    before = fleet.estimates.latency_p95_s("small")
+    fleet.router(version_a)
+    assert fleet.estimates.latency_p95_s("small") == before
+
+
 def test_a_budget_downgrade_to_a_model_that_misses_the_sla_says_so():
     """The cheapest model breaks the latency SLA: the downgraded decision is marked as not meeting it."""
     setup = Setup(chat_route(sla=Sla(p95_latency_ms=150)))

@@ -21,12 +21,10 @@ from gateway.telemetry import Telemetry
 from gateway.telemetry.histograms import CARDINALITY_LIMIT, Buckets, HistogramExport
 from gateway.telemetry.metrics import DURATION_BUCKETS_S
 from gateway.telemetry.tracing import WORKFLOW_LABEL_TOP_N
-from tests.support.harness import DEFAULT_SIMS, Harness
+from tests.support.harness import DEFAULT_SIMS, Harness, raw_model_policy
 from tests.support.otlp_receiver import OtlpReceiver
-from tests.support.policies import models, short_timeouts, standard_model
 from tests.support.raw_upstream import COMPLETION, RawUpstream, json_answer
 from tests.test_e2e_telemetry import CALLER_SPAN_ID, KEYS, otel_environ, start
-from tests.test_e2e_upstream_edges import POLICY_TAIL
 
 
 @pytest.mark.parametrize("odd", [{"model": ["fake"]}, {"model": {"name": "fake"}}, {"id": 7}],
@@ -36,9 +34,8 @@ def test_an_odd_id_or_model_in_an_answer_keeps_the_requests_metrics_and_ledger_l
     lost its metrics and its ledger line. Now such values are left out and the request is recorded."""
     raw = RawUpstream().start()
     ledger = tmp_path / "ledger.jsonl"
-    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
-    policy = (head + POLICY_TAIL).replace("RAW_URL", raw.url) + (
-        f"telemetry: {{{{prometheus: true}}}}\nledger: {{{{path: {ledger}}}}}\n")
+    policy = raw_model_policy(raw.url, first_byte_s=2, tail=(
+        f"telemetry: {{{{prometheus: true}}}}\nledger: {{{{path: {ledger}}}}}\n"))
     harness = Harness(policy, sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}, environ={}).start()
     try:
         raw.script = json_answer({**COMPLETION, **odd})

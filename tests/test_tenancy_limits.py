@@ -94,9 +94,22 @@ async def test_tokens_limit_and_wait(make_limiter):
     assert (await admit(limiter, who, 10, tokens=400)).allowed
     refused = await admit(limiter, who, 20, tokens=500)
     assert (refused.reason, refused.retry_after_s, refused.remaining_tokens) == ("tokens", 40.0, 200)
-    too_big = await admit(limiter, who, 20, tokens=1001)
-    assert (too_big.reason, too_big.retry_after_s) == ("tokens", 60.0)
     assert (await admit(limiter, who, 60, tokens=500)).allowed
+
+
+async def test_a_reservation_above_tokens_per_minute_is_too_large_not_told_to_wait(make_limiter):
+    """A request reserving more than tokens_per_minute can never be admitted: refused as request_too_large,
+    naming the limit and the tokens asked for, with no Retry-After, taking nothing from the window."""
+    limiter, who = make_limiter(), tenant(rpm=5, tpm=1000)
+    refused = await admit(limiter, who, 0, tokens=1500)
+    assert (refused.allowed, refused.reason, refused.ticket) == (False, "too_large", "")
+    error = refused.error()
+    assert isinstance(error, RateLimited) and error.status == 429 and error.code == "request_too_large"
+    assert "limit 1000" in error.message and "requested 1500" in error.message
+    assert not {"Retry-After", "retry-after-ms"} & set(error.headers)
+    assert (await admit(limiter, who, 90, tokens=1500)).reason == "too_large"       # waiting does not help
+    fits = await admit(limiter, who, 90, tokens=1000)
+    assert fits.allowed and (fits.remaining_requests, fits.remaining_tokens) == (4, 0)
 
 
 async def test_all_or_nothing(make_limiter):
@@ -345,6 +358,17 @@ async def test_end_releases_the_slot_and_settles_the_tokens(make_limiter):
     assert second.allowed and second.remaining_tokens == 0       # 20 used + 80 reserved
     await limiter.end(who, ticket=second.ticket, reserved_tokens=80, actual_tokens=80, now_s=T0 + 3)
     assert (await admit(limiter, who, 4)).allowed                # same count: only the slot was freed
+
+
+async def test_withdraw_takes_back_the_request_the_tokens_and_the_slot(make_limiter):
+    """A withdrawn admission (its request refused after all) leaves no request, token or slot behind, twice over."""
+    limiter, who = make_limiter(), tenant(rpm=1, tpm=100, concurrent=1)
+    admission = await admit(limiter, who, 0, tokens=80)
+    for _ in range(2):
+        assert await limiter.withdraw(who, ticket=admission.ticket, reserved_tokens=80, now_s=T0 + 1)
+    again = await admit(limiter, who, 2, tokens=100)
+    assert again.allowed and (again.remaining_requests, again.remaining_tokens) == (0, 0)
+    assert (await admit(limiter, who, 3)).reason == "requests"
 
 
 async def test_redis_end_is_one_round_trip(redis_server):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-#: top-level fields copied from the first chunk that carries them
-HEADER_FIELDS = ("id", "created", "model", "system_fingerprint")
+#: top-level fields copied from the first chunk that carries them (a live stream repeats them in
+#: every chunk); not `obfuscation`, the random padding each live chunk has of its own
+HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
+#: top-level fields a live stream sends on one chunk only; the last chunk that carries one wins
+ONCE_FIELDS = ("moderation",)
+#: chat delta fields with a rule of their own; any other field is folded in by `_merge_field`
+CHAT_DELTA_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
+#: fields that name rather than accumulate: a later value replaces an earlier one (as in the openai SDK)
+REPLACED_FIELDS = frozenset({"index", "type"})
 
 
 def assemble_stream(endpoint: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -17,6 +24,9 @@ def assemble_stream(endpoint: str, chunks: list[dict[str, Any]]) -> dict[str, An
         for name in HEADER_FIELDS:
             if chunk.get(name) is not None:
                 body.setdefault(name, chunk[name])
+        for name in ONCE_FIELDS:
+            if chunk.get(name) is not None:
+                body[name] = chunk[name]
         for delta_choice in chunk.get("choices") or ():
             index = delta_choice.get("index", 0)
             merge_choice(choices.setdefault(index, _new_choice(endpoint, index)), delta_choice)
@@ -36,19 +46,49 @@ def _new_choice(endpoint: str, index: int) -> dict[str, Any]:
 
 
 def _merge_chat_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
-    """Fold one chat delta into the choice."""
+    """Fold one chat delta into the choice.
+
+    Content and refusal must be text (a null one stays null until text comes); any other field
+    (`reasoning_content`, `annotations`, `audio`, ...) is folded in by `_merge_field`.
+    """
     delta = delta_choice.get("delta") or {}
     message = choice["message"]
     if delta.get("role"):
         message["role"] = delta["role"]
     for name in ("content", "refusal"):
         if delta.get(name) is not None:
-            message[name] = message.get(name, "") + delta[name]
+            message[name] = (message.get(name) or "") + delta[name]
+        elif name in delta:
+            message.setdefault(name, None)
     for tool_delta in delta.get("tool_calls") or ():
         _merge_tool_call(choice["_tools"], tool_delta)
     if delta.get("function_call"):
         _merge_function(message.setdefault("function_call", {}), delta["function_call"])
+    for name, value in delta.items():
+        if name not in CHAT_DELTA_FIELDS:
+            _merge_field(message, name, value)
     _merge_common(choice, delta_choice)
+
+
+def _merge_field(merged: dict[str, Any], name: str, value: Any) -> None:
+    """Fold one field in: text concatenated, lists extended, objects merged field by field.
+
+    Any other value (a number, a boolean) replaces the one before, as does a later `index` or
+    `type`; a null keeps the field, as null, until a value comes.
+    """
+    earlier = merged.get(name)
+    if value is None:
+        merged.setdefault(name, None)
+    elif isinstance(value, str) and isinstance(earlier, str) and name not in REPLACED_FIELDS:
+        merged[name] = earlier + value
+    elif isinstance(value, list):
+        merged[name] = (earlier if isinstance(earlier, list) else []) + value
+    elif isinstance(value, dict):
+        fields = merged[name] = earlier if isinstance(earlier, dict) else {}
+        for key, item in value.items():
+            _merge_field(fields, key, item)
+    else:
+        merged[name] = value
 
 
 def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:

@@ -20,8 +20,9 @@ import orjson
 
 from gateway.cache.assemble import assemble_stream
 
-#: finish reasons of a complete answer; `content_filter` and a missing reason are not
-COMPLETE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "function_call"})
+#: finish reasons of an answer the cache keeps: a normal end. Not `content_filter`, not a missing reason, and not
+#: tool calls: an agent's next step is its own to take again
+COMPLETE_FINISH_REASONS = frozenset({"stop", "length"})
 COMPRESS_OVER_BYTES = 1024
 DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 FORMAT_PLAIN = 0
@@ -37,6 +38,8 @@ class CacheEntry:
     created_unix_s: float = field(default_factory=time.time)
     #: what producing the answer cost: what each hit on it saves
     cost_usd: Decimal | None = None
+    #: the policy model that answered: a hit is served only to a request that model may answer
+    model: str | None = None
 
 
 def entry_from_response(endpoint: str, body: Any) -> CacheEntry | None:
@@ -67,6 +70,8 @@ def encode_entry(entry: CacheEntry, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_
     stored = {"e": entry.endpoint, "b": entry.body, "t": entry.created_unix_s}
     if entry.cost_usd is not None:
         stored["c"] = str(entry.cost_usd)
+    if entry.model is not None:
+        stored["m"] = entry.model
     raw = orjson.dumps(stored)
     if len(raw) > COMPRESS_OVER_BYTES:
         data = bytes([FORMAT_ZLIB]) + zlib.compress(raw)
@@ -83,7 +88,8 @@ def decode_entry(data: bytes) -> CacheEntry | None:
         raw = _payload(data)
         stored = orjson.loads(raw)
         cost_usd = Decimal(stored["c"]) if "c" in stored else None
-        return CacheEntry(stored["e"], stored["b"], stored["t"], cost_usd)
+        model = stored.get("m")
+        return CacheEntry(stored["e"], stored["b"], stored["t"], cost_usd, model if isinstance(model, str) else None)
     except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError):
         return None
 

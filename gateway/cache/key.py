@@ -17,7 +17,8 @@ import orjson
 
 from gateway.policy.model import CacheRule
 
-KEY_VERSION = "v1"
+#: v2: entries name the model that answered
+KEY_VERSION = "v2"
 
 #: body fields that never change the answer; every other field is hashed
 EXCLUDED_FIELDS = frozenset(
@@ -37,7 +38,7 @@ FLOAT_FIELDS = frozenset({"temperature", "top_p", "presence_penalty", "frequency
 
 def cache_key(*, prefix: str, tenant: str, route: str, resolved: str, endpoint: str,
               body: dict[str, Any]) -> str:
-    """`{prefix}:c:v1:{sha256}` of the canonical JSON of who asked, where, and what."""
+    """`{prefix}:c:{KEY_VERSION}:{sha256}` of the canonical JSON of who asked, where, and what."""
     material = {
         "tenant": tenant, "route": route, "resolved": resolved, "endpoint": endpoint,
         "body": answer_fields(body),

@@ -10,8 +10,13 @@ import orjson
 from gateway.cache.entry import CacheEntry
 
 DONE_EVENT = b"data: [DONE]\n\n"
-#: top-level fields every replayed chunk repeats
-CHUNK_HEADER_FIELDS = ("id", "created", "model", "system_fingerprint")
+#: top-level fields every replayed chunk repeats, as every live chunk does; not `obfuscation`,
+#: random padding that means nothing in a replay
+CHUNK_HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
+#: top-level fields a live stream sends on one chunk only: replayed on the first
+FIRST_CHUNK_FIELDS = ("moderation",)
+#: message fields replayed by a rule of their own; any other field is replayed whole, in one delta
+MESSAGE_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
 
 
 def replay_response(entry: CacheEntry, *, request_id: str) -> dict[str, Any]:
@@ -34,7 +39,9 @@ def replay_sse(entry: CacheEntry, *, include_usage: bool) -> list[bytes]:
     header = _chunk_header(entry)
     if include_usage:
         header["usage"] = None
-    events = [_event({**header, "choices": choices}) for choices in chunks]
+    first = {name: entry.body[name] for name in FIRST_CHUNK_FIELDS if entry.body.get(name) is not None}
+    events = [_event({**header, **(first if position == 0 else {}), "choices": choices})
+              for position, choices in enumerate(chunks)]
     if include_usage and entry.body.get("usage"):
         events.append(_event({**header, "choices": [], "usage": entry.body["usage"]}))
     events.append(DONE_EVENT)
@@ -46,19 +53,38 @@ def chat_chunks(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
     chunks = []
     for choice in body.get("choices") or ():
         index, message = choice.get("index", 0), choice.get("message") or {}
-        deltas = [{"role": message.get("role") or "assistant", "content": ""}]
-        if message.get("content"):
-            deltas.append({"content": message["content"]})
-        if message.get("refusal"):
-            deltas.append({"refusal": message["refusal"]})
-        deltas.extend({"tool_calls": [_tool_delta(i, call)]}
-                      for i, call in enumerate(message.get("tool_calls") or ()))
-        if message.get("function_call"):
-            deltas.append({"function_call": message["function_call"]})
-        chunks.extend(_chat_choice(index, delta, None) for delta in deltas)
+        chunks.extend(_chat_choice(index, delta, None) for delta in message_deltas(message))
         chunks[-1][0]["logprobs"] = choice.get("logprobs")
         chunks.append(_chat_choice(index, {}, choice.get("finish_reason")))
     return chunks
+
+
+def message_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deltas that add up to `message` in the openai SDK.
+
+    The role first, with an empty content (null when the message's content is null) and the
+    message's null fields, as a live stream's first delta has them (`"refusal": null`); other text
+    fields (reasoning) before the content, as a live stream sends them; other fields (annotations,
+    audio) after the content and the calls.
+    """
+    content = message.get("content")
+    nulls = {name: None for name, value in message.items()
+             if value is None and name not in ("role", "content")}
+    deltas = [{"role": message.get("role") or "assistant",
+               "content": None if content is None else "", **nulls}]
+    extras = [(name, value) for name, value in message.items()
+              if name not in MESSAGE_FIELDS and value is not None]
+    deltas.extend({name: value} for name, value in extras if isinstance(value, str))
+    if content:
+        deltas.append({"content": content})
+    if message.get("refusal"):
+        deltas.append({"refusal": message["refusal"]})
+    deltas.extend({"tool_calls": [_tool_delta(i, call)]}
+                  for i, call in enumerate(message.get("tool_calls") or ()))
+    if message.get("function_call"):
+        deltas.append({"function_call": message["function_call"]})
+    deltas.extend({name: value} for name, value in extras if not isinstance(value, str))
+    return deltas
 
 
 def text_chunks(body: dict[str, Any]) -> list[list[dict[str, Any]]]:

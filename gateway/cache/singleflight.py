@@ -160,10 +160,14 @@ class SingleFlight:
         """Take the lock, or poll until the holder's answer appears or time runs out.
 
         The answer is checked after every attempt, won or lost, so a leader that
-        finished just before we took the lock is not called twice.
+        finished just before we took the lock is not called twice. A request that
+        waited for a holder which let go without an answer to share (an error, an
+        answer not cached) calls upstream itself without the lock, as do the
+        others that waited with it: they do not queue behind one another.
         """
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + timeout_s
+        waited = False
         while True:
             token = await lock.acquire(lock_key, ttl_ms=self._lock_ttl_ms)
             try:
@@ -176,8 +180,12 @@ class SingleFlight:
                 if token is not None:
                     await lock.release(lock_key, token)
                 return None, polled
+            if token is not None and waited:
+                await lock.release(lock_key, token)
+                return None, None
             if token is not None or loop.time() >= deadline_s:
                 return token, None
+            waited = True
             await asyncio.sleep(self._poll_interval_s)
 
 

@@ -254,7 +254,8 @@ TELEMETRY = Section(Telemetry, {
     "tenant_label_top_n": integer(non_negative),
     "prometheus": flag(),
 })
-LEDGER = Section(Ledger, {"path": text(not_blank), "max_bytes": integer(positive), "backups": integer(non_negative)})
+# backups >= 1: rotating moves the file to a backup; with none kept the file would have to grow without limit
+LEDGER = Section(Ledger, {"path": text(not_blank), "max_bytes": integer(positive), "backups": integer(positive)})
 ENERGY = Section(Energy, {"sample_interval_s": real(positive)})
 
 POLICY = Section(Policy, {

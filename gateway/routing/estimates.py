@@ -122,6 +122,13 @@ class LatencyEstimates:
             if known is None or known.model.latency_prior != model.latency_prior:
                 self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
 
+    def include(self, models: Iterable[Model] | Mapping[str, Model]) -> None:
+        """Start tracking models not yet known and leave the known ones be: a router for an older policy
+        version (a request still in flight on it) must not put that version's priors back."""
+        for model in models.values() if isinstance(models, Mapping) else models:
+            if model.name not in self._models:
+                self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
+
     def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None) -> None:
         """Record one finished call's TTFT and TPOT; unknown models are ignored."""
         stats = self._models.get(model_name)

@@ -30,7 +30,7 @@ from gateway.policy.model import Model, Policy, Route
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.matcher import RouteIndex
-from gateway.routing.predict import Limits, PricedModel, fits, judge, reason_kind
+from gateway.routing.predict import Limits, PricedModel, fits, judge, meets_hard_terms, reason_kind
 from gateway.routing.tighten import Tighten
 
 
@@ -57,7 +57,7 @@ class Router:
         self._explore_share = policy.routing.explore_share
         self._max_attempts = max(1, policy.routing.max_attempts)
         self.index = RouteIndex(policy.routes, policy.source)
-        estimates.track(policy.models)
+        estimates.include(policy.models)
         priced = {name: PricedModel(model) for name, model in policy.models.items()}
         self._plans = {route.name: self._resolve(i, route, priced) for i, route in enumerate(policy.routes)}
 
@@ -95,8 +95,7 @@ class Router:
 
         Used when a tenant's budget is exhausted and its policy says downgrade.
         """
-        hard = [c for c in decision.candidates
-                if not any(reason_kind(r) in ("context", "tier") for r in c.reasons)]
+        hard = [c for c in decision.candidates if meets_hard_terms(c)]
         if not hard:
             return decision
         ordered = sorted(hard, key=lambda c: (c.predicted_cost_usd, c.model.size_b))

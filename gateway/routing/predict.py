@@ -146,6 +146,15 @@ def fits(priced: PricedModel, needed_tokens: int, limits: Limits) -> bool:
     return needed_tokens <= priced.context_window and priced.tier >= limits.min_tier
 
 
+#: the SLA terms no answer may break, however fast or cheap: the context it needs and the tier asked for
+HARD_TERMS = frozenset({"context", "tier"})
+
+
+def meets_hard_terms(candidate: Candidate) -> bool:
+    """Whether the candidate was dropped, if at all, only for speed, price or an open circuit."""
+    return not any(reason_kind(r) in HARD_TERMS for r in candidate.reasons)
+
+
 def reason_kind(reason: str) -> str:
     """The SLA term a reason is about: its first word."""
     return reason.split(" ", 1)[0].rstrip(":")

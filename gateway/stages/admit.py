@@ -2,9 +2,13 @@
 
 What an admission holds is given back after the answer has left, in the
 background: the response never waits for a store round trip to free a slot.
-A refusal for concurrency is retried once this process's releases of the
-tenant still under way have landed, so a client's next request never meets
-its last one's slot.
+A give-back the store does not answer (a network blip) is tried again until
+it does, for up to LATE_END_S, instead of leaving the slot taken for the
+in-flight TTL. A refusal for concurrency is retried once this process's
+releases of the tenant under way have been tried, so a client's next request
+never meets its last one's slot. A request refused after its admission (an
+exhausted budget), or abandoned during it, withdraws the admission: it takes
+no slot, no tokens and no request.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 
 from gateway.context import RequestContext
 from gateway.tenancy.budgets import charge_later
@@ -19,8 +24,11 @@ from gateway.tenancy.limits import STORE_RETRY_S, Admission, new_ticket, unlimit
 
 #: tokens reserved for the answer when the request sets no max_tokens
 DEFAULT_OUTPUT_RESERVE = 256
-#: how long an admission the store did not answer is ended again and again while the store is away
+#: how long an end the store did not answer (of an admission, or of one it did not answer) is tried again
 LATE_END_S = 60.0
+
+#: one store call that ends an admission: True once the store answered it
+Ending = Callable[[], Awaitable[bool]]
 
 
 class Admit:
@@ -29,7 +37,7 @@ class Admit:
     def __init__(self, services) -> None:
         self.services = services
         self._exhausted_until_s: dict[str, float] = {}
-        self._releasing: dict[str, set[asyncio.Task]] = {}     # tenant -> its releases under way
+        self._releasing: dict[str, set[asyncio.Future]] = {}   # tenant -> its releases' first tries under way
 
     async def handle(self, ctx: RequestContext) -> None:
         tenant = ctx.tenant
@@ -52,13 +60,13 @@ class Admit:
             # cancelled (the client left) or failed while the store may already hold this ticket's slot:
             # give it back, or it would stay taken until the in-flight safety TTL (harmless when not held)
             if limited:
-                self._give_back(tenant, ticket, tokens, actual_tokens=0)
+                self._withdraw(tenant, ticket, tokens)
             raise
         if state is not None and state.exhausted:
             self._exhausted_until_s[tenant.name] = time.monotonic() + state.retry_after_s
             if state.on_exhausted != "downgrade":
                 if admission is not None and admission.allowed:
-                    self._give_back(tenant, ticket, tokens, actual_tokens=0)
+                    self._withdraw(tenant, ticket, tokens)
                 raise state.error()
             ctx.budget_downgrade = True
             ctx.decision = self.services.fleet.router(ctx.policy).cheapest(ctx.decision)
@@ -66,7 +74,8 @@ class Admit:
             return None
         if not admission.allowed:
             if admission.unsettled:
-                self._end_late(tenant, ticket, tokens, actual_tokens=0)
+                withdraw = self._withdrawal(tenant, ticket, tokens)
+                self._end_late(withdraw, again=withdraw)
             raise admission.error()
         ctx.reserved_tokens = tokens
         ctx.admission = admission
@@ -83,7 +92,7 @@ class Admit:
         return await budget_check, admission
 
     async def _admit(self, tenant, tokens: int, ticket: str) -> Admission:
-        """The limiter's answer; a concurrency refusal is asked again once our releases under way have landed.
+        """The limiter's answer; a concurrency refusal is asked again once our releases under way were tried.
 
         A refusal consumes nothing, so the second ask uses the same ticket.
         """
@@ -106,45 +115,74 @@ class Admit:
         return until_s is not None and time.monotonic() < until_s
 
     def _give_back(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
-        """End an admission in the background: free its slot, then settle its tokens to what was used."""
-        task = self.services.background.spawn(
-            self._end_admission(tenant, ticket, reserved_tokens, actual_tokens), name="limits-release")
+        """End a served request's admission in the background: free its slot, settle its tokens to those used."""
+        end, again = self._ending(tenant, ticket, reserved_tokens, actual_tokens)
+        self._end_in_background(tenant, end, again)
+
+    def _withdraw(self, tenant, ticket: str, reserved_tokens: int) -> None:
+        """Undo in the background the admission of a request refused after all, or abandoned during admission."""
+        withdraw = self._withdrawal(tenant, ticket, reserved_tokens)
+        self._end_in_background(tenant, withdraw, withdraw)
+
+    def _ending(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> tuple[Ending, Ending]:
+        """The store call that ends a served request's admission, and the one to repeat it with.
+
+        Releasing and settling are harmless twice, except an excess (more tokens used than reserved): an end
+        the store did not answer may still have charged it, so it is repeated by releasing only.
+        """
+        limiter = self.services.stores.limiter
+        end = functools.partial(limiter.end, tenant, ticket=ticket, reserved_tokens=reserved_tokens,
+                                actual_tokens=actual_tokens)
+        if actual_tokens <= reserved_tokens:
+            return end, end
+        return end, functools.partial(limiter.release, tenant, ticket=ticket)
+
+    def _withdrawal(self, tenant, ticket: str, reserved_tokens: int) -> Ending:
+        """The store call that withdraws an admission (harmless twice)."""
+        return functools.partial(self.services.stores.limiter.withdraw, tenant, ticket=ticket,
+                                 reserved_tokens=reserved_tokens)
+
+    def _end_in_background(self, tenant, end: Ending, again: Ending) -> None:
+        """Run `_end_admission` in the background; a concurrency refusal meanwhile waits for its first try."""
+        tried = asyncio.get_running_loop().create_future()
+        task = self.services.background.spawn(self._end_admission(end, again, tried), name="limits-release")
+        task.add_done_callback(functools.partial(_resolve, tried))     # cancelled before its first try, too
         if tenant.limits.concurrent is not None:
             releasing = self._releasing.setdefault(tenant.name, set())
-            releasing.add(task)
-            task.add_done_callback(functools.partial(self._released, tenant.name))
+            releasing.add(tried)
+            tried.add_done_callback(functools.partial(self._released, tenant.name))
 
-    def _released(self, tenant_name: str, task: asyncio.Task) -> None:
+    def _released(self, tenant_name: str, tried: asyncio.Future) -> None:
         releasing = self._releasing.get(tenant_name)
         if releasing is not None:
-            releasing.discard(task)
+            releasing.discard(tried)
             if not releasing:
                 del self._releasing[tenant_name]
 
-    async def _end_admission(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
-        await self.services.stores.limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens,
-                                               actual_tokens=actual_tokens)
+    async def _end_admission(self, end: Ending, again: Ending, tried: asyncio.Future) -> None:
+        """End an answered admission. Should the store not answer (a network blip), the slot would stay taken
+        for the in-flight TTL (15 minutes): so it is ended `again` every STORE_RETRY_S until the store answers,
+        for up to LATE_END_S.
 
-    def _end_late(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
-        """End, in the background, an admission the store was asked for and did not answer in time."""
-        self.services.background.spawn(self._end_when_answered(tenant, ticket, reserved_tokens, actual_tokens),
-                                       name="limits-late-end")
-
-    async def _end_when_answered(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
-        """A stalled Redis runs the admission it did not answer once it resumes, taking a concurrency slot for
-        the in-flight TTL (15 minutes). So: end it until Redis answers an end, then once more, which Redis
-        surely runs after the late admission. Given up after LATE_END_S (the TTL frees the slot then)."""
-        limiter = self.services.stores.limiter
-        deadline_s = time.monotonic() + LATE_END_S
-        while not await limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens,
-                                    actual_tokens=actual_tokens):
-            if time.monotonic() > deadline_s:
-                return
+        `tried` resolves after the first try: a request refused for concurrency waits for that try, never for
+        the retries, which last as long as the store is away.
+        """
+        answered = await end()
+        _resolve(tried)
+        if not answered:
             await asyncio.sleep(STORE_RETRY_S)
-        if actual_tokens <= reserved_tokens:        # settling again is then harmless; an excess is charged once
-            await limiter.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens)
-        else:
-            await limiter.release(tenant, ticket=ticket)
+            await _until_answered(again)
+
+    def _end_late(self, end: Ending, *, again: Ending) -> None:
+        """End, in the background, an admission the store was asked for and did not answer in time."""
+        self.services.background.spawn(self._end_when_answered(end, again), name="limits-late-end")
+
+    async def _end_when_answered(self, end: Ending, again: Ending) -> None:
+        """A stalled Redis runs the admission it did not answer once it resumes, taking a concurrency slot for
+        the in-flight TTL (15 minutes). So: end it until Redis answers an end, then once more (`again`), which
+        Redis surely runs after the late admission. Given up after LATE_END_S (the TTL frees the slot then)."""
+        if await _until_answered(end):
+            await again()
 
     async def finish(self, ctx: RequestContext) -> None:
         tenant = ctx.tenant
@@ -154,6 +192,23 @@ class Admit:
         if ctx.admission is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
             if ctx.admission.unsettled:         # admitted degraded: the store may apply it late
-                self._end_late(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)
+                end, again = self._ending(tenant, ctx.admission.ticket, ctx.reserved_tokens, used)
+                self._end_late(end, again=again)
             else:
                 self._give_back(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)
+
+
+def _resolve(future: asyncio.Future, *_) -> None:
+    """Mark `future` done, once (also a done callback: the finished task is ignored)."""
+    if not future.done():
+        future.set_result(None)
+
+
+async def _until_answered(end: Ending) -> bool:
+    """Call `end` every STORE_RETRY_S until the store answers it; False when LATE_END_S passed first."""
+    deadline_s = time.monotonic() + LATE_END_S
+    while not await end():
+        if time.monotonic() > deadline_s:
+            return False
+        await asyncio.sleep(STORE_RETRY_S)
+    return True

@@ -24,9 +24,10 @@ from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_fr
 from gateway.cache.key import cache_control, cache_key, is_cacheable
 from gateway.cache.replay import replay_sse
 from gateway.cache.singleflight import FlightAbandoned, LocalFlight
-from gateway.context import RequestContext
+from gateway.context import Decision, RequestContext
 from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
+from gateway.routing.predict import meets_hard_terms
 from gateway.stages.relay import SSE_HEADERS
 from gateway.tokens import usage_from_response
 
@@ -96,8 +97,11 @@ class Cache:
             entry = decode_entry(raw) if raw is not None else None
             if entry is None:
                 entry = await self._single_flight(ctx)
+            if entry is not None and not may_answer(ctx.decision, entry.model):
+                entry = None                # another model's answer: this request calls, and its answer replaces it
             if entry is not None:
                 ctx.cache_status = "hit"
+                ctx.cache_model = entry.model
         return await self._answer(ctx, entry) if entry is not None else None
 
     async def _lookup(self, key: str) -> CacheEntry | None:
@@ -223,7 +227,22 @@ class Cache:
             return None
         if entry is None:
             return None
-        return CacheEntry(entry.endpoint, entry.body, entry.created_unix_s, cost_usd=ctx.attempts[-1].cost_usd)
+        answered = ctx.attempts[-1]
+        return CacheEntry(entry.endpoint, entry.body, entry.created_unix_s, cost_usd=answered.cost_usd,
+                          model=answered.model.name)
+
+
+def may_answer(decision: Decision, model: str | None) -> bool:
+    """Whether a stored answer from `model` may answer a request routed as `decision`.
+
+    Yes for a model its plan would call (a fallback included), and for a candidate dropped only for speed,
+    price or an open circuit, which a stored answer no longer has; no for one below the tier the request asks
+    for or without its context, for a model the route no longer has, and for an entry that names none.
+    """
+    if model is None:
+        return False
+    return any(m.name == model for m in decision.plan) or \
+        any(c.model.name == model and meets_hard_terms(c) for c in decision.candidates)
 
 
 async def _until_stored(stored: asyncio.Future) -> None:

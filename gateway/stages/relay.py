@@ -1,60 +1,100 @@
 """Relaying an upstream SSE stream to the client chunk by chunk, never buffered whole.
 
-The client's response is prepared only when the first upstream event arrives,
-so a model that fails before that can still be replaced by the next one.
-After the first byte, a failure can only be reported in-band: an SSE error
-event, then the end of the stream.
+The client's response is prepared only when the first upstream data event
+arrives, so a model that fails before that can still be replaced by the next
+one. After the first byte, a failure (the model's, or the gateway's own) can
+only be reported in-band: an SSE error event, then the end of the stream.
+
+The model must send a data event within `first_byte_s` of its response head,
+and then within `first_byte_s` of each one relayed; comments (keep-alives)
+are passed on once the response is open but do not hold the deadline off,
+and the time spent writing to a slow client does not count against it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from aiohttp import web
 
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
-from gateway.errors import UpstreamError, UpstreamProtocolError
+from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data
 from gateway.stages.answers import read_identity
-from gateway.responses import response_headers
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+#: delta fields besides `content` that carry output: the first chunk with any of them is the first token
+OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 
 
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("chunks", "texts", "finish_reasons", "done", "collect", "chunk_gaps_s", "_last_chunk_s")
+    __slots__ = ("chunks", "texts", "finish_reasons", "finished_choices", "done", "collect", "chunk_gaps_s",
+                 "last_output_s")
 
     def __init__(self, collect: bool) -> None:
         self.chunks: list[dict] = []
         self.texts: list[str] = []
         self.finish_reasons: list[str] = []
+        self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
         self.done = False
         self.collect = collect
-        self.chunk_gaps_s: list[float] = []         # between consecutive chunks: time per output chunk
-        self._last_chunk_s: float | None = None
+        self.chunk_gaps_s: list[float] = []         # between consecutive output chunks: time per output chunk
+        self.last_output_s: float | None = None     # when the latest chunk carrying output came
 
-    def absorb(self, chunk: dict) -> None:
-        """Keep the text, finish reasons and chunk timing (and the chunk, when the cache wants it)."""
-        now_s = time.perf_counter()
-        if self._last_chunk_s is not None:
-            self.chunk_gaps_s.append(now_s - self._last_chunk_s)
-        self._last_chunk_s = now_s
+    def absorb(self, chunk: dict) -> bool:
+        """Keep the text, finish reasons (and the chunk, when the cache wants it); True when the chunk carried
+        output (text, tool calls, a refusal, reasoning), whose timing it notes. Choices of odd shapes are
+        passed over."""
         if self.collect:
             self.chunks.append(chunk)
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content") if "delta" in choice else choice.get("text")
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return False
+        output = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if "delta" in choice:           # chat
+                delta = choice["delta"]
+                text = delta.get("content") if isinstance(delta, dict) else None
+            else:                           # completions
+                delta, text = None, choice.get("text")
             if isinstance(text, str) and text:
                 self.texts.append(text)
-            if reason := choice.get("finish_reason"):
+                output = True
+            elif not output and isinstance(delta, dict):
+                output = _carries_other_output(delta)
+            if (reason := choice.get("finish_reason")) and isinstance(reason, str):
                 self.finish_reasons.append(reason)
+                index = choice.get("index", 0)
+                self.finished_choices.add(index if type(index) is int else 0)
+        if output:
+            now_s = time.perf_counter()
+            if self.last_output_s is not None:
+                self.chunk_gaps_s.append(now_s - self.last_output_s)
+            self.last_output_s = now_s
+        return output
+
+    def finished(self, choices: int) -> bool:
+        """Every one of the `choices` asked for has had its finish reason."""
+        return all(index in self.finished_choices for index in range(choices))
+
+
+def _carries_other_output(delta: dict) -> bool:
+    """The delta carries output other than text: tool calls, a refusal, reasoning."""
+    for name in OUTPUT_FIELDS:
+        if delta.get(name):
+            return True
+    return False
 
 
 def _parse_chunk(model_name: str, data: bytes) -> dict:
@@ -70,12 +110,10 @@ def _parse_chunk(model_name: str, data: bytes) -> dict:
     return chunk
 
 
-async def _open_client_stream(ctx: RequestContext, headers: dict[str, str]) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    ctx.response = response
-    await response.prepare(ctx.http)
-    ctx.bytes_sent = True
-    return response
+def _choices_asked(ctx: RequestContext) -> int:
+    """How many choices the request asked for (`n`, default 1)."""
+    n = ctx.body.get("n")
+    return n if type(n) is int and n > 0 else 1
 
 
 async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: UpstreamCall,
@@ -83,56 +121,103 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                        energy=None) -> web.StreamResponse:
     """Relay one upstream stream; returns the client's response once the stream has ended."""
     state = StreamState(collect=ctx.cache_key is not None)
-    response: web.StreamResponse | None = None
     try:
         async with transport.stream(call) as events:
+            await _relay_events(ctx, attempt, events, state, on_first_event, energy)
+        if not state.done and not state.finished(_choices_asked(ctx)):
+            raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
+    except ConnectionError:
+        ctx.status = 499                    # the client went away; leaving `stream` closed upstream
+        attempt.error_type = CLIENT_DISCONNECTED     # a call cut short: not a latency sample like the others
+        _record(ctx, attempt, state)
+        return ctx.response if ctx.bytes_sent else web.Response(status=499)
+    except asyncio.CancelledError:          # the client went away (the server cancels its handler)
+        _record(ctx, attempt, state)        # what it was sent is counted, and billed
+        raise
+    except Exception as exc:
+        if not ctx.bytes_sent:
+            raise
+        # after the first byte, never a silent cut: the model's failure, or a bug of ours (which the
+        # pipeline logs), ends the stream with an in-band error
+        shown = exc if isinstance(exc, UpstreamError) else GatewayError("internal error")
+        await _end_with_error(ctx.response, shown)
+        _record(ctx, attempt, state)
+        raise
+    if not ctx.bytes_sent:                  # an empty stream: [DONE] and nothing else
+        await _open_client_stream(ctx, attempt, {}, on_first_event)
+    await ctx.response.write(DONE)
+    await ctx.response.write_eof()
+    attempt.status = 200
+    _record(ctx, attempt, state)
+    return ctx.response
+
+
+async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIterator[bytes], state: StreamState,
+                        on_first_event: Callable[[RequestContext, Attempt], None], energy) -> None:
+    """Pass the upstream's events on until [DONE] or its end, within the data event deadline."""
+    wait_s = attempt.model.timeouts.first_byte_s
+    loop = asyncio.get_running_loop()
+    response = ctx.response
+    try:
+        async with asyncio.timeout(wait_s) as deadline:
             async for event in events:
                 data = event_data(event)
-                if data is None:
+                if data is None:            # a comment: kept alive for the client, not for the deadline
+                    if ctx.bytes_sent:
+                        await _forward_comment(response, event, deadline)
                     continue
+                deadline.reschedule(None)   # from here to the next read, the client's time, not the model's
                 if data == b"[DONE]":
                     state.done = True
-                    break
+                    return
                 chunk = _parse_chunk(attempt.model.name, data)
-                usage = usage_from_response(chunk)
-                if response is None:
-                    attempt.ttft_s = time.perf_counter() - attempt.started_s
-                    read_identity(attempt, chunk)
-                    on_first_event(ctx, attempt)
-                    response = await _open_client_stream(ctx, response_headers(ctx))
-                state.absorb(chunk)
+                if not ctx.bytes_sent:
+                    response = await _open_client_stream(ctx, attempt, chunk, on_first_event)
+                if state.absorb(chunk) and attempt.ttft_s is None:
+                    attempt.ttft_s = state.last_output_s - attempt.started_s
                 if attempt.energy_id is not None:
                     energy.progress(attempt.energy_id, ctx.prompt_tokens + len(state.texts))
-                if usage is not None:
+                if (usage := usage_from_response(chunk)) is not None:
                     attempt.usage = usage
-                if not ctx.include_usage and "usage" in chunk:
-                    if not chunk.get("choices"):
-                        continue            # the client did not ask for the usage chunk
-                    event = encode_event({k: v for k, v in chunk.items() if k != "usage"})
-                await response.write(event)
-            if not state.done:
-                raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
-    except ConnectionError:
-        ctx.status = 499                    # the client went away; leaving `stream` closes upstream
-        attempt.error_type = CLIENT_DISCONNECTED     # a call cut short: not a latency sample like the others
-        _recorded(ctx, attempt, state, response)
-        return response or web.Response(status=499)
-    except UpstreamError as exc:
-        if response is None:
-            raise
-        await _end_with_error(response, exc)
-        _recorded(ctx, attempt, state, response)
-        raise
-    if response is None:                    # an empty stream: [DONE] and nothing else
-        on_first_event(ctx, attempt)
-        response = await _open_client_stream(ctx, response_headers(ctx))
-    await response.write(DONE)
-    await response.write_eof()
-    attempt.status = 200
-    return _recorded(ctx, attempt, state, response)
+                if "usage" in chunk and not ctx.include_usage:
+                    event = _without_usage(chunk)
+                if event is not None:
+                    await response.write(event)
+                deadline.reschedule(loop.time() + wait_s)
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"model '{attempt.model.name}' sent no data for {wait_s:g} s") from exc
 
 
-async def _end_with_error(response: web.StreamResponse, exc: UpstreamError) -> None:
+def _without_usage(chunk: dict) -> bytes | None:
+    """The event for a client that did not ask for usage: none for the usage chunk, the chunk without its
+    `usage` key otherwise."""
+    if not chunk.get("choices"):
+        return None
+    return encode_event({key: value for key, value in chunk.items() if key != "usage"})
+
+
+async def _forward_comment(response: web.StreamResponse, event: bytes, deadline: asyncio.Timeout) -> None:
+    """Pass a comment on to the client, the deadline paused while it is written."""
+    when = deadline.when()
+    deadline.reschedule(None)
+    await response.write(event)
+    deadline.reschedule(when)
+
+
+async def _open_client_stream(ctx: RequestContext, attempt: Attempt, first_chunk: dict,
+                              on_first_event: Callable[[RequestContext, Attempt], None]) -> web.StreamResponse:
+    """The attempt has answered: prepare the client's response, with what the gateway knows at this point."""
+    read_identity(attempt, first_chunk)
+    on_first_event(ctx, attempt)
+    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **response_headers(ctx)})
+    ctx.response = response
+    await response.prepare(ctx.http)
+    ctx.bytes_sent = True
+    return response
+
+
+async def _end_with_error(response: web.StreamResponse, exc: GatewayError) -> None:
+    """End a stream already open with the in-band error event."""
     try:
         await response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code))
         await response.write_eof()
@@ -140,8 +225,7 @@ async def _end_with_error(response: web.StreamResponse, exc: UpstreamError) -> N
         pass
 
 
-def _recorded(ctx: RequestContext, attempt: Attempt, state: StreamState,
-              response: web.StreamResponse | None) -> web.StreamResponse:
+def _record(ctx: RequestContext, attempt: Attempt, state: StreamState) -> None:
+    """Keep what the stream said, however it ended, for accounting, telemetry and the cache."""
     attempt.finish_reasons = tuple(state.finish_reasons)
     ctx.stream_record = state
-    return response

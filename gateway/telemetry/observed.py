@@ -55,6 +55,13 @@ def observe_cache_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
                                     callbacks=[lambda _options: [Observation(read_errors())]])
 
 
+def observe_ledger_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
+    """gateway.ledger.write_errors: ledger lines lost to a write that failed (a full disk, say)."""
+    meter.create_observable_counter("gateway.ledger.write_errors", unit="{line}",
+                                    description="Ledger lines lost to a write that failed.",
+                                    callbacks=[lambda _options: [Observation(read_errors())]])
+
+
 def observe_store_failures(meter: Meter, read_failures: Callable[[], Mapping[str, int]]) -> None:
     """gateway.store.failures by part (limits, budgets): admissions and budget checks or charges answered
     without Redis, per `store.on_store_failure` (the cache's own are gateway.cache.errors)."""

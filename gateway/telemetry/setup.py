@@ -197,6 +197,11 @@ class Telemetry:
         if self.meter is not None:
             observed.observe_cache_errors(self.meter, read_errors)
 
+    def observe_ledger_errors(self, read_errors) -> None:
+        """Export how many ledger lines a failed write lost."""
+        if self.meter is not None:
+            observed.observe_ledger_errors(self.meter, read_errors)
+
     def observe_store_failures(self, read_failures) -> None:
         """Export the rate limiter's and the budgets' store failures (each answered per on_store_failure)."""
         if self.meter is not None:

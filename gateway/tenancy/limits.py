@@ -9,6 +9,8 @@ stays below `concurrent`. Tolerance: 0 (no 60 s span ever holds more than
 the limit), however many replicas share the store, because the check and
 the write are one atomic step. In-flight entries carry a safety deadline
 (`inflight_ttl_s`) so a replica that dies never leaks a slot for ever.
+A reservation larger than `tokens_per_minute` would never fit: it is
+refused at once (`too_large`), without asking the store and without Retry-After.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ INFLIGHT_TTL_S = 900.0
 #: how long a client refused for concurrency, or for a store outage, is told to wait
 CONCURRENT_RETRY_S = 1.0
 STORE_RETRY_S = 1.0
-REASONS = ("requests", "tokens", "concurrent", "store_unavailable")
+#: a refusal's reason; the first three are the admission script's codes 1 to 3
+REASONS = ("requests", "tokens", "concurrent", "store_unavailable", "too_large")
 
 
 def new_ticket() -> str:
@@ -59,7 +62,7 @@ class Admission:
     allowed: bool
     limits: Limits = field(default_factory=Limits)
     tenant: str = ""
-    reason: str | None = None           # requests | tokens | concurrent | store_unavailable
+    reason: str | None = None           # one of REASONS
     retry_after_s: float = 0.0
     ticket: str = ""                    # pass to settle() and release()
     reserved_tokens: int = 0
@@ -84,7 +87,13 @@ class Admission:
         return headers
 
     def error(self) -> GatewayError:
-        """The error to answer a refused admission with, Retry-After included."""
+        """The error to answer a refused admission with, Retry-After included unless no wait would help."""
+        if self.reason == "too_large":
+            return RateLimited(
+                f"Request too large for tenant {self.tenant!r} on tokens per minute: limit "
+                f"{self.limits.tokens_per_minute}, requested {self.reserved_tokens} (prompt + max_tokens x n). "
+                "Reduce the prompt, max_tokens or n: waiting will not help.",
+                code="request_too_large", headers=self.headers())
         retry_s = max(1, math.ceil(self.retry_after_s))
         headers = {**self.headers(), "Retry-After": str(retry_s),
                    "retry-after-ms": str(max(0, math.ceil(self.retry_after_s * 1000)))}
@@ -118,6 +127,16 @@ class LimitUsage:
 def store_unavailable_error(headers: dict[str, str]) -> GatewayError:
     """A 503 for a refusal because the limits store is down and the policy says deny."""
     return StoreUnavailable("Rate limit store unavailable; retry shortly.", headers=headers)
+
+
+def too_large(tenant: Tenant, tokens: int) -> Admission | None:
+    """The refusal of a reservation above the tenant's tokens_per_minute, which no wait would ever admit;
+    None when it fits."""
+    tpm = tenant.limits.tokens_per_minute
+    if tpm is None or tokens <= tpm:
+        return None
+    return Admission(allowed=False, limits=tenant.limits, tenant=tenant.name, reason="too_large",
+                     reserved_tokens=tokens)
 
 
 def unlimited(limits: Limits) -> bool:
@@ -159,6 +178,13 @@ class Limiter(Protocol):
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
                   now_s: float | None = None) -> bool:
         """release, then settle: everything an answered admission gives back, at once; False when the store
+        did not answer."""
+        ...
+
+    async def withdraw(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
+                       now_s: float | None = None) -> bool:
+        """Undo an admission whose request was refused after all (or abandoned before it was admitted): its
+        slot, its tokens and its request-log entry, so it takes nothing; harmless twice. False when the store
         did not answer."""
         ...
 

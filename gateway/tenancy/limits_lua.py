@@ -98,12 +98,13 @@ return {reason == 0 and 1 or 0, reason, math.ceil(retry_ms), requests, tokens,
         reset_ms(req_key), reset_ms(tok_key)}
 """
 
-# KEYS: token log, token sum, and the in-flight set when the ticket's slot is released too
+# KEYS: token log, token sum, then the sets the ticket leaves as well: the in-flight set when its slot is
+#       released, and the requests log when the admission is withdrawn (its request was refused after all)
 # ARGV: now_ms or "", window_ms, ticket, reserved tokens, actual tokens
 # Reply: the change applied to the token sum
 SETTLE = """
 local tok_key, sum_key = KEYS[1], KEYS[2]
-if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[3]) end
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[3]) end
 local now_ms = tonumber(ARGV[1])
 if now_ms == nil then
   local t = redis.call('TIME')

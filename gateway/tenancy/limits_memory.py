@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from gateway.policy.model import Limits, Tenant
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, WINDOW_S, Admission,
-                                    LimitUsage, Verdict, new_ticket, to_ms, unlimited)
+                                    LimitUsage, Verdict, new_ticket, to_ms, too_large, unlimited)
 
 
 @dataclass
 class TenantLog:
     """One tenant's sliding log; times in ms, entries in time order (the clock never goes back)."""
 
-    requests: deque[int] = field(default_factory=deque)
+    requests: dict[str, int] = field(default_factory=dict)                  # ticket -> time_ms
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)   # ticket -> (time_ms, tokens)
     tokens_sum: int = 0
     inflight: dict[str, int] = field(default_factory=dict)             # ticket -> deadline_ms
@@ -24,8 +24,11 @@ class TenantLog:
     def expire(self, now_ms: int, window_ms: int) -> None:
         """Drop the entries that left the window and the in-flight slots past their deadline."""
         cutoff = now_ms - window_ms
-        while self.requests and self.requests[0] <= cutoff:
-            self.requests.popleft()
+        while self.requests:
+            oldest = next(iter(self.requests))
+            if self.requests[oldest] > cutoff:
+                break
+            del self.requests[oldest]
         while self.tokens:
             oldest = next(iter(self.tokens))
             time_ms, tokens = self.tokens[oldest]
@@ -44,7 +47,7 @@ class TenantLog:
         index = len(self.requests) - rpm
         if rpm <= 0 or index >= len(self.requests):
             return window_ms
-        return self.requests[index] + window_ms - now_ms
+        return next(islice(self.requests.values(), index, None)) + window_ms - now_ms
 
     def tokens_wait_ms(self, tpm: int, cost: int, now_ms: int, window_ms: int) -> int:
         """How long until `cost` more tokens fit under `tpm`."""
@@ -59,7 +62,8 @@ class TenantLog:
 
     def reset_ms(self, now_ms: int, window_ms: int) -> tuple[int, int]:
         """Time until the request log and the token log are empty."""
-        reset_req = self.requests[-1] + window_ms - now_ms if self.requests else 0
+        newest_req = next(reversed(self.requests.values()), None)
+        reset_req = newest_req + window_ms - now_ms if newest_req is not None else 0
         newest_tok = next(reversed(self.tokens.values()), None)
         reset_tok = newest_tok[0] + window_ms - now_ms if newest_tok is not None else 0
         return reset_req, reset_tok
@@ -79,6 +83,8 @@ class MemoryLimiter:
     async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
                     now_s: float | None = None, ticket: str | None = None) -> Admission:
         """Check and consume all limits at once, or consume nothing and refuse."""
+        if (refusal := too_large(tenant, tokens)) is not None:
+            return refusal
         ticket = ticket or new_ticket()
         if unlimited(tenant.limits):
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
@@ -113,7 +119,7 @@ class MemoryLimiter:
 
     def _consume(self, log: TenantLog, limits: Limits, cost: int, ticket: str, now_ms: int) -> None:
         if limits.requests_per_minute is not None:
-            log.requests.append(now_ms)
+            log.requests[ticket] = now_ms
         if limits.tokens_per_minute is not None:
             log.tokens[ticket] = (now_ms, cost)
             log.tokens_sum += cost
@@ -144,6 +150,15 @@ class MemoryLimiter:
         await self.release(tenant, ticket=ticket)
         await self.settle(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens,
                           now_s=now_s)
+        return True
+
+    async def withdraw(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
+                       now_s: float | None = None) -> bool:
+        """release, settle to no tokens, and drop the request-log entry: the request takes nothing."""
+        await self.end(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=0, now_s=now_s)
+        log = self.logs.get(tenant.name)
+        if log is not None:
+            log.requests.pop(ticket, None)
         return True
 
     async def release(self, tenant: Tenant, *, ticket: str) -> bool:

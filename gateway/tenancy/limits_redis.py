@@ -10,7 +10,7 @@ from gateway.policy.model import Limits, Tenant
 from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
 from gateway.tenancy import limits_lua
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, STORE_RETRY_S, WINDOW_S,
-                                    Admission, LimitUsage, Verdict, new_ticket, to_ms, unlimited)
+                                    Admission, LimitUsage, Verdict, new_ticket, to_ms, too_large, unlimited)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -70,6 +70,8 @@ class RedisLimiter:
     async def admit(self, tenant: Tenant, *, route: str | None, tokens: int,
                     now_s: float | None = None, ticket: str | None = None) -> Admission:
         """Check and consume all limits in one atomic script call, or consume nothing."""
+        if (refusal := too_large(tenant, tokens)) is not None:      # never admittable: no need to ask Redis
+            return refusal
         ticket = ticket or new_ticket()
         if unlimited(tenant.limits):
             return Admission(allowed=True, limits=tenant.limits, tenant=tenant.name,
@@ -102,7 +104,7 @@ class RedisLimiter:
         """Rewrite the reservation to the real count, or charge a late excess at `now`."""
         if tenant.limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
             return
-        await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s, release=False)
+        await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s, leaves=[])
 
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
                   now_s: float | None = None) -> bool:
@@ -110,15 +112,29 @@ class RedisLimiter:
         False when Redis did not answer."""
         if tenant.limits.tokens_per_minute is None or actual_tokens == reserved_tokens:
             return await self.release(tenant, ticket=ticket)
+        flight_key = tenant_keys(self.prefix, tenant.name)[3]
         return await self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s,
-                                  release=tenant.limits.concurrent is not None)
+                                  leaves=[flight_key] if tenant.limits.concurrent is not None else [])
+
+    async def withdraw(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
+                       now_s: float | None = None) -> bool:
+        """Free the slot, give back the tokens and drop the request-log entry in one script call: the request
+        takes nothing. False when Redis did not answer."""
+        limits = tenant.limits
+        if unlimited(limits):
+            return True
+        req_key, _, _, flight_key = tenant_keys(self.prefix, tenant.name)
+        leaves = [key for key, limit in ((flight_key, limits.concurrent), (req_key, limits.requests_per_minute))
+                  if limit is not None]
+        reserved_tokens = reserved_tokens if limits.tokens_per_minute is not None else 0
+        return await self._settle(tenant, ticket, reserved_tokens, 0, now_s, leaves=leaves)
 
     async def _settle(self, tenant: Tenant, ticket: str, reserved_tokens: int, actual_tokens: int,
-                      now_s: float | None, *, release: bool) -> bool:
-        """One SETTLE script call; with `release` it also frees the ticket's in-flight slot."""
-        _, tok_key, sum_key, flight_key = tenant_keys(self.prefix, tenant.name)
+                      now_s: float | None, *, leaves: list[str]) -> bool:
+        """One SETTLE script call; the ticket also leaves the `leaves` sets (in-flight set, requests log)."""
+        _, tok_key, sum_key, _ = tenant_keys(self.prefix, tenant.name)
         return await self.guard.run(lambda: self.settle_script(
-            keys=[tok_key, sum_key, *([flight_key] if release else [])],
+            keys=[tok_key, sum_key, *leaves],
             args=[self._now_arg(now_s), self.window_ms, ticket, reserved_tokens, actual_tokens]),
             after_response=True) is not STORE_DOWN
 

@@ -7,12 +7,13 @@ exactly as applications do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from gateway.runtime import PolicyHolder
 from gateway.services import SERVICES
 from gateway.simulator import SimConfig, start_simulators
 from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, models, short_timeouts, standard_model
+from tests.support.raw_upstream import RawUpstream
 
 #: the models every test policy can use: name -> simulator settings
 DEFAULT_SIMS = {
@@ -41,6 +43,27 @@ routes:
     fallback: [large]
     cache: {{enabled: true, ttl_s: 60}}
 """ + SMART_AND_EMBEDDINGS_ROUTES
+
+
+def raw_model_policy(raw_url: str, *, first_byte_s: float, tail: str = "") -> str:
+    """The standard models plus `raw`, a scripted model server at `raw_url`: route `raw` falls back to `medium`,
+    route `raw-only` has no fallback; `tail` adds routes or sections (a template, braces doubled)."""
+    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
+    return head + f"""  raw:
+    endpoint: {raw_url}
+    upstream_model: fake
+    size_b: 0.5
+    latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
+    timeouts: {{{{connect_s: 1, first_byte_s: {first_byte_s}, total_s: 10}}}}
+routes:
+  - name: raw
+    match: {{{{models: ["raw"]}}}}
+    candidates: [raw]
+    fallback: [medium]
+  - name: raw-only
+    match: {{{{models: ["raw-only"]}}}}
+    candidates: [raw]
+""" + tail
 
 
 class Harness:
@@ -144,3 +167,22 @@ class Harness:
 
         return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=kwargs.pop("api_key", "test-key"),
                            max_retries=0, timeout=kwargs.pop("timeout", 20), **kwargs)
+
+
+@contextlib.contextmanager
+def raw_model_gateway(*, first_byte_s: float, tail: str = "") -> Iterator[tuple[Harness, RawUpstream]]:
+    """A gateway on `raw_model_policy` (fast simulators for the standard models) and its scripted model server."""
+    raw = RawUpstream().start()
+    harness = Harness(raw_model_policy(raw.url, first_byte_s=first_byte_s, tail=tail),
+                      sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}).start()
+    try:
+        yield harness, raw
+    finally:
+        harness.stop()
+        raw.stop()
+
+
+def reset_raw_model(harness: Harness, raw: RawUpstream) -> None:
+    """Between tests: no script, and every circuit closed."""
+    raw.script = []
+    harness.services.fleet.breakers._circuits.clear()

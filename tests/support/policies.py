@@ -80,3 +80,4 @@ def flow(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(flow(item) for item in value) + "]"
     return str(value)
+

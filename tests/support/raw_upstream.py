@@ -1,7 +1,8 @@
 """A model server that writes exactly the bytes a test scripts, for answers the simulated backend never gives.
 
 Each request is answered by the script: a list of (bytes, delay_s) writes, then
-the connection is closed. What it received is kept in `requests` as (head, body).
+the connection is closed. What it received is kept in `requests` as (head, body);
+`most_at_once` is the most requests it has been answering at the same time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class RawUpstream:
     def __init__(self) -> None:
         self.script: list[tuple[bytes, float]] = []
         self.requests: list[tuple[bytes, bytes]] = []
+        self.in_flight = 0
+        self.most_at_once = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.port = 0
@@ -35,6 +38,8 @@ class RawUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.in_flight += 1
+        self.most_at_once = max(self.most_at_once, self.in_flight)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -47,6 +52,7 @@ class RawUpstream:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass                            # the gateway hung up: nothing more to say
         finally:
+            self.in_flight -= 1
             writer.close()
 
     def stop(self) -> None:
@@ -85,3 +91,7 @@ COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "mo
               "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"},
                            "finish_reason": "stop"}],
               "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+#: a short, complete chat stream: role, two words, the finish, [DONE]
+TEXT_EVENTS = [chunk("", role=True), chunk("Hello"), chunk(" world"), chunk(None, finish="stop"), b"[DONE]"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/test, which installs it")
+        os.makedirs(self.workdir, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.workdir],
@@ -50,3 +52,4 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)     # empty (nothing is saved); start() makes it again

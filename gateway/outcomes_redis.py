@@ -1,0 +1,298 @@
+"""The shared outcome book: tasks kept in Redis, so a task booked by one replica (or worker) is reported through
+any other, and `/admin/stats` shows every process's tasks.
+
+Keys, each tenant's under its own hash tag (one Cluster slot per tenant, as the limiter's keys):
+
+    {prefix}:{tenant}:oc:t:{task id}        hash: the task's route, workflow, cost, requests, outcome, value
+    {prefix}:{tenant}:oc:r:{request id}     the same hash, for a request without a task id
+    {prefix}:{tenant}:oc:rt:{request id}    string: the task id a request with one was booked to
+    {prefix}:{tenant}:oc:stats:{bucket}     hash: the tenant's reported tasks by (route, workflow), per bucket
+                                            (ttl_s / 24) of report time
+    {prefix}:oc:tenants                     set: the tenants that reported, for /admin/stats
+
+Entries live `ttl_s` after their last booking, stats buckets `ttl_s` after their end: stats cover the
+tasks reported in the last `ttl_s`. Money stays exact: a cost or value is kept as whole dollars plus
+pico-dollars (1e-12 USD), both Redis integers summed with HINCRBY (a carry moves a dollar out of the pico
+part), never as floats; a cost is rounded to 1e-12 USD once, when booked.
+
+Booking runs after the response, in the background, and never raises: it waits for Redis up to the store
+timeout (at least MIN_TIMEOUT_S); with Redis down it is lost, counted and warned of once (`StoreGuard`).
+A report waits for this process's bookings of its tenant still under way, and looks once more after
+`RECHECK_S` for an unknown id (another replica may be booking it right now); with Redis down it is answered
+503 store_unavailable, and can be sent again. A request that ends after its task was reported adds to the
+task, not to the stats already counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import TYPE_CHECKING
+
+from gateway.errors import StoreUnavailable
+from gateway.outcomes import (ANONYMOUS, TTL_S, GroupStats, Report, Task, already_reported, parse_report, summary,
+                              unknown_id)
+from gateway.store_guard import STORE_DOWN, STORE_ERRORS, StoreGuard
+from gateway.tasks import BackgroundTasks
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+PICO = 10 ** 12
+PICO_USD = Decimal(1).scaleb(-12)
+#: how long a report of an unknown id waits before looking again, for a booking another process is making
+RECHECK_S = 0.1
+#: the least time a booking or report waits for Redis in all (for a free pooled connection in a burst, say): none
+#: holds up a response, and a booking given up loses its cost; each command is still bounded by the client's
+#: socket timeout (store.timeout_ms)
+MIN_TIMEOUT_S = 1.0
+#: stats buckets per ttl_s
+BUCKETS = 24
+
+#: add whole + pico dollars (strings) to two integer fields of a hash, carrying a dollar out of the pico part
+ADD_USD = """
+local function add_usd(key, whole_field, pico_field, whole, pico)
+  if redis.call('HINCRBY', key, pico_field, pico) >= 1000000000000 then
+    redis.call('HINCRBY', key, pico_field, '-1000000000000')
+    redis.call('HINCRBY', key, whole_field, 1)
+  end
+  if whole ~= '0' then redis.call('HINCRBY', key, whole_field, whole) end
+end
+"""
+
+#: KEYS: the task's hash [, the request id's pointer to its task]; ARGV: route, workflow, cost whole USD,
+#: cost pico-USD, ttl ms [, task id]
+BOOK = ADD_USD + """
+redis.call('HSETNX', KEYS[1], 'route', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'workflow', ARGV[2])
+add_usd(KEYS[1], 'cost_usd', 'cost_pusd', ARGV[3], ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if #KEYS > 1 then redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5]) end
+return 1
+"""
+
+#: KEYS: the task's hash, the stats bucket of now; ARGV: outcome, value whole USD, value pico-USD ('' for
+#: none), the bucket's ttl ms. Returns nil for an unknown task, {'reported', outcome} for one reported
+#: before, else {'ok', route, workflow, cost whole USD, cost pico-USD, requests}.
+REPORT = ADD_USD + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+if redis.call('HSETNX', KEYS[1], 'outcome', ARGV[1]) == 0 then
+  return {'reported', redis.call('HGET', KEYS[1], 'outcome')}
+end
+local task = redis.call('HMGET', KEYS[1], 'route', 'workflow', 'cost_usd', 'cost_pusd', 'requests')
+task[3], task[4] = task[3] or '0', task[4] or '0'   -- a field is made by its first HINCRBY
+local group = cjson.encode({task[1], task[2]})
+redis.call('HINCRBY', KEYS[2], 'tasks:' .. group, 1)
+redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':' .. group, 1)
+add_usd(KEYS[2], 'cost_usd:' .. group, 'cost_pusd:' .. group, task[3], task[4])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'value_usd', ARGV[2], 'value_pusd', ARGV[3])
+  add_usd(KEYS[2], 'value_usd:' .. group, 'value_pusd:' .. group, ARGV[2], ARGV[3])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {'ok', task[1], task[2], task[3], task[4], task[5]}
+"""
+
+
+def raw(value: str) -> bytes:
+    """A key or value as Redis keeps it: ids and workflow names come from headers, where aiohttp keeps a byte
+    that is not UTF-8 as a lone surrogate, which redis-py's strict encoding would refuse."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+def text(value: bytes) -> str:
+    """What `raw` wrote, as the str it was."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+def split_usd(amount_usd: Decimal) -> tuple[str, str]:
+    """A non-negative amount as (whole dollars, pico-dollars below a dollar), rounded to 1e-12 USD."""
+    whole, pico = divmod(int(amount_usd.quantize(PICO_USD, rounding=ROUND_HALF_EVEN).scaleb(12)), PICO)
+    return str(whole), str(pico)
+
+
+def joined_usd(whole: bytes | str | int, pico: bytes | str | int) -> Decimal:
+    """The amount split_usd split (Redis answers bytes)."""
+    return Decimal(int(whole)) + Decimal(int(pico)).scaleb(-12)
+
+
+def store_unavailable() -> StoreUnavailable:
+    return StoreUnavailable("the outcome store (Redis) is unavailable; report again shortly",
+                            headers={"Retry-After": "1"})
+
+
+class RedisOutcomeBook:
+    """Tasks in Redis, shared by every gateway process; store failures counted and warned of, never raised
+    on the response path."""
+
+    def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = MIN_TIMEOUT_S, *,
+                 ttl_s: float = TTL_S, clock: Callable[[], float] = time.time, recheck_s: float = RECHECK_S) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.recheck_s = recheck_s
+        self.guard = StoreGuard("outcome store", max(timeout_s, MIN_TIMEOUT_S), logger=log,
+                                meanwhile="requests are served but not booked to their tasks; "
+                                          "reports answer 503 store_unavailable")
+        self.book_script = client.register_script(BOOK)
+        self.report_script = client.register_script(REPORT)
+        self._bookings = BackgroundTasks()
+        self._pending: defaultdict[str, set[asyncio.Task]] = defaultdict(set)     # bookings under way, by tenant
+
+    @property
+    def store_failures(self) -> int:
+        return self.guard.failures
+
+    @property
+    def bucket_s(self) -> float:
+        return self.ttl_s / BUCKETS
+
+    # keys
+
+    def _key(self, tenant: str, kind: str, name: str | int) -> bytes:
+        return raw(f"{self.prefix}:{{{tenant}}}:oc:{kind}:{name}")
+
+    @property
+    def tenants_key(self) -> str:
+        return f"{self.prefix}:oc:tenants"
+
+    async def warm_up(self) -> None:
+        """Load the scripts now, so a first report does not spend a round trip on them."""
+        for script in (self.book_script, self.report_script):
+            await self.client.script_load(script.script)
+
+    # booking
+
+    def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
+              workflow: str | None, cost_usd: Decimal) -> None:
+        """Book one finished request's cost to its task, in the background."""
+        booking = self._bookings.spawn(self._book(request_id, task_id, route, tenant, workflow or "-", cost_usd),
+                                       name="outcome-booking")
+        pending = self._pending[tenant]
+        pending.add(booking)
+        booking.add_done_callback(lambda done: self._booked(tenant, done))
+
+    async def _book(self, request_id: str, task_id: str | None, route: str, tenant: str, workflow: str,
+                    cost_usd: Decimal) -> None:
+        args = [route, raw(workflow), *split_usd(cost_usd), _ms(self.ttl_s)]
+        if task_id:
+            keys = [self._key(tenant, "t", task_id), self._key(tenant, "rt", request_id)]
+            args.append(raw(task_id))
+        else:
+            keys = [self._key(tenant, "r", request_id)]
+        await self.guard.run(lambda: self.book_script(keys=keys, args=args), after_response=True)
+
+    def _booked(self, tenant: str, booking: asyncio.Task) -> None:
+        pending = self._pending[tenant]
+        pending.discard(booking)
+        if not pending:
+            del self._pending[tenant]
+
+    async def _landed(self, tenant: str) -> None:
+        """Wait (up to the store timeout) for this process's bookings of `tenant` under way: a report sent
+        just after a response counts that request's cost."""
+        if pending := self._pending.get(tenant):
+            await asyncio.wait(set(pending), timeout=self.guard.timeout_s)
+
+    # reporting
+
+    async def report(self, payload: object, *, tenant: str | None = None) -> Task:
+        """Record an outcome from a `POST /v1/outcomes` body for one of the caller's own tasks, atomically
+        once. `tenant`: the caller, None for an anonymous one."""
+        report = parse_report(payload)
+        tenant = tenant or ANONYMOUS
+        await self._landed(tenant)
+        if await self.guard.run(lambda: self.client.sadd(self.tenants_key, tenant)) is STORE_DOWN:
+            raise store_unavailable()
+        task = await self._report(report, tenant)
+        if task is None:
+            await asyncio.sleep(self.recheck_s)
+            task = await self._report(report, tenant)
+        if task is None:
+            raise unknown_id()
+        return task
+
+    async def _report(self, report: Report, tenant: str) -> Task | None:
+        """The task as reported now; None when its id is unknown."""
+        task_id = report.task_id
+        if task_id is None:
+            pointer = await self.guard.run(lambda: self.client.get(self._key(tenant, "rt", report.request_id)))
+            if pointer is STORE_DOWN:
+                raise store_unavailable()
+            task_id = text(pointer) if pointer is not None else None
+        key = self._key(tenant, "t", task_id) if task_id is not None else self._key(tenant, "r", report.request_id)
+        now_s = self.clock()
+        bucket = int(now_s // self.bucket_s)
+        value = split_usd(report.value_usd) if report.value_usd is not None else ("0", "")
+        reply = await self.guard.run(lambda: self.report_script(
+            keys=[key, self._key(tenant, "stats", bucket)],
+            args=[report.outcome, *value, _ms((bucket + 1) * self.bucket_s + self.ttl_s - now_s)]))
+        if reply is STORE_DOWN:
+            raise store_unavailable()
+        if reply is None:
+            return None
+        status, *fields = (text(item) if isinstance(item, bytes) else item for item in reply)
+        if status == "reported":
+            raise already_reported(fields[0])
+        route, workflow, cost_whole, cost_pico, requests = fields
+        return Task(route=route, tenant=tenant, workflow=workflow, cost_usd=joined_usd(cost_whole, cost_pico),
+                    requests=int(requests), outcome=report.outcome, value_usd=report.value_usd)
+
+    # stats
+
+    async def stats(self) -> dict:
+        """Tasks reported in the last ttl_s, by any process, grouped by route, tenant and workflow."""
+        tenants = await self.guard.run(lambda: self.client.smembers(self.tenants_key))
+        if tenants is STORE_DOWN:
+            raise store_unavailable()
+        now_bucket = int(self.clock() // self.bucket_s)
+        keys = [(tenant, self._key(tenant, "stats", bucket))
+                for tenant in sorted(map(text, tenants)) for bucket in range(now_bucket - BUCKETS, now_bucket + 1)]
+        buckets = await self.guard.run(lambda: self._read_all([key for _, key in keys]))
+        if buckets is STORE_DOWN:
+            raise store_unavailable()
+        counts: defaultdict[tuple[str, str, str], defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for (tenant, _), bucket in zip(keys, buckets):
+            for name, value in bucket.items():
+                stat, _, group = text(name).partition(":")
+                route, workflow = json.loads(group)
+                counts[route, tenant, workflow][stat] += int(value)
+        return summary((group, _group_stats(group_counts)) for group, group_counts in counts.items())
+
+    async def _read_all(self, keys: list[bytes]) -> list[dict[bytes, bytes]]:
+        """HGETALL of each key, in one pipeline (split by node on a Cluster)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return await pipe.execute()
+
+    async def close(self) -> None:
+        """Finish the bookings under way (each is bounded by the store timeout)."""
+        await self._bookings.drain(timeout_s=2 * self.guard.timeout_s + 0.1)
+
+
+def _group_stats(counts: dict[str, int]) -> GroupStats:
+    return GroupStats(tasks=counts["tasks"], success=counts["success"], failure=counts["failure"],
+                      escalated=counts["escalated"], cost_usd=joined_usd(counts["cost_usd"], counts["cost_pusd"]),
+                      value_usd=joined_usd(counts["value_usd"], counts["value_pusd"]))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+async def warm_up(book: RedisOutcomeBook, timeout_s: float) -> None:
+    """`book.warm_up()` within `timeout_s`; a failure only means the scripts load on first use."""
+    try:
+        await asyncio.wait_for(book.warm_up(), timeout_s)
+    except STORE_ERRORS:
+        log.debug("outcome scripts not loaded at start-up; they load on first use")

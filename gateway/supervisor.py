@@ -1,0 +1,176 @@
+"""Supervising N worker processes: restart one that dies, pass signals on, exit with the worst status.
+
+`gateway run --workers N` runs one `Supervisor`; it knows nothing of the gateway beyond the function that
+starts a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+
+log = logging.getLogger("gateway")
+
+#: the signals the supervisor passes on: drain and stop (SIGTERM, SIGINT), reload (SIGHUP)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass
+class Slot:
+    """One of the supervisor's N places for a worker: its process, or when one is due to start there."""
+
+    index: int
+    process: BaseProcess | None = None
+    restart_at: float | None = None         # time.monotonic()
+
+
+class Supervisor:
+    """Keeps N worker processes running and passes SIGTERM, SIGINT and SIGHUP on to them.
+
+    A worker that exits while no stop was asked for is logged (pid, exit status or signal) and started
+    again after a back-off that doubles with each recent exit; `crash_limit` exits within `crash_window_s`
+    stop the others instead. `spawn(index)` starts a worker and returns its process, or None when it could
+    not (having said why): an exit with status 1. `run` returns once every worker is gone: 0 when each
+    exited 0 when asked to stop, else the first failure's status (its exit code, or 128 + the signal that
+    killed it), also when the worker that failed was restarted and served on.
+    """
+
+    def __init__(self, spawn: Callable[[int], BaseProcess | None], workers: int, *, crash_limit: int = 5,
+                 crash_window_s: float = 60.0, backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
+        self.spawn = spawn
+        self.slots = [Slot(index) for index in range(workers)]
+        self.crash_limit, self.crash_window_s = crash_limit, crash_window_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.crashes: deque[float] = deque()
+        self.stop_signal: int | None = None     # the signal that asked for the stop, once one did
+        self.status = 0
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in HANDLED}   # the work is done in `_on`
+        previous_fd = signal.set_wakeup_fd(wake_w)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            while self._running():
+                self._step(wake_r)
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+        if self.status:
+            log.error("exiting with status %d: a worker failed (logged above)", self.status)
+        return self.status
+
+    def _running(self) -> bool:
+        return any(slot.process or (slot.restart_at is not None and self.stop_signal is None) for slot in self.slots)
+
+    def _step(self, wake_r: int) -> None:
+        """Wait for a signal, a worker's exit or a restart falling due, and act on it."""
+        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        timeout = max(0.0, min(due) - time.monotonic()) if due and self.stop_signal is None else None
+        ready = wait([wake_r, *(slot.process.sentinel for slot in self.slots if slot.process)], timeout)
+        if wake_r in ready:
+            for signum in os.read(wake_r, 512):
+                self._on(signum)
+        for slot in self.slots:
+            if slot.process and slot.process.sentinel in ready:
+                self._exited(slot)
+        for slot in self.slots:
+            if slot.restart_at is not None and slot.restart_at <= time.monotonic() and self.stop_signal is None:
+                self._start(slot)
+
+    def _on(self, signum: int) -> None:
+        if signum == signal.SIGHUP and self.stop_signal is None:
+            log.info("SIGHUP: %d worker(s) reload the policy", len(self._live()))
+            self._forward(signum)
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stop_signal is None:
+                log.info("%s: stopping %d worker(s)", signal.Signals(signum).name, len(self._live()))
+            self.stop_signal = self.stop_signal or signum
+            self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        for slot in self._live():
+            with contextlib.suppress(ProcessLookupError):   # gone already: its sentinel says so next
+                os.kill(slot.process.pid, signum)
+
+    def _live(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot.process]
+
+    def _start(self, slot: Slot) -> None:
+        slot.restart_at = None
+        with _blocked(HANDLED):             # the worker starts with them blocked and installs its own handlers
+            slot.process = self.spawn(slot.index)
+        if slot.process is None:
+            self._crashed(slot, 1)
+            return
+        log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
+
+    def _exited(self, slot: Slot) -> None:
+        process, slot.process = slot.process, None
+        process.join()
+        code, pid = process.exitcode, process.pid
+        process.close()
+        how = describe_exit(code)
+        if self.stop_signal is None:
+            log.error("worker %d (pid %d) %s", slot.index, pid, how)
+            self._crashed(slot, exit_status(code))
+        elif code in (0, -self.stop_signal):    # drained, or stopped before its handlers were installed
+            log.info("worker %d (pid %d) stopped", slot.index, pid)
+        else:
+            log.error("worker %d (pid %d) %s while stopping", slot.index, pid, how)
+            self.status = self.status or exit_status(code)
+
+    def _crashed(self, slot: Slot, status: int) -> None:
+        """An exit nobody asked for: start it again after a back-off, or stop all when they keep dying."""
+        self.status = self.status or status
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes[0] < now - self.crash_window_s:
+            self.crashes.popleft()
+        if len(self.crashes) >= self.crash_limit:
+            log.error("%d worker exits within %.0f s: stopping all workers", len(self.crashes), self.crash_window_s)
+            self.stop_signal = signal.SIGTERM
+            self._forward(signal.SIGTERM)
+            return
+        delay_s = min(self.max_backoff_s, self.backoff_s * 2 ** (len(self.crashes) - 1))
+        slot.restart_at = now + delay_s
+        log.warning("restarting worker %d in %.1f s", slot.index, delay_s)
+
+
+def describe_exit(exitcode: int) -> str:
+    """How a process ended, from its multiprocessing exit code (negative: the signal that killed it)."""
+    if exitcode >= 0:
+        return f"exited with status {exitcode}"
+    try:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"was killed by signal {-exitcode}"
+
+
+def exit_status(exitcode: int) -> int:
+    """A process's exit status as a shell reports it: the code, or 128 + the signal that killed it."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+@contextlib.contextmanager
+def _blocked(signals):
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -1,0 +1,134 @@
+"""Every field of a live answer survives the cache: assembled from a stream, and replayed as a stream
+the openai SDK adds up to the cached answer (reasoning, annotations, audio, a null content, service
+tier, moderation)."""
+
+from __future__ import annotations
+
+import pytest
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from gateway.cache.assemble import assemble_stream
+from gateway.cache.entry import CacheEntry
+from gateway.cache.replay import replay_sse
+from tests.test_cache_replay import parse_sse, serve_sse
+
+HEADER = {"id": "chatcmpl-9", "created": 1700000000, "model": "sim-small-1b"}
+USAGE = {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+ANNOTATION = {"type": "url_citation", "url_citation": {
+    "url": "https://example.com", "title": "Example", "start_index": 0, "end_index": 2}}
+SECOND_ANNOTATION = {"type": "url_citation", "url_citation": {
+    "url": "https://example.org", "title": "Other", "start_index": 3, "end_index": 5}}
+MODERATION = {"input": {"type": "moderation_results", "model": "omni-moderation-latest", "results": []},
+              "output": {"type": "moderation_results", "model": "omni-moderation-latest", "results": []}}
+
+
+def chat_body(message: dict, finish_reason: str = "stop", **top: object) -> dict:
+    return {**HEADER, "object": "chat.completion", **top, "usage": USAGE,
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def chunk(delta: dict, finish_reason: str | None = None, **top: object) -> dict:
+    return {**HEADER, "object": "chat.completion.chunk", **top,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+ANSWERS = {
+    "reasoning": chat_body({"content": "42", "reasoning_content": "six times seven"}),
+    "annotations": chat_body({"content": "Hi there", "refusal": None, "annotations": [ANNOTATION]}),
+    "audio": chat_body({"content": None, "audio": {
+        "id": "audio_1", "data": "UklGRg==", "transcript": "Hi there", "expires_at": 1700003600}}),
+    "refusal": chat_body({"content": None, "refusal": "I can't help with that."}),
+    "tool calls": chat_body({"content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}, "tool_calls"),
+    "service tier": chat_body({"content": "Hi"}, service_tier="default", system_fingerprint="fp_1"),
+    "moderation": chat_body({"content": "Hi"}, moderation=MODERATION),
+}
+
+
+async def sdk_stream(body: dict) -> tuple[list[ChatCompletionChunk], ChatCompletion]:
+    """The chunks and the final completion the openai SDK's stream helper makes of the replayed `body`."""
+    events = replay_sse(CacheEntry("chat", body), include_usage=True)
+    runner = await serve_sse({"/v1/chat/completions": events})
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1", api_key="sk-test",
+                         max_retries=0)
+    try:
+        async with client.chat.completions.stream(
+                model="auto", messages=[{"role": "user", "content": "hi"}],
+                stream_options={"include_usage": True}) as stream:
+            chunks = [event.chunk async for event in stream if event.type == "chunk"]
+            return chunks, await stream.get_final_completion()
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+def comparable(completion: ChatCompletion) -> dict:
+    """A completion as plain data, without the SDK's own fields, to compare stream and JSON answers."""
+    data = completion.model_dump()
+    for choice in data["choices"]:
+        choice["message"].pop("parsed", None)
+        for call in choice["message"].get("tool_calls") or ():
+            call.pop("index", None)
+            call["function"].pop("parsed_arguments", None)
+    return data
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+async def test_the_sdk_adds_a_replayed_stream_up_to_the_cached_answer(name: str) -> None:
+    """The openai SDK's completion of a replayed stream equals its parse of the cached non-stream answer."""
+    body = ANSWERS[name]
+    chunks, final = await sdk_stream(body)
+    assert comparable(final) == comparable(ChatCompletion.model_validate(body))
+    assert {c.service_tier for c in chunks} == {body.get("service_tier")}
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+def test_a_replayed_stream_assembles_back_to_the_cached_answer(name: str) -> None:
+    """Assembling the chunks of a replayed answer gives the cached body back, every field included."""
+    body = ANSWERS[name]
+    chunks = parse_sse(replay_sse(CacheEntry("chat", body), include_usage=True))
+    assert assemble_stream("chat", chunks) == body
+
+
+def test_a_null_content_is_replayed_as_null() -> None:
+    """The role delta of a message whose content is null carries a null content, not an empty string."""
+    first = parse_sse(replay_sse(CacheEntry("chat", ANSWERS["tool calls"]), include_usage=False))[0]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": None}
+
+
+def test_streamed_text_fields_are_concatenated() -> None:
+    """Reasoning and any other text field a delta carries add up like the content does."""
+    chunks = [chunk({"role": "assistant", "content": "", "reasoning_content": "six "}),
+              chunk({"reasoning_content": "times seven", "reasoning": "six"}),
+              chunk({"reasoning": " by seven"}),
+              chunk({"content": "42", "reasoning_content": None}), chunk({}, "stop")]
+    message = assemble_stream("chat", chunks)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "42", "reasoning_content": "six times seven",
+                       "reasoning": "six by seven"}
+
+
+def test_streamed_lists_extend_objects_merge_and_other_values_replace() -> None:
+    """Unknown delta fields are kept: lists extended, objects merged field by field, numbers the last one."""
+    chunks = [chunk({"role": "assistant", "content": None,
+                     "audio": {"id": "audio_1", "transcript": "Hi", "data": "Ukl"}, "score": 1}),
+              chunk({"audio": {"transcript": " there", "data": "GRg==", "expires_at": 1700003600},
+                     "annotations": [ANNOTATION], "score": 2}),
+              chunk({"annotations": [SECOND_ANNOTATION]}), chunk({}, "stop")]
+    message = assemble_stream("chat", chunks)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "score": 2,
+                       "audio": {"id": "audio_1", "transcript": "Hi there", "data": "UklGRg==",
+                                 "expires_at": 1700003600},
+                       "annotations": [ANNOTATION, SECOND_ANNOTATION]}
+
+
+def test_a_stream_keeps_service_tier_and_moderation_but_not_obfuscation() -> None:
+    """The service tier all chunks repeat and the moderation one chunk carries are kept; padding is not."""
+    chunks = [chunk({"role": "assistant", "content": ""}, service_tier="default", obfuscation="x1"),
+              chunk({"content": "Hi"}, service_tier="default", obfuscation="yy2"),
+              chunk({}, "stop", service_tier="default", moderation=MODERATION, obfuscation="z")]
+    body = assemble_stream("chat", chunks)
+    assert (body["service_tier"], body["moderation"]) == ("default", MODERATION)
+    assert "obfuscation" not in body

@@ -1,0 +1,329 @@
+"""The stream relay against a model server writing scripted bytes: long and odd events, keep-alives, the data
+event deadline, line ends, streams without [DONE], clients that leave, and what the openai SDK sees.
+
+The odd model, `raw` (first_byte_s 1, total_s 10), is a RawUpstream; `medium`
+(a simulated backend) is its fallback on the `raw` route, and `raw-only` has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import openai
+import pytest
+import requests
+
+from gateway.sse import MAX_EVENT_BYTES, EventTooLong, iter_events
+from gateway.stages.relay import StreamState
+from tests.support import accounting
+from tests.support.harness import Harness, raw_model_gateway, reset_raw_model
+from tests.support.raw_upstream import SSE_HEAD, TEXT_EVENTS, chunk, sse
+
+TAIL = """ledger: {{path: "LEDGER"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    ledger = tmp_path_factory.mktemp("ledger") / "requests.jsonl"
+    with raw_model_gateway(first_byte_s=1, tail=TAIL.replace("LEDGER", str(ledger))) as (harness, raw):
+        harness.ledger_path = ledger
+        yield harness, raw
+
+
+@pytest.fixture(autouse=True)
+def fresh(env):
+    reset_raw_model(*env)
+
+
+def post(harness: Harness, model: str = "raw-only", **extra) -> requests.Response:
+    return requests.post(f"{harness.base_url}/v1/chat/completions", timeout=30,
+                         json={"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}],
+                               **extra})
+
+
+def sdk_text(harness: Harness, model: str = "raw-only") -> str:
+    """The answer as an application reading the stream with the openai SDK gets it."""
+    stream = harness.openai().chat.completions.create(model=model, stream=True,
+                                                      messages=[{"role": "user", "content": "hi"}])
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def breaker_failures(harness: Harness, model: str) -> int:
+    """The model's consecutive failures, once its calls have ended (a client reads the end of a stream a moment
+    before the gateway records how it went)."""
+    deadline_s = time.monotonic() + 5
+    while harness.services.fleet.estimates.in_flight(model) and time.monotonic() < deadline_s:
+        time.sleep(0.01)
+    circuit = harness.services.fleet.breakers._circuits.get(model)
+    return circuit.failures if circuit is not None else 0
+
+
+def ledger_record(harness: Harness, request_id: str) -> dict:
+    return accounting.ledger_record(harness.ledger_path, request_id)
+
+
+# events too long for a line reader ------------------------------------------------------------------------
+
+def test_a_long_event_is_relayed_whole(env):
+    """A 600 KB content chunk in one event (a big tool call's arguments, say) reaches the SDK whole, with what
+    follows it; it used to end the stream silently, the SDK returning the text before it."""
+    harness, raw = env
+    big = "x" * 600_000
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("a"), chunk(big), chunk("b"),
+                                  chunk(None, finish="stop"), b"[DONE]"), 0.0)]
+    assert sdk_text(harness) == "a" + big + "b"
+
+
+def test_an_event_past_the_cap_before_the_first_byte_is_a_bad_response_that_falls_back(env):
+    """A first event that runs past MAX_EVENT_BYTES is the model's broken answer: the fallback answers and the
+    breaker counts it (it used to be a 500 internal_error)."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + b"data: " + b"x" * (MAX_EVENT_BYTES + 1024) + b"\n\n", 0.0)]
+    reply = post(harness, model="raw")
+    assert reply.status_code == 200 and reply.headers["x-gateway-model"] == "medium"
+    assert reply.headers["x-gateway-fallback-reason"] == "bad_response"
+    assert reply.content.endswith(b"data: [DONE]\n\n")
+    assert breaker_failures(harness, "raw") == 1
+
+
+def test_an_event_past_the_cap_mid_stream_is_an_in_band_error_for_the_sdk(env):
+    """After the first byte, an event past the cap ends the stream with an in-band error the SDK raises; it used
+    to end silently, the SDK returning a truncated answer as if complete."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("a")), 0.0),
+                  (b"data: " + b"x" * (MAX_EVENT_BYTES + 1024) + b"\n\n", 0.0)]
+    with pytest.raises(openai.APIError, match="malformed stream"):
+        sdk_text(harness)
+    assert breaker_failures(harness, "raw") == 1
+
+
+# chunks of odd shapes, and the gateway's own failures -----------------------------------------------------
+
+@pytest.mark.parametrize("odd", [b'{"choices": ["x"]}', b'{"choices": [{"index": 0, "delta": "str"}]}',
+                                 b'{"choices": {"0": {}}}', b'{"choices": [{"index": 0, "delta": null}]}'],
+                         ids=["choice-string", "delta-string", "choices-object", "delta-null"])
+def test_a_chunk_of_odd_shape_is_relayed_and_the_stream_completes(env, odd):
+    """A chunk whose choices or delta are not objects is passed on as it came and the stream ends with [DONE];
+    it used to crash the relay and cut the stream silently."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hi"), odd, chunk(None, finish="stop"),
+                                  b"[DONE]"), 0.0)]
+    reply = post(harness)
+    assert reply.status_code == 200
+    assert odd in reply.content and reply.content.endswith(b"data: [DONE]\n\n")
+    assert b'"error"' not in reply.content
+    assert breaker_failures(harness, "raw") == 0
+
+
+def test_a_failure_of_the_gateways_own_after_the_first_byte_is_reported_in_band(env, monkeypatch, caplog):
+    """Whatever goes wrong in the relay after the first byte (here a fault injected into the gateway's own
+    chunk bookkeeping) ends the stream with an in-band internal error the SDK raises, logged once; it is not
+    the model's failure."""
+    harness, raw = env
+    absorb = StreamState.absorb
+
+    def failing(state: StreamState, chunk: dict) -> bool:
+        if "boom" in json.dumps(chunk):
+            raise RuntimeError("injected")
+        return absorb(state, chunk)
+
+    monkeypatch.setattr(StreamState, "absorb", failing)
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hi"), chunk("boom"), chunk(None, finish="stop"),
+                                  b"[DONE]"), 0.0)]
+    caplog.set_level("ERROR", logger="gateway")
+    with pytest.raises(openai.APIError, match="internal error"):
+        sdk_text(harness)
+    assert breaker_failures(harness, "raw") == 0
+    time.sleep(0.1)                     # the request is logged once it has ended, a moment after the client
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and str(errors[0].exc_info[1]) == "injected"
+
+
+# a client that leaves -------------------------------------------------------------------------------------
+
+def test_a_client_leaving_mid_stream_is_charged_for_what_it_was_sent(env):
+    """A client that hangs up after ten words (the server cancels its handler) is charged the output it was
+    sent, estimated, with its finish state kept; it used to be charged no output at all."""
+    harness, raw = env
+    words = [chunk(f" word{i}") for i in range(40)]
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), *words[:10]), 0.0)] + \
+                 [(sse(word), 0.1) for word in words[10:]] + [(sse(chunk(None, finish="stop"), b"[DONE]"), 0.0)]
+    body = json.dumps({"model": "raw-only", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    client = socket.create_connection(("127.0.0.1", harness.port))
+    client.settimeout(10)
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"x-request-id: leaves-after-ten\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    received = b""
+    while received.count(b"data:") < 11:
+        received += client.recv(65536)
+    client.close()
+    record = ledger_record(harness, "leaves-after-ten")
+    assert record["status"] == 499 and record["attempts"][0]["error"] == "client_disconnected"
+    assert record["output_tokens"] >= 10 and record["tokens_estimated"]
+
+
+# the data event deadline ----------------------------------------------------------------------------------
+
+def test_keepalives_do_not_hold_off_the_first_byte_deadline(env):
+    """A model that only sends `: ping` comments (queued) times out at first_byte_s (1 s) and the fallback
+    answers; the comments used to keep it waiting until total_s (10 s)."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD, 0.0)] + [(b": ping\n\n", 0.3) for _ in range(30)]
+    started_s = time.monotonic()
+    reply = post(harness, model="raw")
+    assert time.monotonic() - started_s < 2.5
+    assert reply.headers["x-gateway-model"] == "medium" and reply.headers["x-gateway-fallback-reason"] == "timeout"
+    assert breaker_failures(harness, "raw") == 1
+
+
+def test_keepalives_do_not_hold_off_the_deadline_between_chunks(env):
+    """Mid-stream, a model sending only comments for first_byte_s ends the stream with an in-band timeout
+    within about that time, the comments passed on until then; it used to wait for total_s."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hello")), 0.0)] + \
+                 [(b": ping\n\n", 0.3) for _ in range(30)]
+    started_s = time.monotonic()
+    body = post(harness).content
+    assert time.monotonic() - started_s < 2.5
+    assert b": ping\n\n" in body and b'"upstream_timeout"' in body and b"[DONE]" not in body
+
+
+def test_a_slow_client_does_not_time_the_model_out(env):
+    """Time spent waiting on a client that stops reading (2.5 s, past first_byte_s) is not counted against
+    the model: the stream completes once the client reads again."""
+    harness, raw = env
+    payload = "y" * 8000
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True)), 0.0)] + [(sse(chunk(payload)), 0.0)] * 2000 + \
+                 [(sse(chunk(None, finish="stop"), b"[DONE]"), 0.0)]
+    body = json.dumps({"model": "raw-only", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", harness.port))
+    client.settimeout(20)
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    received = client.recv(4096)
+    time.sleep(2.5)
+    while not received.endswith(b"\r\n0\r\n\r\n"):      # the end of the chunked body
+        received += client.recv(1 << 20)
+    client.close()
+    assert b'"error"' not in received and received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert breaker_failures(harness, "raw") == 0
+
+
+# TTFT and time per output chunk ---------------------------------------------------------------------------
+
+def test_ttft_is_the_first_chunk_carrying_output(env):
+    """An early chunk with only the role does not stop the TTFT clock: it runs to the first content (0.6 s)."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True)), 0.0),
+                  (sse(chunk("Hello"), chunk(None, finish="stop"), b"[DONE]"), 0.6)]
+    reply = post(harness)
+    assert reply.content.endswith(b"data: [DONE]\n\n")
+    assert ledger_record(harness, reply.headers["x-request-id"])["ttft_s"] >= 0.5
+
+
+def test_output_chunks_alone_are_timed():
+    """Only chunks carrying output (content, tool calls, refusal, reasoning; chat or completions) count as
+    output: the role chunk, finish chunk, usage chunk and odd shapes neither stamp nor split the time per
+    output chunk."""
+    state = StreamState(collect=False)
+    tool_call = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},
+              {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+              tool_call, {"choices": ["x"]}, {"choices": [{"index": 0, "delta": "str"}]},
+              {"choices": [{"index": 0, "text": "done"}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 4}}]
+    carried = [state.absorb(c) for c in chunks]
+    assert carried == [False, True, True, True, False, False, True, False, False]
+    assert len(state.chunk_gaps_s) == 3 and state.texts == ["Hi", "done"]
+    assert state.finish_reasons == ["stop"] and state.finished(1) and not state.finished(2)
+
+
+# keep-alives, a stream without [DONE], line ends ----------------------------------------------------------
+
+def test_keepalives_mid_stream_reach_the_client(env):
+    """`: ping` comments sent once the response is open are passed on (idle proxies and read timeouts see
+    traffic), and the SDK still reads the answer; they used to be dropped."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hello")), 0.0), (b": ping\n\n", 0.3),
+                  (b": ping\n\n", 0.3), (sse(chunk(" world"), chunk(None, finish="stop"), b"[DONE]"), 0.3)]
+    body = post(harness).content
+    assert body.count(b": ping\n\n") == 2 and body.endswith(b"data: [DONE]\n\n")
+    assert sdk_text(harness) == "Hello world"
+
+
+def test_a_stream_whose_choices_all_finished_is_complete_without_done(env):
+    """A model that finishes every choice and closes without [DONE] answered: the client gets [DONE], the
+    request is a 200 and the breaker counts nothing; it used to be an in-band error and a model failure."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hello"), chunk(None, finish="stop")), 0.0)]
+    reply = post(harness)
+    assert reply.content.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.content
+    assert ledger_record(harness, reply.headers["x-request-id"])["status"] == 200
+    assert sdk_text(harness) == "Hello"
+    assert breaker_failures(harness, "raw") == 0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stream_cut_before_every_choice_finished_is_an_error(env, n):
+    """Without [DONE], a stream ends complete only when each of the `n` choices asked for has finished:
+    one cut before its finish reason, or with a choice unfinished, ends with an in-band error."""
+    harness, raw = env
+    events = [chunk("", role=True), chunk("Hello")] + ([chunk(None, finish="stop")] if n == 2 else [])
+    raw.script = [(SSE_HEAD + sse(*events), 0.0)]
+    body = post(harness, n=n).content
+    assert b'"upstream_bad_response"' in body and b"[DONE]" not in body
+    assert breaker_failures(harness, "raw") == 1
+
+
+@pytest.mark.parametrize("eol", [b"\r", b"\r\n", b"\n"], ids=["cr", "crlf", "lf"])
+def test_every_line_end_sse_allows_is_read_even_split_at_every_byte(env, eol):
+    """Bare CR line ends (which SSE and the openai SDK allow) are read like LF and CRLF, also when the stream
+    comes a byte at a time, a CRLF split across two reads; bare CR used to fail the stream."""
+    harness, raw = env
+    body = sse(*TEXT_EVENTS, eol=eol)
+    raw.script = [(SSE_HEAD + body, 0.0)]
+    assert sdk_text(harness) == "Hello world"
+    raw.script = [(SSE_HEAD, 0.0)] + [(body[i:i + 1], 0.0005) for i in range(len(body))]
+    assert sdk_text(harness) == "Hello world"
+    assert breaker_failures(harness, "raw") == 0
+
+
+# the event reader ----------------------------------------------------------------------------------------
+
+async def _events(pieces: list[bytes], max_event_bytes: int = MAX_EVENT_BYTES) -> list[bytes]:
+    async def source():
+        for piece in pieces:
+            yield piece
+    return [event async for event in iter_events(source(), max_event_bytes)]
+
+
+@pytest.mark.parametrize("eol", [b"\r", b"\r\n", b"\n"], ids=["cr", "crlf", "lf"])
+def test_events_are_the_same_however_the_stream_is_cut(eol):
+    """Split into two reads at any point, a stream with comments, blank lines between events, multi-line data
+    and a last event without its blank line yields the same LF-ended events."""
+    lines = [b": ping", b"", b"", b"data: {\"a\": 1}", b"", b"event: message", b"data: x", b"data: y", b"",
+             b"", b"data: [DONE]"]
+    stream = eol.join(lines)
+    expected = [b": ping\n\n", b'data: {"a": 1}\n\n', b"event: message\ndata: x\ndata: y\n\n", b"data: [DONE]\n"]
+    for cut in range(len(stream) + 1):
+        assert asyncio.run(_events([stream[:cut], stream[cut:]])) == expected, cut
+
+
+def test_an_event_past_the_cap_is_refused():
+    """An event longer than the cap raises EventTooLong, whether it came in one read, in pieces, or is still
+    unfinished; one at the cap passes."""
+    at_cap = b"data: " + b"x" * 94
+    assert asyncio.run(_events([at_cap + b"\n\n"], max_event_bytes=100)) == [at_cap + b"\n\n"]
+    for pieces in ([at_cap + b"x\n\n"], [at_cap, b"x", b"\n\n"], [b"data: a\n\n" + at_cap + b"x"]):
+        with pytest.raises(EventTooLong):
+            asyncio.run(_events(pieces, max_event_bytes=100))

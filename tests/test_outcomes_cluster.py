@@ -1,0 +1,39 @@
+"""The shared outcome book against a real 3-master Redis Cluster: each tenant's keys in its own slot."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+from gateway.outcomes import AlreadyReported
+from gateway.outcomes_redis import RedisOutcomeBook
+
+#: tenants whose hash tags land on different nodes
+TENANTS = ("acme", "globex", "initech", "umbrella")
+
+
+async def test_books_reports_and_stats_across_cluster_nodes(cluster):
+    """Tasks of tenants on different nodes are booked by one book, reported once through another, and every
+    tenant's stats are read back: the scripts touch only keys of one slot."""
+    client = ClusterClient.from_url(cluster.url, socket_timeout=2.0)
+    first, second = (RedisOutcomeBook(client, "gw", 2.0, recheck_s=0.01) for _ in range(2))
+    try:
+        await first.warm_up()
+        assert len({client.get_node_from_key(f"gw:{{{tenant}}}:oc:t:job").name for tenant in TENANTS}) > 1
+        for index, tenant in enumerate(TENANTS):
+            first.track(request_id=f"r{index}", task_id="job", route="chat", tenant=tenant, workflow="triage",
+                        cost_usd=Decimal(index + 1) / 10)
+        await first.close()
+        for index, tenant in enumerate(TENANTS):
+            task = await second.report({"request_id": f"r{index}", "outcome": "success"}, tenant=tenant)
+            assert task.cost_usd == Decimal(index + 1) / 10
+            with pytest.raises(AlreadyReported):
+                await first.report({"task_id": "job", "outcome": "failure"}, tenant=tenant)
+        stats = await first.stats()
+        assert sorted(stats["tenant"]) == sorted(TENANTS)
+        assert (stats["workflow"]["triage"]["tasks"], stats["workflow"]["triage"]["cost_usd"]) == (4, "1")
+        assert first.store_failures == second.store_failures == 0
+    finally:
+        await client.aclose()

@@ -15,8 +15,10 @@ tasks reported in the last `ttl_s`. Money stays exact: a cost or value is kept a
 pico-dollars (1e-12 USD), both Redis integers summed with HINCRBY (a carry moves a dollar out of the pico
 part), never as floats; a cost is rounded to 1e-12 USD once, when booked.
 
-Booking runs after the response, in the background, and never raises: it waits for Redis up to the store
-timeout (at least MIN_TIMEOUT_S); with Redis down it is lost, counted and warned of once (`StoreGuard`).
+Booking runs after the response, in the background, and never raises: a tenant's bookings are gathered for
+FLUSH_S and sent in one script call (its keys share the tenant's slot), so a request costs a share of a round
+trip, not one. A flush waits for Redis up to the store timeout (at least MIN_TIMEOUT_S); with Redis down its
+bookings are lost, counted and warned of once (`StoreGuard`).
 A report waits for this process's bookings of its tenant still under way, and looks once more after
 `RECHECK_S` for an unknown id (another replica may be booking it right now); with Redis down it is answered
 503 store_unavailable, and can be sent again. A request that ends after its task was reported adds to the
@@ -55,6 +57,10 @@ RECHECK_S = 0.1
 MIN_TIMEOUT_S = 1.0
 #: stats buckets per ttl_s
 BUCKETS = 24
+#: how long a tenant's bookings gather before they are sent together (well under RECHECK_S)
+FLUSH_S = 0.02
+#: the most bookings one script call carries (a longer batch is sent in several)
+MAX_BATCH = 256
 
 #: add whole + pico dollars (strings) to two integer fields of a hash, carrying a dollar out of the pico part
 ADD_USD = """
@@ -67,15 +73,25 @@ local function add_usd(key, whole_field, pico_field, whole, pico)
 end
 """
 
-#: KEYS: the task's hash [, the request id's pointer to its task]; ARGV: route, workflow, cost whole USD,
-#: cost pico-USD, ttl ms [, task id]
+#: ARGV[1]: ttl ms; then five per booking: route, workflow, cost whole USD, cost pico-USD, task id ('' for
+#: none). KEYS, booking after booking: the task's hash, and for a booking with a task id the request id's
+#: pointer to its task.
 BOOK = ADD_USD + """
-redis.call('HSETNX', KEYS[1], 'route', ARGV[1])
-redis.call('HSETNX', KEYS[1], 'workflow', ARGV[2])
-add_usd(KEYS[1], 'cost_usd', 'cost_pusd', ARGV[3], ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'requests', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if #KEYS > 1 then redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5]) end
+local k = 1
+for i = 2, #ARGV, 5 do
+  local key = KEYS[k]
+  redis.call('HSETNX', key, 'route', ARGV[i])
+  redis.call('HSETNX', key, 'workflow', ARGV[i + 1])
+  add_usd(key, 'cost_usd', 'cost_pusd', ARGV[i + 2], ARGV[i + 3])
+  redis.call('HINCRBY', key, 'requests', 1)
+  redis.call('PEXPIRE', key, ARGV[1])
+  if ARGV[i + 4] ~= '' then
+    redis.call('SET', KEYS[k + 1], ARGV[i + 4], 'PX', ARGV[1])
+    k = k + 2
+  else
+    k = k + 1
+  end
+end
 return 1
 """
 
@@ -146,7 +162,8 @@ class RedisOutcomeBook:
         self.book_script = client.register_script(BOOK)
         self.report_script = client.register_script(REPORT)
         self._bookings = BackgroundTasks()
-        self._pending: defaultdict[str, set[asyncio.Task]] = defaultdict(set)     # bookings under way, by tenant
+        self._gathering: dict[str, tuple[list[bytes], list[str | bytes]]] = {}    # tenant -> next flush's keys, args
+        self._pending: defaultdict[str, set[asyncio.Task]] = defaultdict(set)     # flushes under way, by tenant
 
     @property
     def store_failures(self) -> int:
@@ -174,22 +191,33 @@ class RedisOutcomeBook:
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
               workflow: str | None, cost_usd: Decimal) -> None:
-        """Book one finished request's cost to its task, in the background."""
-        booking = self._bookings.spawn(self._book(request_id, task_id, route, tenant, workflow or "-", cost_usd),
-                                       name="outcome-booking")
-        pending = self._pending[tenant]
-        pending.add(booking)
-        booking.add_done_callback(lambda done: self._booked(tenant, done))
-
-    async def _book(self, request_id: str, task_id: str | None, route: str, tenant: str, workflow: str,
-                    cost_usd: Decimal) -> None:
-        args = [route, raw(workflow), *split_usd(cost_usd), _ms(self.ttl_s)]
+        """Book one finished request's cost to its task, with the tenant's next flush."""
+        gathering = self._gathering.get(tenant)
+        if gathering is None:
+            gathering = self._gathering[tenant] = ([], [])
+            flush = self._bookings.spawn(self._flush(tenant), name="outcome-booking")
+            self._pending[tenant].add(flush)
+            flush.add_done_callback(lambda done: self._booked(tenant, done))
+        keys, args = gathering
+        args.extend((route, raw(workflow or "-"), *split_usd(cost_usd), raw(task_id) if task_id else ""))
         if task_id:
-            keys = [self._key(tenant, "t", task_id), self._key(tenant, "rt", request_id)]
-            args.append(raw(task_id))
+            keys.extend((self._key(tenant, "t", task_id), self._key(tenant, "rt", request_id)))
         else:
-            keys = [self._key(tenant, "r", request_id)]
-        await self.guard.run(lambda: self.book_script(keys=keys, args=args), after_response=True)
+            keys.append(self._key(tenant, "r", request_id))
+
+    async def _flush(self, tenant: str) -> None:
+        """After FLUSH_S, send what the tenant's requests booked meanwhile: MAX_BATCH bookings per call."""
+        await asyncio.sleep(FLUSH_S)
+        keys, args = self._gathering.pop(tenant)
+        ttl_ms = _ms(self.ttl_s)
+        key_at = 0
+        for start in range(0, len(args), 5 * MAX_BATCH):
+            batch = args[start:start + 5 * MAX_BATCH]
+            used = sum(2 if task_id else 1 for task_id in batch[4::5])
+            batch_keys = keys[key_at:key_at + used]
+            key_at += used
+            await self.guard.run(lambda: self.book_script(keys=batch_keys, args=[ttl_ms, *batch]),
+                                 after_response=True)
 
     def _booked(self, tenant: str, booking: asyncio.Task) -> None:
         pending = self._pending[tenant]

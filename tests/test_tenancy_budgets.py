@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import MemoryBudgets, Periods, RedisBudgets
+from gateway.tenancy.budgets import CHARGE_FLUSH_S, MemoryBudgets, Periods, RedisBudgets
 from tests.support.redis_counting import CountingRedis
 
 #: 2025-01-30 18:00:00 UTC: six hours before the day ends, two days before the month does
@@ -202,12 +202,13 @@ async def test_another_replicas_charge_shows_once_the_reuse_window_passes(redis_
 
 
 class LateReplyRedis(Redis):
-    """A real Redis client whose MGET replies reach the caller 20 ms late, as on a busy network."""
+    """A real Redis client whose MGET replies reach the caller late (after a charge gathered and landed), as on a
+    busy network."""
 
     async def execute_command(self, *args, **options):
         result = await super().execute_command(*args, **options)
         if str(args[0]).upper() == "MGET":
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(CHARGE_FLUSH_S + 0.1)
         return result
 
 
@@ -221,5 +222,28 @@ async def test_a_read_that_overlaps_this_replicas_charge_is_not_reused(redis_ser
         await budgets.charge(who, Decimal("5.00"), EVENING_S)
         assert not (await reading).exhausted                     # it read the total before the charge
         assert (await budgets.check(who, EVENING_S + 0.01)).exhausted
+    finally:
+        await client.aclose()
+
+
+async def test_charges_made_together_go_in_one_transaction_and_count_while_they_wait(redis_server):
+    """A tenant's charges of one moment reach Redis in one transaction, not one each; this replica's checks count
+    them while they wait, and every nano-dollar lands."""
+    client = Redis.from_url(redis_server.url)
+
+    async def transactions() -> int:
+        return (await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+
+    try:
+        budgets, who = RedisBudgets(client, "test-gather", 2.0, "allow"), tenant(per_day="1.00")
+        before = await transactions()
+        charges = [asyncio.create_task(budgets.charge(who, Decimal("0.03"), EVENING_S)) for _ in range(40)]
+        await asyncio.sleep(0)
+        waiting = await budgets.read(who, EVENING_S)             # nothing has landed yet: counted from here
+        assert waiting.exhausted and waiting.spent_day_usd == Decimal("1.20")
+        await asyncio.gather(*charges)
+        assert await transactions() - before == 1
+        landed = await budgets.read(who, EVENING_S)
+        assert landed.spent_day_usd == landed.spent_month_usd == Decimal("1.20")
     finally:
         await client.aclose()

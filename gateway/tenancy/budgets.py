@@ -9,6 +9,7 @@ their own cost.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -36,6 +37,8 @@ RETENTION_S = 2 * 86400
 #: how long a replica reuses a read of a budget with room left, instead of a store round trip per request;
 #: this replica's own charges end the reuse at once, other replicas' show within this long
 READ_REUSE_S = 0.25
+#: how long a tenant's charges gather before they are sent in one transaction (reads here count them meanwhile)
+CHARGE_FLUSH_S = 0.02
 
 
 def to_nanos(cost_usd: Decimal) -> int:
@@ -187,6 +190,22 @@ class MemoryBudgets:
         return await self.check(tenant)
 
 
+class _Charges:
+    """A tenant's charges waiting for their flush: nano-dollars and retention by key."""
+
+    __slots__ = ("landed", "flush", "nanos", "retention_s")
+
+    def __init__(self, landed: asyncio.Future) -> None:
+        self.landed = landed                # set once they are in the store, or their failure counted
+        self.flush: asyncio.Task | None = None
+        self.nanos: dict[str, int] = {}
+        self.retention_s: dict[str, int] = {}
+
+    def add(self, key: str, nanos: int, retention_s: int) -> None:
+        self.nanos[key] = self.nanos.get(key, 0) + nanos
+        self.retention_s[key] = max(self.retention_s.get(key, 0), retention_s)
+
+
 class RedisBudgets:
     """Budgets in Redis, shared by replicas and kept across restarts until the period ends."""
 
@@ -201,6 +220,8 @@ class RedisBudgets:
                                 meanwhile=f"on_store_failure={on_store_failure}")
         self._recent: dict[str, tuple[float, BudgetState]] = {}     # tenant -> (read at, a state with room)
         self._charges: dict[str, int] = {}      # tenant -> charges begun or ended here (a read spanning one is stale)
+        self._gathering: dict[str, _Charges] = {}   # tenant -> charges waiting for the next flush
+        self._unlanded: dict[str, list[_Charges]] = {}  # tenant -> charges not yet in the store (gathering, sent)
 
     @property
     def store_failures(self) -> int:
@@ -228,10 +249,13 @@ class RedisBudgets:
     async def read(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
         """The tenant's spend read from the store; when it is down, per `on_store_failure`."""
         now_s = self.clock() if now_s is None else now_s
-        reply = await self.guard.run(lambda: self.client.mget(self.keys(tenant.name, Periods.at(now_s))))
+        keys = self.keys(tenant.name, Periods.at(now_s))
+        reply = await self.guard.run(lambda: self.client.mget(keys))
         if reply is STORE_DOWN:
             return self._store_down(tenant)
-        day_nanos, month_nanos = (int(v or 0) for v in reply)
+        unlanded = self._unlanded.get(tenant.name, ())
+        day_nanos, month_nanos = (int(v or 0) + sum(charges.nanos.get(key, 0) for charges in unlanded)
+                                  for key, v in zip(keys, reply))
         return evaluate(tenant, day_nanos, month_nanos, now_s)
 
     def _store_down(self, tenant: Tenant) -> BudgetState:
@@ -241,24 +265,46 @@ class RedisBudgets:
                            available=False)
 
     async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
-        """Add a cost to the day and month totals in one transaction; a store failure is counted."""
+        """Add a cost to the day and month totals; returns once it is in the store (or its failure counted).
+
+        The tenant's charges of the next CHARGE_FLUSH_S go together in one transaction, so a request costs a
+        share of a round trip, not one; this replica's reads count them while they wait.
+        """
         now_s = self.clock() if now_s is None else now_s
         periods, nanos = Periods.at(now_s), to_nanos(cost_usd)
         if nanos == 0:
             return
         self._charge_mark(tenant.name)          # the next check reads the new total
+        gathering = self._gathering.get(tenant.name)
+        if gathering is None:
+            gathering = self._gathering[tenant.name] = _Charges(asyncio.get_running_loop().create_future())
+            self._unlanded.setdefault(tenant.name, []).append(gathering)
+            gathering.flush = asyncio.ensure_future(self._flush(tenant.name))
         day_key, month_key = self.keys(tenant.name, periods)
+        gathering.add(day_key, nanos, retention_s(periods.day_end_s, now_s))
+        gathering.add(month_key, nanos, retention_s(periods.month_end_s, now_s))
+        await asyncio.shield(gathering.landed)
+
+    async def _flush(self, tenant_name: str) -> None:
+        """After CHARGE_FLUSH_S, add the tenant's gathered charges in one transaction."""
+        await asyncio.sleep(CHARGE_FLUSH_S)
+        gathering = self._gathering.pop(tenant_name)      # closed: later charges gather for the next flush
 
         async def transaction() -> list:
             async with self.client.pipeline(transaction=True) as pipe:     # a cluster pipeline connects here
-                pipe.incrby(day_key, nanos).expire(day_key, retention_s(periods.day_end_s, now_s))
-                pipe.incrby(month_key, nanos).expire(month_key, retention_s(periods.month_end_s, now_s))
+                for key, nanos in gathering.nanos.items():
+                    pipe.incrby(key, nanos).expire(key, gathering.retention_s[key])
                 return await pipe.execute()
 
         try:
             await self.guard.run(transaction, after_response=True)
         finally:
-            self._charge_mark(tenant.name)      # a read that began before the charge landed is not reused
+            unlanded = self._unlanded[tenant_name]
+            unlanded.remove(gathering)          # landed (or lost and counted): reads stop adding them
+            if not unlanded:
+                del self._unlanded[tenant_name]
+            self._charge_mark(tenant_name)      # a read that began before the charges landed is not reused
+            gathering.landed.set_result(None)
 
     def _charge_mark(self, tenant_name: str) -> None:
         self._recent.pop(tenant_name, None)

@@ -5,10 +5,14 @@ event loop. The ledger feeds the what-if replay and offline reports.
 
 Several processes (`gateway run --workers N`) may share one path: each line is
 one `write()` to a file opened with O_APPEND, so lines never interleave;
-rotation happens under an flock on a hidden sibling file, and a writer whose
-file was rotated, moved or deleted by someone else reopens the path.
-A write that fails (disk full) loses that line and counts it in
-`write_errors`; the outage and the recovery are each said once.
+rotation happens under an flock on a hidden sibling file (made at the first
+rotation, so a path that never rotates, /dev/stdout, needs none), and a writer
+whose file was rotated, moved or deleted by someone else reopens the path. A
+rotation that fails (no lock file in a read-only directory, a directory at a
+backup's name) is said once and the file grows past `max_bytes` until one works.
+A line that is lost (the write fails on a full disk, the queue is full behind a
+stalled disk, the ledger is closed) is counted in `write_errors`; each episode
+and its end are said once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ log = logging.getLogger("gateway.ledger")
 #: it, an operator moved or deleted it); a rotation by another worker is also noticed at the next line
 FOLLOW_INTERVAL_S = 1.0
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+#: after a rotation fails, lines go on into the full file, and rotating is tried again this much later
+ROTATE_RETRY_S = 30.0
+#: the most lines waiting for the writer; past it new lines are dropped and counted. Lines are ~0.5 KiB, so a
+#: stalled disk holds at most ~5 MiB per worker, yet 1,000 requests a second ride out a 10 s stall losing none
+QUEUE_LINES = 10_000
+#: how long closing waits for the writer to write what is queued; a hung disk must not hold up shutdown
+CLOSE_TIMEOUT_S = 3.0
 
 
 class LedgerFile:
@@ -42,9 +53,11 @@ class LedgerFile:
     def __init__(self, path: Path, max_bytes: int, backups: int, follow_interval_s: float = FOLLOW_INTERVAL_S):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
         self.follow_interval_s = follow_interval_s
-        self._lock_fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._lock_fd = -1                 # opened at the first rotation: a path never rotated needs no lock file
         self._fd = -1
         self._torn = False                 # the last line was cut short: the next one starts on a new line
+        self._rotate_at_s = 0.0            # no rotating before this (monotonic), set when a rotation fails
+        self._rotation_failing = False
         self._open()
 
     def append(self, line: bytes) -> None:
@@ -54,8 +67,8 @@ class LedgerFile:
                 self._follow()
             if self._rotates:
                 size = os.lseek(self._fd, 0, os.SEEK_END)
-                if size and size + len(line) > self.max_bytes:
-                    self._rotate(len(line))
+                if size and size + len(line) > self.max_bytes and time.monotonic() >= self._rotate_at_s:
+                    self._try_rotate(len(line))
             if self._torn:
                 line = b"\n" + line
             written = os.write(self._fd, line)
@@ -67,11 +80,15 @@ class LedgerFile:
             raise OSError(f"only {written} of {len(line)} bytes written")
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
+        """Close the file and the lock file; closing again closes nothing (their numbers may be reused)."""
+        fd, lock_fd = self._fd, self._lock_fd
+        self._fd = self._lock_fd = -1
         try:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         finally:
-            os.close(self._lock_fd)
+            if lock_fd >= 0:
+                os.close(lock_fd)
 
     def _follow(self) -> None:
         """Reopen the path when the open file is no longer the one there."""
@@ -79,8 +96,27 @@ class LedgerFile:
         if not self._is_open_file(_stat(self.path)):
             self._open()
 
+    def _try_rotate(self, adding: int) -> None:
+        """Rotate; when that fails, say so once and go on appending past `max_bytes` (losing no line), trying
+        again `ROTATE_RETRY_S` later."""
+        try:
+            self._rotate(adding)
+        except OSError as exc:
+            self._rotate_at_s = time.monotonic() + ROTATE_RETRY_S
+            if not self._rotation_failing:
+                self._rotation_failing = True
+                log.warning("ledger %s: cannot rotate (%s); it grows past max_bytes, and rotating is tried "
+                            "again every %g s", self.path, exc, ROTATE_RETRY_S)
+            return
+        if self._rotation_failing:
+            self._rotation_failing = False
+            log.warning("ledger %s: rotating again", self.path)
+
     def _rotate(self, adding: int) -> None:
         """Shift the files under the lock, unless another process already has; then write to the new file."""
+        if self._lock_fd < 0:
+            self._lock_fd = os.open(self.path.with_name(f".{self.path.name}.lock"),
+                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             current = _stat(self.path)        # looked at again under the lock: another worker may have rotated
@@ -117,8 +153,8 @@ def _stat(path: Path) -> os.stat_result | None:
 class Ledger:
     """Appends records to `path` (rotated at `max_bytes`, keeping `backups` old files).
 
-    Opening raises OSError when the file cannot be created; after that, a disk error never raises:
-    it is counted in `write_errors` and said once per outage.
+    Opening raises OSError when the file cannot be created; after that, nothing raises: a line that is lost
+    (a failed write, a full queue, a write after closing) is counted in `write_errors` and said once an episode.
     """
 
     def __init__(self, config: LedgerConfig) -> None:
@@ -128,41 +164,86 @@ class Ledger:
         except FileExistsError as exc:         # a part of the path is a file: say that, not "File exists"
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
         self.path = path
-        self.write_errors = 0                  # lines lost to failed writes (disk full, file unreachable)
         self._file = LedgerFile(path, config.max_bytes, config.backups)
-        self._lost_before_outage: int | None = None    # write_errors when the current outage began
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._failed = 0                       # lines whose write failed; counted by the writer thread only
+        self._dropped = 0                      # lines never queued (queue full, closed); counted by write()
+        self._failed_before_outage: int | None = None   # _failed when the current outage began
+        self._dropped_before: int | None = None         # _dropped when the current dropping began
+        self._closed = False
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()   # bounded by write(): put is cheap
         self._writer = threading.Thread(target=self._drain, name="ledger-writer", daemon=True)
         self._writer.start()
 
+    @property
+    def write_errors(self) -> int:
+        """Lines lost: failed writes (disk full, file unreachable) and lines dropped before the disk."""
+        return self._failed + self._dropped
+
     def write(self, record: dict) -> None:
-        """Queue one record; the writer thread writes it."""
+        """Queue one record for the writer thread; when the queue is full or the ledger closed, count it lost."""
+        if self._closed or self._queue.qsize() >= QUEUE_LINES:
+            self._drop()
+            return
         self._queue.put(orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE))
+        if self._dropped_before is not None and self._queue.qsize() < QUEUE_LINES // 2:
+            log.warning("ledger %s: the disk caught up, %d lines were dropped", self.path,
+                        self._dropped - self._dropped_before)
+            self._dropped_before = None
 
     def close(self) -> None:
-        """Write what is queued and close the file."""
+        """Write what is queued within `CLOSE_TIMEOUT_S` and close the file; what a hung disk left is counted."""
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
-        self._writer.join()
+        self._writer.join(CLOSE_TIMEOUT_S)
+        if self._writer.is_alive():            # stuck in a write: it closes the file if that write ever returns
+            unwritten = self._take_queued()
+            self._dropped += unwritten
+            self._queue.put(None)
+            log.warning("ledger %s: the disk took too long (over %g s), %d queued lines are not written",
+                        self.path, CLOSE_TIMEOUT_S, unwritten)
+
+    def _drop(self) -> None:
+        """Count a line that was never queued; the first of an episode says why."""
+        self._dropped += 1
+        if self._dropped_before is not None:
+            return
+        self._dropped_before = self._dropped - 1
+        if self._closed:
+            log.warning("ledger %s: lines written after closing are lost, and counted", self.path)
+        else:
+            log.warning("ledger %s: %d lines are waiting for the disk; new lines are dropped, and counted, "
+                        "until it catches up", self.path, QUEUE_LINES)
+
+    def _take_queued(self) -> int:
+        """Empty the queue; how many lines it held."""
+        taken = 0
+        with contextlib.suppress(queue.Empty):
+            while True:
+                taken += self._queue.get_nowait() is not None
+        return taken
+
+    def _drain(self) -> None:
+        """The writer thread: write queued lines until told to stop, then close the file (it owns it)."""
+        while (line := self._queue.get()) is not None:
+            self._append(line)
         try:
             self._file.close()
         except OSError as exc:
             log.warning("ledger %s: closing it failed: %s", self.path, exc)
 
-    def _drain(self) -> None:
-        while (line := self._queue.get()) is not None:
-            self._append(line)
-
     def _append(self, line: bytes) -> None:
         try:
             self._file.append(line)
         except OSError as exc:
-            self.write_errors += 1
-            if self._lost_before_outage is None:
-                self._lost_before_outage = self.write_errors - 1
+            self._failed += 1
+            if self._failed_before_outage is None:
+                self._failed_before_outage = self._failed - 1
                 log.warning("ledger %s: cannot write (%s); lines are lost, and counted, until it can",
                             self.path, exc.strerror or exc)
             return
-        if self._lost_before_outage is not None:
+        if self._failed_before_outage is not None:
             log.warning("ledger %s: writing again, %d lines were lost", self.path,
-                        self.write_errors - self._lost_before_outage)
-            self._lost_before_outage = None
+                        self._failed - self._failed_before_outage)
+            self._failed_before_outage = None

@@ -18,7 +18,8 @@ part), never as floats; a cost is rounded to 1e-12 USD once, when booked.
 Booking runs after the response, in the background, and never raises: a tenant's bookings are gathered for
 FLUSH_S and sent in one script call (its keys share the tenant's slot), so a request costs a share of a round
 trip, not one. A flush waits for Redis up to the store timeout (at least MIN_TIMEOUT_S); with Redis down its
-bookings are lost, counted and warned of once (`StoreGuard`).
+bookings are lost, each one counted, and warned of once (`StoreGuard`). Each booking of a flush is made on its
+own: one that Redis refuses (a key of the wrong type, say) is lost and counted alone.
 A report waits for this process's bookings of its tenant still under way, and looks once more after
 `RECHECK_S` for an unknown id (another replica may be booking it right now); with Redis down it is answered
 503 store_unavailable, and can be sent again. A request that ends after its task was reported adds to the
@@ -35,6 +36,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING
+
+from redis.exceptions import ResponseError
 
 from gateway.errors import StoreUnavailable
 from gateway.outcomes import (ANONYMOUS, TTL_S, GroupStats, Report, Task, already_reported, parse_report, summary,
@@ -75,24 +78,28 @@ end
 
 #: ARGV[1]: ttl ms; then five per booking: route, workflow, cost whole USD, cost pico-USD, task id ('' for
 #: none). KEYS, booking after booking: the task's hash, and for a booking with a task id the request id's
-#: pointer to its task.
+#: pointer to its task. Each booking is made on its own (Redis rolls nothing back, so one refused must not stop
+#: the rest); returns {bookings refused, the first refusal's error ('' for none)}.
 BOOK = ADD_USD + """
-local k = 1
-for i = 2, #ARGV, 5 do
-  local key = KEYS[k]
+local function book(key, pointer, i)
   redis.call('HSETNX', key, 'route', ARGV[i])
   redis.call('HSETNX', key, 'workflow', ARGV[i + 1])
   add_usd(key, 'cost_usd', 'cost_pusd', ARGV[i + 2], ARGV[i + 3])
   redis.call('HINCRBY', key, 'requests', 1)
   redis.call('PEXPIRE', key, ARGV[1])
-  if ARGV[i + 4] ~= '' then
-    redis.call('SET', KEYS[k + 1], ARGV[i + 4], 'PX', ARGV[1])
-    k = k + 2
-  else
-    k = k + 1
-  end
+  if pointer then redis.call('SET', pointer, ARGV[i + 4], 'PX', ARGV[1]) end
 end
-return 1
+local k, refused, first_error = 1, 0, ''
+for i = 2, #ARGV, 5 do
+  local pointer = ARGV[i + 4] ~= '' and KEYS[k + 1] or nil
+  local ok, err = pcall(book, KEYS[k], pointer, i)
+  if not ok then
+    refused = refused + 1
+    if refused == 1 then first_error = type(err) == 'table' and err.err or tostring(err) end
+  end
+  k = k + (pointer and 2 or 1)
+end
+return {refused, first_error}
 """
 
 #: KEYS: the task's hash, the stats bucket of now; ARGV: outcome, value whole USD, value pico-USD ('' for
@@ -164,10 +171,13 @@ class RedisOutcomeBook:
         self._bookings = BackgroundTasks()
         self._gathering: dict[str, tuple[list[bytes], list[str | bytes]]] = {}    # tenant -> next flush's keys, args
         self._pending: defaultdict[str, set[asyncio.Task]] = defaultdict(set)     # flushes under way, by tenant
+        self._lost_uncounted = 0        # bookings lost beyond the one call the guard counts per failed flush
 
     @property
     def store_failures(self) -> int:
-        return self.guard.failures
+        """Reports and stats answered without Redis, and bookings lost: each one a failed flush carried, or
+        that Redis refused."""
+        return self.guard.failures + self._lost_uncounted
 
     @property
     def bucket_s(self) -> float:
@@ -214,10 +224,23 @@ class RedisOutcomeBook:
         for start in range(0, len(args), 5 * MAX_BATCH):
             batch = args[start:start + 5 * MAX_BATCH]
             used = sum(2 if task_id else 1 for task_id in batch[4::5])
-            batch_keys = keys[key_at:key_at + used]
+            await self._book(keys[key_at:key_at + used], [ttl_ms, *batch])
             key_at += used
-            await self.guard.run(lambda: self.book_script(keys=batch_keys, args=[ttl_ms, *batch]),
-                                 after_response=True)
+
+    async def _book(self, keys: list[bytes], args: list) -> None:
+        """One script call of bookings; each booking lost (all of a call that failed, or those Redis refused) is
+        counted."""
+        bookings = (len(args) - 1) // 5
+        refused = 0
+
+        async def book() -> None:
+            nonlocal refused
+            refused, error = await self.book_script(keys=keys, args=args)
+            if refused:     # an error reply for the guard to count and warn of
+                raise ResponseError(f"{refused} of {bookings} bookings refused: {text(error)}")
+
+        if await self.guard.run(book, after_response=True) is STORE_DOWN:
+            self._lost_uncounted += (refused or bookings) - 1
 
     def _booked(self, tenant: str, booking: asyncio.Task) -> None:
         pending = self._pending[tenant]
@@ -273,7 +296,8 @@ class RedisOutcomeBook:
             raise already_reported(fields[0])
         route, workflow, cost_whole, cost_pico, requests = fields
         return Task(route=route, tenant=tenant, workflow=workflow, cost_usd=joined_usd(cost_whole, cost_pico),
-                    requests=int(requests), outcome=report.outcome, value_usd=report.value_usd)
+                    requests=int(requests), outcome=report.outcome,
+                    value_usd=joined_usd(*value) if report.value_usd is not None else None)    # as stored
 
     # stats
 

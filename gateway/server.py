@@ -22,7 +22,7 @@ from gateway.errors import PolicyError
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
 from gateway.services import policy_encodings
 from gateway.stores import redis_url
-from gateway.supervisor import HANDLED, Supervisor
+from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
@@ -128,6 +128,7 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
         freeze_startup_objects()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in HANDLED}
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads = BackgroundTasks()
@@ -142,10 +143,34 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     finally:
         log.info("shutting down: draining in-flight requests (up to %.0f s)", grace_s)
         watcher.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        ignore_while_draining(loop)
         await reloads.drain(timeout_s=grace_s)
         await runner.cleanup()
+        restore_signal_handlers(loop, previous)
+
+
+def ignore_while_draining(loop: asyncio.AbstractEventLoop) -> None:
+    """A further SIGTERM or SIGINT during the drain (systemd's to the whole group, a second Ctrl-C) is logged
+    once and ignored, where its default action would cut the drain; a SIGHUP reloads nothing."""
+    said: set[int] = set()
+
+    def ignore(signum: int) -> None:
+        if not said:
+            log.info("%s ignored: already draining", signal.Signals(signum).name)
+        said.add(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ignore, sig)
+    loop.add_signal_handler(signal.SIGHUP, ignore, signal.SIGHUP)
+
+
+def restore_signal_handlers(loop: asyncio.AbstractEventLoop, previous: dict) -> None:
+    """The handlers there before `run_server`, with the signals held meanwhile: none meets the default action
+    that `remove_signal_handler` leaves for a moment."""
+    with blocked_signals(previous):
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def listen_sockets(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
@@ -172,14 +197,20 @@ def listen_sockets(host: str, port: int, *, reuse_port: bool = False, listen: bo
     return sockets
 
 
-def claim_port(host: str, port: int) -> int:
-    """The port N workers can share, checked free first: a bind without SO_REUSEPORT fails on a port another
-    process listens on (another gateway's reuse-port workers too), where the workers' binds would share it."""
+def claim_port(host: str, port: int) -> list[socket.socket]:
+    """Sockets that hold the port N workers share, for as long as they are open; checked free first: a bind
+    without SO_REUSEPORT fails on a port another process listens on (another gateway's reuse-port workers too),
+    where the workers' binds would share it. Held, bound but never listening, with SO_REUSEPORT and no
+    SO_REUSEADDR (set only to bind past TIME_WAIT): the workers' reuse-port binds share the port, any other
+    bind fails, even while no worker listens (they listen once serving)."""
     probe = listen_sockets(host, port, listen=False)
     claimed = probe[0].getsockname()[1]
     for sock in probe:
         sock.close()
-    return claimed
+    held = listen_sockets(host, claimed, reuse_port=True, listen=False)
+    for sock in held:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    return held
 
 
 def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
@@ -196,7 +227,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         if workers == 1:
             # bound now, listening once serving: until then a connection is refused, not kept waiting
             return _serve_here(holder, host, listen_sockets(host, port, listen=False))
-        port = claim_port(host, port)
+        held = claim_port(host, port)
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -206,39 +237,93 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
                     "(POST /v1/outcomes finds only the tasks its worker served); set GATEWAY_REDIS_URL", workers)
 
+    port = held[0].getsockname()[1]
+
     def spawn(slot: int) -> BaseProcess | None:
-        try:        # listening at once, so that another gateway's `claim_port` fails from now on
-            sockets = listen_sockets(host, port, reuse_port=True)
+        try:        # bound, listening once the worker serves: the kernel sends a starting worker no connection
+            sockets = listen_sockets(host, port, reuse_port=True, listen=False)
         except ListenError as exc:
             log.error("worker %d: %s", slot, exc)
             return None
-        process = FORK.Process(target=_worker_process, args=(policy, host, sockets),
+        keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
+        inherited = sorted(open_fds() - {0, 1, 2} - keep)
+        process = FORK.Process(target=_worker_process, args=(policy, host, sockets, inherited, supervisor.ready_fd),
                                name=f"gateway-worker-{slot}")
-        process.start()
-        for sock in sockets:
-            sock.close()                # the worker's now: closed there, the port stops taking connections
+        try:
+            process.start()
+        except OSError as exc:          # fork failed: EAGAIN at a pid limit, ENOMEM
+            log.error("worker %d: cannot start a process: %s", slot, exc.strerror or exc)
+            return None
+        finally:
+            for sock in sockets:
+                sock.close()            # the worker's now: closed there, the port stops taking connections
         return process
 
-    return Supervisor(spawn, workers).run()
+    supervisor = Supervisor(spawn, workers)
+    try:
+        return supervisor.run()
+    finally:
+        for sock in held:
+            sock.close()
 
 
-def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket]) -> int:
-    """Serve in this process on `sockets`; 1, said in one line, when it cannot listen."""
+def open_fds() -> set[int]:
+    """The file descriptors open in this process (the one that lists them, closed by then, left out)."""
+    listed = {int(name) for name in os.listdir("/dev/fd")}
+    return {fd for fd in listed if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket], *, ready_fd: int | None = None) -> int:
+    """Serve in this process on `sockets`; 1, said in one line, when it cannot listen. `ready_fd`: once serving,
+    tell the supervisor there (`say_serving`)."""
     install_uvloop()
     port = sockets[0].getsockname()[1]
     try:
-        asyncio.run(run_server(build_app(holder), host, port, sockets=sockets, freeze_gc=True))
+        asyncio.run(_serve_app(build_app(holder), host, port, sockets, ready_fd))
     except ListenError as exc:
         log.error("%s", exc)
         return 1
     return 0
 
 
-def _worker_process(policy: Path, host: str, sockets: list[socket.socket]) -> None:
-    """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it."""
+async def _serve_app(app: web.Application, host: str, port: int, sockets: list[socket.socket],
+                     ready_fd: int | None) -> None:
+    ready = asyncio.Event()
+    told = asyncio.create_task(_tell_serving(ready, ready_fd))
+    try:
+        await run_server(app, host, port, sockets=sockets, ready=ready, freeze_gc=True)
+    finally:
+        told.cancel()
+
+
+async def _tell_serving(ready: asyncio.Event, ready_fd: int | None) -> None:
+    await ready.wait()
+    if ready_fd is not None:
+        say_serving(ready_fd)
+
+
+def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inherited: list[int],
+                    ready_fd: int) -> None:
+    """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it.
+
+    `inherited`: the parent's descriptors the worker has no use for (its wake pipe, the other workers' pipes),
+    closed here. A stop signal before `run_server` handles it, or after the drain, exits 0 at once; a SIGHUP
+    before waits (blocked) for `run_server`, after is ignored."""
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     signal.set_wakeup_fd(-1)            # the supervisor's signal handling, inherited through fork
-    for sig in HANDLED:
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_at_once)
+    signal.signal(signal.SIGHUP, _ignore)      # not SIG_IGN, which would drop one sent during start-up
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})   # SIGHUP waits for run_server
     try:
         holder = PolicyHolder.from_file(policy, os.environ)
@@ -246,7 +331,16 @@ def _worker_process(policy: Path, host: str, sockets: list[socket.socket]) -> No
         log.error("invalid policy, worker not starting:\n%s", exc)
         raise SystemExit(1) from None
     announce_admin_reloads(holder, os.getppid())
-    raise SystemExit(_serve_here(holder, host, sockets))
+    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd))
+
+
+def _exit_at_once(_signum: int, _frame) -> None:
+    raise SystemExit(0)
+
+
+def _ignore(_signum: int, _frame) -> None:
+    pass
+
 
 
 def announce_admin_reloads(holder: PolicyHolder, supervisor_pid: int) -> None:
@@ -258,4 +352,3 @@ def announce_admin_reloads(holder: PolicyHolder, supervisor_pid: int) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(supervisor_pid, signal.SIGHUP)
     holder.listeners.append(announce)
-

@@ -127,7 +127,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         await close_each((
             ("background tasks", lambda: services.background.drain(timeout_s=policy.server.grace_period_s)),
             ("the GPU sampler", energy.stop),
-            ("the ledger", services.recorder.close),
+            ("the ledger", lambda: asyncio.to_thread(services.recorder.close)),     # waits up to 3 s on a slow disk
             ("the stores", services.stores.close),
             ("the upstream session", session.close),
             ("telemetry", lambda: asyncio.to_thread(services.telemetry.shutdown)),

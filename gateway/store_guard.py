@@ -12,7 +12,9 @@ back-off the timeout, not every request; then one call probes it while the
 others keep the default, and a success ends the outage with a second warning.
 An error reply (out of memory, read-only replica) is an answer: it is counted
 and answered with the default, but starts no back-off and is no outage, so
-the calls Redis still serves go on; it is warned of at most once a minute. Writes made after the response (releases, settles,
+the calls Redis still serves go on; it is warned of at most once a minute. So is
+a call the Redis Cluster client refuses before sending it, its keys mapping to
+several slots: the call is wrong, not the store. Writes made after the response (releases, settles,
 charges) are always tried: they hold up no response, and skipping them would
 lose what they record.
 """
@@ -26,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
+from redis.exceptions import CrossSlotTransactionError, MaxConnectionsError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ STORE_DOWN: Any = object()
 STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 #: those of them that mean the store could not be reached, which start a back-off
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, TimeoutError)
+
+#: how redis-py's Cluster client words its refusal of a command whose keys map to several slots (a plain
+#: RedisClusterException, raised before anything is sent)
+CROSS_SLOT_REFUSAL = "all keys must map to the same key slot"
 
 #: how often a call that found every pooled connection busy looks for a free one again
 POOL_WAIT_S = 0.001
@@ -111,7 +117,7 @@ class StoreGuard:
         self._outage_failures += 1
 
     def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, UNREACHABLE):        # an error reply: Redis answered, so calls go on
+        if not isinstance(exc, UNREACHABLE) or refused_by_client(exc):    # Redis answered, or was not asked
             self._refused(exc)
             return
         self._count_failure()
@@ -137,3 +143,9 @@ class StoreGuard:
         self._retry_at_s = 0.0
         self._log.warning("%s reachable again after %d calls answered without it", self.name, self._outage_failures)
         self._outage_failures = 0
+
+
+def refused_by_client(exc: BaseException) -> bool:
+    """Whether the Redis Cluster client refused a call whose keys map to several slots, without sending it."""
+    return isinstance(exc, CrossSlotTransactionError) or (
+        type(exc) is RedisClusterException and CROSS_SLOT_REFUSAL in str(exc))

@@ -21,6 +21,8 @@ log = logging.getLogger("gateway")
 
 #: the signals the supervisor passes on: drain and stop (SIGTERM, SIGINT), reload (SIGHUP)
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: a pid as a worker writes it to the ready pipe
+PID_BYTES = 4
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Slot:
     index: int
     process: BaseProcess | None = None
     restart_at: float | None = None         # time.monotonic()
+    serving: bool = False                   # its process said it serves (its pid on the ready pipe)
 
 
 class Supervisor:
@@ -37,10 +40,14 @@ class Supervisor:
 
     A worker that exits while no stop was asked for is logged (pid, exit status or signal) and started
     again after a back-off that doubles with each recent exit; `crash_limit` exits within `crash_window_s`
-    stop the others instead. `spawn(index)` starts a worker and returns its process, or None when it could
-    not (having said why): an exit with status 1. `run` returns once every worker is gone: 0 when each
-    exited 0 when asked to stop, else the first failure's status (its exit code, or 128 + the signal that
-    killed it), also when the worker that failed was restarted and served on.
+    stop the others instead, unless one of them serves: then the failing one is retried every
+    `max_backoff_s`. `spawn(index)` starts a worker and returns its process, or None when it could not
+    (having said why): an exit with status 1. A worker says it serves by writing its pid to `ready_fd`
+    (`say_serving`), inherited through fork; one that never does is never counted as serving. A stop
+    signal is passed on once; a worker must handle it at any time, so one killed by it is a failure.
+    `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the first
+    failure's status (its exit code, 1 for an unasked exit 0, or 128 + the signal that killed it), also
+    when the worker that failed was restarted and served on.
     """
 
     def __init__(self, spawn: Callable[[int], BaseProcess | None], workers: int, *, crash_limit: int = 5,
@@ -52,8 +59,26 @@ class Supervisor:
         self.crashes: deque[float] = deque()
         self.stop_signal: int | None = None     # the signal that asked for the stop, once one did
         self.status = 0
+        self.ready_r, self.ready_fd = os.pipe()
 
     def run(self) -> int:
+        try:
+            return self._supervise()
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            os.close(self.ready_r)
+            os.close(self.ready_fd)
+
+    def _abandon(self) -> None:
+        """After an unexpected error: SIGTERM to every live worker, then wait for each, leaving none unsupervised."""
+        log.error("supervisor failed: stopping %d worker(s)", len(self._live()))
+        self._forward(signal.SIGTERM)
+        for slot in self._live():
+            slot.process.join()
+
+    def _supervise(self) -> int:
         wake_r, wake_w = os.pipe()
         for fd in (wake_r, wake_w):
             os.set_blocking(fd, False)
@@ -82,10 +107,13 @@ class Supervisor:
         """Wait for a signal, a worker's exit or a restart falling due, and act on it."""
         due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
         timeout = max(0.0, min(due) - time.monotonic()) if due and self.stop_signal is None else None
-        ready = wait([wake_r, *(slot.process.sentinel for slot in self.slots if slot.process)], timeout)
+        ready = wait([wake_r, self.ready_r, *(slot.process.sentinel for slot in self.slots if slot.process)],
+                     timeout)
         if wake_r in ready:
             for signum in os.read(wake_r, 512):
                 self._on(signum)
+        if self.ready_r in ready:
+            self._serving(os.read(self.ready_r, 4096))
         for slot in self.slots:
             if slot.process and slot.process.sentinel in ready:
                 self._exited(slot)
@@ -97,11 +125,18 @@ class Supervisor:
         if signum == signal.SIGHUP and self.stop_signal is None:
             log.info("SIGHUP: %d worker(s) reload the policy", len(self._live()))
             self._forward(signum)
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            if self.stop_signal is None:
-                log.info("%s: stopping %d worker(s)", signal.Signals(signum).name, len(self._live()))
-            self.stop_signal = self.stop_signal or signum
+        elif signum in (signal.SIGTERM, signal.SIGINT) and self.stop_signal is None:
+            log.info("%s: stopping %d worker(s)", signal.Signals(signum).name, len(self._live()))
+            self.stop_signal = signum
             self._forward(signum)
+        elif signum in (signal.SIGTERM, signal.SIGINT):     # passed on once: a worker drains only once
+            log.info("%s: already stopping", signal.Signals(signum).name)
+
+    def _serving(self, pids: bytes) -> None:
+        for offset in range(0, len(pids), PID_BYTES):
+            pid = int.from_bytes(pids[offset:offset + PID_BYTES], "little")
+            for slot in self._live():
+                slot.serving = slot.serving or slot.process.pid == pid
 
     def _forward(self, signum: int) -> None:
         for slot in self._live():
@@ -113,7 +148,7 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         slot.restart_at = None
-        with _blocked(HANDLED):             # the worker starts with them blocked and installs its own handlers
+        with blocked_signals(HANDLED):      # the worker starts with them blocked and installs its own handlers
             slot.process = self.spawn(slot.index)
         if slot.process is None:
             self._crashed(slot, 1)
@@ -121,15 +156,15 @@ class Supervisor:
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
 
     def _exited(self, slot: Slot) -> None:
-        process, slot.process = slot.process, None
+        process, slot.process, slot.serving = slot.process, None, False
         process.join()
         code, pid = process.exitcode, process.pid
         process.close()
         how = describe_exit(code)
         if self.stop_signal is None:
             log.error("worker %d (pid %d) %s", slot.index, pid, how)
-            self._crashed(slot, exit_status(code))
-        elif code in (0, -self.stop_signal):    # drained, or stopped before its handlers were installed
+            self._crashed(slot, exit_status(code) or 1)     # gone unasked: a failure, whatever its status
+        elif code == 0:
             log.info("worker %d (pid %d) stopped", slot.index, pid)
         else:
             log.error("worker %d (pid %d) %s while stopping", slot.index, pid, how)
@@ -142,14 +177,25 @@ class Supervisor:
         self.crashes.append(now)
         while self.crashes[0] < now - self.crash_window_s:
             self.crashes.popleft()
-        if len(self.crashes) >= self.crash_limit:
+        serving = sum(other.serving for other in self.slots)
+        if len(self.crashes) >= self.crash_limit and not serving:
             log.error("%d worker exits within %.0f s: stopping all workers", len(self.crashes), self.crash_window_s)
             self.stop_signal = signal.SIGTERM
             self._forward(signal.SIGTERM)
             return
+        if len(self.crashes) >= self.crash_limit:   # the others serve on: keep trying, at the slowest pace
+            log.error("%d worker exits within %.0f s, %d worker(s) serving on: restarting worker %d every %.0f s",
+                      len(self.crashes), self.crash_window_s, serving, slot.index, self.max_backoff_s)
+            slot.restart_at = now + self.max_backoff_s
+            return
         delay_s = min(self.max_backoff_s, self.backoff_s * 2 ** (len(self.crashes) - 1))
         slot.restart_at = now + delay_s
         log.warning("restarting worker %d in %.1f s", slot.index, delay_s)
+
+
+def say_serving(ready_fd: int) -> None:
+    """In a worker, once it serves: tell the supervisor, through the pipe end it was given."""
+    os.write(ready_fd, os.getpid().to_bytes(PID_BYTES, "little"))   # one write under PIPE_BUF: never split
 
 
 def describe_exit(exitcode: int) -> str:
@@ -168,7 +214,8 @@ def exit_status(exitcode: int) -> int:
 
 
 @contextlib.contextmanager
-def _blocked(signals):
+def blocked_signals(signals):
+    """Hold `signals` (pending, not lost) for the block's duration."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield

@@ -31,11 +31,14 @@ class BackgroundTasks:
         return len(self._tasks)
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait for running work up to `timeout_s`, then cancel what is left."""
-        if not self._tasks:
-            return
-        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        for task in pending:
-            task.cancel()
-        if pending:
+        """Wait for running work, and the work it starts meanwhile (a flush, say), up to `timeout_s` in all; then
+        cancel what is left."""
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while self._tasks and (left_s := deadline_s - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left_s)
+        while self._tasks:
+            pending = set(self._tasks)
+            for task in pending:
+                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

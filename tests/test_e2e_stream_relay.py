@@ -1,5 +1,5 @@
 """The stream relay against a model server writing scripted bytes: long and odd events, keep-alives, the data
-event deadline, line ends, streams without [DONE], clients that leave, and what the openai SDK sees.
+event deadline, line ends, a BOM, streams without [DONE], clients that leave, and what the openai SDK sees.
 
 The odd model, `raw` (first_byte_s 1, total_s 10), is a RawUpstream; `medium`
 (a simulated backend) is its fallback on the `raw` route, and `raw-only` has none.
@@ -22,6 +22,7 @@ from tests.support import accounting
 from tests.support.harness import Harness, raw_model_gateway, reset_raw_model
 from tests.support.raw_upstream import SSE_HEAD, TEXT_EVENTS, chunk, sse
 
+BOM = b"\xef\xbb\xbf"     # UTF-8's byte order mark, which SSE allows at the start of a stream
 TAIL = """ledger: {{path: "LEDGER"}}
 """
 
@@ -285,6 +286,42 @@ def test_a_stream_cut_before_every_choice_finished_is_an_error(env, n):
     assert breaker_failures(harness, "raw") == 1
 
 
+def test_done_with_trailing_whitespace_ends_the_stream(env):
+    """`data: [DONE] ` (a blank after it) after every choice finished ends the stream: the SDK reads the answer,
+    the request is a 200 and the breaker counts nothing; it used to be an in-band bad response."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS[:-1]) + b"data: [DONE] \n\n", 0.0)]
+    assert sdk_text(harness) == "Hello world"
+    reply = post(harness)
+    assert reply.content.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.content
+    assert ledger_record(harness, reply.headers["x-request-id"])["status"] == 200
+    assert breaker_failures(harness, "raw") == 0
+
+
+@pytest.mark.parametrize("odd", [b"retry: 3000\n\n", b"event: ping\n\n", b"id: 7\n\n", b": ping\nretry: 3000\n\n"],
+                         ids=["retry", "event", "id", "comment-and-retry"])
+def test_an_event_without_data_that_is_not_a_comment_is_dropped(env, odd):
+    """An event of other fields and no data mid-stream is not passed on, and the SDK reads the answer; it used
+    to be forwarded like a keep-alive, and the SDK raised JSONDecodeError on it."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS[:2]) + b": ping\n\n" + odd + sse(*TEXT_EVENTS[2:]), 0.0)]
+    assert sdk_text(harness) == "Hello world"
+    body = post(harness).content
+    assert odd not in body and b": ping\n\n" in body and body.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_bom_opening_the_stream_is_ignored_even_split(env):
+    """A UTF-8 BOM before the first event (which SSE allows) is skipped, also when it comes split across reads:
+    the SDK reads the whole answer; its first event used to be taken for a comment and dropped."""
+    harness, raw = env
+    body = BOM + sse(*TEXT_EVENTS[1:])     # the first event carries text
+    raw.script = [(SSE_HEAD + body, 0.0)]
+    assert sdk_text(harness) == "Hello world"
+    raw.script = [(SSE_HEAD, 0.0), (body[:1], 0.02), (body[1:2], 0.02), (body[2:], 0.02)]
+    assert sdk_text(harness) == "Hello world"
+    assert breaker_failures(harness, "raw") == 0
+
+
 @pytest.mark.parametrize("eol", [b"\r", b"\r\n", b"\n"], ids=["cr", "crlf", "lf"])
 def test_every_line_end_sse_allows_is_read_even_split_at_every_byte(env, eol):
     """Bare CR line ends (which SSE and the openai SDK allow) are read like LF and CRLF, also when the stream
@@ -327,3 +364,28 @@ def test_an_event_past_the_cap_is_refused():
     for pieces in ([at_cap + b"x\n\n"], [at_cap, b"x", b"\n\n"], [b"data: a\n\n" + at_cap + b"x"]):
         with pytest.raises(EventTooLong):
             asyncio.run(_events(pieces, max_event_bytes=100))
+
+
+@pytest.mark.parametrize("eol", [b"\r", b"\r\n", b"\n"], ids=["cr", "crlf", "lf"])
+def test_the_cap_holds_the_same_however_the_event_is_split(eol):
+    """An event at the cap (after a blank line) passes and one a byte longer is refused, split into two reads at
+    any point or read a byte at a time; the final line end coming alone used to refuse the one at the cap."""
+    at_cap = b"data: " + b"x" * 94
+    for event, refused in ((at_cap, False), (at_cap + b"x", True)):
+        stream = eol + event + eol + eol
+        splits = [[stream[:cut], stream[cut:]] for cut in range(len(stream) + 1)]
+        for pieces in [*splits, [stream[i:i + 1] for i in range(len(stream))]]:
+            if refused:
+                with pytest.raises(EventTooLong):
+                    asyncio.run(_events(pieces, max_event_bytes=100))
+            else:
+                assert asyncio.run(_events(pieces, max_event_bytes=100)) == [at_cap + b"\n\n"], pieces
+
+
+def test_one_bom_is_skipped_at_the_start_however_it_is_split():
+    """One BOM opening the stream is dropped wherever reads cut it; a second one, and bytes that only begin like
+    a BOM, are kept."""
+    stream = BOM + b"data: a\n\n" + BOM + b"data: b\n\n"
+    for cut in range(len(stream) + 1):
+        assert asyncio.run(_events([stream[:cut], stream[cut:]])) == [b"data: a\n\n", BOM + b"data: b\n\n"], cut
+    assert asyncio.run(_events([BOM[:1], BOM[1:2] + b"X\n\n"])) == [BOM[:2] + b"X\n\n"]

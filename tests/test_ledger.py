@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
 import re
+import signal
+import tempfile
+import threading
+import traceback
 import urllib.request
 import subprocess
 import sys
@@ -16,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway import ledger as ledger_module
 from gateway.errors import PolicyError
-from gateway.ledger import Ledger
+from gateway.ledger import QUEUE_LINES, Ledger
 from gateway.policy.load import parse_policy
 from gateway.policy.model import Ledger as LedgerConfig
 from tests.support.harness import DEFAULT_POLICY, Harness
@@ -27,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: one process writing `lines` numbered records to a ledger, as one `gateway run` worker does
 WRITER = """
 import sys, time
-from gateway.ledger import Ledger
+from gateway.ledger import QUEUE_LINES, Ledger
 from gateway.policy.model import Ledger as LedgerConfig
 path, writer, lines, max_bytes, backups = sys.argv[1], sys.argv[2], *(int(arg) for arg in sys.argv[3:6])
 ledger = Ledger(LedgerConfig(path=path, max_bytes=max_bytes, backups=backups))
@@ -57,6 +64,75 @@ def wait_for(condition, timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def warnings_said(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "gateway.ledger"]
+
+
+def stalled_disk(path: Path) -> int:
+    """Make `path` a FIFO and open its reading end without reading: a ledger there blocks in write() once the
+    pipe is full, as on a hung disk. The reading end, to let it go on."""
+    os.mkfifo(path)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def read_lines(reader: int, count: int | None = None, timeout_s: float = 5.0) -> list[dict]:
+    """Read `count` lines from the FIFO (or, with None, until its writer closes it)."""
+    data, deadline = b"", time.monotonic() + timeout_s
+    while count is None or data.count(b"\n") < count:
+        assert time.monotonic() < deadline, "timed out"
+        try:
+            chunk = os.read(reader, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.005)
+            continue
+        if not chunk and count is None:
+            break                                # every writer closed it
+        data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+NOBODY = 65534
+
+
+def as_nobody(work) -> None:
+    """Run `work` in a forked child that has become uid/gid 65534, as the container's non-root user; fails with
+    the child's traceback. (Forked, not a new interpreter: this one may sit where that user cannot read.)"""
+    report_reader, report_writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                 # the child: never returns into pytest
+        status = 1
+        try:
+            signal.alarm(20)
+            os.close(report_reader)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            pr_set_dumpable = 4                  # after setuid /proc/self/fd (so /dev/stdout) would be root's
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 1, 0, 0, 0)
+            work()
+            status = 0
+        except BaseException:
+            os.write(report_writer, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(report_writer)
+    with os.fdopen(report_reader, "rb") as report:
+        said = report.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, said
+
+
+class Said(logging.Handler):
+    """The ledger's log lines, in a forked child where pytest's capture is not looking."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        logging.getLogger("gateway.ledger").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 # several processes, one path ------------------------------------------------------------------------
@@ -114,6 +190,161 @@ def test_backups_zero_is_a_located_policy_problem():
         parse_policy(text, source="p.yaml")
     [problem] = raised.value.problems
     assert (problem.line, problem.path, problem.message) == (5, "ledger.backups", "must be greater than 0, got 0")
+
+
+def test_a_backup_name_taken_by_a_directory_grows_the_file_instead_of_losing_lines(tmp_path, caplog, monkeypatch):
+    """When rotating fails (a directory at PATH.2), lines go on past max_bytes with one warning, none is lost,
+    rotating is tried again later, and once it works that is said too."""
+    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 0.3, raising=False)
+    path = tmp_path / "ledger.jsonl"
+    (tmp_path / "ledger.jsonl.2").mkdir()
+    book = ledger(path, max_bytes=300, backups=2)
+    with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+        for seq in range(30):
+            book.write({"seq": seq, "pad": "x" * 50})
+        kept = (path, tmp_path / "ledger.jsonl.1")
+        wait_for(lambda: sum(len(file.read_bytes().splitlines()) for file in kept if file.is_file()) == 30)
+        assert path.stat().st_size > 300
+        (tmp_path / "ledger.jsonl.2").rmdir()
+        time.sleep(0.4)
+        book.write({"seq": 30})
+        book.close()
+    assert book.write_errors == 0
+    assert sorted(record["seq"] for record in records(path)) == list(range(31))
+    assert json.loads(path.read_text()) == {"seq": 30}           # rotated again: alone in a new file
+    failed, recovered = warnings_said(caplog)
+    assert failed.startswith(f"ledger {path}: cannot rotate ([Errno 21] Is a directory: ") and failed.endswith(
+        "; it grows past max_bytes, and rotating is tried again every 0.3 s")
+    assert recovered == f"ledger {path}: rotating again"
+
+
+# a non-root user --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becomes another user")
+def test_a_non_root_user_can_write_the_ledger_to_dev_stdout():
+    """`ledger.path: /dev/stdout` (never rotated) opens and writes for a non-root user, who may not create a
+    lock file in /dev."""
+    def work():
+        stdout_reader, stdout_writer = os.pipe()
+        os.dup2(stdout_writer, 1)
+        book = ledger(Path("/dev/stdout"))
+        book.write({"a": 1})
+        book.close()
+        assert book.write_errors == 0
+        assert os.read(stdout_reader, 100) == b'{"a":1}\n'
+    as_nobody(work)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becomes another user")
+def test_a_ledger_in_a_read_only_directory_opens_and_grows_past_max_bytes_keeping_every_line():
+    """A ledger file the gateway may write in a directory it may not opens; as it cannot rotate there (no lock
+    file, no renames), it warns once and keeps every line in the one file."""
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        path = Path(directory) / "ledger.jsonl"
+        path.touch()
+        os.chown(path, NOBODY, NOBODY)
+
+        def work():
+            said = Said()
+            book = ledger(path, max_bytes=200, backups=2)
+            for seq in range(20):
+                book.write({"seq": seq, "pad": "x" * 30})
+            book.close()
+            assert book.write_errors == 0
+            assert [json.loads(line)["seq"] for line in path.read_text().splitlines()] == list(range(20))
+            [warning] = said.lines
+            assert warning.startswith(f"ledger {path}: cannot rotate ([Errno 13] Permission denied: "), warning
+        as_nobody(work)
+        assert sorted(os.listdir(directory)) == ["ledger.jsonl"]
+
+
+# a stalled disk ---------------------------------------------------------------------------------------------
+
+def test_a_stalled_disk_holds_at_most_queue_lines_and_counts_the_dropped(tmp_path, caplog):
+    """With the writer stuck in a write, at most QUEUE_LINES lines wait in memory; later ones are dropped,
+    counted in write_errors and said once, the catching up is said with the number dropped, and every line was
+    either written or counted."""
+    path = tmp_path / "ledger.fifo"
+    reader = stalled_disk(path)
+    in_pipe_at_most = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ) // len(b'{"seq":0}\n')
+    book = ledger(path)
+    lines = 2 * QUEUE_LINES + in_pipe_at_most
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+            for seq in range(lines):
+                book.write({"seq": seq})
+            dropped = book.write_errors
+            assert dropped >= lines - QUEUE_LINES - 1 - in_pipe_at_most      # 1: the line stuck in its write
+            written = read_lines(reader, lines - dropped)
+            book.write({"seq": lines})
+            book.close()
+        written += read_lines(reader)
+    finally:
+        os.close(reader)
+    seqs = [record["seq"] for record in written]
+    assert seqs == sorted(seqs) and seqs[-1] == lines and len(seqs) + dropped == lines + 1
+    assert book.write_errors == dropped
+    assert warnings_said(caplog) == [
+        f"ledger {path}: {QUEUE_LINES} lines are waiting for the disk; new lines are dropped, and counted, "
+        "until it catches up",
+        f"ledger {path}: the disk caught up, {dropped} lines were dropped"]
+
+
+def test_closing_gives_up_on_a_hung_disk_and_counts_the_lines_it_left(tmp_path, caplog, monkeypatch):
+    """close() with the writer stuck in a write returns after CLOSE_TIMEOUT_S, counting and saying the lines it
+    left queued; when the disk wakes, the stuck line lands and the file is closed, but no left line is written."""
+    monkeypatch.setattr(ledger_module, "CLOSE_TIMEOUT_S", 0.2, raising=False)
+    path = tmp_path / "ledger.fifo"
+    reader = stalled_disk(path)
+    lines = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ) // len(b'{"seq":0}\n') + 100
+    book = ledger(path)
+    closing = threading.Thread(target=book.close)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+            for seq in range(lines):
+                book.write({"seq": seq})
+            closing.start()
+            closing.join(5)
+            assert not closing.is_alive(), "close() waited on the hung disk"
+        written = read_lines(reader)             # to the end: the writer closed the file
+    finally:
+        os.close(reader)
+        closing.join()
+    assert book.write_errors > 0 and len(written) + book.write_errors == lines
+    assert [record["seq"] for record in written] == list(range(len(written)))
+    assert warnings_said(caplog) == [
+        f"ledger {path}: the disk took too long (over 0.2 s), {book.write_errors} queued lines are not written"]
+
+
+# closing ----------------------------------------------------------------------------------------------------
+
+def test_closing_twice_leaves_other_files_alone(tmp_path):
+    """A second close() closes nothing, not even a file that has since been given the ledger's old numbers."""
+    book = ledger(tmp_path / "ledger.jsonl", max_bytes=50)
+    book.write({"seq": 0, "pad": "x" * 40})
+    book.write({"seq": 1, "pad": "x" * 40})          # rotates: the lock file is open
+    book.close()
+    others = [os.open(tmp_path / f"other{index}", os.O_WRONLY | os.O_CREAT) for index in range(2)]
+    try:
+        book.close()
+        for fd in others:
+            os.fstat(fd)
+    finally:
+        for fd in others:
+            os.close(fd)
+
+
+def test_a_line_written_after_closing_is_counted_and_said_once(tmp_path, caplog):
+    """Records that come after close() (a late outcome report) are counted as lost, with one warning."""
+    path = tmp_path / "ledger.jsonl"
+    book = ledger(path)
+    book.close()
+    with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+        book.write({"late": 1})
+        book.write({"late": 2})
+    assert book.write_errors == 2
+    assert warnings_said(caplog) == [f"ledger {path}: lines written after closing are lost, and counted"]
 
 
 # a disk that fills up -------------------------------------------------------------------------------

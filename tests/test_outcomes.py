@@ -256,7 +256,7 @@ async def test_redis_down_loses_bookings_quietly_and_reports_answer_503(caplog):
         for index in range(3):
             track(book, f"r{index}", "0.1", task_id="job")
         await book.close()
-        assert book.store_failures == 1         # the three bookings went in one call
+        assert book.store_failures == 3         # one call lost, and with it the three bookings it carried
         for call in (book.report({"task_id": "job", "outcome": "success"}, tenant="acme"), book.stats()):
             with pytest.raises(StoreUnavailable) as caught:
                 await call
@@ -302,3 +302,50 @@ async def test_a_tenants_bookings_gather_into_one_call(redis_server):
         assert (lone.requests, lone.cost_usd) == (1, Decimal("0.001"))
     finally:
         await counting.aclose()
+
+
+async def test_a_booking_redis_refuses_loses_only_itself_and_counts(redis_client):
+    """A booking Redis refuses in the middle of a flush (here WRONGTYPE) is lost alone and counted; the others of
+    the same script call land."""
+    book = redis_book(redis_client)
+    await redis_client.set("test:{acme}:oc:t:bad", "not a hash")
+    for index, task_id in enumerate(("a", "bad", "b")):
+        track(book, f"r{index}", "0.1", task_id=task_id)
+    await book.close()
+    assert book.store_failures == 1 and book.guard.healthy
+    for task_id in ("a", "b"):
+        task = await book.report({"task_id": task_id, "outcome": "success"}, tenant="acme")
+        assert task.cost_usd == Decimal("0.1")
+
+
+async def test_a_reported_value_is_returned_as_stored_to_the_pico_dollar(redis_client):
+    """A value_usd with more than 12 decimals comes back rounded as Redis keeps it, the same as the stats show."""
+    book = redis_book(redis_client)
+    track(book, "r1", "0.1", task_id="tiny")
+    track(book, "r2", "0.1", task_id="long")
+    tiny = await book.report({"task_id": "tiny", "outcome": "success", "value_usd": 1e-13}, tenant="acme")
+    long = await book.report({"task_id": "long", "outcome": "success", "value_usd": 0.1234567890125},
+                             tenant="acme")
+    assert (tiny.value_usd, long.value_usd) == (Decimal(0), Decimal("0.123456789012"))
+    assert Decimal((await book.stats())["tenant"]["acme"]["value_usd"]) == tiny.value_usd + long.value_usd
+
+
+async def test_a_booking_made_while_the_book_closes_lands(redis_server, redis_client):
+    """close() waits for a flush started while it drains (a request that ended during shutdown), not only the
+    flushes under way when it began. Redis answers through a proxy holding each reply 0.2 s."""
+    from tests.support.redis_delay import DelayingRedisProxy
+
+    proxy = DelayingRedisProxy(redis_server.port, 0.2).start()
+    slow_client = Redis.from_url(proxy.url)
+    book = redis_book(slow_client)
+    try:
+        await book.warm_up()
+        track(book, "r1", "0.1", task_id="job")
+        closing = asyncio.ensure_future(book.close())
+        await asyncio.sleep(0.1)                # the first flush is sent, its reply on the way
+        track(book, "r2", "0.2", task_id="job")
+        await closing
+        assert await redis_client.hget("test:{acme}:oc:t:job", "requests") == b"2"
+    finally:
+        await slow_client.aclose()
+        proxy.stop()

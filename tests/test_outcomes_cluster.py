@@ -37,3 +37,21 @@ async def test_books_reports_and_stats_across_cluster_nodes(cluster):
         assert first.store_failures == second.store_failures == 0
     finally:
         await client.aclose()
+
+
+async def test_a_booking_the_cluster_client_refuses_costs_no_other_tenant_its_reports(cluster):
+    """A tenant name without a usable hash tag (the policy refuses one; here given to the book directly) spreads a
+    flush's keys over several slots: that flush is refused and counted, and no back-off follows, so the other
+    tenants' reports are answered."""
+    client = ClusterClient.from_url(cluster.url, socket_timeout=2.0)
+    book = RedisOutcomeBook(client, "gwodd", 2.0, recheck_s=0.01)
+    try:
+        await book.warm_up()                    # the client knows the slots: it refuses the flush unsent
+        book.track(request_id="r1", task_id="job", route="chat", tenant="acme", workflow=None, cost_usd=Decimal(1))
+        await book.close()
+        book.track(request_id="r2", task_id="job", route="chat", tenant="}odd", workflow=None, cost_usd=Decimal(1))
+        await book.close()
+        assert book.store_failures == 1 and book.guard.healthy
+        assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).cost_usd == 1
+    finally:
+        await client.aclose()

@@ -336,3 +336,22 @@ def test_plain_exponent_numbers_are_numbers():
     policy = parse_policy(model_with("price: {input_per_mtok: 1e-7}, size_b: 7e0"))
     assert policy.models["x"].price.input_per_mtok == Decimal("1e-7") and policy.models["x"].size_b == 7.0
     assert only(model_with("size_b: '7e0'")).message == "expected a number, got string '7e0'"
+
+
+@pytest.mark.parametrize(("name", "path"), [
+    ("'}odd'", "tenants.}odd"), ("'a{b}'", "tenants.a{b}"), ("''", "tenants."), ("' '", "tenants. "),
+])
+def test_tenant_names_must_keep_their_redis_hash_tag(name, path):
+    """A tenant name that is blank or holds a brace is refused at its line: its Redis keys (`{tenant}` hash tags)
+    would lose their tag and spread over Redis Cluster slots."""
+    problem = only(BASE + f"tenants:\n  {name}: {{}}\n")
+    assert (problem.line, problem.path) == (9, path)
+    assert problem.message == ("a tenant name must not be empty" if not name.strip("' ") else
+                               "a tenant name must not contain '{' or '}' (they mark Redis Cluster hash tags)")
+
+
+def test_store_key_prefix_must_not_hold_a_brace():
+    """`store.key_prefix` with a brace is refused: it would move or break the hash tag of every key."""
+    problem = only(BASE + "store: {key_prefix: 'gw{x}'}\n")
+    assert (problem.line, problem.path, problem.message) == (
+        8, "store.key_prefix", "must not contain '{' or '}' (they mark Redis Cluster hash tags)")

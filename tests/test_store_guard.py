@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from gateway.store_guard import STORE_DOWN, StoreGuard
 from tests.support.redis_server import free_port
@@ -85,3 +86,19 @@ async def test_calls_after_the_response_are_tried_in_a_back_off_and_end_it(redis
     finally:
         await down.aclose()
         await up.aclose()
+
+
+async def test_a_call_the_cluster_client_refuses_as_cross_slot_starts_no_back_off(cluster):
+    """redis-py refusing a script whose keys map to several Cluster slots (before sending it) is a refused call:
+    counted, answered with the default, but no outage, so the other calls go on at once."""
+    client = ClusterClient.from_url(cluster.url, socket_timeout=2.0)
+    guard = StoreGuard("test store", 2.0, backoff_s=60.0)
+    try:
+        await client.initialize()              # only a client that knows the slots refuses before sending
+        script = client.register_script("return 1")
+        assert client.keyslot("guard-a") != client.keyslot("guard-b")
+        assert await guard.run(lambda: script(keys=["guard-a", "guard-b"])) is STORE_DOWN
+        assert guard.healthy and not guard.backing_off and guard.failures == 1
+        assert await guard.run(lambda: script(keys=["{guard}a", "{guard}b"])) == 1
+    finally:
+        await client.aclose()

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from gateway.server import FORK
-from gateway.supervisor import Supervisor
+from gateway.supervisor import Supervisor, say_serving
 from tests.support.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +30,20 @@ routes:
   - {name: first, match: {models: [auto]}, candidates: [small]}
 server: {grace_period_s: 2}
 """
+#: one model, the simulated backend on port {sim}, streaming 100 ms a token
+SLOW_POLICY = """version: 1
+models:
+  slow: {{endpoint: "http://127.0.0.1:{sim}/v1", upstream_model: sim-slow}}
+routes:
+  - {{name: all, candidates: [slow]}}
+server: {{grace_period_s: 8}}
+"""
 
 
 class Workers:
     """`python -m gateway run --workers N` on a free port, its log in a file."""
 
-    def __init__(self, policy: Path, workers: int = 2) -> None:
+    def __init__(self, policy: Path, workers: int = 2, *, session: bool = False) -> None:
         self.port, self.workers = free_port(), workers
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = policy.with_suffix(".log")
@@ -43,7 +53,7 @@ class Workers:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", str(workers)], cwd=REPO, env=env, stdout=log,
-                stderr=subprocess.STDOUT)
+                stderr=subprocess.STDOUT, start_new_session=session)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -196,5 +206,201 @@ def test_an_admin_reload_reaches_every_worker_once(tmp_path):
         assert {admin_policy(gateway.base_url)["sha256"] for _ in range(30)} == {new_sha}
         time.sleep(0.3)
         assert gateway.text().count("policy reloaded") == 3 and gateway.text().count("SIGHUP:") == 1
+    finally:
+        gateway.stop()
+
+
+@contextlib.contextmanager
+def slow_stream(tmp_path: Path, workers: int = 2):
+    """The gateway (its own process group) on a simulated backend that streams a token every 100 ms, with a
+    15-token stream under way; yields the gateway and the stream's lines so far."""
+    sim_port = free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate-backend", "--port", str(sim_port),
+                            "--model", "sim-slow", "--tpot-ms", "100", "--ttft-ms", "1"], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(SLOW_POLICY.format(sim=sim_port))
+    gateway = Workers(policy, workers, session=True)
+    lines: list[bytes] = []
+
+    def stream() -> None:
+        client = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        client.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "auto", "stream": True, "max_tokens": 15, "messages": [{"role": "user", "content": "hi"}]}),
+            {"Content-Type": "application/json"})
+        reply = client.getresponse()
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            while line := reply.readline():
+                lines.append(line)
+
+    reader = threading.Thread(target=stream)
+    try:
+        gateway.wait_serving()
+        wait_for(lambda: _connects(sim_port))
+        reader.start()
+        wait_for(lambda: any(line.startswith(b"data:") for line in lines), gateway.text)
+        yield gateway, lines
+    finally:
+        if gateway.process.poll() is None:
+            os.killpg(gateway.process.pid, signal.SIGKILL)
+            gateway.process.wait()
+        sim.kill()
+        sim.wait()
+        if reader.is_alive():
+            reader.join(10)
+
+
+def _connects(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_to_the_whole_group_lets_a_stream_finish_and_exits_0(tmp_path):
+    """SIGTERM to the whole process group (systemd's KillMode=control-group), so each worker gets it twice (its
+    own and the parent's), cuts no drain: the stream in flight ends with [DONE] and the exit status is 0."""
+    with slow_stream(tmp_path) as (gateway, lines):
+        os.killpg(gateway.process.pid, signal.SIGTERM)
+        gateway.process.wait(15)
+        wait_for(lambda: any(b"[DONE]" in line for line in lines), lambda: (lines[-3:], gateway.text()))
+        assert gateway.process.returncode == 0, gateway.text()
+        assert "killed by" not in gateway.text()
+
+
+def test_sighup_during_the_drain_kills_no_worker(tmp_path):
+    """SIGHUP to the workers while they drain (their reload handler gone) is ignored: the stream ends, exit 0."""
+    with slow_stream(tmp_path) as (gateway, lines):
+        workers = gateway.pids()
+        gateway.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: gateway.text().count("shutting down") == 2, gateway.text)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):     # the one with no request in flight is done
+                os.kill(pid, signal.SIGHUP)
+        gateway.process.wait(15)
+        assert any(b"[DONE]" in line for line in lines), lines[-3:]
+        assert gateway.process.returncode == 0, gateway.text()
+
+
+def test_sigint_twice_to_the_parent_exits_0_without_a_traceback(tmp_path):
+    """A second SIGINT to the parent while the workers drain (an impatient Ctrl-C) is not passed on: the
+    stream in flight ends with [DONE], exit 0, no traceback."""
+    with slow_stream(tmp_path) as (gateway, lines):
+        gateway.process.send_signal(signal.SIGINT)
+        wait_for(lambda: gateway.text().count("shutting down") == 2, gateway.text)
+        gateway.process.send_signal(signal.SIGINT)
+        gateway.process.wait(15)
+        assert any(b"[DONE]" in line for line in lines), lines[-3:]
+        assert gateway.process.returncode == 0 and "Traceback" not in gateway.text(), gateway.text()
+        assert "SIGINT: already stopping" in gateway.text()
+
+
+def sleep_until_sigterm(ready_fd: int) -> None:
+    """A worker that says it serves, then waits for SIGTERM and exits 0."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    say_serving(ready_fd)
+    time.sleep(30)
+    os._exit(0)
+
+
+def test_a_replacement_that_keeps_failing_leaves_the_serving_worker_be():
+    """Past the crash limit, while another worker serves, the failing one is retried at the longest back-off
+    and nothing is stopped; the exit status still reports its failure."""
+    starts: list[float] = []
+
+    def spawn(slot: int):
+        starts.append(time.monotonic())
+        process = FORK.Process(target=sleep_until_sigterm if slot == 0 else os._exit,
+                               args=(supervisor.ready_fd,) if slot == 0 else (1,))
+        process.start()
+        return process
+
+    supervisor = Supervisor(spawn, 2, crash_limit=3, crash_window_s=10, backoff_s=0.01, max_backoff_s=0.1)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert supervisor.run() == 1
+    finally:
+        timer.cancel()
+    assert len(starts) >= 8                 # the serving worker once, the failing one again and again
+    assert min(b - a for a, b in zip(starts[4:], starts[5:])) >= 0.09     # at the longest back-off
+
+
+def test_workers_that_keep_exiting_0_unasked_stop_the_supervisor_with_status_1():
+    """A worker exiting 0 when nobody asked is a failure: the crash limit stops all with status 1, not 0."""
+    def spawn(_slot: int):
+        process = FORK.Process(target=os._exit, args=(0,))
+        process.start()
+        return process
+
+    assert Supervisor(spawn, 1, crash_limit=3, crash_window_s=10, backoff_s=0.01).run() == 1
+
+
+def test_a_supervisor_that_fails_stops_and_reaps_its_workers_first():
+    """An exception out of the supervisor (here a fork failing on restart) reaches the caller only after
+    every live worker got SIGTERM and exited: none is left running unsupervised."""
+    started: list[int] = []
+
+    def spawn(slot: int):
+        if len(started) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")      # fork() at a pid limit
+        process = FORK.Process(target=sleep_until_sigterm if slot else os._exit,
+                               args=(supervisor.ready_fd,) if slot else (3,))
+        process.start()
+        started.append(process.pid)
+        return process
+
+    supervisor = Supervisor(spawn, 2, backoff_s=0.01)
+    with contextlib.suppress(BlockingIOError):
+        supervisor.run()
+        raise AssertionError("run() returned")
+    left = [pid for pid in started if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def pipes(pid: int) -> set[str]:
+    """The pipes a process holds open, by inode."""
+    targets = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return {target for target in targets if target.startswith("pipe:")}
+
+
+def test_a_worker_holds_no_pipe_of_the_parent_or_its_siblings(tmp_path):
+    """A worker keeps none of the parent's descriptors but its socket: the only pipe two workers share is the
+    one they tell the supervisor they serve through, and the parent's claim on the port is not in them."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    gateway = Workers(policy).wait_serving()
+    try:
+        first, second = gateway.pids()
+        assert len(pipes(first) & pipes(second)) == 1
+        sockets = [os.readlink(f"/proc/{second}/fd/{fd}") for fd in os.listdir(f"/proc/{second}/fd")]
+        parent = gateway.process.pid
+        parent = {os.readlink(f"/proc/{parent}/fd/{fd}") for fd in os.listdir(f"/proc/{parent}/fd")}
+        assert not {target for target in sockets if target.startswith("socket:")} & parent
+    finally:
+        gateway.stop()
+
+
+def test_a_replacement_takes_no_connection_before_it_serves(tmp_path):
+    """While a dead worker's replacement fails at start (the policy on disk now invalid), every connection
+    reaches the serving worker: the replacement's socket does not listen, so none waits there to be reset."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    gateway = Workers(policy).wait_serving()
+    try:
+        policy.write_text("version: 1\nmodels: {}\n")
+        first = gateway.pids()[0]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: not alive(first))
+        failures, deadline = [], time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{gateway.base_url}/healthz", timeout=3) as reply:
+                    reply.read()
+            except OSError as exc:
+                failures.append(repr(exc))
+        assert "invalid policy, worker not starting" in gateway.text()
+        assert not failures, failures[:3]
     finally:
         gateway.stop()

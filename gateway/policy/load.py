@@ -69,6 +69,12 @@ def not_blank(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def hash_tag_safe(value: str) -> str | None:
+    """Rejects braces: Redis keys are `{key_prefix}:{{tenant}}:...`, and a brace in either would move or break the
+    tenant's hash tag, spreading keys that must share a Redis Cluster slot over several."""
+    return "must not contain '{' or '}' (they mark Redis Cluster hash tags)" if "{" in value or "}" in value else None
+
+
 def sha256_hex(value: str) -> str | None:
     """Accepts exactly 64 lower-case hex digits."""
     return None if re.fullmatch(r"[0-9a-f]{64}", value) else "must be a SHA-256 as 64 lower-case hex digits"
@@ -244,7 +250,7 @@ STORE = Section(Store, {
     "redis_url": text(url_with("redis", "rediss", "unix")),
     "on_store_failure": choice("allow", "deny"),
     "timeout_ms": real(positive),
-    "key_prefix": text(),
+    "key_prefix": text(hash_tag_safe),
     "cluster": flag(),
     "max_connections": integer(positive),
 })
@@ -262,7 +268,7 @@ POLICY = Section(Policy, {
     "version": Spec(integer(supported_version), required=True),
     "models": Spec(named("model", MODEL, non_empty=True), required=True),
     "routes": Spec(items(ROUTE, non_empty=True), required=True),
-    "tenants": named("tenant", TENANT),
+    "tenants": named("tenant", TENANT, not_blank, hash_tag_safe),
     "server": SERVER,
     "routing": ROUTING,
     "store": STORE,

@@ -291,8 +291,8 @@ def items(convert_item: Converter, *, non_empty: bool = False) -> Converter:
     return convert
 
 
-def named(kind: str, section: Section, *, non_empty: bool = False) -> Converter:
-    """A mapping of name -> section, each name defined as `kind` for references."""
+def named(kind: str, section: Section, *name_checks: Check, non_empty: bool = False) -> Converter:
+    """A mapping of name -> section, each name checked and defined as `kind` for references."""
     def convert(walk: Walk, node: Node, path: str) -> Any:
         entries = mapping_entries(walk, node, path)
         if entries is INVALID:
@@ -304,6 +304,8 @@ def named(kind: str, section: Section, *, non_empty: bool = False) -> Converter:
         for name, (key_node, value_node) in entries.items():
             walk.define(kind, name, key_node, join(path, name))
             result[name] = section(walk, value_node, join(path, name), name=name)
+            if message := next(filter(None, (check(name) for check in name_checks)), None):
+                result[name] = walk.report(key_node, join(path, name), f"a {kind} name {message}")
         return INVALID if any(value is INVALID for value in result.values()) else result
     return convert
 

@@ -9,6 +9,8 @@ The model must send a data event within `first_byte_s` of its response head,
 and then within `first_byte_s` of each one relayed; comments (keep-alives)
 are passed on once the response is open but do not hold the deadline off,
 and the time spent writing to a slow client does not count against it.
+Events without data that are not comments (`retry:`, `event:`, `id:` alone)
+are dropped: an SDK would read them as chunks it cannot parse.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from aiohttp import web
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
-from gateway.sse import DONE, encode_event, error_event, event_data
+from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
 from gateway.stages.answers import read_identity
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall
@@ -163,11 +165,11 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
             async for event in events:
                 data = event_data(event)
                 if data is None:            # a comment: kept alive for the client, not for the deadline
-                    if ctx.bytes_sent:
+                    if ctx.bytes_sent and is_comment(event):    # `retry:`, `event:`, `id:` alone are dropped
                         await _forward_comment(response, event, deadline)
                     continue
                 deadline.reschedule(None)   # from here to the next read, the client's time, not the model's
-                if data == b"[DONE]":
+                if data.strip() == b"[DONE]":
                     state.done = True
                     return
                 chunk = _parse_chunk(attempt.model.name, data)

@@ -68,8 +68,8 @@ def observe_store_failures(meter: Meter, read_failures: Callable[[], Mapping[str
     meter.create_observable_counter(
         "gateway.store.failures", unit="{call}", callbacks=[
             lambda _options: [Observation(count, {"gateway.store.part": part}) for part, count in read_failures().items()]],
-        description="Rate-limit and budget store calls answered without Redis: failed, timed out, "
-                    "or skipped during a back-off.")
+        description="Rate-limit and budget store calls, and outcome reports and bookings, answered without "
+                    "Redis: failed, timed out, refused, or skipped during a back-off.")
 
 
 def observe_policy(meter: Meter, current_policy: Callable[[], object]) -> None:

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
@@ -245,5 +246,90 @@ async def test_charges_made_together_go_in_one_transaction_and_count_while_they_
         assert await transactions() - before == 1
         landed = await budgets.read(who, EVENING_S)
         assert landed.spent_day_usd == landed.spent_month_usd == Decimal("1.20")
+    finally:
+        await client.aclose()
+
+
+class LateExecPipeline(Pipeline):
+    """A real transaction whose EXEC reply reaches the caller 0.1 s after Redis applied it."""
+
+    async def execute(self, raise_on_error=True):
+        result = await super().execute(raise_on_error)
+        await asyncio.sleep(0.1)
+        return result
+
+
+class LateExecRedis(Redis):
+    def pipeline(self, transaction=True, shard_hint=None):
+        return LateExecPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+async def test_a_read_between_a_flush_applied_and_its_reply_counts_the_charge_once(redis_server):
+    """Redis has applied the flush, its reply is still on its way: a read then holds the charge in the totals it
+    reads, and must not add it again as still waiting (which refused a tenant at 1.20 of its 1.00)."""
+    client = LateExecRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-applied", 2.0, "allow"), tenant(per_day="1.00")
+        charging = asyncio.create_task(budgets.charge(who, Decimal("0.60"), EVENING_S))
+        await asyncio.sleep(CHARGE_FLUSH_S + 0.05)
+        during = await budgets.read(who, EVENING_S)
+        await charging
+        assert during.spent_day_usd == Decimal("0.60") and not during.exhausted
+        assert (await budgets.read(who, EVENING_S)).spent_day_usd == Decimal("0.60")
+    finally:
+        await client.aclose()
+
+
+async def test_charges_lost_with_a_failed_flush_are_each_counted(redis_server):
+    """With Redis gone, ten charges of one window are ten store failures, not one."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
+    try:
+        budgets, who = RedisBudgets(client, "test-lost", 0.3, "allow"), tenant(per_day="1.00")
+        redis_server.stop()
+        await asyncio.gather(*(budgets.charge(who, Decimal("0.01"), EVENING_S) for _ in range(10)))
+        assert budgets.store_failures == 10
+    finally:
+        await client.aclose()
+
+
+class BrokenPipeline(Pipeline):
+    async def execute(self, raise_on_error=True):
+        raise ValueError("a bug of ours, not the store's")
+
+
+class BrokenRedis(Redis):
+    def pipeline(self, transaction=True, shard_hint=None):
+        return BrokenPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+async def test_a_flush_failing_on_our_side_is_logged_and_its_charges_counted(redis_server, caplog):
+    """A failure that is not the store's: the charge returns (the request is long answered), the loss is counted
+    and logged once with its traceback, and nothing is left for asyncio to report as never retrieved."""
+    client = BrokenRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-broken", 2.0, "allow"), tenant(per_day="1.00")
+        await asyncio.wait_for(asyncio.gather(*(budgets.charge(who, Decimal("0.1"), EVENING_S) for _ in range(3))),
+                               2)
+        assert budgets.store_failures == 3
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == \
+            [f"budget charges of tenant {who.name} were not sent"]
+        assert not budgets._unlanded and not budgets._gathering
+    finally:
+        await client.aclose()
+
+
+async def test_a_flush_cancelled_while_it_gathers_leaves_the_tenant_free_to_charge(redis_server):
+    """A flush cancelled in its wait (a loop shutting down, say) lets the charges waiting on it return, counted as
+    lost, and the tenant's next charges gather and land as usual."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-cancel", 2.0, "allow"), tenant(per_day="10")
+        first = asyncio.create_task(budgets.charge(who, Decimal("0.1"), EVENING_S))
+        await asyncio.sleep(0)
+        budgets._gathering[who.name].flush.cancel()
+        await asyncio.wait_for(first, 1)
+        assert budgets.store_failures == 1     # the charge never sent
+        await asyncio.wait_for(budgets.charge(who, Decimal("0.2"), EVENING_S), 1)
+        assert (await budgets.read(who, EVENING_S)).spent_day_usd == Decimal("0.2")
     finally:
         await client.aclose()

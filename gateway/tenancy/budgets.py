@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,13 +194,16 @@ class MemoryBudgets:
 class _Charges:
     """A tenant's charges waiting for their flush: nano-dollars and retention by key."""
 
-    __slots__ = ("landed", "flush", "nanos", "retention_s")
+    __slots__ = ("landed", "flush", "nanos", "retention_s", "charges", "seq", "accounted")
 
     def __init__(self, landed: asyncio.Future) -> None:
         self.landed = landed                # set once they are in the store, or their failure counted
         self.flush: asyncio.Task | None = None
         self.nanos: dict[str, int] = {}
         self.retention_s: dict[str, int] = {}
+        self.charges = 0                    # each request's charge adds two keys' nanos, and one here
+        self.seq: int | None = None         # this replica's flush number, once sent
+        self.accounted = False              # sent, or its loss counted
 
     def add(self, key: str, nanos: int, retention_s: int) -> None:
         self.nanos[key] = self.nanos.get(key, 0) + nanos
@@ -222,15 +226,23 @@ class RedisBudgets:
         self._charges: dict[str, int] = {}      # tenant -> charges begun or ended here (a read spanning one is stale)
         self._gathering: dict[str, _Charges] = {}   # tenant -> charges waiting for the next flush
         self._unlanded: dict[str, list[_Charges]] = {}  # tenant -> charges not yet in the store (gathering, sent)
+        self._replica = secrets.token_hex(8)    # names this replica's applied-flush marker
+        self._sent = 0                          # flushes sent, numbered from 1
+        self._lost = 0                          # charges a failed flush carried beyond the one call counted
 
     @property
     def store_failures(self) -> int:
-        return self.guard.failures
+        """Checks answered without Redis, and charges lost with a flush that failed."""
+        return self.guard.failures + self._lost
 
     def keys(self, tenant: str, periods: Periods) -> tuple[str, str]:
         """The day and month total keys of a tenant, on the tenant's cluster slot."""
         base = f"{self.prefix}:{{{tenant}}}:budget"
         return f"{base}:day:{periods.day}", f"{base}:month:{periods.month}"
+
+    def applied_key(self, tenant: str) -> str:
+        """The number of this replica's last flush the store has applied (in the flush's own transaction)."""
+        return f"{self.prefix}:{{{tenant}}}:budget:applied:{self._replica}"
 
     async def check(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
         """The tenant's spend so far; no store call when the tenant has no budget."""
@@ -250,10 +262,13 @@ class RedisBudgets:
         """The tenant's spend read from the store; when it is down, per `on_store_failure`."""
         now_s = self.clock() if now_s is None else now_s
         keys = self.keys(tenant.name, Periods.at(now_s))
-        reply = await self.guard.run(lambda: self.client.mget(keys))
+        reply = await self.guard.run(lambda: self.client.mget(*keys, self.applied_key(tenant.name)))
         if reply is STORE_DOWN:
             return self._store_down(tenant)
-        unlanded = self._unlanded.get(tenant.name, ())
+        # this replica's charges the totals read do not hold yet: gathering, or sent and not applied when read
+        applied = int(reply[2] or 0)
+        unlanded = [charges for charges in self._unlanded.get(tenant.name, ())
+                    if charges.seq is None or charges.seq > applied]
         day_nanos, month_nanos = (int(v or 0) + sum(charges.nanos.get(key, 0) for charges in unlanded)
                                   for key, v in zip(keys, reply))
         return evaluate(tenant, day_nanos, month_nanos, now_s)
@@ -279,32 +294,57 @@ class RedisBudgets:
         if gathering is None:
             gathering = self._gathering[tenant.name] = _Charges(asyncio.get_running_loop().create_future())
             self._unlanded.setdefault(tenant.name, []).append(gathering)
-            gathering.flush = asyncio.ensure_future(self._flush(tenant.name))
+            gathering.flush = asyncio.ensure_future(self._flush(tenant.name, gathering))
+            gathering.flush.add_done_callback(lambda _flush, name=tenant.name, g=gathering: self._landed(name, g))
         day_key, month_key = self.keys(tenant.name, periods)
         gathering.add(day_key, nanos, retention_s(periods.day_end_s, now_s))
         gathering.add(month_key, nanos, retention_s(periods.month_end_s, now_s))
+        gathering.charges += 1
         await asyncio.shield(gathering.landed)
 
-    async def _flush(self, tenant_name: str) -> None:
-        """After CHARGE_FLUSH_S, add the tenant's gathered charges in one transaction."""
-        await asyncio.sleep(CHARGE_FLUSH_S)
-        gathering = self._gathering.pop(tenant_name)      # closed: later charges gather for the next flush
-
+    async def _flush(self, tenant_name: str, gathering: _Charges) -> None:
+        """After CHARGE_FLUSH_S, add the tenant's gathered charges in one transaction, after the flushes sent
+        before it (their numbers mark, in the store, what a read already holds)."""
         async def transaction() -> list:
             async with self.client.pipeline(transaction=True) as pipe:     # a cluster pipeline connects here
                 for key, nanos in gathering.nanos.items():
                     pipe.incrby(key, nanos).expire(key, gathering.retention_s[key])
+                pipe.set(self.applied_key(tenant_name), gathering.seq, ex=RETENTION_S)
                 return await pipe.execute()
 
         try:
-            await self.guard.run(transaction, after_response=True)
+            await asyncio.sleep(CHARGE_FLUSH_S)
+            if self._gathering.get(tenant_name) is gathering:
+                del self._gathering[tenant_name]    # closed: later charges gather for the next flush
+            for earlier in self._unlanded[tenant_name]:
+                if earlier is gathering:
+                    break
+                await asyncio.shield(earlier.landed)
+            self._sent += 1
+            gathering.seq = self._sent
+            if await self.guard.run(transaction, after_response=True) is STORE_DOWN:
+                self._lost += gathering.charges - 1     # the guard counted the call once
+            gathering.accounted = True
+        except Exception:                   # not the store's failure: ours; the charges are lost, and said so
+            log.exception("budget charges of tenant %s were not sent", tenant_name)
         finally:
-            unlanded = self._unlanded[tenant_name]
-            unlanded.remove(gathering)          # landed (or lost and counted): reads stop adding them
-            if not unlanded:
-                del self._unlanded[tenant_name]
-            self._charge_mark(tenant_name)      # a read that began before the charges landed is not reused
-            gathering.landed.set_result(None)
+            self._landed(tenant_name, gathering)
+
+    def _landed(self, tenant_name: str, gathering: _Charges) -> None:
+        """The gathering is in the store, or lost and counted: reads stop adding it, its charges return. Once,
+        whether its flush ended or was cancelled before it ever ran."""
+        if gathering.landed.done():
+            return
+        if not gathering.accounted:         # never sent: our failure, or the flush cancelled
+            self._lost += gathering.charges
+        if self._gathering.get(tenant_name) is gathering:
+            del self._gathering[tenant_name]
+        unlanded = self._unlanded[tenant_name]
+        unlanded.remove(gathering)
+        if not unlanded:
+            del self._unlanded[tenant_name]
+        self._charge_mark(tenant_name)          # a read that began before the charges landed is not reused
+        gathering.landed.set_result(None)
 
     def _charge_mark(self, tenant_name: str) -> None:
         self._recent.pop(tenant_name, None)

@@ -16,6 +16,14 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def module_redis_server():
+    """One real redis-server for a whole test module (its tests keep to their own keys)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """One real 3-master Redis Cluster for the whole run (tests keep to their own keys, or flush them)."""

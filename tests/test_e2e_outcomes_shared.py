@@ -39,16 +39,9 @@ routes:
 
 
 @pytest.fixture(scope="module")
-def redis():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pair(redis):
+def pair(module_redis_server):
     """Two gateways, each with its own simulator and process state, sharing one redis-server."""
-    environ = {**os.environ, "GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+    environ = {**os.environ, "GATEWAY_REDIS_URL": module_redis_server.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
                "OTEL_SDK_DISABLED": "true"}
     gateways = [Harness(POLICY, {"small": dict(ttft_ms=5, tpot_ms=1)}, environ).start() for _ in range(2)]
     yield gateways
@@ -117,7 +110,7 @@ def test_redis_down_serves_requests_and_answers_reports_503(caplog):
         redis.stop()
 
 
-def test_workers_of_one_gateway_share_the_book(redis, tmp_path):
+def test_workers_of_one_gateway_share_the_book(module_redis_server, tmp_path):
     """`gateway run --workers 2` with Redis: each of 20 tasks, served by either worker, is reported through
     either (no 404 unknown_id), and both workers' stats count all 20."""
     sims = SimulatorThread([SimConfig(name="sim-small", ttft_ms=5, tpot_ms=1)])
@@ -126,7 +119,7 @@ def test_workers_of_one_gateway_share_the_book(redis, tmp_path):
                       + "routes:\n  - {name: chat, match: {models: [auto]}, candidates: [small]}\n")
     port = free_port()
     log_path = tmp_path / "gateway.log"
-    environ = {**os.environ, "GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+    environ = {**os.environ, "GATEWAY_REDIS_URL": module_redis_server.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
                "OTEL_SDK_DISABLED": "true"}
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host",

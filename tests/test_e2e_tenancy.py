@@ -82,13 +82,6 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def redis_srv():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def receiver():
     server = OtlpReceiver().start()
     yield server
@@ -96,8 +89,8 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def gw(redis_srv, receiver):
-    environ = {"GATEWAY_REDIS_URL": redis_srv.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+def gw(module_redis_server, receiver):
+    environ = {"GATEWAY_REDIS_URL": module_redis_server.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100",
                "OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_SERVICE_NAME": "gw-tenancy-test"}

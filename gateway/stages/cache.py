@@ -93,8 +93,7 @@ class Cache:
         read, ctx.cache_read = ctx.cache_read, None
         ctx.cache_status = "miss"
         with self.services.telemetry.cache_span(ctx):
-            raw = await (read if read is not None else self.services.stores.cache.get(ctx.cache_key))
-            entry = decode_entry(raw) if raw is not None else None
+            entry = await self._lookup(ctx.cache_key, read)
             if entry is None:
                 entry = await self._single_flight(ctx)
             if entry is not None and not may_answer(ctx.decision, entry.model):
@@ -104,8 +103,9 @@ class Cache:
                 ctx.cache_model = entry.model
         return await self._answer(ctx, entry) if entry is not None else None
 
-    async def _lookup(self, key: str) -> CacheEntry | None:
-        raw = await self.services.stores.cache.get(key)
+    async def _lookup(self, key: str, read: Awaitable[bytes | None] | None = None) -> CacheEntry | None:
+        """The entry at `key`, from `read` when `Lookup` started it, else read now."""
+        raw = await (read if read is not None else self.services.stores.cache.get(key))
         return decode_entry(raw) if raw is not None else None
 
     async def _single_flight(self, ctx: RequestContext) -> CacheEntry | None:

@@ -327,14 +327,10 @@ class RedisBudgets:
             gathering.accounted = True
         except Exception:                   # not the store's failure: ours; the charges are lost, and said so
             log.exception("budget charges of tenant %s were not sent", tenant_name)
-        finally:
-            self._landed(tenant_name, gathering)
 
     def _landed(self, tenant_name: str, gathering: _Charges) -> None:
-        """The gathering is in the store, or lost and counted: reads stop adding it, its charges return. Once,
-        whether its flush ended or was cancelled before it ever ran."""
-        if gathering.landed.done():
-            return
+        """Its flush has ended (or was cancelled, perhaps before it ever ran): the gathering is in the store, or
+        lost and counted; reads stop adding it, and its charges return."""
         if not gathering.accounted:         # never sent: our failure, or the flush cancelled
             self._lost += gathering.charges
         if self._gathering.get(tenant_name) is gathering:

@@ -120,6 +120,7 @@ class RequestContext:
     cache_status: str = "bypass"        # hit | miss | bypass | stored
     cache_key: str | None = None
     cache_lookup: bool = False          # the request may be answered from the cache (no `no-cache`)
+    cache_store: bool = False           # a fresh answer may be written to the cache (no `no-store`)
     cache_read: Any = None              # a remote store's read, started before admission (an asyncio.Task)
     cache_saved_usd: Decimal = Decimal(0)
     cache_model: str | None = None      # on a hit: the model whose stored answer it is

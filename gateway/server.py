@@ -22,7 +22,7 @@ from gateway.errors import PolicyError
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
 from gateway.services import policy_encodings
 from gateway.stores import redis_url
-from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving
+from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
@@ -92,12 +92,23 @@ async def watch_policy(holder: PolicyHolder, interval_s: float = 1.0) -> None:
             log.exception("policy reload from %s failed unexpectedly", holder.path)
 
 
+#: allocations between young-generation collections (CPython's default: 700)
+GC_YOUNG_THRESHOLD = 10_000
+
+
 def freeze_startup_objects() -> None:
     """Move what start-up made (modules, the policy, the SDKs' state: about 100k objects, alive as long as
     the process) to the collector's permanent generation, so full collections stop walking them; each
-    otherwise stalled the event loop for tens of milliseconds under load."""
+    otherwise stalled the event loop for tens of milliseconds under load.
+
+    Then collect the young generation every GC_YOUNG_THRESHOLD allocations, not every 700: a request's
+    objects mostly die by reference count first, so the collector walks far fewer survivors, and older
+    collections come much less often. At saturation the collector's share of CPU fell from about 4 % to
+    1 %; each young pass takes about 2 ms instead of 0.2 ms."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def run_server(app: web.Application, host: str, port: int, *, sockets: list[socket.socket] | None = None,
@@ -247,8 +258,8 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
             return None
         keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
         inherited = sorted(open_fds() - {0, 1, 2} - keep)
-        process = FORK.Process(target=_worker_process, args=(policy, host, sockets, inherited, supervisor.ready_fd),
-                               name=f"gateway-worker-{slot}")
+        process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
+                               args=(policy, host, sockets, inherited, supervisor.ready_fd, os.getpid()))
         try:
             process.start()
         except OSError as exc:          # fork failed: EAGAIN at a pid limit, ENOMEM
@@ -259,7 +270,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
                 sock.close()            # the worker's now: closed there, the port stops taking connections
         return process
 
-    supervisor = Supervisor(spawn, workers)
+    supervisor = Supervisor(spawn, workers, grace_period_s=holder.current.policy.server.grace_period_s)
     try:
         return supervisor.run()
     finally:
@@ -311,12 +322,14 @@ async def _tell_serving(ready: asyncio.Event, ready_fd: int | None) -> None:
 
 
 def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inherited: list[int],
-                    ready_fd: int) -> None:
+                    ready_fd: int, supervisor_pid: int) -> None:
     """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it.
 
     `inherited`: the parent's descriptors the worker has no use for (its wake pipe, the other workers' pipes),
     closed here. A stop signal before `run_server` handles it, or after the drain, exits 0 at once; a SIGHUP
-    before waits (blocked) for `run_server`, after is ignored."""
+    before waits (blocked) for `run_server`, after is ignored. The supervisor's death, even by SIGKILL, is a
+    SIGTERM (`stop_with_parent`)."""
+    stop_with_parent(supervisor_pid)
     for fd in inherited:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -330,7 +343,7 @@ def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inher
     except PolicyError as exc:
         log.error("invalid policy, worker not starting:\n%s", exc)
         raise SystemExit(1) from None
-    announce_admin_reloads(holder, os.getppid())
+    announce_admin_reloads(holder, supervisor_pid)
     raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd))
 
 

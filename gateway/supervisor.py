@@ -1,4 +1,5 @@
-"""Supervising N worker processes: restart one that dies, pass signals on, exit with the worst status.
+"""Supervising N worker processes: restart one that dies, pass signals on, kill one that will not stop, exit
+with the worst status.
 
 `gateway run --workers N` runs one `Supervisor`; it knows nothing of the gateway beyond the function that
 starts a worker.
@@ -7,9 +8,12 @@ starts a worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +27,12 @@ log = logging.getLogger("gateway")
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: a pid as a worker writes it to the ready pipe
 PID_BYTES = 4
+#: how long past its grace period a stopping worker may run before it is killed (SIGKILL): the drain of its
+#: requests takes up to the grace period, then its shutdown closes the rest (the last background writes, the
+#: ledger up to 3 s, the telemetry flush up to 5 s), with room to spare
+KILL_MARGIN_S = 10.0
+#: prctl(2)'s option that sets the signal a process gets when its parent dies (Linux)
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -44,20 +54,24 @@ class Supervisor:
     `max_backoff_s`. `spawn(index)` starts a worker and returns its process, or None when it could not
     (having said why): an exit with status 1. A worker says it serves by writing its pid to `ready_fd`
     (`say_serving`), inherited through fork; one that never does is never counted as serving. A stop
-    signal is passed on once; a worker must handle it at any time, so one killed by it is a failure.
-    `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the first
-    failure's status (its exit code, 1 for an unasked exit 0, or 128 + the signal that killed it), also
+    signal is passed on once; a worker must handle it at any time, so one killed by it is a failure. One
+    still running `grace_period_s` + `kill_margin_s` after the stop was passed on is killed (SIGKILL), a
+    failure too. `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the
+    first failure's status (its exit code, 1 for an unasked exit 0, or 128 + the signal that killed it), also
     when the worker that failed was restarted and served on.
     """
 
-    def __init__(self, spawn: Callable[[int], BaseProcess | None], workers: int, *, crash_limit: int = 5,
-                 crash_window_s: float = 60.0, backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
+    def __init__(self, spawn: Callable[[int], BaseProcess | None], workers: int, *, grace_period_s: float = 0.0,
+                 kill_margin_s: float = KILL_MARGIN_S, crash_limit: int = 5, crash_window_s: float = 60.0,
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
         self.spawn = spawn
         self.slots = [Slot(index) for index in range(workers)]
+        self.kill_after_s = grace_period_s + kill_margin_s
         self.crash_limit, self.crash_window_s = crash_limit, crash_window_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.crashes: deque[float] = deque()
         self.stop_signal: int | None = None     # the signal that asked for the stop, once one did
+        self.kill_at: float | None = None       # time.monotonic() when the workers still running get SIGKILL
         self.status = 0
         self.ready_r, self.ready_fd = os.pipe()
 
@@ -72,9 +86,15 @@ class Supervisor:
             os.close(self.ready_fd)
 
     def _abandon(self) -> None:
-        """After an unexpected error: SIGTERM to every live worker, then wait for each, leaving none unsupervised."""
+        """After an unexpected error: stop every live worker (SIGTERM unless a stop was passed on already, SIGKILL
+        past the deadline), then wait for each, leaving none unsupervised."""
         log.error("supervisor failed: stopping %d worker(s)", len(self._live()))
-        self._forward(signal.SIGTERM)
+        if self.stop_signal is None:
+            self._stop(signal.SIGTERM)
+        deadline = self.kill_at if self.kill_at is not None else time.monotonic()     # None: killed already
+        for slot in self._live():
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+        self._kill_stragglers()
         for slot in self._live():
             slot.process.join()
 
@@ -104,11 +124,9 @@ class Supervisor:
         return any(slot.process or (slot.restart_at is not None and self.stop_signal is None) for slot in self.slots)
 
     def _step(self, wake_r: int) -> None:
-        """Wait for a signal, a worker's exit or a restart falling due, and act on it."""
-        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
-        timeout = max(0.0, min(due) - time.monotonic()) if due and self.stop_signal is None else None
+        """Wait for a signal, a worker's exit, a restart falling due or the stop's deadline, and act on it."""
         ready = wait([wake_r, self.ready_r, *(slot.process.sentinel for slot in self.slots if slot.process)],
-                     timeout)
+                     self._next_due_s())
         if wake_r in ready:
             for signum in os.read(wake_r, 512):
                 self._on(signum)
@@ -120,6 +138,16 @@ class Supervisor:
         for slot in self.slots:
             if slot.restart_at is not None and slot.restart_at <= time.monotonic() and self.stop_signal is None:
                 self._start(slot)
+        if self.kill_at is not None and self.kill_at <= time.monotonic():
+            self._kill_stragglers()
+
+    def _next_due_s(self) -> float | None:
+        """Seconds until the next restart falls due or, once stopping, until the stop's deadline; None: nothing due."""
+        if self.stop_signal is None:
+            due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        else:
+            due = [self.kill_at] if self.kill_at is not None else []
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _on(self, signum: int) -> None:
         if signum == signal.SIGHUP and self.stop_signal is None:
@@ -127,10 +155,24 @@ class Supervisor:
             self._forward(signum)
         elif signum in (signal.SIGTERM, signal.SIGINT) and self.stop_signal is None:
             log.info("%s: stopping %d worker(s)", signal.Signals(signum).name, len(self._live()))
-            self.stop_signal = signum
-            self._forward(signum)
+            self._stop(signum)
         elif signum in (signal.SIGTERM, signal.SIGINT):     # passed on once: a worker drains only once
             log.info("%s: already stopping", signal.Signals(signum).name)
+
+    def _stop(self, signum: int) -> None:
+        """Pass a stop on to every worker, once, and set when those still running then are killed."""
+        self.stop_signal = signum
+        self.kill_at = time.monotonic() + self.kill_after_s
+        self._forward(signum)
+
+    def _kill_stragglers(self) -> None:
+        """SIGKILL to each worker still running at the stop's deadline; its exit then counts as a failure."""
+        self.kill_at = None
+        for slot in self._live():
+            log.error("worker %d (pid %d) still running %.1f s after %s: killing it", slot.index, slot.process.pid,
+                      self.kill_after_s, signal.Signals(self.stop_signal).name)
+            with contextlib.suppress(ProcessLookupError):   # gone already: its sentinel says so next
+                os.kill(slot.process.pid, signal.SIGKILL)
 
     def _serving(self, pids: bytes) -> None:
         for offset in range(0, len(pids), PID_BYTES):
@@ -180,8 +222,7 @@ class Supervisor:
         serving = sum(other.serving for other in self.slots)
         if len(self.crashes) >= self.crash_limit and not serving:
             log.error("%d worker exits within %.0f s: stopping all workers", len(self.crashes), self.crash_window_s)
-            self.stop_signal = signal.SIGTERM
-            self._forward(signal.SIGTERM)
+            self._stop(signal.SIGTERM)
             return
         if len(self.crashes) >= self.crash_limit:   # the others serve on: keep trying, at the slowest pace
             log.error("%d worker exits within %.0f s, %d worker(s) serving on: restarting worker %d every %.0f s",
@@ -196,6 +237,30 @@ class Supervisor:
 def say_serving(ready_fd: int) -> None:
     """In a worker, once it serves: tell the supervisor, through the pipe end it was given."""
     os.write(ready_fd, os.getpid().to_bytes(PID_BYTES, "little"))   # one write under PIPE_BUF: never split
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """In a worker, first thing after the fork: get SIGTERM (and so drain, then exit) when the supervisor dies,
+    even by SIGKILL, rather than serve on as an orphan; exit 0 at once when `parent_pid`, the supervisor, died
+    before that was set. Where the signal cannot be set (not Linux), said at DEBUG. The kernel sends it when the
+    thread that forked the worker ends: the supervisor forks from the thread that runs it."""
+    try:
+        set_parent_death_signal(signal.SIGTERM)
+    except OSError as exc:
+        log.debug("worker (pid %d) runs on if its supervisor dies: no parent-death signal (%s)", os.getpid(), exc)
+    if os.getppid() != parent_pid:
+        log.warning("worker (pid %d) not starting: its supervisor (pid %d) is gone", os.getpid(), parent_pid)
+        raise SystemExit(0)
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send this process `signum` when its parent dies (prctl(2)); OSError where it cannot."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "prctl(PR_SET_PDEATHSIG) is Linux only")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_PDEATHSIG): {os.strerror(code)}")
 
 
 def describe_exit(exitcode: int) -> str:

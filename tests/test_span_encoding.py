@@ -168,3 +168,247 @@ def test_a_long_batch_offers_the_gil_after_each_turn(monkeypatch, step_s, offere
     monkeypatch.setattr(encoding, "sleep", offers.append)
     assert decoded(SpanEncoder(), spans) == encode_spans(spans)
     assert offers == [0] * offered
+
+
+LOCAL_PARENT = SpanContext(REMOTE_PARENT.trace_id, 0x1122334455667788, is_remote=False,
+                           trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def gateway_span(**fields):
+    """A ReadableSpan as the gateway's RequestSpans builds it, with `fields` in place of the defaults."""
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    context = SpanContext(REMOTE_PARENT.trace_id, 0x0102030405060708, is_remote=False,
+                          trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    defaults = dict(name="gateway.route", context=context, parent=LOCAL_PARENT, resource=Resource.create({}),
+                    attributes={"gateway.tenant": "acme", "gen_ai.request.model": "sim-small-1b"},
+                    kind=SpanKind.INTERNAL, status=Status(StatusCode.UNSET),
+                    start_time=1_750_000_000_000_000_000, end_time=1_750_000_000_002_500_000)
+    return ReadableSpan(**{**defaults, **fields})
+
+
+def bounded_events(count: int, limit: int):
+    """`count` events in a list that keeps `limit` of them and counts the rest as dropped, as the SDK's span does."""
+    from opentelemetry.sdk.trace import Event
+    from opentelemetry.sdk.util import BoundedList
+
+    events = BoundedList(limit)
+    for index in range(count):
+        events.append(Event(f"retry {index}", {"attempt": index}, timestamp=1_750_000_000_000_000_000 + index))
+    return events
+
+
+def bounded_links(count: int, limit: int):
+    """`count` links in a list that keeps `limit` of them and counts the rest as dropped."""
+    from opentelemetry.sdk.util import BoundedList
+
+    links = BoundedList(limit)
+    for index in range(count):
+        links.append(Link(SpanContext(REMOTE_PARENT.trace_id + index, 0xABC + index, is_remote=index % 2 == 0),
+                          {"link.n": index}))
+    return links
+
+
+def over_limit_attributes():
+    """The gateway's attributes past the SDK's limits: the last two kept, cut to 4 characters; three dropped."""
+    from opentelemetry.attributes import BoundedAttributes
+
+    return BoundedAttributes(2, {"a": 1, "b": 2.5, "c": True, "gen_ai.request.model": "sim-small-1b",
+                                 "gateway.tenant": "acme-corporation"}, immutable=True, max_value_len=4)
+
+
+HEAD_CASES = {
+    "root, no parent": dict(parent=None),
+    "local parent": dict(parent=LOCAL_PARENT),
+    "remote parent": dict(parent=REMOTE_PARENT, kind=SpanKind.SERVER),
+    "trace state": dict(context=SpanContext(REMOTE_PARENT.trace_id, 0x0A0B, is_remote=False,
+                                            trace_state=TraceState([("vendor", "abc"), ("rojo", "00f067aa0ba902b7")]))),
+    "status unset": dict(status=Status(StatusCode.UNSET)),
+    "status ok": dict(status=Status(StatusCode.OK)),
+    "status error": dict(status=Status(StatusCode.ERROR)),
+    "status error, empty description": dict(status=Status(StatusCode.ERROR, "")),
+    "status error, description": dict(status=Status(StatusCode.ERROR, "upstream timeout: sim-large-70b ✗")),
+    "no status": dict(status=None),
+    **{f"kind {kind.name}": dict(kind=kind) for kind in SpanKind},
+    "dropped attributes": dict(attributes=over_limit_attributes()),
+    "no attributes": dict(attributes=None),
+    "events and links": dict(events=bounded_events(2, 8), links=bounded_links(2, 8)),
+    "dropped events and links": dict(events=bounded_events(5, 2), links=bounded_links(4, 1)),
+    "all events and links dropped": dict(events=bounded_events(3, 0), links=bounded_links(2, 0)),
+    "non-ASCII name": dict(name="chat 模型-ß — 🚀"),
+    "empty name": dict(name=""),
+    "largest timestamps": dict(start_time=2**64 - 2, end_time=2**64 - 1),
+    "zero and missing timestamps": dict(start_time=0, end_time=None),
+    "largest ids": dict(context=SpanContext(2**128 - 1, 2**64 - 1, is_remote=False),
+                        parent=SpanContext(2**128 - 1, 2**64 - 1, is_remote=True)),
+}
+
+
+@pytest.mark.parametrize("fields", HEAD_CASES.values(), ids=HEAD_CASES.keys())
+def test_each_span_field_decodes_as_the_sdk_encoder_writes_it(fields):
+    """Every field written directly (ids, trace state, parent, name, kind, times, counts, status, flags), and
+    events and links left to the exporter's helpers, decode to encode_spans' message, on a cold and a warm cache."""
+    spans = [gateway_span(**fields)]
+    encoder = SpanEncoder()
+    for _ in range(2):
+        assert decoded(encoder, spans) == encode_spans(spans)
+
+
+def test_the_flags_say_whether_the_parent_was_remote():
+    """A span's flags always say its parent's remoteness is known, and say remote only for a remote parent."""
+    spans = [gateway_span(parent=None), gateway_span(parent=LOCAL_PARENT), gateway_span(parent=REMOTE_PARENT)]
+    message = decoded(SpanEncoder(), spans)
+    assert message == encode_spans(spans)
+    assert [span.flags for span in message.resource_spans[0].scope_spans[0].spans] == [0x100, 0x100, 0x300]
+
+
+def test_the_cases_carry_what_they_are_named_for():
+    """The head cases above exercise what they claim: counts, trace state, status and parent are written."""
+    spans = [gateway_span(**fields) for fields in HEAD_CASES.values()]
+    by_name = dict(zip(HEAD_CASES, decoded(SpanEncoder(), spans).resource_spans[0].scope_spans[0].spans))
+    assert by_name["dropped attributes"].dropped_attributes_count == 3
+    assert [kv.value.string_value for kv in by_name["dropped attributes"].attributes] == ["sim-", "acme"]
+    assert (by_name["dropped events and links"].dropped_events_count,
+            by_name["dropped events and links"].dropped_links_count) == (3, 3)
+    assert len(by_name["all events and links dropped"].events) == 0
+    assert by_name["all events and links dropped"].dropped_events_count == 3
+    assert by_name["trace state"].trace_state == "vendor=abc,rojo=00f067aa0ba902b7"
+    assert by_name["status error, description"].status.message == "upstream timeout: sim-large-70b ✗"
+    assert by_name["status unset"].HasField("status") and not by_name["no status"].HasField("status")
+    assert by_name["root, no parent"].parent_span_id == b"" and len(by_name["local parent"].parent_span_id) == 8
+    assert by_name["largest timestamps"].end_time_unix_nano == 2**64 - 1
+
+
+def test_without_schema_urls_the_bytes_equal_the_sdk_encoders():
+    """With no schema URL on the resource or scope (written before the spans here, after them by protobuf), the
+    request's bytes equal encode_spans' serialised message: each span's fields are in field-number order."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    resource, scope = Resource.create({"service.name": "gw"}), InstrumentationScope("gw", "1")
+    spans = [gateway_span(**fields, resource=resource, instrumentation_scope=scope) for fields in HEAD_CASES.values()]
+    spans += [ReadableSpan(span.name, context=span.context, parent=span.parent, resource=resource,
+                           attributes=span.attributes, events=span.events, links=span.links, kind=span.kind,
+                           status=span.status, start_time=span.start_time, end_time=span.end_time,
+                           instrumentation_scope=scope) for span in finished_spans()]
+    assert SpanEncoder().encode(spans) == encode_spans(spans).SerializeToString()
+
+
+def attribute_spans(*attribute_sets):
+    """One gateway span for each attribute mapping, its attributes kept as given (no SDK limits or checks)."""
+    return [gateway_span(attributes=attributes) for attributes in attribute_sets]
+
+
+def assert_bytes_equal_the_sdk_encoders(encoder: SpanEncoder, spans: list) -> None:
+    """The request's bytes equal encode_spans' serialised message, so each span's bytes do (no schema URLs)."""
+    assert encoder.encode(spans) == encode_spans(spans).SerializeToString()
+
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+BOUND = encoding.CACHED_INT_BOUND
+INT_VALUES = [0, 1, -1, 127, 128, 16383, 16384, 2**31, -2**31, 2**32, INT64_MIN, INT64_MAX,
+              BOUND - 1, BOUND, -BOUND + 1, -BOUND]
+FLOAT_VALUES = [0.0, -0.0, 1.5, -2.25, 1e300, -1e-300, 5e-324, float("inf"), float("-inf")]
+TEXT_VALUES = ["", "a", "模型-ß — 🚀", "x" * 127, "x" * 128, "x" * encoding.CACHED_TEXT_CHARS,
+               "x" * (encoding.CACHED_TEXT_CHARS + 1), "é" * 10_000]
+KEYS = ["v", "", "ключ.模型.🚀", "k" * 200]
+SCALAR_VALUES = {**{f"int {value}": value for value in INT_VALUES},
+                 **{f"float {value!r}": value for value in FLOAT_VALUES},
+                 "true": True, "false": False,
+                 **{f"text of {len(value)} chars {value[:3]!r}": value for value in TEXT_VALUES}}
+
+
+@pytest.mark.parametrize("value", SCALAR_VALUES.values(), ids=SCALAR_VALUES.keys())
+def test_each_scalar_value_is_written_as_protobuf_writes_it(value):
+    """Ints (edges of each varint length, negatives as ten bytes, int64's ends, the cache bound), floats (signed
+    zero, extremes, infinities), bools and texts (empty, non-ASCII, long), under plain, empty, non-ASCII and long
+    keys, decode to encode_spans' message and equal its bytes: on a cold cache, a warm one, and one that starts
+    over at every pair."""
+    spans = attribute_spans({key: value for key in KEYS}, {"before": 1, KEYS[2]: value, "after": "x"})
+    warm, churning = SpanEncoder(), SpanEncoder(cache_entries=1)
+    for _ in range(2):
+        assert decoded(warm, spans) == encode_spans(spans)
+        assert_bytes_equal_the_sdk_encoders(warm, spans)
+        assert_bytes_equal_the_sdk_encoders(churning, spans)
+
+
+def test_default_values_are_written_as_oneof_members():
+    """0, 0.0, false and "" are written (a oneof member is set even at its default), and decode as their type."""
+    spans = attribute_spans({"int": 0, "float": 0.0, "bool": False, "text": ""})
+    message = decoded(SpanEncoder(), spans)
+    assert message == encode_spans(spans)
+    values = [kv.value.WhichOneof("value") for kv in message.resource_spans[0].scope_spans[0].spans[0].attributes]
+    assert values == ["int_value", "double_value", "bool_value", "string_value"]
+
+
+@pytest.mark.parametrize("nan", [float("nan"), -float("nan")], ids=["nan", "negative nan"])
+def test_nan_keeps_its_bits(nan):
+    """A nan (which equals nothing, so messages cannot be compared) is written bit for bit as protobuf writes it,
+    cold and warm."""
+    import math
+    import struct
+
+    spans = attribute_spans({"gateway.score": nan, "": nan})
+    encoder = SpanEncoder()
+    for _ in range(2):
+        assert_bytes_equal_the_sdk_encoders(encoder, spans)
+        value = decoded(encoder, spans).resource_spans[0].scope_spans[0].spans[0].attributes[0].value.double_value
+        assert math.isnan(value) and struct.pack("<d", value) == struct.pack("<d", nan)
+
+
+@pytest.mark.parametrize("value", [2**63, INT64_MIN - 1, 2**64, 10**30], ids=["2**63", "-2**63-1", "2**64", "10**30"])
+def test_an_int_past_int64_is_left_out_and_logged_as_the_sdk_does(caplog, value):
+    """An int protobuf cannot hold is dropped and logged in every batch, as encode_spans does; the rest stays exact."""
+    spans = attribute_spans({"gateway.tenant": "acme", "gateway.huge": value, "after": -1})
+    encoder = SpanEncoder()
+    for _ in range(2):
+        caplog.clear()
+        message = decoded(encoder, spans)
+        assert message == encode_spans(spans)
+        assert_bytes_equal_the_sdk_encoders(encoder, spans)
+        assert [kv.key for kv in message.resource_spans[0].scope_spans[0].spans[0].attributes] == ["gateway.tenant",
+                                                                                                   "after"]
+        assert "Failed to encode key gateway.huge" in caplog.text
+
+
+@pytest.mark.parametrize("attributes", [{"text": "lone \ud800 surrogate", "ok": 1},
+                                        {"text": "x" * 300 + "\udc80", "ok": 1},
+                                        {"bad key \udc80": 1.5, "ok": 1}], ids=["short text", "long text", "key"])
+def test_a_lone_surrogate_is_left_out_and_logged_as_the_sdk_does(caplog, attributes):
+    """A text UTF-8 cannot encode, in a value or a key, drops its pair with a log line, cold and warm."""
+    spans = attribute_spans(attributes)
+    encoder = SpanEncoder()
+    for _ in range(2):
+        message = decoded(encoder, spans)
+        assert message == encode_spans(spans)
+        assert [kv.key for kv in message.resource_spans[0].scope_spans[0].spans[0].attributes] == ["ok"]
+        assert "Failed to encode key" in caplog.text
+
+
+def test_subclasses_and_other_types_go_through_protobuf():
+    """Enum members (int and str subclasses), bytes, tuples, mappings and None are typed as _encode_value types
+    them, cold and warm."""
+    import enum
+    import http
+
+    class Tier(enum.StrEnum):
+        GOLD = "gold"
+
+    spans = attribute_spans({"status": http.HTTPStatus.OK, "tier": Tier.GOLD, "raw": b"\x00\xff", "none": None,
+                             "ints": (0, -1, 2**40), "mixed": ("a", True, 7), "floats": (0.0, -0.0),
+                             "map": {"k": 1, "n": [1.5, "x"]}, "empty": ()})
+    encoder = SpanEncoder()
+    for _ in range(2):
+        assert decoded(encoder, spans) == encode_spans(spans)
+        assert_bytes_equal_the_sdk_encoders(encoder, spans)
+
+
+def test_values_unique_to_a_request_do_not_fill_the_cache():
+    """Floats, ints past 16 bits and long texts are written each time; short texts, bools and small ints, which
+    repeat, are kept."""
+    encoder = SpanEncoder()
+    spans = attribute_spans(*({"gateway.cost_usd": index / 7, "gateway.bytes": BOUND + index, "gen_ai.input.messages":
+                               "m" * 300 + str(index), "gateway.tenant": "acme", "gateway.sla.met": True,
+                               "http.response.status_code": 200, "server.port": 8080} for index in range(50)))
+    assert_bytes_equal_the_sdk_encoders(encoder, spans)
+    assert encoder.cached_pairs == 4

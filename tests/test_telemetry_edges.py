@@ -124,3 +124,52 @@ def test_an_attempt_cut_short_by_a_client_leaving_is_exported_as_such():
     finally:
         gateway.stop()
         receiver.stop()
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("state", [(), (("vendor", "abc"), ("other", "x-1"))])
+def test_upstream_trace_headers_are_what_the_w3c_propagator_writes(sampled, state):
+    """The gateway writes an attempt's traceparent itself (no context object per call); it must be the
+    SDK propagator's header, byte for byte, tracestate included."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from gateway.telemetry.spans import RequestSpans, SpanDraft
+
+    context = SpanContext(0x0af7651916cd43dd8448eb211c80319c, 0x00f067aa0ba902b7, is_remote=False,
+                          trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+                          trace_state=TraceState(list(state)))
+    draft = SpanDraft("chat m", SpanKind.CLIENT, context, None, {}, recording=sampled)
+    expected: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(expected, context=trace.set_span_in_context(NonRecordingSpan(context)))
+    assert RequestSpans.trace_headers(draft) == expected
+    assert ("tracestate" in expected) == bool(state)
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_requests_spans_queued_together_count_exactly_the_ones_a_full_queue_drops(sampled):
+    """A request's spans are handed to the batch processor in one call; past the queue's bound it counts each
+    span the SDK drops, as one-by-one `on_end` did; an unsampled request queues and counts nothing."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from gateway.telemetry.config import BatchSettings
+    from gateway.telemetry.exporters import CountingBatchSpanProcessor, DropCounter
+
+    def span(index: int) -> ReadableSpan:
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        return ReadableSpan(name=f"s{index}", context=SpanContext(7, index + 1, is_remote=False, trace_flags=flags))
+
+    dropped = DropCounter()
+    processor = CountingBatchSpanProcessor(InMemorySpanExporter(), BatchSettings(
+        max_queue_size=4, max_export_batch_size=4, schedule_delay_ms=600_000), dropped)
+    try:
+        processor.on_end_all([span(i) for i in range(3)])      # below the batch size: nothing is exported yet
+        processor.on_end_all([span(i) for i in range(3, 6)])   # 3 + 3 spans into room for 4: 2 are dropped
+        assert dropped.by_kind().get(("traces", "queue_full"), 0) == (2 if sampled else 0)
+        if not sampled:                 # (sampled ones may already be on their way to the exporter)
+            assert len(processor._batch_processor._queue) == 0
+    finally:
+        processor.shutdown()

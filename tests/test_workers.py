@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway.server import FORK
-from gateway.supervisor import Supervisor, say_serving
+from gateway.supervisor import Supervisor, say_serving, stop_with_parent
 from tests.support.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,3 +405,81 @@ def test_a_replacement_takes_no_connection_before_it_serves(tmp_path):
         assert not failures, failures[:3]
     finally:
         gateway.stop()
+
+
+def ignore_sigterm(ready_fd: int) -> None:
+    """A worker whose stop hangs: it says it serves, then ignores SIGTERM (a stuck flush, a blocked thread)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    say_serving(ready_fd)
+    time.sleep(30)
+    os._exit(0)
+
+
+def test_a_worker_that_hangs_after_sigterm_is_killed_past_grace_and_margin(caplog):
+    """A worker still running the grace period plus the kill margin after SIGTERM is killed (SIGKILL), logged at
+    ERROR with its pid, and the supervisor exits 128 + SIGKILL; the worker that stopped in time is not killed."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    started: list[int] = []
+
+    def spawn(slot: int):
+        process = FORK.Process(target=ignore_sigterm if slot else sleep_until_sigterm, args=(supervisor.ready_fd,))
+        process.start()
+        started.append(process.pid)
+        return process
+
+    supervisor = Supervisor(spawn, 2, grace_period_s=0.3, kill_margin_s=0.2)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        begun = time.monotonic()
+        assert supervisor.run() == 128 + signal.SIGKILL
+        took_s = time.monotonic() - begun
+    finally:
+        timer.cancel()
+    left = [pid for pid in started if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+    assert 0.9 <= took_s < 4, took_s       # SIGTERM at 0.5 s, the kill at 1.0 s: not before, not much after
+    hung = started[1]
+    killed = [record for record in caplog.records if record.levelname == "ERROR" and f"(pid {hung})" in record.message]
+    assert any("still running" in record.message for record in killed), caplog.text
+    assert f"worker 1 (pid {hung}) was killed by SIGKILL while stopping" in caplog.text
+    assert f"worker 0 (pid {started[0]}) stopped" in caplog.text
+
+
+def test_sigkill_to_the_supervisor_stops_its_workers(tmp_path):
+    """Workers whose supervisor is killed by SIGKILL (the OOM killer, `kill -9`) get SIGTERM from the kernel and
+    exit, leaving no orphan serving on the port."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    gateway = Workers(policy).wait_serving()
+    workers = gateway.pids()
+    try:
+        assert len(workers) == 2
+        gateway.process.kill()
+        gateway.process.wait(5)
+        wait_for(lambda: not any(alive(pid) for pid in workers), gateway.text, timeout_s=8)
+        assert gateway.text().count("shutting down") == 2, gateway.text()     # SIGTERM, not SIGKILL: each drained
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        gateway.stop()
+
+
+def exit_5_unless_stopped(parent_pid: int) -> None:
+    """A worker's start whose supervisor (said to be `parent_pid`) may be gone already."""
+    stop_with_parent(parent_pid)
+    os._exit(5)
+
+
+def test_a_worker_whose_supervisor_died_before_it_started_exits_at_once():
+    """A worker that finds its parent is not the supervisor that forked it (that one died before the
+    parent-death signal was set) exits 0 at once instead of serving as an orphan."""
+    for parent_pid, status in ((os.getpid(), 5), (os.getpid() + 1_000_000, 0)):
+        process = FORK.Process(target=exit_5_unless_stopped, args=(parent_pid,))
+        process.start()
+        process.join(5)
+        assert process.exitcode == status

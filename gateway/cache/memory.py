@@ -53,6 +53,10 @@ class MemoryCache:
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         """Store `value`, evicting least recently used entries until it fits."""
+        self.put(key, value, ttl_s)
+
+    def put(self, key: str, value: bytes, ttl_s: int) -> None:
+        """`set`, done at once: the cache stage writes in-process answers without a task."""
         self._remove(key)
         size_bytes = entry_bytes(key, value)
         if ttl_s <= 0 or size_bytes > self.max_bytes:

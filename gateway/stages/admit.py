@@ -19,7 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gateway.context import RequestContext
-from gateway.tenancy.budgets import charge_later
+from gateway.tenancy.budgets import MemoryBudgets, charge_later
+from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits import STORE_RETRY_S, Admission, new_ticket, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
@@ -50,7 +51,8 @@ class Admit:
         tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
         ticket = new_ticket()
         try:
-            if budgeted and limited and not self._known_exhausted(tenant.name):
+            if budgeted and limited and not self._known_exhausted(tenant.name) and \
+                    not isinstance(budgets, MemoryBudgets):     # two store round trips to overlap
                 state, admission = await self._check_both(tenant, tokens, ticket)
             else:
                 state = await budgets.check(tenant) if budgeted else None
@@ -115,7 +117,12 @@ class Admit:
         return until_s is not None and time.monotonic() < until_s
 
     def _give_back(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> None:
-        """End a served request's admission in the background: free its slot, settle its tokens to those used."""
+        """End a served request's admission: free its slot, settle its tokens to those used; in the background,
+        unless the limiter is in-process (then nothing waits or can fail)."""
+        limiter = self.services.stores.limiter
+        if isinstance(limiter, MemoryLimiter):
+            limiter.end_now(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens)
+            return
         end, again = self._ending(tenant, ticket, reserved_tokens, actual_tokens)
         self._end_in_background(tenant, end, again)
 

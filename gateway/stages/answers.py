@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.tokens import DEFAULT_ENCODING, count_completion_tokens, count_prompt_tokens, usage_from_response
 
@@ -25,14 +27,64 @@ def read_identity(attempt: Attempt, answer: dict) -> None:
 
 
 def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
-    """Tokens counted by the gateway when the upstream reported none."""
-    texts = ctx.stream_record.texts if ctx.stream_record is not None else []
+    """Tokens counted by the gateway when the upstream reported none: the prompt, and every text the model
+    generated (content, reasoning, refusals, function and tool calls)."""
+    encoding = attempt.model.encoding
+    output = count_completion_tokens(_generated_texts(ctx), encoding) if ctx.endpoint != "embeddings" else 0
+    return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, estimated=True)
+
+
+def _generated_texts(ctx: RequestContext) -> list[str]:
+    """The texts the model generated: a non-streamed answer's choices, or what a stream sent the client, each
+    part of each choice besides its text joined whole (a tool call's arguments come in fragments that split
+    tokens apart: counted one by one, they would count more)."""
     if ctx.response_body is not None:
         choices = ctx.response_body.get("choices")
-        texts = [_choice_text(c) for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
-    encoding = attempt.model.encoding
-    output = count_completion_tokens(texts, encoding) if ctx.endpoint != "embeddings" else 0
-    return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, estimated=True)
+        return [text for c in choices if isinstance(c, dict) for text in _choice_texts(c)] \
+            if isinstance(choices, list) else []
+    record = ctx.stream_record
+    if record is None:
+        return []
+    return [*record.texts, *("".join(pieces) for pieces in record.parts.values())]
+
+
+def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
+    """The texts a model generated in a chat message or stream delta besides its `content`, each with the part
+    of the answer it belongs to: reasoning (`reasoning_content`, else `reasoning`: a server that sends both
+    sends the same text twice), a refusal, a legacy `function_call`, and each tool call, by name and arguments."""
+    reasoning = message.get("reasoning_content")
+    if not _is_text(reasoning):
+        reasoning = message.get("reasoning")
+    if _is_text(reasoning):
+        yield "reasoning", reasoning
+    if _is_text(refusal := message.get("refusal")):
+        yield "refusal", refusal
+    yield from _function_parts("function_call", message.get("function_call"))
+    tool_calls = message.get("tool_calls")
+    for position, call in enumerate(tool_calls if isinstance(tool_calls, list) else ()):
+        if isinstance(call, dict):
+            index = call.get("index", position)
+            yield from _function_parts(f"tool_calls[{index if type(index) is int else position}]",
+                                       call.get("function"))
+
+
+def _function_parts(part: str, function: object) -> Iterator[tuple[str, str]]:
+    """A function call's name and arguments (a stream sends the arguments in pieces)."""
+    if isinstance(function, dict):
+        for field in ("name", "arguments"):
+            if _is_text(text := function.get(field)):
+                yield f"{part}.{field}", text
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _choice_texts(choice: dict) -> list[str]:
+    """A non-streamed choice's generated texts: its answer text and, in a chat message, the other parts."""
+    message = choice.get("message")
+    others = [text for _, text in generated_parts(message)] if isinstance(message, dict) else []
+    return [_choice_text(choice), *others]
 
 
 def _choice_text(choice: dict) -> str:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
 from gateway.cache.key import cache_control, cache_key, is_cacheable
+from gateway.cache.memory import MemoryCache
 from gateway.cache.replay import replay_sse
 from gateway.cache.singleflight import FlightAbandoned, LocalFlight
 from gateway.context import Decision, RequestContext
@@ -62,7 +63,7 @@ class Lookup:
             return None
         ctx.cache_key = cache_key(prefix=ctx.policy.store.key_prefix, tenant=ctx.tenant_name,
                                   route=route.name, resolved=route.name, endpoint=ctx.endpoint, body=ctx.body)
-        ctx.extra["cache_store"] = store
+        ctx.cache_store = store
         ctx.cache_lookup = lookup
         cache = self.services.stores.cache
         if lookup and cache.remote:         # an in-process store answers at once: nothing to overlap
@@ -111,7 +112,7 @@ class Cache:
     async def _single_flight(self, ctx: RequestContext) -> CacheEntry | None:
         """Follow an identical request in flight (its entry), or lead one (None: call upstream)."""
         singleflight = self.services.stores.singleflight
-        if singleflight.local_only or not ctx.extra.get("cache_store"):
+        if singleflight.local_only or not ctx.cache_store:
             # no-store: nothing will be stored for other replicas to find, so they are not made to wait
             flight = singleflight.try_lead(ctx.cache_key)
             if flight is not None:
@@ -197,7 +198,7 @@ class Cache:
                stored: asyncio.Future | None) -> asyncio.Future | None:
         """Write a fresh answer in the background, `stored` set once it is in; returns `stored` when
         nothing is written (None when the write took it over)."""
-        if entry is None or not ctx.extra.get("cache_store"):
+        if entry is None or not ctx.cache_store:
             return stored
         data = encode_entry(entry)
         store = self.services.stores.cache
@@ -207,6 +208,9 @@ class Cache:
         if ctx.response is not None and not ctx.response.prepared:
             ctx.response.headers["x-gateway-cache"] = "stored"
         ttl_s = ctx.decision.route.cache.ttl_s
+        if isinstance(store, MemoryCache):  # in-process: written now, as cheaply as a task could start
+            store.put(ctx.cache_key, data, ttl_s)
+            return stored
         self.services.background.spawn(_written(store.set(ctx.cache_key, data, ttl_s), stored), name="cache-write")
         return None
 

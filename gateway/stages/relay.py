@@ -26,7 +26,7 @@ from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
-from gateway.stages.answers import read_identity
+from gateway.stages.answers import generated_parts, read_identity
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall
 
@@ -39,12 +39,13 @@ OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", 
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("chunks", "texts", "finish_reasons", "finished_choices", "done", "collect", "chunk_gaps_s",
-                 "last_output_s")
+    __slots__ = ("chunks", "texts", "parts", "finish_reasons", "finished_choices", "done", "collect",
+                 "chunk_gaps_s", "last_output_s")
 
     def __init__(self, collect: bool) -> None:
         self.chunks: list[dict] = []
         self.texts: list[str] = []
+        self.parts: dict[tuple[int, str], list[str]] = {}  # the other texts generated, by choice and part, in pieces
         self.finish_reasons: list[str] = []
         self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
         self.done = False
@@ -53,9 +54,9 @@ class StreamState:
         self.last_output_s: float | None = None     # when the latest chunk carrying output came
 
     def absorb(self, chunk: dict) -> bool:
-        """Keep the text, finish reasons (and the chunk, when the cache wants it); True when the chunk carried
-        output (text, tool calls, a refusal, reasoning), whose timing it notes. Choices of odd shapes are
-        passed over."""
+        """Keep the text, the other generated texts (tool calls, a refusal, reasoning: usage estimates count
+        them), finish reasons (and the chunk, when the cache wants it); True when the chunk carried output,
+        whose timing it notes. Choices of odd shapes are passed over."""
         if self.collect:
             self.chunks.append(chunk)
         choices = chunk.get("choices")
@@ -75,10 +76,14 @@ class StreamState:
                 output = True
             elif not output and isinstance(delta, dict):
                 output = _carries_other_output(delta)
+            index = choice.get("index", 0)
+            index = index if type(index) is int else 0
+            if isinstance(delta, dict):
+                for part, piece in generated_parts(delta):
+                    self.parts.setdefault((index, part), []).append(piece)
             if (reason := choice.get("finish_reason")) and isinstance(reason, str):
                 self.finish_reasons.append(reason)
-                index = choice.get("index", 0)
-                self.finished_choices.add(index if type(index) is int else 0)
+                self.finished_choices.add(index)
         if output:
             now_s = time.perf_counter()
             if self.last_output_s is not None:

@@ -92,6 +92,18 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             self._dropped.add("traces", "queue_full", 1)
         super().on_end(span)
 
+    def on_end_all(self, spans: Sequence[ReadableSpan]) -> None:
+        """`on_end` for the spans of one request, which share its trace and so its sampled flag: one check
+        for the whole request, then each span is queued as `on_end` would queue it."""
+        if not spans or not spans[0].context.trace_flags.sampled:
+            return
+        batch = self._batch_processor
+        queue = batch._queue
+        if (over := len(queue) + len(spans) - queue.maxlen) > 0:
+            self._dropped.add("traces", "queue_full", min(over, len(spans)))
+        for span in spans:
+            batch.emit(span)
+
 
 class CountingMetricExporter(MetricExporter):
     """Delegates to a metric exporter, adding the gateway's own histograms; counts the points of failed exports."""

@@ -25,16 +25,21 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.telemetry.exporters import CountingBatchSpanProcessor
 
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_TRACEPARENT = "traceparent"
+_TRACESTATE = "tracestate"
+_NO_PARENT = Context()
 
 
 class SpanDraft:
@@ -83,7 +88,7 @@ class RequestSpans:
     """Drafts a request's SERVER span and its children, and hands them on when the request ends."""
 
     def __init__(self, *, sampler: Sampler, ids: IdGenerator, resource: Resource, scope: InstrumentationScope,
-                 processor: SpanProcessor | None) -> None:
+                 processor: CountingBatchSpanProcessor | None) -> None:
         self._sampler = sampler
         self._ids = ids
         self._resource = resource
@@ -96,10 +101,13 @@ class RequestSpans:
 
     def server(self, name: str, headers: Mapping[str, str], attributes: dict[str, Any]) -> SpanDraft:
         """The SERVER span: a child of the caller's valid traceparent, else the root of a new trace."""
-        parent_context = self._propagator.extract(headers, context=Context())
-        parent = trace.get_current_span(parent_context).get_span_context()
-        if not parent.is_valid:
-            parent = None
+        if _TRACEPARENT in headers:
+            parent_context = self._propagator.extract(headers, context=Context())
+            parent: SpanContext | None = trace.get_current_span(parent_context).get_span_context()
+            if not parent.is_valid:
+                parent = None
+        else:                               # nothing to extract: the propagator would find no parent either
+            parent_context, parent = _NO_PARENT, None
         trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
         sampled = self._sampler.should_sample(parent_context, trace_id, name, SpanKind.SERVER, attributes)
         if sampled.attributes:
@@ -119,10 +127,16 @@ class RequestSpans:
             server.children.append(child)
         return child
 
-    def trace_headers(self, span: SpanDraft) -> dict[str, str]:
-        """The W3C traceparent (and tracestate) that make `span` the parent of an upstream call."""
-        headers: dict[str, str] = {}
-        self._propagator.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span.context)))
+    @staticmethod
+    def trace_headers(span: SpanDraft) -> dict[str, str]:
+        """The W3C traceparent (and tracestate) that make `span` the parent of an upstream call.
+
+        Written as the SDK's TraceContextTextMapPropagator.inject writes them (version 00, lower-case hex),
+        without the context object it would build for each call."""
+        context = span.context
+        headers = {_TRACEPARENT: f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"}
+        if context.trace_state:
+            headers[_TRACESTATE] = context.trace_state.to_header()
         return headers
 
     def export(self, server: SpanDraft) -> None:
@@ -130,8 +144,7 @@ class RequestSpans:
         (the batch processor exports the sampled ones)."""
         if self._processor is None or not server.recording:
             return
-        for draft in (*server.children, server):
-            self._processor.on_end(self._readable(draft))
+        self._processor.on_end_all([self._readable(draft) for draft in (*server.children, server)])
 
     def _readable(self, draft: SpanDraft) -> ReadableSpan:
         attributes: Mapping[str, Any] = draft.attributes

@@ -159,9 +159,14 @@ class Budgets(Protocol):
 
 
 def charge_later(services, tenant: Tenant | None, cost_usd: Decimal) -> None:
-    """Charge a cost to the tenant's budget in a background task, when it has one and there is a cost."""
+    """Charge a cost to the tenant's budget, when it has one and there is a cost: in a background task, or at
+    once when the budgets are held in-process."""
     if cost_usd and tenant is not None and tenant.budget.limited:
-        services.background.spawn(services.stores.budgets.charge(tenant, cost_usd), name="budget-charge")
+        budgets = services.stores.budgets
+        if isinstance(budgets, MemoryBudgets):
+            budgets.charge_now(tenant, cost_usd)
+        else:
+            services.background.spawn(budgets.charge(tenant, cost_usd), name="budget-charge")
 
 
 class MemoryBudgets:
@@ -180,6 +185,10 @@ class MemoryBudgets:
 
     async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
         """Add a request's cost to the tenant's day and month totals; past periods are dropped."""
+        self.charge_now(tenant, cost_usd, now_s)
+
+    def charge_now(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """`charge`, done at once: a request's cost is charged in-process without a task."""
         periods = Periods.at(self.clock() if now_s is None else now_s)
         spent = self.spent_nanos.get(tenant.name, {})
         nanos = to_nanos(cost_usd)

@@ -129,6 +129,10 @@ class MemoryLimiter:
     async def settle(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
                      actual_tokens: int, now_s: float | None = None) -> None:
         """Rewrite the reservation to the real count, or charge a late excess at `now`."""
+        self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s)
+
+    def _settle(self, tenant: Tenant, ticket: str, reserved_tokens: int, actual_tokens: int,
+                now_s: float | None) -> None:
         delta = actual_tokens - reserved_tokens
         log = self.logs.get(tenant.name)
         if tenant.limits.tokens_per_minute is None or delta == 0 or log is None:
@@ -147,9 +151,14 @@ class MemoryLimiter:
     async def end(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
                   now_s: float | None = None) -> bool:
         """release, then settle."""
-        await self.release(tenant, ticket=ticket)
-        await self.settle(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens,
-                          now_s=now_s)
+        return self.end_now(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens,
+                            now_s=now_s)
+
+    def end_now(self, tenant: Tenant, *, ticket: str, reserved_tokens: int, actual_tokens: int,
+                now_s: float | None = None) -> bool:
+        """`end`, done at once: admission ends an in-process admission without a task."""
+        self._release(tenant, ticket)
+        self._settle(tenant, ticket, reserved_tokens, actual_tokens, now_s)
         return True
 
     async def withdraw(self, tenant: Tenant, *, ticket: str, reserved_tokens: int,
@@ -163,6 +172,9 @@ class MemoryLimiter:
 
     async def release(self, tenant: Tenant, *, ticket: str) -> bool:
         """End an admission's in-flight slot; releasing twice is harmless. Always answered: True."""
+        return self._release(tenant, ticket)
+
+    def _release(self, tenant: Tenant, ticket: str) -> bool:
         log = self.logs.get(tenant.name)
         if log is not None:
             log.inflight.pop(ticket, None)

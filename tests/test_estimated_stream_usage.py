@@ -1,0 +1,311 @@
+"""Estimated output tokens count every text the model generated, not only its `content`: tool calls, legacy
+function calls, reasoning, refusals and completions text, each part joined whole before it is counted.
+
+The end-to-end tests run the gateway against `raw`, a scripted model server priced at 1 USD / 2 USD per million
+tokens; route `raw-cached` may store its answers in the cache (the requests pin temperature 0), route `raw-plain` may
+not. Expected counts are
+computed here with tiktoken's encoder for the model's encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from gateway.context import Attempt, RequestContext, Usage
+from gateway.policy.model import Model
+from gateway.stages.answers import settle_attempt
+from gateway.stages.relay import StreamState
+from gateway.tokens import get_encoding
+from tests.support import accounting
+from tests.support.harness import DEFAULT_SIMS, Harness, reset_raw_model
+from tests.support.policies import models, short_timeouts, standard_model
+from tests.support.raw_upstream import SSE_HEAD, RawUpstream, chunk, json_answer, sse
+
+ARGUMENT_PIECES = ['{"', 'loc', 'ation', '":"', 'San', ' Franc', 'isco', ',', ' CA', '",', '"unit', '":"',
+                   'cel', 'sius', '"}']
+ARGUMENTS = "".join(ARGUMENT_PIECES)
+
+ROUTES = ["raw-cached", "raw-plain"]
+
+
+def tokens(text: str, encoding: str = "o200k_base") -> int:
+    return len(get_encoding(encoding).encode_ordinary(text))
+
+
+# settle_attempt on a stream's record -----------------------------------------------------------------------
+
+MODEL = Model(name="m", endpoint="http://127.0.0.1:1/v1", upstream_model="m", size_b=1)
+
+
+def delta_chunk(delta: dict, index: int = 0, finish: str | None = None) -> dict:
+    return {"choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+
+
+def settled(chunks: list[dict], *, endpoint: str = "chat", status: int = 200,
+            usage: Usage | None = None) -> Usage:
+    """The usage settle_attempt gives an attempt whose stream, absorbed by the relay's StreamState, sent
+    `chunks`."""
+    state = StreamState(collect=False)
+    for each in chunks:
+        state.absorb(each)
+    ctx = RequestContext(http=None, policy=None, request_id="r", endpoint=endpoint, prompt_tokens=7,
+                         bytes_sent=True)
+    ctx.stream_record = state
+    attempt = Attempt(model=MODEL, started_s=0.0, status=status, usage=usage)
+    ctx.attempts.append(attempt)
+    settle_attempt(ctx, attempt)
+    return attempt.usage
+
+
+def test_tool_call_arguments_are_counted_joined_with_the_name():
+    """A tool call's name and its arguments, streamed in fragments, count as the two whole texts (fragments
+    counted one by one would count more), beside the content, estimated."""
+    chunks = [delta_chunk({"role": "assistant", "content": "Let me check."}),
+              delta_chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                           "function": {"name": "get_weather", "arguments": ""}}]}),
+              *(delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                for piece in ARGUMENT_PIECES),
+              delta_chunk({}, finish="tool_calls")]
+    usage = settled(chunks)
+    assert sum(map(tokens, ARGUMENT_PIECES)) > tokens(ARGUMENTS)
+    assert usage == Usage(input_tokens=7, estimated=True,
+                          output_tokens=tokens("Let me check.") + tokens("get_weather") + tokens(ARGUMENTS))
+
+
+def test_parallel_tool_calls_are_each_joined_apart():
+    """Two tool calls whose fragments interleave are joined call by call, and so are two choices' calls."""
+    first, second = ['{"a"', ': 1}'], ['{"b"', ': 22}']
+    chunks = [delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "one", "arguments": first[0]}},
+                                          {"index": 1, "function": {"name": "two", "arguments": second[0]}}]}),
+              delta_chunk({"tool_calls": [{"index": 1, "function": {"arguments": second[1]}}]}),
+              delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": first[1]}}]}),
+              delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "three", "arguments": "{}"}}]},
+                          index=1)]
+    expected = sum(map(tokens, ["one", "".join(first), "two", "".join(second), "three", "{}"]))
+    assert settled(chunks).output_tokens == expected
+
+
+def test_reasoning_content_is_counted():
+    """Reasoning streamed as `reasoning_content` counts, joined, beside the answer's text."""
+    chunks = [delta_chunk({"reasoning_content": "The user"}), delta_chunk({"reasoning_content": " greets me."}),
+              delta_chunk({"content": "Hello!"})]
+    assert settled(chunks).output_tokens == tokens("The user greets me.") + tokens("Hello!")
+
+
+def test_reasoning_is_counted():
+    """Reasoning streamed as `reasoning` (the name some servers use) counts too."""
+    chunks = [delta_chunk({"reasoning": "Think"}), delta_chunk({"reasoning": "ing hard."})]
+    assert settled(chunks).output_tokens == tokens("Thinking hard.")
+
+
+def test_reasoning_sent_under_both_names_is_counted_once():
+    """A server that sends the same reasoning as both `reasoning_content` and `reasoning` is counted once."""
+    pieces = ["Consider", " the", " weather", " in Paris."]
+    chunks = [delta_chunk({"reasoning_content": piece, "reasoning": piece}) for piece in pieces]
+    assert settled(chunks).output_tokens == tokens("".join(pieces))
+
+
+def test_a_legacy_function_call_is_counted():
+    """A legacy `function_call` delta counts its name and its joined arguments."""
+    chunks = [delta_chunk({"function_call": {"name": "get_weather", "arguments": ""}}),
+              *(delta_chunk({"function_call": {"arguments": piece}}) for piece in ARGUMENT_PIECES)]
+    assert settled(chunks).output_tokens == tokens("get_weather") + tokens(ARGUMENTS)
+
+
+def test_a_refusal_is_counted():
+    """A refusal streamed in pieces counts as its whole text."""
+    chunks = [delta_chunk({"refusal": "I can't"}), delta_chunk({"refusal": " help with that."})]
+    assert settled(chunks).output_tokens == tokens("I can't help with that.")
+
+
+def test_completions_text_is_counted():
+    """A completions stream's `choices[].text` counts."""
+    chunks = [{"choices": [{"index": 0, "text": "Once upon"}]}, {"choices": [{"index": 0, "text": " a time"}]}]
+    assert settled(chunks, endpoint="completions").output_tokens == tokens("Once upon") + tokens(" a time")
+
+
+def test_a_stream_cut_by_the_client_counts_what_it_was_sent():
+    """An attempt whose client left (499) after a tool call began is charged the call's pieces it was sent."""
+    chunks = [delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "search", "arguments": ""}}]}),
+              *(delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                for piece in ARGUMENT_PIECES[:5])]
+    usage = settled(chunks, status=499)
+    assert usage.estimated and usage.output_tokens == tokens("search") + tokens("".join(ARGUMENT_PIECES[:5]))
+
+
+def test_reported_usage_is_untouched():
+    """An answer whose usage the model reported keeps it: nothing is estimated."""
+    reported = Usage(input_tokens=3, output_tokens=2)
+    chunks = [delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ARGUMENTS}}]})]
+    assert settled(chunks, usage=reported) is reported
+
+
+def test_a_plain_answer_counts_its_message_whole():
+    """A non-streamed answer without usage counts its content, reasoning, refusal, tool and function calls."""
+    message = {"role": "assistant", "content": "Checking.", "reasoning_content": "Need weather.",
+               "reasoning": "Need weather.", "refusal": "Partly not.",
+               "tool_calls": [{"id": "c1", "type": "function",
+                               "function": {"name": "get_weather", "arguments": ARGUMENTS}}],
+               "function_call": {"name": "legacy", "arguments": "{}"}}
+    ctx = RequestContext(http=None, policy=None, request_id="r", prompt_tokens=7)
+    ctx.response_body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    attempt = Attempt(model=MODEL, started_s=0.0, status=200)
+    ctx.attempts.append(attempt)
+    settle_attempt(ctx, attempt)
+    texts = ["Checking.", "Need weather.", "Partly not.", "get_weather", ARGUMENTS, "legacy", "{}"]
+    assert attempt.usage == Usage(input_tokens=7, output_tokens=sum(map(tokens, texts)), estimated=True)
+
+
+# end to end: a scripted model server, the ledger and the cost ----------------------------------------------
+
+TOOL_EVENTS = [
+    json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}).encode()
+    for delta in [{"role": "assistant", "content": None,
+                   "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": ""}}]},
+                  *({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in ARGUMENT_PIECES)]
+]
+FINISH = chunk(None, finish="tool_calls")
+
+
+def policy(raw_url: str, ledger: str) -> str:
+    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
+    return head + f"""  raw:
+    endpoint: {raw_url}
+    upstream_model: fake
+    size_b: 1
+    price: {{{{input_per_mtok: 1.00, output_per_mtok: 2.00}}}}
+    timeouts: {{{{connect_s: 1, first_byte_s: 5, total_s: 10}}}}
+routes:
+  - name: raw-plain
+    match: {{{{models: ["raw-plain"]}}}}
+    candidates: [raw]
+  - name: raw-cached
+    match: {{{{models: ["raw-cached"]}}}}
+    candidates: [raw]
+    cache: {{{{enabled: true, ttl_s: 60}}}}
+ledger: {{{{path: "{ledger}"}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    ledger = tmp_path_factory.mktemp("ledger") / "requests.jsonl"
+    raw = RawUpstream().start()
+    environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
+    environ.update(OTEL_SDK_DISABLED="true")
+    harness = Harness(policy(raw.url, str(ledger)), sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS},
+                      environ=environ).start()
+    harness.ledger_path = ledger
+    try:
+        yield harness, raw
+    finally:
+        harness.stop()
+        raw.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh(env):
+    reset_raw_model(*env)
+
+
+def unique_messages() -> list[dict]:
+    """A prompt no other request sent, so a cached route never answers from the cache."""
+    return [{"role": "user", "content": f"Weather in San Francisco? ({uuid.uuid4().hex[:8]})"}]
+
+
+def raw_cost(input_tokens: int, output_tokens: int) -> Decimal:
+    return accounting.api_cost(input_tokens, output_tokens, "1.00", "2.00")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_streamed_tool_call_without_usage_is_charged_its_tokens(env, route):
+    """A model that streams a tool call's arguments and no usage chunk is charged, in the ledger and the cost,
+    output tokens equal to tiktoken's count of the name and arguments the SDK received; it used to be 0."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(*TOOL_EVENTS, FINISH, b"[DONE]"), 0.0)]
+    response = harness.openai().chat.completions.with_raw_response.create(
+        model=route, messages=unique_messages(), temperature=0, stream=True, stream_options={"include_usage": True},
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    chunks = list(response.parse())
+    calls = [call for c in chunks for choice in c.choices for call in choice.delta.tool_calls or ()]
+    name = "".join(call.function.name or "" for call in calls)
+    arguments = "".join(call.function.arguments or "" for call in calls)
+    assert (name, arguments) == ("get_weather", ARGUMENTS) and all(c.usage is None for c in chunks)
+    request_id = response.headers["x-request-id"]
+    record = accounting.ledger_record(harness.ledger_path, request_id)
+    output_tokens = tokens(name) + tokens(arguments)
+    assert (record["output_tokens"], record["tokens_estimated"]) == (output_tokens, True)
+    assert Decimal(record["cost_usd"]) == raw_cost(record["input_tokens"], output_tokens)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_client_leaving_mid_tool_call_is_charged_the_arguments_it_was_sent(env, route):
+    """A client that hangs up while a tool call's arguments stream is charged the name and the fragments it was
+    sent, counted joined, estimated."""
+    harness, raw = env
+    sent, rest = TOOL_EVENTS[:8], TOOL_EVENTS[8:]
+    raw.script = [(SSE_HEAD + sse(*sent), 0.0), (sse(*rest, FINISH, b"[DONE]"), 0.5)]
+    request_id = f"leaves-{route}"
+    body = json.dumps({"model": route, "stream": True, "temperature": 0, "messages": unique_messages()}).encode()
+    client = socket.create_connection(("127.0.0.1", harness.port))
+    client.settimeout(10)
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"x-request-id: %s\r\nContent-Length: %d\r\n\r\n" % (request_id.encode(), len(body)) + body)
+    received = b""
+    while received.count(b"data:") < len(sent):
+        received += client.recv(65536)
+    client.close()
+    until_answered(raw)
+    record = accounting.ledger_record(harness.ledger_path, request_id)
+    output_tokens = tokens("get_weather") + tokens("".join(ARGUMENT_PIECES[:len(sent) - 1]))
+    assert record["status"] == 499 and record["tokens_estimated"] is True
+    assert record["output_tokens"] == output_tokens
+    assert Decimal(record["cost_usd"]) == raw_cost(record["input_tokens"], output_tokens)
+
+
+def until_answered(raw: RawUpstream, timeout_s: float = 5.0) -> None:
+    """Wait until the model server has written its whole script (to a gateway that hung up)."""
+    deadline_s = time.monotonic() + timeout_s
+    while raw.in_flight and time.monotonic() < deadline_s:
+        time.sleep(0.02)
+
+
+def test_a_streamed_tool_call_with_usage_keeps_the_models_count(env):
+    """A stream that ends with the model's usage chunk is charged that usage, not an estimate."""
+    harness, raw = env
+    usage = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                        "choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9,
+                                                 "total_tokens": 49}}).encode()
+    raw.script = [(SSE_HEAD + sse(*TOOL_EVENTS, FINISH, usage, b"[DONE]"), 0.0)]
+    response = harness.openai().chat.completions.with_raw_response.create(
+        model="raw-plain", messages=unique_messages(), stream=True)
+    list(response.parse())
+    record = accounting.ledger_record(harness.ledger_path, response.headers["x-request-id"])
+    assert (record["input_tokens"], record["output_tokens"], record["tokens_estimated"]) == (40, 9, False)
+    assert Decimal(record["cost_usd"]) == raw_cost(40, 9)
+
+
+def test_a_plain_tool_call_answer_without_usage_is_charged_its_tokens(env):
+    """A non-streamed tool call answer without usage is charged the tokens of its call's name and arguments."""
+    harness, raw = env
+    message = {"role": "assistant", "content": None,
+               "tool_calls": [{"id": "call_1", "type": "function",
+                               "function": {"name": "get_weather", "arguments": ARGUMENTS}}]}
+    raw.script = json_answer({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "fake",
+                              "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]})
+    response = harness.openai().chat.completions.with_raw_response.create(model="raw-plain",
+                                                                         messages=unique_messages())
+    assert response.parse().choices[0].message.tool_calls[0].function.arguments == ARGUMENTS
+    record = accounting.ledger_record(harness.ledger_path, response.headers["x-request-id"])
+    output_tokens = tokens("get_weather") + tokens(ARGUMENTS)
+    assert (record["output_tokens"], record["tokens_estimated"]) == (output_tokens, True)
+    assert Decimal(record["cost_usd"]) == raw_cost(record["input_tokens"], output_tokens)

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import HOLDER, build_app
 from gateway.errors import PolicyError
+from gateway.policy.load import load_policy
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
 from gateway.services import policy_encodings
 from gateway.stores import redis_url
@@ -144,7 +145,7 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
         loop.add_signal_handler(sig, stop.set)
     reloads = BackgroundTasks()
     loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(holder.reload_async(SIGNAL), name="policy-reload"))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})    # one sent during start-up is handled now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)    # one sent during start-up is handled now
     watcher = asyncio.create_task(watch_policy(holder))
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, holder.path)
     if ready is not None:
@@ -256,6 +257,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         except ListenError as exc:
             log.error("worker %d: %s", slot, exc)
             return None
+        supervisor.allow_grace(_grace_period_s(policy))
         keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
         inherited = sorted(open_fds() - {0, 1, 2} - keep)
         process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
@@ -276,6 +278,15 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     finally:
         for sock in held:
             sock.close()
+
+
+def _grace_period_s(policy: Path) -> float:
+    """The grace period a worker started now reads from the policy file; 0 when it cannot be read (the worker
+    will not start either)."""
+    try:
+        return load_policy(policy).server.grace_period_s
+    except (PolicyError, OSError):
+        return 0.0
 
 
 def open_fds() -> set[int]:
@@ -326,9 +337,9 @@ def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inher
     """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it.
 
     `inherited`: the parent's descriptors the worker has no use for (its wake pipe, the other workers' pipes),
-    closed here. A stop signal before `run_server` handles it, or after the drain, exits 0 at once; a SIGHUP
-    before waits (blocked) for `run_server`, after is ignored. The supervisor's death, even by SIGKILL, is a
-    SIGTERM (`stop_with_parent`)."""
+    closed here. A stop signal or a SIGHUP during start-up waits (blocked) until `run_server` handles it; after
+    the drain, a stop signal exits 0 at once and a SIGHUP is ignored. The supervisor's death, even by SIGKILL,
+    is a SIGTERM (`stop_with_parent`)."""
     stop_with_parent(supervisor_pid)
     for fd in inherited:
         with contextlib.suppress(OSError):
@@ -337,7 +348,8 @@ def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inher
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_at_once)
     signal.signal(signal.SIGHUP, _ignore)      # not SIG_IGN, which would drop one sent during start-up
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})   # SIGHUP waits for run_server
+    # SIGTERM, SIGINT and SIGHUP stay blocked (as the fork left them) until run_server handles them: a stop
+    # during start-up waits for it and drains nothing, rather than raise out of wherever start-up is
     try:
         holder = PolicyHolder.from_file(policy, os.environ)
     except PolicyError as exc:

@@ -27,10 +27,14 @@ log = logging.getLogger("gateway")
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: a pid as a worker writes it to the ready pipe
 PID_BYTES = 4
-#: how long past its grace period a stopping worker may run before it is killed (SIGKILL): the drain of its
-#: requests takes up to the grace period, then its shutdown closes the rest (the last background writes, the
-#: ledger up to 3 s, the telemetry flush up to 5 s), with room to spare
-KILL_MARGIN_S = 10.0
+#: a stopping worker waits up to one grace period for each of: policy reloads under way, its requests (aiohttp
+#: rounds its two half-grace waits up by under a second each) and its background work (admission releases,
+#: cache writes)
+GRACE_PERIODS_PER_STOP = 3
+#: then it closes the rest (the ledger up to 3 s, the stores, the telemetry flush up to 5 s), with room to
+#: spare: a worker still running GRACE_PERIODS_PER_STOP grace periods and this margin after the stop is
+#: killed (SIGKILL)
+KILL_MARGIN_S = 15.0
 #: prctl(2)'s option that sets the signal a process gets when its parent dies (Linux)
 PR_SET_PDEATHSIG = 1
 
@@ -55,8 +59,9 @@ class Supervisor:
     (having said why): an exit with status 1. A worker says it serves by writing its pid to `ready_fd`
     (`say_serving`), inherited through fork; one that never does is never counted as serving. A stop
     signal is passed on once; a worker must handle it at any time, so one killed by it is a failure. One
-    still running `grace_period_s` + `kill_margin_s` after the stop was passed on is killed (SIGKILL), a
-    failure too. `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the
+    still running GRACE_PERIODS_PER_STOP × the longest grace period a worker may have started with
+    (`grace_period_s`, raised by `allow_grace`) + `kill_margin_s` after the stop was passed on is killed
+    (SIGKILL), a failure too. `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the
     first failure's status (its exit code, 1 for an unasked exit 0, or 128 + the signal that killed it), also
     when the worker that failed was restarted and served on.
     """
@@ -66,7 +71,7 @@ class Supervisor:
                  backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
         self.spawn = spawn
         self.slots = [Slot(index) for index in range(workers)]
-        self.kill_after_s = grace_period_s + kill_margin_s
+        self.grace_period_s, self.kill_margin_s = grace_period_s, kill_margin_s
         self.crash_limit, self.crash_window_s = crash_limit, crash_window_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.crashes: deque[float] = deque()
@@ -74,6 +79,16 @@ class Supervisor:
         self.kill_at: float | None = None       # time.monotonic() when the workers still running get SIGKILL
         self.status = 0
         self.ready_r, self.ready_fd = os.pipe()
+
+    @property
+    def kill_after_s(self) -> float:
+        """How long after a stop a worker still running is killed."""
+        return GRACE_PERIODS_PER_STOP * self.grace_period_s + self.kill_margin_s
+
+    def allow_grace(self, grace_period_s: float) -> None:
+        """A worker starts with this grace period (read from the policy file now, which may have changed since
+        start-up): a stop gives every worker time for the longest one."""
+        self.grace_period_s = max(self.grace_period_s, grace_period_s)
 
     def run(self) -> int:
         try:
@@ -88,15 +103,22 @@ class Supervisor:
     def _abandon(self) -> None:
         """After an unexpected error: stop every live worker (SIGTERM unless a stop was passed on already, SIGKILL
         past the deadline), then wait for each, leaving none unsupervised."""
-        log.error("supervisor failed: stopping %d worker(s)", len(self._live()))
-        if self.stop_signal is None:
-            self._stop(signal.SIGTERM)
-        deadline = self.kill_at if self.kill_at is not None else time.monotonic()     # None: killed already
-        for slot in self._live():
-            slot.process.join(max(0.0, deadline - time.monotonic()))
-        self._kill_stragglers()
-        for slot in self._live():
-            slot.process.join()
+        # `_supervise` gave the signals their former handlers back: a stop signal now must not end this process
+        # before its workers (a hung one would be left behind), and it asks for nothing more than is under way
+        previous = {sig: signal.signal(sig, _already_stopping) for sig in HANDLED}
+        try:
+            log.error("supervisor failed: stopping %d worker(s)", len(self._live()))
+            if self.stop_signal is None:
+                self._stop(signal.SIGTERM)
+            deadline = self.kill_at if self.kill_at is not None else time.monotonic()     # None: killed already
+            for slot in self._live():
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+            self._kill_stragglers()
+            for slot in self._live():
+                slot.process.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _supervise(self) -> int:
         wake_r, wake_w = os.pipe()
@@ -107,7 +129,8 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         try:
             for slot in self.slots:
-                self._start(slot)
+                if self.stop_signal is None:    # a crash-limit stop while starting: the rest never start
+                    self._start(slot)
             while self._running():
                 self._step(wake_r)
         finally:
@@ -237,6 +260,10 @@ class Supervisor:
 def say_serving(ready_fd: int) -> None:
     """In a worker, once it serves: tell the supervisor, through the pipe end it was given."""
     os.write(ready_fd, os.getpid().to_bytes(PID_BYTES, "little"))   # one write under PIPE_BUF: never split
+
+
+def _already_stopping(signum: int, _frame) -> None:
+    log.info("%s: already stopping", signal.Signals(signum).name)
 
 
 def stop_with_parent(parent_pid: int) -> None:

@@ -145,7 +145,10 @@ async def test_budget_and_limits_checked_together_both_answer():
 
 
 class SlowBudgets(MemoryBudgets):
-    """In-memory budgets whose read takes as long as a slow store round trip."""
+    """In-memory budgets whose read takes as long as a slow store round trip, and which admission treats as a
+    remote store: read beside the limiter's admission, not before it."""
+
+    remote = True
 
     async def check(self, tenant, now_s=None):
         await asyncio.sleep(0.05)

@@ -90,6 +90,68 @@ def test_parallel_tool_calls_are_each_joined_apart():
                           index=1)]
     expected = sum(map(tokens, ["one", "".join(first), "two", "".join(second), "three", "{}"]))
     assert settled(chunks).output_tokens == expected
+    state = StreamState(collect=False)
+    for each in chunks:
+        state.absorb(each)
+    assert sorted(state.parts.texts()) == sorted(["one", "".join(first), "two", "".join(second), "three", "{}"])
+
+
+def tool_call_chunks(*arguments: str, name_every_time: bool = False) -> list[dict]:
+    """A streamed tool call get_weather whose argument pieces are `arguments`."""
+    return [delta_chunk({"tool_calls": [{"index": 0, "function": {
+        **({"name": "get_weather"} if name_every_time or position == 0 else {}), "arguments": piece}}]})
+        for position, piece in enumerate(arguments)]
+
+
+@pytest.mark.parametrize("shape", ["resent-at-the-end", "name-and-arguments-resent", "name-every-time",
+                                   "cumulative"])
+def test_a_tool_call_a_server_sends_again_is_counted_once(shape):
+    """Servers that send the whole arguments again with the last chunk, the name in every delta, or all the
+    arguments so far in every chunk (a cumulative mode some providers have) are not billed for the repeats."""
+    if shape == "resent-at-the-end":
+        chunks = tool_call_chunks(*ARGUMENT_PIECES, ARGUMENTS)
+    elif shape == "name-and-arguments-resent":
+        chunks = [*tool_call_chunks(*ARGUMENT_PIECES),
+                  delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "get_weather",
+                                                                        "arguments": ARGUMENTS}}]},
+                              finish="tool_calls")]
+    elif shape == "name-every-time":
+        chunks = tool_call_chunks(*ARGUMENT_PIECES, name_every_time=True)
+    else:
+        chunks = tool_call_chunks(*("".join(ARGUMENT_PIECES[:end]) for end in range(1, len(ARGUMENT_PIECES) + 1)))
+    assert settled(chunks).output_tokens == tokens("get_weather") + tokens(ARGUMENTS)
+
+
+def test_a_name_streamed_in_pieces_and_arguments_that_start_alike_are_still_joined():
+    """Only a piece that repeats all that was kept replaces it: a name in two pieces, and argument pieces that
+    merely begin like the text so far, are joined as sent."""
+    chunks = [delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "get_", "arguments": "{"}}]}),
+              delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": '"a": "{'}}]}),
+              delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"}'}}]})]
+    assert settled(chunks).output_tokens == tokens("get_weather") + tokens('{"a": "{"}')
+
+
+def test_arguments_sent_as_a_json_object_are_counted_as_their_json():
+    """A server that sends a tool call's arguments as an object (OpenAI sends a string) is billed its JSON."""
+    arguments = {"location": "San Francisco, CA", "unit": "celsius"}
+    chunks = [delta_chunk({"tool_calls": [{"index": 0, "function": {"name": "get_weather",
+                                                                    "arguments": arguments}}]})]
+    assert settled(chunks).output_tokens == tokens("get_weather") + tokens(json.dumps(arguments,
+                                                                                     separators=(",", ":")))
+
+
+def test_a_long_reasoning_stream_is_held_joined_not_piece_by_piece():
+    """Reasoning pieces are joined every JOIN_EVERY, so a long stream holds its text, not an object a piece;
+    the count is the same as the whole text's."""
+    from gateway.stages.answers import JOIN_EVERY
+
+    pieces = [f" step {n}" for n in range(1000)]
+    state = StreamState(collect=False)
+    for piece in pieces:
+        state.absorb(delta_chunk({"reasoning_content": piece}))
+    (kept,) = state.parts._parts.values()
+    assert len(kept.pieces) < JOIN_EVERY
+    assert state.parts.texts() == ["".join(pieces)]
 
 
 def test_reasoning_content_is_counted():

@@ -417,8 +417,9 @@ def ignore_sigterm(ready_fd: int) -> None:
 
 
 def test_a_worker_that_hangs_after_sigterm_is_killed_past_grace_and_margin(caplog):
-    """A worker still running the grace period plus the kill margin after SIGTERM is killed (SIGKILL), logged at
-    ERROR with its pid, and the supervisor exits 128 + SIGKILL; the worker that stopped in time is not killed."""
+    """A worker still running three grace periods (reloads, requests, background work) plus the kill margin
+    after SIGTERM is killed (SIGKILL), logged at ERROR with its pid, and the supervisor exits 128 + SIGKILL; the
+    worker that stopped in time is not killed."""
     caplog.set_level(logging.INFO, logger="gateway")
     started: list[int] = []
 
@@ -441,7 +442,7 @@ def test_a_worker_that_hangs_after_sigterm_is_killed_past_grace_and_margin(caplo
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left
-    assert 0.9 <= took_s < 4, took_s       # SIGTERM at 0.5 s, the kill at 1.0 s: not before, not much after
+    assert 1.5 <= took_s < 4.5, took_s     # SIGTERM at 0.5 s, the kill at 0.5 + 3 × 0.3 + 0.2 = 1.6 s
     hung = started[1]
     killed = [record for record in caplog.records if record.levelname == "ERROR" and f"(pid {hung})" in record.message]
     assert any("still running" in record.message for record in killed), caplog.text
@@ -483,3 +484,134 @@ def test_a_worker_whose_supervisor_died_before_it_started_exits_at_once():
         process.start()
         process.join(5)
         assert process.exitcode == status
+
+
+def test_a_stop_gives_every_worker_the_longest_grace_period_any_was_started_with():
+    """A replacement worker reads the policy file again, whose grace period may have grown since start-up: the
+    stop's deadline follows the longest one a worker may have, never a shorter one read later."""
+    supervisor = Supervisor(lambda slot: None, 1, grace_period_s=2.0, kill_margin_s=15.0)
+    assert supervisor.kill_after_s == 3 * 2.0 + 15.0
+    supervisor.allow_grace(40.0)
+    supervisor.allow_grace(5.0)
+    assert supervisor.kill_after_s == 3 * 40.0 + 15.0
+
+
+def test_a_replacement_worker_reads_its_grace_period_from_the_file_as_it_is_now(tmp_path):
+    """The grace period a starting worker will read is taken from the policy file at each start; an unreadable
+    file gives 0 (the worker does not start either)."""
+    from gateway.server import _grace_period_s
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("grace_period_s: 2", "grace_period_s: 40"))
+    assert _grace_period_s(policy) == 40
+    policy.write_text("version: [")
+    assert _grace_period_s(policy) == 0
+    assert _grace_period_s(tmp_path / "missing.yaml") == 0
+
+
+def test_a_crash_limit_stop_while_starting_starts_no_more_workers(caplog):
+    """The first slots cannot start and reach the crash limit, which stops everything: the slots after them are
+    not started (a worker forked then would never get the stop, and be killed at the deadline)."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    started: list[int] = []
+
+    def spawn(slot: int):
+        if slot < 3:
+            return None
+        process = FORK.Process(target=sleep_until_sigterm, args=(supervisor.ready_fd,))
+        process.start()
+        started.append(process.pid)
+        return process
+
+    supervisor = Supervisor(spawn, 4, crash_limit=3, grace_period_s=1.0, kill_margin_s=1.0)
+    begun = time.monotonic()
+    assert supervisor.run() == 1
+    assert time.monotonic() - begun < 2
+    for pid in started:
+        os.kill(pid, signal.SIGKILL)
+    assert started == [], caplog.text
+
+
+def test_a_sigterm_while_a_failed_supervisor_stops_its_workers_does_not_end_it_first(tmp_path):
+    """After an unexpected error the supervisor stops its workers, killing a hung one at the deadline; a SIGTERM
+    meanwhile (its handlers are gone by then) waits, so it does not die first and leave the hung worker behind."""
+    pids = tmp_path / "pids"
+    script = f"""
+import os, signal, sys, time
+from gateway.server import FORK
+from gateway.supervisor import Supervisor, say_serving
+from tests.test_workers import ignore_sigterm
+started = []
+def spawn(slot):
+    if len(started) == 2:
+        raise BlockingIOError(11, "fork failed")
+    process = FORK.Process(target=ignore_sigterm if slot else os._exit, args=(supervisor.ready_fd,) if slot else (3,))
+    process.start()
+    started.append(process.pid)
+    open({str(pids)!r}, "w").write(" ".join(map(str, started)))
+    return process
+supervisor = Supervisor(spawn, 2, backoff_s=0.2, grace_period_s=0.5, kill_margin_s=1.0)
+supervisor.run()
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    try:
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout_s=10)
+        time.sleep(0.5)                     # the restart fell due and raised: the workers are being stopped
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+        hung = int(pids.read_text().split()[1])
+        assert "BlockingIOError" in process.stderr.read()     # it ended on its error, not on the SIGTERM
+        assert process.returncode == 1
+        wait_for(lambda: not alive(hung), timeout_s=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if pids.exists():
+            for pid in map(int, pids.read_text().split()):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, capfd):
+    """A stop signal during a worker's start-up (the supervisor's stop, or the parent-death signal) waits,
+    blocked, until the worker handles it: the worker exits 0, without a traceback, wherever start-up was.
+    Here it arrives while uvloop sets up its signal handling."""
+    from gateway.server import _worker_process, claim_port, listen_sockets
+    from gateway.supervisor import HANDLED, blocked_signals
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    held = claim_port("127.0.0.1", 0)
+    ready_r, ready_w = os.pipe()
+
+    def worker(*args) -> None:
+        os.environ.pop("GATEWAY_REDIS_URL", None)
+        os.environ["OTEL_SDK_DISABLED"] = "true"
+        real, sent = socket.socketpair, []
+
+        def socketpair(*a, **kw):       # uvloop's signal set-up, as the worker's loop starts (uvloop, imported
+            if not sent:                # later, keeps this function: it is called again at the loop's end)
+                sent.append(os.kill(os.getpid(), signal.SIGTERM))
+            return real(*a, **kw)
+
+        socket.socketpair = socketpair
+        _worker_process(*args)
+
+    try:
+        sockets = listen_sockets("127.0.0.1", held[0].getsockname()[1], reuse_port=True, listen=False)
+        with blocked_signals(HANDLED):
+            process = FORK.Process(target=worker, args=(policy, "127.0.0.1", sockets, [ready_r], ready_w,
+                                                        os.getpid()))
+            process.start()
+        for sock in sockets:
+            sock.close()
+        process.join(20)
+        err = capfd.readouterr().err
+        assert process.exitcode == 0, f"exit {process.exitcode}\n{err[-2500:]}"
+        assert "Traceback" not in err, err[-2500:]
+    finally:
+        for sock in held:
+            sock.close()
+        os.close(ready_r)
+        os.close(ready_w)

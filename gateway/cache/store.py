@@ -8,7 +8,8 @@ from typing import Protocol
 class CacheStore(Protocol):
     """Bytes by key, with a TTL; a store never raises on get/set/delete."""
 
-    #: a read is a network round trip (worth starting early, beside other waits), not an in-process lookup
+    #: a read is a network round trip (worth starting early, beside other waits), not an in-process lookup;
+    #: a store that is not remote also offers `put`, `set` done at once (the cache stage writes without a task)
     remote: bool
 
     async def get(self, key: str) -> bytes | None:

@@ -1,7 +1,8 @@
 """admit: tenant budgets and rate limits (requests, tokens, concurrency), atomic in the store.
 
-What an admission holds is given back after the answer has left, in the
-background: the response never waits for a store round trip to free a slot.
+What an admission holds is given back in its finish, after the call: with a
+remote store in the background (the response never waits for a store round
+trip to free a slot), in-process at once.
 A give-back the store does not answer (a network blip) is tried again until
 it does, for up to LATE_END_S, instead of leaving the slot taken for the
 in-flight TTL. A refusal for concurrency is retried once this process's
@@ -19,8 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gateway.context import RequestContext
-from gateway.tenancy.budgets import MemoryBudgets, charge_later
-from gateway.tenancy.limits_memory import MemoryLimiter
+from gateway.tenancy.budgets import charge_later
 from gateway.tenancy.limits import STORE_RETRY_S, Admission, new_ticket, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
@@ -52,7 +52,7 @@ class Admit:
         ticket = new_ticket()
         try:
             if budgeted and limited and not self._known_exhausted(tenant.name) and \
-                    not isinstance(budgets, MemoryBudgets):     # two store round trips to overlap
+                    budgets.remote:     # two store round trips to overlap
                 state, admission = await self._check_both(tenant, tokens, ticket)
             else:
                 state = await budgets.check(tenant) if budgeted else None
@@ -120,7 +120,7 @@ class Admit:
         """End a served request's admission: free its slot, settle its tokens to those used; in the background,
         unless the limiter is in-process (then nothing waits or can fail)."""
         limiter = self.services.stores.limiter
-        if isinstance(limiter, MemoryLimiter):
+        if not limiter.remote:
             limiter.end_now(tenant, ticket=ticket, reserved_tokens=reserved_tokens, actual_tokens=actual_tokens)
             return
         end, again = self._ending(tenant, ticket, reserved_tokens, actual_tokens)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import orjson
+
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.tokens import DEFAULT_ENCODING, count_completion_tokens, count_prompt_tokens, usage_from_response
 
@@ -45,7 +47,74 @@ def _generated_texts(ctx: RequestContext) -> list[str]:
     record = ctx.stream_record
     if record is None:
         return []
-    return [*record.texts, *("".join(pieces) for pieces in record.parts.values())]
+    return [*record.texts, *record.parts.texts()]
+
+
+#: a part's pieces kept apart before they are joined into one: a long reasoning stream holds its text, not
+#: a string object for each of its thousands of pieces
+JOIN_EVERY = 64
+
+
+class GeneratedParts:
+    """What a stream generated besides its text, by choice and part (reasoning, a refusal, each function call's
+    name and arguments), for the usage estimate: each part joined whole, since its pieces split tokens apart.
+
+    Some servers send a function call's name or arguments again: whole with the last chunk, or all of it so
+    far in every chunk. A piece that repeats everything kept for its part so far (two characters at least,
+    or all of it) replaces it rather than adding to it, so the call is counted once.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[int, str], _Part] = {}
+
+    def add(self, index: int, delta: dict) -> None:
+        """Keep what the delta of choice `index` generated besides its text."""
+        for part, piece in generated_parts(delta):
+            kept = self._parts.get((index, part))
+            if kept is None:
+                self._parts[(index, part)] = _Part(piece)
+            elif part.endswith(_FUNCTION_FIELDS) and kept.repeated_by(piece):
+                kept.replace(piece)
+            else:
+                kept.append(piece)
+
+    def texts(self) -> list[str]:
+        """Each part's text, joined."""
+        return [part.text() for part in self._parts.values()]
+
+
+_FUNCTION_FIELDS = (".name", ".arguments")
+
+
+class _Part:
+    """One part's pieces and their total length."""
+
+    __slots__ = ("pieces", "length")
+
+    def __init__(self, piece: str) -> None:
+        self.pieces, self.length = [piece], len(piece)
+
+    def repeated_by(self, piece: str) -> bool:
+        """Whether `piece` starts with everything kept so far (the length test first: a new fragment is short)."""
+        if len(piece) < self.length or (self.length < 2 and piece != self.text()):
+            return False
+        return piece.startswith(self.text())
+
+    def replace(self, piece: str) -> None:
+        self.pieces, self.length = [piece], len(piece)
+
+    def append(self, piece: str) -> None:
+        self.pieces.append(piece)
+        self.length += len(piece)
+        if len(self.pieces) >= JOIN_EVERY:
+            self.pieces = [self.text()]
+
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces = ["".join(self.pieces)]
+        return self.pieces[0]
 
 
 def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
@@ -69,11 +138,16 @@ def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
 
 
 def _function_parts(part: str, function: object) -> Iterator[tuple[str, str]]:
-    """A function call's name and arguments (a stream sends the arguments in pieces)."""
+    """A function call's name and arguments (a stream sends the arguments in pieces; a server that sends them
+    as a JSON object, not the string OpenAI sends, has them counted as that object's JSON)."""
     if isinstance(function, dict):
-        for field in ("name", "arguments"):
-            if _is_text(text := function.get(field)):
-                yield f"{part}.{field}", text
+        if _is_text(name := function.get("name")):
+            yield f"{part}.name", name
+        arguments = function.get("arguments")
+        if isinstance(arguments, (dict, list)) and arguments:
+            arguments = orjson.dumps(arguments).decode()
+        if _is_text(arguments):
+            yield f"{part}.arguments", arguments
 
 
 def _is_text(value: object) -> bool:

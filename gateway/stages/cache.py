@@ -6,8 +6,8 @@ admission's round trip overlap and a hit waits for one, not two. A refused
 request is never answered from the cache: only `Cache` answers.
 
 A hit answers here; a miss lets the call go on and its finish stores the
-answer in the background, so a cache write never delays a response.
-Identical requests arriving while the first is in flight wait for it.
+answer (in the background for a remote store, at once in-process), so a cache
+write never waits for a store round trip. Identical requests arriving while the first is in flight wait for it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from aiohttp import web
 
 from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
 from gateway.cache.key import cache_control, cache_key, is_cacheable
-from gateway.cache.memory import MemoryCache
 from gateway.cache.replay import replay_sse
 from gateway.cache.singleflight import FlightAbandoned, LocalFlight
 from gateway.context import Decision, RequestContext
@@ -196,8 +195,9 @@ class Cache:
 
     def _store(self, ctx: RequestContext, entry: CacheEntry | None,
                stored: asyncio.Future | None) -> asyncio.Future | None:
-        """Write a fresh answer in the background, `stored` set once it is in; returns `stored` when
-        nothing is written (None when the write took it over)."""
+        """Write a fresh answer (in the background to a remote store, at once in-process), `stored` set once it
+        is in; returns `stored` when nothing is written or the write is done (None when a write under way took
+        it over)."""
         if entry is None or not ctx.cache_store:
             return stored
         data = encode_entry(entry)
@@ -208,7 +208,7 @@ class Cache:
         if ctx.response is not None and not ctx.response.prepared:
             ctx.response.headers["x-gateway-cache"] = "stored"
         ttl_s = ctx.decision.route.cache.ttl_s
-        if isinstance(store, MemoryCache):  # in-process: written now, as cheaply as a task could start
+        if not store.remote:                # in-process: written now, as cheaply as a task could start
             store.put(ctx.cache_key, data, ttl_s)
             return stored
         self.services.background.spawn(_written(store.set(ctx.cache_key, data, ttl_s), stored), name="cache-write")

@@ -26,7 +26,7 @@ from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
-from gateway.stages.answers import generated_parts, read_identity
+from gateway.stages.answers import GeneratedParts, read_identity
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall
 
@@ -34,6 +34,8 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 #: delta fields besides `content` that carry output: the first chunk with any of them is the first token
 OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
+#: a delta with no other fields carries text only (most chunks): nothing more to keep from it
+_TEXT_ONLY = frozenset(("role", "content"))
 
 
 class StreamState:
@@ -45,7 +47,7 @@ class StreamState:
     def __init__(self, collect: bool) -> None:
         self.chunks: list[dict] = []
         self.texts: list[str] = []
-        self.parts: dict[tuple[int, str], list[str]] = {}  # the other texts generated, by choice and part, in pieces
+        self.parts = GeneratedParts()               # the other texts generated, by choice and part
         self.finish_reasons: list[str] = []
         self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
         self.done = False
@@ -78,9 +80,8 @@ class StreamState:
                 output = _carries_other_output(delta)
             index = choice.get("index", 0)
             index = index if type(index) is int else 0
-            if isinstance(delta, dict):
-                for part, piece in generated_parts(delta):
-                    self.parts.setdefault((index, part), []).append(piece)
+            if isinstance(delta, dict) and not _TEXT_ONLY.issuperset(delta):
+                self.parts.add(index, delta)
             if (reason := choice.get("finish_reason")) and isinstance(reason, str):
                 self.finish_reasons.append(reason)
                 self.finished_choices.add(index)

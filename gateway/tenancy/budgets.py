@@ -140,6 +140,10 @@ def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float) -> 
 class Budgets(Protocol):
     """Per-tenant USD spend per UTC day and month."""
 
+    #: the spend lives in a store across the network; budgets that are not remote (in this process) also offer
+    #: `charge_now`, `charge` done at once, and are checked before admission rather than beside it
+    remote: bool
+
     @property
     def store_failures(self) -> int:
         """Store calls that failed or timed out since start."""
@@ -163,7 +167,7 @@ def charge_later(services, tenant: Tenant | None, cost_usd: Decimal) -> None:
     once when the budgets are held in-process."""
     if cost_usd and tenant is not None and tenant.budget.limited:
         budgets = services.stores.budgets
-        if isinstance(budgets, MemoryBudgets):
+        if not budgets.remote:
             budgets.charge_now(tenant, cost_usd)
         else:
             services.background.spawn(budgets.charge(tenant, cost_usd), name="budget-charge")
@@ -171,6 +175,8 @@ def charge_later(services, tenant: Tenant | None, cost_usd: Decimal) -> None:
 
 class MemoryBudgets:
     """Budgets held in this process: lost on restart, for the no-Redis quickstart."""
+
+    remote = False
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
@@ -221,6 +227,8 @@ class _Charges:
 
 class RedisBudgets:
     """Budgets in Redis, shared by replicas and kept across restarts until the period ends."""
+
+    remote = True
 
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
                  on_store_failure: OnStoreFailure = "allow",

@@ -152,6 +152,10 @@ class Limiter(Protocol):
     `release` take the `ticket` of the admission they finish.
     """
 
+    #: the limits live in a store across the network; one that is not remote (in this process) also offers
+    #: `end_now`, `end` done at once (admission ends a served request's admission without a task)
+    remote: bool
+
     @property
     def store_failures(self) -> int:
         """Store calls that failed or timed out since start."""

@@ -72,6 +72,8 @@ class TenantLog:
 class MemoryLimiter:
     """Sliding-log limits held in this process; atomic because admit never awaits mid-step."""
 
+    remote = False
+
     def __init__(self, clock: Callable[[], float] = time.time, *, window_s: float = WINDOW_S,
                  inflight_ttl_s: float = INFLIGHT_TTL_S) -> None:
         self.clock = clock

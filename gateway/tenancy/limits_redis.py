@@ -35,6 +35,8 @@ def limit_arg(value: int | None) -> int:
 class RedisLimiter:
     """Sliding-log limits in Redis; store failures answered per `on_store_failure`, never raised."""
 
+    remote = True
+
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
                  on_store_failure: OnStoreFailure = "allow", *, window_s: float = WINDOW_S,
                  inflight_ttl_s: float = INFLIGHT_TTL_S, backoff_s: float = ADMISSION_BACKOFF_S) -> None:

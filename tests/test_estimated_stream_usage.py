@@ -155,16 +155,20 @@ def test_a_long_reasoning_stream_is_held_joined_not_piece_by_piece():
 
 
 def test_reasoning_content_is_counted():
-    """Reasoning streamed as `reasoning_content` counts, joined, beside the answer's text."""
+    """Reasoning streamed as `reasoning_content` counts, joined, beside the answer's text, and is the usage's
+    reasoning tokens (a part of its output tokens, as upstreams report them)."""
     chunks = [delta_chunk({"reasoning_content": "The user"}), delta_chunk({"reasoning_content": " greets me."}),
               delta_chunk({"content": "Hello!"})]
-    assert settled(chunks).output_tokens == tokens("The user greets me.") + tokens("Hello!")
+    usage = settled(chunks)
+    assert usage.output_tokens == tokens("The user greets me.") + tokens("Hello!")
+    assert usage.reasoning_tokens == tokens("The user greets me.")
 
 
 def test_reasoning_is_counted():
     """Reasoning streamed as `reasoning` (the name some servers use) counts too."""
     chunks = [delta_chunk({"reasoning": "Think"}), delta_chunk({"reasoning": "ing hard."})]
-    assert settled(chunks).output_tokens == tokens("Thinking hard.")
+    usage = settled(chunks)
+    assert usage.output_tokens == usage.reasoning_tokens == tokens("Thinking hard.")
 
 
 def test_reasoning_sent_under_both_names_is_counted_once():
@@ -222,7 +226,8 @@ def test_a_plain_answer_counts_its_message_whole():
     ctx.attempts.append(attempt)
     settle_attempt(ctx, attempt)
     texts = ["Checking.", "Need weather.", "Partly not.", "get_weather", ARGUMENTS, "legacy", "{}"]
-    assert attempt.usage == Usage(input_tokens=7, output_tokens=sum(map(tokens, texts)), estimated=True)
+    assert attempt.usage == Usage(input_tokens=7, output_tokens=sum(map(tokens, texts)),
+                                  reasoning_tokens=tokens("Need weather."), estimated=True)
 
 
 # end to end: a scripted model server, the ledger and the cost ----------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import orjson
 
@@ -30,26 +30,43 @@ def read_identity(attempt: Attempt, answer: dict) -> None:
 
 def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
     """Tokens counted by the gateway when the upstream reported none: the prompt, and every text the model
-    generated (content, reasoning, refusals, function and tool calls)."""
+    generated (content, reasoning, refusals, function and tool calls), its reasoning also counted apart."""
     encoding = attempt.model.encoding
-    output = count_completion_tokens(_generated_texts(ctx), encoding) if ctx.endpoint != "embeddings" else 0
-    return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, estimated=True)
+    output = reasoning = 0
+    if ctx.endpoint != "embeddings":
+        texts, reasoning_texts = _generated_texts(ctx)
+        reasoning = count_completion_tokens(reasoning_texts, encoding)
+        output = count_completion_tokens(texts, encoding) + reasoning
+    return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, reasoning_tokens=reasoning,
+                 estimated=True)
 
 
-def _generated_texts(ctx: RequestContext) -> list[str]:
-    """The texts the model generated: a non-streamed answer's choices, or what a stream sent the client, each
-    part of each choice besides its text joined whole (a tool call's arguments come in fragments that split
-    tokens apart: counted one by one, they would count more)."""
+def _generated_texts(ctx: RequestContext) -> tuple[list[str], list[str]]:
+    """The texts the model generated, (reasoning apart, the rest): a non-streamed answer's choices, or what a
+    stream sent the client, each part of each choice besides its text joined whole (a tool call's arguments
+    come in fragments that split tokens apart: counted one by one, they would count more)."""
+    texts: list[str] = []
+    reasoning: list[str] = []
     if ctx.response_body is not None:
         choices = ctx.response_body.get("choices")
-        return [text for c in choices if isinstance(c, dict) for text in _choice_texts(c)] \
-            if isinstance(choices, list) else []
-    record = ctx.stream_record
-    if record is None:
-        return []
-    return [*record.texts, *record.parts.texts()]
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                texts.append(_choice_text(choice))
+                message = choice.get("message")
+                _sort_parts(generated_parts(message) if isinstance(message, dict) else (), texts, reasoning)
+    elif (record := ctx.stream_record) is not None:
+        texts.extend(record.texts)
+        _sort_parts(record.parts.items(), texts, reasoning)
+    return texts, reasoning
 
 
+def _sort_parts(parts: Iterable[tuple[str, str]], texts: list[str], reasoning: list[str]) -> None:
+    for part, text in parts:
+        (reasoning if part == REASONING else texts).append(text)
+
+
+#: the part of an answer that is its reasoning (counted apart as reasoning tokens too)
+REASONING = "reasoning"
 #: a part's pieces kept apart before they are joined into one: a long reasoning stream holds its text, not
 #: a string object for each of its thousands of pieces
 JOIN_EVERY = 64
@@ -80,9 +97,13 @@ class GeneratedParts:
             else:
                 kept.append(piece)
 
+    def items(self) -> list[tuple[str, str]]:
+        """(part, its text joined) of each choice's parts; the part as `generated_parts` names it."""
+        return [(part, kept.text()) for (_, part), kept in self._parts.items()]
+
     def texts(self) -> list[str]:
         """Each part's text, joined."""
-        return [part.text() for part in self._parts.values()]
+        return [kept.text() for kept in self._parts.values()]
 
 
 _FUNCTION_FIELDS = (".name", ".arguments")
@@ -125,7 +146,7 @@ def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
     if not _is_text(reasoning):
         reasoning = message.get("reasoning")
     if _is_text(reasoning):
-        yield "reasoning", reasoning
+        yield REASONING, reasoning
     if _is_text(refusal := message.get("refusal")):
         yield "refusal", refusal
     yield from _function_parts("function_call", message.get("function_call"))
@@ -152,13 +173,6 @@ def _function_parts(part: str, function: object) -> Iterator[tuple[str, str]]:
 
 def _is_text(value: object) -> bool:
     return isinstance(value, str) and value != ""
-
-
-def _choice_texts(choice: dict) -> list[str]:
-    """A non-streamed choice's generated texts: its answer text and, in a chat message, the other parts."""
-    message = choice.get("message")
-    others = [text for _, text in generated_parts(message)] if isinstance(message, dict) else []
-    return [_choice_text(choice), *others]
 
 
 def _choice_text(choice: dict) -> str:

@@ -76,7 +76,13 @@ class Workers:
             self.process.wait(5)
         for pid in workers:
             if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                kill(pid)
+
+
+def kill(pid: int) -> None:
+    """SIGKILL to a process that may be exiting on its own meanwhile (a worker whose supervisor died)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -303,20 +309,40 @@ def sleep_until_sigterm(ready_fd: int) -> None:
     os._exit(0)
 
 
-def test_a_replacement_that_keeps_failing_leaves_the_serving_worker_be():
+def serve_then_mark(ready_fd: int, marker: Path) -> None:
+    """sleep_until_sigterm, leaving `marker` once it has said it serves."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    say_serving(ready_fd)
+    marker.touch()
+    time.sleep(30)
+    os._exit(0)
+
+
+def fail_once_marked(marker: Path) -> None:
+    """Exit 1, once `marker` is there (so the supervisor reads the other worker's word before this exit)."""
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os._exit(1)
+
+
+def test_a_replacement_that_keeps_failing_leaves_the_serving_worker_be(tmp_path):
     """Past the crash limit, while another worker serves, the failing one is retried at the longest back-off
     and nothing is stopped; the exit status still reports its failure."""
     starts: list[float] = []
+    serving = tmp_path / "serving"
 
     def spawn(slot: int):
         starts.append(time.monotonic())
-        process = FORK.Process(target=sleep_until_sigterm if slot == 0 else os._exit,
-                               args=(supervisor.ready_fd,) if slot == 0 else (1,))
+        process = FORK.Process(target=serve_then_mark if slot == 0 else fail_once_marked,
+                               args=(supervisor.ready_fd, serving) if slot == 0 else (serving,))
         process.start()
         return process
 
     supervisor = Supervisor(spawn, 2, crash_limit=3, crash_window_s=10, backoff_s=0.01, max_backoff_s=0.1)
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    # 2 s: forking a test process that has grown over a whole suite can take 0.1 s a start
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
         assert supervisor.run() == 1
@@ -356,7 +382,7 @@ def test_a_supervisor_that_fails_stops_and_reaps_its_workers_first():
         raise AssertionError("run() returned")
     left = [pid for pid in started if alive(pid)]
     for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        kill(pid)
     assert not left
 
 
@@ -440,7 +466,7 @@ def test_a_worker_that_hangs_after_sigterm_is_killed_past_grace_and_margin(caplo
         timer.cancel()
     left = [pid for pid in started if alive(pid)]
     for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        kill(pid)
     assert not left
     assert 1.5 <= took_s < 4.5, took_s     # SIGTERM at 0.5 s, the kill at 0.5 + 3 × 0.3 + 0.2 = 1.6 s
     hung = started[1]
@@ -466,7 +492,7 @@ def test_sigkill_to_the_supervisor_stops_its_workers(tmp_path):
     finally:
         for pid in workers:
             if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                kill(pid)
         gateway.stop()
 
 
@@ -528,7 +554,7 @@ def test_a_crash_limit_stop_while_starting_starts_no_more_workers(caplog):
     assert supervisor.run() == 1
     assert time.monotonic() - begun < 2
     for pid in started:
-        os.kill(pid, signal.SIGKILL)
+        kill(pid)
     assert started == [], caplog.text
 
 
@@ -570,7 +596,7 @@ supervisor.run()
         if pids.exists():
             for pid in map(int, pids.read_text().split()):
                 if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+                    kill(pid)
 
 
 def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, capfd):

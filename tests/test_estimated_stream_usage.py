@@ -150,7 +150,7 @@ def test_a_long_reasoning_stream_is_held_joined_not_piece_by_piece():
     for piece in pieces:
         state.absorb(delta_chunk({"reasoning_content": piece}))
     (kept,) = state.parts._parts.values()
-    assert len(kept.pieces) < JOIN_EVERY
+    assert len(kept.pieces) < JOIN_EVERY and len(kept.groups) == len(pieces) // JOIN_EVERY
     assert state.parts.texts() == ["".join(pieces)]
 
 

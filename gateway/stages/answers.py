@@ -110,11 +110,12 @@ _FUNCTION_FIELDS = (".name", ".arguments")
 
 
 class _Part:
-    """One part's pieces and their total length."""
+    """One part's text: the groups of JOIN_EVERY pieces already joined, the pieces since, their total length."""
 
-    __slots__ = ("pieces", "length")
+    __slots__ = ("groups", "pieces", "length")
 
     def __init__(self, piece: str) -> None:
+        self.groups: list[str] = []
         self.pieces, self.length = [piece], len(piece)
 
     def repeated_by(self, piece: str) -> bool:
@@ -124,18 +125,17 @@ class _Part:
         return piece.startswith(self.text())
 
     def replace(self, piece: str) -> None:
-        self.pieces, self.length = [piece], len(piece)
+        self.groups, self.pieces, self.length = [], [piece], len(piece)
 
     def append(self, piece: str) -> None:
         self.pieces.append(piece)
         self.length += len(piece)
-        if len(self.pieces) >= JOIN_EVERY:
-            self.pieces = [self.text()]
+        if len(self.pieces) >= JOIN_EVERY:      # each piece is copied once here, once in `text`
+            self.groups.append("".join(self.pieces))
+            self.pieces = []
 
     def text(self) -> str:
-        if len(self.pieces) > 1:
-            self.pieces = ["".join(self.pieces)]
-        return self.pieces[0]
+        return "".join((*self.groups, *self.pieces))
 
 
 def generated_parts(message: dict) -> Iterator[tuple[str, str]]:

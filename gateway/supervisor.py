@@ -194,8 +194,7 @@ class Supervisor:
         for slot in self._live():
             log.error("worker %d (pid %d) still running %.1f s after %s: killing it", slot.index, slot.process.pid,
                       self.kill_after_s, signal.Signals(self.stop_signal).name)
-            with contextlib.suppress(ProcessLookupError):   # gone already: its sentinel says so next
-                os.kill(slot.process.pid, signal.SIGKILL)
+        self._forward(signal.SIGKILL)
 
     def _serving(self, pids: bytes) -> None:
         for offset in range(0, len(pids), PID_BYTES):

@@ -93,7 +93,8 @@ def test_parallel_tool_calls_are_each_joined_apart():
     state = StreamState(collect=False)
     for each in chunks:
         state.absorb(each)
-    assert sorted(state.parts.texts()) == sorted(["one", "".join(first), "two", "".join(second), "three", "{}"])
+    assert sorted(text for _, text in state.parts.items()) == \
+        sorted(["one", "".join(first), "two", "".join(second), "three", "{}"])
 
 
 def tool_call_chunks(*arguments: str, name_every_time: bool = False) -> list[dict]:
@@ -151,7 +152,7 @@ def test_a_long_reasoning_stream_is_held_joined_not_piece_by_piece():
         state.absorb(delta_chunk({"reasoning_content": piece}))
     (kept,) = state.parts._parts.values()
     assert len(kept.pieces) < JOIN_EVERY and len(kept.groups) == len(pieces) // JOIN_EVERY
-    assert state.parts.texts() == ["".join(pieces)]
+    assert state.parts.items() == [("reasoning", "".join(pieces))]
 
 
 def test_reasoning_content_is_counted():

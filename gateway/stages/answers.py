@@ -101,10 +101,6 @@ class GeneratedParts:
         """(part, its text joined) of each choice's parts; the part as `generated_parts` names it."""
         return [(part, kept.text()) for (_, part), kept in self._parts.items()]
 
-    def texts(self) -> list[str]:
-        """Each part's text, joined."""
-        return [kept.text() for kept in self._parts.values()]
-
 
 _FUNCTION_FIELDS = (".name", ".arguments")
 

@@ -310,8 +310,7 @@ _pack_double = struct.Struct("<d").pack      # fixed64, little-endian IEEE 754: 
 
 
 def _any_string(value: str) -> bytes:
-    encoded = value.encode()                 # UnicodeEncodeError for a lone surrogate, as protobuf raises
-    return _ANY_STRING + _varint(len(encoded)) + encoded
+    return _field(_ANY_STRING, value.encode())     # UnicodeEncodeError for a lone surrogate, as protobuf raises
 
 
 def _any_int(value: int) -> bytes | None:

@@ -87,18 +87,16 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
                          export_timeout_millis=settings.export_timeout_ms)
 
     def on_end(self, span: ReadableSpan) -> None:
-        queue = self._batch_processor._queue      # the SDK's bounded deque: it drops a span when this is full
-        if span.context is not None and span.context.trace_flags.sampled and len(queue) >= queue.maxlen:
-            self._dropped.add("traces", "queue_full", 1)
-        super().on_end(span)
+        self.on_end_all((span,))
 
     def on_end_all(self, spans: Sequence[ReadableSpan]) -> None:
         """`on_end` for the spans of one request, which share its trace and so its sampled flag: one check
-        for the whole request, then each span is queued as `on_end` would queue it."""
-        if not spans or not spans[0].context.trace_flags.sampled:
+        for the whole request, then each span is queued as the SDK's `on_end` queues it."""
+        context = spans[0].context if spans else None
+        if context is None or not context.trace_flags.sampled:
             return
         batch = self._batch_processor
-        queue = batch._queue
+        queue = batch._queue                # the SDK's bounded deque: it drops a span when this is full
         if (over := len(queue) + len(spans) - queue.maxlen) > 0:
             self._dropped.add("traces", "queue_full", min(over, len(spans)))
         for span in spans:

@@ -69,6 +69,7 @@ class Candidate:
     predicted_cost_usd: Decimal
     kept: bool
     reasons: tuple[str, ...] = ()       # why dropped, empty when kept
+    predicted_energy_j: float | None = None     # None: the model's energy is not measured (yet)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The live state of every model: latency estimates, in-flight counts, circuit breakers.
+"""The live state of every model: latency and energy estimates, in-flight counts, circuit breakers.
 
 It outlives policy reloads (a model keeps its measurements across a reload)
 and hands each policy its router.
@@ -65,3 +65,6 @@ class Fleet:
 
     def record_latency(self, model_name: str, ttft_s: float | None, tpot_s: float | None) -> None:
         self.estimates.record(model_name, ttft_s, tpot_s)
+
+    def record_energy(self, model_name: str, joules: float, output_tokens: int) -> None:
+        self.estimates.record_energy(model_name, joules, output_tokens)

@@ -235,3 +235,44 @@ def test_energy_cost_is_charged_to_the_tenants_budget(tmp_path):
         assert spent.spent_day_usd == cost_usd.quantize(Decimal("1e-9"))
     finally:
         harness.stop()
+
+
+ENERGY_SLA_POLICY = models(
+    measured_model(price=price(0.10, 0.20)),
+    model("large", upstream_model=None, size_b=70, energy_usd_per_kwh=0.30, latency_prior=latency(5, 20),
+          gpus=DCGM_GPUS),
+) + """
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small, large]
+    sla: {{max_energy_j: 1}}
+energy: {{sample_interval_s: 0.05}}
+"""
+
+
+def test_max_energy_j_moves_traffic_off_a_model_measured_above_it():
+    """The router learns joules per output token from measured answers: once `small` is measured above the
+    route's max_energy_j it is dropped for `energy`, and the next request goes to the unmeasured `large`."""
+    exporter = LiveExporter().start()
+    harness = Harness(ENERGY_SLA_POLICY.replace("PORT", str(exporter.port)),
+                      sims={"small": dict(ttft_ms=5, tpot_ms=20), "large": dict(ttft_ms=5, tpot_ms=20)},
+                      environ=dict(os.environ)).start()
+    try:
+        client = harness.openai()
+        ask = dict(model="auto", max_tokens=20, messages=[{"role": "user", "content": "power"}])
+        first = client.chat.completions.with_raw_response.create(**ask)
+        assert first.headers["x-gateway-model"] == "small"      # not measured yet: not held to the limit
+        estimates = harness.services.fleet.estimates
+        deadline = time.monotonic() + 5
+        while estimates.joules_per_output_token("small") is None and time.monotonic() < deadline:
+            harness.call(harness.services.background.drain(10))
+            time.sleep(0.05)
+        per_token_j = estimates.joules_per_output_token("small")
+        output_tokens = first.parse().usage.completion_tokens
+        # two GPUs at 400 W, 100 W idle each, for the answer's time: far above 1 J for 20 tokens
+        assert per_token_j is not None and per_token_j * output_tokens > 1
+        second = client.chat.completions.with_raw_response.create(**ask)
+        assert second.headers["x-gateway-model"] == "large"
+    finally:
+        harness.stop()

@@ -224,3 +224,16 @@ def test_sped_up_keeps_the_window_and_divides_arrivals_by_the_speed():
     requests = [ReplayRequest(at_s, 10, 5) for at_s in (0.0, 4.0, 8.0, 8.5)]
     assert [(at_s, r.arrival_s) for at_s, r in sped_up(requests, window_s=2.0, speed=4.0)] == [
         (0.0, 0.0), (1.0, 4.0), (2.0, 8.0)]
+
+
+def test_max_energy_j_holds_in_replay_once_a_model_is_measured():
+    """Replay teaches the router each answer's predicted joules, as a live measurement does: once `small` is
+    known to use more than the route's max_energy_j, the next request goes to `large`."""
+    policy = _two_models(small_concurrency=1, first_byte_s=5)
+    route = dataclasses.replace(policy.routes[0], candidates=("small", "large"), fallback=(),
+                                sla=Sla(max_energy_j=100))
+    policy = dataclasses.replace(policy, routes=(route,))
+    requests = [ReplayRequest(0.0, 10, 100), ReplayRequest(5.0, 10, 100)]
+    first, second = replay(policy, requests, seed=0, jitter_sigma=0.0, power_w={"small": 640.0}).outcomes
+    assert first.model == "small" and first.energy_j == pytest.approx(0.436 * 640.0)    # 279 J: above 100
+    assert second.model == "large"

@@ -120,6 +120,20 @@ def gpus_shared_whole(values: dict[str, Any]) -> tuple[str, str] | None:
     return ("models", problem) if problem else None
 
 
+def energy_measured(values: dict[str, Any]) -> tuple[str, str] | None:
+    """A route with `sla.max_energy_j` names only candidates whose GPUs are measured (`gpus`): any other's energy
+    is unknown, and it would never be held to the limit."""
+    models = values.get("models") or {}
+    unmeasured = [f"{route.name}: {', '.join(names)}" for route in values.get("routes") or ()
+                  if isinstance(route, Route) and route.sla.max_energy_j is not None
+                  and (names := [name for name in route.candidates
+                                 if isinstance(models.get(name), Model) and models[name].gpus is None])]
+    if not unmeasured:
+        return None
+    return "routes", (f"sla.max_energy_j needs candidates whose GPUs are measured (gpus:); without gpus: "
+                      f"{'; '.join(unmeasured)}")
+
+
 def min_not_above_max(values: dict[str, Any]) -> tuple[str, str] | None:
     """A prompt-size range must not be empty."""
     low, high = values.get("prompt_tokens_min"), values.get("prompt_tokens_max")
@@ -275,7 +289,7 @@ POLICY = Section(Policy, {
     "telemetry": TELEMETRY,
     "ledger": LEDGER,
     "energy": ENERGY,
-}, checks=(gpus_shared_whole,))
+}, checks=(gpus_shared_whole, energy_measured))
 
 
 def load_policy(path: str | Path) -> Policy:

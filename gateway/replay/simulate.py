@@ -217,12 +217,15 @@ class Simulation:
             if output_tokens:
                 self.estimates.record_output_tokens(flight.route.name, output_tokens)
         self.breakers.record_success(model.name)
-        self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
+        energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
+        if energy_j is not None:            # the router learns joules per token, as from a live measurement
+            self.estimates.record_energy(model.name, energy_j, output_tokens)
         self._settle(flight, now_s)
 
-    def _charge(self, flight: _Flight, now_s: float, usage: Usage) -> None:
+    def _charge(self, flight: _Flight, now_s: float, usage: Usage) -> float | None:
         """Price the attempt ending now as the account stage does: the tokens it used, the GPU time from
-        dispatch to end (queueing on the model server included), and its predicted energy."""
+        dispatch to end (queueing on the model server included), and its predicted energy (returned; None
+        without a power assumption for its model)."""
         model = flight.model
         gpu_s = gpu_seconds(Attempt(model=model, started_s=flight.dispatched_s, ended_s=now_s))
         power_w = self.power_w.get(model.name)
@@ -232,6 +235,7 @@ class Simulation:
             energy_j = held_s * power_w / max(1, model.max_concurrency)
         flight.outcome.cost_usd += request_cost_usd(model, usage, gpu_seconds=gpu_s, energy_j=energy_j)
         flight.energy_j = None if flight.energy_j is None or energy_j is None else flight.energy_j + energy_j
+        return energy_j
 
     def _end_failed(self, flight: _Flight, reason: str) -> None:
         """The request ends unanswered, having paid for its attempts."""

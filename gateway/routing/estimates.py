@@ -1,4 +1,4 @@
-"""Live latency estimates per model, started from the policy's priors.
+"""Live latency and energy estimates per model, started from the policy's priors.
 
 Each model keeps time-windowed samples of TTFT and TPOT (seconds per output
 token). The YAML prior counts as `prior_weight` pseudo-samples that never
@@ -6,6 +6,11 @@ expire, so an untried model is predicted at its prior rather than at zero,
 and real samples dominate once there are many. Samples live in a sorted list
 kept up to date on insert and expiry (bisect), so a percentile is one index.
 Percentiles are nearest-rank over prior and samples together.
+
+Energy is learned from the joules measured on a model's GPUs and attributed
+to its answers (see gateway.energy): joules per output token, the sum of the
+window's joules over the sum of its output tokens. It has no prior: a model
+whose answers have not been measured has no energy estimate.
 """
 
 from __future__ import annotations
@@ -89,8 +94,46 @@ class _ModelStats:
         self.tpot = SampleWindow(prior.tpot_ms / 1000.0, prior_weight, max_samples)
 
 
+class EnergyWindow:
+    """Time-windowed (joules, output tokens) of one model's measured answers, with running sums."""
+
+    __slots__ = ("_samples", "_joules", "_tokens", "_max_samples")
+
+    def __init__(self, max_samples: int) -> None:
+        self._samples: deque[tuple[float, float, int]] = deque()
+        self._joules = 0.0
+        self._tokens = 0
+        self._max_samples = max_samples
+
+    def add(self, now_s: float, joules: float, output_tokens: int) -> None:
+        """Record one answer's attributed joules and the output tokens it made."""
+        if len(self._samples) >= self._max_samples:
+            self._drop_oldest()
+        self._samples.append((now_s, joules, output_tokens))
+        self._joules += joules
+        self._tokens += output_tokens
+
+    def expire(self, cutoff_s: float) -> None:
+        """Drop answers measured before `cutoff_s`."""
+        samples = self._samples
+        while samples and samples[0][0] < cutoff_s:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, joules, tokens = self._samples.popleft()
+        if self._samples:
+            self._joules -= joules
+            self._tokens -= tokens
+        else:                               # no drift: an empty window sums to exactly zero
+            self._joules, self._tokens = 0.0, 0
+
+    def per_token_j(self) -> float | None:
+        """Joules per output token over the window; None with no measured tokens."""
+        return max(0.0, self._joules) / self._tokens if self._tokens > 0 else None
+
+
 class LatencyEstimates:
-    """Per-model TTFT/TPOT percentiles, in-flight counts and per-route output lengths."""
+    """Per-model TTFT/TPOT percentiles and energy per token, in-flight counts and per-route output lengths."""
 
     def __init__(self, models: Iterable[Model] | Mapping[str, Model], window_s: float = 300.0,
                  prior_weight: int = 5, clock: Callable[[], float] = time.monotonic,
@@ -102,6 +145,7 @@ class LatencyEstimates:
         self._models: dict[str, _ModelStats] = {}
         self._in_flight: dict[str, int] = {}
         self._outputs: dict[str, SampleWindow] = {}
+        self._energy: dict[str, EnergyWindow] = {}
         self.track(models)
 
     @classmethod
@@ -139,6 +183,23 @@ class LatencyEstimates:
             stats.ttft.add(now_s, ttft_s)
         if tpot_s is not None:
             stats.tpot.add(now_s, tpot_s)
+
+    def record_energy(self, model_name: str, joules: float, output_tokens: int) -> None:
+        """Record the joules measured for one answer of `output_tokens` tokens (none: nothing is learned)."""
+        if output_tokens <= 0 or not math.isfinite(joules) or joules < 0:
+            return
+        window = self._energy.get(model_name)
+        if window is None:
+            window = self._energy[model_name] = EnergyWindow(self._max_samples)
+        window.add(self._clock(), joules, output_tokens)
+
+    def joules_per_output_token(self, model_name: str) -> float | None:
+        """Measured joules per output token over the window; None before any measured answer."""
+        window = self._energy.get(model_name)
+        if window is None:
+            return None
+        window.expire(self._clock() - self.window_s)
+        return window.per_token_j()
 
     def _fresh(self, model_name: str) -> _ModelStats:
         """A model's stats with samples older than the window dropped."""

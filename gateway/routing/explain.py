@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.context import Decision
 from gateway.policy.model import Sla
 
-_COLUMNS = ("model", "size_b", "tier", "ctx", "ttft_ms", "latency_ms", "cost_usd", "verdict")
+_COLUMNS = ("model", "size_b", "tier", "ctx", "ttft_ms", "latency_ms", "cost_usd", "energy_j", "verdict")
 
 
 def format_sla(sla: Sla) -> str:
@@ -14,6 +14,7 @@ def format_sla(sla: Sla) -> str:
              f"p95_ttft_ms {sla.p95_ttft_ms:g}" if sla.p95_ttft_ms is not None else "",
              f"min_tier {sla.min_tier}" if sla.min_tier else "",
              f"max_cost_usd {sla.max_cost_usd}" if sla.max_cost_usd is not None else "",
+             f"max_energy_j {sla.max_energy_j:g}" if sla.max_energy_j is not None else "",
              f"on_violation {sla.on_violation}"]
     return ", ".join(term for term in terms if term)
 
@@ -29,11 +30,16 @@ def _verdict(decision: Decision, index: int) -> str:
     return f"dropped: {', '.join(candidate.reasons)}{planned}"
 
 
+def _energy(joules: float | None) -> str:
+    """Predicted joules, or '-' for a model whose energy is not measured (yet)."""
+    return "-" if joules is None else f"{joules:.1f}"
+
+
 def _rows(decision: Decision) -> list[tuple[str, ...]]:
     """One row per candidate, in the order they were judged (smallest first)."""
     return [(c.model.name, f"{c.model.size_b:g}", str(c.model.tier), str(c.model.context_window),
              f"{c.predicted_ttft_ms:.0f}", f"{c.predicted_latency_ms:.0f}",
-             f"{c.predicted_cost_usd:.6f}", _verdict(decision, i))
+             f"{c.predicted_cost_usd:.6f}", _energy(c.predicted_energy_j), _verdict(decision, i))
             for i, c in enumerate(decision.candidates)]
 
 

@@ -1,4 +1,4 @@
-"""Per-candidate predictions and verdicts: latency, TTFT, cost, and why a model is dropped.
+"""Per-candidate predictions and verdicts: latency, TTFT, cost, energy, and why a model is dropped.
 
 latency_ms = (TTFT_p95 + (expected_output - 1) × TPOT_p95) × 1000, from the
 live estimates. Load: when a model's in-flight calls reach its declared
@@ -6,7 +6,9 @@ max_concurrency, new calls queue, so both latency and TTFT are multiplied by
 (in_flight + 1) / max_concurrency. Cost is prompt × input price + output ×
 output price; a self-hosted model with a GPU-hour price and no token price
 costs its predicted latency × gpu_hour_usd / 3600 / max_concurrency (its
-share of the GPU while it runs).
+share of the GPU while it runs). Energy is the model's measured joules per
+output token × expected output (× n choices); a model whose answers have not
+been measured yet has no energy prediction and is not held to max_energy_j.
 """
 
 from __future__ import annotations
@@ -35,24 +37,27 @@ class Limits:
     ttft_ms: float | None
     min_tier: int
     cost_usd: Decimal | None
+    energy_j: float | None = None
 
     @classmethod
     def of(cls, sla: Sla) -> Limits:
         """A route's own limits."""
-        return cls(sla.p95_latency_ms, sla.p95_ttft_ms, sla.min_tier, sla.max_cost_usd)
+        return cls(sla.p95_latency_ms, sla.p95_ttft_ms, sla.min_tier, sla.max_cost_usd, sla.max_energy_j)
 
     def tightened(self, tighten: Tighten) -> Limits:
         """These limits with a request's asks applied; an ask can only make them stricter."""
         return Limits(_lowest(self.latency_ms, tighten.max_latency_ms),
                       _lowest(self.ttft_ms, tighten.max_ttft_ms),
                       max(self.min_tier, tighten.min_tier or 0),
-                      _lowest(self.cost_usd, tighten.max_cost_usd))
+                      _lowest(self.cost_usd, tighten.max_cost_usd),
+                      _lowest(self.energy_j, tighten.max_energy_j))
 
     def label(self, kind: str) -> str:
         """The SLA term a reason of `kind` (its first word) broke."""
         labels = {"latency": f"p95_latency_ms {_number(self.latency_ms)}",
                   "ttft": f"p95_ttft_ms {_number(self.ttft_ms)}",
                   "cost": f"max_cost_usd {plain_usd(self.cost_usd) if self.cost_usd is not None else None}",
+                  "energy": f"max_energy_j {_number(self.energy_j)}",
                   "tier": f"min_tier {self.min_tier}",
                   "context": "the context window", "circuit": "a closed circuit"}
         return labels.get(kind, kind)
@@ -117,13 +122,15 @@ def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, 
         ttft_ms *= load
         latency_ms *= load
     cost_usd = priced.cost_usd(prompt_tokens, output_tokens * choices, latency_ms)
+    per_token_j = estimates.joules_per_output_token(name) if output_tokens > 0 else None
+    energy_j = per_token_j * output_tokens * choices if per_token_j is not None else None
     reasons = _reasons(priced, breakers, limits, prompt_tokens + output_tokens, stream,
-                       latency_ms, ttft_ms, cost_usd)
-    return Candidate(priced.model, latency_ms, ttft_ms, cost_usd, not reasons, reasons)
+                       latency_ms, ttft_ms, cost_usd, energy_j)
+    return Candidate(priced.model, latency_ms, ttft_ms, cost_usd, not reasons, reasons, energy_j)
 
 
-def _reasons(priced: PricedModel, breakers: Breakers, limits: Limits, needed_tokens: int,
-             stream: bool, latency_ms: float, ttft_ms: float, cost_usd: Decimal) -> tuple[str, ...]:
+def _reasons(priced: PricedModel, breakers: Breakers, limits: Limits, needed_tokens: int, stream: bool,
+             latency_ms: float, ttft_ms: float, cost_usd: Decimal, energy_j: float | None) -> tuple[str, ...]:
     """Every reason to drop the candidate; empty when it is kept."""
     reasons: list[str] = []
     if needed_tokens > priced.context_window:
@@ -136,6 +143,8 @@ def _reasons(priced: PricedModel, breakers: Breakers, limits: Limits, needed_tok
         reasons.append(f"ttft {ttft_ms:.0f}ms > {limits.ttft_ms:g}ms")
     if limits.cost_usd is not None and cost_usd > limits.cost_usd:
         reasons.append(f"cost ${plain_usd(cost_usd)} > ${plain_usd(limits.cost_usd)}")
+    if limits.energy_j is not None and energy_j is not None and energy_j > limits.energy_j:
+        reasons.append(f"energy {energy_j:.1f}J > {limits.energy_j:g}J")
     if not breakers.available(priced.name):
         reasons.append(f"circuit {breakers.state(priced.name)}")
     return tuple(reasons)

@@ -13,6 +13,7 @@ HEADER_MAX_LATENCY_MS = "x-gateway-max-latency-ms"
 HEADER_MAX_TTFT_MS = "x-gateway-max-ttft-ms"
 HEADER_MIN_TIER = "x-gateway-min-tier"
 HEADER_MAX_COST_USD = "x-gateway-max-cost-usd"
+HEADER_MAX_ENERGY_J = "x-gateway-max-energy-j"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,28 +24,29 @@ class Tighten:
     max_ttft_ms: float | None = None
     min_tier: int | None = None
     max_cost_usd: Decimal | None = None
+    max_energy_j: float | None = None
 
     @property
     def empty(self) -> bool:
         """Whether the request asked for nothing."""
         return (self.max_latency_ms is None and self.max_ttft_ms is None
-                and self.min_tier is None and self.max_cost_usd is None)
+                and self.min_tier is None and self.max_cost_usd is None and self.max_energy_j is None)
 
     def as_dict(self) -> dict[str, float]:
         """The limits asked for, by field name (for `RequestContext.sla_tightened`)."""
         asked = {"max_latency_ms": self.max_latency_ms, "max_ttft_ms": self.max_ttft_ms,
-                 "min_tier": self.min_tier, "max_cost_usd": self.max_cost_usd}
+                 "min_tier": self.min_tier, "max_cost_usd": self.max_cost_usd, "max_energy_j": self.max_energy_j}
         return {name: float(value) for name, value in asked.items() if value is not None}
 
 
 NO_TIGHTEN = Tighten()
 
 
-def _positive_ms(value: str) -> float:
-    """A positive, finite number of milliseconds."""
+def _positive(value: str) -> float:
+    """A positive, finite number."""
     number = float(value)
     if not math.isfinite(number) or number <= 0:
-        raise ValueError("expected a positive number of milliseconds")
+        raise ValueError("expected a positive number")
     return number
 
 
@@ -65,10 +67,11 @@ def _usd(value: str) -> Decimal:
 
 
 _PARSERS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
-    (HEADER_MAX_LATENCY_MS, "max_latency_ms", _positive_ms, "a positive number of milliseconds"),
-    (HEADER_MAX_TTFT_MS, "max_ttft_ms", _positive_ms, "a positive number of milliseconds"),
+    (HEADER_MAX_LATENCY_MS, "max_latency_ms", _positive, "a positive number of milliseconds"),
+    (HEADER_MAX_TTFT_MS, "max_ttft_ms", _positive, "a positive number of milliseconds"),
     (HEADER_MIN_TIER, "min_tier", _tier, "a non-negative integer"),
     (HEADER_MAX_COST_USD, "max_cost_usd", _usd, "a non-negative amount of USD"),
+    (HEADER_MAX_ENERGY_J, "max_energy_j", _positive, "a positive number of joules"),
 )
 
 

@@ -23,7 +23,8 @@ class Observe:
 
     When an attempt ran on measured GPUs, its joules are known only after the
     sample that closes its last interval: the request is then recorded in the
-    background, once they are in, never holding up the response.
+    background, once they are in, never holding up the response; an answer's
+    joules per output token then feed the router's energy estimate.
     """
 
     def __init__(self, services) -> None:
@@ -62,6 +63,9 @@ class Observe:
                     continue
                 attempt.energy_j = await energy.request_finished(attempt.energy_id) or 0.0
                 total_j += attempt.energy_j
+                if attempt.status == 200 and attempt.usage is not None:     # teach the router, as account does
+                    self.services.fleet.record_energy(attempt.model.name, attempt.energy_j,
+                                                      attempt.usage.output_tokens)
                 extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
                 attempt.cost_usd += extra_usd
                 energy_usd += extra_usd

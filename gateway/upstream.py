@@ -19,6 +19,7 @@ from functools import cache
 import aiohttp
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 from gateway.errors import (UPSTREAM_AUTH_STATUSES, UpstreamProtocolError, UpstreamStatus, UpstreamTimeout,
                             UpstreamUnreachable)
@@ -82,6 +83,13 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
                                  sock_read=timeouts.first_byte_s)
 
 
+@cache
+def upstream_url(base_url: str, endpoint: str) -> URL:
+    """A model's URL for an endpoint, parsed once: aiohttp takes a URL as it is, where it parses a string on
+    every call (about 10 µs)."""
+    return URL(base_url.rstrip("/") + PATHS[endpoint])
+
+
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds from a `Retry-After` header, as delta-seconds or an HTTP date, at most MAX_RETRY_AFTER_S;
     None when absent or unreadable (`inf`, `nan`, garbage)."""
@@ -106,8 +114,9 @@ class HttpTransport:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
 
-    def _url(self, call: UpstreamCall) -> str:
-        return call.model.endpoint.rstrip("/") + PATHS[call.endpoint]
+    @staticmethod
+    def _url(call: UpstreamCall) -> URL:
+        return upstream_url(call.model.endpoint, call.endpoint)
 
     async def complete(self, call: UpstreamCall) -> UpstreamAnswer:
         """Send a non-streamed request and return its parsed JSON answer."""

@@ -10,8 +10,8 @@ concatenation of its fields, and a repeated field may be written one element
 at a time.
 
 Values that seldom repeat (floats, ints past 16 bits, long texts) are not
-kept. They, and kept pairs the first time, are written here in wire format
-when they are a str, bool, int64 or float: 0.3-0.5 µs a pair, against 1.9 µs
+kept. They, and kept pairs the first time, are written in wire format
+(gateway.telemetry.wire) when they are a str, bool, int64 or float: 0.3-0.5 µs a pair, against 1.9 µs
 through a `KeyValue`. Any other value (tuples, bytes, mappings, subclasses,
 ints past int64) still goes through protobuf. As protobuf does, a oneof
 member is written even at its default (`int_value: 0`); a pair protobuf
@@ -38,12 +38,10 @@ so the loop waits about 1 ms at most.
 from __future__ import annotations
 
 import logging
-import struct
 from time import perf_counter, sleep
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
@@ -57,9 +55,11 @@ from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
     _encode_trace_state,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, SpanFlags, Status
 from opentelemetry.sdk.trace import ReadableSpan
+
+from gateway.telemetry.wire import ANY_VALUES, field, tag, varint
 
 logger = logging.getLogger(__name__)
 
@@ -74,70 +74,34 @@ CACHED_INT_BOUND = 1 << 16
 TURN_S = 0.001
 
 
-#: the wire type of each field type the encoder writes: varint 0, 64-bit 1, length-delimited 2, 32-bit 5
-_WIRE_TYPES = {FieldDescriptor.TYPE_ENUM: 0, FieldDescriptor.TYPE_UINT32: 0, FieldDescriptor.TYPE_INT64: 0,
-               FieldDescriptor.TYPE_BOOL: 0, FieldDescriptor.TYPE_FIXED64: 1, FieldDescriptor.TYPE_DOUBLE: 1,
-               FieldDescriptor.TYPE_BYTES: 2, FieldDescriptor.TYPE_STRING: 2, FieldDescriptor.TYPE_MESSAGE: 2,
-               FieldDescriptor.TYPE_FIXED32: 5}
-
-
-def _tag(message: Any, field: str) -> bytes:
-    """The wire tag of a field, (number << 3) | wire type, both from the generated descriptor."""
-    descriptor = message.DESCRIPTOR.fields_by_name[field]
-    return _varint(descriptor.number << 3 | _WIRE_TYPES[descriptor.type])
-
-
-def _varint(value: int) -> bytes:
-    """Protobuf's varint: seven bits a byte, least significant first, the high bit set on all but the last."""
-    if value < 0x80:                         # most counts, lengths and enums
-        return _ONE_BYTE[value]
-    if value < 0x4000:                       # most spans' lengths
-        return _TWO_BYTES(value & 0x7F | 0x80, value >> 7)
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-#: each one-byte varint, made once: bytes((value,)) costs several times a lookup
-_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
-_TWO_BYTES = struct.Struct("BB").pack        # half the time of bytes((low, high))
-
-
-def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
-
-
-_REQUEST_RESOURCE_SPANS = _tag(ExportTraceServiceRequest, "resource_spans")
-_RESOURCE_SCOPE_SPANS = _tag(ResourceSpans, "scope_spans")
-_SCOPE_SPANS = _tag(ScopeSpans, "spans")
-_SPAN_ATTRIBUTES = _tag(Span, "attributes")
-_SPAN_TRACE_ID = _tag(Span, "trace_id") + _varint(16)          # ids have fixed lengths: 16 and 8 bytes
-_SPAN_SPAN_ID = _tag(Span, "span_id") + _varint(8)
-_SPAN_PARENT_SPAN_ID = _tag(Span, "parent_span_id") + _varint(8)
-_SPAN_TRACE_STATE = _tag(Span, "trace_state")
-_SPAN_NAME = _tag(Span, "name")
-_SPAN_START = _tag(Span, "start_time_unix_nano")               # fixed64: 8 bytes, little-endian
-_SPAN_END = _tag(Span, "end_time_unix_nano")
-_SPAN_DROPPED_ATTRIBUTES = _tag(Span, "dropped_attributes_count")
-_SPAN_DROPPED_EVENTS = _tag(Span, "dropped_events_count")
-_SPAN_DROPPED_LINKS = _tag(Span, "dropped_links_count")
-_SPAN_STATUS = _tag(Span, "status")
-_STATUS_MESSAGE = _tag(Status, "message")
-_KEY_VALUE_KEY = _tag(KeyValue, "key")
-_KEY_VALUE_VALUE = _tag(KeyValue, "value")
+_REQUEST_RESOURCE_SPANS = tag(ExportTraceServiceRequest, "resource_spans")
+_RESOURCE_SCOPE_SPANS = tag(ResourceSpans, "scope_spans")
+_SCOPE_SPANS = tag(ScopeSpans, "spans")
+_SPAN_ATTRIBUTES = tag(Span, "attributes")
+_SPAN_TRACE_ID = tag(Span, "trace_id") + varint(16)          # ids have fixed lengths: 16 and 8 bytes
+_SPAN_SPAN_ID = tag(Span, "span_id") + varint(8)
+_SPAN_PARENT_SPAN_ID = tag(Span, "parent_span_id") + varint(8)
+_SPAN_TRACE_STATE = tag(Span, "trace_state")
+_SPAN_NAME = tag(Span, "name")
+_SPAN_START = tag(Span, "start_time_unix_nano")               # fixed64: 8 bytes, little-endian
+_SPAN_END = tag(Span, "end_time_unix_nano")
+_SPAN_DROPPED_ATTRIBUTES = tag(Span, "dropped_attributes_count")
+_SPAN_DROPPED_EVENTS = tag(Span, "dropped_events_count")
+_SPAN_DROPPED_LINKS = tag(Span, "dropped_links_count")
+_SPAN_STATUS = tag(Span, "status")
+_STATUS_MESSAGE = tag(Status, "message")
+_KEY_VALUE_KEY = tag(KeyValue, "key")
+_KEY_VALUE_VALUE = tag(KeyValue, "value")
 #: the kind field of each SDK kind (none maps to 0, SPAN_KIND_UNSPECIFIED, which proto3 would leave out)
-_SPAN_KINDS = {kind: _tag(Span, "kind") + _varint(value) for kind, value in _SPAN_KIND_MAP.items()}
+_SPAN_KINDS = {kind: tag(Span, "kind") + varint(value) for kind, value in _SPAN_KIND_MAP.items()}
 #: the code field of each status code, empty for UNSET (0)
-_STATUS_CODES = {code: _tag(Status, "code") + _varint(code.value) if code.value else b""
+_STATUS_CODES = {code: tag(Status, "code") + varint(code.value) if code.value else b""
                  for code in trace.StatusCode}
 #: the status field of each status without a description
-_SPAN_STATUSES = {code: _field(_SPAN_STATUS, encoded) for code, encoded in _STATUS_CODES.items()}
+_SPAN_STATUSES = {code: field(_SPAN_STATUS, encoded) for code, encoded in _STATUS_CODES.items()}
 #: the flags field (fixed32) as the exporter's _span_flags sets it: the parent's is_remote is always known
-_SPAN_FLAGS_LOCAL = _tag(Span, "flags") + SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK.to_bytes(4, "little")
-_SPAN_FLAGS_REMOTE = _tag(Span, "flags") + (SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+_SPAN_FLAGS_LOCAL = tag(Span, "flags") + SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK.to_bytes(4, "little")
+_SPAN_FLAGS_REMOTE = tag(Span, "flags") + (SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
                                             | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK).to_bytes(4, "little")
 
 
@@ -183,8 +147,8 @@ class SpanEncoder:
                 scope_body = b"".join([ScopeSpans(scope=_encode_instrumentation_scope(scope),
                                                   schema_url=scope.schema_url if scope else None).SerializeToString(),
                                        *encoded])
-                body.append(_field(_RESOURCE_SCOPE_SPANS, scope_body))
-            out.append(_field(_REQUEST_RESOURCE_SPANS, b"".join(body)))
+                body.append(field(_RESOURCE_SCOPE_SPANS, scope_body))
+            out.append(field(_REQUEST_RESOURCE_SPANS, b"".join(body)))
         return b"".join(out)
 
     def _span(self, span: ReadableSpan) -> bytes:
@@ -192,7 +156,7 @@ class SpanEncoder:
         fields = _head(span)
         fields += [self._attribute(key, value) for key, value in (span.attributes or {}).items()]
         fields += _tail(span)
-        return _field(_SCOPE_SPANS, b"".join(fields))
+        return field(_SCOPE_SPANS, b"".join(fields))
 
     def _attribute(self, key: str, value: Any) -> bytes:
         """A Span.attributes field for one pair, from the cache when the pair is of a kind that repeats."""
@@ -224,7 +188,7 @@ class SpanEncoder:
     def _encode_attribute(self, key: str, value: Any) -> bytes:
         """A Span.attributes field for one pair: a str, bool, int64 or float written here, in wire format;
         anything else (subclasses, ints past int64, bytes, sequences, mappings, None) by protobuf."""
-        write = _ANY_VALUES.get(value.__class__)
+        write = ANY_VALUES.get(value.__class__)
         if write is not None:
             try:
                 any_value = write(value)
@@ -234,7 +198,7 @@ class SpanEncoder:
             except (UnicodeEncodeError, AttributeError):   # a lone surrogate, a key that is not a str:
                 pass                                       # protobuf decides (and raises for the surrogate)
         try:
-            return _field(_SPAN_ATTRIBUTES, KeyValue(key=key, value=_encode_value(value)).SerializeToString())
+            return field(_SPAN_ATTRIBUTES, KeyValue(key=key, value=_encode_value(value)).SerializeToString())
         except Exception as error:            # as the exporter's encoder does: the pair is left out, logged
             logger.exception("Failed to encode key %s: %s", key, error)
             return b""
@@ -244,8 +208,8 @@ class SpanEncoder:
         key field (none for an empty key: proto3 leaves it out), the value field's tag and length.
         Kept for values short enough to repeat their size (numbers, short texts)."""
         encoded = key.encode()
-        key_value = (_field(_KEY_VALUE_KEY, encoded) if encoded else b"") + _KEY_VALUE_VALUE + _varint(size)
-        head = _SPAN_ATTRIBUTES + _varint(len(key_value) + size) + key_value
+        key_value = (field(_KEY_VALUE_KEY, encoded) if encoded else b"") + _KEY_VALUE_VALUE + varint(size)
+        head = _SPAN_ATTRIBUTES + varint(len(key_value) + size) + key_value
         if size < 0x80:
             if len(self._pair_heads) >= self._cache_entries:
                 self._pair_heads.clear()
@@ -258,11 +222,11 @@ def _head(span: ReadableSpan) -> list[bytes]:
     context, parent, name = span.get_span_context(), span.parent, span.name
     head = [_SPAN_TRACE_ID, context.trace_id.to_bytes(16, "big"), _SPAN_SPAN_ID, context.span_id.to_bytes(8, "big")]
     if context.trace_state:                  # the W3C tracestate header; an empty one is left out
-        head.append(_field(_SPAN_TRACE_STATE, _encode_trace_state(context.trace_state).encode()))
+        head.append(field(_SPAN_TRACE_STATE, _encode_trace_state(context.trace_state).encode()))
     if parent:
         head += _SPAN_PARENT_SPAN_ID, parent.span_id.to_bytes(8, "big")
     if name:
-        head.append(_field(_SPAN_NAME, name.encode()))
+        head.append(field(_SPAN_NAME, name.encode()))
     head.append(_SPAN_KINDS[span.kind])
     start_ns, end_ns = span.start_time, span.end_time
     if start_ns:
@@ -276,15 +240,15 @@ def _tail(span: ReadableSpan) -> list[bytes]:
     """The span's fields after its attributes: dropped counts, events, links, status and flags."""
     tail = []
     if span.dropped_attributes:
-        tail += _SPAN_DROPPED_ATTRIBUTES, _varint(span.dropped_attributes)
+        tail += _SPAN_DROPPED_ATTRIBUTES, varint(span.dropped_attributes)
     if span.events:                          # rare: the exporter's own helper builds them
         tail.append(Span(events=_encode_events(span.events)).SerializeToString())
     if span.dropped_events:
-        tail += _SPAN_DROPPED_EVENTS, _varint(span.dropped_events)
+        tail += _SPAN_DROPPED_EVENTS, varint(span.dropped_events)
     if span.links:
         tail.append(Span(links=_encode_links(span.links)).SerializeToString())
     if span.dropped_links:
-        tail += _SPAN_DROPPED_LINKS, _varint(span.dropped_links)
+        tail += _SPAN_DROPPED_LINKS, varint(span.dropped_links)
     status, parent = span.status, span.parent
     if status is not None:                   # written even when empty (UNSET), as the exporter writes it
         tail.append(_status(status))
@@ -296,37 +260,8 @@ def _status(status: trace.Status) -> bytes:
     """The status field: its code (left out when UNSET) and, when there is one, its description."""
     if not status.description:
         return _SPAN_STATUSES[status.status_code]
-    return _field(_SPAN_STATUS, _field(_STATUS_MESSAGE, status.description.encode())
+    return field(_SPAN_STATUS, field(_STATUS_MESSAGE, status.description.encode())
                   + _STATUS_CODES[status.status_code])
-
-
-_ANY_STRING = _tag(AnyValue, "string_value")
-_ANY_INT = _tag(AnyValue, "int_value")
-_ANY_DOUBLE = _tag(AnyValue, "double_value")
-#: a oneof member is written even at its default (false, 0, "", 0.0), unlike a plain proto3 field
-_ANY_BOOLS = {False: _tag(AnyValue, "bool_value") + b"\x00", True: _tag(AnyValue, "bool_value") + b"\x01"}
-_INT64_MIN, _INT64_MAX, _UINT64_MASK = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
-_pack_double = struct.Struct("<d").pack      # fixed64, little-endian IEEE 754: nan's bits and -0.0's sign kept
-
-
-def _any_string(value: str) -> bytes:
-    return _field(_ANY_STRING, value.encode())     # UnicodeEncodeError for a lone surrogate, as protobuf raises
-
-
-def _any_int(value: int) -> bytes | None:
-    """int_value, a varint of the two's complement (ten bytes for a negative); None past int64, which protobuf
-    rejects."""
-    if _INT64_MIN <= value <= _INT64_MAX:
-        return _ANY_INT + _varint(value & _UINT64_MASK)
-    return None
-
-
-def _any_double(value: float) -> bytes:
-    return _ANY_DOUBLE + _pack_double(value)
-
-
-#: the AnyValue of each exact type _encode_value gives a scalar member; its subclasses are left to protobuf
-_ANY_VALUES = {str: _any_string, bool: _ANY_BOOLS.__getitem__, int: _any_int, float: _any_double}
 
 
 #: tuple elements whose pairs are cached (floats in tuples are rare, and their signed zero would need care)

@@ -57,6 +57,9 @@ class Attempt:
     energy_id: str | None = None        # the attempt's id in the energy ledger, when its GPUs are measured
     energy_j: float | None = None
     chunk_gaps_s: Sequence[float] = ()  # a stream's gaps between chunks, for time_per_output_chunk
+    queued_s: float = 0.0               # waited for a call slot on a saturated model (routing.queue_timeout_ms)
+    holds_slot: bool = False            # took a call slot, given back when the attempt ends
+    dispatched: bool = True             # False while it waits for a call slot, and for good if none came
 
 
 @dataclass

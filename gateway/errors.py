@@ -114,6 +114,8 @@ class UpstreamError(GatewayError):
     #: short machine-readable reason, recorded as the fallback reason and error.type
     reason = "upstream_error"
     retry_after_s: float | None = None
+    #: whether the failure says something about the model's health (its circuit breaker counts it)
+    model_at_fault = True
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -125,6 +127,18 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
     reason = "timeout"
+
+
+class ModelBusy(UpstreamError):
+    """No call slot on a saturated model came within routing.queue_timeout_ms: the gateway's own wait, not the
+    model's failure."""
+
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "model_overloaded"
+    reason = "queue_timeout"
+    retry_after_s = 1.0
+    model_at_fault = False
 
 
 class UpstreamProtocolError(UpstreamError):

@@ -1,4 +1,4 @@
-"""The live state of every model: latency and energy estimates, in-flight counts, circuit breakers.
+"""The live state of every model: latency and energy estimates, in-flight counts, call slots, circuit breakers.
 
 It outlives policy reloads (a model keeps its measurements across a reload)
 and hands each policy its router.
@@ -15,6 +15,7 @@ from gateway.policy.model import Policy
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.planner import Router
+from gateway.routing.slots import Slots
 
 
 class Fleet:
@@ -26,6 +27,7 @@ class Fleet:
         self.rng = rng or random.Random()
         self.estimates = LatencyEstimates.from_policy(policy, clock=clock)
         self.breakers = Breakers(policy.routing.breaker, clock)
+        self.slots = Slots()
         self._routers: dict[str, Router] = {}
         self.router(policy)
 

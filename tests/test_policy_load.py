@@ -86,6 +86,8 @@ def test_full_fixture_fills_every_section():
     assert policy.tenants["beta"] == model.Tenant(name="beta")
     assert policy.server.admin_token_env is None
     assert (policy.routing.breaker.open_s, policy.store.on_store_failure) == (10.0, "deny")
+    assert (policy.routing.queue_timeout_ms, policy.tenants["acme"].priority) == (250.0, 2)
+    assert policy.tenants["beta"].priority == model.DEFAULT_PRIORITY == 1
 
 
 def test_check_policy_is_empty_for_a_valid_file():
@@ -210,6 +212,7 @@ def model_with(fields: str) -> str:
     (model_with("tier: -1"), 3, "models.x.tier", "must not be negative, got -1"),
     (BASE + "routing: {explore_share: 1.5}\n", 8, "routing.explore_share", "must be between 0 and 1, got 1.5"),
     (BASE + "routing: {explore_share: -0.1}\n", 8, "routing.explore_share", "must be between 0 and 1, got -0.1"),
+    (BASE + "routing: {queue_timeout_ms: -5}\n", 8, "routing.queue_timeout_ms", "must not be negative, got -5.0"),
 ])
 def test_nonsense_numbers_are_rejected(text, line, path, message):
     """Negative prices, zero windows or concurrency, negative latencies and timeouts, shares outside [0,1] fail."""

@@ -237,3 +237,41 @@ def test_max_energy_j_holds_in_replay_once_a_model_is_measured():
     first, second = replay(policy, requests, seed=0, jitter_sigma=0.0, power_w={"small": 640.0}).outcomes
     assert first.model == "small" and first.energy_j == pytest.approx(0.436 * 640.0)    # 279 J: above 100
     assert second.model == "large"
+
+
+def _queued_policy(queue_timeout_ms: float, fallback: tuple[str, ...] = ()) -> Policy:
+    """`_two_models` with one slot on small, gateway call slots on, and tenants of priority 0, 1 and 9."""
+    from gateway.policy.model import Routing, Tenant
+
+    policy = _two_models(small_concurrency=1, first_byte_s=5)
+    route = dataclasses.replace(policy.routes[0], fallback=fallback)
+    tenants = {name: Tenant(name, priority=priority) for name, priority in (("batch", 0), ("normal", 1), ("urgent", 9))}
+    small = dataclasses.replace(policy.models["small"], gpu_hour_usd=Decimal(3600))      # 1 USD a second held
+    return dataclasses.replace(policy, models={**policy.models, "small": small}, routes=(route,), tenants=tenants,
+                               routing=Routing(queue_timeout_ms=queue_timeout_ms))
+
+
+def test_replay_serves_gateway_slot_waiters_by_tenant_priority():
+    """As live: with routing.queue_timeout_ms, waiters for small's one slot are served highest priority first."""
+    requests = [ReplayRequest(0.0, 10, 10, tenant="normal"), ReplayRequest(0.01, 10, 10, tenant="batch"),
+                ReplayRequest(0.02, 10, 10, tenant="batch"), ReplayRequest(0.03, 10, 10, tenant="urgent")]
+    outcomes = replay(_queued_policy(10_000), requests, seed=0, jitter_sigma=0.0).outcomes
+    assert all(o.model == "small" for o in outcomes)
+    ends = [o.arrival_s + o.latency_s for o in outcomes]
+    assert sorted(range(4), key=ends.__getitem__) == [0, 3, 1, 2]        # the urgent one right after the first
+    fifo = replay(dataclasses.replace(_queued_policy(10_000), routing=dataclasses.replace(
+        _queued_policy(10_000).routing, queue_timeout_ms=0)), requests, seed=0, jitter_sigma=0.0).outcomes
+    fifo_ends = [o.arrival_s + o.latency_s for o in fifo]
+    assert sorted(range(4), key=fifo_ends.__getitem__) == [0, 1, 2, 3]   # without gateway slots: the server's line
+
+
+def test_replay_gateway_slot_timeout_falls_back_uncharged_and_fails_as_queue_timeout():
+    requests = [ReplayRequest(0.0, 10, 100, tenant="normal"), ReplayRequest(0.01, 10, 100, tenant="urgent")]
+    first, second = replay(_queued_policy(100, fallback=("large",)), requests, seed=0, jitter_sigma=0.0).outcomes
+    assert first.model == "small"
+    assert second.models_tried == ("small", "large") and second.model == "large"
+    assert second.queue_s == pytest.approx(0.1)
+    large_cost = Decimal("2.5") * 10 / 1_000_000 + Decimal("10") * 100 / 1_000_000
+    assert second.cost_usd == large_cost     # the wait for small's slot cost nothing
+    lone = replay(_queued_policy(100), requests, seed=0, jitter_sigma=0.0).outcomes[1]
+    assert (lone.status, lone.reason, lone.cost_usd) == ("failed", "queue_timeout", Decimal(0))

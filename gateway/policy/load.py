@@ -259,6 +259,7 @@ ROUTING = Section(Routing, {
     "prior_weight": integer(non_negative, at_most(MAX_SAMPLES)),
     "breaker": BREAKER,
     "max_attempts": integer(positive),
+    "queue_timeout_ms": real(non_negative),
 })
 STORE = Section(Store, {
     "redis_url": text(url_with("redis", "rediss", "unix")),

@@ -144,6 +144,10 @@ class Budget:
         return self.usd_per_day is not None or self.usd_per_month is not None
 
 
+#: a tenant's priority when the policy gives none, and an anonymous caller's
+DEFAULT_PRIORITY = 1
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
@@ -152,7 +156,7 @@ class Tenant:
     models: tuple[str, ...] = ()                # allowed aliases; empty: every alias
     limits: Limits = field(default_factory=Limits)
     budget: Budget = field(default_factory=Budget)
-    priority: int = 1
+    priority: int = DEFAULT_PRIORITY        # higher waits less for a saturated model's call slot
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ class Routing:
     prior_weight: int = 5           # pseudo-samples the latency prior counts for
     breaker: Breaker = field(default_factory=Breaker)
     max_attempts: int = 4
+    #: > 0: a model's max_concurrency caps this process's calls on it, the rest wait this long, by tenant priority
+    queue_timeout_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ class Outcome:
     output_tokens: int
     route: str | None = None
     status: str = "ok"                  # ok | cache_hit | rejected | failed
-    #: rejected: unknown_tenant | forbidden | no_route | context | sla; failed: timeout | circuit_open
+    #: rejected: unknown_tenant | forbidden | no_route | context | sla; failed: timeout | queue_timeout | circuit_open
     reason: str | None = None
     model: str | None = None            # the model that answered
     models_tried: tuple[str, ...] = ()

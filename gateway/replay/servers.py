@@ -1,15 +1,18 @@
-"""Simulated model servers: `max_concurrency` slots, a FIFO queue, and service times from the priors.
+"""Simulated model servers: `max_concurrency` slots, a queue, and service times from the priors.
 
 A request's service time on a model is TTFT + (output - 1) x TPOT, the model's
 latency_prior scaled by the request's own lognormal jitter factors (median 1),
 so two policies replaying the same traffic draw the same luck for each request.
-A server does not slow down as it fills; beyond its slots, requests wait.
+A server does not slow down as it fills; beyond its slots, requests wait, first
+come first; with a rank given (the gateway's call slots, `routing.queue_timeout_ms`),
+lowest rank first, then first come.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
-from collections import deque
 from dataclasses import dataclass, field
 
 from gateway.policy.model import Model
@@ -78,23 +81,24 @@ class ModelServer:
     model: Model
     slots: int = 0
     running: int = 0
-    waiting: deque[Ticket] = field(default_factory=deque)
+    waiting: list[tuple[int, int, Ticket]] = field(default_factory=list)     # a heap: (rank, arrival, ticket)
+    _arrivals: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.slots = max(1, self.model.max_concurrency)
 
-    def admit(self, ticket: Ticket) -> bool:
-        """Take a slot now (True), or join the queue (False)."""
+    def admit(self, ticket: Ticket, rank: int = 0) -> bool:
+        """Take a slot now (True), or join the queue (False) behind lower ranks and earlier arrivals."""
         if self.running < self.slots:
             self.running += 1
             return True
-        self.waiting.append(ticket)
+        heapq.heappush(self.waiting, (rank, next(self._arrivals), ticket))
         return False
 
     def release(self) -> Ticket | None:
         """Free a slot; the next live waiter takes it and is returned."""
         while self.waiting:
-            ticket = self.waiting.popleft()
+            ticket = heapq.heappop(self.waiting)[2]
             if not ticket.cancelled:
                 return ticket               # the slot passes straight to it
         self.running -= 1

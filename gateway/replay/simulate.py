@@ -14,6 +14,13 @@ embeddings aside, feed their TTFT (queueing included) and TPOT back into the
 estimates, and in-flight counts are kept, so the router reacts to load as it
 does live. Every attempt is priced as the account stage prices it (see
 `_charge`), failed ones included.
+
+With `routing.queue_timeout_ms` the server's queue is the gateway's: the live
+gateway sends a model no more than `max_concurrency` calls and holds the rest.
+Waiters are then served highest tenant priority first; a wait past the
+deadline falls back as `queue_timeout`, with nothing charged and no breaker
+failure; and an attempt's timeouts, TTFT sample and GPU time start when it
+takes its slot, as live.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from operator import attrgetter
 
 from gateway.context import Attempt, Usage
 from gateway.cost import request_cost_usd
-from gateway.policy.model import Model, Policy, Route
+from gateway.policy.model import DEFAULT_PRIORITY, Model, Policy, Route
 from gateway.replay.outcome import Outcome, ReplayResult
 from gateway.replay.route import Refusal, Routing
 from gateway.replay.servers import JITTER_SIGMA, Jitter, ModelServer, Service, Ticket, draw_jitter
@@ -53,6 +60,9 @@ class _Flight:
     ticket: Ticket | None = None
     dispatched_s: float = 0.0
     started_s: float | None = None
+    call_s: float = 0.0                 # when the model's clock starts: dispatch, or the slot with gateway slots
+    priority: int = DEFAULT_PRIORITY
+    failure: str = "timeout"            # why the last attempt failed
     energy_j: float | None = 0.0        # the attempts' so far; None once a model tried has no power assumption
 
 
@@ -89,6 +99,7 @@ class Simulation:
         self.router = Router(policy, self.estimates, self.breakers, random.Random(f"replay-router:{seed}"))
         self.routing = Routing(policy, self.router)
         self.servers = {name: ModelServer(model) for name, model in policy.models.items()}
+        self.queue_timeout_s = policy.routing.queue_timeout_ms / 1000.0     # 0: the model servers queue
         self.outcomes: list[Outcome] = []
         self._events: list[tuple[float, int, Handler, _Flight, Ticket]] = []
         self._sequence = 0
@@ -128,6 +139,9 @@ class Simulation:
             outcome.status, outcome.sla_ok = "cache_hit", True
             return
         flight = _Flight(outcome, request, decision.route, decision.plan, self.jitter[index])
+        tenant = self.policy.tenants.get(request.tenant) if request.tenant is not None else None
+        if tenant is not None:
+            flight.priority = tenant.priority
         self._dispatch(flight, request.arrival_s)
 
     def _dispatch(self, flight: _Flight, now_s: float) -> None:
@@ -139,29 +153,33 @@ class Simulation:
             if not self.breakers.allow(model.name) and (flight.tried or position < len(plan) - 1):
                 continue
             flight.tried.append(model.name)
-            flight.model, flight.dispatched_s, flight.started_s = model, now_s, None
+            flight.model, flight.dispatched_s, flight.call_s, flight.started_s = model, now_s, now_s, None
             flight.service = Service.of(model, flight.outcome.output_tokens, flight.jitter)
             flight.ticket = ticket = Ticket(flight)
             self.estimates.started(model.name)
-            if self.servers[model.name].admit(ticket):
+            rank = -flight.priority if self.queue_timeout_s else 0
+            if self.servers[model.name].admit(ticket, rank):
                 self._start(flight, now_s)
             else:
-                self._push(now_s + model.timeouts.first_byte_s, self._on_queue_deadline, flight, ticket)
+                deadline_s = self.queue_timeout_s or model.timeouts.first_byte_s
+                self._push(now_s + deadline_s, self._on_queue_deadline, flight, ticket)
             return
-        self._end_failed(flight, "timeout" if flight.tried else "circuit_open")
+        self._end_failed(flight, flight.failure if flight.tried else "circuit_open")
 
     def _start(self, flight: _Flight, now_s: float) -> None:
         """The attempt holds a slot: schedule how it ends."""
         flight.started_s = now_s
-        waited_s = now_s - flight.dispatched_s
-        flight.outcome.queue_s += waited_s
+        flight.outcome.queue_s += now_s - flight.dispatched_s
+        if self.queue_timeout_s:            # the wait was the gateway's: the call starts now
+            flight.call_s = now_s
+        waited_s = now_s - flight.call_s
         service, timeouts = flight.service, flight.model.timeouts
         first_byte_s = service.ttft_s if flight.request.streamed else service.total_s
         if waited_s + first_byte_s > timeouts.first_byte_s:
-            self._push(flight.dispatched_s + timeouts.first_byte_s, self._on_first_byte_timeout,
+            self._push(flight.call_s + timeouts.first_byte_s, self._on_first_byte_timeout,
                        flight, flight.ticket)
         elif waited_s + service.total_s > timeouts.total_s:
-            self._push(flight.dispatched_s + timeouts.total_s, self._on_total_timeout, flight, flight.ticket)
+            self._push(flight.call_s + timeouts.total_s, self._on_total_timeout, flight, flight.ticket)
         else:
             self._push(now_s + service.total_s, self._on_finish, flight, flight.ticket)
 
@@ -173,12 +191,17 @@ class Simulation:
             self._start(waiter.key, now_s)
 
     def _on_queue_deadline(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """A queued attempt saw no first byte in time: it leaves the queue and falls back."""
+        """A queued attempt saw no first byte in time (or, with gateway slots, got no slot in time): it leaves
+        the queue and falls back."""
         if flight.ticket is not ticket or flight.started_s is not None:
             return
         ticket.cancelled = True
         flight.outcome.queue_s += now_s - flight.dispatched_s
         self.estimates.finished(flight.model.name)
+        if self.queue_timeout_s:            # never sent: no cost, nothing against the model's circuit
+            flight.failure = "queue_timeout"
+            self._dispatch(flight, now_s)
+            return
         self._charge(flight, now_s, Usage())
         self._fall_back(flight, now_s)
 
@@ -203,6 +226,7 @@ class Simulation:
 
     def _fall_back(self, flight: _Flight, now_s: float) -> None:
         """Count the failure against the model's circuit and try the next model."""
+        flight.failure = "timeout"
         self.breakers.record_failure(flight.model.name)
         self._dispatch(flight, now_s)
 
@@ -212,7 +236,7 @@ class Simulation:
         model, service, outcome = flight.model, flight.service, flight.outcome
         output_tokens = outcome.output_tokens
         if flight.request.endpoint != "embeddings":
-            ttft_s = flight.started_s - flight.dispatched_s + service.ttft_s
+            ttft_s = flight.started_s - flight.call_s + service.ttft_s
             self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
             if output_tokens:
                 self.estimates.record_output_tokens(flight.route.name, output_tokens)
@@ -227,7 +251,7 @@ class Simulation:
         dispatch to end (queueing on the model server included), and its predicted energy (returned; None
         without a power assumption for its model)."""
         model = flight.model
-        gpu_s = gpu_seconds(Attempt(model=model, started_s=flight.dispatched_s, ended_s=now_s))
+        gpu_s = gpu_seconds(Attempt(model=model, started_s=flight.call_s, ended_s=now_s))
         power_w = self.power_w.get(model.name)
         energy_j = None
         if power_w is not None:

@@ -13,7 +13,7 @@ gateway can see it consumed:
   do not bill refused requests, and the gateway cannot prove what a cut body held.
 - GPU time (self-hosted, `gpu_hour_usd`): every attempt that reached the
   model server pays the time it held its share of the GPUs, success or not;
-  one whose connection never opened pays nothing.
+  one whose connection never opened, or that got no call slot, pays nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from gateway.cost import format_usd, request_cost_usd
 def gpu_seconds(attempt: Attempt) -> float | None:
     """A self-hosted request's share of GPU time: its duration over the model's concurrency, per GPU."""
     model = attempt.model
-    if model.gpu_hour_usd is None or attempt.ended_s is None or attempt.error_type == "connect_error":
+    if model.gpu_hour_usd is None or attempt.ended_s is None or not attempt.dispatched \
+            or attempt.error_type == "connect_error":
         return None
     return (attempt.ended_s - attempt.started_s) * model.gpu_count / model.max_concurrency
 

@@ -10,8 +10,8 @@ import orjson
 from aiohttp import web
 
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
-from gateway.errors import GatewayError, UpstreamError, UpstreamStatus
-from gateway.policy.model import Model
+from gateway.errors import GatewayError, ModelBusy, UpstreamError, UpstreamStatus
+from gateway.policy.model import DEFAULT_PRIORITY, Model
 from gateway.responses import response_headers
 from gateway.stages.answers import settle_attempt
 from gateway.stages.relay import relay_stream
@@ -70,11 +70,13 @@ class Call:
                 continue                    # circuit open: skip, unless it is the last hope
             attempt = Attempt(model=model, started_s=time.perf_counter())
             ctx.attempts.append(attempt)
-            self.services.fleet.started(model.name)
-            energy = self.services.energy
-            if energy is not None:
-                attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
+            self.services.fleet.started(model.name)     # waiting counts as in flight: the router sees the line
             try:
+                if ctx.policy.routing.queue_timeout_ms > 0:
+                    await self._take_slot(ctx, attempt)
+                energy = self.services.energy
+                if energy is not None:
+                    attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
                 return await self._attempt(ctx, attempt)
             except asyncio.CancelledError:  # the client left while the model worked: the call was cut short
                 attempt.error_type = attempt.error_type or CLIENT_DISCONNECTED
@@ -92,6 +94,23 @@ class Call:
         error = last_error or GatewayError("no model was tried")
         ctx.fallback_state = failed_state(ctx, error)
         raise with_outcome_headers(ctx, error)
+
+    async def _take_slot(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """Wait for a call slot on the attempt's model, by the tenant's priority; the attempt's time starts when
+        the slot is taken (the wait is the gateway's, not the model's)."""
+        model = attempt.model
+        priority = ctx.tenant.priority if ctx.tenant is not None else DEFAULT_PRIORITY
+        timeout_s = ctx.policy.routing.queue_timeout_ms / 1000.0
+        attempt.dispatched = False
+        try:
+            attempt.queued_s = await self.services.fleet.slots.take(model.name, model.max_concurrency, priority,
+                                                                    timeout_s)
+        except ModelBusy:
+            attempt.queued_s = timeout_s
+            raise
+        attempt.holds_slot = attempt.dispatched = True
+        if attempt.queued_s:
+            attempt.started_s = time.perf_counter()
 
     async def _attempt(self, ctx: RequestContext, attempt: Attempt) -> web.StreamResponse:
         services = self.services
@@ -125,6 +144,8 @@ class Call:
         attempt.error_type = exc.reason
         attempt.status = exc.status
         ctx.fallback_reason = exc.reason
+        if not exc.model_at_fault:          # never sent (no call slot came): nothing learned about the model
+            return
         if _model_unhealthy(exc):
             self.services.fleet.record_failure(attempt.model.name, exc)
         else:                               # it answered: the request, not the model, was at fault
@@ -132,7 +153,12 @@ class Call:
 
     def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
-        self.services.fleet.finished(attempt.model.name)     # first: the in-flight count must always balance
+        fleet = self.services.fleet
+        fleet.finished(attempt.model.name)     # first: the in-flight count must always balance
+        if attempt.holds_slot:
+            fleet.slots.give_back(attempt.model.name)
+        if not attempt.dispatched:          # it waited for a slot and none came: no call, no span
+            return
         if attempt.energy_id is not None:
             self.services.energy.request_ended(attempt.energy_id)
         settle_attempt(ctx, attempt)

@@ -10,6 +10,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_A
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
 from gateway.context import CLIENT_DISCONNECTED
+from gateway.errors import ModelBusy
 from gateway.telemetry import genai
 from gateway.telemetry.histograms import Buckets
 from gateway.telemetry.sums import Sums
@@ -22,9 +23,11 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
 #: advised boundaries of gen_ai.client.operation.duration, time_to_first_chunk, time_per_output_chunk
 DURATION_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 ROUTING_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+QUEUE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ESTIMATE_ERROR_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 CACHE_LOOKUP_STATUSES = frozenset({"hit", "miss", "stored"})
+QUEUE_TIMEOUT = ModelBusy.reason
 
 
 def histograms() -> dict[str, Buckets]:
@@ -41,6 +44,10 @@ def histograms() -> dict[str, Buckets]:
                 boundaries=DURATION_BUCKETS_S),
         Buckets("gateway.routing.duration", unit="s", description="Time spent choosing a model.",
                 boundaries=ROUTING_BUCKETS_S),
+        Buckets("gateway.queue.wait", unit="s",
+                description="Time an attempt waited for a call slot on a saturated model (routing.queue_timeout_ms), "
+                            "by gateway.queue.result: granted or timeout.",
+                boundaries=QUEUE_BUCKETS_S),
         Buckets("gateway.tokens.estimate_error", unit="{token}",
                 description="|gateway prompt-token estimate - upstream count|, signed by "
                             "gateway.tokens.error.direction.",
@@ -60,6 +67,7 @@ class Instruments:
         self.time_per_output_chunk = buckets[gen_ai_metrics.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK]
         self.routing_duration = buckets["gateway.routing.duration"]
         self.estimate_error = buckets["gateway.tokens.estimate_error"]
+        self.queue_wait = buckets["gateway.queue.wait"]
         self._gateway_instruments(meter)
         # always reports (every drop kind, zero included): so every collection has SDK data and reaches the
         # readers' exporters, which add the gateway's histograms to it
@@ -95,6 +103,14 @@ class Instruments:
         if ctx.route_name:
             labels[genai.ROUTE] = ctx.route_name
         self.routing_duration.record(ctx.routing_s, labels)
+
+    def record_queue(self, attempt: Attempt, tenant_label: str) -> None:
+        """gateway.queue.wait, when the attempt waited for a call slot."""
+        timed_out = attempt.error_type == QUEUE_TIMEOUT
+        if attempt.queued_s or timed_out:
+            self.queue_wait.record(attempt.queued_s, {genai.MODEL_SELECTED: attempt.model.name,
+                                                      genai.TENANT: tenant_label,
+                                                      "gateway.queue.result": "timeout" if timed_out else "granted"})
 
     def record_attempt(self, ctx: RequestContext, attempt: Attempt, tenant_label: str,
                        chunk_gaps_s: Sequence[float] = ()) -> None:

@@ -149,6 +149,7 @@ class Hooks:
         for attempt in ctx.attempts:
             if attempt.span is not None:           # its start was observed (telemetry was on)
                 self._instruments.record_attempt(ctx, attempt, tenant_label, attempt.chunk_gaps_s)
+            self._instruments.record_queue(attempt, tenant_label)
         self._instruments.record_request(ctx, tenant_label)
 
     def record_task(self, task) -> None:

@@ -1,0 +1,112 @@
+"""Call slots per model: at most `max_concurrency` calls of this process on a model, the rest wait by priority.
+
+Used when `routing.queue_timeout_ms` is set. A call takes a slot at once
+while the model has fewer than `max_concurrency` calls in flight and nobody
+is waiting; otherwise it waits, highest tenant priority first and first come
+first within a priority, until a call ends and hands its slot on, or until
+its deadline (then `ModelBusy`, and the request moves to the next model of
+its plan). A waiter that leaves (deadline, client gone) is taken out of the
+line at once; a slot granted to one that left as it was granted is handed
+on. The slots are this process's own: N gateway processes may have up to
+N × max_concurrency calls on a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from gateway.errors import ModelBusy
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: tuple[int, int]                   # (-priority, arrival): the smallest is served first
+    granted: asyncio.Future = field(compare=False)
+
+
+class _ModelSlots:
+    __slots__ = ("limit", "busy", "line")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self.line: list[_Waiter] = []       # a heap
+
+
+class Slots:
+    """Every model's call slots in this process."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, _ModelSlots] = {}
+        self._arrivals = itertools.count()
+
+    def _slots(self, name: str, limit: int) -> _ModelSlots:
+        slots = self._models.get(name)
+        if slots is None:
+            slots = self._models[name] = _ModelSlots(limit)
+        elif slots.limit != limit:          # max_concurrency changed by a reload: a raise frees slots now
+            slots.limit = limit
+            self._grant(slots)
+        return slots
+
+    async def take(self, name: str, limit: int, priority: int, timeout_s: float) -> float:
+        """Take a call slot on model `name` (at most `limit` in flight), waiting up to `timeout_s`; returns the
+        seconds waited. ModelBusy when none came in time; cancellation leaves the line."""
+        slots = self._slots(name, max(1, limit))
+        if slots.busy < slots.limit and not slots.line:
+            slots.busy += 1
+            return 0.0
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter((-priority, next(self._arrivals)), loop.create_future())
+        heapq.heappush(slots.line, waiter)
+        started_s = loop.time()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(waiter.granted)
+        except BaseException as exc:
+            self._leave(name, slots, waiter)
+            if isinstance(exc, TimeoutError):
+                raise ModelBusy(f"model '{name}' is busy: no call slot within {timeout_s * 1000:g} ms "
+                                f"({slots.limit} calls in flight, {len(slots.line)} waiting)") from None
+            raise
+        return loop.time() - started_s
+
+    def give_back(self, name: str) -> None:
+        """A call that held a slot on model `name` ended: the first waiter in line gets it."""
+        slots = self._models.get(name)
+        if slots is None or slots.busy <= 0:
+            return
+        slots.busy -= 1
+        self._grant(slots)
+
+    def waiting(self, name: str) -> int:
+        """Calls waiting for a slot on model `name`."""
+        slots = self._models.get(name)
+        return len(slots.line) if slots is not None else 0
+
+    def busy(self, name: str) -> int:
+        """Slots of model `name` held now."""
+        slots = self._models.get(name)
+        return slots.busy if slots is not None else 0
+
+    def _leave(self, name: str, slots: _ModelSlots, waiter: _Waiter) -> None:
+        """A waiter gave up: out of the line, or, if the slot was granted meanwhile, the slot handed on."""
+        if waiter.granted.done():
+            self.give_back(name)
+            return
+        waiter.granted.cancel()
+        try:
+            slots.line.remove(waiter)
+        except ValueError:
+            return
+        heapq.heapify(slots.line)
+
+    @staticmethod
+    def _grant(slots: _ModelSlots) -> None:
+        while slots.line and slots.busy < slots.limit:
+            waiter = heapq.heappop(slots.line)
+            slots.busy += 1
+            waiter.granted.set_result(None)

@@ -1,0 +1,180 @@
+"""End to end: with routing.queue_timeout_ms, a saturated model's calls wait for a slot by tenant priority;
+a wait past the deadline falls back to the next model, or answers 503 model_overloaded."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from gateway.tenancy.identity import sha256_hex
+from tests.support.harness import Harness
+from tests.support.policies import latency, model, models, price
+
+KEYS = {"batch": "sk-batch-key", "normal": "sk-normal-key", "urgent": "sk-urgent-key"}
+
+
+def policy(queue_timeout_ms: float, fallback: str = "[]") -> str:
+    tenants = "".join(f'  {name}: {{{{keys_sha256: ["{sha256_hex(key)}"], priority: {priority}}}}}\n'
+                      for (name, key), priority in zip(KEYS.items(), (0, 1, 9)))
+    return models(
+        model("small", size_b=1, max_concurrency=1, price=price(0.1, 0.2), latency_prior=latency(5, 1),
+              gpu_hour_usd=3600),                  # 1 USD a second held: a charged wait would show
+        model("large", size_b=70, price=price(5, 15), latency_prior=latency(5, 1)),
+    ) + f"""
+routes:
+  - name: chat
+    match: {{{{models: ["auto"]}}}}
+    candidates: [small]
+    fallback: {fallback}
+tenants:
+{tenants}routing: {{{{queue_timeout_ms: {queue_timeout_ms}, breaker: {{{{failure_threshold: 1}}}}}}}}
+telemetry: {{{{prometheus: true}}}}
+"""
+
+
+def ask(harness: Harness, tenant: str, **extra):
+    client = harness.openai(api_key=KEYS[tenant])
+    return client.chat.completions.with_raw_response.create(
+        model="auto", max_tokens=2, messages=[{"role": "user", "content": f"hello from {tenant}"}], **extra)
+
+
+def start(queue_timeout_ms: float, small_ttft_ms: float, fallback: str = "[]") -> Harness:
+    """A gateway on `policy`, `small` answering after `small_ttft_ms`, `large` at once."""
+    return Harness(policy(queue_timeout_ms, fallback),
+                   sims={"small": dict(ttft_ms=small_ttft_ms, tpot_ms=1), "large": dict(ttft_ms=5, tpot_ms=1)}).start()
+
+
+def hold_small(harness: Harness, tenant: str) -> threading.Thread:
+    """A request of `tenant` in a thread, returned once it holds small's one call slot."""
+    holder = threading.Thread(target=ask, args=(harness, tenant))
+    holder.start()
+    deadline = time.monotonic() + 5
+    while harness.services.fleet.slots.busy("small") < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return holder
+
+
+@pytest.fixture
+def slow_small():
+    harness = start(queue_timeout_ms=5000, small_ttft_ms=250)
+    yield harness
+    harness.stop()
+
+
+def test_waiting_calls_are_served_highest_priority_first(slow_small):
+    """One slot on `small`: the first call holds it; two batch calls, a normal and an urgent one queue in that
+    order; the urgent one is served next, then the normal one, then the batch ones first come first."""
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def run(label: str, tenant: str) -> None:
+        reply = ask(slow_small, tenant)
+        assert reply.headers["x-gateway-model"] == "small"
+        with lock:
+            finished.append(label)
+
+    threads = []
+    for label, tenant in (("holder", "normal"), ("batch-1", "batch"), ("batch-2", "batch"),
+                          ("normal", "normal"), ("urgent", "urgent")):
+        thread = threading.Thread(target=run, args=(label, tenant))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 5      # each one in line (or holding the slot) before the next is sent
+        while slow_small.services.fleet.estimates.in_flight("small") < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for thread in threads:
+        thread.join(20)
+    assert finished == ["holder", "urgent", "normal", "batch-1", "batch-2"]
+    assert slow_small.sim_stats("small")["total"] == 5
+    fleet = slow_small.services.fleet
+    assert fleet.slots.busy("small") == 0 and fleet.estimates.in_flight("small") == 0
+
+
+def test_a_wait_past_the_deadline_falls_back_and_the_model_is_not_blamed():
+    harness = start(queue_timeout_ms=100, small_ttft_ms=1500, fallback="[large]")
+    try:
+        holder = hold_small(harness, "normal")
+        started_s = time.monotonic()
+        reply = ask(harness, "urgent")
+        waited_s = time.monotonic() - started_s
+        assert reply.headers["x-gateway-model"] == "large"
+        assert reply.headers["x-gateway-fallback"] == "fallback"
+        assert reply.headers["x-gateway-fallback-reason"] == "queue_timeout"
+        assert reply.headers["x-gateway-models-tried"] == "small,large"
+        assert 0.1 <= waited_s < 1.0         # the deadline, not small's 1.5 s answer
+        # the timed-out attempt was never sent: no GPU time charged for it, the breaker untouched
+        assert float(reply.headers["x-gateway-cost-usd"]) < 0.001
+        assert harness.services.fleet.breakers.state("small") == "closed"     # one failure would open it
+        holder.join(10)
+        assert harness.sim_stats("small")["total"] == 1          # only the holder reached the model
+        harness.flush_telemetry()
+        metrics = urllib.request.urlopen(f"{harness.base_url}/metrics", timeout=5).read().decode()
+        timeout_lines = [line for line in metrics.splitlines() if line.startswith("gateway_queue_wait_seconds_count")
+                         and 'gateway_queue_result="timeout"' in line]
+        assert timeout_lines and timeout_lines[0].endswith(" 1.0"), timeout_lines
+    finally:
+        harness.stop()
+
+
+def test_with_no_model_left_the_client_gets_503_model_overloaded_with_retry_after():
+    harness = start(queue_timeout_ms=50, small_ttft_ms=1500)
+    try:
+        holder = hold_small(harness, "batch")
+        with pytest.raises(openai.APIStatusError) as caught:
+            ask(harness, "urgent")
+        error = caught.value
+        assert error.status_code == 503
+        assert error.body["code"] == "model_overloaded" and "no call slot within 50 ms" in error.body["message"]
+        assert error.response.headers["Retry-After"] == "1"
+        assert error.response.headers["x-gateway-fallback"] == "exhausted"
+        holder.join(10)
+        assert harness.services.fleet.slots.busy("small") == 0
+    finally:
+        harness.stop()
+
+
+def test_without_queue_timeout_calls_go_straight_to_a_saturated_model():
+    harness = start(queue_timeout_ms=0, small_ttft_ms=300)
+    try:
+        threads = [threading.Thread(target=ask, args=(harness, "normal")) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        most = 0
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            most = max(most, harness.sim_stats("small").get("in_flight", 0))
+            time.sleep(0.02)
+        assert most == 3                     # max_concurrency 1 only predicts slowness: no slot is waited for
+        assert harness.services.fleet.slots.busy("small") == 0
+    finally:
+        harness.stop()
+
+
+def test_a_client_that_leaves_while_waiting_leaves_the_line(slow_small):
+    holder = hold_small(slow_small, "normal")
+    fleet = slow_small.services.fleet
+    impatient = slow_small.openai(api_key=KEYS["urgent"], timeout=0.1)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    deadline = time.monotonic() + 5
+    while fleet.slots.waiting("small") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert fleet.slots.waiting("small") == 0
+    holder.join(10)
+    assert fleet.slots.busy("small") == 0 and fleet.estimates.in_flight("small") == 0
+    assert slow_small.sim_stats("small")["total"] == 1       # the one that left was never sent
+
+
+def test_an_attempt_that_never_got_a_slot_pays_no_gpu_time():
+    from gateway.context import Attempt
+    from gateway.policy.model import Model
+    from gateway.stages.account import gpu_seconds
+    from decimal import Decimal
+
+    model = Model("small", "http://127.0.0.1:1/v1", "s", max_concurrency=1, gpu_hour_usd=Decimal(3600))
+    assert gpu_seconds(Attempt(model=model, started_s=0.0, ended_s=2.0)) == 2.0
+    assert gpu_seconds(Attempt(model=model, started_s=0.0, ended_s=2.0, dispatched=False)) is None

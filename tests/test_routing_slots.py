@@ -1,0 +1,116 @@
+"""Call slots: at most max_concurrency calls a model, the rest wait by tenant priority, then first come."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.errors import ModelBusy
+from gateway.routing.slots import Slots
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_slots_are_taken_at_once_up_to_the_limit():
+    slots = Slots()
+    assert [await slots.take("m", 2, 1, 1.0) for _ in range(2)] == [0.0, 0.0]
+    assert slots.busy("m") == 2 and slots.waiting("m") == 0
+
+
+async def test_waiters_are_served_highest_priority_first_then_first_come():
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    served: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        await slots.take("m", 1, priority, 5.0)
+        served.append(name)
+
+    tasks = []
+    for name, priority in (("batch-1", 0), ("normal-1", 1), ("urgent", 9), ("normal-2", 1), ("batch-2", 0)):
+        tasks.append(asyncio.create_task(wait(name, priority)))
+        await settle()
+    assert slots.waiting("m") == 5
+    for _ in range(5):
+        slots.give_back("m")
+        await settle()
+    await asyncio.gather(*tasks)
+    assert served == ["urgent", "normal-1", "normal-2", "batch-1", "batch-2"]
+    assert slots.busy("m") == 1 and slots.waiting("m") == 0
+
+
+async def test_a_newcomer_does_not_jump_a_line_while_slots_are_all_taken():
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
+    await settle()
+    slots.give_back("m")                     # the slot goes to the waiter, not to whoever asks next
+    late = asyncio.create_task(slots.take("m", 1, 1, 0.05))
+    assert await waiter > 0
+    with pytest.raises(ModelBusy):
+        await late
+
+
+async def test_a_waiter_past_its_deadline_gets_model_busy_and_leaves_the_line():
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    with pytest.raises(ModelBusy, match=r"model 'm' is busy: no call slot within 50 ms \(1 calls in flight"):
+        await slots.take("m", 1, 1, 0.05)
+    assert slots.waiting("m") == 0
+    slots.give_back("m")
+    assert slots.busy("m") == 0
+    assert await slots.take("m", 1, 1, 0.05) == 0.0
+
+
+async def one_held_two_waiting() -> tuple[Slots, asyncio.Task, asyncio.Task]:
+    """Model m's one slot held; in line, a priority 5 waiter, then a priority 1 one."""
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    first = asyncio.create_task(slots.take("m", 1, 5, 5.0))
+    await settle()
+    second = asyncio.create_task(slots.take("m", 1, 1, 5.0))
+    await settle()
+    return slots, first, second
+
+
+async def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_is_served():
+    slots, first, second = await one_held_two_waiting()
+    first.cancel()                           # the client left
+    await settle()
+    assert slots.waiting("m") == 1
+    slots.give_back("m")
+    await second
+    assert first.cancelled() and slots.busy("m") == 1
+
+
+async def test_a_slot_granted_to_a_waiter_that_left_at_that_moment_is_handed_on():
+    slots, first, second = await one_held_two_waiting()
+    slots.give_back("m")                     # granted to `first`, which is cancelled before it runs again
+    first.cancel()
+    await settle()
+    await second
+    assert first.cancelled()
+    assert slots.busy("m") == 1 and slots.waiting("m") == 0
+
+
+async def test_a_raised_limit_lets_waiters_in_at_once():
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
+    await settle()
+    assert await slots.take("m", 3, 1, 1.0) == 0.0     # a reload raised max_concurrency to 3
+    await waiter
+    assert slots.busy("m") == 3
+
+
+async def test_giving_back_more_than_was_taken_never_goes_below_zero():
+    slots = Slots()
+    slots.give_back("unknown")
+    await slots.take("m", 1, 1, 1.0)
+    slots.give_back("m")
+    slots.give_back("m")
+    assert slots.busy("m") == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.fleet import Fleet
+from gateway.policy.model import Model
 from gateway.responses import json_response
 from gateway.services import SERVICES, Services
 
@@ -57,8 +59,39 @@ async def get_tenants(request: web.Request) -> web.Response:
     return json_response({"tenants": report})
 
 
+async def get_models(request: web.Request) -> web.Response:
+    """GET /admin/models: what the router sees of each model now, in this process (see model_status)."""
+    services = _authorised(request)
+    fleet = services.fleet
+    models = services.holder.current.policy.models
+    fleet.estimates.include(models)         # a model a reload has just added, before its router is built
+    return json_response({"models": [model_status(fleet, model) for model in models.values()]})
+
+
+def model_status(fleet: Fleet, model: Model) -> dict:
+    """One model's circuit, calls in flight and waiting for a slot, and the latency and energy estimates the
+    router predicts it with."""
+    name, estimates, breakers = model.name, fleet.estimates, fleet.breakers
+    per_token_j = estimates.joules_per_output_token(name)
+    return {
+        "model": name, "max_concurrency": model.max_concurrency,
+        "circuit": breakers.state(name), "circuit_retry_in_s": round(breakers.retry_in_s(name), 3),
+        "in_flight": estimates.in_flight(name), "slots_busy": fleet.slots.busy(name),
+        "slots_waiting": fleet.slots.waiting(name),
+        "latency_samples": estimates.sample_count(name),
+        "ttft_ms": {"p50": _ms(estimates.ttft_p50_s(name)), "p95": _ms(estimates.ttft_p95_s(name))},
+        "tpot_ms": {"p50": _ms(estimates.tpot_p50_s(name)), "p95": _ms(estimates.tpot_p95_s(name))},
+        "joules_per_output_token": round(per_token_j, 6) if per_token_j is not None else None,
+    }
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/policy", get_policy)
     app.router.add_post("/admin/policy/reload", reload_policy)
     app.router.add_get("/admin/stats", get_stats)
     app.router.add_get("/admin/tenants", get_tenants)
+    app.router.add_get("/admin/models", get_models)

@@ -257,7 +257,7 @@ def test_max_energy_j_moves_traffic_off_a_model_measured_above_it():
     exporter = LiveExporter().start()
     harness = Harness(ENERGY_SLA_POLICY.replace("PORT", str(exporter.port)),
                       sims={"small": dict(ttft_ms=5, tpot_ms=20), "large": dict(ttft_ms=5, tpot_ms=20)},
-                      environ=dict(os.environ)).start()
+                      environ={**os.environ, "GATEWAY_ADMIN_TOKEN": "energy-admin"}).start()
     try:
         client = harness.openai()
         ask = dict(model="auto", max_tokens=20, messages=[{"role": "user", "content": "power"}])
@@ -274,5 +274,9 @@ def test_max_energy_j_moves_traffic_off_a_model_measured_above_it():
         assert per_token_j is not None and per_token_j * output_tokens > 1
         second = client.chat.completions.with_raw_response.create(**ask)
         assert second.headers["x-gateway-model"] == "large"
+        shown = {entry["model"]: entry for entry in harness.http(
+            "GET", f"{harness.base_url}/admin/models", headers={"x-admin-token": "energy-admin"})["models"]}
+        assert shown["small"]["joules_per_output_token"] == pytest.approx(per_token_j, rel=1e-5)
+        assert shown["large"]["joules_per_output_token"] is None
     finally:
         harness.stop()

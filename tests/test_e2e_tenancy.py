@@ -319,7 +319,7 @@ def test_exhausted_budget_with_downgrade_goes_to_the_cheapest_model(gw):
 
 # admin surface ------------------------------------------------------------------------------------
 ADMIN_CALLS = [("GET", "/admin/policy"), ("POST", "/admin/policy/reload"), ("GET", "/admin/stats"),
-               ("GET", "/admin/tenants")]
+               ("GET", "/admin/tenants"), ("GET", "/admin/models")]
 
 
 @pytest.mark.parametrize("method, path", ADMIN_CALLS)

@@ -58,6 +58,7 @@ class Attempt:
     energy_j: float | None = None
     chunk_gaps_s: Sequence[float] = ()  # a stream's gaps between chunks, for time_per_output_chunk
     queued_s: float = 0.0               # waited for a call slot on a saturated model (routing.queue_timeout_ms)
+    queue_result: str | None = None     # granted | timeout | cancelled, when it asked for a call slot
     holds_slot: bool = False            # took a call slot, given back when the attempt ends
     dispatched: bool = True             # False while it waits for a call slot, and for good if none came
 

@@ -141,6 +141,17 @@ class ModelBusy(UpstreamError):
     model_at_fault = False
 
 
+class CircuitOpen(UpstreamError):
+    """A model's circuit opened while a call waited for its slot: the call is not sent; the next model is tried."""
+
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "model_unavailable"
+    reason = "circuit_open"
+    retry_after_s = 1.0
+    model_at_fault = False
+
+
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_bad_response"
     reason = "bad_response"

@@ -251,6 +251,39 @@ energy: {{sample_interval_s: 0.05}}
 """
 
 
+class FailingExporter(LiveExporter):
+    """The DCGM stand-in, until it starts to serve a body no parser reads."""
+
+    broken = False
+
+    def text(self) -> str:
+        return "not a metric\n" if self.broken else super().text()
+
+
+def test_a_failing_sampler_teaches_the_router_nothing():
+    """Joules booked by a sampler that is failing are not a measurement: learning 0 J a token from them would
+    let the route's max_energy_j pass every model."""
+    exporter = FailingExporter().start()
+    harness = Harness(ENERGY_SLA_POLICY.replace("PORT", str(exporter.port)),
+                      sims={"small": dict(ttft_ms=5, tpot_ms=20), "large": dict(ttft_ms=5, tpot_ms=20)},
+                      environ=dict(os.environ)).start()
+    try:
+        exporter.broken = True
+        deadline = time.monotonic() + 5
+        while harness.services.energy.health.get("small") != "failing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert harness.services.energy.health["small"] == "failing"
+        client = harness.openai()
+        for _ in range(2):
+            reply = client.chat.completions.with_raw_response.create(
+                model="auto", max_tokens=20, messages=[{"role": "user", "content": "power"}])
+            assert reply.headers["x-gateway-model"] == "small"
+            harness.call(harness.services.background.drain(10))
+        assert harness.services.fleet.estimates.joules_per_output_token("small") is None
+    finally:
+        harness.stop()
+
+
 def test_max_energy_j_moves_traffic_off_a_model_measured_above_it():
     """The router learns joules per output token from measured answers: once `small` is measured above the
     route's max_energy_j it is dropped for `energy`, and the next request goes to the unmeasured `large`."""

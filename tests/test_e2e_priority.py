@@ -198,3 +198,60 @@ def test_an_attempt_that_never_got_a_slot_pays_no_gpu_time():
     model = Model("small", "http://127.0.0.1:1/v1", "s", max_concurrency=1, gpu_hour_usd=Decimal(3600))
     assert gpu_seconds(Attempt(model=model, started_s=0.0, ended_s=2.0)) == 2.0
     assert gpu_seconds(Attempt(model=model, started_s=0.0, ended_s=2.0, dispatched=False)) is None
+
+
+def test_a_circuit_that_opens_while_a_call_waits_is_seen_when_the_slot_comes():
+    """The circuit is asked once the slot is taken: a call that waited while small's circuit opened goes to the
+    fallback instead of to small."""
+    harness = start(queue_timeout_ms=5000, small_ttft_ms=400, fallback="[large]")
+    try:
+        holder = hold_small(harness, "normal")
+        fleet = harness.services.fleet
+        replies = []
+        waiter = threading.Thread(target=lambda: replies.append(ask(harness, "urgent")))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while fleet.slots.waiting("small") < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        fleet.breakers.record_failure("small")              # threshold 1: small's circuit is open now
+        holder.join(10)
+        waiter.join(10)
+        reply = replies[0]
+        assert reply.headers["x-gateway-model"] == "large"
+        assert reply.headers["x-gateway-fallback-reason"] == "circuit_open"
+        assert harness.sim_stats("small")["total"] == 1     # only the holder reached small
+        assert fleet.slots.busy("small") == 0
+    finally:
+        harness.stop()
+
+
+def test_a_call_waiting_for_a_slot_does_not_hold_the_half_open_probe():
+    """A half-open circuit admits one probe; a call that waits for a slot and gives up must not take it, or
+    the model would be out of use for open_s though nothing was sent to it."""
+    harness = start(queue_timeout_ms=100, small_ttft_ms=600, fallback="[large]")
+    try:
+        fleet = harness.services.fleet
+        holder = hold_small(harness, "normal")
+        fleet.breakers.record_failure("small")                           # threshold 1: open...
+        fleet.breakers._circuits["small"].open_until_s = fleet.clock() - 0.01     # ...and half-open now
+        assert fleet.breakers.state("small") == "half_open" and fleet.breakers.available("small")
+        reply = ask(harness, "urgent")                       # waits 100 ms for small's slot, then large
+        assert (reply.headers["x-gateway-model"], reply.headers["x-gateway-fallback-reason"]) == \
+            ("large", "queue_timeout")
+        assert fleet.breakers.available("small")             # the probe is still free for a call that is sent
+        holder.join(10)
+    finally:
+        harness.stop()
+
+
+def test_a_wait_the_client_gave_up_shows_in_the_queue_histogram(slow_small):
+    holder = hold_small(slow_small, "normal")
+    impatient = slow_small.openai(api_key=KEYS["urgent"], timeout=0.1)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    holder.join(10)
+    slow_small.flush_telemetry()
+    metrics = urllib.request.urlopen(f"{slow_small.base_url}/metrics", timeout=5).read().decode()
+    counts = {line.split("{")[0]: line for line in metrics.splitlines()
+              if line.startswith("gateway_queue_wait_seconds_count") and 'gateway_queue_result="cancelled"' in line}
+    assert counts and counts["gateway_queue_wait_seconds_count"].endswith(" 1.0")

@@ -275,3 +275,21 @@ def test_replay_gateway_slot_timeout_falls_back_uncharged_and_fails_as_queue_tim
     assert second.cost_usd == large_cost     # the wait for small's slot cost nothing
     lone = replay(_queued_policy(100), requests, seed=0, jitter_sigma=0.0).outcomes[1]
     assert (lone.status, lone.reason, lone.cost_usd) == ("failed", "queue_timeout", Decimal(0))
+
+
+def test_replay_asks_the_circuit_when_the_slot_comes_as_live():
+    """A call that waited for small's slot while small's circuit opened goes to the fallback, not to small."""
+    from gateway.policy.model import Breaker
+
+    policy = _queued_policy(10_000, fallback=("large",))
+    policy = dataclasses.replace(policy, models={**policy.models, "small": dataclasses.replace(
+        policy.models["small"], timeouts=Timeouts(first_byte_s=0.3))},
+        routing=dataclasses.replace(policy.routing, breaker=Breaker(failure_threshold=1)))
+    # the first whole answer needs 0.436 s on small: its first byte is late at 0.3 s, and small's circuit opens
+    requests = [ReplayRequest(0.0, 10, 100, tenant="normal", stream=False),
+                ReplayRequest(0.1, 10, 100, tenant="normal", stream=False)]
+    first, second = replay(policy, requests, seed=0, jitter_sigma=0.0).outcomes
+    assert first.models_tried == ("small", "large") and first.model == "large"
+    assert second.models_tried == ("small", "large") and second.model == "large"
+    assert second.queue_s == pytest.approx(0.2)            # it waited for the slot until the first gave it up
+    assert second.cost_usd == Decimal("2.5") * 10 / 1_000_000 + Decimal("10") * 100 / 1_000_000

@@ -71,8 +71,10 @@ def test_energy_per_token_is_the_windows_joules_over_its_tokens():
     assert estimates.joules_per_output_token("small") == pytest.approx(1.2)
     clock.now_s += 40                      # the first answer leaves the 60 s window
     assert estimates.joules_per_output_token("small") == pytest.approx(0.4)
-    clock.now_s += 30
-    assert estimates.joules_per_output_token("small") is None
+    clock.now_s += 30                      # all have left: the last figure stands, the model is not "unmeasured"
+    assert estimates.joules_per_output_token("small") == pytest.approx(0.4)
+    estimates.record_energy("small", 300.0, 100)
+    assert estimates.joules_per_output_token("small") == pytest.approx(3.0)
 
 
 def test_answers_without_output_or_with_unreadable_joules_teach_nothing():
@@ -102,6 +104,17 @@ def test_a_model_measured_above_the_limit_is_dropped_for_energy():
     assert small.reasons == ("energy 200.0J > 150J",)
     assert medium.kept and medium.predicted_energy_j == pytest.approx(50.0)
     assert decision.plan[0].name == "medium" and decision.sla_met
+
+
+def test_a_model_dropped_for_energy_stays_dropped_after_its_window_and_is_explored():
+    r, estimates, clock = router()
+    estimates.record_energy("small", 400.0, 100)
+    clock.now_s += 10 * estimates.window_s
+    assert decide(r).plan[0].name == "medium"          # still 400 J predicted: not back as "unmeasured"
+    policy = parse_policy(policy_text("{max_energy_j: 150}").replace("routes:", "routing: {explore_share: 1.0}\nroutes:"))
+    explorer = Router(policy, estimates, Breakers(policy.routing.breaker, clock), random.Random(0))
+    decision = decide(explorer)
+    assert decision.explored and decision.plan[0].name == "small" and not decision.sla_met
 
 
 def test_an_unmeasured_model_is_not_held_to_the_limit():
@@ -178,3 +191,28 @@ def test_a_policy_holding_an_unmeasured_candidate_to_max_energy_j_is_refused(tmp
 
 def test_sla_defaults_hold_no_energy_limit():
     assert Sla().max_energy_j is None
+
+
+def test_an_answer_of_n_choices_teaches_the_router_one_choices_length_and_pace():
+    """n choices are generated together: the route's expected output and the model's TPOT are per choice, so
+    a request with n is not predicted n times too long (nor its energy and cost n² times)."""
+    from types import SimpleNamespace
+
+    from gateway.context import Attempt, RequestContext, Usage
+    from gateway.fleet import Fleet
+    from gateway.stages.account import Account
+
+    policy = parse_policy(policy_text("{max_energy_j: 150}"))
+    fleet = Fleet(policy, clock=Clock())
+    account = Account(SimpleNamespace(fleet=fleet))
+    route, small = policy.routes[0], policy.models["small"]
+    decision = Router(policy, fleet.estimates, fleet.breakers, random.Random(0)).decide(
+        route, prompt_tokens=10, max_tokens=100, stream=True)
+    for _ in range(10):
+        attempt = Attempt(model=small, started_s=0.0, ended_s=1.01, status=200, ttft_s=0.01,
+                          usage=Usage(input_tokens=10, output_tokens=303))
+        ctx = RequestContext(http=None, policy=policy, request_id="r", choices=3, decision=decision,
+                             usage=attempt.usage)
+        account._learn(ctx, attempt)
+    assert fleet.estimates.expected_output_tokens("chat", 256) == 101
+    assert fleet.estimates.tpot_p50_s("small") == pytest.approx(1.0 / 100)

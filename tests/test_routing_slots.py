@@ -99,12 +99,29 @@ async def test_a_slot_granted_to_a_waiter_that_left_at_that_moment_is_handed_on(
 
 async def test_a_raised_limit_lets_waiters_in_at_once():
     slots = Slots()
+    slots.configure({"m": 1})
     await slots.take("m", 1, 1, 1.0)
     waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
     await settle()
-    assert await slots.take("m", 3, 1, 1.0) == 0.0     # a reload raised max_concurrency to 3
+    slots.configure({"m": 3})                # a reload raised max_concurrency to 3
     await waiter
+    assert await slots.take("m", 1, 1, 1.0) == 0.0     # a call still on the old policy version asks with 1
     assert slots.busy("m") == 3
+
+
+async def test_a_cut_limit_takes_effect_as_calls_end():
+    slots = Slots()
+    slots.configure({"m": 2})
+    await slots.take("m", 2, 1, 1.0)
+    await slots.take("m", 2, 1, 1.0)
+    slots.configure({"m": 1})
+    waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
+    slots.give_back("m")                     # 1 held, the new limit: the waiter still waits
+    await settle()
+    assert not waiter.done() and slots.busy("m") == 1
+    slots.give_back("m")
+    await waiter
+    assert slots.busy("m") == 1
 
 
 async def test_giving_back_more_than_was_taken_never_goes_below_zero():

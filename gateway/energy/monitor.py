@@ -348,10 +348,17 @@ class EnergyMonitor:
     async def request_finished(self, request_id: str) -> float | None:
         """The request's joules, once the energy up to its end is booked (or after `settle_timeout_s`, or when
         its GPUs fail); None when not measured."""
+        measured = await self.request_measured(request_id)
+        return None if measured is None else measured[0]
+
+    async def request_measured(self, request_id: str) -> tuple[float, bool] | None:
+        """`request_finished`'s joules, and whether they are whole: its GPUs healthy and the energy up to its end
+        booked (not cut short by a failure or by `settle_timeout_s`). Only whole ones teach the router."""
         pool = self.ledger.model_of(request_id)
         if pool is None:
             return None
         ended_s = self.ledger.mark_ended(request_id)
+        whole = False
         if self._task is not None:
             try:
                 async with asyncio.timeout(self.settle_timeout_s):
@@ -363,7 +370,9 @@ class EnergyMonitor:
             except asyncio.CancelledError:
                 self.ledger.request_finished(request_id)
                 raise
-        return self.ledger.request_finished(request_id)
+            sampled = self._sampled.get(pool)
+            whole = sampled is not None and sampled.health == OK and sampled.booked_until_s >= ended_s
+        return self.ledger.request_finished(request_id), whole
 
 
 def _gpu_sources(policy: Policy) -> dict[str, GpuSource]:

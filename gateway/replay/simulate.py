@@ -19,8 +19,9 @@ With `routing.queue_timeout_ms` the server's queue is the gateway's: the live
 gateway sends a model no more than `max_concurrency` calls and holds the rest.
 Waiters are then served highest tenant priority first; a wait past the
 deadline falls back as `queue_timeout`, with nothing charged and no breaker
-failure; and an attempt's timeouts, TTFT sample and GPU time start when it
-takes its slot, as live.
+failure; the model's circuit is asked when the slot comes (one that opened
+meanwhile sends the request on as `circuit_open`); and an attempt's timeouts,
+TTFT sample and GPU time start when it takes its slot, as live.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class _Flight:
     call_s: float = 0.0                 # when the model's clock starts: dispatch, or the slot with gateway slots
     priority: int = DEFAULT_PRIORITY
     failure: str = "timeout"            # why the last attempt failed
+    last_hope: bool = False             # the attempt's model is the plan's last and nothing was tried before
     energy_j: float | None = 0.0        # the attempts' so far; None once a model tried has no power assumption
 
 
@@ -150,7 +152,10 @@ class Simulation:
         while flight.position < len(plan):
             position, model = flight.position, plan[flight.position]
             flight.position += 1
-            if not self.breakers.allow(model.name) and (flight.tried or position < len(plan) - 1):
+            flight.last_hope = not flight.tried and position == len(plan) - 1
+            # with gateway slots the circuit is peeked at now and asked once the slot is taken, as live
+            may_call = self.breakers.available if self.queue_timeout_s else self.breakers.allow
+            if not may_call(model.name) and not flight.last_hope:
                 continue
             flight.tried.append(model.name)
             flight.model, flight.dispatched_s, flight.call_s, flight.started_s = model, now_s, now_s, None
@@ -159,15 +164,23 @@ class Simulation:
             self.estimates.started(model.name)
             rank = -flight.priority if self.queue_timeout_s else 0
             if self.servers[model.name].admit(ticket, rank):
-                self._start(flight, now_s)
+                if not self._start(flight, now_s):
+                    self._hand_on(model.name, now_s)
             else:
                 deadline_s = self.queue_timeout_s or model.timeouts.first_byte_s
                 self._push(now_s + deadline_s, self._on_queue_deadline, flight, ticket)
             return
         self._end_failed(flight, flight.failure if flight.tried else "circuit_open")
 
-    def _start(self, flight: _Flight, now_s: float) -> None:
-        """The attempt holds a slot: schedule how it ends."""
+    def _start(self, flight: _Flight, now_s: float) -> bool:
+        """The attempt holds a slot: schedule how it ends. With gateway slots its circuit is asked first; one
+        that opened meanwhile sends the request on to its next model, and the slot is to be handed on (False)."""
+        if self.queue_timeout_s and not self.breakers.allow(flight.model.name) and not flight.last_hope:
+            flight.outcome.queue_s += now_s - flight.dispatched_s
+            flight.failure = "circuit_open"
+            self.estimates.finished(flight.model.name)
+            self._dispatch(flight, now_s)
+            return False
         flight.started_s = now_s
         flight.outcome.queue_s += now_s - flight.dispatched_s
         if self.queue_timeout_s:            # the wait was the gateway's: the call starts now
@@ -182,13 +195,20 @@ class Simulation:
             self._push(flight.call_s + timeouts.total_s, self._on_total_timeout, flight, flight.ticket)
         else:
             self._push(now_s + service.total_s, self._on_finish, flight, flight.ticket)
+        return True
 
     def _release(self, flight: _Flight, now_s: float) -> None:
         """The attempt gives its slot to the next waiter."""
         self.estimates.finished(flight.model.name)
-        waiter = self.servers[flight.model.name].release()
-        if waiter is not None:
-            self._start(waiter.key, now_s)
+        self._hand_on(flight.model.name, now_s)
+
+    def _hand_on(self, model_name: str, now_s: float) -> None:
+        """A slot of the model is free: the next waiter that starts keeps it (a loop, not a recursion: a long
+        line may refuse it in turn)."""
+        server = self.servers[model_name]
+        while (waiter := server.release()) is not None:
+            if self._start(waiter.key, now_s):
+                return
 
     def _on_queue_deadline(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
         """A queued attempt saw no first byte in time (or, with gateway slots, got no slot in time): it leaves
@@ -202,11 +222,16 @@ class Simulation:
             flight.failure = "queue_timeout"
             self._dispatch(flight, now_s)
             return
+        self.breakers.record_failure(flight.model.name)
         self._charge(flight, now_s, Usage())
         self._fall_back(flight, now_s)
 
+    # The model's circuit hears of each attempt before its slot is handed on, as live: the call stage records a
+    # failure or success before the attempt ends, and a waiter given the slot asks the circuit then.
+
     def _on_first_byte_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
         """A running attempt's first byte came too late: it is cut and falls back."""
+        self.breakers.record_failure(flight.model.name)
         self._release(flight, now_s)
         self._charge(flight, now_s, Usage())
         self._fall_back(flight, now_s)
@@ -214,24 +239,24 @@ class Simulation:
     def _on_total_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
         """An attempt ran past total_s: a stream that sent tokens fails, with no fallback, and pays for them;
         an answer that sent nothing yet falls back, as after a late first byte."""
+        self.breakers.record_failure(flight.model.name)
         self._release(flight, now_s)
         sent = flight.service.tokens_by(now_s - flight.started_s) if flight.request.streamed else 0
         if not sent:
             self._charge(flight, now_s, Usage())
             self._fall_back(flight, now_s)
             return
-        self.breakers.record_failure(flight.model.name)
         self._charge(flight, now_s, Usage(flight.outcome.input_tokens, sent))
         self._end_failed(flight, "timeout")
 
     def _fall_back(self, flight: _Flight, now_s: float) -> None:
-        """Count the failure against the model's circuit and try the next model."""
+        """After a failure the model's circuit has heard of: try the next model."""
         flight.failure = "timeout"
-        self.breakers.record_failure(flight.model.name)
         self._dispatch(flight, now_s)
 
     def _on_finish(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
         """The answer is complete: teach the router (not from embeddings, as live), then settle."""
+        self.breakers.record_success(flight.model.name)
         self._release(flight, now_s)
         model, service, outcome = flight.model, flight.service, flight.outcome
         output_tokens = outcome.output_tokens
@@ -240,7 +265,6 @@ class Simulation:
             self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
             if output_tokens:
                 self.estimates.record_output_tokens(flight.route.name, output_tokens)
-        self.breakers.record_success(model.name)
         energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
         if energy_j is not None:            # the router learns joules per token, as from a live measurement
             self.estimates.record_energy(model.name, energy_j, output_tokens)

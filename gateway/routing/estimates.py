@@ -10,7 +10,10 @@ Percentiles are nearest-rank over prior and samples together.
 Energy is learned from the joules measured on a model's GPUs and attributed
 to its answers (see gateway.energy): joules per output token, the sum of the
 window's joules over the sum of its output tokens. It has no prior: a model
-whose answers have not been measured has no energy estimate.
+whose answers have not been measured has no energy estimate. Once every
+measured answer has left the window, the window's last figure stands until
+new answers are measured: a model dropped for its energy gets no traffic to
+measure, and must not then pass for one never measured.
 """
 
 from __future__ import annotations
@@ -97,13 +100,14 @@ class _ModelStats:
 class EnergyWindow:
     """Time-windowed (joules, output tokens) of one model's measured answers, with running sums."""
 
-    __slots__ = ("_samples", "_joules", "_tokens", "_max_samples")
+    __slots__ = ("_samples", "_joules", "_tokens", "_max_samples", "_last")
 
     def __init__(self, max_samples: int) -> None:
         self._samples: deque[tuple[float, float, int]] = deque()
         self._joules = 0.0
         self._tokens = 0
         self._max_samples = max_samples
+        self._last: float | None = None     # the figure when the window last emptied
 
     def add(self, now_s: float, joules: float, output_tokens: int) -> None:
         """Record one answer's attributed joules and the output tokens it made."""
@@ -125,11 +129,13 @@ class EnergyWindow:
             self._joules -= joules
             self._tokens -= tokens
         else:                               # no drift: an empty window sums to exactly zero
+            self._last = self.per_token_j()
             self._joules, self._tokens = 0.0, 0
 
     def per_token_j(self) -> float | None:
-        """Joules per output token over the window; None with no measured tokens."""
-        return max(0.0, self._joules) / self._tokens if self._tokens > 0 else None
+        """Joules per output token over the window; with none left in it, the last figure it had (None before any
+        measured token)."""
+        return max(0.0, self._joules) / self._tokens if self._tokens > 0 else self._last
 
 
 class LatencyEstimates:
@@ -194,7 +200,8 @@ class LatencyEstimates:
         window.add(self._clock(), joules, output_tokens)
 
     def joules_per_output_token(self, model_name: str) -> float | None:
-        """Measured joules per output token over the window; None before any measured answer."""
+        """Measured joules per output token over the window (the last figure once the window has emptied); None
+        before any measured answer."""
         window = self._energy.get(model_name)
         if window is None:
             return None

@@ -1,10 +1,10 @@
 """The SLA planner: the smallest model that meets the route's SLA, then the fallback chain.
 
 `Router.decide` predicts every candidate (see `predict`), keeps those that fit
-the context window, meet the tier, latency, TTFT (streams only) and cost
-limits and whose circuit is not open, and plans: the smallest kept (by
+the context window, meet the tier, latency, TTFT (streams only), cost and
+energy limits and whose circuit is not open, and plans: the smallest kept (by
 size_b, then input price), or with probability `explore_share` another kept
-one or one dropped only for its predicted latency or TTFT (so a model that
+one or one dropped only for its predicted latency, TTFT or energy (so a model that
 was slow is tried again and can win its traffic back before its slow samples
 leave the window; such a request is marked as not meeting the SLA); then the
 other kept ones, smallest first; then the route's fallbacks that fit the
@@ -153,9 +153,13 @@ class Router:
             planned.add(fallback.name)
 
 
+#: the SLA terms predicted from measurements, which change: a model dropped for these alone may be explored
+MEASURED_TERMS = frozenset({"latency", "ttft", "energy"})
+
+
 def _only_slow(candidate: Candidate) -> bool:
-    """Dropped for predicted latency or TTFT alone: exploring it is how a recovered model is noticed."""
-    return not candidate.kept and all(reason_kind(r) in ("latency", "ttft") for r in candidate.reasons)
+    """Dropped for predicted latency, TTFT or energy alone: exploring it is how a recovered model is noticed."""
+    return not candidate.kept and all(reason_kind(r) in MEASURED_TERMS for r in candidate.reasons)
 
 
 def _unmet_summary(candidates: list[Candidate] | tuple[Candidate, ...], limits: Limits) -> str:

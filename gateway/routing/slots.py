@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.errors import ModelBusy
@@ -43,19 +44,29 @@ class Slots:
         self._models: dict[str, _ModelSlots] = {}
         self._arrivals = itertools.count()
 
+    def configure(self, limits: Mapping[str, int]) -> None:
+        """Each model's slots from the current policy's max_concurrency (at start and on each reload): a raise
+        lets waiters in now; a cut takes effect as calls end. Calls still on an older policy version do not
+        change them."""
+        for name, limit in limits.items():
+            slots = self._models.get(name)
+            if slots is None:
+                self._models[name] = _ModelSlots(max(1, limit))
+            elif slots.limit != max(1, limit):
+                slots.limit = max(1, limit)
+                self._grant(slots)
+
     def _slots(self, name: str, limit: int) -> _ModelSlots:
         slots = self._models.get(name)
-        if slots is None:
-            slots = self._models[name] = _ModelSlots(limit)
-        elif slots.limit != limit:          # max_concurrency changed by a reload: a raise frees slots now
-            slots.limit = limit
-            self._grant(slots)
+        if slots is None:                   # a model the last configure did not name
+            slots = self._models[name] = _ModelSlots(max(1, limit))
         return slots
 
     async def take(self, name: str, limit: int, priority: int, timeout_s: float) -> float:
         """Take a call slot on model `name` (at most `limit` in flight), waiting up to `timeout_s`; returns the
-        seconds waited. ModelBusy when none came in time; cancellation leaves the line."""
-        slots = self._slots(name, max(1, limit))
+        seconds waited. ModelBusy when none came in time; cancellation leaves the line. `limit` applies only to
+        a model `configure` has not named."""
+        slots = self._slots(name, limit)
         if slots.busy < slots.limit and not slots.line:
             slots.busy += 1
             return 0.0

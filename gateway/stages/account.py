@@ -61,10 +61,11 @@ class Account:
             ctx.response.headers["x-gateway-cost-usd"] = format_usd(total)
 
     def _learn(self, ctx: RequestContext, attempt: Attempt) -> None:
-        """Feed the router: TTFT and time per output token of a successful answer."""
+        """Feed the router: TTFT, time per output token and output length of a successful answer, per choice
+        (the `n` choices of a request are generated together, as the router predicts them)."""
         if attempt.status != 200 or attempt.ended_s is None or ctx.endpoint == "embeddings":
             return
-        output = ctx.usage.output_tokens
+        output = -(-ctx.usage.output_tokens // max(1, ctx.choices))
         elapsed_s = attempt.ended_s - attempt.started_s
         fleet = self.services.fleet
         if attempt.ttft_s is not None:

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
-from gateway.errors import GatewayError, ModelBusy, UpstreamError, UpstreamStatus
+from gateway.errors import CircuitOpen, GatewayError, ModelBusy, UpstreamError, UpstreamStatus
 from gateway.policy.model import DEFAULT_PRIORITY, Model
 from gateway.responses import response_headers
 from gateway.stages.answers import settle_attempt
@@ -65,15 +65,20 @@ class Call:
         last_error: UpstreamError | None = None
         plan = ctx.decision.plan[: ctx.policy.routing.max_attempts]
         breakers = self.services.fleet.breakers
+        slots = ctx.policy.routing.queue_timeout_ms > 0
+        # with call slots the circuit is only looked at before the wait, and asked once the slot is taken: a
+        # half-open probe is not held by a waiting call, and a circuit that opened meanwhile is seen
+        may_call = breakers.available if slots else breakers.allow
         for position, model in enumerate(plan):
-            if not breakers.allow(model.name) and (ctx.attempts or position < len(plan) - 1):
+            last_hope = not ctx.attempts and position == len(plan) - 1
+            if not may_call(model.name) and not last_hope:
                 continue                    # circuit open: skip, unless it is the last hope
             attempt = Attempt(model=model, started_s=time.perf_counter())
             ctx.attempts.append(attempt)
             self.services.fleet.started(model.name)     # waiting counts as in flight: the router sees the line
             try:
-                if ctx.policy.routing.queue_timeout_ms > 0:
-                    await self._take_slot(ctx, attempt)
+                if slots:
+                    await self._take_slot(ctx, attempt, last_hope)
                 energy = self.services.energy
                 if energy is not None:
                     attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
@@ -95,22 +100,27 @@ class Call:
         ctx.fallback_state = failed_state(ctx, error)
         raise with_outcome_headers(ctx, error)
 
-    async def _take_slot(self, ctx: RequestContext, attempt: Attempt) -> None:
-        """Wait for a call slot on the attempt's model, by the tenant's priority; the attempt's time starts when
-        the slot is taken (the wait is the gateway's, not the model's)."""
+    async def _take_slot(self, ctx: RequestContext, attempt: Attempt, last_hope: bool) -> None:
+        """Wait for a call slot on the attempt's model, by the tenant's priority, then ask its circuit; the
+        attempt's time starts when the slot is taken (the wait is the gateway's, not the model's)."""
         model = attempt.model
+        fleet = self.services.fleet
         priority = ctx.tenant.priority if ctx.tenant is not None else DEFAULT_PRIORITY
-        timeout_s = ctx.policy.routing.queue_timeout_ms / 1000.0
         attempt.dispatched = False
+        started_s = time.perf_counter()
         try:
-            attempt.queued_s = await self.services.fleet.slots.take(model.name, model.max_concurrency, priority,
-                                                                    timeout_s)
-        except ModelBusy:
-            attempt.queued_s = timeout_s
+            attempt.queued_s = await fleet.slots.take(model.name, model.max_concurrency, priority,
+                                                      ctx.policy.routing.queue_timeout_ms / 1000.0)
+        except BaseException as exc:        # no slot: the deadline passed, or the client left
+            attempt.queued_s = time.perf_counter() - started_s
+            attempt.queue_result = "timeout" if isinstance(exc, ModelBusy) else "cancelled"
             raise
-        attempt.holds_slot = attempt.dispatched = True
-        if attempt.queued_s:
-            attempt.started_s = time.perf_counter()
+        attempt.holds_slot, attempt.queue_result = True, "granted"
+        now_s = time.perf_counter()
+        if not fleet.breakers.allow(model.name) and not last_hope:
+            raise CircuitOpen(f"model '{model.name}' is unavailable: its circuit opened while the call waited "
+                              f"for a slot")
+        attempt.dispatched, attempt.started_s = True, now_s
 
     async def _attempt(self, ctx: RequestContext, attempt: Attempt) -> web.StreamResponse:
         services = self.services
@@ -144,7 +154,7 @@ class Call:
         attempt.error_type = exc.reason
         attempt.status = exc.status
         ctx.fallback_reason = exc.reason
-        if not exc.model_at_fault:          # never sent (no call slot came): nothing learned about the model
+        if not exc.model_at_fault:          # never sent (no slot came, or its circuit opened): nothing learned
             return
         if _model_unhealthy(exc):
             self.services.fleet.record_failure(attempt.model.name, exc)
@@ -157,7 +167,7 @@ class Call:
         fleet.finished(attempt.model.name)     # first: the in-flight count must always balance
         if attempt.holds_slot:
             fleet.slots.give_back(attempt.model.name)
-        if not attempt.dispatched:          # it waited for a slot and none came: no call, no span
+        if not attempt.dispatched:          # never sent (no slot came, or its circuit opened): no call, no span
             return
         if attempt.energy_id is not None:
             self.services.energy.request_ended(attempt.energy_id)

@@ -61,10 +61,12 @@ class Observe:
             for attempt in ctx.attempts:
                 if attempt.energy_id is None:
                     continue
-                attempt.energy_j = await energy.request_finished(attempt.energy_id) or 0.0
+                measured = await energy.request_measured(attempt.energy_id)
+                attempt.energy_j = measured[0] if measured is not None else 0.0
                 total_j += attempt.energy_j
-                if attempt.status == 200 and attempt.usage is not None:     # teach the router, as account does
-                    self.services.fleet.record_energy(attempt.model.name, attempt.energy_j,
+                whole = measured is not None and measured[1]
+                if whole and attempt.status == 200 and attempt.usage is not None:   # teach the router, as account
+                    self.services.fleet.record_energy(attempt.model.name, attempt.energy_j,    # does latency
                                                       attempt.usage.output_tokens)
                 extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
                 attempt.cost_usd += extra_usd

@@ -10,7 +10,6 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_A
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
 from gateway.context import CLIENT_DISCONNECTED
-from gateway.errors import ModelBusy
 from gateway.telemetry import genai
 from gateway.telemetry.histograms import Buckets
 from gateway.telemetry.sums import Sums
@@ -27,7 +26,6 @@ QUEUE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ESTIMATE_ERROR_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 CACHE_LOOKUP_STATUSES = frozenset({"hit", "miss", "stored"})
-QUEUE_TIMEOUT = ModelBusy.reason
 
 
 def histograms() -> dict[str, Buckets]:
@@ -105,12 +103,11 @@ class Instruments:
         self.routing_duration.record(ctx.routing_s, labels)
 
     def record_queue(self, attempt: Attempt, tenant_label: str) -> None:
-        """gateway.queue.wait, when the attempt waited for a call slot."""
-        timed_out = attempt.error_type == QUEUE_TIMEOUT
-        if attempt.queued_s or timed_out:
+        """gateway.queue.wait, when the attempt waited for a call slot (a slot taken at once is not a wait)."""
+        result = attempt.queue_result
+        if result is not None and (result != "granted" or attempt.queued_s):
             self.queue_wait.record(attempt.queued_s, {genai.MODEL_SELECTED: attempt.model.name,
-                                                      genai.TENANT: tenant_label,
-                                                      "gateway.queue.result": "timeout" if timed_out else "granted"})
+                                                      genai.TENANT: tenant_label, "gateway.queue.result": result})
 
     def record_attempt(self, ctx: RequestContext, attempt: Attempt, tenant_label: str,
                        chunk_gaps_s: Sequence[float] = ()) -> None:

@@ -76,8 +76,8 @@ def record_fallback_request(telemetry: Telemetry) -> None:
         ctx.decision = Decision(route=ROUTE, plan=(SMALL, LARGE), sla_met=True)
     with telemetry.cache_span(ctx):
         ctx.cache_status = "miss"
-    failed = Attempt(model=SMALL, started_s=time.perf_counter())
-    ctx.attempts.append(failed)
+    failed = Attempt(model=SMALL, started_s=time.perf_counter(), queue_result="granted", queued_s=0.02)
+    ctx.attempts.append(failed)             # it waited 20 ms for a call slot (routing.queue_timeout_ms)
     telemetry.start_attempt(ctx, failed)
     failed.error_type, failed.status, failed.ended_s = "timeout", 504, time.perf_counter()
     telemetry.end_attempt(ctx, failed)

@@ -26,6 +26,8 @@ SCRAPE_INTERVAL_S = 1
 
 #: tenant -> API key the traffic uses (demo keys, only ever valid on this throw-away stack)
 TENANT_KEYS = {"acme": "render-key-acme", "globex": "render-key-globex", "initech": "render-key-initech"}
+#: tenant -> priority: with small's few call slots, acme's calls wait least and initech's (batch) most
+TENANT_PRIORITY = {"acme": 2, "globex": 1, "initech": 0}
 #: each tenant's daily budget per minute of traffic, USD: sized so the budget panels show a share, not a sliver
 BUDGET_USD_PER_TRAFFIC_MINUTE = 0.25
 
@@ -45,6 +47,7 @@ models:
     upstream_model: sim-small-1b
     size_b: 1
     tier: 1
+    max_concurrency: 2
     price: {{input_per_mtok: 0.05, output_per_mtok: 0.10}}
     latency_prior: {{ttft_ms: 25, tpot_ms: 2}}
     timeouts: {{connect_s: 1, first_byte_s: 1.5, total_s: 10}}
@@ -85,11 +88,12 @@ routes:
     fallback: [medium]
 tenants:
 {tenants}
+routing: {{queue_timeout_ms: 250}}
 """
 
 TENANT = ("  {name}:\n    keys_sha256: [{key_sha256}]\n"
           "    limits: {{requests_per_minute: 100000, tokens_per_minute: 100000000}}\n"
-          "    budget: {{usd_per_day: {budget}}}\n")
+          "    budget: {{usd_per_day: {budget}}}\n    priority: {priority}\n")
 
 
 class StackError(RuntimeError):
@@ -103,7 +107,8 @@ def daily_budget_usd(traffic_minutes: float) -> str:
 
 def policy_text(model_urls: dict[str, str], budget_usd: str) -> str:
     """The stack's policy YAML, its models at `model_urls`, each tenant with a daily budget of `budget_usd`."""
-    tenants = "".join(TENANT.format(name=name, key_sha256=sha256_hex(key), budget=budget_usd)
+    tenants = "".join(TENANT.format(name=name, key_sha256=sha256_hex(key), budget=budget_usd,
+                                    priority=TENANT_PRIORITY[name])
                       for name, key in TENANT_KEYS.items())
     return POLICY.format(tenants=tenants.rstrip("\n"), **model_urls)
 

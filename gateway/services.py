@@ -108,6 +108,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
             services.telemetry.observe_ledger_errors(lambda: recorder.ledger.write_errors)
         services.telemetry.observe_policy(lambda: holder.current.policy)
         services.telemetry.observe_reloads(lambda: holder.status)
+        services.telemetry.observe_slots(services.fleet.slots.waiting_by_model)
         # always there, so a reload can add GPUs; with none in the policy it samples nothing
         services.energy = energy = EnergyMonitor(policy, session)
         await energy.start()

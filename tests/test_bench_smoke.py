@@ -40,3 +40,15 @@ def test_bench_writes_a_complete_results_table(tmp_path: Path) -> None:
     assert [cells[0].strip("`") for cells in figures] == expected_keys(SECTIONS)
     assert all(cells[2] for cells in figures), "every figure has a value (or n/a)"
     assert "## Summary" in markdown and "machine:" in markdown
+
+
+@pytest.mark.skipif("nginx" in MISSING, reason="bench.client_call needs nginx (apt-get install -y nginx)")
+def test_client_call_bench_prints_one_row_per_contender() -> None:
+    """`python -m bench.client_call` with a few calls prints the bare call, the parsed URL and the gateway's
+    transport, each with its µs and its ratio to the bare call (1.00× for the bare call itself)."""
+    argv = [sys.executable, "-m", "bench.client_call", "--calls", "20", "--rounds", "1"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d.]+)× \|$", done.stdout, flags=re.M)
+    assert [name.strip() for name, _, _ in rows] == ["bare", "bare, URL parsed once", "gateway transport"]
+    assert rows[0][2] == "1.00" and all(float(us) > 0 for _, us, _ in rows)

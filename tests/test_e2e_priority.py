@@ -176,6 +176,10 @@ def test_a_client_that_leaves_while_waiting_leaves_the_line(slow_small):
     small = admin_models(slow_small)["small"]          # what an SRE sees: one call on the model, one in line
     assert (small["in_flight"], small["slots_busy"], small["slots_waiting"]) == (2, 1, 1)
     assert (small["max_concurrency"], small["circuit"], small["joules_per_output_token"]) == (1, "closed", None)
+    metrics = urllib.request.urlopen(f"{slow_small.base_url}/metrics", timeout=5).read().decode()
+    waiting = [line for line in metrics.splitlines() if line.startswith("gateway_queue_waiting{")
+               and 'gateway_model_selected="small"' in line]
+    assert len(waiting) == 1 and waiting[0].endswith(" 1.0"), waiting              # the same, as a gauge
     impatient = slow_small.openai(api_key=KEYS["urgent"], timeout=0.1)
     with pytest.raises(openai.APITimeoutError):
         impatient.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": "hi"}])

@@ -98,6 +98,10 @@ class Slots:
         slots = self._models.get(name)
         return len(slots.line) if slots is not None else 0
 
+    def waiting_by_model(self) -> dict[str, int]:
+        """Calls waiting for a slot, per model known here (read from the metrics thread: one atomic copy)."""
+        return {name: len(slots.line) for name, slots in list(self._models.items())}
+
     def busy(self, name: str) -> int:
         """Slots of model `name` held now."""
         slots = self._models.get(name)

@@ -44,7 +44,7 @@ def histograms() -> dict[str, Buckets]:
                 boundaries=ROUTING_BUCKETS_S),
         Buckets("gateway.queue.wait", unit="s",
                 description="Time an attempt waited for a call slot on a saturated model (routing.queue_timeout_ms), "
-                            "by gateway.queue.result: granted or timeout.",
+                            "by gateway.queue.result: granted, timeout or cancelled.",
                 boundaries=QUEUE_BUCKETS_S),
         Buckets("gateway.tokens.estimate_error", unit="{token}",
                 description="|gateway prompt-token estimate - upstream count|, signed by "

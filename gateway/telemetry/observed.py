@@ -90,6 +90,13 @@ def _budget_limits(policy) -> Iterable[Observation]:
                 yield Observation(float(limit), {TENANT: name, "gateway.budget.period": period})
 
 
+def observe_slots(meter: Meter, waiting: Callable[[], Mapping[str, int]]) -> None:
+    """gateway.queue.waiting: calls of this process waiting for a call slot now, per model."""
+    meter.create_observable_gauge("gateway.queue.waiting", unit="{call}", callbacks=[
+        lambda _options: [Observation(count, {MODEL_SELECTED: name}) for name, count in waiting().items()]],
+        description="Calls waiting in the gateway for a slot on a saturated model (routing.queue_timeout_ms).")
+
+
 def observe_reloads(meter: Meter, status: Callable[[], object]) -> None:
     """gateway.policy.reloads by result (ok, failed): a failed reload keeps the old policy, and shows here."""
     meter.create_observable_counter("gateway.policy.reloads", unit="{reload}", callbacks=[

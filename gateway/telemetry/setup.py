@@ -187,6 +187,11 @@ class Telemetry:
         if self.meter is not None:
             observed.observe_policy(self.meter, current_policy)
 
+    def observe_slots(self, waiting) -> None:
+        """Export how many calls wait for a call slot, per model."""
+        if self.meter is not None:
+            observed.observe_slots(self.meter, waiting)
+
     def observe_reloads(self, status) -> None:
         """Export how many policy reloads succeeded and failed."""
         if self.meter is not None:

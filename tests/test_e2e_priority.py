@@ -46,11 +46,11 @@ def ask(harness: Harness, tenant: str, **extra):
 ADMIN_TOKEN = "admin-token-for-the-priority-tests"
 
 
-def start(queue_timeout_ms: float, small_ttft_ms: float, fallback: str = "[]") -> Harness:
+def start(queue_timeout_ms: float, small_ttft_ms: float, fallback: str = "[]", **environ: str) -> Harness:
     """A gateway on `policy`, `small` answering after `small_ttft_ms`, `large` at once."""
     return Harness(policy(queue_timeout_ms, fallback),
                    sims={"small": dict(ttft_ms=small_ttft_ms, tpot_ms=1), "large": dict(ttft_ms=5, tpot_ms=1)},
-                   environ={**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}).start()
+                   environ={**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **environ}).start()
 
 
 def admin_models(harness: Harness) -> dict[str, dict]:
@@ -259,3 +259,34 @@ def test_a_wait_the_client_gave_up_shows_in_the_queue_histogram(slow_small):
     counts = {line.split("{")[0]: line for line in metrics.splitlines()
               if line.startswith("gateway_queue_wait_seconds_count") and 'gateway_queue_result="cancelled"' in line}
     assert counts and counts["gateway_queue_wait_seconds_count"].endswith(" 1.0")
+
+
+def test_the_wait_is_on_the_server_span_and_the_call_span_starts_after_it():
+    """On the wire (a real OTLP receiver): the request that waited has gateway.queue.wait on its SERVER span, and
+    its CLIENT span to small starts when the slot came, so the model's latency does not include the wait."""
+    from tests.support.otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    harness = start(queue_timeout_ms=5000, small_ttft_ms=300, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.http_endpoint,
+                    OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf", OTEL_BSP_SCHEDULE_DELAY="50",
+                    OTEL_METRIC_EXPORT_INTERVAL="60000")
+    try:
+        holder = hold_small(harness, "normal")
+        reply = ask(harness, "urgent", extra_headers={"x-request-id": "waited-for-small"})
+        holder.join(10)
+        assert reply.headers["x-gateway-model"] == "small"
+        harness.flush_telemetry()
+        spans = receiver.wait_for_spans(lambda got: any(
+            span.kind == "SERVER" and span.attributes.get("gateway.request.id") == "waited-for-small" for span in got))
+        server = next(span for span in spans if span.kind == "SERVER"
+                      and span.attributes.get("gateway.request.id") == "waited-for-small")
+        client = next(span for span in spans if span.kind == "CLIENT" and span.parent_span_id == server.span_id)
+        waited_s = server.attributes["gateway.queue.wait"]
+        assert 0.1 < waited_s < 1.0                          # most of the holder's 300 ms
+        assert (client.start_ns - server.start_ns) / 1e9 >= waited_s
+        assert (client.end_ns - client.start_ns) / 1e9 < 0.3 + 0.2     # small's own time, not the wait
+        others = [span for span in spans if span.kind == "SERVER" and span is not server]
+        assert all("gateway.queue.wait" not in span.attributes for span in others)    # the holder did not wait
+    finally:
+        harness.stop()
+        receiver.stop()

@@ -30,7 +30,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from gateway.policy.load import check_policy
+    from gateway.policy.advice import advice
+    from gateway.policy.load import check_policy, load_policy
 
     status = 0
     for path in args.files:
@@ -40,8 +41,10 @@ def _policy_check(args: argparse.Namespace) -> int:
         if problems:
             status = 1
             print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
-        else:
-            print(f"{path}: ok")
+            continue
+        print(f"{path}: ok")
+        for note in advice(load_policy(path)):
+            print(f"{path}: note: {note}", file=sys.stderr)
     return status
 
 

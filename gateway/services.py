@@ -22,6 +22,7 @@ from gateway.context import RequestContext
 from gateway.energy import EnergyMonitor
 from gateway.fleet import Fleet
 from gateway.outcomes import Book
+from gateway.policy.advice import advice
 from gateway.recorder import Recorder
 from gateway.runtime import PolicyHolder
 from gateway.stores import Stores
@@ -123,6 +124,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         app[SERVICES] = services
         if not policy.tenants:
             log.warning("the policy has no tenants: the gateway runs open, without API keys")
+        say_advice(policy)
+        holder.listeners.append(lambda runtime: say_advice(runtime.policy))
         yield
         services.draining = True
         await close_each((
@@ -135,6 +138,12 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         ))
 
     return lifecycle
+
+
+def say_advice(policy) -> None:
+    """Log each setting of the policy that takes no effect as written (see gateway.policy.advice)."""
+    for note in advice(policy):
+        log.warning("policy %s: %s", policy.source, note)
 
 
 def open_recorder(policy) -> Recorder:

@@ -1,0 +1,68 @@
+"""Valid settings that take no effect as written are said, by `policy check` and at start-up, and fail nothing."""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.cli import main
+from gateway.policy.advice import advice
+from gateway.policy.load import parse_policy
+from tests.support.harness import Harness
+from tests.support.policies import model, models
+
+HEAD = """
+version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:1/v1", gpus: {source: nvml, ids: [0]}}
+routes:
+  - name: chat
+    candidates: [small]
+  - name: emb
+    match: {endpoints: [embeddings]}
+    candidates: [small]
+"""
+
+
+def test_priorities_without_call_slots_are_said_to_do_nothing():
+    text = HEAD + "tenants:\n  batch: {priority: 0}\n  vip: {priority: 5}\n  plain: {}\n"
+    assert advice(parse_policy(text)) == [
+        "tenants.{batch, vip}.priority: set, but routing.queue_timeout_ms is 0: priority orders only calls "
+        "waiting for a model's call slot, so it has no effect"]
+    assert advice(parse_policy(text + "routing: {queue_timeout_ms: 200}\n")) == []
+    assert advice(parse_policy(HEAD + "tenants:\n  plain: {priority: 1}\n")) == []     # the default: nothing set
+
+
+def test_an_energy_limit_on_an_embeddings_route_is_said_not_to_apply():
+    text = HEAD.replace("    match: {endpoints: [embeddings]}\n    candidates: [small]\n",
+                        "    match: {endpoints: [embeddings]}\n    candidates: [small]\n    sla: {max_energy_j: 5}\n")
+    assert advice(parse_policy(text)) == [
+        "routes.emb.sla.max_energy_j: embeddings have no output tokens to scale an energy prediction, so it is "
+        "not applied"]
+    chat = HEAD.replace("  - name: chat\n    candidates: [small]\n",
+                        "  - name: chat\n    candidates: [small]\n    sla: {max_energy_j: 5}\n")
+    assert advice(parse_policy(chat)) == []
+
+
+def test_policy_check_prints_notes_after_ok_and_still_exits_0(tmp_path, capsys):
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD + "tenants:\n  vip: {priority: 5}\n")
+    assert main(["--log-level", "WARNING", "policy", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{path}: ok\n"
+    assert err.startswith(f"{path}: note: tenants.{{vip}}.priority: set, but routing.queue_timeout_ms is 0")
+
+
+def test_the_gateway_says_the_advice_at_start_up(caplog):
+    policy = models(model("small", size_b=1)) + """
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+tenants:
+  vip: {{priority: 5}}
+"""
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        harness = Harness(policy, sims={"small": {}}).start()
+        harness.stop()
+    assert any("tenants.{vip}.priority: set, but routing.queue_timeout_ms is 0" in record.getMessage()
+               for record in caplog.records)

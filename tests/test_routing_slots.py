@@ -131,3 +131,15 @@ async def test_giving_back_more_than_was_taken_never_goes_below_zero():
     slots.give_back("m")
     slots.give_back("m")
     assert slots.busy("m") == 0
+
+
+async def test_a_settled_waiter_left_in_line_is_passed_over_not_granted_twice():
+    """Were a waiter's future settled while it is still in line (say cancelled from outside), the slot goes to
+    the next live waiter; it is never counted for the settled one, nor set twice."""
+    slots, first, second = await one_held_two_waiting()
+    slots._models["m"].line[0].granted.cancel()          # the priority 5 waiter's future, settled in place
+    slots.give_back("m")
+    await second
+    assert slots.busy("m") == 1 and slots.waiting("m") == 0
+    first.cancel()
+    await settle()

@@ -81,7 +81,7 @@ class Slots:
             self._leave(name, slots, waiter)
             if isinstance(exc, TimeoutError):
                 raise ModelBusy(f"model '{name}' is busy: no call slot within {timeout_s * 1000:g} ms "
-                                f"({slots.limit} calls in flight, {len(slots.line)} waiting)") from None
+                                f"({slots.busy} calls in flight, {len(slots.line)} waiting)") from None
             raise
         return loop.time() - started_s
 
@@ -109,10 +109,11 @@ class Slots:
 
     def _leave(self, name: str, slots: _ModelSlots, waiter: _Waiter) -> None:
         """A waiter gave up: out of the line, or, if the slot was granted meanwhile, the slot handed on."""
-        if waiter.granted.done():
+        granted = waiter.granted
+        if granted.done() and not granted.cancelled():
             self.give_back(name)
             return
-        waiter.granted.cancel()
+        granted.cancel()
         try:
             slots.line.remove(waiter)
         except ValueError:
@@ -123,5 +124,7 @@ class Slots:
     def _grant(slots: _ModelSlots) -> None:
         while slots.line and slots.busy < slots.limit:
             waiter = heapq.heappop(slots.line)
+            if waiter.granted.done():       # already settled: a slot is granted once, and only to a live waiter
+                continue
             slots.busy += 1
             waiter.granted.set_result(None)

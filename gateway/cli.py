@@ -31,11 +31,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _policy_check(args: argparse.Namespace) -> int:
     from gateway.policy.advice import advice
-    from gateway.policy.load import check_policy, load_policy
+    from gateway.policy.load import read_policy
 
     status = 0
     for path in args.files:
-        problems = check_policy(path)
+        policy, problems = read_policy(path)
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
@@ -43,7 +43,7 @@ def _policy_check(args: argparse.Namespace) -> int:
             print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
             continue
         print(f"{path}: ok")
-        for note in advice(load_policy(path)):
+        for note in advice(policy):
             print(f"{path}: note: {note}", file=sys.stderr)
     return status
 

@@ -129,27 +129,28 @@ class UpstreamTimeout(UpstreamError):
     reason = "timeout"
 
 
-class ModelBusy(UpstreamError):
-    """No call slot on a saturated model came within routing.queue_timeout_ms: the gateway's own wait, not the
-    model's failure."""
+class NotSent(UpstreamError):
+    """A call the gateway did not send after waiting for its call slot: nothing about the model's health; the
+    next model is tried, and with none left the client may try again in a second."""
 
     status = 503
     error_type = "service_unavailable_error"
+    retry_after_s = 1.0
+    model_at_fault = False
+
+
+class ModelBusy(NotSent):
+    """No call slot on a saturated model came within routing.queue_timeout_ms."""
+
     code = "model_overloaded"
     reason = "queue_timeout"
-    retry_after_s = 1.0
-    model_at_fault = False
 
 
-class CircuitOpen(UpstreamError):
-    """A model's circuit opened while a call waited for its slot: the call is not sent; the next model is tried."""
+class CircuitOpen(NotSent):
+    """A model's circuit opened while a call waited for its slot."""
 
-    status = 503
-    error_type = "service_unavailable_error"
     code = "model_unavailable"
     reason = "circuit_open"
-    retry_after_s = 1.0
-    model_at_fault = False
 
 
 class UpstreamProtocolError(UpstreamError):

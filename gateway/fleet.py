@@ -28,7 +28,7 @@ class Fleet:
         self.estimates = LatencyEstimates.from_policy(policy, clock=clock)
         self.breakers = Breakers(policy.routing.breaker, clock)
         self.slots = Slots()
-        self.slots.configure({name: model.max_concurrency for name, model in policy.models.items()})
+        self.slots.configure(policy.models)
         self._routers: dict[str, Router] = {}
         self.router(policy)
 
@@ -51,7 +51,7 @@ class Fleet:
             self.estimates.prior_weight = routing.prior_weight
             self.estimates.restart()
         self.estimates.track(policy.models)
-        self.slots.configure({name: model.max_concurrency for name, model in policy.models.items()})
+        self.slots.configure(policy.models)
         self.breakers.configure(routing.breaker)
         self.router(policy)
 

@@ -86,7 +86,7 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
 @cache
 def upstream_url(base_url: str, endpoint: str) -> URL:
     """A model's URL for an endpoint, parsed once: aiohttp takes a URL as it is, where it parses a string on
-    every call (about 10 µs)."""
+    every call (about 7 µs of a bare call's CPU; `python -m bench.client_call`)."""
     return URL(base_url.rstrip("/") + PATHS[endpoint])
 
 

@@ -7,7 +7,14 @@ import asyncio
 import pytest
 
 from gateway.errors import ModelBusy
+from gateway.policy.model import Model
 from gateway.routing.slots import Slots
+
+
+def limits(**max_concurrency: int) -> dict[str, Model]:
+    """Models by name with these max_concurrency, as a policy gives them to `Slots.configure`."""
+    return {name: Model(name, "http://127.0.0.1:1/v1", name, max_concurrency=limit)
+            for name, limit in max_concurrency.items()}
 
 
 async def settle() -> None:
@@ -99,11 +106,11 @@ async def test_a_slot_granted_to_a_waiter_that_left_at_that_moment_is_handed_on(
 
 async def test_a_raised_limit_lets_waiters_in_at_once():
     slots = Slots()
-    slots.configure({"m": 1})
+    slots.configure(limits(m=1))
     await slots.take("m", 1, 1, 1.0)
     waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
     await settle()
-    slots.configure({"m": 3})                # a reload raised max_concurrency to 3
+    slots.configure(limits(m=3))                # a reload raised max_concurrency to 3
     await waiter
     assert await slots.take("m", 1, 1, 1.0) == 0.0     # a call still on the old policy version asks with 1
     assert slots.busy("m") == 3
@@ -111,10 +118,10 @@ async def test_a_raised_limit_lets_waiters_in_at_once():
 
 async def test_a_cut_limit_takes_effect_as_calls_end():
     slots = Slots()
-    slots.configure({"m": 2})
+    slots.configure(limits(m=2))
     await slots.take("m", 2, 1, 1.0)
     await slots.take("m", 2, 1, 1.0)
-    slots.configure({"m": 1})
+    slots.configure(limits(m=1))
     waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
     slots.give_back("m")                     # 1 held, the new limit: the waiter still waits
     await settle()

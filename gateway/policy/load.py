@@ -311,7 +311,12 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 def check_policy(path: str | Path) -> list[PolicyProblem]:
     """Every problem in a policy file, in line order; empty when it is valid."""
-    return _load(path)[1]
+    return read_policy(path)[1]
+
+
+def read_policy(path: str | Path) -> tuple[Policy | None, list[PolicyProblem]]:
+    """A policy file read once: the policy when it is valid, and every problem in line order."""
+    return _load(path)
 
 
 def _load(path: str | Path) -> tuple[Policy | None, list[PolicyProblem]]:

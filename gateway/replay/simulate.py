@@ -176,10 +176,7 @@ class Simulation:
         """The attempt holds a slot: schedule how it ends. With gateway slots its circuit is asked first; one
         that opened meanwhile sends the request on to its next model, and the slot is to be handed on (False)."""
         if self.queue_timeout_s and not self.breakers.allow(flight.model.name) and not flight.last_hope:
-            flight.outcome.queue_s += now_s - flight.dispatched_s
-            flight.failure = "circuit_open"
-            self.estimates.finished(flight.model.name)
-            self._dispatch(flight, now_s)
+            self._not_sent(flight, now_s, "circuit_open")
             return False
         flight.started_s = now_s
         flight.outcome.queue_s += now_s - flight.dispatched_s
@@ -216,15 +213,22 @@ class Simulation:
         if flight.ticket is not ticket or flight.started_s is not None:
             return
         ticket.cancelled = True
+        if self.queue_timeout_s:
+            self._not_sent(flight, now_s, "queue_timeout")
+            return
         flight.outcome.queue_s += now_s - flight.dispatched_s
         self.estimates.finished(flight.model.name)
-        if self.queue_timeout_s:            # never sent: no cost, nothing against the model's circuit
-            flight.failure = "queue_timeout"
-            self._dispatch(flight, now_s)
-            return
         self.breakers.record_failure(flight.model.name)
         self._charge(flight, now_s, Usage())
         self._fall_back(flight, now_s)
+
+    def _not_sent(self, flight: _Flight, now_s: float, failure: str) -> None:
+        """The gateway did not send the attempt after its wait for a slot, as live: the wait counts, nothing is
+        charged or held against the model's circuit, and the request moves to its next model."""
+        flight.outcome.queue_s += now_s - flight.dispatched_s
+        self.estimates.finished(flight.model.name)
+        flight.failure = failure
+        self._dispatch(flight, now_s)
 
     # The model's circuit hears of each attempt before its slot is handed on, as live: the call stage records a
     # failure or success before the attempt ends, and a waiter given the slot asks the circuit then.

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.errors import ModelBusy
+from gateway.policy.model import Model
 
 
 @dataclass(order=True)
@@ -44,11 +45,12 @@ class Slots:
         self._models: dict[str, _ModelSlots] = {}
         self._arrivals = itertools.count()
 
-    def configure(self, limits: Mapping[str, int]) -> None:
+    def configure(self, models: Mapping[str, Model]) -> None:
         """Each model's slots from the current policy's max_concurrency (at start and on each reload): a raise
         lets waiters in now; a cut takes effect as calls end. Calls still on an older policy version do not
         change them."""
-        for name, limit in limits.items():
+        for name, model in models.items():
+            limit = model.max_concurrency
             slots = self._models.get(name)
             if slots is None:
                 self._models[name] = _ModelSlots(max(1, limit))

@@ -13,7 +13,7 @@ import aiohttp
 
 from gateway.app import build_app
 from gateway.runtime import PolicyHolder
-from gateway.server import install_uvloop, run_server
+from gateway.server import install_uvloop, listen_sockets, run_server
 from gateway.simulator import SimConfig, start_simulators
 
 #: the simulated models of the demo: name, demo-policy port, ttft_ms, tpot_ms
@@ -81,11 +81,18 @@ async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: flo
     policy_path.write_text(text)
     holder = PolicyHolder.from_file(policy_path, os.environ)
     ready, stop = asyncio.Event(), asyncio.Event()
-    server = asyncio.create_task(run_server(build_app(holder), host, port, ready=ready, stop=stop))
+    try:
+        sockets = listen_sockets(host, port)    # ListenError, in one line, when the port is taken
+    except BaseException:
+        for sim in sims:
+            await sim.stop()
+        raise
+    port = sockets[0].getsockname()[1]          # --port 0: the free port the system chose
+    server = asyncio.create_task(run_server(build_app(holder), host, port, sockets=sockets, ready=ready, stop=stop))
     try:
         await asyncio.wait({server, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if server.done():
-            await server                # raises why it stopped (ListenError: the port is taken)
+            await server                # raises why it stopped
         base_url = f"http://{host}:{port}"
         await tour(base_url)
         print(snippet(base_url), flush=True)

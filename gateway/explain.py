@@ -10,6 +10,7 @@ import argparse
 import os
 import random
 import sys
+from pathlib import Path
 
 from multidict import CIMultiDict
 
@@ -56,18 +57,35 @@ class _NeverExplore(random.Random):
         return 1.0
 
 
+def read_request(path: Path) -> bytes:
+    """The request body from its file, or stdin for `-`; a file that cannot be read is a usage error."""
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the request file {path}: {exc.strerror or exc}") from exc
+
+
+class UsageError(Exception):
+    """The command was asked for something it cannot do (exit 2, but not a refused request)."""
+
+
 def explain_main(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.file)
         runtime = Runtime.build(policy, os.environ)
-        raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
+        raw = read_request(args.request)
         decision, prompt_tokens = explain(runtime, Fleet(policy, rng=_NeverExplore()), endpoint=args.endpoint,
                                           body=parse_json_object(raw), headers=parse_headers(args.header),
                                           tenant_name=args.tenant)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    except (GatewayError, ValueError, OSError) as exc:
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (GatewayError, ValueError) as exc:
         print(f"request would be refused: {getattr(exc, 'status', '')} {exc}".replace("  ", " "), file=sys.stderr)
         return 2
     print(f"prompt tokens: {prompt_tokens} ({DEFAULT_ENCODING})")

@@ -70,3 +70,31 @@ def test_an_unknown_log_level_is_refused_in_one_line(where, command, monkeypatch
         result = gateway(*command)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown log level 'bogus'" in result.stderr
+
+
+def test_demo_on_port_zero_tours_the_port_it_got():
+    """`gateway demo --port 0` serves on a free port and runs its tour there (it used to post to port 0)."""
+    result = gateway("demo", "--port", "0", "--duration", "0.5", timeout_s=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    ready = next(line for line in result.stdout.splitlines() if "The gateway is ready at" in line)
+    port = int(ready.rsplit(":", 1)[1])
+    assert port > 0
+    assert "same again (cache)     200" in result.stdout
+
+
+def test_demo_on_a_taken_port_is_said_in_one_line():
+    """`gateway demo` on a port in use exits 1 with one line, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = gateway("demo", "--port", str(busy.getsockname()[1]))
+    assert taken.returncode == 1 and "Traceback" not in taken.stderr
+    assert "address already in use" in taken.stderr
+
+
+def test_explain_with_an_unreadable_request_file_is_a_usage_error(tmp_path):
+    """A --request file that cannot be read is said as such (exit 2), not as a request the gateway would refuse."""
+    result = gateway("policy", "explain", DEMO, "--request", str(tmp_path / "missing.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot read the request file" in result.stderr and "would be refused" not in result.stderr

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from gateway.cache.memory import MemoryCache
 from gateway.cache.redis_store import RedisCache, RedisLock
@@ -54,7 +54,11 @@ def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: b
     options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections)
     if cluster:
         return RedisCluster.from_url(url, **options)
-    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), health_check_interval=30, **options)
+    # no command is sent twice: a reply lost after Redis ran an admission, a settle or a budget flush would apply
+    # it again; a failed call is answered by store.on_store_failure and the back-off (StoreGuard). (The asyncio
+    # Retry: the synchronous one the asyncio client was once given retried nothing and left the health check's
+    # failed ping connected.)
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), health_check_interval=30, **options)
 
 
 async def warm_pool(client, connections: int, timeout_s: float = WARM_UP_TIMEOUT_S) -> None:
@@ -94,7 +98,7 @@ class Stores:
                        limiter=MemoryLimiter(), budgets=MemoryBudgets())
         client = redis_client(url, timeout_s, store.max_connections,
                               cluster=store.cluster or environ.get("GATEWAY_REDIS_CLUSTER", "").lower()
-                              in ("1", "true", "yes"))
+                              in ("1", "true", "yes", "on"))
         cache = RedisCache(client, timeout_s)
         prefix = store.key_prefix
         limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)

@@ -47,8 +47,7 @@ class Admit:
         budgets = self.services.stores.budgets
         budgeted = tenant.budget.limited
         limited = not unlimited(tenant.limits)
-        # the answer's tokens reserved for each of its n choices
-        tokens = ctx.prompt_tokens + (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
+        tokens = ctx.prompt_tokens + output_reserve(ctx)
         ticket = new_ticket()
         try:
             if budgeted and limited and not self._known_exhausted(tenant.name) and \
@@ -67,17 +66,14 @@ class Admit:
         if state is not None and state.exhausted:
             self._exhausted_until_s[tenant.name] = time.monotonic() + state.retry_after_s
             if state.on_exhausted != "downgrade":
-                if admission is not None and admission.allowed:
-                    self._withdraw(tenant, ticket, tokens)
+                self._undo(tenant, admission, ticket, tokens)
                 raise state.error()
             ctx.budget_downgrade = True
             ctx.decision = self.services.fleet.router(ctx.policy).cheapest(ctx.decision)
         if admission is None:
             return None
         if not admission.allowed:
-            if admission.unsettled:
-                withdraw = self._withdrawal(tenant, ticket, tokens)
-                self._end_late(withdraw, again=withdraw)
+            self._undo(tenant, admission, ticket, tokens)
             raise admission.error()
         ctx.reserved_tokens = tokens
         ctx.admission = admission
@@ -130,6 +126,18 @@ class Admit:
         """Undo in the background the admission of a request refused after all, or abandoned during admission."""
         withdraw = self._withdrawal(tenant, ticket, reserved_tokens)
         self._end_in_background(tenant, withdraw, withdraw)
+
+    def _undo(self, tenant, admission: Admission | None, ticket: str, reserved_tokens: int) -> None:
+        """Give back what the admission of a request refused after all may hold: one the store did not answer
+        (it may still run it) once the store answers again, an admitted one at once; an answered refusal holds
+        nothing."""
+        if admission is None or not admission.held:
+            return
+        if admission.unsettled:
+            withdraw = self._withdrawal(tenant, ticket, reserved_tokens)
+            self._end_late(withdraw, again=withdraw)
+        else:
+            self._withdraw(tenant, ticket, reserved_tokens)
 
     def _ending(self, tenant, ticket: str, reserved_tokens: int, actual_tokens: int) -> tuple[Ending, Ending]:
         """The store call that ends a served request's admission, and the one to repeat it with.
@@ -196,13 +204,21 @@ class Admit:
         if tenant is None:
             return
         charge_later(self.services, tenant, ctx.cost_usd)
-        if ctx.admission is not None:
+        if ctx.admission is not None and ctx.admission.held:     # else the store never saw it: nothing to end
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
             if ctx.admission.unsettled:         # admitted degraded: the store may apply it late
                 end, again = self._ending(tenant, ctx.admission.ticket, ctx.reserved_tokens, used)
                 self._end_late(end, again=again)
             else:
                 self._give_back(tenant, ctx.admission.ticket, ctx.reserved_tokens, actual_tokens=used)
+
+
+def output_reserve(ctx: RequestContext) -> int:
+    """The answer's tokens reserved at admission: max_tokens (or the default) for each of its n choices; none
+    for embeddings, whose answer is no tokens."""
+    if ctx.endpoint == "embeddings":
+        return 0
+    return (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
 
 
 def _resolve(future: asyncio.Future, *_) -> None:

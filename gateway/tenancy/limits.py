@@ -73,6 +73,12 @@ class Admission:
     degraded: bool = False              # the store failed and on_store_failure let it through
     unsettled: bool = False             # the store was asked and did not answer: it may still apply it later
 
+    @property
+    def held(self) -> bool:
+        """Whether the store holds this admission, or may still apply it: not when the store answered a refusal,
+        nor when the admission was answered without asking the store (a back-off), so there is nothing to end."""
+        return self.unsettled or (self.allowed and not self.degraded)
+
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the limits this tenant has."""
         headers: dict[str, str] = {}

@@ -200,8 +200,13 @@ def is_context_length_error(body: dict | None) -> bool:
     error = body.get("error")
     if not isinstance(error, dict):
         return False
-    text = f"{error.get('code') or ''} {error.get('message') or ''}".lower()
-    return "context_length" in text or "maximum context length" in text
+    text = f"{error.get('code') or ''} {error.get('type') or ''} {error.get('message') or ''}".lower()
+    # OpenAI and vLLM: context_length_exceeded, "maximum context length"; llama.cpp: exceed_context_size_error,
+    # "exceeds the available context size"
+    return any(words in text for words in _CONTEXT_LENGTH_WORDS)
+
+
+_CONTEXT_LENGTH_WORDS = ("context_length", "maximum context length", "exceed_context_size", "context size")
 
 
 @dataclass(frozen=True)

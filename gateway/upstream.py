@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -34,6 +35,8 @@ DROPPED_HEADERS = frozenset({
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-type",
     "authorization", "api-key", "cookie", "accept-encoding", "traceparent", "tracestate",
     "x-request-id", "expect",
+    # scoped to the client's credential, which the model's own replaces: a provider refuses a key for another org
+    "openai-organization", "openai-project",
     # the body is re-serialised plain JSON (aiohttp decoded the client's), so its encoding headers do not hold
     "content-encoding", "content-md5", "digest",
 })
@@ -132,10 +135,10 @@ class HttpTransport:
                     raise UpstreamProtocolError(f"model '{call.model.name}' sent invalid JSON") from exc
                 if not isinstance(body, dict):
                     raise UpstreamProtocolError(f"model '{call.model.name}' sent a non-object JSON answer")
-                if isinstance(body.get("error"), dict) and "choices" not in body and "data" not in body:
+                if (error := body.get("error")) and "choices" not in body and "data" not in body:
                     # an error reported with status 200 (some servers do): a failure, as it is in a stream
                     raise UpstreamProtocolError(f"model '{call.model.name}' answered 200 with an error: "
-                                                f"{body['error'].get('message', '')}")
+                                                f"{error_message(error)}")
                 return UpstreamAnswer(resp.status, body, raw)
 
     @asynccontextmanager
@@ -172,11 +175,21 @@ def status_error(model: Model, status: int, raw: bytes, headers: Mapping[str, st
     if status in UPSTREAM_AUTH_STATUSES:     # the gateway's own credential: the client is told no more than this
         return UpstreamStatus(f"model '{model.name}' refused the gateway's credentials (HTTP {status}); check its "
                               f"api_key_env", upstream_status=status)
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        detail = f": {body['error'].get('message', '')}"
+    if isinstance(body, dict) and "error" not in body and body.get("object") == "error":
+        body = {"error": body}              # vLLM's own shape (before 0.10): the error object is the body
+    if isinstance(body, dict) and (error := body.get("error")):
+        detail = f": {error_message(error)}"
     return UpstreamStatus(f"model '{model.name}' answered {status}{detail}", upstream_status=status,
                           body=body if isinstance(body, dict) else None,
                           retry_after_s=retry_after_s(headers))
+
+
+def error_message(error: object) -> str:
+    """The message of an error a model server reported: an OpenAI error object's, or the error itself when it is
+    a string (TGI's shape)."""
+    if isinstance(error, dict):
+        error = error.get("message", "")
+    return error if isinstance(error, str) else ""
 
 
 class UpstreamErrors:
@@ -195,7 +208,7 @@ class UpstreamErrors:
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             raise UpstreamTimeout(f"model '{name}' timed out") from exc
         if isinstance(exc, aiohttp.ClientConnectorError):
-            raise UpstreamUnreachable(f"model '{name}' is unreachable: {exc.os_error}") from exc
+            raise UpstreamUnreachable(f"model '{name}' is unreachable: {connect_failure(exc.os_error)}") from exc
         if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                             aiohttp.ClientOSError, aiohttp.ClientResponseError)):
             raise UpstreamProtocolError(f"model '{name}' dropped the connection") from exc
@@ -204,5 +217,15 @@ class UpstreamErrors:
         if isinstance(exc, HttpProcessingError):    # aiohttp's parser refused what the model sent
             raise UpstreamProtocolError(f"model '{name}' sent a malformed answer") from exc
         if isinstance(exc, aiohttp.ClientError):
-            raise UpstreamUnreachable(f"model '{name}' request failed: {exc}") from exc
+            raise UpstreamUnreachable(f"model '{name}' request failed ({type(exc).__name__})") from exc
         return False
+
+
+def connect_failure(error: OSError) -> str:
+    """Why a connection to a model failed, in words a tenant may read: the system's reason, never the model
+    server's address (the OS error's own text names it)."""
+    if isinstance(error, socket.gaierror):
+        return "its host name does not resolve"
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno).lower()
+    return type(error).__name__

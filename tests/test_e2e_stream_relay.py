@@ -14,57 +14,23 @@ import time
 
 import openai
 import pytest
-import requests
 
 from gateway.sse import MAX_EVENT_BYTES, EventTooLong, iter_events
 from gateway.stages.relay import StreamState
-from tests.support import accounting
-from tests.support.harness import Harness, raw_model_gateway, reset_raw_model
+from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text
+from tests.support.harness import ledgered_raw_model_gateway, reset_raw_model
 from tests.support.raw_upstream import SSE_HEAD, TEXT_EVENTS, chunk, sse
 
 BOM = b"\xef\xbb\xbf"     # UTF-8's byte order mark, which SSE allows at the start of a stream
-TAIL = """ledger: {{path: "LEDGER"}}
-"""
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    ledger = tmp_path_factory.mktemp("ledger") / "requests.jsonl"
-    with raw_model_gateway(first_byte_s=1, tail=TAIL.replace("LEDGER", str(ledger))) as (harness, raw):
-        harness.ledger_path = ledger
-        yield harness, raw
+    with ledgered_raw_model_gateway(tmp_path_factory.mktemp("ledger"), first_byte_s=1) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
 def fresh(env):
     reset_raw_model(*env)
-
-
-def post(harness: Harness, model: str = "raw-only", **extra) -> requests.Response:
-    return requests.post(f"{harness.base_url}/v1/chat/completions", timeout=30,
-                         json={"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}],
-                               **extra})
-
-
-def sdk_text(harness: Harness, model: str = "raw-only") -> str:
-    """The answer as an application reading the stream with the openai SDK gets it."""
-    stream = harness.openai().chat.completions.create(model=model, stream=True,
-                                                      messages=[{"role": "user", "content": "hi"}])
-    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-
-
-def breaker_failures(harness: Harness, model: str) -> int:
-    """The model's consecutive failures, once its calls have ended (a client reads the end of a stream a moment
-    before the gateway records how it went)."""
-    deadline_s = time.monotonic() + 5
-    while harness.services.fleet.estimates.in_flight(model) and time.monotonic() < deadline_s:
-        time.sleep(0.01)
-    circuit = harness.services.fleet.breakers._circuits.get(model)
-    return circuit.failures if circuit is not None else 0
-
-
-def ledger_record(harness: Harness, request_id: str) -> dict:
-    return accounting.ledger_record(harness.ledger_path, request_id)
 
 
 # events too long for a line reader ------------------------------------------------------------------------
@@ -234,7 +200,7 @@ def test_output_chunks_alone_are_timed():
     """Only chunks carrying output (content, tool calls, refusal, reasoning; chat or completions) count as
     output: the role chunk, finish chunk, usage chunk and odd shapes neither stamp nor split the time per
     output chunk."""
-    state = StreamState(collect=False)
+    state = StreamState(assemble_for=None)
     tool_call = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}
     chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
               {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},

@@ -52,7 +52,7 @@ def settled(chunks: list[dict], *, endpoint: str = "chat", status: int = 200,
             usage: Usage | None = None) -> Usage:
     """The usage settle_attempt gives an attempt whose stream, absorbed by the relay's StreamState, sent
     `chunks`."""
-    state = StreamState(collect=False)
+    state = StreamState(assemble_for=None)
     for each in chunks:
         state.absorb(each)
     ctx = RequestContext(http=None, policy=None, request_id="r", endpoint=endpoint, prompt_tokens=7,
@@ -90,7 +90,7 @@ def test_parallel_tool_calls_are_each_joined_apart():
                           index=1)]
     expected = sum(map(tokens, ["one", "".join(first), "two", "".join(second), "three", "{}"]))
     assert settled(chunks).output_tokens == expected
-    state = StreamState(collect=False)
+    state = StreamState(assemble_for=None)
     for each in chunks:
         state.absorb(each)
     assert sorted(text for _, text in state.parts.items()) == \
@@ -147,7 +147,7 @@ def test_a_long_reasoning_stream_is_held_joined_not_piece_by_piece():
     from gateway.stages.answers import JOIN_EVERY
 
     pieces = [f" step {n}" for n in range(1000)]
-    state = StreamState(collect=False)
+    state = StreamState(assemble_for=None)
     for piece in pieces:
         state.absorb(delta_chunk({"reasoning_content": piece}))
     (kept,) = state.parts._parts.values()

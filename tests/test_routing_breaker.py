@@ -117,3 +117,20 @@ def test_models_are_independent(breakers):
     assert breakers.state("a") == "open"
     assert breakers.state("b") == "closed"
     assert breakers.allow("b")
+
+
+def test_a_released_probe_lets_the_next_call_probe_at_once(breakers, clock):
+    """A probe given back without a verdict frees the half-open slot now; only the probe that holds it can."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 10.0
+    assert breakers.probe_since("m") is None
+    assert breakers.allow("m")
+    since_s = breakers.probe_since("m")
+    assert since_s == clock.now_s
+    assert not breakers.allow("m")
+    breakers.release_probe("m", since_s - 1.0)      # not the probe in flight: nothing changes
+    assert not breakers.allow("m")
+    breakers.release_probe("m", since_s)
+    assert breakers.state("m") == "half_open"
+    assert breakers.allow("m")

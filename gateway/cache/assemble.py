@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: top-level fields copied from the first chunk that carries them (a live stream repeats them in
+#: top-level fields copied from the first chunk that carries them, not empty (a live stream repeats them in
 #: every chunk); not `obfuscation`, the random padding each live chunk has of its own
 HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 #: top-level fields a live stream sends on one chunk only; the last chunk that carries one wins
@@ -15,26 +15,78 @@ CHAT_DELTA_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "func
 REPLACED_FIELDS = frozenset({"index", "type"})
 
 
-def assemble_stream(endpoint: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The non-stream body a `chat` or `completions` stream adds up to."""
-    body: dict[str, Any] = {}
-    choices: dict[int, dict[str, Any]] = {}
-    merge_choice = _merge_chat_choice if endpoint == "chat" else _merge_text_choice
-    for chunk in chunks:
+#: text a stream may add up to before the cache stops assembling it (it could not be stored: an entry is at most
+#: DEFAULT_MAX_ENTRY_BYTES compressed, and zlib rarely packs text 4 to 1)
+MAX_ASSEMBLED_CHARS = 4 * 1024 * 1024
+
+
+class _Pieces:
+    """Text arriving in pieces, joined once at the end: adding each piece to the text so far would copy it all
+    again each time (a long stream's answer, quadratically)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = list(parts)
+
+
+class StreamAssembler:
+    """Folds a stream's chunks, as they pass, into the non-stream body they add up to (`body`).
+
+    It keeps the merged answer, not the chunks (a long stream's chunk objects weigh tens of times its
+    text); `chars` counts the text folded in so far.
+    """
+
+    __slots__ = ("endpoint", "chars", "chunks", "_body", "_choices", "_merge_choice")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.chars = 0
+        self.chunks = 0
+        self._body: dict[str, Any] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._merge_choice = _merge_chat_choice if endpoint == "chat" else _merge_text_choice
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        """Fold in one parsed `data:` chunk (TypeError, AttributeError, KeyError or ValueError: a shape the cache
+        cannot replay)."""
+        self.chunks += 1
+        body = self._body
         for name in HEADER_FIELDS:
-            if chunk.get(name) is not None:
+            if chunk.get(name):             # not an empty one: Azure opens with a filter chunk of id "", created 0
                 body.setdefault(name, chunk[name])
         for name in ONCE_FIELDS:
             if chunk.get(name) is not None:
                 body[name] = chunk[name]
         for delta_choice in chunk.get("choices") or ():
             index = delta_choice.get("index", 0)
-            merge_choice(choices.setdefault(index, _new_choice(endpoint, index)), delta_choice)
+            choice = self._choices.get(index)
+            if choice is None:
+                choice = self._choices[index] = _new_choice(self.endpoint, index)
+            self.chars += self._merge_choice(choice, delta_choice)
         if chunk.get("usage"):
             body["usage"] = chunk["usage"]
-    body["object"] = "chat.completion" if endpoint == "chat" else "text_completion"
-    body["choices"] = [_finish_choice(choices[i]) for i in sorted(choices)]
-    return body
+
+    def body(self) -> dict[str, Any]:
+        """The non-stream body of what was folded in (call once, at the end)."""
+        body = self._body
+        body["object"] = "chat.completion" if self.endpoint == "chat" else "text_completion"
+        body["choices"] = [_finish_choice(self._choices[i]) for i in sorted(self._choices)]
+        return body
+
+
+    @classmethod
+    def of(cls, endpoint: str, chunks: list[dict[str, Any]]) -> StreamAssembler:
+        """An assembler that has folded in `chunks`."""
+        assembler = cls(endpoint)
+        for chunk in chunks:
+            assembler.add(chunk)
+        return assembler
+
+
+def assemble_stream(endpoint: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The non-stream body a `chat` or `completions` stream adds up to."""
+    return StreamAssembler.of(endpoint, chunks).body()
 
 
 def _new_choice(endpoint: str, index: int) -> dict[str, Any]:
@@ -42,36 +94,49 @@ def _new_choice(endpoint: str, index: int) -> dict[str, Any]:
     if endpoint == "chat":
         return {"index": index, "message": {"role": "assistant"}, "logprobs": None,
                 "finish_reason": None, "_tools": {}}
-    return {"index": index, "text": "", "logprobs": None, "finish_reason": None}
+    return {"index": index, "text": _Pieces(), "logprobs": None, "finish_reason": None}
 
 
-def _merge_chat_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
-    """Fold one chat delta into the choice.
+def _merge_chat_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> int:
+    """Fold one chat delta into the choice; returns the characters of text it added.
 
     Content and refusal must be text (a null one stays null until text comes); any other field
     (`reasoning_content`, `annotations`, `audio`, ...) is folded in by `_merge_field`.
     """
     delta = delta_choice.get("delta") or {}
     message = choice["message"]
+    added = 0
     if delta.get("role"):
         message["role"] = delta["role"]
     for name in ("content", "refusal"):
-        if delta.get(name) is not None:
-            message[name] = (message.get(name) or "") + delta[name]
+        if (text := delta.get(name)) is not None:
+            added += _append(message, name, text)
         elif name in delta:
             message.setdefault(name, None)
     for tool_delta in delta.get("tool_calls") or ():
-        _merge_tool_call(choice["_tools"], tool_delta)
+        added += _merge_tool_call(choice["_tools"], tool_delta)
     if delta.get("function_call"):
-        _merge_function(message.setdefault("function_call", {}), delta["function_call"])
+        added += _merge_function(message.setdefault("function_call", {}), delta["function_call"])
     for name, value in delta.items():
         if name not in CHAT_DELTA_FIELDS:
-            _merge_field(message, name, value)
+            added += _merge_field(message, name, value)
     _merge_common(choice, delta_choice)
+    return added
 
 
-def _merge_field(merged: dict[str, Any], name: str, value: Any) -> None:
-    """Fold one field in: text concatenated, lists extended, objects merged field by field.
+def _append(merged: dict[str, Any], name: str, text: str) -> int:
+    """Add `text` to the text field `name` (started when absent or null); returns its length."""
+    pieces = merged.get(name)
+    if isinstance(pieces, _Pieces):
+        pieces.parts.append(text)
+    else:
+        merged[name] = _Pieces(text)
+    return len(text)
+
+
+def _merge_field(merged: dict[str, Any], name: str, value: Any) -> int:
+    """Fold one field in: text concatenated, lists extended, objects merged field by field; returns the
+    characters of text it added.
 
     Any other value (a number, a boolean) replaces the one before, as does a later `index` or
     `type`; a null keeps the field, as null, until a value comes.
@@ -79,22 +144,44 @@ def _merge_field(merged: dict[str, Any], name: str, value: Any) -> None:
     earlier = merged.get(name)
     if value is None:
         merged.setdefault(name, None)
-    elif isinstance(value, str) and isinstance(earlier, str) and name not in REPLACED_FIELDS:
-        merged[name] = earlier + value
+    elif isinstance(value, str) and name not in REPLACED_FIELDS:
+        if isinstance(earlier, _Pieces):
+            earlier.parts.append(value)
+        elif isinstance(earlier, str):
+            merged[name] = _Pieces(earlier, value)
+        else:
+            merged[name] = value
+        return len(value)
     elif isinstance(value, list):
-        merged[name] = (earlier if isinstance(earlier, list) else []) + value
+        if isinstance(earlier, _Items):
+            earlier.extend(value)
+        else:
+            merged[name] = _Items(earlier if isinstance(earlier, list) else ()) + _Items(value)
     elif isinstance(value, dict):
         fields = merged[name] = earlier if isinstance(earlier, dict) else {}
-        for key, item in value.items():
-            _merge_field(fields, key, item)
+        return sum(_merge_field(fields, key, item) for key, item in value.items())
     else:
         merged[name] = value
+    return 0
 
 
-def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
-    """Fold one completions chunk into the choice."""
-    choice["text"] += delta_choice.get("text") or ""
+class _Items(list):
+    """A list the assembler made, so extended in place (a chunk's own list is copied, never changed)."""
+
+    __slots__ = ()
+
+    def __add__(self, other: list) -> "_Items":
+        joined = _Items(self)
+        joined.extend(other)
+        return joined
+
+
+def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> int:
+    """Fold one completions chunk into the choice; returns the characters of text it added."""
+    text = delta_choice.get("text") or ""
+    choice["text"].parts.append(text)
     _merge_common(choice, delta_choice)
+    return len(text)
 
 
 def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
@@ -105,41 +192,59 @@ def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
         choice["logprobs"] = _merge_lists(choice["logprobs"] or {}, delta_choice["logprobs"])
 
 
-def _merge_tool_call(tools: dict[int, dict[str, Any]], tool_delta: dict[str, Any]) -> None:
-    """Fold one tool-call delta into the call with the same index."""
+def _merge_tool_call(tools: dict[int, dict[str, Any]], tool_delta: dict[str, Any]) -> int:
+    """Fold one tool-call delta into the call with the same index; returns the characters it added."""
     call = tools.setdefault(tool_delta.get("index", len(tools)),
                             {"id": None, "type": "function", "function": {}})
     if tool_delta.get("id"):
         call["id"] = tool_delta["id"]
     if tool_delta.get("type"):
         call["type"] = tool_delta["type"]
-    _merge_function(call["function"], tool_delta.get("function") or {})
+    return _merge_function(call["function"], tool_delta.get("function") or {})
 
 
-def _merge_function(function: dict[str, Any], delta: dict[str, Any]) -> None:
-    """Concatenate name and arguments deltas."""
+def _merge_function(function: dict[str, Any], delta: dict[str, Any]) -> int:
+    """Concatenate name and arguments deltas; returns the characters added."""
+    added = 0
     for name in ("name", "arguments"):
-        if delta.get(name) is not None:
-            function[name] = function.get(name, "") + delta[name]
+        if (text := delta.get(name)) is not None:
+            added += _append(function, name, text)
+    return added
 
 
 def _merge_lists(merged: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     """Logprobs: list fields are extended chunk after chunk; others are kept."""
     for name, value in delta.items():
         if isinstance(value, list):
-            merged[name] = (merged.get(name) or []) + value
+            earlier = merged.get(name)
+            if isinstance(earlier, _Items):
+                earlier.extend(value)
+            else:
+                merged[name] = _Items(earlier or ()) + value
         elif value is not None:
             merged.setdefault(name, value)
     return merged
 
 
 def _finish_choice(choice: dict[str, Any]) -> dict[str, Any]:
-    """Turn the working choice into the non-stream shape."""
+    """Turn the working choice into the non-stream shape: text pieces joined, lists plain."""
     tools = choice.pop("_tools", None)
+    choice = _settled(choice)
     if tools:
         message = choice["message"]
-        message["tool_calls"] = [tools[i] for i in sorted(tools)]
+        message["tool_calls"] = [_settled(tools[i]) for i in sorted(tools)]
         message["content"] = message.get("content") or None     # null beside tool calls
     elif "message" in choice:
         choice["message"].setdefault("content", "")
     return choice
+
+
+def _settled(value: Any) -> Any:
+    """`value` with every text in pieces joined and every assembler list made a plain list, at any depth."""
+    if isinstance(value, _Pieces):
+        return "".join(value.parts)
+    if isinstance(value, dict):
+        return {key: _settled(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_settled(item) for item in value]
+    return value

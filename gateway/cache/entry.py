@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from gateway.cache.assemble import assemble_stream
+from gateway.cache.assemble import StreamAssembler
 
 #: finish reasons of an answer the cache keeps: a normal end. Not `content_filter`, not a missing reason, and not
-#: tool calls: an agent's next step is its own to take again
+#: tool calls (nor a message carrying any, whatever its reason): an agent's next step is its own to take again
 COMPLETE_FINISH_REASONS = frozenset({"stop", "length"})
 COMPRESS_OVER_BYTES = 1024
 DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
@@ -51,17 +51,27 @@ def entry_from_response(endpoint: str, body: Any) -> CacheEntry | None:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
         return None
-    if all(isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
-           and c["finish_reason"] in COMPLETE_FINISH_REASONS for c in choices):
+    if all(_complete(choice) for choice in choices):
         return CacheEntry(endpoint, body)
     return None
 
 
-def entry_from_stream(endpoint: str, chunks: list[dict[str, Any]]) -> CacheEntry | None:
-    """An entry for a finished stream (its parsed `data:` chunks, without [DONE])."""
-    if endpoint not in ("chat", "completions") or not chunks:
+def _complete(choice: Any) -> bool:
+    """A choice that ended normally and is no tool step: some servers end a tool call with `stop` (vLLM, for a
+    named or required `tool_choice`), so the calls themselves are looked at, not only the finish reason."""
+    if not isinstance(choice, dict) or not isinstance(reason := choice.get("finish_reason"), str):
+        return False
+    message = choice.get("message")
+    if isinstance(message, dict) and (message.get("tool_calls") or message.get("function_call")):
+        return False
+    return reason in COMPLETE_FINISH_REASONS
+
+
+def entry_from_stream(assembled: StreamAssembler) -> CacheEntry | None:
+    """An entry for a finished stream, from its chunks as they were folded in (without [DONE])."""
+    if assembled.endpoint not in ("chat", "completions") or not assembled.chunks:
         return None
-    return entry_from_response(endpoint, assemble_stream(endpoint, chunks))
+    return entry_from_response(assembled.endpoint, assembled.body())
 
 
 def encode_entry(entry: CacheEntry, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES

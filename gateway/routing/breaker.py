@@ -4,7 +4,8 @@ Closed: calls flow; `failure_threshold` consecutive failures open it. An
 upstream's Retry-After also opens it, until then. Open: no calls for
 `open_s` (or the Retry-After, whichever is later). Half-open: one probe at a
 time is admitted; its success closes the circuit, its failure reopens it.
-A probe that never reports back frees its slot after `open_s`.
+A probe that never reports back frees its slot after `open_s`; one whose
+client left before the model answered is given back at once (`release_probe`).
 
 The planner asks `available` (a peek that takes nothing); the call stage asks
 `allow` right before an attempt, which takes the half-open probe slot.
@@ -84,6 +85,19 @@ class Breakers:
             return False
         circuit.probe_since_s = now_s
         return True
+
+    def probe_since(self, model_name: str) -> float | None:
+        """When the half-open probe in flight was admitted (None: none is): `allow` just took it when this is
+        now, and it names the probe to `release_probe`."""
+        circuit = self._circuits.get(model_name)
+        return None if circuit is None else circuit.probe_since_s
+
+    def release_probe(self, model_name: str, since_s: float) -> None:
+        """Give back the probe admitted at `since_s` without a verdict (its client left before the model
+        answered): the next call probes at once instead of the circuit waiting `open_s` for a report."""
+        circuit = self._circuits.get(model_name)
+        if circuit is not None and circuit.probe_since_s == since_s:
+            circuit.probe_since_s = None
 
     def _probe_free(self, circuit: _Circuit, now_s: float) -> bool:
         """Whether no probe is in flight (or the last one is long overdue)."""

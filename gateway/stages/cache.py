@@ -93,15 +93,18 @@ class Cache:
         read, ctx.cache_read = ctx.cache_read, None
         ctx.cache_status = "miss"
         with self.services.telemetry.cache_span(ctx):
-            entry = await self._lookup(ctx.cache_key, read)
-            if entry is None:
-                entry = await self._single_flight(ctx)
-            if entry is not None and not may_answer(ctx.decision, entry.model):
-                entry = None                # another model's answer: this request calls, and its answer replaces it
+            entry = self._servable(ctx, await self._lookup(ctx.cache_key, read))
+            if entry is None:               # another model's answer counts as none: identical requests share a call
+                entry = self._servable(ctx, await self._single_flight(ctx))
             if entry is not None:
                 ctx.cache_status = "hit"
                 ctx.cache_model = entry.model
         return await self._answer(ctx, entry) if entry is not None else None
+
+    @staticmethod
+    def _servable(ctx: RequestContext, entry: CacheEntry | None) -> CacheEntry | None:
+        """`entry`, or None when its model may not answer this request: it calls, and its answer replaces it."""
+        return entry if entry is not None and may_answer(ctx.decision, entry.model) else None
 
     async def _lookup(self, key: str, read: Awaitable[bytes | None] | None = None) -> CacheEntry | None:
         """The entry at `key`, from `read` when `Lookup` started it, else read now."""
@@ -131,7 +134,7 @@ class Cache:
             return await asyncio.wait_for(done, LEADER_LIMIT_S)
 
         task = asyncio.ensure_future(singleflight.run(
-            ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S, poll_fn=lambda: self._lookup(ctx.cache_key),
+            ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S, poll_fn=lambda: self._poll(ctx),
             hold=lambda: _until_stored(stored)))
         leader_started = asyncio.ensure_future(leading.wait())
         try:
@@ -150,6 +153,10 @@ class Cache:
         except FlightAbandoned:
             return None
         return entry
+
+    async def _poll(self, ctx: RequestContext) -> CacheEntry | None:
+        """The entry another replica's leader stored, once there is one this request may be answered with."""
+        return self._servable(ctx, await self._lookup(ctx.cache_key))
 
     async def _answer(self, ctx: RequestContext, entry: CacheEntry) -> web.StreamResponse:
         """Answer from a cached entry: JSON, or a replayed SSE stream. It costs nothing."""
@@ -180,7 +187,8 @@ class Cache:
         try:
             entry = None
             try:
-                entry = self._fresh_entry(ctx) if ctx.cache_status in ("miss", "bypass") else None
+                fresh = ctx.cache_key is not None and ctx.cache_status in ("miss", "bypass")
+                entry = self._fresh_entry(ctx) if fresh else None     # a request the cache is not for: no work
             finally:                        # whatever happened, the followers are let go
                 if isinstance(flight, LocalFlight):
                     flight.land(entry)
@@ -224,7 +232,10 @@ class Cache:
                 entry = entry_from_response(ctx.endpoint, ctx.response_body)
             else:
                 record = ctx.stream_record
-                entry = entry_from_stream(ctx.endpoint, record.chunks) if record is not None else None
+                if record is not None and record.assembled is None:
+                    log.info("request %s: answer not cached, %s", ctx.request_id, record.unassembled)
+                    return None
+                entry = entry_from_stream(record.assembled) if record is not None else None
         except (TypeError, AttributeError, KeyError, ValueError) as exc:     # an answer of a shape we cannot keep
             log.info("request %s: answer not cached, its shape is not one the cache can replay (%s: %s)",
                      ctx.request_id, type(exc).__name__, exc)

@@ -74,6 +74,8 @@ class Call:
             if not may_call(model.name) and not last_hope:
                 continue                    # circuit open: skip, unless it is the last hope
             attempt = Attempt(model=model, started_s=time.perf_counter())
+            if not slots:
+                attempt.probe_since_s = breakers.probe_since(model.name)
             ctx.attempts.append(attempt)
             self.services.fleet.started(model.name)     # waiting counts as in flight: the router sees the line
             try:
@@ -85,6 +87,8 @@ class Call:
                 return await self._attempt(ctx, attempt)
             except asyncio.CancelledError:  # the client left while the model worked: the call was cut short
                 attempt.error_type = attempt.error_type or CLIENT_DISCONNECTED
+                if attempt.probe_since_s is not None:   # no verdict on the model: the next call may probe it
+                    breakers.release_probe(model.name, attempt.probe_since_s)
                 raise
             except UpstreamError as exc:
                 self._failed(ctx, attempt, exc)
@@ -120,6 +124,7 @@ class Call:
         if not fleet.breakers.allow(model.name) and not last_hope:
             raise CircuitOpen(f"model '{model.name}' is unavailable: its circuit opened while the call waited "
                               f"for a slot")
+        attempt.probe_since_s = fleet.breakers.probe_since(model.name)
         attempt.dispatched, attempt.started_s = True, now_s
 
     async def _attempt(self, ctx: RequestContext, attempt: Attempt) -> web.StreamResponse:

@@ -22,13 +22,14 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 from aiohttp import web
 
+from gateway.cache.assemble import MAX_ASSEMBLED_CHARS, StreamAssembler
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
 from gateway.stages.answers import GeneratedParts, read_identity
 from gateway.tokens import usage_from_response
-from gateway.upstream import UpstreamCall
+from gateway.upstream import UpstreamCall, error_message
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -41,26 +42,28 @@ _TEXT_ONLY = frozenset(("role", "content"))
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("chunks", "texts", "parts", "finish_reasons", "finished_choices", "done", "collect",
+    __slots__ = ("assembled", "unassembled", "texts", "parts", "finish_reasons", "finished_choices", "done",
                  "chunk_gaps_s", "last_output_s")
 
-    def __init__(self, collect: bool) -> None:
-        self.chunks: list[dict] = []
+    def __init__(self, assemble_for: str | None) -> None:
+        # the answer the cache would store, folded in as the chunks pass (`assemble_for`: the endpoint, when the
+        # cache wants it); given up for an answer too long to store, or of a shape the cache cannot replay
+        self.assembled = StreamAssembler(assemble_for) if assemble_for is not None else None
+        self.unassembled: str | None = None         # why it was given up
         self.texts: list[str] = []
         self.parts = GeneratedParts()               # the other texts generated, by choice and part
         self.finish_reasons: list[str] = []
         self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
         self.done = False
-        self.collect = collect
         self.chunk_gaps_s: list[float] = []         # between consecutive output chunks: time per output chunk
         self.last_output_s: float | None = None     # when the latest chunk carrying output came
 
     def absorb(self, chunk: dict) -> bool:
         """Keep the text, the other generated texts (tool calls, a refusal, reasoning: usage estimates count
-        them), finish reasons (and the chunk, when the cache wants it); True when the chunk carried output,
+        them), finish reasons (and the answer, when the cache wants it); True when the chunk carried output,
         whose timing it notes. Choices of odd shapes are passed over."""
-        if self.collect:
-            self.chunks.append(chunk)
+        if self.assembled is not None:
+            self._assemble(chunk)
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             return False
@@ -92,6 +95,16 @@ class StreamState:
             self.last_output_s = now_s
         return output
 
+    def _assemble(self, chunk: dict) -> None:
+        assembled = self.assembled
+        try:
+            assembled.add(chunk)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            self.assembled, self.unassembled = None, f"its shape is not one the cache can replay ({exc!r})"
+            return
+        if assembled.chars > MAX_ASSEMBLED_CHARS:
+            self.assembled, self.unassembled = None, f"it is over {MAX_ASSEMBLED_CHARS} characters"
+
     def finished(self, choices: int) -> bool:
         """Every one of the `choices` asked for has had its finish reason."""
         return all(index in self.finished_choices for index in range(choices))
@@ -112,9 +125,9 @@ def _parse_chunk(model_name: str, data: bytes) -> dict:
         raise UpstreamProtocolError(f"model '{model_name}' sent an invalid stream event") from exc
     if not isinstance(chunk, dict):
         raise UpstreamProtocolError(f"model '{model_name}' sent a non-object stream event")
-    if isinstance(chunk.get("error"), dict):
-        raise UpstreamProtocolError(f"model '{model_name}' reported an error mid-stream: "
-                                    f"{chunk['error'].get('message', '')}")
+    if error := chunk.get("error"):     # an error object, or TGI's string: the SDK raises on either
+        raise UpstreamProtocolError(f"model '{model_name}' reported an error in its stream: "
+                                    f"{error_message(error)}")
     return chunk
 
 
@@ -128,7 +141,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                        on_first_event: Callable[[RequestContext, Attempt], None],
                        energy=None) -> web.StreamResponse:
     """Relay one upstream stream; returns the client's response once the stream has ended."""
-    state = StreamState(collect=ctx.cache_key is not None)
+    state = StreamState(assemble_for=ctx.endpoint if ctx.cache_key is not None else None)
     try:
         async with transport.stream(call) as events:
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)
@@ -170,7 +183,8 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
         async with asyncio.timeout(wait_s) as deadline:
             async for event in events:
                 data = event_data(event)
-                if data is None:            # a comment: kept alive for the client, not for the deadline
+                if not data:                # a comment: kept alive for the client, not for the deadline (an
+                    # event whose data is empty is not dispatched, as SSE says: the SDK could not parse it)
                     if ctx.bytes_sent and is_comment(event):    # `retry:`, `event:`, `id:` alone are dropped
                         await _forward_comment(response, event, deadline)
                     continue

@@ -182,6 +182,15 @@ def raw_model_gateway(*, first_byte_s: float, tail: str = "") -> Iterator[tuple[
         raw.stop()
 
 
+@contextlib.contextmanager
+def ledgered_raw_model_gateway(ledger_dir: Path, *, first_byte_s: float) -> Iterator[tuple[Harness, RawUpstream]]:
+    """`raw_model_gateway` writing its ledger to `ledger_dir/requests.jsonl` (`harness.ledger_path`)."""
+    ledger = ledger_dir / "requests.jsonl"
+    with raw_model_gateway(first_byte_s=first_byte_s, tail=f'ledger: {{{{path: "{ledger}"}}}}\n') as (harness, raw):
+        harness.ledger_path = ledger
+        yield harness, raw
+
+
 def reset_raw_model(harness: Harness, raw: RawUpstream) -> None:
     """Between tests: no script, and every circuit closed."""
     raw.script = []

@@ -56,7 +56,16 @@ class RawUpstream:
             writer.close()
 
     def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _stop(self) -> None:
+        """Close the server and end the answers still under way (a script that hangs), so none outlives the loop."""
+        self.server.close()
+        answering = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in answering:
+            task.cancel()
+        await asyncio.gather(*answering, return_exceptions=True)
 
 
 def http_head(status: int = 200, headers: dict[str, str] | None = None, length: int | None = None) -> bytes:

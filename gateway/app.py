@@ -36,6 +36,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         error = NotFound(f"no such endpoint: {request.method} {request.path}", code="not_found") \
             if exc.status == 404 else ClientError(exc.reason, code=f"http_{exc.status}")
         error.status = exc.status
+        if (allowed := exc.headers.get("Allow")) is not None:     # a 405 names the methods taken (RFC 9110)
+            error.message = f"{request.method} is not allowed on {request.path}; use {allowed}"
+            error.headers = {"Allow": allowed}
         return error_response(error, request_id=request_id(request))
     except Exception:
         rid = request_id(request)

@@ -14,12 +14,14 @@ import socket
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from aiohttp import __version__ as aiohttp_version
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.app import HOLDER, build_app
-from gateway.errors import PolicyError
+from gateway.app import HOLDER, build_app, request_id
+from gateway.errors import ClientError, GatewayError, PolicyError
 from gateway.policy.load import load_policy
+from gateway.responses import error_response
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
 from gateway.services import policy_encodings
 from gateway.stores import redis_url
@@ -71,6 +73,51 @@ def redact_parser_errors(logger: logging.Logger = logging.getLogger("aiohttp.ser
     """Install `RedactParserErrors` on aiohttp's server logger, once."""
     if not any(isinstance(existing, RedactParserErrors) for existing in logger.filters):
         logger.addFilter(RedactParserErrors())
+
+
+class OpenAIErrorsHandler(web.RequestHandler):
+    """aiohttp's connection protocol, answering what it refuses before any gateway code runs (a header line past
+    8190 bytes, too many headers, a broken chunk, a Content-Encoding it cannot decode, a line that is not HTTP)
+    in OpenAI's error shape with an x-request-id, where aiohttp answers plain text. Logged as aiohttp logs it."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)    # logs; raises once part of a response was sent
+        if status >= 500:
+            error = GatewayError("internal error")
+        else:
+            said = redacted(exc).message if isinstance(exc, HttpProcessingError) else message
+            error = ClientError(f"could not read the request: {said or 'malformed HTTP'}")
+        error.status = status
+        response = error_response(error, request_id=request_id(request))
+        response.force_close()
+        return response
+
+
+class OpenAIErrorsServer(web.Server):
+    """aiohttp's server, its connections served by `OpenAIErrorsHandler`."""
+
+    def __call__(self) -> web.RequestHandler:
+        return OpenAIErrorsHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose server answers aiohttp's own refusals in OpenAI's error shape (`OpenAIErrorsHandler`)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()           # starts the app up, as AppRunner does
+        # aiohttp has no public hook for this: an aiohttp whose server lacks what is used here keeps its own
+        # plain-text refusals rather than failing to serve
+        if not all(hasattr(server, name) for name in _SERVER_PARTS):
+            log.warning("aiohttp %s: its own HTTP refusals stay plain text (its server changed shape)",
+                        aiohttp_version)
+            return server
+        return OpenAIErrorsServer(server.request_handler, request_factory=server.request_factory,
+                                  handler_cancellation=server.handler_cancellation, **server._kwargs)
+
+
+#: the parts of aiohttp's web.Server that OpenAIErrorsServer is built from
+_SERVER_PARTS = ("request_handler", "request_factory", "handler_cancellation", "_kwargs", "_loop")
 
 
 def install_uvloop() -> None:
@@ -126,7 +173,7 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     redact_parser_errors()
     # aiohttp waits shutdown_timeout for handlers, then cancels their requests and waits as long again
     # (a stream goes on writing meanwhile): half the grace period each keeps the drain within it
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace_s / 2, access_log=None)
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=grace_s / 2, access_log=None)
     await runner.setup()
     sites = ([web.SockSite(runner, sock, backlog=BACKLOG) for sock in sockets] if sockets is not None
              else [web.TCPSite(runner, host, port, backlog=BACKLOG)])

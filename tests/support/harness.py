@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.app import build_app
 from gateway.runtime import PolicyHolder
+from gateway.server import GatewayRunner
 from gateway.services import SERVICES
 from gateway.simulator import SimConfig, start_simulators
 from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, models, short_timeouts, standard_model
@@ -96,7 +97,7 @@ class Harness:
         self.write_policy(self.policy_template)
         self.holder = PolicyHolder.from_file(self.policy_path, self.environ)
         self.app = build_app(self.holder, environ=self.environ)
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5, access_log=None)
+        self.runner = GatewayRunner(self.app, handler_cancellation=True, shutdown_timeout=5, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

@@ -1,0 +1,83 @@
+"""The serving edges a client or an operator meets: what aiohttp refuses, wrong methods, drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway.app import build_app
+from gateway.runtime import PolicyHolder
+from gateway.server import run_server
+from tests.support.harness import Harness
+
+DEMO_POLICY = Path(__file__).resolve().parents[1] / "gateway" / "data" / "demo.yaml"
+CHAT = json.dumps({"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).encode()
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def send_raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+@pytest.fixture(scope="module")
+def gw():
+    harness = Harness().start()
+    yield harness
+    harness.stop()
+
+
+REFUSED_BY_THE_PARSER = {
+    "a header line past 8190 bytes": HEAD + b"x-long: " + b"a" * 9000 + b"\r\nContent-Length: 0\r\n\r\n",
+    "too many headers": HEAD + b"".join(b"x-h%d: v\r\n" % i for i in range(200)) + b"Content-Length: 0\r\n\r\n",
+    "a chunk size that is not hex": HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "a Content-Encoding it cannot decode": HEAD + b"Content-Encoding: br\r\nContent-Length: 3\r\n\r\nabc",
+    "a line that is not HTTP": b"GARBAGE\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("what", list(REFUSED_BY_THE_PARSER))
+async def test_what_aiohttps_parser_refuses_is_an_openai_shaped_400(what):
+    """A request aiohttp's parser refuses before any gateway code runs is a 400 in OpenAI's error shape with an
+    x-request-id, not aiohttp's plain-text body, and the gateway serves on."""
+    app = build_app(PolicyHolder.from_file(DEMO_POLICY, {"OTEL_SDK_DISABLED": "true"}))
+    ready, stop, port = asyncio.Event(), asyncio.Event(), free_port()
+    server = asyncio.create_task(run_server(app, "127.0.0.1", port, ready=ready, stop=stop))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        answer = await send_raw(port, REFUSED_BY_THE_PARSER[what])
+        health = await send_raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    finally:
+        stop.set()
+        await server
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400", answer[:300]
+    assert b"content-type: application/json" in head.lower() and b"x-request-id: " in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("could not read the request")
+    assert b"aaaa" not in body and health.split(b" ", 2)[1] == b"200"
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("PUT", "/v1/models", "GET"), ("GET", "/v1/chat/completions", "POST"), ("DELETE", "/v1/outcomes", "POST")])
+def test_a_method_an_endpoint_does_not_take_is_a_405_naming_the_ones_it_does(gw, method, path, allowed):
+    """A wrong method is a 405 in OpenAI's shape that carries the Allow header RFC 9110 requires and says what to use."""
+    reply = requests.request(method, gw.base_url + path, timeout=10)
+    assert reply.status_code == 405
+    assert allowed in reply.headers["Allow"].split(",")
+    error = reply.json()["error"]
+    assert error["code"] == "http_405" and allowed in error["message"] and path in error["message"]

@@ -8,6 +8,7 @@ from gateway.ledger import Ledger
 from gateway.outcomes import Book, OutcomeBook
 from gateway.policy.model import Policy
 from gateway.stages.account import gpu_seconds
+from gateway.telemetry.genai import outcome
 
 
 def ledger_record(ctx: RequestContext) -> dict:
@@ -18,7 +19,7 @@ def ledger_record(ctx: RequestContext) -> dict:
         "endpoint": ctx.endpoint, "alias": ctx.requested_model, "route": ctx.route_name,
         "model": ctx.model_selected, "models_tried": [a.model.name for a in ctx.attempts],
         "fallback": ctx.fallback_state, "fallback_reason": ctx.fallback_reason,
-        "cache": ctx.cache_status, "stream": ctx.stream, "status": ctx.status,
+        "cache": ctx.cache_status, "stream": ctx.stream, "status": ctx.status, "outcome": outcome(ctx),
         "prompt_tokens": ctx.prompt_tokens, "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens, "tokens_estimated": usage.estimated,
         "cost_usd": plain_usd(ctx.cost_usd), "saved_usd": plain_usd(ctx.cache_saved_usd),

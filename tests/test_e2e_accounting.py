@@ -303,7 +303,7 @@ def test_cache_hit_costs_zero_and_records_the_saving(gw):
 
 LEDGER_FIELDS = {
     "ts", "request_id", "tenant", "endpoint", "alias", "route", "model", "models_tried", "fallback",
-    "fallback_reason", "cache", "stream", "status", "prompt_tokens", "input_tokens", "output_tokens",
+    "fallback_reason", "cache", "stream", "status", "outcome", "prompt_tokens", "input_tokens", "output_tokens",
     "tokens_estimated", "cost_usd", "saved_usd", "latency_s", "ttft_s", "energy_j", "sla_met", "task_id",
     "workflow", "attempts",
 }
@@ -329,7 +329,8 @@ def test_ledger_has_one_line_per_request_and_never_prompt_text(gw):
     records = [ledger_record(gw, request_id) for request_id in ids]
     for record in records:
         assert set(record) == LEDGER_FIELDS
-        assert record["route"] == "api" and record["model"] == "small" and record["status"] == 200
+        assert record["route"] == "api" and record["model"] == "small" and record["status"] == 200 \
+            and record["outcome"] == "success"
         assert record["latency_s"] > 0
     assert records[1]["stream"] is True and records[1]["ttft_s"] > 0
     assert records[2]["endpoint"] == "completions"

@@ -131,7 +131,8 @@ def test_a_client_leaving_mid_stream_hangs_up_on_the_model(env):
     before = raw.in_flight                      # calls of earlier tests that hang may still be open
     _leave_after(harness, 2, "leaves-early")
     assert_hung_up(harness, raw, before)
-    assert ledger_record(harness, "leaves-early")["status"] == 499
+    record = ledger_record(harness, "leaves-early")
+    assert record["status"] == 499 and record["outcome"] == "client_disconnected"
 
 
 # errors a model server reports in its answer -------------------------------------------------------------

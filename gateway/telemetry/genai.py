@@ -22,6 +22,8 @@ from opentelemetry.semconv.attributes import (
     user_agent_attributes,
 )
 
+from gateway.context import CLIENT_DISCONNECTED
+
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
 
@@ -184,10 +186,13 @@ def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:
 
 
 def http_response_attributes(ctx: RequestContext) -> dict[str, Any]:
-    """http.response.status_code, and error.type for a 5xx answer."""
+    """http.response.status_code, and error.type for a failed request: a 5xx answer, or one that broke after
+    its 2xx head was sent (the error went in-band, so the status code cannot say it; the outcome code does)."""
     attributes: dict[str, Any] = {http_attributes.HTTP_RESPONSE_STATUS_CODE: ctx.status}
     if ctx.status >= 500:
         attributes[error_attributes.ERROR_TYPE] = str(ctx.status)
+    elif ctx.error is not None and ctx.status < 400:
+        attributes[error_attributes.ERROR_TYPE] = outcome(ctx)
     return attributes
 
 
@@ -200,6 +205,8 @@ def outcome(ctx: RequestContext) -> str:
         return code
     if ctx.error is not None:
         return type(ctx.error).__name__
+    if ctx.status == 499:
+        return CLIENT_DISCONNECTED          # the client left: as its CLIENT span's error.type says
     return f"http_{ctx.status}"
 
 

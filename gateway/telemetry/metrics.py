@@ -149,9 +149,11 @@ class Instruments:
             self.cache_saved.add(float(ctx.cache_saved_usd), labels)
 
     def _record_tokens(self, ctx: RequestContext, tenant_label: str) -> None:
-        """gen_ai.client.token.usage and the estimate error, for the attempt that answered."""
+        """gen_ai.client.token.usage and the estimate error, for the attempt that answered: the last one, when it
+        succeeded, the client left, or it broke mid-stream having produced (and been charged for) tokens."""
         last = ctx.attempts[-1] if ctx.attempts else None
-        answered = last if last is not None and last.error_type in (None, CLIENT_DISCONNECTED) else None
+        answered = last if last is not None and (last.usage is not None
+                                                 or last.error_type in (None, CLIENT_DISCONNECTED)) else None
         if answered is None:
             return
         usage = answered.usage or ctx.usage

@@ -139,8 +139,9 @@ class Hooks:
         span = ctx.span
         if span is not None and span.recording:
             span.set_attributes(genai.gateway_attributes(ctx))
-            span.set_attributes(genai.http_response_attributes(ctx))
-            if ctx.status >= 500:
+            response = genai.http_response_attributes(ctx)
+            span.set_attributes(response)
+            if ERROR_TYPE in response:          # a 5xx, or a stream that broke after its first byte
                 span.fail()
             span.end(end_ns=_ended_ns(ctx))
             self._spans.export(span)

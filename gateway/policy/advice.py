@@ -19,4 +19,8 @@ def advice(policy: Policy) -> list[str]:
         if route.sla.max_energy_j is not None and set(route.match.endpoints) == {"embeddings"}:
             notes.append(f"routes.{route.name}.sla.max_energy_j: embeddings have no output tokens to scale an "
                          f"energy prediction, so it is not applied")
+        below = [name for name in route.fallback if policy.models[name].tier < route.sla.min_tier]
+        if below:
+            notes.append(f"routes.{route.name}.fallback: {', '.join(below)} below sla.min_tier {route.sla.min_tier}: "
+                         f"never planned (the tier is a hard term, for fallbacks too)")
     return notes

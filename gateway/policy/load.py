@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from yaml.nodes import Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
@@ -92,7 +92,13 @@ def one_of(options: tuple[str, ...]) -> Check:
 def url_with(*schemes: str) -> Check:
     """A check that a string is a URL with one of `schemes` and a host (or a path for unix)."""
     def check(value: str) -> str | None:
-        parts = urlsplit(value)
+        try:        # the port is read now: one that is no port, or out of range, would fail every call later
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:       # also a '[' without ']' (an IPv6 host half written)
+            return f"must be a URL ({' or '.join(schemes)}) with a host, got '{value}': {exc}"
+        if port == 0:
+            return f"must name a port from 1 to 65535 (or none), got '{value}'"
         if parts.scheme in schemes and (parts.netloc or parts.scheme == "unix"):
             return None
         return f"must be a URL ({' or '.join(schemes)}) with a host, got '{value}'"
@@ -344,10 +350,18 @@ def _parse(text: str, source: str, content_sha256: str) -> tuple[Policy | None, 
         return None, [PolicyProblem(source, None, "", "the policy file is empty")]
     walk = Walk(source)
     policy = POLICY(walk, root, "")
+    if not _has_key(root, "tenants"):       # no tenants: the gateway runs open, and no tenant is ever matched
+        walk.defined.setdefault("tenant", {})
     walk.resolve_references()
     if walk.problems or policy is INVALID:
         return None, sorted(walk.problems, key=lambda problem: problem.line or 0)
     return dataclasses.replace(policy, source=source, content_sha256=content_sha256), []
+
+
+def _has_key(root: Node, key: str) -> bool:
+    """Whether the top-level mapping writes `key`, or may bring it in through a merge key (<<: taken as yes)."""
+    return not isinstance(root, MappingNode) or any(
+        isinstance(name, ScalarNode) and name.value in (key, "<<") for name, _ in root.value)
 
 
 def _syntax_problem(source: str, exc: yaml.YAMLError) -> PolicyProblem:

@@ -74,7 +74,8 @@ class Walk:
         for kind, name, node, path in self.references:
             names = self.defined.get(kind)
             if names is not None and name not in names:
-                self.report(node, path, f"unknown {kind} '{name}'{did_you_mean(name, names)}")
+                hint = did_you_mean(name, names) if names else f" (the policy defines no {kind})"
+                self.report(node, path, f"unknown {kind} '{name}'{hint}")
 
 
 def line_of(node: Node) -> int:

@@ -8,7 +8,7 @@ one or one dropped only for its predicted latency, TTFT or energy (so a model th
 was slow is tried again and can win its traffic back before its slow samples
 leave the window; such a request is marked as not meeting the SLA); then the
 other kept ones, smallest first; then the route's fallbacks that fit the
-context and whose circuit is not open; at most `max_attempts` models.
+context, meet the tier and whose circuit is not open; at most `max_attempts` models.
 
 When nothing is kept the route's `on_violation` decides: `best_effort` plans
 the candidates that fit context and tier by predicted latency, then the
@@ -87,7 +87,7 @@ class Router:
                                  choices) for p in plan.candidates)
         kept = [c for c in candidates if c.kept]
         if kept:
-            return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens)
+            return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens, limits.min_tier)
         return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
 
     def cheapest(self, decision: Decision) -> Decision:
@@ -104,8 +104,9 @@ class Router:
                        note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
-                    kept: list[Candidate], needed_tokens: int) -> Decision:
-        """The plan when some candidate meets the SLA: smallest (or explored) first."""
+                    kept: list[Candidate], needed_tokens: int, min_tier: int) -> Decision:
+        """The plan when some candidate meets the SLA: smallest (or explored) first; then the fallbacks that
+        keep its hard terms (context and tier), as best effort's do."""
         chosen = kept[0]
         if self._explore_share > 0 and self._rng.random() < self._explore_share:
             pool = [*kept[1:], *(c for c in candidates if _only_slow(c))]
@@ -113,7 +114,7 @@ class Router:
         explored = chosen is not kept[0]
         models = [chosen.model]
         models.extend(c.model for c in kept if c is not chosen)
-        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True)
+        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True, min_tier=min_tier)
         note = ""
         if explored:
             note = f"explored {chosen.model.name} instead of {kept[0].model.name}"
@@ -141,7 +142,7 @@ class Router:
                         sla_met=False, note=note)
 
     def _add_fallbacks(self, models: list[Model], plan: _RoutePlan, needed_tokens: int,
-                       healthy_only: bool, min_tier: int = 0) -> None:
+                       healthy_only: bool, min_tier: int) -> None:
         """Append the route's fallbacks not yet planned that fit the context and `min_tier` (and are healthy)."""
         planned = {m.name for m in models}
         for fallback in plan.fallbacks:

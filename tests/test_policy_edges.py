@@ -1,0 +1,123 @@
+"""Policy edges an SRE meets at 3 a.m.: located problems for odd values, and plans that keep the route's hard terms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.policy.load import check_policy
+from gateway.policy.model import Sla
+from gateway.routing import Tighten
+from tests.support.harness import Harness
+from tests.support.policies import models, short_timeouts, standard_model
+from tests.test_routing_planner import Setup, chat_route, plan_names
+
+HEAD = """version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:9101/v1", size_b: 1}
+routes:
+  - name: chat
+    candidates: [small]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    """The policy text as a file."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("url", ["http://[::1/v1", "http://127.0.0.1:abc/v1", "http://127.0.0.1:99999/v1",
+                                 "http://127.0.0.1:0/v1"])
+def test_a_model_endpoint_no_client_can_call_is_a_located_problem(tmp_path, url):
+    """An endpoint with a broken IPv6 host or a port that is no port is a problem at its line and key path."""
+    path = write(tmp_path, HEAD.replace("http://127.0.0.1:9101/v1", url))
+    [problem] = check_policy(path)
+    assert (problem.line, problem.path) == (3, "models.small.endpoint")
+    assert url in problem.message
+
+
+@pytest.mark.parametrize("tail, key", [
+    ("store: {redis_url: 'redis://127.0.0.1:70000/0'}\n", "store.redis_url"),
+    ("store: {redis_url: 'redis://[::1/0'}\n", "store.redis_url"),
+])
+def test_a_store_url_with_a_broken_address_is_a_located_problem(tmp_path, tail, key):
+    """A Redis URL whose port or IPv6 host cannot be read is a problem at its line and key path."""
+    [problem] = check_policy(write(tmp_path, HEAD + tail))
+    assert (problem.line, problem.path) == (7, key)
+
+
+def test_policy_check_of_a_broken_ipv6_endpoint_prints_no_traceback(tmp_path):
+    """`gateway policy check` names file, line and key of a broken IPv6 endpoint and exits 1, no stack trace."""
+    path = write(tmp_path, HEAD.replace("http://127.0.0.1:9101/v1", "http://[::1/v1"))
+    done = subprocess.run([sys.executable, "-m", "gateway", "policy", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"{path}:3: models.small.endpoint" in done.stderr
+
+
+def test_a_fallback_below_the_min_tier_is_not_planned_when_a_candidate_meets_the_sla():
+    """A route's min_tier is a hard term: a lower-tier fallback is left out of the plan, as with best effort."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2), candidates=("medium", "large"),
+                             fallback=("small",)))
+    assert plan_names(setup.decide()) == ["medium", "large"]
+
+
+def test_a_fallback_below_the_requested_tier_is_not_planned():
+    """A request asking x-gateway-min-tier 3 never gets a tier-1 fallback in its plan."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000), candidates=("small", "large"), fallback=("small",)))
+    assert plan_names(setup.decide(tighten=Tighten(min_tier=3))) == ["large"]
+
+
+TIERED = models(*(standard_model(name, timeouts=short_timeouts()) for name in ("small", "large"))) + """
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [large]
+    sla: {{min_tier: 3}}
+    fallback: [small]
+"""
+
+
+def test_a_failing_tier_three_model_is_not_answered_by_a_tier_one_fallback():
+    """When the only tier-3 model fails, the client gets the error, not a tier-1 model's answer (SDK, real gateway)."""
+    import openai
+
+    harness = Harness(TIERED, sims={"small": dict(ttft_ms=1, tpot_ms=0),
+                                    "large": dict(ttft_ms=1, tpot_ms=0, error_rate=1.0)}).start()
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            harness.openai().chat.completions.create(
+                model="auto", max_tokens=3, messages=[{"role": "user", "content": "tier three only"}])
+        assert caught.value.status_code >= 500
+        assert harness.sim_stats("small")["total"] == 0
+    finally:
+        harness.stop()
+
+
+def test_policy_check_notes_a_fallback_below_the_route_min_tier(tmp_path):
+    """`policy check` says a fallback below the route's min_tier is never planned (valid, so a note, exit 0)."""
+    text = HEAD.replace("routes:", '  big: {endpoint: "http://127.0.0.1:9102/v1", size_b: 70, tier: 3}\nroutes:')
+    path = write(tmp_path, text.replace("candidates: [small]", "candidates: [big]\n    sla: {min_tier: 3}\n"
+                                                               "    fallback: [small]"))
+    done = subprocess.run([sys.executable, "-m", "gateway", "policy", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "routes.chat.fallback: small below sla.min_tier 3: never planned" in done.stderr
+
+
+@pytest.mark.parametrize("edit, line, key", [
+    (lambda text: text.replace("candidates: [small]", "candidates: [small]\n    match: {tenants: [acme]}"),
+     7, "routes[0].match.tenants[0]"),
+    (lambda text: text + "telemetry: {tenant_labels: [acme]}\n", 7, "telemetry.tenant_labels[0]"),
+])
+def test_naming_a_tenant_in_a_policy_without_tenants_is_a_located_problem(tmp_path, edit, line, key):
+    """With no tenants section the gateway runs open and no tenant ever matches, so naming one is a broken reference."""
+    [problem] = check_policy(write(tmp_path, edit(HEAD)))
+    assert (problem.line, problem.path) == (line, key)
+    assert problem.message == "unknown tenant 'acme' (the policy defines no tenant)"

@@ -71,10 +71,11 @@ class Call:
         may_call = breakers.available if slots else breakers.allow
         for position, model in enumerate(plan):
             last_hope = not ctx.attempts and position == len(plan) - 1
-            if not may_call(model.name) and not last_hope:
+            allowed = may_call(model.name)
+            if not allowed and not last_hope:
                 continue                    # circuit open: skip, unless it is the last hope
             attempt = Attempt(model=model, started_s=time.perf_counter())
-            if not slots:
+            if allowed and not slots:       # `allow` took the half-open probe, when the circuit was half-open
                 attempt.probe_since_s = breakers.probe_since(model.name)
             ctx.attempts.append(attempt)
             self.services.fleet.started(model.name)     # waiting counts as in flight: the router sees the line
@@ -121,10 +122,11 @@ class Call:
             raise
         attempt.holds_slot, attempt.queue_result = True, "granted"
         now_s = time.perf_counter()
-        if not fleet.breakers.allow(model.name) and not last_hope:
+        if fleet.breakers.allow(model.name):   # it took the half-open probe, when the circuit was half-open
+            attempt.probe_since_s = fleet.breakers.probe_since(model.name)
+        elif not last_hope:
             raise CircuitOpen(f"model '{model.name}' is unavailable: its circuit opened while the call waited "
                               f"for a slot")
-        attempt.probe_since_s = fleet.breakers.probe_since(model.name)
         attempt.dispatched, attempt.started_s = True, now_s
 
     async def _attempt(self, ctx: RequestContext, attempt: Attempt) -> web.StreamResponse:

@@ -71,6 +71,8 @@ async def tour(base_url: str) -> None:
 async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: float | None = None) -> int:
     """Start the simulated models and the gateway; serve until Ctrl-C (or `duration_s`)."""
     install_uvloop()
+    sockets = listen_sockets(host, port)        # first: a taken port is said in one line (ListenError)
+    port = sockets[0].getsockname()[1]          # --port 0: the free port the system chose
     sims = await start_simulators([SimConfig(name=name, port=0, ttft_ms=ttft, tpot_ms=tpot, seed=index)
                                    for index, (name, _, ttft, tpot) in enumerate(DEMO_MODELS)])
     text = demo_policy_text()
@@ -81,13 +83,6 @@ async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: flo
     policy_path.write_text(text)
     holder = PolicyHolder.from_file(policy_path, os.environ)
     ready, stop = asyncio.Event(), asyncio.Event()
-    try:
-        sockets = listen_sockets(host, port)    # ListenError, in one line, when the port is taken
-    except BaseException:
-        for sim in sims:
-            await sim.stop()
-        raise
-    port = sockets[0].getsockname()[1]          # --port 0: the free port the system chose
     server = asyncio.create_task(run_server(build_app(holder), host, port, sockets=sockets, ready=ready, stop=stop))
     try:
         await asyncio.wait({server, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)

@@ -27,6 +27,7 @@ from gateway.outcomes_redis import RedisOutcomeBook
 from gateway.outcomes_redis import warm_up as warm_up_outcomes
 from gateway.policy.model import Policy
 from gateway.store_guard import STORE_ERRORS
+from gateway.switches import env_flag
 from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
@@ -97,8 +98,7 @@ class Stores:
             return cls(cache=MemoryCache(MEMORY_CACHE_BYTES), singleflight=SingleFlight(),
                        limiter=MemoryLimiter(), budgets=MemoryBudgets())
         client = redis_client(url, timeout_s, store.max_connections,
-                              cluster=store.cluster or environ.get("GATEWAY_REDIS_CLUSTER", "").lower()
-                              in ("1", "true", "yes", "on"))
+                              cluster=store.cluster or env_flag(environ, "GATEWAY_REDIS_CLUSTER"))
         cache = RedisCache(client, timeout_s)
         prefix = store.key_prefix
         limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.redis_cluster import RedisCluster, cluster_binaries
 from tests.support.redis_server import RedisServer
 
@@ -20,6 +21,14 @@ def redis_server():
 def module_redis_server():
     """One real redis-server for a whole test module (its tests keep to their own keys)."""
     server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """One real OTLP receiver (gRPC and HTTP) on 127.0.0.1, shared by a module's gateways."""
+    server = OtlpReceiver().start()
     yield server
     server.stop()
 

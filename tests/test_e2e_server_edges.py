@@ -4,34 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import requests
 
+from bench.machine import free_port
 from gateway.app import build_app
 from gateway.runtime import PolicyHolder
 from gateway.server import run_server
 from tests.support.harness import Harness
+from tests.support.raw_calls import send_raw
 
 DEMO_POLICY = Path(__file__).resolve().parents[1] / "gateway" / "data" / "demo.yaml"
 CHAT = json.dumps({"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def send_raw(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return answer
 
 
 @pytest.fixture(scope="module")

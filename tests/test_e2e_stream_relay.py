@@ -17,8 +17,8 @@ import pytest
 
 from gateway.sse import MAX_EVENT_BYTES, EventTooLong, iter_events
 from gateway.stages.relay import StreamState
-from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text
 from tests.support.harness import ledgered_raw_model_gateway, reset_raw_model
+from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text
 from tests.support.raw_upstream import SSE_HEAD, TEXT_EVENTS, chunk, sse
 
 BOM = b"\xef\xbb\xbf"     # UTF-8's byte order mark, which SSE allows at the start of a stream

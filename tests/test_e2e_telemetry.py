@@ -57,14 +57,6 @@ def start(environ: dict[str, str], template: str = POLICY) -> Harness:
     return Harness(template, sims=SIMS, environ=environ).start()
 
 
-@pytest.fixture(scope="module")
-def receiver():
-    """One real OTLP receiver (gRPC and HTTP) shared by the module's gateways."""
-    server = OtlpReceiver().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module", params=PROTOCOLS)
 def gw(request, receiver):
     """A gateway exporting to the receiver over one OTLP protocol, named after it."""

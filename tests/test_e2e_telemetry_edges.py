@@ -36,14 +36,6 @@ routes:
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    """One real OTLP receiver for the module."""
-    server = OtlpReceiver().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def raw_env(receiver):
     """A gateway exporting over OTLP/HTTP, in front of a scripted model server `raw`."""
     raw = RawUpstream().start()

@@ -15,7 +15,6 @@ import redis
 
 from gateway.tenancy.keys import new_key
 from tests.support.harness import DEFAULT_SIMS, Harness
-from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, latency, model, models, price, standard_model
 from tests.support.redis_server import RedisServer
 
@@ -79,13 +78,6 @@ def with_keys(template: str) -> str:
 
 POLICY = with_keys(MODELS + TENANTS_YAML)
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    server = OtlpReceiver().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import openai
 import pytest
 import requests
 
-from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text, settled
+from bench.machine import free_port
 from tests.support.harness import Harness, ledgered_raw_model_gateway, raw_model_gateway, reset_raw_model
+from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text, settled
 from tests.support.raw_upstream import COMPLETION, SSE_HEAD, TEXT_EVENTS, chunk, http_head, json_answer, sse
 
 @pytest.fixture(scope="module")
@@ -320,15 +321,9 @@ def test_a_probe_whose_client_left_frees_the_half_open_circuit(probing):
     """A half-open model whose probe call was abandoned by its client (before the model answered) is tried by
     the next request, rather than skipped for another open_s as if the probe were still out."""
     harness, raw = probing
-    reset_raw_model(harness, raw)
-    raw.script = json_answer({"error": {"message": "down"}}, status=503)
-    assert post(harness, model="raw", stream=False).headers["x-gateway-model"] == "medium"    # raw's circuit opens
-    time.sleep(3.1)                                                                         # half-open now
+    _half_open(harness, raw)
     raw.script = [(b"", 5.0)]                                                               # the probe hangs
-    body = json.dumps({"model": "raw", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    client = socket.create_connection(("127.0.0.1", harness.port))
-    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    client = _send_chat(harness, "raw")
     time.sleep(0.3)
     client.close()                                                                          # ... and its client leaves
     settled(harness, "raw")
@@ -336,18 +331,48 @@ def test_a_probe_whose_client_left_frees_the_half_open_circuit(probing):
     assert post(harness, model="raw", stream=False).headers["x-gateway-model"] == "raw"
 
 
+def test_a_last_hope_call_whose_client_left_does_not_give_back_another_calls_probe(probing):
+    """A call sent to a half-open model as its plan's last hope, while another call holds the probe, took no
+    probe: its client leaving leaves the other call's probe held."""
+    harness, raw = probing
+    _half_open(harness, raw)
+    raw.script = [(b"", 5.0)]                                                               # every call hangs
+    prober = _send_chat(harness, "raw")             # takes the probe (its first_byte_s is 1 s)
+    time.sleep(0.1)
+    breakers = harness.services.fleet.breakers
+    probe_since_s = breakers.probe_since("raw")
+    assert probe_since_s is not None
+    last_hope = _send_chat(harness, "raw-only")     # raw alone in its plan: sent although the probe is out
+    time.sleep(0.3)
+    last_hope.close()
+    time.sleep(0.2)
+    assert breakers.probe_since("raw") == probe_since_s
+    prober.close()
+
+
+def _half_open(harness: Harness, raw) -> None:
+    """Open raw's circuit with a failure (the fallback answers), then wait until it is half-open."""
+    reset_raw_model(harness, raw)
+    raw.script = json_answer({"error": {"message": "down"}}, status=503)
+    assert post(harness, model="raw", stream=False).headers["x-gateway-model"] == "medium"
+    time.sleep(3.1)                                 # past open_s
+
+
+def _send_chat(harness: Harness, model: str) -> socket.socket:
+    """A chat completion for `model` sent over a raw connection, left open for the test to close."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    client = socket.create_connection(("127.0.0.1", harness.port))
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return client
+
+
 # a model that cannot be reached --------------------------------------------------------------------------------
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_an_unreachable_model_is_named_without_its_address():
     """A model whose server refuses connections is reported to the client by name and reason (502
     upstream_unreachable), never by the model server's internal address."""
-    port = _closed_port()
+    port = free_port()                              # nothing listens there
     policy = f"""version: 1
 models:
   dead:

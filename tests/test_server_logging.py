@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from pathlib import Path
 
+from bench.machine import free_port
 from gateway.app import build_app
 from gateway.runtime import PolicyHolder
 from gateway.server import REDACTED, run_server
+from tests.support.raw_calls import send_raw
 
 DEMO_POLICY = Path(__file__).resolve().parents[1] / "gateway" / "data" / "demo.yaml"
 SECRET = "sk-test-7f3a9c2e51d84b06a1e2"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def send_raw(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    answer = await reader.read()
-    writer.close()
-    return answer
 
 
 async def test_an_oversized_authorization_header_is_logged_without_the_key(caplog):

@@ -37,12 +37,11 @@ class StreamAssembler:
     text); `chars` counts the text folded in so far.
     """
 
-    __slots__ = ("endpoint", "chars", "chunks", "_body", "_choices", "_merge_choice")
+    __slots__ = ("endpoint", "chars", "_body", "_choices", "_merge_choice")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.chars = 0
-        self.chunks = 0
         self._body: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._merge_choice = _merge_chat_choice if endpoint == "chat" else _merge_text_choice
@@ -50,7 +49,6 @@ class StreamAssembler:
     def add(self, chunk: dict[str, Any]) -> None:
         """Fold in one parsed `data:` chunk (TypeError, AttributeError, KeyError or ValueError: a shape the cache
         cannot replay)."""
-        self.chunks += 1
         body = self._body
         for name in HEADER_FIELDS:
             if chunk.get(name):             # not an empty one: Azure opens with a filter chunk of id "", created 0
@@ -73,7 +71,6 @@ class StreamAssembler:
         body["object"] = "chat.completion" if self.endpoint == "chat" else "text_completion"
         body["choices"] = [_finish_choice(self._choices[i]) for i in sorted(self._choices)]
         return body
-
 
     @classmethod
     def of(cls, endpoint: str, chunks: list[dict[str, Any]]) -> StreamAssembler:
@@ -125,7 +122,7 @@ def _merge_chat_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> 
 
 
 def _append(merged: dict[str, Any], name: str, text: str) -> int:
-    """Add `text` to the text field `name` (started when absent or null); returns its length."""
+    """Add `text` to the text field `name` (started when absent, null or of another type); returns its length."""
     pieces = merged.get(name)
     if isinstance(pieces, _Pieces):
         pieces.parts.append(text)
@@ -145,18 +142,9 @@ def _merge_field(merged: dict[str, Any], name: str, value: Any) -> int:
     if value is None:
         merged.setdefault(name, None)
     elif isinstance(value, str) and name not in REPLACED_FIELDS:
-        if isinstance(earlier, _Pieces):
-            earlier.parts.append(value)
-        elif isinstance(earlier, str):
-            merged[name] = _Pieces(earlier, value)
-        else:
-            merged[name] = value
-        return len(value)
+        return _append(merged, name, value)
     elif isinstance(value, list):
-        if isinstance(earlier, _Items):
-            earlier.extend(value)
-        else:
-            merged[name] = _Items(earlier if isinstance(earlier, list) else ()) + _Items(value)
+        _extend(merged, name, value)
     elif isinstance(value, dict):
         fields = merged[name] = earlier if isinstance(earlier, dict) else {}
         return sum(_merge_field(fields, key, item) for key, item in value.items())
@@ -170,10 +158,14 @@ class _Items(list):
 
     __slots__ = ()
 
-    def __add__(self, other: list) -> "_Items":
-        joined = _Items(self)
-        joined.extend(other)
-        return joined
+
+def _extend(merged: dict[str, Any], name: str, items: list) -> None:
+    """Add `items` to the list field `name` (started, as a copy, when absent or not a list)."""
+    earlier = merged.get(name)
+    if isinstance(earlier, _Items):
+        earlier.extend(items)
+    else:
+        merged[name] = _Items((*earlier, *items) if isinstance(earlier, list) else items)
 
 
 def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> int:
@@ -216,11 +208,7 @@ def _merge_lists(merged: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any
     """Logprobs: list fields are extended chunk after chunk; others are kept."""
     for name, value in delta.items():
         if isinstance(value, list):
-            earlier = merged.get(name)
-            if isinstance(earlier, _Items):
-                earlier.extend(value)
-            else:
-                merged[name] = _Items(earlier or ()) + value
+            _extend(merged, name, value)
         elif value is not None:
             merged.setdefault(name, value)
     return merged

@@ -68,8 +68,9 @@ def _complete(choice: Any) -> bool:
 
 
 def entry_from_stream(assembled: StreamAssembler) -> CacheEntry | None:
-    """An entry for a finished stream, from its chunks as they were folded in (without [DONE])."""
-    if assembled.endpoint not in ("chat", "completions") or not assembled.chunks:
+    """An entry for a finished stream, from its chunks as they were folded in (without [DONE]); none for a stream
+    without choices."""
+    if assembled.endpoint not in ("chat", "completions"):
         return None
     return entry_from_response(assembled.endpoint, assembled.body())
 

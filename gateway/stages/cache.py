@@ -227,14 +227,14 @@ class Cache:
         """The entry a successful answer makes, or None for errors and cut streams."""
         if ctx.error is not None or ctx.status != 200 or not ctx.attempts or ctx.attempts[-1].status != 200:
             return None
+        record = ctx.stream_record
+        if ctx.response_body is None and record is not None and record.assembled is None:
+            log.info("request %s: answer not cached, %s", ctx.request_id, record.unassembled)    # given up as it passed
+            return None
         try:
             if ctx.response_body is not None:
                 entry = entry_from_response(ctx.endpoint, ctx.response_body)
             else:
-                record = ctx.stream_record
-                if record is not None and record.assembled is None:
-                    log.info("request %s: answer not cached, %s", ctx.request_id, record.unassembled)
-                    return None
                 entry = entry_from_stream(record.assembled) if record is not None else None
         except (TypeError, AttributeError, KeyError, ValueError) as exc:     # an answer of a shape we cannot keep
             log.info("request %s: answer not cached, its shape is not one the cache can replay (%s: %s)",

@@ -15,6 +15,8 @@ from urllib.parse import unquote
 
 from opentelemetry.util.re import parse_env_headers
 
+from gateway.switches import env_flag
+
 if TYPE_CHECKING:
     from gateway.policy.model import Telemetry as PolicyTelemetry
 
@@ -73,7 +75,7 @@ class TelemetryConfig:
                  environ: Mapping[str, str] | None = None) -> TelemetryConfig:
         """Read the OTEL_* variables (and GATEWAY_PROMETHEUS) from `environ`."""
         env = environ if environ is not None else {}
-        if _flag(env, "OTEL_SDK_DISABLED"):
+        if env_flag(env, "OTEL_SDK_DISABLED"):
             return cls(disabled=True)
         resource = parse_resource_attributes(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
         name = env.get("OTEL_SERVICE_NAME") or resource.get("service.name") or service_name
@@ -90,7 +92,7 @@ class TelemetryConfig:
             metric_interval_ms=_number(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000),
             metric_timeout_ms=_number(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30000),
             temporality=env.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "cumulative").strip().lower(),
-            prometheus=bool(policy and policy.prometheus) or _flag(env, "GATEWAY_PROMETHEUS")
+            prometheus=bool(policy and policy.prometheus) or env_flag(env, "GATEWAY_PROMETHEUS")
             or "prometheus" in _exporters(env, "metrics"),
             capture_content=capture_content(env, policy),
             tenant_allowlist=tuple(policy.tenant_labels) if policy else (),
@@ -149,10 +151,6 @@ def _exporters(env: Mapping[str, str], signal: str) -> set[str]:
 
 def _per_signal(env: Mapping[str, str], upper: str, key: str) -> str:
     return (env.get(f"OTEL_EXPORTER_OTLP_{upper}_{key}") or env.get(f"OTEL_EXPORTER_OTLP_{key}") or "").strip()
-
-
-def _flag(env: Mapping[str, str], key: str) -> bool:
-    return env.get(key, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _number(env: Mapping[str, str], key: str, default: float) -> float:

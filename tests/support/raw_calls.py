@@ -1,13 +1,24 @@
-"""Calls to a gateway in front of the scripted model server (`raw_model_gateway`), and what it recorded of them."""
+"""Calls to a gateway by hand: raw bytes on a socket, or a chat completion to a gateway in front of the scripted
+model server (`raw_model_gateway`), and what it recorded of them."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import requests
 
 from tests.support import accounting
 from tests.support.harness import Harness
+
+
+async def send_raw(port: int, request: bytes, timeout_s: float = 10) -> bytes:
+    """Write `request` as it is to the gateway on `port`; everything it answers until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await asyncio.wait_for(reader.read(), timeout_s)
+    writer.close()
+    return answer
 
 
 def post(harness: Harness, model: str = "raw-only", stream: bool = True, **extra) -> requests.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.errors import ClientError
 from gateway.fleet import Fleet
 from gateway.policy.model import Model
 from gateway.responses import json_response
@@ -34,10 +35,15 @@ async def get_policy(request: web.Request) -> web.Response:
 
 
 async def reload_policy(request: web.Request) -> web.Response:
-    """POST /admin/policy/reload: validate and swap; an invalid file keeps the old policy (422)."""
+    """POST /admin/policy/reload: validate and swap; an invalid file keeps the old policy: a 422 whose `error`, in
+    OpenAI's shape, is every located problem, beside the reload status."""
     services = _authorised(request)
     ok = await services.holder.reload_async()
-    return json_response({"reloaded": ok, **policy_status(services)}, status=200 if ok else 422)
+    status = policy_status(services)
+    if ok:
+        return json_response({"reloaded": True, **status})
+    refused = ClientError(status["last_error"] or "the policy was not reloaded", code="invalid_policy")
+    return json_response({"reloaded": False, **status, **refused.body()}, status=422)
 
 
 async def get_stats(request: web.Request) -> web.Response:

@@ -7,12 +7,14 @@ Several processes (`gateway run --workers N`) may share one path: each line is
 one `write()` to a file opened with O_APPEND, so lines never interleave;
 rotation happens under an flock on a hidden sibling file (made at the first
 rotation, so a path that never rotates, /dev/stdout, needs none), and a writer
-whose file was rotated, moved or deleted by someone else reopens the path. A
+whose file was rotated, moved or deleted by someone else reopens the path before
+its next line. A
 rotation that fails (no lock file in a read-only directory, a directory at a
 backup's name) is said once and the file grows past `max_bytes` until one works.
 A line that is lost (the write fails on a full disk, the queue is full behind a
 stalled disk, the ledger is closed) is counted in `write_errors`; each episode
-and its end are said once.
+and its end are said once. A line the disk took only part of is cut back off
+the file, so every line in it stays parseable JSON.
 """
 
 from __future__ import annotations
@@ -34,9 +36,6 @@ from gateway.policy.model import Ledger as LedgerConfig
 
 log = logging.getLogger("gateway.ledger")
 
-#: how often a writer checks that its open file is still the one at the path (another worker rotated
-#: it, an operator moved or deleted it); a rotation by another worker is also noticed at the next line
-FOLLOW_INTERVAL_S = 1.0
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 #: after a rotation fails, lines go on into the full file, and rotating is tried again this much later
 ROTATE_RETRY_S = 30.0
@@ -50,34 +49,46 @@ CLOSE_TIMEOUT_S = 3.0
 class LedgerFile:
     """A JSON-lines file that processes share: appended to, rotated at `max_bytes` keeping `backups` files."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int, follow_interval_s: float = FOLLOW_INTERVAL_S):
+    def __init__(self, path: Path, max_bytes: int, backups: int):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        self.follow_interval_s = follow_interval_s
         self._lock_fd = -1                 # opened at the first rotation: a path never rotated needs no lock file
         self._fd = -1
-        self._torn = False                 # the last line was cut short: the next one starts on a new line
+        self._torn = False                 # a line cut short stays in the file: the next one starts on a new line
         self._rotate_at_s = 0.0            # no rotating before this (monotonic), set when a rotation fails
         self._rotation_failing = False
         self._open()
 
     def append(self, line: bytes) -> None:
-        """Write one whole line with one write(), rotating first when it would take the file past `max_bytes`."""
-        try:
-            if time.monotonic() >= self._follow_at_s:
-                self._follow()
-            if self._rotates:
-                size = os.lseek(self._fd, 0, os.SEEK_END)
-                if size and size + len(line) > self.max_bytes and time.monotonic() >= self._rotate_at_s:
-                    self._try_rotate(len(line))
-            if self._torn:
-                line = b"\n" + line
-            written = os.write(self._fd, line)
-        except OSError:
-            self._follow_at_s = 0.0            # look at the path again before the next line
-            raise
-        self._torn = written < len(line)
+        """Write one whole line with one write(), to the file now at the path (one stat, about a microsecond,
+        so a line is never written into a file an operator deleted), rotating first when it would take the
+        file past `max_bytes`."""
+        self._follow()
+        if self._rotates:
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+            if size and size + len(line) > self.max_bytes and time.monotonic() >= self._rotate_at_s:
+                self._try_rotate(len(line))
         if self._torn:
+            line = b"\n" + line
+        written = os.write(self._fd, line)
+        if written < len(line):
+            self._torn = not self._cut_fragment(written)
             raise OSError(f"only {written} of {len(line)} bytes written")
+        self._torn = False
+
+    def _cut_fragment(self, written: int) -> bool:
+        """Take a short write's bytes back off the end of the file, so no unparseable fragment stays there;
+        False when they cannot be (a pipe, or another worker has appended since): the next line then starts
+        on a new line."""
+        if not self._rotates or written == 0:
+            return written == 0
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)      # just past the fragment (O_APPEND wrote at the end)
+            if os.fstat(self._fd).st_size != end:
+                return False
+            os.ftruncate(self._fd, end - written)
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         """Close the file and the lock file; closing again closes nothing (their numbers may be reused)."""
@@ -91,8 +102,8 @@ class LedgerFile:
                 os.close(lock_fd)
 
     def _follow(self) -> None:
-        """Reopen the path when the open file is no longer the one there."""
-        self._follow_at_s = time.monotonic() + self.follow_interval_s
+        """Reopen the path when the open file is no longer the one there (another worker rotated it, an
+        operator moved or deleted it)."""
         if not self._is_open_file(_stat(self.path)):
             self._open()
 
@@ -135,7 +146,6 @@ class LedgerFile:
         old, self._fd = self._fd, fd
         self._identity = (opened.st_dev, opened.st_ino)
         self._rotates = stat.S_ISREG(opened.st_mode)     # /dev/stdout and the like are written, never rotated
-        self._follow_at_s = time.monotonic() + self.follow_interval_s
         if old >= 0:
             os.close(old)
 

@@ -225,6 +225,7 @@ class OutcomeBook:
         `tenant`: the caller, None for an anonymous one; only its own ids are looked up.
         """
         report = parse_report(payload)
+        self._trim()                    # an entry past ttl_s is unknown, even when no request came since
         key = self._key(report, tenant or ANONYMOUS)
         if key not in self.tasks:
             raise unknown_id()
@@ -241,7 +242,8 @@ class OutcomeBook:
         return self.request_tasks.get((tenant, report.request_id), ("r", tenant, report.request_id))
 
     async def stats(self) -> dict:
-        """Reported tasks grouped by route, tenant and workflow."""
+        """Reported tasks grouped by route, tenant and workflow (those booked in the last ttl_s)."""
+        self._trim()
         return summary(((task.route, task.tenant, task.workflow), GroupStats.of(task))
                        for task in self.tasks.values() if isinstance(task, Task) and task.outcome is not None)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.context import Attempt, RequestContext
+from gateway.context import Attempt, RequestContext, Usage
 from gateway.cost import plain_usd
 from gateway.ledger import Ledger
 from gateway.outcomes import Book, OutcomeBook
@@ -32,15 +32,16 @@ def ledger_record(ctx: RequestContext) -> dict:
 
 
 def attempt_record(attempt: Attempt) -> dict:
-    """One upstream attempt in the ledger: how it ended, what it used and cost."""
-    usage = attempt.usage
+    """One upstream attempt in the ledger: how it ended, what it used and cost; its tokens by every kind the
+    price tells apart (cached input is cheaper), so the line's cost can be worked out again from the policy."""
+    usage = attempt.usage or Usage()
     duration_s = attempt.ended_s - attempt.started_s if attempt.ended_s is not None else None
     return {
         "model": attempt.model.name, "status": attempt.status, "error": attempt.error_type,
         "duration_s": duration_s, "gpu_s": gpu_seconds(attempt),
-        "input_tokens": usage.input_tokens if usage else 0,
-        "output_tokens": usage.output_tokens if usage else 0,
-        "tokens_estimated": usage.estimated if usage else False,
+        "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+        "tokens_estimated": usage.estimated,
         "cost_usd": plain_usd(attempt.cost_usd),
     }
 

@@ -91,13 +91,13 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         for name in policy_encodings(policy):
             get_encoding(name)          # loaded now, not on the first request
         recorder = open_recorder(policy)
+        stores = await open_stores(policy, environ, recorder)    # before the session: a refusal leaves none open
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
                                          enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                         skip_auto_headers=("User-Agent",))
         services = Services(holder=holder, environ=environ, session=session,
-                            transport=HttpTransport(session), fleet=Fleet(policy),
-                            stores=await Stores.open(policy, environ),
+                            transport=HttpTransport(session), fleet=Fleet(policy), stores=stores,
                             telemetry=Telemetry.from_env(policy.telemetry, environ=environ),
                             recorder=recorder)
         recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
@@ -152,6 +152,18 @@ def open_recorder(policy) -> Recorder:
         return Recorder(policy)
     except OSError as exc:
         log.error("cannot open the ledger %s (%s), not starting", policy.ledger.path, exc)
+        raise SystemExit(1) from None
+
+
+async def open_stores(policy, environ: Mapping[str, str], recorder: Recorder) -> Stores:
+    """The stores; a Redis URL the client refuses (GATEWAY_REDIS_URL is not checked with the policy) stops the
+    start-up, said in one line without the URL (it may carry a password), the ledger closed first."""
+    try:
+        return await Stores.open(policy, environ)
+    except ValueError as exc:           # redis-py's and urllib's word for a URL they cannot use
+        source = "GATEWAY_REDIS_URL" if environ.get("GATEWAY_REDIS_URL") else "store.redis_url"
+        log.error("cannot use the Redis URL in %s (%s), not starting", source, exc)
+        await asyncio.to_thread(recorder.close)
         raise SystemExit(1) from None
 
 

@@ -58,8 +58,9 @@ class Supervisor:
     `max_backoff_s`. `spawn(index)` starts a worker and returns its process, or None when it could not
     (having said why): an exit with status 1. A worker says it serves by writing its pid to `ready_fd`
     (`say_serving`), inherited through fork; one that never does is never counted as serving. A stop
-    signal is passed on once; a worker must handle it at any time, so one killed by it is a failure. One
-    still running GRACE_PERIODS_PER_STOP × the longest grace period a worker may have started with
+    signal is passed on once (one during start-up starts no more workers); a worker must handle it at any
+    time, so one killed by it is a failure. One still running GRACE_PERIODS_PER_STOP × the longest grace
+    period a worker may have started with
     (`grace_period_s`, raised by `allow_grace`) + `kill_margin_s` after the stop was passed on is killed
     (SIGKILL), a failure too. `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the
     first failure's status (its exit code, 1 for an unasked exit 0, or 128 + the signal that killed it), also
@@ -129,7 +130,8 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         try:
             for slot in self.slots:
-                if self.stop_signal is None:    # a crash-limit stop while starting: the rest never start
+                self._take_signals(wake_r)      # a stop during start-up (Ctrl-C after a large N) is acted on now
+                if self.stop_signal is None:    # a stop, or a crash-limit stop, while starting: the rest never start
                     self._start(slot)
             while self._running():
                 self._step(wake_r)
@@ -151,8 +153,7 @@ class Supervisor:
         ready = wait([wake_r, self.ready_r, *(slot.process.sentinel for slot in self.slots if slot.process)],
                      self._next_due_s())
         if wake_r in ready:
-            for signum in os.read(wake_r, 512):
-                self._on(signum)
+            self._take_signals(wake_r)
         if self.ready_r in ready:
             self._serving(os.read(self.ready_r, 4096))
         for slot in self.slots:
@@ -163,6 +164,15 @@ class Supervisor:
                 self._start(slot)
         if self.kill_at is not None and self.kill_at <= time.monotonic():
             self._kill_stragglers()
+
+    def _take_signals(self, wake_r: int) -> None:
+        """Act on each signal delivered so far (its number written to the non-blocking wake pipe)."""
+        try:
+            signals = os.read(wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in signals:
+            self._on(signum)
 
     def _next_due_s(self) -> float | None:
         """Seconds until the next restart falls due or, once stopping, until the stop's deadline; None: nothing due."""

@@ -25,20 +25,22 @@ class BackgroundTasks:
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("background task %s failed: %r", task.get_name(), exc)
+            log.error("background task %s failed: %r", task.get_name(), exc, exc_info=exc)   # where, too
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for running work, and the work it starts meanwhile (a flush, say), up to `timeout_s` in all; then
-        cancel what is left."""
+        cancel what is left, said at WARNING by name."""
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + timeout_s
         while self._tasks and (left_s := deadline_s - loop.time()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left_s)
         while self._tasks:
             pending = set(self._tasks)
+            log.warning("%d background task(s) still running after %g s, cancelled: %s", len(pending), timeout_s,
+                        ", ".join(sorted(task.get_name() for task in pending)))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -12,8 +12,10 @@ Prompt counts follow the OpenAI cookbook "How to count tokens with tiktoken":
   `tool_calls` / `function_call` count each function's name and arguments.
 - tools / functions: the cookbook's `num_tokens_for_tools` rule, whose
   per-function overhead differs between the gpt-4o family (o200k_base) and
-  gpt-4 / gpt-3.5 (cl100k_base). Property keys the cookbook's flat schemas
-  lack (nested `properties`, `items`, ...) add the tokens of their JSON.
+  gpt-4 / gpt-3.5 (cl100k_base). Keys the cookbook's flat schemas lack (a
+  property's nested `properties` or `items`, the parameters' `$defs`, a custom
+  tool's `format`) add the tokens of their JSON; a custom tool counts its
+  name and description as a function does.
 - completions / embeddings: a string, a list of strings, a token array or a
   list of token arrays (their lengths).
 
@@ -277,22 +279,45 @@ def _tools_tokens(enc: tiktoken.Encoding, tools: Any, overhead: ToolOverhead, pa
     for tool in tools:
         if not isinstance(tool, dict):
             raise ClientError(f"each of '{param}' must be an object", param=param)
-        function = tool.get("function")
-        total += _function_def_tokens(enc, function if isinstance(function, dict) else tool, overhead)
+        total += _function_def_tokens(enc, _definition(tool), overhead)
     return total
+
+
+def _definition(tool: dict) -> dict:
+    """What a tool defines: the object its `type` names (`function`, `custom`), else the tool itself (a legacy
+    `functions` entry)."""
+    kind = tool.get("type")
+    definition = tool.get(kind if isinstance(kind, str) else "function")
+    return definition if isinstance(definition, dict) else tool
+
+
+#: keys of a definition, and of its parameters' schema, that the cookbook's rule already counts (or, for
+#: `strict` and `additionalProperties`, that it leaves out); any other key (`$defs` of a schema made from
+#: nested models, a custom tool's `format` grammar) adds the tokens of its JSON
+DEFINITION_KEYS = frozenset(("type", "name", "description", "parameters", "strict"))
+SCHEMA_KEYS = frozenset(("type", "properties", "required", "additionalProperties"))
 
 
 def _function_def_tokens(enc: tiktoken.Encoding, function: dict, overhead: ToolOverhead) -> int:
     name = str(function.get("name") or "")
     description = str(function.get("description") or "").removesuffix(".")
-    total = overhead.func_init + _text(enc, f"{name}:{description}")
+    total = overhead.func_init + _text(enc, f"{name}:{description}") + _extras_tokens(enc, function, DEFINITION_KEYS)
     parameters = function.get("parameters")
-    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    if not isinstance(parameters, dict):
+        return total
+    total += _extras_tokens(enc, parameters, SCHEMA_KEYS)
+    properties = parameters.get("properties")
     if isinstance(properties, dict) and properties:
         total += overhead.prop_init
         total += sum(_property_tokens(enc, key, prop, overhead) for key, prop in properties.items()
                      if isinstance(prop, dict))
     return total
+
+
+def _extras_tokens(enc: tiktoken.Encoding, mapping: dict, counted: frozenset[str]) -> int:
+    """The tokens of the JSON of `mapping`'s keys outside `counted`; 0 when it has none."""
+    extras = {key: value for key, value in mapping.items() if key not in counted}
+    return _text(enc, _json_text(extras)) if extras else 0
 
 
 def _property_tokens(enc: tiktoken.Encoding, key: str, prop: dict, overhead: ToolOverhead) -> int:

@@ -240,4 +240,4 @@ def test_a_chunk_of_a_shape_the_cache_cannot_replay_stops_only_the_assembly() ->
     odd = {**HEADER, "choices": [{"index": [0], "delta": {"content": " world"}, "finish_reason": None}]}
     assert state.absorb(odd) is True
     assert state.assembled is None and "not one the cache can replay" in state.unassembled
-    assert state.texts == ["Hello", " world"]
+    assert state.parts.texts() == [(0, "Hello world")]

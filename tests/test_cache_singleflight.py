@@ -138,7 +138,7 @@ async def test_replicas_share_one_leader_through_redis(redis_server) -> None:
         assert await first == (b"answer", True)
         assert second == (b"answer", False)
         assert upstream.calls == 1
-        assert await cache.client.exists("gw:c:v1:k:lock") == 0
+        assert await cache.client.exists("{gw:c:v1:k}:lock") == 0
     finally:
         await cache.close()
 
@@ -190,7 +190,7 @@ async def test_a_leader_releases_its_lock_even_in_a_cache_back_off(redis_server)
     try:
         assert await flight.run("gw:c:v1:k", lead_through_a_stall, 2.0, poll_fn=lambda: cache.get("gw:c:v1:k")) \
             == (b"answer", True)
-        assert await pauser.exists("gw:c:v1:k:lock") == 0
+        assert await pauser.exists("{gw:c:v1:k}:lock") == 0
     finally:
         await pauser.aclose()
         await cache.close()
@@ -213,11 +213,11 @@ async def test_a_request_cancelled_while_holding_the_lock_gives_it_back(redis_se
     try:
         task = asyncio.create_task(flight.run("gw:c:v1:k", upstream, 2.0, poll_fn=slow_lookup))
         await looking_up.wait()
-        assert await cache.client.exists("gw:c:v1:k:lock") == 1
+        assert await cache.client.exists("{gw:c:v1:k}:lock") == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await cache.client.exists("gw:c:v1:k:lock") == 0
+        assert await cache.client.exists("{gw:c:v1:k}:lock") == 0
     finally:
         await cache.close()
 

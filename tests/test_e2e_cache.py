@@ -478,11 +478,100 @@ def test_the_cache_read_is_sent_before_the_admission_reply_is_back(redis_server)
         assert status == "hit"
         proxy.arrivals.clear()
         assert chat(gw, **request)[1] == "hit"
-        admit = next(a for a in proxy.arrivals if a.name == "EVALSHA")
-        read = next(a for a in proxy.arrivals if a.name == "GET" and a.first_arg.startswith("gw:c:"))
+        admit = next(a for a in proxy.arrivals if a.name == "EVALSHA" and any(w.startswith("gw:{") for w in a.args))
+        read = next(a for a in proxy.arrivals if any(w.startswith("gw:c:") for w in a.args))
         assert read.at_s - admit.at_s < REPLY_DELAY_S, (
-            f"the cache GET left {read.at_s - admit.at_s:.3f} s after the admission script: it waited for its reply")
+            f"the cache read left {read.at_s - admit.at_s:.3f} s after the admission script: it waited for its reply")
     finally:
+        gw.stop()
+        proxy.stop()
+
+
+def test_a_miss_that_leads_waits_for_one_store_round_trip_before_calling_the_model(redis_server):
+    """The read and the cross-replica lock go in one script call: with every Redis reply 0.4 s late, a miss is
+    answered within two reply delays of its read reaching Redis (a lock attempt and a re-read under the lock after
+    the read, each waiting for the previous reply, would take three)."""
+    from tests.support.redis_delay import DelayingRedisProxy
+
+    proxy = DelayingRedisProxy(redis_server.port, REPLY_DELAY_S).start()
+    gw = Harness(POLICY.replace("tenants:", "store: {{timeout_ms: 5000}}\ntenants:"), SIMS,
+                 environ(GATEWAY_REDIS_URL=proxy.url)).start()
+    try:
+        chat(gw, **ask("Load the scripts"))     # a first script call finds it unloaded: NOSCRIPT, load, call again
+        time.sleep(REPLY_DELAY_S * 4)           # its cache write and lock release are done
+        proxy.arrivals.clear()
+        assert chat(gw, **ask("One round trip, then the model"))[1] == "stored"
+        ended_s = time.monotonic()
+        read = next(a for a in proxy.arrivals if a.name != "SET" and any(w.startswith("gw:c:") for w in a.args))
+        assert read.name == "EVALSHA", read
+        assert ended_s - read.at_s < 2 * REPLY_DELAY_S, f"answered {ended_s - read.at_s:.2f} s after the read"
+    finally:
+        gw.stop()
+        proxy.stop()
+
+
+def test_a_hit_takes_no_lock(gw):
+    """A hit is answered by the read alone: Redis runs no SET (the lock) and no DEL (its release) for it."""
+    request = ask("Nothing to lead")
+    assert chat(gw, **request)[1] == "stored"
+    deadline = time.monotonic() + 5
+    while gw.redis.keys("*:lock") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    before = gw.redis.info("commandstats")
+    assert chat(gw, **request)[1] == "hit"
+    time.sleep(0.2)
+    after = gw.redis.info("commandstats")
+    calls = {name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"] for name in after}
+    assert calls.get("cmdstat_set", 0) == 0 and calls.get("cmdstat_del", 0) == 0, calls
+
+
+def test_a_request_refused_after_its_read_took_the_lock_gives_it_back(redis_server):
+    """The read took the lock before admission; a request admission refuses leaves no lock holding other replicas
+    back (it would be held for the lock's TTL, 3 s)."""
+    from gateway.tenancy.identity import sha256_hex
+
+    policy = POLICY.split("tenants:")[0] + (
+        "tenants:\n"
+        f'  alpha: {{{{keys_sha256: ["{sha256_hex(KEYS["alpha"])}"], limits: {{{{requests_per_minute: 1}}}}}}}}\n')
+    gw = Harness(policy, SIMS, environ(GATEWAY_REDIS_URL=redis_server.url)).start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        chat(gw, **ask("The one allowed"))
+        with pytest.raises(openai.RateLimitError):
+            chat(gw, **ask("Refused"))
+        time.sleep(0.5)
+        assert client.keys("*:lock") == []
+    finally:
+        client.close()
+        gw.stop()
+
+
+def test_a_client_that_leaves_during_the_read_gives_the_lock_back(redis_server):
+    """A client that gives up while the read-and-lock is on its way: once Redis answers, the lock it took is
+    released, not left for its TTL."""
+    from tests.support.redis_delay import DelayingRedisProxy
+
+    proxy = DelayingRedisProxy(redis_server.port, REPLY_DELAY_S).start()
+    gw = Harness(POLICY.replace("tenants:", "store: {{timeout_ms: 5000}}\ntenants:"), SIMS,
+                 environ(GATEWAY_REDIS_URL=proxy.url)).start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        chat(gw, **ask("Warm the pool"))
+        time.sleep(REPLY_DELAY_S * 3)
+        with pytest.raises(openai.APITimeoutError):
+            gw.openai(api_key=KEYS["alpha"], timeout=0.1).chat.completions.create(
+                **ask("Gone before the read is back"))
+        deadline_s = time.monotonic() + 5
+        while not client.keys("*:lock") and time.monotonic() < deadline_s:
+            time.sleep(0.01)
+        seen_s = time.monotonic()
+        assert seen_s < deadline_s, "the read took no lock: the test shows nothing"
+        while client.keys("*:lock") and time.monotonic() < seen_s + 5:
+            time.sleep(0.01)
+        held_s = time.monotonic() - seen_s
+        assert held_s < 2.0, f"the lock was held {held_s:.2f} s (its TTL is 3 s): nobody gave it back"
+    finally:
+        client.close()
         gw.stop()
         proxy.stop()
 

@@ -211,7 +211,7 @@ def test_output_chunks_alone_are_timed():
               {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 4}}]
     carried = [state.absorb(c) for c in chunks]
     assert carried == [False, True, True, True, False, False, True, False, False]
-    assert len(state.chunk_gaps_s) == 3 and state.texts == ["Hi", "done"]
+    assert len(state.chunk_gaps_s) == 3 and state.parts.texts() == [(0, "Hidone")] and state.text_chunks == 2
     assert state.finish_reasons == ["stop"] and state.finished(1) and not state.finished(2)
 
 

@@ -193,9 +193,24 @@ def test_a_refusal_is_counted():
 
 
 def test_completions_text_is_counted():
-    """A completions stream's `choices[].text` counts."""
+    """A completions stream's `choices[].text` counts, joined whole."""
     chunks = [{"choices": [{"index": 0, "text": "Once upon"}]}, {"choices": [{"index": 0, "text": " a time"}]}]
-    assert settled(chunks, endpoint="completions").output_tokens == tokens("Once upon") + tokens(" a time")
+    assert settled(chunks, endpoint="completions").output_tokens == tokens("Once upon a time")
+
+
+def test_text_streamed_a_character_at_a_time_counts_as_its_whole_text():
+    """A server that streams one character per chunk is charged the tokens of the text it sent, not one or more
+    for each character (64 for 11 tokens, counted chunk by chunk)."""
+    text = "The quick brown fox jumps over the lazy dog, then naps until noon."
+    chunks = [delta_chunk({"content": character}) for character in text]
+    assert settled(chunks).output_tokens == tokens(text) < len(text) // 3
+
+
+def test_the_choices_of_a_stream_are_each_counted_whole():
+    """Two choices streamed side by side are each joined before counting, not mixed into one text."""
+    first, second = ["Sun", "ny and", " warm"], ["Rain", "y and", " cold"]
+    chunks = [delta_chunk({"content": piece}, index=i) for pair in zip(first, second) for i, piece in enumerate(pair)]
+    assert settled(chunks).output_tokens == tokens("".join(first)) + tokens("".join(second))
 
 
 def test_a_stream_cut_by_the_client_counts_what_it_was_sent():

@@ -32,6 +32,17 @@ if redis.call("get", KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+#: the entry at KEYS[1] when there is one; else take the lock KEYS[2] (1) or find it held (0), in one round trip
+READ_OR_LOCK_LUA = """
+local value = redis.call("get", KEYS[1])
+if value then
+    return value
+end
+if redis.call("set", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then
+    return 1
+end
+return 0
+"""
 #: push the lock's expiry out only if it is still ours
 EXTEND_LOCK_LUA = """
 if redis.call("get", KEYS[1]) == ARGV[1] then
@@ -108,6 +119,13 @@ class RedisLock:
         self._cache = cache
         self._release_script = cache.client.register_script(RELEASE_LOCK_LUA)
         self._extend_script = cache.client.register_script(EXTEND_LOCK_LUA)
+        self._read_or_lock_script = cache.client.register_script(READ_OR_LOCK_LUA)
+
+    @staticmethod
+    def key_for(key: str) -> str:
+        """The lock of entry `key`: `{key}:lock`, whose hash tag puts it in the entry's Redis Cluster slot (cache
+        keys hold no brace), so one script may read the one and take the other."""
+        return f"{{{key}}}:lock"
 
     async def acquire(self, key: str, ttl_ms: int) -> str | None:
         """A token when the caller should lead; None when another holder has the lock."""
@@ -115,6 +133,17 @@ class RedisLock:
         acquired = await self._cache.guarded(
             lambda: self._cache.client.set(key, token, nx=True, px=max(ttl_ms, 1)), True)
         return token if acquired else None
+
+    async def read_or_acquire(self, key: str, ttl_ms: int) -> tuple[bytes | None, str | None]:
+        """`(entry, None)` when `key` holds an entry, else `(None, token)` when the caller took the lock of `key`
+        and should lead, `(None, None)` when another holder has it; in one round trip, atomically (an entry
+        stored just before the lock was taken is read). Redis unavailable: no entry, the lock granted."""
+        token = secrets.token_hex(16)
+        reply = await self._cache.guarded(
+            lambda: self._read_or_lock_script(keys=[key, self.key_for(key)], args=[token, max(ttl_ms, 1)]), 1)
+        if isinstance(reply, bytes):
+            return reply, None
+        return None, token if reply else None
 
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
         """Keep holding the lock for `ttl_ms` more; False when it is no longer ours.

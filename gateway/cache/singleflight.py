@@ -57,17 +57,21 @@ class SingleFlight:
 
     async def run(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float, *,
                   poll_fn: Callable[[], Awaitable[T | None]] | None = None,
-                  hold: Callable[[], Awaitable[Any]] | None = None) -> tuple[T, bool]:
+                  hold: Callable[[], Awaitable[Any]] | None = None,
+                  tried: bool = False, token: str | None = None) -> tuple[T, bool]:
         """`(result, was_leader)`: lead and call `leader_fn`, or share the leader's result.
 
         `poll_fn` (the cache lookup) is used with a lock, when another replica leads. A leader awaits
         `hold` (the answer's cache write) after its followers here have the result and before it gives
         the lock back, so the replica that takes the lock next finds the answer instead of calling again.
+        `tried`: the caller already tried the lock, with `read_or_acquire` (`token`: it holds it now).
         Raises `FlightAbandoned` to a follower that must go direct; a leader's own
         exception propagates to the leader only.
         """
         flight = self._flights.get(key)
         if flight is not None:
+            if token is not None:           # taken while Redis was down, or past an expired lock: not needed
+                await self._lock.release(self._lock.key_for(key), token)
             return await self._follow(flight, timeout_s), False
         flight = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
@@ -80,7 +84,7 @@ class SingleFlight:
                 flight.set_result(outcome)
 
         try:
-            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn, land, hold)
+            result, was_leader = await self._lead(key, leader_fn, timeout_s, poll_fn, land, hold, tried, token)
         except BaseException:
             land(_Outcome(failed=True))
             raise
@@ -91,6 +95,15 @@ class SingleFlight:
     def local_only(self) -> bool:
         """No cross-replica lock: leading is decided in this process alone, with no waiting."""
         return self._lock is None
+
+    async def read_or_acquire(self, key: str) -> tuple[bytes | None, str | None]:
+        """The stored entry at `key`, or else an attempt at the cross-replica lock, in one round trip: see
+        `RedisLock.read_or_acquire`; pass what it gives to `run` as `tried=True, token=...`."""
+        return await self._lock.read_or_acquire(key, self._lock_ttl_ms)
+
+    async def give_back(self, key: str, token: str) -> None:
+        """Release the lock of `key` that `read_or_acquire` took, when no flight was led with it."""
+        await self._lock.release(self._lock.key_for(key), token, after_response=True)
 
     def try_lead(self, key: str) -> "LocalFlight | None":
         """Lead `key` at once, in this process; None when another request already leads it."""
@@ -122,7 +135,8 @@ class SingleFlight:
     async def _lead(self, key: str, leader_fn: Callable[[], Awaitable[T]], timeout_s: float,
                     poll_fn: Callable[[], Awaitable[T | None]] | None,
                     land: Callable[[_Outcome], None],
-                    hold: Callable[[], Awaitable[Any]] | None = None) -> tuple[T, bool]:
+                    hold: Callable[[], Awaitable[Any]] | None = None,
+                    tried: bool = False, token: str | None = None) -> tuple[T, bool]:
         """Call `leader_fn`, unless another replica holds the lock and its answer arrives.
 
         The local flight lands as soon as the answer is in, before the lock is given back: a request
@@ -130,10 +144,11 @@ class SingleFlight:
         """
         if self._lock is None or poll_fn is None:
             return await leader_fn(), True
-        lock, lock_key = self._lock, f"{key}:lock"
-        token, polled = await self._elect(lock, lock_key, timeout_s, poll_fn)
-        if polled is not None:
-            return polled, False
+        lock, lock_key = self._lock, self._lock.key_for(key)
+        if token is None:
+            token, polled = await self._elect(lock, lock_key, timeout_s, poll_fn, tried)
+            if polled is not None:
+                return polled, False
         keeper = asyncio.ensure_future(self._keep(lock, lock_key, token)) if token is not None else None
         try:
             result = await leader_fn()
@@ -156,7 +171,7 @@ class SingleFlight:
                 return
 
     async def _elect(self, lock: RedisLock, lock_key: str, timeout_s: float,
-                     poll_fn: Callable[[], Awaitable[T | None]]) -> tuple[str | None, T | None]:
+                     poll_fn: Callable[[], Awaitable[T | None]], tried: bool = False) -> tuple[str | None, T | None]:
         """Take the lock, or poll until the holder's answer appears or time runs out.
 
         The answer is checked after every attempt, won or lost, so a leader that
@@ -164,10 +179,13 @@ class SingleFlight:
         waited for a holder which let go without an answer to share (an error, an
         answer not cached) calls upstream itself without the lock, as do the
         others that waited with it: they do not queue behind one another.
+        `tried`: a first attempt found the lock held and no answer, so this one starts by waiting.
         """
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + timeout_s
-        waited = False
+        waited = tried
+        if tried:
+            await asyncio.sleep(self._poll_interval_s)
         while True:
             token = await lock.acquire(lock_key, ttl_ms=self._lock_ttl_ms)
             try:

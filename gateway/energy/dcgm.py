@@ -4,15 +4,22 @@ The exporter (NVIDIA/dcgm-exporter) serves one series per GPU and field,
 labelled `gpu`, `UUID`, `device`, `modelName`, `Hostname`, ... . Its values
 are refreshed every collect interval (`-c`, 30 s by default): set it near the
 gateway's `energy.sample_interval_s` so energy deltas land in the right
-interval. Series of MIG instances (`GPU_I_ID` label) are skipped: energy and
-power are per physical GPU. A failed scrape gives failed readings; nothing
-raises out of `read`.
+interval. A GPU in MIG mode has no whole-GPU series: each device field comes
+once per GPU instance (`GPU_I_ID` label), so its energy, power and
+utilization are read from one instance's series (they are the physical GPU's)
+and its memory is summed over the instances; a GPU with whole-GPU series uses
+only those. Lines of fields not used here are not parsed (an exporter prints
+`ERROR - FAILED TO CONVERT TO STRING` for some), and DCGM's blank values
+(no value: 2**47 and above for a gauge, int64 blank for the counter) are read
+as absent, like NaN. A failed scrape, or one that finds no GPU, gives failed
+readings; nothing raises out of `read`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,25 +35,56 @@ FB_USED = "DCGM_FI_DEV_FB_USED"                     # MiB
 FB_FREE = "DCGM_FI_DEV_FB_FREE"                     # MiB
 FB_RESERVED = "DCGM_FI_DEV_FB_RESERVED"             # MiB, newer exporters only
 FIELDS = frozenset({ENERGY, POWER, GPU_UTIL, FB_USED, FB_FREE, FB_RESERVED})
+#: per GPU instance in MIG mode: summed over the instances for the whole GPU
+MEMORY_FIELDS = frozenset({FB_USED, FB_FREE, FB_RESERVED})
+#: DCGM's "no value" markers (dcgm_structs.h): DCGM_FP64_BLANK, and DCGM_INT64_BLANK for the int64 counter
+FP64_BLANK = 140737488355328.0
+INT64_BLANK = 0x7FFFFFFFFFFFFFF0
+#: the metric name a line is about: a sample's, or the one a `# HELP` / `# TYPE` comment describes
+_LINE_METRIC = re.compile(r"^(?:#\s*(?:HELP|TYPE)\s+)?([a-zA-Z_:][a-zA-Z0-9_:]*)(?=[\s{]|$)")
 
 
 def parse_exporter_text(text: str, hostname: str | None) -> dict[str, dict[str, object]]:
     """Per `gpu` label: the fields we use and the GPU's labels; ValueError on malformed text."""
     gpus: dict[str, dict[str, object]] = {}
+    instances: dict[str, dict[str, object]] = {}    # GPUs in MIG mode: their instances' series
     # match on the family name: the parser renames a counter's sample to `<name>_total`
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_used_lines(text)):
         if family.name not in FIELDS:
             continue
         for sample in family.samples:
             labels = sample.labels
-            if "GPU_I_ID" in labels or "gpu" not in labels:
+            if "gpu" not in labels or (hostname is not None and labels.get("Hostname") != hostname):
                 continue
-            if hostname is not None and labels.get("Hostname") != hostname:
+            mig = "GPU_I_ID" in labels
+            gpu = (instances if mig else gpus).setdefault(labels["gpu"], {"labels": labels})
+            value = _value(family.name, sample.value)
+            if value is None:
                 continue
-            gpu = gpus.setdefault(labels["gpu"], {"labels": labels})
-            if math.isfinite(sample.value):     # NaN or Inf (a field the GPU cannot read): as if absent
-                gpu.setdefault(family.name, sample.value)
+            if mig and family.name in MEMORY_FIELDS:
+                gpu[family.name] = gpu.get(family.name, 0.0) + value
+            else:
+                gpu.setdefault(family.name, value)
+    for gpu_id, gpu in instances.items():
+        gpus.setdefault(gpu_id, gpu)
     return gpus
+
+
+def _used_lines(text: str) -> str:
+    """The text without the lines of fields not used here; lines that name no metric stay (and fail to parse)."""
+    kept = []
+    for line in text.splitlines():
+        metric = _LINE_METRIC.match(line)
+        if metric is None or metric[1] in FIELDS:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def _value(field: str, value: float) -> float | None:
+    """A sample's value, or None for NaN, Inf and DCGM's blank markers (a field the GPU cannot read)."""
+    if not math.isfinite(value) or value >= (INT64_BLANK if field == ENERGY else FP64_BLANK):
+        return None
+    return value
 
 
 class DcgmSource:
@@ -77,6 +115,8 @@ class DcgmSource:
         except ValueError as exc:
             return self._failed(f"DCGM exporter at {self.url} sent unparseable metrics: {exc}")
         ids = self.gpu_ids or tuple(sorted(gpus, key=lambda gpu: (len(gpu), gpu)))
+        if not ids:
+            return self._failed(f"no GPU in the DCGM exporter output at {self.url}{self._where()}")
         self._seen_ids = ids
         return [self._reading(gpu_id, gpus, now_s) for gpu_id in ids]
 
@@ -91,8 +131,7 @@ class DcgmSource:
     def _reading(self, gpu_id: str, gpus: dict[str, dict[str, object]], now_s: float) -> GpuReading:
         gpu = gpus.get(gpu_id) or _by_uuid(gpus, gpu_id)
         if gpu is None:
-            where = f" for Hostname {self.hostname!r}" if self.hostname else ""
-            return self._failed_one(gpu_id, now_s, f"GPU {gpu_id} not in the DCGM exporter output{where}")
+            return self._failed_one(gpu_id, now_s, f"GPU {gpu_id} not in the DCGM exporter output{self._where()}")
         labels: dict[str, str] = gpu["labels"]   # type: ignore[assignment]
         used_mib, free_mib = gpu.get(FB_USED), gpu.get(FB_FREE)
         total_mib = None if used_mib is None or free_mib is None else (
@@ -106,6 +145,9 @@ class DcgmSource:
             memory_used_bytes=None if used_mib is None else int(used_mib * MIB_BYTES),
             memory_total_bytes=None if total_mib is None else int(total_mib * MIB_BYTES),
         )
+
+    def _where(self) -> str:
+        return f" for Hostname {self.hostname!r}" if self.hostname else ""
 
     def _failed(self, error: str) -> list[GpuReading]:
         now_s = self._clock()

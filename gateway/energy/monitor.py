@@ -4,15 +4,19 @@ One monitor per gateway process. For every pool of GPUs (the GPUs of one
 model, or of several models that share them: `gateway.energy.pools`) it builds
 an NVML or DCGM source; `start()` runs one sampling task, and `adopt()`
 follows a reloaded policy. NVML calls block, so they run in a single worker
-thread, never on the event loop. A model whose GPUs cannot be measured (no
-NVML library, no GPU) is `unavailable`, logged once when its source opens; one
-whose GPUs fail while sampling is `failing`, logged on each change of health.
+thread, never on the event loop, each awaited at most `nvml_timeout_s` (a hung
+call fails its pool; the other pools are sampled on). A model whose GPUs cannot
+be measured (no NVML library, no GPU) is `unavailable`, logged once when its
+source opens; one whose GPUs fail while sampling, or whose energy counters
+stand still at full power for STALE_LIMIT_S, is `failing`, logged on each
+change of health.
 Requests are served either way: their energy is simply None.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -37,6 +41,11 @@ logger = logging.getLogger("gateway.energy")
 OK, UNAVAILABLE, FAILING = "ok", "unavailable", "failing"
 #: how often GPUs that could not be opened, or NVML GPUs that keep failing, are opened afresh
 REOPEN_S = 30.0
+#: how long a GPU's energy counter may stand still while it draws power before its pool is failing
+#: (longer than the DCGM exporter's default 30 s collect interval)
+STALE_LIMIT_S = 60.0
+#: how long an NVML call may take before its pool is failing (a GPU in trouble can hang NVML for long)
+NVML_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -52,7 +61,9 @@ class _Sampled:
     readings: list[GpuReading] = field(default_factory=list)
     baseline: dict[str, GpuReading] = field(default_factory=dict)    # per GPU: the last booked reading
     booked_until_s: float = float("-inf")     # the time of the last reading whose energy was booked
+    stale: dict[str, float] = field(default_factory=dict)   # per GPU: since when its counter stands still
     opened_at_s: float = float("-inf")        # the last attempt to open the source
+    nvml_read: asyncio.Future | None = None   # the NVML read running in the worker thread, maybe past its time
     ticked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -103,11 +114,16 @@ class EnergyMonitor:
         self._nvml_module = nvml_module
         self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
+        self.nvml_timeout_s = NVML_TIMEOUT_S
         self._task: asyncio.Task | None = None
         self._opened = False
         self._started = False
         self._adopting = asyncio.Lock()
-        self.settle_timeout_s = 2 * interval_s + 2.0
+
+    @property
+    def settle_timeout_s(self) -> float:
+        """How long a request's joules are awaited: two sampling intervals and 2 s."""
+        return 2 * self.interval_s + 2.0
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -177,26 +193,69 @@ class EnergyMonitor:
         """Release NVML (in its thread, after any read in flight); DCGM sources hold nothing."""
         nvml_sources = [s.source for s in closing if isinstance(s.source, NvmlSource)]
         if nvml_sources and self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: [source.close() for source in nvml_sources])
+            try:
+                await self._in_nvml_thread(lambda: [source.close() for source in nvml_sources])
+            except TimeoutError:    # it runs once the hung call returns
+                logger.warning("energy: NVML did not release the GPUs within %g s", self.nvml_timeout_s)
         for sampled in closing:
-            sampled.source, sampled.baseline = None, {}
+            sampled.source, sampled.baseline, sampled.stale = None, {}, {}
 
     async def _open_source(self, sampled: _Sampled) -> None:
-        config = sampled.config
         sampled.opened_at_s = self._clock()
         try:
-            if config.source == "nvml":
-                source = NvmlSource(config.ids, self._nvml_module, clock=self._clock)
-                await asyncio.get_running_loop().run_in_executor(self._nvml_executor(), source.open)
-            else:
-                if not config.url:
-                    raise EnergyUnavailable("no DCGM exporter url (gpus.url)")
-                source = DcgmSource(config.url, config.ids, config.hostname, self._http(), clock=self._clock)
+            source = await self._new_source(sampled)
         except EnergyUnavailable as exc:
             sampled.health, sampled.reason = UNAVAILABLE, exc.message
             return
-        sampled.source, sampled.health, sampled.reason = source, OK, None
+        if source is not None:
+            sampled.source, sampled.health, sampled.reason = source, OK, None
+
+    async def _renew_source(self, sampled: _Sampled) -> None:
+        """Open a failing pool's GPUs afresh and swap the new handles in once all open; until then the old
+        handles keep reading the GPUs that still answer. The counters carry on: the baselines are kept."""
+        sampled.opened_at_s = self._clock()
+        try:
+            source = await self._new_source(sampled)
+        except EnergyUnavailable:
+            return
+        if source is None:
+            return
+        baseline = sampled.baseline
+        await self._close_sources([sampled])
+        sampled.source, sampled.baseline, sampled.health, sampled.reason = source, baseline, OK, None
+
+    async def _new_source(self, sampled: _Sampled) -> NvmlSource | DcgmSource | None:
+        """An opened source for the pool's GPUs; None when a reload took the pool away meanwhile."""
+        config = sampled.config
+        if config.source == "dcgm":
+            if not config.url:
+                raise EnergyUnavailable("no DCGM exporter url (gpus.url)")
+            return DcgmSource(config.url, config.ids, config.hostname, self._http(), clock=self._clock)
+        source = NvmlSource(config.ids, self._nvml_module, clock=self._clock)
+        try:
+            await self._in_nvml_thread(source.open, undo=source.close)
+        except TimeoutError:
+            raise EnergyUnavailable(f"NVML did not answer within {self.nvml_timeout_s:g} s") from None
+        if self._sampled.get(sampled.name) is not sampled:
+            with contextlib.suppress(TimeoutError):     # else it runs once the hung call returns
+                await self._in_nvml_thread(source.close)
+            return None
+        return source
+
+    async def _in_nvml_thread(self, call: Callable[[], Any], *, undo: Callable[[], Any] | None = None) -> Any:
+        """`call()` in the NVML thread; TimeoutError after `nvml_timeout_s` (the call finishes there later, and
+        then `undo` runs after it, when it succeeded)."""
+        future = asyncio.get_running_loop().run_in_executor(self._nvml_executor(), call)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.nvml_timeout_s)
+        except TimeoutError:
+            future.add_done_callback(lambda done: self._after_late_call(done, undo))
+            raise
+
+    def _after_late_call(self, done: asyncio.Future, undo: Callable[[], Any] | None) -> None:
+        if done.cancelled() or done.exception() is not None or undo is None or self._executor is None:
+            return
+        self._executor.submit(undo)
 
     def _nvml_executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -228,12 +287,16 @@ class EnergyMonitor:
     async def _reopen_due(self) -> None:
         now_s = self._clock()
         for sampled in list(self._sampled.values()):
-            stuck = sampled.source is None or (sampled.health == FAILING and isinstance(sampled.source, NvmlSource))
-            if not stuck or now_s - sampled.opened_at_s < REOPEN_S:
+            if now_s - sampled.opened_at_s < REOPEN_S:
                 continue
             was = sampled.health
-            await self._close_sources([sampled])
-            await self._open_source(sampled)
+            if sampled.source is None:
+                await self._open_source(sampled)
+            elif sampled.health == FAILING and isinstance(sampled.source, NvmlSource) \
+                    and (sampled.nvml_read is None or sampled.nvml_read.done()):    # fresh handles cannot help a hang
+                await self._renew_source(sampled)
+            else:
+                continue
             if sampled.health == OK:
                 logger.info("energy: GPUs of %s measured now (were %s)", sampled.name, was)
 
@@ -246,24 +309,35 @@ class EnergyMonitor:
         if sampled.source is None:          # closed while reading (a reload took the pool away)
             return
         readings = [replace(r, model=sampled.name) for r in readings]
-        self._update_health(sampled, readings)
         self._book(sampled, readings)
+        self._update_health(sampled, readings)
         sampled.readings = readings
         sampled.ticked.set()
         sampled.ticked = asyncio.Event()
 
     async def _read(self, sampled: _Sampled) -> list[GpuReading]:
         source = sampled.source
-        if isinstance(source, NvmlSource):
-            return await asyncio.get_running_loop().run_in_executor(self._nvml_executor(), source.read)
-        return await source.read()
+        if not isinstance(source, NvmlSource):
+            return await source.read()
+        if sampled.nvml_read is None or sampled.nvml_read.done():    # never a second read behind a hung one
+            sampled.nvml_read = asyncio.get_running_loop().run_in_executor(self._nvml_executor(), source.read)
+            sampled.nvml_read.add_done_callback(_retrieve)
+        try:
+            return await asyncio.wait_for(asyncio.shield(sampled.nvml_read), self.nvml_timeout_s)
+        except TimeoutError:
+            error = f"NVML did not answer within {self.nvml_timeout_s:g} s"
+            return [GpuReading(gpu_id=gpu_id, timestamp_s=self._clock(), error=error) for gpu_id in source.device_ids]
 
     def _update_health(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
-        failed = [r for r in readings if r.failed]
-        health = FAILING if failed else OK
-        reason = "; ".join(f"GPU {r.gpu_id}: {r.error}" for r in failed) or None
+        problems = [f"GPU {r.gpu_id}: {r.error}" if r.failed else f"GPU {r.gpu_id}: reports neither energy nor power"
+                    for r in readings if r.failed or (r.energy_mj is None and r.power_w is None)]
+        now_s = max((r.timestamp_s for r in readings), default=self._clock())
+        problems += [f"GPU {gpu_id}: energy counter not refreshed for {now_s - since_s:.0f} s"
+                     for gpu_id, since_s in sampled.stale.items() if now_s - since_s >= STALE_LIMIT_S]
+        health = FAILING if problems else OK
+        reason = "; ".join(problems) or None
         if health != sampled.health:
-            if failed:
+            if problems:
                 logger.warning("energy: GPUs of %s failing: %s", sampled.name, reason)
             else:
                 logger.info("energy: GPUs of %s measured again", sampled.name)
@@ -277,7 +351,9 @@ class EnergyMonitor:
             if reading.failed or _replaced(sampled.baseline.get(reading.gpu_id), reading):
                 sampled.baseline.pop(reading.gpu_id, None)
         fresh = [r for r in readings if not r.failed]
-        if any(_is_stale(sampled.baseline[r.gpu_id], r) for r in fresh if r.gpu_id in sampled.baseline):
+        stale = [r for r in fresh if r.gpu_id in sampled.baseline and _is_stale(sampled.baseline[r.gpu_id], r)]
+        sampled.stale = {r.gpu_id: sampled.baseline[r.gpu_id].timestamp_s for r in stale}
+        if stale:
             return
         measured_j, dt_s, n_gpus = 0.0, 0.0, 0
         for reading in fresh:
@@ -382,6 +458,12 @@ def _gpu_sources(policy: Policy) -> dict[str, GpuSource]:
 def _pool_index(sampled: Mapping[str, _Sampled]) -> dict[str, _Sampled]:
     """Model name -> the pool that samples its GPUs."""
     return {model: pool for pool in sampled.values() for model in pool.models}
+
+
+def _retrieve(done: asyncio.Future) -> None:
+    """Take a finished NVML read's exception, so a read nobody awaits any more is not reported as unretrieved."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _replaced(before: GpuReading | None, after: GpuReading) -> bool:

@@ -69,6 +69,11 @@ class NvmlSource:
             self.close()
             raise
 
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        """The ids of the GPUs this source reads (every GPU of the host when none were named)."""
+        return tuple(device.gpu_id for device in self._devices) or self.gpu_ids or ("*",)
+
     def read(self) -> list[GpuReading]:
         """One reading per GPU; a GPU that errors is a failed reading, the others are read."""
         return [self._read_device(device) for device in self._devices]

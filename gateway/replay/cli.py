@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -127,6 +128,6 @@ def _power(text: str) -> tuple[str, float]:
         value = float(watts)
     except ValueError:
         value = -1.0
-    if not sep or not model or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected MODEL=WATTS with WATTS > 0, got {text!r}")
+    if not sep or not model or not 0 < value < math.inf:       # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"expected MODEL=WATTS with finite WATTS > 0, got {text!r}")
     return model, value

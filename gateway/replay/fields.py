@@ -32,8 +32,8 @@ def json_object(path: Path, line: int, raw: str) -> dict[str, Any]:
 
 
 def count(path: Path, line: int, key: str, value: Any) -> int:
-    """A non-negative whole token count (a digit string is accepted, as CSV gives)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    """A non-negative whole token count (a string of decimal digits is accepted, as CSV gives)."""
+    if isinstance(value, str) and value.strip().isdecimal():
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -41,21 +41,38 @@ def count(path: Path, line: int, key: str, value: Any) -> int:
 
 
 def seconds(path: Path, line: int, key: str, value: Any) -> float:
-    """A timestamp: finite seconds (any epoch) as a number, or an ISO 8601 date and time (UTC if no zone)."""
+    """A timestamp: finite seconds (any epoch) as a number or a numeric string, or an ISO 8601 date and time
+    (UTC if no zone)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
-        if not math.isfinite(number):
-            raise TrafficError(f"{path}:{line}: {key}: expected a finite number of seconds, got {value!r}")
-        return number
+        return _finite(path, line, key, number, value)
     if isinstance(value, str):
+        number = _number_or_none(value)
+        if number is not None:
+            return _finite(path, line, key, number, value)
         try:
             return epoch_s(value)
         except ValueError as exc:
             raise TrafficError(f"{path}:{line}: {key}: not a number or ISO 8601 time: {value!r}") from exc
     raise TrafficError(f"{path}:{line}: {key}: expected seconds or an ISO 8601 time, got {value!r}")
+
+
+def _number_or_none(text: str) -> float | None:
+    """A string that spells a number (seconds), as a float; None for anything else, an ISO time say."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _finite(path: Path, line: int, key: str, number: float, value: Any) -> float:
+    """`number`, or a TrafficError when it is infinite or NaN."""
+    if not math.isfinite(number):
+        raise TrafficError(f"{path}:{line}: {key}: expected a finite number of seconds, got {value!r}")
+    return number
 
 
 def epoch_s(text: str) -> float:

@@ -24,7 +24,7 @@ class Outcome:
     models_tried: tuple[str, ...] = ()
     planned_sla_met: bool | None = None  # the router predicted some candidate meets the SLA
     queue_s: float = 0.0
-    ttft_s: float | None = None
+    ttft_s: float | None = None         # answered streams only: a whole answer's first byte is its end
     latency_s: float | None = None
     cost_usd: Decimal = Decimal(0)      # every attempt's, failed ones included
     energy_j: float | None = None       # every attempt's; None unless each model tried has a power assumption

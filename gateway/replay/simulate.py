@@ -297,11 +297,13 @@ class Simulation:
         _end(outcome, "failed", reason)
 
     def _settle(self, flight: _Flight, now_s: float) -> None:
-        """Fill in the answered request's outcome; TTFT limits apply to streams only, as in the planner."""
+        """Fill in the answered request's outcome; TTFT is a stream's alone and its limits apply to streams only,
+        as in the planner and the live account stage."""
         service, outcome = flight.service, flight.outcome
         outcome.model = flight.model.name
         outcome.models_tried = tuple(flight.tried)
-        outcome.ttft_s = flight.started_s + service.ttft_s - outcome.arrival_s
+        if flight.request.streamed:     # a whole answer has no first token of its own, as live (ttft_s null)
+            outcome.ttft_s = flight.started_s + service.ttft_s - outcome.arrival_s
         outcome.latency_s = now_s - outcome.arrival_s
         outcome.energy_j = flight.energy_j
         sla = flight.route.sla

@@ -68,7 +68,7 @@ class Summary:
     cost_per_request_usd: Decimal | None
     cost_per_1k_tokens_usd: Decimal | None
     latency: Percentiles | None
-    ttft: Percentiles | None
+    ttft: Percentiles | None            # of answered streams: a whole answer has no TTFT
     queued: int                         # requests that waited for a slot, answered or not
     sla: tuple[RouteSla, ...]
     energy_j: float | None              # every attempt's; n/a unless each one's model has a power assumption
@@ -95,7 +95,8 @@ def summarize(result: ReplayResult) -> Summary:
         tokens=tokens, cost_usd=cost_usd,
         cost_per_request_usd=cost_usd / len(served) if served else None,
         cost_per_1k_tokens_usd=cost_usd * 1000 / tokens if tokens else None,
-        latency=percentiles([o.latency_s for o in served]), ttft=percentiles([o.ttft_s for o in served]),
+        latency=percentiles([o.latency_s for o in served]),
+        ttft=percentiles([o.ttft_s for o in served if o.ttft_s is not None]),
         queued=sum(1 for o in outcomes if o.queue_s > 0),
         sla=tuple(_route_sla(route, outcomes) for route in result.policy.routes),
         energy_j=energy_j, energy_per_request_j=energy_j / len(served) if energy_j is not None and served else None,

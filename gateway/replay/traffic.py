@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gateway.replay.fields import (
-    DEFAULT_ALIAS, TrafficError, count, endpoint, epoch_s, flag, json_object, seconds, text,
+    DEFAULT_ALIAS, TrafficError, count, endpoint, flag, json_object, seconds, text,
 )
 
 FORMATS = ("auto", "azure", "ledger", "jsonl")
@@ -107,7 +107,7 @@ def _check_span(path: Path, rows: list[Row]) -> None:
 
 
 def _azure_rows(path: Path) -> Iterator[Row]:
-    """Rows of the Azure LLM inference trace: TIMESTAMP, ContextTokens, GeneratedTokens."""
+    """Rows of the Azure LLM inference trace: TIMESTAMP (ISO 8601 or seconds), ContextTokens, GeneratedTokens."""
     reader = csv.reader(line for _, line in _lines(path))
     header = next(reader, None)
     if header is None:
@@ -120,12 +120,9 @@ def _azure_rows(path: Path) -> Iterator[Row]:
             continue
         if len(row) < 3:
             raise TrafficError(f"{path}:{line}: expected 3 columns, got {len(row)}")
-        try:
-            arrival_s = epoch_s(row[0])
-        except ValueError as exc:
-            raise TrafficError(f"{path}:{line}: TIMESTAMP: not a date and time: {row[0]!r}") from exc
-        yield line, arrival_s, {"input_tokens": count(path, line, "ContextTokens", row[1]),
-                                "output_tokens": count(path, line, "GeneratedTokens", row[2])}
+        yield line, seconds(path, line, "TIMESTAMP", row[0]), {
+            "input_tokens": count(path, line, "ContextTokens", row[1]),
+            "output_tokens": count(path, line, "GeneratedTokens", row[2])}
 
 
 def _ledger_rows(path: Path) -> Iterator[Row]:

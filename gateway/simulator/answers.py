@@ -23,13 +23,18 @@ class Answer:
     model: str
     response_id: str
     created: int
-    tokens: list[str]
+    choices: tuple[list[str], ...]  # the output tokens of each of the `n` answers, generated together
     finish_reason: str
     prompt_tokens: int
 
     @property
+    def tokens(self) -> list[str]:
+        """The first answer's output tokens."""
+        return self.choices[0]
+
+    @property
     def usage(self) -> dict[str, int]:
-        completion = len(self.tokens)
+        completion = sum(len(tokens) for tokens in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
 
@@ -43,40 +48,49 @@ class StreamScript:
 
 
 def make_answer(config: SimConfig, request: SimRequest, plan: Plan) -> Answer:
-    """The deterministic filler answer to a chat or completions request."""
+    """The deterministic filler answer to a chat or completions request: `n` answers of the planned length,
+    the first the same whatever `n` is."""
+    choices = tuple(filler_tokens(plan.output_tokens, request.prompt if index == 0 else (request.prompt, index),
+                                  config.seed) for index in range(request.choices))
     return Answer(kind=request.kind, model=config.name,
                   response_id=f"{ID_PREFIXES[request.kind]}-{uuid.uuid4().hex[:24]}",
-                  created=int(time.time()), tokens=filler_tokens(plan.output_tokens, request.prompt, config.seed),
-                  finish_reason=plan.finish_reason, prompt_tokens=request.prompt_tokens)
+                  created=int(time.time()), choices=choices, finish_reason=plan.finish_reason,
+                  prompt_tokens=request.prompt_tokens)
 
 
 def completion_body(answer: Answer) -> dict[str, Any]:
-    """The non-streamed body: `chat.completion` or `text_completion`."""
-    text = "".join(answer.tokens)
+    """The non-streamed body: `chat.completion` or `text_completion`, one choice per answer."""
+    texts = ["".join(tokens) for tokens in answer.choices]
     if answer.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": answer.finish_reason}
-        return _envelope(answer, "chat.completion", [choice]) | {"usage": answer.usage}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": answer.finish_reason}
-    return _envelope(answer, "text_completion", [choice]) | {"usage": answer.usage}
+        choices = [{"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None, "finish_reason": answer.finish_reason} for index, text in enumerate(texts)]
+        return _envelope(answer, "chat.completion", choices) | {"usage": answer.usage}
+    choices = [{"index": index, "text": text, "logprobs": None, "finish_reason": answer.finish_reason}
+               for index, text in enumerate(texts)]
+    return _envelope(answer, "text_completion", choices) | {"usage": answer.usage}
 
 
 def stream_script(answer: Answer, include_usage: bool) -> StreamScript:
-    """Every chunk of the streamed answer, in order; the last output token's time carries the tail."""
-    last = max(len(answer.tokens) - 1, 0)
+    """Every chunk of the streamed answer, in order, the `n` answers' chunks side by side at each token's time;
+    the last output token's time carries the tail."""
+    length = len(answer.tokens)
+    last = max(length - 1, 0)
+    indexes = range(len(answer.choices))
     if answer.kind == "chat":
-        chunks = [(0, _chat_chunk(answer, {"role": "assistant", "content": ""}, None, include_usage))]
-        chunks += [(i, _chat_chunk(answer, {"content": tok}, None, include_usage))
-                   for i, tok in enumerate(answer.tokens)]
-        chunks.append((last, _chat_chunk(answer, {}, answer.finish_reason, include_usage)))
-        head = 1
+        chunks = [(0, _chat_chunk(answer, k, {"role": "assistant", "content": ""}, None, include_usage))
+                  for k in indexes]
+        chunks += [(i, _chat_chunk(answer, k, {"content": answer.choices[k][i]}, None, include_usage))
+                   for i in range(length) for k in indexes]
+        chunks += [(last, _chat_chunk(answer, k, {}, answer.finish_reason, include_usage)) for k in indexes]
+        head = len(indexes)
     else:
-        chunks = [(i, _text_chunk(answer, tok, None, include_usage)) for i, tok in enumerate(answer.tokens)]
-        chunks.append((last, _text_chunk(answer, "", answer.finish_reason, include_usage)))
+        chunks = [(i, _text_chunk(answer, k, answer.choices[k][i], None, include_usage))
+                  for i in range(length) for k in indexes]
+        chunks += [(last, _text_chunk(answer, k, "", answer.finish_reason, include_usage)) for k in indexes]
         head = 0
     if include_usage:
         chunks.append((last, _usage_chunk(answer)))
-    return StreamScript(chunks, drop_after=head + max(1, len(answer.tokens) // 2))
+    return StreamScript(chunks, drop_after=head + max(1, length // 2) * len(indexes))
 
 
 def embeddings_body(config: SimConfig, request: SimRequest) -> dict[str, Any]:
@@ -102,15 +116,16 @@ def _envelope(answer: Answer, object_name: str, choices: list[dict[str, Any]]) -
             "model": answer.model, "choices": choices}
 
 
-def _chat_chunk(answer: Answer, delta: dict[str, Any], finish_reason: str | None,
+def _chat_chunk(answer: Answer, index: int, delta: dict[str, Any], finish_reason: str | None,
                 include_usage: bool) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     chunk = _envelope(answer, "chat.completion.chunk", [choice])
     return chunk | {"usage": None} if include_usage else chunk
 
 
-def _text_chunk(answer: Answer, text: str, finish_reason: str | None, include_usage: bool) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def _text_chunk(answer: Answer, index: int, text: str, finish_reason: str | None,
+                include_usage: bool) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
     chunk = _envelope(answer, "text_completion", [choice])
     return chunk | {"usage": None} if include_usage else chunk
 

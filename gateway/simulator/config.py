@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,8 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _problems(config: SimConfig) -> list[str]:
     """Every reason `config` is unusable, as short sentences."""
-    problems = []
+    problems = [f"{key} must be a finite number" for key, kind in FIELD_TYPES.items()
+                if kind is float and not math.isfinite(getattr(config, key))]
     if not config.name:
         problems.append("name must not be empty")
     if not 0 <= config.port <= 65535:

@@ -8,6 +8,9 @@ from typing import Any
 from gateway.errors import ClientError
 from gateway.simulator.text import count_chat_tokens, count_prompt_tokens
 
+#: the most answers one request may ask for (`n`), as OpenAI allows
+MAX_CHOICES = 128
+
 
 @dataclass(frozen=True)
 class SimRequest:
@@ -22,6 +25,7 @@ class SimRequest:
     inputs: tuple[Any, ...] = ()    # embeddings: one item per vector
     dimensions: int | None = None
     encoding_format: str = "float"
+    choices: int = 1                # `n`: answers generated together for one prompt
 
 
 def parse_chat(body: dict[str, Any]) -> SimRequest:
@@ -32,7 +36,8 @@ def parse_chat(body: dict[str, Any]) -> SimRequest:
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise ClientError("Each message must be an object with a 'role'.", param="messages")
     max_tokens = _max_tokens(body, "max_completion_tokens") or _max_tokens(body, "max_tokens")
-    return SimRequest("chat", messages, count_chat_tokens(messages), max_tokens, *_streaming(body))
+    return SimRequest("chat", messages, count_chat_tokens(messages), max_tokens, *_streaming(body),
+                      choices=_choices(body))
 
 
 def parse_completions(body: dict[str, Any]) -> SimRequest:
@@ -41,7 +46,7 @@ def parse_completions(body: dict[str, Any]) -> SimRequest:
     if not _is_prompt(prompt):
         raise ClientError("'prompt' must be a string, an array of strings or token ids.", param="prompt")
     return SimRequest("completions", prompt, count_prompt_tokens(prompt), _max_tokens(body, "max_tokens"),
-                      *_streaming(body))
+                      *_streaming(body), choices=_choices(body))
 
 
 def parse_embeddings(body: dict[str, Any]) -> SimRequest:
@@ -64,6 +69,16 @@ def _max_tokens(body: dict[str, Any], key: str) -> int | None:
         return None
     if not _is_int(value) or value < 1:
         raise ClientError(f"'{key}' must be a positive integer.", param=key)
+    return value
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """`n`, the number of answers: 1 when absent, at most MAX_CHOICES, as OpenAI allows."""
+    value = body.get("n")
+    if value is None:
+        return 1
+    if not _is_int(value) or not 1 <= value <= MAX_CHOICES:
+        raise ClientError(f"'n' must be an integer from 1 to {MAX_CHOICES}.", param="n")
     return value
 
 

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from gateway.errors import ClientError
 from gateway.simulator.config import FAULT_RATES, SimConfig
 from gateway.simulator.parse import SimRequest
+from gateway.simulator.text import count_prompt_tokens
 
 #: the fault each rate in FAULT_RATES injects
 FAULTS = dict(zip(FAULT_RATES, ("rate_limit", "error", "hang", "drop"), strict=True))
+#: the request field that carries the prompt, per kind: a context-length error names it
+PROMPT_PARAMS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+PROMPT_NAMES = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: the output length when max_tokens is absent is normal around the mean with this relative spread
 OUTPUT_SPREAD = 0.25
 
@@ -42,15 +46,19 @@ def plan_answer(config: SimConfig, rng: random.Random, request: SimRequest) -> P
 
 
 def check_context(config: SimConfig, request: SimRequest) -> None:
-    """Reject a prompt (plus max_tokens) longer than the context window, as OpenAI does."""
-    requested = request.prompt_tokens + (request.max_tokens or 0)
-    if requested <= config.context_window and request.prompt_tokens < config.context_window:
+    """Reject a prompt (plus max_tokens) longer than the context window, as OpenAI does; embeddings are checked
+    input by input, each one being a prompt of its own."""
+    prompt_tokens = request.prompt_tokens
+    if request.kind == "embeddings":
+        prompt_tokens = max((count_prompt_tokens(item) for item in request.inputs), default=0)
+    requested = prompt_tokens + (request.max_tokens or 0)
+    if requested <= config.context_window and prompt_tokens < config.context_window:
         return
     raise ClientError(
         f"This model's maximum context length is {config.context_window} tokens. However, you requested "
-        f"{requested} tokens ({request.prompt_tokens} in the messages, {request.max_tokens or 0} in the "
-        "completion). Please reduce the length of the messages or completion.",
-        param="messages", code="context_length_exceeded")
+        f"{requested} tokens ({prompt_tokens} in the {PROMPT_NAMES[request.kind]}, {request.max_tokens or 0} in "
+        f"the completion). Please reduce the length of the {PROMPT_NAMES[request.kind]} or completion.",
+        param=PROMPT_PARAMS[request.kind], code="context_length_exceeded")
 
 
 def draw_fault(config: SimConfig, rng: random.Random) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import ClientError, GatewayError, RateLimited
+from gateway.errors import BodyTooLarge, ClientError, GatewayError, RateLimited
 from gateway.simulator.answers import completion_body, embeddings_body, make_answer, models_body
 from gateway.simulator.config import SimConfig
 from gateway.simulator.delivery import OUTCOME, hang, json_response, raise_fault, send_body, send_stream
@@ -18,13 +18,16 @@ from gateway.simulator.state import RECENT_REQUESTS, SimState
 
 STATE = web.AppKey("sim_state", SimState)
 BODY = web.RequestKey("sim_body", object)
+#: the largest request body read: well above the gateway's own limit (server.max_body_bytes, 4 MiB by
+#: default), so a long prompt meets the context window, as at a real model server
+MAX_BODY_BYTES = 64 * 1024 * 1024
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completions,
            "/v1/embeddings": parse_embeddings}
 
 
 def build_sim_app(config: SimConfig) -> web.Application:
     """One simulated model as an aiohttp app."""
-    app = web.Application(middlewares=[track_requests, openai_errors])
+    app = web.Application(middlewares=[track_requests, openai_errors], client_max_size=MAX_BODY_BYTES)
     app[STATE] = SimState(config)
     app.router.add_post("/v1/chat/completions", handle_generate)
     app.router.add_post("/v1/completions", handle_generate)
@@ -45,7 +48,12 @@ async def track_requests(request: web.Request, handler: Any) -> web.StreamRespon
     if not request.path.startswith("/v1/"):
         return await handler(request)
     state = request.app[STATE]
-    body = _json_or_none(await request.read()) if request.method == "POST" else None
+    try:
+        body = _json_or_none(await request.read()) if request.method == "POST" else None
+    except web.HTTPRequestEntityTooLarge:
+        state.count(request.path, "bad_request")
+        error = BodyTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+        return json_response(error.body(), status=error.status)
     request[BODY] = body
     headers = {name.lower(): value for name, value in request.headers.items()}
     state.remember(request.method, request.path, headers, body)

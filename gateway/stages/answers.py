@@ -43,8 +43,8 @@ def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
 
 def _generated_texts(ctx: RequestContext) -> tuple[list[str], list[str]]:
     """The texts the model generated, (reasoning apart, the rest): a non-streamed answer's choices, or what a
-    stream sent the client, each part of each choice besides its text joined whole (a tool call's arguments
-    come in fragments that split tokens apart: counted one by one, they would count more)."""
+    stream sent the client, each part of each choice joined whole (its text, a tool call's arguments: they come
+    in fragments that split tokens apart, so counted one by one they would count more)."""
     texts: list[str] = []
     reasoning: list[str] = []
     if ctx.response_body is not None:
@@ -55,7 +55,6 @@ def _generated_texts(ctx: RequestContext) -> tuple[list[str], list[str]]:
                 message = choice.get("message")
                 _sort_parts(generated_parts(message) if isinstance(message, dict) else (), texts, reasoning)
     elif (record := ctx.stream_record) is not None:
-        texts.extend(record.texts)
         _sort_parts(record.parts.items(), texts, reasoning)
     return texts, reasoning
 
@@ -67,14 +66,16 @@ def _sort_parts(parts: Iterable[tuple[str, str]], texts: list[str], reasoning: l
 
 #: the part of an answer that is its reasoning (counted apart as reasoning tokens too)
 REASONING = "reasoning"
+#: the part of an answer that is its text (a chat choice's `content`, a completion's `text`)
+CONTENT = "content"
 #: a part's pieces kept apart before they are joined into one: a long reasoning stream holds its text, not
 #: a string object for each of its thousands of pieces
 JOIN_EVERY = 64
 
 
 class GeneratedParts:
-    """What a stream generated besides its text, by choice and part (reasoning, a refusal, each function call's
-    name and arguments), for the usage estimate: each part joined whole, since its pieces split tokens apart.
+    """What a stream generated, by choice and part (its text, reasoning, a refusal, each function call's name
+    and arguments), for the usage estimate: each part joined whole, since its pieces split tokens apart.
 
     Some servers send a function call's name or arguments again: whole with the last chunk, or all of it so
     far in every chunk. A piece that repeats everything kept for its part so far (two characters at least,
@@ -97,9 +98,21 @@ class GeneratedParts:
             else:
                 kept.append(piece)
 
+    def add_text(self, index: int, text: str) -> None:
+        """Keep a piece of choice `index`'s text."""
+        kept = self._parts.get((index, CONTENT))
+        if kept is None:
+            self._parts[(index, CONTENT)] = _Part(text)
+        else:
+            kept.append(text)
+
     def items(self) -> list[tuple[str, str]]:
-        """(part, its text joined) of each choice's parts; the part as `generated_parts` names it."""
+        """(part, its text joined) of each choice's parts; the part as `generated_parts` names it, or CONTENT."""
         return [(part, kept.text()) for (_, part), kept in self._parts.items()]
+
+    def texts(self) -> list[tuple[int, str]]:
+        """(choice index, its text joined) of each choice that sent text, by index."""
+        return sorted((index, kept.text()) for (index, part), kept in self._parts.items() if part == CONTENT)
 
 
 _FUNCTION_FIELDS = (".name", ".arguments")

@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
 from gateway.cache.key import cache_control, cache_key, is_cacheable
 from gateway.cache.replay import replay_sse
-from gateway.cache.singleflight import FlightAbandoned, LocalFlight
+from gateway.cache.singleflight import FlightAbandoned, LocalFlight, SingleFlight
 from gateway.context import Decision, RequestContext
 from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
@@ -64,14 +64,24 @@ class Lookup:
                                   route=route.name, resolved=route.name, endpoint=ctx.endpoint, body=ctx.body)
         ctx.cache_store = store
         ctx.cache_lookup = lookup
-        cache = self.services.stores.cache
-        if lookup and cache.remote:         # an in-process store answers at once: nothing to overlap
-            ctx.cache_read = asyncio.ensure_future(cache.get(ctx.cache_key))
+        stores = self.services.stores
+        if not lookup or not stores.cache.remote:   # an in-process store answers at once: nothing to overlap
+            return None
+        if store and not stores.singleflight.local_only:
+            # a miss also tries the cross-replica lock, in the same round trip: a miss that leads waits for no more
+            ctx.cache_read = asyncio.ensure_future(stores.singleflight.read_or_acquire(ctx.cache_key))
+        else:
+            ctx.cache_read = asyncio.ensure_future(_no_lock(stores.cache.get(ctx.cache_key)))
         return None
 
     async def finish(self, ctx: RequestContext) -> None:
         read, ctx.cache_read = ctx.cache_read, None
-        if read is not None:                # refused before `Cache` took it: let it end unheard
+        if read is None:
+            return
+        singleflight = self.services.stores.singleflight
+        if ctx.cache_store and not singleflight.local_only:     # refused, or the client left, before `Cache` took it
+            self.services.background.spawn(_give_back(read, singleflight, ctx.cache_key), name="cache-lock")
+        else:
             read.add_done_callback(_unheard)
 
 
@@ -79,6 +89,21 @@ def _unheard(read: asyncio.Future) -> None:
     """Take a dropped read's outcome, so asyncio does not report it as never retrieved."""
     if not read.cancelled():
         read.exception()
+
+
+async def _no_lock(read: Awaitable[bytes | None]) -> tuple[bytes | None, None]:
+    """A plain read, shaped as `read_or_acquire`'s answer: no lock taken."""
+    return await read, None
+
+
+async def _give_back(read: asyncio.Future, singleflight: SingleFlight, key: str) -> None:
+    """Let a read nobody took end, and give back the lock it took: held, it would keep other replicas waiting."""
+    await asyncio.wait((read,))
+    if read.cancelled() or read.exception() is not None:
+        return
+    _, token = read.result()
+    if token is not None:
+        await singleflight.give_back(key, token)
 
 
 class Cache:
@@ -90,29 +115,42 @@ class Cache:
     async def handle(self, ctx: RequestContext) -> web.StreamResponse | None:
         if ctx.cache_key is None or not ctx.cache_lookup:
             return None                     # no cache, or no-cache: the fresh answer is stored, nothing is read
-        read, ctx.cache_read = ctx.cache_read, None
         ctx.cache_status = "miss"
         with self.services.telemetry.cache_span(ctx):
-            entry = self._servable(ctx, await self._lookup(ctx.cache_key, read))
-            if entry is None:               # another model's answer counts as none: identical requests share a call
-                entry = self._servable(ctx, await self._single_flight(ctx))
+            raw, token = await self._read(ctx)
+            stored = self._servable(ctx, decode_entry(raw) if raw is not None else None)
+            # another model's answer counts as none: identical requests share a call
+            entry = stored or self._servable(ctx, await self._single_flight(ctx, raw is None, token))
             if entry is not None:
                 ctx.cache_status = "hit"
                 ctx.cache_model = entry.model
         return await self._answer(ctx, entry) if entry is not None else None
+
+    async def _read(self, ctx: RequestContext) -> tuple[bytes | None, str | None]:
+        """The stored bytes and the cross-replica lock token `Lookup`'s read got; read now for an in-process
+        store. The read is left to `Lookup.finish` until it lands: a client leaving meanwhile does not keep the
+        lock it took."""
+        read = ctx.cache_read
+        if read is None:
+            return await self.services.stores.cache.get(ctx.cache_key), None
+        answer = await asyncio.shield(read)
+        ctx.cache_read = None
+        return answer
 
     @staticmethod
     def _servable(ctx: RequestContext, entry: CacheEntry | None) -> CacheEntry | None:
         """`entry`, or None when its model may not answer this request: it calls, and its answer replaces it."""
         return entry if entry is not None and may_answer(ctx.decision, entry.model) else None
 
-    async def _lookup(self, key: str, read: Awaitable[bytes | None] | None = None) -> CacheEntry | None:
-        """The entry at `key`, from `read` when `Lookup` started it, else read now."""
-        raw = await (read if read is not None else self.services.stores.cache.get(key))
+    async def _lookup(self, key: str) -> CacheEntry | None:
+        """The entry at `key`, read now."""
+        raw = await self.services.stores.cache.get(key)
         return decode_entry(raw) if raw is not None else None
 
-    async def _single_flight(self, ctx: RequestContext) -> CacheEntry | None:
-        """Follow an identical request in flight (its entry), or lead one (None: call upstream)."""
+    async def _single_flight(self, ctx: RequestContext, tried: bool = False,
+                             token: str | None = None) -> CacheEntry | None:
+        """Follow an identical request in flight (its entry), or lead one (None: call upstream). `tried`: the
+        read found no entry and tried the cross-replica lock (`token`: this request holds it)."""
         singleflight = self.services.stores.singleflight
         if singleflight.local_only or not ctx.cache_store:
             # no-store: nothing will be stored for other replicas to find, so they are not made to wait
@@ -135,7 +173,7 @@ class Cache:
 
         task = asyncio.ensure_future(singleflight.run(
             ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S, poll_fn=lambda: self._poll(ctx),
-            hold=lambda: _until_stored(stored)))
+            hold=lambda: _until_stored(stored), tried=tried, token=token))
         leader_started = asyncio.ensure_future(leading.wait())
         try:
             await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
@@ -143,6 +181,8 @@ class Cache:
             leader_started.cancel()
             task.cancel()                   # its lock is given back as it unwinds, held until then
             self.services.background.spawn(_quietly(task), name="single-flight")
+            if token is not None:           # and the lock this request took, should the task not have started
+                self.services.background.spawn(singleflight.give_back(ctx.cache_key, token), name="cache-lock")
             raise
         if leading.is_set():
             ctx.extra["flight"] = Flight(task, done, stored)

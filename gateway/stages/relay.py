@@ -42,7 +42,7 @@ _TEXT_ONLY = frozenset(("role", "content"))
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("assembled", "unassembled", "texts", "parts", "finish_reasons", "finished_choices", "done",
+    __slots__ = ("assembled", "unassembled", "text_chunks", "parts", "finish_reasons", "finished_choices", "done",
                  "chunk_gaps_s", "last_output_s")
 
     def __init__(self, assemble_for: str | None) -> None:
@@ -50,8 +50,8 @@ class StreamState:
         # cache wants it); given up for an answer too long to store, or of a shape the cache cannot replay
         self.assembled = StreamAssembler(assemble_for) if assemble_for is not None else None
         self.unassembled: str | None = None         # why it was given up
-        self.texts: list[str] = []
-        self.parts = GeneratedParts()               # the other texts generated, by choice and part
+        self.text_chunks = 0                        # the chunks that carried text: about one token each
+        self.parts = GeneratedParts()               # the texts generated, by choice and part
         self.finish_reasons: list[str] = []
         self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
         self.done = False
@@ -76,13 +76,14 @@ class StreamState:
                 text = delta.get("content") if isinstance(delta, dict) else None
             else:                           # completions
                 delta, text = None, choice.get("text")
+            index = choice.get("index", 0)
+            index = index if type(index) is int else 0
             if isinstance(text, str) and text:
-                self.texts.append(text)
+                self.parts.add_text(index, text)
+                self.text_chunks += 1
                 output = True
             elif not output and isinstance(delta, dict):
                 output = _carries_other_output(delta)
-            index = choice.get("index", 0)
-            index = index if type(index) is int else 0
             if isinstance(delta, dict) and not _TEXT_ONLY.issuperset(delta):
                 self.parts.add(index, delta)
             if (reason := choice.get("finish_reason")) and isinstance(reason, str):
@@ -198,7 +199,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if state.absorb(chunk) and attempt.ttft_s is None:
                     attempt.ttft_s = state.last_output_s - attempt.started_s
                 if attempt.energy_id is not None:
-                    energy.progress(attempt.energy_id, ctx.prompt_tokens + len(state.texts))
+                    energy.progress(attempt.energy_id, ctx.prompt_tokens + state.text_chunks)
                 if (usage := usage_from_response(chunk)) is not None:
                     attempt.usage = usage
                 if "usage" in chunk and not ctx.include_usage:

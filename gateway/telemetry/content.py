@@ -35,10 +35,11 @@ def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any
     record = ctx.stream_record
     if record is None:
         return []
-    message: dict[str, Any] = {"role": "assistant", "parts": [_text_part("".join(record.texts))]}
+    texts = record.parts.texts() or [(0, "")]
+    messages: list[dict[str, Any]] = [{"role": "assistant", "parts": [_text_part(text)]} for _, text in texts]
     if attempt.finish_reasons:
-        message["finish_reason"] = attempt.finish_reasons[0]
-    return [message]
+        messages[0]["finish_reason"] = attempt.finish_reasons[0]
+    return messages
 
 
 def _output_choice(choice: dict[str, Any]) -> dict[str, Any]:

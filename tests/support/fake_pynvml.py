@@ -46,6 +46,7 @@ class FakeGpu:
     memory_used_bytes: int = 512 * 1024 * 1024
     energy_supported: bool = True
     lost: bool = False              # every call on this GPU raises NVML_ERROR_GPU_IS_LOST
+    hang: threading.Event | None = None     # set: every call on this GPU blocks until the event is set
     clock: Callable[[], float] = time.monotonic
     _counter_mj: float = 123_456_789.0
     _since_s: float | None = None
@@ -91,6 +92,8 @@ class FakeNvml:
         if handle is None:
             return None
         gpu = self.gpus[handle.index]
+        if gpu.hang is not None:
+            gpu.hang.wait()
         if gpu.lost:
             raise NVMLError(_real.NVML_ERROR_GPU_IS_LOST)
         return gpu
@@ -117,14 +120,20 @@ class FakeNvml:
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise NVMLError(_real.NVML_ERROR_INVALID_ARGUMENT)
-        return _Handle(index)
+        return self._handle(index)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> _Handle:
         self._enter("nvmlDeviceGetHandleByUUID")
         for index, gpu in enumerate(self.gpus):
             if gpu.uuid == uuid:
-                return _Handle(index)
+                return self._handle(index)
         raise NVMLError(_real.NVML_ERROR_NOT_FOUND)
+
+    def _handle(self, index: int) -> _Handle:
+        """A handle, or GPU_IS_LOST as NVML answers for a GPU that fell off the bus."""
+        if self.gpus[index].lost:
+            raise NVMLError(_real.NVML_ERROR_GPU_IS_LOST)
+        return _Handle(index)
 
     def nvmlDeviceGetName(self, handle: _Handle) -> str:
         return self._enter("nvmlDeviceGetName", handle).name

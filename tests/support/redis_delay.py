@@ -14,19 +14,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Arrival:
-    """One command as the proxy saw it: when, its name and its first argument."""
+    """One command as the proxy saw it: when, its name, its first argument and all its arguments."""
 
     at_s: float
     name: str
     first_arg: str
+    args: tuple[str, ...] = ()
 
 
-def command_of(data: bytes) -> tuple[str, str]:
-    """The name and first argument of the first RESP command in `data` (`*N $len NAME $len ARG ...`)."""
+def command_of(data: bytes) -> tuple[str, str, tuple[str, ...]]:
+    """The name, first argument and arguments of the first RESP command in `data` (`*N $len NAME $len ARG ...`)."""
     parts = data.split(b"\r\n")
     name = parts[2].decode(errors="replace").upper() if len(parts) > 2 else "?"
-    first = parts[4].decode(errors="replace") if len(parts) > 4 else ""
-    return name, first
+    words = parts[2:]
+    count = int(parts[0][1:]) if parts[0][:1] == b"*" and parts[0][1:].isdigit() else 0
+    args = tuple(word.decode(errors="replace") for word in words[2:2 * count:2])
+    return name, args[0] if args else "", args
 
 
 class DelayingRedisProxy:

@@ -1,0 +1,115 @@
+"""The simulated backend at its edges, driven by the official openai SDK over real HTTP: several choices (`n`),
+embedding batches, long prompts and settings that are not finite numbers."""
+
+from __future__ import annotations
+
+import math
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.simulator import SimConfig, start_simulators
+from gateway.simulator.cli import main
+
+HELLO = [{"role": "user", "content": "hello world!"}]
+
+
+@pytest.fixture
+async def sim():
+    """A simulator with no delays, no failures and a small context window."""
+    [running] = await start_simulators([SimConfig("sim-small", ttft_ms=0, tpot_ms=0, context_window=100)])
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def client(sim):
+    """An async openai client for `sim`, without retries."""
+    async with openai.AsyncOpenAI(base_url=sim.url, api_key="sk-test", max_retries=0) as sdk:
+        yield sdk
+
+
+async def test_n_gives_n_choices_and_counts_their_tokens(client):
+    """`n: 3` answers with three choices (index 0..2), and usage counts the output tokens of all three."""
+    answer = await client.chat.completions.create(model="m", messages=HELLO, max_tokens=4, n=3)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(c.message.content and c.finish_reason == "length" for c in answer.choices)
+    assert answer.usage.completion_tokens == 12
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 12
+    single = await client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    assert single.choices[0].message.content == answer.choices[0].message.content
+    text = await client.completions.create(model="m", prompt="hi", max_tokens=2, n=2)
+    assert [c.index for c in text.choices] == [0, 1] and text.usage.completion_tokens == 4
+
+
+async def test_streamed_n_sends_every_choice_and_usage_for_all(client):
+    """A streamed `n: 2` answer carries both choices' deltas and finish reasons, and the usage chunk counts both."""
+    stream = await client.chat.completions.create(model="m", messages=HELLO, max_tokens=3, n=2, stream=True,
+                                                  stream_options={"include_usage": True})
+    texts, finished, usage = {0: "", 1: ""}, {}, None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert texts[0] and texts[1] and finished == {0: "length", 1: "length"}
+    assert usage.completion_tokens == 6
+
+
+async def test_bad_n_is_an_openai_400(client):
+    """`n` that is not a whole number from 1 to 128 is a 400 naming the parameter."""
+    for bad in (0, 129, 1.5):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="m", messages=HELLO, n=bad)
+        assert caught.value.body["param"] == "n"
+
+
+async def test_embedding_batches_meet_the_context_window_input_by_input(client):
+    """A batch whose inputs each fit is embedded however long the batch; one input too long is a 400 naming
+    `input`."""
+    batch = await client.embeddings.create(model="m", input=["word " * 60] * 5)
+    assert len(batch.data) == 5 and batch.usage.prompt_tokens == 300
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.embeddings.create(model="m", input=["short", "word " * 150])
+    assert caught.value.code == "context_length_exceeded" and caught.value.body["param"] == "input"
+
+
+async def test_completions_context_error_names_the_prompt(client):
+    """A text completion over the context window is a context_length_exceeded 400 naming `prompt`."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.completions.create(model="m", prompt="word " * 150, max_tokens=1)
+    assert caught.value.code == "context_length_exceeded" and caught.value.body["param"] == "prompt"
+
+
+async def test_a_prompt_of_megabytes_meets_the_context_window(client):
+    """A 2 MiB prompt (under the gateway's 4 MiB body limit) gets OpenAI's context_length_exceeded 400, as at a
+    real model server, not a bare 413."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a " * 2**20}])
+    assert caught.value.code == "context_length_exceeded"
+
+
+async def test_a_body_over_the_limit_is_an_openai_413(sim):
+    """A body above the simulator's own limit is a 413 in OpenAI's error shape, counted as a bad request."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.url}/chat/completions", data=b"x" * (65 * 2**20),
+                                headers={"Content-Type": "application/json"}) as response:
+            assert response.status == 413
+            body = await response.json()
+        async with session.get(f"{sim.control_url}/stats") as response:
+            stats = await response.json()
+    assert body["error"]["code"] == "request_too_large" and body["error"]["type"] == "invalid_request_error"
+    assert stats["by_outcome"] == {"bad_request": 1}
+
+
+@pytest.mark.parametrize("setting", ["ttft_ms", "tpot_ms", "retry_after_s"])
+def test_settings_must_be_finite(setting):
+    """Infinite or NaN delays are refused by SimConfig and are a usage error (exit 2) on the command line."""
+    for value in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite"):
+            SimConfig("m", **{setting: value})
+    with pytest.raises(SystemExit) as caught:
+        main(["--port", "0", "--model", "m", f"--{setting.replace('_', '-')}", "inf"])
+    assert caught.value.code == 2

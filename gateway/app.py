@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
@@ -65,7 +66,11 @@ def openai_handler(endpoint: str):
         runtime = services.holder.current
         ctx = RequestContext(http=request, policy=runtime.policy, runtime=runtime,
                              request_id=request_id(request), endpoint=endpoint)
-        return await services.pipeline.run(ctx)
+        services.in_flight[id(ctx)] = (ctx, asyncio.current_task())
+        try:
+            return await services.pipeline.run(ctx)
+        finally:
+            del services.in_flight[id(ctx)]
     return handle
 
 
@@ -76,6 +81,17 @@ async def list_models(request: web.Request) -> web.Response:
     aliases = [a for a in runtime.policy.aliases() if _may_use(runtime, tenant, a)]
     return json_response({"object": "list", "data": [
         {"id": alias, "object": "model", "created": 0, "owned_by": "inference-gateway"} for alias in aliases]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: a model name the caller may ask for (a route's alias, or a name its pattern
+    matches), in `GET /v1/models`' shape; 404 otherwise."""
+    runtime = request.app[SERVICES].holder.current
+    tenant = runtime.identity.identify(request.headers)
+    alias = request.match_info["model"]
+    if not runtime.routes.routes_for(alias) or not _may_use(runtime, tenant, alias):
+        raise NotFound(f"the model '{alias}' does not exist or you do not have access to it", param="model")
+    return json_response({"id": alias, "object": "model", "created": 0, "owned_by": "inference-gateway"})
 
 
 def _may_use(runtime, tenant, alias: str) -> bool:
@@ -137,6 +153,7 @@ def build_app(holder: PolicyHolder, *, environ=None) -> web.Application:
     router.add_post("/v1/completions", openai_handler("completions"))
     router.add_post("/v1/embeddings", openai_handler("embeddings"))
     router.add_get("/v1/models", list_models)
+    router.add_get("/v1/models/{model}", retrieve_model)
     router.add_post("/v1/outcomes", report_outcome)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

@@ -77,14 +77,23 @@ def port_number(text: str) -> int:
     return port
 
 
+#: the most worker processes per CPU core: past one per core they only add memory and context switches, and a
+#: typo (`--workers 1000`) must not fork the machine out of memory
+WORKERS_PER_CORE = 8
+
+
 def worker_count(text: str) -> int:
-    """A number of worker processes, 1 or more."""
+    """A number of worker processes, 1 to WORKERS_PER_CORE per CPU core."""
     try:
         workers = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of workers: {text!r}") from None
     if workers < 1:
         raise argparse.ArgumentTypeError(f"workers are 1 or more, got {workers}")
+    most = WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if workers > most:
+        raise argparse.ArgumentTypeError(
+            f"{workers} workers on {os.cpu_count() or 1} CPU core(s): at most {most} ({WORKERS_PER_CORE} a core)")
     return workers
 
 

@@ -24,6 +24,8 @@ OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "e
 #: the error type of an attempt whose client left mid-stream: its span and duration say it was cut short,
 #: while the tokens it produced still count
 CLIENT_DISCONNECTED = "client_disconnected"
+#: an attempt the gateway cut short because its drain ran out (as ShuttingDown's code)
+SHUTTING_DOWN = "shutting_down"
 
 
 @dataclass
@@ -140,6 +142,7 @@ class RequestContext:
     bytes_sent: bool = False
     status: int = 200
     error: Exception | None = None
+    cut_by_shutdown: bool = False       # still running when the drain's time ran out: the gateway ended it
     # account
     usage: Usage = field(default_factory=Usage)
     cost_usd: Decimal = Decimal(0)

@@ -9,6 +9,7 @@
     │   ├── RateLimited                  (429, rate_limit_exceeded)
     │   └── BudgetExceeded               (429, budget_exceeded)
     ├── NoModelMeetsSla                  (503, service_unavailable)
+    ├── ShuttingDown                     (503, service_unavailable)
     ├── StoreUnavailable                 (503, store_unavailable)
     ├── UpstreamError                    (502, upstream_error)
     │   ├── UpstreamUnreachable          (502)
@@ -42,6 +43,12 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+
+    @property
+    def retry_helps(self) -> bool:
+        """Whether the same request may succeed if the client sends it again (False answers carry
+        `x-should-retry: false`, which the OpenAI SDKs obey instead of retrying a 429 or 5xx)."""
+        return self.code not in FINAL_CODES
 
     def body(self) -> dict:
         """The OpenAI error body for this error."""
@@ -95,6 +102,15 @@ class NoModelMeetsSla(GatewayError):
     status = 503
     error_type = "service_unavailable_error"
     code = "sla_unmet"
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is stopping and its grace period ran out before this request ended: try again (another
+    replica, or this one once restarted)."""
+
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "shutting_down"
 
 
 class StoreUnavailable(GatewayError):
@@ -168,6 +184,7 @@ class UpstreamStatus(UpstreamError):
         self.upstream_body = body
         self.retry_after_s = retry_after_s
         self.status = upstream_status if 400 <= upstream_status < 600 else 502
+        self.param = upstream_param(body)
         if upstream_status == 429:
             self.error_type, self.code, self.reason = "rate_limit_error", "rate_limit_exceeded", "rate_limited"
         elif upstream_status >= 500:
@@ -191,6 +208,17 @@ class UpstreamStatus(UpstreamError):
 
 #: a model server's answers that mean the gateway's credential for it is wrong
 UPSTREAM_AUTH_STATUSES = frozenset({401, 403, 407})
+#: the codes of errors that sending the same request again cannot fix, however long the client waits: a request
+#: past the tenant's tokens per minute, a model server refusing the gateway's own credential
+FINAL_CODES = frozenset({"request_too_large", "upstream_auth_failed"})
+
+
+def upstream_param(body: dict | None) -> str | None:
+    """The request field an upstream error names (`param`: "messages", "response_format"), kept for the client as
+    OpenAI would have sent it; None when the body names none."""
+    error = body.get("error") if isinstance(body, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    return param if isinstance(param, str) else None
 
 
 def is_context_length_error(body: dict | None) -> bool:

@@ -17,7 +17,7 @@ from typing import Protocol
 from aiohttp import web
 
 from gateway.context import RequestContext
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ShuttingDown
 from gateway.responses import error_response
 from gateway.stages import account, admit, cache, call, count, identify, observe, parse, route
 
@@ -68,9 +68,13 @@ class Pipeline:
         except GatewayError as exc:
             response = self._failed(ctx, exc, exc)
         except asyncio.CancelledError:
-            ctx.status = 499            # the client went away
-            await self._finish(ctx, ran)
-            raise
+            if not ctx.cut_by_shutdown or asyncio.current_task().uncancel():
+                ctx.status = 499        # the client went away
+                await self._finish(ctx, ran)
+                raise
+            # the drain ran out (a stream's relay has said so in-band): a 503 the client may retry elsewhere
+            ended = ShuttingDown("the gateway is shutting down; try again")
+            response = self._failed(ctx, ended, ended)
         except Exception as exc:        # the last line of defence for one request
             log.exception("request %s failed", ctx.request_id)
             response = self._failed(ctx, exc, GatewayError("internal error"))

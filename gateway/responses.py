@@ -24,6 +24,8 @@ def json_response(payload: object, *, status: int = 200,
 def error_response(error: GatewayError, *, request_id: str | None = None) -> web.Response:
     """An error in OpenAI's shape: {"error": {"message", "type", "code", "param"}}."""
     headers = dict(error.headers)
+    if not error.retry_helps:
+        headers["x-should-retry"] = "false"
     if request_id:
         headers["x-request-id"] = request_id
     return json_response(error.body(), status=error.status, headers=headers)

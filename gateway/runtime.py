@@ -131,6 +131,17 @@ class PolicyHolder:
         stat = file_stat(Path(path))
         return cls(Runtime.build(load_policy(path), environ), environ, path, seen_stat=stat)
 
+    def start_with(self, policy: Policy) -> None:
+        """Run the RESTART_ONLY settings of `policy`, the one the gateway started with (a worker started to replace
+        another is given its supervisor's), whatever the file says now: every worker keeps one ledger, one Redis,
+        one telemetry set-up and one grace period until the gateway restarts."""
+        self.started = policy
+        pending = restart_only_changes(policy, self.current.policy)
+        self.status.restart_pending = pending
+        if pending:
+            log.warning("the policy file has changed since the gateway started, but %s: this worker runs with "
+                        "the gateway's start-up values", wait_for_restart(pending))
+
     def changed_on_disk(self) -> bool:
         """Whether the file is not the version last read (an edit, or a ConfigMap symlink swap)."""
         return self.path is not None and file_stat(self.path) != self.seen_stat

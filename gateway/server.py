@@ -20,11 +20,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import HOLDER, build_app, request_id
 from gateway.errors import ClientError, GatewayError, PolicyError
-from gateway.policy.load import load_policy
+from gateway.policy.model import Policy
 from gateway.responses import error_response
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
-from gateway.services import policy_encodings
-from gateway.stores import redis_url
+from gateway.services import SERVICES, Services, policy_encodings
+from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
@@ -169,7 +169,7 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     runs one gateway, not for tests that start many.
     """
     holder: PolicyHolder = app[HOLDER]
-    grace_s = holder.current.policy.server.grace_period_s
+    grace_s = holder.started.server.grace_period_s
     redact_parser_errors()
     # aiohttp waits shutdown_timeout for handlers, then cancels their requests and waits as long again
     # (a stream goes on writing meanwhile): half the grace period each keeps the drain within it
@@ -201,11 +201,31 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight requests (up to %.0f s)", grace_s)
+        services = app.get(SERVICES)
+        if services is not None:
+            services.draining = True        # /readyz says so at once, before reloads under way are awaited
+        ending = loop.call_later(grace_s - min(1.0, grace_s / 10), end_in_flight, services) \
+            if services is not None else None
         watcher.cancel()
         ignore_while_draining(loop)
         await reloads.drain(timeout_s=grace_s)
         await runner.cleanup()
+        if ending is not None:
+            ending.cancel()
         restore_signal_handlers(loop, previous)
+
+
+def end_in_flight(services: Services) -> None:
+    """The drain's time is nearly out: end each request still served with a 503 `shutting_down` (in-band for a
+    stream already under way), not with a connection cut as aiohttp's own ending would, which the client could
+    not tell from a network failure."""
+    ending = [(ctx, task) for ctx, task in services.in_flight.values() if not task.done()]
+    for ctx, task in ending:
+        ctx.cut_by_shutdown = True
+        task.cancel()
+    if ending:
+        log.warning("%d request(s) still running at the end of the grace period ended with 503 shutting_down",
+                    len(ending))
 
 
 def ignore_while_draining(loop: asyncio.AbstractEventLoop) -> None:
@@ -290,6 +310,9 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     except ListenError as exc:
         log.error("%s", exc)
         return 1
+    if (problem := redis_url_problem(holder.current.policy, os.environ)) is not None:
+        log.error("%s", problem)        # said once here, not by each worker in turn until the crash limit
+        return 1
     for name in policy_encodings(holder.current.policy):
         get_encoding(name)              # loaded once here: forked workers share its memory
     if redis_url(holder.current.policy, os.environ) is None:
@@ -297,6 +320,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
                     "(POST /v1/outcomes finds only the tasks its worker served); set GATEWAY_REDIS_URL", workers)
 
     port = held[0].getsockname()[1]
+    started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker
 
     def spawn(slot: int) -> BaseProcess | None:
         try:        # bound, listening once the worker serves: the kernel sends a starting worker no connection
@@ -304,11 +328,10 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         except ListenError as exc:
             log.error("worker %d: %s", slot, exc)
             return None
-        supervisor.allow_grace(_grace_period_s(policy))
         keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
         inherited = sorted(open_fds() - {0, 1, 2} - keep)
         process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
-                               args=(policy, host, sockets, inherited, supervisor.ready_fd, os.getpid()))
+                               args=(policy, started, host, sockets, inherited, supervisor.ready_fd, os.getpid()))
         try:
             process.start()
         except OSError as exc:          # fork failed: EAGAIN at a pid limit, ENOMEM
@@ -319,21 +342,12 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
                 sock.close()            # the worker's now: closed there, the port stops taking connections
         return process
 
-    supervisor = Supervisor(spawn, workers, grace_period_s=holder.current.policy.server.grace_period_s)
+    supervisor = Supervisor(spawn, workers, grace_period_s=started.server.grace_period_s)
     try:
         return supervisor.run()
     finally:
         for sock in held:
             sock.close()
-
-
-def _grace_period_s(policy: Path) -> float:
-    """The grace period a worker started now reads from the policy file; 0 when it cannot be read (the worker
-    will not start either)."""
-    try:
-        return load_policy(policy).server.grace_period_s
-    except (PolicyError, OSError):
-        return 0.0
 
 
 def open_fds() -> set[int]:
@@ -379,9 +393,11 @@ async def _tell_serving(ready: asyncio.Event, ready_fd: int | None) -> None:
         say_serving(ready_fd)
 
 
-def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inherited: list[int],
+def _worker_process(policy: Path, started: Policy, host: str, sockets: list[socket.socket], inherited: list[int],
                     ready_fd: int, supervisor_pid: int) -> None:
-    """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it.
+    """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it; the
+    policy file as it is now, but the start-up settings (`started`: the ledger, store, telemetry and grace period)
+    the gateway started with, as every other worker has.
 
     `inherited`: the parent's descriptors the worker has no use for (its wake pipe, the other workers' pipes),
     closed here. A stop signal or a SIGHUP during start-up waits (blocked) until `run_server` handles it; after
@@ -402,6 +418,7 @@ def _worker_process(policy: Path, host: str, sockets: list[socket.socket], inher
     except PolicyError as exc:
         log.error("invalid policy, worker not starting:\n%s", exc)
         raise SystemExit(1) from None
+    holder.start_with(started)
     announce_admin_reloads(holder, supervisor_pid)
     raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd))
 

@@ -25,7 +25,7 @@ from gateway.outcomes import Book
 from gateway.policy.advice import advice
 from gateway.recorder import Recorder
 from gateway.runtime import PolicyHolder
-from gateway.stores import Stores
+from gateway.stores import Stores, redis_url_problem
 from gateway.tasks import BackgroundTasks
 from gateway.telemetry import Telemetry
 from gateway.tokens import DEFAULT_ENCODING, get_encoding
@@ -50,6 +50,8 @@ class Services:
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     pipeline: Any = None
     draining: bool = False
+    # the requests being served, (context, the task serving it) by id(context): a drain that runs out ends them
+    in_flight: dict = field(default_factory=dict)
 
     def record_request(self, ctx: RequestContext) -> None:
         """Hand a finished request to the ledger and the outcome book."""
@@ -88,17 +90,18 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         from gateway.pipeline import STAGES, Pipeline
 
         policy = holder.current.policy
+        started = holder.started        # what RESTART_ONLY settings run with: a replacement worker's is the gateway's
         for name in policy_encodings(policy):
             get_encoding(name)          # loaded now, not on the first request
-        recorder = open_recorder(policy)
-        stores = await open_stores(policy, environ, recorder)    # before the session: a refusal leaves none open
+        recorder = open_recorder(started)
+        stores = await open_stores(started, environ, recorder)   # before the session: a refusal leaves none open
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
                                          enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                         skip_auto_headers=("User-Agent",))
         services = Services(holder=holder, environ=environ, session=session,
                             transport=HttpTransport(session), fleet=Fleet(policy), stores=stores,
-                            telemetry=Telemetry.from_env(policy.telemetry, environ=environ),
+                            telemetry=Telemetry.from_env(started.telemetry, environ=environ),
                             recorder=recorder)
         recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
@@ -129,7 +132,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         yield
         services.draining = True
         await close_each((
-            ("background tasks", lambda: services.background.drain(timeout_s=policy.server.grace_period_s)),
+            ("background tasks", lambda: services.background.drain(timeout_s=started.server.grace_period_s)),
             ("the GPU sampler", energy.stop),
             ("the ledger", lambda: asyncio.to_thread(services.recorder.close)),     # waits up to 3 s on a slow disk
             ("the stores", services.stores.close),
@@ -156,15 +159,13 @@ def open_recorder(policy) -> Recorder:
 
 
 async def open_stores(policy, environ: Mapping[str, str], recorder: Recorder) -> Stores:
-    """The stores; a Redis URL the client refuses (GATEWAY_REDIS_URL is not checked with the policy) stops the
-    start-up, said in one line without the URL (it may carry a password), the ledger closed first."""
-    try:
+    """The stores; a Redis URL the client cannot use stops the start-up, said in one line without the URL (it may
+    carry a password), the ledger closed first."""
+    if (problem := redis_url_problem(policy, environ)) is None:
         return await Stores.open(policy, environ)
-    except ValueError as exc:           # redis-py's and urllib's word for a URL they cannot use
-        source = "GATEWAY_REDIS_URL" if environ.get("GATEWAY_REDIS_URL") else "store.redis_url"
-        log.error("cannot use the Redis URL in %s (%s), not starting", source, exc)
-        await asyncio.to_thread(recorder.close)
-        raise SystemExit(1) from None
+    log.error("%s", problem)
+    await asyncio.to_thread(recorder.close)
+    raise SystemExit(1) from None
 
 
 async def close_each(steps: tuple[tuple[str, Callable[[], Any]], ...]) -> None:

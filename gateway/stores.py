@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.asyncio.retry import Retry
 
 from gateway.cache.memory import MemoryCache
@@ -45,6 +46,20 @@ WARM_UP_TIMEOUT_S = 2.0
 def redis_url(policy: Policy, environ: Mapping[str, str]) -> str | None:
     """The Redis to use: the environment's first, then the policy's, else none."""
     return environ.get("GATEWAY_REDIS_URL") or policy.store.redis_url
+
+
+def redis_url_problem(policy: Policy, environ: Mapping[str, str]) -> str | None:
+    """Why the Redis URL to use cannot be (GATEWAY_REDIS_URL is not checked with the policy), in one line without
+    the URL, which may carry a password; None when it can, or when there is none."""
+    url = redis_url(policy, environ)
+    if url is None:
+        return None
+    try:
+        parse_url(url)                  # what the clients' from_url parses it with
+    except ValueError as exc:
+        source = "GATEWAY_REDIS_URL" if environ.get("GATEWAY_REDIS_URL") else "store.redis_url"
+        return f"cannot use the Redis URL in {source} ({exc}), not starting"
+    return None
 
 
 def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: bool):

@@ -59,9 +59,8 @@ class Supervisor:
     (having said why): an exit with status 1. A worker says it serves by writing its pid to `ready_fd`
     (`say_serving`), inherited through fork; one that never does is never counted as serving. A stop
     signal is passed on once (one during start-up starts no more workers); a worker must handle it at any
-    time, so one killed by it is a failure. One still running GRACE_PERIODS_PER_STOP × the longest grace
-    period a worker may have started with
-    (`grace_period_s`, raised by `allow_grace`) + `kill_margin_s` after the stop was passed on is killed
+    time, so one killed by it is a failure. One still running GRACE_PERIODS_PER_STOP × the workers' grace
+    period (`grace_period_s`, the gateway's start-up one) + `kill_margin_s` after the stop was passed on is killed
     (SIGKILL), a failure too. `run` returns once every worker is gone: 0 when each exited 0 when asked to stop, else the
     first failure's status (its exit code, 1 for an unasked exit 0, or 128 + the signal that killed it), also
     when the worker that failed was restarted and served on.
@@ -85,11 +84,6 @@ class Supervisor:
     def kill_after_s(self) -> float:
         """How long after a stop a worker still running is killed."""
         return GRACE_PERIODS_PER_STOP * self.grace_period_s + self.kill_margin_s
-
-    def allow_grace(self, grace_period_s: float) -> None:
-        """A worker starts with this grace period (read from the policy file now, which may have changed since
-        start-up): a stop gives every worker time for the longest one."""
-        self.grace_period_s = max(self.grace_period_s, grace_period_s)
 
     def run(self) -> int:
         try:

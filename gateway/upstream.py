@@ -94,8 +94,17 @@ def upstream_url(base_url: str, endpoint: str) -> URL:
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a `Retry-After` header, as delta-seconds or an HTTP date, at most MAX_RETRY_AFTER_S;
-    None when absent or unreadable (`inf`, `nan`, garbage)."""
+    """Seconds from a `retry-after-ms` header (OpenAI's, which its SDKs read first), else from `Retry-After`, as
+    delta-seconds or an HTTP date, at most MAX_RETRY_AFTER_S; None when absent or unreadable (`inf`, `nan`,
+    garbage)."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            seconds = float(value) / 1000
+        except ValueError:
+            seconds = math.nan
+        if math.isfinite(seconds):
+            return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
     value = headers.get("Retry-After")
     if value is None:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -57,6 +58,13 @@ def test_fewer_than_one_worker_is_refused(workers):
     """`gateway run --workers 0` (or negative) is a usage error, not one worker in disguise."""
     result = gateway("run", "--policy", "no-such-policy.yaml", "--workers", workers)
     assert result.returncode == 2 and "workers are 1 or more" in result.stderr
+
+
+def test_more_workers_than_the_cores_can_use_is_refused():
+    """`--workers 100000` (a typo) is a usage error naming the limit, 8 a core, before any process is forked."""
+    result = gateway("run", "--policy", "no-such-policy.yaml", "--workers", "100000")
+    most = 8 * (os.cpu_count() or 1)
+    assert result.returncode == 2 and f"at most {most}" in result.stderr
 
 
 @pytest.mark.parametrize("where", ["flag", "environment"])

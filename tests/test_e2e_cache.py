@@ -90,7 +90,11 @@ def upstream_calls(gw) -> int:
 
 def entry_keys(gw) -> list[bytes]:
     """The cache entries in Redis (single-flight locks, `...:lock`, left out)."""
-    return [key for key in gw.redis.keys(ENTRY_PATTERN) if not key.endswith(b":lock")]
+    return entry_keys_of(gw.redis)
+
+
+def entry_keys_of(client) -> list[bytes]:
+    return [key for key in client.keys(ENTRY_PATTERN) if not key.endswith(b":lock")]
 
 
 def wait_for_entries(gw, count: int, timeout_s: float = 5.0) -> None:
@@ -506,6 +510,31 @@ def test_a_miss_that_leads_waits_for_one_store_round_trip_before_calling_the_mod
         assert read.name == "EVALSHA", read
         assert ended_s - read.at_s < 2 * REPLY_DELAY_S, f"answered {ended_s - read.at_s:.2f} s after the read"
     finally:
+        gw.stop()
+        proxy.stop()
+
+
+def test_a_leader_stores_its_answer_and_gives_back_its_lock_in_one_script_call(redis_server):
+    """After a miss that led, the answer's write and the lock's release go to Redis as one script call: the
+    commands naming the entry are the read and that call (a SET, then a release script, took two round trips)."""
+    from tests.support.redis_delay import DelayingRedisProxy
+
+    proxy = DelayingRedisProxy(redis_server.port, 0.0).start()
+    gw = Harness(POLICY, SIMS, environ(GATEWAY_REDIS_URL=proxy.url)).start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        chat(gw, **ask("Load the scripts"))
+        time.sleep(0.5)
+        proxy.arrivals.clear()
+        assert chat(gw, **ask("Write and release together"))[1] == "stored"
+        deadline_s = time.monotonic() + 5
+        while (client.keys("*:lock") or len(entry_keys_of(client)) < 2) and time.monotonic() < deadline_s:
+            time.sleep(0.02)
+        assert client.keys("*:lock") == [] and len(entry_keys_of(client)) == 2
+        naming = [a.name for a in proxy.arrivals if any("gw:c:" in w for w in a.args)]
+        assert naming == ["EVALSHA", "EVALSHA"], naming
+    finally:
+        client.close()
         gw.stop()
         proxy.stop()
 

@@ -1,4 +1,5 @@
-"""SIGTERM drains within server.grace_period_s, not twice it (aiohttp waits its shutdown timeout twice)."""
+"""SIGTERM drains within server.grace_period_s, not twice it (aiohttp waits its shutdown timeout twice), and what
+is still running when it ends is told so: a 503, or in-band for a stream."""
 
 from __future__ import annotations
 
@@ -31,20 +32,26 @@ def wait_for(check, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exits(tmp_path):
-    """A 400 ms-per-token stream of 200 tokens is in flight at SIGTERM: the gateway exits about
-    grace_period_s later (it used to take twice that, past Kubernetes' and Docker's kill deadlines)."""
+def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNULL):
+    """A simulated model at 400 ms a token and `gateway run` in front of it, both serving: (port, sim, gateway)."""
     sim_port, port = free_port(), free_port()
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(sim=sim_port, grace=GRACE_S))
+    policy.write_text(POLICY.format(sim=sim_port, grace=GRACE_S) + extra_policy)
     sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate-backend", "--port", str(sim_port),
                             "--model", "sim-slow", "--tpot-ms", "400", "--ttft-ms", "1"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host",
-                                "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for(http_ok(f"http://127.0.0.1:{port}/healthz"))
+    wait_for(http_ok(f"http://127.0.0.1:{sim_port}/v1/models"))
+    return port, sim, gateway
+
+
+def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exits(tmp_path):
+    """A 400 ms-per-token stream of 200 tokens is in flight at SIGTERM: the gateway exits about
+    grace_period_s later (it used to take twice that, past Kubernetes' and Docker's kill deadlines)."""
+    port, sim, gateway = start_slow_gateway(tmp_path)
     try:
-        wait_for(http_ok(f"http://127.0.0.1:{port}/healthz"))
-        wait_for(http_ok(f"http://127.0.0.1:{sim_port}/v1/models"))
         lines: list[bytes] = []
 
         def stream() -> None:
@@ -69,6 +76,44 @@ def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exit
         reader.join(10)
         assert gateway.returncode == 0
         assert GRACE_S - 0.5 < exited_after_s < GRACE_S + 1.5, exited_after_s
+        data = [line for line in lines if line.startswith(b"data:")]
+        assert b'"code":"shutting_down"' in data[-1].replace(b" ", b""), data[-3:]
+    finally:
+        for process in (gateway, sim):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_requests_still_running_when_the_grace_period_ends_get_a_503_and_the_ledger_says_why(tmp_path):
+    """A slow non-streamed request in flight at SIGTERM outlives the grace period: its client gets a 503
+    `shutting_down` it can retry elsewhere (not a dropped connection), and the ledger books it so, not as a
+    client that left."""
+    ledger = tmp_path / "requests.jsonl"
+    port, sim, gateway = start_slow_gateway(tmp_path, f'ledger: {{path: "{ledger}"}}\n', stderr=subprocess.PIPE)
+    try:
+        replies: list[tuple[int, dict]] = []
+
+        def ask() -> None:
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            client.request("POST", "/v1/chat/completions", json.dumps({
+                "model": "x", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}),
+                {"Content-Type": "application/json"})
+            reply = client.getresponse()
+            replies.append((reply.status, json.loads(reply.read())))
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(0.5)
+        gateway.send_signal(signal.SIGTERM)
+        asker.join(GRACE_S + 5)
+        gateway.wait(30)
+        [(status, body)] = replies
+        assert (status, body["error"]["code"]) == (503, "shutting_down"), body
+        [line] = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert (line["status"], line["outcome"]) == (503, "shutting_down"), line
+        assert line["attempts"][-1]["error"] == "shutting_down"
+        assert b"ended with 503 shutting_down" in gateway.stderr.read()
     finally:
         for process in (gateway, sim):
             if process.poll() is None:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.server import FORK
 from gateway.supervisor import Supervisor
 from tests.test_workers import ADMIN_TOKEN, POLICY, REPO, alive, kill, sleep_until_sigterm
@@ -49,12 +51,15 @@ def run_gateway(policy: Path, *args: str, env: dict[str, str] | None = None,
                           timeout=timeout_s)
 
 
-def test_a_redis_url_that_cannot_be_used_stops_the_start_in_one_line(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_redis_url_that_cannot_be_used_stops_the_start_in_one_line(tmp_path, workers):
     """A GATEWAY_REDIS_URL the Redis client refuses (an unknown scheme) stops the start with exit 1 and one
-    line naming the problem, not a traceback and an unclosed-session warning; the URL itself is not printed."""
+    line naming the problem, not a traceback and an unclosed-session warning; the URL itself is not printed.
+    With workers, the supervisor says it once before forking any (each worker failed in turn until the crash
+    limit)."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    done = run_gateway(policy, env={"GATEWAY_REDIS_URL": "bogus://:s3cret@redis.internal:6379"})
+    done = run_gateway(policy, "--workers", workers, env={"GATEWAY_REDIS_URL": "bogus://:s3cret@redis.internal:6379"})
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]

@@ -127,6 +127,31 @@ def test_a_killed_worker_is_logged_and_restarted(tmp_path):
         gateway.stop()
 
 
+def test_a_replacement_worker_keeps_the_gateways_start_up_settings(tmp_path):
+    """The policy file's ledger path changed after start-up, then a worker died: its replacement serves the file
+    as it is now, but writes the ledger every other worker writes (as it would Redis and telemetry), and says
+    the change waits for a restart."""
+    started_ledger, edited_ledger = tmp_path / "started.jsonl", tmp_path / "edited.jsonl"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + f'ledger: {{path: "{started_ledger}"}}\n')
+    gateway = Workers(policy).wait_serving()
+    try:
+        policy.write_text(POLICY + f'ledger: {{path: "{edited_ledger}"}}\n')
+        first, _ = gateway.pids()
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: gateway.text().count("gateway listening") == 3, gateway.text)
+        assert "this worker runs with the gateway's start-up values" in gateway.text()
+        for _ in range(8):              # fresh connections: both workers answer some
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{gateway.base_url}/v1/chat/completions", data=b"{}", headers={"Connection": "close"}), timeout=5)
+        wait_for(lambda: started_ledger.exists() and len(started_ledger.read_text().splitlines()) == 8,
+                 lambda: started_ledger.read_text() if started_ledger.exists() else "no ledger")
+        assert not edited_ledger.exists()
+    finally:
+        gateway.stop()
+
+
 def test_sigterm_after_a_worker_died_stops_the_others_and_exits_non_zero(tmp_path):
     """SIGTERM right after a worker died stops every other worker, and the exit status is 128 + SIGKILL."""
     policy = tmp_path / "policy.yaml"
@@ -512,29 +537,6 @@ def test_a_worker_whose_supervisor_died_before_it_started_exits_at_once():
         assert process.exitcode == status
 
 
-def test_a_stop_gives_every_worker_the_longest_grace_period_any_was_started_with():
-    """A replacement worker reads the policy file again, whose grace period may have grown since start-up: the
-    stop's deadline follows the longest one a worker may have, never a shorter one read later."""
-    supervisor = Supervisor(lambda slot: None, 1, grace_period_s=2.0, kill_margin_s=15.0)
-    assert supervisor.kill_after_s == 3 * 2.0 + 15.0
-    supervisor.allow_grace(40.0)
-    supervisor.allow_grace(5.0)
-    assert supervisor.kill_after_s == 3 * 40.0 + 15.0
-
-
-def test_a_replacement_worker_reads_its_grace_period_from_the_file_as_it_is_now(tmp_path):
-    """The grace period a starting worker will read is taken from the policy file at each start; an unreadable
-    file gives 0 (the worker does not start either)."""
-    from gateway.server import _grace_period_s
-
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.replace("grace_period_s: 2", "grace_period_s: 40"))
-    assert _grace_period_s(policy) == 40
-    policy.write_text("version: [")
-    assert _grace_period_s(policy) == 0
-    assert _grace_period_s(tmp_path / "missing.yaml") == 0
-
-
 def test_a_crash_limit_stop_while_starting_starts_no_more_workers(caplog):
     """The first slots cannot start and reach the crash limit, which stops everything: the slots after them are
     not started (a worker forked then would never get the stop, and be killed at the deadline)."""
@@ -603,6 +605,7 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
     """A stop signal during a worker's start-up (the supervisor's stop, or the parent-death signal) waits,
     blocked, until the worker handles it: the worker exits 0, without a traceback, wherever start-up was.
     Here it arrives while uvloop sets up its signal handling."""
+    from gateway.policy.load import load_policy
     from gateway.server import _worker_process, claim_port, listen_sockets
     from gateway.supervisor import HANDLED, blocked_signals
 
@@ -627,8 +630,8 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
     try:
         sockets = listen_sockets("127.0.0.1", held[0].getsockname()[1], reuse_port=True, listen=False)
         with blocked_signals(HANDLED):
-            process = FORK.Process(target=worker, args=(policy, "127.0.0.1", sockets, [ready_r], ready_w,
-                                                        os.getpid()))
+            process = FORK.Process(target=worker, args=(policy, load_policy(policy), "127.0.0.1", sockets, [ready_r],
+                                                        ready_w, os.getpid()))
             process.start()
         for sock in sockets:
             sock.close()

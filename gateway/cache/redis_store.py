@@ -43,6 +43,15 @@ if redis.call("set", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then
 end
 return 0
 """
+#: a leader's answer stored at KEYS[1] for ARGV[2] seconds, then its lock KEYS[2] deleted if still its own (ARGV[3]),
+#: in one round trip
+WRITE_AND_RELEASE_LUA = """
+redis.call("set", KEYS[1], ARGV[1], "EX", ARGV[2])
+if redis.call("get", KEYS[2]) == ARGV[3] then
+    redis.call("del", KEYS[2])
+end
+return 1
+"""
 #: push the lock's expiry out only if it is still ours
 EXTEND_LOCK_LUA = """
 if redis.call("get", KEYS[1]) == ARGV[1] then
@@ -120,6 +129,7 @@ class RedisLock:
         self._release_script = cache.client.register_script(RELEASE_LOCK_LUA)
         self._extend_script = cache.client.register_script(EXTEND_LOCK_LUA)
         self._read_or_lock_script = cache.client.register_script(READ_OR_LOCK_LUA)
+        self._write_and_release_script = cache.client.register_script(WRITE_AND_RELEASE_LUA)
 
     @staticmethod
     def key_for(key: str) -> str:
@@ -144,6 +154,15 @@ class RedisLock:
         if isinstance(reply, bytes):
             return reply, None
         return None, token if reply else None
+
+    async def write_and_release(self, key: str, value: bytes, ttl_s: int, token: str) -> bool:
+        """Store `value` at `key` for `ttl_s` seconds and release the lock of `key` if `token` still holds it, in
+        one round trip; True once done, False when Redis was unavailable (the lock is then still to release).
+        Tried even during a back-off, as a leader's release is."""
+        done = await self._cache.guarded(
+            lambda: self._write_and_release_script(keys=[key, self.key_for(key)], args=[value, ttl_s, token]), 0,
+            after_response=True)
+        return bool(done)
 
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
         """Keep holding the lock for `ttl_ms` more; False when it is no longer ours.

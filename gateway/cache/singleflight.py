@@ -63,7 +63,8 @@ class SingleFlight:
 
         `poll_fn` (the cache lookup) is used with a lock, when another replica leads. A leader awaits
         `hold` (the answer's cache write) after its followers here have the result and before it gives
-        the lock back, so the replica that takes the lock next finds the answer instead of calling again.
+        the lock back, so the replica that takes the lock next finds the answer instead of calling again;
+        `hold` returning True says the write released the lock too (`write_and_give_back`).
         `tried`: the caller already tried the lock, with `read_or_acquire` (`token`: it holds it now).
         Raises `FlightAbandoned` to a follower that must go direct; a leader's own
         exception propagates to the leader only.
@@ -100,6 +101,11 @@ class SingleFlight:
         """The stored entry at `key`, or else an attempt at the cross-replica lock, in one round trip: see
         `RedisLock.read_or_acquire`; pass what it gives to `run` as `tried=True, token=...`."""
         return await self._lock.read_or_acquire(key, self._lock_ttl_ms)
+
+    async def write_and_give_back(self, key: str, value: bytes, ttl_s: int, token: str) -> bool:
+        """A leader's answer stored and the lock `read_or_acquire` took for it released, in one round trip (the
+        flight's `hold` then says so, and the release is not sent again); see `RedisLock.write_and_release`."""
+        return await self._lock.write_and_release(key, value, ttl_s, token)
 
     async def give_back(self, key: str, token: str) -> None:
         """Release the lock of `key` that `read_or_acquire` took, when no flight was led with it."""
@@ -150,17 +156,18 @@ class SingleFlight:
             if polled is not None:
                 return polled, False
         keeper = asyncio.ensure_future(self._keep(lock, lock_key, token)) if token is not None else None
+        released = False
         try:
             result = await leader_fn()
             land(_Outcome(result))
             if hold is not None:
-                await hold()
+                released = await hold() is True
             return result, True
         finally:
             if keeper is not None:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
-            if token is not None:       # the leader has answered: nobody waits for this release
+            if token is not None and not released:      # the leader has answered: nobody waits for this release
                 await lock.release(lock_key, token, after_response=True)
 
     async def _keep(self, lock: RedisLock, lock_key: str, token: str) -> None:

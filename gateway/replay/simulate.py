@@ -234,8 +234,10 @@ class Simulation:
     # failure or success before the attempt ends, and a waiter given the slot asks the circuit then.
 
     def _on_first_byte_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """A running attempt's first byte came too late: it is cut and falls back."""
+        """A running attempt's first byte came too late: it is cut and falls back; the router learns the wait as
+        a TTFT, as live."""
         self.breakers.record_failure(flight.model.name)
+        self.estimates.record(flight.model.name, now_s - flight.call_s, None)
         self._release(flight, now_s)
         self._charge(flight, now_s, Usage())
         self._fall_back(flight, now_s)
@@ -267,8 +269,7 @@ class Simulation:
         if flight.request.endpoint != "embeddings":
             ttft_s = flight.started_s - flight.call_s + service.ttft_s
             self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
-            if output_tokens:
-                self.estimates.record_output_tokens(flight.route.name, output_tokens)
+            # no output length: live learns it from requests without max_tokens, and every replayed one has it
         energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
         if energy_j is not None:            # the router learns joules per token, as from a live measurement
             self.estimates.record_energy(model.name, energy_j, output_tokens)

@@ -97,6 +97,12 @@ class _ModelStats:
         self.tpot = SampleWindow(prior.tpot_ms / 1000.0, prior_weight, max_samples)
 
 
+def _measures_another(known: Model, model: Model) -> bool:
+    """Whether samples taken of `known` say nothing of `model`: its prior, endpoint or upstream model changed."""
+    return (known.latency_prior != model.latency_prior or known.endpoint != model.endpoint
+            or known.upstream_model != model.upstream_model)
+
+
 class EnergyWindow:
     """Time-windowed (joules, output tokens) of one model's measured answers, with running sums."""
 
@@ -166,10 +172,11 @@ class LatencyEstimates:
                         for name, stats in self._models.items()}
 
     def track(self, models: Iterable[Model] | Mapping[str, Model]) -> None:
-        """Start tracking models not yet known; a changed prior restarts that model."""
+        """Start tracking models not yet known; a changed prior, endpoint or upstream model restarts that model
+        (the samples measured another server, or another model)."""
         for model in models.values() if isinstance(models, Mapping) else models:
             known = self._models.get(model.name)
-            if known is None or known.model.latency_prior != model.latency_prior:
+            if known is None or _measures_another(known.model, model):
                 self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
 
     def include(self, models: Iterable[Model] | Mapping[str, Model]) -> None:

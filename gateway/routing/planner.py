@@ -3,12 +3,13 @@
 `Router.decide` predicts every candidate (see `predict`), keeps those that fit
 the context window, meet the tier, latency, TTFT (streams only), cost and
 energy limits and whose circuit is not open, and plans: the smallest kept (by
-size_b, then input price), or with probability `explore_share` another kept
-one or one dropped only for its predicted latency, TTFT or energy (so a model that
-was slow is tried again and can win its traffic back before its slow samples
-leave the window; such a request is marked as not meeting the SLA); then the
-other kept ones, smallest first; then the route's fallbacks that fit the
-context, meet the tier and whose circuit is not open; at most `max_attempts` models.
+size_b, then the request's predicted cost: tokens at both prices and any GPU
+share), or with probability `explore_share` another kept one or one dropped
+only for its predicted latency, TTFT or energy (so a model that was slow is
+tried again and can win its traffic back before its slow samples leave the
+window; such a request is marked as not meeting the SLA); then the other kept
+ones, in the same order; then the route's fallbacks that fit the context, meet
+the tier and whose circuit is not open; at most `max_attempts` models.
 
 When nothing is kept the route's `on_violation` decides: `best_effort` plans
 the candidates that fit context and tier by predicted latency, then the
@@ -20,6 +21,7 @@ A request that fits no model's context window is a ClientError (400).
 from __future__ import annotations
 
 from dataclasses import replace
+from decimal import Decimal
 
 import random
 from collections.abc import Mapping
@@ -85,7 +87,7 @@ class Router:
             self.estimates.expected_output_tokens(route.name, route.default_output_tokens)
         candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream,
                                  choices) for p in plan.candidates)
-        kept = [c for c in candidates if c.kept]
+        kept = sorted((c for c in candidates if c.kept), key=_smallest_then_cheapest)
         if kept:
             return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens, limits.min_tier)
         return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
@@ -152,6 +154,11 @@ class Router:
                 continue
             models.append(fallback.model)
             planned.add(fallback.name)
+
+
+def _smallest_then_cheapest(candidate: Candidate) -> tuple[float, Decimal]:
+    """Smaller is preferred: size_b, then this request's predicted cost (output and GPU time included)."""
+    return candidate.model.size_b, candidate.predicted_cost_usd
 
 
 #: the SLA terms predicted from measurements, which change: a model dropped for these alone may be explored

@@ -97,7 +97,8 @@ class PricedModel:
 
     @property
     def choice_key(self) -> tuple[float, Decimal]:
-        """Smaller is preferred: (size_b, input price)."""
+        """The order candidates are judged and shown in: (size_b, input price); the plan breaks a size tie by
+        each request's predicted cost."""
         return self.size_b, self.model.price.input_per_mtok
 
     def cost_usd(self, prompt_tokens: int, output_tokens: int, latency_ms: float) -> Decimal:

@@ -34,6 +34,24 @@ def gpu_seconds(attempt: Attempt) -> float | None:
     return (attempt.ended_s - attempt.started_s) * model.gpu_count / model.max_concurrency
 
 
+#: the error type of an attempt that timed out (UpstreamTimeout's reason)
+TIMEOUT = "timeout"
+
+
+def _split_whole_answer(estimates, attempt: Attempt, elapsed_s: float, output: int) -> tuple[float | None,
+                                                                                            float | None]:
+    """(TTFT, time per output token) to learn from an answer that came whole in `elapsed_s`, whose split is not
+    seen: the part the model's estimates make the larger takes the rest of the time, the other is not learned.
+    Splitting by the usual TTFT alone would book a slow first token of a short answer as time per token (and
+    feed the TTFT estimate the very median it used, so it never moved)."""
+    name = attempt.model.name
+    first_s = estimates.ttft_p50_s(name)
+    generation_s = (output - 1) * estimates.tpot_p50_s(name)
+    if generation_s < first_s:
+        return max(0.0, elapsed_s - generation_s), None
+    return None, (elapsed_s - min(elapsed_s, first_s)) / (output - 1)
+
+
 class Account:
     """Settles what the request used and cost, and teaches the router what it measured."""
 
@@ -62,19 +80,24 @@ class Account:
 
     def _learn(self, ctx: RequestContext, attempt: Attempt) -> None:
         """Feed the router: TTFT, time per output token and output length of a successful answer, per choice
-        (the `n` choices of a request are generated together, as the router predicts them)."""
+        (the `n` choices of a request are generated together, as the router predicts them); and the wait of
+        each call that timed out before its first token, as a TTFT of at least that long (a model that hangs on
+        a share of its calls, never enough in a row to open its circuit, must not go on looking fast)."""
+        fleet = self.services.fleet
+        for tried in ctx.attempts:
+            if tried.error_type == TIMEOUT and tried.dispatched and tried.ttft_s is None and tried.ended_s:
+                fleet.record_latency(tried.model.name, tried.ended_s - tried.started_s, None)
         if attempt.status != 200 or attempt.ended_s is None or ctx.endpoint == "embeddings":
             return
         output = -(-ctx.usage.output_tokens // max(1, ctx.choices))
         elapsed_s = attempt.ended_s - attempt.started_s
-        fleet = self.services.fleet
         if attempt.ttft_s is not None:
-            ttft_s = attempt.ttft_s
+            fleet.record_latency(attempt.model.name, attempt.ttft_s,
+                                 (elapsed_s - attempt.ttft_s) / (output - 1) if output > 1 else None)
         elif output <= 1:                   # a one-token answer: all of it was the wait for the first token
-            ttft_s = elapsed_s
-        else:   # a whole answer at once: the model's usual TTFT, the rest is generation
-            ttft_s = min(elapsed_s, fleet.estimates.ttft_p50_s(attempt.model.name))
-        tpot_s = (elapsed_s - ttft_s) / (output - 1) if output > 1 else None
-        fleet.record_latency(attempt.model.name, ttft_s, tpot_s)
-        if ctx.decision is not None and output:
+            fleet.record_latency(attempt.model.name, elapsed_s, None)
+        else:
+            fleet.record_latency(attempt.model.name, *_split_whole_answer(fleet.estimates, attempt, elapsed_s, output))
+        if ctx.decision is not None and output and ctx.max_tokens is None:
+            # only uncapped answers: the route's lengths predict requests that set no max_tokens
             fleet.estimates.record_output_tokens(ctx.decision.route.name, output)

@@ -43,10 +43,12 @@ STORED_WAIT_S = 2.0
 
 class Flight:
     """This request leads a single flight: followers get what its finish hands over; the cross-replica lock
-    is given back once `stored` says the answer's cache write is over (or there was none)."""
+    is given back once `stored` says the answer's cache write is over (or there was none), by the write itself
+    when the lock's `token` is known here (`stored` is then True)."""
 
-    def __init__(self, task: asyncio.Task, done: asyncio.Future, stored: asyncio.Future) -> None:
-        self.task, self.done, self.stored = task, done, stored
+    def __init__(self, task: asyncio.Task, done: asyncio.Future, stored: asyncio.Future,
+                 token: str | None = None) -> None:
+        self.task, self.done, self.stored, self.token = task, done, stored, token
 
 
 class Lookup:
@@ -185,7 +187,7 @@ class Cache:
                 self.services.background.spawn(singleflight.give_back(ctx.cache_key, token), name="cache-lock")
             raise
         if leading.is_set():
-            ctx.extra["flight"] = Flight(task, done, stored)
+            ctx.extra["flight"] = Flight(task, done, stored, token)
             return None
         leader_started.cancel()
         try:
@@ -223,7 +225,7 @@ class Cache:
 
     async def finish(self, ctx: RequestContext) -> None:
         flight: Flight | None = ctx.extra.pop("flight", None)
-        stored = flight.stored if isinstance(flight, Flight) else None
+        stored, token = (flight.stored, flight.token) if isinstance(flight, Flight) else (None, None)
         try:
             entry = None
             try:
@@ -236,16 +238,16 @@ class Cache:
                     if not flight.done.done():
                         flight.done.set_result(entry)
                     self.services.background.spawn(_quietly(flight.task), name="single-flight")
-            stored = self._store(ctx, entry, stored)
+            stored = self._store(ctx, entry, stored, token)
         finally:
             if stored is not None and not stored.done():
                 stored.set_result(None)     # nothing is written: the flight's lock may go now
 
-    def _store(self, ctx: RequestContext, entry: CacheEntry | None,
-               stored: asyncio.Future | None) -> asyncio.Future | None:
+    def _store(self, ctx: RequestContext, entry: CacheEntry | None, stored: asyncio.Future | None,
+               token: str | None = None) -> asyncio.Future | None:
         """Write a fresh answer (in the background to a remote store, at once in-process), `stored` set once it
-        is in; returns `stored` when nothing is written or the write is done (None when a write under way took
-        it over)."""
+        is in (True when the write also released the flight's lock, whose `token` it was given); returns
+        `stored` when nothing is written or the write is done (None when a write under way took it over)."""
         if entry is None or not ctx.cache_store:
             return stored
         data = encode_entry(entry)
@@ -259,7 +261,9 @@ class Cache:
         if not store.remote:                # in-process: written now, as cheaply as a task could start
             store.put(ctx.cache_key, data, ttl_s)
             return stored
-        self.services.background.spawn(_written(store.set(ctx.cache_key, data, ttl_s), stored), name="cache-write")
+        write = store.set(ctx.cache_key, data, ttl_s) if token is None or ttl_s <= 0 else \
+            self.services.stores.singleflight.write_and_give_back(ctx.cache_key, data, ttl_s, token)
+        self.services.background.spawn(_written(write, stored), name="cache-write")
         return None
 
     @staticmethod
@@ -300,21 +304,25 @@ def may_answer(decision: Decision, model: str | None) -> bool:
         any(c.model.name == model and meets_hard_terms(c) for c in decision.candidates)
 
 
-async def _until_stored(stored: asyncio.Future) -> None:
-    """Wait for the answer's cache write, at most STORED_WAIT_S: then the lock goes anyway."""
+async def _until_stored(stored: asyncio.Future) -> bool:
+    """Wait for the answer's cache write, at most STORED_WAIT_S: then the lock goes anyway. True when the write
+    released the lock itself."""
     try:
-        await asyncio.wait_for(stored, STORED_WAIT_S)
+        return await asyncio.wait_for(stored, STORED_WAIT_S) is True
     except TimeoutError:
         log.debug("a cache write took over %s s; the single-flight lock is given back without it", STORED_WAIT_S)
+        return False
 
 
-async def _written(write: Awaitable[None], stored: asyncio.Future | None) -> None:
-    """A cache write, then `stored` set: a leader gives its lock back once the answer is in the cache."""
+async def _written(write: Awaitable[bool | None], stored: asyncio.Future | None) -> None:
+    """A cache write, then `stored` set (True when the write released the lock too): a leader gives its lock back
+    once the answer is in the cache."""
+    released = None
     try:
-        await write
+        released = await write
     finally:
         if stored is not None and not stored.done():
-            stored.set_result(None)
+            stored.set_result(released is True)
 
 
 async def _quietly(task: asyncio.Task) -> None:

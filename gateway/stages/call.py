@@ -9,7 +9,7 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
+from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN, Attempt, RequestContext
 from gateway.errors import CircuitOpen, GatewayError, ModelBusy, UpstreamError, UpstreamStatus
 from gateway.policy.model import DEFAULT_PRIORITY, Model
 from gateway.responses import response_headers
@@ -47,10 +47,12 @@ def failed_state(ctx: RequestContext, error: GatewayError) -> str:
 
 
 def with_outcome_headers(ctx: RequestContext, error: GatewayError) -> GatewayError:
-    """The error to answer with, carrying the gateway's headers (and the upstream's Retry-After)."""
+    """The error to answer with, carrying the gateway's headers (and the upstream's Retry-After, also to the
+    millisecond as `retry-after-ms`, which OpenAI's SDKs read first)."""
     headers = {**error.headers, **response_headers(ctx)}
     if isinstance(error, UpstreamError) and error.retry_after_s is not None:
         headers["Retry-After"] = str(math.ceil(error.retry_after_s))
+        headers["retry-after-ms"] = str(math.ceil(error.retry_after_s * 1000))
     error.headers = headers
     return error
 
@@ -87,7 +89,7 @@ class Call:
                     attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
                 return await self._attempt(ctx, attempt)
             except asyncio.CancelledError:  # the client left while the model worked: the call was cut short
-                attempt.error_type = attempt.error_type or CLIENT_DISCONNECTED
+                attempt.error_type = attempt.error_type or (SHUTTING_DOWN if ctx.cut_by_shutdown else CLIENT_DISCONNECTED)
                 if attempt.probe_since_s is not None:   # no verdict on the model: the next call may probe it
                     breakers.release_probe(model.name, attempt.probe_since_s)
                 raise

@@ -109,8 +109,8 @@ def validate_body(endpoint: str, body: dict) -> None:
     _check_type(body, "stream", (bool,), "a boolean")
     _check_type(body, "stream_options", (dict,), "an object")
     for field in ("max_tokens", "max_completion_tokens", "n"):
-        _check_range(body, field, 1)
         _check_type(body, field, (int,), "an integer")
+        _check_range(body, field, 1)
     _check_range(body, "temperature", 0, 2)
     _check_range(body, "top_p", 0, 1)
     _check_type(body, "seed", (int,), "an integer")

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway.cache.assemble import MAX_ASSEMBLED_CHARS, StreamAssembler
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
-from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
 from gateway.stages.answers import GeneratedParts, read_identity
@@ -154,6 +154,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         _record(ctx, attempt, state)
         return ctx.response if ctx.bytes_sent else web.Response(status=499)
     except asyncio.CancelledError:          # the client went away (the server cancels its handler)
+        if ctx.cut_by_shutdown and ctx.bytes_sent:      # or the drain ran out: said in-band, not a silent cut
+            await _end_with_error(ctx.response, ShuttingDown("the gateway is shutting down; the stream ends here"))
         _record(ctx, attempt, state)        # what it was sent is counted, and billed
         raise
     except Exception as exc:

@@ -9,7 +9,7 @@ from opentelemetry.metrics import Meter, Observation
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GEN_AI_TOKEN_TYPE
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
-from gateway.context import CLIENT_DISCONNECTED
+from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN
 from gateway.telemetry import genai
 from gateway.telemetry.histograms import Buckets
 from gateway.telemetry.sums import Sums
@@ -153,7 +153,7 @@ class Instruments:
         succeeded, the client left, or it broke mid-stream having produced (and been charged for) tokens."""
         last = ctx.attempts[-1] if ctx.attempts else None
         answered = last if last is not None and (last.usage is not None
-                                                 or last.error_type in (None, CLIENT_DISCONNECTED)) else None
+                                                 or last.error_type in (None, CLIENT_DISCONNECTED, SHUTTING_DOWN)) else None
         if answered is None:
             return
         usage = answered.usage or ctx.usage

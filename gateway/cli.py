@@ -63,7 +63,8 @@ DELEGATED = {
 }
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: the process id tells the workers of `gateway run --workers N` (and the supervisor) apart
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
 def port_number(text: str) -> int:

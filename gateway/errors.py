@@ -19,13 +19,23 @@
     └── PolicyError                      (never reaches a client: start-up and reload)
 
 Each error knows its HTTP status and the OpenAI error `type` and `code`, so
-the outermost middleware can answer any of them in OpenAI's error shape.
+the outermost middleware can answer any of them in OpenAI's error shape. A
+request the parse stage refuses carries the `code` OpenAI's API gives it
+(`missing_required_parameter`, `invalid_type`, ..., or null) and its `param`.
 Foreign exceptions are translated where they enter, with `raise ... from`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+class _ClassCode:
+    """What `code=` is when left out: the error keeps its class's code (an explicit None is OpenAI's
+    `"code": null`)."""
+
+
+CLASS_CODE = _ClassCode()
 
 
 class GatewayError(Exception):
@@ -35,12 +45,12 @@ class GatewayError(Exception):
     error_type = "api_error"
     code: str | None = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+    def __init__(self, message: str, *, param: str | None = None, code: str | None | _ClassCode = CLASS_CODE,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        if code is not None:
+        if not isinstance(code, _ClassCode):
             self.code = code
         self.headers = headers or {}
 
@@ -189,6 +199,11 @@ class UpstreamStatus(UpstreamError):
             self.error_type, self.code, self.reason = "rate_limit_error", "rate_limit_exceeded", "rate_limited"
         elif upstream_status >= 500:
             self.reason = f"http_{upstream_status}"
+        elif upstream_status in UPSTREAM_NOT_SERVED_STATUSES:
+            # the model server does not serve this model or path (upstream_model or endpoint misconfigured): the
+            # gateway's set-up, not the client's request, which never names the upstream's model or path
+            self.status, self.error_type, self.code, self.reason = 502, "upstream_error", "upstream_not_found", \
+                "not_found"
         elif upstream_status in UPSTREAM_AUTH_STATUSES:
             # the model server refused the gateway's own credential: not the client's fault, maybe not another
             # model's (each has its own api_key_env)
@@ -203,14 +218,17 @@ class UpstreamStatus(UpstreamError):
     def retryable(self) -> bool:
         """Whether another model may succeed where this one failed."""
         return self.upstream_status == 429 or self.upstream_status >= 500 or self.reason in ("context_length",
-                                                                                               "auth_failed")
+                                                                                               "auth_failed",
+                                                                                               "not_found")
 
 
 #: a model server's answers that mean the gateway's credential for it is wrong
 UPSTREAM_AUTH_STATUSES = frozenset({401, 403, 407})
+#: a model server's answers that mean it serves no such model or path: the model's upstream_model or endpoint
+UPSTREAM_NOT_SERVED_STATUSES = frozenset({404, 405})
 #: the codes of errors that sending the same request again cannot fix, however long the client waits: a request
-#: past the tenant's tokens per minute, a model server refusing the gateway's own credential
-FINAL_CODES = frozenset({"request_too_large", "upstream_auth_failed"})
+#: past the tenant's tokens per minute, a model server refusing the gateway's own credential or serving no such model
+FINAL_CODES = frozenset({"request_too_large", "upstream_auth_failed", "upstream_not_found"})
 
 
 def upstream_param(body: dict | None) -> str | None:

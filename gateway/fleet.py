@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from gateway.errors import UpstreamError
-from gateway.policy.model import Policy
+from gateway.policy.model import Model, Policy
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.planner import Router
@@ -29,6 +29,7 @@ class Fleet:
         self.breakers = Breakers(policy.routing.breaker, clock)
         self.slots = Slots()
         self.slots.configure(policy.models)
+        self._models = dict(policy.models)
         self._routers: dict[str, Router] = {}
         self.router(policy)
 
@@ -44,7 +45,13 @@ class Fleet:
     def adopt(self, policy: Policy) -> None:
         """Follow a reloaded policy: its latency window, prior weight (a change restarts every model's
         estimates), breaker settings and latency priors (also when an earlier version comes back, whose
-        router is still cached), and its router built now."""
+        router is still cached), and its router built now. A model now called elsewhere (its endpoint, upstream
+        model or credential changed) starts with a closed circuit: an SRE's fix gets its traffic at once."""
+        for name, model in policy.models.items():
+            known = self._models.get(name)
+            if known is not None and _called_elsewhere(known, model):
+                self.breakers.forget(name)
+        self._models = dict(policy.models)
         routing = policy.routing
         self.estimates.window_s = routing.latency_window_s
         if routing.prior_weight != self.estimates.prior_weight:
@@ -72,3 +79,9 @@ class Fleet:
 
     def record_energy(self, model_name: str, joules: float, output_tokens: int) -> None:
         self.estimates.record_energy(model_name, joules, output_tokens)
+
+
+def _called_elsewhere(known: Model, model: Model) -> bool:
+    """Whether calls to `model` go to another server, model or credential than those to `known` did."""
+    return (known.endpoint, known.upstream_model, known.api_key_env) != \
+        (model.endpoint, model.upstream_model, model.api_key_env)

@@ -13,12 +13,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from gateway.context import RequestContext
+from gateway.cost import plain_usd
 from gateway.energy import EnergyMonitor
 from gateway.fleet import Fleet
 from gateway.outcomes import Book
@@ -70,11 +72,18 @@ class Services:
 
 
 def _plain(obj) -> dict:
-    return {k: (str(v) if v is not None and not isinstance(v, (int, float, str, bool)) else v)
+    """A settings object as JSON values: amounts of money in plain decimal notation (0.0000001, not 1E-7)."""
+    return {k: (plain_usd(v) if isinstance(v, Decimal) else
+                str(v) if v is not None and not isinstance(v, (int, float, str, bool)) else v)
             for k, v in vars(obj).items()}
 
 
 SERVICES = web.AppKey("services", Services)
+
+
+def budgeted_tenants(policy) -> list[str]:
+    """The tenants with a budget, whose spend dashboards show against it under their own name."""
+    return [name for name, tenant in policy.tenants.items() if tenant.budget.limited]
 
 
 def policy_encodings(policy) -> set[str]:
@@ -111,6 +120,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         if recorder.ledger is not None:
             services.telemetry.observe_ledger_errors(lambda: recorder.ledger.write_errors)
         services.telemetry.observe_policy(lambda: holder.current.policy)
+        services.telemetry.label_tenants(budgeted_tenants(policy))
+        holder.listeners.append(lambda runtime: services.telemetry.label_tenants(budgeted_tenants(runtime.policy)))
         services.telemetry.observe_reloads(lambda: holder.status)
         services.telemetry.observe_slots(services.fleet.slots.waiting_by_model)
         # always there, so a reload can add GPUs; with none in the policy it samples nothing

@@ -357,20 +357,31 @@ def _parse_usage(usage: dict) -> Usage | None:
     input_details = _details(usage, "prompt_tokens_details", "input_tokens_details")
     output_details = _details(usage, "completion_tokens_details", "output_tokens_details")
     return Usage(input_tokens=input_tokens or 0, output_tokens=output_tokens or 0,
-                 cached_input_tokens=_count(input_details, "cached_tokens") or 0,
-                 reasoning_tokens=_count(output_details, "reasoning_tokens") or 0)
+                 cached_input_tokens=_detail(input_details, "cached_tokens"),
+                 reasoning_tokens=_detail(output_details, "reasoning_tokens"))
 
 
 def _count(mapping: dict, *keys: str) -> int | None:
-    """The first count present among keys, None when none is."""
+    """The first count present among keys, None when none is; a whole number sent as a float (`12.0`) counts."""
     for key in keys:
         value = mapping.get(key)
         if value is None:
             continue
+        if type(value) is float and value.is_integer():
+            value = int(value)
         if type(value) is not int or value < 0:
             raise _MalformedUsage(f"{key}: {value!r}")
         return value
     return None
+
+
+def _detail(details: dict, key: str) -> int:
+    """A breakdown count (cached input, reasoning); 0 when absent or malformed: the totals the model reported
+    still stand (input then priced in full)."""
+    try:
+        return _count(details, key) or 0
+    except _MalformedUsage:
+        return 0
 
 
 def _details(usage: dict, *keys: str) -> dict:

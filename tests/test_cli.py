@@ -106,3 +106,11 @@ def test_explain_with_an_unreadable_request_file_is_a_usage_error(tmp_path):
     result = gateway("policy", "explain", DEMO, "--request", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot read the request file" in result.stderr and "would be refused" not in result.stderr
+
+
+def test_log_lines_name_the_process_that_wrote_them(tmp_path):
+    """Each log line carries its process id, so the lines of `--workers N` can be told apart."""
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--policy", str(tmp_path / "missing.yaml")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 1 and f" ERROR [{process.pid}] " in err, err

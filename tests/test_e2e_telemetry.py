@@ -358,6 +358,28 @@ def test_tenant_label_cardinality_is_bounded(receiver):
     assert tokens == {"acme", "other"}
 
 
+def test_a_tenant_with_a_budget_keeps_its_name_past_the_label_bound(receiver):
+    """With tenant_label_top_n: 1, a tenant with a budget seen third still has its cost labelled by name, as its
+    budget gauge is: a dashboard shows its spend against its budget (under `other` it showed 0 %)."""
+    from gateway.tenancy.identity import sha256_hex
+
+    budgeted = f'  initech: {{{{keys_sha256: ["{sha256_hex(KEYS["initech"])}"]}}}}\n'
+    assert budgeted in POLICY
+    template = POLICY.replace(budgeted, budgeted.replace("]}}", "], budget: {{usd_per_day: 100}}}}")) + \
+        "telemetry: {{tenant_label_top_n: 1}}\n"
+    harness = start(otel_environ(receiver.http_endpoint, "http/protobuf", "gw-e2e-budget-labels"), template)
+    try:
+        for tenant in ("acme", "globex", "initech"):
+            chat(harness, tenant=tenant)
+        harness.flush_telemetry()
+        metrics = receiver.latest_metrics("gw-e2e-budget-labels")
+    finally:
+        harness.stop()
+    requests = {p.attributes["gateway.tenant"]: p.value for p in metrics["gateway.requests"].points}
+    assert requests == {"acme": 1, "other": 1, "initech": 1}
+    assert {p.attributes["gateway.tenant"] for p in metrics["gateway.budget.limit"].points} == {"initech"}
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_unreachable_collector_leaves_requests_unaffected_and_counts_drops(protocol):
     """With the collector's port closed, every request succeeds promptly and the lost telemetry is counted."""

@@ -187,6 +187,35 @@ def test_a_llama_cpp_context_size_error_falls_back(env):
     assert reply.headers["x-gateway-fallback-reason"] == "context_length"
 
 
+VLLM_NO_SUCH_MODEL = {"object": "error", "message": "The model `llama-3-8b` does not exist.",
+                      "type": "NotFoundError", "param": None, "code": 404}
+
+
+def test_a_model_server_without_the_model_falls_back_and_counts_against_it(env):
+    """A 404 from the model server (it serves no such `upstream_model`, or the endpoint's path is wrong) is the
+    gateway's set-up, not the client's request: the next model answers and the breaker counts it."""
+    harness, raw = env
+    raw.script = json_answer(VLLM_NO_SUCH_MODEL, status=404)
+    reply = post(harness, model="raw", stream=False)
+    assert reply.status_code == 200 and reply.headers["x-gateway-model"] == "medium"
+    assert reply.headers["x-gateway-fallback-reason"] == "not_found"
+    assert breaker_failures(harness, "raw") == 1
+
+
+def test_a_model_server_without_the_model_and_no_fallback_is_a_502_not_a_404(env):
+    """With no model left, the client gets 502 `upstream_not_found` that the SDK does not retry, not a 404 the
+    SDK would read as the client's own model being unknown."""
+    harness, raw = env
+    raw.script = json_answer(VLLM_NO_SUCH_MODEL, status=404)
+    before = len(raw.requests)
+    with pytest.raises(openai.InternalServerError) as caught:
+        harness.openai(max_retries=2).chat.completions.create(model="raw-only",
+                                                             messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_not_found"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(raw.requests) - before == 1
+
+
 # models that drop, clients that leave, answers of odd shapes --------------------------------------------------
 
 CHUNKED_SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")

@@ -1,4 +1,4 @@
-"""Routing defects found by a review: predicted cost against what is charged, reloads of routing settings,
+"""Routing at its edges: predicted cost against what is charged, reloads of routing settings,
 a budget downgrade's SLA verdict, best effort's tier, alias listing and a deterministic explain."""
 
 from __future__ import annotations
@@ -166,3 +166,49 @@ routes:
     done = subprocess.run([sys.executable, "-m", "gateway", "policy", "explain", str(policy), "--request",
                            str(request)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "max_cost_usd 0.05" in done.stderr
+
+
+@pytest.mark.parametrize("change", [dict(endpoint="http://10.0.0.9:8000/v1"), dict(upstream_model="other"),
+                                    dict(api_key_env="NEW_KEY")], ids=["endpoint", "upstream_model", "api_key_env"])
+def test_a_reload_that_calls_a_model_elsewhere_closes_its_circuit(change):
+    """A model whose circuit opened is pointed at another server, model or credential by a reload: its circuit
+    starts closed (the failures were of what it no longer calls); an unchanged model's stays open."""
+    version_a = policy_version("a")
+    fleet = Fleet(version_a)
+    for name in ("small", "medium"):
+        for _ in range(5):
+            fleet.breakers.record_failure(name)
+    assert fleet.breakers.state("small") == fleet.breakers.state("medium") == "open"
+    moved = replace(version_a, models={**version_a.models, "small": replace(version_a.models["small"], **change)},
+                    content_sha256="b")
+    fleet.adopt(moved)
+    assert fleet.breakers.state("small") == "closed" and fleet.breakers.state("medium") == "open"
+
+
+def test_a_budget_downgrade_keeps_the_routes_fallbacks_after_its_candidates():
+    """A tenant past its budget is downgraded to the cheapest candidate: the route's fallback still follows the
+    candidates in the plan (it was dropped, so one failing model left the request with nothing to fall back on)."""
+    setup = Setup(chat_route(candidates=("medium", "small"), fallback=("large",)))
+    decision = setup.decide(prompt_tokens=10, max_tokens=1)
+    assert plan_names(decision) == ["small", "medium", "large"]
+    downgraded = setup.router.cheapest(decision)
+    assert plan_names(downgraded) == ["small", "medium", "large"]
+
+
+def test_a_reject_route_whose_models_circuits_are_open_says_when_to_come_back():
+    """A `reject` route whose every candidate is out only for its open circuit answers 503 `sla_unmet` with a
+    Retry-After of the first circuit's half-open time, so the SDK waits that long, not its own back-off."""
+    setup = Setup(chat_route(sla=Sla(p95_latency_ms=6000, on_violation="reject"), candidates=("small", "medium")))
+    setup.breakers.record_failure("small")
+    setup.clock.now_s += 10
+    setup.breakers.record_failure("medium")
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide()
+    assert "circuit open" in str(caught.value) and caught.value.headers["Retry-After"] == "20"
+    slow = Setup(chat_route(sla=Sla(p95_latency_ms=6000, on_violation="reject"), candidates=("small", "medium")))
+    for name in ("small", "medium"):
+        for _ in range(30):
+            slow.estimates.record(name, 9.0, 0.1)
+    with pytest.raises(NoModelMeetsSla) as too_slow:
+        slow.decide()
+    assert "Retry-After" not in too_slow.value.headers

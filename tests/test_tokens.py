@@ -256,12 +256,21 @@ def test_usage_without_details_or_with_null_values():
     {"usage": {"prompt_tokens": "5", "completion_tokens": 1}},
     {"usage": {"prompt_tokens": -1, "completion_tokens": 1}},
     {"usage": {"prompt_tokens": 5, "completion_tokens": 1.5}},
-    {"usage": {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": "all"}}},
     [],
 ])
 def test_usage_absent_or_malformed_is_none(body):
     """No usage, or counts that are not non-negative integers, give None instead of a wrong Usage."""
     assert usage_from_response(body) is None
+
+
+def test_a_malformed_breakdown_keeps_the_reported_totals():
+    """A cached or reasoning count that is not a count reads as 0, beside the totals the model reported (the
+    whole usage used to be dropped, and the request charged an estimate); whole numbers sent as floats count."""
+    body = {"usage": {"prompt_tokens": 5, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": "all"},
+                      "completion_tokens_details": {"reasoning_tokens": -2}}}
+    assert usage_from_response(body) == Usage(5, 3)
+    floats = {"usage": {"prompt_tokens": 5.0, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2.0}}}
+    assert usage_from_response(floats) == Usage(5, 3, cached_input_tokens=2)
 
 
 def test_repeated_long_texts_are_counted_once_and_exactly():

@@ -62,6 +62,10 @@ class Breakers:
         self.failure_threshold = max(1, config.failure_threshold)
         self.open_s = config.open_s
 
+    def forget(self, model_name: str) -> None:
+        """Start the model's circuit afresh, closed: what it counted was of a server it no longer calls."""
+        self._circuits.pop(model_name, None)
+
     def state(self, model_name: str) -> State:
         """closed, open or half_open."""
         circuit = self._circuits.get(model_name)

@@ -20,11 +20,11 @@ A request that fits no model's context window is a ClientError (400).
 
 from __future__ import annotations
 
-from dataclasses import replace
-from decimal import Decimal
-
+import math
 import random
 from collections.abc import Mapping
+from dataclasses import replace
+from decimal import Decimal
 
 from gateway.context import Candidate, Decision
 from gateway.errors import ClientError, NoModelMeetsSla, PolicyError, PolicyProblem
@@ -92,8 +92,16 @@ class Router:
             return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens, limits.min_tier)
         return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
 
+    def _circuit_wait_s(self, candidates: tuple[Candidate, ...]) -> float | None:
+        """Seconds until the first circuit that alone keeps a candidate out turns half-open; None when no
+        candidate is dropped for its circuit alone (the client is then not told to come back soon)."""
+        waits = [self.breakers.retry_in_s(c.model.name) for c in candidates
+                 if c.reasons and all(reason_kind(r) == "circuit" for r in c.reasons)]
+        return min(waits) if waits else None
+
     def cheapest(self, decision: Decision) -> Decision:
-        """The same decision re-planned cheapest first, keeping only the hard constraints (context, tier).
+        """The same decision re-planned cheapest first, keeping only the hard constraints (context, tier), the
+        route's fallbacks the decision planned still after them.
 
         Used when a tenant's budget is exhausted and its policy says downgrade.
         """
@@ -101,8 +109,10 @@ class Router:
         if not hard:
             return decision
         ordered = sorted(hard, key=lambda c: (c.predicted_cost_usd, c.model.size_b))
+        models = [c.model for c in ordered]
+        models.extend(m for m in decision.plan if m not in models)
         # the SLA is met only if the cheapest model meets it; nothing was explored
-        return replace(decision, plan=tuple(c.model for c in ordered), sla_met=ordered[0].kept, explored=False,
+        return replace(decision, plan=tuple(models[:self._max_attempts]), sla_met=ordered[0].kept, explored=False,
                        note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
@@ -131,7 +141,10 @@ class Router:
         fitting = [c for p, c in zip(plan.candidates, candidates) if fits(p, needed_tokens, limits)]
         fallback_fits = any(fits(f, needed_tokens, limits) for f in plan.fallbacks)
         if route.sla.on_violation == "reject" or not (fitting or fallback_fits):
-            raise _unmet_error(route, plan, candidates, fitting, limits, prompt_tokens, output_tokens)
+            error = _unmet_error(route, plan, candidates, fitting, limits, prompt_tokens, output_tokens)
+            if isinstance(error, NoModelMeetsSla) and (wait_s := self._circuit_wait_s(candidates)) is not None:
+                error.headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
+            raise error
         fitting.sort(key=lambda c: c.predicted_latency_ms)
         models = [c.model for c in fitting if self.breakers.available(c.model.name)]
         # best effort keeps the hard terms, context and tier, for the fallbacks too

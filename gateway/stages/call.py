@@ -196,8 +196,8 @@ def _worth_another_model(exc: UpstreamError) -> bool:
 
 
 def _model_unhealthy(exc: UpstreamError) -> bool:
-    """Connect errors, timeouts, broken answers, 5xx, 429 and a refused credential (401, 403) say the model
-    is unusable now; other 4xx do not."""
+    """Connect errors, timeouts, broken answers, 5xx, 429, a refused credential (401, 403) and a model or path
+    the server does not serve (404, 405) say the model is unusable now; other 4xx do not."""
     if not isinstance(exc, UpstreamStatus):
         return True
-    return exc.upstream_status == 429 or exc.upstream_status >= 500 or exc.reason == "auth_failed"
+    return exc.upstream_status == 429 or exc.upstream_status >= 500 or exc.reason in ("auth_failed", "not_found")

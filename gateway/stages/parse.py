@@ -1,4 +1,5 @@
-"""parse: read the body within its size limit and validate the OpenAI request."""
+"""parse: read the body within its size limit and validate the OpenAI request, refusing it as OpenAI's API does
+(its `code` and `param`: missing_required_parameter, invalid_type, integer_below_min_value, empty_array, ...)."""
 
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    """The body as a JSON object, or a 400 that says what is wrong with it (for JSON that does not parse,
+    OpenAI's answer: no code, no param)."""
     if not raw:
         raise ClientError("request body is empty; expected a JSON object")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ClientError(f"could not parse the JSON body: {exc}") from exc
+        raise ClientError(f"We could not parse the JSON body of your request ({exc}). The gateway expects a "
+                          "JSON payload, but what was sent was not valid JSON.", code=None) from exc
     if not isinstance(body, dict):
         raise ClientError(f"the JSON body must be an object, not {type(body).__name__}")
     if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and not _depth_within(body, MAX_JSON_DEPTH):
@@ -63,58 +66,116 @@ def _depth_within(value: Any, limit: int) -> bool:
     return True
 
 
+#: how OpenAI's errors name the JSON types, after null and booleans (a bool is an int to Python)
+_JSON_KINDS = ((int, "an integer"), (float, "a decimal"), (str, "a string"), (list, "an array"),
+               (dict, "an object"))
+
+
+def json_kind(value: Any) -> str:
+    """A JSON value's type as OpenAI's errors name it ("but got a string instead")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for python_type, kind in _JSON_KINDS:
+        if isinstance(value, python_type):
+            return kind
+    return type(value).__name__
+
+
+def missing_parameter(param: str) -> ClientError:
+    """OpenAI's answer to a required field left out."""
+    return ClientError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+
+
+def invalid_type(param: str, expected: str, value: Any) -> ClientError:
+    """OpenAI's answer to a field of the wrong JSON type."""
+    return ClientError(f"Invalid type for '{param}': expected {expected}, but got {json_kind(value)} instead.",
+                       param=param, code="invalid_type")
+
+
+def out_of_range(param: str, kind: str, value: float, low: float, high: float | None) -> ClientError | None:
+    """OpenAI's answer to a number outside [low, high] (`kind`: "integer" or "decimal"); None when inside."""
+    if value < low:
+        side, bound, code = "below minimum", f">= {low}", f"{kind}_below_min_value"
+    elif high is not None and value > high:
+        side, bound, code = "above maximum", f"<= {high}", f"{kind}_above_max_value"
+    else:
+        return None
+    return ClientError(f"Invalid '{param}': {kind} {side} value. Expected a value {bound}, but got {value} instead.",
+                       param=param, code=code)
+
+
 def _check_type(body: dict, field: str, types: tuple[type, ...], what: str) -> Any:
     value = body.get(field)
     if value is None:
         return None
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise ClientError(f"'{field}' must be {what}, not {type(value).__name__}", param=field)
+        raise invalid_type(field, what, value)
     return value
 
 
-def _check_range(body: dict, field: str, low: float, high: float | None = None) -> None:
+def _check_integer(body: dict, field: str, low: int) -> None:
+    value = _check_type(body, field, (int,), "an integer")
+    if value is not None and (error := out_of_range(field, "integer", value, low, None)):
+        raise error
+
+
+def _check_number(body: dict, field: str, low: float, high: float) -> None:
     value = _check_type(body, field, (int, float), "a number")
-    if value is not None and (value < low or (high is not None and value > high)):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ClientError(f"'{field}' must be {bound}, got {value}", param=field)
+    if value is not None and (error := out_of_range(field, "decimal", value, low, high)):
+        raise error
 
 
 def validate_messages(messages: Any) -> None:
-    """Chat messages: a non-empty list of objects, each with a string role."""
-    if not isinstance(messages, list) or not messages:
-        raise ClientError("'messages' must be a non-empty array", param="messages")
+    """Chat messages: a non-empty array of objects, each with a string role."""
+    if not isinstance(messages, list):
+        raise invalid_type("messages", "an array", messages)
+    if not messages:
+        raise ClientError("Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
+                          "empty array instead.", param="messages", code="empty_array")
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ClientError(f"'messages[{index}]' must be an object with a string 'role'",
-                              param=f"messages[{index}]")
+        if not isinstance(message, dict):
+            raise invalid_type(f"messages[{index}]", "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise missing_parameter(f"messages[{index}].role")
+        if not isinstance(role, str):
+            raise invalid_type(f"messages[{index}].role", "a string", role)
 
 
 def validate_input(endpoint: str, body: dict) -> None:
     """The endpoint's input field is present and of a shape OpenAI accepts."""
     field = INPUT_FIELD[endpoint]
     if field not in body:
-        raise ClientError(f"missing required parameter: '{field}'", param=field)
+        raise missing_parameter(field)
     if endpoint == "chat":
         validate_messages(body[field])
     elif not isinstance(body[field], (str, list)):
-        raise ClientError(f"'{field}' must be a string or an array", param=field)
+        raise invalid_type(field, "one of a string or an array", body[field])
+
+
+def validate_model(body: dict) -> None:
+    """`model` is a non-empty string; left out (or empty), OpenAI's answer names no code and no param."""
+    model = body.get("model")
+    if model is None or model == "":
+        raise ClientError("you must provide a model parameter", code=None)
+    if not isinstance(model, str):
+        raise invalid_type("model", "a string", model)
 
 
 def validate_body(endpoint: str, body: dict) -> None:
-    """Everything the gateway relies on is present and of the right type."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ClientError("missing required parameter: 'model' (a string)", param="model")
+    """Everything the gateway relies on is present and of the right type, refused with OpenAI's codes."""
+    validate_model(body)
     validate_input(endpoint, body)
     _check_type(body, "stream", (bool,), "a boolean")
     _check_type(body, "stream_options", (dict,), "an object")
     for field in ("max_tokens", "max_completion_tokens", "n"):
-        _check_type(body, field, (int,), "an integer")
-        _check_range(body, field, 1)
-    _check_range(body, "temperature", 0, 2)
-    _check_range(body, "top_p", 0, 1)
+        _check_integer(body, field, 1)
+    _check_number(body, "temperature", 0, 2)
+    _check_number(body, "top_p", 0, 1)
     _check_type(body, "seed", (int,), "an integer")
-    _check_type(body, "stop", (str, list), "a string or an array")
+    _check_type(body, "stop", (str, list), "one of a string or an array")
 
 
 class Parse:

@@ -17,6 +17,10 @@ class TenantLabels:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
+    def allow(self, tenants: Iterable[str]) -> None:
+        """Keep these tenants' names too, whoever was seen first."""
+        self._allowed = self._allowed | frozenset(tenants)
+
     def label(self, tenant: str) -> str:
         """The metric label for a tenant."""
         if tenant in self._allowed or tenant in self._seen:

@@ -69,6 +69,7 @@ class Telemetry:
         #: the gateway's meter, for other layers' instruments (GPU power and energy); None when disabled
         self.meter: Meter | None = None
         self._hooks: Hooks | NoopHooks = NoopHooks()
+        self._tenant_labels: TenantLabels | None = None
         if not config.disabled:
             self._start()
 
@@ -114,7 +115,7 @@ class Telemetry:
                                             shutdown_on_exit=False)
         self.meter = meter = self.meter_provider.get_meter(SCOPE, __version__, schema_url=SCHEMA_URL)
         instruments = Instruments(meter, self.dropped_counter.observations, buckets)
-        tenants = TenantLabels(config.tenant_allowlist, config.tenant_top_n)
+        self._tenant_labels = tenants = TenantLabels(config.tenant_allowlist, config.tenant_top_n)
         self._hooks = Hooks(spans, instruments, tenants, config.capture_content)
 
     def _metric_readers(self, histogram_export: Callable[[bool], HistogramExport]) -> list[MetricReader]:
@@ -181,6 +182,12 @@ class Telemetry:
         """Export the GPU readings (hw.*) and per-model energy totals of an energy monitor."""
         if self.meter is not None:
             observed.observe_gpus(self.meter, monitor)
+
+    def label_tenants(self, tenants) -> None:
+        """Always label these tenants by name in metrics, past `tenant_label_top_n` (those with a budget: the
+        gauge of their budget names them, and their spend must be found under the same name)."""
+        if self._tenant_labels is not None:
+            self._tenant_labels.allow(tenants)
 
     def observe_policy(self, current_policy) -> None:
         """Export the policy's declared capacities and budgets (read at each collection, so reloads show)."""

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Protocol
 
+from gateway.cost import plain_usd
 from gateway.errors import BudgetExceeded, GatewayError
 from gateway.policy.model import Budget, Tenant
 from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, OnStoreFailure, StoreGuard
@@ -102,15 +103,15 @@ class BudgetState:
         if self.reason == "store_unavailable":
             return store_unavailable_error(headers)
         limit = self.budget.usd_per_day if self.reason == "day" else self.budget.usd_per_month
-        return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {limit} per "
+        return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {_plain_or_none(limit)} per "
                               f"{self.reason} spent.", headers=headers)
 
     def to_dict(self) -> dict[str, object]:
         """The state as JSON-ready data, for GET /admin/tenants."""
-        return {"tenant": self.tenant, "spent_day_usd": str(self.spent_day_usd),
-                "spent_month_usd": str(self.spent_month_usd),
-                "usd_per_day": _str_or_none(self.budget.usd_per_day),
-                "usd_per_month": _str_or_none(self.budget.usd_per_month),
+        return {"tenant": self.tenant, "spent_day_usd": plain_usd(self.spent_day_usd),
+                "spent_month_usd": plain_usd(self.spent_month_usd),
+                "usd_per_day": _plain_or_none(self.budget.usd_per_day),
+                "usd_per_month": _plain_or_none(self.budget.usd_per_month),
                 "exhausted": self.exhausted, "reason": self.reason,
                 "on_exhausted": self.on_exhausted, "available": self.available}
 
@@ -120,8 +121,9 @@ def retention_s(period_end_s: float, now_s: float) -> int:
     return max(1, int(period_end_s - now_s + RETENTION_S))
 
 
-def _str_or_none(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
+def _plain_or_none(value: Decimal | None) -> str | None:
+    """USD in plain notation (`0.00000001`, never `1E-8`), or None."""
+    return None if value is None else plain_usd(value)
 
 
 def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float) -> BudgetState:

@@ -161,7 +161,7 @@ class Harness:
         from openai import OpenAI
 
         return OpenAI(base_url=f"{self.base_url}/v1", api_key=kwargs.pop("api_key", "test-key"),
-                      max_retries=0, timeout=kwargs.pop("timeout", 20), **kwargs)
+                      max_retries=kwargs.pop("max_retries", 0), timeout=kwargs.pop("timeout", 20), **kwargs)
 
     def async_openai(self, **kwargs):
         from openai import AsyncOpenAI

@@ -59,6 +59,10 @@ def request_id(request: web.Request) -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+#: the endpoint kinds and their paths, after `/v1/` (or Azure's `/openai/deployments/{deployment}/`)
+ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
+
+
 def openai_handler(endpoint: str):
     """The handler of one OpenAI endpoint: a context through the pipeline."""
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -149,9 +153,10 @@ def build_app(holder: PolicyHolder, *, environ=None) -> web.Application:
     app.cleanup_ctx.append(services_ctx(holder, environ))
     app.on_shutdown.append(_start_draining)
     router = app.router
-    router.add_post("/v1/chat/completions", openai_handler("chat"))
-    router.add_post("/v1/completions", openai_handler("completions"))
-    router.add_post("/v1/embeddings", openai_handler("embeddings"))
+    for endpoint, path in ENDPOINT_PATHS.items():
+        router.add_post(f"/v1/{path}", openai_handler(endpoint))
+        # Azure OpenAI's paths (the AzureOpenAI SDK client): the deployment names the model; api-version is ignored
+        router.add_post(f"/openai/deployments/{{deployment}}/{path}", openai_handler(endpoint))
     router.add_get("/v1/models", list_models)
     router.add_get("/v1/models/{model}", retrieve_model)
     router.add_post("/v1/outcomes", report_outcome)

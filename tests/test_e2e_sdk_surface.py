@@ -375,3 +375,22 @@ async def test_async_client_raises_the_same_exceptions(gw):
     with pytest.raises(openai.AuthenticationError):
         await client.chat.completions.create(model="auto", messages=MESSAGES)
     await client.close()
+
+
+def test_the_azure_openai_client_works_through_the_gateway(gw):
+    """The SDK's AzureOpenAI client (deployment paths, `api-key` header, `api-version` query) gets answers: chat,
+    a stream and embeddings, the deployment in the path naming the model (whatever the body's `model` says, as
+    Azure reads it)."""
+    client = openai.AzureOpenAI(azure_endpoint=gw.base_url, api_key="acme-key", api_version="2024-10-21",
+                                max_retries=0, timeout=20)
+    answer = client.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=5)
+    assert answer.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=5, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    embedding = client.embeddings.create(model="text-embedding-3-small", input="hello")
+    assert len(embedding.data[0].embedding) > 0
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-deployment", messages=MESSAGES)
+    deployed = openai.AzureOpenAI(azure_endpoint=gw.base_url, azure_deployment="auto", api_key="acme-key",
+                                  api_version="2024-10-21", max_retries=0, timeout=20)
+    assert deployed.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5).choices

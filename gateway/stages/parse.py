@@ -187,6 +187,8 @@ class Parse:
     async def handle(self, ctx: RequestContext) -> None:
         raw = await read_body(ctx.http, ctx.policy.server.max_body_bytes)
         body = parse_json_object(raw)
+        if deployment := ctx.http.match_info.get("deployment"):
+            body["model"] = deployment      # on Azure's paths the deployment names the model, as Azure reads it
         validate_body(ctx.endpoint, body)
         ctx.body = body
         ctx.body_bytes = len(raw)

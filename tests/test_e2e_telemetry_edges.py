@@ -122,3 +122,28 @@ def test_flushing_telemetry_leaves_the_prometheus_exposition_without_duplicate_s
     assert "gateway_requests_total" in helps and "gen_ai_client_token_usage" in helps
     assert [name for name, seen in helps.items() if seen > 1] == []
     assert [series for series, seen in samples.items() if seen > 1] == []
+
+
+def test_a_telemetry_hook_that_raises_does_not_fail_the_request(receiver, monkeypatch, caplog):
+    """A fault in telemetry's own mapping (here a span attribute function made to raise) leaves every request
+    answered, is logged once with its traceback, and counted in gateway.telemetry.dropped (reason hook_failed)."""
+    from gateway.telemetry import genai
+
+    def broken(*_args, **_kwargs):
+        raise KeyError("a mapping fault")
+
+    harness = Harness(environ=otel_environ(receiver.http_endpoint, "http/protobuf", "gw-hook-fault")).start()
+    try:
+        monkeypatch.setattr(genai, "attempt_attributes", broken)
+        monkeypatch.setattr(genai, "gateway_attributes", broken)
+        for _ in range(3):
+            assert harness.openai().chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=3).choices
+        harness.flush_telemetry()
+        metrics = receiver.latest_metrics("gw-hook-fault")
+    finally:
+        harness.stop()
+    failed = [r for r in caplog.records if "telemetry hook" in r.getMessage()]
+    assert sorted(r.getMessage().split()[2] for r in failed) == ["finish_request", "start_attempt"]
+    dropped = {p.attributes["gateway.telemetry.reason"]: p.value for p in metrics["gateway.telemetry.dropped"].points}
+    assert dropped["hook_failed"] == 6

@@ -51,6 +51,16 @@ def test_a_store_url_with_a_broken_address_is_a_located_problem(tmp_path, tail, 
     assert (problem.line, problem.path) == (7, key)
 
 
+def test_an_admin_token_that_is_a_tenant_key_is_a_located_problem(tmp_path):
+    """`server.admin_token_sha256` equal to a tenant's key hash is found by `policy check`, at its line, as
+    start-up refuses it; it used to pass the check and stop `gateway run`."""
+    key_hash = "a" * 64
+    text = HEAD + f"tenants:\n  acme: {{keys_sha256: ['{key_hash}']}}\nserver:\n  admin_token_sha256: '{key_hash}'\n"
+    [problem] = check_policy(write(tmp_path, text))
+    assert (problem.line, problem.path) == (10, "server.admin_token_sha256")
+    assert "also a tenant API key" in problem.message
+
+
 def test_policy_check_of_a_broken_ipv6_endpoint_prints_no_traceback(tmp_path):
     """`gateway policy check` names file, line and key of a broken IPv6 endpoint and exits 1, no stack trace."""
     path = write(tmp_path, HEAD.replace("http://127.0.0.1:9101/v1", "http://[::1/v1"))

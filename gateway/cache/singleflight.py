@@ -50,6 +50,8 @@ class SingleFlight:
         self._poll_interval_s = poll_interval_s
         self._lock_ttl_ms = max(1, int(lock_ttl_s * 1000))
         self._flights: dict[str, asyncio.Future[_Outcome[Any]]] = {}
+        #: per key whose leader here waits for the cross-replica lock: where a request that took it hands it over
+        self._handed: dict[str, asyncio.Future[str]] = {}
 
     def __len__(self) -> int:
         """Keys with a leader in flight right now."""
@@ -65,14 +67,15 @@ class SingleFlight:
         `hold` (the answer's cache write) after its followers here have the result and before it gives
         the lock back, so the replica that takes the lock next finds the answer instead of calling again;
         `hold` returning True says the write released the lock too (`write_and_give_back`).
-        `tried`: the caller already tried the lock, with `read_or_acquire` (`token`: it holds it now).
+        `tried`: the caller already tried the lock, with `read_or_acquire` (`token`: it holds it now; from the
+        run's first step the run gives it back, or hands it to the leader here that waits for that lock).
         Raises `FlightAbandoned` to a follower that must go direct; a leader's own
         exception propagates to the leader only.
         """
         flight = self._flights.get(key)
         if flight is not None:
-            if token is not None:           # taken while Redis was down, or past an expired lock: not needed
-                await self._lock.release(self._lock.key_for(key), token)
+            if token is not None and not self._hand_over(key, token):     # the leader here needs no lock
+                await asyncio.shield(self._lock.release(self._lock.key_for(key), token))
             return await self._follow(flight, timeout_s), False
         flight = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
@@ -91,6 +94,14 @@ class SingleFlight:
             raise
         land(_Outcome(result))
         return result, was_leader
+
+    def _hand_over(self, key: str, token: str) -> bool:
+        """Give the lock `token` holds to the leader here that waits for it, if one does (True)."""
+        waiting = self._handed.get(key)
+        if waiting is None or waiting.done():
+            return False
+        waiting.set_result(token)
+        return True
 
     @property
     def local_only(self) -> bool:
@@ -152,7 +163,7 @@ class SingleFlight:
             return await leader_fn(), True
         lock, lock_key = self._lock, self._lock.key_for(key)
         if token is None:
-            token, polled = await self._elect(lock, lock_key, timeout_s, poll_fn, tried)
+            token, polled = await self._elect(key, lock, lock_key, timeout_s, poll_fn, tried)
             if polled is not None:
                 return polled, False
         keeper = asyncio.ensure_future(self._keep(lock, lock_key, token)) if token is not None else None
@@ -177,7 +188,7 @@ class SingleFlight:
             if not await lock.extend(lock_key, token, self._lock_ttl_ms):
                 return
 
-    async def _elect(self, lock: RedisLock, lock_key: str, timeout_s: float,
+    async def _elect(self, key: str, lock: RedisLock, lock_key: str, timeout_s: float,
                      poll_fn: Callable[[], Awaitable[T | None]], tried: bool = False) -> tuple[str | None, T | None]:
         """Take the lock, or poll until the holder's answer appears or time runs out.
 
@@ -187,31 +198,54 @@ class SingleFlight:
         answer not cached) calls upstream itself without the lock, as do the
         others that waited with it: they do not queue behind one another.
         `tried`: a first attempt found the lock held and no answer, so this one starts by waiting.
+        A request here whose read took the lock meanwhile (it found this flight and joins it) hands the lock over:
+        this one leads with it, as that request would have.
         """
         loop = asyncio.get_running_loop()
-        deadline_s = loop.time() + timeout_s
+        handed = self._handed[key] = loop.create_future()
+        kept: str | None = None
+        try:
+            kept, polled = await self._take_or_poll(lock, lock_key, loop.time() + timeout_s, poll_fn, tried, handed)
+            return kept, polled
+        finally:
+            if self._handed.get(key) is handed:
+                del self._handed[key]
+            if handed.done() and handed.result() != kept:       # handed over too late to be used
+                await asyncio.shield(lock.release(lock_key, handed.result(), after_response=True))
+
+    async def _take_or_poll(self, lock: RedisLock, lock_key: str, deadline_s: float,
+                            poll_fn: Callable[[], Awaitable[T | None]], tried: bool,
+                            handed: asyncio.Future[str]) -> tuple[str | None, T | None]:
+        """`_elect`'s loop: the lock taken or `handed` over, or the holder's answer, or time out."""
+        loop = asyncio.get_running_loop()
         waited = tried
         if tried:
-            await asyncio.sleep(self._poll_interval_s)
+            await asyncio.wait((handed,), timeout=self._poll_interval_s)
         while True:
-            token = await lock.acquire(lock_key, ttl_ms=self._lock_ttl_ms)
+            if handed.done():
+                return handed.result(), None
+            taking = asyncio.ensure_future(lock.acquire(lock_key, ttl_ms=self._lock_ttl_ms))
             try:
+                token = await asyncio.shield(taking)
                 polled = await poll_fn()
-            except BaseException:           # cancelled (the client left) holding the lock: give it back
-                if token is not None:
-                    await asyncio.shield(lock.release(lock_key, token, after_response=True))
+                if polled is not None or (token is not None and waited):
+                    if token is not None:   # an answer to share, or a holder gone without one: no lock needed
+                        await lock.release(lock_key, token)
+                    return None, polled
+            except BaseException:           # cancelled (the client left) taking or holding the lock: give it back
+                await asyncio.shield(_give_back_taken(lock, lock_key, taking))
                 raise
-            if polled is not None:
-                if token is not None:
-                    await lock.release(lock_key, token)
-                return None, polled
-            if token is not None and waited:
-                await lock.release(lock_key, token)
-                return None, None
             if token is not None or loop.time() >= deadline_s:
                 return token, None
             waited = True
-            await asyncio.sleep(self._poll_interval_s)
+            await asyncio.wait((handed,), timeout=self._poll_interval_s)
+
+
+async def _give_back_taken(lock: RedisLock, lock_key: str, taking: asyncio.Future[str | None]) -> None:
+    """Release the lock an attempt took, once Redis has answered it: a SET sent before its taker left still lands."""
+    token = await taking
+    if token is not None:
+        await lock.release(lock_key, token, after_response=True)
 
 
 class LocalFlight:

@@ -353,9 +353,23 @@ def _parse(text: str, source: str, content_sha256: str) -> tuple[Policy | None, 
     if not _has_key(root, "tenants"):       # no tenants: the gateway runs open, and no tenant is ever matched
         walk.defined.setdefault("tenant", {})
     walk.resolve_references()
+    if policy is not INVALID and (admin := policy.server.admin_token_sha256):
+        if admin in {h for tenant in policy.tenants.values() for h in tenant.keys_sha256}:
+            walk.report(_node_at(root, "server", "admin_token_sha256"), "server.admin_token_sha256",
+                        "the admin token is also a tenant API key (tenant keys are never accepted as the admin's)")
     if walk.problems or policy is INVALID:
         return None, sorted(walk.problems, key=lambda problem: problem.line or 0)
     return dataclasses.replace(policy, source=source, content_sha256=content_sha256), []
+
+
+def _node_at(root: Node, *keys: str) -> Node | None:
+    """The node at a path of mapping keys, None when the path is not written out so."""
+    node: Node | None = root
+    for key in keys:
+        if not isinstance(node, MappingNode):
+            return None
+        node = next((value for name, value in node.value if isinstance(name, ScalarNode) and name.value == key), None)
+    return node
 
 
 def _has_key(root: Node, key: str) -> bool:

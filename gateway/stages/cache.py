@@ -167,15 +167,21 @@ class Cache:
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         stored: asyncio.Future = asyncio.get_running_loop().create_future()
         leading = asyncio.Event()
+        flying = False                      # once the run has started, the lock `token` holds is the run's to give back
+
+        async def fly() -> tuple[CacheEntry | None, bool]:
+            nonlocal flying
+            flying = True
+            return await singleflight.run(ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S,
+                                          poll_fn=lambda: self._poll(ctx), hold=lambda: _until_stored(stored),
+                                          tried=tried, token=token)
 
         async def lead() -> CacheEntry | None:
             leading.set()
             # bounded: a leader whose finish never came must not hold the cross-replica lock for ever
             return await asyncio.wait_for(done, LEADER_LIMIT_S)
 
-        task = asyncio.ensure_future(singleflight.run(
-            ctx.cache_key, lead, SINGLE_FLIGHT_TIMEOUT_S, poll_fn=lambda: self._poll(ctx),
-            hold=lambda: _until_stored(stored), tried=tried, token=token))
+        task = asyncio.ensure_future(fly())
         leader_started = asyncio.ensure_future(leading.wait())
         try:
             await asyncio.wait({task, leader_started}, return_when=asyncio.FIRST_COMPLETED)
@@ -183,7 +189,7 @@ class Cache:
             leader_started.cancel()
             task.cancel()                   # its lock is given back as it unwinds, held until then
             self.services.background.spawn(_quietly(task), name="single-flight")
-            if token is not None:           # and the lock this request took, should the task not have started
+            if token is not None and not flying:    # and the lock this request took, as the run never started
                 self.services.background.spawn(singleflight.give_back(ctx.cache_key, token), name="cache-lock")
             raise
         if leading.is_set():

@@ -89,7 +89,8 @@ class Call:
                     attempt.energy_id = energy.request_started(model.name, tracks_tokens=ctx.stream)
                 return await self._attempt(ctx, attempt)
             except asyncio.CancelledError:  # the client left while the model worked: the call was cut short
-                attempt.error_type = attempt.error_type or (SHUTTING_DOWN if ctx.cut_by_shutdown else CLIENT_DISCONNECTED)
+                cut = SHUTTING_DOWN if ctx.cut_by_shutdown else CLIENT_DISCONNECTED
+                attempt.error_type = attempt.error_type or cut
                 if attempt.probe_since_s is not None:   # no verdict on the model: the next call may probe it
                     breakers.release_probe(model.name, attempt.probe_since_s)
                 raise

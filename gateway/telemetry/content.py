@@ -1,16 +1,23 @@
 """Message content in the GenAI shape: recorded only when content capture is turned on.
 
 `gen_ai.input.messages` and `gen_ai.output.messages` follow the semantic
-conventions' message schema: `{"role", "parts": [{"type": "text", "content"}],
-"finish_reason"}`. Pure functions with no OpenTelemetry SDK import.
+conventions' message schemas: `{"role", "parts": [...], "finish_reason"}`, parts
+`{"type": "text", "content"}`, `{"type": "tool_call", "id", "name", "arguments"}`
+and `{"type": "tool_call_response", "id", "response"}`; finish_reason is
+required in every output message. Pure functions with no OpenTelemetry SDK import.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
+
+#: an output message's finish_reason (required by the output messages schema, which allows any string) when
+#: the answer did not say it
+_UNKNOWN_FINISH = "unknown"
 
 
 def input_messages(ctx: RequestContext) -> list[dict[str, Any]]:
@@ -36,25 +43,35 @@ def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any
     if record is None:
         return []
     texts = record.parts.texts() or [(0, "")]
-    messages: list[dict[str, Any]] = [{"role": "assistant", "parts": [_text_part(text)]} for _, text in texts]
-    if attempt.finish_reasons:
-        messages[0]["finish_reason"] = attempt.finish_reasons[0]
-    return messages
+    # finish_reason is required in each output message; a stream's reasons arrive in the order its choices
+    # finished, not by choice, so each choice has one only when a single reason was seen for all of them
+    reasons = set(attempt.finish_reasons)
+    reason = reasons.pop() if len(reasons) == 1 else _UNKNOWN_FINISH
+    return [{"role": "assistant", "parts": [_text_part(text)], "finish_reason": reason} for _, text in texts]
 
 
 def _output_choice(choice: dict[str, Any]) -> dict[str, Any]:
-    """One chat or text completion choice in the GenAI output message shape."""
+    """One chat or text completion choice in the GenAI output message shape (finish_reason is required)."""
     message = choice.get("message")
     text = message.get("content") if isinstance(message, dict) else choice.get("text")
-    output: dict[str, Any] = {"role": "assistant", "parts": [_text_part(text)] if isinstance(text, str) else []}
-    if choice.get("finish_reason"):
-        output["finish_reason"] = str(choice["finish_reason"])
-    return output
+    parts: list[dict[str, Any]] = [_text_part(text)] if isinstance(text, str) else []
+    if isinstance(message, dict):
+        parts.extend(_tool_call_parts(message))
+    reason = choice.get("finish_reason")
+    return {"role": "assistant", "parts": parts,
+            "finish_reason": str(reason) if reason else _UNKNOWN_FINISH}
 
 
 def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
-    """One OpenAI chat message in the GenAI message shape."""
+    """One OpenAI chat message in the GenAI message shape: text, tool calls, and a tool's answer."""
+    role = str(message.get("role", "user"))
     content = message.get("content")
+    if role == "tool":           # the answer to a tool call: a tool_call_response part
+        response = content if isinstance(content, str) else _texts(content)
+        part: dict[str, Any] = {"type": "tool_call_response", "response": response}
+        if isinstance(message.get("tool_call_id"), str):
+            part["id"] = message["tool_call_id"]
+        return {"role": role, "parts": [part]}
     if isinstance(content, str):
         parts = [_text_part(content)]
     elif isinstance(content, list):
@@ -62,7 +79,44 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
                  for part in content if isinstance(part, dict)]
     else:
         parts = []
-    return {"role": str(message.get("role", "user")), "parts": parts}
+    parts.extend(_tool_call_parts(message))
+    chat_message: dict[str, Any] = {"role": role, "parts": parts}
+    if isinstance(message.get("name"), str):
+        chat_message["name"] = message["name"]
+    return chat_message
+
+
+def _tool_call_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as tool_call parts (id, name, arguments: parsed when JSON)."""
+    parts = []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            continue
+        part: dict[str, Any] = {"type": "tool_call", "name": str(function.get("name", ""))}
+        if isinstance(call.get("id"), str):
+            part["id"] = call["id"]
+        if "arguments" in function:
+            part["arguments"] = _arguments(function["arguments"])
+        parts.append(part)
+    return parts
+
+
+def _arguments(arguments: Any) -> Any:
+    """A tool call's arguments: the object their JSON text holds, else the text as sent."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def _texts(content: Any) -> str:
+    """The text parts of a message's content list, joined."""
+    if not isinstance(content, list):
+        return ""
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
 def _text_part(text: str) -> dict[str, str]:

@@ -105,15 +105,54 @@ def span_name(ctx: RequestContext, attempt: Attempt) -> str:
 
 
 def request_parameters(ctx: RequestContext) -> dict[str, Any]:
-    """gen_ai.request.* sampling parameters the client sent, when well typed."""
+    """gen_ai.request.* parameters the client sent, when well typed (recommended, or conditionally required,
+    on inference and embeddings spans)."""
     body = ctx.body
+    if ctx.endpoint == "embeddings":
+        return _embeddings_parameters(body)
     max_tokens = ctx.max_tokens if ctx.max_tokens is not None else body.get("max_tokens",
                                                                             body.get("max_completion_tokens"))
     candidates = ((gen_ai.GEN_AI_REQUEST_MAX_TOKENS, max_tokens, int),
                   (gen_ai.GEN_AI_REQUEST_TEMPERATURE, body.get("temperature"), float),
                   (gen_ai.GEN_AI_REQUEST_TOP_P, body.get("top_p"), float),
+                  (gen_ai.GEN_AI_REQUEST_TOP_K, body.get("top_k"), float),
+                  (gen_ai.GEN_AI_REQUEST_FREQUENCY_PENALTY, body.get("frequency_penalty"), float),
+                  (gen_ai.GEN_AI_REQUEST_PRESENCE_PENALTY, body.get("presence_penalty"), float),
                   (gen_ai.GEN_AI_REQUEST_SEED, body.get("seed"), int))
-    return {key: kind(value) for key, value, kind in candidates if _is_number(value, kind)}
+    attributes = {key: kind(value) for key, value, kind in candidates if _is_number(value, kind)}
+    choices = body.get("n")
+    if _is_number(choices, int) and choices != 1:          # conditionally required: when sent and not 1
+        attributes[gen_ai.GEN_AI_REQUEST_CHOICE_COUNT] = choices
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if isinstance(stops, list) and stops and all(isinstance(item, str) for item in stops):
+        attributes[gen_ai.GEN_AI_REQUEST_STOP_SEQUENCES] = tuple(stops)
+    output_type = _output_type(body.get("response_format"))
+    if output_type is not None:
+        attributes[gen_ai.GEN_AI_OUTPUT_TYPE] = output_type
+    return attributes
+
+
+#: OpenAI response_format.type -> gen_ai.output.type (the requested modality, not its exact format)
+_OUTPUT_TYPES = {"text": "text", "json_object": "json", "json_schema": "json"}
+
+
+def _output_type(response_format: Any) -> str | None:
+    """gen_ai.output.type of a request that names an output format (conditionally required then)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    return _OUTPUT_TYPES.get(kind) if isinstance(kind, str) else None
+
+
+def _embeddings_parameters(body: dict[str, Any]) -> dict[str, Any]:
+    """gen_ai.request.encoding_formats and gen_ai.embeddings.dimension.count of an embeddings request."""
+    attributes: dict[str, Any] = {}
+    encoding = body.get("encoding_format")
+    if isinstance(encoding, str) and encoding:
+        attributes[gen_ai.GEN_AI_REQUEST_ENCODING_FORMATS] = (encoding,)
+    dimensions = body.get("dimensions")
+    if _is_number(dimensions, int):
+        attributes[gen_ai.GEN_AI_EMBEDDINGS_DIMENSION_COUNT] = dimensions
+    return attributes
 
 
 def _is_number(value: Any, kind: type) -> bool:

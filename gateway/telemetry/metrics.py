@@ -17,6 +17,9 @@ from gateway.telemetry.sums import Sums
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext, Usage
 
+#: the attempts that answered, if only in part: succeeded, or cut short by the client leaving or a shutdown
+CUT_SHORT = (None, CLIENT_DISCONNECTED, SHUTTING_DOWN)
+
 #: advised ExplicitBucketBoundaries of gen_ai.client.token.usage (semconv v1.41.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 #: advised boundaries of gen_ai.client.operation.duration, time_to_first_chunk, time_per_output_chunk
@@ -152,8 +155,7 @@ class Instruments:
         """gen_ai.client.token.usage and the estimate error, for the attempt that answered: the last one, when it
         succeeded, the client left, or it broke mid-stream having produced (and been charged for) tokens."""
         last = ctx.attempts[-1] if ctx.attempts else None
-        answered = last if last is not None and (last.usage is not None
-                                                 or last.error_type in (None, CLIENT_DISCONNECTED, SHUTTING_DOWN)) else None
+        answered = last if last is not None and (last.usage is not None or last.error_type in CUT_SHORT) else None
         if answered is None:
             return
         usage = answered.usage or ctx.usage

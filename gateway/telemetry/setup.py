@@ -70,6 +70,7 @@ class Telemetry:
         self.meter: Meter | None = None
         self._hooks: Hooks | NoopHooks = NoopHooks()
         self._tenant_labels: TenantLabels | None = None
+        self._hooks_failed: set[str] = set()
         if not config.disabled:
             self._start()
 
@@ -160,7 +161,10 @@ class Telemetry:
 
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
         """Start the SERVER span, continuing the caller's traceparent."""
-        self._hooks.start_request(ctx, headers)
+        try:
+            self._hooks.start_request(ctx, headers)
+        except Exception:
+            self._hook_failed("start_request")
 
     def route_span(self, ctx: RequestContext) -> AbstractContextManager[Any]:
         """Context manager around routing: the gateway.route span and routing duration."""
@@ -172,11 +176,26 @@ class Telemetry:
 
     def start_attempt(self, ctx: RequestContext, attempt: Attempt) -> dict[str, str]:
         """Start an attempt's CLIENT span; returns the trace headers to send upstream."""
-        return self._hooks.start_attempt(ctx, attempt)
+        try:
+            return self._hooks.start_attempt(ctx, attempt)
+        except Exception:
+            self._hook_failed("start_attempt")
+            return {}
 
     def end_attempt(self, ctx: RequestContext, attempt: Attempt, chunk_gaps_s: Sequence[float] = ()) -> None:
         """End an attempt's CLIENT span and record its metrics (chunk gaps: streams only)."""
-        self._hooks.end_attempt(ctx, attempt, chunk_gaps_s)
+        try:
+            self._hooks.end_attempt(ctx, attempt, chunk_gaps_s)
+        except Exception:
+            self._hook_failed("end_attempt")
+
+    def _hook_failed(self, hook: str) -> None:
+        """A telemetry hook raised (a mapping bug, an odd value): the request goes on without that telemetry; the
+        failure is logged with its traceback, once per hook, and counted as dropped telemetry."""
+        self.dropped_counter.add("traces", "hook_failed", 1)
+        if hook not in self._hooks_failed:
+            self._hooks_failed.add(hook)
+            logger.exception("telemetry hook %s failed; requests are served without it", hook)
 
     def observe_gpus(self, monitor) -> None:
         """Export the GPU readings (hw.*) and per-model energy totals of an energy monitor."""
@@ -225,7 +244,10 @@ class Telemetry:
 
     def finish_request(self, ctx: RequestContext) -> None:
         """End the SERVER span and record the request's metrics (once; for streams, at the end)."""
-        self._hooks.finish_request(ctx)
+        try:
+            self._hooks.finish_request(ctx)
+        except Exception:
+            self._hook_failed("finish_request")
 
     # lifecycle
 

@@ -346,7 +346,12 @@ def usage_from_response(body: dict) -> Usage | None:
 
 
 class _MalformedUsage(ValueError):
-    """A usage count that is not a non-negative integer."""
+    """A usage count that is not a non-negative integer, or is past MAX_REPORTED_TOKENS."""
+
+
+#: the largest token count believed from a model server: no answer comes near it, and a count past int64 could not
+#: be recorded at all (the ledger's JSON, OTLP's integer attributes, metric sums), so a larger one is a server's bug
+MAX_REPORTED_TOKENS = 2 ** 32 - 1
 
 
 def _parse_usage(usage: dict) -> Usage | None:
@@ -362,14 +367,15 @@ def _parse_usage(usage: dict) -> Usage | None:
 
 
 def _count(mapping: dict, *keys: str) -> int | None:
-    """The first count present among keys, None when none is; a whole number sent as a float (`12.0`) counts."""
+    """The first count present among keys, None when none is; a whole number sent as a float (`12.0`) counts,
+    one past MAX_REPORTED_TOKENS does not."""
     for key in keys:
         value = mapping.get(key)
         if value is None:
             continue
         if type(value) is float and value.is_integer():
             value = int(value)
-        if type(value) is not int or value < 0:
+        if type(value) is not int or not 0 <= value <= MAX_REPORTED_TOKENS:
             raise _MalformedUsage(f"{key}: {value!r}")
         return value
     return None

@@ -138,6 +138,7 @@ class HttpTransport:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise status_error(call.model, resp.status, raw, resp.headers)
+                not_an_answer(call.model, resp.status)
                 try:
                     body = orjson.loads(raw)
                 except orjson.JSONDecodeError as exc:
@@ -148,7 +149,7 @@ class HttpTransport:
                     # an error reported with status 200 (some servers do): a failure, as it is in a stream
                     raise UpstreamProtocolError(f"model '{call.model.name}' answered 200 with an error: "
                                                 f"{error_message(error)}")
-                return UpstreamAnswer(resp.status, body, raw)
+                return UpstreamAnswer(200, body, raw)      # any 2xx is the answer: the client gets OpenAI's 200
 
     @asynccontextmanager
     async def stream(self, call: UpstreamCall) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -163,6 +164,7 @@ class HttpTransport:
                     self._url(call), data=call.body, headers=call.headers, timeout=client_timeout(call.model.timeouts)))
                 if resp.status >= 400:
                     raise status_error(call.model, resp.status, await resp.read(), resp.headers)
+                not_an_answer(call.model, resp.status)
             # outside the translation: what the caller's block raises (a write to a client that left, say)
             # is the caller's own error, not the model's
             yield _translated_events(call.model, iter_events(resp.content.iter_any()))
@@ -172,6 +174,13 @@ async def _translated_events(model: Model, events: AsyncIterator[bytes]) -> Asyn
     with UpstreamErrors(model):
         async for event in events:
             yield event
+
+
+def not_an_answer(model: Model, status: int) -> None:
+    """A status under 400 that is no success (a 1xx or 3xx aiohttp did not resolve, 0) carries no answer a client
+    could read: the model's answer is broken (its body is never relayed, its status never given the client)."""
+    if not 200 <= status < 300:
+        raise UpstreamProtocolError(f"model '{model.name}' answered HTTP {status}, not an answer")
 
 
 def status_error(model: Model, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamStatus:
@@ -193,12 +202,24 @@ def status_error(model: Model, status: int, raw: bytes, headers: Mapping[str, st
                           retry_after_s=retry_after_s(headers))
 
 
+#: the most of a model server's error message passed on to the client
+MAX_ERROR_MESSAGE_CHARS = 1000
+#: how a Python stack trace opens (what a model server's unhandled exception may send as its message)
+TRACEBACK_OPENING = "Traceback (most recent call last)"
+
+
 def error_message(error: object) -> str:
     """The message of an error a model server reported: an OpenAI error object's, or the error itself when it is
-    a string (TGI's shape)."""
+    a string (TGI's shape); of a stack trace only its last line (the exception: the trace's files and code are the
+    server's own), and at most MAX_ERROR_MESSAGE_CHARS of it."""
     if isinstance(error, dict):
         error = error.get("message", "")
-    return error if isinstance(error, str) else ""
+    if not isinstance(error, str):
+        return ""
+    if TRACEBACK_OPENING in error:
+        error = next((line.strip() for line in reversed(error.splitlines())
+                      if line.strip() and TRACEBACK_OPENING not in line), "")
+    return error if len(error) <= MAX_ERROR_MESSAGE_CHARS else error[:MAX_ERROR_MESSAGE_CHARS] + "…"
 
 
 class UpstreamErrors:

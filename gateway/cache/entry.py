@@ -62,6 +62,8 @@ def _complete(choice: Any) -> bool:
     if not isinstance(choice, dict) or not isinstance(reason := choice.get("finish_reason"), str):
         return False
     message = choice.get("message")
+    if "message" in choice and not isinstance(message, dict):
+        return False                        # a chat choice whose message is no object: a stream could not replay it
     if isinstance(message, dict) and (message.get("tool_calls") or message.get("function_call")):
         return False
     return reason in COMPLETE_FINISH_REASONS

@@ -22,8 +22,8 @@ from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
 from gateway.routing.estimates import MAX_SAMPLES
 from gateway.policy.model import (
-    ENDPOINTS, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger, Limits,
-    Match, Model, Policy, Price, Route, Routing, Server, Sla, Store, Telemetry, Tenant, Timeouts,
+    ENDPOINTS, MAX_USD, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger,
+    Limits, Match, Model, Policy, Price, Route, Routing, Server, Sla, Store, Telemetry, Tenant, Timeouts,
 )
 from gateway.policy.validate import (
     INT, INVALID, NULL, STR, Check, Converter, Section, Spec, Walk, definition, did_you_mean, flag, integer,
@@ -32,9 +32,6 @@ from gateway.policy.validate import (
 
 SUPPORTED_VERSION = 1
 ENCODINGS = ("cl100k_base", "o200k_base")
-#: the largest amount of money a policy may name (a price, a ceiling, a budget): beyond any real figure,
-#: and within what the gateway's decimal arithmetic carries exactly
-MAX_USD = 1e9
 
 
 def choice(*options: str) -> Converter:

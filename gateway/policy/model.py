@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
+#: the largest amount of money a policy may name (a price, a ceiling, a budget), or a request's header: beyond any
+#: real figure, and within what the gateway's decimal arithmetic carries exactly
+MAX_USD = 1e9
+
 Endpoint = Literal["chat", "completions", "embeddings"]
 ENDPOINTS: tuple[str, ...] = ("chat", "completions", "embeddings")
 

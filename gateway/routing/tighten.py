@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 from gateway.errors import ClientError
+from gateway.policy.model import MAX_USD
+
+#: the finest amount a cost ceiling from a header is read to
+PICO_USD = Decimal("1E-12")
 
 HEADER_MAX_LATENCY_MS = "x-gateway-max-latency-ms"
 HEADER_MAX_TTFT_MS = "x-gateway-max-ttft-ms"
@@ -59,18 +63,19 @@ def _tier(value: str) -> int:
 
 
 def _usd(value: str) -> Decimal:
-    """A non-negative, finite amount of USD."""
+    """A non-negative, finite amount of USD, at most MAX_USD as in a policy (`1e999999999` is a Decimal that
+    overflows as soon as it is printed or normalised), to the pico-dollar (`1e-900000` would print as 900 KB)."""
     amount = Decimal(value)
-    if not amount.is_finite() or amount < 0:
+    if not amount.is_finite() or amount < 0 or amount > MAX_USD:
         raise ValueError("expected a non-negative amount of USD")
-    return amount
+    return amount.quantize(PICO_USD, rounding=ROUND_DOWN)
 
 
 _PARSERS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     (HEADER_MAX_LATENCY_MS, "max_latency_ms", _positive, "a positive number of milliseconds"),
     (HEADER_MAX_TTFT_MS, "max_ttft_ms", _positive, "a positive number of milliseconds"),
     (HEADER_MIN_TIER, "min_tier", _tier, "a non-negative integer"),
-    (HEADER_MAX_COST_USD, "max_cost_usd", _usd, "a non-negative amount of USD"),
+    (HEADER_MAX_COST_USD, "max_cost_usd", _usd, f"a non-negative amount of USD, at most {MAX_USD:.0f}"),
     (HEADER_MAX_ENERGY_J, "max_energy_j", _positive, "a positive number of joules"),
 )
 

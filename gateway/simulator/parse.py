@@ -10,6 +10,10 @@ from gateway.simulator.text import count_chat_tokens, count_prompt_tokens
 
 #: the most answers one request may ask for (`n`), as OpenAI allows
 MAX_CHOICES = 128
+#: the most vector dimensions and embedding inputs one request may ask for (text-embedding-3-large's 3072,
+#: and OpenAI's 2048 inputs per request): larger asks are a 400, not minutes of work on the simulator's loop
+MAX_DIMENSIONS = 3072
+MAX_EMBEDDING_INPUTS = 2048
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
     given = body.get("input")
     inputs = _embedding_inputs(given)
     dimensions = body.get("dimensions")
-    if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
-        raise ClientError("'dimensions' must be a positive integer.", param="dimensions")
+    if dimensions is not None and (not _is_int(dimensions) or not 1 <= dimensions <= MAX_DIMENSIONS):
+        raise ClientError(f"'dimensions' must be an integer from 1 to {MAX_DIMENSIONS}.", param="dimensions")
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ("float", "base64"):
         raise ClientError("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
@@ -97,6 +101,8 @@ def _embedding_inputs(given: Any) -> tuple[Any, ...]:
     """One item per vector asked for."""
     if isinstance(given, str):
         return (given,)
+    if isinstance(given, list) and len(given) > MAX_EMBEDDING_INPUTS and not all(_is_int(item) for item in given):
+        raise ClientError(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items.", param="input")
     if isinstance(given, list) and given and all(_is_int(item) for item in given):
         return (tuple(given),)
     if isinstance(given, list) and given and all(_is_text_or_ids(item) for item in given):

@@ -46,7 +46,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise ClientError(f"We could not parse the JSON body of your request ({exc}). The gateway expects a "
                           "JSON payload, but what was sent was not valid JSON.", code=None) from exc
     if not isinstance(body, dict):
-        raise ClientError(f"the JSON body must be an object, not {type(body).__name__}")
+        raise ClientError(f"the JSON body must be an object, not {json_kind(body)}")
     if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and not _depth_within(body, MAX_JSON_DEPTH):
         raise ClientError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     return body

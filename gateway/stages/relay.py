@@ -185,6 +185,8 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     try:
         async with asyncio.timeout(wait_s) as deadline:
             async for event in events:
+                if not event.endswith(b"\n\n"):   # the last, cut before its blank line: ended, so that what
+                    event += b"\n"                # follows it ([DONE], an error event) is an event of its own
                 data = event_data(event)
                 if not data:                # a comment: kept alive for the client, not for the deadline (an
                     # event whose data is empty is not dispatched, as SSE says: the SDK could not parse it)

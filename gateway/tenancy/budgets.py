@@ -335,9 +335,10 @@ class RedisBudgets:
             await asyncio.sleep(CHARGE_FLUSH_S)
             if self._gathering.get(tenant_name) is gathering:
                 del self._gathering[tenant_name]    # closed: later charges gather for the next flush
-            for earlier in self._unlanded[tenant_name]:
-                if earlier is gathering:
-                    break
+            # the flushes before this one, as they stand now: the list shrinks as they land, and walking it
+            # while it does would skip some and wait on a later flush, which waits on this one
+            unlanded = self._unlanded[tenant_name]
+            for earlier in unlanded[:unlanded.index(gathering)]:
                 await asyncio.shield(earlier.landed)
             self._sent += 1
             gathering.seq = self._sent

@@ -20,6 +20,7 @@ class Arrival:
     name: str
     first_arg: str
     args: tuple[str, ...] = ()
+    data: bytes = b""                       # everything the read brought: pipelined commands too
 
 
 def command_of(data: bytes) -> tuple[str, str, tuple[str, ...]]:
@@ -39,6 +40,7 @@ class DelayingRedisProxy:
         self.redis_port = redis_port
         self.delay_s = delay_s
         self.arrivals: list[Arrival] = []
+        self.holding = threading.Event()    # set: replies are held until it is cleared
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -70,7 +72,7 @@ class DelayingRedisProxy:
 
         async def commands() -> None:
             while data := await client_r.read(65536):
-                self.arrivals.append(Arrival(time.monotonic(), *command_of(data)))
+                self.arrivals.append(Arrival(time.monotonic(), *command_of(data), data=data))
                 redis_w.write(data)
                 await redis_w.drain()
             redis_w.close()
@@ -78,6 +80,8 @@ class DelayingRedisProxy:
         async def replies() -> None:
             while data := await redis_r.read(65536):
                 await asyncio.sleep(self.delay_s)
+                while self.holding.is_set():    # replies wait while a test holds them
+                    await asyncio.sleep(0.01)
                 client_w.write(data)
                 await client_w.drain()
             client_w.close()

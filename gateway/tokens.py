@@ -190,7 +190,8 @@ def _inputs_tokens(enc: tiktoken.Encoding, value: Any, param: str) -> int:
     if isinstance(value, str):
         return _text(enc, value)
     if not isinstance(value, list):
-        raise ClientError(f"'{param}' must be a string, a list of strings or token arrays", param=param)
+        raise ClientError(f"'{param}' must be a string, a list of strings or token arrays", param=param,
+                          code="invalid_type")
     if _is_token_array(value):
         return len(value)
     total = 0
@@ -200,18 +201,18 @@ def _inputs_tokens(enc: tiktoken.Encoding, value: Any, param: str) -> int:
         elif isinstance(item, list) and _is_token_array(item):
             total += len(item)
         else:
-            raise ClientError(f"'{param}' items must be strings or token arrays", param=param)
+            raise ClientError(f"'{param}' items must be strings or token arrays", param=param, code="invalid_type")
     return total
 
 
 def _chat_tokens(enc: tiktoken.Encoding, body: dict, overhead: ToolOverhead) -> int:
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise ClientError("'messages' must be a list", param="messages")
+        raise ClientError("'messages' must be a list", param="messages", code="invalid_type")
     total = REPLY_PRIMING_TOKENS
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ClientError("each message must be an object", param=f"messages[{index}]")
+            raise ClientError("each message must be an object", param=f"messages[{index}]", code="invalid_type")
         total += _message_tokens(enc, message)
     for param in ("tools", "functions"):
         total += _tools_tokens(enc, body.get(param), overhead, param)
@@ -274,11 +275,11 @@ def _tools_tokens(enc: tiktoken.Encoding, tools: Any, overhead: ToolOverhead, pa
     if not tools:
         return 0
     if not isinstance(tools, list):
-        raise ClientError(f"'{param}' must be a list", param=param)
+        raise ClientError(f"'{param}' must be a list", param=param, code="invalid_type")
     total = overhead.func_end
     for tool in tools:
         if not isinstance(tool, dict):
-            raise ClientError(f"each of '{param}' must be an object", param=param)
+            raise ClientError(f"each of '{param}' must be an object", param=param, code="invalid_type")
         total += _function_def_tokens(enc, _definition(tool), overhead)
     return total
 

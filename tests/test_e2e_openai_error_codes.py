@@ -111,3 +111,17 @@ def test_a_body_that_is_not_an_object_keeps_the_gateways_code(gw):
     error = refused(gw, "/chat/completions", content=b"[1, 2]")
     assert (error.code, error.param) == ("invalid_request", None)
     assert gw.openai().chat.completions.create(model="auto", messages=MESSAGES, max_tokens=1).choices
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/completions", {"model": "auto", "prompt": [1.5, "x"]}, "prompt"),
+    ("/embeddings", {"model": "text-embedding-3-small", "input": [{"a": 1}]}, "input"),
+    ("/chat/completions", {"model": "auto", "messages": ["hi"]}, "messages[0]"),
+    ("/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "tools": {"a": 1}},
+     "tools"),
+])
+def test_a_prompt_or_tool_list_of_the_wrong_shape_is_invalid_type(gw, path, body, param):
+    """A prompt, input, message or tool list whose items are of the wrong JSON type is `invalid_type` on that
+    field, as OpenAI answers it (it was the gateway's own `invalid_request`)."""
+    error = refused(gw, path, body)
+    assert (error.status_code, error.code, error.param) == (400, "invalid_type", param)

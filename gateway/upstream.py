@@ -97,15 +97,23 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds from a `retry-after-ms` header (OpenAI's, which its SDKs read first), else from `Retry-After`, as
     delta-seconds or an HTTP date, at most MAX_RETRY_AFTER_S; None when absent or unreadable (`inf`, `nan`,
     garbage)."""
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        try:
-            seconds = float(value) / 1000
-        except ValueError:
-            seconds = math.nan
-        if math.isfinite(seconds):
-            return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
-    value = headers.get("Retry-After")
+    seconds = _milliseconds_s(headers.get("retry-after-ms"))
+    if seconds is None:
+        seconds = _retry_after_value_s(headers.get("Retry-After"))
+    return None if seconds is None else min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def _milliseconds_s(value: str | None) -> float | None:
+    """A `retry-after-ms` value in seconds; None when absent or not a finite number."""
+    try:
+        seconds = float(value) / 1000 if value is not None else math.nan
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _retry_after_value_s(value: str | None) -> float | None:
+    """A `Retry-After` value (delta-seconds or an HTTP date) in seconds; None when absent or unreadable."""
     if value is None:
         return None
     try:
@@ -115,9 +123,7 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+    return seconds if math.isfinite(seconds) else None
 
 
 class HttpTransport:

@@ -23,6 +23,7 @@ from decimal import Decimal
 
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.cost import format_usd, request_cost_usd
+from gateway.errors import UpstreamTimeout
 
 
 def gpu_seconds(attempt: Attempt) -> float | None:
@@ -32,10 +33,6 @@ def gpu_seconds(attempt: Attempt) -> float | None:
             or attempt.error_type == "connect_error":
         return None
     return (attempt.ended_s - attempt.started_s) * model.gpu_count / model.max_concurrency
-
-
-#: the error type of an attempt that timed out (UpstreamTimeout's reason)
-TIMEOUT = "timeout"
 
 
 def _split_whole_answer(estimates, attempt: Attempt, elapsed_s: float, output: int) -> tuple[float | None,
@@ -85,7 +82,7 @@ class Account:
         a share of its calls, never enough in a row to open its circuit, must not go on looking fast)."""
         fleet = self.services.fleet
         for tried in ctx.attempts:
-            if tried.error_type == TIMEOUT and tried.dispatched and tried.ttft_s is None and tried.ended_s:
+            if tried.error_type == UpstreamTimeout.reason and tried.dispatched and tried.ttft_s is None and tried.ended_s:
                 fleet.record_latency(tried.model.name, tried.ended_s - tried.started_s, None)
         if attempt.status != 200 or attempt.ended_s is None or ctx.endpoint == "embeddings":
             return

@@ -69,7 +69,7 @@ class Lookup:
         stores = self.services.stores
         if not lookup or not stores.cache.remote:   # an in-process store answers at once: nothing to overlap
             return None
-        if store and not stores.singleflight.local_only:
+        if _across_replicas(ctx, stores.singleflight):
             # a miss also tries the cross-replica lock, in the same round trip: a miss that leads waits for no more
             ctx.cache_read = asyncio.ensure_future(stores.singleflight.read_or_acquire(ctx.cache_key))
         else:
@@ -81,10 +81,21 @@ class Lookup:
         if read is None:
             return
         singleflight = self.services.stores.singleflight
-        if ctx.cache_store and not singleflight.local_only:     # refused, or the client left, before `Cache` took it
+        if _across_replicas(ctx, singleflight):     # refused, or the client left, before `Cache` took it
             self.services.background.spawn(_give_back(read, singleflight, ctx.cache_key), name="cache-lock")
         else:
             read.add_done_callback(_unheard)
+
+
+def _across_replicas(ctx: RequestContext, singleflight: SingleFlight) -> bool:
+    """Whether identical requests wait for this one across replicas, through the Redis lock its read tries: a
+    shared lock, and an answer that will be stored for them to find (not `no-store`)."""
+    return ctx.cache_store and not singleflight.local_only
+
+
+def _entry(raw: bytes | None) -> CacheEntry | None:
+    """The entry stored as `raw`; None for none (or one that does not decode)."""
+    return decode_entry(raw) if raw is not None else None
 
 
 def _unheard(read: asyncio.Future) -> None:
@@ -120,7 +131,7 @@ class Cache:
         ctx.cache_status = "miss"
         with self.services.telemetry.cache_span(ctx):
             raw, token = await self._read(ctx)
-            stored = self._servable(ctx, decode_entry(raw) if raw is not None else None)
+            stored = self._servable(ctx, _entry(raw))
             # another model's answer counts as none: identical requests share a call
             entry = stored or self._servable(ctx, await self._single_flight(ctx, raw is None, token))
             if entry is not None:
@@ -144,17 +155,12 @@ class Cache:
         """`entry`, or None when its model may not answer this request: it calls, and its answer replaces it."""
         return entry if entry is not None and may_answer(ctx.decision, entry.model) else None
 
-    async def _lookup(self, key: str) -> CacheEntry | None:
-        """The entry at `key`, read now."""
-        raw = await self.services.stores.cache.get(key)
-        return decode_entry(raw) if raw is not None else None
-
     async def _single_flight(self, ctx: RequestContext, tried: bool = False,
                              token: str | None = None) -> CacheEntry | None:
         """Follow an identical request in flight (its entry), or lead one (None: call upstream). `tried`: the
         read found no entry and tried the cross-replica lock (`token`: this request holds it)."""
         singleflight = self.services.stores.singleflight
-        if singleflight.local_only or not ctx.cache_store:
+        if not _across_replicas(ctx, singleflight):
             # no-store: nothing will be stored for other replicas to find, so they are not made to wait
             flight = singleflight.try_lead(ctx.cache_key)
             if flight is not None:
@@ -204,7 +210,7 @@ class Cache:
 
     async def _poll(self, ctx: RequestContext) -> CacheEntry | None:
         """The entry another replica's leader stored, once there is one this request may be answered with."""
-        return self._servable(ctx, await self._lookup(ctx.cache_key))
+        return self._servable(ctx, _entry(await self.services.stores.cache.get(ctx.cache_key)))
 
     async def _answer(self, ctx: RequestContext, entry: CacheEntry) -> web.StreamResponse:
         """Answer from a cached entry: JSON, or a replayed SSE stream. It costs nothing."""

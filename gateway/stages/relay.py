@@ -28,6 +28,7 @@ from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamPr
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
 from gateway.stages.answers import GeneratedParts, read_identity
+from gateway.telemetry.content import CAPTURE_OUTPUT
 from gateway.tokens import usage_from_response
 from gateway.upstream import UpstreamCall, error_message
 
@@ -42,14 +43,19 @@ _TEXT_ONLY = frozenset(("role", "content"))
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("assembled", "unassembled", "text_chunks", "parts", "finish_reasons", "finished_choices", "done",
-                 "chunk_gaps_s", "last_output_s")
+    __slots__ = ("assembled", "unassembled", "captured", "_captured_body", "text_chunks", "parts", "finish_reasons",
+                 "finished_choices", "done", "chunk_gaps_s", "last_output_s")
 
-    def __init__(self, assemble_for: str | None) -> None:
+    def __init__(self, assemble_for: str | None, capture_for: str | None = None) -> None:
         # the answer the cache would store, folded in as the chunks pass (`assemble_for`: the endpoint, when the
         # cache wants it); given up for an answer too long to store, or of a shape the cache cannot replay
         self.assembled = StreamAssembler(assemble_for) if assemble_for is not None else None
         self.unassembled: str | None = None         # why it was given up
+        # the whole answer (tool calls with their ids, each choice's finish reason) for content capture
+        # (`capture_for`: the endpoint, when telemetry records it); a cache's own is not shared, as it is
+        # given up past what the cache can store and its body is taken once, for the entry
+        self.captured = StreamAssembler(capture_for) if capture_for is not None else None
+        self._captured_body: dict | None = None
         self.text_chunks = 0                        # the chunks that carried text: about one token each
         self.parts = GeneratedParts()               # the texts generated, by choice and part
         self.finish_reasons: list[str] = []
@@ -64,6 +70,8 @@ class StreamState:
         whose timing it notes. Choices of odd shapes are passed over."""
         if self.assembled is not None:
             self._assemble(chunk)
+        if self.captured is not None:
+            self._capture(chunk)
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             return False
@@ -106,6 +114,21 @@ class StreamState:
         if assembled.chars > MAX_ASSEMBLED_CHARS:
             self.assembled, self.unassembled = None, f"it is over {MAX_ASSEMBLED_CHARS} characters"
 
+    def _capture(self, chunk: dict) -> None:
+        try:
+            self.captured.add(chunk)
+        except (TypeError, AttributeError, KeyError, ValueError):
+            self.captured = None        # a shape the assembler cannot fold: capture keeps the text alone
+
+    def captured_answer(self) -> dict | None:
+        """The non-stream body the stream added up to, when content capture asked for it (assembled once)."""
+        if self._captured_body is None and self.captured is not None:
+            try:
+                self._captured_body = self.captured.body()
+            except TypeError:           # choice indexes of mixed types cannot be put in order
+                self.captured = None
+        return self._captured_body
+
     def finished(self, choices: int) -> bool:
         """Every one of the `choices` asked for has had its finish reason."""
         return all(index in self.finished_choices for index in range(choices))
@@ -142,7 +165,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                        on_first_event: Callable[[RequestContext, Attempt], None],
                        energy=None) -> web.StreamResponse:
     """Relay one upstream stream; returns the client's response once the stream has ended."""
-    state = StreamState(assemble_for=ctx.endpoint if ctx.cache_key is not None else None)
+    state = StreamState(assemble_for=ctx.endpoint if ctx.cache_key is not None else None,
+                        capture_for=ctx.endpoint if ctx.extra.get(CAPTURE_OUTPUT) else None)
     try:
         async with transport.stream(call) as events:
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)

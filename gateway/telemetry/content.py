@@ -5,6 +5,9 @@ conventions' message schemas: `{"role", "parts": [...], "finish_reason"}`, parts
 `{"type": "text", "content"}`, `{"type": "tool_call", "id", "name", "arguments"}`
 and `{"type": "tool_call_response", "id", "response"}`; finish_reason is
 required in every output message. Pure functions with no OpenTelemetry SDK import.
+
+A streamed answer is captured as the non-stream answer it adds up to: the relay assembles it as it passes,
+but only for a request marked `CAPTURE_OUTPUT` (capture on, its span recording); others pay nothing per chunk.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
+
+#: ctx.extra key set when a request's output messages will be recorded: its stream is then assembled whole
+CAPTURE_OUTPUT = "telemetry.capture_output"
 
 #: an output message's finish_reason (required by the output messages schema, which allows any string) when
 #: the answer did not say it
@@ -42,6 +48,9 @@ def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any
     record = ctx.stream_record
     if record is None:
         return []
+    answer = record.captured_answer()
+    if answer is not None and answer["choices"]:
+        return [_output_choice(choice) for choice in answer["choices"]]
     texts = record.parts.texts() or [(0, "")]
     # finish_reason is required in each output message; a stream's reasons arrive in the order its choices
     # finished, not by choice, so each choice has one only when a single reason was seen for all of them
@@ -87,10 +96,14 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_call_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """An assistant message's tool calls as tool_call parts (id, name, arguments: parsed when JSON)."""
+    """An assistant message's tool calls, and its legacy `function_call` (which has no id), as tool_call parts
+    (id, name, arguments: parsed when JSON)."""
+    calls = [call for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    if isinstance(message.get("function_call"), dict):
+        calls.append({"function": message["function_call"]})
     parts = []
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
+    for call in calls:
+        function = call.get("function")
         if not isinstance(function, dict):
             continue
         part: dict[str, Any] = {"type": "tool_call", "name": str(function.get("name", ""))}

@@ -105,6 +105,7 @@ class Hooks:
         attributes = {**genai.child_attributes(ctx), genai.MODEL_SELECTED: attempt.model.name,
                       **genai.attempt_attributes(ctx, attempt)} if ctx.span.recording else {}
         if self._capture_content and ctx.span.recording:
+            ctx.extra[content.CAPTURE_OUTPUT] = True       # a stream keeps its whole answer for the output messages
             messages = content.input_messages(ctx)
             if messages:
                 attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)

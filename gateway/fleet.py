@@ -15,6 +15,7 @@ from gateway.policy.model import Model, Policy
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.planner import Router
+from gateway.routing.sharing import EstimateSharing
 from gateway.routing.slots import Slots
 
 
@@ -32,6 +33,18 @@ class Fleet:
         self._models = dict(policy.models)
         self._routers: dict[str, Router] = {}
         self.router(policy)
+        #: sends this process's latency samples to the other processes and takes theirs (routing.share_estimates)
+        self.sharing: EstimateSharing | None = None
+
+    @property
+    def models(self) -> dict[str, Model]:
+        """The models of the policy now in force."""
+        return self._models
+
+    def share(self, sharing: EstimateSharing, policy: Policy) -> None:
+        """Share latency samples through `sharing` while the policy says so (a reload turns it on or off)."""
+        self.sharing = sharing
+        sharing.enabled = policy.routing.share_estimates
 
     def router(self, policy: Policy) -> Router:
         """The router for one policy version (built once per version; the two newest are kept)."""
@@ -60,6 +73,8 @@ class Fleet:
         self.estimates.track(policy.models)
         self.slots.configure(policy.models)
         self.breakers.configure(routing.breaker)
+        if self.sharing is not None:
+            self.sharing.enabled = routing.share_estimates
         self.router(policy)
 
     def started(self, model_name: str) -> None:
@@ -76,6 +91,8 @@ class Fleet:
 
     def record_latency(self, model_name: str, ttft_s: float | None, tpot_s: float | None) -> None:
         self.estimates.record(model_name, ttft_s, tpot_s)
+        if self.sharing is not None:
+            self.sharing.add(model_name, ttft_s, tpot_s)
 
     def record_energy(self, model_name: str, joules: float, output_tokens: int) -> None:
         self.estimates.record_energy(model_name, joules, output_tokens)

@@ -27,6 +27,7 @@ from gateway.outcomes import Book
 from gateway.policy.advice import advice
 from gateway.recorder import Recorder
 from gateway.runtime import PolicyHolder
+from gateway.routing.sharing import EstimateSharing
 from gateway.stores import Stores, redis_url_problem
 from gateway.tasks import BackgroundTasks
 from gateway.telemetry import Telemetry
@@ -113,10 +114,13 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             telemetry=Telemetry.from_env(started.telemetry, environ=environ),
                             recorder=recorder)
         recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
+        sharing = share_estimates(services, started)
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         services.telemetry.observe_store_failures(lambda: {"limits": services.stores.limiter.store_failures,
                                                            "budgets": services.stores.budgets.store_failures,
-                                                           "outcomes": services.stores.outcomes.store_failures})
+                                                           "outcomes": services.stores.outcomes.store_failures,
+                                                           **({"estimates": sharing.store_failures}
+                                                              if sharing is not None else {})})
         if recorder.ledger is not None:
             services.telemetry.observe_ledger_errors(lambda: recorder.ledger.write_errors)
         services.telemetry.observe_policy(lambda: holder.current.policy)
@@ -145,6 +149,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         await close_each((
             ("background tasks", lambda: services.background.drain(timeout_s=started.server.grace_period_s)),
             ("the GPU sampler", energy.stop),
+            ("estimate sharing", sharing.stop if sharing is not None else lambda: None),
             ("the ledger", lambda: asyncio.to_thread(services.recorder.close)),     # waits up to 3 s on a slow disk
             ("the stores", services.stores.close),
             ("the upstream session", session.close),
@@ -152,6 +157,22 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         ))
 
     return lifecycle
+
+
+def share_estimates(services: Services, policy) -> EstimateSharing | None:
+    """Latency samples shared with the other processes through Redis, following `routing.share_estimates`
+    (a reload turns it on or off); None without a Redis, when the policy asking for it is told so."""
+    stores = services.stores
+    if stores.redis is None:
+        if policy.routing.share_estimates:
+            log.warning("routing.share_estimates: no Redis is configured, so each process routes by its own "
+                        "latency samples")
+        return None
+    sharing = EstimateSharing(stores.redis, policy.store.key_prefix, policy.store.timeout_ms / 1000,
+                              services.fleet.estimates, lambda: services.fleet.models)
+    services.fleet.share(sharing, services.holder.current.policy)
+    sharing.start()
+    return sharing
 
 
 def say_advice(policy) -> None:

@@ -1,4 +1,5 @@
-"""Settings a policy may hold that take no effect as written: said by `policy check` and at start-up and reload.
+"""Settings a policy may hold that take no effect as written, or one it likely does not mean: said by `policy
+check` and at start-up and reload.
 
 They are valid (a policy with them loads), so they are advice, not problems.
 """
@@ -9,7 +10,8 @@ from gateway.policy.model import DEFAULT_PRIORITY, Policy
 
 
 def advice(policy: Policy) -> list[str]:
-    """One line per setting that does nothing as the rest of the policy stands."""
+    """One line per setting that does nothing as the rest of the policy stands, or orders routing unlike what it
+    likely means (a candidate without size_b tried first)."""
     notes = []
     prioritised = sorted(name for name, tenant in policy.tenants.items() if tenant.priority != DEFAULT_PRIORITY)
     if prioritised and policy.routing.queue_timeout_ms <= 0:
@@ -19,8 +21,20 @@ def advice(policy: Policy) -> list[str]:
         if route.sla.max_energy_j is not None and set(route.match.endpoints) == {"embeddings"}:
             notes.append(f"routes.{route.name}.sla.max_energy_j: embeddings have no output tokens to scale an "
                          f"energy prediction, so it is not applied")
+        size_less = [name for name in route.candidates if not policy.models[name].size_b]
+        if size_less and len(size_less) < len(route.candidates):
+            notes.append(_size_less_first(route.name, size_less,
+                                          [name for name in route.candidates if name not in size_less]))
         below = [name for name in route.fallback if policy.models[name].tier < route.sla.min_tier]
         if below:
             notes.append(f"routes.{route.name}.fallback: {', '.join(below)} below sla.min_tier {route.sla.min_tier}: "
                          f"never planned (the tier is a hard term, for fallbacks too)")
     return notes
+
+
+def _size_less_first(route_name: str, size_less: list[str], sized: list[str]) -> str:
+    """The note for a route whose candidates mix models with and without a size: those without sort first."""
+    has, they_are = ("has", "it is") if len(size_less) == 1 else ("have", "they are")
+    return (f"routes.{route_name}.candidates: {', '.join(size_less)} {has} size_b 0 (the default when none is set), "
+            f"so {they_are} tried before {', '.join(sized)}: the router picks the smallest candidate that meets the "
+            f"SLA; give every candidate its size_b")

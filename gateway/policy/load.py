@@ -263,6 +263,7 @@ ROUTING = Section(Routing, {
     "breaker": BREAKER,
     "max_attempts": integer(positive),
     "queue_timeout_ms": real(non_negative),
+    "share_estimates": flag(),
 })
 STORE = Section(Store, {
     "redis_url": text(url_with("redis", "rediss", "unix")),

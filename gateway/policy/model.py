@@ -187,6 +187,8 @@ class Routing:
     max_attempts: int = 4
     #: > 0: a model's max_concurrency caps this process's calls on it, the rest wait this long, by tenant priority
     queue_timeout_ms: float = 0.0
+    #: every process sends its latency samples to Redis and routes by all of them (needs a Redis)
+    share_estimates: bool = False
 
 
 @dataclass(frozen=True)

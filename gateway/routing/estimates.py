@@ -5,7 +5,12 @@ token). The YAML prior counts as `prior_weight` pseudo-samples that never
 expire, so an untried model is predicted at its prior rather than at zero,
 and real samples dominate once there are many. Samples live in a sorted list
 kept up to date on insert and expiry (bisect), so a percentile is one index.
-Percentiles are nearest-rank over prior and samples together.
+Percentiles are nearest-rank over prior and samples together. While those are
+too few for a percentile to be anything but their largest (fewer than 20 for
+p95: `evidence_needed`), the prior counts for the missing ones, so one slow
+answer after a start, a reload or a quiet spell cannot set a p95 by itself;
+two of twenty can. A `prior_weight` of 0 asks for the samples alone, and
+gets them.
 
 Energy is learned from the joules measured on a model's GPUs and attributed
 to its answers (see gateway.energy): joules per output token, the sum of the
@@ -19,6 +24,7 @@ measure, and must not then pass for one never measured.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import time
 from collections import deque
@@ -35,13 +41,15 @@ MAX_OUTPUT_SAMPLES = 256
 class SampleWindow:
     """Time-windowed samples of one quantity, plus a prior that never expires."""
 
-    __slots__ = ("_times_s", "_values", "_sorted", "_prior", "_max_samples")
+    __slots__ = ("_times_s", "_values", "_sorted", "_prior", "_prior_weight", "_below_prior", "_max_samples")
 
     def __init__(self, prior: float | None, prior_weight: int, max_samples: int) -> None:
         self._times_s: deque[float] = deque()
         self._values: deque[float] = deque()
         self._prior = prior
-        self._sorted: list[float] = [prior] * prior_weight if prior is not None else []
+        self._prior_weight = prior_weight if prior is not None else 0
+        self._sorted: list[float] = [prior] * self._prior_weight
+        self._below_prior = 0               # samples below the prior: where its pseudo-samples sit in `_sorted`
         self._max_samples = max_samples
 
     def __len__(self) -> int:
@@ -49,12 +57,17 @@ class SampleWindow:
         return len(self._values)
 
     def add(self, now_s: float, value: float) -> None:
-        """Record one sample taken at `now_s`."""
+        """Record one sample taken at `now_s` (one dated before the newest counts from the newest: the window
+        expires samples in the order they came)."""
         if len(self._values) >= self._max_samples:
             self._drop_oldest()
+        if self._times_s and now_s < self._times_s[-1]:
+            now_s = self._times_s[-1]
         self._times_s.append(now_s)
         self._values.append(value)
         bisect.insort(self._sorted, value)
+        if self._prior_weight and value < self._prior:
+            self._below_prior += 1
 
     def expire(self, cutoff_s: float) -> None:
         """Drop samples taken before `cutoff_s`."""
@@ -67,22 +80,54 @@ class SampleWindow:
         self._times_s.popleft()
         value = self._values.popleft()
         del self._sorted[bisect.bisect_left(self._sorted, value)]
+        if self._prior_weight and value < self._prior:
+            self._below_prior -= 1
 
     def quantile(self, q: float) -> float | None:
-        """Nearest-rank quantile of prior and samples; None when there is neither."""
+        """Nearest-rank quantile of prior and samples; None when there is neither.
+
+        While prior and samples are too few for the quantile to be anything but their largest (fewer than
+        `evidence_needed(q)`), the prior counts for the missing ones (not with `prior_weight` 0: samples alone).
+        """
         ordered = self._sorted
-        if not ordered:
+        count = len(ordered)
+        if not count:
             return self._prior
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+        rank = math.ceil(q * count) - 1
+        if rank < count - 1 or not self._prior_weight:
+            return ordered[max(0, rank)]
+        missing = evidence_needed(q) - count        # the prior's extra pseudo-samples, after the first `below`
+        if missing <= 0:
+            return ordered[rank]
+        rank = math.ceil(q * (count + missing)) - 1
+        below = self._below_prior
+        if rank < below:
+            return ordered[rank]
+        return self._prior if rank < below + missing else ordered[rank - missing]
 
     def quantile_with(self, q: float, prior: float, weight: int) -> float:
         """Nearest-rank quantile as if `prior` were `weight` more samples (a prior known only when asked)."""
         ordered = self._sorted
-        if weight > 0:
-            ordered = ordered.copy()
-            at = bisect.bisect_left(ordered, prior)
-            ordered[at:at] = [prior] * weight
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else prior
+        if not ordered:
+            return prior
+        weight = max(0, weight)
+        rank = max(0, math.ceil(q * (len(ordered) + weight)) - 1)
+        below = bisect.bisect_left(ordered, prior)
+        if rank < below:
+            return ordered[rank]
+        return prior if rank < below + weight else ordered[rank - weight]
+
+
+@functools.cache
+def evidence_needed(q: float) -> int:
+    """The fewest values whose nearest-rank q-quantile is not their largest (20 for p95, 2 for the median):
+    among fewer, the largest value alone sets it."""
+    if q >= 1.0:
+        return 1                            # the largest at any count: more values would not change that
+    count = max(1, math.ceil(1.0 / (1.0 - q)) - 2)   # start a little below: the float division rounds either way
+    while math.ceil(q * count) >= count:
+        count += 1
+    return count
 
 
 class _ModelStats:
@@ -186,12 +231,14 @@ class LatencyEstimates:
             if model.name not in self._models:
                 self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
 
-    def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None) -> None:
-        """Record one finished call's TTFT and TPOT; unknown models are ignored."""
+    def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None, *,
+               age_s: float = 0.0) -> None:
+        """Record one finished call's TTFT and TPOT, measured `age_s` ago (another process's, shared);
+        unknown models are ignored."""
         stats = self._models.get(model_name)
         if stats is None:
             return
-        now_s = self._clock()
+        now_s = self._clock() - age_s
         if ttft_s is not None:
             stats.ttft.add(now_s, ttft_s)
         if tpot_s is not None:

@@ -1,6 +1,8 @@
 """account: tokens (upstream usage first, tiktoken when absent), cost, latency samples.
 
 It wraps `call`: its finish runs once the call has ended, streams included.
+Its handle, the last before the call, refuses a request whose budget `admit`
+found spent but left for the cache to answer: the cache missed.
 
 Every attempt is priced, failed fallback attempts included, by what the
 gateway can see it consumed:
@@ -24,6 +26,7 @@ from decimal import Decimal
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.cost import format_usd, request_cost_usd
 from gateway.errors import UpstreamTimeout
+from gateway.stages.admit import BUDGET_REFUSAL
 
 
 def gpu_seconds(attempt: Attempt) -> float | None:
@@ -56,6 +59,9 @@ class Account:
         self.services = services
 
     async def handle(self, ctx: RequestContext) -> None:
+        refusal = ctx.extra.get(BUDGET_REFUSAL)
+        if refusal is not None:
+            raise refusal           # the cache had no answer for it: the budget's 429 stands
         return None
 
     async def finish(self, ctx: RequestContext) -> None:

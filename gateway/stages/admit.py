@@ -10,6 +10,14 @@ releases of the tenant under way have been tried, so a client's next request
 never meets its last one's slot. A request refused after its admission (an
 exhausted budget), or abandoned during it, withdraws the admission: it takes
 no slot, no tokens and no request.
+
+A budgeted tenant's request reserves its predicted cost (`reservation_usd`)
+beside the check, in the same store call, and is refused (or downgraded)
+when spend, the holds of the requests in flight and its own cost would pass
+the budget. Its finish gives the hold back with the real charge, whatever
+ended it: the answer, an error, the client leaving, a refusal. A request the
+cache may answer is not refused for its budget here but by `account`, after
+the cache had its say: a hit costs nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 
-from gateway.context import RequestContext
-from gateway.tenancy.budgets import charge_later
+from gateway.context import RequestContext, Usage
+from gateway.cost import token_cost_usd
+from gateway.tenancy.budgets import BudgetState, Hold, charge_later, to_nanos
 from gateway.tenancy.limits import STORE_RETRY_S, Admission, new_ticket, unlimited
 
 #: tokens reserved for the answer when the request sets no max_tokens
@@ -30,6 +40,11 @@ LATE_END_S = 60.0
 
 #: one store call that ends an admission: True once the store answered it
 Ending = Callable[[], Awaitable[bool]]
+
+#: ctx.extra: the request's budget hold (a `Hold`), given back by finish, from the moment the store is asked
+BUDGET_HOLD = "budget_hold"
+#: ctx.extra: the budget's refusal of a request the cache may still answer; `account` raises it on a miss
+BUDGET_REFUSAL = "budget_refusal"
 
 
 class Admit:
@@ -49,13 +64,17 @@ class Admit:
         limited = not unlimited(tenant.limits)
         tokens = ctx.prompt_tokens + output_reserve(ctx)
         ticket = new_ticket()
+        cost_usd = reservation_usd(ctx, self.services) if budgeted else None
+        if cost_usd:        # the store may hold it once asked (even unanswered): finish gives it back
+            ctx.extra[BUDGET_HOLD] = Hold(ticket, to_nanos(cost_usd))
         try:
             if budgeted and limited and not self._known_exhausted(tenant.name) and \
                     budgets.remote:     # two store round trips to overlap
-                state, admission = await self._check_both(tenant, tokens, ticket)
+                state, admission = await self._check_both(ctx, tokens, ticket, cost_usd)
             else:
-                state = await budgets.check(tenant) if budgeted else None
-                refused = state is not None and state.exhausted and state.on_exhausted != "downgrade"
+                state = await self._reserve(ctx, cost_usd, ticket) if budgeted else None
+                refused = state is not None and state.exhausted and state.on_exhausted != "downgrade" and \
+                    not _cache_may_answer(ctx, state)
                 admission = await self._admit(tenant, tokens, ticket) if limited and not refused else None
         except BaseException:
             # cancelled (the client left) or failed while the store may already hold this ticket's slot:
@@ -65,11 +84,14 @@ class Admit:
             raise
         if state is not None and state.exhausted:
             self._exhausted_until_s[tenant.name] = time.monotonic() + state.retry_after_s
-            if state.on_exhausted != "downgrade":
+            if state.on_exhausted == "downgrade":
+                ctx.budget_downgrade = True
+                ctx.decision = self.services.fleet.router(ctx.policy).cheapest(ctx.decision)
+            elif _cache_may_answer(ctx, state):
+                ctx.extra[BUDGET_REFUSAL] = state.error()   # a hit costs nothing: the cache is asked first
+            else:
                 self._undo(tenant, admission, ticket, tokens)
                 raise state.error()
-            ctx.budget_downgrade = True
-            ctx.decision = self.services.fleet.router(ctx.policy).cheapest(ctx.decision)
         if admission is None:
             return None
         if not admission.allowed:
@@ -79,11 +101,19 @@ class Admit:
         ctx.admission = admission
         return None
 
-    async def _check_both(self, tenant, tokens: int, ticket: str):
+    async def _reserve(self, ctx: RequestContext, cost_usd: Decimal | None, ticket: str) -> BudgetState:
+        """The budget's answer, holding `cost_usd` when it fits; the hold finish gives back is dropped when the
+        store surely holds nothing."""
+        state, hold = await self.services.stores.budgets.reserve(ctx.tenant, cost_usd or Decimal(0), ticket)
+        if hold is None and cost_usd:
+            ctx.extra.pop(BUDGET_HOLD, None)
+        return state
+
+    async def _check_both(self, ctx: RequestContext, tokens: int, ticket: str, cost_usd: Decimal | None):
         """Budget and limits at once: a tenant with both waits for one store round trip, not two."""
-        budget_check = asyncio.ensure_future(self.services.stores.budgets.check(tenant))
+        budget_check = asyncio.ensure_future(self._reserve(ctx, cost_usd, ticket))
         try:
-            admission = await self._admit(tenant, tokens, ticket)
+            admission = await self._admit(ctx.tenant, tokens, ticket)
         except BaseException:
             budget_check.cancel()
             raise
@@ -203,10 +233,15 @@ class Admit:
         tenant = ctx.tenant
         if tenant is None:
             return
-        charge_later(self.services, tenant, ctx.cost_usd)
+        hold = refusal = None
+        if tenant.budget.limited:
+            hold, refusal = ctx.extra.pop(BUDGET_HOLD, None), ctx.extra.pop(BUDGET_REFUSAL, None)
+        charge_later(self.services, tenant, ctx.cost_usd, hold)
         if ctx.admission is not None and ctx.admission.held:     # else the store never saw it: nothing to end
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
-            if ctx.admission.unsettled:         # admitted degraded: the store may apply it late
+            if refusal is not None and ctx.error is refusal:    # refused for its budget after the cache missed
+                self._undo(tenant, ctx.admission, ctx.admission.ticket, ctx.reserved_tokens)
+            elif ctx.admission.unsettled:       # admitted degraded: the store may apply it late
                 end, again = self._ending(tenant, ctx.admission.ticket, ctx.reserved_tokens, used)
                 self._end_late(end, again=again)
             else:
@@ -219,6 +254,28 @@ def output_reserve(ctx: RequestContext) -> int:
     if ctx.endpoint == "embeddings":
         return 0
     return (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
+
+
+def reservation_usd(ctx: RequestContext, services) -> Decimal:
+    """What a budgeted request holds of its budget while in flight: the cost the router predicted for it on the
+    model its plan calls first (its prompt, and max_tokens or the route's expected output length, for each of
+    its n choices); a model the router did not judge (a route's fallback) is priced by those tokens alone."""
+    decision = ctx.decision
+    if decision is None or not decision.plan:
+        return Decimal(0)
+    first = decision.plan[0]
+    for candidate in decision.candidates:
+        if candidate.model.name == first.name:
+            return candidate.predicted_cost_usd
+    output = 0 if ctx.endpoint == "embeddings" else ctx.max_tokens if ctx.max_tokens is not None else \
+        services.fleet.estimates.expected_output_tokens(decision.route.name, decision.route.default_output_tokens)
+    return token_cost_usd(first, Usage(ctx.prompt_tokens, output * ctx.choices))
+
+
+def _cache_may_answer(ctx: RequestContext, state: BudgetState) -> bool:
+    """Whether a request refused for its spent budget may still be answered, free, from the cache: its refusal
+    then waits for the cache's miss (a store outage is refused at once)."""
+    return ctx.cache_lookup and ctx.cache_key is not None and state.reason != "store_unavailable"
 
 
 def _resolve(future: asyncio.Future, *_) -> None:

@@ -1,10 +1,12 @@
-"""Tenant budgets: USD spent per UTC day and month, checked before a request and charged after.
+"""Tenant budgets: USD spent per UTC day and month, reserved before a request and charged after.
 
 Money is stored as integer nano-dollars (1e-9 USD) and added with INCRBY,
 so thousands of tiny charges never drift the way floats do; a charge is
-rounded half-even to the nano-dollar. The check gates on what is already
-spent: requests in flight when the budget runs out may overshoot it by
-their own cost.
+rounded half-even to the nano-dollar. A request predicted to cost something
+reserves that cost (a `Hold`) as it is admitted, and is refused when what is
+spent, what the requests in flight hold and its own cost would pass a limit;
+its hold is given back with its real charge when it ends. So requests in
+flight cannot overspend a budget by more than their costs' misprediction.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from gateway.cost import plain_usd
 from gateway.errors import BudgetExceeded, GatewayError
 from gateway.policy.model import Budget, Tenant
 from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, OnStoreFailure, StoreGuard
-from gateway.tenancy.limits import store_unavailable_error
+from gateway.tenancy import budget_lua
+from gateway.tenancy.limits import INFLIGHT_TTL_S, store_unavailable_error
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -41,6 +44,8 @@ RETENTION_S = 2 * 86400
 READ_REUSE_S = 0.25
 #: how long a tenant's charges gather before they are sent in one transaction (reads here count them meanwhile)
 CHARGE_FLUSH_S = 0.02
+#: how long a client refused only because of what the tenant's requests in flight hold is told to wait
+HELD_RETRY_S = 1.0
 
 
 def to_nanos(cost_usd: Decimal) -> int:
@@ -91,6 +96,8 @@ class BudgetState:
     reason: str | None = None       # day | month | store_unavailable
     retry_after_s: float = 0.0      # until the exhausted period ends
     available: bool = True          # False: the store did not answer; spend unknown
+    held_usd: Decimal = Decimal(0)  # reserved by the tenant's requests in flight (when read with a reservation)
+    by_holds: bool = False          # exhausted only with what the requests in flight hold: not spent yet
 
     @property
     def on_exhausted(self) -> str:
@@ -103,6 +110,9 @@ class BudgetState:
         if self.reason == "store_unavailable":
             return store_unavailable_error(headers)
         limit = self.budget.usd_per_day if self.reason == "day" else self.budget.usd_per_month
+        if self.by_holds:
+            return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {_plain_or_none(limit)} per "
+                                  f"{self.reason} spent or reserved by requests in flight.", headers=headers)
         return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {_plain_or_none(limit)} per "
                               f"{self.reason} spent.", headers=headers)
 
@@ -126,17 +136,44 @@ def _plain_or_none(value: Decimal | None) -> str | None:
     return None if value is None else plain_usd(value)
 
 
-def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float) -> BudgetState:
-    """Compare spend with the tenant's budget; the day limit is checked first."""
+def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float, held_nanos: int = 0,
+             cost_nanos: int = 0) -> BudgetState:
+    """Compare spend with the tenant's budget: exhausted when a period's spend reached its limit, or when that
+    spend, what the requests in flight hold and this request's cost pass it. Of two periods exhausted, the one
+    that frees the tenant later is named (the month on a tie)."""
     budget, periods = tenant.budget, Periods.at(now_s)
-    spent_day, spent_month = to_usd(day_nanos), to_usd(month_nanos)
-    reason, retry_s = None, 0.0
-    if budget.usd_per_day is not None and spent_day >= budget.usd_per_day:
-        reason, retry_s = "day", periods.day_end_s - now_s
-    if budget.usd_per_month is not None and spent_month >= budget.usd_per_month:
-        reason, retry_s = "month", periods.month_end_s - now_s
-    return BudgetState(tenant.name, budget, spent_day, spent_month, reason is not None,
-                       reason, retry_s)
+    reason, retry_s, by_holds = None, 0.0, False
+    for name, limit, spent_nanos, end_s in (("day", budget.usd_per_day, day_nanos, periods.day_end_s),
+                                            ("month", budget.usd_per_month, month_nanos, periods.month_end_s)):
+        if limit is None:
+            continue
+        cap_nanos = to_nanos(limit)
+        spent = spent_nanos >= cap_nanos
+        if spent or spent_nanos + held_nanos + cost_nanos > cap_nanos:
+            wait_s = end_s - now_s if spent else HELD_RETRY_S
+            if reason is None or wait_s >= retry_s:
+                reason, retry_s, by_holds = name, wait_s, not spent
+    return BudgetState(tenant.name, budget, to_usd(day_nanos), to_usd(month_nanos), reason is not None,
+                       reason, retry_s, held_usd=to_usd(held_nanos), by_holds=by_holds)
+
+
+def limit_nanos(limit: Decimal | None) -> int:
+    """A limit as the reservation script reads it: nano-USD, -1 for none."""
+    return -1 if limit is None else to_nanos(limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What one admitted request reserved of its tenant's budget: given back, with its real charge, when it
+    ends. Giving back a hold twice, or one the store never took, changes nothing."""
+
+    ticket: str
+    nanos: int
+
+    @property
+    def member(self) -> str:
+        """The hold as the store lists it: its ticket and its nano-USD."""
+        return f"{self.ticket}:{self.nanos}"
 
 
 class Budgets(Protocol):
@@ -155,8 +192,18 @@ class Budgets(Protocol):
         """The tenant's spend so far and whether its budget is exhausted."""
         ...
 
+    async def reserve(self, tenant: Tenant, cost_usd: Decimal, ticket: str,
+                      now_s: float | None = None) -> tuple[BudgetState, Hold | None]:
+        """Check the budget and, when spend, holds and `cost_usd` fit it, hold `cost_usd` for the request
+        `ticket` names, at once; the hold is None when the store surely holds nothing (refused, free, not asked)."""
+        ...
+
     async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
         """Add a request's cost to the tenant's day and month totals."""
+        ...
+
+    async def settle(self, tenant: Tenant, hold: Hold, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """Give back a request's hold and charge its real cost, together."""
         ...
 
     async def usage(self, tenant: Tenant) -> BudgetState:
@@ -164,15 +211,20 @@ class Budgets(Protocol):
         ...
 
 
-def charge_later(services, tenant: Tenant | None, cost_usd: Decimal) -> None:
-    """Charge a cost to the tenant's budget, when it has one and there is a cost: in a background task, or at
-    once when the budgets are held in-process."""
-    if cost_usd and tenant is not None and tenant.budget.limited:
-        budgets = services.stores.budgets
-        if not budgets.remote:
-            budgets.charge_now(tenant, cost_usd)
-        else:
-            services.background.spawn(budgets.charge(tenant, cost_usd), name="budget-charge")
+def charge_later(services, tenant: Tenant | None, cost_usd: Decimal, hold: Hold | None = None) -> None:
+    """Charge a cost to the tenant's budget, when it has one and there is a cost, and give back the request's
+    hold: in a background task, or at once when the budgets are held in-process."""
+    if tenant is None or not (cost_usd or hold) or not tenant.budget.limited:
+        return
+    budgets = services.stores.budgets
+    if not budgets.remote and hold is not None:
+        budgets.settle_now(tenant, hold, cost_usd)
+    elif not budgets.remote:
+        budgets.charge_now(tenant, cost_usd)
+    elif hold is not None:
+        services.background.spawn(budgets.settle(tenant, hold, cost_usd), name="budget-settle")
+    else:
+        services.background.spawn(budgets.charge(tenant, cost_usd), name="budget-charge")
 
 
 class MemoryBudgets:
@@ -184,12 +236,30 @@ class MemoryBudgets:
         self.clock = clock
         self.store_failures = 0
         self.spent_nanos: dict[str, dict[str, int]] = {}   # tenant -> period -> nano-USD
+        self.holds: dict[str, dict[str, int]] = {}         # tenant -> ticket -> nano-USD held
+        self.held_nanos: dict[str, int] = {}               # tenant -> the sum of its holds
 
     async def check(self, tenant: Tenant, now_s: float | None = None) -> BudgetState:
         """The tenant's spend so far and whether its budget is exhausted."""
         now_s = self.clock() if now_s is None else now_s
         periods, spent = Periods.at(now_s), self.spent_nanos.get(tenant.name, {})
         return evaluate(tenant, spent.get(periods.day, 0), spent.get(periods.month, 0), now_s)
+
+    async def reserve(self, tenant: Tenant, cost_usd: Decimal, ticket: str,
+                      now_s: float | None = None) -> tuple[BudgetState, Hold | None]:
+        """Check the budget with what the tenant's requests in flight hold, and hold `cost_usd` when it fits."""
+        nanos = to_nanos(cost_usd)
+        if nanos == 0 or not tenant.budget.limited:
+            return await self.check(tenant, now_s), None
+        now_s = self.clock() if now_s is None else now_s
+        periods, spent = Periods.at(now_s), self.spent_nanos.get(tenant.name, {})
+        held = self.held_nanos.get(tenant.name, 0)
+        state = evaluate(tenant, spent.get(periods.day, 0), spent.get(periods.month, 0), now_s, held, nanos)
+        if state.exhausted:
+            return state, None
+        self.holds.setdefault(tenant.name, {})[ticket] = nanos
+        self.held_nanos[tenant.name] = held + nanos
+        return state, Hold(ticket, nanos)
 
     async def charge(self, tenant: Tenant, cost_usd: Decimal, now_s: float | None = None) -> None:
         """Add a request's cost to the tenant's day and month totals; past periods are dropped."""
@@ -203,24 +273,43 @@ class MemoryBudgets:
         self.spent_nanos[tenant.name] = {periods.day: spent.get(periods.day, 0) + nanos,
                                          periods.month: spent.get(periods.month, 0) + nanos}
 
+    async def settle(self, tenant: Tenant, hold: Hold, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """Give back a request's hold and charge its real cost."""
+        self.settle_now(tenant, hold, cost_usd, now_s)
+
+    def settle_now(self, tenant: Tenant, hold: Hold, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """`settle`, done at once; a hold given back already is not given back again."""
+        holds = self.holds.get(tenant.name)
+        if holds is not None and holds.pop(hold.ticket, None) is not None:
+            if holds:
+                self.held_nanos[tenant.name] -= hold.nanos
+            else:                           # none left: drop the tenant's entries
+                del self.holds[tenant.name], self.held_nanos[tenant.name]
+        if cost_usd:
+            self.charge_now(tenant, cost_usd, now_s)
+
     async def usage(self, tenant: Tenant) -> BudgetState:
         """The tenant's spend right now, for the admin API."""
         return await self.check(tenant)
 
 
 class _Charges:
-    """A tenant's charges waiting for their flush: nano-dollars and retention by key."""
+    """A tenant's charges waiting for their flush: nano-dollars and retention by key, and the holds they give
+    back."""
 
-    __slots__ = ("landed", "flush", "nanos", "retention_s", "charges", "seq", "accounted")
+    __slots__ = ("landed", "flush", "nanos", "retention_s", "charges", "seq", "accounted", "released",
+                 "released_nanos")
 
-    def __init__(self, landed: asyncio.Future) -> None:
+    def __init__(self, landed: asyncio.Future, seq: int) -> None:
         self.landed = landed                # set once they are in the store, or their failure counted
         self.flush: asyncio.Task | None = None
         self.nanos: dict[str, int] = {}
         self.retention_s: dict[str, int] = {}
         self.charges = 0                    # each request's charge adds two keys' nanos, and one here
-        self.seq: int | None = None         # this replica's flush number, once sent
+        self.seq = seq                      # this replica's flush number: flushes are sent in this order
         self.accounted = False              # sent, or its loss counted
+        self.released: list[str] = []       # the members of the holds given back
+        self.released_nanos = 0
 
     def add(self, key: str, nanos: int, retention_s: int) -> None:
         self.nanos[key] = self.nanos.get(key, 0) + nanos
@@ -234,7 +323,8 @@ class RedisBudgets:
 
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = 0.05,
                  on_store_failure: OnStoreFailure = "allow",
-                 clock: Callable[[], float] = time.time, *, backoff_s: float = ADMISSION_BACKOFF_S) -> None:
+                 clock: Callable[[], float] = time.time, *, backoff_s: float = ADMISSION_BACKOFF_S,
+                 hold_ttl_s: float = INFLIGHT_TTL_S) -> None:
         self.client = client
         self.prefix = prefix
         self.clock = clock
@@ -246,8 +336,10 @@ class RedisBudgets:
         self._gathering: dict[str, _Charges] = {}   # tenant -> charges waiting for the next flush
         self._unlanded: dict[str, list[_Charges]] = {}  # tenant -> charges not yet in the store (gathering, sent)
         self._replica = secrets.token_hex(8)    # names this replica's applied-flush marker
-        self._sent = 0                          # flushes sent, numbered from 1
+        self._flushes = 0                       # flushes begun, numbered from 1 (and sent in that order)
         self._lost = 0                          # charges a failed flush carried beyond the one call counted
+        self.hold_ttl_ms = int(hold_ttl_s * 1000)   # a hold its replica never gave back (it died) lapses then
+        self.reserve_script = client.register_script(budget_lua.RESERVE)
 
     @property
     def store_failures(self) -> int:
@@ -258,6 +350,11 @@ class RedisBudgets:
         """The day and month total keys of a tenant, on the tenant's cluster slot."""
         base = f"{self.prefix}:{{{tenant}}}:budget"
         return f"{base}:day:{periods.day}", f"{base}:month:{periods.month}"
+
+    def holds_keys(self, tenant: str) -> tuple[str, str]:
+        """The tenant's holds (a sorted set by expiry) and their sum, on the tenant's cluster slot."""
+        base = f"{self.prefix}:{{{tenant}}}:budget"
+        return f"{base}:holds", f"{base}:held"
 
     def applied_key(self, tenant: str) -> str:
         """The number of this replica's last flush the store has applied (in the flush's own transaction)."""
@@ -286,11 +383,41 @@ class RedisBudgets:
             return self._store_down(tenant)
         # this replica's charges the totals read do not hold yet: gathering, or sent and not applied when read
         applied = int(reply[2] or 0)
-        unlanded = [charges for charges in self._unlanded.get(tenant.name, ())
-                    if charges.seq is None or charges.seq > applied]
+        unlanded = [charges for charges in self._unlanded.get(tenant.name, ()) if charges.seq > applied]
         day_nanos, month_nanos = (int(v or 0) + sum(charges.nanos.get(key, 0) for charges in unlanded)
                                   for key, v in zip(keys, reply))
         return evaluate(tenant, day_nanos, month_nanos, now_s)
+
+    async def reserve(self, tenant: Tenant, cost_usd: Decimal, ticket: str,
+                      now_s: float | None = None) -> tuple[BudgetState, Hold | None]:
+        """Check the budget with what the tenant's requests in flight hold (on every replica), and hold
+        `cost_usd` when it fits: one script call, in place of the check's read. A request predicted to cost
+        nothing is only checked (its read may be reused).
+
+        When the store does not answer a script it was sent, the hold is returned all the same: a stalled
+        Redis may still run it, and giving back a hold it never took is harmless.
+        """
+        nanos = to_nanos(cost_usd)
+        if nanos == 0 or not tenant.budget.limited:
+            return await self.check(tenant, now_s), None
+        now_s = self.clock() if now_s is None else now_s
+        day_key, month_key = self.keys(tenant.name, Periods.at(now_s))
+        hold = Hold(ticket, nanos)
+        pending: list[int] = []             # this replica's flushes the store may not hold yet, for the script
+        for charges in self._unlanded.get(tenant.name, ()):
+            pending += (charges.seq, charges.nanos.get(day_key, 0), charges.nanos.get(month_key, 0),
+                        charges.released_nanos)
+        budget = tenant.budget
+        args = [limit_nanos(budget.usd_per_day), limit_nanos(budget.usd_per_month), nanos, hold.member,
+                self.hold_ttl_ms, len(pending) // 4, *pending]
+        sent = not self.guard.backing_off   # else the guard answers without sending anything
+        reply = await self.guard.run(lambda: self.reserve_script(
+            keys=[day_key, month_key, self.applied_key(tenant.name), *self.holds_keys(tenant.name)], args=args))
+        if reply is STORE_DOWN:
+            return self._store_down(tenant), hold if sent else None
+        reserved, day_nanos, month_nanos, held_nanos = (int(v) for v in reply)
+        state = evaluate(tenant, day_nanos, month_nanos, now_s, held_nanos, nanos)
+        return state, hold if reserved else None
 
     def _store_down(self, tenant: Tenant) -> BudgetState:
         if self.on_store_failure == "allow":
@@ -304,20 +431,35 @@ class RedisBudgets:
         The tenant's charges of the next CHARGE_FLUSH_S go together in one transaction, so a request costs a
         share of a round trip, not one; this replica's reads count them while they wait.
         """
+        await self._gather(tenant, None, cost_usd, now_s)
+
+    async def settle(self, tenant: Tenant, hold: Hold, cost_usd: Decimal, now_s: float | None = None) -> None:
+        """Give back a request's hold and charge its real cost, in the same transaction as the tenant's other
+        charges of the moment; returns once both are in the store (or their failure counted)."""
+        await self._gather(tenant, hold, cost_usd, now_s)
+
+    async def _gather(self, tenant: Tenant, hold: Hold | None, cost_usd: Decimal, now_s: float | None) -> None:
+        """Add a charge, and a hold to give back, to the tenant's next flush, and wait for it to land."""
         now_s = self.clock() if now_s is None else now_s
         periods, nanos = Periods.at(now_s), to_nanos(cost_usd)
-        if nanos == 0:
+        if nanos == 0 and hold is None:
             return
         self._charge_mark(tenant.name)          # the next check reads the new total
         gathering = self._gathering.get(tenant.name)
         if gathering is None:
-            gathering = self._gathering[tenant.name] = _Charges(asyncio.get_running_loop().create_future())
+            self._flushes += 1
+            gathering = _Charges(asyncio.get_running_loop().create_future(), self._flushes)
+            self._gathering[tenant.name] = gathering
             self._unlanded.setdefault(tenant.name, []).append(gathering)
             gathering.flush = asyncio.ensure_future(self._flush(tenant.name, gathering))
             gathering.flush.add_done_callback(lambda _flush, name=tenant.name, g=gathering: self._landed(name, g))
-        day_key, month_key = self.keys(tenant.name, periods)
-        gathering.add(day_key, nanos, retention_s(periods.day_end_s, now_s))
-        gathering.add(month_key, nanos, retention_s(periods.month_end_s, now_s))
+        if nanos:
+            day_key, month_key = self.keys(tenant.name, periods)
+            gathering.add(day_key, nanos, retention_s(periods.day_end_s, now_s))
+            gathering.add(month_key, nanos, retention_s(periods.month_end_s, now_s))
+        if hold is not None:
+            gathering.released.append(hold.member)
+            gathering.released_nanos += hold.nanos
         gathering.charges += 1
         await asyncio.shield(gathering.landed)
 
@@ -328,6 +470,8 @@ class RedisBudgets:
             async with self.client.pipeline(transaction=True) as pipe:     # a cluster pipeline connects here
                 for key, nanos in gathering.nanos.items():
                     pipe.incrby(key, nanos).expire(key, gathering.retention_s[key])
+                if gathering.released:      # EVAL with its text: a script cache Redis lost cannot fail it
+                    pipe.eval(budget_lua.RELEASE, 2, *self.holds_keys(tenant_name), *gathering.released)
                 pipe.set(self.applied_key(tenant_name), gathering.seq, ex=RETENTION_S)
                 return await pipe.execute()
 
@@ -340,8 +484,6 @@ class RedisBudgets:
             unlanded = self._unlanded[tenant_name]
             for earlier in unlanded[:unlanded.index(gathering)]:
                 await asyncio.shield(earlier.landed)
-            self._sent += 1
-            gathering.seq = self._sent
             if await self.guard.run(transaction, after_response=True) is STORE_DOWN:
                 self._lost += gathering.charges - 1     # the guard counted the call once
             gathering.accounted = True

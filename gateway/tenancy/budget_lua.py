@@ -1,0 +1,75 @@
+"""The Lua scripts behind `RedisBudgets`' reservations: each one runs atomically inside Redis.
+
+A tenant's holds (the predicted cost each request in flight reserved) are a
+sorted set of `ticket:nanos` members scored by when they expire, beside their
+sum. Both keys share the tenant's `{tenant}` hash tag with its day and month
+totals, so in Redis Cluster one script may touch them all. Expiry reads the
+Redis server's clock (TIME), so replicas with skewed clocks agree; a hold
+whose replica died leaves the sum when the next reservation of the tenant
+finds it expired, like a concurrency slot in `limits_lua.ADMIT`.
+"""
+
+# KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
+# ARGV: day limit, month limit (nano-USD; -1: none), cost (nano-USD), member (ticket:cost), hold_ttl_ms,
+#       n, then per charge flush of this replica not yet known applied: seq, day nanos, month nanos, released nanos
+# Reply: reserved (1 or 0), day spent, month spent, held by the others (all nano-USD, this replica's flushes
+#        counted as the marker says)
+RESERVE = """
+local day_key, month_key, applied_key, holds_key, sum_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local day_limit, month_limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local member, ttl_ms, flushes = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms)
+if #expired > 0 then
+  local freed = 0
+  for _, m in ipairs(expired) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+  redis.call('ZREMRANGEBYSCORE', holds_key, '-inf', now_ms)
+  if redis.call('ZCARD', holds_key) == 0 then redis.call('DEL', sum_key)
+  else redis.call('DECRBY', sum_key, freed) end
+end
+
+local day = tonumber(redis.call('GET', day_key) or '0')
+local month = tonumber(redis.call('GET', month_key) or '0')
+local applied = tonumber(redis.call('GET', applied_key) or '0')
+local held = tonumber(redis.call('GET', sum_key) or '0')
+for i = 0, flushes - 1 do
+  local at = 7 + i * 4
+  if tonumber(ARGV[at]) > applied then
+    day = day + tonumber(ARGV[at + 1])
+    month = month + tonumber(ARGV[at + 2])
+    held = held - tonumber(ARGV[at + 3])
+  end
+end
+if held < 0 then held = 0 end
+
+local function over(limit, spent)
+  return limit >= 0 and (spent >= limit or spent + held + cost > limit)
+end
+local reserved = 0
+if not over(day_limit, day) and not over(month_limit, month) then
+  reserved = 1
+  redis.call('ZADD', holds_key, now_ms + ttl_ms, member)
+  redis.call('INCRBY', sum_key, cost)
+  redis.call('PEXPIRE', holds_key, ttl_ms + 1000)
+  redis.call('PEXPIRE', sum_key, ttl_ms + 1000)
+end
+return {reserved, day, month, held}
+"""
+
+# KEYS: holds (sorted set), holds' sum
+# ARGV: the members (ticket:cost) to give back; one not held (given back already, or expired) is skipped
+# Reply: the nano-USD given back
+RELEASE = """
+local holds_key, sum_key = KEYS[1], KEYS[2]
+local freed = 0
+for _, m in ipairs(ARGV) do
+  if redis.call('ZREM', holds_key, m) == 1 then freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+end
+if freed > 0 then
+  if redis.call('ZCARD', holds_key) == 0 then redis.call('DEL', sum_key)
+  else redis.call('DECRBY', sum_key, freed) end
+end
+return freed
+"""

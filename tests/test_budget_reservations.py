@@ -1,0 +1,231 @@
+"""Budget holds: a request reserves its predicted cost, in memory or in Redis, and gives it back once, charged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.errors import BudgetExceeded
+from gateway.policy.model import Budget, Tenant
+from gateway.tenancy.budgets import HELD_RETRY_S, MemoryBudgets, RedisBudgets
+from tests.support.redis_counting import CountingRedis
+
+#: 2025-01-30 18:00:00 UTC: six hours before the day ends
+EVENING_S = datetime(2025, 1, 30, 18, tzinfo=UTC).timestamp()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tenant(per_day: str | None = "1.00", name: str = "acme") -> Tenant:
+    """A tenant with a day budget (None: no budget)."""
+    return Tenant(name, budget=Budget(usd_per_day=None if per_day is None else Decimal(per_day)))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_budgets(request):
+    """A factory of budgets of one kind, sharing one store: Redis ones are replicas, each with its own client."""
+    if request.param == "memory":
+        shared = MemoryBudgets()
+        yield lambda: shared
+        return
+    server = request.getfixturevalue("redis_server")
+    clients: list[Redis] = []
+
+    def make():
+        clients.append(Redis.from_url(server.url))
+        return RedisBudgets(clients[-1], "test", 2.0, "allow")
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def held_nanos(budgets) -> int:
+    """What the tenant acme's requests in flight hold, as the store keeps it."""
+    if isinstance(budgets, MemoryBudgets):
+        return budgets.held_nanos.get("acme", 0)
+    return int(await budgets.client.get(budgets.holds_keys("acme")[1]) or 0)
+
+
+async def test_holds_admit_only_as_many_requests_as_the_budget_covers(make_budgets):
+    """With 0.30 of 1.00 left, ten requests predicted at 0.10 each asking at once get three holds; the others are
+    refused for what the requests in flight hold, told to come back in a second, not at midnight."""
+    budgets, who = make_budgets(), tenant()
+    await budgets.charge(who, Decimal("0.70"), EVENING_S)
+    answers = await asyncio.gather(*(budgets.reserve(who, Decimal("0.10"), f"t{i}", EVENING_S) for i in range(10)))
+    holds = [hold for _, hold in answers if hold is not None]
+    assert len(holds) == 3 and await held_nanos(budgets) == 300_000_000
+    refused = next(state for state, hold in answers if hold is None)
+    assert (refused.exhausted, refused.reason, refused.by_holds, refused.retry_after_s) == (True, "day", True,
+                                                                                        HELD_RETRY_S)
+    assert refused.spent_day_usd == Decimal("0.7") and refused.held_usd == Decimal("0.3")
+    error = refused.error()
+    assert isinstance(error, BudgetExceeded) and error.headers == {"Retry-After": "1"}
+    assert "spent or reserved by requests in flight" in error.message
+
+
+async def test_a_settled_hold_leaves_room_for_the_next_request_at_once(make_budgets):
+    """A request that ends gives its hold back and is charged its real cost in one step: the next request of the
+    same replica, even before the charge's flush lands, sees the room it left and neither the hold nor the charge
+    twice."""
+    budgets, who = make_budgets(), tenant()
+    _, first = await budgets.reserve(who, Decimal("0.50"), "first", EVENING_S)
+    _, second = await budgets.reserve(who, Decimal("0.50"), "second", EVENING_S)
+    assert first is not None and second is not None
+    settling = asyncio.ensure_future(budgets.settle(who, first, Decimal("0.20"), EVENING_S))
+    await asyncio.sleep(0)
+    state, third = await budgets.reserve(who, Decimal("0.30"), "third", EVENING_S)
+    assert third is not None, state                 # 0.20 spent + 0.50 held + 0.30 fits 1.00
+    await settling
+    assert await held_nanos(budgets) == 800_000_000
+    assert (await budgets.check(who, EVENING_S)).spent_day_usd == Decimal("0.2")
+
+
+async def test_a_hold_is_given_back_only_once(make_budgets):
+    """Giving a hold back twice (a retry), or one never taken, frees nothing held by the other requests."""
+    budgets, who = make_budgets(), tenant()
+    _, mine = await budgets.reserve(who, Decimal("0.40"), "mine", EVENING_S)
+    _, theirs = await budgets.reserve(who, Decimal("0.40"), "theirs", EVENING_S)
+    await budgets.settle(who, mine, Decimal(0), EVENING_S)
+    await budgets.settle(who, mine, Decimal(0), EVENING_S)
+    await budgets.settle(who, type(mine)("never-taken", 400_000_000), Decimal(0), EVENING_S)
+    assert theirs is not None and await held_nanos(budgets) == 400_000_000
+
+
+async def test_a_request_predicted_to_cost_nothing_takes_no_hold(make_budgets):
+    """A free request is only checked against what is spent: it holds nothing, and holds do not refuse it."""
+    budgets, who = make_budgets(), tenant()
+    _, held = await budgets.reserve(who, Decimal("1.00"), "all", EVENING_S)
+    state, hold = await budgets.reserve(who, Decimal(0), "free", EVENING_S)
+    assert held is not None and hold is None and not state.exhausted
+
+
+async def test_replicas_share_the_holds_in_redis(redis_server):
+    """A hold taken through one replica refuses a request through another until it is given back."""
+    first, second = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+    try:
+        one, two, who = RedisBudgets(first, "test-shared"), RedisBudgets(second, "test-shared"), tenant()
+        _, hold = await one.reserve(who, Decimal("0.60"), "one", EVENING_S)
+        state, refused = await two.reserve(who, Decimal("0.60"), "two", EVENING_S)
+        assert hold is not None and refused is None and state.by_holds
+        await one.settle(who, hold, Decimal("0.10"), EVENING_S)
+        _, admitted = await two.reserve(who, Decimal("0.60"), "two", EVENING_S)
+        assert admitted is not None
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+#: a replica that takes a hold of 0.90 of the tenant acme's 1.00, says so, and waits to be killed
+DOOMED_REPLICA = """
+import asyncio, sys
+from decimal import Decimal
+from redis.asyncio import Redis
+from gateway.policy.model import Budget, Tenant
+from gateway.tenancy.budgets import RedisBudgets
+
+async def main():
+    budgets = RedisBudgets(Redis.from_url(sys.argv[1]), "test-doomed", 2.0, hold_ttl_s=float(sys.argv[2]))
+    _, hold = await budgets.reserve(Tenant("acme", budget=Budget(usd_per_day=Decimal(1))), Decimal("0.9"), "doomed")
+    print("held" if hold else "refused", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_hold_of_a_killed_replica_lapses_after_its_ttl(redis_server):
+    """A replica killed with a request in flight never gives its hold back: the hold refuses others until its TTL
+    has passed, then leaves the tenant's held sum."""
+    hold_ttl_s = 1.0
+    replica = subprocess.Popen([sys.executable, "-c", DOOMED_REPLICA, redis_server.url, str(hold_ttl_s)],
+                               cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    client = Redis.from_url(redis_server.url)
+    try:
+        assert replica.stdout.readline().strip() == "held"
+        held_at_s = time.monotonic()
+        replica.kill()
+        replica.wait(5)
+        survivor, who = RedisBudgets(client, "test-doomed", hold_ttl_s=hold_ttl_s), tenant()
+        state, refused = await survivor.reserve(who, Decimal("0.5"), "early")
+        assert refused is None and state.held_usd == Decimal("0.9")
+        await asyncio.sleep(max(0.0, held_at_s + hold_ttl_s + 0.1 - time.monotonic()))
+        _, admitted = await survivor.reserve(who, Decimal("0.5"), "late")
+        assert admitted is not None
+        assert int(await client.get(survivor.holds_keys("acme")[1])) == 500_000_000
+        assert await client.zrange(survivor.holds_keys("acme")[0], 0, -1) == [b"late:500000000"]
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+        await client.aclose()
+
+
+async def test_a_tenant_without_a_budget_sends_no_reservation(redis_server):
+    """Reserving for a tenant without a budget sends Redis nothing; a budgeted one's reservation is the one script
+    call that also reads the spend (no separate read)."""
+    client = CountingRedis.from_url(redis_server.url)
+    try:
+        budgets = RedisBudgets(client, "test-count", 2.0, "allow")
+        _, hold = await budgets.reserve(tenant(None), Decimal("0.5"), "free")
+        assert hold is None and client.sent == []
+        await budgets.reserve(tenant(), Decimal("0.1"), "warm")          # loads the script
+        client.sent.clear()
+        _, hold = await budgets.reserve(tenant(), Decimal("0.1"), "paid")
+        assert hold is not None and client.sent == ["EVALSHA"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_hold_redis_did_not_answer_is_still_given_back(redis_server):
+    """Redis stalled past the timeout (on_store_failure: allow): the request is let through with its hold all the
+    same, so the reservation the stalled Redis runs once it resumes is given back, not held for the TTL."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-stall", 0.1, "allow"), tenant()
+        await budgets.reserve(who, Decimal("0.1"), "warm")          # the script is loaded before the stall
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            state, hold = await budgets.reserve(who, Decimal("0.5"), "stalled")
+            assert not state.available and not state.exhausted and hold is not None
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        members = set(await client.zrange(budgets.holds_keys("acme")[0], 0, -1))
+        assert members == {b"warm:100000000", b"stalled:500000000"}     # Redis ran it once it resumed
+        await budgets.settle(who, hold, Decimal(0))
+        assert await client.zrange(budgets.holds_keys("acme")[0], 0, -1) == [b"warm:100000000"]
+        assert int(await client.get(budgets.holds_keys("acme")[1])) == 100_000_000
+    finally:
+        await client.aclose()
+
+
+async def test_holds_are_taken_and_given_back_on_a_redis_cluster(cluster):
+    """On a Redis Cluster, tenants whose keys live on different masters each get only the holds their budget
+    covers, and a settle gives them back there, with its charge, in one transaction."""
+    from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+    client = ClusterClient(host="127.0.0.1", port=cluster.ports[0], socket_timeout=2.0)
+    await client.initialize()
+    try:
+        budgets = RedisBudgets(client, "gw-holds", 2.0, "allow")
+        tenants = [tenant(name=name) for name in ("acme", "globex", "initech", "umbrella", "hooli", "stark")]
+        assert len({client.get_node_from_key(budgets.holds_keys(t.name)[0]).name for t in tenants}) > 1
+        for who in tenants:
+            answers = await asyncio.gather(*(budgets.reserve(who, Decimal("0.30"), f"t{i}") for i in range(5)))
+            holds = [hold for _, hold in answers if hold is not None]
+            assert len(holds) == 3
+            await asyncio.gather(*(budgets.settle(who, hold, Decimal("0.10")) for hold in holds))
+            assert await client.get(budgets.holds_keys(who.name)[1]) is None
+            assert (await budgets.check(who)).spent_day_usd == Decimal("0.3")
+        assert budgets.store_failures == 0
+    finally:
+        await client.flushall(target_nodes=ClusterClient.PRIMARIES)
+        await client.aclose()

@@ -317,3 +317,21 @@ def test_without_sharing_a_gateway_trusts_its_prior(gateways) -> None:
     time.sleep(2.5)                         # two sync intervals: sharing would have arrived by now
     assert samples_seen(b, "small") == 0
     assert ask(b, "auto") == "small"
+
+
+def test_a_reload_turns_sharing_on_in_a_running_gateway(gateways) -> None:
+    """Gateway B started with sharing off gets A's samples once a reload of its policy turns it on."""
+    first, second = gateways
+    b = second(share=False)
+    for _ in range(4):
+        ask(first, "small")
+    time.sleep(1.5)
+    assert samples_seen(b, "small") == 0
+    text = e2e_policy(True).format(**{name: sim.url for name, sim in first.sims.items()})
+    b.policy_path.write_text(text)
+
+    async def reload() -> bool:
+        return b.holder.reload()
+    assert b.call(reload())
+    assert wait_for_samples(b, "small", 4) >= 4
+    assert ask(b, "auto") == "large"

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics, hw_metrics
 
 from gateway import cli
 from gateway.energy import command as gpu_command
@@ -64,7 +65,10 @@ def test_every_metric_is_documented() -> None:
     """Each metric the gateway creates is named in the README's telemetry section."""
     pattern = re.compile(r'(?:Buckets|Sums|create_[a-z_]+)\(\s*(?:meter,\s*)?"((?:gateway|gen_ai|hw)\.[a-z_.]+)"')
     names = {name for text in SOURCES.values() for name in pattern.findall(text)}
-    assert {"gateway.requests", "gateway.store.failures", "gateway.routing.duration"} <= names
+    constants = {"gen_ai_metrics": gen_ai_metrics, "hw_metrics": hw_metrics}    # semantic-convention names
+    names |= {getattr(constants[module], constant) for text in SOURCES.values()
+              for module, constant in re.findall(r"\b(gen_ai_metrics|hw_metrics)\.([A-Z_]+)\b", text)}
+    assert {"gateway.requests", "gateway.store.failures", "gen_ai.client.token.usage", "hw.power"} <= names
     missing = sorted(name for name in names if f"`{name}`" not in README)
     assert not missing, f"metrics the README does not name: {missing}"
 

@@ -13,6 +13,7 @@ from gateway.cache.entry import (FORMAT_PLAIN, FORMAT_ZLIB, CacheEntry, decode_e
                                  encode_entry, entry_from_response)
 from gateway.cache.memory import ENTRY_OVERHEAD_BYTES, MemoryCache
 from gateway.cache.redis_store import RedisCache
+from tests.support.fakes import FakeClock
 
 
 def chat_body(content: str, finish_reason: str | None = "stop") -> dict:
@@ -21,16 +22,6 @@ def chat_body(content: str, finish_reason: str | None = "stop") -> dict:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "logprobs": None, "finish_reason": finish_reason}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def test_only_complete_answers_become_entries() -> None:

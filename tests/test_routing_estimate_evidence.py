@@ -12,26 +12,11 @@ from gateway.policy.model import LatencyPrior, Match, Model, Policy, Price, Rout
 from gateway.replay import ReplayRequest, replay
 from gateway.routing.estimates import LatencyEstimates, SampleWindow, evidence_needed
 from tests.support import policies
+from tests.support.fakes import FakeClock, prior_model as model
 from tests.support.harness import Harness
 
 #: the small model's TTFT prior, seconds
 PRIOR_S = 0.040
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
-def model(name: str = "small", ttft_ms: float = 40, tpot_ms: float = 4) -> Model:
-    """A model with the given latency prior."""
-    return Model(name=name, endpoint="http://127.0.0.1:1/v1", upstream_model=name,
-                 latency_prior=LatencyPrior(ttft_ms=ttft_ms, tpot_ms=tpot_ms))
 
 
 @pytest.fixture

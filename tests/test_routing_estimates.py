@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.policy.model import LatencyPrior, Model
 from gateway.routing.estimates import LatencyEstimates
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
-def model(name: str = "small", ttft_ms: float = 40, tpot_ms: float = 4) -> Model:
-    """A model with the given latency prior."""
-    return Model(name=name, endpoint="http://127.0.0.1:1/v1", upstream_model=name,
-                 latency_prior=LatencyPrior(ttft_ms=ttft_ms, tpot_ms=tpot_ms))
+from tests.support.fakes import FakeClock, prior_model as model
 
 
 @pytest.fixture

@@ -13,17 +13,8 @@ from gateway.fleet import Fleet
 from gateway.policy.model import Breaker, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla
 from gateway.routing import Breakers, LatencyEstimates, Router
 from tests.support import policies
+from tests.support.fakes import FakeClock
 from tests.support.harness import Harness
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def api_model(name: str, input_usd: str, output_usd: str, size_b: float = 8, **fields) -> Model:

@@ -12,16 +12,7 @@ from gateway.policy.model import (Breaker, LatencyPrior, Match, Model, Policy, P
                                   Sla)
 from gateway.routing import (Breakers, LatencyEstimates, Router, Tighten, format_decision,
                              tighten_from_headers)
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from tests.support.fakes import FakeClock
 
 
 def models() -> dict[str, Model]:

@@ -89,10 +89,11 @@ class Fleet:
     def record_failure(self, model_name: str, exc: UpstreamError) -> None:
         self.breakers.record_failure(model_name, exc.retry_after_s)
 
-    def record_latency(self, model_name: str, ttft_s: float | None, tpot_s: float | None) -> None:
-        self.estimates.record(model_name, ttft_s, tpot_s)
+    def record_latency(self, model: Model, ttft_s: float | None, tpot_s: float | None) -> None:
+        """One call's latency, of `model` as the call saw it (a reload may have moved it since)."""
+        self.estimates.record(model.name, ttft_s, tpot_s)
         if self.sharing is not None:
-            self.sharing.add(model_name, ttft_s, tpot_s)
+            self.sharing.add(model, ttft_s, tpot_s)
 
     def record_energy(self, model_name: str, joules: float, output_tokens: int) -> None:
         self.estimates.record_energy(model_name, joules, output_tokens)

@@ -42,7 +42,7 @@ from redis.exceptions import ResponseError
 from gateway.errors import StoreUnavailable
 from gateway.outcomes import (ANONYMOUS, TTL_S, GroupStats, Report, Task, already_reported, parse_report, summary,
                               unknown_id)
-from gateway.store_guard import STORE_DOWN, STORE_ERRORS, StoreGuard
+from gateway.store_guard import STORE_DOWN, StoreGuard
 from gateway.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
@@ -340,11 +340,3 @@ def _group_stats(counts: dict[str, int]) -> GroupStats:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-async def warm_up(book: RedisOutcomeBook, timeout_s: float) -> None:
-    """`book.warm_up()` within `timeout_s`; a failure only means the scripts load on first use."""
-    try:
-        await asyncio.wait_for(book.warm_up(), timeout_s)
-    except STORE_ERRORS:
-        log.debug("outcome scripts not loaded at start-up; they load on first use")

@@ -25,11 +25,11 @@ from gateway.cache.redis_store import RedisCache, RedisLock
 from gateway.cache.singleflight import SingleFlight
 from gateway.outcomes import Book, OutcomeBook
 from gateway.outcomes_redis import RedisOutcomeBook
-from gateway.outcomes_redis import warm_up as warm_up_outcomes
 from gateway.policy.model import Policy
 from gateway.store_guard import STORE_ERRORS
 from gateway.switches import env_flag
-from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
+from gateway.tenancy.budgets_memory import MemoryBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
 
@@ -67,14 +67,16 @@ def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: b
 
     A call finding every pooled connection busy waits for one (`StoreGuard.run`, within the store timeout).
     """
-    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections)
+    # no command is sent twice, by either client: a reply lost after Redis ran an admission, a settle or a budget
+    # reservation would apply it again; a failed call is answered by store.on_store_failure and the back-off
+    # (StoreGuard), and the writes that must land retry themselves, idempotently. (The asyncio Retry: the
+    # synchronous one the asyncio client was once given retried nothing and left the health check's failed ping
+    # connected.) The Cluster client still follows MOVED and ASK redirections, which are not retries.
+    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=max_connections,
+                   retry=Retry(NoBackoff(), 0))
     if cluster:
         return RedisCluster.from_url(url, **options)
-    # no command is sent twice: a reply lost after Redis ran an admission, a settle or a budget flush would apply
-    # it again; a failed call is answered by store.on_store_failure and the back-off (StoreGuard). (The asyncio
-    # Retry: the synchronous one the asyncio client was once given retried nothing and left the health check's
-    # failed ping connected.)
-    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), health_check_interval=30, **options)
+    return aioredis.Redis.from_url(url, health_check_interval=30, **options)
 
 
 async def warm_pool(client, connections: int, timeout_s: float = WARM_UP_TIMEOUT_S) -> None:
@@ -84,6 +86,15 @@ async def warm_pool(client, connections: int, timeout_s: float = WARM_UP_TIMEOUT
     except STORE_ERRORS as exc:
         log.warning("warming the Redis pool failed (%s: %s); connections open on demand",
                     type(exc).__name__, str(exc) or "timed out")
+
+
+async def warm_up_scripts(store, timeout_s: float) -> None:
+    """Load a store's Lua scripts now (`store.warm_up()`), so a first call does not spend a round trip on them;
+    a failure only means they load on first use."""
+    try:
+        await asyncio.wait_for(store.warm_up(), timeout_s)
+    except STORE_ERRORS:
+        log.debug("%s scripts not loaded at start-up; they load on first use", type(store).__name__)
 
 
 @dataclass
@@ -118,12 +129,13 @@ class Stores:
         prefix = store.key_prefix
         limiter = RedisLimiter(client, prefix, timeout_s, store.on_store_failure)
         outcomes = RedisOutcomeBook(client, prefix, timeout_s)
+        budgets = RedisBudgets(client, prefix, timeout_s, store.on_store_failure)
         if await limiter.warm_up():
-            await warm_up_outcomes(outcomes, WARM_UP_TIMEOUT_S)
+            for scripted in (outcomes, budgets):
+                await warm_up_scripts(scripted, WARM_UP_TIMEOUT_S)
             await warm_pool(client, min(WARM_CONNECTIONS, store.max_connections))
         return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)), limiter=limiter,
-                   budgets=RedisBudgets(client, prefix, timeout_s, store.on_store_failure),
-                   redis=client, outcomes=outcomes)
+                   budgets=budgets, redis=client, outcomes=outcomes)
 
     async def close(self) -> None:
         """Finish the outcome bookings under way, then close the stores' client through the cache; both bound

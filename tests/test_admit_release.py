@@ -20,7 +20,7 @@ from gateway.policy.model import Budget, Limits, Policy, Store, Tenant
 from gateway.stages.admit import Admit
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
-from gateway.tenancy.budgets import MemoryBudgets
+from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
 
@@ -120,6 +120,22 @@ async def test_release_lands_in_redis_after_the_answer(redis_server):
     await stage.services.background.drain(timeout_s=5)
     assert await client.zcard(flight_key) == 0
     await client.aclose()
+
+
+async def test_store_start_up_loads_every_stores_scripts(redis_server):
+    """Opening the stores loads the limiter's, the outcome book's and the budgets' Lua scripts, so no first call
+    spends a round trip on a NOSCRIPT."""
+    policy = Policy(version=1, models={}, routes=(), store=Store(max_connections=8))
+    stores = await Stores.open(policy, {"GATEWAY_REDIS_URL": redis_server.url})
+    try:
+        scripts = [stores.limiter.admit_script, stores.limiter.settle_script, stores.outcomes.book_script,
+                   stores.budgets.reserve_script, stores.budgets.flush_script, stores.budgets.usage_script]
+        probe = Redis.from_url(redis_server.url)
+        loaded = await probe.script_exists(*(script.sha for script in scripts))
+        await probe.aclose()
+        assert loaded == [True] * len(scripts)
+    finally:
+        await stores.close()
 
 
 async def test_store_start_up_opens_a_warm_connection_pool(redis_server):

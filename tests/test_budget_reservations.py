@@ -17,7 +17,9 @@ from redis.asyncio import Redis
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import HELD_RETRY_S, MemoryBudgets, RedisBudgets
+from gateway.tenancy.budgets import HELD_RETRY_S
+from gateway.tenancy.budgets_memory import MemoryBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.redis_counting import CountingRedis
 
 #: 2025-01-30 18:00:00 UTC: six hours before the day ends
@@ -131,7 +133,7 @@ import asyncio, sys
 from decimal import Decimal
 from redis.asyncio import Redis
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import RedisBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 
 async def main():
     budgets = RedisBudgets(Redis.from_url(sys.argv[1]), "test-doomed", 2.0, hold_ttl_s=float(sys.argv[2]))
@@ -229,3 +231,30 @@ async def test_holds_are_taken_and_given_back_on_a_redis_cluster(cluster):
     finally:
         await client.flushall(target_nodes=ClusterClient.PRIMARIES)
         await client.aclose()
+
+
+async def test_a_reservation_asked_twice_holds_its_cost_once(make_budgets):
+    """A reservation run again for the same request (a client that re-sent the script after a lost reply) holds
+    its cost once, and one give-back frees it all."""
+    budgets, who = make_budgets(), tenant()
+    for _ in range(2):
+        state, hold = await budgets.reserve(who, Decimal("0.10"), "same-ticket", EVENING_S)
+        assert hold is not None and not state.exhausted
+    assert await held_nanos(budgets) == 100_000_000
+    await budgets.settle(who, hold, Decimal(0), EVENING_S)
+    assert await held_nanos(budgets) == 0
+
+
+async def test_a_request_dearer_than_what_is_left_is_told_so_and_to_wait_for_the_period(make_budgets):
+    """With 0.05 left and nothing in flight, a request predicted at 0.06 is refused for its own cost, told to come
+    back when the day ends (waiting for holds could never make it fit), not in a second."""
+    budgets, who = make_budgets(), tenant()
+    await budgets.charge(who, Decimal("0.95"), EVENING_S)
+    state, hold = await budgets.reserve(who, Decimal("0.06"), "dear", EVENING_S)
+    assert hold is None and state.exhausted and not state.by_holds
+    assert state.retry_after_s == pytest.approx(6 * 3600)
+    error = state.error()
+    assert error.headers == {"Retry-After": str(6 * 3600)}
+    assert "predicted cost, USD 0.06, is more than the USD 0.05 left of USD 1 per day" in error.message
+    _, fits = await budgets.reserve(who, Decimal("0.05"), "fits", EVENING_S)
+    assert fits is not None

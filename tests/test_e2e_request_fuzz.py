@@ -359,15 +359,16 @@ def test_a_body_that_is_not_an_object_is_named_by_its_json_type():
 
 def test_budget_flushes_wait_only_for_the_ones_before_them(redis_server):
     """While a tenant's first budget flush is held in Redis, its later flushes wait for it and go out in order, and
-    every charge lands; a flush used to skip past itself in the shrinking list of those before it, go out of
-    order and, under load, wait on a later flush that waited on it (charges stuck until the drain cut them)."""
-    import re
+    every charge lands, each once (a call carries the parts before its own not sent yet); a flush used to skip past
+    itself in the shrinking list of those before it, go out of order and, under load, wait on a later flush that
+    waited on it (charges stuck until the drain cut them)."""
     from decimal import Decimal
 
     import redis.asyncio as aioredis
 
     from gateway.policy.model import Budget, Tenant
-    from gateway.tenancy.budgets import CHARGE_FLUSH_S, RedisBudgets
+    from gateway.tenancy.budgets import CHARGE_FLUSH_S
+    from gateway.tenancy.budgets_redis import RedisBudgets
     from tests.support.redis_delay import DelayingRedisProxy
 
     proxy = DelayingRedisProxy(redis_server.port, 0.0).start()
@@ -376,6 +377,7 @@ def test_budget_flushes_wait_only_for_the_ones_before_them(redis_server):
         client = aioredis.Redis.from_url(proxy.url)
         await client.ping()
         budgets = RedisBudgets(client, "test", timeout_s=5.0)
+        await client.script_load(budgets.flush_script.script)   # no NOSCRIPT reply to send the first part again
         tenant = Tenant(name="t", keys_sha256=(), budget=Budget(usd_per_day=Decimal(100)))
         proxy.holding.set()                 # the first flush's reply is held: the others queue behind it
         charges = []
@@ -392,6 +394,19 @@ def test_budget_flushes_wait_only_for_the_ones_before_them(redis_server):
         assert asyncio.run(scenario()) == Decimal("0.15")
     finally:
         proxy.stop()
-    sent = [int(n) for a in proxy.arrivals
-            for n in re.findall(rb"INCRBY\r\n\$\d+\r\n[^\r]*:day:[^\r]*\r\n\$\d+\r\n(\d+)", a.data)]
+    sent = [nanos for arrival in proxy.arrivals if arrival.name == "EVALSHA" and ":budget:applied:" in arrival.args[2]
+            for nanos in day_nanos_flushed(arrival.args)]
     assert sent == [10_000_000 * cents for cents in range(1, 6)], sent
+
+
+def day_nanos_flushed(args: tuple[str, ...]) -> list[int]:
+    """The day nanos of each part a flush script call carries, in its order (see budget_lua.FLUSH)."""
+    keys_count = int(args[1])
+    keys, argv = args[2:2 + keys_count], args[2 + keys_count:]
+    day_nanos, at = [], 2
+    for _ in range(int(argv[1])):
+        totals, members = int(argv[at + 1]), int(argv[at + 2])
+        at += 3
+        day_nanos += [int(argv[i + 1]) for i in range(at, at + totals * 3, 3) if ":day:" in keys[int(argv[i]) - 1]]
+        at += totals * 3 + members
+    return day_nanos

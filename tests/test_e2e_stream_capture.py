@@ -196,3 +196,33 @@ def test_large_streamed_arguments_are_cut_at_the_attribute_limit_as_a_whole_answ
     _, from_whole = captured_output(harness, receiver, "raw-only", stream=False, tools=TOOLS)
     assert len(from_stream) == VALUE_LIMIT and from_stream == from_whole
     assert '"id": "call_big"' in from_stream
+
+
+def test_a_delta_nested_past_the_recursion_limit_ends_no_stream(gw, receiver):
+    """A chunk whose delta holds a field nested 600 deep (orjson reads it; folding it into a whole answer
+    recurses too deep) gives up the cache's and capture's copies, never the client's stream: the SDK reads the
+    answer to its end, with no in-band error, and the text is still captured."""
+    harness, raw = gw
+    nested = "{}"
+    for _ in range(600):
+        nested = '{"a":' + nested + "}"
+    deep = (b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"fake","choices":[{"index":0,'
+            b'"delta":{"content":" world","extra":' + nested.encode() + b'},"finish_reason":null}]}')
+    raw.script = streamed(delta(role="assistant", content="Hello"), deep, delta(finish="stop"))
+    captured, _ = captured_output(harness, receiver, "raw-cached", stream=True)
+    assert captured[0]["parts"] == [{"type": "text", "content": "Hello world"}]
+    assert captured[0]["finish_reason"] == "stop"
+
+
+def test_the_captured_copy_of_a_stream_is_bounded_as_the_caches_is():
+    """A stream longer than the cache would keep stops being assembled for capture (its text is still kept by
+    the relay's own record), so capture holds no unbounded second copy of a long answer."""
+    from gateway.cache.assemble import MAX_ASSEMBLED_CHARS
+    from gateway.stages.relay import StreamState
+
+    state = StreamState(assemble_for=None, capture_for="chat")
+    piece = "x" * 65536
+    for _ in range(MAX_ASSEMBLED_CHARS // len(piece) + 2):
+        state.absorb(json.loads(delta(content=piece)))
+    assert state.captured is None and state.captured_answer() is None
+    assert sum(len(text) for _, text in state.parts.texts()) > MAX_ASSEMBLED_CHARS

@@ -18,7 +18,7 @@ from gateway.policy.model import Budget, Limits, Tenant
 from gateway.stages.admit import Admit
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
-from gateway.tenancy.budgets import RedisBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from gateway.tenancy.keys import new_key
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
 from tests.support.harness import DEFAULT_POLICY, Harness

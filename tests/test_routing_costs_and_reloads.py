@@ -74,7 +74,7 @@ def test_a_request_still_on_an_older_policy_does_not_put_its_priors_back():
     fleet = Fleet(version_a)
     fleet.adopt(policy_version("b", ttft_ms=500))
     for _ in range(50):
-        fleet.record_latency("small", 0.4, 0.001)
+        fleet.record_latency(fleet.models["small"], 0.4, 0.001)
     fleet.adopt(policy_version("c", ttft_ms=500))
     before = fleet.estimates.latency_p95_s("small")
     fleet.router(version_a)

@@ -86,7 +86,7 @@ def plan_after_reload(changes: dict) -> tuple[str, int]:
     before = fleet_policy(small)
     fleet = Fleet(before, clock=FakeClock(), rng=random.Random(1))
     for _ in range(3):
-        fleet.record_latency("small", 2.0, 0.01)
+        fleet.record_latency(fleet.models["small"], 2.0, 0.01)
     route = before.routes[0]
     assert fleet.router(before).decide(route, prompt_tokens=10, max_tokens=10, stream=False).plan[0].name == "medium"
     after = replace(fleet_policy(replace(small, **changes)), content_sha256="after")

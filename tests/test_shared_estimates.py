@@ -15,8 +15,10 @@ from gateway.policy.load import load_policy
 from gateway.errors import PolicyError
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.sharing import MAX_PENDING, EstimateSharing
+from tests.support.fakes import FakeClock
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models, price
+from tests.support.redis_delay import DelayingRedisProxy
 
 SLOW_S = 0.5
 
@@ -43,18 +45,19 @@ class Process:
     """One gateway process's estimates and sharing, against a real Redis."""
 
     def __init__(self, url: str, models_by_name: dict, window_s: float = 300.0, prefix: str = "gw",
-                 cluster: bool = False) -> None:
+                 cluster: bool = False, clock_ahead_s: float = 0.0) -> None:
         self.client = (ClusterClient if cluster else aioredis.Redis).from_url(url)
         self.models = models_by_name
         self.estimates = LatencyEstimates(models_by_name, window_s=window_s)
-        self.sharing = EstimateSharing(self.client, prefix, 0.5, self.estimates, lambda: self.models)
+        self.sharing = EstimateSharing(self.client, prefix, 0.5, self.estimates, lambda: self.models,
+                                       wall_clock=lambda: time.time() + clock_ahead_s)
         self.sharing.enabled = True
 
     def measure(self, name: str, ttft_s: float, count: int = 1) -> None:
         """Record `count` calls measured here, as the fleet does."""
         for _ in range(count):
             self.estimates.record(name, ttft_s, 0.001)
-            self.sharing.add(name, ttft_s, 0.001)
+            self.sharing.add(self.models[name], ttft_s, 0.001)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -64,9 +67,9 @@ class Process:
 async def processes(redis_server):
     made: list[Process] = []
 
-    def make(**kwargs) -> Process:
+    def make(url: str | None = None, **kwargs) -> Process:
         kwargs.setdefault("models_by_name", {"small": sim_model("small")})
-        made.append(Process(redis_server.url, **kwargs))
+        made.append(Process(url or redis_server.url, **kwargs))
         return made[-1]
 
     yield make
@@ -158,7 +161,7 @@ async def test_nothing_is_sent_while_sharing_is_off(processes, redis_server) -> 
     a = processes()
     a.sharing.enabled = False
     a.measure("small", SLOW_S, 5)
-    assert a.sharing._pending == []
+    assert a.sharing.unsent == 0
     assert await a.client.keys("gw:estimates:*") == []
 
 
@@ -170,7 +173,7 @@ async def test_samples_wait_out_a_redis_outage(processes, redis_server) -> None:
     a.measure("small", SLOW_S, 4)
     await a.sharing.sync()
     assert a.sharing.store_failures >= 1
-    assert len(a.sharing._pending) == 4
+    assert a.sharing.unsent == 4
     redis_server.start()
     a.sharing.guard._retry_at_s = 0.0       # the back-off after the outage: the next sync probes at once
     await a.sharing.sync()
@@ -184,7 +187,7 @@ async def test_samples_past_the_pending_bound_are_dropped_and_counted(processes,
     redis_server.stop()
     a.measure("small", SLOW_S, MAX_PENDING + 10)
     await a.sharing.sync()
-    assert len(a.sharing._pending) == MAX_PENDING
+    assert a.sharing.unsent == MAX_PENDING
     assert a.sharing.lost == 10
     redis_server.start()
 
@@ -192,11 +195,13 @@ async def test_samples_past_the_pending_bound_are_dropped_and_counted(processes,
 async def test_entries_that_are_not_samples_are_skipped(processes) -> None:
     """A stream entry another writer left (bad JSON, wrong shapes, negative or infinite values) is not believed."""
     a, b = processes(), processes()
-    key = a.sharing.key("small", a.models["small"])
-    for raw in (b"not json", b"{}", b"[[1, 2, 3]]", b'[["x", 1]]', b"[[-1, 0.1]]", b"[[1e999, 0.1]]",
-                b"[[null, null]]"):
-        await a.client.xadd(key, {"p": "someone", "s": raw})
-    await a.client.xadd(key, {"p": "someone", "s": b"[[0.25, 0.002], [0.25, null], [null, 0.002], [0.25, 0.002]]"})
+    key = a.sharing.key(a.models["small"])
+    for number, raw in enumerate((b"not json", b"{}", b"[[1, 2]]", b'[["x", 1, 0]]', b"[[-1, 0.1, 0]]",
+                                  b"[[1e999, 0.1, 0]]", b"[[null, null, 0]]", b"[[0.2, 0.1, -5]]", b"[[0.2, 0.1, 1.5]]")):
+        await a.client.xadd(key, {"p": "someone", "b": number, "s": raw})
+    await a.client.xadd(key, {"p": "someone", "b": "x", "s": b"[[0.25, 0.002, 0]]"})     # no batch number
+    await a.client.xadd(key, {"p": "someone", "b": 99,
+                              "s": b"[[0.25, 0.002, 0], [0.25, null, 10], [null, 0.002, 0], [0.25, 0.002, 0]]"})
     await b.sharing.sync()
     assert b.estimates.sample_count("small") == 3             # TTFT samples: the one with none has a TPOT only
     assert b.estimates.ttft_p95_s("small") == pytest.approx(0.25)
@@ -219,6 +224,124 @@ async def test_samples_are_shared_through_a_redis_cluster(cluster) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_sync_whose_reply_was_lost_is_sent_again_and_counted_once(processes, redis_server) -> None:
+    """A sync Redis stored but whose reply came after the store timeout is sent again under the same batch
+    number: the other process records its samples once, not twice."""
+    proxy = DelayingRedisProxy(redis_server.port, 0.0).start()
+    try:
+        a, b = processes(url=proxy.url), processes()
+        a.measure("small", SLOW_S, 5)
+        await a.client.ping()                   # connected first: the handshake's reply is not the one held
+        proxy.holding.set()
+        await a.sharing.sync()                  # Redis runs it; the reply is held past the 0.5 s timeout
+        assert a.sharing.unsent == 5
+        proxy.holding.clear()
+        a.sharing.guard._retry_at_s = 0.0       # the back-off after the failure: the next sync goes at once
+        await a.sharing.sync()
+        assert a.sharing.unsent == 0
+        await b.sharing.sync()
+        assert b.estimates.sample_count("small") == 5
+        assert len(await b.client.xrange(b.sharing.key(b.models["small"]))) == 2     # it was stored twice
+    finally:
+        proxy.stop()
+
+
+async def test_a_command_redis_refuses_fails_neither_the_other_streams_nor_the_reads(processes) -> None:
+    """A stream key holding something else (WRONGTYPE) keeps its batch for later, while the other model's
+    samples go out, the reads still come in, and a batch sent again is not counted again."""
+    both = {"small": sim_model("small"), "large": sim_model("large")}
+    a, b = processes(models_by_name=both), processes(models_by_name=both)
+    await a.client.set(a.sharing.key(both["small"]), "not a stream")
+    b.measure("large", 0.02, 2)
+    await b.sharing.sync()
+    for _ in range(3):
+        a.measure("small", SLOW_S, 1)
+        a.measure("large", SLOW_S, 1)
+        await a.sharing.sync()
+    assert a.estimates.sample_count("large") == 3 + 2       # B's two came in despite the refused write
+    assert a.sharing.unsent == 6                            # the batches holding the refused samples wait
+    await b.sharing.sync()
+    assert b.estimates.sample_count("large") == 2 + 3       # each of A's batches once, though sent again
+
+
+async def test_a_process_whose_clock_is_ahead_neither_wipes_the_streams_nor_ages_its_samples(processes) -> None:
+    """Ages and trimming follow Redis's clock: a process an hour ahead shares its samples as fresh, and its
+    trimming leaves the others' entries in place."""
+    ahead = processes(clock_ahead_s=3600)
+    other = processes()
+    other.measure("small", SLOW_S, 4)
+    await other.sharing.sync()
+    for _ in range(2):
+        ahead.measure("small", SLOW_S, 3)
+        await ahead.sharing.sync()
+    late = processes()
+    await late.sharing.sync()
+    assert late.estimates.sample_count("small") == 4 + 6
+
+
+async def test_samples_held_through_an_outage_count_from_when_they_were_measured(processes, redis_server) -> None:
+    """Samples kept while Redis was down leave other processes' windows when they leave the measurer's, not a
+    window after they finally went out; ones older than the window are not sent at all."""
+    a = processes(window_s=1.5)
+
+    async def measure_during_an_outage(count: int, outage_s: float) -> None:
+        redis_server.stop()
+        a.measure("small", SLOW_S, count)
+        await a.sharing.sync()
+        await asyncio.sleep(outage_s)
+        redis_server.start()
+        a.sharing.guard._retry_at_s = 0.0   # the back-off after the outage: the next sync probes at once
+        await a.sharing.sync()
+
+    await measure_during_an_outage(3, 1.0)
+    b = processes(window_s=1.5)
+    await b.sharing.sync()
+    assert b.estimates.sample_count("small") == 3
+    await asyncio.sleep(0.7)                    # 1.7 s after they were measured
+    assert b.estimates.sample_count("small") == 0
+    await measure_during_an_outage(2, 1.6)
+    assert a.sharing.unsent == 0 and a.sharing.lost == 0      # past the window: dropped, as no one would use them
+    c = processes(window_s=1.5)
+    await c.sharing.sync()
+    assert c.estimates.sample_count("small") == 0
+
+
+def test_a_shared_sample_older_than_local_ones_expires_when_it_is_due() -> None:
+    """A sample read from another process goes into the window in time order, not dated like the newest."""
+    clock = FakeClock()
+    estimates = LatencyEstimates({"small": sim_model("small")}, window_s=10, clock=clock)
+    estimates.record("small", 0.1, None)                    # measured here now
+    estimates.record("small", 0.2, None, age_s=8.0)         # measured elsewhere 8 s ago
+    clock.now_s += 3
+    assert estimates.sample_count("small") == 1             # the shared one left at its 10 s
+    clock.now_s += 7.5
+    assert estimates.sample_count("small") == 0
+
+
+async def test_stopping_sends_what_is_pending(processes) -> None:
+    """A process that stops sends its last samples before it goes (a sync under way is waited for, not cut)."""
+    a, b = processes(), processes()
+    a.sharing.start()
+    a.measure("small", SLOW_S, 3)
+    await a.sharing.stop()
+    await b.sharing.sync()
+    assert b.estimates.sample_count("small") == 3
+
+
+async def test_a_sample_measured_on_a_moved_model_goes_to_the_server_it_measured(processes) -> None:
+    """A call still running on a policy version that had the model elsewhere shares its sample with that
+    server's stream, not the one the model has moved to."""
+    old = sim_model("small", "http://127.0.0.1:9/v1")
+    a = processes(models_by_name={"small": sim_model("small", "http://127.0.0.1:10/v1")})
+    a.sharing.add(old, SLOW_S, 0.001)
+    await a.sharing.sync()
+    on_old = processes(models_by_name={"small": old})
+    on_new = processes(models_by_name={"small": sim_model("small", "http://127.0.0.1:10/v1")})
+    await on_old.sharing.sync()
+    await on_new.sharing.sync()
+    assert (on_old.estimates.sample_count("small"), on_new.estimates.sample_count("small")) == (1, 0)
 
 
 def test_share_estimates_must_be_a_flag() -> None:

@@ -11,7 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import MemoryBudgets, RedisBudgets
+from gateway.tenancy.budgets_memory import MemoryBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from gateway.tenancy.keys import new_key
 from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.policies import models, short_timeouts, standard_model

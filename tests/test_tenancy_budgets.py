@@ -10,11 +10,12 @@ from decimal import Decimal
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import CHARGE_FLUSH_S, MemoryBudgets, Periods, RedisBudgets
+from gateway.tenancy.budgets import CHARGE_FLUSH_S, Periods
+from gateway.tenancy.budgets_memory import MemoryBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.redis_counting import CountingRedis
 
 #: 2025-01-30 18:00:00 UTC: six hours before the day ends, two days before the month does
@@ -98,7 +99,7 @@ async def test_usage_reports_spend_without_budget(make_budgets):
     report = (await budgets.usage(who)).to_dict()
     assert json.loads(json.dumps(report)) == {
         "tenant": "acme", "spent_day_usd": "0.25", "spent_month_usd": "0.25",
-        "usd_per_day": None, "usd_per_month": None, "exhausted": False, "reason": None,
+        "usd_per_day": None, "usd_per_month": None, "held_usd": "0", "exhausted": False, "reason": None,
         "on_exhausted": "reject", "available": True}
 
 
@@ -130,19 +131,21 @@ async def test_redis_budget_survives_restart(redis_server):
 
 @pytest.mark.parametrize("on_store_failure", ["allow", "deny"])
 async def test_store_down_is_answered_not_raised(redis_server, on_store_failure):
-    """With Redis killed, check follows on_store_failure and charge is counted, never raised."""
+    """With Redis killed, check follows on_store_failure and a charge, given up after its retries, is counted, never
+    raised."""
     client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
-    budgets, who = RedisBudgets(client, "test", 0.5, on_store_failure, backoff_s=5.0), tenant(per_day="1")
+    budgets, who = RedisBudgets(client, "test", 0.5, on_store_failure, backoff_s=5.0, retry_s=0.1, late_flush_s=0.0), \
+        tenant(per_day="1")
     try:
         redis_server.stop()
         started_s = time.monotonic()
         state = await budgets.check(who)
         await budgets.charge(who, Decimal("0.5"))
         assert time.monotonic() - started_s < 2.0
-        assert budgets.store_failures == 2 and not state.available
+        assert budgets.store_failures == 3 and not state.available  # the check, the flush, the charge given up
         backed_off_s = time.monotonic()
         assert not (await budgets.check(who)).available             # in the back-off: Redis not called
-        assert time.monotonic() - backed_off_s < 0.05 and budgets.store_failures == 3
+        assert time.monotonic() - backed_off_s < 0.05 and budgets.store_failures == 4
         if on_store_failure == "allow":
             assert not state.exhausted
         else:
@@ -228,15 +231,16 @@ async def test_a_read_that_overlaps_this_replicas_charge_is_not_reused(redis_ser
 
 
 async def test_charges_made_together_go_in_one_transaction_and_count_while_they_wait(redis_server):
-    """A tenant's charges of one moment reach Redis in one transaction, not one each; this replica's checks count
+    """A tenant's charges of one moment reach Redis in one script call, not one each; this replica's checks count
     them while they wait, and every nano-dollar lands."""
     client = Redis.from_url(redis_server.url)
 
     async def transactions() -> int:
-        return (await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+        return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
 
     try:
         budgets, who = RedisBudgets(client, "test-gather", 2.0, "allow"), tenant(per_day="1.00")
+        await client.script_load(budgets.flush_script.script)   # else the first EVALSHA is answered NOSCRIPT
         before = await transactions()
         charges = [asyncio.create_task(budgets.charge(who, Decimal("0.03"), EVENING_S)) for _ in range(40)]
         await asyncio.sleep(0)
@@ -250,18 +254,13 @@ async def test_charges_made_together_go_in_one_transaction_and_count_while_they_
         await client.aclose()
 
 
-class LateExecPipeline(Pipeline):
-    """A real transaction whose EXEC reply reaches the caller 0.1 s after Redis applied it."""
+class LateExecRedis(Redis):
+    """A real Redis client whose script replies (a flush's) reach the caller 0.1 s after Redis applied them."""
 
-    async def execute(self, raise_on_error=True):
-        result = await super().execute(raise_on_error)
+    async def evalsha(self, *args):
+        result = await super().evalsha(*args)
         await asyncio.sleep(0.1)
         return result
-
-
-class LateExecRedis(Redis):
-    def pipeline(self, transaction=True, shard_hint=None):
-        return LateExecPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
 async def test_a_read_between_a_flush_applied_and_its_reply_counts_the_charge_once(redis_server):
@@ -281,25 +280,23 @@ async def test_a_read_between_a_flush_applied_and_its_reply_counts_the_charge_on
 
 
 async def test_charges_lost_with_a_failed_flush_are_each_counted(redis_server):
-    """With Redis gone, ten charges of one window are ten store failures, not one."""
+    """With Redis gone past the retries, ten charges of one window are ten lost, not one, beside the failed calls."""
     client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
     try:
-        budgets, who = RedisBudgets(client, "test-lost", 0.3, "allow"), tenant(per_day="1.00")
+        budgets, who = RedisBudgets(client, "test-lost", 0.3, "allow", retry_s=0.1, late_flush_s=0.0), \
+            tenant(per_day="1.00")
         redis_server.stop()
         await asyncio.gather(*(budgets.charge(who, Decimal("0.01"), EVENING_S) for _ in range(10)))
-        assert budgets.store_failures == 10
+        assert (budgets.charges_lost, budgets.store_failures) == (10, budgets.guard.failures + 10)
     finally:
         await client.aclose()
 
 
-class BrokenPipeline(Pipeline):
-    async def execute(self, raise_on_error=True):
-        raise ValueError("a bug of ours, not the store's")
-
-
 class BrokenRedis(Redis):
-    def pipeline(self, transaction=True, shard_hint=None):
-        return BrokenPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+    """A Redis client whose script calls (a flush's) fail on our side, before anything is sent."""
+
+    async def evalsha(self, *args):
+        raise ValueError("a bug of ours, not the store's")
 
 
 async def test_a_flush_failing_on_our_side_is_logged_and_its_charges_counted(redis_server, caplog):

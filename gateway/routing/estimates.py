@@ -57,14 +57,22 @@ class SampleWindow:
         return len(self._values)
 
     def add(self, now_s: float, value: float) -> None:
-        """Record one sample taken at `now_s` (one dated before the newest counts from the newest: the window
-        expires samples in the order they came)."""
+        """Record one sample taken at `now_s`; one taken before the newest (another process's, shared) goes in
+        time order, so the window expires it when it is due."""
+        times_s = self._times_s
         if len(self._values) >= self._max_samples:
+            if now_s < times_s[0]:
+                return                      # older than every sample kept: it would be the one dropped
             self._drop_oldest()
-        if self._times_s and now_s < self._times_s[-1]:
-            now_s = self._times_s[-1]
-        self._times_s.append(now_s)
-        self._values.append(value)
+        if not times_s or now_s >= times_s[-1]:
+            times_s.append(now_s)
+            self._values.append(value)
+        else:
+            at = len(times_s)               # shared samples are seconds old: a short walk back from the newest
+            while at and times_s[at - 1] > now_s:
+                at -= 1
+            times_s.insert(at, now_s)
+            self._values.insert(at, value)
         bisect.insort(self._sorted, value)
         if self._prior_weight and value < self._prior:
             self._below_prior += 1

@@ -7,32 +7,42 @@ found slow still gets the others' traffic until each finds out for itself.
 
 With sharing, each process sends the samples it measured to Redis once a
 second (`SYNC_INTERVAL_S`) and reads the ones the others sent, in one
-pipelined round trip off the request path: a call only appends its sample to
-a list. Each model has one Redis stream per server it is called on (the
-key carries a digest of its endpoint and upstream model, so processes on two
-versions of a policy that moved a model never mix what they measured); an
-entry is one process's samples of one interval. Entries are trimmed past the
-latency window and the key expires when nobody writes to it. A process
-reads only others' entries (its own are in its windows already), and at
-start-up reads the newest window's worth, so a new replica routes by what the
-fleet measured rather than by the priors. A sample read from another process
-counts from when it was sent, so it leaves the window when it would have there.
+pipelined round trip (and a TIME) off the request path: a call only appends its sample to
+a list. Each model has one Redis stream per server it is called on (the key
+carries a digest of the endpoint and upstream model the sample measured, so
+processes on two versions of a policy that moved a model never mix what they
+measured); an entry is one process's samples of one model in one sync (a
+batch), each sample with its age when sent. A process reads only others'
+entries (its own are in its windows already), and at start-up reads the
+newest window's worth (up to `MAX_ENTRIES_READ` entries a model), so a new
+replica routes by what the fleet measured rather than by the priors. Ages
+are counted on Redis's clock (TIME, read in the same round trip): a sample
+leaves every process's window when it leaves the one that measured it, and a
+replica whose own clock is off changes nothing. Entries are trimmed past the
+latency window and a stream expires `EXPIRY_MARGIN_S` after the window once
+nobody writes to it.
 
-Redis down: each process routes by its own samples; the ones it could not
-send are kept (up to `MAX_PENDING`, the newest) and sent with the next sync
-that reaches Redis; the lost ones are counted as `gateway.store.failures`
-(part `estimates`).
+Redis down: each process routes by its own samples; a batch whose sync
+failed is kept (up to `MAX_PENDING` samples, the newest, and only while they
+are inside the window) and sent again with the next sync that reaches Redis.
+A batch Redis did store while its reply was lost is sent again too: entries
+carry the batch's number, and readers record each batch of a process once.
+Samples dropped unsent are counted as `gateway.store.failures` (part
+`estimates`), with the syncs that failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -47,15 +57,28 @@ log = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 1.0
 #: samples kept for sending while Redis cannot be reached (the oldest are dropped first)
 MAX_PENDING = 4096
-#: entries read from one stream in one sync (each entry is one process's samples of one interval)
+#: entries read from one stream in one sync (each entry is one process's samples of one sync)
 MAX_ENTRIES_READ = 1000
 #: how long a stream outlives its latest entry beyond the latency window
 EXPIRY_MARGIN_S = 60
+#: batch numbers remembered per stream and process, to record a batch sent twice once
+SEEN_BATCHES = 256
+
+Sample = tuple[Model, "float | None", "float | None", float]     # model measured, TTFT, TPOT, when (local s)
 
 
-def server_digest(model: Model) -> str:
+@functools.lru_cache(maxsize=1024)
+def server_digest(endpoint: str, upstream_model: str) -> str:
     """Which server a model's samples measure: its endpoint and upstream model, digested."""
-    return hashlib.sha256(f"{model.endpoint}\0{model.upstream_model}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{endpoint}\0{upstream_model}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Batch:
+    """The samples of one sync, under the number readers know them by."""
+
+    number: int
+    samples: list[Sample]
 
 
 class EstimateSharing:
@@ -69,45 +92,62 @@ class EstimateSharing:
         self._models = models
         self._wall_clock = wall_clock
         self.process_id = secrets.token_hex(8)
+        self._process = self.process_id.encode()
         self.enabled = False
         self.guard = StoreGuard("shared latency estimates", timeout_s,
                                 meanwhile="each process routes by its own samples until it is back")
         self.lost = 0                       # samples dropped unsent (Redis unreachable for long)
-        self._pending: list[tuple[str, float | None, float | None]] = []
+        self._pending: list[Sample] = []
+        self._unsent: list[_Batch] = []     # batches a failed sync may not have stored: sent again, same number
+        self._batches = 0
         # stream key -> the last entry id read (kept for models a reload removed: one put back reads on from there)
         self._cursors: dict[str, bytes] = {}
+        self._seen: dict[tuple[str, bytes], tuple[deque[int], set[int]]] = {}   # (key, process) -> batches read
+        self._redis_offset_s: float | None = None   # Redis's clock minus this process's, at the last sync
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
+
+    @property
+    def unsent(self) -> int:
+        """Samples waiting for a sync that reaches Redis."""
+        return len(self._pending) + sum(len(batch.samples) for batch in self._unsent)
 
     @property
     def store_failures(self) -> int:
         """Syncs that did not reach Redis, and samples lost unsent."""
         return self.guard.failures + self.lost
 
-    def add(self, model_name: str, ttft_s: float | None, tpot_s: float | None) -> None:
-        """Keep one sample this process measured, for the next sync (the request path's only cost)."""
+    def add(self, model: Model, ttft_s: float | None, tpot_s: float | None) -> None:
+        """Keep one sample this process measured of `model` (as the call saw it), for the next sync: the request
+        path's only cost."""
         if self.enabled:
-            self._pending.append((model_name, ttft_s, tpot_s))
+            self._pending.append((model, ttft_s, tpot_s, self._wall_clock()))
 
-    def key(self, model_name: str, model: Model) -> str:
+    def key(self, model: Model) -> str:
         """The stream of one model on one server."""
-        return f"{self.prefix}:estimates:{model_name}:{server_digest(model)}"
+        return f"{self.prefix}:estimates:{model.name}:{server_digest(model.endpoint, model.upstream_model)}"
 
     def start(self) -> None:
         """Sync every `SYNC_INTERVAL_S` until `stop`."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="estimate-sharing")
 
     async def stop(self) -> None:
-        """Stop syncing, after sending what is pending (bounded by the store timeout)."""
+        """Stop syncing, once the sync under way is done, after sending what is pending (each bounded by the
+        store timeout)."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.enabled and self._pending:
+        if self.enabled and (self._pending or self._unsent):
             await self.sync()
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(SYNC_INTERVAL_S)
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), SYNC_INTERVAL_S)
+                return
+            except TimeoutError:
+                pass
             if self.enabled:
                 try:
                     await self.sync()
@@ -115,82 +155,130 @@ class EstimateSharing:
                     log.exception("sharing latency estimates failed")
 
     async def sync(self) -> None:
-        """Send the pending samples and record the ones other processes sent since the last sync."""
-        models = dict(self._models())
-        sent, self._pending = self._pending, []
-        outgoing = _by_model(sent, models)
-        window_s = self.estimates.window_s
+        """Send the pending samples (and the batches earlier syncs could not) and record the ones other
+        processes sent since the last sync."""
         now_s = self._wall_clock()
-        min_id = f"{max(0, int((now_s - window_s) * 1000))}-0"
-        keys = {name: self.key(name, model) for name, model in models.items()}
+        window_s = self.estimates.window_s
+        if self._pending:
+            self._batches += 1
+            self._unsent.append(_Batch(self._batches, self._pending))
+            self._pending = []
+        batches = [batch for batch in self._unsent if _keep_fresh(batch, now_s, window_s)]
+        self._unsent = []
+        outgoing = [(batch, key, payload) for batch in batches for key, payload in self._payloads(batch, now_s)]
+        reads = {model.name: self.key(model) for model in self._models().values()}
+        trim = {} if self._redis_offset_s is None else \
+            {"minid": f"{max(0, int((now_s + self._redis_offset_s - window_s) * 1000))}-0", "approximate": True}
 
-        def commands():
+        async def commands():
             pipe = self.client.pipeline(transaction=False)
-            for name, samples in outgoing.items():
-                key = keys[name]
-                pipe.xadd(key, {"p": self.process_id, "s": orjson.dumps(samples)}, minid=min_id, approximate=True)
+            for batch, key, payload in outgoing:
+                pipe.xadd(key, {"p": self.process_id, "b": batch.number, "s": payload}, **trim)
                 pipe.expire(key, math.ceil(window_s) + EXPIRY_MARGIN_S)
-            for key in keys.values():
+            for key in reads.values():
                 cursor = self._cursors.get(key)
-                if cursor is None:              # first read: the newest window's worth
-                    pipe.xrevrange(key, "+", min_id, count=MAX_ENTRIES_READ)
+                if cursor is None:              # first read: the newest entries, back to the window
+                    pipe.xrevrange(key, "+", trim.get("minid", "-"), count=MAX_ENTRIES_READ)
                 else:
                     pipe.xrange(key, b"(" + cursor, "+", count=MAX_ENTRIES_READ)
-            return pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)    # one error fails neither the rest nor the reads
+            return [await self.client.time(), *replies]      # its own call: a Cluster pipeline refuses TIME
 
         replies = await self.guard.run(commands)
         if replies is STORE_DOWN:
-            self._keep_unsent(sent)
+            self._keep_unsent(batches)
             return
-        reads = replies[2 * len(outgoing):]
-        for (name, key), entries in zip(keys.items(), reads):
-            if entries and self._cursors.get(key) is None:
+        clock, sends, read_replies = replies[0], replies[1:1 + 2 * len(outgoing)], replies[1 + 2 * len(outgoing):]
+        failed = {id(batch) for (batch, _, _), sent in zip(outgoing, sends[::2]) if isinstance(sent, Exception)}
+        self._keep_unsent([batch for batch in batches if id(batch) in failed])
+        if isinstance(clock, Exception):
+            return
+        redis_now_s = int(clock[0]) + int(clock[1]) / 1e6
+        self._redis_offset_s = redis_now_s - now_s
+        for (name, key), entries in zip(reads.items(), read_replies):
+            if isinstance(entries, Exception):
+                continue
+            if self._cursors.get(key) is None:
                 entries = entries[::-1]         # read newest first, recorded oldest first
-            self._record(name, key, entries, now_s)
+            self._record(name, key, entries, redis_now_s, window_s)
+        if len(self._seen) > 4 * SEEN_BATCHES:     # replicas come and go: forget the longest known
+            self._seen = dict(list(self._seen.items())[-SEEN_BATCHES:])
 
-    def _record(self, model_name: str, key: str, entries: list, now_s: float) -> None:
-        """Record the samples of other processes' entries, each as old as its entry."""
+    def _payloads(self, batch: _Batch, now_s: float) -> list[tuple[str, bytes]]:
+        """A batch's entries: per stream, its samples with their age when sent, in ms."""
+        by_key: dict[str, list[list]] = {}
+        for model, ttft_s, tpot_s, measured_s in batch.samples:
+            by_key.setdefault(self.key(model), []).append([ttft_s, tpot_s, round((now_s - measured_s) * 1000)])
+        return [(key, orjson.dumps(samples)) for key, samples in by_key.items()]
+
+    def _record(self, model_name: str, key: str, entries: list, redis_now_s: float, window_s: float) -> None:
+        """Record the samples of other processes' entries, each as old as it is on Redis's clock."""
         if not entries:
             self._cursors.setdefault(key, b"0-0")
             return
         self._cursors[key] = _as_bytes(entries[-1][0])
         kept: list[tuple[float, float | None, float | None]] = []
         for entry_id, fields in entries:
-            if _as_bytes(fields.get(b"p", b"")) == self.process_id.encode():
+            process = _as_bytes(fields.get(b"p", b""))
+            if process == self._process or not self._first_time(key, process, fields.get(b"b")):
                 continue
-            age_s = max(0.0, now_s - int(_as_bytes(entry_id).split(b"-", 1)[0]) / 1000)
-            kept.extend((age_s, *sample) for sample in _samples(fields.get(b"s")))
+            sent_s = int(_as_bytes(entry_id).split(b"-", 1)[0]) / 1000
+            for ttft_s, tpot_s, age_ms in _samples(fields.get(b"s")):
+                age_s = max(0.0, redis_now_s - sent_s + age_ms / 1000)
+                if age_s < window_s:
+                    kept.append((age_s, ttft_s, tpot_s))
         for age_s, ttft_s, tpot_s in kept[-MAX_SAMPLES:]:
-            if age_s < self.estimates.window_s:
-                self.estimates.record(model_name, ttft_s, tpot_s, age_s=age_s)
+            self.estimates.record(model_name, ttft_s, tpot_s, age_s=age_s)
 
-    def _keep_unsent(self, sent: list[tuple[str, float | None, float | None]]) -> None:
-        pending = sent + self._pending
-        if len(pending) > MAX_PENDING:
-            self.lost += len(pending) - MAX_PENDING
-            pending = pending[-MAX_PENDING:]
-        self._pending = pending
+    def _first_time(self, key: str, process: bytes, raw_number: object) -> bool:
+        """Whether this batch of `process` has not been read from `key` yet (a batch is sent again when its sync
+        failed, even if Redis had stored it)."""
+        try:
+            number = int(_as_bytes(raw_number))
+        except ValueError:
+            return False
+        order, seen = self._seen.setdefault((key, process), (deque(), set()))
+        if number in seen:
+            return False
+        order.append(number)
+        seen.add(number)
+        if len(order) > SEEN_BATCHES:
+            seen.discard(order.popleft())
+        return True
+
+    def _keep_unsent(self, batches: list[_Batch]) -> None:
+        """Batches to send again with the next sync; past `MAX_PENDING` samples the oldest are dropped."""
+        kept = batches + self._unsent
+        over = sum(len(batch.samples) for batch in kept) + len(self._pending) - MAX_PENDING
+        while kept and over > 0:
+            oldest = kept[0]
+            dropped = min(over, len(oldest.samples))
+            del oldest.samples[:dropped]
+            self.lost += dropped
+            over -= dropped
+            if not oldest.samples:
+                kept.pop(0)
+        self._unsent = kept
 
 
-def _by_model(samples: list[tuple[str, float | None, float | None]],
-              models: Mapping[str, Model]) -> dict[str, list[tuple[float | None, float | None]]]:
-    grouped: dict[str, list[tuple[float | None, float | None]]] = {}
-    for name, ttft_s, tpot_s in samples:
-        if name in models:              # a model a reload removed: its samples measure nothing routable
-            grouped.setdefault(name, []).append((ttft_s, tpot_s))
-    return grouped
+def _keep_fresh(batch: _Batch, now_s: float, window_s: float) -> bool:
+    """Whether a batch still holds a sample inside the window (its stale ones are dropped: no one would use them)."""
+    batch.samples = [sample for sample in batch.samples if now_s - sample[3] < window_s]
+    return bool(batch.samples)
 
 
-def _samples(raw: object) -> list[tuple[float | None, float | None]]:
-    """An entry's samples; an entry written by anything else is skipped, not believed."""
+def _samples(raw: object) -> list[tuple[float | None, float | None, float]]:
+    """An entry's samples (TTFT, TPOT, age when sent in ms); an entry written by anything else is skipped, not
+    believed."""
     try:
         samples = orjson.loads(raw) if isinstance(raw, (bytes, str)) else None
     except orjson.JSONDecodeError:
         return []
     if not isinstance(samples, list):
         return []
-    return [(ttft, tpot) for ttft, tpot in (s for s in samples if isinstance(s, list) and len(s) == 2)
-            if _seconds(ttft) and _seconds(tpot) and (ttft is not None or tpot is not None)]
+    return [(ttft, tpot, age) for ttft, tpot, age in (s for s in samples if isinstance(s, list) and len(s) == 3)
+            if _seconds(ttft) and _seconds(tpot) and (ttft is not None or tpot is not None)
+            and type(age) is int and age >= 0]
 
 
 def _seconds(value: object) -> bool:

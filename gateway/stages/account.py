@@ -89,18 +89,18 @@ class Account:
         fleet = self.services.fleet
         for tried in ctx.attempts:
             if tried.error_type == UpstreamTimeout.reason and tried.dispatched and tried.ttft_s is None and tried.ended_s:
-                fleet.record_latency(tried.model.name, tried.ended_s - tried.started_s, None)
+                fleet.record_latency(tried.model, tried.ended_s - tried.started_s, None)
         if attempt.status != 200 or attempt.ended_s is None or ctx.endpoint == "embeddings":
             return
         output = -(-ctx.usage.output_tokens // max(1, ctx.choices))
         elapsed_s = attempt.ended_s - attempt.started_s
         if attempt.ttft_s is not None:
-            fleet.record_latency(attempt.model.name, attempt.ttft_s,
+            fleet.record_latency(attempt.model, attempt.ttft_s,
                                  (elapsed_s - attempt.ttft_s) / (output - 1) if output > 1 else None)
         elif output <= 1:                   # a one-token answer: all of it was the wait for the first token
-            fleet.record_latency(attempt.model.name, elapsed_s, None)
+            fleet.record_latency(attempt.model, elapsed_s, None)
         else:
-            fleet.record_latency(attempt.model.name, *_split_whole_answer(fleet.estimates, attempt, elapsed_s, output))
+            fleet.record_latency(attempt.model, *_split_whole_answer(fleet.estimates, attempt, elapsed_s, output))
         if ctx.decision is not None and output and ctx.max_tokens is None:
             # only uncapped answers: the route's lengths predict requests that set no max_tokens
             fleet.estimates.record_output_tokens(ctx.decision.route.name, output)

@@ -28,7 +28,7 @@ from gateway.context import Decision, RequestContext
 from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
 from gateway.routing.predict import meets_hard_terms
-from gateway.stages.relay import SSE_HEADERS
+from gateway.stages.relay import SSE_HEADERS, UNFOLDABLE
 from gateway.tokens import usage_from_response
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class Cache:
                 entry = entry_from_response(ctx.endpoint, ctx.response_body)
             else:
                 entry = entry_from_stream(record.assembled) if record is not None else None
-        except (TypeError, AttributeError, KeyError, ValueError) as exc:     # an answer of a shape we cannot keep
+        except UNFOLDABLE as exc:           # an answer of a shape we cannot keep
             log.info("request %s: answer not cached, its shape is not one the cache can replay (%s: %s)",
                      ctx.request_id, type(exc).__name__, exc)
             return None

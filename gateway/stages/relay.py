@@ -38,6 +38,9 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 #: a delta with no other fields carries text only (most chunks): nothing more to keep from it
 _TEXT_ONLY = frozenset(("role", "content"))
+#: what folding a chunk of an odd shape into a whole answer may raise (a delta nested deeper than the
+#: interpreter's recursion limit too): the answer is then given up, never the stream
+UNFOLDABLE = (TypeError, AttributeError, KeyError, ValueError, RecursionError)
 
 
 class StreamState:
@@ -108,24 +111,28 @@ class StreamState:
         assembled = self.assembled
         try:
             assembled.add(chunk)
-        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        except UNFOLDABLE as exc:
             self.assembled, self.unassembled = None, f"its shape is not one the cache can replay ({exc!r})"
             return
         if assembled.chars > MAX_ASSEMBLED_CHARS:
             self.assembled, self.unassembled = None, f"it is over {MAX_ASSEMBLED_CHARS} characters"
 
     def _capture(self, chunk: dict) -> None:
+        captured = self.captured
         try:
-            self.captured.add(chunk)
-        except (TypeError, AttributeError, KeyError, ValueError):
+            captured.add(chunk)
+        except UNFOLDABLE:
             self.captured = None        # a shape the assembler cannot fold: capture keeps the text alone
+            return
+        if captured.chars > MAX_ASSEMBLED_CHARS:
+            self.captured = None        # as long as the cache would not keep: capture keeps the text alone
 
     def captured_answer(self) -> dict | None:
         """The non-stream body the stream added up to, when content capture asked for it (assembled once)."""
         if self._captured_body is None and self.captured is not None:
             try:
                 self._captured_body = self.captured.body()
-            except TypeError:           # choice indexes of mixed types cannot be put in order
+            except UNFOLDABLE:          # choice indexes of mixed types cannot be put in order, say
                 self.captured = None
         return self._captured_body
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.tenancy.budgets import Budgets, BudgetState, MemoryBudgets, RedisBudgets
+from gateway.tenancy.budgets import Budgets, BudgetState
+from gateway.tenancy.budgets_memory import MemoryBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from gateway.tenancy.identity import AdminAuth, Identity, tenant_key_hashes
 from gateway.tenancy.limits import Admission, Limiter, LimitUsage
 from gateway.tenancy.limits_memory import MemoryLimiter

@@ -7,6 +7,14 @@ totals, so in Redis Cluster one script may touch them all. Expiry reads the
 Redis server's clock (TIME), so replicas with skewed clocks agree; a hold
 whose replica died leaves the sum when the next reservation of the tenant
 finds it expired, like a concurrency slot in `limits_lua.ADMIT`.
+
+A replica's charges, and the holds they give back, reach Redis as numbered
+flush parts (FLUSH): each is applied only if this replica's applied-flush
+marker is below its number, and the marker then holds the highest number
+applied. So a part sent again (its first call unanswered: lost, or applied
+with its reply lost) is never applied twice, and a call carries the parts
+before its own that may not be applied yet, so the marker never passes a part
+that could still land.
 """
 
 # KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
@@ -50,26 +58,59 @@ end
 local reserved = 0
 if not over(day_limit, day) and not over(month_limit, month) then
   reserved = 1
-  redis.call('ZADD', holds_key, now_ms + ttl_ms, member)
-  redis.call('INCRBY', sum_key, cost)
+  -- NX: a reservation run twice (a client that sent it again) holds its cost once
+  if redis.call('ZADD', holds_key, 'NX', now_ms + ttl_ms, member) == 1 then redis.call('INCRBY', sum_key, cost) end
   redis.call('PEXPIRE', holds_key, ttl_ms + 1000)
   redis.call('PEXPIRE', sum_key, ttl_ms + 1000)
 end
 return {reserved, day, month, held}
 """
 
-# KEYS: holds (sorted set), holds' sum
-# ARGV: the members (ticket:cost) to give back; one not held (given back already, or expired) is skipped
-# Reply: the nano-USD given back
-RELEASE = """
-local holds_key, sum_key = KEYS[1], KEYS[2]
-local freed = 0
-for _, m in ipairs(ARGV) do
-  if redis.call('ZREM', holds_key, m) == 1 then freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+# KEYS: this replica's applied-flush marker, holds (sorted set), holds' sum, then the day and month totals the
+#       parts add to
+# ARGV: the marker's TTL (s), n, then per part, oldest first: seq, t, m, then t times (the total's index in KEYS,
+#       nano-USD to add, the total's TTL in s), then the m members (ticket:cost) of the holds it gives back (one
+#       not held, given back already or expired, is skipped)
+# Reply: the marker before, the marker after (a part numbered up to it is in the store)
+FLUSH = """
+local applied_key, holds_key, sum_key = KEYS[1], KEYS[2], KEYS[3]
+local applied = tonumber(redis.call('GET', applied_key) or '0')
+local top, freed, at = applied, 0, 3
+for _ = 1, tonumber(ARGV[2]) do
+  local seq, totals, members = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  at = at + 3
+  if seq > top then
+    for i = at, at + (totals - 1) * 3, 3 do
+      local key = KEYS[tonumber(ARGV[i])]
+      redis.call('INCRBY', key, ARGV[i + 1])
+      redis.call('EXPIRE', key, ARGV[i + 2])
+    end
+    for i = at + totals * 3, at + totals * 3 + members - 1 do
+      local m = ARGV[i]
+      if redis.call('ZREM', holds_key, m) == 1 then freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+    end
+    top = seq
+  end
+  at = at + totals * 3 + members
 end
 if freed > 0 then
   if redis.call('ZCARD', holds_key) == 0 then redis.call('DEL', sum_key)
   else redis.call('DECRBY', sum_key, freed) end
 end
-return freed
+if top > applied then redis.call('SET', applied_key, top, 'EX', ARGV[1]) end
+return {applied, top}
+"""
+
+# KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
+# ARGV: none; read only (expired holds are left for the next reservation to drop)
+# Reply: day spent, month spent, the marker, held by unexpired holds (all nano-USD)
+USAGE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local held = tonumber(redis.call('GET', KEYS[5]) or '0')
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms)) do
+  held = held - tonumber(string.match(m, ':(%d+)$'))
+end
+return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0'),
+        tonumber(redis.call('GET', KEYS[3]) or '0'), math.max(held, 0)}
 """

@@ -90,8 +90,10 @@ class Fleet:
         self.breakers.record_failure(model_name, exc.retry_after_s)
 
     def record_latency(self, model: Model, ttft_s: float | None, tpot_s: float | None) -> None:
-        """One call's latency, of `model` as the call saw it (a reload may have moved it since)."""
-        self.estimates.record(model.name, ttft_s, tpot_s)
+        """One call's latency, of `model` as the call saw it: a call on an older policy version, made where a
+        reload has since moved the model, teaches this process's estimates nothing (it is shared for that server)."""
+        if self.estimates.measures(model):
+            self.estimates.record(model.name, ttft_s, tpot_s)
         if self.sharing is not None:
             self.sharing.add(model, ttft_s, tpot_s)
 

@@ -88,9 +88,10 @@ class StoreGuard:
         return bool(self._retry_at_s) and self._clock() < self._retry_at_s
 
     async def run(self, command: Callable[[], Awaitable[T]], default: Any = STORE_DOWN, *,
-                  after_response: bool = False) -> T | Any:
-        """The command's result, or `default` when the store failed, took longer than `timeout_s`, or is
-        being left alone after it could not be reached (`after_response` calls are tried even then)."""
+                  after_response: bool = False, timeout_s: float | None = None) -> T | Any:
+        """The command's result, or `default` when the store failed, took longer than `timeout_s` (the guard's
+        unless given: a write after the response may wait longer), or is being left alone after it could not be
+        reached (`after_response` calls are tried even then)."""
         if self._retry_at_s and not after_response:
             now_s = self._clock()
             if now_s < self._retry_at_s:
@@ -98,7 +99,7 @@ class StoreGuard:
                 return default
             self._retry_at_s = now_s + self.backoff_s       # this call probes; the ones meanwhile keep waiting
         try:
-            async with asyncio.timeout(self.timeout_s):     # no extra task, unlike wait_for on 3.11
+            async with asyncio.timeout(timeout_s or self.timeout_s):    # no extra task, unlike wait_for on 3.11
                 while True:
                     try:
                         result = await command()

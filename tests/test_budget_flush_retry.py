@@ -174,8 +174,9 @@ async def test_reads_while_a_retry_is_pending_count_each_charge_once(redis_serve
     fits, hold = await budgets.reserve(who, Decimal("0.35"), "small")
     assert too_much.exhausted and not fits.exhausted and hold is not None
     assert (fits.spent_day_usd, (await budgets.usage(who)).spent_day_usd) == (Decimal("0.60"), Decimal("0.60"))
-    assert not applied.done() and not refused.done()
+    assert applied.done() and not refused.done()     # the marker a read saw landed the applied one: no retry
     await asyncio.wait_for(asyncio.gather(applied, refused), 8)
+    assert budgets.charges_lost == 0
     assert await spent_day_nanos(client, budgets, who) == 600_000_000
 
 
@@ -255,3 +256,33 @@ async def test_usage_reports_what_requests_in_flight_hold(redis_server, store):
     finally:
         if client is not None:
             await client.aclose()
+
+
+async def test_a_flush_that_fails_half_way_is_never_applied_again(redis_server, client):
+    """A flush script that fails after its first write (the month total is no integer: someone edited it) is
+    not applied again by the calls sent after it: the day is charged once, not once per retry."""
+    budgets = RedisBudgets(client, "t10", TIMEOUT_S, retry_s=0.05, late_flush_s=0.5)
+    who = Tenant("acme", budget=Budget(usd_per_day=Decimal("100"), usd_per_month=Decimal("1000")))
+    day_key, month_key = budgets.keys(who.name, Periods.at(time.time()))
+    await client.set(month_key, "12.5")
+    await asyncio.wait_for(budgets.charge(who, Decimal("1.00")), 5)
+    assert int(await client.get(day_key)) == 10**9
+
+
+async def test_a_redis_slower_than_the_store_timeout_still_lands_each_flush_once(redis_server):
+    """Replies slower than the store timeout (but within a second) neither send a flush again nor count it
+    lost: a flush call waits longer than the calls a response waits for."""
+    from tests.support.redis_delay import DelayingRedisProxy
+    proxy = DelayingRedisProxy(redis_server.port, 0.0).start()
+    slow = Redis.from_url(proxy.url, socket_connect_timeout=0.5)
+    try:
+        budgets, who = RedisBudgets(slow, "t11", TIMEOUT_S, retry_s=0.1, late_flush_s=1.0), tenant()
+        await slow.script_load(budgets.flush_script.script)
+        proxy.delay_s = 0.3                 # three times the store timeout
+        await asyncio.wait_for(budgets.charge(who, Decimal("0.25")), 5)
+        proxy.delay_s = 0.0
+        assert budgets.charges_lost == 0 and await spent_day_nanos(slow, budgets, who) == 250_000_000
+        assert (await slow.info("commandstats"))["cmdstat_evalsha"]["calls"] == 1
+    finally:
+        await slow.aclose()
+        proxy.stop()

@@ -249,8 +249,8 @@ async def test_a_sync_whose_reply_was_lost_is_sent_again_and_counted_once(proces
 
 
 async def test_a_command_redis_refuses_fails_neither_the_other_streams_nor_the_reads(processes) -> None:
-    """A stream key holding something else (WRONGTYPE) keeps its batch for later, while the other model's
-    samples go out, the reads still come in, and a batch sent again is not counted again."""
+    """A stream key holding something else (WRONGTYPE) loses that model's samples (counted, never sent again:
+    the refusal is an answer), while the other model's go out once each and the reads still come in."""
     both = {"small": sim_model("small"), "large": sim_model("large")}
     a, b = processes(models_by_name=both), processes(models_by_name=both)
     await a.client.set(a.sharing.key(both["small"]), "not a stream")
@@ -261,9 +261,10 @@ async def test_a_command_redis_refuses_fails_neither_the_other_streams_nor_the_r
         a.measure("large", SLOW_S, 1)
         await a.sharing.sync()
     assert a.estimates.sample_count("large") == 3 + 2       # B's two came in despite the refused write
-    assert a.sharing.unsent == 6                            # the batches holding the refused samples wait
+    assert (a.sharing.unsent, a.sharing.lost) == (0, 3)     # the refused ones are dropped and counted
     await b.sharing.sync()
-    assert b.estimates.sample_count("large") == 2 + 3       # each of A's batches once, though sent again
+    assert b.estimates.sample_count("large") == 2 + 3
+    assert len(await b.client.xrange(b.sharing.key(both["large"]))) == 1 + 3     # each of A's batches sent once
 
 
 async def test_a_process_whose_clock_is_ahead_neither_wipes_the_streams_nor_ages_its_samples(processes) -> None:
@@ -313,11 +314,44 @@ def test_a_shared_sample_older_than_local_ones_expires_when_it_is_due() -> None:
     clock = FakeClock()
     estimates = LatencyEstimates({"small": sim_model("small")}, window_s=10, clock=clock)
     estimates.record("small", 0.1, None)                    # measured here now
-    estimates.record("small", 0.2, None, age_s=8.0)         # measured elsewhere 8 s ago
+    estimates.record_shared("small", [(8.0, 0.2, None)])    # measured elsewhere 8 s ago
     clock.now_s += 3
     assert estimates.sample_count("small") == 1             # the shared one left at its 10 s
     clock.now_s += 7.5
     assert estimates.sample_count("small") == 0
+
+
+def test_many_shared_samples_merge_into_a_full_window_in_time_order() -> None:
+    """A thousand samples from other processes, up to a second old, merge into a full window of older local ones:
+    the window keeps the newest `max_samples` in time order and expires each when due."""
+    clock = FakeClock()
+    estimates = LatencyEstimates({"small": sim_model("small")}, window_s=10, clock=clock, max_samples=1024)
+    for _ in range(1024):
+        estimates.record("small", 0.1, None)                # all measured here, 2 s ago
+    clock.now_s += 2
+    shared = [(1.0 - i / 1000, 0.3, None) for i in range(1000)]       # oldest first: 1.0 s .. 0.001 s old
+    estimates.record_shared("small", shared)
+    assert estimates.sample_count("small") == 1024
+    assert estimates.ttft_p50_s("small") == pytest.approx(0.3)      # 1000 of the 1024 kept are the shared ones
+    clock.now_s += 9.5                  # the local ones are 11.5 s old, the shared 9.5..10.5: half are left
+    assert 400 < estimates.sample_count("small") < 600
+
+
+def test_a_call_on_a_moved_model_teaches_this_process_nothing() -> None:
+    """A call made on an older policy version, where a reload has since moved the model, is not recorded under
+    the model's name here (it measured another server)."""
+    from gateway.fleet import Fleet
+    moved = _load("""version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:10/v1", upstream_model: sim-small, latency_prior: {ttft_ms: 5, tpot_ms: 1}}
+routes:
+  - {name: r, match: {models: ["auto"]}, candidates: [small]}
+""")
+    fleet = Fleet(moved)
+    fleet.record_latency(sim_model("small", "http://127.0.0.1:9/v1"), SLOW_S, 0.001)
+    assert fleet.estimates.sample_count("small") == 0
+    fleet.record_latency(moved.models["small"], SLOW_S, 0.001)
+    assert fleet.estimates.sample_count("small") == 1
 
 
 async def test_stopping_sends_what_is_pending(processes) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import math
 import time
 from collections import deque
@@ -57,25 +58,32 @@ class SampleWindow:
         return len(self._values)
 
     def add(self, now_s: float, value: float) -> None:
-        """Record one sample taken at `now_s`; one taken before the newest (another process's, shared) goes in
-        time order, so the window expires it when it is due."""
-        times_s = self._times_s
+        """Record one sample taken at `now_s`, the newest (one dated before the newest counts from it: use
+        `add_many` for samples taken elsewhere, earlier)."""
         if len(self._values) >= self._max_samples:
-            if now_s < times_s[0]:
-                return                      # older than every sample kept: it would be the one dropped
             self._drop_oldest()
-        if not times_s or now_s >= times_s[-1]:
-            times_s.append(now_s)
-            self._values.append(value)
-        else:
-            at = len(times_s)               # shared samples are seconds old: a short walk back from the newest
-            while at and times_s[at - 1] > now_s:
-                at -= 1
-            times_s.insert(at, now_s)
-            self._values.insert(at, value)
+        times_s = self._times_s
+        times_s.append(now_s if not times_s or now_s >= times_s[-1] else times_s[-1])
+        self._values.append(value)
         bisect.insort(self._sorted, value)
         if self._prior_weight and value < self._prior:
             self._below_prior += 1
+
+    def add_many(self, samples: list[tuple[float, float]]) -> None:
+        """Record samples (taken at, value) taken elsewhere, oldest first, each in time order among those held, so
+        the window expires it when it is due: one merge, not a walk per sample; the oldest go past max_samples."""
+        times_s = self._times_s
+        if not times_s or samples[0][0] >= times_s[-1]:
+            for now_s, value in samples:
+                self.add(now_s, value)
+            return
+        merged = list(heapq.merge(zip(times_s, self._values), samples, key=lambda sample: sample[0]))
+        merged = merged[-self._max_samples:]
+        self._times_s = deque(now_s for now_s, _ in merged)
+        self._values = deque(value for _, value in merged)
+        prior = self._prior
+        self._sorted = sorted([*([prior] * self._prior_weight), *self._values])
+        self._below_prior = sum(1 for value in self._values if value < prior) if self._prior_weight else 0
 
     def expire(self, cutoff_s: float) -> None:
         """Drop samples taken before `cutoff_s`."""
@@ -239,18 +247,34 @@ class LatencyEstimates:
             if model.name not in self._models:
                 self._models[model.name] = _ModelStats(model, self.prior_weight, self._max_samples)
 
-    def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None, *,
-               age_s: float = 0.0) -> None:
-        """Record one finished call's TTFT and TPOT, measured `age_s` ago (another process's, shared);
-        unknown models are ignored."""
+    def measures(self, model: Model) -> bool:
+        """Whether the estimates kept under the model's name are of the server `model` calls."""
+        stats = self._models.get(model.name)
+        return stats is not None and stats.model.endpoint == model.endpoint and \
+            stats.model.upstream_model == model.upstream_model
+
+    def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None) -> None:
+        """Record one finished call's TTFT and TPOT; unknown models are ignored."""
         stats = self._models.get(model_name)
         if stats is None:
             return
-        now_s = self._clock() - age_s
+        now_s = self._clock()
         if ttft_s is not None:
             stats.ttft.add(now_s, ttft_s)
         if tpot_s is not None:
             stats.tpot.add(now_s, tpot_s)
+
+    def record_shared(self, model_name: str, samples: list[tuple[float, float | None, float | None]]) -> None:
+        """Record another process's samples (age in s, TTFT, TPOT), oldest first, each as old as it is."""
+        stats = self._models.get(model_name)
+        if stats is None or not samples:
+            return
+        now_s = self._clock()
+        for window, values in ((stats.ttft, [(now_s - age_s, ttft) for age_s, ttft, _ in samples if ttft is not None]),
+                               (stats.tpot, [(now_s - age_s, tpot) for age_s, _, tpot in samples if tpot is not None])):
+            if values:
+                values.sort(key=lambda sample: sample[0])   # batches sent again may come after newer ones
+                window.add_many(values)
 
     def record_energy(self, model_name: str, joules: float, output_tokens: int) -> None:
         """Record the joules measured for one answer of `output_tokens` tokens (none: nothing is learned)."""

@@ -22,13 +22,16 @@ replica whose own clock is off changes nothing. Entries are trimmed past the
 latency window and a stream expires `EXPIRY_MARGIN_S` after the window once
 nobody writes to it.
 
-Redis down: each process routes by its own samples; a batch whose sync
-failed is kept (up to `MAX_PENDING` samples, the newest, and only while they
-are inside the window) and sent again with the next sync that reaches Redis.
-A batch Redis did store while its reply was lost is sent again too: entries
-carry the batch's number, and readers record each batch of a process once.
-Samples dropped unsent are counted as `gateway.store.failures` (part
-`estimates`), with the syncs that failed.
+Redis down: each process routes by its own samples; a batch whose sync went
+unanswered is kept (up to `MAX_PENDING` samples, the newest, and only while
+they are inside the window) and sent again with the next sync that reaches
+Redis. A batch Redis did store while its reply was lost is sent again too:
+entries carry the batch's number, a process's batches reach a stream in the
+order of their numbers, and readers skip one numbered at or below the last
+they read from that process. An entry Redis refuses (another type under the
+key) is an answer: its samples are dropped, not sent again. Samples dropped
+are counted as `gateway.store.failures` (part `estimates`), with the syncs
+that failed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +63,8 @@ MAX_PENDING = 4096
 MAX_ENTRIES_READ = 1000
 #: how long a stream outlives its latest entry beyond the latency window
 EXPIRY_MARGIN_S = 60
-#: batch numbers remembered per stream and process, to record a batch sent twice once
-SEEN_BATCHES = 256
+#: (stream, process) pairs remembered before those quiet for a latency window are forgotten
+SEEN_PAIRS = 1024
 
 Sample = tuple[Model, "float | None", "float | None", float]     # model measured, TTFT, TPOT, when (local s)
 
@@ -102,7 +104,9 @@ class EstimateSharing:
         self._batches = 0
         # stream key -> the last entry id read (kept for models a reload removed: one put back reads on from there)
         self._cursors: dict[str, bytes] = {}
-        self._seen: dict[tuple[str, bytes], tuple[deque[int], set[int]]] = {}   # (key, process) -> batches read
+        # (key, process) -> (the highest batch number read, when last read): a process's batches reach a stream in
+        # the order of their numbers, so one at or below it is a batch sent again
+        self._seen: dict[tuple[str, bytes], tuple[int, float]] = {}
         self._redis_offset_s: float | None = None   # Redis's clock minus this process's, at the last sync
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -139,7 +143,10 @@ class EstimateSharing:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self.enabled and (self._pending or self._unsent):
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:               # shutdown goes on whatever sharing does
+                log.exception("sending the last latency samples failed")
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -165,14 +172,14 @@ class EstimateSharing:
             self._pending = []
         batches = [batch for batch in self._unsent if _keep_fresh(batch, now_s, window_s)]
         self._unsent = []
-        outgoing = [(batch, key, payload) for batch in batches for key, payload in self._payloads(batch, now_s)]
+        outgoing = [(batch, *entry) for batch in batches for entry in self._payloads(batch, now_s)]
         reads = {model.name: self.key(model) for model in self._models().values()}
         trim = {} if self._redis_offset_s is None else \
             {"minid": f"{max(0, int((now_s + self._redis_offset_s - window_s) * 1000))}-0", "approximate": True}
 
         async def commands():
             pipe = self.client.pipeline(transaction=False)
-            for batch, key, payload in outgoing:
+            for batch, key, payload, _ in outgoing:
                 pipe.xadd(key, {"p": self.process_id, "b": batch.number, "s": payload}, **trim)
                 pipe.expire(key, math.ceil(window_s) + EXPIRY_MARGIN_S)
             for key in reads.values():
@@ -189,8 +196,10 @@ class EstimateSharing:
             self._keep_unsent(batches)
             return
         clock, sends, read_replies = replies[0], replies[1:1 + 2 * len(outgoing)], replies[1 + 2 * len(outgoing):]
-        failed = {id(batch) for (batch, _, _), sent in zip(outgoing, sends[::2]) if isinstance(sent, Exception)}
-        self._keep_unsent([batch for batch in batches if id(batch) in failed])
+        for (_, key, _, count), sent in zip(outgoing, sends[::2]):
+            if isinstance(sent, Exception):     # an answer (another type under the key, say): sending again won't do
+                self.lost += count
+                log.warning("%d shared latency samples not stored in %s: %s", count, key, sent)
         if isinstance(clock, Exception):
             return
         redis_now_s = int(clock[0]) + int(clock[1]) / 1e6
@@ -201,15 +210,15 @@ class EstimateSharing:
             if self._cursors.get(key) is None:
                 entries = entries[::-1]         # read newest first, recorded oldest first
             self._record(name, key, entries, redis_now_s, window_s)
-        if len(self._seen) > 4 * SEEN_BATCHES:     # replicas come and go: forget the longest known
-            self._seen = dict(list(self._seen.items())[-SEEN_BATCHES:])
+        if len(self._seen) > SEEN_PAIRS:            # replicas come and go: forget those quiet for a window
+            self._seen = {pair: seen for pair, seen in self._seen.items() if redis_now_s - seen[1] < window_s}
 
-    def _payloads(self, batch: _Batch, now_s: float) -> list[tuple[str, bytes]]:
-        """A batch's entries: per stream, its samples with their age when sent, in ms."""
+    def _payloads(self, batch: _Batch, now_s: float) -> list[tuple[str, bytes, int]]:
+        """A batch's entries: per stream, its samples with their age when sent, in ms, and how many."""
         by_key: dict[str, list[list]] = {}
         for model, ttft_s, tpot_s, measured_s in batch.samples:
             by_key.setdefault(self.key(model), []).append([ttft_s, tpot_s, round((now_s - measured_s) * 1000)])
-        return [(key, orjson.dumps(samples)) for key, samples in by_key.items()]
+        return [(key, orjson.dumps(samples), len(samples)) for key, samples in by_key.items()]
 
     def _record(self, model_name: str, key: str, entries: list, redis_now_s: float, window_s: float) -> None:
         """Record the samples of other processes' entries, each as old as it is on Redis's clock."""
@@ -220,30 +229,26 @@ class EstimateSharing:
         kept: list[tuple[float, float | None, float | None]] = []
         for entry_id, fields in entries:
             process = _as_bytes(fields.get(b"p", b""))
-            if process == self._process or not self._first_time(key, process, fields.get(b"b")):
+            if process == self._process or not self._first_time(key, process, fields.get(b"b"), redis_now_s):
                 continue
             sent_s = int(_as_bytes(entry_id).split(b"-", 1)[0]) / 1000
             for ttft_s, tpot_s, age_ms in _samples(fields.get(b"s")):
                 age_s = max(0.0, redis_now_s - sent_s + age_ms / 1000)
                 if age_s < window_s:
                     kept.append((age_s, ttft_s, tpot_s))
-        for age_s, ttft_s, tpot_s in kept[-MAX_SAMPLES:]:
-            self.estimates.record(model_name, ttft_s, tpot_s, age_s=age_s)
+        self.estimates.record_shared(model_name, kept[-MAX_SAMPLES:])
 
-    def _first_time(self, key: str, process: bytes, raw_number: object) -> bool:
+    def _first_time(self, key: str, process: bytes, raw_number: object, now_s: float) -> bool:
         """Whether this batch of `process` has not been read from `key` yet (a batch is sent again when its sync
-        failed, even if Redis had stored it)."""
+        went unanswered, even if Redis had stored it)."""
         try:
             number = int(_as_bytes(raw_number))
         except ValueError:
             return False
-        order, seen = self._seen.setdefault((key, process), (deque(), set()))
-        if number in seen:
+        highest, _ = self._seen.get((key, process), (0, now_s))
+        if number <= highest:
             return False
-        order.append(number)
-        seen.add(number)
-        if len(order) > SEEN_BATCHES:
-            seen.discard(order.popleft())
+        self._seen[(key, process)] = (number, now_s)
         return True
 
     def _keep_unsent(self, batches: list[_Batch]) -> None:

@@ -75,29 +75,36 @@ return {reserved, day, month, held}
 FLUSH = """
 local applied_key, holds_key, sum_key = KEYS[1], KEYS[2], KEYS[3]
 local applied = tonumber(redis.call('GET', applied_key) or '0')
-local top, freed, at = applied, 0, 3
-for _ = 1, tonumber(ARGV[2]) do
+local top, at, apply = applied, 3, {}
+for _ = 1, tonumber(ARGV[2]) do             -- first which parts apply, reading only
   local seq, totals, members = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
-  at = at + 3
   if seq > top then
-    for i = at, at + (totals - 1) * 3, 3 do
-      local key = KEYS[tonumber(ARGV[i])]
-      redis.call('INCRBY', key, ARGV[i + 1])
-      redis.call('EXPIRE', key, ARGV[i + 2])
-    end
-    for i = at + totals * 3, at + totals * 3 + members - 1 do
-      local m = ARGV[i]
-      if redis.call('ZREM', holds_key, m) == 1 then freed = freed + tonumber(string.match(m, ':(%d+)$')) end
-    end
+    apply[#apply + 1] = at
     top = seq
   end
-  at = at + totals * 3 + members
+  at = at + 3 + totals * 3 + members
+end
+-- the marker moves before any total does: should a write below fail (a total someone made no integer), the
+-- parts are at worst half applied, never applied again by the call sent after this one went unanswered
+if top > applied then redis.call('SET', applied_key, top, 'EX', ARGV[1]) end
+local freed = 0
+for _, start in ipairs(apply) do
+  local totals, members = tonumber(ARGV[start + 1]), tonumber(ARGV[start + 2])
+  at = start + 3
+  for i = at, at + (totals - 1) * 3, 3 do
+    local key = KEYS[tonumber(ARGV[i])]
+    redis.call('INCRBY', key, ARGV[i + 1])
+    redis.call('EXPIRE', key, ARGV[i + 2])
+  end
+  for i = at + totals * 3, at + totals * 3 + members - 1 do
+    local m = ARGV[i]
+    if redis.call('ZREM', holds_key, m) == 1 then freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+  end
 end
 if freed > 0 then
   if redis.call('ZCARD', holds_key) == 0 then redis.call('DEL', sum_key)
   else redis.call('DECRBY', sum_key, freed) end
 end
-if top > applied then redis.call('SET', applied_key, top, 'EX', ARGV[1]) end
 return {applied, top}
 """
 

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 #: how long a flush part Redis did not answer is sent again (every STORE_RETRY_S) before its charges count as lost
 #: (its holds then lapse with their TTL): as long as a rate-limit give-back is (admit's LATE_END_S)
 LATE_FLUSH_S = 60.0
+#: how long one flush call waits for Redis (at least the store timeout): it holds up no response, and a Redis
+#: slower than the store timeout must not see every flush it applied sent again and then counted lost
+FLUSH_TIMEOUT_S = 1.0
 
 
 class _Charges:
@@ -149,8 +152,17 @@ class RedisBudgets:
         reply = await self.guard.run(lambda: self.client.mget(*keys, self.applied_key(tenant.name)))
         if reply is STORE_DOWN:
             return self._store_down(tenant)
-        day_pending, month_pending, _ = self._pending(tenant.name, keys, int(reply[2] or 0))
+        applied = int(reply[2] or 0)
+        self._land_applied(tenant.name, applied)
+        day_pending, month_pending, _ = self._pending(tenant.name, keys, applied)
         return evaluate(tenant, int(reply[0] or 0) + day_pending, int(reply[1] or 0) + month_pending, now_s)
+
+    def _land_applied(self, tenant_name: str, applied: int) -> None:
+        """Parts waiting for a retry that the store's marker says it applied (their reply was lost) have landed:
+        they are no longer retried, nor counted lost at the end of the retry window."""
+        for part in [part for part in self._unlanded.get(tenant_name, ()) if part.seq <= applied
+                     and part.failed_at_s is not None]:
+            self._land(tenant_name, part)
 
     def _pending(self, tenant_name: str, keys: tuple[str, str], applied: int) -> tuple[int, int, int]:
         """This replica's day and month nanos, and hold give-backs, the store does not hold yet (`applied`: its
@@ -267,7 +279,8 @@ class RedisBudgets:
             return
         try:
             keys, args = self._flush_call(tenant_name, parts)
-            reply = await self.guard.run(lambda: self.flush_script(keys=keys, args=args), after_response=True)
+            reply = await self.guard.run(lambda: self.flush_script(keys=keys, args=args), after_response=True,
+                                         timeout_s=max(self.guard.timeout_s, FLUSH_TIMEOUT_S))
         except Exception:                   # not the store's failure: ours; the charges are lost, and said so
             log.exception("budget charges of tenant %s were not sent", tenant_name)
             self._give_up(tenant_name, parts)
@@ -373,6 +386,7 @@ class RedisBudgets:
         if reply is STORE_DOWN:
             return self._store_down(tenant)
         day_nanos, month_nanos, applied, held_nanos = (int(v) for v in reply)
+        self._land_applied(tenant.name, applied)
         day_pending, month_pending, released_nanos = self._pending(tenant.name, keys, applied)
         return replace(evaluate(tenant, day_nanos + day_pending, month_nanos + month_pending, now_s),
                        held_usd=to_usd(max(0, held_nanos - released_nanos)))

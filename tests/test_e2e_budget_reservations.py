@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import tempfile
 import threading
@@ -264,3 +265,46 @@ def test_two_replicas_share_the_holds_of_requests_in_flight(redis_server):
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_seeded_mix_of_endings_at_once_leaves_no_hold_and_charges_what_was_served(gw):
+    """Sixty requests of one tenant at once, of every ending (answered, streamed to the end, streams the client
+    cuts after a chunk, a model that never answers, cache hits and misses), in a seeded order: once all have
+    ended no hold is left, and the spend is what was served (the answers' cost headers, and a cut stream's share
+    at most its hold)."""
+    rng = random.Random(20261127)
+    kinds = [rng.choice(("answered", "streamed", "cut", "hanging", "cached")) for _ in range(60)]
+    spent_before = spent_usd(gw, "paying")
+
+    async def one(client, kind: str, index: int) -> Decimal:
+        if kind == "hanging":
+            with pytest.raises(openai.APIStatusError):
+                await client.chat.completions.create(model="hanging", messages=HELLO, max_tokens=10)
+            return Decimal(0)
+        if kind in ("streamed", "cut"):
+            stream = await client.chat.completions.create(model="trickle" if kind == "cut" else "quick",
+                                                          messages=HELLO, max_tokens=10, stream=True)
+            async for _ in stream:
+                if kind == "cut":
+                    break
+            await stream.close()
+            return Decimal(0)               # a stream's cost is not in its headers: checked through the bounds below
+        prompt = [{"role": "user", "content": f"Hello {index % 3}"}] if kind == "cached" else HELLO
+        answer = await client.chat.completions.with_raw_response.create(
+            model="cached" if kind == "cached" else "quick", messages=prompt, max_tokens=10, temperature=0)
+        return Decimal(answer.headers["x-gateway-cost-usd"])
+
+    async def all_at_once() -> list[Decimal]:
+        client = gw.async_openai(api_key=KEYS["paying"][0])
+        try:
+            return await asyncio.gather(*(one(client, kind, i) for i, kind in enumerate(kinds)))
+        finally:
+            await client.close()
+
+    costs = asyncio.run(all_at_once())
+    wait_until(lambda: held_nanos(gw, "paying") == 0)
+    streams = sum(kind in ("streamed", "cut") for kind in kinds)
+    wait_until(lambda: spent_usd(gw, "paying") >= spent_before + sum(costs))
+    time.sleep(0.2)                         # any charge still on its way has landed
+    extra = spent_usd(gw, "paying") - spent_before - sum(costs)
+    assert 0 <= extra <= streams * PREDICTED_USD, (extra, Counter(kinds))

@@ -89,6 +89,7 @@ class Decision:
     sla_met: bool = True
     explored: bool = False
     note: str = ""
+    output_tokens: int = 0              # per choice, as the router predicted with: max_tokens, or the route's usual
 
 
 @dataclass

@@ -4,6 +4,7 @@ window; the admin report shows what requests in flight hold."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,23 @@ async def first_try_failed(budgets: RedisBudgets, who: Tenant, timeout_s: float 
         await asyncio.sleep(0.01)
 
 
+@contextlib.contextmanager
+def frozen(redis_server):
+    """Redis stopped (SIGSTOP) while the block runs: it takes commands and answers none until thawed."""
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+
+
+async def charge_unanswered(budgets: RedisBudgets, who: Tenant, usd: str) -> asyncio.Task:
+    """A charge whose flush has gone unanswered once (Redis is frozen, or refusing), still waiting to land."""
+    charging = asyncio.create_task(budgets.charge(who, Decimal(usd)))
+    await first_try_failed(budgets, who)
+    return charging
+
+
 async def flush_calls(client) -> int:
     """The script calls Redis has run (EVALSHA, flushes here)."""
     return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
@@ -61,12 +79,8 @@ async def test_a_flush_applied_with_its_reply_lost_is_sent_again_and_not_applied
     which skips the part it holds, so the charge counts once and nothing is lost."""
     budgets, who = RedisBudgets(client, "t1", TIMEOUT_S, retry_s=0.2), tenant()
     await client.script_load(budgets.flush_script.script)
-    os.kill(redis_server.process.pid, signal.SIGSTOP)
-    try:
-        charging = asyncio.create_task(budgets.charge(who, Decimal("0.30")))
-        await first_try_failed(budgets, who)
-    finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)
+    with frozen(redis_server):
+        charging = await charge_unanswered(budgets, who, "0.30")
     observer = Redis.from_url(redis_server.url)
     try:
         assert await spent_day_nanos(observer, budgets, who) == 300_000_000    # the late call ran on resuming
@@ -83,8 +97,7 @@ async def test_a_flush_redis_never_received_is_applied_on_retry(redis_server, cl
     """Redis was down when the flush was sent: once it is back, the retry adds the charge."""
     budgets, who = RedisBudgets(client, "t2", TIMEOUT_S, retry_s=0.2), tenant()
     redis_server.stop()
-    charging = asyncio.create_task(budgets.charge(who, Decimal("0.30")))
-    await first_try_failed(budgets, who)
+    charging = await charge_unanswered(budgets, who, "0.30")
     redis_server.start()
     await asyncio.wait_for(charging, 3)
     assert await spent_day_nanos(client, budgets, who) == 300_000_000
@@ -119,8 +132,7 @@ async def test_a_later_flush_carries_an_earlier_unanswered_one_in_order(redis_se
     await client.script_load(budgets.flush_script.script)
     await client.config_set("maxmemory", 1)
     try:
-        first = asyncio.create_task(budgets.charge(who, Decimal("0.10")))
-        await first_try_failed(budgets, who)
+        first = await charge_unanswered(budgets, who, "0.10")
     finally:
         await client.config_set("maxmemory", 0)
     calls = await flush_calls(client)
@@ -135,16 +147,12 @@ async def test_a_stale_earlier_call_never_lands_after_a_later_one(redis_server, 
     charge lands once, and the retries after add nothing."""
     budgets, who = RedisBudgets(client, "t5", TIMEOUT_S, retry_s=0.2), tenant()
     await client.script_load(budgets.flush_script.script)
-    os.kill(redis_server.process.pid, signal.SIGSTOP)
-    try:
-        first = asyncio.create_task(budgets.charge(who, Decimal("0.10")))
-        await first_try_failed(budgets, who)
+    with frozen(redis_server):
+        first = await charge_unanswered(budgets, who, "0.10")
         second = asyncio.create_task(budgets.charge(who, Decimal("0.20")))
         await asyncio.sleep(0.05)
         while len(budgets._failed(who.name)) < 2:
             await asyncio.sleep(0.01)
-    finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)
     await asyncio.wait_for(asyncio.gather(first, second), 3)
     assert await spent_day_nanos(client, budgets, who) == 300_000_000
     assert budgets.charges_lost == 0
@@ -155,12 +163,8 @@ async def test_reads_while_a_retry_is_pending_count_each_charge_once(redis_serve
     and one it did not apply from this replica: each charge once."""
     budgets, who = RedisBudgets(client, "t6", TIMEOUT_S, retry_s=5.0, backoff_s=0.0), tenant()
     await client.script_load(budgets.flush_script.script)
-    os.kill(redis_server.process.pid, signal.SIGSTOP)
-    try:
-        applied = asyncio.create_task(budgets.charge(who, Decimal("0.40")))
-        await first_try_failed(budgets, who)
-    finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)
+    with frozen(redis_server):
+        applied = await charge_unanswered(budgets, who, "0.40")
     await client.config_set("maxmemory", 1)
     try:
         refused = asyncio.create_task(budgets.charge(who, Decimal("0.20")))

@@ -135,11 +135,6 @@ async def test_a_lock_taken_beside_a_waiting_local_flight_is_handed_to_it(redis_
 
 # Through the gateway: every way a leader ends gives its lock back at once -------------------------------------
 
-CACHED_ROUTE = """  - name: raw-cached
-    match: {{models: ["raw-cached"]}}
-    candidates: [raw]
-    cache: {{enabled: true, ttl_s: 60}}
-"""
 #: how long the scripted model waits before answering: long enough to see the leader's lock
 CALL_S = 0.4
 
@@ -151,12 +146,12 @@ def gateway_on_redis(module_redis_server):
 
     import redis
 
-    from tests.support.harness import Harness, raw_model_policy
+    from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_policy
     from tests.support.raw_upstream import RawUpstream
 
     environ = {**os.environ, "OTEL_SDK_DISABLED": "true", "GATEWAY_REDIS_URL": module_redis_server.url}
     raw = RawUpstream().start()
-    gw = Harness(raw_model_policy(raw.url, first_byte_s=5, tail=CACHED_ROUTE),
+    gw = Harness(raw_model_policy(raw.url, first_byte_s=5, tail=RAW_CACHED_ROUTE),
                  sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")},
                  environ=environ).start()
     client = redis.Redis.from_url(module_redis_server.url)
@@ -226,13 +221,13 @@ def test_redis_down_then_back_leaves_no_lock_and_caches_again(redis_server) -> N
 
     import redis
 
-    from tests.support.harness import Harness, raw_model_policy
+    from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_policy
     from tests.support.raw_upstream import COMPLETION, RawUpstream, json_answer
 
     environ = {**os.environ, "OTEL_SDK_DISABLED": "true", "GATEWAY_REDIS_URL": redis_server.url}
     raw = RawUpstream().start()
     raw.script = json_answer(COMPLETION)
-    gw = Harness(raw_model_policy(raw.url, first_byte_s=5, tail=CACHED_ROUTE + "store: {{timeout_ms: 200}}\n"),
+    gw = Harness(raw_model_policy(raw.url, first_byte_s=5, tail=RAW_CACHED_ROUTE + "store: {{timeout_ms: 200}}\n"),
                  sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")},
                  environ=environ).start()
     request = {"model": "raw-cached", "messages": [{"role": "user", "content": "Outage?"}], "temperature": 0}

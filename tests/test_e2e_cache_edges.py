@@ -15,15 +15,10 @@ import time
 
 import pytest
 
-from tests.support.harness import Harness, raw_model_policy, reset_raw_model
+from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_policy, reset_raw_model
 from tests.support.policies import models, short_timeouts, standard_model
 from tests.support.raw_upstream import SSE_HEAD, RawUpstream, json_answer, sse
 
-CACHED_ROUTE = """  - name: raw-cached
-    match: {{models: ["raw-cached"]}}
-    candidates: [raw]
-    cache: {{enabled: true, ttl_s: 60}}
-"""
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
@@ -41,7 +36,7 @@ def env(request):
     if request.param == "redis":
         extra["GATEWAY_REDIS_URL"] = request.getfixturevalue("module_redis_server").url
     raw = RawUpstream().start()
-    gw = Harness(raw_model_policy(raw.url, first_byte_s=2, tail=CACHED_ROUTE),
+    gw = Harness(raw_model_policy(raw.url, first_byte_s=2, tail=RAW_CACHED_ROUTE),
                  sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")},
                  environ=environ(**extra)).start()
     yield gw, raw

@@ -15,15 +15,10 @@ import uuid
 
 import pytest
 
-from tests.support.harness import Harness, raw_model_policy, reset_raw_model
+from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_policy, reset_raw_model
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.raw_upstream import SSE_HEAD, RawUpstream, json_answer, sse
 
-CACHED_ROUTE = """  - name: raw-cached
-    match: {{models: ["raw-cached"]}}
-    candidates: [raw]
-    cache: {{enabled: true, ttl_s: 60}}
-"""
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 #: the attribute value length limit of the `capped` gateway
@@ -40,7 +35,7 @@ def environ(receiver: OtlpReceiver, service: str, **extra: str) -> dict[str, str
 
 def gateway(receiver: OtlpReceiver, service: str, **extra: str) -> tuple[Harness, RawUpstream]:
     raw = RawUpstream().start()
-    harness = Harness(raw_model_policy(raw.url, first_byte_s=2, tail=CACHED_ROUTE),
+    harness = Harness(raw_model_policy(raw.url, first_byte_s=2, tail=RAW_CACHED_ROUTE),
                       sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")},
                       environ=environ(receiver, service, **extra)).start()
     return harness, raw

@@ -30,6 +30,11 @@ class _Pieces:
         self.parts = list(parts)
 
 
+#: what folding an answer of an odd shape into a whole one may raise (a delta nested deeper than the
+#: interpreter's recursion limit too): the caller gives up the whole answer, never the stream it came in
+UNFOLDABLE = (TypeError, AttributeError, KeyError, ValueError, RecursionError)
+
+
 class StreamAssembler:
     """Folds a stream's chunks, as they pass, into the non-stream body they add up to (`body`).
 

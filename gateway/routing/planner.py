@@ -89,7 +89,7 @@ class Router:
                                  choices) for p in plan.candidates)
         kept = sorted((c for c in candidates if c.kept), key=_smallest_then_cheapest)
         if kept:
-            return self._decide_met(route, plan, candidates, kept, prompt_tokens + output_tokens, limits.min_tier)
+            return self._decide_met(route, plan, candidates, kept, prompt_tokens, output_tokens, limits.min_tier)
         return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
 
     def _circuit_wait_s(self, candidates: tuple[Candidate, ...]) -> float | None:
@@ -116,7 +116,7 @@ class Router:
                        note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
-                    kept: list[Candidate], needed_tokens: int, min_tier: int) -> Decision:
+                    kept: list[Candidate], prompt_tokens: int, output_tokens: int, min_tier: int) -> Decision:
         """The plan when some candidate meets the SLA: smallest (or explored) first; then the fallbacks that
         keep its hard terms (context and tier), as best effort's do."""
         chosen = kept[0]
@@ -126,13 +126,13 @@ class Router:
         explored = chosen is not kept[0]
         models = [chosen.model]
         models.extend(c.model for c in kept if c is not chosen)
-        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True, min_tier=min_tier)
+        self._add_fallbacks(models, plan, prompt_tokens + output_tokens, healthy_only=True, min_tier=min_tier)
         note = ""
         if explored:
             note = f"explored {chosen.model.name} instead of {kept[0].model.name}"
             note += "" if chosen.kept else f" to refresh its estimate ({', '.join(chosen.reasons)})"
         return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
-                        sla_met=chosen.kept, explored=explored, note=note)
+                        sla_met=chosen.kept, explored=explored, note=note, output_tokens=output_tokens)
 
     def _decide_unmet(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
                       limits: Limits, prompt_tokens: int, output_tokens: int) -> Decision:
@@ -154,7 +154,7 @@ class Router:
             self._add_fallbacks(models, plan, needed_tokens, healthy_only=False, min_tier=limits.min_tier)
         note = f"SLA not met ({_unmet_summary(fitting or candidates, limits)}); best effort by predicted latency"
         return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
-                        sla_met=False, note=note)
+                        sla_met=False, note=note, output_tokens=output_tokens)
 
     def _add_fallbacks(self, models: list[Model], plan: _RoutePlan, needed_tokens: int,
                        healthy_only: bool, min_tier: int) -> None:

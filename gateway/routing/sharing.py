@@ -200,8 +200,6 @@ class EstimateSharing:
             if isinstance(sent, Exception):     # an answer (another type under the key, say): sending again won't do
                 self.lost += count
                 log.warning("%d shared latency samples not stored in %s: %s", count, key, sent)
-        if isinstance(clock, Exception):
-            return
         redis_now_s = int(clock[0]) + int(clock[1]) / 1e6
         self._redis_offset_s = redis_now_s - now_s
         for (name, key), entries in zip(reads.items(), read_replies):

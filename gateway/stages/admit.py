@@ -64,7 +64,7 @@ class Admit:
         limited = not unlimited(tenant.limits)
         tokens = ctx.prompt_tokens + output_reserve(ctx)
         ticket = new_ticket()
-        cost_usd = reservation_usd(ctx, self.services) if budgeted else None
+        cost_usd = reservation_usd(ctx) if budgeted else None
         if cost_usd:        # the store may hold it once asked (even unanswered): finish gives it back
             ctx.extra[BUDGET_HOLD] = Hold(ticket, to_nanos(cost_usd))
         try:
@@ -256,7 +256,7 @@ def output_reserve(ctx: RequestContext) -> int:
     return (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
 
 
-def reservation_usd(ctx: RequestContext, services) -> Decimal:
+def reservation_usd(ctx: RequestContext) -> Decimal:
     """What a budgeted request holds of its budget while in flight: the cost the router predicted for it on the
     model its plan calls first (its prompt, and max_tokens or the route's expected output length, for each of
     its n choices); a model the router did not judge (a route's fallback) is priced by those tokens alone."""
@@ -267,9 +267,7 @@ def reservation_usd(ctx: RequestContext, services) -> Decimal:
     for candidate in decision.candidates:
         if candidate.model.name == first.name:
             return candidate.predicted_cost_usd
-    output = 0 if ctx.endpoint == "embeddings" else ctx.max_tokens if ctx.max_tokens is not None else \
-        services.fleet.estimates.expected_output_tokens(decision.route.name, decision.route.default_output_tokens)
-    return token_cost_usd(first, Usage(ctx.prompt_tokens, output * ctx.choices))
+    return token_cost_usd(first, Usage(ctx.prompt_tokens, decision.output_tokens * ctx.choices))
 
 
 def _cache_may_answer(ctx: RequestContext, state: BudgetState) -> bool:

@@ -20,6 +20,7 @@ from decimal import Decimal
 import orjson
 from aiohttp import web
 
+from gateway.cache.assemble import UNFOLDABLE
 from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
 from gateway.cache.key import cache_control, cache_key, is_cacheable
 from gateway.cache.replay import replay_sse
@@ -28,7 +29,7 @@ from gateway.context import Decision, RequestContext
 from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
 from gateway.routing.predict import meets_hard_terms
-from gateway.stages.relay import SSE_HEADERS, UNFOLDABLE
+from gateway.stages.relay import SSE_HEADERS
 from gateway.tokens import usage_from_response
 
 log = logging.getLogger(__name__)

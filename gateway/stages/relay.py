@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 from aiohttp import web
 
-from gateway.cache.assemble import MAX_ASSEMBLED_CHARS, StreamAssembler
+from gateway.cache.assemble import MAX_ASSEMBLED_CHARS, UNFOLDABLE, StreamAssembler
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
@@ -38,9 +38,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 #: a delta with no other fields carries text only (most chunks): nothing more to keep from it
 _TEXT_ONLY = frozenset(("role", "content"))
-#: what folding a chunk of an odd shape into a whole answer may raise (a delta nested deeper than the
-#: interpreter's recursion limit too): the answer is then given up, never the stream
-UNFOLDABLE = (TypeError, AttributeError, KeyError, ValueError, RecursionError)
 
 
 class StreamState:

@@ -46,6 +46,14 @@ routes:
 """ + SMART_AND_EMBEDDINGS_ROUTES
 
 
+#: a `tail` for raw_model_policy: route `raw-cached`, the scripted model with the cache on
+RAW_CACHED_ROUTE = """  - name: raw-cached
+    match: {{models: ["raw-cached"]}}
+    candidates: [raw]
+    cache: {{enabled: true, ttl_s: 60}}
+"""
+
+
 def raw_model_policy(raw_url: str, *, first_byte_s: float, tail: str = "") -> str:
     """The standard models plus `raw`, a scripted model server at `raw_url`: route `raw` falls back to `medium`,
     route `raw-only` has no fallback; `tail` adds routes or sections (a template, braces doubled)."""

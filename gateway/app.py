@@ -26,9 +26,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """The only place that catches everything: every failure leaves in OpenAI's error shape."""
+    """The only place that catches everything: every failure leaves in OpenAI's error shape; every answer carries
+    an x-request-id (the SDKs' `_request_id`), the model list and health checks included."""
     try:
-        return await handler(request)
+        response = await handler(request)
+        if not response.prepared and "x-request-id" not in response.headers:
+            response.headers["x-request-id"] = request_id(request)
+        return response
     except GatewayError as exc:
         return error_response(exc, request_id=request_id(request))
     except web.HTTPException as exc:
@@ -113,7 +117,8 @@ async def report_outcome(request: web.Request) -> web.Response:
     services: Services = request.app[SERVICES]
     runtime = services.holder.current
     tenant = runtime.identity.identify(request.headers)
-    body = parse_json_object(await read_body(request, runtime.policy.server.max_body_bytes))
+    server = runtime.policy.server
+    body = parse_json_object(await read_body(request, server.max_body_bytes, server.client_timeout_s))
     task = await services.outcomes.report(body, tenant=tenant.name if tenant else None)
     record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
               "outcome": task.outcome, "route": task.route, "tenant": task.tenant,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,17 @@ def port_number(text: str) -> int:
     return port
 
 
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"seconds are a positive, finite number, got {text}")
+    return value
+
+
 #: the most worker processes per CPU core: past one per core they only add memory and context switches, and a
 #: typo (`--workers 1000`) must not fork the machine out of memory
 WORKERS_PER_CORE = 8
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="simulated small/medium/large models and the gateway, no Redis needed")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=port_number, default=8080)
-    demo.add_argument("--duration", type=float, default=None,
+    demo.add_argument("--duration", type=seconds, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
     demo.set_defaults(func=_demo)
 

@@ -112,7 +112,7 @@ class RequestContext:
     stream: bool = False
     include_usage: bool = False         # the client asked for the usage chunk
     max_tokens: int | None = None
-    choices: int = 1                    # the request's `n`: answers generated together
+    choices: int = 1                    # the request's `n` (× its prompts, for a completions batch): answers generated together
     task_id: str | None = None
     workflow: str | None = None
     # count
@@ -136,7 +136,7 @@ class RequestContext:
     # call
     attempts: list[Attempt] = field(default_factory=list)
     fallback_state: str = "none"        # none | retried | fallback | exhausted
-    fallback_reason: str | None = None
+    fallback_reason: str | None = None  # why the first model did not answer (only when fallback_state is not none)
     response: web.StreamResponse | None = None
     response_body: dict[str, Any] | None = None     # a non-streamed answer, parsed
     stream_record: Any = None           # what a finished stream said, for the cache

@@ -13,7 +13,7 @@ import aiohttp
 
 from gateway.app import build_app
 from gateway.runtime import PolicyHolder
-from gateway.server import install_uvloop, listen_sockets, run_server
+from gateway.server import http_url, install_uvloop, listen_sockets, run_server
 from gateway.simulator import SimConfig, start_simulators
 
 #: the simulated models of the demo: name, demo-policy port, ttft_ms, tpot_ms
@@ -88,7 +88,7 @@ async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: flo
         await asyncio.wait({server, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if server.done():
             await server                # raises why it stopped
-        base_url = f"http://{host}:{port}"
+        base_url = http_url(host, port)
         await tour(base_url)
         print(snippet(base_url), flush=True)
         if duration_s is not None:

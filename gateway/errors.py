@@ -2,6 +2,7 @@
 
     GatewayError                         (500, api_error)
     ├── ClientError                      (400, invalid_request_error)
+    │   ├── ClientTooSlow                (408, request_timeout)
     │   ├── BodyTooLarge                 (413)
     │   ├── AuthenticationFailed         (401, authentication_error)
     │   ├── PermissionDenied             (403, permission_error)
@@ -44,6 +45,8 @@ class GatewayError(Exception):
     status = 500
     error_type = "api_error"
     code: str | None = "internal_error"
+    #: the connection is closed after the answer (what is left of the request on it cannot be read in time)
+    closes_connection = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None | _ClassCode = CLASS_CODE,
                  headers: dict[str, str] | None = None) -> None:
@@ -72,6 +75,14 @@ class ClientError(GatewayError):
     status = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class ClientTooSlow(ClientError):
+    """The client stopped sending its request for longer than `server.client_timeout_s`."""
+
+    status = 408
+    code = "request_timeout"
+    closes_connection = True
 
 
 class BodyTooLarge(ClientError):

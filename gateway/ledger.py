@@ -194,7 +194,13 @@ class Ledger:
         if self._closed or self._queue.qsize() >= QUEUE_LINES:
             self._drop()
             return
-        self._queue.put(orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE))
+        try:
+            line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:      # a value JSON cannot hold (text that is no UTF-8): this line alone
+            self._dropped += 1
+            log.exception("ledger %s: a line could not be written as JSON, and is counted lost", self.path)
+            return
+        self._queue.put(line)
         if self._dropped_before is not None and self._queue.qsize() < QUEUE_LINES // 2:
             log.warning("ledger %s: the disk caught up, %d lines were dropped", self.path,
                         self._dropped - self._dropped_before)

@@ -28,7 +28,10 @@ def error_response(error: GatewayError, *, request_id: str | None = None) -> web
         headers["x-should-retry"] = "false"
     if request_id:
         headers["x-request-id"] = request_id
-    return json_response(error.body(), status=error.status, headers=headers)
+    response = json_response(error.body(), status=error.status, headers=headers)
+    if error.closes_connection:
+        response.force_close()
+    return response
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:

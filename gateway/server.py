@@ -11,15 +11,18 @@ import os
 import re
 import signal
 import socket
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+import orjson
 from aiohttp import __version__ as aiohttp_version
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 from gateway.app import HOLDER, build_app, request_id
-from gateway.errors import ClientError, GatewayError, PolicyError
+from gateway.errors import ClientError, ClientTooSlow, GatewayError, PolicyError
 from gateway.policy.model import Policy
 from gateway.responses import error_response
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
@@ -40,6 +43,11 @@ FORK = multiprocessing.get_context("fork")
 REDACTED = "[header value redacted]"
 #: the repr of a bytes value, as parser errors quote the line they stopped at: b'...' or b"..."
 QUOTED_BYTES = re.compile(r"(?<!\w)(?:b'(?:[^'\\]|\\.)*'" r'|b"(?:[^"\\]|\\.)*")')
+
+
+def http_url(host: str, port: int) -> str:
+    """The URL of host:port, an IPv6 address in brackets (`http://[::1]:8080`); all addresses for an empty host."""
+    return str(URL.build(scheme="http", host=host or "0.0.0.0", port=port))
 
 
 class ListenError(RuntimeError):
@@ -75,10 +83,60 @@ def redact_parser_errors(logger: logging.Logger = logging.getLogger("aiohttp.ser
         logger.addFilter(RedactParserErrors())
 
 
+#: what a connection whose request head did not come in time is answered before it is closed
+HEAD_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                       b"Connection: close\r\n\r\n%s")
+
+
 class OpenAIErrorsHandler(web.RequestHandler):
     """aiohttp's connection protocol, answering what it refuses before any gateway code runs (a header line past
     8190 bytes, too many headers, a broken chunk, a Content-Encoding it cannot decode, a line that is not HTTP)
-    in OpenAI's error shape with an x-request-id, where aiohttp answers plain text. Logged as aiohttp logs it."""
+    in OpenAI's error shape with an x-request-id, where aiohttp answers plain text. Logged as aiohttp logs it.
+
+    It also bounds the wait for a request head (`head_timeout_s`, the policy's `server.client_timeout_s`): from a
+    new connection, or from the first byte of a head after a response, the head must be whole in time, else the
+    connection is answered 408 and closed. aiohttp itself waits its keep-alive timeout (an hour) for one, so a
+    client trickling heads (slowloris) could hold connections and their buffers that long. An idle keep-alive
+    connection that sends nothing is left to aiohttp's keep-alive timeout."""
+
+    head_timeout_s: Callable[[], float] | None = None   # set by OpenAIErrorsServer
+    _head_timer: asyncio.TimerHandle | None = None
+    _heads_seen = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_count != self._heads_seen:     # a whole head came (the parser counts each)
+            self._heads_seen = self._request_count
+            self._disarm_head_timer()
+        elif self._head_timer is None and not self._request_in_progress and self._waiter is not None \
+                and not self._waiter.done():    # idle, and a new head begins
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self.head_timeout_s is not None:
+            self._head_timer = self._loop.call_later(self.head_timeout_s(), self._head_overdue, self._heads_seen)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_overdue(self, heads_seen: int) -> None:
+        self._head_timer = None
+        if self._request_count != heads_seen or self.transport is None or self.transport.is_closing():
+            return
+        body = orjson.dumps(ClientTooSlow(f"no whole request head came within {self.head_timeout_s():g} s "
+                                          f"(server.client_timeout_s)").body())
+        self.transport.write(HEAD_TIMEOUT_ANSWER % (len(body), body))
+        self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -95,10 +153,14 @@ class OpenAIErrorsHandler(web.RequestHandler):
 
 
 class OpenAIErrorsServer(web.Server):
-    """aiohttp's server, its connections served by `OpenAIErrorsHandler`."""
+    """aiohttp's server, its connections served by `OpenAIErrorsHandler` (each given `head_timeout_s`)."""
+
+    head_timeout_s: Callable[[], float] | None = None
 
     def __call__(self) -> web.RequestHandler:
-        return OpenAIErrorsHandler(self, loop=self._loop, **self._kwargs)
+        handler = OpenAIErrorsHandler(self, loop=self._loop, **self._kwargs)
+        handler.head_timeout_s = self.head_timeout_s
+        return handler
 
 
 class GatewayRunner(web.AppRunner):
@@ -112,12 +174,21 @@ class GatewayRunner(web.AppRunner):
             log.warning("aiohttp %s: its own HTTP refusals stay plain text (its server changed shape)",
                         aiohttp_version)
             return server
-        return OpenAIErrorsServer(server.request_handler, request_factory=server.request_factory,
+        ours = OpenAIErrorsServer(server.request_handler, request_factory=server.request_factory,
                                   handler_cancellation=server.handler_cancellation, **server._kwargs)
+        if all(hasattr(web.RequestHandler, name) for name in _HANDLER_PARTS):
+            holder: PolicyHolder = self.app[HOLDER]
+            ours.head_timeout_s = lambda: holder.current.policy.server.client_timeout_s
+        else:
+            log.warning("aiohttp %s: request heads are waited for as long as aiohttp waits (its connection "
+                        "handler changed shape)", aiohttp_version)
+        return ours
 
 
 #: the parts of aiohttp's web.Server that OpenAIErrorsServer is built from
 _SERVER_PARTS = ("request_handler", "request_factory", "handler_cancellation", "_kwargs", "_loop")
+#: the parts of aiohttp's RequestHandler that OpenAIErrorsHandler's head timer reads
+_HANDLER_PARTS = ("_request_count", "_request_in_progress", "_waiter", "_loop", "force_close")
 
 
 def install_uvloop() -> None:
@@ -194,7 +265,7 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(holder.reload_async(SIGNAL), name="policy-reload"))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)    # one sent during start-up is handled now
     watcher = asyncio.create_task(watch_policy(holder))
-    log.info("gateway listening on http://%s:%d (policy %s)", host, port, holder.path)
+    log.info("gateway listening on %s (policy %s)", http_url(host, port), holder.path)
     if ready is not None:
         ready.set()
     try:

@@ -355,6 +355,16 @@ class _MalformedUsage(ValueError):
 MAX_REPORTED_TOKENS = 2 ** 32 - 1
 
 
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """A usage count as OpenAI writes one (`prompt_tokens`, `completion_tokens`, `total_tokens`, and the reasoning
+    tokens among the completion's when there are any)."""
+    body: dict[str, Any] = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                            "total_tokens": usage.input_tokens + usage.output_tokens}
+    if usage.reasoning_tokens:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
+
+
 def _parse_usage(usage: dict) -> Usage | None:
     input_tokens = _count(usage, "prompt_tokens", "input_tokens")
     output_tokens = _count(usage, "completion_tokens", "output_tokens")

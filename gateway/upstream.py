@@ -79,11 +79,13 @@ def auth_headers(model: Model, environ: Mapping[str, str] = os.environ) -> dict[
 
 
 @cache
-def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """aiohttp's timeout for a model: connect, first byte (any byte: a stream's relay keeps its own deadline
-    for data events), and total."""
+def client_timeout(timeouts: Timeouts, stream: bool = True) -> aiohttp.ClientTimeout:
+    """aiohttp's timeout for a model: connect and total; on a stream also the first byte (any byte: the relay
+    keeps its own deadline for data events). A non-streamed answer sends its head only once the whole answer
+    is generated, so its head is waited for up to `total_s` (`first_byte_s` would cut every answer longer);
+    its body, once the head came, gets `first_byte_s` (`HttpTransport.complete`)."""
     return aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s,
-                                 sock_read=timeouts.first_byte_s)
+                                 sock_read=timeouts.first_byte_s if stream else None)
 
 
 @cache
@@ -140,8 +142,10 @@ class HttpTransport:
         """Send a non-streamed request and return its parsed JSON answer."""
         with UpstreamErrors(call.model):
             async with self.session.post(self._url(call), data=call.body, headers=call.headers,
-                                         timeout=client_timeout(call.model.timeouts)) as resp:
-                raw = await resp.read()
+                                         timeout=client_timeout(call.model.timeouts, stream=False)) as resp:
+                # the body most often came with the head; the rest must come within first_byte_s of it
+                raw = await resp.read() if resp.content.is_eof() else \
+                    await _read_within(resp, call.model.timeouts.first_byte_s)
                 if resp.status >= 400:
                     raise status_error(call.model, resp.status, raw, resp.headers)
                 not_an_answer(call.model, resp.status)
@@ -174,6 +178,13 @@ class HttpTransport:
             # outside the translation: what the caller's block raises (a write to a client that left, say)
             # is the caller's own error, not the model's
             yield _translated_events(call.model, iter_events(resp.content.iter_any()))
+
+
+async def _read_within(resp: aiohttp.ClientResponse, wait_s: float) -> bytes:
+    """A non-streamed answer's body, whole within `wait_s` (a body that stops half-way is a timeout, as a stream
+    that goes silent is)."""
+    async with asyncio.timeout(wait_s):
+        return await resp.read()
 
 
 async def _translated_events(model: Model, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

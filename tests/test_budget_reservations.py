@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import HELD_RETRY_S
+from gateway.responses import error_response
+from gateway.tenancy.budgets import HELD_RETRY_S, BudgetState
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.redis_counting import CountingRedis
@@ -254,7 +255,21 @@ async def test_a_request_dearer_than_what_is_left_is_told_so_and_to_wait_for_the
     assert hold is None and state.exhausted and not state.by_holds
     assert state.retry_after_s == pytest.approx(6 * 3600)
     error = state.error()
-    assert error.headers == {"Retry-After": str(6 * 3600)}
+    assert error.headers == {"Retry-After": str(6 * 3600), "x-should-retry": "false"}
     assert "predicted cost, USD 0.06, is more than the USD 0.05 left of USD 1 per day" in error.message
     _, fits = await budgets.reserve(who, Decimal("0.05"), "fits", EVENING_S)
     assert fits is not None
+
+
+@pytest.mark.parametrize("retry_after_s, by_holds, final", [(6 * 3600, False, True), (30, False, False),
+                                                            (HELD_RETRY_S, True, False)],
+                         ids=["spent-for-hours", "spent-for-seconds", "held-by-requests-in-flight"])
+def test_a_budget_spent_until_a_distant_period_end_tells_the_sdk_not_to_retry(retry_after_s, by_holds, final):
+    """A budget spent for hours answers `x-should-retry: false`: the OpenAI SDKs ignore a Retry-After past 60 s and
+    would retry at once, each retry refused again. One whose period ends within a minute, or that only requests in
+    flight hold, may be retried as Retry-After says."""
+    state = BudgetState("acme", tenant().budget, Decimal("1"), exhausted=True, reason="day",
+                        retry_after_s=retry_after_s, by_holds=by_holds)
+    headers = error_response(state.error()).headers
+    assert (headers.get("x-should-retry") == "false") is final
+    assert headers["Retry-After"] == str(int(retry_after_s))

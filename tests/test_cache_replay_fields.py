@@ -132,3 +132,38 @@ def test_a_stream_keeps_service_tier_and_moderation_but_not_obfuscation() -> Non
     body = assemble_stream("chat", chunks)
     assert (body["service_tier"], body["moderation"]) == ("default", MODERATION)
     assert "obfuscation" not in body
+
+
+#: Azure OpenAI's content-filter results: per prompt on the answer, per choice on each choice
+FILTERS = {"hate": {"filtered": False, "severity": "safe"}, "violence": {"filtered": False, "severity": "safe"}}
+PROMPT_FILTERS = [{"prompt_index": 0, "content_filter_results": FILTERS}]
+
+
+def test_azures_filter_results_and_other_choice_fields_survive_a_stream_assembled_for_the_cache() -> None:
+    """Azure opens a stream with a choices-less chunk carrying `prompt_filter_results` (id and model empty) and
+    puts `content_filter_results` on its choices; vLLM adds `stop_reason` to the finishing one: the cached answer
+    keeps them where a non-stream answer has them."""
+    opening = {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+               "prompt_filter_results": PROMPT_FILTERS}
+    chunks = [opening, chunk({"role": "assistant", "content": ""}),
+              {**chunk({"content": "Hi"}), "choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": None,
+                                                        "finish_reason": None, "content_filter_results": FILTERS}]},
+              {**chunk({}, "stop"), "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop",
+                                                 "stop_reason": None, "content_filter_results": {}}]}]
+    body = assemble_stream("chat", chunks)
+    assert body["prompt_filter_results"] == PROMPT_FILTERS and body["id"] == HEADER["id"]
+    assert body["choices"][0]["content_filter_results"] == {}       # the last value a choice carried
+    assert "stop_reason" not in body["choices"][0]                   # a null one adds nothing
+
+
+def test_azures_filter_results_are_replayed_in_a_stream_from_a_non_stream_answer() -> None:
+    """A cached Azure answer replayed as a stream carries its prompt's filter results on the first chunk and each
+    choice's on that choice's finishing chunk; assembled again, it is the cached answer."""
+    body = chat_body({"content": "Hi"}, prompt_filter_results=PROMPT_FILTERS)
+    body["choices"][0]["content_filter_results"] = FILTERS
+    body["choices"][0]["stop_reason"] = 7
+    chunks = parse_sse(replay_sse(CacheEntry("chat", body), include_usage=True))
+    assert chunks[0]["prompt_filter_results"] == PROMPT_FILTERS
+    finishing = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+    assert (finishing["choices"][0]["content_filter_results"], finishing["choices"][0]["stop_reason"]) == (FILTERS, 7)
+    assert assemble_stream("chat", chunks) == body

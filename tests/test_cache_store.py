@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import time
+import zlib
 
+import orjson
 import pytest
 
-from gateway.cache.entry import (FORMAT_PLAIN, FORMAT_ZLIB, CacheEntry, decode_entry,
+from gateway.cache.entry import (DEFAULT_MAX_ENTRY_BYTES, FORMAT_PLAIN, FORMAT_ZLIB, CacheEntry, decode_entry,
                                  encode_entry, entry_from_response)
 from gateway.cache.memory import ENTRY_OVERHEAD_BYTES, MemoryCache
 from gateway.cache.redis_store import RedisCache
@@ -62,6 +65,60 @@ def test_unreadable_bytes_are_a_miss() -> None:
     assert compressed is not None
     for data in (b"", b"\x07{}", b"\x00not json", b"\x00{}", compressed[:20]):
         assert decode_entry(data) is None
+
+
+@pytest.mark.parametrize("stored", [
+    {"e": "chat", "b": [1, 2], "t": 1.0},                                           # a body that is no object
+    {"e": "chat", "b": {"choices": "nope"}, "t": 1.0},                              # choices that are no list
+    {"e": "chat", "b": {"choices": [5]}, "t": 1.0},                                 # a choice that is no object
+    {"e": "chat", "b": {"choices": [{"index": 0, "message": "x", "finish_reason": "stop"}]}, "t": 1.0},
+    {"e": "embeddings", "b": {"data": "x"}, "t": 1.0},
+    {"e": "images", "b": {"data": []}, "t": 1.0},                                   # no endpoint the gateway serves
+    {"e": "chat", "b": {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]},
+     "t": 1.0, "c": "NaN"},                                                         # a cost that is no amount
+    {"e": "chat", "b": {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]},
+     "t": 1.0, "c": "-1"},
+    {"e": "chat", "b": {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]},
+     "t": "yesterday"},
+])
+def test_an_entry_of_a_shape_the_gateway_never_stores_is_a_miss(stored: dict) -> None:
+    """An entry that decodes but could not have been written by the gateway (another build sharing the prefix, a
+    hand-written key) is a miss: served, it was a 200 "hit" whose body the SDK could not read, or an empty stream."""
+    assert decode_entry(bytes([FORMAT_PLAIN]) + orjson.dumps(stored)) is None
+
+
+def test_an_answer_far_past_the_size_cap_is_given_up_after_compressing_a_little_of_it(monkeypatch) -> None:
+    """A 20 MB answer (a batch of embeddings) that could never fit a 1 MiB entry stops being compressed once the
+    output passes the cap: the event loop pays for a few MB, not for all of it (seconds, before)."""
+    fed = []
+    real_compressobj, real_compress = zlib.compressobj, zlib.compress
+
+    class Counting:
+        def __init__(self) -> None:
+            self.inner = real_compressobj()
+
+        def compress(self, data) -> bytes:
+            fed.append(len(data))
+            return self.inner.compress(data)
+
+        def flush(self) -> bytes:
+            return self.inner.flush()
+
+    def compress(data, *args):
+        fed.append(len(data))
+        return real_compress(data, *args)
+
+    monkeypatch.setattr(zlib, "compressobj", Counting)
+    monkeypatch.setattr(zlib, "compress", compress)
+    noise = random.Random(7)
+    body = {"object": "list", "model": "e", "data": [
+        {"object": "embedding", "index": i, "embedding": [noise.uniform(-1, 1) for _ in range(1536)]}
+        for i in range(600)]}
+    assert encode_entry(CacheEntry("embeddings", body)) is None
+    assert 0 < sum(fed) <= 8 * DEFAULT_MAX_ENTRY_BYTES < len(orjson.dumps(body)) / 2
+    monkeypatch.undo()
+    small = CacheEntry("embeddings", {**body, "data": body["data"][:20]})
+    assert decode_entry(encode_entry(small)) == small      # one that fits is stored as before
 
 
 async def test_memory_lru_evicts_by_bytes() -> None:

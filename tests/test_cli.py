@@ -91,6 +91,34 @@ def test_demo_on_port_zero_tours_the_port_it_got():
     assert "same again (cache)     200" in result.stdout
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on ::1."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_demo_on_an_ipv6_address_tours_it_with_its_address_in_brackets():
+    """`gateway demo --host ::1` runs its tour at http://[::1]:PORT (it built http://::1:PORT, which no client can
+    read, and ended in a traceback)."""
+    result = gateway("demo", "--host", "::1", "--port", "0", "--duration", "0.5", timeout_s=60)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "The gateway is ready at http://[::1]:" in result.stdout
+    assert "same again (cache)     200" in result.stdout
+
+
+@pytest.mark.parametrize("duration", ["nan", "inf", "-1", "0", "soon"])
+def test_a_demo_duration_that_is_no_positive_number_of_seconds_is_a_usage_error(duration):
+    """`--duration nan` ran for ever and a negative one stopped at once: both are usage errors (exit 2)."""
+    result = gateway("demo", "--port", "0", "--duration", duration, timeout_s=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--duration" in result.stderr
+
+
 def test_demo_on_a_taken_port_is_said_in_one_line():
     """`gateway demo` on a port in use exits 1 with one line, no traceback."""
     with socket.socket() as busy:

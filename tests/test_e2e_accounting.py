@@ -152,7 +152,8 @@ def test_stream_usage_chunk_reaches_a_client_that_asked(gw):
 
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_stream_without_upstream_usage_is_counted_and_marked_estimated(gw, include_usage):
-    """With no upstream usage the stream is counted with tiktoken, marked estimated, and no usage chunk is invented."""
+    """With no upstream usage the stream is counted with tiktoken and marked estimated; a client that asked for usage
+    gets that count as the stream's usage chunk (what it is billed for), one that did not gets none."""
     gw.sim_config("small", usage=False)
     try:
         options = {"stream_options": {"include_usage": True}} if include_usage else {}
@@ -161,11 +162,16 @@ def test_stream_without_upstream_usage_is_counted_and_marked_estimated(gw, inclu
         chunks = list(raw.parse())
     finally:
         gw.sim_config("small", usage=True)
-    assert all(chunk.usage is None for chunk in chunks)
+    counted = [chunk.usage for chunk in chunks if chunk.usage is not None]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     record = ledger_record(gw, raw.headers["x-request-id"])
     input_tokens = count_prompt_tokens("chat", {"messages": MESSAGES}, "o200k_base")
     output_tokens = count_completion_tokens([text], "o200k_base")
+    if include_usage:
+        assert chunks[-1].usage is counted[0] and not chunks[-1].choices
+        assert (counted[0].prompt_tokens, counted[0].completion_tokens) == (input_tokens, output_tokens)
+    else:
+        assert counted == []
     assert record["tokens_estimated"] is True
     assert (record["input_tokens"], record["output_tokens"]) == (input_tokens, output_tokens)
     assert Decimal(record["cost_usd"]) == small_cost(input_tokens, output_tokens)

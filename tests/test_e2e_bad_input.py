@@ -41,15 +41,18 @@ def nested(depth: int) -> str:
     return "[" * depth + '"x"' + "]" * depth
 
 
+@pytest.mark.parametrize("depth", [300, 2000])
 @pytest.mark.parametrize("where", ["in a message", "at the top"])
-def test_json_nested_deeper_than_the_gateway_can_write_is_a_400(gw, where):
-    """300 levels parse (orjson reads 1024) but cannot be sent on (it writes 254): a 400, not a 500."""
-    extra = nested(300)
+def test_json_nested_deeper_than_the_gateway_can_write_is_a_400(gw, where, depth):
+    """300 levels parse (orjson reads 1024) but cannot be sent on (it writes 254): a 400, not a 500; 2000 levels,
+    past what orjson reads, get the same 400 (`invalid_request`), not the one for JSON that does not parse."""
+    extra = nested(depth)
     raw = ('{"model":"auto","messages":[{"role":"user","content":"hi","meta":%s}]}' % extra if where == "in a message"
            else '{"model":"auto","messages":[{"role":"user","content":"hi"}],"meta":%s}' % extra)
     reply = requests.post(f"{gw.base_url}/v1/chat/completions", data=raw, timeout=20,
                           headers={"Content-Type": "application/json", "Authorization": "Bearer key-acme"})
     assert reply.status_code == 400 and "nested more than 254 levels" in reply.json()["error"]["message"]
+    assert reply.json()["error"]["code"] == "invalid_request"
     ok = '{"model":"auto","max_tokens":3,"messages":[{"role":"user","content":"hi"}],"meta":%s}' % nested(250)
     assert requests.post(f"{gw.base_url}/v1/chat/completions", data=ok, timeout=20, headers={
         "Content-Type": "application/json", "Authorization": "Bearer key-acme"}).status_code == 200

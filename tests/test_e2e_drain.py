@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -114,6 +115,33 @@ def test_requests_still_running_when_the_grace_period_ends_get_a_503_and_the_led
         assert (line["status"], line["outcome"]) == (503, "shutting_down"), line
         assert line["attempts"][-1]["error"] == "shutting_down"
         assert b"ended with 503 shutting_down" in gateway.stderr.read()
+    finally:
+        for process in (gateway, sim):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_request_whose_body_is_still_coming_when_the_drain_gives_up_on_it_gets_a_503(tmp_path):
+    """A client still sending its body at SIGTERM: when aiohttp gives up on the requests left (half-way through the
+    grace period) it gets a 503 `shutting_down` it can send again, booked so in the ledger; it used to get its
+    connection closed without an answer, booked as a client that left."""
+    ledger = tmp_path / "requests.jsonl"
+    port, sim, gateway = start_slow_gateway(tmp_path, f'ledger: {{path: "{ledger}"}}\n')
+    try:
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=GRACE_S + 10) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(0.3)
+            gateway.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        gateway.wait(30)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b'"code":"shutting_down"' in answer, answer[:300]
+        [line] = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert (line["status"], line["outcome"]) == (503, "shutting_down"), line
     finally:
         for process in (gateway, sim):
             if process.poll() is None:

@@ -13,6 +13,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+import requests
 
 from gateway.cost import format_usd
 from tests.support import accounting
@@ -206,3 +207,19 @@ def test_outcomes_are_written_to_the_ledger_beside_their_requests(gw):
     outcome = accounting.ledger_find(
         gw.ledger_path, lambda line: line.get("type") == "outcome" and line.get("task_id") == "ticket-ledger")
     assert len(outcome) == 1 and outcome[0]["outcome"] == "escalated"
+
+
+@pytest.mark.parametrize("header, value", [("x-gateway-workflow", "caf\xff"), ("x-gateway-task-id", "t\xff2"),
+                                           ("x-gateway-task-id", "t" * 257)])
+def test_a_task_header_that_is_no_utf8_text_is_refused_and_stats_stay_readable(gw, header, value):
+    """A task id or workflow carrying a byte that is no UTF-8 (aiohttp reads it as a lone surrogate, which no ledger
+    line, label or Prometheus text can hold), or too long, is a 400 naming the header; no upstream call is made,
+    and /admin/stats keeps answering."""
+    before = gw.sim_stats("small")["total"]
+    answer = requests.post(f"{gw.base_url}/v1/chat/completions", timeout=10,
+                           headers={"Authorization": f"Bearer {KEYS['alpha']}", header: value},
+                           json={"model": "support", "messages": MESSAGES, "max_tokens": 2})
+    assert answer.status_code == 400, answer.text
+    assert header in answer.json()["error"]["message"]
+    assert gw.sim_stats("small")["total"] == before
+    assert isinstance(stats(gw), dict)         # an HTTP error would raise

@@ -22,10 +22,10 @@ PRIOR_WEIGHT = 5
 
 
 def model(name: str, sim: str, size_b: float = 1, tier: int = 1, ctx: int = 8192, price: float = 0.1,
-          first_byte_s: float = 2) -> str:
+          first_byte_s: float = 2, total_s: float = 10) -> str:
     """One model entry of the policy template, with latency prior 5 ms TTFT and 1 ms per token."""
     return policies.model(name, sim, size_b=size_b, tier=tier, context_window=ctx, price=policies.price(price, price),
-                          latency_prior=policies.latency(5, 1), timeouts=policies.short_timeouts(first_byte_s))
+                          latency_prior=policies.latency(5, 1), timeouts=policies.short_timeouts(first_byte_s, total_s))
 
 
 def policy_template(dead_url: str, ledger_path: Path) -> str:
@@ -33,7 +33,7 @@ def policy_template(dead_url: str, ledger_path: Path) -> str:
     models = "".join([
         model("small", "small"), model("medium", "medium", size_b=8, tier=2, ctx=32768, price=1),
         model("large", "large", size_b=70, tier=3, ctx=131072, price=5),
-        model("flaky", "flaky"), model("limited", "limited"), model("hanging", "hanging", first_byte_s=0.3),
+        model("flaky", "flaky"), model("limited", "limited"), model("hanging", "hanging", first_byte_s=0.3, total_s=1),
         model("broken", "broken"), model("liar", "liar", ctx=131072), model("dropper", "dropper"), model("slowpoke", "slowpoke"),
     ])
     dead = "".join(model(name, "dead") for name in ("dead", "dead2")).replace("{dead}", dead_url)
@@ -281,7 +281,8 @@ def test_failing_model_falls_back(gw, alias, reason):
 
 
 def test_hung_upstream_is_abandoned(gw):
-    """After a first-byte timeout the gateway closes the hung upstream request."""
+    """After its timeout (total_s: a non-streamed answer comes whole) the gateway closes the hung upstream
+    request."""
     chat(gw, "hanging")
     assert wait_for(lambda: gw.sim_stats("hanging")["in_flight"] == 0)
 

@@ -16,6 +16,7 @@ import struct
 
 import openai
 import pytest
+import requests
 from pydantic import BaseModel
 
 from gateway.tenancy.identity import sha256_hex
@@ -356,6 +357,17 @@ def test_models_retrieve_finds_a_listed_alias(gw):
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
     assert caught.value.body["param"] == "model"
+
+
+def test_every_answer_carries_a_request_id_the_sdk_reads(gw):
+    """The model list, a model, and the health checks carry x-request-id (the SDK's `_request_id`), the client's own
+    when it sent a sane one, as the completions do."""
+    client = gw.openai(api_key="acme-key")
+    assert client.models.with_raw_response.list().headers["x-request-id"]
+    assert client.models.with_raw_response.retrieve("auto").headers["x-request-id"]
+    for path in ("/healthz", "/readyz"):
+        answer = requests.get(f"{gw.base_url}{path}", headers={"x-request-id": "probe-7"}, timeout=10)
+        assert answer.headers["x-request-id"] == "probe-7"
 
 
 def test_a_models_retry_after_ms_reaches_the_client(raw_env):

@@ -14,6 +14,7 @@ import time
 
 import openai
 import pytest
+import requests
 
 from gateway.sse import MAX_EVENT_BYTES, EventTooLong, iter_events
 from gateway.stages.relay import StreamState
@@ -355,3 +356,94 @@ def test_one_bom_is_skipped_at_the_start_however_it_is_split():
     for cut in range(len(stream) + 1):
         assert asyncio.run(_events([stream[:cut], stream[cut:]])) == [b"data: a\n\n", BOM + b"data: b\n\n"], cut
     assert asyncio.run(_events([BOM[:1], BOM[1:2] + b"X\n\n"])) == [BOM[:2] + b"X\n\n"]
+
+
+# usage, identity and the end of a stream ------------------------------------------------------------------
+
+USAGE_CHUNK = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                          "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2,
+                                                   "total_tokens": 7}}).encode()
+#: Azure OpenAI's opening chunk: the prompt's content-filter results, no choices, an empty id and model
+AZURE_FILTER_CHUNK = json.dumps({"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                                 "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+                                 "usage": None}).encode()
+
+
+def usage_chunks(body: bytes) -> list[dict]:
+    """The chunks of a relayed stream that carry a usage count."""
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in body.split(b"\n\n")
+              if event.startswith(b"data: {")]
+    return [chunk for chunk in chunks if chunk.get("usage")]
+
+
+def sdk_usage_stream(harness):
+    """The chunks the openai SDK yields for a chat stream that asks for usage."""
+    return list(harness.openai().chat.completions.create(
+        model="raw-only", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hi"}]))
+
+
+@pytest.mark.parametrize("ending", [[b"[DONE]"], []], ids=["done", "cut-after-finish"])
+def test_a_client_that_asked_for_usage_gets_the_gateways_count_when_the_model_sends_none(env, ending):
+    """A model that ignores stream_options (older TGI, llama.cpp), or whose stream ends after the finish, before its
+    usage chunk: the SDK still gets a usage chunk before [DONE], with the tokens the gateway counted and bills."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS[:-1], *ending), 0.0)]
+    chunks = sdk_usage_stream(harness)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == 2 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    reply = post(harness, stream_options={"include_usage": True})
+    record = ledger_record(harness, reply.headers["x-request-id"])
+    assert (record["output_tokens"], record["tokens_estimated"]) == (2, True)
+    assert len(usage_chunks(reply.content)) == 1 and reply.content.endswith(b"data: [DONE]\n\n")
+
+
+def test_the_models_own_usage_chunk_is_relayed_once_and_no_count_is_added(env):
+    """A model that sends its usage: the client that asked gets exactly that one, not a second."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS[:-1], USAGE_CHUNK, b"[DONE]"), 0.0)]
+    reply = post(harness, stream_options={"include_usage": True})
+    assert [chunk["usage"]["completion_tokens"] for chunk in usage_chunks(reply.content)] == [2]
+    assert ledger_record(harness, reply.headers["x-request-id"])["tokens_estimated"] is False
+
+
+def test_a_model_silent_after_its_whole_answer_ends_the_stream_as_complete(env):
+    """Every choice finished, then the model holds the connection open without [DONE]: after the short grace the
+    stream ends whole, [DONE] and a 200 (it used to wait first_byte_s, then end with an in-band timeout that
+    made the SDK throw the answer away)."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hello"), chunk(None, finish="stop")), 0.0),
+                  (b"", 30.0)]
+    reply = post(harness)
+    assert reply.content.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.content
+    assert ledger_record(harness, reply.headers["x-request-id"])["status"] == 200
+    assert breaker_failures(harness, "raw") == 0
+
+
+def test_azures_filter_chunk_reaches_a_client_that_did_not_ask_for_usage(env):
+    """Azure opens with a choices-less `prompt_filter_results` chunk (`usage: null`, as the gateway asks upstream
+    for usage): it reaches every client, without the usage key, where only the real usage chunk is held back."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(AZURE_FILTER_CHUNK, *TEXT_EVENTS[:-1], USAGE_CHUNK, b"[DONE]"), 0.0)]
+    events = [event for event in post(harness).content.split(b"\n\n") if event]
+    assert b"prompt_filter_results" in events[0] and b'"usage"' not in events[0]
+    assert not any(b"completion_tokens" in event for event in events)
+    assert events[-1] == b"data: [DONE]"
+
+
+def test_a_batch_completions_stream_cut_before_every_prompt_finished_is_an_error(env):
+    """A completions request with two prompts is answered with a choice per prompt (n × prompts): a stream that
+    finishes choice 0 and ends is cut, an in-band error, not a complete answer missing choice 1."""
+    harness, raw = env
+
+    def text_chunk(index: int, text: str, finish: str | None = None) -> bytes:
+        return json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "fake",
+                           "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                        "logprobs": None}]}).encode()
+    raw.script = [(SSE_HEAD + sse(text_chunk(0, "a"), text_chunk(1, "b"), text_chunk(0, "", "stop")), 0.0)]
+    body = requests.post(f"{harness.base_url}/v1/completions", timeout=30,
+                         json={"model": "raw-only", "stream": True, "prompt": ["one", "two"]}).content
+    assert b'"upstream_bad_response"' in body and b"[DONE]" not in body

@@ -6,6 +6,7 @@ gateway is configured only through its environ, and a real OTLP receiver decodes
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from collections import Counter
@@ -16,7 +17,7 @@ import pytest
 from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.policies import latency, model, models, price, short_timeouts, standard_model
-from tests.support.raw_upstream import SSE_HEAD, RawUpstream, chunk, sse
+from tests.support.raw_upstream import SSE_HEAD, RawUpstream, chunk, json_answer, sse
 from tests.test_e2e_telemetry import CALLER_SPAN_ID, exported_trace, new_traceparent, one, otel_environ, points
 
 SERVICE = "gw-e2e-edges"
@@ -70,8 +71,25 @@ def test_a_stream_broken_after_its_first_byte_marks_the_server_span_failed(raw_e
     assert server.attributes["gateway.outcome"] not in ("success", "cache_hit")
     assert server.status_code == "ERROR"
     assert server.attributes.get("error.type") == server.attributes["gateway.outcome"]
+    # its one model failed after the first byte: no fallback, so no fallback reason (as the headers say)
+    assert server.attributes["gateway.fallback.state"] == "none" and "gateway.fallback.reason" not in server.attributes
     attempt = one(spans, "chat fake")
     assert attempt.status_code == "ERROR" and attempt.attributes["error.type"]
+
+
+def test_a_refusal_not_worth_another_model_has_no_fallback_reason(raw_env, receiver):
+    """An upstream 422 no other model would answer differently: one attempt, fallback state none, and neither
+    the span nor the headers give a fallback reason (a reason says why a request left its first model)."""
+    harness, raw = raw_env
+    raw.script = json_answer({"error": {"message": "bad param", "type": "invalid_request_error"}}, status=422)
+    trace_id, traceparent = new_traceparent()
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        harness.openai(max_retries=0).chat.completions.create(
+            model="raw-only", messages=[{"role": "user", "content": "Hi"}], extra_headers={"traceparent": traceparent})
+    assert refused.value.response.headers["x-gateway-fallback"] == "none"
+    assert "x-gateway-fallback-reason" not in refused.value.response.headers
+    server = one(exported_trace(harness, receiver, trace_id, spans=2), "POST /v1/chat/completions")
+    assert server.attributes["gateway.fallback.state"] == "none" and "gateway.fallback.reason" not in server.attributes
 
 
 def raw_only_totals(harness: Harness, receiver: OtlpReceiver) -> dict[str, float]:
@@ -147,3 +165,19 @@ def test_a_telemetry_hook_that_raises_does_not_fail_the_request(receiver, monkey
     assert sorted(r.getMessage().split()[2] for r in failed) == ["finish_request", "start_attempt"]
     dropped = {p.attributes["gateway.telemetry.reason"]: p.value for p in metrics["gateway.telemetry.dropped"].points}
     assert dropped["hook_failed"] == 6
+
+
+def test_a_stream_opening_with_an_empty_id_and_model_gets_them_from_the_chunks_after(raw_env, receiver):
+    """Azure opens a stream with a content-filter chunk whose `id` and `model` are "": the CLIENT span takes
+    gen_ai.response.id and gen_ai.response.model from the first chunks that have them."""
+    harness, raw = raw_env
+    opening = json.dumps({"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                          "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}).encode()
+    raw.script = [(SSE_HEAD + sse(opening, chunk("", role=True), chunk("Hello"), chunk(None, finish="stop"),
+                                  b"[DONE]"), 0.0)]
+    trace_id, traceparent = new_traceparent()
+    list(harness.openai().chat.completions.create(model="raw-only", stream=True, extra_headers={
+        "traceparent": traceparent}, messages=[{"role": "user", "content": "Hi"}]))
+    attempt = one(exported_trace(harness, receiver, trace_id, spans=3), "chat fake")
+    assert (attempt.attributes["gen_ai.response.id"], attempt.attributes["gen_ai.response.model"]) == (
+        "chatcmpl-1", "fake")

@@ -159,3 +159,14 @@ def test_retry_after_is_read_as_seconds_or_an_http_date():
     assert 25 < retry_after_s({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 30
     assert retry_after_s({"Retry-After": "soon"}) is None
     assert retry_after_s({}) is None
+
+
+def test_a_non_streamed_answer_may_take_longer_than_first_byte_s(env):
+    """A non-streamed answer comes whole, once generated: one taking 2.5 s (past `raw`'s first_byte_s of 2, within
+    its total_s of 10) is the answer, not a timeout and a fallback."""
+    harness, raw = env
+    raw.script = [(script[0], 2.5) for script in json_answer(COMPLETION)]
+    answer = post(harness, "raw-only")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-fallback"] == "none"
+    assert answer.json()["choices"][0]["message"]["content"] == COMPLETION["choices"][0]["message"]["content"]

@@ -312,7 +312,8 @@ def raw_cost(input_tokens: int, output_tokens: int) -> Decimal:
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_streamed_tool_call_without_usage_is_charged_its_tokens(env, route):
     """A model that streams a tool call's arguments and no usage chunk is charged, in the ledger and the cost,
-    output tokens equal to tiktoken's count of the name and arguments the SDK received; it used to be 0."""
+    output tokens equal to tiktoken's count of the name and arguments the SDK received (it used to be 0), and the
+    client, which asked for usage, is sent that count."""
     harness, raw = env
     raw.script = [(SSE_HEAD + sse(*TOOL_EVENTS, FINISH, b"[DONE]"), 0.0)]
     response = harness.openai().chat.completions.with_raw_response.create(
@@ -322,11 +323,14 @@ def test_a_streamed_tool_call_without_usage_is_charged_its_tokens(env, route):
     calls = [call for c in chunks for choice in c.choices for call in choice.delta.tool_calls or ()]
     name = "".join(call.function.name or "" for call in calls)
     arguments = "".join(call.function.arguments or "" for call in calls)
-    assert (name, arguments) == ("get_weather", ARGUMENTS) and all(c.usage is None for c in chunks)
+    assert (name, arguments) == ("get_weather", ARGUMENTS) and all(c.usage is None for c in chunks[:-1])
     request_id = response.headers["x-request-id"]
     record = accounting.ledger_record(harness.ledger_path, request_id)
     output_tokens = tokens(name) + tokens(arguments)
     assert (record["output_tokens"], record["tokens_estimated"]) == (output_tokens, True)
+    # the client asked for usage: it gets the count it is billed, as the stream's last chunk
+    assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.prompt_tokens) == (output_tokens,
+                                                                                   record["input_tokens"])
     assert Decimal(record["cost_usd"]) == raw_cost(record["input_tokens"], output_tokens)
 
 

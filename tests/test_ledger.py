@@ -347,6 +347,19 @@ def test_a_line_written_after_closing_is_counted_and_said_once(tmp_path, caplog)
     assert warnings_said(caplog) == [f"ledger {path}: lines written after closing are lost, and counted"]
 
 
+def test_a_record_json_cannot_hold_is_counted_and_the_others_are_written(tmp_path):
+    """Text that is no UTF-8 (a lone surrogate, as aiohttp makes of such header bytes) cannot be JSON: that line is
+    counted lost, the writer goes on with the next."""
+    path = tmp_path / "ledger.jsonl"
+    book = ledger(path)
+    book.write({"n": 1})
+    book.write({"n": 2, "workflow": "caf\udcff"})
+    book.write({"n": 3})
+    book.close()
+    assert book.write_errors == 1
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 3]
+
+
 # a disk that fills up -------------------------------------------------------------------------------
 
 def test_a_full_disk_is_counted_and_said_once_then_recovery_once(tmp_path, caplog, capfd):

@@ -131,3 +131,46 @@ def test_naming_a_tenant_in_a_policy_without_tenants_is_a_located_problem(tmp_pa
     [problem] = check_policy(write(tmp_path, edit(HEAD)))
     assert (problem.line, problem.path) == (line, key)
     assert problem.message == "unknown tenant 'acme' (the policy defines no tenant)"
+
+
+@pytest.mark.parametrize("text, line, key, says", [
+    # a folded scalar keeps its line break: the name would make every response header invalid
+    (HEAD.replace("  - name: chat\n", "  - name: >\n      chat\n"), 5, "routes[0].name", "control characters"),
+    (HEAD.replace("  small: {", '  "small\\r\\nSet-Cookie: x=1": {').replace("[small]", '["small\\r\\nSet-Cookie: x=1"]'),
+     3, "models.small\r\nSet-Cookie: x=1", "control characters"),
+    (HEAD + "tenants:\n  \"acme\\n\": {keys_sha256: ['" + "a" * 64 + "']}\n", 8, "tenants.acme\n", "control characters"),
+    (HEAD.replace("size_b: 1}", "size_b: 1, gpus: {source: nvml, ids: [0, '0', 1]}}"), 3, "models.small.gpus.ids",
+     "names GPU 0 more than once"),
+    (HEAD.replace("size_b: 1}", "size_b: 1, latency_prior: {tpot_ms: 1e306}}"), 3,
+     "models.small.latency_prior.tpot_ms", "at most"),
+    (HEAD.replace("size_b: 1}", "size_b: 1, context_window: 010}"), 3, "models.small.context_window", "in decimal"),
+    (HEAD.replace("size_b: 1}", "size_b: 1, max_concurrency: 0x10}"), 3, "models.small.max_concurrency", "in decimal"),
+    (HEAD.replace("size_b: 1}", "size_b: 1, timeouts: {total_s: 1:30}}"), 3, "models.small.timeouts.total_s",
+     "in decimal"),
+])
+def test_values_the_gateway_would_misread_or_could_not_send_are_located_problems(tmp_path, text, line, key, says):
+    """A name with a line break or other control character (it goes out in response headers: every request on it
+    would get no answer at all), a GPU named twice (its time priced twice), a latency prior past an hour (it
+    overflows a prediction's GPU price), and a number YAML 1.1 reads in another base (010 is 8) are problems at
+    their line and key, not a policy that loads and misbehaves."""
+    problems = check_policy(write(tmp_path, text))
+    assert [(p.line, p.path) for p in problems] == [(line, key)], problems
+    assert says in problems[0].message
+
+
+@pytest.mark.parametrize("route_tail, says", [
+    ("    sla: {min_tier: 3}\n",
+     "routes.chat.sla.min_tier: 3, but its candidates and fallbacks reach tier 1 at most: every request on it is "
+     "refused (503 sla_unmet)"),
+    ("    match: {prompt_tokens: {min: 9000}}\n",
+     "routes.chat.match.prompt_tokens.min: 9000, but the largest context window of its candidates and fallbacks "
+     "is 8192: no request it matches fits"),
+])
+def test_policy_check_notes_a_route_no_model_of_it_can_serve(tmp_path, route_tail, says):
+    """A route whose min_tier is above every model it names, or whose smallest matched prompt fits no model's
+    context window, loads (it is valid) but refuses every request: `policy check` says so."""
+    path = write(tmp_path, HEAD.replace("    candidates: [small]\n", "    candidates: [small]\n" + route_tail))
+    done = subprocess.run([sys.executable, "-m", "gateway", "policy", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert says in done.stderr

@@ -115,12 +115,12 @@ SIMS = {"small": dict(ttft_ms=5, tpot_ms=1), "medium": dict(ttft_ms=5, tpot_ms=1
 
 
 def e2e_policy(small_sim: str = "small", first_byte_s: float = 2, sla_ms: int = 1000,
-               small_tpot_ms: float = 1) -> str:
+               small_tpot_ms: float = 1, total_s: float = 10) -> str:
     """small (1B, served by simulator `small_sim`) and medium (8B) under a p95 latency SLA; window 60 s."""
     return policies.models(
         policies.model("small", small_sim, size_b=1, price=policies.price(0.1, 0.2),
                        latency_prior=policies.latency(5, small_tpot_ms),
-                       timeouts=policies.short_timeouts(first_byte_s)),
+                       timeouts=policies.short_timeouts(first_byte_s, total_s)),
         policies.model("medium", size_b=8, price=policies.price(1, 2), latency_prior=policies.latency(5, 1),
                        timeouts=policies.short_timeouts()),
     ) + """
@@ -189,9 +189,9 @@ def test_short_whole_answers_do_not_inflate_the_time_per_token(gw):
 
 
 def test_calls_that_time_out_teach_the_router_the_model_is_slow():
-    """A model whose calls intermittently pass its first-byte timeout stops being chosen after a few such calls."""
+    """A model whose calls intermittently pass its timeout stops being chosen after a few such calls."""
     hangs_at_times = {**SIMS, "small": dict(ttft_ms=5, tpot_ms=1, hang_rate=0.3)}
-    harness = Harness(e2e_policy(first_byte_s=0.3, sla_ms=200), hangs_at_times).start()
+    harness = Harness(e2e_policy(first_byte_s=0.3, sla_ms=200, total_s=0.3), hangs_at_times).start()
     try:
         states = [chat(harness, max_tokens=5).headers["x-gateway-fallback"] for _ in range(30)]
     finally:
@@ -212,3 +212,15 @@ def test_capped_answers_do_not_set_the_expected_length_of_uncapped_ones():
         assert served_by(harness) == "medium"
     finally:
         harness.stop()
+
+
+def test_embeddings_answers_teach_the_router_their_latency():
+    """An embeddings call has no output tokens: its whole time is learned as the model's wait, so a model that
+    turns out slower than its prior loses an embeddings route's traffic, as it would a chat route's."""
+    harness = Harness(e2e_policy(sla_ms=150), {**SIMS, "small": dict(ttft_ms=400, tpot_ms=0)}).start()
+    try:
+        served = [harness.openai().embeddings.with_raw_response.create(model="auto", input="hello").headers[
+            "x-gateway-model"] for _ in range(4)]
+    finally:
+        harness.stop()
+    assert served[0] == "small" and served[-1] == "medium", served

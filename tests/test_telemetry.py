@@ -192,10 +192,12 @@ def test_metrics_names_units_buckets_and_labels(receiver, make_telemetry, protoc
     assert (inp.sum, out.sum, inp.bounds) == (10, 20, list(map(float, TOKEN_BUCKETS)))
     assert inp.attributes["gen_ai.request.model"] == "sim-large-70b"
     assert inp.attributes["gen_ai.provider.name"] == "openai" and inp.attributes["gateway.tenant"] == "acme"
+    assert inp.attributes["gateway.fallback.state"] == "fallback"
     duration = metrics["gen_ai.client.operation.duration"]
     assert duration.unit == "s" and duration.points[0].bounds == list(DURATION_BUCKETS_S)
     (failed,) = points_by(duration, **{"error.type": "timeout"})
     assert failed.attributes["gen_ai.request.model"] == "sim-small-1b" and failed.count == 1
+    assert failed.attributes["gateway.fallback.state"] == "fallback"     # the request's state, as it ended
     assert points_by(duration, **{"gen_ai.request.model": "sim-large-70b"})[0].sum == pytest.approx(0.3)
     ttfc = metrics["gen_ai.client.operation.time_to_first_chunk"]
     assert (ttfc.unit, ttfc.points[0].sum, ttfc.points[0].bounds) == ("s", 0.05, list(DURATION_BUCKETS_S))

@@ -63,7 +63,7 @@ async def test_day_budget_exhausts_until_midnight(make_budgets):
     assert state.retry_after_s == 6 * 3600 - 60
     error = state.error()
     assert isinstance(error, BudgetExceeded) and error.status == 429
-    assert error.headers == {"Retry-After": str(6 * 3600 - 60)}
+    assert error.headers == {"Retry-After": str(6 * 3600 - 60), "x-should-retry": "false"}
     assert not (await budgets.check(who, EVENING_S + DAY_S)).exhausted
 
 

@@ -7,8 +7,12 @@ from typing import Any
 #: top-level fields copied from the first chunk that carries them, not empty (a live stream repeats them in
 #: every chunk); not `obfuscation`, the random padding each live chunk has of its own
 HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
-#: top-level fields a live stream sends on one chunk only; the last chunk that carries one wins
-ONCE_FIELDS = ("moderation",)
+#: top-level fields of a chunk with a rule of their own; any other (`moderation`, Azure's `prompt_filter_results`,
+#: which come on one chunk only) is kept as the answer's, the last chunk that carries one winning
+FRAME_FIELDS = frozenset((*HEADER_FIELDS, "object", "choices", "usage", "obfuscation"))
+#: a streamed choice's fields with a rule of their own; any other (Azure's `content_filter_results`, vLLM's
+#: `stop_reason`) is kept as the choice's, the last value winning
+CHOICE_FIELDS = frozenset(("index", "delta", "text", "logprobs", "finish_reason"))
 #: chat delta fields with a rule of their own; any other field is folded in by `_merge_field`
 CHAT_DELTA_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
 #: fields that name rather than accumulate: a later value replaces an earlier one (as in the openai SDK)
@@ -58,9 +62,9 @@ class StreamAssembler:
         for name in HEADER_FIELDS:
             if chunk.get(name):             # not an empty one: Azure opens with a filter chunk of id "", created 0
                 body.setdefault(name, chunk[name])
-        for name in ONCE_FIELDS:
-            if chunk.get(name) is not None:
-                body[name] = chunk[name]
+        for name, value in chunk.items():
+            if name not in FRAME_FIELDS and value is not None:
+                body[name] = value
         for delta_choice in chunk.get("choices") or ():
             index = delta_choice.get("index", 0)
             choice = self._choices.get(index)
@@ -182,7 +186,10 @@ def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> 
 
 
 def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
-    """Finish reason and logprobs, shared by chat and completions."""
+    """Finish reason, logprobs and the choice's other fields, shared by chat and completions."""
+    for name, value in delta_choice.items():
+        if name not in CHOICE_FIELDS and value is not None:
+            choice[name] = value
     if delta_choice.get("finish_reason"):
         choice["finish_reason"] = delta_choice["finish_reason"]
     if delta_choice.get("logprobs"):

@@ -24,6 +24,10 @@ from gateway.cache.assemble import StreamAssembler
 #: tool calls (nor a message carrying any, whatever its reason): an agent's next step is its own to take again
 COMPLETE_FINISH_REASONS = frozenset({"stop", "length"})
 COMPRESS_OVER_BYTES = 1024
+#: what is compressed at a time: a step's output is weighed against the entry limit before the next
+COMPRESS_STEP_BYTES = 256 * 1024
+#: endpoints an entry may answer
+ENDPOINTS = frozenset(("chat", "completions", "embeddings"))
 DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 FORMAT_PLAIN = 0
 FORMAT_ZLIB = 1
@@ -87,14 +91,32 @@ def encode_entry(entry: CacheEntry, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_
         stored["m"] = entry.model
     raw = orjson.dumps(stored)
     if len(raw) > COMPRESS_OVER_BYTES:
-        data = bytes([FORMAT_ZLIB]) + zlib.compress(raw)
-    else:
-        data = bytes([FORMAT_PLAIN]) + raw
+        return _compressed(raw, max_entry_bytes)
+    data = bytes([FORMAT_PLAIN]) + raw
     return data if len(data) <= max_entry_bytes else None
 
 
+def _compressed(raw: bytes, max_entry_bytes: int) -> bytes | None:
+    """`raw` zlib-compressed behind its format byte (the bytes zlib.compress gives), COMPRESS_STEP_BYTES at a time,
+    given up as soon as the output passes `max_entry_bytes`: an answer far too large to keep (a batch of
+    embeddings: 30 MB) costs the event loop what compressing its first few MB takes, not seconds."""
+    compressor = zlib.compressobj()
+    parts = [bytes([FORMAT_ZLIB])]
+    size = 1
+    view = memoryview(raw)
+    for start in range(0, len(raw), COMPRESS_STEP_BYTES):
+        part = compressor.compress(view[start:start + COMPRESS_STEP_BYTES])
+        size += len(part)
+        if size > max_entry_bytes:
+            return None
+        parts.append(part)
+    parts.append(compressor.flush())
+    return b"".join(parts) if size + len(parts[-1]) <= max_entry_bytes else None
+
+
 def decode_entry(data: bytes) -> CacheEntry | None:
-    """The entry stored in `data`; None for bytes we cannot read (a miss, never an error)."""
+    """The entry stored in `data`; None for bytes we cannot read, or for an entry of a shape the gateway would not
+    have stored (another build's, a hand-written one): a miss, never an error, nor a broken answer served as a hit."""
     if not data:
         return None
     try:
@@ -102,9 +124,14 @@ def decode_entry(data: bytes) -> CacheEntry | None:
         stored = orjson.loads(raw)
         cost_usd = Decimal(stored["c"]) if "c" in stored else None
         model = stored.get("m")
-        return CacheEntry(stored["e"], stored["b"], stored["t"], cost_usd, model if isinstance(model, str) else None)
+        endpoint, body, created = stored["e"], stored["b"], stored["t"]
     except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError):
         return None
+    if endpoint not in ENDPOINTS or entry_from_response(endpoint, body) is None or \
+            not isinstance(created, (int, float)) or (cost_usd is not None and not (cost_usd.is_finite() and
+                                                                                    cost_usd >= 0)):
+        return None
+    return CacheEntry(endpoint, body, created, cost_usd, model if isinstance(model, str) else None)
 
 
 def _payload(data: bytes) -> bytes:

@@ -13,8 +13,12 @@ DONE_EVENT = b"data: [DONE]\n\n"
 #: top-level fields every replayed chunk repeats, as every live chunk does; not `obfuscation`,
 #: random padding that means nothing in a replay
 CHUNK_HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
-#: top-level fields a live stream sends on one chunk only: replayed on the first
-FIRST_CHUNK_FIELDS = ("moderation",)
+#: top-level fields replayed by a rule of their own; any other (`moderation`, Azure's `prompt_filter_results`),
+#: which a live stream sends on one chunk only, is replayed on the first
+FRAME_FIELDS = frozenset((*CHUNK_HEADER_FIELDS, "object", "choices", "usage"))
+#: a choice's fields replayed by a rule of their own; any other (Azure's `content_filter_results`, vLLM's
+#: `stop_reason`) is replayed on the choice's finishing chunk
+CHOICE_FIELDS = frozenset(("index", "message", "text", "logprobs", "finish_reason"))
 #: message fields replayed by a rule of their own; any other field is replayed whole, in one delta
 MESSAGE_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
 
@@ -39,7 +43,7 @@ def replay_sse(entry: CacheEntry, *, include_usage: bool) -> list[bytes]:
     header = _chunk_header(entry)
     if include_usage:
         header["usage"] = None
-    first = {name: entry.body[name] for name in FIRST_CHUNK_FIELDS if entry.body.get(name) is not None}
+    first = {name: value for name, value in entry.body.items() if name not in FRAME_FIELDS and value is not None}
     events = [_event({**header, **(first if position == 0 else {}), "choices": choices})
               for position, choices in enumerate(chunks)]
     if include_usage and entry.body.get("usage"):
@@ -56,7 +60,13 @@ def chat_chunks(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
         chunks.extend(_chat_choice(index, delta, None) for delta in message_deltas(message))
         chunks[-1][0]["logprobs"] = choice.get("logprobs")
         chunks.append(_chat_choice(index, {}, choice.get("finish_reason")))
+        chunks[-1][0].update(_choice_extras(choice))
     return chunks
+
+
+def _choice_extras(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice's fields beside its answer and finish (Azure's `content_filter_results`, vLLM's `stop_reason`)."""
+    return {name: value for name, value in choice.items() if name not in CHOICE_FIELDS}
 
 
 def message_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -95,7 +105,7 @@ def text_chunks(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
         chunks.append([{"index": index, "text": choice.get("text") or "",
                         "logprobs": choice.get("logprobs"), "finish_reason": None}])
         chunks.append([{"index": index, "text": "", "logprobs": None,
-                        "finish_reason": choice.get("finish_reason")}])
+                        "finish_reason": choice.get("finish_reason"), **_choice_extras(choice)}])
     return chunks
 
 

@@ -25,6 +25,7 @@ def advice(policy: Policy) -> list[str]:
         if size_less and len(size_less) < len(route.candidates):
             notes.append(_size_less_first(route.name, size_less,
                                           [name for name in route.candidates if name not in size_less]))
+        notes.extend(_unservable(policy, route))
         below = [name for name in route.fallback if policy.models[name].tier < route.sla.min_tier]
         if below:
             notes.append(f"routes.{route.name}.fallback: {', '.join(below)} below sla.min_tier {route.sla.min_tier}: "
@@ -38,3 +39,20 @@ def _size_less_first(route_name: str, size_less: list[str], sized: list[str]) ->
     return (f"routes.{route_name}.candidates: {', '.join(size_less)} {has} size_b 0 (the default when none is set), "
             f"so {they_are} tried before {', '.join(sized)}: the router picks the smallest candidate that meets the "
             f"SLA; give every candidate its size_b")
+
+
+def _unservable(policy: Policy, route) -> list[str]:
+    """Notes for a route no model of it can serve: its min_tier above every candidate's and fallback's tier, or
+    its smallest matched prompt larger than every one's context window (each request matched is refused)."""
+    named = [policy.models[name] for name in (*route.candidates, *route.fallback)]
+    notes = []
+    top_tier = max(model.tier for model in named)
+    if route.sla.min_tier > top_tier:
+        notes.append(f"routes.{route.name}.sla.min_tier: {route.sla.min_tier}, but its candidates and fallbacks reach "
+                     f"tier {top_tier} at most: every request on it is refused (503 sla_unmet)")
+    widest = max(model.context_window for model in named)
+    smallest = route.match.prompt_tokens_min
+    if smallest is not None and smallest > widest:
+        notes.append(f"routes.{route.name}.match.prompt_tokens.min: {smallest}, but the largest context window of its "
+                     f"candidates and fallbacks is {widest}: no request it matches fits")
+    return notes

@@ -66,6 +66,14 @@ def not_blank(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def header_safe(value: str) -> str | None:
+    """Rejects control characters (a line break from a folded YAML scalar, say): model, route and tenant names are
+    sent in response headers, which cannot carry them."""
+    if any(ord(char) < 0x20 or 0x7f <= ord(char) < 0xa0 for char in value):
+        return "must not contain control characters such as line breaks (names are sent in response headers)"
+    return None
+
+
 def hash_tag_safe(value: str) -> str | None:
     """Rejects braces: Redis keys are `{key_prefix}:{{tenant}}:...`, and a brace in either would move or break the
     tenant's hash tag, spreading keys that must share a Redis Cluster slot over several."""
@@ -107,6 +115,15 @@ def supported_version(version: int) -> str | None:
     if version == SUPPORTED_VERSION:
         return None
     return f"unsupported version {version} (this gateway reads version {SUPPORTED_VERSION})"
+
+
+def distinct_gpu_ids(values: dict[str, Any]) -> tuple[str, str] | None:
+    """Each GPU named once: a model's GPU time is priced per GPU it names."""
+    ids = values.get("ids") or ()
+    repeated = sorted({gpu for gpu in ids if ids.count(gpu) > 1})
+    if repeated:
+        return "ids", f"names GPU {', '.join(repeated)} more than once (its time would be priced once per mention)"
+    return None
 
 
 def dcgm_needs_url(values: dict[str, Any]) -> tuple[str, str] | None:
@@ -173,7 +190,11 @@ PRICE = Section(Price, {
     "output_per_mtok": money(non_negative, at_most(MAX_USD)),
     "cached_input_per_mtok": money(non_negative, at_most(MAX_USD)),
 })
-LATENCY_PRIOR = Section(LatencyPrior, {"ttft_ms": real(non_negative), "tpot_ms": real(non_negative)})
+#: the longest latency a prior may state, an hour: a call bounded by `total_s` never takes longer in practice, and
+#: larger figures overflow the GPU-time price of a prediction
+MAX_PRIOR_MS = 3_600_000
+LATENCY_PRIOR = Section(LatencyPrior, {"ttft_ms": real(non_negative, at_most(MAX_PRIOR_MS)),
+                                       "tpot_ms": real(non_negative, at_most(MAX_PRIOR_MS))})
 TIMEOUTS = Section(Timeouts, {"connect_s": real(positive), "first_byte_s": real(positive), "total_s": real(positive)})
 GPUS = Section(GpuSource, {
     "source": Spec(choice("nvml", "dcgm"), required=True),
@@ -181,7 +202,7 @@ GPUS = Section(GpuSource, {
     "url": text(url_with("http", "https")),
     "hostname": text(not_blank),
     "idle_w": real(non_negative),
-}, checks=(dcgm_needs_url,))
+}, checks=(dcgm_needs_url, distinct_gpu_ids))
 MODEL = Section(Model, {
     "endpoint": Spec(text(url_with("http", "https")), required=True),
     "upstream_model": text(not_blank),
@@ -223,7 +244,7 @@ CACHE = Section(CacheRule, {
     "enabled": flag(), "ttl_s": integer(positive), "mode": choice("exact"), "nondeterministic": flag(),
 })
 ROUTE = Section(Route, {
-    "name": Spec(definition("route", not_blank), required=True),
+    "name": Spec(definition("route", not_blank, header_safe), required=True),
     "match": Spec(MATCH, missing=Match),
     "candidates": Spec(items(reference("model"), non_empty=True), required=True),
     "sla": SLA,
@@ -252,6 +273,7 @@ TENANT = Section(Tenant, {
 SERVER = Section(Server, {
     "max_body_bytes": integer(positive),
     "grace_period_s": real(non_negative),
+    "client_timeout_s": real(positive, at_most(MAX_PRIOR_MS / 1000)),
     "admin_token_sha256": text(sha256_hex),
     "admin_token_env": text(not_blank),
 })
@@ -285,9 +307,9 @@ ENERGY = Section(Energy, {"sample_interval_s": real(positive)})
 
 POLICY = Section(Policy, {
     "version": Spec(integer(supported_version), required=True),
-    "models": Spec(named("model", MODEL, non_empty=True), required=True),
+    "models": Spec(named("model", MODEL, not_blank, header_safe, non_empty=True), required=True),
     "routes": Spec(items(ROUTE, non_empty=True), required=True),
-    "tenants": named("tenant", TENANT, not_blank, hash_tag_safe),
+    "tenants": named("tenant", TENANT, not_blank, header_safe, hash_tag_safe),
     "server": SERVER,
     "routing": ROUTING,
     "store": STORE,

@@ -167,6 +167,9 @@ class Tenant:
 class Server:
     max_body_bytes: int = 4 * 1024 * 1024
     grace_period_s: float = 15.0
+    #: the longest a client may keep a request waiting while it sends it: its head, from a new connection or from
+    #: its first byte, and each gap in its body (a stalled client is answered 408, its connection closed)
+    client_timeout_s: float = 60.0
     #: admin token: its SHA-256 in the policy, or the name of an environment variable holding it
     admin_token_sha256: str | None = None
     admin_token_env: str | None = "GATEWAY_ADMIN_TOKEN"

@@ -233,6 +233,9 @@ def scalar(tags: tuple[str, ...], expected: str, cast: Callable[[Any], Any], *ch
         node = as_yaml12_float(node) if FLOAT in tags else node
         if not isinstance(node, ScalarNode) or node.tag not in tags:
             return walk.report(node, path, f"expected {expected}, got {describe(node)}")
+        if node.tag in (INT, FLOAT) and node.style is None and YAML11_NUMBER.fullmatch(node.value):
+            return walk.report(node, path, f"write {node.value!r} in decimal: YAML 1.1 reads a leading 0 as octal, "
+                                           f"0x and 0b as hex and binary, and ':' as base 60")
         try:
             value = cast(walk.constructor.construct_object(node))
         except (yaml.YAMLError, ValueError, ArithmeticError) as exc:
@@ -243,6 +246,10 @@ def scalar(tags: tuple[str, ...], expected: str, cast: Callable[[Any], Any], *ch
                 return walk.report(node, path, message)
         return value
     return convert
+
+
+#: numbers PyYAML (YAML 1.1) reads in another base: 010 is 8, 0x10 is 16, 0b10 is 2, 1:30 is 90
+YAML11_NUMBER = re.compile(r"[-+]?(0[0-9_]+|0[xob][0-9a-fA-F_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
 
 
 def as_yaml12_float(node: Node) -> Node:

@@ -90,10 +90,13 @@ class Account:
         for tried in ctx.attempts:
             if tried.error_type == UpstreamTimeout.reason and tried.dispatched and tried.ttft_s is None and tried.ended_s:
                 fleet.record_latency(tried.model, tried.ended_s - tried.started_s, None)
-        if attempt.status != 200 or attempt.ended_s is None or ctx.endpoint == "embeddings":
+        if attempt.status != 200 or attempt.ended_s is None:
+            return
+        elapsed_s = attempt.ended_s - attempt.started_s
+        if ctx.endpoint == "embeddings":    # no output tokens: the whole call is the wait, as the router predicts it
+            fleet.record_latency(attempt.model, elapsed_s, None)
             return
         output = -(-ctx.usage.output_tokens // max(1, ctx.choices))
-        elapsed_s = attempt.ended_s - attempt.started_s
         if attempt.ttft_s is not None:
             fleet.record_latency(attempt.model, attempt.ttft_s,
                                  (elapsed_s - attempt.ttft_s) / (output - 1) if output > 1 else None)

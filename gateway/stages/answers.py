@@ -22,10 +22,14 @@ def read_answer(attempt: Attempt, body: dict) -> None:
 
 def read_identity(attempt: Attempt, answer: dict) -> None:
     """The answer's `id` and `model`, kept only when they are strings: they become span attributes and metric
-    labels, and a list or an object there (a server's bug) must not break the request's recording."""
+    labels, and a list or an object there (a server's bug) must not break the request's recording. A value already
+    read is kept: a stream's later chunks fill in what its first left empty (Azure opens with a content-filter
+    chunk whose `id` and `model` are "")."""
     answer_id, model = answer.get("id"), answer.get("model")
-    attempt.response_id = answer_id if isinstance(answer_id, str) else None
-    attempt.response_model = model if isinstance(model, str) else None
+    if not attempt.response_id:
+        attempt.response_id = answer_id if isinstance(answer_id, str) and answer_id else None
+    if not attempt.response_model:
+        attempt.response_model = model if isinstance(model, str) and model else None
 
 
 def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:

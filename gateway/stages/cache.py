@@ -153,8 +153,11 @@ class Cache:
 
     @staticmethod
     def _servable(ctx: RequestContext, entry: CacheEntry | None) -> CacheEntry | None:
-        """`entry`, or None when its model may not answer this request: it calls, and its answer replaces it."""
-        return entry if entry is not None and may_answer(ctx.decision, entry.model) else None
+        """`entry`, or None when its model may not answer this request (it calls, and its answer replaces it), or
+        it answers another endpoint (the key names the endpoint: only a hand-written entry could)."""
+        if entry is None or entry.endpoint != ctx.endpoint:
+            return None
+        return entry if may_answer(ctx.decision, entry.model) else None
 
     async def _single_flight(self, ctx: RequestContext, tried: bool = False,
                              token: str | None = None) -> CacheEntry | None:
@@ -227,11 +230,12 @@ class Cache:
         if not ctx.stream:
             return web.Response(body=orjson.dumps(entry.body), content_type="application/json",
                                 headers=headers)
+        events = replay_sse(entry, include_usage=ctx.include_usage)     # before the head: a failure is a plain 500
         response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         ctx.response = response
         await response.prepare(ctx.http)
         ctx.bytes_sent = True
-        for event in replay_sse(entry, include_usage=ctx.include_usage):
+        for event in events:
             await response.write(event)
         await response.write_eof()
         return response

@@ -106,6 +106,8 @@ class Call:
             return ctx.response
         error = last_error or GatewayError("no model was tried")
         ctx.fallback_state = failed_state(ctx, error)
+        if ctx.fallback_state != "none" and last_error is not None:     # why the last model tried failed
+            ctx.fallback_reason = last_error.reason
         raise with_outcome_headers(ctx, error)
 
     async def _take_slot(self, ctx: RequestContext, attempt: Attempt, last_hope: bool) -> None:
@@ -163,7 +165,6 @@ class Call:
         """Record a failed attempt; only failures of the model's health count against its breaker."""
         attempt.error_type = exc.reason
         attempt.status = exc.status
-        ctx.fallback_reason = exc.reason
         if not exc.model_at_fault:          # never sent (no slot came, or its circuit opened): nothing learned
             return
         if _model_unhealthy(exc):

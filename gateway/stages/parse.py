@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -10,29 +13,65 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.context import RequestContext
-from gateway.errors import BodyTooLarge, ClientError
+from gateway.errors import BodyTooLarge, ClientError, ClientTooSlow, ShuttingDown
 
 #: the field that carries each endpoint's input
 INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: the deepest JSON the gateway can write again (orjson's limit): a body nested deeper is a 400
 MAX_JSON_DEPTH = 254
+#: the longest `x-gateway-task-id` or `x-gateway-workflow` taken (a workflow is a metric label and a ledger field)
+MAX_GROUPING_CHARS = 256
+#: what such a header may not hold: control characters, and the lone surrogates aiohttp makes of bytes that are not
+#: UTF-8 (they cannot be written to the ledger, a metric label or Prometheus' text)
+_UNFIT_HEADER_TEXT = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `max_bytes`."""
+async def read_body(request: web.Request, max_bytes: int, stall_s: float | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it passes `max_bytes`, and with 408 when the client sends
+    nothing for `stall_s`; a read the server's shutdown ended (a body still coming when aiohttp gives up on
+    requests, half-way through the grace period) is a 503 `shutting_down`, as the request's end would be."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
+    loop = asyncio.get_running_loop()
     try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > max_bytes:
-                raise BodyTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-            chunks.append(chunk)
+        async with asyncio.timeout(stall_s) as deadline:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BodyTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+                if stall_s:
+                    deadline.reschedule(loop.time() + stall_s)
     except RequestPayloadError as exc:      # e.g. Content-Encoding: gzip on a body that is not gzip
         raise ClientError(f"could not read the request body: {exc}") from exc
+    except TimeoutError:
+        raise ClientTooSlow(f"the request body stopped coming for {stall_s:g} s (server.client_timeout_s)") from None
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():     # this request's task was cancelled: the client left
+            raise
+        raise ShuttingDown("the gateway is shutting down; send the request again") from None
     return b"".join(chunks)
+
+
+def prompts_in(endpoint: str, body: dict) -> int:
+    """How many prompts a completions request sends at once (a list of strings or of token arrays: each is answered
+    with `n` choices of its own); 1 otherwise."""
+    prompt = body.get("prompt") if endpoint == "completions" else None
+    if isinstance(prompt, list) and prompt and not all(type(item) is int for item in prompt):
+        return len(prompt)
+    return 1
+
+
+def grouping_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header that groups calls (`x-gateway-task-id`, `x-gateway-workflow`), or a 400 when it is no UTF-8 text
+    of at most MAX_GROUPING_CHARS printable characters."""
+    value = headers.get(name)
+    if value is not None and (len(value) > MAX_GROUPING_CHARS or _UNFIT_HEADER_TEXT.search(value)):
+        raise ClientError(f"the {name} header must be UTF-8 text of at most {MAX_GROUPING_CHARS} characters, "
+                          f"without control characters")
+    return value
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -43,6 +82,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):     # past the 1024 levels orjson reads: as deep as below
+            raise ClientError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
         raise ClientError(f"We could not parse the JSON body of your request ({exc}). The gateway expects a "
                           "JSON payload, but what was sent was not valid JSON.", code=None) from exc
     if not isinstance(body, dict):
@@ -185,7 +226,8 @@ class Parse:
         self.services = services
 
     async def handle(self, ctx: RequestContext) -> None:
-        raw = await read_body(ctx.http, ctx.policy.server.max_body_bytes)
+        server = ctx.policy.server
+        raw = await read_body(ctx.http, server.max_body_bytes, server.client_timeout_s)
         body = parse_json_object(raw)
         if deployment := ctx.http.match_info.get("deployment"):
             body["model"] = deployment      # on Azure's paths the deployment names the model, as Azure reads it
@@ -197,10 +239,10 @@ class Parse:
         options = body.get("stream_options") or {}
         ctx.include_usage = ctx.stream and bool(options.get("include_usage"))
         ctx.max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        ctx.choices = body.get("n") or 1
+        ctx.choices = (body.get("n") or 1) * prompts_in(ctx.endpoint, body)
         headers = ctx.http.headers
-        ctx.task_id = headers.get("x-gateway-task-id")
-        ctx.workflow = headers.get("x-gateway-workflow")
+        ctx.task_id = grouping_header(headers, "x-gateway-task-id")
+        ctx.workflow = grouping_header(headers, "x-gateway-workflow")
         return None
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -10,7 +10,13 @@ and then within `first_byte_s` of each one relayed; comments (keep-alives)
 are passed on once the response is open but do not hold the deadline off,
 and the time spent writing to a slow client does not count against it.
 Events without data that are not comments (`retry:`, `event:`, `id:` alone)
-are dropped: an SDK would read them as chunks it cannot parse.
+are dropped: an SDK would read them as chunks it cannot parse. Once every
+choice asked for has its finish reason, the model has FINISHED_GRACE_S to send
+its usage chunk and [DONE]; silent longer, the stream is ended as whole.
+
+A client that asked for usage (`stream_options.include_usage`) always gets a
+usage chunk before [DONE]: the model's, or, when it sent none, the tokens the
+gateway counted (the ones it bills, marked estimated in the ledger and spans).
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
-from gateway.stages.answers import GeneratedParts, read_identity
+from gateway.stages.answers import GeneratedParts, estimated_usage, read_identity
 from gateway.telemetry.content import CAPTURE_OUTPUT
-from gateway.tokens import usage_from_response
+from gateway.tokens import usage_body, usage_from_response
 from gateway.upstream import UpstreamCall, error_message
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+#: how long a stream whose choices have all finished may go silent before the gateway ends it itself
+FINISHED_GRACE_S = 2.0
 #: delta fields besides `content` that carry output: the first chunk with any of them is the first token
 OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 #: a delta with no other fields carries text only (most chunks): nothing more to keep from it
@@ -159,12 +167,6 @@ def _parse_chunk(model_name: str, data: bytes) -> dict:
     return chunk
 
 
-def _choices_asked(ctx: RequestContext) -> int:
-    """How many choices the request asked for (`n`, default 1)."""
-    n = ctx.body.get("n")
-    return n if type(n) is int and n > 0 else 1
-
-
 async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: UpstreamCall,
                        on_first_event: Callable[[RequestContext, Attempt], None],
                        energy=None) -> web.StreamResponse:
@@ -174,7 +176,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
     try:
         async with transport.stream(call) as events:
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)
-        if not state.done and not state.finished(_choices_asked(ctx)):
+        if not state.done and not state.finished(ctx.choices):
             raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
     except ConnectionError:
         ctx.status = 499                    # the client went away; leaving `stream` closed upstream
@@ -196,7 +198,11 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         _record(ctx, attempt, state)
         raise
     if not ctx.bytes_sent:                  # an empty stream: [DONE] and nothing else
-        await _open_client_stream(ctx, attempt, {}, on_first_event)
+        await _open_client_stream(ctx, attempt, on_first_event)
+    if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: the gateway's count
+        _record(ctx, attempt, state)        # what the count reads
+        attempt.usage = estimated_usage(ctx, attempt)
+        await ctx.response.write(_usage_event(ctx, attempt))
     await ctx.response.write(DONE)
     await ctx.response.write_eof()
     attempt.status = 200
@@ -204,10 +210,22 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
     return ctx.response
 
 
+def _usage_event(ctx: RequestContext, attempt: Attempt) -> bytes:
+    """The usage chunk a client that asked for one gets when the model sent none: the tokens the gateway counted
+    (as it bills them), in the chunk shape OpenAI ends a stream with."""
+    return encode_event({"id": attempt.response_id or ctx.request_id,
+                         "object": "chat.completion.chunk" if ctx.endpoint == "chat" else "text_completion",
+                         "created": int(time.time()), "model": attempt.response_model or attempt.model.upstream_model,
+                         "choices": [], "usage": usage_body(attempt.usage)})
+
+
 async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIterator[bytes], state: StreamState,
                         on_first_event: Callable[[RequestContext, Attempt], None], energy) -> None:
-    """Pass the upstream's events on until [DONE] or its end, within the data event deadline."""
+    """Pass the upstream's events on until [DONE] or its end, within the data event deadline; once every choice
+    has finished, the usage chunk and [DONE] are waited for FINISHED_GRACE_S at most (a model that goes silent
+    after a whole answer has given it)."""
     wait_s = attempt.model.timeouts.first_byte_s
+    grace_s = min(wait_s, FINISHED_GRACE_S)
     loop = asyncio.get_running_loop()
     response = ctx.response
     try:
@@ -227,9 +245,11 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     return
                 chunk = _parse_chunk(attempt.model.name, data)
                 if not ctx.bytes_sent:
-                    response = await _open_client_stream(ctx, attempt, chunk, on_first_event)
+                    response = await _open_client_stream(ctx, attempt, on_first_event)
                 if state.absorb(chunk) and attempt.ttft_s is None:
                     attempt.ttft_s = state.last_output_s - attempt.started_s
+                if attempt.response_id is None or attempt.response_model is None:
+                    read_identity(attempt, chunk)
                 if attempt.energy_id is not None:
                     energy.progress(attempt.energy_id, ctx.prompt_tokens + state.text_chunks)
                 if (usage := usage_from_response(chunk)) is not None:
@@ -238,15 +258,24 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     event = _without_usage(chunk)
                 if event is not None:
                     await response.write(event)
-                deadline.reschedule(loop.time() + wait_s)
+                answered = len(state.finished_choices) >= ctx.choices and state.finished(ctx.choices)
+                deadline.reschedule(loop.time() + (grace_s if answered else wait_s))
     except TimeoutError as exc:
+        if state.finished(ctx.choices):
+            return                          # the answer is whole: the stream ends as if the model had said so
         raise UpstreamTimeout(f"model '{attempt.model.name}' sent no data for {wait_s:g} s") from exc
 
 
+#: the fields every chunk carries: a chunk without choices and with nothing else says nothing to the client
+CHUNK_FRAME_FIELDS = frozenset(("id", "object", "created", "model", "system_fingerprint", "service_tier",
+                                "obfuscation", "choices", "usage"))
+
+
 def _without_usage(chunk: dict) -> bytes | None:
-    """The event for a client that did not ask for usage: none for the usage chunk, the chunk without its
-    `usage` key otherwise."""
-    if not chunk.get("choices"):
+    """The event for a client that did not ask for usage (the gateway asked for it upstream): none for the usage
+    chunk, nor for a chunk left with nothing to say; the chunk without its `usage` key otherwise (Azure's
+    `prompt_filter_results` chunk, which has no choices, included)."""
+    if not chunk.get("choices") and (chunk.get("usage") is not None or CHUNK_FRAME_FIELDS.issuperset(chunk)):
         return None
     return encode_event({key: value for key, value in chunk.items() if key != "usage"})
 
@@ -259,10 +288,9 @@ async def _forward_comment(response: web.StreamResponse, event: bytes, deadline:
     deadline.reschedule(when)
 
 
-async def _open_client_stream(ctx: RequestContext, attempt: Attempt, first_chunk: dict,
+async def _open_client_stream(ctx: RequestContext, attempt: Attempt,
                               on_first_event: Callable[[RequestContext, Attempt], None]) -> web.StreamResponse:
     """The attempt has answered: prepare the client's response, with what the gateway knows at this point."""
-    read_identity(attempt, first_chunk)
     on_first_event(ctx, attempt)
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **response_headers(ctx)})
     ctx.response = response

@@ -260,7 +260,9 @@ def metric_labels(ctx: RequestContext, tenant_label: str) -> dict[str, Any]:
 
 
 def attempt_metric_labels(ctx: RequestContext, attempt: Attempt, tenant_label: str) -> dict[str, Any]:
-    """Labels of the gen_ai.client.* metrics for one attempt, plus tenant, route and model."""
+    """Labels of the gen_ai.client.* metrics for one attempt, plus tenant, route, model and the request's fallback
+    state (recorded once the request has ended: a failed first attempt of a request a fallback answered is
+    `fallback`)."""
     model = attempt.model
     labels: dict[str, Any] = {
         gen_ai.GEN_AI_OPERATION_NAME: ctx.operation,
@@ -269,6 +271,7 @@ def attempt_metric_labels(ctx: RequestContext, attempt: Attempt, tenant_label: s
         **server_address(model.endpoint),
         TENANT: tenant_label,
         MODEL_SELECTED: model.name,
+        FALLBACK_STATE: ctx.fallback_state,
     }
     if attempt.response_model:
         labels[gen_ai.GEN_AI_RESPONSE_MODEL] = attempt.response_model

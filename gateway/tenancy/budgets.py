@@ -49,6 +49,9 @@ def to_usd(nanos: int) -> Decimal:
     return Decimal(nanos) / NANOS_PER_USD
 
 
+#: the longest Retry-After the OpenAI SDKs wait for: past it they retry after their own short back-off
+SDK_LONGEST_RETRY_AFTER_S = 60
+
 @dataclass(frozen=True)
 class Periods:
     """The UTC day and month a moment falls in, and when each ends."""
@@ -105,6 +108,8 @@ class BudgetState:
         if self.by_holds:
             return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {_plain_or_none(limit)} per "
                                   f"{self.reason} spent or reserved by requests in flight.", headers=headers)
+        if self.retry_after_s > SDK_LONGEST_RETRY_AFTER_S:    # spent until the period ends: retrying cannot help
+            headers["x-should-retry"] = "false"     # (the SDKs would retry at once, as they ignore so long a wait)
         if self.cost_usd is not None:
             spent = self.spent_day_usd if self.reason == "day" else self.spent_month_usd
             return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: the request's predicted cost, USD "

@@ -22,9 +22,9 @@ def latency(ttft_ms: float, tpot_ms: float) -> dict[str, float]:
     return {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms}
 
 
-def short_timeouts(first_byte_s: float = 2) -> dict[str, float]:
+def short_timeouts(first_byte_s: float = 2, total_s: float = 10) -> dict[str, float]:
     """Upstream `timeouts` short enough that a failing model costs a test seconds, not minutes."""
-    return {"connect_s": 1, "first_byte_s": first_byte_s, "total_s": 10}
+    return {"connect_s": 1, "first_byte_s": first_byte_s, "total_s": total_s}
 
 
 #: the three simulated models of the default policy: name -> their fields, timeouts left to each test

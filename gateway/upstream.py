@@ -91,8 +91,10 @@ def client_timeout(timeouts: Timeouts, stream: bool = True) -> aiohttp.ClientTim
 @cache
 def upstream_url(base_url: str, endpoint: str) -> URL:
     """A model's URL for an endpoint, parsed once: aiohttp takes a URL as it is, where it parses a string on
-    every call (about 7 µs of a bare call's CPU; `python -m bench.client_call`)."""
-    return URL(base_url.rstrip("/") + PATHS[endpoint])
+    every call (about 7 µs of a bare call's CPU; `python -m bench.client_call`). The endpoint's path goes before
+    a query the base URL has (Azure's `?api-version=...`); a fragment means nothing to a server and is left out."""
+    base, _, query = base_url.partition("#")[0].partition("?")
+    return URL(base.rstrip("/") + PATHS[endpoint] + (f"?{query}" if query else ""))
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:

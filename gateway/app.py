@@ -60,6 +60,11 @@ def request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given):
         return given
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits."""
     return f"{random.getrandbits(128):032x}"
 
 
@@ -160,10 +165,12 @@ def build_app(holder: PolicyHolder, *, environ=None) -> web.Application:
     router = app.router
     for endpoint, path in ENDPOINT_PATHS.items():
         router.add_post(f"/v1/{path}", openai_handler(endpoint))
+        router.add_post(f"/openai/v1/{path}", openai_handler(endpoint))     # Azure OpenAI's v1 API
         # Azure OpenAI's paths (the AzureOpenAI SDK client): the deployment names the model; api-version is ignored
         router.add_post(f"/openai/deployments/{{deployment}}/{path}", openai_handler(endpoint))
-    router.add_get("/v1/models", list_models)
-    router.add_get("/v1/models/{model}", retrieve_model)
+    for prefix in ("/v1", "/openai", "/openai/v1"):     # AzureOpenAI's models.list() asks /openai/models
+        router.add_get(f"{prefix}/models", list_models)
+        router.add_get(f"{prefix}/models/{{model}}", retrieve_model)
     router.add_post("/v1/outcomes", report_outcome)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

@@ -225,6 +225,25 @@ class UpstreamStatus(UpstreamError):
         else:
             self.error_type, self.code, self.reason = "invalid_request_error", "upstream_rejected", f"http_{upstream_status}"
 
+    def body(self) -> dict:
+        """The OpenAI error body: for a refusal the client's request caused (a 4xx other than the model server
+        refusing the gateway's credential or serving no such model, a 429), the model's own `type`, `code` and
+        other fields (Azure's `innererror` with its content-filter results) when it sent them, as a client
+        talking to it directly would read them (`content_filter`, `insufficient_quota`); the gateway's
+        otherwise. `self.code` stays the gateway's: it names the outcome in metrics, whose labels stay bounded."""
+        body = super().body()
+        error = self.upstream_body.get("error") if isinstance(self.upstream_body, dict) else None
+        if not isinstance(error, dict) or self.upstream_status >= 500 or self.status == 502:
+            return body
+        shown = body["error"]
+        for name, value in error.items():
+            if name in ("type", "code"):
+                if isinstance(value, str) and 0 < len(value) <= MAX_PASSED_CODE_CHARS:
+                    shown[name] = value
+            elif name not in shown:
+                shown[name] = value
+        return body
+
     @property
     def retryable(self) -> bool:
         """Whether another model may succeed where this one failed."""
@@ -233,6 +252,8 @@ class UpstreamStatus(UpstreamError):
                                                                                                "not_found")
 
 
+#: the longest `type` or `code` of a model's error passed on to the client
+MAX_PASSED_CODE_CHARS = 64
 #: a model server's answers that mean the gateway's credential for it is wrong
 UPSTREAM_AUTH_STATUSES = frozenset({401, 403, 407})
 #: a model server's answers that mean it serves no such model or path: the model's upstream_model or endpoint

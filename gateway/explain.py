@@ -19,7 +19,7 @@ from gateway.fleet import Fleet
 from gateway.routing.explain import format_decision
 from gateway.routing.request import decide_request
 from gateway.runtime import Runtime
-from gateway.stages.parse import parse_json_object, validate_body
+from gateway.stages.parse import choices_of, max_tokens_of, parse_json_object, validate_body
 from gateway.tokens import DEFAULT_ENCODING, count_prompt_tokens
 from gateway.policy.load import load_policy
 
@@ -42,11 +42,10 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     if tenant_name and tenant is None:
         raise ValueError(f"no tenant named {tenant_name!r} in the policy")
     prompt_tokens = count_prompt_tokens(endpoint, body, DEFAULT_ENCODING)
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     stream = bool(body.get("stream")) and endpoint != "embeddings"
     decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],
                                  tenant=tenant, headers=headers, prompt_tokens=prompt_tokens,
-                                 max_tokens=max_tokens, stream=stream, choices=body.get("n") or 1)
+                                 max_tokens=max_tokens_of(body), stream=stream, choices=choices_of(endpoint, body))
     return decision, prompt_tokens
 
 

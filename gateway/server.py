@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -21,11 +22,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from gateway.app import HOLDER, build_app, request_id
+from gateway.app import HOLDER, build_app, new_request_id, request_id
 from gateway.errors import ClientError, ClientTooSlow, GatewayError, PolicyError
 from gateway.policy.model import Policy
 from gateway.responses import error_response
-from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime
+from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime, file_stat
 from gateway.services import SERVICES, Services, policy_encodings
 from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
@@ -85,7 +86,7 @@ def redact_parser_errors(logger: logging.Logger = logging.getLogger("aiohttp.ser
 
 #: what a connection whose request head did not come in time is answered before it is closed
 HEAD_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                       b"Connection: close\r\n\r\n%s")
+                       b"x-request-id: %s\r\nConnection: close\r\n\r\n%s")
 
 
 class OpenAIErrorsHandler(web.RequestHandler):
@@ -135,7 +136,7 @@ class OpenAIErrorsHandler(web.RequestHandler):
             return
         body = orjson.dumps(ClientTooSlow(f"no whole request head came within {self.head_timeout_s():g} s "
                                           f"(server.client_timeout_s)").body())
-        self.transport.write(HEAD_TIMEOUT_ANSWER % (len(body), body))
+        self.transport.write(HEAD_TIMEOUT_ANSWER % (len(body), new_request_id().encode(), body))
         self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
@@ -275,6 +276,7 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
         services = app.get(SERVICES)
         if services is not None:
             services.draining = True        # /readyz says so at once, before reloads under way are awaited
+            services.drain_ends_s = loop.time() + grace_s
         ending = loop.call_later(grace_s - min(1.0, grace_s / 10), end_in_flight, services) \
             if services is not None else None
         watcher.cancel()
@@ -484,14 +486,37 @@ def _worker_process(policy: Path, started: Policy, host: str, sockets: list[sock
     signal.signal(signal.SIGHUP, _ignore)      # not SIG_IGN, which would drop one sent during start-up
     # SIGTERM, SIGINT and SIGHUP stay blocked (as the fork left them) until run_server handles them: a stop
     # during start-up waits for it and drains nothing, rather than raise out of wherever start-up is
-    try:
-        holder = PolicyHolder.from_file(policy, os.environ)
-    except PolicyError as exc:
-        log.error("invalid policy, worker not starting:\n%s", exc)
-        raise SystemExit(1) from None
+    holder = _valid_policy(policy)
     holder.start_with(started)
     announce_admin_reloads(holder, supervisor_pid)
     raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd))
+
+
+#: how often a worker started on an invalid policy file reads it again
+INVALID_POLICY_POLL_S = 1.0
+
+
+def _valid_policy(policy: Path) -> PolicyHolder:
+    """The worker's policy holder. A file made invalid since the gateway started (an edit the running workers
+    refused, serving on) is read again every INVALID_POLICY_POLL_S until it is valid, the worker not serving
+    meanwhile: exiting would have the supervisor restart it into the same file until its crash limit left the
+    gateway short of workers for good, or stopped it; starting on an older policy could serve what a valid edit
+    since then removed (a revoked key). A stop signal ends the wait."""
+    said_stat = None
+    while True:
+        try:
+            return PolicyHolder.from_file(policy, os.environ)
+        except PolicyError as exc:
+            stat = file_stat(policy)
+            if stat != said_stat:
+                said_stat = stat
+                log.error("the policy file is invalid: this worker waits for a valid one before serving (the "
+                          "others serve on):\n%s", exc)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})   # a stop ends the wait
+        try:
+            time.sleep(INVALID_POLICY_POLL_S)
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def _exit_at_once(_signum: int, _frame) -> None:

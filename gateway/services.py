@@ -53,6 +53,7 @@ class Services:
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     pipeline: Any = None
     draining: bool = False
+    drain_ends_s: float | None = None   # on the loop's clock: when a stopping server's grace period runs out
     # the requests being served, (context, the task serving it) by id(context): a drain that runs out ends them
     in_flight: dict = field(default_factory=dict)
 
@@ -147,7 +148,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         yield
         services.draining = True
         await close_each((
-            ("background tasks", lambda: services.background.drain(timeout_s=started.server.grace_period_s)),
+            ("background tasks", lambda: services.background.drain(
+                timeout_s=background_drain_s(services, started.server.grace_period_s))),
             ("the GPU sampler", energy.stop),
             ("estimate sharing", sharing.stop if sharing is not None else lambda: None),
             ("the ledger", lambda: asyncio.to_thread(services.recorder.close)),     # waits up to 3 s on a slow disk
@@ -157,6 +159,20 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         ))
 
     return lifecycle
+
+
+#: what background work (budget settles, limit releases, cache writes) gets at least once requests have drained
+MIN_BACKGROUND_DRAIN_S = 1.0
+
+
+def background_drain_s(services: Services, grace_s: float) -> float:
+    """How long the background work may take at exit: what is left of the grace period a stopping server
+    counts from SIGTERM (at least MIN_BACKGROUND_DRAIN_S), not another whole one, so a Redis that does not
+    answer cannot stretch the stop to twice the grace period, past the platform's kill; the whole grace period
+    when no server counted one."""
+    if services.drain_ends_s is None:
+        return grace_s
+    return max(MIN_BACKGROUND_DRAIN_S, services.drain_ends_s - asyncio.get_running_loop().time())
 
 
 def share_estimates(services: Services, policy) -> EstimateSharing | None:

@@ -57,6 +57,11 @@ BACKOFF_S = 1.0
 #: meanwhile, with allow none is limited, so Redis is probed again sooner (each probe may wait the timeout)
 ADMISSION_BACKOFF_S = 0.25
 
+#: an outage that begins this soon after the last one ended is taken for the same one (a Redis working through its
+#: backlog as it resumes; one Redis Cluster node down while the others answer): not warned of again, its calls
+#: counted into the next "reachable again"; one that lasts longer than this is said after all
+FLAP_QUIET_S = 10.0
+
 OnStoreFailure = Literal["allow", "deny"]
 
 
@@ -76,6 +81,9 @@ class StoreGuard:
         self._outage_failures = 0
         self._refused_warning_at_s = 0.0
         self._refused_since_warning = 0
+        self._recovered_at_s = -FLAP_QUIET_S   # when the last outage ended
+        self._quiet_outage = False              # the outage under way began within FLAP_QUIET_S of the last one
+        self._outage_started_s = 0.0
 
     @property
     def healthy(self) -> bool:
@@ -109,6 +117,13 @@ class StoreGuard:
         except STORE_ERRORS as exc:
             self._failed(exc)
             return default
+        except Exception as exc:
+            if not raised_in_redis_client(exc):
+                raise                       # a bug of the caller's: the caller's to handle
+            # redis-py failing inside itself as a connection drops (its Cluster client raises AttributeError on a
+            # node's closed transport): the store's outage, never the request's; said with its traceback
+            self._failed(exc, unexpected=True)
+            return default
         if self._retry_at_s:
             self._recovered()
         return result
@@ -116,15 +131,30 @@ class StoreGuard:
     def _count_failure(self) -> None:
         self.failures += 1
         self._outage_failures += 1
+        if self._quiet_outage and self._clock() - self._outage_started_s > FLAP_QUIET_S:
+            self._quiet_outage = False      # no flap: an outage of its own, said (and its end will be)
+            self._log.warning("%s unavailable for %.0f s%s", self.name, self._clock() - self._outage_started_s,
+                              self._meanwhile)
 
-    def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, UNREACHABLE) or refused_by_client(exc):    # Redis answered, or was not asked
-            self._refused(exc)
+    def _failed(self, exc: BaseException, *, unexpected: bool = False) -> None:
+        if not unexpected and (not isinstance(exc, UNREACHABLE) or refused_by_client(exc)):
+            self._refused(exc)              # Redis answered, or was not asked
             return
-        self._count_failure()
         outage_starts = self.healthy
-        self._retry_at_s = self._clock() + self.backoff_s
+        now_s = self._clock()
         if outage_starts:
+            self._outage_started_s = now_s
+        self._count_failure()
+        self._retry_at_s = now_s + self.backoff_s
+        if not outage_starts:
+            return
+        # an outage starting soon after the last one ended is the same one flapping (a Redis working through its
+        # backlog as it resumes, one Cluster node down among healthy ones): counted, not said again
+        self._quiet_outage = now_s - self._recovered_at_s < FLAP_QUIET_S
+        if unexpected:
+            self._log.error("%s failed inside the Redis client (%s: %s)%s", self.name, type(exc).__name__, exc,
+                            self._meanwhile, exc_info=exc)
+        elif not self._quiet_outage:
             self._log.warning("%s unavailable (%s: %s)%s", self.name, type(exc).__name__, str(exc) or "timed out",
                               self._meanwhile)
 
@@ -142,8 +172,19 @@ class StoreGuard:
 
     def _recovered(self) -> None:
         self._retry_at_s = 0.0
-        self._log.warning("%s reachable again after %d calls answered without it", self.name, self._outage_failures)
-        self._outage_failures = 0
+        self._recovered_at_s = self._clock()
+        if not self._quiet_outage:
+            self._log.warning("%s reachable again after %d calls answered without it", self.name,
+                              self._outage_failures)
+            self._outage_failures = 0
+
+
+def raised_in_redis_client(exc: BaseException) -> bool:
+    """Whether `exc` was raised inside the redis-py package (its own failure, not the caller's)."""
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_globals.get("__name__", "").startswith("redis.")
 
 
 def refused_by_client(exc: BaseException) -> bool:

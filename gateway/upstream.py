@@ -183,10 +183,15 @@ class HttpTransport:
 
 
 async def _read_within(resp: aiohttp.ClientResponse, wait_s: float) -> bytes:
-    """A non-streamed answer's body, whole within `wait_s` (a body that stops half-way is a timeout, as a stream
-    that goes silent is)."""
-    async with asyncio.timeout(wait_s):
-        return await resp.read()
+    """A non-streamed answer's body, each part within `wait_s` of the one before (a body that stops half-way is
+    a timeout, as a stream that goes silent is; one that keeps coming, however long, is not)."""
+    loop = asyncio.get_running_loop()
+    parts = []
+    async with asyncio.timeout(wait_s) as deadline:
+        async for part in resp.content.iter_any():
+            parts.append(part)
+            deadline.reschedule(loop.time() + wait_s)
+    return b"".join(parts)
 
 
 async def _translated_events(model: Model, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -17,11 +17,13 @@ from gateway.cache.singleflight import SingleFlight
 from gateway.context import RequestContext, Usage
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
 from gateway.policy.model import Budget, Limits, Policy, Store, Tenant
+from gateway.stages import admit as admit_module
 from gateway.stages.admit import Admit
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
+from gateway.tenancy import limits_redis
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
 
 ONE_AT_A_TIME = Tenant("solo", limits=Limits(concurrent=1, tokens_per_minute=100_000))
@@ -227,6 +229,41 @@ async def test_an_admission_a_stalled_store_runs_late_gives_its_slot_back(redis_
         await client.aclose()
 
 
+async def test_an_admission_redis_runs_after_the_late_ends_gave_up_takes_no_slot(redis_server, monkeypatch):
+    """A stall longer than the late ends' retries (LATE_END_S: 60 s, shortened here): the admission script sent
+    during it runs when Redis resumes, after every end of its request gave up. Past its deadline (the call's
+    timeout and LATE_ADMIT_MARGIN_S, on Redis's clock) it takes nothing; it used to take a concurrency slot that
+    locked a tenant of `concurrent: 1` out for the in-flight TTL (15 minutes)."""
+    monkeypatch.setattr(admit_module, "LATE_END_S", 0.3)
+    monkeypatch.setattr(limits_redis, "LATE_ADMIT_MARGIN_S", 0.2)
+    client = Redis.from_url(redis_server.url)
+    # a back-off longer than the stall: no end is sent while Redis is stopped (were one queued, Redis might run
+    # it after the admission and free the slot by chance, as it may not after a long stall)
+    limiter = RedisLimiter(client, "test", 0.05, "allow", backoff_s=5)
+    await limiter.warm_up()
+    stage = admit_stage(limiter)
+    solo = Tenant("solo", limits=Limits(concurrent=1))
+    try:
+        first = request(solo)
+        await stage.handle(first)                   # answered: the limiter knows Redis's clock
+        await stage.finish(first)
+        await stage.services.background.drain(timeout_s=5)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            ctx = request(solo)
+            await stage.handle(ctx)
+            assert ctx.admission.degraded and ctx.admission.unsettled
+            await stage.finish(ctx)
+            await asyncio.sleep(1.3)                # the late ends give up meanwhile, never sent
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await stage.services.background.drain(timeout_s=5)
+        await asyncio.sleep(0.2)                    # the queued admission has run by now
+        assert await client.zcard(tenant_keys("test", "solo")[3]) == 0
+    finally:
+        await client.aclose()
+
+
 class CuttableRedisProxy:
     """A TCP proxy in front of redis-server: `cut()` drops its connections and refuses new ones, a network
     blip that leaves Redis and its data as they were; `restore()` listens again on the same port. While
@@ -374,3 +411,25 @@ async def test_a_request_larger_than_tokens_per_minute_is_refused_as_too_large(l
         await admit_stage(limiter).handle(ctx)
     assert refused.value.code == "request_too_large" and "Retry-After" not in refused.value.headers
     assert "limit 100, requested 110" in refused.value.message
+
+
+async def test_a_clock_step_makes_one_admission_late_not_every_one_after(redis_server):
+    """This host's clock stepping back after an admission (an NTP step, a VM resumed) puts the next deadline in
+    Redis's past: that admission, answered in time, is late and taken nothing (admitted degraded); its reply reads
+    Redis's clock again, so the admissions after it are judged as before (they were all late, for good: limits
+    unenforced under allow, every request refused under deny)."""
+    client = Redis.from_url(redis_server.url)
+    limiter = RedisLimiter(client, "test", 0.5, "allow")
+    await limiter.warm_up()
+    solo = Tenant("solo", limits=Limits(requests_per_minute=2))
+    try:
+        assert (await limiter.admit(solo, route=None, tokens=1)).allowed
+        limiter._redis_ahead_ms -= 10_000           # as this host's clock stepping 10 s back would make it
+        stepped = await limiter.admit(solo, route=None, tokens=1)
+        assert stepped.allowed and stepped.degraded
+        second = await limiter.admit(solo, route=None, tokens=1)
+        assert second.allowed and not second.degraded
+        refused = await limiter.admit(solo, route=None, tokens=1)      # the limit holds again: 2 a minute
+        assert not refused.allowed and refused.reason == "requests"
+    finally:
+        await client.aclose()

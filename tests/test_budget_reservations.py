@@ -273,3 +273,12 @@ def test_a_budget_spent_until_a_distant_period_end_tells_the_sdk_not_to_retry(re
     headers = error_response(state.error()).headers
     assert (headers.get("x-should-retry") == "false") is final
     assert headers["Retry-After"] == str(int(retry_after_s))
+
+
+def test_a_budget_store_down_under_deny_names_the_budget_store():
+    """With on_store_failure: deny and Redis down, a tenant with a budget (and no limits) is told the budget store
+    is unavailable, not the rate limit store."""
+    state = BudgetState("acme", tenant().budget, exhausted=True, reason="store_unavailable", available=False)
+    error = state.error()
+    assert (error.status, error.code) == (503, "store_unavailable")
+    assert error.message == "Budget store unavailable; retry shortly."

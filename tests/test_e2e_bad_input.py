@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 
+import openai
 import pytest
 import requests
 from aiohttp.test_utils import make_mocked_request
@@ -109,3 +110,26 @@ async def test_a_large_body_is_counted_off_the_event_loop_whatever_its_transfer_
     await Count(services=None).handle(ctx)
     ticker.cancel()
     assert ctx.prompt_tokens > 300_000 and ticks >= 5
+
+
+def test_a_completions_prompt_longer_than_every_window_names_prompt():
+    """A legacy completions prompt no model of the route has room for is a 400 context_length_exceeded naming
+    `prompt`, the field to shorten (it named `messages`, which a completions request has none of)."""
+    harness = Harness(DEFAULT_POLICY).start()
+    try:
+        with pytest.raises(openai.BadRequestError) as caught:
+            harness.openai().completions.create(model="auto", prompt="hi " * 140_000)
+    finally:
+        harness.stop()
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "prompt")
+
+
+def test_a_completions_request_of_max_tokens_0_scores_the_prompt(gw):
+    """`max_tokens: 0` on legacy completions (an evaluation harness scoring a prompt with echo and logprobs) is
+    forwarded, not refused; on chat it stays a 400, as OpenAI answers it."""
+    client = gw.openai(api_key="key-acme")
+    answer = client.completions.with_raw_response.create(model="auto", prompt="Score me", max_tokens=0, echo=True)
+    assert answer.http_response.status_code == 200
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
+    assert (caught.value.code, caught.value.param) == ("integer_below_min_value", "max_tokens")

@@ -3,8 +3,10 @@ is still running when it ends is told so: a 503, or in-band for a stream."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import time
 
 from bench.machine import free_port
 from bench.procs import http_ok
+from tests.support.redis_server import RedisServer
 
 GRACE_S = 3.0
 POLICY = """version: 1
@@ -33,7 +36,7 @@ def wait_for(check, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNULL):
+def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNULL, environ: dict | None = None):
     """A simulated model at 400 ms a token and `gateway run` in front of it, both serving: (port, sim, gateway)."""
     sim_port, port = free_port(), free_port()
     policy = tmp_path / "policy.yaml"
@@ -42,10 +45,44 @@ def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNU
                             "--model", "sim-slow", "--tpot-ms", "400", "--ttft-ms", "1"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host",
-                                "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=stderr)
+                                "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=stderr,
+                               env={**os.environ, **(environ or {})})
     wait_for(http_ok(f"http://127.0.0.1:{port}/healthz"))
     wait_for(http_ok(f"http://127.0.0.1:{sim_port}/v1/models"))
     return port, sim, gateway
+
+
+def open_stream(port: int, headers: dict[str, str] | None = None) -> tuple[threading.Thread, list[bytes]]:
+    """A 200-token stream read line by line in a thread, once its first data line came: (the reader, its lines)."""
+    lines: list[bytes] = []
+
+    def stream() -> None:
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        client.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "x", "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}),
+            {"Content-Type": "application/json", **(headers or {})})
+        reply = client.getresponse()
+        try:
+            while line := reply.readline():
+                lines.append(line)
+        except (OSError, http.client.HTTPException):
+            pass
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    wait_for(lambda: any(line.startswith(b"data:") for line in lines))
+    return reader, lines
+
+
+def stop_timed(gateway: subprocess.Popen, reader: threading.Thread) -> float:
+    """SIGTERM the gateway; the seconds until it exited (status 0), its stream's reader joined."""
+    signalled_s = time.monotonic()
+    gateway.send_signal(signal.SIGTERM)
+    gateway.wait(30)
+    exited_after_s = time.monotonic() - signalled_s
+    reader.join(10)
+    assert gateway.returncode == 0
+    return exited_after_s
 
 
 def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exits(tmp_path):
@@ -53,29 +90,8 @@ def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exit
     grace_period_s later (it used to take twice that, past Kubernetes' and Docker's kill deadlines)."""
     port, sim, gateway = start_slow_gateway(tmp_path)
     try:
-        lines: list[bytes] = []
-
-        def stream() -> None:
-            client = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            client.request("POST", "/v1/chat/completions", json.dumps({
-                "model": "x", "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}),
-                {"Content-Type": "application/json"})
-            reply = client.getresponse()
-            try:
-                while line := reply.readline():
-                    lines.append(line)
-            except (OSError, http.client.HTTPException):
-                pass
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        wait_for(lambda: any(line.startswith(b"data:") for line in lines))
-        signalled_s = time.monotonic()
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(30)
-        exited_after_s = time.monotonic() - signalled_s
-        reader.join(10)
-        assert gateway.returncode == 0
+        reader, lines = open_stream(port)
+        exited_after_s = stop_timed(gateway, reader)
         assert GRACE_S - 0.5 < exited_after_s < GRACE_S + 1.5, exited_after_s
         data = [line for line in lines if line.startswith(b"data:")]
         assert b'"code":"shutting_down"' in data[-1].replace(b" ", b""), data[-3:]
@@ -143,6 +159,31 @@ def test_a_request_whose_body_is_still_coming_when_the_drain_gives_up_on_it_gets
         [line] = [json.loads(line) for line in ledger.read_text().splitlines()]
         assert (line["status"], line["outcome"]) == (503, "shutting_down"), line
     finally:
+        for process in (gateway, sim):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_frozen_redis_does_not_stretch_the_stop_past_the_grace_period(tmp_path):
+    """A budgeted tenant's stream in flight at SIGTERM, Redis frozen (SIGSTOP): the stream is ended at the grace
+    period, then its budget settle and limit release, which Redis will not answer, get what is left of that grace
+    period (at least 1 s), not another whole one: the gateway exits within about one grace period of SIGTERM
+    (it took two, past Kubernetes' and Compose's kill)."""
+    key = "key-drain"
+    tenant = (f"tenants:\n  acme:\n    keys_sha256: [\"{hashlib.sha256(key.encode()).hexdigest()}\"]\n"
+              f"    limits: {{concurrent: 10}}\n    budget: {{usd_per_day: 100}}\n"
+              f"store: {{timeout_ms: 50}}\n")
+    redis = RedisServer().start()
+    port, sim, gateway = start_slow_gateway(tmp_path, tenant, environ={"GATEWAY_REDIS_URL": redis.url})
+    try:
+        reader, lines = open_stream(port, {"Authorization": f"Bearer {key}"})
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        exited_after_s = stop_timed(gateway, reader)
+        assert exited_after_s < GRACE_S + 2.2, exited_after_s       # ledger close and telemetry flush included
+    finally:
+        os.kill(redis.process.pid, signal.SIGCONT)
+        redis.stop()
         for process in (gateway, sim):
             if process.poll() is None:
                 process.kill()

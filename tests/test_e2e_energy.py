@@ -313,3 +313,69 @@ def test_max_energy_j_moves_traffic_off_a_model_measured_above_it():
         assert shown["large"]["joules_per_output_token"] is None
     finally:
         harness.stop()
+
+
+def one_request_on_failing_gpus(harness: Harness, ledger: Path, failing: str) -> dict:
+    """Once `failing`'s GPUs are failing, one chat request; its ledger line, once written."""
+    deadline = time.monotonic() + 5
+    while harness.services.energy.health.get(failing) != "failing" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    harness.openai().chat.completions.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "power"}])
+    harness.call(harness.services.background.drain(10))
+    deadline = time.monotonic() + 5
+    records: list[dict] = []
+    while not records and time.monotonic() < deadline:
+        time.sleep(0.05)
+        records = [r for r in ledger_lines(ledger) if r.get("type") != "outcome"] if ledger.exists() else []
+    [record] = records
+    return record
+
+
+def test_a_request_on_gpus_that_cannot_be_read_records_no_energy_not_0_j(tmp_path):
+    """With the model's exporter serving nothing readable, the ledger's energy_j is null and no energy is priced."""
+    exporter = FailingExporter().start()
+    exporter.broken = True
+    ledger = tmp_path / "ledger.jsonl"
+    harness = Harness(POLICY.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger)),
+                      sims={"small": dict(ttft_ms=5, tpot_ms=20)}, environ=dict(os.environ)).start()
+    try:
+        record = one_request_on_failing_gpus(harness, ledger, "small")
+    finally:
+        harness.stop()
+    assert record["energy_j"] is None
+    model = harness.holder.current.policy.models["small"]
+    usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
+    assert Decimal(record["cost_usd"]) == token_cost_usd(model, usage)
+
+
+def test_no_energy_is_priced_when_one_attempts_joules_are_not_whole(tmp_path):
+    """`small` (readable GPUs) fails with a 500 and `large` (its exporter serving nothing readable) answers: the
+    request's energy is unknown, so none of it is priced, not even the failed attempt's whole joules (it was
+    priced: a cost with energy in it beside `energy_j: null`)."""
+    readable, broken = LiveExporter().start(), FailingExporter().start()
+    broken.broken = True
+    ledger = tmp_path / "ledger.jsonl"
+    policy = models(
+        measured_model(price=price(0.10, 0.20)),
+        model("large", upstream_model=None, size_b=70, price=price(0.10, 0.20), energy_usd_per_kwh=0.30,
+              latency_prior=latency(5, 20), gpus=DCGM_GPUS.replace("PORT", "BROKEN")),
+    ) + """
+routes:
+  - name: chat
+    match: {{models: ["auto"]}}
+    candidates: [small]
+    fallback: [large]
+energy: {{sample_interval_s: 0.05}}
+ledger: {{path: "LEDGER"}}
+"""
+    harness = Harness(policy.replace("PORT", str(readable.port)).replace("BROKEN", str(broken.port))
+                      .replace("LEDGER", str(ledger)),
+                      sims={"small": dict(ttft_ms=50, tpot_ms=20, error_rate=1.0), "large": dict(ttft_ms=5, tpot_ms=20)},
+                      environ=dict(os.environ)).start()
+    try:
+        record = one_request_on_failing_gpus(harness, ledger, "large")
+    finally:
+        harness.stop()
+    assert record["energy_j"] is None and [a["model"] for a in record["attempts"]] == ["small", "large"]
+    usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
+    assert Decimal(record["cost_usd"]) == token_cost_usd(harness.holder.current.policy.models["large"], usage)

@@ -266,6 +266,32 @@ def test_a_models_error_is_the_sdks_exception_with_its_param(raw_env, status, er
     assert caught.value.status_code == status
     assert caught.value.param == error["param"]
     assert error["message"] in caught.value.message
+    if status < 500:                        # the model's own code and type, when it sent them
+        assert caught.value.code == (error["code"] or "upstream_rejected")
+        assert caught.value.type == error["type"]
+
+
+@pytest.mark.parametrize("status, error, exception", [
+    (400, {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content management "
+                      "policy.", "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+           "innererror": {"code": "ResponsibleAIPolicyViolation",
+                          "content_filter_result": {"hate": {"filtered": True, "severity": "high"}}}},
+     openai.BadRequestError),
+    (429, {"message": "You exceeded your current quota.", "type": "insufficient_quota", "param": None,
+           "code": "insufficient_quota"}, openai.RateLimitError),
+])
+def test_a_models_own_error_code_and_fields_reach_the_sdk(raw_env, status, error, exception):
+    """Azure's content filter (code `content_filter`, its results under `innererror`) and OpenAI's
+    `insufficient_quota` reach the application as the model sent them: code that tests `e.code` works through
+    the gateway as it did against the model (it got `upstream_rejected` and `rate_limit_exceeded`)."""
+    harness, raw = raw_env
+    raw.script = json_answer({"error": error}, status=status)
+    with pytest.raises(exception) as caught:
+        harness.openai().chat.completions.create(model="raw-only", messages=MESSAGES)
+    assert caught.value.code == error["code"]
+    assert caught.value.body.get("innererror") == error.get("innererror")
+    if error["type"]:
+        assert caught.value.type == error["type"]
 
 
 def test_a_context_length_error_names_the_messages(raw_env):
@@ -406,3 +432,8 @@ def test_the_azure_openai_client_works_through_the_gateway(gw):
     deployed = openai.AzureOpenAI(azure_endpoint=gw.base_url, azure_deployment="auto", api_key="acme-key",
                                   api_version="2024-10-21", max_retries=0, timeout=20)
     assert deployed.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5).choices
+    # AzureOpenAI's model list asks GET /openai/models; Azure's v1 API lives under /openai/v1/
+    assert "auto" in [model.id for model in client.models.list()]
+    v1 = openai.OpenAI(base_url=f"{gw.base_url}/openai/v1/", api_key="acme-key", max_retries=0, timeout=20)
+    assert v1.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=5).choices
+    assert v1.models.retrieve("auto").id == "auto"

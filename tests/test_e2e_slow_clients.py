@@ -64,7 +64,7 @@ def test_a_new_connection_whose_head_does_not_come_is_answered_408_and_closed(gw
         client.sendall(sent)
         received, waited_s = read_until_closed(client)
     assert received.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in received
-    assert b"client_timeout_s" in received
+    assert b"client_timeout_s" in received and b"\r\nx-request-id: " in received
     assert TIMEOUT_S * 0.8 < waited_s < TIMEOUT_S + 5
 
 

@@ -170,3 +170,18 @@ def test_a_non_streamed_answer_may_take_longer_than_first_byte_s(env):
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-gateway-fallback"] == "none"
     assert answer.json()["choices"][0]["message"]["content"] == COMPLETION["choices"][0]["message"]["content"]
+
+
+def test_a_non_streamed_body_that_keeps_coming_is_not_cut_at_first_byte_s(env):
+    """A head, then a body sent in six parts 0.4 s apart (2.4 s in all, past `raw`'s first_byte_s of 2): each part
+    comes within first_byte_s of the last, so it is the answer, as it was before the body got a deadline of its
+    own; a body that stops is still a timeout (test_e2e_upstream_shapes)."""
+    harness, raw = env
+    body = json.dumps(COMPLETION).encode()
+    step = len(body) // 6 + 1
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % len(body))
+    raw.script = [(head, 0.0)] + [(body[i:i + step], 0.4) for i in range(0, len(body), step)]
+    answer = post(harness, "raw-only")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == COMPLETION["choices"][0]["message"]["content"]

@@ -12,7 +12,11 @@ from gateway.energy import DcgmSource, EnergyMonitor
 from gateway.energy.monitor import REOPEN_S, STALE_LIMIT_S
 from gateway.policy.model import GpuSource
 from tests.support.fake_pynvml import ManualClock, two_gpus
-from tests.test_energy_sources import FIXTURE, exporter, policy_with, session  # noqa: F401
+from tests import test_energy_sources
+from tests.test_energy_sources import FIXTURE, policy_with
+
+#: the shared fixtures: a DCGM exporter stand-in and one aiohttp session
+exporter, session = test_energy_sources.exporter, test_energy_sources.session
 
 GPU0_UUID = "GPU-5fd4f087-86f3-7a43-b711-4771313afc50"
 #: DCGM's "no value" for an int64 field, as older exporters print it

@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from gateway.energy import EnergyMonitor
 from gateway.energy.dcgm import parse_exporter_text
 from gateway.energy.monitor import REOPEN_S
-from gateway.energy.pools import pools, sharing_problem
+from gateway.energy.pools import labels, pools, sharing_problem
 from gateway.errors import PolicyError
 from gateway.policy.load import parse_policy
 from gateway.policy.model import GpuSource
@@ -26,7 +26,11 @@ from tests.support.fake_pynvml import ManualClock, two_gpus
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models
 from tests.test_e2e_energy import POLICY, LiveExporter
-from tests.test_energy_sources import FIXTURE, exporter, policy_with, session, with_more_energy  # noqa: F401
+from tests import test_energy_sources
+from tests.test_energy_sources import FIXTURE, policy_with, with_more_energy
+
+#: the shared fixtures: a DCGM exporter stand-in and one aiohttp session
+exporter, session = test_energy_sources.exporter, test_energy_sources.session
 
 GPU0_UUID = "GPU-5fd4f087-86f3-7a43-b711-4771313afc50"
 
@@ -44,7 +48,7 @@ def test_models_naming_the_same_gpus_form_one_pool():
     """Same source and ids in any order: one pool labelled with both names; other GPUs: a pool of their own."""
     sources = {"a": GpuSource(source="nvml", ids=("0", "1")), "b": GpuSource(source="nvml", ids=("1", "0")),
                "c": GpuSource(source="nvml", ids=("2",))}
-    assert {label: models for label, (models, _) in pools(sources).items()} == {"a+b": ("a", "b"), "c": ("c",)}
+    assert labels(pools(sources)) == {("a", "b"): "a+b", ("c",): "c"}
     assert sharing_problem(sources) is None
 
 
@@ -313,3 +317,22 @@ async def test_nvml_gpus_that_keep_failing_are_opened_afresh():
     assert nvml.calls.count("nvmlInit") == inits + 1 and nvml.init_count == 1
     assert monitor.health == {"big": "ok"}
     await monitor.stop()
+
+
+async def test_a_model_named_like_a_pools_label_is_a_pool_of_its_own():
+    """Models a and b on GPU 0 and a model named "a+b" on GPU 1: three models measured, two labels, two books."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    nvml.gpus[1].set_power(300.0)
+    monitor = EnergyMonitor(policy_with({"a": GpuSource(source="nvml", ids=("0",)),
+                                         "b": GpuSource(source="nvml", ids=("0",)),
+                                         "a+b": GpuSource(source="nvml", ids=("1",))}), nvml_module=nvml, clock=clock)
+    await monitor.open()
+    await monitor.sample_once()
+    clock.advance(1.0)
+    await monitor.sample_once()
+    assert all(monitor.measures(model) for model in ("a", "b", "a+b"))
+    await monitor.stop()
+    assert monitor.models() == ['"a"+"b"', "a+b"]
+    assert monitor.totals("a").measured_j == monitor.totals('"a"+"b"').measured_j == pytest.approx(100.0)
+    assert monitor.totals("a+b").measured_j == pytest.approx(300.0)

@@ -209,6 +209,7 @@ async def test_sampling_loop_runs_every_interval_off_the_event_loop_thread():
     monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=50.0)}, interval_s=0.01),
                             nvml_module=nvml)
     await monitor.start()
+    await asyncio.sleep(0.05)           # the first readings are in: a request before them would not be whole
     request = monitor.request_started("big")
     for tokens in range(1, 11):
         monitor.progress(request, tokens * 10)
@@ -323,3 +324,29 @@ def test_gpu_command_prints_a_table_of_this_hosts_gpus():
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["MODEL", "GPU", "NAME", "POWER_W", "ENERGY_J", "UTIL", "MEM_GiB", "STATUS"]
     assert len([line for line in lines if "NVIDIA H100 80GB HBM3" in line and "123.4" in line]) == 2
+
+
+def test_gpu_command_once_exits_1_when_no_gpu_could_be_read(tmp_path):
+    """`gateway gpu --policy P --once` whose only DCGM exporter cannot be scraped prints why and exits 1."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("""version: 1
+models:
+  small:
+    endpoint: http://127.0.0.1:1/v1
+    gpus: {source: dcgm, url: "http://127.0.0.1:1/metrics", ids: ["0"]}
+routes:
+  - name: default
+    candidates: [small]
+""")
+    out = io.StringIO()
+    assert gpu_command(["--policy", str(policy), "--once"], out=out) == 1
+    assert "DCGM scrape of http://127.0.0.1:1/metrics failed" in out.getvalue()
+
+
+@pytest.mark.parametrize("interval", ["-1", "0", "nan", "inf", "soon"])
+def test_gpu_command_refuses_an_interval_that_is_not_a_positive_number_of_seconds(interval, capsys):
+    """`gateway gpu --interval` of 0, below 0 or not finite is a usage error: exit 2, naming the option."""
+    with pytest.raises(SystemExit) as exit_:
+        gpu_command(["--interval", interval, "--once"], nvml_module=two_gpus(ManualClock()), out=io.StringIO())
+    assert exit_.value.code == 2
+    assert "--interval" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from gateway.tokens import get_encoding
 from tests.support import accounting
 from tests.support.harness import DEFAULT_SIMS, Harness, reset_raw_model
 from tests.support.policies import models, short_timeouts, standard_model
-from tests.support.raw_upstream import SSE_HEAD, RawUpstream, chunk, json_answer, sse
+from tests.support.raw_upstream import COMPLETION, SSE_HEAD, RawUpstream, chunk, json_answer, sse
 
 ARGUMENT_PIECES = ['{"', 'loc', 'ation', '":"', 'San', ' Franc', 'isco', ',', ' CA', '",', '"unit', '":"',
                    'cel', 'sius', '"}']
@@ -396,3 +396,32 @@ def test_a_plain_tool_call_answer_without_usage_is_charged_its_tokens(env):
     output_tokens = tokens("get_weather") + tokens(ARGUMENTS)
     assert (record["output_tokens"], record["tokens_estimated"]) == (output_tokens, True)
     assert Decimal(record["cost_usd"]) == raw_cost(record["input_tokens"], output_tokens)
+
+
+@pytest.mark.parametrize("first_stream", [True, False], ids=["stored-from-a-stream", "stored-whole"])
+def test_a_cache_hit_streamed_to_a_client_that_asked_for_usage_ends_with_the_counted_usage(env, first_stream):
+    """A model that reports no usage, on a cached route: the answer is stored with the gateway's count, so an
+    identical request served from the cache as a stream that asks for usage ends with the same usage chunk the
+    live stream had (it got none)."""
+    harness, raw = env
+    messages = unique_messages()
+    if first_stream:
+        raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Sunny"), chunk(None, finish="stop"), b"[DONE]"),
+                       0.0)]
+    else:
+        raw.script = json_answer({**COMPLETION, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "Sunny"}}], "usage": None})
+    sdk = harness.openai()
+    options = dict(model="raw-cached", messages=messages, temperature=0)
+    live = sdk.chat.completions.with_raw_response.create(
+        **options, **(dict(stream=True, stream_options={"include_usage": True}) if first_stream else {}))
+    counted = list(live.parse())[-1].usage if first_stream else live.parse().usage
+    hit = sdk.chat.completions.with_raw_response.create(**options, stream=True, stream_options={"include_usage": True})
+    chunks = list(hit.parse())
+    assert hit.headers["x-gateway-cache"] == "hit"
+    record = accounting.ledger_record(harness.ledger_path, live.headers["x-request-id"])
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (record["input_tokens"],
+                                                                                     record["output_tokens"])
+    if counted is not None:
+        assert chunks[-1].usage.completion_tokens == counted.completion_tokens

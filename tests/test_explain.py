@@ -49,6 +49,10 @@ routes:
   - name: cheap
     match: {{models: [cheap], prompt_tokens: {{max: 50}}}}
     candidates: [small]
+  - name: capped
+    match: {{models: [capped]}}
+    candidates: [small]
+    sla: {{max_cost_usd: 0.00002, on_violation: reject}}
 """ + tenants({"team": "team-key", "vip": "vip-key"})
 
 SIMS = {"small": dict(ttft_ms=5, tpot_ms=5), "medium": dict(ttft_ms=5, tpot_ms=1, context_window=32768),
@@ -76,6 +80,10 @@ CASES = [
      404),
     ("tenant-route", "chat", {"model": "auto", "max_tokens": 10}, {}, "vip", "large"),
     ("completions", "completions", {"model": "auto", "max_tokens": 10}, {}, "team", "small"),
+    # a batch of prompts is n choices for each: four 50-token answers pass the route's cost ceiling, one does not
+    ("one-prompt-within-cost", "completions", {"model": "capped", "max_tokens": 50}, {}, "team", "small"),
+    ("batch-over-cost", "completions", {"model": "capped", "max_tokens": 50, "content": ["a", "b", "c", "d"]}, {},
+     "team", 503),
 ]
 
 

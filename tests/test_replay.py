@@ -283,9 +283,9 @@ def test_replay_asks_the_circuit_when_the_slot_comes_as_live():
 
     policy = _queued_policy(10_000, fallback=("large",))
     policy = dataclasses.replace(policy, models={**policy.models, "small": dataclasses.replace(
-        policy.models["small"], timeouts=Timeouts(first_byte_s=0.3))},
+        policy.models["small"], timeouts=Timeouts(total_s=0.3))},
         routing=dataclasses.replace(policy.routing, breaker=Breaker(failure_threshold=1)))
-    # the first whole answer needs 0.436 s on small: its first byte is late at 0.3 s, and small's circuit opens
+    # the first whole answer needs 0.436 s on small: it is cut at total_s, 0.3 s, and small's circuit opens
     requests = [ReplayRequest(0.0, 10, 100, tenant="normal", stream=False),
                 ReplayRequest(0.1, 10, 100, tenant="normal", stream=False)]
     first, second = replay(policy, requests, seed=0, jitter_sigma=0.0).outcomes

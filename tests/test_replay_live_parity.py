@@ -72,13 +72,65 @@ def test_stream_flag_of_generic_jsonl_and_azure_defaults(tmp_path):
     assert [r.stream for r in read_traffic(azure)] == [True]
 
 
-def test_a_whole_answer_first_byte_is_its_end():
-    """A whole answer's first byte comes with its end: past first_byte_s it falls back, as live; a stream does not."""
-    policy = _policy(_model("small", 40, 4, first_byte_s=0.5), _model("large", 200, 20))
+def _timed(model: Model, **timeouts: float) -> Model:
+    """The model with some of its timeouts changed."""
+    return dataclasses.replace(model, timeouts=dataclasses.replace(model.timeouts, **timeouts))
+
+
+def test_a_whole_answer_is_waited_for_up_to_total_s():
+    """A whole answer (0.836 s) longer than first_byte_s is waited for up to total_s, as live, and falls back only
+    past total_s."""
+    small = _model("small", 40, 4, first_byte_s=0.5)
     requests = [ReplayRequest(0.0, 10, 200, stream=True), ReplayRequest(0.0, 10, 200, stream=False)]
-    stream, whole = replay(policy, requests, jitter_sigma=0.0).outcomes
-    assert stream.models_tried == ("small",)
-    assert whole.models_tried == ("small", "large")
+    stream, whole = replay(_policy(small, _model("large", 200, 20)), requests, jitter_sigma=0.0).outcomes
+    assert stream.models_tried == whole.models_tried == ("small",)
+    assert whole.latency_s == pytest.approx(0.836)
+    cut = _policy(_timed(small, total_s=0.7), _model("large", 200, 20))
+    whole_cut, = replay(cut, requests[1:], jitter_sigma=0.0).outcomes
+    assert (whole_cut.models_tried, whole_cut.model) == (("small", "large"), "large")
+    assert whole_cut.latency_s == pytest.approx(0.7 + 0.2 + 199 * 0.02)
+
+
+def test_a_whole_answer_queued_on_the_model_waits_up_to_total_s():
+    """A whole answer queued on a full model server is waited for up to total_s, not first_byte_s, as live."""
+    policy = _policy(_model("small", 40, 4, concurrency=1, first_byte_s=0.3), _model("large", 200, 20))
+    requests = [ReplayRequest(0.0, 10, 100, stream=False), ReplayRequest(0.0, 10, 100, stream=False)]
+    first, second = replay(policy, requests, jitter_sigma=0.0).outcomes
+    assert first.models_tried == second.models_tried == ("small",)
+    assert second.queue_s == pytest.approx(0.436)
+    assert second.latency_s == pytest.approx(0.872)
+
+
+def test_timeouts_before_the_first_token_teach_the_router_their_wait():
+    """Every dispatched attempt cut before its first token (queued on the model server past first_byte_s, or a
+    whole answer past total_s) is learned as a TTFT sample of its wait, as the account stage does live."""
+    small = _model("small", 40, 4, concurrency=1, first_byte_s=0.2)
+    queued = Simulation(_policy(small, _model("large", 200, 20)),
+                        [ReplayRequest(0.0, 10, 100), ReplayRequest(0.0, 10, 100)], seed=0, jitter_sigma=0.0)
+    assert [o.models_tried for o in queued.run().outcomes] == [("small",), ("small", "large")]
+    assert queued.estimates.sample_count("small") == 2        # the answer's TTFT and the cut wait
+    late = Simulation(_policy(_timed(small, first_byte_s=60.0, total_s=0.3), _model("large", 200, 20)),
+                      [ReplayRequest(0.0, 10, 100, stream=False)], seed=0, jitter_sigma=0.0)
+    assert [o.models_tried for o in late.run().outcomes] == [("small", "large")]
+    assert late.estimates.sample_count("small") == 1
+
+
+def test_recorded_cache_hits_are_called_when_the_route_cache_is_off(tmp_path):
+    """A ledger's cache hit is free only when the replayed policy caches its route; with the cache off it is
+    called and priced like any other request."""
+    hit = {"cache": "hit", "models_tried": [], "cost_usd": "0", "saved_usd": "0.00001"}
+    requests = read_traffic(_write_ledger(tmp_path / "ledger.jsonl",
+                                          [_ledger_line(100.0 + i, **hit) for i in range(3)]))
+    demo = load_policy(DEMO)
+    assert summarize(replay(demo, requests)).cache_hits == 3
+    no_cache = dataclasses.replace(demo, routes=tuple(
+        dataclasses.replace(r, cache=dataclasses.replace(r.cache, enabled=False)) for r in demo.routes))
+    result = replay(no_cache, requests)
+    summary = summarize(result)
+    assert (summary.cache_hits, summary.served) == (0, 3)
+    small = demo.models["small"].price
+    assert [o.label for o in result.outcomes] == ["small"] * 3
+    assert summary.cost_usd == 3 * (100 * small.input_per_mtok + 50 * small.output_per_mtok) / 1_000_000
 
 
 def test_recorded_cache_hits_and_refusals_are_not_paid_calls(tmp_path):
@@ -148,13 +200,14 @@ def test_waiting_until_the_queue_deadline_counts_as_queued():
     assert summarize(result).queued == 2
 
 
-def test_embeddings_do_not_teach_the_router_their_latency():
-    """As the account stage, embedding answers are not recorded in the latency estimates; chat answers are."""
+def test_embeddings_teach_the_router_their_whole_time():
+    """As the account stage, an embedding answer's whole time (queueing on the model included) is learned as a
+    TTFT sample; chat answers are learned too."""
     requests = [ReplayRequest(float(i), 500, 0, alias="text-embedding-3-small", endpoint="embeddings")
                 for i in range(20)]
     simulation = Simulation(load_policy(DEMO), requests, seed=0)
     assert [o.label for o in simulation.run().outcomes] == ["small"] * 20
-    assert simulation.estimates.sample_count("small") == 0
+    assert simulation.estimates.sample_count("small") == 20
     chat = Simulation(load_policy(DEMO), [ReplayRequest(0.0, 500, 10)], seed=0)
     chat.run()
     assert chat.estimates.sample_count("small") == 1

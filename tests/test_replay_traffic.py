@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from gateway.replay.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "gateway" / "data" / "demo.yaml"
+HEADER_CSV = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n" \
         "2023-11-16 18:15:50.9951690,396,109\n"
 
@@ -121,3 +123,56 @@ def test_empty_traffic_exits_1_with_a_message(tmp_path, capsys, name, text):
     assert main(["--policy", str(DEMO), "--traffic", str(path), "--out", str(out)]) == 1
     assert "the file is empty" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_limit_keeps_ties_in_file_order(tmp_path):
+    """--limit keeps the N earliest by (arrival, line): equal arrivals keep file order, across the cut too."""
+    path = _jsonl(tmp_path / "t.jsonl", [{"timestamp": t, "input_tokens": i, "output_tokens": 1}
+                                         for i, t in enumerate((5, 1, 5, 1, 5, 0, 5))])
+    assert [r.input_tokens for r in read_traffic(path, limit=4)] == [5, 1, 3, 0]
+    assert [r.input_tokens for r in read_traffic(path)] == [5, 1, 3, 0, 2, 4, 6]
+
+
+def test_limit_holds_only_the_rows_it_keeps(tmp_path):
+    """--limit 10 on a 100,000-row trace holds about ten rows while reading, not every row (traced peak under
+    2 MB; every row held took over 30 MB)."""
+    path = tmp_path / "big.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" +
+                    "".join(f"{(i * 7919) % 100_000 / 10:.1f},{i % 4000},{i % 500}\n" for i in range(100_000)))
+    tracemalloc.start()
+    try:
+        requests = read_traffic(path, limit=10)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r.arrival_s for r in requests] == pytest.approx([i / 10 for i in range(10)])
+    assert peak_bytes < 2_000_000
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("bigfield.csv", HEADER_CSV + '0,"' + "1" * 200_000 + '",5\n', ":2: not valid CSV: field larger than field limit"),
+    ("deep.jsonl", '{"timestamp": 0, "input_tokens": 1, "output_tokens": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+     ":2: not valid JSON: nested too deeply")])
+def test_unreadable_lines_are_one_traffic_error_line(tmp_path, capsys, name, content, message):
+    """A CSV field past the csv module's limit and JSON nested 100,000 deep exit 1 with one line naming the file
+    and line, not a traceback."""
+    path = tmp_path / name
+    path.write_text(content)
+    assert main(["--policy", str(DEMO), "--traffic", str(path), "--out", str(tmp_path / "r.md")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"gateway replay: {path}{message}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_csv_with_cr_only_line_ends_is_read(tmp_path):
+    """A CSV whose lines end in CR alone (old Mac, some exports) reads as its LF twin, line numbers included."""
+    lf = tmp_path / "lf.csv"
+    lf.write_text(AZURE + "2023-11-16 18:15:52.1,3,4\n")
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(lf.read_bytes().replace(b"\n", b"\r"))
+    assert read_traffic(cr) == read_traffic(lf)
+    assert [r.line for r in read_traffic(cr)] == [2, 3, 4]
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes((AZURE + "2023-11-16 18:15:52.1,x,4\n").replace("\n", "\r").encode())
+    with pytest.raises(TrafficError, match=f"^{bad}:4: ContextTokens"):
+        read_traffic(bad)

@@ -188,6 +188,22 @@ def test_prompt_too_long_for_every_model_is_a_client_error():
     assert "131072" in caught.value.message
 
 
+def test_a_prompt_that_fits_without_max_tokens_is_not_refused_for_a_guessed_answer_length():
+    """Without max_tokens a model writes what room its context has left: a prompt one token short of the largest
+    window is planned on the model whose window fits it, though the route expects a 256-token answer (it was a 400
+    whose cut-off moved with the route's learned answer length); it is refused only when the prompt alone and one
+    token do not fit, blaming the request's input field."""
+    route = chat_route(Sla(p95_latency_ms=60_000), candidates=("small", "large"))
+    decision = Setup(route).decide(prompt_tokens=131_071)
+    assert plan_names(decision) == ["large"]
+    assert decision.output_tokens == 256           # the guess still predicts latency and cost
+    with pytest.raises(ClientError) as caught:
+        Setup(route).router.decide(route, prompt_tokens=131_072, max_tokens=None, stream=False, input_param="prompt")
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "prompt")
+    assert caught.value.message == ("request needs 131073 tokens (131072 prompt + at least 1 to answer) but the "
+                                    "largest context window of route 'chat' is 131072")
+
+
 def test_prompt_beyond_candidates_best_effort_uses_a_fitting_fallback():
     """When no candidate's window fits but a fallback's does, best effort plans the fallback; reject refuses."""
     route = chat_route(Sla(p95_latency_ms=6000), candidates=("small",), fallback=("large",))

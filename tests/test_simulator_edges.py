@@ -58,6 +58,27 @@ async def test_streamed_n_sends_every_choice_and_usage_for_all(client):
     assert usage.completion_tokens == 6
 
 
+async def test_a_completions_batch_gets_n_choices_for_each_prompt_in_prompt_order(client):
+    """Two prompts with `n: 2` get four choices (index 0..3), prompt by prompt, streamed or not, as OpenAI answers
+    a batch; usage counts them all."""
+    answer = await client.completions.create(model="m", prompt=["one", "two"], n=2, max_tokens=3)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3] and answer.usage.completion_tokens == 12
+    stream = await client.completions.create(model="m", prompt=["one", "two"], n=2, max_tokens=3, stream=True)
+    finished = {c.index for chunk in [chunk async for chunk in stream] for c in chunk.choices if c.finish_reason}
+    assert finished == {0, 1, 2, 3}
+
+
+async def test_echo_logprobs_and_max_tokens_0_score_a_prompt(client):
+    """`echo` writes each prompt before its answer; `logprobs` gives each generated token's; `max_tokens: 0` with
+    `echo` answers the prompt alone (how evaluation harnesses score one)."""
+    answer = await client.completions.create(model="m", prompt="Score me", max_tokens=2, echo=True, logprobs=1)
+    choice = answer.choices[0]
+    assert choice.text.startswith("Score me") and len(choice.text) > len("Score me")
+    assert len(choice.logprobs.tokens) == 2 and len(choice.logprobs.token_logprobs) == 2
+    scored = await client.completions.create(model="m", prompt=["a b", "c"], max_tokens=0, echo=True)
+    assert [c.text for c in scored.choices] == ["a b", "c"] and scored.usage.completion_tokens == 0
+
+
 async def test_bad_n_is_an_openai_400(client):
     """`n` that is not a whole number from 1 to 128 is a 400 naming the parameter."""
     for bad in (0, 129, 1.5):

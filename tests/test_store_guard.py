@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from gateway.store_guard import STORE_DOWN, StoreGuard
@@ -102,3 +103,67 @@ async def test_a_call_the_cluster_client_refuses_as_cross_slot_starts_no_back_of
         assert await guard.run(lambda: script(keys=["{guard}a", "{guard}b"])) == 1
     finally:
         await client.aclose()
+
+
+async def test_a_failure_inside_the_redis_client_is_an_outage_not_a_request_error(caplog):
+    """redis-py's Cluster client raises AttributeError on a node's closed transport as the node dies: the call gets
+    the default and starts a back-off, said at ERROR with the traceback once, where it used to escape as a 500."""
+    guard = StoreGuard("test store", 1.0, backoff_s=5.0, clock=Clock())
+
+    async def broken_client():             # redis-py writing to a connection whose transport is gone, as its
+        connection = Connection()           # cluster client does as a node dies
+        await connection._send_packed_command([b"PING"])
+
+    with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+        assert await guard.run(broken_client) is STORE_DOWN
+        assert await guard.run(broken_client) is STORE_DOWN             # in the back-off: not sent, not said
+    assert guard.failures == 2 and not guard.healthy
+    [said] = caplog.records
+    assert said.levelno == logging.ERROR and said.exc_info and "failed inside the Redis client" in said.getMessage()
+
+
+async def test_a_callers_own_bug_is_not_taken_for_the_stores_outage():
+    """An exception raised by the caller's code (building a command's arguments), not inside redis-py, is the
+    caller's: it is raised, not answered as the store's outage."""
+    guard = StoreGuard("test store", 1.0, clock=Clock())
+
+    async def callers_bug():
+        raise ValueError("a bug of ours")
+
+    try:
+        await guard.run(callers_bug)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("the caller's bug was swallowed")
+    assert guard.healthy and guard.failures == 0
+
+
+async def test_an_outage_flapping_as_redis_resumes_is_said_once(caplog):
+    """Outages that begin within FLAP_QUIET_S of the last one's end (a Redis working through its backlog as it
+    resumes, one Cluster node down among healthy ones) are counted but not warned of again: one pair of warnings,
+    not one per flap."""
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, backoff_s=0.5, clock=clock)
+
+    async def fails():
+        raise TimeoutError()
+
+    async def answers():
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+        for _ in range(6):
+            assert await guard.run(fails) is STORE_DOWN
+            clock.now_s += 1.0                                          # past the back-off: the next call probes
+            assert await guard.run(answers) == "ok"
+        assert await guard.run(fails) is STORE_DOWN                    # flapping again, then down for good:
+        for _ in range(12):                                             # said once it lasts past FLAP_QUIET_S
+            clock.now_s += 1.0
+            assert await guard.run(fails) is STORE_DOWN
+        clock.now_s += 1.0
+        assert await guard.run(answers) == "ok"                         # and its end is said
+    said = [r.getMessage().split(" (")[0].split(" after")[0].split(" for ")[0] for r in caplog.records]
+    assert said == ["test store unavailable", "test store reachable again", "test store unavailable",
+                    "test store reachable again"]
+    assert guard.failures == 19

@@ -452,8 +452,33 @@ def test_a_replacement_takes_no_connection_before_it_serves(tmp_path):
                     reply.read()
             except OSError as exc:
                 failures.append(repr(exc))
-        assert "invalid policy, worker not starting" in gateway.text()
+        assert "the policy file is invalid: this worker waits for a valid one" in gateway.text()
         assert not failures, failures[:3]
+    finally:
+        gateway.stop()
+
+
+def test_a_replacement_started_on_an_invalid_file_waits_for_a_valid_one_then_serves(tmp_path):
+    """A worker that dies while the file holds an edit the workers refused is replaced by one that waits, alive,
+    for a valid file, not one that exits into the supervisor's crash limit (which left the gateway a worker
+    short for good, or stopped it); once the file is fixed it serves; a stop ends its wait at once."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    gateway = Workers(policy).wait_serving()
+    try:
+        policy.write_text("version: 1\nmodels: {}\n")
+        first, second = gateway.pids()
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "waits for a valid one" in gateway.text())
+        time.sleep(2.5)                             # several polls: still one replacement, alive and waiting
+        assert gateway.text().count("waits for a valid one") == 1
+        assert "worker exits within" not in gateway.text()
+        replacement = next(pid for pid in gateway.pids() if pid != second)
+        os.kill(replacement, signal.SIGTERM)        # a stop ends the wait at once
+        wait_for(lambda: not alive(replacement), timeout_s=3)
+        wait_for(lambda: len(gateway.pids()) == 2)  # replaced again, waiting again
+        policy.write_text(POLICY + "\n")           # fixed: the waiting replacement serves
+        wait_for(lambda: gateway.text().count("gateway listening") == 3, gateway.text, timeout_s=15)
     finally:
         gateway.stop()
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -58,7 +58,7 @@ class IntervalSplit:
 
 @dataclass
 class _Flight:
-    model: str
+    model: Hashable             # the model's key in the books (the monitor's: its pool's models)
     started_s: float
     ended_s: float | None = None
     tracks_tokens: bool = True  # progress is reported as it happens (a stream); else only time is known
@@ -90,18 +90,19 @@ class IdleLearner:
 
 
 class EnergyLedger:
-    """Per-model energy books: measured, attributed to requests, idle."""
+    """Per-model energy books: measured, attributed to requests, idle. A model is any key (a name; the
+    monitor's are its pools' tuples of model names)."""
 
-    def __init__(self, idle_w_per_gpu: Mapping[str, float | None] | None = None, *,
+    def __init__(self, idle_w_per_gpu: Mapping[Hashable, float | None] | None = None, *,
                  clock: Callable[[], float] = time.monotonic, idle_window_s: float = 600.0) -> None:
         self._idle_w = {model: w for model, w in (idle_w_per_gpu or {}).items() if w is not None}
         self._clock = clock
         self._idle_window_s = idle_window_s
-        self._learners: dict[str, IdleLearner] = {}
+        self._learners: dict[Hashable, IdleLearner] = {}
         self._flights: dict[str, _Flight] = {}
-        self._totals: dict[str, ModelEnergy] = {}
+        self._totals: dict[Hashable, ModelEnergy] = {}
 
-    def request_started(self, request_id: str, model: str, *, tracks_tokens: bool = True) -> None:
+    def request_started(self, request_id: str, model: Hashable, *, tracks_tokens: bool = True) -> None:
         """A request is now in flight on `model`; `tracks_tokens` False: no `progress` will come for it."""
         self._flights[request_id] = _Flight(model=model, started_s=self._clock(), tracks_tokens=tracks_tokens)
 
@@ -121,25 +122,30 @@ class EnergyLedger:
             flight.ended_s = self._clock()
         return flight.ended_s
 
+    def started_s(self, request_id: str) -> float | None:
+        """When the request began (None for an unknown one)."""
+        flight = self._flights.get(request_id)
+        return flight.started_s if flight is not None else None
+
     def request_finished(self, request_id: str) -> float:
         """Forget the request and return the joules attributed to it (0.0 when unknown)."""
         flight = self._flights.pop(request_id, None)
         return flight.energy_j if flight is not None else 0.0
 
-    def set_idle_w(self, idle_w_per_gpu: Mapping[str, float | None]) -> None:
+    def set_idle_w(self, idle_w_per_gpu: Mapping[Hashable, float | None]) -> None:
         """Configured idle powers after a policy reload; models without one learn theirs."""
         self._idle_w = {model: w for model, w in idle_w_per_gpu.items() if w is not None}
 
-    def model_of(self, request_id: str) -> str | None:
+    def model_of(self, request_id: str) -> Hashable | None:
         """The model a request in flight runs on."""
         flight = self._flights.get(request_id)
         return flight.model if flight is not None else None
 
-    def totals(self, model: str) -> ModelEnergy:
+    def totals(self, model: Hashable) -> ModelEnergy:
         """The running totals for `model` (zeros when nothing was measured)."""
         return self._totals.setdefault(model, ModelEnergy())
 
-    def on_interval(self, model: str, measured_j: float | None, dt_s: float,
+    def on_interval(self, model: Hashable, measured_j: float | None, dt_s: float,
                     power_w: float | None = None, n_gpus: int = 1) -> IntervalSplit:
         """Book one interval of `model`'s GPUs; `measured_j` None means power x dt."""
         if measured_j is None:
@@ -158,7 +164,7 @@ class EnergyLedger:
         self._book(model, measured_j, idle_j, shares_j, dt_s, busy=any(s > 0 for s in in_flight_s.values()))
         return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j)
 
-    def _idle_w_per_gpu(self, model: str, power_w_per_gpu: float, dt_s: float) -> float:
+    def _idle_w_per_gpu(self, model: Hashable, power_w_per_gpu: float, dt_s: float) -> float:
         if model in self._idle_w:
             idle_w = self._idle_w[model]
         else:
@@ -189,7 +195,7 @@ class EnergyLedger:
             return {}
         return {rid: active_j * weight / total for rid, weight in weights.items() if weight > 0}
 
-    def _book(self, model: str, measured_j: float, idle_j: float, shares_j: dict[str, float],
+    def _book(self, model: Hashable, measured_j: float, idle_j: float, shares_j: dict[str, float],
               dt_s: float, *, busy: bool) -> None:
         for rid, joules in shares_j.items():
             self._flights[rid].energy_j += joules

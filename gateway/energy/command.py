@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from typing import Any, TextIO
 
@@ -20,14 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     """The `gateway gpu` argument parser."""
     parser = argparse.ArgumentParser(prog="gateway gpu", description="Show the GPUs the gateway measures.")
     parser.add_argument("--policy", metavar="FILE", help="the GPUs of this policy's models (default: NVML on this host)")
-    parser.add_argument("--interval", type=float, metavar="S", help="seconds between refreshes (default: the policy's energy.sample_interval_s, "
+    parser.add_argument("--interval", type=_seconds, metavar="S", help="seconds between refreshes (default: the policy's energy.sample_interval_s, "
                              "else 1)")
     parser.add_argument("--once", action="store_true", help="print one table and exit")
     return parser
 
 
+def _seconds(text: str) -> float:
+    """An `--interval`: a finite number of seconds above 0 (else argparse's usage error, exit 2)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text!r}")
+    return seconds
+
+
 def main(argv: list[str] | None = None, *, nvml_module: Any = None, out: TextIO | None = None) -> int:
-    """Run `gateway gpu`; 1 when no GPU can be measured."""
+    """Run `gateway gpu`; 1 when no GPU can be measured (with `--once`: none was), 2 for a usage error."""
     args = build_parser().parse_args(argv)
     try:
         monitor = _monitor(args, nvml_module)
@@ -46,9 +58,9 @@ def _monitor(args: argparse.Namespace, nvml_module: Any) -> EnergyMonitor:
 
         policy = load_policy(args.policy)
         sources = {name: model.gpus for name, model in policy.models.items() if model.gpus is not None}
-        interval_s = args.interval or policy.energy.sample_interval_s
+        interval_s = policy.energy.sample_interval_s if args.interval is None else args.interval
     else:
-        sources, interval_s = {"this-host": GpuSource(source="nvml")}, args.interval or 1.0
+        sources, interval_s = {"this-host": GpuSource(source="nvml")}, 1.0 if args.interval is None else args.interval
     return EnergyMonitor.for_sources(sources, interval_s, nvml_module=nvml_module)
 
 
@@ -61,13 +73,19 @@ async def _show(monitor: EnergyMonitor, once: bool, out: TextIO) -> int:
             return 1
         while True:
             await monitor.sample_once()
-            out.write(format_table(monitor.snapshot(), monitor.reasons))
+            readings = monitor.snapshot()
+            out.write(format_table(readings, monitor.reasons))
             out.flush()
             if once:
-                return 0
+                return 0 if any(_measured(reading) for reading in readings) else 1
             await asyncio.sleep(monitor.interval_s)
     finally:
         await monitor.stop()
+
+
+def _measured(reading: GpuReading) -> bool:
+    """Whether the reading measures its GPU: read, with its energy or its power."""
+    return not reading.failed and (reading.energy_mj is not None or reading.power_w is not None)
 
 
 def format_table(readings: list[GpuReading], reasons: dict[str, str]) -> str:

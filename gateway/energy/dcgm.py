@@ -11,7 +11,7 @@ and its memory is summed over the instances; a GPU with whole-GPU series uses
 only those. Lines of fields not used here are not parsed (an exporter prints
 `ERROR - FAILED TO CONVERT TO STRING` for some), and DCGM's blank values
 (no value: 2**47 and above for a gauge, int64 blank for the counter) are read
-as absent, like NaN. A failed scrape, or one that finds no GPU, gives failed
+as absent, like NaN and negative values. A failed scrape, or one that finds no GPU, gives failed
 readings; nothing raises out of `read`.
 """
 
@@ -81,8 +81,9 @@ def _used_lines(text: str) -> str:
 
 
 def _value(field: str, value: float) -> float | None:
-    """A sample's value, or None for NaN, Inf and DCGM's blank markers (a field the GPU cannot read)."""
-    if not math.isfinite(value) or value >= (INT64_BLANK if field == ENERGY else FP64_BLANK):
+    """A sample's value, or None for NaN, Inf, DCGM's blank markers (a field the GPU cannot read) and a negative
+    value (no field used here can be below 0: a broken exporter's, read as absent rather than booked)."""
+    if not math.isfinite(value) or value < 0 or value >= (INT64_BLANK if field == ENERGY else FP64_BLANK):
         return None
     return value
 

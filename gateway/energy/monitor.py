@@ -2,15 +2,19 @@
 
 One monitor per gateway process. For every pool of GPUs (the GPUs of one
 model, or of several models that share them: `gateway.energy.pools`) it builds
-an NVML or DCGM source; `start()` runs one sampling task, and `adopt()`
-follows a reloaded policy. NVML calls block, so they run in a single worker
-thread, never on the event loop, each awaited at most `nvml_timeout_s` (a hung
-call fails its pool; the other pools are sampled on). A model whose GPUs cannot
-be measured (no NVML library, no GPU) is `unavailable`, logged once when its
-source opens; one whose GPUs fail while sampling, or whose energy counters
-stand still at full power for STALE_LIMIT_S, is `failing`, logged on each
-change of health.
-Requests are served either way: their energy is simply None.
+an NVML or DCGM source; `start()` runs the sampling loop, which samples each
+pool in a task of its own (a slow scrape or a hung NVML call holds back only
+its pool), and `adopt()` follows a reloaded policy. NVML calls block, so each
+NVML pool's run in a worker thread of its own, never on the event loop, each
+awaited at most `nvml_timeout_s`: a hung call fails its pool, and while it is
+still outstanding the pool's next reads fail at once, without waiting again.
+A model whose GPUs cannot be measured (no NVML library, no GPU) is
+`unavailable`, logged once when its source opens; one whose GPUs fail while
+sampling, whose energy counters stand still at full power for STALE_LIMIT_S,
+or one of whose GPUs is also another pool's (named by index in one and by UUID
+in the other), is `failing`, logged on each change of health.
+Requests are served either way: their energy is simply None, as it is for a
+request whose books were not whole (see `request_finished`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +35,7 @@ import aiohttp
 from gateway.energy.attribution import EnergyLedger, ModelEnergy
 from gateway.energy.dcgm import DcgmSource
 from gateway.energy.nvml import NvmlSource
-from gateway.energy.pools import pools
+from gateway.energy.pools import labels, pools
 from gateway.energy.readings import EnergyUnavailable, GpuReading
 
 if TYPE_CHECKING:
@@ -52,8 +57,8 @@ NVML_TIMEOUT_S = 5.0
 class _Sampled:
     """One pool of GPUs (one model's, or several models' that share them): source, health, latest readings."""
 
-    name: str                       # the pool's label: its models' names joined by "+"
-    models: tuple[str, ...]
+    name: str                       # the pool's label: its model's name, or its models' names joined by "+"
+    models: tuple[str, ...]         # the pool's key (in the ledger too): a model may be named "a+b"
     config: GpuSource
     source: NvmlSource | DcgmSource | None = None
     health: str = UNAVAILABLE
@@ -61,23 +66,33 @@ class _Sampled:
     readings: list[GpuReading] = field(default_factory=list)
     baseline: dict[str, GpuReading] = field(default_factory=dict)    # per GPU: the last booked reading
     booked_until_s: float = float("-inf")     # the time of the last reading whose energy was booked
+    unbooked_until_s: float = float("-inf")   # the last reading from which booking had to start afresh (a GPU
+    #                                           failed or is new): what a request used before it is not all booked
     stale: dict[str, float] = field(default_factory=dict)   # per GPU: since when its counter stands still
     opened_at_s: float = float("-inf")        # the last attempt to open the source
     nvml_read: asyncio.Future | None = None   # the NVML read running in the worker thread, maybe past its time
+    executor: ThreadPoolExecutor | None = None  # NVML pools: their own worker thread, so a hang stalls no other
+    cycle: asyncio.Task | None = None         # the sampling loop's read of this pool, maybe past its interval
+    uuids: set[str] = field(default_factory=set)    # the UUIDs of the GPUs read, to find a GPU in two pools
+    conflict: str | None = None               # why not booked: one of its GPUs is another pool's too
+    crashed: bool = False                     # sampling raised (logged once, until it works again)
     ticked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def interval_energy_j(before: GpuReading, after: GpuReading) -> float | None:
-    """Joules one GPU used between two readings: counter delta, else mean power x dt."""
+    """Joules one GPU used between two readings: counter delta, else mean power x dt; None when neither is
+    known, or the figure is not a finite number of joules >= 0."""
     dt_s = after.timestamp_s - before.timestamp_s
     if dt_s <= 0:
         return None
     if before.energy_mj is not None and after.energy_mj is not None and after.energy_mj >= before.energy_mj:
-        return (after.energy_mj - before.energy_mj) / 1000.0
-    if after.power_w is None:
+        joules = (after.energy_mj - before.energy_mj) / 1000.0
+    elif after.power_w is None:
         return None
-    before_w = after.power_w if before.power_w is None else before.power_w
-    return (before_w + after.power_w) / 2 * dt_s
+    else:
+        before_w = after.power_w if before.power_w is None else before.power_w
+        joules = (before_w + after.power_w) / 2 * dt_s
+    return joules if math.isfinite(joules) and joules >= 0 else None
 
 
 def _is_stale(before: GpuReading, after: GpuReading) -> bool:
@@ -105,15 +120,16 @@ class EnergyMonitor:
     def _setup(self, sources: dict[str, GpuSource], interval_s: float, session: aiohttp.ClientSession | None,
                nvml_module: Any, clock: Callable[[], float]) -> None:
         self.interval_s = interval_s
-        self._sampled = {name: _Sampled(name, models, gpus) for name, (models, gpus) in pools(sources).items()}
-        self._pool_of = _pool_index(self._sampled)
-        self.ledger = EnergyLedger({name: s.config.idle_w for name, s in self._sampled.items()}, clock=clock)
+        wanted = pools(sources)
+        named = labels(wanted)
+        self._sampled = {models: _Sampled(named[models], models, gpus) for models, gpus in wanted.items()}
+        self._index()
+        self.ledger = EnergyLedger({models: s.config.idle_w for models, s in self._sampled.items()}, clock=clock)
         self._ids = itertools.count(1)
         self._session = session
         self._own_session = False
         self._nvml_module = nvml_module
         self._clock = clock
-        self._executor: ThreadPoolExecutor | None = None
         self.nvml_timeout_s = NVML_TIMEOUT_S
         self._task: asyncio.Task | None = None
         self._opened = False
@@ -160,16 +176,21 @@ class EnergyMonitor:
         self.interval_s = policy.energy.sample_interval_s
         old = self._sampled
         wanted = pools(_gpu_sources(policy))
-        self._sampled = {name: old[name] if name in old and old[name].config == gpus else _Sampled(name, models, gpus)
-                         for name, (models, gpus) in wanted.items()}
-        self._pool_of = _pool_index(self._sampled)
-        self.ledger.set_idle_w({name: s.config.idle_w for name, s in self._sampled.items()})
-        gone = [s for name, s in old.items() if self._sampled.get(name) is not s]
+        named = labels(wanted)
+        self._sampled = {models: old[models] if models in old and old[models].config == gpus
+                         else _Sampled(named[models], models, gpus) for models, gpus in wanted.items()}
+        for models, sampled in self._sampled.items():
+            sampled.name = named[models]
+        self._index()
+        self.ledger.set_idle_w({models: s.config.idle_w for models, s in self._sampled.items()})
+        gone = [s for models, s in old.items() if self._sampled.get(models) is not s]
+        await self._stop_cycles(gone)
         await self._close_sources(gone)
+        self._release_threads(gone)
         for sampled in gone:
             sampled.ticked.set()            # nobody waits for a pool that is no longer sampled
         if self._opened:
-            await self._open_sources([s for name, s in self._sampled.items() if old.get(name) is not s])
+            await self._open_sources([s for models, s in self._sampled.items() if old.get(models) is not s])
         if self._started and self._task is None and self._sampled:
             self._task = asyncio.create_task(self._run(), name="energy-sampler")
 
@@ -181,24 +202,41 @@ class EnergyMonitor:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self._close_sources(list(self._sampled.values()))
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        self._release_threads(list(self._sampled.values()))
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
         self._opened = False    # a later start() opens the sources afresh
 
     async def _close_sources(self, closing: list[_Sampled]) -> None:
-        """Release NVML (in its thread, after any read in flight); DCGM sources hold nothing."""
-        nvml_sources = [s.source for s in closing if isinstance(s.source, NvmlSource)]
-        if nvml_sources and self._executor is not None:
-            try:
-                await self._in_nvml_thread(lambda: [source.close() for source in nvml_sources])
-            except TimeoutError:    # it runs once the hung call returns
-                logger.warning("energy: NVML did not release the GPUs within %g s", self.nvml_timeout_s)
+        """Release NVML (in each pool's thread, after any read in flight); DCGM sources hold nothing."""
+        await asyncio.gather(*(self._close_nvml(s) for s in closing if isinstance(s.source, NvmlSource)))
         for sampled in closing:
-            sampled.source, sampled.baseline, sampled.stale = None, {}, {}
+            sampled.source, sampled.baseline, sampled.stale, sampled.uuids = None, {}, {}, set()
+
+    async def _close_nvml(self, sampled: _Sampled) -> None:
+        try:
+            await self._in_nvml_thread(sampled, sampled.source.close)
+        except TimeoutError:    # it runs once the hung call returns
+            logger.warning("energy: NVML did not release the GPUs of %s within %g s", sampled.name, self.nvml_timeout_s)
+
+    @staticmethod
+    def _release_threads(releasing: list[_Sampled]) -> None:
+        """Let the pools' NVML threads end once their last call returns."""
+        for sampled in releasing:
+            if sampled.executor is not None:
+                sampled.executor.shutdown(wait=False)
+                sampled.executor = None
+
+    @staticmethod
+    async def _stop_cycles(stopping: list[_Sampled]) -> None:
+        """Cancel the pools' reads in progress (an NVML call itself finishes in its thread)."""
+        cycles = [s.cycle for s in stopping if s.cycle is not None]
+        for cycle in cycles:
+            cycle.cancel()
+        await asyncio.gather(*cycles, return_exceptions=True)
+        for sampled in stopping:
+            sampled.cycle = None
 
     async def _open_source(self, sampled: _Sampled) -> None:
         sampled.opened_at_s = self._clock()
@@ -233,34 +271,31 @@ class EnergyMonitor:
             return DcgmSource(config.url, config.ids, config.hostname, self._http(), clock=self._clock)
         source = NvmlSource(config.ids, self._nvml_module, clock=self._clock)
         try:
-            await self._in_nvml_thread(source.open, undo=source.close)
+            await self._in_nvml_thread(sampled, source.open, undo=source.close)
         except TimeoutError:
             raise EnergyUnavailable(f"NVML did not answer within {self.nvml_timeout_s:g} s") from None
-        if self._sampled.get(sampled.name) is not sampled:
+        if self._sampled.get(sampled.models) is not sampled:
             with contextlib.suppress(TimeoutError):     # else it runs once the hung call returns
-                await self._in_nvml_thread(source.close)
+                await self._in_nvml_thread(sampled, source.close)
             return None
         return source
 
-    async def _in_nvml_thread(self, call: Callable[[], Any], *, undo: Callable[[], Any] | None = None) -> Any:
-        """`call()` in the NVML thread; TimeoutError after `nvml_timeout_s` (the call finishes there later, and
-        then `undo` runs after it, when it succeeded)."""
-        future = asyncio.get_running_loop().run_in_executor(self._nvml_executor(), call)
+    async def _in_nvml_thread(self, sampled: _Sampled, call: Callable[[], Any], *,
+                              undo: Callable[[], Any] | None = None) -> Any:
+        """`call()` in the pool's NVML thread; TimeoutError after `nvml_timeout_s` (the call finishes there later,
+        and then `undo` runs after it, when it succeeded; so too when the wait is cancelled)."""
+        future = asyncio.get_running_loop().run_in_executor(self._nvml_executor(sampled), call)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.nvml_timeout_s)
-        except TimeoutError:
-            future.add_done_callback(lambda done: self._after_late_call(done, undo))
+        except (TimeoutError, asyncio.CancelledError):
+            future.add_done_callback(lambda done: _after_late_call(sampled, done, undo))
             raise
 
-    def _after_late_call(self, done: asyncio.Future, undo: Callable[[], Any] | None) -> None:
-        if done.cancelled() or done.exception() is not None or undo is None or self._executor is None:
-            return
-        self._executor.submit(undo)
-
-    def _nvml_executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
-        return self._executor
+    @staticmethod
+    def _nvml_executor(sampled: _Sampled) -> ThreadPoolExecutor:
+        if sampled.executor is None:
+            sampled.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nvml {sampled.name}")
+        return sampled.executor
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -270,66 +305,109 @@ class EnergyMonitor:
     # -- sampling --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Every `interval_s`, a cycle for each pool whose last one has ended: a pool whose scrape is slow or
+        whose NVML call hangs holds back only itself."""
         loop = asyncio.get_running_loop()
-        while True:
-            began_s = loop.time()
-            await self.sample_once()
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - began_s)))
+        try:
+            while True:
+                began_s = loop.time()
+                for sampled in list(self._sampled.values()):
+                    if sampled.cycle is None or sampled.cycle.done():
+                        sampled.cycle = asyncio.create_task(self._cycle(sampled), name=f"energy-sampler {sampled.name}")
+                await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - began_s)))
+        finally:
+            await self._stop_cycles(list(self._sampled.values()))
 
     async def sample_once(self) -> None:
-        """Read every measurable model's GPUs once and book the energy since the last read; every REOPEN_S,
-        open afresh the GPUs that could not be opened (not there at start) or whose NVML handles keep
-        failing (a GPU lost, then back after a reset)."""
-        await self._reopen_due()
-        live = [s for s in self._sampled.values() if s.source is not None]
-        await asyncio.gather(*(self._sample(s) for s in live))
+        """Read every measurable model's GPUs once and book the energy since the last read (see `_cycle`)."""
+        await asyncio.gather(*(self._cycle(s) for s in list(self._sampled.values())))
 
-    async def _reopen_due(self) -> None:
-        now_s = self._clock()
-        for sampled in list(self._sampled.values()):
-            if now_s - sampled.opened_at_s < REOPEN_S:
-                continue
-            was = sampled.health
-            if sampled.source is None:
-                await self._open_source(sampled)
-            elif sampled.health == FAILING and isinstance(sampled.source, NvmlSource) \
-                    and (sampled.nvml_read is None or sampled.nvml_read.done()):    # fresh handles cannot help a hang
-                await self._renew_source(sampled)
-            else:
-                continue
-            if sampled.health == OK:
-                logger.info("energy: GPUs of %s measured now (were %s)", sampled.name, was)
+    async def _cycle(self, sampled: _Sampled) -> None:
+        """One pool's turn: every REOPEN_S, open afresh GPUs that could not be opened (not there at start) or
+        whose NVML handles keep failing (a GPU lost, then back after a reset); then read and book them."""
+        try:
+            await self._reopen_if_due(sampled)
+        except Exception:           # boundary: a bug in one source must not stop its sampling
+            logger.exception("energy: opening the GPUs of %s failed", sampled.name)
+        if sampled.source is not None:
+            await self._sample(sampled)
+
+    async def _reopen_if_due(self, sampled: _Sampled) -> None:
+        if self._clock() - sampled.opened_at_s < REOPEN_S:
+            return
+        was = sampled.health
+        if sampled.source is None:
+            await self._open_source(sampled)
+        elif sampled.health == FAILING and isinstance(sampled.source, NvmlSource) \
+                and (sampled.nvml_read is None or sampled.nvml_read.done()):    # fresh handles cannot help a hang
+            await self._renew_source(sampled)
+        else:
+            return
+        if sampled.health == OK:
+            logger.info("energy: GPUs of %s measured now (were %s)", sampled.name, was)
 
     async def _sample(self, sampled: _Sampled) -> None:
         try:
             readings = await self._read(sampled)
-        except Exception as exc:    # boundary: a bug in one source must not stop the sampler
-            logger.exception("energy: sampling models %s failed", sampled.name)
-            readings = [GpuReading(gpu_id="*", timestamp_s=self._clock(), error=repr(exc))]
-        if sampled.source is None:          # closed while reading (a reload took the pool away)
-            return
-        readings = [replace(r, model=sampled.name) for r in readings]
-        self._book(sampled, readings)
-        self._update_health(sampled, readings)
+            if sampled.source is None:          # closed while reading (a reload took the pool away)
+                return
+            readings = [replace(r, model=sampled.name) for r in readings]
+            self._find_conflict(sampled, readings)
+            self._book(sampled, readings)
+            self._update_health(sampled, readings)
+        except Exception as exc:    # boundary: a bug or a bad value in one pool must not stop its sampling
+            readings = self._crashed(sampled, exc)
+        else:
+            sampled.crashed = False
         sampled.readings = readings
         sampled.ticked.set()
         sampled.ticked = asyncio.Event()
+
+    def _crashed(self, sampled: _Sampled, exc: Exception) -> list[GpuReading]:
+        """The pool is failing; logged with the traceback once, until a sample works again."""
+        if not sampled.crashed:
+            logger.exception("energy: sampling the GPUs of %s failed", sampled.name)
+        sampled.crashed = True
+        sampled.health, sampled.reason = FAILING, f"sampling failed: {exc!r}"
+        return [GpuReading(gpu_id="*", timestamp_s=self._clock(), error=repr(exc), model=sampled.name)]
 
     async def _read(self, sampled: _Sampled) -> list[GpuReading]:
         source = sampled.source
         if not isinstance(source, NvmlSource):
             return await source.read()
-        if sampled.nvml_read is None or sampled.nvml_read.done():    # never a second read behind a hung one
-            sampled.nvml_read = asyncio.get_running_loop().run_in_executor(self._nvml_executor(), source.read)
-            sampled.nvml_read.add_done_callback(_retrieve)
+        error = f"NVML did not answer within {self.nvml_timeout_s:g} s"
+        if sampled.nvml_read is not None and not sampled.nvml_read.done():    # a read past its time: fail at once
+            return _failed(source, self._clock(), error)                      # (never a second read behind it)
+        sampled.nvml_read = asyncio.get_running_loop().run_in_executor(self._nvml_executor(sampled), source.read)
+        sampled.nvml_read.add_done_callback(_retrieve)
         try:
             return await asyncio.wait_for(asyncio.shield(sampled.nvml_read), self.nvml_timeout_s)
         except TimeoutError:
-            error = f"NVML did not answer within {self.nvml_timeout_s:g} s"
-            return [GpuReading(gpu_id=gpu_id, timestamp_s=self._clock(), error=error) for gpu_id in source.device_ids]
+            return _failed(source, self._clock(), error)
+
+    def _find_conflict(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
+        """A GPU read by this pool and by another (one names it by index, the other by UUID), or twice by this
+        one, would be booked twice: neither pool books until the policy names it the same way in both."""
+        ids_of: dict[str, list[str]] = {}
+        for reading in readings:
+            if reading.uuid is not None:
+                ids_of.setdefault(reading.uuid, []).append(reading.gpu_id)
+        sampled.uuids.update(ids_of)
+        twice = [f"GPU {uuid} is named twice by {sampled.name} ({', '.join(ids)})"
+                 for uuid, ids in ids_of.items() if len(ids) > 1]
+        twice += [f"GPU {uuid} is also measured for {other.name}" for other in self._sampled.values()
+                  if other is not sampled and other.source is not None for uuid in sorted(other.uuids & sampled.uuids)]
+        conflict = "; ".join(twice) or None
+        if conflict and conflict != sampled.conflict:
+            logger.error("energy: %s: the energy of %s is not measured, so that no GPU is counted twice; name each "
+                         "GPU the same way (index or UUID) in every model that runs on it", conflict, sampled.name)
+        sampled.conflict = conflict
+        if conflict:
+            sampled.baseline = {}
 
     def _update_health(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
-        problems = [f"GPU {r.gpu_id}: {r.error}" if r.failed else f"GPU {r.gpu_id}: reports neither energy nor power"
+        problems = [sampled.conflict] if sampled.conflict else []
+        problems += [f"GPU {r.gpu_id}: {r.error}" if r.failed else f"GPU {r.gpu_id}: reports neither energy nor power"
                     for r in readings if r.failed or (r.energy_mj is None and r.power_w is None)]
         now_s = max((r.timestamp_s for r in readings), default=self._clock())
         problems += [f"GPU {gpu_id}: energy counter not refreshed for {now_s - since_s:.0f} s"
@@ -345,12 +423,19 @@ class EnergyMonitor:
 
     def _book(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
         """Sum the energy of every GPU read twice in a row; a failed GPU, or another GPU behind the same id,
-        starts afresh. While any GPU's counter was not refreshed yet, nothing is booked: the pool's GPUs
-        are booked over one common interval, so no time is counted twice."""
+        starts afresh: what a GPU used while it could not be read is not booked (booked whole on its return it
+        would be split among the requests in flight then, not those that ran meanwhile, and over an interval the
+        pool's other GPUs did not share). While any GPU's counter was not refreshed yet, nothing is booked: the
+        pool's GPUs are booked over one common interval, so no time is counted twice. Nothing is booked for a
+        pool in conflict over a GPU."""
+        if sampled.conflict:
+            return
         for reading in readings:
             if reading.failed or _replaced(sampled.baseline.get(reading.gpu_id), reading):
                 sampled.baseline.pop(reading.gpu_id, None)
         fresh = [r for r in readings if not r.failed]
+        if len(fresh) < len(readings) or any(r.gpu_id not in sampled.baseline for r in fresh):
+            sampled.unbooked_until_s = max(r.timestamp_s for r in readings)
         stale = [r for r in fresh if r.gpu_id in sampled.baseline and _is_stale(sampled.baseline[r.gpu_id], r)]
         sampled.stale = {r.gpu_id: sampled.baseline[r.gpu_id].timestamp_s for r in stale}
         if stale:
@@ -366,7 +451,7 @@ class EnergyMonitor:
                 n_gpus += 1
                 sampled.booked_until_s = max(sampled.booked_until_s, reading.timestamp_s)
         if n_gpus:
-            self.ledger.on_interval(sampled.name, measured_j, dt_s, n_gpus=n_gpus)
+            self.ledger.on_interval(sampled.models, measured_j, dt_s, n_gpus=n_gpus)
 
     # -- what the rest of the gateway reads ------------------------------------------
 
@@ -395,13 +480,14 @@ class EnergyMonitor:
         return list(readings.values())
 
     def models(self) -> list[str]:
-        """The labels energy totals are kept under: a model's name, or a pool's ("small+small-lora")."""
-        return list(self._sampled)
+        """The labels energy totals are shown under: a model's name, or a pool's ("small+small-lora")."""
+        return [sampled.name for sampled in self._sampled.values()]
 
     def totals(self, model: str) -> ModelEnergy:
-        """Measured, attributed and idle joules so far of a model's GPUs (its pool's, when shared)."""
-        sampled = self._pool_of.get(model)
-        return self.ledger.totals(sampled.name if sampled is not None else model)
+        """Measured, attributed and idle joules so far of a pool (by its label) or of a model's GPUs (its pool's,
+        when shared)."""
+        sampled = self._labelled.get(model) or self._pool_of.get(model)
+        return self.ledger.totals(sampled.models) if sampled is not None else ModelEnergy()
 
     def request_started(self, model: str, *, tracks_tokens: bool = True) -> str | None:
         """A request began on `model` (`tracks_tokens`: its progress will be reported, as a stream's is).
@@ -410,7 +496,7 @@ class EnergyMonitor:
         if sampled is None or sampled.source is None:
             return None
         request_id = str(next(self._ids))
-        self.ledger.request_started(request_id, sampled.name, tracks_tokens=tracks_tokens)
+        self.ledger.request_started(request_id, sampled.models, tracks_tokens=tracks_tokens)
         return request_id
 
     def progress(self, request_id: str, tokens: int) -> None:
@@ -422,19 +508,20 @@ class EnergyMonitor:
         self.ledger.mark_ended(request_id)
 
     async def request_finished(self, request_id: str) -> float | None:
-        """The request's joules, once the energy up to its end is booked (or after `settle_timeout_s`, or when
-        its GPUs fail); None when not measured."""
+        """The request's joules once the energy up to its end is booked; None when they are not whole (its GPUs
+        failed, or its books did not settle within `settle_timeout_s`): a part is not reported as the whole.
+        None too when the request was not measured."""
         measured = await self.request_measured(request_id)
-        return None if measured is None else measured[0]
+        return measured[0] if measured is not None and measured[1] else None
 
     async def request_measured(self, request_id: str) -> tuple[float, bool] | None:
-        """`request_finished`'s joules, and whether they are whole: its GPUs healthy and the energy up to its end
-        booked (not cut short by a failure or by `settle_timeout_s`). Only whole ones teach the router."""
+        """The joules booked to the request, and whether they are whole: its GPUs healthy, the energy from its
+        start (no GPU failed or started afresh while it ran) to its end booked (not cut short by a failure or by
+        `settle_timeout_s`). Waits for its books while sampling."""
         pool = self.ledger.model_of(request_id)
         if pool is None:
             return None
         ended_s = self.ledger.mark_ended(request_id)
-        whole = False
         if self._task is not None:
             try:
                 async with asyncio.timeout(self.settle_timeout_s):
@@ -446,18 +533,31 @@ class EnergyMonitor:
             except asyncio.CancelledError:
                 self.ledger.request_finished(request_id)
                 raise
-            sampled = self._sampled.get(pool)
-            whole = sampled is not None and sampled.health == OK and sampled.booked_until_s >= ended_s
+        sampled = self._sampled.get(pool)
+        started_s = self.ledger.started_s(request_id)
+        whole = sampled is not None and sampled.health == OK and sampled.booked_until_s >= ended_s \
+            and started_s is not None and started_s >= sampled.unbooked_until_s
         return self.ledger.request_finished(request_id), whole
+
+    def _index(self) -> None:
+        """Model name -> its pool, and label -> pool, after the pools changed."""
+        self._pool_of = {model: pool for pool in self._sampled.values() for model in pool.models}
+        self._labelled = {pool.name: pool for pool in self._sampled.values()}
 
 
 def _gpu_sources(policy: Policy) -> dict[str, GpuSource]:
     return {name: model.gpus for name, model in policy.models.items() if model.gpus is not None}
 
 
-def _pool_index(sampled: Mapping[str, _Sampled]) -> dict[str, _Sampled]:
-    """Model name -> the pool that samples its GPUs."""
-    return {model: pool for pool in sampled.values() for model in pool.models}
+def _failed(source: NvmlSource, now_s: float, error: str) -> list[GpuReading]:
+    return [GpuReading(gpu_id=gpu_id, timestamp_s=now_s, error=error) for gpu_id in source.device_ids]
+
+
+def _after_late_call(sampled: _Sampled, done: asyncio.Future, undo: Callable[[], Any] | None) -> None:
+    """Undo a call that succeeded after its caller stopped waiting (an NVML open: close it), in its thread."""
+    if done.cancelled() or done.exception() is not None or undo is None or sampled.executor is None:
+        return
+    sampled.executor.submit(undo)
 
 
 def _retrieve(done: asyncio.Future) -> None:

@@ -52,7 +52,7 @@ def _unservable(policy: Policy, route) -> list[str]:
                      f"tier {top_tier} at most: every request on it is refused (503 sla_unmet)")
     widest = max(model.context_window for model in named)
     smallest = route.match.prompt_tokens_min
-    if smallest is not None and smallest > widest:
+    if smallest is not None and smallest >= widest:      # a request also needs room for one token of answer
         notes.append(f"routes.{route.name}.match.prompt_tokens.min: {smallest}, but the largest context window of its "
                      f"candidates and fallbacks is {widest}: no request it matches fits")
     return notes

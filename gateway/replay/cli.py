@@ -80,6 +80,7 @@ def _replay(args: argparse.Namespace, argv: list[str]) -> int:
     new, new_s = _timed_replay(new_policy, requests, args.seed, power_w)
     baseline, baseline_s = (_timed_replay(baseline_policy, requests, args.seed, power_w)
                             if baseline_policy else (None, 0.0))
+    _warn_header_routes_not_simulated(new, baseline)
     report = compare(new, baseline) if baseline else summarize(new)
     elapsed_s = time.perf_counter() - started_s
     meta = _meta(args, argv, requests, new_s, baseline_s if baseline else None, elapsed_s, power_w)
@@ -104,6 +105,16 @@ def _timed_replay(policy, requests: list[ReplayRequest], seed: int,
     started_s = time.perf_counter()
     result = replay(policy, requests, seed=seed, power_w=power_w)
     return result, time.perf_counter() - started_s
+
+
+def _warn_header_routes_not_simulated(*results: ReplayResult | None) -> None:
+    """One warning line when a header-matched route could have taken requests whose traffic line names no route
+    they could take: those were matched without headers."""
+    unmatched = max(result.matched_without_headers for result in results if result is not None)
+    if unmatched:
+        print(f"gateway replay: warning: header-matched routes are not simulated for {unmatched:,} requests: the "
+              f"traffic has no headers and names no route they could take, so they were matched without headers",
+              file=sys.stderr)
 
 
 def _meta(args: argparse.Namespace, argv: list[str], requests: list[ReplayRequest], new_s: float,

@@ -26,6 +26,8 @@ def json_object(path: Path, line: int, raw: str) -> dict[str, Any]:
         value = json.loads(raw)
     except ValueError as exc:
         raise TrafficError(f"{path}:{line}: not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise TrafficError(f"{path}:{line}: not valid JSON: nested too deeply") from exc
     if not isinstance(value, dict):
         raise TrafficError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -46,3 +46,7 @@ class ReplayResult:
     seed: int
     outcomes: list[Outcome]
     refused_in_trace: int = 0           # lines refused before routing in the traffic: not replayed
+    #: requests a header-matched route could take: given the route their line recorded, or (none usable)
+    #: matched without headers
+    routed_by_recorded_route: int = 0
+    matched_without_headers: int = 0

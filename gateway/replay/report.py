@@ -20,6 +20,8 @@ METRICS: tuple[tuple[str, Callable[[Summary], Value], str], ...] = (
     ("failed", lambda s: sum(s.failed.values()), "int"),
     ("cache hits in the trace, answered at no cost", lambda s: s.cache_hits, "int"),
     ("refused before routing in the trace, not replayed", lambda s: s.refused_in_trace, "int"),
+    ("routed by their recorded route (header-matched routes)", lambda s: s.routed_by_recorded_route, "int"),
+    ("matched without headers (header-matched routes not simulated)", lambda s: s.matched_without_headers, "int"),
     ("fallbacks", lambda s: s.fallbacks, "int"),
     ("best-effort decisions", lambda s: s.best_effort, "int"),
     ("queued for a slot", lambda s: s.queued, "int"),
@@ -39,11 +41,14 @@ NOTE = ("The real router (route matching, SLA planning, latency estimates, circu
         "request at its trace arrival time, on a virtual clock. Each model is simulated from its latency_prior "
         "(TTFT + (output - 1) x TPOT, with seeded lognormal jitter) and max_concurrency (a FIFO queue beyond "
         "it; waiting adds to TTFT and latency); answers feed back into the estimates. An attempt whose first "
-        "token would come after the model's first_byte_s times out and falls back. A best-effort decision is "
-        "one where the router predicted that no candidate meets the route's SLA.")
+        "token would come after the model's first_byte_s (a whole answer: its end after total_s) times out and "
+        "falls back. A best-effort decision is one where the router predicted that no candidate meets the "
+        "route's SLA.")
 #: rows left out of the Markdown table when they are 0 under every policy (most traffic has none)
 SHOWN_IF_ANY = frozenset({"cache hits in the trace, answered at no cost",
-                          "refused before routing in the trace, not replayed"})
+                          "refused before routing in the trace, not replayed",
+                          "routed by their recorded route (header-matched routes)",
+                          "matched without headers (header-matched routes not simulated)"})
 FORMATS = {"int": "{:,}", "usd4": "{:,.4f}", "usd8": "{:.8f}", "usd6": "{:.6f}", "ms": "{:,.1f}", "j": "{:,.1f}"}
 
 

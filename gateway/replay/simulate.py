@@ -5,23 +5,26 @@ live code path (`route.Routing`: tenant allow lists, `decide_request`, the
 real `Router`; prompt_tokens = input tokens, max_tokens = output tokens),
 using `LatencyEstimates` and `Breakers` on a virtual clock. Lines the traffic's
 own gateway refused before routing are not replayed; its cache hits are routed,
-then answered at no cost. Each planned model is a simulated server (see
-`servers`); the call loop mirrors the call stage: a model whose circuit is open
-is skipped unless it is the last hope, and an attempt whose first byte (a
-stream's first token, a whole answer's end) would come after the model's
-`first_byte_s` times out and falls back to the next model. Finished calls,
-embeddings aside, feed their TTFT (queueing included) and TPOT back into the
-estimates, and in-flight counts are kept, so the router reacts to load as it
-does live. Every attempt is priced as the account stage prices it (see
-`_charge`), failed ones included.
+then answered at no cost when the matched route's cache is on (else called).
+Each planned model is a simulated server (see `servers`); the call loop mirrors
+the call stage: a model whose circuit is open is skipped unless it is the last
+hope, and an attempt whose first byte comes too late times out and falls back
+to the next model: a stream's first token after the model's `first_byte_s`, a
+whole answer (its first byte is its end) after `total_s`, as live
+(`upstream.client_timeout`). The router learns as the account stage teaches it:
+a finished call's TTFT (queueing included) and TPOT, an embedding's whole time
+as its TTFT, and the wait of every dispatched attempt that timed out before its
+first token; in-flight counts are kept, so the router reacts to load as it does
+live. Every attempt is priced as the account stage prices it (see `_charge`),
+failed ones included.
 
 With `routing.queue_timeout_ms` the server's queue is the gateway's: the live
 gateway sends a model no more than `max_concurrency` calls and holds the rest.
 Waiters are then served highest tenant priority first; a wait past the
-deadline falls back as `queue_timeout`, with nothing charged and no breaker
-failure; the model's circuit is asked when the slot comes (one that opened
-meanwhile sends the request on as `circuit_open`); and an attempt's timeouts,
-TTFT sample and GPU time start when it takes its slot, as live.
+deadline falls back as `queue_timeout`, with nothing charged or learned and no
+breaker failure; the model's circuit is asked when the slot comes (one that
+opened meanwhile sends the request on as `circuit_open`); and an attempt's
+timeouts, TTFT sample and GPU time start when it takes its slot, as live.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ class Simulation:
                 clock.now_s = request.arrival_s
                 self._arrive(next_arrival, request)
                 next_arrival += 1
-        return ReplayResult(self.policy, self.seed, self.outcomes, self.refused_in_trace)
+        return ReplayResult(self.policy, self.seed, self.outcomes, self.refused_in_trace,
+                            self.routing.by_recorded_route, self.routing.without_headers)
 
     def _push(self, time_s: float, handler: Handler, flight: _Flight, ticket: Ticket) -> None:
         """Schedule an event; ties run in scheduling order."""
@@ -137,7 +141,7 @@ class Simulation:
             _end(outcome, "rejected", decision.reason)
             return
         outcome.route, outcome.planned_sla_met = decision.route.name, decision.sla_met
-        if request.recorded_answer == "cache_hit":     # answered at once, no model called, no cost
+        if request.recorded_answer == "cache_hit" and decision.route.cache.enabled:   # at once, at no cost
             outcome.status, outcome.sla_ok = "cache_hit", True
             return
         flight = _Flight(outcome, request, decision.route, decision.plan, self.jitter[index])
@@ -167,7 +171,7 @@ class Simulation:
                 if not self._start(flight, now_s):
                     self._hand_on(model.name, now_s)
             else:
-                deadline_s = self.queue_timeout_s or model.timeouts.first_byte_s
+                deadline_s = self.queue_timeout_s or first_byte_limit_s(model, flight.request.streamed)
                 self._push(now_s + deadline_s, self._on_queue_deadline, flight, ticket)
             return
         self._end_failed(flight, flight.failure if flight.tried else "circuit_open")
@@ -183,13 +187,13 @@ class Simulation:
         if self.queue_timeout_s:            # the wait was the gateway's: the call starts now
             flight.call_s = now_s
         waited_s = now_s - flight.call_s
-        service, timeouts = flight.service, flight.model.timeouts
-        first_byte_s = service.ttft_s if flight.request.streamed else service.total_s
-        if waited_s + first_byte_s > timeouts.first_byte_s:
-            self._push(flight.call_s + timeouts.first_byte_s, self._on_first_byte_timeout,
-                       flight, flight.ticket)
-        elif waited_s + service.total_s > timeouts.total_s:
-            self._push(flight.call_s + timeouts.total_s, self._on_total_timeout, flight, flight.ticket)
+        service, streamed = flight.service, flight.request.streamed
+        first_byte_s = service.ttft_s if streamed else service.total_s
+        limit_s = first_byte_limit_s(flight.model, streamed)
+        if waited_s + first_byte_s > limit_s:
+            self._push(flight.call_s + limit_s, self._on_first_byte_timeout, flight, flight.ticket)
+        elif waited_s + service.total_s > flight.model.timeouts.total_s:
+            self._push(flight.call_s + flight.model.timeouts.total_s, self._on_total_timeout, flight, flight.ticket)
         else:
             self._push(now_s + service.total_s, self._on_finish, flight, flight.ticket)
         return True
@@ -219,8 +223,7 @@ class Simulation:
         flight.outcome.queue_s += now_s - flight.dispatched_s
         self.estimates.finished(flight.model.name)
         self.breakers.record_failure(flight.model.name)
-        self._charge(flight, now_s, Usage())
-        self._fall_back(flight, now_s)
+        self._cut_before_first_token(flight, now_s)
 
     def _not_sent(self, flight: _Flight, now_s: float, failure: str) -> None:
         """The gateway did not send the attempt after its wait for a slot, as live: the wait counts, nothing is
@@ -234,13 +237,10 @@ class Simulation:
     # failure or success before the attempt ends, and a waiter given the slot asks the circuit then.
 
     def _on_first_byte_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """A running attempt's first byte came too late: it is cut and falls back; the router learns the wait as
-        a TTFT, as live."""
+        """A running attempt's first byte came too late: it is cut and falls back."""
         self.breakers.record_failure(flight.model.name)
-        self.estimates.record(flight.model.name, now_s - flight.call_s, None)
         self._release(flight, now_s)
-        self._charge(flight, now_s, Usage())
-        self._fall_back(flight, now_s)
+        self._cut_before_first_token(flight, now_s)
 
     def _on_total_timeout(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
         """An attempt ran past total_s: a stream that sent tokens fails, with no fallback, and pays for them;
@@ -249,11 +249,17 @@ class Simulation:
         self._release(flight, now_s)
         sent = flight.service.tokens_by(now_s - flight.started_s) if flight.request.streamed else 0
         if not sent:
-            self._charge(flight, now_s, Usage())
-            self._fall_back(flight, now_s)
+            self._cut_before_first_token(flight, now_s)
             return
         self._charge(flight, now_s, Usage(flight.outcome.input_tokens, sent))
         self._end_failed(flight, "timeout")
+
+    def _cut_before_first_token(self, flight: _Flight, now_s: float) -> None:
+        """A dispatched attempt timed out before its first token: the router learns its wait as a TTFT of at
+        least that long, as the account stage teaches it live; it is charged, and the request falls back."""
+        self.estimates.record(flight.model.name, now_s - flight.call_s, None)
+        self._charge(flight, now_s, Usage())
+        self._fall_back(flight, now_s)
 
     def _fall_back(self, flight: _Flight, now_s: float) -> None:
         """After a failure the model's circuit has heard of: try the next model."""
@@ -261,12 +267,15 @@ class Simulation:
         self._dispatch(flight, now_s)
 
     def _on_finish(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
-        """The answer is complete: teach the router (not from embeddings, as live), then settle."""
+        """The answer is complete: teach the router as the account stage does (an embedding's whole time is its
+        TTFT: it has no output tokens), then settle."""
         self.breakers.record_success(flight.model.name)
         self._release(flight, now_s)
         model, service, outcome = flight.model, flight.service, flight.outcome
         output_tokens = outcome.output_tokens
-        if flight.request.endpoint != "embeddings":
+        if flight.request.endpoint == "embeddings":
+            self.estimates.record(model.name, now_s - flight.call_s, None)
+        else:
             ttft_s = flight.started_s - flight.call_s + service.ttft_s
             self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
             # no output length: live learns it from requests without max_tokens, and every replayed one has it
@@ -311,6 +320,13 @@ class Simulation:
         outcome.sla_ok = ((sla.p95_latency_ms is None or outcome.latency_s * 1000.0 <= sla.p95_latency_ms)
                           and (sla.p95_ttft_ms is None or not flight.request.streamed
                                or outcome.ttft_s * 1000.0 <= sla.p95_ttft_ms))
+
+
+def first_byte_limit_s(model: Model, streamed: bool) -> float:
+    """How long an attempt may wait for its first byte, as live (`upstream.client_timeout`): a stream's first
+    token within `first_byte_s` (and `total_s`); a whole answer, whose first byte comes with its end, `total_s`."""
+    timeouts = model.timeouts
+    return min(timeouts.first_byte_s, timeouts.total_s) if streamed else timeouts.total_s
 
 
 def _end(outcome: Outcome, status: str, reason: str) -> None:

@@ -60,6 +60,8 @@ class Summary:
     failed: dict[str, int]
     cache_hits: int                     # recorded cache hits, routed and answered at no cost
     refused_in_trace: int               # lines the traffic's own gateway refused before routing: not replayed
+    routed_by_recorded_route: int       # a header-matched route could take them: the route their line recorded
+    matched_without_headers: int        # a header-matched route could take them, no recorded route to use
     fallbacks: int                      # answered by a model after another one failed
     best_effort: int                    # the router predicted no candidate met the SLA
     per_model: dict[str, int]
@@ -89,6 +91,8 @@ def summarize(result: ReplayResult) -> Summary:
         policy=result.policy.source, requests=len(outcomes), served=len(served),
         rejected=_reasons(outcomes, "rejected"), failed=_reasons(outcomes, "failed"),
         cache_hits=sum(1 for o in outcomes if o.status == "cache_hit"), refused_in_trace=result.refused_in_trace,
+        routed_by_recorded_route=result.routed_by_recorded_route,
+        matched_without_headers=result.matched_without_headers,
         fallbacks=sum(1 for o in served if len(o.models_tried) > 1),
         best_effort=sum(1 for o in outcomes if o.planned_sla_met is False),
         per_model=dict(sorted(Counter(o.model for o in served).items())),

@@ -1,21 +1,25 @@
 """Traffic to replay: the Azure trace CSV, the gateway's ledger JSONL, or a generic JSONL.
 
-Every reader yields `ReplayRequest`s with the arrival time as seconds after the
-first request, sorted by arrival (stable, so equal times keep file order). A
-line that cannot be read is a TrafficError naming the file and the line. Files
-are UTF-8 (a leading byte order mark is dropped), plain or gzipped.
+`read_traffic` gives `ReplayRequest`s with the arrival time as seconds after
+the first request, sorted by arrival (equal times keep file order); with a
+limit it keeps only the earliest rows while reading. A line that cannot be
+read is a TrafficError naming the file and the line. Files are UTF-8 (a
+leading byte order mark is dropped), plain or gzipped; a CSV's lines may end in
+LF, CRLF or CR alone.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import heapq
+import io
+import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from gateway.replay.fields import (
     DEFAULT_ALIAS, TrafficError, count, endpoint, flag, json_object, seconds, text,
@@ -27,7 +31,22 @@ GZIP_MAGIC = b"\x1f\x8b"
 #: the longest trace replayed: beyond it, timestamps are mixed (seconds and milliseconds) or wrong
 MAX_SPAN_S = 31 * 86_400.0
 
-Row = tuple[int, float, dict[str, Any]]         # (line, arrival epoch seconds, ReplayRequest fields)
+
+
+class Row(NamedTuple):
+    """One request as read, compact until the first arrival is known: a ReplayRequest's fields, the arrival
+    still in epoch seconds; rows order by (arrival, line)."""
+
+    arrival_s: float
+    line: int
+    input_tokens: int
+    output_tokens: int
+    alias: str = DEFAULT_ALIAS
+    endpoint: str = "chat"
+    tenant: str | None = None
+    recorded_route: str | None = None
+    stream: bool = True
+    recorded_answer: str = "call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +77,35 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
         raise TrafficError(f"unknown traffic format {fmt!r}; expected one of {', '.join(FORMATS)}")
     try:
         fmt = detect_format(path) if fmt == "auto" else fmt
-        rows = list(READERS[fmt](path))
+        rows = earliest(READERS[fmt](path), limit)
     except (OSError, EOFError, zlib.error) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise TrafficError(f"{path}: cannot read the traffic file: {reason}") from exc
-    rows.sort(key=itemgetter(1))
-    rows = rows[:limit]
     if not rows:
         return []
     _check_span(path, rows)
-    start_s = rows[0][1]
-    return [ReplayRequest(arrival_s=arrival - start_s, line=line, **fields) for line, arrival, fields in rows]
+    start_s = rows[0].arrival_s
+    requests: list[Any] = rows
+    for index, row in enumerate(rows):     # in place: each row is dropped as its request is made
+        requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, row.output_tokens, row.alias,
+                                        row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
+                                        row.recorded_answer)
+    return requests
+
+
+def earliest(rows: Iterable[Row], limit: int | None) -> list[Row]:
+    """The `limit` earliest rows (all without a limit) by (arrival, line), sorted so; with a limit only that
+    many are held while reading: a heap whose top is the latest kept."""
+    if limit is None:
+        return sorted(rows)
+    kept: list[tuple[float, int, Row]] = []        # (-arrival, -line, row): a max-heap by (arrival, line)
+    for row in rows:
+        entry = (-row.arrival_s, -row.line, row)
+        if len(kept) < limit:
+            heapq.heappush(kept, entry)
+        elif entry > kept[0]:                       # earlier than the latest kept: it takes that one's place
+            heapq.heapreplace(kept, entry)
+    return sorted(row for _, _, row in kept)
 
 
 def sped_up(requests: list[ReplayRequest], window_s: float, speed: float) -> Iterator[tuple[float, ReplayRequest]]:
@@ -87,7 +124,7 @@ def detect_format(path: Path) -> str:
     if path.name.lower().removesuffix(".gz").endswith(".csv"):
         return "azure"
     saw_outcome = False
-    for number, line in _lines(path):
+    for number, line in _lines(path, newline="\n"):
         if line.strip():
             record = json_object(path, number, line)
             if record.get("type") != "outcome":
@@ -98,7 +135,7 @@ def detect_format(path: Path) -> str:
 
 def _check_span(path: Path, rows: list[Row]) -> None:
     """Refuse arrivals spread over more than MAX_SPAN_S (rows sorted by arrival)."""
-    (first_line, first_s, _), (last_line, last_s, _) = rows[0], rows[-1]
+    (first_s, first_line), (last_s, last_line) = rows[0][:2], rows[-1][:2]
     if last_s - first_s > MAX_SPAN_S:
         raise TrafficError(
             f"{path}: the arrivals span {(last_s - first_s) / 86_400:.3g} days (line {first_line} to line "
@@ -108,21 +145,23 @@ def _check_span(path: Path, rows: list[Row]) -> None:
 
 def _azure_rows(path: Path) -> Iterator[Row]:
     """Rows of the Azure LLM inference trace: TIMESTAMP (ISO 8601 or seconds), ContextTokens, GeneratedTokens."""
-    reader = csv.reader(line for _, line in _lines(path))
-    header = next(reader, None)
-    if header is None:
-        raise TrafficError(f"{path}: the file is empty; expected the header {','.join(AZURE_COLUMNS)}")
-    if tuple(h.strip() for h in header[:3]) != AZURE_COLUMNS:
-        raise TrafficError(f"{path}:1: expected the header {','.join(AZURE_COLUMNS)}, got {header}")
-    for row in reader:
-        line = reader.line_num
-        if not row:
-            continue
-        if len(row) < 3:
-            raise TrafficError(f"{path}:{line}: expected 3 columns, got {len(row)}")
-        yield line, seconds(path, line, "TIMESTAMP", row[0]), {
-            "input_tokens": count(path, line, "ContextTokens", row[1]),
-            "output_tokens": count(path, line, "GeneratedTokens", row[2])}
+    reader = csv.reader(line for _, line in _lines(path, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise TrafficError(f"{path}: the file is empty; expected the header {','.join(AZURE_COLUMNS)}")
+        if tuple(h.strip() for h in header[:3]) != AZURE_COLUMNS:
+            raise TrafficError(f"{path}:1: expected the header {','.join(AZURE_COLUMNS)}, got {header}")
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) < 3:
+                raise TrafficError(f"{path}:{line}: expected 3 columns, got {len(row)}")
+            yield Row(seconds(path, line, "TIMESTAMP", row[0]), line,
+                      count(path, line, "ContextTokens", row[1]), count(path, line, "GeneratedTokens", row[2]))
+    except csv.Error as exc:
+        raise TrafficError(f"{path}:{reader.line_num}: not valid CSV: {exc}") from exc
 
 
 def _ledger_rows(path: Path) -> Iterator[Row]:
@@ -131,15 +170,14 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
         if record.get("type") == "outcome":
             continue
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
-        yield line, seconds(path, line, "ts", record.get("ts")), {
-            "input_tokens": count(path, line, "input_tokens", prompt if prompt is not None else 0),
-            "output_tokens": count(path, line, "output_tokens", record.get("output_tokens", 0)),
-            "alias": text(path, line, "alias", record.get("alias")) or DEFAULT_ALIAS,
-            "endpoint": endpoint(path, line, record.get("endpoint")),
-            "tenant": text(path, line, "tenant", record.get("tenant")),
-            "recorded_route": text(path, line, "route", record.get("route")),
-            "stream": flag(path, line, "stream", record.get("stream")),
-            "recorded_answer": _recorded_answer(record)}
+        yield Row(seconds(path, line, "ts", record.get("ts")), line,
+                  count(path, line, "input_tokens", prompt if prompt is not None else 0),
+                  count(path, line, "output_tokens", record.get("output_tokens", 0)),
+                  _name(text(path, line, "alias", record.get("alias"))) or DEFAULT_ALIAS,
+                  _name(endpoint(path, line, record.get("endpoint"))),
+                  _name(text(path, line, "tenant", record.get("tenant"))),
+                  _name(text(path, line, "route", record.get("route"))),
+                  flag(path, line, "stream", record.get("stream")), _recorded_answer(record))
 
 
 def _recorded_answer(record: dict[str, Any]) -> str:
@@ -158,14 +196,19 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
         for key in ("timestamp", "input_tokens", "output_tokens"):
             if key not in record:
                 raise TrafficError(f"{path}:{line}: missing key {key!r}")
-        yield line, seconds(path, line, "timestamp", record["timestamp"]), {
-            "input_tokens": count(path, line, "input_tokens", record["input_tokens"]),
-            "output_tokens": count(path, line, "output_tokens", record["output_tokens"]),
-            "alias": text(path, line, "model", record.get("model")) or DEFAULT_ALIAS,
-            "endpoint": endpoint(path, line, record.get("endpoint")),
-            "tenant": text(path, line, "tenant", record.get("tenant")),
-            "recorded_route": text(path, line, "route", record.get("route")),
-            "stream": flag(path, line, "stream", record.get("stream"))}
+        yield Row(seconds(path, line, "timestamp", record["timestamp"]), line,
+                  count(path, line, "input_tokens", record["input_tokens"]),
+                  count(path, line, "output_tokens", record["output_tokens"]),
+                  _name(text(path, line, "model", record.get("model"))) or DEFAULT_ALIAS,
+                  _name(endpoint(path, line, record.get("endpoint"))),
+                  _name(text(path, line, "tenant", record.get("tenant"))),
+                  _name(text(path, line, "route", record.get("route"))),
+                  flag(path, line, "stream", record.get("stream")))
+
+
+def _name(value: str | None) -> str | None:
+    """An alias, tenant or route name, interned: a trace repeats a few names on every line."""
+    return sys.intern(value) if value is not None else None
 
 
 READERS: dict[str, Callable[[Path], Iterator[Row]]] = {"azure": _azure_rows, "ledger": _ledger_rows,
@@ -174,21 +217,31 @@ READERS: dict[str, Callable[[Path], Iterator[Row]]] = {"azure": _azure_rows, "le
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line."""
-    for number, line in _lines(path):
+    for number, line in _lines(path, newline="\n"):
         if line.strip():
             yield number, json_object(path, number, line)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, gunzipped when gzipped; a leading byte order mark is dropped."""
-    with _open_bytes(path) as stream:
-        for number, raw in enumerate(stream, 1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise TrafficError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line is "
-                                   f"{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8") from exc
+def _lines(path: Path, newline: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, gunzipped when gzipped; a leading byte order mark is dropped.
+    `newline` as open() takes it: "" ends lines at LF, CRLF or CR and leaves the ends to the csv module,
+    "\n" ends them at LF alone (JSON lines)."""
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="surrogateescape",
+                          newline=newline) as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.isascii():
+                _check_utf8(path, number, line)
             yield number, line
+
+
+def _check_utf8(path: Path, number: int, line: str) -> None:
+    """A TrafficError naming the first byte of the line that is not UTF-8 (read as a lone surrogate)."""
+    raw = line.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrafficError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line is "
+                           f"{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8") from exc
 
 
 def _open_bytes(path: Path) -> BinaryIO:

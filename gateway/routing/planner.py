@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from gateway.context import Candidate, Decision
@@ -79,18 +79,25 @@ class Router:
         return self.index.match(endpoint, alias, tenant, headers, prompt_tokens)
 
     def decide(self, route: Route, *, prompt_tokens: int, max_tokens: int | None, stream: bool,
-               tighten: Tighten | None = None, choices: int = 1) -> Decision:
-        """Plan the models for one request; pass max_tokens=0 for embeddings (no output); `choices`: its `n`."""
+               tighten: Tighten | None = None, choices: int = 1, input_param: str = "messages") -> Decision:
+        """Plan the models for one request; pass max_tokens=0 for embeddings (no output); `choices`: its `n`;
+        `input_param`: the request field a prompt too long for every model is blamed on.
+
+        A model's context must hold the prompt and `max_tokens`, or, when the request sets none, the prompt and one
+        token: a model then writes what room is left (OpenAI and vLLM do), so a guess of the answer's length (the
+        route's learned one, which moves with traffic) never refuses a prompt that fits; the guess still predicts
+        latency, cost and energy."""
         plan = self._plans[route.name]
         limits = plan.limits if tighten is None or tighten.empty else plan.limits.tightened(tighten)
         output_tokens = max_tokens if max_tokens is not None else \
             self.estimates.expected_output_tokens(route.name, route.default_output_tokens)
+        need = ContextNeed(prompt_tokens, max_tokens, input_param)
         candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream,
-                                 choices) for p in plan.candidates)
+                                 choices, need.tokens) for p in plan.candidates)
         kept = sorted((c for c in candidates if c.kept), key=_smallest_then_cheapest)
         if kept:
-            return self._decide_met(route, plan, candidates, kept, prompt_tokens, output_tokens, limits.min_tier)
-        return self._decide_unmet(route, plan, candidates, limits, prompt_tokens, output_tokens)
+            return self._decide_met(route, plan, candidates, kept, need.tokens, output_tokens, limits.min_tier)
+        return self._decide_unmet(route, plan, candidates, limits, need, output_tokens)
 
     def _circuit_wait_s(self, candidates: tuple[Candidate, ...]) -> float | None:
         """Seconds until the first circuit that alone keeps a candidate out turns half-open; None when no
@@ -116,7 +123,7 @@ class Router:
                        note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
-                    kept: list[Candidate], prompt_tokens: int, output_tokens: int, min_tier: int) -> Decision:
+                    kept: list[Candidate], needed_tokens: int, output_tokens: int, min_tier: int) -> Decision:
         """The plan when some candidate meets the SLA: smallest (or explored) first; then the fallbacks that
         keep its hard terms (context and tier), as best effort's do."""
         chosen = kept[0]
@@ -126,7 +133,7 @@ class Router:
         explored = chosen is not kept[0]
         models = [chosen.model]
         models.extend(c.model for c in kept if c is not chosen)
-        self._add_fallbacks(models, plan, prompt_tokens + output_tokens, healthy_only=True, min_tier=min_tier)
+        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True, min_tier=min_tier)
         note = ""
         if explored:
             note = f"explored {chosen.model.name} instead of {kept[0].model.name}"
@@ -135,13 +142,13 @@ class Router:
                         sla_met=chosen.kept, explored=explored, note=note, output_tokens=output_tokens)
 
     def _decide_unmet(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
-                      limits: Limits, prompt_tokens: int, output_tokens: int) -> Decision:
+                      limits: Limits, need: ContextNeed, output_tokens: int) -> Decision:
         """The plan when no candidate meets the SLA: best effort, or an error."""
-        needed_tokens = prompt_tokens + output_tokens
+        needed_tokens = need.tokens
         fitting = [c for p, c in zip(plan.candidates, candidates) if fits(p, needed_tokens, limits)]
         fallback_fits = any(fits(f, needed_tokens, limits) for f in plan.fallbacks)
         if route.sla.on_violation == "reject" or not (fitting or fallback_fits):
-            error = _unmet_error(route, plan, candidates, fitting, limits, prompt_tokens, output_tokens)
+            error = _unmet_error(route, plan, candidates, fitting, limits, need)
             if isinstance(error, NoModelMeetsSla) and (wait_s := self._circuit_wait_s(candidates)) is not None:
                 error.headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
             raise error
@@ -193,14 +200,34 @@ def _unmet_summary(candidates: list[Candidate] | tuple[Candidate, ...], limits: 
     return f"{terms}: {details}"
 
 
+@dataclass(frozen=True, slots=True)
+class ContextNeed:
+    """What a request needs of a model's context window: its prompt and `max_tokens` (one token when unset)."""
+
+    prompt_tokens: int
+    max_tokens: int | None
+    input_param: str            # the request field that holds the prompt: messages, prompt, input
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + (self.max_tokens if self.max_tokens is not None else 1)
+
+    def refusal(self, route: Route, widest: int) -> ClientError:
+        """The 400 for a request no model of the route has the context for, blaming the field to shorten."""
+        if self.max_tokens:
+            needs = f"{self.tokens} tokens ({self.prompt_tokens} prompt + {self.max_tokens} max_tokens)"
+        elif self.max_tokens is None:
+            needs = f"{self.tokens} tokens ({self.prompt_tokens} prompt + at least 1 to answer)"
+        else:
+            needs = f"{self.prompt_tokens} prompt tokens"
+        return ClientError(f"request needs {needs} but the largest context window of route {route.name!r} is "
+                           f"{widest}", param=self.input_param, code="context_length_exceeded")
+
+
 def _unmet_error(route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
-                 fitting: list[Candidate], limits: Limits, prompt_tokens: int,
-                 output_tokens: int) -> ClientError | NoModelMeetsSla:
+                 fitting: list[Candidate], limits: Limits, need: ContextNeed) -> ClientError | NoModelMeetsSla:
     """The error for a request no model of the route may serve."""
-    needed_tokens = prompt_tokens + output_tokens
     windows = [p.context_window for p in (*plan.candidates, *plan.fallbacks)]
-    if windows and max(windows) < needed_tokens:
-        return ClientError(f"request needs {needed_tokens} tokens ({prompt_tokens} prompt + {output_tokens} "
-                           f"output) but the largest context window of route {route.name!r} is {max(windows)}",
-                           param="messages", code="context_length_exceeded")
+    if windows and max(windows) < need.tokens:
+        return need.refusal(route, max(windows))
     return NoModelMeetsSla(f"no model of route {route.name!r} meets {_unmet_summary(fitting or candidates, limits)}")

@@ -110,9 +110,11 @@ class PricedModel:
 
 
 def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, limits: Limits,
-          prompt_tokens: int, output_tokens: int, stream: bool, choices: int = 1) -> Candidate:
+          prompt_tokens: int, output_tokens: int, stream: bool, choices: int = 1,
+          needed_tokens: int | None = None) -> Candidate:
     """One candidate's predictions and verdict; `output_tokens` per choice (`n` choices are generated
-    together: the latency of one, the output cost of all)."""
+    together: the latency of one, the output cost of all); `needed_tokens`: what its context must hold (default
+    the prompt and `output_tokens`)."""
     name = priced.name
     ttft_s, tpot_s = estimates.latency_p95_s(name)
     ttft_ms = ttft_s * 1000.0
@@ -125,7 +127,8 @@ def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, 
     cost_usd = priced.cost_usd(prompt_tokens, output_tokens * choices, latency_ms)
     per_token_j = estimates.joules_per_output_token(name) if output_tokens > 0 else None
     energy_j = per_token_j * output_tokens * choices if per_token_j is not None else None
-    reasons = _reasons(priced, breakers, limits, prompt_tokens + output_tokens, stream,
+    needed = prompt_tokens + output_tokens if needed_tokens is None else needed_tokens
+    reasons = _reasons(priced, breakers, limits, needed, stream,
                        latency_ms, ttft_ms, cost_usd, energy_j)
     return Candidate(priced.model, latency_ms, ttft_ms, cost_usd, not reasons, reasons, energy_j)
 

@@ -9,6 +9,7 @@ from gateway.errors import NotFound
 from gateway.policy.model import Tenant
 from gateway.routing.planner import Router
 from gateway.routing.tighten import Tighten, tighten_from_headers
+from gateway.stages.parse import INPUT_FIELD
 
 
 def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant: Tenant | None,
@@ -22,5 +23,5 @@ def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant
     tighten = tighten_from_headers(headers)
     decision = router.decide(route, prompt_tokens=prompt_tokens,
                              max_tokens=0 if endpoint == "embeddings" else max_tokens,
-                             stream=stream, tighten=tighten, choices=choices)
+                             stream=stream, tighten=tighten, choices=choices, input_param=INPUT_FIELD[endpoint])
     return decision, tighten

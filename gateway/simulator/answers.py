@@ -26,6 +26,8 @@ class Answer:
     choices: tuple[list[str], ...]  # the output tokens of each of the `n` answers, generated together
     finish_reason: str
     prompt_tokens: int
+    echoes: tuple[str, ...] = ()    # each choice's prompt, written before its answer (completions' `echo`)
+    logprobs: int | None = None     # completions' `logprobs`: alternatives per token (each token's own only)
 
     @property
     def tokens(self) -> list[str]:
@@ -55,7 +57,7 @@ def make_answer(config: SimConfig, request: SimRequest, plan: Plan) -> Answer:
     return Answer(kind=request.kind, model=config.name,
                   response_id=f"{ID_PREFIXES[request.kind]}-{uuid.uuid4().hex[:24]}",
                   created=int(time.time()), choices=choices, finish_reason=plan.finish_reason,
-                  prompt_tokens=request.prompt_tokens)
+                  prompt_tokens=request.prompt_tokens, echoes=request.echoes, logprobs=request.logprobs)
 
 
 def completion_body(answer: Answer) -> dict[str, Any]:
@@ -65,9 +67,31 @@ def completion_body(answer: Answer) -> dict[str, Any]:
         choices = [{"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
                     "logprobs": None, "finish_reason": answer.finish_reason} for index, text in enumerate(texts)]
         return _envelope(answer, "chat.completion", choices) | {"usage": answer.usage}
-    choices = [{"index": index, "text": text, "logprobs": None, "finish_reason": answer.finish_reason}
+    choices = [{"index": index, "text": _echo(answer, index) + text,
+                "logprobs": _text_logprobs(answer.choices[index], answer.logprobs), "finish_reason": answer.finish_reason}
                for index, text in enumerate(texts)]
     return _envelope(answer, "text_completion", choices) | {"usage": answer.usage}
+
+
+#: the log probability the simulator gives every token it writes
+TOKEN_LOGPROB = -0.25
+
+
+def _echo(answer: Answer, index: int) -> str:
+    return answer.echoes[index] if answer.echoes else ""
+
+
+def _text_logprobs(tokens: list[str], top: int | None) -> dict[str, Any] | None:
+    """A completions choice's `logprobs` for its generated tokens, each its own only alternative; None when the
+    request asked for none."""
+    if top is None:
+        return None
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": list(tokens), "token_logprobs": [TOKEN_LOGPROB] * len(tokens),
+            "top_logprobs": [{token: TOKEN_LOGPROB} if top else {} for token in tokens], "text_offset": offsets}
 
 
 def stream_script(answer: Answer, include_usage: bool) -> StreamScript:
@@ -84,8 +108,10 @@ def stream_script(answer: Answer, include_usage: bool) -> StreamScript:
         chunks += [(last, _chat_chunk(answer, k, {}, answer.finish_reason, include_usage)) for k in indexes]
         head = len(indexes)
     else:
-        chunks = [(i, _text_chunk(answer, k, answer.choices[k][i], None, include_usage))
-                  for i in range(length) for k in indexes]
+        chunks = [(0, _text_chunk(answer, k, answer.echoes[k], None, include_usage))
+                  for k in indexes if answer.echoes and answer.echoes[k]]
+        chunks += [(i, _text_chunk(answer, k, answer.choices[k][i], None, include_usage))
+                   for i in range(length) for k in indexes]
         chunks += [(last, _text_chunk(answer, k, "", answer.finish_reason, include_usage)) for k in indexes]
         head = 0
     if include_usage:

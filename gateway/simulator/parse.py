@@ -29,7 +29,9 @@ class SimRequest:
     inputs: tuple[Any, ...] = ()    # embeddings: one item per vector
     dimensions: int | None = None
     encoding_format: str = "float"
-    choices: int = 1                # `n`: answers generated together for one prompt
+    choices: int = 1                # answers generated together: `n` (for each prompt of a completions batch)
+    echoes: tuple[str, ...] = ()    # completions with `echo`: each choice's prompt text, written before its answer
+    logprobs: int | None = None     # completions: the top alternatives per token asked for (`logprobs`)
 
 
 def parse_chat(body: dict[str, Any]) -> SimRequest:
@@ -45,12 +47,20 @@ def parse_chat(body: dict[str, Any]) -> SimRequest:
 
 
 def parse_completions(body: dict[str, Any]) -> SimRequest:
-    """A text completions request; a list of prompts is answered as one."""
+    """A text completions request: a batch of prompts gets `n` choices for each, in prompt order (choice
+    `i * n + j` is prompt i's j-th); `max_tokens` 0 scores the prompt alone (with `echo`, it is the answer)."""
     prompt = body.get("prompt")
     if not _is_prompt(prompt):
         raise ClientError("'prompt' must be a string, an array of strings or token ids.", param="prompt")
-    return SimRequest("completions", prompt, count_prompt_tokens(prompt), _max_tokens(body, "max_tokens"),
-                      *_streaming(body), choices=_choices(body))
+    prompts = prompt if isinstance(prompt, list) and not all(_is_int(item) for item in prompt) else [prompt]
+    n = _choices(body)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 5):
+        raise ClientError("'logprobs' must be an integer from 0 to 5.", param="logprobs")
+    echoes = tuple(item if isinstance(item, str) else "" for item in prompts for _ in range(n)) \
+        if body.get("echo") is True else ()
+    return SimRequest("completions", prompt, count_prompt_tokens(prompt), _max_tokens(body, "max_tokens", 0),
+                      *_streaming(body), choices=n * len(prompts), echoes=echoes, logprobs=logprobs)
 
 
 def parse_embeddings(body: dict[str, Any]) -> SimRequest:
@@ -67,12 +77,12 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
                       dimensions=dimensions, encoding_format=encoding_format)
 
 
-def _max_tokens(body: dict[str, Any], key: str) -> int | None:
+def _max_tokens(body: dict[str, Any], key: str, low: int = 1) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if not _is_int(value) or value < 1:
-        raise ClientError(f"'{key}' must be a positive integer.", param=key)
+    if not _is_int(value) or value < low:
+        raise ClientError(f"'{key}' must be an integer of at least {low}.", param=key)
     return value
 
 

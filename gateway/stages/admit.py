@@ -253,7 +253,7 @@ def output_reserve(ctx: RequestContext) -> int:
     for embeddings, whose answer is no tokens."""
     if ctx.endpoint == "embeddings":
         return 0
-    return (ctx.max_tokens or DEFAULT_OUTPUT_RESERVE) * ctx.choices
+    return (DEFAULT_OUTPUT_RESERVE if ctx.max_tokens is None else ctx.max_tokens) * ctx.choices
 
 
 def reservation_usd(ctx: RequestContext) -> Decimal:

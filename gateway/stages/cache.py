@@ -30,7 +30,7 @@ from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
 from gateway.routing.predict import meets_hard_terms
 from gateway.stages.relay import SSE_HEADERS
-from gateway.tokens import usage_from_response
+from gateway.tokens import usage_body, usage_from_response
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class Cache:
             if entry is not None:
                 ctx.cache_status = "hit"
                 ctx.cache_model = entry.model
+            elif not getattr(self.services.stores.cache, "healthy", True):
+                ctx.cache_status = "bypass"     # the store did not answer: no lookup was made, nothing missed
         return await self._answer(ctx, entry) if entry is not None else None
 
     async def _read(self, ctx: RequestContext) -> tuple[bytes | None, str | None]:
@@ -304,7 +306,12 @@ class Cache:
         if entry is None:
             return None
         answered = ctx.attempts[-1]
-        return CacheEntry(entry.endpoint, entry.body, entry.created_unix_s, cost_usd=answered.cost_usd,
+        body = entry.body
+        if not body.get("usage") and (ctx.usage.input_tokens or ctx.usage.output_tokens):
+            # the model reported none: the gateway's count (the one billed, and the one a live stream that asked
+            # for usage got) goes with the answer, so a hit streamed to such a client ends with it too
+            body = {**body, "usage": usage_body(ctx.usage)}
+        return CacheEntry(entry.endpoint, body, entry.created_unix_s, cost_usd=answered.cost_usd,
                           model=answered.model.name)
 
 

@@ -54,25 +54,26 @@ class Observe:
             self.services.record_request(ctx)
 
     async def _record_with_energy(self, ctx: RequestContext) -> None:
-        """Wait for each measured attempt's joules, add their cost, then record the request."""
+        """Wait for each measured attempt's joules, add their cost, then record the request. An attempt whose
+        joules are not whole (its GPUs failed, or its books did not settle) has None, and so has the request:
+        no part is recorded, priced or taught as if it were the whole."""
         energy = self.services.energy
-        total_j, energy_usd = 0.0, Decimal(0)
+        measured = [attempt for attempt in ctx.attempts if attempt.energy_id is not None]
+        energy_usd = Decimal(0)
         try:
-            for attempt in ctx.attempts:
-                if attempt.energy_id is None:
-                    continue
-                measured = await energy.request_measured(attempt.energy_id)
-                attempt.energy_j = measured[0] if measured is not None else 0.0
-                total_j += attempt.energy_j
-                whole = measured is not None and measured[1]
-                if whole and attempt.status == 200 and attempt.usage is not None:   # teach the router, as account
-                    self.services.fleet.record_energy(attempt.model.name, attempt.energy_j,    # does latency
+            for attempt in measured:
+                attempt.energy_j = await energy.request_finished(attempt.energy_id)
+                if attempt.energy_j is not None and attempt.status == 200 and attempt.usage is not None:
+                    # teach the router, as account does latency: each whole measurement is one
+                    self.services.fleet.record_energy(attempt.model.name, attempt.energy_j,
                                                       attempt.usage.output_tokens)
-                extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
-                attempt.cost_usd += extra_usd
-                energy_usd += extra_usd
-            ctx.cost_usd += energy_usd
-            ctx.energy_j = total_j
+            if all(attempt.energy_j is not None for attempt in measured):   # else the request's energy is unknown:
+                for attempt in measured:                                    # no part of it is priced either
+                    extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
+                    attempt.cost_usd += extra_usd
+                    energy_usd += extra_usd
+                ctx.cost_usd += energy_usd
+                ctx.energy_j = sum(attempt.energy_j for attempt in measured)
         finally:
             charge_later(self.services, ctx.tenant, energy_usd)   # admit charged the rest as the answer left
             self._record(ctx)

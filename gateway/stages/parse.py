@@ -58,6 +58,18 @@ async def read_body(request: web.Request, max_bytes: int, stall_s: float | None 
     return b"".join(chunks)
 
 
+def max_tokens_of(body: dict) -> int | None:
+    """The answer's length limit the request sets (`max_completion_tokens`, else `max_tokens`; 0 on completions
+    scores the prompt alone); None when it sets none."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    return 0 if limit is None and body.get("max_tokens") == 0 else limit
+
+
+def choices_of(endpoint: str, body: dict) -> int:
+    """The answers generated together: `n` for each prompt (a completions batch has several)."""
+    return (body.get("n") or 1) * prompts_in(endpoint, body)
+
+
 def prompts_in(endpoint: str, body: dict) -> int:
     """How many prompts a completions request sends at once (a list of strings or of token arrays: each is answered
     with `n` choices of its own); 1 otherwise."""
@@ -214,7 +226,9 @@ def validate_body(endpoint: str, body: dict) -> None:
     validate_input(endpoint, body)
     _check_type(body, "stream", (bool,), "a boolean")
     _check_type(body, "stream_options", (dict,), "an object")
-    for field in ("max_tokens", "max_completion_tokens", "n"):
+    # a legacy completion of max_tokens 0 echoes and scores the prompt alone (evaluation harnesses do)
+    _check_integer(body, "max_tokens", 0 if endpoint == "completions" else 1)
+    for field in ("max_completion_tokens", "n"):
         _check_integer(body, field, 1)
     _check_number(body, "temperature", 0, 2)
     _check_number(body, "top_p", 0, 1)
@@ -241,8 +255,8 @@ class Parse:
         ctx.stream = bool(body.get("stream")) and ctx.endpoint != "embeddings"
         options = body.get("stream_options") or {}
         ctx.include_usage = ctx.stream and bool(options.get("include_usage"))
-        ctx.max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        ctx.choices = (body.get("n") or 1) * prompts_in(ctx.endpoint, body)
+        ctx.max_tokens = max_tokens_of(body)
+        ctx.choices = choices_of(ctx.endpoint, body)
         headers = ctx.http.headers
         ctx.task_id = grouping_header(headers, "x-gateway-task-id")
         ctx.workflow = grouping_header(headers, "x-gateway-workflow")

@@ -103,7 +103,7 @@ class BudgetState:
         """The error to refuse a request with when the budget is exhausted."""
         headers = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
         if self.reason == "store_unavailable":
-            return store_unavailable_error(headers)
+            return store_unavailable_error(headers, "Budget")
         limit = self.budget.usd_per_day if self.reason == "day" else self.budget.usd_per_month
         if self.by_holds:
             return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {_plain_or_none(limit)} per "

@@ -130,9 +130,9 @@ class LimitUsage:
                 "available": self.available}
 
 
-def store_unavailable_error(headers: dict[str, str]) -> GatewayError:
-    """A 503 for a refusal because the limits store is down and the policy says deny."""
-    return StoreUnavailable("Rate limit store unavailable; retry shortly.", headers=headers)
+def store_unavailable_error(headers: dict[str, str], what: str = "Rate limit") -> GatewayError:
+    """A 503 for a refusal because the limits (or budgets: `what`) store is down and the policy says deny."""
+    return StoreUnavailable(f"{what} store unavailable; retry shortly.", headers=headers)
 
 
 def too_large(tenant: Tenant, tokens: int) -> Admission | None:
@@ -217,8 +217,8 @@ class Verdict:
 
     @classmethod
     def from_reply(cls, reply: list[int]) -> Verdict:
-        """Read the Lua script's reply array."""
-        allowed, reason, retry, requests, tokens, reset_req, reset_tok = (int(v) for v in reply)
+        """Read the Lua script's reply array (its clock reading, last, is the limiter's)."""
+        allowed, reason, retry, requests, tokens, reset_req, reset_tok = (int(v) for v in reply[:7])
         return cls(bool(allowed), reason, retry, requests, tokens, reset_req, reset_tok)
 
     def admission(self, tenant: Tenant, *, tokens: int, ticket: str) -> Admission:

@@ -8,15 +8,21 @@ replicas with skewed clocks still agree.
 
 # KEYS: requests log, token log, token sum, in-flight set
 # ARGV: now_ms or "", window_ms, rpm, tpm, concurrent (-1: no limit), cost, ticket,
-#       inflight_ttl_ms, concurrent_retry_ms
-# Reply: allowed, reason (1 requests, 2 tokens, 3 concurrent), retry_ms, requests, tokens,
-#        reset_requests_ms, reset_tokens_ms
+#       inflight_ttl_ms, concurrent_retry_ms, deadline_ms ("" or 0: none)
+# Reply: allowed, reason (1 requests, 2 tokens, 3 concurrent, 4 late), retry_ms, requests, tokens,
+#        reset_requests_ms, reset_tokens_ms, now_ms
+# A script Redis runs past its deadline (its caller timed out long ago: Redis was stalled, and runs what queued
+# once it resumes) takes nothing: the request it was for has ended, maybe without anyone left to end its slot.
 ADMIT = """
 local req_key, tok_key, sum_key, flight_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now_ms = tonumber(ARGV[1])
 if now_ms == nil then
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local deadline_ms = tonumber(ARGV[10])
+if deadline_ms and deadline_ms > 0 and now_ms > deadline_ms then
+  return {0, 4, 0, 0, 0, 0, 0, now_ms}
 end
 local window_ms, rpm, tpm, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local cost, ticket, flight_ttl_ms, conc_retry_ms = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -95,7 +101,7 @@ if reason == 0 then
   end
 end
 return {reason == 0 and 1 or 0, reason, math.ceil(retry_ms), requests, tokens,
-        reset_ms(req_key), reset_ms(tok_key)}
+        reset_ms(req_key), reset_ms(tok_key), now_ms}
 """
 
 # KEYS: token log, token sum, then the sets the ticket leaves as well: the in-flight set when its slot is

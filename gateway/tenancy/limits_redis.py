@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from gateway.policy.model import Limits, Tenant
@@ -19,6 +20,13 @@ log = logging.getLogger(__name__)
 
 #: how long start-up waits for Redis to take the scripts; a request waits only `timeout_s`
 WARM_UP_TIMEOUT_S = 2.0
+
+
+#: how long after its caller gave up an admission may still run: past it, a stalled Redis that resumes runs it
+#: taking nothing (the ends a request retries for LATE_END_S cover those that run sooner)
+LATE_ADMIT_MARGIN_S = 1.0
+#: ADMIT's reason for a script run past its deadline
+LATE = 4
 
 
 def tenant_keys(prefix: str, tenant: str) -> tuple[str, str, str, str]:
@@ -47,6 +55,7 @@ class RedisLimiter:
                                 meanwhile=f"on_store_failure={on_store_failure}")
         self.window_ms = to_ms(window_s)
         self.inflight_ttl_ms = to_ms(inflight_ttl_s)
+        self._redis_ahead_ms: int | None = None     # Redis's clock less this host's, from the last admission
         self.admit_script = client.register_script(limits_lua.ADMIT)
         self.settle_script = client.register_script(limits_lua.SETTLE)
         self.usage_script = client.register_script(limits_lua.USAGE)
@@ -83,13 +92,25 @@ class RedisLimiter:
             keys=tenant_keys(self.prefix, tenant.name), args=self._admit_args(tenant.limits, tokens, ticket, now_s)))
         if reply is STORE_DOWN:
             return self._store_down(tenant, tokens, ticket, unsettled=asked)
+        if now_s is None and len(reply) > 7:        # Redis's clock: where the next admission's deadline lies
+            self._redis_ahead_ms = int(reply[7]) - to_ms(time.time())
+        if int(reply[1]) == LATE:   # answered in time yet late: a clock stepped since the last reply (now read)
+            return self._store_down(tenant, tokens, ticket, unsettled=False)
         return Verdict.from_reply(reply).admission(tenant, tokens=tokens, ticket=ticket)
 
     def _admit_args(self, limits: Limits, tokens: int, ticket: str,
                     now_s: float | None) -> list[int | str]:
         return [self._now_arg(now_s), self.window_ms, limit_arg(limits.requests_per_minute),
                 limit_arg(limits.tokens_per_minute), limit_arg(limits.concurrent), tokens,
-                ticket, self.inflight_ttl_ms, to_ms(CONCURRENT_RETRY_S)]
+                ticket, self.inflight_ttl_ms, to_ms(CONCURRENT_RETRY_S), self._deadline_ms(now_s)]
+
+    def _deadline_ms(self, now_s: float | None) -> int:
+        """When, on Redis's clock, an admission sent now is too late to run: this call's timeout and
+        LATE_ADMIT_MARGIN_S after it is sent (so a stalled Redis that runs it on resuming takes no slot nobody
+        will end); 0 (none) until a reply has told Redis's clock, and for a caller's own clock (`now_s`)."""
+        if now_s is not None or self._redis_ahead_ms is None:
+            return 0
+        return to_ms(time.time() + self.guard.timeout_s + LATE_ADMIT_MARGIN_S) + self._redis_ahead_ms
 
     def _store_down(self, tenant: Tenant, tokens: int, ticket: str, *, unsettled: bool) -> Admission:
         """Admit degraded, or refuse with `store_unavailable`, as the policy says. `unsettled`: the script

@@ -179,6 +179,30 @@ class StoreGuard:
             self._outage_failures = 0
 
 
+#: how long after its caller gave up a script that takes something (an admission's slot, a budget hold) may still
+#: run: past it, a stalled Redis that resumes runs it taking nothing (the give-backs its request retries for a
+#: while cover those that run sooner)
+LATE_MARGIN_S = 1.0
+
+
+class RedisClock:
+    """Redis's clock as this host reads it, from the last script reply that carried Redis's time: so a script
+    can be given a deadline on Redis's own clock, however far this host's is off."""
+
+    def __init__(self) -> None:
+        self.ahead_ms: int | None = None    # Redis's clock less this host's; None until a reply said
+
+    def learn(self, redis_now_ms: int | str | bytes) -> None:
+        self.ahead_ms = int(redis_now_ms) - int(time.time() * 1000)
+
+    def deadline_ms(self, wait_s: float) -> int:
+        """When, on Redis's clock, a script sent now and waited for `wait_s` is too late to run (LATE_MARGIN_S
+        after its caller gave up); 0 (none) until a reply has told Redis's clock."""
+        if self.ahead_ms is None:
+            return 0
+        return int((time.time() + wait_s + LATE_MARGIN_S) * 1000) + self.ahead_ms
+
+
 def raised_in_redis_client(exc: BaseException) -> bool:
     """Whether `exc` was raised inside the redis-py package (its own failure, not the caller's)."""
     traceback = exc.__traceback__

@@ -23,7 +23,7 @@ from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
-from gateway.tenancy import limits_redis
+from gateway import store_guard
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
 
 ONE_AT_A_TIME = Tenant("solo", limits=Limits(concurrent=1, tokens_per_minute=100_000))
@@ -232,10 +232,10 @@ async def test_an_admission_a_stalled_store_runs_late_gives_its_slot_back(redis_
 async def test_an_admission_redis_runs_after_the_late_ends_gave_up_takes_no_slot(redis_server, monkeypatch):
     """A stall longer than the late ends' retries (LATE_END_S: 60 s, shortened here): the admission script sent
     during it runs when Redis resumes, after every end of its request gave up. Past its deadline (the call's
-    timeout and LATE_ADMIT_MARGIN_S, on Redis's clock) it takes nothing; it used to take a concurrency slot that
+    timeout and LATE_MARGIN_S, on Redis's clock) it takes nothing; it used to take a concurrency slot that
     locked a tenant of `concurrent: 1` out for the in-flight TTL (15 minutes)."""
     monkeypatch.setattr(admit_module, "LATE_END_S", 0.3)
-    monkeypatch.setattr(limits_redis, "LATE_ADMIT_MARGIN_S", 0.2)
+    monkeypatch.setattr(store_guard, "LATE_MARGIN_S", 0.2)
     client = Redis.from_url(redis_server.url)
     # a back-off longer than the stall: no end is sent while Redis is stopped (were one queued, Redis might run
     # it after the admission and free the slot by chance, as it may not after a long stall)
@@ -424,7 +424,7 @@ async def test_a_clock_step_makes_one_admission_late_not_every_one_after(redis_s
     solo = Tenant("solo", limits=Limits(requests_per_minute=2))
     try:
         assert (await limiter.admit(solo, route=None, tokens=1)).allowed
-        limiter._redis_ahead_ms -= 10_000           # as this host's clock stepping 10 s back would make it
+        limiter.redis_clock.ahead_ms -= 10_000      # as this host's clock stepping 10 s back would make it
         stepped = await limiter.admit(solo, route=None, tokens=1)
         assert stepped.allowed and stepped.degraded
         second = await limiter.admit(solo, route=None, tokens=1)

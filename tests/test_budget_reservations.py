@@ -282,3 +282,25 @@ def test_a_budget_store_down_under_deny_names_the_budget_store():
     error = state.error()
     assert (error.status, error.code) == (503, "store_unavailable")
     assert error.message == "Budget store unavailable; retry shortly."
+
+
+async def test_a_reservation_run_past_its_deadline_holds_nothing_and_reads_the_clock_again(redis_server):
+    """A reservation Redis runs later than its caller's timeout and LATE_MARGIN_S (a stalled Redis resuming: its
+    request has ended and given its hold back, maybe before this runs) holds nothing, where it used to hold its
+    cost for the 15-minute hold TTL. As this host's clock stepping back would, a deadline already past makes one
+    reservation late (answered without the store); its reply reads Redis's clock again, and the next one holds."""
+    client = Redis.from_url(redis_server.url)
+    budgets = RedisBudgets(client, "test", 2.0, "allow")
+    acme = tenant("1.00")
+    try:
+        state, hold = await budgets.reserve(acme, Decimal("0.10"), "first")
+        assert hold is not None and state.available             # answered: Redis's clock is known
+        await budgets.settle(acme, hold, Decimal("0"))
+        budgets.redis_clock.ahead_ms -= 10_000
+        state, hold = await budgets.reserve(acme, Decimal("0.10"), "late")
+        assert hold is None and not state.available
+        assert await held_nanos(budgets) == 0
+        state, hold = await budgets.reserve(acme, Decimal("0.10"), "after")
+        assert hold is not None and await held_nanos(budgets) == 100_000_000
+    finally:
+        await client.aclose()

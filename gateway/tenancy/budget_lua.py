@@ -19,15 +19,19 @@ that could still land.
 
 # KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
 # ARGV: day limit, month limit (nano-USD; -1: none), cost (nano-USD), member (ticket:cost), hold_ttl_ms,
-#       n, then per charge flush of this replica not yet known applied: seq, day nanos, month nanos, released nanos
+#       n, then per charge flush of this replica not yet known applied: seq, day nanos, month nanos, released nanos,
+#       then the deadline (ms on Redis's clock; 0: none)
 # Reply: reserved (1 or 0), day spent, month spent, held by the others (all nano-USD, this replica's flushes
-#        counted as the marker says)
+#        counted as the marker says), Redis's clock (ms), late (1: run past its deadline, nothing held or read)
 RESERVE = """
 local day_key, month_key, applied_key, holds_key, sum_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local day_limit, month_limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local member, ttl_ms, flushes = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- run by a Redis resuming from a stall after its caller gave up (and maybe gave the hold back): hold nothing
+local deadline_ms = tonumber(ARGV[7 + flushes * 4] or '0')
+if deadline_ms > 0 and now_ms > deadline_ms then return {0, 0, 0, 0, now_ms, 1} end
 
 local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms)
 if #expired > 0 then
@@ -63,7 +67,7 @@ if not over(day_limit, day) and not over(month_limit, month) then
   redis.call('PEXPIRE', holds_key, ttl_ms + 1000)
   redis.call('PEXPIRE', sum_key, ttl_ms + 1000)
 end
-return {reserved, day, month, held}
+return {reserved, day, month, held, now_ms, 0}
 """
 
 # KEYS: this replica's applied-flush marker, holds (sorted set), holds' sum, then the day and month totals the

@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from gateway.policy.model import Tenant
-from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, OnStoreFailure, StoreGuard
+from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, OnStoreFailure, RedisClock, StoreGuard
 from gateway.tenancy import budget_lua
 from gateway.tenancy.budgets import (CHARGE_FLUSH_S, READ_REUSE_S, RETENTION_S, BudgetState, Hold, Periods,
                                      evaluate, limit_nanos, retention_s, to_nanos, to_usd)
@@ -103,6 +103,7 @@ class RedisBudgets:
         self.hold_ttl_ms = int(hold_ttl_s * 1000)   # a hold its replica never gave back (it died) lapses then
         self.retry_s = retry_s
         self.late_flush_s = late_flush_s
+        self.redis_clock = RedisClock()         # read from each reservation's reply: where the next's deadline lies
         self.reserve_script = client.register_script(budget_lua.RESERVE)
         self.flush_script = client.register_script(budget_lua.FLUSH)
         self.usage_script = client.register_script(budget_lua.USAGE)
@@ -193,13 +194,16 @@ class RedisBudgets:
             pending += (part.seq, part.nanos.get(day_key, 0), part.nanos.get(month_key, 0), part.released_nanos)
         budget = tenant.budget
         args = [limit_nanos(budget.usd_per_day), limit_nanos(budget.usd_per_month), nanos, hold.member,
-                self.hold_ttl_ms, len(pending) // 4, *pending]
+                self.hold_ttl_ms, len(pending) // 4, *pending, self.redis_clock.deadline_ms(self.guard.timeout_s)]
         sent = not self.guard.backing_off   # else the guard answers without sending anything
         reply = await self.guard.run(lambda: self.reserve_script(
             keys=[day_key, month_key, self.applied_key(tenant.name), *self.holds_keys(tenant.name)], args=args))
         if reply is STORE_DOWN:
             return self._store_down(tenant), hold if sent else None
-        reserved, day_nanos, month_nanos, held_nanos = (int(v) for v in reply)
+        reserved, day_nanos, month_nanos, held_nanos, redis_now_ms, late = (int(v) for v in reply)
+        self.redis_clock.learn(redis_now_ms)
+        if late:                            # answered in time yet late: a clock stepped since the last reply
+            return self._store_down(tenant), None
         state = evaluate(tenant, day_nanos, month_nanos, now_s, held_nanos, nanos)
         return state, hold if reserved else None
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from gateway.policy.model import Limits, Tenant
-from gateway.store_guard import ADMISSION_BACKOFF_S, STORE_DOWN, STORE_ERRORS, OnStoreFailure, StoreGuard
+from gateway.store_guard import (ADMISSION_BACKOFF_S, STORE_DOWN, STORE_ERRORS, OnStoreFailure, RedisClock,
+                                 StoreGuard)
 from gateway.tenancy import limits_lua
 from gateway.tenancy.limits import (CONCURRENT_RETRY_S, INFLIGHT_TTL_S, STORE_RETRY_S, WINDOW_S,
                                     Admission, LimitUsage, Verdict, new_ticket, to_ms, too_large, unlimited)
@@ -22,10 +22,7 @@ log = logging.getLogger(__name__)
 WARM_UP_TIMEOUT_S = 2.0
 
 
-#: how long after its caller gave up an admission may still run: past it, a stalled Redis that resumes runs it
-#: taking nothing (the ends a request retries for LATE_END_S cover those that run sooner)
-LATE_ADMIT_MARGIN_S = 1.0
-#: ADMIT's reason for a script run past its deadline
+#: ADMIT's reason for a script run past its deadline (`store_guard.RedisClock`)
 LATE = 4
 
 
@@ -55,7 +52,7 @@ class RedisLimiter:
                                 meanwhile=f"on_store_failure={on_store_failure}")
         self.window_ms = to_ms(window_s)
         self.inflight_ttl_ms = to_ms(inflight_ttl_s)
-        self._redis_ahead_ms: int | None = None     # Redis's clock less this host's, from the last admission
+        self.redis_clock = RedisClock()             # read from each admission's reply
         self.admit_script = client.register_script(limits_lua.ADMIT)
         self.settle_script = client.register_script(limits_lua.SETTLE)
         self.usage_script = client.register_script(limits_lua.USAGE)
@@ -93,7 +90,7 @@ class RedisLimiter:
         if reply is STORE_DOWN:
             return self._store_down(tenant, tokens, ticket, unsettled=asked)
         if now_s is None and len(reply) > 7:        # Redis's clock: where the next admission's deadline lies
-            self._redis_ahead_ms = int(reply[7]) - to_ms(time.time())
+            self.redis_clock.learn(reply[7])
         if int(reply[1]) == LATE:   # answered in time yet late: a clock stepped since the last reply (now read)
             return self._store_down(tenant, tokens, ticket, unsettled=False)
         return Verdict.from_reply(reply).admission(tenant, tokens=tokens, ticket=ticket)
@@ -105,12 +102,9 @@ class RedisLimiter:
                 ticket, self.inflight_ttl_ms, to_ms(CONCURRENT_RETRY_S), self._deadline_ms(now_s)]
 
     def _deadline_ms(self, now_s: float | None) -> int:
-        """When, on Redis's clock, an admission sent now is too late to run: this call's timeout and
-        LATE_ADMIT_MARGIN_S after it is sent (so a stalled Redis that runs it on resuming takes no slot nobody
-        will end); 0 (none) until a reply has told Redis's clock, and for a caller's own clock (`now_s`)."""
-        if now_s is not None or self._redis_ahead_ms is None:
-            return 0
-        return to_ms(time.time() + self.guard.timeout_s + LATE_ADMIT_MARGIN_S) + self._redis_ahead_ms
+        """When, on Redis's clock, an admission sent now is too late to run (a stalled Redis that runs it on
+        resuming takes no slot nobody will end); none for a caller's own clock (`now_s`)."""
+        return 0 if now_s is not None else self.redis_clock.deadline_ms(self.guard.timeout_s)
 
     def _store_down(self, tenant: Tenant, tokens: int, ticket: str, *, unsettled: bool) -> Admission:
         """Admit degraded, or refuse with `store_unavailable`, as the policy says. `unsettled`: the script

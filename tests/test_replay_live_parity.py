@@ -211,3 +211,19 @@ def test_embeddings_teach_the_router_their_whole_time():
     chat = Simulation(load_policy(DEMO), [ReplayRequest(0.0, 500, 10)], seed=0)
     chat.run()
     assert chat.estimates.sample_count("small") == 1
+
+
+def test_a_whole_answer_teaches_the_router_as_live_without_the_split_it_hides():
+    """A non-streamed answer shows its whole time only: as the account stage does live, the part the estimates
+    make larger (here the 99 tokens' generation) takes the rest of the time and the other (TTFT) is not learned;
+    the replay used to learn the simulated model's true TTFT and time per token, which live never sees. A
+    streamed answer's TTFT is learned, as live measures it."""
+    small = _model("small", 40, 4)
+    whole = Simulation(_policy(small, _model("large", 200, 20)), [ReplayRequest(0.0, 10, 100, stream=False)],
+                       seed=0, jitter_sigma=0.0)
+    assert [o.models_tried for o in whole.run().outcomes] == [("small",)]
+    assert whole.estimates.sample_count("small") == 0
+    streamed = Simulation(_policy(small, _model("large", 200, 20)), [ReplayRequest(0.0, 10, 100)], seed=0,
+                          jitter_sigma=0.0)
+    streamed.run()
+    assert streamed.estimates.sample_count("small") == 1

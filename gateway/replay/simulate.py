@@ -45,7 +45,7 @@ from gateway.replay.traffic import ReplayRequest
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.planner import Router
-from gateway.stages.account import gpu_seconds
+from gateway.stages.account import gpu_seconds, split_whole_answer
 
 
 @dataclass(slots=True)
@@ -268,16 +268,22 @@ class Simulation:
 
     def _on_finish(self, flight: _Flight, ticket: Ticket, now_s: float) -> None:
         """The answer is complete: teach the router as the account stage does (an embedding's whole time is its
-        TTFT: it has no output tokens), then settle."""
+        TTFT: it has no output tokens; a whole answer's split is `split_whole_answer`'s), then settle."""
         self.breakers.record_success(flight.model.name)
         self._release(flight, now_s)
         model, service, outcome = flight.model, flight.service, flight.outcome
         output_tokens = outcome.output_tokens
+        elapsed_s = now_s - flight.call_s
         if flight.request.endpoint == "embeddings":
-            self.estimates.record(model.name, now_s - flight.call_s, None)
-        else:
+            self.estimates.record(model.name, elapsed_s, None)
+        elif flight.request.stream:
             ttft_s = flight.started_s - flight.call_s + service.ttft_s
             self.estimates.record(model.name, ttft_s, service.tpot_s if output_tokens > 1 else None)
+        elif output_tokens <= 1:            # a whole answer of one token: all of it was the wait, as live
+            self.estimates.record(model.name, elapsed_s, None)
+        else:                               # a whole answer hides its split: learned as live learns it
+            self.estimates.record(model.name, *split_whole_answer(self.estimates, model.name, elapsed_s,
+                                                                  output_tokens))
             # no output length: live learns it from requests without max_tokens, and every replayed one has it
         energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
         if energy_j is not None:            # the router learns joules per token, as from a live measurement

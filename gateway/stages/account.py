@@ -38,13 +38,11 @@ def gpu_seconds(attempt: Attempt) -> float | None:
     return (attempt.ended_s - attempt.started_s) * model.gpu_count / model.max_concurrency
 
 
-def _split_whole_answer(estimates, attempt: Attempt, elapsed_s: float, output: int) -> tuple[float | None,
-                                                                                            float | None]:
+def split_whole_answer(estimates, name: str, elapsed_s: float, output: int) -> tuple[float | None, float | None]:
     """(TTFT, time per output token) to learn from an answer that came whole in `elapsed_s`, whose split is not
     seen: the part the model's estimates make the larger takes the rest of the time, the other is not learned.
     Splitting by the usual TTFT alone would book a slow first token of a short answer as time per token (and
     feed the TTFT estimate the very median it used, so it never moved)."""
-    name = attempt.model.name
     first_s = estimates.ttft_p50_s(name)
     generation_s = (output - 1) * estimates.tpot_p50_s(name)
     if generation_s < first_s:
@@ -103,7 +101,8 @@ class Account:
         elif output <= 1:                   # a one-token answer: all of it was the wait for the first token
             fleet.record_latency(attempt.model, elapsed_s, None)
         else:
-            fleet.record_latency(attempt.model, *_split_whole_answer(fleet.estimates, attempt, elapsed_s, output))
+            fleet.record_latency(attempt.model, *split_whole_answer(fleet.estimates, attempt.model.name, elapsed_s,
+                                                                    output))
         if ctx.decision is not None and output and ctx.max_tokens is None:
             # only uncapped answers: the route's lengths predict requests that set no max_tokens
             fleet.estimates.record_output_tokens(ctx.decision.route.name, output)

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+
+from gateway.cache.entry import CacheEntry, decode_entry, encode_entry
 import redis
 
 from tests.support.harness import Harness
@@ -411,6 +413,20 @@ def test_in_memory_cache_is_the_default_without_redis(memory_gw):
     assert (status_first, status_second, status_other) == ("stored", "hit", "stored")
     assert second.id == first.id != other.id
     assert upstream_calls(memory_gw) == 2
+
+
+def test_an_entry_for_another_endpoint_under_a_requests_key_is_a_miss(memory_gw):
+    """The key names the endpoint, so only a hand-written entry could answer a chat request with embeddings: it is
+    a miss (the model answers and its answer replaces it), not a hit the SDK cannot read."""
+    first, status = chat(memory_gw, **ask("Which endpoint"))
+    assert status == "stored"
+    cache = memory_gw.services.stores.cache
+    [key] = [key for key in list(cache._slots)
+             if (entry := decode_entry(memory_gw.call(cache.get(key)) or b"")) and entry.body.get("id") == first.id]
+    foreign = encode_entry(CacheEntry("embeddings", {"object": "list", "data": [], "model": "e"}, model="small"))
+    memory_gw.call(cache.set(key, foreign, 60))
+    second, status = chat(memory_gw, **ask("Which endpoint"))
+    assert status == "stored" and second.choices[0].message.content
 
 
 def test_a_frozen_redis_costs_each_request_a_bounded_wait(gw, redis_server):

@@ -84,7 +84,8 @@ def model_status(fleet: Fleet, model: Model) -> dict:
         "circuit": breakers.state(name), "circuit_retry_in_s": round(breakers.retry_in_s(name), 3),
         "in_flight": estimates.in_flight(name), "slots_busy": fleet.slots.busy(name),
         "slots_waiting": fleet.slots.waiting(name),
-        "latency_samples": estimates.sample_count(name),
+        "latency_samples": estimates.sample_count(name),        # TTFT samples (kept for existing readers)
+        "ttft_samples": estimates.sample_count(name), "tpot_samples": estimates.tpot_sample_count(name),
         "ttft_ms": {"p50": _ms(estimates.ttft_p50_s(name)), "p95": _ms(estimates.ttft_p95_s(name))},
         "tpot_ms": {"p50": _ms(estimates.tpot_p50_s(name)), "p95": _ms(estimates.tpot_p95_s(name))},
         "joules_per_output_token": round(per_token_j, 6) if per_token_j is not None else None,

@@ -30,6 +30,7 @@ from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime, file_
 from gateway.services import SERVICES, Services, policy_encodings
 from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
+from gateway.telemetry.config import TelemetryConfig
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
@@ -391,6 +392,10 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     if redis_url(holder.current.policy, os.environ) is None:
         log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
                     "(POST /v1/outcomes finds only the tasks its worker served); set GATEWAY_REDIS_URL", workers)
+    if TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus:
+        log.warning("%d workers: each scrape of /metrics is answered by one of them, with its own counters (a "
+                    "scraper sees them go back and forth); export over OTLP, where each worker's series carry "
+                    "its service.instance.id, or run one worker per port", workers)
 
     port = held[0].getsockname()[1]
     started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker

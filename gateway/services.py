@@ -128,7 +128,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         services.telemetry.label_tenants(budgeted_tenants(policy))
         holder.listeners.append(lambda runtime: services.telemetry.label_tenants(budgeted_tenants(runtime.policy)))
         services.telemetry.observe_reloads(lambda: holder.status)
-        services.telemetry.observe_slots(services.fleet.slots.waiting_by_model)
+        services.telemetry.observe_slots(lambda: waiting_in_policy(services))
         # always there, so a reload can add GPUs; with none in the policy it samples nothing
         services.energy = energy = EnergyMonitor(policy, session)
         await energy.start()
@@ -159,6 +159,12 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         ))
 
     return lifecycle
+
+
+def waiting_in_policy(services: Services) -> dict[str, int]:
+    """Calls waiting for a slot, per model of the current policy (a model a reload removed is no series)."""
+    models = services.holder.current.policy.models
+    return {name: count for name, count in services.fleet.slots.waiting_by_model().items() if name in models}
 
 
 #: what background work (budget settles, limit releases, cache writes) gets at least once requests have drained

@@ -216,7 +216,16 @@ def _chat_tokens(enc: tiktoken.Encoding, body: dict, overhead: ToolOverhead) -> 
         total += _message_tokens(enc, message)
     for param in ("tools", "functions"):
         total += _tools_tokens(enc, body.get(param), overhead, param)
-    return total
+    return total + _response_format_tokens(enc, body.get("response_format"))
+
+
+def _response_format_tokens(enc: tiktoken.Encoding, response_format: Any) -> int:
+    """A structured output's schema, which the model reads with the prompt: the JSON of its `json_schema` (name,
+    description, schema); 0 for `text` and `json_object`."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return 0
+    schema = response_format.get("json_schema")
+    return _text(enc, _json_text(schema)) if isinstance(schema, dict) else 0
 
 
 def _message_tokens(enc: tiktoken.Encoding, message: dict) -> int:
@@ -236,8 +245,7 @@ def _field_tokens(enc: tiktoken.Encoding, key: str, value: Any) -> int:
     if key == "content" and isinstance(value, list):
         return sum(_part_tokens(enc, part) for part in value)
     if key == "tool_calls" and isinstance(value, list):
-        return sum(_function_call_tokens(enc, call.get("function")) for call in value
-                   if isinstance(call, dict))
+        return sum(_tool_call_tokens(enc, call) for call in value if isinstance(call, dict))
     if key == "function_call":
         return _function_call_tokens(enc, value)
     return _text(enc, _json_text(value))
@@ -258,6 +266,16 @@ def _part_tokens(enc: tiktoken.Encoding, part: Any) -> int:
         detail = image.get("detail") if isinstance(image, dict) else None
         return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
     return 0
+
+
+def _tool_call_tokens(enc: tiktoken.Encoding, call: dict) -> int:
+    """A tool call the assistant made: a function's name and arguments, or a custom tool's name and input."""
+    if call.get("type") == "custom":
+        custom = call.get("custom")
+        if not isinstance(custom, dict):
+            return 0
+        return _function_call_tokens(enc, {"name": custom.get("name"), "arguments": custom.get("input")})
+    return _function_call_tokens(enc, call.get("function"))
 
 
 def _function_call_tokens(enc: tiktoken.Encoding, function: Any) -> int:
@@ -366,14 +384,31 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 
 def _parse_usage(usage: dict) -> Usage | None:
+    """The usage a model reported; None (the gateway counts instead) when it names no input count, or no output
+    count and no total to take it from (half a usage billed the other half as 0).
+
+    The shapes of OpenAI-compatible servers and proxies: a total past input and output carries reasoning
+    reported beside the output (Gemini through some proxies): the output is the total less the input; Anthropic's
+    `input_tokens` leaves out its cache reads and writes (`cache_read_input_tokens`, `cache_creation_input_tokens`),
+    added back, the reads as cached input; DeepSeek's `prompt_cache_hit_tokens` are cached input. Cached input
+    is at most the input."""
     input_tokens = _count(usage, "prompt_tokens", "input_tokens")
     output_tokens = _count(usage, "completion_tokens", "output_tokens")
-    if input_tokens is None and output_tokens is None:
+    total_tokens = _count(usage, "total_tokens")
+    if input_tokens is None:
         return None
     input_details = _details(usage, "prompt_tokens_details", "input_tokens_details")
     output_details = _details(usage, "completion_tokens_details", "output_tokens_details")
-    return Usage(input_tokens=input_tokens or 0, output_tokens=output_tokens or 0,
-                 cached_input_tokens=_detail(input_details, "cached_tokens"),
+    cached = _detail(input_details, "cached_tokens") or _detail(usage, "prompt_cache_hit_tokens")
+    if "prompt_tokens" not in usage:        # Anthropic's input count leaves its cache reads and writes out
+        read, written = _detail(usage, "cache_read_input_tokens"), _detail(usage, "cache_creation_input_tokens")
+        input_tokens += read + written
+        cached = cached or read
+    if total_tokens is not None and (output_tokens is None or total_tokens > input_tokens + output_tokens):
+        output_tokens = max(0, total_tokens - input_tokens)     # embeddings' none; reasoning reported beside it
+    if output_tokens is None:
+        return None
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=min(cached, input_tokens),
                  reasoning_tokens=_detail(output_details, "reasoning_tokens"))
 
 

@@ -304,3 +304,15 @@ async def test_a_reservation_run_past_its_deadline_holds_nothing_and_reads_the_c
         assert hold is not None and await held_nanos(budgets) == 100_000_000
     finally:
         await client.aclose()
+
+
+def test_a_spend_the_store_did_not_answer_is_reported_unknown_not_zero():
+    """`/admin/tenants` with Redis down showed a tenant that spent its whole budget as untouched (0 spent, 0 in
+    flight): what the store did not answer is null, beside `available: false`."""
+    from gateway.tenancy.limits import LimitUsage
+    budget = BudgetState("acme", tenant().budget, available=False).to_dict()
+    assert (budget["spent_day_usd"], budget["held_usd"], budget["exhausted"], budget["available"]) == (
+        None, None, None, False)
+    assert LimitUsage(available=False).to_dict() == {"requests": None, "tokens": None, "concurrent": None,
+                                                     "available": False}
+    assert BudgetState("acme", tenant().budget).to_dict()["spent_day_usd"] == "0"

@@ -174,3 +174,12 @@ def test_policy_check_notes_a_route_no_model_of_it_can_serve(tmp_path, route_tai
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert says in done.stderr
+
+
+def test_a_refused_url_is_quoted_without_its_credentials(tmp_path):
+    """A Redis URL (or an endpoint) that is refused is quoted in the problem, which reaches the log, `policy
+    check` and the admin API's reload answer: never with its password."""
+    [problem] = check_policy(write(tmp_path, HEAD + "store: {redis_url: 'redis://:REDISPASS@127.0.0.1:70000/0'}\n"))
+    assert "REDISPASS" not in problem.message and "redis://***@127.0.0.1:70000/0" in problem.message
+    [problem] = check_policy(write(tmp_path, HEAD + "store: {redis_url: 'reddis://user:REDISPASS@h/0'}\n"))
+    assert "REDISPASS" not in problem.message

@@ -224,3 +224,14 @@ def test_embeddings_answers_teach_the_router_their_latency():
     finally:
         harness.stop()
     assert served[0] == "small" and served[-1] == "medium", served
+
+
+def test_admin_models_counts_the_time_per_token_samples_a_whole_answer_teaches(gw):
+    """Non-streamed answers often teach only the time per token (their TTFT is hidden): /admin/models' counts
+    say so (`latency_samples` alone, the TTFT count, read 0 while the estimates moved)."""
+    from gateway.admin import model_status
+    for _ in range(3):
+        served_by(gw, max_tokens=50)
+    status = model_status(gw.services.fleet, gw.holder.current.policy.models["small"])
+    assert status["tpot_samples"] >= 3 and status["ttft_samples"] == status["latency_samples"]
+    assert status["tpot_samples"] > status["ttft_samples"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -292,3 +293,53 @@ def test_repeated_long_texts_are_counted_once_and_exactly():
     assert count_text_tokens(huge, "o200k_base") == len(enc.encode_ordinary(huge))
     assert tokens._text(enc, huge) == len(enc.encode_ordinary(huge))
     assert tokens._repeated_text.cache_info().currsize <= 1024
+
+
+@pytest.mark.parametrize("usage, counted", [
+    # reasoning reported beside the output (Gemini through some proxies): the total less the input
+    ({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 115,
+      "completion_tokens_details": {"reasoning_tokens": 100}}, (10, 105, 0, 100)),
+    # Anthropic's input leaves out its cache reads and writes: added back, the reads cached
+    ({"input_tokens": 100, "output_tokens": 20, "cache_read_input_tokens": 900, "cache_creation_input_tokens": 50},
+     (1050, 20, 900, 0)),
+    ({"prompt_tokens": 100, "completion_tokens": 2, "prompt_cache_hit_tokens": 60}, (100, 2, 60, 0)),   # DeepSeek
+    ({"prompt_tokens": 100, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 500}},
+     (100, 2, 100, 0)),                                             # cached is at most the input
+    ({"prompt_tokens": 12, "total_tokens": 12}, (12, 0, 0, 0)),     # embeddings: no output
+    ({"completion_tokens": 400}, None),                             # half a usage: the gateway counts instead
+    ({"prompt_tokens": 1200}, None),
+])
+def test_usage_of_every_shape_a_server_or_proxy_reports_is_read_whole(usage, counted):
+    """Usage shapes of OpenAI-compatible servers and proxies are read as what they bill; half a usage is no
+    usage (it billed the missing half as 0): the gateway's count stands in, marked estimated."""
+    read = usage_from_response({"usage": usage})
+    got = None if read is None else (read.input_tokens, read.output_tokens, read.cached_input_tokens,
+                                     read.reasoning_tokens)
+    assert got == counted
+
+
+def test_a_structured_outputs_schema_is_counted_with_the_prompt():
+    """`response_format: json_schema` puts its schema before the model: its JSON is counted (routing's context fit,
+    tokens per minute and cost predictions undercounted a 1,300-token schema as nothing)."""
+    messages = [{"role": "user", "content": "Fill the form"}]
+    schema = {"name": "form", "strict": True, "schema": {"type": "object", "properties": {
+        f"field_{i}": {"type": "string", "description": f"the value of field {i}"} for i in range(40)}}}
+    bare = count_prompt_tokens("chat", {"messages": messages}, "o200k_base")
+    with_schema = count_prompt_tokens("chat", {"messages": messages, "response_format": {
+        "type": "json_schema", "json_schema": schema}}, "o200k_base")
+    assert with_schema - bare == count_text_tokens(json.dumps(schema, separators=(",", ":")), "o200k_base")
+    assert count_prompt_tokens("chat", {"messages": messages, "response_format": {"type": "json_object"}},
+                               "o200k_base") == bare
+
+
+def test_a_custom_tool_call_in_the_history_counts_its_name_and_input():
+    """An assistant message calling a custom tool (`type: custom`, free-form `input`) counts as a function call
+    with those as its name and arguments (it counted 0: an 1,200-token SQL input went uncounted)."""
+    sql = "SELECT " + ", ".join(f"column_{i}" for i in range(300)) + " FROM orders"
+    custom = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "run_sql", "input": sql}}]}
+    function = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "run_sql", "arguments": sql}}]}
+    as_custom = count_prompt_tokens("chat", {"messages": [custom]}, "o200k_base")
+    assert as_custom == count_prompt_tokens("chat", {"messages": [function]}, "o200k_base")
+    assert as_custom > count_text_tokens(sql, "o200k_base")

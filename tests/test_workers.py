@@ -44,12 +44,13 @@ server: {{grace_period_s: 8}}
 class Workers:
     """`python -m gateway run --workers N` on a free port, its log in a file."""
 
-    def __init__(self, policy: Path, workers: int = 2, *, session: bool = False) -> None:
+    def __init__(self, policy: Path, workers: int = 2, *, session: bool = False,
+                 environ: dict[str, str] | None = None) -> None:
         self.port, self.workers = free_port(), workers
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = policy.with_suffix(".log")
         env = {**{k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "OTEL_SDK_DISABLED": "true",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **(environ or {})}
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host", "127.0.0.1",
@@ -669,3 +670,14 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
             sock.close()
         os.close(ready_r)
         os.close(ready_w)
+
+
+def test_prometheus_with_several_workers_is_warned_of(tmp_path):
+    """With --workers N each /metrics scrape reaches one worker and its own counters: start-up says so."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + "telemetry: {prometheus: true}\n")
+    gateway = Workers(policy, environ={"OTEL_SDK_DISABLED": "false"}).wait_serving()
+    try:
+        assert "each scrape of /metrics is answered by one of them" in gateway.text()
+    finally:
+        gateway.stop()

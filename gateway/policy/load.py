@@ -95,19 +95,26 @@ def one_of(options: tuple[str, ...]) -> Check:
 
 
 def url_with(*schemes: str) -> Check:
-    """A check that a string is a URL with one of `schemes` and a host (or a path for unix)."""
+    """A check that a string is a URL with one of `schemes` and a host (or a path for unix). A refused URL is
+    quoted without its credentials (`redis://:PASSWORD@host`): the message reaches logs and the admin API."""
     def check(value: str) -> str | None:
+        shown = without_credentials(value)
         try:        # the port is read now: one that is no port, or out of range, would fail every call later
             parts = urlsplit(value)
             port = parts.port
         except ValueError as exc:       # also a '[' without ']' (an IPv6 host half written)
-            return f"must be a URL ({' or '.join(schemes)}) with a host, got '{value}': {exc}"
+            return f"must be a URL ({' or '.join(schemes)}) with a host, got '{shown}': {without_credentials(str(exc))}"
         if port == 0:
-            return f"must name a port from 1 to 65535 (or none), got '{value}'"
+            return f"must name a port from 1 to 65535 (or none), got '{shown}'"
         if parts.scheme in schemes and (parts.netloc or parts.scheme == "unix"):
             return None
-        return f"must be a URL ({' or '.join(schemes)}) with a host, got '{value}'"
+        return f"must be a URL ({' or '.join(schemes)}) with a host, got '{shown}'"
     return check
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user and password of any URL in it replaced by `***`."""
+    return re.sub(r"(//)[^/@\s]*@", r"\1***@", text)
 
 
 def supported_version(version: int) -> str | None:

@@ -327,6 +327,10 @@ class LatencyEstimates:
         """Real TTFT samples inside the window."""
         return len(self._fresh(model_name).ttft)
 
+    def tpot_sample_count(self, model_name: str) -> int:
+        """Real time-per-token samples inside the window (a whole answer often teaches only this one)."""
+        return len(self._fresh(model_name).tpot)
+
     def started(self, model_name: str) -> None:
         """A call to the model began."""
         self._in_flight[model_name] = self._in_flight.get(model_name, 0) + 1

@@ -120,11 +120,13 @@ class BudgetState:
 
     def to_dict(self) -> dict[str, object]:
         """The state as JSON-ready data, for GET /admin/tenants."""
-        return {"tenant": self.tenant, "spent_day_usd": plain_usd(self.spent_day_usd),
-                "spent_month_usd": plain_usd(self.spent_month_usd),
+        known = self.available              # the store did not answer: the spend is unknown, not 0
+        return {"tenant": self.tenant, "spent_day_usd": plain_usd(self.spent_day_usd) if known else None,
+                "spent_month_usd": plain_usd(self.spent_month_usd) if known else None,
                 "usd_per_day": _plain_or_none(self.budget.usd_per_day),
                 "usd_per_month": _plain_or_none(self.budget.usd_per_month),
-                "held_usd": plain_usd(self.held_usd), "exhausted": self.exhausted, "reason": self.reason,
+                "held_usd": plain_usd(self.held_usd) if known else None,
+                "exhausted": self.exhausted if known else None, "reason": self.reason,
                 "on_exhausted": self.on_exhausted, "available": self.available}
 
 

@@ -126,8 +126,10 @@ class LimitUsage:
     available: bool = True          # False: the store did not answer
 
     def to_dict(self) -> dict[str, object]:
-        return {"requests": self.requests, "tokens": self.tokens, "concurrent": self.concurrent,
-                "available": self.available}
+        """The use as JSON-ready data; the counts null when the store did not answer (unknown, not 0)."""
+        known = self.available
+        return {"requests": self.requests if known else None, "tokens": self.tokens if known else None,
+                "concurrent": self.concurrent if known else None, "available": self.available}
 
 
 def store_unavailable_error(headers: dict[str, str], what: str = "Rate limit") -> GatewayError:

@@ -52,6 +52,14 @@ def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNU
     return port, sim, gateway
 
 
+def stop_processes(*processes: subprocess.Popen) -> None:
+    """Kill what is still running of `processes` and reap it."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def open_stream(port: int, headers: dict[str, str] | None = None) -> tuple[threading.Thread, list[bytes]]:
     """A 200-token stream read line by line in a thread, once its first data line came: (the reader, its lines)."""
     lines: list[bytes] = []
@@ -96,10 +104,7 @@ def test_a_stream_longer_than_the_grace_period_is_cut_at_it_and_the_gateway_exit
         data = [line for line in lines if line.startswith(b"data:")]
         assert b'"code":"shutting_down"' in data[-1].replace(b" ", b""), data[-3:]
     finally:
-        for process in (gateway, sim):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_processes(gateway, sim)
 
 
 def test_requests_still_running_when_the_grace_period_ends_get_a_503_and_the_ledger_says_why(tmp_path):
@@ -132,10 +137,7 @@ def test_requests_still_running_when_the_grace_period_ends_get_a_503_and_the_led
         assert line["attempts"][-1]["error"] == "shutting_down"
         assert b"ended with 503 shutting_down" in gateway.stderr.read()
     finally:
-        for process in (gateway, sim):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_processes(gateway, sim)
 
 
 def test_a_request_whose_body_is_still_coming_when_the_drain_gives_up_on_it_gets_a_503(tmp_path):
@@ -159,10 +161,7 @@ def test_a_request_whose_body_is_still_coming_when_the_drain_gives_up_on_it_gets
         [line] = [json.loads(line) for line in ledger.read_text().splitlines()]
         assert (line["status"], line["outcome"]) == (503, "shutting_down"), line
     finally:
-        for process in (gateway, sim):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_processes(gateway, sim)
 
 
 def test_a_frozen_redis_does_not_stretch_the_stop_past_the_grace_period(tmp_path):
@@ -184,7 +183,4 @@ def test_a_frozen_redis_does_not_stretch_the_stop_past_the_grace_period(tmp_path
     finally:
         os.kill(redis.process.pid, signal.SIGCONT)
         redis.stop()
-        for process in (gateway, sim):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_processes(gateway, sim)

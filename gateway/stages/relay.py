@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 from aiohttp import web
 
-from gateway.cache.assemble import MAX_ASSEMBLED_CHARS, UNFOLDABLE, StreamAssembler
+from gateway.cache.assemble import FRAME_FIELDS, MAX_ASSEMBLED_CHARS, UNFOLDABLE, StreamAssembler
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
@@ -266,16 +266,11 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
         raise UpstreamTimeout(f"model '{attempt.model.name}' sent no data for {wait_s:g} s") from exc
 
 
-#: the fields every chunk carries: a chunk without choices and with nothing else says nothing to the client
-CHUNK_FRAME_FIELDS = frozenset(("id", "object", "created", "model", "system_fingerprint", "service_tier",
-                                "obfuscation", "choices", "usage"))
-
-
 def _without_usage(chunk: dict) -> bytes | None:
     """The event for a client that did not ask for usage (the gateway asked for it upstream): none for the usage
-    chunk, nor for a chunk left with nothing to say; the chunk without its `usage` key otherwise (Azure's
-    `prompt_filter_results` chunk, which has no choices, included)."""
-    if not chunk.get("choices") and (chunk.get("usage") is not None or CHUNK_FRAME_FIELDS.issuperset(chunk)):
+    chunk, nor for a chunk of the fields every chunk carries alone (FRAME_FIELDS: nothing to say); the chunk
+    without its `usage` key otherwise (Azure's `prompt_filter_results` chunk, which has no choices, included)."""
+    if not chunk.get("choices") and (chunk.get("usage") is not None or FRAME_FIELDS.issuperset(chunk)):
         return None
     return encode_event({key: value for key, value in chunk.items() if key != "usage"})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -101,4 +102,5 @@ async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: flo
             await server
         for sim in sims:
             await sim.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -101,6 +101,8 @@ class Task:
     outcome: str | None = None
     value_usd: Decimal | None = None
     seen_s: float = 0.0
+    counted_usd: Decimal | None = None      # the cost the stats count: the task's when reported (a call that ends
+                                            # later adds to the task, not to the stats, in either book)
 
 
 @dataclass
@@ -115,7 +117,8 @@ class GroupStats:
     @classmethod
     def of(cls, task: Task) -> GroupStats:
         """The stats of one reported task."""
-        stats = cls(tasks=1, cost_usd=task.cost_usd, value_usd=task.value_usd or Decimal(0))
+        cost_usd = task.counted_usd if task.counted_usd is not None else task.cost_usd
+        stats = cls(tasks=1, cost_usd=cost_usd, value_usd=task.value_usd or Decimal(0))
         setattr(stats, task.outcome, 1)
         return stats
 
@@ -234,6 +237,7 @@ class OutcomeBook:
             raise already_reported(task.outcome)
         task.outcome = report.outcome
         task.value_usd = report.value_usd
+        task.counted_usd = task.cost_usd
         return task
 
     def _key(self, report: Report, tenant: str) -> Key:

@@ -20,9 +20,10 @@ FLUSH_S and sent in one script call (its keys share the tenant's slot), so a req
 trip, not one. A flush waits for Redis up to the store timeout (at least MIN_TIMEOUT_S); with Redis down its
 bookings are lost, each one counted, and warned of once (`StoreGuard`). Each booking of a flush is made on its
 own: one that Redis refuses (a key of the wrong type, say) is lost and counted alone.
-A report waits for this process's bookings of its tenant still under way, and looks once more after
-`RECHECK_S` for an unknown id (another replica may be booking it right now); with Redis down it is answered
-503 store_unavailable, and can be sent again. A request that ends after its task was reported adds to the
+A report waits for this process's bookings of its tenant still under way, then `OTHERS_S` for those other
+replicas and workers gather now (a task's last call served by one, its report sent through another just after),
+and looks once more after `RECHECK_S` for an unknown id; with Redis down it is answered 503 store_unavailable,
+and can be sent again. A request that ends after its task was reported adds to the
 task, not to the stats already counted.
 """
 
@@ -62,6 +63,9 @@ MIN_TIMEOUT_S = 1.0
 BUCKETS = 24
 #: how long a tenant's bookings gather before they are sent together (well under RECHECK_S)
 FLUSH_S = 0.02
+#: how long a report waits before it reads, for the bookings other processes are gathering now: their FLUSH_S
+#: and the round trip that sends them
+OTHERS_S = FLUSH_S + 0.03
 #: the most bookings one script call carries (a longer batch is sent in several)
 MAX_BATCH = 256
 
@@ -157,12 +161,14 @@ class RedisOutcomeBook:
     on the response path."""
 
     def __init__(self, client: Redis, prefix: str = "gw", timeout_s: float = MIN_TIMEOUT_S, *,
-                 ttl_s: float = TTL_S, clock: Callable[[], float] = time.time, recheck_s: float = RECHECK_S) -> None:
+                 ttl_s: float = TTL_S, clock: Callable[[], float] = time.time, recheck_s: float = RECHECK_S,
+                 others_s: float = OTHERS_S) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.clock = clock
         self.recheck_s = recheck_s
+        self.others_s = others_s
         self.guard = StoreGuard("outcome store", max(timeout_s, MIN_TIMEOUT_S), logger=log,
                                 meanwhile="requests are served but not booked to their tasks; "
                                           "reports answer 503 store_unavailable")
@@ -262,6 +268,7 @@ class RedisOutcomeBook:
         report = parse_report(payload)
         tenant = tenant or ANONYMOUS
         await self._landed(tenant)
+        await asyncio.sleep(self.others_s)      # another process's booking of the task's last call may be gathering
         if await self.guard.run(lambda: self.client.sadd(self.tenants_key, tenant)) is STORE_DOWN:
             raise store_unavailable()
         task = await self._report(report, tenant)

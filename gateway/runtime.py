@@ -17,7 +17,7 @@ from gateway.errors import PolicyError, PolicyProblem
 from gateway.policy.load import load_policy
 from gateway.policy.model import Policy
 from gateway.routing.matcher import RouteIndex
-from gateway.tenancy.identity import AdminAuth, Identity, tenant_key_hashes
+from gateway.tenancy.identity import AdminAuth, Identity, tenant_keys
 
 log = logging.getLogger("gateway")
 
@@ -35,7 +35,7 @@ class Runtime:
     def build(cls, policy: Policy, environ) -> "Runtime":
         return cls(policy=policy, routes=RouteIndex(policy.routes),
                    identity=Identity(policy),
-                   admin=AdminAuth(policy.server, environ, tenant_key_hashes=tenant_key_hashes(policy)))
+                   admin=AdminAuth(policy.server, environ, tenant_keys=tenant_keys(policy), source=policy.source))
 
 
 #: policy settings read once, at start-up (services.py builds the ledger, telemetry and stores from them, the
@@ -192,6 +192,9 @@ class PolicyHolder:
             return False
         runtime = loaded.runtime
         if runtime.policy.content_sha256 == self.current.policy.content_sha256:
+            if self.status.error is not None:   # the failed edit was undone: the log's last word must not be it
+                log.info("policy file %s is valid again: the policy served (sha256 %s) is unchanged", self.path,
+                         runtime.policy.content_sha256[:12])
             self.status.error = None
             return True
         self.current = runtime

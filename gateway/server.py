@@ -27,7 +27,7 @@ from gateway.errors import ClientError, ClientTooSlow, GatewayError, PolicyError
 from gateway.policy.model import Policy
 from gateway.responses import error_response
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime, file_stat
-from gateway.services import SERVICES, Services, policy_encodings
+from gateway.services import SERVICES, Services, ledger_problem, policy_encodings
 from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
 from gateway.telemetry.config import TelemetryConfig
@@ -384,7 +384,8 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     except ListenError as exc:
         log.error("%s", exc)
         return 1
-    if (problem := redis_url_problem(holder.current.policy, os.environ)) is not None:
+    problem = redis_url_problem(holder.current.policy, os.environ) or ledger_problem(holder.current.policy)
+    if problem is not None:
         log.error("%s", problem)        # said once here, not by each worker in turn until the crash limit
         return 1
     for name in policy_encodings(holder.current.policy):

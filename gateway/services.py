@@ -186,15 +186,21 @@ def share_estimates(services: Services, policy) -> EstimateSharing | None:
     (a reload turns it on or off); None without a Redis, when the policy asking for it is told so."""
     stores = services.stores
     if stores.redis is None:
-        if policy.routing.share_estimates:
-            log.warning("routing.share_estimates: no Redis is configured, so each process routes by its own "
-                        "latency samples")
+        say_unshared(policy)
+        services.holder.listeners.append(lambda runtime: say_unshared(runtime.policy))     # and on each reload
         return None
     sharing = EstimateSharing(stores.redis, policy.store.key_prefix, policy.store.timeout_ms / 1000,
                               services.fleet.estimates, lambda: services.fleet.models)
     services.fleet.share(sharing, services.holder.current.policy)
     sharing.start()
     return sharing
+
+
+def say_unshared(policy) -> None:
+    """Warn that a policy asking to share latency estimates cannot: there is no Redis."""
+    if policy.routing.share_estimates:
+        log.warning("routing.share_estimates: no Redis is configured, so each process routes by its own latency "
+                    "samples")
 
 
 def say_advice(policy) -> None:
@@ -208,8 +214,21 @@ def open_recorder(policy) -> Recorder:
     try:
         return Recorder(policy)
     except OSError as exc:
-        log.error("cannot open the ledger %s (%s), not starting", policy.ledger.path, exc)
+        log.error("%s", _unopened_ledger(policy, exc))
         raise SystemExit(1) from None
+
+
+def ledger_problem(policy) -> str | None:
+    """Why the policy's ledger cannot be opened, in one line (it is opened and closed again); None when it can."""
+    try:
+        Recorder(policy).close()
+    except OSError as exc:
+        return _unopened_ledger(policy, exc)
+    return None
+
+
+def _unopened_ledger(policy, exc: OSError) -> str:
+    return f"cannot open the ledger {policy.ledger.path} ({exc}), not starting"
 
 
 async def open_stores(policy, environ: Mapping[str, str], recorder: Recorder) -> Stores:

@@ -25,6 +25,7 @@ from gateway.cache.redis_store import RedisCache, RedisLock
 from gateway.cache.singleflight import SingleFlight
 from gateway.outcomes import Book, OutcomeBook
 from gateway.outcomes_redis import RedisOutcomeBook
+from gateway.policy.load import url_refusal
 from gateway.policy.model import Policy
 from gateway.store_guard import STORE_ERRORS
 from gateway.switches import env_flag
@@ -58,7 +59,7 @@ def redis_url_problem(policy: Policy, environ: Mapping[str, str]) -> str | None:
         parse_url(url)                  # what the clients' from_url parses it with
     except ValueError as exc:
         source = "GATEWAY_REDIS_URL" if environ.get("GATEWAY_REDIS_URL") else "store.redis_url"
-        return f"cannot use the Redis URL in {source} ({exc}), not starting"
+        return f"cannot use the Redis URL in {source} ({url_refusal(exc, url)}), not starting"
     return None
 
 
@@ -107,6 +108,7 @@ class Stores:
     budgets: Any
     redis: aioredis.Redis | RedisCluster | None = None
     outcomes: Book = field(default_factory=OutcomeBook)
+    key_prefix: str = "gw"              # the start-up policy's store.key_prefix: a reload changes it at restart
 
     @property
     def backend(self) -> str:
@@ -122,7 +124,7 @@ class Stores:
             log.info("no Redis configured: cache, limits, budgets and outcomes are in memory (this process "
                      "only: with several workers or replicas, a task is reported to the process that served it)")
             return cls(cache=MemoryCache(MEMORY_CACHE_BYTES), singleflight=SingleFlight(),
-                       limiter=MemoryLimiter(), budgets=MemoryBudgets())
+                       limiter=MemoryLimiter(), budgets=MemoryBudgets(), key_prefix=store.key_prefix)
         client = redis_client(url, timeout_s, store.max_connections,
                               cluster=store.cluster or env_flag(environ, "GATEWAY_REDIS_CLUSTER"))
         cache = RedisCache(client, timeout_s)
@@ -135,7 +137,7 @@ class Stores:
                 await warm_up_scripts(scripted, WARM_UP_TIMEOUT_S)
             await warm_pool(client, min(WARM_CONNECTIONS, store.max_connections))
         return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)), limiter=limiter,
-                   budgets=budgets, redis=client, outcomes=outcomes)
+                   budgets=budgets, redis=client, outcomes=outcomes, key_prefix=prefix)
 
     async def close(self) -> None:
         """Finish the outcome bookings under way, then close the stores' client through the cache; both bound

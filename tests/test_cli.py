@@ -91,6 +91,17 @@ def test_demo_on_port_zero_tours_the_port_it_got():
     assert "same again (cache)     200" in result.stdout
 
 
+
+def test_demo_leaves_no_working_folder_behind(tmp_path):
+    """`gateway demo` writes its policy to a folder of its own under the temporary directory, and removes it when
+    it stops (each run used to leave one)."""
+    result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--port", "0", "--duration", "0.3"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "same again (cache)     200" in result.stdout     # it did run, with its policy in tmp_path
+    assert list(tmp_path.glob("gateway-demo-*")) == []
+
 def ipv6_loopback() -> bool:
     """Whether this machine can listen on ::1."""
     try:

@@ -226,10 +226,11 @@ def monitored(port: int, run) -> list[str]:
         return out.read().splitlines()[1:]
 
 
-def test_a_tenant_without_a_budget_sends_no_budget_command(redis_server):
-    """Requests of a tenant without a budget send Redis no budget command at all; a budgeted tenant's request
-    sends one script call that reads and reserves together (no separate read), and one for its charge and give-back
-    after."""
+def test_a_tenant_without_a_budget_sends_no_reservation_only_its_charges(redis_server):
+    """Requests of a tenant without a budget send Redis no budget read or reservation, only their charges (its
+    spend is kept, so a budget a reload gives it counts what it spent), in the flush script after each; a budgeted
+    tenant's request sends one script call that reads and reserves together (no separate read), and one for its
+    charge and give-back after."""
     gw = Harness(POLICY, sims=SIMS, environ={"OTEL_SDK_DISABLED": "true",
                                              "GATEWAY_REDIS_URL": redis_server.url}).start()
 
@@ -241,14 +242,19 @@ def test_a_tenant_without_a_budget_sends_no_budget_command(redis_server):
                 wait_until(lambda: len(gw.services.background) == 0)
         return run
 
+    def by_script(lines: list[str]) -> Counter:
+        return Counter(line.split('"')[3] for line in lines if '"EVALSHA"' in line)    # by SHA
+
     try:
         five("paying")()                        # warm: connections, scripts
-        unbudgeted = monitored(redis_server.port, five("open"))
-        assert not [line for line in unbudgeted if "budget" in line]
+        unbudgeted = [line for line in monitored(redis_server.port, five("open")) if "{open}:budget" in line]
         budgeted = [line for line in monitored(redis_server.port, five("paying")) if "{paying}:budget" in line]
-        scripts = Counter(line.split('"')[3] for line in budgeted if '"EVALSHA"' in line)    # by SHA
+        scripts = by_script(budgeted)
         assert sorted(scripts.values()) == [5, 5]           # each request's reservation, and its charge's flush
         assert not [line for line in budgeted if '"MGET"' in line or '"EVAL"' in line]
+        (flush, charges), = by_script(unbudgeted).items()   # one script: the flush, five times, and nothing else
+        assert flush in scripts and charges == 5
+        assert all('"EVALSHA"' in line for line in unbudgeted if " lua] " not in line)     # run by the script
     finally:
         gw.stop()
 

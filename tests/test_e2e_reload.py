@@ -23,7 +23,7 @@ import pytest
 from gateway.runtime import PolicyHolder
 from gateway.server import watch_policy
 from tests.support.harness import Harness
-from tests.support.policies import latency, model, models, standard_model
+from tests.support.policies import latency, model, models, standard_model, tenants
 from tests.support.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +158,27 @@ def test_invalid_edit_keeps_the_old_policy_and_reports(gw, policy_a):
     assert (status, body["last_error"]) == (200, None)
 
 
+
+def test_an_invalid_edit_undone_is_logged_as_valid_again(gw, policy_a, caplog):
+    """A bad edit is logged as an error; putting the served file back is logged too (the error must not stay the
+    log's last word on the policy), and clears last_error."""
+    gw.write_policy(POLICY_BAD)
+    with caplog.at_level("INFO", "gateway"):
+        assert admin(gw.base_url, "POST", "/admin/policy/reload")[0] == 422
+        gw.write_policy(POLICY_A)
+        assert admin(gw.base_url, "POST", "/admin/policy/reload")[1]["last_error"] is None
+    said = [record.getMessage() for record in caplog.records if "policy" in record.getMessage()]
+    assert said[-1].startswith(f"policy file {gw.policy_path} is valid again")
+
+
+def test_a_reload_asking_to_share_estimates_without_redis_says_it_cannot(gw, policy_a, caplog):
+    """routing.share_estimates turned on by a reload, on a gateway without Redis, is warned of as at start-up."""
+    gw.write_policy(POLICY_A + "routing: {{share_estimates: true}}\n")
+    with caplog.at_level("WARNING", "gateway"):
+        assert admin(gw.base_url, "POST", "/admin/policy/reload")[0] == 200
+    assert any("routing.share_estimates: no Redis is configured" in record.getMessage()
+               for record in caplog.records)
+
 def test_a_reload_says_which_settings_wait_for_a_restart(gw, policy_a, caplog):
     """A reload that changes the ledger and the grace period (read once at start-up) applies the rest, and the
     log and GET /admin/policy name those two as taking effect on restart; reverting them clears it."""
@@ -173,6 +194,48 @@ def test_a_reload_says_which_settings_wait_for_a_restart(gw, policy_a, caplog):
     gw.write_policy(POLICY_B)
     assert admin(gw.base_url, "POST", "/admin/policy/reload")[1]["last_error"] is None
 
+
+
+def test_a_budget_a_reload_gives_a_tenant_counts_what_it_spent_before_it():
+    """A tenant without a budget spends (the admin API shows it); a reload gives it a day budget below that spend:
+    its next request is refused with budget_exceeded, not admitted as if it had spent nothing."""
+    free = POLICY_A + tenants({"team": "key-team"})
+    capped = free.replace("keys_sha256:", "budget: {{usd_per_day: 0.0000001}}, keys_sha256:")
+    harness = Harness(free, SIMS, environ={**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}).start()
+    try:
+        team = harness.openai(api_key="key-team")
+        for _ in range(2):
+            team.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        (entry,) = admin(harness.base_url, "GET", "/admin/tenants")[1]["tenants"]
+        assert float(entry["spend"]["spent_day_usd"]) > 0.0000001
+        harness.write_policy(capped)
+        assert harness.call(reload(harness.holder))
+        with pytest.raises(openai.RateLimitError) as refused:
+            team.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert refused.value.code == "budget_exceeded"
+    finally:
+        harness.stop()
+
+
+def test_a_store_key_prefix_edit_waits_for_a_restart_and_the_cache_keeps_its_entries(gw, policy_a):
+    """A reload that changes store.key_prefix is said to take effect on restart, and does: the cache still finds
+    what it stored under the start-up prefix (it went cold at once before)."""
+    cached = POLICY_A.replace("    candidates: [small, medium]\n",
+                              "    candidates: [small, medium]\n    cache: {{enabled: true}}\n")
+    gw.write_policy(cached)
+    assert gw.call(reload(gw.holder))
+    messages = [{"role": "user", "content": f"prefix {time.time_ns()}"}]
+
+    def cache_status() -> str:
+        raw = client(gw).chat.completions.with_raw_response.create(
+            model="auto", messages=messages, max_tokens=3, temperature=0)
+        return raw.headers["x-gateway-cache"]
+
+    assert cache_status() == "stored"
+    gw.write_policy(cached + "store: {{key_prefix: gwnew}}\n")
+    status, body = admin(gw.base_url, "POST", "/admin/policy/reload")
+    assert status == 200 and "store takes effect on restart" in body["last_error"]
+    assert cache_status() == "hit"
 
 def test_reload_applies_new_breaker_settings(gw, policy_a):
     """After a reload to a policy with failure_threshold 1, a single failure opens the circuit."""

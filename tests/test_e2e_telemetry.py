@@ -196,10 +196,12 @@ def test_stream_spans_cover_the_whole_stream(gw, receiver):
     for span in (server, attempt):
         assert span.end_ns >= received_ns[-1] - slack_ns
         assert span.end_ns - span.start_ns >= 400_000_000
-    assert attempt.end_ns - received_ns[0] >= 350_000_000
     assert attempt.attributes["gen_ai.request.stream"] is True
     ttfc_s = attempt.attributes["gen_ai.response.time_to_first_chunk"]
     assert type(ttfc_s) is float and 0.01 < ttfc_s < (attempt.end_ns - attempt.start_ns) / 1e9
+    # the nine tokens after the first (50 ms each) are inside the CLIENT span, timed by the gateway alone (the
+    # in-process client may read its first chunk late)
+    assert attempt.end_ns - attempt.start_ns - ttfc_s * 1e9 >= 400_000_000
     assert attempt.attributes["gen_ai.usage.output_tokens"] == 10
 
 

@@ -351,6 +351,9 @@ def test_admin_tenants_shows_usage_against_limits_and_budgets(gw):
     assert spend["usd_per_day"] == "0.000003"
     assert 0 < float(spend["spent_day_usd"]) <= 0.000003     # refused before its requests could overspend
     assert by_name["thrifty"]["spend"]["on_exhausted"] == "downgrade"
+    # tpm has no budget, and its spend is kept all the same (a budget given it later counts it)
+    tpm = by_name["tpm"]["spend"]
+    assert float(tpm["spent_day_usd"]) > 0 and tpm["spent_month_usd"] == tpm["spent_day_usd"]
 
 
 # secrets ------------------------------------------------------------------------------------------

@@ -49,14 +49,14 @@ def delta_chunk(delta: dict, index: int = 0, finish: str | None = None) -> dict:
 
 
 def settled(chunks: list[dict], *, endpoint: str = "chat", status: int = 200,
-            usage: Usage | None = None) -> Usage:
+            usage: Usage | None = None, body: dict | None = None) -> Usage:
     """The usage settle_attempt gives an attempt whose stream, absorbed by the relay's StreamState, sent
-    `chunks`."""
+    `chunks` (in answer to `body`)."""
     state = StreamState(assemble_for=None)
     for each in chunks:
         state.absorb(each)
     ctx = RequestContext(http=None, policy=None, request_id="r", endpoint=endpoint, prompt_tokens=7,
-                         bytes_sent=True)
+                         bytes_sent=True, body=body or {})
     ctx.stream_record = state
     attempt = Attempt(model=MODEL, started_s=0.0, status=status, usage=usage)
     ctx.attempts.append(attempt)
@@ -93,7 +93,7 @@ def test_parallel_tool_calls_are_each_joined_apart():
     state = StreamState(assemble_for=None)
     for each in chunks:
         state.absorb(each)
-    assert sorted(text for _, text in state.parts.items()) == \
+    assert sorted(text for _, _, text in state.parts.items()) == \
         sorted(["one", "".join(first), "two", "".join(second), "three", "{}"])
 
 
@@ -152,7 +152,7 @@ def test_a_long_reasoning_stream_is_held_joined_not_piece_by_piece():
         state.absorb(delta_chunk({"reasoning_content": piece}))
     (kept,) = state.parts._parts.values()
     assert len(kept.pieces) < JOIN_EVERY and len(kept.groups) == len(pieces) // JOIN_EVERY
-    assert state.parts.items() == [("reasoning", "".join(pieces))]
+    assert state.parts.items() == [(0, "reasoning", "".join(pieces))]
 
 
 def test_reasoning_content_is_counted():
@@ -245,6 +245,77 @@ def test_a_plain_answer_counts_its_message_whole():
     assert attempt.usage == Usage(input_tokens=7, output_tokens=sum(map(tokens, texts)),
                                   reasoning_tokens=tokens("Need weather."), estimated=True)
 
+
+
+def settled_whole(body: dict, answer: dict, endpoint: str = "chat") -> Usage:
+    """The usage settle_attempt gives a non-streamed attempt that answered `answer` to `body`, without usage."""
+    ctx = RequestContext(http=None, policy=None, request_id="r", endpoint=endpoint, prompt_tokens=7, body=body)
+    ctx.response_body = answer
+    attempt = Attempt(model=MODEL, started_s=0.0, status=200)
+    ctx.attempts.append(attempt)
+    settle_attempt(ctx, attempt)
+    return attempt.usage
+
+
+def test_a_streamed_custom_tool_call_is_counted():
+    """A custom tool's call (`custom: {name, input}`, its input streamed in pieces) counts its name and its whole
+    input, as a function call counts its name and arguments."""
+    chunks = [delta_chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "custom",
+                                           "custom": {"name": "run_sql", "input": ""}}]}),
+              *(delta_chunk({"tool_calls": [{"index": 0, "custom": {"input": piece}}]})
+                for piece in ["SELECT name", " FROM users", " WHERE id = 7"])]
+    assert settled(chunks).output_tokens == tokens("run_sql") + tokens("SELECT name FROM users WHERE id = 7")
+
+
+def test_a_whole_custom_tool_call_is_counted():
+    """A non-streamed answer's custom tool call counts its name and input."""
+    message = {"role": "assistant", "content": None,
+               "tool_calls": [{"id": "c1", "type": "custom", "custom": {"name": "run_sql", "input": "SELECT 1"}}]}
+    usage = settled_whole({}, {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]})
+    assert usage.output_tokens == tokens("run_sql") + tokens("SELECT 1")
+
+
+PROMPT = "The capital of France is"
+
+
+def test_an_echoed_prompt_is_not_generated_output():
+    """A completion asked to `echo` writes the prompt before its answer: only the answer is output."""
+    body = {"model": "m", "prompt": PROMPT, "echo": True}
+    answer = {"choices": [{"index": 0, "text": PROMPT + " Paris, of course.", "finish_reason": "stop"}]}
+    assert settled_whole(body, answer, "completions").output_tokens == tokens(" Paris, of course.")
+
+
+def test_a_streamed_echo_is_not_generated_output():
+    """A streamed completion's echoed prompt (its first chunk) is not output either."""
+    chunks = [{"choices": [{"index": 0, "text": PROMPT}]}, {"choices": [{"index": 0, "text": " Paris"}]},
+              {"choices": [{"index": 0, "text": "."}]}]
+    usage = settled(chunks, endpoint="completions", body={"model": "m", "prompt": PROMPT, "echo": True})
+    assert usage.output_tokens == tokens(" Paris.")
+
+
+def test_a_batch_echo_takes_each_choice_its_own_prompt_off():
+    """With a batch of prompts and `n` 2, choice `i * 2 + j` echoes prompt `i`: each has its own prompt taken
+    off, not another's."""
+    prompts = ["Roses are", "Violets are"]
+    answers = [" red.", " crimson.", " blue.", " violet."]
+    body = {"model": "m", "prompt": prompts, "n": 2, "echo": True}
+    choices = [{"index": k, "text": prompts[k // 2] + text, "finish_reason": "stop"} for k, text in enumerate(answers)]
+    assert settled_whole(body, {"choices": choices}, "completions").output_tokens == sum(map(tokens, answers))
+
+
+def test_an_echoed_prompt_of_token_ids_is_taken_off_by_its_length():
+    """A prompt sent as token ids comes back as text: its length in tokens is taken off the count."""
+    ids = get_encoding("o200k_base").encode_ordinary(PROMPT)
+    body = {"model": "m", "prompt": ids, "echo": True}
+    answer = {"choices": [{"index": 0, "text": PROMPT + " Paris.", "finish_reason": "stop"}]}
+    assert settled_whole(body, answer, "completions").output_tokens == tokens(PROMPT + " Paris.") - len(ids)
+
+
+def test_without_echo_the_prompt_text_in_an_answer_is_output():
+    """An answer that happens to repeat the prompt, not asked to echo it, is all output."""
+    answer = {"choices": [{"index": 0, "text": PROMPT + " Paris.", "finish_reason": "stop"}]}
+    usage = settled_whole({"model": "m", "prompt": PROMPT}, answer, "completions")
+    assert usage.output_tokens == tokens(PROMPT + " Paris.")
 
 # end to end: a scripted model server, the ledger and the cost ----------------------------------------------
 

@@ -426,7 +426,8 @@ def test_one_failing_shutdown_step_skips_none_of_the_rest(monkeypatch):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_ledger_that_cannot_be_created_stops_the_start_in_one_line(tmp_path, workers):
-    """`gateway run` with a ledger under a file exits 1 saying so in one line per worker, with no traceback."""
+    """`gateway run` with a ledger under a file exits 1 saying so in one line, with no traceback: with workers,
+    before any starts (not once by each in turn until the supervisor's crash limit)."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(textwrap.dedent("""\
         version: 1
@@ -441,5 +442,6 @@ def test_a_ledger_that_cannot_be_created_stops_the_start_in_one_line(tmp_path, w
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
     said = [line for line in run.stderr.splitlines() if "ledger" in line]
-    assert said and all(line.endswith("cannot open the ledger /dev/null/ledger.jsonl "
-                                      "([Errno 20] Not a directory: '/dev/null'), not starting") for line in said)
+    assert len(said) == 1 and said[0].endswith("cannot open the ledger /dev/null/ledger.jsonl "
+                                               "([Errno 20] Not a directory: '/dev/null'), not starting")
+    assert "worker" not in run.stderr

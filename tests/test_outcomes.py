@@ -170,6 +170,16 @@ async def test_entries_are_forgotten_by_age_and_count_and_only_the_tenant_may_re
     assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).outcome == "success"
 
 
+
+async def test_a_call_that_ends_after_its_task_was_reported_adds_to_the_task_not_to_the_stats(book):
+    """A task reported at 0.5 USD stays 0.5 in the stats (as in its metric and ledger line) when another of its
+    calls ends afterwards, in either book."""
+    track(book, "r1", "0.5", task_id="job")
+    assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).cost_usd == Decimal("0.5")
+    track(book, "r2", "0.25", task_id="job")
+    await book.close()
+    assert (await book.stats())["tenant"]["acme"]["cost_usd"] == "0.5"
+
 # the Redis book ----------------------------------------------------------------------------------------
 
 async def test_a_task_booked_by_one_process_is_reported_once_through_another(redis_client):
@@ -243,6 +253,18 @@ async def test_a_report_waits_for_the_booking_this_process_has_under_way(redis_c
     task = await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")    # no close(): in flight
     assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
 
+
+
+async def test_a_report_through_another_process_counts_the_call_the_first_is_still_booking(redis_client):
+    """A task's last call served by one process, its outcome reported through another just after: the report
+    waits for the first process's booking, which gathers for FLUSH_S, and counts that call."""
+    first, second = redis_book(redis_client), redis_book(redis_client)
+    track(first, "r1", "0.5", task_id="job")
+    await first.close()
+    track(first, "r2", "0.25", task_id="job")           # not sent yet
+    task = await second.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+    assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
+    assert (await second.stats())["tenant"]["acme"]["cost_usd"] == "0.75"
 
 async def test_redis_down_loses_bookings_quietly_and_reports_answer_503(caplog):
     """With Redis gone a booking never raises (warned of once, counted) and a report or stats read is 503

@@ -43,6 +43,17 @@ def test_an_energy_limit_on_an_embeddings_route_is_said_not_to_apply():
     assert advice(parse_policy(chat)) == []
 
 
+
+def test_a_gpu_hour_price_on_gpus_named_by_no_id_is_said_to_charge_one():
+    """A model priced per GPU hour whose gpus names no ids (sampling reads every GPU) is charged for one GPU:
+    said, so an 8-GPU server is not billed as one unnoticed; naming the ids, or no gpus at all, says nothing."""
+    priced = HEAD.replace("gpus: {source: nvml, ids: [0]}", "gpu_hour_usd: 3.6, gpus: {source: nvml}")
+    assert advice(parse_policy(priced)) == [
+        "models.small.gpu_hour_usd: charged for one GPU, as its gpus names no ids (GPU time is priced per GPU "
+        "gpus.ids names; sampling reads them all): list its GPUs in gpus.ids to charge each"]
+    assert advice(parse_policy(priced.replace("{source: nvml}", "{source: nvml, ids: [0, 1]}"))) == []
+    assert advice(parse_policy(HEAD.replace("gpus: {source: nvml, ids: [0]}", "gpu_hour_usd: 3.6"))) == []
+
 def test_policy_check_prints_notes_after_ok_and_still_exits_0(tmp_path, capsys):
     path = tmp_path / "policy.yaml"
     path.write_text(HEAD + "tenants:\n  vip: {priority: 5}\n")

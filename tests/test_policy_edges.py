@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.policy.load import check_policy
-from gateway.policy.model import Sla
+from gateway.policy.model import Policy, Sla
+from gateway.stores import redis_url_problem
 from gateway.routing import Tighten
 from tests.support.harness import Harness
 from tests.support.policies import models, short_timeouts, standard_model
@@ -183,3 +184,16 @@ def test_a_refused_url_is_quoted_without_its_credentials(tmp_path):
     assert "REDISPASS" not in problem.message and "redis://***@127.0.0.1:70000/0" in problem.message
     [problem] = check_policy(write(tmp_path, HEAD + "store: {redis_url: 'reddis://user:REDISPASS@h/0'}\n"))
     assert "REDISPASS" not in problem.message
+
+
+@pytest.mark.parametrize("url", ["redis://:Zx9/Kq+Pw3S3cr3t@redis.internal:6379/0",
+                                 "redis://user:Zx9/Kq+Pw3S3cr3t@redis.internal/0"])
+def test_a_password_holding_a_slash_is_not_quoted_in_part(tmp_path, url):
+    """A password with a '/' its writer did not percent-encode (base64 ones have them) is masked whole, and the
+    URL parser's reason, which quotes the password's start as a port, is not passed on: the problem says what
+    to do instead."""
+    [problem] = check_policy(write(tmp_path, HEAD + f"store: {{redis_url: '{url}'}}\n"))
+    assert "Zx9" not in problem.message and "S3cr3t" not in problem.message
+    assert "***@redis.internal" in problem.message and "percent-encoded" in problem.message
+    said = redis_url_problem(Policy(version=1, models={}, routes=()), {"GATEWAY_REDIS_URL": url})
+    assert "Zx9" not in said and "S3cr3t" not in said and "percent-encoded" in said

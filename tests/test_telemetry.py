@@ -88,6 +88,7 @@ def drive_request(telemetry: Telemetry, ctx: RequestContext) -> tuple[dict[str, 
     ctx.attempts.append(failed)
     failed_headers = telemetry.start_attempt(ctx, failed)
     failed.error_type, failed.status, failed.ended_s = "timeout", 504, time.perf_counter()
+    failed.cost_usd = Decimal("0.0002")        # GPU time the timed-out call held
     telemetry.end_attempt(ctx, failed)
     answered = Attempt(model=LARGE, started_s=time.perf_counter())
     ctx.attempts.append(answered)
@@ -96,6 +97,7 @@ def drive_request(telemetry: Telemetry, ctx: RequestContext) -> tuple[dict[str, 
     answered.usage = Usage(input_tokens=10, output_tokens=20, cached_input_tokens=4, reasoning_tokens=3)
     answered.response_id, answered.response_model = "chatcmpl-1", "sim-large-70b-0613"
     answered.finish_reasons = ("stop",)
+    answered.cost_usd = Decimal("0.00103")
     telemetry.end_attempt(ctx, answered, chunk_gaps_s=[0.01, 0.02, 0.03])
     ctx.fallback_state, ctx.fallback_reason = "fallback", "timeout"
     ctx.cache_status, ctx.cost_usd, ctx.energy_j, ctx.usage = "stored", Decimal("0.00123"), 12.5, answered.usage
@@ -208,7 +210,11 @@ def test_metrics_names_units_buckets_and_labels(receiver, make_telemetry, protoc
               "gateway.fallback.state": "fallback"}
     requests = metrics["gateway.requests"]
     assert requests.monotonic and requests.points[0].attributes == labels and requests.points[0].value == 1
-    assert metrics["gateway.cost"].unit == "USD" and metrics["gateway.cost"].points[0].value == pytest.approx(0.00123)
+    cost = metrics["gateway.cost"]      # each attempt's cost under the model that ran it
+    assert cost.unit == "USD" and points_by(cost, **labels)[0].value == pytest.approx(0.00103)
+    (failed_cost,) = points_by(cost, **{"gateway.model.selected": "small"})
+    assert failed_cost.value == pytest.approx(0.0002)
+    assert failed_cost.attributes == {**labels, "gateway.model.selected": "small"}
     assert metrics["gateway.energy"].unit == "J" and metrics["gateway.energy"].points[0].value == 12.5
     assert points_by(metrics["gateway.cache.lookups"], **{"gateway.cache.status": "stored"})[0].value == 1
     assert points_by(metrics["gateway.fallbacks"], **{"gateway.fallback.reason": "timeout"})[0].value == 1
@@ -220,6 +226,29 @@ def test_metrics_names_units_buckets_and_labels(receiver, make_telemetry, protoc
     assert (error.sum, error.attributes["gateway.tokens.error.direction"]) == (2, "over")
     assert {p.value for p in metrics["gateway.telemetry.dropped"].points} == {0}
 
+
+
+def test_sla_counts_requests_their_plan_served_and_refusals_for_the_sla(receiver, make_telemetry):
+    """gateway.sla counts a request refused at admission (after routing, before any model) not at all, and one
+    refused because no model meets its SLA as missed; a served one by its decision (met here)."""
+    from gateway.errors import NoModelMeetsSla, RateLimited
+    telemetry = make_telemetry(otlp_env(receiver, "grpc"))
+    drive_request(telemetry, make_ctx())                # served: met
+    refused = make_ctx(tenant="limited")
+    telemetry.start_request(refused, refused.http.headers)
+    with telemetry.route_span(refused):
+        refused.decision = decision()
+    refused.error, refused.status = RateLimited("slow down"), 429
+    telemetry.finish_request(refused)
+    unmet = make_ctx(tenant="strict")
+    telemetry.start_request(unmet, unmet.http.headers)
+    unmet.error, unmet.status = NoModelMeetsSla("no model meets the SLA"), 503
+    telemetry.finish_request(unmet)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.sla")
+    sla = receiver.latest_metrics()["gateway.sla"]
+    assert sorted((p.attributes["gateway.tenant"], p.attributes["gateway.sla.status"], p.value)
+                  for p in sla.points) == [("acme", "met", 1), ("strict", "missed", 1)]
 
 def test_invalid_traceparent_starts_a_new_trace(receiver, make_telemetry):
     """A malformed traceparent is ignored: the SERVER span becomes the root of a fresh trace."""

@@ -12,7 +12,7 @@ from gateway.errors import AuthenticationFailed, PermissionDenied, PolicyError
 from gateway.policy.model import Match, Model, Policy, Route, Server, Tenant
 from gateway.tenancy import identity as identity_module
 from gateway.tenancy import keys
-from gateway.tenancy.identity import AdminAuth, Identity, sha256_hex, tenant_key_hashes
+from gateway.tenancy.identity import AdminAuth, Identity, sha256_hex, tenant_keys
 
 ACME_KEY = "gw-acme-secret-key"
 BETA_KEY = "gw-beta-secret-key"
@@ -114,12 +114,16 @@ def test_tenant_key_is_never_an_admin_token():
     """A tenant key is refused as admin token, and configuring it as one fails at start-up."""
     policy = make_policy(ACME)
     admin = AdminAuth(policy.server, {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
-                      tenant_key_hashes=tenant_key_hashes(policy))
+                      tenant_keys=tenant_keys(policy), source=policy.source)
     with pytest.raises(AuthenticationFailed):
         admin.check({"Authorization": f"Bearer {ACME_KEY}"})
-    with pytest.raises(PolicyError, match="also a tenant API key"):
-        AdminAuth(policy.server, {"GATEWAY_ADMIN_TOKEN": ACME_KEY},
-                  tenant_key_hashes=tenant_key_hashes(policy))
+    with pytest.raises(PolicyError) as refused:
+        AdminAuth(policy.server, {"GATEWAY_ADMIN_TOKEN": ACME_KEY}, tenant_keys=tenant_keys(policy),
+                  source="policy.yaml")
+    # the problem names the file, the tenant's keys and where the token came from (the environment, not the file)
+    assert str(refused.value.problems[0]) == (
+        "policy.yaml: tenants.acme.keys_sha256: the admin token in $GATEWAY_ADMIN_TOKEN (server.admin_token_env) "
+        "is also this tenant's API key (tenant keys are never accepted as the admin's)")
 
 
 def test_admin_disabled_without_token():
@@ -162,6 +166,16 @@ def test_keys_new_prints_key_and_yaml_line(capsys):
     tenant = Tenant("acme", keys_sha256=(sha256_hex(key),))
     assert Identity(make_policy(tenant)).identify({"api-key": key}) is tenant
 
+
+
+@pytest.mark.parametrize(("name", "says"), [("a{b}", "must not contain '{' or '}'"), ("", "must not be empty"),
+                                            ("team\nb", "control characters")])
+def test_keys_new_refuses_a_tenant_name_the_policy_would(capsys, name, says):
+    """`gateway keys new --tenant` with a name the policy refuses exits 2 saying why, and mints no key (a line
+    pasted from it would fail `policy check`)."""
+    assert keys.main(["new", "--tenant", name]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and says in captured.err
 
 def test_keys_hash_reads_stdin(capsys, monkeypatch):
     """`gateway keys hash` prints the SHA-256 of the secret on stdin, and fails on empty input."""

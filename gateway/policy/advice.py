@@ -17,6 +17,11 @@ def advice(policy: Policy) -> list[str]:
     if prioritised and policy.routing.queue_timeout_ms <= 0:
         notes.append(f"tenants.{{{', '.join(prioritised)}}}.priority: set, but routing.queue_timeout_ms is 0: "
                      f"priority orders only calls waiting for a model's call slot, so it has no effect")
+    for name, model in policy.models.items():
+        if model.gpu_hour_usd is not None and model.gpus is not None and not model.gpus.ids:
+            notes.append(f"models.{name}.gpu_hour_usd: charged for one GPU, as its gpus names no ids (GPU time is "
+                         f"priced per GPU gpus.ids names; sampling reads them all): list its GPUs in gpus.ids to "
+                         f"charge each")
     for route in policy.routes:
         if route.sla.max_energy_j is not None and set(route.match.endpoints) == {"embeddings"}:
             notes.append(f"routes.{route.name}.sla.max_energy_j: embeddings have no output tokens to scale an "

@@ -80,6 +80,15 @@ def hash_tag_safe(value: str) -> str | None:
     return "must not contain '{' or '}' (they mark Redis Cluster hash tags)" if "{" in value or "}" in value else None
 
 
+#: what a tenant's name must be (`gateway keys new --tenant` applies them too)
+TENANT_NAME_CHECKS = (not_blank, header_safe, hash_tag_safe)
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a tenant; None when it can."""
+    return next((problem for check in TENANT_NAME_CHECKS if (problem := check(name)) is not None), None)
+
+
 def sha256_hex(value: str) -> str | None:
     """Accepts exactly 64 lower-case hex digits."""
     return None if re.fullmatch(r"[0-9a-f]{64}", value) else "must be a SHA-256 as 64 lower-case hex digits"
@@ -103,7 +112,7 @@ def url_with(*schemes: str) -> Check:
             parts = urlsplit(value)
             port = parts.port
         except ValueError as exc:       # also a '[' without ']' (an IPv6 host half written)
-            return f"must be a URL ({' or '.join(schemes)}) with a host, got '{shown}': {without_credentials(str(exc))}"
+            return f"must be a URL ({' or '.join(schemes)}) with a host, got '{shown}': {url_refusal(exc, value)}"
         if port == 0:
             return f"must name a port from 1 to 65535 (or none), got '{shown}'"
         if parts.scheme in schemes and (parts.netloc or parts.scheme == "unix"):
@@ -112,9 +121,20 @@ def url_with(*schemes: str) -> Check:
     return check
 
 
+def url_refusal(exc: ValueError, url: str) -> str:
+    """Why a URL parser refused `url`, unless its reason quotes a piece of the URL's user or password (a password
+    holding a '/' is read as a port up to it): then what to do instead."""
+    reason = str(exc)
+    userinfo = url.split("//", 1)[-1].rpartition("@")[0]
+    if any(len(piece) > 1 and piece in reason for piece in re.split(r"[:/?#]", userinfo)):
+        return "a '/', '?' or '#' in its user or password must be percent-encoded ('/' as %2F)"
+    return reason
+
+
 def without_credentials(text: str) -> str:
-    """`text` with the user and password of any URL in it replaced by `***`."""
-    return re.sub(r"(//)[^/@\s]*@", r"\1***@", text)
+    """`text` with the user and password of any URL in it replaced by `***`: all from `//` to the URL's last `@`
+    (a password may hold a `/` its writer did not encode)."""
+    return re.sub(r"(//)[^\s'\"]*@", r"\1***@", text)
 
 
 def supported_version(version: int) -> str | None:
@@ -316,7 +336,7 @@ POLICY = Section(Policy, {
     "version": Spec(integer(supported_version), required=True),
     "models": Spec(named("model", MODEL, not_blank, header_safe, non_empty=True), required=True),
     "routes": Spec(items(ROUTE, non_empty=True), required=True),
-    "tenants": named("tenant", TENANT, not_blank, header_safe, hash_tag_safe),
+    "tenants": named("tenant", TENANT, *TENANT_NAME_CHECKS),
     "server": SERVER,
     "routing": ROUTING,
     "store": STORE,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import orjson
 
 from gateway.context import Attempt, RequestContext, Usage
+from gateway.stages.parse import prompts_in
 from gateway.tokens import DEFAULT_ENCODING, count_completion_tokens, count_prompt_tokens, usage_from_response
 
 
@@ -34,38 +35,80 @@ def read_identity(attempt: Attempt, answer: dict) -> None:
 
 def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
     """Tokens counted by the gateway when the upstream reported none: the prompt, and every text the model
-    generated (content, reasoning, refusals, function and tool calls), its reasoning also counted apart."""
+    generated (content, reasoning, refusals, function and tool calls), its reasoning also counted apart; a prompt
+    a completion echoed is not generated output."""
     encoding = attempt.model.encoding
     output = reasoning = 0
     if ctx.endpoint != "embeddings":
-        texts, reasoning_texts = _generated_texts(ctx)
-        reasoning = count_completion_tokens(reasoning_texts, encoding)
-        output = count_completion_tokens(texts, encoding) + reasoning
+        generated = _generated_texts(ctx)
+        reasoning = count_completion_tokens(generated.reasoning, encoding)
+        output = count_completion_tokens(generated.texts, encoding) + reasoning
+        output = max(reasoning, output - generated.echoed_ids)
     return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, reasoning_tokens=reasoning,
                  estimated=True)
 
 
-def _generated_texts(ctx: RequestContext) -> tuple[list[str], list[str]]:
-    """The texts the model generated, (reasoning apart, the rest): a non-streamed answer's choices, or what a
-    stream sent the client, each part of each choice joined whole (its text, a tool call's arguments: they come
-    in fragments that split tokens apart, so counted one by one they would count more)."""
-    texts: list[str] = []
-    reasoning: list[str] = []
+class _Generated:
+    """The texts an answer generated: reasoning apart from the rest, and the token ids of prompts it echoed
+    (their text is among `texts`, written back by the model)."""
+
+    __slots__ = ("texts", "reasoning", "echoes", "echoed_ids")
+
+    def __init__(self, echoes: list[object] | None) -> None:
+        self.texts: list[str] = []
+        self.reasoning: list[str] = []
+        self.echoes = echoes
+        self.echoed_ids = 0
+
+    def add(self, part: str, text: str, index: int) -> None:
+        """One part of choice `index`; its text (CONTENT) without the prompt echoed before it."""
+        if part == REASONING:
+            self.reasoning.append(text)
+            return
+        echoed = self.echoes[index] if part == CONTENT and self.echoes and 0 <= index < len(self.echoes) else None
+        if isinstance(echoed, str) and text.startswith(echoed):
+            text = text[len(echoed):]
+        elif isinstance(echoed, list) and text:
+            self.echoed_ids += len(echoed)
+        self.texts.append(text)
+
+
+def _generated_texts(ctx: RequestContext) -> _Generated:
+    """The texts the model generated: a non-streamed answer's choices, or what a stream sent the client, each part
+    of each choice joined whole (its text, a tool call's arguments: they come in fragments that split tokens
+    apart, so counted one by one they would count more)."""
+    generated = _Generated(_echoes(ctx))
     if ctx.response_body is not None:
         choices = ctx.response_body.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
+        for position, choice in enumerate(choices if isinstance(choices, list) else ()):
             if isinstance(choice, dict):
-                texts.append(_choice_text(choice))
+                index = choice.get("index", position)
+                index = index if type(index) is int else position
+                generated.add(CONTENT, _choice_text(choice), index)
                 message = choice.get("message")
-                _sort_parts(generated_parts(message) if isinstance(message, dict) else (), texts, reasoning)
+                for part, text in generated_parts(message) if isinstance(message, dict) else ():
+                    generated.add(part, text, index)
     elif (record := ctx.stream_record) is not None:
-        _sort_parts(record.parts.items(), texts, reasoning)
-    return texts, reasoning
+        for index, part, text in record.parts.items():
+            generated.add(part, text, index)
+    return generated
 
 
-def _sort_parts(parts: Iterable[tuple[str, str]], texts: list[str], reasoning: list[str]) -> None:
-    for part, text in parts:
-        (reasoning if part == REASONING else texts).append(text)
+def _echoes(ctx: RequestContext) -> list[object] | None:
+    """A completions request with `echo`: each choice's prompt (choice `i * n + j` answers prompt `i`), a text or
+    token ids, which the model wrote before its answer and did not generate; None otherwise."""
+    body = ctx.body
+    if ctx.endpoint != "completions" or not isinstance(body, dict) or body.get("echo") is not True:
+        return None
+    prompt = body.get("prompt")
+    prompts = prompt if prompts_in("completions", body) > 1 else [prompt]
+    n = body.get("n")
+    n = n if type(n) is int and n > 0 else 1
+    return [each if isinstance(each, str) or _token_ids(each) else None for each in prompts for _ in range(n)]
+
+
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and all(type(token) is int for token in value)
 
 
 #: the part of an answer that is its reasoning (counted apart as reasoning tokens too)
@@ -110,9 +153,10 @@ class GeneratedParts:
         else:
             kept.append(text)
 
-    def items(self) -> list[tuple[str, str]]:
-        """(part, its text joined) of each choice's parts; the part as `generated_parts` names it, or CONTENT."""
-        return [(part, kept.text()) for (_, part), kept in self._parts.items()]
+    def items(self) -> list[tuple[int, str, str]]:
+        """(choice index, part, its text joined) of each choice's parts; the part as `generated_parts` names it,
+        or CONTENT."""
+        return [(index, part, kept.text()) for (index, part), kept in self._parts.items()]
 
     def texts(self) -> list[tuple[int, str]]:
         """(choice index, its text joined) of each choice that sent text, by index."""
@@ -154,7 +198,8 @@ class _Part:
 def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
     """The texts a model generated in a chat message or stream delta besides its `content`, each with the part
     of the answer it belongs to: reasoning (`reasoning_content`, else `reasoning`: a server that sends both
-    sends the same text twice), a refusal, a legacy `function_call`, and each tool call, by name and arguments."""
+    sends the same text twice), a refusal, a legacy `function_call`, and each tool call, by name and arguments
+    (a custom tool's: its name and input)."""
     reasoning = message.get("reasoning_content")
     if not _is_text(reasoning):
         reasoning = message.get("reasoning")
@@ -167,8 +212,10 @@ def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
     for position, call in enumerate(tool_calls if isinstance(tool_calls, list) else ()):
         if isinstance(call, dict):
             index = call.get("index", position)
-            yield from _function_parts(f"tool_calls[{index if type(index) is int else position}]",
-                                       call.get("function"))
+            function = call.get("function")
+            if function is None and isinstance(custom := call.get("custom"), dict):
+                function = {"name": custom.get("name"), "arguments": custom.get("input")}
+            yield from _function_parts(f"tool_calls[{index if type(index) is int else position}]", function)
 
 
 def _function_parts(part: str, function: object) -> Iterator[tuple[str, str]]:

@@ -63,7 +63,7 @@ class Lookup:
         lookup, store = cache_control(ctx.http.headers)
         if not is_cacheable(ctx.body, route.cache, endpoint=ctx.endpoint) or not (lookup or store):
             return None
-        ctx.cache_key = cache_key(prefix=ctx.policy.store.key_prefix, tenant=ctx.tenant_name,
+        ctx.cache_key = cache_key(prefix=self.services.stores.key_prefix, tenant=ctx.tenant_name,
                                   route=route.name, resolved=route.name, endpoint=ctx.endpoint, body=ctx.body)
         ctx.cache_store = store
         ctx.cache_lookup = lookup

@@ -249,6 +249,17 @@ def outcome(ctx: RequestContext) -> str:
     return f"http_{ctx.status}"
 
 
+
+def sla_status(ctx: RequestContext) -> str | None:
+    """`met` or `missed` (by the routing decision) for a request its plan served: a model or the cache answered
+    it, or its models failed; `missed` for one refused because no model meets its route's SLA; None for one
+    refused before it reached a model (rate limits, budget) or never routed."""
+    if getattr(ctx.error, "code", None) == "sla_unmet":
+        return "missed"
+    if ctx.decision is None or not (ctx.attempts or ctx.cache_status == "hit"):
+        return None
+    return "met" if ctx.decision.sla_met else "missed"
+
 def metric_labels(ctx: RequestContext, tenant_label: str) -> dict[str, Any]:
     """Labels of the gateway's per-request metrics: tenant (bounded), route, model, fallback state."""
     labels: dict[str, Any] = {TENANT: tenant_label, FALLBACK_STATE: ctx.fallback_state}

@@ -85,7 +85,9 @@ class Instruments:
         self.cache_saved = Sums(meter, "gateway.cache.saved", unit="USD", description="Cost that cache hits saved.")
         self.fallbacks = Sums(meter, "gateway.fallbacks", unit="{request}",
                               description="Requests that retried or fell back, by state and reason.")
-        self.sla = Sums(meter, "gateway.sla", unit="{request}", description="Routing decisions by SLA met.")
+        self.sla = Sums(meter, "gateway.sla", unit="{request}",
+                        description="Requests served by their routing decision, by SLA met or missed; refused for "
+                                    "the SLA: missed.")
         self.in_flight = Sums(meter, "gateway.in_flight", unit="{request}", monotonic=False,
                               description="Upstream attempts in flight per model.")
         self.energy = Sums(meter, "gateway.energy", unit="J", description="GPU energy attributed to requests.")
@@ -128,14 +130,18 @@ class Instruments:
         labels = genai.metric_labels(ctx, tenant_label)
         self.requests.add(1, labels)
         self.outcomes.add(1, {**labels, genai.OUTCOME: genai.outcome(ctx)})
-        self.cost.add(float(ctx.cost_usd), labels)
+        if ctx.attempts:        # each attempt's cost under the model that ran it (a failed call may cost GPU time)
+            for attempt in ctx.attempts:
+                self.cost.add(float(attempt.cost_usd), {**labels, genai.MODEL_SELECTED: attempt.model.name})
+        else:
+            self.cost.add(float(ctx.cost_usd), labels)
         if ctx.energy_j is not None:
             self.energy.add(ctx.energy_j, labels)
         self._record_cache(ctx, labels)
         if ctx.fallback_state != "none":
             self.fallbacks.add(1, {**labels, genai.FALLBACK_REASON: ctx.fallback_reason or "unknown"})
-        if ctx.decision is not None:
-            self.sla.add(1, {**labels, "gateway.sla.status": "met" if ctx.decision.sla_met else "missed"})
+        if (sla := genai.sla_status(ctx)) is not None:
+            self.sla.add(1, {**labels, "gateway.sla.status": sla})
         self._record_tokens(ctx, tenant_label)
 
     def record_task(self, task, tenant_label: str, workflow_label: str | None) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from gateway.tenancy.budgets import Budgets, BudgetState
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.budgets_redis import RedisBudgets
-from gateway.tenancy.identity import AdminAuth, Identity, tenant_key_hashes
+from gateway.tenancy.identity import AdminAuth, Identity, tenant_keys
 from gateway.tenancy.limits import Admission, Limiter, LimitUsage
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AdminAuth", "Admission", "BudgetState", "Budgets", "Identity", "LimitUsage", "Limiter",
            "MemoryBudgets", "MemoryLimiter", "RedisBudgets", "RedisLimiter", "budgets_for",
-           "limiter_for", "tenant_key_hashes"]
+           "limiter_for", "tenant_keys"]
 
 
 def limiter_for(store: Store, client: Redis | None) -> Limiter:

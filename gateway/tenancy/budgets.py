@@ -219,9 +219,10 @@ class Budgets(Protocol):
 
 
 def charge_later(services, tenant: Tenant | None, cost_usd: Decimal, hold: Hold | None = None) -> None:
-    """Charge a cost to the tenant's budget, when it has one and there is a cost, and give back the request's
-    hold: in a background task, or at once when the budgets are held in-process."""
-    if tenant is None or not (cost_usd or hold) or not tenant.budget.limited:
+    """Charge a cost to the tenant's day and month totals, and give back the request's hold: in a background
+    task, or at once when the budgets are held in-process. A tenant without a budget has its spend kept too: a
+    budget a reload gives it counts what it spent that day and month already, and the admin API shows it."""
+    if tenant is None or not (cost_usd or hold):
         return
     budgets = services.stores.budgets
     if not budgets.remote and hold is not None:

@@ -98,11 +98,16 @@ class AdminAuth:
     """Checks the admin token (header `Authorization: Bearer` or `x-admin-token`)."""
 
     def __init__(self, server_cfg: Server, environ: Mapping[str, str], *,
-                 tenant_key_hashes: frozenset[str] = frozenset()) -> None:
+                 tenant_keys: Mapping[str, str] | None = None, source: str = "<policy>") -> None:
+        """`tenant_keys`: the tenant of each key hash in the policy (`source`), none of which may be the admin's."""
         self.token_sha256 = admin_token_sha256(server_cfg, environ)
-        if self.token_sha256 is not None and self.token_sha256 in tenant_key_hashes:
-            raise PolicyError([PolicyProblem("<admin token>", None, "server.admin_token_sha256",
-                                             "the admin token is also a tenant API key")])
+        tenant = (tenant_keys or {}).get(self.token_sha256) if self.token_sha256 is not None else None
+        if tenant is not None:          # the policy's own admin hash is caught by its loader, at its line
+            given = "server.admin_token_sha256" if server_cfg.admin_token_sha256 else \
+                f"the admin token in ${server_cfg.admin_token_env} (server.admin_token_env)"
+            raise PolicyError([PolicyProblem(source, None, f"tenants.{tenant}.keys_sha256",
+                                             f"{given} is also this tenant's API key (tenant keys are never "
+                                             f"accepted as the admin's)")])
 
     @property
     def configured(self) -> bool:
@@ -127,6 +132,6 @@ def admin_token_sha256(server_cfg: Server, environ: Mapping[str, str]) -> str | 
     return sha256_hex(token) if token else None
 
 
-def tenant_key_hashes(policy: Policy) -> frozenset[str]:
-    """Every tenant key hash in a policy, so AdminAuth can refuse an admin token that is one."""
-    return frozenset(h.lower() for t in policy.tenants.values() for h in t.keys_sha256)
+def tenant_keys(policy: Policy) -> dict[str, str]:
+    """The tenant of every key hash in a policy, so AdminAuth can refuse an admin token that is one."""
+    return {h.lower(): name for name, tenant in policy.tenants.items() for h in tenant.keys_sha256}

@@ -6,6 +6,7 @@ import argparse
 import secrets
 import sys
 
+from gateway.policy.load import tenant_name_problem
 from gateway.tenancy.identity import sha256_hex
 
 KEY_PREFIX = "gw-"
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(sha256_hex(secret))
         return 0
+    if (problem := tenant_name_problem(args.tenant)) is not None:     # a name the policy would refuse
+        print(f"gateway keys new: --tenant {args.tenant!r}: a tenant name {problem}", file=sys.stderr)
+        return 2
     key, key_sha256 = new_key()
     print(f"API key for tenant {args.tenant!r} (shown once; give it to the tenant):")
     print(f"  {key}")

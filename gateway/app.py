@@ -139,8 +139,10 @@ async def metrics(request: web.Request) -> web.Response:
     if not telemetry.prometheus_enabled:
         raise NotFound("the Prometheus endpoint is off: set telemetry.prometheus or GATEWAY_PROMETHEUS=1",
                        code="not_found")
-    return web.Response(body=telemetry.prometheus_text(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    # rendered in a thread: tens of thousands of series take a second or more to write out, which on the event loop
+    # would hold every request (and time healthy models out); the metrics are made to be collected from threads
+    body = await asyncio.to_thread(telemetry.prometheus_text)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def healthz(request: web.Request) -> web.Response:

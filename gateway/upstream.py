@@ -35,6 +35,9 @@ DROPPED_HEADERS = frozenset({
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-type",
     "authorization", "api-key", "cookie", "accept-encoding", "traceparent", "tracestate",
     "x-request-id", "expect",
+    # credentials too: the gateway's admin token, and the key header of Anthropic-style clients (meant for this
+    # gateway or another, never for the model server, which the model's own key authorises)
+    "x-admin-token", "x-api-key",
     # scoped to the client's credential, which the model's own replaces: a provider refuses a key for another org
     "openai-organization", "openai-project",
     # the body is re-serialised plain JSON (aiohttp decoded the client's), so its encoding headers do not hold
@@ -80,11 +83,12 @@ def auth_headers(model: Model, environ: Mapping[str, str] = os.environ) -> dict[
 
 @cache
 def client_timeout(timeouts: Timeouts, stream: bool = True) -> aiohttp.ClientTimeout:
-    """aiohttp's timeout for a model: connect and total; on a stream also the first byte (any byte: the relay
-    keeps its own deadline for data events). A non-streamed answer sends its head only once the whole answer
-    is generated, so its head is waited for up to `total_s` (`first_byte_s` would cut every answer longer);
-    its body, once the head came, gets `first_byte_s` (`HttpTransport.complete`)."""
-    return aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s,
+    """aiohttp's timeout for a model: connect; on a stream the first byte (any byte: the relay keeps its own
+    deadlines for data events and for `total_s`, which count the model's time and not a slow client's); on a
+    non-streamed answer `total_s`. That answer sends its head only once the whole answer is generated, so its
+    head is waited for up to `total_s` (`first_byte_s` would cut every answer longer); its body, once the head
+    came, gets `first_byte_s` (`HttpTransport.complete`)."""
+    return aiohttp.ClientTimeout(total=None if stream else timeouts.total_s, sock_connect=timeouts.connect_s,
                                  sock_read=timeouts.first_byte_s if stream else None)
 
 

@@ -334,6 +334,18 @@ def test_the_clients_openai_organization_and_project_are_not_sent_upstream(env):
     assert b"org-client" not in head and b"proj-client" not in head
 
 
+
+def test_the_admin_token_and_an_x_api_key_are_not_sent_upstream(env):
+    """A client (an ops script, an SDK with default headers) that sends the gateway's admin token, or an
+    Anthropic-style `x-api-key`, on a model call does not hand either credential to the model's provider."""
+    harness, raw = env
+    raw.script = json_answer(COMPLETION)
+    client = harness.openai(default_headers={"x-admin-token": "admin-secret-token", "x-api-key": "client-key"})
+    client.chat.completions.create(model="raw-only", messages=[{"role": "user", "content": "hi"}])
+    head = raw.requests[-1][0].lower()
+    assert b"x-admin-token" not in head and b"admin-secret-token" not in head
+    assert b"x-api-key" not in head and b"client-key" not in head
+
 # a half-open probe whose client leaves --------------------------------------------------------------------
 
 PROBE_TAIL = """routing: {{breaker: {{failure_threshold: 1, open_s: 3}}}}

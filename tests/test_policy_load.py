@@ -295,6 +295,15 @@ def test_header_regex_is_compiled_and_bad_regex_is_an_error():
     assert problem.message.startswith("invalid regex /ml-(/")
 
 
+def test_a_header_regex_with_a_lookaround_or_backreference_is_refused():
+    """Header regexes are RE2 (linear-time matching on values clients choose): a lookahead or a backreference,
+    which only a backtracking engine has, is a problem that says why."""
+    for pattern in ("ml-(?!test).*", r"(a)\1"):
+        problem = only(BASE + f"    match:\n      headers:\n        X-Team: '/{pattern}/'\n")
+        assert problem.path == "routes[0].match.headers.X-Team"
+        assert "RE2" in problem.message and "no lookarounds, no backreferences" in problem.message
+
+
 def test_prompt_token_range_must_not_be_empty():
     """prompt_tokens.max below min is reported at max."""
     problem = only(BASE + "    match: {prompt_tokens: {min: 100, max: 10}}\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from multidict import CIMultiDict
 
@@ -86,6 +89,19 @@ def test_bad_header_regex_is_a_policy_error():
     """An invalid header regex is reported as a PolicyError naming the route's key path."""
     with pytest.raises(PolicyError, match=r"routes\[0\]\.match\.headers\[0\]\.value"):
         RouteIndex((route("bad", headers=(HeaderMatch("x-a", "(", regex=True),)),))
+
+
+def test_a_backtracking_regex_on_a_crafted_header_value_does_not_stall(tmp_path):
+    """`(a+)+b` against 40 `a`s and a `c` takes a backtracking engine hours (each `a` doubles it); header regexes
+    run on RE2, linear in the value: the match, in a process of its own, ends at once with no match."""
+    script = tmp_path / "match.py"
+    script.write_text(
+        "from gateway.policy.model import HeaderMatch, Match, Route\n"
+        "from gateway.routing.matcher import RouteIndex\n"
+        "index = RouteIndex((Route('r', Match(headers=(HeaderMatch('x-team', '(a+)+b', regex=True),)), ('small',)),))\n"
+        "print(index.match('chat', 'auto', None, {'x-team': 'a' * 40 + 'c'}, 10))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr[-1000:]
 
 
 def test_many_routes_pick_the_right_one():

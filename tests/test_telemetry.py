@@ -250,6 +250,17 @@ def test_sla_counts_requests_their_plan_served_and_refusals_for_the_sla(receiver
     assert sorted((p.attributes["gateway.tenant"], p.attributes["gateway.sla.status"], p.value)
                   for p in sla.points) == [("acme", "met", 1), ("strict", "missed", 1)]
 
+
+def test_an_error_without_a_code_has_an_outcome_of_its_status_not_a_class_name():
+    """A 400 for JSON that does not parse (OpenAI's answer has no code) is outcome http_400 in metrics and the
+    ledger, not the exception's class name; an error with a code keeps it."""
+    from gateway.errors import ClientError
+    ctx = make_ctx()
+    ctx.error, ctx.status = ClientError("could not parse the body as JSON", code=None), 400
+    assert genai.outcome(ctx) == "http_400"
+    ctx.error = ClientError("bad", code="invalid_type")
+    assert genai.outcome(ctx) == "invalid_type"
+
 def test_invalid_traceparent_starts_a_new_trace(receiver, make_telemetry):
     """A malformed traceparent is ignored: the SERVER span becomes the root of a fresh trace."""
     telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))

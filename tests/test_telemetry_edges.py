@@ -173,3 +173,38 @@ def test_a_requests_spans_queued_together_count_exactly_the_ones_a_full_queue_dr
             assert len(processor._batch_processor._queue) == 0
     finally:
         processor.shutdown()
+
+
+def test_a_long_scrape_does_not_hold_the_requests_behind_it():
+    """A /metrics scrape of tens of thousands of series takes a second or more to write out; it is written in a
+    thread, so a request that comes while it is written is answered long before it ends. Written on the event
+    loop it held every request (and timed healthy models out) until it ended."""
+    import threading
+    import urllib.request
+
+    harness = Harness(environ={"GATEWAY_PROMETHEUS": "1", "OTEL_METRIC_EXPORT_INTERVAL": "600000"}).start()
+    try:
+        meter = harness.services.telemetry.meter
+        for index in range(12):             # 12 instruments of 1,999 label sets each: about 24,000 series
+            counter = meter.create_counter(f"test.wide.{index}")
+            for label in range(1999):
+                counter.add(1, {"test.label": f"value-{label}"})
+        ended: dict[str, float] = {}
+
+        def fetch(path: str) -> None:
+            with urllib.request.urlopen(f"{harness.base_url}{path}", timeout=60) as response:
+                response.read()
+            ended[path] = time.monotonic()
+
+        scrape = threading.Thread(target=fetch, args=("/metrics",))
+        started_s = time.monotonic()
+        scrape.start()
+        time.sleep(0.1)
+        fetch("/healthz")
+        scrape.join(60)
+        assert ended["/metrics"] - started_s > 0.3, "the scrape was too quick to show anything"
+        # answered while the scrape is still written (on the event loop, it came out with the scrape, just ahead of
+        # its last bytes)
+        assert ended["/healthz"] - started_s < (ended["/metrics"] - started_s) / 2
+    finally:
+        harness.stop()

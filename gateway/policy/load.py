@@ -21,6 +21,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
 from gateway.routing.estimates import MAX_SAMPLES
+from gateway.policy.header_regex import compile_header_regex
 from gateway.policy.model import (
     ENDPOINTS, MAX_USD, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger,
     Limits, Match, Model, Policy, Price, Route, Routing, Server, Sla, Store, Telemetry, Tenant, Timeouts,
@@ -206,8 +207,8 @@ def header_match(walk: Walk, name: str, node: Node, path: str) -> Any:
     if len(value) < 2 or not (value.startswith("/") and value.endswith("/")):
         return HeaderMatch(name.lower(), value)
     try:
-        re.compile(value[1:-1])
-    except re.error as exc:
+        compile_header_regex(value[1:-1])
+    except ValueError as exc:
         return walk.report(node, path, f"invalid regex {value}: {exc}")
     return HeaderMatch(name.lower(), value[1:-1], regex=True)
 

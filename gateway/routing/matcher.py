@@ -12,8 +12,10 @@ import fnmatch
 import re
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from gateway.errors import PolicyError, PolicyProblem
+from gateway.policy.header_regex import compile_header_regex
 from gateway.policy.model import Route
 
 _GLOB_CHARS = frozenset("*?[")
@@ -64,13 +66,13 @@ class CompiledRoute:
 
 
 def _compile_header(order: int, index: int, name: str, value: str, regex: bool,
-                    source: str) -> tuple[str, re.Pattern[str] | None, str]:
-    """A header condition as (lower-case name, compiled regex or None, exact value)."""
+                    source: str) -> tuple[str, Any, str]:
+    """A header condition as (lower-case name, compiled RE2 regex or None, exact value)."""
     if not regex:
         return name.lower(), None, value
     try:
-        return name.lower(), re.compile(value), value
-    except re.error as exc:
+        return name.lower(), compile_header_regex(value), value
+    except ValueError as exc:
         problem = PolicyProblem(source, None, f"routes[{order}].match.headers[{index}].value",
                                 f"invalid regex {value!r}: {exc}")
         raise PolicyError([problem]) from exc

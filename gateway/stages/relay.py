@@ -6,9 +6,13 @@ one. After the first byte, a failure (the model's, or the gateway's own) can
 only be reported in-band: an SSE error event, then the end of the stream.
 
 The model must send a data event within `first_byte_s` of its response head,
-and then within `first_byte_s` of each one relayed; comments (keep-alives)
-are passed on once the response is open but do not hold the deadline off,
-and the time spent writing to a slow client does not count against it.
+and then within `first_byte_s` of each one relayed, and end within `total_s`
+of the call's start; comments (keep-alives) are passed on once the response
+is open but do not hold the deadline off, and the time spent writing to a
+slow client counts against neither. A client that takes none of the stream
+for `server.client_timeout_s` is cut, as one that left: its call would
+otherwise hold the model's call slot, its tenant's concurrency and the
+router's count of the model's load for as long as it likes.
 Events without data that are not comments (`retry:`, `event:`, `id:` alone)
 are dropped: an SDK would read them as chunks it cannot parse. Once every
 choice asked for has its finish reason, the model has FINISHED_GRACE_S to send
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import orjson
 from aiohttp import web
@@ -46,6 +51,10 @@ FINISHED_GRACE_S = 2.0
 OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 #: a delta with no other fields carries text only (most chunks): nothing more to keep from it
 _TEXT_ONLY = frozenset(("role", "content"))
+
+
+class ClientStalled(ConnectionError):
+    """The client took none of the stream for `server.client_timeout_s`: it is cut, as one that left."""
 
 
 class StreamState:
@@ -185,7 +194,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         return ctx.response if ctx.bytes_sent else web.Response(status=499)
     except asyncio.CancelledError:          # the client went away (the server cancels its handler)
         if ctx.cut_by_shutdown and ctx.bytes_sent:      # or the drain ran out: said in-band, not a silent cut
-            await _end_with_error(ctx.response, ShuttingDown("the gateway is shutting down; the stream ends here"))
+            await _end_with_error(ctx, ShuttingDown("the gateway is shutting down; the stream ends here"))
         _record(ctx, attempt, state)        # what it was sent is counted, and billed
         raise
     except Exception as exc:
@@ -194,20 +203,46 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         # after the first byte, never a silent cut: the model's failure, or a bug of ours (which the
         # pipeline logs), ends the stream with an in-band error
         shown = exc if isinstance(exc, UpstreamError) else GatewayError("internal error")
-        await _end_with_error(ctx.response, shown)
+        await _end_with_error(ctx, shown)
         _record(ctx, attempt, state)
         raise
-    if not ctx.bytes_sent:                  # an empty stream: [DONE] and nothing else
-        await _open_client_stream(ctx, attempt, on_first_event)
-    if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: the gateway's count
-        _record(ctx, attempt, state)        # what the count reads
-        attempt.usage = estimated_usage(ctx, attempt)
-        await ctx.response.write(_usage_event(ctx, attempt))
-    await ctx.response.write(DONE)
-    await ctx.response.write_eof()
+    try:
+        async with client_time(ctx):
+            if not ctx.bytes_sent:          # an empty stream: [DONE] and nothing else
+                await _open_client_stream(ctx, attempt, on_first_event)
+            if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: our count
+                _record(ctx, attempt, state)    # what the count reads
+                attempt.usage = estimated_usage(ctx, attempt)
+                await ctx.response.write(_usage_event(ctx, attempt))
+            await ctx.response.write(DONE)
+            await ctx.response.write_eof()
+    except ConnectionError:                 # the answer was whole: the client left (or stalled) before its end
+        ctx.status = 499
+        attempt.error_type = CLIENT_DISCONNECTED
+        _record(ctx, attempt, state)
+        return ctx.response
     attempt.status = 200
     _record(ctx, attempt, state)
     return ctx.response
+
+
+@asynccontextmanager
+async def client_time(ctx: RequestContext) -> AsyncIterator[asyncio.Timeout]:
+    """Writes to the client within `server.client_timeout_s` (the caller may push the deadline back after each
+    one it sees taken); a client that takes nothing for longer is cut."""
+    try:
+        async with asyncio.timeout(ctx.policy.server.client_timeout_s) as deadline:
+            yield deadline
+    except TimeoutError:
+        _cut(ctx)
+        raise ClientStalled("the client took none of the stream") from None
+
+
+def _cut(ctx: RequestContext) -> None:
+    """Close the connection of a client that stopped reading: what is still to be written fails at once."""
+    transport = ctx.http.transport if ctx.http is not None else None
+    if transport is not None:
+        transport.abort()
 
 
 def _usage_event(ctx: RequestContext, attempt: Attempt) -> bytes:
@@ -224,12 +259,17 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     """Pass the upstream's events on until [DONE] or its end, within the data event deadline; once every choice
     has finished, the usage chunk and [DONE] are waited for FINISHED_GRACE_S at most (a model that goes silent
     after a whole answer has given it)."""
-    wait_s = attempt.model.timeouts.first_byte_s
+    timeouts = attempt.model.timeouts
+    wait_s = timeouts.first_byte_s
     grace_s = min(wait_s, FINISHED_GRACE_S)
+    client_s = ctx.policy.server.client_timeout_s
     loop = asyncio.get_running_loop()
+    # when the model's time runs out (total_s from the call's start), pushed back by the time the client took
+    ends = loop.time() + timeouts.total_s - (time.perf_counter() - attempt.started_s)
     response = ctx.response
+    clients_turn = False                    # the deadline is the client's: a write to it is under way
     try:
-        async with asyncio.timeout(wait_s) as deadline:
+        async with asyncio.timeout(min(wait_s, max(0.0, ends - loop.time()))) as deadline:
             async for event in events:
                 if not event.endswith(b"\n\n"):   # the last, cut before its blank line: ended, so that what
                     event += b"\n"                # follows it ([DONE], an error event) is an event of its own
@@ -237,9 +277,17 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if not data:                # a comment: kept alive for the client, not for the deadline (an
                     # event whose data is empty is not dispatched, as SSE says: the SDK could not parse it)
                     if ctx.bytes_sent and is_comment(event):    # `retry:`, `event:`, `id:` alone are dropped
-                        await _forward_comment(response, event, deadline)
+                        when, taken = deadline.when(), loop.time()
+                        clients_turn = True
+                        deadline.reschedule(taken + client_s)
+                        await response.write(event)
+                        clients_turn = False
+                        deadline.reschedule(when + (loop.time() - taken))
+                        ends += loop.time() - taken
                     continue
-                deadline.reschedule(None)   # from here to the next read, the client's time, not the model's
+                taken = loop.time()         # from here to the next read, the client's time, not the model's
+                clients_turn = True
+                deadline.reschedule(taken + client_s)
                 if data.strip() == b"[DONE]":
                     state.done = True
                     return
@@ -258,11 +306,19 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     event = _without_usage(chunk)
                 if event is not None:
                     await response.write(event)
+                clients_turn = False
+                now = loop.time()
+                ends += now - taken
                 answered = len(state.finished_choices) >= ctx.choices and state.finished(ctx.choices)
-                deadline.reschedule(loop.time() + (grace_s if answered else wait_s))
+                deadline.reschedule(min(now + (grace_s if answered else wait_s), ends))
     except TimeoutError as exc:
+        if clients_turn:                    # the client took nothing for client_timeout_s: cut, as one that left
+            _cut(ctx)
+            raise ClientStalled("the client took none of the stream") from None
         if state.finished(ctx.choices):
             return                          # the answer is whole: the stream ends as if the model had said so
+        if loop.time() >= ends:
+            raise UpstreamTimeout(f"model '{attempt.model.name}' took longer than {timeouts.total_s:g} s") from exc
         raise UpstreamTimeout(f"model '{attempt.model.name}' sent no data for {wait_s:g} s") from exc
 
 
@@ -273,14 +329,6 @@ def _without_usage(chunk: dict) -> bytes | None:
     if not chunk.get("choices") and (chunk.get("usage") is not None or FRAME_FIELDS.issuperset(chunk)):
         return None
     return encode_event({key: value for key, value in chunk.items() if key != "usage"})
-
-
-async def _forward_comment(response: web.StreamResponse, event: bytes, deadline: asyncio.Timeout) -> None:
-    """Pass a comment on to the client, the deadline paused while it is written."""
-    when = deadline.when()
-    deadline.reschedule(None)
-    await response.write(event)
-    deadline.reschedule(when)
 
 
 async def _open_client_stream(ctx: RequestContext, attempt: Attempt,
@@ -294,11 +342,12 @@ async def _open_client_stream(ctx: RequestContext, attempt: Attempt,
     return response
 
 
-async def _end_with_error(response: web.StreamResponse, exc: GatewayError) -> None:
-    """End a stream already open with the in-band error event."""
+async def _end_with_error(ctx: RequestContext, exc: GatewayError) -> None:
+    """End a stream already open with the in-band error event (a client that takes nothing is cut)."""
     try:
-        await response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code))
-        await response.write_eof()
+        async with client_time(ctx):
+            await ctx.response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code))
+            await ctx.response.write_eof()
     except ConnectionError:
         pass
 

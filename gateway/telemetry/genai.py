@@ -23,6 +23,7 @@ from opentelemetry.semconv.attributes import (
 )
 
 from gateway.context import CLIENT_DISCONNECTED
+from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
@@ -242,6 +243,8 @@ def outcome(ctx: RequestContext) -> str:
     code = getattr(ctx.error, "code", None)
     if isinstance(code, str) and code:
         return code
+    if isinstance(ctx.error, GatewayError):     # one OpenAI answers without a code (JSON that does not parse)
+        return f"http_{ctx.error.status}"
     if ctx.error is not None:
         return type(ctx.error).__name__
     if ctx.status == 499:

@@ -66,6 +66,7 @@ class Telemetry:
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
         self._registry: CollectorRegistry | None = None
+        self._scrape_lock = threading.Lock()
         #: the gateway's meter, for other layers' instruments (GPU power and energy); None when disabled
         self.meter: Meter | None = None
         self._hooks: Hooks | NoopHooks = NoopHooks()
@@ -150,12 +151,14 @@ class Telemetry:
         return self._registry is not None
 
     def prometheus_text(self) -> bytes:
-        """The Prometheus text exposition of every metric; empty when Prometheus is off."""
+        """The Prometheus text exposition of every metric; empty when Prometheus is off. Safe from any thread:
+        scrapes are made one at a time (the reader hands each collection to one scrape)."""
         if self._registry is None:
             return b""
         from prometheus_client import generate_latest
 
-        return generate_latest(self._registry)
+        with self._scrape_lock:
+            return generate_latest(self._registry)
 
     # the hooks the pipeline calls
 

@@ -90,7 +90,7 @@ def alive(pid: int) -> bool:
     """Whether the process runs (a zombie, exited but not reaped, does not)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):     # gone, or reaped between the open and the read
         return False
 
 

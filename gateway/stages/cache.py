@@ -29,7 +29,7 @@ from gateway.context import Decision, RequestContext
 from gateway.cost import token_cost_usd
 from gateway.responses import response_headers
 from gateway.routing.predict import meets_hard_terms
-from gateway.stages.relay import SSE_HEADERS, client_time
+from gateway.stages.relay import SSE_HEADERS, ClientWriter
 from gateway.tokens import usage_body, usage_from_response
 
 log = logging.getLogger(__name__)
@@ -237,13 +237,11 @@ class Cache:
         ctx.response = response
         await response.prepare(ctx.http)
         ctx.bytes_sent = True
-        loop, client_s = asyncio.get_running_loop(), ctx.policy.server.client_timeout_s
+        writer = ClientWriter(ctx)
         try:
-            async with client_time(ctx) as deadline:
-                for event in events:
-                    await response.write(event)
-                    deadline.reschedule(loop.time() + client_s)     # a slow client that takes each part may go on
-                await response.write_eof()
+            for event in events:
+                await writer.write(event)
+            await writer.write_eof()
         except ConnectionError:             # the client left, or took nothing for client_timeout_s, before the end
             ctx.status = 499
             ctx.cache_saved_usd = Decimal(0)    # an answer not delivered saved nothing

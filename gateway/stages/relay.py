@@ -206,16 +206,16 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         await _end_with_error(ctx, shown)
         _record(ctx, attempt, state)
         raise
+    writer = ClientWriter(ctx)
     try:
-        async with client_time(ctx):
-            if not ctx.bytes_sent:          # an empty stream: [DONE] and nothing else
-                await _open_client_stream(ctx, attempt, on_first_event)
-            if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: our count
-                _record(ctx, attempt, state)    # what the count reads
-                attempt.usage = estimated_usage(ctx, attempt)
-                await ctx.response.write(_usage_event(ctx, attempt))
-            await ctx.response.write(DONE)
-            await ctx.response.write_eof()
+        if not ctx.bytes_sent:              # an empty stream: [DONE] and nothing else
+            await _open_client_stream(ctx, attempt, on_first_event)
+        if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: our count
+            _record(ctx, attempt, state)    # what the count reads
+            attempt.usage = estimated_usage(ctx, attempt)
+            await writer.write(_usage_event(ctx, attempt))
+        await writer.write(DONE)
+        await writer.write_eof()
     except ConnectionError:                 # the answer was whole: the client left (or stalled) before its end
         ctx.status = 499
         attempt.error_type = CLIENT_DISCONNECTED
@@ -227,12 +227,11 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
 
 
 @asynccontextmanager
-async def client_time(ctx: RequestContext) -> AsyncIterator[asyncio.Timeout]:
-    """Writes to the client within `server.client_timeout_s` (the caller may push the deadline back after each
-    one it sees taken); a client that takes nothing for longer is cut."""
+async def client_time(ctx: RequestContext) -> AsyncIterator[None]:
+    """Writes to the client within `server.client_timeout_s`; a client that takes nothing for longer is cut."""
     try:
-        async with asyncio.timeout(ctx.policy.server.client_timeout_s) as deadline:
-            yield deadline
+        async with asyncio.timeout(ctx.policy.server.client_timeout_s):
+            yield
     except TimeoutError:
         _cut(ctx)
         raise ClientStalled("the client took none of the stream") from None
@@ -262,12 +261,10 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     timeouts = attempt.model.timeouts
     wait_s = timeouts.first_byte_s
     grace_s = min(wait_s, FINISHED_GRACE_S)
-    client_s = ctx.policy.server.client_timeout_s
     loop = asyncio.get_running_loop()
-    # when the model's time runs out (total_s from the call's start), pushed back by the time the client took
+    # when the model's time runs out: total_s from the call's start, pushed back by the time the client took
     ends = loop.time() + timeouts.total_s - (time.perf_counter() - attempt.started_s)
-    response = ctx.response
-    clients_turn = False                    # the deadline is the client's: a write to it is under way
+    writer = ClientWriter(ctx)
     try:
         async with asyncio.timeout(min(wait_s, max(0.0, ends - loop.time()))) as deadline:
             async for event in events:
@@ -277,23 +274,18 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if not data:                # a comment: kept alive for the client, not for the deadline (an
                     # event whose data is empty is not dispatched, as SSE says: the SDK could not parse it)
                     if ctx.bytes_sent and is_comment(event):    # `retry:`, `event:`, `id:` alone are dropped
-                        when, taken = deadline.when(), loop.time()
-                        clients_turn = True
-                        deadline.reschedule(taken + client_s)
-                        await response.write(event)
-                        clients_turn = False
-                        deadline.reschedule(when + (loop.time() - taken))
-                        ends += loop.time() - taken
+                        when, waited_s = deadline.when(), writer.waited_s
+                        deadline.reschedule(None)
+                        await writer.write(event)
+                        deadline.reschedule(when + (writer.waited_s - waited_s))
                     continue
-                taken = loop.time()         # from here to the next read, the client's time, not the model's
-                clients_turn = True
-                deadline.reschedule(taken + client_s)
+                deadline.reschedule(None)   # from here to the next read, the client's time, not the model's
                 if data.strip() == b"[DONE]":
                     state.done = True
                     return
                 chunk = _parse_chunk(attempt.model.name, data)
                 if not ctx.bytes_sent:
-                    response = await _open_client_stream(ctx, attempt, on_first_event)
+                    await _open_client_stream(ctx, attempt, on_first_event)
                 if state.absorb(chunk) and attempt.ttft_s is None:
                     attempt.ttft_s = state.last_output_s - attempt.started_s
                 if attempt.response_id is None or attempt.response_model is None:
@@ -305,21 +297,57 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if "usage" in chunk and not ctx.include_usage:
                     event = _without_usage(chunk)
                 if event is not None:
-                    await response.write(event)
-                clients_turn = False
-                now = loop.time()
-                ends += now - taken
+                    await writer.write(event)
                 answered = len(state.finished_choices) >= ctx.choices and state.finished(ctx.choices)
-                deadline.reschedule(min(now + (grace_s if answered else wait_s), ends))
+                deadline.reschedule(min(loop.time() + (grace_s if answered else wait_s), ends + writer.waited_s))
     except TimeoutError as exc:
-        if clients_turn:                    # the client took nothing for client_timeout_s: cut, as one that left
-            _cut(ctx)
-            raise ClientStalled("the client took none of the stream") from None
         if state.finished(ctx.choices):
             return                          # the answer is whole: the stream ends as if the model had said so
-        if loop.time() >= ends:
+        if loop.time() >= ends + writer.waited_s:
             raise UpstreamTimeout(f"model '{attempt.model.name}' took longer than {timeouts.total_s:g} s") from exc
         raise UpstreamTimeout(f"model '{attempt.model.name}' sent no data for {wait_s:g} s") from exc
+
+
+#: a write at most this long, to a client that has taken everything sent so far, cannot wait for it
+QUICK_WRITE_BYTES = 16 * 1024
+
+
+class ClientWriter:
+    """Writes a stream to its client. A write that may wait for the client (some of the stream still unsent, or a
+    large event) is bounded by `server.client_timeout_s`: a client that takes nothing for that long is cut, as
+    one that left. A write the socket takes at once, the usual one, sets no timer. Keeps the time spent waiting,
+    which is the client's, not the model's."""
+
+    __slots__ = ("ctx", "transport", "waited_s")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.transport = ctx.http.transport if ctx.http is not None else None
+        self.waited_s = 0.0
+
+    async def write(self, data: bytes) -> None:
+        if self._quick(len(data)):
+            await self.ctx.response.write(data)
+            return
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        try:
+            async with client_time(self.ctx):
+                await self.ctx.response.write(data)
+        finally:
+            self.waited_s += loop.time() - started_s
+
+    async def write_eof(self) -> None:
+        """End the stream (its last bytes may wait for the client too)."""
+        if self._quick(0):
+            await self.ctx.response.write_eof()
+            return
+        async with client_time(self.ctx):
+            await self.ctx.response.write_eof()
+
+    def _quick(self, size: int) -> bool:
+        transport = self.transport
+        return transport is not None and size <= QUICK_WRITE_BYTES and not transport.get_write_buffer_size()
 
 
 def _without_usage(chunk: dict) -> bytes | None:

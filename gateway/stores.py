@@ -26,7 +26,7 @@ from gateway.cache.singleflight import SingleFlight
 from gateway.outcomes import Book, OutcomeBook
 from gateway.outcomes_redis import RedisOutcomeBook
 from gateway.policy.load import url_refusal
-from gateway.policy.model import Policy
+from gateway.policy.model import Policy, Store
 from gateway.store_guard import STORE_ERRORS
 from gateway.switches import env_flag
 from gateway.tenancy.budgets_memory import MemoryBudgets
@@ -108,7 +108,7 @@ class Stores:
     budgets: Any
     redis: aioredis.Redis | RedisCluster | None = None
     outcomes: Book = field(default_factory=OutcomeBook)
-    key_prefix: str = "gw"              # the start-up policy's store.key_prefix: a reload changes it at restart
+    key_prefix: str = Store.key_prefix  # the start-up policy's store.key_prefix: a reload changes it at restart
 
     @property
     def backend(self) -> str:

@@ -179,7 +179,8 @@ def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
-def _is_token_array(value: list) -> bool:
+def is_token_array(value: list) -> bool:
+    """Whether a prompt list is token ids (a completions prompt, an embeddings input), not texts."""
     return all(type(item) is int for item in value)
 
 
@@ -192,13 +193,13 @@ def _inputs_tokens(enc: tiktoken.Encoding, value: Any, param: str) -> int:
     if not isinstance(value, list):
         raise ClientError(f"'{param}' must be a string, a list of strings or token arrays", param=param,
                           code="invalid_type")
-    if _is_token_array(value):
+    if is_token_array(value):
         return len(value)
     total = 0
     for item in value:
         if isinstance(item, str):
             total += _text(enc, item)
-        elif isinstance(item, list) and _is_token_array(item):
+        elif isinstance(item, list) and is_token_array(item):
             total += len(item)
         else:
             raise ClientError(f"'{param}' items must be strings or token arrays", param=param, code="invalid_type")

@@ -20,7 +20,6 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
-from gateway.routing.estimates import MAX_SAMPLES
 from gateway.policy.header_regex import compile_header_regex
 from gateway.policy.model import (
     ENDPOINTS, MAX_USD, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger,
@@ -30,6 +29,7 @@ from gateway.policy.validate import (
     INT, INVALID, NULL, STR, Check, Converter, Section, Spec, Walk, definition, did_you_mean, flag, integer,
     items, join, mapping_entries, money, named, real, reference, scalar, text,
 )
+from gateway.routing.estimates import MAX_SAMPLES
 
 SUPPORTED_VERSION = 1
 ENCODINGS = ("cl100k_base", "o200k_base")

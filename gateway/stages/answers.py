@@ -8,7 +8,8 @@ import orjson
 
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.stages.parse import prompts_in
-from gateway.tokens import DEFAULT_ENCODING, count_completion_tokens, count_prompt_tokens, usage_from_response
+from gateway.tokens import (DEFAULT_ENCODING, count_completion_tokens, count_prompt_tokens, is_token_array,
+                            usage_from_response)
 
 
 def read_answer(attempt: Attempt, body: dict) -> None:
@@ -104,11 +105,8 @@ def _echoes(ctx: RequestContext) -> list[object] | None:
     prompts = prompt if prompts_in("completions", body) > 1 else [prompt]
     n = body.get("n")
     n = n if type(n) is int and n > 0 else 1
-    return [each if isinstance(each, str) or _token_ids(each) else None for each in prompts for _ in range(n)]
-
-
-def _token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(type(token) is int for token in value)
+    return [each if isinstance(each, str) or isinstance(each, list) and is_token_array(each) else None
+            for each in prompts for _ in range(n)]
 
 
 #: the part of an answer that is its reasoning (counted apart as reasoning tokens too)

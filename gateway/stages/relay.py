@@ -187,11 +187,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)
         if not state.done and not state.finished(ctx.choices):
             raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
-    except ConnectionError:
-        ctx.status = 499                    # the client went away; leaving `stream` closed upstream
-        attempt.error_type = CLIENT_DISCONNECTED     # a call cut short: not a latency sample like the others
-        _record(ctx, attempt, state)
-        return ctx.response if ctx.bytes_sent else web.Response(status=499)
+    except ConnectionError:                 # the client went away; leaving `stream` closed upstream
+        return _client_left(ctx, attempt, state)
     except asyncio.CancelledError:          # the client went away (the server cancels its handler)
         if ctx.cut_by_shutdown and ctx.bytes_sent:      # or the drain ran out: said in-band, not a silent cut
             await _end_with_error(ctx, ShuttingDown("the gateway is shutting down; the stream ends here"))
@@ -217,13 +214,18 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         await writer.write(DONE)
         await writer.write_eof()
     except ConnectionError:                 # the answer was whole: the client left (or stalled) before its end
-        ctx.status = 499
-        attempt.error_type = CLIENT_DISCONNECTED
-        _record(ctx, attempt, state)
-        return ctx.response
+        return _client_left(ctx, attempt, state)
     attempt.status = 200
     _record(ctx, attempt, state)
     return ctx.response
+
+
+def _client_left(ctx: RequestContext, attempt: Attempt, state: StreamState) -> web.StreamResponse:
+    """Book a stream whose client went away (or was cut for taking nothing): 499, charged what it was sent."""
+    ctx.status = 499
+    attempt.error_type = CLIENT_DISCONNECTED     # a call cut short: not a latency sample like the others
+    _record(ctx, attempt, state)
+    return ctx.response if ctx.bytes_sent else web.Response(status=499)
 
 
 @asynccontextmanager

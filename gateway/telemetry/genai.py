@@ -23,7 +23,7 @@ from opentelemetry.semconv.attributes import (
 )
 
 from gateway.context import CLIENT_DISCONNECTED
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, NoModelMeetsSla
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
@@ -252,16 +252,16 @@ def outcome(ctx: RequestContext) -> str:
     return f"http_{ctx.status}"
 
 
-
 def sla_status(ctx: RequestContext) -> str | None:
     """`met` or `missed` (by the routing decision) for a request its plan served: a model or the cache answered
     it, or its models failed; `missed` for one refused because no model meets its route's SLA; None for one
     refused before it reached a model (rate limits, budget) or never routed."""
-    if getattr(ctx.error, "code", None) == "sla_unmet":
+    if isinstance(ctx.error, NoModelMeetsSla):
         return "missed"
     if ctx.decision is None or not (ctx.attempts or ctx.cache_status == "hit"):
         return None
     return "met" if ctx.decision.sla_met else "missed"
+
 
 def metric_labels(ctx: RequestContext, tenant_label: str) -> dict[str, Any]:
     """Labels of the gateway's per-request metrics: tenant (bounded), route, model, fallback state."""

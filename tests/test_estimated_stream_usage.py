@@ -9,6 +9,9 @@ computed here with tiktoken's encoder for the model's encoding.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import concurrent.futures
 import json
 import os
 import socket
@@ -17,6 +20,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+import requests
 
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.policy.model import Model
@@ -60,7 +64,7 @@ def settled(chunks: list[dict], *, endpoint: str = "chat", status: int = 200,
     ctx.stream_record = state
     attempt = Attempt(model=MODEL, started_s=0.0, status=status, usage=usage)
     ctx.attempts.append(attempt)
-    settle_attempt(ctx, attempt)
+    asyncio.run(settle_attempt(ctx, attempt))
     return attempt.usage
 
 
@@ -240,7 +244,7 @@ def test_a_plain_answer_counts_its_message_whole():
     ctx.response_body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
     attempt = Attempt(model=MODEL, started_s=0.0, status=200)
     ctx.attempts.append(attempt)
-    settle_attempt(ctx, attempt)
+    asyncio.run(settle_attempt(ctx, attempt))
     texts = ["Checking.", "Need weather.", "Partly not.", "get_weather", ARGUMENTS, "legacy", "{}"]
     assert attempt.usage == Usage(input_tokens=7, output_tokens=sum(map(tokens, texts)),
                                   reasoning_tokens=tokens("Need weather."), estimated=True)
@@ -253,7 +257,7 @@ def settled_whole(body: dict, answer: dict, endpoint: str = "chat") -> Usage:
     ctx.response_body = answer
     attempt = Attempt(model=MODEL, started_s=0.0, status=200)
     ctx.attempts.append(attempt)
-    settle_attempt(ctx, attempt)
+    asyncio.run(settle_attempt(ctx, attempt))
     return attempt.usage
 
 
@@ -338,7 +342,17 @@ def policy(raw_url: str, ledger: str) -> str:
     size_b: 1
     price: {{{{input_per_mtok: 1.00, output_per_mtok: 2.00}}}}
     timeouts: {{{{connect_s: 1, first_byte_s: 5, total_s: 10}}}}
+  raw-cl100k:
+    endpoint: {raw_url}
+    upstream_model: fake
+    size_b: 1
+    encoding: cl100k_base
+    context_window: 4000000
+    timeouts: {{{{connect_s: 1, first_byte_s: 5, total_s: 10}}}}
 routes:
+  - name: raw-cl100k
+    match: {{{{models: ["raw-cl100k"]}}}}
+    candidates: [raw-cl100k]
   - name: raw-plain
     match: {{{{models: ["raw-plain"]}}}}
     candidates: [raw]
@@ -496,3 +510,80 @@ def test_a_cache_hit_streamed_to_a_client_that_asked_for_usage_ends_with_the_cou
                                                                                      record["output_tokens"])
     if counted is not None:
         assert chunks[-1].usage.completion_tokens == counted.completion_tokens
+
+
+def answered_while_polling(harness: Harness, ask) -> tuple[object, float]:
+    """Run `ask()` in a thread while polling the gateway's /healthz; its result and the slowest poll's seconds."""
+    slowest_s = 0.0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, requests.Session() as session:
+        asked = pool.submit(ask)
+        while not asked.done():
+            started_s = time.perf_counter()
+            assert session.get(f"{harness.base_url}/healthz", timeout=30).status_code == 200
+            slowest_s = max(slowest_s, time.perf_counter() - started_s)
+            time.sleep(0.005)
+        return asked.result(), slowest_s
+
+
+@pytest.mark.parametrize("shape", ["whole", "streamed", "streamed-with-usage"])
+def test_a_large_answer_without_usage_is_counted_off_the_event_loop(env, shape):
+    """A model answering megabytes of text and no usage: the gateway counts it in a thread, so the event loop
+    goes on serving (a poll of /healthz meanwhile waits far less than the count takes; before, every request
+    waited for it), and the whole count is billed, as the client that asked for usage is told."""
+    harness, raw = env
+    text = base64.b64encode(os.urandom(2_400_000)).decode()
+    started_s = time.perf_counter()
+    output_tokens = tokens(text)
+    count_s = time.perf_counter() - started_s
+    if shape == "whole":
+        raw.script = json_answer({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "fake",
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                               "finish_reason": "stop"}]})
+    else:
+        pieces = [text[i:i + 65536] for i in range(0, len(text), 65536)]
+        raw.script = [(SSE_HEAD + sse(*(chunk(piece) for piece in pieces), chunk(None, finish="stop"),
+                                      b"[DONE]"), 0.0)]
+    options = {"stream": True, "stream_options": {"include_usage": True}} if shape == "streamed-with-usage" \
+        else {"stream": True} if shape == "streamed" else {}
+
+    def ask():
+        response = harness.openai().chat.completions.with_raw_response.create(
+            model="raw-plain", messages=unique_messages(), **options)
+        parsed = response.parse()
+        answer = parsed.choices[0].message.content if shape == "whole" else list(parsed)
+        return response.headers["x-request-id"], answer
+
+    (request_id, answer), slowest_s = answered_while_polling(harness, ask)
+    if shape == "whole":
+        assert answer == text
+    else:
+        assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices) == text
+    if shape == "streamed-with-usage":
+        assert answer[-1].usage.completion_tokens == output_tokens
+    record = accounting.ledger_record(harness.ledger_path, request_id)
+    assert (record["output_tokens"], record["tokens_estimated"]) == (output_tokens, True)
+    assert slowest_s < count_s / 2, (slowest_s, count_s)
+
+
+def test_a_large_prompt_counted_again_in_the_models_encoding_is_counted_off_the_event_loop(env):
+    """A model of another encoding than the default that reports no usage: its prompt is counted again in its own
+    encoding, in a thread when large, so the event loop goes on serving meanwhile, and that count is billed."""
+    harness, raw = env
+    prompt = base64.b64encode(os.urandom(2_400_000)).decode()
+    started_s = time.perf_counter()
+    prompt_tokens = len(get_encoding("cl100k_base").encode_ordinary(prompt))
+    count_s = time.perf_counter() - started_s
+    raw.script = json_answer({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "fake",
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Noted."},
+                                           "finish_reason": "stop"}]})
+
+    def ask():
+        response = harness.openai().chat.completions.with_raw_response.create(
+            model="raw-cl100k", messages=[{"role": "user", "content": prompt}])
+        return response.headers["x-request-id"], response.parse().choices[0].message.content
+
+    (request_id, answer), slowest_s = answered_while_polling(harness, ask)
+    record = accounting.ledger_record(harness.ledger_path, request_id)
+    assert answer == "Noted." and record["tokens_estimated"] is True
+    assert prompt_tokens < record["input_tokens"] < prompt_tokens + 16      # the message's framing tokens
+    assert slowest_s < count_s / 2, (slowest_s, count_s)

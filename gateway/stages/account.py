@@ -86,7 +86,8 @@ class Account:
         a share of its calls, never enough in a row to open its circuit, must not go on looking fast)."""
         fleet = self.services.fleet
         for tried in ctx.attempts:
-            if tried.error_type == UpstreamTimeout.reason and tried.dispatched and tried.ttft_s is None and tried.ended_s:
+            if (tried.error_type == UpstreamTimeout.reason and tried.dispatched and tried.ttft_s is None
+                    and tried.ended_s):
                 fleet.record_latency(tried.model, tried.ended_s - tried.started_s, None)
         if attempt.status != 200 or attempt.ended_s is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import orjson
@@ -34,19 +35,54 @@ def read_identity(attempt: Attempt, answer: dict) -> None:
         attempt.response_model = model if isinstance(model, str) and model else None
 
 
-def estimated_usage(ctx: RequestContext, attempt: Attempt) -> Usage:
+#: estimates with more text than this to encode (characters of answer, bytes of a prompt counted again in the
+#: model's own encoding) are counted in a thread, off the event loop: a megabyte takes the encoder 0.2 to 0.4 s
+LARGE_ESTIMATE = 64 * 1024
+
+
+class Estimate:
     """Tokens counted by the gateway when the upstream reported none: the prompt, and every text the model
     generated (content, reasoning, refusals, function and tool calls), its reasoning also counted apart; a prompt
-    a completion echoed is not generated output."""
-    encoding = attempt.model.encoding
-    output = reasoning = 0
-    if ctx.endpoint != "embeddings":
-        generated = _generated_texts(ctx)
-        reasoning = count_completion_tokens(generated.reasoning, encoding)
-        output = count_completion_tokens(generated.texts, encoding) + reasoning
-        output = max(reasoning, output - generated.echoed_ids)
-    return Usage(input_tokens=prompt_tokens(ctx, encoding), output_tokens=output, reasoning_tokens=reasoning,
-                 estimated=True)
+    a completion echoed is not generated output. The texts are gathered on the event loop when the attempt ends;
+    `count` encodes them, and reads nothing the loop still changes, so a large one can run in a thread."""
+
+    __slots__ = ("ctx", "encoding", "generated", "size")
+
+    def __init__(self, ctx: RequestContext, attempt: Attempt) -> None:
+        self.ctx = ctx
+        self.encoding = attempt.model.encoding
+        self.generated = _generated_texts(ctx) if ctx.endpoint != "embeddings" else None
+        self.size = sum(map(len, self.generated.texts)) + sum(map(len, self.generated.reasoning)) \
+            if self.generated is not None else 0
+        if self.encoding != DEFAULT_ENCODING:
+            self.size += ctx.body_bytes
+
+    @property
+    def large(self) -> bool:
+        return self.size > LARGE_ESTIMATE
+
+    def count(self) -> Usage:
+        output = reasoning = 0
+        if (generated := self.generated) is not None:
+            reasoning = count_completion_tokens(generated.reasoning, self.encoding)
+            output = count_completion_tokens(generated.texts, self.encoding) + reasoning
+            output = max(reasoning, output - generated.echoed_ids)
+        return Usage(input_tokens=prompt_tokens(self.ctx, self.encoding), output_tokens=output,
+                     reasoning_tokens=reasoning, estimated=True)
+
+
+async def count_usage(attempt: Attempt, estimate: Estimate) -> None:
+    """Set the attempt's usage to the estimate's count, made in a thread when it is large. A cancellation
+    meanwhile (the client left, the drain ran out) still waits for the count: a call is billed however it ended."""
+    if not estimate.large:
+        attempt.usage = estimate.count()
+        return
+    counting = asyncio.ensure_future(asyncio.to_thread(estimate.count))
+    try:
+        attempt.usage = await asyncio.shield(counting)
+    except asyncio.CancelledError:
+        attempt.usage = await counting
+        raise
 
 
 class _Generated:
@@ -253,10 +289,10 @@ def prompt_tokens(ctx: RequestContext, encoding: str) -> int:
     return count_prompt_tokens(ctx.endpoint, ctx.body, encoding)
 
 
-def settle_attempt(ctx: RequestContext, attempt: Attempt) -> None:
+async def settle_attempt(ctx: RequestContext, attempt: Attempt) -> None:
     """Fill in an ended attempt: the answer's fields, and estimated usage when it produced output."""
     if ctx.response_body is not None and attempt is ctx.attempts[-1] and attempt.status == 200:
         read_answer(attempt, ctx.response_body)
     produced = attempt.status == 200 or (ctx.bytes_sent and attempt is ctx.attempts[-1])
     if attempt.usage is None and produced:
-        attempt.usage = estimated_usage(ctx, attempt)
+        await count_usage(attempt, Estimate(ctx, attempt))

@@ -100,7 +100,7 @@ class Call:
                 if ctx.bytes_sent or not _worth_another_model(exc):
                     break
             finally:
-                self._ended(ctx, attempt)
+                await self._ended(ctx, attempt)
         if ctx.bytes_sent:                  # failed mid-stream: the client saw the state at the first byte
             ctx.error = last_error
             return ctx.response
@@ -172,7 +172,7 @@ class Call:
         else:                               # it answered: the request, not the model, was at fault
             self.services.fleet.record_success(attempt.model.name)
 
-    def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
+    async def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
         fleet = self.services.fleet
         fleet.finished(attempt.model.name)     # first: the in-flight count must always balance
@@ -182,7 +182,7 @@ class Call:
             return
         if attempt.energy_id is not None:
             self.services.energy.request_ended(attempt.energy_id)
-        settle_attempt(ctx, attempt)
+        await settle_attempt(ctx, attempt)
         record = ctx.stream_record
         gaps_s = record.chunk_gaps_s if record is not None and attempt is ctx.attempts[-1] else ()
         self.services.telemetry.end_attempt(ctx, attempt, gaps_s)

@@ -38,7 +38,7 @@ from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
-from gateway.stages.answers import GeneratedParts, estimated_usage, read_identity
+from gateway.stages.answers import Estimate, GeneratedParts, count_usage, read_identity
 from gateway.telemetry.content import CAPTURE_OUTPUT
 from gateway.tokens import usage_body, usage_from_response
 from gateway.upstream import UpstreamCall, error_message
@@ -209,7 +209,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
             await _open_client_stream(ctx, attempt, on_first_event)
         if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: our count
             _record(ctx, attempt, state)    # what the count reads
-            attempt.usage = estimated_usage(ctx, attempt)
+            await count_usage(attempt, Estimate(ctx, attempt))
             await writer.write(_usage_event(ctx, attempt))
         await writer.write(DONE)
         await writer.write_eof()

@@ -10,7 +10,9 @@ import multiprocessing
 import os
 import re
 import signal
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -31,6 +33,7 @@ from gateway.services import SERVICES, Services, ledger_problem, policy_encoding
 from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
 from gateway.telemetry.config import TelemetryConfig
+from gateway.telemetry.peers import WORKER_LABEL, Peers
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
@@ -393,10 +396,11 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     if redis_url(holder.current.policy, os.environ) is None:
         log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
                     "(POST /v1/outcomes finds only the tasks its worker served); set GATEWAY_REDIS_URL", workers)
+    peers_folder = None
     if TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus:
-        log.warning("%d workers: each scrape of /metrics is answered by one of them, with its own counters (a "
-                    "scraper sees them go back and forth); export over OTLP, where each worker's series carry "
-                    "its service.instance.id, or run one worker per port", workers)
+        peers_folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))     # mode 0700: this user's alone
+        log.info("%d workers: each scrape of /metrics gathers every worker's series, labelled %s (through "
+                 "their sockets in %s)", workers, WORKER_LABEL, peers_folder)
 
     port = held[0].getsockname()[1]
     started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker
@@ -409,8 +413,10 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
             return None
         keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
         inherited = sorted(open_fds() - {0, 1, 2} - keep)
+        peers = Peers(peers_folder, slot, workers) if peers_folder is not None else None
         process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
-                               args=(policy, started, host, sockets, inherited, supervisor.ready_fd, os.getpid()))
+                               args=(policy, started, host, sockets, inherited, supervisor.ready_fd, os.getpid(),
+                                     peers))
         try:
             process.start()
         except OSError as exc:          # fork failed: EAGAIN at a pid limit, ENOMEM
@@ -427,6 +433,8 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     finally:
         for sock in held:
             sock.close()
+        if peers_folder is not None:
+            shutil.rmtree(peers_folder, ignore_errors=True)
 
 
 def open_fds() -> set[int]:
@@ -443,13 +451,14 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket], *, ready_fd: int | None = None) -> int:
+def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket], *, ready_fd: int | None = None,
+                peers: Peers | None = None) -> int:
     """Serve in this process on `sockets`; 1, said in one line, when it cannot listen. `ready_fd`: once serving,
-    tell the supervisor there (`say_serving`)."""
+    tell the supervisor there (`say_serving`); `peers`: the other workers' metrics (`gateway.telemetry.peers`)."""
     install_uvloop()
     port = sockets[0].getsockname()[1]
     try:
-        asyncio.run(_serve_app(build_app(holder), host, port, sockets, ready_fd))
+        asyncio.run(_serve_app(build_app(holder, peers=peers), host, port, sockets, ready_fd))
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -473,7 +482,7 @@ async def _tell_serving(ready: asyncio.Event, ready_fd: int | None) -> None:
 
 
 def _worker_process(policy: Path, started: Policy, host: str, sockets: list[socket.socket], inherited: list[int],
-                    ready_fd: int, supervisor_pid: int) -> None:
+                    ready_fd: int, supervisor_pid: int, peers: Peers | None = None) -> None:
     """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it; the
     policy file as it is now, but the start-up settings (`started`: the ledger, store, telemetry and grace period)
     the gateway started with, as every other worker has.
@@ -495,7 +504,7 @@ def _worker_process(policy: Path, started: Policy, host: str, sockets: list[sock
     holder = _valid_policy(policy)
     holder.start_with(started)
     announce_admin_reloads(holder, supervisor_pid)
-    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd))
+    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd, peers=peers))
 
 
 #: how often a worker started on an invalid policy file reads it again

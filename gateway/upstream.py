@@ -83,13 +83,15 @@ def auth_headers(model: Model, environ: Mapping[str, str] = os.environ) -> dict[
 
 @cache
 def client_timeout(timeouts: Timeouts, stream: bool = True) -> aiohttp.ClientTimeout:
-    """aiohttp's timeout for a model: connect; on a stream the first byte (any byte: the relay keeps its own
-    deadlines for data events and for `total_s`, which count the model's time and not a slow client's); on a
-    non-streamed answer `total_s`. That answer sends its head only once the whole answer is generated, so its
-    head is waited for up to `total_s` (`first_byte_s` would cut every answer longer); its body, once the head
-    came, gets `first_byte_s` (`HttpTransport.complete`)."""
-    return aiohttp.ClientTimeout(total=None if stream else timeouts.total_s, sock_connect=timeouts.connect_s,
-                                 sock_read=timeouts.first_byte_s if stream else None)
+    """aiohttp's timeout for a model: connect; on a non-streamed answer `total_s`. That answer sends its head only
+    once the whole answer is generated, so its head is waited for up to `total_s` (`first_byte_s` would cut every
+    answer longer); its body, once the head came, gets `first_byte_s` (`HttpTransport.complete`). A stream's
+    head is waited for `first_byte_s` by `HttpTransport.stream`, and its events by the relay's own deadlines
+    (for data events and for `total_s`, which count the model's time and not a slow client's). No `sock_read`:
+    aiohttp 3.14 arms that timer again on a connection already back in the pool, when the rest of a large
+    streamed body is read, and the next call to take the connection fails at once with a read timeout
+    (aio-libs/aiohttp#12953)."""
+    return aiohttp.ClientTimeout(total=None if stream else timeouts.total_s, sock_connect=timeouts.connect_s)
 
 
 @cache
@@ -174,12 +176,16 @@ class HttpTransport:
         Leaving the context closes the upstream connection, which is how a
         client disconnect cancels the upstream generation.
         """
+        first_byte_s = call.model.timeouts.first_byte_s
         async with AsyncExitStack() as stack:
             with UpstreamErrors(call.model):
-                resp = await stack.enter_async_context(self.session.post(
-                    self._url(call), data=call.body, headers=call.headers, timeout=client_timeout(call.model.timeouts)))
+                async with asyncio.timeout(first_byte_s):
+                    resp = await stack.enter_async_context(self.session.post(
+                        self._url(call), data=call.body, headers=call.headers,
+                        timeout=client_timeout(call.model.timeouts)))
                 if resp.status >= 400:
-                    raise status_error(call.model, resp.status, await resp.read(), resp.headers)
+                    raise status_error(call.model, resp.status, await _read_within(resp, first_byte_s),
+                                       resp.headers)
                 not_an_answer(call.model, resp.status)
             # outside the translation: what the caller's block raises (a write to a client that left, say)
             # is the caller's own error, not the model's

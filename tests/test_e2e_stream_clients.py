@@ -2,7 +2,8 @@
 is cut (its call would hold the model's slot and the router's count of the model's load for as long as it liked),
 and a slow client's time is never the model's: neither `first_byte_s` nor `total_s` counts it.
 
-The gateway here gives clients 1.5 s (`server.client_timeout_s`) and the scripted model `raw` a total_s of 3 s.
+The gateway here gives clients 1.5 s (`server.client_timeout_s`) and the scripted model `raw` a total_s of 3 s and
+a price (so a cache hit saves money).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def env(tmp_path_factory):
     tail = ("  - name: raw-cached\n    match: {{models: [raw-cached]}}\n    candidates: [raw]\n"
             "    cache: {{enabled: true, ttl_s: 60}}\n"
             f"server: {{{{client_timeout_s: {CLIENT_TIMEOUT_S}}}}}\n")
-    with ledgered_raw_model_gateway(tmp_path_factory.mktemp("ledger"), first_byte_s=1, tail=tail,
-                                    total_s=TOTAL_S) as running:
+    with ledgered_raw_model_gateway(tmp_path_factory.mktemp("ledger"), first_byte_s=1, tail=tail, total_s=TOTAL_S,
+                                    raw_keys="    price: {{input_per_mtok: 1, output_per_mtok: 2}}\n") as running:
         yield running
 
 
@@ -53,7 +54,8 @@ def open_stream(harness: Harness, request_id: str, receive_buffer: int = 4096,
     body = json.dumps({"model": model, "stream": True, "temperature": 0,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
     client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    if receive_buffer:                                  # else the system's, grown as the kernel sees fit
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     client.connect(("127.0.0.1", harness.port))
     client.settimeout(20)
     client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -146,3 +148,45 @@ def test_a_client_leaving_a_cached_stream_is_booked_as_one_that_left(env, caplog
     assert (record["cache"], record["status"], record["outcome"], record["saved_usd"]) == \
         ("hit", 499, "client_disconnected", "0")
     assert not [r for r in caplog.records if r.levelname == "ERROR" and "leaves-a-hit" in r.getMessage()]
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+def test_a_client_leaving_a_cached_stream_while_it_waits_saves_nothing(env, close):
+    """A client that takes the start of a cached stream and leaves while the replay waits for it to read (the
+    server cancels the handler then, rather than a write failing): 499, and no saving, as when a write fails.
+    It was booked the whole saving of an answer it never got."""
+    harness, raw = env
+    raw.script = big_stream(480)
+    first = open_stream(harness, f"stores-{close}", receive_buffer=1 << 20, model="raw-cached")
+    assert read_to_end(first).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    first.close()
+    client = open_stream(harness, f"waits-then-leaves-{close}", model="raw-cached")
+    client.recv(4096)
+    time.sleep(0.5)                                     # the replay is blocked on the full socket meanwhile
+    if close == "rst":
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    record = ledger_record(harness, f"waits-then-leaves-{close}")
+    assert (record["cache"], record["status"], record["saved_usd"]) == ("hit", 499, "0")
+
+
+def test_a_client_reading_steadily_but_slowly_is_not_cut(env):
+    """An SDK client that takes a chunk every 30 ms (270 KB/s), never pausing, for 5 s (over 3 times
+    client_timeout_s), then the rest at once, gets the whole stream: a single write may wait on it longer than
+    client_timeout_s (the sockets' buffers grow to megabytes, and the kernel says a full socket is writable again
+    only once a good part of its buffer is free), but the client takes some of the stream all along, so it is
+    not stalled. It was cut after a few seconds (the SDK raised APIConnectionError) and booked as a client that
+    left."""
+    harness, raw = env
+    raw.script = big_stream(1000)                       # 8 MB: more than the sockets hold
+    response = harness.openai().chat.completions.with_raw_response.create(
+        model="raw-only", stream=True, messages=[{"role": "user", "content": "hi"}])
+    chunks = 0
+    started_s = time.monotonic()
+    for chunk_ in response.parse():
+        chunks += 1
+        if time.monotonic() - started_s < 5:
+            time.sleep(0.03)
+    assert chunks == 1002
+    record = ledger_record(harness, response.headers["x-request-id"])
+    assert (record["status"], record["outcome"]) == (200, "success")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,24 @@ def test_a_refused_url_is_quoted_without_its_credentials(tmp_path):
     assert "REDISPASS" not in problem.message and "redis://***@127.0.0.1:70000/0" in problem.message
     [problem] = check_policy(write(tmp_path, HEAD + "store: {redis_url: 'reddis://user:REDISPASS@h/0'}\n"))
     assert "REDISPASS" not in problem.message
+
+
+@pytest.mark.parametrize("url", ["reddis://:s3cr'et@host:6379/0", "redis://:ab/cd'ef@host/0",
+                                 'redis://u:pa"ss/w@host/0', "redis://:sec ret/x@host/0",
+                                 "htp://:tok'en@host:9400/metrics"])
+def test_a_password_holding_a_quote_or_a_space_is_masked_whole(tmp_path, url):
+    """The URL is quoted in the problem between single quotes; a quote or space in its password does not end the
+    mask there."""
+    if url.startswith("red"):
+        text = HEAD + f"store: {{redis_url: {json.dumps(url)}}}\n"
+    else:                               # a DCGM exporter's URL
+        text = HEAD.replace("size_b: 1}", f"size_b: 1, gpus: {{source: dcgm, url: {json.dumps(url)}, ids: [0]}}}}")
+    problems = check_policy(write(tmp_path, text))
+    assert problems, text
+    secret = url.split("//", 1)[1].rpartition("@")[0]
+    for problem in problems:
+        assert secret not in problem.message and secret.split(":")[-1] not in problem.message, problem.message
+    assert any("***@host" in problem.message for problem in problems)
 
 
 @pytest.mark.parametrize("url", ["redis://:Zx9/Kq+Pw3S3cr3t@redis.internal:6379/0",

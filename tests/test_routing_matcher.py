@@ -78,6 +78,16 @@ def test_header_exact_and_regex_with_case_insensitive_names():
     assert names(index, headers={}) == "rest"
 
 
+def test_a_header_value_that_is_no_utf8_matches_no_regex():
+    """aiohttp reads header bytes that are no UTF-8 (Latin-1's "été") as lone surrogates: such a value matches no
+    regex, and the next route takes the request (RE2 raised on it: a 500 and a traceback)."""
+    index = RouteIndex((route("gold", headers=(HeaderMatch("x-team", "gold|platinum|.t.", regex=True),)),
+                        route("rest")))
+    for value in ("gold\udcff", "\udce9t\udce9"):
+        assert names(index, headers=CIMultiDict({"x-team": value})) == "rest"
+    assert names(index, headers=CIMultiDict({"x-team": "été"})) == "gold"
+
+
 def test_prompt_token_range_is_inclusive():
     """A route for long prompts takes prompts inside its inclusive range only."""
     index = RouteIndex((route("long", prompt_tokens_min=4000), route("short", prompt_tokens_max=3999)))

@@ -9,17 +9,23 @@ import http.client
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from gateway.server import FORK
 from gateway.supervisor import Supervisor, say_serving, stop_with_parent
+from gateway.telemetry.peers import WORKER_LABEL
+from tests.support.prometheus import Prometheus
 from tests.support.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,13 +373,24 @@ def test_a_replacement_that_keeps_failing_leaves_the_serving_worker_be(tmp_path)
         return process
 
     supervisor = Supervisor(spawn, 2, crash_limit=3, crash_window_s=10, backoff_s=0.01, max_backoff_s=0.1)
-    # 2 s: forking a test process that has grown over a whole suite can take 0.1 s a start
-    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    stopped = threading.Event()
+
+    def stop_once_retried() -> None:
+        """SIGTERM once the failing worker was started 7 times (forking a test process that has grown over a whole
+        suite, on a busy machine, can take 0.2 s a start: a fixed time would count the machine's speed)."""
+        deadline_s = time.monotonic() + 30
+        while len(starts) < 8 and time.monotonic() < deadline_s and not stopped.is_set():
+            time.sleep(0.01)
+        if not stopped.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_retried, daemon=True)
+    stopper.start()
     try:
         assert supervisor.run() == 1
     finally:
-        timer.cancel()
+        stopped.set()
+        stopper.join()
     assert len(starts) >= 8                 # the serving worker once, the failing one again and again
     assert min(b - a for a, b in zip(starts[4:], starts[5:])) >= 0.09     # at the longest back-off
 
@@ -672,12 +689,53 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
         os.close(ready_w)
 
 
-def test_prometheus_with_several_workers_is_warned_of(tmp_path):
-    """With --workers N each /metrics scrape reaches one worker and its own counters: start-up says so."""
+def test_prometheus_scraping_several_workers_counts_every_request_once(tmp_path):
+    """With --workers 2 each scrape reaches one worker, which gathers the other's series too: a real Prometheus
+    scraping the port sums gateway_requests_total to the requests sent, scrape after scrape, one series per
+    worker (labelled gateway_worker), whichever worker it reached; the workers' socket folder is private and
+    gone once the gateway stops."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY + "telemetry: {prometheus: true}\n")
     gateway = Workers(policy, environ={"OTEL_SDK_DISABLED": "false"}).wait_serving()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{gateway.port}")
     try:
-        assert "each scrape of /metrics is answered by one of them" in gateway.text()
+        folder = Path(re.search(r"through their sockets in (\S+)\)", gateway.text()).group(1))
+        assert folder.stat().st_mode & 0o777 == 0o700
+        served = set()
+        for _ in range(20):             # a connection each: the kernel spreads them over the workers
+            request = urllib.request.Request(f"{gateway.base_url}/v1/chat/completions", method="POST",
+                                             data=b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}',
+                                             headers={"Content-Type": "application/json", "Connection": "close"})
+            with contextlib.suppress(urllib.error.HTTPError):      # the model's port is closed: a 502
+                urllib.request.urlopen(request, timeout=5)
+        for _ in range(10):
+            with urllib.request.urlopen(f"{gateway.base_url}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            per_worker = {labels[WORKER_LABEL]: value for name, labels, value in scraped(text)
+                          if name == "gateway_requests_total"}
+            served.add(tuple(sorted(per_worker)))
+            assert sum(per_worker.values()) == 20 and len(per_worker) == 2, text
+        assert served == {("0", "1")}
+        prometheus.wait_ready()
+        total = "sum(gateway_requests_total)"
+        assert prometheus.wait_for(total, {(): 20.0}) == {(): 20.0}
+        assert prometheus.query(f"count by ({WORKER_LABEL}) (gateway_requests_total)") == {
+            ((WORKER_LABEL, "0"),): 1.0, ((WORKER_LABEL, "1"),): 1.0}
+        time.sleep(2.5)                 # more scrapes, each reaching either worker: the sum holds
+        assert prometheus.query(total) == {(): 20.0}
+        assert prometheus.query("min(min_over_time(up[5s]))") == {(): 1.0}      # every scrape was taken whole
     finally:
+        prometheus.stop()
+        gateway.process.terminate()
+        gateway.process.wait(10)
         gateway.stop()
+    assert not folder.exists()
+
+
+def scraped(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample of an exposition, failing on one written twice."""
+    found = [(sample.name, sample.labels, sample.value)
+             for family in text_string_to_metric_families(text) for sample in family.samples]
+    keys = [(name, tuple(sorted(labels.items()))) for name, labels, _ in found]
+    assert len(keys) == len(set(keys)), "a sample written twice"
+    return found

@@ -133,9 +133,9 @@ def url_refusal(exc: ValueError, url: str) -> str:
 
 
 def without_credentials(text: str) -> str:
-    """`text` with the user and password of any URL in it replaced by `***`: all from `//` to the URL's last `@`
-    (a password may hold a `/` its writer did not encode)."""
-    return re.sub(r"(//)[^\s'\"]*@", r"\1***@", text)
+    """`text`, a URL, with its user and password replaced by `***`: all from `//` to its last `@` (a password may
+    hold a `/`, a quote or a space its writer did not encode)."""
+    return re.sub(r"(//).*@", r"\1***@", text, flags=re.DOTALL)
 
 
 def supported_version(version: int) -> str | None:

@@ -60,9 +60,18 @@ class CompiledRoute:
             if pattern is None:
                 if got != value:
                     return False
-            elif pattern.fullmatch(got) is None:
+            elif not _full_match(pattern, got):
                 return False
         return True
+
+
+def _full_match(pattern: Any, value: str) -> bool:
+    """Whether the RE2 `pattern` matches all of `value`. A value that is no UTF-8 text (aiohttp keeps such bytes
+    as lone surrogates, which RE2 cannot be given) matches no regex."""
+    try:
+        return pattern.fullmatch(value) is not None
+    except UnicodeEncodeError:
+        return False
 
 
 def _compile_header(order: int, index: int, name: str, value: str, regex: bool,

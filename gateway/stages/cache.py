@@ -245,6 +245,9 @@ class Cache:
         except ConnectionError:             # the client left, or took nothing for client_timeout_s, before the end
             ctx.status = 499
             ctx.cache_saved_usd = Decimal(0)    # an answer not delivered saved nothing
+        except asyncio.CancelledError:      # the client left while a write waited for it (or the drain ran out)
+            ctx.cache_saved_usd = Decimal(0)
+            raise
         return response
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -26,6 +26,9 @@ gateway counted (the ones it bills, marked estimated in the ledger and spans).
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import sys
+import termios
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -228,15 +231,72 @@ def _client_left(ctx: RequestContext, attempt: Attempt, state: StreamState) -> w
     return ctx.response if ctx.bytes_sent else web.Response(status=499)
 
 
+#: how often a write waiting on its client looks whether the client took any of what is queued for it
+PROGRESS_CHECK_S = 1.0
+
+
 @asynccontextmanager
 async def client_time(ctx: RequestContext) -> AsyncIterator[None]:
-    """Writes to the client within `server.client_timeout_s`; a client that takes nothing for longer is cut."""
+    """Writes to the client; a client that takes none of the stream for `server.client_timeout_s` is cut. One
+    that keeps taking it, however slowly, is not: a write may wait longer than that (the kernel says a full
+    socket is writable again only once a good part of its buffer, megabytes, is free), so the deadline moves on
+    whenever less is queued for the client than at the last look (`Queued`)."""
+    timeout_s = ctx.policy.server.client_timeout_s
+    transport = ctx.http.transport if ctx.http is not None else None
     try:
-        async with asyncio.timeout(ctx.policy.server.client_timeout_s):
-            yield
+        async with asyncio.timeout(timeout_s) as deadline:
+            if transport is None:
+                yield
+                return
+            loop = asyncio.get_running_loop()
+            queued = Queued(transport)
+            step_s = min(PROGRESS_CHECK_S, timeout_s / 4)
+
+            def look() -> None:
+                nonlocal handle
+                if queued.fell():
+                    deadline.reschedule(loop.time() + timeout_s)
+                handle = loop.call_later(step_s, look)
+
+            handle = loop.call_later(step_s, look)
+            try:
+                yield
+            finally:
+                handle.cancel()
     except TimeoutError:
         _cut(ctx)
         raise ClientStalled("the client took none of the stream") from None
+
+
+class Queued:
+    """The bytes queued for a client: in the transport's buffer, and sent to the kernel but not yet acknowledged
+    by the client's (Linux's TIOCOUTQ on the socket; elsewhere the transport's alone). Only the client taking
+    some makes it fall while a write waits."""
+
+    __slots__ = ("transport", "fd", "last")
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None and _TIOCOUTQ is not None else -1
+        self.last = self.now()
+
+    def now(self) -> int:
+        queued = self.transport.get_write_buffer_size()
+        if self.fd >= 0:
+            try:
+                queued += int.from_bytes(fcntl.ioctl(self.fd, _TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+            except OSError:                 # closed meanwhile, or no such request here: the buffer alone
+                self.fd = -1
+        return queued
+
+    def fell(self) -> bool:
+        """Whether less is queued than at the last look."""
+        before, self.last = self.last, self.now()
+        return self.last < before
+
+
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
 def _cut(ctx: RequestContext) -> None:

@@ -54,9 +54,11 @@ RAW_CACHED_ROUTE = """  - name: raw-cached
 """
 
 
-def raw_model_policy(raw_url: str, *, first_byte_s: float, tail: str = "", total_s: float = 10) -> str:
+def raw_model_policy(raw_url: str, *, first_byte_s: float, tail: str = "", total_s: float = 10,
+                     raw_keys: str = "") -> str:
     """The standard models plus `raw`, a scripted model server at `raw_url`: route `raw` falls back to `medium`,
-    route `raw-only` has no fallback; `tail` adds routes or sections (a template, braces doubled)."""
+    route `raw-only` has no fallback; `tail` adds routes or sections, `raw_keys` lines of keys to model `raw`
+    (each a template, braces doubled)."""
     head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
     return head + f"""  raw:
     endpoint: {raw_url}
@@ -64,7 +66,7 @@ def raw_model_policy(raw_url: str, *, first_byte_s: float, tail: str = "", total
     size_b: 0.5
     latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
     timeouts: {{{{connect_s: 1, first_byte_s: {first_byte_s}, total_s: {total_s}}}}}
-routes:
+{raw_keys}routes:
   - name: raw
     match: {{{{models: ["raw"]}}}}
     candidates: [raw]
@@ -179,11 +181,12 @@ class Harness:
 
 
 @contextlib.contextmanager
-def raw_model_gateway(*, first_byte_s: float, tail: str = "",
-                      total_s: float = 10) -> Iterator[tuple[Harness, RawUpstream]]:
+def raw_model_gateway(*, first_byte_s: float, tail: str = "", total_s: float = 10,
+                      raw_keys: str = "") -> Iterator[tuple[Harness, RawUpstream]]:
     """A gateway on `raw_model_policy` (fast simulators for the standard models) and its scripted model server."""
     raw = RawUpstream().start()
-    harness = Harness(raw_model_policy(raw.url, first_byte_s=first_byte_s, tail=tail, total_s=total_s),
+    harness = Harness(raw_model_policy(raw.url, first_byte_s=first_byte_s, tail=tail, total_s=total_s,
+                                       raw_keys=raw_keys),
                       sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}).start()
     try:
         yield harness, raw
@@ -193,12 +196,12 @@ def raw_model_gateway(*, first_byte_s: float, tail: str = "",
 
 
 @contextlib.contextmanager
-def ledgered_raw_model_gateway(ledger_dir: Path, *, first_byte_s: float, tail: str = "",
-                               total_s: float = 10) -> Iterator[tuple[Harness, RawUpstream]]:
+def ledgered_raw_model_gateway(ledger_dir: Path, *, first_byte_s: float, tail: str = "", total_s: float = 10,
+                               raw_keys: str = "") -> Iterator[tuple[Harness, RawUpstream]]:
     """`raw_model_gateway` writing its ledger to `ledger_dir/requests.jsonl` (`harness.ledger_path`)."""
     ledger = ledger_dir / "requests.jsonl"
     with raw_model_gateway(first_byte_s=first_byte_s, tail=tail + f'ledger: {{{{path: "{ledger}"}}}}\n',
-                           total_s=total_s) as (harness, raw):
+                           total_s=total_s, raw_keys=raw_keys) as (harness, raw):
         harness.ledger_path = ledger
         yield harness, raw
 

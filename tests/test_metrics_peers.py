@@ -1,0 +1,98 @@
+"""Merging the Prometheus expositions of `gateway run --workers N` (gateway.telemetry.peers): every family once,
+every worker's samples under it, each labelled with its worker; a worker that cannot be reached is left out and
+said so. The end-to-end check with a real Prometheus scraping several workers is in test_workers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.telemetry.peers import WORKER_LABEL, Peers, merged
+
+
+def exposition(requests: int, in_flight: float, latencies: list[float]) -> bytes:
+    """A worker's exposition as prometheus_client writes it (the SDK's Prometheus reader writes through it)."""
+    registry = CollectorRegistry()
+    counter = Counter("gateway_requests", "Requests.", ["gateway_route"], registry=registry)
+    counter.labels(gateway_route='chat "default"').inc(requests)
+    Gauge("gateway_in_flight", "Requests in flight.", registry=registry).set(in_flight)
+    histogram = Histogram("gateway_latency_seconds", "Latency.", buckets=(0.1, 1.0), registry=registry)
+    for latency in latencies:
+        histogram.observe(latency)
+    return generate_latest(registry)
+
+
+def samples(text: bytes) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value}, failing on a sample written twice (Prometheus rejects that)."""
+    found: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in found, f"{key} twice"
+            found[key] = sample.value
+    return found
+
+
+def test_every_workers_samples_are_kept_each_labelled_with_its_worker():
+    """Two workers' counters, gauges and histograms (label values with quotes and spaces among them): each
+    sample of each is in the merge once, with its value, labelled with its worker's slot."""
+    first, second = exposition(3, 2, [0.05, 0.5]), exposition(5, 0, [2.0])
+    together = samples(merged([(0, first), (1, second)]))
+    expected = {}
+    for slot, text in ((0, first), (1, second)):
+        for (name, labels), value in samples(text).items():
+            expected[(name, tuple(sorted((*labels, (WORKER_LABEL, str(slot))))))] = value
+    assert together == expected
+    assert together[("gateway_requests_total", (("gateway_route", 'chat "default"'), (WORKER_LABEL, "1")))] == 5
+    assert together[("gateway_in_flight", ((WORKER_LABEL, "0"),))] == 2
+
+
+def test_each_family_is_described_once_with_its_samples_together():
+    """HELP and TYPE once per family, each family's samples right after them: a family split in two, or
+    described twice, is an exposition Prometheus refuses."""
+    text = merged([(0, exposition(1, 1, [0.5])), (1, exposition(2, 0, [0.5])), (2, exposition(0, 3, []))]).decode()
+    lines = text.splitlines()
+    helps = [line.split()[2] for line in lines if line.startswith("# HELP")]
+    assert sorted(helps) == sorted(set(helps)) and "gateway_latency_seconds" in helps
+    family_of_line = []
+    current = None
+    for line in lines:
+        if line.startswith("# HELP"):
+            current = line.split()[2]
+        elif not line.startswith("#"):
+            family_of_line.append(current)
+    runs = [family for i, family in enumerate(family_of_line) if i == 0 or family_of_line[i - 1] != family]
+    assert len(runs) == len(set(runs))
+
+
+def test_comments_lead_and_an_empty_worker_adds_nothing():
+    text = merged([(0, exposition(1, 0, [])), (1, b"")], ["# gateway_worker 2 left out of this scrape: gone"])
+    assert text.startswith(b"# gateway_worker 2 left out")
+    assert not any(WORKER_LABEL + '="1"' in line for line in text.decode().splitlines())
+    assert merged([(0, b"")]) == b""
+
+
+def test_a_scrape_gathers_the_workers_that_answer_and_names_the_one_that_does_not(tmp_path):
+    """Worker 0 is scraped: worker 1 answers on its socket, worker 2 has none (restarting). The scrape has
+    worker 0's and worker 1's series and a comment saying worker 2 was left out."""
+
+    async def scrape() -> bytes:
+        peers = [Peers(tmp_path, slot, 3) for slot in range(3)]
+        app = web.Application()
+        async with contextlib.AsyncExitStack() as stack:
+            serving = peers[1].serving(lambda: exposition(7, 1, []))(app)
+            await serving.__anext__()
+            stack.push_async_callback(lambda: anext(serving, None))
+            assert peers[1].socket_path(1).exists()
+            return await peers[0].gather(exposition(4, 0, []))
+
+    text = asyncio.run(scrape())
+    found = samples(text)
+    assert found[("gateway_requests_total", (("gateway_route", 'chat "default"'), (WORKER_LABEL, "0")))] == 4
+    assert found[("gateway_requests_total", (("gateway_route", 'chat "default"'), (WORKER_LABEL, "1")))] == 7
+    assert not any((WORKER_LABEL, "2") in labels for _, labels in found)
+    assert text.startswith(b"# gateway_worker 2 left out of this scrape: it cannot be reached")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from decimal import Decimal
 
@@ -50,6 +51,10 @@ routes:
   - name: legacy
     match: {{models: ["legacy"]}}
     candidates: [legacy]
+  - name: timed
+    match: {{models: ["timed-*"]}}
+    candidates: [gpu]
+    sla: {{p95_latency_ms: 5000, on_violation: best_effort}}
 ledger: {{path: "@LEDGER@"}}
 """
 
@@ -344,3 +349,28 @@ def test_ledger_has_one_line_per_request_and_never_prompt_text(gw):
     assert sum(1 for line in ledger_lines(gw) if line.get("request_id") == "ledger-probe-1") == 1
     assert "zebra" not in text and "confidential" not in text
     assert completion.choices[0].message.content not in text
+
+
+def test_the_ledger_says_what_was_asked_how_long_it_took_and_whether_the_sla_held(gw):
+    """A stream asked for as `timed-stream` (route `timed`; the model's simulator waits 40 ms for its first token,
+    then 4 ms for each of the 19 others): the ledger names the alias the client sent, its TTFT and latency in
+    seconds, within what the client itself saw and apart from each other, and the SLA as met; the same request
+    tightened to 1 ms (x-gateway-max-latency-ms), served best effort, has it unmet."""
+    client = gw.openai()
+    started_s = time.perf_counter()
+    response = client.chat.completions.with_raw_response.create(model="timed-stream", messages=MESSAGES,
+                                                                max_tokens=20, stream=True)
+    first_s = None
+    for chunk in response.parse():
+        if first_s is None and chunk.choices and chunk.choices[0].delta.content:
+            first_s = time.perf_counter() - started_s
+    seen_s = time.perf_counter() - started_s
+    record = ledger_record(gw, response.headers["x-request-id"])
+    assert (record["alias"], record["route"], record["sla_met"]) == ("timed-stream", "timed", True)
+    assert 0.04 <= record["ttft_s"] <= first_s
+    assert 0.04 + 19 * 0.004 <= record["latency_s"] <= seen_s
+    assert record["latency_s"] - record["ttft_s"] >= 18 * 0.004
+    tightened = client.chat.completions.with_raw_response.create(
+        model="timed-whole", messages=MESSAGES, max_tokens=5, extra_headers={"x-gateway-max-latency-ms": "1"})
+    record = ledger_record(gw, tightened.headers["x-request-id"])
+    assert (record["alias"], record["status"], record["sla_met"]) == ("timed-whole", 200, False)

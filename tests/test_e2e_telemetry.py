@@ -423,3 +423,68 @@ def test_sdk_disabled_exports_nothing_and_passes_traceparent_on():
         quiet.stop()
     assert (upstream["traceparent"], upstream["tracestate"]) == (traceparent, "vendor=abc")
     assert "traceparent" not in bare
+
+
+def sums_by(gw: Harness, receiver: OtlpReceiver, name: str, key: str | None, **labels) -> dict:
+    """The metric's values (sums and counters) added up by the value of attribute `key`, after a flush."""
+    time.sleep(0.05)                 # a request's metrics are recorded just after its response
+    gw.flush_telemetry()
+    found: dict = {}
+    for point in points(receiver.latest_metrics(gw.service).get(name, _NONE), **labels):
+        value = point.attributes.get(key) if key else None
+        found[value] = found.get(value, 0) + point.value
+    return found
+
+
+def grew(before: dict, after: dict) -> dict:
+    return {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+
+
+def test_a_cache_hit_records_its_saving_its_outcome_and_its_sla(gw, receiver):
+    """A request stored, then the same request answered from the cache: gateway.cache.saved grows by what the
+    stored answer cost, gateway.outcomes counts one success and one cache_hit, and gateway.sla counts both as
+    met (the hit was served within the route's SLA); the hit's span says cache_hit too."""
+    tenant = {"gateway.tenant": "umbrella"}
+    metrics = ("gateway.cache.saved", None), ("gateway.outcomes", "gateway.outcome"), \
+        ("gateway.sla", "gateway.sla.status")
+    before = {name: sums_by(gw, receiver, name, key, **tenant) for name, key in metrics}
+    messages = [{"role": "user", "content": f"cache me {uuid.uuid4().hex}"}]
+    stored = chat(gw, tenant="umbrella", messages=messages, temperature=0)
+    assert stored.headers["x-gateway-cache"] == "stored"
+    trace_id, traceparent = new_traceparent()
+    hit = chat(gw, tenant="umbrella", messages=messages, temperature=0, traceparent=traceparent)
+    assert hit.headers["x-gateway-cache"] == "hit"
+    after = {name: sums_by(gw, receiver, name, key, **tenant) for name, key in metrics}
+    assert grew(before["gateway.cache.saved"], after["gateway.cache.saved"])[None] == \
+        pytest.approx(float(stored.headers["x-gateway-cost-usd"]))
+    assert grew(before["gateway.outcomes"], after["gateway.outcomes"]) == {"success": 1, "cache_hit": 1}
+    assert grew(before["gateway.sla"], after["gateway.sla"]) == {"met": 2}
+    server = one(exported_trace(gw, receiver, trace_id, spans=2), "POST /v1/chat/completions")
+    assert server.attributes["gateway.outcome"] == "cache_hit"
+
+
+def test_a_structured_output_request_has_json_output_type(gw, receiver):
+    """`response_format: json_schema` (what the SDK's `.parse()` sends) is gen_ai.output.type `json`."""
+    trace_id, traceparent = new_traceparent()
+    chat(gw, traceparent=traceparent, response_format={"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "object", "properties": {}}}})
+    client = one(exported_trace(gw, receiver, trace_id, spans=3), "chat sim-small")
+    assert client.attributes["gen_ai.output.type"] == "json"
+
+
+def test_an_answer_without_usage_is_marked_estimated_on_its_span(gw, receiver):
+    """A model that reports no usage: the gateway's count is what the span carries, marked
+    gateway.tokens.estimated; a model's own usage is not marked."""
+    estimated = {}
+    gw.sim_config("small", usage=False)
+    try:
+        trace_id, traceparent = new_traceparent()
+        chat(gw, traceparent=traceparent)
+        estimated[True] = one(exported_trace(gw, receiver, trace_id, spans=3), "POST /v1/chat/completions")
+    finally:
+        gw.sim_config("small", usage=True)
+    trace_id, traceparent = new_traceparent()
+    chat(gw, traceparent=traceparent)
+    estimated[False] = one(exported_trace(gw, receiver, trace_id, spans=3), "POST /v1/chat/completions")
+    assert {marked: span.attributes["gateway.tokens.estimated"] for marked, span in estimated.items()} == \
+        {True: True, False: False}

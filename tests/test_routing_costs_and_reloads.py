@@ -92,6 +92,19 @@ def test_a_budget_downgrade_to_a_model_that_misses_the_sla_says_so():
     assert plan_names(downgraded)[0] == "small" and downgraded.sla_met is False
 
 
+def test_a_budget_downgrade_goes_to_the_cheapest_model_even_when_it_is_the_largest():
+    """Downgraded is cheapest first, by predicted cost, not by size: a 70B model at $0.01 per million tokens
+    beside a 1B at $50 takes a tenant past its budget (the smallest-first order would spend 5,000 times more)."""
+    tiny = replace(priced("tiny", price=Price(Decimal("50"), Decimal("50"))), size_b=1)
+    big = replace(priced("big", price=Price(Decimal("0.01"), Decimal("0.01"))), size_b=70)
+    setup = Setup(Route(name="chat", match=Match(models=("auto",)), candidates=("tiny", "big"),
+                        sla=Sla(p95_latency_ms=5000)), extra_models={"tiny": tiny, "big": big})
+    decision = setup.decide(prompt_tokens=10, max_tokens=20)
+    assert plan_names(decision) == ["tiny", "big"]          # the SLA is met: smallest first
+    downgraded = setup.router.cheapest(decision)
+    assert plan_names(downgraded) == ["big", "tiny"] and "cheapest model, big" in downgraded.note
+
+
 def test_best_effort_does_not_fall_back_below_the_tier_asked_for():
     """x-gateway-min-tier 3 with no tier-3 model: a 503 naming the tier, not the tier-1 fallback."""
     setup = Setup(chat_route(candidates=("small", "medium"), fallback=("small",)))

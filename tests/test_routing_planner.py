@@ -169,6 +169,19 @@ def test_best_effort_plans_fastest_first_and_says_what_failed():
     assert "medium: latency 2120ms > 100ms" in decision.note
 
 
+def test_best_effort_puts_a_small_model_measured_slow_after_faster_ones():
+    """Best effort orders every candidate that fits by predicted latency, not by size: `small`, measured at 3 s
+    to its first token, goes after `medium` and `large` when no model meets the 100 ms asked for."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=1, on_violation="best_effort")))
+    for _ in range(50):
+        setup.estimates.record("small", 3.0, 0.5)
+    decision = setup.decide(tighten=Tighten(max_latency_ms=100))
+    assert not decision.sla_met
+    predicted = {c.model.name: c.predicted_latency_ms for c in decision.candidates}
+    assert predicted["medium"] < predicted["large"] < predicted["small"]
+    assert plan_names(decision) == ["medium", "large", "small"]
+
+
 def test_reject_names_the_constraint_no_model_met():
     """A reject route raises NoModelMeetsSla naming the limit and each model's prediction."""
     setup = Setup(chat_route(Sla(p95_latency_ms=200, on_violation="reject")))

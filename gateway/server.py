@@ -395,7 +395,10 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         get_encoding(name)              # loaded once here: forked workers share its memory
     if redis_url(holder.current.policy, os.environ) is None:
         log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
-                    "(POST /v1/outcomes finds only the tasks its worker served); set GATEWAY_REDIS_URL", workers)
+                    "(POST /v1/outcomes finds only the tasks its worker served)%s; set GATEWAY_REDIS_URL", workers,
+                    ", and each worker books the whole energy of the GPUs it samples among its own requests (the "
+                    "workers' books add up to N times what the GPUs used)"
+                    if any(model.gpus for model in holder.current.policy.models.values()) else "")
     peers_folder = None
     if TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus:
         peers_folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))     # mode 0700: this user's alone

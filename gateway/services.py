@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.energy import EnergyMonitor
+from gateway.energy.sharing import EnergySharing
 from gateway.fleet import Fleet
 from gateway.outcomes import Book
 from gateway.policy.advice import advice
@@ -116,12 +117,17 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             recorder=recorder)
         recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
         sharing = share_estimates(services, started)
+        # other processes may measure the same GPUs (workers, replicas): each books its share of their energy
+        energy_sharing = EnergySharing(stores.redis, stores.key_prefix, started.store.timeout_ms / 1000) \
+            if stores.redis is not None else None
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         services.telemetry.observe_store_failures(lambda: {"limits": services.stores.limiter.store_failures,
                                                            "budgets": services.stores.budgets.store_failures,
                                                            "outcomes": services.stores.outcomes.store_failures,
                                                            **({"estimates": sharing.store_failures}
-                                                              if sharing is not None else {})})
+                                                              if sharing is not None else {}),
+                                                           **({"energy": energy_sharing.store_failures}
+                                                              if energy_sharing is not None else {})})
         if recorder.ledger is not None:
             services.telemetry.observe_ledger_errors(lambda: recorder.ledger.write_errors)
         services.telemetry.observe_policy(lambda: holder.current.policy)
@@ -131,6 +137,8 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         services.telemetry.observe_slots(lambda: waiting_in_policy(services))
         # always there, so a reload can add GPUs; with none in the policy it samples nothing
         services.energy = energy = EnergyMonitor(policy, session)
+        if energy_sharing is not None:
+            energy.share_through(energy_sharing)
         await energy.start()
         services.telemetry.observe_gpus(energy)
         services.pipeline = Pipeline(tuple(stage(services) for stage in STAGES))

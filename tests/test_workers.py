@@ -122,7 +122,7 @@ def test_a_killed_worker_is_logged_and_restarted(tmp_path):
     policy.write_text(POLICY)
     gateway = Workers(policy).wait_serving()
     try:
-        assert "2 workers without Redis" in gateway.text()
+        assert "2 workers without Redis" in gateway.text() and "energy" not in gateway.text()
         first, second = gateway.pids()
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: gateway.text().count("gateway listening") == 3, gateway.text)
@@ -687,6 +687,18 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
             sock.close()
         os.close(ready_r)
         os.close(ready_w)
+
+
+def test_workers_without_redis_on_measured_gpus_are_told_their_energy_books_add_up_wrong(tmp_path):
+    """Each worker samples the policy's GPUs; without Redis they cannot share the GPUs' energy out, and each
+    books all of it among its own requests: start-up says so."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("upstream_model: sim-small}", "upstream_model: sim-small, gpus: {source: nvml}}"))
+    gateway = Workers(policy).wait_serving()
+    try:
+        assert "each worker books the whole energy of the GPUs it samples among its own requests" in gateway.text()
+    finally:
+        gateway.stop()
 
 
 def test_prometheus_scraping_several_workers_counts_every_request_once(tmp_path):

@@ -15,6 +15,14 @@ When no request made visible progress, the split is in proportion to each
 one's time in flight during the interval. With no request in flight, all of
 `measured` is idle. So attributed + idle == measured.
 
+Several processes measuring the same GPUs (the workers of `gateway run
+--workers N`, replicas reading one DCGM exporter) each see the GPUs' whole
+energy but only their own requests. Each books its share of every interval
+(`Others`: the requests the other processes had in flight, as they last said
+through Redis): its requests' mean number in flight over all of theirs, or,
+with none in flight anywhere, an equal part of the idle interval; so the
+processes' books add up to what the GPUs used, not N times it.
+
 `idle_w` (per GPU) is configured (`gpus.idle_w`) or learned: the lowest
 sustained power, i.e. the minimum of the 1 s average powers of the last
 `idle_window_s` seconds (10 minutes by default), never above the current
@@ -48,12 +56,27 @@ class ModelEnergy:
 
 
 @dataclass(frozen=True)
+class Others:
+    """The other processes measuring the same GPUs: how many, and their requests' mean number in flight (over
+    their last interval, added up)."""
+
+    processes: int
+    in_flight: float
+
+    def share(self, in_flight: float) -> float:
+        """This process's share of an interval in which its own requests were `in_flight` on average."""
+        total = in_flight + self.in_flight
+        return in_flight / total if total > 0 else 1.0 / (1 + self.processes)
+
+
+@dataclass(frozen=True)
 class IntervalSplit:
-    """How one interval's energy was booked."""
+    """How one interval's energy was booked (this process's share of it)."""
 
     measured_j: float
     idle_j: float
     shares_j: dict[str, float] = field(default_factory=dict)    # request id -> joules
+    in_flight: float = 0.0      # this process's requests' mean number in flight over the interval
 
 
 @dataclass
@@ -141,13 +164,20 @@ class EnergyLedger:
         flight = self._flights.get(request_id)
         return flight.model if flight is not None else None
 
+    def in_flight(self, model: Hashable, dt_s: float) -> float:
+        """How many of this process's requests were in flight on `model` over the last `dt_s` seconds, on
+        average (what `on_interval` would find now)."""
+        now_s = self._clock()
+        return sum(_overlap_s(f, now_s - dt_s, now_s) for f in self._flights.values() if f.model == model) / dt_s
+
     def totals(self, model: Hashable) -> ModelEnergy:
         """The running totals for `model` (zeros when nothing was measured)."""
         return self._totals.setdefault(model, ModelEnergy())
 
     def on_interval(self, model: Hashable, measured_j: float | None, dt_s: float,
-                    power_w: float | None = None, n_gpus: int = 1) -> IntervalSplit:
-        """Book one interval of `model`'s GPUs; `measured_j` None means power x dt."""
+                    power_w: float | None = None, n_gpus: int = 1, others: Others | None = None) -> IntervalSplit:
+        """Book one interval of `model`'s GPUs; `measured_j` None means power x dt. With `others`, only this
+        process's share of it (see the module's doc)."""
         if measured_j is None:
             if power_w is None:
                 raise ValueError("on_interval needs measured_j or power_w")
@@ -158,11 +188,17 @@ class EnergyLedger:
         now_s = self._clock()
         flights = [(rid, f) for rid, f in self._flights.items() if f.model == model]
         in_flight_s = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
+        in_flight = sum(in_flight_s.values()) / dt_s
+        if others is not None:
+            share = others.share(in_flight)
+            measured_j, idle_budget_j = measured_j * share, idle_budget_j * share
         shares_j = self._split(flights, in_flight_s, measured_j - min(measured_j, idle_budget_j))
         idle_j = measured_j - sum(shares_j.values())
-        # active: some request ran during the interval (one that ended before it began is only awaiting its books)
-        self._book(model, measured_j, idle_j, shares_j, dt_s, busy=any(s > 0 for s in in_flight_s.values()))
-        return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j)
+        # active: some request ran during the interval (one that ended before it began is only awaiting its books),
+        # here or in another process measuring the same GPUs
+        busy = any(s > 0 for s in in_flight_s.values()) or (others is not None and others.in_flight > 0)
+        self._book(model, measured_j, idle_j, shares_j, dt_s, busy=busy)
+        return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j, in_flight=in_flight)
 
     def _idle_w_per_gpu(self, model: Hashable, power_w_per_gpu: float, dt_s: float) -> float:
         if model in self._idle_w:

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gateway.energy.attribution import EnergyLedger, ModelEnergy
+from gateway.energy.attribution import EnergyLedger, ModelEnergy, Others
 from gateway.energy.dcgm import DcgmSource
 from gateway.energy.nvml import NvmlSource
 from gateway.energy.pools import labels, pools
 from gateway.energy.readings import EnergyUnavailable, GpuReading
+from gateway.energy.sharing import FRESH_S, EnergySharing
 
 if TYPE_CHECKING:
     from gateway.policy.model import GpuSource, Policy
@@ -76,6 +77,8 @@ class _Sampled:
     uuids: set[str] = field(default_factory=set)    # the UUIDs of the GPUs read, to find a GPU in two pools
     conflict: str | None = None               # why not booked: one of its GPUs is another pool's too
     crashed: bool = False                     # sampling raised (logged once, until it works again)
+    others: Others | None = None              # the other processes measuring its GPUs (`sharing`), last heard
+    others_at_s: float = float("-inf")        # when
     ticked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -131,6 +134,7 @@ class EnergyMonitor:
         self._nvml_module = nvml_module
         self._clock = clock
         self.nvml_timeout_s = NVML_TIMEOUT_S
+        self.sharing: EnergySharing | None = None     # set by `share_through`
         self._task: asyncio.Task | None = None
         self._opened = False
         self._started = False
@@ -346,6 +350,10 @@ class EnergyMonitor:
         if sampled.health == OK:
             logger.info("energy: GPUs of %s measured now (were %s)", sampled.name, was)
 
+    def share_through(self, sharing: EnergySharing) -> None:
+        """Share each pool's energy with the other processes measuring the same GPUs (`gateway.energy.sharing`)."""
+        self.sharing = sharing
+
     async def _sample(self, sampled: _Sampled) -> None:
         try:
             readings = await self._read(sampled)
@@ -353,8 +361,13 @@ class EnergyMonitor:
                 return
             readings = [replace(r, model=sampled.name) for r in readings]
             self._find_conflict(sampled, readings)
-            self._book(sampled, readings)
+            interval = self._measure(sampled, readings)
             self._update_health(sampled, readings)
+            if interval is not None:
+                measured_j, dt_s, n_gpus = interval
+                if self.sharing is not None and sampled.uuids:
+                    await self._hear_others(sampled, self.ledger.in_flight(sampled.models, dt_s))
+                self.ledger.on_interval(sampled.models, measured_j, dt_s, n_gpus=n_gpus, others=sampled.others)
         except Exception as exc:    # boundary: a bug or a bad value in one pool must not stop its sampling
             readings = self._crashed(sampled, exc)
         else:
@@ -362,6 +375,17 @@ class EnergyMonitor:
         sampled.readings = readings
         sampled.ticked.set()
         sampled.ticked = asyncio.Event()
+
+    async def _hear_others(self, sampled: _Sampled, in_flight: float) -> None:
+        """Tell the other processes measuring the pool's GPUs how many of this one's requests were in flight on
+        them over the interval about to be booked, and hear theirs (over their last); when Redis does not answer,
+        what was last heard is kept while it is fresh."""
+        others = await self.sharing.exchange(sampled.uuids, in_flight)
+        now_s = self._clock()
+        if others is not None:
+            sampled.others, sampled.others_at_s = others, now_s
+        elif now_s - sampled.others_at_s > FRESH_S:
+            sampled.others = None
 
     def _crashed(self, sampled: _Sampled, exc: Exception) -> list[GpuReading]:
         """The pool is failing; logged with the traceback once, until a sample works again."""
@@ -421,15 +445,16 @@ class EnergyMonitor:
                 logger.info("energy: GPUs of %s measured again", sampled.name)
         sampled.health, sampled.reason = health, reason
 
-    def _book(self, sampled: _Sampled, readings: list[GpuReading]) -> None:
-        """Sum the energy of every GPU read twice in a row; a failed GPU, or another GPU behind the same id,
+    def _measure(self, sampled: _Sampled, readings: list[GpuReading]) -> tuple[float, float, int] | None:
+        """The interval to book (joules, seconds, GPUs) from these readings, or None. Sums the energy of every GPU
+        read twice in a row; a failed GPU, or another GPU behind the same id,
         starts afresh: what a GPU used while it could not be read is not booked (booked whole on its return it
         would be split among the requests in flight then, not those that ran meanwhile, and over an interval the
         pool's other GPUs did not share). While any GPU's counter was not refreshed yet, nothing is booked: the
         pool's GPUs are booked over one common interval, so no time is counted twice. Nothing is booked for a
         pool in conflict over a GPU."""
         if sampled.conflict:
-            return
+            return None
         for reading in readings:
             if reading.failed or _replaced(sampled.baseline.get(reading.gpu_id), reading):
                 sampled.baseline.pop(reading.gpu_id, None)
@@ -439,7 +464,7 @@ class EnergyMonitor:
         stale = [r for r in fresh if r.gpu_id in sampled.baseline and _is_stale(sampled.baseline[r.gpu_id], r)]
         sampled.stale = {r.gpu_id: sampled.baseline[r.gpu_id].timestamp_s for r in stale}
         if stale:
-            return
+            return None
         measured_j, dt_s, n_gpus = 0.0, 0.0, 0
         for reading in fresh:
             before = sampled.baseline.get(reading.gpu_id)
@@ -450,8 +475,7 @@ class EnergyMonitor:
                 dt_s = max(dt_s, reading.timestamp_s - before.timestamp_s)
                 n_gpus += 1
                 sampled.booked_until_s = max(sampled.booked_until_s, reading.timestamp_s)
-        if n_gpus:
-            self.ledger.on_interval(sampled.models, measured_j, dt_s, n_gpus=n_gpus)
+        return (measured_j, dt_s, n_gpus) if n_gpus else None
 
     # -- what the rest of the gateway reads ------------------------------------------
 

@@ -63,14 +63,15 @@ def observe_ledger_errors(meter: Meter, read_errors: Callable[[], int]) -> None:
 
 
 def observe_store_failures(meter: Meter, read_failures: Callable[[], Mapping[str, int]]) -> None:
-    """gateway.store.failures by part (limits, budgets, outcomes, estimates): admissions and budget checks or
-    charges answered without Redis, per `store.on_store_failure`, outcome calls and shared-estimate syncs that
-    failed (the cache's own are gateway.cache.errors)."""
+    """gateway.store.failures by part (limits, budgets, outcomes, estimates, energy): admissions and budget checks
+    or charges answered without Redis, per `store.on_store_failure`, outcome calls, shared-estimate syncs and
+    GPU energy exchanges that failed (the cache's own are gateway.cache.errors)."""
     meter.create_observable_counter(
         "gateway.store.failures", unit="{call}", callbacks=[
             lambda _options: [Observation(count, {"gateway.store.part": part}) for part, count in read_failures().items()]],
-        description="Rate-limit and budget store calls, outcome reports and bookings, and shared-estimate "
-                    "syncs, answered without Redis: failed, timed out, refused, or skipped during a back-off.")
+        description="Rate-limit and budget store calls, outcome reports and bookings, shared-estimate syncs and "
+                    "GPU energy exchanges, answered without Redis: failed, timed out, refused, or skipped during a "
+                    "back-off.")
 
 
 def observe_policy(meter: Meter, current_policy: Callable[[], object]) -> None:

@@ -38,6 +38,11 @@ def _follow(path: str) -> None:
         time.sleep(POLL_S)
 
 
-if os.environ.get("GPU_BACKEND_BUSY_FILE"):
+def _start_following() -> None:
     threading.Thread(target=_follow, args=(os.environ["GPU_BACKEND_BUSY_FILE"],), daemon=True).start()
+
+
+if os.environ.get("GPU_BACKEND_BUSY_FILE"):
+    _start_following()
+    os.register_at_fork(after_in_child=_start_following)   # a forked process (a gateway worker) has no threads
 sys.modules["pynvml"] = _nvml

@@ -1,0 +1,106 @@
+"""GPU energy shared out between the processes that measure the same GPUs (workers, replicas), through a real
+redis-server: each books its share of every interval, so their books add up to what the GPUs used, not N times
+it. The whole check, two gateway workers against the fake GPU, is in test_bench_gpu_energy.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.energy import sharing
+from gateway.energy.attribution import EnergyLedger, Others
+from gateway.energy.sharing import EnergySharing, gpus_key
+from tests.support.fake_pynvml import ManualClock
+
+GPUS = {"GPU-1111", "GPU-2222"}
+
+
+def process(in_flight: int, clock: ManualClock) -> EnergyLedger:
+    """One process's ledger for the pool `big` (idle 100 W a GPU), with `in_flight` requests running 1 s."""
+    ledger = EnergyLedger({"big": 100.0}, clock=clock)
+    for index in range(in_flight):
+        ledger.request_started(f"r{index}", "big", tracks_tokens=False)
+    return ledger
+
+
+def test_processes_book_their_share_and_add_up_to_what_the_gpus_used():
+    """One process with 1 request in flight, another with 3, on the same 2 GPUs for 1 s: the first books a
+    quarter of the 1,000 J measured and the second three quarters (each with its part of the idle 200 J), so
+    together they book 1,000 J, not 2,000; each process's own books still balance."""
+    clock = ManualClock()
+    first, second = process(1, clock), process(3, clock)
+    clock.advance(1.0)
+    assert (first.in_flight("big", 1.0), second.in_flight("big", 1.0)) == (1.0, 3.0)
+    one = first.on_interval("big", 1000.0, 1.0, n_gpus=2, others=Others(processes=1, in_flight=3.0))
+    three = second.on_interval("big", 1000.0, 1.0, n_gpus=2, others=Others(processes=1, in_flight=1.0))
+    assert (one.measured_j, three.measured_j) == pytest.approx((250.0, 750.0))
+    assert (one.idle_j, three.idle_j) == pytest.approx((50.0, 150.0))
+    assert sum(one.shares_j.values()) + sum(three.shares_j.values()) == pytest.approx(800.0)
+    for ledger in (first, second):
+        totals = ledger.totals("big")
+        assert totals.attributed_j + totals.idle_j == pytest.approx(totals.measured_j)
+        assert (totals.active_s, totals.idle_s) == (1.0, 0.0)
+
+
+def test_an_idle_interval_is_split_evenly_and_a_process_idle_beside_a_busy_one_books_nothing():
+    """Nothing in flight anywhere: each of three processes books a third, all idle. A process with nothing in
+    flight while another has requests books none of the interval, and counts it as active time of the GPUs."""
+    clock = ManualClock()
+    idle = [process(0, clock) for _ in range(3)]
+    clock.advance(1.0)
+    splits = [ledger.on_interval("big", 300.0, 1.0, others=Others(processes=2, in_flight=0.0)) for ledger in idle]
+    assert [(s.measured_j, s.idle_j) for s in splits] == pytest.approx([(100.0, 100.0)] * 3)
+    quiet = process(0, clock)
+    clock.advance(1.0)
+    split = quiet.on_interval("big", 500.0, 1.0, others=Others(processes=1, in_flight=2.0))
+    assert (split.measured_j, split.idle_j, split.shares_j) == (0.0, 0.0, {})
+    assert (quiet.totals("big").active_s, quiet.totals("big").idle_s) == (1.0, 0.0)
+
+
+def test_without_others_a_process_books_the_whole_interval():
+    clock = ManualClock()
+    ledger = process(2, clock)
+    clock.advance(1.0)
+    assert ledger.on_interval("big", 600.0, 1.0, others=None).measured_j == 600.0
+    assert ledger.on_interval("big", 600.0, 1.0, others=Others(processes=0, in_flight=0.0)).measured_j == 600.0
+
+
+def test_the_gpus_go_by_their_uuids_whatever_their_order():
+    assert gpus_key(["GPU-2222", "GPU-1111"]) == gpus_key(GPUS) != gpus_key(["GPU-1111"])
+
+
+async def test_processes_hear_each_other_through_redis_and_a_silent_one_drops_out(redis_server, monkeypatch):
+    """Three processes say their numbers in flight on the same GPUs: each hears the other two's (not its own);
+    processes on other GPUs are not heard; one that stops saying anything is left out once its word is past
+    FRESH_S, and its field is removed."""
+    monkeypatch.setattr(sharing, "FRESH_S", 0.3)
+    client = Redis.from_url(redis_server.url)
+    try:
+        a, b, c, elsewhere = (EnergySharing(client, "gw", timeout_s=1.0) for _ in range(4))
+        assert await a.exchange(GPUS, 1.0) == Others(processes=0, in_flight=0.0)
+        assert await b.exchange(GPUS, 2.5) == Others(processes=1, in_flight=1.0)
+        assert await elsewhere.exchange({"GPU-9999"}, 7.0) == Others(processes=0, in_flight=0.0)
+        assert await c.exchange(GPUS, 0.0) == Others(processes=2, in_flight=3.5)
+        assert await a.exchange(GPUS, 1.0) == Others(processes=2, in_flight=2.5)
+        await asyncio.sleep(0.4)                    # b and c fall silent
+        assert await a.exchange(GPUS, 1.0) == Others(processes=0, in_flight=0.0)
+        assert await client.hkeys(f"gw:energy:{gpus_key(GPUS)}") == [a.process_id.encode()]
+        assert 0 < await client.pttl(f"gw:energy:{gpus_key(GPUS)}") <= 600
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_that_does_not_answer_is_no_answer_and_counted(redis_server):
+    """Redis gone: the exchange answers None (the monitor keeps what it last heard while fresh, then books
+    alone) and counts a store failure."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2, socket_timeout=0.2)
+    try:
+        shared = EnergySharing(client, "gw", timeout_s=0.5)
+        assert await shared.exchange(GPUS, 1.0) == Others(processes=0, in_flight=0.0)
+        redis_server.stop()
+        assert await shared.exchange(GPUS, 1.0) is None
+        assert shared.store_failures == 1
+    finally:
+        await client.aclose()

@@ -167,6 +167,35 @@ def test_without_queue_timeout_calls_go_straight_to_a_saturated_model():
         harness.stop()
 
 
+def test_admin_models_tells_calls_on_a_model_from_calls_in_line_and_reads_its_estimates(slow_small):
+    """What an SRE reads in GET /admin/models: one call holding small's slot and two in line are slots_busy 1 and
+    slots_waiting 2 (not the other way round); a model's p95 TTFT and time per token are the p95s of what it was
+    measured at, above the p50s when the samples spread; an open circuit says how long until it is tried again."""
+    fleet = slow_small.services.fleet
+    holder = hold_small(slow_small, "normal")
+    waiters = [threading.Thread(target=ask, args=(slow_small, "batch")) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    deadline = time.monotonic() + 5
+    while fleet.slots.waiting("small") < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    small = admin_models(slow_small)["small"]          # at once: the holder's answer takes 600 ms
+    assert (small["slots_busy"], small["slots_waiting"]) == (1, 2)
+    for i in range(1, 41):                              # what the account stage records of 40 answers
+        fleet.estimates.record("large", 0.005 * i, 0.001 * i)
+    while fleet.breakers.state("large") != "open":
+        fleet.breakers.record_failure("large")
+    large = admin_models(slow_small)["large"]
+    for key, p50, p95 in (("ttft_ms", fleet.estimates.ttft_p50_s, fleet.estimates.ttft_p95_s),
+                          ("tpot_ms", fleet.estimates.tpot_p50_s, fleet.estimates.tpot_p95_s)):
+        assert large[key] == {"p50": round(p50("large") * 1000, 3), "p95": round(p95("large") * 1000, 3)}
+        assert large[key]["p95"] > large[key]["p50"]
+    assert large["circuit"] == "open" and 0 < large["circuit_retry_in_s"] <= fleet.breakers.retry_in_s("large") + 1
+    holder.join(10)
+    for waiter in waiters:
+        waiter.join(10)
+
+
 def test_a_client_that_leaves_while_waiting_leaves_the_line(slow_small):
     holder = hold_small(slow_small, "normal")
     fleet = slow_small.services.fleet

@@ -155,6 +155,18 @@ def test_explain_command_prints_every_candidate(gw):
     assert out.strip().endswith("choice: medium")
 
 
+def test_explain_says_whether_the_sla_is_met(gw):
+    """`sla met: yes` when the choice meets the route's SLA; `sla met: no` when no candidate does and best
+    effort chose (tight's 150 ms with 5,000 output tokens: every model predicted far over it)."""
+    said = {}
+    for max_tokens in (10, 5000):
+        done = run_cli("policy", "explain", str(gw.policy_path), "--request", "-", "--tenant", "team",
+                       stdin=json.dumps(request_body("chat", {"model": "tight", "max_tokens": max_tokens})))
+        assert done.returncode == 0, done.stderr
+        said[max_tokens] = [line.strip() for line in done.stdout.splitlines() if "sla met:" in line]
+    assert said == {10: ["sla met: yes"], 5000: ["sla met: no"]}
+
+
 def test_policy_check_accepts_a_good_policy(gw):
     """`gateway policy check` exits 0 on the policy the gateway is serving."""
     done = run_cli("policy", "check", str(gw.policy_path))

@@ -371,3 +371,24 @@ async def test_a_booking_made_while_the_book_closes_lands(redis_server, redis_cl
     finally:
         await slow_client.aclose()
         proxy.stop()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_stats_keep_a_reported_task_for_24_hours(kind, request):
+    """`/admin/stats` shows the tasks reported in the last 24 hours: a task reported now is there 3, 12 and 23
+    hours later, and gone after 25."""
+    clock = Clock()
+    client = Redis.from_url(request.getfixturevalue("redis_server").url) if kind == "redis" else None
+    book = redis_book(client, clock=clock) if client is not None else OutcomeBook(clock=clock)
+    try:
+        track(book, "r1", "0.5", task_id="job")
+        await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+        seen = {}
+        for hours in (0, 3, 12, 23, 25):
+            clock.now_s = 1_000.0 + hours * 3600
+            seen[hours] = (await book.stats())["route"].get("chat", {}).get("tasks")
+        assert seen == {0: 1, 3: 1, 12: 1, 23: 1, 25: None}
+    finally:
+        if client is not None:
+            await book.close()
+            await client.aclose()

@@ -19,6 +19,8 @@ from gateway.replay import (
     ReplayRequest, TrafficError, compare, read_traffic, render_json, render_markdown, replay, summarize,
 )
 from gateway.replay.cli import main
+from gateway.replay.outcome import Outcome, ReplayResult
+from gateway.replay.summary import percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "gateway" / "data" / "demo.yaml"
@@ -251,6 +253,17 @@ def _queued_policy(queue_timeout_ms: float, fallback: tuple[str, ...] = ()) -> P
                                routing=Routing(queue_timeout_ms=queue_timeout_ms))
 
 
+def test_a_replayed_call_that_waited_for_a_slot_is_charged_from_its_slot():
+    """Two identical requests on small's one slot: the second waits for it (the gateway's wait, not the model's
+    time), so both are charged the same GPU time (1 USD a second held) though the second took longer."""
+    requests = [ReplayRequest(0.0, 10, 100, tenant="normal"), ReplayRequest(0.0, 10, 100, tenant="normal")]
+    first, second = replay(_queued_policy(10_000), requests, seed=0, jitter_sigma=0.0).outcomes
+    assert (first.model, second.model) == ("small", "small")
+    assert first.queue_s == 0 and second.queue_s > 0.1
+    assert second.latency_s == pytest.approx(first.latency_s + second.queue_s)
+    assert second.cost_usd == first.cost_usd
+
+
 def test_replay_serves_gateway_slot_waiters_by_tenant_priority():
     """As live: with routing.queue_timeout_ms, waiters for small's one slot are served highest priority first."""
     requests = [ReplayRequest(0.0, 10, 10, tenant="normal"), ReplayRequest(0.01, 10, 10, tenant="batch"),
@@ -293,3 +306,21 @@ def test_replay_asks_the_circuit_when_the_slot_comes_as_live():
     assert second.models_tried == ("small", "large") and second.model == "large"
     assert second.queue_s == pytest.approx(0.2)            # it waited for the slot until the first gave it up
     assert second.cost_usd == Decimal("2.5") * 10 / 1_000_000 + Decimal("10") * 100 / 1_000_000
+
+
+def test_the_summary_counts_what_its_report_says():
+    """Nearest-rank percentiles (1 to 100 ms: p50 50, p95 95, p99 99); cost per answered request divides the
+    cost by the answered requests (2 answered, 1 failed, 3 USD: 1.5); a fallback is a request answered after
+    another model failed (a failed request that tried two models is counted as failed, not as a fallback)."""
+    ranks = percentiles([i / 1000 for i in range(1, 101)])
+    assert (ranks.p50_ms, ranks.p95_ms, ranks.p99_ms) == pytest.approx((50.0, 95.0, 99.0))
+    answered = Outcome(0, 0.0, 10, 10, route="r", model="small", models_tried=("small",), latency_s=0.5,
+                       cost_usd=Decimal("1"))
+    fell_back = Outcome(1, 1.0, 10, 10, route="r", model="large", models_tried=("small", "large"), latency_s=0.5,
+                        cost_usd=Decimal("1"))
+    failed = Outcome(2, 2.0, 10, 10, route="r", status="failed", reason="timeout", models_tried=("small", "large"),
+                     cost_usd=Decimal("1"))
+    summary = summarize(ReplayResult(_two_models(1, 5), 0, [answered, fell_back, failed]))
+    assert (summary.served, summary.failed, summary.cost_usd) == (2, {"timeout": 1}, Decimal("3"))
+    assert summary.cost_per_request_usd == Decimal("1.5")
+    assert summary.fallbacks == 1

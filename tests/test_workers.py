@@ -564,6 +564,27 @@ def test_sigkill_to_the_supervisor_stops_its_workers(tmp_path):
         gateway.stop()
 
 
+def test_workers_whose_supervisor_was_killed_take_the_metrics_folder_with_them(tmp_path):
+    """With Prometheus on, the parent makes the workers' metrics folder and removes it at exit; killed by
+    SIGKILL it cannot, so each worker removes its socket as it stops and the last one out the folder."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + "telemetry: {prometheus: true}\n")
+    gateway = Workers(policy, environ={"OTEL_SDK_DISABLED": "false"}).wait_serving()
+    workers = gateway.pids()
+    try:
+        folder = Path(re.search(r"through their sockets in (\S+)\)", gateway.text()).group(1))
+        wait_for(lambda: len(list(folder.glob("*.sock"))) == 2, gateway.text)
+        gateway.process.kill()
+        gateway.process.wait(5)
+        wait_for(lambda: not any(alive(pid) for pid in workers), gateway.text, timeout_s=8)
+        assert not folder.exists(), list(folder.iterdir())
+    finally:
+        for pid in workers:
+            if alive(pid):
+                kill(pid)
+        gateway.stop()
+
+
 def exit_5_unless_stopped(parent_pid: int) -> None:
     """A worker's start whose supervisor (said to be `parent_pid`) may be gone already."""
     stop_with_parent(parent_pid)

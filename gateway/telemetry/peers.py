@@ -65,6 +65,10 @@ class Peers:
                 yield
             finally:
                 await runner.cleanup()
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                with contextlib.suppress(OSError):  # the last worker out takes the folder (a parent killed by
+                    self.folder.rmdir()             # SIGKILL cannot); with others' sockets still in it, it stays
 
         return serve
 

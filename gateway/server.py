@@ -12,7 +12,6 @@ import re
 import signal
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -33,7 +32,7 @@ from gateway.services import SERVICES, Services, ledger_problem, policy_encoding
 from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
 from gateway.telemetry.config import TelemetryConfig
-from gateway.telemetry.peers import WORKER_LABEL, Peers
+from gateway.telemetry.peers import WORKER_LABEL, Peers, make_folder
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
 
@@ -401,9 +400,10 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
                     if any(model.gpus for model in holder.current.policy.models.values()) else "")
     peers_folder = None
     if TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus:
-        peers_folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))     # mode 0700: this user's alone
-        log.info("%d workers: each scrape of /metrics gathers every worker's series, labelled %s (through "
-                 "their sockets in %s)", workers, WORKER_LABEL, peers_folder)
+        peers_folder = make_folder(workers)         # mode 0700: this user's alone
+        if peers_folder is not None:
+            log.info("%d workers: each scrape of /metrics gathers every worker's series, labelled %s (through "
+                     "their sockets in %s)", workers, WORKER_LABEL, peers_folder)
 
     port = held[0].getsockname()[1]
     started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker

@@ -183,9 +183,10 @@ class HttpTransport:
                     resp = await stack.enter_async_context(self.session.post(
                         self._url(call), data=call.body, headers=call.headers,
                         timeout=client_timeout(call.model.timeouts)))
-                if resp.status >= 400:
-                    raise status_error(call.model, resp.status, await _read_within(resp, first_byte_s),
-                                       resp.headers)
+                if resp.status >= 400:      # its body within first_byte_s a part, and total_s in all
+                    async with asyncio.timeout(call.model.timeouts.total_s):
+                        raw = await _read_within(resp, first_byte_s)
+                    raise status_error(call.model, resp.status, raw, resp.headers)
                 not_an_answer(call.model, resp.status)
             # outside the translation: what the caller's block raises (a write to a client that left, say)
             # is the caller's own error, not the model's

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.harness import Harness, ledgered_raw_model_gateway, reset_raw_model
 from tests.support.raw_calls import breaker_failures, ledger_record, post
-from tests.support.raw_upstream import SSE_HEAD, chunk, sse
+from tests.support.raw_upstream import SSE_HEAD, chunk, http_head, sse
 
 CLIENT_TIMEOUT_S = 1.5
 TOTAL_S = 3
@@ -190,3 +190,15 @@ def test_a_client_reading_steadily_but_slowly_is_not_cut(env):
     assert chunks == 1002
     record = ledger_record(harness, response.headers["x-request-id"])
     assert (record["status"], record["outcome"]) == (200, "success")
+
+
+def test_an_error_body_that_trickles_is_cut_at_total_s(env):
+    """A model that answers a stream with a 500 whose body comes a byte every 0.5 s (each within first_byte_s):
+    a 504 at total_s, as a whole answer's would be; it was held as long as the body came, the model's call slot
+    with it."""
+    harness, raw = env
+    raw.script = [(http_head(500, {"Content-Type": "application/json"}, length=200), 0.0)] + [(b" ", 0.5)] * 200
+    started_s = time.monotonic()
+    answer = post(harness)
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started_s < TOTAL_S + 1.5

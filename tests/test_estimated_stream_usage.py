@@ -587,3 +587,34 @@ def test_a_large_prompt_counted_again_in_the_models_encoding_is_counted_off_the_
     assert answer == "Noted." and record["tokens_estimated"] is True
     assert prompt_tokens < record["input_tokens"] < prompt_tokens + 16      # the message's framing tokens
     assert slowest_s < count_s / 2, (slowest_s, count_s)
+
+
+def test_a_large_stream_without_usage_read_whole_then_closed_is_a_success_and_stored(env):
+    """A client that closes as soon as it has a long stream without usage (curl, an HTTP/1.0 client) got the
+    whole answer: 200 success, stored by a cached route (the next asks are hits), not a 499 because its close
+    came while the gateway counted the answer's tokens."""
+    harness, raw = env
+    text = "word " * 40_000                             # 200,000 characters: counted in a thread
+    pieces = [text[i:i + 4000] for i in range(0, len(text), 4000)]
+    raw.script = [(SSE_HEAD + sse(*(chunk(piece) for piece in pieces), chunk(None, finish="stop"), b"[DONE]"), 0.0)]
+    body = json.dumps({"model": "raw-cached", "stream": True, "temperature": 0, "messages": unique_messages()})
+    caches = []
+    for attempt in range(2):
+        client = socket.create_connection(("127.0.0.1", harness.port))
+        client.settimeout(20)
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"x-request-id: closes-at-once-%d\r\nContent-Length: %d\r\n\r\n%s"
+                       % (attempt, len(body), body.encode()))
+        received = b""
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            part = client.recv(1 << 16)
+            assert part, received[-300:]
+            received += part
+        client.close()                                  # at once, as curl does
+        assert b"data: [DONE]" in received
+        caches.append(received.split(b"x-gateway-cache: ", 1)[1].split(b"\r\n", 1)[0].decode())
+        record = accounting.ledger_record(harness.ledger_path, f"closes-at-once-{attempt}")
+        assert (record["status"], record["outcome"]) == (200, "cache_hit" if attempt else "success"), record
+    assert caches == ["miss", "hit"]
+    first = accounting.ledger_record(harness.ledger_path, "closes-at-once-0")
+    assert (first["output_tokens"], first["tokens_estimated"], first["cache"]) == (tokens(text), True, "stored")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.telemetry.peers import WORKER_LABEL, Peers, merged
+from gateway.telemetry.peers import MAX_SOCKET_PATH, WORKER_LABEL, Peers, make_folder, merged
 
 
 def exposition(requests: int, in_flight: float, latencies: list[float]) -> bytes:
@@ -96,3 +98,22 @@ def test_a_scrape_gathers_the_workers_that_answer_and_names_the_one_that_does_no
     assert found[("gateway_requests_total", (("gateway_route", 'chat "default"'), (WORKER_LABEL, "1")))] == 7
     assert not any((WORKER_LABEL, "2") in labels for _, labels in found)
     assert text.startswith(b"# gateway_worker 2 left out of this scrape: it cannot be reached")
+
+
+def test_a_tmpdir_too_long_for_a_socket_path_falls_back_to_tmp(tmp_path, monkeypatch):
+    """A TMPDIR so long that `SLOT.sock` in a folder there would pass the 107 bytes a Unix socket path may have:
+    the folder is made in /tmp instead (it was made there anyway, and every worker failed to serve its series)."""
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    folder = make_folder(4)
+    try:
+        assert folder is not None and folder.parent == Path("/tmp") and folder.stat().st_mode & 0o777 == 0o700
+        assert len(str(Peers(folder, 3, 4).socket_path(3))) <= MAX_SOCKET_PATH
+    finally:
+        folder.rmdir()
+    assert not list(deep.iterdir())                     # the folder tried first is gone
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    short = make_folder(2)
+    assert short is not None and short.parent == Path("/tmp")
+    short.rmdir()

@@ -205,6 +205,14 @@ def test_a_password_holding_a_quote_or_a_space_is_masked_whole(tmp_path, url):
     assert any("***@host" in problem.message for problem in problems)
 
 
+@pytest.mark.parametrize("url, secret", [("redis:/:hunter2@127.0.0.1:6379/0", "hunter2"),
+                                         ("redis:hunter2@host:6379", "hunter2")])
+def test_a_url_missing_a_slash_is_masked_too(tmp_path, url, secret):
+    """A typo that leaves one slash or none after the scheme still hides the password in the refusal."""
+    [problem] = check_policy(write(tmp_path, HEAD + f"store: {{redis_url: '{url}'}}\n"))
+    assert secret not in problem.message and "***@" in problem.message, problem.message
+
+
 @pytest.mark.parametrize("url", ["redis://:Zx9/Kq+Pw3S3cr3t@redis.internal:6379/0",
                                  "redis://user:Zx9/Kq+Pw3S3cr3t@redis.internal/0"])
 def test_a_password_holding_a_slash_is_not_quoted_in_part(tmp_path, url):

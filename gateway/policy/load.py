@@ -133,9 +133,11 @@ def url_refusal(exc: ValueError, url: str) -> str:
 
 
 def without_credentials(text: str) -> str:
-    """`text`, a URL, with its user and password replaced by `***`: all from `//` to its last `@` (a password may
-    hold a `/`, a quote or a space its writer did not encode)."""
-    return re.sub(r"(//).*@", r"\1***@", text, flags=re.DOTALL)
+    """`text`, a URL, with its user and password replaced by `***`: all from after its scheme (and the slashes
+    after it, two or not) to its last `@` (a password may hold a `/`, a quote or a space its writer did not
+    encode)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:/*)?.*@", lambda m: f"{m.group(1) or ''}***@", text,
+                  flags=re.DOTALL)
 
 
 def supported_version(version: int) -> str | None:

@@ -203,6 +203,9 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         # after the first byte, never a silent cut: the model's failure, or a bug of ours (which the
         # pipeline logs), ends the stream with an in-band error
         shown = exc if isinstance(exc, UpstreamError) else GatewayError("internal error")
+        if attempt.usage is None:           # counted before the end, as a whole stream is
+            _record(ctx, attempt, state)
+            await count_usage(attempt, Estimate(ctx, attempt))
         await _end_with_error(ctx, shown)
         _record(ctx, attempt, state)
         raise
@@ -210,10 +213,11 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
     try:
         if not ctx.bytes_sent:              # an empty stream: [DONE] and nothing else
             await _open_client_stream(ctx, attempt, on_first_event)
-        if ctx.include_usage and attempt.usage is None:     # asked for, and the model sent none: our count
-            _record(ctx, attempt, state)    # what the count reads
-            await count_usage(attempt, Estimate(ctx, attempt))
-            await writer.write(_usage_event(ctx, attempt))
+        if attempt.usage is None:           # the model sent none: our count, before the stream's end (counted
+            _record(ctx, attempt, state)    # after it, a client closing once it has it all would cut the count
+            await count_usage(attempt, Estimate(ctx, attempt))     # short, and a whole answer be a 499)
+            if ctx.include_usage:           # asked for: it gets the count it is billed
+                await writer.write(_usage_event(ctx, attempt))
         await writer.write(DONE)
         await writer.write_eof()
     except ConnectionError:                 # the answer was whole: the client left (or stalled) before its end

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,21 @@ log = logging.getLogger("gateway")
 WORKER_LABEL = "gateway_worker"
 #: how long a scrape waits for another worker's series
 PEER_TIMEOUT_S = 5.0
+#: the longest path a Unix socket may have on Linux (sun_path, less its closing NUL)
+MAX_SOCKET_PATH = 107
+
+
+def make_folder(workers: int) -> Path | None:
+    """The workers' private folder (mode 0700) under TMPDIR, or /tmp when TMPDIR is too long for a socket path
+    in it; None, said once, when neither will do."""
+    for parent in (None, "/tmp"):
+        folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-", dir=parent))
+        if len(os.fsencode(Peers(folder, 0, workers).socket_path(workers - 1))) <= MAX_SOCKET_PATH:
+            return folder
+        folder.rmdir()
+    log.warning("%d workers: no folder for the workers' metrics sockets short enough for a socket path (TMPDIR "
+                "and /tmp): each scrape of /metrics is answered by one worker with its own series", workers)
+    return None
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,12 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from gateway.energy import sharing
+from gateway.energy import EnergyMonitor, sharing
 from gateway.energy.attribution import EnergyLedger, Others
 from gateway.energy.sharing import EnergySharing, gpus_key
-from tests.support.fake_pynvml import ManualClock
+from gateway.policy.model import GpuSource
+from tests.support.fake_pynvml import FakeGpu, FakeNvml, ManualClock
+from tests.test_energy_sources import policy_with
 
 GPUS = {"GPU-1111", "GPU-2222"}
 
@@ -103,4 +105,67 @@ async def test_a_redis_that_does_not_answer_is_no_answer_and_counted(redis_serve
         assert await shared.exchange(GPUS, 1.0) is None
         assert shared.store_failures == 1
     finally:
+        await client.aclose()
+
+
+def one_gpu_host(clock: ManualClock, uuid: str | None = "GPU-77777777-2222-3333-4444-555555555555") -> FakeNvml:
+    gpu = FakeGpu(uuid=uuid, power_w=300.0, clock=clock)
+    gpu.set_power(300.0)
+    return FakeNvml(gpus=[gpu])
+
+
+async def test_processes_sampling_slowly_still_hear_each_other(redis_server, monkeypatch):
+    """Two processes sampling one GPU every 4 s (here: their clock moves 1 s a round, and each round takes
+    longer, in real time, than FRESH_S): a word stays fresh for four sampling intervals, so they go on sharing,
+    and their books add up to about what the GPU used (one round late to hear of the other's requests), not
+    twice it, as when each word went stale before the next and each process booked everything alone."""
+    monkeypatch.setattr(sharing, "FRESH_S", 0.05)
+    clock = ManualClock()
+    nvml = one_gpu_host(clock)
+    policy = policy_with({"big": GpuSource(source="nvml", idle_w=100.0)}, interval_s=4.0)
+    client = Redis.from_url(redis_server.url)
+    monitors = [EnergyMonitor(policy, nvml_module=nvml, clock=clock) for _ in range(2)]
+    try:
+        for monitor in monitors:
+            monitor.share_through(EnergySharing(client, "gw", timeout_s=1.0))
+            await monitor.open()
+            await monitor.sample_once()
+        first, second = monitors
+        first.request_started("big", tracks_tokens=False)
+        for _ in range(3):
+            second.request_started("big", tracks_tokens=False)
+        rounds = 6
+        for _ in range(rounds):
+            clock.advance(1.0)
+            await asyncio.sleep(0.1)                # past FRESH_S: only the interval keeps the words fresh
+            for monitor in monitors:
+                await monitor.sample_once()
+        booked = [monitor.totals("big").measured_j for monitor in monitors]
+        # 300 J a round: split 1:3 from the second round; in the first, the first process had not yet heard of
+        # the second's requests (its last word was from before them) and booked it all
+        assert booked == pytest.approx([300.0 + 75.0 * (rounds - 1), 225.0 * rounds])
+    finally:
+        for monitor in monitors:
+            await monitor.stop()
+        await client.aclose()
+
+
+async def test_gpus_that_report_no_uuid_are_said_to_be_unshared(redis_server, caplog):
+    """GPUs whose NVML gives no UUID cannot be known to other processes: the process books alone, and says so
+    once (it was silent, the books of N workers adding up N times)."""
+    clock = ManualClock()
+    client = Redis.from_url(redis_server.url)
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=100.0)}),
+                            nvml_module=one_gpu_host(clock, uuid=None), clock=clock)
+    try:
+        monitor.share_through(EnergySharing(client, "gw", timeout_s=1.0))
+        await monitor.open()
+        for _ in range(4):
+            await monitor.sample_once()
+            clock.advance(0.25)
+        said = [r for r in caplog.records if "report no UUID" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelname == "WARNING"
+        assert await client.keys("gw:energy:*") == []
+    finally:
+        await monitor.stop()
         await client.aclose()

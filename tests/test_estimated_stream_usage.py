@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import json
 import os
 import socket
@@ -20,7 +19,6 @@ import uuid
 from decimal import Decimal
 
 import pytest
-import requests
 
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.policy.model import Model
@@ -513,16 +511,26 @@ def test_a_cache_hit_streamed_to_a_client_that_asked_for_usage_ends_with_the_cou
 
 
 def answered_while_polling(harness: Harness, ask) -> tuple[object, float]:
-    """Run `ask()` in a thread while polling the gateway's /healthz; its result and the slowest poll's seconds."""
-    slowest_s = 0.0
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, requests.Session() as session:
-        asked = pool.submit(ask)
-        while not asked.done():
-            started_s = time.perf_counter()
-            assert session.get(f"{harness.base_url}/healthz", timeout=30).status_code == 200
-            slowest_s = max(slowest_s, time.perf_counter() - started_s)
-            time.sleep(0.005)
-        return asked.result(), slowest_s
+    """Run `ask()` while a task on the gateway's event loop ticks every 5 ms; its result and the longest the loop
+    went without ticking (a count on the loop holds it for the whole count; HTTP polls from this process would
+    also wait for the GIL this thread's client takes to parse what it reads)."""
+    stop = asyncio.Event()
+
+    async def ticker() -> float:
+        loop = asyncio.get_running_loop()
+        longest_s, last_s = 0.0, loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now_s = loop.time()
+            longest_s, last_s = max(longest_s, now_s - last_s), now_s
+        return longest_s
+
+    ticking = asyncio.run_coroutine_threadsafe(ticker(), harness.loop)
+    try:
+        result = ask()
+    finally:
+        harness.loop.call_soon_threadsafe(stop.set)
+    return result, ticking.result(10)
 
 
 @pytest.mark.parametrize("shape", ["whole", "streamed", "streamed-with-usage"])

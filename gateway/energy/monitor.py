@@ -79,6 +79,8 @@ class _Sampled:
     crashed: bool = False                     # sampling raised (logged once, until it works again)
     others: Others | None = None              # the other processes measuring its GPUs (`sharing`), last heard
     others_at_s: float = float("-inf")        # when
+    said_at_s: float = float("-inf")          # when this process last told them its own
+    unshared_said: bool = False               # its GPUs report no UUID, so cannot be shared: said once
     ticked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -363,10 +365,10 @@ class EnergyMonitor:
             self._find_conflict(sampled, readings)
             interval = self._measure(sampled, readings)
             self._update_health(sampled, readings)
+            if self.sharing is not None:        # every sample, booked or not (a DCGM counter refreshed or not)
+                await self._hear_others(sampled)
             if interval is not None:
                 measured_j, dt_s, n_gpus = interval
-                if self.sharing is not None and sampled.uuids:
-                    await self._hear_others(sampled, self.ledger.in_flight(sampled.models, dt_s))
                 self.ledger.on_interval(sampled.models, measured_j, dt_s, n_gpus=n_gpus, others=sampled.others)
         except Exception as exc:    # boundary: a bug or a bad value in one pool must not stop its sampling
             readings = self._crashed(sampled, exc)
@@ -376,15 +378,26 @@ class EnergyMonitor:
         sampled.ticked.set()
         sampled.ticked = asyncio.Event()
 
-    async def _hear_others(self, sampled: _Sampled, in_flight: float) -> None:
+    async def _hear_others(self, sampled: _Sampled) -> None:
         """Tell the other processes measuring the pool's GPUs how many of this one's requests were in flight on
-        them over the interval about to be booked, and hear theirs (over their last); when Redis does not answer,
-        what was last heard is kept while it is fresh."""
-        others = await self.sharing.exchange(sampled.uuids, in_flight)
+        them since its last word, and hear theirs; when Redis does not answer, what was last heard is kept while
+        it is fresh. A pool whose GPUs report no UUID cannot be known by the others: said once."""
+        if not sampled.uuids:
+            if not sampled.unshared_said and any(not r.failed for r in sampled.readings):
+                sampled.unshared_said = True
+                logger.warning("energy: the GPUs of %s report no UUID, so other processes measuring them cannot "
+                               "be told apart: this process books their whole energy among its own requests",
+                               sampled.name)
+            return
         now_s = self._clock()
+        since_s = min(now_s - sampled.said_at_s, STALE_LIMIT_S)
+        in_flight = self.ledger.in_flight(sampled.models, since_s) if since_s > 0 else 0.0
+        fresh_s = max(FRESH_S, 4 * self.interval_s)
+        others = await self.sharing.exchange(sampled.uuids, in_flight, fresh_s=fresh_s)
+        sampled.said_at_s = now_s
         if others is not None:
             sampled.others, sampled.others_at_s = others, now_s
-        elif now_s - sampled.others_at_s > FRESH_S:
+        elif now_s - sampled.others_at_s > fresh_s:
             sampled.others = None
 
     def _crashed(self, sampled: _Sampled, exc: Exception) -> list[GpuReading]:

@@ -11,8 +11,10 @@ The GPUs are known by their UUIDs, which NVML and the DCGM exporter both report,
 energy exactly when they measure the same GPUs, whatever the policy calls the pool (replicas on different hosts,
 each measuring its own GPUs through NVML, never do). One Redis hash per pool (`{prefix}:energy:{digest of the
 UUIDs}`) holds one field per process: its number in flight and when it said so, on Redis's clock. A process that
-has not said anything for FRESH_S (stopped, frozen, cut off from Redis) is left out and its field removed; the
-hash expires when no process writes to it.
+has not said anything for FRESH_S, or four sampling intervals when that is longer (stopped, frozen, cut off
+from Redis), is left out and its field removed; the hash expires when no process writes to it. A process says
+its word at every sample (a DCGM counter that has not refreshed books nothing, but the word is said): what it
+had in flight since its last word.
 
 Redis down: the last answer is used while it is fresh, then each process books alone (as without Redis) until
 Redis answers again; the exchanges that failed are counted as `gateway.store.failures` (part `energy`).
@@ -74,11 +76,13 @@ class EnergySharing:
     def store_failures(self) -> int:
         return self.guard.failures
 
-    async def exchange(self, uuids: Iterable[str], in_flight: float) -> Others | None:
+    async def exchange(self, uuids: Iterable[str], in_flight: float, fresh_s: float | None = None) -> Others | None:
         """Say that `in_flight` of this process's requests ran on these GPUs; the other processes measuring them
-        (none: Others(0, 0.0)), or None when Redis did not answer."""
+        that spoke within `fresh_s` (FRESH_S unless given; none: Others(0, 0.0)), or None when Redis did not
+        answer."""
+        fresh_s = FRESH_S if fresh_s is None else fresh_s
         key = f"{self.prefix}:energy:{gpus_key(uuids)}"
-        args = [self.process_id, repr(float(in_flight)), int(FRESH_S * 1000), int(2 * FRESH_S * 1000)]
+        args = [self.process_id, repr(float(in_flight)), int(fresh_s * 1000), int(2 * fresh_s * 1000)]
         reply = await self.guard.run(lambda: self._exchange(keys=[key], args=args))
         if reply is STORE_DOWN:
             return None

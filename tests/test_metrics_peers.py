@@ -117,3 +117,21 @@ def test_a_tmpdir_too_long_for_a_socket_path_falls_back_to_tmp(tmp_path, monkeyp
     short = make_folder(2)
     assert short is not None and short.parent == Path("/tmp")
     short.rmdir()
+
+
+def test_a_worker_makes_the_folder_again_when_the_last_one_out_took_it(tmp_path):
+    """Every worker stopped at once (a crash loop) and the last one out removed the folder: the replacement
+    makes it again, mode 0700, and serves its series there; a folder open to others is refused."""
+    folder = tmp_path / "gone"
+
+    async def start_and_stop() -> bool:
+        serving = Peers(folder, 0, 2).serving(lambda: exposition(1, 0, []))(web.Application())
+        await serving.__anext__()
+        served = Peers(folder, 0, 2).socket_path(0).exists()
+        await anext(serving, None)
+        return served
+
+    assert asyncio.run(start_and_stop()) and not folder.exists()
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    assert not asyncio.run(start_and_stop())            # refused: said in the log, the worker serves on

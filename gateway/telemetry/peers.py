@@ -74,6 +74,7 @@ class Peers:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()               # left by the worker this one replaces
             try:
+                self._own_folder()          # the last worker out took it, when all stopped at once
                 await web.UnixSite(runner, str(path)).start()
             except OSError as exc:
                 log.warning("worker %d cannot serve its metrics to the other workers (%s): scrapes reaching "
@@ -88,6 +89,15 @@ class Peers:
                     self.folder.rmdir()             # SIGKILL cannot); with others' sockets still in it, it stays
 
         return serve
+
+    def _own_folder(self) -> None:
+        """The folder, made again (mode 0700) when it is gone; one that is not this user's alone is refused."""
+        try:
+            self.folder.mkdir(mode=0o700)
+        except FileExistsError:
+            stat = self.folder.stat()
+            if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+                raise PermissionError(f"{self.folder} is not this user's alone") from None
 
     async def gather(self, own: bytes) -> bytes:
         """This worker's exposition `own` merged with every other worker's."""

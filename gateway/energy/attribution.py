@@ -76,7 +76,6 @@ class IntervalSplit:
     measured_j: float
     idle_j: float
     shares_j: dict[str, float] = field(default_factory=dict)    # request id -> joules
-    in_flight: float = 0.0      # this process's requests' mean number in flight over the interval
 
 
 @dataclass
@@ -188,9 +187,8 @@ class EnergyLedger:
         now_s = self._clock()
         flights = [(rid, f) for rid, f in self._flights.items() if f.model == model]
         in_flight_s = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
-        in_flight = sum(in_flight_s.values()) / dt_s
         if others is not None:
-            share = others.share(in_flight)
+            share = others.share(sum(in_flight_s.values()) / dt_s)
             measured_j, idle_budget_j = measured_j * share, idle_budget_j * share
         shares_j = self._split(flights, in_flight_s, measured_j - min(measured_j, idle_budget_j))
         idle_j = measured_j - sum(shares_j.values())
@@ -198,7 +196,7 @@ class EnergyLedger:
         # here or in another process measuring the same GPUs
         busy = any(s > 0 for s in in_flight_s.values()) or (others is not None and others.in_flight > 0)
         self._book(model, measured_j, idle_j, shares_j, dt_s, busy=busy)
-        return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j, in_flight=in_flight)
+        return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j)
 
     def _idle_w_per_gpu(self, model: Hashable, power_w_per_gpu: float, dt_s: float) -> float:
         if model in self._idle_w:

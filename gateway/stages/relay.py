@@ -203,9 +203,7 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         # after the first byte, never a silent cut: the model's failure, or a bug of ours (which the
         # pipeline logs), ends the stream with an in-band error
         shown = exc if isinstance(exc, UpstreamError) else GatewayError("internal error")
-        if attempt.usage is None:           # counted before the end, as a whole stream is
-            _record(ctx, attempt, state)
-            await count_usage(attempt, Estimate(ctx, attempt))
+        await _count_unreported(ctx, attempt, state)
         await _end_with_error(ctx, shown)
         _record(ctx, attempt, state)
         raise
@@ -213,9 +211,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
     try:
         if not ctx.bytes_sent:              # an empty stream: [DONE] and nothing else
             await _open_client_stream(ctx, attempt, on_first_event)
-        if attempt.usage is None:           # the model sent none: our count, before the stream's end (counted
-            _record(ctx, attempt, state)    # after it, a client closing once it has it all would cut the count
-            await count_usage(attempt, Estimate(ctx, attempt))     # short, and a whole answer be a 499)
+        if attempt.usage is None:           # the model sent none: our count
+            await _count_unreported(ctx, attempt, state)
             if ctx.include_usage:           # asked for: it gets the count it is billed
                 await writer.write(_usage_event(ctx, attempt))
         await writer.write(DONE)
@@ -225,6 +222,15 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
     attempt.status = 200
     _record(ctx, attempt, state)
     return ctx.response
+
+
+async def _count_unreported(ctx: RequestContext, attempt: Attempt, state: StreamState) -> None:
+    """The gateway's count of what the stream sent, when the model reported no usage: made before the stream's
+    end (after it, a client closing once it has the whole stream would cut the count short, and a whole answer
+    be booked 499)."""
+    if attempt.usage is None:
+        _record(ctx, attempt, state)        # what the count reads
+        await count_usage(attempt, Estimate(ctx, attempt))
 
 
 def _client_left(ctx: RequestContext, attempt: Attempt, state: StreamState) -> web.StreamResponse:
@@ -246,7 +252,7 @@ async def client_time(ctx: RequestContext) -> AsyncIterator[None]:
     socket is writable again only once a good part of its buffer, megabytes, is free), so the deadline moves on
     whenever less is queued for the client than at the last look (`Queued`)."""
     timeout_s = ctx.policy.server.client_timeout_s
-    transport = ctx.http.transport if ctx.http is not None else None
+    transport = _transport(ctx)
     try:
         async with asyncio.timeout(timeout_s) as deadline:
             if transport is None:
@@ -303,9 +309,14 @@ class Queued:
 _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
+def _transport(ctx: RequestContext) -> asyncio.Transport | None:
+    """The client's connection (none for a request made without one: tests, tools)."""
+    return ctx.http.transport if ctx.http is not None else None
+
+
 def _cut(ctx: RequestContext) -> None:
     """Close the connection of a client that stopped reading: what is still to be written fails at once."""
-    transport = ctx.http.transport if ctx.http is not None else None
+    transport = _transport(ctx)
     if transport is not None:
         transport.abort()
 
@@ -388,7 +399,7 @@ class ClientWriter:
 
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
-        self.transport = ctx.http.transport if ctx.http is not None else None
+        self.transport = _transport(ctx)
         self.waited_s = 0.0
 
     async def write(self, data: bytes) -> None:

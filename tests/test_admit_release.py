@@ -101,9 +101,8 @@ async def test_a_failed_release_is_counted_and_logged_and_never_raised(redis_ser
     await stage.handle(ctx)
     redis_server.stop()
     caplog.set_level(logging.WARNING)
-    started_s = time.monotonic()
     await stage.finish(ctx)
-    assert time.monotonic() - started_s < 0.05
+    assert limiter.store_failures == 0 and len(stage.services.background) == 1     # sent after, not awaited
     await stage.services.background.drain(timeout_s=5)
     assert limiter.store_failures >= 1
     assert "rate limit store unavailable" in caplog.text

@@ -640,20 +640,29 @@ def test_a_hit_is_served_only_to_a_request_its_model_may_answer(redis_server):
     answers, and its answer replaces the entry. A hit names the model whose answer it is in x-gateway-model."""
     gw = Harness(TIERED, {"small": dict(ttft_ms=5, tpot_ms=1), "large": dict(ttft_ms=5, tpot_ms=1)},
                  environ(GATEWAY_REDIS_URL=redis_server.url)).start()
+    gw.redis = redis.Redis.from_url(redis_server.url)
     try:
         def ask_tier(headers: dict[str, str]):
             raw = gw.openai(api_key=KEYS["alpha"]).chat.completions.with_raw_response.create(
                 **ask("Which tier?"), extra_headers=headers)
             return raw.parse().model, raw.headers["x-gateway-cache"], raw.headers["x-gateway-model"]
 
+        def stored() -> set[bytes]:
+            return {gw.redis.get(key) for key in entry_keys(gw)}
+
         assert ask_tier({}) == ("sim-small", "stored", "small")
-        time.sleep(0.3)                                          # the write runs after the answer
+        wait_for_entries(gw, 1)                                  # the write runs after the answer
+        small_entry = stored()
         assert ask_tier({}) == ("sim-small", "hit", "small")
         assert ask_tier({"x-gateway-min-tier": "3"}) == ("sim-large", "stored", "large")
-        time.sleep(0.3)
+        deadline_s = time.monotonic() + 5
+        while stored() == small_entry:
+            assert time.monotonic() < deadline_s, "the large model's answer was never stored"
+            time.sleep(0.01)
         assert ask_tier({"x-gateway-min-tier": "3"}) == ("sim-large", "hit", "large")
         assert ask_tier({}) == ("sim-large", "hit", "large")     # a bigger model's answer serves a tier-1 request
     finally:
+        gw.redis.close()
         gw.stop()
 
 

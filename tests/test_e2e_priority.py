@@ -71,40 +71,51 @@ def hold_small(harness: Harness, tenant: str) -> threading.Thread:
 
 @pytest.fixture
 def slow_small():
-    # the holder's 600 ms answer leaves time to queue the other four behind it on a loaded machine (at 250 ms, a
-    # CI run once saw the holder finish before the urgent call was in line)
+    # the holder's 600 ms answer leaves time to queue others behind it on a loaded machine (at 250 ms, a CI run
+    # once saw the holder finish before the next call was in line)
     harness = start(queue_timeout_ms=5000, small_ttft_ms=600)
     yield harness
     harness.stop()
 
 
-def test_waiting_calls_are_served_highest_priority_first(slow_small):
-    """One slot on `small`: the first call holds it; two batch calls, a normal and an urgent one queue in that
-    order; the urgent one is served next, then the normal one, then the batch ones first come first."""
+def test_waiting_calls_are_served_highest_priority_first():
+    """One slot on `small`, held here until two batch calls, a normal and an urgent one have queued, in that
+    order: the urgent one is served next, then the normal one, then the batch ones first come first."""
+    harness = start(queue_timeout_ms=20_000, small_ttft_ms=50)
+    slots = harness.services.fleet.slots
     finished: list[str] = []
     lock = threading.Lock()
 
     def run(label: str, tenant: str) -> None:
-        reply = ask(slow_small, tenant)
+        reply = ask(harness, tenant)
         assert reply.headers["x-gateway-model"] == "small"
         with lock:
             finished.append(label)
 
+    async def give_back() -> None:
+        slots.give_back("small")
+
     threads = []
-    for label, tenant in (("holder", "normal"), ("batch-1", "batch"), ("batch-2", "batch"),
-                          ("normal", "normal"), ("urgent", "urgent")):
-        thread = threading.Thread(target=run, args=(label, tenant))
-        thread.start()
-        threads.append(thread)
-        deadline = time.monotonic() + 5      # each one in line (or holding the slot) before the next is sent
-        while slow_small.services.fleet.estimates.in_flight("small") < len(threads) and time.monotonic() < deadline:
-            time.sleep(0.005)
-    for thread in threads:
-        thread.join(20)
-    assert finished == ["holder", "urgent", "normal", "batch-1", "batch-2"]
-    assert slow_small.sim_stats("small")["total"] == 5
-    fleet = slow_small.services.fleet
-    assert fleet.slots.busy("small") == 0 and fleet.estimates.in_flight("small") == 0
+    try:
+        harness.call(slots.take("small", 1, 9, 5.0))      # the slot held, as a call of the highest priority would
+        for label, tenant in (("batch-1", "batch"), ("batch-2", "batch"), ("normal", "normal"),
+                              ("urgent", "urgent")):
+            thread = threading.Thread(target=run, args=(label, tenant))
+            thread.start()
+            threads.append(thread)
+            deadline = time.monotonic() + 20                # each one in line before the next is sent
+            while slots.waiting("small") < len(threads):
+                assert time.monotonic() < deadline, f"{label} never queued"
+                time.sleep(0.005)
+        harness.call(give_back())
+        for thread in threads:
+            thread.join(30)
+        assert finished == ["urgent", "normal", "batch-1", "batch-2"]
+        assert harness.sim_stats("small")["total"] == 4
+        fleet = harness.services.fleet
+        assert fleet.slots.busy("small") == 0 and fleet.estimates.in_flight("small") == 0
+    finally:
+        harness.stop()
 
 
 def test_a_wait_past_the_deadline_falls_back_and_the_model_is_not_blamed():

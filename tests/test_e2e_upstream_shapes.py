@@ -379,16 +379,22 @@ def test_a_last_hope_call_whose_client_left_does_not_give_back_another_calls_pro
     _half_open(harness, raw)
     raw.script = [(b"", 5.0)]                                                               # every call hangs
     prober = _send_chat(harness, "raw")             # takes the probe (its first_byte_s is 1 s)
-    time.sleep(0.1)
     breakers = harness.services.fleet.breakers
+    _until(lambda: breakers.probe_since("raw") is not None, "the probe was never taken")
     probe_since_s = breakers.probe_since("raw")
-    assert probe_since_s is not None
     last_hope = _send_chat(harness, "raw-only")     # raw alone in its plan: sent although the probe is out
-    time.sleep(0.3)
+    _until(lambda: raw.in_flight == 2, "the last hope never reached the model")
     last_hope.close()
     time.sleep(0.2)
     assert breakers.probe_since("raw") == probe_since_s
     prober.close()
+
+
+def _until(condition, failure: str, timeout_s: float = 5.0) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline_s, failure
+        time.sleep(0.005)
 
 
 def _half_open(harness: Harness, raw) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import replace
 from decimal import Decimal
 
@@ -183,9 +182,8 @@ def test_short_whole_answers_do_not_inflate_the_time_per_token(gw):
     """A model with a 300 ms first token answering short non-streamed requests still serves a 100-token one it answers in 0.4 s."""
     gw.sim_config("small", ttft_ms=300, tpot_ms=1)
     assert [served_by(gw, max_tokens=2) for _ in range(8)] == ["small"] * 8
-    started_s = time.perf_counter()
+    assert gw.services.fleet.estimates.tpot_p50_s("small") < 0.1      # not the first token's wait spread over two
     assert served_by(gw, max_tokens=100) == "small"
-    assert time.perf_counter() - started_s < 1.0
 
 
 def test_calls_that_time_out_teach_the_router_the_model_is_slow():

@@ -1,6 +1,6 @@
 """The GPU energy check: the gateway sampling a real GPU through NVML while real GPU work serves its requests.
 
-`python -m bench.gpu_energy [--out DIR] [--workers N]` on a machine with an NVIDIA GPU:
+`python -m bench.gpu_energy [--out DIR] [--workers N [--no-redis]]` on a machine with an NVIDIA GPU:
 
 1. starts `bench.gpu_backend` (each output token is a matrix product on GPU 0)
    and a gateway whose two models (a model and an adapter of it, served by the
@@ -19,6 +19,7 @@ redis-server the check starts, each request on a connection of its own (so the
 kernel spreads them over the workers): every worker samples the GPU, and the
 books hold only if the workers share its energy out rather than each booking
 all of it (`gateway.energy.sharing`); `/metrics` gathers every worker's series.
+With `--no-redis` the workers share it without Redis, through their private folder.
 
 Exit status 0 when the books balance (attributed + idle = measured within
 1 %, and the gateway's measured energy within 5 % of NVML's over the same
@@ -120,6 +121,7 @@ class Phase:
 class Run:
     device: str
     workers: int = 1
+    redis: bool = True          # with several workers: they share through Redis (else through their folder)
     phases: list[Phase] = field(default_factory=list)
     pair_ids: tuple[str, str] = ("", "")
     records: dict[str, dict] = field(default_factory=dict)     # request id -> ledger record
@@ -203,8 +205,8 @@ def _read_ledger(path: Path) -> dict[str, dict]:
     return records
 
 
-def _run(counter: NvmlCounter, size: int, idle_s: float, workers: int = 1) -> Run:
-    run = Run(device=f"{counter.name}, driver {counter.driver}", workers=workers)
+def _run(counter: NvmlCounter, size: int, idle_s: float, workers: int = 1, redis: bool = True) -> Run:
+    run = Run(device=f"{counter.name}, driver {counter.driver}", workers=workers, redis=redis)
     with tempfile.TemporaryDirectory(prefix="gpu-energy-") as tmp:
         workdir = Path(tmp)
         backend_port, gateway_port = free_port(), free_port()
@@ -214,7 +216,7 @@ def _run(counter: NvmlCounter, size: int, idle_s: float, workers: int = 1) -> Ru
                              interval=SAMPLE_INTERVAL_S)
         procs: list[Proc] = []
         try:
-            if workers > 1:
+            if workers > 1 and redis:
                 redis_port = free_port()
                 procs.append(_redis(redis_port, workdir))
                 text += f"store: {{redis_url: 'redis://127.0.0.1:{redis_port}/0'}}\n"
@@ -322,7 +324,7 @@ def report(run: Run) -> str:
     """The check's Markdown report."""
     lines = [f"# GPU energy check: {run.device}", "",
              f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `python -m bench.gpu_energy"
-             f"{_workers_said(run.workers)}. "
+             f"{_workers_said(run)}. "
              "Each output token is one bf16 matrix product on the GPU (`bench/gpu_backend.py`); the gateway "
              f"samples NVML every {SAMPLE_INTERVAL_S} s; the phases are measured independently through "
              "NVML's total energy counter.", ""]
@@ -353,10 +355,13 @@ def report(run: Run) -> str:
     return "\n".join(lines)
 
 
-def _workers_said(workers: int) -> str:
-    if workers == 1:
+def _workers_said(run: Run) -> str:
+    if run.workers == 1:
         return "`"
-    return f" --workers {workers}` ({workers} gateway workers sharing a redis-server, a connection per request)"
+    if not run.redis:
+        return (f" --workers {run.workers} --no-redis` ({run.workers} gateway workers sharing through their folder, "
+                "a connection per request)")
+    return f" --workers {run.workers}` ({run.workers} gateway workers sharing a redis-server, a connection per request)"
 
 
 def _pair_section(run: Run) -> list[str]:
@@ -402,13 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=8192, help="matrix side of one token's product")
     parser.add_argument("--idle-s", type=float, default=4.0, help="first idle phase, seconds")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (above 1: with Redis)")
+    parser.add_argument("--no-redis", action="store_true",
+                        help="several workers share the GPU's energy through their folder, without Redis")
     args = parser.parse_args(argv)
     try:
         counter = NvmlCounter()
     except Exception as exc:        # ImportError or pynvml.NVMLError alike: nothing to measure
         print(f"no GPU to measure: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    run = _run(counter, args.size, args.idle_s, max(1, args.workers))
+    run = _run(counter, args.size, args.idle_s, max(1, args.workers), redis=not args.no_redis)
     text = report(run)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-energy-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.md"

@@ -17,13 +17,12 @@ from gateway.responses import error_response, json_response
 from gateway.runtime import PolicyHolder
 from gateway.stages.parse import parse_json_object, read_body
 from gateway.services import SERVICES, Services, services_ctx
-from gateway.telemetry.peers import Peers
+from gateway.telemetry.peers import PEERS, Peers
 
 log = logging.getLogger("gateway")
 
 HOLDER = web.AppKey("holder", PolicyHolder)
 #: a worker of `gateway run --workers N` with Prometheus on: where the other workers' series are
-PEERS = web.AppKey("peers", Peers)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -146,7 +145,7 @@ async def metrics(request: web.Request) -> web.Response:
     # would hold every request (and time healthy models out); the metrics are made to be collected from threads
     body = await asyncio.to_thread(telemetry.prometheus_text)
     peers = request.app.get(PEERS)
-    if peers is not None:               # one of `gateway run --workers N`: every worker's series
+    if peers is not None and peers.metrics:     # one of `gateway run --workers N`: every worker's series
         body = await peers.gather(body)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -165,12 +164,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None) -> web.Application:
-    """The gateway application for one policy holder; `peers`: it is a worker of several, with Prometheus on."""
+    """The gateway application for one policy holder; `peers`: it is a worker of several (`Peers.metrics`: with
+    Prometheus on)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 ** 3)
     app[HOLDER] = holder
     app.cleanup_ctx.append(services_ctx(holder, environ))
     if peers is not None:
         app[PEERS] = peers
+    if peers is not None and peers.metrics:
         app.cleanup_ctx.append(peers.serving(lambda: app[SERVICES].telemetry.prometheus_text()))
     app.on_shutdown.append(_start_draining)
     router = app.router

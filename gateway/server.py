@@ -392,18 +392,22 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         return 1
     for name in policy_encodings(holder.current.policy):
         get_encoding(name)              # loaded once here: forked workers share its memory
+    # the workers' private folder (mode 0700): their metrics sockets, and their GPU energy words without Redis
+    peers_folder = make_folder(workers)
+    prometheus = TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus
+    if prometheus and peers_folder is not None:
+        log.info("%d workers: each scrape of /metrics gathers every worker's series, labelled %s (through "
+                 "their sockets in %s)", workers, WORKER_LABEL, peers_folder)
     if redis_url(holder.current.policy, os.environ) is None:
+        measured = any(model.gpus for model in holder.current.policy.models.values())
         log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
                     "(POST /v1/outcomes finds only the tasks its worker served)%s; set GATEWAY_REDIS_URL", workers,
                     ", and each worker books the whole energy of the GPUs it samples among its own requests (the "
                     "workers' books add up to N times what the GPUs used)"
-                    if any(model.gpus for model in holder.current.policy.models.values()) else "")
-    peers_folder = None
-    if TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus:
-        peers_folder = make_folder(workers)         # mode 0700: this user's alone
-        if peers_folder is not None:
-            log.info("%d workers: each scrape of /metrics gathers every worker's series, labelled %s (through "
-                     "their sockets in %s)", workers, WORKER_LABEL, peers_folder)
+                    if measured and peers_folder is None else "")
+        if measured and peers_folder is not None:
+            log.info("%d workers without Redis share the energy of the GPUs they sample through %s", workers,
+                     peers_folder)
 
     port = held[0].getsockname()[1]
     started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker
@@ -416,7 +420,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
             return None
         keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
         inherited = sorted(open_fds() - {0, 1, 2} - keep)
-        peers = Peers(peers_folder, slot, workers) if peers_folder is not None else None
+        peers = Peers(peers_folder, slot, workers, metrics=prometheus) if peers_folder is not None else None
         process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
                                args=(policy, started, host, sockets, inherited, supervisor.ready_fd, os.getpid(),
                                      peers))

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.energy import EnergyMonitor
-from gateway.energy.sharing import EnergySharing
+from gateway.energy.sharing import EnergySharing, FolderSharing
 from gateway.fleet import Fleet
 from gateway.outcomes import Book
 from gateway.policy.advice import advice
@@ -32,6 +32,7 @@ from gateway.routing.sharing import EstimateSharing
 from gateway.stores import Stores, redis_url_problem
 from gateway.tasks import BackgroundTasks
 from gateway.telemetry import Telemetry
+from gateway.telemetry.peers import PEERS
 from gateway.tokens import DEFAULT_ENCODING, get_encoding
 from gateway.upstream import HttpTransport
 
@@ -117,9 +118,11 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             recorder=recorder)
         recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
         sharing = share_estimates(services, started)
-        # other processes may measure the same GPUs (workers, replicas): each books its share of their energy
+        # other processes may measure the same GPUs (workers, replicas): each books its share of their energy,
+        # through Redis, or without it through the workers' folder (the workers of this gateway only)
+        peers = app.get(PEERS)
         energy_sharing = EnergySharing(stores.redis, stores.key_prefix, started.store.timeout_ms / 1000) \
-            if stores.redis is not None else None
+            if stores.redis is not None else FolderSharing(peers.folder, peers.slot) if peers is not None else None
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         services.telemetry.observe_store_failures(lambda: {"limits": services.stores.limiter.store_failures,
                                                            "budgets": services.stores.budgets.store_failures,

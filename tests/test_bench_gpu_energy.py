@@ -51,20 +51,22 @@ def test_the_check_balances_its_books_against_a_fake_gpu(tmp_path):
     assert re.search(r"^\| on `gpu-model-lora` \| 12 \| 12 \|", text, re.M), text
 
 
-def test_two_workers_share_the_gpus_energy_out_rather_than_each_booking_all_of_it(tmp_path):
+@pytest.mark.parametrize("through", ["redis", "folder"])
+def test_two_workers_share_the_gpus_energy_out_rather_than_each_booking_all_of_it(tmp_path, through):
     """The check with `--workers 2`: both workers sample the one GPU, their requests spread over them, and
-    through Redis each books its share of every interval: the books balance against NVML, within the 10 % the
-    check allows several workers (each worker booking all of it, they came to twice NVML's figure: +99 %), the
-    3:1 pair gets roughly 3:1 (each worker's share of an interval rests on the other's word of its last one, so
-    a short request beside a start or an end in the other worker is off by up to an interval), and `/metrics`
-    carries both workers' series."""
+    through Redis (or without it, through their private folder) each books its share of every interval: the
+    books balance against NVML, within the 10 % the check allows several workers (each worker booking all of it,
+    they came to twice NVML's figure: +99 %), the 3:1 pair gets roughly 3:1 (each worker's share of an interval
+    rests on the other's word of its last one, so a short request beside a start or an end in the other worker is
+    off by up to an interval), and `/metrics` carries both workers' series."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKE_GPU_SITE), str(REPO)]),
            "GPU_BACKEND_BUSY_FILE": str(tmp_path / "busy")}
-    done = check(tmp_path, env, "--idle-s", "1.5", "--workers", "2")
+    done = check(tmp_path, env, "--idle-s", "1.5", "--workers", "2", *(["--no-redis"] if through == "folder" else []))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = next(tmp_path.glob("gpu-energy-*.md")).read_text()
     books = text[text.index("## The gateway's books"):text.index("## Load")]     # what a failure shows
     assert "**books balance**" in text and "--workers 2" in text, books
+    assert ("sharing through their folder" in text) == (through == "folder"), text[:1500]
     ratio = float(re.search(r"Energy ratio long : short = ([\d.]+) : 1", text)[1])
     assert 2.0 < ratio < 4.0, books
     assert 'gateway_energy_measured_joules_total{gateway_worker="0"' in text

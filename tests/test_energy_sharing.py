@@ -1,17 +1,20 @@
 """GPU energy shared out between the processes that measure the same GPUs (workers, replicas), through a real
-redis-server: each books its share of every interval, so their books add up to what the GPUs used, not N times
-it. The whole check, two gateway workers against the fake GPU, is in test_bench_gpu_energy.py."""
+redis-server, or without Redis through the workers' folder: each books its share of every interval, so their books
+add up to what the GPUs used, not N times it. The whole check, two gateway workers against the fake GPU, with and
+without Redis, is in test_bench_gpu_energy.py."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 import pytest
 from redis.asyncio import Redis
 
 from gateway.energy import EnergyMonitor, sharing
 from gateway.energy.attribution import EnergyLedger, Others
-from gateway.energy.sharing import EnergySharing, gpus_key
+from gateway.energy.sharing import EnergySharing, FolderSharing, gpus_key
 from gateway.policy.model import GpuSource
 from tests.support.fake_pynvml import FakeGpu, FakeNvml, ManualClock
 from tests.test_energy_sources import policy_with
@@ -114,7 +117,8 @@ def one_gpu_host(clock: ManualClock, uuid: str | None = "GPU-77777777-2222-3333-
     return FakeNvml(gpus=[gpu])
 
 
-async def test_processes_sampling_slowly_still_hear_each_other(redis_server, monkeypatch):
+@pytest.mark.parametrize("through", ["redis", "folder"])
+async def test_processes_sampling_slowly_still_hear_each_other(request, tmp_path, monkeypatch, through):
     """Two processes sampling one GPU every 4 s (here: their clock moves 1 s a round, and each round takes
     longer, in real time, than FRESH_S): a word stays fresh for four sampling intervals, so they go on sharing,
     and their books add up to about what the GPU used (one round late to hear of the other's requests), not
@@ -123,11 +127,12 @@ async def test_processes_sampling_slowly_still_hear_each_other(redis_server, mon
     clock = ManualClock()
     nvml = one_gpu_host(clock)
     policy = policy_with({"big": GpuSource(source="nvml", idle_w=100.0)}, interval_s=4.0)
-    client = Redis.from_url(redis_server.url)
+    client = Redis.from_url(request.getfixturevalue("redis_server").url) if through == "redis" else None
     monitors = [EnergyMonitor(policy, nvml_module=nvml, clock=clock) for _ in range(2)]
     try:
-        for monitor in monitors:
-            monitor.share_through(EnergySharing(client, "gw", timeout_s=1.0))
+        for slot, monitor in enumerate(monitors):
+            monitor.share_through(EnergySharing(client, "gw", timeout_s=1.0) if client is not None
+                                  else FolderSharing(tmp_path / "workers", slot))
             await monitor.open()
             await monitor.sample_once()
         first, second = monitors
@@ -147,7 +152,10 @@ async def test_processes_sampling_slowly_still_hear_each_other(redis_server, mon
     finally:
         for monitor in monitors:
             await monitor.stop()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
+    if through == "folder":                         # each took its words back; the last one out, the folder
+        assert not (tmp_path / "workers").exists()
 
 
 async def test_gpus_that_report_no_uuid_are_said_to_be_unshared(redis_server, caplog):
@@ -169,3 +177,72 @@ async def test_gpus_that_report_no_uuid_are_said_to_be_unshared(redis_server, ca
     finally:
         await monitor.stop()
         await client.aclose()
+
+
+async def test_workers_hear_each_other_through_their_folder_and_a_silent_one_drops_out(tmp_path):
+    """Without Redis, the workers of one gateway say their numbers in flight through files in their private
+    folder: each hears the others' (not its own), not those measuring other GPUs, nor one silent for longer than
+    `fresh_s`; a worker that stops takes its words back, and the last one out removes the folder."""
+    folder = tmp_path / "workers"
+    folder.mkdir(mode=0o700)
+    a, b, c, elsewhere = (FolderSharing(folder, slot) for slot in range(4))
+    assert await a.exchange(GPUS, 1.0, fresh_s=0.3) == Others(processes=0, in_flight=0.0)
+    assert await b.exchange(GPUS, 2.5, fresh_s=0.3) == Others(processes=1, in_flight=1.0)
+    assert await elsewhere.exchange({"GPU-9999"}, 7.0, fresh_s=0.3) == Others(processes=0, in_flight=0.0)
+    assert await c.exchange(GPUS, 0.0, fresh_s=0.3) == Others(processes=2, in_flight=3.5)
+    assert await a.exchange(GPUS, 1.0, fresh_s=0.3) == Others(processes=2, in_flight=2.5)
+    await asyncio.sleep(0.4)                        # b and c fall silent
+    assert await a.exchange(GPUS, 1.0, fresh_s=0.3) == Others(processes=0, in_flight=0.0)
+    assert await b.exchange(GPUS, 4.0, fresh_s=0.3) == Others(processes=1, in_flight=1.0)
+    await b.close()
+    assert await a.exchange(GPUS, 1.0, fresh_s=0.3) == Others(processes=0, in_flight=0.0)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        [f"{gpus_key(GPUS)}.0.energy", f"{gpus_key(GPUS)}.2.energy", f"{gpus_key({'GPU-9999'})}.3.energy"])
+    for sharing_ in (a, c):
+        await sharing_.close()
+    assert folder.exists()                          # a worker still holds words there
+    await elsewhere.close()
+    assert not folder.exists()
+
+
+async def test_a_worker_after_the_last_one_out_makes_the_folder_again(tmp_path):
+    """Every worker stopped at once took the folder: a replacement makes it again, this user's alone."""
+    folder = tmp_path / "workers"
+    assert await FolderSharing(folder, 1).exchange(GPUS, 2.0) == Others(processes=0, in_flight=0.0)
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("problem", ["open to others", "not a folder"])
+async def test_a_folder_that_cannot_be_used_is_no_answer_and_counted(tmp_path, caplog, problem):
+    """A folder others may write to (refused: their words would be trusted), or a path that cannot be a folder:
+    no answer (the monitor keeps what it last heard while fresh, then books alone), counted as a store failure and
+    said once; once it works again, said too."""
+    caplog.set_level(logging.WARNING, logger="gateway.energy.sharing")
+    if problem == "open to others":
+        folder = tmp_path / "workers"
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o777)
+    else:
+        (tmp_path / "file").write_text("")
+        folder = tmp_path / "file" / "workers"
+    shared = FolderSharing(folder, 0)
+    assert await shared.exchange(GPUS, 1.0) is None
+    assert await shared.exchange(GPUS, 1.0) is None
+    assert shared.store_failures == 2
+    assert [r.getMessage() for r in caplog.records if "cannot share GPU energy" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+    if problem == "open to others":
+        folder.chmod(0o700)
+        assert await shared.exchange(GPUS, 1.0) == Others(processes=0, in_flight=0.0)
+        assert "again" in caplog.records[-1].getMessage() and len(caplog.records) == 2
+
+
+async def test_a_word_from_before_the_clock_started_is_stale(tmp_path):
+    """A word is dated on the host's monotonic clock, which every process of the host shares: one dated earlier
+    than `fresh_s` ago is not heard, and a file that holds no word (cut short) is skipped."""
+    folder = tmp_path / "workers"
+    folder.mkdir(mode=0o700)
+    (folder / f"{gpus_key(GPUS)}.1.energy").write_text(f"5.0 {time.monotonic() - 10.0!r}")
+    (folder / f"{gpus_key(GPUS)}.2.energy").write_text("5.0")
+    (folder / f"{gpus_key(GPUS)}.3.energy").write_text(f"2.0 {time.monotonic()!r}")
+    assert await FolderSharing(folder, 0).exchange(GPUS, 1.0) == Others(processes=1, in_flight=2.0)

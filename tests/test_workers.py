@@ -710,14 +710,22 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
         os.close(ready_w)
 
 
-def test_workers_without_redis_on_measured_gpus_are_told_their_energy_books_add_up_wrong(tmp_path):
-    """Each worker samples the policy's GPUs; without Redis they cannot share the GPUs' energy out, and each
-    books all of it among its own requests: start-up says so."""
+def test_workers_without_redis_on_measured_gpus_share_their_energy_through_their_folder(tmp_path):
+    """Each worker samples the policy's GPUs; without Redis they share the GPUs' energy out through their private
+    folder (checked against a fake GPU in test_bench_gpu_energy.py): start-up says where, not that the books add
+    up N times, and the folder goes at exit."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.replace("upstream_model: sim-small}", "upstream_model: sim-small, gpus: {source: nvml}}"))
     gateway = Workers(policy).wait_serving()
     try:
-        assert "each worker books the whole energy of the GPUs it samples among its own requests" in gateway.text()
+        text = gateway.text()
+        assert "without Redis: the cache, limits, budgets and outcomes are each worker's own" in text
+        assert "each worker books the whole energy" not in text
+        folder = Path(re.search(r"share the energy of the GPUs they sample through (\S+)", text).group(1))
+        assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(30) == 0, gateway.text()
+        assert not folder.exists()
     finally:
         gateway.stop()
 

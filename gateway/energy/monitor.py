@@ -37,7 +37,7 @@ from gateway.energy.dcgm import DcgmSource
 from gateway.energy.nvml import NvmlSource
 from gateway.energy.pools import labels, pools
 from gateway.energy.readings import EnergyUnavailable, GpuReading
-from gateway.energy.sharing import FRESH_S, EnergySharing
+from gateway.energy.sharing import FRESH_S, EnergySharing, FolderSharing
 
 if TYPE_CHECKING:
     from gateway.policy.model import GpuSource, Policy
@@ -136,7 +136,7 @@ class EnergyMonitor:
         self._nvml_module = nvml_module
         self._clock = clock
         self.nvml_timeout_s = NVML_TIMEOUT_S
-        self.sharing: EnergySharing | None = None     # set by `share_through`
+        self.sharing: EnergySharing | FolderSharing | None = None     # set by `share_through`
         self._task: asyncio.Task | None = None
         self._opened = False
         self._started = False
@@ -209,6 +209,8 @@ class EnergyMonitor:
             await asyncio.gather(task, return_exceptions=True)
         await self._close_sources(list(self._sampled.values()))
         self._release_threads(list(self._sampled.values()))
+        if self.sharing is not None:
+            await self.sharing.close()      # this process's words taken back
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -352,7 +354,7 @@ class EnergyMonitor:
         if sampled.health == OK:
             logger.info("energy: GPUs of %s measured now (were %s)", sampled.name, was)
 
-    def share_through(self, sharing: EnergySharing) -> None:
+    def share_through(self, sharing: EnergySharing | FolderSharing) -> None:
         """Share each pool's energy with the other processes measuring the same GPUs (`gateway.energy.sharing`)."""
         self.sharing = sharing
 

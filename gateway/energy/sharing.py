@@ -1,4 +1,4 @@
-"""GPU energy shared out between the processes that measure the same GPUs, through Redis.
+"""GPU energy shared out between the processes that measure the same GPUs, through Redis or the workers' folder.
 
 The workers of `gateway run --workers N` on a GPU host each sample its GPUs, and replicas reading one DCGM
 exporter each scrape the model server's: every one of them sees the GPUs' whole energy, but only the requests it
@@ -18,17 +18,31 @@ had in flight since its last word.
 
 Redis down: the last answer is used while it is fresh, then each process books alone (as without Redis) until
 Redis answers again; the exchanges that failed are counted as `gateway.store.failures` (part `energy`).
+
+Without Redis, the workers of one `gateway run --workers N` say the same words through files in their private
+folder (`FolderSharing`, mode 0700, made by the supervisor): one file per pool and worker slot, its number in flight
+and when it said so on the host's monotonic clock, which every process of the host shares. A file a worker cannot
+write or read counts as a failed exchange, like Redis not answering. Replicas on several hosts need Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
+import os
 import secrets
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from gateway.energy.attribution import Others
 from gateway.store_guard import STORE_DOWN, StoreGuard
+from gateway.telemetry.peers import own_folder
+
+log = logging.getLogger(__name__)
 
 #: how long a process's word counts: past it, the process is left out of the others
 FRESH_S = 3.0
@@ -88,3 +102,65 @@ class EnergySharing:
             return None
         said = [float(value) for value in reply]
         return Others(processes=len(said), in_flight=sum(said))
+
+    async def close(self) -> None:
+        """Nothing to take back: the pool's hash forgets a silent process by itself."""
+
+
+class FolderSharing:
+    """The same words through files in the folder of one gateway's workers (`gateway.telemetry.peers`), for
+    workers without Redis: `{digest of the GPUs' UUIDs}.{slot}.energy`, written whole (renamed into place)."""
+
+    def __init__(self, folder: Path, slot: int) -> None:
+        self.folder = folder
+        self.slot = slot
+        self.store_failures = 0
+        self._failing = False
+
+    async def exchange(self, uuids: Iterable[str], in_flight: float, fresh_s: float | None = None) -> Others | None:
+        """As `EnergySharing.exchange`: None when the folder could not be written or read (said once, until an
+        exchange works again)."""
+        fresh_s = FRESH_S if fresh_s is None else fresh_s
+        try:
+            others = await asyncio.to_thread(self._exchange, gpus_key(uuids), float(in_flight), fresh_s)
+        except OSError as exc:
+            self.store_failures += 1
+            if not self._failing:
+                self._failing = True
+                log.warning("energy: worker %d cannot share GPU energy with the other workers through %s (%s): "
+                            "it books the energy of the GPUs it measures among its own requests alone meanwhile",
+                            self.slot, self.folder, exc.strerror or exc)
+            return None
+        if self._failing:
+            self._failing = False
+            log.warning("energy: worker %d shares GPU energy with the other workers again", self.slot)
+        return others
+
+    def _exchange(self, digest: str, in_flight: float, fresh_s: float) -> Others:
+        own = self.folder / f"{digest}.{self.slot}.energy"
+        now_s = time.monotonic()
+        own_folder(self.folder)         # made again when the last worker out took it
+        partial = own.with_name(own.name + ".partial")
+        partial.write_text(f"{in_flight!r} {now_s!r}")
+        os.replace(partial, own)
+        said = []
+        for path in self.folder.glob(f"{digest}.*.energy"):
+            if path == own:
+                continue
+            try:
+                value, said_at_s = (float(part) for part in path.read_text().split())
+            except (FileNotFoundError, ValueError):     # gone meanwhile (a worker stopping); not a word
+                continue
+            if now_s - said_at_s <= fresh_s:
+                said.append(value)
+        return Others(processes=len(said), in_flight=sum(said))
+
+    async def close(self) -> None:
+        """Take back this slot's words on every pool (also those of a worker in this slot killed before it could),
+        then remove the folder if this worker is the last one out."""
+        with contextlib.suppress(OSError):
+            for path in self.folder.glob(f"*.{self.slot}.energy"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()

@@ -38,22 +38,35 @@ def make_folder(workers: int) -> Path | None:
     """The workers' private folder (mode 0700) under TMPDIR, or /tmp when TMPDIR is too long for a socket path
     in it; None, said once, when neither will do."""
     for parent in (None, "/tmp"):
-        folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-", dir=parent))
+        folder = Path(tempfile.mkdtemp(prefix="gateway-workers-", dir=parent))
         if len(os.fsencode(Peers(folder, 0, workers).socket_path(workers - 1))) <= MAX_SOCKET_PATH:
             return folder
         folder.rmdir()
     log.warning("%d workers: no folder for the workers' metrics sockets short enough for a socket path (TMPDIR "
-                "and /tmp): each scrape of /metrics is answered by one worker with its own series", workers)
+                "and /tmp): each scrape of /metrics is answered by one worker with its own series, and without Redis "
+                "each worker books the whole energy of the GPUs it samples", workers)
     return None
+
+
+def own_folder(folder: Path) -> None:
+    """The workers' folder, made again (mode 0700) when it is gone; one that is not this user's alone is refused."""
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        stat = folder.stat()
+        if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+            raise PermissionError(f"{folder} is not this user's alone") from None
 
 
 @dataclass(frozen=True)
 class Peers:
-    """This worker's slot among `workers`, and the folder of their exposition sockets."""
+    """This worker's slot among `workers`, and their private folder: their exposition sockets (`metrics`), and
+    their GPU energy words when they have no Redis (`gateway.energy.sharing.FolderSharing`)."""
 
     folder: Path
     slot: int
     workers: int
+    metrics: bool = True            # Prometheus is on: serve this worker's series, gather the others'
 
     def socket_path(self, slot: int) -> Path:
         return self.folder / f"{slot}.sock"
@@ -74,7 +87,7 @@ class Peers:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()               # left by the worker this one replaces
             try:
-                self._own_folder()          # the last worker out took it, when all stopped at once
+                own_folder(self.folder)     # the last worker out took it, when all stopped at once
                 await web.UnixSite(runner, str(path)).start()
             except OSError as exc:
                 log.warning("worker %d cannot serve its metrics to the other workers (%s): scrapes reaching "
@@ -89,15 +102,6 @@ class Peers:
                     self.folder.rmdir()             # SIGKILL cannot); with others' sockets still in it, it stays
 
         return serve
-
-    def _own_folder(self) -> None:
-        """The folder, made again (mode 0700) when it is gone; one that is not this user's alone is refused."""
-        try:
-            self.folder.mkdir(mode=0o700)
-        except FileExistsError:
-            stat = self.folder.stat()
-            if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
-                raise PermissionError(f"{self.folder} is not this user's alone") from None
 
     async def gather(self, own: bytes) -> bytes:
         """This worker's exposition `own` merged with every other worker's."""
@@ -174,3 +178,7 @@ def _labelled(sample: str, label: str) -> str:
         rest = sample[brace + 1:]
         return f"{sample[:brace + 1]}{label}{'' if rest.startswith('}') else ','}{rest}"
     return f"{sample[:space]}{{{label}}}{sample[space:]}"
+
+
+#: the app's Peers, when it is one of `gateway run --workers N`
+PEERS = web.AppKey("peers", Peers)

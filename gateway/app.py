@@ -145,7 +145,7 @@ async def metrics(request: web.Request) -> web.Response:
     # would hold every request (and time healthy models out); the metrics are made to be collected from threads
     body = await asyncio.to_thread(telemetry.prometheus_text)
     peers = request.app.get(PEERS)
-    if peers is not None and peers.metrics:     # one of `gateway run --workers N`: every worker's series
+    if peers is not None:               # one of `gateway run --workers N` (with Prometheus on): every worker's series
         body = await peers.gather(body)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -393,12 +393,13 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     for name in policy_encodings(holder.current.policy):
         get_encoding(name)              # loaded once here: forked workers share its memory
     # the workers' private folder (mode 0700): their metrics sockets, and their GPU energy words without Redis
-    peers_folder = make_folder(workers)
     prometheus = TelemetryConfig.from_env(holder.current.policy.telemetry, environ=os.environ).prometheus
+    shared = redis_url(holder.current.policy, os.environ) is not None
+    peers_folder = make_folder(workers) if prometheus or not shared else None
     if prometheus and peers_folder is not None:
         log.info("%d workers: each scrape of /metrics gathers every worker's series, labelled %s (through "
                  "their sockets in %s)", workers, WORKER_LABEL, peers_folder)
-    if redis_url(holder.current.policy, os.environ) is None:
+    if not shared:
         measured = any(model.gpus for model in holder.current.policy.models.values())
         log.warning("%d workers without Redis: the cache, limits, budgets and outcomes are each worker's own "
                     "(POST /v1/outcomes finds only the tasks its worker served)%s; set GATEWAY_REDIS_URL", workers,

@@ -32,7 +32,7 @@ from gateway.routing.sharing import EstimateSharing
 from gateway.stores import Stores, redis_url_problem
 from gateway.tasks import BackgroundTasks
 from gateway.telemetry import Telemetry
-from gateway.telemetry.peers import PEERS
+from gateway.telemetry.peers import PEERS, Peers
 from gateway.tokens import DEFAULT_ENCODING, get_encoding
 from gateway.upstream import HttpTransport
 
@@ -118,11 +118,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
                             recorder=recorder)
         recorder.outcomes = services.stores.outcomes       # in Redis when there is one: shared by every process
         sharing = share_estimates(services, started)
-        # other processes may measure the same GPUs (workers, replicas): each books its share of their energy,
-        # through Redis, or without it through the workers' folder (the workers of this gateway only)
-        peers = app.get(PEERS)
-        energy_sharing = EnergySharing(stores.redis, stores.key_prefix, started.store.timeout_ms / 1000) \
-            if stores.redis is not None else FolderSharing(peers.folder, peers.slot) if peers is not None else None
+        energy_sharing = energy_sharing_for(stores, app.get(PEERS), started.store.timeout_ms / 1000)
         services.telemetry.observe_cache_errors(lambda: getattr(services.stores.cache, "errors", 0))
         services.telemetry.observe_store_failures(lambda: {"limits": services.stores.limiter.store_failures,
                                                            "budgets": services.stores.budgets.store_failures,
@@ -170,6 +166,17 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         ))
 
     return lifecycle
+
+
+def energy_sharing_for(stores: Stores, peers: Peers | None, timeout_s: float) -> EnergySharing | FolderSharing | None:
+    """How this process shares the energy of GPUs that other processes measure too (workers, replicas), so each
+    books its share: through Redis when there is one; without, through the workers' folder when it is one of
+    `gateway run --workers N` (the workers of this gateway only); else it is alone, or cannot know."""
+    if stores.redis is not None:
+        return EnergySharing(stores.redis, stores.key_prefix, timeout_s)
+    if peers is not None:
+        return FolderSharing(peers.folder, peers.slot)
+    return None
 
 
 def waiting_in_policy(services: Services) -> dict[str, int]:

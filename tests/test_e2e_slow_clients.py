@@ -99,9 +99,10 @@ def test_a_slow_but_steady_upload_and_an_idle_keep_alive_connection_are_left_alo
     with connect(gw) as client:
         client.sendall(HEAD)
         started_s = time.monotonic()
-        for start in range(0, len(BODY), len(BODY) // 4 + 1):
-            time.sleep(TIMEOUT_S / 2)
-            client.sendall(BODY[start:start + len(BODY) // 4 + 1])
+        piece = len(BODY) // 8 + 1                      # 8 pieces, each a quarter of client_timeout_s apart
+        for start in range(0, len(BODY), piece):
+            time.sleep(TIMEOUT_S / 4)
+            client.sendall(BODY[start:start + piece])
         assert one_answer(client).startswith(b"HTTP/1.1 200")
         assert time.monotonic() - started_s > TIMEOUT_S * 1.5
         time.sleep(TIMEOUT_S * 2)

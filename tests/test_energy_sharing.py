@@ -6,8 +6,10 @@ without Redis, is in test_bench_gpu_energy.py."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -16,6 +18,9 @@ from gateway.energy import EnergyMonitor, sharing
 from gateway.energy.attribution import EnergyLedger, Others
 from gateway.energy.sharing import EnergySharing, FolderSharing, gpus_key
 from gateway.policy.model import GpuSource
+from gateway.services import energy_sharing_for
+from gateway.stores import Stores
+from gateway.telemetry.peers import Peers
 from tests.support.fake_pynvml import FakeGpu, FakeNvml, ManualClock
 from tests.test_energy_sources import policy_with
 
@@ -246,3 +251,79 @@ async def test_a_word_from_before_the_clock_started_is_stale(tmp_path):
     (folder / f"{gpus_key(GPUS)}.2.energy").write_text("5.0")
     (folder / f"{gpus_key(GPUS)}.3.energy").write_text(f"2.0 {time.monotonic()!r}")
     assert await FolderSharing(folder, 0).exchange(GPUS, 1.0) == Others(processes=1, in_flight=2.0)
+
+
+async def test_a_folder_path_that_is_a_symbolic_link_is_refused(tmp_path):
+    """The folder gone (the last worker out took it) and a symbolic link put at its path, even to a folder of this
+    user's alone: refused, nothing written there (a link to elsewhere would have the worker write, and hear, what
+    another user chose)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    folder = tmp_path / "workers"
+    folder.symlink_to(elsewhere)
+    shared = FolderSharing(folder, 0)
+    assert await shared.exchange(GPUS, 1.0) is None and shared.store_failures == 1
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_close_waits_for_an_exchange_still_in_its_thread(tmp_path, monkeypatch):
+    """The monitor stopping cancels an exchange whose thread runs on (a slow disk): the worker's close waits for
+    it, so its word is not written after the words were taken back (it kept the folder from going)."""
+    folder = tmp_path / "workers"
+    folder.mkdir(mode=0o700)
+    made = sharing.own_folder
+
+    def slow_disk(path):
+        time.sleep(0.2)
+        made(path)
+
+    monkeypatch.setattr(sharing, "own_folder", slow_disk)
+    shared = FolderSharing(folder, 0)
+    exchanging = asyncio.create_task(shared.exchange(GPUS, 1.0))
+    await asyncio.sleep(0.05)
+    exchanging.cancel()
+    await asyncio.gather(exchanging, return_exceptions=True)
+    await shared.close()
+    await asyncio.sleep(0.4)                        # past the slow write, had it been left running
+    assert not folder.exists()
+
+
+async def test_a_word_cut_short_while_written_leaves_the_last_whole_one(tmp_path, monkeypatch):
+    """A word is written aside and renamed into place: a write that fails halfway (a full disk) leaves the
+    worker's last whole word for the others to hear, not a torn one they would skip."""
+    folder = tmp_path / "workers"
+    folder.mkdir(mode=0o700)
+    first, second = FolderSharing(folder, 0), FolderSharing(folder, 1)
+    assert await first.exchange(GPUS, 3.0) == Others(processes=0, in_flight=0.0)
+    write_text = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        write_text(path, text[:3], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert await first.exchange(GPUS, 5.0) is None
+    monkeypatch.undo()
+    assert await second.exchange(GPUS, 1.0) == Others(processes=1, in_flight=3.0)
+    for shared in (first, second):
+        await shared.close()
+    assert not folder.exists()                      # the half-written word taken back too
+
+
+async def test_a_process_shares_through_redis_when_there_is_one_else_through_the_workers_folder(tmp_path):
+    """Redis, when configured, for every process (replicas too); without it, the workers of one gateway through
+    their folder; a lone process without Redis shares with nobody."""
+    client = Redis.from_url("redis://127.0.0.1:1")
+    peers = Peers(tmp_path, 1, 2, metrics=False)
+    try:
+        with_redis = energy_sharing_for(memory_stores(redis=client), peers, 0.5)
+        assert isinstance(with_redis, EnergySharing) and with_redis.prefix == "gw"
+        folder = energy_sharing_for(memory_stores(), peers, 0.5)
+        assert isinstance(folder, FolderSharing) and (folder.folder, folder.slot) == (tmp_path, 1)
+        assert energy_sharing_for(memory_stores(), None, 0.5) is None
+    finally:
+        await client.aclose()
+
+
+def memory_stores(redis=None) -> Stores:
+    return Stores(cache=None, singleflight=None, limiter=None, budgets=None, redis=redis, key_prefix="gw")

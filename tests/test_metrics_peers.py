@@ -5,6 +5,7 @@ said so. The end-to-end check with a real Prometheus scraping several workers is
 from __future__ import annotations
 
 import asyncio
+import errno
 import contextlib
 import tempfile
 from pathlib import Path
@@ -135,3 +136,14 @@ def test_a_worker_makes_the_folder_again_when_the_last_one_out_took_it(tmp_path)
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
     assert not asyncio.run(start_and_stop())            # refused: said in the log, the worker serves on
+
+
+def test_no_temporary_folder_at_all_is_said_not_fatal(monkeypatch, caplog):
+    """No temporary folder can be made (a read-only root without a /tmp mount): the workers run without one,
+    said once, rather than the gateway failing to start."""
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert make_folder(2) is None
+    assert "no private folder for the workers (none can be made: Read-only file system)" in caplog.text

@@ -723,9 +723,29 @@ def test_workers_without_redis_on_measured_gpus_share_their_energy_through_their
         assert "each worker books the whole energy" not in text
         folder = Path(re.search(r"share the energy of the GPUs they sample through (\S+)", text).group(1))
         assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+        assert list(folder.glob("*.sock")) == []                # Prometheus is off: no metrics sockets
         gateway.process.send_signal(signal.SIGTERM)
         assert gateway.process.wait(30) == 0, gateway.text()
         assert not folder.exists()
+    finally:
+        gateway.stop()
+
+
+def test_workers_with_redis_and_prometheus_off_make_no_folder(tmp_path, redis_server):
+    """With Redis (their GPU energy words go there) and no metrics sockets, the workers need no folder: none is
+    made, so a parent killed by SIGKILL leaves none behind (nothing in the workers would have removed it)."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + f"store: {{redis_url: '{redis_server.url}'}}\n")
+    gateway = Workers(policy, environ={"TMPDIR": str(tmpdir)}).wait_serving()
+    workers = gateway.pids()
+    try:
+        assert list(tmpdir.glob("gateway-workers-*")) == []
+        gateway.process.kill()
+        gateway.process.wait(5)
+        wait_for(lambda: not any(alive(pid) for pid in workers), gateway.text, timeout_s=10)
+        assert list(tmpdir.glob("gateway-workers-*")) == []
     finally:
         gateway.stop()
 

@@ -116,13 +116,18 @@ class FolderSharing:
         self.slot = slot
         self.store_failures = 0
         self._failing = False
+        self._pending: set[asyncio.Future] = set()    # exchanges in their threads: `close` waits for them
 
     async def exchange(self, uuids: Iterable[str], in_flight: float, fresh_s: float | None = None) -> Others | None:
         """As `EnergySharing.exchange`: None when the folder could not be written or read (said once, until an
         exchange works again)."""
         fresh_s = FRESH_S if fresh_s is None else fresh_s
+        exchanging = asyncio.ensure_future(asyncio.to_thread(self._exchange, gpus_key(uuids), float(in_flight),
+                                                             fresh_s))
+        self._pending.add(exchanging)
+        exchanging.add_done_callback(self._pending.discard)
         try:
-            others = await asyncio.to_thread(self._exchange, gpus_key(uuids), float(in_flight), fresh_s)
+            others = await asyncio.shield(exchanging)   # cancelled (the monitor stopping): the thread runs on
         except OSError as exc:
             self.store_failures += 1
             if not self._failing:
@@ -157,9 +162,11 @@ class FolderSharing:
 
     async def close(self) -> None:
         """Take back this slot's words on every pool (also those of a worker in this slot killed before it could),
-        then remove the folder if this worker is the last one out."""
+        once any exchange still in its thread has written its own, then remove the folder if this worker is the
+        last one out."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
         with contextlib.suppress(OSError):
-            for path in self.folder.glob(f"*.{self.slot}.energy"):
+            for path in self.folder.glob(f"*.{self.slot}.energy*"):     # a .partial a failed write left too
                 with contextlib.suppress(OSError):
                     path.unlink()
         with contextlib.suppress(OSError):

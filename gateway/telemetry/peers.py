@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 
 import aiohttp
 from aiohttp import web
@@ -36,26 +37,32 @@ MAX_SOCKET_PATH = 107
 
 def make_folder(workers: int) -> Path | None:
     """The workers' private folder (mode 0700) under TMPDIR, or /tmp when TMPDIR is too long for a socket path
-    in it; None, said once, when neither will do."""
-    for parent in (None, "/tmp"):
-        folder = Path(tempfile.mkdtemp(prefix="gateway-workers-", dir=parent))
-        if len(os.fsencode(Peers(folder, 0, workers).socket_path(workers - 1))) <= MAX_SOCKET_PATH:
-            return folder
-        folder.rmdir()
-    log.warning("%d workers: no folder for the workers' metrics sockets short enough for a socket path (TMPDIR "
-                "and /tmp): each scrape of /metrics is answered by one worker with its own series, and without Redis "
-                "each worker books the whole energy of the GPUs it samples", workers)
+    in it; None, said once, when neither will do (or no temporary folder can be made at all)."""
+    try:
+        for parent in (None, "/tmp"):
+            folder = Path(tempfile.mkdtemp(prefix="gateway-workers-", dir=parent))
+            if len(os.fsencode(Peers(folder, 0, workers).socket_path(workers - 1))) <= MAX_SOCKET_PATH:
+                return folder
+            folder.rmdir()
+        why = "none short enough for a socket path in TMPDIR or /tmp"
+    except OSError as exc:
+        why = f"none can be made: {exc.strerror or exc}"
+    log.warning("%d workers: no private folder for the workers (%s): each scrape of /metrics is answered by one "
+                "worker with its own series, and without Redis each worker books the whole energy of the GPUs it "
+                "samples", workers, why)
     return None
 
 
 def own_folder(folder: Path) -> None:
-    """The workers' folder, made again (mode 0700) when it is gone; one that is not this user's alone is refused."""
+    """The workers' folder, made again (mode 0700) when it is gone; anything else at its path (a symbolic link, a
+    folder that is not this user's alone) is refused. Made under a sticky TMPDIR, a folder of this user's cannot
+    be swapped by another user once it is there."""
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
-        stat = folder.stat()
-        if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
-            raise PermissionError(f"{folder} is not this user's alone") from None
+        stat = folder.lstat()
+        if not S_ISDIR(stat.st_mode) or stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+            raise PermissionError(f"{folder} is not a folder of this user's alone") from None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +95,10 @@ routes:
   - name: slowpoke
     match: {{{{models: [slowpoke]}}}}
     candidates: [slowpoke]
+  - name: thrice
+    match: {{{{models: [thrice]}}}}
+    candidates: [broken]
+    fallback: [dead2, medium]
 """
 
 
@@ -447,3 +452,52 @@ def test_exploration_wins_traffic_back_before_the_window_expires(exploring):
             break
     assert small_meets_sla(gw), f"small still predicted over the SLA after {sent} requests"
     assert total(gw, "small") > before          # only explored requests can have reached it
+
+
+def test_a_fallback_whose_circuit_opened_meanwhile_is_not_called(gw):
+    """The plan's fallback had its circuit opened while the first model hung: it is not called as a last hope
+    (only a plan's first model, alone, is), so the client gets the first model's timeout, not a second failure."""
+    breakers = gw.services.fleet.breakers
+    before = total(gw, "medium")
+    opener = threading.Timer(0.3, breakers.record_failure, args=("medium",), kwargs={"retry_after_s": 30})
+    opener.start()
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            gw.openai(max_retries=0).chat.completions.create(
+                model="hanging", messages=[{"role": "user", "content": "Hello"}], max_tokens=10)
+        assert caught.value.status_code == 504
+        assert caught.value.response.headers["x-gateway-models-tried"] == "hanging"
+        assert total(gw, "medium") == before
+    finally:
+        opener.join()
+        breakers.forget("medium")
+        breakers.forget("hanging")
+
+
+def test_a_stream_that_failed_mid_way_is_not_sent_on_to_the_fallback(gw):
+    """A stream that broke after its first bytes reached the client ends with an in-band error; the fallback is
+    not called for an answer nobody would receive (and be billed for)."""
+    before = total(gw, "medium")
+    stream = gw.openai(timeout=10, max_retries=0).chat.completions.create(
+        model="dropper", stream=True, max_tokens=20, messages=[{"role": "user", "content": "Go"}])
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    time.sleep(0.5)
+    assert total(gw, "medium") == before
+    gw.services.fleet.breakers.forget("dropper")
+
+
+def test_the_fallback_reason_is_why_the_model_just_before_the_answering_one_failed(gw):
+    """Three models tried: x-gateway-fallback-reason names the failure of the one just before the model that
+    answered, not the first one's."""
+    breakers = gw.services.fleet.breakers
+    for name in ("broken", "dead2"):
+        breakers.forget(name)
+    try:
+        raw = chat(gw, "thrice")
+        assert raw.headers["x-gateway-models-tried"] == "broken,dead2,medium"
+        assert raw.headers["x-gateway-fallback-reason"] == "connect_error"
+    finally:
+        for name in ("broken", "dead2"):
+            breakers.forget(name)

@@ -405,6 +405,7 @@ def test_a_models_retry_after_ms_reaches_the_client(raw_env):
     with pytest.raises(openai.RateLimitError) as caught:
         harness.openai().chat.completions.create(model="raw-only", messages=MESSAGES)
     assert caught.value.response.headers.get("retry-after-ms") == "250"
+    assert caught.value.response.headers.get("retry-after") == "1"       # whole seconds, rounded up
 
 
 async def test_async_client_raises_the_same_exceptions(gw):

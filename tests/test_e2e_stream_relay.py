@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from gateway.sse import MAX_EVENT_BYTES, EventTooLong, iter_events
+from gateway.stages import relay
 from gateway.stages.relay import StreamState
 from tests.support.harness import ledgered_raw_model_gateway, reset_raw_model
 from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text
@@ -452,3 +453,16 @@ def test_a_batch_completions_stream_cut_before_every_prompt_finished_is_an_error
     body = requests.post(f"{harness.base_url}/v1/completions", timeout=30,
                          json={"model": "raw-only", "stream": True, "prompt": ["one", "two"]}).content
     assert b'"upstream_bad_response"' in body and b"[DONE]" not in body
+
+
+def test_the_grace_after_every_choice_finished_is_shorter_than_first_byte_s(env, monkeypatch):
+    """A model that goes quiet after every choice finished (no [DONE]) is waited for FINISHED_GRACE_S, not a
+    whole first_byte_s (often tens of seconds in production), before the stream ends with [DONE]."""
+    monkeypatch.setattr(relay, "FINISHED_GRACE_S", 0.1)        # first_byte_s is 1 s here
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hello"), chunk(None, finish="stop")), 0.0),
+                  (b"", 30.0)]
+    started_s = time.monotonic()
+    reply = post(harness)
+    assert reply.content.endswith(b"data: [DONE]\n\n")
+    assert time.monotonic() - started_s < 0.9

@@ -185,3 +185,9 @@ def test_a_non_streamed_body_that_keeps_coming_is_not_cut_at_first_byte_s(env):
     answer = post(harness, "raw-only")
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == COMPLETION["choices"][0]["message"]["content"]
+
+
+def test_a_retry_after_in_the_past_is_no_wait():
+    """A Retry-After date already past, or a negative retry-after-ms, asks for no wait (never a negative one)."""
+    assert retry_after_s({"Retry-After": formatdate(time.time() - 30, usegmt=True)}) == 0.0
+    assert retry_after_s({"retry-after-ms": "-500"}) == 0.0

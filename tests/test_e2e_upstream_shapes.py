@@ -383,7 +383,8 @@ def test_a_last_hope_call_whose_client_left_does_not_give_back_another_calls_pro
     _until(lambda: breakers.probe_since("raw") is not None, "the probe was never taken")
     probe_since_s = breakers.probe_since("raw")
     last_hope = _send_chat(harness, "raw-only")     # raw alone in its plan: sent although the probe is out
-    _until(lambda: raw.in_flight == 2, "the last hope never reached the model")
+    in_flight = harness.services.fleet.estimates.in_flight
+    _until(lambda: in_flight("raw") == 2, "the last hope never reached the model")
     last_hope.close()
     time.sleep(0.2)
     assert breakers.probe_since("raw") == probe_since_s
@@ -442,3 +443,71 @@ routes:
             assert "127.0.0.1" not in answer.text and str(port) not in answer.text
     finally:
         harness.stop()
+
+
+def test_an_open_circuit_on_the_only_model_is_still_tried(probing):
+    """A route whose plan has one model, its circuit open: the call is made anyway as the last hope (the client
+    gets the model's answer), not refused with no model tried."""
+    harness, raw = probing
+    reset_raw_model(harness, raw)
+    raw.script = json_answer({"error": {"message": "down"}}, status=503)
+    assert post(harness, model="raw", stream=False).headers["x-gateway-model"] == "medium"
+    assert harness.services.fleet.breakers.state("raw") == "open"
+    raw.script = json_answer(COMPLETION)
+    before = len(raw.requests)
+    reply = post(harness, model="raw-only", stream=False)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-gateway-model"] == "raw" and len(raw.requests) == before + 1
+
+
+def test_a_probe_answered_with_the_clients_own_error_closes_the_circuit(probing):
+    """A half-open model's probe answered with a 400 (the client's own mistake) shows the model is up: the
+    circuit closes, and the next call goes to it, not past it for another open_s."""
+    harness, raw = probing
+    _half_open(harness, raw)
+    raw.script = json_answer({"error": {"message": "temperature too high", "type": "invalid_request_error",
+                                        "param": "temperature"}}, status=400)
+    assert post(harness, model="raw", stream=False).status_code == 400
+    settled(harness, "raw")
+    assert harness.services.fleet.breakers.state("raw") == "closed"
+    raw.script = json_answer(COMPLETION)
+    assert post(harness, model="raw", stream=False).headers["x-gateway-model"] == "raw"
+
+
+def test_a_model_that_never_accepts_the_connection_is_given_up_at_connect_s():
+    """A model host whose accept queue is full (connects hang): a whole answer's call gives up at connect_s
+    (504 upstream_timeout), not at total_s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):                  # fill the accept queue: the next SYNs are dropped, a connect hangs
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    policy = f"""version: 1
+models:
+  stuck:
+    endpoint: http://127.0.0.1:{port}/v1
+    upstream_model: stuck-1b
+    latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
+    timeouts: {{{{connect_s: 0.5, first_byte_s: 6, total_s: 8}}}}
+routes:
+  - name: stuck-only
+    match: {{{{models: ["stuck"]}}}}
+    candidates: [stuck]
+"""
+    harness = Harness(policy_template=policy, sims={}).start()
+    try:
+        started_s = time.monotonic()
+        answer = post(harness, model="stuck", stream=False)
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - started_s < 3
+    finally:
+        harness.stop()
+        for filler in fillers:
+            filler.close()
+        listener.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 
 import openai
@@ -164,3 +166,20 @@ def test_unknown_path_is_openai_404(gw):
         urllib.request.urlopen(f"{gw.base_url}/v1/nothing-here", timeout=10)
     assert caught.value.code == 404
     assert b'"error"' in caught.value.read()
+
+
+def test_headers_the_connection_header_names_and_gateway_headers_stay_here(gw):
+    """Headers the client's Connection header names (hop-by-hop, for the gateway alone) and the gateway's own
+    x-gateway-* headers (task ids, SLA hints) are not sent on to the model."""
+    body = json.dumps({"model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close, X-Hop-Secret\r\n"
+                     b"X-Hop-Secret: s3cret\r\nx-gateway-task-id: task-7\r\nx-gateway-min-tier: 1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    seen = gw.sim_requests("small", last=1)[-1]["headers"]
+    assert "x-hop-secret" not in {k.lower() for k in seen} and "s3cret" not in str(seen)
+    assert not [k for k in seen if k.lower().startswith("x-gateway-")]

@@ -22,7 +22,6 @@ from gateway.telemetry.peers import PEERS, Peers
 log = logging.getLogger("gateway")
 
 HOLDER = web.AppKey("holder", PolicyHolder)
-#: a worker of `gateway run --workers N` with Prometheus on: where the other workers' series are
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -171,8 +170,8 @@ def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None)
     app.cleanup_ctx.append(services_ctx(holder, environ))
     if peers is not None:
         app[PEERS] = peers
-    if peers is not None and peers.metrics:
-        app.cleanup_ctx.append(peers.serving(lambda: app[SERVICES].telemetry.prometheus_text()))
+        if peers.metrics:
+            app.cleanup_ctx.append(peers.serving(lambda: app[SERVICES].telemetry.prometheus_text()))
     app.on_shutdown.append(_start_draining)
     router = app.router
     for endpoint, path in ENDPOINT_PATHS.items():

@@ -17,6 +17,7 @@ from gateway.cache.entry import (DEFAULT_MAX_ENTRY_BYTES, FORMAT_PLAIN, FORMAT_Z
 from gateway.cache.memory import ENTRY_OVERHEAD_BYTES, MemoryCache
 from gateway.cache.redis_store import RedisCache
 from tests.support.fakes import FakeClock
+from tests.support.redis_counting import counting
 
 
 def chat_body(content: str, finish_reason: str | None = "stop") -> dict:
@@ -206,14 +207,7 @@ async def test_redis_outage_is_a_fast_miss_then_recovers(redis_server, caplog) -
             assert await cache.get("k") is None             # the first failure: bounded by the timeout
             assert time.perf_counter() - started_s < 0.5
             assert (cache.healthy, cache.errors) == (False, 1)
-            sent = []
-            execute = cache.client.execute_command
-
-            async def counted(*args, **options):
-                sent.append(args[0])
-                return await execute(*args, **options)
-
-            cache.client.execute_command = counted
+            sent = counting(cache.client)
             for _ in range(20):                             # during back-off Redis is not touched
                 assert await cache.get("k") is None
                 await cache.set("k", b"v2", ttl_s=60)

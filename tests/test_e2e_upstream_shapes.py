@@ -417,23 +417,29 @@ def _send_chat(harness: Harness, model: str) -> socket.socket:
 
 # a model that cannot be reached --------------------------------------------------------------------------------
 
+def lone_model_gateway(name: str, port: int, timeouts: str) -> Harness:
+    """A started gateway whose one model, `name`, is served at 127.0.0.1:`port` with these `timeouts` (YAML)."""
+    timeouts = timeouts.replace("{", "{{").replace("}", "}}")          # the harness formats the template
+    policy = f"""version: 1
+models:
+  {name}:
+    endpoint: http://127.0.0.1:{port}/v1
+    upstream_model: {name}-1b
+    latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
+    timeouts: {timeouts}
+routes:
+  - name: {name}-only
+    match: {{{{models: ["{name}"]}}}}
+    candidates: [{name}]
+"""
+    return Harness(policy_template=policy, sims={}).start()
+
+
 def test_an_unreachable_model_is_named_without_its_address():
     """A model whose server refuses connections is reported to the client by name and reason (502
     upstream_unreachable), never by the model server's internal address."""
     port = free_port()                              # nothing listens there
-    policy = f"""version: 1
-models:
-  dead:
-    endpoint: http://127.0.0.1:{port}/v1
-    upstream_model: dead-1b
-    latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
-    timeouts: {{{{connect_s: 1, first_byte_s: 1, total_s: 5}}}}
-routes:
-  - name: dead-only
-    match: {{{{models: ["dead"]}}}}
-    candidates: [dead]
-"""
-    harness = Harness(policy_template=policy, sims={}).start()
+    harness = lone_model_gateway("dead", port, "{connect_s: 1, first_byte_s: 1, total_s: 5}")
     try:
         for stream in (False, True):
             answer = post(harness, model="dead", stream=stream)
@@ -488,19 +494,7 @@ def test_a_model_that_never_accepts_the_connection_is_given_up_at_connect_s():
         filler.connect_ex(("127.0.0.1", port))
         fillers.append(filler)
     time.sleep(0.2)
-    policy = f"""version: 1
-models:
-  stuck:
-    endpoint: http://127.0.0.1:{port}/v1
-    upstream_model: stuck-1b
-    latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
-    timeouts: {{{{connect_s: 0.5, first_byte_s: 6, total_s: 8}}}}
-routes:
-  - name: stuck-only
-    match: {{{{models: ["stuck"]}}}}
-    candidates: [stuck]
-"""
-    harness = Harness(policy_template=policy, sims={}).start()
+    harness = lone_model_gateway("stuck", port, "{connect_s: 0.5, first_byte_s: 6, total_s: 8}")
     try:
         started_s = time.monotonic()
         answer = post(harness, model="stuck", stream=False)

@@ -83,9 +83,10 @@ def redis_client(url: str, timeout_s: float, max_connections: int, *, cluster: b
     options = dict(socket_connect_timeout=timeout_s, max_connections=max_connections, retry=Retry(NoBackoff(), 0))
     if cluster:
         return RedisCluster.from_url(url, **options)
+    options["health_check_interval"] = 30
     options.update(parse_async_url(url))    # as from_url does: the URL's options win
     options["connection_class"] = hiredis_packing(options.get("connection_class", aioredis.Connection))
-    return aioredis.Redis.from_pool(aioredis.ConnectionPool(health_check_interval=30, **options))
+    return aioredis.Redis.from_pool(aioredis.ConnectionPool(**options))
 
 
 class _HiredisPacking:

@@ -43,6 +43,26 @@ async def test_the_client_sends_what_redis_pys_own_packer_sends_over_the_connect
         await client.aclose()
 
 
+@pytest.mark.parametrize("url", [
+    "redis://user:secret@127.0.0.1:6399/3?health_check_interval=5&socket_timeout=0.3",
+    "rediss://127.0.0.1:6399/0?ssl_cert_reqs=none",
+])
+async def test_a_urls_own_options_win_as_redis_pys_from_url_lets_them(url):
+    """Options in the URL (its db, credentials, a health check interval, TLS settings, even a socket timeout)
+    override the client's defaults exactly as `Redis.from_url` lets them: the pool is configured the same."""
+    client = redis_client(url, 0.5, 4, cluster=False)
+    reference = aioredis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=0.5, max_connections=4)
+    try:
+        settings = [{key: repr(value) for key, value in c.connection_pool.connection_kwargs.items()
+                     if key not in ("retry", "himport_registry", "maint_notifications_pool_handler")}
+                    for c in (client, reference)]
+        assert settings[0] == settings[1]
+        assert client.connection_pool.max_connections == 4
+    finally:
+        await client.aclose()
+        await reference.aclose()
+
+
 async def test_a_value_redis_cannot_take_is_refused_as_redis_py_refuses_it(redis_server):
     """None is no Redis value: redis-py's DataError (a RedisError, which the guard counts), nothing sent."""
     client = redis_client(redis_server.url, 0.5, 4, cluster=False)

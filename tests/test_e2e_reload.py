@@ -289,6 +289,29 @@ async def test_watch_policy_reloads_on_change(tmp_path):
         watcher.cancel()
 
 
+#: the simulators' URLs for a holder read straight from a file, with no gateway or simulator running
+NO_SIMS = {"small": "http://127.0.0.1:9/v1", "medium": "http://127.0.0.1:9/v1", "slow": "http://127.0.0.1:9/v1"}
+
+
+def test_a_reload_that_changes_telemetry_says_it_waits_for_a_restart(tmp_path):
+    """Telemetry is set up once at start-up: a reload that turns Prometheus on names telemetry as pending."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder.from_file(path, {})
+    path.write_text(POLICY_A.format(**NO_SIMS) + "telemetry: {prometheus: true}\n")
+    assert holder.reload() is True
+    assert holder.status.restart_pending == ("telemetry",)
+
+
+def test_a_failed_reload_is_not_read_again_until_the_file_changes(tmp_path):
+    """A bad edit is read once: the holder remembers that version, so the watcher does not retry it every second."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder.from_file(path, {})
+    path.write_text(POLICY_BAD.format(**NO_SIMS))
+    assert holder.changed_on_disk()
+    assert holder.reload() is False
+    assert not holder.changed_on_disk() and holder.status.failures == 1
+
+
 def _written(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

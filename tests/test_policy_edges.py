@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import main
 from gateway.policy.load import check_policy
 from gateway.policy.model import Policy, Sla
 from gateway.stores import redis_url_problem
@@ -121,6 +122,17 @@ def test_policy_check_notes_a_fallback_below_the_route_min_tier(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert "routes.chat.fallback: small below sla.min_tier 3: never planned" in done.stderr
+
+
+def test_policy_check_of_a_bad_file_then_a_good_one_exits_1(tmp_path, capsys):
+    """`gateway policy check BAD GOOD` fails as a whole: a valid file after an invalid one does not clear the exit
+    status a deploy script tests."""
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text(HEAD.replace("[small]", "[smal]"))
+    good.write_text(HEAD)
+    assert main(["policy", "check", str(bad), str(good)]) == 1
+    said = capsys.readouterr()
+    assert f"{bad}:6: routes[0].candidates[0]: unknown model 'smal'" in said.err and f"{good}: ok" in said.out
 
 
 @pytest.mark.parametrize("edit, line, key", [

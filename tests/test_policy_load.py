@@ -367,3 +367,129 @@ def test_store_key_prefix_must_not_hold_a_brace():
     problem = only(BASE + "store: {key_prefix: 'gw{x}'}\n")
     assert (problem.line, problem.path, problem.message) == (
         8, "store.key_prefix", "must not contain '{' or '}' (they mark Redis Cluster hash tags)")
+
+
+def test_a_minimal_policy_gets_the_defaults_the_readme_documents():
+    """Every key left out takes the default the README's policy reference states, in its unit."""
+    policy = parse_policy(BASE + "tenants:\n  t: {}\n")
+    small, route, tenant = policy.models["small"], policy.routes[0], policy.tenants["t"]
+    assert (small.provider, small.size_b, small.tier, small.context_window, small.max_concurrency) == (
+        "openai", 0.0, 1, 8192, 64)
+    assert (small.latency_prior.ttft_ms, small.latency_prior.tpot_ms) == (500.0, 20.0)
+    assert (small.timeouts.connect_s, small.timeouts.first_byte_s, small.timeouts.total_s) == (5.0, 60.0, 600.0)
+    assert (small.price.input_per_mtok, small.price.cached_input_per_mtok, small.gpus) == (0, None, None)
+    assert (route.sla.min_tier, route.sla.on_violation, route.default_output_tokens) == (0, "best_effort", 256)
+    assert route.cache == model.CacheRule(enabled=False, ttl_s=3600, mode="exact", nondeterministic=False)
+    assert route.match.endpoints == ("chat", "completions", "embeddings") and route.match.models == ("*",)
+    assert (tenant.budget.usd_per_day, tenant.budget.on_exhausted, tenant.priority) == (None, "reject", 1)
+    assert tenant.limits == model.Limits(requests_per_minute=None, tokens_per_minute=None, concurrent=None)
+    assert (policy.server.max_body_bytes, policy.server.grace_period_s, policy.server.client_timeout_s) == (
+        4 * 1024 * 1024, 15.0, 60.0)
+    assert policy.server.admin_token_env == "GATEWAY_ADMIN_TOKEN"
+    routing = policy.routing
+    assert (routing.explore_share, routing.latency_window_s, routing.prior_weight, routing.max_attempts) == (
+        0.0, 300.0, 5, 4)
+    assert (routing.breaker.failure_threshold, routing.breaker.open_s, routing.queue_timeout_ms) == (5, 30.0, 0.0)
+    store = policy.store
+    assert (store.on_store_failure, store.timeout_ms, store.key_prefix, store.max_connections) == (
+        "allow", 100.0, "gw", 256)
+    assert (policy.telemetry.tenant_label_top_n, policy.telemetry.prometheus) == (20, False)
+    assert (policy.ledger.path, policy.ledger.max_bytes, policy.ledger.backups) == (None, 64 * 1024 * 1024, 5)
+    assert policy.energy.sample_interval_s == 0.25
+
+
+@pytest.mark.parametrize(("text", "path", "message"), [
+    (model_with("size_b: -1"), "models.x.size_b", "must not be negative, got -1.0"),
+    (model_with("gpus: {source: nvml, idle_w: -5}"), "models.x.gpus.idle_w", "must not be negative, got -5.0"),
+    (model_with("gpus: {source: nvml, ids: ['']}"), "models.x.gpus.ids[0]", "must not be empty"),
+    (BASE + "    sla: {max_energy_j: 0}\n", "routes[0].sla.max_energy_j", "must be greater than 0, got 0.0"),
+    (BASE + "    cache: {ttl_s: 0}\n", "routes[0].cache.ttl_s", "must be greater than 0, got 0"),
+    (BASE + "    match: {models: ['']}\n", "routes[0].match.models[0]", "must not be empty"),
+    (BASE + "  - {name: ' ', candidates: [small]}\n", "routes[1].name", "must not be empty"),
+    (BASE + "tenants:\n  t: {limits: {concurrent: 0}}\n", "tenants.t.limits.concurrent",
+     "must be greater than 0, got 0"),
+    (BASE + "tenants:\n  t: {priority: -1}\n", "tenants.t.priority", "must not be negative, got -1"),
+    (BASE + "tenants:\n  t: {budget: {usd_per_day: 2e9}}\n", "tenants.t.budget.usd_per_day",
+     "must be at most 1e+09, got 2000000000.0"),
+    (BASE + f"tenants:\n  t: {{keys_sha256: ['{HASH_A}a']}}\n", "tenants.t.keys_sha256[0]",
+     "must be a SHA-256 as 64 lower-case hex digits"),
+    (BASE + "server: {grace_period_s: -1}\n", "server.grace_period_s", "must not be negative, got -1.0"),
+    (BASE + "server: {client_timeout_s: 3601}\n", "server.client_timeout_s", "must be at most 3600, got 3601.0"),
+    (BASE + "routing: {latency_window_s: 0}\n", "routing.latency_window_s", "must be greater than 0, got 0.0"),
+    (BASE + "routing: {breaker: {failure_threshold: 0}}\n", "routing.breaker.failure_threshold",
+     "must be greater than 0, got 0"),
+    (BASE + "routing: {max_attempts: 0}\n", "routing.max_attempts", "must be greater than 0, got 0"),
+    (BASE + "store: {timeout_ms: 0}\n", "store.timeout_ms", "must be greater than 0, got 0.0"),
+    (BASE + "telemetry: {tenant_label_top_n: -1}\n", "telemetry.tenant_label_top_n", "must not be negative, got -1"),
+    (BASE + "ledger: {backups: 0}\n", "ledger.backups", "must be greater than 0, got 0"),
+    (BASE + "energy: {sample_interval_s: 0}\n", "energy.sample_interval_s", "must be greater than 0, got 0.0"),
+    (BASE.replace("[small, medium]", "[]"), "routes[0].candidates", "must not be empty"),
+    ("version: 1\nmodels: {}\nroutes: [{name: r, candidates: []}]\n", "models", "must define at least one model"),
+])
+def test_every_documented_bound_is_enforced(text, path, message):
+    """A zero where the README needs a positive value (timeouts, windows, intervals, backups kept), a negative
+    where it needs none, a blank name, an over-long key hash, money past 1e9 USD and an empty list of models or
+    candidates are each a problem, the first in the file, at their key path."""
+    problems = problems_of(text)
+    assert [(problem.path, problem.message) for problem in problems][:1] == [(path, message)], problems
+
+
+def test_values_on_a_documented_bound_are_accepted():
+    """A bound is inclusive where the README says so: explore_share 0, prior_weight 1024, client_timeout_s of an
+    hour, an equal prompt_tokens min and max; and a header value of one '/' is that exact value, not a regex."""
+    policy = parse_policy(BASE + """\
+    match: {prompt_tokens: {min: 100, max: 100}, headers: {x-path: '/'}}
+routing: {explore_share: 0, prior_weight: 1024}
+server: {client_timeout_s: 3600}
+""")
+    match = policy.routes[0].match
+    assert (match.prompt_tokens_min, match.prompt_tokens_max) == (100, 100)
+    assert match.headers == (model.HeaderMatch("x-path", "/"),)
+    assert (policy.routing.explore_share, policy.routing.prior_weight) == (0.0, 1024)
+    assert policy.server.client_timeout_s == 3600.0
+
+
+def test_a_cross_field_problem_is_at_the_line_of_the_key_it_blames():
+    """A GPU named twice in a block-style `gpus:` is reported at the `ids:` line, not at the mapping's first."""
+    problem = only("""\
+        version: 1
+        models:
+          small:
+            endpoint: http://h
+            gpus:
+              source: nvml
+              ids: [0, 0]
+        routes: [{name: r, candidates: [small]}]
+        """)
+    assert (problem.line, problem.path) == (7, "models.small.gpus.ids")
+
+
+def test_a_yaml_syntax_error_names_the_line_of_what_it_left_open():
+    """An unclosed flow mapping is reported where the parser gave up, and names the line where it opened."""
+    problem = only("version: 1\nmodels:\n  small: {endpoint: 'http://h'\nroutes: [{name: r, candidates: [small]}]\n")
+    assert problem.line == 4
+    assert problem.message.endswith("(while parsing a flow mapping at line 3)")
+
+
+def test_a_file_that_is_not_utf8_names_the_byte(tmp_path):
+    """A policy saved in Latin-1 is one problem naming the file and the offset of the first bad byte."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + b"# caf\xe9\n")
+    [problem] = check_policy(path)
+    assert (problem.file, problem.line) == (str(path), None)
+    assert problem.message == f"not UTF-8 text: invalid continuation byte at byte {len(BASE) + 5}"
+
+
+def test_a_mapping_that_merges_itself_is_a_located_problem():
+    """A mapping whose merge key (<<) names its own anchor is refused at its line, not read as empty."""
+    problem = only(BASE + "routing: &r\n  <<: *r\n")
+    assert (problem.line, problem.path) == (8, "routing")
+    assert "nested too deeply" in problem.message
+
+
+def test_a_header_named_twice_in_different_case_is_a_duplicate_key():
+    """HTTP header names ignore case and the loader lower-cases them: `X-Team` and `x-team` in one match are one
+    header given two conditions, a route that can never match, reported as a duplicate at the second one's line."""
+    problem = only(BASE + "    match: {headers: {X-Team: a, x-team: b}}\n")
+    assert (problem.line, problem.path) == (8, "routes[0].match.headers.x-team")
+    assert "duplicate header 'x-team'" in problem.message and "'X-Team'" in problem.message

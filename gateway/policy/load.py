@@ -27,7 +27,7 @@ from gateway.policy.model import (
 )
 from gateway.policy.validate import (
     INT, INVALID, NULL, STR, Check, Converter, Section, Spec, Walk, definition, did_you_mean, flag, integer,
-    items, join, mapping_entries, money, named, real, reference, scalar, text,
+    items, join, line_of, mapping_entries, money, named, real, reference, scalar, text,
 )
 from gateway.routing.estimates import MAX_SAMPLES
 
@@ -197,7 +197,14 @@ def header_matches(walk: Walk, node: Node, path: str) -> Any:
     entries = mapping_entries(walk, node, path)
     if entries is INVALID:
         return INVALID
-    found = [header_match(walk, name, value_node, join(path, name)) for name, (_, value_node) in entries.items()]
+    found, seen = [], {}
+    for name, (key_node, value_node) in entries.items():
+        first = seen.setdefault(name.lower(), (name, key_node))
+        if first[1] is not key_node:        # header names ignore case: two conditions on one header never both hold
+            found.append(walk.report(key_node, join(path, name.lower()), f"duplicate header '{name}' (first at line "
+                                     f"{line_of(first[1])} as '{first[0]}'; header names ignore case)"))
+        else:
+            found.append(header_match(walk, name, value_node, join(path, name)))
     return INVALID if any(match is INVALID for match in found) else tuple(found)
 
 

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.context import Attempt
 from gateway.errors import NotFound
 from gateway.ledger import Ledger
 from gateway.outcomes import OutcomeBook
+from gateway.stages.account import gpu_seconds
+from gateway.policy.model import GpuSource, Model
 from gateway.policy.model import Ledger as LedgerConfig
 from gateway.tokens import count_prompt_tokens, count_text_tokens
 from tests.support import accounting
@@ -62,6 +65,28 @@ def test_a_custom_tool_counts_its_name_description_and_grammar():
     function_counted = count_prompt_tokens("chat", {"messages": MESSAGES, "tools": [as_function]}, "o200k_base")
     grammar = json.dumps({"format": custom["format"]}, separators=(",", ":"))
     assert counted == function_counted + count_text_tokens(grammar, "o200k_base")
+
+
+
+# GPU time: which attempts pay it, and for how many GPUs ---------------------------------------------------
+
+TWO_GPUS = Model(name="g", endpoint="http://127.0.0.1:1/v1", upstream_model="g", max_concurrency=4,
+                 gpu_hour_usd=Decimal("3.60"), gpus=GpuSource(source="nvml", ids=("0", "1")))
+
+
+def test_an_attempt_pays_the_gpu_time_of_every_gpu_its_model_names():
+    """An attempt of 2 s on a model spread over two GPUs at four calls at a time held 2 x 2 / 4 = 1 GPU-second."""
+    assert gpu_seconds(Attempt(model=TWO_GPUS, started_s=10.0, ended_s=12.0, status=200)) == 1.0
+
+
+@pytest.mark.parametrize("attempt", [
+    Attempt(model=TWO_GPUS, started_s=10.0, ended_s=12.0, error_type="connect_error"),
+    Attempt(model=TWO_GPUS, started_s=10.0, ended_s=12.0, error_type="queue_timeout", dispatched=False,
+            queue_result="timeout"),
+], ids=["connection-never-opened", "no-call-slot"])
+def test_an_attempt_that_never_reached_the_model_server_pays_no_gpu_time(attempt):
+    """An attempt whose connection never opened, or that waited 2 s for a call slot and got none, held no GPU."""
+    assert gpu_seconds(attempt) is None
 
 
 # the ledger: cached and reasoning tokens ---------------------------------------------------------------
@@ -208,3 +233,22 @@ def test_lines_written_just_after_the_ledger_is_deleted_land_in_the_new_file(tmp
     book.close()
     assert book.write_errors == 0
     assert [json.loads(line)["seq"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_stream_that_reports_usage_in_every_chunk_is_charged_its_last_count(priced):
+    """A server that sends its running usage with every chunk (vLLM's continuous usage stats) is charged the last,
+    whole count, not the first chunk's."""
+    harness, raw = priced
+
+    def with_usage(payload: bytes, usage: dict) -> bytes:
+        return json.dumps({**json.loads(payload), "usage": usage}).encode()
+
+    early = {"prompt_tokens": 1200, "completion_tokens": 1, "total_tokens": 1201}
+    raw.script = [(SSE_HEAD + sse(with_usage(chunk("", role=True), early), with_usage(chunk("Depot 4"), early),
+                                  with_usage(chunk(None, finish="stop"), USAGE), b"[DONE]"), 0.0)]
+    answer = harness.openai().chat.completions.with_raw_response.create(model="o", messages=MESSAGES, stream=True)
+    list(answer.parse())
+    record = accounting.ledger_record(harness.ledger_path, answer.headers["x-request-id"])
+    assert (record["input_tokens"], record["output_tokens"]) == (1200, 400)
+    # (200 x 2.50 + 1000 cached x 1.25 + 400 x 10.00) / 1e6
+    assert Decimal(record["cost_usd"]) == Decimal("0.00575")

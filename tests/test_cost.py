@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.context import Usage
-from gateway.cost import format_usd, quantize_usd, request_cost_usd
+from gateway.cost import format_usd, plain_usd, quantize_usd, request_cost_usd
 from gateway.policy.model import Model, Price
 
 API_MODEL = Model(name="large", endpoint="http://127.0.0.1:1/v1", upstream_model="large",
@@ -100,3 +100,22 @@ def test_format_usd_is_plain_decimal(cost, text):
     """The header value is plain decimal notation with no exponent and no trailing zeros."""
     assert format_usd(cost) == text
     assert "E" not in format_usd(cost).upper()
+
+
+def test_a_cost_below_the_header_precision_is_kept_exact():
+    """A request's cost is exact, not rounded to the header's 1e-10 USD: a thousand such requests add up."""
+    model = Model(name="m", endpoint="e", upstream_model="m", price=Price(input_per_mtok=Decimal("0.00003")))
+    cost = request_cost_usd(model, Usage(input_tokens=1))
+    assert cost == Decimal("3E-11")                 # 0.00003 USD / 1e6 tokens
+    assert sum((cost for _ in range(1000)), Decimal(0)) == Decimal("3E-8")
+
+
+@pytest.mark.parametrize(("cost", "text"), [
+    (Decimal("1.5E-7"), "0.00000015"),
+    (Decimal("3E-11"), "0.00000000003"),
+    (Decimal("12.50"), "12.5"),
+    (Decimal("1E+3"), "1000"),
+])
+def test_plain_usd_is_exact_plain_decimal(cost, text):
+    """The ledger's cost is the exact value in plain decimal notation: no exponent, no rounding, no trailing zeros."""
+    assert plain_usd(cost) == text

@@ -236,6 +236,28 @@ def test_failed_first_attempt_before_any_byte_costs_nothing(gw):
     assert Decimal(answered["cost_usd"]) == Decimal(record["cost_usd"]) == large_cost(usage.prompt_tokens, 3)
 
 
+def test_after_a_failed_attempt_the_requests_tokens_are_its_answers(gw):
+    """A request answered by its fallback has, in the ledger, the tokens of the answer the client got, not the
+    failed attempt's none."""
+    gw.sim_config("small", error_rate=1.0)
+    try:
+        raw = gw.openai().chat.completions.with_raw_response.create(model="api", messages=MESSAGES, max_tokens=3)
+    finally:
+        gw.sim_config("small", error_rate=0.0)
+    usage = raw.parse().usage
+    record = ledger_record(gw, raw.headers["x-request-id"])
+    assert record["models_tried"] == ["small", "large"]
+    assert (record["input_tokens"], record["output_tokens"]) == (usage.prompt_tokens, 3)
+
+
+def test_the_prompt_is_counted_in_o200k_base_before_routing(gw):
+    """The count stage counts the prompt in the default encoding, o200k_base, whatever model answers."""
+    messages = [{"role": "user", "content": "Привет, как дела?"}]
+    raw = gw.openai().chat.completions.with_raw_response.create(model="api", messages=messages, max_tokens=2)
+    record = ledger_record(gw, raw.headers["x-request-id"])
+    assert record["prompt_tokens"] == 3 + 3 + 1 + 6     # priming, message, "user", the text (8 in cl100k_base)
+
+
 def test_stream_cut_midway_pays_for_its_partial_output(gw):
     """A stream cut after it began ends with an in-band error, and its prompt and partial output are priced."""
     gw.sim_config("small", drop_rate=1.0)

@@ -112,6 +112,18 @@ async def test_a_large_body_is_counted_off_the_event_loop_whatever_its_transfer_
     assert ctx.prompt_tokens > 300_000 and ticks >= 5
 
 
+async def test_a_large_embeddings_body_is_counted_as_embeddings():
+    """An embeddings body past LARGE_BODY_BYTES, counted in a thread, is counted as embeddings input: two token
+    arrays of 40,000 and 30,000 ids are 70,000 tokens."""
+    ctx = RequestContext(http=make_mocked_request("POST", "/v1/embeddings"), policy=None, request_id="r",
+                         endpoint="embeddings")
+    ctx.body = {"model": "auto", "input": [[7] * 40_000, [8] * 30_000]}
+    ctx.body_bytes = len(json.dumps(ctx.body))
+    assert ctx.body_bytes > LARGE_BODY_BYTES
+    await Count(services=None).handle(ctx)
+    assert ctx.prompt_tokens == 70_000
+
+
 def test_a_completions_prompt_longer_than_every_window_names_prompt():
     """A legacy completions prompt no model of the route has room for is a 400 context_length_exceeded naming
     `prompt`, the field to shorten (it named `messages`, which a completions request has none of)."""

@@ -250,7 +250,6 @@ def test_a_plain_answer_counts_its_message_whole():
                                   reasoning_tokens=tokens("Need weather."), estimated=True)
 
 
-
 def settled_whole(body: dict, answer: dict, endpoint: str = "chat") -> Usage:
     """The usage settle_attempt gives a non-streamed attempt that answered `answer` to `body`, without usage."""
     ctx = RequestContext(http=None, policy=None, request_id="r", endpoint=endpoint, prompt_tokens=7, body=body)
@@ -313,6 +312,14 @@ def test_an_echoed_prompt_of_token_ids_is_taken_off_by_its_length():
     body = {"model": "m", "prompt": ids, "echo": True}
     answer = {"choices": [{"index": 0, "text": PROMPT + " Paris.", "finish_reason": "stop"}]}
     assert settled_whole(body, answer, "completions").output_tokens == tokens(PROMPT + " Paris.") - len(ids)
+
+
+def test_an_echo_of_token_ids_the_server_did_not_write_never_makes_output_negative():
+    """A server that ignores `echo` for a prompt of 40 token ids writes only its answer (2 tokens): taking the ids
+    off never leaves less than no output, which would price the attempt below zero."""
+    body = {"model": "m", "prompt": list(range(100, 140)), "echo": True}
+    answer = {"choices": [{"index": 0, "text": " Paris.", "finish_reason": "stop"}]}
+    assert 0 <= settled_whole(body, answer, "completions").output_tokens <= 2
 
 
 def test_without_echo_the_prompt_text_in_an_answer_is_output():

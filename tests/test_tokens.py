@@ -343,3 +343,58 @@ def test_a_custom_tool_call_in_the_history_counts_its_name_and_input():
     as_custom = count_prompt_tokens("chat", {"messages": [custom]}, "o200k_base")
     assert as_custom == count_prompt_tokens("chat", {"messages": [function]}, "o200k_base")
     assert as_custom > count_text_tokens(sql, "o200k_base")
+
+
+def test_a_short_text_is_counted_in_each_encoding_asked_for():
+    """A short string counted in one encoding and then in the other gets each encoding's own count: the memoised
+    count is keyed by the encoding's name too."""
+    text = "Привет, как дела?"                     # 17 characters: the short-text cache
+    assert count_prompt_tokens("completions", {"prompt": text}, "o200k_base") == 6
+    assert count_prompt_tokens("completions", {"prompt": text}, "cl100k_base") == 8
+    assert count_prompt_tokens("completions", {"prompt": text}, "o200k_base") == 6
+
+
+def test_a_descriptions_final_period_is_not_counted_in_a_tool_definition():
+    """The cookbook's rule drops one final period from a function's and a property's description: a definition
+    that ends them with "." counts as one that does not."""
+    def function(description: str) -> dict:
+        return {"name": "get_weather", "description": description, "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": description}}}}
+
+    def body(description: str) -> dict:
+        return {"messages": [], "functions": [function(description)]}
+
+    # "The weather" is 2 tokens, "The weather." 3: a kept period would add 1 for the function and 1 for the property
+    bare = count_prompt_tokens("chat", body("The weather"), DEFAULT_ENCODING)
+    assert count_prompt_tokens("chat", body("The weather."), DEFAULT_ENCODING) == bare
+
+
+def test_a_refusal_part_in_the_history_counts_its_text():
+    """An assistant message whose content is a refusal part counts the refusal's text, as string content does."""
+    refusal = "I can't help with that"              # 5 tokens
+    message = {"role": "assistant", "content": [{"type": "refusal", "refusal": refusal}]}
+    assert chat([message]) == 3 + 3 + 1 + 5          # priming, message, "assistant", the refusal
+
+
+def test_a_legacy_function_call_in_the_history_counts_its_name_and_arguments():
+    """An assistant message with a legacy `function_call` counts the function's name and arguments, not the JSON
+    of the call object."""
+    call = {"name": "get_weather", "arguments": '{"location": "Paris"}'}       # 2 and 6 tokens
+    message = {"role": "assistant", "content": None, "function_call": call}
+    assert chat([message]) == 3 + 3 + 1 + 2 + 6      # priming, message, "assistant", name, arguments
+
+
+@pytest.mark.parametrize("detail", ["high", "auto"])
+def test_an_image_at_any_detail_but_low_counts_the_high_estimate(detail):
+    """An image part at detail "high" or "auto" counts 765 tokens (85 + 4 tiles x 170), as one without detail."""
+    image = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": detail}}
+    # priming 3, message 3, "user" 1, "describe this" 2, the image 765
+    parts = [{"type": "text", "text": "describe this"}, image]
+    assert chat([{"role": "user", "content": parts}]) == 3 + 3 + 1 + 2 + 765
+
+
+def test_the_largest_believable_token_count_is_read():
+    """A count of 2**32 - 1 tokens is taken as reported; one past it is a server's bug and gives no usage."""
+    largest = 2 ** 32 - 1
+    assert usage_from_response({"usage": {"prompt_tokens": largest, "completion_tokens": 1}}) == Usage(largest, 1)
+    assert usage_from_response({"usage": {"prompt_tokens": largest + 1, "completion_tokens": 1}}) is None

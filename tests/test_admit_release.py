@@ -22,6 +22,7 @@ from gateway.stages.admit import Admit
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
 from gateway.tenancy.budgets_memory import MemoryBudgets
+from gateway.tenancy.budgets_redis import RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway import store_guard
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
@@ -29,10 +30,10 @@ from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
 ONE_AT_A_TIME = Tenant("solo", limits=Limits(concurrent=1, tokens_per_minute=100_000))
 
 
-def admit_stage(limiter) -> Admit:
-    """An admit stage over `limiter`, with in-memory budgets and its own background task set."""
+def admit_stage(limiter, budgets=None) -> Admit:
+    """An admit stage over `limiter`, with `budgets` (in memory by default) and its own background task set."""
     stores = Stores(cache=MemoryCache(1024 * 1024), singleflight=SingleFlight(), limiter=limiter,
-                    budgets=MemoryBudgets())
+                    budgets=budgets or MemoryBudgets())
     return Admit(SimpleNamespace(stores=stores, background=BackgroundTasks()))
 
 
@@ -399,6 +400,30 @@ async def test_a_request_refused_for_its_budget_takes_no_request_tokens_or_slot(
     await stage.services.background.drain(timeout_s=5)
     usage = await limiter.usage(spent)
     assert (usage.requests, usage.tokens, usage.concurrent) == (0, 0, 0)
+
+
+async def test_a_request_without_max_tokens_reserves_256_tokens_for_each_choice():
+    """No max_tokens: the admission reserves the prompt and 256 tokens for each of its n choices."""
+    stage = admit_stage(MemoryLimiter())
+    ctx = RequestContext(http=None, policy=None, request_id="r", tenant=ONE_AT_A_TIME, prompt_tokens=10, choices=2)
+    await stage.handle(ctx)
+    assert ctx.reserved_tokens == ctx.admission.reserved_tokens == 10 + 2 * 256
+
+
+async def test_a_budget_store_down_under_deny_is_refused_at_once_even_when_the_cache_may_answer(redis_server):
+    """on_store_failure: deny with Redis down refuses a budgeted request at admission (503), also one the cache
+    may answer: only a spent budget waits for the cache's miss, an outage does not."""
+    client = Redis.from_url(redis_server.url)
+    stage = admit_stage(MemoryLimiter(), budgets=RedisBudgets(client, "test", 0.2, "deny"))
+    ctx = request(Tenant("budgeted", budget=Budget(usd_per_day=Decimal(1))))
+    ctx.cache_key, ctx.cache_lookup = "gw:c:v2:question", True
+    redis_server.stop()
+    try:
+        with pytest.raises(GatewayError) as refused:
+            await stage.handle(ctx)
+        assert (refused.value.status, refused.value.code) == (503, "store_unavailable")
+    finally:
+        await client.aclose()
 
 
 async def test_a_request_larger_than_tokens_per_minute_is_refused_as_too_large(limiter):

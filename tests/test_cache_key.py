@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from gateway.cache.key import cache_control, cache_key, is_cacheable
+from gateway.cache.key import ANSWER_FIELDS, cache_control, cache_key, is_cacheable
 from gateway.policy.model import CacheRule
 
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -47,9 +47,22 @@ def test_answer_fields_change_the_key() -> None:
     assert len({base, *variants}) == len(variants) + 1
 
 
+def test_every_answer_changing_field_changes_the_key() -> None:
+    """Each field that can change the answer (seed, response_format, stop, max_tokens, tools...) is in the key:
+    a request differing only there never gets another request's answer."""
+    keys = {key_of({**BODY, name: {"differs": name}}) for name in ANSWER_FIELDS}
+    assert len(keys | {key_of(BODY)}) == len(ANSWER_FIELDS) + 1
+
+
 def test_integer_and_float_temperature_share_a_key() -> None:
     """`temperature: 0` and `temperature: 0.0` are the same request."""
     assert key_of({**BODY, "temperature": 0.0}) == key_of(BODY)
+
+
+def test_integer_and_float_sampling_parameters_share_a_key() -> None:
+    """`top_p: 1` and `top_p: 1.0` (and the penalties) are the same request."""
+    for name in ("top_p", "presence_penalty", "frequency_penalty"):
+        assert key_of({**BODY, name: 1}) == key_of({**BODY, name: 1.0}), name
 
 
 def test_cacheability_rules() -> None:
@@ -63,6 +76,14 @@ def test_cacheability_rules() -> None:
     assert is_cacheable({"temperature": 0, "n": 1}, on)
     assert not is_cacheable({"temperature": 0}, CacheRule(enabled=False))
     assert is_cacheable({"temperature": 0.9}, CacheRule(enabled=True, nondeterministic=True))
+
+
+def test_nondeterministic_routes_still_cache_one_choice_only() -> None:
+    """`nondeterministic: true` lifts the temperature and seed condition, never the `n` one: n=2 is not cached."""
+    sampled = CacheRule(enabled=True, nondeterministic=True)
+    assert is_cacheable({"temperature": 0.9, "n": 1}, sampled)
+    assert not is_cacheable({"temperature": 0.9, "n": 2}, sampled)
+    assert not is_cacheable({"temperature": 0, "n": 3}, sampled)
 
 
 def test_embeddings_are_cacheable_without_temperature() -> None:

@@ -143,6 +143,53 @@ async def test_replicas_share_one_leader_through_redis(redis_server) -> None:
         await cache.close()
 
 
+async def test_only_the_lock_holder_extends_or_releases_the_lock(redis_server) -> None:
+    """A request whose lock lapsed and was taken by another replica neither extends that replica's lock, nor
+    releases it, nor releases it with its answer's write: the new holder keeps leading."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    lock = RedisLock(cache)
+    lock_key = lock.key_for("gw:c:v2:k")
+    try:
+        holder = await lock.acquire(lock_key, ttl_ms=10_000)
+        assert holder is not None
+        assert await lock.extend(lock_key, "a-lapsed-token", ttl_ms=60_000) is False
+        assert await cache.client.pttl(lock_key) <= 10_000
+        await lock.release(lock_key, "a-lapsed-token")
+        assert await lock.write_and_release("gw:c:v2:k", b"answer", 60, "a-lapsed-token")
+        assert await cache.get("gw:c:v2:k") == b"answer"
+        assert await cache.client.get(lock_key) == holder.encode()
+        assert await lock.write_and_release("gw:c:v2:k", b"answer", 60, holder)
+        assert await cache.client.exists(lock_key) == 0
+    finally:
+        await cache.close()
+
+
+async def test_a_leader_working_longer_than_the_lock_ttl_keeps_the_lock(redis_server) -> None:
+    """The leader extends its cross-replica lock while it works: an answer taking over twice the lock's TTL still
+    holds the other replica back, which gets the answer instead of calling upstream too."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        # a 2 s lock extended every third of it: over a second of margin for a loaded machine's late timer
+        replicas = [SingleFlight(lock=RedisLock(cache), poll_interval_s=0.02, lock_ttl_s=2.0) for _ in range(2)]
+        upstream = Upstream(delay_s=4.5)
+
+        async def lead_and_store() -> bytes:
+            await upstream()
+            await cache.set("gw:c:v1:k", b"answer", ttl_s=60)
+            return b"answer"
+
+        async def poll() -> bytes | None:
+            return await cache.get("gw:c:v1:k")
+
+        first = asyncio.create_task(replicas[0].run("gw:c:v1:k", lead_and_store, 10.0, poll_fn=poll))
+        await asyncio.sleep(0.1)
+        second = await replicas[1].run("gw:c:v1:k", lead_and_store, 10.0, poll_fn=poll)
+        assert (await first, second) == ((b"answer", True), (b"answer", False))
+        assert upstream.calls == 1
+    finally:
+        await cache.close()
+
+
 async def test_lock_is_granted_when_redis_is_down(redis_server) -> None:
     """With Redis gone the lock never blocks: every replica leads on its own."""
     cache = RedisCache.from_url(redis_server.url, timeout_s=0.2)

@@ -8,6 +8,7 @@ import random
 import signal
 import time
 import zlib
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -42,6 +43,17 @@ def test_only_complete_answers_become_entries() -> None:
     assert entry_from_response("embeddings", embeddings) is not None
 
 
+def test_a_legacy_function_call_or_any_unfinished_choice_is_not_an_entry() -> None:
+    """A message carrying a legacy function_call is a tool step whatever its finish reason, and an answer is
+    complete only when every choice is."""
+    body = chat_body("hi", "stop")
+    body["choices"][0]["message"]["function_call"] = {"name": "f", "arguments": "{}"}
+    assert entry_from_response("chat", body) is None
+    two = chat_body("hi", "stop")
+    two["choices"].append({**chat_body("cut", "content_filter")["choices"][0], "index": 1})
+    assert entry_from_response("chat", two) is None
+
+
 @pytest.mark.parametrize("content, flag", [("short", FORMAT_PLAIN), ("x" * 5000, FORMAT_ZLIB)])
 def test_encode_decode_round_trip(content: str, flag: int) -> None:
     """Small entries are stored plain, large ones compressed, and both decode to the same entry."""
@@ -53,11 +65,29 @@ def test_encode_decode_round_trip(content: str, flag: int) -> None:
         assert len(data) < 1000
 
 
+def test_an_entry_keeps_its_cost_and_the_model_that_answered() -> None:
+    """What the answer cost (what each hit saves) and the model that gave it survive the bytes, plain or compressed."""
+    for content in ("short", "x" * 5000):
+        entry = CacheEntry("chat", chat_body(content), 1700000001.5, cost_usd=Decimal("0.000123"), model="small")
+        assert decode_entry(encode_entry(entry)) == entry
+
+
 def test_size_cap_skips_storing() -> None:
     """An entry whose encoded bytes exceed max_entry_bytes is not encoded for storage."""
     entry = CacheEntry("chat", chat_body("short"))
     assert encode_entry(entry, max_entry_bytes=50) is None
     assert encode_entry(entry, max_entry_bytes=10_000) is not None
+
+
+@pytest.mark.parametrize("content", ["short", "x" * 5000])
+def test_the_size_cap_counts_every_stored_byte(content: str) -> None:
+    """An entry exactly max_entry_bytes long is stored; one byte over is not, plain or compressed (the format
+    byte and what zlib flushes at the end count too)."""
+    entry = CacheEntry("chat", chat_body(content))
+    data = encode_entry(entry)
+    assert data is not None
+    assert encode_entry(entry, max_entry_bytes=len(data)) == data
+    assert encode_entry(entry, max_entry_bytes=len(data) - 1) is None
 
 
 def test_unreadable_bytes_are_a_miss() -> None:
@@ -160,6 +190,20 @@ async def test_memory_ttl_expiry() -> None:
     assert await cache.get("short") is None
     assert await cache.get("long") == b"l"
     assert cache.used_bytes == len("long") + 1 + ENTRY_OVERHEAD_BYTES
+
+
+async def test_memory_an_entry_is_gone_at_its_ttl_and_a_zero_ttl_keeps_nothing() -> None:
+    """An entry answers until its TTL, not at it; one written with ttl_s 0 takes no room at all."""
+    clock = FakeClock()
+    cache = MemoryCache(max_bytes=1000 + ENTRY_OVERHEAD_BYTES, clock=clock)
+    await cache.set("k", b"v", ttl_s=5)
+    clock.now_s += 4
+    assert await cache.get("k") == b"v"
+    clock.now_s += 1
+    assert await cache.get("k") is None
+    await cache.set("z", b"v", ttl_s=0)
+    assert (len(cache), cache.used_bytes) == (0, 0)
+    assert await cache.get("z") is None
 
 
 async def test_memory_a_full_cache_makes_room_from_the_lru_head() -> None:

@@ -91,6 +91,18 @@ def test_allow_lists(identity):
         identity.check_allowed(BETA, alias="text-embedding-3-small")
 
 
+def test_an_alias_routed_only_for_other_tenants_is_not_offered():
+    """A model alias whose only route takes other tenants (`match.tenants`) is not one this tenant may use, so
+    GET /v1/models does not list another customer's private models to it."""
+    model = Model("small", "http://127.0.0.1:1/v1", "sim-small")
+    private = Route("beta-private", Match(models=("private-*",), tenants=("beta",)), ("small",))
+    beta = Tenant("beta", keys_sha256=(sha256_hex(BETA_KEY),))
+    identity = Identity(Policy(1, {"small": model}, (private,), {"acme": ACME, "beta": beta}))
+    identity.check_allowed(beta, alias="private-llm")
+    with pytest.raises(PermissionDenied, match="model 'private-llm'"):
+        identity.check_allowed(ACME, alias="private-llm")
+
+
 def test_admin_token_from_environment():
     """The admin token named by admin_token_env opens admin endpoints; others get 401."""
     admin = AdminAuth(Server(), {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})

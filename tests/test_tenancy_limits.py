@@ -14,7 +14,7 @@ from redis.crc import key_slot
 
 from gateway.errors import RateLimited
 from gateway.policy.model import Limits, Tenant
-from gateway.tenancy.limits import Admission, format_reset
+from gateway.tenancy.limits import Admission, LimitUsage, format_reset
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
 from tests.support.redis_counting import CountingRedis
@@ -85,6 +85,25 @@ async def test_refusal_error_carries_retry_after(make_limiter):
     assert error.headers["retry-after-ms"] == "59500"
     assert error.headers["x-ratelimit-remaining-requests"] == "0"
     assert error.headers["x-ratelimit-reset-requests"] == "59.5s"
+
+
+async def test_retry_after_is_the_wait_rounded_up_never_down(make_limiter):
+    """A 30.4 s wait says Retry-After 31: a client told 30 would come back before the request leaves the window."""
+    limiter, who = make_limiter(), tenant(rpm=1)
+    await admit(limiter, who, 0)
+    refused = await admit(limiter, who, 29.6)
+    assert refused.retry_after_s == 30.4
+    assert (refused.error().headers["Retry-After"], refused.error().headers["retry-after-ms"]) == ("31", "30400")
+
+
+async def test_remaining_tokens_is_never_negative(make_limiter):
+    """A request that used more than tokens_per_minute leaves nothing remaining: the header says 0, not less."""
+    limiter, who = make_limiter(), tenant(tpm=100)
+    first = await admit(limiter, who, 0, tokens=10)
+    await limiter.settle(who, ticket=first.ticket, reserved_tokens=10, actual_tokens=150, now_s=T0 + 1)
+    refused = await admit(limiter, who, 2, tokens=10)
+    assert (refused.reason, refused.remaining_tokens) == ("tokens", 0)
+    assert refused.headers()["x-ratelimit-remaining-tokens"] == "0"
 
 
 async def test_tokens_limit_and_wait(make_limiter):
@@ -183,6 +202,16 @@ async def test_late_settle_charges_excess_now(make_limiter):
     second = await admit(limiter, who, 91, tokens=10)
     await limiter.settle(who, ticket=second.ticket, reserved_tokens=10, actual_tokens=0, now_s=T0 + 200)
     assert (await admit(limiter, who, 200, tokens=100)).allowed
+
+
+async def test_an_excess_settled_as_its_reservation_leaves_the_window_is_charged_now(make_limiter):
+    """Settled exactly 60 s after admission, the reservation has left the window: the excess counts from now,
+    not from the reservation's time (which would drop it at once)."""
+    limiter, who = make_limiter(), tenant(tpm=100)
+    first = await admit(limiter, who, 0, tokens=10)
+    await limiter.settle(who, ticket=first.ticket, reserved_tokens=10, actual_tokens=70, now_s=T0 + 60)
+    refused = await admit(limiter, who, 60, tokens=50)
+    assert (refused.reason, refused.remaining_tokens) == ("tokens", 40)
 
 
 async def test_unlimited_tenant_always_admitted(make_limiter):
@@ -285,6 +314,23 @@ async def test_one_script_call_per_admission_on_one_slot(redis_server):
     assert len({key_slot(key.encode()) for key in tenant_keys("gw", "acme")}) == 1
 
 
+async def test_every_limiter_key_expires_and_none_before_what_it_holds(redis_server):
+    """No key of a tenant lives for ever (nor one a late settle makes again, after Redis expired them), and
+    none expires while what it holds still counts: window entries for 60 s, in-flight slots for their TTL."""
+    client = Redis.from_url(redis_server.url)
+    limiter, who = RedisLimiter(client, "test-ttl", 2.0, inflight_ttl_s=900), tenant(rpm=5, tpm=100, concurrent=2)
+    req_key, tok_key, sum_key, flight_key = tenant_keys("test-ttl", who.name)
+    try:
+        admission = await admit(limiter, who, 0, tokens=10)
+        assert min([await client.pttl(key) for key in (req_key, tok_key, sum_key)]) > 60_000
+        assert await client.pttl(flight_key) > 900_000
+        await client.delete(tok_key, sum_key)           # as their TTL would, before a long request ends
+        await limiter.settle(who, ticket=admission.ticket, reserved_tokens=10, actual_tokens=50, now_s=T0 + 90)
+        assert min([await client.pttl(key) for key in (tok_key, sum_key)]) > 60_000
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("on_store_failure", ["allow", "deny"])
 async def test_store_down_is_answered_not_raised(redis_server, on_store_failure, caplog):
     """With Redis killed, admission follows on_store_failure promptly, warns once, backs off, then recovers.
@@ -312,6 +358,7 @@ async def test_store_down_is_answered_not_raised(redis_server, on_store_failure,
             assert first.allowed and first.degraded and second.allowed and second.degraded
         else:
             assert (first.allowed, first.reason, first.error().status) == (False, "store_unavailable", 503)
+            assert (first.error().headers["Retry-After"], first.error().headers["retry-after-ms"]) == ("1", "1000")
             assert second.reason == "store_unavailable"
         redis_server.start()
         await asyncio.sleep(0.6)                                    # the back-off ends
@@ -370,6 +417,23 @@ async def test_withdraw_takes_back_the_request_the_tokens_and_the_slot(make_limi
     again = await admit(limiter, who, 2, tokens=100)
     assert again.allowed and (again.remaining_requests, again.remaining_tokens) == (0, 0)
     assert (await admit(limiter, who, 3)).reason == "requests"
+
+
+async def test_usage_counts_what_is_inside_the_window_only(make_limiter):
+    """GET /admin/tenants' usage counts a request and its tokens for 60 s, not at 60 s; its slot until it ends."""
+    limiter, who = make_limiter(), tenant(rpm=5, tpm=100, concurrent=5)
+    await admit(limiter, who, 0, tokens=30)
+    assert await limiter.usage(who, now_s=T0 + 59.999) == LimitUsage(1, 30, 1)
+    assert await limiter.usage(who, now_s=T0 + 60) == LimitUsage(0, 0, 1)
+
+
+async def test_withdrawing_gives_back_the_request_of_a_tenant_without_a_token_limit(make_limiter):
+    """A tenant limited by requests and concurrency only: a withdrawn admission frees its request too."""
+    limiter, who = make_limiter(), tenant(rpm=1, concurrent=1)
+    admission = await admit(limiter, who, 0)
+    assert await limiter.withdraw(who, ticket=admission.ticket, reserved_tokens=0, now_s=T0 + 1)
+    again = await admit(limiter, who, 2)
+    assert again.allowed and again.remaining_requests == 0
 
 
 async def test_redis_end_is_one_round_trip(redis_server):

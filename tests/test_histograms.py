@@ -92,3 +92,15 @@ def test_negative_and_non_finite_values_are_dropped():
     for value in (-1.0, math.inf, math.nan):
         ours.record(value, LABELS[0])
     assert HistogramExport([ours], SCOPE, RESOURCE).add_to(None) is None
+
+
+def test_a_delta_readers_histograms_are_marked_delta_and_a_cumulative_readers_cumulative():
+    """The temporality a metric is marked with says how a backend adds its points up: a delta reader's histograms
+    are marked DELTA (marked cumulative, each interval's counts would be read as running totals)."""
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    exports = {AggregationTemporality.DELTA: HistogramExport([ours], SCOPE, RESOURCE, delta=True),
+               AggregationTemporality.CUMULATIVE: HistogramExport([ours], SCOPE, RESOURCE)}
+    ours.record(0.5, LABELS[0])
+    for temporality, export in exports.items():
+        (metric,) = export.add_to(None).resource_metrics[0].scope_metrics[0].metrics
+        assert metric.data.aggregation_temporality is temporality

@@ -6,6 +6,7 @@ import json
 import socket
 import re
 import time
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -463,3 +464,264 @@ def test_attribute_count_limit_drops_extra_attributes(receiver, make_telemetry, 
     spans = receiver.wait_for_spans(lambda got: len(got) >= 5)
     assert spans and all(len(span.attributes) <= 3 for span in spans)
     assert len(by_name(spans, "POST /v1/chat/completions").attributes) == 3
+
+
+def test_a_5xx_answer_is_an_error_server_span_whose_error_type_is_its_status_code(receiver, make_telemetry):
+    """A request answered 500 or 503 is an ERROR SERVER span with error.type its status code ("500"), as the HTTP
+    conventions say; one answered 429 is the client's error: no error.type, status unset."""
+    from gateway.errors import UpstreamStatus
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    for status in (500, 503, 429):
+        ctx = make_ctx()
+        telemetry.start_request(ctx, ctx.http.headers)
+        ctx.error, ctx.status = UpstreamStatus("the model failed", upstream_status=status), status
+        telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 3)
+    exported = {span.attributes["http.response.status_code"]: (span.status_code, span.attributes.get("error.type"))
+                for span in spans}
+    assert exported == {500: ("ERROR", "500"), 503: ("ERROR", "503"), 429: ("UNSET", None)}
+
+
+def test_route_span_says_what_was_considered_kept_and_planned(receiver, make_telemetry):
+    """gateway.route carries the plan in its order (not the candidate list), whether the choice explored and the
+    SLA verdict: here a decision that explored, planned only large and missed its SLA."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    with telemetry.route_span(ctx):
+        ctx.decision = replace(decision(), plan=(LARGE,), sla_met=False, explored=True)
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    spans = receiver.wait_for_spans(lambda got: len(got) >= 2)
+    assert by_name(spans, "gateway.route").attributes == {
+        "gateway.tenant": "acme", "gateway.route": "chat-default", "gateway.sla.met": False,
+        "gateway.route.explored": True, "gateway.route.candidates": ["small", "large"],
+        "gateway.route.candidates.kept": ["small"], "gateway.route.plan": ["large"],
+        "gateway.model.selected": "large"}
+
+
+def test_a_failed_attempts_metrics_name_the_model_that_ran_it_and_an_answer_its_response_model(
+        receiver, make_telemetry):
+    """The timed-out first attempt's duration is labelled with its own model (small, not large, whose fallback
+    answered) and no response model; the answer's duration and token usage carry gen_ai.response.model."""
+    telemetry = make_telemetry(otlp_env(receiver, "grpc"))
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    metrics = {name: receiver.wait_for_metric(name) for name in ("gen_ai.client.operation.duration",
+                                                                  "gen_ai.client.token.usage")}
+    common = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gateway.tenant": "acme",
+              "gateway.route": "chat-default", "gateway.fallback.state": "fallback"}
+    (failed,) = points_by(metrics["gen_ai.client.operation.duration"], **{"error.type": "timeout"})
+    assert failed.attributes == {**common, "gen_ai.request.model": "sim-small-1b", "server.address": "10.0.0.5",
+                                 "server.port": 9101, "gateway.model.selected": "small", "error.type": "timeout"}
+    answered = {"gen_ai.request.model": "sim-large-70b", "server.address": "api.example.com", "server.port": 443,
+                "gateway.model.selected": "large", "gen_ai.response.model": "sim-large-70b-0613"}
+    (duration,) = points_by(metrics["gen_ai.client.operation.duration"], **{"gen_ai.request.model": "sim-large-70b"})
+    assert duration.attributes == {**common, **answered}
+    assert [point.attributes for point in metrics["gen_ai.client.token.usage"].points] == [
+        {**common, **answered, "gen_ai.token.type": kind} for kind in ("input", "output")]
+
+
+def test_chunk_gaps_and_routing_time_are_recorded_in_seconds(receiver, make_telemetry):
+    """time_per_output_chunk sums the stream's gaps in seconds (0.01 + 0.02 + 0.03), and gateway.routing.duration
+    is the routing time in seconds the request measured, not milliseconds."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    drive_request(telemetry, ctx)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.routing.duration")
+    metrics = receiver.latest_metrics()
+    (gaps,) = metrics["gen_ai.client.operation.time_per_output_chunk"].points
+    assert (gaps.count, gaps.sum) == (3, pytest.approx(0.06))
+    (routing,) = metrics["gateway.routing.duration"].points
+    assert (routing.count, routing.sum) == (1, pytest.approx(ctx.routing_s))
+    assert routing.attributes == {"gateway.tenant": "acme", "gateway.route": "chat-default"}
+
+
+def test_no_metric_names_a_tenant_past_the_label_bound(receiver, make_telemetry):
+    """With tenant_label_top_n: 1, the second and third tenants appear as `other` on every metric that carries
+    a tenant (routing time, attempt durations, token usage, counters, task outcomes), never by name."""
+    from gateway.outcomes import Task
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"), PolicyTelemetry(tenant_label_top_n=1))
+    for tenant in ("first", "second", "third"):
+        drive_request(telemetry, make_ctx(tenant=tenant))
+        telemetry.record_outcome(Task(route="chat-default", tenant=tenant, workflow="wf", cost_usd=Decimal("0.001"),
+                                      outcome="success"))
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.task.outcomes")
+    tenants = {name: {point.attributes["gateway.tenant"] for point in metric.points
+                      if "gateway.tenant" in point.attributes}
+               for name, metric in receiver.latest_metrics().items()}
+    assert {name for name, seen in tenants.items() if seen} >= {
+        "gateway.routing.duration", "gen_ai.client.operation.duration", "gen_ai.client.token.usage",
+        "gateway.requests", "gateway.cost", "gateway.task.outcomes", "gateway.task.cost"}
+    assert {name: seen for name, seen in tenants.items() if seen - {"first", "other"}} == {}
+
+
+def test_counters_count_only_what_happened(receiver, make_telemetry):
+    """A request its first model answered from a cache-less route is no fallback and no cache lookup (bypass);
+    an embeddings answer has input tokens only; an exact prompt estimate is an error of 0, direction `exact`;
+    gateway.in_flight is an up-down counter."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    drive_request(telemetry, make_ctx())            # a fallback, a cache miss then stored
+    embed = make_ctx(tenant="embedder", body={"model": "auto", "input": "hi"})
+    embed.endpoint = "embeddings"
+    telemetry.start_request(embed, embed.http.headers)
+    with telemetry.route_span(embed):
+        embed.decision = decision()
+    attempt = Attempt(model=SMALL, started_s=time.perf_counter())
+    embed.attempts.append(attempt)
+    telemetry.start_attempt(embed, attempt)
+    attempt.status, attempt.ended_s, attempt.usage = 200, attempt.started_s + 0.1, Usage(input_tokens=12)
+    telemetry.end_attempt(embed, attempt)
+    embed.usage = attempt.usage
+    telemetry.finish_request(embed)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.requests")
+    metrics = receiver.latest_metrics()
+
+    embedder = {"gateway.tenant": "embedder"}
+    assert points_by(metrics["gateway.requests"], **embedder)[0].value == 1
+    assert [p.attributes["gateway.tenant"] for p in metrics["gateway.fallbacks"].points] == ["acme"]
+    assert {p.attributes["gateway.cache.status"] for p in metrics["gateway.cache.lookups"].points} == {"stored"}
+    assert [(p.attributes["gen_ai.token.type"], p.sum) for p in points_by(
+        metrics["gen_ai.client.token.usage"], **embedder)] == [("input", 12)]
+    errors = {p.attributes["gateway.tokens.error.direction"]: p.sum
+              for p in metrics["gateway.tokens.estimate_error"].points}
+    assert errors == {"over": 2, "exact": 0}
+    assert metrics["gateway.in_flight"].monotonic is False
+
+
+def test_a_stage_that_raises_inside_a_child_span_ends_it_failed_with_its_error_type(receiver, make_telemetry):
+    """Routing that raises (no model meets the SLA) ends the gateway.route span as an error whose error.type is
+    the error's code, so a trace shows which stage failed and why."""
+    from gateway.errors import NoModelMeetsSla
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    with pytest.raises(NoModelMeetsSla) as refused, telemetry.route_span(ctx):
+        raise NoModelMeetsSla("no model meets the SLA")
+    ctx.error, ctx.status = refused.value, 503
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    route = by_name(receiver.wait_for_spans(lambda got: len(got) >= 2), "gateway.route")
+    assert (route.status_code, route.status_message, route.attributes.get("error.type")) == (
+        "ERROR", "no model meets the SLA", "sla_unmet")
+
+
+def test_a_request_the_client_left_has_outcome_client_disconnected(receiver, make_telemetry):
+    """A request that ended 499 (the client left; no error raised) is gateway.outcome client_disconnected on its
+    SERVER span and in gateway.outcomes, as its CLIENT span's error.type says, and is no server error."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    ctx.status = 499
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    (server,) = receiver.wait_for_spans(lambda got: got)
+    assert server.attributes["gateway.outcome"] == "client_disconnected"
+    assert server.status_code == "UNSET" and "error.type" not in server.attributes
+    outcomes = receiver.wait_for_metric("gateway.outcomes")
+    assert [p.attributes["gateway.outcome"] for p in outcomes.points] == ["client_disconnected"]
+
+
+def label_sets(metric) -> list[list[tuple]]:
+    return sorted(sorted(point.attributes.items()) for point in metric.points)
+
+
+def test_every_per_request_counter_carries_the_four_dashboard_labels_and_its_own_only(receiver, make_telemetry):
+    """gateway.requests, outcomes, cost, energy, cache.lookups, cache.saved, fallbacks and sla carry tenant, route,
+    model and fallback state (and their own label), nothing per request: a fallback answer, then a cache hit."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    drive_request(telemetry, make_ctx())
+    hit = make_ctx()
+    telemetry.start_request(hit, hit.http.headers)
+    with telemetry.route_span(hit):
+        hit.decision = decision()
+    with telemetry.cache_span(hit):
+        hit.cache_status = "hit"
+    hit.cache_saved_usd = Decimal("0.001")
+    telemetry.finish_request(hit)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.cache.saved")
+    metrics = receiver.latest_metrics()
+
+    fallback = {"gateway.tenant": "acme", "gateway.route": "chat-default", "gateway.model.selected": "large",
+                "gateway.fallback.state": "fallback"}
+    cached = {**fallback, "gateway.model.selected": "small", "gateway.fallback.state": "none"}
+    expected = {
+        "gateway.requests": [fallback, cached],
+        "gateway.outcomes": [{**fallback, "gateway.outcome": "success"}, {**cached, "gateway.outcome": "cache_hit"}],
+        "gateway.cost": [fallback, {**fallback, "gateway.model.selected": "small"}, cached],
+        "gateway.energy": [fallback],
+        "gateway.cache.lookups": [{**fallback, "gateway.cache.status": "stored"},
+                                  {**cached, "gateway.cache.status": "hit"}],
+        "gateway.cache.saved": [cached],
+        "gateway.fallbacks": [{**fallback, "gateway.fallback.reason": "timeout"}],
+        "gateway.sla": [{**fallback, "gateway.sla.status": "met"}, {**cached, "gateway.sla.status": "met"}]}
+    for name, labels in expected.items():
+        assert label_sets(metrics[name]) == sorted(sorted(each.items()) for each in labels), name
+
+
+def test_queue_waits_are_recorded_in_seconds_by_model_tenant_and_result(receiver, make_telemetry):
+    """gateway.queue.wait records each attempt's wait for a call slot, in seconds, under its model, its tenant and
+    its result (a slot taken at once is no wait); the SERVER span carries the request's total wait."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    for model, result, queued_s in ((SMALL, "timeout", 0.25), (LARGE, "granted", 0.0), (LARGE, "granted", 0.5)):
+        ctx.attempts.append(Attempt(model=model, started_s=0.0, queued_s=queued_s, queue_result=result))
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    waits = receiver.wait_for_metric("gateway.queue.wait")
+    assert waits.unit == "s"
+    assert sorted((sorted(p.attributes.items()), p.count, p.sum) for p in waits.points) == [
+        ([("gateway.model.selected", "large"), ("gateway.queue.result", "granted"), ("gateway.tenant", "acme")],
+         1, 0.5),
+        ([("gateway.model.selected", "small"), ("gateway.queue.result", "timeout"), ("gateway.tenant", "acme")],
+         1, 0.25)]
+    (server,) = receiver.wait_for_spans(lambda got: got)
+    assert server.attributes["gateway.queue.wait"] == 0.75
+
+
+def test_an_answer_cut_short_before_its_usage_counts_the_tokens_the_gateway_counted(receiver, make_telemetry):
+    """The client left mid-stream before the model sent its usage: gen_ai.client.token.usage still counts the
+    tokens the gateway counted for it (what it was charged for), under error.type client_disconnected."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    with telemetry.route_span(ctx):
+        ctx.decision = decision()
+    attempt = Attempt(model=SMALL, started_s=time.perf_counter())
+    ctx.attempts.append(attempt)
+    telemetry.start_attempt(ctx, attempt)
+    attempt.error_type, attempt.ended_s = "client_disconnected", attempt.started_s + 0.2
+    telemetry.end_attempt(ctx, attempt)
+    ctx.status, ctx.usage = 499, Usage(input_tokens=12, output_tokens=7, estimated=True)
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    tokens = receiver.wait_for_metric("gen_ai.client.token.usage")
+    assert sorted((p.attributes["gen_ai.token.type"], p.attributes["error.type"], p.sum) for p in tokens.points) == [
+        ("input", "client_disconnected", 12), ("output", "client_disconnected", 7)]
+
+
+def test_the_server_span_ends_when_the_request_ended_not_when_it_was_recorded(receiver, make_telemetry):
+    """A request's spans are recorded after its response was written: the SERVER span ends when the request
+    ended (ctx.ended_s), not at the later moment finish_request ran."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    ctx.ended_s = time.perf_counter()
+    time.sleep(0.2)                      # the recording comes later
+    recorded_ns = time.time_ns()
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    (server,) = receiver.wait_for_spans(lambda got: got)
+    assert server.end_ns <= recorded_ns - 100_000_000
+
+
+def test_tenant_label_top_n_zero_names_only_the_allowlisted_tenants():
+    """tenant_label_top_n: 0 keeps no tenant's name but the allowlisted ones: the first tenant seen is `other` too."""
+    labels = TenantLabels(allowlist=("vip",), top_n=0)
+    assert [labels.label(t) for t in ("a", "vip", "b")] == ["other", "vip", "other"]

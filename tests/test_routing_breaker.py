@@ -93,6 +93,28 @@ def test_retry_after_opens_until_then(breakers, clock):
     assert breakers.state("m") == "half_open"
 
 
+def test_a_short_retry_after_does_not_cut_the_open_time_short(breakers, clock):
+    """The failure that reaches the threshold carries Retry-After 1: the circuit stays open for open_s, the later
+    of the two, not for the upstream's second."""
+    for _ in range(2):
+        breakers.record_failure("m")
+    breakers.record_failure("m", retry_after_s=1)
+    clock.now_s += 5
+    assert breakers.state("m") == "open"
+    assert breakers.retry_in_s("m") == pytest.approx(5)
+
+
+def test_retry_in_is_zero_once_the_circuit_is_half_open(breakers, clock):
+    """Past its open time a circuit is due now, not overdue: `retry_in_s` (shown by /admin/models) is 0, never
+    negative, whether its probe is out or not."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 15
+    assert breakers.retry_in_s("m") == 0.0
+    assert breakers.allow("m")
+    assert breakers.retry_in_s("m") == 0.0
+
+
 def test_success_while_open_does_not_close(breakers, clock):
     """A late success from a call started before the circuit opened leaves it open."""
     for _ in range(3):

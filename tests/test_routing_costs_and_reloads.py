@@ -105,6 +105,16 @@ def test_a_budget_downgrade_goes_to_the_cheapest_model_even_when_it_is_the_large
     assert plan_names(downgraded) == ["big", "tiny"] and "cheapest model, big" in downgraded.note
 
 
+def test_a_budget_downgrade_never_goes_below_the_routes_tier():
+    """A tenant past its budget on a `min_tier: 2` route is downgraded to the cheapest model of that tier, never
+    to the cheaper tier-1 `small` (cost and latency may give way, the tier asked for may not)."""
+    setup = Setup(chat_route(sla=Sla(p95_latency_ms=6000, min_tier=2)))
+    decision = setup.decide(prompt_tokens=10, max_tokens=1)
+    downgraded = setup.router.cheapest(decision)
+    assert plan_names(downgraded) == ["medium", "large"]
+    assert "cheapest model, medium" in downgraded.note
+
+
 def test_best_effort_does_not_fall_back_below_the_tier_asked_for():
     """x-gateway-min-tier 3 with no tier-3 model: a 503 naming the tier, not the tier-1 fallback."""
     setup = Setup(chat_route(candidates=("small", "medium"), fallback=("small",)))
@@ -225,3 +235,26 @@ def test_a_reject_route_whose_models_circuits_are_open_says_when_to_come_back():
     with pytest.raises(NoModelMeetsSla) as too_slow:
         slow.decide()
     assert "Retry-After" not in too_slow.value.headers
+
+
+def test_the_retry_after_of_an_open_circuit_rounds_up_and_is_never_zero():
+    """A circuit half-open in 19.5 s asks the client back in 20 s, and one half-open in 0.5 s in 1 s: never a
+    moment too soon, and never 0 (an SDK would retry at once into the same open circuit)."""
+    setup = Setup(chat_route(sla=Sla(p95_latency_ms=6000, on_violation="reject"), candidates=("small",)))
+    setup.breakers.record_failure("small")
+    for waited_s, retry_after in ((10.5, "20"), (19.0, "1")):
+        setup.clock.now_s += waited_s
+        with pytest.raises(NoModelMeetsSla) as caught:
+            setup.decide()
+        assert caught.value.headers["Retry-After"] == retry_after
+
+
+def test_no_retry_after_when_a_model_whose_circuit_is_open_is_also_too_slow():
+    """`small` is out for its open circuit and for its predicted latency: it would not serve once its circuit
+    turns half-open, so the 503 does not tell the client to come back then."""
+    setup = Setup(chat_route(sla=Sla(p95_latency_ms=1000, on_violation="reject"), candidates=("small", "medium")))
+    setup.breakers.record_failure("small")
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide()
+    assert "small: latency 1060ms > 1000ms, circuit open" in str(caught.value)
+    assert "Retry-After" not in caught.value.headers

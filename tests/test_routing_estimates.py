@@ -104,6 +104,17 @@ def test_one_long_answer_does_not_set_the_expected_output_alone(clock):
     assert estimates.expected_output_tokens("chat", 256) == 25_000
 
 
+def test_two_short_answers_do_not_set_the_expected_output_alone(clock):
+    """The default fills in for short answers as for long ones: two 10-token answers of five leave the expectation
+    at the default, a third makes it theirs."""
+    estimates = LatencyEstimates([model()], window_s=60, prior_weight=5, clock=clock)
+    for _ in range(2):
+        estimates.record_output_tokens("chat", 10)
+    assert estimates.expected_output_tokens("chat", 256) == 256
+    estimates.record_output_tokens("chat", 10)
+    assert estimates.expected_output_tokens("chat", 256) == 10
+
+
 def test_track_adds_models_and_a_changed_prior_restarts(clock):
     """Tracking a new policy's models adds new ones and re-seeds a model whose prior changed."""
     estimates = LatencyEstimates([model()], clock=clock)

@@ -8,9 +8,12 @@ from decimal import Decimal
 
 import pytest
 
+from gateway.explain import explain
 from gateway.fleet import Fleet
+from gateway.policy.load import parse_policy
 from gateway.policy.model import Breaker, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla
 from gateway.routing import Breakers, LatencyEstimates, Router
+from gateway.runtime import Runtime
 from tests.support import policies
 from tests.support.fakes import FakeClock
 from tests.support.harness import Harness
@@ -66,6 +69,31 @@ def test_a_smaller_model_still_wins_over_a_cheaper_larger_one():
     router, route = router_over(large_cheap, small_dear)
     decision = router.decide(route, prompt_tokens=100, max_tokens=100, stream=False)
     assert [m.name for m in decision.plan] == ["small-dear", "large-cheap"]
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+EMBEDDINGS_POLICY = """version: 1
+models:
+  small: {endpoint: "http://127.0.0.1:1/v1", size_b: 1, latency_prior: {ttft_ms: 40, tpot_ms: 4}}
+  large: {endpoint: "http://127.0.0.1:1/v1", size_b: 70, latency_prior: {ttft_ms: 60, tpot_ms: 1}}
+routes:
+  - name: r
+    candidates: [small, large]
+    sla: {p95_latency_ms: 100}
+    default_output_tokens: 256
+"""
+
+
+def test_an_embeddings_request_is_predicted_at_its_wait_alone():
+    """Embeddings write no tokens: the live routing path predicts `small` at its 40 ms wait and keeps it under a
+    100 ms SLA, where the route's 256-token chat answers (1,060 ms) would have dropped it."""
+    policy = parse_policy(EMBEDDINGS_POLICY)
+    decision, _ = explain(Runtime.build(policy, {}), Fleet(policy, rng=random.Random(1)), endpoint="embeddings",
+                          body={"model": "auto", "input": "hello"}, headers={}, tenant_name=None)
+    small = next(c for c in decision.candidates if c.model.name == "small")
+    assert small.predicted_latency_ms == pytest.approx(40)
+    assert decision.sla_met and [m.name for m in decision.plan] == ["small", "large"]
 
 
 # --- reloads ------------------------------------------------------------------------------------

@@ -78,6 +78,13 @@ def test_header_exact_and_regex_with_case_insensitive_names():
     assert names(index, headers={}) == "rest"
 
 
+def test_an_exact_header_value_is_matched_case_sensitively():
+    """Header names ignore case, values do not: `x-team: Search` is not the `search` team's route."""
+    index = RouteIndex((route("search", headers=(HeaderMatch("x-team", "search"),)), route("rest")))
+    assert names(index, headers=CIMultiDict({"X-Team": "search"})) == "search"
+    assert names(index, headers=CIMultiDict({"X-Team": "Search"})) == "rest"
+
+
 def test_a_header_value_that_is_no_utf8_matches_no_regex():
     """aiohttp reads header bytes that are no UTF-8 (Latin-1's "été") as lone surrogates: such a value matches no
     regex, and the next route takes the request (RE2 raised on it: a 500 and a traceback)."""

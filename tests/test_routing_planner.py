@@ -125,6 +125,16 @@ def test_cost_ceiling_drops_expensive_models():
     assert candidate(decision, "large").reasons[0].startswith("cost $0.00281 > $0.001")
 
 
+def test_a_model_predicted_exactly_at_a_limit_meets_it():
+    """A limit is a ceiling the prediction may reach: `small`, predicted at 40 ms and $0.0000051 for a one-token
+    answer, meets p95_latency_ms 40 and max_cost_usd 0.0000051."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=40, max_cost_usd=Decimal("0.0000051"), on_violation="reject")))
+    decision = setup.decide(max_tokens=1)
+    small = candidate(decision, "small")
+    assert (small.predicted_latency_ms, small.predicted_cost_usd) == (40, Decimal("0.0000051"))
+    assert small.kept and plan_names(decision) == ["small"]
+
+
 def test_ttft_limit_applies_to_streams_only():
     """p95_ttft_ms drops slow-to-start models for streams but not for whole answers."""
     setup = Setup(chat_route(Sla(p95_latency_ms=6000, p95_ttft_ms=100)))
@@ -145,6 +155,34 @@ def test_tighten_headers_only_tighten():
     assert plan_names(setup.decide(tighten=loose)) == ["small", "medium"]
     tier = tighten_from_headers({"x-gateway-min-tier": "3"})
     assert plan_names(Setup(chat_route()).decide(tighten=tier)) == ["large"]
+
+
+def test_a_ttft_header_tightens_a_route_that_sets_no_ttft_limit():
+    """x-gateway-max-ttft-ms 100 on a stream drops `large` (200 ms to its first token) from a route with no TTFT
+    limit of its own."""
+    setup = Setup(chat_route())
+    tighten = tighten_from_headers({"x-gateway-max-ttft-ms": "100"})
+    decision = setup.decide(stream=True, tighten=tighten)
+    assert plan_names(decision) == ["small", "medium"]
+    assert candidate(decision, "large").reasons == ("ttft 200ms > 100ms",)
+
+
+def test_a_zero_cost_header_keeps_only_free_models():
+    """x-gateway-max-cost-usd 0 is a ceiling like any other: a free self-hosted model is planned, priced ones
+    are not."""
+    free = Model(name="free", endpoint="http://127.0.0.1:1/v1", upstream_model="free", size_b=3,
+                 latency_prior=LatencyPrior(ttft_ms=40, tpot_ms=4))
+    setup = Setup(chat_route(candidates=("small", "free", "large")), extra_models={"free": free})
+    tighten = tighten_from_headers({"x-gateway-max-cost-usd": "0"})
+    assert tighten.max_cost_usd == 0
+    assert plan_names(setup.decide(tighten=tighten)) == ["free"]
+
+
+def test_a_cost_header_finer_than_a_picodollar_is_read_down_never_up():
+    """A ceiling is read to the pico-dollar by cutting the rest off: rounding 1.9 pico-dollars up to 2 would let
+    through a request it refuses."""
+    tighten = tighten_from_headers({"x-gateway-max-cost-usd": "0.0000000000019"})
+    assert tighten.max_cost_usd == Decimal("0.000000000001")
 
 
 @pytest.mark.parametrize("header, value", [("x-gateway-max-latency-ms", "fast"),
@@ -180,6 +218,16 @@ def test_best_effort_puts_a_small_model_measured_slow_after_faster_ones():
     predicted = {c.model.name: c.predicted_latency_ms for c in decision.candidates}
     assert predicted["medium"] < predicted["large"] < predicted["small"]
     assert plan_names(decision) == ["medium", "large", "small"]
+
+
+def test_best_effort_leaves_out_a_candidate_whose_circuit_is_open_while_others_are_healthy():
+    """No model meets 100 ms and `small`, the fastest, has an open circuit: best effort plans the healthy ones by
+    predicted latency and leaves `small` out (it would only fail fast, or hold the request)."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, on_violation="best_effort")))
+    setup.breakers.record_failure("small")
+    decision = setup.decide(tighten=Tighten(max_latency_ms=100))
+    assert not decision.sla_met
+    assert plan_names(decision) == ["medium", "large"]
 
 
 def test_reject_names_the_constraint_no_model_met():
@@ -227,6 +275,14 @@ def test_prompt_beyond_candidates_best_effort_uses_a_fitting_fallback():
         Setup(reject).decide(prompt_tokens=20_000, max_tokens=100)
 
 
+def test_a_request_that_fills_the_largest_window_exactly_is_refused_for_the_sla_not_its_length():
+    """131,000 prompt tokens and max_tokens 72 fit `large`'s 131,072-token window exactly: when `large` is too slow
+    the answer is 503 `sla_unmet`, not a 400 telling the client to shorten a prompt that fits."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=100, on_violation="reject"), candidates=("large",)))
+    with pytest.raises(NoModelMeetsSla, match="large: latency"):
+        setup.decide(prompt_tokens=131_000, max_tokens=72)
+
+
 def test_tier_nobody_has_is_no_model_meets_sla():
     """A min_tier above every candidate, with no fallback, raises NoModelMeetsSla naming min_tier."""
     with pytest.raises(NoModelMeetsSla, match="min_tier 4"):
@@ -239,6 +295,13 @@ def test_plan_ends_with_fallbacks_that_fit_the_context():
     decision = setup.decide()
     assert plan_names(decision) == ["small", "medium", "large"]
     assert not candidate(decision, "medium").kept
+
+
+def test_a_fallback_whose_window_the_request_fills_exactly_is_planned():
+    """8092 prompt tokens and max_tokens 100 fill `small`'s 8192-token window exactly: it fits as a fallback."""
+    setup = Setup(chat_route(candidates=("medium",), fallback=("small",)))
+    assert plan_names(setup.decide(prompt_tokens=8092, max_tokens=100)) == ["medium", "small"]
+    assert plan_names(setup.decide(prompt_tokens=8093, max_tokens=100)) == ["medium"]
 
 
 def test_fallback_with_open_circuit_is_skipped():
@@ -260,6 +323,17 @@ def test_open_circuit_drops_candidate_and_all_open_still_attempts():
     decision = setup.decide()
     assert not decision.sla_met
     assert plan_names(decision) == ["small", "medium", "large"]
+
+
+def test_every_circuit_open_still_plans_the_fallbacks_that_fit():
+    """With the candidate's and the fallback's circuits both open, best effort plans both (a request is still
+    attempted, and the fallback is there if the candidate fails)."""
+    setup = Setup(chat_route(candidates=("small",), fallback=("large",)))
+    for name in ("small", "large"):
+        setup.breakers.record_failure(name)
+    decision = setup.decide()
+    assert not decision.sla_met
+    assert plan_names(decision) == ["small", "large"]
 
 
 def test_load_beyond_concurrency_scales_the_prediction():
@@ -300,6 +374,14 @@ def test_explore_share_one_always_explores():
         assert sorted(plan_names(decision)) == ["large", "medium", "small"]
 
 
+def test_exploration_never_sends_a_request_over_its_cost_ceiling():
+    """Exploring tries models dropped for being slow, never one dropped for its price: with every request
+    explored, `large`, over the $0.001 ceiling, is never chosen."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, max_cost_usd=Decimal("0.001"))), explore_share=1.0)
+    chosen = {plan_names(setup.decide())[0] for _ in range(40)}
+    assert chosen == {"medium"}
+
+
 def test_same_seed_same_choices():
     """Two routers with the same rng seed explore identically; different seeds eventually differ."""
     def choices(seed: int) -> list[str]:
@@ -313,6 +395,15 @@ def test_same_seed_same_choices():
 def test_plan_is_truncated_to_max_attempts():
     """The plan never holds more models than routing.max_attempts."""
     decision = Setup(chat_route(fallback=("large",)), max_attempts=2).decide()
+    assert plan_names(decision) == ["small", "medium"]
+
+
+def test_a_best_effort_plan_is_truncated_to_max_attempts_too():
+    """When no model meets the SLA, best effort still tries at most routing.max_attempts models."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, on_violation="best_effort"), fallback=("large",)),
+                  max_attempts=2)
+    decision = setup.decide(tighten=Tighten(max_latency_ms=10))
+    assert not decision.sla_met
     assert plan_names(decision) == ["small", "medium"]
 
 
@@ -332,3 +423,16 @@ def test_format_decision_shows_every_candidate_and_the_plan():
     assert lines["small"].endswith("chosen")
     assert "dropped: latency 2120ms > 2000ms" in lines["medium"]
     assert "(in plan)" in lines["large"]
+
+
+def test_a_budget_downgrade_does_not_lead_with_a_model_whose_circuit_is_open():
+    """`small`'s circuit is open, so the planner serves from `medium`; a budget downgrade goes to the cheapest model
+    that can be called (medium), says so, and reports its SLA verdict: leading with `small`, which the call would
+    skip, named a model that never answered and said the SLA was not met."""
+    setup = Setup(chat_route())
+    setup.breakers.record_failure("small")
+    decision = setup.decide(prompt_tokens=10, max_tokens=1)
+    assert plan_names(decision) == ["medium", "large"] and decision.sla_met
+    downgraded = setup.router.cheapest(decision)
+    assert plan_names(downgraded)[0] == "medium"
+    assert downgraded.sla_met and "cheapest model, medium" in downgraded.note

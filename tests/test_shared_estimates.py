@@ -192,6 +192,25 @@ async def test_samples_past_the_pending_bound_are_dropped_and_counted(processes,
     redis_server.start()
 
 
+async def test_an_outage_past_the_pending_bound_drops_the_first_samples_measured(processes, redis_server) -> None:
+    """Past the pending bound the oldest samples go, not the newest: the last ten measured before Redis came back
+    (ten that carry only a time per token) reach the other processes."""
+    a, b = processes(), processes()
+    small = a.models["small"]
+    redis_server.stop()
+    for _ in range(MAX_PENDING):
+        a.sharing.add(small, 0.01, None)
+    for _ in range(10):
+        a.sharing.add(small, None, SLOW_S)
+    await a.sharing.sync()
+    assert a.sharing.lost == 10
+    redis_server.start()
+    a.sharing.guard._retry_at_s = 0.0       # the back-off after the outage: the next sync probes at once
+    await a.sharing.sync()
+    await b.sharing.sync()
+    assert b.estimates.tpot_sample_count("small") == 10
+
+
 async def test_entries_that_are_not_samples_are_skipped(processes) -> None:
     """A stream entry another writer left (bad JSON, wrong shapes, negative or infinite values) is not believed."""
     a, b = processes(), processes()
@@ -335,6 +354,22 @@ def test_many_shared_samples_merge_into_a_full_window_in_time_order() -> None:
     assert estimates.ttft_p50_s("small") == pytest.approx(0.3)      # 1000 of the 1024 kept are the shared ones
     clock.now_s += 9.5                  # the local ones are 11.5 s old, the shared 9.5..10.5: half are left
     assert 400 < estimates.sample_count("small") < 600
+
+
+def test_shared_samples_that_overflow_a_full_window_push_out_its_oldest() -> None:
+    """Samples from other processes, older than the newest local ones, merged into a full window: the oldest go,
+    so the window keeps the newest four (the shared 0.3 s and the latest local 0.1 s), not the stale 9 s ones."""
+    clock = FakeClock()
+    estimates = LatencyEstimates({"small": sim_model("small")}, window_s=60, prior_weight=0, clock=clock,
+                                 max_samples=4)
+    for _ in range(2):
+        estimates.record("small", 9.0, None)                # measured here 5 s ago
+    clock.now_s += 5
+    for _ in range(2):
+        estimates.record("small", 0.1, None)                # measured here now
+    estimates.record_shared("small", [(3.0, 0.3, None), (3.0, 0.3, None)])     # measured elsewhere 3 s ago
+    assert estimates.sample_count("small") == 4
+    assert estimates.ttft_p95_s("small") == pytest.approx(0.3)
 
 
 def test_a_call_on_a_moved_model_teaches_this_process_nothing() -> None:

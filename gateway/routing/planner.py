@@ -115,7 +115,9 @@ class Router:
         hard = [c for c in decision.candidates if meets_hard_terms(c)]
         if not hard:
             return decision
-        ordered = sorted(hard, key=lambda c: (c.predicted_cost_usd, c.model.size_b))
+        # a model whose circuit is open would be skipped by the call: it leads only when every circuit is open
+        callable_now = [c for c in hard if not any(reason_kind(r) == "circuit" for r in c.reasons)] or hard
+        ordered = sorted(callable_now, key=lambda c: (c.predicted_cost_usd, c.model.size_b))
         models = [c.model for c in ordered]
         models.extend(m for m in decision.plan if m not in models)
         # the SLA is met only if the cheapest model meets it; nothing was explored

@@ -145,3 +145,56 @@ def test_a_completions_request_of_max_tokens_0_scores_the_prompt(gw):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
     assert (caught.value.code, caught.value.param) == ("integer_below_min_value", "max_tokens")
+
+
+def padded_chat(size: int) -> bytes:
+    """A chat body of one answer token, padded with spaces to exactly `size` bytes."""
+    body = json.dumps({**CHAT, "max_tokens": 1}).encode()
+    return body + b" " * (size - len(body))
+
+
+def test_a_body_of_exactly_max_body_bytes_is_taken_whether_declared_or_chunked():
+    """server.max_body_bytes is the largest body taken: that size is answered, one byte more is a 413
+    `request_too_large`, both for a body of declared length and for one sent in chunks (no Content-Length)."""
+    harness = Harness(DEFAULT_POLICY + "server:\n  max_body_bytes: 2048\n").start()
+    try:
+        for chunked in (False, True):
+            for size, status in ((2048, 200), (2049, 413)):
+                data = padded_chat(size)
+                reply = requests.post(f"{harness.base_url}/v1/chat/completions", timeout=10,
+                                      data=iter([data]) if chunked else data,
+                                      headers={"Content-Type": "application/json"})
+                assert reply.status_code == status, (chunked, size, reply.text)
+                if status == 413:
+                    assert reply.json()["error"]["code"] == "request_too_large"
+    finally:
+        harness.stop()
+
+
+def test_json_exactly_254_levels_deep_is_taken_and_255_is_a_400(gw):
+    """The body itself is the first level: 254 levels are forwarded, 255 are the 400 about nesting."""
+    for depth, status in ((254, 200), (255, 400)):
+        raw = '{"model":"auto","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"meta":%s}' % nested(
+            depth - 1)
+        reply = requests.post(f"{gw.base_url}/v1/chat/completions", data=raw, timeout=20,
+                              headers={"Content-Type": "application/json", "Authorization": "Bearer key-acme"})
+        assert reply.status_code == status, (depth, reply.text)
+    assert "nested more than 254 levels" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("header", ["x-gateway-task-id", "x-gateway-workflow"])
+def test_a_grouping_header_of_exactly_256_characters_is_taken(gw, header):
+    """A task id or workflow of MAX_GROUPING_CHARS characters is the longest taken (257 are a 400)."""
+    reply = requests.post(f"{gw.base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 1}, timeout=10,
+                          headers={"Authorization": "Bearer key-acme", header: "t" * 256})
+    assert reply.status_code == 200, reply.text
+
+
+def test_an_empty_body_is_a_400_asking_for_a_json_object(gw):
+    """An empty body is the gateway's `invalid_request` saying a JSON object was expected, not the answer to
+    JSON that does not parse."""
+    reply = requests.post(f"{gw.base_url}/v1/chat/completions", data=b"", timeout=10,
+                          headers={"Content-Type": "application/json", "Authorization": "Bearer key-acme"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert (error["code"], error["message"]) == ("invalid_request", "request body is empty; expected a JSON object")

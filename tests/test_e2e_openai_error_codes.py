@@ -53,6 +53,10 @@ def test_a_missing_required_field_is_missing_required_parameter(gw, path, body, 
     ("messages", "hello", "messages", "expected an array, but got a string instead"),
     ("messages", ["hello"], "messages[0]", "expected an object, but got a string instead"),
     ("model", 5, "model", "expected a string, but got an integer instead"),
+    ("max_tokens", True, "max_tokens", "expected an integer, but got a boolean instead"),
+    ("messages", [{"role": 5, "content": "hi"}], "messages[0].role", "expected a string, but got an integer instead"),
+    ("seed", "42", "seed", "expected an integer, but got a string instead"),
+    ("stop", 5, "stop", "expected one of a string or an array, but got an integer instead"),
 ])
 def test_a_field_of_the_wrong_json_type_is_invalid_type(gw, field, value, param, expected):
     """A field of the wrong JSON type is `invalid_type` naming the field, the type expected and the one sent."""
@@ -78,6 +82,13 @@ def test_a_number_out_of_its_range_names_the_bound_it_passed(gw, field, value, c
     error = caught.value
     assert (error.status_code, error.type, error.code, error.param) == (400, "invalid_request_error", code, field)
     assert f"Expected a value {bound}, but got {value} instead." in error.message
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 2), ("temperature", 0), ("top_p", 1), ("n", 1)])
+def test_a_number_on_the_bound_of_its_range_is_taken(gw, field, value):
+    """The bounds themselves are inside the range: `temperature` 0 and 2, `top_p` 1, `n` 1 are answered."""
+    params = {"max_tokens": 1, field: value}
+    assert gw.openai().chat.completions.create(model="auto", messages=MESSAGES, **params).choices
 
 
 def test_an_empty_messages_array_is_empty_array(gw):
@@ -125,3 +136,16 @@ def test_a_prompt_or_tool_list_of_the_wrong_shape_is_invalid_type(gw, path, body
     field, as OpenAI answers it (it was the gateway's own `invalid_request`)."""
     error = refused(gw, path, body)
     assert (error.status_code, error.code, error.param) == (400, "invalid_type", param)
+
+
+@pytest.mark.parametrize("path, body, param, got", [
+    ("/completions", {"model": "auto", "prompt": 5}, "prompt", "an integer"),
+    ("/embeddings", {"model": "text-embedding-3-small", "input": {"text": "hi"}}, "input", "an object"),
+])
+def test_a_prompt_or_input_that_is_neither_text_nor_an_array_is_invalid_type_in_openais_words(gw, path, body, param,
+                                                                                             got):
+    """A prompt or input that is neither a string nor an array is `invalid_type` on it, in OpenAI's words."""
+    error = refused(gw, path, body)
+    assert (error.code, error.param) == ("invalid_type", param)
+    assert error.body["message"] == (f"Invalid type for '{param}': expected one of a string or an array, but got "
+                                     f"{got} instead.")

@@ -152,7 +152,8 @@ def test_tenant_outside_its_allow_list_is_403(gw):
     narrow = client(gw, "narrow")
     with pytest.raises(openai.PermissionDeniedError) as on_route:
         narrow.chat.completions.create(model="smart", messages=HELLO, max_tokens=2)
-    assert on_route.value.status_code == 403
+    assert (on_route.value.status_code, on_route.value.type, on_route.value.code) == (403, "permission_error",
+                                                                                  "permission_denied")
     with pytest.raises(openai.PermissionDeniedError):
         narrow.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=2)
     with pytest.raises(openai.PermissionDeniedError):

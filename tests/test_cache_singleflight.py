@@ -117,25 +117,34 @@ async def test_no_unretrieved_exceptions_are_left_behind() -> None:
     assert reported == []
 
 
+async def race_two_replicas(cache: RedisCache, upstream: Upstream, *, wait_s: float, head_start_s: float,
+                            **flight) -> tuple[tuple, tuple]:
+    """Two replicas (two SingleFlights on one Redis, `flight` their settings) asked for one key, the first
+    `head_start_s` ahead: each one's (answer, led). The leader calls `upstream` and stores the answer; the other
+    polls the cache for it."""
+    replicas = [SingleFlight(lock=RedisLock(cache), **flight) for _ in range(2)]
+
+    async def lead_and_store() -> bytes:
+        await upstream()
+        await cache.set("gw:c:v1:k", b"answer", ttl_s=60)
+        return b"answer"
+
+    async def poll() -> bytes | None:
+        return await cache.get("gw:c:v1:k")
+
+    first = asyncio.create_task(replicas[0].run("gw:c:v1:k", lead_and_store, wait_s, poll_fn=poll))
+    await asyncio.sleep(head_start_s)
+    second = await replicas[1].run("gw:c:v1:k", lead_and_store, wait_s, poll_fn=poll)
+    return await first, second
+
+
 async def test_replicas_share_one_leader_through_redis(redis_server) -> None:
     """Two replicas (two SingleFlights on one Redis): the loser polls for the winner's answer."""
     cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
     try:
-        replicas = [SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01) for _ in range(2)]
         upstream = Upstream(delay_s=0.1)
-
-        async def lead_and_store() -> bytes:
-            await upstream()
-            await cache.set("gw:c:v1:k", b"answer", ttl_s=60)
-            return b"answer"
-
-        async def poll() -> bytes | None:
-            return await cache.get("gw:c:v1:k")
-
-        first = asyncio.create_task(replicas[0].run("gw:c:v1:k", lead_and_store, 2.0, poll_fn=poll))
-        await asyncio.sleep(0.02)
-        second = await replicas[1].run("gw:c:v1:k", lead_and_store, 2.0, poll_fn=poll)
-        assert await first == (b"answer", True)
+        first, second = await race_two_replicas(cache, upstream, wait_s=2.0, head_start_s=0.02, poll_interval_s=0.01)
+        assert first == (b"answer", True)
         assert second == (b"answer", False)
         assert upstream.calls == 1
         assert await cache.client.exists("{gw:c:v1:k}:lock") == 0
@@ -169,22 +178,11 @@ async def test_a_leader_working_longer_than_the_lock_ttl_keeps_the_lock(redis_se
     holds the other replica back, which gets the answer instead of calling upstream too."""
     cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
     try:
-        # a 2 s lock extended every third of it: over a second of margin for a loaded machine's late timer
-        replicas = [SingleFlight(lock=RedisLock(cache), poll_interval_s=0.02, lock_ttl_s=2.0) for _ in range(2)]
         upstream = Upstream(delay_s=4.5)
-
-        async def lead_and_store() -> bytes:
-            await upstream()
-            await cache.set("gw:c:v1:k", b"answer", ttl_s=60)
-            return b"answer"
-
-        async def poll() -> bytes | None:
-            return await cache.get("gw:c:v1:k")
-
-        first = asyncio.create_task(replicas[0].run("gw:c:v1:k", lead_and_store, 10.0, poll_fn=poll))
-        await asyncio.sleep(0.1)
-        second = await replicas[1].run("gw:c:v1:k", lead_and_store, 10.0, poll_fn=poll)
-        assert (await first, second) == ((b"answer", True), (b"answer", False))
+        # a 2 s lock extended every third of it: over a second of margin for a loaded machine's late timer
+        answers = await race_two_replicas(cache, upstream, wait_s=10.0, head_start_s=0.1, poll_interval_s=0.02,
+                                          lock_ttl_s=2.0)
+        assert answers == ((b"answer", True), (b"answer", False))
         assert upstream.calls == 1
     finally:
         await cache.close()

@@ -219,13 +219,20 @@ def test_estimate_uses_the_answering_models_encoding(gw):
 
 # cost: API and GPU-hour prices, fallback attempts included ---------------------------------------
 
+def answered_after_a_500(gw, failing: str, model: str, max_tokens: int):
+    """The raw response to a chat request for `model` while the simulated model `failing` answers every call
+    with a 500 (so another model answers it)."""
+    gw.sim_config(failing, error_rate=1.0)
+    try:
+        return gw.openai().chat.completions.with_raw_response.create(model=model, messages=MESSAGES,
+                                                                     max_tokens=max_tokens)
+    finally:
+        gw.sim_config(failing, error_rate=0.0)
+
+
 def test_failed_first_attempt_before_any_byte_costs_nothing(gw):
     """A model that answers 500 costs 0; the request costs exactly what its fallback model's tokens cost."""
-    gw.sim_config("small", error_rate=1.0)
-    try:
-        raw = gw.openai().chat.completions.with_raw_response.create(model="api", messages=MESSAGES, max_tokens=3)
-    finally:
-        gw.sim_config("small", error_rate=0.0)
+    raw = answered_after_a_500(gw, "small", "api", max_tokens=3)
     usage = raw.parse().usage
     assert raw.headers["x-gateway-fallback"] == "fallback"
     assert raw.headers["x-gateway-cost-usd"] == format_usd(large_cost(usage.prompt_tokens, 3))
@@ -239,11 +246,7 @@ def test_failed_first_attempt_before_any_byte_costs_nothing(gw):
 def test_after_a_failed_attempt_the_requests_tokens_are_its_answers(gw):
     """A request answered by its fallback has, in the ledger, the tokens of the answer the client got, not the
     failed attempt's none."""
-    gw.sim_config("small", error_rate=1.0)
-    try:
-        raw = gw.openai().chat.completions.with_raw_response.create(model="api", messages=MESSAGES, max_tokens=3)
-    finally:
-        gw.sim_config("small", error_rate=0.0)
+    raw = answered_after_a_500(gw, "small", "api", max_tokens=3)
     usage = raw.parse().usage
     record = ledger_record(gw, raw.headers["x-request-id"])
     assert record["models_tried"] == ["small", "large"]
@@ -296,11 +299,7 @@ def test_gpu_hour_priced_model_pays_its_share_of_gpu_time(gw):
 
 def test_gpu_attempt_that_failed_still_pays_its_gpu_time_then_falls_back(gw):
     """A self-hosted attempt that failed after holding the GPU is charged its GPU time, plus the fallback's tokens."""
-    gw.sim_config("gpu", error_rate=1.0)
-    try:
-        raw = gw.openai().chat.completions.with_raw_response.create(model="gpu", messages=MESSAGES, max_tokens=2)
-    finally:
-        gw.sim_config("gpu", error_rate=0.0)
+    raw = answered_after_a_500(gw, "gpu", "gpu", max_tokens=2)
     usage = raw.parse().usage
     record = ledger_record(gw, raw.headers["x-request-id"])
     failed, answered = record["attempts"]

@@ -165,6 +165,14 @@ async def test_nothing_is_sent_while_sharing_is_off(processes, redis_server) -> 
     assert await a.client.keys("gw:estimates:*") == []
 
 
+async def back_after_an_outage(redis_server, process) -> None:
+    """Redis started again, and `process` syncs at once (its back-off after the outage skipped): what it held
+    through the outage goes out."""
+    redis_server.start()
+    process.sharing.guard._retry_at_s = 0.0
+    await process.sharing.sync()
+
+
 async def test_samples_wait_out_a_redis_outage(processes, redis_server) -> None:
     """Samples measured while Redis is down are kept and sent with the first sync that reaches it; the failed
     sync is counted, and nothing raises."""
@@ -174,9 +182,7 @@ async def test_samples_wait_out_a_redis_outage(processes, redis_server) -> None:
     await a.sharing.sync()
     assert a.sharing.store_failures >= 1
     assert a.sharing.unsent == 4
-    redis_server.start()
-    a.sharing.guard._retry_at_s = 0.0       # the back-off after the outage: the next sync probes at once
-    await a.sharing.sync()
+    await back_after_an_outage(redis_server, a)
     await b.sharing.sync()
     assert b.estimates.sample_count("small") == 4
 
@@ -204,9 +210,7 @@ async def test_an_outage_past_the_pending_bound_drops_the_first_samples_measured
         a.sharing.add(small, None, SLOW_S)
     await a.sharing.sync()
     assert a.sharing.lost == 10
-    redis_server.start()
-    a.sharing.guard._retry_at_s = 0.0       # the back-off after the outage: the next sync probes at once
-    await a.sharing.sync()
+    await back_after_an_outage(redis_server, a)
     await b.sharing.sync()
     assert b.estimates.tpot_sample_count("small") == 10
 
@@ -311,9 +315,7 @@ async def test_samples_held_through_an_outage_count_from_when_they_were_measured
         a.measure("small", SLOW_S, count)
         await a.sharing.sync()
         await asyncio.sleep(outage_s)
-        redis_server.start()
-        a.sharing.guard._retry_at_s = 0.0   # the back-off after the outage: the next sync probes at once
-        await a.sharing.sync()
+        await back_after_an_outage(redis_server, a)
 
     await measure_during_an_outage(3, 1.0)
     b = processes(window_s=3.0)

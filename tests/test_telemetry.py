@@ -106,6 +106,17 @@ def drive_request(telemetry: Telemetry, ctx: RequestContext) -> tuple[dict[str, 
     return failed_headers, answered_headers
 
 
+def start_one_attempt(telemetry: Telemetry, ctx: RequestContext) -> Attempt:
+    """A request routed and its one attempt, on `small`, started; the test ends them."""
+    telemetry.start_request(ctx, ctx.http.headers)
+    with telemetry.route_span(ctx):
+        ctx.decision = decision()
+    attempt = Attempt(model=SMALL, started_s=time.perf_counter())
+    ctx.attempts.append(attempt)
+    telemetry.start_attempt(ctx, attempt)
+    return attempt
+
+
 def by_name(spans, name):
     return next(span for span in spans if span.name == name)
 
@@ -567,12 +578,7 @@ def test_counters_count_only_what_happened(receiver, make_telemetry):
     drive_request(telemetry, make_ctx())            # a fallback, a cache miss then stored
     embed = make_ctx(tenant="embedder", body={"model": "auto", "input": "hi"})
     embed.endpoint = "embeddings"
-    telemetry.start_request(embed, embed.http.headers)
-    with telemetry.route_span(embed):
-        embed.decision = decision()
-    attempt = Attempt(model=SMALL, started_s=time.perf_counter())
-    embed.attempts.append(attempt)
-    telemetry.start_attempt(embed, attempt)
+    attempt = start_one_attempt(telemetry, embed)
     attempt.status, attempt.ended_s, attempt.usage = 200, attempt.started_s + 0.1, Usage(input_tokens=12)
     telemetry.end_attempt(embed, attempt)
     embed.usage = attempt.usage
@@ -690,12 +696,7 @@ def test_an_answer_cut_short_before_its_usage_counts_the_tokens_the_gateway_coun
     tokens the gateway counted for it (what it was charged for), under error.type client_disconnected."""
     telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
     ctx = make_ctx()
-    telemetry.start_request(ctx, ctx.http.headers)
-    with telemetry.route_span(ctx):
-        ctx.decision = decision()
-    attempt = Attempt(model=SMALL, started_s=time.perf_counter())
-    ctx.attempts.append(attempt)
-    telemetry.start_attempt(ctx, attempt)
+    attempt = start_one_attempt(telemetry, ctx)
     attempt.error_type, attempt.ended_s = "client_disconnected", attempt.started_s + 0.2
     telemetry.end_attempt(ctx, attempt)
     ctx.status, ctx.usage = 499, Usage(input_tokens=12, output_tokens=7, estimated=True)

@@ -122,6 +122,12 @@ def test_usage_chunk_only_when_asked() -> None:
     assert without[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
+def test_with_usage_asked_every_chunk_before_the_usage_chunk_has_a_null_usage() -> None:
+    """As a live stream with include_usage: each content chunk carries `"usage": null`, the last one the usage."""
+    chunks = parse_sse(replay_sse(CacheEntry("chat", TEXT_RESPONSE), include_usage=True))
+    assert [c["usage"] for c in chunks] == [None] * (len(chunks) - 1) + [USAGE]
+
+
 def test_replay_response_is_a_copy_with_the_cached_id() -> None:
     """The JSON replay keeps the cached id and cannot corrupt the entry when changed."""
     entry = CacheEntry("chat", copy.deepcopy(TEXT_RESPONSE))

@@ -167,3 +167,43 @@ def test_azures_filter_results_are_replayed_in_a_stream_from_a_non_stream_answer
     finishing = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
     assert (finishing["choices"][0]["content_filter_results"], finishing["choices"][0]["stop_reason"]) == (FILTERS, 7)
     assert assemble_stream("chat", chunks) == body
+
+
+def test_the_prompt_s_filter_results_are_replayed_on_the_first_chunk_only() -> None:
+    """A field a live stream sends once (Azure's `prompt_filter_results`) is replayed once, on the first chunk,
+    not repeated on every chunk."""
+    body = chat_body({"content": "Hi"}, prompt_filter_results=PROMPT_FILTERS)
+    chunks = parse_sse(replay_sse(CacheEntry("chat", body), include_usage=True))
+    assert ["prompt_filter_results" in c for c in chunks] == [True] + [False] * (len(chunks) - 1)
+
+
+def test_a_choice_s_logprobs_are_replayed_and_add_up_to_the_cached_answer() -> None:
+    """A cached answer's token logprobs are replayed in the stream, so the stream assembles back to it."""
+    body = chat_body({"content": "Hi"})
+    body["choices"][0]["logprobs"] = {"content": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
+                                                   "top_logprobs": []}]}
+    chunks = parse_sse(replay_sse(CacheEntry("chat", body), include_usage=True))
+    assert [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]] == \
+        [body["choices"][0]["logprobs"]]
+    assert assemble_stream("chat", chunks) == body
+
+
+def test_a_tool_call_cached_without_arguments_is_replayed_with_empty_arguments() -> None:
+    """A cached tool call with no `arguments` is replayed with `""`, the string a live stream sends, not null."""
+    body = chat_body({"content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {"name": "f"}}]},
+                     "tool_calls")
+    chunks = parse_sse(replay_sse(CacheEntry("chat", body), include_usage=False))
+    calls = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls") or ()]
+    assert [call["function"] for call in calls] == [{"name": "f", "arguments": ""}]
+
+
+def test_a_completions_choice_s_own_fields_are_replayed_on_its_finishing_chunk() -> None:
+    """A completions answer's choice fields beside its text (vLLM's `stop_reason`, Azure's filter results) are
+    replayed on the choice's finishing chunk, so the stream assembles back to the cached answer."""
+    body = {**HEADER, "object": "text_completion", "usage": USAGE,
+            "choices": [{"index": 0, "text": "Hi", "logprobs": None, "finish_reason": "stop", "stop_reason": 7,
+                         "content_filter_results": FILTERS}]}
+    chunks = parse_sse(replay_sse(CacheEntry("completions", body), include_usage=True))
+    finishing = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+    assert (finishing["choices"][0]["stop_reason"], finishing["choices"][0]["content_filter_results"]) == (7, FILTERS)
+    assert assemble_stream("completions", chunks) == body

@@ -153,3 +153,25 @@ def test_log_lines_name_the_process_that_wrote_them(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 1 and f" ERROR [{process.pid}] " in err, err
+
+
+def test_a_port_one_past_the_last_is_refused():
+    """--port 65536, the first number past the last port, is refused like any other out of range."""
+    result = gateway("run", "--policy", DEMO, "--port", "65536")
+    assert result.returncode == 2 and "a port is 0 to 65535, got 65536" in result.stderr
+
+
+def test_exactly_the_most_workers_the_cores_can_use_are_taken(tmp_path):
+    """`--workers` at the limit, 8 a core, is taken: the command goes on to read its policy (exit 1 on a missing
+    one), where one more is a usage error (exit 2)."""
+    most = 8 * (os.cpu_count() or 1)
+    missing = str(tmp_path / "missing.yaml")
+    taken = gateway("run", "--policy", missing, "--workers", str(most))
+    assert taken.returncode == 1 and "at most" not in taken.stderr, taken.stderr
+    assert gateway("run", "--policy", missing, "--workers", str(most + 1)).returncode == 2
+
+
+def test_an_unknown_log_level_given_with_equals_is_refused_before_a_delegated_command():
+    """`gateway --log-level=bogus keys hash` is the same usage error as `--log-level bogus`."""
+    result = gateway("--log-level=bogus", "keys", "hash")
+    assert result.returncode == 2 and "unknown log level 'bogus'" in result.stderr

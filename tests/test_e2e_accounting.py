@@ -395,3 +395,11 @@ def test_the_ledger_says_what_was_asked_how_long_it_took_and_whether_the_sla_hel
         model="timed-whole", messages=MESSAGES, max_tokens=5, extra_headers={"x-gateway-max-latency-ms": "1"})
     record = ledger_record(gw, tightened.headers["x-request-id"])
     assert (record["alias"], record["status"], record["sla_met"]) == ("timed-whole", 200, False)
+
+
+def test_a_whole_answer_has_no_time_to_first_token_in_the_ledger(gw):
+    """A non-streamed answer has no first token of its own: its ledger line says ttft_s null, not 0, so it does not
+    pull down a TTFT worked out from the ledger."""
+    raw = gw.openai().chat.completions.with_raw_response.create(model="api", messages=MESSAGES, max_tokens=3)
+    record = ledger_record(gw, raw.headers["x-request-id"])
+    assert record["stream"] is False and record["ttft_s"] is None

@@ -14,8 +14,11 @@ import sys
 import threading
 import time
 
+import requests
+
 from bench.machine import free_port
 from bench.procs import http_ok
+from tests.support.harness import Harness
 from tests.support.redis_server import RedisServer
 
 GRACE_S = 3.0
@@ -184,3 +187,19 @@ def test_a_frozen_redis_does_not_stretch_the_stop_past_the_grace_period(tmp_path
         os.kill(redis.process.pid, signal.SIGCONT)
         redis.stop()
         stop_processes(gateway, sim)
+
+
+def test_readyz_says_draining_with_a_503_once_the_gateway_shuts_down():
+    """/readyz answers 200 `ready` with the policy's hash while serving, and 503 `draining` once the application's
+    shutdown has begun, so a load balancer stops sending it new requests; /healthz stays 200."""
+    harness = Harness().start()
+    try:
+        ready = requests.get(f"{harness.base_url}/readyz", timeout=10)
+        assert (ready.status_code, ready.json()) == \
+            (200, {"status": "ready", "policy_sha256": harness.holder.current.policy.content_sha256})
+        harness.call(harness.app.shutdown())
+        draining = requests.get(f"{harness.base_url}/readyz", timeout=10)
+        assert (draining.status_code, draining.json()) == (503, {"status": "draining"})
+        assert requests.get(f"{harness.base_url}/healthz", timeout=10).status_code == 200
+    finally:
+        harness.stop()

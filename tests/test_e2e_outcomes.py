@@ -223,3 +223,14 @@ def test_a_task_header_that_is_no_utf8_text_is_refused_and_stats_stay_readable(g
     assert header in answer.json()["error"]["message"]
     assert gw.sim_stats("small")["total"] == before
     assert isinstance(stats(gw), dict)         # an HTTP error would raise
+
+
+def test_a_request_refused_before_routing_is_no_task(gw):
+    """A request for a model no route serves is refused before routing: it books nothing, so its request id is
+    unknown to /v1/outcomes and /admin/stats keeps answering."""
+    answer = requests.post(f"{gw.base_url}/v1/chat/completions", timeout=10,
+                           headers={"Authorization": f"Bearer {KEYS['alpha']}", "x-request-id": "refused-1"},
+                           json={"model": "no-such-model", "messages": MESSAGES, "max_tokens": 2})
+    assert answer.status_code == 404, answer.text
+    assert report(gw, {"request_id": "refused-1", "outcome": "failure"})[0] == 404
+    assert isinstance(stats(gw), dict)         # an HTTP error would raise

@@ -159,6 +159,24 @@ def test_invalid_edit_keeps_the_old_policy_and_reports(gw, policy_a):
 
 
 
+def test_admin_policy_counts_failed_reloads_apart_from_reloads(gw, policy_a):
+    """A refused edit adds one to GET /admin/policy's failed_reloads and nothing to its reloads."""
+    before = admin(gw.base_url, "GET", "/admin/policy")[1]
+    gw.write_policy(POLICY_BAD)
+    assert admin(gw.base_url, "POST", "/admin/policy/reload")[0] == 422
+    after = admin(gw.base_url, "GET", "/admin/policy")[1]
+    assert (after["reloads"], after["failed_reloads"]) == (before["reloads"], before["failed_reloads"] + 1)
+
+
+def test_admin_policy_lists_models_by_name_and_routes_in_policy_order(gw, policy_a):
+    """GET /admin/policy names the models sorted (the file lists small, medium, slow) and the routes in the
+    order they are matched."""
+    shown = admin(gw.base_url, "GET", "/admin/policy")[1]
+    assert shown["models"] == ["medium", "slow", "small"]
+    assert shown["routes"] == ["default", "slow"]
+    assert shown["source"] == str(gw.policy_path) and shown["tenants"] == []
+
+
 def test_an_invalid_edit_undone_is_logged_as_valid_again(gw, policy_a, caplog):
     """A bad edit is logged as an error; putting the served file back is logged too (the error must not stay the
     log's last word on the policy), and clears last_error."""

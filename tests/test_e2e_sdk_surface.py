@@ -385,6 +385,17 @@ def test_models_retrieve_finds_a_listed_alias(gw):
     assert caught.value.body["param"] == "model"
 
 
+def test_models_retrieve_on_a_gateway_without_tenants_finds_only_routed_names(raw_env):
+    """With no tenants (the gateway runs open), `client.models.retrieve` still answers only for a name a route
+    serves: any other is the SDK's NotFoundError naming `model`."""
+    harness, _ = raw_env
+    client = harness.openai()
+    assert client.models.retrieve("raw-only").id == "raw-only"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body["param"] == "model"
+
+
 def test_every_answer_carries_a_request_id_the_sdk_reads(gw):
     """The model list, a model, and the health checks carry x-request-id (the SDK's `_request_id`), the client's own
     when it sent a sane one, as the completions do."""
@@ -394,6 +405,19 @@ def test_every_answer_carries_a_request_id_the_sdk_reads(gw):
     for path in ("/healthz", "/readyz"):
         answer = requests.get(f"{gw.base_url}{path}", headers={"x-request-id": "probe-7"}, timeout=10)
         assert answer.headers["x-request-id"] == "probe-7"
+
+
+def test_a_request_id_is_echoed_only_when_sane(gw):
+    """A client's x-request-id of up to 128 letters, digits and `._:-` comes back as sent; a longer one, or one with
+    other characters, is replaced by a fresh 32-hex-digit id rather than echoed into the answer and the logs."""
+    longest = "a.b_c:d-" * 16
+    for path in ("/healthz", "/v1/models"):
+        url, auth = f"{gw.base_url}{path}", {"Authorization": "Bearer acme-key"}
+        kept = requests.get(url, headers={**auth, "x-request-id": longest}, timeout=10)
+        assert kept.headers["x-request-id"] == longest
+        for insane in (longest + "a", "two words", "<script>"):
+            fresh = requests.get(url, headers={**auth, "x-request-id": insane}, timeout=10).headers["x-request-id"]
+            assert len(fresh) == 32 and int(fresh, 16) >= 0, (insane, fresh)
 
 
 def test_a_models_retry_after_ms_reaches_the_client(raw_env):

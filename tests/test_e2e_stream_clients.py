@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.support.harness import Harness, ledgered_raw_model_gateway, reset_raw_model
+from tests.support.harness import Harness, ledgered_raw_model_gateway, raw_model_gateway, reset_raw_model
 from tests.support.raw_calls import breaker_failures, ledger_record, post
 from tests.support.raw_upstream import SSE_HEAD, chunk, http_head, sse
 
@@ -93,6 +93,30 @@ def test_a_model_trickling_past_total_s_is_cut_at_total_s(env):
     assert breaker_failures(harness, "raw") == 1
 
 
+def test_total_s_counts_from_the_calls_start_not_from_the_streams_head():
+    """total_s bounds the model's whole call: a model whose head comes 3 s in (within its first_byte_s of 4 s)
+    and that then trickles chunks is cut at total_s (5 s) from the call's start, not 5 s after its head."""
+    with raw_model_gateway(first_byte_s=4, total_s=5) as (harness, raw):
+        raw.script = [(SSE_HEAD, 3.0)] + [(sse(chunk(" tick")), 0.5)] * 40
+        started_s = time.monotonic()
+        body = post(harness).content
+        elapsed_s = time.monotonic() - started_s
+    assert b'"upstream_timeout"' in body and b"took longer than 5 s" in body
+    assert elapsed_s < 5 + 2                            # not 3 + 5
+
+
+def test_a_total_s_shorter_than_first_byte_s_bounds_the_wait_for_the_first_event():
+    """A model given a total_s (1.5 s) shorter than its first_byte_s (5 s) that sends its stream's head and then
+    nothing is given up at total_s, a 504 well before first_byte_s: total_s bounds every wait of the call."""
+    with raw_model_gateway(first_byte_s=5, total_s=1.5) as (harness, raw):
+        raw.script = [(SSE_HEAD, 0.0), (sse(chunk("late")), 10.0)]
+        started_s = time.monotonic()
+        answer = post(harness)
+        elapsed_s = time.monotonic() - started_s
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout"
+    assert elapsed_s < 1.5 + 2                          # not 5
+
+
 def test_a_slow_client_past_total_s_does_not_time_the_model_out(env):
     """A client that pauses between reads (each pause under client_timeout_s) makes a stream the model sent at
     once take longer than total_s: the model is not timed out for the client's time, the stream completes.
@@ -128,6 +152,26 @@ def test_a_client_that_stops_reading_is_cut_and_frees_the_model(env):
     assert record["status"] == 499 and record["attempts"][0]["error"] == "client_disconnected"
     assert record["output_tokens"] > 0
     assert breaker_failures(harness, "raw") == 0
+
+
+def test_a_client_cut_for_taking_nothing_finds_its_connection_closed_and_is_booked_as_one_that_left(env):
+    """A client cut after client_timeout_s of reading nothing, when it reads again, gets what was queued and then
+    a closed connection, never the end of the chunked body (an SDK raises, rather than take the cut answer, with
+    no [DONE], for a whole one); the request is booked as a client that left (499, client_disconnected)."""
+    harness, raw = env
+    words = "word " * 1600                              # 8 KB a chunk, of text quick to count
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True)), 0.0)] + [(sse(chunk(words)), 0.0)] * 1500 + \
+                 [(sse(chunk(None, finish="stop"), b"[DONE]"), 0.0)]
+    client = open_stream(harness, "cut-then-reads")
+    client.recv(4096)
+    started_s = time.monotonic()
+    while harness.services.fleet.estimates.in_flight("raw") and time.monotonic() - started_s < 20:
+        time.sleep(0.05)                                # until the cut ends the call
+    received = read_to_end(client)
+    client.close()
+    assert b"[DONE]" not in received and not received.endswith(b"\r\n0\r\n\r\n")
+    record = ledger_record(harness, "cut-then-reads")
+    assert (record["status"], record["attempts"][0]["error"]) == (499, "client_disconnected")
 
 
 def test_a_client_leaving_a_cached_stream_is_booked_as_one_that_left(env, caplog):

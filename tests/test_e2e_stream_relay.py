@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from gateway.sse import MAX_EVENT_BYTES, EventTooLong, iter_events
+from gateway.sse import MAX_EVENT_BYTES, EventTooLong, event_data, iter_events
 from gateway.stages import relay
 from gateway.stages.relay import StreamState
 from tests.support.harness import ledgered_raw_model_gateway, reset_raw_model
@@ -45,6 +45,16 @@ def test_a_long_event_is_relayed_whole(env):
     raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("a"), chunk(big), chunk("b"),
                                   chunk(None, finish="stop"), b"[DONE]"), 0.0)]
     assert sdk_text(harness) == "a" + big + "b"
+
+
+def test_an_event_of_several_megabytes_under_the_cap_is_relayed_whole(env):
+    """A 4 MB event (a tool call's whole arguments, a long document in one chunk), under the 8 MiB an event may
+    take, reaches the SDK whole: the cap is for broken streams, not for large answers."""
+    harness, raw = env
+    big = "x" * 4_000_000
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk(big), chunk(None, finish="stop"), USAGE_CHUNK,
+                                  b"[DONE]"), 0.0)]
+    assert sdk_text(harness) == big
 
 
 def test_an_event_past_the_cap_before_the_first_byte_is_a_bad_response_that_falls_back(env):
@@ -174,7 +184,7 @@ def test_a_slow_client_does_not_time_the_model_out(env):
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", harness.port))
-    client.settimeout(20)
+    client.settimeout(60)                               # the gateway counts 16 MB before [DONE]: seconds when loaded
     client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
     received = bytearray(client.recv(4096))             # appended to in place: 16 MB in small reads
@@ -196,6 +206,18 @@ def test_ttft_is_the_first_chunk_carrying_output(env):
     reply = post(harness)
     assert reply.content.endswith(b"data: [DONE]\n\n")
     assert ledger_record(harness, reply.headers["x-request-id"])["ttft_s"] >= 0.5
+
+
+def test_ttft_stays_at_the_first_output_chunk_however_long_the_rest_takes(env):
+    """TTFT is when the first output came, kept as the rest of the answer comes: content trickling on for over a
+    second after it does not move TTFT on to the last chunk's time."""
+    harness, raw = env
+    raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hello")), 0.0)] + \
+                 [(sse(chunk(" again")), 0.3) for _ in range(4)] + [(sse(chunk(None, finish="stop"), b"[DONE]"), 0.0)]
+    reply = post(harness)
+    assert reply.content.endswith(b"data: [DONE]\n\n")
+    record = ledger_record(harness, reply.headers["x-request-id"])
+    assert record["ttft_s"] <= record["latency_s"] - 1.0
 
 
 def test_output_chunks_alone_are_timed():
@@ -329,12 +351,29 @@ def test_events_are_the_same_however_the_stream_is_cut(eol):
         assert asyncio.run(_events([stream[:cut], stream[cut:]])) == expected, cut
 
 
+def test_the_data_lines_of_an_event_are_joined_with_a_line_feed():
+    """An event's data lines are joined with a line feed, as SSE (and the SDK reading the relayed event) joins
+    them, so the gateway reads the payload the client will; a comment carries no data."""
+    assert event_data(b'data: {"a":\ndata: 1}\n\n') == b'{"a":\n1}'
+    assert event_data(b"event: message\ndata: x\ndata: y\n\n") == b"x\ny"
+    assert event_data(b": ping\n\n") is None
+
+
 def test_an_event_past_the_cap_is_refused():
     """An event longer than the cap raises EventTooLong, whether it came in one read, in pieces, or is still
     unfinished; one at the cap passes."""
     at_cap = b"data: " + b"x" * 94
     assert asyncio.run(_events([at_cap + b"\n\n"], max_event_bytes=100)) == [at_cap + b"\n\n"]
     for pieces in ([at_cap + b"x\n\n"], [at_cap, b"x", b"\n\n"], [b"data: a\n\n" + at_cap + b"x"]):
+        with pytest.raises(EventTooLong):
+            asyncio.run(_events(pieces, max_event_bytes=100))
+
+
+def test_an_event_a_byte_past_the_cap_is_refused_when_the_stream_ends_before_it_does():
+    """An event one byte past the cap that the stream ends in the middle of raises EventTooLong, whether it came
+    in one read or in two; it is not yielded as the stream's last event."""
+    at_cap = b"data: " + b"x" * 94
+    for pieces in ([at_cap + b"x"], [at_cap, b"x"], [b"data: ", b"x" * 95]):
         with pytest.raises(EventTooLong):
             asyncio.run(_events(pieces, max_event_bytes=100))
 
@@ -438,6 +477,19 @@ def test_azures_filter_chunk_reaches_a_client_that_did_not_ask_for_usage(env):
     assert b"prompt_filter_results" in events[0] and b'"usage"' not in events[0]
     assert not any(b"completion_tokens" in event for event in events)
     assert events[-1] == b"data: [DONE]"
+
+
+def test_a_choiceless_chunk_with_a_null_usage_is_not_passed_to_a_client_that_did_not_ask_for_usage(env):
+    """A chunk of no choices, the fields every chunk carries and `usage: null` (what a server may send once the
+    gateway asks it for usage) says nothing to a client that did not ask for usage: it is not passed on, so code
+    reading each chunk's `choices[0]` never meets an empty list."""
+    harness, raw = env
+    empty = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                        "choices": [], "usage": None}).encode()
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS[:2], empty, *TEXT_EVENTS[2:]), 0.0)]
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in post(harness).content.split(b"\n\n")
+              if event.startswith(b"data: {")]
+    assert len(chunks) == 4 and all(each["choices"] for each in chunks)
 
 
 def test_a_batch_completions_stream_cut_before_every_prompt_finished_is_an_error(env):

@@ -171,6 +171,18 @@ def test_models_list_is_filtered_by_the_tenant_allow_list(gw):
         gw.openai(api_key=new_key()[0]).models.list()
 
 
+def test_models_retrieve_of_an_alias_the_tenant_may_not_use_is_not_found(gw):
+    """`client.models.retrieve` answers a tenant only for an alias its list shows: another route's alias is the
+    SDK's NotFoundError naming `model`, as a name no route serves."""
+    narrow = client(gw, "narrow")
+    assert narrow.models.retrieve("auto").id == "auto"
+    for alias in ("gpt-4o-mini", "smart"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            narrow.models.retrieve(alias)
+        assert caught.value.body["param"] == "model"
+    assert client(gw, "full").models.retrieve("smart").id == "smart"
+
+
 # limits -------------------------------------------------------------------------------------------
 def test_requests_per_minute_limit_answers_429_with_openai_headers(gw):
     """Over requests_per_minute the tenant gets 429 rate_limit_exceeded with Retry-After and x-ratelimit-* headers."""

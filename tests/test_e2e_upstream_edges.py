@@ -187,6 +187,21 @@ def test_a_non_streamed_body_that_keeps_coming_is_not_cut_at_first_byte_s(env):
     assert answer.json()["choices"][0]["message"]["content"] == COMPLETION["choices"][0]["message"]["content"]
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_retry_after_that_is_no_number_of_seconds_is_no_answer(value):
+    """`inf` or `nan` in either header is unreadable, as garbage is: no wait is taken from it (never an hour's, nor
+    none at all)."""
+    assert retry_after_s({"Retry-After": value}) is None
+    assert retry_after_s({"retry-after-ms": value}) is None
+
+
+def test_retry_after_ms_is_read_before_retry_after():
+    """A model sending both (OpenAI does) is waited on for its `retry-after-ms`, the finer one its SDKs read
+    first; `Retry-After` counts only when `retry-after-ms` is absent or unreadable."""
+    assert retry_after_s({"retry-after-ms": "1500", "Retry-After": "30"}) == 1.5
+    assert retry_after_s({"retry-after-ms": "soon", "Retry-After": "30"}) == 30.0
+
+
 def test_a_retry_after_in_the_past_is_no_wait():
     """A Retry-After date already past, or a negative retry-after-ms, asks for no wait (never a negative one)."""
     assert retry_after_s({"Retry-After": formatdate(time.time() - 30, usegmt=True)}) == 0.0

@@ -16,13 +16,19 @@ import pytest
 import requests
 
 from bench.machine import free_port
+from gateway.upstream import MAX_ERROR_MESSAGE_CHARS
 from tests.support.harness import Harness, ledgered_raw_model_gateway, raw_model_gateway, reset_raw_model
 from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text, settled
 from tests.support.raw_upstream import COMPLETION, SSE_HEAD, TEXT_EVENTS, chunk, http_head, json_answer, sse
 
+#: the environment variable holding `raw`'s own credential (unset unless a test sets it)
+RAW_KEY_ENV = "RAW_MODEL_KEY"
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with ledgered_raw_model_gateway(tmp_path_factory.mktemp("ledger"), first_byte_s=1) as running:
+    with ledgered_raw_model_gateway(tmp_path_factory.mktemp("ledger"), first_byte_s=1,
+                                    raw_keys=f"    api_key_env: {RAW_KEY_ENV}\n") as running:
         yield running
 
 
@@ -243,6 +249,19 @@ def test_a_model_dropping_a_chunked_stream_mid_way_is_an_in_band_bad_response(en
     assert record["attempts"][0]["error"] == "bad_response" and record["output_tokens"] >= 1
 
 
+def test_a_model_closing_the_connection_without_a_word_dropped_it(env):
+    """A model server that takes the request and closes the connection without answering (a crash mid-request)
+    dropped the connection: a 502 upstream_bad_response that says so, streamed or not, not one for a model that
+    could not be reached."""
+    harness, raw = env
+    raw.script = []                                     # the request read, then the connection closed
+    for stream in (False, True):
+        answer = post(harness, stream=stream)
+        error = answer.json()["error"]
+        assert answer.status_code == 502 and error["code"] == "upstream_bad_response", answer.text
+        assert error["message"] == "model 'raw' dropped the connection"
+
+
 def test_a_client_leaving_before_the_first_event_hangs_up_on_the_model(env):
     """A client that leaves while the model has not yet sent its first event has the model's connection closed,
     the in-flight count back to zero and a 499 in the ledger."""
@@ -312,6 +331,18 @@ def test_a_5xx_of_any_body_is_a_short_openai_error(env, body, stream):
     assert len(reply.content) < 2000
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_long_error_message_from_the_model_is_cut_short(env, stream):
+    """A model's error whose message runs to 100 000 characters (an echoed prompt, a dump) reaches the client cut
+    to its first MAX_ERROR_MESSAGE_CHARS, marked as cut with an ellipsis."""
+    harness, raw = env
+    raw.script = json_answer({"error": {"message": "x" * 100_000, "type": "server_error"}}, status=500)
+    reply = post(harness, stream=stream)
+    assert reply.status_code == 500, reply.text[:300]
+    message = reply.json()["error"]["message"]
+    assert message.endswith("x" * MAX_ERROR_MESSAGE_CHARS + "…") and len(message) < MAX_ERROR_MESSAGE_CHARS + 100
+
+
 def test_a_stream_answered_as_plain_json_is_a_bad_response_that_falls_back(env):
     """A model that ignores `stream: true` and answers one JSON body sent no stream: the fallback answers."""
     harness, raw = env
@@ -345,6 +376,23 @@ def test_the_admin_token_and_an_x_api_key_are_not_sent_upstream(env):
     head = raw.requests[-1][0].lower()
     assert b"x-admin-token" not in head and b"admin-secret-token" not in head
     assert b"x-api-key" not in head and b"client-key" not in head
+
+
+def test_the_models_own_key_goes_upstream_in_place_of_the_clients(env, monkeypatch):
+    """The model's credential, read from the variable its `api_key_env` names, is sent upstream as a Bearer
+    token in place of the client's key; with that variable unset, no Authorization header is sent at all."""
+    harness, raw = env
+    raw.script = json_answer(COMPLETION)
+    monkeypatch.setitem(harness.environ, RAW_KEY_ENV, "sk-model-own")
+    client = harness.openai(api_key="client-secret-key")
+    client.chat.completions.create(model="raw-only", messages=[{"role": "user", "content": "hi"}])
+    head = raw.requests[-1][0].lower()
+    assert b"\r\nauthorization: bearer sk-model-own\r\n" in head and b"client-secret-key" not in head
+    monkeypatch.delitem(harness.environ, RAW_KEY_ENV)
+    client.chat.completions.create(model="raw-only", messages=[{"role": "user", "content": "hi"}])
+    head = raw.requests[-1][0].lower()
+    assert b"authorization" not in head and b"client-secret-key" not in head
+
 
 # a half-open probe whose client leaves --------------------------------------------------------------------
 
@@ -417,13 +465,13 @@ def _send_chat(harness: Harness, model: str) -> socket.socket:
 
 # a model that cannot be reached --------------------------------------------------------------------------------
 
-def lone_model_gateway(name: str, port: int, timeouts: str) -> Harness:
-    """A started gateway whose one model, `name`, is served at 127.0.0.1:`port` with these `timeouts` (YAML)."""
+def lone_model_gateway(name: str, port: int, timeouts: str, host: str = "127.0.0.1") -> Harness:
+    """A started gateway whose one model, `name`, is served at `host`:`port` with these `timeouts` (YAML)."""
     timeouts = timeouts.replace("{", "{{").replace("}", "}}")          # the harness formats the template
     policy = f"""version: 1
 models:
   {name}:
-    endpoint: http://127.0.0.1:{port}/v1
+    endpoint: http://{host}:{port}/v1
     upstream_model: {name}-1b
     latency_prior: {{{{ttft_ms: 5, tpot_ms: 1}}}}
     timeouts: {timeouts}
@@ -447,6 +495,22 @@ def test_an_unreachable_model_is_named_without_its_address():
             assert answer.status_code == 502 and error["code"] == "upstream_unreachable"
             assert "model 'dead' is unreachable: connection refused" in error["message"]
             assert "127.0.0.1" not in answer.text and str(port) not in answer.text
+    finally:
+        harness.stop()
+
+
+def test_a_model_whose_host_name_does_not_resolve_is_named_without_its_host():
+    """A model whose host name does not resolve (a typo, a service not deployed) is reported to the client by
+    name and reason, "its host name does not resolve" (502 upstream_unreachable), never by the host name."""
+    harness = lone_model_gateway("lost", 8000, "{connect_s: 1, first_byte_s: 1, total_s: 5}",
+                                 host="model-server.invalid")     # .invalid never resolves (RFC 6761)
+    try:
+        for stream in (False, True):
+            answer = post(harness, model="lost", stream=stream)
+            error = answer.json()["error"]
+            assert answer.status_code == 502 and error["code"] == "upstream_unreachable"
+            assert error["message"].endswith("model 'lost' is unreachable: its host name does not resolve")
+            assert "model-server" not in answer.text
     finally:
         harness.stop()
 

@@ -193,3 +193,44 @@ def test_attributed_plus_idle_equals_measured_across_a_scripted_run():
     assert totals.attributed_j > 0 and totals.idle_j > 0
     assert math.isclose(totals.attributed_j + totals.idle_j, totals.measured_j, rel_tol=1e-12)
     assert math.isclose(returned_j, totals.attributed_j, rel_tol=1e-9)
+
+
+def test_a_request_marked_ended_twice_keeps_the_first_end():
+    """Marking a request ended again (its books read after it stopped) does not stretch its time on the GPU."""
+    ledger, clock = ledger_with(idle_w=0.0)
+    ledger.request_started("a", "big")
+    clock.advance(0.5)
+    first_s = ledger.mark_ended("a")
+    clock.advance(0.5)
+    assert ledger.mark_ended("a") == first_s
+    ledger.request_started("b", "big")
+    split = ledger.on_interval("big", measured_j=100.0, dt_s=1.0)
+    assert split.shares_j == pytest.approx({"a": 100.0})
+
+
+def test_a_late_smaller_token_count_does_not_take_tokens_back():
+    """Progress is cumulative: a count reported out of order, lower than the last, leaves the request's tokens."""
+    ledger, clock = ledger_with(idle_w=0.0)
+    for rid in ("a", "b"):
+        ledger.request_started(rid, "big")
+    clock.advance(1.0)
+    ledger.progress("a", 300)
+    ledger.progress("a", 200)
+    ledger.progress("b", 100)
+    split = ledger.on_interval("big", measured_j=400.0, dt_s=1.0)
+    assert split.shares_j == pytest.approx({"a": 300.0, "b": 100.0})
+
+
+def test_a_reload_that_drops_a_configured_idle_power_learns_it_instead():
+    """After a reload without `idle_w`, the idle power is learned from the GPUs, not the old configured one kept."""
+    ledger, _ = ledger_with(idle_w=100.0)
+    ledger.set_idle_w({"big": None})
+    ledger.on_interval("big", measured_j=60.0, dt_s=1.0)
+    assert ledger.totals("big").idle_w_per_gpu == pytest.approx(60.0)
+
+
+def test_a_measured_energy_is_booked_rather_than_power_times_dt():
+    """Given both the counter's joules and a power sample, the interval books the joules measured."""
+    ledger, _ = ledger_with(idle_w=0.0)
+    split = ledger.on_interval("big", measured_j=300.0, dt_s=1.0, power_w=500.0)
+    assert split.measured_j == 300.0

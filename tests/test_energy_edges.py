@@ -43,6 +43,19 @@ def with_energy(text: str, gpu: str, energy_mj: int) -> str:
     return re.sub(pattern, rf"\g<1>{energy_mj}", text, flags=re.M)
 
 
+async def awaiting_books(monitor: EnergyMonitor, clock: ManualClock) -> tuple[object, asyncio.Task]:
+    """Open `monitor` with its samples driven by the test, start a request on `big`, and half a second on have a
+    task waiting for its joules: (the request, that task)."""
+    await monitor.open()
+    monitor._task = asyncio.create_task(asyncio.sleep(3600))    # stands in for start(): samples are driven here
+    await monitor.sample_once()
+    request = monitor.request_started("big")
+    clock.advance(0.5)
+    finished = asyncio.create_task(monitor.request_finished(request))
+    await asyncio.sleep(0)
+    return request, finished
+
+
 async def test_a_reload_to_a_longer_interval_waits_longer_for_a_requests_books():
     """After a reload from 0.25 s to 5 s sampling, a request's joules are awaited 2 x 5 + 2 s, as at start-up."""
     nvml = two_gpus(ManualClock())
@@ -50,6 +63,22 @@ async def test_a_reload_to_a_longer_interval_waits_longer_for_a_requests_books()
     await monitor.adopt(policy_with({"big": GpuSource(source="nvml")}, interval_s=5.0))
     fresh = EnergyMonitor(policy_with({"big": GpuSource(source="nvml")}, interval_s=5.0), nvml_module=nvml)
     assert monitor.settle_timeout_s == fresh.settle_timeout_s == 12.0
+
+
+async def test_a_request_on_gpus_a_reload_took_away_is_answered_without_waiting_out_its_books():
+    """A request awaiting its joules on a pool that a reload removes gets None (not whole) at once, not after
+    the 2 x 60 + 2 s it would wait for a sample."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", ids=("0",))}, interval_s=60.0),
+                            nvml_module=nvml, clock=clock)
+    _, finished = await awaiting_books(monitor, clock)
+    await monitor.adopt(policy_with({"small": GpuSource(source="nvml", ids=("1",))}, interval_s=60.0))
+    try:
+        assert await asyncio.wait_for(finished, 10.0) is None
+    finally:
+        monitor._task.cancel()
+        await monitor.stop()
 
 
 @pytest.mark.parametrize(("text", "hostname"), [(FIXTURE, "gpu-node-9"), (NODE_EXPORTER_TEXT, None)],
@@ -86,17 +115,55 @@ async def test_a_mig_gpu_is_read_from_its_instance_series_once(exporter, session
 
 async def test_a_blank_dcgm_energy_counter_falls_back_to_power(exporter, session):
     """An energy counter an old exporter prints as DCGM's blank value is absent: power x dt is booked instead."""
-    exporter.texts = [with_energy(FIXTURE, "0", DCGM_INT64_BLANK)]
+    booked_j, reading = await booked_over_two_seconds(exporter, session, [with_energy(FIXTURE, "0", DCGM_INT64_BLANK)])
+    assert reading.energy_mj is None
+    assert booked_j == pytest.approx(412.345 * 2.0)
+
+
+async def booked_over_two_seconds(exporter, session, texts: list[str]):
+    """The joules a pool on DCGM GPU 0 books between two samples 2 s apart of the exporter's `texts` (the last one
+    repeated), and the GPU's last reading."""
+    exporter.texts = texts
     clock = ManualClock()
     gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
     monitor = EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock)
     await monitor.open()
-    await monitor.sample_once()
-    clock.advance(2.0)
-    await monitor.sample_once()
-    assert monitor.snapshot()[0].energy_mj is None
-    assert monitor.totals("big").measured_j == pytest.approx(412.345 * 2.0)
-    await monitor.stop()
+    try:
+        await monitor.sample_once()
+        clock.advance(2.0)
+        await monitor.sample_once()
+        return monitor.totals("big").measured_j, monitor.snapshot()[0]
+    finally:
+        await monitor.stop()
+
+
+async def test_a_gpu_with_whole_gpu_series_is_read_from_them_not_from_its_instances(exporter, session):
+    """An exporter printing a GPU's whole-GPU series and also per-instance ones: the whole GPU's values are read."""
+    exporter.texts = [FIXTURE + mig_text(5_000_000, power_w=250.0)]
+    [reading] = await DcgmSource(exporter.url, ("0",), "gpu-node-1", session).read()
+    assert (reading.energy_mj, reading.power_w) == (4817294001, 412.345)
+    assert (reading.memory_used_bytes, reading.memory_total_bytes) == (73403 * 2**20, 81559 * 2**20)
+
+
+async def test_every_gpu_of_an_exporter_is_listed_in_numeric_order(exporter, session):
+    """With no ids named, GPUs come in the order of their numbers: GPU 2 before GPU 10, not as text sorts them."""
+    exporter.texts = [FIXTURE.replace('gpu="0"', 'gpu="10"').replace('gpu="1"', 'gpu="2"')]
+    readings = await DcgmSource(exporter.url, (), "gpu-node-1", session).read()
+    assert [r.gpu_id for r in readings] == ["2", "10"]
+
+
+async def test_an_energy_counter_past_the_gauges_blank_value_is_still_read(exporter, session):
+    """The int64 energy counter has its own blank marker: a count above the float gauges' (2**47 mJ) is energy."""
+    exporter.texts = [with_energy(FIXTURE, "0", 2**47 + 1_000)]
+    [reading] = await DcgmSource(exporter.url, ("0",), "gpu-node-1", session).read()
+    assert reading.energy_mj == 2**47 + 1_000
+
+
+async def test_an_energy_counter_that_went_back_is_booked_by_power(exporter, session):
+    """A counter lower than the last one (reset by a driver reload) is no delta: the interval is booked as
+    power x dt."""
+    booked_j, _ = await booked_over_two_seconds(exporter, session, [FIXTURE, with_energy(FIXTURE, "0", 1_000)])
+    assert booked_j == pytest.approx(412.345 * 2.0)
 
 
 async def test_blank_dcgm_gauges_are_absent(exporter, session):
@@ -160,6 +227,23 @@ async def test_counters_frozen_for_a_minute_mark_the_model_failing(exporter, ses
     clock.advance(5.0)
     await monitor.sample_once()
     assert monitor.health == {"big": "ok"} and monitor.totals("big").measured_j == pytest.approx(1000.0)
+    await monitor.stop()
+
+
+async def test_a_counter_standing_still_at_zero_watts_is_an_idle_gpu_not_a_stuck_exporter(exporter, session):
+    """A GPU drawing 0 W whose counter does not move for minutes is measured (0 J), not failing as stale."""
+    exporter.texts = [re.sub(r'^(DCGM_FI_DEV_POWER_USAGE\{gpu="0".*\}) \S+$', r"\g<1> 0", FIXTURE, flags=re.M)]
+    clock = ManualClock()
+    gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
+    monitor = EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock)
+    await monitor.open()
+    await monitor.sample_once()
+    for _ in range(2):
+        clock.advance(STALE_LIMIT_S)
+        await monitor.sample_once()
+    assert monitor.health == {"big": "ok"}
+    totals = monitor.totals("big")
+    assert (totals.measured_j, totals.idle_s) == (0.0, 2 * STALE_LIMIT_S)
     await monitor.stop()
 
 

@@ -15,6 +15,7 @@ from gateway.energy.dcgm import POWER, parse_exporter_text
 from gateway.policy.model import GpuSource
 from tests.support.fake_pynvml import ManualClock, two_gpus
 from tests import test_energy_sources
+from tests.test_energy_edges import awaiting_books
 from tests.test_energy_sources import FIXTURE, policy_with, with_more_energy
 
 #: the shared fixtures: a DCGM exporter stand-in and one aiohttp session
@@ -154,6 +155,39 @@ async def test_a_negative_power_from_an_exporter_is_absent_and_stops_no_sampling
         await monitor.stop()
 
 
+async def test_sampling_that_raises_fails_the_pool_saying_why_until_a_sample_works():
+    """An NVML binding raising something other than an NVMLError (here a NaN power it cannot round) fails the pool
+    with the error as its reason; the next good sample makes it ok again."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=0.0)}), nvml_module=nvml, clock=clock)
+    await monitor.open()
+    await monitor.sample_once()
+    nvml.gpus[0].power_w = float("nan")
+    clock.advance(1.0)
+    await monitor.sample_once()
+    assert monitor.health == {"big": "failing"}
+    assert monitor.reasons["big"].startswith("sampling failed: ValueError")
+    nvml.gpus[0].power_w = 100.0
+    clock.advance(1.0)
+    await monitor.sample_once()
+    assert monitor.health == {"big": "ok"}
+    await monitor.stop()
+
+
+async def test_a_request_whose_joules_are_no_longer_awaited_is_forgotten():
+    """A wait for a request's books that is cancelled (its client gone) drops the request from the books."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml")}), nvml_module=nvml, clock=clock)
+    request, finished = await awaiting_books(monitor, clock)
+    finished.cancel()
+    await asyncio.gather(finished, return_exceptions=True)
+    assert finished.cancelled() and monitor.ledger.model_of(request) is None
+    monitor._task.cancel()
+    await monitor.stop()
+
+
 # -- one GPU in two pools ----------------------------------------------------------
 
 
@@ -175,3 +209,28 @@ async def test_a_gpu_named_by_index_and_by_uuid_in_two_pools_is_not_booked_twice
     assert monitor.reasons["a"] == f"GPU {uuid} is also measured for b"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(uuid in message and "for a" in message and "energy of b" in message for message in errors)
+
+
+async def test_a_pool_freed_from_a_conflict_books_nothing_of_the_time_in_conflict():
+    """A reload adds a model naming GPU 0 by UUID beside one naming it "0", then takes it away: the energy the GPU
+    used while both named it is not booked afterwards either; booking starts again from the next reading."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=200.0)
+    alone = policy_with({"a": GpuSource(source="nvml", ids=("0",))})
+    monitor = EnergyMonitor(alone, nvml_module=nvml, clock=clock)
+    await monitor.open()
+    await monitor.sample_once()
+    await monitor.adopt(policy_with({"a": GpuSource(source="nvml", ids=("0",)),
+                                     "b": GpuSource(source="nvml", ids=(nvml.gpus[0].uuid,))}))
+    for _ in range(3):
+        clock.advance(1.0)
+        await monitor.sample_once()
+    assert monitor.health["a"] == "failing"
+    await monitor.adopt(alone)
+    booked_j = monitor.totals("a").measured_j
+    for _ in range(2):
+        clock.advance(1.0)
+        await monitor.sample_once()
+    await monitor.stop()
+    assert monitor.health == {"a": "ok"}
+    assert monitor.totals("a").measured_j - booked_j == pytest.approx(200.0)

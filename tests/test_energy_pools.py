@@ -52,6 +52,23 @@ def test_models_naming_the_same_gpus_form_one_pool():
     assert sharing_problem(sources) is None
 
 
+def test_two_pools_whose_names_join_alike_get_two_labels():
+    """Pools of "a" with "b+c" and of "a+b" with "c" both join to "a+b+c": each gets a label of its own."""
+    sources = {"a": GpuSource(source="nvml", ids=("0",)), "b+c": GpuSource(source="nvml", ids=("0",)),
+               "a+b": GpuSource(source="nvml", ids=("1",)), "c": GpuSource(source="nvml", ids=("1",))}
+    named = labels(pools(sources))
+    assert named == {("a", "b+c"): "a+b+c", ("a+b", "c"): '"a+b"+"c"'}
+
+
+def test_the_same_gpu_ids_on_two_dcgm_hosts_are_two_pools():
+    """GPU 0 of gpu-node-1 and GPU 0 of gpu-node-2 behind one exporter URL are different GPUs, not one pool."""
+    url = "http://127.0.0.1:1/metrics"
+    sources = {"a": GpuSource(source="dcgm", url=url, hostname="gpu-node-1", ids=("0",)),
+               "b": GpuSource(source="dcgm", url=url, hostname="gpu-node-2", ids=("0",))}
+    assert labels(pools(sources)) == {("a",): "a", ("b",): "b"}
+    assert sharing_problem(sources) is None
+
+
 def test_a_policy_whose_models_share_only_some_gpus_is_refused_with_the_models_named():
     """Partly overlapping GPU lists (or all GPUs against some) cannot be measured once each: a policy error."""
     text = """version: 1
@@ -301,7 +318,8 @@ async def test_gpus_missing_at_start_are_opened_once_they_appear(caplog):
 
 
 async def test_nvml_gpus_that_keep_failing_are_opened_afresh():
-    """A lost GPU is read again through fresh NVML handles after REOPEN_S (a reset GPU gets new handles)."""
+    """A lost GPU is read again through fresh NVML handles after REOPEN_S (a reset GPU gets new handles); they read
+    the same counters, so the energy of the GPU that kept answering is booked across the reopening, not dropped."""
     clock = ManualClock()
     nvml = two_gpus(clock, power_w=100.0)
     monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=50.0)}), nvml_module=nvml,
@@ -316,6 +334,7 @@ async def test_nvml_gpus_that_keep_failing_are_opened_afresh():
     await monitor.sample_once()
     assert nvml.calls.count("nvmlInit") == inits + 1 and nvml.init_count == 1
     assert monitor.health == {"big": "ok"}
+    assert monitor.totals("big").measured_j == pytest.approx(100.0 * REOPEN_S)
     await monitor.stop()
 
 

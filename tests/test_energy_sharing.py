@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from gateway.energy import EnergyMonitor, sharing
+from gateway.energy import EnergyMonitor, monitor as monitor_module, sharing
 from gateway.energy.attribution import EnergyLedger, Others
 from gateway.energy.sharing import EnergySharing, FolderSharing, gpus_key
 from gateway.policy.model import GpuSource
@@ -128,7 +128,7 @@ async def test_processes_sampling_slowly_still_hear_each_other(request, tmp_path
     longer, in real time, than FRESH_S): a word stays fresh for four sampling intervals, so they go on sharing,
     and their books add up to about what the GPU used (one round late to hear of the other's requests), not
     twice it, as when each word went stale before the next and each process booked everything alone."""
-    monkeypatch.setattr(sharing, "FRESH_S", 0.05)
+    monkeypatch.setattr(monitor_module, "FRESH_S", 0.05)     # the name the monitor reads
     clock = ManualClock()
     nvml = one_gpu_host(clock)
     policy = policy_with({"big": GpuSource(source="nvml", idle_w=100.0)}, interval_s=4.0)
@@ -161,6 +161,53 @@ async def test_processes_sampling_slowly_still_hear_each_other(request, tmp_path
             await client.aclose()
     if through == "folder":                         # each took its words back; the last one out, the folder
         assert not (tmp_path / "workers").exists()
+
+
+async def test_a_process_cut_off_from_the_others_for_longer_than_a_word_lasts_books_alone(tmp_path):
+    """Once the folder cannot be used and the last word heard is older than four sampling intervals, the process
+    books the GPU's whole energy among its own requests, not the share it last heard of."""
+    clock = ManualClock()
+    folder = tmp_path / "workers"
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=100.0)}, interval_s=4.0),
+                            nvml_module=one_gpu_host(clock), clock=clock)
+    other = FolderSharing(folder, 1)
+    try:
+        monitor.share_through(FolderSharing(folder, 0))
+        await monitor.open()
+        assert await other.exchange({"GPU-77777777-2222-3333-4444-555555555555"}, 3.0, fresh_s=16.0) == Others(0, 0.0)
+        await monitor.sample_once()                 # hears the other's 3 requests
+        monitor.request_started("big", tracks_tokens=False)
+        folder.chmod(0o777)                         # refused from now on
+        clock.advance(20.0)
+        await monitor.sample_once()
+        assert monitor.sharing.store_failures == 1
+        assert monitor.totals("big").measured_j == pytest.approx(300.0 * 20.0)
+    finally:
+        folder.chmod(0o700)
+        await monitor.stop()
+        await other.close()
+
+
+async def test_a_word_lasts_four_sampling_intervals_when_that_is_longer_than_fresh_s(tmp_path):
+    """Sampling every 4 s, a worker's word said 5 s ago (past FRESH_S, within four intervals) is still heard: the
+    process books its share beside the other's 3 requests, a quarter, not the GPU's whole energy."""
+    clock = ManualClock()
+    folder = tmp_path / "workers"
+    folder.mkdir(mode=0o700)
+    uuid = "GPU-77777777-2222-3333-4444-555555555555"
+    (folder / f"{gpus_key({uuid})}.1.energy").write_text(f"3.0 {time.monotonic() - 5.0!r}")
+    monitor = EnergyMonitor(policy_with({"big": GpuSource(source="nvml", idle_w=100.0)}, interval_s=4.0),
+                            nvml_module=one_gpu_host(clock, uuid), clock=clock)
+    monitor.share_through(FolderSharing(folder, 0))
+    try:
+        await monitor.open()
+        await monitor.sample_once()
+        monitor.request_started("big", tracks_tokens=False)
+        clock.advance(1.0)
+        await monitor.sample_once()
+        assert monitor.totals("big").measured_j == pytest.approx(300.0 / 4)
+    finally:
+        await monitor.stop()
 
 
 async def test_gpus_that_report_no_uuid_are_said_to_be_unshared(redis_server, caplog):

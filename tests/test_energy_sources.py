@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from gateway.energy import DcgmSource, EnergyMonitor, EnergyUnavailable, NvmlSource
-from gateway.energy.command import main as gpu_command
+from gateway.energy.command import format_table, main as gpu_command
+from gateway.energy.readings import GpuReading
 from gateway.policy.model import Energy, GpuSource, Model, Policy
 from tests.support.fake_pynvml import FakeNvml, ManualClock, two_gpus
 
@@ -127,6 +128,48 @@ def test_nvml_without_library_raises_energy_unavailable_from_the_nvml_error():
     with pytest.raises(EnergyUnavailable, match="NVML Shared Library Not Found") as caught:
         NvmlSource((), nvml).open()
     assert isinstance(caught.value.__cause__, pynvml.NVMLError_LibraryNotFound)
+
+
+def test_nvml_refuses_an_index_one_past_the_last_gpu_naming_how_many_it_sees():
+    """On a host of two GPUs, GPU "2" is refused as missing (saying NVML sees 2), and NVML is released."""
+    clock = ManualClock()
+    nvml = two_gpus(clock)
+    with pytest.raises(EnergyUnavailable, match=r"no GPU '2' on this host \(NVML sees 2\)"):
+        NvmlSource(("2",), nvml, clock=clock).open()
+    assert nvml.init_count == 0
+
+
+def test_nvml_that_sees_no_gpu_is_unavailable():
+    """A driver that loads but lists no device leaves nothing to measure: EnergyUnavailable, NVML released."""
+    nvml = FakeNvml()
+    with pytest.raises(EnergyUnavailable, match="no GPU: NVML sees no device"):
+        NvmlSource((), nvml).open()
+    assert nvml.init_count == 0
+
+
+def test_a_gpus_product_name_is_its_hw_model():
+    """A reading's `hw.*` attributes carry the GPU's product name as `hw.model`, beside its id and type."""
+    clock = ManualClock()
+    source = NvmlSource(("0",), two_gpus(clock), clock=clock)
+    source.open()
+    [reading] = source.read()
+    source.close()
+    assert reading.hw_attributes()["hw.model"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_closing_a_source_twice_leaves_another_sources_nvml_open():
+    """NVML counts initialisations: a source closed twice shuts down only its own, so another one still reads."""
+    clock = ManualClock()
+    nvml = two_gpus(clock)
+    first, second = NvmlSource(("0",), nvml, clock=clock), NvmlSource(("1",), nvml, clock=clock)
+    first.open()
+    second.open()
+    first.close()
+    first.close()
+    [reading] = second.read()
+    assert not reading.failed and nvml.init_count == 1
+    second.close()
+    assert nvml.init_count == 0
 
 
 async def test_monitor_splits_counter_energy_three_to_one_by_tokens():
@@ -298,6 +341,28 @@ async def test_dcgm_scrape_failures_mark_the_model_failing_without_raising(expor
     await monitor.stop()
 
 
+async def test_an_exporter_answering_404_is_a_failed_scrape_naming_the_status(exporter, session):
+    """A wrong path on the exporter (404 with a text body) is reported as the failed scrape it is, with its status."""
+    exporter.status = 404
+    [reading] = await DcgmSource(exporter.url, ("0",), None, session).read()
+    assert reading.failed and "DCGM scrape of" in reading.error and "404" in reading.error
+
+
+async def test_a_failed_scrape_reports_each_gpu_last_seen_when_none_were_named(exporter, session):
+    """Reading every GPU of an exporter: once it fails, each GPU it last listed is a failed reading, by its id."""
+    source = DcgmSource(exporter.url, (), None, session)
+    assert [r.gpu_id for r in await source.read()] == ["0", "1"]
+    exporter.status = 500
+    failed = await source.read()
+    assert [r.gpu_id for r in failed] == ["0", "1"] and all("500" in r.error for r in failed)
+
+
+async def test_a_gpu_read_from_any_host_is_labelled_with_the_exporters_hostname(exporter, session):
+    """With no hostname configured, a reading still says which host its GPU is on: the exporter's `Hostname`."""
+    [reading] = await DcgmSource(exporter.url, ("0",), None, session).read()
+    assert (reading.failed, reading.host) == (False, "gpu-node-1")
+
+
 async def test_unparseable_exporter_text_is_a_failed_reading(exporter, session):
     """A page that is not Prometheus text (a proxy's HTML error page) is reported, not raised."""
     exporter.texts = ["<html>bad gateway</html>\n"]
@@ -324,6 +389,25 @@ def test_gpu_command_prints_a_table_of_this_hosts_gpus():
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["MODEL", "GPU", "NAME", "POWER_W", "ENERGY_J", "UTIL", "MEM_GiB", "STATUS"]
     assert len([line for line in lines if "NVIDIA H100 80GB HBM3" in line and "123.4" in line]) == 2
+
+
+def test_gpu_command_once_exits_0_for_gpus_measured_by_power_alone():
+    """GPUs without an energy counter are still measured (by their power): `gateway gpu --once` exits 0."""
+    nvml = two_gpus(ManualClock(), power_w=123.4)
+    for gpu in nvml.gpus:
+        gpu.energy_supported = False
+    out = io.StringIO()
+    assert gpu_command(["--once"], nvml_module=nvml, out=out) == 0
+    assert len([line for line in out.getvalue().splitlines() if "123.4" in line]) == 2
+
+
+def test_gpu_table_explains_only_the_models_it_shows_no_gpu_for():
+    """Below the table, a line says why for each model none of whose GPUs could be read, not for the others."""
+    readings = [GpuReading(gpu_id="0", timestamp_s=1.0, power_w=300.0, model="small"),
+                GpuReading(gpu_id="1", timestamp_s=1.0, error="NVML: GPU is lost", model="small")]
+    table = format_table(readings, {"small": "GPU 1: NVML: GPU is lost", "large": "no DCGM exporter url"})
+    assert "large: no DCGM exporter url" in table
+    assert "small: GPU 1" not in table
 
 
 def test_gpu_command_once_exits_1_when_no_gpu_could_be_read(tmp_path):

@@ -198,3 +198,54 @@ def test_policy_check_reports_file_line_errors(tmp_path):
     assert any(line.startswith(f"{bad}:10: routes[0].candidates") and "'smal'" in line for line in lines)
     assert any(line.startswith(f"{bad}:11: routes[1].name") and "duplicate" in line for line in lines)
     assert any("many_errors.yaml:" in line for line in lines)
+
+
+def offline_policy(tmp_path: Path, tail: str = "") -> Path:
+    """The test policy, plus `tail`, in a file of its own; explain calls no model, so no simulator is needed."""
+    path = tmp_path / "policy.yaml"
+    path.write_text((POLICY + tail).format(**{name: "http://127.0.0.1:9/v1" for name in SIMS}))
+    return path
+
+
+def explain_cli(policy_path: Path, tmp_path: Path, capsys, body: dict, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `gateway policy explain` on a chat request."""
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(body))
+    code = gateway_cli(["policy", "explain", str(policy_path), "--request", str(request_file), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_explain_on_a_policy_with_problems_exits_1_naming_them(tmp_path, capsys):
+    """A policy that does not load is the policy's problem (exit 1, its file named), not a refused request."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nmodels: {}\nroutes: []\n")
+    code, out, err = explain_cli(broken, tmp_path, capsys, request_body("chat", {"model": "auto"}))
+    assert (code, out) == (1, "")
+    assert str(broken) in err and "would be refused" not in err
+
+
+def test_explain_as_a_tenant_the_policy_lacks_is_a_refusal_naming_it(tmp_path, capsys):
+    """`--tenant` naming no tenant of the policy is refused (exit 2), not explained as an anonymous request."""
+    body = request_body("chat", {"model": "auto", "max_tokens": 10})
+    code, out, err = explain_cli(offline_policy(tmp_path), tmp_path, capsys, body, "--tenant", "nobody")
+    assert (code, out) == (2, "")
+    assert "no tenant named 'nobody'" in err
+
+
+def test_explain_reads_a_header_written_with_a_space_after_the_colon(tmp_path, capsys):
+    """`--header "x-route: beta"` matches the beta route, as that header does on a live request."""
+    body = request_body("chat", {"model": "auto", "max_tokens": 10})
+    code, out, err = explain_cli(offline_policy(tmp_path), tmp_path, capsys, body, "--tenant", "team",
+                                 "--header", "x-route: beta")
+    assert code == 0, err
+    assert out.strip().endswith("choice: medium")
+
+
+@pytest.mark.parametrize("header", [":beta", " :beta", "x-route"])
+def test_explain_refuses_a_header_without_a_name_or_a_colon(tmp_path, capsys, header):
+    """A `--header` that is not NAME:VALUE is refused with the form it must take."""
+    body = request_body("chat", {"model": "auto", "max_tokens": 10})
+    code, out, err = explain_cli(offline_policy(tmp_path), tmp_path, capsys, body, "--header", header)
+    assert (code, out) == (2, "")
+    assert "--header must look like NAME:VALUE" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -91,6 +92,16 @@ def read_lines(reader: int, count: int | None = None, timeout_s: float = 5.0) ->
             break                                # every writer closed it
         data += chunk
     return [json.loads(line) for line in data.splitlines()]
+
+
+def files_held_open(directory: Path) -> list[str]:
+    """The files under `directory` this process has open."""
+    held = []
+    for fd in os.scandir("/proc/self/fd"):
+        with contextlib.suppress(OSError):        # a descriptor closed meanwhile
+            if (target := os.readlink(fd.path)).startswith(f"{directory}/"):
+                held.append(target)
+    return held
 
 
 NOBODY = 65534
@@ -218,6 +229,43 @@ def test_a_backup_name_taken_by_a_directory_grows_the_file_instead_of_losing_lin
     assert recovered == f"ledger {path}: rotating again"
 
 
+def blocked_rotation(tmp_path: Path, caplog) -> tuple[Path, Ledger]:
+    """A ledger (max_bytes 300) whose second rotation has failed, a directory standing at PATH.2."""
+    path = tmp_path / "ledger.jsonl"
+    (tmp_path / "ledger.jsonl.2").mkdir()
+    book = ledger(path, max_bytes=300, backups=2)
+    for seq in range(20):
+        book.write({"seq": seq, "pad": "x" * 50})
+    wait_for(lambda: any("cannot rotate" in said for said in warnings_said(caplog)))
+    return path, book
+
+
+def test_a_failed_rotation_is_tried_again_only_rotate_retry_s_later(tmp_path, caplog, monkeypatch):
+    """Once a rotation has failed, lines go on into the full file until ROTATE_RETRY_S has passed, even when what
+    blocked it is gone."""
+    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 60.0, raising=False)
+    with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+        path, book = blocked_rotation(tmp_path, caplog)
+        (tmp_path / "ledger.jsonl.2").rmdir()
+        for seq in range(20, 25):
+            book.write({"seq": seq, "pad": "x" * 50})
+        book.close()
+    assert not (tmp_path / "ledger.jsonl.2").exists()
+    assert sorted(record["seq"] for record in records(path)) == list(range(25))
+
+
+def test_a_rotation_failing_again_and_again_is_said_once(tmp_path, caplog, monkeypatch):
+    """A rotation retried at every line (ROTATE_RETRY_S 0) and failing each time warns once, not per line."""
+    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 0.0, raising=False)
+    with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+        path, book = blocked_rotation(tmp_path, caplog)
+        for seq in range(20, 25):
+            book.write({"seq": seq, "pad": "x" * 50})
+        book.close()
+    assert book.write_errors == 0
+    assert len(warnings_said(caplog)) == 1
+
+
 # a non-root user --------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="becomes another user")
@@ -335,6 +383,16 @@ def test_closing_twice_leaves_other_files_alone(tmp_path):
             os.close(fd)
 
 
+def test_closing_closes_the_ledger_and_its_lock_file(tmp_path):
+    """After close() this process holds no file of the ledger's open: not the ledger, not the lock file its
+    rotation made."""
+    book = ledger(tmp_path / "ledger.jsonl", max_bytes=50)
+    book.write({"seq": 0, "pad": "x" * 40})
+    book.write({"seq": 1, "pad": "x" * 40})          # rotates: the lock file is open
+    book.close()
+    assert files_held_open(tmp_path) == []
+
+
 def test_a_line_written_after_closing_is_counted_and_said_once(tmp_path, caplog):
     """Records that come after close() (a late outcome report) are counted as lost, with one warning."""
     path = tmp_path / "ledger.jsonl"
@@ -403,6 +461,23 @@ def test_requests_succeed_on_a_full_disk_and_shutdown_finishes(capfd):
         gateway.stop()
     assert services.session.closed
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_shutting_down_writes_the_queued_lines_and_closes_the_ledger(tmp_path):
+    """When the gateway stops, every request's line is in the ledger and the gateway holds the file open no
+    more."""
+    path = tmp_path / "ledger.jsonl"
+    environ = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    gateway = Harness(DEFAULT_POLICY + f"ledger: {{{{path: {path}}}}}\n", environ=environ).start()
+    try:
+        client = gateway.openai()
+        for index in range(3):
+            client.chat.completions.create(model="auto", max_tokens=2,
+                                           messages=[{"role": "user", "content": f"hi {index}"}])
+    finally:
+        gateway.stop()
+    assert len(records(path)) == 3
+    assert files_held_open(tmp_path) == []
 
 
 def test_one_failing_shutdown_step_skips_none_of_the_rest(monkeypatch):

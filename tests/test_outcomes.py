@@ -130,6 +130,51 @@ async def test_stats_group_by_route_tenant_and_workflow_with_values(book):
     assert sorted(stats["tenant"]) == ["acme", "globex"]
 
 
+async def test_success_and_escalation_rates_count_their_own_outcomes(book):
+    """Three successes, one failure and no escalation: success rate 0.75, escalation rate 0."""
+    for index, outcome in enumerate(["success", "success", "failure", "success"]):
+        track(book, f"r{index}", "0.1", task_id=f"t{index}")
+        await book.report({"task_id": f"t{index}", "outcome": outcome}, tenant="acme")
+    route = (await book.stats())["route"]["chat"]
+    assert (route["success_rate"], route["escalation_rate"]) == (0.75, 0.0)
+
+
+@pytest.mark.parametrize("value_usd", [0, 10 ** 12])
+async def test_a_value_of_zero_or_of_the_largest_allowed_is_accepted(book, value_usd):
+    """`value_usd` may be anything from 0 to 1e12 USD, both ends included, and the stats add it."""
+    track(book, "r", "1", task_id="t")
+    task = await book.report({"task_id": "t", "outcome": "success", "value_usd": value_usd}, tenant="acme")
+    assert task.value_usd == value_usd
+    assert (await book.stats())["tenant"]["acme"]["value_usd"] == str(value_usd)
+
+
+async def test_a_task_keeps_the_route_of_its_first_call(book):
+    """A task whose calls went through two routes is reported, and grouped in the stats, under its first call's
+    route."""
+    track(book, "r1", "0.1", task_id="job", route="chat")
+    track(book, "r2", "0.2", task_id="job", route="code")
+    await book.close()
+    assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).route == "chat"
+    assert sorted((await book.stats())["route"]) == ["chat"]
+
+
+async def test_a_workflow_name_with_a_colon_is_grouped_like_any_other(book):
+    """A workflow named `team:triage` is booked, reported and shown under that name."""
+    track(book, "r1", "0.1", task_id="job", workflow="team:triage")
+    await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+    assert (await book.stats())["workflow"]["team:triage"]["tasks"] == 1
+
+
+async def test_calls_without_a_workflow_count_under_a_dash(book):
+    """Calls sent without x-gateway-workflow, a lone request as a task's, count under the workflow `-`."""
+    track(book, "lone", "0.1")
+    track(book, "r1", "0.1", task_id="job")
+    await book.report({"request_id": "lone", "outcome": "success"}, tenant="acme")
+    await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+    workflows = (await book.stats())["workflow"]
+    assert list(workflows) == ["-"] and workflows["-"]["tasks"] == 2
+
+
 @pytest.mark.parametrize("body", [[1], {"task_id": "t"}, {"outcome": "success"},
                                   {"task_id": "t", "outcome": "success", "value_usd": 1e13}])
 async def test_malformed_reports_are_refused_and_leave_the_task_reportable(book, body):
@@ -168,6 +213,41 @@ async def test_entries_are_forgotten_by_age_and_count_and_only_the_tenant_may_re
     with pytest.raises(NotFound):
         await book.report({"task_id": "job", "outcome": "success"}, tenant="globex")
     assert (await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")).outcome == "success"
+
+
+@pytest.mark.parametrize("task_id", ["job", None])
+async def test_a_task_is_kept_ttl_s_after_its_last_request_not_its_first(task_id):
+    """A task (or a request id used twice) whose last request came ttl_s ago, to the second, can still be reported,
+    at the cost of both requests."""
+    clock = Clock()
+    book = OutcomeBook(ttl_s=60, clock=clock)
+    track(book, "r1", "0.1", task_id=task_id)
+    clock.now_s += 50
+    track(book, "r1", "0.1", task_id=task_id)
+    clock.now_s += 60
+    judged = {"task_id": task_id} if task_id else {"request_id": "r1"}
+    assert (await book.report({**judged, "outcome": "success"}, tenant="acme")).cost_usd == Decimal("0.2")
+
+
+async def test_past_max_entries_the_least_recently_booked_task_goes_first():
+    """A task booked again is the newest entry: past max_entries the one booked longest ago is forgotten
+    instead."""
+    book = OutcomeBook(max_entries=2)
+    track(book, "a1", "0.1", task_id="a")
+    track(book, "b1", "0.1", task_id="b")
+    track(book, "a2", "0.1", task_id="a")
+    track(book, "c1", "0.1", task_id="c")
+    assert (await book.report({"task_id": "a", "outcome": "success"}, tenant="acme")).cost_usd == Decimal("0.2")
+    with pytest.raises(NotFound):
+        await book.report({"task_id": "b", "outcome": "success"}, tenant="acme")
+
+
+async def test_a_kept_task_is_found_by_the_id_of_its_first_of_several_requests():
+    """A task of five requests, kept within max_entries, is found by the id of its first request."""
+    book = OutcomeBook(max_entries=2)
+    for index in range(5):
+        track(book, f"r{index}", "0.1", task_id="job")
+    assert (await book.report({"request_id": "r0", "outcome": "success"}, tenant="acme")).requests == 5
 
 
 
@@ -265,6 +345,61 @@ async def test_a_report_through_another_process_counts_the_call_the_first_is_sti
     task = await second.report({"task_id": "job", "outcome": "success"}, tenant="acme")
     assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
     assert (await second.stats())["tenant"]["acme"]["cost_usd"] == "0.75"
+
+async def test_a_stats_bucket_expires_ttl_s_after_its_end(redis_client):
+    """The stats bucket a report lands in lives until ttl_s after the bucket's end (ttl_s / 24 per bucket), then
+    goes, so Redis keeps no stats older than the last ttl_s."""
+    clock = Clock()
+    clock.now_s = 1_050.0
+    book = redis_book(redis_client, ttl_s=2_400, clock=clock)          # buckets of 100 s: this one ends at 1,100
+    track(book, "r1", "0.1", task_id="job")
+    await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+    [bucket] = await redis_client.keys("test:{acme}:oc:stats:*")
+    assert 2_440_000 < await redis_client.pttl(bucket) <= 2_450_000
+
+
+async def test_a_short_store_timeout_still_gives_redis_min_timeout_s(redis_server, redis_client):
+    """A book given a store timeout under MIN_TIMEOUT_S still waits that long: a booking through a Redis that
+    answers 0.2 s late lands, uncounted as a failure."""
+    from tests.support.redis_delay import DelayingRedisProxy
+
+    proxy = DelayingRedisProxy(redis_server.port, 0.2).start()
+    slow_client = Redis.from_url(proxy.url)
+    book = RedisOutcomeBook(slow_client, "test", 0.05, recheck_s=0.01)
+    try:
+        await book.warm_up()
+        track(book, "r1", "0.1", task_id="job")
+        await book.close()
+        assert book.store_failures == 0
+        assert await redis_client.hget("test:{acme}:oc:t:job", "requests") == b"1"
+    finally:
+        await slow_client.aclose()
+        proxy.stop()
+
+
+async def test_a_report_waits_for_this_processs_booking_even_without_waiting_for_others(redis_client):
+    """With no wait for other processes' bookings (others_s 0), a report still counts the call this process is
+    booking: it waits for that booking itself."""
+    book = redis_book(redis_client, others_s=0)
+    track(book, "r1", "0.5", task_id="job")
+    await book.close()
+    track(book, "r2", "0.25", task_id="job")            # still gathering
+    task = await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+    assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
+
+
+async def test_a_report_of_a_task_another_process_is_still_booking_looks_again(redis_client):
+    """A report that finds its task unknown looks once more after recheck_s: a task whose only call another
+    process is still booking is found then, not answered 404."""
+    first = redis_book(redis_client)
+    second = RedisOutcomeBook(redis_client, "test", 2.0, recheck_s=0.5, others_s=0)
+    track(first, "r1", "0.5", task_id="job")            # gathering for FLUSH_S in the first process
+    try:
+        assert (await second.report({"task_id": "job", "outcome": "success"}, tenant="acme")).cost_usd \
+            == Decimal("0.5")
+    finally:
+        await first.close()
+
 
 async def test_redis_down_loses_bookings_quietly_and_reports_answer_503(caplog):
     """With Redis gone a booking never raises (warned of once, counted) and a report or stats read is 503
@@ -388,6 +523,24 @@ async def test_stats_keep_a_reported_task_for_24_hours(kind, request):
             clock.now_s = 1_000.0 + hours * 3600
             seen[hours] = (await book.stats())["route"].get("chat", {}).get("tasks")
         assert seen == {0: 1, 3: 1, 12: 1, 23: 1, 25: None}
+    finally:
+        if client is not None:
+            await book.close()
+            await client.aclose()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_task_reported_at_the_end_of_an_hour_is_kept_for_24_hours(kind, request):
+    """A task reported in the last second of a stats hour is still shown 23.9 hours later."""
+    clock = Clock()
+    clock.now_s = 3_599.0
+    client = Redis.from_url(request.getfixturevalue("redis_server").url) if kind == "redis" else None
+    book = redis_book(client, clock=clock) if client is not None else OutcomeBook(clock=clock)
+    try:
+        track(book, "r1", "0.5", task_id="job")
+        await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
+        clock.now_s += 23.9 * 3600
+        assert (await book.stats())["route"]["chat"]["tasks"] == 1
     finally:
         if client is not None:
             await book.close()

@@ -18,9 +18,10 @@ from gateway.policy.model import LatencyPrior, Match, Model, Policy, Price, Rout
 from gateway.replay import (
     ReplayRequest, TrafficError, compare, read_traffic, render_json, render_markdown, replay, summarize,
 )
+from gateway.replay.chart import nice_ceiling, render_chart
 from gateway.replay.cli import main
 from gateway.replay.outcome import Outcome, ReplayResult
-from gateway.replay.summary import percentiles
+from gateway.replay.summary import Minute, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "gateway" / "data" / "demo.yaml"
@@ -98,6 +99,7 @@ def test_generic_jsonl_reader_defaults_alias_and_endpoint(tmp_path):
 @pytest.mark.parametrize(("name", "text", "fmt", "needle"), [
     ("bad.jsonl", '{"timestamp": 1, "input_tokens": 1, "output_tokens": 1}\n\n{oops\n', "jsonl", ":3: not valid JSON"),
     ("bad.jsonl", '{"timestamp": 1, "input_tokens": -4, "output_tokens": 1}\n', "jsonl", ":1: input_tokens"),
+    ("bad.jsonl", '{"timestamp": 1, "input_tokens": 1, "output_tokens": true}\n', "jsonl", ":1: output_tokens"),
     ("bad.jsonl", '{"timestamp": 1, "output_tokens": 1}\n', "jsonl", ":1: missing key 'input_tokens'"),
     ("bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1,2\nyesterday,1,2\n", "azure",
      ":3: TIMESTAMP"),
@@ -241,6 +243,33 @@ def test_max_energy_j_holds_in_replay_once_a_model_is_measured():
     assert second.model == "large"
 
 
+def test_predicted_energy_is_shared_by_the_model_s_concurrent_slots():
+    """--power-w charges a request WATTS x its service time / max_concurrency, as the README says: on a model
+    with 4 slots, a 0.436 s answer at 640 W is 69.76 J, not 279 J."""
+    policy = _two_models(small_concurrency=4, first_byte_s=5)
+    outcome, = replay(policy, [ReplayRequest(0.0, 10, 100)], seed=0, jitter_sigma=0.0,
+                      power_w={"small": 640.0}).outcomes
+    assert outcome.energy_j == pytest.approx(0.436 * 640.0 / 4)
+
+
+def test_rejected_requests_leave_the_predicted_energy_known():
+    """A rejected request called no model, so it takes nothing from the energy total: with every model called
+    given a power, the total is the answers' energy, not n/a."""
+    requests = [ReplayRequest(0.0, 10, 100), ReplayRequest(1.0, 10, 100, alias="nope")]
+    summary = summarize(replay(_two_models(small_concurrency=1, first_byte_s=5), requests, seed=0,
+                               jitter_sigma=0.0, power_w={"small": 640.0}))
+    assert summary.rejected == {"no_route": 1}
+    assert summary.energy_j == summary.energy_per_request_j == pytest.approx(0.436 * 640.0)
+
+
+def test_rejected_requests_are_not_counted_as_best_effort_decisions():
+    """A best-effort decision is a routed request whose plan meets no SLA: a request refused before any plan
+    (no route takes its alias) is a rejection, not a best-effort decision."""
+    requests = [ReplayRequest(0.0, 10, 100), ReplayRequest(1.0, 10, 100, alias="nope")]
+    summary = summarize(replay(_two_models(small_concurrency=1, first_byte_s=5), requests, seed=0))
+    assert (summary.served, summary.rejected, summary.best_effort) == (1, {"no_route": 1}, 0)
+
+
 def _queued_policy(queue_timeout_ms: float, fallback: tuple[str, ...] = ()) -> Policy:
     """`_two_models` with one slot on small, gateway call slots on, and tenants of priority 0, 1 and 9."""
     from gateway.policy.model import Routing, Tenant
@@ -290,6 +319,18 @@ def test_replay_gateway_slot_timeout_falls_back_uncharged_and_fails_as_queue_tim
     assert (lone.status, lone.reason, lone.cost_usd) == ("failed", "queue_timeout", Decimal(0))
 
 
+def test_a_request_whose_last_attempt_timed_out_fails_as_a_timeout_whatever_failed_before():
+    """The failure reason is the last attempt's: a request that got no slot on small in time (queue_timeout),
+    then timed out on large, fails as `timeout`."""
+    policy = _queued_policy(100, fallback=("large",))
+    large = dataclasses.replace(policy.models["large"], timeouts=Timeouts(first_byte_s=0.1))
+    policy = dataclasses.replace(policy, models={**policy.models, "large": large})
+    requests = [ReplayRequest(0.0, 10, 100, tenant="normal"), ReplayRequest(0.01, 10, 100, tenant="normal")]
+    first, second = replay(policy, requests, seed=0, jitter_sigma=0.0).outcomes
+    assert first.model == "small"
+    assert (second.label, second.models_tried) == ("failed:timeout", ("small", "large"))
+
+
 def test_replay_asks_the_circuit_when_the_slot_comes_as_live():
     """A call that waited for small's slot while small's circuit opened goes to the fallback, not to small."""
     from gateway.policy.model import Breaker
@@ -324,3 +365,74 @@ def test_the_summary_counts_what_its_report_says():
     assert (summary.served, summary.failed, summary.cost_usd) == (2, {"timeout": 1}, Decimal("3"))
     assert summary.cost_per_request_usd == Decimal("1.5")
     assert summary.fallbacks == 1
+
+
+def test_the_per_minute_cost_is_every_request_s_and_its_latency_the_answered_ones():
+    """The chart's minutes: cost of every request arriving in the minute (a failed one's attempts included),
+    p95 latency of the answered ones, and a minute with no arrivals shown empty."""
+    answered = Outcome(0, 0.0, 10, 10, route="r", model="small", models_tried=("small",), latency_s=0.5,
+                       cost_usd=Decimal("1"))
+    failed = Outcome(1, 30.0, 10, 10, route="r", status="failed", reason="timeout", models_tried=("small",),
+                     cost_usd=Decimal("2"))
+    later = Outcome(2, 150.0, 10, 10, route="r", model="small", models_tried=("small",), latency_s=0.25,
+                    cost_usd=Decimal("4"))
+    summary = summarize(ReplayResult(_two_models(1, 5), 0, [answered, failed, later]))
+    assert summary.per_minute == (Minute(0, 2, Decimal("3"), 500.0), Minute(1, 0, Decimal(0), None),
+                                  Minute(2, 1, Decimal("4"), 250.0))
+
+
+def _with_latency_sla(p95_latency_ms: float, source: str) -> Policy:
+    """`_two_models` with a latency limit on its route."""
+    policy = _two_models(small_concurrency=1, first_byte_s=5)
+    route = dataclasses.replace(policy.routes[0], sla=Sla(p95_latency_ms=p95_latency_ms))
+    return dataclasses.replace(policy, routes=(route,), source=source)
+
+
+def test_the_sla_table_gives_new_minus_baseline_attainment():
+    """Per route, the last column is NEW's attainment minus BASELINE's: a 0.436 s answer misses a 100 ms limit
+    and meets a 1,000 ms one, so a looser NEW gains 100 points."""
+    requests = [ReplayRequest(0.0, 10, 100)]
+    baseline = replay(_with_latency_sla(100, "strict"), requests, jitter_sigma=0.0)
+    new = replay(_with_latency_sla(1000, "loose"), requests, jitter_sigma=0.0)
+    assert "| r | latency ≤ 100 ms | latency ≤ 1000 ms | 0 / 1 (0.0%) | 1 / 1 (100.0%) | +100.0 pp |" in \
+        render_markdown(compare(new, baseline))
+
+
+def test_a_comparison_with_no_changed_request_shows_no_empty_tables():
+    """When every request is answered by the same model under both policies, the report says so in one line and
+    draws no empty transition or sample table."""
+    result = replay(_two_models(small_concurrency=1, first_byte_s=5), [ReplayRequest(0.0, 10, 100)])
+    changes = render_markdown(compare(result, result)).split("## Requests whose model changed")[1]
+    assert changes.strip() == "**0** of 1 requests are answered by a different model (or rejected differently) " \
+                              "under NEW."
+
+
+@pytest.mark.parametrize(("value", "ceiling"), [(0.0, 1.0), (0.7, 1.0), (1.5, 2.0), (2.2, 2.5), (2.5, 2.5),
+                                                 (3.0, 5.0), (7.0, 10.0), (120.0, 200.0)])
+def test_the_chart_axis_ends_at_the_next_1_2_2_5_or_5_step(value, ceiling):
+    """A panel's y axis runs to the smallest 1, 2, 2.5 or 5 × 10^k at or above its highest value."""
+    assert nice_ceiling(value) == pytest.approx(ceiling)
+
+
+def test_the_latency_line_breaks_at_a_minute_with_no_answer():
+    """A minute with no answered request has no p95 latency: the chart's latency line stops there and starts
+    again, while the cost line (0 USD that minute) runs through."""
+    first = Outcome(0, 0.0, 10, 10, route="r", model="small", models_tried=("small",), latency_s=0.5,
+                    cost_usd=Decimal("1"))
+    third = Outcome(1, 150.0, 10, 10, route="r", model="small", models_tried=("small",), latency_s=0.25,
+                    cost_usd=Decimal("4"))
+    svg = ElementTree.fromstring(render_chart(summarize(ReplayResult(_two_models(1, 5), 0, [first, third]))))
+    lines = [line.get("points").split() for line in svg.findall("{http://www.w3.org/2000/svg}polyline")]
+    assert [len(points) for points in lines] == [3, 1, 1]
+
+
+def test_the_model_changes_are_listed_most_frequent_first():
+    """The transitions table starts with the change most requests made, whatever request showed it first."""
+    def answered(index: int, model: str) -> Outcome:
+        return Outcome(index, float(index), 10, 10, route="r", model=model, models_tried=(model,), latency_s=0.5)
+
+    rejected = [Outcome(i, float(i), 10, 10, status="rejected", reason="no_route") for i in (1, 2)]
+    policy = _two_models(1, 5)
+    comparison = compare(ReplayResult(policy, 0, [answered(0, "large"), *rejected]),
+                         ReplayResult(policy, 0, [answered(i, "small") for i in range(3)]))
+    assert list(comparison.transitions.items()) == [("small -> rejected:no_route", 2), ("small -> large", 1)]

@@ -55,9 +55,10 @@ def test_token_counts_with_non_decimal_digits_are_a_traffic_error(tmp_path, caps
     assert f"{path}:2: ContextTokens: expected a non-negative whole number" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("watts", ["nan", "inf"])
-def test_power_w_must_be_a_finite_number_of_watts(tmp_path, capsys, watts):
-    """--power-w small=nan (or inf) is a usage error, exit 2, not a report of `nan` joules."""
+@pytest.mark.parametrize("watts", ["nan", "inf", "0", "-5"])
+def test_power_w_must_be_a_finite_number_of_watts_above_zero(tmp_path, capsys, watts):
+    """--power-w small=nan (or inf) is a usage error, exit 2, not a report of `nan` joules; so is 0 or less: no GPU
+    serves on no power."""
     path = tmp_path / "t.csv"
     path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
     with pytest.raises(SystemExit) as caught:
@@ -81,3 +82,23 @@ def test_whole_answers_have_no_ttft_in_the_report(tmp_path):
     summary = _replay_json(tmp_path, mixed, "--seed", "3")["policies"]["new"]
     ttft = summary["ttft"]
     assert ttft["p50_ms"] == ttft["p99_ms"] < summary["latency"]["p50_ms"] / 10     # the one stream's TTFT
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_limit_below_one_is_a_usage_error(tmp_path, capsys, limit):
+    """--limit 0 (or less) is a usage error, exit 2, not a claim that the traffic file is empty."""
+    path = tmp_path / "t.csv"
+    path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
+    assert main(["--policy", str(DEMO), "--traffic", str(path), "--limit", limit]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_power_w_for_a_model_no_policy_has_is_a_usage_error(tmp_path, capsys):
+    """--power-w naming a model in neither policy (a typo) exits 2 naming it, instead of a report whose energy is
+    silently n/a."""
+    path = tmp_path / "t.csv"
+    path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
+    out = tmp_path / "r.md"
+    assert main(["--policy", str(DEMO), "--traffic", str(path), "--power-w", "smal=300", "--out", str(out)]) == 2
+    assert "--power-w names unknown models: smal" in capsys.readouterr().err
+    assert not out.exists()

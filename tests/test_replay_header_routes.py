@@ -45,6 +45,16 @@ def test_a_header_matched_route_is_taken_from_the_recorded_route():
     assert "| matched without headers (header-matched routes not simulated) | 2 |" in markdown
 
 
+def test_a_recorded_header_route_behind_a_headerless_match_is_not_taken():
+    """A request the headerless route matches first can never reach a header-matched route placed after it: its
+    recorded route (from an older policy order) is not used, and it is counted as matched without headers."""
+    late_search = Route("late-search", SEARCH.match, candidates=("large",))
+    result = replay(_policy(SEARCH, DEFAULT, late_search), [ReplayRequest(0.0, 10, 5, recorded_route="late-search")])
+    assert [(o.route, o.label) for o in result.outcomes] == [("chat-default", "small")]
+    summary = summarize(result)
+    assert (summary.routed_by_recorded_route, summary.matched_without_headers) == (0, 1)
+
+
 def test_a_policy_without_header_routes_ignores_recorded_routes():
     """Without header-matched routes, routing is the policy's own: a recorded route is neither used nor counted."""
     result = replay(_policy(DEFAULT, SMART), [ReplayRequest(0.0, 10, 5, recorded_route="smart")])

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from gateway.policy.load import load_policy
-from gateway.policy.model import LatencyPrior, Match, Model, Policy, Price, Route, Sla, Tenant, Timeouts
-from gateway.replay import ReplayRequest, read_traffic, render_markdown, replay, summarize
+from gateway.policy.model import (
+    Breaker, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla, Tenant, Timeouts,
+)
+from gateway.replay import ReplayRequest, compare, read_traffic, render_markdown, replay, summarize
 from gateway.replay.simulate import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,33 @@ def test_non_streamed_requests_are_planned_and_judged_without_ttft_limits(tmp_pa
     assert stream.label == "rejected:sla"
 
 
+def test_embeddings_are_never_planned_against_a_ttft_limit():
+    """An embedding line (stream true by default) gets no streamed answer, so, as live, a route's TTFT limit does
+    not reject it."""
+    policy = _policy(_model("small", 40, 4), _model("large", 200, 20), Sla(p95_ttft_ms=10, on_violation="reject"))
+    outcome, = replay(policy, [ReplayRequest(0.0, 500, 0, endpoint="embeddings")]).outcomes
+    assert (outcome.label, outcome.ttft_s) == ("small", None)
+
+
+def test_the_output_tokens_are_planned_as_max_tokens_against_the_context_window():
+    """A request is planned with its output tokens as max_tokens, as the README says: a prompt that fits small's
+    context window but leaves no room for the answer is rejected for context, not sent to small."""
+    small = dataclasses.replace(_model("small", 40, 4), context_window=1000)
+    route = Route("r", Match(models=("auto",)), candidates=("small",))
+    policy = Policy(version=1, models={"small": small}, routes=(route,))
+    fits, too_long = replay(policy, [ReplayRequest(0.0, 900, 100), ReplayRequest(1.0, 900, 101)]).outcomes
+    assert (fits.label, too_long.label) == ("small", "rejected:context")
+
+
+def test_a_latency_exactly_at_the_route_s_limit_meets_its_sla():
+    """The SLA's p95_latency_ms is a limit to stay within: an answer taking exactly 500 ms on a 500 ms route
+    counts as met."""
+    policy = _policy(_model("small", 500, 0), _model("large", 200, 20), Sla(p95_latency_ms=500))
+    result = replay(policy, [ReplayRequest(0.0, 10, 1)], jitter_sigma=0.0)
+    assert [(o.latency_s, o.sla_ok) for o in result.outcomes] == [(0.5, True)]
+    assert [(r.route, r.met) for r in summarize(result).sla] == [("r", 1)]
+
+
 def test_stream_flag_of_generic_jsonl_and_azure_defaults(tmp_path):
     """Generic JSONL takes an optional `stream` (true by default); Azure CSV rows are streams."""
     generic = tmp_path / "t.jsonl"
@@ -89,6 +118,24 @@ def test_a_whole_answer_is_waited_for_up_to_total_s():
     whole_cut, = replay(cut, requests[1:], jitter_sigma=0.0).outcomes
     assert (whole_cut.models_tried, whole_cut.model) == (("small", "large"), "large")
     assert whole_cut.latency_s == pytest.approx(0.7 + 0.2 + 199 * 0.02)
+
+
+def test_a_first_token_due_exactly_at_first_byte_s_is_in_time():
+    """An attempt times out only when its first token would come after first_byte_s: one due at exactly 0.1 s
+    on a 0.1 s limit is answered by its model, not failed over."""
+    policy = _policy(_model("small", 100, 4, first_byte_s=0.1), _model("large", 200, 20))
+    outcome, = replay(policy, [ReplayRequest(0.0, 10, 10)], jitter_sigma=0.0).outcomes
+    assert (outcome.models_tried, outcome.ttft_s) == (("small",), pytest.approx(0.1))
+
+
+def test_a_stream_cut_at_total_s_after_its_first_token_fails_and_pays_for_what_it_sent():
+    """A stream that has sent tokens cannot fall back: cut at total_s (1.002 s: 241 of 1,000 tokens sent), it
+    fails as a timeout on its one model and is charged for the tokens it sent."""
+    small = _timed(_model("small", 40, 4), total_s=1.002)
+    outcome, = replay(_policy(small, _model("large", 200, 20)), [ReplayRequest(0.0, 10, 1000)],
+                      jitter_sigma=0.0).outcomes
+    assert (outcome.label, outcome.models_tried) == ("failed:timeout", ("small",))
+    assert outcome.cost_usd == (10 * Decimal("0.05") + 241 * Decimal("0.10")) / 1_000_000
 
 
 def test_a_whole_answer_queued_on_the_model_waits_up_to_total_s():
@@ -133,6 +180,19 @@ def test_recorded_cache_hits_are_called_when_the_route_cache_is_off(tmp_path):
     assert summary.cost_usd == 3 * (100 * small.input_per_mtok + 50 * small.output_per_mtok) / 1_000_000
 
 
+def test_the_report_shows_cache_hits_when_one_policy_of_two_has_them(tmp_path):
+    """The cache-hit row, left out when no policy has any, is shown when only one of the two has some: NEW
+    caches the route and answers 3 hits free, BASELINE calls them."""
+    hit = {"cache": "hit", "models_tried": [], "cost_usd": "0", "saved_usd": "0.00001"}
+    requests = read_traffic(_write_ledger(tmp_path / "ledger.jsonl",
+                                          [_ledger_line(100.0 + i, **hit) for i in range(3)]))
+    demo = load_policy(DEMO)
+    no_cache = dataclasses.replace(demo, routes=tuple(
+        dataclasses.replace(r, cache=dataclasses.replace(r.cache, enabled=False)) for r in demo.routes))
+    markdown = render_markdown(compare(replay(demo, requests), replay(no_cache, requests)))
+    assert "| cache hits in the trace, answered at no cost | 0 | 3 | +3 |" in markdown
+
+
 def test_recorded_cache_hits_and_refusals_are_not_paid_calls(tmp_path):
     """Cache hits in a ledger are answered at no cost and refused lines (4xx, no model) are not replayed."""
     hit = {"cache": "hit", "models_tried": [], "cost_usd": "0", "saved_usd": "0.00001"}
@@ -151,6 +211,18 @@ def test_recorded_cache_hits_and_refusals_are_not_paid_calls(tmp_path):
     markdown = render_markdown(summary)
     assert "| cache hits in the trace, answered at no cost | 2 |" in markdown
     assert "| refused before routing in the trace, not replayed | 1 |" in markdown
+
+
+def test_only_client_errors_before_any_model_count_as_refused_in_the_trace(tmp_path):
+    """A 4xx with no model is a refusal, left out; a 5xx with no model, or a 4xx after a model was chosen (an
+    upstream's own 400), reached the routing stage live, so it is replayed as a call."""
+    lines = [_ledger_line(100.0, status=500, model=None, models_tried=[]),
+             _ledger_line(101.0, status=400, model="small"),
+             _ledger_line(102.0, status=499, route=None, model=None, models_tried=[])]
+    requests = read_traffic(_write_ledger(tmp_path / "ledger.jsonl", lines))
+    assert [r.recorded_answer for r in requests] == ["call", "call", "refused"]
+    summary = summarize(replay(load_policy(DEMO), requests))
+    assert (summary.requests, summary.served, summary.refused_in_trace) == (2, 2, 1)
 
 
 def test_tenants_are_identified_and_their_allow_lists_enforced():
@@ -191,6 +263,20 @@ def test_every_attempt_pays_its_gpu_time_failed_ones_included():
     assert summary.cost_usd == first.cost_usd + fell_back.cost_usd + failed.cost_usd
 
 
+def test_a_fallback_whose_circuit_opened_meanwhile_is_skipped_after_a_failed_attempt():
+    """As the live call stage: once an attempt has failed, a planned fallback whose circuit opened since the plan
+    was made is skipped (it is no last hope), and the request fails having tried only its first model."""
+    base = _policy(_model("small", 2000, 4, first_byte_s=1.0), _model("large", 500, 20, first_byte_s=0.2),
+                   routing=Routing(breaker=Breaker(failure_threshold=1)))
+    only_large = Route("big", Match(models=("big",)), candidates=("large",))
+    policy = dataclasses.replace(base, routes=(*base.routes, only_large))
+    # the first request is planned small then large; the second times out on large at 0.3 s, opening its circuit
+    waiting, opener = replay(policy, [ReplayRequest(0.0, 10, 10), ReplayRequest(0.1, 10, 10, alias="big")],
+                             jitter_sigma=0.0).outcomes
+    assert (opener.label, opener.models_tried) == ("failed:timeout", ("large",))
+    assert (waiting.label, waiting.models_tried) == ("failed:timeout", ("small",))
+
+
 def test_waiting_until_the_queue_deadline_counts_as_queued():
     """A request that waits in a full queue until first_byte_s, then falls back, counts as queued, with its wait."""
     policy = _policy(_model("small", 40, 4, concurrency=1, first_byte_s=0.1), _model("large", 200, 20))
@@ -198,6 +284,17 @@ def test_waiting_until_the_queue_deadline_counts_as_queued():
     assert [o.queue_s for o in result.outcomes] == [0.0, pytest.approx(0.1), pytest.approx(0.1)]
     assert [o.models_tried for o in result.outcomes[1:]] == [("small", "large")] * 2
     assert summarize(result).queued == 2
+
+
+def test_a_wait_in_a_full_model_queue_past_first_byte_s_counts_against_the_circuit():
+    """A request cut while queued on a full model counts as a failure of that model, as a late first byte does
+    live: with failure_threshold 1 small's circuit opens, and the next request is planned on large alone."""
+    policy = _policy(_model("small", 40, 4, concurrency=1, first_byte_s=0.1), _model("large", 200, 20),
+                     routing=Routing(breaker=Breaker(failure_threshold=1)))
+    requests = [ReplayRequest(0.0, 10, 100), ReplayRequest(0.0, 10, 100), ReplayRequest(0.2, 10, 100)]
+    running, cut, later = replay(policy, requests, jitter_sigma=0.0).outcomes
+    assert (running.models_tried, cut.models_tried) == (("small",), ("small", "large"))
+    assert later.models_tried == ("large",)
 
 
 def test_embeddings_teach_the_router_their_whole_time():

@@ -45,6 +45,13 @@ def test_ledger_starting_with_an_outcome_line_is_read_as_a_ledger(tmp_path):
     assert [(r.arrival_s, r.alias, r.line) for r in read_traffic(path)] == [(0.0, "auto", 2), (1.5, "smart", 3)]
 
 
+def test_a_ledger_of_outcome_lines_only_has_no_requests_to_replay(tmp_path):
+    """A ledger holding only outcome lines is read as a ledger with nothing to replay, not as generic JSONL whose
+    lines lack a timestamp."""
+    path = _jsonl(tmp_path / "ledger.jsonl", [{"type": "outcome", "task_id": "t1", "outcome": "success"}])
+    assert read_traffic(path) == []
+
+
 @pytest.mark.parametrize("timestamp", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400])
 def test_non_finite_timestamp_names_file_and_line(tmp_path, timestamp):
     """A NaN, infinite or overflowing timestamp is a TrafficError naming the file and line, not a crash later."""
@@ -67,6 +74,13 @@ def test_trace_spanning_more_than_31_days_is_refused(tmp_path, capsys, later):
     assert "Traceback" not in err
 
 
+def test_a_trace_spanning_exactly_31_days_is_replayed(tmp_path):
+    """Arrivals 31 days apart, the longest span a replay takes, are read, not refused as mixed units."""
+    path = _jsonl(tmp_path / "t.jsonl", [{"timestamp": t, "input_tokens": 5, "output_tokens": 5}
+                                         for t in (1_700_000_000, 1_700_000_000 + 31 * 86_400)])
+    assert [r.arrival_s for r in read_traffic(path)] == [0.0, 31 * 86_400.0]
+
+
 def test_non_utf8_traffic_is_a_traffic_error_with_file_and_line(tmp_path):
     """A Latin-1 CSV is a TrafficError naming the file and the line of the first bad byte."""
     path = tmp_path / "latin1.csv"
@@ -86,6 +100,13 @@ def test_gzipped_and_bom_csv_are_read(tmp_path):
     expected = read_traffic(plain)
     assert len(expected) == 2
     assert read_traffic(zipped) == read_traffic(bom) == expected
+
+
+def test_blank_lines_in_a_csv_are_skipped(tmp_path):
+    """Blank lines between rows and at the end of an Azure CSV are skipped; the rows keep their line numbers."""
+    path = tmp_path / "blank.csv"
+    path.write_text(AZURE.replace("\n2023", "\n\n2023") + "\n\n")
+    assert [(r.input_tokens, r.line) for r in read_traffic(path)] == [(374, 3), (396, 5)]
 
 
 def test_broken_gzip_is_a_traffic_error(tmp_path):

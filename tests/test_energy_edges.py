@@ -56,6 +56,29 @@ async def awaiting_books(monitor: EnergyMonitor, clock: ManualClock) -> tuple[ob
     return request, finished
 
 
+def gpu0_monitor(exporter, session) -> tuple[EnergyMonitor, ManualClock]:
+    """A monitor of one pool, `big`, on DCGM GPU 0 of gpu-node-1 behind the test's exporter (no idle power
+    configured), and the clock the test moves it by."""
+    clock = ManualClock()
+    gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
+    return EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock), clock
+
+
+async def booked_over_two_seconds(exporter, session, texts: list[str]):
+    """The joules a pool on DCGM GPU 0 books between two samples 2 s apart of the exporter's `texts` (the last one
+    repeated), and the GPU's last reading."""
+    exporter.texts = texts
+    monitor, clock = gpu0_monitor(exporter, session)
+    await monitor.open()
+    try:
+        await monitor.sample_once()
+        clock.advance(2.0)
+        await monitor.sample_once()
+        return monitor.totals("big").measured_j, monitor.snapshot()[0]
+    finally:
+        await monitor.stop()
+
+
 async def test_a_reload_to_a_longer_interval_waits_longer_for_a_requests_books():
     """After a reload from 0.25 s to 5 s sampling, a request's joules are awaited 2 x 5 + 2 s, as at start-up."""
     nvml = two_gpus(ManualClock())
@@ -98,9 +121,7 @@ async def test_an_exporter_without_any_matching_gpu_is_failing_not_ok(exporter, 
 async def test_a_mig_gpu_is_read_from_its_instance_series_once(exporter, session):
     """A GPU in MIG mode, whose device fields come once per instance, is read: its counter once, its memory summed."""
     exporter.texts = [mig_text(5_000_000), mig_text(5_400_000)]
-    clock = ManualClock()
-    gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
-    monitor = EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock)
+    monitor, clock = gpu0_monitor(exporter, session)
     await monitor.open()
     await monitor.sample_once()
     clock.advance(1.0)
@@ -118,23 +139,6 @@ async def test_a_blank_dcgm_energy_counter_falls_back_to_power(exporter, session
     booked_j, reading = await booked_over_two_seconds(exporter, session, [with_energy(FIXTURE, "0", DCGM_INT64_BLANK)])
     assert reading.energy_mj is None
     assert booked_j == pytest.approx(412.345 * 2.0)
-
-
-async def booked_over_two_seconds(exporter, session, texts: list[str]):
-    """The joules a pool on DCGM GPU 0 books between two samples 2 s apart of the exporter's `texts` (the last one
-    repeated), and the GPU's last reading."""
-    exporter.texts = texts
-    clock = ManualClock()
-    gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
-    monitor = EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock)
-    await monitor.open()
-    try:
-        await monitor.sample_once()
-        clock.advance(2.0)
-        await monitor.sample_once()
-        return monitor.totals("big").measured_j, monitor.snapshot()[0]
-    finally:
-        await monitor.stop()
 
 
 async def test_a_gpu_with_whole_gpu_series_is_read_from_them_not_from_its_instances(exporter, session):
@@ -210,9 +214,7 @@ async def test_an_unconvertible_value_of_a_field_not_used_does_not_spoil_the_scr
 async def test_counters_frozen_for_a_minute_mark_the_model_failing(exporter, session):
     """Counters standing still at full power (a stuck exporter) fail the model after STALE_LIMIT_S, until they move."""
     exporter.texts = [FIXTURE]
-    clock = ManualClock()
-    gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
-    monitor = EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock)
+    monitor, clock = gpu0_monitor(exporter, session)
     await monitor.open()
     await monitor.sample_once()
     for _ in range(int(STALE_LIMIT_S / 5) - 1):
@@ -233,9 +235,7 @@ async def test_counters_frozen_for_a_minute_mark_the_model_failing(exporter, ses
 async def test_a_counter_standing_still_at_zero_watts_is_an_idle_gpu_not_a_stuck_exporter(exporter, session):
     """A GPU drawing 0 W whose counter does not move for minutes is measured (0 J), not failing as stale."""
     exporter.texts = [re.sub(r'^(DCGM_FI_DEV_POWER_USAGE\{gpu="0".*\}) \S+$', r"\g<1> 0", FIXTURE, flags=re.M)]
-    clock = ManualClock()
-    gpus = GpuSource(source="dcgm", ids=("0",), url=exporter.url, hostname="gpu-node-1", idle_w=0.0)
-    monitor = EnergyMonitor(policy_with({"big": gpus}), session=session, clock=clock)
+    monitor, clock = gpu0_monitor(exporter, session)
     await monitor.open()
     await monitor.sample_once()
     for _ in range(2):

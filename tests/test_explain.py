@@ -113,15 +113,20 @@ def live(gw, endpoint: str, body: dict, headers: dict, tenant: str) -> str | int
         return exc.status_code
 
 
+def explain_cli(policy_path: Path, tmp_path: Path, capsys, body: dict, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `gateway policy explain` on a request (a chat one unless `--endpoint` says)."""
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(body))
+    code = gateway_cli(["policy", "explain", str(policy_path), "--request", str(request_file), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def explained(policy_path: Path, tmp_path: Path, capsys, endpoint: str, body: dict, headers: dict,
               tenant: str) -> str | int:
     """What `gateway policy explain` chooses for the request, or the status it says it would refuse with."""
-    request_file = tmp_path / "request.json"
-    request_file.write_text(json.dumps(body))
-    argv = ["policy", "explain", str(policy_path), "--request", str(request_file), "--endpoint", endpoint,
-            "--tenant", tenant, *(f"--header={k}:{v}" for k, v in headers.items())]
-    code = gateway_cli(argv)
-    out, err = capsys.readouterr()
+    code, out, err = explain_cli(policy_path, tmp_path, capsys, body, "--endpoint", endpoint, "--tenant", tenant,
+                                 *(f"--header={k}:{v}" for k, v in headers.items()))
     if code == 2:
         return int(err.split("refused:")[1].split()[0])
     assert code == 0, err
@@ -205,15 +210,6 @@ def offline_policy(tmp_path: Path, tail: str = "") -> Path:
     path = tmp_path / "policy.yaml"
     path.write_text((POLICY + tail).format(**{name: "http://127.0.0.1:9/v1" for name in SIMS}))
     return path
-
-
-def explain_cli(policy_path: Path, tmp_path: Path, capsys, body: dict, *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `gateway policy explain` on a chat request."""
-    request_file = tmp_path / "request.json"
-    request_file.write_text(json.dumps(body))
-    code = gateway_cli(["policy", "explain", str(policy_path), "--request", str(request_file), *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_explain_on_a_policy_with_problems_exits_1_naming_them(tmp_path, capsys):

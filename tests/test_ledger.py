@@ -243,7 +243,7 @@ def blocked_rotation(tmp_path: Path, caplog) -> tuple[Path, Ledger]:
 def test_a_failed_rotation_is_tried_again_only_rotate_retry_s_later(tmp_path, caplog, monkeypatch):
     """Once a rotation has failed, lines go on into the full file until ROTATE_RETRY_S has passed, even when what
     blocked it is gone."""
-    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 60.0, raising=False)
+    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 60.0)
     with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
         path, book = blocked_rotation(tmp_path, caplog)
         (tmp_path / "ledger.jsonl.2").rmdir()
@@ -256,7 +256,7 @@ def test_a_failed_rotation_is_tried_again_only_rotate_retry_s_later(tmp_path, ca
 
 def test_a_rotation_failing_again_and_again_is_said_once(tmp_path, caplog, monkeypatch):
     """A rotation retried at every line (ROTATE_RETRY_S 0) and failing each time warns once, not per line."""
-    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 0.0, raising=False)
+    monkeypatch.setattr(ledger_module, "ROTATE_RETRY_S", 0.0)
     with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
         path, book = blocked_rotation(tmp_path, caplog)
         for seq in range(20, 25):

@@ -4,6 +4,7 @@ time; the Redis one shared by every gateway process, exact in money, and never f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from decimal import Decimal
@@ -43,17 +44,26 @@ def redis_book(client: Redis, **options) -> RedisOutcomeBook:
     return RedisOutcomeBook(client, "test", 2.0, recheck_s=0.01, **options)
 
 
+@contextlib.asynccontextmanager
+async def book_of(kind: str, request, **options):
+    """An outcome book of `kind`: "memory", or "redis" on a real redis-server (closed, with its client, after)."""
+    if kind == "memory":
+        yield OutcomeBook(**options)
+        return
+    client = Redis.from_url(request.getfixturevalue("redis_server").url)
+    shared = redis_book(client, **options)
+    try:
+        yield shared
+    finally:
+        await shared.close()
+        await client.aclose()
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def book(request):
     """An outcome book of each kind; the Redis one on a real redis-server."""
-    if request.param == "memory":
-        yield OutcomeBook()
-        return
-    client = Redis.from_url(request.getfixturevalue("redis_server").url)
-    shared = redis_book(client)
-    yield shared
-    await shared.close()
-    await client.aclose()
+    async with book_of(request.param, request) as made:
+        yield made
 
 
 # both books ----------------------------------------------------------------------------------------
@@ -250,7 +260,6 @@ async def test_a_kept_task_is_found_by_the_id_of_its_first_of_several_requests()
     assert (await book.report({"request_id": "r0", "outcome": "success"}, tenant="acme")).requests == 5
 
 
-
 async def test_a_call_that_ends_after_its_task_was_reported_adds_to_the_task_not_to_the_stats(book):
     """A task reported at 0.5 USD stays 0.5 in the stats (as in its metric and ledger line) when another of its
     calls ends afterwards, in either book."""
@@ -334,7 +343,6 @@ async def test_a_report_waits_for_the_booking_this_process_has_under_way(redis_c
     assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
 
 
-
 async def test_a_report_through_another_process_counts_the_call_the_first_is_still_booking(redis_client):
     """A task's last call served by one process, its outcome reported through another just after: the report
     waits for the first process's booking, which gathers for FLUSH_S, and counts that call."""
@@ -345,6 +353,7 @@ async def test_a_report_through_another_process_counts_the_call_the_first_is_sti
     task = await second.report({"task_id": "job", "outcome": "success"}, tenant="acme")
     assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
     assert (await second.stats())["tenant"]["acme"]["cost_usd"] == "0.75"
+
 
 async def test_a_stats_bucket_expires_ttl_s_after_its_end(redis_client):
     """The stats bucket a report lands in lives until ttl_s after the bucket's end (ttl_s / 24 per bucket), then
@@ -513,9 +522,7 @@ async def test_stats_keep_a_reported_task_for_24_hours(kind, request):
     """`/admin/stats` shows the tasks reported in the last 24 hours: a task reported now is there 3, 12 and 23
     hours later, and gone after 25."""
     clock = Clock()
-    client = Redis.from_url(request.getfixturevalue("redis_server").url) if kind == "redis" else None
-    book = redis_book(client, clock=clock) if client is not None else OutcomeBook(clock=clock)
-    try:
+    async with book_of(kind, request, clock=clock) as book:
         track(book, "r1", "0.5", task_id="job")
         await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
         seen = {}
@@ -523,10 +530,6 @@ async def test_stats_keep_a_reported_task_for_24_hours(kind, request):
             clock.now_s = 1_000.0 + hours * 3600
             seen[hours] = (await book.stats())["route"].get("chat", {}).get("tasks")
         assert seen == {0: 1, 3: 1, 12: 1, 23: 1, 25: None}
-    finally:
-        if client is not None:
-            await book.close()
-            await client.aclose()
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
@@ -534,14 +537,8 @@ async def test_a_task_reported_at_the_end_of_an_hour_is_kept_for_24_hours(kind, 
     """A task reported in the last second of a stats hour is still shown 23.9 hours later."""
     clock = Clock()
     clock.now_s = 3_599.0
-    client = Redis.from_url(request.getfixturevalue("redis_server").url) if kind == "redis" else None
-    book = redis_book(client, clock=clock) if client is not None else OutcomeBook(clock=clock)
-    try:
+    async with book_of(kind, request, clock=clock) as book:
         track(book, "r1", "0.5", task_id="job")
         await book.report({"task_id": "job", "outcome": "success"}, tenant="acme")
         clock.now_s += 23.9 * 3600
         assert (await book.stats())["route"]["chat"]["tasks"] == 1
-    finally:
-        if client is not None:
-            await book.close()
-            await client.aclose()

@@ -27,6 +27,13 @@ def _replay_json(tmp_path: Path, traffic: Path, *flags: str) -> dict:
     return json.loads(report.read_text())
 
 
+def one_row_csv(tmp_path: Path) -> Path:
+    """An Azure CSV trace of one well-formed request, for the tests of command-line flags."""
+    path = tmp_path / "t.csv"
+    path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
+    return path
+
+
 def test_azure_csv_timestamps_in_seconds_are_replayed(tmp_path):
     """A CSV whose TIMESTAMP column holds seconds (epoch or relative) replays, as the README promises."""
     path = tmp_path / "seconds.csv"
@@ -59,8 +66,7 @@ def test_token_counts_with_non_decimal_digits_are_a_traffic_error(tmp_path, caps
 def test_power_w_must_be_a_finite_number_of_watts_above_zero(tmp_path, capsys, watts):
     """--power-w small=nan (or inf) is a usage error, exit 2, not a report of `nan` joules; so is 0 or less: no GPU
     serves on no power."""
-    path = tmp_path / "t.csv"
-    path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
+    path = one_row_csv(tmp_path)
     with pytest.raises(SystemExit) as caught:
         main(["--policy", str(DEMO), "--traffic", str(path), "--power-w", f"small={watts}"])
     assert caught.value.code == 2
@@ -87,8 +93,7 @@ def test_whole_answers_have_no_ttft_in_the_report(tmp_path):
 @pytest.mark.parametrize("limit", ["0", "-3"])
 def test_limit_below_one_is_a_usage_error(tmp_path, capsys, limit):
     """--limit 0 (or less) is a usage error, exit 2, not a claim that the traffic file is empty."""
-    path = tmp_path / "t.csv"
-    path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
+    path = one_row_csv(tmp_path)
     assert main(["--policy", str(DEMO), "--traffic", str(path), "--limit", limit]) == 2
     assert "--limit must be at least 1" in capsys.readouterr().err
 
@@ -96,8 +101,7 @@ def test_limit_below_one_is_a_usage_error(tmp_path, capsys, limit):
 def test_power_w_for_a_model_no_policy_has_is_a_usage_error(tmp_path, capsys):
     """--power-w naming a model in neither policy (a typo) exits 2 naming it, instead of a report whose energy is
     silently n/a."""
-    path = tmp_path / "t.csv"
-    path.write_text(HEADER + "2023-11-16 18:15:46,10,5\n")
+    path = one_row_csv(tmp_path)
     out = tmp_path / "r.md"
     assert main(["--policy", str(DEMO), "--traffic", str(path), "--power-w", "smal=300", "--out", str(out)]) == 2
     assert "--power-w names unknown models: smal" in capsys.readouterr().err

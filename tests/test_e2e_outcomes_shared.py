@@ -22,7 +22,7 @@ import pytest
 from gateway.simulator import SimConfig
 from tests.support import accounting
 from tests.support.harness import Harness
-from tests.support.policies import models, short_timeouts, standard_model, tenants
+from tests.support.policies import QUICK_STOP, models, short_timeouts, standard_model, tenants
 from tests.support.redis_server import RedisServer, free_port
 from tests.test_e2e_replicas import REPO_ROOT, SimulatorThread, http
 
@@ -93,7 +93,7 @@ def test_redis_down_serves_requests_and_answers_reports_503(caplog):
     caplog.set_level(logging.WARNING)
     redis = RedisServer().start()
     environ = {**os.environ, "GATEWAY_REDIS_URL": redis.url, "OTEL_SDK_DISABLED": "true"}
-    gw = Harness(POLICY, {"small": dict(ttft_ms=5, tpot_ms=1)}, environ).start()
+    gw = Harness(POLICY + QUICK_STOP, {"small": dict(ttft_ms=5, tpot_ms=1)}, environ).start()
     try:
         call(gw, "ticket-up", 1)
         redis.stop()

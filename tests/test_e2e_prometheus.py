@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.harness import DEFAULT_POLICY, Harness
-from tests.support.policies import tenants
+from tests.support.policies import QUICK_STOP, tenants
 from tests.support.prometheus import PROMETHEUS, Prometheus
 
 pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(),
@@ -72,7 +72,7 @@ def test_store_failures_are_exported_by_part(redis_server):
     """With Redis gone, admissions answered per on_store_failure show as gateway.store.failures{part=limits}."""
     policy = (DEFAULT_POLICY + tenants(KEYS)
               + "  limited: {{keys_sha256: [\"%s\"], limits: {{requests_per_minute: 100}}}}\n"
-              % hashlib.sha256(b"key-limited").hexdigest())
+              % hashlib.sha256(b"key-limited").hexdigest() + QUICK_STOP)
     harness = Harness(policy, environ={"GATEWAY_PROMETHEUS": "1", "OTEL_METRIC_EXPORT_INTERVAL": "60000",
                                        "GATEWAY_REDIS_URL": redis_server.url}).start()
     try:

@@ -81,6 +81,14 @@ def read_to_end(client: socket.socket, pauses: int = 0, pause_s: float = 0.0) ->
     return received
 
 
+def wait_for_the_call_to_end(harness: Harness, within_s: float) -> float:
+    """Wait until model `raw` has no call in flight, at most `within_s`; the seconds it took."""
+    started_s = time.monotonic()
+    while harness.services.fleet.estimates.in_flight("raw") and time.monotonic() - started_s < within_s:
+        time.sleep(0.05)
+    return time.monotonic() - started_s
+
+
 def test_a_model_trickling_past_total_s_is_cut_at_total_s(env):
     """A model that sends a chunk every 0.5 s (each within first_byte_s) is cut at total_s with an in-band
     timeout naming it: the gateway's own total_s deadline for streams holds the model's time to it."""
@@ -141,10 +149,7 @@ def test_a_client_that_stops_reading_is_cut_and_frees_the_model(env):
     raw.script = big_stream(1500)                       # 12 MB: more than the sockets' buffers hold
     client = open_stream(harness, "stops-reading")
     client.recv(4096)
-    started_s = time.monotonic()
-    while harness.services.fleet.estimates.in_flight("raw") and time.monotonic() - started_s < 6:
-        time.sleep(0.05)
-    held_s = time.monotonic() - started_s
+    held_s = wait_for_the_call_to_end(harness, within_s=6)
     assert harness.services.fleet.estimates.in_flight("raw") == 0 and held_s < CLIENT_TIMEOUT_S + 2.5
     read_to_end(client)                                 # what was queued, then the cut: no hang
     client.close()
@@ -164,9 +169,7 @@ def test_a_client_cut_for_taking_nothing_finds_its_connection_closed_and_is_book
                  [(sse(chunk(None, finish="stop"), b"[DONE]"), 0.0)]
     client = open_stream(harness, "cut-then-reads")
     client.recv(4096)
-    started_s = time.monotonic()
-    while harness.services.fleet.estimates.in_flight("raw") and time.monotonic() - started_s < 20:
-        time.sleep(0.05)                                # until the cut ends the call
+    wait_for_the_call_to_end(harness, within_s=20)      # the cut ends it
     received = read_to_end(client)
     client.close()
     assert b"[DONE]" not in received and not received.endswith(b"\r\n0\r\n\r\n")

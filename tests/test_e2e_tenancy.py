@@ -15,7 +15,8 @@ import redis
 
 from gateway.tenancy.keys import new_key
 from tests.support.harness import DEFAULT_SIMS, Harness
-from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, latency, model, models, price, standard_model
+from tests.support.policies import (QUICK_STOP, SMART_AND_EMBEDDINGS_ROUTES, latency, model, models, price,
+                                    standard_model)
 from tests.support.redis_server import RedisServer
 
 TENANTS = ("full", "narrow", "routed", "rpm", "conc", "tpm", "budget", "thrifty", "capped", "astray")
@@ -425,7 +426,7 @@ def store_policy(on_store_failure: str) -> str:
     """The test policy with a store section and a cached default route."""
     return POLICY.replace("    candidates: [small, medium, large]\n",
                           "    candidates: [small, medium, large]\n    cache: {{enabled: true}}\n", 1) + \
-        f"store: {{{{on_store_failure: {on_store_failure}}}}}\n"
+        f"store: {{{{on_store_failure: {on_store_failure}}}}}\n" + QUICK_STOP
 
 
 def test_redis_down_with_allow_serves_and_warns_once(redis_server, caplog):

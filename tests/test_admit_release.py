@@ -14,11 +14,11 @@ from redis.asyncio import Redis
 
 from gateway.cache.memory import MemoryCache
 from gateway.cache.singleflight import SingleFlight
-from gateway.context import RequestContext, Usage
+from gateway.context import Decision, RequestContext, Usage
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
-from gateway.policy.model import Budget, Limits, Policy, Store, Tenant
+from gateway.policy.model import Budget, Limits, Model, Policy, Price, Store, Tenant
 from gateway.stages import admit as admit_module
-from gateway.stages.admit import Admit
+from gateway.stages.admit import Admit, reservation_usd
 from gateway.stores import Stores
 from gateway.tasks import BackgroundTasks
 from gateway.tenancy.budgets_memory import MemoryBudgets
@@ -26,6 +26,7 @@ from gateway.tenancy.budgets_redis import RedisBudgets
 from gateway.tenancy.limits_memory import MemoryLimiter
 from gateway import store_guard
 from gateway.tenancy.limits_redis import RedisLimiter, tenant_keys
+from tests.support.redis_counting import CountingRedis
 
 ONE_AT_A_TIME = Tenant("solo", limits=Limits(concurrent=1, tokens_per_minute=100_000))
 
@@ -401,6 +402,39 @@ async def test_a_request_refused_for_its_budget_takes_no_request_tokens_or_slot(
     await stage.services.background.drain(timeout_s=5)
     usage = await limiter.usage(spent)
     assert (usage.requests, usage.tokens, usage.concurrent) == (0, 0, 0)
+
+
+async def test_after_a_budget_refusal_the_next_request_is_refused_without_asking_the_limiter(redis_server):
+    """Once this process saw a tenant's budget spent, its next request is refused by the budget alone: the limiter
+    is not asked for an admission that would only be withdrawn, until the period ends."""
+    limiter_client, budgets_client = CountingRedis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+    spent = Tenant("spent", limits=Limits(requests_per_minute=100), budget=Budget(usd_per_day=Decimal("0.01")))
+    stage = admit_stage(RedisLimiter(limiter_client, "test", 2.0, "allow"),
+                        budgets=RedisBudgets(budgets_client, "test", 2.0, "allow"))
+    try:
+        await stage.services.stores.budgets.charge(spent, Decimal(1))
+        with pytest.raises(BudgetExceeded):
+            await stage.handle(request(spent))         # both asked at once: admitted, then withdrawn
+        await stage.services.background.drain(timeout_s=5)
+        assert limiter_client.sent
+        limiter_client.sent.clear()
+        with pytest.raises(BudgetExceeded):
+            await stage.handle(request(spent))
+        await stage.services.background.drain(timeout_s=5)
+        assert limiter_client.sent == []
+    finally:
+        await limiter_client.aclose()
+        await budgets_client.aclose()
+
+
+def test_a_plan_led_by_a_fallback_holds_the_price_of_each_choice():
+    """A plan whose first model the router did not judge (a route's fallback) holds the prompt and the predicted
+    answer for each of the request's n choices: 10 input and 2 x 100 output tokens, not 100."""
+    fallback = Model(name="fallback", endpoint="e", upstream_model="fallback",
+                     price=Price(input_per_mtok=Decimal("1"), output_per_mtok=Decimal("10")))
+    ctx = RequestContext(http=None, policy=None, request_id="r", prompt_tokens=10, choices=2,
+                         decision=Decision(route=None, plan=(fallback,), output_tokens=100))
+    assert reservation_usd(ctx) == Decimal("0.00201")
 
 
 async def test_a_request_without_max_tokens_reserves_256_tokens_for_each_choice():

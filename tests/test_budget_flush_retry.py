@@ -18,9 +18,9 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from gateway.policy.model import Budget, Tenant
 from gateway.tasks import BackgroundTasks
-from gateway.tenancy.budgets import Periods
+from gateway.tenancy.budgets import RETENTION_S, Periods
 from gateway.tenancy.budgets_memory import MemoryBudgets
-from gateway.tenancy.budgets_redis import RedisBudgets
+from gateway.tenancy.budgets_redis import LATE_FLUSH_S, RedisBudgets
 
 #: a flush waits this long for Redis before it counts as unanswered
 TIMEOUT_S = 0.1
@@ -290,3 +290,11 @@ async def test_a_redis_slower_than_the_store_timeout_still_lands_each_flush_once
     finally:
         await slow.aclose()
         proxy.stop()
+
+
+async def test_the_applied_flush_marker_outlives_the_retry_window_and_then_lapses(redis_server, client):
+    """The marker that keeps a flush sent again from being applied twice lives longer than a flush is retried
+    (LATE_FLUSH_S), else a late retry would charge again; and it lapses (RETENTION_S), never kept for ever."""
+    budgets, who = RedisBudgets(client, "t12", TIMEOUT_S), tenant()
+    await budgets.charge(who, Decimal("0.10"))
+    assert LATE_FLUSH_S < await client.ttl(budgets.applied_key(who.name)) <= RETENTION_S

@@ -19,6 +19,7 @@ from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
 from gateway.responses import error_response
 from gateway.tenancy.budgets import HELD_RETRY_S, BudgetState
+from gateway.tenancy import budgets_redis
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.redis_counting import CountingRedis
@@ -112,6 +113,34 @@ async def test_a_request_predicted_to_cost_nothing_takes_no_hold(make_budgets):
     assert held is not None and hold is None and not state.exhausted
 
 
+async def test_a_tenant_without_a_budget_holds_nothing(make_budgets):
+    """A tenant without a budget is never held for its requests' cost, in memory as in Redis: nothing to give back."""
+    budgets = make_budgets()
+    state, hold = await budgets.reserve(tenant(None), Decimal("0.50"), "free", EVENING_S)
+    assert hold is None and not state.exhausted and await held_nanos(budgets) == 0
+
+
+async def test_a_budget_of_zero_refuses_every_request_and_holds_nothing(make_budgets):
+    """usd_per_day: 0 is a spent budget, not no budget: a request predicted to cost something is refused until
+    midnight and the store holds nothing for it."""
+    budgets, who = make_budgets(), tenant("0")
+    state, hold = await budgets.reserve(who, Decimal("0.01"), "any", EVENING_S)
+    assert hold is None and (state.exhausted, state.reason, state.by_holds) == (True, "day", False)
+    assert state.retry_after_s == pytest.approx(6 * 3600) and await held_nanos(budgets) == 0
+
+
+async def test_a_request_costing_exactly_what_is_left_waits_only_for_the_holds_in_flight(make_budgets):
+    """With 0.50 spent and 0.20 held, a request predicted at the 0.50 left is refused for the holds in flight and
+    told to come back in a second, not that it costs more than is left and to wait for midnight."""
+    budgets, who = make_budgets(), tenant()
+    await budgets.charge(who, Decimal("0.50"), EVENING_S)
+    _, held = await budgets.reserve(who, Decimal("0.20"), "in-flight", EVENING_S)
+    state, hold = await budgets.reserve(who, Decimal("0.50"), "exact", EVENING_S)
+    assert held is not None and hold is None
+    assert (state.by_holds, state.retry_after_s, state.cost_usd) == (True, HELD_RETRY_S, None)
+    assert state.error().headers == {"Retry-After": "1"}
+
+
 async def test_replicas_share_the_holds_in_redis(redis_server):
     """A hold taken through one replica refuses a request through another until it is given back."""
     first, second = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
@@ -172,6 +201,55 @@ async def test_a_hold_of_a_killed_replica_lapses_after_its_ttl(redis_server):
         await client.aclose()
 
 
+async def test_the_held_sum_lapses_with_the_holds_no_replica_gave_back(redis_server):
+    """Holds never given back (their replica died), with no reservation of the tenant since: once their keys
+    lapse, their sum is gone from Redis too, and does not refuse the tenant's next requests for ever."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-orphan", hold_ttl_s=0.05), tenant()
+        _, orphan = await budgets.reserve(who, Decimal("0.90"), "orphan")
+        holds_key, sum_key = budgets.holds_keys(who.name)
+        assert orphan is not None
+        await asyncio.sleep(await client.pttl(holds_key) / 1000 + 0.05)      # the hold's TTL and 1 s
+        assert not await client.exists(holds_key) and not await client.exists(sum_key)
+        _, admitted = await budgets.reserve(who, Decimal("0.50"), "next")
+        assert admitted is not None and await held_nanos(budgets) == 500_000_000
+    finally:
+        await client.aclose()
+
+
+async def test_a_lapsed_hold_leaves_the_held_sum_while_other_holds_remain(redis_server):
+    """A hold past its TTL is dropped from the held sum by the next reservation even while other requests still
+    hold theirs: with 0.30 held and a lapsed 0.50, a request of 0.60 fits 1.00."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        alive, dying, who = RedisBudgets(client, "test-lapse"), RedisBudgets(client, "test-lapse", hold_ttl_s=0.1), \
+            tenant()
+        _, held = await alive.reserve(who, Decimal("0.30"), "alive")
+        _, orphan = await dying.reserve(who, Decimal("0.50"), "orphan")
+        assert held is not None and orphan is not None
+        await asyncio.sleep(0.2)
+        _, admitted = await alive.reserve(who, Decimal("0.60"), "next")
+        assert admitted is not None and await held_nanos(alive) == 900_000_000
+    finally:
+        await client.aclose()
+
+
+async def test_the_usage_report_leaves_out_holds_past_their_ttl(redis_server):
+    """A hold past its TTL (its replica died) no longer shows as held in the admin report, though no reservation
+    has dropped it from Redis yet."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-lapsed", hold_ttl_s=0.1), tenant()
+        await budgets.reserve(who, Decimal("0.90"), "orphan")
+        assert (await budgets.usage(who)).held_usd == Decimal("0.9")
+        await asyncio.sleep(0.2)
+        assert (await budgets.usage(who)).held_usd == 0
+        assert await client.zcard(budgets.holds_keys(who.name)[0]) == 1     # still in Redis, yet lapsed
+    finally:
+        await client.aclose()
+
+
 async def test_a_tenant_without_a_budget_sends_no_reservation(redis_server):
     """Reserving for a tenant without a budget sends Redis nothing; a budgeted one's reservation is the one script
     call that also reads the spend (no separate read)."""
@@ -208,6 +286,35 @@ async def test_a_hold_redis_did_not_answer_is_still_given_back(redis_server):
         assert int(await client.get(budgets.holds_keys("acme")[1])) == 100_000_000
     finally:
         await client.aclose()
+
+
+async def test_a_hold_redis_never_took_given_back_frees_nothing_held_by_others(redis_server, monkeypatch):
+    """A reservation Redis never ran (it was down) still returns its hold; while its give-back waits for the next
+    flush, and another replica's request holds 0.60 of 1.00, it frees nothing: this replica's next 0.60 is refused,
+    as in memory, and the admin report still shows the 0.60 held (both used to count the never-taken hold freed)."""
+    monkeypatch.setattr(budgets_redis, "CHARGE_FLUSH_S", 0.5)     # the give-back gathers for its flush meanwhile
+    first, second = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
+    try:
+        mine, theirs, who = RedisBudgets(first, "test-never", 0.5, backoff_s=0.0), RedisBudgets(second, "test-never"), \
+            tenant()
+        await mine.warm_up()
+        redis_server.stop()
+        down, never_taken = await mine.reserve(who, Decimal("0.60"), "never-taken")
+        redis_server.start()
+        assert not down.available and never_taken is not None       # let through under allow, its hold kept
+        _, held = await theirs.reserve(who, Decimal("0.60"), "theirs")
+        assert held is not None
+        giving_back = asyncio.ensure_future(mine.settle(who, never_taken, Decimal(0)))
+        await asyncio.sleep(0)                                       # gathering for the next flush
+        state, over = await mine.reserve(who, Decimal("0.60"), "over")
+        report = await mine.usage(who)
+        assert not giving_back.done()
+        await giving_back
+        assert over is None and state.by_holds, f"admitted with {await held_nanos(mine)} nano-USD held"
+        assert report.held_usd == Decimal("0.6")
+    finally:
+        await first.aclose()
+        await second.aclose()
 
 
 async def test_holds_are_taken_and_given_back_on_a_redis_cluster(cluster):
@@ -261,9 +368,21 @@ async def test_a_request_dearer_than_what_is_left_is_told_so_and_to_wait_for_the
     assert fits is not None
 
 
+async def test_a_request_dearer_than_what_is_left_of_the_month_is_told_the_months_remainder(make_budgets):
+    """Refused for its own cost against a month budget, a request is told what is left of the month (0.05), not
+    the month's limit less what was spent today (0.95)."""
+    budgets, who = make_budgets(), Tenant("acme", budget=Budget(usd_per_month=Decimal("1")))
+    await budgets.charge(who, Decimal("0.90"), EVENING_S - 86400)
+    await budgets.charge(who, Decimal("0.05"), EVENING_S)
+    state, hold = await budgets.reserve(who, Decimal("0.10"), "dear", EVENING_S)
+    assert hold is None and (state.reason, state.by_holds) == ("month", False)
+    assert "predicted cost, USD 0.1, is more than the USD 0.05 left of USD 1 per month" in state.error().message
+
+
 @pytest.mark.parametrize("retry_after_s, by_holds, final", [(6 * 3600, False, True), (30, False, False),
-                                                            (HELD_RETRY_S, True, False)],
-                         ids=["spent-for-hours", "spent-for-seconds", "held-by-requests-in-flight"])
+                                                            (60, False, False), (HELD_RETRY_S, True, False)],
+                         ids=["spent-for-hours", "spent-for-seconds", "spent-for-the-sdks-longest-wait",
+                              "held-by-requests-in-flight"])
 def test_a_budget_spent_until_a_distant_period_end_tells_the_sdk_not_to_retry(retry_after_s, by_holds, final):
     """A budget spent for hours answers `x-should-retry: false`: the OpenAI SDKs ignore a Retry-After past 60 s and
     would retry at once, each retry refused again. One whose period ends within a minute, or that only requests in

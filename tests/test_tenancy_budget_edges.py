@@ -74,6 +74,15 @@ async def test_a_charge_after_midnight_lands_in_the_new_day_and_month(budgets):
     assert (after.spent_day_usd, after.spent_month_usd, after.exhausted) == (Decimal("0.25"), Decimal("0.25"), False)
 
 
+async def test_the_retry_after_of_a_spent_budget_is_rounded_up_to_whole_seconds(budgets):
+    """With 2.5 s left of the day, a spent budget says Retry-After: 3, never 2: a client told to come back before
+    the period ends would only be refused again."""
+    who = tenant(per_day="1")
+    await budgets.charge(who, Decimal("1"), LAST_SECOND_S)
+    state = await budgets.check(who, LAST_SECOND_S - 1.5)
+    assert state.retry_after_s == 2.5 and state.error().headers["Retry-After"] == "3"
+
+
 async def test_a_raised_budget_applies_at_once_and_keeps_the_spend(budgets):
     """A budget raised by a reload (a new Tenant of the same name) frees the tenant at once, its spend kept."""
     await budgets.charge(tenant(per_day="1"), Decimal("1"), LAST_SECOND_S)
@@ -84,7 +93,7 @@ async def test_a_raised_budget_applies_at_once_and_keeps_the_spend(budgets):
 
 
 # the running gateway, in memory --------------------------------------------------------------------
-SPENT, PAYING = new_key(), new_key()
+SPENT, PAYING, SPENT_LIMITED = new_key(), new_key(), new_key()
 OLD, ROTATED = new_key(), new_key()
 
 #: route `solo`: one candidate that always fails, and a fallback that serves
@@ -102,6 +111,10 @@ tenants:
     keys_sha256: ["{SPENT[1]}"]
     budget: {{{{usd_per_day: 0, on_exhausted: downgrade}}}}
   paying: {{{{keys_sha256: ["{PAYING[1]}"], budget: {{{{usd_per_day: 100}}}}}}}}
+  spent-limited:
+    keys_sha256: ["{SPENT_LIMITED[1]}"]
+    limits: {{{{requests_per_minute: 1}}}}
+    budget: {{{{usd_per_day: 0, on_exhausted: downgrade}}}}
   rotating: {{{{keys_sha256: ["{OLD[1]}", "{ROTATED[1]}"]}}}}
   tiny: {{{{keys_sha256: ["{new_key()[1]}"], budget: {{{{usd_per_day: 0.0000001}}}}}}}}
 """
@@ -121,6 +134,17 @@ def test_a_budget_downgrade_keeps_the_routes_fallbacks(failing_small):
     answer = failing_small.openai(api_key=SPENT[0]).chat.completions.with_raw_response.create(
         model="auto", messages=HELLO, max_tokens=5)
     assert answer.headers["x-gateway-model"] == "large"
+
+
+def test_a_downgraded_tenant_is_still_held_to_its_rate_limit(failing_small):
+    """A tenant downgraded for its spent budget is admitted against its limits like any other: its second request
+    of the minute is refused for requests per minute, not served."""
+    client = failing_small.openai(api_key=SPENT_LIMITED[0])
+    first = client.chat.completions.with_raw_response.create(model="auto", messages=HELLO, max_tokens=5)
+    assert first.status_code == 200
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="auto", messages=HELLO, max_tokens=5)
+    assert refused.value.code == "rate_limit_exceeded"
 
 
 def test_a_paying_tenant_falls_back_and_is_charged_for_the_answer(failing_small):

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import CHARGE_FLUSH_S, Periods
+from gateway.tenancy.budgets import CHARGE_FLUSH_S, RETENTION_S, Periods
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.redis_counting import CountingRedis
@@ -91,6 +91,25 @@ async def test_tiny_charges_add_up_exactly(make_budgets):
     assert state.spent_day_usd == Decimal("1.000000002") and state.exhausted
 
 
+async def test_a_charge_of_half_a_nano_dollar_rounds_to_even(make_budgets):
+    """Charges round half-even to the nano-dollar: 2.5 and 3.5 nano-USD count 2 and 4, so halves do not all round
+    up (or down) and drift the total."""
+    budgets, who = make_budgets(), tenant(per_day="1")
+    await budgets.charge(who, Decimal("0.0000000025"), EVENING_S)
+    await budgets.charge(who, Decimal("0.0000000035"), EVENING_S)
+    assert (await budgets.check(who, EVENING_S)).spent_day_usd == Decimal("0.000000006")
+
+
+async def test_of_two_spent_periods_the_one_that_frees_the_tenant_later_is_named(make_budgets):
+    """A day and a month both spent name the month, and Retry-After waits until it ends (30 h), not until
+    midnight, when the tenant would only be refused again."""
+    budgets, who = make_budgets(), tenant(per_day="1", per_month="1")
+    await budgets.charge(who, Decimal("1"), EVENING_S)
+    state = await budgets.check(who, EVENING_S)
+    assert (state.exhausted, state.reason, state.retry_after_s) == (True, "month", 30 * 3600)
+    assert state.error().headers["Retry-After"] == str(30 * 3600)
+
+
 async def test_usage_reports_spend_without_budget(make_budgets):
     """A tenant without a budget is never exhausted, yet usage() still reports its spend as JSON."""
     budgets, who = make_budgets(), tenant()
@@ -127,6 +146,20 @@ async def test_redis_budget_survives_restart(redis_server):
     finally:
         await first_client.aclose()
         await second_client.aclose()
+
+
+async def test_the_month_total_is_kept_until_the_month_ends_not_the_day(redis_server):
+    """In Redis the day total lives until its day ends and RETENTION_S more, the month total until its month ends
+    and RETENTION_S more: a month total kept only as long as the day's would forget the month's spend."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-ttl", 2.0, "allow"), tenant(per_day="1", per_month="5")
+        await budgets.charge(who, Decimal("0.50"), EVENING_S)
+        day_key, month_key = budgets.keys(who.name, Periods.at(EVENING_S))
+        assert await client.ttl(day_key) == pytest.approx(6 * 3600 + RETENTION_S, abs=60)
+        assert await client.ttl(month_key) == pytest.approx(30 * 3600 + RETENTION_S, abs=60)
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("on_store_failure", ["allow", "deny"])
@@ -189,6 +222,21 @@ async def test_a_read_with_room_is_reused_briefly_and_ended_by_a_charge(redis_se
         await client.aclose()
 
 
+async def test_a_charge_ends_the_reuse_of_a_read_as_it_is_made_not_when_it_lands(redis_server):
+    """This replica's charge ends the reuse of its last read at once: a check while the charge still waits for its
+    flush counts it, rather than reuse the read from before it."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-reuse-pending", 2.0, "allow"), tenant(per_day="1.00")
+        assert not (await budgets.check(who, EVENING_S)).exhausted
+        charging = asyncio.create_task(budgets.charge(who, Decimal("1.00"), EVENING_S))
+        await asyncio.sleep(0)                              # gathering for its flush: not in Redis yet
+        assert (await budgets.check(who, EVENING_S)).exhausted
+        await charging
+    finally:
+        await client.aclose()
+
+
 async def test_another_replicas_charge_shows_once_the_reuse_window_passes(redis_server):
     """A charge made by another replica is seen by a check at most READ_REUSE_S after this one's last read."""
     from gateway.tenancy.budgets import READ_REUSE_S
@@ -203,6 +251,20 @@ async def test_another_replicas_charge_shows_once_the_reuse_window_passes(redis_
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_read_the_store_did_not_answer_is_not_reused(redis_server):
+    """A check Redis did not answer (spend unknown, let through under allow) is not reused: the next check, once
+    Redis is back, reads the spend again rather than go on unenforced for READ_REUSE_S."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
+    try:
+        budgets, who = RedisBudgets(client, "test-unknown", 0.5, "allow", backoff_s=0.0), tenant(per_day="1")
+        redis_server.stop()
+        assert not (await budgets.check(who, EVENING_S)).available
+        redis_server.start()
+        assert (await budgets.check(who, EVENING_S)).available
+    finally:
+        await client.aclose()
 
 
 class LateReplyRedis(Redis):
@@ -254,6 +316,24 @@ async def test_charges_made_together_go_in_one_transaction_and_count_while_they_
         await client.aclose()
 
 
+async def test_a_charge_made_while_the_last_one_gathers_joins_its_transaction(redis_server):
+    """A charge made a few turns of the event loop after the tenant's last one (well within CHARGE_FLUSH_S) joins
+    its flush: requests ending a moment apart cost Redis one script call, not one each."""
+    client = CountingRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-gather-apart", 2.0, "allow"), tenant(per_day="1.00")
+        await budgets.warm_up()
+        client.sent.clear()
+        first = asyncio.create_task(budgets.charge(who, Decimal("0.10"), EVENING_S))
+        for _ in range(5):
+            await asyncio.sleep(0)                      # the first charge gathers; its flush waits CHARGE_FLUSH_S
+        await asyncio.gather(first, budgets.charge(who, Decimal("0.20"), EVENING_S))
+        assert client.sent.count("EVALSHA") == 1
+        assert (await budgets.read(who, EVENING_S)).spent_day_usd == Decimal("0.3")
+    finally:
+        await client.aclose()
+
+
 class LateExecRedis(Redis):
     """A real Redis client whose script replies (a flush's) reach the caller 0.1 s after Redis applied them."""
 
@@ -275,6 +355,22 @@ async def test_a_read_between_a_flush_applied_and_its_reply_counts_the_charge_on
         await charging
         assert during.spent_day_usd == Decimal("0.60") and not during.exhausted
         assert (await budgets.read(who, EVENING_S)).spent_day_usd == Decimal("0.60")
+    finally:
+        await client.aclose()
+
+
+async def test_a_reservation_between_a_flush_applied_and_its_reply_counts_the_charge_once(redis_server):
+    """Redis has applied the flush (its marker says so), its reply is still on its way: a reservation then counts
+    the charge in the totals Redis holds, not again as still waiting, and a request that fits is held."""
+    client = LateExecRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-applied-hold", 2.0, "allow"), tenant(per_day="1.00")
+        charging = asyncio.create_task(budgets.charge(who, Decimal("0.60"), EVENING_S))
+        while await client.get(budgets.applied_key(who.name)) is None:     # applied; the reply comes 0.1 s late
+            await asyncio.sleep(0.005)
+        state, hold = await budgets.reserve(who, Decimal("0.30"), "fits", EVENING_S)
+        await charging
+        assert hold is not None and state.spent_day_usd == Decimal("0.60")
     finally:
         await client.aclose()
 

@@ -19,8 +19,8 @@ that could still land.
 
 # KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
 # ARGV: day limit, month limit (nano-USD; -1: none), cost (nano-USD), member (ticket:cost), hold_ttl_ms,
-#       n, then per charge flush of this replica not yet known applied: seq, day nanos, month nanos, released nanos,
-#       then the deadline (ms on Redis's clock; 0: none)
+#       n, then per charge flush of this replica not yet known applied: seq, day nanos, month nanos, k, then the k
+#       members (ticket:cost) of the holds it gives back; then the deadline (ms on Redis's clock; 0: none)
 # Reply: reserved (1 or 0), day spent, month spent, held by the others (all nano-USD, this replica's flushes
 #        counted as the marker says), Redis's clock (ms), late (1: run past its deadline, nothing held or read)
 RESERVE = """
@@ -30,7 +30,9 @@ local member, ttl_ms, flushes = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- run by a Redis resuming from a stall after its caller gave up (and maybe gave the hold back): hold nothing
-local deadline_ms = tonumber(ARGV[7 + flushes * 4] or '0')
+local last = 7
+for _ = 1, flushes do last = last + 4 + tonumber(ARGV[last + 3]) end
+local deadline_ms = tonumber(ARGV[last] or '0')
 if deadline_ms > 0 and now_ms > deadline_ms then return {0, 0, 0, 0, now_ms, 1} end
 
 local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms)
@@ -46,13 +48,19 @@ local day = tonumber(redis.call('GET', day_key) or '0')
 local month = tonumber(redis.call('GET', month_key) or '0')
 local applied = tonumber(redis.call('GET', applied_key) or '0')
 local held = tonumber(redis.call('GET', sum_key) or '0')
-for i = 0, flushes - 1 do
-  local at = 7 + i * 4
+local at = 7
+for _ = 1, flushes do
+  local released = tonumber(ARGV[at + 3])
   if tonumber(ARGV[at]) > applied then
     day = day + tonumber(ARGV[at + 1])
     month = month + tonumber(ARGV[at + 2])
-    held = held - tonumber(ARGV[at + 3])
+    -- only a hold the set still has is in the sum: one Redis never took (its reservation unanswered, never run)
+    -- or one expired frees nothing
+    for i = at + 4, at + 3 + released do
+      if redis.call('ZSCORE', holds_key, ARGV[i]) then held = held - tonumber(string.match(ARGV[i], ':(%d+)$')) end
+    end
   end
+  at = at + 4 + released
 end
 if held < 0 then held = 0 end
 
@@ -113,8 +121,10 @@ return {applied, top}
 """
 
 # KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
-# ARGV: none; read only (expired holds are left for the next reservation to drop)
-# Reply: day spent, month spent, the marker, held by unexpired holds (all nano-USD)
+# ARGV: n, then per charge flush of this replica not yet landed: seq, k, then the k members (ticket:cost) of the
+#       holds it gives back; read only (expired holds are left for the next reservation to drop)
+# Reply: day spent, month spent, the marker, held by unexpired holds, less those this replica's flushes not yet
+#        applied give back (all nano-USD)
 USAGE = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -122,6 +132,18 @@ local held = tonumber(redis.call('GET', KEYS[5]) or '0')
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms)) do
   held = held - tonumber(string.match(m, ':(%d+)$'))
 end
+local applied = tonumber(redis.call('GET', KEYS[3]) or '0')
+local at = 2
+for _ = 1, tonumber(ARGV[1] or '0') do
+  local released = tonumber(ARGV[at + 1])
+  if tonumber(ARGV[at]) > applied then
+    for i = at + 2, at + 1 + released do     -- as in RESERVE: only an unexpired hold the set still has counts
+      local expires_ms = redis.call('ZSCORE', KEYS[4], ARGV[i])
+      if expires_ms and tonumber(expires_ms) > now_ms then held = held - tonumber(string.match(ARGV[i], ':(%d+)$')) end
+    end
+  end
+  at = at + 2 + released
+end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0'),
-        tonumber(redis.call('GET', KEYS[3]) or '0'), math.max(held, 0)}
+        applied, math.max(held, 0)}
 """

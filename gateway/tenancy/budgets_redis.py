@@ -48,8 +48,7 @@ FLUSH_TIMEOUT_S = 1.0
 class _Charges:
     """A tenant's charges of one flush (a part): nano-dollars and retention by key, and the holds they give back."""
 
-    __slots__ = ("landed", "flush", "nanos", "retention_s", "charges", "seq", "released", "released_nanos",
-                 "waiting", "failed_at_s")
+    __slots__ = ("landed", "flush", "nanos", "retention_s", "charges", "seq", "released", "waiting", "failed_at_s")
 
     def __init__(self, landed: asyncio.Future, seq: int) -> None:
         self.landed = landed                # set once they are in the store, or their loss counted
@@ -59,7 +58,6 @@ class _Charges:
         self.charges = 0                    # each request's charge adds two keys' nanos, and one here
         self.seq = seq                      # this replica's flush number: the store applies parts in this order
         self.released: list[str] = []       # the members of the holds given back
-        self.released_nanos = 0
         self.waiting = 0                    # callers waiting for it to land (a drain that runs out cancels them)
         self.failed_at_s: float | None = None   # when a call carrying it first went unanswered (monotonic)
 
@@ -155,7 +153,7 @@ class RedisBudgets:
             return self._store_down(tenant)
         applied = int(reply[2] or 0)
         self._land_applied(tenant.name, applied)
-        day_pending, month_pending, _ = self._pending(tenant.name, keys, applied)
+        day_pending, month_pending = self._pending(tenant.name, keys, applied)
         return evaluate(tenant, int(reply[0] or 0) + day_pending, int(reply[1] or 0) + month_pending, now_s)
 
     def _land_applied(self, tenant_name: str, applied: int) -> None:
@@ -165,14 +163,13 @@ class RedisBudgets:
                      and part.failed_at_s is not None]:
             self._land(tenant_name, part)
 
-    def _pending(self, tenant_name: str, keys: tuple[str, str], applied: int) -> tuple[int, int, int]:
-        """This replica's day and month nanos, and hold give-backs, the store does not hold yet (`applied`: its
-        marker as read): gathering, sent and not applied, or waiting for a retry."""
+    def _pending(self, tenant_name: str, keys: tuple[str, str], applied: int) -> tuple[int, int]:
+        """This replica's day and month nanos the store does not hold yet (`applied`: its marker as read):
+        gathering, sent and not applied, or waiting for a retry."""
         unlanded = [part for part in self._unlanded.get(tenant_name, ()) if part.seq > applied]
         day_key, month_key = keys
         return (sum(part.nanos.get(day_key, 0) for part in unlanded),
-                sum(part.nanos.get(month_key, 0) for part in unlanded),
-                sum(part.released_nanos for part in unlanded))
+                sum(part.nanos.get(month_key, 0) for part in unlanded))
 
     async def reserve(self, tenant: Tenant, cost_usd: Decimal, ticket: str,
                       now_s: float | None = None) -> tuple[BudgetState, Hold | None]:
@@ -189,12 +186,14 @@ class RedisBudgets:
         now_s = self.clock() if now_s is None else now_s
         day_key, month_key = self.keys(tenant.name, Periods.at(now_s))
         hold = Hold(ticket, nanos)
-        pending: list[int] = []             # this replica's flush parts the store may not hold yet, for the script
-        for part in self._unlanded.get(tenant.name, ()):
-            pending += (part.seq, part.nanos.get(day_key, 0), part.nanos.get(month_key, 0), part.released_nanos)
+        parts = self._unlanded.get(tenant.name, ())     # this replica's flush parts the store may not hold yet
+        pending: list[int | str] = []
+        for part in parts:
+            pending += (part.seq, part.nanos.get(day_key, 0), part.nanos.get(month_key, 0), len(part.released),
+                        *part.released)
         budget = tenant.budget
         args = [limit_nanos(budget.usd_per_day), limit_nanos(budget.usd_per_month), nanos, hold.member,
-                self.hold_ttl_ms, len(pending) // 4, *pending, self.redis_clock.deadline_ms(self.guard.timeout_s)]
+                self.hold_ttl_ms, len(parts), *pending, self.redis_clock.deadline_ms(self.guard.timeout_s)]
         sent = not self.guard.backing_off   # else the guard answers without sending anything
         reply = await self.guard.run(lambda: self.reserve_script(
             keys=[day_key, month_key, self.applied_key(tenant.name), *self.holds_keys(tenant.name)], args=args))
@@ -247,7 +246,6 @@ class RedisBudgets:
             gathering.add(month_key, nanos, retention_s(periods.month_end_s, now_s))
         if hold is not None:
             gathering.released.append(hold.member)
-            gathering.released_nanos += hold.nanos
         gathering.charges += 1
         gathering.waiting += 1
         try:
@@ -385,12 +383,16 @@ class RedisBudgets:
         `exhausted` by the spend alone."""
         now_s = self.clock()
         keys = self.keys(tenant.name, Periods.at(now_s))
+        parts = self._unlanded.get(tenant.name, ())     # the holds they give back the script leaves out
+        released: list[int | str] = []
+        for part in parts:
+            released += (part.seq, len(part.released), *part.released)
         reply = await self.guard.run(lambda: self.usage_script(
-            keys=[*keys, self.applied_key(tenant.name), *self.holds_keys(tenant.name)]))
+            keys=[*keys, self.applied_key(tenant.name), *self.holds_keys(tenant.name)], args=[len(parts), *released]))
         if reply is STORE_DOWN:
             return self._store_down(tenant)
         day_nanos, month_nanos, applied, held_nanos = (int(v) for v in reply)
         self._land_applied(tenant.name, applied)
-        day_pending, month_pending, released_nanos = self._pending(tenant.name, keys, applied)
+        day_pending, month_pending = self._pending(tenant.name, keys, applied)
         return replace(evaluate(tenant, day_nanos + day_pending, month_nanos + month_pending, now_s),
-                       held_usd=to_usd(max(0, held_nanos - released_nanos)))
+                       held_usd=to_usd(held_nanos))

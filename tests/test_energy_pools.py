@@ -355,3 +355,20 @@ async def test_a_model_named_like_a_pools_label_is_a_pool_of_its_own():
     assert monitor.models() == ['"a"+"b"', "a+b"]
     assert monitor.totals("a").measured_j == monitor.totals('"a"+"b"').measured_j == pytest.approx(100.0)
     assert monitor.totals("a+b").measured_j == pytest.approx(300.0)
+
+
+async def test_a_model_with_no_energy_booked_yet_is_exported_at_zero_not_left_out():
+    """Before its GPUs' first interval a model's measured and idle energy are 0 J, a value: its series is there at
+    0 (left out, a dashboard reads it as no data and a rate over the first interval is lost)."""
+    clock = ManualClock()
+    nvml = two_gpus(clock, power_w=100.0)
+    monitor = EnergyMonitor(policy_with({"a": GpuSource(source="nvml", ids=("0",))}), nvml_module=nvml, clock=clock)
+    await monitor.open()
+    reader = InMemoryMetricReader()
+    observe_gpus(MeterProvider(metric_readers=[reader]).get_meter("test"), monitor)
+    data = reader.get_metrics_data()
+    await monitor.stop()
+    values = {(m.name, point.attributes.get("gateway.model.selected")): point.value for rm in data.resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics for point in m.data.data_points}
+    assert values[("gateway.energy.measured", "a")] == 0
+    assert values[("gateway.energy.idle", "a")] == 0

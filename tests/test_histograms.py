@@ -104,3 +104,57 @@ def test_a_delta_readers_histograms_are_marked_delta_and_a_cumulative_readers_cu
     for temporality, export in exports.items():
         (metric,) = export.add_to(None).resource_metrics[0].scope_metrics[0].metrics
         assert metric.data.aggregation_temporality is temporality
+
+
+def test_a_zero_is_counted_in_the_first_bucket_as_the_sdk_counts_it():
+    """A zero (a cached answer's duration, an empty completion's tokens) is a value, not one to drop."""
+    sdk_data, our_data, _ = sdk_and_gateway([(0.0, LABELS[0]), (0.0, LABELS[0])])
+    sdk_point, ours = points_by_tenant(sdk_data, "h")["acme"], points_by_tenant(our_data, "h")["acme"]
+    assert (ours.count, ours.bucket_counts[0], ours.min, ours.max) == (2, 2, 0.0, 0.0)
+    assert list(ours.bucket_counts) == list(sdk_point.bucket_counts) and ours.count == sdk_point.count
+
+
+def test_cumulative_points_keep_the_instruments_start_time_from_one_collection_to_the_next():
+    """A cumulative point starts when the instrument did, every time: a start that moved would read as a reset."""
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    export = HistogramExport([ours], SCOPE, RESOURCE)
+    ours.record(0.5, LABELS[0])
+    first = points_by_tenant(export.add_to(None), "h")["acme"]
+    ours.record(0.5, LABELS[0])
+    second = points_by_tenant(export.add_to(None), "h")["acme"]
+    assert first.start_time_unix_nano == second.start_time_unix_nano == ours.start_ns
+    assert first.start_time_unix_nano < first.time_unix_nano <= second.time_unix_nano
+    assert (first.count, second.count) == (1, 2)
+
+
+def test_a_delta_reader_made_after_values_were_recorded_collects_the_points_already_there():
+    """A delta reader that joins late gets a min and max window on the points already there, and reports them: its
+    first point counts every value so far, so its min and max are theirs too."""
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    ours.record(0.5, LABELS[0])
+    delta = HistogramExport([ours], SCOPE, RESOURCE, delta=True)
+    ours.record(5.0, LABELS[0])
+    point = points_by_tenant(delta.add_to(None), "h")["acme"]
+    assert (point.count, list(point.bucket_counts), point.min, point.max) == (2, [1, 1], 0.5, 5.0)
+
+
+def test_a_batch_without_resources_gets_one_for_the_histograms():
+    """A collected batch with no resource metrics yet still carries the histograms, under the gateway's resource."""
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    ours.record(0.5, LABELS[0])
+    data = HistogramExport([ours], SCOPE, RESOURCE).add_to(MetricsData(resource_metrics=[]))
+    (resource,) = data.resource_metrics
+    assert resource.resource == RESOURCE and points_by_tenant(data, "h")["acme"].count == 1
+
+
+def test_the_batches_other_resources_are_kept():
+    """The histograms join the batch's first resource; the resources after it are passed on as they came."""
+    from opentelemetry.sdk.metrics.export import ResourceMetrics
+
+    other = ResourceMetrics(resource=Resource.create({"service.name": "other"}), scope_metrics=[], schema_url="")
+    first = ResourceMetrics(resource=RESOURCE, scope_metrics=[], schema_url="")
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    ours.record(0.5, LABELS[0])
+    data = HistogramExport([ours], SCOPE, RESOURCE).add_to(MetricsData(resource_metrics=[first, other]))
+    assert [resource.resource for resource in data.resource_metrics] == [RESOURCE, other.resource]
+    assert points_by_tenant(data, "h")["acme"].count == 1

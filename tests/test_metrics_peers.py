@@ -8,12 +8,14 @@ import asyncio
 import errno
 import contextlib
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.telemetry import peers
 from gateway.telemetry.peers import MAX_SOCKET_PATH, WORKER_LABEL, Peers, make_folder, merged
 
 
@@ -70,6 +72,18 @@ def test_each_family_is_described_once_with_its_samples_together():
             family_of_line.append(current)
     runs = [family for i, family in enumerate(family_of_line) if i == 0 or family_of_line[i - 1] != family]
     assert len(runs) == len(set(runs))
+
+
+def test_each_family_keeps_its_help_and_type_in_the_merge():
+    """Every family's HELP and TYPE lines come through: without its TYPE, Prometheus takes a counter or a
+    histogram for untyped series."""
+    one = exposition(1, 1, [0.5])
+    text = merged([(0, one), (1, exposition(2, 0, [2.0]))])
+    described = {(family.name, family.type, family.documentation) for family in text_string_to_metric_families(
+        text.decode())}
+    assert described == {(family.name, family.type, family.documentation)
+                         for family in text_string_to_metric_families(one.decode())}
+    assert ("gateway_latency_seconds", "histogram", "Latency.") in described
 
 
 def test_comments_lead_and_an_empty_worker_adds_nothing():
@@ -147,3 +161,68 @@ def test_no_temporary_folder_at_all_is_said_not_fatal(monkeypatch, caplog):
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert make_folder(2) is None
     assert "no private folder for the workers (none can be made: Read-only file system)" in caplog.text
+
+
+def scrape_with_peer(folder: Path, peer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> bytes:
+    """Worker 0 of 3 scraped: worker 1 answers with `peer` on its socket, worker 2 serves its series as usual."""
+
+    async def scrape() -> bytes:
+        app = web.Application()
+        app.router.add_get("/metrics", peer)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        await web.UnixSite(runner, str(Peers(folder, 1, 3).socket_path(1))).start()
+        serving = Peers(folder, 2, 3).serving(lambda: exposition(9, 0, []))(web.Application())
+        await serving.__anext__()
+        try:
+            return await Peers(folder, 0, 3).gather(exposition(4, 0, []))
+        finally:
+            await anext(serving, None)
+            await runner.cleanup()
+
+    return asyncio.run(scrape())
+
+
+def test_a_worker_answering_an_error_is_left_out_and_named_with_its_status(tmp_path):
+    """A worker that answers 500 (its exposition failed) is left out, said so: its error page is no series."""
+
+    async def failing(_request: web.Request) -> web.Response:
+        return web.Response(status=500, text="gateway_requests_total 12345\n")
+
+    text = scrape_with_peer(tmp_path, failing)
+    assert text.startswith(b"# gateway_worker 1 left out of this scrape: it answered 500\n")
+    found = samples(text)
+    assert not any((WORKER_LABEL, "1") in labels for _, labels in found)
+    assert found[("gateway_requests_total", (("gateway_route", 'chat "default"'), (WORKER_LABEL, "2")))] == 9
+
+
+def test_a_worker_that_does_not_answer_in_time_is_left_out_and_the_scrape_goes_on(tmp_path, monkeypatch):
+    """A stuck worker holds a scrape no longer than PEER_TIMEOUT_S: the others' series come, it is named."""
+    monkeypatch.setattr(peers, "PEER_TIMEOUT_S", 0.2)
+
+    async def stuck(_request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        return web.Response(body=exposition(1, 0, []))
+
+    text = scrape_with_peer(tmp_path, stuck)
+    assert text.startswith(b"# gateway_worker 1 left out of this scrape: no answer within 0.2 s\n")
+    found = samples(text)
+    assert ("gateway_requests_total", (("gateway_route", 'chat "default"'), (WORKER_LABEL, "2"))) in found
+    assert not any((WORKER_LABEL, "1") in labels for _, labels in found)
+
+
+def test_a_scrape_lists_the_workers_samples_in_slot_order_whichever_worker_it_reached():
+    """Worker 2 answers the scrape: each family's samples still come worker 0, 1, 2, so scrapes read alike."""
+
+    async def scrape(folder: Path) -> bytes:
+        async with contextlib.AsyncExitStack() as stack:
+            for slot in (0, 1):
+                serving = Peers(folder, slot, 3).serving(lambda slot=slot: exposition(slot, 0, []))(web.Application())
+                await serving.__anext__()
+                stack.push_async_callback(lambda serving=serving: anext(serving, None))
+            return await Peers(folder, 2, 3).gather(exposition(2, 0, []))
+
+    with tempfile.TemporaryDirectory() as folder:
+        text = asyncio.run(scrape(Path(folder)))
+    requests = [line for line in text.decode().splitlines() if line.startswith("gateway_requests_total")]
+    assert [line.split(WORKER_LABEL + '="')[1][0] for line in requests] == ["0", "1", "2"]

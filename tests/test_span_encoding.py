@@ -412,3 +412,22 @@ def test_values_unique_to_a_request_do_not_fill_the_cache():
                                "http.response.status_code": 200, "server.port": 8080} for index in range(50)))
     assert_bytes_equal_the_sdk_encoders(encoder, spans)
     assert encoder.cached_pairs == 4
+
+
+def test_the_attribute_cache_never_holds_more_pairs_than_its_entries():
+    """The cache is bounded: past `cache_entries` distinct pairs it starts over, so tenants or models without end
+    never grow it; the bytes stay exact."""
+    encoder = SpanEncoder(cache_entries=3)
+    for index in range(10):
+        spans = attribute_spans({f"gateway.key.{index}": f"value-{index}", "gateway.tenant": f"t-{index % 4}"})
+        assert_bytes_equal_the_sdk_encoders(encoder, spans)
+        assert 1 <= encoder.cached_pairs <= 3
+
+
+def test_a_text_of_the_kept_length_is_kept_and_one_char_longer_is_not():
+    """Texts of up to CACHED_TEXT_CHARS characters are kept; one character more is written each time."""
+    limit = encoding.CACHED_TEXT_CHARS
+    kept, longer = SpanEncoder(), SpanEncoder()
+    assert_bytes_equal_the_sdk_encoders(kept, attribute_spans({"gen_ai.prompt.id": "p" * limit}))
+    assert_bytes_equal_the_sdk_encoders(longer, attribute_spans({"gen_ai.prompt.id": "p" * (limit + 1)}))
+    assert (kept.cached_pairs, longer.cached_pairs) == (1, 0)

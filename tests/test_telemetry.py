@@ -726,3 +726,115 @@ def test_tenant_label_top_n_zero_names_only_the_allowlisted_tenants():
     """tenant_label_top_n: 0 keeps no tenant's name but the allowlisted ones: the first tenant seen is `other` too."""
     labels = TenantLabels(allowlist=("vip",), top_n=0)
     assert [labels.label(t) for t in ("a", "vip", "b")] == ["other", "vip", "other"]
+
+
+def test_tenants_allowed_later_join_the_allowlist_rather_than_replace_it():
+    """A reload allows the tenants it names: the ones allowed before keep their names too."""
+    labels = TenantLabels(allowlist=("vip",), top_n=0)
+    labels.allow(("gold",))
+    assert [labels.label(t) for t in ("vip", "gold", "walk-in")] == ["vip", "gold", "other"]
+
+
+@pytest.mark.parametrize(("preference", "histograms", "sums"), [("delta", "DELTA", "DELTA"),
+                                                                ("lowmemory", "DELTA", "CUMULATIVE"),
+                                                                ("cumulative", "CUMULATIVE", "CUMULATIVE")])
+def test_the_temporality_preference_marks_histograms_and_sums_as_the_spec_says(receiver, make_telemetry, preference,
+                                                                              histograms, sums):
+    """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE: delta makes histograms and counters delta; lowmemory
+    makes histograms delta and observable counters cumulative; a delta point holds only its interval."""
+    telemetry = make_telemetry({**otlp_env(receiver, "http/protobuf"),
+                                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": preference})
+    for exports in (1, 2):
+        drive_request(telemetry, make_ctx())
+        telemetry.force_flush()
+        receiver.wait_for(lambda: len(receiver.metric_exports) >= exports)
+    metrics = receiver.latest_metrics()
+    duration, requests = metrics["gen_ai.client.operation.duration"], metrics["gateway.requests"]
+    assert (duration.temporality, requests.temporality) == (histograms, sums)
+    (answered,) = points_by(duration, **{"gen_ai.request.model": "sim-large-70b"})
+    assert answered.count == (1 if histograms == "DELTA" else 2)
+    assert requests.points[0].value == (1 if sums == "DELTA" else 2)
+
+
+def test_a_span_queue_smaller_than_the_export_batch_still_exports(receiver, make_telemetry):
+    """OTEL_BSP_MAX_QUEUE_SIZE below the default batch size of 512: the batch is cut to the queue, not refused."""
+    telemetry = make_telemetry({**otlp_env(receiver, "http/protobuf"), "OTEL_BSP_MAX_QUEUE_SIZE": "4"})
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    assert [span.kind for span in receiver.wait_for_spans(len)] == ["SERVER"]
+
+
+def one_span():
+    """A finished span as the SDK hands it to an exporter."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext
+
+    return ReadableSpan("gateway.route", context=SpanContext(7, 9, is_remote=False), resource=Resource.create({}),
+                        attributes={"gateway.tenant": "acme"}, start_time=1, end_time=2)
+
+
+def test_a_span_batch_over_the_max_request_size_is_dropped_and_one_of_that_size_is_sent(receiver):
+    """As the SDK exporter does: a batch of exactly max_request_size bytes is sent, one byte over is dropped and
+    reported failed (so it is counted lost), and nothing of it reaches the collector."""
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from gateway.telemetry.encoding import SpanEncoder
+    from gateway.telemetry.otlp_http import HttpSpanExporter
+
+    spans = [one_span()]
+    size = len(SpanEncoder().encode(spans))
+    endpoint = f"{receiver.http_endpoint}/v1/traces"
+    too_small = HttpSpanExporter(endpoint=endpoint, max_request_size=size - 1)
+    assert too_small.export(spans) is SpanExportResult.FAILURE
+    exact = HttpSpanExporter(endpoint=endpoint, max_request_size=size)
+    assert exact.export(spans) is SpanExportResult.SUCCESS
+    assert len(receiver.spans) == 1
+    for exporter in (too_small, exact):
+        exporter.shutdown()
+
+
+def test_a_shut_down_http_span_exporter_sends_nothing(receiver):
+    """After shutdown, export fails at once, as the SDK's does, rather than posting through a closed client."""
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from gateway.telemetry.otlp_http import HttpSpanExporter
+
+    exporter = HttpSpanExporter(endpoint=f"{receiver.http_endpoint}/v1/traces")
+    assert exporter.export([one_span()]) is SpanExportResult.SUCCESS
+    exporter.shutdown()
+    assert exporter.export([one_span()]) is SpanExportResult.FAILURE
+    assert len(receiver.spans) == 1
+
+
+@pytest.mark.parametrize("signal", ["traces", "metrics"])
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_stalled_collector_fails_an_export_within_the_configured_timeout(receiver, protocol, signal):
+    """OTEL_EXPORTER_OTLP_TIMEOUT bounds a span or metric export: a collector that stalls costs the exporter's
+    thread that long, not the SDK's default of 10 s, and the batch is reported failed."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExportResult
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from gateway.telemetry.config import SignalExport
+    from gateway.telemetry.exporters import otlp_metric_exporter, otlp_span_exporter
+
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else f"{receiver.http_endpoint}/v1/{signal}"
+    export = SignalExport(protocol, endpoint, timeout_s=0.5, insecure=True)
+    if signal == "traces":
+        exporter, batch, failure = otlp_span_exporter(export), [one_span()], SpanExportResult.FAILURE
+    else:
+        reader = InMemoryMetricReader()
+        MeterProvider(metric_readers=[reader]).get_meter("gw").create_counter("gateway.requests").add(1)
+        exporter = otlp_metric_exporter(export, "cumulative")
+        batch, failure = reader.get_metrics_data(), MetricExportResult.FAILURE
+    receiver.hold()
+    try:
+        started_s = time.perf_counter()
+        assert exporter.export(batch) is failure
+        assert time.perf_counter() - started_s < 4
+    finally:
+        receiver.release()
+        exporter.shutdown()

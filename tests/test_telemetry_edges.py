@@ -208,3 +208,91 @@ def test_a_long_scrape_does_not_hold_the_requests_behind_it():
         assert ended["/metrics"] - ended["/healthz"] > 0.1
     finally:
         harness.stop()
+
+
+def test_an_exporter_that_raises_counts_its_whole_batch_as_failed(caplog):
+    """A span or metric exporter that raises (a third-party bug, a dead socket) loses its batch: every span and
+    point of it is counted as export_failed, and the raise is logged, not passed on to the SDK's worker."""
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from gateway.telemetry.exporters import CountingMetricExporter, CountingSpanExporter, DropCounter
+
+    class RaisingSpans(SpanExporter):
+        def export(self, spans):
+            raise ConnectionResetError("collector gone")
+
+    class RaisingMetrics(MetricExporter):
+        def __init__(self):
+            super().__init__(preferred_temporality={})      # as the OTLP exporters fill it
+
+        def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+            raise ConnectionResetError("collector gone")
+
+        def force_flush(self, timeout_millis=10_000):
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kwargs):
+            return None
+
+    dropped = DropCounter()
+    spans = [ReadableSpan(name=f"s{index}") for index in range(3)]
+    assert CountingSpanExporter(RaisingSpans(), dropped).export(spans) is SpanExportResult.FAILURE
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    for tenant in ("acme", "globex"):
+        ours.record(0.5, {"gateway.tenant": tenant})
+    metrics = CountingMetricExporter(RaisingMetrics(), dropped, lambda delta: HistogramExport(
+        [ours], InstrumentationScope("gw"), Resource.create({}), delta=delta))
+    assert metrics.export(None) is MetricExportResult.FAILURE
+    assert dropped.by_kind()[("traces", "export_failed")] == 3
+    assert dropped.by_kind()[("metrics", "export_failed")] == 2
+    assert "span export raised" in caplog.text and "metric export raised" in caplog.text
+
+
+def test_an_exporter_stating_no_temporality_is_wrapped_and_its_histograms_are_cumulative():
+    """An exporter built with no temporality preference (the SDK's console exporter) is wrapped like the OTLP ones,
+    and the gateway's histograms go to it cumulative, as the SDK's reader takes no preference to mean."""
+    import io
+
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExportResult
+
+    from gateway.telemetry.exporters import CountingMetricExporter, DropCounter
+
+    temporalities, out = [], io.StringIO()
+    ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+    ours.record(0.5, {"gateway.tenant": "acme"})
+    exporter = CountingMetricExporter(ConsoleMetricExporter(out=out), DropCounter(), lambda delta: (
+        temporalities.append(delta) or HistogramExport([ours], InstrumentationScope("gw"), Resource.create({}),
+                                                       delta=delta)))
+    assert temporalities == [False]
+    assert exporter.export(None) is MetricExportResult.SUCCESS
+    assert '"name": "h"' in out.getvalue()
+
+
+def test_a_failed_metric_export_counts_the_gateways_histogram_points_too():
+    """The gateway's own histograms travel in the SDK's batch: when the collector refuses it, their points are
+    counted as lost with the SDK's points."""
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+
+    from gateway.telemetry.config import SignalExport
+    from gateway.telemetry.exporters import CountingMetricExporter, DropCounter, otlp_metric_exporter
+
+    receiver = OtlpReceiver().start()
+    receiver.fail_status = 400                  # not retried: the batch is refused at once
+    try:
+        reader = InMemoryMetricReader()
+        MeterProvider(metric_readers=[reader]).get_meter("gw").create_counter("gateway.requests").add(1)
+        ours = Buckets("h", unit="s", description="", boundaries=(1.0,))
+        for tenant in ("acme", "globex", "initech"):
+            ours.record(0.5, {"gateway.tenant": tenant})
+        dropped = DropCounter()
+        exporter = CountingMetricExporter(
+            otlp_metric_exporter(SignalExport("http/protobuf", f"{receiver.http_endpoint}/v1/metrics"), "cumulative"),
+            dropped, lambda delta: HistogramExport([ours], InstrumentationScope("gw"), Resource.create({}),
+                                                   delta=delta))
+        assert exporter.export(reader.get_metrics_data()) is MetricExportResult.FAILURE
+        assert dropped.by_kind()[("metrics", "export_failed")] == 1 + 3
+        exporter.shutdown()
+    finally:
+        receiver.stop()

@@ -113,7 +113,8 @@ class CountingMetricExporter(MetricExporter):
                          preferred_aggregation=inner._preferred_aggregation)
         self._inner = inner
         self._dropped = dropped
-        delta = self._preferred_temporality.get(Histogram) is AggregationTemporality.DELTA
+        # an exporter may state no preference (the SDK's console exporter): cumulative then, as the SDK's reader
+        delta = (self._preferred_temporality or {}).get(Histogram) is AggregationTemporality.DELTA
         self._histograms = histograms(delta) if histograms is not None else None
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:

@@ -69,10 +69,11 @@ class Buckets:
         self._lock = threading.Lock()
 
     def new_window(self) -> int:
-        """Start tracking min and max per interval for one more delta reader; returns its window."""
+        """Start tracking min and max per interval for one more delta reader; returns its window. Its first
+        interval holds the points' values so far (its first point counts them all), so their min and max too."""
         with self._lock:
             for point in self._points.values():
-                point.windows.append([math.inf, -math.inf])
+                point.windows.append([point.min, point.max])
             self._windows += 1
             return self._windows - 1
 

@@ -19,9 +19,12 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 SPAN_KINDS = {value: name.removeprefix("SPAN_KIND_") for name, value in trace_pb2.Span.SpanKind.items()}
+TEMPORALITIES = {value: name.removeprefix("AGGREGATION_TEMPORALITY_")
+                 for name, value in metrics_pb2.AggregationTemporality.items()}
 STATUS_CODES = {value: name.removeprefix("STATUS_CODE_") for name, value in trace_pb2.Status.StatusCode.items()}
 
 
@@ -67,6 +70,7 @@ class MetricRecord:
     points: list[PointRecord]
     resource: dict[str, Any]
     monotonic: bool | None = None
+    temporality: str | None = None          # DELTA | CUMULATIVE, for sums and histograms
 
 
 def any_value(value: AnyValue) -> Any:
@@ -112,7 +116,8 @@ def flatten_metrics(request: metrics_service_pb2.ExportMetricsServiceRequest) ->
                 records.append(MetricRecord(
                     name=metric.name, unit=metric.unit, description=metric.description, kind=kind,
                     points=[_point(point, kind) for point in data.data_points], resource=resource,
-                    monotonic=data.is_monotonic if kind == "sum" else None))
+                    monotonic=data.is_monotonic if kind == "sum" else None,
+                    temporality=TEMPORALITIES[data.aggregation_temporality] if kind in ("sum", "histogram") else None))
     return records
 
 

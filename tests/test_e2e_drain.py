@@ -3,6 +3,7 @@ is still running when it ends is told so: a 503, or in-band for a stream."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -13,11 +14,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import requests
 
 from bench.machine import free_port
 from bench.procs import http_ok
+from gateway.app import build_app
+from gateway.runtime import PolicyHolder
+from gateway.server import run_server
+from gateway.supervisor import HANDLED
 from tests.support.harness import Harness
 from tests.support.redis_server import RedisServer
 
@@ -203,3 +209,47 @@ def test_readyz_says_draining_with_a_503_once_the_gateway_shuts_down():
         assert requests.get(f"{harness.base_url}/healthz", timeout=10).status_code == 200
     finally:
         harness.stop()
+
+
+def test_stop_signals_and_a_sighup_during_the_drain_are_ignored_and_said_once(tmp_path):
+    """A further SIGTERM, SIGINT or SIGHUP while the gateway drains (systemd's to the whole group, a second Ctrl-C)
+    is logged once and ignored: it cuts no drain, reloads no policy, and the gateway exits 0."""
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as stderr:
+        port, sim, gateway = start_slow_gateway(tmp_path, stderr=stderr)
+    try:
+        reader, lines = open_stream(port)
+        gateway.send_signal(signal.SIGTERM)
+        wait_for(lambda: "shutting down" in log.read_text())
+        for again in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            gateway.send_signal(again)
+        gateway.wait(30)
+        reader.join(10)
+        said = log.read_text()
+        assert gateway.returncode == 0, said
+        assert said.count("ignored: already draining") == 1 and "policy reloaded" not in said, said
+        data = [line for line in lines if line.startswith(b"data:")]
+        assert b'"code":"shutting_down"' in data[-1].replace(b" ", b""), data[-3:]     # drained to the end
+    finally:
+        stop_processes(gateway, sim)
+
+
+async def test_the_signal_handlers_from_before_the_server_are_back_once_it_has_drained():
+    """After the drain, SIGTERM, SIGINT and SIGHUP have the handlers they had before the server (a worker's: exit 0
+    at once, ignore a reload), not their default actions, which would kill a worker still closing its ledger."""
+    def before(_signum, _frame) -> None:
+        pass
+
+    previous = {sig: signal.signal(sig, before) for sig in HANDLED}
+    try:
+        demo = Path(__file__).resolve().parents[1] / "gateway" / "data" / "demo.yaml"
+        app = build_app(PolicyHolder.from_file(demo, {"OTEL_SDK_DISABLED": "true"}))
+        ready, stop = asyncio.Event(), asyncio.Event()
+        server = asyncio.create_task(run_server(app, "127.0.0.1", free_port(), ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 30)
+        stop.set()
+        await server
+        assert {sig: signal.getsignal(sig) for sig in HANDLED} == {sig: before for sig in HANDLED}
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

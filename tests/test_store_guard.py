@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
-from gateway.store_guard import STORE_DOWN, StoreGuard
+from gateway.store_guard import LATE_MARGIN_S, REFUSED_WARNING_S, STORE_DOWN, RedisClock, StoreGuard
+from tests.support.redis_delay import DelayingRedisProxy
 from tests.support.redis_server import free_port
 
 
@@ -139,6 +141,16 @@ async def test_a_callers_own_bug_is_not_taken_for_the_stores_outage():
     assert guard.healthy and guard.failures == 0
 
 
+async def times_out():
+    """A store call that times out."""
+    raise TimeoutError()
+
+
+async def answers_ok():
+    """A store call that answers."""
+    return "ok"
+
+
 async def test_an_outage_flapping_as_redis_resumes_is_said_once(caplog):
     """Outages that begin within FLAP_QUIET_S of the last one's end (a Redis working through its backlog as it
     resumes, one Cluster node down among healthy ones) are counted but not warned of again: one pair of warnings,
@@ -146,24 +158,134 @@ async def test_an_outage_flapping_as_redis_resumes_is_said_once(caplog):
     clock = Clock()
     guard = StoreGuard("test store", 1.0, backoff_s=0.5, clock=clock)
 
-    async def fails():
-        raise TimeoutError()
-
-    async def answers():
-        return "ok"
-
     with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
         for _ in range(6):
-            assert await guard.run(fails) is STORE_DOWN
+            assert await guard.run(times_out) is STORE_DOWN
             clock.now_s += 1.0                                          # past the back-off: the next call probes
-            assert await guard.run(answers) == "ok"
-        assert await guard.run(fails) is STORE_DOWN                    # flapping again, then down for good:
+            assert await guard.run(answers_ok) == "ok"
+        assert await guard.run(times_out) is STORE_DOWN                    # flapping again, then down for good:
         for _ in range(12):                                             # said once it lasts past FLAP_QUIET_S
             clock.now_s += 1.0
-            assert await guard.run(fails) is STORE_DOWN
+            assert await guard.run(times_out) is STORE_DOWN
         clock.now_s += 1.0
-        assert await guard.run(answers) == "ok"                         # and its end is said
+        assert await guard.run(answers_ok) == "ok"                         # and its end is said
     said = [r.getMessage().split(" (")[0].split(" after")[0].split(" for ")[0] for r in caplog.records]
     assert said == ["test store unavailable", "test store reachable again", "test store unavailable",
                     "test store reachable again"]
     assert guard.failures == 19
+
+
+async def test_a_reply_later_than_the_timeout_gets_the_default_and_starts_a_back_off(redis_server, caplog):
+    """A Redis that answers later than timeout_s is taken for unreachable: the call gets the default without
+    waiting for the reply, a back-off starts, and the one warning says the call timed out."""
+    proxy = DelayingRedisProxy(redis_server.port, 1.5).start()
+    client = Redis.from_url(proxy.url)
+    guard = StoreGuard("test store", 0.2, backoff_s=60.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+            started_s = time.monotonic()
+            assert await guard.run(client.ping) is STORE_DOWN
+            assert time.monotonic() - started_s < 1.2                      # not the 1.5 s the reply takes
+        assert not guard.healthy and guard.backing_off and guard.failures == 1
+        [said] = caplog.records
+        assert said.getMessage() == "test store unavailable (TimeoutError: timed out)", said.getMessage()
+    finally:
+        await client.aclose()
+        proxy.stop()
+
+
+async def test_a_back_off_ends_for_the_response_path_once_backoff_s_has_passed():
+    """`backing_off` (which tells the limiter and the budgets not to send a script) holds only for backoff_s:
+    past it a call may probe, though Redis is not known healthy until one answers."""
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, backoff_s=5.0, clock=clock)
+
+    assert await guard.run(times_out) is STORE_DOWN
+    clock.now_s += 4.9
+    assert guard.backing_off
+    clock.now_s += 0.1
+    assert not guard.backing_off and not guard.healthy
+
+
+async def test_each_outage_ended_says_only_the_calls_answered_without_redis_during_it(caplog):
+    """The "reachable again" warning of a second outage, well apart from the first, counts that outage's calls
+    answered without Redis, not the first's as well."""
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, backoff_s=0.5, clock=clock)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+        for calls_without_redis in (3, 2):
+            assert await guard.run(times_out) is STORE_DOWN
+            for _ in range(calls_without_redis - 1):
+                assert await guard.run(answers_ok) is STORE_DOWN            # in the back-off: not sent
+            clock.now_s += 1.0
+            assert await guard.run(answers_ok) == "ok"
+            clock.now_s += 60.0                                         # well past FLAP_QUIET_S: a new outage
+    ended = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert ended == ["test store reachable again after 3 calls answered without it",
+                     "test store reachable again after 2 calls answered without it"], ended
+
+
+async def test_a_later_error_reply_warning_counts_only_the_refusals_since_the_one_before(redis_server, caplog):
+    """Error replies are warned of once per REFUSED_WARNING_S, each warning counting the refusals since the
+    previous one, so a full Redis's log adds up to the calls it refused."""
+    client = Redis.from_url(redis_server.url)
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, clock=clock)
+    try:
+        await client.rpush("a-list", "x")
+        with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+            for _ in range(3):
+                assert await guard.run(lambda: client.incr("a-list")) is STORE_DOWN
+            clock.now_s += REFUSED_WARNING_S
+            assert await guard.run(lambda: client.incr("a-list")) is STORE_DOWN
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+            "test store refused 1 call(s) since the last such warning",
+            "test store refused 3 call(s) since the last such warning"]
+    finally:
+        await client.aclose()
+
+
+def test_a_scripts_deadline_is_on_redis_clock_however_far_this_hosts_is_off():
+    """A Redis clock 10 s ahead of this host's puts a script's deadline 10 s later than this host's clock
+    would: the wait, LATE_MARGIN_S and the offset; none before any reply told Redis's time."""
+    clock = RedisClock()
+    assert clock.deadline_ms(2.0) == 0
+    clock.learn(int(time.time() * 1000) + 10_000)
+    expected_ms = (time.time() + 2.0 + LATE_MARGIN_S + 10.0) * 1000
+    assert abs(clock.deadline_ms(2.0) - expected_ms) < 500
+
+
+async def test_a_call_finding_every_pooled_connection_busy_waits_for_one(redis_server):
+    """A burst larger than the pool is no outage: a call that finds every connection busy waits, within the
+    timeout, for one to come free, and gets Redis's answer."""
+    client = Redis.from_url(redis_server.url, max_connections=1)
+    guard = StoreGuard("test store", 5.0, backoff_s=60.0)
+    try:
+        await client.set("pooled", "kept")
+        slow = guard.run(lambda: client.blpop(["nothing-here"], timeout=0.3))     # holds the one connection
+        answers = await asyncio.gather(slow, guard.run(lambda: client.get("pooled")))
+        assert answers == [None, b"kept"]
+        assert guard.healthy and guard.failures == 0
+    finally:
+        await client.aclose()
+
+
+async def test_an_outage_taken_for_a_flap_is_said_once_it_has_lasted_flap_quiet_s_of_its_own(caplog):
+    """An outage beginning soon after the last one ended is quiet at first; it is said once it has itself lasted
+    FLAP_QUIET_S, counted from its own start, not from the end of the outage before."""
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, backoff_s=0.5, clock=clock)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+        assert await guard.run(times_out) is STORE_DOWN
+        clock.now_s += 1.0
+        assert await guard.run(answers_ok) == "ok"
+        clock.now_s += 8.0                                              # 8 s after the end: a flap, quiet
+        assert await guard.run(times_out) is STORE_DOWN
+        clock.now_s += 3.0                                              # 11 s after the end, 3 s into it
+        assert await guard.run(times_out) is STORE_DOWN
+        clock.now_s += 8.0                                              # 11 s into it: said
+        assert await guard.run(times_out) is STORE_DOWN
+    said = [r.getMessage() for r in caplog.records]
+    assert said[2:] == ["test store unavailable for 11 s"], said

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -213,6 +214,29 @@ def test_a_port_taken_by_other_workers_is_refused_in_one_line():
     assert stderr.count("\n") == 1 and "cannot listen on 127.0.0.1" in stderr and "address already in use" in stderr
 
 
+def test_the_port_the_parent_holds_refuses_any_bind_but_its_workers_even_before_one_listens():
+    """Before any worker listens, the parent's hold on the port refuses another process's bind, also one with
+    SO_REUSEADDR as aiohttp binds, while a worker's SO_REUSEPORT bind shares it."""
+    from gateway.server import ListenError, claim_port, listen_sockets
+
+    held = claim_port("127.0.0.1", 0)
+    port = held[0].getsockname()[1]
+    try:
+        try:
+            taken = listen_sockets("127.0.0.1", port)
+        except ListenError as exc:
+            assert "address already in use" in str(exc), exc
+        else:
+            for sock in taken:
+                sock.close()
+            raise AssertionError("another socket bound the port the parent holds")
+        for sock in listen_sockets("127.0.0.1", port, reuse_port=True, listen=False):
+            sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_sighup_while_workers_start_kills_none_of_them(tmp_path):
     """SIGHUP sent to the parent again and again while its workers start up leaves every worker serving."""
     policy = tmp_path / "policy.yaml"
@@ -359,6 +383,16 @@ def fail_once_marked(marker: Path) -> None:
     os._exit(1)
 
 
+def serve_once_marked_then_fail(ready_fd: int, marker: Path) -> None:
+    """Once `marker` is there (another worker said it serves), say this one serves too, then exit 1."""
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    say_serving(ready_fd)
+    time.sleep(0.05)
+    os._exit(1)
+
+
 def test_a_replacement_that_keeps_failing_leaves_the_serving_worker_be(tmp_path):
     """Past the crash limit, while another worker serves, the failing one is retried at the longest back-off
     and nothing is stopped; the exit status still reports its failure."""
@@ -395,14 +429,169 @@ def test_a_replacement_that_keeps_failing_leaves_the_serving_worker_be(tmp_path)
     assert min(b - a for a, b in zip(starts[4:], starts[5:])) >= 0.09     # at the longest back-off
 
 
-def test_workers_that_keep_exiting_0_unasked_stop_the_supervisor_with_status_1():
-    """A worker exiting 0 when nobody asked is a failure: the crash limit stops all with status 1, not 0."""
+def test_a_worker_that_served_counts_as_serving_after_another_says_it_serves_too(tmp_path, caplog):
+    """Each worker's word that it serves is kept: a second worker that says so, then keeps failing, does not
+    make the supervisor forget the first still serves, so the crash limit retries it rather than stop both."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    serving = tmp_path / "serving"
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        if starts.count(1) == 5:                # retried past the crash limit: stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        process = FORK.Process(target=serve_then_mark if slot == 0 else serve_once_marked_then_fail,
+                               args=(supervisor.ready_fd, serving))
+        process.start()
+        return process
+
+    supervisor = Supervisor(spawn, 2, crash_limit=3, crash_window_s=30, backoff_s=0.01, max_backoff_s=0.05)
+    assert supervisor.run() == 1
+    assert "serving on: restarting worker 1" in caplog.text and "stopping all workers" not in caplog.text, \
+        caplog.text
+
+
+def test_the_exit_status_is_the_first_failures_not_a_later_ones():
+    """A worker that exits 3, is restarted and exits 5 leaves the status of the first failure, 3: the one that
+    started the trouble, as the README says."""
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        target, args = {1: (os._exit, (3,)), 2: (os._exit, (5,))}.get(len(starts),
+                                                                     (sleep_until_sigterm, (supervisor.ready_fd,)))
+        if len(starts) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        process = FORK.Process(target=target, args=args)
+        process.start()
+        return process
+
+    supervisor = Supervisor(spawn, 1, backoff_s=0.01)
+    assert supervisor.run() == 3
+    assert len(starts) == 3
+
+
+def test_exits_further_apart_than_the_crash_window_never_reach_the_crash_limit(caplog):
+    """Only the exits within crash_window_s count towards the crash limit, and each restart waits the first
+    back-off again: a worker failing now and then is restarted every time, never stopped for good."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        if len(starts) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        process = FORK.Process(target=os._exit, args=(3,))
+        process.start()
+        return process
+
+    supervisor = Supervisor(spawn, 1, crash_limit=2, crash_window_s=0.1, backoff_s=0.2)
+    assert supervisor.run() == 3
+    assert len(starts) == 4 and "stopping all workers" not in caplog.text, caplog.text
+    restarts = [record.getMessage() for record in caplog.records if record.getMessage().startswith("restarting")]
+    assert restarts == ["restarting worker 0 in 0.2 s"] * 3, restarts
+
+
+def drain_then_mark(ready_fd: int, marker: Path, drain_s: float = 0.3) -> None:
+    """A worker that says it serves and, on SIGTERM, drains for `drain_s`, leaves `marker` and exits 0."""
+    def drain(*_) -> None:
+        time.sleep(drain_s)
+        marker.touch()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    say_serving(ready_fd)
+    time.sleep(30)
+    os._exit(0)
+
+
+def test_a_sighup_while_the_workers_stop_is_not_passed_on(tmp_path, caplog):
+    """A SIGHUP to the supervisor after a stop was passed on reaches no worker (a draining worker reloads
+    nothing): it is not said as a reload, and the stop ends as usual, status 0."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    drained = tmp_path / "drained"
+
+    def spawn(_slot: int):
+        process = FORK.Process(target=drain_then_mark, args=(supervisor.ready_fd, drained, 2.0))
+        process.start()
+        return process
+
+    def stop_then_hang_up() -> None:
+        wait_for(lambda: "worker 0 started" in caplog.text)
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: "SIGTERM: stopping" in caplog.text)
+        os.kill(os.getpid(), signal.SIGHUP)      # the worker drains 2 s: the supervisor is still running
+
+    supervisor = Supervisor(spawn, 1, grace_period_s=5.0)
+    signaller = threading.Thread(target=stop_then_hang_up, daemon=True)
+    signaller.start()
+    assert supervisor.run() == 0
+    signaller.join(5)
+    assert drained.exists() and "reload the policy" not in caplog.text, caplog.text
+
+
+def test_a_restart_falling_due_while_the_workers_stop_starts_no_worker(tmp_path, caplog):
+    """A worker that died just before a stop is not restarted when its back-off ends during the stop: a worker
+    started then would never get the stop, and be killed at the deadline."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    drained = tmp_path / "drained"
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        process = FORK.Process(target=drain_then_mark if slot else os._exit,
+                               args=(supervisor.ready_fd, drained, 2.5) if slot else (3,))
+        process.start()
+        return process
+
+    def stop_once_restart_is_due() -> None:
+        wait_for(lambda: "restarting worker 0 in 1.0 s" in caplog.text)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    supervisor = Supervisor(spawn, 2, backoff_s=1.0, grace_period_s=1.0, kill_margin_s=2.0)
+    signaller = threading.Thread(target=stop_once_restart_is_due, daemon=True)
+    signaller.start()
+    assert supervisor.run() == 3
+    signaller.join(5)
+    assert starts == [0, 1] and drained.exists(), caplog.text
+
+
+def test_a_supervisor_that_fails_lets_its_workers_drain_before_killing_them(tmp_path):
+    """After an unexpected error the supervisor's SIGTERM gives each worker its stop's time (grace periods and
+    margin) to drain; it does not kill one that is draining at once."""
+    drained = tmp_path / "drained"
+    started: list[int] = []
+
+    def spawn(slot: int):
+        if len(started) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")      # fork() at a pid limit
+        process = FORK.Process(target=drain_then_mark if slot else os._exit,
+                               args=(supervisor.ready_fd, drained) if slot else (3,))
+        process.start()
+        started.append(process.pid)
+        return process
+
+    supervisor = Supervisor(spawn, 2, backoff_s=0.01, grace_period_s=2.0, kill_margin_s=2.0)
+    with contextlib.suppress(BlockingIOError):
+        supervisor.run()
+        raise AssertionError("run() returned")
+    for pid in started:
+        if alive(pid):
+            kill(pid)
+    assert drained.exists()
+
+
+def test_workers_that_keep_exiting_0_unasked_stop_the_supervisor_with_status_1(caplog):
+    """A worker exiting 0 when nobody asked is a failure, logged as the exit it was: the crash limit stops all
+    with status 1, not 0."""
     def spawn(_slot: int):
         process = FORK.Process(target=os._exit, args=(0,))
         process.start()
         return process
 
     assert Supervisor(spawn, 1, crash_limit=3, crash_window_s=10, backoff_s=0.01).run() == 1
+    assert re.search(r"worker 0 \(pid \d+\) exited with status 0$", caplog.text, re.MULTILINE), caplog.text
 
 
 def test_a_supervisor_that_fails_stops_and_reaps_its_workers_first():
@@ -539,7 +728,7 @@ def test_a_worker_that_hangs_after_sigterm_is_killed_past_grace_and_margin(caplo
     assert 1.5 <= took_s < 4.5, took_s     # SIGTERM at 0.5 s, the kill at 0.5 + 3 × 0.3 + 0.2 = 1.6 s
     hung = started[1]
     killed = [record for record in caplog.records if record.levelname == "ERROR" and f"(pid {hung})" in record.message]
-    assert any("still running" in record.message for record in killed), caplog.text
+    assert sum("still running" in record.message for record in killed) == 1, caplog.text     # killed once
     assert f"worker 1 (pid {hung}) was killed by SIGKILL while stopping" in caplog.text
     assert f"worker 0 (pid {started[0]}) stopped" in caplog.text
 
@@ -705,6 +894,78 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
         assert "Traceback" not in err, err[-2500:]
     finally:
         for sock in held:
+            sock.close()
+        os.close(ready_r)
+        os.close(ready_w)
+
+
+def worker_without_redis(*args) -> None:
+    """`_worker_process` with the environment the Workers class gives a gateway: no Redis, no telemetry export."""
+    from gateway.server import _worker_process
+
+    os.environ.pop("GATEWAY_REDIS_URL", None)
+    os.environ["OTEL_SDK_DISABLED"] = "true"
+    _worker_process(*args)
+
+
+def test_a_worker_tells_the_supervisor_its_pid_once_it_serves(tmp_path):
+    """A worker writes its pid to the ready pipe once it listens (so the supervisor counts it as serving and
+    keeps it up past a sibling's crash limit), then drains on SIGTERM and exits 0."""
+    from gateway.policy.load import load_policy
+    from gateway.server import claim_port, listen_sockets
+    from gateway.supervisor import HANDLED, PID_BYTES, blocked_signals
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    held = claim_port("127.0.0.1", 0)
+    ready_r, ready_w = os.pipe()
+    process = None
+    try:
+        sockets = listen_sockets("127.0.0.1", held[0].getsockname()[1], reuse_port=True, listen=False)
+        with blocked_signals(HANDLED):
+            process = FORK.Process(target=worker_without_redis, args=(
+                policy, load_policy(policy), "127.0.0.1", sockets, [ready_r], ready_w, os.getpid()))
+            process.start()
+        for sock in sockets:
+            sock.close()
+        told, _, _ = select.select([ready_r], [], [], 30)
+        assert told, "the worker never said it serves"
+        assert int.from_bytes(os.read(ready_r, PID_BYTES), "little") == process.pid
+        process.terminate()
+        process.join(20)
+        assert process.exitcode == 0
+    finally:
+        if process is not None and process.exitcode is None:
+            kill(process.pid)
+        for sock in held:
+            sock.close()
+        os.close(ready_r)
+        os.close(ready_w)
+
+
+def test_a_stop_while_a_worker_waits_for_a_valid_policy_exits_0(tmp_path):
+    """A worker started on a policy file made invalid meanwhile waits for a valid one; a SIGTERM, even one sent
+    before the wait began, ends it with status 0, a stop asked for, not a failure."""
+    from gateway.policy.load import load_policy
+    from gateway.server import listen_sockets
+    from gateway.supervisor import HANDLED, blocked_signals
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    started = load_policy(policy)
+    policy.write_text("version: 1\nmodels: {}\n")
+    ready_r, ready_w = os.pipe()
+    sockets = listen_sockets("127.0.0.1", 0, reuse_port=True, listen=False)
+    try:
+        with blocked_signals(HANDLED):
+            process = FORK.Process(target=worker_without_redis, args=(
+                policy, started, "127.0.0.1", sockets, [ready_r], ready_w, os.getpid()))
+            process.start()
+        process.terminate()                 # held, blocked, until the wait for a valid file lets it in
+        process.join(20)
+        assert process.exitcode == 0
+    finally:
+        for sock in sockets:
             sock.close()
         os.close(ready_r)
         os.close(ready_w)

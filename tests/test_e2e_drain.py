@@ -14,23 +14,27 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import requests
+from redis.asyncio import Redis
 
 from bench.machine import free_port
 from bench.procs import http_ok
 from gateway.app import build_app
+from gateway.policy.model import Budget, Tenant
 from gateway.runtime import PolicyHolder
 from gateway.server import run_server
 from gateway.supervisor import HANDLED
+from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.harness import Harness
 from tests.support.redis_server import RedisServer
 
 GRACE_S = 3.0
 POLICY = """version: 1
 models:
-  slow: {{endpoint: "http://127.0.0.1:{sim}/v1", upstream_model: sim-slow}}
+  slow: {{endpoint: "http://127.0.0.1:{sim}/v1", upstream_model: sim-slow{model_fields}}}
 routes:
   - name: all
     candidates: [slow]
@@ -45,11 +49,13 @@ def wait_for(check, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNULL, environ: dict | None = None):
-    """A simulated model at 400 ms a token and `gateway run` in front of it, both serving: (port, sim, gateway)."""
+def start_slow_gateway(tmp_path, extra_policy: str = "", stderr=subprocess.DEVNULL, environ: dict | None = None,
+                       grace_s: float = GRACE_S, model_fields: str = ""):
+    """A simulated model at 400 ms a token and `gateway run` in front of it, both serving: (port, sim, gateway);
+    `model_fields`: more of the model's fields, as ", key: value" in flow style."""
     sim_port, port = free_port(), free_port()
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(sim=sim_port, grace=GRACE_S) + extra_policy)
+    policy.write_text(POLICY.format(sim=sim_port, grace=grace_s, model_fields=model_fields) + extra_policy)
     sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate-backend", "--port", str(sim_port),
                             "--model", "sim-slow", "--tpot-ms", "400", "--ttft-ms", "1"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -193,6 +199,45 @@ def test_a_frozen_redis_does_not_stretch_the_stop_past_the_grace_period(tmp_path
         os.kill(redis.process.pid, signal.SIGCONT)
         redis.stop()
         stop_processes(gateway, sim)
+
+
+def test_background_work_at_exit_gets_what_is_left_of_the_grace_period(tmp_path):
+    """A charge Redis could not take when its request ended (Redis down) is retried at exit for what is left of
+    the grace period, not only its 1 s minimum: Redis back 1.5 s after SIGTERM, the next retry lands it, and the
+    gateway exits once it has."""
+    key, grace_s = "key-charge", 5.0
+    tenant = (f"tenants:\n  acme:\n    keys_sha256: [\"{hashlib.sha256(key.encode()).hexdigest()}\"]\n"
+              f"    budget: {{usd_per_day: 100}}\nstore: {{timeout_ms: 200}}\n")
+    redis = RedisServer().start()
+    port, sim, gateway = start_slow_gateway(tmp_path, tenant, environ={"GATEWAY_REDIS_URL": redis.url},
+                                            grace_s=grace_s, model_fields=", price: {input_per_mtok: 1000000}")
+    try:
+        redis.stop()
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, headers={
+            "Authorization": f"Bearer {key}"}, json={"model": "x", "max_tokens": 1, "messages": [
+                {"role": "user", "content": "hi"}]})
+        assert answer.status_code == 200, answer.text          # on_store_failure allow: served, charged later
+        signalled_s = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        redis.start()
+        gateway.wait(30)
+        assert gateway.returncode == 0 and time.monotonic() - signalled_s < grace_s + 2
+        spent = asyncio.run(spent_today(redis.url, "acme"))
+        assert spent > 0, "the charge was given up before Redis came back"
+    finally:
+        redis.stop()
+        stop_processes(gateway, sim)
+
+
+async def spent_today(url: str, tenant: str) -> Decimal:
+    """What `tenant` has spent today, as the gateway's budget store reads it from Redis."""
+    client = Redis.from_url(url)
+    try:
+        state = await RedisBudgets(client).read(Tenant(tenant, budget=Budget(usd_per_day=Decimal(100))))
+        return state.spent_day_usd
+    finally:
+        await client.aclose()
 
 
 def test_readyz_says_draining_with_a_503_once_the_gateway_shuts_down():

@@ -147,3 +147,43 @@ def test_a_released_probe_lets_the_next_call_probe_at_once(breakers, clock):
     breakers.release_probe("m", since_s)
     assert breakers.state("m") == "half_open"
     assert breakers.allow("m")
+
+
+def test_a_reload_applies_a_new_failure_threshold(breakers):
+    """`configure` with failure_threshold 1 (a reload) makes the next single failure open a closed circuit."""
+    breakers.configure(Breaker(failure_threshold=1, open_s=10.0))
+    breakers.record_failure("m")
+    assert breakers.state("m") == "open"
+
+
+def test_a_failed_probe_leaves_no_probe_in_flight(breakers, clock):
+    """A failed probe reopens the circuit with its probe slot freed: once half-open again the next call probes at
+    once, even after a reload lengthened open_s past the time since that probe."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 10
+    assert breakers.allow("m")
+    breakers.record_failure("m")
+    assert breakers.probe_since("m") is None
+    breakers.configure(Breaker(failure_threshold=3, open_s=60.0))
+    clock.now_s += 10
+    assert breakers.state("m") == "half_open"
+    assert breakers.allow("m")
+
+
+def test_a_retry_after_of_zero_leaves_the_circuit_closed(breakers):
+    """A failure below the threshold whose Retry-After is 0 does not open the circuit nor limit it to one probe."""
+    breakers.record_failure("m", retry_after_s=0)
+    assert breakers.state("m") == "closed"
+    assert breakers.allow("m") and breakers.allow("m")
+
+
+def test_a_late_failure_while_open_does_not_extend_the_open_time(breakers, clock):
+    """A call started before the circuit opened fails while it is open: the circuit turns half-open on time."""
+    for _ in range(3):
+        breakers.record_failure("m")
+    clock.now_s += 5
+    breakers.record_failure("m")
+    assert breakers.retry_in_s("m") == pytest.approx(5)
+    clock.now_s += 5
+    assert breakers.state("m") == "half_open"

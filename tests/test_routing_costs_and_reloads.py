@@ -12,10 +12,10 @@ import pytest
 
 from gateway.context import Attempt, Usage
 from gateway.cost import request_cost_usd
-from gateway.errors import NoModelMeetsSla
+from gateway.errors import ModelBusy, NoModelMeetsSla
 from gateway.fleet import Fleet
 from gateway.policy.load import parse_policy
-from gateway.policy.model import GpuSource, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla
+from gateway.policy.model import Breaker, GpuSource, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla
 from gateway.routing import tighten_from_headers
 from gateway.stages.account import gpu_seconds
 from tests.test_routing_planner import Setup, chat_route, models, plan_names
@@ -258,3 +258,60 @@ def test_no_retry_after_when_a_model_whose_circuit_is_open_is_also_too_slow():
         setup.decide()
     assert "small: latency 1060ms > 1000ms, circuit open" in str(caught.value)
     assert "Retry-After" not in caught.value.headers
+
+
+def test_a_reload_applies_its_latency_window_and_breaker_settings():
+    """A reload's latency window and breaker settings reach the live estimates and circuits: with
+    failure_threshold 1 one failure now opens a circuit."""
+    version_a = policy_version("a")
+    fleet = Fleet(version_a)
+    routing = replace(version_a.routing, latency_window_s=60.0, breaker=Breaker(failure_threshold=1, open_s=7.0))
+    fleet.adopt(replace(version_a, routing=routing, content_sha256="b"))
+    assert fleet.estimates.window_s == 60.0
+    fleet.breakers.record_failure("small")
+    assert fleet.breakers.state("small") == "open"
+    assert fleet.breakers.retry_in_s("small") == pytest.approx(7.0, abs=0.5)
+
+
+async def test_a_reload_that_cuts_max_concurrency_applies_to_the_call_slots():
+    """A model's max_concurrency cut to 1 by a reload caps its call slots at 1, even for a call that asks with
+    the older version's limit."""
+    version_a = policy_version("a")
+    fleet = Fleet(version_a)
+    small = replace(version_a.models["small"], max_concurrency=1)
+    cut = replace(version_a, models={**version_a.models, "small": small}, content_sha256="b")
+    fleet.adopt(cut)
+    assert await fleet.slots.take("small", 64, 1, 1.0) == 0.0
+    with pytest.raises(ModelBusy):
+        await fleet.slots.take("small", 64, 1, 0.01)
+
+
+def test_a_changed_prior_weight_restarts_every_models_samples():
+    """Samples measured under one prior weight are forgotten when a reload changes it: each model starts again
+    from its prior."""
+    fleet = Fleet(policy_version("a", prior_weight=5))
+    for _ in range(20):
+        fleet.record_latency(fleet.models["small"], 0.4, 0.001)
+    assert fleet.estimates.sample_count("small") == 20
+    fleet.adopt(policy_version("b", prior_weight=100))
+    assert fleet.estimates.sample_count("small") == 0
+
+
+def test_the_router_of_the_previous_policy_version_is_kept_for_requests_still_on_it():
+    """After a reload the previous version's router is the same one, not rebuilt; an older one is dropped."""
+    version_a = policy_version("a")
+    fleet = Fleet(version_a)
+    router_a = fleet.router(version_a)
+    fleet.adopt(policy_version("b"))
+    assert fleet.router(version_a) is router_a
+
+
+def test_a_call_that_finished_no_longer_counts_in_flight():
+    """Each call started and finished on a model leaves its in-flight count where it was."""
+    fleet = Fleet(policy_version("a"))
+    fleet.started("small")
+    fleet.started("small")
+    fleet.finished("small")
+    assert fleet.estimates.in_flight("small") == 1
+    fleet.finished("small")
+    assert fleet.estimates.in_flight("small") == 0

@@ -22,6 +22,12 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def wait_in_line(slots: Slots, served: list[str], name: str, priority: int) -> None:
+    """Take a slot of model m (one slot) at `priority`, waiting up to 5 s; then add `name` to `served`."""
+    await slots.take("m", 1, priority, 5.0)
+    served.append(name)
+
+
 async def test_slots_are_taken_at_once_up_to_the_limit():
     slots = Slots()
     assert [await slots.take("m", 2, 1, 1.0) for _ in range(2)] == [0.0, 0.0]
@@ -32,14 +38,9 @@ async def test_waiters_are_served_highest_priority_first_then_first_come():
     slots = Slots()
     await slots.take("m", 1, 1, 1.0)
     served: list[str] = []
-
-    async def wait(name: str, priority: int) -> None:
-        await slots.take("m", 1, priority, 5.0)
-        served.append(name)
-
     tasks = []
     for name, priority in (("batch-1", 0), ("normal-1", 1), ("urgent", 9), ("normal-2", 1), ("batch-2", 0)):
-        tasks.append(asyncio.create_task(wait(name, priority)))
+        tasks.append(asyncio.create_task(wait_in_line(slots, served, name, priority)))
         await settle()
     assert slots.waiting("m") == 5
     for _ in range(5):
@@ -150,3 +151,35 @@ async def test_a_settled_waiter_left_in_line_is_passed_over_not_granted_twice():
     assert slots.busy("m") == 1 and slots.waiting("m") == 0
     first.cancel()
     await settle()
+
+
+async def test_a_cancelled_waiter_leaves_the_rest_of_the_line_in_order():
+    """Taking a waiter out of the middle of the line keeps first come first served among those left."""
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    served: list[str] = []
+    tasks = {}
+    for name, priority in (("first", 0), ("second", 0), ("urgent", 1)):
+        tasks[name] = asyncio.create_task(wait_in_line(slots, served, name, priority))
+        await settle()
+    tasks["urgent"].cancel()                 # the client left
+    await settle()
+    for _ in range(2):
+        slots.give_back("m")
+        await settle()
+    await asyncio.gather(tasks["first"], tasks["second"])
+    assert served == ["first", "second"]
+
+
+async def test_waiting_by_model_counts_the_calls_in_line_not_those_holding_slots():
+    """The metrics read the line's length per model: held slots are not waiting calls."""
+    slots = Slots()
+    slots.configure(limits(m=2, idle=1))
+    await slots.take("m", 2, 1, 1.0)
+    await slots.take("m", 2, 1, 1.0)
+    waiter = asyncio.create_task(slots.take("m", 2, 1, 5.0))
+    await settle()
+    assert slots.waiting_by_model() == {"m": 1, "idle": 0}
+    waiter.cancel()
+    await settle()
+    assert slots.waiting_by_model() == {"m": 0, "idle": 0}

@@ -198,6 +198,34 @@ async def test_samples_past_the_pending_bound_are_dropped_and_counted(processes,
     redis_server.start()
 
 
+
+async def test_samples_measured_during_a_failed_sync_count_toward_the_pending_bound(processes, redis_server) -> None:
+    """Samples a call adds while a sync to a downed Redis is under way are held too: with them the bound still
+    holds, and the oldest held samples are the ones lost."""
+    a = processes()
+    redis_server.stop()
+    a.measure("small", SLOW_S, MAX_PENDING)
+    syncing = asyncio.create_task(a.sharing.sync())
+    await asyncio.sleep(0)                  # the sync took the pending samples and waits on Redis
+    a.measure("small", SLOW_S, 10)
+    await syncing
+    assert a.sharing.unsent == MAX_PENDING
+    assert a.sharing.lost == 10
+    redis_server.start()
+
+
+async def test_samples_held_through_an_outage_longer_than_the_window_are_dropped(processes, redis_server) -> None:
+    """Samples held while Redis is down are let go once they leave the latency window: no one would use them."""
+    a = processes(window_s=1.0)
+    redis_server.stop()
+    a.measure("small", SLOW_S, 3)
+    await a.sharing.sync()
+    assert a.sharing.unsent == 3
+    await asyncio.sleep(1.1)
+    await a.sharing.sync()
+    assert a.sharing.unsent == 0
+    redis_server.start()
+
 async def test_an_outage_past_the_pending_bound_drops_the_first_samples_measured(processes, redis_server) -> None:
     """Past the pending bound the oldest samples go, not the newest: the last ten measured before Redis came back
     (ten that carry only a time per token) reach the other processes."""

@@ -17,13 +17,26 @@ before its own that may not be applied yet, so the marker never passes a part
 that could still land.
 """
 
+#: Lua the scripts reading the holds begin with (each is sent whole): a hold member's cost, and what one given
+#: back frees
+HOLDS = """
+local function hold_cost(member) return tonumber(string.match(member, ':(%d+)$')) end
+-- a hold given back frees its cost while the set has it unexpired; one Redis never took (its reservation
+-- unanswered, never run), or one expired and already out of the sum, frees nothing
+local function freed_by(holds_key, member, now_ms)
+  local expires_ms = redis.call('ZSCORE', holds_key, member)
+  if expires_ms and tonumber(expires_ms) > now_ms then return hold_cost(member) end
+  return 0
+end
+"""
+
 # KEYS: day total, month total, this replica's applied-flush marker, holds (sorted set), holds' sum
 # ARGV: day limit, month limit (nano-USD; -1: none), cost (nano-USD), member (ticket:cost), hold_ttl_ms,
 #       n, then per charge flush of this replica not yet known applied: seq, day nanos, month nanos, k, then the k
 #       members (ticket:cost) of the holds it gives back; then the deadline (ms on Redis's clock; 0: none)
 # Reply: reserved (1 or 0), day spent, month spent, held by the others (all nano-USD, this replica's flushes
 #        counted as the marker says), Redis's clock (ms), late (1: run past its deadline, nothing held or read)
-RESERVE = """
+RESERVE = HOLDS + """
 local day_key, month_key, applied_key, holds_key, sum_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local day_limit, month_limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local member, ttl_ms, flushes = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -38,7 +51,7 @@ if deadline_ms > 0 and now_ms > deadline_ms then return {0, 0, 0, 0, now_ms, 1} 
 local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms)
 if #expired > 0 then
   local freed = 0
-  for _, m in ipairs(expired) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+  for _, m in ipairs(expired) do freed = freed + hold_cost(m) end
   redis.call('ZREMRANGEBYSCORE', holds_key, '-inf', now_ms)
   if redis.call('ZCARD', holds_key) == 0 then redis.call('DEL', sum_key)
   else redis.call('DECRBY', sum_key, freed) end
@@ -54,11 +67,7 @@ for _ = 1, flushes do
   if tonumber(ARGV[at]) > applied then
     day = day + tonumber(ARGV[at + 1])
     month = month + tonumber(ARGV[at + 2])
-    -- only a hold the set still has is in the sum: one Redis never took (its reservation unanswered, never run)
-    -- or one expired frees nothing
-    for i = at + 4, at + 3 + released do
-      if redis.call('ZSCORE', holds_key, ARGV[i]) then held = held - tonumber(string.match(ARGV[i], ':(%d+)$')) end
-    end
+    for i = at + 4, at + 3 + released do held = held - freed_by(holds_key, ARGV[i], now_ms) end
   end
   at = at + 4 + released
 end
@@ -84,7 +93,7 @@ return {reserved, day, month, held, now_ms, 0}
 #       nano-USD to add, the total's TTL in s), then the m members (ticket:cost) of the holds it gives back (one
 #       not held, given back already or expired, is skipped)
 # Reply: the marker before, the marker after (a part numbered up to it is in the store)
-FLUSH = """
+FLUSH = HOLDS + """
 local applied_key, holds_key, sum_key = KEYS[1], KEYS[2], KEYS[3]
 local applied = tonumber(redis.call('GET', applied_key) or '0')
 local top, at, apply = applied, 3, {}
@@ -110,7 +119,7 @@ for _, start in ipairs(apply) do
   end
   for i = at + totals * 3, at + totals * 3 + members - 1 do
     local m = ARGV[i]
-    if redis.call('ZREM', holds_key, m) == 1 then freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+    if redis.call('ZREM', holds_key, m) == 1 then freed = freed + hold_cost(m) end
   end
 end
 if freed > 0 then
@@ -125,22 +134,19 @@ return {applied, top}
 #       holds it gives back; read only (expired holds are left for the next reservation to drop)
 # Reply: day spent, month spent, the marker, held by unexpired holds, less those this replica's flushes not yet
 #        applied give back (all nano-USD)
-USAGE = """
+USAGE = HOLDS + """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local held = tonumber(redis.call('GET', KEYS[5]) or '0')
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms)) do
-  held = held - tonumber(string.match(m, ':(%d+)$'))
+  held = held - hold_cost(m)
 end
 local applied = tonumber(redis.call('GET', KEYS[3]) or '0')
 local at = 2
 for _ = 1, tonumber(ARGV[1] or '0') do
   local released = tonumber(ARGV[at + 1])
   if tonumber(ARGV[at]) > applied then
-    for i = at + 2, at + 1 + released do     -- as in RESERVE: only an unexpired hold the set still has counts
-      local expires_ms = redis.call('ZSCORE', KEYS[4], ARGV[i])
-      if expires_ms and tonumber(expires_ms) > now_ms then held = held - tonumber(string.match(ARGV[i], ':(%d+)$')) end
-    end
+    for i = at + 2, at + 1 + released do held = held - freed_by(KEYS[4], ARGV[i], now_ms) end
   end
   at = at + 2 + released
 end

@@ -65,6 +65,10 @@ class _Charges:
         self.nanos[key] = self.nanos.get(key, 0) + nanos
         self.retention_s[key] = max(self.retention_s.get(key, 0), retention_s)
 
+    def released_args(self) -> list[int | str]:
+        """The holds it gives back as the reservation and usage scripts read them: how many, then their members."""
+        return [len(self.released), *self.released]
+
     def args(self, key_index: dict[str, int]) -> list[int | str]:
         """The part as the flush script reads it; `key_index`: each total's place in KEYS (from 1)."""
         args: list[int | str] = [self.seq, len(self.nanos), len(self.released)]
@@ -189,8 +193,7 @@ class RedisBudgets:
         parts = self._unlanded.get(tenant.name, ())     # this replica's flush parts the store may not hold yet
         pending: list[int | str] = []
         for part in parts:
-            pending += (part.seq, part.nanos.get(day_key, 0), part.nanos.get(month_key, 0), len(part.released),
-                        *part.released)
+            pending += (part.seq, part.nanos.get(day_key, 0), part.nanos.get(month_key, 0), *part.released_args())
         budget = tenant.budget
         args = [limit_nanos(budget.usd_per_day), limit_nanos(budget.usd_per_month), nanos, hold.member,
                 self.hold_ttl_ms, len(parts), *pending, self.redis_clock.deadline_ms(self.guard.timeout_s)]
@@ -386,7 +389,7 @@ class RedisBudgets:
         parts = self._unlanded.get(tenant.name, ())     # the holds they give back the script leaves out
         released: list[int | str] = []
         for part in parts:
-            released += (part.seq, len(part.released), *part.released)
+            released += (part.seq, *part.released_args())
         reply = await self.guard.run(lambda: self.usage_script(
             keys=[*keys, self.applied_key(tenant.name), *self.holds_keys(tenant.name)], args=[len(parts), *released]))
         if reply is STORE_DOWN:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from gateway.server import FORK
 from gateway.supervisor import Supervisor
-from tests.test_workers import ADMIN_TOKEN, POLICY, REPO, alive, kill, sleep_until_sigterm
+from tests.test_workers import ADMIN_TOKEN, POLICY, REPO, alive, kill, sleep_until_sigterm, stop_from_spawn
 
 
 def test_a_stop_while_workers_start_starts_no_more_of_them():
@@ -25,7 +24,7 @@ def test_a_stop_while_workers_start_starts_no_more_of_them():
 
     def spawn(slot: int):
         if slot == 0:
-            os.kill(os.getpid(), signal.SIGTERM)       # held while spawning, handled as soon as this returns
+            stop_from_spawn()
         process = FORK.Process(target=sleep_until_sigterm, args=(supervisor.ready_fd,))
         process.start()
         started.append(process.pid)

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from gateway.policy.load import load_policy
 from gateway.errors import PolicyError
 from gateway.routing.estimates import LatencyEstimates
-from gateway.routing.sharing import MAX_PENDING, EstimateSharing
+from gateway.routing.sharing import EXPIRY_MARGIN_S, MAX_PENDING, EstimateSharing
 from tests.support.fakes import FakeClock
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models, price
@@ -113,6 +113,22 @@ async def test_only_new_entries_are_read_on_later_syncs(processes) -> None:
     await b.sharing.sync()
     await b.sharing.sync()
     assert b.estimates.sample_count("small") == 3
+
+
+async def test_a_stream_expires_a_margin_past_the_window_after_its_last_write(processes) -> None:
+    """Each send sets the stream's time to live to the latency window (rounded up) plus EXPIRY_MARGIN_S: a model
+    nobody calls any more leaves Redis, and one still written to does not."""
+    a = processes(window_s=30.5)
+    a.measure("small", SLOW_S)
+    await a.sharing.sync()
+    key = a.sharing.key(a.models["small"])
+    await a.client.expire(key, 5)               # as if the window were nearly over: the next send sets it again
+    a.measure("small", SLOW_S)
+    await a.sharing.sync()
+    ttl_ms = await a.client.pttl(key)
+    assert (31 + EXPIRY_MARGIN_S - 0.5) * 1000 <= ttl_ms <= (31 + EXPIRY_MARGIN_S) * 1000, ttl_ms
+    await a.sharing.sync()                      # nothing to send: the time to live runs on
+    assert await a.client.pttl(key) <= ttl_ms
 
 
 async def test_a_process_started_later_reads_what_the_fleet_measured(processes) -> None:

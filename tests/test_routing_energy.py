@@ -106,6 +106,15 @@ def test_a_model_measured_above_the_limit_is_dropped_for_energy():
     assert decision.plan[0].name == "medium" and decision.sla_met
 
 
+def test_a_model_predicted_exactly_at_the_energy_limit_meets_it():
+    """max_energy_j is a ceiling the prediction may reach: 1.5 J a token for 100 tokens meets max_energy_j 150."""
+    r, estimates, _ = router()
+    estimates.record_energy("small", 150.0, 100)
+    decision = decide(r)
+    assert decision.candidates[0].predicted_energy_j == 150.0
+    assert decision.candidates[0].kept and decision.plan[0].name == "small"
+
+
 def test_a_model_dropped_for_energy_stays_dropped_after_its_window_and_is_explored():
     r, estimates, clock = router()
     estimates.record_energy("small", 400.0, 100)

@@ -128,3 +128,58 @@ def test_many_routes_pick_the_right_one():
     assert names(index, "alias-0") == "r0"
     assert names(index, "alias-999") == "r999"
     assert names(index, "alias-1000") == "rest"
+
+
+def test_a_route_with_an_empty_endpoint_list_takes_every_endpoint():
+    """`endpoints: []` means any endpoint, as an empty tenant list means any tenant."""
+    index = RouteIndex((route("any", endpoints=()),))
+    for endpoint in ("chat", "completions", "embeddings"):
+        assert names(index, endpoint=endpoint) == "any"
+
+
+def test_a_route_with_an_empty_model_list_takes_every_alias():
+    """`models: []` means any alias, as the default `*` does."""
+    index = RouteIndex((route("any", models=()),))
+    assert names(index, "auto") == "any"
+    assert names(index, "gpt-4o") == "any"
+
+
+def test_a_route_without_prompt_bounds_takes_an_empty_prompt():
+    """A route that sets no prompt_tokens_min takes a request of zero prompt tokens."""
+    index = RouteIndex((route("any"),))
+    assert names(index, prompt_tokens=0) == "any"
+
+
+def test_a_glob_alias_must_match_the_whole_requested_name():
+    """`gpt-*` takes `gpt-4o` but not `my-gpt-4o`, and `gpt-?` not `gpt-4o`: a glob is anchored at both ends."""
+    index = RouteIndex((route("star", models=("gpt-*",)), route("one", models=("o?",))))
+    assert names(index, "gpt-4o") == "star"
+    assert names(index, "my-gpt-4o") is None
+    assert names(index, "o1") == "one"
+    assert names(index, "o1-mini") is None
+
+
+def test_a_bracket_alias_is_a_glob():
+    """`gpt-[45]` is a pattern taking `gpt-4` and `gpt-5`, not only the literal name `gpt-[45]`."""
+    index = RouteIndex((route("gpt", models=("gpt-[45]",)),))
+    assert names(index, "gpt-4") == "gpt"
+    assert names(index, "gpt-5") == "gpt"
+    assert names(index, "gpt-3") is None
+
+
+def test_a_header_condition_named_in_capitals_matches_lower_cased_request_headers():
+    """The index lower-cases a condition's header name, so `X-Team` and `X-Priority` match a dict of lower-cased
+    request headers, as `match` documents, for exact values and regexes alike."""
+    index = RouteIndex((route("exact", headers=(HeaderMatch("X-Team", "search"),)),
+                        route("regex", headers=(HeaderMatch("X-Priority", "high|urgent", regex=True),)),
+                        route("rest")))
+    assert names(index, headers={"x-team": "search"}) == "exact"
+    assert names(index, headers={"x-priority": "high"}) == "regex"
+
+
+def test_the_alias_cache_never_answers_one_alias_with_anothers_routes():
+    """Aliases are matched as written: after `auto` is looked up and remembered, `AUTO` still finds no route."""
+    index = RouteIndex((route("a", models=("auto",)),))
+    assert names(index, "auto") == "a"
+    assert names(index, "AUTO") is None
+    assert names(index, "auto") == "a"

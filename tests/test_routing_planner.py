@@ -436,3 +436,255 @@ def test_a_budget_downgrade_does_not_lead_with_a_model_whose_circuit_is_open():
     downgraded = setup.router.cheapest(decision)
     assert plan_names(downgraded)[0] == "medium"
     assert downgraded.sla_met and "cheapest model, medium" in downgraded.note
+
+
+@pytest.mark.parametrize("header", ["x-gateway-max-latency-ms", "x-gateway-max-ttft-ms", "x-gateway-max-energy-j"])
+@pytest.mark.parametrize("value", ["0", "-0", "nan", "inf", "-1"])
+def test_a_time_or_energy_header_must_be_a_positive_finite_number(header, value):
+    """A limit of 0, NaN (which every prediction would pass) or infinity is a 400 naming the header."""
+    with pytest.raises(ClientError, match=header) as caught:
+        tighten_from_headers({header: value})
+    assert caught.value.param == header
+
+
+def test_a_tier_header_of_zero_is_read_and_a_negative_one_refused():
+    """x-gateway-min-tier 0 is a tier (it asks for nothing more than the route's), -1 is a 400."""
+    assert tighten_from_headers({"x-gateway-min-tier": "0"}).min_tier == 0
+    with pytest.raises(ClientError, match="x-gateway-min-tier"):
+        tighten_from_headers({"x-gateway-min-tier": "-1"})
+
+
+def test_a_cost_header_is_read_up_to_max_usd_and_a_word_is_refused():
+    """x-gateway-max-cost-usd may be as high as a policy's limit, $1e9; a cent above it or a word is a 400."""
+    assert tighten_from_headers({"x-gateway-max-cost-usd": "1000000000"}).max_cost_usd == Decimal("1E9")
+    for value in ("1000000000.01", "cheap"):
+        with pytest.raises(ClientError, match="x-gateway-max-cost-usd"):
+            tighten_from_headers({"x-gateway-max-cost-usd": value})
+
+
+@pytest.mark.parametrize("header, value", [("x-gateway-max-latency-ms", "1500"), ("x-gateway-max-ttft-ms", "90"),
+                                           ("x-gateway-min-tier", "2"), ("x-gateway-max-cost-usd", "0.5"),
+                                           ("x-gateway-max-energy-j", "40")])
+def test_each_tighten_header_alone_tightens(header, value):
+    """Any one tightening header alone makes the ask non-empty and is recorded by its field name."""
+    tighten = tighten_from_headers({header: value})
+    assert not tighten.empty
+    field = header.removeprefix("x-gateway-").replace("-", "_")
+    assert tighten.as_dict() == {field: float(value)}
+
+
+def test_a_tier_header_below_the_routes_tier_does_not_lower_it():
+    """x-gateway-min-tier 1 on a `min_tier: 2` route leaves the route's tier: `small` stays out."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2)))
+    decision = setup.decide(tighten=tighten_from_headers({"x-gateway-min-tier": "1"}))
+    assert plan_names(decision) == ["medium", "large"]
+    assert candidate(decision, "small").reasons == ("tier 1 < 2",)
+
+
+def test_looser_ttft_and_cost_headers_leave_the_routes_own_limits():
+    """Headers asking for a later first token and a dearer request than the route allows change nothing: `large`
+    stays out of a stream for its TTFT and its cost."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, p95_ttft_ms=100, max_cost_usd=Decimal("0.001"))))
+    loose = tighten_from_headers({"x-gateway-max-ttft-ms": "5000", "x-gateway-max-cost-usd": "5"})
+    decision = setup.decide(stream=True, tighten=loose)
+    assert plan_names(decision) == ["small", "medium"]
+    assert [r.split()[0] for r in candidate(decision, "large").reasons] == ["ttft", "cost"]
+
+
+def test_a_header_limit_is_named_as_the_client_wrote_it():
+    """A refusal for x-gateway-max-latency-ms 100 names `p95_latency_ms 100`, not `100.0`."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, on_violation="reject")))
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide(tighten=tighten_from_headers({"x-gateway-max-latency-ms": "100"}))
+    assert caught.value.message.startswith("no model of route 'chat' meets p95_latency_ms 100: small: latency")
+
+
+def test_a_refusal_for_ttft_names_the_ttft_limit():
+    """A stream no model starts within p95_ttft_ms 30 is refused naming `p95_ttft_ms 30`."""
+    setup = Setup(chat_route(Sla(p95_ttft_ms=30, on_violation="reject")))
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide(stream=True)
+    assert caught.value.message.startswith("no model of route 'chat' meets p95_ttft_ms 30: small: ttft 40ms > 30ms")
+
+
+def test_a_refusal_for_open_circuits_names_the_closed_circuit_it_needed():
+    """A reject route whose every model's circuit is open says it needed a closed circuit."""
+    setup = Setup(chat_route(Sla(on_violation="reject"), candidates=("small",)))
+    setup.breakers.record_failure("small")
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide()
+    assert caught.value.message == "no model of route 'chat' meets a closed circuit: small: circuit open"
+
+
+def test_a_model_starting_exactly_at_the_ttft_limit_meets_it():
+    """A TTFT limit is a ceiling the prediction may reach: `small`, predicted at 40 ms to its first token, meets
+    p95_ttft_ms 40 on a stream."""
+    setup = Setup(chat_route(Sla(p95_ttft_ms=40, on_violation="reject")))
+    decision = setup.decide(stream=True)
+    assert candidate(decision, "small").kept and plan_names(decision) == ["small"]
+
+
+def test_best_effort_plans_a_candidate_whose_window_the_request_fills_exactly():
+    """8092 prompt tokens and max_tokens 100 fill `small`'s window exactly: when no model meets the SLA, best effort
+    still plans it, fastest first."""
+    setup = Setup(chat_route(candidates=("small", "large")))
+    decision = setup.decide(prompt_tokens=8092, max_tokens=100, tighten=Tighten(max_latency_ms=10))
+    assert not decision.sla_met
+    assert plan_names(decision) == ["small", "large"]
+
+
+def test_a_request_with_no_output_is_predicted_at_its_wait_alone():
+    """max_tokens 0 (an embeddings call) is planned for no output: `small` is predicted at its 40 ms TTFT, not at a
+    guessed answer's length."""
+    decision = Setup(chat_route()).decide(max_tokens=0)
+    assert decision.output_tokens == 0
+    assert candidate(decision, "small").predicted_latency_ms == pytest.approx(40)
+
+
+def test_exploring_tries_a_model_dropped_for_its_latency_and_marks_the_sla_unmet():
+    """With every request explored and only `small` meeting 2000 ms, the explored model is one dropped as slow: the
+    decision says the SLA is not met and why it was tried."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=2000)), explore_share=1.0)
+    chosen = set()
+    for _ in range(20):
+        decision = setup.decide()
+        first = plan_names(decision)[0]
+        chosen.add(first)
+        assert decision.explored and not decision.sla_met
+        assert decision.note.startswith(f"explored {first} instead of small to refresh its estimate (latency ")
+    assert chosen == {"medium", "large"}
+
+
+def test_exploring_tries_a_model_dropped_for_its_ttft():
+    """A stream explores `large`, dropped only for its 200 ms first token, as well as the kept `medium`."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, p95_ttft_ms=100)), explore_share=1.0)
+    chosen = {plan_names(setup.decide(stream=True))[0] for _ in range(40)}
+    assert chosen == {"medium", "large"}
+
+
+def test_exploring_never_chooses_a_model_whose_circuit_is_open():
+    """An open circuit is no measurement to refresh: with `small`'s open, every explored request goes to `large`."""
+    setup = Setup(chat_route(), explore_share=1.0)
+    setup.breakers.record_failure("small")
+    chosen = {plan_names(setup.decide())[0] for _ in range(40)}
+    assert chosen == {"large"}
+
+
+def test_fallbacks_after_a_met_sla_keep_the_tier():
+    """A `min_tier: 2` route's tier-1 fallback is left out; its tier-2 fallback, exactly at the tier, follows."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2), candidates=("large",), fallback=("small", "medium")))
+    decision = setup.decide()
+    assert decision.sla_met
+    assert plan_names(decision) == ["large", "medium"]
+
+
+def test_best_effort_fallbacks_keep_the_tier():
+    """When no model meets the SLA, best effort's fallbacks are still held to the route's tier."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2), candidates=("medium",), fallback=("small", "large")))
+    decision = setup.decide(tighten=Tighten(max_latency_ms=10))
+    assert not decision.sla_met
+    assert plan_names(decision) == ["medium", "large"]
+
+
+def test_every_circuit_open_plans_only_the_fallbacks_of_the_tier():
+    """With every circuit open, best effort plans the candidates and fallbacks anyway, but never one under the
+    route's tier."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2), candidates=("medium",), fallback=("small", "large")))
+    for name in ("small", "medium", "large"):
+        setup.breakers.record_failure(name)
+    decision = setup.decide()
+    assert not decision.sla_met
+    assert plan_names(decision) == ["medium", "large"]
+
+
+def test_the_retry_after_of_an_open_circuit_is_rounded_up_not_to_the_nearest_second():
+    """A circuit half-open in 19.3 s asks the client back in 20 s: 19 s would send it into the open circuit."""
+    setup = Setup(chat_route(sla=Sla(on_violation="reject"), candidates=("small",)))
+    setup.breakers.record_failure("small")
+    setup.clock.now_s += 10.7
+    with pytest.raises(NoModelMeetsSla) as caught:
+        setup.decide()
+    assert caught.value.headers["Retry-After"] == "20"
+
+
+def test_best_effort_names_only_the_terms_the_fitting_models_missed():
+    """The best-effort note lists the models it may plan and the term they missed, not a lower tier's model."""
+    setup = Setup(chat_route(Sla(p95_latency_ms=6000, min_tier=2)))
+    decision = setup.decide(tighten=Tighten(max_latency_ms=100))
+    assert decision.note == ("SLA not met (p95_latency_ms 100: medium: latency 2120ms > 100ms; large: latency 5300ms "
+                             "> 100ms); best effort by predicted latency")
+
+
+def test_a_request_with_no_output_may_fill_a_window_with_its_prompt():
+    """With max_tokens 0 (embeddings) the prompt alone must fit: 8192 tokens fit `small`'s window, 8193 are a 400
+    that counts prompt tokens only."""
+    route = chat_route(candidates=("small",))
+    assert plan_names(Setup(route).decide(prompt_tokens=8192, max_tokens=0)) == ["small"]
+    with pytest.raises(ClientError) as caught:
+        Setup(route).router.decide(route, prompt_tokens=8193, max_tokens=0, stream=False, input_param="input")
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "input")
+    assert caught.value.message == ("request needs 8193 prompt tokens but the largest context window of route 'chat' "
+                                    "is 8192")
+
+
+def test_a_budget_downgrade_leaves_a_decision_with_no_model_of_the_context_as_it_was():
+    """When no candidate has the context (only a fallback served best effort), there is nothing cheaper to
+    downgrade to: the decision stands."""
+    setup = Setup(chat_route(candidates=("small",), fallback=("large",)))
+    decision = setup.decide(prompt_tokens=20_000, max_tokens=100)
+    assert setup.router.cheapest(decision) is decision
+
+
+def test_a_budget_downgrade_never_leads_with_a_model_too_small_for_the_request():
+    """`small`, the cheapest, lacks the context for a 9,100-token request: the downgrade goes to `medium`."""
+    setup = Setup(chat_route())
+    decision = setup.decide(prompt_tokens=9000, max_tokens=100)
+    downgraded = setup.router.cheapest(decision)
+    assert plan_names(downgraded) == ["medium", "large"]
+
+
+def test_a_budget_downgrade_with_every_circuit_open_leads_with_the_cheapest():
+    """With every circuit open the downgrade still plans a request, cheapest first."""
+    setup = Setup(chat_route())
+    for name in ("small", "medium", "large"):
+        setup.breakers.record_failure(name)
+    downgraded = setup.router.cheapest(setup.decide())
+    assert plan_names(downgraded) == ["small", "medium", "large"]
+    assert "cheapest model, small" in downgraded.note
+
+
+def test_a_budget_downgrade_is_not_marked_explored_and_keeps_max_attempts():
+    """A downgraded decision explored nothing, and plans at most routing.max_attempts models."""
+    setup = Setup(chat_route(), explore_share=1.0, max_attempts=2)
+    decision = setup.decide()
+    assert decision.explored
+    downgraded = setup.router.cheapest(decision)
+    assert not downgraded.explored
+    assert plan_names(downgraded) == ["small", "medium"]
+
+
+def test_candidates_of_one_size_are_shown_cheapest_input_first():
+    """The candidates a decision shows (the explain table) are ordered by size, then input price, not as listed."""
+    twin = Model(name="twin", endpoint="http://127.0.0.1:1/v1", upstream_model="twin", size_b=8, tier=2,
+                 price=Price(Decimal("0.20"), Decimal("0.60")), latency_prior=LatencyPrior(ttft_ms=80, tpot_ms=8))
+    setup = Setup(chat_route(candidates=("large", "medium", "twin", "small")), extra_models={"twin": twin})
+    decision = setup.decide()
+    assert [c.model.name for c in decision.candidates] == ["small", "twin", "medium", "large"]
+
+
+def test_only_a_request_that_did_not_go_to_the_smallest_kept_model_is_marked_explored():
+    """With explore_share 0.5 about half the requests are explored: those led by `small` are not marked."""
+    setup = Setup(chat_route(), explore_share=0.5)
+    marks = set()
+    for _ in range(40):
+        decision = setup.decide()
+        marks.add(decision.explored)
+        assert decision.explored == (plan_names(decision)[0] != "small")
+        assert (decision.note == "") == (not decision.explored)
+    assert marks == {True, False}
+
+
+def test_a_fallback_named_twice_is_planned_once():
+    """A model listed twice under `fallback` is one attempt, not two calls to the same model."""
+    setup = Setup(chat_route(candidates=("small",), fallback=("large", "medium", "large")))
+    assert plan_names(setup.decide()) == ["small", "large", "medium"]

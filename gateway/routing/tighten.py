@@ -68,7 +68,7 @@ def _usd(value: str) -> Decimal:
     amount = Decimal(value)
     if not amount.is_finite() or amount < 0 or amount > MAX_USD:
         raise ValueError("expected a non-negative amount of USD")
-    return amount.quantize(PICO_USD, rounding=ROUND_DOWN)
+    return amount.quantize(PICO_USD, rounding=ROUND_DOWN).copy_abs()      # `-0` is the ceiling 0
 
 
 _PARSERS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (

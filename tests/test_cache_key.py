@@ -105,3 +105,14 @@ def test_cache_control_reads_every_header_line() -> None:
     """A multidict with two Cache-Control lines honours both."""
     headers = CIMultiDict([("Cache-Control", "no-cache"), ("cache-control", "no-store")])
     assert cache_control(headers) == (False, False)
+
+
+def test_a_seed_of_zero_pins_the_sampling() -> None:
+    """`seed: 0` is a seed like any other: a sampled request that sends it is cacheable."""
+    assert is_cacheable({"temperature": 0.7, "seed": 0}, CacheRule(enabled=True))
+
+
+def test_a_no_cache_directive_with_a_field_list_still_skips_the_lookup() -> None:
+    """`no-cache="Set-Cookie"` and `no-store=x` are still their directives: the argument after `=` is ignored."""
+    assert cache_control({"Cache-Control": 'no-cache="Set-Cookie"'}) == (False, True)
+    assert cache_control({"Cache-Control": "no-store=x"}) == (True, False)

@@ -133,6 +133,37 @@ async def test_a_lock_taken_beside_a_waiting_local_flight_is_handed_to_it(redis_
         await cache.close()
 
 
+
+async def test_a_lock_handed_over_while_the_flight_finds_the_answer_is_given_back(redis_server) -> None:
+    """A request here hands its lock to the flight waiting for it just as that flight finds the holder's answer:
+    the flight needs no lock then, and releases the handed one at once instead of leaving it to expire."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=1.0)
+    try:
+        here, elsewhere = SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01), RedisLock(cache)
+        looking, answer_stored = asyncio.Event(), asyncio.Event()
+
+        async def poll() -> bytes | None:
+            looking.set()
+            await answer_stored.wait()
+            return b"answer"
+
+        async def never_called() -> bytes:
+            raise AssertionError("the answer was there to share")
+
+        holder = await elsewhere.acquire(LOCK, ttl_ms=10_000)        # another replica leads
+        waiting = asyncio.create_task(here.run(KEY, never_called, 5.0, poll_fn=poll))
+        await looking.wait()                                          # the flight looks up the answer
+        await elsewhere.release(LOCK, holder)                         # the other replica answered and let go
+        _, token = await here.read_or_acquire(KEY)                    # a request here takes the free lock
+        assert token is not None
+        joined = asyncio.create_task(here.run(KEY, never_called, 5.0, poll_fn=poll, tried=True, token=token))
+        await asyncio.sleep(0)
+        answer_stored.set()
+        assert await asyncio.gather(waiting, joined) == [(b"answer", False), (b"answer", False)]
+        assert await wait_until(lambda: _gone(cache.client, LOCK), 1.0) < 1.0
+    finally:
+        await cache.close()
+
 # Through the gateway: every way a leader ends gives its lock back at once -------------------------------------
 
 #: how long the scripted model waits before answering: long enough to see the leader's lock
@@ -252,3 +283,29 @@ def test_redis_down_then_back_leaves_no_lock_and_caches_again(redis_server) -> N
     finally:
         gw.stop()
         raw.stop()
+
+
+async def test_a_second_lock_token_joining_a_flight_already_handed_one_follows_it(redis_server) -> None:
+    """Two requests here each holding a lock token for one key (Redis failing over grants one to each) join the
+    flight that waits for the lock: the first hands its token over, the second gives its own back and follows;
+    neither request fails."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=1.0)
+    try:
+        here, elsewhere = SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01), RedisLock(cache)
+        polling = asyncio.Event()
+
+        async def poll() -> None:
+            polling.set()
+
+        async def answer() -> bytes:
+            return b"answer"
+
+        holder = await elsewhere.acquire(LOCK, ttl_ms=10_000)
+        assert holder is not None
+        waiting = asyncio.create_task(here.run(KEY, answer, 5.0, poll_fn=poll))
+        await polling.wait()
+        joined = [asyncio.create_task(here.run(KEY, answer, 5.0, poll_fn=poll, tried=True, token=token))
+                  for token in ("token-one", "token-two")]
+        assert await asyncio.gather(waiting, *joined) == [(b"answer", True), (b"answer", False), (b"answer", False)]
+    finally:
+        await cache.close()

@@ -137,6 +137,22 @@ def test_replay_response_is_a_copy_with_the_cached_id() -> None:
     assert entry.body == TEXT_RESPONSE
 
 
+def test_a_replayed_answer_without_an_id_gets_the_request_s_but_embeddings_get_none() -> None:
+    """A chat answer cached without an id is replayed with the request's; an embeddings answer, which has no id
+    when fresh, is replayed as it was cached."""
+    chat = {**TEXT_RESPONSE, "id": ""}
+    assert replay_response(CacheEntry("chat", chat), request_id="req-1")["id"] == "req-1"
+    embeddings = {"object": "list", "data": [{"object": "embedding", "embedding": [0.5], "index": 0}], "model": "e"}
+    assert replay_response(CacheEntry("embeddings", embeddings), request_id="req-1") == embeddings
+
+
+def test_an_embeddings_entry_cannot_be_replayed_as_a_stream() -> None:
+    """Embeddings have no stream form: asking for one is an error, not a stream of nothing but [DONE]."""
+    embeddings = {"object": "list", "data": [{"object": "embedding", "embedding": [0.5], "index": 0}], "model": "e"}
+    with pytest.raises(ValueError):
+        replay_sse(CacheEntry("embeddings", embeddings), include_usage=False)
+
+
 async def serve_sse(aiohttp_events: dict[str, list[bytes]]) -> web.AppRunner:
     """A tiny OpenAI-shaped server on 127.0.0.1:0 that streams the given events per path."""
 

@@ -207,3 +207,109 @@ def test_a_completions_choice_s_own_fields_are_replayed_on_its_finishing_chunk()
     finishing = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
     assert (finishing["choices"][0]["stop_reason"], finishing["choices"][0]["content_filter_results"]) == (7, FILTERS)
     assert assemble_stream("completions", chunks) == body
+
+
+def test_the_answer_s_header_fields_are_the_first_chunk_s() -> None:
+    """A server that stamps each chunk with its own `created` (or fingerprint) gives the cached answer the first
+    chunk's, not the last one's."""
+    chunks = [chunk({"role": "assistant", "content": ""}, system_fingerprint="fp_1"),
+              {**chunk({"content": "Hi"}), "created": HEADER["created"] + 1, "system_fingerprint": "fp_2"},
+              {**chunk({}, "stop"), "created": HEADER["created"] + 2, "system_fingerprint": "fp_3"}]
+    body = assemble_stream("chat", chunks)
+    assert (body["created"], body["system_fingerprint"]) == (HEADER["created"], "fp_1")
+
+
+def test_a_null_top_level_field_on_a_later_chunk_keeps_the_value_an_earlier_chunk_carried() -> None:
+    """Azure's `prompt_filter_results` sent on the first chunk and null on later ones stays in the cached answer,
+    and a field only ever null adds nothing."""
+    chunks = [{**chunk({"role": "assistant", "content": ""}), "prompt_filter_results": PROMPT_FILTERS},
+              {**chunk({"content": "Hi"}), "prompt_filter_results": None, "x_extra": None},
+              {**chunk({}, "stop"), "prompt_filter_results": None}]
+    body = assemble_stream("chat", chunks)
+    assert body["prompt_filter_results"] == PROMPT_FILTERS
+    assert "x_extra" not in body
+
+
+def test_a_chunk_after_the_finish_does_not_unfinish_the_choice() -> None:
+    """Azure may send a choice's filter results on a chunk after its finishing one, with a null finish reason:
+    the answer still ends with `stop`, and is cached."""
+    trailing = {**chunk({}), "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": None,
+                                          "content_filter_results": FILTERS}]}
+    body = assemble_stream("chat", [chunk({"role": "assistant", "content": "Hi"}), chunk({}, "stop"), trailing])
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["content_filter_results"] == FILTERS
+
+
+def test_a_stream_that_sent_no_content_is_cached_with_an_empty_one() -> None:
+    """A chat stream whose deltas never carried `content` (role, then the finish) is cached as the non-stream
+    answer would be: `content: ""`, which a replay hands back as text, not as a missing field."""
+    body = assemble_stream("chat", [chunk({"role": "assistant"}), chunk({}, "length")])
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": ""}
+
+
+def test_choices_streamed_out_of_order_are_assembled_in_index_order() -> None:
+    """Chunks of choice 1 arriving before choice 0's still add up to choices listed by index, as a non-stream
+    answer lists them."""
+    def of(index: int, delta: dict, finish_reason: str | None = None) -> dict:
+        return {**HEADER, "object": "chat.completion.chunk",
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    body = assemble_stream("chat", [of(1, {"role": "assistant", "content": "B"}), of(0, {"content": "A"}),
+                                    of(1, {}, "stop"), of(0, {}, "stop")])
+    assert [(c["index"], c["message"]["content"]) for c in body["choices"]] == [(0, "A"), (1, "B")]
+
+
+def test_an_empty_content_beside_streamed_tool_calls_is_assembled_as_null() -> None:
+    """A stream that opens with `content: ""` and then calls tools adds up to `content: null` beside the calls,
+    as the non-stream answer has it."""
+    call = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    body = assemble_stream("chat", [chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [call]}),
+                                    chunk({}, "tool_calls")])
+    message = body["choices"][0]["message"]
+    assert message["content"] is None and message["tool_calls"][0]["id"] == "call_a"
+
+
+def test_whole_tool_calls_streamed_without_an_index_stay_separate_calls() -> None:
+    """An OpenAI-compatible server that sends each tool call whole in one delta and without `index` adds up
+    to one call per delta, not to one call with both calls' names and arguments run together."""
+    calls = [{"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+             {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": '{"x": 1}'}}]
+    body = assemble_stream("chat", [chunk({"role": "assistant", "tool_calls": [calls[0]]}),
+                                    chunk({"tool_calls": [calls[1]]}), chunk({}, "tool_calls")])
+    assert body["choices"][0]["message"]["tool_calls"] == calls
+
+
+def test_token_logprobs_streamed_over_several_chunks_add_up_to_all_the_tokens() -> None:
+    """Each live chunk carries the logprobs of its own tokens: the cached answer keeps every token's, in order,
+    not only the last chunk's."""
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+
+    def with_logprobs(delta: dict, logprobs: dict) -> dict:
+        streamed = chunk(delta)
+        streamed["choices"][0]["logprobs"] = logprobs
+        return streamed
+
+    body = assemble_stream("chat", [
+        with_logprobs({"role": "assistant", "content": "Hi"}, {"content": [token("Hi", -0.25)]}),
+        with_logprobs({"content": " there"}, {"content": [token(" there", -0.5)]}),
+        chunk({}, "stop")])
+    assert body["choices"][0]["logprobs"] == {"content": [token("Hi", -0.25), token(" there", -0.5)]}
+
+
+def test_a_completions_answer_s_logprobs_are_replayed_and_add_up_to_the_cached_answer() -> None:
+    """A cached completions answer's logprobs ride on its text chunk, so the replayed stream assembles back to it."""
+    logprobs = {"tokens": ["Hi"], "token_logprobs": [-0.25], "top_logprobs": [{"Hi": -0.25}], "text_offset": [0]}
+    body = {**HEADER, "object": "text_completion", "usage": USAGE,
+            "choices": [{"index": 0, "text": "Hi", "logprobs": logprobs, "finish_reason": "stop"}]}
+    chunks = parse_sse(replay_sse(CacheEntry("completions", body), include_usage=True))
+    assert assemble_stream("completions", chunks) == body
+
+
+def test_a_type_or_index_in_a_streamed_object_is_replaced_not_concatenated() -> None:
+    """An object delta field sent over several chunks concatenates its text but keeps one `type` and `index`, as
+    the openai SDK merges them."""
+    chunks = [chunk({"role": "assistant", "content": "", "x_step": {"index": "0", "type": "summary", "text": "a"}}),
+              chunk({"x_step": {"index": "0", "type": "summary", "text": "b"}}), chunk({}, "stop")]
+    message = assemble_stream("chat", chunks)["choices"][0]["message"]
+    assert message["x_step"] == {"index": "0", "type": "summary", "text": "ab"}

@@ -298,3 +298,67 @@ async def test_the_lock_is_given_back_only_once_the_answer_is_stored(redis_serve
         assert upstream.calls == 1
     finally:
         await cache.close()
+
+
+async def test_followers_here_get_the_answer_before_the_leader_s_cache_write_ends(redis_server) -> None:
+    """The local flight lands as soon as the leader answers: its followers do not wait for the leader's `hold`
+    (the cache write), however long that takes."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        flight = SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01)
+        write_now = asyncio.Event()
+
+        async def store_once_followed() -> None:
+            await write_now.wait()
+
+        leader = asyncio.create_task(flight.run("gw:c:v1:k", Upstream(delay_s=0.05), 5.0,
+                                                poll_fn=lambda: cache.get("gw:c:v1:k"), hold=store_once_followed))
+        await asyncio.sleep(0)
+        follower = await run_or_reason(flight, "gw:c:v1:k", Upstream(), 5.0)
+        write_now.set()
+        assert follower == ("answer", False)
+        assert await leader == ("answer", True)
+    finally:
+        await cache.close()
+
+
+async def test_a_leader_ending_its_cache_write_leaves_the_next_flight_for_its_key_in_place(redis_server) -> None:
+    """A flight led while the last leader still writes its answer (`hold`) stays joinable when that leader ends:
+    a request after it follows the new flight instead of calling upstream again."""
+    cache = RedisCache.from_url(redis_server.url, timeout_s=0.5)
+    try:
+        flight = SingleFlight(lock=RedisLock(cache), poll_interval_s=0.01)
+        write_now, second_may_answer = asyncio.Event(), asyncio.Event()
+
+        async def first_answer() -> bytes:
+            return b"first"
+
+        async def second_answer() -> bytes:
+            await second_may_answer.wait()
+            return b"second"
+
+        async def nothing_stored() -> None:     # the second leader never finds the first's answer
+            return None
+
+        async def write_the_answer() -> None:
+            await write_now.wait()
+
+        first = asyncio.create_task(flight.run("gw:c:v1:k", first_answer, 5.0, poll_fn=nothing_stored,
+                                               hold=write_the_answer))
+        await asyncio.sleep(0)
+        assert len(flight) == 1
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while len(flight) and asyncio.get_running_loop().time() < deadline:    # the first flight has landed
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(flight.run("gw:c:v1:k", second_answer, 5.0, poll_fn=nothing_stored))
+        await asyncio.sleep(0.05)
+        write_now.set()
+        assert await first == (b"first", True)
+        assert len(flight) == 1
+        third = asyncio.create_task(run_or_reason(flight, "gw:c:v1:k", Upstream(), 5.0))
+        await asyncio.sleep(0)
+        second_may_answer.set()
+        assert await second == (b"second", True)
+        assert await third == (b"second", False)
+    finally:
+        await cache.close()

@@ -54,6 +54,15 @@ def test_a_legacy_function_call_or_any_unfinished_choice_is_not_an_entry() -> No
     assert entry_from_response("chat", two) is None
 
 
+def test_an_answer_that_carries_an_error_is_never_an_entry() -> None:
+    """A body with an `error` beside its choices or data (a provider's partial failure) is not cached, even when
+    its choices look finished."""
+    failed_chat = {**chat_body("hi", "stop"), "error": {"message": "upstream hiccup"}}
+    assert entry_from_response("chat", failed_chat) is None
+    failed_embeddings = {"object": "list", "data": [], "model": "e", "error": {"message": "quota"}}
+    assert entry_from_response("embeddings", failed_embeddings) is None
+
+
 @pytest.mark.parametrize("content, flag", [("short", FORMAT_PLAIN), ("x" * 5000, FORMAT_ZLIB)])
 def test_encode_decode_round_trip(content: str, flag: int) -> None:
     """Small entries are stored plain, large ones compressed, and both decode to the same entry."""
@@ -70,6 +79,22 @@ def test_an_entry_keeps_its_cost_and_the_model_that_answered() -> None:
     for content in ("short", "x" * 5000):
         entry = CacheEntry("chat", chat_body(content), 1700000001.5, cost_usd=Decimal("0.000123"), model="small")
         assert decode_entry(encode_entry(entry)) == entry
+
+
+def test_a_free_answer_keeps_its_zero_cost() -> None:
+    """An answer that cost nothing (a local model) decodes with its cost of 0: it is still a hit, not a miss."""
+    entry = CacheEntry("chat", chat_body("short"), 1700000001.5, cost_usd=Decimal("0"), model="local")
+    assert decode_entry(encode_entry(entry)) == entry
+
+
+def test_a_stored_model_that_is_no_name_is_read_as_none() -> None:
+    """An entry whose stored model is not a string (another build's, a hand-written one) keeps its answer but no
+    model: a list or a number never reaches the check of which models may serve the hit."""
+    body = chat_body("short")
+    for stored_model in (["small"], 5, {"name": "small"}):
+        stored = {"e": "chat", "b": body, "t": 1.0, "m": stored_model}
+        entry = decode_entry(bytes([FORMAT_PLAIN]) + orjson.dumps(stored))
+        assert entry is not None and entry.model is None, stored_model
 
 
 def test_size_cap_skips_storing() -> None:
@@ -111,6 +136,8 @@ def test_unreadable_bytes_are_a_miss() -> None:
      "t": 1.0, "c": "-1"},
     {"e": "chat", "b": {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]},
      "t": "yesterday"},
+    {"e": "responses", "b": {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]},
+     "t": 1.0},                                                                     # a chat answer, another endpoint
 ])
 def test_an_entry_of_a_shape_the_gateway_never_stores_is_a_miss(stored: dict) -> None:
     """An entry that decodes but could not have been written by the gateway (another build sharing the prefix, a
@@ -178,6 +205,48 @@ async def test_memory_rejects_oversized_and_replaces_values() -> None:
     assert cache.used_bytes == len("k") + len(b"newer") + ENTRY_OVERHEAD_BYTES
     await cache.delete("k")
     assert (await cache.get("k"), cache.used_bytes, len(cache)) == (None, 0, 0)
+
+
+async def test_memory_a_replacement_too_large_to_keep_drops_the_old_value() -> None:
+    """A write too large (or of ttl 0) to keep still forgets the key's old value: the stale answer is never served."""
+    cache = MemoryCache(max_bytes=100 + ENTRY_OVERHEAD_BYTES)
+    await cache.set("k", b"old", ttl_s=60)
+    await cache.set("k", b"x" * 200, ttl_s=60)
+    assert (await cache.get("k"), cache.used_bytes, len(cache)) == (None, 0, 0)
+    await cache.set("k", b"old", ttl_s=60)
+    await cache.set("k", b"new", ttl_s=0)
+    assert (await cache.get("k"), cache.used_bytes, len(cache)) == (None, 0, 0)
+
+
+async def test_memory_close_forgets_every_entry_and_its_bytes() -> None:
+    """A closed cache holds nothing and counts no bytes, so a write after it is not evicting ghosts."""
+    entry_bytes = 2 + ENTRY_OVERHEAD_BYTES
+    cache = MemoryCache(max_bytes=2 * entry_bytes)
+    await cache.set("a", b"1", ttl_s=60)
+    await cache.set("b", b"2", ttl_s=60)
+    await cache.close()
+    assert (len(cache), cache.used_bytes) == (0, 0)
+    await cache.set("c", b"3", ttl_s=60)
+    await cache.set("d", b"4", ttl_s=60)
+    assert [await cache.get(k) for k in "cd"] == [b"3", b"4"]
+
+
+async def test_memory_an_entry_the_size_of_the_whole_budget_is_kept() -> None:
+    """The bound is inclusive: an entry counting exactly `max_bytes` is stored, one byte more is not."""
+    cache = MemoryCache(max_bytes=1 + 100 + ENTRY_OVERHEAD_BYTES)
+    await cache.set("k", b"x" * 100, ttl_s=60)
+    assert await cache.get("k") == b"x" * 100
+    await cache.set("k", b"x" * 101, ttl_s=60)
+    assert (await cache.get("k"), cache.used_bytes) == (None, 0)
+
+
+async def test_memory_rewriting_a_key_in_a_roomy_cache_counts_its_bytes_once() -> None:
+    """A key written again replaces its old bytes in the count, even when nothing needs evicting: rewrites never
+    leak budget until the cache evicts live entries for room it has."""
+    cache = MemoryCache(max_bytes=100 * (1 + 3 + ENTRY_OVERHEAD_BYTES))
+    for _ in range(5):
+        await cache.set("k", b"old", ttl_s=60)
+    assert (len(cache), cache.used_bytes) == (1, 1 + 3 + ENTRY_OVERHEAD_BYTES)
 
 
 async def test_memory_ttl_expiry() -> None:

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 
 from gateway.store_guard import STORE_DOWN, StoreGuard
@@ -92,3 +93,43 @@ async def test_a_call_to_a_frozen_redis_ends_at_the_guards_timeout_and_leaves_no
         assert await asyncio.wait_for(client.get("gw:second"), 5) == b"second"
     finally:
         await client.aclose()
+
+
+async def test_a_command_whose_reply_was_lost_is_not_sent_again(redis_server):
+    """Redis ran a command but its connection dropped before the reply came: the client raises instead of sending
+    it again on a new connection, so an increment (an admission, a charge) is applied once, not twice."""
+    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        """Relay to Redis; once an INCR has gone through, drop the connection instead of relaying its reply."""
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        cut = []
+
+        async def commands() -> None:
+            while data := await client_r.read(65536):
+                if b"INCR" in data.upper():
+                    cut.append(data)
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def replies() -> None:
+            while data := await redis_r.read(65536):
+                if cut:
+                    break
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+            redis_w.close()
+
+        await asyncio.gather(commands(), replies(), return_exceptions=True)
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    client = redis_client(f"redis://127.0.0.1:{port}/0", 0.5, 4, cluster=False)
+    direct = aioredis.Redis.from_url(redis_server.url)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(client.incr("gw:applied"), 5)
+        assert await direct.get("gw:applied") == b"1"
+    finally:
+        await client.aclose()
+        await direct.aclose()
+        proxy.close()

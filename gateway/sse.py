@@ -72,6 +72,8 @@ async def iter_events(pieces: AsyncIterator[bytes], max_event_bytes: int = MAX_E
     async for piece in pieces:
         if bom_left:
             piece, bom_left = _strip_bom(piece, bom_left)
+        if not piece:                   # an empty read (or a BOM alone) ends no line: a CR before it keeps its pair
+            continue
         if after_cr and piece.startswith(b"\n"):
             piece = piece[1:]
         after_cr = piece.endswith(b"\r")

@@ -3,23 +3,14 @@ a write that is not to be kept costs nothing, and with Redis down or backed off 
 
 from __future__ import annotations
 
-import asyncio
-import time
 
 from redis.asyncio import Redis
 
 from gateway.cache.redis_store import RedisCache, RedisLock
+from tests.test_cache_lock_edges import wait_until
 
 KEY = "gw:c:v2:store"
 LOCK = RedisLock.key_for(KEY)
-
-
-async def wait_until(predicate, timeout_s: float) -> None:
-    """Return once the async `predicate` holds; fail if it does not within `timeout_s`."""
-    deadline_s = time.monotonic() + timeout_s
-    while not await predicate():
-        assert time.monotonic() < deadline_s, "it never happened"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_write_with_no_ttl_stores_nothing_and_counts_no_error(redis_server) -> None:

@@ -3,7 +3,6 @@ pool bound handed to each, the cross-replica lock, and start-up and shutdown tha
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import time
@@ -13,6 +12,7 @@ from redis.asyncio import Redis
 
 from gateway.policy.model import Policy, Store
 from gateway.stores import Stores, redis_client, redis_url, redis_url_problem, warm_pool, warm_up_scripts
+from tests.test_cache_lock_edges import wait_until
 
 
 def policy_with(**store) -> Policy:
@@ -126,10 +126,7 @@ async def test_closing_the_stores_disconnects_from_redis(redis_server) -> None:
     try:
         assert not await only_the_probe_left()              # the warm pool is connected
         await stores.close()
-        deadline_s = time.monotonic() + 5
-        while not await only_the_probe_left():
-            assert time.monotonic() < deadline_s, "the stores' connections stayed open"
-            await asyncio.sleep(0.01)
+        await wait_until(only_the_probe_left, 5.0)      # the stores' connections are closed
     finally:
         await probe.aclose()
 

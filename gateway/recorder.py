@@ -26,6 +26,7 @@ def ledger_record(ctx: RequestContext) -> dict:
         "latency_s": round(ctx.duration_s, 6),
         "ttft_s": round(ctx.ttft_s, 6) if ctx.ttft_s is not None else None,
         "energy_j": ctx.energy_j, "sla_met": ctx.decision.sla_met if ctx.decision else None,
+        "budget_downgrade": ctx.budget_downgrade,
         "task_id": ctx.task_id, "workflow": ctx.workflow,
         "attempts": [attempt_record(a) for a in ctx.attempts],
     }

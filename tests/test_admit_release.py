@@ -196,6 +196,38 @@ async def test_a_client_leaving_during_admission_gives_its_slot_back(limiter):
     assert following.admission.allowed
 
 
+class LostReplyBudgets(MemoryBudgets):
+    """In-memory budgets whose reservation takes its hold, and whose reply then never reaches admission."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = asyncio.Event()
+
+    async def reserve(self, tenant, cost_usd, ticket, now_s=None):
+        await super().reserve(tenant, cost_usd, ticket, now_s)
+        self.held.set()
+        await asyncio.Event().wait()            # the reply is lost on its way: the caller waits until it gives up
+
+
+async def test_a_client_leaving_before_its_reservation_is_answered_has_its_hold_given_back():
+    """A client that leaves after the store took its request's hold, and before the reply came, has the hold given
+    back by finish, as the pipeline runs it for a cancelled request: the hold does not go on refusing the tenant's
+    next requests."""
+    fallback = Model(name="fallback", endpoint="e", upstream_model="fallback",
+                     price=Price(input_per_mtok=Decimal("1"), output_per_mtok=Decimal("10")))
+    budgets = LostReplyBudgets()
+    stage, acme = admit_stage(MemoryLimiter(), budgets=budgets), Tenant("acme", budget=Budget(usd_per_day=Decimal(1)))
+    ctx = RequestContext(http=None, policy=None, request_id="r", tenant=acme, prompt_tokens=10,
+                         decision=Decision(route=None, plan=(fallback,), output_tokens=100))
+    handling = asyncio.create_task(stage.handle(ctx))
+    await asyncio.wait_for(budgets.held.wait(), 5)
+    assert budgets.held_nanos["acme"] == 1_010_000
+    handling.cancel()                           # the client disconnects: aiohttp cancels the handler
+    await asyncio.gather(handling, return_exceptions=True)
+    await stage.finish(ctx)
+    assert budgets.held_nanos.get("acme", 0) == 0
+
+
 @pytest.mark.parametrize("on_store_failure", ["deny", "allow"])
 async def test_an_admission_a_stalled_store_runs_late_gives_its_slot_back(redis_server, on_store_failure):
     """A Redis stall past the timeout: the request is refused (deny, 503) or admitted degraded (allow). The
@@ -457,6 +489,23 @@ async def test_a_budget_store_down_under_deny_is_refused_at_once_even_when_the_c
         with pytest.raises(GatewayError) as refused:
             await stage.handle(ctx)
         assert (refused.value.status, refused.value.code) == (503, "store_unavailable")
+    finally:
+        await client.aclose()
+
+
+async def test_a_budget_store_down_under_deny_refuses_a_downgrading_tenant_and_says_retry_in_a_second(redis_server):
+    """on_store_failure: deny with Redis down refuses a tenant whose budget says downgrade with a 503 and
+    Retry-After: 1, as it refuses any other: its spend is unknown, not spent, so it is not served the cheapest
+    model, and the client is told to come back shortly, not at once."""
+    client = Redis.from_url(redis_server.url)
+    stage = admit_stage(MemoryLimiter(), budgets=RedisBudgets(client, "test", 0.2, "deny"))
+    ctx = request(Tenant("thrifty", budget=Budget(usd_per_day=Decimal(1), on_exhausted="downgrade")))
+    redis_server.stop()
+    try:
+        with pytest.raises(GatewayError) as refused:
+            await stage.handle(ctx)
+        assert (refused.value.status, refused.value.code) == (503, "store_unavailable")
+        assert refused.value.headers["Retry-After"] == "1" and not ctx.budget_downgrade
     finally:
         await client.aclose()
 

@@ -250,6 +250,31 @@ async def test_the_usage_report_leaves_out_holds_past_their_ttl(redis_server):
         await client.aclose()
 
 
+async def test_a_lapsed_hold_given_back_late_is_left_out_of_the_usage_report_once(redis_server, monkeypatch):
+    """A request that outlived its hold's TTL gives the lapsed hold back: while the give-back waits for its flush,
+    the admin report shows what the other request in flight holds (0.50), not that less the lapsed 0.30 again."""
+    monkeypatch.setattr(budgets_redis, "CHARGE_FLUSH_S", 0.5)     # the give-back gathers for its flush meanwhile
+    client = Redis.from_url(redis_server.url)
+    try:
+        late, alive, who = RedisBudgets(client, "test-late", hold_ttl_s=0.1), RedisBudgets(client, "test-late"), \
+            tenant()
+        _, lapsing = await late.reserve(who, Decimal("0.30"), "lapsing")
+        _, held = await alive.reserve(who, Decimal("0.50"), "held")
+        assert lapsing is not None and held is not None
+        deadline_s = time.monotonic() + 5
+        while (await late.usage(who)).held_usd != Decimal("0.5"):      # the 0.30 hold has lapsed
+            assert time.monotonic() < deadline_s, "the hold never lapsed"
+            await asyncio.sleep(0.01)
+        giving_back = asyncio.ensure_future(late.settle(who, lapsing, Decimal(0)))
+        await asyncio.sleep(0)                                       # gathering for the next flush
+        report = await late.usage(who)
+        assert not giving_back.done()
+        await giving_back
+        assert report.held_usd == Decimal("0.5")
+    finally:
+        await client.aclose()
+
+
 async def test_a_tenant_without_a_budget_sends_no_reservation(redis_server):
     """Reserving for a tenant without a budget sends Redis nothing; a budgeted one's reservation is the one script
     call that also reads the spend (no separate read)."""

@@ -336,8 +336,8 @@ def test_cache_hit_costs_zero_and_records_the_saving(gw):
 LEDGER_FIELDS = {
     "ts", "request_id", "tenant", "endpoint", "alias", "route", "model", "models_tried", "fallback",
     "fallback_reason", "cache", "stream", "status", "outcome", "prompt_tokens", "input_tokens", "output_tokens",
-    "tokens_estimated", "cost_usd", "saved_usd", "latency_s", "ttft_s", "energy_j", "sla_met", "task_id",
-    "workflow", "attempts",
+    "tokens_estimated", "cost_usd", "saved_usd", "latency_s", "ttft_s", "energy_j", "sla_met", "budget_downgrade",
+    "task_id", "workflow", "attempts",
 }
 
 

@@ -20,6 +20,7 @@ from tests.support.fake_pynvml import real_nvml_works
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models, price
 from tests.support.redis_server import free_port
+from tests.test_ledger import wait_for
 
 FIXTURE = (Path(__file__).parent / "fixtures" / "dcgm_metrics.txt").read_text()
 POWER_W = 400.0
@@ -126,6 +127,23 @@ def test_requests_on_measured_gpus_get_joules_and_pay_for_them(energy_gw):
     usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
     expected = token_cost_usd(model, usage) + energy_cost_usd(model, record["energy_j"])
     assert abs(Decimal(record["cost_usd"]) - expected) < Decimal("1e-12")
+
+
+def test_the_cost_metric_adds_what_the_ledger_charged_energy_included(energy_gw):
+    """gateway.cost adds each attempt's cost with its GPU energy priced in, as the ledger charges the request: a
+    measured request's attempts add up to its cost, and the /metrics total is the sum of the ledger's costs."""
+    client = energy_gw.openai()
+    list(client.chat.completions.create(model="auto", stream=True, max_tokens=20, messages=[
+        {"role": "user", "content": "meter"}], extra_headers={"x-request-id": "metered"}))
+    energy_gw.call(energy_gw.services.background.drain(10))
+    wait_for(lambda: any(r.get("request_id") == "metered" for r in ledger_lines(energy_gw.ledger_path)))
+    records = [r for r in ledger_lines(energy_gw.ledger_path) if r.get("type") != "outcome"]
+    (metered,) = [r for r in records if r["request_id"] == "metered"]
+    assert metered["energy_j"] > 0
+    assert sum(Decimal(attempt["cost_usd"]) for attempt in metered["attempts"]) == Decimal(metered["cost_usd"])
+    body = urllib.request.urlopen(f"{energy_gw.base_url}/metrics", timeout=5).read().decode()
+    exported = [float(value) for value in re.findall(r"^gateway_cost_USD_total\{[^}]*\} (\S+)$", body, re.M)]
+    assert exported and sum(exported) == pytest.approx(float(sum(Decimal(r["cost_usd"]) for r in records)), rel=1e-9)
 
 
 def test_a_non_streamed_request_beside_a_stream_gets_its_share(energy_gw):

@@ -312,15 +312,27 @@ def test_budget_refusals_take_no_rate_limit_capacity(gw):
     assert after.tokens <= before.tokens         # nor any tokens (an earlier settle may still land)
 
 
-def test_exhausted_budget_with_downgrade_goes_to_the_cheapest_model(gw):
-    """With on_exhausted: downgrade, an exhausted tenant is served by the route's cheapest model instead."""
-    assert chat(gw, "thrifty", model="premium").headers["x-gateway-model"] == "medium"
+def test_exhausted_budget_with_downgrade_goes_to_the_cheapest_model(gw, receiver):
+    """With on_exhausted: downgrade, an exhausted tenant is served by the route's cheapest model instead, and its
+    SERVER span says the budget downgraded it (the request before, within budget, says nothing of it)."""
+    first = chat(gw, "thrifty", model="premium").headers
+    assert first["x-gateway-model"] == "medium"
 
     def downgraded():
-        model = chat(gw, "thrifty", model="premium").headers["x-gateway-model"]
-        return model if model != "medium" else None
+        headers = chat(gw, "thrifty", model="premium").headers
+        return headers if headers["x-gateway-model"] != "medium" else None
 
-    assert wait_until(downgraded) == "slow"
+    later = wait_until(downgraded)
+    assert later["x-gateway-model"] == "slow"
+    assert gw.flush_telemetry()
+
+    def server_span(request_id: str):
+        return next((s for s in receiver.spans if s.kind == "SERVER"
+                     and s.attributes.get("gateway.request.id") == request_id), None)
+
+    receiver.wait_for_spans(lambda _: server_span(first["x-request-id"]) and server_span(later["x-request-id"]))
+    assert server_span(later["x-request-id"]).attributes.get("gateway.budget.downgraded") is True
+    assert "gateway.budget.downgraded" not in server_span(first["x-request-id"]).attributes
 
 
 # admin surface ------------------------------------------------------------------------------------

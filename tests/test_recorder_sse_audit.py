@@ -43,6 +43,15 @@ def test_a_ledger_line_names_every_attempt_and_the_fallback_that_answered():
     assert (record["route"], record["alias"], record["tenant"]) == ("chat-default", "auto", "acme")
     assert (record["task_id"], record["workflow"]) == ("task-9", "triage")
     assert record["sla_met"] is False
+    assert record["budget_downgrade"] is False
+
+
+def test_a_ledger_line_says_when_a_spent_budget_sent_the_request_to_the_cheapest_model():
+    """A request `on_exhausted: downgrade` re-planned is marked, so the finance reader can tell why it got the
+    cheapest model."""
+    ctx = fallback_context()
+    ctx.budget_downgrade = True
+    assert ledger_record(ctx)["budget_downgrade"] is True
 
 
 def test_a_ledger_line_carries_its_usage_cost_and_savings_as_plain_strings():

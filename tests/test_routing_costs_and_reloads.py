@@ -12,12 +12,13 @@ import pytest
 
 from gateway.context import Attempt, Usage
 from gateway.cost import request_cost_usd
-from gateway.errors import ModelBusy, NoModelMeetsSla
+from gateway.errors import ModelBusy, NoModelMeetsSla, UpstreamStatus
 from gateway.fleet import Fleet
 from gateway.policy.load import parse_policy
 from gateway.policy.model import Breaker, GpuSource, LatencyPrior, Match, Model, Policy, Price, Route, Routing, Sla
 from gateway.routing import tighten_from_headers
 from gateway.stages.account import gpu_seconds
+from tests.support.fakes import FakeClock
 from tests.test_routing_planner import Setup, chat_route, models, plan_names
 
 
@@ -284,6 +285,28 @@ async def test_a_reload_that_cuts_max_concurrency_applies_to_the_call_slots():
     assert await fleet.slots.take("small", 64, 1, 1.0) == 0.0
     with pytest.raises(ModelBusy):
         await fleet.slots.take("small", 64, 1, 0.01)
+
+
+def test_a_fleet_starts_with_its_policys_latency_window_and_prior_weight():
+    """The routing settings of the policy a gateway starts with apply from the start, not from the first reload:
+    with prior_weight 0 one slow answer is the p95, and with a 60 s window it is gone 61 s later."""
+    clock = FakeClock()
+    version_a = policy_version("a", prior_weight=0)
+    fleet = Fleet(replace(version_a, routing=replace(version_a.routing, latency_window_s=60.0)), clock=clock)
+    fleet.record_latency(fleet.models["small"], 3.0, 0.001)
+    assert fleet.estimates.ttft_p95_s("small") == pytest.approx(3.0)
+    clock.now_s += 61
+    assert fleet.estimates.sample_count("small") == 0
+
+
+def test_a_models_retry_after_reaches_its_circuit_through_the_fleet():
+    """A 429 with Retry-After 90, recorded by the fleet, opens the model's circuit for those 90 s at the first
+    failure, below the threshold of 5."""
+    clock = FakeClock()
+    fleet = Fleet(policy_version("a"), clock=clock)
+    fleet.record_failure("small", UpstreamStatus("rate limited", upstream_status=429, retry_after_s=90.0))
+    assert fleet.breakers.state("small") == "open"
+    assert fleet.breakers.retry_in_s("small") == pytest.approx(90.0)
 
 
 def test_a_changed_prior_weight_restarts_every_models_samples():

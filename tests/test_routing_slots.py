@@ -74,6 +74,18 @@ async def test_a_waiter_past_its_deadline_gets_model_busy_and_leaves_the_line():
     assert await slots.take("m", 1, 1, 0.05) == 0.0
 
 
+async def test_a_waiter_keeps_its_place_until_its_deadline_in_seconds():
+    """timeout_s is in seconds: a waiter with 5 s to wait still gets the slot handed back 0.1 s later, and is told
+    it waited that long."""
+    slots = Slots()
+    await slots.take("m", 1, 1, 1.0)
+    waiter = asyncio.create_task(slots.take("m", 1, 1, 5.0))
+    await asyncio.sleep(0.1)
+    slots.give_back("m")
+    assert await waiter >= 0.09
+    assert slots.busy("m") == 1
+
+
 async def one_held_two_waiting() -> tuple[Slots, asyncio.Task, asyncio.Task]:
     """Model m's one slot held; in line, a priority 5 waiter, then a priority 1 one."""
     slots = Slots()
@@ -103,6 +115,16 @@ async def test_a_slot_granted_to_a_waiter_that_left_at_that_moment_is_handed_on(
     await second
     assert first.cancelled()
     assert slots.busy("m") == 1 and slots.waiting("m") == 0
+
+
+async def test_a_models_max_concurrency_from_the_policy_caps_its_slots_from_the_start():
+    """A model `configure` names with max_concurrency 1 takes one call at once and makes the next wait, whatever
+    limit a call asks with."""
+    slots = Slots()
+    slots.configure(limits(m=1))
+    assert await slots.take("m", 64, 1, 1.0) == 0.0
+    with pytest.raises(ModelBusy):
+        await slots.take("m", 64, 1, 0.01)
 
 
 async def test_a_raised_limit_lets_waiters_in_at_once():

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from gateway.policy.load import load_policy
 from gateway.errors import PolicyError
 from gateway.routing.estimates import LatencyEstimates
-from gateway.routing.sharing import EXPIRY_MARGIN_S, MAX_PENDING, EstimateSharing
+from gateway.routing.sharing import EXPIRY_MARGIN_S, MAX_ENTRIES_READ, MAX_PENDING, EstimateSharing
 from tests.support.fakes import FakeClock
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models, price
@@ -129,6 +129,43 @@ async def test_a_stream_expires_a_margin_past_the_window_after_its_last_write(pr
     assert (31 + EXPIRY_MARGIN_S - 0.5) * 1000 <= ttl_ms <= (31 + EXPIRY_MARGIN_S) * 1000, ttl_ms
     await a.sharing.sync()                      # nothing to send: the time to live runs on
     assert await a.client.pttl(key) <= ttl_ms
+
+
+async def test_a_send_trims_entries_older_than_the_window_from_the_stream(processes) -> None:
+    """Each send trims the stream to the latency window on Redis's clock: a model called all day keeps a window's
+    worth of entries in Redis, not the whole day's, and the entry just sent stays."""
+    a = processes(window_s=60.0)
+    key = a.sharing.key(a.models["small"])
+    seconds, _ = await a.client.time()
+    hour_ago_ms = (seconds - 3600) * 1000
+    pipe = a.client.pipeline(transaction=False)
+    for i in range(300):                    # several stream nodes: an approximate trim drops whole ones
+        pipe.xadd(key, {"p": "gone", "b": i + 1, "s": b"[[0.5, 0.001, 0]]"}, id=f"{hour_ago_ms}-{i}")
+    await pipe.execute()
+    await a.sharing.sync()                  # learns Redis's clock; nothing to send yet
+    a.measure("small", SLOW_S)
+    await a.sharing.sync()
+    assert await a.client.xrange(key, "-", f"{hour_ago_ms}-0") == []
+    assert await a.client.xlen(key) < 300
+    newest = await a.client.xrevrange(key, count=1)
+    assert newest[0][1][b"p"] == a.sharing.process_id.encode()
+
+
+async def test_a_backlog_longer_than_one_read_is_caught_up_on_the_next_sync(processes) -> None:
+    """More than MAX_ENTRIES_READ entries since a process last synced: the next sync reads on from the last entry
+    the previous one read, so the newest samples (the only ones with a TTFT here) arrive then, not one a sync."""
+    b = processes()
+    await b.sharing.sync()                  # the stream read once (empty): later syncs read on from there
+    key = b.sharing.key(b.models["small"])
+    pipe = b.client.pipeline(transaction=False)
+    for number in range(1, MAX_ENTRIES_READ + 201):
+        sample = b"[[null, 0.001, 0]]" if number <= MAX_ENTRIES_READ else b"[[0.5, 0.001, 0]]"
+        pipe.xadd(key, {"p": "busy", "b": number, "s": sample})
+    await pipe.execute()
+    await b.sharing.sync()                  # the first MAX_ENTRIES_READ entries: time per token only
+    assert (b.estimates.sample_count("small"), b.estimates.tpot_sample_count("small")) == (0, MAX_ENTRIES_READ)
+    await b.sharing.sync()                  # the 200 after them
+    assert b.estimates.sample_count("small") == 200
 
 
 async def test_a_process_started_later_reads_what_the_fleet_measured(processes) -> None:
@@ -386,6 +423,19 @@ def test_a_shared_sample_older_than_local_ones_expires_when_it_is_due() -> None:
     assert estimates.sample_count("small") == 0
 
 
+def test_shared_samples_out_of_age_order_each_expire_when_due() -> None:
+    """Samples handed over out of age order (a batch sent again after a newer one) each enter the window at their
+    own age: the older one leaves when it is due, not when the newer one does."""
+    clock = FakeClock()
+    estimates = LatencyEstimates({"small": sim_model("small")}, window_s=10, clock=clock)
+    estimates.record_shared("small", [(1.0, 0.2, None), (8.0, 0.3, None)])     # 1 s old, then 8 s old
+    assert estimates.sample_count("small") == 2
+    clock.now_s += 2.5
+    assert estimates.sample_count("small") == 1             # the 8 s old one left at its 10 s
+    clock.now_s += 7
+    assert estimates.sample_count("small") == 0
+
+
 def test_many_shared_samples_merge_into_a_full_window_in_time_order() -> None:
     """A thousand samples from other processes, up to a second old, merge into a full window of older local ones:
     the window keeps the newest `max_samples` in time order and expires each when due."""
@@ -418,20 +468,23 @@ def test_shared_samples_that_overflow_a_full_window_push_out_its_oldest() -> Non
     assert estimates.ttft_p95_s("small") == pytest.approx(0.3)
 
 
-def test_a_call_on_a_moved_model_teaches_this_process_nothing() -> None:
-    """A call made on an older policy version, where a reload has since moved the model, is not recorded under
-    the model's name here (it measured another server)."""
+@pytest.mark.parametrize(("endpoint", "upstream_model"), [
+    ("http://127.0.0.1:10/v1", "sim-small"),            # the model moved to another server
+    ("http://127.0.0.1:9/v1", "sim-small-v2")])         # the same server, another upstream model
+def test_a_call_on_a_model_a_reload_has_since_changed_teaches_this_process_nothing(endpoint, upstream_model) -> None:
+    """A call made on an older policy version, where a reload has since moved the model or given it another
+    upstream model, is not recorded under the model's name here (it measured another server, or another model)."""
     from gateway.fleet import Fleet
-    moved = _load("""version: 1
+    changed = _load(f"""version: 1
 models:
-  small: {endpoint: "http://127.0.0.1:10/v1", upstream_model: sim-small, latency_prior: {ttft_ms: 5, tpot_ms: 1}}
+  small: {{endpoint: "{endpoint}", upstream_model: {upstream_model}, latency_prior: {{ttft_ms: 5, tpot_ms: 1}}}}
 routes:
-  - {name: r, match: {models: ["auto"]}, candidates: [small]}
+  - {{name: r, match: {{models: ["auto"]}}, candidates: [small]}}
 """)
-    fleet = Fleet(moved)
+    fleet = Fleet(changed)
     fleet.record_latency(sim_model("small", "http://127.0.0.1:9/v1"), SLOW_S, 0.001)
     assert fleet.estimates.sample_count("small") == 0
-    fleet.record_latency(moved.models["small"], SLOW_S, 0.001)
+    fleet.record_latency(changed.models["small"], SLOW_S, 0.001)
     assert fleet.estimates.sample_count("small") == 1
 
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import make_mocked_request
 from gateway.context import Attempt, Candidate, Decision, RequestContext, Usage
 from gateway.policy.model import Match, Model, Policy, Route, Sla, Tenant
 from gateway.policy.model import Telemetry as PolicyTelemetry
-from gateway.telemetry import Telemetry, TenantLabels, content, genai
+from gateway.telemetry import Telemetry, TelemetryConfig, TenantLabels, content, genai
 from gateway.telemetry.metrics import DURATION_BUCKETS_S, TOKEN_BUCKETS
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -381,6 +381,9 @@ def test_always_off_sampler_exports_no_spans_but_metrics(receiver, make_telemetr
     telemetry.force_flush()
     receiver.wait_for_metric("gateway.requests")
     assert receiver.spans == [] and not ctx.span.is_recording()
+    metrics = receiver.latest_metrics()     # an unsampled request's attempts are measured all the same
+    assert sum(point.count for point in metrics["gen_ai.client.operation.duration"].points) == 2
+    assert sum(point.sum for point in metrics["gen_ai.client.token.usage"].points) == 10 + 20
 
 
 def test_unsampled_request_gets_no_child_spans_but_keeps_its_trace_context(make_telemetry):
@@ -737,11 +740,12 @@ def test_tenants_allowed_later_join_the_allowlist_rather_than_replace_it():
 
 @pytest.mark.parametrize(("preference", "histograms", "sums"), [("delta", "DELTA", "DELTA"),
                                                                 ("lowmemory", "DELTA", "CUMULATIVE"),
-                                                                ("cumulative", "CUMULATIVE", "CUMULATIVE")])
+                                                                ("cumulative", "CUMULATIVE", "CUMULATIVE"),
+                                                                ("Delta", "DELTA", "DELTA")])
 def test_the_temporality_preference_marks_histograms_and_sums_as_the_spec_says(receiver, make_telemetry, preference,
                                                                               histograms, sums):
-    """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE: delta makes histograms and counters delta; lowmemory
-    makes histograms delta and observable counters cumulative; a delta point holds only its interval."""
+    """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE (any case): delta makes histograms and counters delta;
+    lowmemory makes histograms delta and observable counters cumulative; a delta point holds only its interval."""
     telemetry = make_telemetry({**otlp_env(receiver, "http/protobuf"),
                                 "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": preference})
     for exports in (1, 2):
@@ -838,3 +842,210 @@ def test_a_stalled_collector_fails_an_export_within_the_configured_timeout(recei
     finally:
         receiver.release()
         exporter.shutdown()
+
+
+def test_task_outcomes_count_tasks_and_task_cost_adds_their_usd_by_outcome(receiver, make_telemetry):
+    """gateway.task.cost adds each judged task's cost in USD under its outcome, so cost per successful task is
+    the sum over outcomes / successes; gateway.task.outcomes counts the tasks under the same labels."""
+    from gateway.outcomes import Task
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    for cost_usd, outcome in (("0.25", "success"), ("0.5", "success"), ("0.125", "failure")):
+        telemetry.record_outcome(Task(route="chat-default", tenant="acme", workflow="wf", cost_usd=Decimal(cost_usd),
+                                      outcome=outcome))
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.task.cost")
+    metrics = receiver.latest_metrics()
+    labels = {"gateway.route": "chat-default", "gateway.tenant": "acme", "gateway.workflow": "wf"}
+    for name, unit, success, failure in (("gateway.task.cost", "USD", 0.75, 0.125),
+                                         ("gateway.task.outcomes", "{task}", 2, 1)):
+        metric = metrics[name]
+        assert (metric.unit, metric.monotonic) == (unit, True), name
+        assert sorted((sorted(p.attributes.items()), p.value) for p in metric.points) == [
+            (sorted({**labels, "gateway.task.outcome": "failure"}.items()), failure),
+            (sorted({**labels, "gateway.task.outcome": "success"}.items()), success)], name
+
+
+def test_money_counters_are_in_usd_and_energy_in_joules(receiver, make_telemetry):
+    """Every counter a finance dashboard sums is declared in USD (cost, what the cache saved, task cost) and the
+    attributed GPU energy in J, as the unit a backend shows and converts by."""
+    from gateway.outcomes import Task
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    drive_request(telemetry, make_ctx())
+    hit = make_ctx()
+    telemetry.start_request(hit, hit.http.headers)
+    hit.cache_status, hit.cache_saved_usd = "hit", Decimal("0.001")
+    telemetry.finish_request(hit)
+    telemetry.record_outcome(Task(route="chat-default", tenant="acme", workflow="wf", cost_usd=Decimal("0.001"),
+                                  outcome="success"))
+    telemetry.force_flush()
+    receiver.wait_for(lambda: {"gateway.cache.saved", "gateway.task.cost"} <= set(receiver.latest_metrics()))
+    metrics = receiver.latest_metrics()
+    units = {name: metrics[name].unit for name in ("gateway.cost", "gateway.cache.saved", "gateway.task.cost",
+                                                    "gateway.energy")}
+    assert units == {"gateway.cost": "USD", "gateway.cache.saved": "USD", "gateway.task.cost": "USD",
+                     "gateway.energy": "J"}
+    assert [p.value for p in metrics["gateway.cache.saved"].points] == [pytest.approx(0.001)]
+
+
+def test_the_prompt_estimate_error_is_its_size_either_way_and_only_against_a_reported_count(receiver, make_telemetry):
+    """An estimate 3 tokens under the model's count is recorded as 3, direction `under`; an answer whose usage the
+    gateway counted itself (estimated) has no upstream count to judge the estimate by, so records none."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    for usage in (Usage(input_tokens=15, output_tokens=4), Usage(input_tokens=20, output_tokens=5, estimated=True)):
+        ctx = make_ctx()                                    # the gateway estimated 12 prompt tokens
+        attempt = start_one_attempt(telemetry, ctx)
+        attempt.status, attempt.ended_s, attempt.usage = 200, attempt.started_s + 0.1, usage
+        telemetry.end_attempt(ctx, attempt)
+        ctx.usage = usage
+        telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    errors = receiver.wait_for_metric("gateway.tokens.estimate_error")
+    assert [(p.attributes, p.count, p.sum) for p in errors.points] == [
+        ({"gateway.model.selected": "small", "gateway.tokens.error.direction": "under"}, 1, 3)]
+
+
+def test_a_retry_without_a_known_reason_is_still_counted_as_a_fallback(receiver, make_telemetry):
+    """A request that retried its model is counted in gateway.fallbacks under its state, with reason `unknown`
+    when no attempt said why: every retried or fallen-back request is counted, whatever is known of it."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    telemetry.start_request(ctx, ctx.http.headers)
+    ctx.attempts.extend(Attempt(model=SMALL, started_s=0.0) for _ in range(2))
+    ctx.fallback_state = "retried"
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    fallbacks = receiver.wait_for_metric("gateway.fallbacks")
+    assert [(p.attributes["gateway.fallback.state"], p.attributes["gateway.fallback.reason"], p.value)
+            for p in fallbacks.points] == [("retried", "unknown", 1)]
+
+
+def test_an_attempts_duration_leaves_out_its_wait_for_a_call_slot(receiver, make_telemetry):
+    """gen_ai.client.operation.duration is the model's time, from the slot taken to the answer: the 0.5 s the
+    attempt queued for a slot is gateway.queue.wait, not part of its 0.3 s duration."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    attempt = start_one_attempt(telemetry, ctx)
+    attempt.queued_s, attempt.queue_result = 0.5, "granted"
+    attempt.status, attempt.ended_s = 200, attempt.started_s + 0.3
+    attempt.usage = ctx.usage = Usage(input_tokens=12, output_tokens=3)
+    telemetry.end_attempt(ctx, attempt)
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.queue.wait")
+    metrics = receiver.latest_metrics()
+    assert [(p.count, p.sum) for p in metrics["gen_ai.client.operation.duration"].points] == [(1, pytest.approx(0.3))]
+    assert [(p.count, p.sum) for p in metrics["gateway.queue.wait"].points] == [(1, 0.5)]
+
+
+def test_a_request_finished_twice_is_counted_once(receiver, make_telemetry):
+    """finish_request is idempotent: a second call for the same request (an error path after the normal end)
+    adds nothing to its counters, histograms or spans."""
+    telemetry = make_telemetry(otlp_env(receiver, "http/protobuf"))
+    ctx = make_ctx()
+    drive_request(telemetry, ctx)
+    telemetry.finish_request(ctx)
+    telemetry.force_flush()
+    receiver.wait_for_metric("gateway.requests")
+    metrics = receiver.latest_metrics()
+    assert [p.value for p in metrics["gateway.requests"].points] == [1]
+    assert sum(p.value for p in metrics["gateway.cost"].points) == pytest.approx(0.00123)
+    assert [p.count for p in metrics["gen_ai.client.token.usage"].points] == [1, 1]
+    assert len([span for span in receiver.spans if span.kind == "SERVER"]) == 1
+
+
+def test_a_bare_http_endpoint_gets_metrics_at_its_v1_metrics_path_by_the_default_protocol(receiver, make_telemetry):
+    """OTEL_EXPORTER_OTLP_ENDPOINT alone (no protocol, a trailing slash) sends metrics over http/protobuf, the
+    spec's default, to {endpoint}/v1/metrics."""
+    telemetry = make_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": f"{receiver.http_endpoint}/"})
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    assert receiver.wait_for_metric("gateway.requests").points[0].value == 1
+
+
+@pytest.mark.parametrize(("environ", "endpoint"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}, "http://collector:4318/v1/metrics"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/otlp/"}, "http://collector:4318/otlp/v1/metrics"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+     "http://collector:4317"),
+    ({"OTEL_METRICS_EXPORTER": "otlp"}, "http://localhost:4318/v1/metrics")])
+def test_the_metrics_url_is_the_generic_endpoint_with_one_v1_metrics_path(environ, endpoint):
+    """Over http/protobuf the generic endpoint gets `/v1/metrics` appended once, a trailing slash or not (a
+    collector may not take `//v1/metrics`); gRPC takes the endpoint as is; `otlp` alone means localhost:4318."""
+    assert TelemetryConfig.from_env(environ=environ).metrics.endpoint == endpoint
+
+
+def test_a_per_signal_endpoint_and_protocol_override_the_generic_ones(receiver, make_telemetry):
+    """OTEL_EXPORTER_OTLP_METRICS_ENDPOINT is used as is and OTEL_EXPORTER_OTLP_METRICS_PROTOCOL wins over the
+    generic protocol: metrics go over HTTP to that URL while spans follow the generic gRPC settings."""
+    service = "gw-per-signal"
+    telemetry = make_telemetry({
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{receiver.http_endpoint}/v1/metrics",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": service})
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    assert receiver.wait_for_metric("gateway.requests", service=service).points[0].value == 1
+    assert receiver.wait_for_spans(lambda got: any(span.resource.get("service.name") == service for span in got))
+
+
+def test_metrics_are_exported_every_export_interval_without_a_flush(receiver, make_telemetry):
+    """OTEL_METRIC_EXPORT_INTERVAL (ms) sets how often the periodic reader exports: at 100 ms the request's
+    counters arrive on their own, long before the 60 s default would send them."""
+    telemetry = make_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+                                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRIC_EXPORT_INTERVAL": "100",
+                                "OTEL_TRACES_EXPORTER": "none", "OTEL_SERVICE_NAME": "gw-interval"})
+    drive_request(telemetry, make_ctx())
+    assert receiver.wait_for_metric("gateway.requests", timeout_s=10, service="gw-interval").points[0].value == 1
+
+
+@pytest.mark.parametrize("exporter", ["none", "prometheus"])
+def test_a_metrics_exporter_list_without_otlp_pushes_no_metrics_even_with_an_endpoint(exporter, receiver,
+                                                                                     make_telemetry):
+    """OTEL_METRICS_EXPORTER names every metrics exporter, as the spec reads it: `none`, or `prometheus` alone
+    (which serves /metrics), pushes no metrics to the OTLP endpoint, where spans still go (a collector that also
+    scraped the gateway would count every request twice)."""
+    service = f"gw-metrics-{exporter}"
+    telemetry = make_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+                                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRICS_EXPORTER": exporter,
+                                "OTEL_SERVICE_NAME": service})
+    drive_request(telemetry, make_ctx())
+    assert telemetry.force_flush()                      # a metric export, if any, has been answered by now
+    assert receiver.wait_for_spans(lambda got: any(span.resource.get("service.name") == service for span in got))
+    assert telemetry.prometheus_enabled == (exporter == "prometheus")
+    assert receiver.latest_metrics(service) == {}
+
+
+@pytest.mark.parametrize(("environ", "traces", "metrics"), [
+    ({"OTEL_METRICS_EXPORTER": "otlp,prometheus"}, True, True),
+    ({"OTEL_METRICS_EXPORTER": " Prometheus "}, True, False),
+    ({"OTEL_TRACES_EXPORTER": "console"}, False, True),
+    ({"OTEL_TRACES_EXPORTER": "otlp,console"}, True, True)])
+def test_the_exporter_variables_list_every_exporter_and_unsupported_ones_are_named(environ, traces, metrics,
+                                                                                  caplog):
+    """With an endpoint set, a signal goes over OTLP when its exporter list is unset or names `otlp`; a list of
+    others only (one the gateway has not, `console`, included) sends nothing there, and an unsupported name is
+    said in a warning."""
+    config = TelemetryConfig.from_env(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", **environ})
+    assert (config.traces is not None, config.metrics is not None) == (traces, metrics)
+    assert ("unsupported exporter(s) console" in caplog.text) == ("console" in environ.get("OTEL_TRACES_EXPORTER", ""))
+
+
+def test_a_prometheus_metrics_exporter_serves_the_metrics_text(make_telemetry):
+    """OTEL_METRICS_EXPORTER=prometheus turns on the /metrics exposition, as the policy's prometheus flag does."""
+    telemetry = make_telemetry({"OTEL_METRICS_EXPORTER": "prometheus"})
+    drive_request(telemetry, make_ctx())
+    assert telemetry.prometheus_enabled
+    assert 'gateway_requests_total{' in telemetry.prometheus_text().decode()
+
+
+def test_the_service_name_variable_wins_over_one_in_the_resource_attributes(receiver, make_telemetry):
+    """OTEL_SERVICE_NAME names the service whose metrics these are, over a service.name in
+    OTEL_RESOURCE_ATTRIBUTES, as the spec says; the resource's other attributes are kept."""
+    telemetry = make_telemetry({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+                                "OTEL_SERVICE_NAME": "gw-named-by-variable",
+                                "OTEL_RESOURCE_ATTRIBUTES": "service.name=gw-named-by-resource,team=ml%20ops"})
+    drive_request(telemetry, make_ctx())
+    telemetry.force_flush()
+    requests = receiver.wait_for_metric("gateway.requests", service="gw-named-by-variable")
+    assert requests.resource["team"] == "ml ops"
+    assert receiver.latest_metrics("gw-named-by-resource") == {}

@@ -20,6 +20,7 @@ from gateway.policy.model import Telemetry as PolicyTelemetry
 from gateway.telemetry import Telemetry
 from gateway.telemetry.histograms import CARDINALITY_LIMIT, Buckets, HistogramExport
 from gateway.telemetry.metrics import DURATION_BUCKETS_S
+from gateway.telemetry.sums import Sums
 from gateway.telemetry.tracing import WORKFLOW_LABEL_TOP_N
 from tests.support.harness import DEFAULT_SIMS, Harness, raw_model_policy
 from tests.support.otlp_receiver import OtlpReceiver
@@ -97,6 +98,20 @@ def test_the_gateways_histograms_fold_attribute_sets_past_the_sdks_limit_into_on
     assert len(our_points) == len(sdk_points) == CARDINALITY_LIMIT + 1
     [overflow] = [p for p in our_points if p.attributes.get("otel.metric.overflow")]
     assert overflow.count == 500
+
+
+def test_the_gateways_counters_fold_attribute_sets_past_the_sdks_limit_into_one_overflow_point():
+    """As the SDK's counters do: 2000 attribute sets kept, and every add past them summed in one
+    `otel.metric.overflow` point, so the counter's total still counts every request."""
+    reader = InMemoryMetricReader()
+    requests = Sums(MeterProvider(metric_readers=[reader]).get_meter("gw"), "gateway.requests", unit="{request}",
+                    description="")
+    for n in range(CARDINALITY_LIMIT + 500):
+        requests.add(1, {"gen_ai.response.model": f"m-{n}"})
+    points = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert (len(points), sum(point.value for point in points)) == (CARDINALITY_LIMIT + 1, CARDINALITY_LIMIT + 500)
+    [overflow] = [point for point in points if point.attributes.get("otel.metric.overflow")]
+    assert overflow.value == 500
 
 
 def test_an_attempt_cut_short_by_a_client_leaving_is_exported_as_such():

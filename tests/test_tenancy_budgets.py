@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 
 from gateway.errors import BudgetExceeded
 from gateway.policy.model import Budget, Tenant
-from gateway.tenancy.budgets import CHARGE_FLUSH_S, RETENTION_S, Periods
+from gateway.tenancy import budgets_redis
+from gateway.tenancy.budgets import CHARGE_FLUSH_S, READ_REUSE_S, RETENTION_S, Periods
 from gateway.tenancy.budgets_memory import MemoryBudgets
 from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.redis_counting import CountingRedis
@@ -122,6 +123,19 @@ async def test_usage_reports_spend_without_budget(make_budgets):
         "on_exhausted": "reject", "available": True}
 
 
+async def test_the_admin_report_shows_the_months_spend_and_limit_beside_the_days(make_budgets):
+    """The spend as GET /admin/tenants writes it: yesterday's spend counts in the month's total and not in today's,
+    and each period's limit is written under its own name."""
+    now_s = [EVENING_S - DAY_S]
+    budgets, who = make_budgets(clock=lambda: now_s[0]), tenant(per_day="1", per_month="10")
+    await budgets.charge(who, Decimal("0.75"))
+    now_s[0] = EVENING_S
+    await budgets.charge(who, Decimal("0.5"))
+    report = (await budgets.usage(who)).to_dict()
+    assert (report["spent_day_usd"], report["spent_month_usd"]) == ("0.5", "1.25")
+    assert (report["usd_per_day"], report["usd_per_month"]) == ("1", "10")
+
+
 async def test_injected_clock_is_used(make_budgets):
     """Without an explicit time, budgets read their injected clock to pick the day."""
     now_s = [EVENING_S]
@@ -187,6 +201,20 @@ async def test_store_down_is_answered_not_raised(redis_server, on_store_failure)
         await client.aclose()
 
 
+async def test_the_admin_report_of_a_downgrading_tenant_says_reject_while_the_store_is_down_under_deny(redis_server):
+    """With Redis down and on_store_failure: deny, GET /admin/tenants says a tenant whose budget downgrades when
+    spent is rejected, as its requests are (503): its spend is unknown, not spent."""
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=0.2)
+    budgets, who = RedisBudgets(client, "test", 0.5, "deny"), tenant(per_day="1", on_exhausted="downgrade")
+    try:
+        redis_server.stop()
+        report = (await budgets.usage(who)).to_dict()
+        assert (report["available"], report["reason"], report["on_exhausted"]) == (False, "store_unavailable",
+                                                                                   "reject")
+    finally:
+        await client.aclose()
+
+
 async def test_a_charge_in_the_back_off_is_still_sent(redis_server):
     """After an outage the checks leave Redis alone for a while, but charges are tried: none is lost once
     Redis is back."""
@@ -237,17 +265,20 @@ async def test_a_charge_ends_the_reuse_of_a_read_as_it_is_made_not_when_it_lands
         await client.aclose()
 
 
-async def test_another_replicas_charge_shows_once_the_reuse_window_passes(redis_server):
-    """A charge made by another replica is seen by a check at most READ_REUSE_S after this one's last read."""
-    from gateway.tenancy.budgets import READ_REUSE_S
-
+@pytest.mark.parametrize("later_s", [
+    pytest.param(READ_REUSE_S, id="once-the-reuse-window-passes"),
+    pytest.param(-60.0, id="after-the-clock-stepped-back")])
+async def test_another_replicas_charge_is_seen_by_a_check_that_may_not_reuse_the_last_read(redis_server, later_s):
+    """A charge made by another replica is seen by a check at most READ_REUSE_S after this one's last read, and by
+    one made when this host's clock has stepped back: the last read, stamped later than now, would otherwise be
+    reused until the clock caught up with it, hiding other replicas' charges."""
     first, second = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
     try:
         reader, charger, who = RedisBudgets(first, "test-reuse2"), RedisBudgets(second, "test-reuse2"), \
             tenant(per_day="1.00")
         assert not (await reader.check(who, EVENING_S)).exhausted
         await charger.charge(who, Decimal("1.00"), EVENING_S)
-        assert (await reader.check(who, EVENING_S + READ_REUSE_S)).exhausted
+        assert (await reader.check(who, EVENING_S + later_s)).exhausted
     finally:
         await first.aclose()
         await second.aclose()
@@ -287,6 +318,22 @@ async def test_a_read_that_overlaps_this_replicas_charge_is_not_reused(redis_ser
         await asyncio.sleep(0.01)                                # answered by Redis, reply still on its way
         await budgets.charge(who, Decimal("5.00"), EVENING_S)
         assert not (await reading).exhausted                     # it read the total before the charge
+        assert (await budgets.check(who, EVENING_S + 0.01)).exhausted
+    finally:
+        await client.aclose()
+
+
+async def test_a_read_answered_before_this_replicas_charge_landed_is_not_reused(redis_server):
+    """A check whose read Redis answered before this replica's charge landed, and that returned after (the charge
+    then no longer counted as waiting), is not reused: the next check reads the spend with the charge."""
+    client = LateReplyRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-race-landed", 2.0, "allow"), tenant(per_day="1.00")
+        charging = asyncio.create_task(budgets.charge(who, Decimal("5.00"), EVENING_S))
+        await asyncio.sleep(0)                                   # gathering for its flush
+        reading = asyncio.create_task(budgets.check(who, EVENING_S))
+        await charging                                           # landed while the read's reply is on its way
+        await reading
         assert (await budgets.check(who, EVENING_S + 0.01)).exhausted
     finally:
         await client.aclose()
@@ -371,6 +418,35 @@ async def test_a_reservation_between_a_flush_applied_and_its_reply_counts_the_ch
         state, hold = await budgets.reserve(who, Decimal("0.30"), "fits", EVENING_S)
         await charging
         assert hold is not None and state.spent_day_usd == Decimal("0.60")
+    finally:
+        await client.aclose()
+
+
+async def test_a_charge_gathering_while_an_earlier_flush_is_sent_lands_with_its_own_flush(redis_server, monkeypatch):
+    """A flush sent while the tenant's next charges still gather carries only the closed parts: a charge that joins
+    the gathering part while that call is out lands with the part's own flush, never dropped as sent already."""
+    monkeypatch.setattr(budgets_redis, "CHARGE_FLUSH_S", 0.5)     # the next part gathers while the call is out
+    client = LateExecRedis.from_url(redis_server.url)
+    try:
+        budgets, who = RedisBudgets(client, "test-out", 2.0, "allow"), tenant(per_day="10")
+        await budgets.warm_up()
+        deadline_s = time.monotonic() + 5
+        sending = budgets._lock(who.name)
+        await sending.acquire()                 # a call of the tenant is out: the first part's flush waits for it
+        first = asyncio.ensure_future(budgets.charge(who, Decimal("0.1"), EVENING_S))
+        while who.name in budgets._gathering or not budgets._unlanded.get(who.name):     # closed, and waiting
+            assert time.monotonic() < deadline_s
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(budgets.charge(who, Decimal("0.2"), EVENING_S))
+        await asyncio.sleep(0)                  # gathering for the next flush
+        sending.release()                       # the first part is sent now
+        while await client.get(budgets.applied_key(who.name)) is None:     # applied; its reply comes 0.1 s late
+            assert time.monotonic() < deadline_s
+            await asyncio.sleep(0.005)
+        third = asyncio.ensure_future(budgets.charge(who, Decimal("0.4"), EVENING_S))
+        await asyncio.wait_for(asyncio.gather(first, second, third), 5)
+        assert (await budgets.read(who, EVENING_S)).spent_day_usd == Decimal("0.7")
+        assert budgets.store_failures == 0
     finally:
         await client.aclose()
 

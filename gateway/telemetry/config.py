@@ -100,13 +100,22 @@ class TelemetryConfig:
         )
 
 
+#: the exporters OTEL_{TRACES,METRICS}_EXPORTER may name, by signal
+EXPORTERS = {"traces": frozenset({"otlp", "none"}), "metrics": frozenset({"otlp", "none", "prometheus"})}
+
+
 def signal_export(env: Mapping[str, str], signal: str) -> SignalExport | None:
-    """The OTLP export of one signal, or None when no endpoint is configured."""
+    """The OTLP export of one signal, or None when no endpoint is configured or OTEL_{SIGNAL}_EXPORTER, the whole
+    list of the signal's exporters as the specification reads it, leaves `otlp` out (`prometheus` alone: metrics
+    are scraped, not pushed as well)."""
     names = _exporters(env, signal)
     upper = signal.upper()
+    if unknown := sorted(names - EXPORTERS[signal]):
+        logger.warning("OTEL_%s_EXPORTER: unsupported exporter(s) %s ignored (supported: %s)", upper,
+                       ", ".join(unknown), ", ".join(sorted(EXPORTERS[signal])))
     specific = env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
     generic = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if "none" in names or not (specific or generic or "otlp" in names):
+    if "none" in names or (names and "otlp" not in names) or not (specific or generic or "otlp" in names):
         return None
     protocol = _per_signal(env, upper, "PROTOCOL") or DEFAULT_PROTOCOL
     if protocol not in PROTOCOLS:

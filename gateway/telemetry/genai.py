@@ -45,6 +45,7 @@ TOKENS_ESTIMATED = "gateway.tokens.estimated"
 REQUEST_ID = "gateway.request.id"
 OUTCOME = "gateway.outcome"
 QUEUE_WAIT_S = "gateway.queue.wait"
+BUDGET_DOWNGRADED = "gateway.budget.downgraded"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -219,6 +220,8 @@ def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:
     attributes.update((key, value) for key, value in optional if value is not None)
     if ctx.decision is not None:
         attributes[SLA_MET] = ctx.decision.sla_met
+    if ctx.budget_downgrade:
+        attributes[BUDGET_DOWNGRADED] = True
     queued_s = sum(attempt.queued_s for attempt in ctx.attempts)
     if queued_s:
         attributes[QUEUE_WAIT_S] = queued_s

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.policy.model import Telemetry as PolicyTelemetry
+from gateway.telemetry import Telemetry
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.redis_cluster import RedisCluster, cluster_binaries
 from tests.support.redis_server import RedisServer
@@ -41,3 +43,18 @@ def cluster():
     running = RedisCluster.on_free_ports().start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def make_telemetry():
+    """Builds Telemetry objects from an env dict and shuts them all down afterwards."""
+    made: list[Telemetry] = []
+
+    def make(env: dict[str, str], policy: PolicyTelemetry | None = None) -> Telemetry:
+        telemetry = Telemetry.from_env(policy, environ={"OTEL_METRIC_EXPORT_INTERVAL": "60000", **env})
+        made.append(telemetry)
+        return telemetry
+
+    yield make
+    for telemetry in made:
+        telemetry.shutdown(timeout_s=2)

@@ -67,9 +67,10 @@ def gw(request, receiver):
     harness.stop()
 
 
-def new_traceparent() -> tuple[str, str]:
+def new_traceparent(flags: str = "01") -> tuple[str, str]:
+    """A fresh caller trace id and its W3C traceparent with the given flags (01: sampled)."""
     trace_id = uuid.uuid4().hex
-    return trace_id, f"00-{trace_id}-{CALLER_SPAN_ID}-01"
+    return trace_id, f"00-{trace_id}-{CALLER_SPAN_ID}-{flags}"
 
 
 def exported_trace(gw: Harness, receiver: OtlpReceiver, trace_id: str, spans: int) -> list[SpanRecord]:

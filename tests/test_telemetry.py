@@ -41,21 +41,6 @@ def receiver():
     server.stop()
 
 
-@pytest.fixture
-def make_telemetry():
-    """Builds Telemetry objects from an env dict and shuts them all down afterwards."""
-    made: list[Telemetry] = []
-
-    def make(env: dict[str, str], policy: PolicyTelemetry | None = None) -> Telemetry:
-        telemetry = Telemetry.from_env(policy, environ={"OTEL_METRIC_EXPORT_INTERVAL": "60000", **env})
-        made.append(telemetry)
-        return telemetry
-
-    yield make
-    for telemetry in made:
-        telemetry.shutdown(timeout_s=2)
-
-
 def otlp_env(receiver: OtlpReceiver, protocol: str) -> dict[str, str]:
     endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
     return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,

@@ -136,6 +136,7 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[SpanRecord] = []
+        self.span_headers: list[dict[str, str]] = []     # each span export's HTTP headers or gRPC metadata
         self.metric_exports: list[list[MetricRecord]] = []
         self.fail_status: int | None = None     # answer HTTP exports with this status (gRPC: INVALID_ARGUMENT)
         self._changed = threading.Condition()
@@ -180,10 +181,12 @@ class OtlpReceiver:
     def release(self) -> None:
         self._released.set()
 
-    def accept_spans(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+    def accept_spans(self, request: trace_service_pb2.ExportTraceServiceRequest,
+                     headers: dict[str, str] | None = None) -> None:
         self._released.wait(10)
         with self._changed:
             self.spans.extend(flatten_spans(request))
+            self.span_headers.append(headers or {})
             self._changed.notify_all()
 
     def accept_metrics(self, request: metrics_service_pb2.ExportMetricsServiceRequest) -> None:
@@ -232,7 +235,7 @@ class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):  # noqa: N802 - the gRPC method name
         if self.receiver.fail_status is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "failing on purpose")
-        self.receiver.accept_spans(request)
+        self.receiver.accept_spans(request, {key.lower(): value for key, value in context.invocation_metadata()})
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -258,7 +261,8 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
             if receiver.fail_status is not None:
                 return self._answer(receiver.fail_status, b"")
             if self.path == "/v1/traces":
-                receiver.accept_spans(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                receiver.accept_spans(trace_service_pb2.ExportTraceServiceRequest.FromString(body),
+                                      {key.lower(): value for key, value in self.headers.items()})
                 return self._answer(200, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
             if self.path == "/v1/metrics":
                 receiver.accept_metrics(metrics_service_pb2.ExportMetricsServiceRequest.FromString(body))

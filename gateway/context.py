@@ -124,7 +124,7 @@ class RequestContext:
     # route
     decision: Decision | None = None
     routing_s: float | None = None      # time spent choosing the model
-    sla_tightened: dict[str, float] = field(default_factory=dict)
+    sla_tightened: dict[str, float | int] = field(default_factory=dict)
     # cache
     cache_status: str = "bypass"        # hit | miss | bypass | stored
     cache_key: str | None = None

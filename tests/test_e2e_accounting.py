@@ -18,6 +18,7 @@ import pytest
 
 from gateway.cost import format_usd
 from gateway.simulator.text import count_chat_tokens
+from gateway.stages.call import Call
 from gateway.tokens import count_completion_tokens, count_prompt_tokens
 from tests.support import accounting
 from tests.support.harness import Harness
@@ -405,3 +406,69 @@ def test_a_whole_answer_has_no_time_to_first_token_in_the_ledger(gw):
     raw = gw.openai().chat.completions.with_raw_response.create(model="api", messages=MESSAGES, max_tokens=3)
     record = ledger_record(gw, raw.headers["x-request-id"])
     assert record["stream"] is False and record["ttft_s"] is None
+
+
+def test_a_refused_request_is_in_the_ledger_with_the_status_its_client_got(gw):
+    """A request no route serves is booked at the 404 its client got (not 200), with its outcome and no cost."""
+    with pytest.raises(openai.NotFoundError):
+        gw.openai().chat.completions.create(model="no-such-model", messages=MESSAGES,
+                                            extra_headers={"x-request-id": "refused-404"})
+    record = ledger_record(gw, "refused-404")
+    assert (record["status"], record["outcome"], record["cost_usd"]) == (404, "model_not_found", "0")
+
+
+def test_a_stage_whose_finish_fails_leaves_the_answer_priced_and_in_the_ledger(gw, monkeypatch, caplog):
+    """A stage's finish that raises (here call's, the first to finish, injected) is logged naming the stage and the
+    request; the stages that finish after it still run: the client gets its answer with its cost, and the
+    request is priced in the ledger."""
+    async def broken(_stage, _ctx):
+        raise RuntimeError("finish fault")
+
+    monkeypatch.setattr(Call, "finish", broken)
+    caplog.set_level("ERROR", logger="gateway")
+    raw = gw.openai().chat.completions.with_raw_response.create(
+        model="api", messages=MESSAGES, max_tokens=3, extra_headers={"x-request-id": "finish-fault-1"})
+    assert raw.parse().choices[0].message.content
+    record = ledger_record(gw, "finish-fault-1")
+    assert (record["status"], record["outcome"]) == (200, "success")
+    assert Decimal(record["cost_usd"]) > 0
+    assert raw.headers["x-gateway-cost-usd"] == format_usd(Decimal(record["cost_usd"]))
+    logged = [r for r in caplog.records if "finish-fault-1" in r.getMessage()]
+    assert len(logged) == 1 and "finishing Call failed" in logged[0].getMessage()
+
+
+def test_a_telemetry_fault_at_the_end_of_a_request_still_leaves_its_ledger_line(gw, monkeypatch):
+    """When recording the request's telemetry fails, its ledger line (and so its cost) is still written."""
+    def broken(_ctx):
+        raise RuntimeError("telemetry fault")
+
+    monkeypatch.setattr(gw.services.telemetry, "finish_request", broken)
+    gw.openai().chat.completions.create(model="api", messages=MESSAGES, max_tokens=3,
+                                        extra_headers={"x-request-id": "telemetry-fault-1"})
+    record = ledger_record(gw, "telemetry-fault-1")
+    assert record["status"] == 200 and Decimal(record["cost_usd"]) > 0
+
+
+def test_a_ttft_limit_is_judged_for_a_stream_and_not_for_a_whole_answer(gw):
+    """A client's x-gateway-max-ttft-ms that no model meets leaves a stream's SLA missed in the ledger (the route is
+    best effort: it is still served), while a whole answer, with no first token of its own, is not judged by it."""
+    client = gw.openai()
+    tight = {"x-gateway-max-ttft-ms": "1"}
+    client.chat.completions.create(model="api", messages=MESSAGES, max_tokens=3,
+                                   extra_headers={**tight, "x-request-id": "ttft-limit-whole"})
+    list(client.chat.completions.create(model="api", messages=MESSAGES, max_tokens=3, stream=True,
+                                        extra_headers={**tight, "x-request-id": "ttft-limit-stream"}))
+    assert ledger_record(gw, "ttft-limit-whole")["sla_met"] is True
+    assert ledger_record(gw, "ttft-limit-stream")["sla_met"] is False
+
+
+def test_a_cost_limit_is_judged_for_every_choice_the_request_asks_for(gw):
+    """A client's x-gateway-max-cost-usd is held against the output of all `n` choices: 100 tokens on `small`
+    (0.20 USD per million) fit 0.00004 USD once, not three times."""
+    client = gw.openai()
+    limit = {"x-gateway-max-cost-usd": "0.00004"}
+    for n in (1, 3):
+        client.chat.completions.create(model="api", messages=MESSAGES, max_tokens=100, n=n,
+                                       extra_headers={**limit, "x-request-id": f"cost-limit-n{n}"})
+    assert ledger_record(gw, "cost-limit-n1")["sla_met"] is True
+    assert ledger_record(gw, "cost-limit-n3")["sla_met"] is False

@@ -398,3 +398,4 @@ ledger: {{path: "LEDGER"}}
     assert record["energy_j"] is None and [a["model"] for a in record["attempts"]] == ["small", "large"]
     usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
     assert Decimal(record["cost_usd"]) == token_cost_usd(harness.holder.current.policy.models["large"], usage)
+    assert record["attempts"][0]["cost_usd"] == "0"     # the failed attempt's own line: its joules unpriced too

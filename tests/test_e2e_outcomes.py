@@ -172,6 +172,15 @@ def test_unknown_repeated_and_unparseable_reports(gw):
     assert error["error"]["code"] == "outcome_already_reported"
 
 
+def test_a_report_over_the_body_size_limit_is_413_and_the_task_stays_reportable(gw):
+    """A report larger than server.max_body_bytes (4 MiB) is refused with 413 `request_too_large`, as a completion
+    would be, and not booked: the task can still be reported."""
+    call(gw, "ticket-huge", 1)
+    status, error = report(gw, {"task_id": "ticket-huge", "outcome": "success", "note": "x" * (5 * 1024 * 1024)})
+    assert status == 413 and error["error"]["code"] == "request_too_large", error
+    assert report(gw, {"task_id": "ticket-huge", "outcome": "success"})[0] == 200
+
+
 def test_a_tenant_reports_only_its_own_tasks(gw):
     """Another tenant's task is unknown (404) to a tenant, and a report without an API key is 401."""
     call(gw, "ticket-private", 1, tenant="alpha")

@@ -407,6 +407,16 @@ def test_every_answer_carries_a_request_id_the_sdk_reads(gw):
         assert answer.headers["x-request-id"] == "probe-7"
 
 
+def test_a_refused_model_list_carries_the_callers_request_id(gw):
+    """A model list or a model refused for a wrong key (401) carries the caller's x-request-id too, so the SDK's
+    AuthenticationError names the request an operator can look up."""
+    for path in ("/v1/models", "/v1/models/auto"):
+        answer = requests.get(f"{gw.base_url}{path}", timeout=10,
+                              headers={"Authorization": "Bearer wrong", "x-request-id": "probe-401"})
+        assert (answer.status_code, answer.headers["x-request-id"]) == (401, "probe-401")
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_a_request_id_is_echoed_only_when_sane(gw):
     """A client's x-request-id of up to 128 letters, digits and `._:-` comes back as sent; a longer one, or one with
     other characters, is replaced by a fresh 32-hex-digit id rather than echoed into the answer and the logs."""

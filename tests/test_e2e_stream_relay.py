@@ -19,7 +19,7 @@ import requests
 from gateway.sse import MAX_EVENT_BYTES, EventTooLong, event_data, iter_events
 from gateway.stages import relay
 from gateway.stages.relay import StreamState
-from tests.support.harness import ledgered_raw_model_gateway, reset_raw_model
+from tests.support.harness import Harness, ledgered_raw_model_gateway, reset_raw_model
 from tests.support.raw_calls import breaker_failures, ledger_record, post, sdk_text
 from tests.support.raw_upstream import SSE_HEAD, TEXT_EVENTS, chunk, sse
 
@@ -98,10 +98,9 @@ def test_a_chunk_of_odd_shape_is_relayed_and_the_stream_completes(env, odd):
     assert breaker_failures(harness, "raw") == 0
 
 
-def test_a_failure_of_the_gateways_own_after_the_first_byte_is_reported_in_band(env, monkeypatch, caplog):
-    """Whatever goes wrong in the relay after the first byte (here a fault injected into the gateway's own
-    chunk bookkeeping) ends the stream with an in-band internal error the SDK raises, logged once; it is not
-    the model's failure."""
+def fault_after_the_first_byte(env, monkeypatch) -> Harness:
+    """The raw model scripted to stream Hi, boom, stop; the gateway's own chunk bookkeeping made to fail on boom,
+    after the stream's first byte went out."""
     harness, raw = env
     absorb = StreamState.absorb
 
@@ -113,6 +112,14 @@ def test_a_failure_of_the_gateways_own_after_the_first_byte_is_reported_in_band(
     monkeypatch.setattr(StreamState, "absorb", failing)
     raw.script = [(SSE_HEAD + sse(chunk("", role=True), chunk("Hi"), chunk("boom"), chunk(None, finish="stop"),
                                   b"[DONE]"), 0.0)]
+    return harness
+
+
+def test_a_failure_of_the_gateways_own_after_the_first_byte_is_reported_in_band(env, monkeypatch, caplog):
+    """Whatever goes wrong in the relay after the first byte (here a fault injected into the gateway's own
+    chunk bookkeeping) ends the stream with an in-band internal error the SDK raises, logged once; it is not
+    the model's failure."""
+    harness = fault_after_the_first_byte(env, monkeypatch)
     caplog.set_level("ERROR", logger="gateway")
     with pytest.raises(openai.APIError, match="internal error"):
         sdk_text(harness)
@@ -120,6 +127,16 @@ def test_a_failure_of_the_gateways_own_after_the_first_byte_is_reported_in_band(
     time.sleep(0.1)                     # the request is logged once it has ended, a moment after the client
     errors = [record for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and str(errors[0].exc_info[1]) == "injected"
+
+
+def test_a_stream_ended_in_band_is_booked_at_the_status_its_client_got(env, monkeypatch):
+    """A stream a fault of the gateway's own ends in-band, after its 200 head was sent, is booked in the ledger
+    at that 200 (what its client got), not as a success, nor at a 500 nobody received."""
+    harness = fault_after_the_first_byte(env, monkeypatch)
+    reply = post(harness)
+    assert reply.status_code == 200 and b"internal error" in reply.content
+    record = ledger_record(harness, reply.headers["x-request-id"])
+    assert record["status"] == 200 and record["outcome"] != "success"
 
 
 # a client that leaves -------------------------------------------------------------------------------------

@@ -40,8 +40,6 @@ routes:
 CALLER_SPAN_ID = "00f067aa0ba902b7"
 
 
-
-
 def otel_environ(endpoint: str, protocol: str, service: str, **extra: str) -> dict[str, str]:
     """Only standard OTEL_* variables: where to export, how, and as whom."""
     return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
@@ -113,6 +111,24 @@ def test_span_tree_continues_caller_trace_and_injects_upstream(gw, receiver):
     upstream = gw.sim_requests("small")[-1]["headers"]
     assert upstream["traceparent"] == f"00-{trace_id}-{client.span_id}-01"
     assert upstream["tracestate"] == "vendor=abc"
+
+
+def test_the_route_span_names_the_limits_the_request_tightened_its_sla_to(gw, receiver):
+    """x-gateway-* headers that tighten the route's SLA appear on gateway.route as gateway.sla.tightened.*, so a
+    trace whose gateway.sla.met is false says which limits it was judged by; a request that asked for none has
+    none of them."""
+    trace_id, traceparent = new_traceparent()
+    chat(gw, traceparent=traceparent, extra_headers={"x-gateway-max-latency-ms": "4000", "x-gateway-min-tier": "2",
+                                                     "x-gateway-max-cost-usd": "0.5"})
+    plain_id, plain = new_traceparent()
+    chat(gw, traceparent=plain)
+    route = one(exported_trace(gw, receiver, trace_id, spans=3), "gateway.route").attributes    # no cache lookup
+    assert {key: value for key, value in route.items() if key.startswith("gateway.sla.tightened.")} == {
+        "gateway.sla.tightened.max_latency_ms": 4000.0, "gateway.sla.tightened.min_tier": 2,
+        "gateway.sla.tightened.max_cost_usd": 0.5}
+    assert route["gateway.model.selected"] == "medium"          # tier 2 asked for: small is left out
+    plain_route = one(exported_trace(gw, receiver, plain_id, spans=3), "gateway.route").attributes
+    assert not [key for key in plain_route if key.startswith("gateway.sla.tightened.")]
 
 
 def test_every_attribute_arrives_with_its_convention_type(gw, receiver):

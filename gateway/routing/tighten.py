@@ -36,11 +36,15 @@ class Tighten:
         return (self.max_latency_ms is None and self.max_ttft_ms is None
                 and self.min_tier is None and self.max_cost_usd is None and self.max_energy_j is None)
 
-    def as_dict(self) -> dict[str, float]:
-        """The limits asked for, by field name (for `RequestContext.sla_tightened`)."""
+    def as_dict(self) -> dict[str, float | int]:
+        """The limits asked for, by field name (for `RequestContext.sla_tightened`): the tier an int, the others
+        floats."""
         asked = {"max_latency_ms": self.max_latency_ms, "max_ttft_ms": self.max_ttft_ms,
-                 "min_tier": self.min_tier, "max_cost_usd": self.max_cost_usd, "max_energy_j": self.max_energy_j}
-        return {name: float(value) for name, value in asked.items() if value is not None}
+                 "max_cost_usd": self.max_cost_usd, "max_energy_j": self.max_energy_j}
+        limits: dict[str, float | int] = {name: float(value) for name, value in asked.items() if value is not None}
+        if self.min_tier is not None:
+            limits["min_tier"] = self.min_tier
+        return limits
 
 
 NO_TIGHTEN = Tighten()

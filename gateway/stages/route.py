@@ -24,7 +24,7 @@ class Route:
                 ctx.runtime, router, endpoint=ctx.endpoint, alias=ctx.requested_model, tenant=ctx.tenant,
                 headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
                 stream=ctx.stream, choices=ctx.choices)
-        ctx.sla_tightened = tighten.as_dict()
+            ctx.sla_tightened = tighten.as_dict()     # inside: the span records the limits the request asked for
         return None
 
     async def finish(self, ctx: RequestContext) -> None:

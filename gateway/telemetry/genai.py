@@ -39,6 +39,7 @@ FALLBACK_STATE = "gateway.fallback.state"
 FALLBACK_REASON = "gateway.fallback.reason"
 CACHE_STATUS = "gateway.cache.status"
 SLA_MET = "gateway.sla.met"
+SLA_TIGHTENED = "gateway.sla.tightened"
 COST_USD = "gateway.cost.usd"
 ENERGY_J = "gateway.energy.joules"
 TOKENS_ESTIMATED = "gateway.tokens.estimated"
@@ -315,6 +316,8 @@ def route_attributes(ctx: RequestContext) -> dict[str, Any]:
     }
     if decision.plan:
         attributes[MODEL_SELECTED] = decision.plan[0].name
+    # the limits the request's x-gateway-* headers tightened the route's SLA to, which sla.met was judged by
+    attributes.update((f"{SLA_TIGHTENED}.{name}", value) for name, value in ctx.sla_tightened.items())
     return attributes
 
 

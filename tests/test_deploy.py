@@ -86,6 +86,7 @@ def record_fallback_request(telemetry: Telemetry) -> None:
     telemetry.start_attempt(ctx, answered)
     answered.ttft_s, answered.status, answered.ended_s = 0.05, 200, answered.started_s + 0.3
     answered.usage, answered.response_model = Usage(input_tokens=10, output_tokens=20), "sim-large-70b"
+    answered.cost_usd = Decimal("0.001")    # the cost counter is per attempt: without it every cost panel reads 0
     telemetry.end_attempt(ctx, answered, chunk_gaps_s=[0.01, 0.02])
     ctx.fallback_state, ctx.fallback_reason = "fallback", "timeout"
     ctx.cache_status, ctx.cost_usd, ctx.energy_j, ctx.usage = "stored", Decimal("0.001"), 12.5, answered.usage
@@ -522,3 +523,162 @@ def test_service_pdb_and_hpa_target_the_gateway_pods():
                                              "name": deployment["metadata"]["name"]}
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     assert hpa["spec"]["minReplicas"] > by_kind("PodDisruptionBudget")["spec"]["minAvailable"]
+
+
+# ---------------------------------------------------------------- where the gateway listens, is probed and scraped
+
+def url_port(text: str) -> int:
+    """The port of the one http://host:port URL in `text` (a healthcheck command)."""
+    [port] = re.findall(r"https?://[\w.-]+:(\d+)/", text)
+    return int(port)
+
+
+def test_compose_gateway_listens_where_it_is_published_probed_and_scraped(compose):
+    """The Compose gateway binds all interfaces on the port its healthcheck probes, Compose publishes and
+    Prometheus scrapes (a port changed in one place only leaves the stack unhealthy or the dashboards empty)."""
+    gateway = compose["services"]["gateway"]
+    port = int(flag(gateway["command"], "--port"))
+    assert flag(gateway["command"], "--host") == "0.0.0.0"
+    assert url_port(" ".join(gateway["healthcheck"]["test"])) == port
+    assert [int(str(mapping).split(":")[-1]) for mapping in gateway["ports"]] == [port]
+    jobs = {job["job_name"]: job for job in load_yaml(COMPOSE_DIR / "prometheus.yaml")["scrape_configs"]}
+    assert jobs["gateway"]["static_configs"][0]["targets"] == [f"gateway:{port}"]
+
+
+def test_compose_simulator_healthchecks_probe_their_own_port(compose):
+    """Each simulator's healthcheck asks the port that simulator serves, so the gateway (which waits for them
+    to be healthy) starts."""
+    simulators = {name: service for name, service in compose["services"].items()
+                  if service.get("command", [""])[0] == "simulate-backend"}
+    assert len(simulators) == 3
+    for name, service in simulators.items():
+        assert url_port(" ".join(service["healthcheck"]["test"])) == int(flag(service["command"], "--port")), name
+
+
+def test_image_listens_on_the_port_it_exposes_and_probes():
+    """The image's default command binds all interfaces on the port it EXPOSEs and its HEALTHCHECK probes."""
+    final_stage = dockerfile_instructions()[max(i for i, (op, _) in enumerate(dockerfile_instructions())
+                                                if op == "FROM"):]
+    command = json.loads(next(args for op, args in final_stage if op == "CMD"))
+    port = int(flag(command, "--port"))
+    assert flag(command, "--host") == "0.0.0.0"
+    assert ("EXPOSE", str(port)) in final_stage
+    assert url_port(next(args for op, args in final_stage if op == "HEALTHCHECK")) == port
+
+
+def test_deployment_listens_on_the_port_its_probes_service_and_scrape_use():
+    """The pod's gateway binds all interfaces on the container port the probes, the Service and the Prometheus
+    scrape annotation name; the startup and liveness probes ask /healthz."""
+    template = by_kind("Deployment")["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    port = int(flag(container["args"], "--port"))
+    assert flag(container["args"], "--host") == "0.0.0.0"
+    ports = {item["name"]: item["containerPort"] for item in container["ports"]}
+    assert ports == {"http": port}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] in ("http", port), probe
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    assert template["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+
+
+def test_deployment_is_hardened_and_sized():
+    """The pod runs under the runtime's seccomp profile without a service-account token, and the container
+    declares CPU and memory requests and limits (the autoscaler and the scheduler need them)."""
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    seccomp = container["securityContext"].get("seccompProfile") or pod["securityContext"].get("seccompProfile")
+    assert seccomp == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) == {"cpu", "memory"}, kind
+
+
+def test_rollout_keeps_every_serving_pod_until_its_replacement_is_ready():
+    """A rolling update adds a pod before it removes one (maxUnavailable 0, a surge of at least 1), so a policy
+    or image change never drops serving capacity below what the autoscaler chose."""
+    strategy = by_kind("Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
+
+
+def telemetry_settings(environment: dict[str, str]) -> TelemetryConfig:
+    """What the gateway's telemetry layer makes of a deployment's environment variables."""
+    return TelemetryConfig.from_env(environ={name: str(value) for name, value in environment.items()})
+
+
+def collector_port(protocol: str) -> int:
+    """The port the Compose collector receives OTLP on over `protocol` (grpc or http/protobuf)."""
+    protocols = load_yaml(COMPOSE_DIR / "otel-collector.yaml")["receivers"]["otlp"]["protocols"]
+    return int(protocols["grpc" if protocol == "grpc" else "http"]["endpoint"].rsplit(":", 1)[1])
+
+
+def test_gateway_telemetry_reaches_the_collector_and_serves_metrics(compose):
+    """In Compose and in Kubernetes the gateway serves /metrics (Prometheus scrapes it) and exports traces and
+    metrics over OTLP to the collector port that speaks the configured protocol (gRPC on 4317, not 4318)."""
+    compose_env = compose["services"]["gateway"]["environment"]
+    container = by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    k8s_env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    for where, environment in (("compose", compose_env), ("k8s", k8s_env)):
+        settings = telemetry_settings(environment)
+        assert settings.prometheus, where
+        for export in (settings.traces, settings.metrics):
+            assert export is not None and urlsplit(export.endpoint).port == collector_port(export.protocol), where
+
+
+def longest_look_back_s(expr: str) -> int:
+    """How far back a query reads: its longest range plus that selector's offset, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+    seconds = [int(amount) * units[unit] + (int(off) * units[off_unit] if off else 0)
+               for amount, unit, off, off_unit in re.findall(r"\[(\d+)([smhdwy])\](?:\s+offset\s+(\d+)([smhdwy]))?",
+                                                              expr)]
+    return max(seconds, default=0)
+
+
+def test_prometheus_keeps_the_history_the_dashboards_read(compose):
+    """Prometheus's retention covers the longest look-back of any panel (last 7 days against the 7 before:
+    14 days), so the week-over-week panels are not empty or wrong for want of data."""
+    command = compose["services"]["prometheus"]["command"]
+    [retention] = [item.split("=", 1)[1] for item in command if item.startswith("--storage.tsdb.retention.time=")]
+    assert re.fullmatch(r"\d+d", retention), retention
+    needed_s = max(longest_look_back_s(expr) for _, _, expr in dashboard_queries())
+    assert needed_s >= 14 * 86400 and int(retention[:-1]) * 86400 >= needed_s
+
+
+def test_grafana_datasources_reach_their_services_at_their_ports(compose):
+    """Grafana's Prometheus and Jaeger datasources name the port each service listens on, and Prometheus's
+    datasource declares the scrape interval, so $__rate_interval spans at least four scrapes."""
+    datasources = {source["uid"]: source for source in load_yaml(
+        COMPOSE_DIR / "grafana" / "provisioning" / "datasources" / "datasources.yaml")["datasources"]}
+    for uid in ("prometheus", "jaeger"):
+        url = urlsplit(datasources[uid]["url"])
+        published = [int(str(mapping).split(":")[-1]) for mapping in compose["services"][url.hostname]["ports"]]
+        assert url.port in published, uid
+    scrape_interval = load_yaml(COMPOSE_DIR / "prometheus.yaml")["global"]["scrape_interval"]
+    assert datasources["prometheus"]["jsonData"]["timeInterval"] == scrape_interval
+
+
+#: (a pattern of a panel's title, or of its queries, the Grafana unit its figures need), first match wins
+PANEL_UNITS = (
+    ("title", r"vs the 7 before|\brate\b|attainment|share|used|utilization", "percentunit"),
+    ("title", r"^(cost|spend|cache savings)", "currencyUSD"),
+    ("title", r"^energy", "joule"),
+    ("title", r"^gpu power", "watt"),
+    ("title", r"requests per second", "reqps"),
+    ("query", r"^histogram_quantile\(.*_seconds_bucket", "s"),
+)
+
+
+def test_panel_units_match_what_their_queries_return():
+    """Latencies are shown in seconds, money in USD, shares in percent of 1, energy in joules and power in
+    watts, so Grafana labels each figure with what it really is (a latency in `ms` reads 1000 times too small)."""
+    checked = 0
+    for path in DASHBOARDS:
+        for panel in panels(json.loads(path.read_text())):
+            shown = {"title": [panel["title"].lower()], "query": [target["expr"] for target in panel["targets"]]}
+            wanted = next((unit for where, pattern, unit in PANEL_UNITS
+                           if all(re.search(pattern, text) for text in shown[where])), None)
+            if wanted:
+                checked += 1
+                assert panel["fieldConfig"]["defaults"].get("unit") == wanted, f"{path.name}: {panel['title']}"
+    assert checked >= 30

@@ -157,6 +157,16 @@ def replica_checks(expr: str) -> list[tuple[str, float]]:
     ]
 
 
+def promtool_test(path: Path, series: list, checks: list[dict]) -> None:
+    """Have promtool evaluate `checks` (promql_expr_test entries) over `series` at STEP_MIN-minute steps, from a
+    test file written to `path`; fail with its report when any check differs."""
+    spec = {"evaluation_interval": f"{STEP_MIN}m",
+            "tests": [{"interval": f"{STEP_MIN}m", "input_series": series, "promql_expr_test": checks}]}
+    path.write_text(yaml.safe_dump(spec, width=1 << 16))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)")
 def test_dashboards_answer_the_same_for_one_pod_or_two(tmp_path):
     """Every dashboard query gives the same answer whether one gateway pod or two share the traffic: the
@@ -168,9 +178,153 @@ def test_dashboards_answer_the_same_for_one_pod_or_two(tmp_path):
         checks += [{"expr": check, "eval_time": f"{HISTORY_MIN}m", "exp_samples": [{"labels": "{}", "value": value}]}
                    for check, value in replica_checks(expr)]
     assert len(checks) > 4 * 40
-    spec = {"evaluation_interval": f"{STEP_MIN}m",
-            "tests": [{"interval": f"{STEP_MIN}m", "input_series": replica_series(), "promql_expr_test": checks}]}
-    path = tmp_path / "replicas.test.yaml"
-    path.write_text(yaml.safe_dump(spec, width=1 << 16))
-    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    promtool_test(tmp_path / "replicas.test.yaml", replica_series(), checks)
+
+
+# ---------------------------------------------------------------- dashboards compute what their titles say
+
+#: the day a known traffic doubles: the week-over-week panels compare 7 days at one rate with 7 at twice it
+DOUBLED_AT_MIN = 8 * 24 * 60
+#: the labels every per-request series of the known traffic carries (one tenant, route and model, one pod)
+REQUEST_LABELS = {"gateway_tenant": "acme", "gateway_route": "chat-default", "gateway_model_selected": "small"}
+GPU_LABELS = {"gpu": "0", "Hostname": "gpu-node"}
+
+
+def counter(per_step: float, *, doubles: bool = False) -> str:
+    """A counter growing by `per_step` every step (twice that from DOUBLED_AT_MIN on, where `doubles`)."""
+    points = HISTORY_MIN // STEP_MIN
+    if not doubles:
+        return f"0+{per_step}x{points}"
+    knee = DOUBLED_AT_MIN // STEP_MIN
+    return f"0+{per_step}x{knee} {per_step * knee + 2 * per_step}+{2 * per_step}x{points - knee - 1}"
+
+
+def buckets(name: str, labels: dict[str, str], cumulative: dict[str, float]) -> list[dict[str, str]]:
+    """A histogram's `_bucket` series: `cumulative` maps each `le` to the observations at or under it per step."""
+    return [series_line(f"{name}_bucket", {**labels, "le": le}, counter(count)) for le, count in cumulative.items()]
+
+
+def known_traffic() -> list[dict[str, str]]:
+    """One pod's series (job `gateway`) with round numbers per 2-minute step, so each panel's answer is known:
+    10 requests costing $0.05 (half both before day 8), 2,500 tokens, $0.01 saved by the cache, 200 J of
+    attributed energy while the GPU drew 600 J, 2 successful tasks and 1 failed one costing $0.06 together."""
+    pod = {"job": "gateway", "instance": "pod-0"}
+    who = {**REQUEST_LABELS, **pod}
+    task = {"gateway_tenant": "acme", "gateway_route": "chat-default", "gateway_workflow": "support", **pod}
+    points = HISTORY_MIN // STEP_MIN
+    series = [
+        series_line("gateway_requests_total", who, counter(5, doubles=True)),
+        series_line("gateway_cost_USD_total", who, counter(0.025, doubles=True)),
+        series_line("gateway_cache_saved_USD_total", who, counter(0.01)),
+        series_line("gateway_energy_joules_total", who, counter(200)),
+        series_line("gen_ai_client_token_usage_sum", {**who, "gen_ai_token_type": "input"}, counter(1000)),
+        series_line("gen_ai_client_token_usage_sum", {**who, "gen_ai_token_type": "output"}, counter(1500)),
+        series_line("gateway_task_cost_USD_total", {**task, "gateway_task_outcome": "success"}, counter(0.04)),
+        series_line("gateway_task_cost_USD_total", {**task, "gateway_task_outcome": "failure"}, counter(0.02)),
+        series_line("gateway_task_outcomes_total", {**task, "gateway_task_outcome": "success"}, counter(2)),
+        series_line("gateway_task_outcomes_total", {**task, "gateway_task_outcome": "failure"}, counter(1)),
+        series_line("gateway_budget_limit_USD", {"gateway_tenant": "acme", "gateway_budget_period": "day", **pod},
+                    f"100x{points}"),
+        series_line("gateway_budget_limit_USD", {"gateway_tenant": "acme", "gateway_budget_period": "month", **pod},
+                    f"1000x{points}"),
+        series_line("gateway_in_flight", {"gateway_model_selected": "small", **pod}, f"3x{points}"),
+        series_line("gateway_model_max_concurrency", {"gateway_model_selected": "small", **pod}, f"12x{points}"),
+        series_line("gen_ai_client_operation_duration_seconds_count", {**who, "error_type": "timeout"}, counter(2)),
+        series_line("gateway_fallbacks_total", {**who, "gateway_fallback_reason": "timeout"}, counter(1)),
+        series_line("gateway_telemetry_dropped_total",
+                    {"gateway_telemetry_signal": "spans", "gateway_telemetry_reason": "queue_full", **pod}, counter(1)),
+        series_line("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", {**GPU_LABELS, "job": "dcgm"}, counter(600_000)),  # mJ
+        series_line("DCGM_FI_DEV_POWER_USAGE", {**GPU_LABELS, "job": "dcgm"}, f"250x{points}"),
+        series_line("DCGM_FI_DEV_GPU_UTIL", {**GPU_LABELS, "job": "dcgm"}, f"40x{points}"),
+    ]
+    for name, label, counts in (("gateway_cache_lookups_total", "gateway_cache_status", {"hit": 3, "miss": 6,
+                                                                                          "stored": 1}),
+                                ("gateway_sla_total", "gateway_sla_status", {"met": 9, "missed": 1}),
+                                ("gateway_outcomes_total", "gateway_outcome", {"success": 7, "cache_hit": 2,
+                                                                                "upstream_error": 1})):
+        series += [series_line(name, {**who, label: value}, counter(count)) for value, count in counts.items()]
+    series += buckets("gen_ai_client_operation_duration_seconds", who, {"0.1": 50, "0.5": 90, "1": 100, "+Inf": 100})
+    series += buckets("gen_ai_client_operation_time_to_first_chunk_seconds", who,
+                      {"0.05": 50, "0.1": 90, "0.5": 100, "+Inf": 100})
+    series += buckets("gateway_routing_duration_seconds", {"gateway_tenant": "acme", "gateway_route": "chat-default",
+                                                           **pod}, {"0.001": 90, "0.005": 100, "+Inf": 100})
+    queue = {"gateway_tenant": "acme", "gateway_model_selected": "small", **pod}
+    series += buckets("gateway_queue_wait_seconds", {**queue, "gateway_queue_result": "granted"},
+                      {"0.01": 50, "0.05": 100, "0.25": 100, "+Inf": 100})
+    series += buckets("gateway_queue_wait_seconds", {**queue, "gateway_queue_result": "timeout"},
+                      {"0.01": 0, "0.05": 0, "0.25": 10, "+Inf": 10})
+    return series
+
+
+STEP_S = STEP_MIN * 60
+BY_MODEL, BY_ROUTE = '{gateway_model_selected="small"}', '{gateway_route="chat-default"}'
+#: (dashboard, panel title start, refId) -> {result labels: value} over the known traffic, evaluated on day 15
+KNOWN_ANSWERS = {
+    ("executive.json", "Cost per request", "A"): {"{}": 0.005},
+    ("executive.json", "Cost per 1k tokens", "A"): {"{}": 0.02},                     # $0.05 / 2.5k tokens
+    ("executive.json", "Cost per successful task", "A"): {"{}": 0.03},               # $0.06 / 2 successes
+    ("executive.json", "Cost per successful task by workflow", "A"): {'{gateway_workflow="support"}': 0.03},
+    ("executive.json", "Cache savings", "A"): {"{}": 0.3},                            # $0.01 x 30 steps
+    ("executive.json", "Cache savings per hour", "A"): {BY_ROUTE: 0.3},
+    ("executive.json", "GPU idle-to-active energy", "A"): {"{}": 2.0},               # (600 J - 200 J) / 200 J
+    ("executive.json", "GPU idle-to-active energy ratio", "A"): {"{}": 2.0},
+    ("executive.json", "Energy per request", "A"): {"{}": 20.0},
+    ("executive.json", "Energy per request by model", "A"): {BY_MODEL: 20.0},
+    ("executive.json", "Spend by tenant", "A"): {'{gateway_tenant="acme"}': 36.0},  # 720 steps a day x $0.05
+    ("executive.json", "Spend by tenant", "B"): {'{gateway_tenant="acme"}': 100.0},
+    ("executive.json", "Spend by route", "B"): {"{}": 100.0},
+    ("executive.json", "Daily budget used by tenant", "A"): {'{gateway_tenant="acme"}': 0.36},
+    ("executive.json", "Spend by model", "A"): {BY_MODEL: 1.5},
+    ("executive.json", "Cost per request by model", "A"): {BY_MODEL: 0.005},
+    ("executive.json", "Spend per day: this week vs last week", "A"): {"{}": 36.0},
+    ("executive.json", "Spend per day: this week vs last week", "B"): {"{}": 18.0},
+    ("executive.json", "Spend, last 7 days vs the 7 before", "A"): {"{}": 1.0},
+    ("executive.json", "Requests, last 7 days vs the 7 before", "A"): {"{}": 1.0},
+    ("executive.json", "Requests per day: this week vs last week", "B"): {"{}": 3600.0},
+    ("operator.json", "Upstream latency by model", "A"): {BY_MODEL: 0.1},
+    ("operator.json", "Upstream latency by model", "B"): {BY_MODEL: 0.75},
+    ("operator.json", "Upstream latency by model", "C"): {BY_MODEL: 0.95},
+    ("operator.json", "Upstream latency by route", "B"): {BY_ROUTE: 0.75},
+    ("operator.json", "Time to first token by model", "B"): {BY_MODEL: 0.3},
+    ("operator.json", "Time to first token by route", "C"): {BY_ROUTE: 0.46},
+    ("operator.json", "Throughput: requests per second", "A"): {BY_MODEL: 10 / STEP_S},
+    ("operator.json", "Throughput: tokens per second", "A"): {'{gen_ai_token_type="input"}': 1000 / STEP_S,
+                                                             '{gen_ai_token_type="output"}': 1500 / STEP_S},
+    ("operator.json", "In-flight upstream attempts", "A"): {BY_MODEL: 3.0},
+    ("operator.json", "Saturation per model", "A"): {BY_MODEL: 0.25},
+    ("operator.json", "Saturation per model", "B"): {BY_MODEL: 2 / STEP_S},
+    ("operator.json", "Routing decision time", "A"): {BY_ROUTE: 0.0046},
+    ("operator.json", "Call-slot wait by model", "A"): {BY_MODEL: 0.046},
+    ("operator.json", "Fallback rate by reason", "A"): {'{gateway_fallback_reason="timeout"}': 0.1},
+    ("operator.json", "Cache hit rate by route", "A"): {BY_ROUTE: 0.3},
+    ("operator.json", "SLA attainment by route", "A"): {BY_ROUTE: 0.9},
+    ("operator.json", "Error rate by outcome", "A"): {'{gateway_outcome="upstream_error"}': 0.1},
+    ("operator.json", "Upstream attempt errors", "A"): {'{error_type="timeout", gateway_model_selected="small"}':
+                                                        2 / STEP_S},
+    ("operator.json", "GPU power", "A"): {'{Hostname="gpu-node", gpu="0"}': 250.0},
+    ("operator.json", "GPU utilization", "A"): {'{Hostname="gpu-node", gpu="0"}': 0.4},
+}
+
+
+def known_answer_target(board: str, title_start: str, ref_id: str) -> str:
+    """The PromQL, for job `gateway`, of target `ref_id` of the panel whose title starts with `title_start`, the
+    shortest such title where several do ("Cache savings" is not "Cache savings per hour")."""
+    found = [(title, expr) for name, title, ref, expr in dashboard_targets()
+             if name == board and ref == ref_id and title.startswith(title_start)]
+    assert found, f"{board}: no panel starting {title_start!r} with target {ref_id}"
+    _, expr = min(found, key=lambda item: len(item[0]))
+    return expr.replace("${job}", "gateway").replace("$job", "gateway")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)")
+def test_dashboard_panels_compute_what_their_titles_say(tmp_path):
+    """Over traffic with known round numbers, each panel gives the figure its title names: cost per request and
+    per successful task, p50/p95/p99 latency, cache savings, the GPU's idle-to-active energy, rates and shares,
+    week over week (a division inverted, a quantile, a window, an offset or a label matcher wrong shows here)."""
+    checks = []
+    for (board, title_start, ref_id), answers in KNOWN_ANSWERS.items():
+        expr = known_answer_target(board, title_start, ref_id)
+        checks.append({"expr": f"round({expr}, 0.000001)", "eval_time": f"{HISTORY_MIN}m",
+                       "exp_samples": [{"labels": labels, "value": round(value, 6)}
+                                       for labels, value in answers.items()]})
+    promtool_test(tmp_path / "known.test.yaml", known_traffic(), checks)

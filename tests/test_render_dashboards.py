@@ -55,9 +55,53 @@ def test_metric_names_and_units_read_like_grafana():
     """Metric names are told from functions and labels, and values are formatted in the panel's unit."""
     expr = 'sum by (gpu) (rate(DCGM_X{job="a"}[5m] offset 1w)) / scalar(sum(up_total))'
     assert metric_names_in(expr) == {"DCGM_X", "up_total"}
+    # PromQL's keywords in any case: the labels grouped or matched on are no metric names
+    assert metric_names_in("SUM BY (gpu) (a) / On(job) Group_Left(tenant) b") == {"a", "b"}
     assert [format_value(v, unit) for v, unit in ((0.0123, "currencyUSD"), (0.25, "percentunit"),
                                                   (0.0042, "s"), (1500, "joule"))] == \
         ["$0.0123", "25.0%", "4.20 ms", "1.50 kJ"]
+
+
+
+def test_collapsed_rows_keep_their_panels(tmp_path):
+    """A collapsed row's panels (nested in the row, as Grafana saves them) are rendered; an expanded row's
+    panels, saved beside it, are rendered once."""
+    board = {**MINI, "panels": [
+        {**MINI["panels"][0], "collapsed": True, "panels": [MINI["panels"][1]]},
+        {"type": "row", "title": "Shown", "collapsed": False, "panels": [],
+         "gridPos": {"x": 0, "y": 9, "w": 24, "h": 1}},
+        *MINI["panels"][2:],
+    ]}
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(board))
+    titles = [panel.title for panel in load_dashboard(path).panels]
+    assert titles == ["Load", "Requests per second", "Scraped series", "GPU power", "Shown"]
+
+
+def test_a_panel_with_one_instant_target_is_queried_at_one_instant(tmp_path):
+    """A time-series panel is queried over the window unless one of its targets asks for an instant; a stat is
+    always instant."""
+    series, stat = MINI["panels"][1], MINI["panels"][2]
+    board = {**MINI, "panels": [
+        series, {**series, "title": "Mixed", "targets": [*series["targets"], {**stat["targets"][0], "refId": "B"}]},
+        stat]}
+    path = tmp_path / "instant.json"
+    path.write_text(json.dumps(board))
+    assert [(panel.title, panel.instant) for panel in load_dashboard(path).panels] == \
+        [("Requests per second", False), ("Mixed", True), ("Scraped series", True)]
+
+
+def test_builtin_range_variables_are_in_seconds_and_milliseconds():
+    """$__range is the window in seconds (a duration PromQL reads), $__range_ms and $__interval_ms in ms."""
+    values = builtin_values(range_s=3600, step_s=15, rate_interval="1m")
+    assert (values["__range"], values["__range_s"], values["__range_ms"]) == ("3600s", "3600", "3600000")
+    assert (values["__interval"], values["__interval_ms"], values["__rate_interval"]) == ("15s", "15000", "1m")
+    assert interpolate("increase(x[$__range])", values) == "increase(x[3600s])"
+
+
+def test_promql_keywords_are_not_taken_for_metric_names():
+    """Keywords and the NaN/Inf literals in any case are not reported as metric names a panel lacks."""
+    assert metric_names_in("sum(up) > bool NaN or vector(Inf) unless down") == {"up", "down"}
 
 
 @pytest.fixture

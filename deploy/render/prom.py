@@ -154,7 +154,8 @@ def metric_names_in(expr: str) -> set[str]:
     """The metric names a PromQL expression selects (not its functions, keywords or label names)."""
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    # PromQL's keywords are case-insensitive: `BY (tenant)` groups as `by (tenant)` does
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text, flags=re.IGNORECASE)
     names = re.findall(r"(?<![\w.:$])([a-zA-Z_:][\w:]*)\b(?!\s*\()", text)
     return {name for name in names if name.lower() not in KEYWORDS}
 

@@ -49,6 +49,10 @@ routes:
     match: {{models: ["cached"]}}
     candidates: [small]
     cache: {{enabled: true, ttl_s: 60}}
+  - name: cached-gpu
+    match: {{models: ["cached-gpu"]}}
+    candidates: [gpu]
+    cache: {{enabled: true, ttl_s: 60}}
   - name: legacy
     match: {{models: ["legacy"]}}
     candidates: [legacy]
@@ -331,6 +335,20 @@ def test_cache_hit_costs_zero_and_records_the_saving(gw):
     assert status == 200
     assert Decimal(reported["cost_usd"]) == original_cost
 
+
+
+def test_a_hit_on_a_gpu_answer_records_its_gpu_time_cost_as_saved(gw):
+    """A hit on a self-hosted model's stored answer saves what that answer cost (its GPU time), not a token price
+    the model does not have."""
+    ask = dict(model="cached-gpu", messages=[{"role": "user", "content": "cache my GPU time"}], max_tokens=3,
+               temperature=0)
+    first = gw.openai().chat.completions.with_raw_response.create(**ask)
+    second = gw.openai().chat.completions.with_raw_response.create(**ask)
+    assert (first.headers["x-gateway-cache"], second.headers["x-gateway-cache"]) == ("stored", "hit")
+    original = ledger_record(gw, first.headers["x-request-id"])
+    assert Decimal(original["cost_usd"]) == gpu_cost(original["attempts"][0]["gpu_s"]) > 0
+    hit = ledger_record(gw, second.headers["x-request-id"])
+    assert (hit["cost_usd"], Decimal(hit["saved_usd"])) == ("0", Decimal(original["cost_usd"]))
 
 # the ledger ------------------------------------------------------------------------------------------
 

@@ -149,6 +149,15 @@ def test_no_cache_skips_the_lookup_and_refreshes_the_entry(gw):
     assert upstream_calls(gw) == 2
 
 
+def test_a_no_cache_answer_is_stored_with_the_route_s_ttl(gw):
+    """A `Cache-Control: no-cache` answer, written without the single-flight lock, still expires after the
+    route's ttl_s, not later."""
+    assert chat(gw, headers={"Cache-Control": "no-cache"}, **ask("Fresh and kept"))[1] == "stored"
+    wait_for_entries(gw, 1)
+    (key,) = entry_keys(gw)
+    assert 50 < gw.redis.ttl(key) <= 60
+
+
 def test_no_store_answers_without_storing(gw):
     """Cache-Control: no-store leaves nothing in Redis; the next request misses and is stored."""
     _, status = chat(gw, headers={"Cache-Control": "no-store"}, **ask("Keep no copy"))
@@ -402,6 +411,33 @@ async def test_killing_redis_mid_load_fails_no_request_and_caching_resumes(gw, r
     assert len(entry_keys(gw)) >= 1
 
 
+def test_identical_requests_while_redis_is_down_share_one_call(gw, redis_server):
+    """With redis-server gone, identical requests in flight together still wait for the first one's answer
+    instead of each calling the model: the answer is shared though it cannot be stored."""
+    redis_server.stop()
+    assert chat(gw, **ask("Down, once"))[1] == "bypass"
+    gw.sim_config("small", ttft_ms=1500)     # long enough for the followers to join on a loaded machine
+
+    async def together() -> list:
+        client = gw.async_openai(api_key=KEYS["alpha"], timeout=10)
+        try:
+            leader = asyncio.ensure_future(client.chat.completions.create(**ask("Down, together")))
+            await asyncio.sleep(0.1)
+            followers = await asyncio.gather(*(client.chat.completions.create(**ask("Down, together"))
+                                               for _ in range(3)))
+            return [await leader, *followers]
+        finally:
+            await client.close()
+
+    try:
+        answers = asyncio.run(together())
+    finally:
+        gw.sim_config("small", ttft_ms=5)
+        redis_server.start()            # a gateway stops quickly only with its Redis there
+    assert len({answer.id for answer in answers}) == 1
+    assert upstream_calls(gw) == 2
+
+
 # the embedded default -----------------------------------------------------------------------------
 
 def test_in_memory_cache_is_the_default_without_redis(memory_gw):
@@ -427,6 +463,35 @@ def test_an_entry_for_another_endpoint_under_a_requests_key_is_a_miss(memory_gw)
     memory_gw.call(cache.set(key, foreign, 60))
     second, status = chat(memory_gw, **ask("Which endpoint"))
     assert status == "stored" and second.choices[0].message.content
+
+
+def test_in_memory_followers_of_a_leader_that_left_are_answered_by_the_model(memory_gw):
+    """In-process single-flight: when the leader's client gives up, its followers do not fail; each is answered."""
+    calls_before = upstream_calls(memory_gw)
+    memory_gw.sim_config("small", ttft_ms=2000)
+
+    async def abandoned() -> list:
+        client = memory_gw.async_openai(api_key=KEYS["alpha"], timeout=30)
+        # gives up after 1 s: time enough for the followers to join its flight on a loaded machine
+        impatient = memory_gw.async_openai(api_key=KEYS["alpha"], timeout=1.0)
+        try:
+            leader = asyncio.ensure_future(impatient.chat.completions.create(**ask("Left in memory")))
+            await asyncio.sleep(0.1)
+            followers = await asyncio.gather(*(client.chat.completions.create(**ask("Left in memory"))
+                                               for _ in range(2)))
+            with pytest.raises(openai.APITimeoutError):
+                await leader
+            return followers
+        finally:
+            await client.close()
+            await impatient.close()
+
+    try:
+        followers = asyncio.run(abandoned())
+    finally:
+        memory_gw.sim_config("small", ttft_ms=5)
+    assert all(follower.choices[0].message.content for follower in followers)
+    assert upstream_calls(memory_gw) - calls_before == 3
 
 
 def test_a_frozen_redis_costs_each_request_a_bounded_wait(gw, redis_server):
@@ -663,6 +728,24 @@ def test_a_hit_is_served_only_to_a_request_its_model_may_answer(redis_server):
         assert ask_tier({}) == ("sim-large", "hit", "large")     # a bigger model's answer serves a tier-1 request
     finally:
         gw.redis.close()
+        gw.stop()
+
+
+def test_a_stored_answer_from_a_model_dropped_only_for_price_is_still_a_hit():
+    """The large model's stored answer serves a request whose cost limit leaves only the small model: a hit
+    costs nothing, so the price that dropped the large model does not apply to it."""
+    gw = Harness(TIERED, {"small": dict(ttft_ms=5, tpot_ms=1), "large": dict(ttft_ms=5, tpot_ms=1)},
+                 environ()).start()
+    try:
+        def ask_with(headers: dict[str, str]):
+            raw = gw.openai(api_key=KEYS["alpha"]).chat.completions.with_raw_response.create(
+                **ask("Priced out"), extra_headers=headers)
+            return raw.parse().model, raw.headers["x-gateway-cache"]
+
+        assert ask_with({"x-gateway-min-tier": "3"}) == ("sim-large", "stored")
+        assert ask_with({"x-gateway-max-cost-usd": "0.00005"}) == ("sim-large", "hit")
+        assert gw.sim_stats("small")["total"] == 0
+    finally:
         gw.stop()
 
 

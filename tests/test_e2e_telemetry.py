@@ -74,9 +74,7 @@ def new_traceparent(flags: str = "01") -> tuple[str, str]:
 def exported_trace(gw: Harness, receiver: OtlpReceiver, trace_id: str, spans: int) -> list[SpanRecord]:
     """Flush the gateway and wait until `spans` spans of the trace, the SERVER span among them, have arrived."""
     gw.flush_telemetry()
-    receiver.wait_for(lambda: len(receiver.trace(trace_id)) >= spans
-                      and any(s.kind == "SERVER" for s in receiver.trace(trace_id)))
-    return receiver.trace(trace_id)
+    return receiver.wait_for_trace(trace_id, spans)
 
 
 def one(spans: list[SpanRecord], name: str) -> SpanRecord:

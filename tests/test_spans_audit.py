@@ -23,13 +23,6 @@ def trace_of(ctx) -> str:
     return f"{ctx.span.context.trace_id:032x}"
 
 
-def exported(receiver, trace_id: str, count: int) -> list:
-    """The spans of one trace, once `count` of them (the SERVER span among them) have arrived."""
-    receiver.wait_for(lambda: len(spans := receiver.trace(trace_id)) >= count
-                      and any(span.kind == "SERVER" for span in spans), timeout_s=WAIT_S)
-    return receiver.trace(trace_id)
-
-
 def answer_one_attempt(telemetry, ctx) -> None:
     """One attempt answered with 200 in 0.1 s, the request finished and its telemetry flushed."""
     attempt = start_one_attempt(telemetry, ctx)
@@ -49,7 +42,7 @@ def test_a_caller_that_sampled_its_trace_out_gets_no_spans_and_its_flag_goes_ups
     headers, _ = drive_request(telemetry, unsampled)
     drive_request(telemetry, make_ctx({"traceparent": kept}))
     telemetry.force_flush()
-    exported(receiver, kept_id, 5)                  # exported after the unsampled request's would have been
+    receiver.wait_for_trace(kept_id, 5, WAIT_S)     # exported after the unsampled request's would have been
     assert not unsampled.span.is_recording() and unsampled.span.children == []
     assert receiver.trace(dropped_id) == []
     _version, trace_id, span_id, flags = headers["traceparent"].split("-")
@@ -63,7 +56,7 @@ def test_a_failed_attempts_client_span_says_why_in_its_status_description(receiv
     trace_id, caller = new_traceparent("01")
     drive_request(telemetry, make_ctx({"traceparent": caller}))
     telemetry.force_flush()
-    spans = exported(receiver, trace_id, 5)
+    spans = receiver.wait_for_trace(trace_id, 5, WAIT_S)
     failed, answered = by_name(spans, "chat sim-small-1b"), by_name(spans, "chat sim-large-70b")
     assert (failed.status_code, failed.status_message) == ("ERROR", "timeout")
     assert (answered.status_code, answered.status_message) == ("UNSET", "")
@@ -80,7 +73,7 @@ def test_a_client_error_is_no_server_span_error(receiver, make_telemetry, error)
     ctx.error, ctx.status = error, error.status
     telemetry.finish_request(ctx)
     telemetry.force_flush()
-    (server,) = exported(receiver, trace_of(ctx), 1)
+    (server,) = receiver.wait_for_trace(trace_of(ctx), 1, WAIT_S)
     assert server.attributes["http.response.status_code"] == error.status
     assert (server.status_code, server.attributes.get("error.type")) == ("UNSET", None)
 
@@ -92,7 +85,7 @@ def test_each_prompt_of_a_completions_list_is_a_captured_user_message(receiver, 
     ctx = make_ctx(body={"model": "auto", "prompt": ["first prompt", [1, 2, 3], "second prompt"], "max_tokens": 4})
     ctx.endpoint = "completions"
     answer_one_attempt(telemetry, ctx)
-    client = by_name(exported(receiver, trace_of(ctx), 3), "text_completion sim-small-1b")
+    client = by_name(receiver.wait_for_trace(trace_of(ctx), 3, WAIT_S), "text_completion sim-small-1b")
     assert json.loads(client.attributes["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": "first prompt"}]},
         {"role": "user", "parts": [{"type": "text", "content": "second prompt"}]}]
@@ -106,7 +99,7 @@ def test_an_answer_without_a_finish_reason_is_captured_with_reason_unknown(recei
     ctx.response_body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
                                       "finish_reason": None}]}
     answer_one_attempt(telemetry, ctx)
-    client = by_name(exported(receiver, trace_of(ctx), 3), "chat sim-small-1b")
+    client = by_name(receiver.wait_for_trace(trace_of(ctx), 3, WAIT_S), "chat sim-small-1b")
     assert json.loads(client.attributes["gen_ai.output.messages"]) == [
         {"role": "assistant", "parts": [{"type": "text", "content": "hello"}], "finish_reason": "unknown"}]
 
@@ -132,7 +125,7 @@ def test_a_policy_that_captures_content_puts_the_prompt_on_the_client_span(recei
     ctx = make_ctx()
     drive_request(telemetry, ctx)
     telemetry.force_flush()
-    spans = exported(receiver, trace_of(ctx), 5)
+    spans = receiver.wait_for_trace(trace_of(ctx), 5, WAIT_S)
     client = by_name(spans, "chat sim-large-70b").attributes
     assert json.loads(client["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": "tell me a secret"}]}]
@@ -149,7 +142,7 @@ def test_the_configured_export_headers_go_to_the_collector_with_the_spans(receiv
     ctx = make_ctx()
     drive_request(telemetry, ctx)
     telemetry.force_flush()
-    exported(receiver, trace_of(ctx), 5)
+    receiver.wait_for_trace(trace_of(ctx), 5, WAIT_S)
     assert any(headers.get("x-api-key") == f"{key}==" and headers.get("x-team") == "ml"
                for headers in receiver.span_headers)
 

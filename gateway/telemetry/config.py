@@ -115,8 +115,10 @@ def signal_export(env: Mapping[str, str], signal: str) -> SignalExport | None:
                        ", ".join(unknown), ", ".join(sorted(EXPORTERS[signal])))
     specific = env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
     generic = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if "none" in names or (names and "otlp" not in names) or not (specific or generic or "otlp" in names):
-        return None
+    if names and ("otlp" not in names or "none" in names):
+        return None                 # the list names every exporter the signal has: OTLP is not among them
+    if not (names or specific or generic):
+        return None                 # no list and no endpoint: nothing configured
     protocol = _per_signal(env, upper, "PROTOCOL") or DEFAULT_PROTOCOL
     if protocol not in PROTOCOLS:
         logger.warning("unsupported OTLP protocol %r for %s; using %s", protocol, signal, DEFAULT_PROTOCOL)

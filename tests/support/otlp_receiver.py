@@ -211,6 +211,12 @@ class OtlpReceiver:
         self.wait_for(lambda: predicate(self.spans), timeout_s)
         return list(self.spans)
 
+    def wait_for_trace(self, trace_id: str, spans: int, timeout_s: float = 5.0) -> list[SpanRecord]:
+        """Wait until `spans` spans of one trace, its SERVER span among them, have arrived; return the trace's."""
+        self.wait_for(lambda: len(got := self.trace(trace_id)) >= spans and any(s.kind == "SERVER" for s in got),
+                      timeout_s)
+        return self.trace(trace_id)
+
     def latest_metrics(self, service: str | None = None) -> dict[str, MetricRecord]:
         """Each metric as in the most recent export that carried it (cumulative values), of one service if given."""
         with self._changed:

@@ -117,6 +117,7 @@ class RequestContext:
     workflow: str | None = None
     # count
     prompt_tokens: int = 0
+    longest_prompt_tokens: int | None = None    # a batch's longest prompt, which each model's context must hold
     # admit
     reserved_tokens: int = 0
     admission: Any = None               # the limiter's Admission: rate-limit headers, the ticket to give back

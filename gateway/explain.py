@@ -20,7 +20,7 @@ from gateway.routing.explain import format_decision
 from gateway.routing.request import decide_request
 from gateway.runtime import Runtime
 from gateway.stages.parse import choices_of, max_tokens_of, parse_json_object, validate_body
-from gateway.tokens import DEFAULT_ENCODING, count_prompt_tokens
+from gateway.tokens import DEFAULT_ENCODING, count_prompts
 from gateway.policy.load import load_policy
 
 
@@ -41,12 +41,13 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     tenant = runtime.policy.tenants.get(tenant_name) if tenant_name else None
     if tenant_name and tenant is None:
         raise ValueError(f"no tenant named {tenant_name!r} in the policy")
-    prompt_tokens = count_prompt_tokens(endpoint, body, DEFAULT_ENCODING)
+    prompt_tokens, longest_prompt_tokens = count_prompts(endpoint, body, DEFAULT_ENCODING)
     stream = bool(body.get("stream")) and endpoint != "embeddings"
     decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],
                                  tenant=tenant, headers=headers, prompt_tokens=prompt_tokens,
-                                 max_tokens=max_tokens_of(body), stream=stream, choices=choices_of(endpoint, body))
-    return decision, prompt_tokens
+                                 max_tokens=max_tokens_of(body), stream=stream, choices=choices_of(endpoint, body),
+                                 longest_prompt_tokens=longest_prompt_tokens)
+    return decision, (prompt_tokens, longest_prompt_tokens)
 
 
 class _NeverExplore(random.Random):
@@ -75,9 +76,9 @@ def explain_main(args: argparse.Namespace) -> int:
         policy = load_policy(args.file)
         runtime = Runtime.build(policy, os.environ)
         raw = read_request(args.request)
-        decision, prompt_tokens = explain(runtime, Fleet(policy, rng=_NeverExplore()), endpoint=args.endpoint,
-                                          body=parse_json_object(raw), headers=parse_headers(args.header),
-                                          tenant_name=args.tenant)
+        decision, (prompt_tokens, longest) = explain(
+            runtime, Fleet(policy, rng=_NeverExplore()), endpoint=args.endpoint, body=parse_json_object(raw),
+            headers=parse_headers(args.header), tenant_name=args.tenant)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -87,7 +88,8 @@ def explain_main(args: argparse.Namespace) -> int:
     except (GatewayError, ValueError) as exc:
         print(f"request would be refused: {getattr(exc, 'status', '')} {exc}".replace("  ", " "), file=sys.stderr)
         return 2
-    print(f"prompt tokens: {prompt_tokens} ({DEFAULT_ENCODING})")
+    batch = f"; longest prompt {longest}, which each model's context must hold" if longest != prompt_tokens else ""
+    print(f"prompt tokens: {prompt_tokens} ({DEFAULT_ENCODING}{batch})")
     print(format_decision(decision))
     print(f"choice: {decision.plan[0].name if decision.plan else 'none'}")
     if (share := policy.routing.explore_share) > 0:

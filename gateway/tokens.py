@@ -136,9 +136,17 @@ def count_completion_tokens(texts: list[str], encoding_name: str) -> int:
 
 def count_prompt_tokens(endpoint: str, body: dict, encoding_name: str) -> int:
     """Prompt tokens of an OpenAI request body for the chat, completions or embeddings endpoint."""
+    return count_prompts(endpoint, body, encoding_name)[0]
+
+
+def count_prompts(endpoint: str, body: dict, encoding_name: str) -> tuple[int, int]:
+    """(all the prompt tokens of a request body, its longest prompt's). A completions batch or an embeddings list
+    holds several prompts, each of which a model reads, and its context window must hold, on its own (as OpenAI
+    and vLLM check them); a request of one prompt has both the same."""
     enc = get_encoding(encoding_name)
     if endpoint == "chat":
-        return _chat_tokens(enc, body, TOOL_OVERHEADS[encoding_name])
+        total = _chat_tokens(enc, body, TOOL_OVERHEADS[encoding_name])
+        return total, total
     if endpoint == "completions":
         return _inputs_tokens(enc, body.get("prompt"), "prompt")
     if endpoint == "embeddings":
@@ -184,26 +192,30 @@ def is_token_array(value: list) -> bool:
     return all(type(item) is int for item in value)
 
 
-def _inputs_tokens(enc: tiktoken.Encoding, value: Any, param: str) -> int:
-    """A completions prompt or embeddings input: text, texts, token array(s)."""
+def _inputs_tokens(enc: tiktoken.Encoding, value: Any, param: str) -> tuple[int, int]:
+    """A completions prompt or embeddings input (text, texts, token array(s)): (all its tokens, its longest
+    item's)."""
     if value is None:
-        return 0
+        return 0, 0
     if isinstance(value, str):
-        return _text(enc, value)
+        tokens = _text(enc, value)
+        return tokens, tokens
     if not isinstance(value, list):
         raise ClientError(f"'{param}' must be a string, a list of strings or token arrays", param=param,
                           code="invalid_type")
     if is_token_array(value):
-        return len(value)
-    total = 0
+        return len(value), len(value)
+    total = longest = 0
     for item in value:
         if isinstance(item, str):
-            total += _text(enc, item)
+            tokens = _text(enc, item)
         elif isinstance(item, list) and is_token_array(item):
-            total += len(item)
+            tokens = len(item)
         else:
             raise ClientError(f"'{param}' items must be strings or token arrays", param=param, code="invalid_type")
-    return total
+        total += tokens
+        longest = max(longest, tokens)
+    return total, longest
 
 
 def _chat_tokens(enc: tiktoken.Encoding, body: dict, overhead: ToolOverhead) -> int:

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from gateway.cli import main
+from gateway.demo import snippet
 
 DEMO = "gateway/data/demo.yaml"
 
@@ -89,6 +90,8 @@ def test_demo_on_port_zero_tours_the_port_it_got():
     port = int(ready.rsplit(":", 1)[1])
     assert port > 0
     assert "same again (cache)     200" in result.stdout
+    again = next(line for line in result.stdout.splitlines() if line.startswith("same again (cache)"))
+    assert again.split()[-2] == "hit"                    # the tour's repeat is answered from the cache
 
 
 
@@ -101,6 +104,14 @@ def test_demo_leaves_no_working_folder_behind(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same again (cache)     200" in result.stdout     # it did run, with its policy in tmp_path
     assert list(tmp_path.glob("gateway-demo-*")) == []
+
+
+def test_demo_snippet_points_curl_and_the_sdk_at_the_gateways_v1():
+    """The snippet `gateway demo` prints posts with curl to BASE/v1/chat/completions and gives the SDK BASE/v1."""
+    text = snippet("http://127.0.0.1:8080")
+    assert "curl -s http://127.0.0.1:8080/v1/chat/completions " in text
+    assert 'OpenAI(base_url="http://127.0.0.1:8080/v1"' in text
+
 
 def ipv6_loopback() -> bool:
     """Whether this machine can listen on ::1."""

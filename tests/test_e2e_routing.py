@@ -99,6 +99,9 @@ routes:
     match: {{{{models: [thrice]}}}}
     candidates: [broken]
     fallback: [dead2, medium]
+  - name: batch
+    match: {{{{models: [batch]}}}}
+    candidates: [small, medium]
 """
 
 
@@ -222,6 +225,19 @@ def test_long_prompt_goes_to_a_model_whose_context_fits(gw):
     assert raw.headers["x-gateway-model"] == "medium"
     assert raw.headers["x-gateway-fallback"] == "none"
     assert total(gw, "small") == before
+
+
+def test_a_batch_longer_than_the_window_only_in_all_is_served_by_the_small_model(gw):
+    """Four prompts (inputs) of about 3,000 tokens each, 12,000 in all, are each read on their own: small's 8k
+    window holds every one, so small serves the completions batch and the embeddings list, and usage counts them
+    all."""
+    text = "word " * 3000
+    completions = client(gw).completions.with_raw_response.create(model="batch", prompt=[text] * 4, max_tokens=5)
+    embeddings = client(gw).embeddings.with_raw_response.create(model="batch", input=[text] * 4)
+    for raw in (completions, embeddings):
+        assert (raw.headers["x-gateway-model"], raw.headers["x-gateway-fallback"]) == ("small", "none")
+        assert raw.parse().usage.prompt_tokens >= 12_000
+    assert len(completions.parse().choices) == 4 and len(embeddings.parse().data) == 4
 
 
 def test_route_min_tier_is_honoured(gw):

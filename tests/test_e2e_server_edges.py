@@ -106,7 +106,7 @@ def test_a_fault_in_a_stage_is_a_500_that_shows_none_of_it_and_is_logged_with_th
     def broken(*_args):
         raise RuntimeError("a secret detail")
 
-    monkeypatch.setattr(count_stage, "count_prompt_tokens", broken)
+    monkeypatch.setattr(count_stage, "count_prompts", broken)
     caplog.set_level("ERROR", logger="gateway")
     reply = requests.post(gw.base_url + "/v1/chat/completions", headers={"x-request-id": "stage-fault-1"},
                           json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)

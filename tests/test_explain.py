@@ -84,6 +84,9 @@ CASES = [
     ("one-prompt-within-cost", "completions", {"model": "capped", "max_tokens": 50}, {}, "team", "small"),
     ("batch-over-cost", "completions", {"model": "capped", "max_tokens": 50, "content": ["a", "b", "c", "d"]}, {},
      "team", 503),
+    # each prompt of a batch is read on its own: four of 3,000 tokens fit small's 8k window, as one of 9,000 does not
+    ("batch-each-fits-small", "completions", {"model": "auto", "max_tokens": 10, "content": ["word " * 3000] * 4},
+     {}, "team", "small"),
 ]
 
 
@@ -158,6 +161,21 @@ def test_explain_command_prints_every_candidate(gw):
     assert "route tight: p95_latency_ms 150" in out
     assert "dropped: latency 250ms > 150ms" in out
     assert out.strip().endswith("choice: medium")
+
+
+def test_explain_prints_a_batchs_longest_prompt_beside_all_its_tokens(gw, tmp_path, capsys):
+    """For a batch, explain says how long its longest prompt is (what each model's context must hold) beside the
+    tokens it is priced at; one prompt has no such note."""
+    batch = request_body("completions", {"model": "auto", "max_tokens": 5, "content": ["hello world", "hi"]})
+    code, out, err = explain_cli(gw.policy_path, tmp_path, capsys, batch, "--endpoint", "completions",
+                                 "--tenant", "team")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("prompt tokens: 3 (o200k_base; longest prompt 2, which each model's context "
+                                   "must hold)")
+    single = request_body("completions", {"model": "auto", "max_tokens": 5, "content": "hello world"})
+    code, out, err = explain_cli(gw.policy_path, tmp_path, capsys, single, "--endpoint", "completions",
+                                 "--tenant", "team")
+    assert (code, out.splitlines()[0]) == (0, "prompt tokens: 2 (o200k_base)")
 
 
 def test_explain_says_whether_the_sla_is_met(gw):

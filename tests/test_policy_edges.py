@@ -176,9 +176,12 @@ def test_values_the_gateway_would_misread_or_could_not_send_are_located_problems
     ("    sla: {min_tier: 3}\n",
      "routes.chat.sla.min_tier: 3, but its candidates and fallbacks reach tier 1 at most: every request on it is "
      "refused (503 sla_unmet)"),
-    ("    match: {prompt_tokens: {min: 8192}}\n",      # a prompt filling the window leaves no room to answer
+    ("    match: {prompt_tokens: {min: 8192}, endpoints: [chat]}\n",   # a full window leaves no room to answer
      "routes.chat.match.prompt_tokens.min: 8192, but the largest context window of its candidates and fallbacks "
      "is 8192: no request it matches fits"),
+    ("    match: {prompt_tokens: {min: 8192}}\n",      # completions and embeddings batches are read prompt by prompt
+     "routes.chat.match.prompt_tokens.min: 8192, but the largest context window of its candidates and fallbacks "
+     "is 8192: only a batch of prompts (inputs) that each fit is served"),
 ])
 def test_policy_check_notes_a_route_no_model_of_it_can_serve(tmp_path, route_tail, says):
     """A route whose min_tier is above every model it names, or whose smallest matched prompt fits no model's

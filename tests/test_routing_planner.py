@@ -627,6 +627,28 @@ def test_a_request_with_no_output_may_fill_a_window_with_its_prompt():
                                     "is 8192")
 
 
+def test_a_batch_needs_the_context_for_its_longest_prompt_not_all_of_them():
+    """A completions batch or an embeddings list is read prompt by prompt: 20,000 tokens in all, none longer than
+    5,000, fit `small`'s 8,192-token window with max_tokens 100 (and are priced at all 20,000); a longest prompt
+    of 8,100 does not, and past every window the 400 names the longest prompt."""
+    setup = Setup(chat_route(candidates=("small", "medium")))
+    decision = setup.router.decide(setup.route, prompt_tokens=20_000, max_tokens=100, stream=False,
+                                   longest_prompt_tokens=5_000, input_param="prompt")
+    assert plan_names(decision) == ["small", "medium"]
+    assert candidate(decision, "small").predicted_cost_usd == Decimal("0.05") * 20_000 / 10**6 \
+        + Decimal("0.10") * 100 / 10**6
+    decision = setup.router.decide(setup.route, prompt_tokens=20_000, max_tokens=100, stream=False,
+                                   longest_prompt_tokens=8_100, input_param="prompt")
+    assert plan_names(decision) == ["medium"]
+    assert candidate(decision, "small").reasons == ("context: 8200 > 8192",)
+    with pytest.raises(ClientError) as caught:
+        setup.router.decide(setup.route, prompt_tokens=40_000, max_tokens=0, stream=False,
+                            longest_prompt_tokens=32_769, input_param="input")
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "input")
+    assert caught.value.message == ("request needs 32769 longest prompt tokens but the largest context window of "
+                                    "route 'chat' is 32768")
+
+
 def test_a_budget_downgrade_leaves_a_decision_with_no_model_of_the_context_as_it_was():
     """When no candidate has the context (only a fallback served best effort), there is nothing cheaper to
     downgrade to: the decision stands."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import os
+import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -13,13 +17,18 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.errors import is_context_length_error
 from gateway.simulator import SimConfig, build_sim_app, start_simulators
 from gateway.simulator.cli import build_parser, configs_from_args, main
+from gateway.simulator.parse import parse_chat
+from gateway.simulator.plan import plan_answer
 from gateway.simulator.text import count_chat_tokens
+from tests.test_cache_lock_edges import wait_until
+from tests.test_cli import ipv6_loopback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "hello world!"}]
@@ -179,14 +188,15 @@ async def test_context_window_exceeded_is_openai_400(sim, client):
 
 
 async def test_drop_cuts_stream_and_body(sim, client):
-    """drop_rate 1 sends part of a stream (no [DONE]) or body, then the SDK raises a connection error."""
+    """drop_rate 1 sends part of a stream (no [DONE]: the role chunk and the first half of its tokens) or body,
+    then the SDK raises a connection error."""
     await control(sim, "POST", "config", {"drop_rate": 1})
     received = []
     with pytest.raises(openai.APIConnectionError):
         async for chunk in await client.chat.completions.create(
                 model="m", messages=HELLO, max_tokens=6, stream=True):
             received.append(chunk)
-    assert 1 < len(received) < 7 and all(c.choices[0].finish_reason is None for c in received)
+    assert len(received) == 1 + 6 // 2 and all(c.choices[0].finish_reason is None for c in received)
     with pytest.raises(openai.APIConnectionError):
         await client.chat.completions.create(model="m", messages=HELLO, max_tokens=6)
     _, stats = await control(sim, "GET", "stats")
@@ -355,3 +365,208 @@ def test_cli_serves_models_until_sigterm():
         finally:
             process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+async def test_a_one_token_answer_takes_ttft_alone_whatever_the_tpot(sim, client):
+    """One output token is sent at TTFT, whole or streamed (role, token, finish and usage chunks alike): no TPOT is
+    spent before the first token or after the last (a TPOT of ten minutes would time the client out)."""
+    await control(sim, "POST", "config", {"ttft_ms": 0, "tpot_ms": 600_000})
+    whole = await client.chat.completions.create(model="m", messages=HELLO, max_tokens=1, timeout=20)
+    chunks = [c async for c in await client.chat.completions.create(
+        model="m", messages=HELLO, max_tokens=1, stream=True, stream_options={"include_usage": True}, timeout=20)]
+    assert whole.usage.completion_tokens == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, "length"]
+    assert chunks[-1].usage.completion_tokens == 1
+
+
+async def test_a_whole_answer_waits_for_every_token(sim, client):
+    """A non-streamed answer of n tokens comes after TTFT + (n - 1) x TPOT, not after TTFT alone."""
+    await control(sim, "POST", "config", {"ttft_ms": 0, "tpot_ms": 50})
+    started = time.perf_counter()
+    await client.completions.create(model="m", prompt="x", max_tokens=6)
+    assert time.perf_counter() - started >= 5 * 0.050 * 0.95
+
+
+def test_plan_delays_are_the_configured_milliseconds_in_seconds():
+    """A plan's TTFT and TPOT are the config's milliseconds as seconds, and its total is TTFT + (n - 1) x TPOT."""
+    config = SimConfig("m", ttft_ms=40, tpot_ms=8)
+    plan = plan_answer(config, random.Random(0), parse_chat({"messages": HELLO, "max_tokens": 5}))
+    assert (plan.ttft_s, plan.tpot_s) == pytest.approx((0.040, 0.008))
+    assert plan.total_s == pytest.approx(0.040 + 4 * 0.008)
+
+
+def test_jitter_scales_delays_both_ways():
+    """Jitter J scales each delay by uniform(1 - J, 1 + J): some planned TTFTs come out shorter, some longer, none
+    outside the band."""
+    config = SimConfig("m", ttft_ms=40, tpot_ms=0, jitter=0.5)
+    rng, request = random.Random(3), parse_chat({"messages": HELLO, "max_tokens": 1})
+    ttfts = [plan_answer(config, rng, request).ttft_s for _ in range(200)]
+    assert 0.020 <= min(ttfts) < 0.030 and 0.050 < max(ttfts) <= 0.060
+
+
+async def test_drawn_lengths_centre_on_the_mean(sim, client):
+    """Without max_tokens the output lengths drawn centre on mean_output_tokens."""
+    await control(sim, "POST", "config", {"mean_output_tokens": 40})
+    answers = [await client.chat.completions.create(model="m", messages=HELLO) for _ in range(20)]
+    lengths = [answer.usage.completion_tokens for answer in answers]
+    assert 30 <= sum(lengths) / len(lengths) <= 50
+
+
+async def test_a_new_seed_replays_the_draws_from_the_start(sim, client):
+    """`POST /sim/config` with a seed restarts the RNG: the same drawn lengths come again."""
+    async def lengths() -> list[int]:
+        return [(await client.chat.completions.create(model="m", messages=HELLO)).usage.completion_tokens
+                for _ in range(3)]
+    first = await lengths()
+    await control(sim, "POST", "config", {"seed": 0})
+    assert await lengths() == first
+
+
+async def test_a_rate_limit_rounds_retry_after_up(sim, client):
+    """A Retry-After under a second is said as 1 (never 0, which invites an instant retry), and retry-after-ms
+    carries the exact milliseconds."""
+    await control(sim, "POST", "config", {"rate_limit_rate": 1.0, "retry_after_s": 0.2})
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="m", messages=HELLO)
+    headers = caught.value.response.headers
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("1", "200")
+
+
+async def test_a_finished_stream_is_counted_ok(sim, client):
+    """A stream sent to its `[DONE]` counts as `ok` in `/sim/stats`."""
+    async for _ in await client.chat.completions.create(model="m", messages=HELLO, max_tokens=2, stream=True):
+        pass
+
+    async def counted() -> bool:
+        return (await control(sim, "GET", "stats"))[1]["by_endpoint"] == {"/v1/chat/completions": {"ok": 1}}
+    await wait_until(counted, timeout_s=10)
+
+
+async def test_base64_embeddings_are_little_endian_float32(sim):
+    """`encoding_format: base64` answers each vector as base64 of little-endian float32, the float vector's bytes."""
+    status, encoded = await post_raw(sim, "embeddings", orjson.dumps(
+        {"input": "alpha", "dimensions": 4, "encoding_format": "base64"}))
+    _, floats = await post_raw(sim, "embeddings", orjson.dumps({"input": "alpha", "dimensions": 4}))
+    assert status == 200 and isinstance(encoded["data"][0]["embedding"], str)
+    decoded = struct.unpack("<4f", base64.b64decode(encoded["data"][0]["embedding"]))
+    assert decoded == pytest.approx(floats["data"][0]["embedding"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"jitter": 1.5}, {"jitter": -0.1}, {"tpot_ms": -1}, {"retry_after_s": -1},
+                                 {"mean_output_tokens": 0}, {"context_window": 0}, {"embedding_dims": 0},
+                                 {"port": 65536}])
+def test_config_rejects_each_bad_setting(bad):
+    """Each setting out of its range (jitter past 0..1, a negative TPOT, a zero length or size) is refused."""
+    with pytest.raises(ValueError):
+        SimConfig("m", **bad)
+
+
+def test_cli_options_set_their_own_fields():
+    """Every per-model option of `gateway simulate-backend` lands in its own SimConfig field; --usage reads on/off."""
+    args = build_parser().parse_args([
+        "--port", "0", "--model", "m", "--ttft-ms", "11", "--tpot-ms", "12", "--jitter", "0.13",
+        "--mean-output-tokens", "14", "--error-rate", "0.15", "--rate-limit-rate", "0.16", "--retry-after-s", "17",
+        "--hang-rate", "0.18", "--drop-rate", "0.19", "--context-window", "20", "--embedding-dims", "21",
+        "--seed", "22", "--usage", "off"])
+    [config] = configs_from_args(args)
+    assert config.as_dict() == {
+        "name": "m", "port": 0, "ttft_ms": 11.0, "tpot_ms": 12.0, "jitter": 0.13, "mean_output_tokens": 14,
+        "error_rate": 0.15, "rate_limit_rate": 0.16, "retry_after_s": 17.0, "hang_rate": 0.18, "drop_rate": 0.19,
+        "context_window": 20, "embedding_dims": 21, "seed": 22, "usage": False}
+    [reporting] = configs_from_args(build_parser().parse_args(["--port", "0", "--model", "m", "--usage", "on"]))
+    assert reporting.usage is True
+
+
+def test_cli_on_a_taken_port_exits_1(capsys):
+    """`gateway simulate-backend` on a port in use says it cannot listen and exits 1, not 0."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["--port", str(busy.getsockname()[1]), "--model", "m"]) == 1
+    assert "cannot listen" in capsys.readouterr().err
+
+
+async def test_a_failed_start_frees_the_models_already_started():
+    """When one model's port is taken, the models started before it are stopped, their ports free again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = SimConfig("second", port=busy.getsockname()[1])
+        with pytest.raises(OSError):
+            await start_simulators([SimConfig("first", port=free_port), taken])
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", free_port))
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_a_simulator_on_ipv6_has_a_usable_url():
+    """A simulator on ::1 gives its base URL with the address in brackets, and the SDK reaches it there."""
+    [running] = await start_simulators([SimConfig("v6", ttft_ms=0, tpot_ms=0)], host="::1")
+    try:
+        assert running.url == f"http://[::1]:{running.port}/v1"
+        async with openai.AsyncOpenAI(base_url=running.url, api_key="k", max_retries=0) as sdk:
+            assert (await sdk.models.list()).data[0].id == "v6"
+    finally:
+        await running.stop()
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
+    ("chat/completions", {"messages": HELLO, "stream": 1}, "stream"),
+    ("embeddings", {"input": "x", "dimensions": 3073}, "dimensions"),
+    ("embeddings", {"input": ["x"] * 2049}, "input"),
+])
+async def test_values_past_openai_limits_are_400s_naming_the_parameter(sim, path, body, param):
+    """`logprobs` over 5, a `stream` that is no boolean, more than 3072 dimensions or 2048 embedding inputs are 400s
+    naming the parameter, as at OpenAI (the last two would cost the simulator's loop minutes)."""
+    status, answer = await post_raw(sim, path, orjson.dumps(body))
+    assert (status, answer["error"]["param"]) == (400, param)
+
+
+async def test_a_wrong_method_is_an_openai_error_counted_as_a_bad_request(sim):
+    """`GET /v1/chat/completions` is a 405 in OpenAI's error shape, counted as a bad request."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{sim.url}/chat/completions") as response:
+            status, body = response.status, await response.json()
+    assert (status, body["error"]["type"]) == (405, "invalid_request_error")
+    assert (await control(sim, "GET", "stats"))[1]["by_outcome"] == {"bad_request": 1}
+
+
+async def test_reset_forgets_recorded_requests(sim, client):
+    """`POST /sim/reset` empties `/sim/requests`."""
+    await client.models.list()
+    await control(sim, "POST", "reset")
+    assert (await control(sim, "GET", "requests"))[1]["requests"] == []
+
+
+async def test_control_endpoints_refuse_what_they_cannot_do(sim):
+    """A runtime change of `port` (the socket cannot move), a boolean for a number and `last=abc` are 400s."""
+    assert (await control(sim, "POST", "config", {"port": sim.port + 1}))[0] == 400
+    assert (await control(sim, "POST", "config", {"ttft_ms": True}))[0] == 400
+    assert (await control(sim, "GET", "requests?last=abc"))[0] == 400
+
+
+async def test_a_stream_is_server_sent_events_ending_in_done(sim):
+    """A stream is sent as uncached `text/event-stream` whose last event is `data: [DONE]`, as OpenAI's is."""
+    body = orjson.dumps({"messages": HELLO, "max_tokens": 2, "stream": True})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.url}/chat/completions", data=body,
+                                headers={"Content-Type": "application/json"}) as response:
+            raw = await response.read()
+            headers = response.headers
+    assert headers["Content-Type"] == "text/event-stream" and headers["Cache-Control"] == "no-cache"
+    assert raw.endswith(b"\n\ndata: [DONE]\n\n") and raw.count(b"[DONE]") == 1
+
+
+async def test_streamed_echo_writes_each_choice_its_own_prompt(client):
+    """A streamed batch with `echo` and `n: 2` writes each choice the same text as the whole answer, prompt first."""
+    asked = {"model": "m", "prompt": ["one", "two"], "n": 2, "max_tokens": 2, "echo": True}
+    whole = await client.completions.create(**asked)
+    texts = ["", "", "", ""]
+    async for chunk in await client.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [choice.text for choice in whole.choices] and texts[3].startswith("two")

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.simulator import SimConfig, start_simulators
 from gateway.simulator.cli import main
+from tests.test_simulator import control
 
 HELLO = [{"role": "user", "content": "hello world!"}]
 
@@ -134,3 +135,75 @@ def test_settings_must_be_finite(setting):
     with pytest.raises(SystemExit) as caught:
         main(["--port", "0", "--model", "m", f"--{setting.replace('_', '-')}", "inf"])
     assert caught.value.code == 2
+
+
+async def test_max_completion_tokens_sets_the_output_length(client):
+    """`max_completion_tokens`, which newer SDKs send instead of `max_tokens`, sets the output length."""
+    answer = await client.chat.completions.create(model="m", messages=HELLO, max_completion_tokens=3)
+    assert (answer.usage.completion_tokens, answer.choices[0].finish_reason) == (3, "length")
+
+
+async def test_chat_prompt_counts_every_message_and_text_parts(client):
+    """A chat prompt counts each message's text plus 3 per message plus 3, text given as parts included."""
+    two = [{"role": "system", "content": "be brief"}, *HELLO]
+    answer = await client.chat.completions.create(model="m", messages=two, max_tokens=1)
+    assert answer.usage.prompt_tokens == (2 + 3) + 3 * 2 + 3
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello world!"}]}]
+    answer = await client.chat.completions.create(model="m", messages=parts, max_tokens=1)
+    assert answer.usage.prompt_tokens == 3 + 3 + 3
+
+
+async def test_token_id_prompts_count_one_token_per_id(client):
+    """A completions prompt or an embedding input given as token ids counts one token per id, and token ids for
+    an embedding are one input, one vector."""
+    text = await client.completions.create(model="m", prompt=[11, 12, 13], max_tokens=1)
+    assert text.usage.prompt_tokens == 3
+    vectors = await client.embeddings.create(model="m", input=[11, 12, 13], dimensions=4)
+    assert (len(vectors.data), vectors.usage.prompt_tokens) == (1, 3)
+
+
+async def test_a_prompt_that_fills_the_window_is_refused(client):
+    """A prompt of exactly the context window (100) leaves no room to answer: a context_length_exceeded 400; one
+    token less is answered with the one token of room left."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 94}])
+    assert caught.value.code == "context_length_exceeded"
+    fits = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 93}])
+    assert (fits.usage.total_tokens, fits.choices[0].finish_reason) == (100, "length")
+
+
+async def test_a_drawn_length_is_cut_at_the_context_window(sim, client):
+    """Without max_tokens, an output longer than the room left in the window stops there, finish 'length'."""
+    await control(sim, "POST", "config", {"mean_output_tokens": 500})
+    answer = await client.chat.completions.create(model="m", messages=HELLO)
+    assert (answer.usage.total_tokens, answer.choices[0].finish_reason) == (100, "length")
+
+
+async def test_echo_in_a_batch_writes_each_choice_its_own_prompt(client):
+    """With a batch of prompts, `n: 2` and `echo`, choices 0-1 start with the first prompt and 2-3 with the second."""
+    answer = await client.completions.create(model="m", prompt=["one", "two"], n=2, max_tokens=1, echo=True)
+    assert [c.text[:3] for c in answer.choices] == ["one", "one", "two", "two"]
+
+
+async def test_logprobs_text_offsets_are_character_positions(client):
+    """Each generated token's `text_offset` is where it starts in the text: the previous tokens' characters."""
+    answer = await client.completions.create(model="m", prompt="x", max_tokens=5, logprobs=1)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(5)]
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+
+
+async def test_a_completions_batch_meets_the_context_window_prompt_by_prompt(client):
+    """A batch of prompts that each fit the context window (100) is answered, as OpenAI completes each prompt on
+    its own: the window is not measured against the batch's prompts added together."""
+    answer = await client.completions.create(model="m", prompt=["word " * 30] * 5, max_tokens=5)
+    assert len(answer.choices) == 5 and answer.usage.prompt_tokens == 150
+
+
+async def test_echo_logprobs_text_offsets_point_into_the_echoed_text(client):
+    """With `echo`, each generated token's `text_offset` is where it starts in the choice's text, after the prompt."""
+    answer = await client.completions.create(model="m", prompt="Score me", max_tokens=3, echo=True, logprobs=1)
+    choice = answer.choices[0]
+    assert [choice.text[offset:offset + len(token)]
+            for token, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset, strict=True)] \
+        == choice.logprobs.tokens

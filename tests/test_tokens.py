@@ -18,6 +18,7 @@ from gateway.tokens import (
     SUPPORTED_ENCODINGS,
     count_completion_tokens,
     count_prompt_tokens,
+    count_prompts,
     count_text_tokens,
     get_encoding,
     usage_from_response,
@@ -217,6 +218,27 @@ def test_completions_and_embeddings_inputs_of_every_shape(endpoint, param):
         with pytest.raises(ClientError) as error:
             count(bad)
         assert error.value.param == param
+
+
+@pytest.mark.parametrize(("endpoint", "param"), [("completions", "prompt"), ("embeddings", "input")])
+def test_a_batch_counts_all_its_prompts_and_its_longest_apart(endpoint, param):
+    """Several prompts (inputs) are priced together but read one by one: the count gives both, all the tokens and
+    the longest prompt's; one prompt, or token ids, is both."""
+    def count(value):
+        return count_prompts(endpoint, {param: value}, DEFAULT_ENCODING)
+
+    assert count(["hello world", "tiktoken is great!", "hi"]) == (9, 6)
+    assert count([[1, 2, 3], [4, 5], "hello world"]) == (7, 3)
+    assert count("tiktoken is great!") == (6, 6)
+    assert count([1, 2, 3, 4]) == (4, 4)
+    assert count([]) == (0, 0)
+
+
+def test_a_chats_longest_prompt_is_the_whole_conversation():
+    """A conversation is one prompt: its longest is all of it."""
+    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]}
+    total, longest = count_prompts("chat", body, DEFAULT_ENCODING)
+    assert total == longest == count_prompt_tokens("chat", body, DEFAULT_ENCODING)
 
 
 def test_unknown_endpoint_is_rejected():

@@ -48,7 +48,8 @@ def _size_less_first(route_name: str, size_less: list[str], sized: list[str]) ->
 
 def _unservable(policy: Policy, route) -> list[str]:
     """Notes for a route no model of it can serve: its min_tier above every candidate's and fallback's tier, or
-    its smallest matched prompt larger than every one's context window (each request matched is refused)."""
+    its smallest matched prompt larger than every one's context window (each request matched is refused, but for a
+    batch of prompts that each fit)."""
     named = [policy.models[name] for name in (*route.candidates, *route.fallback)]
     notes = []
     top_tier = max(model.tier for model in named)
@@ -58,6 +59,9 @@ def _unservable(policy: Policy, route) -> list[str]:
     widest = max(model.context_window for model in named)
     smallest = route.match.prompt_tokens_min
     if smallest is not None and smallest >= widest:      # a request also needs room for one token of answer
+        # a completions batch or an embeddings list is priced at all its prompts but read prompt by prompt
+        batches = not route.match.endpoints or not set(route.match.endpoints) <= {"chat"}
+        fits = "only a batch of prompts (inputs) that each fit is served" if batches else "no request it matches fits"
         notes.append(f"routes.{route.name}.match.prompt_tokens.min: {smallest}, but the largest context window of its "
-                     f"candidates and fallbacks is {widest}: no request it matches fits")
+                     f"candidates and fallbacks is {widest}: {fits}")
     return notes

@@ -79,9 +79,13 @@ class Router:
         return self.index.match(endpoint, alias, tenant, headers, prompt_tokens)
 
     def decide(self, route: Route, *, prompt_tokens: int, max_tokens: int | None, stream: bool,
-               tighten: Tighten | None = None, choices: int = 1, input_param: str = "messages") -> Decision:
+               tighten: Tighten | None = None, choices: int = 1, input_param: str = "messages",
+               longest_prompt_tokens: int | None = None) -> Decision:
         """Plan the models for one request; pass max_tokens=0 for embeddings (no output); `choices`: its `n`;
-        `input_param`: the request field a prompt too long for every model is blamed on.
+        `input_param`: the request field a prompt too long for every model is blamed on; `longest_prompt_tokens`:
+        a batch's longest prompt (completions prompts, embeddings inputs), which a model reads on its own, so its
+        context must hold that one (and `max_tokens`), not the batch's `prompt_tokens` added together (which
+        price it).
 
         A model's context must hold the prompt and `max_tokens`, or, when the request sets none, the prompt and one
         token: a model then writes what room is left (OpenAI and vLLM do), so a guess of the answer's length (the
@@ -91,7 +95,8 @@ class Router:
         limits = plan.limits if tighten is None or tighten.empty else plan.limits.tightened(tighten)
         output_tokens = max_tokens if max_tokens is not None else \
             self.estimates.expected_output_tokens(route.name, route.default_output_tokens)
-        need = ContextNeed(prompt_tokens, max_tokens, input_param)
+        longest = prompt_tokens if longest_prompt_tokens is None else longest_prompt_tokens
+        need = ContextNeed(longest, max_tokens, input_param, batch=longest != prompt_tokens)
         candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream,
                                  choices, need.tokens) for p in plan.candidates)
         kept = sorted((c for c in candidates if c.kept), key=_smallest_then_cheapest)
@@ -206,9 +211,10 @@ def _unmet_summary(candidates: list[Candidate] | tuple[Candidate, ...], limits: 
 class ContextNeed:
     """What a request needs of a model's context window: its prompt and `max_tokens` (one token when unset)."""
 
-    prompt_tokens: int
+    prompt_tokens: int          # the prompt a model reads at once: a batch's longest
     max_tokens: int | None
     input_param: str            # the request field that holds the prompt: messages, prompt, input
+    batch: bool = False         # several prompts (completions) or inputs (embeddings), each read on its own
 
     @property
     def tokens(self) -> int:
@@ -216,12 +222,13 @@ class ContextNeed:
 
     def refusal(self, route: Route, widest: int) -> ClientError:
         """The 400 for a request no model of the route has the context for, blaming the field to shorten."""
+        prompt = "longest prompt" if self.batch else "prompt"
         if self.max_tokens:
-            needs = f"{self.tokens} tokens ({self.prompt_tokens} prompt + {self.max_tokens} max_tokens)"
+            needs = f"{self.tokens} tokens ({self.prompt_tokens} {prompt} + {self.max_tokens} max_tokens)"
         elif self.max_tokens is None:
-            needs = f"{self.tokens} tokens ({self.prompt_tokens} prompt + at least 1 to answer)"
+            needs = f"{self.tokens} tokens ({self.prompt_tokens} {prompt} + at least 1 to answer)"
         else:
-            needs = f"{self.prompt_tokens} prompt tokens"
+            needs = f"{self.prompt_tokens} {prompt} tokens"
         return ClientError(f"request needs {needs} but the largest context window of route {route.name!r} is "
                            f"{widest}", param=self.input_param, code="context_length_exceeded")
 

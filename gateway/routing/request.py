@@ -14,8 +14,11 @@ from gateway.stages.parse import INPUT_FIELD
 
 def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant: Tenant | None,
                    headers: Mapping[str, str], prompt_tokens: int, max_tokens: int | None,
-                   stream: bool, choices: int = 1) -> tuple[Decision, Tighten]:
-    """Match the route, check the tenant may use it, and plan the models that meet its SLA."""
+                   stream: bool, choices: int = 1,
+                   longest_prompt_tokens: int | None = None) -> tuple[Decision, Tighten]:
+    """Match the route, check the tenant may use it, and plan the models that meet its SLA (`longest_prompt_tokens`:
+    a batch's longest prompt, which each model's context must hold; `prompt_tokens`, all of them, match routes by
+    size and price the request)."""
     route = runtime.routes.match(endpoint, alias, tenant.name if tenant else None, headers, prompt_tokens)
     if route is None:
         raise NotFound(f"the model '{alias}' does not exist or no route serves it on {endpoint}", param="model")
@@ -23,5 +26,6 @@ def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant
     tighten = tighten_from_headers(headers)
     decision = router.decide(route, prompt_tokens=prompt_tokens,
                              max_tokens=0 if endpoint == "embeddings" else max_tokens,
-                             stream=stream, tighten=tighten, choices=choices, input_param=INPUT_FIELD[endpoint])
+                             stream=stream, tighten=tighten, choices=choices, input_param=INPUT_FIELD[endpoint],
+                             longest_prompt_tokens=longest_prompt_tokens)
     return decision, tighten

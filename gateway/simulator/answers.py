@@ -68,7 +68,8 @@ def completion_body(answer: Answer) -> dict[str, Any]:
                     "logprobs": None, "finish_reason": answer.finish_reason} for index, text in enumerate(texts)]
         return _envelope(answer, "chat.completion", choices) | {"usage": answer.usage}
     choices = [{"index": index, "text": _echo(answer, index) + text,
-                "logprobs": _text_logprobs(answer.choices[index], answer.logprobs), "finish_reason": answer.finish_reason}
+                "logprobs": _text_logprobs(answer.choices[index], answer.logprobs, len(_echo(answer, index))),
+                "finish_reason": answer.finish_reason}
                for index, text in enumerate(texts)]
     return _envelope(answer, "text_completion", choices) | {"usage": answer.usage}
 
@@ -81,12 +82,13 @@ def _echo(answer: Answer, index: int) -> str:
     return answer.echoes[index] if answer.echoes else ""
 
 
-def _text_logprobs(tokens: list[str], top: int | None) -> dict[str, Any] | None:
-    """A completions choice's `logprobs` for its generated tokens, each its own only alternative; None when the
-    request asked for none."""
+def _text_logprobs(tokens: list[str], top: int | None, start: int = 0) -> dict[str, Any] | None:
+    """A completions choice's `logprobs` for its generated tokens, each its own only alternative, at their offsets in
+    the choice's text (which begins with an echoed prompt of `start` characters); None when the request asked for
+    none."""
     if top is None:
         return None
-    offsets, offset = [], 0
+    offsets, offset = [], start
     for token in tokens:
         offsets.append(offset)
         offset += len(token)

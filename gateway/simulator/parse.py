@@ -32,6 +32,12 @@ class SimRequest:
     choices: int = 1                # answers generated together: `n` (for each prompt of a completions batch)
     echoes: tuple[str, ...] = ()    # completions with `echo`: each choice's prompt text, written before its answer
     logprobs: int | None = None     # completions: the top alternatives per token asked for (`logprobs`)
+    longest_prompt_tokens: int | None = None    # a batch's longest prompt or input (each is read on its own)
+
+    @property
+    def context_tokens(self) -> int:
+        """The prompt tokens the context window must hold at once: a batch's longest prompt, else the prompt."""
+        return self.prompt_tokens if self.longest_prompt_tokens is None else self.longest_prompt_tokens
 
 
 def parse_chat(body: dict[str, Any]) -> SimRequest:
@@ -60,7 +66,8 @@ def parse_completions(body: dict[str, Any]) -> SimRequest:
     echoes = tuple(item if isinstance(item, str) else "" for item in prompts for _ in range(n)) \
         if body.get("echo") is True else ()
     return SimRequest("completions", prompt, count_prompt_tokens(prompt), _max_tokens(body, "max_tokens", 0),
-                      *_streaming(body), choices=n * len(prompts), echoes=echoes, logprobs=logprobs)
+                      *_streaming(body), choices=n * len(prompts), echoes=echoes, logprobs=logprobs,
+                      longest_prompt_tokens=max(count_prompt_tokens(item) for item in prompts))
 
 
 def parse_embeddings(body: dict[str, Any]) -> SimRequest:
@@ -74,7 +81,8 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
     if encoding_format not in ("float", "base64"):
         raise ClientError("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
     return SimRequest("embeddings", given, count_prompt_tokens(inputs), inputs=inputs,
-                      dimensions=dimensions, encoding_format=encoding_format)
+                      dimensions=dimensions, encoding_format=encoding_format,
+                      longest_prompt_tokens=max(count_prompt_tokens(item) for item in inputs))
 
 
 def _max_tokens(body: dict[str, Any], key: str, low: int = 1) -> int | None:

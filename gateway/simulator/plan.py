@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from gateway.errors import ClientError
 from gateway.simulator.config import FAULT_RATES, SimConfig
 from gateway.simulator.parse import SimRequest
-from gateway.simulator.text import count_prompt_tokens
 
 #: the fault each rate in FAULT_RATES injects
 FAULTS = dict(zip(FAULT_RATES, ("rate_limit", "error", "hang", "drop"), strict=True))
@@ -46,11 +45,9 @@ def plan_answer(config: SimConfig, rng: random.Random, request: SimRequest) -> P
 
 
 def check_context(config: SimConfig, request: SimRequest) -> None:
-    """Reject a prompt (plus max_tokens) longer than the context window, as OpenAI does; embeddings are checked
-    input by input, each one being a prompt of its own."""
-    prompt_tokens = request.prompt_tokens
-    if request.kind == "embeddings":
-        prompt_tokens = max((count_prompt_tokens(item) for item in request.inputs), default=0)
+    """Reject a prompt (plus max_tokens) longer than the context window, as OpenAI does; a completions batch and
+    embeddings are checked prompt by prompt (input by input), each one being read on its own."""
+    prompt_tokens = request.context_tokens
     requested = prompt_tokens + (request.max_tokens or 0)
     if requested <= config.context_window and prompt_tokens < config.context_window:
         return
@@ -79,7 +76,7 @@ def draw_output(config: SimConfig, rng: random.Random, request: SimRequest) -> t
         return request.max_tokens, "length"
     mean = config.mean_output_tokens
     natural = max(1, round(rng.gauss(mean, mean * OUTPUT_SPREAD)))
-    room = config.context_window - request.prompt_tokens
+    room = config.context_window - request.context_tokens
     return (natural, "stop") if natural <= room else (room, "length")
 
 

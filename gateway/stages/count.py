@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.context import RequestContext
-from gateway.tokens import DEFAULT_ENCODING, count_prompt_tokens
+from gateway.tokens import DEFAULT_ENCODING, count_prompts
 
 #: bodies larger than this (as read, chunked ones too) are counted in a thread, off the event loop
 LARGE_BODY_BYTES = 64 * 1024
@@ -19,10 +19,10 @@ class Count:
 
     async def handle(self, ctx: RequestContext) -> None:
         if ctx.body_bytes > LARGE_BODY_BYTES:
-            ctx.prompt_tokens = await asyncio.to_thread(
-                count_prompt_tokens, ctx.endpoint, ctx.body, DEFAULT_ENCODING)
+            counted = await asyncio.to_thread(count_prompts, ctx.endpoint, ctx.body, DEFAULT_ENCODING)
         else:
-            ctx.prompt_tokens = count_prompt_tokens(ctx.endpoint, ctx.body, DEFAULT_ENCODING)
+            counted = count_prompts(ctx.endpoint, ctx.body, DEFAULT_ENCODING)
+        ctx.prompt_tokens, ctx.longest_prompt_tokens = counted
         return None
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -23,7 +23,7 @@ class Route:
             ctx.decision, tighten = decide_request(
                 ctx.runtime, router, endpoint=ctx.endpoint, alias=ctx.requested_model, tenant=ctx.tenant,
                 headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
-                stream=ctx.stream, choices=ctx.choices)
+                stream=ctx.stream, choices=ctx.choices, longest_prompt_tokens=ctx.longest_prompt_tokens)
             ctx.sla_tightened = tighten.as_dict()     # inside: the span records the limits the request asked for
         return None
 

@@ -253,6 +253,8 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     sites = ([web.SockSite(runner, sock, backlog=BACKLOG) for sock in sockets] if sockets is not None
              else [web.TCPSite(runner, host, port, backlog=BACKLOG)])
     try:
+        for sock in sockets or ():          # listened on here: uvloop, unlike asyncio, starts serving a socket whose
+            sock.listen(BACKLOG)            # listen() failed (another took the port first) without a word
         for site in sites:
             await site.start()
     except OSError as exc:                  # port taken, address not ours, host unknown (gaierror)

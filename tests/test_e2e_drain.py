@@ -157,22 +157,25 @@ def test_requests_still_running_when_the_grace_period_ends_get_a_503_and_the_led
 
 def test_a_request_whose_body_is_still_coming_when_the_drain_gives_up_on_it_gets_a_503(tmp_path):
     """A client still sending its body at SIGTERM: when aiohttp gives up on the requests left (half-way through the
-    grace period) it gets a 503 `shutting_down` it can send again, booked so in the ledger; it used to get its
-    connection closed without an answer, booked as a client that left."""
-    ledger = tmp_path / "requests.jsonl"
-    port, sim, gateway = start_slow_gateway(tmp_path, f'ledger: {{path: "{ledger}"}}\n')
+    grace period, not at its end) it gets a 503 `shutting_down` it can send again, booked so in the ledger; it used
+    to get its connection closed without an answer, booked as a client that left."""
+    ledger, grace_s = tmp_path / "requests.jsonl", 6.0
+    port, sim, gateway = start_slow_gateway(tmp_path, f'ledger: {{path: "{ledger}"}}\n', grace_s=grace_s)
     try:
         body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=GRACE_S + 10) as client:
             client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
             time.sleep(0.3)
+            signalled_s = time.monotonic()
             gateway.send_signal(signal.SIGTERM)
             answer = b""
             while chunk := client.recv(65536):
                 answer += chunk
+            answered_after_s = time.monotonic() - signalled_s
         gateway.wait(30)
         assert answer.startswith(b"HTTP/1.1 503 ") and b'"code":"shutting_down"' in answer, answer[:300]
+        assert answered_after_s < grace_s * 0.75, answered_after_s      # about grace_s / 2
         [line] = [json.loads(line) for line in ledger.read_text().splitlines()]
         assert (line["status"], line["outcome"]) == (503, "shutting_down"), line
     finally:
@@ -230,6 +233,24 @@ def test_background_work_at_exit_gets_what_is_left_of_the_grace_period(tmp_path)
         stop_processes(gateway, sim)
 
 
+def test_background_work_of_a_gateway_stopped_without_a_server_gets_the_whole_grace_period():
+    """A gateway app cleaned up directly (embedded, with no `gateway run` counting a grace period from SIGTERM)
+    gives its background work at exit the whole grace period (15 s by default), not only the 1 s minimum."""
+    harness = Harness().start()
+    finished: list[str] = []
+
+    async def slow_charge() -> None:
+        await asyncio.sleep(1.5)
+        finished.append("charged")
+
+    async def spawn() -> None:
+        harness.services.background.spawn(slow_charge(), name="budget-charge")
+
+    harness.call(spawn())
+    harness.stop()
+    assert finished == ["charged"]
+
+
 async def spent_today(url: str, tenant: str) -> Decimal:
     """What `tenant` has spent today, as the gateway's budget store reads it from Redis."""
     client = Redis.from_url(url)
@@ -266,6 +287,8 @@ def test_stop_signals_and_a_sighup_during_the_drain_are_ignored_and_said_once(tm
         reader, lines = open_stream(port)
         gateway.send_signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in log.read_text())
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(policy.read_text() + "\n# edited during the drain: a SIGHUP now must not load it\n")
         for again in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
             gateway.send_signal(again)
         gateway.wait(30)

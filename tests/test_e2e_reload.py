@@ -19,9 +19,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from aiohttp import web
 
+from gateway.app import build_app
 from gateway.runtime import PolicyHolder
 from gateway.server import watch_policy
+from gateway.services import SERVICES
 from tests.support.harness import Harness
 from tests.support.policies import latency, model, models, standard_model, tenants
 from tests.support.redis_server import free_port
@@ -197,6 +200,16 @@ def test_a_reload_asking_to_share_estimates_without_redis_says_it_cannot(gw, pol
     assert any("routing.share_estimates: no Redis is configured" in record.getMessage()
                for record in caplog.records)
 
+def test_a_reload_warns_of_a_setting_that_takes_no_effect_as_start_up_does(gw, policy_a, caplog):
+    """A reload to a policy with advice (a route no candidate can serve) logs it at WARNING, as start-up would:
+    an edit that silently refuses every request on a route is said when it is applied."""
+    gw.write_policy(POLICY_A.replace("    candidates: [slow]\n", "    candidates: [slow]\n    sla: {{min_tier: 9}}\n"))
+    with caplog.at_level("WARNING", "gateway"):
+        assert admin(gw.base_url, "POST", "/admin/policy/reload")[0] == 200
+    assert any(record.levelname == "WARNING" and "routes.slow.sla.min_tier: 9" in record.getMessage()
+               for record in caplog.records), caplog.text
+
+
 def test_a_reload_says_which_settings_wait_for_a_restart(gw, policy_a, caplog):
     """A reload that changes the ledger and the grace period (read once at start-up) applies the rest, and the
     log and GET /admin/policy name those two as taking effect on restart; reverting them clears it."""
@@ -311,6 +324,31 @@ async def test_watch_policy_reloads_on_change(tmp_path):
 NO_SIMS = {"small": "http://127.0.0.1:9/v1", "medium": "http://127.0.0.1:9/v1", "slow": "http://127.0.0.1:9/v1"}
 
 
+async def test_the_file_watcher_outlives_a_reload_that_fails_unexpectedly(tmp_path, caplog):
+    """A reload that raises (here a listener of the new policy) is logged and the watcher watches on: the next
+    edit of the file is served, rather than hot reload stopping for good until a restart."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder.from_file(path, {})
+    told: list[str] = []
+
+    def fails_once(runtime) -> None:
+        told.append(runtime.policy.content_sha256)
+        if len(told) == 1:
+            raise RuntimeError("a listener broke")
+
+    holder.listeners.append(fails_once)
+    watcher = asyncio.create_task(watch_policy(holder, interval_s=0.02))
+    try:
+        path.write_text(POLICY_B.format(**NO_SIMS))
+        assert await wait_async(lambda: len(told) == 1)
+        assert await wait_async(lambda: "failed unexpectedly" in caplog.text)
+        os.replace(_written(tmp_path / "next.yaml", POLICY_A.format(**NO_SIMS)), path)
+        assert await wait_async(lambda: holder.current.policy.content_sha256 == file_sha(path)), caplog.text
+        assert len(told) == 2
+    finally:
+        watcher.cancel()
+
+
 def test_a_reload_that_changes_telemetry_says_it_waits_for_a_restart(tmp_path):
     """Telemetry is set up once at start-up: a reload that turns Prometheus on names telemetry as pending."""
     path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
@@ -328,6 +366,72 @@ def test_a_failed_reload_is_not_read_again_until_the_file_changes(tmp_path):
     assert holder.changed_on_disk()
     assert holder.reload() is False
     assert not holder.changed_on_disk() and holder.status.failures == 1
+
+
+def test_a_file_swapped_in_with_the_same_size_and_mtime_is_seen_as_changed(tmp_path):
+    """A new file renamed over the policy (a ConfigMap swap, an rsync keeping mtimes) is a new version even when
+    its size and mtime match the old one's: its inode tells it apart, so the watcher reloads it."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder.from_file(path, {})
+    old = path.stat()
+    edited = _written(tmp_path / "next.yaml", POLICY_A.format(**NO_SIMS).replace("grace_period_s: 10",
+                                                                                 "grace_period_s: 11"))
+    os.utime(edited, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(edited, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert holder.changed_on_disk()
+    assert holder.reload() is True and holder.current.policy.content_sha256 == file_sha(path)
+
+
+def test_a_failed_reload_shows_its_error_not_the_settings_waiting_for_a_restart(tmp_path):
+    """After a reload left a setting waiting for a restart, a failed reload's last_error (the admin API's 422
+    message) says why it failed, not that the previous reload succeeded."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder.from_file(path, {})
+    path.write_text(POLICY_A.format(**NO_SIMS) + "telemetry: {prometheus: true}\n")
+    assert holder.reload() is True and "takes effect on restart" in holder.status.last_error
+    path.write_text(POLICY_BAD.format(**NO_SIMS))
+    assert holder.reload() is False
+    assert "unknown model 'smal'" in holder.status.last_error, holder.status.last_error
+
+
+def test_a_worker_started_after_a_restart_only_edit_says_the_setting_waits_for_a_restart(tmp_path):
+    """A replacement worker reads a file whose telemetry changed since the gateway started: it runs the gateway's
+    start-up settings, and its GET /admin/policy names telemetry as waiting for a restart, as its siblings' do."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    started = PolicyHolder.from_file(path, {}).current.policy
+    path.write_text(POLICY_A.format(**NO_SIMS) + "telemetry: {prometheus: true}\n")
+    holder = PolicyHolder.from_file(path, {})
+    holder.start_with(started)
+    assert holder.started is started and holder.status.restart_pending == ("telemetry",)
+    assert "telemetry takes effect on restart" in holder.status.last_error
+
+
+async def test_a_worker_started_after_a_store_edit_opens_the_stores_the_gateway_started_with(tmp_path, redis_server):
+    """A replacement worker reading a file that now names a Redis opens the stores the gateway started with (in
+    memory here), as its siblings run: no worker counts rate limits and budgets apart from the others."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    started = PolicyHolder.from_file(path, {}).current.policy
+    path.write_text(POLICY_A.format(**NO_SIMS) + f"store: {{redis_url: '{redis_server.url}'}}\n")
+    environ = {"OTEL_SDK_DISABLED": "true"}
+    holder = PolicyHolder.from_file(path, environ)
+    holder.start_with(started)
+    app = build_app(holder, environ=environ)
+    runner = web.AppRunner(app)
+    await runner.setup()                    # start-up: the services are opened
+    try:
+        assert app[SERVICES].stores.redis is None
+    finally:
+        await runner.cleanup()
+
+
+def test_a_policy_not_read_from_a_file_is_not_reported_reloaded(tmp_path):
+    """A holder given its policy, not a file (an embedding tool's), answers a reload with False and says why,
+    so the admin API answers 422, not 200 reloaded."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder(PolicyHolder.from_file(path, {}).current, {})
+    assert holder.reload() is False
+    assert holder.status.last_error == "the policy was not loaded from a file"
 
 
 def _written(path: Path, text: str) -> Path:

@@ -375,21 +375,28 @@ def test_tenant_label_cardinality_is_bounded(receiver):
     assert tokens == {"acme", "other"}
 
 
-def test_a_tenant_with_a_budget_keeps_its_name_past_the_label_bound(receiver):
+@pytest.mark.parametrize("by_reload", [False, True], ids=["at-start-up", "by-a-reload"])
+def test_a_tenant_with_a_budget_keeps_its_name_past_the_label_bound(receiver, by_reload):
     """With tenant_label_top_n: 1, a tenant with a budget seen third still has its cost labelled by name, as its
-    budget gauge is: a dashboard shows its spend against its budget (under `other` it showed 0 %)."""
+    budget gauge is: a dashboard shows its spend against its budget (under `other` it showed 0 %); a budget a
+    reload gives, not the start-up policy, too."""
     from gateway.tenancy.identity import sha256_hex
 
     budgeted = f'  initech: {{{{keys_sha256: ["{sha256_hex(KEYS["initech"])}"]}}}}\n'
     assert budgeted in POLICY
-    template = POLICY.replace(budgeted, budgeted.replace("]}}", "], budget: {{usd_per_day: 100}}}}")) + \
-        "telemetry: {{tenant_label_top_n: 1}}\n"
-    harness = start(otel_environ(receiver.http_endpoint, "http/protobuf", "gw-e2e-budget-labels"), template)
+    bounded = POLICY + "telemetry: {{tenant_label_top_n: 1}}\n"
+    with_budget = bounded.replace(budgeted, budgeted.replace("]}}", "], budget: {{usd_per_day: 100}}}}"))
+    service = f"gw-e2e-budget-labels-{by_reload}"
+    harness = start(otel_environ(receiver.http_endpoint, "http/protobuf", service),
+                    bounded if by_reload else with_budget)
     try:
+        if by_reload:
+            harness.write_policy(with_budget)
+            assert harness.holder.reload() is True
         for tenant in ("acme", "globex", "initech"):
             chat(harness, tenant=tenant)
         harness.flush_telemetry()
-        metrics = receiver.latest_metrics("gw-e2e-budget-labels")
+        metrics = receiver.latest_metrics(service)
     finally:
         harness.stop()
     requests = {p.attributes["gateway.tenant"]: p.value for p in metrics["gateway.requests"].points}

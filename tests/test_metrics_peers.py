@@ -93,6 +93,14 @@ def test_comments_lead_and_an_empty_worker_adds_nothing():
     assert merged([(0, b"")]) == b""
 
 
+def test_the_merge_ends_its_last_line_with_a_line_feed():
+    """The text format ends every line, the last one too, with a line feed: a strict scraper refuses an
+    exposition whose last sample is cut off at the end of the body."""
+    text = merged([(0, exposition(1, 0, [])), (1, exposition(2, 1, [0.5]))])
+    assert text.endswith(b"\n") and not text.endswith(b"\n\n")
+    assert merged([(0, b"")], ["# gateway_worker 1 left out of this scrape: gone"]).endswith(b"gone\n")
+
+
 def test_a_scrape_gathers_the_workers_that_answer_and_names_the_one_that_does_not(tmp_path):
     """Worker 0 is scraped: worker 1 answers on its socket, worker 2 has none (restarting). The scrape has
     worker 0's and worker 1's series and a comment saying worker 2 was left out."""

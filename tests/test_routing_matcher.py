@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 
 from gateway.errors import PolicyError
 from gateway.policy.model import HeaderMatch, Match, Route
+from gateway.routing import matcher
 from gateway.routing.matcher import RouteIndex
 
 
@@ -183,3 +184,14 @@ def test_the_alias_cache_never_answers_one_alias_with_anothers_routes():
     assert names(index, "auto") == "a"
     assert names(index, "AUTO") is None
     assert names(index, "auto") == "a"
+
+
+def test_the_alias_cache_stays_bounded_under_made_up_model_names():
+    """Clients may send any model name: the remembered aliases never pass their bound, and after the cache is
+    cleared an alias is matched as before."""
+    index = RouteIndex((route("gpt", models=("gpt-*",)), route("a", models=("auto",))))
+    for n in range(2 * matcher._ALIAS_CACHE_MAX + 10):
+        assert names(index, f"gpt-{n}") == "gpt"
+        assert len(index._by_alias) <= matcher._ALIAS_CACHE_MAX
+    assert names(index, "auto") == "a"
+    assert names(index, "unknown") is None

@@ -194,6 +194,20 @@ async def test_a_reply_later_than_the_timeout_gets_the_default_and_starts_a_back
         proxy.stop()
 
 
+async def test_a_call_given_a_longer_timeout_waits_past_the_guards_own(redis_server):
+    """A write after the response given its own, longer timeout_s (a budget flush) gets a reply slower than the
+    guard's timeout, rather than being given up on, retried and counted lost."""
+    proxy = DelayingRedisProxy(redis_server.port, 0.4).start()
+    client = Redis.from_url(proxy.url)
+    guard = StoreGuard("test store", 0.2, backoff_s=60.0)
+    try:
+        assert await guard.run(client.ping, after_response=True, timeout_s=5.0) is True
+        assert guard.healthy and guard.failures == 0
+    finally:
+        await client.aclose()
+        proxy.stop()
+
+
 async def test_a_back_off_ends_for_the_response_path_once_backoff_s_has_passed():
     """`backing_off` (which tells the limiter and the budgets not to send a script) holds only for backoff_s:
     past it a call may probe, though Redis is not known healthy until one answers."""
@@ -205,6 +219,30 @@ async def test_a_back_off_ends_for_the_response_path_once_backoff_s_has_passed()
     assert guard.backing_off
     clock.now_s += 0.1
     assert not guard.backing_off and not guard.healthy
+
+
+async def test_a_socket_error_not_wrapped_by_redis_py_starts_a_back_off():
+    """A connection reset that reaches the guard as a bare OSError (not wrapped as redis-py's ConnectionError)
+    means Redis could not be reached: a back-off starts, not the once-a-minute treatment of an error reply."""
+    async def reset() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    guard = StoreGuard("test store", 1.0, backoff_s=5.0, clock=Clock())
+    assert await guard.run(reset) is STORE_DOWN
+    assert not guard.healthy and guard.backing_off
+
+
+async def test_a_call_left_out_by_the_back_off_gets_its_callers_default():
+    """In a back-off a call is answered with the default its caller gave (a cache miss, an allowed admission),
+    as when the store fails, not with STORE_DOWN, which the caller would take for the store's answer."""
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, backoff_s=5.0, clock=clock)
+
+    assert await guard.run(times_out, default=None) is None
+    assert guard.backing_off
+    assert await guard.run(answers_ok, default=None) is None
+    assert await guard.run(answers_ok, default=0) == 0
+    assert guard.failures == 3
 
 
 async def test_each_outage_ended_says_only_the_calls_answered_without_redis_during_it(caplog):
@@ -224,6 +262,24 @@ async def test_each_outage_ended_says_only_the_calls_answered_without_redis_duri
     ended = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
     assert ended == ["test store reachable again after 3 calls answered without it",
                      "test store reachable again after 2 calls answered without it"], ended
+
+
+async def test_the_calls_of_a_quiet_flap_are_counted_into_the_next_outage_said_to_end(caplog):
+    """A flap's calls answered without Redis (not said, as the flap is not) are counted into the next "reachable
+    again" warning, so the warnings add up to every call answered without Redis."""
+    clock = Clock()
+    guard = StoreGuard("test store", 1.0, backoff_s=0.5, clock=clock)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.store_guard"):
+        for pause_s in (0.0, 1.0, 60.0):                                # an outage, a flap 1 s later, one 60 s later
+            clock.now_s += pause_s
+            assert await guard.run(times_out) is STORE_DOWN
+            clock.now_s += 1.0
+            assert await guard.run(answers_ok) == "ok"
+    ended = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert ended == ["test store reachable again after 1 calls answered without it",
+                     "test store reachable again after 2 calls answered without it"], ended
+    assert guard.failures == 3
 
 
 async def test_a_later_error_reply_warning_counts_only_the_refusals_since_the_one_before(redis_server, caplog):

@@ -63,3 +63,45 @@ async def test_work_started_just_before_the_drain_deadline_is_not_given_a_whole_
     started_s = time.monotonic()
     await background.drain(timeout_s=2.0)
     assert time.monotonic() - started_s < 3.2 and len(background) == 0     # 2 s, not 1.8 + 2 s
+
+
+async def test_a_failed_background_task_is_logged_at_error_with_its_name(caplog):
+    """Work off the response path that raises (a ledger write, a budget charge) is said at ERROR, named, with
+    its traceback: never lost silently."""
+    background = BackgroundTasks()
+
+    async def fails() -> None:
+        raise RuntimeError("disk full")
+
+    with caplog.at_level(logging.INFO):
+        background.spawn(fails(), name="ledger-write")
+        await background.drain(timeout_s=5.0)
+    [said] = caplog.records
+    assert said.levelname == "ERROR" and said.exc_info and "ledger-write" in said.getMessage(), caplog.text
+
+
+async def test_the_drain_warning_names_each_task_it_cancels(caplog):
+    """The warning of a drain that runs out names the work it cancelled, so an SRE knows what was lost at exit."""
+    background = BackgroundTasks()
+    background.spawn(asyncio.sleep(30), name="cache-write")
+    background.spawn(asyncio.sleep(30), name="budget-charge")
+    with caplog.at_level(logging.WARNING):
+        await background.drain(timeout_s=0.05)
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["2 background task(s) still running after 0.05 s, cancelled: budget-charge, cache-write"], said
+
+
+async def test_work_a_cancelled_task_starts_as_it_ends_is_cancelled_too():
+    """A task the drain cancels that starts more work as it ends (a release in its finally) leaves nothing
+    running once the drain returns."""
+    background = BackgroundTasks()
+
+    async def charge_then_release() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            background.spawn(asyncio.sleep(30), name="release")
+
+    background.spawn(charge_then_release(), name="charge")
+    await background.drain(timeout_s=0.05)
+    assert len(background) == 0

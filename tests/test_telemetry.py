@@ -269,6 +269,15 @@ def test_invalid_traceparent_starts_a_new_trace(receiver, make_telemetry):
     assert server.parent_span_id == "" and len(server.trace_id) == 32 and server.trace_id != "0" * 32
 
 
+@pytest.mark.parametrize(("value", "disabled"), [
+    ("true", True), ("TRUE", True), (" True ", True), ("1", True), ("yes", True), ("On", True),
+    ("false", False), ("0", False), ("", False), ("no", False)])
+def test_otel_sdk_disabled_takes_any_case_and_the_usual_yes_words(value, disabled):
+    """OTEL_SDK_DISABLED (and every yes/no switch) is on for true, 1, yes or on in any case, spaces around ignored,
+    and off for anything else: an operator's TRUE turns telemetry off as the OpenTelemetry spec says."""
+    assert TelemetryConfig.from_env(environ={"OTEL_SDK_DISABLED": value}).disabled is disabled
+
+
 def test_sdk_disabled_makes_every_hook_a_noop(receiver, make_telemetry):
     """OTEL_SDK_DISABLED=true: no providers, no span on the context, no headers, nothing exported."""
     telemetry = make_telemetry({**otlp_env(receiver, "http/protobuf"), "OTEL_SDK_DISABLED": "true"})

@@ -167,6 +167,13 @@ def test_both_keys_of_a_rotated_tenant_identify_it_and_the_bearer_key_wins(faili
         both.models.list()
 
 
+def test_the_admin_report_lists_tenants_by_name(failing_small):
+    """GET /admin/tenants lists the tenants sorted by name, whatever their order in the policy file, so reports
+    taken before and after an edit line up."""
+    report = failing_small.call(failing_small.services.tenant_usage())
+    assert [entry["tenant"] for entry in report] == ["paying", "rotating", "spent", "spent-limited", "tiny"]
+
+
 def test_the_admin_report_writes_a_tiny_configured_budget_in_plain_notation(failing_small):
     """GET /admin/tenants shows a tenant's configured budget of 0.0000001 USD as written, not as `1E-7`."""
     report = {entry["tenant"]: entry for entry in failing_small.call(failing_small.services.tenant_usage())}

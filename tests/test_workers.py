@@ -3,6 +3,7 @@ failure in its exit status, refuses a taken port, and brings every worker along 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.server import FORK
@@ -201,6 +203,15 @@ def test_workers_that_keep_dying_stop_the_supervisor_with_their_status():
     assert started[1] - started[0] >= 0.05 and started[2] - started[1] >= 0.1         # the back-off doubles
 
 
+def test_serving_with_no_workers_is_refused_not_an_exit_0():
+    """`serve(workers=0)` from Python (the command line refuses it first) raises, rather than start a supervisor
+    of no workers that exits 0 at once, serving nothing."""
+    from gateway.server import serve
+
+    with pytest.raises(ValueError, match="workers is 1 or more, got 0"):
+        serve(REPO / "gateway" / "data" / "demo.yaml", host="127.0.0.1", port=0, workers=0)
+
+
 def test_a_port_taken_by_other_workers_is_refused_in_one_line():
     """A port another process listens on with SO_REUSEPORT (another gateway's workers) is not shared: the
     gateway exits 1 with one line."""
@@ -241,6 +252,23 @@ def test_the_port_the_parent_holds_refuses_any_bind_but_its_workers_even_before_
             sock.close()
     finally:
         for sock in held:
+            sock.close()
+
+
+def test_an_empty_host_listens_on_every_address_on_one_port():
+    """`--host ''` binds IPv4 and IPv6 (each its own socket, IPv6 only) on one port, also for port 0 (any
+    free one): a client reaches the gateway on 127.0.0.1 and on ::1 alike, at the port it was told."""
+    from gateway.server import listen_sockets
+
+    sockets = listen_sockets("", 0)
+    try:
+        port = sockets[0].getsockname()[1]
+        assert {sock.family for sock in sockets} == {socket.AF_INET, socket.AF_INET6}
+        assert {sock.getsockname()[1] for sock in sockets} == {port}, sockets
+        for address in ("127.0.0.1", "::1"):
+            socket.create_connection((address, port), timeout=5).close()
+    finally:
+        for sock in sockets:
             sock.close()
 
 
@@ -458,6 +486,71 @@ def test_a_worker_that_served_counts_as_serving_after_another_says_it_serves_too
         caplog.text
 
 
+def serve_and_mark_once_marked(ready_fd: int, marker: Path, serving: Path) -> None:
+    """Once `marker` is there, say this worker serves and leave `serving`; then wait for SIGTERM, exit 0."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    say_serving(ready_fd)
+    serving.touch()
+    time.sleep(30)
+    os._exit(0)
+
+
+def test_workers_that_say_they_serve_in_one_read_all_count_as_serving(tmp_path, caplog):
+    """Two workers' words that they serve, read from the pipe at once: each is counted, so when the first of
+    them dies and its replacements keep failing, the crash limit retries them, the second serving on, rather
+    than stop both."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    first, second = tmp_path / "first", tmp_path / "second"
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        if starts.count(0) == 4:                # retried past the crash limit: stop
+            stop_from_spawn()
+        if slot == 1:
+            process = FORK.Process(target=serve_and_mark_once_marked, args=(supervisor.ready_fd, first, second))
+        elif starts.count(0) == 1:
+            process = FORK.Process(target=serve_then_mark, args=(supervisor.ready_fd, first))
+        else:
+            process = FORK.Process(target=os._exit, args=(1,))
+        process.start()
+        if slot == 1:           # both words written before the supervisor reads the pipe; then the first dies
+            wait_for(second.exists)
+            kill(supervisor.slots[0].process.pid)
+        return process
+
+    supervisor = Supervisor(spawn, 2, crash_limit=2, crash_window_s=30, backoff_s=0.01, max_backoff_s=0.05)
+    assert supervisor.run() == 128 + signal.SIGKILL
+    assert "serving on: restarting worker 0" in caplog.text and "stopping all workers" not in caplog.text, \
+        caplog.text
+
+
+def test_a_worker_that_served_then_keeps_failing_alone_reaches_the_crash_limit(tmp_path, caplog):
+    """A worker that said it serves, then died, no longer counts as serving: its replacements failing at once
+    reach the crash limit and stop the gateway, rather than being retried for ever with nothing serving."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    marker = tmp_path / "marker"
+    marker.touch()
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        if len(starts) == 6:                    # retried past the crash limit: stop
+            stop_from_spawn()
+        process = FORK.Process(target=serve_once_marked_then_fail, args=(supervisor.ready_fd, marker)) \
+            if len(starts) == 1 else FORK.Process(target=os._exit, args=(1,))
+        process.start()
+        return process
+
+    supervisor = Supervisor(spawn, 1, crash_limit=3, crash_window_s=30, backoff_s=0.01, max_backoff_s=0.05)
+    assert supervisor.run() == 1
+    assert len(starts) == 3 and "3 worker exits within 30 s: stopping all workers" in caplog.text, caplog.text
+
+
 def test_the_exit_status_is_the_first_failures_not_a_later_ones():
     """A worker that exits 3, is restarted and exits 5 leaves the status of the first failure, 3: the one that
     started the trouble, as the README says."""
@@ -476,6 +569,34 @@ def test_the_exit_status_is_the_first_failures_not_a_later_ones():
     supervisor = Supervisor(spawn, 1, backoff_s=0.01)
     assert supervisor.run() == 3
     assert len(starts) == 3
+
+
+def exit_on_sigterm(ready_fd: int, status: int) -> None:
+    """A worker that says it serves, then exits `status` on SIGTERM (a stop that fails: a flush that broke)."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    say_serving(ready_fd)
+    time.sleep(30)
+    os._exit(0)
+
+
+def test_a_failure_while_stopping_does_not_replace_an_earlier_crashs_status():
+    """A worker that exits 3 unasked, then its replacement failing its stop with status 5: the exit status
+    stays 3, the first failure's, as it does when the second failure is a crash."""
+    starts: list[int] = []
+
+    def spawn(slot: int):
+        starts.append(slot)
+        if len(starts) == 2:
+            stop_from_spawn()
+        target, args = (os._exit, (3,)) if len(starts) == 1 else (exit_on_sigterm, (supervisor.ready_fd, 5))
+        process = FORK.Process(target=target, args=args)
+        process.start()
+        return process
+
+    supervisor = Supervisor(spawn, 1, backoff_s=0.01, grace_period_s=1.0, kill_margin_s=5.0)
+    assert supervisor.run() == 3
+    assert len(starts) == 2
 
 
 def test_exits_further_apart_than_the_crash_window_never_reach_the_crash_limit(caplog):
@@ -781,6 +902,27 @@ def test_workers_whose_supervisor_was_killed_take_the_metrics_folder_with_them(t
         gateway.stop()
 
 
+def test_a_stopped_gateway_removes_the_metrics_folder_a_killed_worker_left_a_socket_in(tmp_path):
+    """A worker killed by SIGKILL leaves its socket in the workers' folder, and its replacement never serves (it
+    waits for a valid policy file) to replace it: the last worker out cannot remove the folder, so the parent
+    removes it at exit, leaving nothing in TMPDIR."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + "telemetry: {prometheus: true}\n")
+    gateway = Workers(policy, environ={"OTEL_SDK_DISABLED": "false"}).wait_serving()
+    try:
+        folder = Path(re.search(r"through their sockets in (\S+)\)", gateway.text()).group(1))
+        wait_for(lambda: len(list(folder.glob("*.sock"))) == 2, gateway.text)
+        policy.write_text("version: 1\nmodels: {}\n")
+        first = gateway.pids()[0]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "waits for a valid one" in gateway.text(), gateway.text)
+        gateway.process.send_signal(signal.SIGTERM)
+        gateway.process.wait(30)
+        assert not folder.exists(), list(folder.iterdir())
+    finally:
+        gateway.stop()
+
+
 def exit_5_unless_stopped(parent_pid: int) -> None:
     """A worker's start whose supervisor (said to be `parent_pid`) may be gone already."""
     stop_with_parent(parent_pid)
@@ -915,9 +1057,23 @@ def worker_without_redis(*args) -> None:
     _worker_process(*args)
 
 
+def worker_slow_to_listen(*args) -> None:
+    """`worker_without_redis` whose sockets start listening 0.5 s late (a slow start, as seen from outside)."""
+    from aiohttp import web
+
+    start = web.SockSite.start
+
+    async def late_start(site) -> None:
+        await asyncio.sleep(0.5)
+        await start(site)
+
+    web.SockSite.start = late_start
+    worker_without_redis(*args)
+
+
 def test_a_worker_tells_the_supervisor_its_pid_once_it_serves(tmp_path):
-    """A worker writes its pid to the ready pipe once it listens (so the supervisor counts it as serving and
-    keeps it up past a sibling's crash limit), then drains on SIGTERM and exits 0."""
+    """A worker writes its pid to the ready pipe once it listens, not before (so the supervisor counts it as
+    serving, and keeps it up past a sibling's crash limit, only once it does), then drains on SIGTERM and exits 0."""
     from gateway.policy.load import load_policy
     from gateway.server import claim_port, listen_sockets
     from gateway.supervisor import HANDLED, PID_BYTES, blocked_signals
@@ -930,7 +1086,7 @@ def test_a_worker_tells_the_supervisor_its_pid_once_it_serves(tmp_path):
     try:
         sockets = listen_sockets("127.0.0.1", held[0].getsockname()[1], reuse_port=True, listen=False)
         with blocked_signals(HANDLED):
-            process = FORK.Process(target=worker_without_redis, args=(
+            process = FORK.Process(target=worker_slow_to_listen, args=(
                 policy, load_policy(policy), "127.0.0.1", sockets, [ready_r], ready_w, os.getpid()))
             process.start()
         for sock in sockets:
@@ -938,6 +1094,7 @@ def test_a_worker_tells_the_supervisor_its_pid_once_it_serves(tmp_path):
         told, _, _ = select.select([ready_r], [], [], 30)
         assert told, "the worker never said it serves"
         assert int.from_bytes(os.read(ready_r, PID_BYTES), "little") == process.pid
+        socket.create_connection(("127.0.0.1", held[0].getsockname()[1]), timeout=5).close()     # it listens
         process.terminate()
         process.join(20)
         assert process.exitcode == 0

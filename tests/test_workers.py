@@ -1012,6 +1012,9 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
     from gateway.supervisor import HANDLED, blocked_signals
 
     policy = tmp_path / "policy.yaml"
+    # uvloop keeps the socketpair it finds at import: imported already, it would never call the one below, and the
+    # worker would serve on unsignalled (a test that runs uvloop in the test process must do so in a subprocess)
+    assert "uvloop" not in sys.modules, "uvloop was imported by an earlier test in this process"
     policy.write_text(POLICY)
     held = claim_port("127.0.0.1", 0)
     ready_r, ready_w = os.pipe()

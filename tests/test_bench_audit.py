@@ -26,7 +26,7 @@ from bench.report import (Row, SectionResult, document, fmt, median, percentile,
                           value_below, write_results)
 from bench.sections import cache, latency, replay, scaling, throughput
 from bench.sections.features import _stage_rows
-from bench.sections.memory import Footprint
+from bench.sections.memory import Footprint, stream_problems
 from bench.stack import Stack
 from bench.wrk import MARKER, Load, WrkResult
 from tests.support.raw_upstream import COMPLETION, RawUpstream, json_answer
@@ -223,6 +223,18 @@ def test_per_stream_memory_is_the_growth_over_idle_in_kilobytes():
     footprint = Footprint(idle=50_000_000, peak=80_000_000, after=52_000_000, opened=1000, failures=Counter(),
                           open_s=1.0)
     assert footprint.per_stream_kb == 30.0
+
+
+def test_streams_that_did_not_all_open_are_a_problem_that_withholds_the_verdict():
+    """RSS with fewer streams than asked for is no verdict on the target: a stream short, or one that failed, is
+    named; all 1,000 open with none failed is none."""
+    def problems(opened: int, **failures: int) -> list[str]:
+        return stream_problems(Footprint(idle=1, peak=2, after=1, opened=opened, failures=Counter(failures),
+                                         open_s=1.0), 1000)
+
+    assert problems(1000) == []
+    assert problems(999) == ["only 999 of 1000 streams opened"]
+    assert problems(1000, status_503=2) == ["2 × status_503"]
 
 
 # machine, options -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
+import importlib
 import json
 import logging
 import os
@@ -1012,9 +1013,6 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
     from gateway.supervisor import HANDLED, blocked_signals
 
     policy = tmp_path / "policy.yaml"
-    # uvloop keeps the socketpair it finds at import: imported already, it would never call the one below, and the
-    # worker would serve on unsignalled (a test that runs uvloop in the test process must do so in a subprocess)
-    assert "uvloop" not in sys.modules, "uvloop was imported by an earlier test in this process"
     policy.write_text(POLICY)
     held = claim_port("127.0.0.1", 0)
     ready_r, ready_w = os.pipe()
@@ -1022,14 +1020,18 @@ def test_a_sigterm_while_a_worker_starts_is_handled_once_it_serves(tmp_path, cap
     def worker(*args) -> None:
         os.environ.pop("GATEWAY_REDIS_URL", None)
         os.environ["OTEL_SDK_DISABLED"] = "true"
-        real, sent = socket.socketpair, []
+        # uvloop, imported now if not before, keeps socket.socketpair as it finds it; that function makes each end
+        # of the pair with socket.socket, read when it is called
+        importlib.import_module("uvloop")
+        real = socket.socket
 
-        def socketpair(*a, **kw):       # uvloop's signal set-up, as the worker's loop starts (uvloop, imported
-            if not sent:                # later, keeps this function: it is called again at the loop's end)
-                sent.append(os.kill(os.getpid(), signal.SIGTERM))
-            return real(*a, **kw)
+        class Signalled(real):          # the first socket made: one end of uvloop's signal set-up, as the worker's
+            def __init__(self, *a, **kw):       # loop starts
+                socket.socket = real
+                os.kill(os.getpid(), signal.SIGTERM)
+                super().__init__(*a, **kw)
 
-        socket.socketpair = socketpair
+        socket.socket = Signalled
         _worker_process(*args)
 
     try:

@@ -48,8 +48,7 @@ def run(stack: Stack, options: Options) -> SectionResult:
     check_answers(stack.url("gateway"))
     settle_s = 1.0 if options.streams >= 100 else 0.2
     gateway, baseline = (_footprint(stack, name, options.streams, settle_s) for name in NEEDS)
-    problems = [f"only {gateway.opened} of {options.streams} streams opened"] if gateway.opened < options.streams else []
-    problems += [f"{count} × {what}" for what, count in gateway.failures.items()]
+    problems = stream_problems(gateway, options.streams)
     judged = options.streams >= 1000 and not problems     # a verdict only on 1,000 streams all open
     rows = [
         Row("memory.idle_mb", "RSS at idle, after a short warm-up (ref: baseline proxy)", gateway.idle / MB, "MB",
@@ -70,6 +69,13 @@ def run(stack: Stack, options: Options) -> SectionResult:
                "its first chunk. The gateway has telemetry on and in-memory stores; its idle RSS includes the "
                "tiktoken encodings it loads at start-up.")
     return SectionResult(TITLE, rows, details)
+
+
+def stream_problems(footprint: Footprint, asked: int) -> list[str]:
+    """Why the RSS with streams open is no verdict on `asked` streams: fewer opened, or some failed (either way the
+    process held less than the target is about)."""
+    problems = [f"only {footprint.opened} of {asked} streams opened"] if footprint.opened < asked else []
+    return problems + [f"{count} × {what}" for what, count in footprint.failures.items()]
 
 
 def _footprint(stack: Stack, name: str, streams: int, settle_s: float) -> Footprint:

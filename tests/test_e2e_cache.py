@@ -69,6 +69,13 @@ def ask(content: str, **changes) -> dict:
             "temperature": 0, **changes}
 
 
+async def leader_under_way(client, request: dict) -> asyncio.Future:
+    """The leader's call, started and given 0.1 s to open its flight before the identical calls meant to follow it."""
+    leader = asyncio.ensure_future(client.chat.completions.create(**request))
+    await asyncio.sleep(0.1)
+    return leader
+
+
 def chat(gw, tenant: str = "alpha", headers: dict | None = None, **request):
     """A non-streamed chat through the SDK: (completion, x-gateway-cache)."""
     raw = gw.openai(api_key=KEYS[tenant]).chat.completions.with_raw_response.create(
@@ -274,8 +281,7 @@ async def test_a_follower_leaving_does_not_disturb_the_flight(gw):
     client = gw.async_openai(api_key=KEYS["alpha"], timeout=30)
     impatient = gw.async_openai(api_key=KEYS["alpha"], timeout=0.3)
     try:
-        leader = asyncio.ensure_future(client.chat.completions.create(**ask("Patience")))
-        await asyncio.sleep(0.1)
+        leader = await leader_under_way(client, ask("Patience"))
         with pytest.raises(openai.APITimeoutError):
             await impatient.chat.completions.create(**ask("Patience"))
         follower = await client.chat.completions.create(**ask("Patience"))
@@ -294,8 +300,7 @@ async def test_a_leader_leaving_releases_its_followers(gw):
     client = gw.async_openai(api_key=KEYS["alpha"], timeout=30)
     impatient = gw.async_openai(api_key=KEYS["alpha"], timeout=0.3)
     try:
-        leader = asyncio.ensure_future(impatient.chat.completions.create(**ask("Abandoned")))
-        await asyncio.sleep(0.1)
+        leader = await leader_under_way(impatient, ask("Abandoned"))
         started = time.perf_counter()
         followers = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**ask("Abandoned"))
                                            for _ in range(2)))
@@ -421,8 +426,7 @@ def test_identical_requests_while_redis_is_down_share_one_call(gw, redis_server)
     async def together() -> list:
         client = gw.async_openai(api_key=KEYS["alpha"], timeout=10)
         try:
-            leader = asyncio.ensure_future(client.chat.completions.create(**ask("Down, together")))
-            await asyncio.sleep(0.1)
+            leader = await leader_under_way(client, ask("Down, together"))
             followers = await asyncio.gather(*(client.chat.completions.create(**ask("Down, together"))
                                                for _ in range(3)))
             return [await leader, *followers]
@@ -475,8 +479,7 @@ def test_in_memory_followers_of_a_leader_that_left_are_answered_by_the_model(mem
         # gives up after 1 s: time enough for the followers to join its flight on a loaded machine
         impatient = memory_gw.async_openai(api_key=KEYS["alpha"], timeout=1.0)
         try:
-            leader = asyncio.ensure_future(impatient.chat.completions.create(**ask("Left in memory")))
-            await asyncio.sleep(0.1)
+            leader = await leader_under_way(impatient, ask("Left in memory"))
             followers = await asyncio.gather(*(client.chat.completions.create(**ask("Left in memory"))
                                                for _ in range(2)))
             with pytest.raises(openai.APITimeoutError):

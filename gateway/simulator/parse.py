@@ -65,9 +65,9 @@ def parse_completions(body: dict[str, Any]) -> SimRequest:
         raise ClientError("'logprobs' must be an integer from 0 to 5.", param="logprobs")
     echoes = tuple(item if isinstance(item, str) else "" for item in prompts for _ in range(n)) \
         if body.get("echo") is True else ()
-    return SimRequest("completions", prompt, count_prompt_tokens(prompt), _max_tokens(body, "max_tokens", 0),
-                      *_streaming(body), choices=n * len(prompts), echoes=echoes, logprobs=logprobs,
-                      longest_prompt_tokens=max(count_prompt_tokens(item) for item in prompts))
+    counts = [count_prompt_tokens(item) for item in prompts]
+    return SimRequest("completions", prompt, sum(counts), _max_tokens(body, "max_tokens", 0), *_streaming(body),
+                      choices=n * len(prompts), echoes=echoes, logprobs=logprobs, longest_prompt_tokens=max(counts))
 
 
 def parse_embeddings(body: dict[str, Any]) -> SimRequest:
@@ -80,9 +80,9 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ("float", "base64"):
         raise ClientError("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
-    return SimRequest("embeddings", given, count_prompt_tokens(inputs), inputs=inputs,
-                      dimensions=dimensions, encoding_format=encoding_format,
-                      longest_prompt_tokens=max(count_prompt_tokens(item) for item in inputs))
+    counts = [count_prompt_tokens(item) for item in inputs]
+    return SimRequest("embeddings", given, sum(counts), inputs=inputs, dimensions=dimensions,
+                      encoding_format=encoding_format, longest_prompt_tokens=max(counts))
 
 
 def _max_tokens(body: dict[str, Any], key: str, low: int = 1) -> int | None:

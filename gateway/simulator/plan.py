@@ -11,9 +11,8 @@ from gateway.simulator.parse import SimRequest
 
 #: the fault each rate in FAULT_RATES injects
 FAULTS = dict(zip(FAULT_RATES, ("rate_limit", "error", "hang", "drop"), strict=True))
-#: the request field that carries the prompt, per kind: a context-length error names it
-PROMPT_PARAMS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
-PROMPT_NAMES = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+#: the request field that carries the prompt, per kind: a context-length error names it, in its text and param
+PROMPT_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: the output length when max_tokens is absent is normal around the mean with this relative spread
 OUTPUT_SPREAD = 0.25
 
@@ -51,11 +50,11 @@ def check_context(config: SimConfig, request: SimRequest) -> None:
     requested = prompt_tokens + (request.max_tokens or 0)
     if requested <= config.context_window and prompt_tokens < config.context_window:
         return
+    field = PROMPT_FIELDS[request.kind]
     raise ClientError(
         f"This model's maximum context length is {config.context_window} tokens. However, you requested "
-        f"{requested} tokens ({prompt_tokens} in the {PROMPT_NAMES[request.kind]}, {request.max_tokens or 0} in "
-        f"the completion). Please reduce the length of the {PROMPT_NAMES[request.kind]} or completion.",
-        param=PROMPT_PARAMS[request.kind], code="context_length_exceeded")
+        f"{requested} tokens ({prompt_tokens} in the {field}, {request.max_tokens or 0} in the completion). "
+        f"Please reduce the length of the {field} or completion.", param=field, code="context_length_exceeded")
 
 
 def draw_fault(config: SimConfig, rng: random.Random) -> str | None:

@@ -75,10 +75,13 @@ def test_encode_decode_round_trip(content: str, flag: int) -> None:
 
 
 def test_an_entry_keeps_its_cost_and_the_model_that_answered() -> None:
-    """What the answer cost (what each hit saves) and the model that gave it survive the bytes, plain or compressed."""
+    """What the answer cost (what each hit saves), the model that gave it and the upstream model that model
+    called survive the bytes, plain or compressed."""
     for content in ("short", "x" * 5000):
-        entry = CacheEntry("chat", chat_body(content), 1700000001.5, cost_usd=Decimal("0.000123"), model="small")
-        assert decode_entry(encode_entry(entry)) == entry
+        entry = CacheEntry("chat", chat_body(content), 1700000001.5, cost_usd=Decimal("0.000123"), model="small",
+                           upstream_model="llama-3.1-8b")
+        decoded = decode_entry(encode_entry(entry))
+        assert decoded == entry and decoded.upstream_model == "llama-3.1-8b"
 
 
 def test_a_free_answer_keeps_its_zero_cost() -> None:
@@ -92,9 +95,17 @@ def test_a_stored_model_that_is_no_name_is_read_as_none() -> None:
     model: a list or a number never reaches the check of which models may serve the hit."""
     body = chat_body("short")
     for stored_model in (["small"], 5, {"name": "small"}):
-        stored = {"e": "chat", "b": body, "t": 1.0, "m": stored_model}
+        stored = {"e": "chat", "b": body, "t": 1.0, "m": stored_model, "u": stored_model}
         entry = decode_entry(bytes([FORMAT_PLAIN]) + orjson.dumps(stored))
-        assert entry is not None and entry.model is None, stored_model
+        assert entry is not None and entry.model is None and entry.upstream_model is None, stored_model
+
+
+def test_an_entry_stored_before_entries_named_their_upstream_model_reads_without_one() -> None:
+    """An entry an earlier build stored (its model, no upstream model) is still read, its upstream model None:
+    the hit check then goes by the model's name alone."""
+    stored = {"e": "chat", "b": chat_body("short"), "t": 1.0, "m": "small"}
+    entry = decode_entry(bytes([FORMAT_PLAIN]) + orjson.dumps(stored))
+    assert entry is not None and entry.model == "small" and entry.upstream_model is None
 
 
 def test_size_cap_skips_storing() -> None:

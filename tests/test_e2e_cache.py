@@ -734,6 +734,59 @@ def test_a_hit_is_served_only_to_a_request_its_model_may_answer(redis_server):
         gw.stop()
 
 
+def test_a_model_given_another_upstream_model_no_longer_serves_its_old_answers(redis_server):
+    """A reload that gives a model another upstream model (a new version behind the same policy name) makes its
+    stored answers misses: the new upstream model answers, its answer replaces the entry and is the next hit.
+    Moving the model to another endpoint with the same upstream model keeps its answers."""
+    gw = Harness(POLICY, {"small": dict(ttft_ms=5, tpot_ms=1), "medium": dict(ttft_ms=5, tpot_ms=1)},
+                 environ(GATEWAY_REDIS_URL=redis_server.url)).start()
+    gw.redis = redis.Redis.from_url(redis_server.url)
+    try:
+        def stored_upstream() -> str | None:
+            entries = [decode_entry(gw.redis.get(key)) for key in entry_keys(gw)]
+            assert len(entries) == 1, entries
+            return entries[0].upstream_model
+
+        def reload_with(**changes: object) -> None:
+            gw.write_policy(POLICY.replace(standard_model("small", timeouts=short_timeouts(first_byte_s=5)),
+                                           standard_model("small", timeouts=short_timeouts(first_byte_s=5),
+                                                          **changes)))
+            assert gw.call(_reload(gw))
+
+        assert chat(gw, **ask("Which version?"))[1] == "stored"
+        wait_for_entries(gw, 1)
+        assert stored_upstream() == "sim-small" and chat(gw, **ask("Which version?"))[1] == "hit"
+
+        reload_with(upstream_model="sim-small-v2")
+        assert chat(gw, **ask("Which version?"))[1] == "stored"
+        assert gw.sim_requests("small", last=1)[0]["body"]["model"] == "sim-small-v2"
+        deadline_s = time.monotonic() + 5
+        while stored_upstream() != "sim-small-v2":
+            assert time.monotonic() < deadline_s, "the new upstream model's answer never replaced the entry"
+            time.sleep(0.01)
+        assert chat(gw, **ask("Which version?"))[1] == "hit"
+
+        reload_with(upstream_model="sim-small-v2", endpoint="{medium}")
+        assert chat(gw, **ask("Which version?"))[1] == "hit"
+        assert gw.sim_stats("medium")["total"] == 0 and upstream_calls(gw) == 2
+
+        # an entry an earlier build stored names no upstream model: judged by the model's name, still a hit
+        key = entry_keys(gw)[0]
+        legacy = decode_entry(gw.redis.get(key))
+        gw.redis.set(key, encode_entry(CacheEntry(legacy.endpoint, legacy.body, legacy.created_unix_s,
+                                                  legacy.cost_usd, model="small")), ex=60)
+        assert stored_upstream() is None and chat(gw, **ask("Which version?"))[1] == "hit"
+        assert upstream_calls(gw) == 2
+    finally:
+        gw.redis.close()
+        gw.stop()
+
+
+async def _reload(gw) -> bool:
+    """The policy file read again, on the gateway's own loop."""
+    return gw.holder.reload()
+
+
 def test_a_stored_answer_from_a_model_dropped_only_for_price_is_still_a_hit():
     """The large model's stored answer serves a request whose cost limit leaves only the small model: a hit
     costs nothing, so the price that dropped the large model does not apply to it."""

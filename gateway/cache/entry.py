@@ -44,6 +44,8 @@ class CacheEntry:
     cost_usd: Decimal | None = None
     #: the policy model that answered: a hit is served only to a request that model may answer
     model: str | None = None
+    #: the upstream model it called then: a model given another upstream model no longer serves this answer
+    upstream_model: str | None = None
 
 
 def entry_from_response(endpoint: str, body: Any) -> CacheEntry | None:
@@ -89,6 +91,8 @@ def encode_entry(entry: CacheEntry, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_
         stored["c"] = str(entry.cost_usd)
     if entry.model is not None:
         stored["m"] = entry.model
+    if entry.upstream_model is not None:
+        stored["u"] = entry.upstream_model
     raw = orjson.dumps(stored)
     if len(raw) > COMPRESS_OVER_BYTES:
         return _compressed(raw, max_entry_bytes)
@@ -123,7 +127,7 @@ def decode_entry(data: bytes) -> CacheEntry | None:
         raw = _payload(data)
         stored = orjson.loads(raw)
         cost_usd = Decimal(stored["c"]) if "c" in stored else None
-        model = stored.get("m")
+        model, upstream_model = stored.get("m"), stored.get("u")
         endpoint, body, created = stored["e"], stored["b"], stored["t"]
     except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError):
         return None
@@ -131,7 +135,8 @@ def decode_entry(data: bytes) -> CacheEntry | None:
             not isinstance(created, (int, float)) or (cost_usd is not None and not (cost_usd.is_finite() and
                                                                                     cost_usd >= 0)):
         return None
-    return CacheEntry(endpoint, body, created, cost_usd, model if isinstance(model, str) else None)
+    return CacheEntry(endpoint, body, created, cost_usd, model if isinstance(model, str) else None,
+                      upstream_model if isinstance(upstream_model, str) else None)
 
 
 def _payload(data: bytes) -> bytes:

@@ -27,6 +27,7 @@ from gateway.cache.replay import replay_sse
 from gateway.cache.singleflight import FlightAbandoned, LocalFlight, SingleFlight
 from gateway.context import Decision, RequestContext
 from gateway.cost import token_cost_usd
+from gateway.policy.model import Model
 from gateway.responses import response_headers
 from gateway.routing.predict import meets_hard_terms
 from gateway.stages.relay import SSE_HEADERS, ClientWriter
@@ -159,7 +160,7 @@ class Cache:
         it answers another endpoint (the key names the endpoint: only a hand-written entry could)."""
         if entry is None or entry.endpoint != ctx.endpoint:
             return None
-        return entry if may_answer(ctx.decision, entry.model) else None
+        return entry if may_answer(ctx.decision, entry.model, entry.upstream_model) else None
 
     async def _single_flight(self, ctx: RequestContext, tried: bool = False,
                              token: str | None = None) -> CacheEntry | None:
@@ -320,20 +321,27 @@ class Cache:
             # for usage got) goes with the answer, so a hit streamed to such a client ends with it too
             body = {**body, "usage": usage_body(ctx.usage)}
         return CacheEntry(entry.endpoint, body, entry.created_unix_s, cost_usd=answered.cost_usd,
-                          model=answered.model.name)
+                          model=answered.model.name, upstream_model=answered.model.upstream_model)
 
 
-def may_answer(decision: Decision, model: str | None) -> bool:
-    """Whether a stored answer from `model` may answer a request routed as `decision`.
+def may_answer(decision: Decision, model: str | None, upstream_model: str | None = None) -> bool:
+    """Whether a stored answer from `model` (which called `upstream_model`) may answer a request routed as
+    `decision`.
 
     Yes for a model its plan would call (a fallback included), and for a candidate dropped only for speed,
     price or an open circuit, which a stored answer no longer has; no for one below the tier the request asks
-    for or without its context, for a model the route no longer has, and for an entry that names none.
+    for or without its context, for a model the route no longer has, for a model the policy now points at
+    another upstream model (a new model version behind the same name: its answers are its own), and for an
+    entry that names none. An entry stored before entries named their upstream model is judged by name alone.
     """
     if model is None:
         return False
-    return any(m.name == model for m in decision.plan) or \
-        any(c.model.name == model and meets_hard_terms(c) for c in decision.candidates)
+
+    def same(candidate: Model) -> bool:
+        return candidate.name == model and (upstream_model is None or candidate.upstream_model == upstream_model)
+
+    return any(same(m) for m in decision.plan) or \
+        any(same(c.model) and meets_hard_terms(c) for c in decision.candidates)
 
 
 async def _until_stored(stored: asyncio.Future) -> bool:

@@ -13,6 +13,7 @@ from gateway import admin
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.errors import ClientError, GatewayError, NotFound, PermissionDenied
+from gateway.outcomes import ANONYMOUS
 from gateway.responses import error_response, json_response
 from gateway.runtime import PolicyHolder
 from gateway.stages.parse import parse_json_object, read_body
@@ -125,6 +126,7 @@ async def report_outcome(request: web.Request) -> web.Response:
     tenant = runtime.identity.identify(request.headers)
     server = runtime.policy.server
     body = parse_json_object(await read_body(request, server.max_body_bytes, server.client_timeout_s))
+    await _priced(services, tenant.name if tenant else ANONYMOUS)
     task = await services.outcomes.report(body, tenant=tenant.name if tenant else None)
     record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
               "outcome": task.outcome, "route": task.route, "tenant": task.tenant,
@@ -132,6 +134,13 @@ async def report_outcome(request: web.Request) -> web.Response:
     services.recorder.outcome(record)
     services.telemetry.record_outcome(task)
     return json_response({"object": "outcome", **record})
+
+
+async def _priced(services: Services, tenant_name: str) -> None:
+    """Wait for the caller's answered requests whose measured joules are still coming (at most the sampler's settle
+    time): a report sent as an answer arrives then finds its request booked, and at its whole cost."""
+    if (pricing := services.pricing.get(tenant_name)) and services.energy is not None:
+        await asyncio.wait(set(pricing), timeout=services.energy.settle_timeout_s + 1.0)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -58,6 +58,9 @@ class Services:
     drain_ends_s: float | None = None   # on the loop's clock: when a stopping server's grace period runs out
     # the requests being served, (context, the task serving it) by id(context): a drain that runs out ends them
     in_flight: dict = field(default_factory=dict)
+    # by tenant name: the recordings of answered requests still waiting for their measured joules (their ledger
+    # line, their cost with its energy price, their booking to their task); an outcome report waits for them
+    pricing: dict = field(default_factory=dict)
 
     def record_request(self, ctx: RequestContext) -> None:
         """Hand a finished request to the ledger and the outcome book."""

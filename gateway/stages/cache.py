@@ -13,6 +13,7 @@ write never waits for a store round trip. Identical requests arriving while the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable
 from decimal import Decimal
@@ -41,6 +42,8 @@ SINGLE_FLIGHT_TIMEOUT_S = 30.0
 LEADER_LIMIT_S = 600.0
 #: the longest a leader keeps the cross-replica lock waiting for its answer's cache write
 STORED_WAIT_S = 2.0
+#: ctx.extra: the entry an answer on measured GPUs was stored as, until the price of its joules joins its cost
+STORED_ENTRY = "cache_stored_entry"
 
 
 class Flight:
@@ -283,6 +286,8 @@ class Cache:
         if data is None or not getattr(store, "healthy", True):
             return stored                   # too large, or the store is down: nothing will be stored
         ctx.cache_status = "stored"
+        if ctx.attempts and ctx.attempts[-1].energy_id is not None:    # its energy's price is still to come
+            ctx.extra[STORED_ENTRY] = entry
         if ctx.response is not None and not ctx.response.prepared:
             ctx.response.headers["x-gateway-cache"] = "stored"
         ttl_s = ctx.decision.route.cache.ttl_s
@@ -352,6 +357,23 @@ async def _until_stored(stored: asyncio.Future) -> bool:
     except TimeoutError:
         log.debug("a cache write took over %s s; the single-flight lock is given back without it", STORED_WAIT_S)
         return False
+
+
+def reprice_stored(services, ctx: RequestContext, extra_usd: Decimal) -> None:
+    """Store the request's answer again with the price of its measured energy added to its cost (its joules are
+    known only after the answer was stored), so a hit on it saves what it cost, as the ledger charged it."""
+    entry = ctx.extra.pop(STORED_ENTRY, None)
+    if entry is None or not extra_usd:
+        return
+    data = encode_entry(dataclasses.replace(entry, cost_usd=(entry.cost_usd or Decimal(0)) + extra_usd))
+    store = services.stores.cache
+    if data is None or not getattr(store, "healthy", True):
+        return
+    ttl_s = ctx.decision.route.cache.ttl_s
+    if not store.remote:
+        store.put(ctx.cache_key, data, ttl_s)
+    else:
+        services.background.spawn(store.set(ctx.cache_key, data, ttl_s), name="cache-write")
 
 
 async def _written(write: Awaitable[bool | None], stored: asyncio.Future | None) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from decimal import Decimal
 
 from gateway.context import RequestContext
 from gateway.cost import energy_cost_usd
+from gateway.stages.cache import reprice_stored
 from gateway.tenancy.budgets import charge_later
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,10 @@ class Observe:
 
     async def finish(self, ctx: RequestContext) -> None:
         if any(attempt.energy_id is not None for attempt in ctx.attempts):
-            self.services.background.spawn(self._record_with_energy(ctx), name="energy-attribution")
+            recording = self.services.background.spawn(self._record_with_energy(ctx), name="energy-attribution")
+            pricing = self.services.pricing.setdefault(ctx.tenant_name, set())   # an outcome report waits for it
+            pricing.add(recording)
+            recording.add_done_callback(functools.partial(_recorded, self.services.pricing, ctx.tenant_name))
         else:
             asyncio.get_running_loop().call_soon(self._record_now, ctx)
 
@@ -72,9 +77,19 @@ class Observe:
                     extra_usd = energy_cost_usd(attempt.model, attempt.energy_j)
                     attempt.cost_usd += extra_usd
                     energy_usd += extra_usd
+                    if attempt is ctx.attempts[-1]:     # the answer a stored entry holds: what a hit on it saves
+                        reprice_stored(self.services, ctx, extra_usd)
                 ctx.cost_usd += energy_usd
                 ctx.energy_j = sum(attempt.energy_j for attempt in measured)
         finally:
             charge_later(self.services, ctx.tenant, energy_usd)   # admit charged the rest as the answer left
             self._record(ctx)
 
+
+def _recorded(pricing: dict, tenant_name: str, recording: asyncio.Task) -> None:
+    """A recording that waited for its joules is done: its request is booked to its task, energy priced."""
+    waiting = pricing.get(tenant_name)
+    if waiting is not None:
+        waiting.discard(recording)
+        if not waiting:
+            del pricing[tenant_name]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from decimal import Decimal
 
 import pytest
 
 from tests.support import accounting
-from tests.support.harness import Harness
 from tests.support.policies import models, price
-from tests.test_e2e_energy import LiveExporter, measured_model
+from tests.test_e2e_energy import measured_gateway, measured_model
 
 ENERGY_CACHED_POLICY = models(measured_model(price=price(0.10, 0.20))) + """
 routes:
@@ -26,11 +24,7 @@ ledger: {{path: "LEDGER"}}
 @pytest.fixture(scope="module")
 def energy_cached_gw(tmp_path_factory):
     """A gateway whose one model is priced per token and per kWh of its DCGM-measured GPUs, with the cache on."""
-    exporter = LiveExporter().start()
-    ledger = tmp_path_factory.mktemp("energy") / "ledger.jsonl"
-    harness = Harness(ENERGY_CACHED_POLICY.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger)),
-                      sims={"small": dict(ttft_ms=5, tpot_ms=20)}, environ=dict(os.environ)).start()
-    harness.ledger_path = ledger
+    harness = measured_gateway(ENERGY_CACHED_POLICY, tmp_path_factory.mktemp("energy"))
     yield harness
     harness.stop()
 

@@ -89,13 +89,20 @@ ledger: {{path: "LEDGER"}}
 """
 
 
-@pytest.fixture(scope="module")
-def energy_gw(tmp_path_factory):
+def measured_gateway(policy: str, ledger_dir: Path) -> Harness:
+    """A started gateway on `policy` (its PORT the live exporter's, its LEDGER in `ledger_dir`), the simulated
+    `small` behind it; its ledger's path is `ledger_path`."""
     exporter = LiveExporter().start()
-    ledger = tmp_path_factory.mktemp("energy") / "ledger.jsonl"
-    harness = Harness(POLICY.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger)),
+    ledger = ledger_dir / "ledger.jsonl"
+    harness = Harness(policy.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger)),
                       sims={"small": dict(ttft_ms=5, tpot_ms=20)}, environ=dict(os.environ)).start()
     harness.ledger_path = ledger
+    return harness
+
+
+@pytest.fixture(scope="module")
+def energy_gw(tmp_path_factory):
+    harness = measured_gateway(POLICY, tmp_path_factory.mktemp("energy"))
     yield harness
     harness.stop()
 

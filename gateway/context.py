@@ -62,6 +62,7 @@ class Attempt:
     queued_s: float = 0.0               # waited for a call slot on a saturated model (routing.queue_timeout_ms)
     queue_result: str | None = None     # granted | timeout | cancelled, when it asked for a call slot
     holds_slot: bool = False            # took a call slot, given back when the attempt ends
+    slot_pool: Any = None               # the model's call slots it asked (of the server it calls): given back there
     probe_since_s: float | None = None  # took its model's half-open probe (then): given back if the client leaves
     dispatched: bool = True             # False while it waits for a call slot, and for good if none came
 

@@ -31,6 +31,11 @@ class Fleet:
         self.slots = Slots()
         self.slots.configure(policy.models)
         self._models = dict(policy.models)
+        #: the last version of every model any policy named, those a reload removed too: what a model put back
+        #: is compared with
+        self._known = dict(policy.models)
+        #: calls in flight to servers a reload has moved a model from, by (name, endpoint, upstream model)
+        self._elsewhere: dict[tuple[str, str, str], int] = {}
         self._routers: dict[str, Router] = {}
         self.router(policy)
         #: sends this process's latency samples to the other processes and takes theirs (routing.share_estimates)
@@ -59,29 +64,84 @@ class Fleet:
         """Follow a reloaded policy: its latency window, prior weight (a change restarts every model's
         estimates), breaker settings and latency priors (also when an earlier version comes back, whose
         router is still cached), and its router built now. A model now called elsewhere (its endpoint, upstream
-        model or credential changed) starts with a closed circuit: an SRE's fix gets its traffic at once."""
+        model or credential changed, since the policy before or since it was last named, when a reload removed it
+        and this one puts it back) starts with a closed circuit, and one now served elsewhere with call slots and
+        an in-flight count of its own (the calls to the old server end there): an SRE's fix gets its traffic at
+        once; one now run elsewhere (its server, upstream model or GPUs changed) forgets the joules per token
+        measured where it ran before."""
+        moved = set()
         for name, model in policy.models.items():
-            known = self._models.get(name)
+            known = self._known.get(name)
             if known is not None and _called_elsewhere(known, model):
                 self.breakers.forget(name)
+            if known is not None and _served_elsewhere(known, model):
+                moved.add(name)
+                self._move_in_flight(known, model)
+            if known is not None and _draws_elsewhere(known, model):
+                self.estimates.forget_energy(name)
         self._models = dict(policy.models)
+        self._known.update(policy.models)
         routing = policy.routing
         self.estimates.window_s = routing.latency_window_s
         if routing.prior_weight != self.estimates.prior_weight:
             self.estimates.prior_weight = routing.prior_weight
             self.estimates.restart()
         self.estimates.track(policy.models)
-        self.slots.configure(policy.models)
+        self.slots.configure(policy.models, moved=moved)
         self.breakers.configure(routing.breaker)
         if self.sharing is not None:
             self.sharing.enabled = routing.share_estimates
         self.router(policy)
 
-    def started(self, model_name: str) -> None:
-        self.estimates.started(model_name)
+    def started(self, model: Model | str) -> None:
+        """A call to `model` (as the call sees it) began: it loads the model's server now, or, for a call of an
+        older policy version to where a reload has moved the model from, that server."""
+        key = self._elsewhere_key(model)
+        if key is None:
+            self.estimates.started(model if isinstance(model, str) else model.name)
+        else:
+            self._elsewhere[key] = self._elsewhere.get(key, 0) + 1
 
-    def finished(self, model_name: str) -> None:
-        self.estimates.finished(model_name)
+    def finished(self, model: Model | str) -> None:
+        """A call started with `started(model)` ended, on whichever server it loaded."""
+        key = self._elsewhere_key(model)
+        if key is None or key not in self._elsewhere:
+            self.estimates.finished(model if isinstance(model, str) else model.name)
+        elif self._elsewhere[key] > 1:
+            self._elsewhere[key] -= 1
+        else:
+            del self._elsewhere[key]
+
+    def _elsewhere_key(self, model: Model | str) -> tuple[str, str, str] | None:
+        """(name, endpoint, upstream model) of a call to a server the model of its name is no longer served on;
+        None for a call to where it is served now."""
+        if isinstance(model, str):
+            return None
+        known = self._known.get(model.name)
+        if known is None or not _served_elsewhere(known, model):
+            return None
+        return model.name, model.endpoint, model.upstream_model
+
+    def _move_in_flight(self, known: Model, model: Model) -> None:
+        """The calls in flight to `known`'s server no longer load the model's new one (`model`'s), which takes on
+        any still in flight to it from before (a reload that moves the model back)."""
+        name = model.name
+        leaving = self.estimates.in_flight(name)
+        self.estimates.set_in_flight(name, self._elsewhere.pop((name, model.endpoint, model.upstream_model), 0))
+        if leaving:
+            self._elsewhere[(name, known.endpoint, known.upstream_model)] = leaving
+
+    def calls_as(self, model: Model) -> bool:
+        """Whether `model` (as a call saw it, maybe of an older policy version) is called where the model of its
+        name is called now: a verdict on another server says nothing of this one's health."""
+        known = self._known.get(model.name)
+        return known is None or not _called_elsewhere(known, model)
+
+    def draws_as(self, model: Model) -> bool:
+        """Whether `model` (as a call saw it) runs where the model of its name runs now: the joules measured of a
+        call to where it ran before say nothing of where it runs now."""
+        known = self._known.get(model.name)
+        return known is None or not _draws_elsewhere(known, model)
 
     def record_success(self, model_name: str) -> None:
         self.breakers.record_success(model_name)
@@ -105,3 +165,14 @@ def _called_elsewhere(known: Model, model: Model) -> bool:
     """Whether calls to `model` go to another server, model or credential than those to `known` did."""
     return (known.endpoint, known.upstream_model, known.api_key_env) != \
         (model.endpoint, model.upstream_model, model.api_key_env)
+
+
+def _served_elsewhere(known: Model, model: Model) -> bool:
+    """Whether calls to `model` go to another server or model than those to `known` did (whose concurrency is
+    not theirs)."""
+    return (known.endpoint, known.upstream_model) != (model.endpoint, model.upstream_model)
+
+
+def _draws_elsewhere(known: Model, model: Model) -> bool:
+    """Whether the energy `model` draws per token is not what `known`'s was: another server, model or GPUs."""
+    return (known.endpoint, known.upstream_model, known.gpus) != (model.endpoint, model.upstream_model, model.gpus)

@@ -751,7 +751,7 @@ def test_a_model_given_another_upstream_model_no_longer_serves_its_old_answers(r
             gw.write_policy(POLICY.replace(standard_model("small", timeouts=short_timeouts(first_byte_s=5)),
                                            standard_model("small", timeouts=short_timeouts(first_byte_s=5),
                                                           **changes)))
-            assert gw.call(_reload(gw))
+            assert gw.reload_policy()
 
         assert chat(gw, **ask("Which version?"))[1] == "stored"
         wait_for_entries(gw, 1)
@@ -780,11 +780,6 @@ def test_a_model_given_another_upstream_model_no_longer_serves_its_old_answers(r
     finally:
         gw.redis.close()
         gw.stop()
-
-
-async def _reload(gw) -> bool:
-    """The policy file read again, on the gateway's own loop."""
-    return gw.holder.reload()
 
 
 def test_a_stored_answer_from_a_model_dropped_only_for_price_is_still_a_hit():

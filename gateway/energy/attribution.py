@@ -154,6 +154,11 @@ class EnergyLedger:
         flight = self._flights.pop(request_id, None)
         return flight.energy_j if flight is not None else 0.0
 
+    def forget_idle(self, model: Hashable) -> None:
+        """Forget the idle power learned of a model's GPUs: it runs on others now, whose idle power is learned
+        afresh."""
+        self._learners.pop(model, None)
+
     def set_idle_w(self, idle_w_per_gpu: Mapping[Hashable, float | None]) -> None:
         """Configured idle powers after a policy reload; models without one learn theirs."""
         self._idle_w = {model: w for model, w in idle_w_per_gpu.items() if w is not None}

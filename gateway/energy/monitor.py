@@ -189,6 +189,9 @@ class EnergyMonitor:
             sampled.name = named[models]
         self._index()
         self.ledger.set_idle_w({models: s.config.idle_w for models, s in self._sampled.items()})
+        for models, sampled in self._sampled.items():
+            if old.get(models) is not sampled:  # GPUs read afresh (new, or other than before): their idle power too
+                self.ledger.forget_idle(models)
         gone = [s for models, s in old.items() if self._sampled.get(models) is not s]
         await self._stop_cycles(gone)
         await self._close_sources(gone)

@@ -285,6 +285,11 @@ class LatencyEstimates:
             window = self._energy[model_name] = EnergyWindow(self._max_samples)
         window.add(self._clock(), joules, output_tokens)
 
+    def forget_energy(self, model_name: str) -> None:
+        """Forget the joules measured of a model (it now runs on other GPUs, or is another model): it has no
+        energy estimate until its answers there are measured."""
+        self._energy.pop(model_name, None)
+
     def joules_per_output_token(self, model_name: str) -> float | None:
         """Measured joules per output token over the window (the last figure once the window has emptied); None
         before any measured answer."""
@@ -339,6 +344,10 @@ class LatencyEstimates:
         """A call to the model ended, however it ended."""
         count = self._in_flight.get(model_name, 0)
         self._in_flight[model_name] = count - 1 if count > 0 else 0
+
+    def set_in_flight(self, model_name: str, count: int) -> None:
+        """Set the calls in progress to the model (a reload moved it: those to its old server no longer count)."""
+        self._in_flight[model_name] = max(0, count)
 
     def in_flight(self, model_name: str) -> int:
         """Calls to the model now in progress."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from gateway.errors import ModelBusy
@@ -45,14 +45,15 @@ class Slots:
         self._models: dict[str, _ModelSlots] = {}
         self._arrivals = itertools.count()
 
-    def configure(self, models: Mapping[str, Model]) -> None:
+    def configure(self, models: Mapping[str, Model], moved: Collection[str] = ()) -> None:
         """Each model's slots from the current policy's max_concurrency (at start and on each reload): a raise
         lets waiters in now; a cut takes effect as calls end. Calls still on an older policy version do not
-        change them."""
+        change them. A model `moved` to another server gets slots of its own: the calls to its old server
+        (and those waiting for them) end on the old ones, and do not hold the new server's."""
         for name, model in models.items():
             limit = model.max_concurrency
             slots = self._models.get(name)
-            if slots is None:
+            if slots is None or name in moved:
                 self._models[name] = _ModelSlots(max(1, limit))
             elif slots.limit != max(1, limit):
                 slots.limit = max(1, limit)
@@ -64,11 +65,17 @@ class Slots:
             slots = self._models[name] = _ModelSlots(max(1, limit))
         return slots
 
-    async def take(self, name: str, limit: int, priority: int, timeout_s: float) -> float:
+    def pool(self, name: str, limit: int) -> _ModelSlots:
+        """Model `name`'s slots now: pass them to `take` and `give_back`, so a call ends on the slots it took
+        whatever a reload did meanwhile."""
+        return self._slots(name, limit)
+
+    async def take(self, name: str, limit: int, priority: int, timeout_s: float,
+                   pool: _ModelSlots | None = None) -> float:
         """Take a call slot on model `name` (at most `limit` in flight), waiting up to `timeout_s`; returns the
         seconds waited. ModelBusy when none came in time; cancellation leaves the line. `limit` applies only to
-        a model `configure` has not named."""
-        slots = self._slots(name, limit)
+        a model `configure` has not named; `pool`: the slots to take from (`pool`), else the model's now."""
+        slots = pool if pool is not None else self._slots(name, limit)
         if slots.busy < slots.limit and not slots.line:
             slots.busy += 1
             return 0.0
@@ -80,16 +87,17 @@ class Slots:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(waiter.granted)
         except BaseException as exc:
-            self._leave(name, slots, waiter)
+            self._leave(slots, waiter)
             if isinstance(exc, TimeoutError):
                 raise ModelBusy(f"model '{name}' is busy: no call slot within {timeout_s * 1000:g} ms "
                                 f"({slots.busy} calls in flight, {len(slots.line)} waiting)") from None
             raise
         return loop.time() - started_s
 
-    def give_back(self, name: str) -> None:
-        """A call that held a slot on model `name` ended: the first waiter in line gets it."""
-        slots = self._models.get(name)
+    def give_back(self, name: str, pool: _ModelSlots | None = None) -> None:
+        """A call that held a slot on model `name` (of `pool`, when given) ended: the first waiter in line gets
+        it."""
+        slots = pool if pool is not None else self._models.get(name)
         if slots is None or slots.busy <= 0:
             return
         slots.busy -= 1
@@ -109,11 +117,13 @@ class Slots:
         slots = self._models.get(name)
         return slots.busy if slots is not None else 0
 
-    def _leave(self, name: str, slots: _ModelSlots, waiter: _Waiter) -> None:
+    def _leave(self, slots: _ModelSlots, waiter: _Waiter) -> None:
         """A waiter gave up: out of the line, or, if the slot was granted meanwhile, the slot handed on."""
         granted = waiter.granted
         if granted.done() and not granted.cancelled():
-            self.give_back(name)
+            if slots.busy > 0:
+                slots.busy -= 1
+                self._grant(slots)
             return
         granted.cancel()
         try:

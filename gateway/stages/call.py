@@ -80,7 +80,7 @@ class Call:
             if allowed and not slots:       # `allow` took the half-open probe, when the circuit was half-open
                 attempt.probe_since_s = breakers.probe_since(model.name)
             ctx.attempts.append(attempt)
-            self.services.fleet.started(model.name)     # waiting counts as in flight: the router sees the line
+            self.services.fleet.started(model)          # waiting counts as in flight: the router sees the line
             try:
                 if slots:
                     await self._take_slot(ctx, attempt, last_hope)
@@ -118,9 +118,10 @@ class Call:
         priority = ctx.tenant.priority if ctx.tenant is not None else DEFAULT_PRIORITY
         attempt.dispatched = False
         started_s = time.perf_counter()
+        pool = attempt.slot_pool = fleet.slots.pool(model.name, model.max_concurrency)
         try:
             attempt.queued_s = await fleet.slots.take(model.name, model.max_concurrency, priority,
-                                                      ctx.policy.routing.queue_timeout_ms / 1000.0)
+                                                      ctx.policy.routing.queue_timeout_ms / 1000.0, pool=pool)
         except BaseException as exc:        # no slot: the deadline passed, or the client left
             attempt.queued_s = time.perf_counter() - started_s
             attempt.queue_result = "timeout" if isinstance(exc, ModelBusy) else "cancelled"
@@ -159,25 +160,30 @@ class Call:
         ctx.fallback_state = fallback_state(ctx, succeeded=True)
         if ctx.fallback_state != "none":
             ctx.fallback_reason = ctx.attempts[-2].error_type
-        self.services.fleet.record_success(attempt.model.name)
+        fleet = self.services.fleet
+        if fleet.calls_as(attempt.model):   # else a call to where a reload has since moved the model from
+            fleet.record_success(attempt.model.name)
 
     def _failed(self, ctx: RequestContext, attempt: Attempt, exc: UpstreamError) -> None:
         """Record a failed attempt; only failures of the model's health count against its breaker."""
         attempt.error_type = exc.reason
         attempt.status = exc.status
+        fleet = self.services.fleet
         if not exc.model_at_fault:          # never sent (no slot came, or its circuit opened): nothing learned
             return
+        if not fleet.calls_as(attempt.model):   # a call to the server a reload has since moved the model from:
+            return                              # its verdict is not the new server's
         if _model_unhealthy(exc):
-            self.services.fleet.record_failure(attempt.model.name, exc)
+            fleet.record_failure(attempt.model.name, exc)
         else:                               # it answered: the request, not the model, was at fault
-            self.services.fleet.record_success(attempt.model.name)
+            fleet.record_success(attempt.model.name)
 
     async def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
         fleet = self.services.fleet
-        fleet.finished(attempt.model.name)     # first: the in-flight count must always balance
+        fleet.finished(attempt.model)          # first: the in-flight count must always balance
         if attempt.holds_slot:
-            fleet.slots.give_back(attempt.model.name)
+            fleet.slots.give_back(attempt.model.name, pool=attempt.slot_pool)
         if not attempt.dispatched:          # never sent (no slot came, or its circuit opened): no call, no span
             return
         if attempt.energy_id is not None:

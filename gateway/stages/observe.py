@@ -68,7 +68,8 @@ class Observe:
         try:
             for attempt in measured:
                 attempt.energy_j = await energy.request_finished(attempt.energy_id)
-                if attempt.energy_j is not None and attempt.status == 200 and attempt.usage is not None:
+                if attempt.energy_j is not None and attempt.status == 200 and attempt.usage is not None \
+                        and self.services.fleet.draws_as(attempt.model):   # not where a reload has since moved it
                     # teach the router, as account does latency: each whole measurement is one
                     self.services.fleet.record_energy(attempt.model.name, attempt.energy_j,
                                                       attempt.usage.output_tokens)

@@ -141,6 +141,12 @@ class Harness:
         urls = {name: sim.url for name, sim in self.sims.items()}
         self.policy_path.write_text(template.format(**urls))
 
+    def reload_policy(self) -> bool:
+        """Read the policy file again (`PolicyHolder.reload`), on the gateway's own loop; whether it was taken."""
+        async def reload() -> bool:
+            return self.holder.reload()
+        return self.call(reload())
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"

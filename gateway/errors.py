@@ -199,9 +199,10 @@ class UpstreamStatus(UpstreamError):
     """The upstream answered with an error status."""
 
     def __init__(self, message: str, *, upstream_status: int, body: dict | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, final: bool = False) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
+        self.final = final                  # the model said `x-should-retry: false`: sending it again cannot help
         self.upstream_body = body
         self.retry_after_s = retry_after_s
         self.status = upstream_status if 400 <= upstream_status < 600 else 502
@@ -243,6 +244,12 @@ class UpstreamStatus(UpstreamError):
             elif name not in shown:
                 shown[name] = value
         return body
+
+    @property
+    def retry_helps(self) -> bool:
+        """As for any error, unless the model itself said sending the request again cannot help (its
+        `x-should-retry: false`, which OpenAI's SDKs would have obeyed talking to it directly)."""
+        return super().retry_helps and not self.final
 
     @property
     def retryable(self) -> bool:

@@ -37,6 +37,9 @@ class Fleet:
         #: calls in flight to servers a reload has moved a model from, by (name, endpoint, upstream model)
         self._elsewhere: dict[tuple[str, str, str], int] = {}
         self._routers: dict[str, Router] = {}
+        #: (endpoint, upstream model) of the model servers that refused a stream's `stream_options`: their streams
+        #: are sent without them
+        self.refuse_stream_options: set[tuple[str, str]] = set()
         self.router(policy)
         #: sends this process's latency samples to the other processes and takes theirs (routing.share_estimates)
         self.sharing: EstimateSharing | None = None

@@ -228,13 +228,31 @@ def status_error(model: Model, status: int, raw: bytes, headers: Mapping[str, st
     if status in UPSTREAM_AUTH_STATUSES:     # the gateway's own credential: the client is told no more than this
         return UpstreamStatus(f"model '{model.name}' refused the gateway's credentials (HTTP {status}); check its "
                               f"api_key_env", upstream_status=status)
-    if isinstance(body, dict) and "error" not in body and body.get("object") == "error":
-        body = {"error": body}              # vLLM's own shape (before 0.10): the error object is the body
+    body = _as_openai_error(body)
     if isinstance(body, dict) and (error := body.get("error")):
         detail = f": {error_message(error)}"
     return UpstreamStatus(f"model '{model.name}' answered {status}{detail}", upstream_status=status,
                           body=body if isinstance(body, dict) else None,
-                          retry_after_s=retry_after_s(headers))
+                          retry_after_s=retry_after_s(headers),
+                          final=headers.get("x-should-retry", "").strip().lower() == "false")
+
+
+def _as_openai_error(body: object) -> object:
+    """An error body in OpenAI's shape, `{"error": {...}}`, from the shapes model servers wrap it in: vLLM's own
+    (before 0.10: the error object is the body), Gemini's (a list of one such body) and FastAPI's (`{"detail":
+    ...}`, a text or a list of validation errors); any other body as it is."""
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict) and "error" in body[0]:
+        return body[0]
+    if not isinstance(body, dict) or "error" in body:
+        return body
+    if body.get("object") == "error":
+        return {"error": body}
+    detail = body.get("detail")
+    if isinstance(detail, str) and detail:
+        return {"error": {"message": detail}}
+    if isinstance(detail, (list, dict)) and detail:
+        return {"error": {"message": orjson.dumps(detail).decode()}}
+    return body
 
 
 #: the most of a model server's error message passed on to the client

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from gateway.tenancy.identity import sha256_hex
 from tests.support.harness import DEFAULT_POLICY, Harness, raw_model_gateway, reset_raw_model
-from tests.support.raw_upstream import COMPLETION, SSE_HEAD, json_answer, sse
+from tests.support.raw_upstream import COMPLETION, SSE_HEAD, TEXT_EVENTS, json_answer, sse
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 #: a strict function tool, as structured-output applications declare them
@@ -472,3 +472,77 @@ def test_the_azure_openai_client_works_through_the_gateway(gw):
     v1 = openai.OpenAI(base_url=f"{gw.base_url}/openai/v1/", api_key="acme-key", max_retries=0, timeout=20)
     assert v1.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=5).choices
     assert v1.models.retrieve("auto").id == "auto"
+
+
+# found in review: what the SDK shows of a model's refusal, and when it retries -------------------------
+
+#: Gemini's OpenAI-compatible API wraps its error in a list; FastAPI servers (Xinference, many wrappers) answer
+#: `{"detail": ...}`; both carry the reason a client needs to fix its request
+WRAPPED_ERRORS = [
+    ([{"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                 "message": 'Invalid JSON payload received. Unknown name "web_search_options": Cannot find field.'}}],
+     'Unknown name "web_search_options"'),
+    ({"detail": "max_tokens must be at most 4096"}, "max_tokens must be at most 4096"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("body, reason", WRAPPED_ERRORS, ids=["gemini-list", "fastapi-detail"])
+def test_a_models_refusal_reaches_the_sdk_with_its_reason_whatever_shape_wraps_it(raw_env, body, reason, stream):
+    """A model's 400 whose error comes in a list (Gemini) or as FastAPI's `detail` reaches the SDK's
+    BadRequestError with the model's reason in its message, as the SDK shows it when it talks to that model
+    directly, not a bare "answered 400"."""
+    harness, raw = raw_env
+    raw.script = json_answer(body, status=400)
+    with pytest.raises(openai.BadRequestError) as caught:
+        harness.openai().chat.completions.create(model="raw-only", messages=MESSAGES, stream=stream)
+    assert reason in caught.value.message
+
+
+def test_a_request_no_model_of_the_route_can_ever_serve_is_not_retried_by_the_sdk(gw):
+    """A request whose tier no model of its route has (503 `sla_unmet` that only a policy change can cure)
+    carries `x-should-retry: false`: the SDK raises at once instead of sending it twice more after its back-off."""
+    sent: list = []
+    with pytest.raises(openai.InternalServerError) as caught:
+        counting_client(gw, sent, api_key="acme-key", max_retries=2).chat.completions.create(
+            model="auto", messages=MESSAGES, max_tokens=2, extra_headers={"x-gateway-min-tier": "9"})
+    assert caught.value.code == "sla_unmet"
+    assert caught.value.response.headers.get("x-should-retry") == "false"
+    assert len(sent) == 1
+
+
+def test_a_models_own_do_not_retry_reaches_the_sdk(raw_env):
+    """A model's error marked `x-should-retry: false` (the header OpenAI's SDKs obey before any status rule) keeps
+    that mark through the gateway: the SDK raises at once, as it would talking to the model, instead of sending the
+    request twice more."""
+    harness, raw = raw_env
+    raw.script = json_answer({"error": {"message": "overloaded for this request", "type": "server_error"}},
+                             status=503, headers={"x-should-retry": "false"})
+    sent: list = []
+    calls_before = len(raw.requests)
+    with pytest.raises(openai.InternalServerError) as caught:
+        counting_client(harness, sent, api_key="k", max_retries=2).chat.completions.create(
+            model="raw-only", messages=MESSAGES)
+    assert caught.value.response.headers.get("x-should-retry") == "false"
+    assert len(sent) == 1 and len(raw.requests) == calls_before + 1
+
+
+def test_a_model_that_refuses_stream_options_still_streams_to_the_sdk(raw_env):
+    """A model that refuses `stream_options` (Azure OpenAI before api-version 2024-09-01-preview answers 400
+    "Unrecognized request argument supplied: stream_options") still streams to an application that worked against
+    it directly: the usage the gateway asks for on its own account does not break the stream, and a client that
+    asked for usage gets the gateway's count."""
+    harness, raw = raw_env
+    refusal = json_answer({"error": {"message": "Unrecognized request argument supplied: stream_options",
+                                     "type": "invalid_request_error", "param": None, "code": None}}, status=400)
+    answer = [(SSE_HEAD + sse(*TEXT_EVENTS), 0.0)]
+    raw.script_for = lambda body: refusal if b"stream_options" in body else answer
+    client = harness.openai()
+    calls_before = len(raw.requests)
+    chunks = list(client.chat.completions.create(model="raw-only", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
+    assert len(raw.requests) == calls_before + 2            # refused, then sent without the field
+    chunks = list(client.chat.completions.create(model="raw-only", messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert len(raw.requests) == calls_before + 3            # the refusal remembered: one call, without the field

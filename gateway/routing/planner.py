@@ -158,6 +158,10 @@ class Router:
             error = _unmet_error(route, plan, candidates, fitting, limits, need)
             if isinstance(error, NoModelMeetsSla) and (wait_s := self._circuit_wait_s(candidates)) is not None:
                 error.headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
+            elif isinstance(error, NoModelMeetsSla) and not any(meets_hard_terms(c) for c in candidates):
+                # every model lacks the tier or the context asked for: only a policy change can cure that, and
+                # OpenAI's SDKs would send it twice more after their back-off
+                error.headers["x-should-retry"] = "false"
             raise error
         fitting.sort(key=lambda c: c.predicted_latency_ms)
         models = [c.model for c in fitting if self.breakers.available(c.model.name)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 
@@ -17,16 +18,29 @@ from gateway.stages.answers import settle_attempt
 from gateway.stages.relay import relay_stream
 from gateway.upstream import UpstreamCall, auth_headers, forwarded_headers
 
+log = logging.getLogger(__name__)
 
-def upstream_body(ctx: RequestContext, model: Model) -> bytes:
-    """The request body for one model: its upstream name, and usage asked for on streams."""
+
+def upstream_body(ctx: RequestContext, model: Model, *, stream_options: bool = True) -> bytes:
+    """The request body for one model: its upstream name, and usage asked for on streams (without
+    `stream_options` at all for a model that refuses the field: the gateway then counts the usage itself)."""
     body = dict(ctx.body)
     body["model"] = model.upstream_model
-    if ctx.stream:
+    if ctx.stream and stream_options:
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         body["stream_options"] = options
+    elif ctx.stream:
+        body.pop("stream_options", None)
     return orjson.dumps(body)
+
+
+def refuses_stream_options(exc: UpstreamError) -> bool:
+    """Whether a model refused a stream's `stream_options` (Azure OpenAI before api-version 2024-09-01-preview,
+    servers that refuse fields they do not know, FastAPI's 422): a 400 or 422 naming the field."""
+    if not isinstance(exc, UpstreamStatus) or exc.upstream_status not in (400, 422):
+        return False
+    return exc.param == "stream_options" or "stream_options" in exc.message
 
 
 def fallback_state(ctx: RequestContext, succeeded: bool) -> str:
@@ -144,8 +158,22 @@ class Call:
         if not trace_headers:               # telemetry off: pass the caller's trace context on as it came
             trace_headers = {k: v for k in ("traceparent", "tracestate") if (v := ctx.http.headers.get(k))}
         headers.update(trace_headers)
-        call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model), headers)
+        server = (model.endpoint, model.upstream_model)
+        with_options = server not in services.fleet.refuse_stream_options
+        call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=with_options), headers)
         if ctx.stream:
+            try:
+                return await relay_stream(ctx, attempt, services.transport, call, self._succeeded,
+                                          energy=services.energy)
+            except UpstreamStatus as exc:
+                if ctx.bytes_sent or not with_options or not refuses_stream_options(exc):
+                    raise
+            # the model refused the usage the gateway asked for: this stream and its next ones go without it, as
+            # the client sent them, and the gateway counts their usage
+            services.fleet.refuse_stream_options.add(server)
+            log.warning("model '%s' refuses stream_options: its streams are sent without them, their usage "
+                        "counted by the gateway", model.name)
+            call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=False), headers)
             return await relay_stream(ctx, attempt, services.transport, call, self._succeeded,
                                       energy=services.energy)
         answer = await services.transport.complete(call)

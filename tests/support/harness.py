@@ -213,6 +213,8 @@ def ledgered_raw_model_gateway(ledger_dir: Path, *, first_byte_s: float, tail: s
 
 
 def reset_raw_model(harness: Harness, raw: RawUpstream) -> None:
-    """Between tests: no script, and every circuit closed."""
+    """Between tests: no script, every circuit closed, and no refusal of `stream_options` remembered."""
     raw.script = []
+    raw.script_for = None
     harness.services.fleet.breakers._circuits.clear()
+    harness.services.fleet.refuse_stream_options.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 
 
 class RawUpstream:
@@ -17,6 +18,8 @@ class RawUpstream:
 
     def __init__(self) -> None:
         self.script: list[tuple[bytes, float]] = []
+        #: when set, the script for each request, from its body (answers that depend on what was asked)
+        self.script_for: Callable[[bytes], list[tuple[bytes, float]]] | None = None
         self.requests: list[tuple[bytes, bytes]] = []
         self.in_flight = 0
         self.most_at_once = 0
@@ -44,8 +47,9 @@ class RawUpstream:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                            if line.lower().startswith(b"content-length:")), 0)
-            self.requests.append((head, await reader.readexactly(length) if length else b""))
-            for data, delay_s in list(self.script):
+            body = await reader.readexactly(length) if length else b""
+            self.requests.append((head, body))
+            for data, delay_s in list(self.script_for(body) if self.script_for else self.script):
                 await asyncio.sleep(delay_s)
                 writer.write(data)
                 await writer.drain()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from gateway.errors import ClientError
@@ -9,6 +12,27 @@ from gateway.fleet import Fleet
 from gateway.policy.model import Model
 from gateway.responses import json_response
 from gateway.services import SERVICES, Services
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Which of the workers of `gateway run --workers N` this process is: each answers the admin API with its own
+    view (its policy's reload, and without Redis its tenants' counts and its tasks), so each answer names it."""
+
+    slot: int
+    workers: int
+
+
+#: the app's Worker, when it is one of `gateway run --workers N`
+WORKER = web.AppKey("worker", Worker)
+
+
+def _answer(request: web.Request, body: dict, status: int = 200) -> web.Response:
+    """An admin answer; from one of several workers, naming which (`worker`: its slot, of how many, its pid)."""
+    worker = request.app.get(WORKER)
+    if worker is not None:
+        body = {**body, "worker": {"slot": worker.slot, "workers": worker.workers, "pid": os.getpid()}}
+    return json_response(body, status=status)
 
 
 def _authorised(request: web.Request) -> Services:
@@ -31,7 +55,7 @@ def policy_status(services: Services) -> dict:
 
 async def get_policy(request: web.Request) -> web.Response:
     """GET /admin/policy: the active policy and its content hash."""
-    return json_response(policy_status(_authorised(request)))
+    return _answer(request, policy_status(_authorised(request)))
 
 
 async def reload_policy(request: web.Request) -> web.Response:
@@ -41,16 +65,16 @@ async def reload_policy(request: web.Request) -> web.Response:
     ok = await services.holder.reload_async()
     status = policy_status(services)
     if ok:
-        return json_response({"reloaded": True, **status})
+        return _answer(request, {"reloaded": True, **status})
     refused = ClientError(status["last_error"] or "the policy was not reloaded", code="invalid_policy")
-    return json_response({"reloaded": False, **status, **refused.body()}, status=422)
+    return _answer(request, {"reloaded": False, **status, **refused.body()}, status=422)
 
 
 async def get_stats(request: web.Request) -> web.Response:
     """GET /admin/stats: cost per successful task, success and escalation rates, by route, tenant, workflow
     (with Redis, of every replica's tasks; while Redis is down, 503 store_unavailable)."""
     services = _authorised(request)
-    return json_response(await services.outcomes.stats())
+    return _answer(request, await services.outcomes.stats())
 
 
 async def get_tenants(request: web.Request) -> web.Response:
@@ -62,7 +86,7 @@ async def get_tenants(request: web.Request) -> web.Response:
         tenant = tenants.get(entry["tenant"])
         if tenant is not None:
             entry["usage"] = (await services.stores.limiter.usage(tenant)).to_dict()
-    return json_response({"tenants": report})
+    return _answer(request, {"tenants": report})
 
 
 async def get_models(request: web.Request) -> web.Response:
@@ -71,7 +95,7 @@ async def get_models(request: web.Request) -> web.Response:
     fleet = services.fleet
     models = services.holder.current.policy.models
     fleet.estimates.include(models)         # a model a reload has just added, before its router is built
-    return json_response({"models": [model_status(fleet, model) for model in models.values()]})
+    return _answer(request, {"models": [model_status(fleet, model) for model in models.values()]})
 
 
 def model_status(fleet: Fleet, model: Model) -> dict:

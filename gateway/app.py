@@ -171,11 +171,14 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "policy_sha256": services.holder.current.policy.content_sha256})
 
 
-def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None) -> web.Application:
+def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None,
+              worker: admin.Worker | None = None) -> web.Application:
     """The gateway application for one policy holder; `peers`: it is a worker of several (`Peers.metrics`: with
-    Prometheus on)."""
+    Prometheus on); `worker`: which one (its admin answers say so)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 ** 3)
     app[HOLDER] = holder
+    if worker is not None:
+        app[admin.WORKER] = worker
     app.cleanup_ctx.append(services_ctx(holder, environ))
     if peers is not None:
         app[PEERS] = peers

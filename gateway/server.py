@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 from aiohttp import __version__ as aiohttp_version
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID
 from yarl import URL
 
+from gateway.admin import Worker
 from gateway.app import HOLDER, build_app, new_request_id, request_id
 from gateway.errors import ClientError, ClientTooSlow, GatewayError, PolicyError
 from gateway.policy.model import Policy
@@ -31,7 +34,7 @@ from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime, file_
 from gateway.services import SERVICES, Services, ledger_problem, policy_encodings
 from gateway.stores import redis_url, redis_url_problem
 from gateway.supervisor import HANDLED, Supervisor, blocked_signals, say_serving, stop_with_parent
-from gateway.telemetry.config import TelemetryConfig
+from gateway.telemetry.config import TelemetryConfig, parse_resource_attributes
 from gateway.telemetry.peers import WORKER_LABEL, Peers, make_folder
 from gateway.tokens import get_encoding
 from gateway.tasks import BackgroundTasks
@@ -426,7 +429,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
         peers = Peers(peers_folder, slot, workers, metrics=prometheus) if peers_folder is not None else None
         process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
                                args=(policy, started, host, sockets, inherited, supervisor.ready_fd, os.getpid(),
-                                     peers))
+                                     peers), kwargs={"worker": Worker(slot, workers)})
         try:
             process.start()
         except OSError as exc:          # fork failed: EAGAIN at a pid limit, ENOMEM
@@ -462,13 +465,14 @@ def _is_open(fd: int) -> bool:
 
 
 def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket], *, ready_fd: int | None = None,
-                peers: Peers | None = None) -> int:
+                peers: Peers | None = None, worker: Worker | None = None) -> int:
     """Serve in this process on `sockets`; 1, said in one line, when it cannot listen. `ready_fd`: once serving,
-    tell the supervisor there (`say_serving`); `peers`: the other workers' metrics (`gateway.telemetry.peers`)."""
+    tell the supervisor there (`say_serving`); `peers`: the other workers' metrics (`gateway.telemetry.peers`);
+    `worker`: which of `gateway run --workers N` this process is (the admin API says so)."""
     install_uvloop()
     port = sockets[0].getsockname()[1]
     try:
-        asyncio.run(_serve_app(build_app(holder, peers=peers), host, port, sockets, ready_fd))
+        asyncio.run(_serve_app(build_app(holder, peers=peers, worker=worker), host, port, sockets, ready_fd))
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -492,7 +496,8 @@ async def _tell_serving(ready: asyncio.Event, ready_fd: int | None) -> None:
 
 
 def _worker_process(policy: Path, started: Policy, host: str, sockets: list[socket.socket], inherited: list[int],
-                    ready_fd: int, supervisor_pid: int, peers: Peers | None = None) -> None:
+                    ready_fd: int, supervisor_pid: int, peers: Peers | None = None, *,
+                    worker: Worker | None = None) -> None:
     """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it; the
     policy file as it is now, but the start-up settings (`started`: the ledger, store, telemetry and grace period)
     the gateway started with, as every other worker has.
@@ -502,6 +507,8 @@ def _worker_process(policy: Path, started: Policy, host: str, sockets: list[sock
     the drain, a stop signal exits 0 at once and a SIGHUP is ignored. The supervisor's death, even by SIGKILL,
     is a SIGTERM (`stop_with_parent`)."""
     stop_with_parent(supervisor_pid)
+    if worker is not None:
+        own_instance_id(os.environ, worker.slot)
     for fd in inherited:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -514,7 +521,17 @@ def _worker_process(policy: Path, started: Policy, host: str, sockets: list[sock
     holder = _valid_policy(policy)
     holder.start_with(started)
     announce_admin_reloads(holder, supervisor_pid)
-    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd, peers=peers))
+    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd, peers=peers, worker=worker))
+
+
+def own_instance_id(environ, slot: int) -> None:
+    """In a worker: a `service.instance.id` the operator set in OTEL_RESOURCE_ATTRIBUTES (the pod's name, say)
+    reaches every worker; each exports as `ID-SLOT`, so N workers' OTLP series stay apart (without one, the SDK
+    gives each process its own)."""
+    attributes = environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    given = parse_resource_attributes(attributes).get(SERVICE_INSTANCE_ID)
+    if given:
+        environ["OTEL_RESOURCE_ATTRIBUTES"] = f"{attributes},{SERVICE_INSTANCE_ID}={quote(f'{given}-{slot}', safe='')}"
 
 
 #: how often a worker started on an invalid policy file reads it again

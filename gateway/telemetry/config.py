@@ -8,6 +8,7 @@ an OTLP endpoint is given or OTEL_{TRACES,METRICS}_EXPORTER names `otlp`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -85,12 +86,12 @@ class TelemetryConfig:
             sampler=env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower(),
             sampler_arg=_number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0),
             batch=BatchSettings(
-                max_queue_size=int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
-                schedule_delay_ms=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000),
-                max_export_batch_size=int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
-                export_timeout_ms=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000)),
-            metric_interval_ms=_number(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000),
-            metric_timeout_ms=_number(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30000),
+                max_queue_size=int(_positive(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
+                schedule_delay_ms=_positive(env, "OTEL_BSP_SCHEDULE_DELAY", 5000),
+                max_export_batch_size=int(_positive(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+                export_timeout_ms=_positive(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000)),
+            metric_interval_ms=_positive(env, "OTEL_METRIC_EXPORT_INTERVAL", 60000),
+            metric_timeout_ms=_positive(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30000),
             temporality=env.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "cumulative").strip().lower(),
             prometheus=bool(policy and policy.prometheus) or env_flag(env, "GATEWAY_PROMETHEUS")
             or "prometheus" in _exporters(env, "metrics"),
@@ -129,12 +130,12 @@ def signal_export(env: Mapping[str, str], signal: str) -> SignalExport | None:
         endpoint = generic or DEFAULT_ENDPOINTS["grpc"]
     else:
         endpoint = f"{(generic or DEFAULT_ENDPOINTS[protocol]).rstrip('/')}/v1/{signal}"
-    timeout = _per_signal(env, upper, "TIMEOUT")
+    timeout = _timeout_s(env, upper)
     insecure = _per_signal(env, upper, "INSECURE")
     return SignalExport(
         protocol=protocol, endpoint=endpoint,
         headers=parse_env_headers(_per_signal(env, upper, "HEADERS"), liberal=True),
-        timeout_s=float(timeout) if timeout else None,
+        timeout_s=timeout,
         insecure=insecure.lower() == "true" if insecure else None)
 
 
@@ -162,6 +163,37 @@ def _exporters(env: Mapping[str, str], signal: str) -> set[str]:
 
 def _per_signal(env: Mapping[str, str], upper: str, key: str) -> str:
     return (env.get(f"OTEL_EXPORTER_OTLP_{upper}_{key}") or env.get(f"OTEL_EXPORTER_OTLP_{key}") or "").strip()
+
+
+def _timeout_s(env: Mapping[str, str], upper: str) -> float | None:
+    """OTEL_EXPORTER_OTLP_{SIGNAL_}TIMEOUT in seconds; None (the exporter's default) when unset or not a positive
+    number, which is named in a warning."""
+    text = _per_signal(env, upper, "TIMEOUT")
+    if not text:
+        return None
+    try:
+        timeout_s = float(text)
+    except ValueError:
+        timeout_s = math.nan
+    if not 0 < timeout_s < math.inf:
+        logger.warning("ignoring OTEL_EXPORTER_OTLP_%s_TIMEOUT / OTEL_EXPORTER_OTLP_TIMEOUT=%r: not a positive "
+                       "number of seconds", upper, text)
+        return None
+    return timeout_s
+
+
+#: the largest count or time in milliseconds taken from the environment (the SDK's queues are sized by it)
+_MOST = float(1 << 31)
+
+
+def _positive(env: Mapping[str, str], key: str, default: float) -> float:
+    """A count or a time in milliseconds that must be positive: one that is not (zero, negative, infinite, past
+    2**31) is named in a warning and treated as unset, as the specification asks, rather than fail the start."""
+    value = _number(env, key, default)
+    if not 0 < value <= _MOST:
+        logger.warning("ignoring %s=%r: not a positive number; using %s", key, env.get(key), default)
+        return float(default)
+    return value
 
 
 def _number(env: Mapping[str, str], key: str, default: float) -> float:

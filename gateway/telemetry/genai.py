@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.semconv.attributes import (
@@ -49,6 +49,7 @@ QUEUE_WAIT_S = "gateway.queue.wait"
 BUDGET_DOWNGRADED = "gateway.budget.downgraded"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def server_span_attributes(ctx: RequestContext) -> dict[str, Any]:
@@ -61,12 +62,29 @@ def server_span_attributes(ctx: RequestContext) -> dict[str, Any]:
         url_attributes.URL_SCHEME: request.scheme,
         REQUEST_ID: ctx.request_id,
     }
+    if request.query_string:                # conditionally required: when the request had one
+        attributes[url_attributes.URL_QUERY] = url_query(request.query_string)
     user_agent = request.headers.get("User-Agent")
     if user_agent:
         attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
     if ctx.tenant is not None:
         attributes[TENANT] = ctx.tenant.name
     return attributes
+
+
+#: query parameters whose values url.query never carries (the conventions' list, and API keys sent as a query)
+_SECRET_QUERY_KEYS = frozenset({"awsaccesskeyid", "signature", "sig", "x-goog-signature", "api-key", "api_key",
+                                "key", "access_token", "token"})
+
+
+def url_query(query: str) -> str:
+    """The query string as url.query, each secret parameter's value replaced by `REDACTED`."""
+    pairs = query.split("&")
+    for index, pair in enumerate(pairs):
+        key, sep, _value = pair.partition("=")
+        if sep and unquote(key).lower() in _SECRET_QUERY_KEYS:
+            pairs[index] = f"{key}=REDACTED"
+    return "&".join(pairs)
 
 
 def http_route(request: Any) -> str:
@@ -162,7 +180,9 @@ def _is_number(value: Any, kind: type) -> bool:
     """Whether a JSON value is a number of the kind (bools are not numbers here)."""
     if isinstance(value, bool) or value is None:
         return False
-    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if kind is int:                 # an OTLP int is an int64: a larger one cannot be exported
+        return isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX
+    return isinstance(value, (int, float))
 
 
 def _response_attributes(ctx: RequestContext, attempt: Attempt) -> Iterator[tuple[str, Any]]:
@@ -232,12 +252,22 @@ def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:
 def http_response_attributes(ctx: RequestContext) -> dict[str, Any]:
     """http.response.status_code, and error.type for a failed request: a 5xx answer, or one that broke after
     its 2xx head was sent (the error went in-band, so the status code cannot say it; the outcome code does)."""
-    attributes: dict[str, Any] = {http_attributes.HTTP_RESPONSE_STATUS_CODE: ctx.status}
-    if ctx.status >= 500:
-        attributes[error_attributes.ERROR_TYPE] = str(ctx.status)
-    elif ctx.error is not None and ctx.status < 400:
+    status = sent_status(ctx)
+    attributes: dict[str, Any] = {http_attributes.HTTP_RESPONSE_STATUS_CODE: status}
+    if status >= 500:
+        attributes[error_attributes.ERROR_TYPE] = str(status)
+    elif ctx.error is not None and status < 400:
         attributes[error_attributes.ERROR_TYPE] = outcome(ctx)
     return attributes
+
+
+def sent_status(ctx: RequestContext) -> int:
+    """The status the client was sent: once a response's head has gone out (a stream whose client then left is
+    booked 499), the head's own status, which is what http.response.status_code means."""
+    response = ctx.response
+    if ctx.bytes_sent and response is not None and getattr(response, "prepared", False):
+        return response.status
+    return ctx.status
 
 
 def outcome(ctx: RequestContext) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.sampling import (
@@ -97,7 +97,9 @@ class Telemetry:
 
     def _start(self) -> None:
         config = self.config
-        resource = Resource.create({**config.resource_attributes, SERVICE_NAME: config.service_name})
+        # service.version names the gateway's release unless OTEL_RESOURCE_ATTRIBUTES says otherwise
+        resource = Resource.create({SERVICE_VERSION: __version__, **config.resource_attributes,
+                                    SERVICE_NAME: config.service_name})
         self.tracer_provider = provider = TracerProvider(
             resource=resource, sampler=sampler(config.sampler, config.sampler_arg), shutdown_on_exit=False)
         processor = None

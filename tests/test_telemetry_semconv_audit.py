@@ -22,14 +22,6 @@ from tests.test_telemetry_semconv import POLICY as SEMCONV_POLICY
 from tests.test_telemetry_semconv import environ as semconv_environ
 
 
-@pytest.fixture
-def receiver():
-    """A real OTLP receiver (gRPC and HTTP) on 127.0.0.1."""
-    server = OtlpReceiver().start()
-    yield server
-    server.stop()
-
-
 def test_the_exported_resource_names_the_gateways_version(receiver, make_telemetry):
     """The resource every span and metric arrives with carries service.version, the gateway's version (so a
     backend can tell a deploy's before from its after), beside the process's service.instance.id."""
@@ -37,8 +29,13 @@ def test_the_exported_resource_names_the_gateways_version(receiver, make_telemet
                                 "OTEL_SERVICE_NAME": "gw-version", "OTEL_BSP_SCHEDULE_DELAY": "10"})
     drive_request(telemetry, make_ctx())
     telemetry.force_flush()
+
+    def mine(span) -> bool:
+        return span.resource.get("service.name") == "gw-version"
+
     resources = [receiver.wait_for_metric("gateway.requests", service="gw-version").resource,
-                 receiver.wait_for_spans(lambda spans: spans)[0].resource]
+                 next(span for span in receiver.wait_for_spans(lambda spans: [s for s in spans if mine(s)])
+                      if mine(span)).resource]
     assert [resource.get("service.version") for resource in resources] == [__version__, __version__]
     assert all(resource.get("service.instance.id") for resource in resources)
 
@@ -62,22 +59,15 @@ def test_an_otel_number_out_of_range_or_unreadable_is_ignored_with_a_warning_not
 
 
 @pytest.fixture(scope="module")
-def module_receiver():
-    server = OtlpReceiver().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(module_receiver):
+def gw(receiver):
     """The gateway exporting to the receiver over OTLP/HTTP, as tests/test_telemetry_semconv.py runs it."""
     harness = Harness(SEMCONV_POLICY, sims={"small": DEFAULT_SIMS["small"]},
-                      environ=semconv_environ(module_receiver, "gw-semconv-audit")).start()
+                      environ=semconv_environ(receiver, "gw-semconv-audit")).start()
     yield harness
     harness.stop()
 
 
-def test_a_request_with_a_query_string_has_url_query_on_its_server_span(gw, module_receiver):
+def test_a_request_with_a_query_string_has_url_query_on_its_server_span(gw, receiver):
     """The AzureOpenAI client's `?api-version=...` arrives as url.query on the SERVER span (conditionally
     required by the HTTP server span conventions: "if and only if one was received")."""
     trace_id = uuid.uuid4().hex
@@ -85,16 +75,16 @@ def test_a_request_with_a_query_string_has_url_query_on_its_server_span(gw, modu
                          default_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
     client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     gw.flush_telemetry()
-    (server,) = [span for span in module_receiver.wait_for_trace(trace_id, 3) if span.kind == "SERVER"]
+    (server,) = [span for span in receiver.wait_for_trace(trace_id, 3) if span.kind == "SERVER"]
     assert server.attributes["http.route"] == "/openai/deployments/{deployment}/chat/completions"
     assert server.attributes.get("url.query") == "api-version=2024-10-21"
 
 
 @pytest.fixture(scope="module")
-def slow_gw(module_receiver):
+def slow_gw(receiver):
     """A gateway in front of a model that streams a token every 50 ms (`slow`)."""
     harness = Harness(E2E_POLICY, sims=E2E_SIMS,
-                      environ=otel_environ(module_receiver.http_endpoint, "http/protobuf", "gw-semconv-slow")).start()
+                      environ=otel_environ(receiver.http_endpoint, "http/protobuf", "gw-semconv-slow")).start()
     yield harness
     harness.stop()
 
@@ -111,7 +101,7 @@ def server_span_when_recorded(gw: Harness, receiver: OtlpReceiver, trace_id: str
     raise AssertionError("no SERVER span")
 
 
-def test_a_stream_whose_client_left_after_its_200_head_reports_the_status_it_was_sent(slow_gw, module_receiver):
+def test_a_stream_whose_client_left_after_its_200_head_reports_the_status_it_was_sent(slow_gw, receiver):
     """A client that reads the 200 head and a first chunk, then hangs up: the SERVER span's
     http.response.status_code is 200, the status the gateway sent (as the HTTP conventions define it), not a
     499 no client ever received; the outcome still says client_disconnected."""
@@ -127,7 +117,7 @@ def test_a_stream_whose_client_left_after_its_200_head_reports_the_status_it_was
         while b"data:" not in received:
             received += client.recv(4096)
     assert received.startswith(b"HTTP/1.1 200 OK")
-    server = server_span_when_recorded(slow_gw, module_receiver, trace_id)
+    server = server_span_when_recorded(slow_gw, receiver, trace_id)
     assert server.attributes["gateway.outcome"] == "client_disconnected"
     assert server.attributes["http.response.status_code"] == 200
 
@@ -142,7 +132,8 @@ def test_a_request_parameter_past_int64_is_left_off_the_span_without_an_error_lo
                          "temperature": 0.5})
     drive_request(telemetry, ctx)
     telemetry.force_flush()
-    client = next(span for span in receiver.wait_for_spans(lambda got: len(got) >= 4) if span.kind == "CLIENT")
+    trace_id = f"{ctx.span.context.trace_id:032x}"
+    client = next(span for span in receiver.wait_for_trace(trace_id, spans=4) if span.kind == "CLIENT")
     assert client.attributes["gen_ai.request.temperature"] == 0.5
     assert "gen_ai.request.seed" not in client.attributes
     assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text

@@ -85,7 +85,7 @@ async def get_tenants(request: web.Request) -> web.Response:
     for entry in report:
         tenant = tenants.get(entry["tenant"])
         if tenant is not None:
-            entry["usage"] = (await services.stores.limiter.usage(tenant)).to_dict()
+            entry["usage"] = (await services.stores.limiter.usage(tenant)).to_dict(tenant.limits)
     return _answer(request, {"tenants": report})
 
 

@@ -299,7 +299,7 @@ BUDGET = Section(Budget, {
     "on_exhausted": choice("reject", "downgrade"),
 })
 TENANT = Section(Tenant, {
-    "keys_sha256": items(definition("API key hash", sha256_hex)),
+    "keys_sha256": items(definition("API key hash", sha256_hex, secret=True)),
     "routes": items(reference("route")),
     "models": items(text(not_blank)),
     "limits": LIMITS,

@@ -60,12 +60,13 @@ class Walk:
         self.problems.append(PolicyProblem(self.source, line, path, message))
         return INVALID
 
-    def define(self, kind: str, name: str, node: Node, path: str) -> None:
-        """Record a name of some kind, reporting a second definition of it."""
+    def define(self, kind: str, name: str, node: Node, path: str, *, quoted: bool = True) -> None:
+        """Record a name of some kind, reporting a second definition of it (naming it unless not `quoted`)."""
         names = self.defined.setdefault(kind, {})
         if name in names:
             first_line, first_path = names[name]
-            self.report(node, path, f"duplicate {kind} '{name}' (first at line {first_line}, {first_path})")
+            shown = f" '{name}'" if quoted else ""
+            self.report(node, path, f"duplicate {kind}{shown} (first at line {first_line}, {first_path})")
         else:
             names[name] = (line_of(node), path)
 
@@ -318,14 +319,15 @@ def named(kind: str, section: Section, *name_checks: Check, non_empty: bool = Fa
     return convert
 
 
-def definition(kind: str, *checks: Check) -> Converter:
-    """A string that defines a name of `kind` (a second definition is an error)."""
+def definition(kind: str, *checks: Check, secret: bool = False) -> Converter:
+    """A string that defines a name of `kind` (a second definition is an error; a `secret` one, an API key's hash,
+    is not quoted in the problem: problems reach logs and the admin API)."""
     as_text = text(*checks)
 
     def convert(walk: Walk, node: Node, path: str) -> Any:
         name = as_text(walk, node, path)
         if name is not INVALID:
-            walk.define(kind, name, node, path)
+            walk.define(kind, name, node, path, quoted=not secret)
         return name
     return convert
 

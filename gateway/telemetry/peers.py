@@ -159,7 +159,7 @@ def _families(text: str, label: str) -> Iterator[tuple[str | None, list[str], li
     name: str | None = None
     heads: list[str] = []
     samples: list[str] = []
-    for line in text.splitlines():
+    for line in text.split("\n"):   # not splitlines(): a label value may hold U+2028, U+001C and the like
         if not line.strip():
             continue
         if line.startswith("#"):

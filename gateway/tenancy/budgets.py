@@ -93,6 +93,7 @@ class BudgetState:
     held_usd: Decimal = Decimal(0)  # reserved by the tenant's requests in flight (read with a reservation, or usage)
     by_holds: bool = False          # exhausted only with what the requests in flight hold: not spent yet
     cost_usd: Decimal | None = None  # set when this request's own predicted cost is more than is left
+    never_fits: bool = False        # its own predicted cost is more than a whole period's limit: no wait helps
 
     @property
     def on_exhausted(self) -> str:
@@ -108,10 +109,15 @@ class BudgetState:
         if self.by_holds:
             return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: USD {_plain_or_none(limit)} per "
                                   f"{self.reason} spent or reserved by requests in flight.", headers=headers)
-        if self.retry_after_s > SDK_LONGEST_RETRY_AFTER_S:    # spent until the period ends: retrying cannot help
-            headers["x-should-retry"] = "false"     # (the SDKs would retry at once, as they ignore so long a wait)
+        if self.retry_after_s > SDK_LONGEST_RETRY_AFTER_S or self.never_fits:   # retrying cannot help: spent
+            headers["x-should-retry"] = "false"     # until the period ends (the SDKs would retry at once, as they
+                                                    # ignore so long a wait), or dearer than a whole period allows
         if self.cost_usd is not None:
             spent = self.spent_day_usd if self.reason == "day" else self.spent_month_usd
+            if self.never_fits:
+                return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: the request's predicted cost, USD "
+                                      f"{plain_usd(self.cost_usd)}, is more than the tenant's whole budget allows: "
+                                      "it can never be admitted. Reduce the prompt, max_tokens or n.", headers=headers)
             return BudgetExceeded(f"Budget exhausted for tenant {self.tenant!r}: the request's predicted cost, USD "
                                   f"{plain_usd(self.cost_usd)}, is more than the USD {plain_usd(limit - spent)} left "
                                   f"of USD {_plain_or_none(limit)} per {self.reason}.", headers=headers)
@@ -146,7 +152,7 @@ def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float, hel
     spend, what the requests in flight hold and this request's cost pass it. Of two periods exhausted, the one
     that frees the tenant later is named (the month on a tie)."""
     budget, periods = tenant.budget, Periods.at(now_s)
-    reason, retry_s, by_holds, too_costly = None, 0.0, False, False
+    reason, retry_s, by_holds, too_costly, never_fits = None, 0.0, False, False, False
     for name, limit, spent_nanos, end_s in (("day", budget.usd_per_day, day_nanos, periods.day_end_s),
                                             ("month", budget.usd_per_month, month_nanos, periods.month_end_s)):
         if limit is None:
@@ -154,13 +160,15 @@ def evaluate(tenant: Tenant, day_nanos: int, month_nanos: int, now_s: float, hel
         cap_nanos = to_nanos(limit)
         spent = spent_nanos >= cap_nanos
         costly = not spent and spent_nanos + cost_nanos > cap_nanos     # no wait for holds to end can make it fit
+        never_fits = never_fits or cost_nanos > cap_nanos               # nor the period's end: a fresh one won't
         if spent or spent_nanos + held_nanos + cost_nanos > cap_nanos:
             wait_s = end_s - now_s if spent or costly else HELD_RETRY_S
             if reason is None or wait_s >= retry_s:
                 reason, retry_s, by_holds, too_costly = name, wait_s, not spent and not costly, costly
     return BudgetState(tenant.name, budget, to_usd(day_nanos), to_usd(month_nanos), reason is not None,
                        reason, retry_s, held_usd=to_usd(held_nanos), by_holds=by_holds,
-                       cost_usd=to_usd(cost_nanos) if too_costly else None)
+                       cost_usd=to_usd(cost_nanos) if too_costly else None,
+                       never_fits=reason is not None and never_fits)
 
 
 def limit_nanos(limit: Decimal | None) -> int:

@@ -125,11 +125,16 @@ class LimitUsage:
     concurrent: int = 0             # in flight
     available: bool = True          # False: the store did not answer
 
-    def to_dict(self) -> dict[str, object]:
-        """The use as JSON-ready data; the counts null when the store did not answer (unknown, not 0)."""
+    def to_dict(self, limits: Limits | None = None) -> dict[str, object]:
+        """The use as JSON-ready data; a count null when the store did not answer, or when it is not kept because
+        the tenant has no such limit (`limits`): unknown, not 0."""
         known = self.available
-        return {"requests": self.requests if known else None, "tokens": self.tokens if known else None,
-                "concurrent": self.concurrent if known else None, "available": self.available}
+        kept = (True, True, True) if limits is None else (limits.requests_per_minute is not None,
+                                                          limits.tokens_per_minute is not None,
+                                                          limits.concurrent is not None)
+        return {"requests": self.requests if known and kept[0] else None,
+                "tokens": self.tokens if known and kept[1] else None,
+                "concurrent": self.concurrent if known and kept[2] else None, "available": self.available}
 
 
 def store_unavailable_error(headers: dict[str, str], what: str = "Rate limit") -> GatewayError:

@@ -7,16 +7,35 @@ import asyncio
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
 from gateway import __version__
 
 
-def _run(args: argparse.Namespace) -> int:
-    from gateway.server import serve
+class StoppedStarting(BaseException):
+    """A SIGTERM came before the gateway served (raised by `_stop_starting`)."""
 
-    return serve(args.policy, host=args.host, port=args.port, workers=args.workers)
+
+def _stop_starting(_signum, _frame) -> None:
+    raise StoppedStarting
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`gateway run`. A SIGTERM before it serves (while it imports, loads the policy, starts its stores) stops it,
+    exit 0: as PID 1 of a container (`docker stop`, a pod deleted while it starts) the kernel drops a signal its
+    process has no handler for, which would leave it to serve on until the SIGKILL. Serving installs the drain's."""
+    previous = signal.signal(signal.SIGTERM, _stop_starting)
+    try:
+        from gateway.server import serve
+
+        return serve(args.policy, host=args.host, port=args.port, workers=args.workers)
+    except StoppedStarting:
+        logging.getLogger("gateway").info("stopped by SIGTERM before serving")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -328,3 +328,14 @@ def test_dashboard_panels_compute_what_their_titles_say(tmp_path):
                        "exp_samples": [{"labels": labels, "value": round(value, 6)}
                                        for labels, value in answers.items()]})
     promtool_test(tmp_path / "known.test.yaml", known_traffic(), checks)
+
+
+def test_kubernetes_policy_admits_only_callers_with_an_api_key():
+    """The production policy sends traffic to a paid API on the organisation's key: with no tenants the gateway
+    runs open (README: 'none = the gateway runs open'), so every pod in the cluster could spend that key without
+    limit or budget, as the Service is reachable cluster-wide and no NetworkPolicy narrows it."""
+    policy = load_policy(Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "policy.yaml")
+    paid = [name for name, model in policy.models.items() if model.api_key_env]
+    assert paid, "the check assumes the policy reaches a paid API"
+    assert policy.tenants, f"no tenants: anyone who reaches the Service spends {', '.join(paid)}'s API key"
+    assert all(tenant.keys_sha256 for tenant in policy.tenants.values())

@@ -81,9 +81,12 @@ def _replay(args: argparse.Namespace, argv: list[str]) -> int:
     baseline, baseline_s = (_timed_replay(baseline_policy, requests, args.seed, power_w)
                             if baseline_policy else (None, 0.0))
     _warn_header_routes_not_simulated(new, baseline)
+    uncached = _cache_not_simulated(requests, new, baseline)
     report = compare(new, baseline) if baseline else summarize(new)
     elapsed_s = time.perf_counter() - started_s
     meta = _meta(args, argv, requests, new_s, baseline_s if baseline else None, elapsed_s, power_w)
+    if uncached:
+        meta["cache"] = uncached
     chart_link = None
     if args.chart:
         args.chart.write_text(render_chart(report), encoding="utf-8")
@@ -115,6 +118,21 @@ def _warn_header_routes_not_simulated(*results: ReplayResult | None) -> None:
         print(f"gateway replay: warning: header-matched routes are not simulated for {unmatched:,} requests: the "
               f"traffic has no headers and names no route they could take, so they were matched without headers",
               file=sys.stderr)
+
+
+def _cache_not_simulated(requests: list[ReplayRequest], *results: ReplayResult | None) -> str | None:
+    """When the traffic records no cache hit (an Azure CSV never does) but a policy caches a route that took
+    requests: one warning line, and the report's note, that the cache's savings are not simulated."""
+    if any(request.recorded_answer == "cache_hit" for request in requests):
+        return None
+    cached = sorted({route.name for result in results if result is not None for route in result.policy.routes
+                     if route.cache.enabled and any(o.route == route.name for o in result.outcomes)})
+    if not cached:
+        return None
+    note = (f"not simulated: the traffic records no cache hits (only a ledger's can be replayed), so routes that "
+            f"cache ({', '.join(cached)}) are priced as if every request missed")
+    print(f"gateway replay: warning: cache {note}", file=sys.stderr)
+    return note
 
 
 def _meta(args: argparse.Namespace, argv: list[str], requests: list[ReplayRequest], new_s: float,

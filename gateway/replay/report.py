@@ -49,6 +49,8 @@ SHOWN_IF_ANY = frozenset({"cache hits in the trace, answered at no cost",
                           "refused before routing in the trace, not replayed",
                           "routed by their recorded route (header-matched routes)",
                           "matched without headers (header-matched routes not simulated)"})
+#: the fewest significant digits a money cell shows
+MONEY_DIGITS = 4
 FORMATS = {"int": "{:,}", "usd4": "{:,.4f}", "usd8": "{:.8f}", "usd6": "{:.6f}", "ms": "{:,.1f}", "j": "{:,.1f}"}
 
 
@@ -182,6 +184,9 @@ def _format(value: Value, kind: str, signed: bool = False) -> str:
     if value is None:
         return "n/a"
     spec = FORMATS[kind]
+    if kind.startswith("usd") and value:     # at least MONEY_DIGITS significant digits: a small cost is not 0
+        places = max(int(spec[spec.index(".") + 1:-2]), MONEY_DIGITS - 1 - Decimal(value).adjusted())
+        spec = f"{{:,.{places}f}}"
     return (spec.replace("{:", "{:+") if signed else spec).format(value)
 
 

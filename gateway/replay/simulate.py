@@ -33,11 +33,12 @@ import heapq
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from operator import attrgetter
 
 from gateway.context import Attempt, Usage
 from gateway.cost import request_cost_usd
-from gateway.policy.model import DEFAULT_PRIORITY, Model, Policy, Route
+from gateway.policy.model import DEFAULT_PRIORITY, Model, Policy, Route, Tenant
 from gateway.replay.outcome import Outcome, ReplayResult
 from gateway.replay.route import Refusal, Routing
 from gateway.replay.servers import JITTER_SIGMA, Jitter, ModelServer, Service, Ticket, draw_jitter
@@ -107,6 +108,9 @@ class Simulation:
         self.queue_timeout_s = policy.routing.queue_timeout_ms / 1000.0     # 0: the model servers queue
         self.outcomes: list[Outcome] = []
         self._events: list[tuple[float, int, Handler, _Flight, Ticket]] = []
+        #: tenant -> {(period, index): USD spent}, for budgets that downgrade; periods are counted from the
+        #: traffic's first arrival (a day of 86,400 s, a month of the whole trace, at most 31 days)
+        self._spent: dict[str, dict[tuple[str, int], Decimal]] = {}
         self._sequence = 0
 
     def run(self) -> ReplayResult:
@@ -140,15 +144,30 @@ class Simulation:
             outcome.route = decision.route
             _end(outcome, "rejected", decision.reason)
             return
+        tenant = self.policy.tenants.get(request.tenant) if request.tenant is not None else None
+        if tenant is not None and self._budget_spent(tenant, request.arrival_s):
+            decision = self.router.cheapest(decision)       # as admit does live, on_exhausted: downgrade
         outcome.route, outcome.planned_sla_met = decision.route.name, decision.sla_met
         if request.recorded_answer == "cache_hit" and decision.route.cache.enabled:   # at once, at no cost
-            outcome.status, outcome.sla_ok = "cache_hit", True
+            outcome.status, outcome.sla_ok, outcome.latency_s = "cache_hit", True, 0.0
+            outcome.ttft_s = 0.0 if request.streamed else None
             return
         flight = _Flight(outcome, request, decision.route, decision.plan, self.jitter[index])
-        tenant = self.policy.tenants.get(request.tenant) if request.tenant is not None else None
         if tenant is not None:
             flight.priority = tenant.priority
         self._dispatch(flight, request.arrival_s)
+
+    def _budget_spent(self, tenant: Tenant, now_s: float) -> bool:
+        """Whether the tenant's budget says downgrade and its day (or month) is spent by now. Budgets that
+        reject (429) are not simulated, as the README says."""
+        budget = tenant.budget
+        if not budget.limited or budget.on_exhausted != "downgrade":
+            return False
+        spent = self._spent.get(tenant.name, {})
+        return ((budget.usd_per_day is not None
+                 and spent.get(("day", int(now_s // 86_400)), Decimal(0)) >= budget.usd_per_day)
+                or (budget.usd_per_month is not None
+                    and spent.get(("month", 0), Decimal(0)) >= budget.usd_per_month))
 
     def _dispatch(self, flight: _Flight, now_s: float) -> None:
         """Send the request to the next model of its plan that may take it, as the call stage does."""
@@ -251,7 +270,7 @@ class Simulation:
         if not sent:
             self._cut_before_first_token(flight, now_s)
             return
-        self._charge(flight, now_s, Usage(flight.outcome.input_tokens, sent))
+        self._charge(flight, now_s, Usage(flight.outcome.input_tokens, sent, flight.request.cached_input_tokens))
         self._end_failed(flight, "timeout")
 
     def _cut_before_first_token(self, flight: _Flight, now_s: float) -> None:
@@ -285,7 +304,8 @@ class Simulation:
             self.estimates.record(model.name, *split_whole_answer(self.estimates, model.name, elapsed_s,
                                                                   output_tokens))
             # no output length: live learns it from requests without max_tokens, and every replayed one has it
-        energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens))
+        energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens,
+                                                     flight.request.cached_input_tokens))
         if energy_j is not None:            # the router learns joules per token, as from a live measurement
             self.estimates.record_energy(model.name, energy_j, output_tokens)
         self._settle(flight, now_s)
@@ -301,7 +321,12 @@ class Simulation:
         if power_w is not None:
             held_s = now_s - flight.started_s if flight.started_s is not None else 0.0
             energy_j = held_s * power_w / max(1, model.max_concurrency)
-        flight.outcome.cost_usd += request_cost_usd(model, usage, gpu_seconds=gpu_s, energy_j=energy_j)
+        cost_usd = request_cost_usd(model, usage, gpu_seconds=gpu_s, energy_j=energy_j)
+        flight.outcome.cost_usd += cost_usd
+        if flight.request.tenant in self.policy.tenants:      # what the tenant's budget is charged
+            spent = self._spent.setdefault(flight.request.tenant, {})
+            for key in (("day", int(now_s // 86_400)), ("month", 0)):
+                spent[key] = spent.get(key, Decimal(0)) + cost_usd
         flight.energy_j = None if flight.energy_j is None or energy_j is None else flight.energy_j + energy_j
         return energy_j
 

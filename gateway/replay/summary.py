@@ -12,6 +12,8 @@ from gateway.policy.model import Route
 from gateway.replay.outcome import Outcome, ReplayResult
 
 QUANTILES = (0.50, 0.95, 0.99)
+#: the statuses of answered requests: by a model, or from the cache (at once, latency 0)
+ANSWERED = frozenset({"ok", "cache_hit"})
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,14 @@ class Summary:
     per_model: dict[str, int]
     tokens: int                         # input + output of answered requests
     cost_usd: Decimal                   # every attempt's, those of failed requests included
-    cost_per_request_usd: Decimal | None
+    cost_per_request_usd: Decimal | None  # per answered request: by a model or from the cache
     cost_per_1k_tokens_usd: Decimal | None
-    latency: Percentiles | None
-    ttft: Percentiles | None            # of answered streams: a whole answer has no TTFT
+    latency: Percentiles | None         # of answered requests, cache hits (0) included
+    ttft: Percentiles | None            # of answered streams, cache hits (0) included: a whole answer has no TTFT
     queued: int                         # requests that waited for a slot, answered or not
     sla: tuple[RouteSla, ...]
     energy_j: float | None              # every attempt's; n/a unless each one's model has a power assumption
-    energy_per_request_j: float | None  # per answered request
+    energy_per_request_j: float | None  # per answered request, cache hits included
     per_minute: tuple[Minute, ...]
 
 
@@ -86,6 +88,7 @@ def summarize(result: ReplayResult) -> Summary:
     cost_usd = sum((o.cost_usd for o in outcomes), Decimal(0))
     called = [o for o in outcomes if o.models_tried]
     known = bool(called) and all(o.energy_j is not None for o in called)
+    answered = [o for o in outcomes if o.status in ANSWERED]       # by a model, or at once from the cache
     energy_j = sum(o.energy_j for o in called) if known else None    # n/a unless every call has one
     return Summary(
         policy=result.policy.source, requests=len(outcomes), served=len(served),
@@ -97,13 +100,13 @@ def summarize(result: ReplayResult) -> Summary:
         best_effort=sum(1 for o in outcomes if o.planned_sla_met is False),
         per_model=dict(sorted(Counter(o.model for o in served).items())),
         tokens=tokens, cost_usd=cost_usd,
-        cost_per_request_usd=cost_usd / len(served) if served else None,
+        cost_per_request_usd=cost_usd / len(answered) if answered else None,
         cost_per_1k_tokens_usd=cost_usd * 1000 / tokens if tokens else None,
-        latency=percentiles([o.latency_s for o in served]),
-        ttft=percentiles([o.ttft_s for o in served if o.ttft_s is not None]),
+        latency=percentiles([o.latency_s for o in answered]),
+        ttft=percentiles([o.ttft_s for o in answered if o.ttft_s is not None]),
         queued=sum(1 for o in outcomes if o.queue_s > 0),
         sla=tuple(_route_sla(route, outcomes) for route in result.policy.routes),
-        energy_j=energy_j, energy_per_request_j=energy_j / len(served) if energy_j is not None and served else None,
+        energy_j=energy_j, energy_per_request_j=energy_j / len(answered) if energy_j is not None and answered else None,
         per_minute=per_minute(outcomes))
 
 
@@ -133,7 +136,7 @@ def per_minute(outcomes: Sequence[Outcome]) -> tuple[Minute, ...]:
         minute = int(outcome.arrival_s // 60)
         counts[minute] += 1
         costs[minute] += outcome.cost_usd
-        if outcome.status == "ok":
+        if outcome.status in ANSWERED:
             latencies[minute].append(outcome.latency_s)
     return tuple(Minute(m, counts[m], costs[m],
                         nearest_rank(sorted(latencies[m]), 0.95) * 1000.0 if latencies[m] else None)

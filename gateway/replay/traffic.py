@@ -30,6 +30,8 @@ AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 GZIP_MAGIC = b"\x1f\x8b"
 #: the longest trace replayed: beyond it, timestamps are mixed (seconds and milliseconds) or wrong
 MAX_SPAN_S = 31 * 86_400.0
+#: the most seconds a timestamp may count (about the year 5138 after 1970): beyond it, it counts milliseconds
+MAX_SECONDS = 1e11
 
 
 
@@ -47,6 +49,7 @@ class Row(NamedTuple):
     recorded_route: str | None = None
     stream: bool = True
     recorded_answer: str = "call"
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class ReplayRequest:
     line: int = 0
     stream: bool = True
     recorded_answer: str = "call"       # how the traffic's own gateway answered: call | cache_hit | refused
+    cached_input_tokens: int = 0        # of input_tokens, served from the provider's prompt cache (a ledger's)
 
     @property
     def streamed(self) -> bool:
@@ -89,7 +93,7 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
     for index, row in enumerate(rows):     # in place: each row is dropped as its request is made
         requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, row.output_tokens, row.alias,
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
-                                        row.recorded_answer)
+                                        row.recorded_answer, row.cached_input_tokens)
     return requests
 
 
@@ -141,6 +145,11 @@ def _check_span(path: Path, rows: list[Row]) -> None:
             f"{path}: the arrivals span {(last_s - first_s) / 86_400:.3g} days (line {first_line} to line "
             f"{last_line}), more than the {MAX_SPAN_S / 86_400:g} days a replay takes: are seconds and "
             f"milliseconds mixed, or is a timestamp wrong?")
+    if max(abs(first_s), abs(last_s)) >= MAX_SECONDS:
+        line, value = (first_line, first_s) if abs(first_s) >= MAX_SECONDS else (last_line, last_s)
+        raise TrafficError(
+            f"{path}:{line}: the timestamp {value:.0f} is more than 3,000 years of seconds: are the timestamps "
+            f"milliseconds? They must be seconds (or ISO 8601 times)")
 
 
 def _azure_rows(path: Path) -> Iterator[Row]:
@@ -170,22 +179,36 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
         if record.get("type") == "outcome":
             continue
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
+        input_tokens = count(path, line, "input_tokens", prompt if prompt is not None else 0)
         yield Row(seconds(path, line, "ts", record.get("ts")), line,
-                  count(path, line, "input_tokens", prompt if prompt is not None else 0),
+                  input_tokens,
                   count(path, line, "output_tokens", record.get("output_tokens", 0)),
                   _name(text(path, line, "alias", record.get("alias"))) or DEFAULT_ALIAS,
                   _name(endpoint(path, line, record.get("endpoint"))),
                   _name(text(path, line, "tenant", record.get("tenant"))),
                   _name(text(path, line, "route", record.get("route"))),
-                  flag(path, line, "stream", record.get("stream")), _recorded_answer(record))
+                  flag(path, line, "stream", record.get("stream")), _recorded_answer(record),
+                  min(input_tokens, _cached_input_tokens(path, line, record)))
+
+
+def _cached_input_tokens(path: Path, line: int, record: dict[str, Any]) -> int:
+    """The answered (last) attempt's input tokens served from the provider's prompt cache, which the account
+    stage priced at `cached_input_per_mtok`; 0 when the line has no attempts."""
+    attempts = record.get("attempts")
+    if not isinstance(attempts, list) or not attempts or not isinstance(attempts[-1], dict):
+        return 0
+    return count(path, line, "attempts[-1].cached_input_tokens", attempts[-1].get("cached_input_tokens") or 0)
 
 
 def _recorded_answer(record: dict[str, Any]) -> str:
-    """cache_hit: answered from the cache; refused: a 4xx before any model was chosen; else call."""
+    """cache_hit: answered from the cache; refused: a 4xx before any model was called (refused before routing,
+    or by the tenant's rate limit or budget after it: the line then names the first planned model, but no
+    attempt); else call."""
     if record.get("cache") == "hit":
         return "cache_hit"
     status = record.get("status")
-    if isinstance(status, int) and 400 <= status < 500 and record.get("model") is None:
+    if isinstance(status, int) and 400 <= status < 500 and (record.get("model") is None
+                                                            or record.get("models_tried") == []):
         return "refused"
     return "call"
 

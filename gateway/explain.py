@@ -14,7 +14,7 @@ from pathlib import Path
 
 from multidict import CIMultiDict
 
-from gateway.errors import GatewayError, PolicyError
+from gateway.errors import AuthenticationFailed, GatewayError, PolicyError
 from gateway.fleet import Fleet
 from gateway.routing.explain import format_decision
 from gateway.routing.request import decide_request
@@ -41,6 +41,9 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     tenant = runtime.policy.tenants.get(tenant_name) if tenant_name else None
     if tenant_name and tenant is None:
         raise ValueError(f"no tenant named {tenant_name!r} in the policy")
+    if not tenant_name and runtime.policy.tenants:     # live, a request without a key never reaches routing
+        raise AuthenticationFailed(f"the policy has tenants, so a request without an API key is refused: pass "
+                                   f"--tenant NAME (one of {', '.join(sorted(runtime.policy.tenants))})")
     prompt_tokens, longest_prompt_tokens = count_prompts(endpoint, body, DEFAULT_ENCODING)
     stream = bool(body.get("stream")) and endpoint != "embeddings"
     decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],

@@ -197,7 +197,11 @@ class PolicyHolder:
                          runtime.policy.content_sha256[:12])
             self.status.error = None
             return True
+        opened = bool(self.current.policy.tenants) and not runtime.policy.tenants
         self.current = runtime
+        if opened:      # an edit that commented out every tenant: from now on anyone may call, without a key
+            log.warning("policy reloaded from %s without tenants: the gateway now runs open, without API keys",
+                        self.path)
         pending = restart_only_changes(self.started, runtime.policy)
         self.status = ReloadStatus(reloads=self.status.reloads + 1, failures=self.status.failures,
                                    restart_pending=pending, origin=origin)

@@ -601,3 +601,28 @@ def test_reload_results_are_counted_in_metrics():
         assert re.search(r'^gateway_policy_reloads_total\{[^}]*result="ok"[^}]*\} 1\.0$', text, re.M)
     finally:
         harness.stop()
+
+
+def test_a_reload_of_a_tenants_section_left_empty_keeps_the_keyed_policy_serving(tmp_path):
+    """An edit that comments out every tenant (leaving `tenants:` empty) would turn API keys off on reload, and
+    anyone could call from then on: the reload fails, and the policy with keys serves on."""
+    keyed = POLICY_A.format(**NO_SIMS) + "tenants:\n  team: {keys_sha256: [\"" + "a" * 64 + "\"]}\n"
+    path = _written(tmp_path / "policy.yaml", keyed)
+    holder = PolicyHolder.from_file(path, {})
+    path.write_text(keyed.replace("  team:", "#  team:"))
+    assert holder.reload() is False
+    assert not holder.current.identity.open and "tenants: written but empty" in holder.status.error
+
+
+def test_a_reload_that_removes_every_tenant_warns_that_the_gateway_now_runs_open(tmp_path, caplog):
+    """A reload that deletes the tenants section turns API keys off: from then on anyone may call, so the reload
+    says so at WARNING, as start-up does for a policy without tenants."""
+    keyed = POLICY_A.format(**NO_SIMS) + "tenants:\n  team: {keys_sha256: [\"" + "a" * 64 + "\"]}\n"
+    path = _written(tmp_path / "policy.yaml", keyed)
+    holder = PolicyHolder.from_file(path, {})
+    path.write_text(POLICY_A.format(**NO_SIMS))
+    with caplog.at_level("WARNING", "gateway"):
+        assert holder.reload() is True
+    assert holder.current.identity.open
+    assert any(record.levelname == "WARNING" and "runs open" in record.getMessage()
+               for record in caplog.records), caplog.text

@@ -263,3 +263,16 @@ def test_explain_refuses_a_header_without_a_name_or_a_colon(tmp_path, capsys, he
     code, out, err = explain_cli(offline_policy(tmp_path), tmp_path, capsys, body, "--header", header)
     assert (code, out) == (2, "")
     assert "--header must look like NAME:VALUE" in err
+
+
+def test_explain_without_a_tenant_on_a_policy_with_tenants_says_live_would_refuse_it(tmp_path, capsys):
+    """On a policy with tenants a request without an API key is refused live (401); explain without `--tenant`
+    must not instead answer for a caller that cannot exist: here the catch-all route's small, where tenant vip,
+    the only other kind of caller there is, gets the vip route's large."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.format(small="http://127.0.0.1:9/v1", medium="http://127.0.0.1:9/v1",
+                                  large="http://127.0.0.1:9/v1"))
+    body = request_body("chat", {"model": "auto", "max_tokens": 10})
+    code, out, err = explain_cli(path, tmp_path, capsys, body)
+    assert code == 2, out
+    assert "401" in err and "--tenant" in err, err

@@ -16,6 +16,7 @@ models:
   small: {endpoint: "http://127.0.0.1:1/v1", gpus: {source: nvml, ids: [0]}}
 routes:
   - name: chat
+    match: {endpoints: [chat, completions]}
     candidates: [small]
   - name: emb
     match: {endpoints: [embeddings]}
@@ -77,3 +78,37 @@ tenants:
         harness.stop()
     assert any("tenants.{vip}.priority: set, but routing.queue_timeout_ms is 0" in record.getMessage()
                for record in caplog.records)
+
+
+def test_policy_check_refuses_a_tenants_section_left_empty_rather_than_run_the_gateway_open(tmp_path, capsys):
+    """`tenants:` written with every entry commented out loads as no tenants: the gateway would run open, without
+    API keys, and `policy check` says ok. It is a located problem (a reload of it keeps the keyed policy serving);
+    `tenants: {}` runs open on purpose."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD + "tenants:\n#  team: {keys_sha256: [\"" + "a" * 64 + "\"]}\n")
+    assert main(["--log-level", "WARNING", "policy", "check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{path}:12: tenants: written but empty" in err, (out, err)
+    path.write_text(HEAD + "tenants: {}\n")
+    assert main(["--log-level", "WARNING", "policy", "check", str(path)]) == 0
+
+
+def test_policy_check_notes_a_route_an_earlier_route_takes_every_request_of():
+    """Routes match first-wins: a route after one with no conditions (models "*", every endpoint, any tenant) never
+    gets a request, and an SRE who adds one below it sees nothing happen; advice names it and the route taking its
+    requests. A route an earlier one only partly covers gets no such note."""
+    catch_all = HEAD.replace("    match: {endpoints: [chat, completions]}\n", "")
+    shadowed = advice(parse_policy(catch_all))
+    assert any(note.startswith("routes.emb.match: never matched") and "'chat'" in note for note in shadowed), shadowed
+    assert not any("never matched" in note for note in advice(parse_policy(HEAD)))
+
+
+def test_policy_check_notes_a_candidate_below_the_route_min_tier_as_it_does_a_fallback():
+    """A candidate below its route's min_tier is never planned (a request may only raise the tier), just as a
+    fallback below it, which advice already notes; the candidate is noted the same way."""
+    text = HEAD.replace("routes:", '  big: {endpoint: "http://127.0.0.1:9102/v1", size_b: 70, tier: 3}\nroutes:')
+    text = text.replace("    candidates: [small]\n  - name: emb", "    candidates: [small, big]\n"
+                        "    sla: {min_tier: 3}\n  - name: emb")
+    notes = advice(parse_policy(text))
+    assert any(note.startswith("routes.chat.candidates: small below sla.min_tier 3: never planned")
+               for note in notes), notes

@@ -493,3 +493,57 @@ def test_a_header_named_twice_in_different_case_is_a_duplicate_key():
     problem = only(BASE + "    match: {headers: {X-Team: a, x-team: b}}\n")
     assert (problem.line, problem.path) == (8, "routes[0].match.headers.x-team")
     assert "duplicate header 'x-team'" in problem.message and "'X-Team'" in problem.message
+
+
+def test_a_model_named_twice_in_a_routes_candidates_is_a_located_problem():
+    """`candidates: [small, small]` (a typo for `[small, medium]`) would plan small twice, so a call that failed on
+    it "falls back" to the very model that just failed; it is refused at the second mention, as a duplicate GPU id
+    is. The same for a fallback named twice."""
+    found = problems_of(BASE.replace("[small, medium]", "[small, small]\n    fallback: [medium, medium]"))
+    assert [(p.line, p.path) for p in found] == [(7, "routes[0].candidates[1]"), (8, "routes[0].fallback[1]")]
+    assert all("more than once" in p.message for p in found), found
+
+
+@pytest.mark.parametrize("section, path", [
+    ("    timeouts: {total_s: 600000}", "models.small.timeouts.total_s"),
+    ("    timeouts: {first_byte_s: 60000}", "models.small.timeouts.first_byte_s"),
+    ("    timeouts: {connect_s: 5000}", "models.small.timeouts.connect_s"),
+])
+def test_a_model_timeout_written_in_milliseconds_is_refused_as_the_client_timeout_is(section, path):
+    """`total_s: 600000` (600 s written in ms) lets a hung model hold a call slot for a week; like
+    server.client_timeout_s and a latency prior (at most an hour, "a call bounded by total_s never takes longer"),
+    a model's timeouts are at most an hour."""
+    text = BASE.replace('  small: {endpoint: "http://127.0.0.1:9101/v1"}',
+                        '  small:\n    endpoint: "http://127.0.0.1:9101/v1"\n' + section)
+    found = problems_of(text)
+    assert [(p.line, p.path) for p in found] == [(5, path)], found
+    assert "at most 3600" in found[0].message
+
+
+def test_a_tab_used_to_indent_is_named_as_a_tab_with_what_to_write_instead():
+    """A tab is invisible in most editors, and PyYAML says only "found character '\\t' that cannot start any token":
+    the problem says, at its line, that YAML indents with spaces."""
+    found = problems_of(BASE.replace("    candidates:", "\tcandidates:"))
+    assert [p.line for p in found] == [7], found
+    assert "indent with spaces" in found[0].message, found[0].message
+
+
+def test_a_name_yaml_reads_as_a_boolean_or_a_number_is_referred_to_as_it_is_defined():
+    """Mapping keys are names as written (`no:` defines model 'no', `1:` model '1', `on:` tenant 'on'), so the same
+    word written where such a name is referred to means that name too, not a boolean or number to refuse."""
+    policy = parse_policy(textwrap.dedent("""\
+        version: 1
+        models:
+          no: {endpoint: "http://127.0.0.1:9101/v1"}
+          1: {endpoint: "http://127.0.0.1:9102/v1"}
+        routes:
+          - name: r
+            match: {tenants: [on]}
+            candidates: [no]
+            fallback: [1]
+        tenants:
+          on: {routes: [r]}
+        telemetry: {tenant_labels: [on]}
+        """))
+    assert (policy.routes[0].candidates, policy.routes[0].fallback) == (("no",), ("1",))
+    assert policy.routes[0].match.tenants == ("on",) and policy.telemetry.tenant_labels == ("on",)

@@ -6,7 +6,9 @@ They are valid (a policy with them loads), so they are advice, not problems.
 
 from __future__ import annotations
 
-from gateway.policy.model import DEFAULT_PRIORITY, Policy
+from fnmatch import fnmatchcase
+
+from gateway.policy.model import DEFAULT_PRIORITY, Match, Policy, Route
 
 
 def advice(policy: Policy) -> list[str]:
@@ -22,6 +24,7 @@ def advice(policy: Policy) -> list[str]:
             notes.append(f"models.{name}.gpu_hour_usd: charged for one GPU, as its gpus names no ids (GPU time is "
                          f"priced per GPU gpus.ids names; sampling reads them all): list its GPUs in gpus.ids to "
                          f"charge each")
+    notes.extend(_shadowed(policy.routes))
     for route in policy.routes:
         if route.sla.max_energy_j is not None and set(route.match.endpoints) == {"embeddings"}:
             notes.append(f"routes.{route.name}.sla.max_energy_j: embeddings have no output tokens to scale an "
@@ -31,10 +34,12 @@ def advice(policy: Policy) -> list[str]:
             notes.append(_size_less_first(route.name, size_less,
                                           [name for name in route.candidates if name not in size_less]))
         notes.extend(_unservable(policy, route))
-        below = [name for name in route.fallback if policy.models[name].tier < route.sla.min_tier]
-        if below:
-            notes.append(f"routes.{route.name}.fallback: {', '.join(below)} below sla.min_tier {route.sla.min_tier}: "
-                         f"never planned (the tier is a hard term, for fallbacks too)")
+        served = any(policy.models[name].tier >= route.sla.min_tier for name in (*route.candidates, *route.fallback))
+        for key in ("candidates", "fallback"):     # (none served: _unservable said every request is refused)
+            below = [name for name in getattr(route, key) if policy.models[name].tier < route.sla.min_tier]
+            if below and served:
+                notes.append(f"routes.{route.name}.{key}: {', '.join(below)} below sla.min_tier "
+                             f"{route.sla.min_tier}: never planned (the tier is a hard term, for fallbacks too)")
     return notes
 
 
@@ -65,3 +70,28 @@ def _unservable(policy: Policy, route) -> list[str]:
         notes.append(f"routes.{route.name}.match.prompt_tokens.min: {smallest}, but the largest context window of its "
                      f"candidates and fallbacks is {widest}: {fits}")
     return notes
+
+
+def _shadowed(routes: tuple[Route, ...]) -> list[str]:
+    """Notes for routes that never get a request: an earlier route takes every request they match (first wins)."""
+    notes = []
+    for index, route in enumerate(routes):
+        earlier = next((before for before in routes[:index] if _covers(before.match, route.match)), None)
+        if earlier is not None:
+            notes.append(f"routes.{route.name}.match: never matched: route '{earlier.name}' before it takes every "
+                         f"request it matches (the first route whose match holds wins)")
+    return notes
+
+
+def _covers(wide: Match, narrow: Match) -> bool:
+    """Whether every request `narrow` matches is matched by `wide` (judged on what is written; may miss some)."""
+    def alias_covered(alias: str) -> bool:
+        return any(pattern == "*" or pattern == alias or (not any(c in alias for c in "*?[")
+                                                          and fnmatchcase(alias, pattern)) for pattern in wide.models)
+    low, high = narrow.prompt_tokens_min, narrow.prompt_tokens_max
+    return (all(alias_covered(alias) for alias in narrow.models)
+            and set(narrow.endpoints) <= set(wide.endpoints)
+            and (not wide.tenants or (bool(narrow.tenants) and set(narrow.tenants) <= set(wide.tenants)))
+            and set(wide.headers) <= set(narrow.headers)
+            and (wide.prompt_tokens_min is None or (low is not None and low >= wide.prompt_tokens_min))
+            and (wide.prompt_tokens_max is None or (high is not None and high <= wide.prompt_tokens_max)))

@@ -222,6 +222,17 @@ def header_match(walk: Walk, name: str, node: Node, path: str) -> Any:
     return HeaderMatch(name.lower(), value[1:-1], regex=True)
 
 
+def not_left_empty(convert: Converter) -> Converter:
+    """`tenants:` with nothing after it (its entries commented out, say) is refused: read as no tenants, it would
+    run the gateway open, without API keys; `tenants: {}`, or no `tenants:` at all, says that on purpose."""
+    def checked(walk: Walk, node: Node, path: str) -> Any:
+        if isinstance(node, ScalarNode) and node.tag == NULL:
+            return walk.report(node, path, "written but empty: with no tenants the gateway runs open, without API "
+                                           "keys; list the tenants, or write `tenants: {}` to run open on purpose")
+        return convert(walk, node, path)
+    return checked
+
+
 PRICE = Section(Price, {
     "input_per_mtok": money(non_negative, at_most(MAX_USD)),
     "output_per_mtok": money(non_negative, at_most(MAX_USD)),
@@ -232,7 +243,12 @@ PRICE = Section(Price, {
 MAX_PRIOR_MS = 3_600_000
 LATENCY_PRIOR = Section(LatencyPrior, {"ttft_ms": real(non_negative, at_most(MAX_PRIOR_MS)),
                                        "tpot_ms": real(non_negative, at_most(MAX_PRIOR_MS))})
-TIMEOUTS = Section(Timeouts, {"connect_s": real(positive), "first_byte_s": real(positive), "total_s": real(positive)})
+#: the longest a model's call may be waited for, an hour, as server.client_timeout_s (a larger figure is most
+#: likely milliseconds written in a `_s` key)
+MAX_TIMEOUT_S = MAX_PRIOR_MS / 1000
+TIMEOUTS = Section(Timeouts, {"connect_s": real(positive, at_most(MAX_TIMEOUT_S)),
+                              "first_byte_s": real(positive, at_most(MAX_TIMEOUT_S)),
+                              "total_s": real(positive, at_most(MAX_TIMEOUT_S))})
 GPUS = Section(GpuSource, {
     "source": Spec(choice("nvml", "dcgm"), required=True),
     "ids": items(scalar((INT, STR), "a GPU index or UUID", str, not_blank)),
@@ -283,9 +299,9 @@ CACHE = Section(CacheRule, {
 ROUTE = Section(Route, {
     "name": Spec(definition("route", not_blank, header_safe), required=True),
     "match": Spec(MATCH, missing=Match),
-    "candidates": Spec(items(reference("model"), non_empty=True), required=True),
+    "candidates": Spec(items(reference("model"), non_empty=True, distinct=True), required=True),
     "sla": SLA,
-    "fallback": items(reference("model")),
+    "fallback": items(reference("model"), distinct=True),
     "cache": CACHE,
     "default_output_tokens": integer(positive),
 })
@@ -346,7 +362,7 @@ POLICY = Section(Policy, {
     "version": Spec(integer(supported_version), required=True),
     "models": Spec(named("model", MODEL, not_blank, header_safe, non_empty=True), required=True),
     "routes": Spec(items(ROUTE, non_empty=True), required=True),
-    "tenants": named("tenant", TENANT, *TENANT_NAME_CHECKS),
+    "tenants": not_left_empty(named("tenant", TENANT, *TENANT_NAME_CHECKS)),
     "server": SERVER,
     "routing": ROUTING,
     "store": STORE,
@@ -443,4 +459,6 @@ def _syntax_problem(source: str, exc: yaml.YAMLError) -> PolicyProblem:
     context_mark = getattr(exc, "context_mark", None)
     if context and context_mark is not None:
         problem += f" ({context} at line {context_mark.line + 1})"
+    if "'\\t'" in problem:     # a tab is invisible in most editors
+        problem += ": a tab; YAML may not indent with tabs, indent with spaces"
     return PolicyProblem(source, mark.line + 1 if mark is not None else None, "", f"invalid YAML: {problem}")

@@ -285,8 +285,9 @@ def flag() -> Converter:
     return scalar((BOOL,), "true or false", bool)
 
 
-def items(convert_item: Converter, *, non_empty: bool = False) -> Converter:
-    """A list (null as empty) of items, as a tuple."""
+def items(convert_item: Converter, *, non_empty: bool = False, distinct: bool = False) -> Converter:
+    """A list (null as empty) of items, as a tuple; with `distinct`, an item given twice is a problem at the
+    second."""
     def convert(walk: Walk, node: Node, path: str) -> Any:
         if is_null(node):
             values: list[Any] = []
@@ -296,8 +297,24 @@ def items(convert_item: Converter, *, non_empty: bool = False) -> Converter:
             return walk.report(node, path, f"expected a list, got {describe(node)}")
         if non_empty and not values:
             return walk.report(node, path, "must not be empty")
+        if distinct:
+            values = _distinct(walk, node, path, values)
         return INVALID if any(value is INVALID for value in values) else tuple(values)
     return convert
+
+
+def _distinct(walk: Walk, node: Node, path: str, values: list[Any]) -> list[Any]:
+    """`values` with each repeat of an earlier item reported (and made INVALID)."""
+    first: dict[Any, int] = {}
+    for i, value in enumerate(values):
+        if value is INVALID:
+            continue
+        if value in first:
+            values[i] = walk.report(node.value[i], f"{path}[{i}]", f"names '{value}' more than once (first as "
+                                    f"{path}[{first[value]}], line {line_of(node.value[first[value]])})")
+        else:
+            first[value] = i
+    return values
 
 
 def named(kind: str, section: Section, *name_checks: Check, non_empty: bool = False) -> Converter:
@@ -337,7 +354,10 @@ def reference(kind: str) -> Converter:
     as_text = text()
 
     def convert(walk: Walk, node: Node, path: str) -> Any:
-        name = as_text(walk, node, path)
+        if isinstance(node, ScalarNode) and node.style is None and node.tag in (BOOL, INT, FLOAT):
+            name = node.value   # as written, as the mapping key that defines it is read: `no:` names model 'no'
+        else:
+            name = as_text(walk, node, path)
         if name is not INVALID:
             walk.references.append((kind, name, node, path))
         return name

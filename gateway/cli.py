@@ -14,8 +14,10 @@ from pathlib import Path
 from gateway import __version__
 
 
-class StoppedStarting(BaseException):
-    """A SIGTERM came before the gateway served (raised by `_stop_starting`)."""
+class StoppedStarting(SystemExit):
+    """A SIGTERM came before the gateway served (raised by `_stop_starting`). A SystemExit: an event loop
+    already running start-up (uvloop's, asyncio's) passes it on, where it logs any other exception a signal
+    handler raises as 'Exception in callback' and goes on to serve."""
 
 
 def _stop_starting(_signum, _frame) -> None:

@@ -72,13 +72,13 @@ class Fleet:
         an in-flight count of its own (the calls to the old server end there): an SRE's fix gets its traffic at
         once; one now run elsewhere (its server, upstream model or GPUs changed) forgets the joules per token
         measured where it ran before."""
-        moved = set()
+        moved = {}
         for name, model in policy.models.items():
             known = self._known.get(name)
             if known is not None and _called_elsewhere(known, model):
                 self.breakers.forget(name)
             if known is not None and _served_elsewhere(known, model):
-                moved.add(name)
+                moved[name] = ((known.endpoint, known.upstream_model), (model.endpoint, model.upstream_model))
                 self._move_in_flight(known, model)
             if known is not None and _draws_elsewhere(known, model):
                 self.estimates.forget_energy(name)

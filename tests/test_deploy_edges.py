@@ -4,8 +4,13 @@ Compose simulators serving what the policy promises."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -339,3 +344,51 @@ def test_kubernetes_policy_admits_only_callers_with_an_api_key():
     assert paid, "the check assumes the policy reaches a paid API"
     assert policy.tenants, f"no tenants: anyone who reaches the Service spends {', '.join(paid)}'s API key"
     assert all(tenant.keys_sha256 for tenant in policy.tenants.values())
+
+
+SILENT_REDIS_POLICY = """\
+version: 1
+models:
+  m:
+    endpoint: http://127.0.0.1:9/v1
+    upstream_model: m
+    price: {input_per_mtok: 1, output_per_mtok: 1}
+routes:
+  - name: r
+    candidates: [m]
+"""
+
+
+def test_gateway_run_stops_on_a_sigterm_sent_while_its_event_loop_starts_its_stores(tmp_path):
+    """`gateway run` catches SIGTERM from its first line so that a stop during start-up is not dropped: one that
+    comes while the event loop is already running start-up (connecting to Redis here) stops it too, exit 0,
+    instead of uvloop logging the handler's exception as 'Exception in callback' and the gateway going on to
+    serve until its SIGKILL."""
+    silent = socket.socket()            # a Redis that accepts and never answers: start-up waits on it
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    silent.settimeout(20)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(SILENT_REDIS_POLICY)
+    env = dict(os.environ, GATEWAY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+               OTEL_SDK_DISABLED="true")
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--port", "0"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        connection, _ = silent.accept()      # the gateway's loop is running its start-up
+        time.sleep(0.3)                     # and waits for Redis' answer (its warm-up waits up to 2 s)
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            pytest.fail(f"still running 5 s after a SIGTERM during start-up:\n{output.decode()[-2000:]}")
+        assert process.returncode == 0, output.decode()
+        assert b"listening" not in output
+        connection.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        silent.close()

@@ -10,6 +10,7 @@ limit), and one in front of `raw`, a scripted model server whose exact answers e
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import struct
@@ -546,3 +547,21 @@ def test_a_model_that_refuses_stream_options_still_streams_to_the_sdk(raw_env):
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert len(raw.requests) == calls_before + 3            # the refusal remembered: one call, without the field
+
+
+def test_a_clients_own_bad_stream_options_do_not_turn_off_usage_for_every_later_stream(raw_env):
+    """A client sends a `stream_options` field the model does not know (a newer SDK's option): the model refuses
+    the request naming stream_options, as it would refuse it sent directly. That says nothing of whether the model
+    takes `stream_options: {include_usage: true}`, which it does: the next client's stream still asks the model
+    for its usage (rather than every stream from then on being billed on the gateway's own estimate)."""
+    harness, raw = raw_env
+    refusal = json_answer({"error": {"message": "stream_options.include_obfuscation: Extra inputs are not permitted",
+                                     "type": "BadRequestError", "param": None, "code": 400}}, status=400)
+    answer = [(SSE_HEAD + sse(*TEXT_EVENTS), 0.0)]
+    raw.script_for = lambda body: refusal if b"include_obfuscation" in body else answer
+    client = harness.openai()
+    with contextlib.suppress(openai.BadRequestError):
+        list(client.chat.completions.create(model="raw-only", messages=MESSAGES, stream=True,
+                                            extra_body={"stream_options": {"include_obfuscation": False}}))
+    list(client.chat.completions.create(model="raw-only", messages=MESSAGES, stream=True))
+    assert b'"include_usage":true' in raw.requests[-1][1]

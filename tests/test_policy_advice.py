@@ -112,3 +112,15 @@ def test_policy_check_notes_a_candidate_below_the_route_min_tier_as_it_does_a_fa
     notes = advice(parse_policy(text))
     assert any(note.startswith("routes.chat.candidates: small below sla.min_tier 3: never planned")
                for note in notes), notes
+
+
+def test_policy_check_does_not_call_a_route_that_matches_any_endpoint_never_matched():
+    """`endpoints: []` (or `models: []`) matches anything, as the policy model says ("Empty tuples match
+    anything"): a catch-all route after one for chat still takes every embeddings request, so advice must not tell
+    the SRE it is never matched (who may then delete the route serving the embeddings traffic)."""
+    text = HEAD.replace("    match: {endpoints: [embeddings]}\n", "    match: {endpoints: []}\n")
+    assert not any("never matched" in note for note in advice(parse_policy(text)))
+    text = HEAD.replace("    match: {endpoints: [chat, completions]}\n",
+                        "    match: {endpoints: [chat, completions], models: [gpt-4o]}\n")
+    text = text.replace("    match: {endpoints: [embeddings]}\n", "    match: {endpoints: [chat], models: []}\n")
+    assert not any("never matched" in note for note in advice(parse_policy(text)))

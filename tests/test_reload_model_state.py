@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from gateway.energy import EnergyMonitor
-from gateway.errors import UpstreamStatus
+from gateway.errors import ModelBusy, UpstreamStatus
 from gateway.fleet import Fleet
 from gateway.policy.model import GpuSource, Policy, Routing
 from tests.support.fake_pynvml import ManualClock, two_gpus
@@ -208,3 +208,23 @@ def test_a_call_hung_on_a_models_old_server_does_not_count_as_load_on_its_new_on
         assert gw.services.fleet.estimates.in_flight("small") == 0
     finally:
         gw.stop()
+
+
+# -- a model moved away and back while calls hang -------------------------------------------------------------------
+
+
+async def test_a_model_moved_away_and_back_counts_the_calls_still_hung_on_its_first_server_against_its_slots():
+    """`small` takes one call at a time; its call hangs on server A when a reload points it at B, and another
+    points it back at A before the call ends: A still has that call in flight (the in-flight count says so, as
+    `_move_in_flight` hands it back), so the next call waits for A's one slot instead of being let in beside it."""
+    old = "http://10.0.0.9:8000/v1"
+    fleet = Fleet(_version("a", max_concurrency=1))
+    small_a = fleet._models["small"]
+    pool = fleet.slots.pool("small", 1)
+    fleet.started(small_a)
+    assert await fleet.slots.take("small", 1, 0, 0.05, pool=pool) == 0.0        # the call that hangs on A
+    fleet.adopt(_version("b", max_concurrency=1, endpoint=old))
+    fleet.adopt(_version("c", max_concurrency=1))                                 # back on A
+    assert fleet.estimates.in_flight("small") == 1                               # A's call counts again
+    with pytest.raises(ModelBusy):                                                # A's one slot is taken
+        await fleet.slots.take("small", 1, 0, 0.05, pool=fleet.slots.pool("small", 1))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from gateway.policy.model import DEFAULT_PRIORITY, Match, Policy, Route
+from gateway.policy.model import DEFAULT_PRIORITY, ENDPOINTS, Match, Policy, Route
 
 
 def advice(policy: Policy) -> list[str]:
@@ -86,11 +86,12 @@ def _shadowed(routes: tuple[Route, ...]) -> list[str]:
 def _covers(wide: Match, narrow: Match) -> bool:
     """Whether every request `narrow` matches is matched by `wide` (judged on what is written; may miss some)."""
     def alias_covered(alias: str) -> bool:
-        return any(pattern == "*" or pattern == alias or (not any(c in alias for c in "*?[")
+        return not wide.models or any(pattern == "*" or pattern == alias or (not any(c in alias for c in "*?[")
                                                           and fnmatchcase(alias, pattern)) for pattern in wide.models)
     low, high = narrow.prompt_tokens_min, narrow.prompt_tokens_max
-    return (all(alias_covered(alias) for alias in narrow.models)
-            and set(narrow.endpoints) <= set(wide.endpoints)
+    # an empty tuple matches anything (Match): every alias, every endpoint
+    return (all(alias_covered(alias) for alias in narrow.models or ("*",))
+            and set(narrow.endpoints or ENDPOINTS) <= set(wide.endpoints or ENDPOINTS)
             and (not wide.tenants or (bool(narrow.tenants) and set(narrow.tenants) <= set(wide.tenants)))
             and set(wide.headers) <= set(narrow.headers)
             and (wide.prompt_tokens_min is None or (low is not None and low >= wide.prompt_tokens_min))

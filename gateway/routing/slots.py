@@ -43,17 +43,31 @@ class Slots:
 
     def __init__(self) -> None:
         self._models: dict[str, _ModelSlots] = {}
+        #: the slots of servers a reload moved a model from while calls still held or waited for them, by (name,
+        #: server): a reload that moves the model back finds its calls there
+        self._parked: dict[tuple, _ModelSlots] = {}
         self._arrivals = itertools.count()
 
-    def configure(self, models: Mapping[str, Model], moved: Collection[str] = ()) -> None:
+    def configure(self, models: Mapping[str, Model], moved: Mapping[str, tuple] | Collection[str] = ()) -> None:
         """Each model's slots from the current policy's max_concurrency (at start and on each reload): a raise
         lets waiters in now; a cut takes effect as calls end. Calls still on an older policy version do not
         change them. A model `moved` to another server gets slots of its own: the calls to its old server
-        (and those waiting for them) end on the old ones, and do not hold the new server's."""
+        (and those waiting for them) end on the old ones, and do not hold the new server's; `moved` as a mapping,
+        name to (old server, new server): a model moved back to a server its calls still hold takes those slots
+        again."""
+        self._parked = {key: slots for key, slots in self._parked.items() if slots.busy or slots.line}
         for name, model in models.items():
             limit = model.max_concurrency
             slots = self._models.get(name)
-            if slots is None or name in moved:
+            if name in moved and isinstance(moved, Mapping):
+                left, now = moved[name]
+                if slots is not None and (slots.busy or slots.line):
+                    self._parked[(name, left)] = slots
+                slots = self._models[name] = self._parked.pop((name, now), None) or _ModelSlots(max(1, limit))
+                if slots.limit != max(1, limit):
+                    slots.limit = max(1, limit)
+                    self._grant(slots)
+            elif slots is None or name in moved:
                 self._models[name] = _ModelSlots(max(1, limit))
             elif slots.limit != max(1, limit):
                 slots.limit = max(1, limit)

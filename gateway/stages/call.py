@@ -43,6 +43,12 @@ def refuses_stream_options(exc: UpstreamError) -> bool:
     return exc.param == "stream_options" or "stream_options" in exc.message
 
 
+def asks_only_usage(options: object) -> bool:
+    """Whether a client's `stream_options` hold nothing but what the gateway asks for itself (`include_usage`):
+    a model's refusal of other fields is the client's to see, and says nothing of the gateway's."""
+    return not options or (isinstance(options, dict) and set(options) <= {"include_usage"})
+
+
 def fallback_state(ctx: RequestContext, succeeded: bool) -> str:
     """none: the first model answered; fallback: a later one did; exhausted: none did."""
     if not succeeded:
@@ -166,8 +172,9 @@ class Call:
                 return await relay_stream(ctx, attempt, services.transport, call, self._succeeded,
                                           energy=services.energy)
             except UpstreamStatus as exc:
-                if ctx.bytes_sent or not with_options or not refuses_stream_options(exc):
-                    raise
+                if ctx.bytes_sent or not with_options or not refuses_stream_options(exc) or \
+                        not asks_only_usage(ctx.body.get("stream_options")):
+                    raise           # (a field of the client's own in stream_options: the refusal is its own)
             # the model refused the usage the gateway asked for: this stream and its next ones go without it, as
             # the client sent them, and the gateway counts their usage
             services.fleet.refuse_stream_options.add(server)

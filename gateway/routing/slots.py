@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.errors import ModelBusy
@@ -48,29 +48,28 @@ class Slots:
         self._parked: dict[tuple, _ModelSlots] = {}
         self._arrivals = itertools.count()
 
-    def configure(self, models: Mapping[str, Model], moved: Mapping[str, tuple] | Collection[str] = ()) -> None:
+    def configure(self, models: Mapping[str, Model], moved: Mapping[str, tuple[tuple, tuple]] | None = None) -> None:
         """Each model's slots from the current policy's max_concurrency (at start and on each reload): a raise
         lets waiters in now; a cut takes effect as calls end. Calls still on an older policy version do not
-        change them. A model `moved` to another server gets slots of its own: the calls to its old server
-        (and those waiting for them) end on the old ones, and do not hold the new server's; `moved` as a mapping,
-        name to (old server, new server): a model moved back to a server its calls still hold takes those slots
-        again."""
+        change them. A model `moved` (name: (old server, new server)) gets the new server's slots: the calls to
+        its old server (and those waiting for them) end on the old ones, and do not hold the new server's; a model
+        moved back to a server its calls still hold takes those slots again."""
+        moved = moved or {}
         self._parked = {key: slots for key, slots in self._parked.items() if slots.busy or slots.line}
         for name, model in models.items():
-            limit = model.max_concurrency
-            slots = self._models.get(name)
-            if name in moved and isinstance(moved, Mapping):
+            limit = max(1, model.max_concurrency)
+            if name in moved:
                 left, now = moved[name]
+                slots = self._models.pop(name, None)
                 if slots is not None and (slots.busy or slots.line):
                     self._parked[(name, left)] = slots
-                slots = self._models[name] = self._parked.pop((name, now), None) or _ModelSlots(max(1, limit))
-                if slots.limit != max(1, limit):
-                    slots.limit = max(1, limit)
-                    self._grant(slots)
-            elif slots is None or name in moved:
-                self._models[name] = _ModelSlots(max(1, limit))
-            elif slots.limit != max(1, limit):
-                slots.limit = max(1, limit)
+                if (back := self._parked.pop((name, now), None)) is not None:
+                    self._models[name] = back
+            slots = self._models.get(name)
+            if slots is None:
+                self._models[name] = _ModelSlots(limit)
+            elif slots.limit != limit:
+                slots.limit = limit
                 self._grant(slots)
 
     def _slots(self, name: str, limit: int) -> _ModelSlots:

@@ -34,8 +34,8 @@ class Fleet:
         #: the last version of every model any policy named, those a reload removed too: what a model put back
         #: is compared with
         self._known = dict(policy.models)
-        #: calls in flight to servers a reload has moved a model from, by (name, endpoint, upstream model)
-        self._elsewhere: dict[tuple[str, str, str], int] = {}
+        #: calls in flight to servers a reload has moved a model from, by (name, server)
+        self._elsewhere: dict[tuple[str, tuple[str, str]], int] = {}
         self._routers: dict[str, Router] = {}
         #: (endpoint, upstream model) of the model servers that refused a stream's `stream_options`: their streams
         #: are sent without them
@@ -78,7 +78,7 @@ class Fleet:
             if known is not None and _called_elsewhere(known, model):
                 self.breakers.forget(name)
             if known is not None and _served_elsewhere(known, model):
-                moved[name] = ((known.endpoint, known.upstream_model), (model.endpoint, model.upstream_model))
+                moved[name] = (known.server, model.server)
                 self._move_in_flight(known, model)
             if known is not None and _draws_elsewhere(known, model):
                 self.estimates.forget_energy(name)
@@ -115,24 +115,24 @@ class Fleet:
         else:
             del self._elsewhere[key]
 
-    def _elsewhere_key(self, model: Model | str) -> tuple[str, str, str] | None:
-        """(name, endpoint, upstream model) of a call to a server the model of its name is no longer served on;
+    def _elsewhere_key(self, model: Model | str) -> tuple[str, tuple[str, str]] | None:
+        """(name, server) of a call to a server the model of its name is no longer served on;
         None for a call to where it is served now."""
         if isinstance(model, str):
             return None
         known = self._known.get(model.name)
         if known is None or not _served_elsewhere(known, model):
             return None
-        return model.name, model.endpoint, model.upstream_model
+        return model.name, model.server
 
     def _move_in_flight(self, known: Model, model: Model) -> None:
         """The calls in flight to `known`'s server no longer load the model's new one (`model`'s), which takes on
         any still in flight to it from before (a reload that moves the model back)."""
         name = model.name
         leaving = self.estimates.in_flight(name)
-        self.estimates.set_in_flight(name, self._elsewhere.pop((name, model.endpoint, model.upstream_model), 0))
+        self.estimates.set_in_flight(name, self._elsewhere.pop((name, model.server), 0))
         if leaving:
-            self._elsewhere[(name, known.endpoint, known.upstream_model)] = leaving
+            self._elsewhere[(name, known.server)] = leaving
 
     def calls_as(self, model: Model) -> bool:
         """Whether `model` (as a call saw it, maybe of an older policy version) is called where the model of its
@@ -166,16 +166,15 @@ class Fleet:
 
 def _called_elsewhere(known: Model, model: Model) -> bool:
     """Whether calls to `model` go to another server, model or credential than those to `known` did."""
-    return (known.endpoint, known.upstream_model, known.api_key_env) != \
-        (model.endpoint, model.upstream_model, model.api_key_env)
+    return (known.server, known.api_key_env) != (model.server, model.api_key_env)
 
 
 def _served_elsewhere(known: Model, model: Model) -> bool:
     """Whether calls to `model` go to another server or model than those to `known` did (whose concurrency is
     not theirs)."""
-    return (known.endpoint, known.upstream_model) != (model.endpoint, model.upstream_model)
+    return known.server != model.server
 
 
 def _draws_elsewhere(known: Model, model: Model) -> bool:
     """Whether the energy `model` draws per token is not what `known`'s was: another server, model or GPUs."""
-    return (known.endpoint, known.upstream_model, known.gpus) != (model.endpoint, model.upstream_model, model.gpus)
+    return (known.server, known.gpus) != (model.server, model.gpus)

@@ -75,6 +75,12 @@ class Model:
     gpus: GpuSource | None = None
 
     @property
+    def server(self) -> tuple[str, str]:
+        """(endpoint, upstream model): the server a call goes to and the model it runs there, which the model's
+        latency, load and answers are of."""
+        return self.endpoint, self.upstream_model
+
+    @property
     def gpu_count(self) -> int:
         """GPUs a request on this model occupies, for its GPU-time price: the ids named, else 1."""
         return len(self.gpus.ids) if self.gpus is not None and self.gpus.ids else 1

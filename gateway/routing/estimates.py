@@ -160,8 +160,7 @@ class _ModelStats:
 
 def _measures_another(known: Model, model: Model) -> bool:
     """Whether samples taken of `known` say nothing of `model`: its prior, endpoint or upstream model changed."""
-    return (known.latency_prior != model.latency_prior or known.endpoint != model.endpoint
-            or known.upstream_model != model.upstream_model)
+    return known.latency_prior != model.latency_prior or known.server != model.server
 
 
 class EnergyWindow:
@@ -250,8 +249,7 @@ class LatencyEstimates:
     def measures(self, model: Model) -> bool:
         """Whether the estimates kept under the model's name are of the server `model` calls."""
         stats = self._models.get(model.name)
-        return stats is not None and stats.model.endpoint == model.endpoint and \
-            stats.model.upstream_model == model.upstream_model
+        return stats is not None and stats.model.server == model.server
 
     def record(self, model_name: str, ttft_s: float | None, tpot_s: float | None = None) -> None:
         """Record one finished call's TTFT and TPOT; unknown models are ignored."""

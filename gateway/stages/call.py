@@ -164,8 +164,7 @@ class Call:
         if not trace_headers:               # telemetry off: pass the caller's trace context on as it came
             trace_headers = {k: v for k in ("traceparent", "tracestate") if (v := ctx.http.headers.get(k))}
         headers.update(trace_headers)
-        server = (model.endpoint, model.upstream_model)
-        with_options = server not in services.fleet.refuse_stream_options
+        with_options = model.server not in services.fleet.refuse_stream_options
         call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=with_options), headers)
         if ctx.stream:
             try:
@@ -177,7 +176,7 @@ class Call:
                     raise           # (a field of the client's own in stream_options: the refusal is its own)
             # the model refused the usage the gateway asked for: this stream and its next ones go without it, as
             # the client sent them, and the gateway counts their usage
-            services.fleet.refuse_stream_options.add(server)
+            services.fleet.refuse_stream_options.add(model.server)
             log.warning("model '%s' refuses stream_options: its streams are sent without them, their usage "
                         "counted by the gateway", model.name)
             call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=False), headers)

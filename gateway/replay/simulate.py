@@ -164,10 +164,9 @@ class Simulation:
         if not budget.limited or budget.on_exhausted != "downgrade":
             return False
         spent = self._spent.get(tenant.name, {})
-        return ((budget.usd_per_day is not None
-                 and spent.get(("day", int(now_s // 86_400)), Decimal(0)) >= budget.usd_per_day)
-                or (budget.usd_per_month is not None
-                    and spent.get(("month", 0), Decimal(0)) >= budget.usd_per_month))
+        day, month = _budget_periods(now_s)
+        return ((budget.usd_per_day is not None and spent.get(day, Decimal(0)) >= budget.usd_per_day)
+                or (budget.usd_per_month is not None and spent.get(month, Decimal(0)) >= budget.usd_per_month))
 
     def _dispatch(self, flight: _Flight, now_s: float) -> None:
         """Send the request to the next model of its plan that may take it, as the call stage does."""
@@ -325,7 +324,7 @@ class Simulation:
         flight.outcome.cost_usd += cost_usd
         if flight.request.tenant in self.policy.tenants:      # what the tenant's budget is charged
             spent = self._spent.setdefault(flight.request.tenant, {})
-            for key in (("day", int(now_s // 86_400)), ("month", 0)):
+            for key in _budget_periods(now_s):
                 spent[key] = spent.get(key, Decimal(0)) + cost_usd
         flight.energy_j = None if flight.energy_j is None or energy_j is None else flight.energy_j + energy_j
         return energy_j
@@ -369,3 +368,9 @@ def replay(policy: Policy, requests: Sequence[ReplayRequest], *, seed: int = 0,
            jitter_sigma: float = JITTER_SIGMA, power_w: Mapping[str, float] | None = None) -> ReplayResult:
     """Replay `requests` against `policy` in virtual time; the same seed gives the same result."""
     return Simulation(policy, requests, seed=seed, jitter_sigma=jitter_sigma, power_w=power_w).run()
+
+
+def _budget_periods(now_s: float) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The budget day and month a replayed moment falls in: days of 86,400 s from the traffic's first arrival, and
+    the whole traffic (at most 31 days) as its month."""
+    return ("day", int(now_s // 86_400)), ("month", 0)

@@ -127,7 +127,8 @@ async def report_outcome(request: web.Request) -> web.Response:
     server = runtime.policy.server
     body = parse_json_object(await read_body(request, server.max_body_bytes, server.client_timeout_s))
     await _priced(services, tenant.name if tenant else ANONYMOUS)
-    task = await services.outcomes.report(body, tenant=tenant.name if tenant else None)
+    task = await services.outcomes.report(body, tenant=tenant.name if tenant else None,
+                                          pricing_s=services.pricing_s)
     record = {"task_id": body.get("task_id"), "request_id": body.get("request_id"),
               "outcome": task.outcome, "route": task.route, "tenant": task.tenant,
               "workflow": task.workflow, "cost_usd": plain_usd(task.cost_usd)}
@@ -137,10 +138,11 @@ async def report_outcome(request: web.Request) -> web.Response:
 
 
 async def _priced(services: Services, tenant_name: str) -> None:
-    """Wait for the caller's answered requests whose measured joules are still coming (at most the sampler's settle
-    time): a report sent as an answer arrives then finds its request booked, and at its whole cost."""
-    if (pricing := services.pricing.get(tenant_name)) and services.energy is not None:
-        await asyncio.wait(set(pricing), timeout=services.energy.settle_timeout_s + 1.0)
+    """Wait for the caller's answered requests whose measured joules are still coming in this process (at most
+    `services.pricing_s`): a report sent as an answer arrives then finds its request booked, and at its whole cost.
+    (A shared book waits for those of other processes itself.)"""
+    if pricing := services.pricing.get(tenant_name):
+        await asyncio.wait(set(pricing), timeout=services.pricing_s)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -180,5 +180,11 @@ class RequestContext:
         return self.tenant.name if self.tenant else "anonymous"
 
     @property
+    def priced_late(self) -> bool:
+        """Whether an attempt ran on measured GPUs: its joules, and so the request's whole cost, are known only
+        after the response, once the sampler has closed its last interval."""
+        return any(attempt.energy_id is not None for attempt in self.attempts)
+
+    @property
     def duration_s(self) -> float:
         return (self.ended_s or time.perf_counter()) - self.started_s

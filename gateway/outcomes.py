@@ -156,11 +156,17 @@ class Book(Protocol):
     store_failures: int
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
-              workflow: str | None, cost_usd: Decimal) -> None:
-        """Book one finished request's cost to its task; never raises, never waits."""
+              workflow: str | None, cost_usd: Decimal, priced_late: bool = False) -> None:
+        """Book one finished request's cost to its task; never raises, never waits. `priced_late`: `pricing`
+        was told of it."""
 
-    async def report(self, payload: object, *, tenant: str | None = None) -> Task:
-        """Set the outcome of one of the caller's tasks, once; the task as reported."""
+    def pricing(self, *, request_id: str, task_id: str | None, tenant: str, for_s: float) -> None:
+        """A finished request whose cost is still being priced, to be booked by `track` within `for_s`; never
+        raises, never waits."""
+
+    async def report(self, payload: object, *, tenant: str | None = None, pricing_s: float = 0.0) -> Task:
+        """Set the outcome of one of the caller's tasks, once; the task as reported. `pricing_s`: the longest it
+        waits for calls of that task still being priced."""
 
     async def stats(self) -> dict:
         """Reported tasks grouped by route, tenant and workflow."""
@@ -187,7 +193,7 @@ class OutcomeBook:
     store_failures: int = 0             # it has no store to fail
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
-              workflow: str | None, cost_usd: Decimal) -> None:
+              workflow: str | None, cost_usd: Decimal, priced_late: bool = False) -> None:
         """Add one finished request's cost to its task (a request without a task is its own)."""
         now_s = self.clock()
         if not task_id:
@@ -222,10 +228,14 @@ class OutcomeBook:
                                       requests=requests, seen_s=seen_s)
         return task
 
-    async def report(self, payload: object, *, tenant: str | None = None) -> Task:
+    def pricing(self, *, request_id: str, task_id: str | None, tenant: str, for_s: float) -> None:
+        """Nothing to do: this process's reports wait for its own requests being priced (`app._priced`)."""
+
+    async def report(self, payload: object, *, tenant: str | None = None, pricing_s: float = 0.0) -> Task:
         """Record an outcome from a `POST /v1/outcomes` body for one of the caller's own tasks.
 
-        `tenant`: the caller, None for an anonymous one; only its own ids are looked up.
+        `tenant`: the caller, None for an anonymous one; only its own ids are looked up. `pricing_s`: unused (the
+        requests this process is pricing are waited for before, by `app._priced`).
         """
         report = parse_report(payload)
         self._trim()                    # an entry past ttl_s is unknown, even when no request came since

@@ -8,6 +8,8 @@ Keys, each tenant's under its own hash tag (one Cluster slot per tenant, as the 
     {prefix}:{tenant}:oc:rt:{request id}    string: the task id a request with one was booked to
     {prefix}:{tenant}:oc:stats:{bucket}     hash: the tenant's reported tasks by (route, workflow), per bucket
                                             (ttl_s / 24) of report time
+    {prefix}:{tenant}:oc:pt:{task id}       set: the task's answered calls whose cost is still being priced (their
+    {prefix}:{tenant}:oc:pr:{request id}    measured joules), by request id; the same for one request
     {prefix}:oc:tenants                     set: the tenants that reported, for /admin/stats
 
 Entries live `ttl_s` after their last booking, stats buckets `ttl_s` after their end: stats cover the
@@ -22,9 +24,10 @@ bookings are lost, each one counted, and warned of once (`StoreGuard`). Each boo
 own: one that Redis refuses (a key of the wrong type, say) is lost and counted alone.
 A report waits for this process's bookings of its tenant still under way, then `OTHERS_S` for those other
 replicas and workers gather now (a task's last call served by one, its report sent through another just after),
-and looks once more after `RECHECK_S` for an unknown id; with Redis down it is answered 503 store_unavailable,
-and can be sent again. A request that ends after its task was reported adds to the
-task, not to the stats already counted.
+then while any process is still pricing a call of the task (a call on measured GPUs is booked once its joules
+are in: it is marked as being priced as its answer leaves, and unmarked once booked), and looks once more after
+`RECHECK_S` for an unknown id; with Redis down it is answered 503 store_unavailable, and can be sent again.
+A request that ends after its task was reported adds to the task, not to the stats already counted.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ FLUSH_S = 0.02
 OTHERS_S = FLUSH_S + 0.03
 #: the most bookings one script call carries (a longer batch is sent in several)
 MAX_BATCH = 256
+#: how often a report looks whether the calls of its task being priced have been booked
+PRICING_POLL_S = 0.05
 
 #: add whole + pico dollars (strings) to two integer fields of a hash, carrying a dollar out of the pico part
 ADD_USD = """
@@ -175,8 +180,10 @@ class RedisOutcomeBook:
         self.book_script = client.register_script(BOOK)
         self.report_script = client.register_script(REPORT)
         self._bookings = BackgroundTasks()
-        self._gathering: dict[str, tuple[list[bytes], list[str | bytes]]] = {}    # tenant -> next flush's keys, args
+        # tenant -> the next flush's keys, args, and pricing marks to clear (key, request id) once it is booked
+        self._gathering: dict[str, tuple[list[bytes], list[str | bytes], list[tuple[bytes, bytes]]]] = {}
         self._pending: defaultdict[str, set[asyncio.Task]] = defaultdict(set)     # flushes under way, by tenant
+        self._marking: defaultdict[str, set[asyncio.Task]] = defaultdict(set)     # pricing marks being set, by tenant
         self._lost_uncounted = 0        # bookings lost beyond the one call the guard counts per failed flush
 
     @property
@@ -206,25 +213,53 @@ class RedisOutcomeBook:
     # booking
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
-              workflow: str | None, cost_usd: Decimal) -> None:
-        """Book one finished request's cost to its task, with the tenant's next flush."""
+              workflow: str | None, cost_usd: Decimal, priced_late: bool = False) -> None:
+        """Book one finished request's cost to its task, with the tenant's next flush (which clears its pricing
+        marks, when `pricing` set them: `priced_late`)."""
         gathering = self._gathering.get(tenant)
         if gathering is None:
-            gathering = self._gathering[tenant] = ([], [])
-            flush = self._bookings.spawn(self._flush(tenant), name="outcome-booking")
-            self._pending[tenant].add(flush)
-            flush.add_done_callback(lambda done: self._booked(tenant, done))
-        keys, args = gathering
+            gathering = self._gathering[tenant] = ([], [], [])
+            self._spawn(self._pending, tenant, self._flush(tenant), "outcome-booking")
+        keys, args, marks = gathering
         args.extend((route, raw(workflow or "-"), *split_usd(cost_usd), raw(task_id) if task_id else ""))
         if task_id:
             keys.extend((self._key(tenant, "t", task_id), self._key(tenant, "rt", request_id)))
         else:
             keys.append(self._key(tenant, "r", request_id))
+        if priced_late:
+            marks.extend((key, raw(request_id)) for key in self._pricing_keys(tenant, request_id, task_id))
+
+    def pricing(self, *, request_id: str, task_id: str | None, tenant: str, for_s: float) -> None:
+        """Mark a finished request whose cost is still being priced, under its task and its request id, for
+        `for_s` (and the store timeout): a report naming either, through any process, waits until `track` has
+        booked it and cleared the mark."""
+        self._spawn(self._marking, tenant, self._mark(self._pricing_keys(tenant, request_id, task_id),
+                                                      raw(request_id), _ms(for_s + self.guard.timeout_s)),
+                    "outcome-pricing")
+
+    def _pricing_keys(self, tenant: str, request_id: str, task_id: str | None) -> list[bytes]:
+        return [self._key(tenant, "pr", request_id), *([self._key(tenant, "pt", task_id)] if task_id else [])]
+
+    def _spawn(self, under_way: defaultdict[str, set[asyncio.Task]], tenant: str, work, name: str) -> None:
+        """Start background work for a tenant, kept in `under_way` until it is done."""
+        task = self._bookings.spawn(work, name=name)
+        under_way[tenant].add(task)
+        task.add_done_callback(lambda done: _forget(under_way, tenant, done))
+
+    async def _mark(self, keys: list[bytes], request_id: bytes, ttl_ms: int) -> None:
+        async def mark() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.sadd(key, request_id).pexpire(key, ttl_ms)
+                await pipe.execute()
+
+        await self.guard.run(mark, after_response=True)
 
     async def _flush(self, tenant: str) -> None:
-        """After FLUSH_S, send what the tenant's requests booked meanwhile: MAX_BATCH bookings per call."""
+        """After FLUSH_S, send what the tenant's requests booked meanwhile: MAX_BATCH bookings per call; then
+        clear the pricing marks of those that had them (once their marks are set)."""
         await asyncio.sleep(FLUSH_S)
-        keys, args = self._gathering.pop(tenant)
+        keys, args, marks = self._gathering.pop(tenant)
         ttl_ms = _ms(self.ttl_s)
         key_at = 0
         for start in range(0, len(args), 5 * MAX_BATCH):
@@ -232,6 +267,16 @@ class RedisOutcomeBook:
             used = sum(2 if task_id else 1 for task_id in batch[4::5])
             await self._book(keys[key_at:key_at + used], [ttl_ms, *batch])
             key_at += used
+        if marks:
+            if marking := self._marking.get(tenant):
+                await asyncio.wait(set(marking), timeout=self.guard.timeout_s)
+            await self.guard.run(lambda: self._unmark(marks), after_response=True)
+
+    async def _unmark(self, marks: list[tuple[bytes, bytes]]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, request_id in marks:
+                pipe.srem(key, request_id)
+            await pipe.execute()
 
     async def _book(self, keys: list[bytes], args: list) -> None:
         """One script call of bookings; each booking lost (all of a call that failed, or those Redis refused) is
@@ -248,12 +293,6 @@ class RedisOutcomeBook:
         if await self.guard.run(book, after_response=True) is STORE_DOWN:
             self._lost_uncounted += (refused or bookings) - 1
 
-    def _booked(self, tenant: str, booking: asyncio.Task) -> None:
-        pending = self._pending[tenant]
-        pending.discard(booking)
-        if not pending:
-            del self._pending[tenant]
-
     async def _landed(self, tenant: str) -> None:
         """Wait (up to the store timeout) for this process's bookings of `tenant` under way: a report sent
         just after a response counts that request's cost."""
@@ -262,13 +301,15 @@ class RedisOutcomeBook:
 
     # reporting
 
-    async def report(self, payload: object, *, tenant: str | None = None) -> Task:
+    async def report(self, payload: object, *, tenant: str | None = None, pricing_s: float = 0.0) -> Task:
         """Record an outcome from a `POST /v1/outcomes` body for one of the caller's own tasks, atomically
-        once. `tenant`: the caller, None for an anonymous one."""
+        once. `tenant`: the caller, None for an anonymous one; `pricing_s`: the longest it waits for calls of the
+        task that a process is still pricing."""
         report = parse_report(payload)
         tenant = tenant or ANONYMOUS
         await self._landed(tenant)
         await asyncio.sleep(self.others_s)      # another process's booking of the task's last call may be gathering
+        await self._priced(report, tenant, pricing_s)
         if await self.guard.run(lambda: self.client.sadd(self.tenants_key, tenant)) is STORE_DOWN:
             raise store_unavailable()
         task = await self._report(report, tenant)
@@ -278,6 +319,16 @@ class RedisOutcomeBook:
         if task is None:
             raise unknown_id()
         return task
+
+    async def _priced(self, report: Report, tenant: str, pricing_s: float) -> None:
+        """Wait, at most `pricing_s`, while a call of the reported task (or the reported request) is still being
+        priced by any process."""
+        key = self._key(tenant, "pt", report.task_id) if report.task_id is not None else \
+            self._key(tenant, "pr", report.request_id)
+        loop = asyncio.get_running_loop()
+        ends_s = loop.time() + pricing_s
+        while loop.time() < ends_s and await self.guard.run(lambda: self.client.exists(key)) == 1:
+            await asyncio.sleep(PRICING_POLL_S)
 
     async def _report(self, report: Report, tenant: str) -> Task | None:
         """The task as reported now; None when its id is unknown."""
@@ -337,6 +388,13 @@ class RedisOutcomeBook:
     async def close(self) -> None:
         """Finish the bookings under way (each is bounded by the store timeout)."""
         await self._bookings.drain(timeout_s=2 * self.guard.timeout_s + 0.1)
+
+
+def _forget(under_way: defaultdict[str, set[asyncio.Task]], tenant: str, task: asyncio.Task) -> None:
+    tasks = under_way[tenant]
+    tasks.discard(task)
+    if not tasks:
+        del under_way[tenant]
 
 
 def _group_stats(counts: dict[str, int]) -> GroupStats:

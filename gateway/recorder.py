@@ -59,9 +59,17 @@ class Recorder:
         ledger line; nothing here waits."""
         if ctx.decision is not None:
             self.outcomes.track(request_id=ctx.request_id, task_id=ctx.task_id, route=ctx.route_name,
-                                tenant=ctx.tenant_name, workflow=ctx.workflow, cost_usd=ctx.cost_usd)
+                                tenant=ctx.tenant_name, workflow=ctx.workflow, cost_usd=ctx.cost_usd,
+                                priced_late=ctx.priced_late)
         if self.ledger is not None:
             self.ledger.write(ledger_record(ctx))
+
+    def pricing(self, ctx: RequestContext, *, for_s: float) -> None:
+        """A finished request whose cost is still being priced (its measured joules), to be booked by `record` when
+        it is: a report naming it waits for that, at most `for_s`."""
+        if ctx.decision is not None:
+            self.outcomes.pricing(request_id=ctx.request_id, task_id=ctx.task_id, tenant=ctx.tenant_name,
+                                  for_s=for_s)
 
     def outcome(self, record: dict) -> None:
         """An outcome line in the ledger, beside the requests it judges."""

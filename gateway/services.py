@@ -62,6 +62,12 @@ class Services:
     # line, their cost with its energy price, their booking to their task); an outcome report waits for them
     pricing: dict = field(default_factory=dict)
 
+    @property
+    def pricing_s(self) -> float:
+        """The longest an outcome report waits for a call of its task whose joules are still being priced: the
+        sampler's settle time and a second; 0 without a sampler."""
+        return self.energy.settle_timeout_s + 1.0 if self.energy is not None else 0.0
+
     def record_request(self, ctx: RequestContext) -> None:
         """Hand a finished request to the ledger and the outcome book."""
         self.recorder.record(ctx)

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from gateway.outcomes_redis import PICO_USD
 from tests.support import accounting
 from tests.support.policies import models, price
 from tests.test_e2e_energy import measured_gateway, measured_model
@@ -58,3 +59,36 @@ def test_an_outcome_reported_as_soon_as_the_answer_came_counts_its_call_energy_i
     assert status == 200, reported
     record = accounting.ledger_record(gw.ledger_path, answer.headers["x-request-id"])
     assert record["energy_j"] and Decimal(reported["cost_usd"]) == Decimal(record["cost_usd"])
+
+
+SLOW_SAMPLING_POLICY = ENERGY_CACHED_POLICY.replace("sample_interval_s: 0.05", "sample_interval_s: 1.0")
+
+
+@pytest.fixture(scope="module")
+def measured_pair(module_redis_server, tmp_path_factory):
+    """Two gateways sharing one redis-server, each serving `small` on DCGM-measured GPUs sampled every second, so
+    a call's joules are priced a good while after its answer."""
+    gateways = [measured_gateway(SLOW_SAMPLING_POLICY, tmp_path_factory.mktemp(f"measured-{n}"),
+                                 GATEWAY_REDIS_URL=module_redis_server.url) for n in range(2)]
+    yield gateways
+    for gateway in gateways:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("by", ["task_id", "request_id"])
+def test_an_outcome_reported_through_another_gateway_waits_for_the_call_still_being_priced(measured_pair, by):
+    """A task's call on measured GPUs, served by one gateway and reported through another the moment its answer
+    came (several workers or replicas share one port or Service): the report finds the call, at the whole cost
+    the serving gateway's ledger charged it (energy included), not 404 unknown_id while its joules are priced."""
+    served, reporting = measured_pair
+    task = f"measured-elsewhere-{by}"
+    client = served.openai(default_headers={"x-gateway-task-id": task})
+    answer = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": f"priced after the answer, {by}"}], max_tokens=20)
+    request_id = answer.headers["x-request-id"]
+    status, reported = accounting.post_outcome(reporting.base_url, {by: task if by == "task_id" else request_id,
+                                                                    "outcome": "success"})
+    assert status == 200, reported
+    record = accounting.ledger_record(served.ledger_path, request_id)
+    # (the shared book keeps money to 1e-12 USD)
+    assert record["energy_j"] and Decimal(reported["cost_usd"]) == Decimal(record["cost_usd"]).quantize(PICO_USD)

@@ -89,13 +89,13 @@ ledger: {{path: "LEDGER"}}
 """
 
 
-def measured_gateway(policy: str, ledger_dir: Path) -> Harness:
+def measured_gateway(policy: str, ledger_dir: Path, **environ: str) -> Harness:
     """A started gateway on `policy` (its PORT the live exporter's, its LEDGER in `ledger_dir`), the simulated
-    `small` behind it; its ledger's path is `ledger_path`."""
+    `small` behind it, `environ` added to its environment; its ledger's path is `ledger_path`."""
     exporter = LiveExporter().start()
     ledger = ledger_dir / "ledger.jsonl"
     harness = Harness(policy.replace("PORT", str(exporter.port)).replace("LEDGER", str(ledger)),
-                      sims={"small": dict(ttft_ms=5, tpot_ms=20)}, environ=dict(os.environ)).start()
+                      sims={"small": dict(ttft_ms=5, tpot_ms=20)}, environ={**os.environ, **environ}).start()
     harness.ledger_path = ledger
     return harness
 

@@ -355,6 +355,44 @@ async def test_a_report_through_another_process_counts_the_call_the_first_is_sti
     assert (await second.stats())["tenant"]["acme"]["cost_usd"] == "0.75"
 
 
+@pytest.mark.parametrize("by", ["task_id", "request_id"])
+async def test_a_report_waits_while_another_process_prices_a_call_of_its_task(redis_client, by):
+    """A call on measured GPUs is booked only once its joules are priced, well after its answer: a report of its
+    task (or of the call itself) through another process waits while the call is marked as being priced, then
+    counts it; once booked, no mark is left in Redis."""
+    first, second = redis_book(redis_client), redis_book(redis_client)
+    track(first, "r1", "0.5", task_id="job")
+    first.pricing(request_id="r2", task_id="job", tenant="acme", for_s=5.0)
+    await first.close()                                 # booked r1, marked r2
+
+    async def priced_later() -> None:
+        await asyncio.sleep(0.3)
+        first.track(request_id="r2", task_id="job", route="chat", tenant="acme", workflow=None,
+                    cost_usd=Decimal("0.25"), priced_late=True)
+
+    pricing = asyncio.create_task(priced_later())
+    task = await second.report({by: "job" if by == "task_id" else "r2", "outcome": "success"}, tenant="acme",
+                               pricing_s=5.0)
+    await pricing
+    assert (task.requests, task.cost_usd) == (2, Decimal("0.75"))
+    await first.close()
+    assert await redis_client.keys("test:{acme}:oc:p*") == []
+
+
+async def test_a_report_waits_for_a_call_still_being_priced_at_most_pricing_s(redis_client):
+    """A call marked as being priced whose booking never comes (its process stopped): a report waits
+    `pricing_s`, no longer, and the mark expires by itself once the pricing could no longer end."""
+    first, second = redis_book(redis_client), redis_book(redis_client)
+    track(first, "r1", "0.5", task_id="job")
+    first.pricing(request_id="r2", task_id="job", tenant="acme", for_s=3.0)
+    await first.close()
+    started = asyncio.get_running_loop().time()
+    task = await second.report({"task_id": "job", "outcome": "success"}, tenant="acme", pricing_s=0.3)
+    assert 0.3 <= asyncio.get_running_loop().time() - started < 2.0
+    assert (task.requests, task.cost_usd) == (1, Decimal("0.5"))
+    assert 3_000 < await redis_client.pttl("test:{acme}:oc:pt:job") <= 5_000     # for_s and the store timeout
+
+
 async def test_a_stats_bucket_expires_ttl_s_after_its_end(redis_client):
     """The stats bucket a report lands in lives until ttl_s after the bucket's end (ttl_s / 24 per bucket), then
     goes, so Redis keeps no stats older than the last ttl_s."""

@@ -22,12 +22,15 @@ async def test_books_reports_and_stats_across_cluster_nodes(cluster):
     try:
         await first.warm_up()
         assert len({client.get_node_from_key(f"gw:{{{tenant}}}:oc:t:job").name for tenant in TENANTS}) > 1
-        for index, tenant in enumerate(TENANTS):
+        for index, tenant in enumerate(TENANTS):        # each call priced late, as on measured GPUs
+            first.pricing(request_id=f"r{index}", task_id="job", tenant=tenant, for_s=5.0)
             first.track(request_id=f"r{index}", task_id="job", route="chat", tenant=tenant, workflow="triage",
-                        cost_usd=Decimal(index + 1) / 10)
+                        cost_usd=Decimal(index + 1) / 10, priced_late=True)
         await first.close()
+        assert await client.keys("gw:*:oc:p*") == []        # every pricing mark set, then cleared
         for index, tenant in enumerate(TENANTS):
-            task = await second.report({"request_id": f"r{index}", "outcome": "success"}, tenant=tenant)
+            task = await second.report({"request_id": f"r{index}", "outcome": "success"}, tenant=tenant,
+                                       pricing_s=5.0)
             assert task.cost_usd == Decimal(index + 1) / 10
             with pytest.raises(AlreadyReported):
                 await first.report({"task_id": "job", "outcome": "failure"}, tenant=tenant)

@@ -37,11 +37,13 @@ class Observe:
         return None
 
     async def finish(self, ctx: RequestContext) -> None:
-        if any(attempt.energy_id is not None for attempt in ctx.attempts):
+        if ctx.priced_late:
             recording = self.services.background.spawn(self._record_with_energy(ctx), name="energy-attribution")
             pricing = self.services.pricing.setdefault(ctx.tenant_name, set())   # an outcome report waits for it
             pricing.add(recording)
             recording.add_done_callback(functools.partial(_recorded, self.services.pricing, ctx.tenant_name))
+            # and one through another worker or replica, with a shared book
+            self.services.recorder.pricing(ctx, for_s=self.services.pricing_s)
         else:
             asyncio.get_running_loop().call_soon(self._record_now, ctx)
 

@@ -103,6 +103,17 @@ def test_policy_check_notes_a_route_an_earlier_route_takes_every_request_of():
     assert not any("never matched" in note for note in advice(parse_policy(HEAD)))
 
 
+def test_a_route_after_a_catch_all_is_not_never_matched_for_a_tenant_allowed_only_it():
+    """A tenant whose allow list holds the later route and not the catch-all before it is matched to the later
+    one: that route is live, and advice must not tell the SRE to delete it; a tenant allowed both changes
+    nothing."""
+    catch_all = HEAD.replace("    match: {endpoints: [chat, completions]}\n", "")
+    keyed = catch_all + 'tenants:\n  embedder: {keys_sha256: ["' + "a" * 64 + '"], routes: [emb]}\n'
+    assert not any("never matched" in note for note in advice(parse_policy(keyed)))
+    both = keyed.replace("routes: [emb]", "routes: [emb, chat]")
+    assert any(note.startswith("routes.emb.match: never matched") for note in advice(parse_policy(both)))
+
+
 def test_policy_check_notes_a_candidate_below_the_route_min_tier_as_it_does_a_fallback():
     """A candidate below its route's min_tier is never planned (a request may only raise the tier), just as a
     fallback below it, which advice already notes; the candidate is noted the same way."""

@@ -25,9 +25,11 @@ ROUTES = (
           sla=Sla(max_cost_usd=Decimal("0.0002"), on_violation="reject")),
     Route(name="embed", match=Match(models=("emb",), endpoints=("embeddings",)), candidates=("small",),
           sla=Sla(p95_latency_ms=50)),
+    Route(name="chat-lite", match=Match(models=("auto",), endpoints=("chat",)), candidates=("small",)),
 )
 TENANTS = {"vip": Tenant(name="vip"), "team": Tenant(name="team"),
-           "embedder": Tenant(name="embedder", routes=("embed",))}
+           "embedder": Tenant(name="embedder", routes=("embed",)),
+           "lite": Tenant(name="lite", routes=("chat-lite", "embed"))}
 
 
 @pytest.fixture()
@@ -59,6 +61,24 @@ def test_a_tenant_outside_the_routes_allow_list_is_refused(routing):
     with pytest.raises(PermissionDenied) as caught:
         decide(routing, tenant="embedder")
     assert caught.value.status == 403
+
+
+def test_a_tenant_is_matched_to_the_first_route_its_allow_list_holds(routing):
+    """Routes are matched among those the tenant may use: `lite`, allowed `chat-lite` and not `chat` (which comes
+    first and takes `auto` too), is served by `chat-lite`, as GET /v1/models, which lists `auto` to it, promises;
+    a tenant without an allow list still gets the first route that takes the request."""
+    assert decide(routing, tenant="lite")[0].route.name == "chat-lite"
+    assert decide(routing, tenant="team")[0].route.name == "chat"
+    runtime, _ = routing
+    runtime.identity.check_allowed(runtime.policy.tenants["lite"], alias="auto")    # listed to it: no refusal
+
+
+def test_a_refusal_for_the_allow_list_names_the_first_route_that_takes_the_request(routing):
+    """No route the tenant may use takes the request, but one it may not does: 403 naming that route (not 404:
+    the model exists)."""
+    with pytest.raises(PermissionDenied) as caught:
+        decide(routing, tenant="lite", alias="capped")
+    assert caught.value.message == "Tenant 'lite' may not use route 'capped'."
 
 
 def test_an_alias_no_route_serves_is_a_404_naming_the_model(routing):

@@ -6,9 +6,10 @@ They are valid (a policy with them loads), so they are advice, not problems.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
-from gateway.policy.model import DEFAULT_PRIORITY, ENDPOINTS, Match, Policy, Route
+from gateway.policy.model import DEFAULT_PRIORITY, ENDPOINTS, Match, Policy, Route, Tenant
 
 
 def advice(policy: Policy) -> list[str]:
@@ -24,7 +25,7 @@ def advice(policy: Policy) -> list[str]:
             notes.append(f"models.{name}.gpu_hour_usd: charged for one GPU, as its gpus names no ids (GPU time is "
                          f"priced per GPU gpus.ids names; sampling reads them all): list its GPUs in gpus.ids to "
                          f"charge each")
-    notes.extend(_shadowed(policy.routes))
+    notes.extend(_shadowed(policy.routes, policy.tenants.values()))
     for route in policy.routes:
         if route.sla.max_energy_j is not None and set(route.match.endpoints) == {"embeddings"}:
             notes.append(f"routes.{route.name}.sla.max_energy_j: embeddings have no output tokens to scale an "
@@ -72,11 +73,15 @@ def _unservable(policy: Policy, route) -> list[str]:
     return notes
 
 
-def _shadowed(routes: tuple[Route, ...]) -> list[str]:
-    """Notes for routes that never get a request: an earlier route takes every request they match (first wins)."""
+def _shadowed(routes: tuple[Route, ...], tenants: Iterable[Tenant]) -> list[str]:
+    """Notes for routes that never get a request: an earlier route takes every request they match (first wins),
+    and every tenant that may use them may use it (a tenant whose allow list holds the later route and not the
+    earlier one is matched to the later)."""
+    lists = [frozenset(tenant.routes) for tenant in tenants if tenant.routes]
     notes = []
     for index, route in enumerate(routes):
-        earlier = next((before for before in routes[:index] if _covers(before.match, route.match)), None)
+        earlier = next((before for before in routes[:index] if _covers(before.match, route.match)
+                        and not any(route.name in allowed and before.name not in allowed for allowed in lists)), None)
         if earlier is not None:
             notes.append(f"routes.{route.name}.match: never matched: route '{earlier.name}' before it takes every "
                          f"request it matches (the first route whose match holds wins)")

@@ -17,7 +17,7 @@ simulated for it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -102,7 +102,10 @@ class Routing:
         if self._headerless is None:
             return []
         possible = []
+        allowed = tenant.routes if tenant is not None else ()
         for compiled in self._headerless.routes_for(request.alias):
+            if allowed and compiled.route.name not in allowed:
+                continue                # the live gateway matches among the routes the tenant may use
             if compiled.holds(request.endpoint, tenant.name if tenant else None, _NO_HEADERS, request.input_tokens):
                 possible.append(compiled.route.name)
                 if compiled.route.name not in self.header_routes:
@@ -122,7 +125,7 @@ class Routing:
     def _route_name(runtime: Runtime, request: ReplayRequest, tenant: Tenant | None) -> str | None:
         """The route a refused request matched."""
         route = runtime.routes.match(request.endpoint, request.alias, tenant.name if tenant else None,
-                                     _NO_HEADERS, request.input_tokens)
+                                     _NO_HEADERS, request.input_tokens, tenant.routes if tenant is not None else ())
         return route.name if route else None
 
 
@@ -135,7 +138,7 @@ class _RecordedRoute:
         self.route = route
 
     def match(self, endpoint: str, alias: str, tenant: str | None, headers: Mapping[str, str],
-              prompt_tokens: int) -> Route:
+              prompt_tokens: int, allowed: Collection[str] = ()) -> Route:
         return self.route
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from gateway.errors import PolicyError, PolicyProblem
@@ -124,13 +124,15 @@ class RouteIndex:
         return tuple(found[order] for order in sorted(found))
 
     def match(self, endpoint: str, alias: str, tenant: str | None, headers: Mapping[str, str],
-              prompt_tokens: int) -> Route | None:
-        """The first route whose match holds, or None.
+              prompt_tokens: int, allowed: Collection[str] = ()) -> Route | None:
+        """The first route whose match holds, among those named in `allowed` (the tenant's allow list; empty:
+        every route), or None.
 
         `headers` must answer `.get` for lower-case names: aiohttp's
         CIMultiDictProxy or a dict with lower-cased keys.
         """
         for compiled in self.routes_for(alias):
-            if compiled.holds(endpoint, tenant, headers, prompt_tokens):
+            if (not allowed or compiled.route.name in allowed) and \
+                    compiled.holds(endpoint, tenant, headers, prompt_tokens):
                 return compiled.route
         return None

@@ -79,7 +79,7 @@ class Identity:
         if tenant is None:
             return
         if route_name is not None and tenant.routes and route_name not in tenant.routes:
-            raise PermissionDenied(f"Tenant {tenant.name!r} may not use route {route_name!r}.")
+            raise route_denied(tenant, route_name)
         if alias is not None and tenant.models and not any(
                 fnmatchcase(alias, allowed) for allowed in tenant.models):
             raise PermissionDenied(f"Tenant {tenant.name!r} may not use model {alias!r}.")
@@ -92,6 +92,11 @@ class Identity:
                    and (not route.match.tenants or tenant.name in route.match.tenants)
                    and any(fnmatchcase(alias, pattern) for pattern in route.match.models)
                    for route in self.routes)
+
+
+def route_denied(tenant: Tenant, route_name: str) -> PermissionDenied:
+    """The 403 for a route outside the tenant's allow list."""
+    return PermissionDenied(f"Tenant {tenant.name!r} may not use route {route_name!r}.")
 
 
 class AdminAuth:

@@ -11,6 +11,10 @@ from gateway.stages.account import gpu_seconds
 from gateway.telemetry.genai import outcome
 
 
+#: how much of the SHA-256 of the policy file that served a request its ledger line keeps (as the reload log names it)
+POLICY_DIGITS = 12
+
+
 def ledger_record(ctx: RequestContext) -> dict:
     """The request's compact record: what was decided, used, paid and measured; no prompt text."""
     usage = ctx.usage
@@ -29,6 +33,7 @@ def ledger_record(ctx: RequestContext) -> dict:
         "budget_downgrade": ctx.budget_downgrade,
         "task_id": ctx.task_id, "workflow": ctx.workflow,
         "attempts": [attempt_record(a) for a in ctx.attempts],
+        "policy": ctx.policy.content_sha256[:POLICY_DIGITS],
     }
 
 

@@ -356,7 +356,7 @@ LEDGER_FIELDS = {
     "ts", "request_id", "tenant", "endpoint", "alias", "route", "model", "models_tried", "fallback",
     "fallback_reason", "cache", "stream", "status", "outcome", "prompt_tokens", "input_tokens", "output_tokens",
     "tokens_estimated", "cost_usd", "saved_usd", "latency_s", "ttft_s", "energy_j", "sla_met", "budget_downgrade",
-    "task_id", "workflow", "attempts",
+    "task_id", "workflow", "attempts", "policy",
 }
 
 
@@ -378,8 +378,9 @@ def test_ledger_has_one_line_per_request_and_never_prompt_text(gw):
         extra_headers={"x-request-id": "ledger-probe-1"})
     ids.append("ledger-probe-1")
     records = [ledger_record(gw, request_id) for request_id in ids]
+    served_by = gw.holder.current.policy.content_sha256[:12]     # prices change with the policy: which one
     for record in records:
-        assert set(record) == LEDGER_FIELDS
+        assert set(record) == LEDGER_FIELDS and record["policy"] == served_by
         assert record["route"] == "api" and record["model"] == "small" and record["status"] == 200 \
             and record["outcome"] == "success"
         assert record["latency_s"] > 0

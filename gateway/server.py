@@ -206,12 +206,22 @@ def install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def watch_policy(holder: PolicyHolder, interval_s: float = 1.0) -> None:
-    """Reload whenever the file is not the version the holder last read (edits, ConfigMap symlink swaps)."""
+#: how long a changed policy file must stay the same before the watcher reads it
+SETTLED_S = 0.25
+
+
+async def watch_policy(holder: PolicyHolder, interval_s: float = 1.0, settled_s: float = SETTLED_S) -> None:
+    """Reload whenever the file is not the version the holder last read (edits, ConfigMap symlink swaps), once it
+    has stayed the same for `settled_s`: a file written in place in parts is not read half-way (cut at the end of a
+    line, a policy can be valid with some of its tenants or routes missing)."""
     while True:
         await asyncio.sleep(interval_s)
         if not holder.changed_on_disk():
             continue
+        changed = file_stat(holder.path)
+        await asyncio.sleep(settled_s)
+        if file_stat(holder.path) != changed:
+            continue                    # still being written: looked at again at the next tick
         try:
             await holder.reload_async(WATCHER)
         except Exception:               # the watcher outlives any one bad reload

@@ -324,6 +324,28 @@ async def test_watch_policy_reloads_on_change(tmp_path):
 NO_SIMS = {"small": "http://127.0.0.1:9/v1", "medium": "http://127.0.0.1:9/v1", "slow": "http://127.0.0.1:9/v1"}
 
 
+async def test_the_file_watcher_does_not_serve_a_file_caught_half_written(tmp_path):
+    """An edit written in place in two parts (`cp`, a shell redirect, a slow disk), the first of them a valid
+    policy by itself (cut at the end of a line: one tenant of two): the watcher waits until the file has stayed
+    the same for a moment, so it never serves the half (the second tenant answered 401 meanwhile), and then serves
+    the whole."""
+    path = _written(tmp_path / "policy.yaml", POLICY_A.format(**NO_SIMS))
+    holder = PolicyHolder.from_file(path, {})
+    served: list[int] = []
+    holder.listeners.append(lambda runtime: served.append(len(runtime.policy.tenants)))
+    watcher = asyncio.create_task(watch_policy(holder, interval_s=0.02))
+    try:
+        with path.open("w") as policy:
+            policy.write(POLICY_A.format(**NO_SIMS) + 'tenants:\n  alpha: {keys_sha256: ["' + "a" * 64 + '"]}\n')
+            policy.flush()
+            await asyncio.sleep(0.1)
+            policy.write('  beta: {keys_sha256: ["' + "b" * 64 + '"]}\n')
+        assert await wait_async(lambda: served[-1:] == [2]), f"the whole file was not served: {served}"
+        assert served == [2]
+    finally:
+        watcher.cancel()
+
+
 async def test_the_file_watcher_outlives_a_reload_that_fails_unexpectedly(tmp_path, caplog):
     """A reload that raises (here a listener of the new policy) is logged and the watcher watches on: the next
     edit of the file is served, rather than hot reload stopping for good until a restart."""

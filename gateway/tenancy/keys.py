@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     key, key_sha256 = new_key()
     print(f"API key for tenant {args.tenant!r} (shown once; give it to the tenant):")
     print(f"  {key}")
-    print(f"Add its hash to tenants.{args.tenant} in the policy:")
+    print(f"Add its hash to tenants.{args.tenant} in the policy (for a tenant with keys already, add it to its "
+          f"keys_sha256 list; to rotate a key, remove the old hash once its clients use the new key: that revokes it):")
     print(f'  keys_sha256: ["{key_sha256}"]')
     return 0

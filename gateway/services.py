@@ -34,7 +34,7 @@ from gateway.tasks import BackgroundTasks
 from gateway.telemetry import Telemetry
 from gateway.telemetry.peers import PEERS, Peers
 from gateway.tokens import DEFAULT_ENCODING, get_encoding
-from gateway.upstream import HttpTransport
+from gateway.upstream import HttpTransport, PoolConnector
 
 log = logging.getLogger("gateway")
 
@@ -117,8 +117,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
             get_encoding(name)          # loaded now, not on the first request
         recorder = open_recorder(started)
         stores = await open_stores(started, environ, recorder)   # before the session: a refusal leaves none open
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
-                                         enable_cleanup_closed=True)
+        connector = PoolConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                         skip_auto_headers=("User-Agent",))
         services = Services(holder=holder, environ=environ, session=session,

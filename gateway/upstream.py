@@ -11,8 +11,10 @@ import math
 import os
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from functools import cache
@@ -136,6 +138,28 @@ def _retry_after_value_s(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
+#: whether the connection the current task's latest upstream send took was kept alive in the pool (PoolConnector)
+_REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
+
+
+class PoolConnector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector, telling `HttpTransport` whether a send went out on a connection kept alive in the
+    pool, which the model server may close at that very moment (a server closes idle connections on its own clock:
+    uvicorn's is 5 s): only such a send, dropped before any answer, is sent again. (An aiohttp trace hook says
+    the same, at about 30 µs a call: every trace signal of the call is then built.)"""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._handed: weakref.WeakSet = weakref.WeakSet()      # the connections' protocols handed out before
+
+    async def connect(self, req, traces, timeout) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        _REUSED.set(protocol in self._handed)
+        self._handed.add(protocol)
+        return connection
+
+
 class HttpTransport:
     """Talks to OpenAI-compatible servers over one keep-alive connection pool."""
 
@@ -146,11 +170,27 @@ class HttpTransport:
     def _url(call: UpstreamCall) -> URL:
         return upstream_url(call.model.endpoint, call.endpoint)
 
+    async def _send(self, call: UpstreamCall, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """POST the call and return its response once its head came. A kept-alive connection the model server
+        closed as it was taken from the pool fails before any answer: the model never saw the request, so it is
+        sent once more, on another connection (RFC 9112 9.3.1; aiohttp does so itself only for idempotent methods,
+        and nginx for its cached connections). A connection opened for the call that drops is not sent again (a
+        prompt that brings the server down is not sent twice). A redirect is not followed: the prompt goes to the
+        model's endpoint and nowhere else, and a 3xx is a broken answer."""
+        _REUSED.set(False)          # a session without PoolConnector (tests, the bench) never sends again
+        try:
+            return await self.session.post(self._url(call), data=call.body, headers=call.headers, timeout=timeout,
+                                           allow_redirects=False)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not _REUSED.get() or isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+        return await self.session.post(self._url(call), data=call.body, headers=call.headers, timeout=timeout,
+                                       allow_redirects=False)
+
     async def complete(self, call: UpstreamCall) -> UpstreamAnswer:
         """Send a non-streamed request and return its parsed JSON answer."""
         with UpstreamErrors(call.model):
-            async with self.session.post(self._url(call), data=call.body, headers=call.headers,
-                                         timeout=client_timeout(call.model.timeouts, stream=False)) as resp:
+            async with await self._send(call, client_timeout(call.model.timeouts, stream=False)) as resp:
                 # the body most often came with the head; the rest must come within first_byte_s of it
                 raw = await resp.read() if resp.content.is_eof() else \
                     await _read_within(resp, call.model.timeouts.first_byte_s)
@@ -180,9 +220,8 @@ class HttpTransport:
         async with AsyncExitStack() as stack:
             with UpstreamErrors(call.model):
                 async with asyncio.timeout(first_byte_s):
-                    resp = await stack.enter_async_context(self.session.post(
-                        self._url(call), data=call.body, headers=call.headers,
-                        timeout=client_timeout(call.model.timeouts)))
+                    resp = await stack.enter_async_context(
+                        await self._send(call, client_timeout(call.model.timeouts)))
                 if resp.status >= 400:      # its body within first_byte_s a part, and total_s in all
                     async with asyncio.timeout(call.model.timeouts.total_s):
                         raw = await _read_within(resp, first_byte_s)

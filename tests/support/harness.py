@@ -187,10 +187,11 @@ class Harness:
 
 
 @contextlib.contextmanager
-def raw_model_gateway(*, first_byte_s: float, tail: str = "", total_s: float = 10,
-                      raw_keys: str = "") -> Iterator[tuple[Harness, RawUpstream]]:
-    """A gateway on `raw_model_policy` (fast simulators for the standard models) and its scripted model server."""
-    raw = RawUpstream().start()
+def raw_model_gateway(*, first_byte_s: float, tail: str = "", total_s: float = 10, raw_keys: str = "",
+                      raw: RawUpstream | None = None) -> Iterator[tuple[Harness, RawUpstream]]:
+    """A gateway on `raw_model_policy` (fast simulators for the standard models) and its scripted model server
+    (`raw`, not started yet: a RawUpstream by default)."""
+    raw = (raw or RawUpstream()).start()
     harness = Harness(raw_model_policy(raw.url, first_byte_s=first_byte_s, tail=tail, total_s=total_s,
                                        raw_keys=raw_keys),
                       sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}).start()

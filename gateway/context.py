@@ -176,6 +176,12 @@ class RequestContext:
         return None
 
     @property
+    def cache_refreshed(self) -> bool:
+        """Whether the request could use the cache but skipped its lookup (`Cache-Control: no-cache`): its answer
+        may be stored, but nothing was looked up."""
+        return self.cache_key is not None and not self.cache_lookup
+
+    @property
     def tenant_name(self) -> str:
         return self.tenant.name if self.tenant else "anonymous"
 

@@ -17,11 +17,11 @@ def key_of(body: dict, **changes: str) -> str:
 
 
 def test_key_is_stable_and_prefixed() -> None:
-    """The same request gives the same key, in the documented `{prefix}:c:v2:{sha256}` shape."""
+    """The same request gives the same key, in the documented `{prefix}:c:v3:{sha256}` shape."""
     key = key_of(BODY)
     assert key == key_of(dict(reversed(list(BODY.items()))))
     prefix, kind, version, digest = key.split(":")
-    assert (prefix, kind, version, len(digest)) == ("gw", "c", "v2", 64)
+    assert (prefix, kind, version, len(digest)) == ("gw", "c", "v3", 64)
 
 
 def test_delivery_and_bookkeeping_fields_do_not_change_the_key() -> None:

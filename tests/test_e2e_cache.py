@@ -18,13 +18,14 @@ import openai
 import pytest
 
 from gateway.cache.entry import CacheEntry, decode_entry, encode_entry
+from gateway.cache.key import KEY_VERSION
 import redis
 
 from tests.support.harness import Harness
 from tests.support.policies import models, short_timeouts, standard_model, tenants
 
 KEYS = {"alpha": "key-alpha-0001", "beta": "key-beta-0002"}
-ENTRY_PATTERN = "gw:c:v2:*"
+ENTRY_PATTERN = f"gw:c:{KEY_VERSION}:*"
 
 POLICY = models(standard_model("small", timeouts=short_timeouts(first_byte_s=5))) + """
 routes:

@@ -75,6 +75,18 @@ def _complete(choice: Any) -> bool:
     return reason in COMPLETE_FINISH_REASONS
 
 
+def audio_expired(body: dict[str, Any], now_unix_s: float) -> bool:
+    """Whether a chat answer carries audio the model server no longer keeps (`audio.expires_at` passed): a next
+    turn that names its `id`, as multi-turn audio conversations do, would be refused, so it is no answer to give."""
+    for choice in body.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        audio = message.get("audio") if isinstance(message, dict) else None
+        expires_at = audio.get("expires_at") if isinstance(audio, dict) else None
+        if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and expires_at <= now_unix_s:
+            return True
+    return False
+
+
 def entry_from_stream(assembled: StreamAssembler) -> CacheEntry | None:
     """An entry for a finished stream, from its chunks as they were folded in (without [DONE]); none for a stream
     without choices."""

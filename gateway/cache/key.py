@@ -17,12 +17,15 @@ import orjson
 
 from gateway.policy.model import CacheRule
 
-#: v2: entries name the model that answered
-KEY_VERSION = "v2"
+#: v2: entries name the model that answered; v3: the order of keys inside a body field counts (an entry of v2 could
+#: answer a request whose schema lists its properties in another order)
+KEY_VERSION = "v3"
 
-#: body fields that never change the answer; every other field is hashed
+#: body fields that never change the answer; every other field is hashed (`safety_identifier` is OpenAI's
+#: successor to `user`, `prompt_cache_key` a hint for the provider's own prompt cache)
 EXCLUDED_FIELDS = frozenset(
-    {"stream", "stream_options", "user", "metadata", "store", "service_tier", "model"})
+    {"stream", "stream_options", "user", "metadata", "store", "service_tier", "model", "safety_identifier",
+     "prompt_cache_key"})
 
 #: the answer-changing fields we know of (documentation: unknown fields are hashed too)
 ANSWER_FIELDS = (
@@ -38,21 +41,25 @@ FLOAT_FIELDS = frozenset({"temperature", "top_p", "presence_penalty", "frequency
 
 def cache_key(*, prefix: str, tenant: str, route: str, resolved: str, endpoint: str,
               body: dict[str, Any]) -> str:
-    """`{prefix}:c:{KEY_VERSION}:{sha256}` of the canonical JSON of who asked, where, and what."""
+    """`{prefix}:c:{KEY_VERSION}:{sha256}` of the canonical JSON of who asked, where, and what.
+
+    The body's own fields are put in name order; what they hold is hashed as sent: the order of an object's
+    keys inside a field can change the answer (a JSON schema's `properties` are generated in their order, and a
+    tool's are shown to the model in it), so two requests differing there never share an entry."""
     material = {
-        "tenant": tenant, "route": route, "resolved": resolved, "endpoint": endpoint,
-        "body": answer_fields(body),
+        "body": answer_fields(body), "endpoint": endpoint, "resolved": resolved, "route": route, "tenant": tenant,
     }
-    digest = hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    digest = hashlib.sha256(orjson.dumps(material)).hexdigest()
     return f"{prefix}:c:{KEY_VERSION}:{digest}"
 
 
 def answer_fields(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The body without the fields that cannot change the answer, numbers normalised."""
+    """The body without the fields that cannot change the answer, numbers normalised, in name order."""
     kept = {}
-    for name, value in body.items():
+    for name in sorted(body):
         if name in EXCLUDED_FIELDS:
             continue
+        value = body[name]
         if name in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         kept[name] = value

@@ -162,6 +162,9 @@ class Router:
                 # every model lacks the tier or the context asked for: only a policy change can cure that, and
                 # OpenAI's SDKs would send it twice more after their back-off
                 error.headers["x-should-retry"] = "false"
+            if isinstance(error, NoModelMeetsSla):     # no model to call; a stored answer may still serve it
+                error.decision = Decision(route=route, plan=(), candidates=candidates, sla_met=False,
+                                          note=str(error), output_tokens=output_tokens)
             raise error
         fitting.sort(key=lambda c: c.predicted_latency_ms)
         models = [c.model for c in fitting if self.breakers.available(c.model.name)]

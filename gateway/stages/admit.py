@@ -30,6 +30,7 @@ from decimal import Decimal
 
 from gateway.context import RequestContext, Usage
 from gateway.cost import token_cost_usd
+from gateway.stages.route import SLA_REFUSAL
 from gateway.tenancy.budgets import BudgetState, Hold, charge_later, to_nanos
 from gateway.tenancy.limits import STORE_RETRY_S, Admission, new_ticket, unlimited
 
@@ -239,7 +240,8 @@ class Admit:
         charge_later(self.services, tenant, ctx.cost_usd, hold)
         if ctx.admission is not None and ctx.admission.held:     # else the store never saw it: nothing to end
             used = ctx.usage.input_tokens + ctx.usage.output_tokens
-            if refusal is not None and ctx.error is refusal:    # refused for its budget after the cache missed
+            if ctx.error is not None and ctx.error in (refusal, ctx.extra.get(SLA_REFUSAL)):
+                # refused, for its budget or its route's SLA, after the cache missed
                 self._undo(tenant, ctx.admission, ctx.admission.ticket, ctx.reserved_tokens)
             elif ctx.admission.unsettled:       # admitted degraded: the store may apply it late
                 end, again = self._ending(tenant, ctx.admission.ticket, ctx.reserved_tokens, used)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable
 from decimal import Decimal
 
@@ -22,7 +23,8 @@ import orjson
 from aiohttp import web
 
 from gateway.cache.assemble import UNFOLDABLE
-from gateway.cache.entry import CacheEntry, decode_entry, encode_entry, entry_from_response, entry_from_stream
+from gateway.cache.entry import (CacheEntry, audio_expired, decode_entry, encode_entry, entry_from_response,
+                                 entry_from_stream)
 from gateway.cache.key import cache_control, cache_key, is_cacheable
 from gateway.cache.replay import replay_sse
 from gateway.cache.singleflight import FlightAbandoned, LocalFlight, SingleFlight
@@ -32,6 +34,7 @@ from gateway.policy.model import Model
 from gateway.responses import response_headers
 from gateway.routing.predict import meets_hard_terms
 from gateway.stages.relay import SSE_HEADERS, ClientWriter
+from gateway.stages.route import SLA_REFUSAL
 from gateway.tokens import usage_body, usage_from_response
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,8 @@ class Lookup:
     async def handle(self, ctx: RequestContext) -> None:
         route = ctx.decision.route
         lookup, store = cache_control(ctx.http.headers)
+        if ctx.body.get("store") is True:   # the model is asked to keep this completion: only a call does
+            lookup = False
         if not is_cacheable(ctx.body, route.cache, endpoint=ctx.endpoint) or not (lookup or store):
             return None
         ctx.cache_key = cache_key(prefix=self.services.stores.key_prefix, tenant=ctx.tenant_name,
@@ -74,7 +79,7 @@ class Lookup:
         stores = self.services.stores
         if not lookup or not stores.cache.remote:   # an in-process store answers at once: nothing to overlap
             return None
-        if _across_replicas(ctx, stores.singleflight):
+        if _across_replicas(ctx, stores.singleflight) and SLA_REFUSAL not in ctx.extra:
             # a miss also tries the cross-replica lock, in the same round trip: a miss that leads waits for no more
             ctx.cache_read = asyncio.ensure_future(stores.singleflight.read_or_acquire(ctx.cache_key))
         else:
@@ -137,6 +142,8 @@ class Cache:
         with self.services.telemetry.cache_span(ctx):
             raw, token = await self._read(ctx)
             stored = self._servable(ctx, _entry(raw))
+            if stored is None and (refusal := ctx.extra.get(SLA_REFUSAL)) is not None:
+                raise refusal               # no model may serve it: a stored answer was its only way
             # another model's answer counts as none: identical requests share a call
             entry = stored or self._servable(ctx, await self._single_flight(ctx, raw is None, token))
             if entry is not None:
@@ -160,8 +167,9 @@ class Cache:
     @staticmethod
     def _servable(ctx: RequestContext, entry: CacheEntry | None) -> CacheEntry | None:
         """`entry`, or None when its model may not answer this request (it calls, and its answer replaces it), or
-        it answers another endpoint (the key names the endpoint: only a hand-written entry could)."""
-        if entry is None or entry.endpoint != ctx.endpoint:
+        it answers another endpoint (the key names the endpoint: only a hand-written entry could), or its audio has
+        expired (a next turn naming it would be refused)."""
+        if entry is None or entry.endpoint != ctx.endpoint or audio_expired(entry.body, time.time()):
             return None
         return entry if may_answer(ctx.decision, entry.model, entry.upstream_model) else None
 

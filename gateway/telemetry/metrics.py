@@ -152,7 +152,7 @@ class Instruments:
         self.task_cost.add(float(task.cost_usd), labels)
 
     def _record_cache(self, ctx: RequestContext, labels: dict[str, Any]) -> None:
-        if ctx.cache_status in CACHE_LOOKUP_STATUSES:
+        if ctx.cache_status in CACHE_LOOKUP_STATUSES and not ctx.cache_refreshed:   # no-cache: no lookup was made
             self.cache_lookups.add(1, {**labels, genai.CACHE_STATUS: ctx.cache_status})
         if ctx.cache_saved_usd:
             self.cache_saved.add(float(ctx.cache_saved_usd), labels)

@@ -173,10 +173,10 @@ def test_unknown_repeated_and_unparseable_reports(gw):
 
 
 def test_a_report_over_the_body_size_limit_is_413_and_the_task_stays_reportable(gw):
-    """A report larger than server.max_body_bytes (4 MiB) is refused with 413 `request_too_large`, as a completion
+    """A report larger than server.max_body_bytes (20 MiB) is refused with 413 `request_too_large`, as a completion
     would be, and not booked: the task can still be reported."""
     call(gw, "ticket-huge", 1)
-    status, error = report(gw, {"task_id": "ticket-huge", "outcome": "success", "note": "x" * (5 * 1024 * 1024)})
+    status, error = report(gw, {"task_id": "ticket-huge", "outcome": "success", "note": "x" * (21 * 1024 * 1024)})
     assert status == 413 and error["error"]["code"] == "request_too_large", error
     assert report(gw, {"task_id": "ticket-huge", "outcome": "success"})[0] == 200
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import time
 
@@ -141,10 +143,21 @@ def test_bad_input_gets_openai_errors(gw, body, status, code):
     assert gw.http("GET", f"{gw.base_url}/healthz") == {"status": "ok"}
 
 
+def test_a_phone_photo_sent_inline_is_taken_with_the_default_body_limit(gw):
+    """A vision request with a phone camera's photo as a base64 data URL (6 MB of JPEG, 8 MB encoded), as the
+    SDK sends one, is served with the default server.max_body_bytes: OpenAI takes images up to 20 MB, and an
+    application that changes only its base URL must not start getting 413s."""
+    photo = base64.b64encode(os.urandom(6 * 1024 * 1024)).decode()
+    answer = gw.openai().chat.completions.create(model="auto", max_tokens=5, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is in this photo?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{photo}"}}]}])
+    assert answer.choices[0].message.content
+
+
 def test_body_over_limit_is_413(gw):
-    """A body larger than server.max_body_bytes is refused with 413 before it is parsed."""
+    """A body larger than server.max_body_bytes (20 MiB by default) is refused with 413 before it is parsed."""
     client = gw.openai()
-    huge = "x" * (5 * 1024 * 1024)
+    huge = "x" * (21 * 1024 * 1024)
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": huge}])
     assert caught.value.status_code == 413

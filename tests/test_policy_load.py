@@ -384,7 +384,7 @@ def test_a_minimal_policy_gets_the_defaults_the_readme_documents():
     assert (tenant.budget.usd_per_day, tenant.budget.on_exhausted, tenant.priority) == (None, "reject", 1)
     assert tenant.limits == model.Limits(requests_per_minute=None, tokens_per_minute=None, concurrent=None)
     assert (policy.server.max_body_bytes, policy.server.grace_period_s, policy.server.client_timeout_s) == (
-        4 * 1024 * 1024, 15.0, 60.0)
+        20 * 1024 * 1024, 15.0, 60.0)
     assert policy.server.admin_token_env == "GATEWAY_ADMIN_TOKEN"
     routing = policy.routing
     assert (routing.explore_share, routing.latency_window_s, routing.prior_weight, routing.max_attempts) == (

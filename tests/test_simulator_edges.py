@@ -106,7 +106,7 @@ async def test_completions_context_error_names_the_prompt(client):
 
 
 async def test_a_prompt_of_megabytes_meets_the_context_window(client):
-    """A 2 MiB prompt (under the gateway's 4 MiB body limit) gets OpenAI's context_length_exceeded 400, as at a
+    """A 2 MiB prompt (under the gateway's 20 MiB body limit) gets OpenAI's context_length_exceeded 400, as at a
     real model server, not a bare 413."""
     with pytest.raises(openai.BadRequestError) as caught:
         await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a " * 2**20}])

@@ -171,7 +171,7 @@ class Tenant:
 
 @dataclass(frozen=True)
 class Server:
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 20 * 1024 * 1024      # OpenAI takes images up to 20 MB, inline as data URLs
     grace_period_s: float = 15.0
     #: the longest a client may keep a request waiting while it sends it: its head, from a new connection or from
     #: its first byte, and each gap in its body (a stalled client is answered 408, its connection closed)

@@ -18,7 +18,7 @@ from gateway.simulator.state import RECENT_REQUESTS, SimState
 
 STATE = web.AppKey("sim_state", SimState)
 BODY = web.RequestKey("sim_body", object)
-#: the largest request body read: well above the gateway's own limit (server.max_body_bytes, 4 MiB by
+#: the largest request body read: well above the gateway's own limit (server.max_body_bytes, 20 MiB by
 #: default), so a long prompt meets the context window, as at a real model server
 MAX_BODY_BYTES = 64 * 1024 * 1024
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completions,

@@ -36,6 +36,8 @@ class Usage:
     output_tokens: int = 0
     cached_input_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_input_tokens: int = 0     # of the input tokens, those of audio (priced apart)
+    audio_output_tokens: int = 0    # of the output tokens, those of audio
     estimated: bool = False     # counted by the gateway, not reported by the upstream
 
 

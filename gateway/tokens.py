@@ -388,11 +388,15 @@ MAX_REPORTED_TOKENS = 2 ** 32 - 1
 
 def usage_body(usage: Usage) -> dict[str, Any]:
     """A usage count as OpenAI writes one (`prompt_tokens`, `completion_tokens`, `total_tokens`, and the reasoning
-    tokens among the completion's when there are any)."""
+    and audio tokens among the completion's, and the audio among the prompt's, when there are any)."""
     body: dict[str, Any] = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
                             "total_tokens": usage.input_tokens + usage.output_tokens}
-    if usage.reasoning_tokens:
-        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    if usage.audio_input_tokens:
+        body["prompt_tokens_details"] = {"audio_tokens": usage.audio_input_tokens}
+    output_details = {name: count for name, count in (("reasoning_tokens", usage.reasoning_tokens),
+                                                      ("audio_tokens", usage.audio_output_tokens)) if count}
+    if output_details:
+        body["completion_tokens_details"] = output_details
     return body
 
 
@@ -422,7 +426,9 @@ def _parse_usage(usage: dict) -> Usage | None:
     if output_tokens is None:
         return None
     return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=min(cached, input_tokens),
-                 reasoning_tokens=_detail(output_details, "reasoning_tokens"))
+                 reasoning_tokens=_detail(output_details, "reasoning_tokens"),
+                 audio_input_tokens=min(_detail(input_details, "audio_tokens"), input_tokens),
+                 audio_output_tokens=min(_detail(output_details, "audio_tokens"), output_tokens))
 
 
 def _count(mapping: dict, *keys: str) -> int | None:

@@ -91,8 +91,8 @@ def test_an_attempt_that_never_reached_the_model_server_pays_no_gpu_time(attempt
 
 # the ledger: cached and reasoning tokens ---------------------------------------------------------------
 
-#: USD per million tokens: input, cached input, output
-PRICES = ("2.50", "1.25", "10.00")
+#: USD per million tokens: input, cached input, output, audio input, audio output
+PRICES = ("2.50", "1.25", "10.00", "40.00", "80.00")
 USAGE = {"prompt_tokens": 1200, "completion_tokens": 400, "total_tokens": 1600,
          "prompt_tokens_details": {"cached_tokens": 1000}, "completion_tokens_details": {"reasoning_tokens": 300}}
 
@@ -102,7 +102,8 @@ def priced(tmp_path_factory):
     """A gateway whose one model, a scripted server, has a cached-input price, and its ledger."""
     raw = RawUpstream().start()
     ledger = tmp_path_factory.mktemp("ledger") / "requests.jsonl"
-    price = dict(zip(("input_per_mtok", "cached_input_per_mtok", "output_per_mtok"), map(float, PRICES)))
+    price = dict(zip(("input_per_mtok", "cached_input_per_mtok", "output_per_mtok", "audio_input_per_mtok",
+                      "audio_output_per_mtok"), map(float, PRICES)))
     policy = models(model("o", endpoint=raw.url, upstream_model="fake", size_b=1, tier=1, price=price,
                           latency_prior=latency(5, 1), timeouts=short_timeouts())) + f"""
 routes:
@@ -122,10 +123,35 @@ ledger: {{{{path: "{ledger}"}}}}
 
 def cost_from_attempt(attempt: dict) -> Decimal:
     """An attempt's cost worked out again from its ledger line and PRICES, as a finance report would."""
-    input_price, cached_price, output_price = map(Decimal, PRICES)
-    cached = attempt["cached_input_tokens"]
-    return ((attempt["input_tokens"] - cached) * input_price + cached * cached_price
-            + attempt["output_tokens"] * output_price) / accounting.MILLION
+    input_price, cached_price, output_price, audio_in_price, audio_out_price = map(Decimal, PRICES)
+    cached, audio_in, audio_out = (attempt[f] for f in ("cached_input_tokens", "audio_input_tokens",
+                                                         "audio_output_tokens"))
+    return ((attempt["input_tokens"] - cached - audio_in) * input_price + cached * cached_price
+            + audio_in * audio_in_price + (attempt["output_tokens"] - audio_out) * output_price
+            + audio_out * audio_out_price) / accounting.MILLION
+
+
+def test_audio_tokens_are_priced_at_the_audio_prices_and_kept_in_the_ledger(priced):
+    """An answer with audio in and out (gpt-4o-audio reports them among the prompt's and completion's tokens) pays
+    the model's audio prices for them, many times the text ones, and its ledger line keeps them, so its cost can
+    be worked out again; a cached hit on it would report the same usage."""
+    harness, raw = priced
+    usage = {"prompt_tokens": 1200, "completion_tokens": 500, "total_tokens": 1700,
+             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 800},
+             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 450}}
+    raw.script = json_answer({"id": "c", "object": "chat.completion", "created": 1, "model": "fake",
+                              "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                  "role": "assistant", "content": None,
+                                  "audio": {"id": "audio_1", "data": "AAAA", "expires_at": 2_000_000_000,
+                                            "transcript": "Depot 4"}}}],
+                              "usage": usage})
+    answer = harness.openai().chat.completions.with_raw_response.create(
+        model="o", messages=MESSAGES, modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    answer.parse()
+    (attempt,) = accounting.ledger_record(harness.ledger_path, answer.headers["x-request-id"])["attempts"]
+    assert (attempt["audio_input_tokens"], attempt["audio_output_tokens"]) == (800, 450)
+    # (400 x 2.50 + 800 x 40 + 50 x 10 + 450 x 80) / 1e6
+    assert Decimal(attempt["cost_usd"]) == cost_from_attempt(attempt) == Decimal("0.0695")
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -32,6 +32,21 @@ def test_cached_tokens_default_to_the_input_price_and_are_capped():
     assert capped == Decimal("0.000125")
 
 
+def test_audio_tokens_pay_the_audio_prices_and_default_to_the_text_ones():
+    """gpt-4o-audio's prices (2.50 / 10 text, 40 / 80 audio): 1,000 input of which 300 cached (1.25) and 200
+    audio, 500 output of which 400 audio: (500 x 2.50 + 300 x 1.25 + 200 x 40 + 100 x 10 + 400 x 80) / 1e6;
+    without audio prices the audio tokens pay the text ones; audio is capped at what the cached tokens leave."""
+    audio = Model(name="a", endpoint="e", upstream_model="a", price=Price(
+        input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10"), cached_input_per_mtok=Decimal("1.25"),
+        audio_input_per_mtok=Decimal("40"), audio_output_per_mtok=Decimal("80")))
+    usage = Usage(input_tokens=1000, output_tokens=500, cached_input_tokens=300, audio_input_tokens=200,
+                  audio_output_tokens=400)
+    assert request_cost_usd(audio, usage) == Decimal("0.042625")
+    assert request_cost_usd(API_MODEL, usage) == request_cost_usd(API_MODEL, Usage(1000, 500, cached_input_tokens=300))
+    capped = Usage(input_tokens=100, output_tokens=0, cached_input_tokens=80, audio_input_tokens=100)
+    assert request_cost_usd(audio, capped) == (80 * Decimal("1.25") + 20 * Decimal(40)) / Decimal(1_000_000)
+
+
 def test_gpu_hour_and_energy_price():
     """1.5 GPU-s at 2.40 USD/h is 0.001 USD; 360 J at 0.12 USD/kWh adds 0.000012 USD."""
     usage = Usage(input_tokens=500, output_tokens=500)

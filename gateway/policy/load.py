@@ -237,6 +237,8 @@ PRICE = Section(Price, {
     "input_per_mtok": money(non_negative, at_most(MAX_USD)),
     "output_per_mtok": money(non_negative, at_most(MAX_USD)),
     "cached_input_per_mtok": money(non_negative, at_most(MAX_USD)),
+    "audio_input_per_mtok": money(non_negative, at_most(MAX_USD)),
+    "audio_output_per_mtok": money(non_negative, at_most(MAX_USD)),
 })
 #: the longest latency a prior may state, an hour: a call bounded by `total_s` never takes longer in practice, and
 #: larger figures overflow the GPU-time price of a prediction

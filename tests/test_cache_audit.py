@@ -17,6 +17,7 @@ import urllib.request
 import openai
 import pytest
 
+from gateway.tenancy.identity import sha256_hex
 from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_gateway, reset_raw_model
 from tests.support.policies import models, short_timeouts, standard_model
 from tests.support.raw_upstream import json_answer
@@ -227,3 +228,33 @@ def test_a_request_asking_the_model_to_store_its_completion_reaches_the_model_ev
     assert kept.headers["x-gateway-cache"] != "hit"
     assert len(raw.requests) == sent + 1
     assert json.loads(raw.requests[-1][1])["store"] is True
+
+
+# a hit and the tenant's tokens per minute ----------------------------------------------------------------
+
+TPM_KEY = "key-tpm-cache-0001"
+TPM_POLICY = models(standard_model("small", timeouts=short_timeouts())) + """
+routes:
+  - name: cached
+    match: {{models: ["cached"]}}
+    candidates: [small]
+    cache: {{enabled: true, ttl_s: 60}}
+tenants:
+""" + f'''  reader: {{{{keys_sha256: ["{sha256_hex(TPM_KEY)}"], limits: {{{{tokens_per_minute: 400}}}}}}}}
+'''
+
+
+def test_a_cache_hit_takes_nothing_of_the_tenants_tokens_per_minute():
+    """A hit calls no model: it is admitted (its reservation checked) but uses none of the tenant's tokens per
+    minute, so a tenant whose traffic the cache answers is not throttled as if a model served every request; the
+    miss that stored the answer counts its real tokens."""
+    harness = Harness(TPM_POLICY, {"small": dict(ttft_ms=1, tpot_ms=0)}).start()
+    try:
+        client = harness.openai(api_key=TPM_KEY)
+        ask = dict(model="cached", messages=[{"role": "user", "content": "the same question"}], max_tokens=60,
+                   temperature=0)
+        caches = [client.chat.completions.with_raw_response.create(**ask).headers["x-gateway-cache"]
+                  for _ in range(8)]     # each reserves about 70 tokens; eight misses would pass 400
+        assert caches == ["stored"] + ["hit"] * 7
+    finally:
+        harness.stop()

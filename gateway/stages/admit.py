@@ -239,7 +239,8 @@ class Admit:
             hold, refusal = ctx.extra.pop(BUDGET_HOLD, None), ctx.extra.pop(BUDGET_REFUSAL, None)
         charge_later(self.services, tenant, ctx.cost_usd, hold)
         if ctx.admission is not None and ctx.admission.held:     # else the store never saw it: nothing to end
-            used = ctx.usage.input_tokens + ctx.usage.output_tokens
+            # a hit called no model: it uses none of the tenant's tokens per minute (its request counts)
+            used = 0 if ctx.cache_status == "hit" else ctx.usage.input_tokens + ctx.usage.output_tokens
             if ctx.error is not None and ctx.error in (refusal, ctx.extra.get(SLA_REFUSAL)):
                 # refused, for its budget or its route's SLA, after the cache missed
                 self._undo(tenant, ctx.admission, ctx.admission.ticket, ctx.reserved_tokens)

@@ -7,16 +7,17 @@ import logging
 import random
 import re
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from gateway import admin
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
-from gateway.errors import ClientError, GatewayError, NotFound, PermissionDenied
+from gateway.errors import ClientError, ExpectationFailed, GatewayError, NotFound, PermissionDenied
 from gateway.outcomes import ANONYMOUS
 from gateway.responses import error_response, json_response
 from gateway.runtime import PolicyHolder
-from gateway.stages.parse import parse_json_object, read_body
+from gateway.stages.parse import expects_continue, parse_json_object, read_body
 from gateway.services import SERVICES, Services, services_ctx
 from gateway.telemetry.peers import PEERS, Peers
 
@@ -68,6 +69,32 @@ def request_id(request: web.Request) -> str:
 def new_request_id() -> str:
     """A fresh request id: 32 hex digits."""
     return f"{random.getrandbits(128):032x}"
+
+
+async def continue_when_read(request: web.Request) -> web.Response | None:
+    """The `Expect` handler of the routes that read a body: `100 Continue` is sent when the body is first read
+    (`read_body`), not as the head arrives (aiohttp's own), so a request refused on its head (401 for its key, 413
+    for its Content-Length) is refused before the client uploads its body; another expectation is a 417 in
+    OpenAI's shape (this answer bypasses the middlewares)."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        return error_response(ExpectationFailed(f"unsupported Expect header {expect!r}: only 100-continue is "
+                                                f"taken"), request_id=request_id(request))
+    return None
+
+
+async def close_on_unread_body(request: web.Request, response: web.StreamResponse) -> None:
+    """An answer made before the whole of a body was read closes the connection (`Connection: close`) instead of
+    reading on for the rest, when that body has a Content-Encoding or was never asked for (`Expect: 100-continue`
+    answered with a refusal). aiohttp decodes a body as it reads it, on the event loop: a few MB of gzip refused
+    at once (401, 413) were inflated to GBs after the answer (its lingering read, up to 10 s), stalling every
+    other request meanwhile, and a body that did not decode was read on into its error again, logged as an
+    unhandled exception. A client told no `100 Continue` sends no body: the connection holds nothing more to read."""
+    if not request.content.is_eof() and (hdrs.CONTENT_ENCODING in request.headers or expects_continue(request)):
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"     # its headers are made before this hook runs
+        if (stop := getattr(request.protocol, "stop_reading_after_answer", None)) is not None:
+            stop()
 
 
 #: the endpoint kinds and their paths, after `/v1/` (or Azure's `/openai/deployments/{deployment}/`)
@@ -187,16 +214,19 @@ def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None,
         if peers.metrics:
             app.cleanup_ctx.append(peers.serving(lambda: app[SERVICES].telemetry.prometheus_text()))
     app.on_shutdown.append(_start_draining)
+    app.on_response_prepare.append(close_on_unread_body)
     router = app.router
     for endpoint, path in ENDPOINT_PATHS.items():
-        router.add_post(f"/v1/{path}", openai_handler(endpoint))
-        router.add_post(f"/openai/v1/{path}", openai_handler(endpoint))     # Azure OpenAI's v1 API
+        router.add_post(f"/v1/{path}", openai_handler(endpoint), expect_handler=continue_when_read)
+        router.add_post(f"/openai/v1/{path}", openai_handler(endpoint),     # Azure OpenAI's v1 API
+                        expect_handler=continue_when_read)
         # Azure OpenAI's paths (the AzureOpenAI SDK client): the deployment names the model; api-version is ignored
-        router.add_post(f"/openai/deployments/{{deployment}}/{path}", openai_handler(endpoint))
+        router.add_post(f"/openai/deployments/{{deployment}}/{path}", openai_handler(endpoint),
+                        expect_handler=continue_when_read)
     for prefix in ("/v1", "/openai", "/openai/v1"):     # AzureOpenAI's models.list() asks /openai/models
         router.add_get(f"{prefix}/models", list_models)
         router.add_get(f"{prefix}/models/{{model}}", retrieve_model)
-    router.add_post("/v1/outcomes", report_outcome)
+    router.add_post("/v1/outcomes", report_outcome, expect_handler=continue_when_read)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
     router.add_get("/metrics", metrics)

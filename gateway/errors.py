@@ -3,6 +3,7 @@
     GatewayError                         (500, api_error)
     ├── ClientError                      (400, invalid_request_error)
     │   ├── ClientTooSlow                (408, request_timeout)
+    │   ├── ExpectationFailed            (417, expectation_failed)
     │   ├── BodyTooLarge                 (413)
     │   ├── AuthenticationFailed         (401, authentication_error)
     │   ├── PermissionDenied             (403, permission_error)
@@ -83,6 +84,13 @@ class ClientTooSlow(ClientError):
     status = 408
     code = "request_timeout"
     closes_connection = True
+
+
+class ExpectationFailed(ClientError):
+    """An `Expect` header other than 100-continue."""
+
+    status = 417
+    code = "expectation_failed"
 
 
 class BodyTooLarge(ClientError):

@@ -145,6 +145,12 @@ class OpenAIErrorsHandler(web.RequestHandler):
         self.transport.write(HEAD_TIMEOUT_ANSWER % (len(body), new_request_id().encode(), body))
         self.force_close()
 
+    def stop_reading_after_answer(self) -> None:
+        """Close the connection once the answer under way is written, without aiohttp's lingering read of what is
+        left of the request's body (`app.close_on_unread_body`)."""
+        if hasattr(self, "_lingering_time"):
+            self._lingering_time = 0.0      # read after each answer: the connection closes, its body unread
+
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)    # logs; raises once part of a response was sent

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.context import RequestContext
@@ -24,17 +25,30 @@ MAX_GROUPING_CHARS = 256
 #: what such a header may not hold: control characters, and the lone surrogates aiohttp makes of bytes that are not
 #: UTF-8 (they cannot be written to the ledger, a metric label or Prometheus' text)
 _UNFIT_HEADER_TEXT = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+#: the interim answer to `Expect: 100-continue`, sent when the body is first read
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """Whether the client waits for `100 Continue` before it sends its body (curl does for large bodies)."""
+    return request.version == HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
 
 
 async def read_body(request: web.Request, max_bytes: int, stall_s: float | None = None) -> bytes:
     """The request body, refused with 413 as soon as it passes `max_bytes`, and with 408 when the client sends
     nothing for `stall_s`; a read the server's shutdown ended (a body still coming when aiohttp gives up on
-    requests, half-way through the grace period) is a 503 `shutting_down`, as the request's end would be."""
+    requests, half-way through the grace period) is a 503 `shutting_down`, as the request's end would be.
+
+    A client waiting for `100 Continue` is sent it here, once its head has passed every check before the body
+    (`app.continue_when_read`)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {max_bytes}")
     content = request.content
     if content.is_eof() and request.content_length is not None and "Content-Encoding" not in request.headers:
         return await content.read()         # it came whole with the head, as most do: no wait, within the limit
+    if expects_continue(request) and not content.is_eof():
+        await request.writer.write(CONTINUE)
+        request.writer.output_size = 0      # as aiohttp's own: the answer's size counts from its head
     chunks: list[bytes] = []
     size = 0
     loop = asyncio.get_running_loop()

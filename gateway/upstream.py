@@ -140,6 +140,10 @@ def _retry_after_value_s(value: str | None) -> float | None:
 
 #: whether the connection the current task's latest upstream send took was kept alive in the pool (PoolConnector)
 _REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
+#: a reused connection that drops within this of the send was closed by the model server as it was taken (an idle
+#: close crossing the request: its FIN or RST comes back within a round trip); one that drops later was holding
+#: the request, which the model read and may have worked on: it is not sent again
+REUSED_DROP_S = 0.1
 
 
 class PoolConnector(aiohttp.TCPConnector):
@@ -174,15 +178,18 @@ class HttpTransport:
         """POST the call and return its response once its head came. A kept-alive connection the model server
         closed as it was taken from the pool fails before any answer: the model never saw the request, so it is
         sent once more, on another connection (RFC 9112 9.3.1; aiohttp does so itself only for idempotent methods,
-        and nginx for its cached connections). A connection opened for the call that drops is not sent again (a
-        prompt that brings the server down is not sent twice). A redirect is not followed: the prompt goes to the
-        model's endpoint and nowhere else, and a 3xx is a broken answer."""
+        and nginx for its cached connections). A connection opened for the call that drops is not sent again, nor
+        a reused one that drops later than REUSED_DROP_S (a prompt that brings the server down is not sent twice).
+        A redirect is not followed: the prompt goes to the model's endpoint and nowhere else, and a 3xx is a broken
+        answer."""
         _REUSED.set(False)          # a session without PoolConnector (tests, the bench) never sends again
+        sent_s = time.monotonic()
         try:
             return await self.session.post(self._url(call), data=call.body, headers=call.headers, timeout=timeout,
                                            allow_redirects=False)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if not _REUSED.get() or isinstance(exc, aiohttp.ClientConnectorError):
+            if not _REUSED.get() or isinstance(exc, aiohttp.ClientConnectorError) or \
+                    time.monotonic() - sent_s > REUSED_DROP_S:
                 raise
         return await self.session.post(self._url(call), data=call.body, headers=call.headers, timeout=timeout,
                                        allow_redirects=False)

@@ -27,6 +27,7 @@ from gateway.policy.model import Policy, Route, Tenant
 from gateway.replay.traffic import ReplayRequest
 from gateway.routing.matcher import RouteIndex
 from gateway.routing.planner import Router
+from gateway.routing.predict import meets_hard_terms
 from gateway.routing.request import decide_request
 from gateway.runtime import Runtime
 
@@ -73,6 +74,8 @@ class Routing:
                 headers=_NO_HEADERS, prompt_tokens=request.input_tokens, max_tokens=request.output_tokens,
                 stream=request.streamed)
         except (ClientError, NoModelMeetsSla) as exc:
+            if request.recorded_answer == "cache_hit" and _cache_may_answer(getattr(exc, "decision", None)):
+                return exc.decision     # live asks the cache first: a stored answer has no speed, price or circuit
             reason = next(name for kind, name in REASONS if isinstance(exc, kind))
             return Refusal(reason, self._route_name(runtime, request, tenant) if reason in ROUTED_REASONS else None)
         return decision
@@ -127,6 +130,14 @@ class Routing:
         route = runtime.routes.match(request.endpoint, request.alias, tenant.name if tenant else None,
                                      _NO_HEADERS, request.input_tokens, tenant.routes if tenant is not None else ())
         return route.name if route else None
+
+
+def _cache_may_answer(decision: Decision | None) -> bool:
+    """Whether a request no model of its route may serve (the SLA's refusal's decision) is answered from the cache
+    live (`stages.route`): its route caches, and some candidate was dropped only for speed, price, energy or its
+    circuit (a recorded hit was cacheable and allowed a lookup)."""
+    return decision is not None and decision.route.cache.enabled and \
+        any(meets_hard_terms(c) for c in decision.candidates)
 
 
 class _RecordedRoute:

@@ -269,7 +269,7 @@ class Simulation:
         if not sent:
             self._cut_before_first_token(flight, now_s)
             return
-        self._charge(flight, now_s, Usage(flight.outcome.input_tokens, sent, flight.request.cached_input_tokens))
+        self._charge(flight, now_s, _usage(flight.request, flight.outcome.input_tokens, sent))
         self._end_failed(flight, "timeout")
 
     def _cut_before_first_token(self, flight: _Flight, now_s: float) -> None:
@@ -303,8 +303,7 @@ class Simulation:
             self.estimates.record(model.name, *split_whole_answer(self.estimates, model.name, elapsed_s,
                                                                   output_tokens))
             # no output length: live learns it from requests without max_tokens, and every replayed one has it
-        energy_j = self._charge(flight, now_s, Usage(outcome.input_tokens, output_tokens,
-                                                     flight.request.cached_input_tokens))
+        energy_j = self._charge(flight, now_s, _usage(flight.request, outcome.input_tokens, output_tokens))
         if energy_j is not None:            # the router learns joules per token, as from a live measurement
             self.estimates.record_energy(model.name, energy_j, output_tokens)
         self._settle(flight, now_s)
@@ -374,3 +373,9 @@ def _budget_periods(now_s: float) -> tuple[tuple[str, int], tuple[str, int]]:
     """The budget day and month a replayed moment falls in: days of 86,400 s from the traffic's first arrival, and
     the whole traffic (at most 31 days) as its month."""
     return ("day", int(now_s // 86_400)), ("month", 0)
+
+
+def _usage(request: ReplayRequest, input_tokens: int, output_tokens: int) -> Usage:
+    """What an attempt used, with the parts of it the trace says were priced apart (cached input, audio)."""
+    return Usage(input_tokens, output_tokens, request.cached_input_tokens,
+                 audio_input_tokens=request.audio_input_tokens, audio_output_tokens=request.audio_output_tokens)

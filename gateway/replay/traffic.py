@@ -50,6 +50,8 @@ class Row(NamedTuple):
     stream: bool = True
     recorded_answer: str = "call"
     cached_input_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,8 @@ class ReplayRequest:
     stream: bool = True
     recorded_answer: str = "call"       # how the traffic's own gateway answered: call | cache_hit | refused
     cached_input_tokens: int = 0        # of input_tokens, served from the provider's prompt cache (a ledger's)
+    audio_input_tokens: int = 0         # of input_tokens, audio (a ledger's: priced at the audio input price)
+    audio_output_tokens: int = 0        # of output_tokens, audio (a ledger's)
 
     @property
     def streamed(self) -> bool:
@@ -93,7 +97,8 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
     for index, row in enumerate(rows):     # in place: each row is dropped as its request is made
         requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, row.output_tokens, row.alias,
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
-                                        row.recorded_answer, row.cached_input_tokens)
+                                        row.recorded_answer, row.cached_input_tokens, row.audio_input_tokens,
+                                        row.audio_output_tokens)
     return requests
 
 
@@ -180,24 +185,28 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
             continue
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
         input_tokens = count(path, line, "input_tokens", prompt if prompt is not None else 0)
+        output_tokens = count(path, line, "output_tokens", record.get("output_tokens", 0))
         yield Row(seconds(path, line, "ts", record.get("ts")), line,
                   input_tokens,
-                  count(path, line, "output_tokens", record.get("output_tokens", 0)),
+                  output_tokens,
                   _name(text(path, line, "alias", record.get("alias"))) or DEFAULT_ALIAS,
                   _name(endpoint(path, line, record.get("endpoint"))),
                   _name(text(path, line, "tenant", record.get("tenant"))),
                   _name(text(path, line, "route", record.get("route"))),
                   flag(path, line, "stream", record.get("stream")), _recorded_answer(record),
-                  min(input_tokens, _cached_input_tokens(path, line, record)))
+                  min(input_tokens, _answered(path, line, record, "cached_input_tokens")),
+                  min(input_tokens, _answered(path, line, record, "audio_input_tokens")),
+                  min(output_tokens, _answered(path, line, record, "audio_output_tokens")))
 
 
-def _cached_input_tokens(path: Path, line: int, record: dict[str, Any]) -> int:
-    """The answered (last) attempt's input tokens served from the provider's prompt cache, which the account
-    stage priced at `cached_input_per_mtok`; 0 when the line has no attempts."""
+def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:
+    """A count of the answered (last) attempt that the account stage priced apart: its input tokens served from
+    the provider's prompt cache (`cached_input_tokens`), its audio tokens in and out; 0 when the line has no
+    attempts (or was written before it kept that count)."""
     attempts = record.get("attempts")
     if not isinstance(attempts, list) or not attempts or not isinstance(attempts[-1], dict):
         return 0
-    return count(path, line, "attempts[-1].cached_input_tokens", attempts[-1].get("cached_input_tokens") or 0)
+    return count(path, line, f"attempts[-1].{name}", attempts[-1].get(name) or 0)
 
 
 def _recorded_answer(record: dict[str, Any]) -> str:

@@ -137,6 +137,8 @@ class Cache:
 
     async def handle(self, ctx: RequestContext) -> web.StreamResponse | None:
         if ctx.cache_key is None or not ctx.cache_lookup:
+            if (refusal := ctx.extra.get(SLA_REFUSAL)) is not None:
+                raise refusal               # no lookup after all: nothing but a model could answer it
             return None                     # no cache, or no-cache: the fresh answer is stored, nothing is read
         ctx.cache_status = "miss"
         with self.services.telemetry.cache_span(ctx):

@@ -51,7 +51,7 @@ def _cache_may_answer(ctx: RequestContext, refusal: NoModelMeetsSla) -> bool:
     route caches it, it allows a lookup, and some candidate was dropped only for speed, price, energy or its
     circuit (an answer it stored may serve the request)."""
     decision = getattr(refusal, "decision", None)
-    if decision is None or not cache_control(ctx.http.headers)[0]:
-        return False
+    if decision is None or not cache_control(ctx.http.headers)[0] or ctx.body.get("store") is True:
+        return False            # no lookup will be made (no-cache, or a completion the provider is asked to keep)
     return is_cacheable(ctx.body, decision.route.cache, endpoint=ctx.endpoint) and \
         any(meets_hard_terms(c) for c in decision.candidates)

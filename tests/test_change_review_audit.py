@@ -18,6 +18,7 @@ from gateway.policy.model import CacheRule, Match, Policy, Price, Route, Sla
 from gateway.replay import read_traffic, replay
 from tests.support.harness import Harness, raw_model_gateway
 from tests.support.raw_calls import post
+from tests.support.raw_upstream import read_request
 from tests.test_cache_audit import STRICT_POLICY, ask, chat, metrics_environ
 from tests.test_e2e_upstream_audit import KeepAliveRaw
 from tests.test_replay_audit import _ledger_line, _model
@@ -56,10 +57,7 @@ class CrashingRaw(KeepAliveRaw):
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
+                await read_request(reader)
                 self.read_requests += 1
                 if served and self.crash_reused:
                     await asyncio.sleep(0.3)        # the model saw the prompt and worked on it

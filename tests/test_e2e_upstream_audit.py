@@ -16,7 +16,8 @@ import pytest
 
 from tests.support.harness import raw_model_gateway, reset_raw_model
 from tests.support.raw_calls import breaker_failures, post
-from tests.support.raw_upstream import COMPLETION, TEXT_EVENTS, RawUpstream, http_head, json_answer, sse
+from tests.support.raw_upstream import (COMPLETION, TEXT_EVENTS, RawUpstream, http_head, json_answer, read_request,
+                                       sse)
 
 
 class KeepAliveRaw(RawUpstream):
@@ -48,18 +49,13 @@ class KeepAliveRaw(RawUpstream):
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
+                await read_request(reader)
                 if served and self.drop_reused:
                     self.dropped += 1
                     if self.reset:
                         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                                    struct.pack("ii", 1, 0))
-                    else:
-                        await reader.readexactly(length)
                     return
-                await reader.readexactly(length)
                 writer.write(self._answer())
                 await writer.drain()
                 served += 1

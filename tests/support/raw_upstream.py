@@ -13,6 +13,14 @@ import threading
 from collections.abc import Callable
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP request from a connection: its head, and its body by its Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head, await reader.readexactly(length) if length else b""
+
+
 class RawUpstream:
     """A raw-TCP HTTP/1.1 server on 127.0.0.1, in its own thread and event loop."""
 
@@ -44,10 +52,7 @@ class RawUpstream:
         self.in_flight += 1
         self.most_at_once = max(self.most_at_once, self.in_flight)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            body = await reader.readexactly(length) if length else b""
+            head, body = await read_request(reader)
             self.requests.append((head, body))
             for data, delay_s in list(self.script_for(body) if self.script_for else self.script):
                 await asyncio.sleep(delay_s)

@@ -87,6 +87,8 @@ class _Flight:
     tokens: int = 0             # cumulative tokens processed, as last reported
     tokens_booked: int = 0      # `tokens` when the last interval closed
     energy_j: float = 0.0
+    idle_guessed: bool = False  # it ran in an interval booked before its GPUs' idle power was known (all idle)
+    abandoned: bool = False     # nobody waits for its joules any more: dropped once the interval of its end is booked
 
 
 class IdleLearner:
@@ -105,6 +107,11 @@ class IdleLearner:
         if self._bucket_s >= self.bucket_s:
             self._averages_w.append(self._bucket_j / self._bucket_s)
             self._bucket_j = self._bucket_s = 0.0
+
+    @property
+    def known(self) -> bool:
+        """Whether a whole `bucket_s` of power has been seen, so the idle power is more than a guess."""
+        return bool(self._averages_w)
 
     def estimate_w(self, current_w: float) -> float:
         """The idle power: the lowest 1 s average seen, capped by the current power."""
@@ -144,6 +151,11 @@ class EnergyLedger:
             flight.ended_s = self._clock()
         return flight.ended_s
 
+    def idle_guessed(self, request_id: str) -> bool:
+        """Whether the request ran while its GPUs' idle power was not known yet (its share was booked idle)."""
+        flight = self._flights.get(request_id)
+        return flight is not None and flight.idle_guessed
+
     def started_s(self, request_id: str) -> float | None:
         """When the request began (None for an unknown one)."""
         flight = self._flights.get(request_id)
@@ -153,6 +165,21 @@ class EnergyLedger:
         """Forget the request and return the joules attributed to it (0.0 when unknown)."""
         flight = self._flights.pop(request_id, None)
         return flight.energy_j if flight is not None else 0.0
+
+    def abandon(self, request_id: str) -> float:
+        """Nobody waits for the request's joules any more, but the interval of its end is not booked yet: it keeps
+        its share of that interval (given to no other request) and is dropped once it is booked. Returns the
+        joules booked to it so far."""
+        flight = self._flights.get(request_id)
+        if flight is None:
+            return 0.0
+        flight.abandoned = True
+        return flight.energy_j
+
+    def forget_abandoned(self, model: Hashable) -> None:
+        """Drop the abandoned requests of a model whose GPUs are no longer sampled (their books will not close)."""
+        for rid in [rid for rid, f in self._flights.items() if f.model == model and f.abandoned]:
+            del self._flights[rid]
 
     def forget_idle(self, model: Hashable) -> None:
         """Forget the idle power learned of a model's GPUs: it runs on others now, whose idle power is learned
@@ -192,6 +219,9 @@ class EnergyLedger:
         now_s = self._clock()
         flights = [(rid, f) for rid, f in self._flights.items() if f.model == model]
         in_flight_s = {rid: _overlap_s(f, now_s - dt_s, now_s) for rid, f in flights}
+        if model not in self._idle_w and not self._learners[model].known:
+            for rid, flight in flights:
+                flight.idle_guessed = flight.idle_guessed or in_flight_s[rid] > 0
         if others is not None:
             share = others.share(sum(in_flight_s.values()) / dt_s)
             measured_j, idle_budget_j = measured_j * share, idle_budget_j * share
@@ -201,6 +231,9 @@ class EnergyLedger:
         # here or in another process measuring the same GPUs
         busy = any(s > 0 for s in in_flight_s.values()) or (others is not None and others.in_flight > 0)
         self._book(model, measured_j, idle_j, shares_j, dt_s, busy=busy)
+        for rid, flight in flights:     # abandoned requests whose end is now booked: nothing more is theirs
+            if flight.abandoned and flight.ended_s is not None and flight.ended_s <= now_s:
+                del self._flights[rid]
         return IntervalSplit(measured_j=measured_j, idle_j=idle_j, shares_j=shares_j)
 
     def _idle_w_per_gpu(self, model: Hashable, power_w_per_gpu: float, dt_s: float) -> float:

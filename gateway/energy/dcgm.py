@@ -45,9 +45,11 @@ _LINE_METRIC = re.compile(r"^(?:#\s*(?:HELP|TYPE)\s+)?([a-zA-Z_:][a-zA-Z0-9_:]*)
 
 
 def parse_exporter_text(text: str, hostname: str | None) -> dict[str, dict[str, object]]:
-    """Per `gpu` label: the fields we use and the GPU's labels; ValueError on malformed text."""
-    gpus: dict[str, dict[str, object]] = {}
-    instances: dict[str, dict[str, object]] = {}    # GPUs in MIG mode: their instances' series
+    """Per `gpu` label: the fields we use and the GPU's labels; ValueError on malformed text. Text of several
+    hosts with no `hostname` to pick one: a label that more than one host lists has no fields, only `hosts` and
+    `each` (its GPUs, one per host, still found by UUID), so no GPU is read as another host's."""
+    gpus: dict[tuple[str | None, str], dict[str, object]] = {}          # per (Hostname, gpu)
+    instances: dict[tuple[str | None, str], dict[str, object]] = {}     # GPUs in MIG mode: their instances' series
     # match on the family name: the parser renames a counter's sample to `<name>_total`
     for family in text_string_to_metric_families(_used_lines(text)):
         if family.name not in FIELDS:
@@ -57,7 +59,7 @@ def parse_exporter_text(text: str, hostname: str | None) -> dict[str, dict[str, 
             if "gpu" not in labels or (hostname is not None and labels.get("Hostname") != hostname):
                 continue
             mig = "GPU_I_ID" in labels
-            gpu = (instances if mig else gpus).setdefault(labels["gpu"], {"labels": labels})
+            gpu = (instances if mig else gpus).setdefault((labels.get("Hostname"), labels["gpu"]), {"labels": labels})
             value = _value(family.name, sample.value)
             if value is None:
                 continue
@@ -65,9 +67,14 @@ def parse_exporter_text(text: str, hostname: str | None) -> dict[str, dict[str, 
                 gpu[family.name] = gpu.get(family.name, 0.0) + value
             else:
                 gpu.setdefault(family.name, value)
-    for gpu_id, gpu in instances.items():
-        gpus.setdefault(gpu_id, gpu)
-    return gpus
+    for key, gpu in instances.items():
+        gpus.setdefault(key, gpu)
+    by_label: dict[str, list[dict[str, object]]] = {}
+    for (_host, gpu_id), gpu in gpus.items():
+        by_label.setdefault(gpu_id, []).append(gpu)
+    return {gpu_id: each[0] if len(each) == 1 else
+            {"labels": {"gpu": gpu_id}, "hosts": [g["labels"].get("Hostname") for g in each], "each": each}
+            for gpu_id, each in by_label.items()}
 
 
 def _used_lines(text: str) -> str:
@@ -115,8 +122,10 @@ class DcgmSource:
             gpus = parse_exporter_text(text, self.hostname)
         except ValueError as exc:
             return self._failed(f"DCGM exporter at {self.url} sent unparseable metrics: {exc}")
-        ids = self.gpu_ids or tuple(sorted(gpus, key=lambda gpu: (len(gpu), gpu)))
-        if not ids:
+        # every GPU (no ids named): those listed now and those listed before, so that one gone from the text (off
+        # the bus, or the exporter lost it) is a failed reading, not a pool that quietly shrank
+        ids = self.gpu_ids or tuple(sorted(set(gpus) | set(self._seen_ids), key=lambda gpu: (len(gpu), gpu)))
+        if not gpus and not self.gpu_ids:
             return self._failed(f"no GPU in the DCGM exporter output at {self.url}{self._where()}")
         self._seen_ids = ids
         return [self._reading(gpu_id, gpus, now_s) for gpu_id in ids]
@@ -133,6 +142,10 @@ class DcgmSource:
         gpu = gpus.get(gpu_id) or _by_uuid(gpus, gpu_id)
         if gpu is None:
             return self._failed_one(gpu_id, now_s, f"GPU {gpu_id} not in the DCGM exporter output{self._where()}")
+        if "hosts" in gpu:
+            hosts = ", ".join(sorted(str(host) for host in gpu["hosts"]))
+            return self._failed_one(gpu_id, now_s, f"GPU {gpu_id} is listed by several hosts ({hosts}) at {self.url}: "
+                                                   f"set gpus.hostname to the one to measure, or name GPUs by UUID")
         labels: dict[str, str] = gpu["labels"]   # type: ignore[assignment]
         used_mib, free_mib = gpu.get(FB_USED), gpu.get(FB_FREE)
         total_mib = None if used_mib is None or free_mib is None else (
@@ -161,7 +174,8 @@ class DcgmSource:
 
 def _by_uuid(gpus: dict[str, dict[str, object]], uuid: str) -> dict[str, object] | None:
     """The GPU whose `UUID` label is `uuid`, when the policy names GPUs by UUID."""
-    for gpu in gpus.values():
-        if gpu["labels"].get("UUID") == uuid:  # type: ignore[union-attr]
-            return gpu
+    for listed in gpus.values():
+        for gpu in listed.get("each", (listed,)):     # type: ignore[union-attr]
+            if gpu["labels"].get("UUID") == uuid:  # type: ignore[index]
+                return gpu                          # type: ignore[return-value]
     return None

@@ -198,6 +198,7 @@ class EnergyMonitor:
         self._release_threads(gone)
         for sampled in gone:
             sampled.ticked.set()            # nobody waits for a pool that is no longer sampled
+            self.ledger.forget_abandoned(sampled.models)
         if self._opened:
             await self._open_sources([s for models, s in self._sampled.items() if old.get(models) is not s])
         if self._started and self._task is None and self._sampled:
@@ -488,6 +489,8 @@ class EnergyMonitor:
             before = sampled.baseline.get(reading.gpu_id)
             sampled.baseline[reading.gpu_id] = reading
             joules = None if before is None else interval_energy_j(before, reading)
+            if before is not None and joules is None:   # read, but its interval has no figure (its counter went
+                sampled.unbooked_until_s = max(sampled.unbooked_until_s, reading.timestamp_s)   # back, no power)
             if joules is not None:
                 measured_j += joules
                 dt_s = max(dt_s, reading.timestamp_s - before.timestamp_s)
@@ -564,6 +567,7 @@ class EnergyMonitor:
         if pool is None:
             return None
         ended_s = self.ledger.mark_ended(request_id)
+        timed_out = False
         if self._task is not None:
             try:
                 async with asyncio.timeout(self.settle_timeout_s):
@@ -571,14 +575,19 @@ class EnergyMonitor:
                             and sampled.booked_until_s < ended_s:
                         await sampled.ticked.wait()
             except TimeoutError:
-                pass
+                timed_out = True
             except asyncio.CancelledError:
                 self.ledger.request_finished(request_id)
                 raise
         sampled = self._sampled.get(pool)
         started_s = self.ledger.started_s(request_id)
         whole = sampled is not None and sampled.health == OK and sampled.booked_until_s >= ended_s \
-            and started_s is not None and started_s >= sampled.unbooked_until_s
+            and started_s is not None and started_s >= sampled.unbooked_until_s \
+            and not self.ledger.idle_guessed(request_id)    # booked all idle, before its GPUs' idle power was known
+        if timed_out and sampled is not None and sampled.health == OK and sampled.booked_until_s < ended_s:
+            # its books are still open (a counter not refreshed yet): it keeps its share of the interval to come,
+            # so that share is not handed to the requests booked with it, and is forgotten once booked
+            return self.ledger.abandon(request_id), False
         return self.ledger.request_finished(request_id), whole
 
     def _index(self) -> None:

@@ -63,8 +63,8 @@ class ClientStalled(ConnectionError):
 class StreamState:
     """What the relay learned from the events it passed on."""
 
-    __slots__ = ("assembled", "unassembled", "captured", "_captured_body", "text_chunks", "parts", "finish_reasons",
-                 "finished_choices", "done", "chunk_gaps_s", "last_output_s")
+    __slots__ = ("assembled", "unassembled", "captured", "_captured_body", "text_chunks", "output_chunks", "parts",
+                 "finish_reasons", "finished_choices", "done", "chunk_gaps_s", "last_output_s")
 
     def __init__(self, assemble_for: str | None, capture_for: str | None = None) -> None:
         # the answer the cache would store, folded in as the chunks pass (`assemble_for`: the endpoint, when the
@@ -77,6 +77,8 @@ class StreamState:
         self.captured = StreamAssembler(capture_for) if capture_for is not None else None
         self._captured_body: dict | None = None
         self.text_chunks = 0                        # the chunks that carried text: about one token each
+        self.output_chunks = 0                      # those that carried any output (text, reasoning, a tool call's
+        #                                             arguments, a refusal): the tokens the model made, for energy
         self.parts = GeneratedParts()               # the texts generated, by choice and part
         self.finish_reasons: list[str] = []
         self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
@@ -109,9 +111,11 @@ class StreamState:
             if isinstance(text, str) and text:
                 self.parts.add_text(index, text)
                 self.text_chunks += 1
+                self.output_chunks += 1
                 output = True
-            elif not output and isinstance(delta, dict):
-                output = _carries_other_output(delta)
+            elif isinstance(delta, dict) and _carries_other_output(delta):
+                self.output_chunks += 1
+                output = True
             if isinstance(delta, dict) and not _TEXT_ONLY.issuperset(delta):
                 self.parts.add(index, delta)
             if (reason := choice.get("finish_reason")) and isinstance(reason, str):
@@ -368,7 +372,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if attempt.response_id is None or attempt.response_model is None:
                     read_identity(attempt, chunk)
                 if attempt.energy_id is not None:
-                    energy.progress(attempt.energy_id, ctx.prompt_tokens + state.text_chunks)
+                    energy.progress(attempt.energy_id, ctx.prompt_tokens + state.output_chunks)
                 if (usage := usage_from_response(chunk)) is not None:
                     attempt.usage = usage
                 if "usage" in chunk and not ctx.include_usage:

@@ -135,8 +135,10 @@ class Instruments:
                 self.cost.add(float(attempt.cost_usd), {**labels, genai.MODEL_SELECTED: attempt.model.name})
         else:
             self.cost.add(float(ctx.cost_usd), labels)
-        if ctx.energy_j is not None:
-            self.energy.add(ctx.energy_j, labels)
+        if ctx.energy_j is not None:    # each attempt's joules under the model whose GPUs used them, as its cost
+            for attempt in ctx.attempts:
+                if attempt.energy_j is not None:
+                    self.energy.add(attempt.energy_j, {**labels, genai.MODEL_SELECTED: attempt.model.name})
         self._record_cache(ctx, labels)
         if ctx.fallback_state != "none":
             self.fallbacks.add(1, {**labels, genai.FALLBACK_REASON: ctx.fallback_reason or "unknown"})

@@ -83,7 +83,7 @@ def drive_request(telemetry: Telemetry, ctx: RequestContext) -> tuple[dict[str, 
     answered.usage = Usage(input_tokens=10, output_tokens=20, cached_input_tokens=4, reasoning_tokens=3)
     answered.response_id, answered.response_model = "chatcmpl-1", "sim-large-70b-0613"
     answered.finish_reasons = ("stop",)
-    answered.cost_usd = Decimal("0.00103")
+    answered.cost_usd, answered.energy_j = Decimal("0.00103"), 12.5     # its GPUs measured
     telemetry.end_attempt(ctx, answered, chunk_gaps_s=[0.01, 0.02, 0.03])
     ctx.fallback_state, ctx.fallback_reason = "fallback", "timeout"
     ctx.cache_status, ctx.cost_usd, ctx.energy_j, ctx.usage = "stored", Decimal("0.00123"), 12.5, answered.usage

@@ -189,7 +189,9 @@ class OutcomeBook:
     max_entries: int = 100_000
     clock: Callable[[], float] = time.time
     tasks: OrderedDict[Key, Task | RequestCost] = field(default_factory=OrderedDict)
-    request_tasks: OrderedDict[tuple[str, str], Key] = field(default_factory=OrderedDict)  # (tenant, request id)
+    #: (tenant, request id) -> (its task, when the request was booked), oldest booking first: a pointer is kept
+    #: ttl_s after its request, as the shared book's expires
+    request_tasks: OrderedDict[tuple[str, str], tuple[Key, float]] = field(default_factory=OrderedDict)
     store_failures: int = 0             # it has no store to fail
 
     def track(self, *, request_id: str, task_id: str | None, route: str, tenant: str,
@@ -214,7 +216,8 @@ class OutcomeBook:
             task.cost_usd += cost_usd
             task.requests += 1
             task.seen_s = now_s
-            self.request_tasks[tenant, request_id] = key
+            self.request_tasks[tenant, request_id] = (key, now_s)
+            self.request_tasks.move_to_end((tenant, request_id))
         self.tasks.move_to_end(key)
         self._trim()
 
@@ -253,7 +256,8 @@ class OutcomeBook:
     def _key(self, report: Report, tenant: str) -> Key:
         if report.task_id is not None:
             return ("t", tenant, report.task_id)
-        return self.request_tasks.get((tenant, report.request_id), ("r", tenant, report.request_id))
+        pointer = self.request_tasks.get((tenant, report.request_id))
+        return pointer[0] if pointer is not None else ("r", tenant, report.request_id)
 
     async def stats(self) -> dict:
         """Reported tasks grouped by route, tenant and workflow (those booked in the last ttl_s)."""
@@ -272,7 +276,10 @@ class OutcomeBook:
             if len(self.tasks) <= self.max_entries and seen_s >= cutoff_s:
                 break
             del self.tasks[key]
-        while len(self.request_tasks) > self.max_entries * 4:
+        while self.request_tasks:
+            _, booked_s = next(iter(self.request_tasks.values()))
+            if len(self.request_tasks) <= self.max_entries * 4 and booked_s >= cutoff_s:
+                break
             self.request_tasks.popitem(last=False)
 
 

@@ -310,7 +310,7 @@ class RedisOutcomeBook:
         await self._landed(tenant)
         await asyncio.sleep(self.others_s)      # another process's booking of the task's last call may be gathering
         await self._priced(report, tenant, pricing_s)
-        if await self.guard.run(lambda: self.client.sadd(self.tenants_key, tenant)) is STORE_DOWN:
+        if await self.guard.run(lambda: self._remember(tenant)) is STORE_DOWN:
             raise store_unavailable()
         task = await self._report(report, tenant)
         if task is None:
@@ -319,6 +319,13 @@ class RedisOutcomeBook:
         if task is None:
             raise unknown_id()
         return task
+
+    async def _remember(self, tenant: str) -> None:
+        """Add the tenant to those `stats` reads; the set lives as long as the stats bucket a report writes now
+        (ttl_s past its end), so it is not kept for ever once nobody reports."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.tenants_key, tenant).pexpire(self.tenants_key, _ms(self.ttl_s + self.bucket_s))
+            await pipe.execute()
 
     async def _priced(self, report: Report, tenant: str, pricing_s: float) -> None:
         """Wait, at most `pricing_s`, while a call of the reported task (or the reported request) is still being

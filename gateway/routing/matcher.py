@@ -21,6 +21,9 @@ from gateway.policy.model import Route
 _GLOB_CHARS = frozenset("*?[")
 #: distinct requested aliases whose merged route list is remembered
 _ALIAS_CACHE_MAX = 4096
+#: the longest requested alias remembered: `model` has no length limit, and 4096 aliases of a 20 MiB body each
+#: would pin gigabytes; a longer one is merged on every request (one dict miss and the glob checks)
+_ALIAS_CACHE_CHARS = 256
 
 
 def is_glob(alias: str) -> bool:
@@ -110,6 +113,8 @@ class RouteIndex:
         merged = self._by_alias.get(alias)
         if merged is None:
             merged = self._merge(alias)
+            if len(alias) > _ALIAS_CACHE_CHARS:
+                return merged
             if len(self._by_alias) >= _ALIAS_CACHE_MAX:
                 self._by_alias.clear()
             self._by_alias[alias] = merged

@@ -1,0 +1,72 @@
+"""What a gateway serving for weeks keeps: nothing a client or the clock controls may grow without a bound."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from decimal import Decimal
+
+import pytest
+import redis
+import requests
+
+from gateway.outcomes import OutcomeBook
+from tests.support.harness import Harness
+
+
+@pytest.fixture(scope="module")
+def gw():
+    """The default test gateway: open (no tenants), in-process stores, telemetry off."""
+    environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
+    environ.update(OTEL_SDK_DISABLED="true")
+    harness = Harness(environ=environ).start()
+    yield harness
+    harness.stop()
+
+
+def test_long_model_aliases_a_client_sends_are_not_kept_by_the_route_index(gw):
+    """`model` has no length limit, and the route index remembers every alias it merged (up to 4096 of them):
+    a client sending distinct 200 KB aliases must not leave megabytes pinned in the index after its 404s."""
+    aliases = [f"{i}-" + "x" * 200_000 for i in range(8)]
+    for alias in aliases:
+        response = requests.post(f"{gw.base_url}/v1/chat/completions", timeout=10,
+                                 json={"model": alias, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 404
+    index = gw.services.holder.current.routes
+    kept_chars = sum(len(alias) for alias in index._by_alias)
+    assert kept_chars < 64 * 1024, f"the route index keeps {kept_chars} characters of aliases clients sent"
+
+
+def test_a_tasks_request_ids_are_forgotten_with_the_task():
+    """Past `ttl_s` a task is forgotten; the pointers from its request ids to it must go too (they were kept
+    until 400,000 had piled up, whatever their age: an idle gateway held them for ever)."""
+    now = [1_000.0]
+    book = OutcomeBook(ttl_s=60, clock=lambda: now[0])
+    for i in range(50):
+        book.track(request_id=f"req-{i}", task_id=f"task-{i}", route="r", tenant="t", workflow=None,
+                   cost_usd=Decimal("0.01"))
+    now[0] += 120
+    book._trim()                        # what every track, report and stats call begins with
+    assert len(book.tasks) == 0
+    assert len(book.request_tasks) == 0, f"{len(book.request_tasks)} request ids still point at forgotten tasks"
+
+
+def test_every_key_the_shared_outcome_book_writes_expires(redis_server):
+    """Each Redis key a gateway writes for tasks and their reports has a TTL: none outlives its retention."""
+    environ = {**os.environ, "GATEWAY_REDIS_URL": redis_server.url, "OTEL_SDK_DISABLED": "true"}
+    harness = Harness(environ=environ).start()
+    try:
+        task_id = f"task-{uuid.uuid4()}"
+        response = requests.post(f"{harness.base_url}/v1/chat/completions", timeout=10,
+                                 headers={"x-gateway-task-id": task_id},
+                                 json={"model": "auto", "messages": [{"role": "user", "content": "hi"}],
+                                       "max_tokens": 3})
+        assert response.status_code == 200
+        report = requests.post(f"{harness.base_url}/v1/outcomes", timeout=10,
+                               json={"task_id": task_id, "outcome": "success"})
+        assert report.status_code == 200, report.text
+    finally:
+        harness.stop()
+    client = redis.Redis.from_url(redis_server.url)
+    forever = sorted(key.decode() for key in client.scan_iter(count=1000) if client.pttl(key) < 0)
+    assert forever == [], f"keys without a TTL: {forever}"

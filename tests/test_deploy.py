@@ -87,6 +87,7 @@ def record_fallback_request(telemetry: Telemetry) -> None:
     answered.ttft_s, answered.status, answered.ended_s = 0.05, 200, answered.started_s + 0.3
     answered.usage, answered.response_model = Usage(input_tokens=10, output_tokens=20), "sim-large-70b"
     answered.cost_usd = Decimal("0.001")    # the cost counter is per attempt: without it every cost panel reads 0
+    answered.energy_j = 12.5                # and so is the energy counter: the answering attempt's GPUs measured
     telemetry.end_attempt(ctx, answered, chunk_gaps_s=[0.01, 0.02])
     ctx.fallback_state, ctx.fallback_reason = "fallback", "timeout"
     ctx.cache_status, ctx.cost_usd, ctx.energy_j, ctx.usage = "stored", Decimal("0.001"), 12.5, answered.usage

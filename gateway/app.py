@@ -174,7 +174,11 @@ async def _priced(services: Services, tenant_name: str) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: the Prometheus exposition, when enabled (policy telemetry.prometheus or GATEWAY_PROMETHEUS=1)."""
-    telemetry = request.app[SERVICES].telemetry
+    services: Services = request.app[SERVICES]
+    telemetry = services.telemetry
+    runtime = services.holder.current
+    if runtime.policy.server.metrics_admin_only:     # each tenant's names, spend, budgets and workflows
+        runtime.admin.check(request.headers)
     if not telemetry.prometheus_enabled:
         raise NotFound("the Prometheus endpoint is off: set telemetry.prometheus or GATEWAY_PROMETHEUS=1",
                        code="not_found")

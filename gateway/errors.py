@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
 
 class _ClassCode:
     """What `code=` is when left out: the error keeps its class's code (an explicit None is OpenAI's
@@ -249,7 +251,7 @@ class UpstreamStatus(UpstreamError):
             if name in ("type", "code"):
                 if isinstance(value, str) and 0 < len(value) <= MAX_PASSED_CODE_CHARS:
                     shown[name] = value
-            elif name not in shown:
+            elif name not in shown and passable(value):
                 shown[name] = value
         return body
 
@@ -269,6 +271,16 @@ class UpstreamStatus(UpstreamError):
 
 #: the longest `type` or `code` of a model's error passed on to the client
 MAX_PASSED_CODE_CHARS = 64
+#: the longest other field of a model's error passed on to the client, as JSON (Azure's `innererror` with its
+#: content-filter results takes about 500)
+MAX_PASSED_FIELD_CHARS = 2000
+
+
+def passable(value: object) -> bool:
+    """Whether a field of a model's error (other than its message, type and code) may reach the client: small,
+    and holding no stack trace (the model server's files, code and hosts are its own, as in its message)."""
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return len(text) <= MAX_PASSED_FIELD_CHARS and "Traceback (most recent call last)" not in text
 #: a model server's answers that mean the gateway's credential for it is wrong
 UPSTREAM_AUTH_STATUSES = frozenset({401, 403, 407})
 #: a model server's answers that mean it serves no such model or path: the model's upstream_model or endpoint

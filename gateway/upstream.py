@@ -47,6 +47,9 @@ DROPPED_HEADERS = frozenset({
 })
 #: the longest Retry-After believed from a model server: a circuit is never opened for longer
 MAX_RETRY_AFTER_S = 3600.0
+#: the largest body of a model's answer read into memory (a non-streamed answer, an error body), by default
+#: (`server.max_answer_bytes`): past it the answer is broken, and no more of it is read
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class UpstreamCall:
     endpoint: str           # chat | completions | embeddings
     body: bytes
     headers: Mapping[str, str]
+    max_answer_bytes: int = MAX_ANSWER_BYTES
 
 
 @dataclass(slots=True)
@@ -199,8 +203,7 @@ class HttpTransport:
         with UpstreamErrors(call.model):
             async with await self._send(call, client_timeout(call.model.timeouts, stream=False)) as resp:
                 # the body most often came with the head; the rest must come within first_byte_s of it
-                raw = await resp.read() if resp.content.is_eof() else \
-                    await _read_within(resp, call.model.timeouts.first_byte_s)
+                raw = await _read_within(resp, call.model.timeouts.first_byte_s, call)
                 if resp.status >= 400:
                     raise status_error(call.model, resp.status, raw, resp.headers)
                 not_an_answer(call.model, resp.status)
@@ -231,7 +234,7 @@ class HttpTransport:
                         await self._send(call, client_timeout(call.model.timeouts)))
                 if resp.status >= 400:      # its body within first_byte_s a part, and total_s in all
                     async with asyncio.timeout(call.model.timeouts.total_s):
-                        raw = await _read_within(resp, first_byte_s)
+                        raw = await _read_within(resp, first_byte_s, call)
                     raise status_error(call.model, resp.status, raw, resp.headers)
                 not_an_answer(call.model, resp.status)
             # outside the translation: what the caller's block raises (a write to a client that left, say)
@@ -239,16 +242,32 @@ class HttpTransport:
             yield _translated_events(call.model, iter_events(resp.content.iter_any()))
 
 
-async def _read_within(resp: aiohttp.ClientResponse, wait_s: float) -> bytes:
+async def _read_within(resp: aiohttp.ClientResponse, wait_s: float, call: UpstreamCall) -> bytes:
     """A non-streamed answer's body, each part within `wait_s` of the one before (a body that stops half-way is
-    a timeout, as a stream that goes silent is; one that keeps coming, however long, is not)."""
+    a timeout, as a stream that goes silent is; one that keeps coming is not), at most `call.max_answer_bytes`:
+    a larger one (declared, or read so far) is a broken answer, and no more of it is read."""
+    limit = call.max_answer_bytes
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large(call.model, limit)
+    if resp.content.is_eof():               # the body most often came with the head
+        return await resp.read()
     loop = asyncio.get_running_loop()
     parts = []
+    size = 0
     async with asyncio.timeout(wait_s) as deadline:
         async for part in resp.content.iter_any():
+            size += len(part)
+            if size > limit:
+                raise too_large(call.model, limit)
             parts.append(part)
             deadline.reschedule(loop.time() + wait_s)
     return b"".join(parts)
+
+
+def too_large(model: Model, limit: int) -> UpstreamProtocolError:
+    """The error for an answer larger than the gateway reads (`server.max_answer_bytes`)."""
+    return UpstreamProtocolError(f"model '{model.name}' sent an answer larger than {limit} bytes "
+                                 f"(server.max_answer_bytes)")
 
 
 async def _translated_events(model: Model, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -327,6 +327,8 @@ TENANT = Section(Tenant, {
 
 SERVER = Section(Server, {
     "max_body_bytes": integer(positive),
+    "max_answer_bytes": integer(positive),
+    "metrics_admin_only": flag(),
     "grace_period_s": real(non_negative),
     "client_timeout_s": real(positive, at_most(MAX_PRIOR_MS / 1000)),
     "admin_token_sha256": text(sha256_hex),

@@ -175,6 +175,10 @@ class Tenant:
 @dataclass(frozen=True)
 class Server:
     max_body_bytes: int = 20 * 1024 * 1024      # OpenAI takes images up to 20 MB, inline as data URLs
+    #: the largest model answer read into memory whole (a non-streamed answer, an error body); past it a 502
+    max_answer_bytes: int = 256 * 1024 * 1024
+    #: /metrics answers the admin token alone (its series name every tenant, its spend, budgets and workflows)
+    metrics_admin_only: bool = False
     grace_period_s: float = 15.0
     #: the longest a client may keep a request waiting while it sends it: its head, from a new connection or from
     #: its first byte, and each gap in its body (a stalled client is answered 408, its connection closed)

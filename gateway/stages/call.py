@@ -165,7 +165,9 @@ class Call:
             trace_headers = {k: v for k in ("traceparent", "tracestate") if (v := ctx.http.headers.get(k))}
         headers.update(trace_headers)
         with_options = model.server not in services.fleet.refuse_stream_options
-        call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=with_options), headers)
+        max_answer_bytes = ctx.runtime.policy.server.max_answer_bytes
+        call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=with_options), headers,
+                            max_answer_bytes)
         if ctx.stream:
             try:
                 return await relay_stream(ctx, attempt, services.transport, call, self._succeeded,
@@ -179,7 +181,8 @@ class Call:
             services.fleet.refuse_stream_options.add(model.server)
             log.warning("model '%s' refuses stream_options: its streams are sent without them, their usage "
                         "counted by the gateway", model.name)
-            call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=False), headers)
+            call = UpstreamCall(model, ctx.endpoint, upstream_body(ctx, model, stream_options=False), headers,
+                                max_answer_bytes)
             return await relay_stream(ctx, attempt, services.transport, call, self._succeeded,
                                       energy=services.energy)
         answer = await services.transport.complete(call)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.context import RequestContext
+from gateway.tenancy.limits import Admission, unlimited
 from gateway.tokens import DEFAULT_ENCODING, count_prompts
 
 #: bodies larger than this (as read, chunked ones too) are counted in a thread, off the event loop
@@ -19,11 +20,30 @@ class Count:
 
     async def handle(self, ctx: RequestContext) -> None:
         if ctx.body_bytes > LARGE_BODY_BYTES:
+            await self._refuse_a_tenant_at_its_limit(ctx)
             counted = await asyncio.to_thread(count_prompts, ctx.endpoint, ctx.body, DEFAULT_ENCODING)
         else:
             counted = count_prompts(ctx.endpoint, ctx.body, DEFAULT_ENCODING)
         ctx.prompt_tokens, ctx.longest_prompt_tokens = counted
         return None
+
+    async def _refuse_a_tenant_at_its_limit(self, ctx: RequestContext) -> None:
+        """A large prompt costs seconds of CPU to count (about 0.5 s a MiB): a tenant already at its requests,
+        tokens or concurrency limit is refused (429) before it is counted, so its limits bound what it can spend
+        of the gateway's CPU and threads. Read only (`usage`), one store call, for large bodies only; admission
+        decides as before for those that pass."""
+        tenant = ctx.tenant
+        if tenant is None or unlimited(tenant.limits):
+            return
+        usage = await self.services.stores.limiter.usage(tenant)
+        limits = tenant.limits
+        reason = next((name for name, used, limit in (("requests", usage.requests, limits.requests_per_minute),
+                                                      ("tokens", usage.tokens, limits.tokens_per_minute),
+                                                      ("concurrent", usage.concurrent, limits.concurrent))
+                       if usage.available and limit is not None and used >= limit), None)
+        if reason is not None:
+            raise Admission(allowed=False, limits=limits, tenant=tenant.name, reason=reason,
+                            retry_after_s=1.0).error()
 
     async def finish(self, ctx: RequestContext) -> None:
         return None

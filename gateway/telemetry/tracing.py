@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 FINISHED = "telemetry.finished"
 
 
-#: distinct workflow names kept as metric labels; later ones are "other"
+#: distinct workflow names kept as metric labels, per tenant; a tenant's later ones are "other"
 WORKFLOW_LABEL_TOP_N = 100
 
 
@@ -46,8 +46,9 @@ class Hooks:
         self._spans = spans
         self._instruments = instruments
         self._tenants = tenant_labels
-        # workflows are named by a client header: bounded like tenants, the first N keep their name
-        self._workflows = TenantLabels(top_n=WORKFLOW_LABEL_TOP_N)
+        # workflows are named by a client header: bounded like tenants, each tenant's first N keep their name (one
+        # tenant's names never use up another's); per tenant *label*, so the tenants kept apart are bounded too
+        self._workflows: dict[str, TenantLabels] = {}
         self._capture_content = capture_content
 
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
@@ -156,8 +157,11 @@ class Hooks:
 
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""
-        workflow = self._workflows.label(task.workflow) if task.workflow is not None else None
-        self._instruments.record_task(task, self._tenants.label(task.tenant), workflow)
+        tenant_label = self._tenants.label(task.tenant)
+        workflows = self._workflows.get(tenant_label) or \
+            self._workflows.setdefault(tenant_label, TenantLabels(top_n=WORKFLOW_LABEL_TOP_N))
+        workflow = workflows.label(task.workflow) if task.workflow is not None else None
+        self._instruments.record_task(task, tenant_label, workflow)
 
 
 def _ended_ns(ctx: RequestContext) -> int | None:

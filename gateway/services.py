@@ -8,6 +8,7 @@ telemetry, the ledger and outcomes, and the background task set.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -99,6 +100,13 @@ def budgeted_tenants(policy) -> list[str]:
     return [name for name, tenant in policy.tenants.items() if tenant.budget.limited]
 
 
+def keep_tenant_labels(telemetry: Telemetry, runtime) -> None:
+    """After a reload, the tenants it removed give up their places among the named metric labels (an open gateway's
+    callers are all anonymous: nothing to give up)."""
+    if runtime.policy.tenants:
+        telemetry.keep_tenant_labels(runtime.policy.tenants)
+
+
 def policy_encodings(policy) -> set[str]:
     """The tiktoken encodings a policy uses: the default (prompt counting) and its models' own."""
     return {DEFAULT_ENCODING, *(model.encoding for model in policy.models.values())}
@@ -140,6 +148,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         services.telemetry.observe_policy(lambda: holder.current.policy)
         services.telemetry.label_tenants(budgeted_tenants(policy))
         holder.listeners.append(lambda runtime: services.telemetry.label_tenants(budgeted_tenants(runtime.policy)))
+        holder.listeners.append(functools.partial(keep_tenant_labels, services.telemetry))
         services.telemetry.observe_reloads(lambda: holder.status)
         services.telemetry.observe_slots(lambda: waiting_in_policy(services))
         # always there, so a reload can add GPUs; with none in the policy it samples nothing

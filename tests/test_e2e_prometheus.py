@@ -89,3 +89,34 @@ def test_store_failures_are_exported_by_part(redis_server):
         assert failures["limits"] == 3 and "budgets" in failures
     finally:
         harness.stop()
+
+
+def test_a_tenant_a_reload_removed_gives_its_label_place_to_the_next_one():
+    """With `tenant_label_top_n: 1`, the first tenant to call keeps its name and the next is `other`; once a reload
+    removes the first, the next tenant to call is named in the metrics, not `other` for as long as the process
+    runs."""
+    keys = {"first": "key-first", "second": "key-second"}
+    head = DEFAULT_POLICY + "telemetry: {{tenant_label_top_n: 1}}\n"
+    harness = Harness(head + tenants(keys), environ={"GATEWAY_PROMETHEUS": "1",
+                                                    "OTEL_METRIC_EXPORT_INTERVAL": "60000"}).start()
+
+    def requests_of() -> set[str]:
+        with urllib.request.urlopen(f"{harness.base_url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {line.split('gateway_tenant="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+                if line.startswith("gateway_requests_total{")}
+
+    def call(tenant: str) -> None:
+        harness.openai(api_key=keys[tenant]).chat.completions.create(
+            model="auto", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+
+    try:
+        call("first")
+        call("second")
+        assert requests_of() == {"first", "other"}
+        harness.write_policy(head + tenants({"second": keys["second"]}))
+        assert harness.reload_policy()
+        call("second")
+        assert "second" in requests_of()
+    finally:
+        harness.stop()

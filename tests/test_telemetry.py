@@ -335,6 +335,15 @@ def test_tenant_labels_keep_allowlist_and_first_n():
     assert [labels.label(t) for t in ("a", "b", "c", "vip", "a", "d")] == ["a", "b", "other", "vip", "a", "other"]
 
 
+def test_tenants_a_reload_removed_give_their_label_places_to_the_next_ones_seen():
+    """The first top_n tenants keep their names; once a reload removes one, the next new tenant takes its place
+    rather than being `other` for as long as the process runs; the allowlist is kept whatever happens."""
+    labels = TenantLabels(allowlist=("vip",), top_n=2)
+    assert [labels.label(t) for t in ("a", "b", "c")] == ["a", "b", "other"]
+    labels.keep_only(("b", "c", "d"))
+    assert [labels.label(t) for t in ("c", "d", "b", "vip")] == ["c", "other", "b", "vip"]
+
+
 def test_tenant_metric_label_is_bounded(receiver, make_telemetry):
     """With top_n=1, a second and third tenant are counted under `other` in gateway.requests."""
     policy = PolicyTelemetry(tenant_label_top_n=1)

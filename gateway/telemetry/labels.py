@@ -21,6 +21,12 @@ class TenantLabels:
         """Keep these tenants' names too, whoever was seen first."""
         self._allowed = self._allowed | frozenset(tenants)
 
+    def keep_only(self, tenants: Iterable[str]) -> None:
+        """Forget the seen tenants not among these (a reload removed them): their top-N places go to the next
+        tenants seen, instead of to names that will never call again."""
+        with self._lock:
+            self._seen &= set(tenants)
+
     def label(self, tenant: str) -> str:
         """The metric label for a tenant."""
         if tenant in self._allowed or tenant in self._seen:

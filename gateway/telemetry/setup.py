@@ -213,6 +213,11 @@ class Telemetry:
         if self._tenant_labels is not None:
             self._tenant_labels.allow(tenants)
 
+    def keep_tenant_labels(self, tenants) -> None:
+        """The tenants that may still call: the others' top-N places in metric labels are freed."""
+        if self._tenant_labels is not None:
+            self._tenant_labels.keep_only(tenants)
+
     def observe_policy(self, current_policy) -> None:
         """Export the policy's declared capacities and budgets (read at each collection, so reloads show)."""
         if self.meter is not None:

@@ -185,3 +185,26 @@ def test_a_policy_that_answers_requests_from_the_cache_is_not_reported_slower(tm
     assert (cached.cache_hits, called.cache_hits) == (4, 0)
     assert cached.latency.p50_ms <= called.latency.p50_ms
     assert cached.latency.p95_ms <= called.latency.p95_ms
+
+
+def test_a_call_that_failed_live_is_replayed_with_the_median_output_of_its_routes_answered_calls(tmp_path):
+    """A ledger line whose call failed live (a 5xx: every model timed out, say) records no output: replayed as 0
+    output tokens, the policy that would answer it would look as if it wrote nothing and cost only the prompt.
+    It is replayed with the median output of its route's answered calls instead, the same under every policy
+    (so two replays still compare), and the report says how many were."""
+    lines = [_ledger_line(100.0, output_tokens=100), _ledger_line(101.0, output_tokens=300),
+             _ledger_line(102.0, output_tokens=200),
+             _ledger_line(103.0, status=502, outcome="upstream_error", output_tokens=0, cost_usd="0",
+                          attempts=[{"model": "small", "status": 504, "error": "timeout", "output_tokens": 0}]),
+             _ledger_line(104.0, status=499, outcome="client_disconnected", output_tokens=7)]
+    path = tmp_path / "ledger.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    requests = read_traffic(path)
+    assert [r.output_tokens for r in requests] == [100, 300, 200, 200, 7]   # a client that left keeps its own
+    small = _model("small", 40, 4, Price(Decimal(1), Decimal(1)))
+    policy = Policy(version=1, models={"small": small}, routes=(Route("r", Match(models=("auto",)),
+                                                                      candidates=("small",)),))
+    summary = summarize(replay(policy, requests))
+    assert summary.estimated_output == 1
+    assert "| calls that failed in the trace, replayed with their route's median output | 1 |" in \
+        render_markdown(summary)

@@ -50,3 +50,4 @@ class ReplayResult:
     #: matched without headers
     routed_by_recorded_route: int = 0
     matched_without_headers: int = 0
+    estimated_output: int = 0           # calls that failed in the trace, replayed with their route's median output

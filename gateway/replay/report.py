@@ -20,6 +20,8 @@ METRICS: tuple[tuple[str, Callable[[Summary], Value], str], ...] = (
     ("failed", lambda s: sum(s.failed.values()), "int"),
     ("cache hits in the trace, answered at no cost", lambda s: s.cache_hits, "int"),
     ("refused before routing in the trace, not replayed", lambda s: s.refused_in_trace, "int"),
+    ("calls that failed in the trace, replayed with their route's median output", lambda s: s.estimated_output,
+     "int"),
     ("routed by their recorded route (header-matched routes)", lambda s: s.routed_by_recorded_route, "int"),
     ("matched without headers (header-matched routes not simulated)", lambda s: s.matched_without_headers, "int"),
     ("fallbacks", lambda s: s.fallbacks, "int"),
@@ -47,6 +49,7 @@ NOTE = ("The real router (route matching, SLA planning, latency estimates, circu
 #: rows left out of the Markdown table when they are 0 under every policy (most traffic has none)
 SHOWN_IF_ANY = frozenset({"cache hits in the trace, answered at no cost",
                           "refused before routing in the trace, not replayed",
+                          "calls that failed in the trace, replayed with their route's median output",
                           "routed by their recorded route (header-matched routes)",
                           "matched without headers (header-matched routes not simulated)"})
 #: the fewest significant digits a money cell shows

@@ -128,7 +128,8 @@ class Simulation:
                 self._arrive(next_arrival, request)
                 next_arrival += 1
         return ReplayResult(self.policy, self.seed, self.outcomes, self.refused_in_trace,
-                            self.routing.by_recorded_route, self.routing.without_headers)
+                            self.routing.by_recorded_route, self.routing.without_headers,
+                            sum(1 for request in self.requests if request.output_estimated))
 
     def _push(self, time_s: float, handler: Handler, flight: _Flight, ticket: Ticket) -> None:
         """Schedule an event; ties run in scheduling order."""

@@ -62,6 +62,7 @@ class Summary:
     failed: dict[str, int]
     cache_hits: int                     # recorded cache hits, routed and answered at no cost
     refused_in_trace: int               # lines the traffic's own gateway refused before routing: not replayed
+    estimated_output: int               # calls that failed in the trace, replayed with their route's median output
     routed_by_recorded_route: int       # a header-matched route could take them: the route their line recorded
     matched_without_headers: int        # a header-matched route could take them, no recorded route to use
     fallbacks: int                      # answered by a model after another one failed
@@ -94,6 +95,7 @@ def summarize(result: ReplayResult) -> Summary:
         policy=result.policy.source, requests=len(outcomes), served=len(served),
         rejected=_reasons(outcomes, "rejected"), failed=_reasons(outcomes, "failed"),
         cache_hits=sum(1 for o in outcomes if o.status == "cache_hit"), refused_in_trace=result.refused_in_trace,
+        estimated_output=result.estimated_output,
         routed_by_recorded_route=result.routed_by_recorded_route,
         matched_without_headers=result.matched_without_headers,
         fallbacks=sum(1 for o in served if len(o.models_tried) > 1),

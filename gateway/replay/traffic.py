@@ -14,6 +14,7 @@ import csv
 import gzip
 import heapq
 import io
+import statistics
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +53,8 @@ class Row(NamedTuple):
     cached_input_tokens: int = 0
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
+    failed_live: bool = False       # its call failed in the trace (a 5xx): its output is not known
+    whole: bool = True              # answered whole in the trace (a 2xx, not a client that left mid-way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class ReplayRequest:
     cached_input_tokens: int = 0        # of input_tokens, served from the provider's prompt cache (a ledger's)
     audio_input_tokens: int = 0         # of input_tokens, audio (a ledger's: priced at the audio input price)
     audio_output_tokens: int = 0        # of output_tokens, audio (a ledger's)
+    output_estimated: bool = False      # its call failed in the trace: output_tokens is its route's median output
 
     @property
     def streamed(self) -> bool:
@@ -93,13 +97,28 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
         return []
     _check_span(path, rows)
     start_s = rows[0].arrival_s
+    medians = _median_outputs(rows)
     requests: list[Any] = rows
     for index, row in enumerate(rows):     # in place: each row is dropped as its request is made
-        requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, row.output_tokens, row.alias,
+        output_tokens = row.output_tokens if not row.failed_live else \
+            medians.get(row.recorded_route, medians.get(None, 0))
+        requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, output_tokens, row.alias,
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
                                         row.recorded_answer, row.cached_input_tokens, row.audio_input_tokens,
-                                        row.audio_output_tokens)
+                                        row.audio_output_tokens, row.failed_live)
     return requests
+
+
+def _median_outputs(rows: list[Row]) -> dict[str | None, int]:
+    """The median output of the calls answered whole (not failed, not cut, not refused, not cache hits), by
+    recorded route, and of all of them (under None): what a call that failed in the trace is replayed as writing,
+    the same whatever the replayed policy, so replays of one traffic still compare."""
+    by_route: dict[str | None, list[int]] = {None: []}
+    for row in rows:
+        if row.recorded_answer == "call" and row.whole:
+            by_route.setdefault(row.recorded_route, []).append(row.output_tokens)
+            by_route[None].append(row.output_tokens)
+    return {route: int(statistics.median(outputs)) for route, outputs in by_route.items() if outputs}
 
 
 def earliest(rows: Iterable[Row], limit: int | None) -> list[Row]:
@@ -186,6 +205,8 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
         input_tokens = count(path, line, "input_tokens", prompt if prompt is not None else 0)
         output_tokens = count(path, line, "output_tokens", record.get("output_tokens", 0))
+        recorded_answer = _recorded_answer(record)
+        status = record.get("status")
         yield Row(seconds(path, line, "ts", record.get("ts")), line,
                   input_tokens,
                   output_tokens,
@@ -193,10 +214,13 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
                   _name(endpoint(path, line, record.get("endpoint"))),
                   _name(text(path, line, "tenant", record.get("tenant"))),
                   _name(text(path, line, "route", record.get("route"))),
-                  flag(path, line, "stream", record.get("stream")), _recorded_answer(record),
+                  flag(path, line, "stream", record.get("stream")), recorded_answer,
                   min(input_tokens, _answered(path, line, record, "cached_input_tokens")),
                   min(input_tokens, _answered(path, line, record, "audio_input_tokens")),
-                  min(output_tokens, _answered(path, line, record, "audio_output_tokens")))
+                  min(output_tokens, _answered(path, line, record, "audio_output_tokens")),
+                  # a call that failed (5xx) wrote nothing the trace knows; one whose client left keeps its own
+                  recorded_answer == "call" and isinstance(status, int) and status >= 500 and not output_tokens,
+                  not isinstance(status, int) or 200 <= status < 300)
 
 
 def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:

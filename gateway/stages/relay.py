@@ -64,7 +64,7 @@ class StreamState:
     """What the relay learned from the events it passed on."""
 
     __slots__ = ("assembled", "unassembled", "captured", "_captured_body", "text_chunks", "output_chunks", "parts",
-                 "finish_reasons", "finished_choices", "done", "chunk_gaps_s", "last_output_s")
+                 "finish_reasons", "finished_choices", "sent_whole", "done", "chunk_gaps_s", "last_output_s")
 
     def __init__(self, assemble_for: str | None, capture_for: str | None = None) -> None:
         # the answer the cache would store, folded in as the chunks pass (`assemble_for`: the endpoint, when the
@@ -82,6 +82,7 @@ class StreamState:
         self.parts = GeneratedParts()               # the texts generated, by choice and part
         self.finish_reasons: list[str] = []
         self.finished_choices: set[int] = set()     # the indexes of the choices that had a finish reason
+        self.sent_whole = False                     # every choice's finish was written to the client
         self.done = False
         self.chunk_gaps_s: list[float] = []         # between consecutive output chunks: time per output chunk
         self.last_output_s: float | None = None     # when the latest chunk carrying output came
@@ -194,9 +195,16 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)
         if not state.done and not state.finished(ctx.choices):
             raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
-    except ConnectionError:                 # the client went away; leaving `stream` closed upstream
+    except ConnectionError as exc:          # the client went away; leaving `stream` closed upstream
+        if state.sent_whole and not isinstance(exc, ClientStalled):     # it left with the whole answer
+            return await _left_whole(ctx, attempt, state)
         return _client_left(ctx, attempt, state)
     except asyncio.CancelledError:          # the client went away (the server cancels its handler)
+        if not ctx.cut_by_shutdown and state.sent_whole:
+            # it left once every choice had its finish (a chat UI's loop ends there), while the usage chunk the
+            # gateway asked for, or [DONE], was awaited: the answer was whole, a success
+            asyncio.current_task().uncancel()
+            return await _left_whole(ctx, attempt, state)
         if ctx.cut_by_shutdown and ctx.bytes_sent:      # or the drain ran out: said in-band, not a silent cut
             await _end_with_error(ctx, ShuttingDown("the gateway is shutting down; the stream ends here"))
         _record(ctx, attempt, state)        # what it was sent is counted, and billed
@@ -223,6 +231,15 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
         await writer.write_eof()
     except ConnectionError:                 # the answer was whole: the client left (or stalled) before its end
         return _client_left(ctx, attempt, state)
+    attempt.status = 200
+    _record(ctx, attempt, state)
+    return ctx.response
+
+
+async def _left_whole(ctx: RequestContext, attempt: Attempt, state: StreamState) -> web.StreamResponse:
+    """Book a stream whose client left after every choice it asked for had its finish: a success (the model's
+    usage when it came before, else the gateway's count of what was sent)."""
+    await _count_unreported(ctx, attempt, state)
     attempt.status = 200
     _record(ctx, attempt, state)
     return ctx.response
@@ -380,6 +397,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if event is not None:
                     await writer.write(event)
                 answered = len(state.finished_choices) >= ctx.choices and state.finished(ctx.choices)
+                state.sent_whole = answered
                 deadline.reschedule(min(loop.time() + (grace_s if answered else wait_s), ends + writer.waited_s))
     except TimeoutError as exc:
         if state.finished(ctx.choices):

@@ -25,7 +25,7 @@ from gateway.cost import plain_usd
 from gateway.energy import EnergyMonitor
 from gateway.energy.sharing import EnergySharing, FolderSharing
 from gateway.fleet import Fleet
-from gateway.outcomes import Book
+from gateway.outcomes import ANONYMOUS, Book
 from gateway.policy.advice import advice
 from gateway.recorder import Recorder
 from gateway.runtime import PolicyHolder
@@ -104,7 +104,7 @@ def keep_tenant_labels(telemetry: Telemetry, runtime) -> None:
     """After a reload, the tenants it removed give up their places among the named metric labels (an open gateway's
     callers are all anonymous: nothing to give up)."""
     if runtime.policy.tenants:
-        telemetry.keep_tenant_labels(runtime.policy.tenants)
+        telemetry.keep_tenant_labels([*runtime.policy.tenants, ANONYMOUS])    # unauthenticated callers' label
 
 
 def policy_encodings(policy) -> set[str]:

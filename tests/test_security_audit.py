@@ -130,15 +130,19 @@ def test_metrics_tell_no_caller_but_the_admin_what_each_tenant_spends_and_runs(m
 
 # rate limits and the CPU of counting ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def limited():
-    """A gateway whose tenant `acme` may send one request a minute."""
+def one_request_a_minute():
+    """A started gateway whose tenant `acme` (key `key-acme`) may send one request a minute."""
     from gateway.tenancy.identity import sha256_hex
     from tests.support.harness import DEFAULT_POLICY, Harness
 
     policy = DEFAULT_POLICY + (f'tenants:\n  acme: {{{{keys_sha256: ["{sha256_hex("key-acme")}"], '
                                f'limits: {{{{requests_per_minute: 1}}}}}}}}\n')
-    harness = Harness(policy).start()
+    return Harness(policy).start()
+
+
+@pytest.fixture(scope="module")
+def limited():
+    harness = one_request_a_minute()
     yield harness
     harness.stop()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.context import RequestContext
-from gateway.tenancy.limits import Admission, unlimited
+from gateway.tenancy.limits import new_ticket, unlimited
 from gateway.tokens import DEFAULT_ENCODING, count_prompts
 
 #: bodies larger than this (as read, chunked ones too) are counted in a thread, off the event loop
@@ -41,9 +41,20 @@ class Count:
                                                       ("tokens", usage.tokens, limits.tokens_per_minute),
                                                       ("concurrent", usage.concurrent, limits.concurrent))
                        if usage.available and limit is not None and used >= limit), None)
-        if reason is not None:
-            raise Admission(allowed=False, limits=limits, tenant=tenant.name, reason=reason,
-                            retry_after_s=1.0).error()
+        if reason is None:
+            return
+        # the limiter's own refusal: the wait until the window frees and the x-ratelimit-* headers admission
+        # would send (a refusal consumes nothing; one admitted meanwhile is given back, admission decides later)
+        limiter, ticket = self.services.stores.limiter, new_ticket()
+        try:
+            verdict = await limiter.admit(tenant, route=None, tokens=0, ticket=ticket)
+        except BaseException:
+            await limiter.withdraw(tenant, ticket=ticket, reserved_tokens=0)
+            raise
+        if verdict.held:
+            await limiter.withdraw(tenant, ticket=ticket, reserved_tokens=0)
+        if not verdict.allowed and not verdict.degraded:
+            raise verdict.error()
 
     async def finish(self, ctx: RequestContext) -> None:
         return None

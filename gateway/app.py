@@ -76,8 +76,8 @@ async def continue_when_read(request: web.Request) -> web.Response | None:
     (`read_body`), not as the head arrives (aiohttp's own), so a request refused on its head (401 for its key, 413
     for its Content-Length) is refused before the client uploads its body; another expectation is a 417 in
     OpenAI's shape (this answer bypasses the middlewares)."""
-    expect = request.headers.get(hdrs.EXPECT, "")
-    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+    if request.version == HttpVersion11 and not expects_continue(request):
+        expect = request.headers.get(hdrs.EXPECT, "")
         return error_response(ExpectationFailed(f"unsupported Expect header {expect!r}: only 100-continue is "
                                                 f"taken"), request_id=request_id(request))
     return None

@@ -98,6 +98,13 @@ def cache_control(headers: Mapping[str, str]) -> tuple[bool, bool]:
     return "no-cache" not in directives, "no-store" not in directives
 
 
+def cache_use(headers: Mapping[str, str], body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """`(lookup, store)` for a request: its Cache-Control directives (`cache_control`), and no lookup for a
+    completion the provider is asked to keep (`store: true`), which only a call does (its answer is still stored)."""
+    lookup, store = cache_control(headers)
+    return lookup and body.get("store") is not True, store
+
+
 def _directives(values: Iterable[str]) -> Iterable[str]:
     """Lower-cased directive names of comma-separated Cache-Control values."""
     for value in values:

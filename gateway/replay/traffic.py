@@ -53,8 +53,19 @@ class Row(NamedTuple):
     cached_input_tokens: int = 0
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
-    failed_live: bool = False       # its call failed in the trace (a 5xx): its output is not known
-    whole: bool = True              # answered whole in the trace (a 2xx, not a client that left mid-way)
+    status: int | None = None       # the status the trace's gateway answered (a ledger's; None: answered)
+
+    @property
+    def failed_live(self) -> bool:
+        """Its call failed in the trace (a 5xx): it wrote nothing the trace knows (one whose client left keeps
+        what it was sent)."""
+        return self.recorded_answer == "call" and self.status is not None and self.status >= 500 \
+            and not self.output_tokens
+
+    @property
+    def whole(self) -> bool:
+        """Answered whole in the trace (a 2xx: not failed, not a client that left mid-way)."""
+        return self.status is None or 200 <= self.status < 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +216,7 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
         input_tokens = count(path, line, "input_tokens", prompt if prompt is not None else 0)
         output_tokens = count(path, line, "output_tokens", record.get("output_tokens", 0))
-        recorded_answer = _recorded_answer(record)
-        status = record.get("status")
+
         yield Row(seconds(path, line, "ts", record.get("ts")), line,
                   input_tokens,
                   output_tokens,
@@ -214,13 +224,11 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
                   _name(endpoint(path, line, record.get("endpoint"))),
                   _name(text(path, line, "tenant", record.get("tenant"))),
                   _name(text(path, line, "route", record.get("route"))),
-                  flag(path, line, "stream", record.get("stream")), recorded_answer,
+                  flag(path, line, "stream", record.get("stream")), _recorded_answer(record),
                   min(input_tokens, _answered(path, line, record, "cached_input_tokens")),
                   min(input_tokens, _answered(path, line, record, "audio_input_tokens")),
                   min(output_tokens, _answered(path, line, record, "audio_output_tokens")),
-                  # a call that failed (5xx) wrote nothing the trace knows; one whose client left keeps its own
-                  recorded_answer == "call" and isinstance(status, int) and status >= 500 and not output_tokens,
-                  not isinstance(status, int) or 200 <= status < 300)
+                  status if isinstance(status := record.get("status"), int) else None)
 
 
 def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:

@@ -25,7 +25,7 @@ from aiohttp import web
 from gateway.cache.assemble import UNFOLDABLE
 from gateway.cache.entry import (CacheEntry, audio_expired, decode_entry, encode_entry, entry_from_response,
                                  entry_from_stream)
-from gateway.cache.key import cache_control, cache_key, is_cacheable
+from gateway.cache.key import cache_key, cache_use, is_cacheable
 from gateway.cache.replay import replay_sse
 from gateway.cache.singleflight import FlightAbandoned, LocalFlight, SingleFlight
 from gateway.context import Decision, RequestContext
@@ -67,9 +67,7 @@ class Lookup:
 
     async def handle(self, ctx: RequestContext) -> None:
         route = ctx.decision.route
-        lookup, store = cache_control(ctx.http.headers)
-        if ctx.body.get("store") is True:   # the model is asked to keep this completion: only a call does
-            lookup = False
+        lookup, store = cache_use(ctx.http.headers, ctx.body)
         if not is_cacheable(ctx.body, route.cache, endpoint=ctx.endpoint) or not (lookup or store):
             return None
         ctx.cache_key = cache_key(prefix=self.services.stores.key_prefix, tenant=ctx.tenant_name,

@@ -37,11 +37,9 @@ class Count:
             return
         usage = await self.services.stores.limiter.usage(tenant)
         limits = tenant.limits
-        reason = next((name for name, used, limit in (("requests", usage.requests, limits.requests_per_minute),
-                                                      ("tokens", usage.tokens, limits.tokens_per_minute),
-                                                      ("concurrent", usage.concurrent, limits.concurrent))
-                       if usage.available and limit is not None and used >= limit), None)
-        if reason is None:
+        if not usage.available or not any(limit is not None and used >= limit for used, limit in (
+                (usage.requests, limits.requests_per_minute), (usage.tokens, limits.tokens_per_minute),
+                (usage.concurrent, limits.concurrent))):
             return
         # the limiter's own refusal: the wait until the window frees and the x-ratelimit-* headers admission
         # would send (a refusal consumes nothing; one admitted meanwhile is given back, admission decides later)

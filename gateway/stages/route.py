@@ -7,7 +7,7 @@ downgrade.
 
 from __future__ import annotations
 
-from gateway.cache.key import cache_control, is_cacheable
+from gateway.cache.key import cache_use, is_cacheable
 from gateway.context import RequestContext
 from gateway.errors import NoModelMeetsSla
 from gateway.routing.predict import meets_hard_terms
@@ -51,7 +51,7 @@ def _cache_may_answer(ctx: RequestContext, refusal: NoModelMeetsSla) -> bool:
     route caches it, it allows a lookup, and some candidate was dropped only for speed, price, energy or its
     circuit (an answer it stored may serve the request)."""
     decision = getattr(refusal, "decision", None)
-    if decision is None or not cache_control(ctx.http.headers)[0] or ctx.body.get("store") is True:
+    if decision is None or not cache_use(ctx.http.headers, ctx.body)[0]:
         return False            # no lookup will be made (no-cache, or a completion the provider is asked to keep)
     return is_cacheable(ctx.body, decision.route.cache, endpoint=ctx.endpoint) and \
         any(meets_hard_terms(c) for c in decision.candidates)

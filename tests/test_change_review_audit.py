@@ -18,7 +18,6 @@ from gateway.policy.model import CacheRule, Match, Policy, Price, Route, Sla
 from gateway.replay import read_traffic, replay
 from tests.support.harness import Harness, raw_model_gateway
 from tests.support.raw_calls import post
-from tests.support.raw_upstream import read_request
 from tests.test_cache_audit import STRICT_POLICY, ask, chat, metrics_environ
 from tests.test_e2e_upstream_audit import KeepAliveRaw
 from tests.test_replay_audit import _ledger_line, _model
@@ -51,24 +50,12 @@ class CrashingRaw(KeepAliveRaw):
     def __init__(self) -> None:
         super().__init__()
         self.crash_reused = False
-        self.read_requests = 0
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        served = 0
-        try:
-            while True:
-                await read_request(reader)
-                self.read_requests += 1
-                if served and self.crash_reused:
-                    await asyncio.sleep(0.3)        # the model saw the prompt and worked on it
-                    return
-                writer.write(self._answer())
-                await writer.drain()
-                served += 1
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+    async def _drops_reused(self, writer: asyncio.StreamWriter) -> bool:
+        if not self.crash_reused:
+            return False
+        await asyncio.sleep(0.3)        # the model saw the prompt and worked on it
+        return True
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ class KeepAliveRaw(RawUpstream):
         self.reset = False
         self.stream = False
         self.connections = 0
+        self.read_requests = 0
         self.answered = 0
         self.dropped = 0
 
@@ -44,17 +45,24 @@ class KeepAliveRaw(RawUpstream):
         return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                 % len(body)) + body
 
+    async def _drops_reused(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether a connection's second (or later) request, read, ends the connection unanswered: with
+        `drop_reused`, at once (an RST with `reset`)."""
+        if not self.drop_reused:
+            return False
+        self.dropped += 1
+        if self.reset:
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         served = 0
         try:
             while True:
                 await read_request(reader)
-                if served and self.drop_reused:
-                    self.dropped += 1
-                    if self.reset:
-                        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                                                   struct.pack("ii", 1, 0))
+                self.read_requests += 1
+                if served and await self._drops_reused(writer):
                     return
                 writer.write(self._answer())
                 await writer.drain()

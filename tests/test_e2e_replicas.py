@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,7 @@ class Fleet:
         self.stop_gateways()
         self.sims.stop()
         self.redis.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def tenants(self, gateway: GatewayProcess) -> dict[str, dict]:
         status, body = http("GET", f"{gateway.base_url}/admin/tenants", {"x-admin-token": ADMIN_TOKEN})

@@ -36,9 +36,10 @@ routes:
 def _load(text: str):
     import tempfile
     from pathlib import Path
-    path = Path(tempfile.mkdtemp(prefix="shared-est-")) / "policy.yaml"
-    path.write_text(text)
-    return load_policy(path)
+    with tempfile.TemporaryDirectory(prefix="shared-est-") as folder:
+        path = Path(folder) / "policy.yaml"
+        path.write_text(text)
+        return load_policy(path)
 
 
 class Process:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import urllib.request
@@ -118,6 +119,7 @@ class Harness:
             self.call(self._stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def _stop(self) -> None:
         await self.runner.cleanup()

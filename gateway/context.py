@@ -7,7 +7,7 @@ response headers are all derived from one place.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -116,6 +116,7 @@ class RequestContext:
     include_usage: bool = False         # the client asked for the usage chunk
     max_tokens: int | None = None
     choices: int = 1                    # the request's `n` (× its prompts, for a completions batch): answers generated together
+    uses: Mapping[str, str] | None = None   # what it uses beyond text: feature -> field (gateway.routing.needs)
     task_id: str | None = None
     workflow: str | None = None
     # count

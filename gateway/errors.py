@@ -80,6 +80,12 @@ class ClientError(GatewayError):
     code = "invalid_request"
 
 
+class UnsupportedInput(ClientError):
+    """The request uses what no model of its route takes (images, audio, files, tools: a model's `supports`)."""
+
+    code = "unsupported_value"
+
+
 class ClientTooSlow(ClientError):
     """The client stopped sending its request for longer than `server.client_timeout_s`."""
 

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from gateway.errors import AuthenticationFailed, GatewayError, PolicyError
 from gateway.fleet import Fleet
 from gateway.routing.explain import format_decision
+from gateway.routing.needs import request_needs
 from gateway.routing.request import decide_request
 from gateway.runtime import Runtime
 from gateway.stages.parse import choices_of, max_tokens_of, parse_json_object, validate_body
@@ -49,7 +50,7 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],
                                  tenant=tenant, headers=headers, prompt_tokens=prompt_tokens,
                                  max_tokens=max_tokens_of(body), stream=stream, choices=choices_of(endpoint, body),
-                                 longest_prompt_tokens=longest_prompt_tokens)
+                                 longest_prompt_tokens=longest_prompt_tokens, needs=request_needs(endpoint, body))
     return decision, (prompt_tokens, longest_prompt_tokens)
 
 

@@ -30,6 +30,7 @@ from gateway.policy.validate import (
     items, join, line_of, mapping_entries, money, named, real, reference, scalar, text,
 )
 from gateway.routing.estimates import MAX_SAMPLES
+from gateway.routing.needs import FEATURES
 
 SUPPORTED_VERSION = 1
 ENCODINGS = ("cl100k_base", "o200k_base")
@@ -265,6 +266,7 @@ MODEL = Section(Model, {
     "api_key_env": text(not_blank),
     "size_b": real(non_negative),
     "tier": integer(non_negative),
+    "supports": items(choice(*FEATURES), distinct=True),
     "context_window": integer(positive),
     "max_concurrency": integer(positive),
     "price": PRICE,

@@ -67,6 +67,8 @@ class Model:
     api_key_env: str | None = None
     size_b: float = 0.0
     tier: int = 1
+    #: what the model takes beyond text (gateway.routing.needs.FEATURES); None: anything
+    supports: tuple[str, ...] | None = None
     context_window: int = 8192
     max_concurrency: int = 64
     price: Price = field(default_factory=Price)

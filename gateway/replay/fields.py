@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.errors import ClientError
 from gateway.policy.model import ENDPOINTS
+from gateway.routing.needs import canonical
 
 DEFAULT_ALIAS = "auto"
 
@@ -90,6 +91,17 @@ def text(path: Path, line: int, key: str, value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise TrafficError(f"{path}:{line}: {key}: expected a string, got {value!r}")
+
+
+def features(path: Path, line: int, key: str, value: Any) -> tuple[str, ...]:
+    """An optional list of what a request used beyond text (a ledger's `uses`), in FEATURES order; names this
+    gateway does not know are left out; absent (or null) is none."""
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return canonical(value)
+    raise TrafficError(f"{path}:{line}: {key}: expected a list of strings such as [\"images\", \"tools\"], "
+                       f"got {value!r}")
 
 
 def flag(path: Path, line: int, key: str, value: Any) -> bool:

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.context import Decision
-from gateway.errors import AuthenticationFailed, ClientError, NoModelMeetsSla, NotFound, PermissionDenied
+from gateway.errors import (
+    AuthenticationFailed, ClientError, NoModelMeetsSla, NotFound, PermissionDenied, UnsupportedInput,
+)
 from gateway.policy.model import Policy, Route, Tenant
 from gateway.replay.traffic import ReplayRequest
 from gateway.routing.matcher import RouteIndex
+from gateway.routing.needs import recorded_needs
 from gateway.routing.planner import Router
 from gateway.routing.predict import meets_hard_terms
 from gateway.routing.request import decide_request
@@ -35,16 +38,16 @@ _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 #: the live refusal -> the replay's rejection reason; first match wins (all are ClientErrors but the SLA's)
 REASONS: tuple[tuple[type[Exception], str], ...] = (
     (AuthenticationFailed, "unknown_tenant"), (PermissionDenied, "forbidden"), (NotFound, "no_route"),
-    (NoModelMeetsSla, "sla"), (ClientError, "context"))
+    (NoModelMeetsSla, "sla"), (UnsupportedInput, "unsupported"), (ClientError, "context"))
 #: reasons given after a route matched: the request counts against that route's SLA
-ROUTED_REASONS = frozenset({"sla", "context"})
+ROUTED_REASONS = frozenset({"sla", "unsupported", "context"})
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A request the gateway would refuse before calling any model."""
 
-    reason: str                         # unknown_tenant | forbidden | no_route | sla | context
+    reason: str                         # unknown_tenant | forbidden | no_route | sla | unsupported | context
     route: str | None = None            # the route it matched, for sla and context
 
 
@@ -72,7 +75,7 @@ class Routing:
             decision, _ = decide_request(
                 runtime, self.router, endpoint=request.endpoint, alias=request.alias, tenant=tenant,
                 headers=_NO_HEADERS, prompt_tokens=request.input_tokens, max_tokens=request.output_tokens,
-                stream=request.streamed)
+                stream=request.streamed, needs=recorded_needs(request.uses))
         except (ClientError, NoModelMeetsSla) as exc:
             if request.recorded_answer == "cache_hit" and _cache_may_answer(getattr(exc, "decision", None)):
                 return exc.decision     # live asks the cache first: a stored answer has no speed, price or circuit

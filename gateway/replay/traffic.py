@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 from gateway.replay.fields import (
-    DEFAULT_ALIAS, TrafficError, count, endpoint, flag, json_object, seconds, text,
+    DEFAULT_ALIAS, TrafficError, count, endpoint, features, flag, json_object, seconds, text,
 )
 
 FORMATS = ("auto", "azure", "ledger", "jsonl")
@@ -54,6 +54,7 @@ class Row(NamedTuple):
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
     status: int | None = None       # the status the trace's gateway answered (a ledger's; None: answered)
+    uses: tuple[str, ...] = ()      # what it used beyond text (a ledger's): images, audio, files, tools
 
     @property
     def failed_live(self) -> bool:
@@ -86,6 +87,7 @@ class ReplayRequest:
     audio_input_tokens: int = 0         # of input_tokens, audio (a ledger's: priced at the audio input price)
     audio_output_tokens: int = 0        # of output_tokens, audio (a ledger's)
     output_estimated: bool = False      # its call failed in the trace: output_tokens is its route's median output
+    uses: tuple[str, ...] = ()          # what it used beyond text (a ledger's `uses`): the models it may go to
 
     @property
     def streamed(self) -> bool:
@@ -116,7 +118,7 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
         requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, output_tokens, row.alias,
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
                                         row.recorded_answer, row.cached_input_tokens, row.audio_input_tokens,
-                                        row.audio_output_tokens, row.failed_live)
+                                        row.audio_output_tokens, row.failed_live, row.uses)
     return requests
 
 
@@ -228,7 +230,8 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
                   min(input_tokens, _answered(path, line, record, "cached_input_tokens")),
                   min(input_tokens, _answered(path, line, record, "audio_input_tokens")),
                   min(output_tokens, _answered(path, line, record, "audio_output_tokens")),
-                  status if isinstance(status := record.get("status"), int) else None)
+                  status if isinstance(status := record.get("status"), int) else None,
+                  features(path, line, "uses", record.get("uses")))
 
 
 def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:

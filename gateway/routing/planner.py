@@ -1,21 +1,24 @@
 """The SLA planner: the smallest model that meets the route's SLA, then the fallback chain.
 
 `Router.decide` predicts every candidate (see `predict`), keeps those that fit
-the context window, meet the tier, latency, TTFT (streams only), cost and
+the context window, take what the request uses beyond text (images, audio,
+files, tools: a model's `supports`, see `needs`), meet the tier, latency, TTFT (streams only), cost and
 energy limits and whose circuit is not open, and plans: the smallest kept (by
 size_b, then the request's predicted cost: tokens at both prices and any GPU
 share), or with probability `explore_share` another kept one or one dropped
 only for its predicted latency, TTFT or energy (so a model that was slow is
 tried again and can win its traffic back before its slow samples leave the
 window; such a request is marked as not meeting the SLA); then the other kept
-ones, in the same order; then the route's fallbacks that fit the context, meet
-the tier and whose circuit is not open; at most `max_attempts` models.
+ones, in the same order; then the route's fallbacks that fit the context, take
+what the request uses, meet the tier and whose circuit is not open; at most
+`max_attempts` models.
 
 When nothing is kept the route's `on_violation` decides: `best_effort` plans
-the candidates that fit context and tier by predicted latency, then the
+the candidates that fit context, uses and tier by predicted latency, then the
 fallbacks (when every circuit is open, they are planned anyway so a request
 is attempted); `reject` raises NoModelMeetsSla naming the unmet terms.
-A request that fits no model's context window is a ClientError (400).
+A request that fits no model's context window, or uses what no model of the
+route takes, is a ClientError (400).
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from gateway.context import Candidate, Decision
-from gateway.errors import ClientError, NoModelMeetsSla, PolicyError, PolicyProblem
+from gateway.errors import ClientError, NoModelMeetsSla, PolicyError, PolicyProblem, UnsupportedInput
 from gateway.policy.model import Model, Policy, Route
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
 from gateway.routing.matcher import RouteIndex
+from gateway.routing.needs import FEATURES, NO_NEEDS, lacking
 from gateway.routing.predict import Limits, PricedModel, fits, judge, meets_hard_terms, reason_kind
 from gateway.routing.tighten import Tighten
 
@@ -80,12 +84,12 @@ class Router:
 
     def decide(self, route: Route, *, prompt_tokens: int, max_tokens: int | None, stream: bool,
                tighten: Tighten | None = None, choices: int = 1, input_param: str = "messages",
-               longest_prompt_tokens: int | None = None) -> Decision:
+               longest_prompt_tokens: int | None = None, needs: Mapping[str, str] = NO_NEEDS) -> Decision:
         """Plan the models for one request; pass max_tokens=0 for embeddings (no output); `choices`: its `n`;
         `input_param`: the request field a prompt too long for every model is blamed on; `longest_prompt_tokens`:
         a batch's longest prompt (completions prompts, embeddings inputs), which a model reads on its own, so its
         context must hold that one (and `max_tokens`), not the batch's `prompt_tokens` added together (which
-        price it).
+        price it); `needs`: what the request uses beyond text (`needs.request_needs`), which a model must take.
 
         A model's context must hold the prompt and `max_tokens`, or, when the request sets none, the prompt and one
         token: a model then writes what room is left (OpenAI and vLLM do), so a guess of the answer's length (the
@@ -96,12 +100,12 @@ class Router:
         output_tokens = max_tokens if max_tokens is not None else \
             self.estimates.expected_output_tokens(route.name, route.default_output_tokens)
         longest = prompt_tokens if longest_prompt_tokens is None else longest_prompt_tokens
-        need = ContextNeed(longest, max_tokens, input_param, batch=longest != prompt_tokens)
+        need = ContextNeed(longest, max_tokens, input_param, batch=longest != prompt_tokens, uses=needs)
         candidates = tuple(judge(p, self.estimates, self.breakers, limits, prompt_tokens, output_tokens, stream,
-                                 choices, need.tokens) for p in plan.candidates)
+                                 choices, need.tokens, needs) for p in plan.candidates)
         kept = sorted((c for c in candidates if c.kept), key=_smallest_then_cheapest)
         if kept:
-            return self._decide_met(route, plan, candidates, kept, need.tokens, output_tokens, limits.min_tier)
+            return self._decide_met(route, plan, candidates, kept, need, output_tokens, limits.min_tier)
         return self._decide_unmet(route, plan, candidates, limits, need, output_tokens)
 
     def _circuit_wait_s(self, candidates: tuple[Candidate, ...]) -> float | None:
@@ -130,9 +134,9 @@ class Router:
                        note=f"budget exhausted: downgraded to the cheapest model, {ordered[0].model.name}")
 
     def _decide_met(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
-                    kept: list[Candidate], needed_tokens: int, output_tokens: int, min_tier: int) -> Decision:
+                    kept: list[Candidate], need: ContextNeed, output_tokens: int, min_tier: int) -> Decision:
         """The plan when some candidate meets the SLA: smallest (or explored) first; then the fallbacks that
-        keep its hard terms (context and tier), as best effort's do."""
+        keep its hard terms (context, what it uses, tier), as best effort's do."""
         chosen = kept[0]
         if self._explore_share > 0 and self._rng.random() < self._explore_share:
             pool = [*kept[1:], *(c for c in candidates if _only_slow(c))]
@@ -140,7 +144,7 @@ class Router:
         explored = chosen is not kept[0]
         models = [chosen.model]
         models.extend(c.model for c in kept if c is not chosen)
-        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True, min_tier=min_tier)
+        self._add_fallbacks(models, plan, need, healthy_only=True, min_tier=min_tier)
         note = ""
         if explored:
             note = f"explored {chosen.model.name} instead of {kept[0].model.name}"
@@ -151,9 +155,9 @@ class Router:
     def _decide_unmet(self, route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
                       limits: Limits, need: ContextNeed, output_tokens: int) -> Decision:
         """The plan when no candidate meets the SLA: best effort, or an error."""
-        needed_tokens = need.tokens
-        fitting = [c for p, c in zip(plan.candidates, candidates) if fits(p, needed_tokens, limits)]
-        fallback_fits = any(fits(f, needed_tokens, limits) for f in plan.fallbacks)
+        needed_tokens, uses = need.tokens, need.uses
+        fitting = [c for p, c in zip(plan.candidates, candidates) if fits(p, needed_tokens, limits, uses)]
+        fallback_fits = any(fits(f, needed_tokens, limits, uses) for f in plan.fallbacks)
         if route.sla.on_violation == "reject" or not (fitting or fallback_fits):
             error = _unmet_error(route, plan, candidates, fitting, limits, need)
             if isinstance(error, NoModelMeetsSla) and (wait_s := self._circuit_wait_s(candidates)) is not None:
@@ -168,21 +172,23 @@ class Router:
             raise error
         fitting.sort(key=lambda c: c.predicted_latency_ms)
         models = [c.model for c in fitting if self.breakers.available(c.model.name)]
-        # best effort keeps the hard terms, context and tier, for the fallbacks too
-        self._add_fallbacks(models, plan, needed_tokens, healthy_only=True, min_tier=limits.min_tier)
+        # best effort keeps the hard terms, context, what the request uses and tier, for the fallbacks too
+        self._add_fallbacks(models, plan, need, healthy_only=True, min_tier=limits.min_tier)
         if not models:
             models = [c.model for c in fitting]
-            self._add_fallbacks(models, plan, needed_tokens, healthy_only=False, min_tier=limits.min_tier)
+            self._add_fallbacks(models, plan, need, healthy_only=False, min_tier=limits.min_tier)
         note = f"SLA not met ({_unmet_summary(fitting or candidates, limits)}); best effort by predicted latency"
         return Decision(route=route, plan=tuple(models[:self._max_attempts]), candidates=candidates,
                         sla_met=False, note=note, output_tokens=output_tokens)
 
-    def _add_fallbacks(self, models: list[Model], plan: _RoutePlan, needed_tokens: int,
+    def _add_fallbacks(self, models: list[Model], plan: _RoutePlan, need: ContextNeed,
                        healthy_only: bool, min_tier: int) -> None:
-        """Append the route's fallbacks not yet planned that fit the context and `min_tier` (and are healthy)."""
+        """Append the route's fallbacks not yet planned that fit the context, take what the request uses and have
+        `min_tier` (and are healthy)."""
         planned = {m.name for m in models}
         for fallback in plan.fallbacks:
-            if fallback.name in planned or fallback.context_window < needed_tokens or fallback.tier < min_tier:
+            if fallback.name in planned or fallback.context_window < need.tokens or fallback.tier < min_tier \
+                    or lacking(fallback.supports, need.uses):
                 continue
             if healthy_only and not self.breakers.available(fallback.name):
                 continue
@@ -216,12 +222,14 @@ def _unmet_summary(candidates: list[Candidate] | tuple[Candidate, ...], limits: 
 
 @dataclass(frozen=True, slots=True)
 class ContextNeed:
-    """What a request needs of a model's context window: its prompt and `max_tokens` (one token when unset)."""
+    """What a request needs of a model: its context window to hold its prompt and `max_tokens` (one token when
+    unset), and to take what it uses beyond text."""
 
     prompt_tokens: int          # the prompt a model reads at once: a batch's longest
     max_tokens: int | None
     input_param: str            # the request field that holds the prompt: messages, prompt, input
     batch: bool = False         # several prompts (completions) or inputs (embeddings), each read on its own
+    uses: Mapping[str, str] = field(default_factory=lambda: NO_NEEDS)     # feature -> request field (`needs`)
 
     @property
     def tokens(self) -> int:
@@ -243,7 +251,25 @@ class ContextNeed:
 def _unmet_error(route: Route, plan: _RoutePlan, candidates: tuple[Candidate, ...],
                  fitting: list[Candidate], limits: Limits, need: ContextNeed) -> ClientError | NoModelMeetsSla:
     """The error for a request no model of the route may serve."""
-    windows = [p.context_window for p in (*plan.candidates, *plan.fallbacks)]
+    models = (*plan.candidates, *plan.fallbacks)
+    windows = [p.context_window for p in models]
     if windows and max(windows) < need.tokens:
         return need.refusal(route, max(windows))
+    if need.uses and models and all(lacking(p.supports, need.uses) for p in models):
+        return _unsupported_refusal(route, models, need.uses)
     return NoModelMeetsSla(f"no model of route {route.name!r} meets {_unmet_summary(fitting or candidates, limits)}")
+
+
+def _unsupported_refusal(route: Route, models: tuple[PricedModel, ...], uses: Mapping[str, str]) -> UnsupportedInput:
+    """The 400 for a request using what no model of the route takes (an image sent to a route of text models),
+    naming what each model lacks; its `param` is the field that uses the first feature lacked."""
+    lacked = {feature for p in models for feature in lacking(p.supports, uses)}
+    first = next(feature for feature in FEATURES if feature in lacked)
+    used = ", ".join(feature for feature in FEATURES if feature in uses)
+    details = "; ".join(f"{p.name}: no {', '.join(lacking(p.supports, uses))}" for p in models)
+    param = uses[first]
+    together = " together" if len(uses) > 1 else ""
+    message = f"the request uses {used}, which no model of route {route.name!r} takes{together} ({details})"
+    if param in ("tools", "functions"):
+        return UnsupportedInput(message, param=param, code="unsupported_parameter")
+    return UnsupportedInput(message, param=param)

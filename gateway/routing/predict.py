@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from collections.abc import Mapping
 from typing import TypeVar
 
 from gateway.context import Candidate
@@ -22,6 +23,7 @@ from gateway.cost import plain_usd
 from gateway.policy.model import Model, Sla
 from gateway.routing.breaker import Breakers
 from gateway.routing.estimates import LatencyEstimates
+from gateway.routing.needs import NO_NEEDS, lacking
 from gateway.routing.tighten import Tighten
 
 _T = TypeVar("_T", float, Decimal)
@@ -59,7 +61,8 @@ class Limits:
                   "cost": f"max_cost_usd {plain_usd(self.cost_usd) if self.cost_usd is not None else None}",
                   "energy": f"max_energy_j {_number(self.energy_j)}",
                   "tier": f"min_tier {self.min_tier}",
-                  "context": "the context window", "circuit": "a closed circuit"}
+                  "context": "the context window", "circuit": "a closed circuit",
+                  "unsupported": "what the request uses"}
         return labels.get(kind, kind)
 
 
@@ -78,13 +81,14 @@ def _lowest(limit: _T | None, asked: _T | None) -> _T | None:
 class PricedModel:
     """A model with its per-token prices and GPU share precomputed."""
 
-    __slots__ = ("model", "name", "tier", "context_window", "max_concurrency", "size_b",
+    __slots__ = ("model", "name", "tier", "supports", "context_window", "max_concurrency", "size_b",
                  "input_usd_per_tok", "output_usd_per_tok", "gpu_usd_per_ms")
 
     def __init__(self, model: Model) -> None:
         self.model = model
         self.name = model.name
         self.tier = model.tier
+        self.supports = frozenset(model.supports) if model.supports is not None else None
         self.context_window = model.context_window
         self.max_concurrency = max(1, model.max_concurrency)
         self.size_b = model.size_b
@@ -111,10 +115,10 @@ class PricedModel:
 
 def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, limits: Limits,
           prompt_tokens: int, output_tokens: int, stream: bool, choices: int = 1,
-          needed_tokens: int | None = None) -> Candidate:
+          needed_tokens: int | None = None, needs: Mapping[str, str] = NO_NEEDS) -> Candidate:
     """One candidate's predictions and verdict; `output_tokens` per choice (`n` choices are generated
     together: the latency of one, the output cost of all); `needed_tokens`: what its context must hold (default
-    the prompt and `output_tokens`)."""
+    the prompt and `output_tokens`); `needs`: what the request uses beyond text (`gateway.routing.needs`)."""
     name = priced.name
     ttft_s, tpot_s = estimates.latency_p95_s(name)
     ttft_ms = ttft_s * 1000.0
@@ -129,16 +133,19 @@ def judge(priced: PricedModel, estimates: LatencyEstimates, breakers: Breakers, 
     energy_j = per_token_j * output_tokens * choices if per_token_j is not None else None
     needed = prompt_tokens + output_tokens if needed_tokens is None else needed_tokens
     reasons = _reasons(priced, breakers, limits, needed, stream,
-                       latency_ms, ttft_ms, cost_usd, energy_j)
+                       latency_ms, ttft_ms, cost_usd, energy_j, needs)
     return Candidate(priced.model, latency_ms, ttft_ms, cost_usd, not reasons, reasons, energy_j)
 
 
 def _reasons(priced: PricedModel, breakers: Breakers, limits: Limits, needed_tokens: int, stream: bool,
-             latency_ms: float, ttft_ms: float, cost_usd: Decimal, energy_j: float | None) -> tuple[str, ...]:
+             latency_ms: float, ttft_ms: float, cost_usd: Decimal, energy_j: float | None,
+             needs: Mapping[str, str]) -> tuple[str, ...]:
     """Every reason to drop the candidate; empty when it is kept."""
     reasons: list[str] = []
     if needed_tokens > priced.context_window:
         reasons.append(f"context: {needed_tokens} > {priced.context_window}")
+    if needs and (missing := lacking(priced.supports, needs)):
+        reasons.append(f"unsupported: {', '.join(missing)}")
     if priced.tier < limits.min_tier:
         reasons.append(f"tier {priced.tier} < {limits.min_tier}")
     if limits.latency_ms is not None and latency_ms > limits.latency_ms:
@@ -154,13 +161,16 @@ def _reasons(priced: PricedModel, breakers: Breakers, limits: Limits, needed_tok
     return tuple(reasons)
 
 
-def fits(priced: PricedModel, needed_tokens: int, limits: Limits) -> bool:
-    """Whether a model fits the request's context and the tier (the SLA terms best effort keeps)."""
-    return needed_tokens <= priced.context_window and priced.tier >= limits.min_tier
+def fits(priced: PricedModel, needed_tokens: int, limits: Limits, needs: Mapping[str, str] = NO_NEEDS) -> bool:
+    """Whether a model fits the request's context, takes what it uses beyond text and has the tier (the terms
+    best effort keeps)."""
+    return needed_tokens <= priced.context_window and priced.tier >= limits.min_tier and \
+        not lacking(priced.supports, needs)
 
 
-#: the SLA terms no answer may break, however fast or cheap: the context it needs and the tier asked for
-HARD_TERMS = frozenset({"context", "tier"})
+#: the terms no answer may break, however fast or cheap: the context it needs, what it uses beyond text (images,
+#: tools: `supports`) and the tier asked for
+HARD_TERMS = frozenset({"context", "unsupported", "tier"})
 
 
 def meets_hard_terms(candidate: Candidate) -> bool:

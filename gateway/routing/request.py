@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from gateway.context import Decision
 from gateway.errors import NotFound
 from gateway.policy.model import Route, Tenant
+from gateway.routing.needs import NO_NEEDS
 from gateway.routing.planner import Router
 from gateway.routing.tighten import Tighten, tighten_from_headers
 from gateway.tenancy.identity import route_denied
@@ -15,11 +16,12 @@ from gateway.stages.parse import INPUT_FIELD
 
 def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant: Tenant | None,
                    headers: Mapping[str, str], prompt_tokens: int, max_tokens: int | None,
-                   stream: bool, choices: int = 1,
-                   longest_prompt_tokens: int | None = None) -> tuple[Decision, Tighten]:
+                   stream: bool, choices: int = 1, longest_prompt_tokens: int | None = None,
+                   needs: Mapping[str, str] = NO_NEEDS) -> tuple[Decision, Tighten]:
     """Match the route among those the tenant may use, check it may use the alias, and plan the models that meet
     the route's SLA (`longest_prompt_tokens`: a batch's longest prompt, which each model's context must hold;
-    `prompt_tokens`, all of them, match routes by size and price the request)."""
+    `prompt_tokens`, all of them, match routes by size and price the request; `needs`: what it uses beyond text,
+    `Router.needs_of`)."""
     route = match_route(runtime, endpoint=endpoint, alias=alias, tenant=tenant, headers=headers,
                         prompt_tokens=prompt_tokens)
     runtime.identity.check_allowed(tenant, route.name, alias)
@@ -27,7 +29,7 @@ def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant
     decision = router.decide(route, prompt_tokens=prompt_tokens,
                              max_tokens=0 if endpoint == "embeddings" else max_tokens,
                              stream=stream, tighten=tighten, choices=choices, input_param=INPUT_FIELD[endpoint],
-                             longest_prompt_tokens=longest_prompt_tokens)
+                             longest_prompt_tokens=longest_prompt_tokens, needs=needs)
     return decision, tighten
 
 

@@ -15,6 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.context import RequestContext
 from gateway.errors import BodyTooLarge, ClientError, ClientTooSlow, ShuttingDown
+from gateway.routing.needs import request_needs
 
 #: the field that carries each endpoint's input
 INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
@@ -271,6 +272,7 @@ class Parse:
         ctx.include_usage = ctx.stream and bool(options.get("include_usage"))
         ctx.max_tokens = max_tokens_of(body)
         ctx.choices = choices_of(ctx.endpoint, body)
+        ctx.uses = request_needs(ctx.endpoint, body)
         headers = ctx.http.headers
         ctx.task_id = grouping_header(headers, "x-gateway-task-id")
         ctx.workflow = grouping_header(headers, "x-gateway-workflow")

@@ -32,7 +32,8 @@ class Route:
                 ctx.decision, tighten = decide_request(
                     ctx.runtime, router, endpoint=ctx.endpoint, alias=ctx.requested_model, tenant=ctx.tenant,
                     headers=ctx.http.headers, prompt_tokens=ctx.prompt_tokens, max_tokens=ctx.max_tokens,
-                    stream=ctx.stream, choices=ctx.choices, longest_prompt_tokens=ctx.longest_prompt_tokens)
+                    stream=ctx.stream, choices=ctx.choices, longest_prompt_tokens=ctx.longest_prompt_tokens,
+                    needs=ctx.uses)
             except NoModelMeetsSla as refusal:
                 if not _cache_may_answer(ctx, refusal):
                     raise

@@ -24,14 +24,22 @@ def gw():
     harness.stop()
 
 
-def test_long_model_aliases_a_client_sends_are_not_kept_by_the_route_index(gw):
-    """`model` has no length limit, and the route index remembers every alias it merged (up to 4096 of them):
-    a client sending distinct 200 KB aliases must not leave megabytes pinned in the index after its 404s."""
+def test_long_model_aliases_a_client_sends_are_refused_and_not_kept_by_the_route_index(gw):
+    """The route index remembers every alias it merged (up to 4096 of them), and a request's `model` goes into its
+    ledger line, spans and logs: a client sending distinct 200 KB aliases gets a 400 naming the limit, as OpenAI's
+    API words it, and leaves nothing pinned in the index; an alias at the limit is still looked up (404)."""
     aliases = [f"{i}-" + "x" * 200_000 for i in range(8)]
     for alias in aliases:
         response = requests.post(f"{gw.base_url}/v1/chat/completions", timeout=10,
                                  json={"model": alias, "messages": [{"role": "user", "content": "hi"}]})
-        assert response.status_code == 404
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == "model" and error["code"] == "string_above_max_length"
+        assert error["message"] == ("Invalid 'model': string too long. Expected a string with maximum length 256, "
+                                    f"but got a string with length {len(alias)} instead.")
+    response = requests.post(f"{gw.base_url}/v1/chat/completions", timeout=10,
+                             json={"model": "y" * 256, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     index = gw.services.holder.current.routes
     kept_chars = sum(len(alias) for alias in index._by_alias)
     assert kept_chars < 64 * 1024, f"the route index keeps {kept_chars} characters of aliases clients sent"

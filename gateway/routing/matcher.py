@@ -21,8 +21,8 @@ from gateway.policy.model import Route
 _GLOB_CHARS = frozenset("*?[")
 #: distinct requested aliases whose merged route list is remembered
 _ALIAS_CACHE_MAX = 4096
-#: the longest requested alias remembered: `model` has no length limit, and 4096 aliases of a 20 MiB body each
-#: would pin gigabytes; a longer one is merged on every request (one dict miss and the glob checks)
+#: the longest requested alias remembered (the parse stage refuses a longer `model`; a caller of the index that
+#: does not must not pin memory with 4096 long aliases): a longer one is merged on every call
 _ALIAS_CACHE_CHARS = 256
 
 

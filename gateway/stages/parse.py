@@ -21,6 +21,9 @@ from gateway.routing.needs import request_needs
 INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: the deepest JSON the gateway can write again (orjson's limit): a body nested deeper is a 400
 MAX_JSON_DEPTH = 254
+#: the longest `model` taken: far above any model id or deployment name (Azure's are at most 64), and a request's
+#: `model` goes into its ledger line, spans and logs
+MAX_MODEL_CHARS = 256
 #: the longest `x-gateway-task-id` or `x-gateway-workflow` taken (a workflow is a metric label and a ledger field)
 MAX_GROUPING_CHARS = 256
 #: what such a header may not hold: control characters, and the lone surrogates aiohttp makes of bytes that are not
@@ -227,12 +230,17 @@ def validate_input(endpoint: str, body: dict) -> None:
 
 
 def validate_model(body: dict) -> None:
-    """`model` is a non-empty string; left out (or empty), OpenAI's answer names no code and no param."""
+    """`model` is a non-empty string of at most MAX_MODEL_CHARS; left out (or empty), OpenAI's answer names no code
+    and no param."""
     model = body.get("model")
     if model is None or model == "":
         raise ClientError("you must provide a model parameter", code=None)
     if not isinstance(model, str):
         raise invalid_type("model", "a string", model)
+    if len(model) > MAX_MODEL_CHARS:
+        raise ClientError(f"Invalid 'model': string too long. Expected a string with maximum length "
+                          f"{MAX_MODEL_CHARS}, but got a string with length {len(model)} instead.", param="model",
+                          code="string_above_max_length")
 
 
 def validate_body(endpoint: str, body: dict) -> None:

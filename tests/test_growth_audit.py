@@ -10,7 +10,11 @@ import pytest
 import redis
 import requests
 
+from gateway.context import Attempt
 from gateway.outcomes import OutcomeBook
+from gateway.policy.model import Model
+from gateway.stages.answers import read_identity
+from gateway.telemetry.genai import RESPONSE_MODELS_PER_MODEL, response_model_label
 from tests.support.harness import Harness
 
 
@@ -78,3 +82,22 @@ def test_every_key_the_shared_outcome_book_writes_expires(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     forever = sorted(key.decode() for key in client.scan_iter(count=1000) if client.pttl(key) < 0)
     assert forever == [], f"keys without a TTL: {forever}"
+
+
+def test_the_model_names_a_server_answers_with_are_bounded_as_metric_labels():
+    """A server that names a new model in each answer (a build hash, a request id) must not grow gen_ai.response.model
+    without bound: past the SDK's 2,000 series a metric, every later series, of any tenant or route, goes to its
+    overflow. Each policy model keeps its first RESPONSE_MODELS_PER_MODEL names; later ones are `other`."""
+    labels = [response_model_label("growth-a", f"build-{i}") for i in range(40)]
+    assert labels[:RESPONSE_MODELS_PER_MODEL] == [f"build-{i}" for i in range(RESPONSE_MODELS_PER_MODEL)]
+    assert set(labels[RESPONSE_MODELS_PER_MODEL:]) == {"other"}
+    assert response_model_label("growth-a", "build-3") == "build-3"        # a name kept stays itself
+    assert response_model_label("growth-b", "build-39") == "build-39"      # each policy model has its own places
+
+
+def test_an_answers_id_and_model_are_kept_only_when_short():
+    attempt = Attempt(model=Model("m", "http://127.0.0.1:1/v1", "m"), started_s=0.0)
+    read_identity(attempt, {"id": "x" * 100_000, "model": "y" * 257})
+    assert attempt.response_id is None and attempt.response_model is None
+    read_identity(attempt, {"id": "chatcmpl-1", "model": "y" * 256})
+    assert attempt.response_id == "chatcmpl-1" and attempt.response_model == "y" * 256

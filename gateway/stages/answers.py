@@ -23,16 +23,23 @@ def read_answer(attempt: Attempt, body: dict) -> None:
     attempt.usage = usage_from_response(body)
 
 
+#: the longest answer `id` or `model` kept (OpenAI's are under 64 characters): they are span attributes, a metric
+#: label and ledger-adjacent log fields, and a server's answer may be up to `server.max_answer_bytes`
+MAX_IDENTITY_CHARS = 256
+
+
 def read_identity(attempt: Attempt, answer: dict) -> None:
-    """The answer's `id` and `model`, kept only when they are strings: they become span attributes and metric
-    labels, and a list or an object there (a server's bug) must not break the request's recording. A value already
+    """The answer's `id` and `model`, kept only when they are strings of at most MAX_IDENTITY_CHARS: they become
+    span attributes and metric labels, and a list or an object there (a server's bug) must not break the request's
+    recording. A value already
     read is kept: a stream's later chunks fill in what its first left empty (Azure opens with a content-filter
     chunk whose `id` and `model` are "")."""
     answer_id, model = answer.get("id"), answer.get("model")
     if not attempt.response_id:
-        attempt.response_id = answer_id if isinstance(answer_id, str) and answer_id else None
+        attempt.response_id = answer_id if isinstance(answer_id, str) and 0 < len(answer_id) <= MAX_IDENTITY_CHARS \
+            else None
     if not attempt.response_model:
-        attempt.response_model = model if isinstance(model, str) and model else None
+        attempt.response_model = model if isinstance(model, str) and 0 < len(model) <= MAX_IDENTITY_CHARS else None
 
 
 #: estimates with more text than this to encode (characters of answer, bytes of a prompt counted again in the

@@ -307,6 +307,25 @@ def metric_labels(ctx: RequestContext, tenant_label: str) -> dict[str, Any]:
     return labels
 
 
+#: the distinct `model` names a policy model's answers may carry as a metric label; later ones are `other` (a
+#: server naming a new model in each answer would otherwise fill the SDK's 2,000 series a metric and send every
+#: later series, of any tenant or route, to its overflow)
+RESPONSE_MODELS_PER_MODEL = 16
+_response_models: dict[str, set[str]] = {}
+
+
+def response_model_label(selected: str, response_model: str) -> str:
+    """The metric label for the `model` an answer of policy model `selected` named: itself for the first
+    RESPONSE_MODELS_PER_MODEL distinct ones, then `other` (the span keeps the name whatever it is)."""
+    seen = _response_models.setdefault(selected, set())
+    if response_model in seen:
+        return response_model
+    if len(seen) < RESPONSE_MODELS_PER_MODEL:
+        seen.add(response_model)
+        return response_model
+    return "other"
+
+
 def attempt_metric_labels(ctx: RequestContext, attempt: Attempt, tenant_label: str) -> dict[str, Any]:
     """Labels of the gen_ai.client.* metrics for one attempt, plus tenant, route, model and the request's fallback
     state (recorded once the request has ended: a failed first attempt of a request a fallback answered is
@@ -322,7 +341,7 @@ def attempt_metric_labels(ctx: RequestContext, attempt: Attempt, tenant_label: s
         FALLBACK_STATE: ctx.fallback_state,
     }
     if attempt.response_model:
-        labels[gen_ai.GEN_AI_RESPONSE_MODEL] = attempt.response_model
+        labels[gen_ai.GEN_AI_RESPONSE_MODEL] = response_model_label(model.name, attempt.response_model)
     if ctx.route_name:
         labels[ROUTE] = ctx.route_name
     if attempt.error_type:

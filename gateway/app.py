@@ -98,7 +98,8 @@ async def close_on_unread_body(request: web.Request, response: web.StreamRespons
 
 
 #: the endpoint kinds and their paths, after `/v1/` (or Azure's `/openai/deployments/{deployment}/`)
-ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
+ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings",
+                  "responses": "responses"}
 
 
 def openai_handler(endpoint: str):

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = policy_commands.add_parser("explain", help="which model would this request get, and why")
     explain.add_argument("file", type=Path)
     explain.add_argument("--request", required=True, type=Path, help="request JSON file ('-' for stdin)")
-    explain.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
+    explain.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings", "responses"])
     explain.add_argument("--header", action="append", default=[], metavar="K:V")
     explain.add_argument("--tenant", default=None, help="tenant name to match routes as")
     explain.set_defaults(func=_policy_explain)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from gateway.policy.model import Model, Policy, Route, Tenant
 
 #: gen_ai.operation.name per endpoint kind
-OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat"}
 
 
 #: the error type of an attempt whose client left mid-stream: its span and duration say it was cut short,

@@ -51,17 +51,18 @@ x-gateway-cache and x-gateway-cost-usd. Press Ctrl-C to stop.
 async def tour(base_url: str) -> None:
     """Send a few requests and print what the gateway decided for each."""
     requests = [
-        ("small prompt, auto", {"model": "auto", "messages": [{"role": "user", "content": "Hi"}],
-                                "temperature": 0, "max_tokens": 16}),
-        ("same again (cache)", {"model": "auto", "messages": [{"role": "user", "content": "Hi"}],
-                                "temperature": 0, "max_tokens": 16}),
-        ("needs tier 2", {"model": "smart", "messages": [{"role": "user", "content": "Plan a trip"}],
-                          "max_tokens": 32}),
+        ("small prompt, auto", "chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "Hi"}],
+                                                    "temperature": 0, "max_tokens": 16}),
+        ("same again (cache)", "chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "Hi"}],
+                                                    "temperature": 0, "max_tokens": 16}),
+        ("needs tier 2", "chat/completions", {"model": "smart", "max_tokens": 32,
+                                              "messages": [{"role": "user", "content": "Plan a trip"}]}),
+        ("responses API, auto", "responses", {"model": "auto", "input": "Hi", "max_output_tokens": 16}),
     ]
     print(f"{'request':<22} {'status':<6} {'model':<8} {'route':<13} {'cache':<7} {'cost_usd':>14}")
     async with aiohttp.ClientSession() as session:
-        for label, body in requests:
-            async with session.post(f"{base_url}/v1/chat/completions", json=body) as resp:
+        for label, path, body in requests:
+            async with session.post(f"{base_url}/v1/{path}", json=body) as resp:
                 await resp.read()
                 h = resp.headers
                 print(f"{label:<22} {resp.status:<6} {h.get('x-gateway-model', '-'):<8} "

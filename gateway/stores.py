@@ -30,6 +30,7 @@ from gateway.outcomes import Book, OutcomeBook
 from gateway.outcomes_redis import RedisOutcomeBook
 from gateway.policy.load import url_refusal
 from gateway.policy.model import Policy, Store
+from gateway.routing.pins import MemoryPins, RedisPins
 from gateway.store_guard import STORE_ERRORS
 from gateway.switches import env_flag
 from gateway.tenancy.budgets_memory import MemoryBudgets
@@ -138,6 +139,7 @@ class Stores:
     budgets: Any
     redis: aioredis.Redis | RedisCluster | None = None
     outcomes: Book = field(default_factory=OutcomeBook)
+    pins: Any = field(default_factory=MemoryPins)     # the model that stored each Responses API answer
     key_prefix: str = Store.key_prefix  # the start-up policy's store.key_prefix: a reload changes it at restart
 
     @property
@@ -167,7 +169,8 @@ class Stores:
                 await warm_up_scripts(scripted, WARM_UP_TIMEOUT_S)
             await warm_pool(client, min(WARM_CONNECTIONS, store.max_connections))
         return cls(cache=cache, singleflight=SingleFlight(lock=RedisLock(cache)), limiter=limiter,
-                   budgets=budgets, redis=client, outcomes=outcomes, key_prefix=prefix)
+                   budgets=budgets, redis=client, outcomes=outcomes, pins=RedisPins(client, prefix, timeout_s),
+                   key_prefix=prefix)
 
     async def close(self) -> None:
         """Finish the outcome bookings under way, then close the stores' client through the cache; both bound

@@ -151,7 +151,10 @@ def count_prompts(endpoint: str, body: dict, encoding_name: str) -> tuple[int, i
         return _inputs_tokens(enc, body.get("prompt"), "prompt")
     if endpoint == "embeddings":
         return _inputs_tokens(enc, body.get("input"), "input")
-    raise ValueError(f"unknown endpoint {endpoint!r}; expected chat, completions or embeddings")
+    if endpoint == "responses":
+        total = _responses_tokens(enc, body, TOOL_OVERHEADS[encoding_name])
+        return total, total
+    raise ValueError(f"unknown endpoint {endpoint!r}; expected chat, completions, embeddings or responses")
 
 
 #: strings this short (roles, names, tool names, tiny messages) are counted once and remembered
@@ -232,6 +235,48 @@ def _chat_tokens(enc: tiktoken.Encoding, body: dict, overhead: ToolOverhead) -> 
     return total + _response_format_tokens(enc, body.get("response_format"))
 
 
+def _responses_tokens(enc: tiktoken.Encoding, body: dict, overhead: ToolOverhead) -> int:
+    """A Responses API request: its `instructions` and `input` (a text, or items: messages counted as chat's, a
+    function call by its name and arguments, a tool's output by its text, a reasoning item by its summary, any
+    other item by its JSON), its tools (flat function definitions, counted by the same rule) and the schema of
+    its structured output (`text.format`)."""
+    total = REPLY_PRIMING_TOKENS
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        total += TOKENS_PER_MESSAGE + _text(enc, instructions)
+    given = body.get("input")
+    if isinstance(given, str):
+        total += TOKENS_PER_MESSAGE + _text(enc, given)
+    elif isinstance(given, list):
+        total += sum(_input_item_tokens(enc, item) for item in given)
+    total += _tools_tokens(enc, body.get("tools"), overhead, "tools")
+    text = body.get("text")
+    output_format = text.get("format") if isinstance(text, dict) else None
+    if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
+        total += _text(enc, _json_text({key: value for key, value in output_format.items() if key != "type"}))
+    return total
+
+
+def _input_item_tokens(enc: tiktoken.Encoding, item: Any) -> int:
+    """One item of a Responses API `input`."""
+    if isinstance(item, str):
+        return _text(enc, item)
+    if not isinstance(item, dict):
+        return 0
+    kind = item.get("type")
+    if kind == "function_call":
+        return TOKENS_PER_MESSAGE + _function_call_tokens(enc, item)
+    if kind in ("function_call_output", "custom_tool_call_output"):
+        output = item.get("output")
+        return TOKENS_PER_MESSAGE + (_text(enc, _json_text(output)) if output is not None else 0)
+    if kind == "reasoning":
+        summary = item.get("summary")
+        return sum(_part_tokens(enc, part) for part in summary) if isinstance(summary, list) else 0
+    if "role" in item:                  # a message, `type: message` or none
+        return _message_tokens(enc, {key: value for key, value in item.items() if key not in ("type", "id", "status")})
+    return _text(enc, _json_text(item))
+
+
 def _response_format_tokens(enc: tiktoken.Encoding, response_format: Any) -> int:
     """A structured output's schema, which the model reads with the prompt: the JSON of its `json_schema` (name,
     description, schema); 0 for `text` and `json_object`."""
@@ -274,11 +319,20 @@ def _part_tokens(enc: tiktoken.Encoding, part: Any) -> int:
     if kind in ("text", "refusal"):
         text = part.get(kind)
         return _text(enc, text) if isinstance(text, str) else 0
+    if kind in RESPONSES_TEXT_PARTS:
+        text = part.get("text")
+        return _text(enc, text) if isinstance(text, str) else 0
     if kind == "image_url":
         image = part.get("image_url")
         detail = image.get("detail") if isinstance(image, dict) else None
         return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
+    if kind == "input_image":           # the Responses API's: its detail beside its URL
+        return IMAGE_TOKENS_LOW if part.get("detail") == "low" else IMAGE_TOKENS_HIGH
     return 0
+
+
+#: the Responses API's content parts (and reasoning summaries) that carry their text as `text`
+RESPONSES_TEXT_PARTS = frozenset(("input_text", "output_text", "summary_text", "reasoning_text"))
 
 
 def _tool_call_tokens(enc: tiktoken.Encoding, call: dict) -> int:

@@ -29,7 +29,8 @@ from gateway.errors import (UPSTREAM_AUTH_STATUSES, UpstreamProtocolError, Upstr
 from gateway.policy.model import Model, Timeouts
 from gateway.sse import EventTooLong, iter_events
 
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+         "responses": "/responses"}
 
 #: client headers never sent upstream: hop-by-hop, credentials, and what the gateway sets itself
 DROPPED_HEADERS = frozenset({
@@ -57,7 +58,7 @@ class UpstreamCall:
     """One request to one model server."""
 
     model: Model
-    endpoint: str           # chat | completions | embeddings
+    endpoint: str           # chat | completions | embeddings | responses
     body: bytes
     headers: Mapping[str, str]
     max_answer_bytes: int = MAX_ANSWER_BYTES

@@ -260,7 +260,7 @@ tenants:
 
 @pytest.mark.parametrize(("section", "path", "message"), [
     ("routes:\n  - {name: r, candidates: [small], match: {endpoints: [chat, embedding]}}",
-     "routes[0].match.endpoints[1]", "'embedding' is not one of chat, completions, embeddings (did you mean 'embeddings'?)"),
+     "routes[0].match.endpoints[1]", "'embedding' is not one of chat, completions, embeddings, responses (did you mean 'embeddings'?)"),
     ("routes:\n  - {name: r, candidates: [small], sla: {on_violation: drop}}",
      "routes[0].sla.on_violation", "'drop' is not one of best_effort, reject"),
     ("routes:\n  - {name: r, candidates: [small]}\ntenants: {t: {budget: {on_exhausted: downgrad}}}",

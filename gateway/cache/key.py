@@ -73,9 +73,11 @@ def is_cacheable(body: Mapping[str, Any], rule: CacheRule, *, endpoint: str | No
     matters. For chat and completions: one choice (`n` absent or 1), and either the
     route opts into caching sampled answers (`nondeterministic`), or the request pins
     the sampling (`temperature == 0`, or a `seed`). An absent temperature means the
-    provider default (1.0): not cacheable.
+    provider default (1.0): not cacheable. The Responses API is never cached: a response is stored by its
+    server under its own `id` (`store` defaults to true), which a later request names (`previous_response_id`):
+    a stored answer would carry another response's id, unknown to the server that would be asked to continue it.
     """
-    if not rule.enabled:
+    if not rule.enabled or endpoint == "responses":
         return False
     if endpoint == "embeddings":
         return True

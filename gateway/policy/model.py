@@ -15,8 +15,11 @@ from typing import Literal
 #: real figure, and within what the gateway's decimal arithmetic carries exactly
 MAX_USD = 1e9
 
-Endpoint = Literal["chat", "completions", "embeddings"]
-ENDPOINTS: tuple[str, ...] = ("chat", "completions", "embeddings")
+Endpoint = Literal["chat", "completions", "embeddings", "responses"]
+ENDPOINTS: tuple[str, ...] = ("chat", "completions", "embeddings", "responses")
+#: what a route's `match.endpoints` holds when not written: the Responses API is taken only by routes that name
+#: it, whose model servers serve `/v1/responses` (a server without it answers 404, which would open its circuit)
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("chat", "completions", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class Match:
     """Which requests a route takes. Empty tuples match anything."""
 
     models: tuple[str, ...] = ("*",)            # requested model aliases; `*` globs allowed
-    endpoints: tuple[str, ...] = ENDPOINTS
+    endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
     tenants: tuple[str, ...] = ()
     headers: tuple[HeaderMatch, ...] = ()
     prompt_tokens_min: int | None = None

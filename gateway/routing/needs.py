@@ -19,21 +19,26 @@ from typing import Any
 FEATURES = ("images", "audio", "files", "tools")
 #: a request that uses nothing beyond text (the one object, shared)
 NO_NEEDS: Mapping[str, str] = MappingProxyType({})
-#: content part types (chat messages) and the feature each needs
-PART_FEATURES = {"image_url": "images", "input_audio": "audio", "file": "files"}
+#: content part types (chat messages, and the Responses API's input messages) and the feature each needs
+PART_FEATURES = {"image_url": "images", "input_audio": "audio", "file": "files",
+                 "input_image": "images", "input_file": "files"}
+#: the field that holds each endpoint's messages
+MESSAGES_FIELD = {"chat": "messages", "responses": "input"}
 #: the request field that most often uses each feature
 USUAL_FIELD = {"images": "messages", "audio": "messages", "files": "messages", "tools": "tools"}
 
 
 def request_needs(endpoint: str, body: Mapping[str, Any]) -> Mapping[str, str]:
     """Feature -> the request field that uses it (the `param` of a refusal), in the order first seen; NO_NEEDS
-    for a request of text alone and for completions and embeddings. Chat content parts of type image_url,
-    input_audio and file; audio asked as output (`modalities` naming audio, or an `audio` object); `tools` or
-    the legacy `functions`, when not empty. A part of an unknown type needs nothing (the model server judges it)."""
-    if endpoint != "chat":
+    for a request of text alone and for completions and embeddings. Content parts of type image_url,
+    input_audio and file (chat), input_image, input_file and input_audio (the Responses API's `input`); audio
+    asked as output (`modalities` naming audio, or an `audio` object); `tools` or the legacy `functions`, when
+    not empty. A part of an unknown type needs nothing (the model server judges it)."""
+    field = MESSAGES_FIELD.get(endpoint)
+    if field is None:
         return NO_NEEDS
     needs: dict[str, str] = {}
-    messages = body.get("messages")
+    messages = body.get(field)
     for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
         if type(content) is not list:
@@ -41,7 +46,7 @@ def request_needs(endpoint: str, body: Mapping[str, Any]) -> Mapping[str, str]:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if type(kind) is str and (feature := PART_FEATURES.get(kind)) is not None:
-                needs.setdefault(feature, "messages")
+                needs.setdefault(feature, field)
     modalities = body.get("modalities")
     if isinstance(body.get("audio"), dict) or isinstance(modalities, list) and "audio" in modalities:
         needs.setdefault("audio", "modalities")

@@ -12,7 +12,7 @@ from gateway.simulator.parse import SimRequest
 from gateway.simulator.plan import Plan
 from gateway.simulator.text import embedding_vector, encode_base64, filler_tokens
 
-ID_PREFIXES = {"chat": "chatcmpl", "completions": "cmpl"}
+ID_PREFIXES = {"chat": "chatcmpl-", "completions": "cmpl-", "responses": "resp_"}
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,16 @@ class StreamScript:
 
     chunks: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     drop_after: int = 1             # a dropped stream stops after this many chunks
+    named_events: bool = False      # Responses API: each chunk goes as an `event:` named by its type, no [DONE]
 
 
 def make_answer(config: SimConfig, request: SimRequest, plan: Plan) -> Answer:
-    """The deterministic filler answer to a chat or completions request: `n` answers of the planned length,
+    """The deterministic filler answer to a chat, completions or responses request: `n` answers of the planned length,
     the first the same whatever `n` is."""
     choices = tuple(filler_tokens(plan.output_tokens, request.prompt if index == 0 else (request.prompt, index),
                                   config.seed) for index in range(request.choices))
     return Answer(kind=request.kind, model=config.name,
-                  response_id=f"{ID_PREFIXES[request.kind]}-{uuid.uuid4().hex[:24]}",
+                  response_id=f"{ID_PREFIXES[request.kind]}{uuid.uuid4().hex[:24]}",
                   created=int(time.time()), choices=choices, finish_reason=plan.finish_reason,
                   prompt_tokens=request.prompt_tokens, echoes=request.echoes, logprobs=request.logprobs)
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `gateway simulate-backend`."""
     parser = argparse.ArgumentParser(
         prog="gateway simulate-backend", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve simulated OpenAI-compatible models (chat, completions, embeddings)\n"
+        description="Serve simulated OpenAI-compatible models (chat, completions, responses, embeddings)\n"
                     "with configurable latency and failures, plus /sim/* control endpoints.")
     parser.add_argument("--port", type=int, action="append", required=True, help="port of the next model")
     parser.add_argument("--model", action="append", required=True, help="name of the next model")

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import GatewayError, RateLimited
-from gateway.simulator.answers import Answer, stream_script
+from gateway.simulator.answers import StreamScript
 from gateway.simulator.plan import Plan
 from gateway.simulator.state import SimState
 
@@ -69,9 +69,9 @@ async def send_body(request: web.Request, body: dict[str, Any], plan: Plan) -> w
     return response
 
 
-async def send_stream(request: web.Request, answer: Answer, plan: Plan, include_usage: bool) -> web.StreamResponse:
-    """SSE chunks, each written when its token is due; a drop stops early without `[DONE]`."""
-    script = stream_script(answer, include_usage)
+async def send_stream(request: web.Request, script: StreamScript, plan: Plan) -> web.StreamResponse:
+    """SSE chunks, each written when its token is due, then `[DONE]` unless the events are named (the Responses
+    API sends none); a drop stops early, without the end."""
     chunks = script.chunks[: script.drop_after] if plan.fault == "drop" else script.chunks
     response = web.StreamResponse(headers=SSE_HEADERS)
     loop = asyncio.get_running_loop()
@@ -82,16 +82,23 @@ async def send_stream(request: web.Request, answer: Answer, plan: Plan, include_
             delay_s = first_token_at + at_token * plan.tpot_s - loop.time()
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await response.write(sse_event(chunk, script.named_events))
         if plan.fault == "drop":
             request[OUTCOME] = "drop"
             _close_connection(request)
             return response
-        await response.write(DONE_EVENT)
+        if not script.named_events:
+            await response.write(DONE_EVENT)
     except ConnectionResetError:
         return response         # the client went away; counted as cancelled
     request[OUTCOME] = "ok"
     return response
+
+
+def sse_event(chunk: dict[str, Any], named: bool) -> bytes:
+    """One server-sent event carrying `chunk` as JSON, preceded by `event: <its type>` when named."""
+    data = b"data: " + orjson.dumps(chunk) + b"\n\n"
+    return b"event: " + chunk["type"].encode() + b"\n" + data if named else data
 
 
 def _client_gone(request: web.Request) -> bool:

@@ -14,13 +14,15 @@ MAX_CHOICES = 128
 #: and OpenAI's 2048 inputs per request): larger asks are a 400, not minutes of work on the simulator's loop
 MAX_DIMENSIONS = 3072
 MAX_EMBEDDING_INPUTS = 2048
+#: the fewest output tokens a Responses API request may ask for (`max_output_tokens`), as OpenAI allows
+MIN_OUTPUT_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class SimRequest:
     """One parsed model request."""
 
-    kind: str                       # chat | completions | embeddings
+    kind: str                       # chat | completions | embeddings | responses
     prompt: Any                     # what seeds the answer: the messages, the prompt or the input
     prompt_tokens: int
     max_tokens: int | None = None
@@ -83,6 +85,62 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
     counts = [count_prompt_tokens(item) for item in inputs]
     return SimRequest("embeddings", given, sum(counts), inputs=inputs, dimensions=dimensions,
                       encoding_format=encoding_format, longest_prompt_tokens=max(counts))
+
+
+def parse_responses(body: dict[str, Any]) -> SimRequest:
+    """A Responses API request: `instructions` and the text of `input` are counted as a chat prompt would be;
+    `tools`, `store`, `previous_response_id` and the sampling settings are accepted and ignored."""
+    messages = _responses_messages(body)
+    stream, _ = _streaming(body)
+    return SimRequest("responses", messages, count_chat_tokens(messages), _max_output_tokens(body), stream)
+
+
+def _max_output_tokens(body: dict[str, Any]) -> int | None:
+    """`max_output_tokens`: absent, or an integer of at least MIN_OUTPUT_TOKENS, refused as OpenAI refuses it."""
+    value = body.get("max_output_tokens")
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise ClientError("Invalid type for 'max_output_tokens': expected an integer.", param="max_output_tokens",
+                          code="invalid_type")
+    if value < MIN_OUTPUT_TOKENS:
+        raise ClientError(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                          f"{MIN_OUTPUT_TOKENS}, but got {value} instead.",
+                          param="max_output_tokens", code="integer_below_min_value")
+    return value
+
+
+def _responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request as chat messages: the instructions, then each input item whose text can be counted (a message,
+    a function call's output); other items (reasoning, tool calls) add nothing."""
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ClientError("'instructions' must be a string.", param="instructions")
+    given = body.get("input")
+    if isinstance(given, str):
+        items: list[Any] = [{"role": "user", "content": given}]
+    elif isinstance(given, list) and given and all(isinstance(item, dict) for item in given):
+        items = given
+    else:
+        raise ClientError("'input' must be a string or a non-empty array of input items.", param="input")
+    if not all(_is_input_item(item) for item in items):
+        raise ClientError("Each input message must have a string 'role' and a string or array 'content'.",
+                          param="input")
+    messages = [{"role": "developer", "content": instructions}] if instructions else []
+    for item in items:
+        if "role" in item:
+            messages.append(item)
+        elif item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
+            messages.append({"role": "tool", "content": item["output"]})
+    return messages
+
+
+def _is_input_item(item: dict[str, Any]) -> bool:
+    """Whether an input item is well formed as far as the simulator reads it: a message needs its role and
+    content, any other item (it has no role) is taken as it is."""
+    if "role" not in item:
+        return True
+    return isinstance(item["role"], str) and isinstance(item.get("content"), str | list)
 
 
 def _max_tokens(body: dict[str, Any], key: str, low: int = 1) -> int | None:

@@ -12,7 +12,7 @@ from gateway.simulator.parse import SimRequest
 #: the fault each rate in FAULT_RATES injects
 FAULTS = dict(zip(FAULT_RATES, ("rate_limit", "error", "hang", "drop"), strict=True))
 #: the request field that carries the prompt, per kind: a context-length error names it, in its text and param
-PROMPT_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+PROMPT_FIELDS = {"chat": "messages", "completions": "prompt", "embeddings": "input", "responses": "input"}
 #: the output length when max_tokens is absent is normal around the mean with this relative spread
 OUTPUT_SPREAD = 0.25
 

@@ -9,11 +9,13 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import BodyTooLarge, ClientError, GatewayError, RateLimited
-from gateway.simulator.answers import completion_body, embeddings_body, make_answer, models_body
+from gateway.simulator.answers import (Answer, StreamScript, completion_body, embeddings_body, make_answer, models_body,
+                                       stream_script)
 from gateway.simulator.config import SimConfig
 from gateway.simulator.delivery import OUTCOME, hang, json_response, raise_fault, send_body, send_stream
-from gateway.simulator.parse import parse_chat, parse_completions, parse_embeddings
+from gateway.simulator.parse import SimRequest, parse_chat, parse_completions, parse_embeddings, parse_responses
 from gateway.simulator.plan import plan_answer
+from gateway.simulator.responses import response_body, response_stream_script
 from gateway.simulator.state import RECENT_REQUESTS, SimState
 
 STATE = web.AppKey("sim_state", SimState)
@@ -22,7 +24,7 @@ BODY = web.RequestKey("sim_body", object)
 #: default), so a long prompt meets the context window, as at a real model server
 MAX_BODY_BYTES = 64 * 1024 * 1024
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completions,
-           "/v1/embeddings": parse_embeddings}
+           "/v1/embeddings": parse_embeddings, "/v1/responses": parse_responses}
 
 
 def build_sim_app(config: SimConfig) -> web.Application:
@@ -31,6 +33,7 @@ def build_sim_app(config: SimConfig) -> web.Application:
     app[STATE] = SimState(config)
     app.router.add_post("/v1/chat/completions", handle_generate)
     app.router.add_post("/v1/completions", handle_generate)
+    app.router.add_post("/v1/responses", handle_generate)
     app.router.add_post("/v1/embeddings", handle_embeddings)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/sim/stats", handle_stats)
@@ -82,7 +85,7 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
-    """`POST /v1/chat/completions` and `POST /v1/completions`."""
+    """`POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/responses`."""
     state = request.app[STATE]
     config = state.config
     sim_request = PARSERS[request.path](_request_body(request))
@@ -92,8 +95,8 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         return await hang(request, state)
     answer = make_answer(config, sim_request, plan)
     if sim_request.stream:
-        return await send_stream(request, answer, plan, sim_request.include_usage and config.usage)
-    return await send_body(request, without_usage(completion_body(answer), config), plan)
+        return await send_stream(request, _stream_script(answer, sim_request, config), plan)
+    return await send_body(request, _whole_body(answer, config), plan)
 
 
 async def handle_embeddings(request: web.Request) -> web.StreamResponse:
@@ -158,6 +161,19 @@ async def _release_hanging(app: web.Application) -> None:
 def without_usage(body: dict[str, Any], config: SimConfig) -> dict[str, Any]:
     """The body as it is, or without its `usage` when the model is set to report none."""
     return body if config.usage else {key: value for key, value in body.items() if key != "usage"}
+
+
+def _whole_body(answer: Answer, config: SimConfig) -> dict[str, Any]:
+    """The non-streamed answer in its endpoint's shape."""
+    body = response_body(answer) if answer.kind == "responses" else completion_body(answer)
+    return without_usage(body, config)
+
+
+def _stream_script(answer: Answer, request: SimRequest, config: SimConfig) -> StreamScript:
+    """The streamed answer in its endpoint's shape; the Responses API always reports usage at its end."""
+    if answer.kind == "responses":
+        return response_stream_script(answer, config.usage)
+    return stream_script(answer, request.include_usage and config.usage)
 
 
 def _request_body(request: web.Request) -> dict[str, Any]:

@@ -122,7 +122,11 @@ def _generated_texts(ctx: RequestContext) -> _Generated:
     of each choice joined whole (its text, a tool call's arguments: they come in fragments that split tokens
     apart, so counted one by one they would count more)."""
     generated = _Generated(_echoes(ctx))
-    if ctx.response_body is not None:
+    if ctx.response_body is not None and ctx.endpoint == "responses":
+        output = ctx.response_body.get("output")
+        for index, part, text in responses_output_parts(output if isinstance(output, list) else ()):
+            generated.add(part, text, index)
+    elif ctx.response_body is not None:
         choices = ctx.response_body.get("choices")
         for position, choice in enumerate(choices if isinstance(choices, list) else ()):
             if isinstance(choice, dict):
@@ -178,13 +182,17 @@ class GeneratedParts:
     def add(self, index: int, delta: dict) -> None:
         """Keep what the delta of choice `index` generated besides its text."""
         for part, piece in generated_parts(delta):
-            kept = self._parts.get((index, part))
-            if kept is None:
-                self._parts[(index, part)] = _Part(piece)
-            elif part.endswith(_FUNCTION_FIELDS) and kept.repeated_by(piece):
-                kept.replace(piece)
-            else:
-                kept.append(piece)
+            self.add_piece(index, part, piece)
+
+    def add_piece(self, index: int, part: str, piece: str) -> None:
+        """Keep a piece of part `part` of choice (or output item) `index`."""
+        kept = self._parts.get((index, part))
+        if kept is None:
+            self._parts[(index, part)] = _Part(piece)
+        elif part.endswith(_FUNCTION_FIELDS) and kept.repeated_by(piece):
+            kept.replace(piece)
+        else:
+            kept.append(piece)
 
     def add_text(self, index: int, text: str) -> None:
         """Keep a piece of choice `index`'s text."""
@@ -257,6 +265,32 @@ def generated_parts(message: dict) -> Iterator[tuple[str, str]]:
             if function is None and isinstance(custom := call.get("custom"), dict):
                 function = {"name": custom.get("name"), "arguments": custom.get("input")}
             yield from _function_parts(f"tool_calls[{index if type(index) is int else position}]", function)
+
+
+def responses_output_parts(output: list) -> Iterator[tuple[int, str, str]]:
+    """(item index, part, text) of what a Responses API answer generated: its messages' text and refusals, its
+    function and custom tool calls (name and arguments, or input), its reasoning (summary and text)."""
+    for index, item in enumerate(output):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "message":
+            for part in item.get("content") or ():
+                if not isinstance(part, dict):
+                    continue
+                refusal = part.get("type") == "refusal"
+                if _is_text(text := part.get("refusal" if refusal else "text")):
+                    yield index, "refusal" if refusal else CONTENT, text
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = item.get("arguments") if kind == "function_call" else item.get("input")
+            for part, text in _function_parts(f"output[{index}]", {"name": item.get("name"),
+                                                                   "arguments": arguments}):
+                yield index, part, text
+        elif kind == "reasoning":
+            for field in ("summary", "content"):
+                for part in item.get(field) or ():
+                    if isinstance(part, dict) and _is_text(text := part.get("text")):
+                        yield index, REASONING, text
 
 
 def _function_parts(part: str, function: object) -> Iterator[tuple[str, str]]:

@@ -14,7 +14,7 @@ from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN, Attempt, Request
 from gateway.errors import CircuitOpen, GatewayError, ModelBusy, UpstreamError, UpstreamStatus
 from gateway.policy.model import DEFAULT_PRIORITY, Model
 from gateway.responses import response_headers
-from gateway.stages.answers import settle_attempt
+from gateway.stages.answers import read_identity, settle_attempt
 from gateway.stages.relay import relay_stream
 from gateway.upstream import UpstreamCall, auth_headers, forwarded_headers
 
@@ -26,6 +26,8 @@ def upstream_body(ctx: RequestContext, model: Model, *, stream_options: bool = T
     `stream_options` at all for a model that refuses the field: the gateway then counts the usage itself)."""
     body = dict(ctx.body)
     body["model"] = model.upstream_model
+    if ctx.endpoint == "responses":     # usage comes in its last event unasked; stream_options are the client's
+        return orjson.dumps(body)
     if ctx.stream and stream_options:
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
@@ -187,13 +189,24 @@ class Call:
                                       energy=services.energy)
         answer = await services.transport.complete(call)
         ctx.response_body = answer.body
+        if ctx.endpoint == "responses":     # noted before the answer leaves: the client may continue it at once
+            read_identity(attempt, answer.body)
+            await self._pin(ctx, attempt)
         self._succeeded(ctx, attempt)
         attempt.status = answer.status
         return web.Response(body=answer.raw, status=answer.status, content_type="application/json",
                             headers=response_headers(ctx))
 
+    async def _pin(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """Note which model stored a Responses API answer (`store` is true unless the request says false), for
+        the requests that will continue it (`gateway.routing.pins`)."""
+        if attempt.response_id and ctx.body.get("store") is not False:
+            await self.services.stores.pins.remember(ctx.tenant_name, attempt.response_id, attempt.model.name)
+
     def _succeeded(self, ctx: RequestContext, attempt: Attempt) -> None:
-        """Called once the attempt has answered (for a stream: at its first event)."""
+        """Called once the attempt has answered (for a stream: at its first event, its identity read)."""
+        if ctx.stream and ctx.endpoint == "responses":
+            self.services.background.spawn(self._pin(ctx, attempt), name="response-pin")
         ctx.fallback_state = fallback_state(ctx, succeeded=True)
         if ctx.fallback_state != "none":
             ctx.fallback_reason = ctx.attempts[-2].error_type

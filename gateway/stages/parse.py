@@ -18,7 +18,7 @@ from gateway.errors import BodyTooLarge, ClientError, ClientTooSlow, ShuttingDow
 from gateway.routing.needs import request_needs
 
 #: the field that carries each endpoint's input
-INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input", "responses": "input"}
 #: the deepest JSON the gateway can write again (orjson's limit): a body nested deeper is a 400
 MAX_JSON_DEPTH = 254
 #: the longest `model` taken: far above any model id or deployment name (Azure's are at most 64), and a request's
@@ -77,9 +77,9 @@ async def read_body(request: web.Request, max_bytes: int, stall_s: float | None 
 
 
 def max_tokens_of(body: dict) -> int | None:
-    """The answer's length limit the request sets (`max_completion_tokens`, else `max_tokens`; 0 on completions
-    scores the prompt alone); None when it sets none."""
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    """The answer's length limit the request sets (`max_completion_tokens`, else `max_tokens`, or the Responses
+    API's `max_output_tokens`; 0 on completions scores the prompt alone); None when it sets none."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     return 0 if limit is None and body.get("max_tokens") == 0 else limit
 
 
@@ -221,6 +221,10 @@ def validate_messages(messages: Any) -> None:
 def validate_input(endpoint: str, body: dict) -> None:
     """The endpoint's input field is present and of a shape OpenAI accepts."""
     field = INPUT_FIELD[endpoint]
+    if endpoint == "responses":     # optional: a stored prompt, or a previous response, may be all there is
+        if body.get(field) is not None and not isinstance(body[field], (str, list)):
+            raise invalid_type(field, "one of a string or an array", body[field])
+        return
     if field not in body:
         raise missing_parameter(field)
     if endpoint == "chat":
@@ -251,8 +255,18 @@ def validate_body(endpoint: str, body: dict) -> None:
     _check_type(body, "stream_options", (dict,), "an object")
     # a legacy completion of max_tokens 0 echoes and scores the prompt alone (evaluation harnesses do)
     _check_integer(body, "max_tokens", 0 if endpoint == "completions" else 1)
-    for field in ("max_completion_tokens", "n"):
+    for field in ("max_completion_tokens", "max_output_tokens", "n"):
         _check_integer(body, field, 1)
+    _check_type(body, "previous_response_id", (str,), "a string")
+    if endpoint == "responses" and body.get("conversation") is not None:
+        raise ClientError("conversations are not served through the gateway (they are created and read with "
+                          "/v1/conversations, which it does not serve); continue a response with "
+                          "previous_response_id, or send the history in input", param="conversation",
+                          code="unsupported_parameter")
+    if endpoint == "responses" and body.get("background") is True:
+        raise ClientError("background responses are not served through the gateway: their answer is fetched later "
+                          "with GET /v1/responses/{id}, which it does not serve; send the request without "
+                          "background", param="background", code="unsupported_parameter")
     _check_number(body, "temperature", 0, 2)
     _check_number(body, "top_p", 0, 1)
     _check_type(body, "seed", (int,), "an integer")
@@ -277,7 +291,8 @@ class Parse:
         ctx.requested_model = body["model"]
         ctx.stream = bool(body.get("stream")) and ctx.endpoint != "embeddings"
         options = body.get("stream_options") or {}
-        ctx.include_usage = ctx.stream and bool(options.get("include_usage"))
+        # the Responses API reports usage in its last event unasked: its stream_options are the client's own
+        ctx.include_usage = ctx.stream and ctx.endpoint != "responses" and bool(options.get("include_usage"))
         ctx.max_tokens = max_tokens_of(body)
         ctx.choices = choices_of(ctx.endpoint, body)
         ctx.uses = request_needs(ctx.endpoint, body)

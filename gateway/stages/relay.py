@@ -21,6 +21,13 @@ its usage chunk and [DONE]; silent longer, the stream is ended as whole.
 A client that asked for usage (`stream_options.include_usage`) always gets a
 usage chunk before [DONE]: the model's, or, when it sent none, the tokens the
 gateway counted (the ones it bills, marked estimated in the ledger and spans).
+
+A Responses API stream (`ResponsesStreamState`) is a series of typed events
+(`event: response.output_text.delta` and its data) passed on as they come: its
+output is its `*.delta` events, its answer whole at `response.completed` or
+`response.incomplete` (whose response carries the usage), its failure an
+`error` or `response.failed` event (a fallback before the first byte, an
+in-band error after it, as a chat stream's error); it ends without [DONE].
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
-from gateway.stages.answers import Estimate, GeneratedParts, count_usage, read_identity
+from gateway.stages.answers import CONTENT, REASONING, Estimate, GeneratedParts, count_usage, read_identity
 from gateway.telemetry.content import CAPTURE_OUTPUT
 from gateway.tokens import usage_body, usage_from_response
 from gateway.upstream import UpstreamCall, error_message
@@ -163,6 +170,72 @@ class StreamState:
         return all(index in self.finished_choices for index in range(choices))
 
 
+#: Responses API events whose `delta` is output the model generated, and the part of the answer each is
+RESPONSES_DELTAS = {
+    "response.output_text.delta": CONTENT, "response.refusal.delta": "refusal",
+    "response.function_call_arguments.delta": "arguments", "response.custom_tool_call_input.delta": "arguments",
+    "response.reasoning_summary_text.delta": REASONING, "response.reasoning_text.delta": REASONING,
+}
+#: the Responses API events that end an answer whole, and the finish reason each is told as
+RESPONSES_ENDS = {"response.completed": "stop", "response.incomplete": "length"}
+#: the Responses API events that report a failure
+RESPONSES_FAILURES = frozenset({"error", "response.failed"})
+
+
+class ResponsesStreamState(StreamState):
+    """What the relay learned from a Responses API stream: its output deltas, by output item and part (text,
+    refusal, a tool call's arguments, reasoning), and its end."""
+
+    __slots__ = ()
+
+    def absorb(self, chunk: dict) -> bool:
+        kind = chunk.get("type")
+        if type(kind) is not str:
+            return False
+        part = RESPONSES_DELTAS.get(kind)
+        if part is None:
+            if (reason := RESPONSES_ENDS.get(kind)) is not None:
+                self.finish_reasons.append(_incomplete_reason(chunk) if reason == "length" else reason)
+                self.finished_choices.add(0)
+            return False
+        delta = chunk.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return False
+        index = chunk.get("output_index", 0)
+        index = index if type(index) is int else 0
+        if part is CONTENT:
+            self.parts.add_text(index, delta)
+            self.text_chunks += 1
+        else:
+            self.parts.add_piece(index, part, delta)
+        self.output_chunks += 1
+        now_s = time.perf_counter()
+        if self.last_output_s is not None:
+            self.chunk_gaps_s.append(now_s - self.last_output_s)
+        self.last_output_s = now_s
+        return True
+
+
+def _incomplete_reason(chunk: dict) -> str:
+    """The finish reason of an incomplete response, as chat names it: `length` for max_output_tokens, or
+    `content_filter`."""
+    response = chunk.get("response")
+    details = response.get("incomplete_details") if isinstance(response, dict) else None
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return "content_filter" if reason == "content_filter" else "length"
+
+
+def responses_failure(model_name: str, chunk: dict) -> UpstreamProtocolError | None:
+    """The error a Responses API event reports (an `error` event, or `response.failed` with its response's
+    error), None for any other event."""
+    if chunk.get("type") not in RESPONSES_FAILURES:
+        return None
+    response = chunk.get("response")
+    error = response.get("error") if isinstance(response, dict) else chunk
+    return UpstreamProtocolError(f"model '{model_name}' reported an error in its stream: "
+                                 f"{error_message(error or chunk)}")
+
+
 def _carries_other_output(delta: dict) -> bool:
     """The delta carries output other than text: tool calls, a refusal, reasoning."""
     for name in OUTPUT_FIELDS:
@@ -188,8 +261,11 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
                        on_first_event: Callable[[RequestContext, Attempt], None],
                        energy=None) -> web.StreamResponse:
     """Relay one upstream stream; returns the client's response once the stream has ended."""
-    state = StreamState(assemble_for=ctx.endpoint if ctx.cache_key is not None else None,
-                        capture_for=ctx.endpoint if ctx.extra.get(CAPTURE_OUTPUT) else None)
+    if ctx.endpoint == "responses":     # never cached; its content capture keeps the text alone
+        state: StreamState = ResponsesStreamState(assemble_for=None)
+    else:
+        state = StreamState(assemble_for=ctx.endpoint if ctx.cache_key is not None else None,
+                            capture_for=ctx.endpoint if ctx.extra.get(CAPTURE_OUTPUT) else None)
     try:
         async with transport.stream(call) as events:
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)
@@ -227,7 +303,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
             await _count_unreported(ctx, attempt, state)
             if ctx.include_usage:           # asked for: it gets the count it is billed
                 await writer.write(_usage_event(ctx, attempt))
-        await writer.write(DONE)
+        if ctx.endpoint != "responses":     # the Responses API ends without [DONE]
+            await writer.write(DONE)
         await writer.write_eof()
     except ConnectionError:                 # the answer was whole: the client left (or stalled) before its end
         return _client_left(ctx, attempt, state)
@@ -363,6 +440,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     # when the model's time runs out: total_s from the call's start, pushed back by the time the client took
     ends = loop.time() + timeouts.total_s - (time.perf_counter() - attempt.started_s)
     writer = ClientWriter(ctx)
+    responses = ctx.endpoint == "responses"
     try:
         async with asyncio.timeout(min(wait_s, max(0.0, ends - loop.time()))) as deadline:
             async for event in events:
@@ -382,15 +460,21 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     state.done = True
                     return
                 chunk = _parse_chunk(attempt.model.name, data)
+                answer = chunk
+                if responses:               # its events carry the response object, its id, model and usage
+                    if (failure := responses_failure(attempt.model.name, chunk)) is not None:
+                        raise failure
+                    answer = chunk.get("response")
+                    answer = answer if isinstance(answer, dict) else {}
+                if attempt.response_id is None or attempt.response_model is None:
+                    read_identity(attempt, answer)
                 if not ctx.bytes_sent:
                     await _open_client_stream(ctx, attempt, on_first_event)
                 if state.absorb(chunk) and attempt.ttft_s is None:
                     attempt.ttft_s = state.last_output_s - attempt.started_s
-                if attempt.response_id is None or attempt.response_model is None:
-                    read_identity(attempt, chunk)
                 if attempt.energy_id is not None:
                     energy.progress(attempt.energy_id, ctx.prompt_tokens + state.output_chunks)
-                if (usage := usage_from_response(chunk)) is not None:
+                if (usage := usage_from_response(answer)) is not None:
                     attempt.usage = usage
                 if "usage" in chunk and not ctx.include_usage:
                     event = _without_usage(chunk)

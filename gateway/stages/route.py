@@ -7,12 +7,15 @@ downgrade.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gateway.cache.key import cache_use, is_cacheable
 from gateway.context import RequestContext
-from gateway.errors import NoModelMeetsSla
+from gateway.errors import ClientError, NoModelMeetsSla, StoreUnavailable
 from gateway.routing.predict import meets_hard_terms
 from gateway.routing.request import decide_request
 from gateway.routing.tighten import tighten_from_headers
+from gateway.store_guard import STORE_DOWN
 
 #: ctx.extra: the 503 of a request no model of its route may serve, which a stored answer still may: `Cache`
 #: raises it on a miss
@@ -40,8 +43,37 @@ class Route:
                 # a stored answer no longer has speed, price or a circuit: the cache is asked first
                 ctx.decision, tighten = refusal.decision, tighten_from_headers(ctx.http.headers)
                 ctx.extra[SLA_REFUSAL] = refusal
+            if ctx.endpoint == "responses" and (previous := ctx.body.get("previous_response_id")) is not None:
+                await self._continue(ctx, previous)
             ctx.sla_tightened = tighten.as_dict()     # inside: the span records the limits the request asked for
         return None
+
+    async def _continue(self, ctx: RequestContext, previous: str) -> None:
+        """A request continuing a stored response (`previous_response_id`) goes to the model that stored it,
+        whatever the SLA chose: no other server has it (`gateway.routing.pins`). With tenants, a response the
+        gateway did not relay to the request's tenant is not found (400, as the provider answers an unknown
+        id): every tenant's calls reach the server with the gateway's key, which would continue anyone's. An
+        open gateway routes such a request as any other. Its store down, `store.on_store_failure` decides."""
+        model_name = await self.services.stores.pins.model_for(ctx.tenant_name, previous)
+        if model_name is STORE_DOWN:
+            if ctx.policy.store.on_store_failure == "deny":
+                raise StoreUnavailable("the store of stored responses cannot be reached, and store.on_store_failure "
+                                       "is deny; send the request again shortly")
+            return                          # allow: routed as any other request, its tenant not checked
+        if model_name is None:
+            if ctx.policy.tenants:
+                raise ClientError(f"Previous response with id '{previous}' not found.",
+                                  param="previous_response_id", code="previous_response_not_found")
+            return
+        model = ctx.policy.models.get(model_name)
+        if model is None:
+            raise ClientError(f"Previous response with id '{previous}' was stored by model '{model_name}', which "
+                              "the gateway's policy no longer has: send the conversation's input again instead",
+                              param="previous_response_id", code="previous_response_not_found")
+        decision = ctx.decision
+        kept = any(c.kept for c in decision.candidates if c.model.name == model_name)
+        ctx.decision = replace(decision, plan=(model,), sla_met=kept, explored=False,
+                               note=f"continues response {previous}, stored by model {model_name}")
 
     async def finish(self, ctx: RequestContext) -> None:
         return None

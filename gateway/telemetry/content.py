@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
 
+#: content parts that carry text: chat's, and the Responses API's input and output text
+TEXT_PARTS = frozenset(("text", "input_text", "output_text"))
 #: ctx.extra key set when a request's output messages will be recorded: its stream is then assembled whole
 CAPTURE_OUTPUT = "telemetry.capture_output"
 
@@ -35,13 +37,61 @@ def input_messages(ctx: RequestContext) -> list[dict[str, Any]]:
         prompt = ctx.body.get("prompt")
         prompts = prompt if isinstance(prompt, list) else [prompt]
         return [{"role": "user", "parts": [_text_part(text)]} for text in prompts if isinstance(text, str)]
+    if ctx.endpoint == "responses":
+        return _responses_input(ctx.body)
     return []
+
+
+def _responses_input(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Responses API request's `instructions` (as a system message) and `input`: a text, or items (messages,
+    function calls and their outputs; other items by their type alone)."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(instructions := body.get("instructions"), str):
+        messages.append({"role": "system", "parts": [_text_part(instructions)]})
+    given = body.get("input")
+    if isinstance(given, str):
+        return [*messages, {"role": "user", "parts": [_text_part(given)]}]
+    for item in given if isinstance(given, list) else ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "function_call":
+            messages.append({"role": "assistant", "parts": [_call_part(item.get("call_id"), item)]})
+        elif kind == "function_call_output":
+            part: dict[str, Any] = {"type": "tool_call_response", "response": item.get("output")}
+            if isinstance(item.get("call_id"), str):
+                part["id"] = item["call_id"]
+            messages.append({"role": "tool", "parts": [part]})
+        elif "role" in item:
+            messages.append(_chat_message(item))
+        else:
+            messages.append({"role": "user", "parts": [{"type": str(kind)}]})
+    return messages
+
+
+def _responses_output(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Responses API answer as one output message: its messages' text and its function calls, its finish
+    reason told as chat's (`stop` when completed, `length` when cut short)."""
+    parts: list[dict[str, Any]] = []
+    for item in body.get("output") or ():
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            parts.extend(_text_part(part["text"]) for part in item.get("content") or ()
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+        elif item.get("type") == "function_call":
+            parts.append(_call_part(item.get("call_id"), item))
+    status = body.get("status")
+    reason = {"completed": "stop", "incomplete": "length"}.get(status, _UNKNOWN_FINISH)
+    return [{"role": "assistant", "parts": parts, "finish_reason": reason}]
 
 
 def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any]]:
     """The answer as gen_ai.output.messages, for the attempt that answered; empty otherwise."""
     if attempt.status != 200 or ctx.endpoint == "embeddings":
         return []
+    if ctx.response_body is not None and ctx.endpoint == "responses":
+        return _responses_output(ctx.response_body)
     if ctx.response_body is not None:
         return [_output_choice(choice) for choice in ctx.response_body.get("choices") or ()
                 if isinstance(choice, dict)]
@@ -84,7 +134,7 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(content, str):
         parts = [_text_part(content)]
     elif isinstance(content, list):
-        parts = [_text_part(part.get("text", "")) if part.get("type") == "text" else {"type": str(part.get("type"))}
+        parts = [_text_part(part.get("text", "")) if part.get("type") in TEXT_PARTS else {"type": str(part.get("type"))}
                  for part in content if isinstance(part, dict)]
     else:
         parts = []
@@ -101,18 +151,18 @@ def _tool_call_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     calls = [call for call in message.get("tool_calls") or () if isinstance(call, dict)]
     if isinstance(message.get("function_call"), dict):
         calls.append({"function": message["function_call"]})
-    parts = []
-    for call in calls:
-        function = call.get("function")
-        if not isinstance(function, dict):
-            continue
-        part: dict[str, Any] = {"type": "tool_call", "name": str(function.get("name", ""))}
-        if isinstance(call.get("id"), str):
-            part["id"] = call["id"]
-        if "arguments" in function:
-            part["arguments"] = _arguments(function["arguments"])
-        parts.append(part)
-    return parts
+    return [_call_part(call.get("id"), function) for call in calls
+            if isinstance(function := call.get("function"), dict)]
+
+
+def _call_part(call_id: Any, function: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as a tool_call part: its id (when a string), its function's name and arguments."""
+    part: dict[str, Any] = {"type": "tool_call", "name": str(function.get("name", ""))}
+    if isinstance(call_id, str):
+        part["id"] = call_id
+    if "arguments" in function:
+        part["arguments"] = _arguments(function["arguments"])
+    return part
 
 
 def _arguments(arguments: Any) -> Any:

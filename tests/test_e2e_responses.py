@@ -1,0 +1,224 @@
+"""End to end: the Responses API (`POST /v1/responses`) through the gateway, with the official openai SDK against
+simulated model servers: routing, usage and cost, streams relayed event by event, fallback, continuing a stored
+response on the model that stored it, for its tenant alone."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from gateway.stages.relay import ResponsesStreamState, responses_failure
+from gateway.telemetry.content import input_messages, output_messages
+from tests.support import policies
+from tests.support.accounting import ledger_record
+from tests.support.harness import Harness
+
+KEYS = {"acme": "sk-acme-responses", "bravo": "sk-bravo-responses"}
+POLICY = policies.models(*(policies.standard_model(name, timeouts=policies.short_timeouts())
+                           for name in ("small", "medium", "large"))) + """
+routes:
+  - name: agents
+    match: {{models: ["auto"], endpoints: [chat, responses]}}
+    candidates: [small, medium, large]
+    cache: {{enabled: true, nondeterministic: true}}
+  - name: chat-only
+    match: {{models: ["chat-only"]}}
+    candidates: [small]
+""" + policies.tenants(KEYS)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    ledger = tmp_path_factory.mktemp("ledger") / "ledger.jsonl"
+    harness = Harness(POLICY + f'ledger: {{{{path: "{ledger}"}}}}\n').start()
+    harness.ledger_path = ledger
+    yield harness
+    harness.stop()
+
+
+@pytest.fixture(autouse=True)
+def healthy_sims(gw):
+    yield
+    for name in ("small", "medium", "large"):
+        gw.sim_config(name, error_rate=0.0, drop_rate=0.0)
+
+
+def client(gw, tenant: str = "acme") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=KEYS[tenant], max_retries=0)
+
+
+def create(gw, tenant: str = "acme", **fields):
+    fields = {"model": "auto", "input": "Say hello.", "max_output_tokens": 20, **fields}
+    return client(gw, tenant).responses.with_raw_response.create(**fields)
+
+
+def test_a_response_is_routed_priced_and_booked(gw):
+    raw = create(gw, instructions="Be brief.")
+    response = raw.parse()
+    assert raw.headers["x-gateway-model"] == "small" and raw.headers["x-gateway-route"] == "agents"
+    assert response.output_text and response.usage.output_tokens == 20
+    line = ledger_record(gw.ledger_path, raw.headers["x-request-id"])
+    assert line["endpoint"] == "responses" and line["status"] == 200 and not line["tokens_estimated"]
+    assert (line["input_tokens"], line["output_tokens"]) == (response.usage.input_tokens, 20)
+    # small's prices: 0.10 and 0.20 USD per million tokens
+    assert float(line["cost_usd"]) == pytest.approx((response.usage.input_tokens * 0.10 + 20 * 0.20) / 1e6)
+    assert abs(line["prompt_tokens"] - response.usage.input_tokens) <= 5      # the gateway's own count, for routing
+
+
+def test_a_stream_is_relayed_event_by_event_and_booked_from_its_last_event(gw):
+    before = gw.sim_stats("small")["total"]
+    with client(gw).responses.with_streaming_response.create(model="auto", input="Say hello.",
+                                                             max_output_tokens=16, stream=True) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        lines = list(raw.iter_lines())
+        request_id = raw.headers["x-request-id"]
+    events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    kinds = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    assert kinds == [event["type"] for event in events]          # each event keeps its `event:` line
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+    assert not any(line.startswith("data: [DONE]") for line in lines)
+    deltas = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
+    final = events[-1]["response"]
+    assert deltas == final["output"][0]["content"][0]["text"]
+    line = ledger_record(gw.ledger_path, request_id)
+    assert line["stream"] and line["status"] == 200 and line["ttft_s"] is not None
+    assert line["output_tokens"] == final["usage"]["output_tokens"] == 16 and not line["tokens_estimated"]
+    assert line["input_tokens"] == final["usage"]["input_tokens"]
+    assert gw.sim_stats("small")["total"] == before + 1
+
+
+def test_the_sdk_stream_helper_reads_the_relayed_stream(gw):
+    with client(gw).responses.stream(model="auto", input="Say hello.") as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text and text == final.output_text and final.usage.output_tokens > 0
+
+
+def test_a_model_failing_before_its_first_event_falls_back(gw):
+    gw.sim_config("small", error_rate=1.0)
+    raw = create(gw)
+    assert raw.headers["x-gateway-model"] == "medium" and raw.headers["x-gateway-fallback"] == "fallback"
+    with client(gw).responses.with_streaming_response.create(model="auto", input="hi", stream=True) as stream:
+        assert stream.headers["x-gateway-model"] == "medium"
+        assert any(line.startswith("event: response.completed") for line in stream.iter_lines())
+
+
+def test_a_stream_cut_mid_way_ends_with_an_error_the_sdk_raises(gw):
+    gw.sim_config("small", drop_rate=1.0)
+    with pytest.raises(openai.APIError):
+        for _ in client(gw).responses.create(model="auto", input="Say hello.", max_output_tokens=40, stream=True):
+            pass
+
+
+def test_a_route_that_does_not_name_responses_does_not_take_them(gw):
+    """The Responses API is taken only where match.endpoints names it (a server without /v1/responses answers
+    404, which would open its circuit for chat too)."""
+    with pytest.raises(openai.NotFoundError, match="no route serves it on responses"):
+        create(gw, model="chat-only")
+
+
+def test_responses_are_never_cached(gw):
+    """The route caches sampled answers, yet the same Responses request twice reaches the model twice: a stored
+    answer would carry the id of another response, which the server was never asked to store."""
+    before = gw.sim_stats("small")["total"]
+    first, second = create(gw, input="cache me", temperature=0), create(gw, input="cache me", temperature=0)
+    assert first.parse().id != second.parse().id and gw.sim_stats("small")["total"] == before + 2
+    assert first.headers.get("x-gateway-cache") != "hit" and second.headers.get("x-gateway-cache") != "hit"
+
+
+def test_a_continued_response_goes_to_the_model_that_stored_it(gw):
+    """The follow-up asks for tier 2 and up (medium would serve it), but only small has the stored response."""
+    first = create(gw).parse()
+    assert create(gw).headers["x-gateway-model"] == "small"
+    raw = create(gw, previous_response_id=first.id, extra_headers={"x-gateway-min-tier": "2"})
+    assert raw.headers["x-gateway-model"] == "small"
+    assert create(gw, extra_headers={"x-gateway-min-tier": "2"}).headers["x-gateway-model"] == "medium"
+    # a stream's response is noted too, and continued the same way
+    with client(gw).responses.stream(model="auto", input="hi") as stream:
+        streamed = stream.get_final_response()
+    raw = create(gw, previous_response_id=streamed.id, extra_headers={"x-gateway-min-tier": "3"})
+    assert raw.headers["x-gateway-model"] == "small"
+
+
+def test_a_tenant_cannot_continue_another_tenants_response(gw):
+    """Every tenant's calls reach the server with the gateway's own key, which would continue anyone's stored
+    response: a response the gateway did not relay to the tenant is not found, as OpenAI answers an unknown id."""
+    stored = create(gw, tenant="acme").parse()
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(gw, tenant="bravo", previous_response_id=stored.id)
+    assert refused.value.body["code"] == "previous_response_not_found"
+    assert refused.value.body["param"] == "previous_response_id"
+    unstored = create(gw, tenant="acme", store=False).parse()
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        create(gw, tenant="acme", previous_response_id=unstored.id)
+    assert create(gw, tenant="acme", previous_response_id=stored.id).parse().output_text
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"background": True}, "background"),
+    ({"conversation": "conv_123"}, "conversation"),
+    ({"previous_response_id": 7}, "previous_response_id"),
+    ({"input": 7}, "input"),
+])
+def test_what_the_gateway_cannot_serve_is_a_clear_400(gw, fields, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(gw, **fields)
+    assert refused.value.body["param"] == param
+
+
+def test_an_image_in_the_input_goes_to_a_model_that_takes_images(gw):
+    gw.write_policy(POLICY.replace("    timeouts:", "    supports: [tools]\n    timeouts:", 1))
+    assert gw.reload_policy()
+    try:
+        image = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}
+        raw = create(gw, input=[{"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, image]}])
+        assert raw.headers["x-gateway-model"] == "medium"
+        assert create(gw).headers["x-gateway-model"] == "small"
+    finally:
+        gw.write_policy(POLICY)
+        assert gw.reload_policy()
+
+
+def test_the_stream_state_reads_output_ends_and_failures():
+    state = ResponsesStreamState(assemble_for=None)
+    assert not state.absorb({"type": "response.created", "response": {"id": "resp_1"}})
+    assert state.absorb({"type": "response.output_text.delta", "output_index": 0, "delta": "Hel"})
+    assert state.absorb({"type": "response.output_text.delta", "output_index": 0, "delta": "lo"})
+    assert state.absorb({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{}"})
+    assert not state.absorb({"type": "response.output_text.delta", "delta": ""})
+    assert state.parts.texts() == [(0, "Hello")] and state.output_chunks == 3 and not state.finished(1)
+    state.absorb({"type": "response.incomplete", "response": {"incomplete_details": {"reason": "content_filter"}}})
+    assert state.finished(1) and state.finish_reasons == ["content_filter"]
+    failed = responses_failure("m", {"type": "response.failed",
+                                     "response": {"error": {"code": "server_error", "message": "it broke"}}})
+    assert failed is not None and "it broke" in str(failed)
+    assert "overloaded" in str(responses_failure("m", {"type": "error", "code": "x", "message": "overloaded"}))
+    assert responses_failure("m", {"type": "response.output_text.delta", "delta": "x"}) is None
+
+
+def test_content_capture_reads_the_responses_shapes():
+    body = {"instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}, {"type": "input_image"}]},
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{\"city\": \"Oslo\"}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+        {"type": "reasoning", "summary": []}]}
+    ctx = SimpleNamespace(endpoint="responses", body=body, response_body={
+        "status": "incomplete", "output": [
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "content": [{"type": "output_text", "text": "It rains."}]},
+            {"type": "function_call", "call_id": "c2", "name": "umbrella", "arguments": "{}"}]})
+    assert input_messages(ctx) == [
+        {"role": "system", "parts": [{"type": "text", "content": "Be brief."}]},
+        {"role": "user", "parts": [{"type": "text", "content": "Weather?"}, {"type": "input_image"}]},
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "c1", "name": "weather",
+                                         "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "parts": [{"type": "tool_call_response", "response": "rain", "id": "c1"}]},
+        {"role": "user", "parts": [{"type": "reasoning"}]}]
+    assert output_messages(ctx, SimpleNamespace(status=200)) == [{"role": "assistant", "parts": [
+        {"type": "text", "content": "It rains."}, {"type": "tool_call", "id": "c2", "name": "umbrella",
+                                                   "arguments": {}}], "finish_reason": "length"}]
+    assert input_messages(SimpleNamespace(endpoint="responses", body={"input": "hi"})) == \
+        [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]

@@ -222,3 +222,24 @@ def test_content_capture_reads_the_responses_shapes():
                                                    "arguments": {}}], "finish_reason": "length"}]
     assert input_messages(SimpleNamespace(endpoint="responses", body={"input": "hi"})) == \
         [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_server_that_reports_no_usage_is_billed_on_the_gateways_count(gw, stream):
+    gw.sim_config("small", usage=False)
+    try:
+        if stream:
+            with client(gw).responses.with_streaming_response.create(
+                    model="auto", input="Say hello.", max_output_tokens=24, stream=True) as raw:
+                lines = list(raw.iter_lines())
+                request_id = raw.headers["x-request-id"]
+            text = "".join(json.loads(line[6:])["delta"] for line in lines
+                           if line.startswith("data: ") and '"response.output_text.delta"' in line)
+        else:
+            raw = create(gw, max_output_tokens=24)
+            request_id, text = raw.headers["x-request-id"], raw.parse().output_text
+    finally:
+        gw.sim_config("small", usage=True)
+    line = ledger_record(gw.ledger_path, request_id)
+    assert line["tokens_estimated"] and text
+    assert abs(line["output_tokens"] - 24) <= 2 and line["input_tokens"] == line["prompt_tokens"]

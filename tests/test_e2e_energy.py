@@ -128,6 +128,7 @@ def test_requests_on_measured_gpus_get_joules_and_pay_for_them(energy_gw):
         time.sleep(0.05)
     record = records[-1]
     assert record["energy_j"] is not None and record["energy_j"] > 0
+    assert record["attempts"][-1]["energy_j"] == record["energy_j"]     # the one attempt's joules are the request's
     # two GPUs at 400 W with a 100 W idle each: at most 600 W of active power for this one request
     assert record["energy_j"] < 600 * record["latency_s"] * 3
     model = energy_gw.holder.current.policy.models["small"]

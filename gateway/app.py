@@ -24,6 +24,10 @@ from gateway.telemetry.peers import PEERS, Peers
 log = logging.getLogger("gateway")
 
 HOLDER = web.AppKey("holder", PolicyHolder)
+#: set on the API's app when `gateway run --metrics-port` serves /metrics on a port of its own
+METRICS_ELSEWHERE = web.AppKey("metrics_elsewhere", bool)
+#: the metrics port's app: the API's app, whose services it shows
+MAIN = web.AppKey("main", web.Application)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -174,8 +178,31 @@ async def _priced(services: Services, tenant_name: str) -> None:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: the Prometheus exposition, when enabled (policy telemetry.prometheus or GATEWAY_PROMETHEUS=1)."""
-    services: Services = request.app[SERVICES]
+    """GET /metrics: the Prometheus exposition, when enabled (policy telemetry.prometheus or GATEWAY_PROMETHEUS=1);
+    on the metrics port alone when there is one (`gateway run --metrics-port`)."""
+    if request.app.get(METRICS_ELSEWHERE):
+        raise NotFound("/metrics is served on the gateway's metrics port (gateway run --metrics-port), not here",
+                       code="not_found")
+    return await exposition(request.app, request)
+
+
+async def metrics_on_own_port(request: web.Request) -> web.Response:
+    """GET /metrics on the metrics port: the API's exposition."""
+    return await exposition(request.app[MAIN], request)
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """The app of the metrics port (`gateway run --metrics-port`): GET /metrics alone, showing `main`'s services,
+    so a port kept off the Service and the ingress carries every tenant's names, spend and budgets."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[MAIN] = main
+    app.router.add_get("/metrics", metrics_on_own_port)
+    return app
+
+
+async def exposition(app: web.Application, request: web.Request) -> web.Response:
+    """The Prometheus exposition of `app`'s services (every worker's, with `--workers N`)."""
+    services: Services = app[SERVICES]
     telemetry = services.telemetry
     runtime = services.holder.current
     if runtime.policy.server.metrics_admin_only:     # each tenant's names, spend, budgets and workflows
@@ -186,7 +213,7 @@ async def metrics(request: web.Request) -> web.Response:
     # rendered in a thread: tens of thousands of series take a second or more to write out, which on the event loop
     # would hold every request (and time healthy models out); the metrics are made to be collected from threads
     body = await asyncio.to_thread(telemetry.prometheus_text)
-    peers = request.app.get(PEERS)
+    peers = app.get(PEERS)
     if peers is not None:               # one of `gateway run --workers N` (with Prometheus on): every worker's series
         body = await peers.gather(body)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

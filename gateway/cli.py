@@ -32,7 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         from gateway.server import serve
 
-        return serve(args.policy, host=args.host, port=args.port, workers=args.workers)
+        return serve(args.policy, host=args.host, port=args.port, workers=args.workers,
+                     metrics_port=args.metrics_port)
     except StoppedStarting:
         logging.getLogger("gateway").info("stopped by SIGTERM before serving")
         return 0
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=port_number, default=8080)
     run.add_argument("--workers", type=worker_count, default=1,
                      help="worker processes sharing the port (SO_REUSEPORT), restarted when one dies")
+    run.add_argument("--metrics-port", type=port_number, default=None,
+                     help="serve GET /metrics on this port alone, not on --port (keep it off the ingress: its series "
+                          "name every tenant, its spend and budgets)")
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="simulated small/medium/large models and the gateway, no Redis needed")

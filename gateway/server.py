@@ -26,7 +26,7 @@ from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID
 from yarl import URL
 
 from gateway.admin import Worker
-from gateway.app import HOLDER, build_app, new_request_id, request_id
+from gateway.app import HOLDER, METRICS_ELSEWHERE, build_app, metrics_app, new_request_id, request_id
 from gateway.errors import ClientError, ClientTooSlow, GatewayError, PolicyError
 from gateway.policy.model import Policy
 from gateway.responses import error_response
@@ -255,10 +255,11 @@ def freeze_startup_objects() -> None:
 
 async def run_server(app: web.Application, host: str, port: int, *, sockets: list[socket.socket] | None = None,
                      ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
-                     freeze_gc: bool = False) -> None:
+                     freeze_gc: bool = False, metrics_sockets: list[socket.socket] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests within the grace period.
 
     `sockets`: serve on these (bound by `listen_sockets`) instead of binding host:port here.
+    `metrics_sockets`: serve GET /metrics on these alone (`gateway run --metrics-port`), not on the API's.
     `freeze_gc`: freeze the start-up objects once serving (`freeze_startup_objects`); for a process that
     runs one gateway, not for tests that start many.
     """
@@ -267,17 +268,26 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     redact_parser_errors()
     # aiohttp waits shutdown_timeout for handlers, then cancels their requests and waits as long again
     # (a stream goes on writing meanwhile): half the grace period each keeps the drain within it
+    if metrics_sockets is not None:
+        app[METRICS_ELSEWHERE] = True
     runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=grace_s / 2, access_log=None)
     await runner.setup()
     sites = ([web.SockSite(runner, sock, backlog=BACKLOG) for sock in sockets] if sockets is not None
              else [web.TCPSite(runner, host, port, backlog=BACKLOG)])
+    metrics_runner = web.AppRunner(metrics_app(app), access_log=None) if metrics_sockets is not None else None
     try:
-        for sock in sockets or ():          # listened on here: uvloop, unlike asyncio, starts serving a socket whose
-            sock.listen(BACKLOG)            # listen() failed (another took the port first) without a word
+        for sock in (*(sockets or ()), *(metrics_sockets or ())):   # listened on here: uvloop, unlike asyncio,
+            sock.listen(BACKLOG)            # starts serving a socket whose listen() failed (another took the port)
         for site in sites:
             await site.start()
+        if metrics_runner is not None:
+            await metrics_runner.setup()
+            for sock in metrics_sockets:
+                await web.SockSite(metrics_runner, sock, backlog=BACKLOG).start()
     except OSError as exc:                  # port taken, address not ours, host unknown (gaierror)
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     if freeze_gc:
         freeze_startup_objects()
@@ -290,7 +300,8 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
     loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(holder.reload_async(SIGNAL), name="policy-reload"))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)    # one sent during start-up is handled now
     watcher = asyncio.create_task(watch_policy(holder))
-    log.info("gateway listening on %s (policy %s)", http_url(host, port), holder.path)
+    log.info("gateway listening on %s (policy %s)%s", http_url(host, port), holder.path,
+             f"; GET /metrics on {http_url(host, metrics_sockets[0].getsockname()[1])}" if metrics_sockets else "")
     if ready is not None:
         ready.set()
     try:
@@ -307,6 +318,8 @@ async def run_server(app: web.Application, host: str, port: int, *, sockets: lis
         ignore_while_draining(loop)
         await reloads.drain(timeout_s=grace_s)
         await runner.cleanup()
+        if metrics_runner is not None:      # scraped until the drain is over
+            await metrics_runner.cleanup()
         if ending is not None:
             ending.cancel()
         restore_signal_handlers(loop, previous)
@@ -389,10 +402,14 @@ def claim_port(host: str, port: int) -> list[socket.socket]:
     return held
 
 
-def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
-    """`gateway run`: validate the policy, then serve in this process or with `workers` worker processes."""
+def serve(policy: Path, *, host: str, port: int, workers: int = 1, metrics_port: int | None = None) -> int:
+    """`gateway run`: validate the policy, then serve in this process or with `workers` worker processes;
+    `metrics_port`: GET /metrics there alone, not on the API's port."""
     if workers < 1:
         raise ValueError(f"workers is 1 or more, got {workers}")
+    if metrics_port is not None and metrics_port == port != 0:
+        log.error("--metrics-port must differ from --port (%d): /metrics is served there alone", port)
+        return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})      # until its handler is installed
     try:
         holder = PolicyHolder.from_file(policy, os.environ)
@@ -402,8 +419,11 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     try:
         if workers == 1:
             # bound now, listening once serving: until then a connection is refused, not kept waiting
-            return _serve_here(holder, host, listen_sockets(host, port, listen=False))
+            return _serve_here(holder, host, listen_sockets(host, port, listen=False),
+                               metrics_sockets=listen_sockets(host, metrics_port, listen=False)
+                               if metrics_port is not None else None)
         held = claim_port(host, port)
+        metrics_held = claim_port(host, metrics_port) if metrics_port is not None else []
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -432,27 +452,31 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
                      peers_folder)
 
     port = held[0].getsockname()[1]
+    metrics_port = metrics_held[0].getsockname()[1] if metrics_held else None
     started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker
 
     def spawn(slot: int) -> BaseProcess | None:
         try:        # bound, listening once the worker serves: the kernel sends a starting worker no connection
             sockets = listen_sockets(host, port, reuse_port=True, listen=False)
+            metrics_sockets = listen_sockets(host, metrics_port, reuse_port=True, listen=False) \
+                if metrics_port is not None else []
         except ListenError as exc:
             log.error("worker %d: %s", slot, exc)
             return None
-        keep = {sock.fileno() for sock in sockets} | {supervisor.ready_fd}
+        keep = {sock.fileno() for sock in (*sockets, *metrics_sockets)} | {supervisor.ready_fd}
         inherited = sorted(open_fds() - {0, 1, 2} - keep)
         peers = Peers(peers_folder, slot, workers, metrics=prometheus) if peers_folder is not None else None
         process = FORK.Process(target=_worker_process, name=f"gateway-worker-{slot}",
                                args=(policy, started, host, sockets, inherited, supervisor.ready_fd, os.getpid(),
-                                     peers), kwargs={"worker": Worker(slot, workers)})
+                                     peers), kwargs={"worker": Worker(slot, workers),
+                                                     "metrics_sockets": metrics_sockets or None})
         try:
             process.start()
         except OSError as exc:          # fork failed: EAGAIN at a pid limit, ENOMEM
             log.error("worker %d: cannot start a process: %s", slot, exc.strerror or exc)
             return None
         finally:
-            for sock in sockets:
+            for sock in (*sockets, *metrics_sockets):
                 sock.close()            # the worker's now: closed there, the port stops taking connections
         return process
 
@@ -460,7 +484,7 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1) -> int:
     try:
         return supervisor.run()
     finally:
-        for sock in held:
+        for sock in (*held, *metrics_held):
             sock.close()
         if peers_folder is not None:
             shutil.rmtree(peers_folder, ignore_errors=True)
@@ -481,14 +505,17 @@ def _is_open(fd: int) -> bool:
 
 
 def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket], *, ready_fd: int | None = None,
-                peers: Peers | None = None, worker: Worker | None = None) -> int:
+                peers: Peers | None = None, worker: Worker | None = None,
+                metrics_sockets: list[socket.socket] | None = None) -> int:
     """Serve in this process on `sockets`; 1, said in one line, when it cannot listen. `ready_fd`: once serving,
     tell the supervisor there (`say_serving`); `peers`: the other workers' metrics (`gateway.telemetry.peers`);
-    `worker`: which of `gateway run --workers N` this process is (the admin API says so)."""
+    `worker`: which of `gateway run --workers N` this process is (the admin API says so); `metrics_sockets`: the
+    metrics port's (`--metrics-port`)."""
     install_uvloop()
     port = sockets[0].getsockname()[1]
     try:
-        asyncio.run(_serve_app(build_app(holder, peers=peers, worker=worker), host, port, sockets, ready_fd))
+        asyncio.run(_serve_app(build_app(holder, peers=peers, worker=worker), host, port, sockets, ready_fd,
+                               metrics_sockets))
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -496,11 +523,12 @@ def _serve_here(holder: PolicyHolder, host: str, sockets: list[socket.socket], *
 
 
 async def _serve_app(app: web.Application, host: str, port: int, sockets: list[socket.socket],
-                     ready_fd: int | None) -> None:
+                     ready_fd: int | None, metrics_sockets: list[socket.socket] | None = None) -> None:
     ready = asyncio.Event()
     told = asyncio.create_task(_tell_serving(ready, ready_fd))
     try:
-        await run_server(app, host, port, sockets=sockets, ready=ready, freeze_gc=True)
+        await run_server(app, host, port, sockets=sockets, ready=ready, freeze_gc=True,
+                         metrics_sockets=metrics_sockets)
     finally:
         told.cancel()
 
@@ -513,7 +541,7 @@ async def _tell_serving(ready: asyncio.Event, ready_fd: int | None) -> None:
 
 def _worker_process(policy: Path, started: Policy, host: str, sockets: list[socket.socket], inherited: list[int],
                     ready_fd: int, supervisor_pid: int, peers: Peers | None = None, *,
-                    worker: Worker | None = None) -> None:
+                    worker: Worker | None = None, metrics_sockets: list[socket.socket] | None = None) -> None:
     """One worker's life, in a forked process: its own policy holder and app, on the sockets bound for it; the
     policy file as it is now, but the start-up settings (`started`: the ledger, store, telemetry and grace period)
     the gateway started with, as every other worker has.
@@ -537,7 +565,8 @@ def _worker_process(policy: Path, started: Policy, host: str, sockets: list[sock
     holder = _valid_policy(policy)
     holder.start_with(started)
     announce_admin_reloads(holder, supervisor_pid)
-    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd, peers=peers, worker=worker))
+    raise SystemExit(_serve_here(holder, host, sockets, ready_fd=ready_fd, peers=peers, worker=worker,
+                                 metrics_sockets=metrics_sockets))
 
 
 def own_instance_id(environ, slot: int) -> None:

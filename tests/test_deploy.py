@@ -377,11 +377,16 @@ def test_otel_collector_pipelines(compose):
 
 
 def test_prometheus_scrapes_gateway_and_collector():
-    """Prometheus scrapes the gateway's /metrics and the collector's Prometheus exporter port."""
+    """Prometheus scrapes the gateway's /metrics on its metrics port (the one its command names, which is not
+    published) and the collector's Prometheus exporter port."""
     config = load_yaml(COMPOSE_DIR / "prometheus.yaml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     gateway_targets = jobs["gateway"]["static_configs"][0]["targets"]
-    assert gateway_targets == ["gateway:8080"] and jobs["gateway"].get("metrics_path", "/metrics") == "/metrics"
+    gateway = load_yaml(COMPOSE_DIR / "docker-compose.yaml")["services"]["gateway"]
+    metrics_port = flag(gateway["command"], "--metrics-port")
+    assert gateway_targets == [f"gateway:{metrics_port}"] and metrics_port != flag(gateway["command"], "--port")
+    assert jobs["gateway"].get("metrics_path", "/metrics") == "/metrics"
+    assert not any(str(published).endswith(f":{metrics_port}") for published in gateway.get("ports", ()))
     exporter_port = load_yaml(COMPOSE_DIR / "otel-collector.yaml")["exporters"]["prometheus"]["endpoint"].split(":")[1]
     assert jobs["otel-collector"]["static_configs"][0]["targets"] == [f"otel-collector:{exporter_port}"]
 
@@ -535,15 +540,17 @@ def url_port(text: str) -> int:
 
 
 def test_compose_gateway_listens_where_it_is_published_probed_and_scraped(compose):
-    """The Compose gateway binds all interfaces on the port its healthcheck probes, Compose publishes and
-    Prometheus scrapes (a port changed in one place only leaves the stack unhealthy or the dashboards empty)."""
+    """The Compose gateway binds all interfaces on the port its healthcheck probes and Compose publishes, and its
+    metrics port is the one Prometheus scrapes (a port changed in one place only leaves the stack unhealthy or the
+    dashboards empty)."""
     gateway = compose["services"]["gateway"]
     port = int(flag(gateway["command"], "--port"))
     assert flag(gateway["command"], "--host") == "0.0.0.0"
     assert url_port(" ".join(gateway["healthcheck"]["test"])) == port
     assert [int(str(mapping).split(":")[-1]) for mapping in gateway["ports"]] == [port]
     jobs = {job["job_name"]: job for job in load_yaml(COMPOSE_DIR / "prometheus.yaml")["scrape_configs"]}
-    assert jobs["gateway"]["static_configs"][0]["targets"] == [f"gateway:{port}"]
+    metrics_port = int(flag(gateway["command"], "--metrics-port"))
+    assert jobs["gateway"]["static_configs"][0]["targets"] == [f"gateway:{metrics_port}"]
 
 
 def test_compose_simulator_healthchecks_probe_their_own_port(compose):
@@ -568,19 +575,23 @@ def test_image_listens_on_the_port_it_exposes_and_probes():
 
 
 def test_deployment_listens_on_the_port_its_probes_service_and_scrape_use():
-    """The pod's gateway binds all interfaces on the container port the probes, the Service and the Prometheus
-    scrape annotation name; the startup and liveness probes ask /healthz."""
+    """The pod's gateway binds all interfaces on the container port the probes and the Service name, and serves
+    /metrics on a port of its own, which the Prometheus scrape annotation names and the Service does not expose
+    (its series name every tenant, its spend and budgets); the startup and liveness probes ask /healthz."""
     template = by_kind("Deployment")["spec"]["template"]
     container = template["spec"]["containers"][0]
     port = int(flag(container["args"], "--port"))
+    metrics_port = int(flag(container["args"], "--metrics-port"))
     assert flag(container["args"], "--host") == "0.0.0.0"
     ports = {item["name"]: item["containerPort"] for item in container["ports"]}
-    assert ports == {"http": port}
+    assert ports == {"http": port, "metrics": metrics_port} and metrics_port != port
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["port"] in ("http", port), probe
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
     assert template["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    service_ports = by_kind("Service")["spec"]["ports"]
+    assert [item["targetPort"] for item in service_ports] == ["http"]
 
 
 def test_deployment_is_hardened_and_sized():

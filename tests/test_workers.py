@@ -55,7 +55,7 @@ class Workers:
     """`python -m gateway run --workers N` on a free port, its log in a file."""
 
     def __init__(self, policy: Path, workers: int = 2, *, session: bool = False,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.port, self.workers = free_port(), workers
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = policy.with_suffix(".log")
@@ -64,7 +64,7 @@ class Workers:
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--policy", str(policy), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", str(workers)], cwd=REPO, env=env, stdout=log,
+                 "--port", str(self.port), "--workers", str(workers), *args], cwd=REPO, env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=session)
 
     def text(self) -> str:

@@ -135,3 +135,20 @@ def test_policy_check_does_not_call_a_route_that_matches_any_endpoint_never_matc
                         "    match: {endpoints: [chat, completions], models: [gpt-4o]}\n")
     text = text.replace("    match: {endpoints: [embeddings]}\n", "    match: {endpoints: [chat], models: []}\n")
     assert not any("never matched" in note for note in advice(parse_policy(text)))
+
+
+def test_a_tenant_named_as_the_shared_metric_label_is_noted():
+    assert advice(parse_policy(HEAD + "tenants:\n  other: {}\n  acme: {}\n")) == [
+        "tenants.other: its metric label is the one the tenants past telemetry.tenant_label_top_n share, so its "
+        "series mix with theirs: name it otherwise"]
+    assert advice(parse_policy(HEAD + "tenants:\n  others: {}\n")) == []
+
+
+def test_a_cache_on_a_route_of_the_responses_api_alone_is_said_to_do_nothing():
+    text = HEAD.replace("    match: {endpoints: [embeddings]}\n    candidates: [small]\n",
+                        "    match: {endpoints: [responses]}\n    candidates: [small]\n    cache: {enabled: true}\n")
+    assert advice(parse_policy(text)) == [
+        "routes.emb.cache: the Responses API is never cached (a response is stored by its server under its own id), "
+        "so it has no effect"]
+    both = text.replace("match: {endpoints: [responses]}", "match: {endpoints: [chat, responses]}")
+    assert advice(parse_policy(both)) == []

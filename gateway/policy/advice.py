@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from gateway.policy.model import DEFAULT_PRIORITY, ENDPOINTS, Match, Policy, Route, Tenant
+from gateway.telemetry.labels import OTHER
 
 
 def advice(policy: Policy) -> list[str]:
@@ -26,7 +27,13 @@ def advice(policy: Policy) -> list[str]:
                          f"priced per GPU gpus.ids names; sampling reads them all): list its GPUs in gpus.ids to "
                          f"charge each")
     notes.extend(_shadowed(policy.routes, policy.tenants.values()))
+    if OTHER in policy.tenants:
+        notes.append(f"tenants.{OTHER}: its metric label is the one the tenants past telemetry.tenant_label_top_n "
+                     f"share, so its series mix with theirs: name it otherwise")
     for route in policy.routes:
+        if route.cache.enabled and set(route.match.endpoints) == {"responses"}:
+            notes.append(f"routes.{route.name}.cache: the Responses API is never cached (a response is stored by "
+                         f"its server under its own id), so it has no effect")
         if route.sla.max_energy_j is not None and set(route.match.endpoints) == {"embeddings"}:
             notes.append(f"routes.{route.name}.sla.max_energy_j: embeddings have no output tokens to scale an "
                          f"energy prediction, so it is not applied")

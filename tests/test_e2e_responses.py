@@ -15,6 +15,7 @@ from gateway.telemetry.content import input_messages, output_messages
 from tests.support import policies
 from tests.support.accounting import ledger_record
 from tests.support.harness import Harness
+from tests.support.raw_upstream import RawUpstream
 
 KEYS = {"acme": "sk-acme-responses", "bravo": "sk-bravo-responses"}
 POLICY = policies.models(*(policies.standard_model(name, timeouts=policies.short_timeouts())
@@ -243,3 +244,39 @@ def test_a_server_that_reports_no_usage_is_billed_on_the_gateways_count(gw, stre
     line = ledger_record(gw.ledger_path, request_id)
     assert line["tokens_estimated"] and text
     assert abs(line["output_tokens"] - 24) <= 2 and line["input_tokens"] == line["prompt_tokens"]
+
+
+def sse(kind: str, **data) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+
+def test_a_model_failing_after_its_opening_events_before_any_output_falls_back():
+    """A Responses API server opens a stream with response.created (and in_progress) before it generates
+    anything: those are held, so a model that then reports an error is replaced, and the client sees one stream,
+    the next model's, from its own response.created."""
+    raw = RawUpstream().start()
+    opening = {"id": "resp_broken", "object": "response", "status": "in_progress", "model": "raw", "output": []}
+    raw.script = [(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n", 0),
+                  (sse("response.created", sequence_number=0, response=opening), 0),
+                  (sse("response.in_progress", sequence_number=1, response=opening), 0),
+                  (sse("error", sequence_number=2, code="server_error", message="the model overloaded"), 0)]
+    policy = policies.models(policies.model("raw", None, endpoint=raw.url, size_b=0.5,
+                                            timeouts=policies.short_timeouts()),
+                             policies.standard_model("small", timeouts=policies.short_timeouts())) + """
+routes:
+  - name: agents
+    match: {{models: ["auto"], endpoints: [responses]}}
+    candidates: [raw, small]
+"""
+    gw = Harness(policy, sims={"small": {"ttft_ms": 5, "tpot_ms": 1}}).start()
+    try:
+        with gw.openai().responses.with_streaming_response.create(model="auto", input="hi", stream=True) as stream:
+            assert stream.headers["x-gateway-model"] == "small" and stream.headers["x-gateway-fallback"] == "fallback"
+            lines = list(stream.iter_lines())
+        created = [json.loads(line[6:]) for line in lines if line.startswith("data: ") and "response.created" in line]
+        assert len(created) == 1 and created[0]["response"]["id"].startswith("resp_")
+        assert created[0]["response"]["id"] != "resp_broken" and len(raw.requests) == 1
+        assert any(line.startswith("event: response.completed") for line in lines)
+    finally:
+        gw.stop()
+        raw.stop()

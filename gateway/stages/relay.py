@@ -26,8 +26,11 @@ A Responses API stream (`ResponsesStreamState`) is a series of typed events
 (`event: response.output_text.delta` and its data) passed on as they come: its
 output is its `*.delta` events, its answer whole at `response.completed` or
 `response.incomplete` (whose response carries the usage), its failure an
-`error` or `response.failed` event (a fallback before the first byte, an
-in-band error after it, as a chat stream's error); it ends without [DONE].
+`error` or `response.failed` event; it ends without [DONE]. Its preamble
+(`response.created`, `response.in_progress`, the first item and part added:
+RESPONSES_PREAMBLE), which a server sends before it has generated anything,
+is held until the first event after it: a model failing before its first
+output is replaced by the next, as a chat stream's is before its first chunk.
 """
 
 from __future__ import annotations
@@ -180,6 +183,10 @@ RESPONSES_DELTAS = {
 RESPONSES_ENDS = {"response.completed": "stop", "response.incomplete": "length"}
 #: the Responses API events that report a failure
 RESPONSES_FAILURES = frozenset({"error", "response.failed"})
+#: the events a Responses API stream opens with before any output: held until the next, so that a model failing
+#: before it generates anything can still be replaced
+RESPONSES_PREAMBLE = frozenset({"response.created", "response.queued", "response.in_progress",
+                                "response.output_item.added", "response.content_part.added"})
 
 
 class ResponsesStreamState(StreamState):
@@ -441,6 +448,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     ends = loop.time() + timeouts.total_s - (time.perf_counter() - attempt.started_s)
     writer = ClientWriter(ctx)
     responses = ctx.endpoint == "responses"
+    held: list[bytes] = []                  # a Responses API stream's preamble, until its first output
     try:
         async with asyncio.timeout(min(wait_s, max(0.0, ends - loop.time()))) as deadline:
             async for event in events:
@@ -469,7 +477,13 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if attempt.response_id is None or attempt.response_model is None:
                     read_identity(attempt, answer)
                 if not ctx.bytes_sent:
+                    if responses and chunk.get("type") in RESPONSES_PREAMBLE:
+                        held.append(event)
+                        deadline.reschedule(min(loop.time() + wait_s, ends + writer.waited_s))
+                        continue
                     await _open_client_stream(ctx, attempt, on_first_event)
+                    for preamble in held:
+                        await writer.write(preamble)
                 if state.absorb(chunk) and attempt.ttft_s is None:
                     attempt.ttft_s = state.last_output_s - attempt.started_s
                 if attempt.energy_id is not None:

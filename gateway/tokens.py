@@ -319,7 +319,7 @@ def _part_tokens(enc: tiktoken.Encoding, part: Any) -> int:
     if kind in ("text", "refusal"):
         text = part.get(kind)
         return _text(enc, text) if isinstance(text, str) else 0
-    if kind in RESPONSES_TEXT_PARTS:
+    if type(kind) is str and kind in RESPONSES_TEXT_PARTS:
         text = part.get("text")
         return _text(enc, text) if isinstance(text, str) else 0
     if kind == "image_url":

@@ -31,6 +31,7 @@ CONCURRENCY = 24
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
+RESPONSES_PATH = "/v1/responses"
 AZURE_CHAT_PATH = "/openai/deployments/{name}/chat/completions?api-version=2024-06-01"
 
 TOOL = {"type": "function", "function": {
@@ -71,6 +72,22 @@ SEEDS: list[tuple[str, dict]] = [
     (EMBEDDINGS_PATH, {"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 8,
                        "encoding_format": "base64"}),
     (AZURE_CHAT_PATH.format(name="auto"), {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    (RESPONSES_PATH, {"model": "auto", "input": "hi", "instructions": "be brief", "max_output_tokens": 16}),
+    (RESPONSES_PATH, {"model": "auto", "max_output_tokens": 16, "stream": True, "store": False,
+                      "previous_response_id": "resp_unknown", "temperature": 0,
+                      "tools": [{"type": "function", "name": "get_weather",
+                                 "parameters": TOOL["function"]["parameters"]}],
+                      "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
+                      "input": [
+                          {"role": "user", "content": [
+                              {"type": "input_text", "text": "what is this?"},
+                              {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"},
+                              {"type": "input_file", "file_id": "file-1"}]},
+                          {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hm"}]},
+                          {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                          {"type": "function_call_output", "call_id": "c1", "output": "cold"},
+                          {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+                           "content": [{"type": "output_text", "text": "It is cold."}]}]}),
 ]
 
 #: values a field may be replaced with; the strings NAN, INF, BIG stand for raw JSON the json module cannot write
@@ -291,7 +308,8 @@ def run_cases(gw: Harness, seed: int, count: int, auth: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def gw():
-    harness = Harness(sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")}).start()
+    policy = DEFAULT_POLICY.replace("endpoints: [chat, completions]}", "endpoints: [chat, completions, responses]}", 1)
+    harness = Harness(policy, sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")}).start()
     yield harness
     harness.stop()
 
@@ -316,6 +334,14 @@ def tenant_gw(module_redis_server):
 def test_generated_requests_get_200_or_an_openai_shaped_4xx(gw):
     """Thousands of mutated bodies and odd headers on every endpoint: 200 or an OpenAI-shaped 4xx, never a 5xx."""
     run_cases(gw, SEED, CASES, {})
+
+
+def test_every_seed_request_is_served(gw):
+    """The requests the mutations start from are valid: each is answered 200 (so mutating them explores what is
+    near a served request, the Responses API's included)."""
+    for path, body in SEEDS:
+        response = requests.post(f"{gw.base_url}{path}", json=body, timeout=10)
+        assert response.status_code == 200, (path, response.text[:300])
 
 
 def test_generated_requests_with_tenants_limits_and_budgets(tenant_gw):

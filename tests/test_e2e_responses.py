@@ -12,6 +12,7 @@ import pytest
 
 from gateway.stages.relay import ResponsesStreamState, responses_failure
 from gateway.telemetry.content import input_messages, output_messages
+from gateway.tokens import count_prompts
 from tests.support import policies
 from tests.support.accounting import ledger_record
 from tests.support.harness import Harness
@@ -280,3 +281,14 @@ routes:
     finally:
         gw.stop()
         raw.stop()
+
+
+def test_events_and_parts_of_odd_types_are_passed_over():
+    """A `type` that is a list or an object (a server's or a client's bug) is no event, no failure and no text."""
+    state = ResponsesStreamState(assemble_for=None)
+    assert not state.absorb({"type": ["response.output_text.delta"], "delta": "x"}) and not state.finished(1)
+    assert responses_failure("m", {"type": {"error": 1}}) is None
+    odd = {"model": "m", "input": [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}]}
+    assert count_prompts("responses", odd, "o200k_base")[0] > 0
+    assert input_messages(SimpleNamespace(endpoint="responses", body=odd)) == \
+        [{"role": "user", "parts": [{"type": "['input_text']"}]}]

@@ -196,8 +196,8 @@ class ResponsesStreamState(StreamState):
     __slots__ = ()
 
     def absorb(self, chunk: dict) -> bool:
-        kind = chunk.get("type")
-        if type(kind) is not str:
+        kind = event_type(chunk)
+        if kind is None:
             return False
         part = RESPONSES_DELTAS.get(kind)
         if part is None:
@@ -223,6 +223,12 @@ class ResponsesStreamState(StreamState):
         return True
 
 
+def event_type(chunk: dict) -> str | None:
+    """A Responses API event's `type`, None when it is not a string (a server's bug must not break the relay)."""
+    kind = chunk.get("type")
+    return kind if type(kind) is str else None
+
+
 def _incomplete_reason(chunk: dict) -> str:
     """The finish reason of an incomplete response, as chat names it: `length` for max_output_tokens, or
     `content_filter`."""
@@ -235,7 +241,7 @@ def _incomplete_reason(chunk: dict) -> str:
 def responses_failure(model_name: str, chunk: dict) -> UpstreamProtocolError | None:
     """The error a Responses API event reports (an `error` event, or `response.failed` with its response's
     error), None for any other event."""
-    if chunk.get("type") not in RESPONSES_FAILURES:
+    if event_type(chunk) not in RESPONSES_FAILURES:
         return None
     response = chunk.get("response")
     error = response.get("error") if isinstance(response, dict) else chunk
@@ -477,7 +483,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if attempt.response_id is None or attempt.response_model is None:
                     read_identity(attempt, answer)
                 if not ctx.bytes_sent:
-                    if responses and chunk.get("type") in RESPONSES_PREAMBLE:
+                    if responses and event_type(chunk) in RESPONSES_PREAMBLE:
                         held.append(event)
                         deadline.reschedule(min(loop.time() + wait_s, ends + writer.waited_s))
                         continue

@@ -134,7 +134,7 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(content, str):
         parts = [_text_part(content)]
     elif isinstance(content, list):
-        parts = [_text_part(part.get("text", "")) if part.get("type") in TEXT_PARTS else {"type": str(part.get("type"))}
+        parts = [_text_part(part.get("text", "")) if _is_text_part(part) else {"type": str(part.get("type"))}
                  for part in content if isinstance(part, dict)]
     else:
         parts = []
@@ -143,6 +143,11 @@ def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(message.get("name"), str):
         chat_message["name"] = message["name"]
     return chat_message
+
+
+def _is_text_part(part: dict[str, Any]) -> bool:
+    kind = part.get("type")
+    return type(kind) is str and kind in TEXT_PARTS
 
 
 def _tool_call_parts(message: dict[str, Any]) -> list[dict[str, Any]]:

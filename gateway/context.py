@@ -93,6 +93,7 @@ class Decision:
     explored: bool = False
     note: str = ""
     output_tokens: int = 0              # per choice, as the router predicted with: max_tokens, or the route's usual
+    pinned: bool = False                # a continuation of a stored response: its one model, never re-planned
 
 
 @dataclass

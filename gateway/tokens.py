@@ -153,7 +153,8 @@ def count_prompts(endpoint: str, body: dict, encoding_name: str) -> tuple[int, i
         return _inputs_tokens(enc, body.get("input"), "input")
     if endpoint == "responses":
         total = _responses_tokens(enc, body, TOOL_OVERHEADS[encoding_name])
-        return total, total
+        # `truncation: auto`: the server drops the oldest input items to fit its window, which need hold none
+        return total, 0 if body.get("truncation") == "auto" else total
     raise ValueError(f"unknown endpoint {endpoint!r}; expected chat, completions, embeddings or responses")
 
 
@@ -268,6 +269,8 @@ def _input_item_tokens(enc: tiktoken.Encoding, item: Any) -> int:
         return TOKENS_PER_MESSAGE + _function_call_tokens(enc, item)
     if kind in ("function_call_output", "custom_tool_call_output"):
         output = item.get("output")
+        if isinstance(output, list):    # parts (input_text, input_image, input_file): an image is not its base64
+            return TOKENS_PER_MESSAGE + sum(_part_tokens(enc, part) for part in output)
         return TOKENS_PER_MESSAGE + (_text(enc, _json_text(output)) if output is not None else 0)
     if kind == "reasoning":
         summary = item.get("summary")

@@ -41,6 +41,8 @@ def request_needs(endpoint: str, body: Mapping[str, Any]) -> Mapping[str, str]:
     messages = body.get(field)
     for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
+        if type(content) is not list and field == "input" and isinstance(message, dict):
+            content = message.get("output")     # a tool's output: a text, or parts (a screenshot's input_image)
         if type(content) is not list:
             continue            # a string: text alone, as most are
         for part in content:

@@ -35,6 +35,9 @@ class MemoryPins:
         self._ttl_s = ttl_s
         self._clock = clock
 
+    #: in this process: never backing off
+    backing_off = False
+
     async def remember(self, tenant: str | None, response_id: str, model: str) -> None:
         key = (tenant or OPEN, response_id)
         self._pins[key] = (model, self._clock() + self._ttl_s)
@@ -60,6 +63,11 @@ class RedisPins:
         self._ttl_s = ttl_s
         self.guard = StoreGuard("response pin store", timeout_s,
                                 meanwhile="requests continuing a stored response follow on_store_failure")
+
+    @property
+    def backing_off(self) -> bool:
+        """Redis could not be reached a moment ago: a pin noted now is written off the response path."""
+        return self.guard.backing_off
 
     def _key(self, tenant: str | None, response_id: str) -> str:
         return f"{self._prefix}:{{{tenant or OPEN}}}:rp:{response_id}"

@@ -122,7 +122,7 @@ class Router:
         Used when a tenant's budget is exhausted and its policy says downgrade.
         """
         hard = [c for c in decision.candidates if meets_hard_terms(c)]
-        if not hard:
+        if not hard or decision.pinned:     # a continuation: only the model that stored it has the response
             return decision
         # a model whose circuit is open would be skipped by the call: it leads only when every circuit is open
         callable_now = [c for c in hard if not any(reason_kind(r) == "circuit" for r in c.reasons)] or hard

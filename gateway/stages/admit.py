@@ -86,7 +86,8 @@ class Admit:
         if state is not None and state.exhausted:
             self._exhausted_until_s[tenant.name] = time.monotonic() + state.retry_after_s
             if state.on_exhausted == "downgrade":
-                ctx.budget_downgrade = True
+                # a continuation of a stored response has its one model: it is not re-planned, nor said to be
+                ctx.budget_downgrade = not ctx.decision.pinned
                 ctx.decision = self.services.fleet.router(ctx.policy).cheapest(ctx.decision)
             elif _cache_may_answer(ctx, state):
                 ctx.extra[BUDGET_REFUSAL] = state.error()   # a hit costs nothing: the cache is asked first

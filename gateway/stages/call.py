@@ -117,6 +117,7 @@ class Call:
                     breakers.release_probe(model.name, attempt.probe_since_s)
                 raise
             except UpstreamError as exc:
+                exc = _unknown_previous_response(ctx, exc) or exc
                 self._failed(ctx, attempt, exc)
                 last_error = exc
                 if ctx.bytes_sent or not _worth_another_model(exc):
@@ -191,7 +192,10 @@ class Call:
         ctx.response_body = answer.body
         if ctx.endpoint == "responses":     # noted before the answer leaves: the client may continue it at once
             read_identity(attempt, answer.body)
-            await self._pin(ctx, attempt)
+            if self.services.stores.pins.backing_off:   # unless its store is down: then not waited for
+                self.services.background.spawn(self._pin(ctx, attempt), name="response-pin")
+            else:
+                await self._pin(ctx, attempt)
         self._succeeded(ctx, attempt)
         attempt.status = answer.status
         return web.Response(body=answer.raw, status=answer.status, content_type="application/json",
@@ -245,6 +249,20 @@ class Call:
 
     async def finish(self, ctx: RequestContext) -> None:
         return None
+
+
+def _unknown_previous_response(ctx: RequestContext, exc: UpstreamError) -> UpstreamStatus | None:
+    """A server's 404 naming the stored response a Responses API request continues (vLLM: "Response with id
+    '...' not found."): the request's fault, as OpenAI's 400 previous_response_not_found says, not a model serving
+    no such path: no other model has the response, and the model's circuit is not charged. None otherwise."""
+    previous = ctx.body.get("previous_response_id") if ctx.endpoint == "responses" else None
+    if not isinstance(exc, UpstreamStatus) or exc.upstream_status != 404 or not isinstance(previous, str) \
+            or previous not in str(exc):
+        return None
+    message = f"Previous response with id '{previous}' not found."
+    return UpstreamStatus(f"model '{ctx.attempts[-1].model.name}' answered 404: {message}", upstream_status=400,
+                          body={"error": {"message": message, "type": "invalid_request_error",
+                                          "param": "previous_response_id", "code": "previous_response_not_found"}})
 
 
 def _worth_another_model(exc: UpstreamError) -> bool:

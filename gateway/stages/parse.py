@@ -84,7 +84,10 @@ def max_tokens_of(body: dict) -> int | None:
 
 
 def choices_of(endpoint: str, body: dict) -> int:
-    """The answers generated together: `n` for each prompt (a completions batch has several)."""
+    """The answers generated together: `n` for each prompt (a completions batch has several); the Responses API
+    makes one, whatever a stray `n` says."""
+    if endpoint == "responses":
+        return 1
     return (body.get("n") or 1) * prompts_in(endpoint, body)
 
 

@@ -29,6 +29,11 @@ class Route:
         self.services = services
 
     async def handle(self, ctx: RequestContext) -> None:
+        if ctx.endpoint == "responses" and ctx.policy.tenants and _references_items(ctx.body):
+            # the server resolves a stored item's id for whoever names it, as it continues any stored response
+            raise ClientError("input items of type item_reference are not served through this gateway: send the "
+                              "item itself, or continue the response with previous_response_id",
+                              param="input", code="unsupported_value")
         router = self.services.fleet.router(ctx.policy)
         with self.services.telemetry.route_span(ctx):
             try:
@@ -38,17 +43,23 @@ class Route:
                     stream=ctx.stream, choices=ctx.choices, longest_prompt_tokens=ctx.longest_prompt_tokens,
                     needs=ctx.uses)
             except NoModelMeetsSla as refusal:
-                if not _cache_may_answer(ctx, refusal):
+                continuing = _continuing(ctx) and getattr(refusal, "decision", None) is not None
+                if not continuing and not _cache_may_answer(ctx, refusal):
                     raise
-                # a stored answer no longer has speed, price or a circuit: the cache is asked first
+                # a stored answer no longer has speed, price or a circuit: the cache is asked first; a
+                # continuation goes to the model that stored it, whatever the SLA (unless it is not pinned)
                 ctx.decision, tighten = refusal.decision, tighten_from_headers(ctx.http.headers)
-                ctx.extra[SLA_REFUSAL] = refusal
-            if ctx.endpoint == "responses" and (previous := ctx.body.get("previous_response_id")) is not None:
-                await self._continue(ctx, previous)
+                if not continuing:
+                    ctx.extra[SLA_REFUSAL] = refusal
+                elif not await self._continue(ctx, ctx.body["previous_response_id"]):
+                    raise
+            else:
+                if _continuing(ctx):
+                    await self._continue(ctx, ctx.body["previous_response_id"])
             ctx.sla_tightened = tighten.as_dict()     # inside: the span records the limits the request asked for
         return None
 
-    async def _continue(self, ctx: RequestContext, previous: str) -> None:
+    async def _continue(self, ctx: RequestContext, previous: str) -> bool:
         """A request continuing a stored response (`previous_response_id`) goes to the model that stored it,
         whatever the SLA chose: no other server has it (`gateway.routing.pins`). With tenants, a response the
         gateway did not relay to the request's tenant is not found (400, as the provider answers an unknown
@@ -59,12 +70,12 @@ class Route:
             if ctx.policy.store.on_store_failure == "deny":
                 raise StoreUnavailable("the store of stored responses cannot be reached, and store.on_store_failure "
                                        "is deny; send the request again shortly")
-            return                          # allow: routed as any other request, its tenant not checked
+            return False                    # allow: routed as any other request, its tenant not checked
         if model_name is None:
             if ctx.policy.tenants:
                 raise ClientError(f"Previous response with id '{previous}' not found.",
                                   param="previous_response_id", code="previous_response_not_found")
-            return
+            return False
         model = ctx.policy.models.get(model_name)
         if model is None:
             raise ClientError(f"Previous response with id '{previous}' was stored by model '{model_name}', which "
@@ -72,11 +83,24 @@ class Route:
                               param="previous_response_id", code="previous_response_not_found")
         decision = ctx.decision
         kept = any(c.kept for c in decision.candidates if c.model.name == model_name)
-        ctx.decision = replace(decision, plan=(model,), sla_met=kept, explored=False,
+        ctx.decision = replace(decision, plan=(model,), sla_met=kept, explored=False, pinned=True,
                                note=f"continues response {previous}, stored by model {model_name}")
+        return True
 
     async def finish(self, ctx: RequestContext) -> None:
         return None
+
+
+def _references_items(body: dict) -> bool:
+    """The Responses API request's input names a stored item by its id (`item_reference`)."""
+    given = body.get("input")
+    return isinstance(given, list) and any(isinstance(item, dict) and item.get("type") == "item_reference"
+                                           for item in given)
+
+
+def _continuing(ctx: RequestContext) -> bool:
+    """A Responses API request continuing a stored response (`previous_response_id`)."""
+    return ctx.endpoint == "responses" and ctx.body.get("previous_response_id") is not None
 
 
 def _cache_may_answer(ctx: RequestContext, refusal: NoModelMeetsSla) -> bool:

@@ -37,6 +37,7 @@ class Usage:
     cached_input_tokens: int = 0
     reasoning_tokens: int = 0
     audio_input_tokens: int = 0     # of the input tokens, those of audio (priced apart)
+    cache_write_input_tokens: int = 0   # of the input tokens, those written to the provider's prompt cache
     audio_output_tokens: int = 0    # of the output tokens, those of audio
     estimated: bool = False     # counted by the gateway, not reported by the upstream
 

@@ -3,13 +3,15 @@
 The cost is the sum of three parts; each applies when its price and its
 measurement are both known, so API and self-hosted models share one rule:
 
-- tokens: ((input - cached - audio in) x input_per_mtok
+- tokens: ((input - cached - audio in - written) x input_per_mtok
            + cached x (cached_input_per_mtok, or input_per_mtok when unset)
            + audio in x (audio_input_per_mtok, or input_per_mtok when unset)
+           + written x (cache_write_input_per_mtok, or input_per_mtok when unset)
            + (output - audio out) x output_per_mtok
            + audio out x (audio_output_per_mtok, or output_per_mtok when unset)) / 1,000,000.
-  Cached and audio tokens are subsets of input tokens (OpenAI's accounting),
-  audio ones capped at what the cached leave; audio output tokens are a subset
+  Cached, audio and cache-written tokens are subsets of input tokens (OpenAI's
+  accounting), audio ones capped at what the cached leave, written ones at what
+  both leave; audio output tokens are a subset
   of the output; reasoning tokens are part of the output count and are not
   charged again.
 - GPU time (self-hosted, `gpu_hour_usd` set): gpu_seconds x gpu_hour_usd / 3600.
@@ -57,10 +59,12 @@ def token_cost_usd(model: Model, usage: Usage) -> Decimal:
     price = model.price
     cached = min(usage.cached_input_tokens, usage.input_tokens)
     audio_in = min(usage.audio_input_tokens, usage.input_tokens - cached)
+    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached - audio_in)
     audio_out = min(usage.audio_output_tokens, usage.output_tokens)
-    micro_usd = ((usage.input_tokens - cached - audio_in) * price.input_per_mtok
+    micro_usd = ((usage.input_tokens - cached - audio_in - written) * price.input_per_mtok
                  + cached * _or(price.cached_input_per_mtok, price.input_per_mtok)
                  + audio_in * _or(price.audio_input_per_mtok, price.input_per_mtok)
+                 + written * _or(price.cache_write_input_per_mtok, price.input_per_mtok)
                  + (usage.output_tokens - audio_out) * price.output_per_mtok
                  + audio_out * _or(price.audio_output_per_mtok, price.output_per_mtok))
     return Decimal(micro_usd) / TOKENS_PER_MTOK

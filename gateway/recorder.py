@@ -49,6 +49,7 @@ def attempt_record(attempt: Attempt) -> dict:
         "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cached_input_tokens,
         "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
         "audio_input_tokens": usage.audio_input_tokens, "audio_output_tokens": usage.audio_output_tokens,
+        "cache_write_input_tokens": usage.cache_write_input_tokens,
         "tokens_estimated": usage.estimated, "energy_j": attempt.energy_j,
         "cost_usd": plain_usd(attempt.cost_usd),
     }

@@ -464,8 +464,9 @@ def _parse_usage(usage: dict) -> Usage | None:
     The shapes of OpenAI-compatible servers and proxies: a total past input and output carries reasoning
     reported beside the output (Gemini through some proxies): the output is the total less the input; Anthropic's
     `input_tokens` leaves out its cache reads and writes (`cache_read_input_tokens`, `cache_creation_input_tokens`),
-    added back, the reads as cached input; DeepSeek's `prompt_cache_hit_tokens` are cached input. Cached input
-    is at most the input."""
+    added back, the reads as cached input; DeepSeek's `prompt_cache_hit_tokens` are cached input. Input written
+    to the prompt cache (OpenAI's `cache_write_tokens` among the details, Anthropic's `cache_creation_input_tokens`)
+    is priced apart. Cached input is at most the input, written input at most what the cached leaves."""
     input_tokens = _count(usage, "prompt_tokens", "input_tokens")
     output_tokens = _count(usage, "completion_tokens", "output_tokens")
     total_tokens = _count(usage, "total_tokens")
@@ -474,15 +475,18 @@ def _parse_usage(usage: dict) -> Usage | None:
     input_details = _details(usage, "prompt_tokens_details", "input_tokens_details")
     output_details = _details(usage, "completion_tokens_details", "output_tokens_details")
     cached = _detail(input_details, "cached_tokens") or _detail(usage, "prompt_cache_hit_tokens")
+    written = _detail(input_details, "cache_write_tokens") or _detail(usage, "cache_creation_input_tokens")
     if "prompt_tokens" not in usage:        # Anthropic's input count leaves its cache reads and writes out
-        read, written = _detail(usage, "cache_read_input_tokens"), _detail(usage, "cache_creation_input_tokens")
-        input_tokens += read + written
+        read = _detail(usage, "cache_read_input_tokens")
+        input_tokens += read + _detail(usage, "cache_creation_input_tokens")
         cached = cached or read
     if total_tokens is not None and (output_tokens is None or total_tokens > input_tokens + output_tokens):
         output_tokens = max(0, total_tokens - input_tokens)     # embeddings' none; reasoning reported beside it
     if output_tokens is None:
         return None
-    return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=min(cached, input_tokens),
+    cached = min(cached, input_tokens)
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached,
+                 cache_write_input_tokens=min(written, input_tokens - cached),
                  reasoning_tokens=_detail(output_details, "reasoning_tokens"),
                  audio_input_tokens=min(_detail(input_details, "audio_tokens"), input_tokens),
                  audio_output_tokens=min(_detail(output_details, "audio_tokens"), output_tokens))

@@ -238,6 +238,7 @@ PRICE = Section(Price, {
     "input_per_mtok": money(non_negative, at_most(MAX_USD)),
     "output_per_mtok": money(non_negative, at_most(MAX_USD)),
     "cached_input_per_mtok": money(non_negative, at_most(MAX_USD)),
+    "cache_write_input_per_mtok": money(non_negative, at_most(MAX_USD)),
     "audio_input_per_mtok": money(non_negative, at_most(MAX_USD)),
     "audio_output_per_mtok": money(non_negative, at_most(MAX_USD)),
 })

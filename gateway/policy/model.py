@@ -30,6 +30,9 @@ class Price:
     output_per_mtok: Decimal = Decimal(0)
     #: price of prompt tokens served from the provider's prompt cache; default: input price
     cached_input_per_mtok: Decimal | None = None
+    #: price of prompt tokens written to the provider's prompt cache (OpenAI's `cache_write_tokens`, Anthropic's
+    #: `cache_creation_input_tokens`, 1.25x its input price); default: input price
+    cache_write_input_per_mtok: Decimal | None = None
     #: prices of audio tokens, in and out (gpt-4o-audio's are many times its text's); default: the text prices
     audio_input_per_mtok: Decimal | None = None
     audio_output_per_mtok: Decimal | None = None

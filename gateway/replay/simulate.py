@@ -377,6 +377,8 @@ def _budget_periods(now_s: float) -> tuple[tuple[str, int], tuple[str, int]]:
 
 
 def _usage(request: ReplayRequest, input_tokens: int, output_tokens: int) -> Usage:
-    """What an attempt used, with the parts of it the trace says were priced apart (cached input, audio)."""
+    """What an attempt used, with the parts of it the trace says were priced apart (cached input, audio, input
+    written to the prompt cache)."""
     return Usage(input_tokens, output_tokens, request.cached_input_tokens,
-                 audio_input_tokens=request.audio_input_tokens, audio_output_tokens=request.audio_output_tokens)
+                 audio_input_tokens=request.audio_input_tokens, audio_output_tokens=request.audio_output_tokens,
+                 cache_write_input_tokens=request.cache_write_input_tokens)

@@ -55,6 +55,7 @@ class Row(NamedTuple):
     audio_output_tokens: int = 0
     status: int | None = None       # the status the trace's gateway answered (a ledger's; None: answered)
     uses: tuple[str, ...] = ()      # what it used beyond text (a ledger's): images, audio, files, tools
+    cache_write_input_tokens: int = 0   # of input_tokens, written to the provider's prompt cache (a ledger's)
 
     @property
     def failed_live(self) -> bool:
@@ -88,6 +89,7 @@ class ReplayRequest:
     audio_output_tokens: int = 0        # of output_tokens, audio (a ledger's)
     output_estimated: bool = False      # its call failed in the trace: output_tokens is its route's median output
     uses: tuple[str, ...] = ()          # what it used beyond text (a ledger's `uses`): the models it may go to
+    cache_write_input_tokens: int = 0   # of input_tokens, written to the provider's prompt cache (a ledger's)
 
     @property
     def streamed(self) -> bool:
@@ -118,7 +120,8 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
         requests[index] = ReplayRequest(row.arrival_s - start_s, row.input_tokens, output_tokens, row.alias,
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
                                         row.recorded_answer, row.cached_input_tokens, row.audio_input_tokens,
-                                        row.audio_output_tokens, row.failed_live, row.uses)
+                                        row.audio_output_tokens, row.failed_live, row.uses,
+                                        row.cache_write_input_tokens)
     return requests
 
 
@@ -231,7 +234,8 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
                   min(input_tokens, _answered(path, line, record, "audio_input_tokens")),
                   min(output_tokens, _answered(path, line, record, "audio_output_tokens")),
                   status if isinstance(status := record.get("status"), int) else None,
-                  features(path, line, "uses", record.get("uses")))
+                  features(path, line, "uses", record.get("uses")),
+                  min(input_tokens, _answered(path, line, record, "cache_write_input_tokens")))
 
 
 def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:

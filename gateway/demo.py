@@ -48,6 +48,10 @@ x-gateway-cache and x-gateway-cost-usd. Press Ctrl-C to stop.
 """
 
 
+#: a tiny image (a PNG's signature) sent inline: small reads no images, so the router passes it over
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+
+
 async def tour(base_url: str) -> None:
     """Send a few requests and print what the gateway decided for each."""
     requests = [
@@ -57,6 +61,8 @@ async def tour(base_url: str) -> None:
                                                     "temperature": 0, "max_tokens": 16}),
         ("needs tier 2", "chat/completions", {"model": "smart", "max_tokens": 32,
                                               "messages": [{"role": "user", "content": "Plan a trip"}]}),
+        ("an image, auto", "chat/completions", {"model": "auto", "max_tokens": 16, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE_PART]}]}),
         ("responses API, auto", "responses", {"model": "auto", "input": "Hi", "max_output_tokens": 16}),
     ]
     print(f"{'request':<22} {'status':<6} {'model':<8} {'route':<13} {'cache':<7} {'cost_usd':>14}")

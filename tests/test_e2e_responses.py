@@ -219,7 +219,7 @@ def test_content_capture_reads_the_responses_shapes():
                                          "arguments": {"city": "Oslo"}}]},
         {"role": "tool", "parts": [{"type": "tool_call_response", "response": "rain", "id": "c1"}]},
         {"role": "user", "parts": [{"type": "reasoning"}]}]
-    assert output_messages(ctx, SimpleNamespace(status=200)) == [{"role": "assistant", "parts": [
+    assert output_messages(ctx, SimpleNamespace(status=200, finish_reasons=("length",))) == [{"role": "assistant", "parts": [
         {"type": "text", "content": "It rains."}, {"type": "tool_call", "id": "c2", "name": "umbrella",
                                                    "arguments": {}}], "finish_reason": "length"}]
     assert input_messages(SimpleNamespace(endpoint="responses", body={"input": "hi"})) == \

@@ -75,7 +75,8 @@ class Routing:
             decision, _ = decide_request(
                 runtime, self.router, endpoint=request.endpoint, alias=request.alias, tenant=tenant,
                 headers=_NO_HEADERS, prompt_tokens=request.input_tokens, max_tokens=request.output_tokens,
-                stream=request.streamed, needs=recorded_needs(request.uses))
+                stream=request.streamed, longest_prompt_tokens=request.context_tokens,
+                needs=recorded_needs(request.uses))
         except (ClientError, NoModelMeetsSla) as exc:
             if request.recorded_answer == "cache_hit" and _cache_may_answer(getattr(exc, "decision", None)):
                 return exc.decision     # live asks the cache first: a stored answer has no speed, price or circuit

@@ -56,6 +56,7 @@ class Row(NamedTuple):
     status: int | None = None       # the status the trace's gateway answered (a ledger's; None: answered)
     uses: tuple[str, ...] = ()      # what it used beyond text (a ledger's): images, audio, files, tools
     cache_write_input_tokens: int = 0   # of input_tokens, written to the provider's prompt cache (a ledger's)
+    context_tokens: int | None = None   # of input_tokens, what each model's context must hold (a ledger's)
 
     @property
     def failed_live(self) -> bool:
@@ -90,6 +91,9 @@ class ReplayRequest:
     output_estimated: bool = False      # its call failed in the trace: output_tokens is its route's median output
     uses: tuple[str, ...] = ()          # what it used beyond text (a ledger's `uses`): the models it may go to
     cache_write_input_tokens: int = 0   # of input_tokens, written to the provider's prompt cache (a ledger's)
+    #: of input_tokens, what each model's context window must hold, when less (a ledger's: a completions batch's
+    #: longest prompt; none of a Responses API request with `truncation: auto`); None: all of them
+    context_tokens: int | None = None
 
     @property
     def streamed(self) -> bool:
@@ -121,7 +125,7 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
                                         row.recorded_answer, row.cached_input_tokens, row.audio_input_tokens,
                                         row.audio_output_tokens, row.failed_live, row.uses,
-                                        row.cache_write_input_tokens)
+                                        row.cache_write_input_tokens, row.context_tokens)
     return requests
 
 
@@ -235,7 +239,18 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
                   min(output_tokens, _answered(path, line, record, "audio_output_tokens")),
                   status if isinstance(status := record.get("status"), int) else None,
                   features(path, line, "uses", record.get("uses")),
-                  min(input_tokens, _answered(path, line, record, "cache_write_input_tokens")))
+                  min(input_tokens, _answered(path, line, record, "cache_write_input_tokens")),
+                  _context_tokens(record, input_tokens))
+
+
+def _context_tokens(record: dict[str, Any], input_tokens: int) -> int | None:
+    """Of a ledger line's input tokens, what each model's context window had to hold live, when less than all of
+    them (`longest_prompt_tokens` below `prompt_tokens`, both the gateway's count: a completions batch's longest
+    prompt, in proportion; 0 for a Responses API request with `truncation: auto`); None otherwise."""
+    longest, prompt = record.get("longest_prompt_tokens"), record.get("prompt_tokens")
+    if type(longest) is not int or type(prompt) is not int or not 0 <= longest < prompt:
+        return None
+    return input_tokens * longest // prompt
 
 
 def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:

@@ -13,14 +13,31 @@ from gateway.tokens import (DEFAULT_ENCODING, count_completion_tokens, count_pro
                             usage_from_response)
 
 
-def read_answer(attempt: Attempt, body: dict) -> None:
+def read_answer(attempt: Attempt, body: dict, endpoint: str = "chat") -> None:
     """What a non-streamed answer says about itself: id, model, finish reasons, usage."""
     read_identity(attempt, body)
+    attempt.usage = usage_from_response(body)
+    if endpoint == "responses":
+        reason = responses_finish_reason(body)
+        attempt.finish_reasons = (reason,) if reason is not None else ()
+        return
     choices = body.get("choices")
     attempt.finish_reasons = tuple(c["finish_reason"] for c in choices if isinstance(c, dict)
                                    and isinstance(c.get("finish_reason"), str) and c["finish_reason"]) \
         if isinstance(choices, list) else ()
-    attempt.usage = usage_from_response(body)
+
+
+def responses_finish_reason(response: dict, status: object = None) -> str | None:
+    """A Responses API answer's end told as chat's finish reason: `stop` when completed, `length` when cut short
+    by max_output_tokens (`content_filter` when by the filter); None for any other status. `status`: the one its
+    stream's end event says, when given (the response's own otherwise)."""
+    status = response.get("status") if status is None else status
+    if status == "completed":
+        return "stop"
+    if status != "incomplete":
+        return None
+    details = response.get("incomplete_details")
+    return "content_filter" if isinstance(details, dict) and details.get("reason") == "content_filter" else "length"
 
 
 #: the longest answer `id` or `model` kept (OpenAI's are under 64 characters): they are span attributes, a metric
@@ -333,7 +350,7 @@ def prompt_tokens(ctx: RequestContext, encoding: str) -> int:
 async def settle_attempt(ctx: RequestContext, attempt: Attempt) -> None:
     """Fill in an ended attempt: the answer's fields, and estimated usage when it produced output."""
     if ctx.response_body is not None and attempt is ctx.attempts[-1] and attempt.status == 200:
-        read_answer(attempt, ctx.response_body)
+        read_answer(attempt, ctx.response_body, ctx.endpoint)
     produced = attempt.status == 200 or (ctx.bytes_sent and attempt is ctx.attempts[-1])
     if attempt.usage is None and produced:
         await count_usage(attempt, Estimate(ctx, attempt))

@@ -25,8 +25,9 @@ gateway counted (the ones it bills, marked estimated in the ledger and spans).
 A Responses API stream (`ResponsesStreamState`) is a series of typed events
 (`event: response.output_text.delta` and its data) passed on as they come: its
 output is its `*.delta` events, its answer whole at `response.completed` or
-`response.incomplete` (whose response carries the usage), its failure an
-`error` or `response.failed` event; it ends without [DONE]. Its preamble
+`response.incomplete` (whose response carries the usage; the last event: the
+relay ends there, with no usage chunk nor [DONE] to wait for), its failure an
+`error` or `response.failed` event. Its preamble
 (`response.created`, `response.in_progress`, the first item and part added:
 RESPONSES_PREAMBLE), which a server sends before it has generated anything,
 is held until the first event after it: a model failing before its first
@@ -51,7 +52,9 @@ from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
 from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
-from gateway.stages.answers import CONTENT, REASONING, Estimate, GeneratedParts, count_usage, read_identity
+from gateway.stages.answers import (
+    CONTENT, REASONING, Estimate, GeneratedParts, count_usage, read_identity, responses_finish_reason,
+)
 from gateway.telemetry.content import CAPTURE_OUTPUT
 from gateway.tokens import usage_body, usage_from_response
 from gateway.upstream import UpstreamCall, error_message
@@ -179,8 +182,8 @@ RESPONSES_DELTAS = {
     "response.function_call_arguments.delta": "arguments", "response.custom_tool_call_input.delta": "arguments",
     "response.reasoning_summary_text.delta": REASONING, "response.reasoning_text.delta": REASONING,
 }
-#: the Responses API events that end an answer whole, and the finish reason each is told as
-RESPONSES_ENDS = {"response.completed": "stop", "response.incomplete": "length"}
+#: the Responses API events that end an answer whole, and the status each says its response has
+RESPONSES_ENDS = {"response.completed": "completed", "response.incomplete": "incomplete"}
 #: the Responses API events that report a failure
 RESPONSES_FAILURES = frozenset({"error", "response.failed"})
 #: the events a Responses API stream opens with before any output: held until the next, so that a model failing
@@ -201,8 +204,10 @@ class ResponsesStreamState(StreamState):
             return False
         part = RESPONSES_DELTAS.get(kind)
         if part is None:
-            if (reason := RESPONSES_ENDS.get(kind)) is not None:
-                self.finish_reasons.append(_incomplete_reason(chunk) if reason == "length" else reason)
+            if (status := RESPONSES_ENDS.get(kind)) is not None:
+                response = chunk.get("response")
+                self.finish_reasons.append(responses_finish_reason(response if isinstance(response, dict) else {},
+                                                                   status))
                 self.finished_choices.add(0)
             return False
         delta = chunk.get("delta")
@@ -227,15 +232,6 @@ def event_type(chunk: dict) -> str | None:
     """A Responses API event's `type`, None when it is not a string (a server's bug must not break the relay)."""
     kind = chunk.get("type")
     return kind if type(kind) is str else None
-
-
-def _incomplete_reason(chunk: dict) -> str:
-    """The finish reason of an incomplete response, as chat names it: `length` for max_output_tokens, or
-    `content_filter`."""
-    response = chunk.get("response")
-    details = response.get("incomplete_details") if isinstance(response, dict) else None
-    reason = details.get("reason") if isinstance(details, dict) else None
-    return "content_filter" if reason == "content_filter" else "length"
 
 
 def responses_failure(model_name: str, chunk: dict) -> UpstreamProtocolError | None:
@@ -502,6 +498,8 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     await writer.write(event)
                 answered = len(state.finished_choices) >= ctx.choices and state.finished(ctx.choices)
                 state.sent_whole = answered
+                if answered and responses:  # its end event is its last: no usage chunk nor [DONE] to wait for
+                    return
                 deadline.reschedule(min(loop.time() + (grace_s if answered else wait_s), ends + writer.waited_s))
     except TimeoutError as exc:
         if state.finished(ctx.choices):

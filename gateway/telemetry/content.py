@@ -69,9 +69,9 @@ def _responses_input(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _responses_output(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """A Responses API answer as one output message: its messages' text and its function calls, its finish
-    reason told as chat's (`stop` when completed, `length` when cut short)."""
+def _responses_output(body: dict[str, Any], finish_reasons: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A Responses API answer as one output message: its messages' text and its function calls, with the finish
+    reason its attempt was read to have (`stop` when completed, `length` or `content_filter` when cut short)."""
     parts: list[dict[str, Any]] = []
     for item in body.get("output") or ():
         if not isinstance(item, dict):
@@ -81,9 +81,8 @@ def _responses_output(body: dict[str, Any]) -> list[dict[str, Any]]:
                          if isinstance(part, dict) and isinstance(part.get("text"), str))
         elif item.get("type") == "function_call":
             parts.append(_call_part(item.get("call_id"), item))
-    status = body.get("status")
-    reason = {"completed": "stop", "incomplete": "length"}.get(status, _UNKNOWN_FINISH)
-    return [{"role": "assistant", "parts": parts, "finish_reason": reason}]
+    return [{"role": "assistant", "parts": parts, "finish_reason": finish_reasons[0] if finish_reasons
+             else _UNKNOWN_FINISH}]
 
 
 def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any]]:
@@ -91,7 +90,7 @@ def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any
     if attempt.status != 200 or ctx.endpoint == "embeddings":
         return []
     if ctx.response_body is not None and ctx.endpoint == "responses":
-        return _responses_output(ctx.response_body)
+        return _responses_output(ctx.response_body, attempt.finish_reasons)
     if ctx.response_body is not None:
         return [_output_choice(choice) for choice in ctx.response_body.get("choices") or ()
                 if isinstance(choice, dict)]

@@ -148,7 +148,11 @@ def request_parameters(ctx: RequestContext) -> dict[str, Any]:
     stops = [stop] if isinstance(stop, str) else stop
     if isinstance(stops, list) and stops and all(isinstance(item, str) for item in stops):
         attributes[gen_ai.GEN_AI_REQUEST_STOP_SEQUENCES] = tuple(stops)
-    output_type = _output_type(body.get("response_format"))
+    output_format = body.get("response_format")
+    if ctx.endpoint == "responses":         # the Responses API names it `text.format`
+        text = body.get("text")
+        output_format = text.get("format") if isinstance(text, dict) else None
+    output_type = _output_type(output_format)
     if output_type is not None:
         attributes[gen_ai.GEN_AI_OUTPUT_TYPE] = output_type
     return attributes

@@ -4,12 +4,15 @@ response on the model that stored it, for its tenant alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
 import openai
 import pytest
 
+from gateway.policy.load import load_policy
+from gateway.replay import read_traffic, replay
 from gateway.stages.relay import ResponsesStreamState, responses_failure
 from gateway.telemetry.content import input_messages, output_messages
 from gateway.tokens import count_prompts
@@ -219,7 +222,8 @@ def test_content_capture_reads_the_responses_shapes():
                                          "arguments": {"city": "Oslo"}}]},
         {"role": "tool", "parts": [{"type": "tool_call_response", "response": "rain", "id": "c1"}]},
         {"role": "user", "parts": [{"type": "reasoning"}]}]
-    assert output_messages(ctx, SimpleNamespace(status=200, finish_reasons=("length",))) == [{"role": "assistant", "parts": [
+    answered = SimpleNamespace(status=200, finish_reasons=("length",))
+    assert output_messages(ctx, answered) == [{"role": "assistant", "parts": [
         {"type": "text", "content": "It rains."}, {"type": "tool_call", "id": "c2", "name": "umbrella",
                                                    "arguments": {}}], "finish_reason": "length"}]
     assert input_messages(SimpleNamespace(endpoint="responses", body={"input": "hi"})) == \
@@ -292,3 +296,26 @@ def test_events_and_parts_of_odd_types_are_passed_over():
     assert count_prompts("responses", odd, "o200k_base")[0] > 0
     assert input_messages(SimpleNamespace(endpoint="responses", body=odd)) == \
         [{"role": "user", "parts": [{"type": "['input_text']"}]}]
+
+
+def test_a_continuation_is_recorded_and_replayed_on_the_model_that_stored_it(gw, tmp_path):
+    """The ledger says which requests continued a stored response (`continues`), and `gateway replay` plans each
+    on the model that stored it, whatever the SLA, as live; a replayed policy without that model refuses it, as
+    live would (400, the response not found)."""
+    stored = create(gw).parse()
+    raw = create(gw, previous_response_id=stored.id, extra_headers={"x-gateway-min-tier": "2"})
+    line = ledger_record(gw.ledger_path, raw.headers["x-request-id"])
+    assert line["continues"] is True and line["model"] == "small"
+    assert ledger_record(gw.ledger_path, create(gw).headers["x-request-id"])["continues"] is False
+    traffic = tmp_path / "ledger.jsonl"
+    continued = {"ts": 100.0, "endpoint": "responses", "alias": "auto", "stream": False, "input_tokens": 50,
+                 "tenant": "acme", "output_tokens": 5, "route": "agents", "model": "large", "continues": True}
+    traffic.write_text(json.dumps(continued) + "\n" + json.dumps({**continued, "ts": 101.0, "continues": False}) + "\n")
+    policy = load_policy(gw.policy_path)
+    assert [outcome.label for outcome in replay(policy, read_traffic(traffic, "ledger"), jitter_sigma=0.0).outcomes] \
+        == ["large", "small"]
+    without_large = dataclasses.replace(policy, models={k: v for k, v in policy.models.items() if k != "large"},
+                                        routes=tuple(dataclasses.replace(route, candidates=("small", "medium"))
+                                                     if route.name == "agents" else route for route in policy.routes))
+    first, second = replay(without_large, read_traffic(traffic, "ledger"), jitter_sigma=0.0).outcomes
+    assert (first.status, first.reason) == ("rejected", "continuation") and second.label == "small"

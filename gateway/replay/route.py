@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from gateway.context import Decision
@@ -39,15 +39,17 @@ _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 REASONS: tuple[tuple[type[Exception], str], ...] = (
     (AuthenticationFailed, "unknown_tenant"), (PermissionDenied, "forbidden"), (NotFound, "no_route"),
     (NoModelMeetsSla, "sla"), (UnsupportedInput, "unsupported"), (ClientError, "context"))
+#: a continuation of a response stored by a model the replayed policy lacks (live: 400 previous_response_not_found)
+CONTINUATION = "continuation"
 #: reasons given after a route matched: the request counts against that route's SLA
-ROUTED_REASONS = frozenset({"sla", "unsupported", "context"})
+ROUTED_REASONS = frozenset({"sla", "unsupported", "context", CONTINUATION})
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A request the gateway would refuse before calling any model."""
 
-    reason: str                         # unknown_tenant | forbidden | no_route | sla | unsupported | context
+    reason: str         # unknown_tenant | forbidden | no_route | sla | unsupported | context | continuation
     route: str | None = None            # the route it matched, for sla and context
 
 
@@ -78,11 +80,28 @@ class Routing:
                 stream=request.streamed, longest_prompt_tokens=request.context_tokens,
                 needs=recorded_needs(request.uses))
         except (ClientError, NoModelMeetsSla) as exc:
-            if request.recorded_answer == "cache_hit" and _cache_may_answer(getattr(exc, "decision", None)):
+            refused = getattr(exc, "decision", None)
+            if request.recorded_answer == "cache_hit" and _cache_may_answer(refused):
                 return exc.decision     # live asks the cache first: a stored answer has no speed, price or circuit
+            if request.continues_on is not None and refused is not None:
+                return self._continued(runtime, request, refused)   # live pins it whatever the SLA, as here
             reason = next(name for kind, name in REASONS if isinstance(exc, kind))
             return Refusal(reason, self._route_name(runtime, request, tenant) if reason in ROUTED_REASONS else None)
+        if request.continues_on is not None:
+            return self._continued(runtime, request, decision)
         return decision
+
+    @staticmethod
+    def _continued(runtime: Runtime, request: ReplayRequest, decision: Decision) -> Decision | Refusal:
+        """A continuation of a stored response, planned as live plans it: on the model that stored it alone,
+        whatever the SLA; refused when the replayed policy lacks that model (live: 400, the response not
+        found)."""
+        model = runtime.policy.models.get(request.continues_on)
+        if model is None:
+            return Refusal(CONTINUATION, decision.route.name)
+        kept = any(c.kept for c in decision.candidates if c.model.name == model.name)
+        return replace(decision, plan=(model,), sla_met=kept, explored=False, pinned=True,
+                       note=f"continues a response stored by model {model.name}")
 
     def _runtime_for(self, request: ReplayRequest, tenant: Tenant | None) -> Runtime:
         """The runtime to match the request with: the policy's, or, for a request a header-matched route could

@@ -57,6 +57,7 @@ class Row(NamedTuple):
     uses: tuple[str, ...] = ()      # what it used beyond text (a ledger's): images, audio, files, tools
     cache_write_input_tokens: int = 0   # of input_tokens, written to the provider's prompt cache (a ledger's)
     context_tokens: int | None = None   # of input_tokens, what each model's context must hold (a ledger's)
+    continues_on: str | None = None     # the model whose stored response it continued (a ledger's)
 
     @property
     def failed_live(self) -> bool:
@@ -94,6 +95,9 @@ class ReplayRequest:
     #: of input_tokens, what each model's context window must hold, when less (a ledger's: a completions batch's
     #: longest prompt; none of a Responses API request with `truncation: auto`); None: all of them
     context_tokens: int | None = None
+    #: the model whose stored response it continued (`previous_response_id`, a ledger's `continues`): only that
+    #: model has it, as live
+    continues_on: str | None = None
 
     @property
     def streamed(self) -> bool:
@@ -125,7 +129,7 @@ def read_traffic(path: str | Path, fmt: str = "auto", limit: int | None = None) 
                                         row.endpoint, row.tenant, row.recorded_route, row.line, row.stream,
                                         row.recorded_answer, row.cached_input_tokens, row.audio_input_tokens,
                                         row.audio_output_tokens, row.failed_live, row.uses,
-                                        row.cache_write_input_tokens, row.context_tokens)
+                                        row.cache_write_input_tokens, row.context_tokens, row.continues_on)
     return requests
 
 
@@ -240,7 +244,9 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
                   status if isinstance(status := record.get("status"), int) else None,
                   features(path, line, "uses", record.get("uses")),
                   min(input_tokens, _answered(path, line, record, "cache_write_input_tokens")),
-                  _context_tokens(record, input_tokens))
+                  _context_tokens(record, input_tokens),
+                  _name(model) if record.get("continues") is True and isinstance(model := record.get("model"), str)
+                  else None)
 
 
 def _context_tokens(record: dict[str, Any], input_tokens: int) -> int | None:

@@ -8,6 +8,7 @@ import tracemalloc
 import pytest
 
 from gateway.cache.memory import ENTRY_OVERHEAD_BYTES, MemoryCache, entry_bytes
+from gateway.stages.relay import StreamState
 
 KEY_PREFIX = "gw:c:v1:"
 
@@ -69,3 +70,29 @@ async def test_each_entry_counts_its_key_value_and_overhead() -> None:
     assert cache.used_bytes == len("k") + len(b"value") + ENTRY_OVERHEAD_BYTES
     await cache.delete("k")
     assert cache.used_bytes == 0
+
+
+def test_a_stream_with_top_logprobs_is_given_up_before_it_holds_tens_of_megabytes() -> None:
+    """A cacheable stream asking for `top_logprobs: 20` carries about 8 KB of logprobs a token beside one token of
+    text: the assembler (which folds a stream the cache may store) counts them against its limit, so a 4,000
+    token answer is given up (it could not be stored anyway) instead of holding about 31 MB until its end."""
+    alternatives = [{"token": f"t{i}", "logprob": -1.0 - i, "bytes": [116, 48 + i % 10]} for i in range(20)]
+    state = StreamState(assemble_for="chat")
+    tracemalloc.start()
+    try:
+        for i in range(4000):
+            token = {"token": f" w{i}", "logprob": -0.5, "bytes": [32, 119], "top_logprobs": list(alternatives)}
+            state.absorb({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                          "choices": [{"index": 0, "delta": {"content": f" w{i}"},
+                                       "logprobs": {"content": [dict(token)]}, "finish_reason": None}]})
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert state.assembled is None and "characters" in state.unassembled
+    assert held < 8 * 1024 * 1024, f"the stream's state holds {held / 1e6:.1f} MB"
+    short = StreamState(assemble_for="chat")        # a short one is still assembled, its logprobs whole
+    for i in range(20):
+        short.absorb({"choices": [{"index": 0, "delta": {"content": "x"},
+                                   "logprobs": {"content": [{"token": "x", "logprob": -0.1, "bytes": [120],
+                                                             "top_logprobs": list(alternatives)}]}}]})
+    assert len(short.assembled.body()["choices"][0]["logprobs"]["content"]) == 20

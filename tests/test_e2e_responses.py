@@ -13,6 +13,7 @@ import pytest
 
 from gateway.policy.load import load_policy
 from gateway.replay import read_traffic, replay
+from gateway.stages.answers import responses_output_parts
 from gateway.stages.relay import ResponsesStreamState, responses_failure
 from gateway.telemetry.content import input_messages, output_messages
 from gateway.tokens import count_prompts
@@ -319,3 +320,18 @@ def test_a_continuation_is_recorded_and_replayed_on_the_model_that_stored_it(gw,
                                                      if route.name == "agents" else route for route in policy.routes))
     first, second = replay(without_large, read_traffic(traffic, "ledger"), jitter_sigma=0.0).outcomes
     assert (first.status, first.reason) == ("rejected", "continuation") and second.label == "small"
+
+
+def test_content_capture_and_estimates_pass_over_lists_that_are_not_lists():
+    """A client's or a server's odd shape (a number where a list belongs) is passed over, never a failure of the
+    request's recording or of its usage estimate."""
+    chat = SimpleNamespace(endpoint="chat", body={"messages": [{"role": "assistant", "tool_calls": 5}]},
+                           response_body={"choices": 1.5})
+    assert input_messages(chat) == [{"role": "assistant", "parts": []}]
+    assert output_messages(chat, SimpleNamespace(status=200, finish_reasons=())) == []
+    odd = SimpleNamespace(endpoint="responses", body={"input": "hi"}, response_body={
+        "output": [{"type": "message", "content": 2.0}, {"type": "reasoning", "summary": "x"}]})
+    assert output_messages(odd, SimpleNamespace(status=200, finish_reasons=("stop",)))[0]["parts"] == []
+    assert list(responses_output_parts(odd.response_body["output"])) == []
+    assert output_messages(SimpleNamespace(endpoint="responses", response_body={"output": 3}),
+                           SimpleNamespace(status=200, finish_reasons=()))[0]["parts"] == []

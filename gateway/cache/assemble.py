@@ -22,6 +22,12 @@ REPLACED_FIELDS = frozenset({"index", "type"})
 #: text a stream may add up to before the cache stops assembling it (it could not be stored: an entry is at most
 #: DEFAULT_MAX_ENTRY_BYTES compressed, and zlib rarely packs text 4 to 1)
 MAX_ASSEMBLED_CHARS = 4 * 1024 * 1024
+#: what one logprob entry (a token's, or one of its `top_logprobs`) counts as against MAX_ASSEMBLED_CHARS: about
+#: what it holds in memory (a dict of token, logprob and bytes); a stream's logprobs weigh far more than its text
+#: (with top_logprobs 20, about 8 KB a token)
+LOGPROB_ENTRY_CHARS = 400
+#: what a completion's per-token number or string (`token_logprobs`, `tokens`, `text_offset`) counts as
+LOGPROB_SCALAR_CHARS = 64
 
 
 class _Pieces:
@@ -126,8 +132,7 @@ def _merge_chat_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> 
     for name, value in delta.items():
         if name not in CHAT_DELTA_FIELDS:
             added += _merge_field(message, name, value)
-    _merge_common(choice, delta_choice)
-    return added
+    return added + _merge_common(choice, delta_choice)
 
 
 def _append(merged: dict[str, Any], name: str, text: str) -> int:
@@ -181,19 +186,22 @@ def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> 
     """Fold one completions chunk into the choice; returns the characters of text it added."""
     text = delta_choice.get("text") or ""
     choice["text"].parts.append(text)
-    _merge_common(choice, delta_choice)
-    return len(text)
+    return len(text) + _merge_common(choice, delta_choice)
 
 
-def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> None:
-    """Finish reason, logprobs and the choice's other fields, shared by chat and completions."""
+def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> int:
+    """Finish reason, logprobs and the choice's other fields, shared by chat and completions; returns what the
+    logprobs it added count as (LOGPROB_ENTRY_CHARS an entry)."""
     for name, value in delta_choice.items():
         if name not in CHOICE_FIELDS and value is not None:
             choice[name] = value
     if delta_choice.get("finish_reason"):
         choice["finish_reason"] = delta_choice["finish_reason"]
-    if delta_choice.get("logprobs"):
-        choice["logprobs"] = _merge_lists(choice["logprobs"] or {}, delta_choice["logprobs"])
+    logprobs = delta_choice.get("logprobs")
+    if not logprobs:
+        return 0
+    choice["logprobs"] = _merge_lists(choice["logprobs"] or {}, logprobs)
+    return _logprobs_chars(logprobs)
 
 
 def _merge_tool_call(tools: dict[int, dict[str, Any]], tool_delta: dict[str, Any]) -> int:
@@ -224,6 +232,24 @@ def _merge_lists(merged: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any
         elif value is not None:
             merged.setdefault(name, value)
     return merged
+
+
+def _logprobs_chars(logprobs: dict[str, Any]) -> int:
+    """What a chunk's `logprobs` count as against MAX_ASSEMBLED_CHARS: chat's entries per token with their
+    `top_logprobs` (in `content` and `refusal`), a completion's `top_logprobs` maps by their entries and its
+    per-token numbers and strings."""
+    chars = 0
+    for name, value in logprobs.items():
+        if not isinstance(value, list):
+            continue
+        for item in value:
+            if not isinstance(item, dict):
+                chars += LOGPROB_SCALAR_CHARS
+                continue
+            top = item.get("top_logprobs")      # chat: the token's alternatives; a completion's map: its entries
+            alternatives = len(top) if isinstance(top, list) else len(item) - 1 if name == "top_logprobs" else 0
+            chars += LOGPROB_ENTRY_CHARS * (1 + alternatives)
+    return chars
 
 
 def _finish_choice(choice: dict[str, Any]) -> dict[str, Any]:

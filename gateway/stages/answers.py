@@ -292,7 +292,7 @@ def responses_output_parts(output: list) -> Iterator[tuple[int, str, str]]:
             continue
         kind = item.get("type")
         if kind == "message":
-            for part in item.get("content") or ():
+            for part in _listed(item.get("content")):
                 if not isinstance(part, dict):
                     continue
                 refusal = part.get("type") == "refusal"
@@ -305,9 +305,14 @@ def responses_output_parts(output: list) -> Iterator[tuple[int, str, str]]:
                 yield index, part, text
         elif kind == "reasoning":
             for field in ("summary", "content"):
-                for part in item.get(field) or ():
+                for part in _listed(item.get(field)):
                     if isinstance(part, dict) and _is_text(text := part.get("text")):
                         yield index, REASONING, text
+
+
+def _listed(value: object) -> list | tuple:
+    """`value` when it is a list, else nothing to go through (a server's odd answer must not break the count)."""
+    return value if isinstance(value, list) else ()
 
 
 def _function_parts(part: str, function: object) -> Iterator[tuple[str, str]]:

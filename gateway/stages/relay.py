@@ -278,7 +278,8 @@ async def relay_stream(ctx: RequestContext, attempt: Attempt, transport, call: U
     try:
         async with transport.stream(call) as events:
             await _relay_events(ctx, attempt, events, state, on_first_event, energy)
-        if not state.done and not state.finished(ctx.choices):
+        if not state.finished(ctx.choices) and (not state.done or ctx.endpoint == "responses"):
+            # ([DONE] ends a chat stream; a Responses API stream ends with its end event alone)
             raise UpstreamProtocolError(f"model '{attempt.model.name}' ended the stream early")
     except ConnectionError as exc:          # the client went away; leaving `stream` closed upstream
         if state.sent_whole and not isinstance(exc, ClientStalled):     # it left with the whole answer

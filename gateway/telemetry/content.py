@@ -31,7 +31,7 @@ _UNKNOWN_FINISH = "unknown"
 def input_messages(ctx: RequestContext) -> list[dict[str, Any]]:
     """The prompt as gen_ai.input.messages (role + parts); empty for embeddings."""
     if ctx.endpoint == "chat":
-        return [_chat_message(message) for message in ctx.body.get("messages") or ()
+        return [_chat_message(message) for message in _listed(ctx.body.get("messages"))
                 if isinstance(message, dict)]
     if ctx.endpoint == "completions":
         prompt = ctx.body.get("prompt")
@@ -73,11 +73,11 @@ def _responses_output(body: dict[str, Any], finish_reasons: tuple[str, ...]) -> 
     """A Responses API answer as one output message: its messages' text and its function calls, with the finish
     reason its attempt was read to have (`stop` when completed, `length` or `content_filter` when cut short)."""
     parts: list[dict[str, Any]] = []
-    for item in body.get("output") or ():
+    for item in _listed(body.get("output")):
         if not isinstance(item, dict):
             continue
         if item.get("type") == "message":
-            parts.extend(_text_part(part["text"]) for part in item.get("content") or ()
+            parts.extend(_text_part(part["text"]) for part in _listed(item.get("content"))
                          if isinstance(part, dict) and isinstance(part.get("text"), str))
         elif item.get("type") == "function_call":
             parts.append(_call_part(item.get("call_id"), item))
@@ -92,7 +92,7 @@ def output_messages(ctx: RequestContext, attempt: Attempt) -> list[dict[str, Any
     if ctx.response_body is not None and ctx.endpoint == "responses":
         return _responses_output(ctx.response_body, attempt.finish_reasons)
     if ctx.response_body is not None:
-        return [_output_choice(choice) for choice in ctx.response_body.get("choices") or ()
+        return [_output_choice(choice) for choice in _listed(ctx.response_body.get("choices"))
                 if isinstance(choice, dict)]
     record = ctx.stream_record
     if record is None:
@@ -152,7 +152,7 @@ def _is_text_part(part: dict[str, Any]) -> bool:
 def _tool_call_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     """An assistant message's tool calls, and its legacy `function_call` (which has no id), as tool_call parts
     (id, name, arguments: parsed when JSON)."""
-    calls = [call for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    calls = [call for call in _listed(message.get("tool_calls")) if isinstance(call, dict)]
     if isinstance(message.get("function_call"), dict):
         calls.append({"function": message["function_call"]})
     return [_call_part(call.get("id"), function) for call in calls
@@ -184,6 +184,11 @@ def _texts(content: Any) -> str:
     if not isinstance(content, list):
         return ""
     return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def _listed(value: Any) -> list | tuple:
+    """`value` when it is a list, else nothing to go through (a client's or a server's odd shape)."""
+    return value if isinstance(value, list) else ()
 
 
 def _text_part(text: str) -> dict[str, str]:

@@ -335,3 +335,16 @@ def test_content_capture_and_estimates_pass_over_lists_that_are_not_lists():
     assert list(responses_output_parts(odd.response_body["output"])) == []
     assert output_messages(SimpleNamespace(endpoint="responses", response_body={"output": 3}),
                            SimpleNamespace(status=200, finish_reasons=()))[0]["parts"] == []
+
+
+def test_a_streamed_tool_calls_name_is_kept_for_the_estimate_as_a_whole_answers_is():
+    """The name comes with the item (`response.output_item.added`, held with the opening events when it is the
+    first), the arguments as deltas: both are counted when the server reports no usage, as a whole answer's are."""
+    state = ResponsesStreamState(assemble_for=None)
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": ""}
+    state.absorb({"type": "response.output_item.added", "output_index": 0, "item": call})
+    state.absorb({"type": "response.function_call_arguments.delta", "output_index": 0, "delta": "{\"city\":"})
+    state.absorb({"type": "response.function_call_arguments.delta", "output_index": 0, "delta": "\"Oslo\"}"})
+    streamed = sorted(text for _, _, text in state.parts.items())
+    whole = sorted(text for _, _, text in responses_output_parts([{**call, "arguments": "{\"city\":\"Oslo\"}"}]))
+    assert streamed == whole == ["get_weather", "{\"city\":\"Oslo\"}"]

@@ -204,7 +204,9 @@ class ResponsesStreamState(StreamState):
             return False
         part = RESPONSES_DELTAS.get(kind)
         if part is None:
-            if (status := RESPONSES_ENDS.get(kind)) is not None:
+            if kind == "response.output_item.added":
+                self._item_added(chunk)
+            elif (status := RESPONSES_ENDS.get(kind)) is not None:
                 response = chunk.get("response")
                 self.finish_reasons.append(responses_finish_reason(response if isinstance(response, dict) else {},
                                                                    status))
@@ -226,6 +228,16 @@ class ResponsesStreamState(StreamState):
             self.chunk_gaps_s.append(now_s - self.last_output_s)
         self.last_output_s = now_s
         return True
+
+
+    def _item_added(self, chunk: dict) -> None:
+        """A function or custom tool call's name, which comes with its item (its arguments as deltas): kept for
+        the usage estimate, as a whole answer's is."""
+        item = chunk.get("item")
+        index = chunk.get("output_index", 0)
+        if isinstance(item, dict) and item.get("type") in ("function_call", "custom_tool_call") \
+                and isinstance(name := item.get("name"), str) and name:
+            self.parts.add_piece(index if type(index) is int else 0, "name", name)
 
 
 def event_type(chunk: dict) -> str | None:
@@ -481,6 +493,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     read_identity(attempt, answer)
                 if not ctx.bytes_sent:
                     if responses and event_type(chunk) in RESPONSES_PREAMBLE:
+                        state.absorb(chunk)     # no output: what it says (a tool call's name) is kept
                         held.append(event)
                         deadline.reschedule(min(loop.time() + wait_s, ends + writer.waited_s))
                         continue

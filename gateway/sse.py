@@ -23,9 +23,16 @@ def encode_event(payload: dict) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def error_event(message: str, *, error_type: str = "upstream_error", code: str | None = None) -> bytes:
-    """The in-band error an OpenAI client sees when a stream fails after its first byte."""
-    return encode_event({"error": {"message": message, "type": error_type, "code": code, "param": None}})
+def error_event(message: str, *, error_type: str = "upstream_error", code: str | None = None,
+                responses: bool = False) -> bytes:
+    """The in-band error an OpenAI client sees when a stream fails after its first byte. On a Responses API stream
+    it is also that API's `error` event (`event: error`, `type`, `code`, `message`, `param`), for clients that
+    read events by their type; the `error` object beside them is what the SDKs raise on."""
+    error = {"message": message, "type": error_type, "code": code, "param": None}
+    if not responses:
+        return encode_event({"error": error})
+    return b"event: error\n" + encode_event({"type": "error", "code": code, "message": message, "param": None,
+                                             "error": error})
 
 
 def event_data(event: bytes) -> bytes | None:

@@ -113,10 +113,18 @@ def test_a_model_failing_before_its_first_event_falls_back(gw):
 
 
 def test_a_stream_cut_mid_way_ends_with_an_error_the_sdk_raises(gw):
+    """The in-band error is the Responses API's `error` event (`event: error`, its type, code and message, for
+    clients that read events by type) carrying the `error` object the SDKs raise on."""
     gw.sim_config("small", drop_rate=1.0)
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError, match="dropped the connection"):
         for _ in client(gw).responses.create(model="auto", input="Say hello.", max_output_tokens=40, stream=True):
             pass
+    with client(gw).responses.with_streaming_response.create(model="auto", input="Say hello.",
+                                                             max_output_tokens=40, stream=True) as raw:
+        lines = list(raw.iter_lines())
+    assert lines[-3] == "event: error"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["type"] == "error" and last["message"] == last["error"]["message"] and last["code"]
 
 
 def test_a_route_that_does_not_name_responses_does_not_take_them(gw):

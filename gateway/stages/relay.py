@@ -589,7 +589,8 @@ async def _end_with_error(ctx: RequestContext, exc: GatewayError) -> None:
     """End a stream already open with the in-band error event (a client that takes nothing is cut)."""
     try:
         async with client_time(ctx):
-            await ctx.response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code))
+            await ctx.response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code,
+                                                 responses=ctx.endpoint == "responses"))
             await ctx.response.write_eof()
     except ConnectionError:
         pass

@@ -356,3 +356,34 @@ def test_a_streamed_tool_calls_name_is_kept_for_the_estimate_as_a_whole_answers_
     streamed = sorted(text for _, _, text in state.parts.items())
     whole = sorted(text for _, _, text in responses_output_parts([{**call, "arguments": "{\"city\":\"Oslo\"}"}]))
     assert streamed == whole == ["get_weather", "{\"city\":\"Oslo\"}"]
+
+
+def test_a_responses_event_with_a_usage_field_is_relayed_as_it_came():
+    """The usage chunk the gateway asks a chat stream for is taken out for a client that did not ask; a Responses
+    API event is never such a chunk: one carrying a `usage` field of its own (a server's extension) is relayed
+    whole, its `event:` line kept."""
+    raw = RawUpstream().start()
+    opening = {"id": "resp_u", "object": "response", "status": "in_progress", "model": "raw", "output": []}
+    done = {**opening, "status": "completed",
+            "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}}
+    raw.script = [(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n", 0),
+                  (sse("response.created", sequence_number=0, response=opening), 0),
+                  (sse("response.output_text.delta", sequence_number=1, output_index=0, delta="Hi",
+                       usage={"output_tokens": 1}), 0),
+                  (sse("response.completed", sequence_number=2, response=done), 0)]
+    policy = policies.models(policies.model("raw", None, endpoint=raw.url, timeouts=policies.short_timeouts())) + """
+routes:
+  - name: agents
+    match: {{models: ["auto"], endpoints: [responses]}}
+    candidates: [raw]
+"""
+    gw = Harness(policy, sims={}).start()
+    try:
+        with gw.openai().responses.with_streaming_response.create(model="auto", input="hi", stream=True) as stream:
+            lines = list(stream.iter_lines())
+    finally:
+        gw.stop()
+        raw.stop()
+    assert "event: response.output_text.delta" in lines
+    delta = next(json.loads(line[6:]) for line in lines if line.startswith("data: ") and "output_text.delta" in line)
+    assert delta["usage"] == {"output_tokens": 1} and delta["delta"] == "Hi"

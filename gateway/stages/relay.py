@@ -506,7 +506,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     energy.progress(attempt.energy_id, ctx.prompt_tokens + state.output_chunks)
                 if (usage := usage_from_response(answer)) is not None:
                     attempt.usage = usage
-                if "usage" in chunk and not ctx.include_usage:
+                if "usage" in chunk and not ctx.include_usage and not responses:   # (a Responses event as it came)
                     event = _without_usage(chunk)
                 if event is not None:
                     await writer.write(event)

@@ -43,6 +43,9 @@ def chat(*parts, **fields) -> dict:
     (chat(tools=[TOOL]), {"tools": "tools"}),
     (chat(functions=[TOOL["function"]]), {"tools": "functions"}),
     (chat(tools=[]), {}),                                             # an empty list asks for no tool
+    (chat(tools=[TOOL], tool_choice="none"), {}),                     # nor do tools it is told not to call
+    (chat(tools=[TOOL], tool_choice="required"), {"tools": "tools"}),
+    (chat(functions=[TOOL["function"]], function_call="none"), {}),
     (chat(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), {"audio": "modalities"}),
     (chat(modalities=["text"]), {}),
     (chat({"type": "text", "text": "x"}, {"type": "refusal", "refusal": "no"}), {}),

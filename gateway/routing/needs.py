@@ -33,7 +33,8 @@ def request_needs(endpoint: str, body: Mapping[str, Any]) -> Mapping[str, str]:
     for a request of text alone and for completions and embeddings. Content parts of type image_url,
     input_audio and file (chat), input_image, input_file and input_audio (the Responses API's `input`); audio
     asked as output (`modalities` naming audio, or an `audio` object); `tools` or the legacy `functions`, when
-    not empty. A part of an unknown type needs nothing (the model server judges it)."""
+    not empty and not with `tool_choice` (`function_call`) "none". A part of an unknown type needs nothing (the
+    model server judges it)."""
     field = MESSAGES_FIELD.get(endpoint)
     if field is None:
         return NO_NEEDS
@@ -52,8 +53,8 @@ def request_needs(endpoint: str, body: Mapping[str, Any]) -> Mapping[str, str]:
     modalities = body.get("modalities")
     if isinstance(body.get("audio"), dict) or isinstance(modalities, list) and "audio" in modalities:
         needs.setdefault("audio", "modalities")
-    for param in ("tools", "functions"):
-        if body.get(param):
+    for param, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        if body.get(param) and body.get(choice) != "none":     # tools the model is told not to call need nothing
             needs.setdefault("tools", param)
     return needs or NO_NEEDS
 

@@ -49,7 +49,8 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     stream = bool(body.get("stream")) and endpoint != "embeddings"
     decision, _ = decide_request(runtime, fleet.router(runtime.policy), endpoint=endpoint, alias=body["model"],
                                  tenant=tenant, headers=headers, prompt_tokens=prompt_tokens,
-                                 max_tokens=max_tokens_of(body), stream=stream, choices=choices_of(endpoint, body),
+                                 max_tokens=max_tokens_of(body, endpoint), stream=stream,
+                                 choices=choices_of(endpoint, body),
                                  longest_prompt_tokens=longest_prompt_tokens, needs=request_needs(endpoint, body))
     return decision, (prompt_tokens, longest_prompt_tokens)
 

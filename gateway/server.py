@@ -456,11 +456,14 @@ def serve(policy: Path, *, host: str, port: int, workers: int = 1, metrics_port:
     started = holder.current.policy     # its ledger, store, telemetry and grace period serve every worker
 
     def spawn(slot: int) -> BaseProcess | None:
+        sockets: list[socket.socket] = []
         try:        # bound, listening once the worker serves: the kernel sends a starting worker no connection
             sockets = listen_sockets(host, port, reuse_port=True, listen=False)
             metrics_sockets = listen_sockets(host, metrics_port, reuse_port=True, listen=False) \
                 if metrics_port is not None else []
         except ListenError as exc:
+            for sock in sockets:        # the API's, bound before the metrics port failed
+                sock.close()
             log.error("worker %d: %s", slot, exc)
             return None
         keep = {sock.fileno() for sock in (*sockets, *metrics_sockets)} | {supervisor.ready_fd}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 #: top-level fields copied from the first chunk that carries them, not empty (a live stream repeats them in
 #: every chunk); not `obfuscation`, the random padding each live chunk has of its own
 HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
@@ -22,12 +24,7 @@ REPLACED_FIELDS = frozenset({"index", "type"})
 #: text a stream may add up to before the cache stops assembling it (it could not be stored: an entry is at most
 #: DEFAULT_MAX_ENTRY_BYTES compressed, and zlib rarely packs text 4 to 1)
 MAX_ASSEMBLED_CHARS = 4 * 1024 * 1024
-#: what one logprob entry (a token's, or one of its `top_logprobs`) counts as against MAX_ASSEMBLED_CHARS: about
-#: what it holds in memory (a dict of token, logprob and bytes); a stream's logprobs weigh far more than its text
-#: (with top_logprobs 20, about 8 KB a token)
-LOGPROB_ENTRY_CHARS = 400
-#: what a completion's per-token number or string (`token_logprobs`, `tokens`, `text_offset`) counts as
-LOGPROB_SCALAR_CHARS = 64
+#: logprobs' JSON (numbers, mostly) packs about 3 to 1, not text's 4: each 3 of its bytes count as 4 characters
 
 
 class _Pieces:
@@ -191,7 +188,7 @@ def _merge_text_choice(choice: dict[str, Any], delta_choice: dict[str, Any]) -> 
 
 def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> int:
     """Finish reason, logprobs and the choice's other fields, shared by chat and completions; returns what the
-    logprobs it added count as (LOGPROB_ENTRY_CHARS an entry)."""
+    logprobs it added count as (`_merge_logprobs`)."""
     for name, value in delta_choice.items():
         if name not in CHOICE_FIELDS and value is not None:
             choice[name] = value
@@ -200,8 +197,8 @@ def _merge_common(choice: dict[str, Any], delta_choice: dict[str, Any]) -> int:
     logprobs = delta_choice.get("logprobs")
     if not logprobs:
         return 0
-    choice["logprobs"] = _merge_lists(choice["logprobs"] or {}, logprobs)
-    return _logprobs_chars(logprobs)
+    merged = choice["logprobs"] = choice["logprobs"] or {}
+    return _merge_logprobs(merged, logprobs)
 
 
 def _merge_tool_call(tools: dict[int, dict[str, Any]], tool_delta: dict[str, Any]) -> int:
@@ -224,32 +221,33 @@ def _merge_function(function: dict[str, Any], delta: dict[str, Any]) -> int:
     return added
 
 
-def _merge_lists(merged: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    """Logprobs: list fields are extended chunk after chunk; others are kept."""
+class _Encoded:
+    """A logprobs list arriving chunk by chunk, each chunk's part held as its JSON and decoded once at the end: as
+    objects, a token's entry with its `top_logprobs` weighs about ten times its JSON (with top_logprobs 20, about
+    8 KB a token), so a stream the cache could store would be given up for its memory."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, part: bytes) -> None:
+        self.parts = [part]
+
+
+def _merge_logprobs(merged: dict[str, Any], delta: dict[str, Any]) -> int:
+    """Logprobs: list fields are extended chunk after chunk (held as JSON, `_Encoded`); others are kept. Returns
+    what the JSON the lists added counts as against MAX_ASSEMBLED_CHARS (4 for each 3 bytes)."""
+    added = 0
     for name, value in delta.items():
         if isinstance(value, list):
-            _extend(merged, name, value)
+            encoded = orjson.dumps(value)
+            earlier = merged.get(name)
+            if isinstance(earlier, _Encoded):
+                earlier.parts.append(encoded)
+            else:
+                merged[name] = _Encoded(encoded)
+            added += len(encoded) * 4 // 3
         elif value is not None:
             merged.setdefault(name, value)
-    return merged
-
-
-def _logprobs_chars(logprobs: dict[str, Any]) -> int:
-    """What a chunk's `logprobs` count as against MAX_ASSEMBLED_CHARS: chat's entries per token with their
-    `top_logprobs` (in `content` and `refusal`), a completion's `top_logprobs` maps by their entries and its
-    per-token numbers and strings."""
-    chars = 0
-    for name, value in logprobs.items():
-        if not isinstance(value, list):
-            continue
-        for item in value:
-            if not isinstance(item, dict):
-                chars += LOGPROB_SCALAR_CHARS
-                continue
-            top = item.get("top_logprobs")      # chat: the token's alternatives; a completion's map: its entries
-            alternatives = len(top) if isinstance(top, list) else len(item) - 1 if name == "top_logprobs" else 0
-            chars += LOGPROB_ENTRY_CHARS * (1 + alternatives)
-    return chars
+    return added
 
 
 def _finish_choice(choice: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +267,8 @@ def _settled(value: Any) -> Any:
     """`value` with every text in pieces joined and every assembler list made a plain list, at any depth."""
     if isinstance(value, _Pieces):
         return "".join(value.parts)
+    if isinstance(value, _Encoded):
+        return [item for part in value.parts for item in orjson.loads(part)]
     if isinstance(value, dict):
         return {key: _settled(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -76,10 +76,13 @@ async def read_body(request: web.Request, max_bytes: int, stall_s: float | None 
     return b"".join(chunks)
 
 
-def max_tokens_of(body: dict) -> int | None:
-    """The answer's length limit the request sets (`max_completion_tokens`, else `max_tokens`, or the Responses
-    API's `max_output_tokens`; 0 on completions scores the prompt alone); None when it sets none."""
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+def max_tokens_of(body: dict, endpoint: str = "chat") -> int | None:
+    """The answer's length limit the request sets (`max_completion_tokens`, else `max_tokens`, or on the Responses
+    API its `max_output_tokens`; 0 on completions scores the prompt alone); None when it sets none. Another
+    endpoint's `max_output_tokens` is a field it does not have, which its server ignores: not its limit."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if endpoint == "responses":
+        limit = limit or body.get("max_output_tokens")
     return 0 if limit is None and body.get("max_tokens") == 0 else limit
 
 
@@ -258,22 +261,30 @@ def validate_body(endpoint: str, body: dict) -> None:
     _check_type(body, "stream_options", (dict,), "an object")
     # a legacy completion of max_tokens 0 echoes and scores the prompt alone (evaluation harnesses do)
     _check_integer(body, "max_tokens", 0 if endpoint == "completions" else 1)
-    for field in ("max_completion_tokens", "max_output_tokens", "n"):
+    for field in ("max_completion_tokens", "n"):
         _check_integer(body, field, 1)
-    _check_type(body, "previous_response_id", (str,), "a string")
-    if endpoint == "responses" and body.get("conversation") is not None:
-        raise ClientError("conversations are not served through the gateway (they are created and read with "
-                          "/v1/conversations, which it does not serve); continue a response with "
-                          "previous_response_id, or send the history in input", param="conversation",
-                          code="unsupported_parameter")
-    if endpoint == "responses" and body.get("background") is True:
-        raise ClientError("background responses are not served through the gateway: their answer is fetched later "
-                          "with GET /v1/responses/{id}, which it does not serve; send the request without "
-                          "background", param="background", code="unsupported_parameter")
+    if endpoint == "responses":             # its own fields: on chat, completions and embeddings, passed on as
+        _validate_responses_fields(body)    # any field they do not have (their servers ignore it), as before
     _check_number(body, "temperature", 0, 2)
     _check_number(body, "top_p", 0, 1)
     _check_type(body, "seed", (int,), "an integer")
     _check_type(body, "stop", (str, list), "one of a string or an array")
+
+
+def _validate_responses_fields(body: dict) -> None:
+    """The Responses API's own fields: `max_output_tokens`, `previous_response_id`; no `conversation` nor
+    `background`."""
+    _check_integer(body, "max_output_tokens", 1)
+    _check_type(body, "previous_response_id", (str,), "a string")
+    if body.get("conversation") is not None:
+        raise ClientError("conversations are not served through the gateway (they are created and read with "
+                          "/v1/conversations, which it does not serve); continue a response with "
+                          "previous_response_id, or send the history in input", param="conversation",
+                          code="unsupported_parameter")
+    if body.get("background") is True:
+        raise ClientError("background responses are not served through the gateway: their answer is fetched later "
+                          "with GET /v1/responses/{id}, which it does not serve; send the request without "
+                          "background", param="background", code="unsupported_parameter")
 
 
 class Parse:
@@ -296,7 +307,7 @@ class Parse:
         options = body.get("stream_options") or {}
         # the Responses API reports usage in its last event unasked: its stream_options are the client's own
         ctx.include_usage = ctx.stream and ctx.endpoint != "responses" and bool(options.get("include_usage"))
-        ctx.max_tokens = max_tokens_of(body)
+        ctx.max_tokens = max_tokens_of(body, ctx.endpoint)
         ctx.choices = choices_of(ctx.endpoint, body)
         ctx.uses = request_needs(ctx.endpoint, body)
         headers = ctx.http.headers

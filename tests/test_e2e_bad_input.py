@@ -198,3 +198,28 @@ def test_an_empty_body_is_a_400_asking_for_a_json_object(gw):
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert (error["code"], error["message"]) == ("invalid_request", "request body is empty; expected a JSON object")
+
+
+def test_a_string_cut_in_the_middle_of_an_emoji_is_served_with_a_replacement_character(gw):
+    """JavaScript's JSON.stringify writes half a surrogate pair as an escape (`"\\ud83d"`) for a string cut in the
+    middle of an emoji: valid JSON, which orjson cannot read (such a string has no UTF-8 form). It is served, the
+    lone half replaced by U+FFFD, as a browser encodes it; a pair stays the emoji it is."""
+    raw = (b'{"model": "auto", "max_tokens": 5, '
+           b'"messages": [{"role": "user", "content": "cut \\ud83d | \\ud83d\\ude00"}]}')
+    response = requests.post(f"{gw.base_url}/v1/chat/completions", data=raw, timeout=10,
+                             headers={"Content-Type": "application/json", "Authorization": "Bearer key-acme"})
+    assert response.status_code == 200, response.text
+    sent = gw.sim_requests("small", last=1)[-1]["body"]
+    assert sent["messages"][0]["content"] == "cut \ufffd | \U0001F600"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": NaN}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud83d"}], "seed": 123456789012345678901234}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud83d"}], "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+    b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud83d"}] x',
+])
+def test_a_lone_surrogate_beside_what_is_not_json_is_still_a_400(gw, raw):
+    response = requests.post(f"{gw.base_url}/v1/chat/completions", data=raw, timeout=10,
+                             headers={"Content-Type": "application/json", "Authorization": "Bearer key-acme"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"

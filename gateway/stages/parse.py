@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -123,13 +124,46 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         if str(exc).startswith("depth limit exceeded"):     # past the 1024 levels orjson reads: as deep as below
             raise ClientError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
-        raise ClientError(f"We could not parse the JSON body of your request ({exc}). The gateway expects a "
-                          "JSON payload, but what was sent was not valid JSON.", code=None) from exc
+        body = _with_lone_surrogates_replaced(raw) if "surrogate" in str(exc) else None
+        if body is None:
+            raise ClientError(f"We could not parse the JSON body of your request ({exc}). The gateway expects a "
+                              "JSON payload, but what was sent was not valid JSON.", code=None) from exc
     if not isinstance(body, dict):
         raise ClientError(f"the JSON body must be an object, not {json_kind(body)}")
     if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and not _depth_within(body, MAX_JSON_DEPTH):
         raise ClientError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     return body
+
+
+#: a UTF-16 surrogate left alone in a decoded string (a pair is one character by then)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _with_lone_surrogates_replaced(raw: bytes) -> Any:
+    """JSON whose strings escape half a UTF-16 surrogate pair (`"\\ud83d"`: JavaScript's JSON.stringify writes one
+    for a string cut in the middle of an emoji), read with each lone half replaced by U+FFFD, as a browser does
+    when it encodes such a string to UTF-8 (orjson refuses them: such a string has no UTF-8 form to send on); None
+    when the JSON is wrong otherwise (NaN, a number past 64 bits, too deep: as orjson would refuse it)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        body = _replace_lone_surrogates(json.loads(raw, parse_constant=refuse))
+        orjson.dumps(body)          # what the gateway writes on must be writable: no integer past 64 bits
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return body
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(key): _replace_lone_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def _depth_within(value: Any, limit: int) -> bool:

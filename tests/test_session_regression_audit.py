@@ -4,30 +4,26 @@ did before it, and must still do (parse, routing, the stream cache)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 
-from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_policy, reset_raw_model
-from tests.support.raw_upstream import SSE_HEAD, RawUpstream, sse
+from tests.support.harness import RAW_CACHED_ROUTE, raw_model_gateway, reset_raw_model
+from tests.support.raw_upstream import SSE_HEAD, sse
 
 TAIL = RAW_CACHED_ROUTE + """  - name: text
     match: {{models: ["auto"]}}
+    candidates: [small, medium, large]
+  - name: agents
+    match: {{models: ["agents"], endpoints: [responses]}}
     candidates: [small, medium, large]
 """
 
 
 @pytest.fixture(scope="module")
 def env():
-    raw = RawUpstream().start()
-    environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
-    gw = Harness(raw_model_policy(raw.url, first_byte_s=2, tail=TAIL),
-                 sims={name: dict(ttft_ms=1, tpot_ms=0) for name in ("small", "medium", "large")},
-                 environ={**environ, "OTEL_SDK_DISABLED": "true"}).start()
-    yield gw, raw
-    gw.stop()
-    raw.stop()
+    with raw_model_gateway(first_byte_s=2, tail=TAIL) as (gw, raw):
+        yield gw, raw
 
 
 @pytest.fixture

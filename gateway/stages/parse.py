@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -80,10 +81,11 @@ async def read_body(request: web.Request, max_bytes: int, stall_s: float | None 
 def max_tokens_of(body: dict, endpoint: str = "chat") -> int | None:
     """The answer's length limit the request sets (`max_completion_tokens`, else `max_tokens`, or on the Responses
     API its `max_output_tokens`; 0 on completions scores the prompt alone); None when it sets none. Another
-    endpoint's `max_output_tokens` is a field it does not have, which its server ignores: not its limit."""
+    endpoint's `max_output_tokens` is a field it does not have, which its server ignores: not its limit (as chat's
+    `max_tokens` and `max_completion_tokens` are not the Responses API's)."""
+    if endpoint == "responses":     # chat's `max_tokens` and `max_completion_tokens` are none of its fields
+        return body.get("max_output_tokens")
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if endpoint == "responses":
-        limit = limit or body.get("max_output_tokens")
     return 0 if limit is None and body.get("max_tokens") == 0 else limit
 
 
@@ -124,7 +126,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         if str(exc).startswith("depth limit exceeded"):     # past the 1024 levels orjson reads: as deep as below
             raise ClientError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
-        body = _with_lone_surrogates_replaced(raw) if "surrogate" in str(exc) else None
+        # a lone surrogate's escape ("no low surrogate in string"), not UTF-8 that is wrong ("surrogates not allowed");
+        # read by the stdlib, on the event loop, about 8 times orjson's time: for bodies of text, not megabytes
+        body = _with_lone_surrogates_replaced(raw) if "surrogate in string" in str(exc) and \
+            len(raw) <= MAX_SURROGATE_FALLBACK_BYTES else None
         if body is None:
             raise ClientError(f"We could not parse the JSON body of your request ({exc}). The gateway expects a "
                               "JSON payload, but what was sent was not valid JSON.", code=None) from exc
@@ -135,6 +140,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+#: the largest body read again to replace lone surrogates (a larger one with them is a 400, as any JSON orjson
+#: refuses): the stdlib's reading takes about 65 ms of the event loop a MiB
+MAX_SURROGATE_FALLBACK_BYTES = 1024 * 1024
 #: a UTF-16 surrogate left alone in a decoded string (a pair is one character by then)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -143,12 +151,19 @@ def _with_lone_surrogates_replaced(raw: bytes) -> Any:
     """JSON whose strings escape half a UTF-16 surrogate pair (`"\\ud83d"`: JavaScript's JSON.stringify writes one
     for a string cut in the middle of an emoji), read with each lone half replaced by U+FFFD, as a browser does
     when it encodes such a string to UTF-8 (orjson refuses them: such a string has no UTF-8 form to send on); None
-    when the JSON is wrong otherwise (NaN, a number past 64 bits, too deep: as orjson would refuse it)."""
+    when the JSON is wrong otherwise (NaN, a number past a double's range or past 64 bits, too deep, a body that is
+    not UTF-8: as orjson would refuse it)."""
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not JSON")
 
-    try:
-        body = _replace_lone_surrogates(json.loads(raw, parse_constant=refuse))
+    def finite(text: str) -> float:
+        number = float(text)
+        if math.isinf(number):      # 1e400: orjson's "number is infinity", never passed on as null
+            raise ValueError(f"{text} is past a double's range")
+        return number
+
+    try:        # decoded as UTF-8 alone (bytes would let json guess UTF-16 or UTF-32)
+        body = _replace_lone_surrogates(json.loads(raw.decode("utf-8"), parse_constant=refuse, parse_float=finite))
         orjson.dumps(body)          # what the gateway writes on must be writable: no integer past 64 bits
     except (ValueError, TypeError, RecursionError):
         return None
@@ -294,11 +309,12 @@ def validate_body(endpoint: str, body: dict) -> None:
     _check_type(body, "stream", (bool,), "a boolean")
     _check_type(body, "stream_options", (dict,), "an object")
     # a legacy completion of max_tokens 0 echoes and scores the prompt alone (evaluation harnesses do)
-    _check_integer(body, "max_tokens", 0 if endpoint == "completions" else 1)
-    for field in ("max_completion_tokens", "n"):
-        _check_integer(body, field, 1)
+    _check_integer(body, "n", 1)
     if endpoint == "responses":             # its own fields: on chat, completions and embeddings, passed on as
-        _validate_responses_fields(body)    # any field they do not have (their servers ignore it), as before
+        _validate_responses_fields(body)    # any field they do not have (their servers ignore it), as before;
+    else:                                   # and chat's limits on it
+        _check_integer(body, "max_tokens", 0 if endpoint == "completions" else 1)
+        _check_integer(body, "max_completion_tokens", 1)
     _check_number(body, "temperature", 0, 2)
     _check_number(body, "top_p", 0, 1)
     _check_type(body, "seed", (int,), "an integer")

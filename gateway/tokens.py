@@ -475,10 +475,11 @@ def _parse_usage(usage: dict) -> Usage | None:
     input_details = _details(usage, "prompt_tokens_details", "input_tokens_details")
     output_details = _details(usage, "completion_tokens_details", "output_tokens_details")
     cached = _detail(input_details, "cached_tokens") or _detail(usage, "prompt_cache_hit_tokens")
-    written = _detail(input_details, "cache_write_tokens") or _detail(usage, "cache_creation_input_tokens")
+    created = _detail(usage, "cache_creation_input_tokens")     # Anthropic's writes to its prompt cache
+    written = _detail(input_details, "cache_write_tokens") or created
     if "prompt_tokens" not in usage:        # Anthropic's input count leaves its cache reads and writes out
         read = _detail(usage, "cache_read_input_tokens")
-        input_tokens += read + _detail(usage, "cache_creation_input_tokens")
+        input_tokens += read + created
         cached = cached or read
     if total_tokens is not None and (output_tokens is None or total_tokens > input_tokens + output_tokens):
         output_tokens = max(0, total_tokens - input_tokens)     # embeddings' none; reasoning reported beside it

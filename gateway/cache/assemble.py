@@ -24,7 +24,6 @@ REPLACED_FIELDS = frozenset({"index", "type"})
 #: text a stream may add up to before the cache stops assembling it (it could not be stored: an entry is at most
 #: DEFAULT_MAX_ENTRY_BYTES compressed, and zlib rarely packs text 4 to 1)
 MAX_ASSEMBLED_CHARS = 4 * 1024 * 1024
-#: logprobs' JSON (numbers, mostly) packs about 3 to 1, not text's 4: each 3 of its bytes count as 4 characters
 
 
 class _Pieces:
@@ -244,7 +243,7 @@ def _merge_logprobs(merged: dict[str, Any], delta: dict[str, Any]) -> int:
                 earlier.parts.append(encoded)
             else:
                 merged[name] = _Encoded(encoded)
-            added += len(encoded) * 4 // 3
+            added += len(encoded) * 4 // 3      # JSON of numbers packs about 3 to 1, not text's 4
         elif value is not None:
             merged.setdefault(name, value)
     return added

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.context import Decision
@@ -31,7 +31,7 @@ from gateway.routing.matcher import RouteIndex
 from gateway.routing.needs import recorded_needs
 from gateway.routing.planner import Router
 from gateway.routing.predict import meets_hard_terms
-from gateway.routing.request import decide_request
+from gateway.routing.request import continued_on, decide_request
 from gateway.runtime import Runtime
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -99,9 +99,7 @@ class Routing:
         model = runtime.policy.models.get(request.continues_on)
         if model is None:
             return Refusal(CONTINUATION, decision.route.name)
-        kept = any(c.kept for c in decision.candidates if c.model.name == model.name)
-        return replace(decision, plan=(model,), sla_met=kept, explored=False, pinned=True,
-                       note=f"continues a response stored by model {model.name}")
+        return continued_on(decision, model, f"continues a response stored by model {model.name}")
 
     def _runtime_for(self, request: ReplayRequest, tenant: Tenant | None) -> Runtime:
         """The runtime to match the request with: the policy's, or, for a request a header-matched route could

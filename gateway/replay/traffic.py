@@ -229,7 +229,6 @@ def _ledger_rows(path: Path) -> Iterator[Row]:
         prompt = record.get("input_tokens") or record.get("prompt_tokens")
         input_tokens = count(path, line, "input_tokens", prompt if prompt is not None else 0)
         output_tokens = count(path, line, "output_tokens", record.get("output_tokens", 0))
-
         yield Row(seconds(path, line, "ts", record.get("ts")), line,
                   input_tokens,
                   output_tokens,
@@ -261,8 +260,8 @@ def _context_tokens(record: dict[str, Any], input_tokens: int) -> int | None:
 
 def _answered(path: Path, line: int, record: dict[str, Any], name: str) -> int:
     """A count of the answered (last) attempt that the account stage priced apart: its input tokens served from
-    the provider's prompt cache (`cached_input_tokens`), its audio tokens in and out; 0 when the line has no
-    attempts (or was written before it kept that count)."""
+    the provider's prompt cache (`cached_input_tokens`), its audio tokens in and out, its input written to that
+    cache; 0 when the line has no attempts (or was written before it kept that count)."""
     attempts = record.get("attempts")
     if not isinstance(attempts, list) or not attempts or not isinstance(attempts[-1], dict):
         return 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from gateway.context import Decision
 from gateway.errors import NotFound
-from gateway.policy.model import Route, Tenant
+from gateway.policy.model import Model, Route, Tenant
 from gateway.routing.needs import NO_NEEDS
 from gateway.routing.planner import Router
 from gateway.routing.tighten import Tighten, tighten_from_headers
@@ -31,6 +32,14 @@ def decide_request(runtime, router: Router, *, endpoint: str, alias: str, tenant
                              stream=stream, tighten=tighten, choices=choices, input_param=INPUT_FIELD[endpoint],
                              longest_prompt_tokens=longest_prompt_tokens, needs=needs)
     return decision, tighten
+
+
+def continued_on(decision: Decision, model: Model, note: str) -> Decision:
+    """The plan of a request continuing a stored response: the model that stored it alone, whatever the SLA chose
+    (no other has it), the SLA met when that model was a kept candidate; never re-planned (`pinned`). The route
+    stage's and `gateway replay`'s."""
+    kept = any(c.kept for c in decision.candidates if c.model.name == model.name)
+    return replace(decision, plan=(model,), sla_met=kept, explored=False, pinned=True, note=note)
 
 
 def match_route(runtime, *, endpoint: str, alias: str, tenant: Tenant | None, headers: Mapping[str, str],

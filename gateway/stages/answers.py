@@ -140,8 +140,7 @@ def _generated_texts(ctx: RequestContext) -> _Generated:
     apart, so counted one by one they would count more)."""
     generated = _Generated(_echoes(ctx))
     if ctx.response_body is not None and ctx.endpoint == "responses":
-        output = ctx.response_body.get("output")
-        for index, part, text in responses_output_parts(output if isinstance(output, list) else ()):
+        for index, part, text in responses_output_parts(_listed(ctx.response_body.get("output"))):
             generated.add(part, text, index)
     elif ctx.response_body is not None:
         choices = ctx.response_body.get("choices")

@@ -136,11 +136,15 @@ class StreamState:
                 self.finish_reasons.append(reason)
                 self.finished_choices.add(index)
         if output:
-            now_s = time.perf_counter()
-            if self.last_output_s is not None:
-                self.chunk_gaps_s.append(now_s - self.last_output_s)
-            self.last_output_s = now_s
+            self._note_output()
         return output
+
+    def _note_output(self) -> None:
+        """A chunk carrying output came now: the gap since the one before it is a time per output chunk."""
+        now_s = time.perf_counter()
+        if self.last_output_s is not None:
+            self.chunk_gaps_s.append(now_s - self.last_output_s)
+        self.last_output_s = now_s
 
     def _assemble(self, chunk: dict) -> None:
         assembled = self.assembled
@@ -207,9 +211,7 @@ class ResponsesStreamState(StreamState):
             if kind == "response.output_item.added":
                 self._item_added(chunk)
             elif (status := RESPONSES_ENDS.get(kind)) is not None:
-                response = chunk.get("response")
-                self.finish_reasons.append(responses_finish_reason(response if isinstance(response, dict) else {},
-                                                                   status))
+                self.finish_reasons.append(responses_finish_reason(response_of(chunk), status))
                 self.finished_choices.add(0)
             return False
         delta = chunk.get("delta")
@@ -223,12 +225,8 @@ class ResponsesStreamState(StreamState):
         else:
             self.parts.add_piece(index, part, delta)
         self.output_chunks += 1
-        now_s = time.perf_counter()
-        if self.last_output_s is not None:
-            self.chunk_gaps_s.append(now_s - self.last_output_s)
-        self.last_output_s = now_s
+        self._note_output()
         return True
-
 
     def _item_added(self, chunk: dict) -> None:
         """A function or custom tool call's name, which comes with its item (its arguments as deltas): kept for
@@ -246,13 +244,18 @@ def event_type(chunk: dict) -> str | None:
     return kind if type(kind) is str else None
 
 
+def response_of(chunk: dict) -> dict:
+    """The response object a Responses API event carries (its id, model, status, usage); empty when it has none."""
+    response = chunk.get("response")
+    return response if isinstance(response, dict) else {}
+
+
 def responses_failure(model_name: str, chunk: dict) -> UpstreamProtocolError | None:
     """The error a Responses API event reports (an `error` event, or `response.failed` with its response's
     error), None for any other event."""
     if event_type(chunk) not in RESPONSES_FAILURES:
         return None
-    response = chunk.get("response")
-    error = response.get("error") if isinstance(response, dict) else chunk
+    error = response_of(chunk).get("error") if "response" in chunk else chunk
     return UpstreamProtocolError(f"model '{model_name}' reported an error in its stream: "
                                  f"{error_message(error or chunk)}")
 
@@ -487,8 +490,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 if responses:               # its events carry the response object, its id, model and usage
                     if (failure := responses_failure(attempt.model.name, chunk)) is not None:
                         raise failure
-                    answer = chunk.get("response")
-                    answer = answer if isinstance(answer, dict) else {}
+                    answer = response_of(chunk)
                 if attempt.response_id is None or attempt.response_model is None:
                     read_identity(attempt, answer)
                 if not ctx.bytes_sent:

@@ -7,13 +7,11 @@ downgrade.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from gateway.cache.key import cache_use, is_cacheable
 from gateway.context import RequestContext
 from gateway.errors import ClientError, NoModelMeetsSla, StoreUnavailable
 from gateway.routing.predict import meets_hard_terms
-from gateway.routing.request import decide_request
+from gateway.routing.request import continued_on, decide_request
 from gateway.routing.tighten import tighten_from_headers
 from gateway.store_guard import STORE_DOWN
 
@@ -81,10 +79,7 @@ class Route:
             raise ClientError(f"Previous response with id '{previous}' was stored by model '{model_name}', which "
                               "the gateway's policy no longer has: send the conversation's input again instead",
                               param="previous_response_id", code="previous_response_not_found")
-        decision = ctx.decision
-        kept = any(c.kept for c in decision.candidates if c.model.name == model_name)
-        ctx.decision = replace(decision, plan=(model,), sla_met=kept, explored=False, pinned=True,
-                               note=f"continues response {previous}, stored by model {model_name}")
+        ctx.decision = continued_on(ctx.decision, model, f"continues response {previous}, stored by model {model_name}")
         return True
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -51,7 +51,7 @@ def _responses_input(body: dict[str, Any]) -> list[dict[str, Any]]:
     given = body.get("input")
     if isinstance(given, str):
         return [*messages, {"role": "user", "parts": [_text_part(given)]}]
-    for item in given if isinstance(given, list) else ():
+    for item in _listed(given):
         if not isinstance(item, dict):
             continue
         kind = item.get("type")

@@ -65,7 +65,6 @@ def raw_env():
 def raw_gw(raw_env):
     harness, raw = raw_env
     reset_raw_model(harness, raw)
-    raw.requests.clear()
     return harness, raw
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.support.harness import RAW_CACHED_ROUTE, Harness, raw_model_policy, reset_raw_model
-from tests.support.policies import models, short_timeouts, standard_model
+from tests.support.policies import standard_models
 from tests.support.raw_upstream import SSE_HEAD, RawUpstream, json_answer, sse
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -48,7 +48,6 @@ def env(request):
 def gw(env):
     gw, raw = env
     reset_raw_model(gw, raw)
-    raw.requests.clear()
     return gw, raw
 
 
@@ -166,7 +165,7 @@ def test_a_stream_that_opens_with_an_empty_header_chunk_is_cached_with_its_real_
 
 # single-flight when the stored entry may not answer -----------------------------------------------
 
-TIERED = models(*(standard_model(name, timeouts=short_timeouts()) for name in ("small", "large"))) + """
+TIERED = standard_models("small", "large") + """
 routes:
   - name: chat
     match: {{models: ["auto"]}}

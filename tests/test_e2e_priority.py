@@ -339,12 +339,12 @@ def test_a_model_a_reload_removed_has_no_queue_waiting_series():
     (one stayed, at 0, beside /admin/models and gateway.model.max_concurrency, which had dropped it)."""
     from gateway.services import waiting_in_policy
     from tests.support.harness import DEFAULT_POLICY, Harness
-    from tests.support.policies import models, short_timeouts, standard_model
+    from tests.support.policies import standard_models
     harness = Harness(DEFAULT_POLICY).start()
     try:
         services = harness.services
         assert "large" in services.fleet.slots.waiting_by_model() and "large" in waiting_in_policy(services)
-        harness.write_policy(models(*(standard_model(name, timeouts=short_timeouts()) for name in ("small", "medium")))
+        harness.write_policy(standard_models("small", "medium")
                              + "routes:\n  - name: chat\n    match: {{models: [auto]}}\n    candidates: [small, medium]\n")
         assert harness.call(harness.holder.reload_async()), harness.holder.status.error
         assert "large" not in harness.holder.current.policy.models

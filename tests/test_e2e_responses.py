@@ -19,12 +19,11 @@ from gateway.telemetry.content import input_messages, output_messages
 from gateway.tokens import count_prompts
 from tests.support import policies
 from tests.support.accounting import ledger_record
-from tests.support.harness import Harness
+from tests.support.harness import Harness, ledgered_harness
 from tests.support.raw_upstream import RawUpstream
 
 KEYS = {"acme": "sk-acme-responses", "bravo": "sk-bravo-responses"}
-POLICY = policies.models(*(policies.standard_model(name, timeouts=policies.short_timeouts())
-                           for name in ("small", "medium", "large"))) + """
+POLICY = policies.standard_models() + """
 routes:
   - name: agents
     match: {{models: ["auto"], endpoints: [chat, responses]}}
@@ -38,9 +37,7 @@ routes:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    ledger = tmp_path_factory.mktemp("ledger") / "ledger.jsonl"
-    harness = Harness(POLICY + f'ledger: {{{{path: "{ledger}"}}}}\n').start()
-    harness.ledger_path = ledger
+    harness = ledgered_harness(POLICY, tmp_path_factory.mktemp("ledger"))
     yield harness
     harness.stop()
 

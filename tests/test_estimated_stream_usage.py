@@ -29,7 +29,7 @@ from gateway.stages.relay import StreamState
 from gateway.tokens import get_encoding
 from tests.support import accounting
 from tests.support.harness import DEFAULT_SIMS, Harness, reset_raw_model
-from tests.support.policies import models, short_timeouts, standard_model
+from tests.support.policies import standard_models
 from tests.support.raw_upstream import COMPLETION, SSE_HEAD, RawUpstream, chunk, json_answer, sse
 
 ARGUMENT_PIECES = ['{"', 'loc', 'ation', '":"', 'San', ' Franc', 'isco', ',', ' CA', '",', '"unit', '":"',
@@ -342,7 +342,7 @@ FINISH = chunk(None, finish="tool_calls")
 
 
 def policy(raw_url: str, ledger: str) -> str:
-    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
+    head = standard_models(*DEFAULT_SIMS)
     return head + f"""  raw:
     endpoint: {raw_url}
     upstream_model: fake

@@ -17,7 +17,6 @@ env = regression.env
 def gw(env):
     gw, raw = env
     reset_raw_model(gw, raw)
-    raw.requests.clear()
     return gw
 
 

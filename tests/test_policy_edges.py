@@ -15,7 +15,7 @@ from gateway.policy.model import Policy, Sla
 from gateway.stores import redis_url_problem
 from gateway.routing import Tighten
 from tests.support.harness import Harness
-from tests.support.policies import models, short_timeouts, standard_model
+from tests.support.policies import standard_models
 from tests.test_routing_planner import Setup, chat_route, plan_names
 
 HEAD = """version: 1
@@ -87,7 +87,7 @@ def test_a_fallback_below_the_requested_tier_is_not_planned():
     assert plan_names(setup.decide(tighten=Tighten(min_tier=3))) == ["large"]
 
 
-TIERED = models(*(standard_model(name, timeouts=short_timeouts()) for name in ("small", "large"))) + """
+TIERED = standard_models("small", "large") + """
 routes:
   - name: chat
     match: {{models: ["auto"]}}

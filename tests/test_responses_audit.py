@@ -12,24 +12,23 @@ import pytest
 
 from tests.support import policies
 from tests.support.accounting import ledger_record
-from tests.support.harness import Harness, raw_model_gateway
+from tests.support.harness import Harness, ledgered_harness, raw_model_gateway
 from tests.support.policies import QUICK_STOP
 from tests.support.redis_delay import DelayingRedisProxy
 
 KEYS = {"acme": "sk-acme-audit", "thrifty": "sk-thrifty-audit"}
-POLICY = policies.models(
-    *(policies.standard_model(name, timeouts=policies.short_timeouts()) for name in ("small", "medium", "large")),
+POLICY = policies.standard_models() + (
     # the smallest model, yet the dearest: the SLA plan picks it first, a budget's downgrade never does
     policies.model("tiny-dear", sim="small", size_b=0.5, tier=1, context_window=8192,
                    price=policies.price(50.0, 100.0), latency_prior=policies.latency(5, 1),
-                   timeouts=policies.short_timeouts()),
+                   timeouts=policies.short_timeouts())
     # a text model with tool calling, and a vision model, as an agent's route would pair them
-    policies.model("text-tools", sim="small", size_b=0.5, tier=1, context_window=8192, supports=["tools"],
-                   price=policies.price(0.1, 0.2), latency_prior=policies.latency(5, 1),
-                   timeouts=policies.short_timeouts()),
-    policies.model("vision", sim="medium", size_b=8, tier=2, context_window=32768, supports=["images", "tools"],
-                   price=policies.price(1.0, 2.0), latency_prior=policies.latency(10, 2),
-                   timeouts=policies.short_timeouts())) + """
+    + policies.model("text-tools", sim="small", size_b=0.5, tier=1, context_window=8192, supports=["tools"],
+                     price=policies.price(0.1, 0.2), latency_prior=policies.latency(5, 1),
+                     timeouts=policies.short_timeouts())
+    + policies.model("vision", sim="medium", size_b=8, tier=2, context_window=32768, supports=["images", "tools"],
+                     price=policies.price(1.0, 2.0), latency_prior=policies.latency(10, 2),
+                     timeouts=policies.short_timeouts())) + """
 routes:
   - name: big
     match: {{models: ["big"], endpoints: [responses]}}
@@ -66,9 +65,7 @@ def with_keys(template: str) -> str:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    ledger = tmp_path_factory.mktemp("ledger") / "ledger.jsonl"
-    harness = Harness(with_keys(POLICY) + f'ledger: {{{{path: "{ledger}"}}}}\n').start()
-    harness.ledger_path = ledger
+    harness = ledgered_harness(with_keys(POLICY), tmp_path_factory.mktemp("ledger"))
     yield harness
     harness.stop()
 

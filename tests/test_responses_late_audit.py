@@ -13,12 +13,11 @@ from gateway.policy.load import load_policy
 from gateway.replay import read_traffic, replay
 from tests.support import policies
 from tests.support.accounting import ledger_record
-from tests.support.harness import Harness, raw_model_gateway
+from tests.support.harness import Harness, ledgered_harness, raw_model_gateway
 from tests.support.otlp_receiver import SpanRecord
 from tests.support.raw_upstream import SSE_HEAD
 
-POLICY = policies.models(*(policies.standard_model(name, timeouts=policies.short_timeouts())
-                           for name in ("small", "medium", "large"))) + """
+POLICY = policies.standard_models() + """
 routes:
   - name: agents
     match: {{models: ["auto"], endpoints: [chat, responses]}}
@@ -31,12 +30,10 @@ routes:
 
 @pytest.fixture(scope="module")
 def gw(receiver, tmp_path_factory):
-    ledger = tmp_path_factory.mktemp("ledger") / "ledger.jsonl"
-    harness = Harness(POLICY + f'ledger: {{{{path: "{ledger}"}}}}\n', environ={
+    harness = ledgered_harness(POLICY, tmp_path_factory.mktemp("ledger"), environ={
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "gw-responses-late", "OTEL_METRIC_EXPORT_INTERVAL": "60000",
-        "OTEL_BSP_SCHEDULE_DELAY": "50"}).start()
-    harness.ledger_path = ledger
+        "OTEL_BSP_SCHEDULE_DELAY": "50"})
     yield harness
     harness.stop()
 

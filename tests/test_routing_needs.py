@@ -18,7 +18,7 @@ from gateway.replay.fields import TrafficError
 from gateway.routing.needs import NO_NEEDS, lacking, request_needs
 from tests.support import policies
 from tests.support.accounting import ledger_record
-from tests.support.harness import Harness
+from tests.support.harness import ledgered_harness
 from tests.test_routing_planner import Setup, candidate, chat_route, models, plan_names
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
@@ -206,9 +206,7 @@ routes:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    ledger = tmp_path_factory.mktemp("ledger") / "ledger.jsonl"
-    harness = Harness(E2E_POLICY + f'ledger: {{{{path: "{ledger}"}}}}\n').start()
-    harness.ledger_path = ledger
+    harness = ledgered_harness(E2E_POLICY, tmp_path_factory.mktemp("ledger"))
     yield harness
     harness.stop()
 

@@ -30,7 +30,6 @@ def env():
 def gw(env):
     gw, raw = env
     reset_raw_model(gw, raw)
-    raw.requests.clear()
     return gw, raw
 
 

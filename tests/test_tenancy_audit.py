@@ -17,13 +17,13 @@ from gateway.stages.parse import grouping_header
 from gateway.tenancy.keys import new_key
 from gateway.telemetry.peers import merged
 from tests.support.harness import DEFAULT_SIMS, Harness
-from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, models, short_timeouts, standard_model
+from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, models, standard_model, standard_models
 
 ADMIN_TOKEN = "admin-" + new_key()[0]
 CONC, TPM, PRICEY = new_key(), new_key(), new_key()
 HELLO = [{"role": "user", "content": "Hello there"}]
 
-POLICY = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS)) + """
+POLICY = standard_models(*DEFAULT_SIMS) + """
 routes:
   - name: chat-default
     match: {{models: ["auto"], endpoints: [chat]}}

@@ -25,7 +25,7 @@ from gateway.runtime import PolicyHolder
 from gateway.server import GatewayRunner
 from gateway.services import SERVICES
 from gateway.simulator import SimConfig, start_simulators
-from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, models, short_timeouts, standard_model
+from tests.support.policies import SMART_AND_EMBEDDINGS_ROUTES, standard_models
 from tests.support.raw_upstream import RawUpstream
 
 #: the models every test policy can use: name -> simulator settings
@@ -36,7 +36,7 @@ DEFAULT_SIMS = {
 }
 
 #: the standard models, one per default simulator, and the routes most tests ask for
-DEFAULT_POLICY = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS)) + """
+DEFAULT_POLICY = standard_models(*DEFAULT_SIMS) + """
 routes:
   - name: chat-default
     match: {{models: ["auto", "gpt-4o-mini"], endpoints: [chat, completions]}}
@@ -60,7 +60,7 @@ def raw_model_policy(raw_url: str, *, first_byte_s: float, tail: str = "", total
     """The standard models plus `raw`, a scripted model server at `raw_url`: route `raw` falls back to `medium`,
     route `raw-only` has no fallback; `tail` adds routes or sections, `raw_keys` lines of keys to model `raw`
     (each a template, braces doubled)."""
-    head = models(*(standard_model(name, timeouts=short_timeouts()) for name in DEFAULT_SIMS))
+    head = standard_models(*DEFAULT_SIMS)
     return head + f"""  raw:
     endpoint: {raw_url}
     upstream_model: fake
@@ -188,6 +188,15 @@ class Harness:
                            max_retries=0, timeout=kwargs.pop("timeout", 20), **kwargs)
 
 
+def ledgered_harness(policy_template: str, ledger_dir: Path, **kwargs) -> Harness:
+    """A started Harness on `policy_template` writing its ledger to `ledger_dir/ledger.jsonl` (`harness.ledger_path`);
+    `kwargs` as Harness takes them."""
+    ledger = ledger_dir / "ledger.jsonl"
+    harness = Harness(policy_template + f'ledger: {{{{path: "{ledger}"}}}}\n', **kwargs).start()
+    harness.ledger_path = ledger
+    return harness
+
+
 @contextlib.contextmanager
 def raw_model_gateway(*, first_byte_s: float, tail: str = "", total_s: float = 10, raw_keys: str = "",
                       raw: RawUpstream | None = None) -> Iterator[tuple[Harness, RawUpstream]]:
@@ -216,8 +225,10 @@ def ledgered_raw_model_gateway(ledger_dir: Path, *, first_byte_s: float, tail: s
 
 
 def reset_raw_model(harness: Harness, raw: RawUpstream) -> None:
-    """Between tests: no script, every circuit closed, and no refusal of `stream_options` remembered."""
+    """Between tests: no script, no request received, every circuit closed, and no refusal of `stream_options`
+    remembered."""
     raw.script = []
     raw.script_for = None
+    raw.requests.clear()
     harness.services.fleet.breakers._circuits.clear()
     harness.services.fleet.refuse_stream_options.clear()

@@ -72,6 +72,11 @@ def standard_model(name: str, **changes: object) -> str:
     return model(name, **{**STANDARD_MODELS[name], **changes})
 
 
+def standard_models(*names: str) -> str:
+    """The head of a policy of the standard models named (all three when none is), with `short_timeouts`."""
+    return models(*(standard_model(name, timeouts=short_timeouts()) for name in names or STANDARD_MODELS))
+
+
 def tenants(keys: Mapping[str, str]) -> str:
     """A `tenants:` section of tenant name -> API key (the policy holds the key's SHA-256), nothing more."""
     entries = (f'  {name}: {{{{keys_sha256: ["{sha256_hex(key)}"]}}}}\n' for name, key in keys.items())

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import re
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
-from gateway import admin
+from gateway import admin, stored_responses
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.errors import ClientError, ExpectationFailed, GatewayError, NotFound, PermissionDenied
 from gateway.outcomes import ANONYMOUS
-from gateway.responses import error_response, json_response
+from gateway.responses import error_response, json_response, request_id
 from gateway.runtime import PolicyHolder
 from gateway.stages.parse import expects_continue, parse_json_object, read_body
 from gateway.services import SERVICES, Services, services_ctx
@@ -28,7 +26,6 @@ HOLDER = web.AppKey("holder", PolicyHolder)
 METRICS_ELSEWHERE = web.AppKey("metrics_elsewhere", bool)
 #: the metrics port's app: the API's app, whose services it shows
 MAIN = web.AppKey("main", web.Application)
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @web.middleware
@@ -56,23 +53,6 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         rid = request_id(request)
         log.exception("unhandled error serving %s %s (request %s)", request.method, request.path, rid)
         return error_response(GatewayError("internal error"), request_id=rid)
-
-
-def request_id(request: web.Request) -> str:
-    """The caller's `x-request-id` when it is sane, else a fresh one.
-
-    A fresh id only has to be unique, not unguessable: `random` (seeded from the OS,
-    reseeded in forked workers) costs no syscall, where uuid4 reads os.urandom.
-    """
-    given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return new_request_id()
-
-
-def new_request_id() -> str:
-    """A fresh request id: 32 hex digits."""
-    return f"{random.getrandbits(128):032x}"
 
 
 async def continue_when_read(request: web.Request) -> web.Response | None:
@@ -258,6 +238,9 @@ def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None,
     for prefix in ("/v1", "/openai", "/openai/v1"):     # AzureOpenAI's models.list() asks /openai/models
         router.add_get(f"{prefix}/models", list_models)
         router.add_get(f"{prefix}/models/{{model}}", retrieve_model)
+        for action, (method, suffix) in stored_responses.ACTIONS.items():
+            router.add_route(method, f"{prefix}/responses/{{response_id}}{suffix}",
+                             stored_responses.stored_response_handler(action))
     router.add_post("/v1/outcomes", report_outcome, expect_handler=continue_when_read)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

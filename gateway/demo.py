@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from gateway.app import build_app
 from gateway.runtime import PolicyHolder
@@ -69,11 +70,20 @@ async def tour(base_url: str) -> None:
     async with aiohttp.ClientSession() as session:
         for label, path, body in requests:
             async with session.post(f"{base_url}/v1/{path}", json=body) as resp:
-                await resp.read()
-                h = resp.headers
-                print(f"{label:<22} {resp.status:<6} {h.get('x-gateway-model', '-'):<8} "
-                      f"{h.get('x-gateway-route', '-'):<13} {h.get('x-gateway-cache', '-'):<7} "
-                      f"{h.get('x-gateway-cost-usd', '-'):>14}")
+                answer = await resp.read()
+                _print_row(label, resp)
+        # the stored response, from the model server that stored it (no route, no cost: its row shows none)
+        stored_id = orjson.loads(answer).get("id") if resp.status == 200 else None
+        async with session.get(f"{base_url}/v1/responses/{stored_id}") as resp:
+            await resp.read()
+            _print_row("stored response, get", resp)
+
+
+def _print_row(label: str, resp: aiohttp.ClientResponse) -> None:
+    h = resp.headers
+    print(f"{label:<22} {resp.status:<6} {h.get('x-gateway-model', '-'):<8} "
+          f"{h.get('x-gateway-route', '-'):<13} {h.get('x-gateway-cache', '-'):<7} "
+          f"{h.get('x-gateway-cost-usd', '-'):>14}")
 
 
 async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: float | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,8 @@ from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def json_response(payload: object, *, status: int = 200,
@@ -49,3 +53,20 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     if (admission := ctx.admission) is not None:
         headers.update(admission.headers())
     return headers
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's `x-request-id` when it is sane, else a fresh one.
+
+    A fresh id only has to be unique, not unguessable: `random` (seeded from the OS,
+    reseeded in forked workers) costs no syscall, where uuid4 reads os.urandom.
+    """
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits."""
+    return f"{random.getrandbits(128):032x}"

@@ -26,10 +26,10 @@ from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID
 from yarl import URL
 
 from gateway.admin import Worker
-from gateway.app import HOLDER, METRICS_ELSEWHERE, build_app, metrics_app, new_request_id, request_id
+from gateway.app import HOLDER, METRICS_ELSEWHERE, build_app, metrics_app
 from gateway.errors import ClientError, ClientTooSlow, GatewayError, PolicyError
 from gateway.policy.model import Policy
-from gateway.responses import error_response
+from gateway.responses import error_response, new_request_id, request_id
 from gateway.runtime import ADMIN, SIGNAL, WATCHER, PolicyHolder, Runtime, file_stat
 from gateway.services import SERVICES, Services, ledger_problem, policy_encodings
 from gateway.stores import redis_url, redis_url_problem

@@ -243,6 +243,29 @@ class HttpTransport:
             yield _translated_events(call.model, iter_events(resp.content.iter_any()))
 
 
+    async def ask(self, model: Model, method: str, url: URL, headers: Mapping[str, str],
+                  max_answer_bytes: int = MAX_ANSWER_BYTES) -> tuple[int, bytes]:
+        """A call that generates nothing (a stored response's retrieval, say), sent once: (its status, its body)
+        for a 2xx whose body is a JSON object, or a 404; other error statuses raise as any call's do, and a body
+        that is no JSON object is a broken answer."""
+        call = UpstreamCall(model, "responses", b"", headers, max_answer_bytes)
+        with UpstreamErrors(model):
+            async with self.session.request(method, url, headers=headers, allow_redirects=False,
+                                            timeout=client_timeout(model.timeouts, stream=False)) as resp:
+                raw = await _read_within(resp, model.timeouts.first_byte_s, call)
+                if resp.status == 404:
+                    return 404, raw
+                if resp.status >= 400:
+                    raise status_error(model, resp.status, raw, resp.headers)
+                not_an_answer(model, resp.status)
+        try:
+            if isinstance(orjson.loads(raw), dict):
+                return resp.status, raw
+        except orjson.JSONDecodeError:
+            pass
+        raise UpstreamProtocolError(f"model '{model.name}' sent an answer that is not a JSON object")
+
+
 async def _read_within(resp: aiohttp.ClientResponse, wait_s: float, call: UpstreamCall) -> bytes:
     """A non-streamed answer's body, each part within `wait_s` of the one before (a body that stops half-way is
     a timeout, as a stream that goes silent is; one that keeps coming is not), at most `call.max_answer_bytes`:

@@ -52,6 +52,10 @@ class MemoryPins:
             return None
         return pinned[0]
 
+    async def forget(self, tenant: str | None, response_id: str) -> None:
+        """The response was deleted, or its server no longer has it."""
+        self._pins.pop((tenant or OPEN, response_id), None)
+
 
 class RedisPins:
     """Pins in Redis, `{prefix}:{tenant}:rp:{response id}` -> model, expiring after PIN_TTL_S; a lookup while
@@ -83,3 +87,8 @@ class RedisPins:
         if found is None or found is STORE_DOWN:
             return found
         return found.decode() if isinstance(found, bytes) else found
+
+    async def forget(self, tenant: str | None, response_id: str) -> None:
+        """The response was deleted, or its server no longer has it (Redis down: it expires in its own time)."""
+        key = self._key(tenant, response_id)
+        await self.guard.run(lambda: self._client.delete(key), None, after_response=True)

@@ -55,6 +55,25 @@ def response_stream_script(answer: Answer, include_usage: bool) -> StreamScript:
     return StreamScript(chunks, drop_after=HEAD_EVENTS + max(1, len(answer.tokens) // 2), named_events=True)
 
 
+def stored_input_items(body: dict[str, Any], answer: Answer) -> list[dict[str, Any]]:
+    """A stored response's input items, in order, each with an id (`GET /v1/responses/{id}/input_items`): a text
+    input is one user message of `input_text`; given items keep their own id, or are given one."""
+    given = body.get("input")
+    if isinstance(given, str):
+        given = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": given}]}]
+    base = answer.response_id.removeprefix("resp_")
+    items = []
+    for index, item in enumerate(given):
+        item = {"type": "message", **item} if "role" in item else dict(item)
+        if item.get("type") == "message":
+            item.setdefault("status", "completed")
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+        item.setdefault("id", f"msg_{base}_{index}")
+        items.append(item)
+    return items
+
+
 def _final_status(answer: Answer) -> str:
     return "incomplete" if answer.finish_reason == "length" else "completed"
 

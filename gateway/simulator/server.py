@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import BodyTooLarge, ClientError, GatewayError, RateLimited
+from gateway.errors import BodyTooLarge, ClientError, GatewayError, NotFound, RateLimited
 from gateway.simulator.answers import (Answer, StreamScript, completion_body, embeddings_body, make_answer, models_body,
                                        stream_script)
 from gateway.simulator.config import SimConfig
 from gateway.simulator.delivery import OUTCOME, hang, json_response, raise_fault, send_body, send_stream
 from gateway.simulator.parse import SimRequest, parse_chat, parse_completions, parse_embeddings, parse_responses
 from gateway.simulator.plan import plan_answer
-from gateway.simulator.responses import response_body, response_stream_script
+from gateway.simulator.responses import response_body, response_stream_script, stored_input_items
 from gateway.simulator.state import RECENT_REQUESTS, SimState
 
 STATE = web.AppKey("sim_state", SimState)
@@ -34,6 +34,10 @@ def build_sim_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", handle_generate)
     app.router.add_post("/v1/completions", handle_generate)
     app.router.add_post("/v1/responses", handle_generate)
+    app.router.add_get("/v1/responses/{response_id}", handle_retrieve)
+    app.router.add_delete("/v1/responses/{response_id}", handle_delete)
+    app.router.add_get("/v1/responses/{response_id}/input_items", handle_input_items)
+    app.router.add_post("/v1/responses/{response_id}/cancel", handle_cancel)
     app.router.add_post("/v1/embeddings", handle_embeddings)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/sim/stats", handle_stats)
@@ -65,7 +69,10 @@ async def track_requests(request: web.Request, handler: Any) -> web.StreamRespon
         return await handler(request)
     finally:
         state.in_flight -= 1
-        state.count(request.path, request.get(OUTCOME, "cancelled"))
+        # counted by route (`/v1/responses/{response_id}`), not by path: one count per stored response would grow
+        resource = request.match_info.route.resource
+        state.count(resource.canonical if resource is not None else request.path,
+                    request.get(OUTCOME, "cancelled"))
 
 
 @web.middleware
@@ -94,9 +101,65 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     if plan.fault == "hang":
         return await hang(request, state)
     answer = make_answer(config, sim_request, plan)
+    if answer.kind == "responses" and request[BODY].get("store") is not False and plan.fault is None:
+        state.store(response_body(answer), stored_input_items(request[BODY], answer))
     if sim_request.stream:
         return await send_stream(request, _stream_script(answer, sim_request, config), plan)
     return await send_body(request, _whole_body(answer, config), plan)
+
+
+async def handle_retrieve(request: web.Request) -> web.Response:
+    """`GET /v1/responses/{response_id}`: a stored response, as it was answered."""
+    response, _ = _stored(request)
+    request[OUTCOME] = "ok"
+    return json_response(response)
+
+
+async def handle_delete(request: web.Request) -> web.Response:
+    """`DELETE /v1/responses/{response_id}`: forget a stored response."""
+    response_id = request.match_info["response_id"]
+    _stored(request)
+    del request.app[STATE].stored[response_id]
+    request[OUTCOME] = "ok"
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def handle_input_items(request: web.Request) -> web.Response:
+    """`GET /v1/responses/{response_id}/input_items`: the stored response's input items, newest first unless
+    `order=asc`, `limit` of them (20 by default), after the item `after` names."""
+    _, items = _stored(request)
+    query = request.query
+    order = query.get("order", "desc")
+    try:
+        limit = int(query.get("limit", 20))
+    except ValueError as exc:
+        raise ClientError("'limit' must be an integer.", param="limit") from exc
+    if order not in ("asc", "desc") or not 1 <= limit <= 100:
+        raise ClientError("'order' must be asc or desc, and 'limit' from 1 to 100.", param="order")
+    ordered = items if order == "asc" else items[::-1]
+    if (after := query.get("after")) is not None:
+        ids = [item["id"] for item in ordered]
+        ordered = ordered[ids.index(after) + 1:] if after in ids else []
+    page = ordered[:limit]
+    request[OUTCOME] = "ok"
+    return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit})
+
+
+async def handle_cancel(request: web.Request) -> web.Response:
+    """`POST /v1/responses/{response_id}/cancel`: every simulated response is answered at once, none in the
+    background, so none can be cancelled (OpenAI's answer for a response not created with `background`)."""
+    _stored(request)
+    raise ClientError("Only responses created with background=true can be cancelled.")
+
+
+def _stored(request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The stored response the path names; 404 in OpenAI's words when there is none."""
+    response_id = request.match_info["response_id"]
+    stored = request.app[STATE].stored.get(response_id)
+    if stored is None:
+        raise NotFound(f"Response with id '{response_id}' not found.", param=None, code=None)
+    return stored
 
 
 async def handle_embeddings(request: web.Request) -> web.StreamResponse:

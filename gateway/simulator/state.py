@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 from gateway.simulator.config import SimConfig
 
 #: how many received requests `GET /sim/requests` can show
 RECENT_REQUESTS = 256
+#: how many stored Responses API answers the simulator keeps (`GET /v1/responses/{id}`); the oldest go first
+STORED_RESPONSES = 10_000
 
 
 class SimState:
@@ -25,6 +27,15 @@ class SimState:
         self.in_flight = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self.closing = asyncio.Event()      # set on shutdown: hanging requests give up
+        # the Responses API answers stored (`store`, true unless the request says false): id -> (the response
+        # object, its input items), as a model server keeps them for GET, DELETE and input_items
+        self.stored: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def store(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+        """Keep a stored response and its input items, forgetting the oldest past STORED_RESPONSES."""
+        self.stored[response["id"]] = (response, input_items)
+        while len(self.stored) > STORED_RESPONSES:
+            self.stored.popitem(last=False)
 
     def configure(self, changes: dict[str, Any]) -> SimConfig:
         """Apply runtime changes (ValueError when invalid); a new seed restarts the RNG."""
@@ -36,11 +47,12 @@ class SimState:
         return self.config
 
     def reset(self) -> SimConfig:
-        """Back to the start-up config, a fresh RNG, and no counts or recorded requests."""
+        """Back to the start-up config, a fresh RNG, and no counts, recorded requests or stored responses."""
         self.config = self.initial_config
         self.rng = random.Random(self.config.seed)
         self.outcomes.clear()
         self.recent.clear()
+        self.stored.clear()
         return self.config
 
     def remember(self, method: str, path: str, headers: dict[str, str], body: Any) -> None:

@@ -1,0 +1,89 @@
+"""The Responses API's stored responses, on the server that stored them: retrieve, delete, input items, cancel.
+
+A model server keeps each response it answered with `store` (true unless the request says false) under the
+response's id, and answers `GET /v1/responses/{id}` (and `/input_items`), `DELETE /v1/responses/{id}` and
+`POST /v1/responses/{id}/cancel` for it. Only that server has it: the gateway sends each such call to the model
+its pin names (`gateway.routing.pins`, noted when the gateway relayed the response), with the model's own key.
+
+Every tenant's calls reach a server with the gateway's one key, and the server would show or delete anyone's
+stored response for whoever names its id: a caller reaches only the responses the gateway relayed to its tenant
+(open, without tenants: relayed at all). Any other id is not found (404, OpenAI's words), the server never asked.
+A deleted response, or one its server no longer has (its 404), is forgotten. These calls generate nothing: no
+route, SLA, limit, budget, cache or ledger line applies, and a model's circuit is not charged for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from aiohttp import web
+
+from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput
+from gateway.outcomes import ANONYMOUS
+from gateway.responses import request_id
+from gateway.services import SERVICES, Services
+from gateway.store_guard import STORE_DOWN
+from gateway.upstream import auth_headers, forwarded_headers, upstream_url
+
+log = logging.getLogger("gateway")
+
+#: what a response id the gateway relayed looks like (OpenAI's `resp_` and 48 hex digits; vLLM's `resp_` and 32):
+#: any other is unknown without asking the store
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,256}")
+#: the calls, by what follows the response's id in their path
+ACTIONS = {"retrieve": ("GET", ""), "delete": ("DELETE", ""), "input_items": ("GET", "/input_items"),
+           "cancel": ("POST", "/cancel")}
+
+
+def stored_response_handler(action: str):
+    """The handler of one call on a stored response (`ACTIONS`)."""
+    method, suffix = ACTIONS[action]
+
+    async def handle(request: web.Request) -> web.Response:
+        services: Services = request.app[SERVICES]
+        runtime = services.holder.current
+        tenant = runtime.identity.identify(request.headers)
+        tenant_name = tenant.name if tenant else ANONYMOUS        # as the request that stored it named it
+        response_id = request.match_info["response_id"]
+        if action == "retrieve" and request.query.get("stream", "").lower() == "true":
+            raise UnsupportedInput("Streaming a stored response is for responses created with background=true, "
+                                   "which this gateway does not serve.", param="stream", code="unsupported_parameter")
+        model = await _model_of(services, runtime.policy, tenant_name, response_id)
+        base = upstream_url(model.endpoint, "responses")
+        # the client's query (`limit`, `order`, `include[]`...) after the model's own (Azure's `api-version`)
+        query = [*base.query.items(), *((key, value) for key, value in request.query.items() if key not in base.query)]
+        url = base.with_path(f"{base.path}/{response_id}{suffix}").with_query(query)
+        rid = request_id(request)
+        headers = {"x-request-id": rid, **forwarded_headers(request.headers), **auth_headers(model, services.environ),
+                   **{name: value for name in ("traceparent", "tracestate") if (value := request.headers.get(name))}}
+        status, raw = await services.transport.ask(model, method, url, headers, runtime.policy.server.max_answer_bytes)
+        if status == 404 or action == "delete":     # gone from its server (expired, restarted), or deleted now
+            await services.stores.pins.forget(tenant_name, response_id)
+        if status == 404:
+            raise _not_found(response_id)
+        if action == "delete":              # a tenant's data removed: kept in the log, as an audit trail would
+            log.info("response %s of tenant %s deleted on model '%s' (request %s)", response_id, tenant_name,
+                     model.name, rid)
+        return web.Response(body=raw, status=status, content_type="application/json",
+                            headers={"x-request-id": rid, "x-gateway-model": model.name})
+    return handle
+
+
+async def _model_of(services: Services, policy, tenant_name: str, response_id: str):
+    """The model that stored the tenant's response: 404 when the gateway relayed no such response to the tenant
+    (within PIN_TTL_S), or its model is no longer in the policy; 503 while the pins' store cannot answer (without
+    it no server is known to ask, whatever `store.on_store_failure` says)."""
+    if not _RESPONSE_ID.fullmatch(response_id):
+        raise _not_found(response_id[:256])
+    model_name = await services.stores.pins.model_for(tenant_name, response_id)
+    if model_name is STORE_DOWN:
+        raise StoreUnavailable("the store of stored responses cannot be reached; send the request again shortly")
+    model = policy.models.get(model_name) if model_name is not None else None
+    if model is None:
+        raise _not_found(response_id)
+    return model
+
+
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(f"Response with id '{response_id}' not found.", param=None, code=None)

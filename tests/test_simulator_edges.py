@@ -3,6 +3,7 @@ embedding batches, long prompts and settings that are not finite numbers."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import aiohttp
@@ -207,3 +208,17 @@ async def test_echo_logprobs_text_offsets_point_into_the_echoed_text(client):
     assert [choice.text[offset:offset + len(token)]
             for token, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset, strict=True)] \
         == choice.logprobs.tokens
+
+
+async def test_a_header_that_is_not_utf8_is_recorded_with_a_replacement_character(sim):
+    """GET /sim/requests showed a request whose header bytes were not UTF-8 as a 500 (JSON cannot carry the
+    surrogates aiohttp keeps them as): the header is kept with U+FFFD in their place."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Odd: caf\xe9\r\nConnection: close\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{sim.control_url}/requests?last=1") as resp:
+            assert resp.status == 200
+            [recorded] = (await resp.json())["requests"]
+    assert recorded["headers"]["x-odd"] == "caf\ufffd"

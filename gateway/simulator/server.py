@@ -62,7 +62,9 @@ async def track_requests(request: web.Request, handler: Any) -> web.StreamRespon
         error = BodyTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
         return json_response(error.body(), status=error.status)
     request[BODY] = body
-    headers = {name.lower(): value for name, value in request.headers.items()}
+    # a header's bytes that are not UTF-8 (aiohttp keeps them as surrogates, which JSON cannot carry) shown as U+FFFD
+    headers = {name.lower(): value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+               for name, value in request.headers.items()}
     state.remember(request.method, request.path, headers, body)
     state.in_flight += 1
     try:

@@ -42,6 +42,9 @@ ROTATE_RETRY_S = 30.0
 #: the most lines waiting for the writer; past it new lines are dropped and counted. Lines are ~0.5 KiB, so a
 #: stalled disk holds at most ~5 MiB per worker, yet 1,000 requests a second ride out a 10 s stall losing none
 QUEUE_LINES = 10_000
+#: the most backups `ledger.backups` may keep: each rotation renames every one of them, holding the ledger's lock, so
+#: a billion would stall the writer for an hour at each rotation
+MAX_BACKUPS = 1000
 #: how long closing waits for the writer to write what is queued; a hung disk must not hold up shutdown
 CLOSE_TIMEOUT_S = 3.0
 

@@ -35,6 +35,10 @@ GRACE_PERIODS_PER_STOP = 3
 #: spare: a worker still running GRACE_PERIODS_PER_STOP grace periods and this margin after the stop is
 #: killed (SIGKILL)
 KILL_MARGIN_S = 15.0
+#: the longest `server.grace_period_s` a policy may give, a day: a drain longer is a typo, and the supervisor waits
+#: for a stop (GRACE_PERIODS_PER_STOP grace periods and KILL_MARGIN_S) in one poll(2), whose timeout is at most 2^31 ms
+#: (about 24.8 days): past about 8 days its SIGTERM raised OverflowError and left the workers unreaped
+MAX_GRACE_PERIOD_S = 86_400
 #: prctl(2)'s option that sets the signal a process gets when its parent dies (Linux)
 PR_SET_PDEATHSIG = 1
 

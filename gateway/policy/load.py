@@ -20,6 +20,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
+from gateway.ledger import MAX_BACKUPS
 from gateway.policy.header_regex import compile_header_regex
 from gateway.policy.model import (
     ENDPOINTS, MAX_USD, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger,
@@ -31,6 +32,7 @@ from gateway.policy.validate import (
 )
 from gateway.routing.estimates import MAX_SAMPLES
 from gateway.routing.needs import FEATURES
+from gateway.supervisor import MAX_GRACE_PERIOD_S
 
 SUPPORTED_VERSION = 1
 ENCODINGS = ("cl100k_base", "o200k_base")
@@ -51,11 +53,28 @@ def non_negative(value: Any) -> str | None:
     return None if value >= 0 else f"must not be negative, got {value}"
 
 
-def at_most(limit: float) -> Callable[[Any], str | None]:
-    """Rejects values above `limit`."""
+def at_most(limit: float, why: str = "") -> Callable[[Any], str | None]:
+    """Rejects values above `limit`; `why`, when given, tells the reader why the limit is there."""
     def check(value: Any) -> str | None:
-        return None if value <= limit else f"must be at most {limit:g}, got {value}"
+        return None if value <= limit else f"must be at most {shown(limit)}{because(why)}, got {value}"
     return check
+
+
+def at_least(limit: float, why: str = "") -> Callable[[Any], str | None]:
+    """Rejects values below `limit`; `why`, when given, tells the reader why the limit is there."""
+    def check(value: Any) -> str | None:
+        return None if value >= limit else f"must be at least {shown(limit)}{because(why)}, got {value}"
+    return check
+
+
+def shown(limit: float) -> str:
+    """A limit as a message quotes it: an integer in full (315360000, not 3.1536e+08), a float short."""
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
+
+
+def because(why: str) -> str:
+    """` (why)`, or nothing."""
+    return f" ({why})" if why else ""
 
 
 def fraction(value: Any) -> str | None:
@@ -298,8 +317,15 @@ SLA = Section(Sla, {
     "max_energy_j": real(positive),
     "on_violation": choice("best_effort", "reject"),
 })
+#: the longest a cached answer may be kept, ten years: longer is "forever", which no model's answer is worth, and far
+#: longer is refused by Redis (an expiry past 2^63 ms from now: `ERR invalid expire time`), which then stores nothing
+MAX_CACHE_TTL_S = 10 * 365 * 86_400
 CACHE = Section(CacheRule, {
-    "enabled": flag(), "ttl_s": integer(positive), "mode": choice("exact"), "nondeterministic": flag(),
+    "enabled": flag(),
+    "ttl_s": integer(positive, at_most(MAX_CACHE_TTL_S, "ten years; Redis refuses far longer expiries, and stores "
+                                                        "nothing")),
+    "mode": choice("exact"),
+    "nondeterministic": flag(),
 })
 ROUTE = Section(Route, {
     "name": Spec(definition("route", not_blank, header_safe), required=True),
@@ -332,25 +358,41 @@ SERVER = Section(Server, {
     "max_body_bytes": integer(positive),
     "max_answer_bytes": integer(positive),
     "metrics_admin_only": flag(),
-    "grace_period_s": real(non_negative),
+    "grace_period_s": real(non_negative, at_most(MAX_GRACE_PERIOD_S, "a day; a stop waits up to three grace periods, "
+                                                                   "and --workers cannot wait past about 24 days")),
     "client_timeout_s": real(positive, at_most(MAX_PRIOR_MS / 1000)),
     "admin_token_sha256": text(sha256_hex),
     "admin_token_env": text(not_blank),
 })
-BREAKER = Section(Breaker, {"failure_threshold": integer(positive), "open_s": real(positive)})
+#: the longest a circuit may stay open, a week: it keeps its model out for that long, and a reload to a shorter
+#: open_s does not shorten a circuit already open
+MAX_OPEN_S = 7 * 86_400
+#: the longest latency window, a week: older samples are no guide to a model's latency now, and the window is also
+#: the Redis expiry of shared estimates, which Redis refuses far past it (the stream then never expires)
+MAX_LATENCY_WINDOW_S = 7 * 86_400
+BREAKER = Section(Breaker, {
+    "failure_threshold": integer(positive),
+    "open_s": real(positive, at_most(MAX_OPEN_S, "a week; an open circuit keeps its model out that long, even after "
+                                                 "a reload")),
+})
 ROUTING = Section(Routing, {
     "explore_share": real(fraction),
-    "latency_window_s": real(positive),
+    "latency_window_s": real(positive, at_most(MAX_LATENCY_WINDOW_S, "a week; older samples are no guide")),
     "prior_weight": integer(non_negative, at_most(MAX_SAMPLES)),
     "breaker": BREAKER,
     "max_attempts": integer(positive),
-    "queue_timeout_ms": real(non_negative),
+    "queue_timeout_ms": real(non_negative, at_most(MAX_PRIOR_MS, "an hour, as a model's timeouts.total_s")),
     "share_estimates": flag(),
 })
+#: the shortest store timeout, 1 ms: under it no Redis call is answered in time, even a Redis on the same host, and
+#: every request meets on_store_failure (0.1 ms could not even connect)
+MIN_STORE_TIMEOUT_MS = 1
 STORE = Section(Store, {
     "redis_url": text(url_with("redis", "rediss", "unix")),
     "on_store_failure": choice("allow", "deny"),
-    "timeout_ms": real(positive),
+    "timeout_ms": real(positive, at_least(MIN_STORE_TIMEOUT_MS, "a Redis call cannot be answered sooner, even on "
+                                                                "the same host"),
+                       at_most(MAX_PRIOR_MS, "an hour; each Redis call of a request may wait this long")),
     "key_prefix": text(hash_tag_safe),
     "cluster": flag(),
     "max_connections": integer(positive),
@@ -362,7 +404,11 @@ TELEMETRY = Section(Telemetry, {
     "prometheus": flag(),
 })
 # backups >= 1: rotating moves the file to a backup; with none kept the file would have to grow without limit
-LEDGER = Section(Ledger, {"path": text(not_blank), "max_bytes": integer(positive), "backups": integer(positive)})
+LEDGER = Section(Ledger, {
+    "path": text(not_blank),
+    "max_bytes": integer(positive),
+    "backups": integer(positive, at_most(MAX_BACKUPS, "each rotation renames every backup")),
+})
 ENERGY = Section(Energy, {"sample_interval_s": real(positive)})
 
 POLICY = Section(Policy, {

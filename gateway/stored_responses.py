@@ -72,7 +72,7 @@ def stored_response_handler(action: str):
 
 async def _model_of(services: Services, policy, tenant_name: str, response_id: str):
     """The model that stored the tenant's response: 404 when the gateway relayed no such response to the tenant
-    (within PIN_TTL_S), or its model is no longer in the policy; 503 while the pins' store cannot answer (without
+    (within `routing.stored_response_ttl_s`), or its model is no longer in the policy; 503 while the pins' store cannot answer (without
     it no server is known to ask, whatever `store.on_store_failure` says)."""
     if not _RESPONSE_ID.fullmatch(response_id):
         raise _not_found(response_id[:256])

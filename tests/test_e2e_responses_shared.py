@@ -69,9 +69,9 @@ def test_a_continuation_while_redis_is_down_follows_on_store_failure(redis_serve
 
 async def test_pins_in_memory_are_per_tenant_bounded_and_expire():
     now = [0.0]
-    pins = MemoryPins(max_entries=3, ttl_s=60, clock=lambda: now[0])
+    pins = MemoryPins(max_entries=3, clock=lambda: now[0])
     for index in range(4):
-        await pins.remember("acme", f"resp_{index}", "small")
+        await pins.remember("acme", f"resp_{index}", "small", 60)
     assert await pins.model_for("acme", "resp_0") is None          # the oldest went first
     assert await pins.model_for("acme", "resp_3") == "small"
     assert await pins.model_for("bravo", "resp_3") is None         # another tenant's

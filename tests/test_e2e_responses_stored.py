@@ -5,12 +5,14 @@ real redis-server, and down."""
 from __future__ import annotations
 
 import os
+import time
 
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
+import redis
 
 from tests.support.harness import DEFAULT_SIMS, Harness, raw_model_gateway, raw_model_policy, reset_raw_model
 from tests.support.policies import QUICK_STOP
@@ -281,6 +283,38 @@ def test_a_response_relayed_by_one_replica_is_retrieved_and_deleted_through_anot
     finally:
         for harness in replicas:
             harness.stop()
+
+
+def test_pins_last_the_policys_stored_response_ttl_s_and_a_reload_applies_to_later_ones(module_redis_server):
+    """In Redis, each pin expires after the `routing.stored_response_ttl_s` in force when it was written."""
+    policy = POLICY + "routing: {{stored_response_ttl_s: 3600}}\n"
+    harness = Harness(policy, environ=environ(module_redis_server.url)).start()
+    client_ = redis.Redis.from_url(module_redis_server.url)
+    try:
+        first = stored(harness)
+        assert 3590 < client_.ttl(f"gw:{{acme}}:rp:{first.id}") <= 3600
+        harness.write_policy(POLICY + "routing: {{stored_response_ttl_s: 7200}}\n")
+        assert harness.reload_policy()
+        second = stored(harness)
+        assert 7190 < client_.ttl(f"gw:{{acme}}:rp:{second.id}") <= 7200
+        assert 3590 < client_.ttl(f"gw:{{acme}}:rp:{first.id}") <= 3600
+    finally:
+        client_.close()
+        harness.stop()
+
+
+def test_a_pin_in_memory_expires_after_stored_response_ttl_s():
+    harness = Harness(POLICY + "routing: {{stored_response_ttl_s: 1}}\n").start()
+    try:
+        created = stored(harness)
+        assert client(harness).responses.retrieve(created.id).id == created.id
+        time.sleep(1.1)
+        with pytest.raises(openai.NotFoundError):
+            client(harness).responses.retrieve(created.id)
+        with pytest.raises(openai.BadRequestError, match="not found"):
+            stored(harness, previous_response_id=created.id)
+    finally:
+        harness.stop()
 
 
 @pytest.mark.parametrize("on_failure", ["allow", "deny"])

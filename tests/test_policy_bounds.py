@@ -15,6 +15,7 @@ import pytest
 from gateway.cli import main
 from gateway.ledger import MAX_BACKUPS
 from gateway.policy.load import MAX_CACHE_TTL_S, MAX_LATENCY_WINDOW_S, MAX_OPEN_S, parse_policy
+from gateway.routing.pins import MAX_PIN_TTL_S
 from gateway.supervisor import MAX_GRACE_PERIOD_S
 from tests.support.harness import DEFAULT_SIMS, Harness
 from tests.support.policies import standard_models
@@ -53,6 +54,9 @@ PAST_THE_BOUND = [
     ("store: {timeout_ms: 0.1}\n", "store.timeout_ms",
      "must be at least 1 (a Redis call cannot be answered sooner, even on the same host), got 0.1",
      "store: {timeout_ms: 1}\n"),
+    ("routing: {stored_response_ttl_s: 2592001}\n", "routing.stored_response_ttl_s",
+     "must be at most 2592000 (30 days, as long as OpenAI keeps a stored response), got 2592001",
+     f"routing: {{stored_response_ttl_s: {MAX_PIN_TTL_S}}}\n"),
     ("ledger: {backups: 1000000000}\n", "ledger.backups",
      "must be at most 1000 (each rotation renames every backup), got 1000000000",
      f"ledger: {{backups: {MAX_BACKUPS}}}\n"),

@@ -32,6 +32,7 @@ from gateway.policy.validate import (
 )
 from gateway.routing.estimates import MAX_SAMPLES
 from gateway.routing.needs import FEATURES
+from gateway.routing.pins import MAX_PIN_TTL_S
 from gateway.supervisor import MAX_GRACE_PERIOD_S
 
 SUPPORTED_VERSION = 1
@@ -383,6 +384,8 @@ ROUTING = Section(Routing, {
     "max_attempts": integer(positive),
     "queue_timeout_ms": real(non_negative, at_most(MAX_PRIOR_MS, "an hour, as a model's timeouts.total_s")),
     "share_estimates": flag(),
+    "stored_response_ttl_s": integer(positive, at_most(MAX_PIN_TTL_S, "30 days, as long as OpenAI keeps a stored "
+                                                                      "response")),
 })
 #: the shortest store timeout, 1 ms: under it no Redis call is answered in time, even a Redis on the same host, and
 #: every request meets on_store_failure (0.1 ms could not even connect)

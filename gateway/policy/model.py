@@ -213,6 +213,8 @@ class Routing:
     queue_timeout_ms: float = 0.0
     #: every process sends its latency samples to Redis and routes by all of them (needs a Redis)
     share_estimates: bool = False
+    #: how long the model and tenant of each stored Responses API answer are remembered (`gateway.routing.pins`)
+    stored_response_ttl_s: int = 86_400
 
 
 @dataclass(frozen=True)

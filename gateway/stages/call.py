@@ -205,7 +205,8 @@ class Call:
         """Note which model stored a Responses API answer (`store` is true unless the request says false), for
         the requests that will continue it (`gateway.routing.pins`)."""
         if attempt.response_id and ctx.body.get("store") is not False:
-            await self.services.stores.pins.remember(ctx.tenant_name, attempt.response_id, attempt.model.name)
+            await self.services.stores.pins.remember(ctx.tenant_name, attempt.response_id, attempt.model.name,
+                                                     ctx.policy.routing.stored_response_ttl_s)
 
     def _succeeded(self, ctx: RequestContext, attempt: Attempt) -> None:
         """Called once the attempt has answered (for a stream: at its first event, its identity read)."""

@@ -5,7 +5,9 @@ response's id, and only that server can continue it: a request naming it as `pre
 there, whatever the SLA would choose. And the gateway calls each server with its own key, so the server would
 continue any tenant's stored response for whoever names its id: a tenant may continue only the responses the
 gateway relayed to it. The gateway notes the model and tenant of each stored response it relays, for
-`routing.stored_response_ttl_s`, in Redis when there is one (shared by workers and replicas), else in this process (at most MEMORY_PINS).
+`routing.stored_response_ttl_s`, in Redis when there is one (shared by workers and replicas), else in this
+process (at most MEMORY_PINS). The same pins send a retrieval or deletion of a stored response to its server, for
+its tenant alone (`gateway.stored_responses`).
 """
 
 from __future__ import annotations

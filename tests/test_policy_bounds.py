@@ -14,7 +14,9 @@ import pytest
 
 from gateway.cli import main
 from gateway.ledger import MAX_BACKUPS
-from gateway.policy.load import MAX_CACHE_TTL_S, MAX_LATENCY_WINDOW_S, MAX_OPEN_S, parse_policy
+from gateway.policy.load import (
+    MAX_CACHE_TTL_S, MAX_LATENCY_WINDOW_S, MAX_OPEN_S, MIN_SAMPLE_INTERVAL_S, MIN_TIMEOUT_S, parse_policy,
+)
 from gateway.routing.pins import MAX_PIN_TTL_S
 from gateway.supervisor import MAX_GRACE_PERIOD_S
 from tests.support.harness import DEFAULT_SIMS, Harness
@@ -57,6 +59,9 @@ PAST_THE_BOUND = [
     ("routing: {stored_response_ttl_s: 2592001}\n", "routing.stored_response_ttl_s",
      "must be at most 2592000 (30 days, as long as OpenAI keeps a stored response), got 2592001",
      f"routing: {{stored_response_ttl_s: {MAX_PIN_TTL_S}}}\n"),
+    ("energy: {sample_interval_s: 1e-300}\n", "energy.sample_interval_s",
+     "must be at least 0.01 (10 ms; NVML refreshes power no faster), got 1e-300",
+     f"energy: {{sample_interval_s: {MIN_SAMPLE_INTERVAL_S}}}\n"),
     ("ledger: {backups: 1000000000}\n", "ledger.backups",
      "must be at most 1000 (each rotation renames every backup), got 1000000000",
      f"ledger: {{backups: {MAX_BACKUPS}}}\n"),
@@ -171,3 +176,19 @@ def test_an_answer_cached_for_the_longest_ttl_is_served_from_redis(redis_server)
                  == "hit")
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("key", ["connect_s", "first_byte_s", "total_s"])
+def test_a_model_timeout_under_a_millisecond_is_refused_and_one_millisecond_taken(tmp_path, capsys, key):
+    """A timeout under 1 ms (seconds written where milliseconds were meant) failed every call to the model at
+    once: `gateway policy check` names the key, the limit and why."""
+    model = '  small: {{endpoint: "http://127.0.0.1:9101/v1", timeouts: {{{key}: {value}}}}}\n'
+    policy = written(tmp_path, BASE.replace('  small: {endpoint: "http://127.0.0.1:9101/v1"}\n',
+                                            model.format(key=key, value="0.0001")))
+    assert main(["--log-level", "WARNING", "policy", "check", str(policy)]) == 1
+    out = capsys.readouterr()
+    assert (f"{policy}:3: models.small.timeouts.{key}: must be at least 0.001 (1 ms; no model server answers "
+            f"sooner), got 0.0001") in out.out + out.err
+    at_limit = parse_policy(BASE.replace('  small: {endpoint: "http://127.0.0.1:9101/v1"}\n',
+                                         model.format(key=key, value=MIN_TIMEOUT_S)))
+    assert getattr(at_limit.models["small"].timeouts, key) == MIN_TIMEOUT_S

@@ -270,9 +270,11 @@ LATENCY_PRIOR = Section(LatencyPrior, {"ttft_ms": real(non_negative, at_most(MAX
 #: the longest a model's call may be waited for, an hour, as server.client_timeout_s (a larger figure is most
 #: likely milliseconds written in a `_s` key)
 MAX_TIMEOUT_S = MAX_PRIOR_MS / 1000
-TIMEOUTS = Section(Timeouts, {"connect_s": real(positive, at_most(MAX_TIMEOUT_S)),
-                              "first_byte_s": real(positive, at_most(MAX_TIMEOUT_S)),
-                              "total_s": real(positive, at_most(MAX_TIMEOUT_S))})
+#: the shortest a model's call may be waited for, 1 ms: no model server connects or answers sooner, so a shorter
+#: timeout (most likely seconds written in milliseconds' place) fails every call at once
+MIN_TIMEOUT_S = 0.001
+_TIMEOUT = real(positive, at_least(MIN_TIMEOUT_S, "1 ms; no model server answers sooner"), at_most(MAX_TIMEOUT_S))
+TIMEOUTS = Section(Timeouts, {"connect_s": _TIMEOUT, "first_byte_s": _TIMEOUT, "total_s": _TIMEOUT})
 GPUS = Section(GpuSource, {
     "source": Spec(choice("nvml", "dcgm"), required=True),
     "ids": items(scalar((INT, STR), "a GPU index or UUID", str, not_blank)),
@@ -412,7 +414,12 @@ LEDGER = Section(Ledger, {
     "max_bytes": integer(positive),
     "backups": integer(positive, at_most(MAX_BACKUPS, "each rotation renames every backup")),
 })
-ENERGY = Section(Energy, {"sample_interval_s": real(positive)})
+#: the shortest GPU sampling interval, 10 ms: NVML refreshes a GPU's power no faster, and the sampler's thread
+#: would spin, taking the event loop's core (and interpreter) from the requests
+MIN_SAMPLE_INTERVAL_S = 0.01
+ENERGY = Section(Energy, {"sample_interval_s": real(positive, at_least(MIN_SAMPLE_INTERVAL_S, "10 ms; NVML "
+                                                                                          "refreshes power no faster"),
+                                                   at_most(MAX_TIMEOUT_S))})
 
 POLICY = Section(Policy, {
     "version": Spec(integer(supported_version), required=True),

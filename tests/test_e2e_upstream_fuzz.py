@@ -774,7 +774,7 @@ def test_a_model_servers_stack_trace_is_not_passed_on(env, stream):
     reply, _ = ask(harness, Ask(stream=stream), "trace-status")
     assert reply.status_code == 500 and b"Traceback" not in reply.content and b"engine.py" not in reply.content
     assert "torch.OutOfMemoryError: CUDA out of memory" in reply.json()["error"]["message"]
-    raw.script = [(SSE_HEAD + sse(TEXT_EVENTS[0], json.dumps({"error": TRACEBACK}).encode()), 0.0)]
+    raw.script = [(SSE_HEAD + sse(*TEXT_EVENTS[:2], json.dumps({"error": TRACEBACK}).encode()), 0.0)]
     reply, _ = ask(harness, Ask(stream=True), "trace-stream")
     assert reply.status_code == 200 and b"Traceback" not in reply.content and b"engine.py" not in reply.content
     assert b"CUDA out of memory" in reply.content

@@ -1,9 +1,15 @@
 """Relaying an upstream SSE stream to the client chunk by chunk, never buffered whole.
 
 The client's response is prepared only when the first upstream data event
-arrives, so a model that fails before that can still be replaced by the next
-one. After the first byte, a failure (the model's, or the gateway's own) can
-only be reported in-band: an SSE error event, then the end of the stream.
+that says something arrives, so a model that fails before that can still be
+replaced by the next one. The events a stream opens with before it says
+anything are held until then (`_opening`), then written first, in order: a
+chat or completions chunk with no output, no finish reason and no usage (the
+role-only first chunk vLLM and OpenAI send before any token, Azure's first,
+with no choices and its `prompt_filter_results`), and a Responses API
+stream's preamble (below). After the first byte, a failure (the model's, or
+the gateway's own) can only be reported in-band: an SSE error event, then the
+end of the stream.
 
 The model must send a data event within `first_byte_s` of its response head,
 and then within `first_byte_s` of each one relayed, and end within `total_s`
@@ -31,7 +37,8 @@ relay ends there, with no usage chunk nor [DONE] to wait for), its failure an
 (`response.created`, `response.in_progress`, the first item and part added:
 RESPONSES_PREAMBLE), which a server sends before it has generated anything,
 is held until the first event after it: a model failing before its first
-output is replaced by the next, as a chat stream's is before its first chunk.
+output is replaced by the next, as a chat stream's is before its first chunk
+that says something.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ import orjson
 from aiohttp import web
 
 from gateway.cache.assemble import FRAME_FIELDS, MAX_ASSEMBLED_CHARS, UNFOLDABLE, StreamAssembler
-from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext
+from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext, Usage
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from gateway.responses import response_headers
-from gateway.sse import DONE, encode_event, error_event, event_data, is_comment
+from gateway.sse import DONE, MAX_EVENT_BYTES, encode_event, error_event, event_data, is_comment
 from gateway.stages.answers import (
     CONTENT, REASONING, Estimate, GeneratedParts, count_usage, read_identity, responses_finish_reason,
 )
@@ -67,6 +74,9 @@ FINISHED_GRACE_S = 2.0
 OUTPUT_FIELDS = ("tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 #: a delta with no other fields carries text only (most chunks): nothing more to keep from it
 _TEXT_ONLY = frozenset(("role", "content"))
+#: the most a stream's held opening events may take, as much as one event may: past it, the stream opens with them
+#: (a server opens with a few; one that sends no end of them must not grow the gateway's memory)
+MAX_HELD_BYTES = MAX_EVENT_BYTES
 
 
 class ClientStalled(ConnectionError):
@@ -258,6 +268,20 @@ def responses_failure(model_name: str, chunk: dict) -> UpstreamProtocolError | N
     error = response_of(chunk).get("error") if "response" in chunk else chunk
     return UpstreamProtocolError(f"model '{model_name}' reported an error in its stream: "
                                  f"{error_message(error or chunk)}")
+
+
+def _opening(chunk: dict, output: bool, usage: Usage | None, responses: bool) -> bool:
+    """The event opens the stream and says nothing yet, so it is held until one that does: a Responses API
+    preamble event (RESPONSES_PREAMBLE); a chat or completions chunk with no output (`output`: what `absorb`
+    said of it), no finish reason and no usage, such as the role-only first chunk vLLM and OpenAI send before
+    any token, or Azure's first, with no choices and its `prompt_filter_results`."""
+    if responses:
+        return event_type(chunk) in RESPONSES_PREAMBLE
+    if output or usage is not None:
+        return False
+    choices = chunk.get("choices")
+    return not isinstance(choices, list) or not any(isinstance(choice, dict) and choice.get("finish_reason")
+                                                     for choice in choices)
 
 
 def _carries_other_output(delta: dict) -> bool:
@@ -466,7 +490,8 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     ends = loop.time() + timeouts.total_s - (time.perf_counter() - attempt.started_s)
     writer = ClientWriter(ctx)
     responses = ctx.endpoint == "responses"
-    held: list[bytes] = []                  # a Responses API stream's preamble, until its first output
+    held: list[bytes] = []                  # the stream's opening events (`_opening`), until the first that says more
+    held_bytes = 0
     try:
         async with asyncio.timeout(min(wait_s, max(0.0, ends - loop.time()))) as deadline:
             async for event in events:
@@ -484,6 +509,9 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                 deadline.reschedule(None)   # from here to the next read, the client's time, not the model's
                 if data.strip() == b"[DONE]":
                     state.done = True
+                    if held and not ctx.bytes_sent and not responses:
+                        # a chat stream of opening chunks alone ends as an empty one does: relayed as it came
+                        await _open_with(ctx, attempt, on_first_event, writer, held)
                     return
                 chunk = _parse_chunk(attempt.model.name, data)
                 answer = chunk
@@ -493,23 +521,25 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     answer = response_of(chunk)
                 if attempt.response_id is None or attempt.response_model is None:
                     read_identity(attempt, answer)
+                output = state.absorb(chunk)        # once, whether the event is held or passed on at once
+                usage = usage_from_response(answer)
+                if "usage" in chunk and not ctx.include_usage and not responses:   # (a Responses event as it came)
+                    event = _without_usage(chunk)
                 if not ctx.bytes_sent:
-                    if responses and event_type(chunk) in RESPONSES_PREAMBLE:
-                        state.absorb(chunk)     # no output: what it says (a tool call's name) is kept
-                        held.append(event)
+                    size = len(event) if event is not None else 0
+                    if _opening(chunk, output, usage, responses) and held_bytes + size <= MAX_HELD_BYTES:
+                        if event is not None:
+                            held.append(event)
+                            held_bytes += size
                         deadline.reschedule(min(loop.time() + wait_s, ends + writer.waited_s))
                         continue
-                    await _open_client_stream(ctx, attempt, on_first_event)
-                    for preamble in held:
-                        await writer.write(preamble)
-                if state.absorb(chunk) and attempt.ttft_s is None:
+                    await _open_with(ctx, attempt, on_first_event, writer, held)
+                if output and attempt.ttft_s is None:
                     attempt.ttft_s = state.last_output_s - attempt.started_s
                 if attempt.energy_id is not None:
                     energy.progress(attempt.energy_id, ctx.prompt_tokens + state.output_chunks)
-                if (usage := usage_from_response(answer)) is not None:
+                if usage is not None:
                     attempt.usage = usage
-                if "usage" in chunk and not ctx.include_usage and not responses:   # (a Responses event as it came)
-                    event = _without_usage(chunk)
                 if event is not None:
                     await writer.write(event)
                 answered = len(state.finished_choices) >= ctx.choices and state.finished(ctx.choices)
@@ -585,6 +615,15 @@ async def _open_client_stream(ctx: RequestContext, attempt: Attempt,
     await response.prepare(ctx.http)
     ctx.bytes_sent = True
     return response
+
+
+async def _open_with(ctx: RequestContext, attempt: Attempt,
+                     on_first_event: Callable[[RequestContext, Attempt], None], writer: ClientWriter,
+                     held: list[bytes]) -> None:
+    """Open the client's stream with the opening events held until now, in the order they came."""
+    await _open_client_stream(ctx, attempt, on_first_event)
+    for opening in held:
+        await writer.write(opening)
 
 
 async def _end_with_error(ctx: RequestContext, exc: GatewayError) -> None:

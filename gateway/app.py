@@ -235,6 +235,8 @@ def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None,
         # Azure OpenAI's paths (the AzureOpenAI SDK client): the deployment names the model; api-version is ignored
         router.add_post(f"/openai/deployments/{{deployment}}/{path}", openai_handler(endpoint),
                         expect_handler=continue_when_read)
+    # AzureOpenAI's responses.create() posts to /openai/responses (no deployment in the path: the body's model)
+    router.add_post("/openai/responses", openai_handler("responses"), expect_handler=continue_when_read)
     for prefix in ("/v1", "/openai", "/openai/v1"):     # AzureOpenAI's models.list() asks /openai/models
         router.add_get(f"{prefix}/models", list_models)
         router.add_get(f"{prefix}/models/{{model}}", retrieve_model)

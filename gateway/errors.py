@@ -29,6 +29,7 @@ Foreign exceptions are translated where they enter, with `raise ... from`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import orjson
@@ -169,6 +170,14 @@ class UpstreamError(GatewayError):
     retry_after_s: float | None = None
     #: whether the failure says something about the model's health (its circuit breaker counts it)
     model_at_fault = True
+
+    def retry_headers(self) -> dict[str, str]:
+        """The model's Retry-After for the client, also to the millisecond as `retry-after-ms`, which OpenAI's SDKs
+        read first; none when it sent none."""
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(math.ceil(self.retry_after_s)),
+                "retry-after-ms": str(math.ceil(self.retry_after_s * 1000))}
 
 
 class UpstreamUnreachable(UpstreamError):

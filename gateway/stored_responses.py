@@ -8,8 +8,9 @@ its pin names (`gateway.routing.pins`, noted when the gateway relayed the respon
 Every tenant's calls reach a server with the gateway's one key, and the server would show or delete anyone's
 stored response for whoever names its id: a caller reaches only the responses the gateway relayed to its tenant
 (open, without tenants: relayed at all). Any other id is not found (404, OpenAI's words), the server never asked.
-A deleted response, or one its server no longer has (its 404), is forgotten. These calls generate nothing: no
-route, SLA, limit, budget, cache or ledger line applies, and a model's circuit is not charged for them.
+A deleted response, or one its server no longer has (its 404 for the response itself), is forgotten. These calls
+generate nothing: no route, SLA, limit, budget, cache or ledger line applies, and a model's circuit is not charged
+for them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 
 from aiohttp import web
 
-from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput
+from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput, UpstreamError
 from gateway.outcomes import ANONYMOUS
 from gateway.responses import request_id
 from gateway.services import SERVICES, Services
@@ -34,6 +35,8 @@ _RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,256}")
 #: the calls, by what follows the response's id in their path
 ACTIONS = {"retrieve": ("GET", ""), "delete": ("DELETE", ""), "input_items": ("GET", "/input_items"),
            "cancel": ("POST", "/cancel")}
+#: the calls whose 404 says that the server no longer has the response itself: its pin is forgotten
+FORGOTTEN_ON_404 = frozenset({"retrieve", "delete"})
 
 
 def stored_response_handler(action: str):
@@ -57,8 +60,15 @@ def stored_response_handler(action: str):
         rid = request_id(request)
         headers = {"x-request-id": rid, **forwarded_headers(request.headers), **auth_headers(model, services.environ),
                    **{name: value for name in ("traceparent", "tracestate") if (value := request.headers.get(name))}}
-        status, raw = await services.transport.ask(model, method, url, headers, runtime.policy.server.max_answer_bytes)
-        if status == 404 or action == "delete":     # gone from its server (expired, restarted), or deleted now
+        try:
+            status, raw = await services.transport.ask(model, method, url, headers,
+                                                       runtime.policy.server.max_answer_bytes)
+        except UpstreamError as exc:    # named the model asked, with its Retry-After, as a generating call's error is
+            exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
+            raise
+        # gone from its server (expired, restarted), or deleted now; a 404 for its input items or its cancel may be a
+        # server serving no such call (vLLM has no `/input_items`), which says nothing of the response: it is kept
+        if (status == 404 and action in FORGOTTEN_ON_404) or action == "delete":
             await services.stores.pins.forget(tenant_name, response_id)
         if status == 404:
             raise _not_found(response_id)
@@ -72,8 +82,8 @@ def stored_response_handler(action: str):
 
 async def _model_of(services: Services, policy, tenant_name: str, response_id: str):
     """The model that stored the tenant's response: 404 when the gateway relayed no such response to the tenant
-    (within `routing.stored_response_ttl_s`), or its model is no longer in the policy; 503 while the pins' store cannot answer (without
-    it no server is known to ask, whatever `store.on_store_failure` says)."""
+    (within `routing.stored_response_ttl_s`), or its model is no longer in the policy; 503 while the pins' store
+    cannot answer (without it no server is known to ask, whatever `store.on_store_failure` says)."""
     if not _RESPONSE_ID.fullmatch(response_id):
         raise _not_found(response_id[:256])
     model_name = await services.stores.pins.model_for(tenant_name, response_id)

@@ -273,8 +273,11 @@ async def _read_within(resp: aiohttp.ClientResponse, wait_s: float, call: Upstre
     limit = call.max_answer_bytes
     if resp.content_length is not None and resp.content_length > limit:
         raise too_large(call.model, limit)
-    if resp.content.is_eof():               # the body most often came with the head
-        return await resp.read()
+    if resp.content.is_eof():               # the body most often came with the head: it may still be too large
+        raw = await resp.read()             # (chunked, with no Content-Length to refuse early; or compressed)
+        if len(raw) > limit:
+            raise too_large(call.model, limit)
+        return raw
     loop = asyncio.get_running_loop()
     parts = []
     size = 0

@@ -145,6 +145,20 @@ def test_azure_paths_reach_the_same_response(gw):
         assert client(gw, prefix=prefix).responses.retrieve(created.id).id == created.id
 
 
+def test_the_azure_sdk_creates_retrieves_and_deletes_a_response(gw):
+    """AzureOpenAI's responses.create() posts to /openai/responses (no deployment in its path), which was a 404;
+    its calls on the stored response go to /openai/responses/{id}, with its api-version."""
+    azure = openai.AzureOpenAI(azure_endpoint=gw.base_url, api_key=KEYS["acme"], api_version="2025-04-01-preview",
+                               max_retries=0)
+    raw = azure.responses.with_raw_response.create(model="auto", input="Say hello.", max_output_tokens=16)
+    created = raw.parse()
+    assert raw.headers["x-gateway-route"] == "agents" and created.output_text
+    assert azure.responses.retrieve(created.id).output_text == created.output_text
+    azure.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        azure.responses.retrieve(created.id)
+
+
 def test_an_unknown_key_is_refused_before_any_lookup(gw):
     created = stored(gw)
     request = urllib.request.Request(f"{gw.base_url}/v1/responses/{created.id}",
@@ -198,6 +212,7 @@ def raw_gw():
 
 
 def stored_on_raw(harness: Harness, raw) -> str:
+    """A response the gateway relayed from the scripted server (and pinned to it); nothing received since."""
     reset_raw_model(harness, raw)
     raw.script = json_answer(RAW_RESPONSE)
     created = harness.openai().responses.create(model="raw-responses", input="Hi.")

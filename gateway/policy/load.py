@@ -21,6 +21,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 from gateway.energy.pools import sharing_problem
 from gateway.errors import PolicyError, PolicyProblem
 from gateway.ledger import MAX_BACKUPS
+from gateway.outcomes import ANONYMOUS
 from gateway.policy.header_regex import compile_header_regex
 from gateway.policy.model import (
     ENDPOINTS, MAX_USD, Breaker, Budget, CacheRule, Energy, GpuSource, HeaderMatch, LatencyPrior, Ledger,
@@ -102,8 +103,14 @@ def hash_tag_safe(value: str) -> str | None:
     return "must not contain '{' or '}' (they mark Redis Cluster hash tags)" if "{" in value or "}" in value else None
 
 
+def not_anonymous(value: str) -> str | None:
+    """Rejects `anonymous`, the name of the open gateway's callers: a tenant of that name would share their stored
+    responses (`gateway.routing.pins`), outcome reports and metrics label, before and after a reload."""
+    return f"'{ANONYMOUS}' names the open gateway's callers (without tenants)" if value == ANONYMOUS else None
+
+
 #: what a tenant's name must be (`gateway keys new --tenant` applies them too)
-TENANT_NAME_CHECKS = (not_blank, header_safe, hash_tag_safe)
+TENANT_NAME_CHECKS = (not_blank, header_safe, hash_tag_safe, not_anonymous)
 
 
 def tenant_name_problem(name: str) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 
 import orjson
@@ -72,9 +71,8 @@ def with_outcome_headers(ctx: RequestContext, error: GatewayError) -> GatewayErr
     """The error to answer with, carrying the gateway's headers (and the upstream's Retry-After, also to the
     millisecond as `retry-after-ms`, which OpenAI's SDKs read first)."""
     headers = {**error.headers, **response_headers(ctx)}
-    if isinstance(error, UpstreamError) and error.retry_after_s is not None:
-        headers["Retry-After"] = str(math.ceil(error.retry_after_s))
-        headers["retry-after-ms"] = str(math.ceil(error.retry_after_s * 1000))
+    if isinstance(error, UpstreamError):
+        headers.update(error.retry_headers())
     error.headers = headers
     return error
 

@@ -75,7 +75,8 @@ class UpstreamAnswer:
 
 def forwarded_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
     """The client's headers that may travel upstream: no hop-by-hop, no credentials, no x-gateway-*."""
-    hop = {h.strip().lower() for h in client_headers.get("connection", "").split(",") if h.strip()}
+    connection = client_headers.get("connection")       # most clients send none: no set of hop names to build
+    hop = {h.strip().lower() for h in connection.split(",") if h.strip()} if connection else ()
     return {name: value for name, value in client_headers.items()
             if (low := name.lower()) not in DROPPED_HEADERS and low not in hop
             and not low.startswith("x-gateway-")}

@@ -314,6 +314,11 @@ class LatencyEstimates:
         """95th percentile time to first token, seconds."""
         return self._fresh(model_name).ttft.quantile(0.95)
 
+    def latency_p50_s(self, model_name: str) -> tuple[float, float]:
+        """(TTFT median, TPOT median) in seconds, with one expiry pass: what a whole answer's split reads."""
+        stats = self._fresh(model_name)
+        return stats.ttft.quantile(0.5), stats.tpot.quantile(0.5)
+
     def ttft_p50_s(self, model_name: str) -> float:
         """Median time to first token, seconds."""
         return self._fresh(model_name).ttft.quantile(0.5)

@@ -43,8 +43,8 @@ def split_whole_answer(estimates, name: str, elapsed_s: float, output: int) -> t
     seen: the part the model's estimates make the larger takes the rest of the time, the other is not learned.
     Splitting by the usual TTFT alone would book a slow first token of a short answer as time per token (and
     feed the TTFT estimate the very median it used, so it never moved)."""
-    first_s = estimates.ttft_p50_s(name)
-    generation_s = (output - 1) * estimates.tpot_p50_s(name)
+    first_s, per_token_s = estimates.latency_p50_s(name)
+    generation_s = (output - 1) * per_token_s
     if generation_s < first_s:
         return max(0.0, elapsed_s - generation_s), None
     return None, (elapsed_s - min(elapsed_s, first_s)) / (output - 1)

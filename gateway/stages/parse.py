@@ -47,10 +47,11 @@ async def read_body(request: web.Request, max_bytes: int, stall_s: float | None 
 
     A client waiting for `100 Continue` is sent it here, once its head has passed every check before the body
     (`app.continue_when_read`)."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {max_bytes}")
+    declared = request.content_length      # a property that parses the header at each read: read once
+    if declared is not None and declared > max_bytes:
+        raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes}")
     content = request.content
-    if content.is_eof() and request.content_length is not None and "Content-Encoding" not in request.headers:
+    if content.is_eof() and declared is not None and "Content-Encoding" not in request.headers:
         return await content.read()         # it came whole with the head, as most do: no wait, within the limit
     if expects_continue(request) and not content.is_eof():
         await request.writer.write(CONTINUE)

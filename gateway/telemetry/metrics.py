@@ -115,8 +115,9 @@ class Instruments:
                                                       genai.TENANT: tenant_label, "gateway.queue.result": result})
 
     def record_attempt(self, ctx: RequestContext, attempt: Attempt, tenant_label: str,
-                       chunk_gaps_s: Sequence[float] = ()) -> None:
-        """Duration, time to first chunk and time per output chunk of one attempt."""
+                       chunk_gaps_s: Sequence[float] = ()) -> dict[str, Any]:
+        """Duration, time to first chunk and time per output chunk of one attempt; returns the attempt's labels,
+        which the request's token usage reuses for the attempt that answered."""
         labels = genai.attempt_metric_labels(ctx, attempt, tenant_label)
         if attempt.ended_s is not None:
             self.operation_duration.record(max(0.0, attempt.ended_s - attempt.started_s), labels)
@@ -124,9 +125,12 @@ class Instruments:
             self.time_to_first_chunk.record(attempt.ttft_s, labels)
         for gap_s in chunk_gaps_s:
             self.time_per_output_chunk.record(gap_s, labels)
+        return labels
 
-    def record_request(self, ctx: RequestContext, tenant_label: str) -> None:
-        """The per-request gateway metrics, and token usage of the answering attempt."""
+    def record_request(self, ctx: RequestContext, tenant_label: str,
+                       last_attempt_labels: dict[str, Any] | None = None) -> None:
+        """The per-request gateway metrics, and token usage of the answering attempt (`last_attempt_labels`: the
+        labels `record_attempt` gave the last attempt, when it was recorded, so they are not built twice)."""
         labels = genai.metric_labels(ctx, tenant_label)
         self.requests.add(1, labels)
         self.outcomes.add(1, {**labels, genai.OUTCOME: genai.outcome(ctx)})
@@ -144,7 +148,7 @@ class Instruments:
             self.fallbacks.add(1, {**labels, genai.FALLBACK_REASON: ctx.fallback_reason or "unknown"})
         if (sla := genai.sla_status(ctx)) is not None:
             self.sla.add(1, {**labels, "gateway.sla.status": sla})
-        self._record_tokens(ctx, tenant_label)
+        self._record_tokens(ctx, tenant_label, last_attempt_labels)
 
     def record_task(self, task, tenant_label: str, workflow_label: str | None) -> None:
         """A reported task outcome and the cost of the task it judges."""
@@ -159,7 +163,8 @@ class Instruments:
         if ctx.cache_saved_usd:
             self.cache_saved.add(float(ctx.cache_saved_usd), labels)
 
-    def _record_tokens(self, ctx: RequestContext, tenant_label: str) -> None:
+    def _record_tokens(self, ctx: RequestContext, tenant_label: str,
+                       last_attempt_labels: dict[str, Any] | None = None) -> None:
         """gen_ai.client.token.usage and the estimate error, for the attempt that answered: the last one, when it
         succeeded, the client left, or it broke mid-stream having produced (and been charged for) tokens."""
         last = ctx.attempts[-1] if ctx.attempts else None
@@ -169,7 +174,7 @@ class Instruments:
         usage = answered.usage or ctx.usage
         if not (usage.input_tokens or usage.output_tokens):
             return
-        labels = genai.attempt_metric_labels(ctx, answered, tenant_label)
+        labels = last_attempt_labels or genai.attempt_metric_labels(ctx, answered, tenant_label)
         self.token_usage.record(usage.input_tokens, {**labels, GEN_AI_TOKEN_TYPE: "input"})
         if ctx.endpoint != "embeddings":
             self.token_usage.record(usage.output_tokens, {**labels, GEN_AI_TOKEN_TYPE: "output"})

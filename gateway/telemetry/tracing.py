@@ -149,11 +149,13 @@ class Hooks:
             self._spans.export(span)
         tenant_label = self._tenants.label(ctx.tenant_name)
         self._instruments.record_routing(ctx, tenant_label)
+        labels = None                               # the last attempt's, when recorded: its token usage's too
         for attempt in ctx.attempts:
-            if attempt.span is not None:           # its start was observed (telemetry was on)
-                self._instruments.record_attempt(ctx, attempt, tenant_label, attempt.chunk_gaps_s)
+            observed = attempt.span is not None     # its start was observed (telemetry was on)
+            labels = self._instruments.record_attempt(ctx, attempt, tenant_label, attempt.chunk_gaps_s) \
+                if observed else None
             self._instruments.record_queue(attempt, tenant_label)
-        self._instruments.record_request(ctx, tenant_label)
+        self._instruments.record_request(ctx, tenant_label, labels)
 
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""

@@ -141,10 +141,9 @@ class MemoryLimiter:
             return
         now_ms = self._now_ms(now_s)
         found = log.tokens.get(ticket)
-        correction = f"{ticket}+{now_ms}:{delta}"
         if found is not None and found[1] == reserved_tokens and found[0] > now_ms - self.window_ms:
             log.tokens[ticket] = (found[0], actual_tokens)      # in place: keeps time order
-        elif delta > 0 and correction not in log.tokens:
+        elif delta > 0 and (correction := f"{ticket}+{now_ms}:{delta}") not in log.tokens:
             log.tokens[correction] = (now_ms, delta)
         else:
             return

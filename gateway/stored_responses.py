@@ -49,7 +49,7 @@ def stored_response_handler(action: str):
         tenant = runtime.identity.identify(request.headers)
         tenant_name = tenant.name if tenant else ANONYMOUS        # as the request that stored it named it
         response_id = request.match_info["response_id"]
-        if action == "retrieve" and request.query.get("stream", "").lower() == "true":
+        if action == "retrieve" and request.query.get("stream", "false").lower() not in ("false", "0"):
             raise UnsupportedInput("Streaming a stored response is for responses created with background=true, "
                                    "which this gateway does not serve.", param="stream", code="unsupported_parameter")
         model = await _model_of(services, runtime.policy, tenant_name, response_id)

@@ -137,6 +137,12 @@ def test_streaming_a_stored_response_is_refused(gw):
         for _ in client(gw).responses.retrieve(created.id, stream=True):
             pass
     assert raised.value.code == "unsupported_parameter" and raised.value.param == "stream"
+    before = asked(gw)
+    for value in ("1", "True", "yes"):          # any value but false: the server would stream
+        with pytest.raises(openai.BadRequestError):
+            client(gw).responses.retrieve(created.id, extra_query={"stream": value})
+    assert asked(gw) == before
+    assert client(gw).responses.retrieve(created.id, extra_query={"stream": "false"}).id == created.id
 
 
 def test_azure_paths_reach_the_same_response(gw):

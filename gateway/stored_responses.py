@@ -20,11 +20,12 @@ import re
 
 from aiohttp import web
 
-from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput, UpstreamError
+from gateway.errors import GatewayError, NotFound, StoreUnavailable, UnsupportedInput, UpstreamError
 from gateway.outcomes import ANONYMOUS
-from gateway.responses import request_id
+from gateway.responses import error_response, request_id
 from gateway.services import SERVICES, Services
 from gateway.store_guard import STORE_DOWN
+from gateway.telemetry.tracing import PlainCall
 from gateway.upstream import auth_headers, forwarded_headers, upstream_url
 
 log = logging.getLogger("gateway")
@@ -45,9 +46,25 @@ def stored_response_handler(action: str):
 
     async def handle(request: web.Request) -> web.Response:
         services: Services = request.app[SERVICES]
+        rid = request_id(request)
+        spans = services.telemetry.plain_call(request, rid)
+        response = None
+        try:
+            response = await _serve(request, services, spans, rid)
+        except GatewayError as exc:     # answered here, with the request id the model server was sent
+            response = error_response(exc, request_id=rid)
+        except Exception:               # the last line of defence, as the pipeline's
+            log.exception("request %s failed", rid)
+            response = error_response(GatewayError("internal error"), request_id=rid)
+        finally:                        # no response: the client left (499, as the pipeline books it)
+            spans.end(response.status if response is not None else 499)
+        return response
+
+    async def _serve(request: web.Request, services: Services, spans: PlainCall, rid: str) -> web.Response:
         runtime = services.holder.current
         tenant = runtime.identity.identify(request.headers)
         tenant_name = tenant.name if tenant else ANONYMOUS        # as the request that stored it named it
+        spans.identified(tenant.name if tenant else None)
         response_id = request.match_info["response_id"]
         if action == "retrieve" and request.query.get("stream", "false").lower() not in ("false", "0"):
             raise UnsupportedInput("Streaming a stored response is for responses created with background=true, "
@@ -57,15 +74,19 @@ def stored_response_handler(action: str):
         # the client's query (`limit`, `order`, `include[]`...) after the model's own (Azure's `api-version`)
         query = [*base.query.items(), *((key, value) for key, value in request.query.items() if key not in base.query)]
         url = base.with_path(f"{base.path}/{response_id}{suffix}").with_query(query)
-        rid = request_id(request)
+        # the gateway's trace context, else (telemetry off) the caller's, passed on
+        trace = spans.upstream(model, method) or \
+            {name: value for name in ("traceparent", "tracestate") if (value := request.headers.get(name))}
         headers = {"x-request-id": rid, **forwarded_headers(request.headers), **auth_headers(model, services.environ),
-                   **{name: value for name in ("traceparent", "tracestate") if (value := request.headers.get(name))}}
+                   **trace}
         try:
             status, raw = await services.transport.ask(model, method, url, headers,
                                                        runtime.policy.server.max_answer_bytes)
         except UpstreamError as exc:    # named the model asked, with its Retry-After, as a generating call's error is
+            spans.failed(exc.reason, getattr(exc, "upstream_status", None))
             exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
             raise
+        spans.answered(status)
         # gone from its server (expired, restarted), or deleted now; a 404 for its input items or its cancel may be a
         # server serving no such call (vLLM has no `/input_items`), which says nothing of the response: it is kept
         if (status == 404 and action in FORGOTTEN_ON_404) or action == "delete":
@@ -77,6 +98,7 @@ def stored_response_handler(action: str):
                      model.name, rid)
         return web.Response(body=raw, status=status, content_type="application/json",
                             headers={"x-request-id": rid, "x-gateway-model": model.name})
+
     return handle
 
 

@@ -18,6 +18,7 @@ from tests.support.harness import DEFAULT_SIMS, Harness, raw_model_gateway, raw_
 from tests.support.policies import QUICK_STOP
 from tests.support.raw_upstream import RawUpstream, http_head, json_answer
 from tests.test_e2e_responses import KEYS, POLICY
+from tests.test_e2e_telemetry import CALLER_SPAN_ID, exported_trace, new_traceparent, one, otel_environ
 
 STORED_GET = "/v1/responses/{response_id}"
 
@@ -259,7 +260,7 @@ def test_the_model_servers_key_and_the_clients_query_are_sent(raw_gw):
 
 def test_the_models_own_query_is_sent_once_before_the_clients():
     """A model whose endpoint carries a query (Azure's `api-version`) keeps it; the client's own `api-version`
-    (the AzureOpenAI SDK sends one) does not replace or repeat it; the caller's trace context is passed on."""
+    (the AzureOpenAI SDK sends one) does not replace or repeat it; the caller's trace is continued."""
     raw = RawUpstream().start()
     policy = raw_model_policy(raw.url + "?api-version=2025-05-01", first_byte_s=1, tail=RAW_ROUTE)
     harness = Harness(policy, sims={name: dict(ttft_ms=1, tpot_ms=0) for name in DEFAULT_SIMS}).start()
@@ -272,7 +273,9 @@ def test_the_models_own_query_is_sent_once_before_the_clients():
         assert found.id == response_id
         head = raw.requests[0][0].decode()
         assert head.startswith(f"GET /v1/responses/{response_id}?api-version=2025-05-01 HTTP/1.1")
-        assert f"traceparent: {traceparent}" in head.lower()
+        # the caller's trace continues: the model server's parent is the gateway's CLIENT span in it
+        assert "traceparent: 00-0af7651916cd43dd8448eb211c80319c-" in head.lower()
+        assert f"traceparent: {traceparent}" not in head.lower()
     finally:
         harness.stop()
         raw.stop()
@@ -348,5 +351,46 @@ def test_a_retrieval_while_redis_is_down_is_a_503(redis_server, on_failure):
         with pytest.raises(openai.APIStatusError) as raised:
             client(harness).responses.retrieve(created.id)
         assert raised.value.status_code == 503 and raised.value.code == "store_unavailable"
+    finally:
+        harness.stop()
+
+
+# telemetry -----------------------------------------------------------------------------------------------------------
+
+def test_a_stored_response_call_has_its_server_and_client_spans_on_the_wire(receiver):
+    """A retrieval's SERVER span continues the caller's trace (route, status, tenant, the model asked) and parents
+    the CLIENT span of its call to the model server, whose traceparent names it; an unknown id's 404 has its
+    SERVER span alone; a model server failing is an error on both."""
+    environ = otel_environ(receiver.http_endpoint, "http/protobuf", "gw-stored")
+    harness = Harness(POLICY, environ=environ).start()
+    try:
+        created = stored(harness)
+        trace_id, traceparent = new_traceparent()
+        client(harness).responses.retrieve(created.id, extra_headers={"traceparent": traceparent})
+        spans = exported_trace(harness, receiver, trace_id, spans=2)
+        server = one(spans, "GET /v1/responses/{response_id}")
+        assert (server.kind, server.parent_span_id) == ("SERVER", CALLER_SPAN_ID)
+        assert server.attributes["http.response.status_code"] == 200 and server.status_code == "UNSET"
+        assert (server.attributes["gateway.tenant"], server.attributes["gateway.model.selected"]) == ("acme", "small")
+        assert server.attributes["url.path"] == f"/v1/responses/{created.id}"
+        call = one(spans, "GET")
+        assert (call.kind, call.parent_span_id) == ("CLIENT", server.span_id)
+        assert call.attributes["server.address"] == "127.0.0.1" and call.attributes["http.response.status_code"] == 200
+        sent = next(r for r in reversed(harness.sim_requests("small")) if r["method"] == "GET")
+        assert sent["headers"]["traceparent"] == f"00-{trace_id}-{call.span_id}-01"
+
+        trace_id, traceparent = new_traceparent()
+        with pytest.raises(openai.NotFoundError):
+            client(harness).responses.retrieve("resp_unknown", extra_headers={"traceparent": traceparent})
+        [missing] = exported_trace(harness, receiver, trace_id, spans=1)
+        assert missing.attributes["http.response.status_code"] == 404 and missing.status_code == "UNSET"
+
+        harness.call(harness.sims["small"].stop())       # the model server is gone: its port closes
+        trace_id, traceparent = new_traceparent()
+        with pytest.raises(openai.APIStatusError):
+            client(harness).responses.retrieve(created.id, extra_headers={"traceparent": traceparent})
+        failed = exported_trace(harness, receiver, trace_id, spans=2)
+        assert one(failed, "GET /v1/responses/{response_id}").status_code == "ERROR"
+        assert one(failed, "GET").attributes["error.type"] == "connect_error"
     finally:
         harness.stop()

@@ -54,21 +54,25 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 def server_span_attributes(ctx: RequestContext) -> dict[str, Any]:
     """HTTP server attributes known when the request arrives (the sampler sees them)."""
-    request = ctx.http
+    return http_server_attributes(ctx.http, ctx.request_id, ctx.tenant.name if ctx.tenant is not None else None)
+
+
+def http_server_attributes(request, request_id: str, tenant_name: str | None) -> dict[str, Any]:
+    """HTTP server attributes of any request the gateway serves, known when it arrives."""
     attributes: dict[str, Any] = {
         http_attributes.HTTP_REQUEST_METHOD: request.method,
         http_attributes.HTTP_ROUTE: http_route(request),
         url_attributes.URL_PATH: request.path,
         url_attributes.URL_SCHEME: request.scheme,
-        REQUEST_ID: ctx.request_id,
+        REQUEST_ID: request_id,
     }
     if request.query_string:                # conditionally required: when the request had one
         attributes[url_attributes.URL_QUERY] = url_query(request.query_string)
     user_agent = request.headers.get("User-Agent")
     if user_agent:
         attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
-    if ctx.tenant is not None:
-        attributes[TENANT] = ctx.tenant.name
+    if tenant_name is not None:
+        attributes[TENANT] = tenant_name
     return attributes
 
 

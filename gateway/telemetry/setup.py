@@ -44,7 +44,7 @@ from gateway.telemetry.histograms import HistogramExport
 from gateway.telemetry.metrics import Instruments, histograms
 from gateway.telemetry import observed
 from gateway.telemetry.spans import RequestSpans
-from gateway.telemetry.tracing import Hooks, NoopHooks
+from gateway.telemetry.tracing import Hooks, NoopHooks, PlainCall
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -170,6 +170,14 @@ class Telemetry:
             self._hooks.start_request(ctx, headers)
         except Exception:
             self._hook_failed("start_request")
+
+    def plain_call(self, request, request_id: str) -> PlainCall:
+        """The spans of a call that generates nothing (a stored response's), its SERVER span started now."""
+        try:
+            return self._hooks.plain_call(request, request_id)
+        except Exception:
+            self._hook_failed("plain_call")
+            return PlainCall(None, None)
 
     def route_span(self, ctx: RequestContext) -> AbstractContextManager[Any]:
         """Context manager around routing: the gateway.route span and routing duration."""

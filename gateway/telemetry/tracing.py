@@ -4,6 +4,9 @@ SERVER span `{method} {http.route}` (continuing the caller's traceparent)
 ├── INTERNAL gateway.route
 ├── INTERNAL gateway.cache.lookup
 └── CLIENT `{gen_ai.operation.name} {gen_ai.request.model}`, one per upstream attempt
+
+A call that generates nothing (a stored response retrieved, listed, deleted or cancelled: `PlainCall`) has its
+SERVER span and, when it reaches a model server, one CLIENT span `{method}` for that call.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_OUTPUT_MESSAGES,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+)
 from opentelemetry.trace import SpanKind
 
 from gateway.telemetry import content, genai
@@ -28,6 +35,7 @@ from gateway.telemetry.spans import RequestSpans, SpanDraft
 
 if TYPE_CHECKING:
     from gateway.context import Attempt, RequestContext
+    from gateway.policy.model import Model
     from gateway.telemetry.metrics import Instruments
 
 #: ctx.extra key set once finish_request has run
@@ -157,6 +165,12 @@ class Hooks:
             self._instruments.record_queue(attempt, tenant_label)
         self._instruments.record_request(ctx, tenant_label, labels)
 
+    def plain_call(self, request, request_id: str) -> PlainCall:
+        """The spans of a call that generates nothing, its SERVER span started now."""
+        attributes = genai.http_server_attributes(request, request_id, None)
+        return PlainCall(self._spans, self._spans.server(f"{request.method} {attributes[HTTP_ROUTE]}",
+                                                         request.headers, attributes))
+
     def record_task(self, task) -> None:
         """A reported task outcome (POST /v1/outcomes)."""
         tenant_label = self._tenants.label(task.tenant)
@@ -173,8 +187,69 @@ def _ended_ns(ctx: RequestContext) -> int | None:
     return time.time_ns() - max(0, int((time.perf_counter() - ctx.ended_s) * 1e9))
 
 
+class PlainCall:
+    """The spans of a call that generates nothing (a stored response retrieved, listed, deleted or cancelled): its
+    SERVER span, and a CLIENT span for its call to a model server, when it makes one. Without telemetry (`server`
+    None) each method does nothing."""
+
+    __slots__ = ("_spans", "server", "client")
+
+    def __init__(self, spans: RequestSpans | None, server: SpanDraft | None) -> None:
+        self._spans = spans
+        self.server = server
+        self.client: SpanDraft | None = None
+
+    def identified(self, tenant_name: str | None) -> None:
+        """The caller's tenant, once known."""
+        if self.server is not None and tenant_name is not None:
+            self.server.set_attribute(genai.TENANT, tenant_name)
+
+    def upstream(self, model: Model, method: str) -> dict[str, str]:
+        """Start the CLIENT span of the call to `model`'s server; the trace headers that make it the server's
+        parent (none without telemetry)."""
+        if self.server is None:
+            return {}
+        self.server.set_attribute(genai.MODEL_SELECTED, model.name)
+        self.client = self._spans.child(self.server, method, SpanKind.CLIENT, {
+            HTTP_REQUEST_METHOD: method, **genai.server_address(model.endpoint), genai.MODEL_SELECTED: model.name})
+        return self._spans.trace_headers(self.client)
+
+    def answered(self, upstream_status: int) -> None:
+        """The model server answered with `upstream_status`."""
+        if self.client is not None:
+            self.client.set_attribute(HTTP_RESPONSE_STATUS_CODE, upstream_status)
+            if upstream_status >= 400:
+                self.client.set_attribute(ERROR_TYPE, str(upstream_status))
+                self.client.fail()
+
+    def failed(self, error_type: str, upstream_status: int | None = None) -> None:
+        """The call to the model server failed (`error_type`: a timeout, a dropped connection, an error status)."""
+        if self.client is not None:
+            if upstream_status is not None:
+                self.client.set_attribute(HTTP_RESPONSE_STATUS_CODE, upstream_status)
+            self.client.set_attribute(ERROR_TYPE, error_type)
+            self.client.fail(error_type)
+
+    def end(self, status: int) -> None:
+        """End the spans, the client answered `status`, and hand them to the exporter."""
+        server = self.server
+        if server is None:
+            return
+        if self.client is not None:
+            self.client.end()
+        server.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+        if status >= 500:
+            server.set_attribute(ERROR_TYPE, str(status))
+            server.fail()
+        server.end()
+        self._spans.export(server)
+
+
 class NoopHooks:
     """The hooks when telemetry is disabled: each returns at once."""
+
+    def plain_call(self, request, request_id: str) -> PlainCall:
+        return PlainCall(None, None)
 
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
         return None

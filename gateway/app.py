@@ -188,8 +188,11 @@ async def exposition(app: web.Application, request: web.Request) -> web.Response
     if runtime.policy.server.metrics_admin_only:     # each tenant's names, spend, budgets and workflows
         runtime.admin.check(request.headers)
     if not telemetry.prometheus_enabled:
-        raise NotFound("the Prometheus endpoint is off: set telemetry.prometheus or GATEWAY_PROMETHEUS=1",
-                       code="not_found")
+        if not telemetry.enabled:       # the switches below may well be set: name the one that overrides them
+            raise NotFound("the Prometheus endpoint is off: OTEL_SDK_DISABLED=true turns all telemetry off, "
+                           "/metrics included", code="not_found")
+        raise NotFound("the Prometheus endpoint is off: set telemetry.prometheus: true, GATEWAY_PROMETHEUS=1 or "
+                       "OTEL_METRICS_EXPORTER=prometheus", code="not_found")
     # rendered in a thread: tens of thousands of series take a second or more to write out, which on the event loop
     # would hold every request (and time healthy models out); the metrics are made to be collected from threads
     body = await asyncio.to_thread(telemetry.prometheus_text)

@@ -143,23 +143,28 @@ def log_level(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenTelemetry-native inference gateway")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", type=log_level, default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    # No default here: GATEWAY_LOG_LEVEL is read in `main`, so that a bad value is said as the variable's.
+    parser.add_argument("--log-level", type=log_level, default=None, metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL, for every command (default: GATEWAY_LOG_LEVEL, "
+                             "else INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the gateway on a policy file")
     run.add_argument("--policy", required=True, type=Path, help="policy YAML file")
-    run.add_argument("--host", default="0.0.0.0")
-    run.add_argument("--port", type=port_number, default=8080)
+    run.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    run.add_argument("--port", type=port_number, default=8080, help="port to serve on, 0 to 65535 (default 8080)")
     run.add_argument("--workers", type=worker_count, default=1,
-                     help="worker processes sharing the port (SO_REUSEPORT), restarted when one dies")
+                     help="worker processes sharing the port (SO_REUSEPORT), restarted when one dies (default 1; "
+                          f"at most {WORKERS_PER_CORE} a CPU core)")
     run.add_argument("--metrics-port", type=port_number, default=None,
                      help="serve GET /metrics on this port alone, not on --port (keep it off the ingress: its series "
                           "name every tenant, its spend and budgets)")
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="simulated small/medium/large models and the gateway, no Redis needed")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=port_number, default=8080)
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    demo.add_argument("--port", type=port_number, default=8080,
+                      help="port to serve on, 0 for a free one (default 8080)")
     demo.add_argument("--duration", type=seconds, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
     demo.set_defaults(func=_demo)
@@ -184,27 +189,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    level, rest = _leading_log_level(argv)
+    given, rest = _leading_log_level(argv)
     if rest and rest[0] in DELEGATED:
         import importlib
 
-        try:
-            level = log_level(level or os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-        except argparse.ArgumentTypeError as exc:
-            print(f"gateway: error: --log-level: {exc}", file=sys.stderr)
+        level = _checked_log_level(given)
+        if level is None:
             return 2
         logging.basicConfig(level=level, format=LOG_FORMAT)
         return importlib.import_module(DELEGATED[rest[0]][0]).main(rest[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    level = args.log_level or _checked_log_level(None)
+    if level is None:
+        return 2
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     return args.func(args)
 
 
+def _checked_log_level(given: str | None) -> str | None:
+    """The log level `given` with --log-level, else GATEWAY_LOG_LEVEL's (unset or empty: INFO); None, said in one
+    line naming where it came from (an operator who never typed --log-level looks for the variable), when it is no
+    level."""
+    if given is not None:
+        source, text = "argument --log-level", given
+    else:
+        source, text = "GATEWAY_LOG_LEVEL", os.environ.get("GATEWAY_LOG_LEVEL")
+    try:
+        return log_level(text or "INFO")
+    except argparse.ArgumentTypeError as exc:
+        print(f"gateway: error: {source}: {exc}", file=sys.stderr)
+        return None
+
+
 def _leading_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
-    """A `--log-level LEVEL` given before the command, and the arguments after it: the commands that
-    parse their own arguments take the global flag too."""
-    if argv[:1] == ["--log-level"] and len(argv) > 1:
-        return argv[1], argv[2:]
-    if argv and argv[0].startswith("--log-level="):
-        return argv[0].partition("=")[2], argv[1:]
-    return None, argv
+    """The `--log-level LEVEL` given before the command (the last, when given more than once, as argparse reads
+    it), and the arguments after them: the commands that parse their own arguments take the global flag too."""
+    given = None
+    while argv:
+        if argv[0] == "--log-level" and len(argv) > 1:
+            given, argv = argv[1], argv[2:]
+        elif argv[0].startswith("--log-level="):
+            given, argv = argv[0].partition("=")[2], argv[1:]
+        else:
+            break
+    return given, argv

@@ -110,7 +110,8 @@ async def run_demo(*, host: str = "127.0.0.1", port: int = 8080, duration_s: flo
         await tour(base_url)
         print(snippet(base_url), flush=True)
         if duration_s is not None:
-            await asyncio.sleep(duration_s)
+            # A Ctrl-C or SIGTERM within the duration stops the server: the demo ends with it, not when time is up.
+            await asyncio.wait({server}, timeout=duration_s)
             stop.set()
         await server
     finally:

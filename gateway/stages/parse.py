@@ -333,8 +333,9 @@ def _validate_responses_fields(body: dict) -> None:
                           "previous_response_id, or send the history in input", param="conversation",
                           code="unsupported_parameter")
     if body.get("background") is True:
-        raise ClientError("background responses are not served through the gateway: their answer is fetched later "
-                          "with GET /v1/responses/{id}, which it does not serve; send the request without "
+        # The gateway serves GET /v1/responses/{id} (stored_responses.py); an answer made after the call goes unpriced.
+        raise ClientError("background responses are not served through the gateway: their answer is made after "
+                          "this call, where the gateway can neither limit nor price it; send the request without "
                           "background", param="background", code="unsupported_parameter")
 
 

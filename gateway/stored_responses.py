@@ -9,8 +9,8 @@ Every tenant's calls reach a server with the gateway's one key, and the server w
 stored response for whoever names its id: a caller reaches only the responses the gateway relayed to its tenant
 (open, without tenants: relayed at all). Any other id is not found (404, OpenAI's words), the server never asked.
 A deleted response, or one its server no longer has (its 404 for the response itself), is forgotten. These calls
-generate nothing: no route, SLA, limit, budget, cache or ledger line applies, and a model's circuit is not charged
-for them.
+generate nothing: no route, SLA, limit, budget, cache, metric or ledger line applies, and a model's circuit is not
+charged for them; each has its spans (`PlainCall`).
 """
 
 from __future__ import annotations

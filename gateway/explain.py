@@ -26,12 +26,14 @@ from gateway.policy.load import load_policy
 
 
 def parse_headers(pairs: list[str]) -> CIMultiDict:
-    """`K:V` command-line pairs as request headers."""
+    """`K:V` command-line pairs as request headers; one of another form is a usage error of `--header` (the
+    command line is wrong, not the request it describes)."""
     headers: CIMultiDict = CIMultiDict()
     for pair in pairs:
         name, sep, value = pair.partition(":")
         if not sep or not name.strip():
-            raise ValueError(f"--header must look like NAME:VALUE, got {pair!r}")
+            raise UsageError(f"gateway policy explain: error: argument --header: must look like NAME:VALUE, "
+                             f"got {pair!r}")
         headers.add(name.strip(), value.strip())
     return headers
 
@@ -78,12 +80,13 @@ class UsageError(Exception):
 
 def explain_main(args: argparse.Namespace) -> int:
     try:
+        headers = parse_headers(args.header)       # a usage error, said before the policy or the request is read
         policy = load_policy(args.file)
         runtime = Runtime.build(policy, os.environ)
         raw = read_request(args.request)
         decision, (prompt_tokens, longest) = explain(
             runtime, Fleet(policy, rng=_NeverExplore()), endpoint=args.endpoint, body=parse_json_object(raw),
-            headers=parse_headers(args.header), tenant_name=args.tenant)
+            headers=headers, tenant_name=args.tenant)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1

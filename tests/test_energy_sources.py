@@ -373,12 +373,14 @@ async def test_unparseable_exporter_text_is_a_failed_reading(exporter, session):
 # -- gateway gpu -----------------------------------------------------------------
 
 
-def test_gpu_command_says_clearly_when_there_is_no_nvml():
-    """`gateway gpu --once` without the NVML library prints why and exits 1."""
+def test_gpu_command_says_clearly_when_there_is_no_nvml(capsys):
+    """`gateway gpu --once` without the NVML library says why on stderr and exits 1."""
     out = io.StringIO()
     code = gpu_command(["--once"], nvml_module=FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND), out=out)
     assert code == 1
-    assert "no GPU / NVML not available: NVML not available: NVML Shared Library Not Found" in out.getvalue()
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err == "gateway gpu: no GPU can be measured: NVML not available: NVML Shared Library " \
+                                      "Not Found\n"
 
 
 def test_gpu_command_prints_a_table_of_this_hosts_gpus():

@@ -262,7 +262,7 @@ def test_explain_refuses_a_header_without_a_name_or_a_colon(tmp_path, capsys, he
     body = request_body("chat", {"model": "auto", "max_tokens": 10})
     code, out, err = explain_cli(offline_policy(tmp_path), tmp_path, capsys, body, "--header", header)
     assert (code, out) == (2, "")
-    assert "--header must look like NAME:VALUE" in err
+    assert "argument --header: must look like NAME:VALUE" in err
 
 
 def test_explain_without_a_tenant_on_a_policy_with_tenants_says_live_would_refuse_it(tmp_path, capsys):

@@ -20,9 +20,10 @@ _HEADER = ("MODEL", "GPU", "NAME", "POWER_W", "ENERGY_J", "UTIL", "MEM_GiB", "ST
 def build_parser() -> argparse.ArgumentParser:
     """The `gateway gpu` argument parser."""
     parser = argparse.ArgumentParser(prog="gateway gpu", description="Show the GPUs the gateway measures.")
-    parser.add_argument("--policy", metavar="FILE", help="the GPUs of this policy's models (default: NVML on this host)")
-    parser.add_argument("--interval", type=_seconds, metavar="S", help="seconds between refreshes (default: the policy's energy.sample_interval_s, "
-                             "else 1)")
+    parser.add_argument("--policy", metavar="FILE",
+                        help="the GPUs of this policy's models (default: NVML on this host)")
+    parser.add_argument("--interval", type=_seconds, metavar="S",
+                        help="seconds between refreshes (default: the policy's energy.sample_interval_s, else 1)")
     parser.add_argument("--once", action="store_true", help="print one table and exit")
     return parser
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None, *, nvml_module: Any = None, out: TextIO 
         print(exc, file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_show(monitor, args.once, out or sys.stdout))
+        return asyncio.run(_show(monitor, args.once, out or sys.stdout, args.policy))
     except KeyboardInterrupt:
         return 0
 
@@ -64,12 +65,11 @@ def _monitor(args: argparse.Namespace, nvml_module: Any) -> EnergyMonitor:
     return EnergyMonitor.for_sources(sources, interval_s, nvml_module=nvml_module)
 
 
-async def _show(monitor: EnergyMonitor, once: bool, out: TextIO) -> int:
+async def _show(monitor: EnergyMonitor, once: bool, out: TextIO, policy: str | None) -> int:
     await monitor.open()
     try:
-        if not any(monitor.measures(model) for model in monitor.health):
-            reasons = "; ".join(dict.fromkeys(monitor.reasons.values())) or "no model has gpus:"
-            print(f"no GPU / NVML not available: {reasons}", file=out)
+        if (problem := _nothing_to_measure(monitor, policy)) is not None:
+            print(f"gateway gpu: {problem}", file=sys.stderr)
             return 1
         while True:
             await monitor.sample_once()
@@ -81,6 +81,17 @@ async def _show(monitor: EnergyMonitor, once: bool, out: TextIO) -> int:
             await asyncio.sleep(monitor.interval_s)
     finally:
         await monitor.stop()
+
+
+def _nothing_to_measure(monitor: EnergyMonitor, policy: str | None) -> str | None:
+    """Why `gateway gpu` has nothing to show, or None when some GPU can be measured: a policy none of whose models
+    has `gpus:` is the policy's matter, not NVML's."""
+    if not monitor.health:
+        return f"no model of {policy} has gpus: (nothing to measure)"
+    if any(monitor.measures(model) for model in monitor.health):
+        return None
+    reasons = "; ".join(dict.fromkeys(monitor.reasons.values())) or "unknown"
+    return f"no GPU of {policy} can be measured: {reasons}" if policy else f"no GPU can be measured: {reasons}"
 
 
 def _measured(reading: GpuReading) -> bool:

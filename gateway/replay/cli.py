@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
 def _replay(args: argparse.Namespace, argv: list[str]) -> int:
     """Load, replay, compare, and write the report files."""
     started_s = time.perf_counter()
+    _check_writable(args.out, args.json, args.chart)
     new_policy = load_policy(args.policy)
     baseline_policy = load_policy(args.baseline) if args.baseline else None
     requests = read_traffic(args.traffic, args.format, args.limit)
@@ -100,6 +101,18 @@ def _replay(args: argparse.Namespace, argv: list[str]) -> int:
         args.json.write_text(render_json(report, meta=meta), encoding="utf-8")
     print(f"gateway replay: {len(requests)} requests replayed in {elapsed_s:.2f} s", file=sys.stderr)
     return 0
+
+
+def _check_writable(*paths: Path | None) -> None:
+    """Raise the OSError writing a report file would raise, before the replay rather than after it (a trace of a
+    million requests would be replayed for nothing): each path given is opened to append, and removed again when
+    this made it."""
+    for path in filter(None, paths):
+        existed = os.path.lexists(path)
+        with path.open("a", encoding="utf-8"):
+            pass
+        if not existed:
+            path.unlink()
 
 
 def _timed_replay(policy, requests: list[ReplayRequest], seed: int,

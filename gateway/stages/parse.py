@@ -109,11 +109,12 @@ def prompts_in(endpoint: str, body: dict) -> int:
 
 def grouping_header(headers: Mapping[str, str], name: str) -> str | None:
     """A header that groups calls (`x-gateway-task-id`, `x-gateway-workflow`), or a 400 when it is no UTF-8 text
-    of at most MAX_GROUPING_CHARS printable characters."""
+    of at most MAX_GROUPING_CHARS printable characters: `invalid_header` naming it, as the other `x-gateway-*`
+    headers are refused."""
     value = headers.get(name)
     if value is not None and (len(value) > MAX_GROUPING_CHARS or _UNFIT_HEADER_TEXT.search(value)):
         raise ClientError(f"the {name} header must be UTF-8 text of at most {MAX_GROUPING_CHARS} characters, "
-                          f"without control characters")
+                          f"without control characters", param=name, code="invalid_header")
     return value
 
 

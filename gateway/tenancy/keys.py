@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run `gateway keys new --tenant NAME` or `gateway keys hash`; returns the exit status."""
     args = parser().parse_args(argv)
     if args.command == "hash":
-        secret = sys.stdin.readline().strip()
-        if not secret:
-            print("gateway keys hash: nothing on stdin", file=sys.stderr)
+        line = sys.stdin.readline()
+        secret = line.strip()
+        if not secret:      # an empty line first (`printf '\nsecret\n'`) is not "nothing on stdin": say which it is
+            problem = "the first line of stdin is empty: give the secret on it" if line else "nothing on stdin"
+            print(f"gateway keys hash: {problem}", file=sys.stderr)
             return 2
         print(sha256_hex(secret))
         return 0

@@ -8,9 +8,10 @@ its pin names (`gateway.routing.pins`, noted when the gateway relayed the respon
 Every tenant's calls reach a server with the gateway's one key, and the server would show or delete anyone's
 stored response for whoever names its id: a caller reaches only the responses the gateway relayed to its tenant
 (open, without tenants: relayed at all). Any other id is not found (404, OpenAI's words), the server never asked.
-A deleted response, or one its server no longer has (its 404 for the response itself), is forgotten. These calls
-generate nothing: no route, SLA, limit, budget, cache, metric or ledger line applies, and a model's circuit is not
-charged for them; each has its spans (`PlainCall`).
+A deleted response, or one its server no longer has (its 404 naming the response), is forgotten; a 404 that does
+not name it is a server serving no such call, the gateway's set-up (502 `upstream_not_found`), and forgets
+nothing. These calls generate nothing: no route, SLA, limit, budget, cache, metric or ledger line applies, and a
+model's circuit is not charged for them; each has its spans (`PlainCall`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gateway.responses import error_response, request_id
 from gateway.services import SERVICES, Services
 from gateway.store_guard import STORE_DOWN
 from gateway.telemetry.tracing import PlainCall
-from gateway.upstream import auth_headers, forwarded_headers, upstream_url
+from gateway.upstream import auth_headers, forwarded_headers, status_error, upstream_url
 
 log = logging.getLogger("gateway")
 
@@ -36,8 +37,6 @@ _RESPONSE_ID = re.compile(r"[A-Za-z0-9._:-]{1,256}")
 #: the calls, by what follows the response's id in their path
 ACTIONS = {"retrieve": ("GET", ""), "delete": ("DELETE", ""), "input_items": ("GET", "/input_items"),
            "cancel": ("POST", "/cancel")}
-#: the calls whose 404 says that the server no longer has the response itself: its pin is forgotten
-FORGOTTEN_ON_404 = frozenset({"retrieve", "delete"})
 
 
 def stored_response_handler(action: str):
@@ -82,14 +81,17 @@ def stored_response_handler(action: str):
         try:
             status, raw = await services.transport.ask(model, method, url, headers,
                                                        runtime.policy.server.max_answer_bytes)
+            if status == 404 and response_id.encode() not in raw:
+                # a 404 that does not name the response: the server serves no such call (vLLM has no
+                # `/input_items`; a server without the Responses API's store has none of them), which says nothing
+                # of the response: kept, and the gateway's set-up answered as any model's 404 (502 not_found)
+                raise status_error(model, status, raw, {})
         except UpstreamError as exc:    # named the model asked, with its Retry-After, as a generating call's error is
             spans.failed(exc.reason, getattr(exc, "upstream_status", None))
             exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
             raise
         spans.answered(status)
-        # gone from its server (expired, restarted), or deleted now; a 404 for its input items or its cancel may be a
-        # server serving no such call (vLLM has no `/input_items`), which says nothing of the response: it is kept
-        if (status == 404 and action in FORGOTTEN_ON_404) or action == "delete":
+        if status == 404 or action == "delete":     # gone from its server (expired, restarted), or deleted now
             await services.stores.pins.forget(tenant_name, response_id)
         if status == 404:
             raise _not_found(response_id)

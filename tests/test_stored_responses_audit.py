@@ -34,22 +34,37 @@ def raw_gw():
         yield harness, raw
 
 
-@pytest.mark.parametrize("action", ["input_items", "cancel"])
+@pytest.mark.parametrize("action", ["input_items", "cancel", "retrieve", "delete"])
 def test_a_404_for_a_call_its_server_does_not_serve_keeps_the_response(raw_gw, action):
-    """vLLM serves a stored response's retrieval and cancel but not its input items: its 404 for
-    `/input_items` says nothing of the response, which must stay retrievable, and continuable, through the
-    gateway (forgetting it would lose the tenant's conversation with it)."""
+    """vLLM serves a stored response's retrieval and cancel but not its input items; a server without the
+    Responses API's store serves none of them: such a 404 (FastAPI's, naming no response) says nothing of the
+    response, which must stay retrievable, and continuable, through the gateway (forgetting it would lose the
+    tenant's conversation with it). It is the gateway's set-up, as any model's 404 is: 502 `upstream_not_found`,
+    naming the model."""
     harness, raw = raw_gw
     response_id = stored_on_raw(harness, raw)
     raw.script = json_answer(ROUTE_NOT_FOUND, status=404)
-    with pytest.raises(openai.NotFoundError):
-        if action == "input_items":
-            harness.openai().responses.input_items.list(response_id)
-        else:
-            harness.openai().responses.cancel(response_id)
+    calls = {"input_items": harness.openai().responses.input_items.list, "cancel": harness.openai().responses.cancel,
+             "retrieve": harness.openai().responses.retrieve, "delete": harness.openai().responses.delete}
+    with pytest.raises(openai.APIStatusError) as raised:
+        calls[action](response_id)
+    assert (raised.value.status_code, raised.value.code) == (502, "upstream_not_found")
+    assert raised.value.response.headers["x-gateway-model"] == "raw"
     raw.script = json_answer(RAW_RESPONSE)
     assert harness.openai().responses.retrieve(response_id).id == response_id
     assert len(raw.requests) == 2                   # the server was asked again: the pin is still there
+
+
+def test_a_404_naming_the_response_on_its_input_items_forgets_it(raw_gw):
+    """A 404 that names the response says the server no longer has it, whichever call got it."""
+    harness, raw = raw_gw
+    response_id = stored_on_raw(harness, raw)
+    raw.script = json_answer({"error": {"message": f"Response with id '{response_id}' not found."}}, status=404)
+    with pytest.raises(openai.NotFoundError):
+        harness.openai().responses.input_items.list(response_id)
+    with pytest.raises(openai.NotFoundError):
+        harness.openai().responses.retrieve(response_id)
+    assert len(raw.requests) == 1
 
 
 def test_a_404_for_a_retrieval_still_forgets_the_response(raw_gw):

@@ -42,8 +42,9 @@ def explain(runtime: Runtime, fleet: Fleet, *, endpoint: str, body: dict, header
     """The decision for one request, exactly as the live route stage would make it."""
     validate_body(endpoint, body)
     tenant = runtime.policy.tenants.get(tenant_name) if tenant_name else None
-    if tenant_name and tenant is None:
-        raise ValueError(f"no tenant named {tenant_name!r} in the policy")
+    if tenant_name and tenant is None:       # the command line is wrong, not the request it describes
+        raise UsageError(f"gateway policy explain: error: argument --tenant: no tenant named {tenant_name!r} in the "
+                         f"policy (its tenants: {', '.join(sorted(runtime.policy.tenants)) or 'none'})")
     if not tenant_name and runtime.policy.tenants:     # live, a request without a key never reaches routing
         raise AuthenticationFailed(f"the policy has tenants, so a request without an API key is refused: pass "
                                    f"--tenant NAME (one of {', '.join(sorted(runtime.policy.tenants))})")

@@ -245,6 +245,7 @@ def test_explain_as_a_tenant_the_policy_lacks_is_a_refusal_naming_it(tmp_path, c
     code, out, err = explain_cli(offline_policy(tmp_path), tmp_path, capsys, body, "--tenant", "nobody")
     assert (code, out) == (2, "")
     assert "no tenant named 'nobody'" in err
+    assert "argument --tenant" in err and "would be refused" not in err     # the command line's fault, said so
 
 
 def test_explain_reads_a_header_written_with_a_space_after_the_colon(tmp_path, capsys):

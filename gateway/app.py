@@ -8,7 +8,7 @@ import logging
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
-from gateway import admin, stored_responses
+from gateway import admin, input_tokens, stored_responses
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.errors import ClientError, ExpectationFailed, GatewayError, NotFound, PermissionDenied
@@ -246,6 +246,8 @@ def build_app(holder: PolicyHolder, *, environ=None, peers: Peers | None = None,
         for action, (method, suffix) in stored_responses.ACTIONS.items():
             router.add_route(method, f"{prefix}/responses/{{response_id}}{suffix}",
                              stored_responses.stored_response_handler(action))
+        router.add_post(f"{prefix}/responses/input_tokens", input_tokens.count_input_tokens,
+                        expect_handler=continue_when_read)
     router.add_post("/v1/outcomes", report_outcome, expect_handler=continue_when_read)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

@@ -4,8 +4,8 @@ counted by the gateway itself, offline, without calling a model.
 The count is the gateway's own (tiktoken, the default encoding): the one it routes, limits and reserves by, which a
 model of another tokenizer may count a few percent apart. A request continuing a stored response
 (`previous_response_id`) or a conversation is refused: their history is on a model server, which the count cannot
-see. Nothing is generated: no route, SLA, limit, budget, cache, metric or ledger line applies; a large body's tenant
-already at its limits is refused before it is counted, as a generating request's is.
+see. Nothing is generated: no route, SLA, limit, budget, cache, span, metric or ledger line applies; a large
+body's tenant already at its limits is refused before it is counted, as a generating request's is.
 """
 
 from __future__ import annotations

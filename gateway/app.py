@@ -13,6 +13,7 @@ from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.errors import ClientError, ExpectationFailed, GatewayError, NotFound, PermissionDenied
 from gateway.outcomes import ANONYMOUS
+from gateway.plain_calls import caller, traced
 from gateway.responses import error_response, json_response, request_id
 from gateway.runtime import PolicyHolder
 from gateway.stages.parse import expects_continue, parse_json_object, read_body
@@ -101,20 +102,22 @@ def openai_handler(endpoint: str):
     return handle
 
 
+@traced
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the aliases a client may ask for (those its tenant may use)."""
     runtime = request.app[SERVICES].holder.current
-    tenant = runtime.identity.identify(request.headers)
+    tenant = caller(request)
     aliases = [a for a in runtime.policy.aliases() if _may_use(runtime, tenant, a)]
     return json_response({"object": "list", "data": [
         {"id": alias, "object": "model", "created": 0, "owned_by": "inference-gateway"} for alias in aliases]})
 
 
+@traced
 async def retrieve_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model}: a model name the caller may ask for (a route's alias, or a name its pattern
     matches), in `GET /v1/models`' shape; 404 otherwise."""
     runtime = request.app[SERVICES].holder.current
-    tenant = runtime.identity.identify(request.headers)
+    tenant = caller(request)
     alias = request.match_info["model"]
     if not runtime.routes.routes_for(alias) or not _may_use(runtime, tenant, alias):
         raise NotFound(f"the model '{alias}' does not exist or you do not have access to it", param="model")
@@ -129,13 +132,14 @@ def _may_use(runtime, tenant, alias: str) -> bool:
     return True
 
 
+@traced
 async def report_outcome(request: web.Request) -> web.Response:
     """POST /v1/outcomes: how a task (or one request) went, for cost per successful task.
 
     With Redis, any replica answers for a task any other booked; while Redis is down, 503 store_unavailable."""
     services: Services = request.app[SERVICES]
     runtime = services.holder.current
-    tenant = runtime.identity.identify(request.headers)
+    tenant = caller(request)
     server = runtime.policy.server
     body = parse_json_object(await read_body(request, server.max_body_bytes, server.client_timeout_s))
     await _priced(services, tenant.name if tenant else ANONYMOUS)

@@ -4,8 +4,9 @@ counted by the gateway itself, offline, without calling a model.
 The count is the gateway's own (tiktoken, the default encoding): the one it routes, limits and reserves by, which a
 model of another tokenizer may count a few percent apart. A request continuing a stored response
 (`previous_response_id`) or a conversation is refused: their history is on a model server, which the count cannot
-see. Nothing is generated: no route, SLA, limit, budget, cache, span, metric or ledger line applies; a large
-body's tenant already at its limits is refused before it is counted, as a generating request's is.
+see. Nothing is generated: no route, SLA, limit, budget, cache, metric or ledger line applies (its SERVER span
+does, `plain_calls`); a large body's tenant already at its limits is refused before it is counted, as a
+generating request's is.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.errors import UnsupportedInput
+from gateway.plain_calls import caller, traced
 from gateway.responses import json_response
 from gateway.services import SERVICES, Services
 from gateway.stages.count import counted
 from gateway.stages.parse import invalid_type, parse_json_object, read_body, validate_input
 
 
+@traced
 async def count_input_tokens(request: web.Request) -> web.Response:
     """The request's input tokens as OpenAI's API answers them: `{"object": "response.input_tokens",
     "input_tokens": N}`."""
     services: Services = request.app[SERVICES]
     runtime = services.holder.current
-    tenant = runtime.identity.identify(request.headers)
+    tenant = caller(request)
     server = runtime.policy.server
     raw = await read_body(request, server.max_body_bytes, server.client_timeout_s)
     body = parse_json_object(raw)

@@ -21,12 +21,11 @@ import re
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, NotFound, StoreUnavailable, UnsupportedInput, UpstreamError
+from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput, UpstreamError
 from gateway.outcomes import ANONYMOUS
-from gateway.responses import error_response, request_id
+from gateway.plain_calls import REQUEST_ID, SPANS, caller, traced
 from gateway.services import SERVICES, Services
 from gateway.store_guard import STORE_DOWN
-from gateway.telemetry.tracing import PlainCall
 from gateway.upstream import auth_headers, forwarded_headers, status_error, upstream_url
 
 log = logging.getLogger("gateway")
@@ -45,25 +44,10 @@ def stored_response_handler(action: str):
 
     async def handle(request: web.Request) -> web.Response:
         services: Services = request.app[SERVICES]
-        rid = request_id(request)
-        spans = services.telemetry.plain_call(request, rid)
-        response = None
-        try:
-            response = await _serve(request, services, spans, rid)
-        except GatewayError as exc:     # answered here, with the request id the model server was sent
-            response = error_response(exc, request_id=rid)
-        except Exception:               # the last line of defence, as the pipeline's
-            log.exception("request %s failed", rid)
-            response = error_response(GatewayError("internal error"), request_id=rid)
-        finally:                        # no response: the client left (499, as the pipeline books it)
-            spans.end(response.status if response is not None else 499)
-        return response
-
-    async def _serve(request: web.Request, services: Services, spans: PlainCall, rid: str) -> web.Response:
+        spans, rid = request[SPANS], request[REQUEST_ID]
         runtime = services.holder.current
-        tenant = runtime.identity.identify(request.headers)
+        tenant = caller(request)
         tenant_name = tenant.name if tenant else ANONYMOUS        # as the request that stored it named it
-        spans.identified(tenant.name if tenant else None)
         response_id = request.match_info["response_id"]
         if action == "retrieve" and request.query.get("stream", "false").lower() not in ("false", "0"):
             raise UnsupportedInput("Streaming a stored response is for responses created with background=true, "
@@ -101,7 +85,7 @@ def stored_response_handler(action: str):
         return web.Response(body=raw, status=status, content_type="application/json",
                             headers={"x-request-id": rid, "x-gateway-model": model.name})
 
-    return handle
+    return traced(handle)
 
 
 async def _model_of(services: Services, policy, tenant_name: str, response_id: str):

@@ -394,3 +394,47 @@ def test_a_stored_response_call_has_its_server_and_client_spans_on_the_wire(rece
         assert one(failed, "GET").attributes["error.type"] == "connect_error"
     finally:
         harness.stop()
+
+
+def test_every_call_outside_the_pipeline_has_its_server_span(receiver):
+    """The model list, one model, an outcome report and an input token count each have a SERVER span: its route,
+    status, tenant, and the request id its client was answered with (a refused key's too)."""
+    environ = otel_environ(receiver.http_endpoint, "http/protobuf", "gw-plain")
+    harness = Harness(POLICY, environ=environ).start()
+    try:
+        calls = {
+            "GET /v1/models": lambda sdk, headers: sdk.models.with_raw_response.list(extra_headers=headers),
+            "GET /v1/models/{model}": lambda sdk, headers: sdk.models.with_raw_response.retrieve(
+                "auto", extra_headers=headers),
+            "POST /v1/responses/input_tokens": lambda sdk, headers: sdk.responses.input_tokens.with_raw_response
+            .count(model="auto", input="Hi.", extra_headers=headers),
+        }
+        for name, call in calls.items():
+            trace_id, traceparent = new_traceparent()
+            raw = call(client(harness), {"traceparent": traceparent})
+            [span] = exported_trace(harness, receiver, trace_id, spans=1)
+            assert (span.name, span.kind, span.parent_span_id) == (name, "SERVER", CALLER_SPAN_ID)
+            assert span.attributes["http.response.status_code"] == 200
+            assert span.attributes["gateway.tenant"] == "acme"
+            assert span.attributes["gateway.request.id"] == raw.headers["x-request-id"]
+
+        trace_id, traceparent = new_traceparent()
+        outcome = urllib.request.Request(
+            f"{harness.base_url}/v1/outcomes", data=b'{"task_id": "never-booked", "outcome": "success"}',
+            method="POST", headers={"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json",
+                                    "traceparent": traceparent})
+        with pytest.raises(urllib.error.HTTPError) as unknown:
+            urllib.request.urlopen(outcome, timeout=10)
+        [span] = exported_trace(harness, receiver, trace_id, spans=1)
+        assert (span.name, span.attributes["http.response.status_code"]) == ("POST /v1/outcomes", 404)
+        assert span.attributes["gateway.request.id"] == unknown.value.headers["x-request-id"]
+
+        trace_id, traceparent = new_traceparent()
+        with pytest.raises(openai.AuthenticationError) as refused:
+            openai.OpenAI(base_url=f"{harness.base_url}/v1", api_key="sk-nobody", max_retries=0).models.list(
+                extra_headers={"traceparent": traceparent})
+        [span] = exported_trace(harness, receiver, trace_id, spans=1)
+        assert span.attributes["http.response.status_code"] == 401 and "gateway.tenant" not in span.attributes
+        assert span.attributes["gateway.request.id"] == refused.value.response.headers["x-request-id"]
+    finally:
+        harness.stop()

@@ -31,7 +31,10 @@ OPENAI_ROLE = {**FRAME, "choices": [{"index": 0, "delta": {"role": "assistant", 
 AZURE_FILTER = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
                 "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {
                     "hate": {"filtered": False, "severity": "safe"}}}]}
-OPENINGS = {"vllm": [VLLM_ROLE], "openai": [OPENAI_ROLE], "azure": [AZURE_FILTER, VLLM_ROLE]}
+#: vLLM's first chunk when the client asks for `continuous_usage_stats`: its usage so far, no token generated
+VLLM_ROLE_WITH_USAGE = {**VLLM_ROLE, "usage": {"prompt_tokens": 9, "completion_tokens": 0, "total_tokens": 9}}
+OPENINGS = {"vllm": [VLLM_ROLE], "openai": [OPENAI_ROLE], "azure": [AZURE_FILTER, VLLM_ROLE],
+            "vllm-continuous-usage": [VLLM_ROLE_WITH_USAGE]}
 
 
 def text(content: str) -> dict:

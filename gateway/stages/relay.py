@@ -273,11 +273,12 @@ def responses_failure(model_name: str, chunk: dict) -> UpstreamProtocolError | N
 def _opening(chunk: dict, output: bool, usage: Usage | None, responses: bool) -> bool:
     """The event opens the stream and says nothing yet, so it is held until one that does: a Responses API
     preamble event (RESPONSES_PREAMBLE); a chat or completions chunk with no output (`output`: what `absorb`
-    said of it), no finish reason and no usage, such as the role-only first chunk vLLM and OpenAI send before
-    any token, or Azure's first, with no choices and its `prompt_filter_results`."""
+    said of it), no finish reason and no usage of any output token, such as the role-only first chunk vLLM and
+    OpenAI send before any token (vLLM's with its usage so far, none generated, when a client asks for
+    `continuous_usage_stats`), or Azure's first, with no choices and its `prompt_filter_results`."""
     if responses:
         return event_type(chunk) in RESPONSES_PREAMBLE
-    if output or usage is not None:
+    if output or (usage is not None and usage.output_tokens):
         return False
     choices = chunk.get("choices")
     return not isinstance(choices, list) or not any(isinstance(choice, dict) and choice.get("finish_reason")

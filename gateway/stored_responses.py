@@ -26,7 +26,7 @@ from gateway.outcomes import ANONYMOUS
 from gateway.plain_calls import REQUEST_ID, SPANS, caller, traced
 from gateway.services import SERVICES, Services
 from gateway.store_guard import STORE_DOWN
-from gateway.upstream import auth_headers, forwarded_headers, status_error, upstream_url
+from gateway.upstream import auth_headers, caller_trace_headers, forwarded_headers, status_error, upstream_url
 
 log = logging.getLogger("gateway")
 
@@ -58,8 +58,7 @@ def stored_response_handler(action: str):
         query = [*base.query.items(), *((key, value) for key, value in request.query.items() if key not in base.query)]
         url = base.with_path(f"{base.path}/{response_id}{suffix}").with_query(query)
         # the gateway's trace context, else (telemetry off) the caller's, passed on
-        trace = spans.upstream(model, method) or \
-            {name: value for name in ("traceparent", "tracestate") if (value := request.headers.get(name))}
+        trace = spans.upstream(model, method) or caller_trace_headers(request.headers)
         headers = {"x-request-id": rid, **forwarded_headers(request.headers), **auth_headers(model, services.environ),
                    **trace}
         try:

@@ -82,6 +82,16 @@ def forwarded_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
             and not low.startswith("x-gateway-")}
 
 
+#: the W3C trace context headers, never forwarded with the client's others (`DROPPED_HEADERS`)
+TRACE_CONTEXT = ("traceparent", "tracestate")
+
+
+def caller_trace_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+    """The caller's own trace context, passed on as it came: for a call of which telemetry (when off) makes no
+    span of its own to be the model server's parent."""
+    return {name: value for name in TRACE_CONTEXT if (value := client_headers.get(name))}
+
+
 def auth_headers(model: Model, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The backend's own credential, from the environment variable the policy names."""
     if model.api_key_env and (key := environ.get(model.api_key_env)):

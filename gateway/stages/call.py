@@ -15,7 +15,7 @@ from gateway.policy.model import DEFAULT_PRIORITY, Model
 from gateway.responses import response_headers
 from gateway.stages.answers import read_identity, settle_attempt
 from gateway.stages.relay import relay_stream
-from gateway.upstream import UpstreamCall, auth_headers, forwarded_headers
+from gateway.upstream import UpstreamCall, auth_headers, caller_trace_headers, forwarded_headers
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Call:
                    **forwarded_headers(ctx.http.headers), **auth_headers(model, services.environ)}
         trace_headers = services.telemetry.start_attempt(ctx, attempt)
         if not trace_headers:               # telemetry off: pass the caller's trace context on as it came
-            trace_headers = {k: v for k in ("traceparent", "tracestate") if (v := ctx.http.headers.get(k))}
+            trace_headers = caller_trace_headers(ctx.http.headers)
         headers.update(trace_headers)
         with_options = model.server not in services.fleet.refuse_stream_options
         max_answer_bytes = ctx.runtime.policy.server.max_answer_bytes

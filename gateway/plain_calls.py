@@ -4,12 +4,13 @@ shape, with the request id its span and its model-server call carry (the error m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ShuttingDown
 from gateway.policy.model import Tenant
 from gateway.responses import error_response, request_id
 from gateway.services import SERVICES
@@ -24,17 +25,34 @@ REQUEST_ID = web.RequestKey("plain_call_request_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class InFlight:
+    """A call in the drain's set of requests under way (`Services.in_flight`), as a pipeline's context is."""
+
+    __slots__ = ("cut_by_shutdown",)
+
+    def __init__(self) -> None:
+        self.cut_by_shutdown = False    # still running when the drain's time ran out: the gateway ended it
+
+
 def traced(handler: Handler) -> Handler:
     """`handler` with its SERVER span, ended with the status its client was sent (499 when the client left first),
-    and its errors answered here."""
+    and its errors answered here; one still running when the drain's time runs out is a 503 `shutting_down`, as a
+    generating call is, not a connection cut."""
     async def handle(request: web.Request) -> web.StreamResponse:
         rid = request_id(request)
-        spans = request.app[SERVICES].telemetry.plain_call(request, rid)
+        services = request.app[SERVICES]
+        spans = services.telemetry.plain_call(request, rid)
         request[SPANS], request[REQUEST_ID] = spans, rid
         response: web.StreamResponse | None = None
         status = 499                        # unless answered: the client left (the task cancelled)
+        mark = InFlight()
+        services.in_flight[id(mark)] = (mark, asyncio.current_task())
         try:
             response = await handler(request)
+        except asyncio.CancelledError:
+            if not mark.cut_by_shutdown or asyncio.current_task().uncancel():
+                raise
+            response = error_response(ShuttingDown("the gateway is shutting down; try again"), request_id=rid)
         except GatewayError as exc:
             response = error_response(exc, request_id=rid)
         except web.HTTPException as exc:    # aiohttp's own refusals: the error middleware answers them
@@ -44,6 +62,7 @@ def traced(handler: Handler) -> Handler:
             log.exception("request %s failed", rid)
             response = error_response(GatewayError("internal error"), request_id=rid)
         finally:
+            del services.in_flight[id(mark)]
             spans.end(response.status if response is not None else status)
         if not response.prepared and "x-request-id" not in response.headers:
             response.headers["x-request-id"] = rid

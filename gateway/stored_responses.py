@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import re
 
+import orjson
 from aiohttp import web
 
-from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput, UpstreamError
+from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput, UpstreamError, UpstreamProtocolError
 from gateway.outcomes import ANONYMOUS
 from gateway.plain_calls import REQUEST_ID, SPANS, caller, traced
 from gateway.services import SERVICES, Services
@@ -69,11 +70,15 @@ def stored_response_handler(action: str):
                 # `/input_items`; a server without the Responses API's store has none of them), which says nothing
                 # of the response: kept, and the gateway's set-up answered as any model's 404 (502 not_found)
                 raise status_error(model, status, raw, {})
+            if status == 204 and action != "delete":
+                raise UpstreamProtocolError(f"model '{model.name}' answered HTTP 204: no {action} answer")
         except UpstreamError as exc:    # named the model asked, with its Retry-After, as a generating call's error is
             spans.failed(exc.reason, getattr(exc, "upstream_status", None))
             exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
             raise
         spans.answered(status)
+        if status == 204:       # deleted, said without a body: the client gets OpenAI's (200, the id, `deleted`)
+            status, raw = 200, orjson.dumps({"id": response_id, "object": "response.deleted", "deleted": True})
         if status == 404 or action == "delete":     # gone from its server (expired, restarted), or deleted now
             await services.stores.pins.forget(tenant_name, response_id)
         if status == 404:

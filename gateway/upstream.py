@@ -257,15 +257,15 @@ class HttpTransport:
     async def ask(self, model: Model, method: str, url: URL, headers: Mapping[str, str],
                   max_answer_bytes: int = MAX_ANSWER_BYTES) -> tuple[int, bytes]:
         """A call that generates nothing (a stored response's retrieval, say), sent once: (its status, its body)
-        for a 2xx whose body is a JSON object, or a 404; other error statuses raise as any call's do, and a body
-        that is no JSON object is a broken answer."""
+        for a 2xx whose body is a JSON object, a 204 (no body), or a 404; other error statuses raise as any call's
+        do, and a body that is no JSON object is a broken answer."""
         call = UpstreamCall(model, "responses", b"", headers, max_answer_bytes)
         with UpstreamErrors(model):
             async with self.session.request(method, url, headers=headers, allow_redirects=False,
                                             timeout=client_timeout(model.timeouts, stream=False)) as resp:
                 raw = await _read_within(resp, model.timeouts.first_byte_s, call)
-                if resp.status == 404:
-                    return 404, raw
+                if resp.status in (204, 404):
+                    return resp.status, raw
                 if resp.status >= 400:
                     raise status_error(model, resp.status, raw, resp.headers)
                 not_an_answer(model, resp.status)

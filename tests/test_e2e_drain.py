@@ -17,18 +17,22 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import aiohttp
 import requests
 from redis.asyncio import Redis
 
 from bench.machine import free_port
 from bench.procs import http_ok
 from gateway.app import build_app
+from gateway.outcomes import ANONYMOUS
 from gateway.policy.model import Budget, Tenant
 from gateway.runtime import PolicyHolder
 from gateway.server import run_server
+from gateway.services import SERVICES
 from gateway.supervisor import HANDLED
 from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.harness import Harness
+from tests.support.raw_upstream import RawUpstream
 from tests.support.redis_server import RedisServer
 
 GRACE_S = 3.0
@@ -321,3 +325,37 @@ async def test_the_signal_handlers_from_before_the_server_are_back_once_it_has_d
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+async def test_a_stored_response_call_still_running_when_the_drain_ends_gets_a_503(tmp_path):
+    """A call on a stored response (served outside the pipeline) whose model server hangs at SIGTERM: its client
+    gets a 503 `shutting_down` within the grace period, as a generating call's does, not a connection cut."""
+    raw = RawUpstream().start()
+    raw.script = [(b"", 60.0)]                  # the server takes the call and never answers it
+    try:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f"""version: 1
+models:
+  raw: {{endpoint: "{raw.url}", upstream_model: fake, timeouts: {{first_byte_s: 60, total_s: 60}}}}
+routes: [{{name: all, candidates: [raw]}}]
+server: {{grace_period_s: 2}}
+""")
+        app = build_app(PolicyHolder.from_file(policy, {"OTEL_SDK_DISABLED": "true"}))
+        port = free_port()
+        ready, stop = asyncio.Event(), asyncio.Event()
+        server = asyncio.create_task(run_server(app, "127.0.0.1", port, ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 30)
+        await app[SERVICES].stores.pins.remember(ANONYMOUS, "resp_slow", "raw", 600)
+        async with aiohttp.ClientSession() as session:
+            asked = asyncio.create_task(session.get(f"http://127.0.0.1:{port}/v1/responses/resp_slow"))
+            while not raw.requests:
+                await asyncio.sleep(0.02)
+            started = time.monotonic()
+            stop.set()
+            async with await asyncio.wait_for(asked, 10) as reply:
+                body = await reply.json()
+            await asyncio.wait_for(server, 10)
+        assert (reply.status, body["error"]["code"]) == (503, "shutting_down"), body
+        assert reply.headers["x-request-id"] and time.monotonic() - started < 2.5
+    finally:
+        raw.stop()

@@ -245,6 +245,24 @@ def test_a_broken_answer_is_an_openai_error_and_charges_no_circuit(raw_gw, scrip
     assert harness.services.fleet.breakers.state("raw") == "closed"
 
 
+def test_a_deletion_answered_204_is_openais_answer_and_forgets_the_response(raw_gw):
+    """A server that says a deletion with 204 and no body: the client gets OpenAI's 200 body, the pin is gone; a
+    204 to a retrieval is a broken answer, and keeps the pin."""
+    harness, raw = raw_gw
+    response_id = stored_on_raw(harness, raw)
+    raw.script = [(http_head(204, {}, 0), 0.0)]
+    with pytest.raises(openai.APIStatusError) as raised:
+        harness.openai().responses.retrieve(response_id)
+    assert (raised.value.status_code, raised.value.code) == (502, "upstream_bad_response")
+    deleted = harness.openai().responses.with_raw_response.delete(response_id)
+    assert deleted.status_code == 200 and deleted.headers["x-gateway-model"] == "raw"
+    assert deleted.http_response.json() == {"id": response_id, "object": "response.deleted", "deleted": True}
+    raw.requests.clear()
+    with pytest.raises(openai.NotFoundError):
+        harness.openai().responses.retrieve(response_id)
+    assert raw.requests == []
+
+
 def test_the_model_servers_key_and_the_clients_query_are_sent(raw_gw):
     harness, raw = raw_gw
     response_id = stored_on_raw(harness, raw)

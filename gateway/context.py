@@ -151,6 +151,7 @@ class RequestContext:
     status: int = 200
     error: Exception | None = None
     cut_by_shutdown: bool = False       # still running when the drain's time ran out: the gateway ended it
+    settling: Any = None                # a background response being generated (gateway.background): ends later
     # account
     usage: Usage = field(default_factory=Usage)
     cost_usd: Decimal = Decimal(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Protocol
 
 from aiohttp import web
@@ -70,7 +71,7 @@ class Pipeline:
         except asyncio.CancelledError:
             if not ctx.cut_by_shutdown or asyncio.current_task().uncancel():
                 ctx.status = 499        # the client went away
-                await self._finish(ctx, ran)
+                await self._end(ctx, ran)
                 raise
             # the drain ran out (a stream's relay has said so in-band): a 503 the client may retry elsewhere
             ended = ShuttingDown("the gateway is shutting down; try again")
@@ -79,7 +80,7 @@ class Pipeline:
             log.exception("request %s failed", ctx.request_id)
             response = self._failed(ctx, exc, GatewayError("internal error"))
         ctx.response = response
-        await self._finish(ctx, ran)
+        await self._end(ctx, ran)
         if response is None:
             raise RuntimeError("the pipeline ended without a response")
         return response
@@ -91,6 +92,14 @@ class Pipeline:
             return ctx.response
         ctx.status = shown.status
         return error_response(shown, request_id=ctx.request_id)
+
+    async def _end(self, ctx: RequestContext, ran: list[Stage]) -> None:
+        """Run the finishes; a background response's (`ctx.settling`) once it has ended, its request ending now."""
+        if ctx.settling is None:
+            await self._finish(ctx, ran)
+            return
+        ctx.ended_s = time.perf_counter()
+        ctx.settling.settle_later(self._finish(ctx, ran))
 
     @staticmethod
     async def _finish(ctx: RequestContext, ran: list[Stage]) -> None:

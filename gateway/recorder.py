@@ -34,6 +34,7 @@ def ledger_record(ctx: RequestContext) -> dict:
         "energy_j": ctx.energy_j, "sla_met": ctx.decision.sla_met if ctx.decision else None,
         "budget_downgrade": ctx.budget_downgrade,
         "continues": ctx.decision is not None and ctx.decision.pinned,
+        "background": ctx.settling.status if ctx.settling is not None else None,
         "task_id": ctx.task_id, "workflow": ctx.workflow,
         "attempts": [attempt_record(a) for a in ctx.attempts],
         "policy": ctx.policy.content_sha256[:POLICY_DIGITS],

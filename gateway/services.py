@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.background import Settlements
 from gateway.context import RequestContext
 from gateway.cost import plain_usd
 from gateway.energy import EnergyMonitor
@@ -62,6 +63,11 @@ class Services:
     # by tenant name: the recordings of answered requests still waiting for their measured joules (their ledger
     # line, their cost with its energy price, their booking to their task); an outcome report waits for them
     pricing: dict = field(default_factory=dict)
+    settlements: Settlements = None     # type: ignore[assignment]  # background responses still generated
+
+    def __post_init__(self) -> None:
+        if self.settlements is None:
+            self.settlements = Settlements(self)
 
     @property
     def pricing_s(self) -> float:
@@ -172,6 +178,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         yield
         services.draining = True
         await close_each((
+            ("background responses", services.settlements.close),     # settled with what is known, first
             ("background tasks", lambda: services.background.drain(
                 timeout_s=background_drain_s(services, started.server.grace_period_s))),
             ("the GPU sampler", energy.stop),

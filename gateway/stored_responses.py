@@ -27,7 +27,8 @@ from gateway.outcomes import ANONYMOUS
 from gateway.plain_calls import REQUEST_ID, SPANS, caller, traced
 from gateway.services import SERVICES, Services
 from gateway.store_guard import STORE_DOWN
-from gateway.upstream import auth_headers, caller_trace_headers, forwarded_headers, status_error, upstream_url
+from gateway.upstream import (auth_headers, caller_trace_headers, forwarded_headers, status_error,
+                              stored_response_url)
 
 log = logging.getLogger("gateway")
 
@@ -54,10 +55,7 @@ def stored_response_handler(action: str):
             raise UnsupportedInput("Streaming a stored response is for responses created with background=true, "
                                    "which this gateway does not serve.", param="stream", code="unsupported_parameter")
         model = await _model_of(services, runtime.policy, tenant_name, response_id)
-        base = upstream_url(model.endpoint, "responses")
-        # the client's query (`limit`, `order`, `include[]`...) after the model's own (Azure's `api-version`)
-        query = [*base.query.items(), *((key, value) for key, value in request.query.items() if key not in base.query)]
-        url = base.with_path(f"{base.path}/{response_id}{suffix}").with_query(query)
+        url = stored_response_url(model, response_id, suffix, request.query.items())
         # the gateway's trace context, else (telemetry off) the caller's, passed on
         trace = spans.upstream(model, method) or caller_trace_headers(request.headers)
         headers = {"x-request-id": rid, **forwarded_headers(request.headers), **auth_headers(model, services.environ),
@@ -77,6 +75,8 @@ def stored_response_handler(action: str):
             exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
             raise
         spans.answered(status)
+        if status == 200 and action in ("retrieve", "cancel"):     # a background response seen ended: settled now
+            services.settlements.seen(tenant_name, response_id, raw)
         if status == 204:       # deleted, said without a body: the client gets OpenAI's (200, the id, `deleted`)
             status, raw = 200, orjson.dumps({"id": response_id, "object": "response.deleted", "deleted": True})
         if status == 404 or action == "delete":     # gone from its server (expired, restarted), or deleted now

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -119,6 +119,15 @@ def upstream_url(base_url: str, endpoint: str) -> URL:
     a query the base URL has (Azure's `?api-version=...`); a fragment means nothing to a server and is left out."""
     base, _, query = base_url.partition("#")[0].partition("?")
     return URL(base.rstrip("/") + PATHS[endpoint] + (f"?{query}" if query else ""))
+
+
+def stored_response_url(model: Model, response_id: str, suffix: str = "",
+                        client_query: Iterable[tuple[str, str]] = ()) -> URL:
+    """The URL of a call on a response its model's server stored (`suffix`: `/input_items`, `/cancel`): the
+    model's own query (Azure's `api-version`) first, then the client's (`limit`, `order`, `include[]`...)."""
+    base = upstream_url(model.endpoint, "responses")
+    query = [*base.query.items(), *((key, value) for key, value in client_query if key not in base.query)]
+    return base.with_path(f"{base.path}/{response_id}{suffix}").with_query(query)
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:

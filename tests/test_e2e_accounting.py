@@ -356,7 +356,7 @@ LEDGER_FIELDS = {
     "ts", "request_id", "tenant", "endpoint", "alias", "route", "model", "models_tried", "fallback",
     "fallback_reason", "cache", "stream", "status", "outcome", "prompt_tokens", "input_tokens", "output_tokens",
     "tokens_estimated", "cost_usd", "saved_usd", "latency_s", "ttft_s", "energy_j", "sla_met", "budget_downgrade",
-    "task_id", "workflow", "attempts", "policy", "uses", "longest_prompt_tokens", "continues",
+    "task_id", "workflow", "attempts", "policy", "uses", "longest_prompt_tokens", "continues", "background",
 }
 
 

@@ -69,16 +69,14 @@ async def test_metrics_off_names_every_documented_switch():
         assert switch in message, message
 
 
-async def test_the_refusal_of_background_does_not_deny_the_stored_response_endpoints():
-    """README: `GET /v1/responses/{id}` is served (a stored response, on the model server that stored it), while
-    `background: true` is a 400 `unsupported_parameter`. The 400 used to give as its reason that the answer "is
-    fetched later with GET /v1/responses/{id}, which it does not serve": false since the gateway serves it, and a
-    client told so would not try it for the responses it stores."""
+async def test_the_refusal_of_a_streamed_background_response_says_how_to_get_one():
+    """README: a background response is served unstreamed alone; the 400 for a streamed one says what to do
+    instead (create it without stream, then poll GET /v1/responses/{id}, which the gateway serves)."""
     status, body = await _call(DEMO_POLICY, {"OTEL_SDK_DISABLED": "true"}, "POST", "/v1/responses",
-                               {"model": "auto", "input": "hi", "background": True})
+                               {"model": "auto", "input": "hi", "background": True, "stream": True})
     error = body["error"]
-    assert (status, error["code"], error["param"]) == (400, "unsupported_parameter", "background")
-    assert "does not serve" not in error["message"] and "without background" in error["message"], error["message"]
+    assert (status, error["code"], error["param"]) == (400, "unsupported_parameter", "stream")
+    assert "without stream" in error["message"] and "GET /v1/responses/{id}" in error["message"], error["message"]
 
 
 @pytest.mark.parametrize("flags", [["--log-level", "INFO", "--log-level", "WARNING"],

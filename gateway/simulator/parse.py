@@ -35,6 +35,7 @@ class SimRequest:
     echoes: tuple[str, ...] = ()    # completions with `echo`: each choice's prompt text, written before its answer
     logprobs: int | None = None     # completions: the top alternatives per token asked for (`logprobs`)
     longest_prompt_tokens: int | None = None    # a batch's longest prompt or input (each is read on its own)
+    background: bool = False        # responses with `background: true`: answered at once, made in simulated time
 
     @property
     def context_tokens(self) -> int:
@@ -89,10 +90,18 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
 
 def parse_responses(body: dict[str, Any]) -> SimRequest:
     """A Responses API request: `instructions` and the text of `input` are counted as a chat prompt would be;
-    `tools`, `store`, `previous_response_id` and the sampling settings are accepted and ignored."""
+    `tools`, `previous_response_id` and the sampling settings are accepted and ignored. `background: true` is
+    refused streamed (not simulated) and with `store: false` (as OpenAI refuses it)."""
     messages = _responses_messages(body)
     stream, _ = _streaming(body)
-    return SimRequest("responses", messages, count_chat_tokens(messages), _max_output_tokens(body), stream)
+    background = body.get("background") is True
+    if background and stream:
+        raise ClientError("Streamed background responses are not simulated: send the request without stream, "
+                          "then retrieve the response.", param="stream")
+    if background and body.get("store") is False:
+        raise ClientError("Background responses require store=true.", param="store")
+    return SimRequest("responses", messages, count_chat_tokens(messages), _max_output_tokens(body), stream,
+                      background=background)
 
 
 def _max_output_tokens(body: dict[str, Any]) -> int | None:

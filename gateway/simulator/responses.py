@@ -20,13 +20,30 @@ def response_body(answer: Answer, include_usage: bool = True) -> dict[str, Any]:
     return _response(answer, _final_status(answer), [_message(answer, "".join(answer.tokens))], usage)
 
 
-def response_usage(answer: Answer) -> dict[str, Any]:
-    """The answer's usage in the Responses API's names, with no cached or reasoning tokens."""
+def pending_body(answer: Answer, status: str) -> dict[str, Any]:
+    """The `response` object of a background response not yet done (`queued` or `in_progress`): no output yet,
+    no usage."""
+    return _response(answer, status, [], None)
+
+
+def cancelled_body(answer: Answer, generated: int) -> dict[str, Any]:
+    """The `response` object of a background response cancelled after `generated` of its output tokens: an
+    unfinished message holding their text (no message when none), its usage counting them."""
+    text = "".join(answer.tokens[:generated])
+    output = [_message(answer, text) | {"status": "incomplete"}] if generated else []
+    return _response(answer, "cancelled", output, response_usage(answer, generated))
+
+
+def response_usage(answer: Answer, output_tokens: int | None = None) -> dict[str, Any]:
+    """The answer's usage in the Responses API's names, with no cached or reasoning tokens; `output_tokens`, when
+    given, counts those output tokens instead of all of them (a cancelled answer's)."""
     usage = answer.usage
+    if output_tokens is None:
+        output_tokens = usage["completion_tokens"]
     return {"input_tokens": usage["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage["total_tokens"]}
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["prompt_tokens"] + output_tokens}
 
 
 def response_stream_script(answer: Answer, include_usage: bool) -> StreamScript:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -11,12 +12,13 @@ from aiohttp import web
 from gateway.errors import BodyTooLarge, ClientError, GatewayError, NotFound, RateLimited
 from gateway.simulator.answers import (Answer, StreamScript, completion_body, embeddings_body, make_answer, models_body,
                                        stream_script)
+from gateway.simulator.background import BackgroundResponse
 from gateway.simulator.config import SimConfig
 from gateway.simulator.delivery import OUTCOME, hang, json_response, raise_fault, send_body, send_stream
 from gateway.simulator.parse import SimRequest, parse_chat, parse_completions, parse_embeddings, parse_responses
-from gateway.simulator.plan import plan_answer
+from gateway.simulator.plan import Plan, plan_answer
 from gateway.simulator.responses import response_body, response_stream_script, stored_input_items
-from gateway.simulator.state import RECENT_REQUESTS, SimState
+from gateway.simulator.state import RECENT_REQUESTS, SimState, StoredResponse
 
 STATE = web.AppKey("sim_state", SimState)
 BODY = web.RequestKey("sim_body", object)
@@ -103,18 +105,32 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     if plan.fault == "hang":
         return await hang(request, state)
     answer = make_answer(config, sim_request, plan)
+    if sim_request.background:
+        return await _send_background(request, answer, plan)
     if answer.kind == "responses" and request[BODY].get("store") is not False and plan.fault is None:
-        state.store(response_body(answer), stored_input_items(request[BODY], answer))
+        state.store(answer.response_id, response_body(answer), stored_input_items(request[BODY], answer))
     if sim_request.stream:
         return await send_stream(request, _stream_script(answer, sim_request, config), plan)
     return await send_body(request, _whole_body(answer, config), plan)
 
 
+async def _send_background(request: web.Request, answer: Answer, plan: Plan) -> web.StreamResponse:
+    """`POST /v1/responses` with `background: true`: stored (unless a drop was drawn, as for any answer) and
+    answered at once, `queued`; its answer is made in simulated time, by its plan's timing (background.py)."""
+    state = request.app[STATE]
+    background = BackgroundResponse(answer, plan, created_s=time.monotonic())
+    if plan.fault is None:
+        state.store(answer.response_id, background, stored_input_items(request[BODY], answer))
+    at_once = dataclasses.replace(plan, ttft_s=0.0, tpot_s=0.0)
+    return await send_body(request, background.created_body(), at_once)
+
+
 async def handle_retrieve(request: web.Request) -> web.Response:
-    """`GET /v1/responses/{response_id}`: a stored response, as it was answered."""
+    """`GET /v1/responses/{response_id}`: a stored response, as it was answered, or a background response as it
+    stands now."""
     response, _ = _stored(request)
     request[OUTCOME] = "ok"
-    return json_response(response)
+    return json_response(_as_it_stands(response))
 
 
 async def handle_delete(request: web.Request) -> web.Response:
@@ -149,13 +165,24 @@ async def handle_input_items(request: web.Request) -> web.Response:
 
 
 async def handle_cancel(request: web.Request) -> web.Response:
-    """`POST /v1/responses/{response_id}/cancel`: every simulated response is answered at once, none in the
-    background, so none can be cancelled (OpenAI's answer for a response not created with `background`)."""
-    _stored(request)
-    raise ClientError("Only responses created with background=true can be cancelled.")
+    """`POST /v1/responses/{response_id}/cancel`: a background response not yet done is cancelled, and one done
+    or cancelled already is answered as it is, as OpenAI does; any other response was answered at once and
+    cannot be cancelled (OpenAI's 400)."""
+    response, _ = _stored(request)
+    if not isinstance(response, BackgroundResponse):
+        raise ClientError("Only responses created with background=true can be cancelled.")
+    request[OUTCOME] = "ok"
+    return json_response(response.cancel(time.monotonic()))
 
 
-def _stored(request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _as_it_stands(response: StoredResponse) -> dict[str, Any]:
+    """A stored `response` object: as it was answered, or a background response's as it stands now."""
+    if isinstance(response, BackgroundResponse):
+        return response.body(time.monotonic())
+    return response
+
+
+def _stored(request: web.Request) -> tuple[StoredResponse, list[dict[str, Any]]]:
     """The stored response the path names; 404 in OpenAI's words when there is none."""
     response_id = request.match_info["response_id"]
     stored = request.app[STATE].stored.get(response_id)

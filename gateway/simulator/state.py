@@ -8,12 +8,15 @@ import time
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
+from gateway.simulator.background import BackgroundResponse
 from gateway.simulator.config import SimConfig
 
 #: how many received requests `GET /sim/requests` can show
 RECENT_REQUESTS = 256
 #: how many stored Responses API answers the simulator keeps (`GET /v1/responses/{id}`); the oldest go first
 STORED_RESPONSES = 10_000
+#: a stored response: the `response` object as it was answered, or a background response, whose state changes
+StoredResponse = dict[str, Any] | BackgroundResponse
 
 
 class SimState:
@@ -27,13 +30,13 @@ class SimState:
         self.in_flight = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self.closing = asyncio.Event()      # set on shutdown: hanging requests give up
-        # the Responses API answers stored (`store`, true unless the request says false): id -> (the response
-        # object, its input items), as a model server keeps them for GET, DELETE and input_items
-        self.stored: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+        # the Responses API answers stored (`store`, true unless the request says false): id -> (the response,
+        # its input items), as a model server keeps them for GET, DELETE, input_items and cancel
+        self.stored: OrderedDict[str, tuple[StoredResponse, list[dict[str, Any]]]] = OrderedDict()
 
-    def store(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+    def store(self, response_id: str, response: StoredResponse, input_items: list[dict[str, Any]]) -> None:
         """Keep a stored response and its input items, forgetting the oldest past STORED_RESPONSES."""
-        self.stored[response["id"]] = (response, input_items)
+        self.stored[response_id] = (response, input_items)
         while len(self.stored) > STORED_RESPONSES:
             self.stored.popitem(last=False)
 

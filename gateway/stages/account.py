@@ -63,7 +63,8 @@ class Account:
         return None
 
     async def finish(self, ctx: RequestContext) -> None:
-        ctx.ended_s = time.perf_counter()
+        if ctx.ended_s is None:             # (a background response's request ended with its create call)
+            ctx.ended_s = time.perf_counter()
         if not ctx.attempts:
             return
         answered = ctx.attempts[-1]
@@ -89,8 +90,8 @@ class Account:
             if (tried.error_type == UpstreamTimeout.reason and tried.dispatched and tried.ttft_s is None
                     and tried.ended_s):
                 fleet.record_latency(tried.model, tried.ended_s - tried.started_s, None)
-        if attempt.status != 200 or attempt.ended_s is None:
-            return
+        if attempt.status != 200 or attempt.ended_s is None or ctx.settling is not None:
+            return                          # (a background response's generation is not seen, only its end)
         elapsed_s = attempt.ended_s - attempt.started_s
         if ctx.endpoint == "embeddings":    # no output tokens: the whole call is the wait, as the router predicts it
             fleet.record_latency(attempt.model, elapsed_s, None)

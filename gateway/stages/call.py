@@ -9,6 +9,7 @@ import time
 import orjson
 from aiohttp import web
 
+from gateway.background import ENDED, is_background
 from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN, Attempt, RequestContext
 from gateway.errors import CircuitOpen, GatewayError, ModelBusy, UpstreamError, UpstreamStatus
 from gateway.policy.model import DEFAULT_PRIORITY, Model
@@ -194,6 +195,8 @@ class Call:
                 self.services.background.spawn(self._pin(ctx, attempt), name="response-pin")
             else:
                 await self._pin(ctx, attempt)
+            if is_background(ctx) and attempt.response_id and answer.body.get("status") not in ENDED:
+                ctx.settling = services.settlements.start(ctx, attempt)     # settled once it has ended
         self._succeeded(ctx, attempt)
         attempt.status = answer.status
         return web.Response(body=answer.raw, status=answer.status, content_type="application/json",
@@ -239,7 +242,7 @@ class Call:
             fleet.slots.give_back(attempt.model.name, pool=attempt.slot_pool)
         if not attempt.dispatched:          # never sent (no slot came, or its circuit opened): no call, no span
             return
-        if attempt.energy_id is not None:
+        if attempt.energy_id is not None and ctx.settling is None:     # (a background response's: at its end)
             self.services.energy.request_ended(attempt.energy_id)
         await settle_attempt(ctx, attempt)
         record = ctx.stream_record

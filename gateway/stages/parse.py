@@ -324,8 +324,8 @@ def validate_body(endpoint: str, body: dict) -> None:
 
 
 def _validate_responses_fields(body: dict) -> None:
-    """The Responses API's own fields: `max_output_tokens`, `previous_response_id`; no `conversation` nor
-    `background`."""
+    """The Responses API's own fields: `max_output_tokens`, `previous_response_id`; `background` unstreamed and
+    stored alone (`gateway.background`); no `conversation`."""
     _check_integer(body, "max_output_tokens", 1)
     _check_type(body, "previous_response_id", (str,), "a string")
     if body.get("conversation") is not None:
@@ -333,11 +333,15 @@ def _validate_responses_fields(body: dict) -> None:
                           "/v1/conversations, which it does not serve); continue a response with "
                           "previous_response_id, or send the history in input", param="conversation",
                           code="unsupported_parameter")
+    _check_type(body, "background", (bool,), "a boolean")
     if body.get("background") is True:
-        # The gateway serves GET /v1/responses/{id} (stored_responses.py); an answer made after the call goes unpriced.
-        raise ClientError("background responses are not served through the gateway: their answer is made after "
-                          "this call, where the gateway can neither limit nor price it; send the request without "
-                          "background", param="background", code="unsupported_parameter")
+        if body.get("stream") is True:
+            raise ClientError("streamed background responses are not served through the gateway: create the "
+                              "response without stream, then poll GET /v1/responses/{id}", param="stream",
+                              code="unsupported_parameter")
+        if body.get("store") is False:
+            raise ClientError("Background responses require store=true: a background response is read back from "
+                              "its store.", param="store", code="invalid_value")
 
 
 class Parse:

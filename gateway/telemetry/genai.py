@@ -47,6 +47,8 @@ REQUEST_ID = "gateway.request.id"
 OUTCOME = "gateway.outcome"
 QUEUE_WAIT_S = "gateway.queue.wait"
 BUDGET_DOWNGRADED = "gateway.budget.downgraded"
+#: how a background response ended (`gateway.background`): completed, incomplete, failed, cancelled, unsettled
+BACKGROUND_STATUS = "gateway.background.status"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -251,6 +253,8 @@ def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:
         attributes[SLA_MET] = ctx.decision.sla_met
     if ctx.budget_downgrade:
         attributes[BUDGET_DOWNGRADED] = True
+    if ctx.settling is not None and ctx.settling.status is not None:
+        attributes[BACKGROUND_STATUS] = ctx.settling.status
     queued_s = sum(attempt.queued_s for attempt in ctx.attempts)
     if queued_s:
         attributes[QUEUE_WAIT_S] = queued_s

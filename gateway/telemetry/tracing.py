@@ -147,6 +147,10 @@ class Hooks:
             return
         ctx.extra[FINISHED] = True
         span = ctx.span
+        if ctx.settling is not None:        # a background response's CLIENT span: what its end said, not its start
+            attempt = ctx.attempts[-1]
+            if attempt.span is not None and attempt.span.recording:
+                attempt.span.set_attributes(genai.attempt_end_attributes(ctx, attempt))
         if span is not None and span.recording:
             span.set_attributes(genai.gateway_attributes(ctx))
             response = genai.http_response_attributes(ctx)

@@ -215,11 +215,12 @@ def raw_model_gateway(*, first_byte_s: float, tail: str = "", total_s: float = 1
 
 @contextlib.contextmanager
 def ledgered_raw_model_gateway(ledger_dir: Path, *, first_byte_s: float, tail: str = "", total_s: float = 10,
-                               raw_keys: str = "") -> Iterator[tuple[Harness, RawUpstream]]:
+                               raw_keys: str = "", raw: RawUpstream | None = None
+                               ) -> Iterator[tuple[Harness, RawUpstream]]:
     """`raw_model_gateway` writing its ledger to `ledger_dir/requests.jsonl` (`harness.ledger_path`)."""
     ledger = ledger_dir / "requests.jsonl"
     with raw_model_gateway(first_byte_s=first_byte_s, tail=tail + f'ledger: {{{{path: "{ledger}"}}}}\n',
-                           total_s=total_s, raw_keys=raw_keys) as (harness, raw):
+                           total_s=total_s, raw_keys=raw_keys, raw=raw) as (harness, raw):
         harness.ledger_path = ledger
         yield harness, raw
 

@@ -1,0 +1,194 @@
+"""Background responses (the Responses API's `background: true`): answered at once, generated after.
+
+The model server answers the create call at once with the response `queued` and no usage; it generates it
+afterwards and keeps it, its end included, for `GET /v1/responses/{id}`. What the request used and cost is known
+only then. So its finishes (the tenant's tokens settled and its budget charged, the cost, the ledger line, the
+metrics and spans) wait for that end (`Pipeline.run`): the gateway asks the model server for the response, at
+first after POLL_FIRST_S and then less and less often up to POLL_MOST_S apart, until its status is an end
+(`ENDED`); a client's own retrieval or cancellation through the gateway that sees the end settles it at once.
+
+Meanwhile the request holds what its admission holds (its tenant's concurrent slot, its reserved tokens and
+budget), as a request in flight does: the model works for it. Its model's call slot, and the router's count of
+its calls in flight, are given back when the create call is answered: the server queues background work itself.
+
+A response whose end the gateway does not see is booked with what it knows (its prompt, counted by the gateway)
+and marked `unsettled`: one still running when the gateway stops (one last look is taken), one its server no
+longer has (deleted, or the server restarted), or one that does not end within `routing.stored_response_ttl_s`
+(its pin's life, after which the gateway could not reach it either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import orjson
+
+from gateway.context import Attempt, RequestContext
+from gateway.errors import UpstreamError
+from gateway.stages.answers import Estimate, count_usage, read_answer
+from gateway.upstream import auth_headers, stored_response_url
+
+log = logging.getLogger("gateway")
+
+#: the statuses a response ends with (OpenAI's; vLLM's the same)
+ENDED = frozenset({"completed", "incomplete", "failed", "cancelled"})
+#: what the ledger says of a background response whose end the gateway did not see
+UNSETTLED = "unsettled"
+#: the first look at a background response, after its create call; each next one 1.5 times later, at most POLL_MOST_S
+POLL_FIRST_S = 1.0
+POLL_GROWTH = 1.5
+POLL_MOST_S = 30.0
+#: how long the last look at a response still running at stop may take
+LAST_LOOK_S = 2.0
+
+
+def is_background(ctx: RequestContext) -> bool:
+    """Whether the request asks for a background response (`parse` admits it only unstreamed and stored)."""
+    return ctx.endpoint == "responses" and ctx.body.get("background") is True
+
+
+class BackgroundResponse:
+    """One background response being generated: looked at on its model until it ends, then its request settled."""
+
+    def __init__(self, settlements: Settlements, ctx: RequestContext, attempt: Attempt) -> None:
+        self.settlements = settlements
+        self.ctx = ctx
+        self.attempt = attempt
+        self.key = (ctx.tenant_name, attempt.response_id)
+        self.status: str | None = None      # the last status seen; ENDED's, or UNSETTLED once given up on
+        self._seen: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+
+    def seen(self, body: dict) -> None:
+        """A client's retrieval or cancellation saw the response ended: settle with it now."""
+        if not self._seen.done():
+            self._seen.set_result(body)
+
+    def settle_later(self, finishing: Coroutine) -> None:
+        """In the background: wait for the response's end, then run `finishing` (the request's finishes)."""
+        self.settlements.services.background.spawn(self.settle(finishing), name="background-response")
+
+    async def settle(self, finishing: Coroutine) -> None:
+        """Wait for the response's end, fill in what the attempt used, then run the request's finishes."""
+        try:
+            body = await self._ended()
+        except asyncio.CancelledError:      # the stop's background work ran out of time: booked as known
+            body = None
+        try:
+            self._read(body)
+            if self.attempt.usage is None:  # none said: the gateway counts the prompt and what output it saw
+                await count_usage(self.attempt, Estimate(self.ctx, self.attempt))
+        finally:
+            self.settlements.forget(self)
+            await finishing
+
+    async def _ended(self) -> dict | None:
+        """The response as it ended, or None when its end was not seen (stop, gone from its server, too long)."""
+        ctx, settlements = self.ctx, self.settlements
+        deadline_s = time.monotonic() + ctx.policy.routing.stored_response_ttl_s
+        wait_s = POLL_FIRST_S
+        while True:
+            if settlements.closing.is_set():
+                return await self._last_look()
+            closing = asyncio.ensure_future(settlements.closing.wait())
+            try:
+                done, _ = await asyncio.wait((self._seen, closing), timeout=min(wait_s, deadline_s - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closing.cancel()
+            if self._seen.done():
+                return self._seen.result()
+            if closing in done:
+                continue
+            if time.monotonic() >= deadline_s:
+                log.warning("background response %s (request %s) did not end within %d s: booked unsettled",
+                            self.attempt.response_id, ctx.request_id, ctx.policy.routing.stored_response_ttl_s)
+                return None
+            found = await self._look()
+            if found is None or found.get("status") in ENDED:
+                return found
+            wait_s = min(wait_s * POLL_GROWTH, POLL_MOST_S)
+
+    async def _last_look(self) -> dict | None:
+        """The gateway stops: one look, the response's end if it has come."""
+        found = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAST_LOOK_S):
+                found = await self._look()
+        return found if found is not None and found.get("status") in ENDED else None
+
+    async def _look(self) -> dict | None:
+        """The response as its server has it now; {} while the server cannot say (an error: looked at again
+        later); None when the server no longer has it."""
+        attempt, services = self.attempt, self.settlements.services
+        model = attempt.model
+        headers = {"x-request-id": self.ctx.request_id, **auth_headers(model, services.environ)}
+        try:
+            status, raw = await services.transport.ask(model, "GET", stored_response_url(model, attempt.response_id),
+                                                       headers, self.ctx.policy.server.max_answer_bytes)
+        except UpstreamError as exc:
+            log.debug("background response %s: its server did not answer (%s); looked at again later",
+                      attempt.response_id, exc)
+            return {}
+        if status == 404:
+            log.warning("background response %s (request %s) is no longer on model '%s': booked unsettled",
+                        attempt.response_id, self.ctx.request_id, model.name)
+            return None
+        return orjson.loads(raw)
+
+    def _read(self, body: dict | None) -> None:
+        """What the ended response used, on the attempt; its end time as seen (the GPU time it is priced by, and
+        its operation's duration)."""
+        attempt = self.attempt
+        attempt.ended_s = time.perf_counter()
+        if attempt.energy_id is not None:   # its GPU time ends now: its joules are those up to here
+            self.settlements.services.energy.request_ended(attempt.energy_id)
+        self.status = body.get("status") if body is not None else UNSETTLED
+        if body is not None:
+            read_answer(attempt, body, "responses")
+            self.ctx.response_body = body
+
+
+class Settlements:
+    """The background responses of this process still being generated, by (tenant, response id)."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        self.closing = asyncio.Event()
+        self._waiting: dict[tuple[str, str], BackgroundResponse] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def start(self, ctx: RequestContext, attempt: Attempt) -> BackgroundResponse:
+        """A background response the model has taken (queued): its request settles once it ends."""
+        response = BackgroundResponse(self, ctx, attempt)
+        self._waiting[response.key] = response
+        return response
+
+    def forget(self, response: BackgroundResponse) -> None:
+        if self._waiting.get(response.key) is response:
+            del self._waiting[response.key]
+
+    def seen(self, tenant_name: str, response_id: str, raw: bytes) -> None:
+        """A client's call on a stored response got it as `raw`: when that is its end, its request settles now."""
+        response = self._waiting.get((tenant_name, response_id))
+        if response is None:
+            return
+        with contextlib.suppress(orjson.JSONDecodeError):
+            body = orjson.loads(raw)
+            if isinstance(body, dict) and body.get("status") in ENDED:
+                response.seen(body)
+
+    def close(self) -> None:
+        """The gateway stops: each response still generated is looked at once more and settled with what is
+        known then (`unsettled` when it has not ended)."""
+        if self._waiting:
+            log.warning("%d background response(s) still generated at stop: settled with what is known now, those "
+                        "not ended booked unsettled (their prompt alone)", len(self._waiting))
+        self.closing.set()
+

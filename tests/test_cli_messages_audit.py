@@ -38,14 +38,15 @@ routes:
 # -- gateway gpu -----------------------------------------------------------------
 
 
-def test_gpu_without_nvml_says_why_once_on_stderr(capsys):
+def test_gpu_without_nvml_says_why_once_on_stderr(capsys, caplog):
     """`gateway gpu` without NVML exits 1 with one line on stderr saying "NVML not available" once, and nothing on
-    stdout."""
+    stdout; no log line says it again (naming the command's pseudo-model of every GPU)."""
     out = io.StringIO()
     code = gpu_command(["--once"], nvml_module=FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND), out=out)
     err = capsys.readouterr().err
     assert (code, out.getvalue()) == (1, "")
     assert err.count("NVML not available") == 1 and err.startswith("gateway gpu: ") and err.count("\n") == 1, err
+    assert not [record for record in caplog.records if record.levelname == "WARNING"], caplog.text
 
 
 def test_gpu_with_a_policy_whose_models_have_no_gpus_says_it_of_the_policy(tmp_path, capsys):

@@ -66,7 +66,7 @@ def _monitor(args: argparse.Namespace, nvml_module: Any) -> EnergyMonitor:
 
 
 async def _show(monitor: EnergyMonitor, once: bool, out: TextIO, policy: str | None) -> int:
-    await monitor.open()
+    await monitor.open(say_unavailable=False)      # said here, once: in the table, or why nothing can be shown
     try:
         if (problem := _nothing_to_measure(monitor, policy)) is not None:
             print(f"gateway gpu: {problem}", file=sys.stderr)

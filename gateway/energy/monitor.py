@@ -149,18 +149,19 @@ class EnergyMonitor:
 
     # -- life cycle ------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Open every source; log once which models cannot be measured."""
+    async def open(self, *, say_unavailable: bool = True) -> None:
+        """Open every source; log once which models cannot be measured (`say_unavailable`: unless the caller says
+        why itself, as `gateway gpu` does)."""
         if self._opened:
             return
         self._opened = True
-        await self._open_sources(list(self._sampled.values()))
+        await self._open_sources(list(self._sampled.values()), say_unavailable=say_unavailable)
 
-    async def _open_sources(self, pending: list[_Sampled]) -> None:
+    async def _open_sources(self, pending: list[_Sampled], *, say_unavailable: bool = True) -> None:
         for sampled in pending:
             await self._open_source(sampled)
         unavailable = [s for s in pending if s.health == UNAVAILABLE]
-        if unavailable:
+        if unavailable and say_unavailable:
             reasons = "; ".join(dict.fromkeys(s.reason or "unknown" for s in unavailable))
             logger.warning("no GPU: energy not measured for models %s (%s)",
                            ", ".join(m for s in unavailable for m in s.models), reasons)

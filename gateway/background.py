@@ -52,6 +52,17 @@ def is_background(ctx: RequestContext) -> bool:
     return ctx.endpoint == "responses" and ctx.body.get("background") is True
 
 
+def background_status(ctx: RequestContext) -> str | None:
+    """How the request's background response ended (`ENDED`, or UNSETTLED); None for a request that made none
+    (not a background request, or one that failed). A server may answer a background request ended already."""
+    if ctx.settling is not None:
+        return ctx.settling.status
+    if not is_background(ctx) or ctx.status != 200 or ctx.response_body is None:
+        return None
+    status = ctx.response_body.get("status")
+    return status if status in ENDED else None
+
+
 class BackgroundResponse:
     """One background response being generated: looked at on its model until it ends, then its request settled."""
 

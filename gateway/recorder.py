@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.background import background_status
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.cost import plain_usd
 from gateway.ledger import Ledger
@@ -34,7 +35,7 @@ def ledger_record(ctx: RequestContext) -> dict:
         "energy_j": ctx.energy_j, "sla_met": ctx.decision.sla_met if ctx.decision else None,
         "budget_downgrade": ctx.budget_downgrade,
         "continues": ctx.decision is not None and ctx.decision.pinned,
-        "background": ctx.settling.status if ctx.settling is not None else None,
+        "background": background_status(ctx),
         "task_id": ctx.task_id, "workflow": ctx.workflow,
         "attempts": [attempt_record(a) for a in ctx.attempts],
         "policy": ctx.policy.content_sha256[:POLICY_DIGITS],

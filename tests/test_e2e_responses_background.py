@@ -245,7 +245,7 @@ def test_a_background_response_its_server_answers_ended_is_booked_at_once(script
     raw = create(harness)
     assert raw.parse().status == "completed"
     line = wait_until(lambda: ledger_line(harness, raw.headers["x-request-id"]), timeout_s=5)
-    assert (line["output_tokens"], line["background"], server.looked) == (40, None, 0)   # booked with its answer
+    assert (line["output_tokens"], line["background"], server.looked) == (40, "completed", 0)   # with its answer
 
 
 def test_a_background_responses_spans_say_how_it_ended_and_what_it_used(receiver):

@@ -22,6 +22,7 @@ from opentelemetry.semconv.attributes import (
     user_agent_attributes,
 )
 
+from gateway.background import background_status
 from gateway.context import CLIENT_DISCONNECTED
 from gateway.errors import GatewayError, NoModelMeetsSla
 
@@ -253,8 +254,8 @@ def gateway_attributes(ctx: RequestContext) -> dict[str, Any]:
         attributes[SLA_MET] = ctx.decision.sla_met
     if ctx.budget_downgrade:
         attributes[BUDGET_DOWNGRADED] = True
-    if ctx.settling is not None and ctx.settling.status is not None:
-        attributes[BACKGROUND_STATUS] = ctx.settling.status
+    if (background := background_status(ctx)) is not None:
+        attributes[BACKGROUND_STATUS] = background
     queued_s = sum(attempt.queued_s for attempt in ctx.attempts)
     if queued_s:
         attributes[QUEUE_WAIT_S] = queued_s

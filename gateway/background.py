@@ -13,8 +13,9 @@ its calls in flight, are given back when the create call is answered: the server
 
 A response whose end the gateway does not see is booked with what it knows (its prompt, counted by the gateway)
 and marked `unsettled`: one still running when the gateway stops (one last look is taken), one its server no
-longer has (deleted, or the server restarted), or one that does not end within `routing.stored_response_ttl_s`
-(its pin's life, after which the gateway could not reach it either).
+longer has (deleted, or the server restarted), one its server has not answered about for FAILING_FOR_MOST_S, or
+one that does not end within `routing.stored_response_ttl_s` (its pin's life, after which the gateway could not
+reach it either).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ POLL_GROWTH = 1.5
 POLL_MOST_S = 30.0
 #: how long the last look at a response still running at stop may take
 LAST_LOOK_S = 2.0
+#: how long its server may fail every look (down, or answering nonsense) before a response is booked unsettled: a
+#: server restarted meanwhile has forgotten it anyway (vLLM keeps its stored responses in memory)
+FAILING_FOR_MOST_S = 600.0
+
+
+def has_ended(body: dict) -> bool:
+    """Whether a response's body says it has ended (a status of another type, from a broken server, says not)."""
+    status = body.get("status")
+    return isinstance(status, str) and status in ENDED
 
 
 def is_background(ctx: RequestContext) -> bool:
@@ -57,10 +67,9 @@ def background_status(ctx: RequestContext) -> str | None:
     (not a background request, or one that failed). A server may answer a background request ended already."""
     if ctx.settling is not None:
         return ctx.settling.status
-    if not is_background(ctx) or ctx.status != 200 or ctx.response_body is None:
+    if not is_background(ctx) or ctx.status != 200 or ctx.response_body is None or not has_ended(ctx.response_body):
         return None
-    status = ctx.response_body.get("status")
-    return status if status in ENDED else None
+    return ctx.response_body["status"]
 
 
 class BackgroundResponse:
@@ -89,6 +98,10 @@ class BackgroundResponse:
             body = await self._ended()
         except asyncio.CancelledError:      # the stop's background work ran out of time: booked as known
             body = None
+        except Exception:                   # never left unbooked, its admission held, for a failure of our own
+            log.exception("background response %s (request %s): its end could not be awaited; booked unsettled",
+                          self.attempt.response_id, self.ctx.request_id)
+            body = None
         try:
             self._read(body)
             if self.attempt.usage is None:  # none said: the gateway counts the prompt and what output it saw
@@ -102,6 +115,7 @@ class BackgroundResponse:
         ctx, settlements = self.ctx, self.settlements
         deadline_s = time.monotonic() + ctx.policy.routing.stored_response_ttl_s
         wait_s = POLL_FIRST_S
+        failing_since_s: float | None = None    # since when its server has not answered about it
         while True:
             if settlements.closing.is_set():
                 return await self._last_look()
@@ -120,8 +134,17 @@ class BackgroundResponse:
                             self.attempt.response_id, ctx.request_id, ctx.policy.routing.stored_response_ttl_s)
                 return None
             found = await self._look()
-            if found is None or found.get("status") in ENDED:
+            if found is None or has_ended(found):
                 return found
+            if found:
+                failing_since_s = None
+            elif failing_since_s is None:
+                failing_since_s = time.monotonic()
+            elif time.monotonic() - failing_since_s >= FAILING_FOR_MOST_S:
+                log.warning("background response %s (request %s): model '%s' has not answered about it for %d s: "
+                            "booked unsettled", self.attempt.response_id, ctx.request_id, self.attempt.model.name,
+                            FAILING_FOR_MOST_S)
+                return None
             wait_s = min(wait_s * POLL_GROWTH, POLL_MOST_S)
 
     async def _last_look(self) -> dict | None:
@@ -130,7 +153,7 @@ class BackgroundResponse:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LAST_LOOK_S):
                 found = await self._look()
-        return found if found is not None and found.get("status") in ENDED else None
+        return found if found is not None and has_ended(found) else None
 
     async def _look(self) -> dict | None:
         """The response as its server has it now; {} while the server cannot say (an error: looked at again
@@ -149,7 +172,10 @@ class BackgroundResponse:
             log.warning("background response %s (request %s) is no longer on model '%s': booked unsettled",
                         attempt.response_id, self.ctx.request_id, model.name)
             return None
-        return orjson.loads(raw)
+        if status == 204:                   # no body, no response: a broken answer, looked at again later
+            log.debug("background response %s: its server answered 204; looked at again later", attempt.response_id)
+            return {}
+        return orjson.loads(raw)            # (any other answer `ask` lets through is a JSON object)
 
     def _read(self, body: dict | None) -> None:
         """What the ended response used, on the attempt; its end time as seen (the GPU time it is priced by, and
@@ -192,7 +218,7 @@ class Settlements:
             return
         with contextlib.suppress(orjson.JSONDecodeError):
             body = orjson.loads(raw)
-            if isinstance(body, dict) and body.get("status") in ENDED:
+            if isinstance(body, dict) and has_ended(body):
                 response.seen(body)
 
     def close(self) -> None:

@@ -52,8 +52,9 @@ def stored_response_handler(action: str):
         tenant_name = tenant.name if tenant else ANONYMOUS        # as the request that stored it named it
         response_id = request.match_info["response_id"]
         if action == "retrieve" and request.query.get("stream", "false").lower() not in ("false", "0"):
-            raise UnsupportedInput("Streaming a stored response is for responses created with background=true, "
-                                   "which this gateway does not serve.", param="stream", code="unsupported_parameter")
+            raise UnsupportedInput("Streaming a stored response is not served through the gateway: retrieve it "
+                                   "without stream (a background response: until its status is completed, "
+                                   "incomplete, failed or cancelled).", param="stream", code="unsupported_parameter")
         model = await _model_of(services, runtime.policy, tenant_name, response_id)
         url = stored_response_url(model, response_id, suffix, request.query.items())
         # the gateway's trace context, else (telemetry off) the caller's, passed on

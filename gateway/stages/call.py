@@ -9,7 +9,7 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway.background import ENDED, is_background
+from gateway.background import has_ended, is_background
 from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN, Attempt, RequestContext
 from gateway.errors import CircuitOpen, GatewayError, ModelBusy, UpstreamError, UpstreamStatus
 from gateway.policy.model import DEFAULT_PRIORITY, Model
@@ -191,12 +191,14 @@ class Call:
         ctx.response_body = answer.body
         if ctx.endpoint == "responses":     # noted before the answer leaves: the client may continue it at once
             read_identity(attempt, answer.body)
+            if is_background(ctx) and attempt.response_id and not has_ended(answer.body):
+                # settled once it has ended, from now: a client leaving during the pin's write below leaves it
+                # generated on its model all the same
+                ctx.settling = services.settlements.start(ctx, attempt)
             if self.services.stores.pins.backing_off:   # unless its store is down: then not waited for
                 self.services.background.spawn(self._pin(ctx, attempt), name="response-pin")
             else:
                 await self._pin(ctx, attempt)
-            if is_background(ctx) and attempt.response_id and answer.body.get("status") not in ENDED:
-                ctx.settling = services.settlements.start(ctx, attempt)     # settled once it has ended
         self._succeeded(ctx, attempt)
         attempt.status = answer.status
         return web.Response(body=answer.raw, status=answer.status, content_type="application/json",

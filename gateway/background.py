@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from gateway.context import Attempt, RequestContext
+from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN, Attempt, RequestContext
 from gateway.errors import UpstreamError
 from gateway.stages.answers import Estimate, count_usage, read_answer
 from gateway.upstream import auth_headers, stored_response_url
@@ -38,6 +38,8 @@ log = logging.getLogger("gateway")
 
 #: the statuses a response ends with (OpenAI's; vLLM's the same)
 ENDED = frozenset({"completed", "incomplete", "failed", "cancelled"})
+#: the events a Responses API stream ends with, each carrying the response as it ended
+END_EVENTS = frozenset(f"response.{status}" for status in ENDED)
 #: what the ledger says of a background response whose end the gateway did not see
 UNSETTLED = "unsettled"
 #: the first look at a background response, after its create call; each next one 1.5 times later, at most POLL_MOST_S
@@ -62,12 +64,27 @@ def is_background(ctx: RequestContext) -> bool:
     return ctx.endpoint == "responses" and ctx.body.get("background") is True
 
 
+def cut_while_generated(ctx: RequestContext, attempt: Attempt) -> bool:
+    """Whether a streamed background response was cut before its end, once its server had named it: its client
+    left, or the connection to its model broke after the client's first event. Its server generates it all the
+    same (the client may read it on with `GET /v1/responses/{id}?stream=true&starting_after=N`): it is settled
+    once it has ended."""
+    return ctx.stream and attempt.status != 200 and attempt.response_id is not None and is_background(ctx) \
+        and (ctx.bytes_sent or attempt.error_type in (CLIENT_DISCONNECTED, SHUTTING_DOWN))
+
+
 def background_status(ctx: RequestContext) -> str | None:
     """How the request's background response ended (`ENDED`, or UNSETTLED); None for a request that made none
-    (not a background request, or one that failed). A server may answer a background request ended already."""
+    (not a background request, or one that failed). A server may answer a background request ended already, and a
+    stream relayed whole says how it ended in its last event."""
     if ctx.settling is not None:
         return ctx.settling.status
-    if not is_background(ctx) or ctx.status != 200 or ctx.response_body is None or not has_ended(ctx.response_body):
+    if not is_background(ctx) or ctx.status != 200:
+        return None
+    if ctx.stream:              # its end event: completed (finish reason stop), or incomplete
+        reasons = ctx.attempts[-1].finish_reasons if ctx.attempts else ()
+        return None if not reasons else "completed" if reasons == ("stop",) else "incomplete"
+    if ctx.response_body is None or not has_ended(ctx.response_body):
         return None
     return ctx.response_body["status"]
 
@@ -211,15 +228,11 @@ class Settlements:
         if self._waiting.get(response.key) is response:
             del self._waiting[response.key]
 
-    def seen(self, tenant_name: str, response_id: str, raw: bytes) -> None:
-        """A client's call on a stored response got it as `raw`: when that is its end, its request settles now."""
+    def seen(self, tenant_name: str, response_id: str, body: object) -> None:
+        """A client's call on a stored response got it as `body`: when that is its end, its request settles now."""
         response = self._waiting.get((tenant_name, response_id))
-        if response is None:
-            return
-        with contextlib.suppress(orjson.JSONDecodeError):
-            body = orjson.loads(raw)
-            if isinstance(body, dict) and has_ended(body):
-                response.seen(body)
+        if response is not None and isinstance(body, dict) and has_ended(body):
+            response.seen(body)
 
     def close(self) -> None:
         """The gateway stops: each response still generated is looked at once more and settled with what is

@@ -5,6 +5,7 @@ shape, with the request id its span and its model-server call carry (the error m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +15,7 @@ from gateway.errors import GatewayError, ShuttingDown
 from gateway.policy.model import Tenant
 from gateway.responses import error_response, request_id
 from gateway.services import SERVICES
+from gateway.sse import error_event
 from gateway.telemetry.tracing import PlainCall
 
 log = logging.getLogger("gateway")
@@ -21,6 +23,8 @@ log = logging.getLogger("gateway")
 #: the call's spans and request id, for its handler
 SPANS = web.RequestKey("plain_call_spans", PlainCall)
 REQUEST_ID = web.RequestKey("plain_call_request_id", str)
+#: the stream a handler has opened to its client, if any: one the drain ends is told so in-band
+STREAM = web.RequestKey("plain_call_stream", web.StreamResponse)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,7 +56,7 @@ def traced(handler: Handler) -> Handler:
         except asyncio.CancelledError:
             if not mark.cut_by_shutdown or asyncio.current_task().uncancel():
                 raise
-            response = error_response(ShuttingDown("the gateway is shutting down; try again"), request_id=rid)
+            response = await _shut_down(request, rid)
         except GatewayError as exc:
             response = error_response(exc, request_id=rid)
         except web.HTTPException as exc:    # aiohttp's own refusals: the error middleware answers them
@@ -68,6 +72,18 @@ def traced(handler: Handler) -> Handler:
             response.headers["x-request-id"] = rid
         return response
     return handle
+
+
+async def _shut_down(request: web.Request, rid: str) -> web.StreamResponse:
+    """The answer of a call the drain ended: a 503 `shutting_down`, in-band on a stream already open."""
+    ended = ShuttingDown("the gateway is shutting down; try again")
+    stream = request.get(STREAM)
+    if stream is None:
+        return error_response(ended, request_id=rid)
+    with contextlib.suppress(ConnectionError):
+        await stream.write(error_event(ended.message, error_type=ended.error_type, code=ended.code, responses=True))
+        await stream.write_eof()
+    return stream
 
 
 def caller(request: web.Request) -> Tenant | None:

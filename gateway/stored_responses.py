@@ -16,16 +16,23 @@ model's circuit is not charged for them; each has its spans (`PlainCall`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
-from gateway.errors import NotFound, StoreUnavailable, UnsupportedInput, UpstreamError, UpstreamProtocolError
+from gateway.background import END_EVENTS
+from gateway.errors import (NotFound, StoreUnavailable, UpstreamError, UpstreamProtocolError, UpstreamStatus,
+                             UpstreamTimeout)
 from gateway.outcomes import ANONYMOUS
-from gateway.plain_calls import REQUEST_ID, SPANS, caller, traced
+from gateway.plain_calls import REQUEST_ID, SPANS, STREAM, caller, traced
+from gateway.policy.model import Model
 from gateway.services import SERVICES, Services
+from gateway.sse import error_event, event_data
 from gateway.store_guard import STORE_DOWN
 from gateway.upstream import (auth_headers, caller_trace_headers, forwarded_headers, status_error,
                               stored_response_url)
@@ -51,16 +58,14 @@ def stored_response_handler(action: str):
         tenant = caller(request)
         tenant_name = tenant.name if tenant else ANONYMOUS        # as the request that stored it named it
         response_id = request.match_info["response_id"]
-        if action == "retrieve" and request.query.get("stream", "false").lower() not in ("false", "0"):
-            raise UnsupportedInput("Streaming a stored response is not served through the gateway: retrieve it "
-                                   "without stream (a background response: until its status is completed, "
-                                   "incomplete, failed or cancelled).", param="stream", code="unsupported_parameter")
         model = await _model_of(services, runtime.policy, tenant_name, response_id)
         url = stored_response_url(model, response_id, suffix, request.query.items())
         # the gateway's trace context, else (telemetry off) the caller's, passed on
         trace = spans.upstream(model, method) or caller_trace_headers(request.headers)
         headers = {"x-request-id": rid, **forwarded_headers(request.headers), **auth_headers(model, services.environ),
                    **trace}
+        if action == "retrieve" and request.query.get("stream", "false").lower() not in ("false", "0"):
+            return await _relay_stream(request, model, url, headers, tenant_name, response_id)
         try:
             status, raw = await services.transport.ask(model, method, url, headers,
                                                        runtime.policy.server.max_answer_bytes)
@@ -71,13 +76,12 @@ def stored_response_handler(action: str):
                 raise status_error(model, status, raw, {})
             if status == 204 and action != "delete":
                 raise UpstreamProtocolError(f"model '{model.name}' answered HTTP 204: no {action} answer")
-        except UpstreamError as exc:    # named the model asked, with its Retry-After, as a generating call's error is
-            spans.failed(exc.reason, getattr(exc, "upstream_status", None))
-            exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
-            raise
+        except UpstreamError as exc:
+            raise _failed(spans, model, exc) from None
         spans.answered(status)
         if status == 200 and action in ("retrieve", "cancel"):     # a background response seen ended: settled now
-            services.settlements.seen(tenant_name, response_id, raw)
+            with contextlib.suppress(orjson.JSONDecodeError):
+                services.settlements.seen(tenant_name, response_id, orjson.loads(raw))
         if status == 204:       # deleted, said without a body: the client gets OpenAI's (200, the id, `deleted`)
             status, raw = 200, orjson.dumps({"id": response_id, "object": "response.deleted", "deleted": True})
         if status == 404 or action == "delete":     # gone from its server (expired, restarted), or deleted now
@@ -91,6 +95,78 @@ def stored_response_handler(action: str):
                             headers={"x-request-id": rid, "x-gateway-model": model.name})
 
     return traced(handle)
+
+
+async def _relay_stream(request: web.Request, model: Model, url: URL, headers: dict[str, str], tenant_name: str,
+                        response_id: str) -> web.StreamResponse:
+    """`GET /v1/responses/{id}?stream=true` (`starting_after` too): a background response's events relayed as its
+    server sends them, each within the model's `total_s` of the one before (a longer silence, or a server failing
+    once the stream is open, ends it with an in-band error event); an end event settles its request at once. A
+    client that takes nothing for `server.client_timeout_s` is cut, as one that left."""
+    services: Services = request.app[SERVICES]
+    spans, rid = request[SPANS], request[REQUEST_ID]
+    client_timeout_s = services.holder.current.policy.server.client_timeout_s
+    response: web.StreamResponse | None = None
+    try:
+        async with services.transport.ask_stream(model, url, headers) as events:
+            spans.answered(200)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                   "x-request-id": rid, "x-gateway-model": model.name})
+            await response.prepare(request)
+            request[STREAM] = response
+            while True:
+                try:
+                    async with asyncio.timeout(model.timeouts.total_s):
+                        event = await anext(events, None)
+                except TimeoutError:
+                    raise UpstreamTimeout(f"model '{model.name}' sent nothing for {model.timeouts.total_s:g} s") \
+                        from None
+                if event is None:
+                    break
+                async with asyncio.timeout(client_timeout_s):
+                    await response.write(event)
+                if (ended := _ended_in(event)) is not None:
+                    services.settlements.seen(tenant_name, response_id, ended)
+            await response.write_eof()
+    except UpstreamError as exc:
+        if response is None:
+            if isinstance(exc, UpstreamStatus) and exc.upstream_status == 404 and response_id in str(exc):
+                await services.stores.pins.forget(tenant_name, response_id)     # gone from its server
+                raise _not_found(response_id) from None
+            raise _failed(spans, model, exc) from None
+        _failed(spans, model, exc)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(client_timeout_s):
+                await response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code,
+                                                 responses=True))
+                await response.write_eof()
+    except (ConnectionError, TimeoutError):     # the client left, or took nothing for client_timeout_s
+        pass
+    return response
+
+
+def _ended_in(event: bytes) -> dict | None:
+    """The response an end event of a Responses API stream carries (`response.completed`, `.incomplete`,
+    `.failed`, `.cancelled`); None for any other event."""
+    data = event_data(event)
+    if not data or b'"response.' not in data:
+        return None
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(chunk, dict) or chunk.get("type") not in END_EVENTS:
+        return None
+    ended = chunk.get("response")
+    return ended if isinstance(ended, dict) else None
+
+
+def _failed(spans, model: Model, exc: UpstreamError) -> UpstreamError:
+    """A model server's failure, on the call's spans, named the model asked with its Retry-After, as a generating
+    call's error is."""
+    spans.failed(exc.reason, getattr(exc, "upstream_status", None))
+    exc.headers = {**exc.headers, "x-gateway-model": model.name, **exc.retry_headers()}
+    return exc
 
 
 async def _model_of(services: Services, policy, tenant_name: str, response_id: str):

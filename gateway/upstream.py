@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -247,17 +247,40 @@ class HttpTransport:
         Leaving the context closes the upstream connection, which is how a
         client disconnect cancels the upstream generation.
         """
+        async with self._events(call, self._send(call, client_timeout(call.model.timeouts))) as events:
+            yield events
+
+    @asynccontextmanager
+    async def ask_stream(self, model: Model, url: URL, headers: Mapping[str, str]
+                         ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A call that generates nothing and is answered with a stream (a background response read on, `GET
+        /v1/responses/{id}?stream=true`), sent once: yields an iterator of its raw SSE events; an error status
+        raises as any call's does, a 404 too; an answer that is no event stream (a server ignoring `stream`) is a
+        broken one."""
+        call = UpstreamCall(model, "responses", b"", headers)
+        opening = self.session.get(url, headers=headers, allow_redirects=False, timeout=client_timeout(model.timeouts))
+        async with self._events(call, opening, events_only=True) as events:
+            yield events
+
+    @asynccontextmanager
+    async def _events(self, call: UpstreamCall, opening: Awaitable[aiohttp.ClientResponse], events_only: bool = False
+                      ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The events of a stream `opening` starts: its head within the model's `first_byte_s`, an error status
+        raised with its body (within `first_byte_s` a part, and `total_s` in all); `events_only`: an answer of
+        another content type than `text/event-stream` is a broken one."""
         first_byte_s = call.model.timeouts.first_byte_s
         async with AsyncExitStack() as stack:
             with UpstreamErrors(call.model):
                 async with asyncio.timeout(first_byte_s):
-                    resp = await stack.enter_async_context(
-                        await self._send(call, client_timeout(call.model.timeouts)))
+                    resp = await stack.enter_async_context(await opening)
                 if resp.status >= 400:      # its body within first_byte_s a part, and total_s in all
                     async with asyncio.timeout(call.model.timeouts.total_s):
                         raw = await _read_within(resp, first_byte_s, call)
                     raise status_error(call.model, resp.status, raw, resp.headers)
                 not_an_answer(call.model, resp.status)
+                if events_only and resp.content_type != "text/event-stream":
+                    raise UpstreamProtocolError(f"model '{call.model.name}' answered {resp.content_type or 'a body'}"
+                                                f", not a stream of events")
             # outside the translation: what the caller's block raises (a write to a client that left, say)
             # is the caller's own error, not the model's
             yield _translated_events(call.model, iter_events(resp.content.iter_any()))

@@ -110,15 +110,6 @@ def test_a_client_leaving_while_the_pin_is_written_leaves_its_response_settled_w
         redis.stop()
 
 
-def test_a_streamed_retrieval_is_refused_without_saying_background_responses_are_not_served(tmp_path):
-    """On f6fc658 the 400 still said background responses were not served through the gateway."""
-    with scripted_gateway(tmp_path, RawLooks([COMPLETED])) as (harness, _):
-        answer = requests.get(f"{harness.base_url}/v1/responses/resp_bg1", params={"stream": "true"}, timeout=10)
-        error = answer.json()["error"]
-        assert (answer.status_code, error["param"], error["code"]) == (400, "stream", "unsupported_parameter")
-        assert "does not serve" not in error["message"] and "without stream" in error["message"]
-
-
 def test_a_server_failing_every_look_for_too_long_has_its_response_booked_unsettled(tmp_path, monkeypatch):
     """A model server down (or answering nonsense) for FAILING_FOR_MOST_S: the request is booked `unsettled` and its
     admission given back, not held until stored_response_ttl_s (a day); an answer meanwhile starts the count again.

@@ -32,7 +32,7 @@ from gateway.services import SERVICES
 from gateway.supervisor import HANDLED
 from gateway.tenancy.budgets_redis import RedisBudgets
 from tests.support.harness import Harness
-from tests.support.raw_upstream import RawUpstream
+from tests.support.raw_upstream import RawUpstream, http_head
 from tests.support.redis_server import RedisServer
 
 GRACE_S = 3.0
@@ -327,24 +327,31 @@ async def test_the_signal_handlers_from_before_the_server_are_back_once_it_has_d
             signal.signal(sig, handler)
 
 
+async def serve_raw_model(tmp_path, raw: RawUpstream):
+    """A gateway served in this loop, its one model `raw` waited for up to 60 s, a grace period of 2 s: (its app, its
+    port, the server's task, the event that stops it)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"""version: 1
+models:
+  raw: {{endpoint: "{raw.url}", upstream_model: fake, timeouts: {{first_byte_s: 60, total_s: 60}}}}
+routes: [{{name: all, candidates: [raw]}}]
+server: {{grace_period_s: 2}}
+""")
+    app = build_app(PolicyHolder.from_file(policy, {"OTEL_SDK_DISABLED": "true"}))
+    port = free_port()
+    ready, stop = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(run_server(app, "127.0.0.1", port, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 30)
+    return app, port, server, stop
+
+
 async def test_a_stored_response_call_still_running_when_the_drain_ends_gets_a_503(tmp_path):
     """A call on a stored response (served outside the pipeline) whose model server hangs at SIGTERM: its client
     gets a 503 `shutting_down` within the grace period, as a generating call's does, not a connection cut."""
     raw = RawUpstream().start()
     raw.script = [(b"", 60.0)]                  # the server takes the call and never answers it
     try:
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(f"""version: 1
-models:
-  raw: {{endpoint: "{raw.url}", upstream_model: fake, timeouts: {{first_byte_s: 60, total_s: 60}}}}
-routes: [{{name: all, candidates: [raw]}}]
-server: {{grace_period_s: 2}}
-""")
-        app = build_app(PolicyHolder.from_file(policy, {"OTEL_SDK_DISABLED": "true"}))
-        port = free_port()
-        ready, stop = asyncio.Event(), asyncio.Event()
-        server = asyncio.create_task(run_server(app, "127.0.0.1", port, ready=ready, stop=stop))
-        await asyncio.wait_for(ready.wait(), 30)
+        app, port, server, stop = await serve_raw_model(tmp_path, raw)
         await app[SERVICES].stores.pins.remember(ANONYMOUS, "resp_slow", "raw", 600)
         async with aiohttp.ClientSession() as session:
             asked = asyncio.create_task(session.get(f"http://127.0.0.1:{port}/v1/responses/resp_slow"))
@@ -357,5 +364,28 @@ server: {{grace_period_s: 2}}
             await asyncio.wait_for(server, 10)
         assert (reply.status, body["error"]["code"]) == (503, "shutting_down"), body
         assert reply.headers["x-request-id"] and time.monotonic() - started < 2.5
+    finally:
+        raw.stop()
+
+
+async def test_a_stored_response_stream_still_running_when_the_drain_ends_is_told_in_band(tmp_path):
+    """A background response read on as a stream (`GET /v1/responses/{id}?stream=true`) whose server goes on at
+    SIGTERM: its client is told `shutting_down` in-band, within the grace period, after the events it had."""
+    raw = RawUpstream().start()
+    head = http_head(200, {"Content-Type": "text/event-stream"})
+    event = b'event: response.in_progress\ndata: {"type": "response.in_progress", "sequence_number": 1}\n\n'
+    raw.script = [(head + event, 0.0), (b"", 60.0)]
+    try:
+        app, port, server, stop = await serve_raw_model(tmp_path, raw)
+        await app[SERVICES].stores.pins.remember(ANONYMOUS, "resp_slow", "raw", 600)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/v1/responses/resp_slow?stream=true") as reply:
+                first = await reply.content.readuntil(b"\n\n")
+                started = time.monotonic()
+                stop.set()
+                rest = await asyncio.wait_for(reply.content.read(), 10)
+            await asyncio.wait_for(server, 10)
+        assert reply.status == 200 and first == event
+        assert b'"code":"shutting_down"' in rest.replace(b" ", b"") and time.monotonic() - started < 2.5, rest
     finally:
         raw.stop()

@@ -169,7 +169,6 @@ def test_a_tenant_cannot_continue_another_tenants_response(gw):
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"background": True, "stream": True}, "stream"),
     ({"background": True, "store": False}, "store"),
     ({"background": "yes"}, "background"),
     ({"conversation": "conv_123"}, "conversation"),

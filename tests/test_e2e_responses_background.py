@@ -6,12 +6,14 @@ see the end of booked `unsettled`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from decimal import Decimal
 
 import openai
 import pytest
+import requests
 from aiohttp import web
 
 from gateway.background import ENDED
@@ -125,6 +127,41 @@ def test_a_background_response_holds_its_tenants_admission_until_it_ends(gw):
     started(gw, tenant="solo")                          # its slot is free again
 
 
+def test_a_background_stream_relayed_whole_is_booked_with_its_end(gw):
+    raw = client(gw).responses.with_raw_response.create(model="auto", input="Tell me a story.",
+                                                        max_output_tokens=16, background=True, stream=True)
+    with raw.parse() as stream:
+        events = list(stream)
+    assert events[-1].type == "response.incomplete" and events[-1].response.background
+    line = wait_until(lambda: ledger_line(gw, raw.headers["x-request-id"]), timeout_s=5, what="the ledger line")
+    assert (line["status"], line["background"], line["output_tokens"], line["tokens_estimated"]) == \
+        (200, "incomplete", 16, False)
+
+
+def test_a_background_stream_its_client_leaves_is_settled_and_read_on_from_where_it_was_cut(gw):
+    """The client reads a few events and leaves: the server generates the response all the same; the request is
+    booked 499 with all it used once it has ended. The client reads it on with `starting_after`, and that stream's
+    end settles it at once (before the gateway's own look, 1 s after the cut)."""
+    raw = client(gw).responses.with_raw_response.create(model="auto", input="Tell me a story.",
+                                                        max_output_tokens=60, background=True, stream=True)
+    rid = raw.headers["x-request-id"]
+    with raw.parse() as stream:
+        seen = []
+        for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) > 6:
+                break
+    response_id = seen[0].response.id
+    with client(gw).responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number) as rest:
+        read_on = list(rest)
+    assert read_on[0].sequence_number == seen[-1].sequence_number + 1 and read_on[-1].type == "response.incomplete"
+    text = "".join(e.delta for e in seen + read_on if e.type == "response.output_text.delta")
+    assert text == read_on[-1].response.output[0].content[0].text       # nothing lost, nothing twice
+    line = wait_until(lambda: ledger_line(gw, rid), timeout_s=0.5, what="the ledger line")
+    assert (line["status"], line["outcome"], line["background"]) == (499, "client_disconnected", "incomplete")
+    assert (line["output_tokens"], line["tokens_estimated"]) == (60, False)
+
+
 # a model server whose stored response says what each test scripts ------------------------------------------------
 
 def response(status: str, usage: dict | None = None, text: str = "") -> dict:
@@ -144,7 +181,11 @@ class BackgroundServer:
     def __init__(self) -> None:
         self.looks: list[tuple[int, dict]] = [(200, response("in_progress"))]
         self.looked = 0
+        self.look_ids: set[str | None] = set()     # the x-request-id of each look: its create call's, or a client's
         self.create_status = "queued"
+        self.events: list[tuple[bytes, float]] = []
+        self.streamed: list[dict] = []          # the query of each stream asked for
+        self.stream_refusal: tuple[int, dict] | None = None     # (status, body) a stream is refused with
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.port = 0
@@ -172,10 +213,27 @@ class BackgroundServer:
         ended = self.create_status == "completed"
         return web.json_response(response(self.create_status, USAGE if ended else None, "Done." if ended else ""))
 
-    async def _look(self, request: web.Request) -> web.Response:
+    async def _look(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("stream") == "true":
+            return await self._stream(request)
         status, body = self.looks[min(self.looked, len(self.looks) - 1)]
         self.looked += 1
+        self.look_ids.add(request.headers.get("x-request-id"))
         return web.json_response(body, status=status)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """The response's events (`events`: each after its delay), as a server streams a background response."""
+        self.streamed.append(dict(request.query))
+        if self.stream_refusal is not None:
+            status, body = self.stream_refusal
+            return web.json_response(body, status=status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event, delay_s in self.events:
+            await asyncio.sleep(delay_s)
+            await response.write(event)
+        await response.write_eof()
+        return response
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
@@ -271,3 +329,53 @@ def test_a_background_responses_spans_say_how_it_ended_and_what_it_used(receiver
     finally:
         harness.stop()
         server.stop()
+
+
+def sse(kind: str, sequence_number: int, **fields) -> bytes:
+    """One Responses API event as a server streams it."""
+    payload = {"type": kind, "sequence_number": sequence_number, **fields}
+    return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def test_a_background_stream_read_on_is_relayed_and_its_end_settles_the_request(scripted):
+    """`retrieve(id, stream=True, starting_after=N)`: the server's events, relayed as they come, its query passed
+    on; the end event settles the request at once, before the gateway's next look."""
+    harness, server = scripted
+    server.events = [(sse("response.output_text.delta", 5, delta="Once", item_id="msg_bg1", output_index=0,
+                          content_index=0), 0.0),
+                     (sse("response.completed", 6, response=response("completed", USAGE, "Once.")), 0.2)]
+    created = create(harness)
+    response_id, rid = created.parse().id, created.headers["x-request-id"]
+    with harness.openai().responses.retrieve(response_id, stream=True, starting_after=4) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds == ["response.output_text.delta", "response.completed"]
+    assert server.streamed == [{"stream": "true", "starting_after": "4"}]
+    line = wait_until(lambda: ledger_line(harness, rid), timeout_s=0.5, what="the ledger line")
+    assert (line["background"], line["output_tokens"], server.looked) == ("completed", 40, 0)
+
+
+def test_a_background_stream_whose_server_goes_silent_ends_with_an_in_band_error(tmp_path):
+    server = BackgroundServer()
+    server.events = [(sse("response.in_progress", 1, response=response("in_progress")), 0.0), (b"", 5.0)]
+    with ledgered_raw_model_gateway(tmp_path, first_byte_s=2, total_s=1, tail=RAW_ROUTE, raw=server) as (harness, _):
+        response_id = create(harness).parse().id
+        started = time.monotonic()
+        answer = requests.get(f"{harness.base_url}/v1/responses/{response_id}", params={"stream": "true"},
+                              timeout=10)
+        took_s = time.monotonic() - started
+    assert answer.status_code == 200 and answer.headers["x-gateway-model"] == "raw"
+    *events, last = answer.content.split(b"\n\n")[:-1]
+    assert [event.split(b"\n")[0] for event in events + [last]] == [b"event: response.in_progress", b"event: error"]
+    assert b'"code":"upstream_timeout"' in last and 1.0 <= took_s < 4.0, (last, took_s)
+
+
+def test_a_background_stream_its_server_no_longer_has_is_not_found_and_forgotten(scripted):
+    harness, server = scripted
+    created = create(harness)
+    response_id = created.parse().id
+    server.stream_refusal = (404, {"error": {"message": f"Response with id '{response_id}' not found."}})
+    with pytest.raises(openai.NotFoundError, match=response_id):
+        harness.openai().responses.retrieve(response_id, stream=True)
+    with pytest.raises(openai.NotFoundError):   # forgotten: its server is not asked again
+        harness.openai().responses.retrieve(response_id)
+    assert server.look_ids <= {created.headers["x-request-id"]} and len(server.streamed) == 1  # (the gateway's own)

@@ -69,16 +69,6 @@ async def test_metrics_off_names_every_documented_switch():
         assert switch in message, message
 
 
-async def test_the_refusal_of_a_streamed_background_response_says_how_to_get_one():
-    """README: a background response is served unstreamed alone; the 400 for a streamed one says what to do
-    instead (create it without stream, then poll GET /v1/responses/{id}, which the gateway serves)."""
-    status, body = await _call(DEMO_POLICY, {"OTEL_SDK_DISABLED": "true"}, "POST", "/v1/responses",
-                               {"model": "auto", "input": "hi", "background": True, "stream": True})
-    error = body["error"]
-    assert (status, error["code"], error["param"]) == (400, "unsupported_parameter", "stream")
-    assert "without stream" in error["message"] and "GET /v1/responses/{id}" in error["message"], error["message"]
-
-
 @pytest.mark.parametrize("flags", [["--log-level", "INFO", "--log-level", "WARNING"],
                                    ["--log-level=INFO", "--log-level", "WARNING"]])
 def test_a_repeated_log_level_reaches_a_command_that_parses_its_own_arguments(flags, monkeypatch, capsys):

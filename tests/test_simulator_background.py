@@ -1,11 +1,13 @@
 """The simulated backend's background responses (`POST /v1/responses` with `background: true`), driven by the
-official openai SDK over real HTTP: answered at once as `queued`, made in simulated time, cancelled half-way."""
+official openai SDK over real HTTP: answered at once as `queued`, made in simulated time, cancelled half-way, and
+streamed as it is made, when created or retrieved."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -14,12 +16,15 @@ from gateway.simulator import STATE
 from gateway.simulator.text import count_chat_tokens, count_text_tokens
 from tests import test_simulator
 from tests.test_simulator import control, post_raw
+from tests.test_simulator_responses import HEAD, TAIL
 
 #: the simulator tests' fixtures: a simulator with no delays and no failures, and an SDK client for it
 sim, client = test_simulator.sim, test_simulator.client
 HI_TOKENS = count_chat_tokens([{"role": "user", "content": "hi"}])
 #: how often the tests ask for a background response's state
 POLL_S = 0.01
+#: timing slow enough to see a background response in progress: 50 ms TTFT, 20 ms a token, 16 tokens or so
+SLOW = {"ttft_ms": 50, "tpot_ms": 20, "mean_output_tokens": 16}
 
 
 async def poll(client, response_id: str, until: set[str], started_s: float) -> tuple[list[str], float, object]:
@@ -118,17 +123,13 @@ async def test_input_items_delete_and_reset_work_while_it_is_queued(sim, client)
         await client.responses.retrieve(other.id)
 
 
-@pytest.mark.parametrize(("extra", "param", "message"), [
-    ({"stream": True}, "stream", "Streamed background responses are not simulated"),
-    ({"store": False}, "store", "Background responses require store=true."),
-])
-async def test_background_streamed_or_unstored_is_a_400(sim, extra, param, message):
-    """`background` with `stream: true`, or with `store: false`, is a 400 in OpenAI's shape naming the parameter,
-    counted as a bad request, and nothing is stored."""
-    body = {"model": "m", "input": "hi", "background": True} | extra
+async def test_background_unstored_is_a_400(sim):
+    """`background` with `store: false` is a 400 in OpenAI's shape naming the parameter, counted as a bad request,
+    and nothing is stored."""
+    body = {"model": "m", "input": "hi", "background": True, "store": False}
     status, answer = await post_raw(sim, "responses", orjson.dumps(body))
-    assert (status, answer["error"]["param"], answer["error"]["type"]) == (400, param, "invalid_request_error")
-    assert answer["error"]["message"].startswith(message)
+    assert (status, answer["error"]["param"], answer["error"]["type"]) == (400, "store", "invalid_request_error")
+    assert answer["error"]["message"] == "Background responses require store=true."
     assert (await control(sim, "GET", "stats"))[1]["by_endpoint"] == {"/v1/responses": {"bad_request": 1}}
     assert not sim.runner.app[STATE].stored
 
@@ -151,3 +152,119 @@ async def test_a_fault_drawn_at_create_applies_to_the_create_call(sim, client):
     assert created.status == "queued" and time.monotonic() - started_s < 1.0
     stats = (await control(sim, "GET", "stats"))[1]["by_endpoint"]["/v1/responses"]
     assert (stats["error"], stats["rate_limited"], stats["ok"]) == (1, 1, 1)
+
+
+async def test_a_streamed_background_response_goes_on_after_the_client_leaves(sim, client):
+    """Created streamed in the background, the response is streamed as an ordinary streamed answer is (numbered
+    events, the first delta after TTFT, `background: true` in its responses); the client leaving after the first
+    delta changes nothing: it is retrieved in progress, then completed with all its tokens and usage."""
+    await control(sim, "POST", "config", SLOW)
+    started_s = time.monotonic()
+    head = []
+    async with await client.responses.create(model="m", input="hi", background=True, stream=True) as stream:
+        async for event in stream:
+            head.append(event)
+            if event.type == "response.output_text.delta":
+                break
+    assert time.monotonic() - started_s >= 0.050
+    assert [event.type for event in head] == HEAD + ["response.output_text.delta"]
+    assert [event.sequence_number for event in head] == [0, 1, 2, 3, 4]
+    created = head[0].response
+    assert (created.status, created.background, head[1].response.background) == ("in_progress", True, True)
+    seen, _, final = await poll(client, created.id, {"completed"}, started_s)
+    assert seen == ["in_progress", "completed"] and final.background is True
+    assert final.output_text.startswith(head[-1].delta)
+    assert final.usage.output_tokens == count_text_tokens(final.output_text) > 1
+    assert final.usage.input_tokens == HI_TOKENS
+
+
+async def test_a_retrieved_stream_sends_the_events_after_starting_after_as_they_are_made(sim, client):
+    """`retrieve(id, stream=True, starting_after=k)` sends the events numbered after k, in order, those made at
+    once and the others when made, to `response.completed`; without `starting_after` it sends all of them, those
+    of an ordinary streamed answer but for the ids and `background: true`."""
+    await control(sim, "POST", "config", SLOW)
+    started_s = time.monotonic()
+    created = await client.responses.create(model="m", input="hi", background=True)
+    await poll(client, created.id, {"in_progress"}, started_s)
+    tail = [event async for event in await client.responses.retrieve(created.id, stream=True, starting_after=6)]
+    ended_s = time.monotonic() - started_s
+    assert [event.sequence_number for event in tail] == list(range(7, 7 + len(tail)))
+    final = tail[-1].response
+    assert tail[-1].type == "response.completed" and final == await client.responses.retrieve(created.id)
+    assert ended_s >= 0.050 + 0.020 * (final.usage.output_tokens - 1)
+    everything = [event async for event in await client.responses.retrieve(created.id, stream=True)]
+    assert everything[7:] == tail and [event.sequence_number for event in everything] == list(range(len(everything)))
+    await control(sim, "POST", "reset")
+    await control(sim, "POST", "config", SLOW | {"ttft_ms": 0, "tpot_ms": 0})
+    ordinary = [event async for event in await client.responses.create(model="m", input="hi", stream=True)]
+    assert [event.type for event in everything] == [event.type for event in ordinary]
+    assert [getattr(event, "delta", None) for event in everything] == [getattr(event, "delta", None)
+                                                                       for event in ordinary]
+    responses = [event.response for event in everything if hasattr(event, "response")]
+    assert len(responses) == 3 and all(response.background for response in responses)
+    assert ordinary[-1].response.usage == final.usage
+
+
+async def test_a_retrieved_stream_ends_with_response_cancelled_once_it_is_cancelled(sim, client):
+    """A stream retrieved while the response is made ends, once it is cancelled, with `response.cancelled`
+    carrying the cancelled response, after the deltas of the tokens generated by then; retrieved again, it sends
+    the same events at once."""
+    await control(sim, "POST", "config", {"ttft_ms": 50, "tpot_ms": 20})
+    created = await client.responses.create(model="m", input="hi", max_output_tokens=32, background=True)
+    events = []
+    async for event in await client.responses.retrieve(created.id, stream=True):
+        events.append(event)
+        if len(events) == len(HEAD) + 3:
+            cancelled = await client.responses.cancel(created.id)
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert [event.type for event in events] == HEAD + ["response.output_text.delta"] * len(deltas) + [
+        "response.cancelled"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert (cancelled.status, cancelled.output_text, cancelled.usage.output_tokens) == (
+        "cancelled", "".join(deltas), len(deltas))
+    assert events[-1].response == cancelled.model_dump(mode="json", exclude_unset=True)
+    started_s = time.monotonic()
+    assert [event async for event in await client.responses.retrieve(created.id, stream=True)] == events
+    assert time.monotonic() - started_s < 0.5
+
+
+async def test_a_dropped_stream_goes_on_from_the_last_event_seen(sim, client):
+    """A drop drawn for a streamed background request cuts the client's stream half-way, but the response is stored
+    and made to its end: retrieved with `starting_after` the last event seen, its stream goes on to the end."""
+    await control(sim, "POST", "config", {"drop_rate": 1, "ttft_ms": 20, "tpot_ms": 10})
+    seen = []
+    with pytest.raises(openai.APIConnectionError):
+        async for event in await client.responses.create(model="m", input="hi", max_output_tokens=16,
+                                                         background=True, stream=True):
+            seen.append(event)
+    assert [event.type for event in seen] == HEAD + ["response.output_text.delta"] * 8
+    rest = [event async for event in await client.responses.retrieve(seen[0].response.id, stream=True,
+                                                                      starting_after=seen[-1].sequence_number)]
+    assert [event.type for event in rest] == ["response.output_text.delta"] * 8 + TAIL + ["response.incomplete"]
+    assert "".join(event.delta for event in seen[len(HEAD):] + rest[:8]) == rest[-1].response.output_text
+    assert rest[-1].response == await client.responses.retrieve(seen[0].response.id)
+    stats = (await control(sim, "GET", "stats"))[1]["by_endpoint"]
+    assert (stats["/v1/responses"], stats["/v1/responses/{response_id}"]) == ({"drop": 1}, {"ok": 2})
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("stream=true", "stream"),
+    ("stream=yes", "stream"),
+    ("stream=true&starting_after=-1", "starting_after"),
+    ("stream=true&starting_after=x", "starting_after"),
+])
+async def test_a_stream_retrieved_wrongly_is_a_400(sim, client, query, param):
+    """Streaming a response not made in the background, a `stream` neither true nor false, or a `starting_after`
+    that is no integer of at least 0 is a 400 in OpenAI's shape naming the parameter; `stream=false` (or 0)
+    answers the JSON response."""
+    plain = await client.responses.create(model="m", input="hi")
+    made = plain if query == "stream=true" else await client.responses.create(model="m", input="hi", background=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{sim.url}/responses/{made.id}?{query}") as answer:
+            status, error = answer.status, (await answer.json())["error"]
+        for unstreamed in ("false", "0"):
+            async with session.get(f"{sim.url}/responses/{made.id}?stream={unstreamed}") as answer:
+                assert (answer.status, (await answer.json())["id"]) == (200, made.id)
+    assert (status, error["param"], error["type"]) == (400, param, "invalid_request_error")
+    if param == "stream" and query == "stream=true":
+        assert error["message"] == "Streaming is only supported for responses created with background=true."

@@ -4,18 +4,23 @@ simulated time.
 Nothing runs: a background response's state is worked out from the clock (time.monotonic) whenever it is asked
 for, from the timing planned for it at creation. It is queued while its TTFT runs, in progress while its tokens
 come (the first after TTFT, one every TPOT after that, as a stream sends them), then the finished response. A
-cancel before then stops it at the tokens generated so far, for good.
+cancel before then stops it at the tokens generated so far, for good. Its stream (streamed at creation, or
+retrieved with `stream=true`) is a streamed answer's events, each due when its token is generated.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.simulator.answers import Answer
+from gateway.simulator.answers import Answer, StreamScript
 from gateway.simulator.plan import Plan
-from gateway.simulator.responses import cancelled_body, pending_body, response_body
+from gateway.simulator.responses import cancelled_body, pending_body, response_body, response_stream_script
 
 
 @dataclass
@@ -26,6 +31,8 @@ class BackgroundResponse:
     plan: Plan
     created_s: float                    # time.monotonic() when it was made
     cancelled_s: float | None = None    # time.monotonic() when it was cancelled, before it was done
+    # set by its cancel: wakes its streams waiting for their next event
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
     def first_token_s(self) -> float:
@@ -55,6 +62,7 @@ class BackgroundResponse:
         """Cancel it at `now_s` unless it is already done or cancelled (then nothing changes); its body after."""
         if self.cancelled_s is None and now_s < self.done_s:
             self.cancelled_s = now_s
+            self.cancelled.set()
         return self.body(now_s)
 
     def tokens_generated(self, now_s: float) -> int:
@@ -65,3 +73,39 @@ class BackgroundResponse:
         if self.plan.tpot_s == 0:
             return planned
         return min(planned, 1 + math.floor((now_s - self.first_token_s) / self.plan.tpot_s))
+
+    def stream_script(self) -> StreamScript:
+        """Its stream's events: a streamed answer's (responses.py), the `response` objects in them with
+        `background: true`, and with usage at the end whatever the model's setting, as its body has."""
+        script = response_stream_script(self.answer, include_usage=True)
+        chunks = [(at_token, _in_background(event)) for at_token, event in script.chunks]
+        return dataclasses.replace(script, chunks=chunks)
+
+    async def stream(self, starting_after: int = -1) -> AsyncGenerator[dict[str, Any], None]:
+        """Its stream's events numbered after `starting_after`, each when its token is generated (at once when
+        that has passed); once cancelled, the events generated before the cancel, then `response.cancelled`."""
+        for number, (at_token, event) in enumerate(self.stream_script().chunks):
+            if not await self._generated(self.first_token_s + at_token * self.plan.tpot_s):
+                if number > starting_after:
+                    yield {"type": "response.cancelled", "response": self.body(time.monotonic()),
+                           "sequence_number": number}
+                return
+            if number > starting_after:
+                yield event
+
+    async def _generated(self, at_s: float) -> bool:
+        """Wait until `at_s` or a cancel, whichever comes first: whether what is due at `at_s` was generated
+        (no cancel before then)."""
+        if self.cancelled_s is None and (wait_s := at_s - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self.cancelled.wait(), wait_s)
+            except TimeoutError:
+                pass
+        return self.cancelled_s is None or at_s <= self.cancelled_s
+
+
+def _in_background(event: dict[str, Any]) -> dict[str, Any]:
+    """A stream event, its `response` object (when it has one) with `background: true`."""
+    if "response" not in event:
+        return event
+    return event | {"response": event["response"] | {"background": True}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -89,6 +91,28 @@ async def send_stream(request: web.Request, script: StreamScript, plan: Plan) ->
             return response
         if not script.named_events:
             await response.write(DONE_EVENT)
+    except ConnectionResetError:
+        return response         # the client went away; counted as cancelled
+    request[OUTCOME] = "ok"
+    return response
+
+
+async def send_events(request: web.Request, events: AsyncGenerator[dict[str, Any], None],
+                      drop_after: int | None = None) -> web.StreamResponse:
+    """Named SSE events (the Responses API's) as `events` yields them, until it ends; a drop cuts the stream once
+    `drop_after` of them are sent."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    sent = 0
+    try:
+        await response.prepare(request)
+        async with aclosing(events):
+            async for event in events:
+                await response.write(sse_event(event, named=True))
+                sent += 1
+                if sent == drop_after:
+                    request[OUTCOME] = "drop"
+                    _close_connection(request)
+                    return response
     except ConnectionResetError:
         return response         # the client went away; counted as cancelled
     request[OUTCOME] = "ok"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,17 +92,30 @@ def parse_embeddings(body: dict[str, Any]) -> SimRequest:
 def parse_responses(body: dict[str, Any]) -> SimRequest:
     """A Responses API request: `instructions` and the text of `input` are counted as a chat prompt would be;
     `tools`, `previous_response_id` and the sampling settings are accepted and ignored. `background: true` is
-    refused streamed (not simulated) and with `store: false` (as OpenAI refuses it)."""
+    refused with `store: false` (as OpenAI refuses it)."""
     messages = _responses_messages(body)
     stream, _ = _streaming(body)
     background = body.get("background") is True
-    if background and stream:
-        raise ClientError("Streamed background responses are not simulated: send the request without stream, "
-                          "then retrieve the response.", param="stream")
     if background and body.get("store") is False:
         raise ClientError("Background responses require store=true.", param="store")
     return SimRequest("responses", messages, count_chat_tokens(messages), _max_output_tokens(body), stream,
                       background=background)
+
+
+def parse_retrieve_stream(query: Mapping[str, str]) -> int | None:
+    """`GET /v1/responses/{id}`'s query: None unless `stream` is true (or 1), else the number of the event the
+    stream starts after (`starting_after`, -1 when absent: from the first)."""
+    stream = query.get("stream", "false").lower()
+    if stream not in ("true", "1", "false", "0"):
+        raise ClientError("'stream' must be true or false.", param="stream")
+    if stream in ("false", "0"):
+        return None
+    starting_after = query.get("starting_after")
+    if starting_after is None:
+        return -1
+    if not (starting_after.isascii() and starting_after.isdigit()):
+        raise ClientError("'starting_after' must be an integer of at least 0.", param="starting_after")
+    return int(starting_after)
 
 
 def _max_output_tokens(body: dict[str, Any]) -> int | None:

@@ -14,8 +14,10 @@ from gateway.simulator.answers import (Answer, StreamScript, completion_body, em
                                        stream_script)
 from gateway.simulator.background import BackgroundResponse
 from gateway.simulator.config import SimConfig
-from gateway.simulator.delivery import OUTCOME, hang, json_response, raise_fault, send_body, send_stream
-from gateway.simulator.parse import SimRequest, parse_chat, parse_completions, parse_embeddings, parse_responses
+from gateway.simulator.delivery import (OUTCOME, hang, json_response, raise_fault, send_body, send_events,
+                                        send_stream)
+from gateway.simulator.parse import (SimRequest, parse_chat, parse_completions, parse_embeddings, parse_responses,
+                                     parse_retrieve_stream)
 from gateway.simulator.plan import Plan, plan_answer
 from gateway.simulator.responses import response_body, response_stream_script, stored_input_items
 from gateway.simulator.state import RECENT_REQUESTS, SimState, StoredResponse
@@ -106,7 +108,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         return await hang(request, state)
     answer = make_answer(config, sim_request, plan)
     if sim_request.background:
-        return await _send_background(request, answer, plan)
+        return await _send_background(request, answer, plan, sim_request.stream)
     if answer.kind == "responses" and request[BODY].get("store") is not False and plan.fault is None:
         state.store(answer.response_id, response_body(answer), stored_input_items(request[BODY], answer))
     if sim_request.stream:
@@ -114,23 +116,33 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     return await send_body(request, _whole_body(answer, config), plan)
 
 
-async def _send_background(request: web.Request, answer: Answer, plan: Plan) -> web.StreamResponse:
-    """`POST /v1/responses` with `background: true`: stored (unless a drop was drawn, as for any answer) and
-    answered at once, `queued`; its answer is made in simulated time, by its plan's timing (background.py)."""
+async def _send_background(request: web.Request, answer: Answer, plan: Plan, stream: bool) -> web.StreamResponse:
+    """`POST /v1/responses` with `background: true`: stored and answered at once, `queued`, or streamed as it is
+    made; its answer is made in simulated time, by its plan's timing (background.py). A drop cuts the answer:
+    unstreamed, nothing is stored (as for any answer); streamed, the client has its id from `response.created`
+    and it is stored, the server going on to make it."""
     state = request.app[STATE]
     background = BackgroundResponse(answer, plan, created_s=time.monotonic())
-    if plan.fault is None:
+    if plan.fault is None or stream:
         state.store(answer.response_id, background, stored_input_items(request[BODY], answer))
+    if stream:
+        drop_after = background.stream_script().drop_after if plan.fault == "drop" else None
+        return await send_events(request, background.stream(), drop_after)
     at_once = dataclasses.replace(plan, ttft_s=0.0, tpot_s=0.0)
     return await send_body(request, background.created_body(), at_once)
 
 
-async def handle_retrieve(request: web.Request) -> web.Response:
+async def handle_retrieve(request: web.Request) -> web.StreamResponse:
     """`GET /v1/responses/{response_id}`: a stored response, as it was answered, or a background response as it
-    stands now."""
+    stands now; with `stream=true`, a background response's events after `starting_after`, as they are made."""
     response, _ = _stored(request)
-    request[OUTCOME] = "ok"
-    return json_response(_as_it_stands(response))
+    starting_after = parse_retrieve_stream(request.query)
+    if starting_after is None:
+        request[OUTCOME] = "ok"
+        return json_response(_as_it_stands(response))
+    if not isinstance(response, BackgroundResponse):
+        raise ClientError("Streaming is only supported for responses created with background=true.", param="stream")
+    return await send_events(request, response.stream(starting_after))
 
 
 async def handle_delete(request: web.Request) -> web.Response:

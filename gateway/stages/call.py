@@ -9,7 +9,7 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway.background import has_ended, is_background
+from gateway.background import cut_while_generated, has_ended, is_background
 from gateway.context import CLIENT_DISCONNECTED, SHUTTING_DOWN, Attempt, RequestContext
 from gateway.errors import CircuitOpen, GatewayError, ModelBusy, UpstreamError, UpstreamStatus
 from gateway.policy.model import DEFAULT_PRIORITY, Model
@@ -238,6 +238,8 @@ class Call:
 
     async def _ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         attempt.ended_s = time.perf_counter()
+        if ctx.settling is None and cut_while_generated(ctx, attempt):
+            ctx.settling = self.services.settlements.start(ctx, attempt)    # settled once it has ended
         fleet = self.services.fleet
         fleet.finished(attempt.model)          # first: the in-flight count must always balance
         if attempt.holds_slot:

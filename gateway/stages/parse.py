@@ -324,8 +324,8 @@ def validate_body(endpoint: str, body: dict) -> None:
 
 
 def _validate_responses_fields(body: dict) -> None:
-    """The Responses API's own fields: `max_output_tokens`, `previous_response_id`; `background` unstreamed and
-    stored alone (`gateway.background`); no `conversation`."""
+    """The Responses API's own fields: `max_output_tokens`, `previous_response_id`; `background` stored alone
+    (`gateway.background`); no `conversation`."""
     _check_integer(body, "max_output_tokens", 1)
     _check_type(body, "previous_response_id", (str,), "a string")
     if body.get("conversation") is not None:
@@ -335,10 +335,6 @@ def _validate_responses_fields(body: dict) -> None:
                           code="unsupported_parameter")
     _check_type(body, "background", (bool,), "a boolean")
     if body.get("background") is True:
-        if body.get("stream") is True:
-            raise ClientError("streamed background responses are not served through the gateway: create the "
-                              "response without stream, then poll GET /v1/responses/{id}", param="stream",
-                              code="unsupported_parameter")
         if body.get("store") is False:
             raise ClientError("Background responses require store=true: a background response is read back from "
                               "its store.", param="store", code="invalid_value")

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
@@ -217,6 +218,10 @@ class Settlements:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def by_model(self) -> dict[str, int]:
+        """How many are watched, by the model generating them."""
+        return dict(Counter(response.attempt.model.name for response in self._waiting.values()))
 
     def start(self, ctx: RequestContext, attempt: Attempt) -> BackgroundResponse:
         """A background response the model has taken (queued): its request settles once it ends."""

@@ -157,6 +157,7 @@ def services_ctx(holder: PolicyHolder, environ: Mapping[str, str] | None):
         holder.listeners.append(functools.partial(keep_tenant_labels, services.telemetry))
         services.telemetry.observe_reloads(lambda: holder.status)
         services.telemetry.observe_slots(lambda: waiting_in_policy(services))
+        services.telemetry.observe_background(services.settlements.by_model)
         # always there, so a reload can add GPUs; with none in the policy it samples nothing
         services.energy = energy = EnergyMonitor(policy, session)
         if energy_sharing is not None:

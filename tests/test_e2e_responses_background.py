@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from decimal import Decimal
@@ -63,7 +64,8 @@ SLOW = dict(ttft_ms=20, tpot_ms=20)
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     harness = ledgered_harness(POLICY, tmp_path_factory.mktemp("ledger"),
-                               sims={"small": SLOW, "medium": SLOW, "large": SLOW})
+                               sims={"small": SLOW, "medium": SLOW, "large": SLOW},
+                               environ={**os.environ, "GATEWAY_PROMETHEUS": "1"})
     yield harness
     harness.stop()
 
@@ -96,9 +98,19 @@ def test_a_background_response_is_answered_queued_and_booked_once_its_client_see
 
 
 def test_the_gateway_settles_a_background_response_nobody_polls(gw):
+    """And says how many it watches, per model, as a gauge."""
     raw, _ = started(gw)
+    assert watched_gauge(gw) == {"small": 1.0}
     line = wait_until(lambda: ledger_line(gw, raw.headers["x-request-id"]), timeout_s=8, what="the ledger line")
     assert (line["background"], line["output_tokens"], line["tokens_estimated"]) == ("incomplete", 40, False)
+    assert watched_gauge(gw) in ({}, {"small": 0.0})
+
+
+def watched_gauge(gw) -> dict[str, float]:
+    """gateway.background.watched from /metrics, by model."""
+    text = requests.get(f"{gw.base_url}/metrics", timeout=10).text
+    return {line.split('gateway_model_selected="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("gateway_background_watched{")}
 
 
 def test_a_cancelled_background_response_is_booked_with_what_it_generated(gw):

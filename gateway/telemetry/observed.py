@@ -99,6 +99,14 @@ def observe_slots(meter: Meter, waiting: Callable[[], Mapping[str, int]]) -> Non
         description="Calls waiting in the gateway for a slot on a saturated model (routing.queue_timeout_ms).")
 
 
+def observe_background(meter: Meter, watched: Callable[[], Mapping[str, int]]) -> None:
+    """gateway.background.watched: background responses of this process being generated now, per model, whose
+    requests are booked once they end."""
+    meter.create_observable_gauge("gateway.background.watched", unit="{response}", callbacks=[
+        lambda _options: [Observation(count, {MODEL_SELECTED: name}) for name, count in watched().items()]],
+        description="Background responses being generated, watched by the gateway until they end.")
+
+
 def observe_reloads(meter: Meter, status: Callable[[], object]) -> None:
     """gateway.policy.reloads by result (ok, failed): a failed reload keeps the old policy, and shows here."""
     meter.create_observable_counter("gateway.policy.reloads", unit="{reload}", callbacks=[

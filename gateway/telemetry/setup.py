@@ -236,6 +236,11 @@ class Telemetry:
         if self.meter is not None:
             observed.observe_slots(self.meter, waiting)
 
+    def observe_background(self, watched) -> None:
+        """Export how many background responses are watched until they end, per model."""
+        if self.meter is not None:
+            observed.observe_background(self.meter, watched)
+
     def observe_reloads(self, status) -> None:
         """Export how many policy reloads succeeded and failed."""
         if self.meter is not None:

@@ -82,9 +82,8 @@ def background_status(ctx: RequestContext) -> str | None:
         return ctx.settling.status
     if not is_background(ctx) or ctx.status != 200:
         return None
-    if ctx.stream:              # its end event: completed (finish reason stop), or incomplete
-        reasons = ctx.attempts[-1].finish_reasons if ctx.attempts else ()
-        return None if not reasons else "completed" if reasons == ("stop",) else "incomplete"
+    if ctx.stream:              # the status its end event says
+        return getattr(ctx.stream_record, "status", None)
     if ctx.response_body is None or not has_ended(ctx.response_body):
         return None
     return ctx.response_body["status"]

@@ -33,6 +33,7 @@ from gateway.plain_calls import REQUEST_ID, SPANS, STREAM, caller, traced
 from gateway.policy.model import Model
 from gateway.services import SERVICES, Services
 from gateway.sse import error_event, event_data
+from gateway.stages.relay import SSE_HEADERS, ClientStalled
 from gateway.store_guard import STORE_DOWN
 from gateway.upstream import (auth_headers, caller_trace_headers, forwarded_headers, status_error,
                               stored_response_url)
@@ -100,9 +101,11 @@ def stored_response_handler(action: str):
 async def _relay_stream(request: web.Request, model: Model, url: URL, headers: dict[str, str], tenant_name: str,
                         response_id: str) -> web.StreamResponse:
     """`GET /v1/responses/{id}?stream=true` (`starting_after` too): a background response's events relayed as its
-    server sends them, each within the model's `total_s` of the one before (a longer silence, or a server failing
-    once the stream is open, ends it with an in-band error event); an end event settles its request at once. A
-    client that takes nothing for `server.client_timeout_s` is cut, as one that left."""
+    server sends them, each within the model's `total_s` of the one before (a longer silence, a server failing
+    once the stream is open, or one ending it after events but before its end event or `error`, or half-way
+    through an event, ends it with an in-band error event: never as if whole); an end event settles its request
+    at once. A client that takes nothing for `server.client_timeout_s` is cut (its connection closed), as one
+    that left."""
     services: Services = request.app[SERVICES]
     spans, rid = request[SPANS], request[REQUEST_ID]
     client_timeout_s = services.holder.current.policy.server.client_timeout_s
@@ -110,10 +113,10 @@ async def _relay_stream(request: web.Request, model: Model, url: URL, headers: d
     try:
         async with services.transport.ask_stream(model, url, headers) as events:
             spans.answered(200)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                                   "x-request-id": rid, "x-gateway-model": model.name})
+            response = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": rid, "x-gateway-model": model.name})
             await response.prepare(request)
             request[STREAM] = response
+            relayed = ended = False         # any event with data; its end event
             while True:
                 try:
                     async with asyncio.timeout(model.timeouts.total_s):
@@ -123,11 +126,17 @@ async def _relay_stream(request: web.Request, model: Model, url: URL, headers: d
                         from None
                 if event is None:
                     break
-                async with asyncio.timeout(client_timeout_s):
-                    await response.write(event)
-                if (ended := _ended_in(event)) is not None:
-                    services.settlements.seen(tenant_name, response_id, ended)
-            await response.write_eof()
+                if not event.endswith(b"\n\n"):     # the last, cut before its blank line: never passed on half
+                    raise UpstreamProtocolError(f"model '{model.name}' ended the stream early")
+                await _write(request, response, event, client_timeout_s)
+                relayed = relayed or event_data(event) is not None
+                kind, body = _typed(event)
+                ended = ended or kind in END_EVENTS or kind == "error"
+                if kind in END_EVENTS:
+                    services.settlements.seen(tenant_name, response_id, body)
+            if relayed and not ended:       # events, then no end: cut short (none: nothing after `starting_after`)
+                raise UpstreamProtocolError(f"model '{model.name}' ended the stream early")
+            await _write(request, response, b"", client_timeout_s, eof=True)
     except UpstreamError as exc:
         if response is None:
             if isinstance(exc, UpstreamStatus) and exc.upstream_status == 404 and response_id in str(exc):
@@ -135,30 +144,42 @@ async def _relay_stream(request: web.Request, model: Model, url: URL, headers: d
                 raise _not_found(response_id) from None
             raise _failed(spans, model, exc) from None
         _failed(spans, model, exc)
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            async with asyncio.timeout(client_timeout_s):
-                await response.write(error_event(exc.message, error_type=exc.error_type, code=exc.code,
-                                                 responses=True))
-                await response.write_eof()
-    except (ConnectionError, TimeoutError):     # the client left, or took nothing for client_timeout_s
+        with contextlib.suppress(ConnectionError):
+            await _write(request, response, error_event(exc.message, error_type=exc.error_type, code=exc.code,
+                                                        responses=True), client_timeout_s, eof=True)
+    except ConnectionError:     # the client left, or took nothing for client_timeout_s (cut)
         pass
     return response
 
 
-def _ended_in(event: bytes) -> dict | None:
-    """The response an end event of a Responses API stream carries (`response.completed`, `.incomplete`,
-    `.failed`, `.cancelled`); None for any other event."""
+async def _write(request: web.Request, response: web.StreamResponse, data: bytes, timeout_s: float,
+                 eof: bool = False) -> None:
+    """Write to the client (and end the stream: `eof`); one that takes none of it for `timeout_s` is cut, its
+    connection closed (ClientStalled): a stream ended as whole would tell it that nothing more was to come."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            if data:
+                await response.write(data)
+            if eof:
+                await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ClientStalled("the client took none of the stream") from None
+
+
+def _typed(event: bytes) -> tuple[str | None, object]:
+    """A Responses API event's `type` and the response it carries (None for either it has not)."""
     data = event_data(event)
-    if not data or b'"response.' not in data:
-        return None
+    if not data or b'"type"' not in data:
+        return None, None
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(chunk, dict) or chunk.get("type") not in END_EVENTS:
-        return None
-    ended = chunk.get("response")
-    return ended if isinstance(ended, dict) else None
+        return None, None
+    if not isinstance(chunk, dict) or not isinstance(kind := chunk.get("type"), str):
+        return None, None
+    return kind, chunk.get("response")
 
 
 def _failed(spans, model: Model, exc: UpstreamError) -> UpstreamError:

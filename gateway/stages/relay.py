@@ -30,15 +30,20 @@ gateway counted (the ones it bills, marked estimated in the ledger and spans).
 
 A Responses API stream (`ResponsesStreamState`) is a series of typed events
 (`event: response.output_text.delta` and its data) passed on as they come: its
-output is its `*.delta` events, its answer whole at `response.completed` or
-`response.incomplete` (whose response carries the usage; the last event: the
+output is its `*.delta` events, its answer whole at `response.completed`,
+`response.incomplete` or `response.cancelled` (a background response's; whose
+response carries the usage; the last event: the
 relay ends there, with no usage chunk nor [DONE] to wait for), its failure an
 `error` or `response.failed` event. Its preamble
 (`response.created`, `response.in_progress`, the first item and part added:
 RESPONSES_PREAMBLE), which a server sends before it has generated anything,
 is held until the first event after it: a model failing before its first
 output is replaced by the next, as a chat stream's is before its first chunk
-that says something.
+that says something. A background response's is not held once its server has
+named it: the server generates it whatever becomes of the stream, so it is
+never replaced (a second model would generate it twice, the first unbooked);
+the client has its id to read it on, and a failure after is the cut
+`gateway.background` watches.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from contextlib import asynccontextmanager
 import orjson
 from aiohttp import web
 
+from gateway.background import is_background
 from gateway.cache.assemble import FRAME_FIELDS, MAX_ASSEMBLED_CHARS, UNFOLDABLE, StreamAssembler
 from gateway.context import CLIENT_DISCONNECTED, Attempt, RequestContext, Usage
 from gateway.errors import GatewayError, ShuttingDown, UpstreamError, UpstreamProtocolError, UpstreamTimeout
@@ -196,8 +202,10 @@ RESPONSES_DELTAS = {
     "response.function_call_arguments.delta": "arguments", "response.custom_tool_call_input.delta": "arguments",
     "response.reasoning_summary_text.delta": REASONING, "response.reasoning_text.delta": REASONING,
 }
-#: the Responses API events that end an answer whole, and the status each says its response has
-RESPONSES_ENDS = {"response.completed": "completed", "response.incomplete": "incomplete"}
+#: the Responses API events that end an answer whole, and the status each says its response has (cancelled: a
+#: background response its client cancelled while it was streamed)
+RESPONSES_ENDS = {"response.completed": "completed", "response.incomplete": "incomplete",
+                  "response.cancelled": "cancelled"}
 #: the Responses API events that report a failure
 RESPONSES_FAILURES = frozenset({"error", "response.failed"})
 #: the events a Responses API stream opens with before any output: held until the next, so that a model failing
@@ -210,7 +218,11 @@ class ResponsesStreamState(StreamState):
     """What the relay learned from a Responses API stream: its output deltas, by output item and part (text,
     refusal, a tool call's arguments, reasoning), and its end."""
 
-    __slots__ = ()
+    __slots__ = ("status",)
+
+    def __init__(self, assemble_for: str | None, capture_for: str | None = None) -> None:
+        super().__init__(assemble_for, capture_for)
+        self.status: str | None = None      # the status its end event says (RESPONSES_ENDS)
 
     def absorb(self, chunk: dict) -> bool:
         kind = event_type(chunk)
@@ -221,7 +233,9 @@ class ResponsesStreamState(StreamState):
             if kind == "response.output_item.added":
                 self._item_added(chunk)
             elif (status := RESPONSES_ENDS.get(kind)) is not None:
-                self.finish_reasons.append(responses_finish_reason(response_of(chunk), status))
+                self.status = status
+                if (reason := responses_finish_reason(response_of(chunk), status)) is not None:
+                    self.finish_reasons.append(reason)      # (none for cancelled)
                 self.finished_choices.add(0)
             return False
         delta = chunk.get("delta")
@@ -491,6 +505,7 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
     ends = loop.time() + timeouts.total_s - (time.perf_counter() - attempt.started_s)
     writer = ClientWriter(ctx)
     responses = ctx.endpoint == "responses"
+    background = is_background(ctx)         # its opening events held only until its server names it
     held: list[bytes] = []                  # the stream's opening events (`_opening`), until the first that says more
     held_bytes = 0
     try:
@@ -528,7 +543,8 @@ async def _relay_events(ctx: RequestContext, attempt: Attempt, events: AsyncIter
                     event = _without_usage(chunk)
                 if not ctx.bytes_sent:
                     size = len(event) if event is not None else 0
-                    if _opening(chunk, output, usage, responses) and held_bytes + size <= MAX_HELD_BYTES:
+                    if _opening(chunk, output, usage, responses) and held_bytes + size <= MAX_HELD_BYTES \
+                            and not (background and attempt.response_id):
                         if event is not None:
                             held.append(event)
                             held_bytes += size

@@ -3,9 +3,11 @@
 The model server answers the create call at once with the response `queued` and no usage; it generates it
 afterwards and keeps it, its end included, for `GET /v1/responses/{id}`. What the request used and cost is known
 only then. So its finishes (the tenant's tokens settled and its budget charged, the cost, the ledger line, the
-metrics and spans) wait for that end (`Pipeline.run`): the gateway asks the model server for the response, at
+metrics and spans) wait for that end (`Pipeline._end`): the gateway asks the model server for the response, at
 first after POLL_FIRST_S and then less and less often up to POLL_MOST_S apart, until its status is an end
-(`ENDED`); a client's own retrieval or cancellation through the gateway that sees the end settles it at once.
+(`ENDED`); a client's own retrieval or cancellation through the gateway that sees the end (or the end event of
+its stream, read on) settles it at once. A streamed one is booked when its stream ends, unless the stream was
+cut before (`cut_while_generated`): it is then watched as an unstreamed one is.
 
 Meanwhile the request holds what its admission holds (its tenant's concurrent slot, its reserved tokens and
 budget), as a request in flight does: the model works for it. Its model's call slot, and the router's count of
@@ -61,7 +63,7 @@ def has_ended(body: dict) -> bool:
 
 
 def is_background(ctx: RequestContext) -> bool:
-    """Whether the request asks for a background response (`parse` admits it only unstreamed and stored)."""
+    """Whether the request asks for a background response (`parse` admits it stored alone)."""
     return ctx.endpoint == "responses" and ctx.body.get("background") is True
 
 

@@ -407,3 +407,31 @@ ledger: {{path: "LEDGER"}}
     usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
     assert Decimal(record["cost_usd"]) == token_cost_usd(harness.holder.current.policy.models["large"], usage)
     assert record["attempts"][0]["cost_usd"] == "0"     # the failed attempt's own line: its joules unpriced too
+
+
+def test_a_background_response_on_measured_gpus_pays_the_energy_of_its_whole_generation(tmp_path):
+    """Its create call is answered at once, its tokens generated after: the joules attributed to it run from the
+    create call to when its end was seen (about 0.8 s here, at 600 W of active power), not the create call's few
+    milliseconds, and their price joins its cost once it is booked."""
+    policy = POLICY.replace('match: {{models: ["auto"]}}', 'match: {{models: ["auto"], endpoints: [responses]}}')
+    harness = measured_gateway(policy, tmp_path)
+    try:
+        created = harness.openai().responses.with_raw_response.create(
+            model="auto", input="power", max_output_tokens=40, background=True)
+        rid = created.headers["x-request-id"]
+        deadline = time.monotonic() + 10
+        records: list[dict] = []
+        while time.monotonic() < deadline and not records:
+            time.sleep(0.05)
+            records = [r for r in ledger_lines(harness.ledger_path) if r.get("request_id") == rid]
+        [record] = records
+    finally:
+        harness.stop()
+    assert record["background"] == "incomplete" and record["output_tokens"] == 40
+    generation_s = record["attempts"][0]["duration_s"]
+    assert generation_s > 0.78 > record["latency_s"]
+    assert 600 * 0.78 * 0.5 < record["energy_j"] < 600 * generation_s * 1.5, (record["energy_j"], generation_s)
+    model = harness.holder.current.policy.models["small"]
+    usage = Usage(input_tokens=record["input_tokens"], output_tokens=record["output_tokens"])
+    expected = token_cost_usd(model, usage) + energy_cost_usd(model, record["energy_j"])
+    assert abs(Decimal(record["cost_usd"]) - expected) < Decimal("1e-12")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -49,6 +50,7 @@ UNSETTLED = "unsettled"
 POLL_FIRST_S = 1.0
 POLL_GROWTH = 1.5
 POLL_MOST_S = 30.0
+POLL_SPREAD = 0.1
 #: how long the last look at a response still running at stop may take
 LAST_LOOK_S = 2.0
 #: how long its server may fail every look (down, or answering nonsense) before a response is booked unsettled: a
@@ -100,6 +102,7 @@ class BackgroundResponse:
         self.attempt = attempt
         self.key = (ctx.tenant_name, attempt.response_id)
         self.status: str | None = None      # the last status seen; ENDED's, or UNSETTLED once given up on
+        self.deleted = False                # its client deleted it through the gateway
         self._seen: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
 
     def seen(self, body: dict) -> None:
@@ -140,7 +143,10 @@ class BackgroundResponse:
                 return await self._last_look()
             closing = asyncio.ensure_future(settlements.closing.wait())
             try:
-                done, _ = await asyncio.wait((self._seen, closing), timeout=min(wait_s, deadline_s - time.monotonic()),
+                # each wait drawn within POLL_SPREAD of its due: responses created in one burst are not looked at
+                # together, round after round
+                due_s = wait_s * random.uniform(1 - POLL_SPREAD, 1 + POLL_SPREAD)
+                done, _ = await asyncio.wait((self._seen, closing), timeout=min(due_s, deadline_s - time.monotonic()),
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 closing.cancel()
@@ -188,8 +194,11 @@ class BackgroundResponse:
                       attempt.response_id, exc)
             return {}
         if status == 404:
-            log.warning("background response %s (request %s) is no longer on model '%s': booked unsettled",
-                        attempt.response_id, self.ctx.request_id, model.name)
+            # its client deleting it through the gateway is no news; its server losing it (a restart) is
+            said = " (deleted by its client)" if self.deleted else ""
+            (log.info if self.deleted else log.warning)(
+                "background response %s (request %s) is no longer on model '%s'%s: booked unsettled",
+                attempt.response_id, self.ctx.request_id, model.name, said)
             return None
         if status == 204:                   # no body, no response: a broken answer, looked at again later
             log.debug("background response %s: its server answered 204; looked at again later", attempt.response_id)
@@ -239,6 +248,12 @@ class Settlements:
         response = self._waiting.get((tenant_name, response_id))
         if response is not None and isinstance(body, dict) and has_ended(body):
             response.seen(body)
+
+    def deleted(self, tenant_name: str, response_id: str) -> None:
+        """A client deleted its response through the gateway: one still watched is gone from its server."""
+        response = self._waiting.get((tenant_name, response_id))
+        if response is not None:
+            response.deleted = True
 
     def close(self) -> None:
         """The gateway stops: each response still generated is looked at once more and settled with what is

@@ -90,6 +90,7 @@ def stored_response_handler(action: str):
         if status == 404:
             raise _not_found(response_id)
         if action == "delete":              # a tenant's data removed: kept in the log, as an audit trail would
+            services.settlements.deleted(tenant_name, response_id)
             log.info("response %s of tenant %s deleted on model '%s' (request %s)", response_id, tenant_name,
                      model.name, rid)
         return web.Response(body=raw, status=status, content_type="application/json",

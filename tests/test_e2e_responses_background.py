@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -215,6 +216,7 @@ class BackgroundServer:
         app = web.Application()
         app.router.add_post("/v1/responses", self._create)
         app.router.add_get("/v1/responses/{response_id}", self._look)
+        app.router.add_delete("/v1/responses/{response_id}", self._delete)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -232,6 +234,12 @@ class BackgroundServer:
         self.looked += 1
         self.look_ids.add(request.headers.get("x-request-id"))
         return web.json_response(body, status=status)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        """Deleted: looked at after, it is not found."""
+        response_id = request.match_info["response_id"]
+        self.looks = [(404, {"error": {"message": f"Response with id '{response_id}' not found."}})]
+        return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         """The response's events (`events`: each after its delay), as a server streams a background response."""
@@ -391,3 +399,16 @@ def test_a_background_stream_its_server_no_longer_has_is_not_found_and_forgotten
     with pytest.raises(openai.NotFoundError):   # forgotten: its server is not asked again
         harness.openai().responses.retrieve(response_id)
     assert server.look_ids <= {created.headers["x-request-id"]} and len(server.streamed) == 1  # (the gateway's own)
+
+
+def test_a_background_response_its_client_deletes_is_booked_unsettled_without_a_warning(scripted, caplog):
+    """Deleted through the gateway while generated: its watch finds it gone, as after a server's restart, but says
+    so at INFO (its client's doing, no news for an SRE), not WARNING."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    harness, server = scripted
+    created = create(harness)
+    harness.openai().responses.delete(created.parse().id)
+    line = wait_until(lambda: ledger_line(harness, created.headers["x-request-id"]), timeout_s=10)
+    assert line["background"] == "unsettled"
+    gone = [record for record in caplog.records if "is no longer on model" in record.getMessage()]
+    assert [record.levelname for record in gone] == ["INFO"] and "deleted by its client" in gone[0].getMessage()

@@ -33,7 +33,7 @@ from gateway.plain_calls import REQUEST_ID, SPANS, STREAM, caller, traced
 from gateway.policy.model import Model
 from gateway.services import SERVICES, Services
 from gateway.sse import error_event, event_data
-from gateway.stages.relay import SSE_HEADERS, ClientStalled
+from gateway.stages.relay import SSE_HEADERS, ClientStalled, event_type, response_of
 from gateway.store_guard import STORE_DOWN
 from gateway.upstream import (auth_headers, caller_trace_headers, forwarded_headers, status_error,
                               stored_response_url)
@@ -169,18 +169,18 @@ async def _write(request: web.Request, response: web.StreamResponse, data: bytes
         raise ClientStalled("the client took none of the stream") from None
 
 
-def _typed(event: bytes) -> tuple[str | None, object]:
-    """A Responses API event's `type` and the response it carries (None for either it has not)."""
+def _typed(event: bytes) -> tuple[str | None, dict]:
+    """A Responses API event's `type` and the response it carries (None, and empty, for what it has not)."""
     data = event_data(event)
     if not data or b'"type"' not in data:
-        return None, None
+        return None, {}
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None, None
-    if not isinstance(chunk, dict) or not isinstance(kind := chunk.get("type"), str):
-        return None, None
-    return kind, chunk.get("response")
+        return None, {}
+    if not isinstance(chunk, dict):
+        return None, {}
+    return event_type(chunk), response_of(chunk)
 
 
 def _failed(spans, model: Model, exc: UpstreamError) -> UpstreamError:
